@@ -1,0 +1,238 @@
+//! Engine configuration: interfaces, queues, XDP mode, steering, limits.
+//! Parsing of user-supplied values (prefixes, port lists) lives here and
+//! reports what was wrong with the value.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use loupe_common::{v4_mapped, Addr, V4_MAPPED_PREFIX_BITS};
+use thiserror::Error;
+
+use crate::{ebpf::AttachMode, xsk::PortConfig};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("bad prefix '{input}': {reason} (expected e.g. 198.18.0.0/15 or 2001:2::/48)")]
+    Prefix { input: String, reason: String },
+    #[error("bad port '{0}': expected a number from 1 to 65535")]
+    Port(String),
+    #[error("bad XDP mode '{0}': expected native or skb")]
+    Mode(String),
+}
+
+/// An IPv4 or IPv6 prefix; host bits are cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    /// Address as stored in the maps (IPv4 as IPv4-mapped IPv6).
+    pub addr: Addr,
+    /// Prefix length in the address family's own terms (0-32 or 0-128).
+    pub len: u8,
+    pub v4: bool,
+}
+
+impl Prefix {
+    /// Prefix length in the IPv4-mapped IPv6 space the maps use.
+    pub fn mapped_len(&self) -> u32 {
+        if self.v4 {
+            V4_MAPPED_PREFIX_BITS + self.len as u32
+        } else {
+            self.len as u32
+        }
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let err = |reason: &str| ConfigError::Prefix {
+            input: s.into(),
+            reason: reason.into(),
+        };
+        let (addr, len) = match s.trim().split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s.trim(), None),
+        };
+        let ip: IpAddr = addr.parse().map_err(|_| err("not an IP address"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len: u8 = match len {
+            Some(l) => l
+                .parse()
+                .map_err(|_| err("prefix length is not a number"))?,
+            None => max,
+        };
+        if len > max {
+            return Err(err(&format!("prefix length {len} exceeds {max}")));
+        }
+        Ok(match ip {
+            IpAddr::V4(v4) => {
+                let bits = u32::from(v4) & mask32(len);
+                Prefix {
+                    addr: v4_mapped(Ipv4Addr::from(bits).octets()),
+                    len,
+                    v4: true,
+                }
+            }
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & mask128(len);
+                Prefix {
+                    addr: Ipv6Addr::from(bits).octets(),
+                    len,
+                    v4: false,
+                }
+            }
+        })
+    }
+}
+
+fn mask32(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - len as u32)
+    }
+}
+
+fn mask128(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len as u32)
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v6 = Ipv6Addr::from(self.addr);
+        match (self.v4, v6.to_ipv4_mapped()) {
+            (true, Some(v4)) => write!(f, "{v4}/{}", self.len),
+            _ => write!(f, "{v6}/{}", self.len),
+        }
+    }
+}
+
+/// A comma-separated port list; `none` or empty means no ports.
+pub fn parse_ports(s: &str) -> Result<Vec<u16>, ConfigError> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    let mut ports = Vec::new();
+    for p in s.split(',') {
+        let port: u16 = p
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::Port(p.trim().into()))?;
+        if port == 0 {
+            return Err(ConfigError::Port(p.trim().into()));
+        }
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    Ok(ports)
+}
+
+pub fn parse_mode(s: &str) -> Result<AttachMode, ConfigError> {
+    match s {
+        "native" | "drv" | "driver" => Ok(AttachMode::Native),
+        "skb" | "generic" => Ok(AttachMode::Skb),
+        other => Err(ConfigError::Mode(other.into())),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub inside: String,
+    pub outside: String,
+    /// Queues (and workers) to serve; `None`: every RX queue both
+    /// interfaces have.
+    pub queues: Option<u32>,
+    pub mode: AttachMode,
+    pub steer_ports: Vec<u16>,
+    pub steer_prefixes: Vec<Prefix>,
+    pub exempt_prefixes: Vec<Prefix>,
+    pub stats_file: Option<PathBuf>,
+    pub stats_interval: Duration,
+    pub port: PortConfig,
+    pub max_flows_per_worker: usize,
+    pub flow_idle_timeout: Duration,
+    pub pin_workers: bool,
+}
+
+impl EngineConfig {
+    pub fn new(inside: impl Into<String>, outside: impl Into<String>) -> Self {
+        EngineConfig {
+            inside: inside.into(),
+            outside: outside.into(),
+            queues: None,
+            mode: AttachMode::Native,
+            steer_ports: vec![443],
+            steer_prefixes: default_steer_prefixes(),
+            exempt_prefixes: Vec::new(),
+            stats_file: None,
+            stats_interval: Duration::from_millis(500),
+            port: PortConfig::default(),
+            max_flows_per_worker: 262_144,
+            flow_idle_timeout: Duration::from_secs(120),
+            pin_workers: true,
+        }
+    }
+}
+
+/// Every address of both families.
+pub fn default_steer_prefixes() -> Vec<Prefix> {
+    vec![
+        Prefix::from_str("0.0.0.0/0").expect("literal"),
+        Prefix::from_str("::/0").expect("literal"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_prefix_is_mapped_and_masked() {
+        let p: Prefix = "198.19.7.9/15".parse().unwrap();
+        assert_eq!(p.to_string(), "198.18.0.0/15");
+        assert_eq!(p.mapped_len(), 111);
+        assert_eq!(&p.addr[10..], &[0xff, 0xff, 198, 18, 0, 0]);
+    }
+
+    #[test]
+    fn v6_prefix_and_bare_address() {
+        let p: Prefix = "2001:2::1/48".parse().unwrap();
+        assert_eq!(p.to_string(), "2001:2::/48");
+        let h: Prefix = "2001:2::1".parse().unwrap();
+        assert_eq!(h.len, 128);
+        let z: Prefix = "0.0.0.0/0".parse().unwrap();
+        assert_eq!(z.mapped_len(), 96);
+    }
+
+    #[test]
+    fn bad_prefixes_say_why() {
+        for (input, why) in [
+            ("198.18.0.0/33", "exceeds 32"),
+            ("2001:2::/129", "exceeds 128"),
+            ("bogus/8", "not an IP address"),
+            ("10.0.0.0/x", "not a number"),
+        ] {
+            let e = input.parse::<Prefix>().unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(input), "{input}: {e}");
+        }
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(parse_ports("443, 8443,443").unwrap(), vec![443, 8443]);
+        assert_eq!(parse_ports("none").unwrap(), Vec::<u16>::new());
+        assert!(parse_ports("0").is_err());
+        assert!(parse_ports("70000").is_err());
+        assert!(parse_ports("https").is_err());
+    }
+}

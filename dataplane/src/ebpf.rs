@@ -1,0 +1,263 @@
+//! The loaded XDP classifier: embeds the object built from `ebpf/xdp`, fills
+//! its maps (interfaces, peers, AF_XDP sockets, steering ports and prefixes),
+//! attaches it, and reads its per-CPU counters.
+//!
+//! Attachment uses BPF links (aya falls back to netlink only on kernels
+//! without them): a link is owned by a file descriptor of this process, so
+//! the program is detached when the process ends, however it ends.
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        DevMap, HashMap, MapError, PerCpuArray, XskMap,
+    },
+    programs::{ProgramError, Xdp, XdpMode},
+    Ebpf, EbpfError,
+};
+use loupe_common::{Addr, Counter, CounterValue, FlowKey, IfaceInfo, MAX_QUEUES, MAX_STEER_PORTS};
+use thiserror::Error;
+
+use crate::{config::Prefix, flow::Side};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loupe-xdp"));
+const PROGRAM: &str = "loupe_xdp";
+
+#[derive(Debug, Error)]
+pub enum ClassifierError {
+    #[error("cannot load the XDP object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("the XDP object has no {0}")]
+    Missing(&'static str),
+    #[error("XDP program rejected by the kernel: {0}")]
+    Program(#[source] ProgramError),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{0}")]
+    XdpMap(String),
+    #[error("cannot attach XDP ({mode}) to '{iface}': {source}{hint}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+        hint: &'static str,
+    },
+    #[error("too many steering ports ({0}; at most {MAX_STEER_PORTS})")]
+    TooManyPorts(usize),
+    #[error("queue {0} is beyond the {MAX_QUEUES} queues the XSKMAP holds")]
+    QueueRange(u32),
+}
+
+/// How the program runs on the interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (veth, most NICs): the fast path.
+    Native,
+    /// Generic XDP in the stack, for drivers without native support.
+    Skb,
+}
+
+impl AttachMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            AttachMode::Native => "native",
+            AttachMode::Skb => "skb",
+        }
+    }
+}
+
+pub struct Classifier {
+    ebpf: Ebpf,
+    program_id: Option<u32>,
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> ClassifierError {
+    move |source| ClassifierError::Map { map, source }
+}
+
+impl Classifier {
+    pub fn load() -> Result<Self, ClassifierError> {
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(ClassifierError::Missing("XDP program"))?
+            .try_into()
+            .map_err(ClassifierError::Program)?;
+        prog.load().map_err(ClassifierError::Program)?;
+        let program_id = prog.info().ok().map(|i| i.id());
+        Ok(Classifier { ebpf, program_id })
+    }
+
+    /// Kernel id of the loaded program (for `bpftool prog show id`).
+    pub fn program_id(&self) -> Option<u32> {
+        self.program_id
+    }
+
+    /// Record the two interfaces: slot 0 is inside, slot 1 outside; frames
+    /// from one leave by the other.
+    pub fn set_interfaces(&mut self, inside: u32, outside: u32) -> Result<(), ClassifierError> {
+        {
+            let mut ifaces: HashMap<_, u32, IfaceInfo> = self
+                .map_mut("IFACES")?
+                .try_into()
+                .map_err(map_err("IFACES"))?;
+            ifaces
+                .insert(
+                    inside,
+                    IfaceInfo {
+                        slot: Side::Inside as u32,
+                    },
+                    0,
+                )
+                .map_err(map_err("IFACES"))?;
+            ifaces
+                .insert(
+                    outside,
+                    IfaceInfo {
+                        slot: Side::Outside as u32,
+                    },
+                    0,
+                )
+                .map_err(map_err("IFACES"))?;
+        }
+        let mut peers: DevMap<_> = self
+            .map_mut("PEERS")?
+            .try_into()
+            .map_err(map_err("PEERS"))?;
+        for (slot, target) in [(Side::Inside, outside), (Side::Outside, inside)] {
+            peers
+                .set(slot as u32, target, None, 0)
+                .map_err(|e| ClassifierError::XdpMap(format!("PEERS: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Steer TCP to these ports when the server address is in `prefixes`
+    /// and neither address is in `exempt`.
+    pub fn set_steering(
+        &mut self,
+        ports: &[u16],
+        prefixes: &[Prefix],
+        exempt: &[Prefix],
+    ) -> Result<(), ClassifierError> {
+        if ports.len() > MAX_STEER_PORTS as usize {
+            return Err(ClassifierError::TooManyPorts(ports.len()));
+        }
+        {
+            let mut map: HashMap<_, u16, u8> = self
+                .map_mut("STEER_PORTS")?
+                .try_into()
+                .map_err(map_err("STEER_PORTS"))?;
+            let old: Vec<u16> = map.keys().filter_map(Result::ok).collect();
+            for p in old.iter().filter(|p| !ports.contains(p)) {
+                map.remove(p).map_err(map_err("STEER_PORTS"))?;
+            }
+            for p in ports {
+                map.insert(p, 1, 0).map_err(map_err("STEER_PORTS"))?;
+            }
+        }
+        self.set_prefixes("STEER_PREFIXES", prefixes)?;
+        self.set_prefixes("EXEMPT_PREFIXES", exempt)
+    }
+
+    fn set_prefixes(
+        &mut self,
+        name: &'static str,
+        prefixes: &[Prefix],
+    ) -> Result<(), ClassifierError> {
+        let mut trie: LpmTrie<_, Addr, u8> =
+            self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        let old: Vec<Key<Addr>> = trie.keys().filter_map(Result::ok).collect();
+        for k in &old {
+            trie.remove(k).map_err(map_err(name))?;
+        }
+        for p in prefixes {
+            trie.insert(&Key::new(p.mapped_len(), p.addr), 1, 0)
+                .map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Make `fd` the AF_XDP socket for `queue` of the interface in `side`.
+    pub fn register_socket(
+        &mut self,
+        side: Side,
+        queue: u32,
+        fd: i32,
+    ) -> Result<(), ClassifierError> {
+        if queue >= MAX_QUEUES {
+            return Err(ClassifierError::QueueRange(queue));
+        }
+        let mut xsks: XskMap<_> = self.map_mut("XSKS")?.try_into().map_err(map_err("XSKS"))?;
+        xsks.set(side as u32 * MAX_QUEUES + queue, fd, 0)
+            .map_err(map_err("XSKS"))
+    }
+
+    /// Install a flow verdict (both directions are separate keys).
+    pub fn set_flow(&mut self, key: &FlowKey, verdict: u32) -> Result<(), ClassifierError> {
+        let mut flows: HashMap<_, FlowKey, u32> = self
+            .map_mut("FLOWS")?
+            .try_into()
+            .map_err(map_err("FLOWS"))?;
+        flows.insert(key, verdict, 0).map_err(map_err("FLOWS"))
+    }
+
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), ClassifierError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or(ClassifierError::Missing("XDP program"))?
+            .try_into()
+            .map_err(ClassifierError::Program)?;
+        let xdp_mode = match mode {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Skb => XdpMode::Skb,
+        };
+        prog.attach(iface, xdp_mode)
+            .map(|_| ())
+            .map_err(|source| ClassifierError::Attach {
+                iface: iface.into(),
+                mode: mode.label(),
+                source,
+                hint: match mode {
+                    AttachMode::Native => {
+                        " (if the driver has no native XDP, retry with --xdp-mode skb; \
+                         if another XDP program is attached, detach it first)"
+                    }
+                    AttachMode::Skb => " (is another XDP program attached?)",
+                },
+            })
+    }
+
+    /// Counter totals over all CPUs, in `Counter::ALL` order.
+    pub fn counters(&self) -> Result<Vec<(Counter, CounterValue)>, ClassifierError> {
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or(ClassifierError::Missing("map COUNTERS"))?;
+        let arr: PerCpuArray<_, CounterValue> = map.try_into().map_err(map_err("COUNTERS"))?;
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = arr.get(&(*c as u32), 0).map_err(map_err("COUNTERS"))?;
+                let total = per_cpu
+                    .iter()
+                    .fold(CounterValue::default(), |a, v| CounterValue {
+                        packets: a.packets + v.packets,
+                        bytes: a.bytes + v.bytes,
+                    });
+                Ok((*c, total))
+            })
+            .collect()
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, ClassifierError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(ClassifierError::Missing(name))
+    }
+}

@@ -1,0 +1,251 @@
+//! Engine lifecycle: check privileges and interfaces, load and configure
+//! the XDP classifier, bind the AF_XDP sockets, attach, run the workers,
+//! publish stats, and on stop tear everything down in order.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+
+use crate::{
+    config::EngineConfig,
+    ebpf::{Classifier, ClassifierError},
+    flow::{Sharder, Side},
+    stats::{IfaceReport, StatsReport, SteeringReport, WorkerReport, STATS_VERSION},
+    sys::{self, SysError},
+    worker::{Crossbar, Worker, WorkerShared},
+    xsk::{QueuePort, XskError},
+};
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error(transparent)]
+    Classifier(#[from] ClassifierError),
+    #[error(transparent)]
+    Xsk(#[from] XskError),
+    #[error("inside and outside must be two different interfaces (both are '{0}')")]
+    SameInterface(String),
+    #[error(
+        "--queues {asked} exceeds the RX queues available ({inside}: {in_q}, {outside}: {out_q})"
+    )]
+    Queues {
+        asked: u32,
+        inside: String,
+        in_q: u32,
+        outside: String,
+        out_q: u32,
+    },
+    #[error("cannot write stats to {path}: {source}")]
+    Stats {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("worker {0} stopped unexpectedly (panicked); the engine stopped with it")]
+    WorkerDied(usize),
+    #[error("cannot start worker thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Run the engine until `stop` is set. `on_ready` is called once, after the
+/// program is attached and every worker runs. Returns the final report.
+pub fn run(
+    cfg: &EngineConfig,
+    stop: Arc<AtomicBool>,
+    on_ready: impl FnOnce(&StatsReport),
+) -> Result<StatsReport, EngineError> {
+    sys::check_privileges()?;
+    if cfg.inside == cfg.outside {
+        return Err(EngineError::SameInterface(cfg.inside.clone()));
+    }
+    let inside_idx = sys::ifindex(&cfg.inside)?;
+    let outside_idx = sys::ifindex(&cfg.outside)?;
+    let in_q = sys::rx_queue_count(&cfg.inside)?;
+    let out_q = sys::rx_queue_count(&cfg.outside)?;
+    let available = in_q.min(out_q);
+    let queues = match cfg.queues {
+        Some(q) if q == 0 || q > available => {
+            return Err(EngineError::Queues {
+                asked: q,
+                inside: cfg.inside.clone(),
+                in_q,
+                outside: cfg.outside.clone(),
+                out_q,
+            })
+        }
+        Some(q) => q,
+        None => available,
+    };
+    // Kernels since 5.11 charge BPF maps and UMEMs to the memory cgroup;
+    // older ones need the rlimit lifted. Where it cannot be (no
+    // CAP_SYS_RESOURCE), the UMEM error below says so.
+    let _ = sys::raise_memlock();
+
+    let mut classifier = Classifier::load()?;
+    classifier.set_interfaces(inside_idx, outside_idx)?;
+    classifier.set_steering(&cfg.steer_ports, &cfg.steer_prefixes, &cfg.exempt_prefixes)?;
+
+    // Sockets first, so steered frames find them from the first one on.
+    let workers = queues as usize;
+    let sharder = Sharder::new(workers);
+    let crossbar = Arc::new(Crossbar::new(workers));
+    let mut pending = Vec::with_capacity(workers);
+    for q in 0..queues {
+        let port = QueuePort::new(&cfg.inside, &cfg.outside, q, cfg.port)?;
+        classifier.register_socket(Side::Inside, q, port.fd(Side::Inside))?;
+        classifier.register_socket(Side::Outside, q, port.fd(Side::Outside))?;
+        let shared = Arc::new(WorkerShared::default());
+        let worker = Worker::new(
+            q as usize,
+            port,
+            sharder.clone(),
+            crossbar.clone(),
+            cfg.max_flows_per_worker,
+            cfg.flow_idle_timeout,
+            shared.clone(),
+        );
+        pending.push((worker, shared));
+    }
+    classifier.attach(&cfg.inside, cfg.mode)?;
+    classifier.attach(&cfg.outside, cfg.mode)?;
+
+    let started = Instant::now();
+    let base = StatsReport {
+        version: STATS_VERSION,
+        state: "running".into(),
+        pid: std::process::id(),
+        uptime_ms: 0,
+        xdp_mode: cfg.mode.label().into(),
+        program_id: classifier.program_id(),
+        inside: IfaceReport {
+            name: cfg.inside.clone(),
+            ifindex: inside_idx,
+        },
+        outside: IfaceReport {
+            name: cfg.outside.clone(),
+            ifindex: outside_idx,
+        },
+        steering: SteeringReport {
+            ports: cfg.steer_ports.clone(),
+            prefixes: cfg.steer_prefixes.iter().map(|p| p.to_string()).collect(),
+            exempt: cfg.exempt_prefixes.iter().map(|p| p.to_string()).collect(),
+        },
+        ..Default::default()
+    };
+
+    let workers_stop = Arc::new(AtomicBool::new(false));
+    let cpus = sys::cpu_count();
+    let mut handles = Vec::with_capacity(workers);
+    let mut shares = Vec::with_capacity(workers);
+    for (mut worker, shared) in pending {
+        let id = shares.len();
+        let stop = workers_stop.clone();
+        let pin = cfg.pin_workers;
+        let handle = thread::Builder::new()
+            .name(format!("loupe-w{id}"))
+            .spawn(move || {
+                if pin {
+                    let cpu = id % cpus;
+                    match sys::pin_current_thread(cpu) {
+                        Ok(()) => worker.set_cpu(Some(cpu)),
+                        Err(e) => eprintln!(
+                            "loupe-dataplane: warning: cannot pin worker {id} to CPU {cpu}: {e}"
+                        ),
+                    }
+                }
+                worker.run(&stop);
+            })
+            .map_err(EngineError::Spawn);
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                workers_stop.store(true, Ordering::Relaxed);
+                for h in handles {
+                    let _ = thread::JoinHandle::join(h);
+                }
+                return Err(e);
+            }
+        };
+        handles.push(handle);
+        shares.push(shared);
+    }
+
+    let snapshot = |state: &str| -> StatsReport {
+        let mut r = base.clone();
+        r.state = state.into();
+        r.uptime_ms = started.elapsed().as_millis() as u64;
+        if let Ok(counters) = classifier.counters() {
+            for (c, v) in counters {
+                r.xdp.insert(
+                    c.label().into(),
+                    crate::flow::table::SideCount {
+                        packets: v.packets,
+                        bytes: v.bytes,
+                    },
+                );
+            }
+        }
+        r.workers = shares
+            .iter()
+            .map(|s| {
+                s.report
+                    .lock()
+                    .map(|g| g.clone())
+                    .unwrap_or_else(|_| WorkerReport::default())
+            })
+            .collect();
+        r
+    };
+    let write = |r: &StatsReport| -> Result<(), EngineError> {
+        match &cfg.stats_file {
+            Some(path) => r.write_atomic(path).map_err(|source| EngineError::Stats {
+                path: path.display().to_string(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    };
+
+    let first = snapshot("running");
+    let mut result = write(&first);
+    if result.is_ok() {
+        on_ready(&first);
+    }
+    let mut last_write = Instant::now();
+    while result.is_ok() && !stop.load(Ordering::Relaxed) {
+        if let Some(dead) = handles.iter().position(|h| h.is_finished()) {
+            result = Err(EngineError::WorkerDied(dead));
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+        if last_write.elapsed() >= cfg.stats_interval {
+            last_write = Instant::now();
+            result = write(&snapshot("running"));
+        }
+    }
+
+    workers_stop.store(true, Ordering::Relaxed);
+    let mut died = None;
+    for (id, h) in handles.into_iter().enumerate() {
+        if h.join().is_err() {
+            died.get_or_insert(id);
+        }
+    }
+    let last = snapshot("stopped");
+    // Detach the program and close every map and socket before reporting.
+    drop(classifier);
+    let final_write = write(&last);
+    result?;
+    if let Some(id) = died {
+        return Err(EngineError::WorkerDied(id));
+    }
+    final_write?;
+    Ok(last)
+}

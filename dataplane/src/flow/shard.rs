@@ -1,0 +1,101 @@
+//! Flow ownership. Both directions of a flow must meet in one worker, so the
+//! owner is a function of the direction-free [`FlowId`]: the two endpoints
+//! in a canonical order. The hash is keyed per process (SipHash with random
+//! keys) so a hostile sender cannot aim every flow at one worker.
+
+use std::hash::{BuildHasher, Hash, RandomState};
+
+use loupe_common::{Addr, FlowKey};
+
+/// A flow's identity regardless of direction: the lower endpoint first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId {
+    pub lo: (Addr, u16),
+    pub hi: (Addr, u16),
+    pub proto: u8,
+}
+
+impl FlowId {
+    pub fn of(key: &FlowKey) -> Self {
+        let a = (key.src, key.src_port);
+        let b = (key.dst, key.dst_port);
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        FlowId {
+            lo,
+            hi,
+            proto: key.proto,
+        }
+    }
+}
+
+/// Maps flows to workers. Cloned into every worker with the same keys.
+#[derive(Clone, Debug)]
+pub struct Sharder {
+    hasher: RandomState,
+    workers: usize,
+}
+
+impl Sharder {
+    pub fn new(workers: usize) -> Self {
+        Sharder {
+            hasher: RandomState::new(),
+            workers: workers.max(1),
+        }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    pub fn owner(&self, id: &FlowId) -> usize {
+        (self.hash(id) % self.workers as u64) as usize
+    }
+
+    fn hash(&self, id: &impl Hash) -> u64 {
+        self.hasher.hash_one(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loupe_common::v4_mapped;
+    use proptest::prelude::*;
+
+    fn key(a: [u8; 4], ap: u16, b: [u8; 4], bp: u16) -> FlowKey {
+        FlowKey::new(v4_mapped(a), v4_mapped(b), ap, bp, 6)
+    }
+
+    proptest! {
+        #[test]
+        fn both_directions_have_one_owner(a: [u8; 4], ap: u16, b: [u8; 4], bp: u16, workers in 1usize..16) {
+            let s = Sharder::new(workers);
+            let k = key(a, ap, b, bp);
+            prop_assert_eq!(FlowId::of(&k), FlowId::of(&k.reversed()));
+            prop_assert_eq!(s.owner(&FlowId::of(&k)), s.owner(&FlowId::of(&k.reversed())));
+            prop_assert!(s.owner(&FlowId::of(&k)) < workers);
+        }
+    }
+
+    #[test]
+    fn flows_spread_over_workers() {
+        let s = Sharder::new(2);
+        let mut per = [0usize; 2];
+        for port in 0..1000u16 {
+            per[s.owner(&FlowId::of(&key(
+                [198, 18, 0, 1],
+                30000 + port,
+                [198, 18, 0, 2],
+                443,
+            )))] += 1;
+        }
+        assert!(per[0] > 350 && per[1] > 350, "{per:?}");
+    }
+
+    #[test]
+    fn different_endpoints_are_different_flows() {
+        let a = FlowId::of(&key([198, 18, 0, 1], 1, [198, 18, 0, 2], 443));
+        let b = FlowId::of(&key([198, 18, 0, 1], 2, [198, 18, 0, 2], 443));
+        assert_ne!(a, b);
+    }
+}

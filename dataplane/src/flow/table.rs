@@ -1,0 +1,268 @@
+//! The per-worker flow table: one record per flow this worker owns, with
+//! per-side counters, bounded in size, idle flows expired on a timer wheel.
+//! Only the owning worker touches it; nothing here is shared.
+
+use std::collections::HashMap;
+
+use loupe_common::FlowKey;
+use serde::{Deserialize, Serialize};
+
+use super::{wheel::TimerWheel, FlowId};
+
+/// The interface a frame arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// Client-facing interface.
+    Inside = 0,
+    /// Server-facing interface.
+    Outside = 1,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::Inside => Side::Outside,
+            Side::Outside => Side::Inside,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideCount {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+struct FlowRecord {
+    /// The key of the first frame seen (its source is taken as the client).
+    first: FlowKey,
+    first_seen_ms: u64,
+    last_seen_ms: u64,
+    /// Frames received per side ([inside, outside]).
+    rx: [SideCount; 2],
+}
+
+/// What [`FlowTable::observe`] did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    Existing,
+    Created,
+    /// The table is at its limit: the frame is not tracked.
+    TableFull,
+}
+
+/// One flow as reported in stats.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowSummary {
+    pub client: String,
+    pub server: String,
+    pub proto: u8,
+    pub inside: SideCount,
+    pub outside: SideCount,
+    pub age_ms: u64,
+    pub idle_ms: u64,
+}
+
+pub struct FlowTable {
+    flows: HashMap<FlowId, FlowRecord>,
+    wheel: TimerWheel<FlowId>,
+    max_flows: usize,
+    idle_timeout_ms: u64,
+    expired_scratch: Vec<FlowId>,
+    pub created: u64,
+    pub expired: u64,
+    pub rejected_full: u64,
+}
+
+impl FlowTable {
+    pub fn new(max_flows: usize, idle_timeout_ms: u64, now_ms: u64) -> Self {
+        FlowTable {
+            flows: HashMap::new(),
+            // 1 s ticks, one turn = 4.3 minutes; longer timeouts wait rounds.
+            wheel: TimerWheel::new(256, 1000, now_ms),
+            max_flows,
+            idle_timeout_ms: idle_timeout_ms.max(1),
+            expired_scratch: Vec::new(),
+            created: 0,
+            expired: 0,
+            rejected_full: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Account one frame of `len` bytes that arrived on `side`.
+    pub fn observe(&mut self, key: &FlowKey, side: Side, len: usize, now_ms: u64) -> Observed {
+        let id = FlowId::of(key);
+        if let Some(rec) = self.flows.get_mut(&id) {
+            rec.last_seen_ms = now_ms;
+            let c = &mut rec.rx[side.index()];
+            c.packets += 1;
+            c.bytes += len as u64;
+            return Observed::Existing;
+        }
+        if self.flows.len() >= self.max_flows {
+            self.rejected_full += 1;
+            return Observed::TableFull;
+        }
+        let mut rx = [SideCount::default(); 2];
+        rx[side.index()] = SideCount {
+            packets: 1,
+            bytes: len as u64,
+        };
+        self.flows.insert(
+            id,
+            FlowRecord {
+                first: *key,
+                first_seen_ms: now_ms,
+                last_seen_ms: now_ms,
+                rx,
+            },
+        );
+        self.wheel.insert(now_ms + self.idle_timeout_ms, id);
+        self.created += 1;
+        Observed::Created
+    }
+
+    /// Drop flows idle for the timeout; returns how many went.
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let mut due = std::mem::take(&mut self.expired_scratch);
+        due.clear();
+        self.wheel.advance(now_ms, &mut due);
+        let mut removed = 0;
+        for id in due.drain(..) {
+            let Some(rec) = self.flows.get(&id) else {
+                continue;
+            };
+            let deadline = rec.last_seen_ms + self.idle_timeout_ms;
+            if deadline <= now_ms {
+                self.flows.remove(&id);
+                removed += 1;
+            } else {
+                self.wheel.insert(deadline, id);
+            }
+        }
+        self.expired_scratch = due;
+        self.expired += removed as u64;
+        removed
+    }
+
+    /// Up to `limit` flows, oldest first.
+    pub fn snapshot(&self, limit: usize, now_ms: u64) -> Vec<FlowSummary> {
+        let mut recs: Vec<&FlowRecord> = self.flows.values().collect();
+        recs.sort_by_key(|r| r.first_seen_ms);
+        recs.truncate(limit);
+        recs.into_iter()
+            .map(|r| FlowSummary {
+                client: endpoint(&r.first.src, r.first.src_port),
+                server: endpoint(&r.first.dst, r.first.dst_port),
+                proto: r.first.proto,
+                inside: r.rx[0],
+                outside: r.rx[1],
+                age_ms: now_ms.saturating_sub(r.first_seen_ms),
+                idle_ms: now_ms.saturating_sub(r.last_seen_ms),
+            })
+            .collect()
+    }
+}
+
+/// `198.18.0.1:443` or `[2001:2::1]:443`.
+pub fn endpoint(addr: &[u8; 16], port: u16) -> String {
+    let v6 = std::net::Ipv6Addr::from(*addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => format!("{v4}:{port}"),
+        None => format!("[{v6}]:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loupe_common::v4_mapped;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey::new(
+            v4_mapped([198, 18, 0, 1]),
+            v4_mapped([198, 18, 0, 2]),
+            port,
+            443,
+            6,
+        )
+    }
+
+    #[test]
+    fn both_directions_share_one_record() {
+        let mut t = FlowTable::new(10, 1000, 0);
+        assert_eq!(t.observe(&key(1), Side::Inside, 100, 0), Observed::Created);
+        assert_eq!(
+            t.observe(&key(1).reversed(), Side::Outside, 60, 1),
+            Observed::Existing
+        );
+        assert_eq!(t.len(), 1);
+        let s = &t.snapshot(10, 2)[0];
+        assert_eq!(s.client, "198.18.0.1:1");
+        assert_eq!(s.server, "198.18.0.2:443");
+        assert_eq!(
+            s.inside,
+            SideCount {
+                packets: 1,
+                bytes: 100
+            }
+        );
+        assert_eq!(
+            s.outside,
+            SideCount {
+                packets: 1,
+                bytes: 60
+            }
+        );
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let mut t = FlowTable::new(2, 1000, 0);
+        t.observe(&key(1), Side::Inside, 1, 0);
+        t.observe(&key(2), Side::Inside, 1, 0);
+        assert_eq!(t.observe(&key(3), Side::Inside, 1, 0), Observed::TableFull);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.rejected_full, 1);
+    }
+
+    #[test]
+    fn idle_flows_expire_and_active_ones_stay() {
+        let mut t = FlowTable::new(10, 5000, 0);
+        t.observe(&key(1), Side::Inside, 1, 0);
+        t.observe(&key(2), Side::Inside, 1, 0);
+        // Flow 2 keeps talking.
+        for now in (1000..=9000).step_by(1000) {
+            t.observe(&key(2), Side::Outside, 1, now);
+            t.expire(now);
+        }
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.expired, 1);
+        t.expire(20_000);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn ipv6_endpoints_are_bracketed() {
+        let mut a = [0u8; 16];
+        a[0] = 0x20;
+        a[1] = 0x01;
+        a[3] = 2;
+        a[15] = 1;
+        assert_eq!(endpoint(&a, 443), "[2001:2::1]:443");
+    }
+}

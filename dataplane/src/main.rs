@@ -1,0 +1,112 @@
+//! `loupe-dataplane`: attach the classifier to two interfaces and run the
+//! AF_XDP workers until SIGINT or SIGTERM.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use clap::Parser;
+use loupe_dataplane::{
+    config::{self, EngineConfig, Prefix},
+    engine,
+    xsk::PortConfig,
+};
+
+/// Loupe dataplane: steer TLS flows from XDP into AF_XDP workers.
+#[derive(Debug, Parser)]
+#[command(name = "loupe-dataplane", version)]
+struct Args {
+    /// Client-facing interface.
+    #[arg(long)]
+    inside: String,
+    /// Server-facing interface.
+    #[arg(long)]
+    outside: String,
+    /// RX queues to serve, one worker each (default: all of them).
+    #[arg(long)]
+    queues: Option<u32>,
+    /// XDP attach mode: native (driver) or skb (generic).
+    #[arg(long, default_value = "native", value_parser = config::parse_mode)]
+    xdp_mode: loupe_dataplane::ebpf::AttachMode,
+    /// TCP destination ports steered to userspace, comma-separated, or `none`.
+    #[arg(long, default_value = "443", value_parser = config::parse_ports)]
+    steer_ports: std::vec::Vec<u16>,
+    /// Server prefixes steered (repeatable; default: every address).
+    #[arg(long = "steer-prefix")]
+    steer_prefixes: Vec<Prefix>,
+    /// Prefixes never steered, as source or destination (repeatable).
+    #[arg(long = "exempt-prefix")]
+    exempt_prefixes: Vec<Prefix>,
+    /// Write a JSON stats report here (atomically) while running and at exit.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+    /// Stats report interval in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    stats_interval_ms: u64,
+    /// UMEM frames per queue.
+    #[arg(long, default_value_t = PortConfig::default().frames)]
+    frames: u32,
+    /// Flow table limit per worker.
+    #[arg(long, default_value_t = 262_144)]
+    max_flows: usize,
+    /// Idle seconds before a flow is forgotten.
+    #[arg(long, default_value_t = 120)]
+    flow_idle_secs: u64,
+    /// Do not pin workers to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut cfg = EngineConfig::new(args.inside, args.outside);
+    cfg.queues = args.queues;
+    cfg.mode = args.xdp_mode;
+    cfg.steer_ports = args.steer_ports;
+    if !args.steer_prefixes.is_empty() {
+        cfg.steer_prefixes = args.steer_prefixes;
+    }
+    cfg.exempt_prefixes = args.exempt_prefixes;
+    cfg.stats_file = args.stats_file;
+    cfg.stats_interval = Duration::from_millis(args.stats_interval_ms.max(50));
+    cfg.port.frames = args.frames;
+    cfg.max_flows_per_worker = args.max_flows;
+    cfg.flow_idle_timeout = Duration::from_secs(args.flow_idle_secs.max(1));
+    cfg.pin_workers = !args.no_pin;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            eprintln!("loupe-dataplane: cannot install a handler for signal {sig}: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let result = engine::run(&cfg, stop, |r| {
+        println!(
+            "loupe-dataplane: ready: {} <-> {} in XDP {} mode, {} worker(s), program id {}",
+            r.inside.name,
+            r.outside.name,
+            r.xdp_mode,
+            r.workers.len(),
+            r.program_id.map_or("?".into(), |i| i.to_string())
+        );
+    });
+    match result {
+        Ok(report) => {
+            print!("{}", report.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loupe-dataplane: error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The engine's stats report: XDP counters per path, per-worker counters
+//! and AF_XDP socket statistics, and the flows each worker owns. Written as
+//! JSON (atomically, so readers never see half a file) and rendered as a
+//! table for people.
+
+use std::{collections::BTreeMap, fmt::Write as _, io, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    flow::{table::SideCount, FlowSummary},
+    xsk::SideStats,
+};
+
+pub const STATS_VERSION: u32 = 1;
+
+/// Counters one worker keeps; plain integers, owned by the worker and
+/// copied out at each publish.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// Frames received from the AF_XDP socket of each interface.
+    pub rx_inside: SideCount,
+    pub rx_outside: SideCount,
+    /// Frames handed to the TX ring of each interface.
+    pub tx_inside: SideCount,
+    pub tx_outside: SideCount,
+    /// Frames of flows owned by another worker, sent to it.
+    pub cross_out: u64,
+    /// Frames received from other workers for flows this one owns.
+    pub cross_in: u64,
+    /// Crossover ring full: frame dropped (TCP retransmits it).
+    pub cross_full: u64,
+    /// No free UMEM frame to build a frame in: dropped.
+    pub no_free_frame: u64,
+    /// Frames with no TCP 5-tuple (forwarded unchanged by the receiver).
+    pub unparsed: u64,
+    /// Times the TX ring could not take every pending frame.
+    pub tx_ring_full: u64,
+    /// Times a fill ring could not be topped up (no spare frames).
+    pub fill_starved: u64,
+    pub flows_created: u64,
+    pub flows_expired: u64,
+    /// New flows not tracked because the table was at its limit.
+    pub flow_table_full: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerReport {
+    pub id: usize,
+    pub queue: u32,
+    /// CPU the worker is pinned to, when pinning succeeded.
+    pub cpu: Option<usize>,
+    pub counters: WorkerCounters,
+    pub xsk_inside: SideStats,
+    pub xsk_outside: SideStats,
+    pub flows_active: usize,
+    /// Owned flows, oldest first, at most `FLOWS_LISTED` of them.
+    pub flows: Vec<FlowSummary>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IfaceReport {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SteeringReport {
+    pub ports: Vec<u16>,
+    pub prefixes: Vec<String>,
+    pub exempt: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatsReport {
+    pub version: u32,
+    /// "running" while the engine runs, "stopped" in the final report.
+    pub state: String,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub xdp_mode: String,
+    pub program_id: Option<u32>,
+    pub inside: IfaceReport,
+    pub outside: IfaceReport,
+    pub steering: SteeringReport,
+    /// XDP program counters by label (see loupe_common::Counter).
+    pub xdp: BTreeMap<String, SideCount>,
+    pub workers: Vec<WorkerReport>,
+}
+
+impl StatsReport {
+    pub fn xdp_packets(&self, label: &str) -> u64 {
+        self.xdp.get(label).map_or(0, |c| c.packets)
+    }
+
+    /// Sum of one worker counter over all workers.
+    pub fn worker_sum(&self, f: impl Fn(&WorkerCounters) -> u64) -> u64 {
+        self.workers.iter().map(|w| f(&w.counters)).sum()
+    }
+
+    pub fn write_atomic(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn read(path: &Path) -> io::Result<StatsReport> {
+        let bytes = std::fs::read(path)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a loupe stats file: {e}", path.display()),
+            )
+        })
+    }
+
+    /// A human-readable summary.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "loupe dataplane (pid {}, {}, up {:.1}s): {} -> {} in XDP {} mode, program id {}",
+            self.pid,
+            self.state,
+            self.uptime_ms as f64 / 1000.0,
+            self.inside.name,
+            self.outside.name,
+            self.xdp_mode,
+            self.program_id.map_or("?".into(), |i| i.to_string()),
+        );
+        let _ = writeln!(
+            s,
+            "steering: tcp ports {:?}, prefixes [{}], exempt [{}]",
+            self.steering.ports,
+            self.steering.prefixes.join(", "),
+            self.steering.exempt.join(", ")
+        );
+        let _ = writeln!(s, "\nXDP paths            packets          bytes");
+        for (label, c) in &self.xdp {
+            if c.packets > 0 || label == "rx" || label == "steer" {
+                let _ = writeln!(s, "  {label:<16} {:>10} {:>14}", c.packets, c.bytes);
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nworker queue cpu  rx(in/out)        tx(in/out)        cross(out/in/full) unparsed flows"
+        );
+        for w in &self.workers {
+            let c = &w.counters;
+            let _ = writeln!(
+                s,
+                "  {:<4} {:<5} {:<4} {:>8}/{:<8} {:>8}/{:<8} {:>6}/{}/{} {:>10} {:>5}",
+                w.id,
+                w.queue,
+                w.cpu.map_or("-".into(), |c| c.to_string()),
+                c.rx_inside.packets,
+                c.rx_outside.packets,
+                c.tx_inside.packets,
+                c.tx_outside.packets,
+                c.cross_out,
+                c.cross_in,
+                c.cross_full,
+                c.unparsed,
+                w.flows_active,
+            );
+        }
+        let drops: u64 = self
+            .workers
+            .iter()
+            .map(|w| {
+                w.counters.cross_full
+                    + w.counters.no_free_frame
+                    + w.xsk_inside.rx_dropped
+                    + w.xsk_outside.rx_dropped
+            })
+            .sum();
+        let _ = writeln!(s, "drops in userspace and AF_XDP rings: {drops}");
+        let flows: Vec<&FlowSummary> = self.workers.iter().flat_map(|w| &w.flows).collect();
+        if !flows.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nflows (client -> server: packets in/out, bytes in/out)"
+            );
+            for f in flows.iter().take(20) {
+                let _ = writeln!(
+                    s,
+                    "  {} -> {}: {}/{} pkts, {}/{} bytes",
+                    f.client,
+                    f.server,
+                    f.inside.packets,
+                    f.outside.packets,
+                    f.inside.bytes,
+                    f.outside.bytes
+                );
+            }
+            if flows.len() > 20 {
+                let _ = writeln!(s, "  ... {} more", flows.len() - 20);
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_a_file() {
+        let dir = std::env::temp_dir().join(format!("loupe-stats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stats.json");
+        let mut r = StatsReport {
+            version: STATS_VERSION,
+            state: "running".into(),
+            ..Default::default()
+        };
+        r.xdp.insert(
+            "steer".into(),
+            SideCount {
+                packets: 3,
+                bytes: 180,
+            },
+        );
+        r.workers.push(WorkerReport::default());
+        r.write_atomic(&path).unwrap();
+        let back = StatsReport::read(&path).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.xdp_packets("steer"), 3);
+        assert!(back.render().contains("steer"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("loupe-stats-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stats.json");
+        std::fs::write(&path, b"{nope").unwrap();
+        let e = StatsReport::read(&path).unwrap_err().to_string();
+        assert!(e.contains("not a loupe stats file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,172 @@
+//! Host facts and process set-up the engine needs before it touches the
+//! kernel: capabilities, interfaces and their queues, CPU pinning, locked
+//! memory. Each failure is an error that says what is missing and what to do.
+
+use std::{ffi::CString, fs, path::Path};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SysError {
+    #[error(
+        "missing privileges: {missing} (loupe-dataplane attaches XDP programs, creates BPF maps \
+         and AF_XDP sockets; run it as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW, \
+         e.g. with the systemd unit's AmbientCapabilities)"
+    )]
+    Privileges { missing: String },
+    #[error("interface '{0}' not found (check the name with `ip link` in this network namespace)")]
+    NoInterface(String),
+    #[error("interface name '{0}' is not valid")]
+    BadInterfaceName(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Capability numbers from linux/capability.h.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Effective capability set of this process (from /proc/self/status).
+pub fn effective_caps() -> Result<u64, SysError> {
+    let status = fs::read_to_string("/proc/self/status").map_err(|source| SysError::Read {
+        path: "/proc/self/status".into(),
+        source,
+    })?;
+    Ok(parse_cap_eff(&status).unwrap_or(0))
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// The capabilities missing from `caps` for attaching XDP and binding AF_XDP
+/// sockets; empty when all are present. CAP_SYS_ADMIN stands in for CAP_BPF
+/// (kernels before 5.8, and the way root holds it).
+pub fn missing_caps(caps: u64) -> Vec<&'static str> {
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_NET_RAW) {
+        missing.push("CAP_NET_RAW");
+    }
+    missing
+}
+
+pub fn check_privileges() -> Result<(), SysError> {
+    let missing = missing_caps(effective_caps()?);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(SysError::Privileges {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// Interface index of `name` in the current network namespace.
+pub fn ifindex(name: &str) -> Result<u32, SysError> {
+    let c = CString::new(name).map_err(|_| SysError::BadInterfaceName(name.into()))?;
+    // SAFETY: FFI call with a valid NUL-terminated string; returns 0 on error.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        Err(SysError::NoInterface(name.into()))
+    } else {
+        Ok(idx)
+    }
+}
+
+/// Number of RX queues the interface exposes (sysfs `queues/rx-N`).
+pub fn rx_queue_count(name: &str) -> Result<u32, SysError> {
+    let dir = format!("/sys/class/net/{name}/queues");
+    let entries = fs::read_dir(Path::new(&dir)).map_err(|source| SysError::Read {
+        path: dir.clone(),
+        source,
+    })?;
+    let n = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+        .count();
+    Ok(n.max(1) as u32)
+}
+
+/// Number of CPUs this process may run on.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Pin the calling thread to one CPU. Failure is reported, not fatal: the
+/// engine still works unpinned (containers may forbid affinity changes).
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bitmask; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside `set`; cpu is reduced modulo the set size.
+    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
+    // SAFETY: pid 0 is the calling thread; the set pointer and size are valid.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Lift RLIMIT_MEMLOCK: UMEM registration charges locked memory.
+pub fn raise_memlock() -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_has_everything() {
+        // Root's usual CapEff on 6.x kernels (41 capabilities).
+        let caps = parse_cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n").unwrap();
+        assert!(missing_caps(caps).is_empty());
+    }
+
+    #[test]
+    fn unprivileged_lacks_all_three() {
+        assert_eq!(
+            missing_caps(0),
+            vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW"]
+        );
+    }
+
+    #[test]
+    fn sys_admin_stands_in_for_bpf() {
+        let caps = (1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW);
+        assert!(missing_caps(caps).is_empty());
+        let caps = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW);
+        assert_eq!(missing_caps(caps), vec!["CAP_BPF"]);
+    }
+
+    #[test]
+    fn missing_interface_is_a_clear_error() {
+        let e = ifindex("loupe-nope0").unwrap_err();
+        assert!(e.to_string().contains("'loupe-nope0' not found"), "{e}");
+    }
+}

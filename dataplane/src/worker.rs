@@ -1,0 +1,293 @@
+//! The pinned per-queue loop, the only place where sockets, parsing and
+//! flows meet. One worker serves one RX queue of both interfaces (a
+//! [`QueuePort`]); it forwards the frames of flows it owns to the other
+//! interface, and hands frames of flows another worker owns to that worker
+//! over a lock-free ring ([`Crossbar`]), so both directions of a flow are
+//! always handled by one worker.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use crossbeam::queue::ArrayQueue;
+use loupe_common::FlowKey;
+use xsk_rs::FrameDesc;
+
+use crate::{
+    flow::{table::SideCount, FlowId, FlowTable, Observed, Sharder, Side},
+    stats::{WorkerCounters, WorkerReport},
+    wire::parse_tcp,
+    xsk::QueuePort,
+};
+
+/// Flows listed per worker in a stats report.
+pub const FLOWS_LISTED: usize = 10_000;
+const BATCH: usize = 64;
+const CROSS_RING: usize = 4096;
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+const EXPIRE_EVERY: Duration = Duration::from_millis(250);
+/// Empty iterations before the worker sleeps in poll().
+const SPIN_BEFORE_SLEEP: u32 = 64;
+const POLL_TIMEOUT_MS: i32 = 1;
+
+/// A frame that arrived at a worker that does not own its flow.
+pub struct CrossFrame {
+    /// Interface the frame arrived on.
+    pub side: Side,
+    pub key: FlowKey,
+    pub data: Vec<u8>,
+}
+
+/// One single-producer single-consumer lane per ordered worker pair, plus a
+/// lane back for the emptied buffers so steady state allocates nothing.
+pub struct Crossbar {
+    workers: usize,
+    lanes: Vec<ArrayQueue<CrossFrame>>,
+    returns: Vec<ArrayQueue<Vec<u8>>>,
+}
+
+impl Crossbar {
+    pub fn new(workers: usize) -> Self {
+        let n = workers * workers;
+        Crossbar {
+            workers,
+            lanes: (0..n).map(|_| ArrayQueue::new(CROSS_RING)).collect(),
+            returns: (0..n).map(|_| ArrayQueue::new(CROSS_RING)).collect(),
+        }
+    }
+
+    fn lane(&self, from: usize, to: usize) -> &ArrayQueue<CrossFrame> {
+        &self.lanes[from * self.workers + to]
+    }
+
+    /// Buffers returned to `from` by `to`.
+    fn returns(&self, from: usize, to: usize) -> &ArrayQueue<Vec<u8>> {
+        &self.returns[from * self.workers + to]
+    }
+}
+
+/// What a worker shares with the engine thread.
+#[derive(Default)]
+pub struct WorkerShared {
+    pub report: Mutex<WorkerReport>,
+}
+
+pub struct Worker {
+    id: usize,
+    port: QueuePort,
+    sharder: Sharder,
+    crossbar: Arc<Crossbar>,
+    table: FlowTable,
+    counters: WorkerCounters,
+    shared: Arc<WorkerShared>,
+    cpu: Option<usize>,
+    epoch: Instant,
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        port: QueuePort,
+        sharder: Sharder,
+        crossbar: Arc<Crossbar>,
+        max_flows: usize,
+        idle_timeout: Duration,
+        shared: Arc<WorkerShared>,
+    ) -> Self {
+        Worker {
+            id,
+            port,
+            sharder,
+            crossbar,
+            table: FlowTable::new(max_flows, idle_timeout.as_millis() as u64, 0),
+            counters: WorkerCounters::default(),
+            shared,
+            cpu: None,
+            epoch: Instant::now(),
+        }
+    }
+
+    pub fn set_cpu(&mut self, cpu: Option<usize>) {
+        self.cpu = cpu;
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Run until `stop` is set; publishes a final report before returning.
+    pub fn run(mut self, stop: &AtomicBool) {
+        let mut rx = vec![FrameDesc::default(); BATCH];
+        let mut idle = 0u32;
+        let mut last_publish = Instant::now();
+        let mut last_expire = Instant::now();
+        let mut last_flow_list = Instant::now() - Duration::from_secs(1);
+        while !stop.load(Ordering::Relaxed) {
+            let now_ms = self.now_ms();
+            let mut work = self.port.reclaim();
+            self.port.refill();
+            for side in [Side::Inside, Side::Outside] {
+                let n = self.port.recv(side, &mut rx);
+                work += n;
+                for desc in &rx[..n] {
+                    self.on_frame(side, *desc, now_ms);
+                }
+            }
+            work += self.drain_crossbar(now_ms);
+            let sent = self.port.flush();
+            add(&mut self.counters.tx_inside, sent[Side::Inside.index()]);
+            add(&mut self.counters.tx_outside, sent[Side::Outside.index()]);
+
+            if last_expire.elapsed() >= EXPIRE_EVERY {
+                last_expire = Instant::now();
+                self.table.expire(now_ms);
+            }
+            if last_publish.elapsed() >= PUBLISH_EVERY {
+                last_publish = Instant::now();
+                let with_flows = last_flow_list.elapsed() >= Duration::from_millis(250);
+                if with_flows {
+                    last_flow_list = Instant::now();
+                }
+                self.publish(with_flows);
+            }
+
+            if work == 0 && self.port.pending_tx() == 0 {
+                idle += 1;
+                if idle >= SPIN_BEFORE_SLEEP {
+                    self.sleep_for_frames();
+                }
+            } else {
+                idle = 0;
+            }
+        }
+        self.publish(true);
+    }
+
+    fn on_frame(&mut self, side: Side, desc: FrameDesc, now_ms: u64) {
+        let data = self.port.data(&desc);
+        let len = data.len();
+        let count = match side {
+            Side::Inside => &mut self.counters.rx_inside,
+            Side::Outside => &mut self.counters.rx_outside,
+        };
+        count.packets += 1;
+        count.bytes += len as u64;
+        let frame = match parse_tcp(data) {
+            Ok(f) => f,
+            Err(_) => {
+                // Steered by XDP yet not TCP to us (e.g. the XDP walk of
+                // extension headers is longer than ours): pass it on.
+                self.counters.unparsed += 1;
+                self.port.send(side.other(), desc);
+                return;
+            }
+        };
+        let owner = self.sharder.owner(&FlowId::of(&frame.key));
+        if owner == self.id {
+            self.observe(&frame.key, side, len, now_ms);
+            self.port.send(side.other(), desc);
+            return;
+        }
+        let mut buf = self
+            .crossbar
+            .returns(self.id, owner)
+            .pop()
+            .unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(data);
+        self.port.release(desc);
+        let msg = CrossFrame {
+            side,
+            key: frame.key,
+            data: buf,
+        };
+        if self.crossbar.lane(self.id, owner).push(msg).is_ok() {
+            self.counters.cross_out += 1;
+        } else {
+            self.counters.cross_full += 1;
+        }
+    }
+
+    fn observe(&mut self, key: &FlowKey, side: Side, len: usize, now_ms: u64) {
+        match self.table.observe(key, side, len, now_ms) {
+            Observed::Created => self.counters.flows_created += 1,
+            Observed::TableFull => self.counters.flow_table_full += 1,
+            Observed::Existing => {}
+        }
+    }
+
+    fn drain_crossbar(&mut self, now_ms: u64) -> usize {
+        let mut n = 0;
+        for from in 0..self.sharder.workers() {
+            if from == self.id {
+                continue;
+            }
+            while let Some(msg) = self.crossbar.lane(from, self.id).pop() {
+                n += 1;
+                self.counters.cross_in += 1;
+                match self.port.build(&msg.data) {
+                    Some(desc) => {
+                        self.observe(&msg.key, msg.side, msg.data.len(), now_ms);
+                        self.port.send(msg.side.other(), desc);
+                    }
+                    None => self.counters.no_free_frame += 1,
+                }
+                // Hand the buffer back; if its lane is full it is freed.
+                let _ = self.crossbar.returns(from, self.id).push(msg.data);
+            }
+        }
+        n
+    }
+
+    fn publish(&mut self, with_flows: bool) {
+        self.counters.tx_ring_full = self.port.tx_ring_full;
+        self.counters.fill_starved = self.port.fill_starved;
+        self.counters.flows_expired = self.table.expired;
+        let now_ms = self.now_ms();
+        let flows = with_flows.then(|| self.table.snapshot(FLOWS_LISTED, now_ms));
+        let report = WorkerReport {
+            id: self.id,
+            queue: self.port.queue(),
+            cpu: self.cpu,
+            counters: self.counters,
+            xsk_inside: self.port.kernel_stats(Side::Inside),
+            xsk_outside: self.port.kernel_stats(Side::Outside),
+            flows_active: self.table.len(),
+            flows: Vec::new(),
+        };
+        if let Ok(mut shared) = self.shared.report.lock() {
+            let old_flows = std::mem::take(&mut shared.flows);
+            *shared = report;
+            shared.flows = flows.unwrap_or(old_flows);
+        }
+    }
+
+    /// Block up to POLL_TIMEOUT_MS for frames on either socket. Crossover
+    /// frames wait at most that long when this worker is idle.
+    fn sleep_for_frames(&self) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.port.fd(Side::Inside),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.port.fd(Side::Outside),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfd entries on AF_XDP sockets this worker
+        // owns; poll only writes their revents.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, POLL_TIMEOUT_MS) };
+    }
+}
+
+fn add(c: &mut SideCount, (packets, bytes): (u64, u64)) {
+    c.packets += packets;
+    c.bytes += bytes;
+}

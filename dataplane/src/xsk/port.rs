@@ -1,0 +1,300 @@
+//! [`QueuePort`]: the UMEM and the two AF_XDP sockets of one queue.
+
+use std::{collections::VecDeque, io::Write, num::NonZeroU32, os::fd::AsRawFd};
+
+use thiserror::Error;
+use xsk_rs::{
+    config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig},
+    CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem,
+};
+
+use crate::flow::Side;
+
+#[derive(Debug, Error)]
+pub enum XskError {
+    #[error("bad AF_XDP configuration: {0}")]
+    Config(String),
+    #[error(
+        "cannot create the UMEM for queue {queue}: {source} (if this is ENOMEM or EPERM, \
+         RLIMIT_MEMLOCK may be too low: raise it or lower --frames)"
+    )]
+    Umem {
+        queue: u32,
+        source: xsk_rs::umem::UmemCreateError,
+    },
+    #[error(
+        "cannot bind an AF_XDP socket to {iface} queue {queue}: {source} \
+         (is another AF_XDP program bound there, or does the interface have fewer queues?)"
+    )]
+    Socket {
+        iface: String,
+        queue: u32,
+        source: xsk_rs::socket::SocketCreateError,
+    },
+    #[error("AF_XDP socket on {iface} queue {queue} came without its own fill/completion rings")]
+    NoRings { iface: String, queue: u32 },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PortConfig {
+    /// UMEM frames for this queue (both interfaces together).
+    pub frames: u32,
+    pub frame_size: u32,
+    /// Size of each RX, TX, fill and completion ring.
+    pub ring_size: u32,
+}
+
+impl Default for PortConfig {
+    fn default() -> Self {
+        PortConfig {
+            frames: 8192,
+            frame_size: 4096,
+            ring_size: 2048,
+        }
+    }
+}
+
+/// Kernel-side AF_XDP statistics of one socket (XDP_STATISTICS).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SideStats {
+    pub rx_dropped: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    pub rx_ring_full: u64,
+    pub rx_fill_ring_empty_descs: u64,
+    pub tx_ring_empty_descs: u64,
+}
+
+struct SidePort {
+    tx: TxQueue,
+    rx: RxQueue,
+    fill: FillQueue,
+    comp: CompQueue,
+    /// Frames handed to us for TX that the TX ring had no room for yet.
+    pending: VecDeque<FrameDesc>,
+}
+
+pub struct QueuePort {
+    queue: u32,
+    umem: Umem,
+    free: Vec<FrameDesc>,
+    sides: [SidePort; 2],
+    scratch: Vec<FrameDesc>,
+    ring_size: usize,
+    /// Free frames kept back from the fill rings for frames this worker
+    /// builds itself (crossover copies, later its own TCP segments).
+    reserve: usize,
+    pub tx_ring_full: u64,
+    pub fill_starved: u64,
+}
+
+impl QueuePort {
+    /// Create the UMEM and bind `inside` and `outside` queue `queue` to it.
+    /// libxdp's own XDP program is never loaded: the engine's program
+    /// redirects into the XSKMAP it manages itself.
+    pub fn new(
+        inside: &str,
+        outside: &str,
+        queue: u32,
+        cfg: PortConfig,
+    ) -> Result<QueuePort, XskError> {
+        let bad = |e: &dyn std::fmt::Display| XskError::Config(e.to_string());
+        let ring = QueueSize::new(cfg.ring_size).map_err(|e| bad(&e))?;
+        let umem_cfg = UmemConfig::builder()
+            .frame_size(FrameSize::new(cfg.frame_size).map_err(|e| bad(&e))?)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .build()
+            .map_err(|e| bad(&e))?;
+        let frames = NonZeroU32::new(cfg.frames).ok_or_else(|| bad(&"zero UMEM frames"))?;
+        let (umem, free) = Umem::new(umem_cfg, frames, false)
+            .map_err(|source| XskError::Umem { queue, source })?;
+        let sock_cfg = SocketConfig::builder()
+            .rx_queue_size(ring)
+            .tx_queue_size(ring)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP)
+            .build();
+        let bind =
+            |name: &str| -> Result<SidePort, XskError> {
+                let iface: Interface = name
+                    .parse()
+                    .map_err(|_| XskError::Config(format!("bad interface name {name:?}")))?;
+                // SAFETY: each (interface, queue) pair is bound once, by this
+                // port, and XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD is set as
+                // Socket::new requires for shared UMEMs.
+                let (tx, rx, rings) = unsafe { Socket::new(sock_cfg, &umem, &iface, queue) }
+                    .map_err(|source| XskError::Socket {
+                        iface: name.into(),
+                        queue,
+                        source,
+                    })?;
+                let (fill, comp) = rings.ok_or_else(|| XskError::NoRings {
+                    iface: name.into(),
+                    queue,
+                })?;
+                Ok(SidePort {
+                    tx,
+                    rx,
+                    fill,
+                    comp,
+                    pending: VecDeque::new(),
+                })
+            };
+        let sides = [bind(inside)?, bind(outside)?];
+        let ring_size = cfg.ring_size as usize;
+        let mut port = QueuePort {
+            queue,
+            umem,
+            scratch: vec![FrameDesc::default(); ring_size],
+            reserve: (free.len() / 8).max(64),
+            free,
+            sides,
+            ring_size,
+            tx_ring_full: 0,
+            fill_starved: 0,
+        };
+        port.refill();
+        Ok(port)
+    }
+
+    pub fn queue(&self) -> u32 {
+        self.queue
+    }
+
+    /// Socket fd of one side, for the XSKMAP.
+    pub fn fd(&self, side: Side) -> i32 {
+        self.sides[side.index()].rx.fd().as_raw_fd()
+    }
+
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Return transmitted frames to the free list.
+    pub fn reclaim(&mut self) -> usize {
+        let mut total = 0;
+        for s in 0..2 {
+            // SAFETY: the completion ring only returns frames of this UMEM.
+            let n = unsafe { self.sides[s].comp.consume(&mut self.scratch) };
+            self.free.extend_from_slice(&self.scratch[..n]);
+            total += n;
+        }
+        total
+    }
+
+    /// Top both fill rings up from the free list, keeping the reserve.
+    pub fn refill(&mut self) {
+        for s in 0..2 {
+            let spare = self.free.len().saturating_sub(self.reserve);
+            let side = &mut self.sides[s];
+            let want = side.fill.nb_free(spare.min(self.ring_size) as u32) as usize;
+            let want = want.min(spare);
+            if want > 0 {
+                let start = self.free.len() - want;
+                // SAFETY: these frames are free: in no ring and not
+                // referenced elsewhere; fill takes all of them or none.
+                let n = unsafe { side.fill.produce(&self.free[start..]) };
+                if n > 0 {
+                    self.free.truncate(self.free.len() - n);
+                }
+            } else if spare == 0 {
+                self.fill_starved += 1;
+            }
+            if side.fill.needs_wakeup() {
+                // A failed wakeup only delays RX until the next one.
+                let _ = side.fill.wakeup(side.rx.fd_mut(), 0);
+            }
+        }
+    }
+
+    /// Receive up to `out.len()` frames from one side.
+    pub fn recv(&mut self, side: Side, out: &mut [FrameDesc]) -> usize {
+        // SAFETY: the RX ring only returns frames of this UMEM, and `out`
+        // descriptors are overwritten, not used as inputs.
+        unsafe { self.sides[side.index()].rx.consume(out) }
+    }
+
+    /// Bytes of a frame this port owns (received, not yet transmitted).
+    pub fn data(&self, desc: &FrameDesc) -> &[u8] {
+        // SAFETY: the descriptor came from this UMEM's RX ring or free
+        // list, and the frame is in no kernel ring while we hold it.
+        unsafe { self.umem.data(desc) }.contents()
+    }
+
+    /// Queue a frame for transmission on `side`; sent by [`flush`].
+    pub fn send(&mut self, side: Side, desc: FrameDesc) {
+        self.sides[side.index()].pending.push_back(desc);
+    }
+
+    /// Give a frame back without sending it.
+    pub fn release(&mut self, desc: FrameDesc) {
+        self.free.push(desc);
+    }
+
+    /// Copy `bytes` into a free frame, or `None` when none is free or the
+    /// frame is too small.
+    pub fn build(&mut self, bytes: &[u8]) -> Option<FrameDesc> {
+        let mut desc = self.free.pop()?;
+        // SAFETY: a free frame is in no ring; we are its only user.
+        let mut data = unsafe { self.umem.data_mut(&mut desc) };
+        let mut cursor = data.cursor();
+        cursor.set_pos(0);
+        if cursor.write_all(bytes).is_err() {
+            self.free.push(desc);
+            return None;
+        }
+        Some(desc)
+    }
+
+    /// Push pending frames into the TX rings and kick the kernel.
+    /// Returns (frames, bytes) handed to the kernel per side.
+    pub fn flush(&mut self) -> [(u64, u64); 2] {
+        let mut sent = [(0u64, 0u64); 2];
+        for s in 0..2 {
+            let side = &mut self.sides[s];
+            if side.pending.is_empty() {
+                continue;
+            }
+            let room = side.tx.nb_free(side.pending.len() as u32) as usize;
+            let n = room.min(side.pending.len());
+            if n < side.pending.len() {
+                self.tx_ring_full += 1;
+            }
+            if n > 0 {
+                let batch = &side.pending.make_contiguous()[..n];
+                // SAFETY: frames we own, each submitted once; the ring has
+                // room for all of them (checked just above).
+                let produced = unsafe { side.tx.produce(batch) };
+                debug_assert_eq!(produced, n);
+                sent[s].0 = produced as u64;
+                sent[s].1 = batch.iter().map(|d| d.lengths().data() as u64).sum();
+                side.pending.drain(..produced);
+            }
+            // Copy mode transmits only from sendto(); need_wakeup tells when.
+            if side.tx.needs_wakeup() {
+                let _ = side.tx.wakeup();
+            }
+        }
+        sent
+    }
+
+    pub fn pending_tx(&self) -> usize {
+        self.sides.iter().map(|s| s.pending.len()).sum()
+    }
+
+    /// Kernel statistics of one side's socket.
+    pub fn kernel_stats(&self, side: Side) -> SideStats {
+        match self.sides[side.index()].rx.fd().xdp_statistics() {
+            Ok(s) => SideStats {
+                rx_dropped: s.rx_dropped(),
+                rx_invalid_descs: s.rx_invalid_descs(),
+                tx_invalid_descs: s.tx_invalid_descs(),
+                rx_ring_full: s.rx_ring_full(),
+                rx_fill_ring_empty_descs: s.rx_fill_ring_empty_descs(),
+                tx_ring_empty_descs: s.tx_ring_empty_descs(),
+            },
+            Err(_) => SideStats::default(),
+        }
+    }
+}

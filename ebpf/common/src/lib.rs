@@ -1,0 +1,203 @@
+//! Types shared by the XDP program (`ebpf/xdp`) and the userspace dataplane.
+//!
+//! Everything here is `#[repr(C)]` and has no padding the kernel could leave
+//! uninitialised: the same bytes are map keys and values on both sides. The
+//! crate is `no_std` so the eBPF program can use it; the `user` feature adds
+//! the `aya::Pod` impls the loader needs.
+#![no_std]
+
+/// Addresses are stored as 16 bytes: IPv6 as is, IPv4 as an IPv4-mapped IPv6
+/// address (`::ffff:a.b.c.d`, RFC 4291 section 2.5.5.2). One key type and one
+/// LPM trie then cover both families.
+pub type Addr = [u8; 16];
+
+/// Map an IPv4 address (network byte order octets) into [`Addr`].
+#[inline(always)]
+pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Prefix-length offset of an IPv4 prefix stored as IPv4-mapped IPv6.
+pub const V4_MAPPED_PREFIX_BITS: u32 = 96;
+
+/// Direction-specific flow key as the XDP program sees a frame: source and
+/// destination as sent. Userspace installs both directions of a flow.
+/// Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    pub const fn new(src: Addr, dst: Addr, src_port: u16, dst_port: u16, proto: u8) -> Self {
+        FlowKey {
+            src,
+            dst,
+            src_port,
+            dst_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The key of the opposite direction of the same flow.
+    pub const fn reversed(&self) -> Self {
+        FlowKey::new(self.dst, self.src, self.dst_port, self.src_port, self.proto)
+    }
+}
+
+/// Verdicts userspace installs in the flow map (`FLOWS`).
+pub mod verdict {
+    /// Forward to the peer interface in the kernel (DEVMAP), never to userspace.
+    pub const BYPASS: u32 = 1;
+    /// Drop in XDP.
+    pub const DROP: u32 = 2;
+    /// Send to the AF_XDP socket of the receiving queue.
+    pub const STEER: u32 = 3;
+}
+
+/// Per-interface facts the XDP program needs, keyed by ingress ifindex in
+/// `IFACES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IfaceInfo {
+    /// Slot of this interface: `PEERS[slot]` is the interface frames leave
+    /// by, `XSKS[slot * MAX_QUEUES + queue]` the AF_XDP socket of a queue.
+    pub slot: u32,
+}
+
+/// Interfaces the program serves (inside, outside).
+pub const MAX_IFACES: u32 = 2;
+/// RX queues per interface the XSKMAP has room for.
+pub const MAX_QUEUES: u32 = 64;
+/// Flow map capacity (LRU: the least recently used entry is evicted).
+pub const MAX_FLOWS: u32 = 262_144;
+/// Steering ports and prefixes capacity.
+pub const MAX_STEER_PORTS: u32 = 1024;
+pub const MAX_PREFIXES: u32 = 16_384;
+
+/// A packets/bytes pair; one per [`Counter`] per CPU in `COUNTERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident = $idx:expr, $label:expr; )*) => {
+        /// Index of a per-CPU counter in the `COUNTERS` array.
+        ///
+        /// Every frame the program sees is counted once in `Rx` and once in
+        /// exactly one *outcome* counter (`Counter::is_outcome`); the tag
+        /// counters (`Vlan`, `Ipv6Ext`) are extra information.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $( $(#[$doc])* $name = $idx, )*
+        }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+
+            /// Stable name used in stats output.
+            pub const fn label(self) -> &'static str {
+                match self { $(Counter::$name => $label,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Every frame the program ran on.
+    Rx = 0, "rx";
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): DEVMAP to the peer.
+    PassNonIp = 1, "pass_non_ip";
+    /// IP but not TCP (ICMP, UDP, ...): DEVMAP.
+    PassNonTcp = 2, "pass_non_tcp";
+    /// TCP not matching the steering maps: DEVMAP.
+    PassTcp = 3, "pass_tcp";
+    /// TCP to a steered port but from or to an exempt prefix: DEVMAP.
+    PassExempt = 4, "pass_exempt";
+    /// Steered by port/prefix to the AF_XDP socket of the receiving queue.
+    Steer = 5, "steer";
+    /// Would be steered, but no AF_XDP socket is bound on that queue: DEVMAP.
+    SteerNoSocket = 6, "steer_no_socket";
+    /// Flow map hit, verdict bypass: DEVMAP.
+    FlowBypass = 7, "flow_bypass";
+    /// Flow map hit, verdict drop: XDP_DROP.
+    FlowDrop = 8, "flow_drop";
+    /// Flow map hit, verdict steer: AF_XDP socket.
+    FlowSteer = 9, "flow_steer";
+    /// Truncated or inconsistent headers: DEVMAP, never userspace.
+    Malformed = 10, "malformed";
+    /// IPv4/IPv6 fragments (no complete L4 header to classify): DEVMAP.
+    Fragment = 11, "fragment";
+    /// The DEVMAP had no entry for the peer: XDP_DROP.
+    NoPeer = 12, "no_peer";
+    /// Ingress interface not configured in IFACES: XDP_PASS to the stack.
+    UnknownIface = 13, "unknown_iface";
+    /// Tag: frame carried one or two VLAN tags.
+    Vlan = 14, "tag_vlan";
+    /// Tag: IPv6 frame with extension headers before the transport header.
+    Ipv6Ext = 15, "tag_ipv6_ext";
+}
+
+pub const COUNTER_COUNT: u32 = 16;
+
+impl Counter {
+    /// Outcome counters partition `Rx`: their sum equals `Rx`.
+    pub const fn is_outcome(self) -> bool {
+        !matches!(self, Counter::Rx | Counter::Vlan | Counter::Ipv6Ext)
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] data without padding (FlowKey pads explicitly),
+    // valid for every bit pattern.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IfaceInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CounterValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_indices_are_dense_and_unique() {
+        assert_eq!(Counter::ALL.len() as u32, COUNTER_COUNT);
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn flow_key_has_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
+    }
+
+    #[test]
+    fn reversed_twice_is_identity() {
+        let k = FlowKey::new(
+            v4_mapped([198, 18, 0, 1]),
+            v4_mapped([198, 18, 0, 2]),
+            1,
+            443,
+            6,
+        );
+        assert_eq!(k.reversed().reversed(), k);
+        assert_eq!(k.reversed().dst_port, 1);
+    }
+}

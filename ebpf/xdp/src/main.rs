@@ -1,0 +1,336 @@
+//! Loupe's XDP classifier, attached to both engine interfaces.
+//!
+//! It owns the first decision for every frame, in this order:
+//! 1. flow map hit (verdict installed by userspace): bypass (DEVMAP to the
+//!    peer interface), drop, or steer (AF_XDP socket of the receiving queue);
+//! 2. TCP to a steered port whose server address is in a steered prefix and
+//!    neither address is exempt: steer;
+//! 3. everything else, including every frame it cannot parse, goes to the
+//!    peer interface through the DEVMAP: the in-kernel fast path.
+//!
+//! Malformed or truncated headers are never steered and never dropped: they
+//! take the default path and are counted (`Counter::Malformed`).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{lpm_trie::Key, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, XskMap},
+    programs::XdpContext,
+};
+use loupe_common::{
+    v4_mapped, verdict, Addr, Counter, CounterValue, FlowKey, IfaceInfo, COUNTER_COUNT, MAX_FLOWS,
+    MAX_IFACES, MAX_PREFIXES, MAX_QUEUES, MAX_STEER_PORTS,
+};
+
+#[map]
+static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_IFACES, 0);
+#[map]
+static PEERS: DevMap = DevMap::with_max_entries(MAX_IFACES, 0);
+#[map]
+static XSKS: XskMap = XskMap::with_max_entries(MAX_IFACES * MAX_QUEUES, 0);
+#[map]
+static FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static STEER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_STEER_PORTS, 0);
+#[map]
+static STEER_PREFIXES: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map]
+static EXEMPT_PREFIXES: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map]
+static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+/// IPv6 extension headers walked before giving up (RFC 8200 section 4.1
+/// recommends an order with at most one of each, plus destination options
+/// twice).
+const MAX_IPV6_EXT: usize = 6;
+/// No legitimate frame here is longer (no multi-buffer); bounding offsets
+/// also keeps them provably small for the verifier.
+const MAX_L4_OFFSET: usize = 4096;
+
+/// What the classifier decided, and which outcome counter records it.
+enum Class {
+    Pass(Counter),
+    Steer(Counter),
+    Drop(Counter),
+}
+
+#[xdp]
+pub fn loupe_xdp(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    count(Counter::Rx, len);
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: IFACES is written only by userspace at start-up; a racing
+    // update would at worst give a stale slot for one frame.
+    let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else {
+        count(Counter::UnknownIface, len);
+        return xdp_action::XDP_PASS;
+    };
+    let slot = iface.slot;
+    match classify(&ctx, len) {
+        Class::Pass(c) => forward(slot, c, len),
+        Class::Drop(c) => {
+            count(c, len);
+            xdp_action::XDP_DROP
+        }
+        Class::Steer(c) => {
+            let queue = ctx.rx_queue_index();
+            if queue < MAX_QUEUES {
+                if let Ok(action) = XSKS.redirect(slot * MAX_QUEUES + queue, 0) {
+                    count(c, len);
+                    return action;
+                }
+            }
+            forward(slot, Counter::SteerNoSocket, len)
+        }
+    }
+}
+
+/// The default path: DEVMAP redirect to the peer of the ingress interface.
+#[inline(always)]
+fn forward(slot: u32, outcome: Counter, len: u64) -> u32 {
+    match PEERS.redirect(slot, 0) {
+        Ok(action) => {
+            count(outcome, len);
+            action
+        }
+        Err(_) => {
+            count(Counter::NoPeer, len);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn count(c: Counter, len: u64) {
+    if let Some(v) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, this program is its only writer on this CPU.
+        unsafe {
+            (*v).packets += 1;
+            (*v).bytes += len;
+        }
+    }
+}
+
+/// `N` bytes of the frame at `off`, or `None` when the frame is shorter.
+#[inline(always)]
+fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
+    let start = ctx.data();
+    if start + off + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: the range [start+off, start+off+N) was just checked to lie
+    // inside the packet; [u8; N] has no alignment requirement.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
+}
+
+#[inline(always)]
+fn in_prefixes(trie: &LpmTrie<Addr, u8>, addr: Addr) -> bool {
+    trie.get(Key::new(128, addr)).is_some()
+}
+
+/// Network layer facts needed to classify the transport header.
+struct L3 {
+    src: Addr,
+    dst: Addr,
+    /// Offset of the transport header.
+    l4: usize,
+    /// End of the IP payload (frames may carry Ethernet padding after it).
+    l4_end: usize,
+}
+
+#[inline(always)]
+fn classify(ctx: &XdpContext, len: u64) -> Class {
+    let Some(eth) = bytes::<ETH_HLEN>(ctx, 0) else {
+        return Class::Pass(Counter::Malformed);
+    };
+    let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let mut off = ETH_HLEN;
+    let mut vlan = false;
+    // 802.1Q, or 802.1ad outer + 802.1Q inner (QinQ).
+    for _ in 0..2 {
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            let Some(tag) = bytes::<4>(ctx, off) else {
+                return Class::Pass(Counter::Malformed);
+            };
+            ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+            off += 4;
+            vlan = true;
+        }
+    }
+    if vlan {
+        count(Counter::Vlan, len);
+    }
+    let l3 = match ethertype {
+        ETH_P_IPV4 => ipv4(ctx, off),
+        ETH_P_IPV6 => ipv6(ctx, off, len),
+        _ => return Class::Pass(Counter::PassNonIp),
+    };
+    match l3 {
+        Ok(l3) => tcp(ctx, l3),
+        Err(class) => class,
+    }
+}
+
+/// RFC 791 section 3.1 header checks.
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Class> {
+    let frame_len = ctx.data_end() - ctx.data();
+    let h = bytes::<20>(ctx, off).ok_or(Class::Pass(Counter::Malformed))?;
+    if h[0] >> 4 != 4 {
+        return Err(Class::Pass(Counter::Malformed));
+    }
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([h[2], h[3]]) as usize;
+    if ihl < 20 || total < ihl || off + total > frame_len {
+        return Err(Class::Pass(Counter::Malformed));
+    }
+    // More-fragments flag or a non-zero fragment offset.
+    if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+        return Err(Class::Pass(Counter::Fragment));
+    }
+    if h[9] != IPPROTO_TCP {
+        return Err(Class::Pass(Counter::PassNonTcp));
+    }
+    Ok(L3 {
+        src: v4_mapped([h[12], h[13], h[14], h[15]]),
+        dst: v4_mapped([h[16], h[17], h[18], h[19]]),
+        l4: off + ihl,
+        l4_end: off + total,
+    })
+}
+
+/// RFC 8200 sections 3 and 4: fixed header, then the extension header chain.
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
+    let frame_len = ctx.data_end() - ctx.data();
+    let h = bytes::<40>(ctx, off).ok_or(Class::Pass(Counter::Malformed))?;
+    if h[0] >> 4 != 6 {
+        return Err(Class::Pass(Counter::Malformed));
+    }
+    let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+    let l4_end = off + 40 + payload;
+    if l4_end > frame_len {
+        return Err(Class::Pass(Counter::Malformed));
+    }
+    let mut next = h[6];
+    let mut l4 = off + 40;
+    let mut ext = false;
+    for _ in 0..MAX_IPV6_EXT {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-octet
+            // units, not counting the first 8.
+            0 | 43 | 60 => {
+                let e = bytes::<2>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
+                next = e[0];
+                l4 += (e[1] as usize + 1) * 8;
+            }
+            // Fragment header: fixed 8 octets.
+            44 => {
+                let e = bytes::<8>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
+                // Offset or M flag set: not an atomic fragment.
+                if u16::from_be_bytes([e[2], e[3]]) & 0xfff9 != 0 {
+                    return Err(Class::Pass(Counter::Fragment));
+                }
+                next = e[0];
+                l4 += 8;
+            }
+            // Authentication header (RFC 4302): length in 4-octet units minus 2.
+            51 => {
+                let e = bytes::<2>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
+                next = e[0];
+                l4 += (e[1] as usize + 2) * 4;
+            }
+            _ => break,
+        }
+        ext = true;
+        if l4 > MAX_L4_OFFSET || l4 > l4_end {
+            return Err(Class::Pass(Counter::Malformed));
+        }
+    }
+    if ext {
+        count(Counter::Ipv6Ext, len);
+    }
+    if matches!(next, 0 | 43 | 44 | 51 | 60) {
+        // Longer chain than we walk: unclassifiable, never steered.
+        return Err(Class::Pass(Counter::Malformed));
+    }
+    if next != IPPROTO_TCP {
+        return Err(Class::Pass(Counter::PassNonTcp));
+    }
+    Ok(L3 {
+        src: [
+            h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19],
+            h[20], h[21], h[22], h[23],
+        ],
+        dst: [
+            h[24], h[25], h[26], h[27], h[28], h[29], h[30], h[31], h[32], h[33], h[34], h[35],
+            h[36], h[37], h[38], h[39],
+        ],
+        l4,
+        l4_end,
+    })
+}
+
+#[inline(always)]
+fn tcp(ctx: &XdpContext, l3: L3) -> Class {
+    if l3.l4 > MAX_L4_OFFSET {
+        return Class::Pass(Counter::Malformed);
+    }
+    let Some(t) = bytes::<20>(ctx, l3.l4) else {
+        return Class::Pass(Counter::Malformed);
+    };
+    // RFC 9293 section 3.1: data offset counts 32-bit words, at least 5.
+    let doff = ((t[12] >> 4) as usize) * 4;
+    if doff < 20 || l3.l4 + doff > l3.l4_end {
+        return Class::Pass(Counter::Malformed);
+    }
+    let src_port = u16::from_be_bytes([t[0], t[1]]);
+    let dst_port = u16::from_be_bytes([t[2], t[3]]);
+    let key = FlowKey::new(l3.src, l3.dst, src_port, dst_port, IPPROTO_TCP);
+    // SAFETY: the value is copied out at once; a concurrent update from
+    // userspace yields either the old or the new verdict.
+    if let Some(v) = unsafe { FLOWS.get(&key) } {
+        match *v {
+            verdict::BYPASS => return Class::Pass(Counter::FlowBypass),
+            verdict::DROP => return Class::Drop(Counter::FlowDrop),
+            verdict::STEER => return Class::Steer(Counter::FlowSteer),
+            _ => {}
+        }
+    }
+    // The server's address is the destination of client-to-server frames
+    // and the source of the replies: both directions steer alike.
+    let to_server = STEER_PORTS.get_ptr(dst_port).is_some();
+    let from_server = STEER_PORTS.get_ptr(src_port).is_some();
+    if !to_server && !from_server {
+        return Class::Pass(Counter::PassTcp);
+    }
+    let server_steered = (to_server && in_prefixes(&STEER_PREFIXES, l3.dst))
+        || (from_server && in_prefixes(&STEER_PREFIXES, l3.src));
+    if !server_steered {
+        return Class::Pass(Counter::PassTcp);
+    }
+    if in_prefixes(&EXEMPT_PREFIXES, l3.src) || in_prefixes(&EXEMPT_PREFIXES, l3.dst) {
+        return Class::Pass(Counter::PassExempt);
+    }
+    Class::Steer(Counter::Steer)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: nothing in this program can panic (no indexing without
+    // bounds, no unwrap); the verifier would reject an unreachable loop.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

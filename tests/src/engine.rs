@@ -1,0 +1,141 @@
+//! The engine binary running in a harness's engine namespace.
+
+use std::{
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::Context;
+use loupe_dataplane::stats::StatsReport;
+
+use crate::{
+    harness::{Harness, INSIDE_IF, OUTSIDE_IF},
+    proc::Proc,
+    wait::wait_until,
+    workspace_bin,
+};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// How long start-up may take on a loaded 2-core machine.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Engine {
+    proc: Proc,
+    pub stats_path: PathBuf,
+}
+
+impl Engine {
+    /// Start `loupe-dataplane` on inside/outside with `extra` arguments and
+    /// wait until it reports ready (first stats file written).
+    pub fn start(h: &Harness, extra: &[&str]) -> anyhow::Result<Engine> {
+        let stats_path = h.dir.join(format!(
+            "engine-{}.json",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let bin = workspace_bin("loupe-dataplane");
+        let mut cmd = h.engine.command(bin.to_str().context("binary path")?);
+        cmd.args([
+            "--inside",
+            INSIDE_IF,
+            "--outside",
+            OUTSIDE_IF,
+            "--stats-interval-ms",
+            "100",
+        ])
+        .arg("--stats-file")
+        .arg(&stats_path)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let child = cmd.spawn().context("spawning loupe-dataplane")?;
+        let mut engine = Engine {
+            proc: Proc::new("loupe-dataplane", child),
+            stats_path,
+        };
+        let path = engine.stats_path.clone();
+        let ready = wait_until("the engine to report ready", START_TIMEOUT, || {
+            if let Some(st) = engine.proc.try_wait() {
+                return Ok(Some(Err(st)));
+            }
+            match StatsReport::read(&path) {
+                Ok(r) if r.state == "running" => Ok(Some(Ok(()))),
+                Ok(r) => Err(format!("state {}", r.state)),
+                Err(e) => Err(e.to_string()),
+            }
+        })?;
+        if let Err(status) = ready {
+            let (out, err) = engine.proc.take_output();
+            anyhow::bail!("loupe-dataplane exited during start-up ({status}): {err}{out}");
+        }
+        Ok(engine)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn stats(&self) -> anyhow::Result<StatsReport> {
+        Ok(StatsReport::read(&self.stats_path)?)
+    }
+
+    /// Wait until the stats report satisfies `f`.
+    pub fn wait_stats<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&StatsReport) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        wait_until(what, timeout, || {
+            let r = self.stats().map_err(|e| e.to_string())?;
+            match f(&r) {
+                Some(v) => Ok(Some(v)),
+                None => Err(summary(&r)),
+            }
+        })
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.proc.try_wait().is_none()
+    }
+
+    /// SIGTERM and wait; returns (status, exited in time, stdout, stderr).
+    pub fn stop(self) -> (ExitStatus, bool, String, String) {
+        self.proc.stop(Duration::from_secs(30))
+    }
+
+    /// Wait for the engine to exit on its own (after a signal sent by the
+    /// test); SIGKILL after `timeout`.
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, bool, String, String) {
+        let (st, clean) = self.proc.wait_timeout(timeout);
+        let (out, err) = self.proc.take_output();
+        (st, clean, out, err)
+    }
+
+    /// SIGKILL and reap: no chance to clean up.
+    pub fn kill(mut self) -> ExitStatus {
+        self.proc.signal(libc::SIGKILL);
+        self.proc.wait_timeout(Duration::from_secs(30)).0
+    }
+}
+
+/// The XDP counters and worker totals in one line, for failure messages.
+pub fn summary(r: &StatsReport) -> String {
+    let xdp: Vec<String> = r
+        .xdp
+        .iter()
+        .filter(|(_, c)| c.packets > 0)
+        .map(|(k, c)| format!("{k}={}", c.packets))
+        .collect();
+    format!(
+        "xdp[{}] workers rx={} cross={} flows={}",
+        xdp.join(" "),
+        r.worker_sum(|c| c.rx_inside.packets + c.rx_outside.packets),
+        r.worker_sum(|c| c.cross_out),
+        r.workers.iter().map(|w| w.flows_active).sum::<usize>()
+    )
+}

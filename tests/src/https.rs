@@ -1,0 +1,201 @@
+//! Real HTTPS peers: a certificate made with the openssl CLI, nginx in the
+//! server namespace, curl in the client namespace.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    harness::{Harness, SERVER_V4, SERVER_V6},
+    netns::run,
+    proc::Proc,
+    wait::wait_until,
+};
+
+pub const SERVER_NAME: &str = "server.loupe.test";
+
+pub struct ServerCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A self-signed P-256 certificate for SERVER_NAME and the server addresses.
+pub fn make_cert(dir: &Path) -> anyhow::Result<ServerCert> {
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    run(std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={SERVER_NAME}"),
+        ])
+        .args([
+            "-addext",
+            &format!("subjectAltName=DNS:{SERVER_NAME},IP:{SERVER_V4},IP:{SERVER_V6}"),
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert))?;
+    Ok(ServerCert { cert, key })
+}
+
+pub struct Nginx {
+    _proc: Proc,
+    pub cert: ServerCert,
+    pub docroot: PathBuf,
+    pub port: u16,
+}
+
+impl Nginx {
+    /// nginx serving `docroot` over HTTPS on `port` at both server
+    /// addresses; returns once it accepts connections.
+    pub fn start(h: &Harness, port: u16) -> anyhow::Result<Nginx> {
+        let dir = h.dir.join(format!("nginx-{port}"));
+        let docroot = dir.join("www");
+        std::fs::create_dir_all(&docroot)?;
+        let cert = make_cert(&dir)?;
+        std::fs::write(docroot.join("index.html"), "loupe test page\n")?;
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+             keepalive_timeout 5;\n  sendfile off;\n  server {{\n    \
+             listen {SERVER_V4}:{port} ssl;\n    listen [{SERVER_V6}]:{port} ssl;\n    \
+             server_name {SERVER_NAME};\n    ssl_certificate {};\n    ssl_certificate_key {};\n    \
+             root {};\n  }}\n}}\n",
+            cert.cert.display(),
+            cert.key.display(),
+            docroot.display()
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = h
+            .server
+            .command("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning nginx")?;
+        let mut proc = Proc::new("nginx", child);
+        let listening = format!("{SERVER_V4}:{port}");
+        wait_until("nginx to listen", Duration::from_secs(30), || {
+            if let Some(st) = proc.try_wait() {
+                let (_, err) = proc.take_output();
+                return Ok(Some(Err(format!("nginx exited ({st}): {err}"))));
+            }
+            let out = h.server.exec("ss", &["-Hltn"]).map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            Ok(text.contains(&listening).then_some(Ok(())))
+        })?
+        .map_err(anyhow::Error::msg)?;
+        Ok(Nginx {
+            _proc: proc,
+            cert,
+            docroot,
+            port,
+        })
+    }
+
+    /// Write `len` bytes of deterministic pseudo-random data to the docroot
+    /// and return its SHA-256 (hex).
+    pub fn add_file(&self, name: &str, len: usize, seed: u64) -> anyhow::Result<String> {
+        let mut data = vec![0u8; len];
+        fill_pseudo_random(&mut data, seed);
+        std::fs::write(self.docroot.join(name), &data)?;
+        Ok(hex(&Sha256::digest(&data)))
+    }
+
+    /// curl arguments that reach this server by name at `addr`.
+    pub fn curl_args(&self, addr: &str, path: &str) -> Vec<String> {
+        let bracketed = if addr.contains(':') {
+            format!("[{addr}]")
+        } else {
+            addr.to_string()
+        };
+        vec![
+            "-sS".into(),
+            "--fail".into(),
+            "--max-time".into(),
+            "120".into(),
+            "--cacert".into(),
+            self.cert.cert.display().to_string(),
+            "--resolve".into(),
+            format!("{SERVER_NAME}:{}:{bracketed}", self.port),
+            format!("https://{SERVER_NAME}:{}/{path}", self.port),
+        ]
+    }
+}
+
+/// Run curl in the client namespace; stream the body through SHA-256.
+/// Returns (sha256 hex, body length).
+pub fn curl_sha256(h: &Harness, args: &[String]) -> anyhow::Result<(String, u64)> {
+    let mut child = h
+        .client
+        .command("curl")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning curl")?;
+    let mut out = child.stdout.take().context("curl stdout")?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    let mut proc = Proc::new("curl", child);
+    let (status, _) = proc.wait_timeout(Duration::from_secs(180));
+    if !status.success() {
+        let (_, err) = proc.take_output();
+        bail!("curl {args:?} failed ({status}): {err}");
+    }
+    Ok((hex(&hasher.finalize()), total))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// xorshift64*: fast, deterministic, incompressible enough for transfers.
+pub fn fill_pseudo_random(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}

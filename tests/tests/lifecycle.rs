@@ -1,0 +1,166 @@
+//! Start-up errors are clear, and stopping the engine (SIGTERM, SIGINT or
+//! SIGKILL) leaves no XDP program behind.
+
+use std::{process::Command, time::Duration};
+
+use loupe_tests::{
+    engine::Engine,
+    harness::{INSIDE_IF, OUTSIDE_IF},
+    wait_until, workspace_bin, Harness, HarnessConfig,
+};
+
+fn prog_exists(id: u32) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn attached_ids(h: &Harness) -> (Option<u32>, Option<u32>) {
+    (
+        h.xdp_prog_id(INSIDE_IF).unwrap(),
+        h.xdp_prog_id(OUTSIDE_IF).unwrap(),
+    )
+}
+
+fn assert_detached(h: &Harness, id: u32) {
+    wait_until(
+        "the XDP program to be gone",
+        Duration::from_secs(30),
+        || {
+            let ids = attached_ids(h);
+            if ids == (None, None) && !prog_exists(id) {
+                Ok(Some(()))
+            } else {
+                Err(format!(
+                    "attached {ids:?}, program {id} loaded: {}",
+                    prog_exists(id)
+                ))
+            }
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn sigterm_and_sigint_detach_everything() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let engine = Engine::start(&h, &[]).expect("engine");
+        let id = engine.stats().unwrap().program_id.expect("program id");
+        assert_eq!(attached_ids(&h), (Some(id), Some(id)));
+        assert!(prog_exists(id));
+        // SAFETY: signalling the engine we started, by its PID.
+        unsafe { libc::kill(engine.pid() as i32, sig) };
+        let (status, clean, out, err) = engine.wait_exit(Duration::from_secs(30));
+        assert!(
+            clean && status.success(),
+            "signal {sig}: exit {status}: {err}"
+        );
+        assert!(out.contains("stopped"), "final report: {out}");
+        assert_detached(&h, id);
+    }
+}
+
+#[test]
+fn sigkill_leaves_nothing_attached() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let engine = Engine::start(&h, &[]).expect("engine");
+    let id = engine.stats().unwrap().program_id.expect("program id");
+    assert_eq!(attached_ids(&h), (Some(id), Some(id)));
+    engine.kill();
+    // BPF links die with the process's file descriptors.
+    assert_detached(&h, id);
+    // And the interfaces are free for the next engine.
+    let again = Engine::start(&h, &[]).expect("restart after SIGKILL");
+    let (status, clean, _, err) = again.stop();
+    assert!(clean && status.success(), "{status}: {err}");
+}
+
+fn run_engine(h: &Harness, wrapper: &[&str], args: &[&str]) -> (i32, String) {
+    let bin = workspace_bin("loupe-dataplane");
+    let mut cmd = h
+        .engine
+        .command(wrapper.first().copied().unwrap_or(bin.to_str().unwrap()));
+    if !wrapper.is_empty() {
+        cmd.args(&wrapper[1..]).arg(&bin);
+    }
+    let out = cmd.args(args).output().expect("run loupe-dataplane");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn missing_interface_is_a_clear_error() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let (code, err) = run_engine(&h, &[], &["--inside", "nosuch0", "--outside", OUTSIDE_IF]);
+    assert_ne!(code, 0);
+    assert!(err.contains("interface 'nosuch0' not found"), "{err}");
+    assert_eq!(attached_ids(&h), (None, None));
+}
+
+#[test]
+fn same_interface_twice_is_refused() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let (code, err) = run_engine(&h, &[], &["--inside", INSIDE_IF, "--outside", INSIDE_IF]);
+    assert_ne!(code, 0);
+    assert!(err.contains("two different interfaces"), "{err}");
+}
+
+#[test]
+fn bad_arguments_are_refused_with_the_reason() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let base = ["--inside", INSIDE_IF, "--outside", OUTSIDE_IF];
+    for (extra, why) in [
+        (["--steer-prefix", "198.18.0.0/40"], "exceeds 32"),
+        (["--steer-ports", "https"], "bad port 'https'"),
+        (["--xdp-mode", "turbo"], "bad XDP mode 'turbo'"),
+        (["--queues", "9"], "exceeds the RX queues available"),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        let (code, err) = run_engine(&h, &[], &args);
+        assert_ne!(code, 0, "{extra:?} accepted");
+        assert!(err.contains(why), "{extra:?}: {err}");
+    }
+    assert_eq!(attached_ids(&h), (None, None));
+}
+
+#[test]
+fn missing_privileges_are_named() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let args = ["--inside", INSIDE_IF, "--outside", OUTSIDE_IF];
+    // An unprivileged user.
+    let (code, err) = run_engine(
+        &h,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ],
+        &args,
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("missing privileges: CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW"),
+        "{err}"
+    );
+    // Root without CAP_BPF and CAP_SYS_ADMIN.
+    let (code, err) = run_engine(
+        &h,
+        &[
+            "setpriv",
+            "--bounding-set=-bpf,-sys_admin",
+            "--inh-caps=-bpf,-sys_admin",
+            "--",
+        ],
+        &args,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("missing privileges: CAP_BPF ("), "{err}");
+    assert_eq!(attached_ids(&h), (None, None));
+}
