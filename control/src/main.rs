@@ -1,1 +1,64 @@
-fn main() {}
+//! `loupe`: the operator's command line. For now it reads the dataplane's
+//! stats report; the control daemon (policy, decryption log, metrics)
+//! grows here.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use loupe_dataplane::stats::StatsReport;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loupe",
+    version,
+    about = "Loupe TLS inspection engine: operator CLI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show a running (or stopped) dataplane's stats report.
+    Stats {
+        /// The file the dataplane writes with --stats-file.
+        #[arg(long, default_value = "/run/loupe/stats.json")]
+        file: PathBuf,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Stats { file, json } => {
+            let report = StatsReport::read(&file).with_context(|| {
+                format!(
+                    "cannot read the dataplane stats at {} (is loupe-dataplane running \
+                     with --stats-file {}?)",
+                    file.display(),
+                    file.display()
+                )
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loupe: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

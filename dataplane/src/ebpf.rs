@@ -25,16 +25,16 @@ const PROGRAM: &str = "loupe_xdp";
 #[derive(Debug, Error)]
 pub enum ClassifierError {
     #[error("cannot load the XDP object: {0}")]
-    Load(#[from] EbpfError),
+    Load(#[source] Box<EbpfError>),
     #[error("the XDP object has no {0}")]
     Missing(&'static str),
     #[error("XDP program rejected by the kernel: {0}")]
-    Program(#[source] ProgramError),
+    Program(#[source] Box<ProgramError>),
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("{0}")]
     XdpMap(String),
@@ -43,7 +43,7 @@ pub enum ClassifierError {
         iface: String,
         mode: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
         hint: &'static str,
     },
     #[error("too many steering ports ({0}; at most {MAX_STEER_PORTS})")]
@@ -75,19 +75,26 @@ pub struct Classifier {
     program_id: Option<u32>,
 }
 
+fn program_err(e: ProgramError) -> ClassifierError {
+    ClassifierError::Program(Box::new(e))
+}
+
 fn map_err(map: &'static str) -> impl Fn(MapError) -> ClassifierError {
-    move |source| ClassifierError::Map { map, source }
+    move |source| ClassifierError::Map {
+        map,
+        source: Box::new(source),
+    }
 }
 
 impl Classifier {
     pub fn load() -> Result<Self, ClassifierError> {
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| ClassifierError::Load(Box::new(e)))?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or(ClassifierError::Missing("XDP program"))?
             .try_into()
-            .map_err(ClassifierError::Program)?;
-        prog.load().map_err(ClassifierError::Program)?;
+            .map_err(program_err)?;
+        prog.load().map_err(program_err)?;
         let program_id = prog.info().ok().map(|i| i.id());
         Ok(Classifier { ebpf, program_id })
     }
@@ -212,7 +219,7 @@ impl Classifier {
             .program_mut(PROGRAM)
             .ok_or(ClassifierError::Missing("XDP program"))?
             .try_into()
-            .map_err(ClassifierError::Program)?;
+            .map_err(program_err)?;
         let xdp_mode = match mode {
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Skb => XdpMode::Skb,
@@ -222,7 +229,7 @@ impl Classifier {
             .map_err(|source| ClassifierError::Attach {
                 iface: iface.into(),
                 mode: mode.label(),
-                source,
+                source: Box::new(source),
                 hint: match mode {
                     AttachMode::Native => {
                         " (if the driver has no native XDP, retry with --xdp-mode skb; \

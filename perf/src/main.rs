@@ -1,1 +1,321 @@
-fn main() {}
+//! `loupe-perf wire`: throughput and packet rate through the bump in the
+//! wire, for the kernel path a user would otherwise run and for each of the
+//! engine's paths, measured back to back in one run on the same harness
+//! shape so the ratios are meaningful on a shared, noisy machine.
+//!
+//! Paths: a Linux bridge in the engine namespace with offloads on and off;
+//! the engine with nothing steered (XDP DEVMAP fast path); the engine
+//! steering the flow through AF_XDP workers (userspace wire).
+//! Workloads: MTU-size frames (MSS 1448) and small frames (MSS 88), one
+//! flow and 8 flows, with iperf3 as the load. Packets per second are frames
+//! sent by the two endpoints' veths per second (with offloads on these are
+//! GSO super-frames, which is the point of offloads).
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use loupe_tests::{
+    engine::Engine,
+    harness::{Role, PEER_IF, SERVER_V4},
+    Harness, HarnessConfig, Proc,
+};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "loupe-perf")]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// Write the results as JSON here.
+    #[arg(long, default_value = "perf/results/wire.json")]
+    json: String,
+    /// Only these paths (comma-separated).
+    #[arg(long)]
+    paths: Option<String>,
+}
+
+const PORT: u16 = 5201;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Path {
+    BridgeOffloadOn,
+    BridgeOffloadOff,
+    XdpDevmap,
+    XdpUserspace,
+}
+
+impl Path {
+    const ALL: [Path; 4] = [
+        Path::BridgeOffloadOn,
+        Path::BridgeOffloadOff,
+        Path::XdpDevmap,
+        Path::XdpUserspace,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Path::BridgeOffloadOn => "bridge_offload_on",
+            Path::BridgeOffloadOff => "bridge_offload_off",
+            Path::XdpDevmap => "xdp_devmap",
+            Path::XdpUserspace => "xdp_userspace",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Workload {
+    frames: &'static str,
+    mss: Option<u32>,
+    flows: u32,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        frames: "mtu",
+        mss: None,
+        flows: 1,
+    },
+    Workload {
+        frames: "mtu",
+        mss: None,
+        flows: 8,
+    },
+    Workload {
+        frames: "small",
+        mss: Some(88),
+        flows: 1,
+    },
+    Workload {
+        frames: "small",
+        mss: Some(88),
+        flows: 8,
+    },
+];
+
+#[derive(Debug, Serialize)]
+struct Sample {
+    gbit_per_s: f64,
+    mpps: f64,
+    retransmits: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Result {
+    path: Path,
+    workload: Workload,
+    samples: Vec<Sample>,
+    median_gbit_per_s: f64,
+    median_mpps: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    kernel: String,
+    cpus: usize,
+    seconds: u32,
+    repeat: u32,
+    results: Vec<Result>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn tx_packets(h: &Harness) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for role in [Role::Client, Role::Server] {
+        let out = h.ns(role).exec(
+            "cat",
+            &[&format!("/sys/class/net/{PEER_IF}/statistics/tx_packets")],
+        )?;
+        total += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>()?;
+    }
+    Ok(total)
+}
+
+fn iperf_server(h: &Harness) -> anyhow::Result<Proc> {
+    let child = h
+        .server
+        .command("iperf3")
+        .args(["-s", "-B", SERVER_V4, "-p", &PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning iperf3 -s")?;
+    let proc = Proc::new("iperf3-server", child);
+    loupe_tests::wait_until("iperf3 to listen", Duration::from_secs(20), || {
+        let out = h.server.exec("ss", &["-Hltn"]).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("{SERVER_V4}:{PORT}"))
+            .then_some(()))
+    })?;
+    Ok(proc)
+}
+
+fn measure(h: &Harness, w: Workload, seconds: u32) -> anyhow::Result<Sample> {
+    let mut args = vec![
+        "-c".to_string(),
+        SERVER_V4.into(),
+        "-p".into(),
+        PORT.to_string(),
+        "-t".into(),
+        seconds.to_string(),
+        "-P".into(),
+        w.flows.to_string(),
+        "-J".into(),
+    ];
+    if let Some(mss) = w.mss {
+        args.extend(["-M".into(), mss.to_string()]);
+    }
+    let before = tx_packets(h)?;
+    let start = Instant::now();
+    let out = h.client.command("iperf3").args(&args).output()?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let after = tx_packets(h)?;
+    if !out.status.success() {
+        bail!(
+            "iperf3 {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    let end = &v["end"];
+    let bps = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON lacks end.sum_received")?;
+    let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    Ok(Sample {
+        gbit_per_s: bps / 1e9,
+        mpps: (after - before) as f64 / elapsed / 1e6,
+        retransmits,
+    })
+}
+
+fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Result<()> {
+    let cfg = HarnessConfig {
+        offloads: path == Path::BridgeOffloadOn,
+        ..Default::default()
+    };
+    let h = Harness::new(cfg)?;
+    let engine = match path {
+        Path::BridgeOffloadOn | Path::BridgeOffloadOff => {
+            h.bridge_up()?;
+            None
+        }
+        Path::XdpDevmap => Some(Engine::start(&h, &["--steer-ports", "none"])?),
+        Path::XdpUserspace => Some(Engine::start(&h, &["--steer-ports", &PORT.to_string()])?),
+    };
+    let _server = iperf_server(&h)?;
+    for w in WORKLOADS {
+        let mut samples = Vec::new();
+        for _ in 0..args.repeat {
+            samples.push(measure(&h, w, args.seconds)?);
+        }
+        let r = Result {
+            path,
+            workload: w,
+            median_gbit_per_s: median(samples.iter().map(|s| s.gbit_per_s).collect()),
+            median_mpps: median(samples.iter().map(|s| s.mpps).collect()),
+            samples,
+        };
+        eprintln!(
+            "  {:<20} {:<5} x{:<2} {:>7.2} Gbit/s {:>7.3} Mpps",
+            path.label(),
+            w.frames,
+            w.flows,
+            r.median_gbit_per_s,
+            r.median_mpps
+        );
+        results.push(r);
+    }
+    if let Some(engine) = engine {
+        let r = engine.stats()?;
+        if path == Path::XdpUserspace {
+            anyhow::ensure!(r.xdp_packets("steer") > 0, "userspace path steered nothing");
+        } else {
+            anyhow::ensure!(r.xdp_packets("steer") == 0, "devmap path steered frames");
+        }
+        let (status, _, _, err) = engine.stop();
+        anyhow::ensure!(status.success(), "engine: {status}: {err}");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let paths: Vec<Path> = match &args.paths {
+        None => Path::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|p| {
+                Path::ALL
+                    .into_iter()
+                    .find(|x| x.label() == p.trim())
+                    .with_context(|| format!("unknown path {p}"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let mut results = Vec::new();
+    for p in paths {
+        eprintln!("path {}", p.label());
+        run_path(p, &args, &mut results)?;
+    }
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let report = Report {
+        kernel,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        seconds: args.seconds,
+        repeat: args.repeat,
+        results,
+    };
+    if let Some(dir) = std::path::Path::new(&args.json).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&report)?)?;
+
+    // Table with ratios against the bridge with offloads off (same run).
+    println!(
+        "\n{:<20} {:<6} {:>5} {:>10} {:>9} {:>12}",
+        "path", "frames", "flows", "Gbit/s", "Mpps", "vs bridge-off"
+    );
+    for r in &report.results {
+        let base = report.results.iter().find(|b| {
+            b.path == Path::BridgeOffloadOff
+                && b.workload.frames == r.workload.frames
+                && b.workload.flows == r.workload.flows
+        });
+        let ratio = base
+            .filter(|b| b.median_gbit_per_s > 0.0)
+            .map(|b| format!("{:.2}x", r.median_gbit_per_s / b.median_gbit_per_s))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:<6} {:>5} {:>10.2} {:>9.3} {:>12}",
+            r.path.label(),
+            r.workload.frames,
+            r.workload.flows,
+            r.median_gbit_per_s,
+            r.median_mpps,
+            ratio
+        );
+    }
+    println!("\nJSON: {}", args.json);
+    Ok(())
+}

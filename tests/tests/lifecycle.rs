@@ -1,7 +1,7 @@
 //! Start-up errors are clear, and stopping the engine (SIGTERM, SIGINT or
 //! SIGKILL) leaves no XDP program behind.
 
-use std::{process::Command, time::Duration};
+use std::{os::unix::fs::PermissionsExt, process::Command, time::Duration};
 
 use loupe_tests::{
     engine::Engine,
@@ -79,12 +79,20 @@ fn sigkill_leaves_nothing_attached() {
 }
 
 fn run_engine(h: &Harness, wrapper: &[&str], args: &[&str]) -> (i32, String) {
-    let bin = workspace_bin("loupe-dataplane");
+    run_engine_bin(h, &workspace_bin("loupe-dataplane"), wrapper, args)
+}
+
+fn run_engine_bin(
+    h: &Harness,
+    bin: &std::path::Path,
+    wrapper: &[&str],
+    args: &[&str],
+) -> (i32, String) {
     let mut cmd = h
         .engine
         .command(wrapper.first().copied().unwrap_or(bin.to_str().unwrap()));
     if !wrapper.is_empty() {
-        cmd.args(&wrapper[1..]).arg(&bin);
+        cmd.args(&wrapper[1..]).arg(bin);
     }
     let out = cmd.args(args).output().expect("run loupe-dataplane");
     (
@@ -132,9 +140,15 @@ fn bad_arguments_are_refused_with_the_reason() {
 fn missing_privileges_are_named() {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
     let args = ["--inside", INSIDE_IF, "--outside", OUTSIDE_IF];
+    // A copy the unprivileged user can execute wherever the checkout is.
+    let bin = h.dir.join("loupe-dataplane");
+    std::fs::copy(workspace_bin("loupe-dataplane"), &bin).unwrap();
+    std::fs::set_permissions(&h.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     // An unprivileged user.
-    let (code, err) = run_engine(
+    let (code, err) = run_engine_bin(
         &h,
+        &bin,
         &[
             "setpriv",
             "--reuid=65534",

@@ -251,8 +251,7 @@ impl QueuePort {
     /// Returns (frames, bytes) handed to the kernel per side.
     pub fn flush(&mut self) -> [(u64, u64); 2] {
         let mut sent = [(0u64, 0u64); 2];
-        for s in 0..2 {
-            let side = &mut self.sides[s];
+        for (side, sent) in self.sides.iter_mut().zip(sent.iter_mut()) {
             if side.pending.is_empty() {
                 continue;
             }
@@ -267,8 +266,8 @@ impl QueuePort {
                 // room for all of them (checked just above).
                 let produced = unsafe { side.tx.produce(batch) };
                 debug_assert_eq!(produced, n);
-                sent[s].0 = produced as u64;
-                sent[s].1 = batch.iter().map(|d| d.lengths().data() as u64).sum();
+                sent.0 = produced as u64;
+                sent.1 = batch.iter().map(|d| d.lengths().data() as u64).sum();
                 side.pending.drain(..produced);
             }
             // Copy mode transmits only from sendto(); need_wakeup tells when.

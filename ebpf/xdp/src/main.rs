@@ -69,7 +69,7 @@ pub fn loupe_xdp(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: IFACES is written only by userspace at start-up; a racing
     // update would at worst give a stale slot for one frame.
-    let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else {
+    let Some(iface) = (unsafe { IFACES.get(ifindex) }) else {
         count(Counter::UnknownIface, len);
         return xdp_action::XDP_PASS;
     };
@@ -297,7 +297,7 @@ fn tcp(ctx: &XdpContext, l3: L3) -> Class {
     let key = FlowKey::new(l3.src, l3.dst, src_port, dst_port, IPPROTO_TCP);
     // SAFETY: the value is copied out at once; a concurrent update from
     // userspace yields either the old or the new verdict.
-    if let Some(v) = unsafe { FLOWS.get(&key) } {
+    if let Some(v) = unsafe { FLOWS.get(key) } {
         match *v {
             verdict::BYPASS => return Class::Pass(Counter::FlowBypass),
             verdict::DROP => return Class::Drop(Counter::FlowDrop),
