@@ -50,7 +50,7 @@ pub enum EngineError {
     },
     #[error("worker {0} stopped unexpectedly (panicked); the engine stopped with it")]
     WorkerDied(usize),
-    #[error("cannot start worker thread: {0}")]
+    #[error("cannot start a worker (thread or eventfd): {0}")]
     Spawn(std::io::Error),
 }
 
@@ -95,7 +95,7 @@ pub fn run(
     // Sockets first, so steered frames find them from the first one on.
     let workers = queues as usize;
     let sharder = Sharder::new(workers);
-    let crossbar = Arc::new(Crossbar::new(workers));
+    let crossbar = Arc::new(Crossbar::new(workers).map_err(EngineError::Spawn)?);
     let mut pending = Vec::with_capacity(workers);
     for q in 0..queues {
         let port = QueuePort::new(&cfg.inside, &cfg.outside, q, cfg.port)?;

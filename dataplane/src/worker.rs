@@ -6,6 +6,7 @@
 //! always handled by one worker.
 
 use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -32,7 +33,9 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 const EXPIRE_EVERY: Duration = Duration::from_millis(250);
 /// Empty iterations before the worker sleeps in poll().
 const SPIN_BEFORE_SLEEP: u32 = 64;
-const POLL_TIMEOUT_MS: i32 = 1;
+/// Longest sleep: bounds how late the stop flag, stats and flow expiry are
+/// seen by an idle worker. Frames and crossover wake it at once.
+const POLL_TIMEOUT_MS: i32 = 10;
 
 /// A frame that arrived at a worker that does not own its flow.
 pub struct CrossFrame {
@@ -43,21 +46,24 @@ pub struct CrossFrame {
 }
 
 /// One single-producer single-consumer lane per ordered worker pair, plus a
-/// lane back for the emptied buffers so steady state allocates nothing.
+/// lane back for the emptied buffers so steady state allocates nothing, and
+/// a [`Waker`] per worker so crossover frames do not wait out a sleep.
 pub struct Crossbar {
     workers: usize,
     lanes: Vec<ArrayQueue<CrossFrame>>,
     returns: Vec<ArrayQueue<Vec<u8>>>,
+    wakers: Vec<Waker>,
 }
 
 impl Crossbar {
-    pub fn new(workers: usize) -> Self {
+    pub fn new(workers: usize) -> std::io::Result<Self> {
         let n = workers * workers;
-        Crossbar {
+        Ok(Crossbar {
             workers,
             lanes: (0..n).map(|_| ArrayQueue::new(CROSS_RING)).collect(),
             returns: (0..n).map(|_| ArrayQueue::new(CROSS_RING)).collect(),
-        }
+            wakers: (0..workers).map(|_| Waker::new()).collect::<Result<_, _>>()?,
+        })
     }
 
     fn lane(&self, from: usize, to: usize) -> &ArrayQueue<CrossFrame> {
@@ -67,6 +73,51 @@ impl Crossbar {
     /// Buffers returned to `from` by `to`.
     fn returns(&self, from: usize, to: usize) -> &ArrayQueue<Vec<u8>> {
         &self.returns[from * self.workers + to]
+    }
+
+    fn inbound_pending(&self, to: usize) -> bool {
+        (0..self.workers).any(|from| !self.lane(from, to).is_empty())
+    }
+}
+
+/// Wakes a worker sleeping in poll(): an eventfd it polls, written only
+/// when it has announced that it sleeps.
+///
+/// Ordering (all SeqCst): the sleeper stores `sleeping`, then checks its
+/// lanes; a sender pushes, then loads `sleeping`. Either the sleeper sees
+/// the frame, or the sender sees the flag and writes the eventfd.
+struct Waker {
+    fd: OwnedFd,
+    sleeping: AtomicBool,
+}
+
+impl Waker {
+    fn new() -> std::io::Result<Waker> {
+        // SAFETY: eventfd(2) with valid flags; the fd is owned right below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Waker {
+            // SAFETY: a fresh fd nothing else owns.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    fn wake_if_sleeping(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: 8-byte write to our eventfd; EAGAIN (counter full)
+            // means a wake-up is already pending.
+            unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+    }
+
+    fn drain(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: 8-byte read from our non-blocking eventfd.
+        unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     }
 }
 
@@ -86,6 +137,8 @@ pub struct Worker {
     shared: Arc<WorkerShared>,
     cpu: Option<usize>,
     epoch: Instant,
+    /// Workers sent crossover frames in this iteration.
+    kicked: Vec<bool>,
 }
 
 impl Worker {
@@ -98,6 +151,7 @@ impl Worker {
         idle_timeout: Duration,
         shared: Arc<WorkerShared>,
     ) -> Self {
+        let kicked = vec![false; crossbar.workers];
         Worker {
             id,
             port,
@@ -108,6 +162,7 @@ impl Worker {
             shared,
             cpu: None,
             epoch: Instant::now(),
+            kicked,
         }
     }
 
@@ -138,6 +193,7 @@ impl Worker {
                 }
             }
             work += self.drain_crossbar(now_ms);
+            self.wake_owners();
             let sent = self.port.flush();
             add(&mut self.counters.tx_inside, sent[Side::Inside.index()]);
             add(&mut self.counters.tx_outside, sent[Side::Outside.index()]);
@@ -207,6 +263,7 @@ impl Worker {
         };
         if self.crossbar.lane(self.id, owner).push(msg).is_ok() {
             self.counters.cross_out += 1;
+            self.kicked[owner] = true;
         } else {
             self.counters.cross_full += 1;
         }
@@ -243,6 +300,14 @@ impl Worker {
         n
     }
 
+    fn wake_owners(&mut self) {
+        for (owner, kicked) in self.kicked.iter_mut().enumerate() {
+            if std::mem::take(kicked) {
+                self.crossbar.wakers[owner].wake_if_sleeping();
+            }
+        }
+    }
+
     fn publish(&mut self, with_flows: bool) {
         self.counters.tx_ring_full = self.port.tx_ring_full;
         self.counters.fill_starved = self.port.fill_starved;
@@ -266,24 +331,33 @@ impl Worker {
         }
     }
 
-    /// Block up to POLL_TIMEOUT_MS for frames on either socket. Crossover
-    /// frames wait at most that long when this worker is idle.
+    /// Block up to POLL_TIMEOUT_MS until a frame arrives on either socket
+    /// or another worker hands over a frame.
     fn sleep_for_frames(&self) {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.port.fd(Side::Inside),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.port.fd(Side::Outside),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfd entries on AF_XDP sockets this worker
-        // owns; poll only writes their revents.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, POLL_TIMEOUT_MS) };
+        let waker = &self.crossbar.wakers[self.id];
+        waker.sleeping.store(true, Ordering::SeqCst);
+        if !self.crossbar.inbound_pending(self.id) {
+            let mut fds = [
+                pollin(self.port.fd(Side::Inside)),
+                pollin(self.port.fd(Side::Outside)),
+                pollin(waker.fd.as_raw_fd()),
+            ];
+            // SAFETY: valid pollfd entries on fds this worker owns (its
+            // sockets, its eventfd); poll only writes their revents.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, POLL_TIMEOUT_MS) };
+            if fds[2].revents != 0 {
+                waker.drain();
+            }
+        }
+        waker.sleeping.store(false, Ordering::SeqCst);
+    }
+}
+
+fn pollin(fd: i32) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
     }
 }
 
