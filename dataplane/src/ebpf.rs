@@ -11,7 +11,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         DevMap, HashMap, MapError, PerCpuArray, XskMap,
     },
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
     Ebpf, EbpfError,
 };
 use loupe_common::{Addr, Counter, CounterValue, FlowKey, IfaceInfo, MAX_QUEUES, MAX_STEER_PORTS};
@@ -238,6 +238,33 @@ impl Classifier {
                     AttachMode::Skb => " (is another XDP program attached?)",
                 },
             })
+    }
+
+    /// Run the program once on `frame` as if it arrived on `ifindex` queue
+    /// `queue` (BPF_PROG_TEST_RUN: maps and counters are real, redirects
+    /// are only returned, not performed). For tests and diagnostics; the
+    /// calling thread's network namespace must hold `ifindex`.
+    pub fn test_run(&self, frame: &[u8], ifindex: u32, queue: u32) -> Result<u32, ClassifierError> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(PROGRAM)
+            .ok_or(ClassifierError::Missing("XDP program"))?
+            .try_into()
+            .map_err(program_err)?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, queue, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .map_err(program_err)?;
+        Ok(result.return_value)
     }
 
     /// Counter totals over all CPUs, in `Counter::ALL` order.

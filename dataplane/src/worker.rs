@@ -62,7 +62,9 @@ impl Crossbar {
             workers,
             lanes: (0..n).map(|_| ArrayQueue::new(CROSS_RING)).collect(),
             returns: (0..n).map(|_| ArrayQueue::new(CROSS_RING)).collect(),
-            wakers: (0..workers).map(|_| Waker::new()).collect::<Result<_, _>>()?,
+            wakers: (0..workers)
+                .map(|_| Waker::new())
+                .collect::<Result<_, _>>()?,
         })
     }
 

@@ -24,17 +24,44 @@ fn attached_ids(h: &Harness) -> (Option<u32>, Option<u32>) {
     )
 }
 
-fn assert_detached(h: &Harness, id: u32) {
+fn map_exists(id: u32) -> bool {
+    Command::new("bpftool")
+        .args(["map", "show", "id", &id.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Ids of the maps the program uses (`bpftool prog show id N --json`).
+fn prog_map_ids(id: u32) -> Vec<u32> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string(), "--json"])
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v["map_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m.as_u64())
+                .map(|m| m as u32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn assert_detached(h: &Harness, id: u32, maps: &[u32]) {
     wait_until(
-        "the XDP program to be gone",
+        "the XDP program and its maps to be gone",
         Duration::from_secs(30),
         || {
             let ids = attached_ids(h);
-            if ids == (None, None) && !prog_exists(id) {
+            let live_maps: Vec<&u32> = maps.iter().filter(|m| map_exists(**m)).collect();
+            if ids == (None, None) && !prog_exists(id) && live_maps.is_empty() {
                 Ok(Some(()))
             } else {
                 Err(format!(
-                    "attached {ids:?}, program {id} loaded: {}",
+                    "attached {ids:?}, program {id} loaded: {}, maps alive {live_maps:?}",
                     prog_exists(id)
                 ))
             }
@@ -51,6 +78,8 @@ fn sigterm_and_sigint_detach_everything() {
         let id = engine.stats().unwrap().program_id.expect("program id");
         assert_eq!(attached_ids(&h), (Some(id), Some(id)));
         assert!(prog_exists(id));
+        let maps = prog_map_ids(id);
+        assert!(maps.len() >= 8, "program maps {maps:?}");
         // SAFETY: signalling the engine we started, by its PID.
         unsafe { libc::kill(engine.pid() as i32, sig) };
         let (status, clean, out, err) = engine.wait_exit(Duration::from_secs(30));
@@ -59,7 +88,7 @@ fn sigterm_and_sigint_detach_everything() {
             "signal {sig}: exit {status}: {err}"
         );
         assert!(out.contains("stopped"), "final report: {out}");
-        assert_detached(&h, id);
+        assert_detached(&h, id, &maps);
     }
 }
 
@@ -69,9 +98,10 @@ fn sigkill_leaves_nothing_attached() {
     let engine = Engine::start(&h, &[]).expect("engine");
     let id = engine.stats().unwrap().program_id.expect("program id");
     assert_eq!(attached_ids(&h), (Some(id), Some(id)));
+    let maps = prog_map_ids(id);
     engine.kill();
     // BPF links die with the process's file descriptors.
-    assert_detached(&h, id);
+    assert_detached(&h, id, &maps);
     // And the interfaces are free for the next engine.
     let again = Engine::start(&h, &[]).expect("restart after SIGKILL");
     let (status, clean, _, err) = again.stop();
@@ -177,4 +207,40 @@ fn missing_privileges_are_named() {
     assert_ne!(code, 0);
     assert!(err.contains("missing privileges: CAP_BPF ("), "{err}");
     assert_eq!(attached_ids(&h), (None, None));
+}
+
+#[test]
+fn native_attach_failure_names_the_interface_and_the_fix() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    // Bridge devices have no native XDP (and this kernel has no dummy).
+    for d in ["dmy0", "dmy1"] {
+        h.engine.ip(&["link", "add", d, "type", "bridge"]).unwrap();
+        h.engine.ip(&["link", "set", d, "up"]).unwrap();
+    }
+    let (code, err) = run_engine(&h, &[], &["--inside", "dmy0", "--outside", "dmy1"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot attach XDP (native) to 'dmy0'") && err.contains("--xdp-mode skb"),
+        "{err}"
+    );
+    for d in ["dmy0", "dmy1"] {
+        assert_eq!(h.xdp_prog_id(d).unwrap(), None, "{d} left attached");
+    }
+}
+
+#[test]
+fn a_second_engine_on_the_same_interfaces_is_refused_and_the_first_keeps_running() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let mut first = Engine::start(&h, &[]).expect("engine");
+    let id = first.stats().unwrap().program_id.unwrap();
+    let (code, err) = run_engine(&h, &[], &["--inside", INSIDE_IF, "--outside", OUTSIDE_IF]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot bind an AF_XDP socket to inside queue 0"),
+        "{err}"
+    );
+    assert!(first.alive());
+    assert_eq!(attached_ids(&h), (Some(id), Some(id)));
+    let (status, clean, _, err) = first.stop();
+    assert!(clean && status.success(), "{status}: {err}");
 }
