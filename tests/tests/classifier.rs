@@ -58,6 +58,9 @@ fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
     FlowKey::new(v4_mapped(src), v4_mapped(dst), sport, dport, 6)
 }
 
+/// (name, frame, ingress ifindex, rx queue, expected action, outcome counter)
+type Case = (&'static str, Vec<u8>, u32, u32, u32, Counter);
+
 const CLIENT: [u8; 4] = [198, 18, 0, 1];
 const SERVER: [u8; 4] = [198, 18, 0, 2];
 
@@ -105,7 +108,7 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
             arp.extend_from_slice(&[0; 28]);
 
             #[rustfmt::skip]
-            let cases: Vec<(&str, Vec<u8>, u32, u32, u32, Counter)> = vec![
+            let cases: Vec<Case> = vec![
                 ("client to steered port", tcp(c4, 40001, s4, 443), inside, 0, XDP_REDIRECT, Counter::Steer),
                 ("same on a queue without socket", tcp(c4, 40001, s4, 443), inside, 1, XDP_REDIRECT, Counter::SteerNoSocket),
                 ("server reply from steered port", tcp(s4, 443, c4, 40001), outside, 0, XDP_REDIRECT, Counter::Steer),

@@ -1,9 +1,9 @@
 //! The harness cleans up after itself: on drop, on panic, and through
 //! `loupe-harness down`.
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
-use loupe_tests::{netns::Netns, workspace_bin, Harness, HarnessConfig};
+use loupe_tests::{netns::Netns, wait_until, workspace_bin, Harness, HarnessConfig};
 
 fn namespaces() -> String {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
@@ -18,7 +18,7 @@ fn exists(name: &str) -> bool {
 
 #[test]
 fn a_panicking_test_leaves_no_namespace_or_process() {
-    let names = std::thread::spawn(|| {
+    let payload = std::thread::spawn(|| {
         let h = Harness::new(HarnessConfig::default()).unwrap();
         let names = [
             h.client.name.clone(),
@@ -26,22 +26,26 @@ fn a_panicking_test_leaves_no_namespace_or_process() {
             h.server.name.clone(),
         ];
         let child = h.server.command("sleep").arg("600").spawn().unwrap();
-        let pid = child.id();
-        std::panic::panic_any((names, pid));
+        std::panic::panic_any((names, child));
     })
     .join()
     .expect_err("thread must panic");
-    let (names, pid) = names.downcast::<([String; 3], u32)>().map(|b| *b).unwrap();
+    let (names, mut child) = payload
+        .downcast::<([String; 3], std::process::Child)>()
+        .map(|b| *b)
+        .unwrap();
     for n in &names {
         assert!(!exists(n), "{n} survived the panic");
     }
-    // The process left in the namespace was killed; reap it if it was ours.
-    // SAFETY: signal 0 only probes the PID we started.
-    let alive = unsafe { libc::kill(pid as i32, 0) } == 0
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false);
-    assert!(!alive, "process {pid} survived");
+    // The process left in the server namespace was killed with it.
+    let status = wait_until("the orphan to die", Duration::from_secs(10), || {
+        child.try_wait().map_err(|e| e.to_string())
+    })
+    .unwrap();
+    assert!(
+        !status.success(),
+        "sleep 600 cannot have finished: {status}"
+    );
 }
 
 #[test]
