@@ -112,24 +112,10 @@ impl Classifier {
                 .map_mut("IFACES")?
                 .try_into()
                 .map_err(map_err("IFACES"))?;
-            ifaces
-                .insert(
-                    inside,
-                    IfaceInfo {
-                        slot: Side::Inside as u32,
-                    },
-                    0,
-                )
-                .map_err(map_err("IFACES"))?;
-            ifaces
-                .insert(
-                    outside,
-                    IfaceInfo {
-                        slot: Side::Outside as u32,
-                    },
-                    0,
-                )
-                .map_err(map_err("IFACES"))?;
+            for (ifindex, side) in [(inside, Side::Inside), (outside, Side::Outside)] {
+                let info = IfaceInfo { slot: side as u32 };
+                ifaces.insert(ifindex, info, 0).map_err(map_err("IFACES"))?;
+            }
         }
         let mut peers: DevMap<_> = self
             .map_mut("PEERS")?

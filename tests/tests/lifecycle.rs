@@ -9,12 +9,17 @@ use loupe_tests::{
     wait_until, workspace_bin, Harness, HarnessConfig,
 };
 
-fn prog_exists(id: u32) -> bool {
+/// Whether the kernel still holds BPF object `kind` ("prog", "map") `id`.
+fn bpf_object_exists(kind: &str, id: u32) -> bool {
     Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
+        .args([kind, "show", "id", &id.to_string()])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+fn prog_exists(id: u32) -> bool {
+    bpf_object_exists("prog", id)
 }
 
 fn attached_ids(h: &Harness) -> (Option<u32>, Option<u32>) {
@@ -25,11 +30,7 @@ fn attached_ids(h: &Harness) -> (Option<u32>, Option<u32>) {
 }
 
 fn map_exists(id: u32) -> bool {
-    Command::new("bpftool")
-        .args(["map", "show", "id", &id.to_string()])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    bpf_object_exists("map", id)
 }
 
 /// Ids of the maps the program uses (`bpftool prog show id N --json`).
