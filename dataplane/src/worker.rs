@@ -25,8 +25,9 @@ use crate::{
     xsk::QueuePort,
 };
 
-/// Flows listed per worker in a stats report.
-pub const FLOWS_LISTED: usize = 10_000;
+/// Flows listed per worker in a stats report (the oldest ones; the report
+/// also carries the count of all of them).
+pub const FLOWS_LISTED: usize = 1024;
 const BATCH: usize = 64;
 const CROSS_RING: usize = 4096;
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);

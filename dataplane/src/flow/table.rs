@@ -159,11 +159,18 @@ impl FlowTable {
         removed
     }
 
-    /// Up to `limit` flows, oldest first.
+    /// Up to `limit` flows, oldest first. Linear in the table size (a
+    /// selection, not a full sort): it runs on the worker.
     pub fn snapshot(&self, limit: usize, now_ms: u64) -> Vec<FlowSummary> {
+        if limit == 0 {
+            return Vec::new();
+        }
         let mut recs: Vec<&FlowRecord> = self.flows.values().collect();
+        if recs.len() > limit {
+            recs.select_nth_unstable_by_key(limit - 1, |r| r.first_seen_ms);
+            recs.truncate(limit);
+        }
         recs.sort_by_key(|r| r.first_seen_ms);
-        recs.truncate(limit);
         recs.into_iter()
             .map(|r| FlowSummary {
                 client: endpoint(&r.first.src, r.first.src_port),
@@ -254,6 +261,28 @@ mod tests {
         assert_eq!(t.expired, 1);
         t.expire(20_000);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn snapshot_lists_the_oldest_flows_first() {
+        let mut t = FlowTable::new(100, 60_000, 0);
+        for port in (1..=50).rev() {
+            t.observe(&key(port), Side::Inside, 1, 1000 - port as u64);
+        }
+        let s = t.snapshot(5, 2000);
+        let ports: Vec<&str> = s.iter().map(|f| f.client.as_str()).collect();
+        assert_eq!(
+            ports,
+            [
+                "198.18.0.1:50",
+                "198.18.0.1:49",
+                "198.18.0.1:48",
+                "198.18.0.1:47",
+                "198.18.0.1:46"
+            ]
+        );
+        assert_eq!(t.snapshot(0, 2000).len(), 0);
+        assert_eq!(t.snapshot(500, 2000).len(), 50);
     }
 
     #[test]
