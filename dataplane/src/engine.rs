@@ -43,6 +43,17 @@ pub enum EngineError {
         outside: String,
         out_q: u32,
     },
+    #[error(
+        "the MTU of '{iface}' ({mtu}) makes frames of up to {frame} bytes, more than an AF_XDP \
+         frame holds ({max}); lower the MTU to {fits} or less"
+    )]
+    Mtu {
+        iface: String,
+        mtu: u32,
+        frame: u32,
+        max: u32,
+        fits: u32,
+    },
     #[error("cannot write stats to {path}: {source}")]
     Stats {
         path: String,
@@ -83,6 +94,29 @@ pub fn run(
         Some(q) => q,
         None => available,
     };
+    // A steered frame longer than a UMEM frame would be dropped by the
+    // kernel after XDP counted it steered: refuse such MTUs up front.
+    // (Ethernet header and two VLAN tags on top of the MTU.)
+    let max = cfg.port.max_frame_len();
+    for iface in [&cfg.inside, &cfg.outside] {
+        let mtu = sys::mtu(iface)?;
+        let frame = mtu + 14 + 8;
+        if frame > max {
+            return Err(EngineError::Mtu {
+                iface: iface.clone(),
+                mtu,
+                frame,
+                max,
+                fits: max - 22,
+            });
+        }
+    }
+    if queues < available {
+        eprintln!(
+            "loupe-dataplane: warning: serving {queues} of {available} RX queues: steered \
+             frames arriving on the others are not inspected (counted as steer_no_socket)"
+        );
+    }
     // Kernels since 5.11 charge BPF maps and UMEMs to the memory cgroup;
     // older ones need the rlimit lifted. Where it cannot be (no
     // CAP_SYS_RESOURCE), the UMEM error below says so.
@@ -213,12 +247,15 @@ pub fn run(
         }
     };
 
+    // A stats file that cannot be written at start is a configuration
+    // error; one that fails later (disk full) must not stop the traffic.
     let first = snapshot("running");
     let mut result = write(&first);
     if result.is_ok() {
         on_ready(&first);
     }
     let mut last_write = Instant::now();
+    let mut write_failing = false;
     while result.is_ok() && !stop.load(Ordering::Relaxed) {
         if let Some(dead) = handles.iter().position(|h| h.is_finished()) {
             result = Err(EngineError::WorkerDied(dead));
@@ -227,7 +264,18 @@ pub fn run(
         thread::sleep(Duration::from_millis(20));
         if last_write.elapsed() >= cfg.stats_interval {
             last_write = Instant::now();
-            result = write(&snapshot("running"));
+            match write(&snapshot("running")) {
+                Ok(()) if write_failing => {
+                    write_failing = false;
+                    eprintln!("loupe-dataplane: stats file writable again");
+                }
+                Ok(()) => {}
+                Err(e) if !write_failing => {
+                    write_failing = true;
+                    eprintln!("loupe-dataplane: warning: {e} (traffic is unaffected)");
+                }
+                Err(_) => {}
+            }
         }
     }
 

@@ -54,6 +54,9 @@ pub struct WorkerReport {
     pub xsk_inside: SideStats,
     pub xsk_outside: SideStats,
     pub flows_active: usize,
+    /// Frames waiting for TX or for their completion (a gauge).
+    #[serde(default)]
+    pub tx_pending: usize,
     /// Owned flows, oldest first, at most `FLOWS_LISTED` of them.
     pub flows: Vec<FlowSummary>,
 }

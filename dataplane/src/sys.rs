@@ -102,6 +102,19 @@ pub fn rx_queue_count(name: &str) -> Result<u32, SysError> {
     Ok(n.max(1) as u32)
 }
 
+/// The interface's MTU (sysfs `mtu`).
+pub fn mtu(name: &str) -> Result<u32, SysError> {
+    let path = format!("/sys/class/net/{name}/mtu");
+    let text = fs::read_to_string(&path).map_err(|source| SysError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    text.trim().parse().map_err(|_| SysError::Read {
+        path,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a number"),
+    })
+}
+
 /// Number of CPUs this process may run on.
 pub fn cpu_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -29,7 +29,9 @@ use crate::{
 /// also carries the count of all of them).
 pub const FLOWS_LISTED: usize = 1024;
 const BATCH: usize = 64;
-const CROSS_RING: usize = 4096;
+/// Crossover buffers per worker, shared out over its inbound lanes, so
+/// memory stays bounded as workers are added.
+const CROSS_PER_WORKER: usize = 16_384;
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 const EXPIRE_EVERY: Duration = Duration::from_millis(250);
 /// Empty iterations before the worker sleeps in poll().
@@ -59,10 +61,11 @@ pub struct Crossbar {
 impl Crossbar {
     pub fn new(workers: usize) -> std::io::Result<Self> {
         let n = workers * workers;
+        let per_lane = (CROSS_PER_WORKER / workers.max(1)).clamp(256, 4096);
         Ok(Crossbar {
             workers,
-            lanes: (0..n).map(|_| ArrayQueue::new(CROSS_RING)).collect(),
-            returns: (0..n).map(|_| ArrayQueue::new(CROSS_RING)).collect(),
+            lanes: (0..n).map(|_| ArrayQueue::new(per_lane)).collect(),
+            returns: (0..n).map(|_| ArrayQueue::new(per_lane)).collect(),
             wakers: (0..workers)
                 .map(|_| Waker::new())
                 .collect::<Result<_, _>>()?,
@@ -214,7 +217,9 @@ impl Worker {
                 self.publish(with_flows);
             }
 
-            if work == 0 && self.port.pending_tx() == 0 {
+            // Completions count as work: while TX drains, keep spinning;
+            // if it stalls, sleep (poll also kicks copy-mode TX).
+            if work == 0 {
                 idle += 1;
                 if idle >= SPIN_BEFORE_SLEEP {
                     self.sleep_for_frames();
@@ -286,7 +291,12 @@ impl Worker {
             if from == self.id {
                 continue;
             }
-            while let Some(msg) = self.crossbar.lane(from, self.id).pop() {
+            // At most a batch per lane, so a busy peer cannot keep this
+            // worker from its own rings.
+            for _ in 0..BATCH {
+                let Some(msg) = self.crossbar.lane(from, self.id).pop() else {
+                    break;
+                };
                 n += 1;
                 self.counters.cross_in += 1;
                 match self.port.build(&msg.data) {
@@ -325,6 +335,7 @@ impl Worker {
             xsk_inside: self.port.kernel_stats(Side::Inside),
             xsk_outside: self.port.kernel_stats(Side::Outside),
             flows_active: self.table.len(),
+            tx_pending: self.port.pending_tx(),
             flows: Vec::new(),
         };
         if let Ok(mut shared) = self.shared.report.lock() {

@@ -203,6 +203,22 @@ pub fn hostile_cases() -> Vec<Case> {
         ..case("ipv6 extension chain too long", f, Expect::Malformed)
     });
 
+    // IPv4-mapped source address in an IPv6 packet (RFC 4291 2.5.5.2).
+    let mut f = eth(0x86dd);
+    let mut h = ipv6_header(6, 20);
+    h[8..24].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1]);
+    f.extend_from_slice(&h);
+    f.extend_from_slice(&tcp_header(443));
+    cases.push(case("ipv6 with ipv4-mapped source", f, Expect::Malformed));
+
+    // Hop-by-hop after destination options (RFC 8200 4.3: only first).
+    let mut f = eth(0x86dd);
+    f.extend_from_slice(&ipv6_header(60, 8 + 8 + 20));
+    f.extend_from_slice(&[0, 0, 1, 4, 0, 0, 0, 0]);
+    f.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]);
+    f.extend_from_slice(&tcp_header(443));
+    cases.push(case("ipv6 hop-by-hop not first", f, Expect::Malformed));
+
     // IPv6 fragment header, offset 8.
     let mut f = eth(0x86dd);
     f.extend_from_slice(&ipv6_header(44, 8 + 20));

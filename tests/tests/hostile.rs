@@ -85,10 +85,8 @@ fn hostile_frames_are_counted_and_forwarded_without_harm() {
         r.xdp_packets("tag_vlan"),
         cases.iter().filter(|c| c.vlan).count() as u64
     );
-    assert_eq!(
-        r.xdp_packets("tag_ipv6_ext"),
-        cases.iter().filter(|c| c.ipv6_ext).count() as u64
-    );
+    // At least: the kernel's own MLD reports carry hop-by-hop headers too.
+    assert!(r.xdp_packets("tag_ipv6_ext") >= cases.iter().filter(|c| c.ipv6_ext).count() as u64);
     // The steered ones went through a worker and out the other side.
     let tx_out = r.worker_sum(|c| c.tx_outside.packets);
     assert_eq!(tx_out, count(Expect::Steer), "{r:?}");

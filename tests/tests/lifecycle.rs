@@ -158,6 +158,7 @@ fn bad_arguments_are_refused_with_the_reason() {
         (["--steer-ports", "https"], "bad port 'https'"),
         (["--xdp-mode", "turbo"], "bad XDP mode 'turbo'"),
         (["--queues", "9"], "exceeds the RX queues available"),
+        (["--frames", "1000"], "UMEM frames per queue are too few"),
     ] {
         let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
         let (code, err) = run_engine(&h, &[], &args);
@@ -244,4 +245,19 @@ fn a_second_engine_on_the_same_interfaces_is_refused_and_the_first_keeps_running
     assert_eq!(attached_ids(&h), (Some(id), Some(id)));
     let (status, clean, _, err) = first.stop();
     assert!(clean && status.success(), "{status}: {err}");
+}
+
+#[test]
+fn an_mtu_beyond_an_afxdp_frame_is_refused() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    h.engine
+        .ip(&["link", "set", INSIDE_IF, "mtu", "9000"])
+        .unwrap();
+    let (code, err) = run_engine(&h, &[], &["--inside", INSIDE_IF, "--outside", OUTSIDE_IF]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("the MTU of 'inside' (9000)") && err.contains("lower the MTU to 3818"),
+        "{err}"
+    );
+    assert_eq!(attached_ids(&h), (None, None));
 }

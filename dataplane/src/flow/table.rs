@@ -131,7 +131,8 @@ impl FlowTable {
                 rx,
             },
         );
-        self.wheel.insert(now_ms + self.idle_timeout_ms, id);
+        self.wheel
+            .insert(now_ms.saturating_add(self.idle_timeout_ms), id);
         self.created += 1;
         Observed::Created
     }
@@ -146,7 +147,7 @@ impl FlowTable {
             let Some(rec) = self.flows.get(&id) else {
                 continue;
             };
-            let deadline = rec.last_seen_ms + self.idle_timeout_ms;
+            let deadline = rec.last_seen_ms.saturating_add(self.idle_timeout_ms);
             if deadline <= now_ms {
                 self.flows.remove(&id);
                 removed += 1;

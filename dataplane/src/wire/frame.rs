@@ -47,7 +47,13 @@ pub fn parse_tcp(frame: &[u8]) -> Result<TcpFrame, FrameError> {
                 return Err(FrameError::Fragment);
             }
             let h = ip.header();
-            (h.source_addr().octets(), h.destination_addr().octets())
+            let (src, dst) = (h.source_addr(), h.destination_addr());
+            // IPv4-mapped addresses are not used on the wire (RFC 4291
+            // section 2.5.5.2) and would alias IPv4 flows.
+            if src.to_ipv4_mapped().is_some() || dst.to_ipv4_mapped().is_some() {
+                return Err(FrameError::Malformed);
+            }
+            (src.octets(), dst.octets())
         }
         _ => return Err(FrameError::NotTcp),
     };
@@ -116,6 +122,21 @@ pub(crate) mod tests {
         let f = parse_tcp(&frame).unwrap();
         assert_eq!(f.key.dst_port, 443);
         assert_eq!(f.key.dst[15], 2);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_in_ipv6_are_malformed() {
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1];
+        let other = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        for (src, dst) in [(mapped, other), (other, mapped)] {
+            let mut frame = Vec::new();
+            PacketBuilder::ethernet2(MAC_A, MAC_B)
+                .ipv6(src, dst, 64)
+                .tcp(1, 443, 1, 1000)
+                .write(&mut frame, b"")
+                .unwrap();
+            assert_eq!(parse_tcp(&frame), Err(FrameError::Malformed));
+        }
     }
 
     #[test]

@@ -44,6 +44,33 @@ pub struct PortConfig {
     pub ring_size: u32,
 }
 
+impl PortConfig {
+    /// Frames kept back from the fill rings for frames the worker builds.
+    fn reserve(&self) -> u32 {
+        (self.frames / 8).max(64)
+    }
+
+    /// Enough frames to fill both fill rings, keep the reserve, and still
+    /// have a ring's worth in flight to TX; otherwise one side starves.
+    pub fn validate(&self) -> Result<(), XskError> {
+        let need = 3 * self.ring_size + self.reserve();
+        if self.frames < need {
+            return Err(XskError::Config(format!(
+                "{} UMEM frames per queue are too few for rings of {}: at least {need} are \
+                 needed (two fill rings, TX in flight, and a reserve)",
+                self.frames, self.ring_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Largest frame one UMEM frame holds (the kernel keeps
+    /// XDP_PACKET_HEADROOM, 256 bytes, in front of the data).
+    pub fn max_frame_len(&self) -> u32 {
+        self.frame_size.saturating_sub(256)
+    }
+}
+
 impl Default for PortConfig {
     fn default() -> Self {
         PortConfig {
@@ -72,6 +99,10 @@ struct SidePort {
     comp: CompQueue,
     /// Frames handed to us for TX that the TX ring had no room for yet.
     pending: VecDeque<FrameDesc>,
+    /// Frames in the TX ring not yet back on the completion ring. Copy
+    /// mode transmits a bounded batch per sendto(), so the ring must be
+    /// kicked until this drops to zero, not only when new frames arrive.
+    in_flight: usize,
 }
 
 pub struct QueuePort {
@@ -80,7 +111,6 @@ pub struct QueuePort {
     free: Vec<FrameDesc>,
     sides: [SidePort; 2],
     scratch: Vec<FrameDesc>,
-    ring_size: usize,
     /// Free frames kept back from the fill rings for frames this worker
     /// builds itself (crossover copies, later its own TCP segments).
     reserve: usize,
@@ -98,6 +128,7 @@ impl QueuePort {
         queue: u32,
         cfg: PortConfig,
     ) -> Result<QueuePort, XskError> {
+        cfg.validate()?;
         let bad = |e: &dyn std::fmt::Display| XskError::Config(e.to_string());
         let ring = QueueSize::new(cfg.ring_size).map_err(|e| bad(&e))?;
         let umem_cfg = UmemConfig::builder()
@@ -139,6 +170,7 @@ impl QueuePort {
                     fill,
                     comp,
                     pending: VecDeque::new(),
+                    in_flight: 0,
                 })
             };
         let sides = [bind(inside)?, bind(outside)?];
@@ -147,10 +179,9 @@ impl QueuePort {
             queue,
             umem,
             scratch: vec![FrameDesc::default(); ring_size],
-            reserve: (free.len() / 8).max(64),
+            reserve: cfg.reserve() as usize,
             free,
             sides,
-            ring_size,
             tx_ring_full: 0,
             fill_starved: 0,
         };
@@ -174,31 +205,30 @@ impl QueuePort {
     /// Return transmitted frames to the free list.
     pub fn reclaim(&mut self) -> usize {
         let mut total = 0;
-        for s in 0..2 {
+        for side in &mut self.sides {
             // SAFETY: the completion ring only returns frames of this UMEM.
-            let n = unsafe { self.sides[s].comp.consume(&mut self.scratch) };
+            let n = unsafe { side.comp.consume(&mut self.scratch) };
+            side.in_flight = side.in_flight.saturating_sub(n);
             self.free.extend_from_slice(&self.scratch[..n]);
             total += n;
         }
         total
     }
 
-    /// Top both fill rings up from the free list, keeping the reserve.
+    /// Top the fill rings up from the free list, keeping the reserve. Each
+    /// side may take half of what is spare, so one busy side cannot starve
+    /// the other's ring.
     pub fn refill(&mut self) {
-        for s in 0..2 {
-            let spare = self.free.len().saturating_sub(self.reserve);
-            let side = &mut self.sides[s];
-            let want = side.fill.nb_free(spare.min(self.ring_size) as u32) as usize;
-            let want = want.min(spare);
+        let half = self.free.len().saturating_sub(self.reserve) / 2;
+        for side in &mut self.sides {
+            let want = (side.fill.nb_free(half as u32) as usize).min(half);
             if want > 0 {
                 let start = self.free.len() - want;
                 // SAFETY: these frames are free: in no ring and not
                 // referenced elsewhere; fill takes all of them or none.
                 let n = unsafe { side.fill.produce(&self.free[start..]) };
-                if n > 0 {
-                    self.free.truncate(self.free.len() - n);
-                }
-            } else if spare == 0 {
+                self.free.truncate(self.free.len() - n);
+            } else if half == 0 {
                 self.fill_starved += 1;
             }
             if side.fill.needs_wakeup() {
@@ -247,39 +277,45 @@ impl QueuePort {
         Some(desc)
     }
 
-    /// Push pending frames into the TX rings and kick the kernel.
-    /// Returns (frames, bytes) handed to the kernel per side.
+    /// Push pending frames into the TX rings and kick the kernel while any
+    /// frame is in flight. Returns (frames, bytes) handed to the kernel per
+    /// side.
     pub fn flush(&mut self) -> [(u64, u64); 2] {
         let mut sent = [(0u64, 0u64); 2];
         for (side, sent) in self.sides.iter_mut().zip(sent.iter_mut()) {
-            if side.pending.is_empty() {
-                continue;
+            if !side.pending.is_empty() {
+                let room = side.tx.nb_free(side.pending.len() as u32) as usize;
+                let n = room.min(side.pending.len());
+                if n < side.pending.len() {
+                    self.tx_ring_full += 1;
+                }
+                if n > 0 {
+                    let batch = &side.pending.make_contiguous()[..n];
+                    // SAFETY: frames we own, each submitted once; the ring
+                    // has room for all of them (checked just above).
+                    let produced = unsafe { side.tx.produce(batch) };
+                    debug_assert_eq!(produced, n);
+                    sent.0 = produced as u64;
+                    sent.1 = batch.iter().map(|d| d.lengths().data() as u64).sum();
+                    side.pending.drain(..produced);
+                    side.in_flight += produced;
+                }
             }
-            let room = side.tx.nb_free(side.pending.len() as u32) as usize;
-            let n = room.min(side.pending.len());
-            if n < side.pending.len() {
-                self.tx_ring_full += 1;
-            }
-            if n > 0 {
-                let batch = &side.pending.make_contiguous()[..n];
-                // SAFETY: frames we own, each submitted once; the ring has
-                // room for all of them (checked just above).
-                let produced = unsafe { side.tx.produce(batch) };
-                debug_assert_eq!(produced, n);
-                sent.0 = produced as u64;
-                sent.1 = batch.iter().map(|d| d.lengths().data() as u64).sum();
-                side.pending.drain(..produced);
-            }
-            // Copy mode transmits only from sendto(); need_wakeup tells when.
-            if side.tx.needs_wakeup() {
+            // Copy mode transmits only from sendto(); need_wakeup says when.
+            if side.in_flight > 0 && side.tx.needs_wakeup() {
                 let _ = side.tx.wakeup();
             }
         }
         sent
     }
 
+    /// Frames waiting for TX: not yet in a ring, or in a ring and not yet
+    /// completed.
     pub fn pending_tx(&self) -> usize {
-        self.sides.iter().map(|s| s.pending.len()).sum()
+        self.sides
+            .iter()
+            .map(|s| s.pending.len() + s.in_flight)
+            .sum()
     }
 
     /// Kernel statistics of one side's socket.

@@ -220,11 +220,19 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
     if l4_end > frame_len {
         return Err(Class::Pass(Counter::Malformed));
     }
+    // IPv4-mapped addresses never appear in IPv6 packets on the wire (RFC
+    // 4291 section 2.5.5.2); here they would alias IPv4 flows and prefixes.
+    if is_v4_mapped(&h, 8) || is_v4_mapped(&h, 24) {
+        return Err(Class::Pass(Counter::Malformed));
+    }
     let mut next = h[6];
     let mut l4 = off + 40;
     let mut ext = false;
-    for _ in 0..MAX_IPV6_EXT {
+    for i in 0..MAX_IPV6_EXT {
         match next {
+            // Hop-by-hop options only directly after the IPv6 header (RFC
+            // 8200 section 4.3).
+            0 if i > 0 => return Err(Class::Pass(Counter::Malformed)),
             // Hop-by-hop, routing, destination options: length in 8-octet
             // units, not counting the first 8.
             0 | 43 | 60 => {
@@ -277,6 +285,12 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
         l4,
         l4_end,
     })
+}
+
+/// Whether the 16 bytes at `at` are `::ffff:0:0/96`.
+#[inline(always)]
+fn is_v4_mapped(h: &[u8; 40], at: usize) -> bool {
+    h[at..at + 10].iter().all(|b| *b == 0) && h[at + 10] == 0xff && h[at + 11] == 0xff
 }
 
 #[inline(always)]
