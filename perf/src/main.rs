@@ -136,15 +136,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn tx_packets(h: &Harness) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for role in [Role::Client, Role::Server] {
-        let out = h.ns(role).exec(
-            "cat",
-            &[&format!("/sys/class/net/{PEER_IF}/statistics/tx_packets")],
-        )?;
-        total += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>()?;
-    }
-    Ok(total)
+    Ok(h.iface_counter(Role::Client, PEER_IF, "tx_packets")?
+        + h.iface_counter(Role::Server, PEER_IF, "tx_packets")?)
 }
 
 fn iperf_server(h: &Harness) -> anyhow::Result<Proc> {

@@ -189,20 +189,16 @@ impl Harness {
         Ok(())
     }
 
-    pub fn bridge_down(&self) -> anyhow::Result<()> {
-        self.engine.ip(&["link", "del", "br0"]).map(|_| ())
-    }
-
-    /// Packets received on an interface of a namespace (sysfs counter).
-    pub fn rx_packets(&self, role: Role, dev: &str) -> anyhow::Result<u64> {
-        let out = self.ns(role).exec(
-            "cat",
-            &[&format!("/sys/class/net/{dev}/statistics/rx_packets")],
-        )?;
+    /// A statistics counter of an interface in a namespace (sysfs
+    /// `statistics/<name>`, e.g. `tx_packets`).
+    pub fn iface_counter(&self, role: Role, dev: &str, name: &str) -> anyhow::Result<u64> {
+        let out = self
+            .ns(role)
+            .exec("cat", &[&format!("/sys/class/net/{dev}/statistics/{name}")])?;
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
-            .context("rx_packets")
+            .with_context(|| format!("{dev} {name}"))
     }
 
     /// Whether an XDP program is attached to `dev` in the engine namespace;
