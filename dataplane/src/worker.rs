@@ -32,8 +32,9 @@ const BATCH: usize = 64;
 /// Crossover buffers per worker, shared out over its inbound lanes, so
 /// memory stays bounded as workers are added.
 const CROSS_PER_WORKER: usize = 16_384;
-const PUBLISH_EVERY: Duration = Duration::from_millis(100);
-const EXPIRE_EVERY: Duration = Duration::from_millis(250);
+const PUBLISH_EVERY_MS: u64 = 100;
+const FLOW_LIST_EVERY_MS: u64 = 250;
+const EXPIRE_EVERY_MS: u64 = 250;
 /// Empty iterations before the worker sleeps in poll().
 const SPIN_BEFORE_SLEEP: u32 = 64;
 /// Longest sleep: bounds how late the stop flag, stats and flow expiry are
@@ -184,9 +185,7 @@ impl Worker {
     pub fn run(mut self, stop: &AtomicBool) {
         let mut rx = vec![FrameDesc::default(); BATCH];
         let mut idle = 0u32;
-        let mut last_publish = Instant::now();
-        let mut last_expire = Instant::now();
-        let mut last_flow_list = Instant::now() - Duration::from_secs(1);
+        let (mut next_publish, mut next_expire, mut next_flow_list) = (0, 0, 0);
         while !stop.load(Ordering::Relaxed) {
             let now_ms = self.now_ms();
             let mut work = self.port.reclaim();
@@ -204,15 +203,15 @@ impl Worker {
             add(&mut self.counters.tx_inside, sent[Side::Inside.index()]);
             add(&mut self.counters.tx_outside, sent[Side::Outside.index()]);
 
-            if last_expire.elapsed() >= EXPIRE_EVERY {
-                last_expire = Instant::now();
+            if now_ms >= next_expire {
+                next_expire = now_ms + EXPIRE_EVERY_MS;
                 self.table.expire(now_ms);
             }
-            if last_publish.elapsed() >= PUBLISH_EVERY {
-                last_publish = Instant::now();
-                let with_flows = last_flow_list.elapsed() >= Duration::from_millis(250);
+            if now_ms >= next_publish {
+                next_publish = now_ms + PUBLISH_EVERY_MS;
+                let with_flows = now_ms >= next_flow_list;
                 if with_flows {
-                    last_flow_list = Instant::now();
+                    next_flow_list = now_ms + FLOW_LIST_EVERY_MS;
                 }
                 self.publish(with_flows);
             }
@@ -243,8 +242,8 @@ impl Worker {
         let frame = match parse_tcp(data) {
             Ok(f) => f,
             Err(_) => {
-                // Steered by XDP yet not TCP to us (e.g. the XDP walk of
-                // extension headers is longer than ours): pass it on.
+                // Steered by XDP yet unparseable here (the two parsers may
+                // differ at the edges): pass it on unchanged.
                 self.counters.unparsed += 1;
                 self.port.send(side.other(), desc);
                 return;
