@@ -65,6 +65,10 @@ pub enum EngineError {
     Spawn(std::io::Error),
 }
 
+/// Bytes a frame carries on top of the MTU: Ethernet header and two VLAN
+/// tags (the most the classifier walks).
+const L2_OVERHEAD: u32 = 14 + 2 * 4;
+
 /// Run the engine until `stop` is set. `on_ready` is called once, after the
 /// program is attached and every worker runs. Returns the final report.
 pub fn run(
@@ -96,18 +100,17 @@ pub fn run(
     };
     // A steered frame longer than a UMEM frame would be dropped by the
     // kernel after XDP counted it steered: refuse such MTUs up front.
-    // (Ethernet header and two VLAN tags on top of the MTU.)
     let max = cfg.port.max_frame_len();
     for iface in [&cfg.inside, &cfg.outside] {
         let mtu = sys::mtu(iface)?;
-        let frame = mtu + 14 + 8;
+        let frame = mtu + L2_OVERHEAD;
         if frame > max {
             return Err(EngineError::Mtu {
                 iface: iface.clone(),
                 mtu,
                 frame,
                 max,
-                fits: max - 22,
+                fits: max.saturating_sub(L2_OVERHEAD),
             });
         }
     }
