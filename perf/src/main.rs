@@ -151,9 +151,8 @@ fn iperf_server(h: &Harness) -> anyhow::Result<Proc> {
         .context("spawning iperf3 -s")?;
     let proc = Proc::new("iperf3-server", child);
     loupe_tests::wait_until("iperf3 to listen", Duration::from_secs(20), || {
-        let out = h.server.exec("ss", &["-Hltn"]).map_err(|e| e.to_string())?;
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .contains(&format!("{SERVER_V4}:{PORT}"))
+        Ok(h.server
+            .listens_on(&format!("{SERVER_V4}:{PORT}"))?
             .then_some(()))
     })?;
     Ok(proc)

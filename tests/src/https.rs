@@ -108,9 +108,7 @@ impl Nginx {
                 let (_, err) = proc.take_output();
                 return Ok(Some(Err(format!("nginx exited ({st}): {err}"))));
             }
-            let out = h.server.exec("ss", &["-Hltn"]).map_err(|e| e.to_string())?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            Ok(text.contains(&listening).then_some(Ok(())))
+            Ok(h.server.listens_on(&listening)?.then_some(Ok(())))
         })?
         .map_err(anyhow::Error::msg)?;
         Ok(Nginx {

@@ -98,6 +98,13 @@ impl Netns {
         })
     }
 
+    /// Whether some socket in the namespace listens on TCP `addr` (as `ss`
+    /// prints it, e.g. `198.18.0.2:443`).
+    pub fn listens_on(&self, addr: &str) -> Result<bool, String> {
+        let out = self.exec("ss", &["-Hltn"]).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains(addr))
+    }
+
     /// PIDs of processes still inside the namespace.
     pub fn pids(&self) -> Vec<i32> {
         Command::new("ip")
@@ -134,13 +141,22 @@ impl Drop for Netns {
     }
 }
 
-/// Namespaces named `lp-<pid>-...` whose creating process is gone.
-pub fn stale_namespaces() -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output();
-    let Ok(out) = out else { return Vec::new() };
+/// Names of all network namespaces (`ip netns list`).
+pub fn list() -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
+}
+
+/// Namespaces named `lp-<pid>-...` whose creating process is gone.
+pub fn stale_namespaces() -> Vec<String> {
+    list()
+        .into_iter()
         .filter(|name| {
             name.strip_prefix("lp-")
                 .and_then(|rest| rest.split('-').next())
@@ -148,6 +164,5 @@ pub fn stale_namespaces() -> Vec<String> {
                 // SAFETY: kill with signal 0 only checks that the PID exists.
                 .is_some_and(|pid| unsafe { libc::kill(pid, 0) } != 0)
         })
-        .map(String::from)
         .collect()
 }

@@ -3,17 +3,13 @@
 
 use std::{process::Command, time::Duration};
 
-use loupe_tests::{netns::Netns, wait_until, workspace_bin, Harness, HarnessConfig};
-
-fn namespaces() -> String {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use loupe_tests::{
+    netns::{self, Netns},
+    wait_until, workspace_bin, Harness, HarnessConfig,
+};
 
 fn exists(name: &str) -> bool {
-    namespaces()
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some(name))
+    netns::list().iter().any(|n| n == name)
 }
 
 #[test]
