@@ -1,0 +1,22 @@
+//! Loupe's root of trust. Every private-key operation of the engine's CAs
+//! happens inside a PKCS#11 token; this crate owns all access to it.
+//!
+//! - [`token`]: modules, tokens by label, logged-in sessions, key generation
+//!   with explicit attributes, public keys and stored certificates.
+//! - [`signer`]: the batched signer service packet workers submit to.
+//! - [`audit`]: the hash-chained key-usage log and its verifier.
+//! - [`ca`]: the forward-trust / forward-untrust CA lifecycle.
+//! - [`mech`]: signature mechanisms and their software halves.
+//! - [`pin`]: PIN sources (0600 file or environment, never argv).
+//! - [`softhsm`]: SoftHSM2 provisioning for the embedded default.
+
+pub mod audit;
+pub mod ca;
+pub mod error;
+pub mod mech;
+pub mod pin;
+pub mod signer;
+pub mod softhsm;
+pub mod token;
+
+pub use error::{HsmError, Result};

@@ -1,0 +1,698 @@
+//! The signer service: requests go into a bounded lock-free queue per token
+//! (crossbeam `ArrayQueue`); HSM threads, each with its own PKCS#11 session,
+//! drain it in batches and answer each requester through its own
+//! completion. Requesters never block: they poll their [`Ticket`] or are
+//! woken through the `Waker` they gave (a packet worker's eventfd), and only
+//! the CLI uses the blocking [`Ticket::wait`].
+//!
+//! Failure is closed and loud: a full queue rejects at once; a request that
+//! outlives its deadline is answered `Timeout` and never signed late; a
+//! session or device error re-opens the session once, and if that fails the
+//! token is marked down, everything queued for it is failed, new requests are
+//! refused at submission, and the HSM threads retry with exponential backoff
+//! (re-reading the PIN; a PIN the token rejected is not tried again until the
+//! PIN source changes, so a recovering signer cannot lock the token).
+//!
+//! Tokens are partitions: each request names its token, and a token's
+//! threads only hold sessions on that token, so one tenant's PIN and
+//! sessions can never reach another tenant's keys.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Condvar, Mutex,
+    },
+    task::{Wake, Waker},
+    thread::{JoinHandle, Thread},
+    time::{Duration, Instant, SystemTime},
+};
+
+use crossbeam::queue::ArrayQueue;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    audit::{rfc3339, AuditSink, Entry, Kind},
+    error::{HsmError, Result},
+    mech::SignMech,
+    token::{Token, TokenConfig, TokenSession},
+};
+
+/// How the service is shaped.
+#[derive(Clone, Debug)]
+pub struct SignerConfig {
+    pub tokens: Vec<TokenConfig>,
+    /// HSM threads (= sessions) per token.
+    pub threads_per_token: usize,
+    /// Most requests an HSM thread takes from the queue at once.
+    pub batch: usize,
+    /// Requests waiting per token before submissions are refused.
+    pub queue_capacity: usize,
+    /// Deadline for requests that do not set their own.
+    pub default_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl SignerConfig {
+    pub fn new(tokens: Vec<TokenConfig>) -> SignerConfig {
+        SignerConfig {
+            tokens,
+            threads_per_token: 2,
+            batch: 8,
+            queue_capacity: 4096,
+            default_timeout: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One signing request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The token (partition) holding the key.
+    pub token: String,
+    /// The private key's label.
+    pub key: String,
+    pub mech: SignMech,
+    /// The bytes to sign (hashed by the service).
+    pub message: Vec<u8>,
+    /// What the signature is for, for the audit log.
+    pub purpose: String,
+    /// Who asked (worker, CLI user), for the audit log.
+    pub requester: String,
+    /// Overrides the configured default deadline.
+    pub timeout: Option<Duration>,
+}
+
+/// The answer slot shared by a requester and an HSM thread.
+struct Completion {
+    ready: AtomicBool,
+    abandoned: AtomicBool,
+    inner: Mutex<CompletionInner>,
+}
+
+struct CompletionInner {
+    result: Option<Result<Vec<u8>>>,
+    waker: Option<Waker>,
+}
+
+impl Completion {
+    fn complete(&self, result: Result<Vec<u8>>) {
+        let waker = {
+            let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            g.result = Some(result);
+            self.ready.store(true, Ordering::Release);
+            g.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// A requester's handle on one request.
+pub struct Ticket {
+    done: Arc<Completion>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Ticket {
+    /// True once the answer is in.
+    pub fn is_ready(&self) -> bool {
+        self.done.ready.load(Ordering::Acquire)
+    }
+
+    /// Takes the answer if it is in (once; later calls return `None`).
+    pub fn try_take(&self) -> Option<Result<Vec<u8>>> {
+        if !self.is_ready() {
+            return None;
+        }
+        self.done
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .result
+            .take()
+    }
+
+    /// Replaces the waker called when the answer arrives (called at once if
+    /// it already has).
+    pub fn set_waker(&self, waker: Waker) {
+        let mut g = self.done.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if self.done.ready.load(Ordering::Acquire) {
+            drop(g);
+            waker.wake();
+        } else {
+            g.waker = Some(waker);
+        }
+    }
+
+    /// Blocks until the answer arrives or the request's deadline passes.
+    /// For the CLI and tests; packet workers poll instead.
+    pub fn wait(self) -> Result<Vec<u8>> {
+        self.set_waker(Waker::from(Arc::new(Unpark(std::thread::current()))));
+        loop {
+            if let Some(r) = self.try_take() {
+                return r;
+            }
+            let now = Instant::now();
+            if now >= self.deadline {
+                return Err(HsmError::Timeout(self.timeout));
+            }
+            std::thread::park_timeout(self.deadline - now);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // An answer nobody will read: an HSM thread that has not started on
+        // it skips it (no key use).
+        self.done.abandoned.store(true, Ordering::Release);
+    }
+}
+
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+struct Job {
+    req: Request,
+    deadline: Instant,
+    done: Arc<Completion>,
+}
+
+/// Counters of one token's lane.
+#[derive(Default)]
+struct LaneStats {
+    submitted: AtomicU64,
+    signed: AtomicU64,
+    failed: AtomicU64,
+    timed_out: AtomicU64,
+    abandoned: AtomicU64,
+    rejected_full: AtomicU64,
+    rejected_down: AtomicU64,
+    recoveries: AtomicU64,
+}
+
+/// A token's health and counters, for status and metrics.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TokenHealth {
+    pub token: String,
+    pub up: bool,
+    /// Why it is down (or why it last went down).
+    pub last_error: Option<String>,
+    pub queue_depth: usize,
+    pub submitted: u64,
+    pub signed: u64,
+    pub failed: u64,
+    pub timed_out: u64,
+    pub abandoned: u64,
+    pub rejected_full: u64,
+    pub rejected_down: u64,
+    pub recoveries: u64,
+}
+
+struct Lane {
+    token: Token,
+    queue: ArrayQueue<Job>,
+    park: Mutex<()>,
+    cv: Condvar,
+    sleepers: AtomicUsize,
+    down: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    stats: LaneStats,
+}
+
+impl Lane {
+    fn wake_one(&self) {
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = self.park.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_one();
+        }
+    }
+
+    fn unavailable(&self) -> HsmError {
+        HsmError::Unavailable {
+            token: self.token.label().to_string(),
+            reason: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "recovering".into()),
+        }
+    }
+
+    /// Marks the token down and fails everything queued for it.
+    fn set_down(&self, reason: String) {
+        eprintln!(
+            "loupe: HSM token {:?} is down: {reason}",
+            self.token.label()
+        );
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.down.store(true, Ordering::SeqCst);
+        while let Some(job) = self.queue.pop() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            job.done.complete(Err(self.unavailable()));
+        }
+    }
+
+    fn set_up(&self) {
+        if self.down.swap(false, Ordering::SeqCst) {
+            self.stats.recoveries.fetch_add(1, Ordering::Relaxed);
+            eprintln!("loupe: HSM token {:?} is back", self.token.label());
+        }
+    }
+}
+
+struct Shared {
+    lanes: Vec<Lane>,
+    by_label: HashMap<String, usize>,
+    stop: AtomicBool,
+    audit: Option<AuditSink>,
+    config: SignerConfig,
+}
+
+/// The running service. Dropping it stops the HSM threads; queued requests
+/// are answered `Shutdown`.
+pub struct Signer {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// A cloneable submission handle for requesters.
+#[derive(Clone)]
+pub struct SignerHandle {
+    shared: Arc<Shared>,
+}
+
+impl Signer {
+    /// Opens every token (a wrong PIN or a missing token fails here, with
+    /// the token named) and starts its HSM threads, each with a logged-in
+    /// session of its own.
+    pub fn start(config: SignerConfig, audit: Option<AuditSink>) -> Result<Signer> {
+        if config.tokens.is_empty() {
+            return Err(HsmError::Invalid(
+                "the signer needs at least one token".into(),
+            ));
+        }
+        if config.threads_per_token == 0 || config.batch == 0 || config.queue_capacity == 0 {
+            return Err(HsmError::Invalid(
+                "threads per token, batch size and queue capacity must be at least 1".into(),
+            ));
+        }
+        let mut lanes = Vec::new();
+        let mut by_label = HashMap::new();
+        let mut sessions = Vec::new();
+        for tc in &config.tokens {
+            if by_label.insert(tc.label.clone(), lanes.len()).is_some() {
+                return Err(HsmError::Invalid(format!(
+                    "token {:?} is configured twice",
+                    tc.label
+                )));
+            }
+            let token = Token::open(tc)?;
+            for _ in 0..config.threads_per_token {
+                sessions.push((lanes.len(), token.session()?));
+            }
+            lanes.push(Lane {
+                token,
+                queue: ArrayQueue::new(config.queue_capacity),
+                park: Mutex::new(()),
+                cv: Condvar::new(),
+                sleepers: AtomicUsize::new(0),
+                down: AtomicBool::new(false),
+                last_error: Mutex::new(None),
+                stats: LaneStats::default(),
+            });
+        }
+        let shared = Arc::new(Shared {
+            lanes,
+            by_label,
+            stop: AtomicBool::new(false),
+            audit,
+            config,
+        });
+        let mut threads = Vec::new();
+        for (i, (lane, session)) in sessions.into_iter().enumerate() {
+            let s = shared.clone();
+            let name = format!("loupe-hsm-{i}");
+            let t = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || HsmThread::new(s, lane, session).run())
+                .map_err(|e| HsmError::Invalid(format!("cannot start an HSM thread: {e}")))?;
+            threads.push(t);
+        }
+        Ok(Signer { shared, threads })
+    }
+
+    pub fn handle(&self) -> SignerHandle {
+        SignerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Submits a request; see [`SignerHandle::submit`].
+    pub fn submit(&self, req: Request, waker: Option<Waker>) -> Result<Ticket> {
+        self.handle().submit(req, waker)
+    }
+
+    /// Submits and waits (CLI and tests).
+    pub fn sign(&self, req: Request) -> Result<Vec<u8>> {
+        self.submit(req, None)?.wait()
+    }
+
+    pub fn health(&self) -> Vec<TokenHealth> {
+        self.handle().health()
+    }
+
+    /// Stops the HSM threads and answers whatever is still queued.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for lane in &self.shared.lanes {
+            let _g = lane.park.lock().unwrap_or_else(|p| p.into_inner());
+            lane.cv.notify_all();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        for lane in &self.shared.lanes {
+            while let Some(job) = lane.queue.pop() {
+                job.done.complete(Err(HsmError::Shutdown));
+            }
+        }
+    }
+}
+
+impl Drop for Signer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl SignerHandle {
+    /// Queues a request. Never blocks: a full queue, a token that is down,
+    /// an unknown token or a stopped service are immediate errors. `waker`
+    /// is called when the answer is ready.
+    pub fn submit(&self, req: Request, waker: Option<Waker>) -> Result<Ticket> {
+        let sh = &self.shared;
+        if sh.stop.load(Ordering::Acquire) {
+            return Err(HsmError::Shutdown);
+        }
+        let lane = match sh.by_label.get(&req.token) {
+            Some(&i) => &sh.lanes[i],
+            None => return Err(HsmError::UnknownToken(req.token)),
+        };
+        if lane.down.load(Ordering::SeqCst) {
+            lane.stats.rejected_down.fetch_add(1, Ordering::Relaxed);
+            return Err(lane.unavailable());
+        }
+        let timeout = req.timeout.unwrap_or(sh.config.default_timeout);
+        let deadline = Instant::now() + timeout;
+        let done = Arc::new(Completion {
+            ready: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
+            inner: Mutex::new(CompletionInner {
+                result: None,
+                waker,
+            }),
+        });
+        let job = Job {
+            req,
+            deadline,
+            done: done.clone(),
+        };
+        if lane.queue.push(job).is_err() {
+            lane.stats.rejected_full.fetch_add(1, Ordering::Relaxed);
+            return Err(HsmError::QueueFull {
+                token: lane.token.label().to_string(),
+                capacity: sh.config.queue_capacity,
+            });
+        }
+        lane.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        lane.wake_one();
+        Ok(Ticket {
+            done,
+            deadline,
+            timeout,
+        })
+    }
+
+    pub fn health(&self) -> Vec<TokenHealth> {
+        self.shared
+            .lanes
+            .iter()
+            .map(|l| {
+                let s = &l.stats;
+                TokenHealth {
+                    token: l.token.label().to_string(),
+                    up: !l.down.load(Ordering::SeqCst),
+                    last_error: l
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
+                    queue_depth: l.queue.len(),
+                    submitted: s.submitted.load(Ordering::Relaxed),
+                    signed: s.signed.load(Ordering::Relaxed),
+                    failed: s.failed.load(Ordering::Relaxed),
+                    timed_out: s.timed_out.load(Ordering::Relaxed),
+                    abandoned: s.abandoned.load(Ordering::Relaxed),
+                    rejected_full: s.rejected_full.load(Ordering::Relaxed),
+                    rejected_down: s.rejected_down.load(Ordering::Relaxed),
+                    recoveries: s.recoveries.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One HSM thread: one session, one lane.
+struct HsmThread {
+    shared: Arc<Shared>,
+    lane: usize,
+    session: Option<TokenSession>,
+    /// SHA-256 of a PIN the token rejected, so it is not tried again.
+    bad_pin: Option<[u8; 32]>,
+}
+
+impl HsmThread {
+    fn new(shared: Arc<Shared>, lane: usize, session: TokenSession) -> HsmThread {
+        HsmThread {
+            shared,
+            lane,
+            session: Some(session),
+            bad_pin: None,
+        }
+    }
+
+    fn lane(&self) -> &Lane {
+        &self.shared.lanes[self.lane]
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire)
+    }
+
+    fn run(mut self) {
+        let batch_max = self.shared.config.batch;
+        let mut jobs = Vec::with_capacity(batch_max);
+        let mut entries = Vec::with_capacity(batch_max);
+        while !self.stopping() {
+            if self.session.is_none() {
+                self.recover();
+                continue;
+            }
+            while jobs.len() < batch_max {
+                match self.lane().queue.pop() {
+                    Some(j) => jobs.push(j),
+                    None => break,
+                }
+            }
+            if jobs.is_empty() {
+                self.park();
+                continue;
+            }
+            for job in jobs.drain(..) {
+                if self.session.is_none() {
+                    // The token went down earlier in this batch.
+                    job.done.complete(Err(self.lane().unavailable()));
+                    continue;
+                }
+                if let Some(entry) = self.serve(job) {
+                    entries.push(entry);
+                }
+            }
+            if let Some(audit) = &self.shared.audit {
+                if let Err(e) = audit.record(std::mem::take(&mut entries)) {
+                    eprintln!("loupe: {e}");
+                }
+            }
+            entries.clear();
+        }
+    }
+
+    /// Signs one job and answers it; returns its audit entry when the key
+    /// was used (or its use was attempted).
+    fn serve(&mut self, job: Job) -> Option<Entry> {
+        let stats = &self.shared.lanes[self.lane].stats;
+        if job.done.abandoned.load(Ordering::Acquire) {
+            stats.abandoned.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if Instant::now() >= job.deadline {
+            stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            let t = job
+                .req
+                .timeout
+                .unwrap_or(self.shared.config.default_timeout);
+            job.done.complete(Err(HsmError::Timeout(t)));
+            return None;
+        }
+        let req = &job.req;
+        let mut result = self.sign_once(req);
+        if matches!(&result, Err(e) if e.is_session_lost()) {
+            // The session (or the login) is gone: re-open once, then retry.
+            let shared = self.shared.clone();
+            let lane = &shared.lanes[self.lane];
+            match lane.token.session() {
+                Ok(s) => {
+                    self.session = Some(s);
+                    result = self.sign_once(req);
+                }
+                Err(e) => {
+                    self.session = None;
+                    self.note_bad_pin(&e);
+                    let reason = e.to_string();
+                    lane.set_down(reason);
+                    result = Err(lane.unavailable());
+                }
+            }
+            if matches!(&result, Err(e) if e.is_session_lost()) {
+                self.session = None;
+                let reason = result
+                    .as_ref()
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                lane.set_down(reason);
+            }
+        }
+        let lane = &self.shared.lanes[self.lane];
+        match &result {
+            Ok(_) => lane.stats.signed.fetch_add(1, Ordering::Relaxed),
+            Err(_) => lane.stats.failed.fetch_add(1, Ordering::Relaxed),
+        };
+        let entry = Entry {
+            time: rfc3339(SystemTime::now()),
+            kind: Kind::Sign,
+            token: req.token.clone(),
+            key: req.key.clone(),
+            mech: Some(req.mech),
+            purpose: req.purpose.clone(),
+            requester: req.requester.clone(),
+            result: result.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+        };
+        job.done.complete(result);
+        Some(entry)
+    }
+
+    fn sign_once(&mut self, req: &Request) -> Result<Vec<u8>> {
+        match self.session.as_mut() {
+            Some(s) => s.sign(&req.key, req.mech, &req.message),
+            None => Err(self.lane().unavailable()),
+        }
+    }
+
+    fn note_bad_pin(&mut self, e: &HsmError) {
+        if matches!(e, HsmError::PinIncorrect(_)) {
+            if let Ok(pin) = self.lane().token.config().pin.read() {
+                self.bad_pin = Some(Sha256::digest(pin.expose_secret().as_bytes()).into());
+            }
+        }
+    }
+
+    /// Waits for work (or a stop), without a lost wake-up: the sleeper count
+    /// is raised under the lock before the queue is checked again.
+    fn park(&self) {
+        let lane = self.lane();
+        let g = lane.park.lock().unwrap_or_else(|p| p.into_inner());
+        lane.sleepers.fetch_add(1, Ordering::SeqCst);
+        if lane.queue.is_empty() && !self.stopping() {
+            let _ = lane.cv.wait_timeout(g, Duration::from_millis(100));
+        }
+        lane.sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Backs off and re-opens the session until it works or the service
+    /// stops.
+    fn recover(&mut self) {
+        let cfg = &self.shared.config;
+        let (min, max) = (cfg.backoff_min, cfg.backoff_max.max(cfg.backoff_min));
+        let mut backoff = min;
+        while !self.stopping() {
+            {
+                let lane = self.lane();
+                let g = lane.park.lock().unwrap_or_else(|p| p.into_inner());
+                if !self.stopping() {
+                    let _ = lane.cv.wait_timeout(g, backoff);
+                }
+            }
+            if self.stopping() {
+                return;
+            }
+            backoff = (backoff * 2).min(max);
+            let shared = self.shared.clone();
+            let lane = &shared.lanes[self.lane];
+            let pin = match lane.token.config().pin.read() {
+                Ok(p) => p,
+                Err(e) => {
+                    lane.set_down(e.to_string());
+                    continue;
+                }
+            };
+            let digest: [u8; 32] = Sha256::digest(pin.expose_secret().as_bytes()).into();
+            if self.bad_pin == Some(digest) {
+                // Retrying a rejected PIN could lock the token (network HSMs
+                // lock after a few failures): wait for the operator.
+                *lane.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                    "wrong PIN; not retrying until {} changes",
+                    lane.token.config().pin.describe()
+                ));
+                continue;
+            }
+            match lane.token.session_with(&pin) {
+                Ok(s) => {
+                    self.session = Some(s);
+                    self.bad_pin = None;
+                    lane.set_up();
+                    return;
+                }
+                Err(e) => {
+                    if matches!(e, HsmError::PinIncorrect(_)) {
+                        self.bad_pin = Some(digest);
+                    }
+                    let reason = e.to_string();
+                    *lane.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                    if !matches!(e, HsmError::PinIncorrect(_)) {
+                        // The token may be back in another slot.
+                        let _ = lane.token.refind_slot();
+                    }
+                }
+            }
+        }
+    }
+}
