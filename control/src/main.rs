@@ -1,6 +1,8 @@
-//! `loupe`: the operator's command line. For now it reads the dataplane's
-//! stats report; the control daemon (policy, decryption log, metrics)
-//! grows here.
+//! `loupe`: the operator's command line. It reads the dataplane's stats
+//! report and runs the HSM's CA lifecycle and audit checks (`hsm`); the
+//! control daemon (policy, decryption log, metrics) grows here.
+
+mod hsm;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -30,9 +32,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the forward-trust / forward-untrust CAs on the HSM.
+    Ca {
+        #[command(flatten)]
+        hsm: hsm::HsmArgs,
+        #[command(subcommand)]
+        command: hsm::CaCommand,
+    },
+    /// Verify the key-usage audit log, or export its public key.
+    Audit {
+        #[command(flatten)]
+        hsm: hsm::HsmArgs,
+        #[command(subcommand)]
+        command: hsm::AuditCommand,
+    },
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Stats { file, json } => {
             let report = StatsReport::read(&file).with_context(|| {
@@ -48,14 +64,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", report.render());
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Ca { hsm, command } => hsm::ca(&hsm, command),
+        Command::Audit { hsm, command } => hsm::audit(&hsm, command),
     }
 }
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("loupe: {e:#}");
             ExitCode::FAILURE

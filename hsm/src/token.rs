@@ -674,18 +674,33 @@ impl TokenSession {
         Ok(out)
     }
 
-    /// Asks the token for the private key's CKA_VALUE without a buffer
-    /// (C_GetAttributeValue's size query). A correctly protected key answers
-    /// "sensitive"; the value itself is never requested.
-    pub fn probe_private_value(&mut self, label: &str) -> Result<cryptoki::object::AttributeInfo> {
-        let h = self.private_key(label)?;
+    /// Asks the token for each secret component of the private key
+    /// (CKA_VALUE for EC; the private exponent, primes, CRT exponents and
+    /// coefficient for RSA) with C_GetAttributeValue's size query. A
+    /// correctly protected key answers "sensitive" for every one; no value
+    /// is ever requested.
+    pub fn probe_private_secrets(
+        &mut self,
+        label: &str,
+    ) -> Result<Vec<(AttributeType, cryptoki::object::AttributeInfo)>> {
+        let (h, kt) = self.private_key_typed(label)?;
+        let secrets: &[AttributeType] = if kt == KeyType::RSA {
+            &[
+                AttributeType::PrivateExponent,
+                AttributeType::Prime1,
+                AttributeType::Prime2,
+                AttributeType::Exponent1,
+                AttributeType::Exponent2,
+                AttributeType::Coefficient,
+            ]
+        } else {
+            &[AttributeType::Value]
+        };
         let info = self
             .session
-            .get_attribute_info(h, &[AttributeType::Value])
+            .get_attribute_info(h, secrets)
             .map_err(|e| self.err("C_GetAttributeValue", e))?;
-        info.into_iter()
-            .next()
-            .ok_or_else(|| HsmError::Invalid("C_GetAttributeValue returned nothing".into()))
+        Ok(secrets.iter().copied().zip(info).collect())
     }
 
     /// The underlying session, for provisioning (token and PIN set-up).

@@ -14,6 +14,7 @@ pub mod https;
 pub mod netns;
 pub mod proc;
 pub mod raw;
+pub mod softhsm;
 pub mod tcp;
 pub mod wait;
 

@@ -1,0 +1,323 @@
+//! `loupe ca ...` and `loupe audit ...`: the operator's side of the HSM.
+//! Every command opens the token named by the HSM options, and every key
+//! operation goes through the same signer service and audit log as the
+//! engine's.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use loupe_hsm::{
+    audit::{self, AuditConfig, AuditLog, Entry, Kind, AUDIT_KEY_LABEL},
+    ca::{ensure_audit_key, parse_ec_spki_pem, spki_pem, CaManager, CaOptions, CaRole},
+    pin::PinSource,
+    signer::{Signer, SignerConfig},
+    token::{KeyAlg, Token, TokenConfig, SOFTHSM2_MODULE},
+};
+
+/// Which token, and where its PIN and audit log are. The PIN is never an
+/// argument: a file (mode 0600) or an environment variable.
+#[derive(Debug, Args)]
+pub struct HsmArgs {
+    /// PKCS#11 module (SoftHSM2 by default; a Luna or other HSM's library).
+    #[arg(long, env = "LOUPE_PKCS11_MODULE", default_value = SOFTHSM2_MODULE)]
+    module: PathBuf,
+    /// Token label.
+    #[arg(long, env = "LOUPE_HSM_TOKEN", default_value = "loupe")]
+    token: String,
+    /// File holding the token's user PIN (mode 0600).
+    #[arg(long, env = "LOUPE_HSM_PIN_FILE")]
+    pin_file: Option<PathBuf>,
+    /// Environment variable holding the PIN, when no --pin-file is given.
+    #[arg(long, default_value = "LOUPE_HSM_PIN")]
+    pin_env: String,
+    /// The key-usage audit log.
+    #[arg(
+        long,
+        env = "LOUPE_AUDIT_LOG",
+        default_value = "/var/lib/loupe/audit.jsonl"
+    )]
+    audit_log: PathBuf,
+}
+
+impl HsmArgs {
+    fn token_config(&self) -> TokenConfig {
+        TokenConfig {
+            module: self.module.clone(),
+            label: self.token.clone(),
+            pin: match &self.pin_file {
+                Some(f) => PinSource::File(f.clone()),
+                None => PinSource::Env(self.pin_env.clone()),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Generate the forward-trust and forward-untrust CAs (generation 1) on
+    /// the token.
+    Init(NewCa),
+    /// Write a CA certificate for client trust stores (PEM, or DER).
+    Export {
+        /// forward-trust (the one clients must trust) or forward-untrust.
+        #[arg(long, default_value = "forward-trust")]
+        ca: String,
+        /// Generation (default: the active one).
+        #[arg(long)]
+        generation: Option<u32>,
+        #[arg(long)]
+        der: bool,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Create the next CA generation; the previous one stays until destroyed.
+    Rotate(NewCa),
+    /// Destroy a CA generation's keys and certificates on the token.
+    Destroy {
+        #[arg(long)]
+        generation: u32,
+        /// Allow destroying the active generation.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the CA certificates on the token.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct NewCa {
+    /// ec-p256, ec-p384, rsa-2048 or rsa-3072.
+    #[arg(long, default_value = "ec-p256")]
+    algorithm: String,
+    /// Organization in the CA subject.
+    #[arg(long, default_value = "Loupe TLS inspection")]
+    org: String,
+    /// Validity in days.
+    #[arg(long, default_value_t = 3650)]
+    days: u32,
+}
+
+impl NewCa {
+    fn options(&self) -> anyhow::Result<CaOptions> {
+        if self.days == 0 {
+            bail!("--days must be at least 1");
+        }
+        Ok(CaOptions {
+            alg: self.algorithm.parse::<KeyAlg>()?,
+            organization: self.org.clone(),
+            validity_days: self.days,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the whole chain and every checkpoint signature; report the first
+    /// broken record.
+    Verify {
+        /// The audit log file.
+        file: PathBuf,
+        /// Audit public key(s) in PEM (from `loupe audit export-key`);
+        /// without one, the key is read from the token.
+        #[arg(long)]
+        pubkey: Vec<PathBuf>,
+    },
+    /// Write the audit public key (PEM) for verifying logs away from the HSM.
+    ExportKey {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn requester() -> String {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_default();
+    format!("loupe-cli uid={uid} user={user}")
+}
+
+/// The token, its audit log and a one-thread signer, opened in that order;
+/// the audit key is created first if the token has none.
+struct Session {
+    token: Token,
+    log: AuditLog,
+    signer: Signer,
+}
+
+impl Session {
+    fn open(hsm: &HsmArgs) -> anyhow::Result<Session> {
+        let token = Token::open(&hsm.token_config())?;
+        let created = ensure_audit_key(&token)?;
+        let log = AuditLog::open(AuditConfig::new(&hsm.audit_log, Some(token.clone())))?;
+        if created {
+            log.sink().record(vec![Entry::now(
+                Kind::Keygen,
+                token.label(),
+                AUDIT_KEY_LABEL,
+                "generate audit key (ec-p256)",
+                &requester(),
+            )])?;
+        }
+        let mut cfg = SignerConfig::new(vec![hsm.token_config()]);
+        cfg.threads_per_token = 1;
+        cfg.batch = 1;
+        let signer = Signer::start(cfg, Some(log.sink()))?;
+        Ok(Session { token, log, signer })
+    }
+
+    fn run<T>(self, f: impl FnOnce(&CaManager) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let sink = self.log.sink();
+        let out = f(&CaManager {
+            token: &self.token,
+            signer: &self.signer,
+            audit: &sink,
+            requester: requester(),
+        });
+        drop(sink);
+        drop(self.signer);
+        self.log.close()?;
+        out
+    }
+}
+
+fn write_out(out: Option<&Path>, bytes: &[u8]) -> anyhow::Result<()> {
+    match out {
+        Some(p) => {
+            std::fs::write(p, bytes).with_context(|| format!("cannot write {}", p.display()))
+        }
+        None => std::io::stdout().write_all(bytes).context("stdout"),
+    }
+}
+
+fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) {
+    println!(
+        "{:<16} {:>3}  {:<6} {:<32} sha256",
+        "ca", "gen", "active", "label"
+    );
+    for c in cas {
+        let role = if c.role == CaRole::ForwardTrust {
+            "forward-trust"
+        } else {
+            "forward-untrust"
+        };
+        println!(
+            "{role:<16} {:>3}  {:<6} {:<32} {}",
+            c.generation,
+            if c.active { "yes" } else { "no" },
+            c.label,
+            c.fingerprint
+        );
+    }
+}
+
+pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
+    let session = Session::open(hsm)?;
+    match cmd {
+        CaCommand::Init(new) => {
+            let opts = new.options()?;
+            let made = session.run(|ca| Ok(ca.init(&opts)?))?;
+            print_cas(&made);
+            println!("export the forward-trust CA for clients with `loupe ca export`");
+        }
+        CaCommand::Rotate(new) => {
+            let opts = new.options()?;
+            let made = session.run(|ca| Ok(ca.rotate(&opts)?))?;
+            print_cas(&made);
+        }
+        CaCommand::Export {
+            ca: which,
+            generation,
+            der,
+            out,
+        } => {
+            let role: CaRole = which.parse()?;
+            let cert = session.run(|ca| Ok(ca.certificate(role, generation)?))?;
+            let bytes = if der {
+                cert.der.clone()
+            } else {
+                cert.pem().into_bytes()
+            };
+            write_out(out.as_deref(), &bytes)?;
+        }
+        CaCommand::Destroy { generation, force } => {
+            let n = session.run(|ca| Ok(ca.destroy(generation, force)?))?;
+            println!("destroyed CA generation {generation} ({n} objects)");
+        }
+        CaCommand::List { json } => {
+            let list = session.run(|ca| Ok(ca.list()?))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_cas(&list);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn audit(hsm: &HsmArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::ExportKey { out } => {
+            let token = Token::open(&hsm.token_config())?;
+            let public = token.session()?.public_key(AUDIT_KEY_LABEL)?;
+            write_out(out.as_deref(), spki_pem(&public).as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify { file, pubkey } => {
+            let keys = if pubkey.is_empty() {
+                let token = Token::open(&hsm.token_config()).context(
+                    "no --pubkey given, so the audit key is read from the token, which failed",
+                )?;
+                vec![token.session()?.public_key(AUDIT_KEY_LABEL)?]
+            } else {
+                pubkey
+                    .iter()
+                    .map(|p| {
+                        let text = std::fs::read_to_string(p)
+                            .with_context(|| format!("cannot read {}", p.display()))?;
+                        parse_ec_spki_pem(&text).with_context(|| p.display().to_string())
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?
+            };
+            match audit::verify(&file, &keys) {
+                Ok(r) => {
+                    println!(
+                        "audit log {}: OK: {} records, {} checkpoints, sealed through seq {}",
+                        file.display(),
+                        r.records,
+                        r.checkpoints,
+                        r.sealed_through.map_or("none".into(), |s| s.to_string())
+                    );
+                    if r.unsealed > 0 {
+                        println!(
+                            "warning: the last {} records are not sealed by a signed checkpoint yet",
+                            r.unsealed
+                        );
+                    }
+                    if !r.unsigned_checkpoints.is_empty() {
+                        println!(
+                            "warning: checkpoints left unsigned (HSM unavailable then): seq {:?}",
+                            r.unsigned_checkpoints
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(b) => {
+                    eprintln!("loupe: audit log {}: BROKEN at {b}", file.display());
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
+}
