@@ -10,6 +10,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use loupe_dataplane::stats::StatsReport;
 
+/// mimalloc: buffers and signing requests are allocated on one thread and
+/// freed on another, which glibc's per-thread arenas serialise.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "loupe",

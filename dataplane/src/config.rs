@@ -162,6 +162,19 @@ pub struct EngineConfig {
     pub max_flows_per_worker: usize,
     pub flow_idle_timeout: Duration,
     pub pin_workers: bool,
+    /// The HSM signer and its audit log; `None` runs the packet path only.
+    pub hsm: Option<HsmSettings>,
+}
+
+/// The signer service the engine starts (and checks) at start-up.
+#[derive(Clone, Debug)]
+pub struct HsmSettings {
+    pub tokens: Vec<loupe_hsm::token::TokenConfig>,
+    /// The key-usage audit log; checkpoints are signed by the first token's
+    /// audit key.
+    pub audit_log: PathBuf,
+    pub threads_per_token: usize,
+    pub batch: usize,
 }
 
 impl EngineConfig {
@@ -180,6 +193,7 @@ impl EngineConfig {
             max_flows_per_worker: 262_144,
             flow_idle_timeout: Duration::from_secs(120),
             pin_workers: true,
+            hsm: None,
         }
     }
 }

@@ -11,10 +11,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use loupe_hsm::{
+    audit::{AuditConfig, AuditLog},
+    signer::{Signer, SignerConfig},
+    token::Token,
+};
 use thiserror::Error;
 
 use crate::{
-    config::EngineConfig,
+    config::{EngineConfig, HsmSettings},
     ebpf::{Classifier, ClassifierError},
     flow::{Sharder, Side},
     stats::{IfaceReport, StatsReport, SteeringReport, WorkerReport, STATS_VERSION},
@@ -63,11 +68,29 @@ pub enum EngineError {
     WorkerDied(usize),
     #[error("cannot start a worker (thread or eventfd): {0}")]
     Spawn(std::io::Error),
+    #[error("HSM: {0}")]
+    Hsm(#[from] loupe_hsm::HsmError),
 }
 
 /// Bytes a frame carries on top of the MTU: Ethernet header and two VLAN
 /// tags (the most the classifier walks).
 const L2_OVERHEAD: u32 = 14 + 2 * 4;
+
+/// Opens the audit log (sealed with the first token's audit key) and starts
+/// the signer service.
+fn start_hsm(h: &HsmSettings) -> Result<(AuditLog, Signer), EngineError> {
+    let first = h
+        .tokens
+        .first()
+        .ok_or_else(|| loupe_hsm::HsmError::Invalid("the HSM settings name no token".into()))?;
+    let audit_token = Token::open(first)?;
+    let log = AuditLog::open(AuditConfig::new(&h.audit_log, Some(audit_token)))?;
+    let mut sc = SignerConfig::new(h.tokens.clone());
+    sc.threads_per_token = h.threads_per_token;
+    sc.batch = h.batch;
+    let signer = Signer::start(sc, Some(log.sink()))?;
+    Ok((log, signer))
+}
 
 /// Run the engine until `stop` is set. `on_ready` is called once, after the
 /// program is attached and every worker runs. Returns the final report.
@@ -120,6 +143,13 @@ pub fn run(
              frames arriving on the others are not inspected (counted as steer_no_socket)"
         );
     }
+    // The HSM before the wire: a wrong PIN or a missing token stops the
+    // start here, before anything is attached.
+    let hsm = match &cfg.hsm {
+        Some(h) => Some(start_hsm(h)?),
+        None => None,
+    };
+
     // Kernels since 5.11 charge BPF maps and UMEMs to the memory cgroup;
     // older ones need the rlimit lifted. Where it cannot be (no
     // CAP_SYS_RESOURCE), the UMEM error below says so.
@@ -229,6 +259,9 @@ pub fn run(
                 );
             }
         }
+        if let Some((_, signer)) = &hsm {
+            r.hsm = signer.health();
+        }
         r.workers = shares
             .iter()
             .map(|s| {
@@ -292,6 +325,13 @@ pub fn run(
     let last = snapshot("stopped");
     // Detach the program and close every map and socket before reporting.
     drop(classifier);
+    if let Some((log, signer)) = hsm {
+        // Answer what is queued, then seal the audit log.
+        signer.shutdown();
+        if let Err(e) = log.close() {
+            eprintln!("loupe-dataplane: warning: {e}");
+        }
+    }
     let final_write = write(&last);
     result?;
     if let Some(id) = died {

@@ -10,10 +10,19 @@ use std::{
 
 use clap::Parser;
 use loupe_dataplane::{
-    config::{self, EngineConfig, Prefix},
+    config::{self, EngineConfig, HsmSettings, Prefix},
     engine,
     xsk::PortConfig,
 };
+use loupe_hsm::{
+    pin::PinSource,
+    token::{TokenConfig, SOFTHSM2_MODULE},
+};
+
+/// mimalloc: buffers and signing requests are allocated on one thread and
+/// freed on another, which glibc's per-thread arenas serialise.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Loupe dataplane: steer TLS flows from XDP into AF_XDP workers.
 #[derive(Debug, Parser)]
@@ -58,6 +67,34 @@ struct Args {
     /// Do not pin workers to CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Start the HSM signer on the token with this label (repeatable, one
+    /// per partition; the first one's audit key seals the audit log).
+    #[arg(long = "hsm-token")]
+    hsm_tokens: Vec<String>,
+    /// PKCS#11 module of the HSM.
+    #[arg(long, env = "LOUPE_PKCS11_MODULE", default_value = SOFTHSM2_MODULE)]
+    hsm_module: PathBuf,
+    /// File with the user PIN (mode 0600); with several tokens, the files
+    /// are given in the same order. Without it the PIN comes from the
+    /// environment variable named by --hsm-pin-env. Never on the command line.
+    #[arg(long = "hsm-pin-file")]
+    hsm_pin_files: Vec<PathBuf>,
+    /// Environment variable holding the PIN when no --hsm-pin-file is given.
+    #[arg(long, default_value = "LOUPE_HSM_PIN")]
+    hsm_pin_env: String,
+    /// HSM threads (sessions) per token.
+    #[arg(long, default_value_t = 2)]
+    hsm_threads: usize,
+    /// Most signing requests an HSM thread takes at once.
+    #[arg(long, default_value_t = 8)]
+    hsm_batch: usize,
+    /// The key-usage audit log.
+    #[arg(
+        long,
+        env = "LOUPE_AUDIT_LOG",
+        default_value = "/var/lib/loupe/audit.jsonl"
+    )]
+    audit_log: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +113,37 @@ fn main() -> ExitCode {
     cfg.max_flows_per_worker = args.max_flows;
     cfg.flow_idle_timeout = Duration::from_secs(args.flow_idle_secs.max(1));
     cfg.pin_workers = !args.no_pin;
+    if !args.hsm_tokens.is_empty() {
+        if !args.hsm_pin_files.is_empty() && args.hsm_pin_files.len() != args.hsm_tokens.len() {
+            eprintln!(
+                "loupe-dataplane: error: {} --hsm-token but {} --hsm-pin-file: give one PIN \
+                 file per token, or none (PIN from ${})",
+                args.hsm_tokens.len(),
+                args.hsm_pin_files.len(),
+                args.hsm_pin_env
+            );
+            return ExitCode::from(2);
+        }
+        let tokens = args
+            .hsm_tokens
+            .iter()
+            .enumerate()
+            .map(|(i, label)| TokenConfig {
+                module: args.hsm_module.clone(),
+                label: label.clone(),
+                pin: match args.hsm_pin_files.get(i) {
+                    Some(f) => PinSource::File(f.clone()),
+                    None => PinSource::Env(args.hsm_pin_env.clone()),
+                },
+            })
+            .collect();
+        cfg.hsm = Some(HsmSettings {
+            tokens,
+            audit_log: args.audit_log,
+            threads_per_token: args.hsm_threads,
+            batch: args.hsm_batch,
+        });
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -89,6 +89,9 @@ pub struct StatsReport {
     /// XDP program counters by label (see loupe_common::Counter).
     pub xdp: BTreeMap<String, SideCount>,
     pub workers: Vec<WorkerReport>,
+    /// Health and counters of each HSM token (empty without an HSM).
+    #[serde(default)]
+    pub hsm: Vec<loupe_hsm::signer::TokenHealth>,
 }
 
 impl StatsReport {
@@ -179,6 +182,25 @@ impl StatsReport {
             })
             .sum();
         let _ = writeln!(s, "drops in userspace and AF_XDP rings: {drops}");
+        for h in &self.hsm {
+            let _ = writeln!(
+                s,
+                "HSM token {:?}: {}, queue {}, signed {}, failed {}, timed out {}, refused \
+                 (full/down) {}/{}, recoveries {}{}",
+                h.token,
+                if h.up { "up" } else { "DOWN" },
+                h.queue_depth,
+                h.signed,
+                h.failed,
+                h.timed_out,
+                h.rejected_full,
+                h.rejected_down,
+                h.recoveries,
+                h.last_error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(", last error: {e}"))
+            );
+        }
         let flows: Vec<&FlowSummary> = self.workers.iter().flat_map(|w| &w.flows).collect();
         if !flows.is_empty() {
             let _ = writeln!(

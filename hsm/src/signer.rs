@@ -28,12 +28,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crossbeam::queue::ArrayQueue;
+use crossbeam::{queue::ArrayQueue, utils::CachePadded};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    audit::{rfc3339, AuditSink, Entry, Kind},
+    audit::{AuditSink, Entry, Kind},
     error::{HsmError, Result},
     mech::SignMech,
     token::{Token, TokenConfig, TokenSession},
@@ -60,7 +60,7 @@ impl SignerConfig {
         SignerConfig {
             tokens,
             threads_per_token: 2,
-            batch: 8,
+            batch: 32,
             queue_capacity: 4096,
             default_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(100),
@@ -101,13 +101,55 @@ struct CompletionInner {
 
 impl Completion {
     fn complete(&self, result: Result<Vec<u8>>) {
-        let waker = {
-            let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            g.result = Some(result);
-            self.ready.store(true, Ordering::Release);
-            g.waker.take()
-        };
-        if let Some(w) = waker {
+        if let Some(w) = self.complete_deferred(result) {
+            w.wake();
+        }
+    }
+
+    /// Stores the answer and hands back the waker instead of calling it, so
+    /// an HSM thread can wake each requester once per batch.
+    fn complete_deferred(&self, result: Result<Vec<u8>>) -> Option<Waker> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.result = Some(result);
+        self.ready.store(true, Ordering::Release);
+        g.waker.take()
+    }
+}
+
+/// Wakers collected over a batch, each requester woken once: a wake-up is
+/// a futex or eventfd syscall on this thread and a context switch on the
+/// requester's, which at ECDSA rates costs as much as the signature. The
+/// answers themselves are visible at once (a polling requester sees them);
+/// only the wake-up waits, and never longer than [`WAKE_DELAY`].
+#[derive(Default)]
+struct Wakes {
+    wakers: Vec<Waker>,
+    since: Option<Instant>,
+}
+
+/// Longest a wake-up is held back to share it with later answers.
+const WAKE_DELAY: Duration = Duration::from_millis(1);
+
+impl Wakes {
+    fn add(&mut self, w: Option<Waker>) {
+        if let Some(w) = w {
+            if !self.wakers.iter().any(|o| o.will_wake(&w)) {
+                self.wakers.push(w);
+            }
+            self.since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Wakes everyone if the oldest held wake-up is due.
+    fn wake_due(&mut self) {
+        if self.since.is_some_and(|t| t.elapsed() >= WAKE_DELAY) {
+            self.wake_all();
+        }
+    }
+
+    fn wake_all(&mut self) {
+        self.since = None;
+        for w in self.wakers.drain(..) {
             w.wake();
         }
     }
@@ -190,11 +232,12 @@ struct Job {
     done: Arc<Completion>,
 }
 
-/// Counters of one token's lane.
+/// Counters of one token's lane. The requesters' counter sits on a cache
+/// line of its own, away from the ones HSM threads bump per signature.
 #[derive(Default)]
 struct LaneStats {
-    submitted: AtomicU64,
-    signed: AtomicU64,
+    submitted: CachePadded<AtomicU64>,
+    signed: CachePadded<AtomicU64>,
     failed: AtomicU64,
     timed_out: AtomicU64,
     abandoned: AtomicU64,
@@ -204,7 +247,7 @@ struct LaneStats {
 }
 
 /// A token's health and counters, for status and metrics.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenHealth {
     pub token: String,
     pub up: bool,
@@ -511,6 +554,7 @@ impl HsmThread {
         let batch_max = self.shared.config.batch;
         let mut jobs = Vec::with_capacity(batch_max);
         let mut entries = Vec::with_capacity(batch_max);
+        let mut wakes = Wakes::default();
         while !self.stopping() {
             if self.session.is_none() {
                 self.recover();
@@ -529,13 +573,15 @@ impl HsmThread {
             for job in jobs.drain(..) {
                 if self.session.is_none() {
                     // The token went down earlier in this batch.
-                    job.done.complete(Err(self.lane().unavailable()));
+                    wakes.add(job.done.complete_deferred(Err(self.lane().unavailable())));
                     continue;
                 }
-                if let Some(entry) = self.serve(job) {
+                if let Some(entry) = self.serve(job, &mut wakes) {
                     entries.push(entry);
                 }
+                wakes.wake_due();
             }
+            wakes.wake_all();
             if let Some(audit) = &self.shared.audit {
                 if let Err(e) = audit.record(std::mem::take(&mut entries)) {
                     eprintln!("loupe: {e}");
@@ -547,7 +593,7 @@ impl HsmThread {
 
     /// Signs one job and answers it; returns its audit entry when the key
     /// was used (or its use was attempted).
-    fn serve(&mut self, job: Job) -> Option<Entry> {
+    fn serve(&mut self, job: Job, wakes: &mut Wakes) -> Option<Entry> {
         let stats = &self.shared.lanes[self.lane].stats;
         if job.done.abandoned.load(Ordering::Acquire) {
             stats.abandoned.fetch_add(1, Ordering::Relaxed);
@@ -559,7 +605,7 @@ impl HsmThread {
                 .req
                 .timeout
                 .unwrap_or(self.shared.config.default_timeout);
-            job.done.complete(Err(HsmError::Timeout(t)));
+            wakes.add(job.done.complete_deferred(Err(HsmError::Timeout(t))));
             return None;
         }
         let req = &job.req;
@@ -596,18 +642,19 @@ impl HsmThread {
             Ok(_) => lane.stats.signed.fetch_add(1, Ordering::Relaxed),
             Err(_) => lane.stats.failed.fetch_add(1, Ordering::Relaxed),
         };
-        let entry = Entry {
-            time: rfc3339(SystemTime::now()),
+        let req = job.req;
+        let entry = self.shared.audit.is_some().then(|| Entry {
+            time: SystemTime::now(),
             kind: Kind::Sign,
-            token: req.token.clone(),
-            key: req.key.clone(),
+            token: req.token,
+            key: req.key,
             mech: Some(req.mech),
-            purpose: req.purpose.clone(),
-            requester: req.requester.clone(),
+            purpose: req.purpose,
+            requester: req.requester,
             result: result.as_ref().map(|_| ()).map_err(|e| e.to_string()),
-        };
-        job.done.complete(result);
-        Some(entry)
+        });
+        wakes.add(job.done.complete_deferred(result));
+        entry
     }
 
     fn sign_once(&mut self, req: &Request) -> Result<Vec<u8>> {

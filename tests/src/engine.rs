@@ -31,6 +31,16 @@ impl Engine {
     /// Start `loupe-dataplane` on inside/outside with `extra` arguments and
     /// wait until it reports ready (first stats file written).
     pub fn start(h: &Harness, extra: &[&str]) -> anyhow::Result<Engine> {
+        Engine::start_with_env(h, extra, &[])
+    }
+
+    /// [`Engine::start`] with extra environment variables for the engine
+    /// (e.g. the SoftHSM configuration).
+    pub fn start_with_env(
+        h: &Harness,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Engine> {
         let stats_path = h.dir.join(format!(
             "engine-{}.json",
             SEQ.fetch_add(1, Ordering::Relaxed)
@@ -48,6 +58,7 @@ impl Engine {
         .arg("--stats-file")
         .arg(&stats_path)
         .args(extra)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
