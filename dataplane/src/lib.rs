@@ -12,6 +12,7 @@ pub mod engine;
 pub mod flow;
 pub mod stats;
 pub mod sys;
+pub mod tcp;
 pub mod wire;
 pub mod worker;
 pub mod xsk;

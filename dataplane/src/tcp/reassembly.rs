@@ -1,0 +1,334 @@
+//! The receive side's byte stream: in-order delivery from segments that
+//! arrive out of order, duplicated, overlapping or beyond the window.
+//!
+//! First copy wins: a byte, once received, keeps its value. A later segment
+//! that covers it with a different value is the classic IDS evasion (the
+//! inspector and the endpoint reassemble differently, RFC 9293 leaves the
+//! choice open); here the conflict is counted and the first value is what
+//! both the inspector and the far side see, so they cannot disagree. Bytes
+//! already delivered are remembered for a while (`history`) so overlaps with
+//! them are checked too.
+//!
+//! Memory is bounded by `capacity`: delivered-but-unread bytes plus the span
+//! of the out-of-order queue never exceed it, and [`Reassembler::window`]
+//! is what the receive window must advertise so a sender cannot exceed it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::seq::SeqNum;
+
+/// What one segment did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Insert {
+    /// Bytes never seen before, now held (in order or not).
+    pub new: usize,
+    /// Bytes that repeated what was already held or delivered.
+    pub duplicate: usize,
+    /// Bytes that contradicted what was already held or delivered (kept
+    /// the first value).
+    pub conflict: usize,
+    /// Bytes outside the window (before the remembered history, or beyond
+    /// what the receive window allows), dropped.
+    pub outside: usize,
+}
+
+impl std::ops::AddAssign for Insert {
+    fn add_assign(&mut self, o: Insert) {
+        self.new += o.new;
+        self.duplicate += o.duplicate;
+        self.conflict += o.conflict;
+        self.outside += o.outside;
+    }
+}
+
+/// One direction's reassembly state.
+#[derive(Debug)]
+pub struct Reassembler {
+    /// RCV.NXT: the first byte not yet delivered in order.
+    next: SeqNum,
+    /// Stream offset of `next` (bytes delivered so far, never wraps).
+    delivered: u64,
+    /// In-order bytes waiting for the reader.
+    ready: VecDeque<u8>,
+    /// Out-of-order bytes by stream offset; ranges never overlap or touch
+    /// `delivered`.
+    held: BTreeMap<u64, Vec<u8>>,
+    held_bytes: usize,
+    /// The last delivered bytes, for checking retransmissions.
+    history: VecDeque<u8>,
+    history_cap: usize,
+    capacity: usize,
+}
+
+impl Reassembler {
+    /// A stream whose next byte is `next` (the peer's ISN + 1).
+    pub fn new(next: SeqNum, capacity: usize, history: usize) -> Reassembler {
+        Reassembler {
+            next,
+            delivered: 0,
+            ready: VecDeque::new(),
+            held: BTreeMap::new(),
+            held_bytes: 0,
+            history: VecDeque::new(),
+            history_cap: history,
+            capacity,
+        }
+    }
+
+    /// RCV.NXT.
+    pub fn next(&self) -> SeqNum {
+        self.next
+    }
+
+    /// Bytes delivered in order so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// The receive window to advertise: room left after unread bytes.
+    pub fn window(&self) -> u32 {
+        self.capacity.saturating_sub(self.ready.len()) as u32
+    }
+
+    /// Unread in-order bytes.
+    pub fn readable(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Bytes held out of order.
+    pub fn held(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Takes up to `max` in-order bytes.
+    pub fn read(&mut self, max: usize) -> Vec<u8> {
+        let n = max.min(self.ready.len());
+        self.ready.drain(..n).collect()
+    }
+
+    /// The out-of-order ranges as SACK blocks (RFC 2018 §4), most recent
+    /// first is the sender's business; these are in sequence order.
+    pub fn sack_blocks(&self) -> Vec<(SeqNum, SeqNum)> {
+        self.held
+            .iter()
+            .map(|(&off, data)| {
+                let l = self.next + (off - self.delivered) as u32;
+                (l, (l + data.len() as u32))
+            })
+            .collect()
+    }
+
+    /// Takes in a segment's payload starting at `seq`.
+    pub fn insert(&mut self, seq: SeqNum, data: &[u8]) -> Insert {
+        let mut r = Insert::default();
+        if data.is_empty() {
+            return r;
+        }
+        // Stream offsets of the segment; RFC 9293 §3.10.7.4 acceptance is
+        // relative to RCV.NXT, so offsets are signed around `delivered`.
+        let rel = i64::from(seq.since(self.next));
+        let start = self.delivered as i64 + rel;
+        let end = start + data.len() as i64;
+        let lowest = self.delivered as i64 - self.history.len() as i64;
+        let limit = (self.delivered + self.window() as u64) as i64;
+
+        let mut from = start;
+        if from < lowest {
+            let skip = (lowest - from).min(data.len() as i64);
+            r.outside += skip as usize;
+            from += skip;
+        }
+        let to = end.min(limit);
+        if end > to {
+            r.outside += (end - to.max(from)) as usize;
+        }
+        if from >= to {
+            return r;
+        }
+        let byte = |off: i64| data[(off - start) as usize];
+
+        // Already delivered: compare with history.
+        let delivered = self.delivered as i64;
+        let mut off = from;
+        while off < to.min(delivered) {
+            let h = self.history.len() as i64 - (delivered - off);
+            if self.history[h as usize] == byte(off) {
+                r.duplicate += 1;
+            } else {
+                r.conflict += 1;
+            }
+            off += 1;
+        }
+        // Held out of order: compare; gaps get the new bytes.
+        let off = off.max(delivered) as u64;
+        let to = to as u64;
+        if off < to {
+            self.merge(off, to, |o| byte(o as i64), &mut r);
+            self.deliver();
+        }
+        r
+    }
+
+    /// Fills `[from, to)` around the held ranges.
+    fn merge(&mut self, from: u64, to: u64, byte: impl Fn(u64) -> u8, r: &mut Insert) {
+        let mut pos = from;
+        let overlapping: Vec<(u64, usize)> = self
+            .held
+            .range(..to)
+            .filter(|(&s, d)| s + d.len() as u64 > from)
+            .map(|(&s, d)| (s, d.len()))
+            .collect();
+        for (s, len) in overlapping {
+            if pos < s {
+                self.put(pos, (pos..s).map(&byte).collect());
+                r.new += (s - pos) as usize;
+                pos = s;
+            }
+            let stop = to.min(s + len as u64);
+            let held = &self.held[&s];
+            while pos < stop {
+                if held[(pos - s) as usize] == byte(pos) {
+                    r.duplicate += 1;
+                } else {
+                    r.conflict += 1;
+                }
+                pos += 1;
+            }
+        }
+        if pos < to {
+            self.put(pos, (pos..to).map(&byte).collect());
+            r.new += (to - pos) as usize;
+        }
+    }
+
+    fn put(&mut self, at: u64, bytes: Vec<u8>) {
+        self.held_bytes += bytes.len();
+        self.held.insert(at, bytes);
+    }
+
+    /// Moves held ranges that now start at `delivered` to the reader.
+    fn deliver(&mut self) {
+        while let Some(entry) = self.held.first_entry() {
+            if *entry.key() != self.delivered {
+                break;
+            }
+            let bytes = entry.remove();
+            self.held_bytes -= bytes.len();
+            self.delivered += bytes.len() as u64;
+            self.next = self.next + bytes.len() as u32;
+            if self.history_cap > 0 {
+                self.history.extend(bytes.iter().copied());
+                let excess = self.history.len().saturating_sub(self.history_cap);
+                self.history.drain(..excess);
+            }
+            self.ready.extend(bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn seg(r: &mut Reassembler, isn: SeqNum, off: u32, data: &[u8]) -> Insert {
+        r.insert(isn + off, data)
+    }
+
+    #[test]
+    fn out_of_order_segments_are_delivered_in_order() {
+        let isn = SeqNum(u32::MAX - 3);
+        let mut r = Reassembler::new(isn, 1 << 16, 1 << 16);
+        assert_eq!(seg(&mut r, isn, 5, b"fgh").new, 3);
+        assert_eq!(r.readable(), 0);
+        assert_eq!(r.sack_blocks(), vec![((isn + 5), (isn + 8))]);
+        seg(&mut r, isn, 0, b"abcde");
+        assert_eq!(r.read(100), b"abcdefgh");
+        assert_eq!(r.next(), (isn + 8));
+        assert!(r.sack_blocks().is_empty());
+    }
+
+    #[test]
+    fn first_copy_wins_and_conflicts_are_counted() {
+        let isn = SeqNum(1000);
+        let mut r = Reassembler::new(isn, 1 << 16, 1 << 16);
+        seg(&mut r, isn, 4, b"efgh");
+        let ins = seg(&mut r, isn, 2, b"cdXXgh");
+        assert_eq!((ins.new, ins.duplicate, ins.conflict), (2, 2, 2));
+        seg(&mut r, isn, 0, b"ab");
+        assert_eq!(r.read(100), b"abcdefgh");
+        // A retransmission of delivered bytes with different content.
+        let ins = seg(&mut r, isn, 0, b"abZd");
+        assert_eq!((ins.duplicate, ins.conflict, ins.new), (3, 1, 0));
+    }
+
+    #[test]
+    fn bytes_beyond_the_window_or_history_are_outside() {
+        let isn = SeqNum(7);
+        let mut r = Reassembler::new(isn, 8, 2);
+        let ins = seg(&mut r, isn, 4, b"efghijkl");
+        assert_eq!((ins.new, ins.outside), (4, 4));
+        seg(&mut r, isn, 0, b"abcd");
+        assert_eq!(r.window(), 0, "unread bytes close the window");
+        assert_eq!(seg(&mut r, isn, 8, b"i").outside, 1);
+        assert_eq!(r.read(3), b"abc");
+        assert_eq!(r.window(), 3);
+        // History keeps only the last 2 delivered bytes.
+        let ins = seg(&mut r, isn, 0, b"abcdefgh");
+        assert_eq!((ins.outside, ins.duplicate), (6, 2));
+    }
+
+    /// The reference: every stream position holds its first value.
+    struct Model {
+        known: Vec<Option<u8>>,
+        conflicts: usize,
+    }
+
+    impl Model {
+        fn insert(&mut self, off: usize, data: &[u8]) {
+            for (i, &b) in data.iter().enumerate() {
+                match self.known[off + i] {
+                    None => self.known[off + i] = Some(b),
+                    Some(k) if k != b => self.conflicts += 1,
+                    Some(_) => {}
+                }
+            }
+        }
+
+        fn prefix(&self) -> Vec<u8> {
+            self.known.iter().map_while(|b| *b).collect()
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn matches_the_first_copy_model(
+            isn: u32,
+            stream in proptest::collection::vec(any::<u8>(), 1..600),
+            segs in proptest::collection::vec((0usize..600, 1usize..120, any::<bool>()), 1..60),
+        ) {
+            let isn = SeqNum(isn);
+            let mut r = Reassembler::new(isn, 1 << 20, 1 << 20);
+            let mut m = Model { known: vec![None; stream.len()], conflicts: 0 };
+            let mut conflicts = 0;
+            let mut out = Vec::new();
+            for (off, len, corrupt) in segs {
+                let off = off % stream.len();
+                let end = (off + len).min(stream.len());
+                let mut data = stream[off..end].to_vec();
+                if corrupt {
+                    data.iter_mut().step_by(3).for_each(|b| *b = b.wrapping_add(1));
+                }
+                m.insert(off, &data);
+                conflicts += r.insert(isn + off as u32, &data).conflict;
+                out.extend(r.read(usize::MAX));
+            }
+            let want = m.prefix();
+            prop_assert_eq!(&out, &want);
+            prop_assert_eq!(conflicts, m.conflicts);
+            prop_assert_eq!(r.next(), isn + want.len() as u32);
+            prop_assert_eq!(r.held() + want.len(), m.known.iter().filter(|b| b.is_some()).count());
+        }
+    }
+}
