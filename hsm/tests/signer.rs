@@ -323,7 +323,10 @@ fn a_pin_change_under_the_signer_fails_closed_until_the_pin_source_follows() {
         .submit(request(&label, "k", SignMech::EcdsaP256Sha256, b"m"), None)
         .err()
         .expect("a down token must refuse at submission");
-    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refusal must not wait on the HSM"
+    );
     assert!(err.to_string().contains("wrong PIN"), "{err}");
     assert!(
         wait_until(Duration::from_secs(10), || {

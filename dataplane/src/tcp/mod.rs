@@ -7,7 +7,15 @@
 //!   §3.2, RFC 7323, RFC 2018).
 //! - [`reassembly`]: the out-of-order queue, first copy wins, conflicting
 //!   overlaps counted (the classic IDS evasion).
+//! - [`rtt`]: the retransmission timeout (RFC 6298).
+//! - [`cc`]: NewReno congestion control (RFC 5681, RFC 6582).
+//! - [`conn`]: one endpoint in a synchronized state, sans I/O.
+//! - [`sim`]: a seeded lossy link between two endpoints on a virtual clock.
 
+pub mod cc;
+pub mod conn;
 pub mod options;
 pub mod reassembly;
+pub mod rtt;
 pub mod seq;
+pub mod sim;

@@ -1,0 +1,185 @@
+//! Congestion control: NewReno (RFC 5681 slow start and congestion
+//! avoidance, fast retransmit and fast recovery as modified by RFC 6582).
+
+use super::seq::SeqNum;
+
+/// What the sender must do after an ACK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckAction {
+    /// Nothing special: send what the window allows.
+    None,
+    /// Retransmit the first unacknowledged segment now (fast retransmit,
+    /// or a partial ACK during recovery).
+    Retransmit,
+}
+
+/// NewReno state of one sender.
+#[derive(Clone, Debug)]
+pub struct NewReno {
+    mss: u32,
+    cwnd: u32,
+    ssthresh: u32,
+    dup_acks: u32,
+    /// RFC 6582 "recover": SND.NXT when fast recovery began.
+    recover: Option<SeqNum>,
+    /// Bytes acknowledged in congestion avoidance, toward the next MSS.
+    acked_ca: u32,
+}
+
+impl NewReno {
+    pub fn new(mss: u32) -> NewReno {
+        let mss = mss.max(1);
+        NewReno {
+            mss,
+            //= https://www.rfc-editor.org/rfc/rfc5681#section-3.1
+            //# IW = min (4*SMSS, max (2*SMSS, 4380 bytes))
+            cwnd: (4 * mss).min((2 * mss).max(4380)),
+            //# The initial value of ssthresh SHOULD be set arbitrarily high
+            ssthresh: u32::MAX,
+            dup_acks: 0,
+            recover: None,
+            acked_ca: 0,
+        }
+    }
+
+    /// A connection taken over mid-stream has already probed the path:
+    /// start from the given window rather than the initial one.
+    pub fn with_cwnd(mut self, cwnd: u32) -> NewReno {
+        self.cwnd = cwnd.max(2 * self.mss);
+        self
+    }
+
+    pub fn cwnd(&self) -> u32 {
+        self.cwnd
+    }
+
+    pub fn ssthresh(&self) -> u32 {
+        self.ssthresh
+    }
+
+    pub fn in_recovery(&self) -> bool {
+        self.recover.is_some()
+    }
+
+    /// An ACK that advanced SND.UNA by `acked` bytes to `una`;
+    /// `flight` is the data outstanding before it.
+    pub fn on_ack(&mut self, acked: u32, una: SeqNum, flight: u32) -> AckAction {
+        self.dup_acks = 0;
+        if let Some(recover) = self.recover {
+            if una.ge(recover) {
+                //= https://www.rfc-editor.org/rfc/rfc6582#section-3.2
+                //# Full acknowledgments: ... Set cwnd to either (1)
+                //# min (ssthresh, max(FlightSize, SMSS) + SMSS) or (2) ssthresh
+                self.cwnd = self.ssthresh.min(flight.max(self.mss) + self.mss);
+                self.recover = None;
+                return AckAction::None;
+            }
+            //# Partial acknowledgments: ... retransmit the first
+            //# unacknowledged segment ... deflate the congestion window by
+            //# the amount of new data acknowledged ... add back SMSS bytes
+            self.cwnd = self.cwnd.saturating_sub(acked);
+            if acked >= self.mss {
+                self.cwnd += self.mss;
+            }
+            return AckAction::Retransmit;
+        }
+        if self.cwnd < self.ssthresh {
+            //= https://www.rfc-editor.org/rfc/rfc5681#section-3.1
+            //# cwnd += min (N, SMSS)
+            self.cwnd = self.cwnd.saturating_add(acked.min(self.mss));
+        } else {
+            //# cwnd += SMSS*SMSS/cwnd ... (byte counting variant)
+            self.acked_ca += acked;
+            if self.acked_ca >= self.cwnd {
+                self.acked_ca -= self.cwnd;
+                self.cwnd = self.cwnd.saturating_add(self.mss);
+            }
+        }
+        AckAction::None
+    }
+
+    /// A duplicate ACK (RFC 5681 §2 definition, checked by the caller).
+    /// `snd_nxt` and `flight` are the sender's current values.
+    pub fn on_dup_ack(&mut self, snd_nxt: SeqNum, flight: u32) -> AckAction {
+        if self.recover.is_some() {
+            //= https://www.rfc-editor.org/rfc/rfc5681#section-3.2
+            //# 4. For each additional duplicate ACK received (after the
+            //# third), cwnd MUST be incremented by SMSS.
+            self.cwnd = self.cwnd.saturating_add(self.mss);
+            return AckAction::None;
+        }
+        self.dup_acks += 1;
+        if self.dup_acks < 3 {
+            return AckAction::None;
+        }
+        //# 2. When the third duplicate ACK is received, a TCP MUST set
+        //# ssthresh to no more than ... ssthresh = max (FlightSize / 2, 2*SMSS)
+        self.ssthresh = (flight / 2).max(2 * self.mss);
+        //# 3. ... cwnd = ssthresh + 3*SMSS.
+        self.cwnd = self.ssthresh + 3 * self.mss;
+        self.recover = Some(snd_nxt);
+        AckAction::Retransmit
+    }
+
+    /// The retransmission timer expired.
+    pub fn on_rto(&mut self, flight: u32) {
+        //= https://www.rfc-editor.org/rfc/rfc5681#section-3.1
+        //# ssthresh = max (FlightSize / 2, 2*SMSS)  (4)
+        //# ... upon a timeout, cwnd MUST be set to no more than the loss
+        //# window, LW, which equals 1 full-sized segment
+        self.ssthresh = (flight / 2).max(2 * self.mss);
+        self.cwnd = self.mss;
+        self.dup_acks = 0;
+        self.recover = None;
+        self.acked_ca = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MSS: u32 = 1000;
+
+    #[test]
+    fn slow_start_then_congestion_avoidance() {
+        let mut c = NewReno::new(MSS);
+        assert_eq!(c.cwnd(), 4 * MSS);
+        c.on_ack(MSS, SeqNum(1000), 4 * MSS);
+        assert_eq!(c.cwnd(), 5 * MSS);
+        c.on_rto(10 * MSS);
+        assert_eq!((c.cwnd(), c.ssthresh()), (MSS, 5 * MSS));
+        for _ in 0..4 {
+            c.on_ack(MSS, SeqNum(0), MSS);
+        }
+        assert_eq!(c.cwnd(), 5 * MSS);
+        // Now in avoidance: one MSS per cwnd of acknowledged bytes.
+        for _ in 0..5 {
+            c.on_ack(MSS, SeqNum(0), 5 * MSS);
+        }
+        assert_eq!(c.cwnd(), 6 * MSS);
+    }
+
+    #[test]
+    fn three_dup_acks_start_recovery_and_partial_acks_retransmit() {
+        let mut c = NewReno::new(MSS).with_cwnd(10 * MSS);
+        let nxt = SeqNum(10_000);
+        assert_eq!(c.on_dup_ack(nxt, 10 * MSS), AckAction::None);
+        assert_eq!(c.on_dup_ack(nxt, 10 * MSS), AckAction::None);
+        assert_eq!(c.on_dup_ack(nxt, 10 * MSS), AckAction::Retransmit);
+        assert!(c.in_recovery());
+        assert_eq!((c.ssthresh(), c.cwnd()), (5 * MSS, 8 * MSS));
+        c.on_dup_ack(nxt, 10 * MSS);
+        assert_eq!(c.cwnd(), 9 * MSS);
+        // Partial ACK: retransmit, stay in recovery.
+        assert_eq!(
+            c.on_ack(2 * MSS, SeqNum(2000), 10 * MSS),
+            AckAction::Retransmit
+        );
+        assert!(c.in_recovery());
+        // Full ACK: leave recovery with cwnd <= ssthresh.
+        assert_eq!(c.on_ack(8 * MSS, nxt, 8 * MSS), AckAction::None);
+        assert!(!c.in_recovery());
+        assert_eq!(c.cwnd(), 5 * MSS);
+    }
+}

@@ -1,0 +1,926 @@
+//! One TCP endpoint in a synchronized state, sans I/O: segments in, segments
+//! out, timers by deadline. The engine creates one per half of a taken-over
+//! connection, continuing the sequence spaces and options the real endpoints
+//! negotiated (it never runs a handshake of its own).
+//!
+//! Implemented, with the RFC text at the code: RFC 9293 segment processing
+//! and state changes from ESTABLISHED through half-close, simultaneous close
+//! and TIME-WAIT; RFC 6298 retransmission timer with backoff and Karn's
+//! rule; RFC 5681/6582 NewReno; RFC 7323 window scale, timestamps on every
+//! segment and PAWS; RFC 5961 RST, SYN and ACK validation with challenge
+//! ACKs; the persist timer for zero windows; delayed ACKs; SACK blocks sent
+//! when permitted (received SACK options are tolerated, not used).
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use super::{
+    cc::{AckAction, NewReno},
+    options::{TcpOptions, Timestamps},
+    reassembly::Reassembler,
+    rtt::{RttEstimator, RTO_MAX},
+    seq::SeqNum,
+};
+
+/// TCP header flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flags {
+    pub fin: bool,
+    pub syn: bool,
+    pub rst: bool,
+    pub psh: bool,
+    pub ack: bool,
+    pub urg: bool,
+}
+
+/// A segment as this layer sees it (the wire layer adds addresses, ports
+/// and the checksum).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub seq: SeqNum,
+    pub ack: SeqNum,
+    pub flags: Flags,
+    /// The window field as on the wire (not yet scaled).
+    pub window: u16,
+    pub options: TcpOptions,
+    pub payload: Vec<u8>,
+}
+
+impl Segment {
+    /// SEG.LEN: payload plus one for each of SYN and FIN.
+    pub fn seg_len(&self) -> u32 {
+        self.payload.len() as u32 + u32::from(self.flags.syn) + u32::from(self.flags.fin)
+    }
+}
+
+/// What the real endpoints settled in their handshake, from the side of the
+/// endpoint this `Conn` impersonates.
+#[derive(Clone, Debug)]
+pub struct Handshake {
+    /// ISN of the endpoint we impersonate, and of the peer.
+    pub local_isn: SeqNum,
+    pub remote_isn: SeqNum,
+    /// The MSS the peer announced (what we may send).
+    pub peer_mss: u16,
+    /// Window shifts (peer's, ours) when both sides sent the option
+    /// (RFC 7323 §2.2); `None` otherwise.
+    pub wscale: Option<(u8, u8)>,
+    /// Timestamps when both sides sent them: the peer's last TSval, and the
+    /// last TSval the impersonated endpoint sent (ours continue from it).
+    pub timestamps: Option<(u32, u32)>,
+    pub sack_permitted: bool,
+    /// The window the peer advertised last (unscaled).
+    pub peer_window: u16,
+}
+
+/// Buffer sizes and timers.
+#[derive(Clone, Debug)]
+pub struct ConnConfig {
+    /// Bytes written but not yet acknowledged, at most.
+    pub send_buffer: usize,
+    /// Bytes received but not yet read (the most we advertise).
+    pub recv_buffer: usize,
+    /// Delivered bytes kept to check retransmissions for conflicts.
+    pub history: usize,
+    pub delayed_ack: Duration,
+    pub time_wait: Duration,
+    /// Consecutive RTO expirations before the connection is abandoned.
+    pub max_retransmits: u32,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig {
+            send_buffer: 256 << 10,
+            recv_buffer: 256 << 10,
+            history: 64 << 10,
+            delayed_ack: Duration::from_millis(40),
+            time_wait: Duration::from_secs(10),
+            max_retransmits: 15,
+        }
+    }
+}
+
+/// RFC 9293 §3.3.2 states reachable from ESTABLISHED.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Established,
+    FinWait1,
+    FinWait2,
+    CloseWait,
+    Closing,
+    LastAck,
+    TimeWait,
+    Closed,
+}
+
+/// Why a connection ended (when it did not end cleanly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// The peer sent an acceptable RST.
+    Reset,
+    /// Retransmissions went unanswered `max_retransmits` times.
+    TimedOut,
+    /// This side aborted (and sent a RST).
+    Local,
+}
+
+/// Counters of one endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    pub segments_in: u64,
+    pub segments_out: u64,
+    pub retransmits: u64,
+    pub rto_expirations: u64,
+    pub fast_retransmits: u64,
+    pub dup_acks: u64,
+    pub challenge_acks: u64,
+    pub paws_drops: u64,
+    pub out_of_window: u64,
+    pub bad_acks: u64,
+    pub overlap_conflicts: u64,
+    pub zero_window_probes: u64,
+    pub urgent: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AckNeed {
+    None,
+    Delayed(Instant),
+    Now,
+}
+
+/// One endpoint; see the module note.
+pub struct Conn {
+    state: State,
+    abort: Option<Abort>,
+    cfg: ConnConfig,
+    epoch: Instant,
+    // Send side (RFC 9293 §3.3.1).
+    snd_una: SeqNum,
+    snd_nxt: SeqNum,
+    /// The highest sequence number sent (SND.NXT goes back after an RTO;
+    /// ACKs up to this one are still valid).
+    snd_max: SeqNum,
+    snd_wnd: u32,
+    snd_wl1: SeqNum,
+    snd_wl2: SeqNum,
+    max_snd_wnd: u32,
+    /// Bytes from SND.UNA on: sent-unacknowledged, then unsent.
+    send_buf: VecDeque<u8>,
+    /// `close()` was called: a FIN follows the buffered bytes, at this
+    /// sequence number.
+    fin_seq: Option<SeqNum>,
+    /// An ACK arrived while the peer's window was zero: it is alive, so
+    /// probes going unanswered by data do not count toward giving up
+    /// (RFC 9293 §3.8.6.1).
+    zero_window_alive: bool,
+    mss: u32,
+    cc: NewReno,
+    rtt: RttEstimator,
+    rto_at: Option<Instant>,
+    /// Karn: one segment timed at a time, and never a retransmitted one.
+    rtt_probe: Option<(SeqNum, Instant)>,
+    retransmit_now: bool,
+    persist_at: Option<Instant>,
+    persist_backoff: u32,
+    // Receive side.
+    rcv: Reassembler,
+    /// Sequence number of the peer's FIN, once seen.
+    fin_at: Option<SeqNum>,
+    /// The FIN was consumed (RCV.NXT counts it).
+    fin_received: bool,
+    ack: AckNeed,
+    unacked_segments: u32,
+    last_adv: u32,
+    // Options.
+    peer_shift: u8,
+    our_shift: u8,
+    ts: Option<TsState>,
+    sack_ok: bool,
+    time_wait_until: Option<Instant>,
+    stats: ConnStats,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TsState {
+    /// TS.Recent (RFC 7323 §4.3).
+    recent: u32,
+    /// Added to milliseconds since `epoch` to continue the impersonated
+    /// endpoint's clock.
+    offset: u32,
+}
+
+impl Conn {
+    /// An ESTABLISHED endpoint continuing `hs` at `now`.
+    pub fn new(hs: &Handshake, cfg: ConnConfig, now: Instant) -> Conn {
+        let (peer_shift, our_shift) = hs.wscale.unwrap_or((0, 0));
+        let (peer_shift, our_shift) = (peer_shift.min(14), our_shift.min(14));
+        let mss = u32::from(hs.peer_mss.max(64));
+        let snd = hs.local_isn + 1;
+        let rcv_nxt = hs.remote_isn + 1;
+        Conn {
+            state: State::Established,
+            abort: None,
+            epoch: now,
+            snd_una: snd,
+            snd_nxt: snd,
+            snd_max: snd,
+            snd_wnd: u32::from(hs.peer_window) << peer_shift,
+            snd_wl1: hs.remote_isn,
+            snd_wl2: snd,
+            max_snd_wnd: u32::from(hs.peer_window) << peer_shift,
+            send_buf: VecDeque::new(),
+            fin_seq: None,
+            zero_window_alive: false,
+            mss,
+            cc: NewReno::new(mss),
+            rtt: RttEstimator::default(),
+            rto_at: None,
+            rtt_probe: None,
+            retransmit_now: false,
+            persist_at: None,
+            persist_backoff: 0,
+            rcv: Reassembler::new(rcv_nxt, cfg.recv_buffer, cfg.history),
+            fin_at: None,
+            fin_received: false,
+            ack: AckNeed::None,
+            unacked_segments: 0,
+            last_adv: 0,
+            peer_shift,
+            our_shift,
+            ts: hs.timestamps.map(|(recent, last_sent)| TsState {
+                recent,
+                offset: last_sent.wrapping_add(1),
+            }),
+            sack_ok: hs.sack_permitted,
+            time_wait_until: None,
+            stats: ConnStats::default(),
+            cfg,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn aborted(&self) -> Option<Abort> {
+        self.abort
+    }
+
+    pub fn stats(&self) -> ConnStats {
+        self.stats
+    }
+
+    /// RCV.NXT, counting a consumed FIN.
+    pub fn rcv_nxt(&self) -> SeqNum {
+        self.rcv.next() + u32::from(self.fin_received)
+    }
+
+    pub fn snd_una(&self) -> SeqNum {
+        self.snd_una
+    }
+
+    pub fn cwnd(&self) -> u32 {
+        self.cc.cwnd()
+    }
+
+    /// Room in the send buffer.
+    pub fn send_space(&self) -> usize {
+        if self.fin_seq.is_some() || !self.can_send_data() {
+            return 0;
+        }
+        self.cfg.send_buffer.saturating_sub(self.send_buf.len())
+    }
+
+    /// Bytes buffered for sending (unacknowledged or unsent).
+    pub fn send_buffered(&self) -> usize {
+        self.send_buf.len()
+    }
+
+    /// Bytes received in order and not yet read.
+    pub fn readable(&self) -> usize {
+        self.rcv.readable()
+    }
+
+    /// Bytes held in the out-of-order queue.
+    pub fn reorder_held(&self) -> usize {
+        self.rcv.held()
+    }
+
+    /// The peer has finished sending and everything before its FIN has been
+    /// read.
+    pub fn peer_finished(&self) -> bool {
+        self.fin_received && self.rcv.readable() == 0
+    }
+
+    fn can_send_data(&self) -> bool {
+        matches!(self.state, State::Established | State::CloseWait)
+    }
+
+    /// Queues bytes to send; returns how many fit.
+    pub fn write(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(self.send_space());
+        self.send_buf.extend(&data[..n]);
+        n
+    }
+
+    /// Takes up to `max` received bytes, in order. Reading opens the
+    /// window; a large enough opening is announced at once.
+    pub fn read(&mut self, max: usize) -> Vec<u8> {
+        let out = self.rcv.read(max);
+        if !out.is_empty() {
+            let wnd = self.rcv.window();
+            //= https://www.rfc-editor.org/rfc/rfc9293#section-3.8.6.2.2
+            //# ... the data receiver ... send a window update when the
+            //# window has increased by min(RCV.BUFF/2, Eff.snd.MSS)
+            let step = (self.cfg.recv_buffer as u32 / 2).min(self.mss);
+            if wnd >= self.last_adv.saturating_add(step) {
+                self.ack = AckNeed::Now;
+            }
+        }
+        out
+    }
+
+    /// No more data will be written: a FIN follows what is buffered.
+    pub fn close(&mut self) {
+        match self.state {
+            State::Established => self.state = State::FinWait1,
+            State::CloseWait => self.state = State::LastAck,
+            _ => return,
+        }
+        self.fin_seq = Some(self.snd_una + self.send_buf.len() as u32);
+    }
+
+    /// Aborts: the RST to send (RFC 9293 §3.10.5, ABORT call).
+    pub fn abort(&mut self) -> Option<Segment> {
+        if self.state == State::Closed {
+            return None;
+        }
+        self.state = State::Closed;
+        self.abort = Some(Abort::Local);
+        Some(Segment {
+            seq: self.snd_nxt,
+            flags: Flags {
+                rst: true,
+                ..Flags::default()
+            },
+            ..Segment::default()
+        })
+    }
+
+    fn ts_now(&self, now: Instant) -> u32 {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u32;
+        self.ts.map_or(0, |t| ms.wrapping_add(t.offset))
+    }
+
+    /// The window we advertise, scaled down for the wire.
+    fn adv_window(&self) -> (u16, u32) {
+        let wnd = self.rcv.window();
+        let raw = (wnd >> self.our_shift).min(u32::from(u16::MAX));
+        (raw as u16, raw << self.our_shift)
+    }
+
+    /// Processes a segment from the peer (RFC 9293 §3.10.7.4).
+    pub fn on_segment(&mut self, seg: &Segment, now: Instant) {
+        self.stats.segments_in += 1;
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        let rcv_nxt = self.rcv_nxt();
+        let (_, rcv_wnd) = self.adv_window();
+        let rcv_wnd = rcv_wnd.max(self.rcv.window());
+
+        //= https://www.rfc-editor.org/rfc/rfc7323#section-5.3
+        //# If there is a Timestamps option in the arriving segment, SEG.TSval
+        //# < TS.Recent, TS.Recent is valid ... and the RST bit is off, then
+        //# treat the arriving segment as not acceptable
+        if let (Some(ts), Some(seg_ts)) = (self.ts, seg.options.timestamps) {
+            if !seg.flags.rst && (seg_ts.val.wrapping_sub(ts.recent) as i32) < 0 {
+                self.stats.paws_drops += 1;
+                self.ack = AckNeed::Now;
+                return;
+            }
+        }
+
+        // First: sequence acceptability (RFC 9293 §3.10.7.4, the table).
+        let len = seg.seg_len();
+        let acceptable = match (len, rcv_wnd) {
+            (0, 0) => seg.seq == rcv_nxt,
+            (0, _) => seg.seq.in_window(rcv_nxt, rcv_wnd),
+            (_, 0) => false,
+            (_, _) => {
+                seg.seq.in_window(rcv_nxt, rcv_wnd)
+                    || (seg.seq + (len - 1)).in_window(rcv_nxt, rcv_wnd)
+            }
+        };
+        // A retransmission of data we already have is "not acceptable" by
+        // the table but is still checked against history for conflicts.
+        if !acceptable {
+            if !seg.payload.is_empty() && seg.seq.lt(rcv_nxt) {
+                let ins = self.rcv.insert(seg.seq, &seg.payload);
+                self.stats.overlap_conflicts += ins.conflict as u64;
+            }
+            self.stats.out_of_window += 1;
+            //# If an incoming segment is not acceptable, an acknowledgment
+            //# should be sent in reply (unless the RST bit is set
+            if !seg.flags.rst {
+                self.ack = AckNeed::Now;
+            }
+            return;
+        }
+
+        // Second: RST (RFC 5961 §3.2).
+        if seg.flags.rst {
+            //= https://www.rfc-editor.org/rfc/rfc5961#section-3.2
+            //# 1) If the RST bit is set and the sequence number is outside the
+            //# current receive window, silently drop the segment.
+            //# 2) If the RST bit is set and the sequence number exactly matches
+            //# the next expected sequence number (RCV.NXT), then TCP MUST reset
+            //# the connection.
+            //# 3) If the RST bit is set and the sequence number does not
+            //# exactly match ... TCP MUST send an ACK (challenge ACK)
+            if seg.seq == rcv_nxt {
+                self.state = State::Closed;
+                self.abort = Some(Abort::Reset);
+            } else {
+                self.challenge_ack();
+            }
+            return;
+        }
+
+        // Fourth: SYN (RFC 5961 §4.2): in a synchronized state, challenge.
+        if seg.flags.syn {
+            //= https://www.rfc-editor.org/rfc/rfc5961#section-4.2
+            //# ... if the SYN bit is set, irrespective of the sequence number,
+            //# TCP MUST send an ACK (also referred to as challenge ACK) to the
+            //# remote peer
+            self.challenge_ack();
+            return;
+        }
+
+        // Fifth: ACK.
+        if !seg.flags.ack {
+            //= https://www.rfc-editor.org/rfc/rfc9293#section-3.10.7.4
+            //# if the ACK bit is off, drop the segment and return
+            return;
+        }
+        if !self.process_ack(seg, now) {
+            return;
+        }
+
+        // TS.Recent (RFC 7323 §4.3): from segments at or before RCV.NXT.
+        if let (Some(ts), Some(seg_ts)) = (self.ts.as_mut(), seg.options.timestamps) {
+            if seg.seq.le(rcv_nxt) {
+                ts.recent = seg_ts.val;
+            }
+        }
+
+        if seg.flags.urg {
+            // Urgent data is relayed in-band, like the bytes it is; the
+            // pointer itself is not carried over (counted: the worker
+            // releases such flows before takeover).
+            self.stats.urgent += 1;
+        }
+
+        // Seventh: segment text.
+        let receiving = matches!(
+            self.state,
+            State::Established | State::FinWait1 | State::FinWait2
+        );
+        if receiving && !seg.payload.is_empty() {
+            let before = self.rcv.next();
+            let ins = self.rcv.insert(seg.seq, &seg.payload);
+            self.stats.overlap_conflicts += ins.conflict as u64;
+            let in_order = self.rcv.next() != before;
+            if !in_order || ins.duplicate > 0 || ins.conflict > 0 || self.rcv.held() > 0 {
+                // Out of order, or filling a hole: ACK at once (RFC 5681 §4.2).
+                self.ack = AckNeed::Now;
+            } else {
+                self.unacked_segments += 1;
+                //= https://www.rfc-editor.org/rfc/rfc9293#section-3.8.6.3
+                //# an ACK SHOULD be generated for at least every second
+                //# full-sized segment
+                if self.unacked_segments >= 2 {
+                    self.ack = AckNeed::Now;
+                } else if self.ack == AckNeed::None {
+                    self.ack = AckNeed::Delayed(now + self.cfg.delayed_ack);
+                }
+            }
+        }
+
+        // Eighth: FIN.
+        if seg.flags.fin {
+            self.fin_at = Some(seg.seq + seg.payload.len() as u32);
+        }
+        self.consume_fin(now);
+    }
+
+    /// Takes the peer's FIN once every byte before it has arrived.
+    fn consume_fin(&mut self, now: Instant) {
+        let Some(fin) = self.fin_at else { return };
+        if self.fin_received || self.rcv.next() != fin {
+            return;
+        }
+        self.fin_received = true;
+        self.ack = AckNeed::Now;
+        self.state = match self.state {
+            State::Established => State::CloseWait,
+            //= https://www.rfc-editor.org/rfc/rfc9293#section-3.10.7.4
+            //# FIN-WAIT-1 STATE: If our FIN has been ACKed (perhaps in this
+            //# segment), then enter TIME-WAIT ... otherwise, enter the
+            //# CLOSING state.
+            State::FinWait1 if self.fin_acked() => self.enter_time_wait(now),
+            State::FinWait1 => State::Closing,
+            State::FinWait2 => self.enter_time_wait(now),
+            s => s,
+        };
+    }
+
+    fn enter_time_wait(&mut self, now: Instant) -> State {
+        self.time_wait_until = Some(now + self.cfg.time_wait);
+        self.rto_at = None;
+        State::TimeWait
+    }
+
+    /// Our FIN has been sent (and not taken back by an RTO).
+    fn fin_sent(&self) -> bool {
+        self.fin_seq.is_some_and(|f| self.snd_nxt.gt(f))
+    }
+
+    fn fin_acked(&self) -> bool {
+        self.fin_seq.is_some_and(|f| self.snd_una.gt(f))
+    }
+
+    fn challenge_ack(&mut self) {
+        self.stats.challenge_acks += 1;
+        self.ack = AckNeed::Now;
+    }
+
+    /// Bytes (and FIN) sent and not acknowledged, as the sender counts
+    /// them now (after an RTO, what it is sending again).
+    fn flight(&self) -> u32 {
+        self.snd_nxt.since(self.snd_una).max(0) as u32
+    }
+
+    /// Anything sent and not acknowledged at all.
+    fn outstanding(&self) -> bool {
+        self.snd_max.gt(self.snd_una)
+    }
+
+    fn sent(&mut self, upto: SeqNum) {
+        self.snd_nxt = upto;
+        self.snd_max = self.snd_max.max(upto);
+    }
+
+    /// The ACK field and the window (RFC 9293 §3.10.7.4, fifth check, with
+    /// RFC 5961 §5). Returns false when the segment must be dropped.
+    fn process_ack(&mut self, seg: &Segment, now: Instant) -> bool {
+        let ack = seg.ack;
+        //= https://www.rfc-editor.org/rfc/rfc5961#section-5.2
+        //# ... the ACK value is considered acceptable only if it is in the
+        //# range of ((SND.UNA - MAX.SND.WND) =< SEG.ACK =< SND.NXT).
+        let lower = SeqNum(self.snd_una.0.wrapping_sub(self.max_snd_wnd));
+        if ack.gt(self.snd_max) {
+            //= https://www.rfc-editor.org/rfc/rfc9293#section-3.10.7.4
+            //# If the ACK acks something not yet sent (SEG.ACK > SND.NXT),
+            //# then send an ACK, drop the segment, and return.
+            self.stats.bad_acks += 1;
+            self.ack = AckNeed::Now;
+            return false;
+        }
+        if ack.lt(lower) {
+            //# All incoming segments whose ACK value doesn't satisfy the
+            //# above condition MUST be discarded and an ACK sent back.
+            self.stats.bad_acks += 1;
+            self.challenge_ack();
+            return false;
+        }
+        let flight = self.flight();
+        if ack.gt(self.snd_una) {
+            let acked = ack.since(self.snd_una) as u32;
+            // Bytes of data acknowledged (the FIN takes a number, not a byte).
+            let data = (acked as usize).min(self.send_buf.len());
+            self.send_buf.drain(..data);
+            self.snd_una = ack;
+            if self.snd_nxt.lt(self.snd_una) {
+                self.snd_nxt = self.snd_una;
+            }
+            self.take_rtt_sample(seg, ack, now);
+            self.rtt.progress();
+            if self.cc.on_ack(acked, ack, flight) == AckAction::Retransmit {
+                self.retransmit_now = true;
+                self.stats.fast_retransmits += 1;
+            }
+            //= https://www.rfc-editor.org/rfc/rfc6298#section-5
+            //# (5.2) When all outstanding data has been acknowledged, turn off
+            //# the retransmission timer.
+            //# (5.3) When an ACK is received that acknowledges new data,
+            //# restart the retransmission timer
+            self.rto_at = self.outstanding().then(|| now + self.rtt.rto());
+        } else if ack == self.snd_una
+            && seg.payload.is_empty()
+            && !seg.flags.fin
+            && flight > 0
+            && (u32::from(seg.window) << self.peer_shift) == self.snd_wnd
+        {
+            //= https://www.rfc-editor.org/rfc/rfc5681#section-2
+            //# DUPLICATE ACKNOWLEDGMENT: ... (a) the receiver of the ACK has
+            //# outstanding data, (b) the incoming acknowledgment carries no
+            //# data, (c) the SYN and FIN bits are both off, (d) the
+            //# acknowledgment number is equal to the greatest acknowledgment
+            //# received on the given connection (TCP.UNA ...) and (e) the
+            //# advertised window in the incoming acknowledgment equals the
+            //# advertised window in the last incoming acknowledgment.
+            self.stats.dup_acks += 1;
+            if self.cc.on_dup_ack(self.snd_nxt, flight) == AckAction::Retransmit {
+                self.retransmit_now = true;
+                self.stats.fast_retransmits += 1;
+            }
+        }
+        //# If SND.UNA =< SEG.ACK =< SND.NXT, the send window should be
+        //# updated. If (SND.WL1 < SEG.SEQ or (SND.WL1 = SEG.SEQ and
+        //# SND.WL2 =< SEG.ACK)), set SND.WND <- SEG.WND, set SND.WL1 <-
+        //# SEG.SEQ, and set SND.WL2 <- SEG.ACK.
+        if self.snd_wl1.lt(seg.seq) || (self.snd_wl1 == seg.seq && self.snd_wl2.le(ack)) {
+            self.snd_wnd = u32::from(seg.window) << self.peer_shift;
+            self.snd_wl1 = seg.seq;
+            self.snd_wl2 = ack;
+            self.max_snd_wnd = self.max_snd_wnd.max(self.snd_wnd);
+            if self.snd_wnd > 0 {
+                self.persist_at = None;
+                self.persist_backoff = 0;
+            }
+        }
+        if self.snd_wnd == 0 {
+            self.zero_window_alive = true;
+        }
+        // Our FIN acknowledged.
+        if self.fin_acked()
+            && matches!(
+                self.state,
+                State::FinWait1 | State::Closing | State::LastAck
+            )
+        {
+            self.state = match self.state {
+                State::FinWait1 => State::FinWait2,
+                State::Closing => self.enter_time_wait(now),
+                State::LastAck => {
+                    self.rto_at = None;
+                    State::Closed
+                }
+                s => s,
+            };
+        }
+        true
+    }
+
+    fn take_rtt_sample(&mut self, seg: &Segment, ack: SeqNum, now: Instant) {
+        //= https://www.rfc-editor.org/rfc/rfc7323#section-4.1
+        //# ... the RTT measurement ... using the TSecr value of the
+        //# acknowledgment
+        if let (Some(_), Some(ts)) = (self.ts, seg.options.timestamps) {
+            let rtt_ms = self.ts_now(now).wrapping_sub(ts.ecr);
+            if rtt_ms < 60_000 {
+                self.rtt.sample(Duration::from_millis(u64::from(rtt_ms)));
+            }
+            self.rtt_probe = None;
+            return;
+        }
+        if let Some((probe, sent)) = self.rtt_probe {
+            if ack.gt(probe) {
+                self.rtt.sample(now.saturating_duration_since(sent));
+                self.rtt_probe = None;
+            }
+        }
+    }
+
+    /// The earliest time `on_timer` has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let ack = match self.ack {
+            AckNeed::Delayed(t) => Some(t),
+            _ => None,
+        };
+        [self.rto_at, self.persist_at, ack, self.time_wait_until]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Runs the timers due at `now`.
+    pub fn on_timer(&mut self, now: Instant) {
+        if let AckNeed::Delayed(t) = self.ack {
+            if now >= t {
+                self.ack = AckNeed::Now;
+            }
+        }
+        if self.time_wait_until.is_some_and(|t| now >= t) {
+            self.time_wait_until = None;
+            self.state = State::Closed;
+            return;
+        }
+        if self.rto_at.is_some_and(|t| now >= t) {
+            self.on_rto(now);
+        }
+        if self.persist_at.is_some_and(|t| now >= t) {
+            self.persist_at = None;
+            self.persist_backoff += 1;
+            // The probe goes out from poll_transmit (one byte past the
+            // window, RFC 9293 §3.8.6.1).
+            self.stats.zero_window_probes += 1;
+            self.retransmit_now = true;
+        }
+    }
+
+    fn on_rto(&mut self, now: Instant) {
+        if !self.outstanding() {
+            self.rto_at = None;
+            return;
+        }
+        self.stats.rto_expirations += 1;
+        let probing_live_peer = self.snd_wnd == 0 && std::mem::take(&mut self.zero_window_alive);
+        if self.rtt.backoffs() >= self.cfg.max_retransmits && !probing_live_peer {
+            self.state = State::Closed;
+            self.abort = Some(Abort::TimedOut);
+            self.rto_at = None;
+            return;
+        }
+        //= https://www.rfc-editor.org/rfc/rfc6298#section-5
+        //# (5.4) Retransmit the earliest segment that has not been
+        //# acknowledged by the TCP receiver.
+        //# (5.5) The host MUST set RTO <- RTO * 2 ("back off the timer").
+        //# (5.6) Start the retransmission timer
+        self.cc.on_rto(self.flight());
+        self.rtt.back_off();
+        self.rtt_probe = None;
+        // Go back: everything after SND.UNA is sent again as the window
+        // (now one segment) allows; ACKs up to SND.MAX stay valid.
+        self.snd_nxt = self.snd_una;
+        self.retransmit_now = false;
+        self.rto_at = Some(now + self.rtt.rto());
+    }
+
+    /// The next segment to send, if any. Call until `None` after every
+    /// input and timer.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Segment> {
+        if self.state == State::Closed {
+            return None;
+        }
+        let seg = self
+            .retransmission(now)
+            .or_else(|| self.new_data(now))
+            .or_else(|| self.pure_ack(now))?;
+        self.stats.segments_out += 1;
+        Some(seg)
+    }
+
+    /// A segment with our ACK, window and options.
+    fn segment(&mut self, seq: SeqNum, payload: Vec<u8>, fin: bool, now: Instant) -> Segment {
+        let (raw, wnd) = self.adv_window();
+        self.last_adv = wnd;
+        self.ack = AckNeed::None;
+        self.unacked_segments = 0;
+        let mut options = TcpOptions::default();
+        //= https://www.rfc-editor.org/rfc/rfc7323#section-3.2
+        //# Once TSopt has been successfully negotiated, that is both <SYN>
+        //# and <SYN,ACK> contain TSopt, the TSopt MUST be sent in every
+        //# non-<RST> segment for the duration of the connection
+        if let Some(ts) = self.ts {
+            options.timestamps = Some(Timestamps {
+                val: self.ts_now(now),
+                ecr: ts.recent,
+            });
+        }
+        if self.sack_ok {
+            options.sack = self.rcv.sack_blocks();
+        }
+        Segment {
+            seq,
+            ack: self.rcv_nxt(),
+            flags: Flags {
+                ack: true,
+                fin,
+                psh: !payload.is_empty(),
+                ..Flags::default()
+            },
+            window: raw,
+            options,
+            payload,
+        }
+    }
+
+    fn bytes_at(&self, from: SeqNum, len: usize) -> Vec<u8> {
+        let off = from.since(self.snd_una).max(0) as usize;
+        self.send_buf.iter().skip(off).take(len).copied().collect()
+    }
+
+    /// Fast retransmit, partial ACK or zero-window probe: the first
+    /// unacknowledged segment.
+    fn retransmission(&mut self, now: Instant) -> Option<Segment> {
+        if !std::mem::take(&mut self.retransmit_now) {
+            return None;
+        }
+        if self.snd_wnd == 0 && self.flight() == 0 {
+            // Zero-window probe: one new byte (or the FIN).
+            return self.probe(now);
+        }
+        if self.flight() == 0 {
+            return None;
+        }
+        let len = self.send_buf.len().min(self.mss as usize);
+        let payload = self.bytes_at(self.snd_una, len);
+        let fin = self.fin_sent() && self.fin_seq == Some(self.snd_una + len as u32);
+        self.stats.retransmits += 1;
+        if self.rtt_probe.is_some_and(|(p, _)| p.gt(self.snd_una)) {
+            self.rtt_probe = None; // Karn: that timing is now ambiguous.
+        }
+        self.rto_at.get_or_insert(now + self.rtt.rto());
+        Some(self.segment(self.snd_una, payload, fin, now))
+    }
+
+    fn probe(&mut self, now: Instant) -> Option<Segment> {
+        let unsent = self.send_buf.len().saturating_sub(self.flight() as usize);
+        let (payload, fin) = if unsent > 0 {
+            (self.bytes_at(self.snd_nxt, 1), false)
+        } else if self.fin_seq.is_some() && !self.fin_sent() {
+            (Vec::new(), true)
+        } else {
+            return None;
+        };
+        let seq = self.snd_nxt;
+        self.sent(seq + payload.len() as u32 + u32::from(fin));
+        self.rto_at.get_or_insert(now + self.rtt.rto());
+        Some(self.segment(seq, payload, fin, now))
+    }
+
+    /// New data (or the FIN) as the congestion and peer windows allow.
+    fn new_data(&mut self, now: Instant) -> Option<Segment> {
+        if !matches!(
+            self.state,
+            State::Established
+                | State::CloseWait
+                | State::FinWait1
+                | State::LastAck
+                | State::Closing
+        ) {
+            return None;
+        }
+        let flight = self.flight();
+        let sent = (flight as usize).min(self.send_buf.len());
+        let unsent = self.send_buf.len() - sent;
+        let wnd = self.snd_wnd.min(self.cc.cwnd());
+        let room = wnd.saturating_sub(flight) as usize;
+        if unsent > 0 {
+            if room == 0 {
+                self.arm_persist(now);
+                return None;
+            }
+            let len = unsent.min(self.mss as usize).min(room);
+            //= https://www.rfc-editor.org/rfc/rfc9293#section-3.8.6.2.1
+            //# The sender ... should send data only if ... a maximum-sized
+            //# segment can be sent ... or all queued data can be sent ... or
+            //# (flight is empty) (sender-side silly window avoidance)
+            if len < self.mss as usize && len < unsent && flight > 0 {
+                return None;
+            }
+            let seq = self.snd_nxt;
+            let payload = self.bytes_at(seq, len);
+            let fin = self.fin_seq == Some(seq + len as u32);
+            self.sent(seq + len as u32 + u32::from(fin));
+            if self.rtt_probe.is_none() {
+                self.rtt_probe = Some((seq, now));
+            }
+            //# (5.1) Every time a packet containing data is sent ... if the
+            //# timer is not running, start it running
+            self.rto_at.get_or_insert(now + self.rtt.rto());
+            return Some(self.segment(seq, payload, fin, now));
+        }
+        if self.fin_seq == Some(self.snd_nxt) {
+            let seq = self.snd_nxt;
+            self.sent(seq + 1);
+            self.rto_at.get_or_insert(now + self.rtt.rto());
+            return Some(self.segment(seq, Vec::new(), true, now));
+        }
+        None
+    }
+
+    fn arm_persist(&mut self, now: Instant) {
+        if self.snd_wnd == 0 && self.flight() == 0 && self.persist_at.is_none() {
+            let d = self
+                .rtt
+                .rto()
+                .saturating_mul(1 << self.persist_backoff.min(10))
+                .min(RTO_MAX);
+            self.persist_at = Some(now + d);
+        }
+    }
+
+    fn pure_ack(&mut self, now: Instant) -> Option<Segment> {
+        if self.ack != AckNeed::Now {
+            return None;
+        }
+        Some(self.segment(self.snd_nxt, Vec::new(), false, now))
+    }
+}

@@ -1,0 +1,583 @@
+//! A deterministic network simulation for the TCP module: two [`Conn`]
+//! endpoints joined by a link with seeded loss, duplication, reordering,
+//! delay and corruption, on a virtual clock. No kernel, no sockets, no
+//! sleeping: a transfer that takes seconds of virtual time runs in
+//! milliseconds, and a seed reproduces it exactly.
+
+use std::time::{Duration, Instant};
+
+use super::{
+    conn::{Conn, ConnConfig, Handshake, Segment, State},
+    seq::SeqNum,
+};
+
+/// SplitMix64: small, fast, and the same sequence on every machine.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+}
+
+/// One direction of the link.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkConfig {
+    pub delay: Duration,
+    /// Uniform extra delay in [0, jitter).
+    pub jitter: Duration,
+    pub loss: f64,
+    pub duplicate: f64,
+    /// Probability of an extra delay of several segment times (reorder).
+    pub reorder: f64,
+    /// Probability of a corrupted segment (dropped by the checksum).
+    pub corrupt: f64,
+}
+
+impl LinkConfig {
+    pub fn clean() -> LinkConfig {
+        LinkConfig {
+            delay: Duration::from_millis(5),
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            corrupt: 0.0,
+        }
+    }
+
+    pub fn lossy(loss: f64, reorder: f64, duplicate: f64) -> LinkConfig {
+        LinkConfig {
+            loss,
+            reorder,
+            duplicate,
+            jitter: Duration::from_micros(500),
+            ..LinkConfig::clean()
+        }
+    }
+}
+
+/// What the link did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub sent: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    pub corrupted: u64,
+}
+
+struct InFlight {
+    at: Instant,
+    order: u64,
+    seg: Segment,
+}
+
+struct Link {
+    cfg: LinkConfig,
+    queue: Vec<InFlight>,
+    order: u64,
+    stats: LinkStats,
+}
+
+impl Link {
+    fn send(&mut self, seg: Segment, now: Instant, rng: &mut Rng) {
+        self.stats.sent += 1;
+        if rng.chance(self.cfg.loss) {
+            self.stats.lost += 1;
+            return;
+        }
+        if rng.chance(self.cfg.corrupt) {
+            // The wire layer's checksum check drops it.
+            self.stats.corrupted += 1;
+            return;
+        }
+        let copies = if rng.chance(self.cfg.duplicate) {
+            self.stats.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut d = self.cfg.delay;
+            if !self.cfg.jitter.is_zero() {
+                d += Duration::from_nanos(rng.below(self.cfg.jitter.as_nanos() as u64));
+            }
+            if rng.chance(self.cfg.reorder) {
+                self.stats.reordered += 1;
+                d += Duration::from_millis(1 + rng.below(5));
+            }
+            self.order += 1;
+            self.queue.push(InFlight {
+                at: now + d,
+                order: self.order,
+                seg: seg.clone(),
+            });
+        }
+    }
+
+    fn next_at(&self) -> Option<Instant> {
+        self.queue.iter().map(|f| f.at).min()
+    }
+
+    /// Segments due at `now`, in arrival order.
+    fn due(&mut self, now: Instant) -> Vec<Segment> {
+        let mut due: Vec<InFlight> = Vec::new();
+        let mut i = 0;
+        while i < self.queue.len() {
+            if self.queue[i].at <= now {
+                due.push(self.queue.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        due.sort_by_key(|f| (f.at, f.order));
+        due.into_iter().map(|f| f.seg).collect()
+    }
+}
+
+/// One endpoint's application: what it sends, what it got, when it reads.
+struct App {
+    to_send: Vec<u8>,
+    written: usize,
+    got: Vec<u8>,
+    /// Do not read before this time (a stalled reader).
+    read_from: Option<Instant>,
+    /// Close once everything is written, without waiting for the peer.
+    close_early: bool,
+    closed: bool,
+    max_send_buffered: usize,
+    max_readable: usize,
+}
+
+impl App {
+    fn run(&mut self, c: &mut Conn, now: Instant) {
+        if self.written < self.to_send.len() {
+            self.written += c.write(&self.to_send[self.written..]);
+        }
+        if self.read_from.is_none_or(|t| now >= t) {
+            self.got.extend(c.read(usize::MAX));
+        }
+        let done_writing = self.written == self.to_send.len();
+        if !self.closed && done_writing && (self.close_early || c.peer_finished()) {
+            c.close();
+            self.closed = true;
+        }
+        self.max_send_buffered = self.max_send_buffered.max(c.send_buffered());
+        self.max_readable = self.max_readable.max(c.readable() + c.reorder_held());
+    }
+}
+
+/// A scenario: data each way, link behaviour, seed.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub seed: u64,
+    pub a_to_b: usize,
+    pub b_to_a: usize,
+    pub link: LinkConfig,
+    pub conn: ConnConfig,
+    /// B reads nothing for this long (zero window toward A).
+    pub b_stall: Duration,
+    /// Both sides close as soon as they have written (simultaneous close).
+    pub both_close_early: bool,
+    /// Give up after this much virtual time.
+    pub limit: Duration,
+}
+
+impl Scenario {
+    pub fn new(seed: u64, a_to_b: usize, b_to_a: usize, link: LinkConfig) -> Scenario {
+        Scenario {
+            seed,
+            a_to_b,
+            b_to_a,
+            link,
+            conn: ConnConfig::default(),
+            b_stall: Duration::ZERO,
+            both_close_early: false,
+            limit: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The outcome of a run.
+#[derive(Debug)]
+pub struct Outcome {
+    pub a_got: Vec<u8>,
+    pub b_got: Vec<u8>,
+    pub a_sent: Vec<u8>,
+    pub b_sent: Vec<u8>,
+    pub a: Conn,
+    pub b: Conn,
+    pub a_to_b: LinkStats,
+    pub b_to_a: LinkStats,
+    pub elapsed: Duration,
+    pub a_max_send_buffered: usize,
+    pub b_max_readable: usize,
+}
+
+impl Outcome {
+    /// Every byte arrived, in order, unchanged, both ways.
+    pub fn byte_exact(&self) -> bool {
+        self.a_got == self.b_sent && self.b_got == self.a_sent
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("state", &self.state())
+            .field("aborted", &self.aborted())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn payload(rng: &mut Rng, n: usize) -> Vec<u8> {
+    (0..n).map(|_| rng.next_u64() as u8).collect()
+}
+
+/// The handshake both sides agreed on, from A's and from B's side.
+pub fn handshakes(rng: &mut Rng) -> (Handshake, Handshake) {
+    let (ia, ib) = (SeqNum(rng.next_u64() as u32), SeqNum(rng.next_u64() as u32));
+    let (ta, tb) = (rng.next_u64() as u32, rng.next_u64() as u32);
+    let a = Handshake {
+        local_isn: ia,
+        remote_isn: ib,
+        peer_mss: 1460,
+        wscale: Some((7, 7)),
+        timestamps: Some((tb, ta)),
+        sack_permitted: true,
+        peer_window: 512,
+    };
+    let b = Handshake {
+        local_isn: ib,
+        remote_isn: ia,
+        timestamps: Some((ta, tb)),
+        ..a.clone()
+    };
+    (a, b)
+}
+
+/// Runs a scenario to the end (both sides closed) or the time limit.
+pub fn run(sc: &Scenario) -> Outcome {
+    let mut rng = Rng::new(sc.seed);
+    let start = Instant::now();
+    let mut now = start;
+    let (ha, hb) = handshakes(&mut rng);
+    let mut a = Conn::new(&ha, sc.conn.clone(), now);
+    let mut b = Conn::new(&hb, sc.conn.clone(), now);
+    let mut app_a = App {
+        to_send: payload(&mut rng, sc.a_to_b),
+        written: 0,
+        got: Vec::new(),
+        read_from: None,
+        close_early: true,
+        closed: false,
+        max_send_buffered: 0,
+        max_readable: 0,
+    };
+    let mut app_b = App {
+        to_send: payload(&mut rng, sc.b_to_a),
+        written: 0,
+        got: Vec::new(),
+        read_from: (!sc.b_stall.is_zero()).then(|| start + sc.b_stall),
+        close_early: sc.both_close_early,
+        closed: false,
+        max_send_buffered: 0,
+        max_readable: 0,
+    };
+    let mut ab = Link {
+        cfg: sc.link,
+        queue: Vec::new(),
+        order: 0,
+        stats: LinkStats::default(),
+    };
+    let mut ba = Link {
+        cfg: sc.link,
+        queue: Vec::new(),
+        order: 0,
+        stats: LinkStats::default(),
+    };
+    loop {
+        app_a.run(&mut a, now);
+        app_b.run(&mut b, now);
+        while let Some(s) = a.poll_transmit(now) {
+            ab.send(s, now, &mut rng);
+        }
+        while let Some(s) = b.poll_transmit(now) {
+            ba.send(s, now, &mut rng);
+        }
+        let done = a.state() == State::Closed && b.state() == State::Closed;
+        if done || now - start > sc.limit {
+            break;
+        }
+        let next = [
+            a.next_deadline(),
+            b.next_deadline(),
+            ab.next_at(),
+            ba.next_at(),
+            app_b.read_from.filter(|&t| t > now),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let Some(next) = next else { break };
+        now = now.max(next);
+        for s in ab.due(now) {
+            b.on_segment(&s, now);
+        }
+        for s in ba.due(now) {
+            a.on_segment(&s, now);
+        }
+        a.on_timer(now);
+        b.on_timer(now);
+    }
+    Outcome {
+        a_got: app_a.got,
+        b_got: app_b.got,
+        a_sent: app_a.to_send,
+        b_sent: app_b.to_send,
+        a_max_send_buffered: app_a.max_send_buffered,
+        b_max_readable: app_b.max_readable,
+        a,
+        b,
+        a_to_b: ab.stats,
+        b_to_a: ba.stats,
+        elapsed: now - start,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tcp::conn::{Abort, Flags};
+
+    fn check(o: &Outcome) {
+        assert!(
+            o.byte_exact(),
+            "a got {}/{} b got {}/{} after {:?}: a {:?} b {:?} links {:?} {:?}",
+            o.a_got.len(),
+            o.b_sent.len(),
+            o.b_got.len(),
+            o.a_sent.len(),
+            o.elapsed,
+            o.a,
+            o.b,
+            o.a_to_b,
+            o.b_to_a
+        );
+        assert_eq!((o.a.state(), o.b.state()), (State::Closed, State::Closed));
+        assert_eq!((o.a.aborted(), o.b.aborted()), (None, None));
+    }
+
+    #[test]
+    fn a_clean_link_carries_a_mebibyte_each_way() {
+        let o = run(&Scenario::new(1, 1 << 20, 1 << 20, LinkConfig::clean()));
+        check(&o);
+        assert_eq!(o.a.stats().retransmits + o.b.stats().retransmits, 0);
+        assert_eq!(o.a.stats().rto_expirations + o.b.stats().rto_expirations, 0);
+    }
+
+    #[test]
+    fn loss_reordering_and_duplication_never_corrupt_the_stream() {
+        let mut total = LinkStats::default();
+        for seed in 0..24 {
+            let link = LinkConfig {
+                corrupt: 0.005,
+                ..LinkConfig::lossy(0.02, 0.02, 0.01)
+            };
+            let o = run(&Scenario::new(seed, 300_000, 200_000, link));
+            check(&o);
+            for l in [o.a_to_b, o.b_to_a] {
+                total.sent += l.sent;
+                total.lost += l.lost;
+                total.reordered += l.reordered;
+                total.duplicated += l.duplicated;
+                total.corrupted += l.corrupted;
+            }
+        }
+        // The impairments really happened, at about their rates.
+        assert!(total.lost * 100 > total.sent, "{total:?}");
+        assert!(
+            total.reordered * 100 > total.sent && total.duplicated * 200 > total.sent,
+            "{total:?}"
+        );
+        assert!(total.corrupted > 0, "{total:?}");
+    }
+
+    #[test]
+    fn heavy_loss_still_completes_with_retransmissions() {
+        let o = run(&Scenario::new(
+            7,
+            200_000,
+            10_000,
+            LinkConfig::lossy(0.15, 0.05, 0.02),
+        ));
+        check(&o);
+        assert!(o.a.stats().retransmits > 0 || o.a.stats().rto_expirations > 0);
+    }
+
+    #[test]
+    fn a_stalled_reader_throttles_the_sender_through_the_window() {
+        let mut sc = Scenario::new(3, 4 << 20, 0, LinkConfig::clean());
+        sc.conn.send_buffer = 128 << 10;
+        sc.conn.recv_buffer = 64 << 10;
+        sc.b_stall = Duration::from_secs(60);
+        let o = run(&sc);
+        check(&o);
+        // The sender probed the zero window instead of giving up, and
+        // neither side's memory grew past its buffers.
+        assert!(o.a.stats().zero_window_probes > 0, "{:?}", o.a.stats());
+        assert!(o.a_max_send_buffered <= 128 << 10);
+        assert!(o.b_max_readable <= 64 << 10, "{}", o.b_max_readable);
+        assert!(o.elapsed >= Duration::from_secs(60));
+    }
+
+    #[test]
+    fn simultaneous_close_ends_cleanly() {
+        let mut sc = Scenario::new(5, 10_000, 10_000, LinkConfig::clean());
+        sc.both_close_early = true;
+        check(&run(&sc));
+    }
+
+    fn established(seed: u64) -> (Conn, Conn, Instant) {
+        let mut rng = Rng::new(seed);
+        let (ha, hb) = handshakes(&mut rng);
+        let now = Instant::now();
+        (
+            Conn::new(&ha, ConnConfig::default(), now),
+            Conn::new(&hb, ConnConfig::default(), now),
+            now,
+        )
+    }
+
+    fn deliver(from: &mut Conn, to: &mut Conn, now: Instant) -> usize {
+        let mut n = 0;
+        while let Some(s) = from.poll_transmit(now) {
+            to.on_segment(&s, now);
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn rst_needs_the_exact_sequence_number_otherwise_it_is_challenged() {
+        let (mut a, mut b, now) = established(9);
+        a.write(b"hello");
+        deliver(&mut a, &mut b, now);
+        let mut rst = Segment {
+            seq: b.rcv_nxt() + 100,
+            flags: Flags {
+                rst: true,
+                ..Flags::default()
+            },
+            ..Segment::default()
+        };
+        b.on_segment(&rst, now);
+        assert_eq!(b.state(), State::Established);
+        assert_eq!(b.stats().challenge_acks, 1);
+        let challenge = b.poll_transmit(now).expect("challenge ACK");
+        assert!(challenge.flags.ack && challenge.ack == b.rcv_nxt());
+        rst.seq = b.rcv_nxt() + 1_000_000;
+        b.on_segment(&rst, now);
+        assert_eq!(
+            (b.state(), b.stats().challenge_acks),
+            (State::Established, 1)
+        );
+        rst.seq = b.rcv_nxt();
+        b.on_segment(&rst, now);
+        assert_eq!(
+            (b.state(), b.aborted()),
+            (State::Closed, Some(Abort::Reset))
+        );
+    }
+
+    #[test]
+    fn syn_in_established_gets_a_challenge_ack_and_changes_nothing() {
+        let (mut a, mut b, now) = established(11);
+        let syn = Segment {
+            seq: b.rcv_nxt(),
+            flags: Flags {
+                syn: true,
+                ..Flags::default()
+            },
+            ..Segment::default()
+        };
+        b.on_segment(&syn, now);
+        assert_eq!(
+            (b.state(), b.stats().challenge_acks),
+            (State::Established, 1)
+        );
+        assert!(b.poll_transmit(now).is_some());
+        a.write(b"still fine");
+        deliver(&mut a, &mut b, now);
+        assert_eq!(b.read(100), b"still fine");
+    }
+
+    #[test]
+    fn acks_for_unsent_data_and_old_timestamps_are_dropped() {
+        let (mut a, mut b, now) = established(13);
+        a.write(b"abc");
+        let seg = a.poll_transmit(now).unwrap();
+        // An ACK beyond anything A sent.
+        let mut bogus = b.poll_transmit(now).unwrap_or_else(|| Segment {
+            seq: b.snd_una(),
+            ack: b.rcv_nxt(),
+            flags: Flags {
+                ack: true,
+                ..Flags::default()
+            },
+            window: 512,
+            ..Segment::default()
+        });
+        bogus.ack = a.snd_una() + 10_000;
+        a.on_segment(&bogus, now);
+        assert_eq!(a.stats().bad_acks, 1);
+        assert_eq!(a.snd_una(), seg.seq);
+        // PAWS: a segment whose TSval went backwards is not accepted.
+        let mut old = seg.clone();
+        b.on_segment(&seg, now);
+        let ts = old.options.timestamps.as_mut().unwrap();
+        ts.val = ts.val.wrapping_sub(1000);
+        old.seq = b.rcv_nxt();
+        old.payload = b"zzz".to_vec();
+        b.on_segment(&old, now);
+        assert_eq!(b.stats().paws_drops, 1);
+        assert_eq!(b.read(100), b"abc");
+    }
+
+    #[test]
+    fn conflicting_retransmissions_are_counted_and_the_first_copy_kept() {
+        let (mut a, mut b, now) = established(17);
+        a.write(b"original");
+        let seg = a.poll_transmit(now).unwrap();
+        b.on_segment(&seg, now);
+        let mut evil = seg.clone();
+        evil.payload = b"0riginal".to_vec();
+        b.on_segment(&evil, now);
+        assert_eq!(b.stats().overlap_conflicts, 1);
+        assert_eq!(b.read(100), b"original");
+    }
+}
