@@ -1,7 +1,7 @@
 //! Congestion control: NewReno (RFC 5681 slow start and congestion
 //! avoidance, fast retransmit and fast recovery as modified by RFC 6582).
 
-use super::seq::SeqNum;
+use crate::wire::seq::SeqNum;
 
 /// What the sender must do after an ACK.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

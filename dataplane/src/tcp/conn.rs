@@ -18,42 +18,14 @@ use std::{
 
 use super::{
     cc::{AckAction, NewReno},
-    options::{TcpOptions, Timestamps},
     reassembly::Reassembler,
     rtt::{RttEstimator, RTO_MAX},
+};
+use crate::wire::{
+    options::{TcpOptions, Timestamps},
+    segment::{Flags, Segment},
     seq::SeqNum,
 };
-
-/// TCP header flags.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Flags {
-    pub fin: bool,
-    pub syn: bool,
-    pub rst: bool,
-    pub psh: bool,
-    pub ack: bool,
-    pub urg: bool,
-}
-
-/// A segment as this layer sees it (the wire layer adds addresses, ports
-/// and the checksum).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Segment {
-    pub seq: SeqNum,
-    pub ack: SeqNum,
-    pub flags: Flags,
-    /// The window field as on the wire (not yet scaled).
-    pub window: u16,
-    pub options: TcpOptions,
-    pub payload: Vec<u8>,
-}
-
-impl Segment {
-    /// SEG.LEN: payload plus one for each of SYN and FIN.
-    pub fn seg_len(&self) -> u32 {
-        self.payload.len() as u32 + u32::from(self.flags.syn) + u32::from(self.flags.fin)
-    }
-}
 
 /// What the real endpoints settled in their handshake, from the side of the
 /// endpoint this `Conn` impersonates.
@@ -71,8 +43,9 @@ pub struct Handshake {
     /// last TSval the impersonated endpoint sent (ours continue from it).
     pub timestamps: Option<(u32, u32)>,
     pub sack_permitted: bool,
-    /// The window the peer advertised last (unscaled).
-    pub peer_window: u16,
+    /// The window the peer advertised last, in bytes (already scaled; a
+    /// SYN's window never is).
+    pub peer_window: u32,
 }
 
 /// Buffer sizes and timers.
@@ -228,10 +201,10 @@ impl Conn {
             snd_una: snd,
             snd_nxt: snd,
             snd_max: snd,
-            snd_wnd: u32::from(hs.peer_window) << peer_shift,
+            snd_wnd: hs.peer_window,
             snd_wl1: hs.remote_isn,
             snd_wl2: snd,
-            max_snd_wnd: u32::from(hs.peer_window) << peer_shift,
+            max_snd_wnd: hs.peer_window,
             send_buf: VecDeque::new(),
             fin_seq: None,
             zero_window_alive: false,

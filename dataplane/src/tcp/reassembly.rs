@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::seq::SeqNum;
+use crate::wire::seq::SeqNum;
 
 /// What one segment did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

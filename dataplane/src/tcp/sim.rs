@@ -6,10 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{
-    conn::{Conn, ConnConfig, Handshake, Segment, State},
-    seq::SeqNum,
-};
+use super::conn::{Conn, ConnConfig, Handshake, State};
+use crate::wire::{segment::Segment, seq::SeqNum};
 
 /// SplitMix64: small, fast, and the same sequence on every machine.
 #[derive(Clone, Debug)]
@@ -269,7 +267,7 @@ pub fn handshakes(rng: &mut Rng) -> (Handshake, Handshake) {
         wscale: Some((7, 7)),
         timestamps: Some((tb, ta)),
         sack_permitted: true,
-        peer_window: 512,
+        peer_window: 512 << 7,
     };
     let b = Handshake {
         local_isn: ib,
@@ -372,7 +370,7 @@ pub fn run(sc: &Scenario) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tcp::conn::{Abort, Flags};
+    use crate::{tcp::conn::Abort, wire::segment::Flags};
 
     fn check(o: &Outcome) {
         assert!(

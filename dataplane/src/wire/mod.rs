@@ -1,6 +1,10 @@
 //! Packet parsing and building: raw Ethernet frames in, the facts the engine
-//! needs out. This layer knows nothing of flows, workers or sockets.
+//! needs out; TCP segments (sequence numbers, options) parsed and built.
+//! This layer knows nothing of flows, workers or sockets.
 
 pub mod frame;
+pub mod options;
+pub mod segment;
+pub mod seq;
 
 pub use frame::{parse_tcp, FrameError, TcpFrame};

@@ -1,7 +1,7 @@
 //! TCP options: parsed strictly (a malformed option list is an error the
 //! caller counts, never a panic), emitted in the layout Linux uses.
 
-use super::seq::SeqNum;
+use crate::wire::seq::SeqNum;
 
 /// Option kinds (IANA "TCP Option Kind Numbers").
 mod kind {

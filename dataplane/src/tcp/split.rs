@@ -1,0 +1,464 @@
+//! The tcp-split action: watch a connection's three-way handshake go by,
+//! then become the server toward the client and the client toward the
+//! server, relaying the two byte streams between the halves.
+//!
+//! Nothing is invented: each half continues the sequence space, MSS, window
+//! scale, timestamps and SACK permission the real endpoints negotiated, so
+//! neither endpoint can tell. Connections this cannot continue faithfully
+//! are passed through untouched instead: TCP Fast Open (data or a cookie on
+//! the SYN), a handshake with a window shift above 14, or one whose segments
+//! do not fit together.
+
+use std::time::Instant;
+
+use super::conn::{Conn, ConnConfig, Handshake, State};
+use crate::wire::{
+    options::TcpOptions,
+    segment::{Flags, Segment},
+    seq::SeqNum,
+};
+
+/// Which endpoint a segment came from (or goes to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// The endpoint that sent the SYN.
+    Client,
+    /// The endpoint that answered with SYN-ACK.
+    Server,
+}
+
+/// Why a connection is passed through rather than split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passthrough {
+    /// TCP Fast Open: data or a cookie on the SYN (RFC 7413).
+    FastOpen,
+    /// The first segment seen was not a SYN (the engine started mid-flow).
+    MidFlow,
+    /// The handshake's segments contradict each other.
+    Inconsistent,
+    /// URG on a handshake segment.
+    Urgent,
+}
+
+/// Where the handshake is.
+#[derive(Clone, Debug)]
+enum Phase {
+    /// Nothing seen.
+    Idle,
+    /// The client's SYN: its ISN and options.
+    Syn { isn: SeqNum, opts: TcpOptions },
+    /// The server's SYN-ACK too.
+    SynAck {
+        c_isn: SeqNum,
+        c_opts: TcpOptions,
+        s_isn: SeqNum,
+        s_opts: TcpOptions,
+        s_window: u16,
+    },
+}
+
+/// What to do with a segment during the handshake.
+#[derive(Debug)]
+pub enum Track {
+    /// Forward it unchanged; keep watching.
+    Forward,
+    /// Forward it, and from now on the connection is split: the halves are
+    /// returned (client-facing, server-facing).
+    SplitAfter(Box<(Conn, Conn)>),
+    /// Do not forward it: split now and hand it to the client-facing half
+    /// (the client's first ACK carries data).
+    SplitWith(Box<(Conn, Conn)>),
+    /// Leave this connection alone for good.
+    Pass(Passthrough),
+}
+
+/// Watches one connection's handshake.
+#[derive(Clone, Debug)]
+pub struct Tracker {
+    phase: Phase,
+    cfg: ConnConfig,
+}
+
+impl Tracker {
+    pub fn new(cfg: ConnConfig) -> Tracker {
+        Tracker {
+            phase: Phase::Idle,
+            cfg,
+        }
+    }
+
+    /// Looks at the next segment of the connection, in arrival order.
+    pub fn on_segment(&mut self, dir: Dir, seg: &Segment, now: Instant) -> Track {
+        let f = seg.flags;
+        if f.rst {
+            return Track::Forward;
+        }
+        if f.urg {
+            return Track::Pass(Passthrough::Urgent);
+        }
+        match (&self.phase, dir) {
+            (Phase::Idle, Dir::Client) if f.syn && !f.ack => {
+                if seg.options.fast_open || !seg.payload.is_empty() || f.fin {
+                    return Track::Pass(Passthrough::FastOpen);
+                }
+                self.phase = Phase::Syn {
+                    isn: seg.seq,
+                    opts: seg.options.clone(),
+                };
+                Track::Forward
+            }
+            (Phase::Idle, _) => Track::Pass(Passthrough::MidFlow),
+            // A retransmitted SYN.
+            (Phase::Syn { isn, .. }, Dir::Client) if f.syn && !f.ack && seg.seq == *isn => {
+                Track::Forward
+            }
+            (Phase::Syn { isn, opts, .. }, Dir::Server) if f.syn && f.ack => {
+                if seg.ack != *isn + 1 || !seg.payload.is_empty() || f.fin {
+                    return Track::Pass(Passthrough::Inconsistent);
+                }
+                self.phase = Phase::SynAck {
+                    c_isn: *isn,
+                    c_opts: opts.clone(),
+                    s_isn: seg.seq,
+                    s_opts: seg.options.clone(),
+                    s_window: seg.window,
+                };
+                Track::Forward
+            }
+            (Phase::SynAck { s_isn, .. }, Dir::Server) if f.syn && f.ack && seg.seq == *s_isn => {
+                Track::Forward // a retransmitted SYN-ACK
+            }
+            (Phase::SynAck { .. }, Dir::Client) if f.syn => Track::Forward,
+            (
+                Phase::SynAck {
+                    c_isn,
+                    c_opts,
+                    s_isn,
+                    s_opts,
+                    s_window,
+                },
+                Dir::Client,
+            ) if f.ack => {
+                if seg.ack != *s_isn + 1 || seg.seq != *c_isn + 1 {
+                    return Track::Pass(Passthrough::Inconsistent);
+                }
+                let halves = self.halves(*c_isn, c_opts, *s_isn, s_opts, *s_window, seg, now);
+                if seg.payload.is_empty() && !f.fin {
+                    Track::SplitAfter(Box::new(halves))
+                } else {
+                    Track::SplitWith(Box::new(halves))
+                }
+            }
+            _ => Track::Forward,
+        }
+    }
+
+    /// The two halves, from what both SYNs and the client's ACK said.
+    #[allow(clippy::too_many_arguments)]
+    fn halves(
+        &self,
+        c_isn: SeqNum,
+        c_opts: &TcpOptions,
+        s_isn: SeqNum,
+        s_opts: &TcpOptions,
+        s_window: u16,
+        ack: &Segment,
+        now: Instant,
+    ) -> (Conn, Conn) {
+        //= https://www.rfc-editor.org/rfc/rfc7323#section-2.2
+        //# ... both sides must send Window Scale options in their <SYN>
+        //# segments to enable window scaling in either direction.
+        let wscale = match (c_opts.window_shift(), s_opts.window_shift()) {
+            (Some(c), Some(s)) => Some((c, s)),
+            _ => None,
+        };
+        //= https://www.rfc-editor.org/rfc/rfc7323#section-3.2
+        //# Once TSopt has been successfully negotiated, that is both <SYN>
+        //# and <SYN,ACK> contain TSopt
+        let ts = match (c_opts.timestamps, s_opts.timestamps) {
+            (Some(c), Some(s)) => {
+                let c_last = ack.options.timestamps.map_or(c.val, |t| t.val);
+                Some((c_last, s.val))
+            }
+            _ => None,
+        };
+        let sack = c_opts.sack_permitted && s_opts.sack_permitted;
+        // RFC 9293 §3.7.1: without the option the MSS is 536 (IPv4).
+        let c_mss = c_opts.mss.unwrap_or(536);
+        let s_mss = s_opts.mss.unwrap_or(536);
+        let c_shift = wscale.map_or(0, |(c, _)| c);
+        // The client's ACK window is scaled; the SYN-ACK's never is.
+        let client_facing = Conn::new(
+            &Handshake {
+                local_isn: s_isn,
+                remote_isn: c_isn,
+                peer_mss: c_mss,
+                wscale,
+                timestamps: ts,
+                sack_permitted: sack,
+                peer_window: u32::from(ack.window) << c_shift,
+            },
+            self.cfg.clone(),
+            now,
+        );
+        let server_facing = Conn::new(
+            &Handshake {
+                local_isn: c_isn,
+                remote_isn: s_isn,
+                peer_mss: s_mss,
+                wscale: wscale.map(|(c, s)| (s, c)),
+                timestamps: ts.map(|(c, s)| (s, c)),
+                sack_permitted: sack,
+                peer_window: u32::from(s_window),
+            },
+            self.cfg.clone(),
+            now,
+        );
+        (client_facing, server_facing)
+    }
+}
+
+/// A split connection: the two halves and the relay between them.
+pub struct Split {
+    pub client: Conn,
+    pub server: Conn,
+    relayed: [u64; 2],
+}
+
+impl Split {
+    pub fn new(halves: (Conn, Conn)) -> Split {
+        Split {
+            client: halves.0,
+            server: halves.1,
+            relayed: [0; 2],
+        }
+    }
+
+    /// Bytes relayed client → server and server → client.
+    pub fn relayed(&self) -> (u64, u64) {
+        (self.relayed[0], self.relayed[1])
+    }
+
+    /// A segment from `dir`'s endpoint.
+    pub fn on_segment(&mut self, dir: Dir, seg: &Segment, now: Instant) {
+        match dir {
+            Dir::Client => self.client.on_segment(seg, now),
+            Dir::Server => self.server.on_segment(seg, now),
+        }
+        self.relay();
+    }
+
+    pub fn on_timer(&mut self, now: Instant) {
+        self.client.on_timer(now);
+        self.server.on_timer(now);
+        self.relay();
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [self.client.next_deadline(), self.server.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Moves bytes between the halves as far as the receiving half's send
+    /// buffer allows: a slow reader on one side fills its half's send
+    /// buffer, the other half stops reading, and its advertised window
+    /// closes. Memory stays within the two halves' buffers. A FIN and a RST
+    /// are passed across too.
+    fn relay(&mut self) {
+        for (from_client, n) in [(true, 0), (false, 1)] {
+            let (src, dst) = if from_client {
+                (&mut self.client, &mut self.server)
+            } else {
+                (&mut self.server, &mut self.client)
+            };
+            let room = dst.send_space();
+            if room > 0 && src.readable() > 0 {
+                let bytes = src.read(room);
+                let wrote = dst.write(&bytes);
+                debug_assert_eq!(wrote, bytes.len());
+                self.relayed[n] += wrote as u64;
+            }
+            // Half-close: the source finished and everything was passed on.
+            if src.peer_finished() && matches!(dst.state(), State::Established | State::CloseWait) {
+                dst.close();
+            }
+        }
+    }
+
+    /// The next segment to send, and toward whom.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(Dir, Segment)> {
+        // A reset half resets the other: RST the peer that is still there.
+        if self.client.aborted().is_some() && self.server.state() != State::Closed {
+            if let Some(rst) = self.server.abort() {
+                return Some((Dir::Server, rst));
+            }
+        }
+        if self.server.aborted().is_some() && self.client.state() != State::Closed {
+            if let Some(rst) = self.client.abort() {
+                return Some((Dir::Client, rst));
+            }
+        }
+        if let Some(s) = self.client.poll_transmit(now) {
+            return Some((Dir::Client, s));
+        }
+        self.server.poll_transmit(now).map(|s| (Dir::Server, s))
+    }
+
+    /// Both halves are closed (cleanly or not).
+    pub fn done(&self) -> bool {
+        self.client.state() == State::Closed && self.server.state() == State::Closed
+    }
+}
+
+/// A bare segment, for tests and tools.
+pub fn segment(seq: u32, ack: Option<u32>, flags: Flags, payload: &[u8]) -> Segment {
+    Segment {
+        seq: SeqNum(seq),
+        ack: SeqNum(ack.unwrap_or(0)),
+        flags: Flags {
+            ack: ack.is_some(),
+            ..flags
+        },
+        window: 512,
+        options: TcpOptions::default(),
+        payload: payload.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::options::Timestamps;
+
+    fn syn_opts(ts: u32) -> TcpOptions {
+        TcpOptions {
+            mss: Some(1460),
+            window_scale: Some(7),
+            sack_permitted: true,
+            timestamps: Some(Timestamps { val: ts, ecr: 0 }),
+            ..TcpOptions::default()
+        }
+    }
+
+    fn handshake(t: &mut Tracker, now: Instant) -> Track {
+        let mut syn = segment(
+            1000,
+            None,
+            Flags {
+                syn: true,
+                ..Flags::default()
+            },
+            b"",
+        );
+        syn.options = syn_opts(50);
+        assert!(matches!(
+            t.on_segment(Dir::Client, &syn, now),
+            Track::Forward
+        ));
+        let mut synack = segment(
+            9000,
+            Some(1001),
+            Flags {
+                syn: true,
+                ..Flags::default()
+            },
+            b"",
+        );
+        synack.options = syn_opts(70);
+        assert!(matches!(
+            t.on_segment(Dir::Server, &synack, now),
+            Track::Forward
+        ));
+        let mut ack = segment(1001, Some(9001), Flags::default(), b"");
+        ack.options.timestamps = Some(Timestamps { val: 51, ecr: 70 });
+        t.on_segment(Dir::Client, &ack, now)
+    }
+
+    #[test]
+    fn the_halves_continue_both_sequence_spaces() {
+        let now = Instant::now();
+        let mut t = Tracker::new(ConnConfig::default());
+        let Track::SplitAfter(halves) = handshake(&mut t, now) else {
+            panic!("expected a split")
+        };
+        let mut split = Split::new(*halves);
+        // Client data arrives at the client-facing half...
+        let mut data = segment(
+            1001,
+            Some(9001),
+            Flags::default(),
+            b"GET / HTTP/1.1\r\n\r\n",
+        );
+        data.options.timestamps = Some(Timestamps { val: 52, ecr: 70 });
+        split.on_segment(Dir::Client, &data, now);
+        // ...and leaves the server-facing half as the client would send it.
+        let mut out = Vec::new();
+        while let Some(s) = split.poll_transmit(now) {
+            out.push(s);
+        }
+        let to_server: Vec<_> = out.iter().filter(|(d, _)| *d == Dir::Server).collect();
+        assert_eq!(to_server.len(), 1, "{out:?}");
+        let s = &to_server[0].1;
+        assert_eq!((s.seq, s.ack), (SeqNum(1001), SeqNum(9001)));
+        assert_eq!(s.payload, b"GET / HTTP/1.1\r\n\r\n");
+        let ts = s.options.timestamps.unwrap();
+        assert!(ts.val > 51 && ts.ecr == 70, "{ts:?}");
+        assert_eq!(split.relayed(), (18, 0));
+    }
+
+    #[test]
+    fn fast_open_and_mid_flow_connections_pass_through() {
+        let now = Instant::now();
+        let mut t = Tracker::new(ConnConfig::default());
+        let syn = segment(
+            1,
+            None,
+            Flags {
+                syn: true,
+                ..Flags::default()
+            },
+            b"data on syn",
+        );
+        assert!(matches!(
+            t.on_segment(Dir::Client, &syn, now),
+            Track::Pass(Passthrough::FastOpen)
+        ));
+        let mut t = Tracker::new(ConnConfig::default());
+        let mid = segment(1, Some(2), Flags::default(), b"x");
+        assert!(matches!(
+            t.on_segment(Dir::Client, &mid, now),
+            Track::Pass(Passthrough::MidFlow)
+        ));
+    }
+
+    #[test]
+    fn a_synack_for_another_syn_is_inconsistent() {
+        let now = Instant::now();
+        let mut t = Tracker::new(ConnConfig::default());
+        let syn = segment(
+            1000,
+            None,
+            Flags {
+                syn: true,
+                ..Flags::default()
+            },
+            b"",
+        );
+        t.on_segment(Dir::Client, &syn, now);
+        let synack = segment(
+            9000,
+            Some(5),
+            Flags {
+                syn: true,
+                ..Flags::default()
+            },
+            b"",
+        );
+        assert!(matches!(
+            t.on_segment(Dir::Server, &synack, now),
+            Track::Pass(Passthrough::Inconsistent)
+        ));
+    }
+}
