@@ -162,6 +162,9 @@ pub struct EngineConfig {
     pub max_flows_per_worker: usize,
     pub flow_idle_timeout: Duration,
     pub pin_workers: bool,
+    /// Split every steered TCP connection (the tcp-split action: the engine
+    /// terminates both halves and relays the byte streams).
+    pub tcp_split: bool,
     /// The HSM signer and its audit log; `None` runs the packet path only.
     pub hsm: Option<HsmSettings>,
 }
@@ -194,6 +197,7 @@ impl EngineConfig {
             flow_idle_timeout: Duration::from_secs(120),
             pin_workers: true,
             hsm: None,
+            tcp_split: false,
         }
     }
 }

@@ -169,7 +169,7 @@ pub fn run(
         classifier.register_socket(Side::Inside, q, port.fd(Side::Inside))?;
         classifier.register_socket(Side::Outside, q, port.fd(Side::Outside))?;
         let shared = Arc::new(WorkerShared::default());
-        let worker = Worker::new(
+        let mut worker = Worker::new(
             q as usize,
             port,
             sharder.clone(),
@@ -178,6 +178,9 @@ pub fn run(
             cfg.flow_idle_timeout,
             shared.clone(),
         );
+        if cfg.tcp_split {
+            worker.enable_split(cfg.max_flows_per_worker, cfg.flow_idle_timeout);
+        }
         pending.push((worker, shared));
     }
     classifier.attach(&cfg.inside, cfg.mode)?;

@@ -10,6 +10,7 @@ pub mod config;
 pub mod ebpf;
 pub mod engine;
 pub mod flow;
+pub mod splitter;
 pub mod stats;
 pub mod sys;
 pub mod tcp;

@@ -67,6 +67,10 @@ struct Args {
     /// Do not pin workers to CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Split every steered TCP connection: terminate both halves and relay
+    /// the byte streams (the tcp-split action; TLS is left untouched).
+    #[arg(long)]
+    tcp_split: bool,
     /// Start the HSM signer on the token with this label (repeatable, one
     /// per partition; the first one's audit key seals the audit log).
     #[arg(long = "hsm-token")]
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
     cfg.max_flows_per_worker = args.max_flows;
     cfg.flow_idle_timeout = Duration::from_secs(args.flow_idle_secs.max(1));
     cfg.pin_workers = !args.no_pin;
+    cfg.tcp_split = args.tcp_split;
     if !args.hsm_tokens.is_empty() {
         if !args.hsm_pin_files.is_empty() && args.hsm_pin_files.len() != args.hsm_tokens.len() {
             eprintln!(

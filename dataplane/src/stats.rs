@@ -44,6 +44,41 @@ pub struct WorkerCounters {
     pub flow_table_full: u64,
 }
 
+/// The tcp-split action's counters on one worker.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SplitCounters {
+    /// Connections split after their handshake.
+    pub split: u64,
+    /// Split connections right now.
+    pub active: u64,
+    /// Split connections that ended (cleanly or not).
+    pub closed: u64,
+    /// Halves that ended with a RST or a timeout.
+    pub aborted: u64,
+    /// Connections left alone: TCP Fast Open, already running, URG, or a
+    /// handshake that did not fit together.
+    pub passthrough: u64,
+    pub fast_open: u64,
+    /// New connections not tracked because the split table was full.
+    pub table_full: u64,
+    /// Trackers and pass-through entries forgotten after idling.
+    pub expired: u64,
+    /// Segments dropped: bad TCP checksum, malformed options.
+    pub bad_checksum: u64,
+    pub bad_options: u64,
+    /// From ended connections: retransmissions, challenge ACKs, bytes that
+    /// contradicted bytes already received, segments outside the window,
+    /// PAWS drops.
+    pub retransmits: u64,
+    pub challenge_acks: u64,
+    pub overlap_conflicts: u64,
+    pub out_of_window: u64,
+    pub paws_drops: u64,
+    /// Bytes relayed client to server and back (ended and live connections).
+    pub bytes_c2s: u64,
+    pub bytes_s2c: u64,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WorkerReport {
     pub id: usize,
@@ -57,6 +92,9 @@ pub struct WorkerReport {
     /// Frames waiting for TX or for their completion (a gauge).
     #[serde(default)]
     pub tx_pending: usize,
+    /// The tcp-split action (zero when it is off).
+    #[serde(default)]
+    pub split: SplitCounters,
     /// Owned flows, oldest first, at most `FLOWS_LISTED` of them.
     pub flows: Vec<FlowSummary>,
 }

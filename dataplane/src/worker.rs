@@ -20,6 +20,7 @@ use xsk_rs::FrameDesc;
 
 use crate::{
     flow::{table::SideCount, FlowId, FlowTable, Observed, Sharder, Side},
+    splitter::{Disposition, Splitter},
     stats::{WorkerCounters, WorkerReport},
     wire::parse_tcp,
     xsk::QueuePort,
@@ -146,6 +147,8 @@ pub struct Worker {
     epoch: Instant,
     /// Workers sent crossover frames in this iteration.
     kicked: Vec<bool>,
+    /// The tcp-split action, when it is on.
+    splitter: Option<Splitter>,
 }
 
 impl Worker {
@@ -170,7 +173,13 @@ impl Worker {
             cpu: None,
             epoch: Instant::now(),
             kicked,
+            splitter: None,
         }
+    }
+
+    /// Splits every steered connection this worker owns (tcp-split).
+    pub fn enable_split(&mut self, max_flows: usize, idle: Duration) {
+        self.splitter = Some(Splitter::new(max_flows, idle));
     }
 
     pub fn set_cpu(&mut self, cpu: Option<usize>) {
@@ -198,6 +207,10 @@ impl Worker {
                 }
             }
             work += self.drain_crossbar(now_ms);
+            if let Some(sp) = self.splitter.as_mut() {
+                sp.on_timers(Instant::now());
+            }
+            work += self.send_split();
             self.wake_owners();
             let sent = self.port.flush();
             add(&mut self.counters.tx_inside, sent[Side::Inside.index()]);
@@ -206,6 +219,9 @@ impl Worker {
             if now_ms >= next_expire {
                 next_expire = now_ms + EXPIRE_EVERY_MS;
                 self.table.expire(now_ms);
+                if let Some(sp) = self.splitter.as_mut() {
+                    sp.expire(Instant::now());
+                }
             }
             if now_ms >= next_publish {
                 next_publish = now_ms + PUBLISH_EVERY_MS;
@@ -251,8 +267,16 @@ impl Worker {
         };
         let owner = self.sharder.owner(&FlowId::of(&frame.key));
         if owner == self.id {
+            let consumed = self
+                .splitter
+                .as_mut()
+                .is_some_and(|sp| sp.on_frame(side, data, Instant::now()) == Disposition::Consumed);
             self.observe(&frame.key, side, len, now_ms);
-            self.port.send(side.other(), desc);
+            if consumed {
+                self.port.release(desc);
+            } else {
+                self.port.send(side.other(), desc);
+            }
             return;
         }
         let mut buf = self
@@ -298,16 +322,36 @@ impl Worker {
                 };
                 n += 1;
                 self.counters.cross_in += 1;
-                match self.port.build(&msg.data) {
-                    Some(desc) => {
-                        self.observe(&msg.key, msg.side, msg.data.len(), now_ms);
-                        self.port.send(msg.side.other(), desc);
+                self.observe(&msg.key, msg.side, msg.data.len(), now_ms);
+                let consumed = self.splitter.as_mut().is_some_and(|sp| {
+                    sp.on_frame(msg.side, &msg.data, Instant::now()) == Disposition::Consumed
+                });
+                if !consumed {
+                    match self.port.build(&msg.data) {
+                        Some(desc) => self.port.send(msg.side.other(), desc),
+                        None => self.counters.no_free_frame += 1,
                     }
-                    None => self.counters.no_free_frame += 1,
                 }
                 // Hand the buffer back; if its lane is full it is freed.
                 let _ = self.crossbar.returns(from, self.id).push(msg.data);
             }
+        }
+        n
+    }
+
+    /// Sends the frames the split connections produced.
+    fn send_split(&mut self) -> usize {
+        let Some(sp) = self.splitter.as_mut() else {
+            return 0;
+        };
+        let frames = std::mem::take(&mut sp.out);
+        let n = frames.len();
+        for (side, bytes) in frames {
+            match self.port.build(&bytes) {
+                Some(desc) => self.port.send(side, desc),
+                None => self.counters.no_free_frame += 1,
+            }
+            sp.recycle(bytes);
         }
         n
     }
@@ -335,6 +379,14 @@ impl Worker {
             xsk_outside: self.port.kernel_stats(Side::Outside),
             flows_active: self.table.len(),
             tx_pending: self.port.pending_tx(),
+            split: self.splitter.as_ref().map_or_else(Default::default, |sp| {
+                let mut c = sp.counters;
+                let (live, c2s, s2c) = sp.live();
+                c.active = live;
+                c.bytes_c2s += c2s;
+                c.bytes_s2c += s2c;
+                c
+            }),
             flows: Vec::new(),
         };
         if let Ok(mut shared) = self.shared.report.lock() {

@@ -191,7 +191,15 @@ impl Conn {
     pub fn new(hs: &Handshake, cfg: ConnConfig, now: Instant) -> Conn {
         let (peer_shift, our_shift) = hs.wscale.unwrap_or((0, 0));
         let (peer_shift, our_shift) = (peer_shift.min(14), our_shift.min(14));
-        let mss = u32::from(hs.peer_mss.max(64));
+        //= https://www.rfc-editor.org/rfc/rfc6691#section-2
+        //# When calculating the value to put in the TCP MSS option, the MTU
+        //# value SHOULD be decreased by only the size of the fixed IP and
+        //# TCP headers and SHOULD NOT be decreased to account for any
+        //# possible IP or TCP options; conversely, the sender MUST reduce
+        //# the TCP data length to account for any IP or TCP options that it
+        //# is including in the packets that it sends.
+        let ts_len = if hs.timestamps.is_some() { 12 } else { 0 };
+        let mss = u32::from(hs.peer_mss.max(64 + ts_len) - ts_len);
         let snd = hs.local_isn + 1;
         let rcv_nxt = hs.remote_isn + 1;
         Conn {
@@ -766,7 +774,9 @@ impl Conn {
                 ecr: ts.recent,
             });
         }
-        if self.sack_ok {
+        // SACK blocks ride on pure ACKs only: the payload was sized for the
+        // timestamp option alone (RFC 6691).
+        if self.sack_ok && payload.is_empty() {
             options.sack = self.rcv.sack_blocks();
         }
         Segment {

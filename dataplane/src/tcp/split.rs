@@ -367,6 +367,7 @@ mod tests {
             b"",
         );
         synack.options = syn_opts(70);
+        synack.window = 65535; // never scaled in a SYN-ACK
         assert!(matches!(
             t.on_segment(Dir::Server, &synack, now),
             Track::Forward
@@ -406,6 +407,31 @@ mod tests {
         let ts = s.options.timestamps.unwrap();
         assert!(ts.val > 51 && ts.ecr == 70, "{ts:?}");
         assert_eq!(split.relayed(), (18, 0));
+    }
+
+    #[test]
+    fn segments_leave_room_for_the_timestamp_option() {
+        let now = Instant::now();
+        let mut t = Tracker::new(ConnConfig::default());
+        let Track::SplitAfter(halves) = handshake(&mut t, now) else {
+            panic!("expected a split")
+        };
+        let mut split = Split::new(*halves);
+        let mut data = segment(1001, Some(9001), Flags::default(), &[7; 1448]);
+        data.options.timestamps = Some(Timestamps { val: 52, ecr: 70 });
+        for i in 0..3u32 {
+            data.seq = SeqNum(1001 + i * 1448);
+            split.on_segment(Dir::Client, &data, now);
+        }
+        let mut sizes = Vec::new();
+        while let Some((dir, s)) = split.poll_transmit(now) {
+            if dir == Dir::Server && !s.payload.is_empty() {
+                sizes.push(s.payload.len());
+            }
+        }
+        // MSS 1460 minus the 12 bytes of timestamps (RFC 6691): a full
+        // segment is 1448 bytes and the frame fits a 1500-byte MTU.
+        assert_eq!(sizes, [1448, 1448, 1448]);
     }
 
     #[test]

@@ -1,0 +1,69 @@
+//! The tcp-split action with real Linux TCP stacks at both ends: the engine
+//! terminates the client's connection as the server and the server's as the
+//! client, continuing both sequence spaces and options, and relays the
+//! byte streams. TLS runs end to end over the two halves, so curl and
+//! nginx see nothing but their own certificates and bytes.
+
+use std::time::Duration;
+
+use loupe_dataplane::stats::StatsReport;
+use loupe_tests::{
+    engine::Engine,
+    harness::{SERVER_V4, SERVER_V6},
+    https::{curl_sha256, Nginx},
+    Harness, HarnessConfig,
+};
+
+const MIB: usize = 1 << 20;
+
+fn split_totals(r: &StatsReport) -> (u64, u64, u64, u64) {
+    let s = |f: fn(&loupe_dataplane::stats::SplitCounters) -> u64| {
+        r.workers.iter().map(|w| f(&w.split)).sum::<u64>()
+    };
+    (
+        s(|c| c.split),
+        s(|c| c.bytes_s2c),
+        s(|c| c.bad_checksum),
+        s(|c| c.passthrough),
+    )
+}
+
+fn https_through_split(server: &str, size: usize) {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    let sha = nginx.add_file("blob", size, 99).expect("file");
+    let (got, len) = curl_sha256(&h, &nginx.curl_args(server, "blob")).expect("curl");
+    assert_eq!(len, size as u64);
+    assert_eq!(got, sha, "body differs from the file served");
+    let r = engine
+        .wait_stats("the split in the counters", Duration::from_secs(30), |r| {
+            let (split, s2c, _, _) = split_totals(r);
+            (split >= 1 && s2c >= size as u64).then(|| r.clone())
+        })
+        .unwrap();
+    let (_, _, bad, pass) = split_totals(&r);
+    assert_eq!(
+        (bad, pass),
+        (0, 0),
+        "{:?}",
+        r.workers.iter().map(|w| w.split).collect::<Vec<_>>()
+    );
+    let (status, clean, _, err) = engine.stop();
+    assert!(clean && status.success(), "engine exit {status}: {err}");
+}
+
+#[test]
+fn https_ipv4_over_a_split_connection() {
+    https_through_split(SERVER_V4, 3 * MIB);
+}
+
+#[test]
+fn https_ipv6_over_a_split_connection() {
+    https_through_split(SERVER_V6, 3 * MIB);
+}
+
+#[test]
+fn sixty_four_mib_byte_exact_over_a_split_connection() {
+    https_through_split(SERVER_V4, 64 * MIB);
+}
