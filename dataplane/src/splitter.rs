@@ -14,7 +14,7 @@ use crate::{
     flow::{FlowId, Side},
     stats::SplitCounters,
     tcp::{
-        conn::ConnConfig,
+        conn::{Abort, ConnConfig},
         split::{Dir, Passthrough, Split, Track, Tracker},
     },
     wire::segment::{parse_segment, Parsed, SegmentError, Template},
@@ -44,6 +44,9 @@ enum Entry {
         armed: Option<Instant>,
     },
     Passthrough,
+    /// A split connection that ended: late segments of it (retransmitted
+    /// ACKs, a RST racing ours) are dropped, not forwarded, until idle.
+    Ended,
 }
 
 struct Flow {
@@ -82,7 +85,7 @@ impl Splitter {
         }
     }
 
-    /// Connections tracked or split right now.
+    /// Connections tracked, split or recently ended.
     pub fn active(&self) -> usize {
         self.flows.len()
     }
@@ -124,6 +127,10 @@ impl Splitter {
         flow.last_seen = now;
         let split_client = match &flow.entry {
             Entry::Passthrough => return Disposition::Forward,
+            Entry::Ended => {
+                self.counters.after_close += 1;
+                return Disposition::Consumed;
+            }
             Entry::Tracking { .. } => None,
             Entry::Split { client, .. } => Some(*client),
         };
@@ -250,6 +257,8 @@ impl Splitter {
             self.counters.bytes_s2c += s2c;
             self.absorb(split);
             self.counters.closed += 1;
+            flow.entry = Entry::Ended;
+            self.flows.insert(id, flow);
             return;
         }
         if let Some(next) = split.next_deadline() {
@@ -268,7 +277,13 @@ impl Splitter {
             self.counters.challenge_acks += s.challenge_acks;
             self.counters.overlap_conflicts += s.overlap_conflicts;
             self.counters.out_of_window += s.out_of_window;
+            self.counters.duplicates += s.duplicates;
             self.counters.paws_drops += s.paws_drops;
+            match c.aborted() {
+                Some(Abort::Reset) => self.counters.resets_received += 1,
+                Some(Abort::TimedOut) => self.counters.timed_out += 1,
+                Some(Abort::Local) | None => {}
+            }
             if c.aborted().is_some() {
                 self.counters.aborted += 1;
             }
@@ -303,8 +318,12 @@ impl Splitter {
     pub fn expire(&mut self, now: Instant) {
         let idle = self.idle;
         let before = self.flows.len();
-        self.flows.retain(|_, f| {
-            matches!(f.entry, Entry::Split { .. }) || now.duration_since(f.last_seen) < idle
+        // Ended connections are remembered a little longer than a peer's
+        // retransmissions last.
+        self.flows.retain(|_, f| match f.entry {
+            Entry::Split { .. } => true,
+            Entry::Ended => now.duration_since(f.last_seen) < idle.min(Duration::from_secs(60)),
+            _ => now.duration_since(f.last_seen) < idle,
         });
         self.counters.expired += (before - self.flows.len()) as u64;
     }

@@ -53,8 +53,11 @@ pub struct SplitCounters {
     pub active: u64,
     /// Split connections that ended (cleanly or not).
     pub closed: u64,
-    /// Halves that ended with a RST or a timeout.
+    /// Halves that ended with a RST or a timeout (and of those, by a RST
+    /// from their peer, or by giving up on retransmissions).
     pub aborted: u64,
+    pub resets_received: u64,
+    pub timed_out: u64,
     /// Connections left alone: TCP Fast Open, already running, URG, or a
     /// handshake that did not fit together.
     pub passthrough: u64,
@@ -63,6 +66,8 @@ pub struct SplitCounters {
     pub table_full: u64,
     /// Trackers and pass-through entries forgotten after idling.
     pub expired: u64,
+    /// Segments of split connections that had already ended, dropped.
+    pub after_close: u64,
     /// Segments dropped: bad TCP checksum, malformed options.
     pub bad_checksum: u64,
     pub bad_options: u64,
@@ -73,6 +78,7 @@ pub struct SplitCounters {
     pub challenge_acks: u64,
     pub overlap_conflicts: u64,
     pub out_of_window: u64,
+    pub duplicates: u64,
     pub paws_drops: u64,
     /// Bytes relayed client to server and back (ended and live connections).
     pub bytes_c2s: u64,

@@ -346,13 +346,25 @@ impl Worker {
         };
         let frames = std::mem::take(&mut sp.out);
         let n = frames.len();
-        for (side, bytes) in frames {
+        let mut frames = frames.into_iter();
+        for (side, bytes) in frames.by_ref() {
             match self.port.build(&bytes) {
-                Some(desc) => self.port.send(side, desc),
-                None => self.counters.no_free_frame += 1,
+                Some(desc) => {
+                    self.port.send(side, desc);
+                    sp.recycle(bytes);
+                }
+                None => {
+                    // No free UMEM frame until transmissions complete: keep
+                    // this and the rest, in order, for the next round
+                    // (dropping them would cost the split connections a
+                    // retransmission timeout each).
+                    self.counters.no_free_frame += 1;
+                    sp.out.push((side, bytes));
+                    break;
+                }
             }
-            sp.recycle(bytes);
         }
+        sp.out.extend(frames);
         n
     }
 

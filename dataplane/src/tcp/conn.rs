@@ -112,6 +112,8 @@ pub struct ConnStats {
     pub challenge_acks: u64,
     pub paws_drops: u64,
     pub out_of_window: u64,
+    /// Segments carrying only data already received.
+    pub duplicates: u64,
     pub bad_acks: u64,
     pub overlap_conflicts: u64,
     pub zero_window_probes: u64,
@@ -312,7 +314,9 @@ impl Conn {
     /// window; a large enough opening is announced at once.
     pub fn read(&mut self, max: usize) -> Vec<u8> {
         let out = self.rcv.read(max);
-        if !out.is_empty() {
+        // After the peer's FIN no more data comes: a window update would
+        // only reach a socket that may be gone (and draw a RST).
+        if !out.is_empty() && !self.fin_received {
             let wnd = self.rcv.window();
             //= https://www.rfc-editor.org/rfc/rfc9293#section-3.8.6.2.2
             //# ... the data receiver ... send a window update when the
@@ -404,7 +408,12 @@ impl Conn {
                 let ins = self.rcv.insert(seg.seq, &seg.payload);
                 self.stats.overlap_conflicts += ins.conflict as u64;
             }
-            self.stats.out_of_window += 1;
+            if len > 0 && (seg.seq + len).le(rcv_nxt) {
+                // Entirely old: a retransmission of what we have.
+                self.stats.duplicates += 1;
+            } else {
+                self.stats.out_of_window += 1;
+            }
             //# If an incoming segment is not acceptable, an acknowledgment
             //# should be sent in reply (unless the RST bit is set
             if !seg.flags.rst {
@@ -414,6 +423,11 @@ impl Conn {
         }
 
         // Second: RST (RFC 5961 §3.2).
+        if seg.flags.rst && self.state == State::TimeWait {
+            //= https://www.rfc-editor.org/rfc/rfc1337#section-3
+            //# ... ignore RST segments in TIME-WAIT state.
+            return;
+        }
         if seg.flags.rst {
             //= https://www.rfc-editor.org/rfc/rfc5961#section-3.2
             //# 1) If the RST bit is set and the sequence number is outside the
@@ -454,7 +468,9 @@ impl Conn {
 
         // TS.Recent (RFC 7323 §4.3): from segments at or before RCV.NXT.
         if let (Some(ts), Some(seg_ts)) = (self.ts.as_mut(), seg.options.timestamps) {
-            if seg.seq.le(rcv_nxt) {
+            // Never backwards (echoing an old clock would inflate the
+            // peer's RTT samples).
+            if seg.seq.le(rcv_nxt) && (seg_ts.val.wrapping_sub(ts.recent) as i32) >= 0 {
                 ts.recent = seg_ts.val;
             }
         }

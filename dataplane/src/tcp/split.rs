@@ -91,6 +91,8 @@ impl Tracker {
     pub fn on_segment(&mut self, dir: Dir, seg: &Segment, now: Instant) -> Track {
         let f = seg.flags;
         if f.rst {
+            // The attempt is over; a new SYN may reuse the ports.
+            self.phase = Phase::Idle;
             return Track::Forward;
         }
         if f.urg {
@@ -112,6 +114,12 @@ impl Tracker {
             (Phase::Syn { isn, .. }, Dir::Client) if f.syn && !f.ack && seg.seq == *isn => {
                 Track::Forward
             }
+            // A new SYN on the same ports (the earlier attempt was refused
+            // or abandoned): start over.
+            (Phase::Syn { .. } | Phase::SynAck { .. }, Dir::Client) if f.syn && !f.ack => {
+                self.phase = Phase::Idle;
+                self.on_segment(dir, seg, now)
+            }
             (Phase::Syn { isn, opts, .. }, Dir::Server) if f.syn && f.ack => {
                 if seg.ack != *isn + 1 || !seg.payload.is_empty() || f.fin {
                     return Track::Pass(Passthrough::Inconsistent);
@@ -128,7 +136,6 @@ impl Tracker {
             (Phase::SynAck { s_isn, .. }, Dir::Server) if f.syn && f.ack && seg.seq == *s_isn => {
                 Track::Forward // a retransmitted SYN-ACK
             }
-            (Phase::SynAck { .. }, Dir::Client) if f.syn => Track::Forward,
             (
                 Phase::SynAck {
                     c_isn,

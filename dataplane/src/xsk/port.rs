@@ -44,6 +44,9 @@ pub struct PortConfig {
     pub ring_size: u32,
 }
 
+/// sendto() calls per side per flush (32 frames each in copy mode).
+const MAX_KICKS: usize = 16;
+
 impl PortConfig {
     /// Frames kept back from the fill rings for frames the worker builds.
     fn reserve(&self) -> u32 {
@@ -301,9 +304,18 @@ impl QueuePort {
                     side.in_flight += produced;
                 }
             }
-            // Copy mode transmits only from sendto(); need_wakeup says when.
+            // Copy mode transmits only from sendto(), and at most 32 frames
+            // per call (the kernel's TX_BATCH_SIZE), answering EAGAIN while
+            // more wait: kick again, a bounded number of times, so a burst
+            // does not sit in the ring holding UMEM frames the fill rings
+            // need.
             if side.in_flight > 0 && side.tx.needs_wakeup() {
-                let _ = side.tx.wakeup();
+                for _ in 0..MAX_KICKS {
+                    match side.tx.wakeup() {
+                        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                        _ => break,
+                    }
+                }
             }
         }
         sent
