@@ -10,9 +10,11 @@
 //! - [`sim`]: a seeded lossy link between two endpoints on a virtual clock.
 //! - [`split`]: the tcp-split action: handshake tracking and the relay
 //!   between a connection's two halves.
+//! - [`fuzz`]: the entry point fuzzers (and a property test) drive.
 
 pub mod cc;
 pub mod conn;
+pub mod fuzz;
 pub mod reassembly;
 pub mod rtt;
 pub mod sim;
