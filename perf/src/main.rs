@@ -51,14 +51,16 @@ enum Path {
     BridgeOffloadOff,
     XdpDevmap,
     XdpUserspace,
+    XdpSplit,
 }
 
 impl Path {
-    const ALL: [Path; 4] = [
+    const ALL: [Path; 5] = [
         Path::BridgeOffloadOn,
         Path::BridgeOffloadOff,
         Path::XdpDevmap,
         Path::XdpUserspace,
+        Path::XdpSplit,
     ];
 
     fn label(self) -> &'static str {
@@ -67,6 +69,7 @@ impl Path {
             Path::BridgeOffloadOff => "bridge_offload_off",
             Path::XdpDevmap => "xdp_devmap",
             Path::XdpUserspace => "xdp_userspace",
+            Path::XdpSplit => "xdp_split",
         }
     }
 }
@@ -211,6 +214,10 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
         }
         Path::XdpDevmap => Some(Engine::start(&h, &["--steer-ports", "none"])?),
         Path::XdpUserspace => Some(Engine::start(&h, &["--steer-ports", &PORT.to_string()])?),
+        Path::XdpSplit => Some(Engine::start(
+            &h,
+            &["--steer-ports", &PORT.to_string(), "--tcp-split"],
+        )?),
     };
     let _server = iperf_server(&h)?;
     for w in WORKLOADS {
@@ -237,7 +244,11 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
     }
     if let Some(engine) = engine {
         let r = engine.stats()?;
-        if path == Path::XdpUserspace {
+        if path == Path::XdpSplit {
+            let split: u64 = r.workers.iter().map(|w| w.split.split).sum();
+            anyhow::ensure!(split > 0, "split path split no connection");
+        }
+        if matches!(path, Path::XdpUserspace | Path::XdpSplit) {
             anyhow::ensure!(r.xdp_packets("steer") > 0, "userspace path steered nothing");
         } else {
             anyhow::ensure!(r.xdp_packets("steer") == 0, "devmap path steered frames");
