@@ -40,6 +40,10 @@ struct Args {
     /// Only these paths (comma-separated).
     #[arg(long)]
     paths: Option<String>,
+    /// Instead of throughput: the engine's memory per established split
+    /// connection, with this many idle connections open.
+    #[arg(long)]
+    split_memory: Option<usize>,
 }
 
 const PORT: u16 = 5201;
@@ -259,8 +263,69 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
     Ok(())
 }
 
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens `n` connections through the engine with --tcp-split, moves a
+/// little data on each (so both halves exist and have touched their
+/// buffers), and reports the engine's RSS growth per connection.
+fn split_memory(n: usize) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let h = Harness::new(HarnessConfig::default())?;
+    let engine = Engine::start(&h, &["--steer-ports", "443", "--tcp-split"])?;
+    let addr = format!("{SERVER_V4}:443");
+    let listener = loupe_tests::tcp::listen(&h.server, &addr)?;
+    let before = rss_kib(engine.pid());
+    let server = std::thread::spawn(move || -> anyhow::Result<Vec<std::net::TcpStream>> {
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (mut s, _) = listener.accept()?;
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b)?;
+            s.write_all(&b)?;
+            conns.push(s);
+        }
+        Ok(conns)
+    });
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = loupe_tests::tcp::connect(&h.client, &addr)?;
+        c.write_all(b"ping")?;
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b)?;
+        clients.push(c);
+    }
+    let servers = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread"))??;
+    let active = engine.wait_stats("all connections split", Duration::from_secs(60), |r| {
+        let a: u64 = r.workers.iter().map(|w| w.split.active).sum();
+        (a >= n as u64).then_some(a)
+    })?;
+    let after = rss_kib(engine.pid());
+    let per = (after.saturating_sub(before)) as f64 / n as f64;
+    println!(
+        "split memory: {n} established split connections ({active} active): engine RSS {before} KiB -> {after} KiB, {per:.1} KiB per connection"
+    );
+    drop(clients);
+    drop(servers);
+    let (status, _, _, err) = engine.stop();
+    anyhow::ensure!(status.success(), "engine: {status}: {err}");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(n) = args.split_memory {
+        return split_memory(n);
+    }
     let paths: Vec<Path> = match &args.paths {
         None => Path::ALL.to_vec(),
         Some(list) => list
