@@ -103,7 +103,13 @@ impl Reassembler {
     /// Takes up to `max` in-order bytes.
     pub fn read(&mut self, max: usize) -> Vec<u8> {
         let n = max.min(self.ready.len());
-        self.ready.drain(..n).collect()
+        // Two slice copies, then an O(1) drain of plain bytes.
+        let (a, b) = self.ready.as_slices();
+        let mut out = Vec::with_capacity(n);
+        out.extend_from_slice(&a[..n.min(a.len())]);
+        out.extend_from_slice(&b[..n.saturating_sub(a.len())]);
+        self.ready.drain(..n);
+        out
     }
 
     /// The out-of-order ranges as SACK blocks (RFC 2018 §4), most recent
@@ -163,14 +169,20 @@ impl Reassembler {
         let off = off.max(delivered) as u64;
         let to = to as u64;
         if off < to {
-            self.merge(off, to, |o| byte(o as i64), &mut r);
+            // `data` covers stream offsets [start, end); `start` may be
+            // negative only for bytes before `delivered`, already skipped.
+            self.merge(off, to, start as u64, data, &mut r);
             self.deliver();
         }
         r
     }
 
     /// Fills `[from, to)` around the held ranges.
-    fn merge(&mut self, from: u64, to: u64, byte: impl Fn(u64) -> u8, r: &mut Insert) {
+    fn merge(&mut self, from: u64, to: u64, base: u64, data: &[u8], r: &mut Insert) {
+        // Offsets relative to `base` in modular arithmetic: `base` may be
+        // "negative" (a segment reaching back before the stream's start).
+        let at = |o: u64| o.wrapping_sub(base) as usize;
+        let slice = |a: u64, b: u64| data[at(a)..at(b)].to_vec();
         let mut pos = from;
         let overlapping: Vec<(u64, usize)> = self
             .held
@@ -180,23 +192,20 @@ impl Reassembler {
             .collect();
         for (s, len) in overlapping {
             if pos < s {
-                self.put(pos, (pos..s).map(&byte).collect());
+                self.put(pos, slice(pos, s));
                 r.new += (s - pos) as usize;
                 pos = s;
             }
             let stop = to.min(s + len as u64);
-            let held = &self.held[&s];
-            while pos < stop {
-                if held[(pos - s) as usize] == byte(pos) {
-                    r.duplicate += 1;
-                } else {
-                    r.conflict += 1;
-                }
-                pos += 1;
-            }
+            let held = &self.held[&s][(pos - s) as usize..(stop - s) as usize];
+            let new = &data[at(pos)..at(stop)];
+            let same = held.iter().zip(new).filter(|(a, b)| a == b).count();
+            r.duplicate += same;
+            r.conflict += held.len() - same;
+            pos = stop;
         }
         if pos < to {
-            self.put(pos, (pos..to).map(&byte).collect());
+            self.put(pos, slice(pos, to));
             r.new += (to - pos) as usize;
         }
     }
