@@ -199,6 +199,17 @@ impl Classifier {
         flows.insert(key, verdict, 0).map_err(map_err("FLOWS"))
     }
 
+    /// Takes the flow map out of the classifier, for the one thread that
+    /// installs verdicts while the program runs (the program keeps its own
+    /// reference to the map). `set_flow` is unavailable afterwards.
+    pub fn take_flow_map(&mut self) -> Result<FlowVerdicts, ClassifierError> {
+        let map = self
+            .ebpf
+            .take_map("FLOWS")
+            .ok_or(ClassifierError::Missing("FLOWS"))?;
+        Ok(FlowVerdicts(map.try_into().map_err(map_err("FLOWS"))?))
+    }
+
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), ClassifierError> {
         let prog: &mut Xdp = self
             .ebpf
@@ -279,5 +290,15 @@ impl Classifier {
         self.ebpf
             .map_mut(name)
             .ok_or(ClassifierError::Missing(name))
+    }
+}
+
+/// The XDP flow map, owned by the thread that installs verdicts.
+pub struct FlowVerdicts(HashMap<aya::maps::MapData, FlowKey, u32>);
+
+impl FlowVerdicts {
+    /// Installs a verdict for one direction of a flow.
+    pub fn set(&mut self, key: &FlowKey, verdict: u32) -> Result<(), ClassifierError> {
+        self.0.insert(key, verdict, 0).map_err(map_err("FLOWS"))
     }
 }

@@ -164,6 +164,7 @@ pub fn run(
     let sharder = Sharder::new(workers);
     let crossbar = Arc::new(Crossbar::new(workers).map_err(EngineError::Spawn)?);
     let mut pending = Vec::with_capacity(workers);
+    let (release_tx, release_rx) = crossbeam::channel::bounded::<loupe_common::FlowKey>(4096);
     for q in 0..queues {
         let port = QueuePort::new(&cfg.inside, &cfg.outside, q, cfg.port)?;
         classifier.register_socket(Side::Inside, q, port.fd(Side::Inside))?;
@@ -179,13 +180,18 @@ pub fn run(
             shared.clone(),
         );
         if cfg.tcp_split {
-            worker.enable_split(cfg.max_flows_per_worker, cfg.flow_idle_timeout);
+            worker.enable_split(
+                cfg.max_flows_per_worker,
+                cfg.flow_idle_timeout,
+                release_tx.clone(),
+            );
         }
         pending.push((worker, shared));
     }
     classifier.attach(&cfg.inside, cfg.mode)?;
     classifier.attach(&cfg.outside, cfg.mode)?;
 
+    let mut flows = classifier.take_flow_map()?;
     let started = Instant::now();
     let base = StatsReport {
         version: STATS_VERSION,
@@ -301,6 +307,14 @@ pub fn run(
             break;
         }
         thread::sleep(Duration::from_millis(20));
+        // Released flows leave userspace: both directions bypass in XDP.
+        for key in release_rx.try_iter() {
+            for k in [key, key.reversed()] {
+                if let Err(e) = flows.set(&k, loupe_common::verdict::BYPASS) {
+                    eprintln!("loupe-dataplane: warning: cannot release a flow to XDP: {e}");
+                }
+            }
+        }
         if last_write.elapsed() >= cfg.stats_interval {
             last_write = Instant::now();
             match write(&snapshot("running")) {

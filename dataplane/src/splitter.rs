@@ -10,6 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use loupe_common::FlowKey;
+
 use crate::{
     flow::{FlowId, Side},
     stats::SplitCounters,
@@ -63,6 +65,9 @@ pub struct Splitter {
     idle: Duration,
     /// Frames to send: (out of which interface, bytes).
     pub out: Vec<(Side, Vec<u8>)>,
+    /// Connections released to the XDP fast path: the worker installs
+    /// them as `bypass` in the flow map (both directions).
+    pub release: Vec<FlowKey>,
     spare: Vec<Vec<u8>>,
     pub counters: SplitCounters,
 }
@@ -80,6 +85,7 @@ impl Splitter {
             max_flows,
             idle,
             out: Vec::new(),
+            release: Vec::new(),
             spare: Vec::new(),
             counters: SplitCounters::default(),
         }
@@ -98,6 +104,16 @@ impl Splitter {
         };
         let id = FlowId::of(&parsed.key);
         let is_syn = parsed.segment.flags.syn && !parsed.segment.flags.ack;
+        // A new connection on the ports of one that passed through or
+        // ended: track it afresh.
+        if is_syn
+            && self
+                .flows
+                .get(&id)
+                .is_some_and(|f| matches!(f.entry, Entry::Passthrough | Entry::Ended))
+        {
+            self.flows.remove(&id);
+        }
         if !self.flows.contains_key(&id) {
             if self.flows.len() >= self.max_flows {
                 self.counters.table_full += 1;
@@ -111,8 +127,9 @@ impl Splitter {
                 }
             } else {
                 // A flow already running when the engine started (or one
-                // whose state expired): leave it alone.
+                // whose state expired): leave it alone, in the kernel.
                 self.counters.passthrough += 1;
+                self.release.push(parsed.key);
                 Entry::Passthrough
             };
             self.flows.insert(
@@ -192,6 +209,7 @@ impl Splitter {
                 if why == Passthrough::FastOpen {
                     self.counters.fast_open += 1;
                 }
+                self.release.push(p.key);
                 self.flows.get_mut(&id).expect("present").entry = Entry::Passthrough;
                 return Disposition::Forward;
             }

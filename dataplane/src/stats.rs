@@ -62,6 +62,9 @@ pub struct SplitCounters {
     /// handshake that did not fit together.
     pub passthrough: u64,
     pub fast_open: u64,
+    /// Pass-through connections handed to the XDP fast path (installed as
+    /// `bypass` in the flow map, both directions).
+    pub released: u64,
     /// New connections not tracked because the split table was full.
     pub table_full: u64,
     /// Trackers and pass-through entries forgotten after idling.

@@ -149,6 +149,9 @@ pub struct Worker {
     kicked: Vec<bool>,
     /// The tcp-split action, when it is on.
     splitter: Option<Splitter>,
+    /// Flows to install as `bypass` in the XDP flow map (the engine's
+    /// thread owns the map).
+    release: Option<crossbeam::channel::Sender<FlowKey>>,
 }
 
 impl Worker {
@@ -174,12 +177,19 @@ impl Worker {
             epoch: Instant::now(),
             kicked,
             splitter: None,
+            release: None,
         }
     }
 
     /// Splits every steered connection this worker owns (tcp-split).
-    pub fn enable_split(&mut self, max_flows: usize, idle: Duration) {
+    pub fn enable_split(
+        &mut self,
+        max_flows: usize,
+        idle: Duration,
+        release: crossbeam::channel::Sender<FlowKey>,
+    ) {
         self.splitter = Some(Splitter::new(max_flows, idle));
+        self.release = Some(release);
     }
 
     pub fn set_cpu(&mut self, cpu: Option<usize>) {
@@ -344,6 +354,15 @@ impl Worker {
         let Some(sp) = self.splitter.as_mut() else {
             return 0;
         };
+        if let Some(tx) = &self.release {
+            for key in sp.release.drain(..) {
+                // A full channel only means the flow stays in userspace,
+                // forwarded unchanged; the next frame asks again.
+                if tx.try_send(key).is_ok() {
+                    sp.counters.released += 1;
+                }
+            }
+        }
         let frames = std::mem::take(&mut sp.out);
         let n = frames.len();
         let mut frames = frames.into_iter();

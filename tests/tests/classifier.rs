@@ -41,6 +41,18 @@ fn mapped(v4: [u8; 4]) -> [u8; 16] {
     v4_mapped(v4)
 }
 
+/// A SYN (no ACK) from `sport` to `dport` over IPv4.
+fn syn_v4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC, MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1, 1000)
+        .syn()
+        .write(&mut out, b"")
+        .unwrap();
+    out
+}
+
 fn tcp(src: Ip, sport: u16, dst: Ip, dport: u16) -> Vec<u8> {
     let mut out = Vec::new();
     let b = PacketBuilder::ethernet2(MAC, MAC);
@@ -129,6 +141,7 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                 ("arp", arp, inside, 0, XDP_REDIRECT, Counter::PassNonIp),
                 ("flow verdict steer beats port", tcp(c4, 40002, s4, 8080), inside, 0, XDP_REDIRECT, Counter::FlowSteer),
                 ("flow verdict bypass beats port", tcp(c4, 40003, s4, 443), inside, 0, XDP_REDIRECT, Counter::FlowBypass),
+                ("a new SYN on bypassed ports is steered", syn_v4(CLIENT, 40003, SERVER, 443), inside, 0, XDP_REDIRECT, Counter::Steer),
                 ("flow verdict drop", tcp(c4, 40004, s4, 443), inside, 0, XDP_DROP, Counter::FlowDrop),
                 ("flow keys are per direction", tcp(s4, 443, c4, 40003), outside, 0, XDP_REDIRECT, Counter::Steer),
                 ("unknown verdict falls through", tcp(c4, 40005, s4, 443), inside, 0, XDP_REDIRECT, Counter::Steer),

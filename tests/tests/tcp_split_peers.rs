@@ -369,3 +369,60 @@ fn a_server_that_closes_first_gives_the_client_a_clean_end() {
         .unwrap();
     engine.stop();
 }
+
+#[test]
+fn connections_older_than_the_engine_are_released_to_the_xdp_fast_path() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let addr = format!("{SERVER_V4}:443");
+    let listener = listen(&h.server, &addr).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).unwrap();
+        }
+    });
+    // The connection is set up through an engine that does not split...
+    let first = Engine::start(&h, &[]).expect("engine");
+    let mut c = connect(&h.client, &addr).unwrap();
+    let echo = |c: &mut TcpStream, seed: usize| {
+        let d = data(seed, 100_000);
+        c.write_all(&d).unwrap();
+        let mut back = vec![0u8; d.len()];
+        c.read_exact(&mut back).unwrap();
+        assert!(back == d, "echo {seed} differs");
+    };
+    echo(&mut c, 1);
+    first.stop();
+    // ...and continues through one that does: it is not split (its
+    // handshake was never seen) but released to the XDP fast path.
+    let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    echo(&mut c, 2);
+    let r = engine
+        .wait_stats(
+            "the old connection released",
+            Duration::from_secs(30),
+            |r| {
+                let released: u64 = r.workers.iter().map(|w| w.split.released).sum();
+                (released >= 1).then(|| r.clone())
+            },
+        )
+        .unwrap();
+    let bypass_before = r.xdp_packets("flow_bypass");
+    echo(&mut c, 3);
+    let r = engine
+        .wait_stats(
+            "the old connection on the fast path",
+            Duration::from_secs(30),
+            |r| (r.xdp_packets("flow_bypass") > bypass_before + 10).then(|| r.clone()),
+        )
+        .unwrap();
+    assert_eq!(split(&r).split, 0, "an old connection must not be split");
+    drop(c);
+    server.join().unwrap();
+    engine.stop();
+}

@@ -309,11 +309,14 @@ fn tcp(ctx: &XdpContext, l3: L3) -> Class {
     let src_port = u16::from_be_bytes([t[0], t[1]]);
     let dst_port = u16::from_be_bytes([t[2], t[3]]);
     let key = FlowKey::new(l3.src, l3.dst, src_port, dst_port, IPPROTO_TCP);
+    // A SYN without ACK opens a new connection: an earlier connection's
+    // bypass on the same ports must not exempt it from inspection.
+    let new_conn = t[13] & 0x12 == 0x02;
     // SAFETY: the value is copied out at once; a concurrent update from
     // userspace yields either the old or the new verdict.
     if let Some(v) = unsafe { FLOWS.get(key) } {
         match *v {
-            verdict::BYPASS => return Class::Pass(Counter::FlowBypass),
+            verdict::BYPASS if !new_conn => return Class::Pass(Counter::FlowBypass),
             verdict::DROP => return Class::Drop(Counter::FlowDrop),
             verdict::STEER => return Class::Steer(Counter::FlowSteer),
             _ => {}
