@@ -229,6 +229,42 @@ impl StatsReport {
             })
             .sum();
         let _ = writeln!(s, "drops in userspace and AF_XDP rings: {drops}");
+        let mut sp = SplitCounters::default();
+        for w in &self.workers {
+            let c = &w.split;
+            sp.split += c.split;
+            sp.active += c.active;
+            sp.closed += c.closed;
+            sp.aborted += c.aborted;
+            sp.passthrough += c.passthrough;
+            sp.released += c.released;
+            sp.retransmits += c.retransmits;
+            sp.overlap_conflicts += c.overlap_conflicts;
+            sp.bad_checksum += c.bad_checksum;
+            sp.bad_options += c.bad_options;
+            sp.bytes_c2s += c.bytes_c2s;
+            sp.bytes_s2c += c.bytes_s2c;
+        }
+        if sp.split + sp.passthrough > 0 {
+            let _ = writeln!(
+                s,
+                "tcp-split: {} split ({} active, {} ended, {} aborted halves), {} passed \
+                 through ({} released to XDP), {}/{} bytes relayed c->s/s->c, {} retransmits, \
+                 {} conflicting overlaps, {}/{} bad checksums/options",
+                sp.split,
+                sp.active,
+                sp.closed,
+                sp.aborted,
+                sp.passthrough,
+                sp.released,
+                sp.bytes_c2s,
+                sp.bytes_s2c,
+                sp.retransmits,
+                sp.overlap_conflicts,
+                sp.bad_checksum,
+                sp.bad_options
+            );
+        }
         for h in &self.hsm {
             let _ = writeln!(
                 s,

@@ -49,8 +49,10 @@ fn https_through_split(server: &str, size: usize) {
         "{:?}",
         r.workers.iter().map(|w| w.split).collect::<Vec<_>>()
     );
-    let (status, clean, _, err) = engine.stop();
+    let (status, clean, out, err) = engine.stop();
     assert!(clean && status.success(), "engine exit {status}: {err}");
+    // The final report says what the split did.
+    assert!(out.contains("tcp-split: 1 split"), "{out}");
 }
 
 #[test]
