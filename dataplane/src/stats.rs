@@ -88,6 +88,34 @@ pub struct SplitCounters {
     pub bytes_s2c: u64,
 }
 
+impl SplitCounters {
+    /// Adds another worker's counters to these.
+    pub fn add(&mut self, o: &SplitCounters) {
+        self.split += o.split;
+        self.active += o.active;
+        self.closed += o.closed;
+        self.aborted += o.aborted;
+        self.resets_received += o.resets_received;
+        self.timed_out += o.timed_out;
+        self.passthrough += o.passthrough;
+        self.fast_open += o.fast_open;
+        self.released += o.released;
+        self.table_full += o.table_full;
+        self.expired += o.expired;
+        self.after_close += o.after_close;
+        self.bad_checksum += o.bad_checksum;
+        self.bad_options += o.bad_options;
+        self.retransmits += o.retransmits;
+        self.challenge_acks += o.challenge_acks;
+        self.overlap_conflicts += o.overlap_conflicts;
+        self.out_of_window += o.out_of_window;
+        self.duplicates += o.duplicates;
+        self.paws_drops += o.paws_drops;
+        self.bytes_c2s += o.bytes_c2s;
+        self.bytes_s2c += o.bytes_s2c;
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WorkerReport {
     pub id: usize,
@@ -144,6 +172,15 @@ pub struct StatsReport {
 impl StatsReport {
     pub fn xdp_packets(&self, label: &str) -> u64 {
         self.xdp.get(label).map_or(0, |c| c.packets)
+    }
+
+    /// The tcp-split counters of all workers together.
+    pub fn split_total(&self) -> SplitCounters {
+        let mut t = SplitCounters::default();
+        for w in &self.workers {
+            t.add(&w.split);
+        }
+        t
     }
 
     /// Sum of one worker counter over all workers.
@@ -229,22 +266,7 @@ impl StatsReport {
             })
             .sum();
         let _ = writeln!(s, "drops in userspace and AF_XDP rings: {drops}");
-        let mut sp = SplitCounters::default();
-        for w in &self.workers {
-            let c = &w.split;
-            sp.split += c.split;
-            sp.active += c.active;
-            sp.closed += c.closed;
-            sp.aborted += c.aborted;
-            sp.passthrough += c.passthrough;
-            sp.released += c.released;
-            sp.retransmits += c.retransmits;
-            sp.overlap_conflicts += c.overlap_conflicts;
-            sp.bad_checksum += c.bad_checksum;
-            sp.bad_options += c.bad_options;
-            sp.bytes_c2s += c.bytes_c2s;
-            sp.bytes_s2c += c.bytes_s2c;
-        }
+        let sp = self.split_total();
         if sp.split + sp.passthrough > 0 {
             let _ = writeln!(
                 s,

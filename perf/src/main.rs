@@ -249,7 +249,7 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
     if let Some(engine) = engine {
         let r = engine.stats()?;
         if path == Path::XdpSplit {
-            let split: u64 = r.workers.iter().map(|w| w.split.split).sum();
+            let split = r.split_total().split;
             anyhow::ensure!(split > 0, "split path split no connection");
         }
         if matches!(path, Path::XdpUserspace | Path::XdpSplit) {
@@ -306,7 +306,7 @@ fn split_memory(n: usize) -> anyhow::Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("server thread"))??;
     let active = engine.wait_stats("all connections split", Duration::from_secs(60), |r| {
-        let a: u64 = r.workers.iter().map(|w| w.split.active).sum();
+        let a = r.split_total().active;
         (a >= n as u64).then_some(a)
     })?;
     let after = rss_kib(engine.pid());

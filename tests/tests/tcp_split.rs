@@ -17,15 +17,8 @@ use loupe_tests::{
 const MIB: usize = 1 << 20;
 
 fn split_totals(r: &StatsReport) -> (u64, u64, u64, u64) {
-    let s = |f: fn(&loupe_dataplane::stats::SplitCounters) -> u64| {
-        r.workers.iter().map(|w| f(&w.split)).sum::<u64>()
-    };
-    (
-        s(|c| c.split),
-        s(|c| c.bytes_s2c),
-        s(|c| c.bad_checksum),
-        s(|c| c.passthrough),
-    )
+    let s = r.split_total();
+    (s.split, s.bytes_s2c, s.bad_checksum, s.passthrough)
 }
 
 fn https_through_split(server: &str, size: usize) {

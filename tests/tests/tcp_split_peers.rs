@@ -19,19 +19,7 @@ use loupe_tests::{
 use sha2::{Digest, Sha256};
 
 fn split(r: &StatsReport) -> SplitCounters {
-    let mut t = SplitCounters::default();
-    for w in &r.workers {
-        let c = &w.split;
-        t.split += c.split;
-        t.active += c.active;
-        t.closed += c.closed;
-        t.aborted += c.aborted;
-        t.passthrough += c.passthrough;
-        t.bad_checksum += c.bad_checksum;
-        t.bytes_c2s += c.bytes_c2s;
-        t.bytes_s2c += c.bytes_s2c;
-    }
-    t
+    r.split_total()
 }
 
 fn data(seed: usize, len: usize) -> Vec<u8> {
@@ -407,7 +395,7 @@ fn connections_older_than_the_engine_are_released_to_the_xdp_fast_path() {
             "the old connection released",
             Duration::from_secs(30),
             |r| {
-                let released: u64 = r.workers.iter().map(|w| w.split.released).sum();
+                let released = r.split_total().released;
                 (released >= 1).then(|| r.clone())
             },
         )
