@@ -90,25 +90,34 @@ mod tests {
 
     use super::*;
 
-    fn temp(name: &str, body: &str, mode: u32) -> PathBuf {
+    /// A PIN file in a directory removed when the guard drops.
+    struct Temp(PathBuf);
+
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp(name: &str, body: &str, mode: u32) -> (Temp, PathBuf) {
         let dir = std::env::temp_dir().join(format!("loupe-pin-{}-{name}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let p = dir.join("pin");
         fs::write(&p, body).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
-        p
+        (Temp(dir), p)
     }
 
     #[test]
     fn file_with_owner_only_mode_is_read_without_newline() {
-        let p = temp("ok", "1234\n", 0o600);
+        let (_t, p) = temp("ok", "1234\n", 0o600);
         let pin = PinSource::File(p).read().unwrap();
         assert_eq!(pin.expose_secret(), "1234");
     }
 
     #[test]
     fn group_readable_file_is_refused_with_the_fix() {
-        let p = temp("loose", "1234\n", 0o640);
+        let (_t, p) = temp("loose", "1234\n", 0o640);
         let err = PinSource::File(p).read().unwrap_err().to_string();
         assert!(
             err.contains("mode 0640") && err.contains("chmod 600"),
@@ -118,7 +127,7 @@ mod tests {
 
     #[test]
     fn empty_file_and_missing_variable_are_errors() {
-        let p = temp("empty", "\n", 0o600);
+        let (_t, p) = temp("empty", "\n", 0o600);
         assert!(PinSource::File(p)
             .read()
             .unwrap_err()
