@@ -100,7 +100,7 @@ impl Splitter {
     pub fn on_frame(&mut self, side: Side, frame: &[u8], now: Instant) -> Disposition {
         let parsed = match parse_segment(frame) {
             Ok(p) => p,
-            Err(e) => return self.bad_frame(side, frame, e),
+            Err(e) => return self.bad_frame(e),
         };
         let id = FlowId::of(&parsed.key);
         let is_syn = parsed.segment.flags.syn && !parsed.segment.flags.ack;
@@ -152,7 +152,7 @@ impl Splitter {
             Entry::Split { client, .. } => Some(*client),
         };
         match split_client {
-            None => self.track(id, side, parsed, now),
+            None => self.track(id, side, frame, parsed, now),
             Some(client) => {
                 let dir = if side == client {
                     Dir::Client
@@ -165,8 +165,7 @@ impl Splitter {
         }
     }
 
-    fn bad_frame(&mut self, side: Side, frame: &[u8], e: SegmentError) -> Disposition {
-        let _ = (side, frame);
+    fn bad_frame(&mut self, e: SegmentError) -> Disposition {
         match e {
             SegmentError::Checksum => {
                 self.counters.bad_checksum += 1;
@@ -182,7 +181,14 @@ impl Splitter {
         }
     }
 
-    fn track(&mut self, id: FlowId, side: Side, p: Parsed, now: Instant) -> Disposition {
+    fn track(
+        &mut self,
+        id: FlowId,
+        side: Side,
+        frame: &[u8],
+        p: Parsed,
+        now: Instant,
+    ) -> Disposition {
         let Some(Flow {
             entry:
                 Entry::Tracking {
@@ -200,7 +206,7 @@ impl Splitter {
         } else {
             Dir::Server
         };
-        templates[side.index()].get_or_insert_with(|| p.template.clone());
+        templates[side.index()].get_or_insert_with(|| p.template(frame));
         let track = tracker.on_segment(dir, &p.segment, now);
         let (halves, consume) = match track {
             Track::Forward => return Disposition::Forward,
@@ -240,9 +246,9 @@ impl Splitter {
     }
 
     /// Runs `f` on a split connection, then sends what it has to send and
-    /// re-arms its timer; removes it once both halves are closed.
+    /// re-arms its timer; leaves a tombstone once both halves are closed.
     fn with_split(&mut self, id: FlowId, now: Instant, f: impl FnOnce(&mut Split)) {
-        let Some(mut flow) = self.flows.remove(&id) else {
+        let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
         let Entry::Split {
@@ -252,7 +258,6 @@ impl Splitter {
             armed,
         } = &mut flow.entry
         else {
-            self.flows.insert(id, flow);
             return;
         };
         f(split);
@@ -270,40 +275,14 @@ impl Splitter {
             self.out.push((to, buf));
         }
         if split.done() {
-            let (c2s, s2c) = split.relayed();
-            self.counters.bytes_c2s += c2s;
-            self.counters.bytes_s2c += s2c;
-            self.absorb(split);
-            self.counters.closed += 1;
+            absorb(&mut self.counters, split);
             flow.entry = Entry::Ended;
-            self.flows.insert(id, flow);
             return;
         }
         if let Some(next) = split.next_deadline() {
             if armed.is_none_or(|a| next < a) {
                 *armed = Some(next);
                 self.timers.push(Reverse((next, id)));
-            }
-        }
-        self.flows.insert(id, flow);
-    }
-
-    fn absorb(&mut self, split: &Split) {
-        for c in [&split.client, &split.server] {
-            let s = c.stats();
-            self.counters.retransmits += s.retransmits + s.rto_expirations;
-            self.counters.challenge_acks += s.challenge_acks;
-            self.counters.overlap_conflicts += s.overlap_conflicts;
-            self.counters.out_of_window += s.out_of_window;
-            self.counters.duplicates += s.duplicates;
-            self.counters.paws_drops += s.paws_drops;
-            match c.aborted() {
-                Some(Abort::Reset) => self.counters.resets_received += 1,
-                Some(Abort::TimedOut) => self.counters.timed_out += 1,
-                Some(Abort::Local) | None => {}
-            }
-            if c.aborted().is_some() {
-                self.counters.aborted += 1;
             }
         }
     }
@@ -366,5 +345,30 @@ impl Splitter {
             }
         }
         (n, c2s, s2c)
+    }
+}
+
+/// Adds an ended split connection's totals to the worker's counters.
+fn absorb(counters: &mut SplitCounters, split: &Split) {
+    let (c2s, s2c) = split.relayed();
+    counters.bytes_c2s += c2s;
+    counters.bytes_s2c += s2c;
+    counters.closed += 1;
+    for c in [&split.client, &split.server] {
+        let s = c.stats();
+        counters.retransmits += s.retransmits + s.rto_expirations;
+        counters.challenge_acks += s.challenge_acks;
+        counters.overlap_conflicts += s.overlap_conflicts;
+        counters.out_of_window += s.out_of_window;
+        counters.duplicates += s.duplicates;
+        counters.paws_drops += s.paws_drops;
+        match c.aborted() {
+            Some(Abort::Reset) => counters.resets_received += 1,
+            Some(Abort::TimedOut) => counters.timed_out += 1,
+            Some(Abort::Local) | None => {}
+        }
+        if c.aborted().is_some() {
+            counters.aborted += 1;
+        }
     }
 }

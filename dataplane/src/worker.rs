@@ -206,19 +206,21 @@ impl Worker {
         let mut idle = 0u32;
         let (mut next_publish, mut next_expire, mut next_flow_list) = (0, 0, 0);
         while !stop.load(Ordering::Relaxed) {
-            let now_ms = self.now_ms();
+            // One clock read per round, for frames, timers and expiry alike.
+            let now = Instant::now();
+            let now_ms = now.duration_since(self.epoch).as_millis() as u64;
             let mut work = self.port.reclaim();
             self.port.refill();
             for side in [Side::Inside, Side::Outside] {
                 let n = self.port.recv(side, &mut rx);
                 work += n;
                 for desc in &rx[..n] {
-                    self.on_frame(side, *desc, now_ms);
+                    self.on_frame(side, *desc, now, now_ms);
                 }
             }
-            work += self.drain_crossbar(now_ms);
+            work += self.drain_crossbar(now, now_ms);
             if let Some(sp) = self.splitter.as_mut() {
-                sp.on_timers(Instant::now());
+                sp.on_timers(now);
             }
             work += self.send_split();
             self.wake_owners();
@@ -230,7 +232,7 @@ impl Worker {
                 next_expire = now_ms + EXPIRE_EVERY_MS;
                 self.table.expire(now_ms);
                 if let Some(sp) = self.splitter.as_mut() {
-                    sp.expire(Instant::now());
+                    sp.expire(now);
                 }
             }
             if now_ms >= next_publish {
@@ -256,7 +258,7 @@ impl Worker {
         self.publish(true);
     }
 
-    fn on_frame(&mut self, side: Side, desc: FrameDesc, now_ms: u64) {
+    fn on_frame(&mut self, side: Side, desc: FrameDesc, now: Instant, now_ms: u64) {
         let data = self.port.data(&desc);
         let len = data.len();
         let count = match side {
@@ -280,7 +282,7 @@ impl Worker {
             let consumed = self
                 .splitter
                 .as_mut()
-                .is_some_and(|sp| sp.on_frame(side, data, Instant::now()) == Disposition::Consumed);
+                .is_some_and(|sp| sp.on_frame(side, data, now) == Disposition::Consumed);
             self.observe(&frame.key, side, len, now_ms);
             if consumed {
                 self.port.release(desc);
@@ -318,7 +320,7 @@ impl Worker {
         }
     }
 
-    fn drain_crossbar(&mut self, now_ms: u64) -> usize {
+    fn drain_crossbar(&mut self, now: Instant, now_ms: u64) -> usize {
         let mut n = 0;
         for from in 0..self.sharder.workers() {
             if from == self.id {
@@ -334,7 +336,7 @@ impl Worker {
                 self.counters.cross_in += 1;
                 self.observe(&msg.key, msg.side, msg.data.len(), now_ms);
                 let consumed = self.splitter.as_mut().is_some_and(|sp| {
-                    sp.on_frame(msg.side, &msg.data, Instant::now()) == Disposition::Consumed
+                    sp.on_frame(msg.side, &msg.data, now) == Disposition::Consumed
                 });
                 if !consumed {
                     match self.port.build(&msg.data) {

@@ -813,16 +813,7 @@ impl Conn {
     fn bytes_at(&self, from: SeqNum, len: usize) -> Vec<u8> {
         let off = (from.since(self.snd_una).max(0) as usize).min(self.send_buf.len());
         let end = (off + len).min(self.send_buf.len());
-        // The buffer's two slices, cut to [off, end): copies, not a walk.
-        let (a, b) = self.send_buf.as_slices();
-        let mut out = Vec::with_capacity(end - off);
-        if off < a.len() {
-            out.extend_from_slice(&a[off..end.min(a.len())]);
-        }
-        if end > a.len() {
-            out.extend_from_slice(&b[off.saturating_sub(a.len())..end - a.len()]);
-        }
-        out
+        super::copy_range(&self.send_buf, off, end)
     }
 
     /// Fast retransmit, partial ACK or zero-window probe: the first

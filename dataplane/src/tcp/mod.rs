@@ -12,6 +12,8 @@
 //!   between a connection's two halves.
 //! - [`fuzz`]: the entry point fuzzers (and a property test) drive.
 
+use std::collections::VecDeque;
+
 pub mod cc;
 pub mod conn;
 pub mod fuzz;
@@ -19,3 +21,17 @@ pub mod reassembly;
 pub mod rtt;
 pub mod sim;
 pub mod split;
+
+/// Copies bytes `[from, to)` of a byte queue: two slice copies at most,
+/// never a walk byte by byte.
+pub(crate) fn copy_range(q: &VecDeque<u8>, from: usize, to: usize) -> Vec<u8> {
+    let (a, b) = q.as_slices();
+    let mut out = Vec::with_capacity(to.saturating_sub(from));
+    if from < a.len() {
+        out.extend_from_slice(&a[from..to.min(a.len())]);
+    }
+    if to > a.len() {
+        out.extend_from_slice(&b[from.saturating_sub(a.len())..to - a.len()]);
+    }
+    out
+}

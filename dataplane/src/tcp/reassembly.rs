@@ -103,11 +103,8 @@ impl Reassembler {
     /// Takes up to `max` in-order bytes.
     pub fn read(&mut self, max: usize) -> Vec<u8> {
         let n = max.min(self.ready.len());
-        // Two slice copies, then an O(1) drain of plain bytes.
-        let (a, b) = self.ready.as_slices();
-        let mut out = Vec::with_capacity(n);
-        out.extend_from_slice(&a[..n.min(a.len())]);
-        out.extend_from_slice(&b[..n.saturating_sub(a.len())]);
+        // Slice copies, then an O(1) drain of plain bytes.
+        let out = super::copy_range(&self.ready, 0, n);
         self.ready.drain(..n);
         out
     }

@@ -12,11 +12,7 @@
 use std::time::Instant;
 
 use super::conn::{Conn, ConnConfig, Handshake, State};
-use crate::wire::{
-    options::TcpOptions,
-    segment::{Flags, Segment},
-    seq::SeqNum,
-};
+use crate::wire::{options::TcpOptions, segment::Segment, seq::SeqNum};
 
 /// Which endpoint a segment came from (or goes to).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -319,25 +315,34 @@ impl Split {
     }
 }
 
-/// A bare segment, for tests and tools.
-pub fn segment(seq: u32, ack: Option<u32>, flags: Flags, payload: &[u8]) -> Segment {
-    Segment {
-        seq: SeqNum(seq),
-        ack: SeqNum(ack.unwrap_or(0)),
-        flags: Flags {
-            ack: ack.is_some(),
-            ..flags
-        },
-        window: 512,
-        options: TcpOptions::default(),
-        payload: payload.to_vec(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::options::Timestamps;
+    use crate::wire::{options::Timestamps, segment::Flags};
+
+    const SYN: Flags = Flags {
+        fin: false,
+        syn: true,
+        rst: false,
+        psh: false,
+        ack: false,
+        urg: false,
+    };
+
+    /// A bare segment.
+    fn segment(seq: u32, ack: Option<u32>, flags: Flags, payload: &[u8]) -> Segment {
+        Segment {
+            seq: SeqNum(seq),
+            ack: SeqNum(ack.unwrap_or(0)),
+            flags: Flags {
+                ack: ack.is_some(),
+                ..flags
+            },
+            window: 512,
+            options: TcpOptions::default(),
+            payload: payload.to_vec(),
+        }
+    }
 
     fn syn_opts(ts: u32) -> TcpOptions {
         TcpOptions {
@@ -350,29 +355,13 @@ mod tests {
     }
 
     fn handshake(t: &mut Tracker, now: Instant) -> Track {
-        let mut syn = segment(
-            1000,
-            None,
-            Flags {
-                syn: true,
-                ..Flags::default()
-            },
-            b"",
-        );
+        let mut syn = segment(1000, None, SYN, b"");
         syn.options = syn_opts(50);
         assert!(matches!(
             t.on_segment(Dir::Client, &syn, now),
             Track::Forward
         ));
-        let mut synack = segment(
-            9000,
-            Some(1001),
-            Flags {
-                syn: true,
-                ..Flags::default()
-            },
-            b"",
-        );
+        let mut synack = segment(9000, Some(1001), SYN, b"");
         synack.options = syn_opts(70);
         synack.window = 65535; // never scaled in a SYN-ACK
         assert!(matches!(
@@ -445,15 +434,7 @@ mod tests {
     fn fast_open_and_mid_flow_connections_pass_through() {
         let now = Instant::now();
         let mut t = Tracker::new(ConnConfig::default());
-        let syn = segment(
-            1,
-            None,
-            Flags {
-                syn: true,
-                ..Flags::default()
-            },
-            b"data on syn",
-        );
+        let syn = segment(1, None, SYN, b"data on syn");
         assert!(matches!(
             t.on_segment(Dir::Client, &syn, now),
             Track::Pass(Passthrough::FastOpen)
@@ -470,25 +451,9 @@ mod tests {
     fn a_synack_for_another_syn_is_inconsistent() {
         let now = Instant::now();
         let mut t = Tracker::new(ConnConfig::default());
-        let syn = segment(
-            1000,
-            None,
-            Flags {
-                syn: true,
-                ..Flags::default()
-            },
-            b"",
-        );
+        let syn = segment(1000, None, SYN, b"");
         t.on_segment(Dir::Client, &syn, now);
-        let synack = segment(
-            9000,
-            Some(5),
-            Flags {
-                syn: true,
-                ..Flags::default()
-            },
-            b"",
-        );
+        let synack = segment(9000, Some(5), SYN, b"");
         assert!(matches!(
             t.on_segment(Dir::Server, &synack, now),
             Track::Pass(Passthrough::Inconsistent)

@@ -28,8 +28,9 @@ pub enum FrameError {
     NotTcp,
 }
 
-/// Parse an Ethernet frame and return its TCP facts.
-pub fn parse_tcp(frame: &[u8]) -> Result<TcpFrame, FrameError> {
+/// Slices an Ethernet frame down to its TCP header and the flow key, with
+/// the checks every TCP parser here shares (fragments, IPv4-mapped IPv6).
+pub(crate) fn slice_tcp(frame: &[u8]) -> Result<(SlicedPacket<'_>, FlowKey), FrameError> {
     let packet = SlicedPacket::from_ethernet(frame).map_err(|_| FrameError::Malformed)?;
     let (src, dst) = match &packet.net {
         Some(NetSlice::Ipv4(ip)) => {
@@ -57,23 +58,30 @@ pub fn parse_tcp(frame: &[u8]) -> Result<TcpFrame, FrameError> {
         }
         _ => return Err(FrameError::NotTcp),
     };
-    match &packet.transport {
-        Some(TransportSlice::Tcp(tcp)) => {
-            let header = tcp.header_slice();
-            Ok(TcpFrame {
-                key: FlowKey::new(
-                    src,
-                    dst,
-                    tcp.source_port(),
-                    tcp.destination_port(),
-                    IPPROTO_TCP,
-                ),
-                flags: header.get(13).copied().unwrap_or(0),
-                payload_len: tcp.payload().len(),
-            })
-        }
-        _ => Err(FrameError::NotTcp),
-    }
+    let key = match &packet.transport {
+        Some(TransportSlice::Tcp(tcp)) => FlowKey::new(
+            src,
+            dst,
+            tcp.source_port(),
+            tcp.destination_port(),
+            IPPROTO_TCP,
+        ),
+        _ => return Err(FrameError::NotTcp),
+    };
+    Ok((packet, key))
+}
+
+/// Parse an Ethernet frame and return its TCP facts.
+pub fn parse_tcp(frame: &[u8]) -> Result<TcpFrame, FrameError> {
+    let (packet, key) = slice_tcp(frame)?;
+    let Some(TransportSlice::Tcp(tcp)) = &packet.transport else {
+        return Err(FrameError::NotTcp);
+    };
+    Ok(TcpFrame {
+        key,
+        flags: tcp.header_slice().get(13).copied().unwrap_or(0),
+        payload_len: tcp.payload().len(),
+    })
 }
 
 #[cfg(test)]

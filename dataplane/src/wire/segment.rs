@@ -3,12 +3,12 @@
 //! built from segments after the headers of the endpoint being
 //! impersonated (its MACs, VLAN tags, addresses and ports).
 
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use etherparse::{NetSlice, TransportSlice};
 use loupe_common::FlowKey;
 use thiserror::Error;
 
 use super::{
-    frame::{parse_tcp, FrameError},
+    frame::{slice_tcp, FrameError},
     options::{OptionError, TcpOptions},
     seq::SeqNum,
 };
@@ -72,18 +72,46 @@ enum IpPair {
     V6([u8; 16], [u8; 16]),
 }
 
+impl IpPair {
+    /// Source and destination address bytes.
+    fn addrs(&self) -> (&[u8], &[u8]) {
+        match self {
+            IpPair::V4(s, d) => (s, d),
+            IpPair::V6(s, d) => (s, d),
+        }
+    }
+}
+
 /// A parsed segment and where it came from.
 #[derive(Clone, Debug)]
 pub struct Parsed {
     pub key: FlowKey,
     pub segment: Segment,
-    pub template: Template,
+    /// Length of the L2 header (with VLAN tags) and the addressing, for
+    /// [`Parsed::template`]; kept as facts so that parsing allocates no
+    /// template for the segments that never need one.
+    l2_len: usize,
+    ip: IpPair,
+    src_port: u16,
+    dst_port: u16,
+}
+
+impl Parsed {
+    /// The template for sending as this segment's sender; `frame` is the
+    /// frame it was parsed from.
+    pub fn template(&self, frame: &[u8]) -> Template {
+        Template {
+            l2: frame[..self.l2_len].to_vec(),
+            ip: self.ip,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+        }
+    }
 }
 
 /// Parses a TCP frame, verifying its checksum.
 pub fn parse_segment(frame: &[u8]) -> Result<Parsed, SegmentError> {
-    let tcp_frame = parse_tcp(frame)?;
-    let packet = SlicedPacket::from_ethernet(frame).map_err(|_| FrameError::Malformed)?;
+    let (packet, key) = slice_tcp(frame)?;
     let Some(TransportSlice::Tcp(tcp)) = &packet.transport else {
         return Err(FrameError::NotTcp.into());
     };
@@ -127,14 +155,12 @@ pub fn parse_segment(frame: &[u8]) -> Result<Parsed, SegmentError> {
         payload: tcp.payload().to_vec(),
     };
     Ok(Parsed {
-        key: tcp_frame.key,
+        key,
         segment,
-        template: Template {
-            l2: frame[..ip_start].to_vec(),
-            ip,
-            src_port: tcp.source_port(),
-            dst_port: tcp.destination_port(),
-        },
+        l2_len: ip_start,
+        ip,
+        src_port: tcp.source_port(),
+        dst_port: tcp.destination_port(),
     })
 }
 
@@ -206,24 +232,11 @@ impl Template {
         out.extend_from_slice(&opts);
         out.extend_from_slice(&seg.payload);
         // Pseudo-header (RFC 9293 §3.1; RFC 8200 §8.1 for IPv6).
-        let pseudo = match self.ip {
-            IpPair::V4(s, d) => sum16(sum16(sum16(0, &s), &d), &[0, 6]) + tcp_len as u32,
-            IpPair::V6(s, d) => sum16(sum16(sum16(0, &s), &d), &[0, 6]) + tcp_len as u32,
-        };
+        let (src, dst) = self.ip.addrs();
+        let pseudo = sum16(sum16(sum16(0, src), dst), &[0, 6]) + tcp_len as u32;
         let c = fold(sum16(pseudo, &out[tcp_start..]));
         out[tcp_start + 16..tcp_start + 18].copy_from_slice(&c.to_be_bytes());
         out.len() - start
-    }
-
-    /// The same template with the MACs swapped: a frame toward this
-    /// template's sender (used when only one direction has been seen).
-    pub fn l2_reversed(&self) -> Vec<u8> {
-        let mut l2 = self.l2.clone();
-        if l2.len() >= 12 {
-            let (dst, src) = l2.split_at_mut(6);
-            dst.swap_with_slice(&mut src[..6]);
-        }
-        l2
     }
 }
 
@@ -260,12 +273,12 @@ mod tests {
             Some(Timestamps { val: 5, ecr: 6 })
         );
         let mut out = Vec::new();
-        p.template.build(&p.segment, &mut out);
+        p.template(&f).build(&p.segment, &mut out);
         // Our frame parses back to the same segment with valid checksums.
         let back = parse_segment(&out).unwrap();
         assert_eq!(back.segment, p.segment);
         assert_eq!(back.key, p.key);
-        assert_eq!(back.template, p.template);
+        assert_eq!(back.template(&out), p.template(&f));
     }
 
     #[test]
@@ -283,7 +296,7 @@ mod tests {
         b.write(&mut f, b"odd").unwrap();
         let p = parse_segment(&f).unwrap();
         let mut out = Vec::new();
-        p.template.build(&p.segment, &mut out);
+        p.template(&f).build(&p.segment, &mut out);
         assert_eq!(parse_segment(&out).unwrap().segment, p.segment);
     }
 
