@@ -1,7 +1,11 @@
 //! Where a token's user PIN comes from: a file only its owner can read, or an
 //! environment variable. Never the command line, where `ps` shows it.
 
-use std::{fs, os::unix::fs::MetadataExt, path::PathBuf};
+use std::{
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 use cryptoki::types::AuthPin;
 
@@ -49,6 +53,22 @@ impl PinSource {
             PinSource::Env(v) => format!("environment variable {v}"),
         }
     }
+}
+
+/// Writes `pin` to `path` as a PIN file this module accepts: mode 0600 from
+/// the start, replaced atomically (provisioning, tests and benchmarks).
+pub fn write_pin_file(path: &Path, pin: &str) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(format!("{pin}\n").as_bytes())?;
+    drop(f);
+    fs::rename(&tmp, path)
 }
 
 fn read_file(path: &PathBuf) -> Result<String> {

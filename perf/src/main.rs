@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use loupe_perf::median;
 use loupe_tests::{
     engine::Engine,
     harness::{Role, PEER_IF, SERVER_V4},
@@ -131,15 +132,6 @@ struct Report {
     seconds: u32,
     repeat: u32,
     results: Vec<Result>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 fn tx_packets(h: &Harness) -> anyhow::Result<u64> {
@@ -263,16 +255,6 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
     Ok(())
 }
 
-/// Resident memory of a process, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Opens `n` connections through the engine with --tcp-split, moves a
 /// little data on each (so both halves exist and have touched their
 /// buffers), and reports the engine's RSS growth per connection.
@@ -282,7 +264,7 @@ fn split_memory(n: usize) -> anyhow::Result<()> {
     let engine = Engine::start(&h, &["--steer-ports", "443", "--tcp-split"])?;
     let addr = format!("{SERVER_V4}:443");
     let listener = loupe_tests::tcp::listen(&h.server, &addr)?;
-    let before = rss_kib(engine.pid());
+    let before = loupe_tests::proc::rss_kib(engine.pid());
     let server = std::thread::spawn(move || -> anyhow::Result<Vec<std::net::TcpStream>> {
         let mut conns = Vec::with_capacity(n);
         for _ in 0..n {
@@ -309,7 +291,7 @@ fn split_memory(n: usize) -> anyhow::Result<()> {
         let a = r.split_total().active;
         (a >= n as u64).then_some(a)
     })?;
-    let after = rss_kib(engine.pid());
+    let after = loupe_tests::proc::rss_kib(engine.pid());
     let per = (after.saturating_sub(before)) as f64 / n as f64;
     println!(
         "split memory: {n} established split connections ({active} active): engine RSS {before} KiB -> {after} KiB, {per:.1} KiB per connection"

@@ -5,13 +5,13 @@
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::atomic::{AtomicUsize, Ordering},
 };
 
 use anyhow::{bail, Context};
+use loupe_hsm::{pin::write_pin_file, softhsm::SoftHsmDir};
 
 /// The sandbox; see the module note.
 pub struct SoftHsm {
@@ -19,6 +19,7 @@ pub struct SoftHsm {
     pub token: String,
     pub pin_file: PathBuf,
     pub audit_log: PathBuf,
+    sandbox: SoftHsmDir,
     keep: bool,
 }
 
@@ -32,16 +33,9 @@ impl SoftHsm {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("tokens"))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
-        fs::write(
-            dir.join("softhsm2.conf"),
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.join("tokens").display()
-            ),
-        )?;
+        let sandbox = SoftHsmDir::create(&dir)?;
         let hsm = SoftHsm {
+            sandbox,
             pin_file: dir.join("user.pin"),
             audit_log: dir.join("audit.jsonl"),
             token: token.to_string(),
@@ -68,15 +62,11 @@ impl SoftHsm {
 
     /// Writes `pin` to the PIN file (mode 0600).
     pub fn set_pin_file(&self, pin: &str) -> anyhow::Result<()> {
-        let tmp = self.pin_file.with_extension("tmp");
-        fs::write(&tmp, format!("{pin}\n"))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-        fs::rename(&tmp, &self.pin_file)?;
-        Ok(())
+        Ok(write_pin_file(&self.pin_file, pin)?)
     }
 
     pub fn conf(&self) -> PathBuf {
-        self.dir.join("softhsm2.conf")
+        self.sandbox.conf()
     }
 
     /// A command whose environment points at this sandbox: SoftHSM config,

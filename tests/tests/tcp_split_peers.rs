@@ -13,6 +13,7 @@ use loupe_dataplane::stats::{SplitCounters, StatsReport};
 use loupe_tests::{
     engine::Engine,
     harness::SERVER_V4,
+    proc::rss_kib,
     tcp::{connect, listen},
     Harness, HarnessConfig,
 };
@@ -32,14 +33,6 @@ fn start() -> (Harness, Engine) {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
     let e = Engine::start(&h, &["--tcp-split"]).expect("engine");
     (h, e)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

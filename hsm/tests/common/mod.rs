@@ -6,7 +6,6 @@
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -83,10 +82,7 @@ impl TestToken {
 }
 
 pub fn write_pin(path: &Path, pin: &str) {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, format!("{pin}\n")).unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).unwrap();
-    fs::rename(&tmp, path).unwrap();
+    loupe_hsm::pin::write_pin_file(path, pin).unwrap();
 }
 
 /// A fresh audit log path for one test.

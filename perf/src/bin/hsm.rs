@@ -37,6 +37,7 @@ use loupe_hsm::{
     softhsm::{init_token, SoftHsmDir},
     token::{KeyAlg, Token, TokenConfig, SOFTHSM2_MODULE},
 };
+use loupe_perf::median;
 use serde::Serialize;
 
 /// The engine's allocator: requests are allocated by requesters and freed by
@@ -94,11 +95,6 @@ impl Wake for Unpark {
     fn wake(self: Arc<Self>) {
         self.0.unpark();
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn histogram() -> Histogram<u64> {
@@ -258,11 +254,7 @@ fn main() -> anyhow::Result<()> {
     let module = PathBuf::from(SOFTHSM2_MODULE);
     init_token(&module, "perf", "so-perf", "user-perf")?;
     let pin_file = dir.dir.join("pin");
-    std::fs::write(&pin_file, "user-perf\n")?;
-    std::fs::set_permissions(
-        &pin_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )?;
+    loupe_hsm::pin::write_pin_file(&pin_file, "user-perf")?;
     let cfg = TokenConfig {
         module,
         label: "perf".into(),
