@@ -18,7 +18,7 @@ use loupe_hsm::{
     pin::PinSource,
     signer::{Request, Signer, SignerConfig},
     softhsm::close_all_sessions,
-    token::{KeyAlg, Token},
+    token::{KeyAlg, PublicKey, Token},
     HsmError,
 };
 
@@ -32,6 +32,18 @@ fn request(token: &str, key: &str, mech: SignMech, msg: &[u8]) -> Request {
         requester: "signer-test".into(),
         timeout: Some(Duration::from_secs(30)),
     }
+}
+
+/// A fresh token holding one key pair labelled `label`.
+fn token_with_key(name: &str, label: &str, alg: KeyAlg) -> (TestToken, Token, PublicKey) {
+    let t = TestToken::new(name);
+    let token = Token::open(&t.config).unwrap();
+    let public = token
+        .session()
+        .unwrap()
+        .generate_key_pair(label, alg)
+        .unwrap();
+    (t, token, public)
 }
 
 fn config(tokens: &[&TestToken], threads: usize, batch: usize) -> SignerConfig {
@@ -153,13 +165,7 @@ fn wrong_pin_missing_token_and_loose_pin_file_fail_at_start() {
 
 #[test]
 fn a_full_queue_refuses_at_once_and_every_accepted_request_is_answered() {
-    let t = TestToken::new("full");
-    let token = Token::open(&t.config).unwrap();
-    let public = token
-        .session()
-        .unwrap()
-        .generate_key_pair("rsa", KeyAlg::Rsa2048)
-        .unwrap();
+    let (t, _, public) = token_with_key("full", "rsa", KeyAlg::Rsa2048);
     let mut c = config(&[&t], 1, 1);
     c.queue_capacity = 4;
     let signer = Signer::start(c, None).unwrap();
@@ -193,13 +199,7 @@ fn a_full_queue_refuses_at_once_and_every_accepted_request_is_answered() {
 
 #[test]
 fn an_expired_request_is_answered_timeout_and_never_signed() {
-    let t = TestToken::new("deadline");
-    let token = Token::open(&t.config).unwrap();
-    token
-        .session()
-        .unwrap()
-        .generate_key_pair("k", KeyAlg::EcP256)
-        .unwrap();
+    let (t, token, _) = token_with_key("deadline", "k", KeyAlg::EcP256);
     ensure_audit_key(&token).unwrap();
     let path = audit_path("deadline");
     let log = AuditLog::open(AuditConfig::new(&path, Some(token.clone()))).unwrap();
@@ -239,13 +239,7 @@ impl Wake for ChannelWaker {
 
 #[test]
 fn the_requester_is_woken_not_blocked() {
-    let t = TestToken::new("waker");
-    let token = Token::open(&t.config).unwrap();
-    token
-        .session()
-        .unwrap()
-        .generate_key_pair("k", KeyAlg::EcP256)
-        .unwrap();
+    let (t, _, _) = token_with_key("waker", "k", KeyAlg::EcP256);
     let signer = Signer::start(config(&[&t], 1, 8), None).unwrap();
     let (tx, rx) = crossbeam::channel::unbounded();
     let waker = Waker::from(Arc::new(ChannelWaker(Mutex::new(tx))));
@@ -264,13 +258,7 @@ fn the_requester_is_woken_not_blocked() {
 
 #[test]
 fn lost_sessions_are_reopened_without_failing_requests() {
-    let t = TestToken::new("reset");
-    let token = Token::open(&t.config).unwrap();
-    token
-        .session()
-        .unwrap()
-        .generate_key_pair("k", KeyAlg::EcP256)
-        .unwrap();
+    let (t, token, _) = token_with_key("reset", "k", KeyAlg::EcP256);
     let signer = Signer::start(config(&[&t], 2, 8), None).unwrap();
     let sign = || {
         signer.sign(request(
@@ -293,13 +281,7 @@ fn lost_sessions_are_reopened_without_failing_requests() {
 
 #[test]
 fn a_pin_change_under_the_signer_fails_closed_until_the_pin_source_follows() {
-    let t = TestToken::new("repin");
-    let token = Token::open(&t.config).unwrap();
-    let public = token
-        .session()
-        .unwrap()
-        .generate_key_pair("k", KeyAlg::EcP256)
-        .unwrap();
+    let (t, token, public) = token_with_key("repin", "k", KeyAlg::EcP256);
     let signer = Signer::start(config(&[&t], 2, 8), None).unwrap();
     let label = t.config.label.clone();
     let sign = || signer.sign(request(&label, "k", SignMech::EcdsaP256Sha256, b"m"));
@@ -402,13 +384,7 @@ fn partitions_keep_keys_and_pins_apart() {
 
 #[test]
 fn concurrent_requesters_are_all_answered_and_audited() {
-    let t = TestToken::new("busy");
-    let token = Token::open(&t.config).unwrap();
-    let public = token
-        .session()
-        .unwrap()
-        .generate_key_pair("k", KeyAlg::EcP256)
-        .unwrap();
+    let (t, token, public) = token_with_key("busy", "k", KeyAlg::EcP256);
     ensure_audit_key(&token).unwrap();
     let path = audit_path("busy");
     let mut ac = AuditConfig::new(&path, Some(token.clone()));
