@@ -64,6 +64,19 @@ pub struct Template {
     ip: IpPair,
     src_port: u16,
     dst_port: u16,
+    marks: IpMarks,
+}
+
+/// What the endpoint put in its IP header besides addresses, copied onto
+/// the frames sent as it: TTL or hop limit, DSCP, and the IPv6 flow label
+/// (RFC 6437: one label per flow). ECN bits are never copied: a generated
+/// segment must not claim ECN-capable transport (ECT) on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct IpMarks {
+    hops: u8,
+    /// DSCP in the upper six bits, ECN bits zero.
+    dscp: u8,
+    flow_label: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +107,7 @@ pub struct Parsed {
     ip: IpPair,
     src_port: u16,
     dst_port: u16,
+    marks: IpMarks,
 }
 
 impl Parsed {
@@ -105,6 +119,7 @@ impl Parsed {
             ip: self.ip,
             src_port: self.src_port,
             dst_port: self.dst_port,
+            marks: self.marks,
         }
     }
 }
@@ -116,26 +131,46 @@ pub fn parse_segment(frame: &[u8]) -> Result<Parsed, SegmentError> {
         return Err(FrameError::NotTcp.into());
     };
     let offset = |p: *const u8| p as usize - frame.as_ptr() as usize;
-    let (ip, ip_start, sum) = match &packet.net {
+    let (ip, ip_start, marks) = match &packet.net {
         Some(NetSlice::Ipv4(v4)) => {
             let h = v4.header();
             let (s, d) = (h.source(), h.destination());
-            let sum = tcp
-                .calc_checksum_ipv4(s, d)
-                .map_err(|_| FrameError::Malformed)?;
-            (IpPair::V4(s, d), offset(h.slice().as_ptr()), sum)
+            let raw = h.slice();
+            let marks = IpMarks {
+                hops: raw[8],
+                dscp: raw[1] & 0xfc,
+                flow_label: 0,
+            };
+            (IpPair::V4(s, d), offset(raw.as_ptr()), marks)
         }
         Some(NetSlice::Ipv6(v6)) => {
             let h = v6.header();
             let (s, d) = (h.source(), h.destination());
-            let sum = tcp
-                .calc_checksum_ipv6(s, d)
-                .map_err(|_| FrameError::Malformed)?;
-            (IpPair::V6(s, d), offset(h.slice().as_ptr()), sum)
+            let raw = h.slice();
+            let word = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
+            let marks = IpMarks {
+                hops: raw[7],
+                dscp: ((word >> 20) & 0xfc) as u8,
+                flow_label: word & 0x000f_ffff,
+            };
+            (IpPair::V6(s, d), offset(raw.as_ptr()), marks)
         }
         _ => return Err(FrameError::NotTcp.into()),
     };
-    if sum != tcp.checksum() {
+    //= https://www.rfc-editor.org/rfc/rfc1071#section-1
+    //# To check a checksum, the 1's complement sum is computed over the
+    //# same set of octets, including the checksum field.  If the result
+    //# is all 1 bits (-0 in 1's complement arithmetic), the check
+    //# succeeds.
+    // Summing the field in, rather than comparing it with a computed one,
+    // accepts both zeros of 1's complement: Linux sends 0xffff where the
+    // checksum computes to 0 (skb_checksum_help's CSUM_MANGLED_0), about
+    // one frame in 65536.
+    let bytes = tcp.slice();
+    let len = u32::try_from(bytes.len()).map_err(|_| FrameError::Malformed)?;
+    let (src, dst) = ip.addrs();
+    let pseudo = sum16(sum16(sum16(0, src), dst), &[0, 6]) + len;
+    if fold(sum16(pseudo, bytes)) != 0 {
         return Err(SegmentError::Checksum);
     }
     let options = TcpOptions::parse(tcp.options())?;
@@ -161,6 +196,7 @@ pub fn parse_segment(frame: &[u8]) -> Result<Parsed, SegmentError> {
         ip,
         src_port: tcp.source_port(),
         dst_port: tcp.destination_port(),
+        marks,
     })
 }
 
@@ -196,19 +232,20 @@ impl Template {
         match self.ip {
             IpPair::V4(s, d) => {
                 let total = (20 + tcp_len) as u16;
-                out.extend_from_slice(&[0x45, 0]);
+                out.extend_from_slice(&[0x45, self.marks.dscp]);
                 out.extend_from_slice(&total.to_be_bytes());
                 // ID 0 with DF set (RFC 6864 §4.1: atomic datagrams).
-                out.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
+                out.extend_from_slice(&[0, 0, 0x40, 0, self.marks.hops, 6, 0, 0]);
                 out.extend_from_slice(&s);
                 out.extend_from_slice(&d);
                 let c = fold(sum16(0, &out[ip_start..ip_start + 20]));
                 out[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
             }
             IpPair::V6(s, d) => {
-                out.extend_from_slice(&[0x60, 0, 0, 0]);
+                let word = 6 << 28 | u32::from(self.marks.dscp) << 20 | self.marks.flow_label;
+                out.extend_from_slice(&word.to_be_bytes());
                 out.extend_from_slice(&(tcp_len as u16).to_be_bytes());
-                out.extend_from_slice(&[6, 64]);
+                out.extend_from_slice(&[6, self.marks.hops]);
                 out.extend_from_slice(&s);
                 out.extend_from_slice(&d);
             }
@@ -298,6 +335,60 @@ mod tests {
         let mut out = Vec::new();
         p.template(&f).build(&p.segment, &mut out);
         assert_eq!(parse_segment(&out).unwrap().segment, p.segment);
+    }
+
+    #[test]
+    fn both_zeros_of_ones_complement_are_good_checksums() {
+        // Find a segment whose checksum computes to 0, then send it as
+        // Linux does, with 0xffff in the field.
+        let (mut f, field) = (0u32..)
+            .map(|i| {
+                let f = frame_v4(&i.to_be_bytes());
+                let field = f.len() - 4 - 12 - 4; // the field, before options and payload
+                (f, field)
+            })
+            .find(|(f, field)| f[*field..*field + 2] == [0, 0])
+            .unwrap();
+        assert!(parse_segment(&f).is_ok());
+        f[field..field + 2].copy_from_slice(&[0xff, 0xff]);
+        assert!(parse_segment(&f).is_ok());
+        f[field + 1] = 0xfe;
+        assert_eq!(parse_segment(&f).unwrap_err(), SegmentError::Checksum);
+    }
+
+    #[test]
+    fn ttl_dscp_and_flow_label_are_copied_and_ecn_is_not() {
+        // IPv4: TTL 57, DSCP 46 (EF) with ECT(0).
+        let mut f = frame_v4(b"x");
+        let ip = 18; // Ethernet + one VLAN tag
+        f[ip + 1] = 46 << 2 | 0b10;
+        f[ip + 8] = 57;
+        let c = fold(sum16(0, &{
+            let mut h = f[ip..ip + 20].to_vec();
+            h[10..12].fill(0);
+            h
+        }));
+        f[ip + 10..ip + 12].copy_from_slice(&c.to_be_bytes());
+        let p = parse_segment(&f).unwrap();
+        let mut out = Vec::new();
+        p.template(&f).build(&p.segment, &mut out);
+        assert_eq!((out[ip + 1], out[ip + 8]), (46 << 2, 57));
+        assert!(parse_segment(&out).is_ok());
+        // IPv6: hop limit 33, DSCP 10 with CE, flow label 0xabcde.
+        let b = PacketBuilder::ethernet2([2; 6], [3; 6])
+            .ipv6([1; 16], [2; 16], 33)
+            .tcp(1, 443, 5, 9)
+            .ack(3);
+        let mut f = Vec::new();
+        b.write(&mut f, b"v6").unwrap();
+        let word: u32 = 6 << 28 | (10 << 2 | 0b11) << 20 | 0xabcde;
+        f[14..18].copy_from_slice(&word.to_be_bytes());
+        let p = parse_segment(&f).unwrap();
+        let mut out = Vec::new();
+        p.template(&f).build(&p.segment, &mut out);
+        let got = u32::from_be_bytes(out[14..18].try_into().unwrap());
+        assert_eq!(got, 6 << 28 | (10 << 2) << 20 | 0xabcde);
+        assert_eq!(out[14 + 7], 33);
     }
 
     #[test]
