@@ -12,7 +12,7 @@ use std::{
 use loupe_common::{v4_mapped, Addr, V4_MAPPED_PREFIX_BITS};
 use thiserror::Error;
 
-use crate::{ebpf::AttachMode, xsk::PortConfig};
+use crate::{ebpf::AttachMode, splitter::SplitSettings, xsk::PortConfig};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -165,6 +165,13 @@ pub struct EngineConfig {
     /// Split every steered TCP connection (the tcp-split action: the engine
     /// terminates both halves and relays the byte streams).
     pub tcp_split: bool,
+    /// Client bytes held for the decision, at most, and for how long
+    /// (then the connection is released unchanged to the fast path).
+    pub hold_bytes: usize,
+    pub hold_timeout: Duration,
+    /// tcp-split passes (does not split) connections whose ClientHello
+    /// names one of these servers.
+    pub split_exempt_sni: Vec<crate::policy::SniPattern>,
     /// The HSM signer and its audit log; `None` runs the packet path only.
     pub hsm: Option<HsmSettings>,
 }
@@ -198,6 +205,9 @@ impl EngineConfig {
             pin_workers: true,
             hsm: None,
             tcp_split: false,
+            hold_bytes: SplitSettings::default().hold_bytes,
+            hold_timeout: SplitSettings::default().hold_timeout,
+            split_exempt_sni: Vec::new(),
         }
     }
 }

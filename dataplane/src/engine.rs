@@ -22,6 +22,8 @@ use crate::{
     config::{EngineConfig, HsmSettings},
     ebpf::{Classifier, ClassifierError},
     flow::{Sharder, Side},
+    policy::SplitPolicy,
+    splitter::SplitSettings,
     stats::{IfaceReport, StatsReport, SteeringReport, WorkerReport, STATS_VERSION},
     sys::{self, SysError},
     worker::{Crossbar, Worker, WorkerShared},
@@ -180,11 +182,16 @@ pub fn run(
             shared.clone(),
         );
         if cfg.tcp_split {
-            worker.enable_split(
-                cfg.max_flows_per_worker,
-                cfg.flow_idle_timeout,
-                release_tx.clone(),
-            );
+            let settings = SplitSettings {
+                max_flows: cfg.max_flows_per_worker,
+                idle: cfg.flow_idle_timeout,
+                hold_bytes: cfg.hold_bytes,
+                hold_timeout: cfg.hold_timeout,
+                policy: SplitPolicy {
+                    exempt_sni: cfg.split_exempt_sni.clone(),
+                },
+            };
+            worker.enable_split(settings, release_tx.clone());
         }
         pending.push((worker, shared));
     }

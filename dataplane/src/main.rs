@@ -12,6 +12,8 @@ use clap::Parser;
 use loupe_dataplane::{
     config::{self, EngineConfig, HsmSettings, Prefix},
     engine,
+    policy::SniPattern,
+    splitter::SplitSettings,
     xsk::PortConfig,
 };
 use loupe_hsm::{
@@ -71,6 +73,19 @@ struct Args {
     /// the byte streams (the tcp-split action; TLS is left untouched).
     #[arg(long)]
     tcp_split: bool,
+    /// tcp-split: pass (do not split) connections whose ClientHello names
+    /// this server: `host.example` or `*.example` for every name below it
+    /// (repeatable). They are released to the XDP fast path.
+    #[arg(long = "split-exempt-sni", value_name = "PATTERN")]
+    split_exempt_sni: Vec<SniPattern>,
+    /// Client bytes held until the decision point (a complete
+    /// ClientHello), at most; beyond, the connection is released unchanged.
+    #[arg(long, default_value_t = SplitSettings::default().hold_bytes)]
+    hold_bytes: usize,
+    /// Longest hold in milliseconds, from the first held byte; then the
+    /// connection is released unchanged.
+    #[arg(long, default_value_t = SplitSettings::default().hold_timeout.as_millis() as u64)]
+    hold_timeout_ms: u64,
     /// Start the HSM signer on the token with this label (repeatable, one
     /// per partition; the first one's audit key seals the audit log).
     #[arg(long = "hsm-token")]
@@ -118,6 +133,9 @@ fn main() -> ExitCode {
     cfg.flow_idle_timeout = Duration::from_secs(args.flow_idle_secs.max(1));
     cfg.pin_workers = !args.no_pin;
     cfg.tcp_split = args.tcp_split;
+    cfg.split_exempt_sni = args.split_exempt_sni;
+    cfg.hold_bytes = args.hold_bytes.max(1);
+    cfg.hold_timeout = Duration::from_millis(args.hold_timeout_ms.max(1));
     if !args.hsm_tokens.is_empty() {
         if !args.hsm_pin_files.is_empty() && args.hsm_pin_files.len() != args.hsm_tokens.len() {
             eprintln!(

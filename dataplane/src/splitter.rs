@@ -1,8 +1,12 @@
 //! The tcp-split action on one worker: a handshake tracker for each new
-//! steered connection, then the split connection (two TCP halves and the
-//! relay between them) once the handshake is done, their timers, and the
-//! frames they send. The worker hands every frame of a steered flow it owns
-//! here first; what is not consumed it forwards unchanged.
+//! steered connection; after the handshake, the client's first bytes held
+//! (neither forwarded nor acknowledged) until they make a decision point (a
+//! complete ClientHello, other bytes, or the server speaking first), within
+//! a bound on bytes and time; then the policy's verdict: release the held
+//! frames unchanged and hand the flow to XDP, or split it (two TCP halves
+//! and the relay between them). It owns their timers and the frames they
+//! send. The worker hands every frame of a steered flow it owns here first;
+//! what is not consumed it forwards unchanged.
 
 use std::{
     cmp::Reverse,
@@ -14,13 +18,65 @@ use loupe_common::FlowKey;
 
 use crate::{
     flow::{FlowId, Side},
+    policy::{Opening, SplitPolicy, Verdict},
     stats::SplitCounters,
     tcp::{
         conn::{Abort, ConnConfig},
+        reassembly::Reassembler,
         split::{Dir, Passthrough, Split, Track, Tracker},
     },
-    wire::segment::{parse_segment, Parsed, SegmentError, Template},
+    tls::hello::{Hello, HelloScanner},
+    wire::{
+        segment::{parse_segment, Parsed, Segment, SegmentError, Template},
+        seq::SeqNum,
+    },
 };
+
+/// How the splitter holds and decides.
+#[derive(Clone, Debug)]
+pub struct SplitSettings {
+    /// Trackers and split connections per worker, at most.
+    pub max_flows: usize,
+    /// Trackers and pass-through entries idle this long are forgotten.
+    pub idle: Duration,
+    /// Client bytes held for a decision, at most; beyond, the connection is
+    /// released unchanged.
+    pub hold_bytes: usize,
+    /// The longest a hold may last (from its first byte); then the
+    /// connection is released unchanged. A complete ClientHello is decided
+    /// on at once; the wait only runs while bytes are missing, and must
+    /// outlast a client's retransmission of a lost first segment (Linux:
+    /// an RTO of at least 200 ms).
+    pub hold_timeout: Duration,
+    pub policy: SplitPolicy,
+}
+
+impl Default for SplitSettings {
+    fn default() -> Self {
+        SplitSettings {
+            max_flows: 262_144,
+            idle: Duration::from_secs(120),
+            hold_bytes: 32 << 10,
+            hold_timeout: Duration::from_secs(1),
+            policy: SplitPolicy::default(),
+        }
+    }
+}
+
+/// Held frames of one connection beyond this count are a bound too (tiny
+/// segments would otherwise cost a frame buffer each).
+const MAX_HELD_FRAMES: usize = 64;
+
+/// A connection's client bytes held until the decision.
+struct Held {
+    /// The frames as they arrived (released unchanged on a pass).
+    frames: Vec<Vec<u8>>,
+    /// Their bytes in order, fed to the scanner.
+    stream: Reassembler,
+    scanner: HelloScanner,
+    deadline: Instant,
+    fin: bool,
+}
 
 /// What became of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +93,8 @@ enum Entry {
         /// The side the SYN came from.
         client: Side,
         templates: [Option<Template>; 2],
+        hold: Option<Box<Held>>,
+        key: FlowKey,
     },
     Split {
         split: Box<Split>,
@@ -61,8 +119,7 @@ pub struct Splitter {
     flows: HashMap<FlowId, Flow>,
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     conn: ConnConfig,
-    max_flows: usize,
-    idle: Duration,
+    settings: SplitSettings,
     /// Frames to send: (out of which interface, bytes).
     pub out: Vec<(Side, Vec<u8>)>,
     /// Connections released to the XDP fast path: the worker installs
@@ -73,7 +130,7 @@ pub struct Splitter {
 }
 
 impl Splitter {
-    pub fn new(max_flows: usize, idle: Duration) -> Splitter {
+    pub fn new(settings: SplitSettings) -> Splitter {
         Splitter {
             flows: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -82,8 +139,7 @@ impl Splitter {
                 recv_buffer: 128 << 10,
                 ..ConnConfig::default()
             },
-            max_flows,
-            idle,
+            settings,
             out: Vec::new(),
             release: Vec::new(),
             spare: Vec::new(),
@@ -115,7 +171,7 @@ impl Splitter {
             self.flows.remove(&id);
         }
         if !self.flows.contains_key(&id) {
-            if self.flows.len() >= self.max_flows {
+            if self.flows.len() >= self.settings.max_flows {
                 self.counters.table_full += 1;
                 return Disposition::Forward;
             }
@@ -124,6 +180,8 @@ impl Splitter {
                     tracker: Tracker::new(self.conn.clone()),
                     client: side,
                     templates: [None, None],
+                    hold: None,
+                    key: parsed.key,
                 }
             } else {
                 // A flow already running when the engine started (or one
@@ -195,6 +253,8 @@ impl Splitter {
                     tracker,
                     client,
                     templates,
+                    hold,
+                    ..
                 },
             ..
         }) = self.flows.get_mut(&id)
@@ -207,42 +267,191 @@ impl Splitter {
             Dir::Server
         };
         templates[side.index()].get_or_insert_with(|| p.template(frame));
-        let track = tracker.on_segment(dir, &p.segment, now);
-        let (halves, consume) = match track {
-            Track::Forward => return Disposition::Forward,
+        let track = tracker.on_segment(dir, &p.segment);
+        if hold.is_some() && tracker.client_data_start().is_none() {
+            // A new SYN on these ports: the held attempt was abandoned.
+            *hold = None;
+        }
+        match track {
+            Track::Forward => Disposition::Forward,
             Track::Pass(why) => {
                 self.counters.passthrough += 1;
                 if why == Passthrough::FastOpen {
                     self.counters.fast_open += 1;
                 }
-                self.release.push(p.key);
-                self.flows.get_mut(&id).expect("present").entry = Entry::Passthrough;
-                return Disposition::Forward;
+                self.pass(id);
+                Disposition::Forward
             }
-            Track::SplitAfter(h) => (h, false),
-            Track::SplitWith(h) => (h, true),
-        };
-        let client = *client;
-        let [Some(a), Some(b)] = templates.clone() else {
-            // Both directions have been seen by now (SYN, SYN-ACK).
-            self.counters.passthrough += 1;
-            self.flows.get_mut(&id).expect("present").entry = Entry::Passthrough;
+            Track::Hold => self.hold(id, frame, &p.segment, now),
+            Track::Decide => {
+                self.counters.server_first += 1;
+                self.decide(id, &Opening::ServerFirst, Some(p.segment), now)
+            }
+        }
+    }
+
+    /// Holds a client frame until the decision; decides once the held
+    /// bytes make a decision point, or releases them at the bound.
+    fn hold(&mut self, id: FlowId, frame: &[u8], seg: &Segment, now: Instant) -> Disposition {
+        let Some(Flow {
+            entry: Entry::Tracking { tracker, hold, .. },
+            ..
+        }) = self.flows.get_mut(&id)
+        else {
             return Disposition::Forward;
         };
+        let Some(start) = tracker.client_data_start() else {
+            return Disposition::Forward;
+        };
+        let held = hold.get_or_insert_with(|| {
+            self.counters.held += 1;
+            let deadline = now + self.settings.hold_timeout;
+            self.timers.push(Reverse((deadline, id)));
+            Box::new(Held {
+                frames: Vec::new(),
+                stream: Reassembler::new(start, self.settings.hold_bytes, 0),
+                scanner: HelloScanner::default(),
+                deadline,
+                fin: false,
+            })
+        });
+        let end = i64::from(seg.seq.since(start)) + seg.payload.len() as i64;
+        let ins = held.stream.insert(seg.seq, &seg.payload);
+        let fin_news = seg.flags.fin && !held.fin;
+        if ins.new > 0 || fin_news || ins.conflict > 0 {
+            held.frames.push(frame.to_vec());
+        }
+        held.fin |= seg.flags.fin;
+        if end > self.settings.hold_bytes as i64 || held.frames.len() > MAX_HELD_FRAMES {
+            self.counters.hold_overflows += 1;
+            self.pass(id);
+            return Disposition::Consumed;
+        }
+        let ready = held.stream.read(usize::MAX);
+        let opening = match held.scanner.feed(&ready) {
+            Some(Hello::Tls(ch)) => {
+                self.counters.hellos += 1;
+                Opening::Tls(ch)
+            }
+            Some(Hello::NotTls) => {
+                self.counters.not_tls += 1;
+                Opening::Other
+            }
+            // The client closed before completing a ClientHello.
+            None if held.fin => {
+                self.counters.not_tls += 1;
+                Opening::Other
+            }
+            None => return Disposition::Consumed,
+        };
+        self.decide(id, &opening, None, now);
+        Disposition::Consumed
+    }
+
+    /// The policy's verdict on a connection at its decision point.
+    /// `pending` is the segment that forced the decision, not held.
+    fn decide(
+        &mut self,
+        id: FlowId,
+        opening: &Opening,
+        pending: Option<Segment>,
+        now: Instant,
+    ) -> Disposition {
+        match self.settings.policy.decide(opening) {
+            Verdict::Pass => {
+                self.counters.policy_pass += 1;
+                self.pass(id);
+                Disposition::Forward
+            }
+            Verdict::Split => self.start_split(id, pending, now),
+        }
+    }
+
+    /// Leaves a connection to the kernel for good: held frames go out
+    /// unchanged and the flow is handed to the XDP fast path.
+    fn pass(&mut self, id: FlowId) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if let Entry::Tracking {
+            client, hold, key, ..
+        } = &mut flow.entry
+        {
+            if let Some(held) = hold.take() {
+                let to = client.other();
+                self.out.extend(held.frames.into_iter().map(|f| (to, f)));
+            }
+            self.release.push(*key);
+        }
+        flow.entry = Entry::Passthrough;
+    }
+
+    /// Takes over a connection: the held client bytes go into the
+    /// client-facing half (acknowledged at once), then `pending` (the
+    /// server's first data) into the server-facing one.
+    fn start_split(&mut self, id: FlowId, pending: Option<Segment>, now: Instant) -> Disposition {
+        let Some(Flow {
+            entry:
+                Entry::Tracking {
+                    tracker,
+                    client,
+                    templates,
+                    hold,
+                    ..
+                },
+            ..
+        }) = self.flows.get_mut(&id)
+        else {
+            return Disposition::Forward;
+        };
+        if tracker.client_data_start().is_none() || templates.iter().any(Option::is_none) {
+            // Cannot happen once established (SYN and SYN-ACK were seen);
+            // leave the connection alone rather than guess.
+            self.counters.passthrough += 1;
+            self.pass(id);
+            return Disposition::Forward;
+        }
+        let held: Vec<Segment> = hold
+            .take()
+            .map(|h| h.frames)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|f| {
+                let p = parse_segment(&f).ok();
+                if self.spare.len() < 256 {
+                    self.spare.push(f);
+                }
+                p.map(|p| p.segment)
+            })
+            .collect();
+        let oldest = held
+            .iter()
+            .filter_map(|s| s.options.timestamps.map(|t| t.val))
+            .min_by(|a, b| SeqNum(*a).since(SeqNum(*b)).cmp(&0));
+        let (Some(halves), [Some(a), Some(b)]) = (tracker.split(now, oldest), templates.clone())
+        else {
+            unreachable!("checked above: established, both templates")
+        };
+        let client = *client;
         self.counters.split += 1;
         self.flows.get_mut(&id).expect("present").entry = Entry::Split {
-            split: Box::new(Split::new(*halves)),
+            split: Box::new(Split::new(halves)),
             client,
             templates: [a, b],
             armed: None,
         };
-        if consume {
-            self.with_split(id, now, |s| s.on_segment(Dir::Client, &p.segment, now));
-            Disposition::Consumed
-        } else {
-            // The client's handshake ACK goes on to the server as it is.
-            Disposition::Forward
+        if !held.is_empty() {
+            self.with_split(id, now, |s| {
+                for seg in &held {
+                    s.on_segment(Dir::Client, seg, now);
+                }
+                s.client.ack_now();
+            });
         }
+        if let Some(seg) = pending {
+            self.with_split(id, now, |s| s.on_segment(Dir::Server, &seg, now));
+        }
+        Disposition::Consumed
     }
 
     /// Runs `f` on a split connection, then sends what it has to send and
@@ -294,18 +503,25 @@ impl Splitter {
                 break;
             }
             self.timers.pop();
-            let due = match self.flows.get_mut(&id) {
+            match self.flows.get_mut(&id) {
                 Some(Flow {
                     entry: Entry::Split { armed, .. },
                     ..
                 }) if *armed == Some(at) => {
                     *armed = None;
-                    true
+                    self.with_split(id, now, |s| s.on_timer(now));
                 }
-                _ => false,
-            };
-            if due {
-                self.with_split(id, now, |s| s.on_timer(now));
+                Some(Flow {
+                    entry:
+                        Entry::Tracking {
+                            hold: Some(held), ..
+                        },
+                    ..
+                }) if held.deadline == at => {
+                    self.counters.hold_timeouts += 1;
+                    self.pass(id);
+                }
+                _ => {}
             }
         }
     }
@@ -313,7 +529,7 @@ impl Splitter {
     /// Forgets trackers and pass-through entries idle longer than the idle
     /// timeout (split connections end through their own timers).
     pub fn expire(&mut self, now: Instant) {
-        let idle = self.idle;
+        let idle = self.settings.idle;
         let before = self.flows.len();
         // Ended connections are remembered a little longer than a peer's
         // retransmissions last.
@@ -370,5 +586,280 @@ fn absorb(counters: &mut SplitCounters, split: &Split) {
         if c.aborted().is_some() {
             counters.aborted += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use etherparse::PacketBuilder;
+
+    use super::*;
+    use crate::{
+        policy::SniPattern,
+        tls::hello::tests::client_hello,
+        wire::{
+            options::{TcpOptions, Timestamps},
+            segment::Flags,
+        },
+    };
+
+    const C_ISN: u32 = 1000;
+    const S_ISN: u32 = 9000;
+
+    /// Builds frames as the client (inside) and as the server (outside).
+    struct Peers {
+        client: Template,
+        server: Template,
+    }
+
+    impl Peers {
+        fn new() -> Peers {
+            let template = |src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16| {
+                let b = PacketBuilder::ethernet2([2; 6], [3; 6])
+                    .ipv4(src, dst, 64)
+                    .tcp(sp, dp, 1, 1);
+                let mut f = Vec::new();
+                b.write(&mut f, b"").unwrap();
+                parse_segment(&f).unwrap().template(&f)
+            };
+            Peers {
+                client: template([198, 18, 0, 1], [198, 18, 0, 2], 40000, 443),
+                server: template([198, 18, 0, 2], [198, 18, 0, 1], 443, 40000),
+            }
+        }
+
+        fn frame(&self, from: Dir, seg: &Segment) -> Vec<u8> {
+            let mut out = Vec::new();
+            match from {
+                Dir::Client => self.client.build(seg, &mut out),
+                Dir::Server => self.server.build(seg, &mut out),
+            };
+            out
+        }
+    }
+
+    fn seg(seq: u32, ack: u32, syn: bool, payload: &[u8]) -> Segment {
+        Segment {
+            seq: SeqNum(seq),
+            ack: SeqNum(ack),
+            flags: Flags {
+                syn,
+                ack: ack != 0,
+                ..Flags::default()
+            },
+            window: 1000,
+            options: TcpOptions {
+                mss: syn.then_some(1460),
+                timestamps: Some(Timestamps { val: seq, ecr: 0 }),
+                ..TcpOptions::default()
+            },
+            payload: payload.to_vec(),
+        }
+    }
+
+    struct Bench {
+        sp: Splitter,
+        peers: Peers,
+        now: Instant,
+    }
+
+    impl Bench {
+        fn new(settings: SplitSettings) -> Bench {
+            let mut b = Bench {
+                sp: Splitter::new(settings),
+                peers: Peers::new(),
+                now: Instant::now(),
+            };
+            assert_eq!(
+                b.send(Dir::Client, &seg(C_ISN, 0, true, b"")),
+                Disposition::Forward
+            );
+            let synack = seg(S_ISN, C_ISN + 1, true, b"");
+            assert_eq!(b.send(Dir::Server, &synack), Disposition::Forward);
+            let ack = seg(C_ISN + 1, S_ISN + 1, false, b"");
+            assert_eq!(b.send(Dir::Client, &ack), Disposition::Forward);
+            b
+        }
+
+        fn send(&mut self, from: Dir, s: &Segment) -> Disposition {
+            let side = match from {
+                Dir::Client => Side::Inside,
+                Dir::Server => Side::Outside,
+            };
+            let frame = self.peers.frame(from, s);
+            self.sp.on_frame(side, &frame, self.now)
+        }
+
+        /// Client data at stream offset `off`.
+        fn client_data(&mut self, off: u32, data: &[u8]) -> (Disposition, Vec<u8>) {
+            let s = seg(C_ISN + 1 + off, S_ISN + 1, false, data);
+            (
+                self.send(Dir::Client, &s),
+                self.peers.frame(Dir::Client, &s),
+            )
+        }
+
+        /// Frames sent since the last call: (toward which side, segment).
+        fn sent(&mut self) -> Vec<(Side, Vec<u8>)> {
+            std::mem::take(&mut self.sp.out)
+        }
+    }
+
+    fn segments(out: &[(Side, Vec<u8>)], to: Side) -> Vec<Segment> {
+        out.iter()
+            .filter(|(s, _)| *s == to)
+            .map(|(_, f)| parse_segment(f).unwrap().segment)
+            .collect()
+    }
+
+    #[test]
+    fn a_clienthello_in_two_segments_is_held_then_split() {
+        let mut b = Bench::new(SplitSettings::default());
+        let hello = client_hello("shop.example", &[b"h2"]);
+        let (first, rest) = hello.split_at(100);
+        assert_eq!(b.client_data(0, first).0, Disposition::Consumed);
+        // Held: nothing forwarded, nothing acknowledged.
+        assert!(b.sent().is_empty());
+        assert_eq!(b.sp.counters.split, 0);
+        assert_eq!(b.client_data(100, rest).0, Disposition::Consumed);
+        assert_eq!((b.sp.counters.hellos, b.sp.counters.split), (1, 1));
+        let out = b.sent();
+        // The client's bytes are acknowledged at once, as the server...
+        let to_client = segments(&out, Side::Inside);
+        let end = SeqNum(C_ISN + 1 + hello.len() as u32);
+        assert!(
+            to_client.iter().any(|s| s.flags.ack && s.ack == end),
+            "{to_client:?}"
+        );
+        // ...and sent to the server by the server-facing half, as the client.
+        let to_server = segments(&out, Side::Outside);
+        let relayed: Vec<u8> = to_server.iter().flat_map(|s| s.payload.clone()).collect();
+        assert_eq!(relayed, hello);
+        assert_eq!(to_server[0].seq, SeqNum(C_ISN + 1));
+        assert!(b.sp.release.is_empty());
+    }
+
+    #[test]
+    fn held_data_older_than_a_later_ack_is_not_taken_for_a_duplicate() {
+        let mut b = Bench::new(SplitSettings::default());
+        let hello = client_hello("shop.example", &[]);
+        // Held data with TSval 1001, then a pure ACK with TSval 5000 goes by.
+        let mut data = seg(C_ISN + 1, S_ISN + 1, false, &hello[..50]);
+        data.options.timestamps = Some(Timestamps {
+            val: 1001,
+            ecr: S_ISN,
+        });
+        b.send(Dir::Client, &data);
+        let mut ack = seg(C_ISN + 1, S_ISN + 1, false, b"");
+        ack.options.timestamps = Some(Timestamps {
+            val: 5000,
+            ecr: S_ISN,
+        });
+        assert_eq!(b.send(Dir::Client, &ack), Disposition::Forward);
+        b.client_data(50, &hello[50..]);
+        assert_eq!(b.sp.counters.split, 1);
+        let out = b.sent();
+        let relayed: Vec<u8> = segments(&out, Side::Outside)
+            .iter()
+            .flat_map(|s| s.payload.clone())
+            .collect();
+        assert_eq!(relayed, hello);
+        // The server-facing half's clock continues past the client's.
+        let ts = segments(&out, Side::Outside)[0].options.timestamps.unwrap();
+        assert!(SeqNum(ts.val).gt(SeqNum(5000)) || ts.val == 5000, "{ts:?}");
+    }
+
+    #[test]
+    fn an_exempt_server_name_releases_the_held_frames_unchanged() {
+        let mut b = Bench::new(SplitSettings {
+            policy: SplitPolicy {
+                exempt_sni: vec!["*.bank.example".parse::<SniPattern>().unwrap()],
+            },
+            ..SplitSettings::default()
+        });
+        let hello = client_hello("www.bank.example", &[]);
+        let (first, rest) = hello.split_at(100);
+        let (_, f1) = b.client_data(0, first);
+        let (_, f2) = b.client_data(100, rest);
+        let out = b.sent();
+        assert_eq!(out, vec![(Side::Outside, f1), (Side::Outside, f2)]);
+        assert_eq!(b.sp.counters.policy_pass, 1);
+        assert_eq!(b.sp.release.len(), 1);
+        // Later frames pass through (until XDP takes the flow).
+        assert_eq!(
+            b.client_data(hello.len() as u32, b"more").0,
+            Disposition::Forward
+        );
+        assert_eq!(b.sp.counters.split, 0);
+    }
+
+    #[test]
+    fn a_hold_without_a_decision_is_released_at_the_deadline() {
+        let settings = SplitSettings::default();
+        let timeout = settings.hold_timeout;
+        let mut b = Bench::new(settings);
+        // A record header announcing 16 KiB, and a little of it.
+        let (d, f) = b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+        assert_eq!(d, Disposition::Consumed);
+        // A retransmission of it is not held twice.
+        b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+        b.sp.on_timers(b.now + timeout / 2);
+        assert!(b.sent().is_empty());
+        b.sp.on_timers(b.now + timeout);
+        assert_eq!(b.sent(), vec![(Side::Outside, f)]);
+        assert_eq!(b.sp.counters.hold_timeouts, 1);
+        assert_eq!(b.sp.release.len(), 1);
+    }
+
+    #[test]
+    fn more_than_the_bound_is_released() {
+        let mut b = Bench::new(SplitSettings {
+            hold_bytes: 2000,
+            ..SplitSettings::default()
+        });
+        let mut frames = Vec::new();
+        let (_, f) = b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+        frames.push(f);
+        let (_, f) = b.client_data(9, &[0; 1400]);
+        frames.push(f);
+        assert!(b.sent().is_empty());
+        let (_, f) = b.client_data(1409, &[0; 1400]);
+        frames.push(f);
+        let out = b.sent();
+        assert_eq!(
+            out,
+            frames
+                .into_iter()
+                .map(|f| (Side::Outside, f))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(b.sp.counters.hold_overflows, 1);
+    }
+
+    #[test]
+    fn other_protocols_and_servers_speaking_first_are_split_at_once() {
+        let mut b = Bench::new(SplitSettings::default());
+        b.client_data(0, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!((b.sp.counters.not_tls, b.sp.counters.split), (1, 1));
+        let to_server = segments(&b.sent(), Side::Outside);
+        assert_eq!(to_server[0].payload, b"GET / HTTP/1.1\r\n\r\n");
+
+        let mut b = Bench::new(SplitSettings::default());
+        let banner = seg(S_ISN + 1, C_ISN + 1, false, b"220 smtp ready\r\n");
+        assert_eq!(b.send(Dir::Server, &banner), Disposition::Consumed);
+        assert_eq!((b.sp.counters.server_first, b.sp.counters.split), (1, 1));
+        let to_client = segments(&b.sent(), Side::Inside);
+        assert_eq!(to_client[0].payload, b"220 smtp ready\r\n");
+    }
+
+    #[test]
+    fn a_reset_during_the_hold_releases_the_held_data_first() {
+        let mut b = Bench::new(SplitSettings::default());
+        let (_, f) = b.client_data(0, &[22, 3, 1]);
+        let mut rst = seg(C_ISN + 4, S_ISN + 1, false, b"");
+        rst.flags.rst = true;
+        assert_eq!(b.send(Dir::Client, &rst), Disposition::Forward);
+        assert_eq!(b.sent(), vec![(Side::Outside, f)]);
+        assert_eq!(b.sp.counters.split, 0);
     }
 }

@@ -86,6 +86,25 @@ pub struct SplitCounters {
     /// Bytes relayed client to server and back (ended and live connections).
     pub bytes_c2s: u64,
     pub bytes_s2c: u64,
+    /// Connections whose first client bytes were held for a decision; of
+    /// the decisions: complete ClientHellos, other first bytes, servers
+    /// that spoke first, and connections the policy passed (released).
+    #[serde(default)]
+    pub held: u64,
+    #[serde(default)]
+    pub hellos: u64,
+    #[serde(default)]
+    pub not_tls: u64,
+    #[serde(default)]
+    pub server_first: u64,
+    #[serde(default)]
+    pub policy_pass: u64,
+    /// Holds given up, released unchanged: no decision in time, or more
+    /// held bytes than the bound.
+    #[serde(default)]
+    pub hold_timeouts: u64,
+    #[serde(default)]
+    pub hold_overflows: u64,
 }
 
 impl SplitCounters {
@@ -113,6 +132,13 @@ impl SplitCounters {
         self.paws_drops += o.paws_drops;
         self.bytes_c2s += o.bytes_c2s;
         self.bytes_s2c += o.bytes_s2c;
+        self.held += o.held;
+        self.hellos += o.hellos;
+        self.not_tls += o.not_tls;
+        self.server_first += o.server_first;
+        self.policy_pass += o.policy_pass;
+        self.hold_timeouts += o.hold_timeouts;
+        self.hold_overflows += o.hold_overflows;
     }
 }
 
@@ -272,7 +298,9 @@ impl StatsReport {
                 s,
                 "tcp-split: {} split ({} active, {} ended, {} aborted halves), {} passed \
                  through ({} released to XDP), {}/{} bytes relayed c->s/s->c, {} retransmits, \
-                 {} conflicting overlaps, {}/{} bad checksums/options",
+                 {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
+                 ClientHellos, {} other, {} server first, {} passed by policy, {}/{} holds \
+                 released on timeout/bound",
                 sp.split,
                 sp.active,
                 sp.closed,
@@ -284,7 +312,14 @@ impl StatsReport {
                 sp.retransmits,
                 sp.overlap_conflicts,
                 sp.bad_checksum,
-                sp.bad_options
+                sp.bad_options,
+                sp.held,
+                sp.hellos,
+                sp.not_tls,
+                sp.server_first,
+                sp.policy_pass,
+                sp.hold_timeouts,
+                sp.hold_overflows
             );
         }
         for h in &self.hsm {

@@ -20,7 +20,7 @@ use xsk_rs::FrameDesc;
 
 use crate::{
     flow::{table::SideCount, FlowId, FlowTable, Observed, Sharder, Side},
-    splitter::{Disposition, Splitter},
+    splitter::{Disposition, SplitSettings, Splitter},
     stats::{WorkerCounters, WorkerReport},
     wire::parse_tcp,
     xsk::QueuePort,
@@ -184,11 +184,10 @@ impl Worker {
     /// Splits every steered connection this worker owns (tcp-split).
     pub fn enable_split(
         &mut self,
-        max_flows: usize,
-        idle: Duration,
+        settings: SplitSettings,
         release: crossbeam::channel::Sender<FlowKey>,
     ) {
-        self.splitter = Some(Splitter::new(max_flows, idle));
+        self.splitter = Some(Splitter::new(settings));
         self.release = Some(release);
     }
 

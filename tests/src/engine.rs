@@ -142,8 +142,14 @@ pub fn summary(r: &StatsReport) -> String {
         .filter(|(_, c)| c.packets > 0)
         .map(|(k, c)| format!("{k}={}", c.packets))
         .collect();
+    let sp = r.split_total();
+    let split = if sp == Default::default() {
+        String::new()
+    } else {
+        format!(" split[{sp:?}]")
+    };
     format!(
-        "xdp[{}] workers rx={} cross={} flows={}",
+        "xdp[{}] workers rx={} cross={} flows={}{split}",
         xdp.join(" "),
         r.worker_sum(|c| c.rx_inside.packets + c.rx_outside.packets),
         r.worker_sum(|c| c.cross_out),

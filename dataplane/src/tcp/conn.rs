@@ -310,6 +310,14 @@ impl Conn {
         n
     }
 
+    /// Acknowledge what has arrived with the next segment, not after the
+    /// delayed-ACK timer (a takeover acknowledges held bytes at once).
+    pub fn ack_now(&mut self) {
+        if self.state != State::Closed {
+            self.ack = AckNeed::Now;
+        }
+    }
+
     /// Takes up to `max` received bytes, in order. Reading opens the
     /// window; a large enough opening is announced at once.
     pub fn read(&mut self, max: usize) -> Vec<u8> {

@@ -71,20 +71,16 @@ pub fn segments(data: &[u8]) {
         syn: true,
         ..Flags::default()
     };
-    let _ = tracker.on_segment(Dir::Client, &mk(isn_c, None, syn, opts.clone()), now);
-    let _ = tracker.on_segment(
-        Dir::Server,
-        &mk(isn_s, Some(isn_c + 1), syn, opts.clone()),
-        now,
-    );
-    let Track::SplitAfter(halves) = tracker.on_segment(
-        Dir::Client,
-        &mk(isn_c + 1, Some(isn_s + 1), Flags::default(), opts),
-        now,
-    ) else {
+    let _ = tracker.on_segment(Dir::Client, &mk(isn_c, None, syn, opts.clone()));
+    let _ = tracker.on_segment(Dir::Server, &mk(isn_s, Some(isn_c + 1), syn, opts.clone()));
+    let ack = mk(isn_c + 1, Some(isn_s + 1), Flags::default(), opts);
+    if tracker.on_segment(Dir::Client, &ack) != Track::Forward {
+        return;
+    }
+    let Some(halves) = tracker.split(now, None) else {
         return;
     };
-    let mut split = Split::new(*halves);
+    let mut split = Split::new(halves);
     for _ in 0..256 {
         if input.0.is_empty() {
             break;

@@ -32,8 +32,10 @@ pub enum Passthrough {
     MidFlow,
     /// The handshake's segments contradict each other.
     Inconsistent,
-    /// URG on a handshake segment.
+    /// URG before the decision.
     Urgent,
+    /// A RST before the decision.
+    Reset,
 }
 
 /// Where the handshake is.
@@ -51,20 +53,38 @@ enum Phase {
         s_opts: TcpOptions,
         s_window: u16,
     },
+    /// Established, before the decision: client data is held.
+    Hold(Box<Negotiated>),
 }
 
-/// What to do with a segment during the handshake.
-#[derive(Debug)]
+/// What the handshake settled, and the latest each endpoint said since.
+#[derive(Clone, Debug)]
+struct Negotiated {
+    c_isn: SeqNum,
+    c_opts: TcpOptions,
+    s_isn: SeqNum,
+    s_opts: TcpOptions,
+    /// The window each endpoint advertised last, in bytes.
+    c_window: u32,
+    s_window: u32,
+    /// The last TSval each endpoint sent.
+    c_ts: Option<u32>,
+    s_ts: Option<u32>,
+}
+
+/// What to do with a segment before the decision.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Track {
     /// Forward it unchanged; keep watching.
     Forward,
-    /// Forward it, and from now on the connection is split: the halves are
-    /// returned (client-facing, server-facing).
-    SplitAfter(Box<(Conn, Conn)>),
-    /// Do not forward it: split now and hand it to the client-facing half
-    /// (the client's first ACK carries data).
-    SplitWith(Box<(Conn, Conn)>),
-    /// Leave this connection alone for good.
+    /// Client data (or FIN) after the handshake: hold it, neither
+    /// forwarded nor acknowledged, until the decision.
+    Hold,
+    /// The server sent data (or FIN) first: decide now; the segment goes
+    /// to whatever the decision makes of the connection.
+    Decide,
+    /// Leave this connection alone for good (after releasing anything
+    /// held, ahead of this segment).
     Pass(Passthrough),
 }
 
@@ -83,10 +103,21 @@ impl Tracker {
         }
     }
 
+    /// The first sequence number of the client's data once established.
+    pub fn client_data_start(&self) -> Option<SeqNum> {
+        match &self.phase {
+            Phase::Hold(n) => Some(n.c_isn + 1),
+            _ => None,
+        }
+    }
+
     /// Looks at the next segment of the connection, in arrival order.
-    pub fn on_segment(&mut self, dir: Dir, seg: &Segment, now: Instant) -> Track {
+    pub fn on_segment(&mut self, dir: Dir, seg: &Segment) -> Track {
         let f = seg.flags;
         if f.rst {
+            if matches!(self.phase, Phase::Hold(_)) {
+                return Track::Pass(Passthrough::Reset);
+            }
             // The attempt is over; a new SYN may reuse the ports.
             self.phase = Phase::Idle;
             return Track::Forward;
@@ -94,7 +125,7 @@ impl Tracker {
         if f.urg {
             return Track::Pass(Passthrough::Urgent);
         }
-        match (&self.phase, dir) {
+        match (&mut self.phase, dir) {
             (Phase::Idle, Dir::Client) if f.syn && !f.ack => {
                 if seg.options.fast_open || !seg.payload.is_empty() || f.fin {
                     return Track::Pass(Passthrough::FastOpen);
@@ -112,9 +143,11 @@ impl Tracker {
             }
             // A new SYN on the same ports (the earlier attempt was refused
             // or abandoned): start over.
-            (Phase::Syn { .. } | Phase::SynAck { .. }, Dir::Client) if f.syn && !f.ack => {
+            (Phase::Syn { .. } | Phase::SynAck { .. } | Phase::Hold(_), Dir::Client)
+                if f.syn && !f.ack =>
+            {
                 self.phase = Phase::Idle;
-                self.on_segment(dir, seg, now)
+                self.on_segment(dir, seg)
             }
             (Phase::Syn { isn, opts, .. }, Dir::Server) if f.syn && f.ack => {
                 if seg.ack != *isn + 1 || !seg.payload.is_empty() || f.fin {
@@ -145,79 +178,116 @@ impl Tracker {
                 if seg.ack != *s_isn + 1 || seg.seq != *c_isn + 1 {
                     return Track::Pass(Passthrough::Inconsistent);
                 }
-                let halves = self.halves(*c_isn, c_opts, *s_isn, s_opts, *s_window, seg, now);
+                // The client's ACK window is scaled; the SYN-ACK's never is.
+                let c_shift = window_shifts(c_opts, s_opts).map_or(0, |(c, _)| c);
+                let n = Negotiated {
+                    c_isn: *c_isn,
+                    c_opts: c_opts.clone(),
+                    s_isn: *s_isn,
+                    s_opts: s_opts.clone(),
+                    c_window: u32::from(seg.window) << c_shift,
+                    s_window: u32::from(*s_window),
+                    c_ts: seg.options.timestamps.or(c_opts.timestamps).map(|t| t.val),
+                    s_ts: s_opts.timestamps.map(|t| t.val),
+                };
+                self.phase = Phase::Hold(Box::new(n));
                 if seg.payload.is_empty() && !f.fin {
-                    Track::SplitAfter(Box::new(halves))
+                    Track::Forward
                 } else {
-                    Track::SplitWith(Box::new(halves))
+                    Track::Hold
                 }
+            }
+            (Phase::Hold(_), Dir::Server) if f.syn => Track::Forward, // SYN-ACK again
+            // Data (or FIN): the client's is held, the server's forces the
+            // decision; either goes to the halves later, which take its
+            // window and timestamp then (taking them now would make the
+            // replayed segments look old to PAWS).
+            (Phase::Hold(_), Dir::Client) if !seg.payload.is_empty() || f.fin => Track::Hold,
+            (Phase::Hold(_), Dir::Server) if !seg.payload.is_empty() || f.fin => Track::Decide,
+            // A pure ACK goes on: the halves continue from what it said.
+            (Phase::Hold(n), dir) => {
+                let shifts = window_shifts(&n.c_opts, &n.s_opts);
+                let (c_shift, s_shift) = shifts.unwrap_or((0, 0));
+                let (window, ts, shift) = match dir {
+                    Dir::Client => (&mut n.c_window, &mut n.c_ts, c_shift),
+                    Dir::Server => (&mut n.s_window, &mut n.s_ts, s_shift),
+                };
+                *window = u32::from(seg.window) << shift;
+                if let (Some(last), Some(t)) = (ts.as_mut(), seg.options.timestamps) {
+                    if SeqNum(t.val).gt(SeqNum(*last)) {
+                        *last = t.val;
+                    }
+                }
+                Track::Forward
             }
             _ => Track::Forward,
         }
     }
 
-    /// The two halves, from what both SYNs and the client's ACK said.
-    #[allow(clippy::too_many_arguments)]
-    fn halves(
-        &self,
-        c_isn: SeqNum,
-        c_opts: &TcpOptions,
-        s_isn: SeqNum,
-        s_opts: &TcpOptions,
-        s_window: u16,
-        ack: &Segment,
-        now: Instant,
-    ) -> (Conn, Conn) {
-        //= https://www.rfc-editor.org/rfc/rfc7323#section-2.2
-        //# ... both sides must send Window Scale options in their <SYN>
-        //# segments to enable window scaling in either direction.
-        let wscale = match (c_opts.window_shift(), s_opts.window_shift()) {
-            (Some(c), Some(s)) => Some((c, s)),
-            _ => None,
+    /// The two halves (client-facing, server-facing), once established:
+    /// they continue what both SYNs and everything since said.
+    /// `held_tsval` is the oldest TSval of the held segments the
+    /// client-facing half is about to take, so that PAWS does not take
+    /// them for old duplicates.
+    pub fn split(&self, now: Instant, held_tsval: Option<u32>) -> Option<(Conn, Conn)> {
+        let Phase::Hold(n) = &self.phase else {
+            return None;
         };
+        let wscale = window_shifts(&n.c_opts, &n.s_opts);
         //= https://www.rfc-editor.org/rfc/rfc7323#section-3.2
         //# Once TSopt has been successfully negotiated, that is both <SYN>
         //# and <SYN,ACK> contain TSopt
-        let ts = match (c_opts.timestamps, s_opts.timestamps) {
-            (Some(c), Some(s)) => {
-                let c_last = ack.options.timestamps.map_or(c.val, |t| t.val);
-                Some((c_last, s.val))
-            }
+        let ts = match (n.c_ts, n.s_ts) {
+            (Some(c), Some(s)) => Some((c, s)),
             _ => None,
         };
-        let sack = c_opts.sack_permitted && s_opts.sack_permitted;
+        let c_recent = match (n.c_ts, held_tsval) {
+            (Some(c), Some(h)) if SeqNum(h).lt(SeqNum(c)) => Some(h),
+            (c, _) => c,
+        };
+        let sack = n.c_opts.sack_permitted && n.s_opts.sack_permitted;
         // RFC 9293 §3.7.1: without the option the MSS is 536 (IPv4).
-        let c_mss = c_opts.mss.unwrap_or(536);
-        let s_mss = s_opts.mss.unwrap_or(536);
-        let c_shift = wscale.map_or(0, |(c, _)| c);
-        // The client's ACK window is scaled; the SYN-ACK's never is.
+        let c_mss = n.c_opts.mss.unwrap_or(536);
+        let s_mss = n.s_opts.mss.unwrap_or(536);
         let client_facing = Conn::new(
             &Handshake {
-                local_isn: s_isn,
-                remote_isn: c_isn,
+                local_isn: n.s_isn,
+                remote_isn: n.c_isn,
                 peer_mss: c_mss,
                 wscale,
-                timestamps: ts,
+                timestamps: ts.map(|(_, s)| (c_recent.expect("negotiated"), s)),
                 sack_permitted: sack,
-                peer_window: u32::from(ack.window) << c_shift,
+                peer_window: n.c_window,
             },
             self.cfg.clone(),
             now,
         );
         let server_facing = Conn::new(
             &Handshake {
-                local_isn: c_isn,
-                remote_isn: s_isn,
+                local_isn: n.c_isn,
+                remote_isn: n.s_isn,
                 peer_mss: s_mss,
                 wscale: wscale.map(|(c, s)| (s, c)),
                 timestamps: ts.map(|(c, s)| (s, c)),
                 sack_permitted: sack,
-                peer_window: u32::from(s_window),
+                peer_window: n.s_window,
             },
             self.cfg.clone(),
             now,
         );
-        (client_facing, server_facing)
+        Some((client_facing, server_facing))
+    }
+}
+
+/// The window shifts (client's, server's) when both SYNs carried the
+/// option.
+fn window_shifts(c: &TcpOptions, s: &TcpOptions) -> Option<(u8, u8)> {
+    //= https://www.rfc-editor.org/rfc/rfc7323#section-2.2
+    //# ... both sides must send Window Scale options in their <SYN>
+    //# segments to enable window scaling in either direction.
+    match (c.window_shift(), s.window_shift()) {
+        (Some(c), Some(s)) => Some((c, s)),
+        _ => None,
     }
 }
 
@@ -354,33 +424,25 @@ mod tests {
         }
     }
 
-    fn handshake(t: &mut Tracker, now: Instant) -> Track {
+    fn handshake(t: &mut Tracker) -> Track {
         let mut syn = segment(1000, None, SYN, b"");
         syn.options = syn_opts(50);
-        assert!(matches!(
-            t.on_segment(Dir::Client, &syn, now),
-            Track::Forward
-        ));
+        assert!(matches!(t.on_segment(Dir::Client, &syn), Track::Forward));
         let mut synack = segment(9000, Some(1001), SYN, b"");
         synack.options = syn_opts(70);
         synack.window = 65535; // never scaled in a SYN-ACK
-        assert!(matches!(
-            t.on_segment(Dir::Server, &synack, now),
-            Track::Forward
-        ));
+        assert!(matches!(t.on_segment(Dir::Server, &synack), Track::Forward));
         let mut ack = segment(1001, Some(9001), Flags::default(), b"");
         ack.options.timestamps = Some(Timestamps { val: 51, ecr: 70 });
-        t.on_segment(Dir::Client, &ack, now)
+        t.on_segment(Dir::Client, &ack)
     }
 
     #[test]
     fn the_halves_continue_both_sequence_spaces() {
         let now = Instant::now();
         let mut t = Tracker::new(ConnConfig::default());
-        let Track::SplitAfter(halves) = handshake(&mut t, now) else {
-            panic!("expected a split")
-        };
-        let mut split = Split::new(*halves);
+        assert_eq!(handshake(&mut t), Track::Forward);
+        let mut split = Split::new(t.split(now, None).expect("established"));
         // Client data arrives at the client-facing half...
         let mut data = segment(
             1001,
@@ -409,10 +471,8 @@ mod tests {
     fn segments_leave_room_for_the_timestamp_option() {
         let now = Instant::now();
         let mut t = Tracker::new(ConnConfig::default());
-        let Track::SplitAfter(halves) = handshake(&mut t, now) else {
-            panic!("expected a split")
-        };
-        let mut split = Split::new(*halves);
+        assert_eq!(handshake(&mut t), Track::Forward);
+        let mut split = Split::new(t.split(now, None).expect("established"));
         let mut data = segment(1001, Some(9001), Flags::default(), &[7; 1448]);
         data.options.timestamps = Some(Timestamps { val: 52, ecr: 70 });
         for i in 0..3u32 {
@@ -432,30 +492,28 @@ mod tests {
 
     #[test]
     fn fast_open_and_mid_flow_connections_pass_through() {
-        let now = Instant::now();
         let mut t = Tracker::new(ConnConfig::default());
         let syn = segment(1, None, SYN, b"data on syn");
-        assert!(matches!(
-            t.on_segment(Dir::Client, &syn, now),
+        assert_eq!(
+            t.on_segment(Dir::Client, &syn),
             Track::Pass(Passthrough::FastOpen)
-        ));
+        );
         let mut t = Tracker::new(ConnConfig::default());
         let mid = segment(1, Some(2), Flags::default(), b"x");
-        assert!(matches!(
-            t.on_segment(Dir::Client, &mid, now),
+        assert_eq!(
+            t.on_segment(Dir::Client, &mid),
             Track::Pass(Passthrough::MidFlow)
-        ));
+        );
     }
 
     #[test]
     fn a_synack_for_another_syn_is_inconsistent() {
-        let now = Instant::now();
         let mut t = Tracker::new(ConnConfig::default());
         let syn = segment(1000, None, SYN, b"");
-        t.on_segment(Dir::Client, &syn, now);
+        t.on_segment(Dir::Client, &syn);
         let synack = segment(9000, Some(5), SYN, b"");
         assert!(matches!(
-            t.on_segment(Dir::Server, &synack, now),
+            t.on_segment(Dir::Server, &synack),
             Track::Pass(Passthrough::Inconsistent)
         ));
     }
