@@ -6,6 +6,14 @@
 //!       2001:2::1                                               2001:2::2
 //! ```
 //!
+//! With `impair`, each link gets a namespace of its own in the middle
+//! (`cimp`, `simp`) where `loupe-impair` can run between `wire-a` (the
+//! peer's side) and `wire-b` (the engine's side):
+//!
+//! ```text
+//!  client eth0 ==== wire-a [cimp] wire-b ==== inside [engine] outside ==== wire-b [simp] wire-a ==== eth0 server
+//! ```
+//!
 //! The engine's interfaces carry no addresses: a bump in the wire. Each veth
 //! has `queues` TX/RX queues. Offloads are off on every veth by default (TCP
 //! across XDP redirects needs real frames: no TSO/GSO super-frames, no
@@ -44,6 +52,8 @@ pub struct HarnessConfig {
     /// TSO/GSO/TX checksum offload on every veth (only for the kernel
     /// baselines: frames then cannot cross XDP redirects).
     pub offloads: bool,
+    /// A namespace in the middle of each link for `loupe-impair`.
+    pub impair: bool,
 }
 
 impl Default for HarnessConfig {
@@ -51,14 +61,32 @@ impl Default for HarnessConfig {
         HarnessConfig {
             queues: 2,
             offloads: false,
+            impair: false,
         }
     }
 }
+
+/// Which link an impairment namespace sits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// Between the client and the engine's `inside`.
+    Client,
+    /// Between the engine's `outside` and the server.
+    Server,
+}
+
+/// Interfaces of an impairment namespace: towards the peer, towards the
+/// engine.
+pub const IMPAIR_PEER_IF: &str = "wire-a";
+pub const IMPAIR_ENGINE_IF: &str = "wire-b";
 
 pub struct Harness {
     pub client: Netns,
     pub engine: Netns,
     pub server: Netns,
+    /// The impairment namespaces on the client and server links, when
+    /// the harness was made with `impair`.
+    pub impair: Option<[Netns; 2]>,
     /// Scratch directory of this harness, removed on drop.
     pub dir: PathBuf,
     pub prefix: String,
@@ -89,6 +117,14 @@ impl Harness {
             client: Netns::create(&format!("{prefix}-client"))?,
             engine: Netns::create(&format!("{prefix}-engine"))?,
             server: Netns::create(&format!("{prefix}-server"))?,
+            impair: if cfg.impair {
+                Some([
+                    Netns::create(&format!("{prefix}-cimp"))?,
+                    Netns::create(&format!("{prefix}-simp"))?,
+                ])
+            } else {
+                None
+            },
             dir,
             prefix: prefix.into(),
             keep: false,
@@ -100,41 +136,50 @@ impl Harness {
 
     fn wire(&self, cfg: HarnessConfig) -> anyhow::Result<()> {
         let q = cfg.queues.to_string();
-        for (engine_if, peer_ns) in [(INSIDE_IF, &self.client), (OUTSIDE_IF, &self.server)] {
-            self.engine.ip(&[
-                "link",
-                "add",
-                engine_if,
-                "numtxqueues",
-                &q,
-                "numrxqueues",
-                &q,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                PEER_IF,
-                "netns",
-                &peer_ns.name,
-                "numtxqueues",
-                &q,
-                "numrxqueues",
-                &q,
-            ])?;
+        for (engine_if, peer_ns, link) in [
+            (INSIDE_IF, &self.client, Link::Client),
+            (OUTSIDE_IF, &self.server, Link::Server),
+        ] {
+            match self.impair_ns(link) {
+                Some(imp) => {
+                    veth(&self.engine, engine_if, imp, IMPAIR_ENGINE_IF, &q)?;
+                    veth(imp, IMPAIR_PEER_IF, peer_ns, PEER_IF, &q)?;
+                }
+                None => veth(&self.engine, engine_if, peer_ns, PEER_IF, &q)?,
+            }
         }
         let onoff = if cfg.offloads { "on" } else { "off" };
-        let ends = [
+        let mut ends = vec![
             (&self.engine, INSIDE_IF),
             (&self.engine, OUTSIDE_IF),
             (&self.client, PEER_IF),
             (&self.server, PEER_IF),
         ];
+        for imp in self.impair.iter().flatten() {
+            ends.push((imp, IMPAIR_PEER_IF));
+            ends.push((imp, IMPAIR_ENGINE_IF));
+        }
         for (ns, dev) in ends {
             ns.exec(
                 "ethtool",
                 &["-K", dev, "tso", onoff, "gso", onoff, "tx", onoff],
             )?;
             ns.ip(&["link", "set", dev, "up"])?;
+        }
+        // Until loupe-impair attaches (and after it stops), a bridge joins
+        // each impairment namespace's two ends; its XDP program, once
+        // attached, takes every frame before the bridge sees it.
+        // Frames the engine redirects into its veth need NAPI at the other
+        // end (GRO, as for the peers below).
+        for imp in self.impair.iter().flatten() {
+            for dev in [IMPAIR_PEER_IF, IMPAIR_ENGINE_IF] {
+                imp.exec("ethtool", &["-K", dev, "gro", "off"])?;
+                imp.exec("ethtool", &["-K", dev, "gro", "on"])?;
+            }
+            imp.ip(&["link", "add", "br0", "type", "bridge"])?;
+            imp.ip(&["link", "set", IMPAIR_PEER_IF, "master", "br0"])?;
+            imp.ip(&["link", "set", IMPAIR_ENGINE_IF, "master", "br0"])?;
+            imp.ip(&["link", "set", "br0", "up"])?;
         }
         for ns in [&self.client, &self.server] {
             ns.exec("ethtool", &["-K", PEER_IF, "gro", "off"])?;
@@ -150,12 +195,21 @@ impl Harness {
         Ok(())
     }
 
+    /// The impairment namespace on `link`, if the harness has them.
+    pub fn impair_ns(&self, link: Link) -> Option<&Netns> {
+        self.impair.as_ref().map(|[c, s]| match link {
+            Link::Client => c,
+            Link::Server => s,
+        })
+    }
+
     /// Adopt the namespaces of a harness made by another process.
     pub fn adopt(prefix: &str) -> Harness {
         Harness {
             client: Netns::existing(&format!("{prefix}-client"), false),
             engine: Netns::existing(&format!("{prefix}-engine"), false),
             server: Netns::existing(&format!("{prefix}-server"), false),
+            impair: None,
             dir: std::env::temp_dir().join(format!("loupe-{prefix}")),
             prefix: prefix.into(),
             keep: false,
@@ -168,6 +222,9 @@ impl Harness {
         self.client.keep();
         self.engine.keep();
         self.server.keep();
+        for ns in self.impair.iter_mut().flatten() {
+            ns.keep();
+        }
     }
 
     pub fn ns(&self, role: Role) -> &Netns {
@@ -216,7 +273,11 @@ impl Harness {
     pub fn destroy(mut self) -> anyhow::Result<()> {
         self.keep = false;
         let mut errors = Vec::new();
-        for ns in [&mut self.client, &mut self.engine, &mut self.server] {
+        let impair = self.impair.iter_mut().flatten();
+        for ns in [&mut self.client, &mut self.engine, &mut self.server]
+            .into_iter()
+            .chain(impair)
+        {
             if let Err(e) = ns.delete() {
                 errors.push(e.to_string());
             }
@@ -247,4 +308,29 @@ pub fn sweep_stale() -> Vec<String> {
         }
     }
     stale
+}
+
+/// A veth pair with `queues` queues each way: `a` in `ns_a`, `b` in `ns_b`.
+fn veth(ns_a: &Netns, a: &str, ns_b: &Netns, b: &str, queues: &str) -> anyhow::Result<()> {
+    ns_a.ip(&[
+        "link",
+        "add",
+        a,
+        "numtxqueues",
+        queues,
+        "numrxqueues",
+        queues,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b,
+        "netns",
+        &ns_b.name,
+        "numtxqueues",
+        queues,
+        "numrxqueues",
+        queues,
+    ])?;
+    Ok(())
 }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod frames;
 pub mod harness;
 pub mod https;
+pub mod impair;
 pub mod netns;
 pub mod proc;
 pub mod raw;

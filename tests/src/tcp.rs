@@ -68,3 +68,27 @@ pub fn echo_roundtrip(s: &mut TcpStream, data: &[u8]) -> anyhow::Result<Vec<u8>>
     w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
     Ok(back)
 }
+
+/// Use CUBIC on this socket. This machine's default, BBR, takes minutes to
+/// climb back from the bandwidth it measures during heavy loss or an
+/// overload (seen here: 4 kbit/s pacing afterwards); tests of the split
+/// would then be measuring BBR.
+pub fn set_cubic(s: &TcpStream) {
+    let name = b"cubic";
+    // SAFETY: a valid socket fd and a buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "TCP_CONGESTION cubic: {}",
+        std::io::Error::last_os_error()
+    );
+}

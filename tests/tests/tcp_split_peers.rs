@@ -14,7 +14,7 @@ use loupe_tests::{
     engine::Engine,
     harness::SERVER_V4,
     proc::rss_kib,
-    tcp::{connect, listen},
+    tcp::{connect, listen, set_cubic},
     Harness, HarnessConfig,
 };
 use sha2::{Digest, Sha256};
@@ -175,26 +175,6 @@ fn half_close_works_in_both_directions() {
         })
         .unwrap();
     engine.stop();
-}
-
-fn set_cubic(s: &TcpStream) {
-    let name = b"cubic";
-    // SAFETY: a valid socket fd and a buffer of the given length.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "TCP_CONGESTION cubic: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// Closes with SO_LINGER 0: the kernel sends a RST instead of a FIN.
