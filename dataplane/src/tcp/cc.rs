@@ -57,6 +57,22 @@ impl NewReno {
         self.ssthresh
     }
 
+    /// Extra bytes the sender may have in flight beyond cwnd: one segment
+    /// for each of the first two duplicate ACKs.
+    pub fn limited_transmit(&self) -> u32 {
+        //= https://www.rfc-editor.org/rfc/rfc3042#section-2
+        //# a TCP sender SHOULD send a segment of previously unsent data in
+        //# response to each of the first two duplicate acknowledgments that
+        //# arrive at the sender, if the receiver's advertised window allows,
+        //# the total FlightSize would remain less than or equal to cwnd plus
+        //# 2*SMSS
+        if self.recover.is_some() {
+            0
+        } else {
+            self.dup_acks.min(2) * self.mss
+        }
+    }
+
     pub fn in_recovery(&self) -> bool {
         self.recover.is_some()
     }
@@ -140,6 +156,21 @@ mod tests {
     use super::*;
 
     const MSS: u32 = 1000;
+
+    #[test]
+    fn the_first_two_duplicate_acks_allow_a_segment_each() {
+        let mut c = NewReno::new(MSS);
+        assert_eq!(c.limited_transmit(), 0);
+        c.on_dup_ack(SeqNum(5000), 4 * MSS);
+        assert_eq!(c.limited_transmit(), MSS);
+        c.on_dup_ack(SeqNum(5000), 4 * MSS);
+        assert_eq!(c.limited_transmit(), 2 * MSS);
+        // The third starts fast recovery, which has its own inflation.
+        assert_eq!(c.on_dup_ack(SeqNum(5000), 4 * MSS), AckAction::Retransmit);
+        assert_eq!(c.limited_transmit(), 0);
+        c.on_ack(4 * MSS, SeqNum(5000), 4 * MSS);
+        assert_eq!(c.limited_transmit(), 0);
+    }
 
     #[test]
     fn slow_start_then_congestion_avoidance() {

@@ -175,6 +175,8 @@ pub struct Conn {
     our_shift: u8,
     ts: Option<TsState>,
     sack_ok: bool,
+    /// The highest right edge the peer has SACKed.
+    sack_high: SeqNum,
     time_wait_until: Option<Instant>,
     stats: ConnStats,
 }
@@ -239,6 +241,7 @@ impl Conn {
                 offset: last_sent.wrapping_add(1),
             }),
             sack_ok: hs.sack_permitted,
+            sack_high: snd,
             time_wait_until: None,
             stats: ConnStats::default(),
             cfg,
@@ -629,7 +632,7 @@ impl Conn {
             && seg.payload.is_empty()
             && !seg.flags.fin
             && flight > 0
-            && (u32::from(seg.window) << self.peer_shift) == self.snd_wnd
+            && ((u32::from(seg.window) << self.peer_shift) == self.snd_wnd || self.sacks_new(seg))
         {
             //= https://www.rfc-editor.org/rfc/rfc5681#section-2
             //# DUPLICATE ACKNOWLEDGMENT: ... (a) the receiver of the ACK has
@@ -639,6 +642,12 @@ impl Conn {
             //# received on the given connection (TCP.UNA ...) and (e) the
             //# advertised window in the incoming acknowledgment equals the
             //# advertised window in the last incoming acknowledgment.
+            // Or, with SACK, in place of (e) (a receiver that reads opens
+            // its window on every ACK):
+            //= https://www.rfc-editor.org/rfc/rfc6675#section-2
+            //# a segment that arrives carrying a SACK block that identifies
+            //# previously unacknowledged and un-SACKed octets between HighACK
+            //# and HighData.
             self.stats.dup_acks += 1;
             if self.cc.on_dup_ack(self.snd_nxt, flight) == AckAction::Retransmit {
                 self.retransmit_now = true;
@@ -818,6 +827,28 @@ impl Conn {
         }
     }
 
+    /// Whether `seg` SACKs bytes above everything SACKed so far (and not
+    /// beyond what was sent); remembers the new high edge.
+    fn sacks_new(&mut self, seg: &Segment) -> bool {
+        if !self.sack_ok {
+            return false;
+        }
+        let high = seg
+            .options
+            .sack
+            .iter()
+            .map(|&(_, right)| right)
+            .filter(|r| r.gt(self.snd_una) && r.le(self.snd_max))
+            .max_by(|a, b| a.since(*b).cmp(&0));
+        match high {
+            Some(r) if r.gt(self.sack_high) => {
+                self.sack_high = r;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn bytes_at(&self, from: SeqNum, len: usize) -> Vec<u8> {
         let off = (from.since(self.snd_una).max(0) as usize).min(self.send_buf.len());
         let end = (off + len).min(self.send_buf.len());
@@ -878,7 +909,9 @@ impl Conn {
         let flight = self.flight();
         let sent = (flight as usize).min(self.send_buf.len());
         let unsent = self.send_buf.len() - sent;
-        let wnd = self.snd_wnd.min(self.cc.cwnd());
+        let wnd = self
+            .snd_wnd
+            .min(self.cc.cwnd().saturating_add(self.cc.limited_transmit()));
         let room = wnd.saturating_sub(flight) as usize;
         if unsent > 0 {
             if room == 0 {

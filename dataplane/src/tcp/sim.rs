@@ -481,6 +481,41 @@ mod tests {
     }
 
     #[test]
+    fn acks_that_sack_new_data_count_as_duplicates_even_as_the_window_moves() {
+        let (mut a, mut b, now) = established(17);
+        a.write(&[1; 20_000]);
+        let mut queue: std::collections::VecDeque<Segment> =
+            std::iter::from_fn(|| a.poll_transmit(now)).collect();
+        // The initial window: 3 segments of 1460 bytes (RFC 5681's 4380).
+        assert_eq!(queue.len(), 3);
+        // The first segment is lost. Each later one draws an ACK that SACKs
+        // it, and the reader opens the window a little each time (as Linux
+        // does); limited transmit sends a new segment for each of the first
+        // two, whose ACKs bring the third duplicate.
+        let lost = queue.pop_front().unwrap();
+        let mut acks = 0;
+        while let Some(s) = queue.pop_front() {
+            b.on_segment(&s, now);
+            let mut ack = b.poll_transmit(now).expect("ACK");
+            assert!(!ack.options.sack.is_empty());
+            acks += 1;
+            ack.window = ack.window.wrapping_add(acks);
+            a.on_segment(&ack, now);
+            queue.extend(std::iter::from_fn(|| a.poll_transmit(now)));
+            if a.stats().fast_retransmits > 0 {
+                break;
+            }
+        }
+        assert_eq!(
+            (acks, a.stats().fast_retransmits),
+            (3, 1),
+            "{:?}",
+            a.stats()
+        );
+        assert!(queue.iter().any(|s| s.seq == lost.seq), "{queue:?}");
+    }
+
+    #[test]
     fn rst_needs_the_exact_sequence_number_otherwise_it_is_challenged() {
         let (mut a, mut b, now) = established(9);
         a.write(b"hello");
