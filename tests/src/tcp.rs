@@ -2,13 +2,14 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    time::Duration,
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
+use sha2::{Digest, Sha256};
 
-use crate::netns::Netns;
+use crate::{netns::Netns, Harness};
 
 pub fn listen(ns: &Netns, addr: &str) -> anyhow::Result<TcpListener> {
     let addr: SocketAddr = addr.parse().context("listen address")?;
@@ -91,4 +92,84 @@ pub fn set_cubic(s: &TcpStream) {
         "TCP_CONGESTION cubic: {}",
         std::io::Error::last_os_error()
     );
+}
+
+/// Pseudo-random bytes (so no pattern lines up with segment boundaries).
+fn fill(seed: u64, buf: &mut [u8]) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = chunk.len();
+        chunk.copy_from_slice(&x.to_le_bytes()[..n]);
+    }
+}
+
+/// Sends `len` pseudo-random bytes from `seed`, returns their SHA-256.
+fn send(mut s: TcpStream, seed: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut left = len;
+    let mut n = 0;
+    while left > 0 {
+        let k = left.min(buf.len());
+        fill(seed.wrapping_add(n), &mut buf[..k]);
+        s.write_all(&buf[..k])?;
+        hash.update(&buf[..k]);
+        left -= k;
+        n += 1;
+    }
+    s.shutdown(Shutdown::Write)?;
+    Ok(hash.finalize().to_vec())
+}
+
+/// Reads to EOF; returns (bytes, SHA-256).
+fn receive(mut s: TcpStream) -> std::io::Result<(usize, Vec<u8>)> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, hash.finalize().to_vec()));
+        }
+        hash.update(&buf[..n]);
+        total += n;
+    }
+}
+
+/// One connection from the client to `addr` on the server, `len`
+/// pseudo-random bytes each way at once (CUBIC at both ends), both checked
+/// by SHA-256; returns how long it took.
+pub fn both_ways(h: &Harness, addr: &str, len: usize) -> anyhow::Result<Duration> {
+    let listener = listen(&h.server, addr)?;
+    let server = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        set_cubic(&s);
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
+        let w = s.try_clone().unwrap();
+        let sender = std::thread::spawn(move || send(w, 2, len).expect("server send"));
+        let got = receive(s).expect("server receive");
+        (got, sender.join().unwrap())
+    });
+    let t0 = Instant::now();
+    let c = connect(&h.client, addr)?;
+    set_cubic(&c);
+    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
+    let w = c.try_clone().unwrap();
+    let sender = std::thread::spawn(move || send(w, 1, len).expect("client send"));
+    let (down, down_hash) = receive(c).expect("client receive");
+    let up_hash = sender.join().unwrap();
+    let ((up, up_seen), down_sent) = server.join().unwrap();
+    let took = t0.elapsed();
+    anyhow::ensure!(
+        (up, down) == (len, len),
+        "bytes up/down: {up}/{down} of {len}"
+    );
+    anyhow::ensure!(up_seen == up_hash, "upload differs");
+    anyhow::ensure!(down_hash == down_sent, "download differs");
+    Ok(took)
 }

@@ -6,103 +6,21 @@
 //! The transfer size defaults to 16 MiB each way (CI); set
 //! `LOUPE_IMPAIR_BYTES` for the soak (`perf/run split-soak` runs 1 GiB).
 
-use std::{
-    io::{Read, Write},
-    net::{Shutdown, TcpStream},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use loupe_tests::{
     engine::Engine,
     harness::{Link, SERVER_V4},
     impair::{ImpairProc, ImpairStats},
-    tcp::{connect, listen, set_cubic},
+    tcp::both_ways,
     Harness, HarnessConfig,
 };
-use sha2::{Digest, Sha256};
 
 fn size() -> usize {
     std::env::var("LOUPE_IMPAIR_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(16 << 20)
-}
-
-/// Pseudo-random bytes (so no pattern lines up with segment boundaries).
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let n = chunk.len();
-        chunk.copy_from_slice(&x.to_le_bytes()[..n]);
-    }
-}
-
-/// Sends `len` pseudo-random bytes from `seed`, returns their SHA-256.
-fn send(mut s: TcpStream, seed: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut left = len;
-    let mut n = 0;
-    while left > 0 {
-        let k = left.min(buf.len());
-        fill(seed.wrapping_add(n), &mut buf[..k]);
-        s.write_all(&buf[..k])?;
-        hash.update(&buf[..k]);
-        left -= k;
-        n += 1;
-    }
-    s.shutdown(Shutdown::Write)?;
-    Ok(hash.finalize().to_vec())
-}
-
-/// Reads to EOF; returns (bytes, SHA-256).
-fn receive(mut s: TcpStream) -> std::io::Result<(usize, Vec<u8>)> {
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut total = 0;
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok((total, hash.finalize().to_vec()));
-        }
-        hash.update(&buf[..n]);
-        total += n;
-    }
-}
-
-/// One connection through the split, `len` bytes each way at once.
-/// Returns the client's upload and download results and the server's.
-fn both_ways(h: &Harness, len: usize) -> Duration {
-    let addr = format!("{SERVER_V4}:443");
-    let listener = listen(&h.server, &addr).unwrap();
-    let server = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        set_cubic(&s);
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
-        let w = s.try_clone().unwrap();
-        let sender = std::thread::spawn(move || send(w, 2, len).expect("server send"));
-        let got = receive(s).expect("server receive");
-        (got, sender.join().unwrap())
-    });
-    let t0 = Instant::now();
-    let c = connect(&h.client, &addr).unwrap();
-    set_cubic(&c);
-    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    c.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
-    let w = c.try_clone().unwrap();
-    let sender = std::thread::spawn(move || send(w, 1, len).expect("client send"));
-    let (down, down_hash) = receive(c).expect("client receive");
-    let up_hash = sender.join().unwrap();
-    let ((up, up_seen), down_sent) = server.join().unwrap();
-    let took = t0.elapsed();
-    assert_eq!((up, down), (len, len), "bytes up/down");
-    assert!(up_seen == up_hash, "upload differs");
-    assert!(down_hash == down_sent, "download differs");
-    took
 }
 
 fn impaired_harness() -> Harness {
@@ -136,7 +54,7 @@ fn both_directions_arrive_byte_exact_under_loss_reordering_and_duplication() {
         .expect("server-side impairment");
     let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
     let len = size();
-    let took = both_ways(&h, len);
+    let took = both_ways(&h, &format!("{SERVER_V4}:443"), len).unwrap();
     let r = engine
         .wait_stats("the split to end", Duration::from_secs(60), |r| {
             let s = r.split_total();
@@ -171,7 +89,7 @@ fn corrupted_segments_are_dropped_by_checksum_and_recovered() {
     )
     .expect("impairment");
     let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
-    both_ways(&h, 4 << 20);
+    both_ways(&h, &format!("{SERVER_V4}:443"), 4 << 20).unwrap();
     let r = engine
         .wait_stats("the split to end", Duration::from_secs(60), |r| {
             let s = r.split_total();
