@@ -46,7 +46,7 @@ pub struct SplitSettings {
     /// connection is released unchanged. A complete ClientHello is decided
     /// on at once; the wait only runs while bytes are missing, and must
     /// outlast a client's retransmission of a lost first segment (Linux:
-    /// an RTO of at least 200 ms).
+    /// an RTO of at least 200 ms, seen above 1 s after a connect storm).
     pub hold_timeout: Duration,
     pub policy: SplitPolicy,
 }
@@ -57,7 +57,7 @@ impl Default for SplitSettings {
             max_flows: 262_144,
             idle: Duration::from_secs(120),
             hold_bytes: 32 << 10,
-            hold_timeout: Duration::from_secs(1),
+            hold_timeout: Duration::from_secs(3),
             policy: SplitPolicy::default(),
         }
     }
