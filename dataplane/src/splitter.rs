@@ -76,6 +76,39 @@ struct Held {
     scanner: HelloScanner,
     deadline: Instant,
     fin: bool,
+    /// The oldest TSval among the held segments (the client-facing half
+    /// starts TS.Recent there, so PAWS takes their replay).
+    oldest_tsval: Option<u32>,
+}
+
+/// A connection before its decision.
+struct Tracking {
+    tracker: Tracker,
+    /// The side the SYN came from.
+    client: Side,
+    templates: [Option<Template>; 2],
+    hold: Option<Box<Held>>,
+    key: FlowKey,
+}
+
+/// The tracking state of `id`, borrowing only the flow table.
+fn tracking(flows: &mut HashMap<FlowId, Flow>, id: FlowId) -> Option<&mut Tracking> {
+    match flows.get_mut(&id) {
+        Some(Flow {
+            entry: Entry::Tracking(t),
+            ..
+        }) => Some(t),
+        _ => None,
+    }
+}
+
+/// Which endpoint sent a frame that arrived on `side`.
+fn dir_from(side: Side, client: Side) -> Dir {
+    if side == client {
+        Dir::Client
+    } else {
+        Dir::Server
+    }
 }
 
 /// What became of a frame.
@@ -88,14 +121,7 @@ pub enum Disposition {
 }
 
 enum Entry {
-    Tracking {
-        tracker: Tracker,
-        /// The side the SYN came from.
-        client: Side,
-        templates: [Option<Template>; 2],
-        hold: Option<Box<Held>>,
-        key: FlowKey,
-    },
+    Tracking(Box<Tracking>),
     Split {
         split: Box<Split>,
         client: Side,
@@ -176,13 +202,13 @@ impl Splitter {
                 return Disposition::Forward;
             }
             let entry = if is_syn {
-                Entry::Tracking {
+                Entry::Tracking(Box::new(Tracking {
                     tracker: Tracker::new(self.conn.clone()),
                     client: side,
                     templates: [None, None],
                     hold: None,
                     key: parsed.key,
-                }
+                }))
             } else {
                 // A flow already running when the engine started (or one
                 // whose state expired): leave it alone, in the kernel.
@@ -206,17 +232,13 @@ impl Splitter {
                 self.counters.after_close += 1;
                 return Disposition::Consumed;
             }
-            Entry::Tracking { .. } => None,
+            Entry::Tracking(_) => None,
             Entry::Split { client, .. } => Some(*client),
         };
         match split_client {
             None => self.track(id, side, frame, parsed, now),
             Some(client) => {
-                let dir = if side == client {
-                    Dir::Client
-                } else {
-                    Dir::Server
-                };
+                let dir = dir_from(side, client);
                 self.with_split(id, now, |s| s.on_segment(dir, &parsed.segment, now));
                 Disposition::Consumed
             }
@@ -247,30 +269,14 @@ impl Splitter {
         p: Parsed,
         now: Instant,
     ) -> Disposition {
-        let Some(Flow {
-            entry:
-                Entry::Tracking {
-                    tracker,
-                    client,
-                    templates,
-                    hold,
-                    ..
-                },
-            ..
-        }) = self.flows.get_mut(&id)
-        else {
+        let Some(t) = tracking(&mut self.flows, id) else {
             return Disposition::Forward;
         };
-        let dir = if side == *client {
-            Dir::Client
-        } else {
-            Dir::Server
-        };
-        templates[side.index()].get_or_insert_with(|| p.template(frame));
-        let track = tracker.on_segment(dir, &p.segment);
-        if hold.is_some() && tracker.client_data_start().is_none() {
+        t.templates[side.index()].get_or_insert_with(|| p.template(frame));
+        let track = t.tracker.on_segment(dir_from(side, t.client), &p.segment);
+        if t.hold.is_some() && t.tracker.client_data_start().is_none() {
             // A new SYN on these ports: the held attempt was abandoned.
-            *hold = None;
+            t.hold = None;
         }
         match track {
             Track::Forward => Disposition::Forward,
@@ -293,17 +299,13 @@ impl Splitter {
     /// Holds a client frame until the decision; decides once the held
     /// bytes make a decision point, or releases them at the bound.
     fn hold(&mut self, id: FlowId, frame: &[u8], seg: &Segment, now: Instant) -> Disposition {
-        let Some(Flow {
-            entry: Entry::Tracking { tracker, hold, .. },
-            ..
-        }) = self.flows.get_mut(&id)
-        else {
+        let Some(t) = tracking(&mut self.flows, id) else {
             return Disposition::Forward;
         };
-        let Some(start) = tracker.client_data_start() else {
+        let Some(start) = t.tracker.client_data_start() else {
             return Disposition::Forward;
         };
-        let held = hold.get_or_insert_with(|| {
+        let held = t.hold.get_or_insert_with(|| {
             self.counters.held += 1;
             let deadline = now + self.settings.hold_timeout;
             self.timers.push(Reverse((deadline, id)));
@@ -313,6 +315,7 @@ impl Splitter {
                 scanner: HelloScanner::default(),
                 deadline,
                 fin: false,
+                oldest_tsval: None,
             })
         });
         let end = i64::from(seg.seq.since(start)) + seg.payload.len() as i64;
@@ -320,6 +323,14 @@ impl Splitter {
         let fin_news = seg.flags.fin && !held.fin;
         if ins.new > 0 || fin_news || ins.conflict > 0 {
             held.frames.push(frame.to_vec());
+            if let Some(ts) = seg.options.timestamps {
+                if held
+                    .oldest_tsval
+                    .is_none_or(|o| SeqNum(ts.val).lt(SeqNum(o)))
+                {
+                    held.oldest_tsval = Some(ts.val);
+                }
+            }
         }
         held.fin |= seg.flags.fin;
         if end > self.settings.hold_bytes as i64 || held.frames.len() > MAX_HELD_FRAMES {
@@ -373,15 +384,12 @@ impl Splitter {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
-        if let Entry::Tracking {
-            client, hold, key, ..
-        } = &mut flow.entry
-        {
-            if let Some(held) = hold.take() {
-                let to = client.other();
+        if let Entry::Tracking(t) = &mut flow.entry {
+            if let Some(held) = t.hold.take() {
+                let to = t.client.other();
                 self.out.extend(held.frames.into_iter().map(|f| (to, f)));
             }
-            self.release.push(*key);
+            self.release.push(t.key);
         }
         flow.entry = Entry::Passthrough;
     }
@@ -390,49 +398,21 @@ impl Splitter {
     /// client-facing half (acknowledged at once), then `pending` (the
     /// server's first data) into the server-facing one.
     fn start_split(&mut self, id: FlowId, pending: Option<Segment>, now: Instant) -> Disposition {
-        let Some(Flow {
-            entry:
-                Entry::Tracking {
-                    tracker,
-                    client,
-                    templates,
-                    hold,
-                    ..
-                },
-            ..
-        }) = self.flows.get_mut(&id)
-        else {
+        let Some(t) = tracking(&mut self.flows, id) else {
             return Disposition::Forward;
         };
-        if tracker.client_data_start().is_none() || templates.iter().any(Option::is_none) {
+        let oldest = t.hold.as_ref().and_then(|h| h.oldest_tsval);
+        let (Some(halves), [Some(a), Some(b)]) =
+            (t.tracker.split(now, oldest), t.templates.clone())
+        else {
             // Cannot happen once established (SYN and SYN-ACK were seen);
             // leave the connection alone rather than guess.
             self.counters.passthrough += 1;
             self.pass(id);
             return Disposition::Forward;
-        }
-        let held: Vec<Segment> = hold
-            .take()
-            .map(|h| h.frames)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|f| {
-                let p = parse_segment(&f).ok();
-                if self.spare.len() < 256 {
-                    self.spare.push(f);
-                }
-                p.map(|p| p.segment)
-            })
-            .collect();
-        let oldest = held
-            .iter()
-            .filter_map(|s| s.options.timestamps.map(|t| t.val))
-            .min_by(|a, b| SeqNum(*a).since(SeqNum(*b)).cmp(&0));
-        let (Some(halves), [Some(a), Some(b)]) = (tracker.split(now, oldest), templates.clone())
-        else {
-            unreachable!("checked above: established, both templates")
         };
-        let client = *client;
+        let client = t.client;
+        let frames = t.hold.take().map(|h| h.frames).unwrap_or_default();
         self.counters.split += 1;
         self.flows.get_mut(&id).expect("present").entry = Entry::Split {
             split: Box::new(Split::new(halves)),
@@ -440,6 +420,14 @@ impl Splitter {
             templates: [a, b],
             armed: None,
         };
+        let mut held = Vec::with_capacity(frames.len());
+        for f in frames {
+            // Parsed once already when held; only valid frames were kept.
+            if let Ok(p) = parse_segment(&f) {
+                held.push(p.segment);
+            }
+            self.recycle(f);
+        }
         if !held.is_empty() {
             self.with_split(id, now, |s| {
                 for seg in &held {
@@ -512,12 +500,9 @@ impl Splitter {
                     self.with_split(id, now, |s| s.on_timer(now));
                 }
                 Some(Flow {
-                    entry:
-                        Entry::Tracking {
-                            hold: Some(held), ..
-                        },
+                    entry: Entry::Tracking(t),
                     ..
-                }) if held.deadline == at => {
+                }) if t.hold.as_ref().is_some_and(|h| h.deadline == at) => {
                     self.counters.hold_timeouts += 1;
                     self.pass(id);
                 }
