@@ -21,7 +21,7 @@ use clap::Parser;
 use loupe_perf::median;
 use loupe_tests::{
     engine::Engine,
-    harness::{Link, Role, INSIDE_IF, OUTSIDE_IF, PEER_IF, SERVER_V4},
+    harness::{Link, Role, PEER_IF, SERVER_V4},
     impair::ImpairProc,
     tcp::both_ways,
     Harness, HarnessConfig, Proc,
@@ -336,12 +336,6 @@ fn impaired(mib: usize) -> anyhow::Result<()> {
             Some(Engine::start(&h, &["--tcp-split"])?)
         } else {
             h.bridge_up()?;
-            // Frames loupe-impair sends into the engine's veths need NAPI
-            // there (the engine's XDP program gives it when it runs).
-            for dev in [INSIDE_IF, OUTSIDE_IF] {
-                h.engine.exec("ethtool", &["-K", dev, "gro", "off"])?;
-                h.engine.exec("ethtool", &["-K", dev, "gro", "on"])?;
-            }
             None
         };
         let took = both_ways(&h, &format!("{SERVER_V4}:443"), len)?;

@@ -172,18 +172,12 @@ impl Harness {
         // Frames the engine redirects into its veth need NAPI at the other
         // end (GRO, as for the peers below).
         for imp in self.impair.iter().flatten() {
-            for dev in [IMPAIR_PEER_IF, IMPAIR_ENGINE_IF] {
-                imp.exec("ethtool", &["-K", dev, "gro", "off"])?;
-                imp.exec("ethtool", &["-K", dev, "gro", "on"])?;
-            }
-            imp.ip(&["link", "add", "br0", "type", "bridge"])?;
-            imp.ip(&["link", "set", IMPAIR_PEER_IF, "master", "br0"])?;
-            imp.ip(&["link", "set", IMPAIR_ENGINE_IF, "master", "br0"])?;
-            imp.ip(&["link", "set", "br0", "up"])?;
+            napi(imp, IMPAIR_PEER_IF)?;
+            napi(imp, IMPAIR_ENGINE_IF)?;
+            bridge(imp, IMPAIR_PEER_IF, IMPAIR_ENGINE_IF)?;
         }
         for ns in [&self.client, &self.server] {
-            ns.exec("ethtool", &["-K", PEER_IF, "gro", "off"])?;
-            ns.exec("ethtool", &["-K", PEER_IF, "gro", "on"])?;
+            napi(ns, PEER_IF)?;
         }
         for (ns, v4, v6) in [
             (&self.client, CLIENT_V4, CLIENT_V6),
@@ -237,13 +231,15 @@ impl Harness {
 
     /// A Linux bridge joining inside and outside in the engine namespace:
     /// the kernel path a user would otherwise run.
+    /// With impairment namespaces, `loupe-impair` sends into the engine's
+    /// veths from XDP, which needs NAPI there (the engine's own XDP
+    /// program gives it when the engine runs; a bridge does not).
     pub fn bridge_up(&self) -> anyhow::Result<()> {
-        let e = &self.engine;
-        e.ip(&["link", "add", "br0", "type", "bridge"])?;
-        e.ip(&["link", "set", INSIDE_IF, "master", "br0"])?;
-        e.ip(&["link", "set", OUTSIDE_IF, "master", "br0"])?;
-        e.ip(&["link", "set", "br0", "up"])?;
-        Ok(())
+        if self.impair.is_some() {
+            napi(&self.engine, INSIDE_IF)?;
+            napi(&self.engine, OUTSIDE_IF)?;
+        }
+        bridge(&self.engine, INSIDE_IF, OUTSIDE_IF)
     }
 
     /// A statistics counter of an interface in a namespace (sysfs
@@ -332,5 +328,23 @@ fn veth(ns_a: &Netns, a: &str, ns_b: &Netns, b: &str, queues: &str) -> anyhow::R
         "numrxqueues",
         queues,
     ])?;
+    Ok(())
+}
+
+/// A bridge `br0` in `ns` joining `a` and `b`.
+fn bridge(ns: &Netns, a: &str, b: &str) -> anyhow::Result<()> {
+    ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+    ns.ip(&["link", "set", a, "master", "br0"])?;
+    ns.ip(&["link", "set", b, "master", "br0"])?;
+    ns.ip(&["link", "set", "br0", "up"])?;
+    Ok(())
+}
+
+/// NAPI on a veth that receives frames redirected by XDP (or sent by
+/// AF_XDP) from its peer: GRO switched on while the link is up (set
+/// before, veth does not start NAPI).
+fn napi(ns: &Netns, dev: &str) -> anyhow::Result<()> {
+    ns.exec("ethtool", &["-K", dev, "gro", "off"])?;
+    ns.exec("ethtool", &["-K", dev, "gro", "on"])?;
     Ok(())
 }
