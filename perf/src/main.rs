@@ -21,8 +21,8 @@ use clap::Parser;
 use loupe_perf::median;
 use loupe_tests::{
     engine::Engine,
-    harness::{Link, Role, PEER_IF, SERVER_V4},
-    impair::ImpairProc,
+    harness::{Role, PEER_IF, SERVER_V4},
+    impair::{ImpairProc, ImpairStats, LOSSY},
     tcp::both_ways,
     Harness, HarnessConfig, Proc,
 };
@@ -313,16 +313,6 @@ fn split_memory(n: usize) -> anyhow::Result<()> {
 /// The same transfer over the same seeded impairment, through a Linux
 /// bridge (the kernel path) and through tcp-split, back to back.
 fn impaired(mib: usize) -> anyhow::Result<()> {
-    let rates = [
-        "--loss",
-        "0.02",
-        "--reorder",
-        "0.02",
-        "--duplicate",
-        "0.01",
-        "--ports",
-        "443",
-    ];
     let len = mib << 20;
     let mut rows = Vec::new();
     for split in [false, true] {
@@ -330,8 +320,7 @@ fn impaired(mib: usize) -> anyhow::Result<()> {
             impair: true,
             ..HarnessConfig::default()
         })?;
-        let imp_c = ImpairProc::start(&h, Link::Client, &[&rates[..], &["--seed", "11"]].concat())?;
-        let imp_s = ImpairProc::start(&h, Link::Server, &[&rates[..], &["--seed", "12"]].concat())?;
+        let [imp_c, imp_s] = ImpairProc::start_both(&h, &LOSSY, 11)?;
         let engine = if split {
             Some(Engine::start(&h, &["--tcp-split"])?)
         } else {
@@ -341,9 +330,12 @@ fn impaired(mib: usize) -> anyhow::Result<()> {
         let took = both_ways(&h, &format!("{SERVER_V4}:443"), len)?;
         let mbit = len as f64 * 8.0 / took.as_secs_f64() / 1e6;
         let label = if split { "xdp_split" } else { "bridge" };
-        let (c, s) = (imp_c.stop()?, imp_s.stop()?);
-        let dropped = c.0.dropped + c.1.dropped + s.0.dropped + s.1.dropped;
-        let frames = c.0.frames + c.1.frames + s.0.frames + s.1.frames;
+        let mut all = ImpairStats::default();
+        for (a, b) in [imp_c.stop()?, imp_s.stop()?] {
+            all.add(&a);
+            all.add(&b);
+        }
+        let (dropped, frames) = (all.dropped, all.frames);
         eprintln!(
             "  {label:<10} {mib} MiB each way in {took:.1?}: {mbit:.1} Mbit/s each way \
              ({dropped} of {frames} frames dropped)"

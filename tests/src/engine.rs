@@ -68,20 +68,17 @@ impl Engine {
             stats_path,
         };
         let path = engine.stats_path.clone();
-        let ready = wait_until("the engine to report ready", START_TIMEOUT, || {
-            if let Some(st) = engine.proc.try_wait() {
-                return Ok(Some(Err(st)));
-            }
-            match StatsReport::read(&path) {
-                Ok(r) if r.state == "running" => Ok(Some(Ok(()))),
-                Ok(r) => Err(format!("state {}", r.state)),
-                Err(e) => Err(e.to_string()),
-            }
-        })?;
-        if let Err(status) = ready {
-            let (out, err) = engine.proc.take_output();
-            anyhow::bail!("loupe-dataplane exited during start-up ({status}): {err}{out}");
-        }
+        engine
+            .proc
+            .wait_ready(
+                "the engine to report ready",
+                START_TIMEOUT,
+                || match StatsReport::read(&path) {
+                    Ok(r) if r.state == "running" => Ok(true),
+                    Ok(r) => Err(format!("state {}", r.state)),
+                    Err(e) => Err(e.to_string()),
+                },
+            )?;
         Ok(engine)
     }
 

@@ -169,8 +169,14 @@ impl Harness {
         // Until loupe-impair attaches (and after it stops), a bridge joins
         // each impairment namespace's two ends; its XDP program, once
         // attached, takes every frame before the bridge sees it.
-        // Frames the engine redirects into its veth need NAPI at the other
-        // end (GRO, as for the peers below).
+        // Every veth that receives frames sent from XDP or AF_XDP needs
+        // NAPI: the impairment ends (from the engine and the peers), and the
+        // engine's own ends (from loupe-impair; the engine's XDP program
+        // gives them NAPI when it runs, a bridge in its place does not).
+        if self.impair.is_some() {
+            napi(&self.engine, INSIDE_IF)?;
+            napi(&self.engine, OUTSIDE_IF)?;
+        }
         for imp in self.impair.iter().flatten() {
             napi(imp, IMPAIR_PEER_IF)?;
             napi(imp, IMPAIR_ENGINE_IF)?;
@@ -231,14 +237,7 @@ impl Harness {
 
     /// A Linux bridge joining inside and outside in the engine namespace:
     /// the kernel path a user would otherwise run.
-    /// With impairment namespaces, `loupe-impair` sends into the engine's
-    /// veths from XDP, which needs NAPI there (the engine's own XDP
-    /// program gives it when the engine runs; a bridge does not).
     pub fn bridge_up(&self) -> anyhow::Result<()> {
-        if self.impair.is_some() {
-            napi(&self.engine, INSIDE_IF)?;
-            napi(&self.engine, OUTSIDE_IF)?;
-        }
         bridge(&self.engine, INSIDE_IF, OUTSIDE_IF)
     }
 

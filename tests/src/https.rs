@@ -15,7 +15,6 @@ use crate::{
     harness::{Harness, SERVER_V4, SERVER_V6},
     netns::run,
     proc::Proc,
-    wait::wait_until,
 };
 
 pub const SERVER_NAME: &str = "server.loupe.test";
@@ -103,14 +102,9 @@ impl Nginx {
             .context("spawning nginx")?;
         let mut proc = Proc::new("nginx", child);
         let listening = format!("{SERVER_V4}:{port}");
-        wait_until("nginx to listen", Duration::from_secs(30), || {
-            if let Some(st) = proc.try_wait() {
-                let (_, err) = proc.take_output();
-                return Ok(Some(Err(format!("nginx exited ({st}): {err}"))));
-            }
-            Ok(h.server.listens_on(&listening)?.then_some(Ok(())))
-        })?
-        .map_err(anyhow::Error::msg)?;
+        proc.wait_ready("nginx to listen", Duration::from_secs(30), || {
+            h.server.listens_on(&listening)
+        })?;
         Ok(Nginx {
             _proc: proc,
             cert,

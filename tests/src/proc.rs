@@ -58,6 +58,27 @@ impl Proc {
         }
     }
 
+    /// Wait until `ready` answers true (or, with `Err`, the state so far);
+    /// fails with the process's output if it exits first.
+    pub fn wait_ready(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> Result<bool, String>,
+    ) -> anyhow::Result<()> {
+        let exited = crate::wait_until(what, timeout, || {
+            if let Some(st) = self.try_wait() {
+                return Ok(Some(Some(st)));
+            }
+            Ok(ready()?.then_some(None))
+        })?;
+        if let Some(st) = exited {
+            let (out, err) = self.take_output();
+            anyhow::bail!("{} exited during start-up ({st}): {err}{out}", self.name);
+        }
+        Ok(())
+    }
+
     /// SIGTERM, then wait; returns status, stdout and stderr (if piped).
     pub fn stop(mut self, timeout: Duration) -> (ExitStatus, bool, String, String) {
         self.signal(libc::SIGTERM);

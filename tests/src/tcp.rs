@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 
-use crate::{netns::Netns, Harness};
+use crate::{https::fill_pseudo_random, netns::Netns, Harness};
 
 pub fn listen(ns: &Netns, addr: &str) -> anyhow::Result<TcpListener> {
     let addr: SocketAddr = addr.parse().context("listen address")?;
@@ -70,6 +70,13 @@ pub fn echo_roundtrip(s: &mut TcpStream, data: &[u8]) -> anyhow::Result<Vec<u8>>
     Ok(back)
 }
 
+/// CUBIC (see [`set_cubic`]) and `timeout` for reads and writes.
+pub fn tune(s: &TcpStream, timeout: Duration) {
+    set_cubic(s);
+    s.set_read_timeout(Some(timeout)).expect("read timeout");
+    s.set_write_timeout(Some(timeout)).expect("write timeout");
+}
+
 /// Use CUBIC on this socket. This machine's default, BBR, takes minutes to
 /// climb back from the bandwidth it measures during heavy loss or an
 /// overload (seen here: 4 kbit/s pacing afterwards); tests of the split
@@ -94,18 +101,6 @@ pub fn set_cubic(s: &TcpStream) {
     );
 }
 
-/// Pseudo-random bytes (so no pattern lines up with segment boundaries).
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let n = chunk.len();
-        chunk.copy_from_slice(&x.to_le_bytes()[..n]);
-    }
-}
-
 /// Sends `len` pseudo-random bytes from `seed`, returns their SHA-256.
 fn send(mut s: TcpStream, seed: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut hash = Sha256::new();
@@ -114,7 +109,7 @@ fn send(mut s: TcpStream, seed: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut n = 0;
     while left > 0 {
         let k = left.min(buf.len());
-        fill(seed.wrapping_add(n), &mut buf[..k]);
+        fill_pseudo_random(&mut buf[..k], seed.wrapping_add(n));
         s.write_all(&buf[..k])?;
         hash.update(&buf[..k]);
         left -= k;
@@ -125,7 +120,7 @@ fn send(mut s: TcpStream, seed: u64, len: usize) -> std::io::Result<Vec<u8>> {
 }
 
 /// Reads to EOF; returns (bytes, SHA-256).
-fn receive(mut s: TcpStream) -> std::io::Result<(usize, Vec<u8>)> {
+pub fn receive(s: &mut TcpStream) -> std::io::Result<(usize, Vec<u8>)> {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0;
@@ -144,25 +139,19 @@ fn receive(mut s: TcpStream) -> std::io::Result<(usize, Vec<u8>)> {
 /// by SHA-256; returns how long it took.
 pub fn both_ways(h: &Harness, addr: &str, len: usize) -> anyhow::Result<Duration> {
     let listener = listen(&h.server, addr)?;
-    let server = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        set_cubic(&s);
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
-        let w = s.try_clone().unwrap();
-        let sender = std::thread::spawn(move || send(w, 2, len).expect("server send"));
-        let got = receive(s).expect("server receive");
-        (got, sender.join().unwrap())
-    });
+    // Each end sends from its own seed while it receives: returns what it
+    // received (bytes, SHA-256) and the SHA-256 of what it sent.
+    let exchange = move |mut s: TcpStream, seed: u64| {
+        tune(&s, Duration::from_secs(120));
+        let w = s.try_clone().expect("clone");
+        let sender = std::thread::spawn(move || send(w, seed, len).expect("send"));
+        let got = receive(&mut s).expect("receive");
+        (got, sender.join().expect("sender"))
+    };
+    let server = std::thread::spawn(move || exchange(listener.accept().expect("accept").0, 2));
     let t0 = Instant::now();
     let c = connect(&h.client, addr)?;
-    set_cubic(&c);
-    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    c.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
-    let w = c.try_clone().unwrap();
-    let sender = std::thread::spawn(move || send(w, 1, len).expect("client send"));
-    let (down, down_hash) = receive(c).expect("client receive");
-    let up_hash = sender.join().unwrap();
+    let ((down, down_hash), up_hash) = exchange(c, 1);
     let ((up, up_seen), down_sent) = server.join().unwrap();
     let took = t0.elapsed();
     anyhow::ensure!(

@@ -36,11 +36,6 @@ fn v6(last: u16, subnet: u16) -> [u8; 16] {
     a
 }
 
-/// `::ffff:a.b.c.d`
-fn mapped(v4: [u8; 4]) -> [u8; 16] {
-    v4_mapped(v4)
-}
-
 /// A SYN (no ACK) from `sport` to `dport` over IPv4.
 fn syn_v4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     let mut out = Vec::new();
@@ -136,7 +131,7 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                 ("ipv6 to steered port", tcp(Ip::V6(v6(1, 0)), 40001, Ip::V6(v6(2, 0)), 443), inside, 0, XDP_REDIRECT, Counter::Steer),
                 ("ipv6 outside steered prefix", tcp(Ip::V6(v6(1, 0)), 40001, Ip::V6(v6(2, 1)), 443), inside, 0, XDP_REDIRECT, Counter::PassTcp),
                 ("ipv6 exempt", tcp(Ip::V6(v6(0x99, 0)), 40001, Ip::V6(v6(2, 0)), 443), inside, 0, XDP_REDIRECT, Counter::PassExempt),
-                ("ipv6 with ipv4-mapped destination", tcp(Ip::V6(v6(1, 0)), 40001, Ip::V6(mapped(SERVER)), 443), inside, 0, XDP_REDIRECT, Counter::Malformed),
+                ("ipv6 with ipv4-mapped destination", tcp(Ip::V6(v6(1, 0)), 40001, Ip::V6(v4_mapped(SERVER)), 443), inside, 0, XDP_REDIRECT, Counter::Malformed),
                 ("udp", udp, inside, 0, XDP_REDIRECT, Counter::PassNonTcp),
                 ("arp", arp, inside, 0, XDP_REDIRECT, Counter::PassNonIp),
                 ("flow verdict steer beats port", tcp(c4, 40002, s4, 8080), inside, 0, XDP_REDIRECT, Counter::FlowSteer),

@@ -3,24 +3,28 @@
 //! corrupts segments with seeded rates, and both directions must still
 //! arrive byte-exact.
 //!
-//! The transfer size defaults to 16 MiB each way (CI); set
-//! `LOUPE_IMPAIR_BYTES` for the soak (`perf/run split-soak` runs 1 GiB).
+//! CI moves 16 MiB each way; the soak (1 GiB each way, beside a Linux
+//! bridge over the same impairment) is `perf/run split-impaired`.
 
 use std::time::Duration;
 
+use loupe_dataplane::stats::SplitCounters;
 use loupe_tests::{
     engine::Engine,
     harness::{Link, SERVER_V4},
-    impair::{ImpairProc, ImpairStats},
+    impair::{ImpairProc, ImpairStats, LOSSY},
     tcp::both_ways,
     Harness, HarnessConfig,
 };
 
-fn size() -> usize {
-    std::env::var("LOUPE_IMPAIR_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16 << 20)
+/// The one split connection's counters once it has ended.
+fn ended(engine: &Engine) -> SplitCounters {
+    engine
+        .wait_stats("the split to end", Duration::from_secs(60), |r| {
+            let s = r.split_total();
+            (s.closed == 1).then_some(s)
+        })
+        .unwrap()
 }
 
 fn impaired_harness() -> Harness {
@@ -47,20 +51,11 @@ fn check_rates(link: &str, dirs: (ImpairStats, ImpairStats), loss: f64) {
 #[test]
 fn both_directions_arrive_byte_exact_under_loss_reordering_and_duplication() {
     let h = impaired_harness();
-    let rates = ["--loss", "0.02", "--reorder", "0.02", "--duplicate", "0.01"];
-    let imp_c = ImpairProc::start(&h, Link::Client, &[&rates[..], &["--seed", "11"]].concat())
-        .expect("client-side impairment");
-    let imp_s = ImpairProc::start(&h, Link::Server, &[&rates[..], &["--seed", "12"]].concat())
-        .expect("server-side impairment");
+    let [imp_c, imp_s] = ImpairProc::start_both(&h, &LOSSY, 11).expect("impairment");
     let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
-    let len = size();
+    let len = 16 << 20;
     let took = both_ways(&h, &format!("{SERVER_V4}:443"), len).unwrap();
-    let r = engine
-        .wait_stats("the split to end", Duration::from_secs(60), |r| {
-            let s = r.split_total();
-            (s.closed == 1).then_some(s)
-        })
-        .unwrap();
+    let r = ended(&engine);
     assert_eq!((r.split, r.aborted, r.passthrough), (1, 0, 0), "{r:?}");
     assert!(r.retransmits > 0 && r.duplicates > 0, "{r:?}");
     assert_eq!((r.bytes_c2s, r.bytes_s2c), (len as u64, len as u64));
@@ -90,12 +85,7 @@ fn corrupted_segments_are_dropped_by_checksum_and_recovered() {
     .expect("impairment");
     let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
     both_ways(&h, &format!("{SERVER_V4}:443"), 4 << 20).unwrap();
-    let r = engine
-        .wait_stats("the split to end", Duration::from_secs(60), |r| {
-            let s = r.split_total();
-            (s.closed == 1).then_some(s)
-        })
-        .unwrap();
+    let r = ended(&engine);
     let (to_engine, from_engine) = imp.stop().unwrap();
     assert!(to_engine.corrupted > 10 && from_engine.corrupted > 10);
     // Corrupted segments towards the engine failed its checksum there (a

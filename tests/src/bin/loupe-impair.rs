@@ -138,13 +138,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let total = |dir: usize| {
             let mut t = ImpairStats::default();
             for l in lanes {
-                let s = l.impairers[dir].stats;
-                t.frames += s.frames;
-                t.dropped += s.dropped;
-                t.corrupted += s.corrupted;
-                t.duplicated += s.duplicated;
-                t.reordered += s.reordered;
-                t.no_buffer += s.no_buffer;
+                t.add(&l.impairers[dir].stats);
             }
             t.to_json()
         };
