@@ -206,13 +206,9 @@ fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) {
         "ca", "gen", "active", "label"
     );
     for c in cas {
-        let role = if c.role == CaRole::ForwardTrust {
-            "forward-trust"
-        } else {
-            "forward-untrust"
-        };
         println!(
-            "{role:<16} {:>3}  {:<6} {:<32} {}",
+            "{:<16} {:>3}  {:<6} {:<32} {}",
+            c.role.name(),
             c.generation,
             if c.active { "yes" } else { "no" },
             c.label,
@@ -222,17 +218,19 @@ fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) {
 }
 
 pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
-    let session = Session::open(hsm)?;
+    // Each command checks its arguments before the token is opened (which
+    // may create the audit key and starts the signer): a typo costs nothing.
+    let open = || Session::open(hsm);
     match cmd {
         CaCommand::Init(new) => {
             let opts = new.options()?;
-            let made = session.run(|ca| Ok(ca.init(&opts)?))?;
+            let made = open()?.run(|ca| Ok(ca.init(&opts)?))?;
             print_cas(&made);
             println!("export the forward-trust CA for clients with `loupe ca export`");
         }
         CaCommand::Rotate(new) => {
             let opts = new.options()?;
-            let made = session.run(|ca| Ok(ca.rotate(&opts)?))?;
+            let made = open()?.run(|ca| Ok(ca.rotate(&opts)?))?;
             print_cas(&made);
         }
         CaCommand::Export {
@@ -242,7 +240,7 @@ pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
             out,
         } => {
             let role: CaRole = which.parse()?;
-            let cert = session.run(|ca| Ok(ca.certificate(role, generation)?))?;
+            let cert = open()?.run(|ca| Ok(ca.certificate(role, generation)?))?;
             let bytes = if der {
                 cert.der.clone()
             } else {
@@ -251,11 +249,11 @@ pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
             write_out(out.as_deref(), &bytes)?;
         }
         CaCommand::Destroy { generation, force } => {
-            let n = session.run(|ca| Ok(ca.destroy(generation, force)?))?;
+            let n = open()?.run(|ca| Ok(ca.destroy(generation, force)?))?;
             println!("destroyed CA generation {generation} ({n} objects)");
         }
         CaCommand::List { json } => {
-            let list = session.run(|ca| Ok(ca.list()?))?;
+            let list = open()?.run(|ca| Ok(ca.list()?))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -270,7 +268,7 @@ pub fn audit(hsm: &HsmArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCommand::ExportKey { out } => {
             let token = Token::open(&hsm.token_config())?;
-            let public = token.session()?.public_key(AUDIT_KEY_LABEL)?;
+            let public = audit::public_key(&token)?;
             write_out(out.as_deref(), spki_pem(&public).as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -279,7 +277,7 @@ pub fn audit(hsm: &HsmArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 let token = Token::open(&hsm.token_config()).context(
                     "no --pubkey given, so the audit key is read from the token, which failed",
                 )?;
-                vec![token.session()?.public_key(AUDIT_KEY_LABEL)?]
+                vec![audit::public_key(&token)?]
             } else {
                 pubkey
                     .iter()

@@ -35,6 +35,11 @@ use crate::{
 
 /// Label of the audit key on a token.
 pub const AUDIT_KEY_LABEL: &str = "loupe-audit";
+/// The token's audit public key: what [`verify`] checks checkpoints with.
+pub fn public_key(token: &Token) -> Result<PublicKey> {
+    token.session()?.public_key(AUDIT_KEY_LABEL)
+}
+
 /// The checkpoint mechanism; the audit key is EC P-256.
 pub const AUDIT_MECH: SignMech = SignMech::EcdsaP256Sha256;
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

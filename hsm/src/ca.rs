@@ -37,6 +37,14 @@ pub enum CaRole {
 impl CaRole {
     pub const BOTH: [CaRole; 2] = [CaRole::ForwardTrust, CaRole::ForwardUntrust];
 
+    /// The role as operators write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CaRole::ForwardTrust => "forward-trust",
+            CaRole::ForwardUntrust => "forward-untrust",
+        }
+    }
+
     pub fn prefix(self) -> &'static str {
         match self {
             CaRole::ForwardTrust => "loupe-ca/forward-trust/g",
@@ -124,12 +132,21 @@ fn rcgen_alg(alg: KeyAlg) -> &'static SignatureAlgorithm {
     }
 }
 
-impl PublicKeyData for HsmKey<'_> {
+impl PublicKeyData for PublicKey {
     fn der_bytes(&self) -> &[u8] {
-        &self.public.raw
+        &self.raw
     }
     fn algorithm(&self) -> &'static SignatureAlgorithm {
-        rcgen_alg(self.public.alg)
+        rcgen_alg(self.alg)
+    }
+}
+
+impl PublicKeyData for HsmKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.public.der_bytes()
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.public.algorithm()
     }
 }
 
@@ -154,16 +171,7 @@ impl SigningKey for HsmKey<'_> {
 
 /// SubjectPublicKeyInfo DER of a token public key.
 pub fn spki_der(public: &PublicKey) -> Vec<u8> {
-    struct P<'a>(&'a PublicKey);
-    impl PublicKeyData for P<'_> {
-        fn der_bytes(&self) -> &[u8] {
-            &self.0.raw
-        }
-        fn algorithm(&self) -> &'static SignatureAlgorithm {
-            rcgen_alg(self.0.alg)
-        }
-    }
-    P(public).subject_public_key_info()
+    public.subject_public_key_info()
 }
 
 /// PEM `PUBLIC KEY` of a token public key.
@@ -217,6 +225,22 @@ impl CaManager<'_> {
         self.token.session()
     }
 
+    /// Runs a key operation and records it in the audit log, whatever its
+    /// outcome; the operation's error comes first, then the log's.
+    fn audited<T>(
+        &self,
+        kind: Kind,
+        label: &str,
+        purpose: &str,
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let mut entry = Entry::now(kind, self.token.label(), label, purpose, &self.requester);
+        let r = op();
+        entry.result = r.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        self.audit.record(vec![entry])?;
+        r
+    }
+
     /// Generations present on the token, ascending.
     pub fn generations(&self) -> Result<Vec<u32>> {
         let s = self.session()?;
@@ -259,17 +283,10 @@ impl CaManager<'_> {
         let mut out = Vec::new();
         for role in CaRole::BOTH {
             let label = role.label(generation);
-            let mut entry = Entry::now(
-                Kind::Keygen,
-                self.token.label(),
-                &label,
-                &format!("generate {} CA key ({})", role_name(role), opts.alg.name()),
-                &self.requester,
-            );
-            let public = session.generate_key_pair(&label, opts.alg);
-            entry.result = public.as_ref().map(|_| ()).map_err(|e| e.to_string());
-            self.audit.record(vec![entry])?;
-            let public = public?;
+            let purpose = format!("generate {} CA key ({})", role.name(), opts.alg.name());
+            let public = self.audited(Kind::Keygen, &label, &purpose, || {
+                session.generate_key_pair(&label, opts.alg)
+            })?;
             let cn = role.common_name(generation);
             let der = self.self_sign(&label, public, &cn, opts)?;
             session.store_certificate(&label, &der, &subject_of(&der)?)?;
@@ -366,13 +383,12 @@ impl CaManager<'_> {
             .into_iter()
             .rfind(|c| c.role == role && generation.map_or(c.active, |g| c.generation == g));
         pick.ok_or_else(|| match generation {
-            Some(g) => HsmError::Invalid(format!(
-                "no {} CA generation {g} on the token",
-                role_name(role)
-            )),
+            Some(g) => {
+                HsmError::Invalid(format!("no {} CA generation {g} on the token", role.name()))
+            }
             None => HsmError::Invalid(format!(
                 "no {} CA on token {:?}; run `loupe ca init`",
-                role_name(role),
+                role.name(),
                 self.token.label()
             )),
         })
@@ -398,26 +414,10 @@ impl CaManager<'_> {
         let mut n = 0;
         for role in CaRole::BOTH {
             let label = role.label(generation);
-            let mut entry = Entry::now(
-                Kind::Destroy,
-                self.token.label(),
-                &label,
-                &format!("destroy {} CA generation {generation}", role_name(role)),
-                &self.requester,
-            );
-            let r = session.destroy(&label);
-            entry.result = r.as_ref().map(|_| ()).map_err(|e| e.to_string());
-            self.audit.record(vec![entry])?;
-            n += r?;
+            let purpose = format!("destroy {} CA generation {generation}", role.name());
+            n += self.audited(Kind::Destroy, &label, &purpose, || session.destroy(&label))?;
         }
         Ok(n)
-    }
-}
-
-fn role_name(role: CaRole) -> &'static str {
-    match role {
-        CaRole::ForwardTrust => "forward-trust",
-        CaRole::ForwardUntrust => "forward-untrust",
     }
 }
 

@@ -8,8 +8,16 @@ use std::{
 };
 
 use cryptoki::types::AuthPin;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
 
 use crate::error::{HsmError, Result};
+
+/// A PIN's SHA-256: what is remembered of a PIN (which one logged in,
+/// which one the token rejected), never the PIN itself.
+pub fn digest(pin: &AuthPin) -> [u8; 32] {
+    Sha256::digest(pin.expose_secret().as_bytes()).into()
+}
 
 /// A PIN source named in configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]

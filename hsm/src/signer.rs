@@ -29,8 +29,6 @@ use std::{
 };
 
 use crossbeam::{queue::ArrayQueue, utils::CachePadded};
-use secrecy::ExposeSecret;
-use sha2::{Digest, Sha256};
 
 use crate::{
     audit::{AuditSink, Entry, Kind},
@@ -228,6 +226,8 @@ impl Wake for Unpark {
 
 struct Job {
     req: Request,
+    /// The request's timeout (its own or the default), and when it ends.
+    timeout: Duration,
     deadline: Instant,
     done: Arc<Completion>,
 }
@@ -475,6 +475,7 @@ impl SignerHandle {
         });
         let job = Job {
             req,
+            timeout,
             deadline,
             done: done.clone(),
         };
@@ -553,7 +554,7 @@ impl HsmThread {
     fn run(mut self) {
         let batch_max = self.shared.config.batch;
         let mut jobs = Vec::with_capacity(batch_max);
-        let mut entries = Vec::with_capacity(batch_max);
+        let mut entries = Vec::new();
         let mut wakes = Wakes::default();
         while !self.stopping() {
             if self.session.is_none() {
@@ -587,7 +588,6 @@ impl HsmThread {
                     eprintln!("loupe: {e}");
                 }
             }
-            entries.clear();
         }
     }
 
@@ -601,11 +601,10 @@ impl HsmThread {
         }
         if Instant::now() >= job.deadline {
             stats.timed_out.fetch_add(1, Ordering::Relaxed);
-            let t = job
-                .req
-                .timeout
-                .unwrap_or(self.shared.config.default_timeout);
-            wakes.add(job.done.complete_deferred(Err(HsmError::Timeout(t))));
+            wakes.add(
+                job.done
+                    .complete_deferred(Err(HsmError::Timeout(job.timeout))),
+            );
             return None;
         }
         let req = &job.req;
@@ -614,16 +613,11 @@ impl HsmThread {
             // The session (or the login) is gone: re-open once, then retry.
             let shared = self.shared.clone();
             let lane = &shared.lanes[self.lane];
-            match lane.token.session() {
-                Ok(s) => {
-                    self.session = Some(s);
-                    result = self.sign_once(req);
-                }
+            match self.reopen() {
+                Ok(()) => result = self.sign_once(req),
                 Err(e) => {
                     self.session = None;
-                    self.note_bad_pin(&e);
-                    let reason = e.to_string();
-                    lane.set_down(reason);
+                    lane.set_down(e.reason());
                     result = Err(lane.unavailable());
                 }
             }
@@ -664,10 +658,31 @@ impl HsmThread {
         }
     }
 
-    fn note_bad_pin(&mut self, e: &HsmError) {
-        if matches!(e, HsmError::PinIncorrect(_)) {
-            if let Ok(pin) = self.lane().token.config().pin.read() {
-                self.bad_pin = Some(Sha256::digest(pin.expose_secret().as_bytes()).into());
+    /// Re-opens this thread's session with the PIN read once. A PIN the
+    /// token rejected is remembered and not tried again until the source
+    /// changes: a network HSM locks its user after a few failures.
+    fn reopen(&mut self) -> std::result::Result<(), Reopen> {
+        let shared = self.shared.clone();
+        let token = &shared.lanes[self.lane].token;
+        let pin = token.config().pin.read().map_err(Reopen::Pin)?;
+        let digest = crate::pin::digest(&pin);
+        if self.bad_pin == Some(digest) {
+            return Err(Reopen::KnownBad(format!(
+                "wrong PIN; not retrying until {} changes",
+                token.config().pin.describe()
+            )));
+        }
+        match token.session_with(&pin) {
+            Ok(s) => {
+                self.session = Some(s);
+                self.bad_pin = None;
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, HsmError::PinIncorrect(_)) {
+                    self.bad_pin = Some(digest);
+                }
+                Err(Reopen::Token(e))
             }
         }
     }
@@ -704,42 +719,39 @@ impl HsmThread {
             backoff = (backoff * 2).min(max);
             let shared = self.shared.clone();
             let lane = &shared.lanes[self.lane];
-            let pin = match lane.token.config().pin.read() {
-                Ok(p) => p,
-                Err(e) => {
-                    lane.set_down(e.to_string());
-                    continue;
-                }
-            };
-            let digest: [u8; 32] = Sha256::digest(pin.expose_secret().as_bytes()).into();
-            if self.bad_pin == Some(digest) {
-                // Retrying a rejected PIN could lock the token (network HSMs
-                // lock after a few failures): wait for the operator.
-                *lane.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
-                    "wrong PIN; not retrying until {} changes",
-                    lane.token.config().pin.describe()
-                ));
-                continue;
-            }
-            match lane.token.session_with(&pin) {
-                Ok(s) => {
-                    self.session = Some(s);
-                    self.bad_pin = None;
+            match self.reopen() {
+                Ok(()) => {
                     lane.set_up();
                     return;
                 }
+                Err(e @ Reopen::Pin(_)) => lane.set_down(e.reason()),
                 Err(e) => {
-                    if matches!(e, HsmError::PinIncorrect(_)) {
-                        self.bad_pin = Some(digest);
-                    }
-                    let reason = e.to_string();
-                    *lane.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
-                    if !matches!(e, HsmError::PinIncorrect(_)) {
+                    *lane.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.reason());
+                    if matches!(&e, Reopen::Token(t) if !matches!(t, HsmError::PinIncorrect(_))) {
                         // The token may be back in another slot.
                         let _ = lane.token.refind_slot();
                     }
                 }
             }
+        }
+    }
+}
+
+/// Why a session could not be re-opened.
+enum Reopen {
+    /// The PIN source could not be read.
+    Pin(HsmError),
+    /// The PIN is one the token already rejected (not tried again).
+    KnownBad(String),
+    /// The token refused (a wrong PIN among other reasons).
+    Token(HsmError),
+}
+
+impl Reopen {
+    fn reason(&self) -> String {
+        match self {
+            Reopen::Pin(e) | Reopen::Token(e) => e.to_string(),
+            Reopen::KnownBad(why) => why.clone(),
         }
     }
 }

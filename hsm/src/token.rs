@@ -25,7 +25,6 @@ use cryptoki::{
     slot::Slot,
     types::AuthPin,
 };
-use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -190,7 +189,7 @@ impl Token {
             .ctx
             .open_rw_session(self.slot())
             .map_err(|e| HsmError::pkcs11(label, "C_OpenSession", e))?;
-        let digest: [u8; 32] = Sha256::digest(pin.expose_secret().as_bytes()).into();
+        let digest = crate::pin::digest(pin);
         let key = (self.inner.config.module.clone(), label.to_string());
         let mut logins = LOGINS
             .get_or_init(Default::default)
@@ -654,19 +653,20 @@ impl TokenSession {
             .map_err(|e| self.err("C_GetAttributeValue", e))?;
         let mut out = Vec::new();
         for a in attrs {
-            let (t, v) = match a {
-                Attribute::Token(v) => (AttributeType::Token, v),
-                Attribute::Private(v) => (AttributeType::Private, v),
-                Attribute::Sensitive(v) => (AttributeType::Sensitive, v),
-                Attribute::AlwaysSensitive(v) => (AttributeType::AlwaysSensitive, v),
-                Attribute::Extractable(v) => (AttributeType::Extractable, v),
-                Attribute::NeverExtractable(v) => (AttributeType::NeverExtractable, v),
-                Attribute::Sign(v) => (AttributeType::Sign, v),
-                Attribute::Decrypt(v) => (AttributeType::Decrypt, v),
-                Attribute::Unwrap(v) => (AttributeType::Unwrap, v),
-                Attribute::Derive(v) => (AttributeType::Derive, v),
+            let v = match &a {
+                Attribute::Token(v)
+                | Attribute::Private(v)
+                | Attribute::Sensitive(v)
+                | Attribute::AlwaysSensitive(v)
+                | Attribute::Extractable(v)
+                | Attribute::NeverExtractable(v)
+                | Attribute::Sign(v)
+                | Attribute::Decrypt(v)
+                | Attribute::Unwrap(v)
+                | Attribute::Derive(v) => *v,
                 _ => continue,
             };
+            let t = a.attribute_type();
             if let Some((_, name)) = wanted.iter().find(|(w, _)| *w == t) {
                 out.push((*name, v));
             }

@@ -9,9 +9,9 @@ use std::{fs, path::Path, time::Duration};
 
 use common::{audit_path, wait_until, TestToken};
 use loupe_hsm::{
-    audit::{self, hex, AuditConfig, AuditLog, Entry, Kind, Record, AUDIT_KEY_LABEL},
+    audit::{self, hex, AuditConfig, AuditLog, Entry, Kind, Record},
     ca::ensure_audit_key,
-    token::{KeyAlg, PublicKey, Token},
+    token::{PublicKey, Token},
 };
 use sha2::{Digest, Sha256};
 
@@ -23,11 +23,7 @@ fn setup(name: &str) -> (Token, PublicKey) {
     let t = TestToken::new(name);
     let token = Token::open(&t.config).unwrap();
     ensure_audit_key(&token).unwrap();
-    let public = token
-        .session()
-        .unwrap()
-        .public_key(AUDIT_KEY_LABEL)
-        .unwrap();
+    let public = audit::public_key(&token).unwrap();
     (token, public)
 }
 
@@ -220,5 +216,4 @@ fn a_log_without_an_audit_key_says_its_checkpoints_are_unsigned() {
     assert_eq!(report.unsigned_checkpoints, vec![3]);
     assert_eq!(report.sealed_through, None);
     assert_eq!(report.unsealed, 2);
-    let _ = KeyAlg::EcP256;
 }

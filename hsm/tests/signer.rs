@@ -218,11 +218,7 @@ fn an_expired_request_is_answered_timeout_and_never_signed() {
         .unwrap();
     drop(signer);
     log.close().unwrap();
-    let public = token
-        .session()
-        .unwrap()
-        .public_key(audit::AUDIT_KEY_LABEL)
-        .unwrap();
+    let public = audit::public_key(&token).unwrap();
     let report = audit::verify(&path, &[public]).unwrap();
     // One signature and the shutdown checkpoint: the expired request left
     // no key use behind.
@@ -420,11 +416,7 @@ fn concurrent_requesters_are_all_answered_and_audited() {
     drop(handle);
     drop(signer);
     log.close().unwrap();
-    let audit_pub = token
-        .session()
-        .unwrap()
-        .public_key(audit::AUDIT_KEY_LABEL)
-        .unwrap();
+    let audit_pub = audit::public_key(&token).unwrap();
     let report = audit::verify(&path, &[audit_pub]).unwrap();
     assert_eq!(report.records - report.checkpoints, 400, "{report:?}");
     assert_eq!(report.unsealed, 0);
