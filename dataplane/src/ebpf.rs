@@ -89,11 +89,7 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> ClassifierError {
 impl Classifier {
     pub fn load() -> Result<Self, ClassifierError> {
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| ClassifierError::Load(Box::new(e)))?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(ClassifierError::Missing("XDP program"))?
-            .try_into()
-            .map_err(program_err)?;
+        let prog = xdp_mut(&mut ebpf)?;
         prog.load().map_err(program_err)?;
         let program_id = prog.info().ok().map(|i| i.id());
         Ok(Classifier { ebpf, program_id })
@@ -190,18 +186,9 @@ impl Classifier {
             .map_err(map_err("XSKS"))
     }
 
-    /// Install a flow verdict (both directions are separate keys).
-    pub fn set_flow(&mut self, key: &FlowKey, verdict: u32) -> Result<(), ClassifierError> {
-        let mut flows: HashMap<_, FlowKey, u32> = self
-            .map_mut("FLOWS")?
-            .try_into()
-            .map_err(map_err("FLOWS"))?;
-        flows.insert(key, verdict, 0).map_err(map_err("FLOWS"))
-    }
-
     /// Takes the flow map out of the classifier, for the one thread that
     /// installs verdicts while the program runs (the program keeps its own
-    /// reference to the map). `set_flow` is unavailable afterwards.
+    /// reference to the map).
     pub fn take_flow_map(&mut self) -> Result<FlowVerdicts, ClassifierError> {
         let map = self
             .ebpf
@@ -211,12 +198,7 @@ impl Classifier {
     }
 
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), ClassifierError> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM)
-            .ok_or(ClassifierError::Missing("XDP program"))?
-            .try_into()
-            .map_err(program_err)?;
+        let prog = xdp_mut(&mut self.ebpf)?;
         let xdp_mode = match mode {
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Skb => XdpMode::Skb,
@@ -291,6 +273,14 @@ impl Classifier {
             .map_mut(name)
             .ok_or(ClassifierError::Missing(name))
     }
+}
+
+/// The classifier program of a loaded object.
+fn xdp_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, ClassifierError> {
+    ebpf.program_mut(PROGRAM)
+        .ok_or(ClassifierError::Missing("XDP program"))?
+        .try_into()
+        .map_err(program_err)
 }
 
 /// The XDP flow map, owned by the thread that installs verdicts.

@@ -27,7 +27,8 @@ use crate::{
     },
     tls::hello::{Hello, HelloScanner},
     wire::{
-        segment::{parse_segment, Parsed, Segment, SegmentError, Template},
+        frame::SlicedTcp,
+        segment::{parse_segment, segment_of, Parsed, Segment, SegmentError, Template},
         seq::SeqNum,
     },
 };
@@ -180,7 +181,28 @@ impl Splitter {
 
     /// A steered frame of a flow this worker owns.
     pub fn on_frame(&mut self, side: Side, frame: &[u8], now: Instant) -> Disposition {
-        let parsed = match parse_segment(frame) {
+        self.on_parsed(side, frame, parse_segment(frame), now)
+    }
+
+    /// [`Splitter::on_frame`] for a frame the worker has sliced already.
+    pub fn on_sliced(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        sliced: &SlicedTcp,
+        now: Instant,
+    ) -> Disposition {
+        self.on_parsed(side, frame, segment_of(frame, sliced), now)
+    }
+
+    fn on_parsed(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        parsed: Result<Parsed, SegmentError>,
+        now: Instant,
+    ) -> Disposition {
+        let parsed = match parsed {
             Ok(p) => p,
             Err(e) => return self.bad_frame(e),
         };
@@ -426,7 +448,7 @@ impl Splitter {
             if let Ok(p) = parse_segment(&f) {
                 held.push(p.segment);
             }
-            self.recycle(f);
+            keep_spare(&mut self.spare, f);
         }
         if !held.is_empty() {
             self.with_split(id, now, |s| {
@@ -526,10 +548,11 @@ impl Splitter {
         self.counters.expired += (before - self.flows.len()) as u64;
     }
 
-    /// Takes back a buffer the worker has copied out.
-    pub fn recycle(&mut self, buf: Vec<u8>) {
-        if self.spare.len() < 256 {
-            self.spare.push(buf);
+    /// The first `n` frames of `out` were copied out: their buffers are
+    /// kept for the next frames.
+    pub fn sent(&mut self, n: usize) {
+        for (_, buf) in self.out.drain(..n) {
+            keep_spare(&mut self.spare, buf);
         }
     }
 
@@ -546,6 +569,13 @@ impl Splitter {
             }
         }
         (n, c2s, s2c)
+    }
+}
+
+/// Keeps a frame buffer for reuse, up to a bound.
+fn keep_spare(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
+    if spare.len() < 256 {
+        spare.push(buf);
     }
 }
 

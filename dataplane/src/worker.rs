@@ -22,7 +22,7 @@ use crate::{
     flow::{table::SideCount, FlowId, FlowTable, Observed, Sharder, Side},
     splitter::{Disposition, SplitSettings, Splitter},
     stats::{WorkerCounters, WorkerReport},
-    wire::parse_tcp,
+    wire::slice_tcp,
     xsk::QueuePort,
 };
 
@@ -240,7 +240,7 @@ impl Worker {
                 if with_flows {
                     next_flow_list = now_ms + FLOW_LIST_EVERY_MS;
                 }
-                self.publish(with_flows);
+                self.publish(with_flows, now_ms);
             }
 
             // Completions count as work: while TX drains, keep spinning;
@@ -254,7 +254,7 @@ impl Worker {
                 idle = 0;
             }
         }
-        self.publish(true);
+        self.publish(true, self.now_ms());
     }
 
     fn on_frame(&mut self, side: Side, desc: FrameDesc, now: Instant, now_ms: u64) {
@@ -266,23 +266,23 @@ impl Worker {
         };
         count.packets += 1;
         count.bytes += len as u64;
-        let frame = match parse_tcp(data) {
-            Ok(f) => f,
-            Err(_) => {
-                // Steered by XDP yet unparseable here (the two parsers may
-                // differ at the edges): pass it on unchanged.
-                self.counters.unparsed += 1;
-                self.port.send(side.other(), desc);
-                return;
-            }
+        let Some(frame) = slice_tcp(data).ok() else {
+            // Steered by XDP yet unparseable here (the two parsers may
+            // differ at the edges): pass it on unchanged.
+            self.counters.unparsed += 1;
+            self.port.send(side.other(), desc);
+            return;
         };
-        let owner = self.sharder.owner(&FlowId::of(&frame.key));
+        let key = frame.key;
+        let owner = self.sharder.owner(&FlowId::of(&key));
         if owner == self.id {
+            // The splitter continues from this slicing (one per frame).
             let consumed = self
                 .splitter
                 .as_mut()
-                .is_some_and(|sp| sp.on_frame(side, data, now) == Disposition::Consumed);
-            self.observe(&frame.key, side, len, now_ms);
+                .is_some_and(|sp| sp.on_sliced(side, data, &frame, now) == Disposition::Consumed);
+            drop(frame);
+            self.observe(&key, side, len, now_ms);
             if consumed {
                 self.port.release(desc);
             } else {
@@ -290,6 +290,7 @@ impl Worker {
             }
             return;
         }
+        drop(frame);
         let mut buf = self
             .crossbar
             .returns(self.id, owner)
@@ -300,7 +301,7 @@ impl Worker {
         self.port.release(desc);
         let msg = CrossFrame {
             side,
-            key: frame.key,
+            key,
             data: buf,
         };
         if self.crossbar.lane(self.id, owner).push(msg).is_ok() {
@@ -364,14 +365,13 @@ impl Worker {
                 }
             }
         }
-        let frames = std::mem::take(&mut sp.out);
-        let n = frames.len();
-        let mut frames = frames.into_iter();
-        for (side, bytes) in frames.by_ref() {
-            match self.port.build(&bytes) {
+        let n = sp.out.len();
+        let mut sent = 0;
+        for (side, bytes) in &sp.out {
+            match self.port.build(bytes) {
                 Some(desc) => {
-                    self.port.send(side, desc);
-                    sp.recycle(bytes);
+                    self.port.send(*side, desc);
+                    sent += 1;
                 }
                 None => {
                     // No free UMEM frame until transmissions complete: keep
@@ -379,12 +379,11 @@ impl Worker {
                     // (dropping them would cost the split connections a
                     // retransmission timeout each).
                     self.counters.no_free_frame += 1;
-                    sp.out.push((side, bytes));
                     break;
                 }
             }
         }
-        sp.out.extend(frames);
+        sp.sent(sent);
         n
     }
 
@@ -396,11 +395,10 @@ impl Worker {
         }
     }
 
-    fn publish(&mut self, with_flows: bool) {
+    fn publish(&mut self, with_flows: bool, now_ms: u64) {
         self.counters.tx_ring_full = self.port.tx_ring_full;
         self.counters.fill_starved = self.port.fill_starved;
         self.counters.flows_expired = self.table.expired;
-        let now_ms = self.now_ms();
         let flows = with_flows.then(|| self.table.snapshot(FLOWS_LISTED, now_ms));
         let report = WorkerReport {
             id: self.id,

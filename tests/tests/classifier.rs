@@ -102,10 +102,11 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
             c.register_socket(Side::Inside, 0, port.fd(Side::Inside)).unwrap();
             c.register_socket(Side::Outside, 0, port.fd(Side::Outside)).unwrap();
 
-            c.set_flow(&key(CLIENT, 40002, SERVER, 8080), verdict::STEER).unwrap();
-            c.set_flow(&key(CLIENT, 40003, SERVER, 443), verdict::BYPASS).unwrap();
-            c.set_flow(&key(CLIENT, 40004, SERVER, 443), verdict::DROP).unwrap();
-            c.set_flow(&key(CLIENT, 40005, SERVER, 443), 99).unwrap();
+            let mut flows = c.take_flow_map().unwrap();
+            flows.set(&key(CLIENT, 40002, SERVER, 8080), verdict::STEER).unwrap();
+            flows.set(&key(CLIENT, 40003, SERVER, 443), verdict::BYPASS).unwrap();
+            flows.set(&key(CLIENT, 40004, SERVER, 443), verdict::DROP).unwrap();
+            flows.set(&key(CLIENT, 40005, SERVER, 443), 99).unwrap();
 
             let (c4, s4) = (Ip::V4(CLIENT), Ip::V4(SERVER));
             let mut udp = Vec::new();

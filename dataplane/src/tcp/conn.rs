@@ -19,7 +19,7 @@ use std::{
 use super::{
     cc::{AckAction, NewReno},
     reassembly::Reassembler,
-    rtt::{RttEstimator, RTO_MAX},
+    rtt::{backed_off, RttEstimator},
 };
 use crate::wire::{
     options::{TcpOptions, Timestamps},
@@ -269,10 +269,6 @@ impl Conn {
         self.snd_una
     }
 
-    pub fn cwnd(&self) -> u32 {
-        self.cc.cwnd()
-    }
-
     /// Room in the send buffer.
     pub fn send_space(&self) -> usize {
         if self.fin_seq.is_some() || !self.can_send_data() {
@@ -386,15 +382,15 @@ impl Conn {
             return;
         }
         let rcv_nxt = self.rcv_nxt();
-        let (_, rcv_wnd) = self.adv_window();
-        let rcv_wnd = rcv_wnd.max(self.rcv.window());
+        // What we advertise is this, rounded down to the window shift.
+        let rcv_wnd = self.rcv.window();
 
         //= https://www.rfc-editor.org/rfc/rfc7323#section-5.3
         //# If there is a Timestamps option in the arriving segment, SEG.TSval
         //# < TS.Recent, TS.Recent is valid ... and the RST bit is off, then
         //# treat the arriving segment as not acceptable
         if let (Some(ts), Some(seg_ts)) = (self.ts, seg.options.timestamps) {
-            if !seg.flags.rst && (seg_ts.val.wrapping_sub(ts.recent) as i32) < 0 {
+            if !seg.flags.rst && SeqNum(seg_ts.val).lt(SeqNum(ts.recent)) {
                 self.stats.paws_drops += 1;
                 self.ack = AckNeed::Now;
                 return;
@@ -481,7 +477,7 @@ impl Conn {
         if let (Some(ts), Some(seg_ts)) = (self.ts.as_mut(), seg.options.timestamps) {
             // Never backwards (echoing an old clock would inflate the
             // peer's RTT samples).
-            if seg.seq.le(rcv_nxt) && (seg_ts.val.wrapping_sub(ts.recent) as i32) >= 0 {
+            if seg.seq.le(rcv_nxt) && !SeqNum(seg_ts.val).lt(SeqNum(ts.recent)) {
                 ts.recent = seg_ts.val;
             }
         }
@@ -839,7 +835,7 @@ impl Conn {
             .iter()
             .map(|&(_, right)| right)
             .filter(|r| r.gt(self.snd_una) && r.le(self.snd_max))
-            .max_by(|a, b| a.since(*b).cmp(&0));
+            .max_by(|a, b| a.cmp_mod(*b));
         match high {
             Some(r) if r.gt(self.sack_high) => {
                 self.sack_high = r;
@@ -949,11 +945,7 @@ impl Conn {
 
     fn arm_persist(&mut self, now: Instant) {
         if self.snd_wnd == 0 && self.flight() == 0 && self.persist_at.is_none() {
-            let d = self
-                .rtt
-                .rto()
-                .saturating_mul(1 << self.persist_backoff.min(10))
-                .min(RTO_MAX);
+            let d = backed_off(self.rtt.rto(), self.persist_backoff.min(10));
             self.persist_at = Some(now + d);
         }
     }

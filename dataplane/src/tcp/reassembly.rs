@@ -32,15 +32,6 @@ pub struct Insert {
     pub outside: usize,
 }
 
-impl std::ops::AddAssign for Insert {
-    fn add_assign(&mut self, o: Insert) {
-        self.new += o.new;
-        self.duplicate += o.duplicate;
-        self.conflict += o.conflict;
-        self.outside += o.outside;
-    }
-}
-
 /// One direction's reassembly state.
 #[derive(Debug)]
 pub struct Reassembler {
@@ -78,11 +69,6 @@ impl Reassembler {
     /// RCV.NXT.
     pub fn next(&self) -> SeqNum {
         self.next
-    }
-
-    /// Bytes delivered in order so far.
-    pub fn delivered(&self) -> u64 {
-        self.delivered
     }
 
     /// The receive window to advertise: room left after unread bytes.
@@ -168,7 +154,16 @@ impl Reassembler {
         if off < to {
             // `data` covers stream offsets [start, end); `start` may be
             // negative only for bytes before `delivered`, already skipped.
-            self.merge(off, to, start as u64, data, &mut r);
+            let base = start as u64;
+            if off == self.delivered && self.held.range(..to).next().is_none() {
+                // In order with nothing held in its way (the common case):
+                // straight to the reader, not through the out-of-order map.
+                let bytes = &data[off.wrapping_sub(base) as usize..to.wrapping_sub(base) as usize];
+                r.new += bytes.len();
+                self.advance(bytes);
+            } else {
+                self.merge(off, to, base, data, &mut r);
+            }
             self.deliver();
         }
         r
@@ -220,15 +215,20 @@ impl Reassembler {
             }
             let bytes = entry.remove();
             self.held_bytes -= bytes.len();
-            self.delivered += bytes.len() as u64;
-            self.next = self.next + bytes.len() as u32;
-            if self.history_cap > 0 {
-                self.history.extend(bytes.iter().copied());
-                let excess = self.history.len().saturating_sub(self.history_cap);
-                self.history.drain(..excess);
-            }
-            self.ready.extend(bytes);
+            self.advance(&bytes);
         }
+    }
+
+    /// Hands the next in-order bytes to the reader (and the history).
+    fn advance(&mut self, bytes: &[u8]) {
+        self.delivered += bytes.len() as u64;
+        self.next = self.next + bytes.len() as u32;
+        if self.history_cap > 0 {
+            self.history.extend(bytes.iter().copied());
+            let excess = self.history.len().saturating_sub(self.history_cap);
+            self.history.drain(..excess);
+        }
+        self.ready.extend(bytes.iter().copied());
     }
 }
 

@@ -69,9 +69,7 @@ impl RttEstimator {
     pub fn rto(&self) -> Duration {
         //= https://www.rfc-editor.org/rfc/rfc6298#section-5
         //# (5.5) The host MUST set RTO <- RTO * 2 ("back off the timer").
-        self.rto
-            .saturating_mul(1 << self.backoff.min(16))
-            .min(RTO_MAX)
+        backed_off(self.rto, self.backoff)
     }
 
     /// Doubles the timeout after it expired.
@@ -93,6 +91,11 @@ impl RttEstimator {
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
     }
+}
+
+/// `base` doubled `times` times, at most [`RTO_MAX`].
+pub fn backed_off(base: Duration, times: u32) -> Duration {
+    base.saturating_mul(1 << times.min(16)).min(RTO_MAX)
 }
 
 #[cfg(test)]

@@ -2,20 +2,20 @@
 //! (behind up to two VLAN tags and any IPv6 extension headers), or why there
 //! is none. Parsing never panics: every input yields a value.
 
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use etherparse::{NetSlice, SlicedPacket, TcpSlice, TransportSlice};
 use loupe_common::{v4_mapped, FlowKey};
 use thiserror::Error;
 
 const IPPROTO_TCP: u8 = 6;
 
-/// The facts of one TCP frame the engine keys on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TcpFrame {
+/// A frame sliced down to its TCP segment: sliced once per frame, then
+/// keyed on by the worker and read by the segment parser.
+#[derive(Clone, Debug)]
+pub struct SlicedTcp<'a> {
+    pub packet: SlicedPacket<'a>,
+    pub tcp: TcpSlice<'a>,
     /// Direction-specific key, as the frame travels.
     pub key: FlowKey,
-    /// Raw TCP flag bits (FIN 0x01 ... CWR 0x80).
-    pub flags: u8,
-    pub payload_len: usize,
 }
 
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
@@ -30,7 +30,7 @@ pub enum FrameError {
 
 /// Slices an Ethernet frame down to its TCP header and the flow key, with
 /// the checks every TCP parser here shares (fragments, IPv4-mapped IPv6).
-pub(crate) fn slice_tcp(frame: &[u8]) -> Result<(SlicedPacket<'_>, FlowKey), FrameError> {
+pub fn slice_tcp(frame: &[u8]) -> Result<SlicedTcp<'_>, FrameError> {
     let packet = SlicedPacket::from_ethernet(frame).map_err(|_| FrameError::Malformed)?;
     let (src, dst) = match &packet.net {
         Some(NetSlice::Ipv4(ip)) => {
@@ -58,30 +58,18 @@ pub(crate) fn slice_tcp(frame: &[u8]) -> Result<(SlicedPacket<'_>, FlowKey), Fra
         }
         _ => return Err(FrameError::NotTcp),
     };
-    let key = match &packet.transport {
-        Some(TransportSlice::Tcp(tcp)) => FlowKey::new(
-            src,
-            dst,
-            tcp.source_port(),
-            tcp.destination_port(),
-            IPPROTO_TCP,
-        ),
-        _ => return Err(FrameError::NotTcp),
-    };
-    Ok((packet, key))
-}
-
-/// Parse an Ethernet frame and return its TCP facts.
-pub fn parse_tcp(frame: &[u8]) -> Result<TcpFrame, FrameError> {
-    let (packet, key) = slice_tcp(frame)?;
     let Some(TransportSlice::Tcp(tcp)) = &packet.transport else {
         return Err(FrameError::NotTcp);
     };
-    Ok(TcpFrame {
-        key,
-        flags: tcp.header_slice().get(13).copied().unwrap_or(0),
-        payload_len: tcp.payload().len(),
-    })
+    let tcp = tcp.clone();
+    let key = FlowKey::new(
+        src,
+        dst,
+        tcp.source_port(),
+        tcp.destination_port(),
+        IPPROTO_TCP,
+    );
+    Ok(SlicedTcp { packet, tcp, key })
 }
 
 #[cfg(test)]
@@ -102,14 +90,19 @@ pub(crate) mod tests {
         out
     }
 
+    fn key_of(frame: &[u8]) -> Result<FlowKey, FrameError> {
+        slice_tcp(frame).map(|s| s.key)
+    }
+
     #[test]
     fn ipv4_tcp_key_and_flags() {
-        let f = parse_tcp(&tcp_v4(40000, 443, b"hello")).unwrap();
+        let frame = tcp_v4(40000, 443, b"hello");
+        let f = slice_tcp(&frame).unwrap();
         assert_eq!(f.key.src, v4_mapped([198, 18, 0, 1]));
         assert_eq!(f.key.dst, v4_mapped([198, 18, 0, 2]));
         assert_eq!((f.key.src_port, f.key.dst_port), (40000, 443));
-        assert_eq!(f.flags & 0x02, 0x02, "SYN");
-        assert_eq!(f.payload_len, 5);
+        assert!(f.tcp.syn(), "SYN");
+        assert_eq!(f.tcp.payload(), b"hello");
     }
 
     #[test]
@@ -127,7 +120,7 @@ pub(crate) mod tests {
             .tcp(1234, 443, 1, 1000);
         let mut frame = Vec::new();
         b.write(&mut frame, b"x").unwrap();
-        let f = parse_tcp(&frame).unwrap();
+        let f = slice_tcp(&frame).unwrap();
         assert_eq!(f.key.dst_port, 443);
         assert_eq!(f.key.dst[15], 2);
     }
@@ -143,7 +136,7 @@ pub(crate) mod tests {
                 .tcp(1, 443, 1, 1000)
                 .write(&mut frame, b"")
                 .unwrap();
-            assert_eq!(parse_tcp(&frame), Err(FrameError::Malformed));
+            assert_eq!(key_of(&frame), Err(FrameError::Malformed));
         }
     }
 
@@ -151,7 +144,7 @@ pub(crate) mod tests {
     fn truncations_never_panic_and_are_errors() {
         let frame = tcp_v4(1, 443, b"payload");
         for cut in 0..54 {
-            assert!(parse_tcp(&frame[..cut]).is_err(), "cut at {cut}");
+            assert!(key_of(&frame[..cut]).is_err(), "cut at {cut}");
         }
     }
 
@@ -162,11 +155,11 @@ pub(crate) mod tests {
             .udp(53, 53);
         let mut f = Vec::new();
         b.write(&mut f, b"q").unwrap();
-        assert_eq!(parse_tcp(&f), Err(FrameError::NotTcp));
+        assert_eq!(key_of(&f), Err(FrameError::NotTcp));
         let mut arp = vec![0xffu8; 12];
         arp.extend_from_slice(&[0x08, 0x06]);
         arp.extend_from_slice(&[0u8; 28]);
-        assert_eq!(parse_tcp(&arp), Err(FrameError::NotTcp));
+        assert_eq!(key_of(&arp), Err(FrameError::NotTcp));
     }
 
     #[test]
@@ -181,6 +174,6 @@ pub(crate) mod tests {
             .to_header()
             .calc_header_checksum();
         f[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
-        assert_eq!(parse_tcp(&f), Err(FrameError::Fragment));
+        assert_eq!(key_of(&f), Err(FrameError::Fragment));
     }
 }

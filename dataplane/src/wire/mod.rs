@@ -7,4 +7,4 @@ pub mod options;
 pub mod segment;
 pub mod seq;
 
-pub use frame::{parse_tcp, FrameError, TcpFrame};
+pub use frame::{slice_tcp, FrameError, SlicedTcp};

@@ -3,12 +3,12 @@
 //! built from segments after the headers of the endpoint being
 //! impersonated (its MACs, VLAN tags, addresses and ports).
 
-use etherparse::{NetSlice, TransportSlice};
+use etherparse::NetSlice;
 use loupe_common::FlowKey;
 use thiserror::Error;
 
 use super::{
-    frame::{slice_tcp, FrameError},
+    frame::{slice_tcp, FrameError, SlicedTcp},
     options::{OptionError, TcpOptions},
     seq::SeqNum,
 };
@@ -126,10 +126,14 @@ impl Parsed {
 
 /// Parses a TCP frame, verifying its checksum.
 pub fn parse_segment(frame: &[u8]) -> Result<Parsed, SegmentError> {
-    let (packet, key) = slice_tcp(frame)?;
-    let Some(TransportSlice::Tcp(tcp)) = &packet.transport else {
-        return Err(FrameError::NotTcp.into());
-    };
+    segment_of(frame, &slice_tcp(frame)?)
+}
+
+/// The segment of a frame already sliced (`sliced` came from `frame`),
+/// checksum verified and options parsed.
+pub fn segment_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentError> {
+    let SlicedTcp { packet, tcp, key } = sliced;
+    let key = *key;
     let offset = |p: *const u8| p as usize - frame.as_ptr() as usize;
     let (ip, ip_start, marks) = match &packet.net {
         Some(NetSlice::Ipv4(v4)) => {
