@@ -5,9 +5,12 @@
 //!
 //! Paths: a Linux bridge in the engine namespace with offloads on and off;
 //! the engine with nothing steered (XDP DEVMAP fast path); the engine
-//! steering the flow through AF_XDP workers (userspace wire).
-//! Workloads: MTU-size frames (MSS 1448) and small frames (MSS 88), one
-//! flow and 8 flows, with iperf3 as the load. Packets per second are frames
+//! steering the flow through AF_XDP workers (userspace wire); the engine
+//! splitting each connection (tcp-split); and the kernel-socket relay a
+//! user could pick instead of tcp-split (socat behind an nftables REDIRECT
+//! on the bridge, offloads off like the engine's paths).
+//! Workloads: MTU-size frames (MSS 1448) with 1, 8 and 100 flows, small
+//! frames (MSS 88) with 1 and 8, with iperf3 as the load. Packets per second are frames
 //! sent by the two endpoints' veths per second (with offloads on these are
 //! GSO super-frames, which is the point of offloads).
 
@@ -64,15 +67,17 @@ enum Path {
     XdpDevmap,
     XdpUserspace,
     XdpSplit,
+    KernelRelay,
 }
 
 impl Path {
-    const ALL: [Path; 5] = [
+    const ALL: [Path; 6] = [
         Path::BridgeOffloadOn,
         Path::BridgeOffloadOff,
         Path::XdpDevmap,
         Path::XdpUserspace,
         Path::XdpSplit,
+        Path::KernelRelay,
     ];
 
     fn label(self) -> &'static str {
@@ -82,6 +87,7 @@ impl Path {
             Path::XdpDevmap => "xdp_devmap",
             Path::XdpUserspace => "xdp_userspace",
             Path::XdpSplit => "xdp_split",
+            Path::KernelRelay => "kernel_relay",
         }
     }
 }
@@ -93,7 +99,7 @@ struct Workload {
     flows: u32,
 }
 
-const WORKLOADS: [Workload; 4] = [
+const WORKLOADS: [Workload; 5] = [
     Workload {
         frames: "mtu",
         mss: None,
@@ -103,6 +109,11 @@ const WORKLOADS: [Workload; 4] = [
         frames: "mtu",
         mss: None,
         flows: 8,
+    },
+    Workload {
+        frames: "mtu",
+        mss: None,
+        flows: 100,
     },
     Workload {
         frames: "small",
@@ -210,9 +221,14 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
         ..Default::default()
     };
     let h = Harness::new(cfg)?;
+    let mut relay = None;
     let engine = match path {
         Path::BridgeOffloadOn | Path::BridgeOffloadOff => {
             h.bridge_up()?;
+            None
+        }
+        Path::KernelRelay => {
+            relay = Some(h.relay_up(PORT)?);
             None
         }
         Path::XdpDevmap => Some(Engine::start(&h, &["--steer-ports", "none"])?),
@@ -236,7 +252,7 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
             samples,
         };
         eprintln!(
-            "  {:<20} {:<5} x{:<2} {:>7.2} Gbit/s {:>7.3} Mpps",
+            "  {:<20} {:<5} x{:<3} {:>7.2} Gbit/s {:>7.3} Mpps",
             path.label(),
             w.frames,
             w.flows,
@@ -244,6 +260,10 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
             r.median_mpps
         );
         results.push(r);
+    }
+    if relay.is_some() {
+        let taken = h.relay_redirected()?;
+        anyhow::ensure!(taken > 0, "the relay took no connection");
     }
     if let Some(engine) = engine {
         let r = engine.stats()?;

@@ -23,12 +23,17 @@
 
 use std::{
     path::PathBuf,
+    process::Stdio,
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use anyhow::Context;
 
-use crate::netns::{stale_namespaces, Netns};
+use crate::{
+    netns::{stale_namespaces, Netns},
+    Proc,
+};
 
 pub const CLIENT_V4: &str = "198.18.0.1";
 pub const SERVER_V4: &str = "198.18.0.2";
@@ -74,6 +79,11 @@ pub enum Link {
     /// Between the engine's `outside` and the server.
     Server,
 }
+
+/// The kernel relay's address on the engine's bridge, and the port socat
+/// listens on.
+pub const RELAY_V4: &str = "198.18.0.3";
+pub const RELAY_PORT: u16 = 15201;
 
 /// Interfaces of an impairment namespace: towards the peer, towards the
 /// engine.
@@ -239,6 +249,64 @@ impl Harness {
     /// the kernel path a user would otherwise run.
     pub fn bridge_up(&self) -> anyhow::Result<()> {
         bridge(&self.engine, INSIDE_IF, OUTSIDE_IF)
+    }
+
+    /// The kernel-socket relay a user could run instead of the engine: the
+    /// bridge, with TCP to `port` taken off it (br_netfilter, nftables
+    /// REDIRECT) to socat in the engine namespace, which connects on to
+    /// the server from [`RELAY_V4`]. The client still talks to the
+    /// server's address; the server sees the relay's (REDIRECT, unlike
+    /// TPROXY, is not transparent on that side). Returns socat, listening.
+    pub fn relay_up(&self, port: u16) -> anyhow::Result<Proc> {
+        self.bridge_up()?;
+        let e = &self.engine;
+        e.ip(&["addr", "add", &format!("{RELAY_V4}/24"), "dev", "br0"])?;
+        e.exec("sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"])?;
+        e.exec("nft", &["add table ip loupe_relay"])?;
+        e.exec(
+            "nft",
+            &["add chain ip loupe_relay pre { type nat hook prerouting priority dstnat; }"],
+        )?;
+        e.exec(
+            "nft",
+            &[&format!(
+                "add rule ip loupe_relay pre tcp dport {port} counter redirect to :{RELAY_PORT}"
+            )],
+        )?;
+        let child = e
+            .command("socat")
+            .args([
+                // 128 KiB per read: socat's 8 KiB default is not what
+                // anyone would run for throughput.
+                "-b",
+                "131072",
+                &format!("TCP-LISTEN:{RELAY_PORT},fork,reuseaddr"),
+                &format!("TCP:{SERVER_V4}:{port}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning socat")?;
+        let mut relay = Proc::new("socat", child);
+        relay.wait_ready("socat to listen", Duration::from_secs(20), || {
+            e.listens_on(&format!(":{RELAY_PORT} "))
+        })?;
+        Ok(relay)
+    }
+
+    /// Connections the relay's REDIRECT took (NAT sees each one's first
+    /// packet only).
+    pub fn relay_redirected(&self) -> anyhow::Result<u64> {
+        let out = self
+            .engine
+            .exec("nft", &["list", "table", "ip", "loupe_relay"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .context("no counter in the relay's nftables rule")
     }
 
     /// A statistics counter of an interface in a namespace (sysfs

@@ -83,3 +83,31 @@ fn harness_script_brings_namespaces_up_and_down() {
         assert!(!exists(&format!("{name}-{role}")), "{role} left behind");
     }
 }
+
+#[test]
+fn the_kernel_relay_baseline_carries_connections_through_socat() {
+    use std::net::TcpStream;
+
+    use loupe_tests::{
+        harness::{RELAY_V4, SERVER_V4},
+        tcp::{connect, echo_roundtrip, listen},
+    };
+
+    let h = Harness::new(HarnessConfig::default()).unwrap();
+    let _relay = h.relay_up(443).expect("relay");
+    let listener = listen(&h.server, &format!("{SERVER_V4}:443")).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut back = Vec::new();
+        std::io::copy(&mut s, &mut back).unwrap();
+        std::io::Write::write_all(&mut s, &back).unwrap();
+        peer
+    });
+    let mut c: TcpStream = connect(&h.client, &format!("{SERVER_V4}:443")).unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(echo_roundtrip(&mut c, &data).unwrap(), data);
+    // The server was reached from the relay, not from the client: the
+    // connection really went through socat, not over the bridge.
+    assert_eq!(server.join().unwrap().ip().to_string(), RELAY_V4);
+    assert_eq!(h.relay_redirected().unwrap(), 1);
+}
