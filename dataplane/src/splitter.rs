@@ -588,6 +588,9 @@ fn absorb(counters: &mut SplitCounters, split: &Split) {
     for c in [&split.client, &split.server] {
         let s = c.stats();
         counters.retransmits += s.retransmits + s.rto_expirations;
+        counters.timeouts += s.rto_expirations;
+        counters.fast_retransmits += s.fast_retransmits;
+        counters.lost_retransmits += s.lost_retransmits;
         counters.challenge_acks += s.challenge_acks;
         counters.overlap_conflicts += s.overlap_conflicts;
         counters.out_of_window += s.out_of_window;

@@ -105,6 +105,15 @@ pub struct SplitCounters {
     pub hold_timeouts: u64,
     #[serde(default)]
     pub hold_overflows: u64,
+    /// Of the retransmissions: retransmission timeouts, fast retransmits
+    /// (duplicate ACKs, partial ACKs), and retransmissions found lost
+    /// (later data SACKed) and sent again.
+    #[serde(default)]
+    pub timeouts: u64,
+    #[serde(default)]
+    pub fast_retransmits: u64,
+    #[serde(default)]
+    pub lost_retransmits: u64,
 }
 
 impl SplitCounters {
@@ -139,6 +148,9 @@ impl SplitCounters {
         self.policy_pass += o.policy_pass;
         self.hold_timeouts += o.hold_timeouts;
         self.hold_overflows += o.hold_overflows;
+        self.timeouts += o.timeouts;
+        self.fast_retransmits += o.fast_retransmits;
+        self.lost_retransmits += o.lost_retransmits;
     }
 }
 
@@ -297,7 +309,8 @@ impl StatsReport {
             let _ = writeln!(
                 s,
                 "tcp-split: {} split ({} active, {} ended, {} aborted halves), {} passed \
-                 through ({} released to XDP), {}/{} bytes relayed c->s/s->c, {} retransmits, \
+                 through ({} released to XDP), {}/{} bytes relayed c->s/s->c, {} retransmits \
+                 ({} timeouts, {} fast, {} lost again), \
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {}/{} holds \
                  released on timeout/bound",
@@ -310,6 +323,9 @@ impl StatsReport {
                 sp.bytes_c2s,
                 sp.bytes_s2c,
                 sp.retransmits,
+                sp.timeouts,
+                sp.fast_retransmits,
+                sp.lost_retransmits,
                 sp.overlap_conflicts,
                 sp.bad_checksum,
                 sp.bad_options,

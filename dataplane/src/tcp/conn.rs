@@ -108,6 +108,8 @@ pub struct ConnStats {
     pub retransmits: u64,
     pub rto_expirations: u64,
     pub fast_retransmits: u64,
+    /// Retransmissions found lost (by SACKs of later data) and sent again.
+    pub lost_retransmits: u64,
     pub dup_acks: u64,
     pub challenge_acks: u64,
     pub paws_drops: u64,
@@ -177,6 +179,10 @@ pub struct Conn {
     sack_ok: bool,
     /// The highest right edge the peer has SACKed.
     sack_high: SeqNum,
+    /// SND.MAX when the first unacknowledged segment was last
+    /// retransmitted: data SACKed well beyond it was sent after the
+    /// retransmission, so the retransmission was lost too.
+    rexmit_high: Option<SeqNum>,
     time_wait_until: Option<Instant>,
     stats: ConnStats,
 }
@@ -242,6 +248,7 @@ impl Conn {
             }),
             sack_ok: hs.sack_permitted,
             sack_high: snd,
+            rexmit_high: None,
             time_wait_until: None,
             stats: ConnStats::default(),
             cfg,
@@ -614,6 +621,7 @@ impl Conn {
             }
             self.take_rtt_sample(seg, ack, now);
             self.rtt.progress();
+            self.rexmit_high = None;
             if self.cc.on_ack(acked, ack, flight) == AckAction::Retransmit {
                 self.retransmit_now = true;
                 self.stats.fast_retransmits += 1;
@@ -624,30 +632,23 @@ impl Conn {
             //# (5.3) When an ACK is received that acknowledges new data,
             //# restart the retransmission timer
             self.rto_at = self.outstanding().then(|| now + self.rtt.rto());
-        } else if ack == self.snd_una
-            && seg.payload.is_empty()
-            && !seg.flags.fin
-            && flight > 0
-            && ((u32::from(seg.window) << self.peer_shift) == self.snd_wnd || self.sacks_new(seg))
-        {
-            //= https://www.rfc-editor.org/rfc/rfc5681#section-2
-            //# DUPLICATE ACKNOWLEDGMENT: ... (a) the receiver of the ACK has
-            //# outstanding data, (b) the incoming acknowledgment carries no
-            //# data, (c) the SYN and FIN bits are both off, (d) the
-            //# acknowledgment number is equal to the greatest acknowledgment
-            //# received on the given connection (TCP.UNA ...) and (e) the
-            //# advertised window in the incoming acknowledgment equals the
-            //# advertised window in the last incoming acknowledgment.
-            // Or, with SACK, in place of (e) (a receiver that reads opens
-            // its window on every ACK):
-            //= https://www.rfc-editor.org/rfc/rfc6675#section-2
-            //# a segment that arrives carrying a SACK block that identifies
-            //# previously unacknowledged and un-SACKed octets between HighACK
-            //# and HighData.
-            self.stats.dup_acks += 1;
-            if self.cc.on_dup_ack(self.snd_nxt, flight) == AckAction::Retransmit {
+        } else if ack == self.snd_una && seg.payload.is_empty() && !seg.flags.fin && flight > 0 {
+            let new_sack = self.sacks_new(seg);
+            if (u32::from(seg.window) << self.peer_shift) == self.snd_wnd || new_sack {
+                self.on_dup_ack(flight);
+            }
+            // A lost retransmission (the heuristic Linux had before RACK,
+            // tcp_mark_lost_retrans): segments sent after it were SACKed,
+            // three segments' worth beyond allowing for reordering, while
+            // it is still missing. Retransmit it again rather than wait
+            // for the timeout.
+            if self
+                .rexmit_high
+                .is_some_and(|h| self.sack_high.gt(h + 3 * self.mss))
+            {
+                self.rexmit_high = None;
                 self.retransmit_now = true;
-                self.stats.fast_retransmits += 1;
+                self.stats.lost_retransmits += 1;
             }
         }
         //# If SND.UNA =< SEG.ACK =< SND.NXT, the send window should be
@@ -685,6 +686,29 @@ impl Conn {
             };
         }
         true
+    }
+
+    /// A duplicate ACK.
+    fn on_dup_ack(&mut self, flight: u32) {
+        //= https://www.rfc-editor.org/rfc/rfc5681#section-2
+        //# DUPLICATE ACKNOWLEDGMENT: ... (a) the receiver of the ACK has
+        //# outstanding data, (b) the incoming acknowledgment carries no
+        //# data, (c) the SYN and FIN bits are both off, (d) the
+        //# acknowledgment number is equal to the greatest acknowledgment
+        //# received on the given connection (TCP.UNA ...) and (e) the
+        //# advertised window in the incoming acknowledgment equals the
+        //# advertised window in the last incoming acknowledgment.
+        // Or, with SACK, in place of (e) (a receiver that reads opens
+        // its window on every ACK):
+        //= https://www.rfc-editor.org/rfc/rfc6675#section-2
+        //# a segment that arrives carrying a SACK block that identifies
+        //# previously unacknowledged and un-SACKed octets between HighACK
+        //# and HighData.
+        self.stats.dup_acks += 1;
+        if self.cc.on_dup_ack(self.snd_nxt, flight) == AckAction::Retransmit {
+            self.retransmit_now = true;
+            self.stats.fast_retransmits += 1;
+        }
     }
 
     fn take_rtt_sample(&mut self, seg: &Segment, ack: SeqNum, now: Instant) {
@@ -764,6 +788,7 @@ impl Conn {
         //# (5.6) Start the retransmission timer
         self.cc.on_rto(self.flight());
         self.rtt.back_off();
+        self.rexmit_high = None;
         self.rtt_probe = None;
         // Go back: everything after SND.UNA is sent again as the window
         // (now one segment) allows; ACKs up to SND.MAX stay valid.
@@ -868,6 +893,9 @@ impl Conn {
         let payload = self.bytes_at(self.snd_una, len);
         let fin = self.fin_sent() && self.fin_seq == Some(self.snd_una + len as u32);
         self.stats.retransmits += 1;
+        if self.sack_ok {
+            self.rexmit_high = Some(self.snd_max);
+        }
         if self.rtt_probe.is_some_and(|(p, _)| p.gt(self.snd_una)) {
             self.rtt_probe = None; // Karn: that timing is now ambiguous.
         }

@@ -516,6 +516,56 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_retransmission_is_sent_again_without_waiting_for_the_timeout() {
+        let (mut a, mut b, now) = established(19);
+        // Moves `data` from a to b, dropping the first `drops` data
+        // segments that start at `lost`; returns how many were dropped.
+        let exchange = |a: &mut Conn, b: &mut Conn, data: &[u8], lost: Option<SeqNum>| {
+            let mut written = a.write(data);
+            let mut dropped = 0;
+            for _ in 0..1000 {
+                let mut progressed = false;
+                // One segment at a time, each answered at once, as on a
+                // wire.
+                while let Some(s) = a.poll_transmit(now) {
+                    progressed = true;
+                    if Some(s.seq) == lost && !s.payload.is_empty() && dropped < 2 {
+                        dropped += 1;
+                        continue;
+                    }
+                    b.on_segment(&s, now);
+                    while let Some(ack) = b.poll_transmit(now) {
+                        a.on_segment(&ack, now);
+                    }
+                }
+                progressed |= !b.read(usize::MAX).is_empty();
+                written += a.write(&data[written..]);
+                if !progressed {
+                    // b's delayed ACK; a's own timers never run, so a
+                    // retransmission timeout cannot help it.
+                    b.on_timer(now + Duration::from_secs(1));
+                    match b.poll_transmit(now) {
+                        Some(ack) => a.on_segment(&ack, now),
+                        None => break,
+                    }
+                }
+            }
+            dropped
+        };
+        // A clean transfer first opens the congestion window.
+        let warm: Vec<u8> = vec![1; 300_000];
+        assert_eq!(exchange(&mut a, &mut b, &warm, None), 0);
+        // Then the next segment is lost, and so is its fast retransmission;
+        // everything else arrives.
+        let start = a.snd_una();
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        assert_eq!(exchange(&mut a, &mut b, &data, Some(start)), 2);
+        let st = a.stats();
+        assert_eq!((st.lost_retransmits, st.rto_expirations), (1, 0), "{st:?}");
+        assert_eq!(a.snd_una(), start + data.len() as u32, "{st:?}");
+    }
+
+    #[test]
     fn rst_needs_the_exact_sequence_number_otherwise_it_is_challenged() {
         let (mut a, mut b, now) = established(9);
         a.write(b"hello");
