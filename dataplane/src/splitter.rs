@@ -591,6 +591,7 @@ fn absorb(counters: &mut SplitCounters, split: &Split) {
         counters.timeouts += s.rto_expirations;
         counters.fast_retransmits += s.fast_retransmits;
         counters.lost_retransmits += s.lost_retransmits;
+        counters.tail_probes += s.tail_probes;
         counters.challenge_acks += s.challenge_acks;
         counters.overlap_conflicts += s.overlap_conflicts;
         counters.out_of_window += s.out_of_window;

@@ -114,6 +114,9 @@ pub struct SplitCounters {
     pub fast_retransmits: u64,
     #[serde(default)]
     pub lost_retransmits: u64,
+    /// Tail loss probes sent.
+    #[serde(default)]
+    pub tail_probes: u64,
 }
 
 impl SplitCounters {
@@ -151,6 +154,7 @@ impl SplitCounters {
         self.timeouts += o.timeouts;
         self.fast_retransmits += o.fast_retransmits;
         self.lost_retransmits += o.lost_retransmits;
+        self.tail_probes += o.tail_probes;
     }
 }
 
@@ -310,7 +314,7 @@ impl StatsReport {
                 s,
                 "tcp-split: {} split ({} active, {} ended, {} aborted halves), {} passed \
                  through ({} released to XDP), {}/{} bytes relayed c->s/s->c, {} retransmits \
-                 ({} timeouts, {} fast, {} lost again), \
+                 ({} timeouts, {} fast, {} lost again, {} tail probes), \
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {}/{} holds \
                  released on timeout/bound",
@@ -326,6 +330,7 @@ impl StatsReport {
                 sp.timeouts,
                 sp.fast_retransmits,
                 sp.lost_retransmits,
+                sp.tail_probes,
                 sp.overlap_conflicts,
                 sp.bad_checksum,
                 sp.bad_options,

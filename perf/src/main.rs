@@ -332,47 +332,64 @@ fn split_memory(n: usize) -> anyhow::Result<()> {
 
 /// The same transfer over the same seeded impairment, through a Linux
 /// bridge (the kernel path) and through tcp-split, back to back.
-fn impaired(mib: usize) -> anyhow::Result<()> {
+fn impaired(mib: usize, repeat: u32) -> anyhow::Result<()> {
     let len = mib << 20;
-    let mut rows = Vec::new();
-    for split in [false, true] {
-        let h = Harness::new(HarnessConfig {
-            impair: true,
-            ..HarnessConfig::default()
-        })?;
-        let [imp_c, imp_s] = ImpairProc::start_both(&h, &LOSSY, 11)?;
-        let engine = if split {
-            Some(Engine::start(&h, &["--tcp-split"])?)
-        } else {
-            h.bridge_up()?;
-            None
-        };
-        let took = both_ways(&h, &format!("{SERVER_V4}:443"), len)?;
-        let mbit = len as f64 * 8.0 / took.as_secs_f64() / 1e6;
-        let label = if split { "xdp_split" } else { "bridge" };
-        let mut all = ImpairStats::default();
-        for (a, b) in [imp_c.stop()?, imp_s.stop()?] {
-            all.add(&a);
-            all.add(&b);
+    // Rounds alternate the paths, so a noisy stretch of the machine hits
+    // both; each path's figure is its median.
+    let mut secs: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..repeat.max(1) {
+        for (i, split) in [false, true].into_iter().enumerate() {
+            let h = Harness::new(HarnessConfig {
+                impair: true,
+                ..HarnessConfig::default()
+            })?;
+            let [imp_c, imp_s] = ImpairProc::start_both(&h, &LOSSY, 11)?;
+            let engine = if split {
+                Some(Engine::start(&h, &["--tcp-split"])?)
+            } else {
+                h.bridge_up()?;
+                None
+            };
+            let took = both_ways(&h, &format!("{SERVER_V4}:443"), len)?;
+            let mut all = ImpairStats::default();
+            for (a, b) in [imp_c.stop()?, imp_s.stop()?] {
+                all.add(&a);
+                all.add(&b);
+            }
+            eprintln!(
+                "  round {round} {:<10} {mib} MiB each way in {took:.1?}: {:.1} Mbit/s each way \
+                 ({} of {} frames dropped)",
+                if split { "xdp_split" } else { "bridge" },
+                len as f64 * 8.0 / took.as_secs_f64() / 1e6,
+                all.dropped,
+                all.frames
+            );
+            if let Some(e) = engine {
+                let sp = e.stats()?.split_total();
+                anyhow::ensure!(sp.split == 1 && sp.aborted == 0, "split: {sp:?}");
+                e.stop();
+            }
+            secs[i].push(took.as_secs_f64());
         }
-        let (dropped, frames) = (all.dropped, all.frames);
-        eprintln!(
-            "  {label:<10} {mib} MiB each way in {took:.1?}: {mbit:.1} Mbit/s each way \
-             ({dropped} of {frames} frames dropped)"
-        );
-        if let Some(e) = engine {
-            let sp = e.stats()?.split_total();
-            anyhow::ensure!(sp.split == 1 && sp.aborted == 0, "split: {sp:?}");
-            e.stop();
-        }
-        rows.push(serde_json::json!({
-            "path": label, "mib_each_way": mib, "seconds": took.as_secs_f64(),
-            "mbit_per_s_each_way": mbit, "frames": frames, "dropped": dropped,
-        }));
     }
-    let ratio = rows[1]["mbit_per_s_each_way"].as_f64().unwrap_or(0.0)
-        / rows[0]["mbit_per_s_each_way"].as_f64().unwrap_or(1.0);
-    println!("tcp-split / bridge under impairment: {ratio:.2}");
+    let rows: Vec<_> = ["bridge", "xdp_split"]
+        .into_iter()
+        .zip(&secs)
+        .map(|(label, s)| {
+            let median_s = median(s.clone());
+            serde_json::json!({
+                "path": label, "mib_each_way": mib, "seconds": s,
+                "median_seconds": median_s,
+                "median_mbit_per_s_each_way": len as f64 * 8.0 / median_s / 1e6,
+            })
+        })
+        .collect();
+    let ratio = median(secs[0].clone()) / median(secs[1].clone());
+    println!(
+        "median over {repeat}: bridge {:.1} s, tcp-split {:.1} s; tcp-split / bridge throughput {ratio:.2}",
+        median(secs[0].clone()),
+        median(secs[1].clone())
+    );
     std::fs::create_dir_all("perf/results")?;
     std::fs::write(
         "perf/results/split-impaired.json",
@@ -387,7 +404,7 @@ fn main() -> anyhow::Result<()> {
         return split_memory(n);
     }
     if let Some(mib) = args.impaired_mib {
-        return impaired(mib);
+        return impaired(mib, args.repeat);
     }
     let paths: Vec<Path> = match &args.paths {
         None => Path::ALL.to_vec(),

@@ -131,11 +131,28 @@ impl NewReno {
         }
         //# 2. When the third duplicate ACK is received, a TCP MUST set
         //# ssthresh to no more than ... ssthresh = max (FlightSize / 2, 2*SMSS)
-        self.ssthresh = (flight / 2).max(2 * self.mss);
+        self.enter_recovery(snd_nxt, flight);
         //# 3. ... cwnd = ssthresh + 3*SMSS.
         self.cwnd = self.ssthresh + 3 * self.mss;
-        self.recover = Some(snd_nxt);
         AckAction::Retransmit
+    }
+
+    /// A tail loss probe found the connection stalled with data out: the
+    /// congestion response of fast recovery (RFC 8985 §7.4), without the
+    /// inflation for duplicate ACKs that did not come.
+    pub fn on_tail_loss(&mut self, snd_nxt: SeqNum, flight: u32) -> AckAction {
+        if self.recover.is_some() {
+            return AckAction::None;
+        }
+        self.enter_recovery(snd_nxt, flight);
+        self.cwnd = self.ssthresh;
+        AckAction::Retransmit
+    }
+
+    fn enter_recovery(&mut self, snd_nxt: SeqNum, flight: u32) {
+        self.ssthresh = (flight / 2).max(2 * self.mss);
+        self.recover = Some(snd_nxt);
+        self.dup_acks = 0;
     }
 
     /// The retransmission timer expired.

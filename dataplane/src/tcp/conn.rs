@@ -110,6 +110,8 @@ pub struct ConnStats {
     pub fast_retransmits: u64,
     /// Retransmissions found lost (by SACKs of later data) and sent again.
     pub lost_retransmits: u64,
+    /// Tail loss probes sent.
+    pub tail_probes: u64,
     pub dup_acks: u64,
     pub challenge_acks: u64,
     pub paws_drops: u64,
@@ -183,6 +185,8 @@ pub struct Conn {
     /// retransmitted: data SACKed well beyond it was sent after the
     /// retransmission, so the retransmission was lost too.
     rexmit_high: Option<SeqNum>,
+    /// When to send a tail loss probe (RFC 8985 §7).
+    tlp_at: Option<Instant>,
     time_wait_until: Option<Instant>,
     stats: ConnStats,
 }
@@ -249,6 +253,7 @@ impl Conn {
             sack_ok: hs.sack_permitted,
             sack_high: snd,
             rexmit_high: None,
+            tlp_at: None,
             time_wait_until: None,
             stats: ConnStats::default(),
             cfg,
@@ -274,6 +279,11 @@ impl Conn {
 
     pub fn snd_una(&self) -> SeqNum {
         self.snd_una
+    }
+
+    #[cfg(test)]
+    pub(crate) fn snd_max_for_tests(&self) -> SeqNum {
+        self.snd_max
     }
 
     /// Room in the send buffer.
@@ -632,6 +642,7 @@ impl Conn {
             //# (5.3) When an ACK is received that acknowledges new data,
             //# restart the retransmission timer
             self.rto_at = self.outstanding().then(|| now + self.rtt.rto());
+            self.arm_tail_probe(now);
         } else if ack == self.snd_una && seg.payload.is_empty() && !seg.flags.fin && flight > 0 {
             let new_sack = self.sacks_new(seg);
             if (u32::from(seg.window) << self.peer_shift) == self.snd_wnd || new_sack {
@@ -737,10 +748,16 @@ impl Conn {
             AckNeed::Delayed(t) => Some(t),
             _ => None,
         };
-        [self.rto_at, self.persist_at, ack, self.time_wait_until]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.rto_at,
+            self.tlp_at,
+            self.persist_at,
+            ack,
+            self.time_wait_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs the timers due at `now`.
@@ -757,6 +774,9 @@ impl Conn {
         }
         if self.rto_at.is_some_and(|t| now >= t) {
             self.on_rto(now);
+        } else if self.tlp_at.is_some_and(|t| now >= t) {
+            self.tlp_at = None;
+            self.on_tail_probe();
         }
         if self.persist_at.is_some_and(|t| now >= t) {
             self.persist_at = None;
@@ -789,6 +809,7 @@ impl Conn {
         self.cc.on_rto(self.flight());
         self.rtt.back_off();
         self.rexmit_high = None;
+        self.tlp_at = None;
         self.rtt_probe = None;
         // Go back: everything after SND.UNA is sent again as the window
         // (now one segment) allows; ACKs up to SND.MAX stay valid.
@@ -960,6 +981,7 @@ impl Conn {
             //# (5.1) Every time a packet containing data is sent ... if the
             //# timer is not running, start it running
             self.rto_at.get_or_insert(now + self.rtt.rto());
+            self.arm_tail_probe(now);
             return Some(self.segment(seq, payload, fin, now));
         }
         if self.fin_seq == Some(self.snd_nxt) {
@@ -969,6 +991,39 @@ impl Conn {
             return Some(self.segment(seq, Vec::new(), true, now));
         }
         None
+    }
+
+    /// (Re)starts the tail loss probe timer while data is out and no
+    /// recovery runs: two smoothed RTTs (at least 10 ms), plus a delayed
+    /// ACK's worth when one segment is out, and never later than the RTO.
+    fn arm_tail_probe(&mut self, now: Instant) {
+        self.tlp_at = None;
+        let Some(srtt) = self.rtt.srtt() else { return };
+        if !self.outstanding() || self.cc.in_recovery() {
+            return;
+        }
+        let mut pto = (srtt * 2).max(Duration::from_millis(10));
+        if self.flight() <= self.mss {
+            pto += Duration::from_millis(200);
+        }
+        let at = now + pto;
+        if self.rto_at.is_none_or(|rto| at < rto) {
+            self.tlp_at = Some(at);
+        }
+    }
+
+    /// No ACK for two RTTs with data out: the tail of the flight (or its
+    /// ACKs) was lost. Retransmit the first unacknowledged segment, which
+    /// is the lost one when the whole tail went, and respond as fast
+    /// recovery does; partial ACKs then repair the rest.
+    fn on_tail_probe(&mut self) {
+        if !self.outstanding() {
+            return;
+        }
+        if self.cc.on_tail_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit {
+            self.stats.tail_probes += 1;
+            self.retransmit_now = true;
+        }
     }
 
     fn arm_persist(&mut self, now: Instant) {

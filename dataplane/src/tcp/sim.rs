@@ -566,6 +566,57 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_tail_is_probed_after_two_rtts_not_the_retransmission_timeout() {
+        let (mut a, mut b, now) = established(23);
+        let wire = |a: &mut Conn, b: &mut Conn, t: Instant, lose: &dyn Fn(&Segment) -> bool| {
+            while let Some(s) = a.poll_transmit(t) {
+                if !lose(&s) {
+                    b.on_segment(&s, t);
+                }
+                while let Some(ack) = b.poll_transmit(t) {
+                    a.on_segment(&ack, t);
+                }
+            }
+        };
+        // Some clean traffic first, so the sender has an RTT estimate.
+        let mut t = now;
+        for _ in 0..20 {
+            a.write(&[1; 3000]);
+            t += Duration::from_millis(1);
+            wire(&mut a, &mut b, t, &|_| false);
+            b.read(usize::MAX);
+        }
+        assert_eq!(a.snd_una(), a.snd_max_for_tests());
+        // Three segments; the last two are lost, so no duplicate ACK comes.
+        a.write(&[2; 4000]);
+        let first = a.snd_una();
+        wire(&mut a, &mut b, t, &|s| s.seq != first);
+        let deadline = a.next_deadline().expect("a timer");
+        assert!(
+            deadline < t + Duration::from_millis(100),
+            "the probe is due in {:?}",
+            deadline - t
+        );
+        a.on_timer(deadline);
+        wire(&mut a, &mut b, deadline, &|_| false);
+        // b acknowledges the repaired segment after its delayed-ACK timer;
+        // the partial ACK brings the last one.
+        let mut t = deadline;
+        for _ in 0..3 {
+            t += Duration::from_millis(40);
+            b.on_timer(t);
+            while let Some(ack) = b.poll_transmit(t) {
+                a.on_segment(&ack, t);
+            }
+            wire(&mut a, &mut b, t, &|_| false);
+        }
+        let st = a.stats();
+        assert_eq!((st.tail_probes, st.rto_expirations), (1, 0), "{st:?}");
+        assert_eq!(a.snd_una(), first + 4000, "{st:?}");
+        assert_eq!(b.read(usize::MAX), vec![2; 4000]);
+    }
+
+    #[test]
     fn rst_needs_the_exact_sequence_number_otherwise_it_is_challenged() {
         let (mut a, mut b, now) = established(9);
         a.write(b"hello");
