@@ -60,7 +60,9 @@ struct Args {
     /// UMEM frames per queue.
     #[arg(long, default_value_t = PortConfig::default().frames)]
     frames: u32,
-    /// Flow table limit per worker.
+    /// Flow table limit per worker (also the tcp-split table's: when it is
+    /// full, half-open handshakes are forgotten first, oldest first, then
+    /// other entries that are not live splits).
     #[arg(long, default_value_t = 262_144)]
     max_flows: usize,
     /// Idle seconds before a flow is forgotten.

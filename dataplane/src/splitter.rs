@@ -10,7 +10,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -92,6 +92,18 @@ struct Tracking {
     key: FlowKey,
 }
 
+/// Eviction classes: half-open handshakes go first.
+const EMBRYONIC: usize = 0;
+const SETTLED: usize = 1;
+
+/// Whether the queued pair `(since, id)` still names an entry that may be
+/// evicted (the same entry, not a live split).
+fn evictable(flows: &HashMap<FlowId, Flow>, id: FlowId, since: u64) -> bool {
+    flows
+        .get(&id)
+        .is_some_and(|f| f.since == since && !matches!(f.entry, Entry::Split { .. }))
+}
+
 /// The tracking state of `id`, borrowing only the flow table.
 fn tracking(flows: &mut HashMap<FlowId, Flow>, id: FlowId) -> Option<&mut Tracking> {
     match flows.get_mut(&id) {
@@ -139,11 +151,21 @@ enum Entry {
 struct Flow {
     entry: Entry,
     last_seen: Instant,
+    /// When it entered the eviction order (see `Splitter::evictable`).
+    since: u64,
 }
 
 /// Split connections of one worker.
 pub struct Splitter {
     flows: HashMap<FlowId, Flow>,
+    /// Entries that may make room when the table is full, oldest first:
+    /// [`EMBRYONIC`] (handshakes not complete: a SYN flood) before
+    /// [`SETTLED`] (trackers holding for a decision, passed-through flows,
+    /// ended connections' tombstones); never live splits. Stale pairs (the
+    /// entry moved on, or went) are skipped when met and pruned on expiry.
+    evictable: [VecDeque<(u64, FlowId)>; 2],
+    /// The next `since`.
+    epoch: u64,
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     conn: ConnConfig,
     settings: SplitSettings,
@@ -160,6 +182,8 @@ impl Splitter {
     pub fn new(settings: SplitSettings) -> Splitter {
         Splitter {
             flows: HashMap::new(),
+            evictable: [VecDeque::new(), VecDeque::new()],
+            epoch: 0,
             timers: BinaryHeap::new(),
             conn: ConnConfig {
                 send_buffer: 128 << 10,
@@ -219,7 +243,8 @@ impl Splitter {
             self.flows.remove(&id);
         }
         if !self.flows.contains_key(&id) {
-            if self.flows.len() >= self.settings.max_flows {
+            if self.flows.len() >= self.settings.max_flows && !self.evict_oldest() {
+                // Every entry is a live split: leave this one untracked.
                 self.counters.table_full += 1;
                 return Disposition::Forward;
             }
@@ -238,11 +263,14 @@ impl Splitter {
                 self.release.push(parsed.key);
                 Entry::Passthrough
             };
+            let class = if is_syn { EMBRYONIC } else { SETTLED };
+            let since = self.next_since(id, class);
             self.flows.insert(
                 id,
                 Flow {
                     entry,
                     last_seen: now,
+                    since,
                 },
             );
         }
@@ -295,10 +323,20 @@ impl Splitter {
             return Disposition::Forward;
         };
         t.templates[side.index()].get_or_insert_with(|| p.template(frame));
+        let was_open = t.tracker.client_data_start().is_some();
         let track = t.tracker.on_segment(dir_from(side, t.client), &p.segment);
-        if t.hold.is_some() && t.tracker.client_data_start().is_none() {
+        let open = t.tracker.client_data_start().is_some();
+        if t.hold.is_some() && !open {
             // A new SYN on these ports: the held attempt was abandoned.
             t.hold = None;
+        }
+        if open != was_open {
+            // Handshake complete (or restarted): it moves between the
+            // eviction classes.
+            let since = self.next_since(id, if open { SETTLED } else { EMBRYONIC });
+            if let Some(f) = self.flows.get_mut(&id) {
+                f.since = since;
+            }
         }
         match track {
             Track::Forward => Disposition::Forward,
@@ -496,6 +534,9 @@ impl Splitter {
         if split.done() {
             absorb(&mut self.counters, split);
             flow.entry = Entry::Ended;
+            flow.since = self.epoch;
+            self.evictable[SETTLED].push_back((self.epoch, id));
+            self.epoch += 1;
             return;
         }
         if let Some(next) = split.next_deadline() {
@@ -546,6 +587,43 @@ impl Splitter {
             _ => now.duration_since(f.last_seen) < idle,
         });
         self.counters.expired += (before - self.flows.len()) as u64;
+        for queue in &mut self.evictable {
+            queue.retain(|(since, id)| evictable(&self.flows, *id, *since));
+        }
+    }
+
+    /// A place in the eviction order for `id`.
+    fn next_since(&mut self, id: FlowId, class: usize) -> u64 {
+        let since = self.epoch;
+        self.epoch += 1;
+        self.evictable[class].push_back((since, id));
+        since
+    }
+
+    /// Makes room by forgetting the oldest entry that is not a live
+    /// split; a tracker's held frames go out unchanged first, and its flow
+    /// to the fast path (as on a pass). Later segments of a forgotten flow
+    /// pass through as those of any flow the engine did not see start.
+    /// Returns false when only live splits are left.
+    fn evict_oldest(&mut self) -> bool {
+        for class in [EMBRYONIC, SETTLED] {
+            while let Some((since, id)) = self.evictable[class].pop_front() {
+                if !evictable(&self.flows, id, since) {
+                    continue;
+                }
+                let holding = self
+                    .flows
+                    .get(&id)
+                    .is_some_and(|f| matches!(&f.entry, Entry::Tracking(t) if t.hold.is_some()));
+                if holding {
+                    self.pass(id);
+                }
+                self.flows.remove(&id);
+                self.counters.evicted += 1;
+                return true;
+            }
+        }
+        false
     }
 
     /// The first `n` frames of `out` were copied out: their buffers are
@@ -633,6 +711,11 @@ mod tests {
 
     impl Peers {
         fn new() -> Peers {
+            Peers::on_port(40000)
+        }
+
+        /// The client on source port `cport`.
+        fn on_port(cport: u16) -> Peers {
             let template = |src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16| {
                 let b = PacketBuilder::ethernet2([2; 6], [3; 6])
                     .ipv4(src, dst, 64)
@@ -642,8 +725,8 @@ mod tests {
                 parse_segment(&f).unwrap().template(&f)
             };
             Peers {
-                client: template([198, 18, 0, 1], [198, 18, 0, 2], 40000, 443),
-                server: template([198, 18, 0, 2], [198, 18, 0, 1], 443, 40000),
+                client: template([198, 18, 0, 1], [198, 18, 0, 2], cport, 443),
+                server: template([198, 18, 0, 2], [198, 18, 0, 1], 443, cport),
             }
         }
 
@@ -729,6 +812,70 @@ mod tests {
             .filter(|(s, _)| *s == to)
             .map(|(_, f)| parse_segment(f).unwrap().segment)
             .collect()
+    }
+
+    #[test]
+    fn a_full_table_forgets_its_oldest_tracker_never_a_live_split() {
+        let now = Instant::now();
+        let mut sp = Splitter::new(SplitSettings {
+            max_flows: 3,
+            ..SplitSettings::default()
+        });
+        let send = |sp: &mut Splitter, port: u16, from: Dir, s: &Segment| {
+            let side = if from == Dir::Client {
+                Side::Inside
+            } else {
+                Side::Outside
+            };
+            sp.on_frame(side, &Peers::on_port(port).frame(from, s), now)
+        };
+        // A handshake and the client's first bytes (not TLS: split at once).
+        let split_on = |sp: &mut Splitter, port: u16| {
+            send(sp, port, Dir::Client, &seg(C_ISN, 0, true, b""));
+            send(sp, port, Dir::Server, &seg(S_ISN, C_ISN + 1, true, b""));
+            let data = seg(C_ISN + 1, S_ISN + 1, false, b"GET /");
+            send(sp, port, Dir::Client, &data);
+        };
+        // A live split on port 1...
+        split_on(&mut sp, 1);
+        assert_eq!(sp.counters.split, 1);
+        // ...an established connection on port 2 that has not spoken yet,
+        // and a half-open handshake on port 3 fill the table.
+        send(&mut sp, 2, Dir::Client, &seg(C_ISN, 0, true, b""));
+        send(&mut sp, 2, Dir::Server, &seg(S_ISN, C_ISN + 1, true, b""));
+        send(
+            &mut sp,
+            2,
+            Dir::Client,
+            &seg(C_ISN + 1, S_ISN + 1, false, b""),
+        );
+        send(&mut sp, 3, Dir::Client, &seg(C_ISN, 0, true, b""));
+        assert_eq!(sp.active(), 3);
+        // A flood of SYNs: each takes the place of the oldest tracker.
+        for port in 4..100 {
+            let d = send(&mut sp, port, Dir::Client, &seg(C_ISN, 0, true, b""));
+            assert_eq!(d, Disposition::Forward);
+            assert_eq!(sp.active(), 3);
+        }
+        assert_eq!((sp.counters.evicted, sp.counters.table_full), (96, 0));
+        // The split lives on: its segments are still consumed.
+        let more = seg(C_ISN + 6, S_ISN + 1, false, b"more");
+        assert_eq!(send(&mut sp, 1, Dir::Client, &more), Disposition::Consumed);
+        // Half-open handshakes went first: the established one on port 2,
+        // older than all of them, is still tracked and splits when it
+        // speaks.
+        let data = seg(C_ISN + 1, S_ISN + 1, false, b"GET /");
+        assert_eq!(send(&mut sp, 2, Dir::Client, &data), Disposition::Consumed);
+        assert_eq!(sp.live().0, 2);
+        // With only live splits left, a new connection goes untracked.
+        let mut sp1 = Splitter::new(SplitSettings {
+            max_flows: 1,
+            ..SplitSettings::default()
+        });
+        split_on(&mut sp1, 1);
+        assert_eq!(sp1.counters.split, 1);
+        send(&mut sp1, 2, Dir::Client, &seg(C_ISN, 0, true, b""));
+        assert_eq!((sp1.counters.evicted, sp1.counters.table_full), (0, 1));
     }
 
     #[test]

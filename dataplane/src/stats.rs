@@ -65,8 +65,13 @@ pub struct SplitCounters {
     /// Pass-through connections handed to the XDP fast path (installed as
     /// `bypass` in the flow map, both directions).
     pub released: u64,
-    /// New connections not tracked because the split table was full.
+    /// New connections not tracked because the split table was full of
+    /// live splits.
     pub table_full: u64,
+    /// Entries forgotten to make room (oldest first; trackers, passed-
+    /// through flows and tombstones, never live splits).
+    #[serde(default)]
+    pub evicted: u64,
     /// Trackers and pass-through entries forgotten after idling.
     pub expired: u64,
     /// Segments of split connections that had already ended, dropped.
@@ -132,6 +137,7 @@ impl SplitCounters {
         self.fast_open += o.fast_open;
         self.released += o.released;
         self.table_full += o.table_full;
+        self.evicted += o.evicted;
         self.expired += o.expired;
         self.after_close += o.after_close;
         self.bad_checksum += o.bad_checksum;
@@ -313,7 +319,7 @@ impl StatsReport {
             let _ = writeln!(
                 s,
                 "tcp-split: {} split ({} active, {} ended, {} aborted halves), {} passed \
-                 through ({} released to XDP), {}/{} bytes relayed c->s/s->c, {} retransmits \
+                 through ({} released to XDP), {} forgotten when full, {}/{} bytes relayed c->s/s->c, {} retransmits \
                  ({} timeouts, {} fast, {} lost again, {} tail probes), \
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {}/{} holds \
@@ -324,6 +330,7 @@ impl StatsReport {
                 sp.aborted,
                 sp.passthrough,
                 sp.released,
+                sp.evicted,
                 sp.bytes_c2s,
                 sp.bytes_s2c,
                 sp.retransmits,

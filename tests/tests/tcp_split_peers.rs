@@ -14,7 +14,7 @@ use loupe_tests::{
     harness::SERVER_V4,
     https::fill_pseudo_random,
     proc::rss_kib,
-    tcp::{connect, listen, receive, spawn_echo_server, tune},
+    tcp::{connect, echo_roundtrip, listen, receive, spawn_echo_server, tune},
     Harness, HarnessConfig,
 };
 use sha2::{Digest, Sha256};
@@ -357,5 +357,64 @@ fn connections_older_than_the_engine_are_released_to_the_xdp_fast_path() {
     );
     drop(c);
     server.join().unwrap().unwrap();
+    engine.stop();
+}
+
+#[test]
+fn a_syn_flood_cannot_push_a_connection_out_of_the_split_table() {
+    use etherparse::PacketBuilder;
+    use loupe_tests::{
+        frames::{DST_MAC, MARK_MAC},
+        harness::{CLIENT_V4, PEER_IF},
+        raw::RawSocket,
+    };
+
+    // 64 entries per worker: the flood overflows them many times.
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let engine = Engine::start(&h, &["--tcp-split", "--max-flows", "64"]).expect("engine");
+    let addr = format!("{SERVER_V4}:443");
+    let listener = listen(&h.server, &addr).unwrap();
+    let server = spawn_echo_server(listener, 1);
+    // A real connection opens first, then 3000 SYNs from other ports
+    // arrive before it sends anything.
+    let mut c = connect(&h.client, &addr).unwrap();
+    let tx = h
+        .client
+        .enter(|| RawSocket::open(PEER_IF))
+        .unwrap()
+        .unwrap();
+    let (client, server_ip): ([u8; 4], [u8; 4]) = (
+        CLIENT_V4.parse::<std::net::Ipv4Addr>().unwrap().octets(),
+        SERVER_V4.parse::<std::net::Ipv4Addr>().unwrap().octets(),
+    );
+    for port in 20_000..23_000u16 {
+        let mut syn = Vec::new();
+        PacketBuilder::ethernet2(MARK_MAC, DST_MAC)
+            .ipv4(client, server_ip, 64)
+            .tcp(port, 443, 7, 1024)
+            .syn()
+            .write(&mut syn, &[])
+            .unwrap();
+        tx.send(&syn).unwrap();
+    }
+    let flooded = engine
+        .wait_stats("the flood to be evicted", Duration::from_secs(60), |r| {
+            let s = r.split_total();
+            (s.evicted >= 2000).then_some(s)
+        })
+        .unwrap();
+    assert_eq!(flooded.table_full, 0, "{flooded:?}");
+    // The connection survived the flood: it is split and byte-exact.
+    let d = data(9, 1 << 20);
+    assert!(echo_roundtrip(&mut c, &d).unwrap() == d, "echo differs");
+    server.join().unwrap().unwrap();
+    let s = engine
+        .wait_stats("the split to end", Duration::from_secs(60), |r| {
+            let s = r.split_total();
+            (s.closed >= 1).then_some(s)
+        })
+        .unwrap();
+    assert_eq!((s.split, s.aborted), (1, 0), "{s:?}");
+    assert_eq!(s.bytes_c2s, 1 << 20, "{s:?}");
     engine.stop();
 }
