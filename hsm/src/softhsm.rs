@@ -7,7 +7,6 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::Mutex,
 };
 
 use cryptoki::{session::UserType, types::AuthPin};
@@ -50,9 +49,9 @@ impl SoftHsmDir {
 /// SO PIN and a user PIN. The module must already be configured (for
 /// SoftHSM, `SOFTHSM2_CONF` set before the first use in this process).
 pub fn init_token(module: &Path, label: &str, so_pin: &str, user_pin: &str) -> Result<()> {
-    // Token initialisation changes the slot list; one at a time.
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // Token initialisation changes the slot list; one at a time, and never
+    // beside a slot-list scan.
+    let _g = crate::token::slot_list_lock();
     let ctx = module_context(module)?;
     let e = |op: &str, err| HsmError::pkcs11(label, op, err);
     let slots = ctx.get_all_slots().map_err(|x| e("C_GetSlotList", x))?;

@@ -81,8 +81,20 @@ pub(crate) fn module_context(path: &Path) -> Result<Pkcs11> {
     Ok(ctx)
 }
 
+/// Held around every slot-list scan and token initialisation in this
+/// process. SoftHSM 2.6 refreshes its slot list inside C_GetSlotList, and
+/// two refreshes at once insert the same new token twice and abort
+/// (SlotManager::insertToken assertion, seen when tests initialised
+/// tokens while others opened theirs; in the engine, HSM threads that
+/// look for a token again after a failure could race the same way).
+pub(crate) fn slot_list_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Finds the slot holding the token labelled `label`.
 fn find_slot(ctx: &Pkcs11, module: &Path, label: &str) -> Result<Slot> {
+    let _scan = slot_list_lock();
     let slots = ctx
         .get_slots_with_initialized_token()
         .map_err(|e| HsmError::pkcs11(label, "C_GetSlotList", e))?;
