@@ -55,6 +55,10 @@ struct Args {
     /// duplication on both), through a Linux bridge and through tcp-split.
     #[arg(long)]
     impaired_mib: Option<usize>,
+    /// With --impaired-mib: the same transfer over clean links (no
+    /// loupe-impair), the clean half of the soak.
+    #[arg(long)]
+    clean: bool,
 }
 
 const PORT: u16 = 5201;
@@ -332,7 +336,7 @@ fn split_memory(n: usize) -> anyhow::Result<()> {
 
 /// The same transfer over the same seeded impairment, through a Linux
 /// bridge (the kernel path) and through tcp-split, back to back.
-fn impaired(mib: usize, repeat: u32) -> anyhow::Result<()> {
+fn impaired(mib: usize, repeat: u32, clean: bool) -> anyhow::Result<()> {
     let len = mib << 20;
     // Rounds alternate the paths, so a noisy stretch of the machine hits
     // both; each path's figure is its median.
@@ -340,10 +344,14 @@ fn impaired(mib: usize, repeat: u32) -> anyhow::Result<()> {
     for round in 0..repeat.max(1) {
         for (i, split) in [false, true].into_iter().enumerate() {
             let h = Harness::new(HarnessConfig {
-                impair: true,
+                impair: !clean,
                 ..HarnessConfig::default()
             })?;
-            let [imp_c, imp_s] = ImpairProc::start_both(&h, &LOSSY, 11)?;
+            let impair = if clean {
+                None
+            } else {
+                Some(ImpairProc::start_both(&h, &LOSSY, 11)?)
+            };
             let engine = if split {
                 Some(Engine::start(&h, &["--tcp-split"])?)
             } else {
@@ -352,7 +360,8 @@ fn impaired(mib: usize, repeat: u32) -> anyhow::Result<()> {
             };
             let took = both_ways(&h, &format!("{SERVER_V4}:443"), len)?;
             let mut all = ImpairStats::default();
-            for (a, b) in [imp_c.stop()?, imp_s.stop()?] {
+            for p in impair.into_iter().flatten() {
+                let (a, b) = p.stop()?;
                 all.add(&a);
                 all.add(&b);
             }
@@ -391,8 +400,13 @@ fn impaired(mib: usize, repeat: u32) -> anyhow::Result<()> {
         median(secs[1].clone())
     );
     std::fs::create_dir_all("perf/results")?;
+    let name = if clean {
+        "split-clean"
+    } else {
+        "split-impaired"
+    };
     std::fs::write(
-        "perf/results/split-impaired.json",
+        format!("perf/results/{name}.json"),
         serde_json::to_vec_pretty(&rows)?,
     )?;
     Ok(())
@@ -404,7 +418,7 @@ fn main() -> anyhow::Result<()> {
         return split_memory(n);
     }
     if let Some(mib) = args.impaired_mib {
-        return impaired(mib, args.repeat);
+        return impaired(mib, args.repeat, args.clean);
     }
     let paths: Vec<Path> = match &args.paths {
         None => Path::ALL.to_vec(),

@@ -418,3 +418,124 @@ fn a_syn_flood_cannot_push_a_connection_out_of_the_split_table() {
     assert_eq!(s.bytes_c2s, 1 << 20, "{s:?}");
     engine.stop();
 }
+
+#[test]
+fn hostile_segments_in_a_split_connection_are_counted_and_change_nothing() {
+    use loupe_dataplane::wire::segment::{parse_segment, Flags};
+    use loupe_tests::{harness::PEER_IF, raw::RawSocket};
+
+    let (h, engine, addr, listener) = start();
+    let server = spawn_echo_server(listener, 1);
+    // The client's own frames, seen on its interface.
+    let sniff = h
+        .client
+        .enter(|| RawSocket::open(PEER_IF))
+        .unwrap()
+        .unwrap();
+    let mut c = connect(&h.client, &addr).unwrap();
+    let port = c.local_addr().unwrap().port();
+    c.write_all(b"first bytes").unwrap();
+    let mut back = [0u8; 11];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"first bytes");
+    // The client's data segment, and the latest of its segments (its
+    // TSval is the engine's TS.Recent: hostile segments carry it, so PAWS
+    // lets them through to the checks under test).
+    let mut data_seg = None;
+    let mut latest = None;
+    let mut buf = vec![0u8; 4096];
+    while let Some(n) = sniff.recv(&mut buf, Duration::from_millis(300)).unwrap() {
+        let Ok(p) = parse_segment(&buf[..n]) else {
+            continue;
+        };
+        if p.key.src_port != port {
+            continue;
+        }
+        if p.segment.payload == b"first bytes" {
+            data_seg = Some((p.clone(), buf[..n].to_vec()));
+        }
+        latest = Some(p);
+    }
+    let (sent, frame) = data_seg.expect("the client's data segment");
+    let latest = latest.expect("the client's latest segment");
+    let template = sent.template(&frame);
+    let ts = latest.segment.options.timestamps;
+    let next = sent.segment.seq + 11;
+    let inject = |seq, flags: Flags, payload: &[u8]| {
+        let mut seg = latest.segment.clone();
+        seg.seq = seq;
+        seg.flags = flags;
+        seg.payload = payload.to_vec();
+        seg.options.timestamps = ts;
+        seg.options.sack.clear();
+        let mut out = Vec::new();
+        template.build(&seg, &mut out);
+        sniff.send(&out).unwrap();
+        out
+    };
+    let ack = Flags {
+        ack: true,
+        ..Flags::default()
+    };
+    // Different bytes over bytes already delivered (the evasion).
+    inject(sent.segment.seq, ack, b"OTHER bytes");
+    // Far beyond the window.
+    inject(next + 50_000_000, ack, b"junk");
+    // A RST inside the window but not at RCV.NXT, and a SYN: both draw a
+    // challenge ACK and change nothing.
+    inject(
+        next + 100,
+        Flags {
+            rst: true,
+            ..Flags::default()
+        },
+        b"",
+    );
+    inject(
+        next,
+        Flags {
+            syn: true,
+            ..Flags::default()
+        },
+        b"",
+    );
+    // An MSS option of length 3.
+    let mut bad = inject(next, ack, b"");
+    let tcp = bad.len() - 32; // 20 bytes of header + 12 of timestamps
+    bad[tcp + 20..tcp + 24].copy_from_slice(&[2, 3, 0, 1]);
+    let sum_at = tcp + 16;
+    bad[sum_at..sum_at + 2].copy_from_slice(&[0, 0]);
+    // Recompute the TCP checksum with etherparse's view of the frame.
+    let sum = {
+        let sliced = etherparse::SlicedPacket::from_ethernet(&bad).unwrap();
+        let Some(etherparse::TransportSlice::Tcp(t)) = &sliced.transport else {
+            panic!("not TCP")
+        };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
+            panic!("not IPv4")
+        };
+        t.calc_checksum_ipv4(ip.header().source(), ip.header().destination())
+            .unwrap()
+    };
+    bad[sum_at..sum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    sniff.send(&bad).unwrap();
+
+    // The connection goes on, byte-exact, with the first copy of every
+    // byte.
+    let d = data(11, 1 << 20);
+    assert!(echo_roundtrip(&mut c, &d).unwrap() == d, "echo differs");
+    server.join().unwrap().unwrap();
+    let s = engine
+        .wait_stats("the split to end", Duration::from_secs(60), |r| {
+            let s = r.split_total();
+            (s.closed >= 1).then_some(s)
+        })
+        .unwrap();
+    assert_eq!((s.split, s.aborted, s.resets_received), (1, 0, 0), "{s:?}");
+    // "first" and "OTHER" differ in all five bytes.
+    assert!(s.overlap_conflicts >= 5, "{s:?}");
+    assert!(s.out_of_window >= 1, "{s:?}");
+    assert!(s.challenge_acks >= 2, "{s:?}");
+    assert_eq!(s.bad_options, 1, "{s:?}");
+    engine.stop();
+}
