@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use loupe_dataplane::stats::SplitCounters;
 use loupe_tests::{
     engine::Engine,
     harness::SERVER_V4,
@@ -23,6 +24,16 @@ fn data(seed: usize, len: usize) -> Vec<u8> {
     let mut v = vec![0; len];
     fill_pseudo_random(&mut v, seed as u64);
     v
+}
+
+/// The counters once the one split connection has ended.
+fn one_split_ended(engine: &Engine) -> SplitCounters {
+    engine
+        .wait_stats("the split to end", Duration::from_secs(60), |r| {
+            let s = r.split_total();
+            (s.closed >= 1).then_some(s)
+        })
+        .unwrap()
 }
 
 /// A harness, an engine splitting, and the server's listener on port 443
@@ -408,12 +419,7 @@ fn a_syn_flood_cannot_push_a_connection_out_of_the_split_table() {
     let d = data(9, 1 << 20);
     assert!(echo_roundtrip(&mut c, &d).unwrap() == d, "echo differs");
     server.join().unwrap().unwrap();
-    let s = engine
-        .wait_stats("the split to end", Duration::from_secs(60), |r| {
-            let s = r.split_total();
-            (s.closed >= 1).then_some(s)
-        })
-        .unwrap();
+    let s = one_split_ended(&engine);
     assert_eq!((s.split, s.aborted), (1, 0), "{s:?}");
     assert_eq!(s.bytes_c2s, 1 << 20, "{s:?}");
     engine.stop();
@@ -525,12 +531,7 @@ fn hostile_segments_in_a_split_connection_are_counted_and_change_nothing() {
     let d = data(11, 1 << 20);
     assert!(echo_roundtrip(&mut c, &d).unwrap() == d, "echo differs");
     server.join().unwrap().unwrap();
-    let s = engine
-        .wait_stats("the split to end", Duration::from_secs(60), |r| {
-            let s = r.split_total();
-            (s.closed >= 1).then_some(s)
-        })
-        .unwrap();
+    let s = one_split_ended(&engine);
     assert_eq!((s.split, s.aborted, s.resets_received), (1, 0, 0), "{s:?}");
     // "first" and "OTHER" differ in all five bytes.
     assert!(s.overlap_conflicts >= 5, "{s:?}");
