@@ -313,9 +313,11 @@ pub fn run(
             result = Err(EngineError::WorkerDied(dead));
             break;
         }
-        thread::sleep(Duration::from_millis(20));
-        // Released flows leave userspace: both directions bypass in XDP.
-        for key in release_rx.try_iter() {
+        // Released flows leave userspace: both directions bypass in XDP,
+        // as soon as a worker asks (every frame before that is one more
+        // through userspace); otherwise wake every 20 ms for the rest.
+        let first = release_rx.recv_timeout(Duration::from_millis(20)).ok();
+        for key in first.into_iter().chain(release_rx.try_iter()) {
             for k in [key, key.reversed()] {
                 if let Err(e) = flows.set(&k, loupe_common::verdict::BYPASS) {
                     eprintln!("loupe-dataplane: warning: cannot release a flow to XDP: {e}");

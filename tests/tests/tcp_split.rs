@@ -62,3 +62,35 @@ fn https_ipv6_over_a_split_connection() {
 fn sixty_four_mib_byte_exact_over_a_split_connection() {
     https_through_split(SERVER_V4, 64 * MIB);
 }
+
+#[test]
+fn an_exempt_server_name_is_released_to_the_fast_path_unchanged() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let engine =
+        Engine::start(&h, &["--tcp-split", "--split-exempt-sni", "*.loupe.test"]).expect("engine");
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    let size = 16 * MIB;
+    let sha = nginx.add_file("blob", size, 7).expect("file");
+    // curl names server.loupe.test in its ClientHello: held, then passed.
+    let (got, len) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "blob")).expect("curl");
+    assert_eq!((got, len), (sha, size as u64));
+    let r = engine
+        .wait_stats("the pass in the counters", Duration::from_secs(30), |r| {
+            let s = r.split_total();
+            (s.policy_pass >= 1 && s.released >= 1).then(|| r.clone())
+        })
+        .unwrap();
+    let s = r.split_total();
+    assert_eq!((s.split, s.hellos, s.held), (0, 1, 1), "{s:?}");
+    // After the release the transfer ran on the XDP fast path: the
+    // workers forwarded the handshake, the ClientHello and what arrived
+    // before the engine installed the verdict; the fast path the rest.
+    let bypassed = r.xdp_packets("flow_bypass");
+    let in_userspace = r.worker_sum(|c| c.rx_inside.packets + c.rx_outside.packets);
+    eprintln!("{bypassed} frames bypassed, {in_userspace} in userspace");
+    assert!(
+        bypassed > 10_000 && in_userspace * 20 < bypassed,
+        "{bypassed} frames bypassed, {in_userspace} in userspace"
+    );
+    engine.stop();
+}
