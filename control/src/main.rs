@@ -3,6 +3,7 @@
 //! control daemon (policy, decryption log, metrics) grows here.
 
 mod hsm;
+mod policy;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -44,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: hsm::CaCommand,
     },
+    /// Check, apply or show the policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Verify the key-usage audit log, or export its public key.
     Audit {
         #[command(flatten)]
@@ -51,6 +57,61 @@ enum Command {
         #[command(subcommand)]
         command: hsm::AuditCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Check a policy file: every error and warning with file:line:column.
+    /// Exit status 1 when there is an error.
+    Check {
+        file: PathBuf,
+        /// Print the compiled policy (JSON) when it is valid.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn policy_check(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let checked = policy::check_file(file)
+        .with_context(|| format!("cannot read the policy {}", file.display()))?;
+    for d in &checked.diagnostics {
+        eprintln!("{d}");
+    }
+    let Some(p) = checked.policy else {
+        eprintln!(
+            "{}: {} error(s); the policy was not compiled",
+            file.display(),
+            checked.errors()
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let st = p.steering().map_err(anyhow::Error::msg)?;
+    println!(
+        "{}: OK: {} rules, default {}, {} profiles, {} categories; digest {}",
+        file.display(),
+        p.rules.len(),
+        p.default_action.label(),
+        p.profiles.len(),
+        p.categories.len(),
+        &p.digest[..12]
+    );
+    let text = |ps: &[loupe_dataplane::config::Prefix]| {
+        ps.iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "steering: tcp ports {:?}, server prefixes [{}], exempt [{}]",
+        st.ports,
+        text(&st.prefixes),
+        text(&st.exempt)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -73,6 +134,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ca { hsm, command } => hsm::ca(&hsm, command),
         Command::Audit { hsm, command } => hsm::audit(&hsm, command),
+        Command::Policy { command } => match command {
+            PolicyCommand::Check { file, json } => policy_check(&file, json),
+        },
     }
 }
 

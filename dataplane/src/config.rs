@@ -105,6 +105,45 @@ fn mask128(len: u8) -> u128 {
     }
 }
 
+impl Prefix {
+    /// Whether `addr` (as stored in the maps) lies in this prefix. An IPv6
+    /// prefix shorter than the IPv4-mapped block (`::/0`, `2000::/3`) never
+    /// contains IPv4 addresses: a rule's `::/0` means every IPv6 address.
+    pub fn contains(&self, addr: &Addr) -> bool {
+        if !self.v4 && self.len < 96 && addr[..12] == v4_mapped([0; 4])[..12] {
+            return false;
+        }
+        let bits = self.mapped_len() as usize;
+        let (whole, rest) = (bits / 8, bits % 8);
+        if self.addr[..whole] != addr[..whole] {
+            return false;
+        }
+        rest == 0 || {
+            let mask = 0xffu8 << (8 - rest);
+            self.addr[whole] & mask == addr[whole] & mask
+        }
+    }
+
+    /// Whether every address of `other` lies in this prefix.
+    pub fn covers(&self, other: &Prefix) -> bool {
+        self.mapped_len() <= other.mapped_len() && self.contains(&other.addr)
+    }
+}
+
+impl serde::Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::fmt::Display for Prefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let v6 = Ipv6Addr::from(self.addr);
@@ -171,7 +210,10 @@ pub struct EngineConfig {
     pub hold_timeout: Duration,
     /// tcp-split passes (does not split) connections whose ClientHello
     /// names one of these servers.
-    pub split_exempt_sni: Vec<crate::policy::SniPattern>,
+    pub split_exempt_sni: Vec<crate::policy::HostGlob>,
+    /// The control socket; with it, the policy comes from the control
+    /// process (and until the first one, steered flows are forwarded).
+    pub api: Option<crate::api::ApiConfig>,
     /// The HSM signer and its audit log; `None` runs the packet path only.
     pub hsm: Option<HsmSettings>,
 }
@@ -208,6 +250,7 @@ impl EngineConfig {
             hold_bytes: SplitSettings::default().hold_bytes,
             hold_timeout: SplitSettings::default().hold_timeout,
             split_exempt_sni: Vec::new(),
+            api: None,
         }
     }
 }
@@ -253,6 +296,29 @@ mod tests {
             let e = input.parse::<Prefix>().unwrap_err().to_string();
             assert!(e.contains(why) && e.contains(input), "{input}: {e}");
         }
+    }
+
+    #[test]
+    fn containment_v4_and_v6() {
+        let p: Prefix = "198.18.0.0/15".parse().unwrap();
+        let a = |s: &str| s.parse::<Prefix>().unwrap().addr;
+        assert!(p.contains(&a("198.19.255.255")));
+        assert!(!p.contains(&a("198.20.0.0")));
+        assert!(p.contains(&a("::ffff:c612:1")));
+        let all6: Prefix = "::/0".parse().unwrap();
+        assert!(all6.contains(&a("2001:2::1")) && !all6.contains(&a("198.18.0.1")));
+        let v6: Prefix = "2001:2::/48".parse().unwrap();
+        assert!(v6.contains(&a("2001:2::9")));
+        assert!(!v6.contains(&a("2001:2:1::9")));
+        // IPv4 prefixes never match IPv6 addresses, and ::/0 does not
+        // stand for IPv4 by accident of the mapping in /0 only.
+        assert!(!p.contains(&a("2001:2::1")));
+        let all4: Prefix = "0.0.0.0/0".parse().unwrap();
+        assert!(all4.contains(&a("198.18.0.1")) && !all4.contains(&a("2001:2::1")));
+        assert!(p.covers(&"198.18.5.0/24".parse().unwrap()));
+        assert!(!"198.18.5.0/24".parse::<Prefix>().unwrap().covers(&p));
+        let a9: Prefix = "198.18.0.9/31".parse().unwrap();
+        assert!(a9.contains(&a("198.18.0.8")) && !a9.contains(&a("198.18.0.10")));
     }
 
     #[test]

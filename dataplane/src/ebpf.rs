@@ -141,12 +141,14 @@ impl Classifier {
                 .map_mut("STEER_PORTS")?
                 .try_into()
                 .map_err(map_err("STEER_PORTS"))?;
+            // New entries first, then the old ones go: a port in both
+            // sets is steered throughout.
             let old: Vec<u16> = map.keys().filter_map(Result::ok).collect();
-            for p in old.iter().filter(|p| !ports.contains(p)) {
-                map.remove(p).map_err(map_err("STEER_PORTS"))?;
-            }
             for p in ports {
                 map.insert(p, 1, 0).map_err(map_err("STEER_PORTS"))?;
+            }
+            for p in old.iter().filter(|p| !ports.contains(p)) {
+                map.remove(p).map_err(map_err("STEER_PORTS"))?;
             }
         }
         self.set_prefixes("STEER_PREFIXES", prefixes)?;
@@ -161,12 +163,17 @@ impl Classifier {
         let mut trie: LpmTrie<_, Addr, u8> =
             self.map_mut(name)?.try_into().map_err(map_err(name))?;
         let old: Vec<Key<Addr>> = trie.keys().filter_map(Result::ok).collect();
-        for k in &old {
-            trie.remove(k).map_err(map_err(name))?;
+        let new: Vec<Key<Addr>> = prefixes
+            .iter()
+            .map(|p| Key::new(p.mapped_len(), p.addr))
+            .collect();
+        for k in &new {
+            trie.insert(k, 1, 0).map_err(map_err(name))?;
         }
-        for p in prefixes {
-            trie.insert(&Key::new(p.mapped_len(), p.addr), 1, 0)
-                .map_err(map_err(name))?;
+        let same =
+            |a: &Key<Addr>, b: &Key<Addr>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+        for k in old.iter().filter(|k| !new.iter().any(|n| same(k, n))) {
+            trie.remove(k).map_err(map_err(name))?;
         }
         Ok(())
     }
@@ -290,5 +297,14 @@ impl FlowVerdicts {
     /// Installs a verdict for one direction of a flow.
     pub fn set(&mut self, key: &FlowKey, verdict: u32) -> Result<(), ClassifierError> {
         self.0.insert(key, verdict, 0).map_err(map_err("FLOWS"))
+    }
+
+    /// Forgets one direction of a flow (gone already is fine: the map is
+    /// an LRU and may have evicted it).
+    pub fn remove(&mut self, key: &FlowKey) -> Result<(), ClassifierError> {
+        match self.0.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("FLOWS")(e)),
+        }
     }
 }

@@ -19,14 +19,15 @@ use loupe_hsm::{
 use thiserror::Error;
 
 use crate::{
-    config::{EngineConfig, HsmSettings},
-    ebpf::{Classifier, ClassifierError},
-    flow::{Sharder, Side},
-    policy::SplitPolicy,
+    api::{Api, EngineRequest},
+    config::{EngineConfig, HsmSettings, Prefix},
+    ebpf::{Classifier, ClassifierError, FlowVerdicts},
+    flow::{FlowLogEntry, MapOp, Sharder, Side},
+    policy::{Policy, PolicyCell},
     splitter::SplitSettings,
-    stats::{IfaceReport, StatsReport, SteeringReport, WorkerReport, STATS_VERSION},
+    stats::{IfaceReport, PolicyInfo, StatsReport, SteeringReport, WorkerReport, STATS_VERSION},
     sys::{self, SysError},
-    worker::{Crossbar, Worker, WorkerShared},
+    worker::{Crossbar, SplitLinks, Worker, WorkerShared},
     xsk::{QueuePort, XskError},
 };
 
@@ -72,6 +73,11 @@ pub enum EngineError {
     Spawn(std::io::Error),
     #[error("HSM: {0}")]
     Hsm(#[from] loupe_hsm::HsmError),
+    #[error("control socket {path}: {source}")]
+    Api {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Bytes a frame carries on top of the MTU: Ethernet header and two VLAN
@@ -166,7 +172,16 @@ pub fn run(
     let sharder = Sharder::new(workers);
     let crossbar = Arc::new(Crossbar::new(workers).map_err(EngineError::Spawn)?);
     let mut pending = Vec::with_capacity(workers);
-    let (release_tx, release_rx) = crossbeam::channel::bounded::<loupe_common::FlowKey>(4096);
+    let (ops_tx, ops_rx) = crossbeam::channel::bounded::<MapOp>(65_536);
+    let (events_tx, events_rx) = crossbeam::channel::bounded::<FlowLogEntry>(65_536);
+    let (req_tx, req_rx) = crossbeam::channel::bounded::<EngineRequest>(64);
+    let cell = Arc::new(PolicyCell::default());
+    if cfg.tcp_split {
+        cell.publish(Arc::new(Policy::split_all(
+            &cfg.steer_ports,
+            cfg.split_exempt_sni.clone(),
+        )));
+    }
     for q in 0..queues {
         let port = QueuePort::new(&cfg.inside, &cfg.outside, q, cfg.port)?;
         classifier.register_socket(Side::Inside, q, port.fd(Side::Inside))?;
@@ -181,22 +196,46 @@ pub fn run(
             cfg.flow_idle_timeout,
             shared.clone(),
         );
-        if cfg.tcp_split {
-            let settings = SplitSettings {
-                max_flows: cfg.max_flows_per_worker,
-                idle: cfg.flow_idle_timeout,
-                hold_bytes: cfg.hold_bytes,
-                hold_timeout: cfg.hold_timeout,
-                policy: SplitPolicy {
-                    exempt_sni: cfg.split_exempt_sni.clone(),
+        if cfg.tcp_split || cfg.api.is_some() {
+            worker.enable_split(SplitLinks {
+                settings: SplitSettings {
+                    max_flows: cfg.max_flows_per_worker,
+                    idle: cfg.flow_idle_timeout,
+                    hold_bytes: cfg.hold_bytes,
+                    hold_timeout: cfg.hold_timeout,
+                    ..SplitSettings::default()
                 },
-            };
-            worker.enable_split(settings, release_tx.clone());
+                ops: ops_tx.clone(),
+                events: cfg.api.is_some().then(|| events_tx.clone()),
+                policy: cell.clone(),
+            });
         }
         pending.push((worker, shared));
     }
-    classifier.attach(&cfg.inside, cfg.mode)?;
-    classifier.attach(&cfg.outside, cfg.mode)?;
+    drop(events_tx);
+    // The socket before the wire: a socket another process serves stops
+    // the start here, before anything is attached.
+    let api = match &cfg.api {
+        Some(a) => Some(
+            Api::start(a, req_tx.clone(), cell.clone(), events_rx).map_err(|source| {
+                EngineError::Api {
+                    path: a.socket.display().to_string(),
+                    source,
+                }
+            })?,
+        ),
+        None => None,
+    };
+    drop(req_tx);
+    let attached = classifier
+        .attach(&cfg.inside, cfg.mode)
+        .and_then(|()| classifier.attach(&cfg.outside, cfg.mode));
+    if let Err(e) = attached {
+        if let Some(api) = api {
+            api.stop();
+        }
+        return Err(e.into());
+    }
 
     let mut flows = classifier.take_flow_map()?;
     let started = Instant::now();
@@ -260,8 +299,21 @@ pub fn run(
         shares.push(shared);
     }
 
-    let snapshot = |state: &str| -> StatsReport {
+    let mut steering = Steered {
+        ports: cfg.steer_ports.clone(),
+        prefixes: cfg.steer_prefixes.clone(),
+        exempt: cfg.exempt_prefixes.clone(),
+    };
+    let snapshot = |state: &str, steering: &Steered, classifier: &Classifier| -> StatsReport {
         let mut r = base.clone();
+        r.steering = steering.report();
+        r.policy = cell.current().map(|p| PolicyInfo {
+            version: p.version,
+            digest: p.digest.clone(),
+            source: p.source.clone(),
+            rules: p.rules.len(),
+            default_action: p.default_action.label().into(),
+        });
         r.state = state.into();
         r.uptime_ms = started.elapsed().as_millis() as u64;
         if let Ok(counters) = classifier.counters() {
@@ -301,7 +353,7 @@ pub fn run(
 
     // A stats file that cannot be written at start is a configuration
     // error; one that fails later (disk full) must not stop the traffic.
-    let first = snapshot("running");
+    let first = snapshot("running", &steering, &classifier);
     let mut result = write(&first);
     if result.is_ok() {
         on_ready(&first);
@@ -315,18 +367,34 @@ pub fn run(
         }
         // Released flows leave userspace: both directions bypass in XDP,
         // as soon as a worker asks (every frame before that is one more
-        // through userspace); otherwise wake every 20 ms for the rest.
-        let first = release_rx.recv_timeout(Duration::from_millis(20)).ok();
-        for key in first.into_iter().chain(release_rx.try_iter()) {
-            for k in [key, key.reversed()] {
-                if let Err(e) = flows.set(&k, loupe_common::verdict::BYPASS) {
-                    eprintln!("loupe-dataplane: warning: cannot release a flow to XDP: {e}");
+        // through userspace); requests from the control socket are
+        // answered as they come; otherwise wake every 20 ms for the rest.
+        crossbeam::select! {
+            recv(ops_rx) -> op => {
+                if let Ok(op) = op {
+                    map_op(&mut flows, op);
                 }
             }
+            recv(req_rx) -> req => {
+                if let Ok(req) = req {
+                    match req {
+                        EngineRequest::Status(tx) => {
+                            let _ = tx.send(snapshot("running", &steering, &classifier));
+                        }
+                        EngineRequest::Apply(policy, tx) => {
+                            let _ = tx.send(apply(&mut classifier, &cell, &mut steering, policy));
+                        }
+                    }
+                }
+            }
+            default(Duration::from_millis(20)) => {}
+        }
+        for op in ops_rx.try_iter() {
+            map_op(&mut flows, op);
         }
         if last_write.elapsed() >= cfg.stats_interval {
             last_write = Instant::now();
-            match write(&snapshot("running")) {
+            match write(&snapshot("running", &steering, &classifier)) {
                 Ok(()) if write_failing => {
                     write_failing = false;
                     eprintln!("loupe-dataplane: stats file writable again");
@@ -348,7 +416,10 @@ pub fn run(
             died.get_or_insert(id);
         }
     }
-    let last = snapshot("stopped");
+    let last = snapshot("stopped", &steering, &classifier);
+    if let Some(api) = api {
+        api.stop();
+    }
     // Detach the program and close every map and socket before reporting.
     drop(classifier);
     if let Some((log, signer)) = hsm {
@@ -365,4 +436,75 @@ pub fn run(
     }
     final_write?;
     Ok(last)
+}
+
+/// The steering the classifier's maps hold now.
+struct Steered {
+    ports: Vec<u16>,
+    prefixes: Vec<Prefix>,
+    exempt: Vec<Prefix>,
+}
+
+impl Steered {
+    fn report(&self) -> SteeringReport {
+        let text = |ps: &[Prefix]| ps.iter().map(|p| p.to_string()).collect();
+        SteeringReport {
+            ports: self.ports.clone(),
+            prefixes: text(&self.prefixes),
+            exempt: text(&self.exempt),
+        }
+    }
+}
+
+/// Carries out a worker's change to the XDP flow map, both directions.
+fn map_op(flows: &mut FlowVerdicts, op: MapOp) {
+    use loupe_common::verdict::{BYPASS, STEER};
+    let (key, verdict) = match op {
+        MapOp::Bypass(k) => (k, Some(BYPASS)),
+        MapOp::Steer(k) => (k, Some(STEER)),
+        MapOp::Forget(k) => (k, None),
+    };
+    for k in [key, key.reversed()] {
+        let done = match verdict {
+            Some(v) => flows.set(&k, v),
+            None => flows.remove(&k),
+        };
+        if let Err(e) = done {
+            eprintln!("loupe-dataplane: warning: cannot update a flow in XDP: {e}");
+        }
+    }
+}
+
+/// Swaps in a new policy: validated again (control is not trusted
+/// blindly), the steering maps rewritten, then the workers' policy
+/// replaced; they pick it up before their next batch. A policy that fails
+/// anywhere leaves the running one (and its steering) in place.
+fn apply(
+    classifier: &mut Classifier,
+    cell: &PolicyCell,
+    steered: &mut Steered,
+    policy: Arc<Policy>,
+) -> Result<u64, String> {
+    policy.validate()?;
+    if let Some(cur) = cell.current() {
+        if policy.version <= cur.version {
+            return Err(format!(
+                "policy version {} is not above the running version {}",
+                policy.version, cur.version
+            ));
+        }
+    }
+    let st = policy.steering()?;
+    if let Err(e) = classifier.set_steering(&st.ports, &st.prefixes, &st.exempt) {
+        let _ = classifier.set_steering(&steered.ports, &steered.prefixes, &steered.exempt);
+        return Err(format!("cannot update the steering maps: {e}"));
+    }
+    *steered = Steered {
+        ports: st.ports,
+        prefixes: st.prefixes,
+        exempt: st.exempt,
+    };
+    let version = policy.version;
+    cell.publish(policy);
+    Ok(version)
 }

@@ -6,6 +6,7 @@
 //! XDP program and its maps; only `worker` ties them together, and `engine`
 //! runs the whole.
 
+pub mod api;
 pub mod config;
 pub mod ebpf;
 pub mod engine;

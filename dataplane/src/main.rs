@@ -10,9 +10,10 @@ use std::{
 
 use clap::Parser;
 use loupe_dataplane::{
+    api::{unix, ApiConfig},
     config::{self, EngineConfig, HsmSettings, Prefix},
     engine,
-    policy::SniPattern,
+    policy::HostGlob,
     splitter::SplitSettings,
     xsk::PortConfig,
 };
@@ -76,10 +77,20 @@ struct Args {
     #[arg(long)]
     tcp_split: bool,
     /// tcp-split: pass (do not split) connections whose ClientHello names
-    /// this server: `host.example` or `*.example` for every name below it
-    /// (repeatable). They are released to the XDP fast path.
-    #[arg(long = "split-exempt-sni", value_name = "PATTERN")]
-    split_exempt_sni: Vec<SniPattern>,
+    /// this server: a host-name glob such as `host.example`, `*.example`
+    /// (every name below it) or `api-*.example` (repeatable). They are
+    /// released to the XDP fast path.
+    #[arg(long = "split-exempt-sni", value_name = "GLOB")]
+    split_exempt_sni: Vec<HostGlob>,
+    /// Serve the control socket here: the control process (`loupe
+    /// daemon`) applies policies, reads status and flows, and receives the
+    /// flow log through it. Mode 0660; root, this process's user and
+    /// --control-group may connect.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Group (name or id) allowed on the control socket besides root.
+    #[arg(long, value_name = "GROUP", requires = "control_socket")]
+    control_group: Option<String>,
     /// Client bytes held until the decision point (a complete
     /// ClientHello), at most; beyond, the connection is released unchanged.
     #[arg(long, default_value_t = SplitSettings::default().hold_bytes)]
@@ -138,6 +149,24 @@ fn main() -> ExitCode {
     cfg.split_exempt_sni = args.split_exempt_sni;
     cfg.hold_bytes = args.hold_bytes.max(1);
     cfg.hold_timeout = Duration::from_millis(args.hold_timeout_ms.max(1));
+    if let Some(socket) = args.control_socket {
+        let group = match args
+            .control_group
+            .as_deref()
+            .map(unix::group_id)
+            .transpose()
+        {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("loupe-dataplane: error: --control-group: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        cfg.api = Some(ApiConfig {
+            socket,
+            access: unix::Access { group },
+        });
+    }
     if !args.hsm_tokens.is_empty() {
         if !args.hsm_pin_files.is_empty() && args.hsm_pin_files.len() != args.hsm_tokens.len() {
             eprintln!(

@@ -11,14 +11,15 @@
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap, VecDeque},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use loupe_common::FlowKey;
 
 use crate::{
-    flow::{FlowId, Side},
-    policy::{Opening, SplitPolicy, Verdict},
+    flow::{log::unix_ms, table::endpoint, FlowDecision, FlowId, FlowLogEntry, MapOp, Side},
+    policy::{Action, Opening, Policy, Subject, Verdict},
     stats::SplitCounters,
     tcp::{
         conn::{Abort, ConnConfig},
@@ -49,7 +50,8 @@ pub struct SplitSettings {
     /// outlast a client's retransmission of a lost first segment (Linux:
     /// an RTO of at least 200 ms, seen above 1 s after a connect storm).
     pub hold_timeout: Duration,
-    pub policy: SplitPolicy,
+    /// The rules deciding each connection (swapped by [`Splitter::set_policy`]).
+    pub policy: Arc<Policy>,
 }
 
 impl Default for SplitSettings {
@@ -59,7 +61,7 @@ impl Default for SplitSettings {
             idle: Duration::from_secs(120),
             hold_bytes: 32 << 10,
             hold_timeout: Duration::from_secs(3),
-            policy: SplitPolicy::default(),
+            policy: Arc::new(Policy::split_all(&[443], Vec::new())),
         }
     }
 }
@@ -77,6 +79,8 @@ struct Held {
     scanner: HelloScanner,
     deadline: Instant,
     fin: bool,
+    /// Client bytes held (the highest offset seen).
+    bytes: u64,
     /// The oldest TSval among the held segments (the client-facing half
     /// starts TS.Recent there, so PAWS takes their replay).
     oldest_tsval: Option<u32>,
@@ -90,7 +94,32 @@ struct Tracking {
     templates: [Option<Template>; 2],
     hold: Option<Box<Held>>,
     key: FlowKey,
+    /// When the SYN was seen.
+    opened: Instant,
 }
+
+/// A decided connection: what the log and a flow listing say of it.
+struct Meta {
+    action: Option<Action>,
+    rule: String,
+    sni: Option<String>,
+    alpn: Vec<String>,
+    key: FlowKey,
+    opened: Instant,
+    policy_version: u64,
+    held_bytes: u64,
+    note: Option<&'static str>,
+    /// Its record was sent already (a refused connection's, at the
+    /// decision).
+    logged: bool,
+}
+
+/// Said of `decrypt` connections until the TLS stage lands.
+const DECRYPT_NOTE: &str = "decryption is not available in this release: relayed as tcp-split";
+
+/// A fatal `access_denied` alert (RFC 8446 §6.2) in a TLS 1.2-versioned
+/// record: what a blocked TLS client reads before the connection closes.
+const ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
 
 /// Eviction classes: half-open handshakes go first.
 const EMBRYONIC: usize = 0;
@@ -141,8 +170,10 @@ enum Entry {
         /// Frames sent by the endpoint on each side, as templates.
         templates: [Template; 2],
         armed: Option<Instant>,
+        meta: Box<Meta>,
     },
-    Passthrough,
+    /// Left to the kernel; with what was decided, when it was.
+    Passthrough(Option<Box<Meta>>),
     /// A split connection that ended: late segments of it (retransmitted
     /// ACKs, a RST racing ours) are dropped, not forwarded, until idle.
     Ended,
@@ -171,9 +202,11 @@ pub struct Splitter {
     settings: SplitSettings,
     /// Frames to send: (out of which interface, bytes).
     pub out: Vec<(Side, Vec<u8>)>,
-    /// Connections released to the XDP fast path: the worker installs
-    /// them as `bypass` in the flow map (both directions).
-    pub release: Vec<FlowKey>,
+    /// Changes to the XDP flow map for the worker to pass on: flows
+    /// released to the fast path, live splits pinned to userspace.
+    pub ops: Vec<MapOp>,
+    /// Records of decided connections, for the flow log.
+    pub events: Vec<FlowLogEntry>,
     spare: Vec<Vec<u8>>,
     pub counters: SplitCounters,
 }
@@ -192,10 +225,17 @@ impl Splitter {
             },
             settings,
             out: Vec::new(),
-            release: Vec::new(),
+            ops: Vec::new(),
+            events: Vec::new(),
             spare: Vec::new(),
             counters: SplitCounters::default(),
         }
+    }
+
+    /// New connections are decided by `policy` from now on; connections
+    /// already decided keep their decision.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.settings.policy = policy;
     }
 
     /// Connections tracked, split or recently ended.
@@ -238,7 +278,7 @@ impl Splitter {
             && self
                 .flows
                 .get(&id)
-                .is_some_and(|f| matches!(f.entry, Entry::Passthrough | Entry::Ended))
+                .is_some_and(|f| matches!(f.entry, Entry::Passthrough(_) | Entry::Ended))
         {
             self.flows.remove(&id);
         }
@@ -255,13 +295,14 @@ impl Splitter {
                     templates: [None, None],
                     hold: None,
                     key: parsed.key,
+                    opened: now,
                 }))
             } else {
                 // A flow already running when the engine started (or one
                 // whose state expired): leave it alone, in the kernel.
                 self.counters.passthrough += 1;
-                self.release.push(parsed.key);
-                Entry::Passthrough
+                self.ops.push(MapOp::Bypass(parsed.key));
+                Entry::Passthrough(None)
             };
             let class = if is_syn { EMBRYONIC } else { SETTLED };
             let since = self.next_since(id, class);
@@ -277,7 +318,7 @@ impl Splitter {
         let flow = self.flows.get_mut(&id).expect("inserted above");
         flow.last_seen = now;
         let split_client = match &flow.entry {
-            Entry::Passthrough => return Disposition::Forward,
+            Entry::Passthrough(_) => return Disposition::Forward,
             Entry::Ended => {
                 self.counters.after_close += 1;
                 return Disposition::Consumed;
@@ -345,7 +386,7 @@ impl Splitter {
                 if why == Passthrough::FastOpen {
                     self.counters.fast_open += 1;
                 }
-                self.pass(id);
+                self.pass(id, Some("passthrough"));
                 Disposition::Forward
             }
             Track::Hold => self.hold(id, frame, &p.segment, now),
@@ -375,6 +416,7 @@ impl Splitter {
                 scanner: HelloScanner::default(),
                 deadline,
                 fin: false,
+                bytes: 0,
                 oldest_tsval: None,
             })
         });
@@ -393,9 +435,10 @@ impl Splitter {
             }
         }
         held.fin |= seg.flags.fin;
+        held.bytes = held.bytes.max(end.max(0) as u64);
         if end > self.settings.hold_bytes as i64 || held.frames.len() > MAX_HELD_FRAMES {
             self.counters.hold_overflows += 1;
-            self.pass(id);
+            self.pass(id, Some("hold-overflow"));
             return Disposition::Consumed;
         }
         let ready = held.stream.read(usize::MAX);
@@ -428,19 +471,103 @@ impl Splitter {
         pending: Option<Segment>,
         now: Instant,
     ) -> Disposition {
-        match self.settings.policy.decide(opening) {
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return Disposition::Forward;
+        };
+        let policy = self.settings.policy.clone();
+        let decision = policy.decide(&Subject {
+            client: t.key.src,
+            server: t.key.dst,
+            server_port: t.key.dst_port,
+            sni: opening.sni(),
+        });
+        let mut meta = Box::new(Meta {
+            action: Some(decision.action),
+            rule: policy.rule_name(&decision).to_string(),
+            sni: opening.sni().map(Into::into),
+            alpn: match opening {
+                Opening::Tls(ch) => ch
+                    .alpn
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect(),
+                _ => Vec::new(),
+            },
+            key: t.key,
+            opened: t.opened,
+            policy_version: policy.version,
+            held_bytes: t.hold.as_ref().map_or(0, |h| h.bytes),
+            note: (decision.action == Action::Decrypt).then_some(DECRYPT_NOTE),
+            logged: false,
+        });
+        match decision.action.verdict() {
             Verdict::Pass => {
                 self.counters.policy_pass += 1;
-                self.pass(id);
+                self.release(id, meta, "bypass");
                 Disposition::Forward
             }
-            Verdict::Split => self.start_split(id, pending, now),
+            Verdict::Split => self.start_split(id, pending, now, meta, None),
+            Verdict::Refuse => {
+                self.counters.refused += 1;
+                self.log(&meta, (meta.held_bytes, 0), "blocked");
+                meta.logged = true;
+                // A TLS client reads why; anything else is reset.
+                let alert = matches!(opening, Opening::Tls(_)).then_some(&ACCESS_DENIED[..]);
+                self.start_split(id, pending, now, meta, Some(alert))
+            }
         }
     }
 
-    /// Leaves a connection to the kernel for good: held frames go out
-    /// unchanged and the flow is handed to the XDP fast path.
-    fn pass(&mut self, id: FlowId) {
+    /// Sends a connection's record to the flow log.
+    fn log(&mut self, meta: &Meta, (c2s, s2c): (u64, u64), end: &str) {
+        let end_ms = unix_ms();
+        let duration_ms = meta.opened.elapsed().as_millis() as u64;
+        self.events.push(FlowLogEntry {
+            start_ms: end_ms.saturating_sub(duration_ms),
+            end_ms,
+            client: endpoint(&meta.key.src, meta.key.src_port),
+            server: endpoint(&meta.key.dst, meta.key.dst_port),
+            sni: meta.sni.clone(),
+            alpn: meta.alpn.clone(),
+            action: meta.action,
+            rule: meta.rule.clone(),
+            policy_version: meta.policy_version,
+            bytes_c2s: c2s,
+            bytes_s2c: s2c,
+            duration_ms,
+            end: end.into(),
+            note: meta.note.map(Into::into),
+        });
+    }
+
+    /// Leaves a connection to the kernel for good (held frames go out
+    /// unchanged, the flow goes to the XDP fast path) without a decision
+    /// by the rules: `why` (logged once the handshake was seen), or none.
+    fn pass(&mut self, id: FlowId, why: Option<&'static str>) {
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return;
+        };
+        let meta = Box::new(Meta {
+            action: None,
+            rule: why.map_or_else(String::new, |w| format!("({w})")),
+            sni: None,
+            alpn: Vec::new(),
+            key: t.key,
+            opened: t.opened,
+            policy_version: self.settings.policy.version,
+            held_bytes: t.hold.as_ref().map_or(0, |h| h.bytes),
+            note: None,
+            logged: why.is_none(),
+        });
+        self.release(id, meta, why.unwrap_or("bypass"));
+    }
+
+    /// Releases a tracked connection: held frames out unchanged, the flow
+    /// to the fast path, its record to the log.
+    fn release(&mut self, id: FlowId, meta: Box<Meta>, end: &str) {
+        if !meta.logged {
+            self.log(&meta, (meta.held_bytes, 0), end);
+        }
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
@@ -449,15 +576,24 @@ impl Splitter {
                 let to = t.client.other();
                 self.out.extend(held.frames.into_iter().map(|f| (to, f)));
             }
-            self.release.push(t.key);
+            self.ops.push(MapOp::Bypass(t.key));
         }
-        flow.entry = Entry::Passthrough;
+        flow.entry = Entry::Passthrough(Some(meta));
     }
 
     /// Takes over a connection: the held client bytes go into the
     /// client-facing half (acknowledged at once), then `pending` (the
-    /// server's first data) into the server-facing one.
-    fn start_split(&mut self, id: FlowId, pending: Option<Segment>, now: Instant) -> Disposition {
+    /// server's first data) into the server-facing one. `refuse`: the
+    /// connection is refused instead (with this farewell to the client,
+    /// or a RST), the server reset.
+    fn start_split(
+        &mut self,
+        id: FlowId,
+        pending: Option<Segment>,
+        now: Instant,
+        meta: Box<Meta>,
+        refuse: Option<Option<&'static [u8]>>,
+    ) -> Disposition {
         let Some(t) = tracking(&mut self.flows, id) else {
             return Disposition::Forward;
         };
@@ -468,17 +604,23 @@ impl Splitter {
             // Cannot happen once established (SYN and SYN-ACK were seen);
             // leave the connection alone rather than guess.
             self.counters.passthrough += 1;
-            self.pass(id);
+            self.pass(id, Some("passthrough"));
             return Disposition::Forward;
         };
         let client = t.client;
+        let key = t.key;
         let frames = t.hold.take().map(|h| h.frames).unwrap_or_default();
-        self.counters.split += 1;
+        if refuse.is_none() {
+            self.counters.split += 1;
+        }
+        // However the policy changes the steering, this flow stays here.
+        self.ops.push(MapOp::Steer(key));
         self.flows.get_mut(&id).expect("present").entry = Entry::Split {
             split: Box::new(Split::new(halves)),
             client,
             templates: [a, b],
             armed: None,
+            meta,
         };
         let mut held = Vec::with_capacity(frames.len());
         for f in frames {
@@ -488,12 +630,15 @@ impl Splitter {
             }
             keep_spare(&mut self.spare, f);
         }
-        if !held.is_empty() {
+        if !held.is_empty() || refuse.is_some() {
             self.with_split(id, now, |s| {
                 for seg in &held {
                     s.on_segment(Dir::Client, seg, now);
                 }
                 s.client.ack_now();
+                if let Some(farewell) = refuse {
+                    s.refuse(farewell);
+                }
             });
         }
         if let Some(seg) = pending {
@@ -513,6 +658,7 @@ impl Splitter {
             client,
             templates,
             armed,
+            meta,
         } = &mut flow.entry
         else {
             return;
@@ -533,7 +679,16 @@ impl Splitter {
         }
         if split.done() {
             absorb(&mut self.counters, split);
-            flow.entry = Entry::Ended;
+            self.ops.push(MapOp::Forget(meta.key));
+            let meta = std::mem::replace(&mut flow.entry, Entry::Ended);
+            if let Entry::Split { split, meta, .. } = meta {
+                if !meta.logged {
+                    self.log(&meta, split.relayed(), end_reason(&split));
+                }
+            }
+            let Some(flow) = self.flows.get_mut(&id) else {
+                return;
+            };
             flow.since = self.epoch;
             self.evictable[SETTLED].push_back((self.epoch, id));
             self.epoch += 1;
@@ -567,7 +722,7 @@ impl Splitter {
                     ..
                 }) if t.hold.as_ref().is_some_and(|h| h.deadline == at) => {
                     self.counters.hold_timeouts += 1;
-                    self.pass(id);
+                    self.pass(id, Some("hold-timeout"));
                 }
                 _ => {}
             }
@@ -616,7 +771,7 @@ impl Splitter {
                     .get(&id)
                     .is_some_and(|f| matches!(&f.entry, Entry::Tracking(t) if t.hold.is_some()));
                 if holding {
-                    self.pass(id);
+                    self.pass(id, Some("evicted"));
                 }
                 self.flows.remove(&id);
                 self.counters.evicted += 1;
@@ -634,6 +789,33 @@ impl Splitter {
         }
     }
 
+    /// What was decided for a flow, for a listing.
+    pub fn describe(&self, key: &FlowKey) -> Option<FlowDecision> {
+        let flow = self.flows.get(&FlowId::of(key))?;
+        let with = |state: &str, meta: Option<&Meta>, relayed: (u64, u64)| FlowDecision {
+            state: state.into(),
+            action: meta.and_then(|m| m.action),
+            rule: meta.map(|m| m.rule.clone()).filter(|r| !r.is_empty()),
+            sni: meta.and_then(|m| m.sni.clone()),
+            relayed_c2s: relayed.0,
+            relayed_s2c: relayed.1,
+        };
+        Some(match &flow.entry {
+            Entry::Tracking(t) if t.hold.is_some() => with("holding", None, (0, 0)),
+            Entry::Tracking(_) => with("handshake", None, (0, 0)),
+            Entry::Split { split, meta, .. } => {
+                let state = if meta.action == Some(Action::Block) {
+                    "refused"
+                } else {
+                    "split"
+                };
+                with(state, Some(meta), split.relayed())
+            }
+            Entry::Passthrough(meta) => with("bypass", meta.as_deref(), (0, 0)),
+            Entry::Ended => with("ended", None, (0, 0)),
+        })
+    }
+
     /// Split connections right now, and bytes relayed by those still open.
     pub fn live(&self) -> (u64, u64, u64) {
         let mut n = 0;
@@ -647,6 +829,20 @@ impl Splitter {
             }
         }
         (n, c2s, s2c)
+    }
+}
+
+/// Why a split connection ended, for its record.
+fn end_reason(split: &Split) -> &'static str {
+    let (c, s) = (split.client.aborted(), split.server.aborted());
+    if c == Some(Abort::Reset) {
+        "client-reset"
+    } else if s == Some(Abort::Reset) {
+        "server-reset"
+    } else if c == Some(Abort::TimedOut) || s == Some(Abort::TimedOut) {
+        "timeout"
+    } else {
+        "closed"
     }
 }
 
@@ -692,7 +888,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        policy::SniPattern,
+        policy::{Match, Rule},
         tls::hello::tests::client_hello,
         wire::{
             options::{TcpOptions, Timestamps},
@@ -807,6 +1003,31 @@ mod tests {
         }
     }
 
+    fn bypassed(sp: &Splitter) -> usize {
+        sp.ops
+            .iter()
+            .filter(|o| matches!(o, MapOp::Bypass(_)))
+            .count()
+    }
+
+    /// A policy of one rule on server names; the rest is split.
+    fn one_rule(action: Action, sni: &str) -> SplitSettings {
+        let mut p = Policy::split_all(&[443], Vec::new());
+        p.rules.push(Rule {
+            name: "the-rule".into(),
+            matcher: Match {
+                sni: vec![sni.parse().unwrap()],
+                ..Match::default()
+            },
+            action,
+            profile: None,
+        });
+        SplitSettings {
+            policy: Arc::new(p),
+            ..SplitSettings::default()
+        }
+    }
+
     fn segments(out: &[(Side, Vec<u8>)], to: Side) -> Vec<Segment> {
         out.iter()
             .filter(|(s, _)| *s == to)
@@ -902,7 +1123,9 @@ mod tests {
         let relayed: Vec<u8> = to_server.iter().flat_map(|s| s.payload.clone()).collect();
         assert_eq!(relayed, hello);
         assert_eq!(to_server[0].seq, SeqNum(C_ISN + 1));
-        assert!(b.sp.release.is_empty());
+        assert_eq!(bypassed(&b.sp), 0);
+        // Pinned to userspace, whatever the steering maps say later.
+        assert!(matches!(b.sp.ops[..], [MapOp::Steer(_)]), "{:?}", b.sp.ops);
     }
 
     #[test]
@@ -938,9 +1161,10 @@ mod tests {
     #[test]
     fn an_exempt_server_name_releases_the_held_frames_unchanged() {
         let mut b = Bench::new(SplitSettings {
-            policy: SplitPolicy {
-                exempt_sni: vec!["*.bank.example".parse::<SniPattern>().unwrap()],
-            },
+            policy: Arc::new(Policy::split_all(
+                &[443],
+                vec!["*.bank.example".parse().unwrap()],
+            )),
             ..SplitSettings::default()
         });
         let hello = client_hello("www.bank.example", &[]);
@@ -950,7 +1174,19 @@ mod tests {
         let out = b.sent();
         assert_eq!(out, vec![(Side::Outside, f1), (Side::Outside, f2)]);
         assert_eq!(b.sp.counters.policy_pass, 1);
-        assert_eq!(b.sp.release.len(), 1);
+        assert_eq!(bypassed(&b.sp), 1);
+        // The decision is logged with its rule and the server name.
+        let e = &b.sp.events[..];
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].action, Some(Action::NoDecrypt));
+        assert_eq!(e[0].rule, "split-exempt-sni");
+        assert_eq!(e[0].sni.as_deref(), Some("www.bank.example"));
+        assert_eq!(
+            (e[0].end.as_str(), e[0].bytes_c2s),
+            ("bypass", hello.len() as u64)
+        );
+        assert_eq!(e[0].client, "198.18.0.1:40000");
+        assert_eq!(e[0].server, "198.18.0.2:443");
         // Later frames pass through (until XDP takes the flow).
         assert_eq!(
             b.client_data(hello.len() as u32, b"more").0,
@@ -974,7 +1210,10 @@ mod tests {
         b.sp.on_timers(b.now + timeout);
         assert_eq!(b.sent(), vec![(Side::Outside, f)]);
         assert_eq!(b.sp.counters.hold_timeouts, 1);
-        assert_eq!(b.sp.release.len(), 1);
+        assert_eq!(bypassed(&b.sp), 1);
+        assert_eq!(b.sp.events.len(), 1);
+        assert_eq!(b.sp.events[0].action, None);
+        assert_eq!(b.sp.events[0].rule, "(hold-timeout)");
     }
 
     #[test]
@@ -1027,5 +1266,129 @@ mod tests {
         assert_eq!(b.send(Dir::Client, &rst), Disposition::Forward);
         assert_eq!(b.sent(), vec![(Side::Outside, f)]);
         assert_eq!(b.sp.counters.split, 0);
+    }
+
+    #[test]
+    fn a_blocked_tls_client_reads_an_alert_and_the_server_is_reset() {
+        let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+        let hello = client_hello("www.bad.example", &[]);
+        b.client_data(0, &hello);
+        assert_eq!((b.sp.counters.refused, b.sp.counters.split), (1, 0));
+        let out = b.sent();
+        let to_server = segments(&out, Side::Outside);
+        assert_eq!(to_server.len(), 1, "{to_server:?}");
+        assert!(to_server[0].flags.rst && to_server[0].seq == SeqNum(C_ISN + 1));
+        assert!(
+            to_server[0].payload.is_empty(),
+            "no client byte reaches the server"
+        );
+        let to_client = segments(&out, Side::Inside);
+        let alert: Vec<u8> = to_client.iter().flat_map(|s| s.payload.clone()).collect();
+        assert_eq!(alert, ACCESS_DENIED);
+        assert!(to_client.iter().any(|s| s.flags.fin), "{to_client:?}");
+        assert!(to_client
+            .iter()
+            .all(|s| s.ack == SeqNum(C_ISN + 1 + hello.len() as u32)));
+        let e = &b.sp.events;
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            (e[0].action, e[0].end.as_str()),
+            (Some(Action::Block), "blocked")
+        );
+        assert_eq!(e[0].rule, "the-rule");
+        assert_eq!(
+            b.sp.describe(&e_key()).map(|d| d.state),
+            Some("refused".into())
+        );
+        // The client closes in turn: the connection ends without a second
+        // record.
+        let fin_seq = C_ISN + 1 + hello.len() as u32;
+        let mut fin = seg(
+            fin_seq,
+            S_ISN + 1 + ACCESS_DENIED.len() as u32 + 1,
+            false,
+            b"",
+        );
+        fin.flags.fin = true;
+        b.send(Dir::Client, &fin);
+        // (The client half waits out TIME-WAIT.)
+        b.sp.on_timers(b.now + Duration::from_secs(600));
+        assert_eq!(b.sp.events.len(), 1);
+        assert_eq!(
+            b.sp.describe(&e_key()).map(|d| d.state),
+            Some("ended".into())
+        );
+    }
+
+    /// The key of the bench's connection, client to server.
+    fn e_key() -> FlowKey {
+        let f = Peers::new().frame(Dir::Client, &seg(C_ISN, 0, true, b""));
+        parse_segment(&f).unwrap().key
+    }
+
+    #[test]
+    fn a_blocked_client_that_does_not_speak_tls_is_reset() {
+        let mut settings = one_rule(Action::Block, "*");
+        Arc::make_mut(&mut settings.policy).default_action = Action::Block;
+        let mut b = Bench::new(settings);
+        b.client_data(0, b"GET / HTTP/1.0\r\n\r\n");
+        let out = b.sent();
+        let rst = |to| segments(&out, to).iter().filter(|s| s.flags.rst).count();
+        assert_eq!((rst(Side::Inside), rst(Side::Outside)), (1, 1), "{out:?}");
+        assert!(segments(&out, Side::Outside)
+            .iter()
+            .all(|s| s.payload.is_empty()));
+        assert_eq!(b.sp.events[0].rule, crate::policy::DEFAULT_RULE);
+    }
+
+    #[test]
+    fn a_new_policy_decides_new_connections_only() {
+        let mut b = Bench::new(SplitSettings::default());
+        b.client_data(0, &client_hello("a.example", &[]));
+        assert_eq!(b.sp.counters.split, 1);
+        // Now everything is no-decrypt: the running split stays split.
+        let mut p = Policy::split_all(&[443], Vec::new());
+        p.default_action = Action::NoDecrypt;
+        p.version = 7;
+        b.sp.set_policy(Arc::new(p));
+        assert_eq!(b.sp.describe(&e_key()).unwrap().state, "split");
+        let more = seg(C_ISN + 1 + 500, S_ISN + 1, false, b"x");
+        assert_eq!(b.send(Dir::Client, &more), Disposition::Consumed);
+        // A new connection (another client port) passes.
+        b.peers = Peers::on_port(40001);
+        b.send(Dir::Client, &seg(C_ISN, 0, true, b""));
+        b.send(Dir::Server, &seg(S_ISN, C_ISN + 1, true, b""));
+        b.send(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, b""));
+        b.client_data(0, &client_hello("a.example", &[]));
+        assert_eq!((b.sp.counters.split, b.sp.counters.policy_pass), (1, 1));
+        let e = b.sp.events.last().unwrap();
+        assert_eq!(
+            (e.policy_version, e.rule.as_str()),
+            (7, crate::policy::DEFAULT_RULE)
+        );
+    }
+
+    #[test]
+    fn an_ended_split_is_logged_with_its_bytes_and_unpinned() {
+        let mut b = Bench::new(SplitSettings::default());
+        let hello = client_hello("a.example", &[]);
+        b.client_data(0, &hello);
+        b.sent();
+        let n = hello.len() as u32;
+        // The client resets: the split ends at once.
+        let mut rst = seg(C_ISN + 1 + n, S_ISN + 1, false, b"");
+        rst.flags.rst = true;
+        b.send(Dir::Client, &rst);
+        let e = b.sp.events.last().expect("a record");
+        assert_eq!(
+            (e.end.as_str(), e.bytes_c2s),
+            ("client-reset", u64::from(n))
+        );
+        assert_eq!(e.action, Some(Action::TcpSplit));
+        assert!(
+            matches!(b.sp.ops.last(), Some(MapOp::Forget(_))),
+            "{:?}",
+            b.sp.ops
+        );
     }
 }

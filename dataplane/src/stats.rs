@@ -122,6 +122,12 @@ pub struct SplitCounters {
     /// Tail loss probes sent.
     #[serde(default)]
     pub tail_probes: u64,
+    /// Connections refused by a `block` rule.
+    #[serde(default)]
+    pub refused: u64,
+    /// Flow-log records lost because the engine's queue was full.
+    #[serde(default)]
+    pub log_dropped: u64,
 }
 
 impl SplitCounters {
@@ -161,6 +167,8 @@ impl SplitCounters {
         self.fast_retransmits += o.fast_retransmits;
         self.lost_retransmits += o.lost_retransmits;
         self.tail_probes += o.tail_probes;
+        self.refused += o.refused;
+        self.log_dropped += o.log_dropped;
     }
 }
 
@@ -182,6 +190,26 @@ pub struct WorkerReport {
     pub split: SplitCounters,
     /// Owned flows, oldest first, at most `FLOWS_LISTED` of them.
     pub flows: Vec<FlowSummary>,
+}
+
+/// The running policy, as a status shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyInfo {
+    pub version: u64,
+    pub digest: String,
+    pub source: String,
+    pub rules: usize,
+    pub default_action: String,
+}
+
+/// Flow log records waiting in the dataplane for the control process.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogQueueReport {
+    pub backlog: u64,
+    /// Records lost to a full backlog (control away too long).
+    pub dropped: u64,
+    /// A control process receives them now.
+    pub subscribed: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -215,6 +243,13 @@ pub struct StatsReport {
     /// Health and counters of each HSM token (empty without an HSM).
     #[serde(default)]
     pub hsm: Vec<loupe_hsm::signer::TokenHealth>,
+    /// The policy deciding new connections (none: steered flows are only
+    /// observed and forwarded).
+    #[serde(default)]
+    pub policy: Option<PolicyInfo>,
+    /// Filled in by the control socket.
+    #[serde(default)]
+    pub log_queue: LogQueueReport,
 }
 
 impl StatsReport {
@@ -274,6 +309,22 @@ impl StatsReport {
             self.steering.prefixes.join(", "),
             self.steering.exempt.join(", ")
         );
+        match &self.policy {
+            Some(p) => {
+                let _ = writeln!(
+                    s,
+                    "policy: version {} from {} ({} rules, default {}), digest {}",
+                    p.version,
+                    p.source,
+                    p.rules,
+                    p.default_action,
+                    &p.digest[..p.digest.len().min(12)]
+                );
+            }
+            None => {
+                let _ = writeln!(s, "policy: none (steered flows are forwarded unchanged)");
+            }
+        }
         let _ = writeln!(s, "\nXDP paths            packets          bytes");
         for (label, c) in &self.xdp {
             if c.packets > 0 || label == "rx" || label == "steer" {
@@ -322,8 +373,8 @@ impl StatsReport {
                  through ({} released to XDP), {} forgotten when full, {}/{} bytes relayed c->s/s->c, {} retransmits \
                  ({} timeouts, {} fast, {} lost again, {} tail probes), \
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
-                 ClientHellos, {} other, {} server first, {} passed by policy, {}/{} holds \
-                 released on timeout/bound",
+                 ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
+                 holds released on timeout/bound",
                 sp.split,
                 sp.active,
                 sp.closed,
@@ -346,6 +397,7 @@ impl StatsReport {
                 sp.not_tls,
                 sp.server_first,
                 sp.policy_pass,
+                sp.refused,
                 sp.hold_timeouts,
                 sp.hold_overflows
             );

@@ -14,12 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam::queue::ArrayQueue;
+use crossbeam::{channel::Sender, queue::ArrayQueue};
 use loupe_common::FlowKey;
 use xsk_rs::FrameDesc;
 
 use crate::{
-    flow::{table::SideCount, FlowId, FlowTable, Observed, Sharder, Side},
+    flow::{table::SideCount, FlowId, FlowLogEntry, FlowTable, MapOp, Observed, Sharder, Side},
+    policy::PolicyCell,
     splitter::{Disposition, SplitSettings, Splitter},
     stats::{WorkerCounters, WorkerReport},
     wire::slice_tcp,
@@ -129,6 +130,18 @@ impl Waker {
     }
 }
 
+/// How a worker's splitter reaches the rest of the engine.
+pub struct SplitLinks {
+    /// Settings for its splitter (the policy comes from `policy`).
+    pub settings: SplitSettings,
+    /// Changes to the XDP flow map (the engine's thread owns the map).
+    pub ops: Sender<MapOp>,
+    /// Records for the flow log (none without a control socket).
+    pub events: Option<Sender<FlowLogEntry>>,
+    /// The running policy; the splitter starts with the first one.
+    pub policy: Arc<PolicyCell>,
+}
+
 /// What a worker shares with the engine thread.
 #[derive(Default)]
 pub struct WorkerShared {
@@ -147,11 +160,11 @@ pub struct Worker {
     epoch: Instant,
     /// Workers sent crossover frames in this iteration.
     kicked: Vec<bool>,
-    /// The tcp-split action, when it is on.
+    /// Decisions and the tcp-split action, once there is a policy.
     splitter: Option<Splitter>,
-    /// Flows to install as `bypass` in the XDP flow map (the engine's
-    /// thread owns the map).
-    release: Option<crossbeam::channel::Sender<FlowKey>>,
+    links: Option<SplitLinks>,
+    /// The policy generation the splitter runs.
+    policy_seen: u64,
 }
 
 impl Worker {
@@ -177,18 +190,38 @@ impl Worker {
             epoch: Instant::now(),
             kicked,
             splitter: None,
-            release: None,
+            links: None,
+            policy_seen: 0,
         }
     }
 
-    /// Splits every steered connection this worker owns (tcp-split).
-    pub fn enable_split(
-        &mut self,
-        settings: SplitSettings,
-        release: crossbeam::channel::Sender<FlowKey>,
-    ) {
-        self.splitter = Some(Splitter::new(settings));
-        self.release = Some(release);
+    /// Decides the steered connections this worker owns by the policy in
+    /// `links` (from the first one published there on).
+    pub fn enable_split(&mut self, links: SplitLinks) {
+        self.links = Some(links);
+        self.follow_policy();
+    }
+
+    /// Picks up a new policy between batches: connections not decided yet
+    /// are decided by it; decided ones keep their decision.
+    fn follow_policy(&mut self) {
+        let Some(links) = &self.links else { return };
+        let generation = links.policy.generation();
+        if generation == self.policy_seen {
+            return;
+        }
+        self.policy_seen = generation;
+        let Some(policy) = links.policy.current() else {
+            return;
+        };
+        match self.splitter.as_mut() {
+            Some(sp) => sp.set_policy(policy),
+            None => {
+                let mut settings = links.settings.clone();
+                settings.policy = policy;
+                self.splitter = Some(Splitter::new(settings));
+            }
+        }
     }
 
     pub fn set_cpu(&mut self, cpu: Option<usize>) {
@@ -208,6 +241,7 @@ impl Worker {
             // One clock read per round, for frames, timers and expiry alike.
             let now = Instant::now();
             let now_ms = now.duration_since(self.epoch).as_millis() as u64;
+            self.follow_policy();
             let mut work = self.port.reclaim();
             self.port.refill();
             for side in [Side::Inside, Side::Outside] {
@@ -356,12 +390,19 @@ impl Worker {
         let Some(sp) = self.splitter.as_mut() else {
             return 0;
         };
-        if let Some(tx) = &self.release {
-            for key in sp.release.drain(..) {
-                // A full channel only means the flow stays in userspace,
-                // forwarded unchanged; the next frame asks again.
-                if tx.try_send(key).is_ok() {
+        if let Some(links) = &self.links {
+            for op in sp.ops.drain(..) {
+                // A full channel only means a released flow stays in
+                // userspace (forwarded unchanged), or a pin is missed.
+                if links.ops.try_send(op).is_ok() && matches!(op, MapOp::Bypass(_)) {
                     sp.counters.released += 1;
+                }
+            }
+            for e in sp.events.drain(..) {
+                if let Some(tx) = &links.events {
+                    if tx.try_send(e).is_err() {
+                        sp.counters.log_dropped += 1;
+                    }
                 }
             }
         }
@@ -399,7 +440,11 @@ impl Worker {
         self.counters.tx_ring_full = self.port.tx_ring_full;
         self.counters.fill_starved = self.port.fill_starved;
         self.counters.flows_expired = self.table.expired;
-        let flows = with_flows.then(|| self.table.snapshot(FLOWS_LISTED, now_ms));
+        let flows = with_flows.then(|| {
+            let sp = self.splitter.as_ref();
+            self.table
+                .snapshot(FLOWS_LISTED, now_ms, |k| sp.and_then(|sp| sp.describe(k)))
+        });
         let report = WorkerReport {
             id: self.id,
             queue: self.port.queue(),

@@ -2,9 +2,11 @@
 //! per-worker table with idle expiry on a timer wheel. Knows nothing of
 //! sockets or TLS.
 
+pub mod log;
 pub mod shard;
 pub mod table;
 pub mod wheel;
 
+pub use log::{FlowDecision, FlowLogEntry, MapOp};
 pub use shard::{FlowId, Sharder};
 pub use table::{FlowSummary, FlowTable, Observed, Side};

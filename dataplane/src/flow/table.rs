@@ -67,6 +67,9 @@ pub struct FlowSummary {
     pub outside: SideCount,
     pub age_ms: u64,
     pub idle_ms: u64,
+    /// What the policy decided (with the tcp-split action on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<super::FlowDecision>,
 }
 
 pub struct FlowTable {
@@ -162,7 +165,13 @@ impl FlowTable {
 
     /// Up to `limit` flows, oldest first. Linear in the table size (a
     /// selection, not a full sort): it runs on the worker.
-    pub fn snapshot(&self, limit: usize, now_ms: u64) -> Vec<FlowSummary> {
+    /// `annotate` adds what was decided for a flow.
+    pub fn snapshot(
+        &self,
+        limit: usize,
+        now_ms: u64,
+        annotate: impl Fn(&FlowKey) -> Option<super::FlowDecision>,
+    ) -> Vec<FlowSummary> {
         if limit == 0 {
             return Vec::new();
         }
@@ -181,6 +190,7 @@ impl FlowTable {
                 outside: r.rx[1],
                 age_ms: now_ms.saturating_sub(r.first_seen_ms),
                 idle_ms: now_ms.saturating_sub(r.last_seen_ms),
+                decision: annotate(&r.first),
             })
             .collect()
     }
@@ -219,7 +229,7 @@ mod tests {
             Observed::Existing
         );
         assert_eq!(t.len(), 1);
-        let s = &t.snapshot(10, 2)[0];
+        let s = &t.snapshot(10, 2, |_| None)[0];
         assert_eq!(s.client, "198.18.0.1:1");
         assert_eq!(s.server, "198.18.0.2:443");
         assert_eq!(
@@ -270,7 +280,7 @@ mod tests {
         for port in (1..=50).rev() {
             t.observe(&key(port), Side::Inside, 1, 1000 - port as u64);
         }
-        let s = t.snapshot(5, 2000);
+        let s = t.snapshot(5, 2000, |_| None);
         let ports: Vec<&str> = s.iter().map(|f| f.client.as_str()).collect();
         assert_eq!(
             ports,
@@ -282,8 +292,8 @@ mod tests {
                 "198.18.0.1:46"
             ]
         );
-        assert_eq!(t.snapshot(0, 2000).len(), 0);
-        assert_eq!(t.snapshot(500, 2000).len(), 50);
+        assert_eq!(t.snapshot(0, 2000, |_| None).len(), 0);
+        assert_eq!(t.snapshot(500, 2000, |_| None).len(), 50);
     }
 
     #[test]

@@ -1,15 +1,31 @@
-//! Decisions for new connections at their decision point (the compiled
-//! side of the policy the control process owns).
+//! The compiled policy the dataplane executes, and its decisions.
 //!
-//! Today's policy is the tcp-split action with server-name exemptions:
-//! split every steered connection except those whose ClientHello names an
-//! exempt server, which are released to the XDP fast path. The full rule
-//! language (prefixes, ports, categories, decrypt profiles) replaces
-//! [`SplitPolicy`] behind the same [`Verdict`].
+//! The control process (`loupe`) owns the policy language: it parses the
+//! TOML file, reports errors, and compiles it into a [`Policy`], which it
+//! sends here as JSON. The dataplane validates it again ([`Policy::validate`],
+//! never trusting the wire), derives the XDP steering from it
+//! ([`Policy::steering`]) and swaps it in between batches. A new connection
+//! is decided once, at its decision point (a complete ClientHello, other
+//! first bytes, or the server speaking first): the first rule that matches
+//! gives the action; a connection keeps its decision for life.
 
-use std::fmt;
+pub mod glob;
 
-use crate::tls::hello::ClientHello;
+use std::{
+    collections::BTreeMap,
+    fmt,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use loupe_common::{Addr, MAX_STEER_PORTS};
+use serde::{Deserialize, Serialize};
+
+pub use self::glob::{BadGlob, HostGlob};
+use crate::{config::Prefix, tls::hello::ClientHello};
 
 /// What a connection showed by its decision point.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,7 +38,79 @@ pub enum Opening {
     ServerFirst,
 }
 
-/// What to do with a connection.
+impl Opening {
+    /// The server name the client asked for, if it sent one.
+    pub fn sni(&self) -> Option<&str> {
+        match self {
+            Opening::Tls(ClientHello { sni: Some(s), .. }) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// A rule's action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Inspect the plaintext (TLS man-in-the-middle). Until the TLS
+    /// inspection stage lands, the dataplane relays these connections as
+    /// `tcp-split` and says so in the log.
+    Decrypt,
+    /// Leave the connection alone: its held bytes go out unchanged and the
+    /// flow moves to the XDP fast path.
+    NoDecrypt,
+    /// Refuse: a TLS alert (or a RST when the client did not speak TLS) to
+    /// the client, a RST to the server.
+    Block,
+    /// Terminate both TCP halves and relay the byte streams.
+    TcpSplit,
+}
+
+impl Action {
+    pub const ALL: [Action; 4] = [
+        Action::Decrypt,
+        Action::NoDecrypt,
+        Action::Block,
+        Action::TcpSplit,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Action::Decrypt => "decrypt",
+            Action::NoDecrypt => "no-decrypt",
+            Action::Block => "block",
+            Action::TcpSplit => "tcp-split",
+        }
+    }
+
+    /// What the dataplane does for it today.
+    pub fn verdict(self) -> Verdict {
+        match self {
+            Action::NoDecrypt => Verdict::Pass,
+            Action::Block => Verdict::Refuse,
+            Action::TcpSplit | Action::Decrypt => Verdict::Split,
+        }
+    }
+}
+
+impl FromStr for Action {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.label() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Action::ALL.iter().map(|a| a.label()).collect();
+                format!(
+                    "unknown action {s:?} (expected one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// What the splitter does with a connection at its decision point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Terminate both halves and relay (tcp-split).
@@ -30,91 +118,425 @@ pub enum Verdict {
     /// Release the held bytes unchanged and hand the flow to the XDP fast
     /// path for good.
     Pass,
+    /// Refuse the client and reset the server.
+    Refuse,
 }
 
-/// A server-name pattern: `host.example` matches that name only;
-/// `*.example` matches every name below `example` (any depth), not
-/// `example` itself. Case-insensitive; a trailing dot is ignored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SniPattern {
-    suffix: String,
-    wildcard: bool,
+/// An inclusive range of TCP ports; `443` or `8000-8099` as text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub struct BadPattern(String);
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
 
-impl fmt::Display for BadPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+    pub fn covers(&self, other: &PortRange) -> bool {
+        self.first <= other.first && other.last <= self.last
     }
 }
 
-impl std::error::Error for BadPattern {}
+impl FromStr for PortRange {
+    type Err = String;
 
-impl std::str::FromStr for SniPattern {
-    type Err = BadPattern;
-
-    fn from_str(s: &str) -> Result<Self, BadPattern> {
-        let lower = s.trim().trim_end_matches('.').to_ascii_lowercase();
-        let (wildcard, name) = match lower.strip_prefix("*.") {
-            Some(rest) => (true, rest.to_string()),
-            None => (false, lower.clone()),
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| match p.trim().parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("bad port {p:?}: expected a number from 1 to 65535")),
         };
-        let bad = |why: &str| Err(BadPattern(format!("server-name pattern {s:?}: {why}")));
-        if name.is_empty() {
-            return bad("empty name");
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if first > last {
+            return Err(format!("bad port range {s:?}: {first} is above {last}"));
         }
-        if name.contains('*') {
-            return bad("`*` is allowed only as the whole first label (`*.example.com`)");
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
         }
-        for label in name.split('.') {
-            if label.is_empty() || label.len() > 63 {
-                return bad("a label is empty or longer than 63 characters");
-            }
-            if !label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return bad("only letters, digits, `-` and `_` may appear in a label");
-            }
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A rule's conditions. Within a list any element may match; across the
+/// fields all must hold; a `not_` field holds when none of its elements
+/// matches. An empty field holds for every connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Match {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub src: Vec<Prefix>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_src: Vec<Prefix>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dst: Vec<Prefix>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_dst: Vec<Prefix>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRange>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<PortRange>,
+    /// Server names (the ClientHello's SNI); a connection without one
+    /// matches no `sni` and every `not_sni`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<HostGlob>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_sni: Vec<HostGlob>,
+    /// Categories of the server name (see [`Policy::categories`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_categories: Vec<String>,
+}
+
+/// An ordered rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matcher: Match,
+    pub action: Action,
+    /// The decryption profile (for `decrypt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+}
+
+/// What to do with a certificate problem upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Refuse the connection.
+    Block,
+    /// Let the client decide: the impersonation certificate is signed by the
+    /// forward-untrust CA, so the client sees an untrusted certificate.
+    PassOn,
+}
+
+/// TLS protocol versions a profile may allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// A decryption profile: checks on the upstream server's certificate and
+/// the protocol versions allowed on both sides.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub expired: OnError,
+    pub untrusted: OnError,
+    pub min_version: TlsVersion,
+    pub max_version: TlsVersion,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Profile {
+            expired: OnError::Block,
+            untrusted: OnError::Block,
+            min_version: TlsVersion::Tls12,
+            max_version: TlsVersion::Tls13,
         }
-        Ok(SniPattern {
-            suffix: name,
-            wildcard,
+    }
+}
+
+/// The compiled policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Given by control, increasing with each apply.
+    pub version: u64,
+    /// SHA-256 of the sources (policy and category file): control compares
+    /// it to re-sync after a restart.
+    pub digest: String,
+    /// Where it came from (for `policy show` and the log).
+    pub source: String,
+    /// Ports examined for rules that name none (and for the default).
+    pub tls_ports: Vec<u16>,
+    /// Addresses never steered to userspace (source or destination).
+    #[serde(default)]
+    pub exempt: Vec<Prefix>,
+    /// For connections no rule matches.
+    pub default_action: Action,
+    pub rules: Vec<Rule>,
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Profile>,
+    /// Category name → the host names in it.
+    #[serde(default)]
+    pub categories: BTreeMap<String, Vec<HostGlob>>,
+}
+
+/// The XDP steering a policy needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Steering {
+    pub ports: Vec<u16>,
+    pub prefixes: Vec<Prefix>,
+    pub exempt: Vec<Prefix>,
+}
+
+/// What a connection looks like to the rules.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    pub client: Addr,
+    pub server: Addr,
+    pub server_port: u16,
+    pub sni: Option<&'a str>,
+}
+
+/// A decision: the action and the rule that gave it (`None`: the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    pub rule: Option<usize>,
+}
+
+/// Name the log uses for the default action.
+pub const DEFAULT_RULE: &str = "(default)";
+
+fn any_or_empty<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
+    list.is_empty() || list.iter().any(f)
+}
+
+impl Policy {
+    /// Split everything except connections whose ClientHello names one of
+    /// `exempt_sni` (the engine's `--tcp-split` without a control process).
+    pub fn split_all(tls_ports: &[u16], exempt_sni: Vec<HostGlob>) -> Policy {
+        let rules = if exempt_sni.is_empty() {
+            Vec::new()
+        } else {
+            vec![Rule {
+                name: "split-exempt-sni".into(),
+                matcher: Match {
+                    sni: exempt_sni,
+                    ..Match::default()
+                },
+                action: Action::NoDecrypt,
+                profile: None,
+            }]
+        };
+        Policy {
+            version: 0,
+            digest: String::new(),
+            source: "command line (--tcp-split)".into(),
+            tls_ports: tls_ports.to_vec(),
+            exempt: Vec::new(),
+            default_action: Action::TcpSplit,
+            rules,
+            profiles: BTreeMap::new(),
+            categories: BTreeMap::new(),
+        }
+    }
+
+    fn in_categories(&self, names: &[String], sni: Option<&str>) -> bool {
+        let Some(sni) = sni else { return false };
+        names.iter().any(|c| {
+            self.categories
+                .get(c)
+                .is_some_and(|globs| globs.iter().any(|g| g.matches(sni)))
         })
     }
-}
 
-impl SniPattern {
-    pub fn matches(&self, sni: &str) -> bool {
-        let sni = sni.trim_end_matches('.');
-        if !self.wildcard {
-            return sni.eq_ignore_ascii_case(&self.suffix);
+    fn matches(&self, m: &Match, s: &Subject) -> bool {
+        let sni_in = |globs: &[HostGlob]| s.sni.is_some_and(|n| globs.iter().any(|g| g.matches(n)));
+        any_or_empty(&m.src, |p| p.contains(&s.client))
+            && !m.not_src.iter().any(|p| p.contains(&s.client))
+            && any_or_empty(&m.dst, |p| p.contains(&s.server))
+            && !m.not_dst.iter().any(|p| p.contains(&s.server))
+            && self.port_matches(m, s.server_port)
+            && (m.sni.is_empty() || sni_in(&m.sni))
+            && !sni_in(&m.not_sni)
+            && (m.categories.is_empty() || self.in_categories(&m.categories, s.sni))
+            && !self.in_categories(&m.not_categories, s.sni)
+    }
+
+    /// A rule without ports stands for the policy's TLS ports.
+    fn port_matches(&self, m: &Match, port: u16) -> bool {
+        let listed = if m.ports.is_empty() {
+            self.tls_ports.contains(&port)
+        } else {
+            m.ports.iter().any(|r| r.contains(port))
+        };
+        listed && !m.not_ports.iter().any(|r| r.contains(port))
+    }
+
+    /// The first rule that matches, or the default.
+    pub fn decide(&self, s: &Subject) -> Decision {
+        match self.rules.iter().position(|r| self.matches(&r.matcher, s)) {
+            Some(i) => Decision {
+                action: self.rules[i].action,
+                rule: Some(i),
+            },
+            None => Decision {
+                action: self.default_action,
+                rule: None,
+            },
         }
-        let n = self.suffix.len();
-        sni.len() > n + 1
-            && sni.as_bytes()[sni.len() - n - 1] == b'.'
-            && sni[sni.len() - n..].eq_ignore_ascii_case(&self.suffix)
+    }
+
+    /// The name of the rule behind a decision.
+    pub fn rule_name(&self, d: &Decision) -> &str {
+        d.rule
+            .and_then(|i| self.rules.get(i))
+            .map_or(DEFAULT_RULE, |r| r.name.as_str())
+    }
+
+    /// The ports a rule examines (its own, or the TLS ports).
+    fn rule_ports(&self, m: &Match) -> Vec<u16> {
+        let mut ports: Vec<u16> = if m.ports.is_empty() {
+            self.tls_ports.clone()
+        } else {
+            m.ports
+                .iter()
+                .flat_map(|r| r.first..=r.last)
+                .take(MAX_STEER_PORTS as usize + 1)
+                .collect()
+        };
+        ports.retain(|p| !m.not_ports.iter().any(|r| r.contains(*p)));
+        ports
+    }
+
+    /// The steering the rules need: the ports and server prefixes of every
+    /// rule that may act on a connection (any action but `no-decrypt`),
+    /// the default action's too, and the policy's exemptions. A
+    /// `no-decrypt` rule still sees the connections that reach it (and
+    /// logs them); only `exempt` keeps addresses out of userspace.
+    pub fn steering(&self) -> Result<Steering, String> {
+        let all = || crate::config::default_steer_prefixes();
+        let mut ports = Vec::new();
+        let mut prefixes = Vec::new();
+        let acting = self
+            .rules
+            .iter()
+            .filter(|r| r.action != Action::NoDecrypt)
+            .map(|r| &r.matcher);
+        let default = Match::default();
+        let default_acts = self.default_action != Action::NoDecrypt;
+        for m in acting.chain(default_acts.then_some(&default)) {
+            ports.extend(self.rule_ports(m));
+            if m.dst.is_empty() {
+                prefixes.extend(all());
+            } else {
+                prefixes.extend(m.dst.iter().copied());
+            }
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.len() > MAX_STEER_PORTS as usize {
+            return Err(format!(
+                "the rules examine more than {MAX_STEER_PORTS} ports, the most the classifier \
+                 steers (narrow the port ranges)"
+            ));
+        }
+        // Drop prefixes another one covers (the trie needs no duplicates).
+        let mut kept: Vec<Prefix> = Vec::new();
+        prefixes.sort_by_key(|p| p.mapped_len());
+        for p in prefixes {
+            if !kept.iter().any(|k| k.v4 == p.v4 && k.covers(&p)) {
+                kept.push(p);
+            }
+        }
+        if ports.is_empty() {
+            kept.clear();
+        }
+        Ok(Steering {
+            ports,
+            prefixes: kept,
+            exempt: self.exempt.clone(),
+        })
+    }
+
+    /// Checks what the wire cannot: rule names unique and not empty,
+    /// profiles and categories named by rules present, ports sane, and a
+    /// steering that fits the classifier. Control checks all of this with
+    /// file positions first; the dataplane checks again on receipt.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tls_ports.contains(&0) {
+            return Err("tls_ports: port 0 is not a TCP port".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let at = || format!("rule {} ({:?})", i + 1, r.name);
+            if r.name.trim().is_empty() {
+                return Err(format!("rule {}: empty name", i + 1));
+            }
+            if !names.insert(r.name.as_str()) {
+                return Err(format!("{}: the name is used twice", at()));
+            }
+            if let Some(p) = &r.profile {
+                if !self.profiles.contains_key(p) {
+                    return Err(format!("{}: unknown profile {p:?}", at()));
+                }
+            }
+            for c in r.matcher.categories.iter().chain(&r.matcher.not_categories) {
+                if !self.categories.contains_key(c) {
+                    return Err(format!("{}: unknown category {c:?}", at()));
+                }
+            }
+        }
+        for (name, p) in &self.profiles {
+            if p.min_version > p.max_version {
+                return Err(format!(
+                    "profile {name:?}: min_version is above max_version"
+                ));
+            }
+        }
+        self.steering().map(|_| ())
     }
 }
 
-/// Split everything except connections to exempt server names.
-#[derive(Clone, Debug, Default)]
-pub struct SplitPolicy {
-    pub exempt_sni: Vec<SniPattern>,
+/// The running policy, shared by the engine thread (which swaps it) and
+/// the workers (which pick it up between batches: one atomic load per
+/// round, the lock only when it changed).
+#[derive(Debug, Default)]
+pub struct PolicyCell {
+    generation: AtomicU64,
+    current: Mutex<Option<Arc<Policy>>>,
 }
 
-impl SplitPolicy {
-    pub fn decide(&self, opening: &Opening) -> Verdict {
-        match opening {
-            Opening::Tls(ClientHello { sni: Some(sni), .. })
-                if self.exempt_sni.iter().any(|p| p.matches(sni)) =>
-            {
-                Verdict::Pass
-            }
-            _ => Verdict::Split,
-        }
+impl PolicyCell {
+    pub fn publish(&self, policy: Arc<Policy>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes with every publish.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn current(&self) -> Option<Arc<Policy>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -122,48 +544,295 @@ impl SplitPolicy {
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> SniPattern {
-        s.parse().unwrap()
+    fn addr(s: &str) -> Addr {
+        s.parse::<Prefix>().unwrap().addr
+    }
+
+    fn subject<'a>(client: &str, server: &str, port: u16, sni: Option<&'a str>) -> Subject<'a> {
+        Subject {
+            client: addr(client),
+            server: addr(server),
+            server_port: port,
+            sni,
+        }
+    }
+
+    fn rule(name: &str, action: Action, m: Match) -> Rule {
+        Rule {
+            name: name.into(),
+            matcher: m,
+            action,
+            profile: None,
+        }
+    }
+
+    fn policy(rules: Vec<Rule>, default_action: Action) -> Policy {
+        let mut p = Policy::split_all(&[443], Vec::new());
+        p.rules = rules;
+        p.default_action = default_action;
+        p.categories.insert(
+            "financial-services".into(),
+            vec![
+                "*.bank.example".parse().unwrap(),
+                "pay.example".parse().unwrap(),
+            ],
+        );
+        p
+    }
+
+    fn globs(list: &[&str]) -> Vec<HostGlob> {
+        list.iter().map(|g| g.parse().unwrap()).collect()
+    }
+
+    fn prefixes(list: &[&str]) -> Vec<Prefix> {
+        list.iter().map(|g| g.parse().unwrap()).collect()
     }
 
     #[test]
-    fn exact_and_wildcard_names() {
-        assert!(p("bank.example").matches("BANK.example."));
-        assert!(!p("bank.example").matches("www.bank.example"));
-        let w = p("*.bank.example");
-        assert!(w.matches("www.bank.example"));
-        assert!(w.matches("a.b.bank.example"));
-        assert!(!w.matches("bank.example"));
-        assert!(!w.matches("evilbank.example"));
-        assert!(!w.matches(".bank.example"));
+    fn first_matching_rule_wins_and_the_default_catches_the_rest() {
+        let p = policy(
+            vec![
+                rule(
+                    "finance",
+                    Action::NoDecrypt,
+                    Match {
+                        categories: vec!["financial-services".into()],
+                        ..Match::default()
+                    },
+                ),
+                rule(
+                    "blocked",
+                    Action::Block,
+                    Match {
+                        sni: globs(&["*.bad.example"]),
+                        ..Match::default()
+                    },
+                ),
+                rule(
+                    "lab",
+                    Action::TcpSplit,
+                    Match {
+                        dst: prefixes(&["198.18.0.0/24"]),
+                        ..Match::default()
+                    },
+                ),
+            ],
+            Action::NoDecrypt,
+        );
+        let d = |s: Subject| {
+            let d = p.decide(&s);
+            (d.action, p.rule_name(&d).to_string())
+        };
+        let c = "198.18.1.1";
+        assert_eq!(
+            d(subject(c, "198.18.0.2", 443, Some("www.bank.example"))),
+            (Action::NoDecrypt, "finance".into())
+        );
+        assert_eq!(
+            d(subject(c, "198.18.0.2", 443, Some("x.bad.example"))),
+            (Action::Block, "blocked".into())
+        );
+        assert_eq!(
+            d(subject(c, "198.18.0.2", 443, None)),
+            (Action::TcpSplit, "lab".into())
+        );
+        assert_eq!(
+            d(subject(c, "198.18.7.2", 443, None)),
+            (Action::NoDecrypt, DEFAULT_RULE.into())
+        );
+        // A rule without ports stands for the TLS ports only.
+        assert_eq!(
+            d(subject(c, "198.18.0.2", 8443, None)),
+            (Action::NoDecrypt, DEFAULT_RULE.into())
+        );
     }
 
     #[test]
-    fn bad_patterns_say_why() {
-        for bad in ["", "*", "*.", "a.*.b", "a..b", "exa mple.com", "*foo.com"] {
-            let e = bad.parse::<SniPattern>().unwrap_err();
-            assert!(e.to_string().contains("server-name pattern"), "{bad}: {e}");
+    fn negation_of_each_field() {
+        let p = policy(
+            vec![rule(
+                "not-these",
+                Action::Block,
+                Match {
+                    not_src: prefixes(&["198.18.9.0/24"]),
+                    not_dst: prefixes(&["2001:2::/64"]),
+                    ports: vec!["400-500".parse().unwrap()],
+                    not_ports: vec!["444".parse().unwrap()],
+                    not_sni: globs(&["ok.example"]),
+                    not_categories: vec!["financial-services".into()],
+                    ..Match::default()
+                },
+            )],
+            Action::TcpSplit,
+        );
+        let act = |s: Subject| p.decide(&s).action;
+        assert_eq!(
+            act(subject("2001:2:1::1", "2001:2:5::1", 443, None)),
+            Action::Block
+        );
+        assert_eq!(
+            act(subject("198.18.1.1", "198.18.0.2", 450, Some("x.example"))),
+            Action::Block
+        );
+        for s in [
+            subject("198.18.9.7", "198.18.0.2", 443, None),
+            subject("2001:2:1::1", "2001:2::1", 443, None),
+            subject("198.18.1.1", "198.18.0.2", 444, None),
+            subject("198.18.1.1", "198.18.0.2", 501, None),
+            subject("198.18.1.1", "198.18.0.2", 443, Some("OK.example")),
+            subject("198.18.1.1", "198.18.0.2", 443, Some("pay.example")),
+        ] {
+            assert_eq!(act(s), Action::TcpSplit, "{s:?}");
         }
     }
 
     #[test]
-    fn exempt_names_pass_and_the_rest_split() {
-        let policy = SplitPolicy {
-            exempt_sni: vec![p("*.bank.example")],
-        };
-        let hello = |sni: Option<&str>| {
-            Opening::Tls(ClientHello {
-                sni: sni.map(Into::into),
-                alpn: vec![],
-            })
-        };
-        assert_eq!(
-            policy.decide(&hello(Some("www.bank.example"))),
-            Verdict::Pass
+    fn sni_rules_need_a_name_and_prefixes_keep_families_apart() {
+        let p = policy(
+            vec![
+                rule(
+                    "named",
+                    Action::Block,
+                    Match {
+                        sni: globs(&["*"]),
+                        ..Match::default()
+                    },
+                ),
+                rule(
+                    "v6",
+                    Action::NoDecrypt,
+                    Match {
+                        dst: prefixes(&["::/0"]),
+                        ..Match::default()
+                    },
+                ),
+            ],
+            Action::TcpSplit,
         );
-        assert_eq!(policy.decide(&hello(Some("shop.example"))), Verdict::Split);
-        assert_eq!(policy.decide(&hello(None)), Verdict::Split);
-        assert_eq!(policy.decide(&Opening::Other), Verdict::Split);
-        assert_eq!(policy.decide(&Opening::ServerFirst), Verdict::Split);
+        assert_eq!(
+            p.decide(&subject("198.18.0.1", "198.18.0.2", 443, None))
+                .action,
+            Action::TcpSplit
+        );
+        assert_eq!(
+            p.decide(&subject("2001:2::1", "2001:2::2", 443, None))
+                .action,
+            Action::NoDecrypt
+        );
+        assert_eq!(
+            p.decide(&subject("198.18.0.1", "198.18.0.2", 443, Some("a")))
+                .action,
+            Action::Block
+        );
+    }
+
+    #[test]
+    fn steering_follows_the_acting_rules() {
+        let mut p = policy(
+            vec![
+                rule(
+                    "exempt",
+                    Action::NoDecrypt,
+                    Match {
+                        ports: vec!["8000-8999".parse().unwrap()],
+                        ..Match::default()
+                    },
+                ),
+                rule(
+                    "lab",
+                    Action::TcpSplit,
+                    Match {
+                        dst: prefixes(&["198.18.0.0/24", "198.18.0.128/25"]),
+                        ports: vec!["443".parse().unwrap(), "8443".parse().unwrap()],
+                        ..Match::default()
+                    },
+                ),
+            ],
+            Action::NoDecrypt,
+        );
+        p.exempt = prefixes(&["198.18.0.99/32"]);
+        let s = p.steering().unwrap();
+        assert_eq!(s.ports, vec![443, 8443]);
+        assert_eq!(s.prefixes, prefixes(&["198.18.0.0/24"]));
+        assert_eq!(s.exempt, prefixes(&["198.18.0.99/32"]));
+        // Nothing acts: nothing is steered.
+        p.rules.remove(1);
+        let s = p.steering().unwrap();
+        assert!(s.ports.is_empty() && s.prefixes.is_empty());
+        // The default acts on every address of the TLS ports.
+        p.default_action = Action::Block;
+        let s = p.steering().unwrap();
+        assert_eq!(s.ports, vec![443]);
+        let all = crate::config::default_steer_prefixes();
+        assert!(s.prefixes.len() == 2 && all.iter().all(|p| s.prefixes.contains(p)));
+        // Too many ports is an error, not a truncation.
+        p.rules.push(rule(
+            "wide",
+            Action::TcpSplit,
+            Match {
+                ports: vec!["1-2000".parse().unwrap()],
+                ..Match::default()
+            },
+        ));
+        assert!(p.steering().unwrap_err().contains("more than 1024"));
+    }
+
+    #[test]
+    fn validation_names_the_rule() {
+        let mut p = policy(
+            vec![rule("a", Action::Decrypt, Match::default())],
+            Action::NoDecrypt,
+        );
+        p.rules[0].profile = Some("strict".into());
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .contains("unknown profile \"strict\""));
+        p.profiles.insert("strict".into(), Profile::default());
+        p.validate().unwrap();
+        p.rules.push(rule("a", Action::Block, Match::default()));
+        assert!(p.validate().unwrap_err().contains("used twice"));
+        p.rules[1].name = "b".into();
+        p.rules[1].matcher.categories = vec!["nope".into()];
+        assert!(p.validate().unwrap_err().contains("unknown category"));
+    }
+
+    #[test]
+    fn wire_form_round_trips() {
+        let mut p = policy(
+            vec![rule(
+                "x",
+                Action::Block,
+                Match {
+                    src: prefixes(&["2001:2::/48"]),
+                    ports: vec!["8000-8100".parse().unwrap()],
+                    sni: globs(&["*.a.example"]),
+                    ..Match::default()
+                },
+            )],
+            Action::TcpSplit,
+        );
+        p.profiles.insert("p".into(), Profile::default());
+        let j = serde_json::to_string(&p).unwrap();
+        assert!(
+            j.contains("\"8000-8100\"") && j.contains("\"tcp-split\""),
+            "{j}"
+        );
+        let back: Policy = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, p);
+        let bad = j.replace("2001:2::/48", "2001:2::/200");
+        assert!(serde_json::from_str::<Policy>(&bad).is_err());
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!("443".parse::<PortRange>().unwrap().to_string(), "443");
+        assert_eq!(
+            "8000-8100".parse::<PortRange>().unwrap().to_string(),
+            "8000-8100"
+        );
+        for bad in ["0", "9-1", "x", "1-70000", ""] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
     }
 }

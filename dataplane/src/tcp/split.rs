@@ -296,6 +296,11 @@ pub struct Split {
     pub client: Conn,
     pub server: Conn,
     relayed: [u64; 2],
+    /// Refused: nothing is relayed; the client's bytes are read and
+    /// dropped until it closes.
+    refused: bool,
+    /// Resets to send before anything else.
+    resets: Vec<(Dir, Segment)>,
 }
 
 impl Split {
@@ -304,7 +309,28 @@ impl Split {
             client: halves.0,
             server: halves.1,
             relayed: [0; 2],
+            refused: false,
+            resets: Vec::new(),
         }
+    }
+
+    /// Refuses the connection: the server's half is reset at once (it never
+    /// saw a byte of the client's); the client's half sends `farewell` (a
+    /// TLS alert) and closes, or is reset too when there is none.
+    pub fn refuse(&mut self, farewell: Option<&[u8]>) {
+        self.refused = true;
+        self.resets
+            .extend(self.server.abort().map(|r| (Dir::Server, r)));
+        match farewell {
+            Some(bytes) => {
+                self.client.write(bytes);
+                self.client.close();
+            }
+            None => self
+                .resets
+                .extend(self.client.abort().map(|r| (Dir::Client, r))),
+        }
+        self.relay();
     }
 
     /// Bytes relayed client → server and server → client.
@@ -340,6 +366,13 @@ impl Split {
     /// closes. Memory stays within the two halves' buffers. A FIN and a RST
     /// are passed across too.
     fn relay(&mut self) {
+        if self.refused {
+            let n = self.client.readable();
+            if n > 0 {
+                self.client.read(n);
+            }
+            return;
+        }
         for (from_client, n) in [(true, 0), (false, 1)] {
             let (src, dst) = if from_client {
                 (&mut self.client, &mut self.server)
@@ -362,7 +395,13 @@ impl Split {
 
     /// The next segment to send, and toward whom.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(Dir, Segment)> {
+        if !self.resets.is_empty() {
+            return Some(self.resets.remove(0));
+        }
         // A reset half resets the other: RST the peer that is still there.
+        if self.refused {
+            return self.client.poll_transmit(now).map(|s| (Dir::Client, s));
+        }
         if self.client.aborted().is_some() && self.server.state() != State::Closed {
             if let Some(rst) = self.server.abort() {
                 return Some((Dir::Server, rst));

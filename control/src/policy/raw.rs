@@ -1,0 +1,108 @@
+//! The policy file as written: TOML tables with the position of every
+//! value kept, so each error names file:line:column.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole policy file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    #[serde(default)]
+    pub policy: Option<RawGlobal>,
+    #[serde(default)]
+    pub dataplane: Option<RawDataplane>,
+    #[serde(default)]
+    pub hsm: Option<RawHsm>,
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Spanned<RawProfile>>,
+    #[serde(default)]
+    pub rules: Vec<Spanned<RawRule>>,
+}
+
+/// `[policy]`: what holds for every rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobal {
+    pub tls_ports: Option<Spanned<Vec<Spanned<PortItem>>>>,
+    pub default_action: Option<Spanned<String>>,
+    /// The category file, relative to this one.
+    pub categories: Option<Spanned<String>>,
+    #[serde(default)]
+    pub exempt: Vec<Spanned<String>>,
+}
+
+/// `[dataplane]`: the dataplane this policy is written for; checked
+/// against the running one when applied.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataplane {
+    pub inside: Option<Spanned<String>>,
+    pub outside: Option<Spanned<String>>,
+    pub workers: Option<Spanned<i64>>,
+}
+
+/// `[hsm]`: the signer the dataplane must run with.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHsm {
+    pub module: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tokens: Vec<Spanned<String>>,
+    pub pin_file: Option<Spanned<String>>,
+}
+
+/// `[profiles.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfile {
+    pub expired: Option<Spanned<String>>,
+    pub untrusted: Option<Spanned<String>>,
+    pub min_version: Option<Spanned<String>>,
+    pub max_version: Option<Spanned<String>>,
+}
+
+/// A port as `443` or `"8000-8099"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PortItem {
+    Number(i64),
+    Text(String),
+}
+
+/// `[[rules]]`, in order.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: Option<Spanned<String>>,
+    /// Free text for people; not used.
+    #[allow(dead_code)]
+    pub description: Option<String>,
+    pub action: Option<Spanned<String>>,
+    pub profile: Option<Spanned<String>>,
+    #[serde(default)]
+    pub src: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub not_src: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub dst: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub not_dst: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub ports: Vec<Spanned<PortItem>>,
+    #[serde(default)]
+    pub not_ports: Vec<Spanned<PortItem>>,
+    #[serde(default)]
+    pub sni: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub not_sni: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub categories: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub not_categories: Vec<Spanned<String>>,
+}
+
+/// The category file: `name = ["glob", ...]`.
+pub type RawCategories = BTreeMap<String, Spanned<Vec<Spanned<String>>>>;

@@ -1,0 +1,264 @@
+use std::path::Path;
+
+use super::*;
+
+fn check(text: &str) -> Checked {
+    compile(Path::new("p.toml"), text, &|p| {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            p.display().to_string(),
+        ))
+    })
+}
+
+fn messages(c: &Checked, severity: Severity) -> Vec<String> {
+    c.diagnostics
+        .iter()
+        .filter(|d| d.severity == severity)
+        .map(|d| d.to_string())
+        .collect()
+}
+
+#[test]
+fn the_shipped_example_compiles_cleanly() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/example.toml");
+    let c = check_file(&path).unwrap();
+    assert_eq!(messages(&c, Severity::Error), Vec::<String>::new());
+    let p = c.policy.clone().expect("compiled");
+    assert_eq!(p.rules.len(), 4);
+    assert_eq!(p.rules[3].matcher.ports.len(), 2);
+    assert!(p.categories["health"]
+        .iter()
+        .any(|g| g.matches("records-7.health.loupe.test")));
+    assert_eq!(c.dataplane.inside.as_deref(), Some("inside"));
+    // Only the unused profile is remarked on.
+    let warnings = messages(&c, Severity::Warning);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("\"strict\" is not used"),
+        "{warnings:?}"
+    );
+    assert_eq!(p.digest.len(), 64);
+}
+
+#[test]
+fn flat_rule_fields_compile_into_the_match() {
+    let c = check(
+        r#"
+[policy]
+tls_ports = [443, "8443-8444"]
+default_action = "tcp-split"
+[[rules]]
+name = "r"
+src = ["198.18.0.0/24"]
+not_dst = ["2001:2::/48"]
+ports = [8443]
+not_sni = ["*.ok.example"]
+action = "block"
+"#,
+    );
+    assert_eq!(c.errors(), 0, "{:?}", c.diagnostics);
+    let p = c.policy.unwrap();
+    assert_eq!(p.tls_ports, vec![443, 8443, 8444]);
+    assert_eq!(p.default_action, Action::TcpSplit);
+    let m = &p.rules[0].matcher;
+    assert_eq!(m.src[0].to_string(), "198.18.0.0/24");
+    assert_eq!(m.not_dst[0].to_string(), "2001:2::/48");
+    assert_eq!(m.ports[0].to_string(), "8443");
+    assert_eq!(m.not_sni[0].to_string(), "*.ok.example");
+}
+
+#[test]
+fn every_error_is_reported_not_only_the_first() {
+    let c = check(
+        r#"[[rules]]
+name = "a"
+dst = ["300.0.0.1/8"]
+sni = ["a..b"]
+action = "block"
+[[rules]]
+name = "b"
+action = "nope"
+"#,
+    );
+    let e = messages(&c, Severity::Error);
+    assert_eq!(e.len(), 3, "{e:?}");
+    assert!(
+        e[0].starts_with("p.toml:3:8: error: bad prefix '300.0.0.1/8'"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].starts_with("p.toml:4:8: error: host-name glob"),
+        "{e:?}"
+    );
+    assert!(
+        e[2].starts_with("p.toml:8:10: error: unknown action"),
+        "{e:?}"
+    );
+    assert!(c.policy.is_none());
+}
+
+#[test]
+fn shadowed_rules_are_warned_of() {
+    let c = check(
+        r#"[[rules]]
+name = "lab"
+dst = ["198.18.0.0/15"]
+action = "tcp-split"
+[[rules]]
+name = "one-host"
+dst = ["198.18.0.2/32"]
+action = "block"
+[[rules]]
+name = "v6"
+dst = ["2001:2::/48"]
+action = "block"
+[[rules]]
+name = "names"
+sni = ["*.example"]
+action = "block"
+[[rules]]
+name = "fewer-names"
+sni = ["www.example", "*.a.example"]
+action = "block"
+[[rules]]
+name = "all-else"
+action = "no-decrypt"
+[[rules]]
+name = "after-all"
+sni = ["x.other"]
+action = "block"
+"#,
+    );
+    assert_eq!(c.errors(), 0);
+    let w = messages(&c, Severity::Warning);
+    assert_eq!(w.len(), 3, "{w:?}");
+    assert!(
+        w[0].contains("\"one-host\" is never reached: rule \"lab\" (line 1)")
+            && w[0].contains("decides tcp-split instead of block"),
+        "{w:?}"
+    );
+    assert!(
+        w[1].contains("\"fewer-names\"") && w[1].contains("redundant"),
+        "{w:?}"
+    );
+    assert!(
+        w[2].contains("\"after-all\"") && w[2].contains("\"all-else\""),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn negation_and_ports_keep_rules_reachable() {
+    let c = check(
+        r#"[[rules]]
+name = "not-bank"
+not_sni = ["*.bank.example"]
+action = "tcp-split"
+[[rules]]
+name = "bank"
+sni = ["www.bank.example"]
+action = "no-decrypt"
+[[rules]]
+name = "other-port"
+ports = [8443]
+action = "block"
+"#,
+    );
+    assert_eq!(messages(&c, Severity::Warning), Vec::<String>::new());
+}
+
+#[test]
+fn decrypt_is_parsed_with_its_profile_and_flagged() {
+    let c = check(
+        r#"[profiles.p]
+expired = "pass-on"
+untrusted = "block"
+min_version = "1.3"
+[[rules]]
+name = "d"
+action = "decrypt"
+profile = "p"
+[[rules]]
+name = "s"
+action = "tcp-split"
+profile = "p"
+"#,
+    );
+    assert_eq!(c.errors(), 0, "{:?}", c.diagnostics);
+    let p = c.policy.clone().unwrap();
+    let prof = &p.profiles["p"];
+    assert_eq!(
+        (prof.expired, prof.untrusted),
+        (OnError::PassOn, OnError::Block)
+    );
+    assert_eq!(
+        (prof.min_version, prof.max_version),
+        (TlsVersion::Tls13, TlsVersion::Tls13)
+    );
+    let w = messages(&c, Severity::Warning);
+    assert!(
+        w.iter()
+            .any(|m| m.contains("relays these connections as tcp-split")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter().any(|m| m.contains("only matters for `decrypt`")),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn the_digest_covers_the_category_file() {
+    let text = "[policy]\ncategories = \"c.toml\"\n";
+    let with = |cats: &'static str| {
+        compile(Path::new("/x/p.toml"), text, &move |p| {
+            assert_eq!(p, Path::new("/x/c.toml"));
+            Ok(cats.to_string())
+        })
+    };
+    let a = with("f = [\"*.a.example\"]\n").policy.unwrap();
+    let b = with("f = [\"*.b.example\"]\n").policy.unwrap();
+    assert_ne!(a.digest, b.digest);
+    assert!(a.categories["f"][0].matches("x.a.example"));
+}
+
+/// Each file of the malformed corpus says on its first line where and
+/// what its error is; checking it must report exactly that, and compile
+/// nothing.
+#[test]
+fn malformed_corpus() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policies/bad");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "{} files", files.len());
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{}: no `# expect:` line", f.display()));
+        let c = check_file(&f).unwrap();
+        assert!(c.policy.is_none(), "{}: compiled", f.display());
+        let errors = messages(&c, Severity::Error);
+        // "LINE:COL: message" or "FILE:LINE:COL: message" (another file).
+        let found = errors.iter().any(|e| {
+            let (place, msg) = expect.split_once(": ").unwrap();
+            let at = if place.matches(':').count() == 2 {
+                e.contains(&format!("{place}: error: "))
+            } else {
+                e.starts_with(&format!("{}:{place}: error: ", f.display()))
+            };
+            at && e.contains(msg)
+        });
+        assert!(
+            found,
+            "{}: expected `{expect}`, got {errors:#?}",
+            f.display()
+        );
+    }
+}

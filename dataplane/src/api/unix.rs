@@ -1,0 +1,241 @@
+//! Unix-socket plumbing both processes use: binding a socket with
+//! permissions 0660 (and a group), checking a peer with SO_PEERCRED, and
+//! reading bounded newline-delimited messages.
+
+use std::{
+    ffi::CString,
+    io::{self, BufRead},
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
+    },
+    path::Path,
+};
+
+/// The longest message accepted (a compiled policy with large category
+/// lists fits with room to spare).
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// Who may talk to a socket besides root and the serving process's user:
+/// members of this group (primary or supplementary).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    pub group: Option<u32>,
+}
+
+/// A connected peer, as the kernel saw it when it connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The group id of `name` (or a number).
+pub fn group_id(name: &str) -> io::Result<u32> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    let c = CString::new(name).map_err(|_| io::Error::other("group name with a NUL byte"))?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r(3) with a valid name, a zeroed result struct, a
+    // buffer of the given size and an out pointer; all live across the call.
+    let rc =
+        unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if out.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no group named {name:?}"),
+        ));
+    }
+    Ok(grp.gr_gid)
+}
+
+/// Binds `path` for clients: mode 0660, owned by `access.group` when set.
+/// A leftover socket file nobody serves is replaced; one a live process
+/// serves is an error (two daemons must not share a socket).
+pub fn bind(path: &Path, access: Access) -> io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another process serves {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = access.group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    Ok(listener)
+}
+
+/// The peer's credentials (SO_PEERCRED).
+pub fn peer(stream: &UnixStream) -> io::Result<Peer> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) on a socket we own, writing at most `len`
+    // bytes into `cred`, which lives across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Peer {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// The supplementary groups of a process, from /proc.
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `peer` may use the socket: root, the serving process's own
+/// user, or a member of the configured group. The error says who was
+/// refused and why, for the log and the peer.
+pub fn check(peer: &Peer, access: Access) -> Result<(), String> {
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if peer.uid == 0 || peer.uid == me {
+        return Ok(());
+    }
+    if let Some(g) = access.group {
+        if peer.gid == g || supplementary_groups(peer.pid).contains(&g) {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "permission denied: uid {} (pid {}) is not root{}",
+        peer.uid,
+        peer.pid,
+        match access.group {
+            Some(g) => format!(" and not in group {g}"),
+            None => " (no group is allowed)".into(),
+        }
+    ))
+}
+
+/// Reads one line of at most [`MAX_MESSAGE`] bytes, without its newline;
+/// `None` at the end of the stream. A longer line is an error (and the
+/// connection is not worth reading further).
+pub fn read_line(r: &mut impl BufRead) -> io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    loop {
+        let chunk = r.fill_buf()?;
+        if chunk.is_empty() {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the message ends without a newline",
+                ))
+            };
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        buf.extend_from_slice(&chunk[..take]);
+        r.consume(take);
+        if buf.len() > MAX_MESSAGE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a message longer than {MAX_MESSAGE} bytes"),
+            ));
+        }
+        if done {
+            buf.pop();
+            return String::from_utf8(buf)
+                .map(Some)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a message not in UTF-8"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_bounded_and_split() {
+        let mut r = io::Cursor::new(b"{\"a\":1}\n{\"b\":2}\npartial".to_vec());
+        assert_eq!(read_line(&mut r).unwrap().as_deref(), Some("{\"a\":1}"));
+        assert_eq!(read_line(&mut r).unwrap().as_deref(), Some("{\"b\":2}"));
+        assert!(read_line(&mut r).is_err());
+        let mut empty = io::Cursor::new(Vec::new());
+        assert_eq!(read_line(&mut empty).unwrap(), None);
+        let mut huge =
+            io::BufReader::new(io::Read::take(io::repeat(b'x'), MAX_MESSAGE as u64 + 10));
+        let e = read_line(&mut huge).unwrap_err();
+        assert!(e.to_string().contains("longer than"), "{e}");
+    }
+
+    #[test]
+    fn root_and_the_group_are_let_in_others_not() {
+        let root = Peer {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+        };
+        assert!(check(&root, Access::default()).is_ok());
+        let nobody = Peer {
+            pid: i32::MAX,
+            uid: 65534,
+            gid: 65534,
+        };
+        let e = check(&nobody, Access::default()).unwrap_err();
+        assert!(e.contains("uid 65534") && e.contains("no group"), "{e}");
+        assert!(check(&nobody, Access { group: Some(65534) }).is_ok());
+        assert!(check(&nobody, Access { group: Some(4242) }).is_err());
+    }
+
+    #[test]
+    fn a_socket_is_0660_and_a_live_one_is_not_taken_over() {
+        let dir = std::env::temp_dir().join(format!("loupe-unix-{}", std::process::id()));
+        let path = dir.join("s.sock");
+        let l = bind(&path, Access::default()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let e = bind(&path, Access::default()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        drop(l);
+        // Nobody serves it now: a new bind replaces the leftover file.
+        let _l = bind(&path, Access::default()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
