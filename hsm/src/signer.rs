@@ -244,6 +244,53 @@ struct LaneStats {
     rejected_full: AtomicU64,
     rejected_down: AtomicU64,
     recoveries: AtomicU64,
+    /// Time from submission to answer of signatures made (or failed).
+    latency: LatencyStats,
+}
+
+/// Upper bounds of the latency histogram's buckets, in microseconds (the
+/// last bucket, above them all, is implied).
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000,
+];
+
+/// A lock-free fixed-bucket histogram (Prometheus style).
+#[derive(Default)]
+struct LatencyStats {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyStats {
+    fn record(&self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Latency {
+        Latency {
+            bounds_us: LATENCY_BOUNDS_US.to_vec(),
+            counts: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Signing latency (submission to answer): `counts[i]` answers took at
+/// most `bounds_us[i]` and more than the bound before; the last count is
+/// above every bound.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Latency {
+    pub bounds_us: Vec<u64>,
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
 }
 
 /// A token's health and counters, for status and metrics.
@@ -262,6 +309,8 @@ pub struct TokenHealth {
     pub rejected_full: u64,
     pub rejected_down: u64,
     pub recoveries: u64,
+    #[serde(default)]
+    pub latency: Latency,
 }
 
 struct Lane {
@@ -518,6 +567,7 @@ impl SignerHandle {
                     rejected_full: s.rejected_full.load(Ordering::Relaxed),
                     rejected_down: s.rejected_down.load(Ordering::Relaxed),
                     recoveries: s.recoveries.load(Ordering::Relaxed),
+                    latency: s.latency.snapshot(),
                 }
             })
             .collect()
@@ -636,6 +686,11 @@ impl HsmThread {
             Ok(_) => lane.stats.signed.fetch_add(1, Ordering::Relaxed),
             Err(_) => lane.stats.failed.fetch_add(1, Ordering::Relaxed),
         };
+        // Submitted at `deadline - timeout`.
+        let submitted = job.deadline.checked_sub(job.timeout);
+        if let Some(at) = submitted {
+            lane.stats.latency.record(at.elapsed());
+        }
         let req = job.req;
         let entry = self.shared.audit.is_some().then(|| Entry {
             time: SystemTime::now(),

@@ -195,6 +195,12 @@ fn a_full_queue_refuses_at_once_and_every_accepted_request_is_answered() {
     let h = &signer.health()[0];
     assert_eq!(h.rejected_full, refused);
     assert_eq!(h.signed + h.rejected_full, 64);
+    // Every signature made is in the latency histogram, and RSA-2048 on
+    // SoftHSM takes more than 100 µs.
+    assert_eq!(h.latency.counts.iter().sum::<u64>(), h.signed);
+    assert_eq!(h.latency.counts.len(), h.latency.bounds_us.len() + 1);
+    assert_eq!(h.latency.counts[0], 0, "{:?}", h.latency);
+    assert!(h.latency.sum_us >= 100 * h.signed);
 }
 
 #[test]
