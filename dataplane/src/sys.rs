@@ -10,8 +10,8 @@ use thiserror::Error;
 pub enum SysError {
     #[error(
         "missing privileges: {missing} (loupe-dataplane attaches XDP programs, creates BPF maps \
-         and AF_XDP sockets; run it as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW, \
-         e.g. with the systemd unit's AmbientCapabilities)"
+         and AF_XDP sockets; run it as root or grant CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and \
+         CAP_NET_RAW, e.g. with the systemd unit's AmbientCapabilities)"
     )]
     Privileges { missing: String },
     #[error("interface '{0}' not found (check the name with `ip link` in this network namespace)")]
@@ -29,6 +29,7 @@ pub enum SysError {
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// Effective capability set of this process (from /proc/self/status).
@@ -49,12 +50,18 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
 
 /// The capabilities missing from `caps` for attaching XDP and binding AF_XDP
 /// sockets; empty when all are present. CAP_SYS_ADMIN stands in for CAP_BPF
-/// (kernels before 5.8, and the way root holds it).
+/// and CAP_PERFMON (kernels before 5.8, and the way root holds them).
+/// CAP_PERFMON: without it the verifier refuses pointer arithmetic between
+/// packet pointers (the frame length, `data_end - data`): "pointer -=
+/// pointer prohibited".
 pub fn missing_caps(caps: u64) -> Vec<&'static str> {
     let has = |c: u32| caps & (1u64 << c) != 0;
     let mut missing = Vec::new();
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
     }
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
@@ -162,10 +169,10 @@ mod tests {
     }
 
     #[test]
-    fn unprivileged_lacks_all_three() {
+    fn unprivileged_lacks_all_four() {
         assert_eq!(
             missing_caps(0),
-            vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW"]
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW"]
         );
     }
 
@@ -174,7 +181,9 @@ mod tests {
         let caps = (1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW);
         assert!(missing_caps(caps).is_empty());
         let caps = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW);
-        assert_eq!(missing_caps(caps), vec!["CAP_BPF"]);
+        assert_eq!(missing_caps(caps), vec!["CAP_BPF", "CAP_PERFMON"]);
+        let caps = (1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW);
+        assert_eq!(missing_caps(caps), vec!["CAP_PERFMON"]);
     }
 
     #[test]

@@ -192,7 +192,7 @@ fn missing_privileges_are_named() {
     );
     assert_ne!(code, 0);
     assert!(
-        err.contains("missing privileges: CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW"),
+        err.contains("missing privileges: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_RAW"),
         "{err}"
     );
     // Root without CAP_BPF and CAP_SYS_ADMIN.
