@@ -1,7 +1,10 @@
-//! `loupe`: the operator's command line. It reads the dataplane's stats
-//! report and runs the HSM's CA lifecycle and audit checks (`hsm`); the
-//! control daemon (policy, decryption log, metrics) grows here.
+//! `loupe`: the control process and the operator's command line. `loupe
+//! daemon` owns the policy, the flow log and the metrics (`daemon`); the
+//! other commands talk to it (`client`), check policies (`policy`), or run
+//! the HSM's CA lifecycle and audit checks (`hsm`).
 
+mod client;
+mod daemon;
 mod hsm;
 mod policy;
 
@@ -23,12 +26,42 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Loupe TLS inspection engine: operator CLI"
 )]
 struct Cli {
+    /// The control daemon's socket.
+    #[arg(
+        long,
+        global = true,
+        env = "LOUPE_SOCKET",
+        default_value = "/run/loupe/control.sock"
+    )]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the control daemon: keep the dataplane on the policy, write the
+    /// flow log, serve the CLI and the metrics.
+    Daemon(daemon::DaemonArgs),
+    /// Control's state and the dataplane's: workers, counters, HSM health.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Active flows with their decision and bytes.
+    Flows {
+        /// Only flows whose client, server, server name, rule or state
+        /// contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The flow log.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
     /// Show a running (or stopped) dataplane's stats report.
     Stats {
         /// The file the dataplane writes with --stats-file.
@@ -69,6 +102,145 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Check a policy and make the dataplane run it (atomically: on any
+    /// error the running policy stays).
+    Apply { file: PathBuf },
+    /// The policy the daemon holds (as written; --json: as compiled).
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LogCommand {
+    /// The newest records.
+    Tail {
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
+}
+
+/// One request to the daemon; a refusal is an error.
+fn ctl(socket: &std::path::Path, req: &daemon::CtlRequest) -> anyhow::Result<daemon::CtlResponse> {
+    let r: daemon::CtlResponse = client::call(socket, req, std::time::Duration::from_secs(60))?;
+    for d in &r.diagnostics {
+        eprintln!("{d}");
+    }
+    match (r.ok, &r.error) {
+        (true, _) => Ok(r),
+        (false, e) => anyhow::bail!("{}", e.clone().unwrap_or_else(|| "refused".into())),
+    }
+}
+
+fn status(socket: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let r = ctl(socket, &daemon::CtlRequest::Status)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(c) = &r.control {
+        println!(
+            "loupe control (pid {}, up {:.1}s): dataplane {} {}",
+            c.pid,
+            c.uptime_ms as f64 / 1000.0,
+            c.dataplane_socket,
+            if c.dataplane_connected {
+                "connected"
+            } else {
+                "NOT REACHABLE"
+            }
+        );
+        println!(
+            "policy: {} ({}); flow log {} ({} records written)",
+            c.desired_version.map_or("none applied".into(), |v| format!(
+                "version {v} from {}",
+                c.desired_source.as_deref().unwrap_or("?")
+            )),
+            if c.in_sync {
+                "running in the dataplane"
+            } else {
+                "NOT running in the dataplane"
+            },
+            c.log,
+            c.records_written
+        );
+        if let Some(e) = &c.last_error {
+            println!("last error: {e}");
+        }
+    }
+    if let Some(d) = &r.dataplane {
+        println!();
+        print!("{}", d.render());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn flows(socket: &std::path::Path, filter: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let r = ctl(socket, &daemon::CtlRequest::Status)?;
+    let dp = r.dataplane.context("the dataplane is not reachable")?;
+    let keep = |f: &loupe_dataplane::flow::FlowSummary| {
+        let Some(q) = filter else { return true };
+        let d = f.decision.clone().unwrap_or_default();
+        [
+            f.client.as_str(),
+            f.server.as_str(),
+            d.state.as_str(),
+            d.rule.as_deref().unwrap_or(""),
+            d.sni.as_deref().unwrap_or(""),
+            d.action.map_or("", |a| a.label()),
+        ]
+        .iter()
+        .any(|s| s.contains(q))
+    };
+    let list: Vec<_> = dp
+        .workers
+        .iter()
+        .flat_map(|w| &w.flows)
+        .filter(|f| keep(f))
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<46} {:<46} {:<9} {:<10} {:<24} {:<28} {:>12} {:>12} {:>8}",
+        "client",
+        "server",
+        "state",
+        "action",
+        "rule",
+        "server name",
+        "bytes c->s",
+        "bytes s->c",
+        "age s"
+    );
+    for f in &list {
+        let d = f.decision.clone().unwrap_or_default();
+        let (c2s, s2c) = if d.state == "split" {
+            (d.relayed_c2s, d.relayed_s2c)
+        } else {
+            (f.inside.bytes, f.outside.bytes)
+        };
+        println!(
+            "{:<46} {:<46} {:<9} {:<10} {:<24} {:<28} {:>12} {:>12} {:>8.1}",
+            f.client,
+            f.server,
+            if d.state.is_empty() {
+                "observed"
+            } else {
+                &d.state
+            },
+            d.action.map_or("-", |a| a.label()),
+            d.rule.as_deref().unwrap_or("-"),
+            d.sni.as_deref().unwrap_or("-"),
+            c2s,
+            s2c,
+            f.age_ms as f64 / 1000.0
+        );
+    }
+    println!("{} flow(s)", list.len());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn policy_check(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
@@ -136,7 +308,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { hsm, command } => hsm::audit(&hsm, command),
         Command::Policy { command } => match command {
             PolicyCommand::Check { file, json } => policy_check(&file, json),
+            PolicyCommand::Apply { file } => {
+                let r = ctl(&cli.socket, &daemon::apply_request(&file)?)?;
+                println!(
+                    "applied {}: the dataplane runs policy version {}",
+                    file.display(),
+                    r.version.unwrap_or_default()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            PolicyCommand::Show { json } => {
+                let r = ctl(&cli.socket, &daemon::CtlRequest::PolicyShow)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r.policy)?);
+                } else {
+                    let p = r.policy.context("no policy in the answer")?;
+                    println!(
+                        "# version {} from {} (digest {})",
+                        p.version, p.source, p.digest
+                    );
+                    print!("{}", r.policy_text.unwrap_or_default());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
         },
+        Command::Status { json } => status(&cli.socket, json),
+        Command::Flows { filter, json } => flows(&cli.socket, filter.as_deref(), json),
+        Command::Log {
+            command: LogCommand::Tail { lines },
+        } => {
+            let r = ctl(&cli.socket, &daemon::CtlRequest::LogTail { lines })?;
+            for l in r.lines {
+                println!("{l}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Daemon(args) => {
+            let cfg = args.config(cli.socket)?;
+            daemon::run(cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

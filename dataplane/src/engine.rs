@@ -227,6 +227,13 @@ pub fn run(
         None => None,
     };
     drop(req_tx);
+    // Without a socket nothing ever asks: a channel that never delivers,
+    // rather than a disconnected one that is always ready.
+    let req_rx = if api.is_some() {
+        req_rx
+    } else {
+        crossbeam::channel::never()
+    };
     let attached = classifier
         .attach(&cfg.inside, cfg.mode)
         .and_then(|()| classifier.attach(&cfg.outside, cfg.mode));

@@ -519,25 +519,8 @@ impl Splitter {
     }
 
     /// Sends a connection's record to the flow log.
-    fn log(&mut self, meta: &Meta, (c2s, s2c): (u64, u64), end: &str) {
-        let end_ms = unix_ms();
-        let duration_ms = meta.opened.elapsed().as_millis() as u64;
-        self.events.push(FlowLogEntry {
-            start_ms: end_ms.saturating_sub(duration_ms),
-            end_ms,
-            client: endpoint(&meta.key.src, meta.key.src_port),
-            server: endpoint(&meta.key.dst, meta.key.dst_port),
-            sni: meta.sni.clone(),
-            alpn: meta.alpn.clone(),
-            action: meta.action,
-            rule: meta.rule.clone(),
-            policy_version: meta.policy_version,
-            bytes_c2s: c2s,
-            bytes_s2c: s2c,
-            duration_ms,
-            end: end.into(),
-            note: meta.note.map(Into::into),
-        });
+    fn log(&mut self, meta: &Meta, relayed: (u64, u64), end: &str) {
+        self.events.push(log_entry(meta, relayed, end));
     }
 
     /// Leaves a connection to the kernel for good (held frames go out
@@ -677,18 +660,16 @@ impl Splitter {
             templates[to.other().index()].build(&seg, &mut buf);
             self.out.push((to, buf));
         }
+        // Logged when the bytes are through, not after TIME-WAIT.
+        if !meta.logged && split.finished() {
+            meta.logged = true;
+            self.events
+                .push(log_entry(meta, split.relayed(), end_reason(split)));
+        }
         if split.done() {
             absorb(&mut self.counters, split);
             self.ops.push(MapOp::Forget(meta.key));
-            let meta = std::mem::replace(&mut flow.entry, Entry::Ended);
-            if let Entry::Split { split, meta, .. } = meta {
-                if !meta.logged {
-                    self.log(&meta, split.relayed(), end_reason(&split));
-                }
-            }
-            let Some(flow) = self.flows.get_mut(&id) else {
-                return;
-            };
+            flow.entry = Entry::Ended;
             flow.since = self.epoch;
             self.evictable[SETTLED].push_back((self.epoch, id));
             self.epoch += 1;
@@ -821,7 +802,10 @@ impl Splitter {
         let mut n = 0;
         let (mut c2s, mut s2c) = (0, 0);
         for f in self.flows.values() {
-            if let Entry::Split { split, .. } = &f.entry {
+            if let Entry::Split { split, meta, .. } = &f.entry {
+                if meta.action == Some(Action::Block) {
+                    continue; // refused, not relaying
+                }
                 n += 1;
                 let (a, b) = split.relayed();
                 c2s += a;
@@ -829,6 +813,28 @@ impl Splitter {
             }
         }
         (n, c2s, s2c)
+    }
+}
+
+/// A connection's record for the flow log.
+fn log_entry(meta: &Meta, (c2s, s2c): (u64, u64), end: &str) -> FlowLogEntry {
+    let end_ms = unix_ms();
+    let duration_ms = meta.opened.elapsed().as_millis() as u64;
+    FlowLogEntry {
+        start_ms: end_ms.saturating_sub(duration_ms),
+        end_ms,
+        client: endpoint(&meta.key.src, meta.key.src_port),
+        server: endpoint(&meta.key.dst, meta.key.dst_port),
+        sni: meta.sni.clone(),
+        alpn: meta.alpn.clone(),
+        action: meta.action,
+        rule: meta.rule.clone(),
+        policy_version: meta.policy_version,
+        bytes_c2s: c2s,
+        bytes_s2c: s2c,
+        duration_ms,
+        end: end.into(),
+        note: meta.note.map(Into::into),
     }
 }
 

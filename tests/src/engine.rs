@@ -41,12 +41,31 @@ impl Engine {
         extra: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> anyhow::Result<Engine> {
+        Engine::start_wrapped(h, &[], extra, env)
+    }
+
+    /// [`Engine::start_with_env`] under a wrapper command (e.g. `setpriv`
+    /// with a reduced capability set): `wrapper... loupe-dataplane ...`.
+    pub fn start_wrapped(
+        h: &Harness,
+        wrapper: &[&str],
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Engine> {
         let stats_path = h.dir.join(format!(
             "engine-{}.json",
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let bin = workspace_bin("loupe-dataplane");
-        let mut cmd = h.engine.command(bin.to_str().context("binary path")?);
+        let bin = bin.to_str().context("binary path")?;
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = h.engine.command(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => h.engine.command(bin),
+        };
         cmd.args([
             "--inside",
             INSIDE_IF,

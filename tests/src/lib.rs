@@ -7,6 +7,7 @@
 //! or panic: processes it started (by PID), its namespaces (and with them
 //! every link and XDP program in them), its temporary directory.
 
+pub mod control;
 pub mod engine;
 pub mod frames;
 pub mod harness;

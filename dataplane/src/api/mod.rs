@@ -15,7 +15,7 @@ use std::{
     os::unix::net::{UnixListener, UnixStream},
     path::PathBuf,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     thread,
@@ -95,15 +95,12 @@ pub struct ApiConfig {
 
 /// Flow records waiting for a subscriber, at most this many.
 pub const BACKLOG: usize = 100_000;
-/// Connections served at once.
-const MAX_CLIENTS: usize = 32;
 /// How long a reader may stall the event stream before it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Shared {
     stop: AtomicBool,
-    clients: AtomicUsize,
     subscriber: Mutex<Option<UnixStream>>,
     subscribed: AtomicBool,
     backlog: AtomicU64,
@@ -165,55 +162,26 @@ fn accept_loop(
     engine: Sender<EngineRequest>,
     policy: Arc<PolicyCell>,
 ) {
-    while !shared.stop.load(Ordering::Relaxed) {
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            Err(e) => {
-                eprintln!("loupe-dataplane: control socket: accept: {e}");
-                thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-        };
-        let _ = stream.set_nonblocking(false);
-        let who = unix::peer(&stream);
-        let verdict = match &who {
-            Ok(p) => unix::check(p, access),
-            Err(e) => Err(format!("cannot read the peer's credentials: {e}")),
-        };
-        if let Err(why) = verdict {
-            eprintln!("loupe-dataplane: control socket: refused a client: {why}");
-            let _ = reply(&mut &stream, &Response::error(why));
-            continue;
-        }
-        if shared.clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
-            let _ = reply(
-                &mut &stream,
-                &Response::error("too many clients; try again"),
-            );
-            continue;
-        }
-        shared.clients.fetch_add(1, Ordering::Relaxed);
-        let (shared2, engine, policy) = (shared.clone(), engine.clone(), policy.clone());
-        let spawned = thread::Builder::new()
-            .name("loupe-api-client".into())
-            .spawn(move || {
-                serve(stream, &shared2, &engine, &policy);
-                shared2.clients.fetch_sub(1, Ordering::Relaxed);
-            });
-        if spawned.is_err() {
-            shared.clients.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
+    let handler_shared = shared.clone();
+    unix::accept_loop(
+        &listener,
+        access,
+        &shared.stop,
+        "loupe-dataplane: control socket",
+        |why| line(&Response::error(why)),
+        move |stream| serve(stream, &handler_shared, &engine, &policy),
+    );
+}
+
+/// A message as one line.
+pub fn line(r: &impl Serialize) -> Vec<u8> {
+    let mut l = serde_json::to_vec(r).unwrap_or_default();
+    l.push(b'\n');
+    l
 }
 
 fn reply(w: &mut impl Write, r: &Response) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    w.write_all(&line)
+    w.write_all(&line(r))
 }
 
 /// Answers one client's requests until it hangs up (or subscribes).
@@ -223,10 +191,10 @@ fn serve(stream: UnixStream, shared: &Shared, engine: &Sender<EngineRequest>, ce
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(read_half);
+    let mut reader = unix::LineReader::new(BufReader::new(read_half));
     let mut out = &stream;
     loop {
-        let line = match unix::read_line(&mut reader) {
+        let line = match reader.read_line() {
             Ok(Some(l)) => l,
             Ok(None) => return,
             Err(e)

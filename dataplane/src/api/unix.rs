@@ -4,12 +4,18 @@
 
 use std::{
     ffi::CString,
-    io::{self, BufRead},
+    io::{self, BufRead, Write},
     os::unix::{
         fs::PermissionsExt,
         net::{UnixListener, UnixStream},
     },
     path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
 };
 
 /// The longest message accepted (a compiled policy with large category
@@ -149,40 +155,119 @@ pub fn check(peer: &Peer, access: Access) -> Result<(), String> {
     ))
 }
 
-/// Reads one line of at most [`MAX_MESSAGE`] bytes, without its newline;
-/// `None` at the end of the stream. A longer line is an error (and the
-/// connection is not worth reading further).
-pub fn read_line(r: &mut impl BufRead) -> io::Result<Option<String>> {
-    let mut buf = Vec::new();
-    loop {
-        let chunk = r.fill_buf()?;
-        if chunk.is_empty() {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the message ends without a newline",
-                ))
-            };
-        }
-        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (chunk.len(), false),
+/// Connections served at once by [`accept_loop`].
+pub const MAX_CLIENTS: usize = 32;
+
+/// Accepts clients on a non-blocking `listener` until `stop`: a peer
+/// [`check`] refuses is answered `refusal(why)` and closed; the others are
+/// served by `handle`, each on a thread of its own (at most
+/// [`MAX_CLIENTS`] at once). `who` names the server in its log lines.
+pub fn accept_loop(
+    listener: &UnixListener,
+    access: Access,
+    stop: &AtomicBool,
+    who: &str,
+    refusal: impl Fn(&str) -> Vec<u8>,
+    handle: impl Fn(UnixStream) + Clone + Send + 'static,
+) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        let mut stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(e) => {
+                eprintln!("{who}: accept: {e}");
+                thread::sleep(Duration::from_millis(200));
+                continue;
+            }
         };
-        buf.extend_from_slice(&chunk[..take]);
-        r.consume(take);
-        if buf.len() > MAX_MESSAGE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("a message longer than {MAX_MESSAGE} bytes"),
-            ));
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        let verdict = match peer(&stream) {
+            Ok(p) => check(&p, access),
+            Err(e) => Err(format!("cannot read the peer's credentials: {e}")),
+        };
+        let refused = match verdict {
+            Err(why) => {
+                eprintln!("{who}: refused a client: {why}");
+                Some(why)
+            }
+            Ok(()) if clients.load(Ordering::Relaxed) >= MAX_CLIENTS => {
+                Some("too many clients; try again".into())
+            }
+            Ok(()) => None,
+        };
+        if let Some(why) = refused {
+            let _ = stream.write_all(&refusal(&why));
+            continue;
         }
-        if done {
-            buf.pop();
-            return String::from_utf8(buf)
-                .map(Some)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a message not in UTF-8"));
+        clients.fetch_add(1, Ordering::Relaxed);
+        let (clients2, handle) = (clients.clone(), handle.clone());
+        let spawned = thread::Builder::new()
+            .name("loupe-sock-client".into())
+            .spawn(move || {
+                handle(stream);
+                clients2.fetch_sub(1, Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            clients.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Reads newline-delimited messages of at most [`MAX_MESSAGE`] bytes.
+/// A read timeout in the middle of a line loses nothing: the part read
+/// waits for the rest.
+pub struct LineReader<R> {
+    inner: R,
+    partial: Vec<u8>,
+}
+
+impl<R: BufRead> LineReader<R> {
+    pub fn new(inner: R) -> Self {
+        LineReader {
+            inner,
+            partial: Vec::new(),
+        }
+    }
+
+    /// The next line without its newline; `None` at the end of the stream.
+    /// A longer line is an error (and the stream is not worth reading on).
+    pub fn read_line(&mut self) -> io::Result<Option<String>> {
+        loop {
+            let chunk = self.inner.fill_buf()?;
+            if chunk.is_empty() {
+                return if self.partial.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the message ends without a newline",
+                    ))
+                };
+            }
+            let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (chunk.len(), false),
+            };
+            self.partial.extend_from_slice(&chunk[..take]);
+            self.inner.consume(take);
+            if self.partial.len() > MAX_MESSAGE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a message longer than {MAX_MESSAGE} bytes"),
+                ));
+            }
+            if done {
+                let mut line = std::mem::take(&mut self.partial);
+                line.pop();
+                return String::from_utf8(line).map(Some).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, "a message not in UTF-8")
+                });
+            }
         }
     }
 }
@@ -193,16 +278,47 @@ mod tests {
 
     #[test]
     fn lines_are_bounded_and_split() {
-        let mut r = io::Cursor::new(b"{\"a\":1}\n{\"b\":2}\npartial".to_vec());
-        assert_eq!(read_line(&mut r).unwrap().as_deref(), Some("{\"a\":1}"));
-        assert_eq!(read_line(&mut r).unwrap().as_deref(), Some("{\"b\":2}"));
-        assert!(read_line(&mut r).is_err());
-        let mut empty = io::Cursor::new(Vec::new());
-        assert_eq!(read_line(&mut empty).unwrap(), None);
-        let mut huge =
-            io::BufReader::new(io::Read::take(io::repeat(b'x'), MAX_MESSAGE as u64 + 10));
-        let e = read_line(&mut huge).unwrap_err();
+        let text = b"{\"a\":1}\n{\"b\":2}\npartial".to_vec();
+        let mut r = LineReader::new(io::Cursor::new(text));
+        assert_eq!(r.read_line().unwrap().as_deref(), Some("{\"a\":1}"));
+        assert_eq!(r.read_line().unwrap().as_deref(), Some("{\"b\":2}"));
+        assert!(r.read_line().is_err());
+        let mut empty = LineReader::new(io::Cursor::new(Vec::new()));
+        assert_eq!(empty.read_line().unwrap(), None);
+        let huge = io::Read::take(io::repeat(b'x'), MAX_MESSAGE as u64 + 10);
+        let e = LineReader::new(io::BufReader::new(huge))
+            .read_line()
+            .unwrap_err();
         assert!(e.to_string().contains("longer than"), "{e}");
+    }
+
+    /// A reader that times out once in the middle of a line.
+    struct Stutter(Vec<Result<&'static [u8], io::ErrorKind>>, usize);
+
+    impl io::Read for Stutter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.0.get(self.1).copied() {
+                None => Ok(0),
+                Some(step) => {
+                    self.1 += 1;
+                    let b = step.map_err(io::Error::from)?;
+                    buf[..b.len()].copy_from_slice(b);
+                    Ok(b.len())
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_timeout_mid_line_loses_nothing() {
+        let steps = vec![
+            Ok(&b"{\"ev"[..]),
+            Err(io::ErrorKind::WouldBlock),
+            Ok(&b"ent\":1}\n"[..]),
+        ];
+        let mut r = LineReader::new(io::BufReader::new(Stutter(steps, 0)));
+        assert_eq!(r.read_line().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(r.read_line().unwrap().as_deref(), Some("{\"event\":1}"));
     }
 
     #[test]

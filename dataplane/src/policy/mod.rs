@@ -424,19 +424,16 @@ impl Policy {
     }
 
     /// The steering the rules need: the ports and server prefixes of every
-    /// rule that may act on a connection (any action but `no-decrypt`),
-    /// the default action's too, and the policy's exemptions. A
-    /// `no-decrypt` rule still sees the connections that reach it (and
-    /// logs them); only `exempt` keeps addresses out of userspace.
+    /// rule (a `no-decrypt` rule's connections are steered too, held for
+    /// their ClientHello, decided and logged, then handed to the XDP fast
+    /// path), the default action's unless it is `no-decrypt` (connections
+    /// no rule names are then never seen), and the policy's exemptions,
+    /// which keep addresses out of userspace altogether.
     pub fn steering(&self) -> Result<Steering, String> {
         let all = || crate::config::default_steer_prefixes();
         let mut ports = Vec::new();
         let mut prefixes = Vec::new();
-        let acting = self
-            .rules
-            .iter()
-            .filter(|r| r.action != Action::NoDecrypt)
-            .map(|r| &r.matcher);
+        let acting = self.rules.iter().map(|r| &r.matcher);
         let default = Match::default();
         let default_acts = self.default_action != Action::NoDecrypt;
         for m in acting.chain(default_acts.then_some(&default)) {
@@ -727,14 +724,15 @@ mod tests {
     }
 
     #[test]
-    fn steering_follows_the_acting_rules() {
+    fn steering_follows_the_rules() {
         let mut p = policy(
             vec![
                 rule(
                     "exempt",
                     Action::NoDecrypt,
                     Match {
-                        ports: vec!["8000-8999".parse().unwrap()],
+                        dst: prefixes(&["198.18.0.0/25"]),
+                        ports: vec!["8443".parse().unwrap()],
                         ..Match::default()
                     },
                 ),
@@ -755,8 +753,8 @@ mod tests {
         assert_eq!(s.ports, vec![443, 8443]);
         assert_eq!(s.prefixes, prefixes(&["198.18.0.0/24"]));
         assert_eq!(s.exempt, prefixes(&["198.18.0.99/32"]));
-        // Nothing acts: nothing is steered.
-        p.rules.remove(1);
+        // No rule: nothing is steered.
+        p.rules.clear();
         let s = p.steering().unwrap();
         assert!(s.ports.is_empty() && s.prefixes.is_empty());
         // The default acts on every address of the TLS ports.

@@ -418,6 +418,14 @@ impl Split {
         self.server.poll_transmit(now).map(|s| (Dir::Server, s))
     }
 
+    /// Both halves are through with their bytes: closed, or waiting out
+    /// TIME-WAIT.
+    pub fn finished(&self) -> bool {
+        [&self.client, &self.server]
+            .iter()
+            .all(|c| matches!(c.state(), State::Closed | State::TimeWait))
+    }
+
     /// Both halves are closed (cleanly or not).
     pub fn done(&self) -> bool {
         self.client.state() == State::Closed && self.server.state() == State::Closed

@@ -1,0 +1,434 @@
+//! Prometheus text-format metrics (exposition format 0.0.4) on a loopback
+//! address: the dataplane's counters as of the scrape, and the control
+//! process's own.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use loupe_dataplane::stats::StatsReport;
+
+/// What the control process counts itself.
+#[derive(Clone, Debug, Default)]
+pub struct ControlCounters {
+    /// Flow log records written, by (action, end).
+    pub records: BTreeMap<(String, String), u64>,
+    pub log_errors: u64,
+    pub dataplane_reconnects: u64,
+    pub applies_ok: u64,
+    pub applies_rejected: u64,
+    /// The desired policy's version and whether the dataplane runs it.
+    pub desired_version: Option<u64>,
+    pub in_sync: bool,
+}
+
+struct Out(String);
+
+impl Out {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let v = v
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(self.0, "{k}=\"{v}\"");
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.head(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
+/// The exposition text for one scrape.
+pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
+    let mut o = Out(String::new());
+    o.one(
+        "loupe_dataplane_up",
+        "gauge",
+        "Whether the control process reaches the dataplane.",
+        u8::from(dp.is_some()),
+    );
+    o.one(
+        "loupe_policy_in_sync",
+        "gauge",
+        "Whether the dataplane runs the policy control last applied.",
+        u8::from(ctl.in_sync),
+    );
+    if let Some(v) = ctl.desired_version {
+        o.one(
+            "loupe_policy_desired_version",
+            "gauge",
+            "Version of the policy control holds.",
+            v,
+        );
+    }
+    o.one(
+        "loupe_policy_applies_total",
+        "counter",
+        "Policies the dataplane accepted.",
+        ctl.applies_ok,
+    );
+    o.one(
+        "loupe_policy_rejections_total",
+        "counter",
+        "Policies refused (by the checks or by the dataplane); the running one stayed.",
+        ctl.applies_rejected,
+    );
+    o.one(
+        "loupe_dataplane_reconnects_total",
+        "counter",
+        "Times control (re)connected to the dataplane.",
+        ctl.dataplane_reconnects,
+    );
+    o.head(
+        "loupe_flow_log_records_total",
+        "counter",
+        "Flow log records written, by action and end.",
+    );
+    for ((action, end), n) in &ctl.records {
+        o.sample(
+            "loupe_flow_log_records_total",
+            &[("action", action), ("end", end)],
+            n,
+        );
+    }
+    o.one(
+        "loupe_flow_log_errors_total",
+        "counter",
+        "Flow log writes that failed.",
+        ctl.log_errors,
+    );
+    let Some(r) = dp else {
+        return o.0;
+    };
+    if let Some(p) = &r.policy {
+        o.one(
+            "loupe_policy_version",
+            "gauge",
+            "Version of the policy the dataplane runs.",
+            p.version,
+        );
+    }
+    o.one(
+        "loupe_dataplane_uptime_seconds",
+        "gauge",
+        "Dataplane uptime.",
+        r.uptime_ms as f64 / 1000.0,
+    );
+    o.head(
+        "loupe_xdp_packets_total",
+        "counter",
+        "Frames by XDP path (fast path, steered, dropped...).",
+    );
+    for (path, c) in &r.xdp {
+        o.sample("loupe_xdp_packets_total", &[("path", path)], c.packets);
+    }
+    o.head("loupe_xdp_bytes_total", "counter", "Bytes by XDP path.");
+    for (path, c) in &r.xdp {
+        o.sample("loupe_xdp_bytes_total", &[("path", path)], c.bytes);
+    }
+    o.head(
+        "loupe_worker_packets_total",
+        "counter",
+        "Frames through the AF_XDP workers.",
+    );
+    for w in &r.workers {
+        let id = w.id.to_string();
+        for (dir, side, c) in [
+            ("rx", "inside", w.counters.rx_inside),
+            ("rx", "outside", w.counters.rx_outside),
+            ("tx", "inside", w.counters.tx_inside),
+            ("tx", "outside", w.counters.tx_outside),
+        ] {
+            o.sample(
+                "loupe_worker_packets_total",
+                &[("worker", &id), ("dir", dir), ("side", side)],
+                c.packets,
+            );
+        }
+    }
+    let sp = r.split_total();
+    o.head(
+        "loupe_decisions_total",
+        "counter",
+        "Connections by what became of them at the decision point.",
+    );
+    for (outcome, n) in [
+        ("split", sp.split),
+        ("no-decrypt", sp.policy_pass),
+        ("refused", sp.refused),
+        ("hold-timeout", sp.hold_timeouts),
+        ("hold-overflow", sp.hold_overflows),
+        ("passthrough", sp.passthrough),
+    ] {
+        o.sample("loupe_decisions_total", &[("outcome", outcome)], n);
+    }
+    o.head(
+        "loupe_handshakes_total",
+        "counter",
+        "Openings seen at the decision point.",
+    );
+    for (opening, n) in [
+        ("client-hello", sp.hellos),
+        ("not-tls", sp.not_tls),
+        ("server-first", sp.server_first),
+    ] {
+        o.sample("loupe_handshakes_total", &[("opening", opening)], n);
+    }
+    o.one(
+        "loupe_split_active",
+        "gauge",
+        "Split connections now.",
+        sp.active,
+    );
+    o.head(
+        "loupe_split_bytes_total",
+        "counter",
+        "Bytes relayed by split connections.",
+    );
+    o.sample("loupe_split_bytes_total", &[("dir", "c2s")], sp.bytes_c2s);
+    o.sample("loupe_split_bytes_total", &[("dir", "s2c")], sp.bytes_s2c);
+    o.one(
+        "loupe_split_retransmits_total",
+        "counter",
+        "Segments retransmitted by split halves.",
+        sp.retransmits,
+    );
+    o.one(
+        "loupe_flow_log_backlog",
+        "gauge",
+        "Flow records queued in the dataplane for control.",
+        r.log_queue.backlog,
+    );
+    o.one(
+        "loupe_flow_log_dropped_total",
+        "counter",
+        "Flow records lost in the dataplane (queue full).",
+        r.log_queue.dropped + sp.log_dropped,
+    );
+    if !r.hsm.is_empty() {
+        o.head("loupe_hsm_up", "gauge", "Whether each HSM token answers.");
+        for h in &r.hsm {
+            o.sample("loupe_hsm_up", &[("token", &h.token)], u8::from(h.up));
+        }
+        o.head(
+            "loupe_hsm_queue_depth",
+            "gauge",
+            "Signing requests waiting per token.",
+        );
+        for h in &r.hsm {
+            o.sample(
+                "loupe_hsm_queue_depth",
+                &[("token", &h.token)],
+                h.queue_depth,
+            );
+        }
+        o.head(
+            "loupe_hsm_requests_total",
+            "counter",
+            "Signing requests by result.",
+        );
+        for h in &r.hsm {
+            for (result, n) in [
+                ("signed", h.signed),
+                ("failed", h.failed),
+                ("timed-out", h.timed_out),
+                ("rejected-full", h.rejected_full),
+                ("rejected-down", h.rejected_down),
+            ] {
+                o.sample(
+                    "loupe_hsm_requests_total",
+                    &[("token", &h.token), ("result", result)],
+                    n,
+                );
+            }
+        }
+        let name = "loupe_hsm_sign_latency_seconds";
+        o.head(
+            name,
+            "histogram",
+            "Time from a signing request to its answer.",
+        );
+        for h in &r.hsm {
+            let mut cumulative = 0;
+            for (i, n) in h.latency.counts.iter().enumerate() {
+                cumulative += n;
+                let le = h
+                    .latency
+                    .bounds_us
+                    .get(i)
+                    .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+                o.sample(
+                    &format!("{name}_bucket"),
+                    &[("token", &h.token), ("le", &le)],
+                    cumulative,
+                );
+            }
+            o.sample(
+                &format!("{name}_sum"),
+                &[("token", &h.token)],
+                h.latency.sum_us as f64 / 1e6,
+            );
+            o.sample(&format!("{name}_count"), &[("token", &h.token)], cumulative);
+        }
+    }
+    o.0
+}
+
+/// Serves `GET /metrics` on `addr` (loopback only) until `stop`.
+pub fn serve(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    scrape: impl Fn() -> String + Send + 'static,
+) -> anyhow::Result<thread::JoinHandle<()>> {
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "--metrics {addr}: metrics are served on a loopback address only (127.0.0.1 or ::1)"
+    );
+    let listener = TcpListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(thread::Builder::new()
+        .name("loupe-metrics".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = answer(s, &scrape);
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        })?)
+}
+
+fn answer(mut s: TcpStream, scrape: &impl Fn() -> String) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let first = String::from_utf8_lossy(&head);
+    let mut parts = first.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body, kind) = if method == "GET" && (target == "/metrics" || target == "/") {
+        (
+            "200 OK",
+            scrape(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    } else {
+        (
+            "404 Not Found",
+            "only GET /metrics is served\n".to_string(),
+            "text/plain",
+        )
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(reply.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_dataplane_only_control_metrics() {
+        let mut c = ControlCounters::default();
+        c.records.insert(("tcp-split".into(), "closed".into()), 3);
+        let t = render(None, &c);
+        assert!(t.contains("loupe_dataplane_up 0\n"), "{t}");
+        assert!(t.contains("loupe_flow_log_records_total{action=\"tcp-split\",end=\"closed\"} 3\n"));
+        assert!(!t.contains("loupe_xdp_packets_total"));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut r = StatsReport::default();
+        r.hsm.push(loupe_hsm::signer::TokenHealth {
+            token: "t".into(),
+            up: true,
+            last_error: None,
+            queue_depth: 2,
+            submitted: 5,
+            signed: 5,
+            failed: 0,
+            timed_out: 0,
+            abandoned: 0,
+            rejected_full: 0,
+            rejected_down: 0,
+            recoveries: 0,
+            latency: loupe_hsm::signer::Latency {
+                bounds_us: vec![100, 1000],
+                counts: vec![1, 3, 1],
+                sum_us: 2_500,
+            },
+        });
+        let t = render(Some(&r), &ControlCounters::default());
+        for want in [
+            "loupe_hsm_sign_latency_seconds_bucket{token=\"t\",le=\"0.0001\"} 1\n",
+            "loupe_hsm_sign_latency_seconds_bucket{token=\"t\",le=\"0.001\"} 4\n",
+            "loupe_hsm_sign_latency_seconds_bucket{token=\"t\",le=\"+Inf\"} 5\n",
+            "loupe_hsm_sign_latency_seconds_count{token=\"t\"} 5\n",
+            "loupe_hsm_sign_latency_seconds_sum{token=\"t\"} 0.0025\n",
+            "loupe_hsm_queue_depth{token=\"t\"} 2\n",
+            "loupe_dataplane_up 1\n",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+        // Every sample line belongs to a declared metric.
+        let declared: Vec<&str> = t
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        for l in t.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            assert!(
+                declared.iter().any(|d| name.starts_with(d)),
+                "{name} undeclared"
+            );
+        }
+    }
+
+    #[test]
+    fn only_loopback_is_served() {
+        let stop = Arc::new(AtomicBool::new(true));
+        let e = serve("198.18.0.1:9464".parse().unwrap(), stop, String::new).unwrap_err();
+        assert!(e.to_string().contains("loopback"), "{e}");
+    }
+}

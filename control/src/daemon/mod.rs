@@ -1,0 +1,718 @@
+//! `loupe daemon`: the control process. It holds the desired policy (the
+//! last one applied, kept in its state directory across restarts), keeps
+//! the dataplane running it (re-syncing whenever it (re)connects), writes
+//! the flow log from the records the dataplane streams, serves the CLI on
+//! its own socket and Prometheus metrics on loopback.
+//!
+//! The dataplane does not depend on it: if this process dies, traffic goes
+//! on under the last policy and records queue in the dataplane until a
+//! daemon subscribes again.
+
+pub mod log;
+pub mod metrics;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufReader, Write},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use loupe_dataplane::{
+    api::{self, unix, Request, Response},
+    policy::Policy,
+    stats::StatsReport,
+};
+use serde::{Deserialize, Serialize};
+
+use self::{
+    log::{FlowLog, LogConfig},
+    metrics::ControlCounters,
+};
+use crate::{
+    client::{self, Conn},
+    policy::{self as lang, DataplaneSpec},
+};
+
+/// A request from the CLI.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum CtlRequest {
+    /// Control's state and the dataplane's report (flows included).
+    Status,
+    /// The policy control holds, as compiled and as written.
+    PolicyShow,
+    /// Check, compile and apply a policy. The CLI sends the text of the
+    /// policy and of the files it names (it reads them as its user).
+    PolicyApply {
+        path: String,
+        text: String,
+        files: BTreeMap<String, String>,
+    },
+    /// The newest lines of the flow log.
+    LogTail { lines: usize },
+}
+
+/// Control's own state, as `loupe status` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ControlStatus {
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub dataplane_socket: String,
+    pub dataplane_connected: bool,
+    /// The last problem reaching or syncing the dataplane.
+    pub last_error: Option<String>,
+    pub desired_version: Option<u64>,
+    pub desired_digest: Option<String>,
+    pub desired_source: Option<String>,
+    /// The dataplane runs the desired policy.
+    pub in_sync: bool,
+    pub log: String,
+    pub records_written: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CtlResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Errors and warnings of a policy check, as file:line:col lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub diagnostics: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<Box<StatsReport>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Box<Policy>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_text: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<String>,
+}
+
+impl CtlResponse {
+    fn error(e: impl Into<String>) -> CtlResponse {
+        CtlResponse {
+            ok: false,
+            error: Some(e.into()),
+            ..CtlResponse::default()
+        }
+    }
+}
+
+/// `loupe daemon`'s options.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// The dataplane's control socket (its --control-socket).
+    #[arg(long, default_value = "/run/loupe/dataplane.sock")]
+    dataplane: PathBuf,
+    /// Group (name or id) allowed on the CLI socket besides root.
+    #[arg(long)]
+    group: Option<String>,
+    /// The policy to run when none was applied yet (the last applied
+    /// one, kept in --state-dir, wins).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    #[arg(long, default_value = "/var/lib/loupe")]
+    state_dir: PathBuf,
+    /// The flow and decryption log (JSON lines).
+    #[arg(long, default_value = "/var/log/loupe/flows.jsonl")]
+    log: PathBuf,
+    /// Rotate the log beyond this many MiB.
+    #[arg(long, default_value_t = 64)]
+    log_max_mib: u64,
+    /// Rotated log files kept.
+    #[arg(long, default_value_t = 5)]
+    log_keep: usize,
+    /// Serve Prometheus metrics here (loopback only), or `off`.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics: String,
+}
+
+impl DaemonArgs {
+    /// The configuration, serving the CLI on `socket`.
+    pub fn config(self, socket: PathBuf) -> anyhow::Result<DaemonConfig> {
+        let group = self
+            .group
+            .as_deref()
+            .map(unix::group_id)
+            .transpose()
+            .context("--group")?;
+        let metrics = match self.metrics.as_str() {
+            "off" | "none" => None,
+            m => Some(
+                m.parse()
+                    .with_context(|| format!("--metrics {m:?}: expected ADDRESS:PORT or off"))?,
+            ),
+        };
+        Ok(DaemonConfig {
+            dataplane: self.dataplane,
+            socket,
+            access: unix::Access { group },
+            policy: self.policy,
+            state_dir: self.state_dir,
+            log: LogConfig {
+                path: self.log,
+                max_bytes: self.log_max_mib.max(1) << 20,
+                keep: self.log_keep,
+            },
+            metrics,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub dataplane: PathBuf,
+    pub socket: PathBuf,
+    pub access: unix::Access,
+    pub policy: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub log: LogConfig,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// A policy as applied: its sources (so it can be shown and recompiled)
+/// and what they compiled to.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Sources {
+    path: String,
+    text: String,
+    files: BTreeMap<String, String>,
+    /// The version it last ran under.
+    version: u64,
+}
+
+struct Desired {
+    sources: Sources,
+    policy: Policy,
+    spec: DataplaneSpec,
+}
+
+impl Sources {
+    fn compile(&self) -> (Option<Desired>, Vec<String>) {
+        let files = self.files.clone();
+        let checked = lang::compile(Path::new(&self.path), &self.text, &move |p| {
+            files.get(&p.display().to_string()).cloned().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the CLI could not read it")
+            })
+        });
+        let diagnostics = checked.diagnostics.iter().map(|d| d.to_string()).collect();
+        let desired = checked.policy.map(|mut policy| {
+            policy.version = self.version;
+            Desired {
+                sources: self.clone(),
+                policy,
+                spec: checked.dataplane,
+            }
+        });
+        (desired, diagnostics)
+    }
+
+    /// Reads a policy and the files it names from disk.
+    fn read(path: &Path) -> anyhow::Result<Sources> {
+        let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the policy {}", path.display()))?;
+        let files = std::cell::RefCell::new(BTreeMap::new());
+        // Compile once to learn which files it names.
+        let _ = lang::compile(path, &text, &|p| {
+            let t = std::fs::read_to_string(p);
+            if let Ok(t) = &t {
+                files
+                    .borrow_mut()
+                    .insert(p.display().to_string(), t.clone());
+            }
+            t
+        });
+        let files = files.into_inner();
+        Ok(Sources {
+            path: path.display().to_string(),
+            text,
+            files,
+            version: 0,
+        })
+    }
+}
+
+/// Reads a policy from disk for `policy apply`: the CLI's side.
+pub fn apply_request(path: &Path) -> anyhow::Result<CtlRequest> {
+    let s = Sources::read(path)?;
+    Ok(CtlRequest::PolicyApply {
+        path: s.path,
+        text: s.text,
+        files: s.files,
+    })
+}
+
+struct State {
+    desired: Option<Desired>,
+    connected: bool,
+    last_error: Option<String>,
+    counters: ControlCounters,
+    log: FlowLog,
+}
+
+struct Daemon {
+    cfg: DaemonConfig,
+    state: Mutex<State>,
+    /// One apply at a time (CLI and re-sync).
+    applying: Mutex<()>,
+    started: Instant,
+    stop: Arc<AtomicBool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const DP_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Daemon {
+    fn state_file(&self) -> PathBuf {
+        self.cfg.state_dir.join("policy.json")
+    }
+
+    fn dataplane_status(&self) -> anyhow::Result<StatsReport> {
+        let r: Response = client::call(&self.cfg.dataplane, &Request::Status, DP_TIMEOUT)?;
+        match (r.ok, r.status) {
+            (true, Some(s)) => Ok(*s),
+            _ => anyhow::bail!(
+                "the dataplane refused: {}",
+                r.error.unwrap_or_else(|| "no status".into())
+            ),
+        }
+    }
+
+    /// Sends `d` to the dataplane under a version above both the running
+    /// one and the one `d` last had; on success `d` becomes the desired
+    /// policy (and is saved).
+    fn push(&self, mut d: Desired, dp: &StatsReport) -> Result<u64, String> {
+        check_spec(&d.spec, dp)?;
+        let running = dp.policy.as_ref().map_or(0, |p| p.version);
+        let version = running.max(d.sources.version) + 1;
+        d.policy.version = version;
+        let req = Request::Apply {
+            policy: Box::new(d.policy.clone()),
+        };
+        let r: Response =
+            client::call(&self.cfg.dataplane, &req, DP_TIMEOUT).map_err(|e| format!("{e:#}"))?;
+        if !r.ok {
+            return Err(format!(
+                "the dataplane rejected the policy: {}",
+                r.error.unwrap_or_default()
+            ));
+        }
+        d.sources.version = version;
+        if let Err(e) = self.save(&d.sources) {
+            eprintln!("loupe: warning: cannot save the applied policy: {e:#}");
+        }
+        lock(&self.state).desired = Some(d);
+        Ok(version)
+    }
+
+    fn save(&self, s: &Sources) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.cfg.state_dir)?;
+        let tmp = self.state_file().with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(s)?)?;
+        std::fs::rename(&tmp, self.state_file())?;
+        Ok(())
+    }
+
+    /// Makes the dataplane run the desired policy, if it does not.
+    fn sync(&self, dp: &StatsReport) -> Result<Option<u64>, String> {
+        let _one = lock(&self.applying);
+        let (digest, sources) = {
+            let st = lock(&self.state);
+            match &st.desired {
+                Some(d) => (d.policy.digest.clone(), d.sources.clone()),
+                None => return Ok(None),
+            }
+        };
+        if dp.policy.as_ref().is_some_and(|p| p.digest == digest) {
+            return Ok(None);
+        }
+        let (desired, _) = sources.compile();
+        let d = desired.ok_or("the saved policy no longer compiles")?;
+        self.push(d, dp).map(Some)
+    }
+
+    fn apply(&self, sources: Sources) -> CtlResponse {
+        let _one = lock(&self.applying);
+        let (desired, diagnostics) = sources.compile();
+        let Some(d) = desired else {
+            lock(&self.state).counters.applies_rejected += 1;
+            return CtlResponse {
+                diagnostics,
+                ..CtlResponse::error("the policy has errors; the running policy is unchanged")
+            };
+        };
+        let dp = match self.dataplane_status() {
+            Ok(dp) => dp,
+            Err(e) => {
+                lock(&self.state).counters.applies_rejected += 1;
+                return CtlResponse {
+                    diagnostics,
+                    ..CtlResponse::error(format!("{e:#}; nothing was applied"))
+                };
+            }
+        };
+        match self.push(d, &dp) {
+            Ok(v) => {
+                lock(&self.state).counters.applies_ok += 1;
+                CtlResponse {
+                    ok: true,
+                    version: Some(v),
+                    diagnostics,
+                    ..CtlResponse::default()
+                }
+            }
+            Err(e) => {
+                lock(&self.state).counters.applies_rejected += 1;
+                CtlResponse {
+                    diagnostics,
+                    ..CtlResponse::error(format!("{e}; the running policy is unchanged"))
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> CtlResponse {
+        let dp = self.dataplane_status();
+        let st = lock(&self.state);
+        let desired = st.desired.as_ref();
+        let in_sync = match (&dp, desired) {
+            (Ok(r), Some(d)) => runs(r, &d.policy),
+            _ => false,
+        };
+        CtlResponse {
+            ok: true,
+            control: Some(ControlStatus {
+                pid: std::process::id(),
+                uptime_ms: self.started.elapsed().as_millis() as u64,
+                dataplane_socket: self.cfg.dataplane.display().to_string(),
+                dataplane_connected: dp.is_ok(),
+                last_error: dp
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{e:#}"))
+                    .or_else(|| st.last_error.clone()),
+                desired_version: desired.map(|d| d.policy.version),
+                desired_digest: desired.map(|d| d.policy.digest.clone()),
+                desired_source: desired.map(|d| d.sources.path.clone()),
+                in_sync,
+                log: st.log.path().display().to_string(),
+                records_written: st.log.written,
+            }),
+            dataplane: dp.ok().map(Box::new),
+            ..CtlResponse::default()
+        }
+    }
+
+    fn handle(&self, req: CtlRequest) -> CtlResponse {
+        match req {
+            CtlRequest::Status => self.status(),
+            CtlRequest::PolicyShow => {
+                let st = lock(&self.state);
+                match &st.desired {
+                    Some(d) => CtlResponse {
+                        ok: true,
+                        version: Some(d.policy.version),
+                        policy: Some(Box::new(d.policy.clone())),
+                        policy_text: Some(d.sources.text.clone()),
+                        ..CtlResponse::default()
+                    },
+                    None => CtlResponse::error("no policy was applied yet"),
+                }
+            }
+            CtlRequest::PolicyApply { path, text, files } => self.apply(Sources {
+                path,
+                text,
+                files,
+                version: 0,
+            }),
+            CtlRequest::LogTail { lines } => {
+                let path = lock(&self.state).log.path().to_path_buf();
+                match log::tail(&path, lines.min(100_000)) {
+                    Ok(lines) => CtlResponse {
+                        ok: true,
+                        lines,
+                        ..CtlResponse::default()
+                    },
+                    Err(e) => CtlResponse::error(format!("cannot read {}: {e}", path.display())),
+                }
+            }
+        }
+    }
+
+    fn serve_client(&self, stream: UnixStream) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let Ok(read) = stream.try_clone() else { return };
+        let mut reader = unix::LineReader::new(BufReader::new(read));
+        let mut out = &stream;
+        while let Ok(Some(line)) = reader.read_line() {
+            let resp = match serde_json::from_str::<CtlRequest>(&line) {
+                Ok(req) => self.handle(req),
+                Err(e) => CtlResponse::error(format!("bad request: {e}")),
+            };
+            if out.write_all(&api::line(&resp)).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn record(&self, e: &loupe_dataplane::flow::FlowLogEntry) {
+        let mut st = lock(&self.state);
+        let key = (
+            e.action.map_or("none", |a| a.label()).to_string(),
+            e.end.clone(),
+        );
+        *st.counters.records.entry(key).or_default() += 1;
+        if let Err(err) = st.log.write(e) {
+            st.counters.log_errors += 1;
+            if st.counters.log_errors == 1 || st.counters.log_errors.is_power_of_two() {
+                eprintln!(
+                    "loupe: error: cannot write the flow log {}: {err} ({} failures)",
+                    st.log.path().display(),
+                    st.counters.log_errors
+                );
+            }
+        }
+    }
+
+    fn set_link(&self, connected: bool, error: Option<String>) {
+        let mut st = lock(&self.state);
+        if connected && !st.connected {
+            st.counters.dataplane_reconnects += 1;
+        }
+        st.connected = connected;
+        if error.is_some() || connected {
+            st.last_error = error;
+        }
+    }
+
+    /// Keeps the dataplane in sync and its records flowing into the log,
+    /// reconnecting whenever the connection breaks.
+    fn link(&self) {
+        let mut last_complaint: Option<String> = None;
+        while !self.stop.load(Ordering::Relaxed) {
+            match self.link_once() {
+                Ok(()) => {}
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if last_complaint.as_deref() != Some(&msg) {
+                        eprintln!("loupe: dataplane: {msg} (retrying)");
+                        last_complaint = Some(msg.clone());
+                    }
+                    self.set_link(false, Some(msg));
+                }
+            }
+            for _ in 0..5 {
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn link_once(&self) -> anyhow::Result<()> {
+        let dp = self.dataplane_status()?;
+        // Subscribe before syncing, so no record is missed in between.
+        let mut events = Conn::open(&self.cfg.dataplane, Duration::from_secs(1))?;
+        events.send(&Request::Events)?;
+        let ack: Response = events.recv()?;
+        anyhow::ensure!(ack.ok, "events refused: {}", ack.error.unwrap_or_default());
+        self.set_link(true, None);
+        eprintln!(
+            "loupe: dataplane connected (pid {}, policy {})",
+            dp.pid,
+            dp.policy
+                .as_ref()
+                .map_or("none".into(), |p| format!("version {}", p.version))
+        );
+        match self.sync(&dp) {
+            Ok(Some(v)) => eprintln!("loupe: dataplane re-synced to policy version {v}"),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("loupe: error: cannot sync the dataplane's policy: {e}");
+                self.set_link(true, Some(e));
+            }
+        }
+        while !self.stop.load(Ordering::Relaxed) {
+            if let Some(r) = events.poll::<Response>()? {
+                if let Some(e) = r.event {
+                    self.record(&e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the dataplane runs `p` (this version of it: during an apply
+/// the answer is no until control has recorded the new version).
+fn runs(dp: &StatsReport, p: &Policy) -> bool {
+    dp.policy
+        .as_ref()
+        .is_some_and(|r| r.digest == p.digest && r.version == p.version)
+}
+
+/// Whether the running dataplane is the one the policy is written for.
+fn check_spec(spec: &DataplaneSpec, dp: &StatsReport) -> Result<(), String> {
+    let mut wrong = Vec::new();
+    if let Some(i) = &spec.inside {
+        if *i != dp.inside.name {
+            wrong.push(format!(
+                "inside = {i:?} but the dataplane's is {:?}",
+                dp.inside.name
+            ));
+        }
+    }
+    if let Some(o) = &spec.outside {
+        if *o != dp.outside.name {
+            wrong.push(format!(
+                "outside = {o:?} but the dataplane's is {:?}",
+                dp.outside.name
+            ));
+        }
+    }
+    if let Some(w) = spec.workers {
+        if w != dp.workers.len() {
+            wrong.push(format!(
+                "workers = {w} but the dataplane runs {}",
+                dp.workers.len()
+            ));
+        }
+    }
+    for t in &spec.hsm_tokens {
+        if !dp.hsm.iter().any(|h| h.token == *t) {
+            wrong.push(format!("[hsm] token {t:?} is not served by the dataplane"));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the policy is written for another dataplane ({}); restart the dataplane with \
+             matching options",
+            wrong.join("; ")
+        ))
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let log = FlowLog::open(cfg.log.clone())
+        .with_context(|| format!("cannot open the flow log {}", cfg.log.path.display()))?;
+    let state_file = cfg.state_dir.join("policy.json");
+    // The last applied policy wins over --policy: it is what the operator
+    // applied most recently.
+    let sources = if state_file.exists() {
+        let s: Sources = serde_json::from_slice(&std::fs::read(&state_file)?)
+            .with_context(|| format!("{} is corrupt", state_file.display()))?;
+        eprintln!(
+            "loupe: policy: the last applied one (version {}, from {})",
+            s.version, s.path
+        );
+        Some(s)
+    } else if let Some(p) = &cfg.policy {
+        Some(Sources::read(p)?)
+    } else {
+        None
+    };
+    let desired = match sources {
+        Some(s) => {
+            let (d, diagnostics) = s.compile();
+            for line in &diagnostics {
+                eprintln!("{line}");
+            }
+            Some(d.with_context(|| format!("the policy {} has errors", s.path))?)
+        }
+        None => {
+            eprintln!(
+                "loupe: no policy yet: the dataplane keeps what it runs until `loupe policy apply`"
+            );
+            None
+        }
+    };
+    let listener = unix::bind(&cfg.socket, cfg.access)
+        .with_context(|| format!("cannot serve {}", cfg.socket.display()))?;
+    listener.set_nonblocking(true)?;
+    let daemon = Arc::new(Daemon {
+        state: Mutex::new(State {
+            desired,
+            connected: false,
+            last_error: None,
+            counters: ControlCounters::default(),
+            log,
+        }),
+        applying: Mutex::new(()),
+        started: Instant::now(),
+        stop: stop.clone(),
+        cfg,
+    });
+    let mut threads = Vec::new();
+    if let Some(addr) = daemon.cfg.metrics {
+        let d = daemon.clone();
+        threads.push(metrics::serve(addr, stop.clone(), move || {
+            let dp = d.dataplane_status().ok();
+            let mut counters = lock(&d.state).counters.clone();
+            let st = lock(&d.state);
+            counters.desired_version = st.desired.as_ref().map(|x| x.policy.version);
+            counters.in_sync = match (&dp, &st.desired) {
+                (Some(r), Some(x)) => runs(r, &x.policy),
+                _ => false,
+            };
+            drop(st);
+            metrics::render(dp.as_ref(), &counters)
+        })?);
+    }
+    {
+        let d = daemon.clone();
+        threads.push(
+            thread::Builder::new()
+                .name("loupe-link".into())
+                .spawn(move || d.link())?,
+        );
+    }
+    println!(
+        "loupe: ready: serving {} (dataplane {}, log {}{})",
+        daemon.cfg.socket.display(),
+        daemon.cfg.dataplane.display(),
+        daemon.cfg.log.path.display(),
+        daemon
+            .cfg
+            .metrics
+            .map_or(String::new(), |m| format!(", metrics http://{m}/metrics"))
+    );
+    let d = daemon.clone();
+    unix::accept_loop(
+        &listener,
+        daemon.cfg.access,
+        &stop,
+        "loupe: control socket",
+        |why| api::line(&CtlResponse::error(why)),
+        move |s| d.serve_client(s),
+    );
+    for t in threads {
+        let _ = t.join();
+    }
+    let _ = std::fs::remove_file(&daemon.cfg.socket);
+    Ok(())
+}

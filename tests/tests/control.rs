@@ -1,0 +1,544 @@
+//! The control process with a real dataplane and real peers: policies
+//! decide connections by server name (curl through nginx), change live
+//! without touching running connections, survive malformed input, and the
+//! dataplane outlives control. Every decision reaches the flow log with
+//! the rule that made it; the sockets refuse users who are not root.
+
+use std::{
+    io::Write,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use loupe_tests::{
+    control::{dataplane_socket, Control},
+    engine::Engine,
+    harness::SERVER_V4,
+    https::{curl_sha256, Nginx, SERVER_NAME},
+    proc::Proc,
+    wait_until, Harness, HarnessConfig,
+};
+use serde_json::Value;
+
+const MIB: usize = 1 << 20;
+
+/// Writes a policy file (and its category file) into the harness dir.
+fn policy(h: &Harness, name: &str, text: &str) -> PathBuf {
+    let path = h.dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(
+        h.dir.join("categories.toml"),
+        "financial-services = [\"*.bank.loupe.test\"]\nhealth = [\"*.clinic.loupe.test\"]\n",
+    )
+    .unwrap();
+    path
+}
+
+/// A dataplane serving the control socket, and a daemon on `policy`.
+fn start(h: &Harness, policy: Option<&Path>) -> (Engine, Control) {
+    let sock = dataplane_socket(h);
+    let engine = Engine::start(h, &["--control-socket", sock.to_str().unwrap()]).expect("engine");
+    let control = Control::start(h, &sock, policy, &[]).expect("control");
+    (engine, control)
+}
+
+fn field<'a>(r: &'a Value, k: &str) -> &'a str {
+    r[k].as_str().unwrap_or("")
+}
+
+fn xdp(engine: &Engine, path: &str) -> u64 {
+    engine.stats().map_or(0, |r| r.xdp_packets(path))
+}
+
+const SNI_POLICY: &str = r#"
+[policy]
+categories = "categories.toml"
+default_action = "tcp-split"
+
+[[rules]]
+name = "exempt-finance"
+categories = ["financial-services"]
+action = "no-decrypt"
+
+[[rules]]
+name = "block-malware"
+sni = ["*.malware.loupe.test"]
+action = "block"
+"#;
+
+#[test]
+fn the_server_name_selects_the_rule() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let p = policy(&h, "sni.toml", SNI_POLICY);
+    let (engine, mut control) = start(&h, Some(&p));
+    assert_eq!(control.wait_in_sync().unwrap(), 1);
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    let sha = nginx.add_file("blob", 2 * MIB, 5).unwrap();
+
+    // no-decrypt: bypassed, byte-exact, nothing split.
+    let before = xdp(&engine, "flow_bypass");
+    let args = nginx.curl_args_for("www.bank.loupe.test", SERVER_V4, "blob");
+    let (got, _) = curl_sha256(&h, &args).expect("curl through the bypass");
+    assert_eq!(got, sha);
+    let r = engine
+        .wait_stats("the pass in the stats", Duration::from_secs(30), |r| {
+            (r.split_total().policy_pass == 1).then(|| r.clone())
+        })
+        .unwrap();
+    assert_eq!(r.split_total().split, 0);
+    assert!(
+        r.xdp_packets("flow_bypass") - before > 1000,
+        "2 MiB should cross the XDP fast path: {}",
+        r.xdp_packets("flow_bypass") - before
+    );
+    let rec = control
+        .wait_record("the no-decrypt record", |r| {
+            field(r, "rule") == "exempt-finance"
+        })
+        .unwrap();
+    assert_eq!(field(&rec, "action"), "no-decrypt");
+    assert_eq!(field(&rec, "sni"), "www.bank.loupe.test");
+    assert_eq!(field(&rec, "end"), "bypass");
+    assert!(field(&rec, "server").ends_with(":443"), "{rec}");
+    assert!(field(&rec, "time").ends_with('Z'), "{rec}");
+
+    // block: curl is refused with a TLS alert; the server never sees data.
+    let args = nginx.curl_args_for("x.malware.loupe.test", SERVER_V4, "blob");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = h.client.command("curl").args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(35), "{err}");
+    assert!(err.contains("alert access denied"), "{err}");
+    let rec = control
+        .wait_record("the block record", |r| field(r, "rule") == "block-malware")
+        .unwrap();
+    assert_eq!(
+        (field(&rec, "action"), field(&rec, "end")),
+        ("block", "blocked")
+    );
+    assert_eq!(field(&rec, "sni"), "x.malware.loupe.test");
+    engine
+        .wait_stats("the refusal in the stats", Duration::from_secs(30), |r| {
+            (r.split_total().refused == 1).then_some(())
+        })
+        .unwrap();
+
+    // The default: split, and logged when it ends.
+    let (got, _) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "blob")).expect("curl split");
+    assert_eq!(got, sha);
+    let rec = control
+        .wait_record("the split's record", |r| field(r, "action") == "tcp-split")
+        .unwrap();
+    assert_eq!(field(&rec, "rule"), "(default)");
+    assert_eq!(field(&rec, "sni"), SERVER_NAME);
+    assert!(
+        rec["bytes_s2c"].as_u64().unwrap() >= 2 * MIB as u64,
+        "{rec}"
+    );
+    assert!(
+        matches!(field(&rec, "end"), "closed" | "client-reset"),
+        "{rec}"
+    );
+
+    // The CLI shows the decisions; the metrics count them.
+    let flows = control
+        .cli(&["flows", "--filter", "exempt-finance"])
+        .unwrap();
+    let text = String::from_utf8_lossy(&flows.stdout);
+    assert!(
+        flows.status.success() && text.contains("www.bank.loupe.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bypass") && text.contains("1 flow(s)"),
+        "{text}"
+    );
+    let tail = control.cli(&["log", "tail", "-n", "2"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&tail.stdout).lines().count(), 2);
+    let m = control.metrics().unwrap();
+    for want in [
+        "loupe_dataplane_up 1\n",
+        "loupe_policy_in_sync 1\n",
+        "loupe_decisions_total{outcome=\"no-decrypt\"} 1\n",
+        "loupe_decisions_total{outcome=\"refused\"} 1\n",
+        "loupe_handshakes_total{opening=\"client-hello\"} 3\n",
+        "loupe_flow_log_records_total{action=\"block\",end=\"blocked\"} 1\n",
+        "loupe_xdp_packets_total{path=\"flow_bypass\"}",
+    ] {
+        assert!(m.contains(want), "metrics lack {want:?}:\n{m}");
+    }
+    assert!(control.stop(), "control exits cleanly on SIGTERM");
+    let (st, clean, _, err) = engine.stop();
+    assert!(clean && st.success(), "{err}");
+}
+
+#[test]
+fn a_live_change_keeps_the_running_split_and_bypasses_new_connections() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let before = policy(
+        &h,
+        "before.toml",
+        "[[rules]]\nname = \"split-lab\"\ndst = [\"198.18.0.2/32\"]\naction = \"tcp-split\"\n",
+    );
+    let after = policy(
+        &h,
+        "after.toml",
+        "[[rules]]\nname = \"bypass-lab\"\ndst = [\"198.18.0.2/32\"]\naction = \"no-decrypt\"\n",
+    );
+    let (engine, control) = start(&h, Some(&before));
+    assert_eq!(control.wait_in_sync().unwrap(), 1);
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    let size = 24 * MIB;
+    let sha = nginx.add_file("big", size, 11).unwrap();
+
+    // A long download (rate-limited so the change lands in its middle).
+    let mut args = nginx.curl_args(SERVER_V4, "big");
+    args.splice(0..0, ["--limit-rate".to_string(), "6M".to_string()]);
+    let download = std::thread::spawn({
+        let h_args = args.clone();
+        let dir = h.client.name.clone();
+        move || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &dir, "sh", "-c"])
+                .arg(format!(
+                    "curl {} | sha256sum",
+                    h_args
+                        .iter()
+                        .map(|a| format!("'{a}'"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ))
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string()
+        }
+    });
+    engine
+        .wait_stats("the download split", Duration::from_secs(60), |r| {
+            (r.split_total().active >= 1).then_some(())
+        })
+        .unwrap();
+    wait_until("a few MiB relayed", Duration::from_secs(60), || {
+        let r = engine.stats().map_err(|e| e.to_string())?;
+        let s2c: u64 = r.split_total().bytes_s2c;
+        if s2c >= 2 * MIB as u64 {
+            Ok(Some(()))
+        } else {
+            Err(format!("{s2c} bytes"))
+        }
+    })
+    .unwrap();
+
+    // Flip the destination to no-decrypt while it runs.
+    let out = control
+        .cli(&["policy", "apply", after.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("policy version 2"));
+    assert_eq!(control.wait_in_sync().unwrap(), 2);
+    let mid = engine.stats().unwrap();
+    assert_eq!(
+        mid.split_total().active,
+        1,
+        "the running split is untouched"
+    );
+    assert!(
+        mid.split_total().bytes_s2c < size as u64,
+        "the change must land mid-download"
+    );
+
+    // New connections are bypassed in XDP.
+    let bypass_before = xdp(&engine, "flow_bypass");
+    let (got, _) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "index.html")).unwrap();
+    assert_eq!(got.len(), 64);
+    wait_until(
+        "the new connection on the fast path",
+        Duration::from_secs(30),
+        || {
+            let n = xdp(&engine, "flow_bypass") - bypass_before;
+            if n >= 3 {
+                Ok(Some(()))
+            } else {
+                Err(format!("{n} bypassed"))
+            }
+        },
+    )
+    .unwrap();
+    engine
+        .wait_stats("the pass in the stats", Duration::from_secs(30), |r| {
+            (r.split_total().policy_pass == 1).then_some(())
+        })
+        .unwrap();
+
+    // The old download completes byte-exact, still split.
+    let sum = download.join().unwrap();
+    assert!(sum.starts_with(&sha), "download differs: {sum} vs {sha}");
+    assert_eq!(engine.stats().unwrap().split_total().split, 1);
+
+    // The log shows both decisions with their rules and versions.
+    let split = control
+        .wait_record("the split's record", |r| field(r, "rule") == "split-lab")
+        .unwrap();
+    assert_eq!(field(&split, "action"), "tcp-split");
+    assert_eq!(split["policy_version"], 1);
+    assert!(
+        split["bytes_s2c"].as_u64().unwrap() as usize > size,
+        "{split}"
+    );
+    let pass = control
+        .wait_record("the bypass record", |r| field(r, "rule") == "bypass-lab")
+        .unwrap();
+    assert_eq!(field(&pass, "action"), "no-decrypt");
+    assert_eq!(pass["policy_version"], 2);
+    // `policy show` shows the new policy as written.
+    let show = control.cli(&["policy", "show"]).unwrap();
+    assert!(String::from_utf8_lossy(&show.stdout).contains("bypass-lab"));
+}
+
+/// Each malformed policy is refused with its error, and the running one
+/// stays: same version, same digest, still deciding.
+#[test]
+fn malformed_policies_are_refused_and_the_running_one_stays() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let good = policy(
+        &h,
+        "good.toml",
+        "[[rules]]\nname = \"split-all\"\naction = \"tcp-split\"\n",
+    );
+    let (engine, control) = start(&h, Some(&good));
+    assert_eq!(control.wait_in_sync().unwrap(), 1);
+    let digest = engine
+        .wait_stats("the policy in the stats", Duration::from_secs(30), |r| {
+            r.policy.as_ref().map(|p| p.digest.clone())
+        })
+        .unwrap();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../control/tests/policies/bad");
+    let mut files: Vec<_> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20);
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .unwrap()
+            .trim_start_matches("# expect: ");
+        let msg = expect.split_once(": ").unwrap().1;
+        let out = control
+            .cli(&["policy", "apply", f.to_str().unwrap()])
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {err}", f.display());
+        assert!(
+            err.contains(msg),
+            "{}: expected {msg:?} in {err}",
+            f.display()
+        );
+        assert!(err.contains("the running policy is unchanged"), "{err}");
+    }
+    // A policy that checks but is written for another dataplane.
+    let other = policy(
+        &h,
+        "other.toml",
+        "[dataplane]\ninside = \"eth7\"\n[[rules]]\nname = \"x\"\naction = \"block\"\n",
+    );
+    let out = control
+        .cli(&["policy", "apply", other.to_str().unwrap()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("inside = \"eth7\""),
+        "{err}"
+    );
+    // Nothing changed.
+    let r = engine.stats().unwrap();
+    let p = r.policy.unwrap();
+    assert_eq!((p.version, p.digest), (1, digest));
+    let s = control.status().unwrap();
+    assert_eq!(s["control"]["in_sync"], true);
+    // ...and the running policy still decides.
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    curl_sha256(&h, &nginx.curl_args(SERVER_V4, "index.html")).unwrap();
+    engine
+        .wait_stats(
+            "a split by the running policy",
+            Duration::from_secs(30),
+            |r| (r.split_total().split == 1).then_some(()),
+        )
+        .unwrap();
+    let m = control.metrics().unwrap();
+    let rejected = format!("loupe_policy_rejections_total {}\n", files.len() + 1);
+    assert!(m.contains(&rejected), "{m}");
+}
+
+/// Status of the dataplane's own socket, asked directly.
+fn dataplane_status(sock: &Path) -> Value {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"{\"op\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+#[test]
+fn the_dataplane_outlives_control_and_resyncs() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let p = policy(
+        &h,
+        "p.toml",
+        "[[rules]]\nname = \"split-lab\"\ndst = [\"198.18.0.0/24\"]\naction = \"tcp-split\"\n",
+    );
+    let sock = dataplane_socket(&h);
+    let (engine, mut control) = start(&h, Some(&p));
+    control.wait_in_sync().unwrap();
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    let sha = nginx.add_file("blob", MIB, 3).unwrap();
+
+    // Control dies: traffic goes on under the last policy; its records
+    // wait in the dataplane.
+    control.kill();
+    for _ in 0..3 {
+        let (got, _) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "blob")).unwrap();
+        assert_eq!(got, sha);
+    }
+    engine
+        .wait_stats(
+            "three splits under the last policy",
+            Duration::from_secs(60),
+            |r| (r.split_total().split == 3).then_some(()),
+        )
+        .unwrap();
+    wait_until(
+        "the records queued in the dataplane",
+        Duration::from_secs(60),
+        || {
+            let s = dataplane_status(&sock);
+            let q = &s["status"]["log_queue"];
+            if q["backlog"] == 3 && q["subscribed"] == false {
+                Ok(Some(()))
+            } else {
+                Err(q.to_string())
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(control.records().len(), 0);
+
+    // Control comes back: in sync at once, the queued records logged.
+    control.restart(&h).unwrap();
+    assert_eq!(
+        control.wait_in_sync().unwrap(),
+        1,
+        "no new version: nothing changed"
+    );
+    wait_until(
+        "the queued records in the log",
+        Duration::from_secs(60),
+        || {
+            let n = control.records().len();
+            if n == 3 {
+                Ok(Some(()))
+            } else {
+                Err(format!("{n} records"))
+            }
+        },
+    )
+    .unwrap();
+    assert!(control
+        .records()
+        .iter()
+        .all(|r| field(r, "rule") == "split-lab"));
+
+    // The dataplane restarts (no policy): control re-syncs it.
+    let (st, clean, _, err) = engine.stop();
+    assert!(clean && st.success(), "{err}");
+    let engine =
+        Engine::start(&h, &["--control-socket", sock.to_str().unwrap()]).expect("engine again");
+    assert_eq!(
+        control.wait_in_sync().unwrap(),
+        2,
+        "re-applied under a new version"
+    );
+    engine
+        .wait_stats(
+            "the re-synced policy in the stats",
+            Duration::from_secs(30),
+            |r| {
+                r.policy
+                    .as_ref()
+                    .filter(|p| p.version == 2 && p.rules == 1)
+                    .map(|_| ())
+            },
+        )
+        .unwrap();
+    let (got, _) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "blob")).unwrap();
+    assert_eq!(got, sha);
+    engine
+        .wait_stats(
+            "a split under the re-synced policy",
+            Duration::from_secs(30),
+            |r| (r.split_total().split == 1).then_some(()),
+        )
+        .unwrap();
+    let out = String::from_utf8(std::fs::read(&control.output).unwrap()).unwrap();
+    assert!(out.contains("re-synced to policy version 2"), "{out}");
+}
+
+/// Runs `loupe --socket SOCK status` as nobody.
+fn as_nobody(sock: &Path) -> (Option<i32>, String) {
+    let bin = loupe_tests::workspace_bin("loupe");
+    let child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin)
+        .arg("--socket")
+        .arg(sock)
+        .arg("status")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut p = Proc::new("loupe as nobody", child);
+    let (st, _) = p.wait_timeout(Duration::from_secs(60));
+    let (_, err) = p.take_output();
+    (st.code(), err)
+}
+
+#[test]
+fn users_other_than_root_are_refused_on_both_sockets() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let (engine, control) = start(&h, None);
+    // Let nobody reach the sockets' directory: the sockets' own mode and
+    // the peer check are what must refuse.
+    std::fs::set_permissions(&h.dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let dp = dataplane_socket(&h);
+    for sock in [&control.socket, &dp] {
+        let mode = std::fs::metadata(sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660, "{}", sock.display());
+        let (code, err) = as_nobody(sock);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("Permission denied"), "{err}");
+    }
+    // Even with the file opened to everyone, SO_PEERCRED refuses.
+    for sock in [&control.socket, &dp] {
+        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (code, err) = as_nobody(sock);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("permission denied: uid 65534"), "{err}");
+    }
+    // Root still gets in.
+    let s = control.status().unwrap();
+    assert_eq!(s["control"]["dataplane_connected"], true);
+    drop(engine);
+}
