@@ -14,7 +14,9 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
     Ebpf, EbpfError,
 };
-use loupe_common::{Addr, Counter, CounterValue, FlowKey, IfaceInfo, MAX_QUEUES, MAX_STEER_PORTS};
+use loupe_common::{
+    Addr, Counter, CounterValue, FlowKey, IfaceInfo, MAX_PREFIXES, MAX_QUEUES, MAX_STEER_PORTS,
+};
 use thiserror::Error;
 
 use crate::{config::Prefix, flow::Side};
@@ -142,13 +144,24 @@ impl Classifier {
                 .try_into()
                 .map_err(map_err("STEER_PORTS"))?;
             // New entries first, then the old ones go: a port in both
-            // sets is steered throughout.
+            // sets is steered throughout. When both do not fit at once,
+            // the old ones go first.
             let old: Vec<u16> = map.keys().filter_map(Result::ok).collect();
+            let added = ports.iter().filter(|p| !old.contains(p)).count();
+            let old_first = old.len() + added > MAX_STEER_PORTS as usize;
+            let gone: Vec<u16> = old.iter().copied().filter(|p| !ports.contains(p)).collect();
+            if old_first {
+                for p in &gone {
+                    map.remove(p).map_err(map_err("STEER_PORTS"))?;
+                }
+            }
             for p in ports {
                 map.insert(p, 1, 0).map_err(map_err("STEER_PORTS"))?;
             }
-            for p in old.iter().filter(|p| !ports.contains(p)) {
-                map.remove(p).map_err(map_err("STEER_PORTS"))?;
+            if !old_first {
+                for p in &gone {
+                    map.remove(p).map_err(map_err("STEER_PORTS"))?;
+                }
             }
         }
         self.set_prefixes("STEER_PREFIXES", prefixes)?;
@@ -167,13 +180,25 @@ impl Classifier {
             .iter()
             .map(|p| Key::new(p.mapped_len(), p.addr))
             .collect();
+        let id = |k: &Key<Addr>| (k.prefix_len(), k.data());
+        let old_ids: std::collections::HashSet<_> = old.iter().map(id).collect();
+        let new_ids: std::collections::HashSet<_> = new.iter().map(id).collect();
+        let gone: Vec<&Key<Addr>> = old.iter().filter(|k| !new_ids.contains(&id(k))).collect();
+        let added = new.iter().filter(|k| !old_ids.contains(&id(k))).count();
+        // As with the ports: the old ones first only when both do not fit.
+        let old_first = old.len() + added > MAX_PREFIXES as usize;
+        if old_first {
+            for k in &gone {
+                trie.remove(k).map_err(map_err(name))?;
+            }
+        }
         for k in &new {
             trie.insert(k, 1, 0).map_err(map_err(name))?;
         }
-        let same =
-            |a: &Key<Addr>, b: &Key<Addr>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
-        for k in old.iter().filter(|k| !new.iter().any(|n| same(k, n))) {
-            trie.remove(k).map_err(map_err(name))?;
+        if !old_first {
+            for k in &gone {
+                trie.remove(k).map_err(map_err(name))?;
+            }
         }
         Ok(())
     }

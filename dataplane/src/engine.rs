@@ -503,7 +503,14 @@ fn apply(
     }
     let st = policy.steering()?;
     if let Err(e) = classifier.set_steering(&st.ports, &st.prefixes, &st.exempt) {
-        let _ = classifier.set_steering(&steered.ports, &steered.prefixes, &steered.exempt);
+        if let Err(back) =
+            classifier.set_steering(&steered.ports, &steered.prefixes, &steered.exempt)
+        {
+            eprintln!(
+                "loupe-dataplane: error: the steering maps could not be restored after a failed \
+                 apply ({back}); steering may be partial until the next successful apply"
+            );
+        }
         return Err(format!("cannot update the steering maps: {e}"));
     }
     *steered = Steered {

@@ -19,7 +19,7 @@ use loupe_common::FlowKey;
 
 use crate::{
     flow::{log::unix_ms, table::endpoint, FlowDecision, FlowId, FlowLogEntry, MapOp, Side},
-    policy::{Action, Opening, Policy, Subject, Verdict},
+    policy::{Action, Decision, Opening, Policy, Subject, Verdict},
     stats::SplitCounters,
     tcp::{
         conn::{Abort, ConnConfig},
@@ -98,6 +98,34 @@ struct Tracking {
     opened: Instant,
 }
 
+impl Tracking {
+    /// The connection as the rules see it.
+    fn subject<'a>(&self, sni: Option<&'a str>) -> Subject<'a> {
+        Subject {
+            client: self.key.src,
+            server: self.key.dst,
+            server_port: self.key.dst_port,
+            sni,
+        }
+    }
+
+    /// What the log and listings keep of a decision.
+    fn meta(&self, policy: &Policy, d: &Decision, sni: Option<&str>) -> Box<Meta> {
+        Box::new(Meta {
+            action: Some(d.action),
+            rule: policy.rule_name(d).to_string(),
+            sni: sni.map(Into::into),
+            alpn: Vec::new(),
+            key: self.key,
+            opened: self.opened,
+            policy_version: policy.version,
+            held_bytes: self.hold.as_ref().map_or(0, |h| h.bytes),
+            note: None,
+            logged: false,
+        })
+    }
+}
+
 /// A decided connection: what the log and a flow listing say of it.
 struct Meta {
     action: Option<Action>,
@@ -112,6 +140,45 @@ struct Meta {
     /// Its record was sent already (a refused connection's, at the
     /// decision).
     logged: bool,
+}
+
+/// Why a connection is decided without a decision point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NoDecision {
+    /// No complete ClientHello (or other first bytes) within the hold time.
+    Timeout,
+    /// More held than the bound (bytes or frames).
+    Overflow,
+    /// Forgotten to make room while held.
+    Evicted,
+    /// Cannot be split (URG before the decision, TCP Fast Open).
+    Unsplittable,
+}
+
+impl NoDecision {
+    fn label(self) -> &'static str {
+        match self {
+            NoDecision::Timeout => "hold-timeout",
+            NoDecision::Overflow => "hold-overflow",
+            NoDecision::Evicted => "evicted",
+            NoDecision::Unsplittable => "passthrough",
+        }
+    }
+
+    fn note(self) -> &'static str {
+        match self {
+            NoDecision::Timeout => {
+                "no complete ClientHello within the hold time: decided without the server name"
+            }
+            NoDecision::Overflow => {
+                "more held than the hold bound: decided without the server name"
+            }
+            NoDecision::Evicted => "evicted while held: decided without the server name",
+            NoDecision::Unsplittable => {
+                "not splittable (URG or TCP Fast Open): decided without the server name"
+            }
+        }
+    }
 }
 
 /// Said of `decrypt` connections until the TLS stage lands.
@@ -386,8 +453,12 @@ impl Splitter {
                 if why == Passthrough::FastOpen {
                     self.counters.fast_open += 1;
                 }
-                self.pass(id, Some("passthrough"));
-                Disposition::Forward
+                if why == Passthrough::Reset {
+                    // The attempt is over anyway: let the RST through.
+                    self.pass(id, Some("passthrough"));
+                    return Disposition::Forward;
+                }
+                self.undecided(id, NoDecision::Unsplittable, now)
             }
             Track::Hold => self.hold(id, frame, &p.segment, now),
             Track::Decide => {
@@ -438,7 +509,8 @@ impl Splitter {
         held.bytes = held.bytes.max(end.max(0) as u64);
         if end > self.settings.hold_bytes as i64 || held.frames.len() > MAX_HELD_FRAMES {
             self.counters.hold_overflows += 1;
-            self.pass(id, Some("hold-overflow"));
+            // This frame is among the held ones, whatever happens to them.
+            self.undecided(id, NoDecision::Overflow, now);
             return Disposition::Consumed;
         }
         let ready = held.stream.read(usize::MAX);
@@ -475,31 +547,16 @@ impl Splitter {
             return Disposition::Forward;
         };
         let policy = self.settings.policy.clone();
-        let decision = policy.decide(&Subject {
-            client: t.key.src,
-            server: t.key.dst,
-            server_port: t.key.dst_port,
-            sni: opening.sni(),
-        });
-        let mut meta = Box::new(Meta {
-            action: Some(decision.action),
-            rule: policy.rule_name(&decision).to_string(),
-            sni: opening.sni().map(Into::into),
-            alpn: match opening {
-                Opening::Tls(ch) => ch
-                    .alpn
-                    .iter()
-                    .map(|p| String::from_utf8_lossy(p).into_owned())
-                    .collect(),
-                _ => Vec::new(),
-            },
-            key: t.key,
-            opened: t.opened,
-            policy_version: policy.version,
-            held_bytes: t.hold.as_ref().map_or(0, |h| h.bytes),
-            note: (decision.action == Action::Decrypt).then_some(DECRYPT_NOTE),
-            logged: false,
-        });
+        let decision = policy.decide(&t.subject(opening.sni()));
+        let mut meta = t.meta(&policy, &decision, opening.sni());
+        if let Opening::Tls(ch) = opening {
+            meta.alpn = ch
+                .alpn
+                .iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
+        }
+        meta.note = (decision.action == Action::Decrypt).then_some(DECRYPT_NOTE);
         match decision.action.verdict() {
             Verdict::Pass => {
                 self.counters.policy_pass += 1;
@@ -514,6 +571,42 @@ impl Splitter {
                 // A TLS client reads why; anything else is reset.
                 let alert = matches!(opening, Opening::Tls(_)).then_some(&ACCESS_DENIED[..]);
                 self.start_split(id, pending, now, meta, Some(alert))
+            }
+        }
+    }
+
+    /// Decides a connection that reached no decision point, without its
+    /// server name ([`Policy::decide_unnamed`]: a block that might apply
+    /// does). Refusals and splits go ahead wherever the halves can be
+    /// built; a split cannot be kept for an evicted or unsplittable
+    /// connection, which is then passed.
+    fn undecided(&mut self, id: FlowId, why: NoDecision, now: Instant) -> Disposition {
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return Disposition::Forward;
+        };
+        let policy = self.settings.policy.clone();
+        let d = policy.decide_unnamed(&t.subject(None));
+        let mut meta = t.meta(&policy, &d, None);
+        meta.note = Some(why.note());
+        match d.action.verdict() {
+            Verdict::Refuse => {
+                self.counters.refused += 1;
+                self.log(&meta, (meta.held_bytes, 0), "blocked");
+                meta.logged = true;
+                self.start_split(id, None, now, meta, Some(None))
+            }
+            Verdict::Split if matches!(why, NoDecision::Timeout | NoDecision::Overflow) => {
+                self.start_split(id, None, now, meta, None)
+            }
+            Verdict::Split => {
+                meta.action = None;
+                meta.rule = format!("({})", why.label());
+                self.release(id, meta, "bypass");
+                Disposition::Forward
+            }
+            Verdict::Pass => {
+                self.release(id, meta, "bypass");
+                Disposition::Forward
             }
         }
     }
@@ -584,8 +677,16 @@ impl Splitter {
         let (Some(halves), [Some(a), Some(b)]) =
             (t.tracker.split(now, oldest), t.templates.clone())
         else {
-            // Cannot happen once established (SYN and SYN-ACK were seen);
-            // leave the connection alone rather than guess.
+            // Only before the handshake completed (TCP Fast Open, an odd
+            // handshake). A refusal drops the connection here (its held
+            // bytes, and what follows until it idles out); anything else
+            // leaves it alone rather than guess.
+            if refuse.is_some() {
+                if let Some(f) = self.flows.get_mut(&id) {
+                    f.entry = Entry::Ended;
+                }
+                return Disposition::Consumed;
+            }
             self.counters.passthrough += 1;
             self.pass(id, Some("passthrough"));
             return Disposition::Forward;
@@ -703,7 +804,7 @@ impl Splitter {
                     ..
                 }) if t.hold.as_ref().is_some_and(|h| h.deadline == at) => {
                     self.counters.hold_timeouts += 1;
-                    self.pass(id, Some("hold-timeout"));
+                    self.undecided(id, NoDecision::Timeout, now);
                 }
                 _ => {}
             }
@@ -752,7 +853,7 @@ impl Splitter {
                     .get(&id)
                     .is_some_and(|f| matches!(&f.entry, Entry::Tracking(t) if t.hold.is_some()));
                 if holding {
-                    self.pass(id, Some("evicted"));
+                    self.undecided(id, NoDecision::Evicted, Instant::now());
                 }
                 self.flows.remove(&id);
                 self.counters.evicted += 1;
@@ -1016,6 +1117,16 @@ mod tests {
             .count()
     }
 
+    /// A policy of no rule but the default.
+    fn with_default(action: Action) -> SplitSettings {
+        let mut p = Policy::split_all(&[443], Vec::new());
+        p.default_action = action;
+        SplitSettings {
+            policy: Arc::new(p),
+            ..SplitSettings::default()
+        }
+    }
+
     /// A policy of one rule on server names; the rest is split.
     fn one_rule(action: Action, sni: &str) -> SplitSettings {
         let mut p = Policy::split_all(&[443], Vec::new());
@@ -1203,7 +1314,7 @@ mod tests {
 
     #[test]
     fn a_hold_without_a_decision_is_released_at_the_deadline() {
-        let settings = SplitSettings::default();
+        let settings = with_default(Action::NoDecrypt);
         let timeout = settings.hold_timeout;
         let mut b = Bench::new(settings);
         // A record header announcing 16 KiB, and a little of it.
@@ -1218,15 +1329,77 @@ mod tests {
         assert_eq!(b.sp.counters.hold_timeouts, 1);
         assert_eq!(bypassed(&b.sp), 1);
         assert_eq!(b.sp.events.len(), 1);
-        assert_eq!(b.sp.events[0].action, None);
-        assert_eq!(b.sp.events[0].rule, "(hold-timeout)");
+        // Decided without the server name, by the default.
+        assert_eq!(b.sp.events[0].action, Some(Action::NoDecrypt));
+        assert_eq!(b.sp.events[0].rule, crate::policy::DEFAULT_RULE);
+        assert!(b.sp.events[0]
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("hold time"));
+    }
+
+    #[test]
+    fn a_hold_without_a_decision_is_split_or_refused_by_the_addresses() {
+        let timeout = SplitSettings::default().hold_timeout;
+        // Split by default: the held bytes go into the split.
+        let mut b = Bench::new(SplitSettings::default());
+        b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+        b.sp.on_timers(b.now + timeout);
+        assert_eq!((b.sp.counters.hold_timeouts, b.sp.counters.split), (1, 1));
+        let to_server = segments(&b.sent(), Side::Outside);
+        assert_eq!(to_server[0].payload, [22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+        // A block on server names might apply: refused (a client cannot
+        // get around it by never finishing its ClientHello).
+        let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+        b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+        b.sp.on_timers(b.now + timeout);
+        let out = b.sent();
+        let rst = |to| segments(&out, to).iter().filter(|s| s.flags.rst).count();
+        assert_eq!((rst(Side::Inside), rst(Side::Outside)), (1, 1), "{out:?}");
+        assert!(segments(&out, Side::Outside)
+            .iter()
+            .all(|s| s.payload.is_empty()));
+        assert_eq!(b.sp.counters.refused, 1);
+        assert_eq!(b.sp.events[0].end, "blocked");
+        assert_eq!(b.sp.events[0].rule, "the-rule");
+    }
+
+    #[test]
+    fn a_clienthello_in_too_many_pieces_does_not_escape_a_block() {
+        let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+        let hello = client_hello("www.bad.example", &[]);
+        for (i, byte) in hello.iter().enumerate().take(MAX_HELD_FRAMES + 1) {
+            b.client_data(i as u32, &[*byte]);
+        }
+        assert_eq!(b.sp.counters.hold_overflows, 1);
+        assert_eq!(b.sp.counters.refused, 1);
+        let out = b.sent();
+        assert!(segments(&out, Side::Outside)
+            .iter()
+            .all(|s| s.payload.is_empty() && s.flags.rst));
+        assert_eq!(bypassed(&b.sp), 0);
+    }
+
+    #[test]
+    fn urgent_data_before_the_decision_cannot_escape_a_block() {
+        let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+        let mut s = seg(C_ISN + 1, S_ISN + 1, false, b"\x16\x03\x01");
+        s.flags.urg = true;
+        assert_eq!(b.send(Dir::Client, &s), Disposition::Consumed);
+        assert_eq!((b.sp.counters.refused, bypassed(&b.sp)), (1, 0));
+        // Without a block that might apply, it is passed through as before.
+        let mut b = Bench::new(SplitSettings::default());
+        assert_eq!(b.send(Dir::Client, &s), Disposition::Forward);
+        assert_eq!((b.sp.counters.passthrough, bypassed(&b.sp)), (1, 1));
+        assert_eq!(b.sp.events[0].rule, "(passthrough)");
     }
 
     #[test]
     fn more_than_the_bound_is_released() {
         let mut b = Bench::new(SplitSettings {
             hold_bytes: 2000,
-            ..SplitSettings::default()
+            ..with_default(Action::NoDecrypt)
         });
         let mut frames = Vec::new();
         let (_, f) = b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);

@@ -318,7 +318,7 @@ impl StatsReport {
                     p.source,
                     p.rules,
                     p.default_action,
-                    &p.digest[..p.digest.len().min(12)]
+                    p.digest.chars().take(12).collect::<String>()
                 );
             }
             None => {

@@ -116,13 +116,14 @@ fn a_thousand_concurrent_connections_of_one_mib_each() {
             let frames = r.worker_sum(|c| c.rx_inside.packets + c.rx_outside.packets);
             // A connection whose first data segment the overload dropped
             // waits for the client's retransmission; one that does not come
-            // within the hold timeout is released unchanged (and still
-            // arrives byte-exact, checked above).
-            (s.split + s.hold_timeouts >= CONNS as u64).then_some((s, frames))
+            // within the hold timeout is split all the same, decided
+            // without the server name (and still arrives byte-exact,
+            // checked above).
+            (s.split >= CONNS as u64).then_some((s, frames))
         })
         .unwrap();
     assert!(s.hold_timeouts * 100 <= CONNS as u64, "{s:?}");
-    assert_eq!(s.released, s.hold_timeouts, "{s:?}");
+    assert_eq!(s.released, 0, "{s:?}");
     assert_eq!((s.passthrough, s.aborted), (0, 0), "{s:?}");
     // A frame with a bad TCP checksum is dropped, counted, and
     // retransmitted by its sender; under this load never many (Linux's

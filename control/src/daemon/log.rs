@@ -130,8 +130,10 @@ pub fn tail(path: &Path, n: usize) -> io::Result<Vec<String>> {
     let len = f.metadata()?.len();
     let from = len.saturating_sub(4 << 20);
     f.seek(SeekFrom::Start(from))?;
-    let mut text = String::new();
-    f.take(4 << 20).read_to_string(&mut text)?;
+    let mut bytes = Vec::new();
+    f.take(4 << 20).read_to_end(&mut bytes)?;
+    // The cut may fall inside a character.
+    let text = String::from_utf8_lossy(&bytes);
     let mut lines: Vec<&str> = text.lines().collect();
     if from > 0 && !lines.is_empty() {
         lines.remove(0); // probably cut

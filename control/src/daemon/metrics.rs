@@ -273,7 +273,8 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
             "histogram",
             "Time from a signing request to its answer.",
         );
-        for h in &r.hsm {
+        // A report without the histogram (an older dataplane) has none.
+        for h in r.hsm.iter().filter(|h| !h.latency.counts.is_empty()) {
             let mut cumulative = 0;
             for (i, n) in h.latency.counts.iter().enumerate() {
                 cumulative += n;

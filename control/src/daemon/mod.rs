@@ -306,8 +306,21 @@ impl Daemon {
         let req = Request::Apply {
             policy: Box::new(d.policy.clone()),
         };
-        let r: Response =
-            client::call(&self.cfg.dataplane, &req, DP_TIMEOUT).map_err(|e| format!("{e:#}"))?;
+        let r: Response = match client::call(&self.cfg.dataplane, &req, DP_TIMEOUT) {
+            Ok(r) => r,
+            Err(e) => {
+                // No answer (a timeout, a dropped connection): it may have
+                // been applied all the same. Ask, rather than guess.
+                let applied = self.dataplane_status().is_ok_and(|s| {
+                    s.policy
+                        .is_some_and(|p| p.digest == d.policy.digest && p.version == version)
+                });
+                if !applied {
+                    return Err(format!("{e:#}"));
+                }
+                Response::ok()
+            }
+        };
         if !r.ok {
             return Err(format!(
                 "the dataplane rejected the policy: {}",
@@ -551,9 +564,17 @@ impl Daemon {
             }
         }
         while !self.stop.load(Ordering::Relaxed) {
-            if let Some(r) = events.poll::<Response>()? {
-                if let Some(e) = r.event {
-                    self.record(&e);
+            // A record this version cannot read is counted and skipped;
+            // the stream goes on.
+            let Some(v) = events.poll::<serde_json::Value>()? else {
+                continue;
+            };
+            match serde_json::from_value::<Response>(v) {
+                Ok(Response { event: Some(e), .. }) => self.record(&e),
+                Ok(_) => {}
+                Err(err) => {
+                    lock(&self.state).counters.log_errors += 1;
+                    eprintln!("loupe: warning: a flow record not understood: {err}");
                 }
             }
         }

@@ -228,6 +228,7 @@ pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<Strin
 
     // The category file.
     let mut categories: BTreeMap<String, Vec<HostGlob>> = BTreeMap::new();
+    let categories_set = global.and_then(|g| g.categories.as_ref()).is_some();
     if let Some(cat) = global.and_then(|g| g.categories.as_ref()) {
         let cpath = path.parent().unwrap_or(Path::new(".")).join(cat.get_ref());
         match load(&cpath) {
@@ -276,14 +277,11 @@ pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<Strin
     let mut spans: Vec<Range<usize>> = Vec::new();
     let mut seen: HashMap<String, Range<usize>> = HashMap::new();
     for r in &raw.rules {
-        if let Some(rule) = rule(
-            &mut rep,
-            r.get_ref(),
-            r.span(),
-            &raw,
-            &categories,
-            &mut seen,
-        ) {
+        let cats = Categories {
+            known: &categories,
+            file_set: categories_set,
+        };
+        if let Some(rule) = rule(&mut rep, r.get_ref(), r.span(), &raw, &cats, &mut seen) {
             rules.push(rule);
             spans.push(r.span());
         }
@@ -311,11 +309,17 @@ pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<Strin
         categories,
     };
     shadow_warnings(&mut rep, &policy, &spans);
-    if let Err(e) = policy.steering() {
-        rep.error(0..0, e);
+    policy.digest = format!("{:x}", digest.finalize());
+    // What the dataplane checks on receipt (bounds, steering) is checked
+    // here too, so `check` accepts only what `apply` can run. Errors with
+    // a position were reported above (their rules are not in `policy`).
+    let positioned = rep.out.iter().any(|d| d.severity == Severity::Error);
+    if let Err(e) = policy.validate() {
+        if !positioned {
+            rep.error(0..0, e);
+        }
     }
     let dataplane = dataplane_spec(&mut rep, &raw);
-    policy.digest = format!("{:x}", digest.finalize());
 
     let mut diagnostics = rep.out;
     diagnostics.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
@@ -415,12 +419,19 @@ fn profile(rep: &mut Report, name: &str, p: &Spanned<RawProfile>) -> Option<Prof
     })
 }
 
+/// The categories a rule may name.
+struct Categories<'a> {
+    known: &'a BTreeMap<String, Vec<HostGlob>>,
+    /// `[policy] categories` is set (the file may have failed to load).
+    file_set: bool,
+}
+
 fn rule(
     rep: &mut Report,
     r: &RawRule,
     span: Range<usize>,
     raw: &RawPolicy,
-    categories: &BTreeMap<String, Vec<HostGlob>>,
+    categories: &Categories,
     seen: &mut HashMap<String, Range<usize>>,
 ) -> Option<Rule> {
     let errors_before = rep.out.len();
@@ -490,16 +501,18 @@ fn rule(
     let mut cats = |list: &[Spanned<String>]| -> Vec<String> {
         let mut out = Vec::new();
         for c in list {
-            if categories.contains_key(c.get_ref()) {
+            if categories.known.contains_key(c.get_ref()) {
                 out.push(c.get_ref().clone());
             } else {
-                let known: Vec<&str> = categories.keys().map(String::as_str).collect();
+                let known: Vec<&str> = categories.known.keys().map(String::as_str).collect();
                 rep.error(
                     c.span(),
                     format!(
                         "unknown category {:?} ({})",
                         c.get_ref(),
-                        if known.is_empty() {
+                        if known.is_empty() && categories.file_set {
+                            "the category file did not load".to_string()
+                        } else if known.is_empty() {
                             "no category file is loaded: set [policy] categories".to_string()
                         } else {
                             format!("categories known: {}", known.join(", "))

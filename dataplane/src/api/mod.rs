@@ -95,6 +95,8 @@ pub struct ApiConfig {
 
 /// Flow records waiting for a subscriber, at most this many.
 pub const BACKLOG: usize = 100_000;
+/// How long a client may stay connected without a request.
+const IDLE_CLIENT: Duration = Duration::from_secs(60);
 /// How long a reader may stall the event stream before it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -193,6 +195,7 @@ fn serve(stream: UnixStream, shared: &Shared, engine: &Sender<EngineRequest>, ce
     };
     let mut reader = unix::LineReader::new(BufReader::new(read_half));
     let mut out = &stream;
+    let mut idle_since = std::time::Instant::now();
     loop {
         let line = match reader.read_line() {
             Ok(Some(l)) => l,
@@ -203,7 +206,8 @@ fn serve(stream: UnixStream, shared: &Shared, engine: &Sender<EngineRequest>, ce
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                if shared.stop.load(Ordering::Relaxed) {
+                // A client that says nothing for long gives its slot up.
+                if shared.stop.load(Ordering::Relaxed) || idle_since.elapsed() > IDLE_CLIENT {
                     return;
                 }
                 continue;
@@ -213,6 +217,7 @@ fn serve(stream: UnixStream, shared: &Shared, engine: &Sender<EngineRequest>, ce
                 return;
             }
         };
+        idle_since = std::time::Instant::now();
         let request: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => {

@@ -21,7 +21,7 @@ use std::{
     },
 };
 
-use loupe_common::{Addr, MAX_STEER_PORTS};
+use loupe_common::{Addr, MAX_PREFIXES, MAX_STEER_PORTS};
 use serde::{Deserialize, Serialize};
 
 pub use self::glob::{BadGlob, HostGlob};
@@ -318,6 +318,11 @@ pub struct Decision {
     pub rule: Option<usize>,
 }
 
+/// Most rules a policy may have.
+pub const MAX_RULES: usize = 10_000;
+/// Most host-name globs (in rules and categories together).
+pub const MAX_GLOBS: usize = 1_000_000;
+
 /// Name the log uses for the default action.
 pub const DEFAULT_RULE: &str = "(default)";
 
@@ -344,7 +349,8 @@ impl Policy {
         };
         Policy {
             version: 0,
-            digest: String::new(),
+            // Not from a file: a digest no file has.
+            digest: "0".repeat(64),
             source: "command line (--tcp-split)".into(),
             tls_ports: tls_ports.to_vec(),
             exempt: Vec::new(),
@@ -364,13 +370,18 @@ impl Policy {
         })
     }
 
-    fn matches(&self, m: &Match, s: &Subject) -> bool {
-        let sni_in = |globs: &[HostGlob]| s.sni.is_some_and(|n| globs.iter().any(|g| g.matches(n)));
+    /// The conditions on addresses and ports.
+    fn matches_addresses(&self, m: &Match, s: &Subject) -> bool {
         any_or_empty(&m.src, |p| p.contains(&s.client))
             && !m.not_src.iter().any(|p| p.contains(&s.client))
             && any_or_empty(&m.dst, |p| p.contains(&s.server))
             && !m.not_dst.iter().any(|p| p.contains(&s.server))
             && self.port_matches(m, s.server_port)
+    }
+
+    fn matches(&self, m: &Match, s: &Subject) -> bool {
+        let sni_in = |globs: &[HostGlob]| s.sni.is_some_and(|n| globs.iter().any(|g| g.matches(n)));
+        self.matches_addresses(m, s)
             && (m.sni.is_empty() || sni_in(&m.sni))
             && !sni_in(&m.not_sni)
             && (m.categories.is_empty() || self.in_categories(&m.categories, s.sni))
@@ -401,6 +412,38 @@ impl Policy {
         }
     }
 
+    /// The decision for a connection whose server name could not be
+    /// learned: its hold ended before a decision point (no complete
+    /// ClientHello in time or within the bound, evicted while held), or it
+    /// cannot be split (URG before the decision). Rules on the name may or
+    /// may not match. Fails closed: a `block` rule that might match before
+    /// the first rule that surely matches blocks the connection (otherwise
+    /// splitting a ClientHello into many segments would get around every
+    /// name-based block); else the first rule that surely matches, or the
+    /// default.
+    pub fn decide_unnamed(&self, s: &Subject) -> Decision {
+        for (i, r) in self.rules.iter().enumerate() {
+            let m = &r.matcher;
+            if !self.matches_addresses(m, s) {
+                continue;
+            }
+            let on_name = !(m.sni.is_empty()
+                && m.not_sni.is_empty()
+                && m.categories.is_empty()
+                && m.not_categories.is_empty());
+            if !on_name || r.action == Action::Block {
+                return Decision {
+                    action: r.action,
+                    rule: Some(i),
+                };
+            }
+        }
+        Decision {
+            action: self.default_action,
+            rule: None,
+        }
+    }
+
     /// The name of the rule behind a decision.
     pub fn rule_name(&self, d: &Decision) -> &str {
         d.rule
@@ -408,19 +451,21 @@ impl Policy {
             .map_or(DEFAULT_RULE, |r| r.name.as_str())
     }
 
-    /// The ports a rule examines (its own, or the TLS ports).
-    fn rule_ports(&self, m: &Match) -> Vec<u16> {
-        let mut ports: Vec<u16> = if m.ports.is_empty() {
-            self.tls_ports.clone()
+    /// Marks the ports a rule examines (its own, or the TLS ports, less
+    /// its `not_ports`) in `set` (one flag per port).
+    fn mark_rule_ports(&self, m: &Match, set: &mut [bool]) {
+        let excluded = |p: u16| m.not_ports.iter().any(|r| r.contains(p));
+        if m.ports.is_empty() {
+            for &p in &self.tls_ports {
+                set[usize::from(p)] |= !excluded(p);
+            }
         } else {
-            m.ports
-                .iter()
-                .flat_map(|r| r.first..=r.last)
-                .take(MAX_STEER_PORTS as usize + 1)
-                .collect()
-        };
-        ports.retain(|p| !m.not_ports.iter().any(|r| r.contains(*p)));
-        ports
+            for r in &m.ports {
+                for p in r.first..=r.last {
+                    set[usize::from(p)] |= !excluded(p);
+                }
+            }
+        }
     }
 
     /// The steering the rules need: the ports and server prefixes of every
@@ -430,31 +475,34 @@ impl Policy {
     /// no rule names are then never seen), and the policy's exemptions,
     /// which keep addresses out of userspace altogether.
     pub fn steering(&self) -> Result<Steering, String> {
-        let all = || crate::config::default_steer_prefixes();
-        let mut ports = Vec::new();
+        let mut port_set = vec![false; 1 << 16];
         let mut prefixes = Vec::new();
-        let acting = self.rules.iter().map(|r| &r.matcher);
         let default = Match::default();
         let default_acts = self.default_action != Action::NoDecrypt;
-        for m in acting.chain(default_acts.then_some(&default)) {
-            ports.extend(self.rule_ports(m));
+        let matchers = self.rules.iter().map(|r| &r.matcher);
+        for m in matchers.chain(default_acts.then_some(&default)) {
+            self.mark_rule_ports(m, &mut port_set);
             if m.dst.is_empty() {
-                prefixes.extend(all());
+                prefixes.extend(crate::config::default_steer_prefixes());
             } else {
                 prefixes.extend(m.dst.iter().copied());
             }
         }
-        ports.sort_unstable();
-        ports.dedup();
+        let ports: Vec<u16> = (1..=u16::MAX)
+            .filter(|&p| port_set[usize::from(p)])
+            .collect();
         if ports.len() > MAX_STEER_PORTS as usize {
             return Err(format!(
-                "the rules examine more than {MAX_STEER_PORTS} ports, the most the classifier \
-                 steers (narrow the port ranges)"
+                "the rules examine {} ports, more than the {MAX_STEER_PORTS} the classifier \
+                 steers (narrow the port ranges)",
+                ports.len()
             ));
         }
-        // Drop prefixes another one covers (the trie needs no duplicates).
+        // Drop prefixes another one covers (the trie needs no duplicates):
+        // exact duplicates by sorting, then the covered ones.
+        prefixes.sort_by_key(|p| (p.mapped_len(), p.addr));
+        prefixes.dedup();
         let mut kept: Vec<Prefix> = Vec::new();
-        prefixes.sort_by_key(|p| p.mapped_len());
         for p in prefixes {
             if !kept.iter().any(|k| k.v4 == p.v4 && k.covers(&p)) {
                 kept.push(p);
@@ -475,6 +523,38 @@ impl Policy {
     /// steering that fits the classifier. Control checks all of this with
     /// file positions first; the dataplane checks again on receipt.
     pub fn validate(&self) -> Result<(), String> {
+        // Bounds first: everything after is linear in them (or the
+        // prefix de-duplication, quadratic in at most MAX_PREFIXES).
+        let prefixes: usize = self
+            .rules
+            .iter()
+            .map(|r| {
+                r.matcher.dst.len()
+                    + r.matcher.src.len()
+                    + r.matcher.not_src.len()
+                    + r.matcher.not_dst.len()
+            })
+            .sum();
+        let globs: usize = self.categories.values().map(Vec::len).sum::<usize>()
+            + self
+                .rules
+                .iter()
+                .map(|r| r.matcher.sni.len() + r.matcher.not_sni.len())
+                .sum::<usize>();
+        for (what, n, max) in [
+            ("rules", self.rules.len(), MAX_RULES),
+            ("tls_ports", self.tls_ports.len(), MAX_STEER_PORTS as usize),
+            ("exempt prefixes", self.exempt.len(), MAX_PREFIXES as usize),
+            ("prefixes in rules", prefixes, MAX_PREFIXES as usize),
+            ("host-name globs", globs, MAX_GLOBS),
+        ] {
+            if n > max {
+                return Err(format!("{n} {what}: at most {max}"));
+            }
+        }
+        if self.digest.len() != 64 || !self.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("the digest is not a SHA-256 in hex".into());
+        }
         if self.tls_ports.contains(&0) {
             return Err("tls_ports: port 0 is not a TCP port".into());
         }
@@ -645,6 +725,58 @@ mod tests {
     }
 
     #[test]
+    fn without_a_name_a_block_that_might_match_blocks() {
+        let p = policy(
+            vec![
+                rule(
+                    "bank",
+                    Action::NoDecrypt,
+                    Match {
+                        categories: vec!["financial-services".into()],
+                        ..Match::default()
+                    },
+                ),
+                rule(
+                    "bad-names",
+                    Action::Block,
+                    Match {
+                        sni: globs(&["*.bad.example"]),
+                        dst: prefixes(&["198.18.0.0/24"]),
+                        ..Match::default()
+                    },
+                ),
+                rule(
+                    "lab",
+                    Action::TcpSplit,
+                    Match {
+                        dst: prefixes(&["198.18.0.0/16"]),
+                        ..Match::default()
+                    },
+                ),
+            ],
+            Action::NoDecrypt,
+        );
+        let d = |server: &str| {
+            let d = p.decide_unnamed(&subject("198.18.9.1", server, 443, None));
+            (d.action, p.rule_name(&d).to_string())
+        };
+        // The block rule might match: blocked (the bank rule might match
+        // too, but no-decrypt is not assumed).
+        assert_eq!(d("198.18.0.2"), (Action::Block, "bad-names".into()));
+        // Out of the block rule's addresses: the first sure match.
+        assert_eq!(d("198.18.5.2"), (Action::TcpSplit, "lab".into()));
+        assert_eq!(d("198.19.0.2"), (Action::NoDecrypt, DEFAULT_RULE.into()));
+        // With a name, the ordinary decision.
+        let named = p.decide(&subject(
+            "198.18.9.1",
+            "198.18.0.2",
+            443,
+            Some("ok.example"),
+        ));
+        assert_eq!(named.action, Action::TcpSplit);
+    }
+
+    #[test]
     fn negation_of_each_field() {
         let p = policy(
             vec![rule(
@@ -772,7 +904,12 @@ mod tests {
                 ..Match::default()
             },
         ));
-        assert!(p.steering().unwrap_err().contains("more than 1024"));
+        let e = p.steering().unwrap_err();
+        assert!(e.contains("examine 2000 ports, more than the 1024"), "{e}");
+        // Exclusions count before the bound: 500 ports remain.
+        p.rules.last_mut().unwrap().matcher.not_ports = vec!["1-1500".parse().unwrap()];
+        let s = p.steering().unwrap();
+        assert_eq!((s.ports.len(), s.ports[0]), (501, 443));
     }
 
     #[test]

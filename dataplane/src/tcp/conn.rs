@@ -59,6 +59,10 @@ pub struct ConnConfig {
     pub history: usize,
     pub delayed_ack: Duration,
     pub time_wait: Duration,
+    /// How long FIN-WAIT-2 waits for the peer's FIN before giving up (as
+    /// Linux's tcp_fin_timeout): a peer that never closes cannot hold the
+    /// connection forever.
+    pub fin_wait2: Duration,
     /// Consecutive RTO expirations before the connection is abandoned.
     pub max_retransmits: u32,
 }
@@ -71,6 +75,7 @@ impl Default for ConnConfig {
             history: 64 << 10,
             delayed_ack: Duration::from_millis(40),
             time_wait: Duration::from_secs(10),
+            fin_wait2: Duration::from_secs(60),
             max_retransmits: 15,
         }
     }
@@ -187,6 +192,7 @@ pub struct Conn {
     rexmit_high: Option<SeqNum>,
     /// When to send a tail loss probe (RFC 8985 §7).
     tlp_at: Option<Instant>,
+    /// The end of TIME-WAIT, or of FIN-WAIT-2 (waiting for the peer's FIN).
     time_wait_until: Option<Instant>,
     stats: ConnStats,
 }
@@ -687,7 +693,10 @@ impl Conn {
             )
         {
             self.state = match self.state {
-                State::FinWait1 => State::FinWait2,
+                State::FinWait1 => {
+                    self.time_wait_until = Some(now + self.cfg.fin_wait2);
+                    State::FinWait2
+                }
                 State::Closing => self.enter_time_wait(now),
                 State::LastAck => {
                     self.rto_at = None;
@@ -769,6 +778,10 @@ impl Conn {
         }
         if self.time_wait_until.is_some_and(|t| now >= t) {
             self.time_wait_until = None;
+            if self.state == State::FinWait2 {
+                // The peer never sent its FIN.
+                self.abort = Some(Abort::TimedOut);
+            }
             self.state = State::Closed;
             return;
         }

@@ -471,6 +471,25 @@ mod tests {
         )
     }
 
+    #[test]
+    fn fin_wait_2_gives_up_on_a_peer_that_never_closes() {
+        let (mut a, mut b, now) = established(9);
+        a.close();
+        deliver(&mut a, &mut b, now); // our FIN
+        deliver(&mut b, &mut a, now); // its ACK, no FIN
+        assert_eq!(a.state(), State::FinWait2);
+        let limit = ConnConfig::default().fin_wait2;
+        let at = a.next_deadline().expect("a FIN-WAIT-2 timer");
+        assert_eq!(at, now + limit);
+        a.on_timer(now + limit / 2);
+        assert_eq!(a.state(), State::FinWait2);
+        a.on_timer(at);
+        assert_eq!(
+            (a.state(), a.aborted()),
+            (State::Closed, Some(Abort::TimedOut))
+        );
+    }
+
     fn deliver(from: &mut Conn, to: &mut Conn, now: Instant) -> usize {
         let mut n = 0;
         while let Some(s) = from.poll_transmit(now) {
