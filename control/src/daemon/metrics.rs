@@ -321,7 +321,7 @@ pub fn serve(
                     Ok((s, _)) => {
                         let _ = answer(s, &scrape);
                     }
-                    Err(_) => thread::sleep(Duration::from_millis(50)),
+                    Err(_) => loupe_dataplane::api::unix::wait_readable(&listener, 200),
                 }
             }
         })?)

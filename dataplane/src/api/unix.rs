@@ -155,6 +155,19 @@ pub fn check(peer: &Peer, access: Access) -> Result<(), String> {
     ))
 }
 
+/// Waits until `fd` is readable (a listener: a client is waiting), at
+/// most `timeout_ms`.
+pub fn wait_readable(fd: &impl std::os::fd::AsRawFd, timeout_ms: i32) {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on a descriptor the caller keeps open for
+    // the call; poll only writes its revents.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) };
+}
+
 /// Connections served at once by [`accept_loop`].
 pub const MAX_CLIENTS: usize = 32;
 
@@ -175,7 +188,8 @@ pub fn accept_loop(
         let mut stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(50));
+                // Wake for the next client at once, or to look at `stop`.
+                wait_readable(listener, 200);
                 continue;
             }
             Err(e) => {

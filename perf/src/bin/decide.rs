@@ -1,0 +1,196 @@
+//! `loupe-perf-decide`: what a policy decision costs a new connection,
+//! and how long a live policy change takes.
+//!
+//! New HTTPS connections (curl to nginx, one request each, the connection
+//! closed after it) measured by curl: the TLS handshake done
+//! (`time_appconnect`) and the response complete (`time_total`). Paths, in
+//! rounds that alternate so a noisy stretch hits all of them:
+//! - `bridge`: a Linux bridge in the engine namespace (the kernel path);
+//! - `no-decrypt`: the engine with the control daemon; a `no-decrypt` rule
+//!   matches, so each connection's ClientHello is held, decided on, and the
+//!   flow handed to the XDP fast path;
+//! - `tcp-split`: the same with a `tcp-split` rule: both halves terminated.
+//!
+//! Then `loupe policy apply` wall time (CLI to the dataplane running the
+//! new version), alternating two policies.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use loupe_perf::median;
+use loupe_tests::{
+    control::{dataplane_socket, Control},
+    engine::Engine,
+    harness::SERVER_V4,
+    https::Nginx,
+    Harness, HarnessConfig,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "loupe-perf-decide")]
+struct Args {
+    /// New connections per path per round.
+    #[arg(long, default_value_t = 200)]
+    connections: usize,
+    /// Rounds (each path once per round; medians over all samples).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Policy applies to time.
+    #[arg(long, default_value_t = 20)]
+    applies: usize,
+}
+
+const PATHS: [&str; 3] = ["bridge", "no-decrypt", "tcp-split"];
+
+fn policy(h: &Harness, action: &str) -> anyhow::Result<std::path::PathBuf> {
+    let p = h.dir.join(format!("{action}.toml"));
+    std::fs::write(
+        &p,
+        format!("[[rules]]\nname = \"{action}-all\"\naction = \"{action}\"\n"),
+    )?;
+    Ok(p)
+}
+
+/// `n` new connections, one request each; (appconnect, total) seconds.
+fn connections(h: &Harness, nginx: &Nginx, n: usize) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut args: Vec<String> = nginx.curl_args(SERVER_V4, "index.html");
+    let url = args.pop().context("url")?;
+    args.extend([
+        "-H".into(),
+        "Connection: close".into(),
+        "-w".into(),
+        "%{time_appconnect} %{time_total}\\n".into(),
+    ]);
+    for _ in 0..n {
+        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
+    }
+    let out = h.client.command("curl").args(&args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let samples: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (a, t) = l.split_once(' ')?;
+            Some((a.parse().ok()?, t.parse().ok()?))
+        })
+        .collect();
+    anyhow::ensure!(samples.len() == n, "{} samples of {n}", samples.len());
+    Ok(samples)
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut samples: Vec<Vec<(f64, f64)>> = vec![Vec::new(); PATHS.len()];
+    for round in 0..args.rounds.max(1) {
+        for (i, path) in PATHS.iter().enumerate() {
+            let h = Harness::new(HarnessConfig::default())?;
+            let mut kept = None;
+            if *path == "bridge" {
+                h.bridge_up()?;
+            } else {
+                let sock = dataplane_socket(&h);
+                let engine =
+                    Engine::start(&h, &["--control-socket", sock.to_str().context("path")?])?;
+                let p = policy(&h, path)?;
+                let control = Control::start(&h, &sock, Some(&p), &[])?;
+                control.wait_in_sync()?;
+                kept = Some((engine, control));
+            }
+            let nginx = Nginx::start(&h, 443)?;
+            let s = connections(&h, &nginx, args.connections)?;
+            if let Some((engine, _)) = &kept {
+                let want = args.connections as u64;
+                engine.wait_stats("every connection decided", Duration::from_secs(60), |r| {
+                    let sp = r.split_total();
+                    (sp.split + sp.policy_pass >= want).then_some(())
+                })?;
+            }
+            eprintln!(
+                "  round {round} {path:<11} handshake median {:.2} ms, total {:.2} ms",
+                median(s.iter().map(|x| x.0).collect()) * 1e3,
+                median(s.iter().map(|x| x.1).collect()) * 1e3
+            );
+            samples[i].extend(s);
+        }
+    }
+    println!(
+        "\n{:<11} {:>6} {:>16} {:>12} {:>14} {:>12}",
+        "path", "conns", "handshake p50", "p90", "total p50", "vs bridge"
+    );
+    let base = median(samples[0].iter().map(|x| x.1).collect());
+    let mut rows = Vec::new();
+    for (path, s) in PATHS.iter().zip(&samples) {
+        let hs: Vec<f64> = s.iter().map(|x| x.0).collect();
+        let tot: Vec<f64> = s.iter().map(|x| x.1).collect();
+        let (hs50, hs90, t50) = (median(hs.clone()), percentile(hs, 0.9), median(tot));
+        println!(
+            "{path:<11} {:>6} {:>13.2} ms {:>9.2} ms {:>11.2} ms {:>11.2}x",
+            s.len(),
+            hs50 * 1e3,
+            hs90 * 1e3,
+            t50 * 1e3,
+            t50 / base
+        );
+        rows.push(serde_json::json!({
+            "path": path, "connections": s.len(),
+            "handshake_p50_ms": hs50 * 1e3, "handshake_p90_ms": hs90 * 1e3,
+            "total_p50_ms": t50 * 1e3, "total_vs_bridge": t50 / base,
+        }));
+    }
+
+    // Live apply: CLI to the dataplane running the new version.
+    let h = Harness::new(HarnessConfig::default())?;
+    let sock = dataplane_socket(&h);
+    let engine = Engine::start(&h, &["--control-socket", sock.to_str().context("path")?])?;
+    let (a, b) = (policy(&h, "tcp-split")?, policy(&h, "no-decrypt")?);
+    let control = Control::start(&h, &sock, Some(&a), &[])?;
+    control.wait_in_sync()?;
+    let mut ms = Vec::new();
+    for i in 0..args.applies {
+        let p: &Path = if i % 2 == 0 { &b } else { &a };
+        let started = Instant::now();
+        let out = control.cli(&["policy", "apply", p.to_str().context("path")?])?;
+        let took = started.elapsed();
+        anyhow::ensure!(
+            out.status.success(),
+            "apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ms.push(took.as_secs_f64() * 1e3);
+    }
+    let want = 1 + args.applies as u64;
+    let versions = engine.wait_stats("the last version running", Duration::from_secs(30), |r| {
+        r.policy.as_ref().filter(|p| p.version == want).map(|p| p.version)
+    })?;
+    println!(
+        "\npolicy apply (loupe policy apply, CLI start to the dataplane running it): median \
+         {:.1} ms, p90 {:.1} ms over {} applies (dataplane at version {versions})",
+        median(ms.clone()),
+        percentile(ms.clone(), 0.9),
+        ms.len()
+    );
+    rows.push(serde_json::json!({"apply_ms": ms}));
+    drop(control);
+    drop(engine);
+    std::fs::create_dir_all("perf/results")?;
+    std::fs::write(
+        "perf/results/decide.json",
+        serde_json::to_vec_pretty(&rows)?,
+    )?;
+    Ok(())
+}
