@@ -81,8 +81,12 @@ impl Conn {
     }
 
     pub fn call<T: DeserializeOwned>(&mut self, req: &impl Serialize) -> anyhow::Result<T> {
-        self.send(req)?;
-        self.recv()
+        match self.send(req) {
+            Ok(()) => self.recv(),
+            // A server that refuses us answers and hangs up at once; the
+            // answer may be waiting even though our request could not go.
+            Err(e) => self.recv().or(Err(e)),
+        }
     }
 }
 

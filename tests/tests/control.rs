@@ -157,7 +157,8 @@ fn the_server_name_selects_the_rule() {
     );
     let tail = control.cli(&["log", "tail", "-n", "2"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&tail.stdout).lines().count(), 2);
-    let m = control.metrics().unwrap();
+    // Worker counters reach the dataplane's report every 100 ms: wait for
+    // them rather than race them.
     for want in [
         "loupe_dataplane_up 1\n",
         "loupe_policy_in_sync 1\n",
@@ -167,7 +168,15 @@ fn the_server_name_selects_the_rule() {
         "loupe_flow_log_records_total{action=\"block\",end=\"blocked\"} 1\n",
         "loupe_xdp_packets_total{path=\"flow_bypass\"}",
     ] {
-        assert!(m.contains(want), "metrics lack {want:?}:\n{m}");
+        wait_until("the metrics", Duration::from_secs(30), || {
+            let m = control.metrics().map_err(|e| e.to_string())?;
+            if m.contains(want) {
+                Ok(Some(()))
+            } else {
+                Err(format!("metrics lack {want:?}:\n{m}"))
+            }
+        })
+        .unwrap();
     }
     assert!(control.stop(), "control exits cleanly on SIGTERM");
     let (st, clean, _, err) = engine.stop();
@@ -459,6 +468,26 @@ fn the_dataplane_outlives_control_and_resyncs() {
         .records()
         .iter()
         .all(|r| field(r, "rule") == "split-lab"));
+    // Written, so acknowledged: nothing waits in the dataplane any more,
+    // and a daemon restarted again writes nothing twice.
+    wait_until("the records acknowledged", Duration::from_secs(60), || {
+        let q = dataplane_status(&sock)["status"]["log_queue"].clone();
+        if q["backlog"] == 0 {
+            Ok(Some(()))
+        } else {
+            Err(q.to_string())
+        }
+    })
+    .unwrap();
+    let seqs: Vec<u64> = control
+        .records()
+        .iter()
+        .filter_map(|r| r["seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    control.restart(&h).unwrap();
+    control.wait_in_sync().unwrap();
+    assert_eq!(control.records().len(), 3);
 
     // The dataplane restarts (no policy): control re-syncs it.
     let (st, clean, _, err) = engine.stop();

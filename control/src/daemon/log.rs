@@ -24,6 +24,8 @@ pub struct FlowLog {
     cfg: LogConfig,
     file: File,
     size: u64,
+    /// The newest record written (from the file's last line at start).
+    last: Option<Stamp>,
     pub written: u64,
     pub rotations: u64,
 }
@@ -33,20 +35,33 @@ fn rfc3339(ms: u64) -> String {
     loupe_hsm::audit::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
 }
 
+/// Where a record came from: the dataplane run and the record's number in
+/// it. Together they name a record, so a repeat (sent again after a
+/// restart, before it was acknowledged) is recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stamp {
+    pub run: u64,
+    pub seq: u64,
+}
+
 /// A record as a log line: `time` (the record's moment) and `start` as
-/// RFC 3339 first, then the dataplane's fields in their order.
-pub fn line(e: &FlowLogEntry) -> String {
+/// RFC 3339 first, then the dataplane's fields in their order, then its
+/// stamp.
+pub fn line(e: &FlowLogEntry, stamp: Option<Stamp>) -> String {
     #[derive(serde::Serialize)]
     struct Line<'a> {
         time: String,
         start: String,
         #[serde(flatten)]
         entry: &'a FlowLogEntry,
+        #[serde(flatten)]
+        stamp: Option<Stamp>,
     }
     let mut v = serde_json::to_value(Line {
         time: rfc3339(e.end_ms),
         start: rfc3339(e.start_ms),
         entry: e,
+        stamp,
     })
     .unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
@@ -63,10 +78,14 @@ impl FlowLog {
         }
         let file = open_append(&cfg.path)?;
         let size = file.metadata()?.len();
+        let last = tail(&cfg.path, 1)?
+            .first()
+            .and_then(|l| serde_json::from_str::<Stamp>(l).ok());
         Ok(FlowLog {
             cfg,
             file,
             size,
+            last,
             written: 0,
             rotations: 0,
         })
@@ -76,9 +95,15 @@ impl FlowLog {
         &self.cfg.path
     }
 
-    /// Appends one record (rotating first when it would not fit).
-    pub fn write(&mut self, e: &FlowLogEntry) -> io::Result<()> {
-        let mut text = line(e);
+    /// Appends one record (rotating first when it would not fit); false
+    /// when it was written already (a repeat of the newest stamps).
+    pub fn write(&mut self, e: &FlowLogEntry, stamp: Option<Stamp>) -> io::Result<bool> {
+        if let (Some(s), Some(last)) = (stamp, self.last) {
+            if s.run == last.run && s.seq <= last.seq {
+                return Ok(false);
+            }
+        }
+        let mut text = line(e, stamp);
         text.push('\n');
         if self.size > 0 && self.size + text.len() as u64 > self.cfg.max_bytes {
             self.rotate()?;
@@ -86,7 +111,10 @@ impl FlowLog {
         self.file.write_all(text.as_bytes())?;
         self.size += text.len() as u64;
         self.written += 1;
-        Ok(())
+        if stamp.is_some() {
+            self.last = stamp;
+        }
+        Ok(true)
     }
 
     fn rotated(&self, n: usize) -> PathBuf {
@@ -165,7 +193,7 @@ mod tests {
 
     #[test]
     fn lines_carry_every_field_with_readable_times() {
-        let l = line(&entry(5));
+        let l = line(&entry(5), Some(Stamp { run: 9, seq: 3 }));
         let v: serde_json::Value = serde_json::from_str(&l).unwrap();
         assert_eq!(v["time"], "1970-01-01T00:00:02.005Z");
         assert_eq!(v["start"], "1970-01-01T00:00:01.000Z");
@@ -173,6 +201,7 @@ mod tests {
         assert_eq!(v["rule"], "lab");
         assert_eq!(v["sni"], "a.example");
         assert!(v.get("start_ms").is_none());
+        assert_eq!((v["run"].as_u64(), v["seq"].as_u64()), (Some(9), Some(3)));
         assert!(
             l.starts_with("{\"time\":\"1970-01-01T00:00:02.005Z\",\"start\":\"1970-01-01T00:00:01.000Z\",\"client\""),
             "{l}"
@@ -184,7 +213,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("loupe-log-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("flows.jsonl");
-        let one = line(&entry(0)).len() as u64 + 1;
+        let one = line(&entry(0), None).len() as u64 + 1;
         let mut log = FlowLog::open(LogConfig {
             path: path.clone(),
             max_bytes: one * 10,
@@ -192,7 +221,7 @@ mod tests {
         })
         .unwrap();
         for i in 0..25 {
-            log.write(&entry(i)).unwrap();
+            log.write(&entry(i), None).unwrap();
         }
         let count = |p: &Path| std::fs::read_to_string(p).map_or(0, |t| t.lines().count());
         let r1 = dir.join("flows.jsonl.1");
@@ -206,10 +235,39 @@ mod tests {
         assert_eq!(tail(&path, 100).unwrap().len(), 5);
         // One more rotation drops the oldest file's lines, nothing else.
         for i in 25..30 {
-            log.write(&entry(i)).unwrap();
+            log.write(&entry(i), None).unwrap();
         }
-        log.write(&entry(30)).unwrap();
+        log.write(&entry(30), None).unwrap();
         assert_eq!((count(&path), count(&r1), count(&r2)), (1, 10, 10));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn repeats_are_recognised_even_after_a_restart() {
+        let dir = std::env::temp_dir().join(format!("loupe-log-rep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = LogConfig {
+            path: dir.join("flows.jsonl"),
+            max_bytes: 1 << 20,
+            keep: 1,
+        };
+        let stamp = |run, seq| Some(Stamp { run, seq });
+        let mut log = FlowLog::open(cfg.clone()).unwrap();
+        assert!(log.write(&entry(1), stamp(5, 1)).unwrap());
+        assert!(log.write(&entry(2), stamp(5, 2)).unwrap());
+        assert!(!log.write(&entry(2), stamp(5, 2)).unwrap());
+        drop(log);
+        // A new daemon reads where the log ends.
+        let mut log = FlowLog::open(cfg.clone()).unwrap();
+        assert!(!log.write(&entry(1), stamp(5, 1)).unwrap());
+        assert!(!log.write(&entry(2), stamp(5, 2)).unwrap());
+        assert!(log.write(&entry(3), stamp(5, 3)).unwrap());
+        // A new dataplane run counts from 1 again.
+        assert!(log.write(&entry(4), stamp(6, 1)).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&cfg.path).unwrap().lines().count(),
+            4
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

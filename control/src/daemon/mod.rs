@@ -485,21 +485,30 @@ impl Daemon {
         }
     }
 
-    fn record(&self, e: &loupe_dataplane::flow::FlowLogEntry) {
+    /// Writes a record to the flow log. An error means it is not stored
+    /// (and must not be acknowledged).
+    fn record(
+        &self,
+        e: &loupe_dataplane::flow::FlowLogEntry,
+        stamp: Option<log::Stamp>,
+    ) -> anyhow::Result<()> {
         let mut st = lock(&self.state);
-        let key = (
-            e.action.map_or("none", |a| a.label()).to_string(),
-            e.end.clone(),
-        );
-        *st.counters.records.entry(key).or_default() += 1;
-        if let Err(err) = st.log.write(e) {
-            st.counters.log_errors += 1;
-            if st.counters.log_errors == 1 || st.counters.log_errors.is_power_of_two() {
-                eprintln!(
-                    "loupe: error: cannot write the flow log {}: {err} ({} failures)",
-                    st.log.path().display(),
-                    st.counters.log_errors
+        match st.log.write(e, stamp) {
+            Ok(true) => {
+                let key = (
+                    e.action.map_or("none", |a| a.label()).to_string(),
+                    e.end.clone(),
                 );
+                *st.counters.records.entry(key).or_default() += 1;
+                Ok(())
+            }
+            Ok(false) => Ok(()), // a repeat, written already
+            Err(err) => {
+                st.counters.log_errors += 1;
+                anyhow::bail!(
+                    "cannot write the flow log {}: {err} (records wait in the dataplane)",
+                    st.log.path().display()
+                )
             }
         }
     }
@@ -570,7 +579,20 @@ impl Daemon {
                 continue;
             };
             match serde_json::from_value::<Response>(v) {
-                Ok(Response { event: Some(e), .. }) => self.record(&e),
+                Ok(Response {
+                    event: Some(e),
+                    seq,
+                    run,
+                    ..
+                }) => {
+                    let stamp = seq.zip(run).map(|(seq, run)| log::Stamp { run, seq });
+                    // Stored, then acknowledged: a record is never lost,
+                    // and a repeat is recognised by its stamp.
+                    self.record(&e, stamp)?;
+                    if let Some(upto) = seq {
+                        events.send(&Request::Ack { upto })?;
+                    }
+                }
                 Ok(_) => {}
                 Err(err) => {
                     lock(&self.state).counters.log_errors += 1;

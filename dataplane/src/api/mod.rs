@@ -43,8 +43,13 @@ pub enum Request {
     /// Swap in a new policy (its version must be above the running one's).
     Apply { policy: Box<Policy> },
     /// From now on this connection receives the flow log records; one
-    /// subscriber at a time (a new one replaces the old).
+    /// subscriber at a time (a new one replaces the old). Each record has
+    /// a `seq`; the subscriber answers `ack` with the highest `seq` it has
+    /// stored, and unacknowledged records go again to the next subscriber
+    /// (at least once; `run` and `seq` let a reader drop repeats).
     Events,
+    /// On an event stream: records up to `upto` are stored.
+    Ack { upto: u64 },
 }
 
 /// An answer, or one record of an event stream.
@@ -61,6 +66,12 @@ pub struct Response {
     pub version: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<FlowLogEntry>,
+    /// An event's number in this dataplane run, from 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The dataplane run the event belongs to (its start, Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u64>,
 }
 
 impl Response {
@@ -103,8 +114,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 struct Shared {
     stop: AtomicBool,
+    /// A new subscriber, handed to the event pump.
     subscriber: Mutex<Option<UnixStream>>,
     subscribed: AtomicBool,
+    /// This run's id (its start, Unix ms).
+    run: u64,
     backlog: AtomicU64,
     dropped: AtomicU64,
 }
@@ -126,7 +140,10 @@ impl Api {
     ) -> std::io::Result<Api> {
         let listener = unix::bind(&cfg.socket, cfg.access)?;
         listener.set_nonblocking(true)?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            run: crate::flow::log::unix_ms(),
+            ..Shared::default()
+        });
         let accept = {
             let shared = shared.clone();
             let access = cfg.access;
@@ -263,6 +280,7 @@ fn serve(stream: UnixStream, shared: &Shared, engine: &Sender<EngineRequest>, ce
                 }
                 return;
             }
+            Request::Ack { .. } => Response::error("ack outside an event stream"),
         };
         if reply(&mut out, &response).is_err() {
             return;
@@ -287,38 +305,178 @@ fn ask<T>(
         .map_err(|_| "the engine did not answer within 10 s".to_string())
 }
 
+/// The event stream's subscriber, as the pump holds it.
+struct Subscriber {
+    stream: UnixStream,
+    acks: unix::LineReader<BufReader<UnixStream>>,
+}
+
 /// Moves flow records from the workers to the subscriber, keeping up to
-/// [`BACKLOG`] of them while there is none (the oldest go first, counted).
+/// [`BACKLOG`] of them until acknowledged (the oldest go first when it is
+/// full, counted). A new subscriber gets every unacknowledged record again.
 fn pump_events(events: Receiver<FlowLogEntry>, shared: Arc<Shared>) {
-    let mut backlog: VecDeque<FlowLogEntry> = VecDeque::new();
+    let mut backlog: VecDeque<(u64, FlowLogEntry)> = VecDeque::new();
+    let mut seq = 0u64;
+    // The front records written to the current subscriber, unacknowledged.
+    let mut sent = 0usize;
+    let mut sub: Option<Subscriber> = None;
     while !shared.stop.load(Ordering::Relaxed) {
         let first = events.recv_timeout(Duration::from_millis(100)).ok();
         for e in first.into_iter().chain(events.try_iter()) {
             if backlog.len() >= BACKLOG {
                 backlog.pop_front();
+                sent = sent.saturating_sub(1);
                 shared.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            backlog.push_back(e);
+            seq += 1;
+            backlog.push_back((seq, e));
         }
-        let mut sub = lock(&shared.subscriber);
-        if let Some(stream) = sub.as_mut() {
-            while let Some(e) = backlog.front() {
-                let r = Response {
-                    event: Some(e.clone()),
-                    ..Response::ok()
-                };
-                if reply(stream, &r).is_err() {
-                    // Gone or stalled: keep the record for the next one.
-                    *sub = None;
-                    break;
+        if let Some(stream) = lock(&shared.subscriber).take() {
+            if let Some(old) = sub.take() {
+                let _ = old.stream.shutdown(std::net::Shutdown::Both);
+            }
+            // Acks are read without waiting (the timeout is the read side's
+            // only; writes keep theirs).
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(1)));
+            sub = stream.try_clone().ok().map(|r| Subscriber {
+                stream,
+                acks: unix::LineReader::new(BufReader::new(r)),
+            });
+            sent = 0;
+        }
+        if let Some(s) = sub.as_mut() {
+            let gone = read_acks(s, &mut backlog, &mut sent) || {
+                let mut failed = false;
+                for (n, e) in backlog.iter().skip(sent) {
+                    let r = Response {
+                        event: Some(e.clone()),
+                        seq: Some(*n),
+                        run: Some(shared.run),
+                        ..Response::ok()
+                    };
+                    if reply(&mut s.stream, &r).is_err() {
+                        failed = true;
+                        break;
+                    }
+                    sent += 1;
                 }
-                backlog.pop_front();
+                failed
+            };
+            if gone {
+                // Gone or stalled: what it did not acknowledge waits for the
+                // next one.
+                sub = None;
+                sent = 0;
             }
         }
         shared.subscribed.store(sub.is_some(), Ordering::Relaxed);
-        drop(sub);
         shared
             .backlog
             .store(backlog.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Drops acknowledged records; true when the subscriber hung up.
+fn read_acks(
+    s: &mut Subscriber,
+    backlog: &mut VecDeque<(u64, FlowLogEntry)>,
+    sent: &mut usize,
+) -> bool {
+    loop {
+        match s.acks.read_line() {
+            Ok(Some(line)) => {
+                if let Ok(Request::Ack { upto }) = serde_json::from_str(&line) {
+                    while backlog.front().is_some_and(|(n, _)| *n <= upto) {
+                        backlog.pop_front();
+                        *sent = sent.saturating_sub(1);
+                    }
+                }
+            }
+            Ok(None) => return true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(rule: &str) -> FlowLogEntry {
+        FlowLogEntry {
+            rule: rule.into(),
+            ..FlowLogEntry::default()
+        }
+    }
+
+    /// Reads the next event line from a subscriber's end.
+    fn next(r: &mut unix::LineReader<BufReader<UnixStream>>) -> (u64, String) {
+        let line = r.read_line().unwrap().unwrap();
+        let resp: Response = serde_json::from_str(&line).unwrap();
+        (resp.seq.unwrap(), resp.event.unwrap().rule)
+    }
+
+    fn subscribe(shared: &Shared) -> (UnixStream, unix::LineReader<BufReader<UnixStream>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        *lock(&shared.subscriber) = Some(theirs);
+        let r = unix::LineReader::new(BufReader::new(ours.try_clone().unwrap()));
+        (ours, r)
+    }
+
+    #[test]
+    fn unacknowledged_records_go_again_to_the_next_subscriber() {
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let shared = Arc::new(Shared {
+            run: 7,
+            ..Shared::default()
+        });
+        let pump = {
+            let shared = shared.clone();
+            thread::spawn(move || pump_events(rx, shared))
+        };
+        for r in ["a", "b", "c"] {
+            tx.send(entry(r)).unwrap();
+        }
+        let (mut first, mut r1) = subscribe(&shared);
+        assert_eq!(next(&mut r1), (1, "a".into()));
+        assert_eq!(next(&mut r1), (2, "b".into()));
+        assert_eq!(next(&mut r1), (3, "c".into()));
+        // Only the first is stored before this subscriber goes away.
+        first.write_all(&line(&Request::Ack { upto: 1 })).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shared.backlog.load(Ordering::Relaxed) != 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the ack was not taken"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        drop((first, r1));
+        tx.send(entry("d")).unwrap();
+        let (mut second, mut r2) = subscribe(&shared);
+        assert_eq!(next(&mut r2), (2, "b".into()));
+        assert_eq!(next(&mut r2), (3, "c".into()));
+        assert_eq!(next(&mut r2), (4, "d".into()));
+        second.write_all(&line(&Request::Ack { upto: 4 })).unwrap();
+        while shared.backlog.load(Ordering::Relaxed) != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the ack was not taken"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 0);
+        shared.stop.store(true, Ordering::Relaxed);
+        pump.join().unwrap();
     }
 }

@@ -175,7 +175,10 @@ fn main() -> anyhow::Result<()> {
     }
     let want = 1 + args.applies as u64;
     let versions = engine.wait_stats("the last version running", Duration::from_secs(30), |r| {
-        r.policy.as_ref().filter(|p| p.version == want).map(|p| p.version)
+        r.policy
+            .as_ref()
+            .filter(|p| p.version == want)
+            .map(|p| p.version)
     })?;
     println!(
         "\npolicy apply (loupe policy apply, CLI start to the dataplane running it): median \
