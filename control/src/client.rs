@@ -42,6 +42,11 @@ impl Conn {
         })
     }
 
+    /// How long [`Conn::poll`] waits for a message.
+    pub fn set_read_timeout(&self, t: Duration) -> anyhow::Result<()> {
+        Ok(self.out.set_read_timeout(Some(t))?)
+    }
+
     pub fn send(&mut self, req: &impl Serialize) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');

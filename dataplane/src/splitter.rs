@@ -79,6 +79,11 @@ struct Held {
     scanner: HelloScanner,
     deadline: Instant,
     fin: bool,
+    /// Where the client's FIN is (it closes the hold only once every byte
+    /// before it arrived).
+    fin_at: Option<SeqNum>,
+    /// Bytes read in order so far.
+    read: u32,
     /// Client bytes held (the highest offset seen).
     bytes: u64,
     /// The oldest TSval among the held segments (the client-facing half
@@ -151,6 +156,8 @@ enum NoDecision {
     Overflow,
     /// Forgotten to make room while held.
     Evicted,
+    /// The client closed before its ClientHello was complete.
+    ClosedEarly,
     /// Cannot be split (URG before the decision, TCP Fast Open).
     Unsplittable,
 }
@@ -161,6 +168,7 @@ impl NoDecision {
             NoDecision::Timeout => "hold-timeout",
             NoDecision::Overflow => "hold-overflow",
             NoDecision::Evicted => "evicted",
+            NoDecision::ClosedEarly => "closed-early",
             NoDecision::Unsplittable => "passthrough",
         }
     }
@@ -174,6 +182,10 @@ impl NoDecision {
                 "more held than the hold bound: decided without the server name"
             }
             NoDecision::Evicted => "evicted while held: decided without the server name",
+            NoDecision::ClosedEarly => {
+                "the client closed before its ClientHello was complete: decided without the \
+                 server name"
+            }
             NoDecision::Unsplittable => {
                 "not splittable (URG or TCP Fast Open): decided without the server name"
             }
@@ -365,11 +377,7 @@ impl Splitter {
                     opened: now,
                 }))
             } else {
-                // A flow already running when the engine started (or one
-                // whose state expired): leave it alone, in the kernel.
-                self.counters.passthrough += 1;
-                self.ops.push(MapOp::Bypass(parsed.key));
-                Entry::Passthrough(None)
+                self.mid_flow(parsed.key)
             };
             let class = if is_syn { EMBRYONIC } else { SETTLED };
             let since = self.next_since(id, class);
@@ -401,6 +409,50 @@ impl Splitter {
                 Disposition::Consumed
             }
         }
+    }
+
+    /// A flow seen mid-stream: running when the engine started, or one
+    /// whose state was forgotten (idle, evicted). No decision point will
+    /// come, so it is decided without the server name: a block that might
+    /// apply drops it (a client cannot get past a name-based block by
+    /// staying quiet until it is forgotten); otherwise it is left to the
+    /// kernel. The server is taken to be the endpoint with the lower port.
+    fn mid_flow(&mut self, key: FlowKey) -> Entry {
+        let key = if key.dst_port <= key.src_port {
+            key
+        } else {
+            key.reversed()
+        };
+        let policy = self.settings.policy.clone();
+        let d = policy.decide_unnamed(&Subject {
+            client: key.src,
+            server: key.dst,
+            server_port: key.dst_port,
+            sni: None,
+        });
+        if d.action != Action::Block {
+            self.counters.passthrough += 1;
+            self.ops.push(MapOp::Bypass(key));
+            return Entry::Passthrough(None);
+        }
+        self.counters.refused += 1;
+        let meta = Meta {
+            action: Some(Action::Block),
+            rule: policy.rule_name(&d).to_string(),
+            sni: None,
+            alpn: Vec::new(),
+            key,
+            opened: Instant::now(),
+            policy_version: policy.version,
+            held_bytes: 0,
+            note: Some(
+                "seen mid-flow (running before the engine, or forgotten while idle): decided \
+                 without the server name; its segments are dropped",
+            ),
+            logged: true,
+        };
+        self.log(&meta, (0, 0), "blocked");
+        Entry::Ended
     }
 
     fn bad_frame(&mut self, e: SegmentError) -> Disposition {
@@ -454,9 +506,7 @@ impl Splitter {
                     self.counters.fast_open += 1;
                 }
                 if why == Passthrough::Reset {
-                    // The attempt is over anyway: let the RST through.
-                    self.pass(id, Some("passthrough"));
-                    return Disposition::Forward;
+                    return self.reset_in_hold(id, side, &p.segment);
                 }
                 self.undecided(id, NoDecision::Unsplittable, now)
             }
@@ -487,6 +537,8 @@ impl Splitter {
                 scanner: HelloScanner::default(),
                 deadline,
                 fin: false,
+                fin_at: None,
+                read: 0,
                 bytes: 0,
                 oldest_tsval: None,
             })
@@ -506,6 +558,9 @@ impl Splitter {
             }
         }
         held.fin |= seg.flags.fin;
+        if seg.flags.fin {
+            held.fin_at = Some(seg.seq + seg.payload.len() as u32);
+        }
         held.bytes = held.bytes.max(end.max(0) as u64);
         if end > self.settings.hold_bytes as i64 || held.frames.len() > MAX_HELD_FRAMES {
             self.counters.hold_overflows += 1;
@@ -514,6 +569,8 @@ impl Splitter {
             return Disposition::Consumed;
         }
         let ready = held.stream.read(usize::MAX);
+        held.read += ready.len() as u32;
+        let closed = held.fin_at == Some(start + held.read);
         let opening = match held.scanner.feed(&ready) {
             Some(Hello::Tls(ch)) => {
                 self.counters.hellos += 1;
@@ -523,10 +580,11 @@ impl Splitter {
                 self.counters.not_tls += 1;
                 Opening::Other
             }
-            // The client closed before completing a ClientHello.
-            None if held.fin => {
-                self.counters.not_tls += 1;
-                Opening::Other
+            // The client closed before completing its ClientHello: the
+            // name will not come.
+            None if closed => {
+                self.undecided(id, NoDecision::ClosedEarly, now);
+                return Disposition::Consumed;
             }
             None => return Disposition::Consumed,
         };
@@ -575,6 +633,40 @@ impl Splitter {
         }
     }
 
+    /// A RST while the client's bytes are held. One its receiver would
+    /// take (RFC 5961 §3.2: exactly at the next sequence number it expects;
+    /// from the client, anywhere up to the end of its held bytes, which the
+    /// server never saw) ends the connection: it goes through, the held
+    /// bytes do not. Any other is dropped, and the hold goes on: a forged
+    /// RST must not get a connection past the decision.
+    fn reset_in_hold(&mut self, id: FlowId, side: Side, seg: &Segment) -> Disposition {
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return Disposition::Forward;
+        };
+        let held = t.hold.as_ref().map_or(0, |h| h.bytes);
+        let plausible = match dir_from(side, t.client) {
+            Dir::Client => t
+                .tracker
+                .client_data_start()
+                .is_some_and(|s| (0..=held as i64).contains(&i64::from(seg.seq.since(s)))),
+            Dir::Server => t.tracker.server_data_start() == Some(seg.seq),
+        };
+        if !plausible {
+            self.counters.bogus_resets += 1;
+            return Disposition::Consumed;
+        }
+        self.counters.passthrough += 1;
+        if let Some(h) = t.hold.take() {
+            for f in h.frames {
+                keep_spare(&mut self.spare, f);
+            }
+        }
+        if let Some(f) = self.flows.get_mut(&id) {
+            f.entry = Entry::Ended;
+        }
+        Disposition::Forward
+    }
+
     /// Decides a connection that reached no decision point, without its
     /// server name ([`Policy::decide_unnamed`]: a block that might apply
     /// does). Refusals and splits go ahead wherever the halves can be
@@ -595,7 +687,12 @@ impl Splitter {
                 meta.logged = true;
                 self.start_split(id, None, now, meta, Some(None))
             }
-            Verdict::Split if matches!(why, NoDecision::Timeout | NoDecision::Overflow) => {
+            Verdict::Split
+                if matches!(
+                    why,
+                    NoDecision::Timeout | NoDecision::Overflow | NoDecision::ClosedEarly
+                ) =>
+            {
                 self.start_split(id, None, now, meta, None)
             }
             Verdict::Split => {
@@ -1437,14 +1534,68 @@ mod tests {
     }
 
     #[test]
-    fn a_reset_during_the_hold_releases_the_held_data_first() {
+    fn a_reset_during_the_hold_ends_it_and_the_held_data_stays() {
         let mut b = Bench::new(SplitSettings::default());
-        let (_, f) = b.client_data(0, &[22, 3, 1]);
+        b.client_data(0, &[22, 3, 1]);
+        // A RST at the end of the held bytes: the client is gone.
         let mut rst = seg(C_ISN + 4, S_ISN + 1, false, b"");
         rst.flags.rst = true;
         assert_eq!(b.send(Dir::Client, &rst), Disposition::Forward);
-        assert_eq!(b.sent(), vec![(Side::Outside, f)]);
-        assert_eq!(b.sp.counters.split, 0);
+        assert!(b.sent().is_empty(), "the held bytes are not released");
+        assert_eq!((b.sp.counters.split, bypassed(&b.sp)), (0, 0));
+        // Late segments of it are dropped.
+        assert_eq!(b.client_data(3, b"x").0, Disposition::Consumed);
+    }
+
+    #[test]
+    fn a_forged_reset_during_the_hold_is_dropped_and_the_hold_goes_on() {
+        let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+        let hello = client_hello("www.bad.example", &[]);
+        b.client_data(0, &hello[..100]);
+        for (dir, seq) in [(Dir::Client, C_ISN + 5000), (Dir::Server, S_ISN + 77)] {
+            let mut rst = seg(seq, 0, false, b"");
+            rst.flags.rst = true;
+            assert_eq!(b.send(dir, &rst), Disposition::Consumed);
+        }
+        assert_eq!((b.sp.counters.bogus_resets, bypassed(&b.sp)), (2, 0));
+        b.client_data(100, &hello[100..]);
+        assert_eq!(b.sp.counters.refused, 1, "the block still applies");
+    }
+
+    #[test]
+    fn a_fin_ahead_of_missing_bytes_does_not_end_the_hold() {
+        let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+        let hello = client_hello("www.bad.example", &[]);
+        // A FIN far ahead, then the ClientHello: decided by its name.
+        let mut fin = seg(C_ISN + 1 + 20_000, S_ISN + 1, false, b"");
+        fin.flags.fin = true;
+        assert_eq!(b.send(Dir::Client, &fin), Disposition::Consumed);
+        assert_eq!(b.sp.events.len(), 0);
+        b.client_data(0, &hello);
+        assert_eq!(b.sp.events[0].sni.as_deref(), Some("www.bad.example"));
+        assert_eq!(b.sp.events[0].end, "blocked");
+    }
+
+    #[test]
+    fn a_flow_seen_mid_stream_is_dropped_when_a_block_might_apply() {
+        let mut sp = Splitter::new(one_rule(Action::Block, "*.bad.example"));
+        let peers = Peers::new();
+        let data = seg(C_ISN + 1, S_ISN + 1, false, b"\x16\x03\x01");
+        let f = peers.frame(Dir::Client, &data);
+        assert_eq!(
+            sp.on_frame(Side::Inside, &f, Instant::now()),
+            Disposition::Consumed
+        );
+        assert_eq!((sp.counters.refused, bypassed(&sp)), (1, 0));
+        assert_eq!(sp.events[0].end, "blocked");
+        assert_eq!(sp.events[0].server, "198.18.0.2:443");
+        // Without a block that might apply, it is left to the kernel.
+        let mut sp = Splitter::new(SplitSettings::default());
+        assert_eq!(
+            sp.on_frame(Side::Inside, &f, Instant::now()),
+            Disposition::Forward
+        );
+        assert_eq!(bypassed(&sp), 1);
     }
 
     #[test]

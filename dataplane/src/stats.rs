@@ -128,6 +128,9 @@ pub struct SplitCounters {
     /// Flow-log records lost because the engine's queue was full.
     #[serde(default)]
     pub log_dropped: u64,
+    /// RSTs during the hold that their receiver would not take, dropped.
+    #[serde(default)]
+    pub bogus_resets: u64,
 }
 
 impl SplitCounters {
@@ -169,6 +172,7 @@ impl SplitCounters {
         self.tail_probes += o.tail_probes;
         self.refused += o.refused;
         self.log_dropped += o.log_dropped;
+        self.bogus_resets += o.bogus_resets;
     }
 }
 

@@ -107,6 +107,8 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
             flows.set(&key(CLIENT, 40003, SERVER, 443), verdict::BYPASS).unwrap();
             flows.set(&key(CLIENT, 40004, SERVER, 443), verdict::DROP).unwrap();
             flows.set(&key(CLIENT, 40005, SERVER, 443), 99).unwrap();
+            flows.set(&key(CLIENT, 40006, SERVER, 443), verdict::BYPASS).unwrap();
+            flows.set(&key(SERVER, 443, CLIENT, 40006), verdict::BYPASS).unwrap();
 
             let (c4, s4) = (Ip::V4(CLIENT), Ip::V4(SERVER));
             let mut udp = Vec::new();
@@ -141,6 +143,10 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                 ("flow verdict drop", tcp(c4, 40004, s4, 443), inside, 0, XDP_DROP, Counter::FlowDrop),
                 ("flow keys are per direction", tcp(s4, 443, c4, 40003), outside, 0, XDP_REDIRECT, Counter::Steer),
                 ("unknown verdict falls through", tcp(c4, 40005, s4, 443), inside, 0, XDP_REDIRECT, Counter::Steer),
+                ("a bypassed flow's replies bypass", tcp(s4, 443, c4, 40006), outside, 0, XDP_REDIRECT, Counter::FlowBypass),
+                ("a new SYN on its ports is steered", syn_v4(CLIENT, 40006, SERVER, 443), inside, 0, XDP_REDIRECT, Counter::Steer),
+                ("and its old verdict is gone: replies are steered", tcp(s4, 443, c4, 40006), outside, 0, XDP_REDIRECT, Counter::Steer),
+                ("and so is the client's", tcp(c4, 40006, s4, 443), inside, 0, XDP_REDIRECT, Counter::Steer),
                 ("interface not served", tcp(c4, 40001, s4, 443), lo, 0, XDP_PASS, Counter::UnknownIface),
             ];
 

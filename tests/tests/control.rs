@@ -571,3 +571,111 @@ fn users_other_than_root_are_refused_on_both_sockets() {
     assert_eq!(s["control"]["dataplane_connected"], true);
     drop(engine);
 }
+
+/// More records than the dataplane sends ahead (its window) wait while the
+/// daemon is away; all of them reach the log once it is back, once each.
+#[test]
+fn a_large_backlog_reaches_the_log_whole() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let p = policy(
+        &h,
+        "p.toml",
+        "[[rules]]\nname = \"pass-all\"\naction = \"no-decrypt\"\n",
+    );
+    let sock = dataplane_socket(&h);
+    let (engine, mut control) = start(&h, Some(&p));
+    control.wait_in_sync().unwrap();
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    control.kill();
+    const N: usize = 1500;
+    let mut args = nginx.curl_args(SERVER_V4, "index.html");
+    let url = args.pop().unwrap();
+    args.extend(["-H".into(), "Connection: close".into()]);
+    for _ in 0..N {
+        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
+    }
+    let out = h.client.command("curl").args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("every record queued", Duration::from_secs(60), || {
+        let q = dataplane_status(&sock)["status"]["log_queue"].clone();
+        if q["backlog"] == N as u64 {
+            Ok(Some(()))
+        } else {
+            Err(q.to_string())
+        }
+    })
+    .unwrap();
+    control.restart(&h).unwrap();
+    wait_until("every record in the log", Duration::from_secs(120), || {
+        let n = control.records().len();
+        if n == N {
+            Ok(Some(()))
+        } else {
+            Err(format!("{n} records"))
+        }
+    })
+    .unwrap();
+    let seqs: Vec<u64> = control
+        .records()
+        .iter()
+        .filter_map(|r| r["seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, (1..=N as u64).collect::<Vec<_>>());
+    wait_until("every record acknowledged", Duration::from_secs(60), || {
+        let q = dataplane_status(&sock)["status"]["log_queue"].clone();
+        if q["backlog"] == 0 {
+            Ok(Some(()))
+        } else {
+            Err(q.to_string())
+        }
+    })
+    .unwrap();
+    assert_eq!(engine.stats().unwrap().split_total().log_dropped, 0);
+}
+
+/// A connection that reuses the ports of one the policy passed (its
+/// flow is bypassed in XDP both ways) is decided afresh: the old
+/// verdict must not carry a blocked server name past the policy.
+#[test]
+fn reused_ports_do_not_inherit_a_pass() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let p = policy(&h, "sni.toml", SNI_POLICY);
+    let (engine, control) = start(&h, Some(&p));
+    control.wait_in_sync().unwrap();
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    let run = |name: &str| {
+        let mut args = nginx.curl_args_for(name, SERVER_V4, "index.html");
+        // The same client port both times; the server closes first, so
+        // the client's side is free at once.
+        args.splice(
+            0..0,
+            ["--local-port", "40123", "-H", "Connection: close"].map(String::from),
+        );
+        h.client.command("curl").args(&args).output().unwrap()
+    };
+    let first = run("www.bank.loupe.test");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    engine
+        .wait_stats("the pass installed", Duration::from_secs(30), |r| {
+            (r.split_total().released >= 1).then_some(())
+        })
+        .unwrap();
+    let second = run("x.malware.loupe.test");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(35), "{err}");
+    assert!(err.contains("alert access denied"), "{err}");
+    let rec = control
+        .wait_record("the block on the reused ports", |r| {
+            field(r, "rule") == "block-malware"
+        })
+        .unwrap();
+    assert_eq!(field(&rec, "client"), "198.18.0.1:40123");
+}

@@ -78,9 +78,16 @@ impl FlowLog {
         }
         let file = open_append(&cfg.path)?;
         let size = file.metadata()?.len();
-        let last = tail(&cfg.path, 1)?
-            .first()
-            .and_then(|l| serde_json::from_str::<Stamp>(l).ok());
+        // The newest stamp: in the live file, or (just rotated) the last one.
+        let newest = |p: &Path| {
+            tail(p, 1)
+                .ok()?
+                .first()
+                .and_then(|l| serde_json::from_str::<Stamp>(l).ok())
+        };
+        let mut previous = cfg.path.clone().into_os_string();
+        previous.push(".1");
+        let last = newest(&cfg.path).or_else(|| newest(Path::new(&previous)));
         Ok(FlowLog {
             cfg,
             file,

@@ -278,6 +278,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const DP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Flow records acknowledged at once, at most (well within the dataplane's
+/// window, so it never waits on us).
+const ACK_EVERY: usize = 64;
 
 impl Daemon {
     fn state_file(&self) -> PathBuf {
@@ -552,10 +555,12 @@ impl Daemon {
     fn link_once(&self) -> anyhow::Result<()> {
         let dp = self.dataplane_status()?;
         // Subscribe before syncing, so no record is missed in between.
-        let mut events = Conn::open(&self.cfg.dataplane, Duration::from_secs(1))?;
+        let mut events = Conn::open(&self.cfg.dataplane, DP_TIMEOUT)?;
         events.send(&Request::Events)?;
         let ack: Response = events.recv()?;
         anyhow::ensure!(ack.ok, "events refused: {}", ack.error.unwrap_or_default());
+        // From here a quiet stream is no error: look up often, to ack.
+        events.set_read_timeout(Duration::from_millis(50))?;
         self.set_link(true, None);
         eprintln!(
             "loupe: dataplane connected (pid {}, policy {})",
@@ -572,10 +577,21 @@ impl Daemon {
                 self.set_link(true, Some(e));
             }
         }
+        // Acknowledged in batches: when the stream pauses, or every
+        // ACK_EVERY records (the dataplane sends a bounded window ahead).
+        let mut unacked: Option<u64> = None;
+        let mut since_ack = 0usize;
         while !self.stop.load(Ordering::Relaxed) {
+            let next = events.poll::<serde_json::Value>()?;
+            if next.is_none() || since_ack >= ACK_EVERY {
+                if let Some(upto) = unacked.take() {
+                    events.send(&Request::Ack { upto })?;
+                    since_ack = 0;
+                }
+            }
             // A record this version cannot read is counted and skipped;
             // the stream goes on.
-            let Some(v) = events.poll::<serde_json::Value>()? else {
+            let Some(v) = next else {
                 continue;
             };
             match serde_json::from_value::<Response>(v) {
@@ -589,8 +605,9 @@ impl Daemon {
                     // Stored, then acknowledged: a record is never lost,
                     // and a repeat is recognised by its stamp.
                     self.record(&e, stamp)?;
-                    if let Some(upto) = seq {
-                        events.send(&Request::Ack { upto })?;
+                    if seq.is_some() {
+                        unacked = seq;
+                        since_ack += 1;
                     }
                 }
                 Ok(_) => {}

@@ -321,7 +321,18 @@ fn pump_events(events: Receiver<FlowLogEntry>, shared: Arc<Shared>) {
     let mut sent = 0usize;
     let mut sub: Option<Subscriber> = None;
     while !shared.stop.load(Ordering::Relaxed) {
-        let first = events.recv_timeout(Duration::from_millis(100)).ok();
+        // With records waiting for room in the window, look again soon.
+        let waiting = sub.is_some() && backlog.len() > sent;
+        let wait = Duration::from_millis(if waiting { 5 } else { 100 });
+        let first = match events.recv_timeout(wait) {
+            Ok(e) => Some(e),
+            Err(crossbeam::channel::RecvTimeoutError::Timeout) => None,
+            Err(crossbeam::channel::RecvTimeoutError::Disconnected) => {
+                // The workers are gone (the engine is stopping).
+                thread::sleep(Duration::from_millis(20));
+                None
+            }
+        };
         for e in first.into_iter().chain(events.try_iter()) {
             if backlog.len() >= BACKLOG {
                 backlog.pop_front();
@@ -345,24 +356,7 @@ fn pump_events(events: Receiver<FlowLogEntry>, shared: Arc<Shared>) {
             sent = 0;
         }
         if let Some(s) = sub.as_mut() {
-            let gone = read_acks(s, &mut backlog, &mut sent) || {
-                let mut failed = false;
-                for (n, e) in backlog.iter().skip(sent) {
-                    let r = Response {
-                        event: Some(e.clone()),
-                        seq: Some(*n),
-                        run: Some(shared.run),
-                        ..Response::ok()
-                    };
-                    if reply(&mut s.stream, &r).is_err() {
-                        failed = true;
-                        break;
-                    }
-                    sent += 1;
-                }
-                failed
-            };
-            if gone {
+            if !send_window(s, &mut backlog, &mut sent, shared.run) {
                 // Gone or stalled: what it did not acknowledge waits for the
                 // next one.
                 sub = None;
@@ -374,9 +368,52 @@ fn pump_events(events: Receiver<FlowLogEntry>, shared: Arc<Shared>) {
             .backlog
             .store(backlog.len() as u64, Ordering::Relaxed);
     }
+    if !backlog.is_empty() {
+        eprintln!(
+            "loupe-dataplane: warning: {} flow records were not acknowledged by the control \
+             process and are lost with this run",
+            backlog.len()
+        );
+    }
 }
 
-/// Drops acknowledged records; true when the subscriber hung up.
+/// Records in flight to a subscriber (written, not acknowledged), at most:
+/// neither side ever blocks on the other's unread bytes.
+const WINDOW: usize = 512;
+
+/// Takes the subscriber's acknowledgements and writes what fits in the
+/// window; false when the subscriber is gone.
+fn send_window(
+    s: &mut Subscriber,
+    backlog: &mut VecDeque<(u64, FlowLogEntry)>,
+    sent: &mut usize,
+    run: u64,
+) -> bool {
+    loop {
+        if read_acks(s, backlog, sent) {
+            return false;
+        }
+        if *sent >= backlog.len() || *sent >= WINDOW {
+            return true;
+        }
+        let end = backlog.len().min(*sent + WINDOW / 4).min(WINDOW);
+        for (n, e) in backlog.range(*sent..end) {
+            let r = Response {
+                event: Some(e.clone()),
+                seq: Some(*n),
+                run: Some(run),
+                ..Response::ok()
+            };
+            if reply(&mut s.stream, &r).is_err() {
+                return false;
+            }
+            *sent += 1;
+        }
+    }
+}
+
+/// Drops acknowledged records (never more than were sent); true when the
+/// subscriber hung up.
 fn read_acks(
     s: &mut Subscriber,
     backlog: &mut VecDeque<(u64, FlowLogEntry)>,
@@ -386,9 +423,9 @@ fn read_acks(
         match s.acks.read_line() {
             Ok(Some(line)) => {
                 if let Ok(Request::Ack { upto }) = serde_json::from_str(&line) {
-                    while backlog.front().is_some_and(|(n, _)| *n <= upto) {
+                    while *sent > 0 && backlog.front().is_some_and(|(n, _)| *n <= upto) {
                         backlog.pop_front();
-                        *sent = sent.saturating_sub(1);
+                        *sent -= 1;
                     }
                 }
             }
@@ -476,6 +513,57 @@ mod tests {
             thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(shared.dropped.load(Ordering::Relaxed), 0);
+        shared.stop.store(true, Ordering::Relaxed);
+        pump.join().unwrap();
+    }
+
+    #[test]
+    fn at_most_a_window_is_in_flight_and_acks_move_it() {
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let shared = Arc::new(Shared::default());
+        let pump = {
+            let shared = shared.clone();
+            thread::spawn(move || pump_events(rx, shared))
+        };
+        let n = WINDOW * 3;
+        for i in 0..n {
+            tx.send(entry(&i.to_string())).unwrap();
+        }
+        let (mut ours, mut r) = subscribe(&shared);
+        // Without acknowledgements, a window's worth and no more.
+        for i in 1..=WINDOW as u64 {
+            assert_eq!(next(&mut r), (i, (i - 1).to_string()));
+        }
+        ours.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let more = r.read_line().unwrap_err();
+        assert_eq!(more.kind(), std::io::ErrorKind::WouldBlock, "{more}");
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // Acks move it on: everything arrives, in order.
+        let mut got = WINDOW as u64;
+        ours.write_all(&line(&Request::Ack { upto: got })).unwrap();
+        while (got as usize) < n {
+            let (seq, rule) = next(&mut r);
+            assert_eq!((seq, rule), (got + 1, got.to_string()));
+            got = seq;
+            if got.is_multiple_of(100) || got as usize == n {
+                ours.write_all(&line(&Request::Ack { upto: got })).unwrap();
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shared.backlog.load(Ordering::Relaxed) != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the last ack was not taken"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        // An ack beyond what was sent drops nothing unsent.
+        tx.send(entry("late")).unwrap();
+        ours.write_all(&line(&Request::Ack { upto: 1_000_000 }))
+            .unwrap();
+        assert_eq!(next(&mut r), (n as u64 + 1, "late".into()));
         shared.stop.store(true, Ordering::Relaxed);
         pump.join().unwrap();
     }

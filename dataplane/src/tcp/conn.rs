@@ -194,6 +194,8 @@ pub struct Conn {
     tlp_at: Option<Instant>,
     /// The end of TIME-WAIT, or of FIN-WAIT-2 (waiting for the peer's FIN).
     time_wait_until: Option<Instant>,
+    /// A RST to send though the connection is closed (FIN-WAIT-2 gave up).
+    pending_rst: Option<Segment>,
     stats: ConnStats,
 }
 
@@ -261,6 +263,7 @@ impl Conn {
             rexmit_high: None,
             tlp_at: None,
             time_wait_until: None,
+            pending_rst: None,
             stats: ConnStats::default(),
             cfg,
         }
@@ -400,6 +403,16 @@ impl Conn {
 
     /// Processes a segment from the peer (RFC 9293 §3.10.7.4).
     pub fn on_segment(&mut self, seg: &Segment, now: Instant) {
+        let before = self.rcv_nxt();
+        self.segment_in(seg, now);
+        // FIN-WAIT-2 counts from the peer's last new byte: a half-closed
+        // peer that is still sending is not cut off.
+        if self.state == State::FinWait2 && self.rcv_nxt() != before {
+            self.time_wait_until = Some(now + self.cfg.fin_wait2);
+        }
+    }
+
+    fn segment_in(&mut self, seg: &Segment, now: Instant) {
         self.stats.segments_in += 1;
         if matches!(self.state, State::Closed) {
             return;
@@ -779,7 +792,8 @@ impl Conn {
         if self.time_wait_until.is_some_and(|t| now >= t) {
             self.time_wait_until = None;
             if self.state == State::FinWait2 {
-                // The peer never sent its FIN.
+                // The peer never sent its FIN: it is told, with a RST.
+                self.pending_rst = self.abort();
                 self.abort = Some(Abort::TimedOut);
             }
             self.state = State::Closed;
@@ -834,6 +848,9 @@ impl Conn {
     /// The next segment to send, if any. Call until `None` after every
     /// input and timer.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Segment> {
+        if let Some(rst) = self.pending_rst.take() {
+            return Some(rst);
+        }
         if self.state == State::Closed {
             return None;
         }

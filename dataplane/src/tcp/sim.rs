@@ -488,6 +488,30 @@ mod tests {
             (a.state(), a.aborted()),
             (State::Closed, Some(Abort::TimedOut))
         );
+        // The peer is told.
+        let rst = a.poll_transmit(at).expect("a RST");
+        assert!(rst.flags.rst);
+        assert!(a.poll_transmit(at).is_none());
+    }
+
+    #[test]
+    fn fin_wait_2_waits_while_the_peer_still_sends() {
+        let (mut a, mut b, now) = established(10);
+        a.close();
+        deliver(&mut a, &mut b, now);
+        deliver(&mut b, &mut a, now);
+        assert_eq!(a.state(), State::FinWait2);
+        let limit = ConnConfig::default().fin_wait2;
+        // 50 s later the peer sends more: the wait starts again.
+        let later = now + limit - Duration::from_secs(10);
+        assert_eq!(b.write(b"still talking"), 13);
+        deliver(&mut b, &mut a, later);
+        a.on_timer(now + limit);
+        assert_eq!(a.state(), State::FinWait2);
+        a.on_timer(later + limit - Duration::from_secs(1));
+        assert_eq!(a.state(), State::FinWait2);
+        a.on_timer(later + limit);
+        assert_eq!(a.state(), State::Closed);
     }
 
     fn deliver(from: &mut Conn, to: &mut Conn, now: Instant) -> usize {

@@ -111,6 +111,15 @@ impl Tracker {
         }
     }
 
+    /// Where the server's data starts (its ISN + 1), once the handshake is
+    /// done.
+    pub fn server_data_start(&self) -> Option<SeqNum> {
+        match &self.phase {
+            Phase::Hold(n) => Some(n.s_isn + 1),
+            _ => None,
+        }
+    }
+
     /// Looks at the next segment of the connection, in arrival order.
     pub fn on_segment(&mut self, dir: Dir, seg: &Segment) -> Track {
         let f = seg.flags;

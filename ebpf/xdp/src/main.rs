@@ -317,6 +317,15 @@ fn tcp(ctx: &XdpContext, l3: L3) -> Class {
     if let Some(v) = unsafe { FLOWS.get(key) } {
         match *v {
             verdict::BYPASS if !new_conn => return Class::Pass(Counter::FlowBypass),
+            verdict::BYPASS => {
+                // A new connection on the ports of a bypassed one: the old
+                // verdict goes, both ways, or the new connection's replies
+                // would take the fast path before it is decided (a client
+                // could get a connection past the policy by reusing the
+                // ports of an exempt one). Gone already is fine.
+                let _ = FLOWS.remove(key);
+                let _ = FLOWS.remove(key.reversed());
+            }
             verdict::DROP => return Class::Drop(Counter::FlowDrop),
             verdict::STEER => return Class::Steer(Counter::FlowSteer),
             _ => {}
