@@ -390,6 +390,19 @@ fn malformed_policies_are_refused_and_the_running_one_stays() {
     assert!(m.contains(&rejected), "{m}");
 }
 
+/// Waits until `n` flow records wait in the dataplane.
+fn wait_backlog(sock: &Path, n: u64, what: &str) {
+    wait_until(what, Duration::from_secs(60), || {
+        let q = dataplane_status(sock)["status"]["log_queue"].clone();
+        if q["backlog"] == n {
+            Ok(Some(()))
+        } else {
+            Err(q.to_string())
+        }
+    })
+    .unwrap();
+}
+
 /// Status of the dataplane's own socket, asked directly.
 fn dataplane_status(sock: &Path) -> Value {
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
@@ -470,15 +483,7 @@ fn the_dataplane_outlives_control_and_resyncs() {
         .all(|r| field(r, "rule") == "split-lab"));
     // Written, so acknowledged: nothing waits in the dataplane any more,
     // and a daemon restarted again writes nothing twice.
-    wait_until("the records acknowledged", Duration::from_secs(60), || {
-        let q = dataplane_status(&sock)["status"]["log_queue"].clone();
-        if q["backlog"] == 0 {
-            Ok(Some(()))
-        } else {
-            Err(q.to_string())
-        }
-    })
-    .unwrap();
+    wait_backlog(&sock, 0, "the records acknowledged");
     let seqs: Vec<u64> = control
         .records()
         .iter()
@@ -600,15 +605,7 @@ fn a_large_backlog_reaches_the_log_whole() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_until("every record queued", Duration::from_secs(60), || {
-        let q = dataplane_status(&sock)["status"]["log_queue"].clone();
-        if q["backlog"] == N as u64 {
-            Ok(Some(()))
-        } else {
-            Err(q.to_string())
-        }
-    })
-    .unwrap();
+    wait_backlog(&sock, N as u64, "every record queued");
     control.restart(&h).unwrap();
     wait_until("every record in the log", Duration::from_secs(120), || {
         let n = control.records().len();
@@ -625,15 +622,7 @@ fn a_large_backlog_reaches_the_log_whole() {
         .filter_map(|r| r["seq"].as_u64())
         .collect();
     assert_eq!(seqs, (1..=N as u64).collect::<Vec<_>>());
-    wait_until("every record acknowledged", Duration::from_secs(60), || {
-        let q = dataplane_status(&sock)["status"]["log_queue"].clone();
-        if q["backlog"] == 0 {
-            Ok(Some(()))
-        } else {
-            Err(q.to_string())
-        }
-    })
-    .unwrap();
+    wait_backlog(&sock, 0, "every record acknowledged");
     assert_eq!(engine.stats().unwrap().split_total().log_dropped, 0);
 }
 
