@@ -449,12 +449,34 @@ fn hostile_segments_in_a_split_connection_are_counted_and_change_nothing() {
     // TSval is the engine's TS.Recent: hostile segments carry it, so PAWS
     // lets them through to the checks under test).
     let mut data_seg = None;
-    let mut latest = None;
+    let mut latest: Option<loupe_dataplane::wire::segment::Parsed> = None;
+    // The client is quiet (so `latest` has its newest TSval) once it has
+    // acknowledged the echo; a loaded machine may delay that ACK well
+    // beyond a moment of silence.
+    let mut echo_end = None;
     let mut buf = vec![0u8; 4096];
-    while let Some(n) = sniff.recv(&mut buf, Duration::from_millis(300)).unwrap() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let Some(n) = sniff.recv(&mut buf, Duration::from_millis(300)).unwrap() else {
+            let acked = match (echo_end, &latest) {
+                (Some(end), Some(l)) => !l.segment.ack.lt(end),
+                _ => false,
+            };
+            if acked {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client never acknowledged the echo"
+            );
+            continue;
+        };
         let Ok(p) = parse_segment(&buf[..n]) else {
             continue;
         };
+        if p.key.dst_port == port && p.segment.payload == b"first bytes" {
+            echo_end = Some(p.segment.seq + 11);
+        }
         if p.key.src_port != port {
             continue;
         }
