@@ -20,10 +20,10 @@ use thiserror::Error;
 
 use crate::{
     api::{Api, EngineRequest},
-    config::{EngineConfig, HsmSettings, Prefix},
+    config::{EngineConfig, HsmSettings},
     ebpf::{Classifier, ClassifierError, FlowVerdicts},
     flow::{FlowLogEntry, MapOp, Sharder, Side},
-    policy::{Policy, PolicyCell},
+    policy::{Policy, PolicyCell, Steering},
     splitter::SplitSettings,
     stats::{IfaceReport, PolicyInfo, StatsReport, SteeringReport, WorkerReport, STATS_VERSION},
     sys::{self, SysError},
@@ -261,11 +261,7 @@ pub fn run(
             name: cfg.outside.clone(),
             ifindex: outside_idx,
         },
-        steering: SteeringReport {
-            ports: cfg.steer_ports.clone(),
-            prefixes: cfg.steer_prefixes.iter().map(|p| p.to_string()).collect(),
-            exempt: cfg.exempt_prefixes.iter().map(|p| p.to_string()).collect(),
-        },
+        // (steering: filled in by each snapshot, from what the maps hold)
         ..Default::default()
     };
 
@@ -306,14 +302,15 @@ pub fn run(
         shares.push(shared);
     }
 
-    let mut steering = Steered {
+    // The steering the classifier's maps hold now.
+    let mut steering = Steering {
         ports: cfg.steer_ports.clone(),
         prefixes: cfg.steer_prefixes.clone(),
         exempt: cfg.exempt_prefixes.clone(),
     };
-    let snapshot = |state: &str, steering: &Steered, classifier: &Classifier| -> StatsReport {
+    let snapshot = |state: &str, steering: &Steering, classifier: &Classifier| -> StatsReport {
         let mut r = base.clone();
-        r.steering = steering.report();
+        r.steering = SteeringReport::from(steering);
         r.policy = cell.current().map(|p| PolicyInfo {
             version: p.version,
             digest: p.digest.clone(),
@@ -445,24 +442,6 @@ pub fn run(
     Ok(last)
 }
 
-/// The steering the classifier's maps hold now.
-struct Steered {
-    ports: Vec<u16>,
-    prefixes: Vec<Prefix>,
-    exempt: Vec<Prefix>,
-}
-
-impl Steered {
-    fn report(&self) -> SteeringReport {
-        let text = |ps: &[Prefix]| ps.iter().map(|p| p.to_string()).collect();
-        SteeringReport {
-            ports: self.ports.clone(),
-            prefixes: text(&self.prefixes),
-            exempt: text(&self.exempt),
-        }
-    }
-}
-
 /// Carries out a worker's change to the XDP flow map, both directions.
 fn map_op(flows: &mut FlowVerdicts, op: MapOp) {
     use loupe_common::verdict::{BYPASS, STEER};
@@ -489,7 +468,7 @@ fn map_op(flows: &mut FlowVerdicts, op: MapOp) {
 fn apply(
     classifier: &mut Classifier,
     cell: &PolicyCell,
-    steered: &mut Steered,
+    steered: &mut Steering,
     policy: Arc<Policy>,
 ) -> Result<u64, String> {
     policy.validate()?;
@@ -513,11 +492,7 @@ fn apply(
         }
         return Err(format!("cannot update the steering maps: {e}"));
     }
-    *steered = Steered {
-        ports: st.ports,
-        prefixes: st.prefixes,
-        exempt: st.exempt,
-    };
+    *steered = st;
     let version = policy.version;
     cell.publish(policy);
     Ok(version)

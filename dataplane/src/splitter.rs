@@ -1242,6 +1242,15 @@ mod tests {
         }
     }
 
+    /// One RST to each end, and no client byte to the server.
+    fn assert_reset_both_ways(out: &[(Side, Vec<u8>)]) {
+        let rst = |to| segments(out, to).iter().filter(|s| s.flags.rst).count();
+        assert_eq!((rst(Side::Inside), rst(Side::Outside)), (1, 1), "{out:?}");
+        assert!(segments(out, Side::Outside)
+            .iter()
+            .all(|s| s.payload.is_empty()));
+    }
+
     fn segments(out: &[(Side, Vec<u8>)], to: Side) -> Vec<Segment> {
         out.iter()
             .filter(|(s, _)| *s == to)
@@ -1451,12 +1460,7 @@ mod tests {
         let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
         b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
         b.sp.on_timers(b.now + timeout);
-        let out = b.sent();
-        let rst = |to| segments(&out, to).iter().filter(|s| s.flags.rst).count();
-        assert_eq!((rst(Side::Inside), rst(Side::Outside)), (1, 1), "{out:?}");
-        assert!(segments(&out, Side::Outside)
-            .iter()
-            .all(|s| s.payload.is_empty()));
+        assert_reset_both_ways(&b.sent());
         assert_eq!(b.sp.counters.refused, 1);
         assert_eq!(b.sp.events[0].end, "blocked");
         assert_eq!(b.sp.events[0].rule, "the-rule");
@@ -1662,12 +1666,7 @@ mod tests {
         Arc::make_mut(&mut settings.policy).default_action = Action::Block;
         let mut b = Bench::new(settings);
         b.client_data(0, b"GET / HTTP/1.0\r\n\r\n");
-        let out = b.sent();
-        let rst = |to| segments(&out, to).iter().filter(|s| s.flags.rst).count();
-        assert_eq!((rst(Side::Inside), rst(Side::Outside)), (1, 1), "{out:?}");
-        assert!(segments(&out, Side::Outside)
-            .iter()
-            .all(|s| s.payload.is_empty()));
+        assert_reset_both_ways(&b.sent());
         assert_eq!(b.sp.events[0].rule, crate::policy::DEFAULT_RULE);
     }
 

@@ -196,6 +196,17 @@ pub struct WorkerReport {
     pub flows: Vec<FlowSummary>,
 }
 
+impl From<&crate::policy::Steering> for SteeringReport {
+    fn from(s: &crate::policy::Steering) -> Self {
+        let text = |ps: &[crate::config::Prefix]| ps.iter().map(|p| p.to_string()).collect();
+        SteeringReport {
+            ports: s.ports.clone(),
+            prefixes: text(&s.prefixes),
+            exempt: text(&s.exempt),
+        }
+    }
+}
+
 /// The running policy, as a status shows it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PolicyInfo {

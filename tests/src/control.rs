@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::{proc::Proc, wait::wait_until, workspace_bin, Harness};
+use crate::{netns::Netns, proc::Proc, wait::wait_until, workspace_bin, Harness};
 
 /// Where the metrics are served (in the engine namespace's loopback).
 pub const METRICS: &str = "127.0.0.1:9464";
@@ -31,7 +31,8 @@ pub struct Control {
     extra: Vec<String>,
     /// A command the daemon runs under (e.g. `setpriv` to another user).
     wrapper: Vec<String>,
-    engine_ns: String,
+    /// The harness's engine namespace (not owned: the harness removes it).
+    engine: Netns,
 }
 
 /// The dataplane socket a test's engine serves: pass
@@ -72,27 +73,21 @@ impl Control {
             policy: policy.map(Path::to_path_buf),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-            engine_ns: h.engine.name.clone(),
+            engine: Netns::existing(&h.engine.name, true),
         };
-        c.spawn(h)?;
+        c.spawn()?;
         Ok(c)
     }
 
-    fn spawn(&mut self, h: &Harness) -> anyhow::Result<()> {
+    fn spawn(&mut self) -> anyhow::Result<()> {
         let bin = workspace_bin("loupe");
         let out = File::options()
             .create(true)
             .append(true)
             .open(&self.output)?;
-        let bin = bin.to_str().context("path")?;
-        let mut cmd = match self.wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = h.engine.command(first);
-                c.args(rest).arg(bin);
-                c
-            }
-            None => h.engine.command(bin),
-        };
+        let mut cmd = self
+            .engine
+            .command_under(&self.wrapper, bin.to_str().context("path")?);
         cmd.arg("--socket")
             .arg(&self.socket)
             .arg("daemon")
@@ -138,9 +133,9 @@ impl Control {
     }
 
     /// Starts it again with the same settings and state directory.
-    pub fn restart(&mut self, h: &Harness) -> anyhow::Result<()> {
+    pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        self.spawn(h)
+        self.spawn()
     }
 
     /// SIGTERM; returns whether it exited cleanly in time.
@@ -157,9 +152,9 @@ impl Control {
     /// `loupe --socket <daemon> ARGS` in the engine namespace.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
         let bin = workspace_bin("loupe");
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.engine_ns])
-            .arg(bin)
+        let out = self
+            .engine
+            .command(bin.to_str().context("path")?)
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -223,16 +218,10 @@ impl Control {
 
     /// The metrics page, scraped in the engine namespace.
     pub fn metrics(&self) -> anyhow::Result<String> {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.engine_ns,
-                "curl",
-                "-sS",
-                "--max-time",
-                "30",
-            ])
+        let out = self
+            .engine
+            .command("curl")
+            .args(["-sS", "--max-time", "30"])
             .arg(format!("http://{METRICS}/metrics"))
             .output()?;
         anyhow::ensure!(

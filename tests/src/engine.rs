@@ -57,15 +57,9 @@ impl Engine {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let bin = workspace_bin("loupe-dataplane");
-        let bin = bin.to_str().context("binary path")?;
-        let mut cmd = match wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = h.engine.command(first);
-                c.args(rest).arg(bin);
-                c
-            }
-            None => h.engine.command(bin),
-        };
+        let mut cmd = h
+            .engine
+            .command_under(wrapper, bin.to_str().context("binary path")?);
         cmd.args([
             "--inside",
             INSIDE_IF,

@@ -133,6 +133,18 @@ impl Nginx {
         self.curl(name, addr, path, false)
     }
 
+    /// curl arguments for `n` new connections in a row, one request each
+    /// (`Connection: close`), the bodies discarded.
+    pub fn curl_args_many(&self, addr: &str, path: &str, n: usize) -> Vec<String> {
+        let mut args = self.curl_args(addr, path);
+        let url = args.pop().expect("curl_args ends with the URL");
+        args.extend(["-H".into(), "Connection: close".into()]);
+        for _ in 0..n {
+            args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
+        }
+        args
+    }
+
     fn curl(&self, name: &str, addr: &str, path: &str, verify: bool) -> Vec<String> {
         let bracketed = if addr.contains(':') {
             format!("[{addr}]")

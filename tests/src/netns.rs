@@ -66,8 +66,20 @@ impl Netns {
 
     /// `ip netns exec NAME program args...` as a Command.
     pub fn command(&self, program: &str) -> Command {
+        self.command_under::<&str>(&[], program)
+    }
+
+    /// [`Netns::command`] run under `wrapper` (e.g. `setpriv ... --`):
+    /// `ip netns exec NAME wrapper... program`.
+    pub fn command_under<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        wrapper: &[S],
+        program: &str,
+    ) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
+        c.args(["netns", "exec", &self.name])
+            .args(wrapper)
+            .arg(program);
         c
     }
 

@@ -458,7 +458,7 @@ fn the_dataplane_outlives_control_and_resyncs() {
     assert_eq!(control.records().len(), 0);
 
     // Control comes back: in sync at once, the queued records logged.
-    control.restart(&h).unwrap();
+    control.restart().unwrap();
     assert_eq!(
         control.wait_in_sync().unwrap(),
         1,
@@ -490,7 +490,7 @@ fn the_dataplane_outlives_control_and_resyncs() {
         .filter_map(|r| r["seq"].as_u64())
         .collect();
     assert_eq!(seqs, vec![1, 2, 3]);
-    control.restart(&h).unwrap();
+    control.restart().unwrap();
     control.wait_in_sync().unwrap();
     assert_eq!(control.records().len(), 3);
 
@@ -593,12 +593,7 @@ fn a_large_backlog_reaches_the_log_whole() {
     let nginx = Nginx::start(&h, 443).expect("nginx");
     control.kill();
     const N: usize = 1500;
-    let mut args = nginx.curl_args(SERVER_V4, "index.html");
-    let url = args.pop().unwrap();
-    args.extend(["-H".into(), "Connection: close".into()]);
-    for _ in 0..N {
-        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
-    }
+    let args = nginx.curl_args_many(SERVER_V4, "index.html", N);
     let out = h.client.command("curl").args(&args).output().unwrap();
     assert!(
         out.status.success(),
@@ -606,7 +601,7 @@ fn a_large_backlog_reaches_the_log_whole() {
         String::from_utf8_lossy(&out.stderr)
     );
     wait_backlog(&sock, N as u64, "every record queued");
-    control.restart(&h).unwrap();
+    control.restart().unwrap();
     wait_until("every record in the log", Duration::from_secs(120), || {
         let n = control.records().len();
         if n == N {

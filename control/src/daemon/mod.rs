@@ -264,6 +264,16 @@ struct State {
     log: FlowLog,
 }
 
+impl State {
+    /// Whether the dataplane (as reported) runs the desired policy.
+    fn in_sync(&self, dp: Option<&StatsReport>) -> bool {
+        match (dp, &self.desired) {
+            (Some(r), Some(d)) => runs(r, &d.policy),
+            _ => false,
+        }
+    }
+}
+
 struct Daemon {
     cfg: DaemonConfig,
     state: Mutex<State>,
@@ -314,10 +324,7 @@ impl Daemon {
             Err(e) => {
                 // No answer (a timeout, a dropped connection): it may have
                 // been applied all the same. Ask, rather than guess.
-                let applied = self.dataplane_status().is_ok_and(|s| {
-                    s.policy
-                        .is_some_and(|p| p.digest == d.policy.digest && p.version == version)
-                });
+                let applied = self.dataplane_status().is_ok_and(|s| runs(&s, &d.policy));
                 if !applied {
                     return Err(format!("{e:#}"));
                 }
@@ -408,10 +415,7 @@ impl Daemon {
         let dp = self.dataplane_status();
         let st = lock(&self.state);
         let desired = st.desired.as_ref();
-        let in_sync = match (&dp, desired) {
-            (Ok(r), Some(d)) => runs(r, &d.policy),
-            _ => false,
-        };
+        let in_sync = st.in_sync(dp.as_ref().ok());
         CtlResponse {
             ok: true,
             control: Some(ControlStatus {
@@ -732,14 +736,14 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         let d = daemon.clone();
         threads.push(metrics::serve(addr, stop.clone(), move || {
             let dp = d.dataplane_status().ok();
-            let mut counters = lock(&d.state).counters.clone();
-            let st = lock(&d.state);
-            counters.desired_version = st.desired.as_ref().map(|x| x.policy.version);
-            counters.in_sync = match (&dp, &st.desired) {
-                (Some(r), Some(x)) => runs(r, &x.policy),
-                _ => false,
+            let counters = {
+                let st = lock(&d.state);
+                ControlCounters {
+                    desired_version: st.desired.as_ref().map(|x| x.policy.version),
+                    in_sync: st.in_sync(dp.as_ref()),
+                    ..st.counters.clone()
+                }
             };
-            drop(st);
             metrics::render(dp.as_ref(), &counters)
         })?);
     }

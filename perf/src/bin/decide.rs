@@ -57,17 +57,11 @@ fn policy(h: &Harness, action: &str) -> anyhow::Result<std::path::PathBuf> {
 
 /// `n` new connections, one request each; (appconnect, total) seconds.
 fn connections(h: &Harness, nginx: &Nginx, n: usize) -> anyhow::Result<Vec<(f64, f64)>> {
-    let mut args: Vec<String> = nginx.curl_args(SERVER_V4, "index.html");
-    let url = args.pop().context("url")?;
-    args.extend([
-        "-H".into(),
-        "Connection: close".into(),
-        "-w".into(),
-        "%{time_appconnect} %{time_total}\\n".into(),
-    ]);
-    for _ in 0..n {
-        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
-    }
+    let mut args = nginx.curl_args_many(SERVER_V4, "index.html", n);
+    args.splice(
+        0..0,
+        ["-w", "%{time_appconnect} %{time_total}\\n"].map(String::from),
+    );
     let out = h.client.command("curl").args(&args).output()?;
     anyhow::ensure!(
         out.status.success(),
