@@ -12,7 +12,7 @@ use std::{
 use loupe_common::{v4_mapped, Addr, V4_MAPPED_PREFIX_BITS};
 use thiserror::Error;
 
-use crate::{ebpf::AttachMode, splitter::SplitSettings, xsk::PortConfig};
+use crate::{ebpf::AttachMode, session::SessionSettings, xsk::PortConfig};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -247,8 +247,8 @@ impl EngineConfig {
             pin_workers: true,
             hsm: None,
             tcp_split: false,
-            hold_bytes: SplitSettings::default().hold_bytes,
-            hold_timeout: SplitSettings::default().hold_timeout,
+            hold_bytes: SessionSettings::default().hold_bytes,
+            hold_timeout: SessionSettings::default().hold_timeout,
             split_exempt_sni: Vec::new(),
             api: None,
         }

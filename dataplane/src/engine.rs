@@ -24,7 +24,7 @@ use crate::{
     ebpf::{Classifier, ClassifierError, FlowVerdicts},
     flow::{FlowLogEntry, MapOp, Sharder, Side},
     policy::{Policy, PolicyCell, Steering},
-    splitter::SplitSettings,
+    session::SessionSettings,
     stats::{IfaceReport, PolicyInfo, StatsReport, SteeringReport, WorkerReport, STATS_VERSION},
     sys::{self, SysError},
     worker::{Crossbar, SplitLinks, Worker, WorkerShared},
@@ -198,12 +198,12 @@ pub fn run(
         );
         if cfg.tcp_split || cfg.api.is_some() {
             worker.enable_split(SplitLinks {
-                settings: SplitSettings {
+                settings: SessionSettings {
                     max_flows: cfg.max_flows_per_worker,
                     idle: cfg.flow_idle_timeout,
                     hold_bytes: cfg.hold_bytes,
                     hold_timeout: cfg.hold_timeout,
-                    ..SplitSettings::default()
+                    ..SessionSettings::default()
                 },
                 ops: ops_tx.clone(),
                 events: cfg.api.is_some().then(|| events_tx.clone()),

@@ -12,7 +12,7 @@ pub mod ebpf;
 pub mod engine;
 pub mod flow;
 pub mod policy;
-pub mod splitter;
+pub mod session;
 pub mod stats;
 pub mod sys;
 pub mod tcp;

@@ -14,7 +14,7 @@ use loupe_dataplane::{
     config::{self, EngineConfig, HsmSettings, Prefix},
     engine,
     policy::HostGlob,
-    splitter::SplitSettings,
+    session::SessionSettings,
     xsk::PortConfig,
 };
 use loupe_hsm::{
@@ -93,11 +93,11 @@ struct Args {
     control_group: Option<String>,
     /// Client bytes held until the decision point (a complete
     /// ClientHello), at most; beyond, the connection is released unchanged.
-    #[arg(long, default_value_t = SplitSettings::default().hold_bytes)]
+    #[arg(long, default_value_t = SessionSettings::default().hold_bytes)]
     hold_bytes: usize,
     /// Longest hold in milliseconds, from the first held byte; then the
     /// connection is released unchanged.
-    #[arg(long, default_value_t = SplitSettings::default().hold_timeout.as_millis() as u64)]
+    #[arg(long, default_value_t = SessionSettings::default().hold_timeout.as_millis() as u64)]
     hold_timeout_ms: u64,
     /// Start the HSM signer on the token with this label (repeatable, one
     /// per partition; the first one's audit key seals the audit log).

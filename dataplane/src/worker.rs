@@ -21,7 +21,7 @@ use xsk_rs::FrameDesc;
 use crate::{
     flow::{table::SideCount, FlowId, FlowLogEntry, FlowTable, MapOp, Observed, Sharder, Side},
     policy::PolicyCell,
-    splitter::{Disposition, SplitSettings, Splitter},
+    session::{Disposition, SessionSettings, Sessions},
     stats::{WorkerCounters, WorkerReport},
     wire::slice_tcp,
     xsk::QueuePort,
@@ -130,15 +130,15 @@ impl Waker {
     }
 }
 
-/// How a worker's splitter reaches the rest of the engine.
+/// How a worker's sessions reach the rest of the engine.
 pub struct SplitLinks {
-    /// Settings for its splitter (the policy comes from `policy`).
-    pub settings: SplitSettings,
+    /// Settings for its sessions (the policy comes from `policy`).
+    pub settings: SessionSettings,
     /// Changes to the XDP flow map (the engine's thread owns the map).
     pub ops: Sender<MapOp>,
     /// Records for the flow log (none without a control socket).
     pub events: Option<Sender<FlowLogEntry>>,
-    /// The running policy; the splitter starts with the first one.
+    /// The running policy; the sessions start with the first one.
     pub policy: Arc<PolicyCell>,
 }
 
@@ -161,9 +161,9 @@ pub struct Worker {
     /// Workers sent crossover frames in this iteration.
     kicked: Vec<bool>,
     /// Decisions and the tcp-split action, once there is a policy.
-    splitter: Option<Splitter>,
+    sessions: Option<Sessions>,
     links: Option<SplitLinks>,
-    /// The policy generation the splitter runs.
+    /// The policy generation the sessions run.
     policy_seen: u64,
 }
 
@@ -189,7 +189,7 @@ impl Worker {
             cpu: None,
             epoch: Instant::now(),
             kicked,
-            splitter: None,
+            sessions: None,
             links: None,
             policy_seen: 0,
         }
@@ -214,12 +214,12 @@ impl Worker {
         let Some(policy) = links.policy.current() else {
             return;
         };
-        match self.splitter.as_mut() {
+        match self.sessions.as_mut() {
             Some(sp) => sp.set_policy(policy),
             None => {
                 let mut settings = links.settings.clone();
                 settings.policy = policy;
-                self.splitter = Some(Splitter::new(settings));
+                self.sessions = Some(Sessions::new(settings));
             }
         }
     }
@@ -252,7 +252,7 @@ impl Worker {
                 }
             }
             work += self.drain_crossbar(now, now_ms);
-            if let Some(sp) = self.splitter.as_mut() {
+            if let Some(sp) = self.sessions.as_mut() {
                 sp.on_timers(now);
             }
             work += self.send_split();
@@ -264,7 +264,7 @@ impl Worker {
             if now_ms >= next_expire {
                 next_expire = now_ms + EXPIRE_EVERY_MS;
                 self.table.expire(now_ms);
-                if let Some(sp) = self.splitter.as_mut() {
+                if let Some(sp) = self.sessions.as_mut() {
                     sp.expire(now);
                 }
             }
@@ -310,9 +310,9 @@ impl Worker {
         let key = frame.key;
         let owner = self.sharder.owner(&FlowId::of(&key));
         if owner == self.id {
-            // The splitter continues from this slicing (one per frame).
+            // The sessions continue from this slicing (one per frame).
             let consumed = self
-                .splitter
+                .sessions
                 .as_mut()
                 .is_some_and(|sp| sp.on_sliced(side, data, &frame, now) == Disposition::Consumed);
             drop(frame);
@@ -369,7 +369,7 @@ impl Worker {
                 n += 1;
                 self.counters.cross_in += 1;
                 self.observe(&msg.key, msg.side, msg.data.len(), now_ms);
-                let consumed = self.splitter.as_mut().is_some_and(|sp| {
+                let consumed = self.sessions.as_mut().is_some_and(|sp| {
                     sp.on_frame(msg.side, &msg.data, now) == Disposition::Consumed
                 });
                 if !consumed {
@@ -387,7 +387,7 @@ impl Worker {
 
     /// Sends the frames the split connections produced.
     fn send_split(&mut self) -> usize {
-        let Some(sp) = self.splitter.as_mut() else {
+        let Some(sp) = self.sessions.as_mut() else {
             return 0;
         };
         if let Some(links) = &self.links {
@@ -441,7 +441,7 @@ impl Worker {
         self.counters.fill_starved = self.port.fill_starved;
         self.counters.flows_expired = self.table.expired;
         let flows = with_flows.then(|| {
-            let sp = self.splitter.as_ref();
+            let sp = self.sessions.as_ref();
             self.table
                 .snapshot(FLOWS_LISTED, now_ms, |k| sp.and_then(|sp| sp.describe(k)))
         });
@@ -454,7 +454,7 @@ impl Worker {
             xsk_outside: self.port.kernel_stats(Side::Outside),
             flows_active: self.table.len(),
             tx_pending: self.port.pending_tx(),
-            split: self.splitter.as_ref().map_or_else(Default::default, |sp| {
+            split: self.sessions.as_ref().map_or_else(Default::default, |sp| {
                 let mut c = sp.counters;
                 let (live, c2s, s2c) = sp.live();
                 c.active = live;

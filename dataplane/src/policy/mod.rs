@@ -110,7 +110,7 @@ impl FromStr for Action {
     }
 }
 
-/// What the splitter does with a connection at its decision point.
+/// What the session table does with a connection at its decision point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Terminate both halves and relay (tcp-split).

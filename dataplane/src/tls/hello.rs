@@ -97,7 +97,7 @@ pub(crate) mod tests {
     /// A real ClientHello from rustls for `sni`, offering `alpn`.
     pub(crate) fn client_hello(sni: &str, alpn: &[&[u8]]) -> Vec<u8> {
         use std::sync::Arc;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("versions")

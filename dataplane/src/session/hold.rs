@@ -1,0 +1,279 @@
+//! The hold before a decision: a connection's handshake watched, then the
+//! client's first bytes kept (neither forwarded nor acknowledged) until
+//! they make a decision point or reach a bound.
+
+use super::*;
+
+/// Held frames of one connection beyond this count are a bound too (tiny
+/// segments would otherwise cost a frame buffer each).
+pub(super) const MAX_HELD_FRAMES: usize = 64;
+
+/// A connection's client bytes held until the decision.
+pub(super) struct Held {
+    /// The frames as they arrived (released unchanged on a pass).
+    pub(super) frames: Vec<Vec<u8>>,
+    /// Their bytes in order, fed to the scanner.
+    pub(super) stream: Reassembler,
+    pub(super) scanner: HelloScanner,
+    pub(super) deadline: Instant,
+    pub(super) fin: bool,
+    /// Where the client's FIN is (it closes the hold only once every byte
+    /// before it arrived).
+    pub(super) fin_at: Option<SeqNum>,
+    /// Bytes read in order so far.
+    pub(super) read: u32,
+    /// Client bytes held (the highest offset seen).
+    pub(super) bytes: u64,
+    /// The oldest TSval among the held segments (the client-facing half
+    /// starts TS.Recent there, so PAWS takes their replay).
+    pub(super) oldest_tsval: Option<u32>,
+}
+
+/// A connection before its decision.
+pub(super) struct Tracking {
+    pub(super) tracker: Tracker,
+    /// The side the SYN came from.
+    pub(super) client: Side,
+    pub(super) templates: [Option<Template>; 2],
+    pub(super) hold: Option<Box<Held>>,
+    pub(super) key: FlowKey,
+    /// When the SYN was seen.
+    pub(super) opened: Instant,
+}
+
+impl Tracking {
+    /// The connection as the rules see it.
+    pub(super) fn subject<'a>(&self, sni: Option<&'a str>) -> Subject<'a> {
+        Subject {
+            client: self.key.src,
+            server: self.key.dst,
+            server_port: self.key.dst_port,
+            sni,
+        }
+    }
+
+    /// What the log and listings keep of a decision.
+    pub(super) fn meta(&self, policy: &Policy, d: &Decision, sni: Option<&str>) -> Box<Meta> {
+        Box::new(Meta {
+            action: Some(d.action),
+            rule: policy.rule_name(d).to_string(),
+            sni: sni.map(Into::into),
+            alpn: Vec::new(),
+            key: self.key,
+            opened: self.opened,
+            policy_version: policy.version,
+            held_bytes: self.hold.as_ref().map_or(0, |h| h.bytes),
+            note: None,
+            logged: false,
+        })
+    }
+}
+
+/// Why a connection is decided without a decision point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum NoDecision {
+    /// No complete ClientHello (or other first bytes) within the hold time.
+    Timeout,
+    /// More held than the bound (bytes or frames).
+    Overflow,
+    /// Forgotten to make room while held.
+    Evicted,
+    /// The client closed before its ClientHello was complete.
+    ClosedEarly,
+    /// Cannot be split (URG before the decision, TCP Fast Open).
+    Unsplittable,
+}
+
+impl NoDecision {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            NoDecision::Timeout => "hold-timeout",
+            NoDecision::Overflow => "hold-overflow",
+            NoDecision::Evicted => "evicted",
+            NoDecision::ClosedEarly => "closed-early",
+            NoDecision::Unsplittable => "passthrough",
+        }
+    }
+
+    pub(super) fn note(self) -> &'static str {
+        match self {
+            NoDecision::Timeout => {
+                "no complete ClientHello within the hold time: decided without the server name"
+            }
+            NoDecision::Overflow => {
+                "more held than the hold bound: decided without the server name"
+            }
+            NoDecision::Evicted => "evicted while held: decided without the server name",
+            NoDecision::ClosedEarly => {
+                "the client closed before its ClientHello was complete: decided without the \
+                 server name"
+            }
+            NoDecision::Unsplittable => {
+                "not splittable (URG or TCP Fast Open): decided without the server name"
+            }
+        }
+    }
+}
+
+impl Sessions {
+    pub(super) fn track(
+        &mut self,
+        id: FlowId,
+        side: Side,
+        frame: &[u8],
+        p: Parsed,
+        now: Instant,
+    ) -> Disposition {
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return Disposition::Forward;
+        };
+        t.templates[side.index()].get_or_insert_with(|| p.template(frame));
+        let was_open = t.tracker.client_data_start().is_some();
+        let track = t.tracker.on_segment(dir_from(side, t.client), &p.segment);
+        let open = t.tracker.client_data_start().is_some();
+        if t.hold.is_some() && !open {
+            // A new SYN on these ports: the held attempt was abandoned.
+            t.hold = None;
+        }
+        if open != was_open {
+            // Handshake complete (or restarted): it moves between the
+            // eviction classes.
+            let since = self.next_since(id, if open { SETTLED } else { EMBRYONIC });
+            if let Some(f) = self.flows.get_mut(&id) {
+                f.since = since;
+            }
+        }
+        match track {
+            Track::Forward => Disposition::Forward,
+            Track::Pass(why) => {
+                self.counters.passthrough += 1;
+                if why == Passthrough::FastOpen {
+                    self.counters.fast_open += 1;
+                }
+                if why == Passthrough::Reset {
+                    return self.reset_in_hold(id, side, &p.segment);
+                }
+                self.undecided(id, NoDecision::Unsplittable, now)
+            }
+            Track::Hold => self.hold(id, frame, &p.segment, now),
+            Track::Decide => {
+                self.counters.server_first += 1;
+                self.decide(id, &Opening::ServerFirst, Some(p.segment), now)
+            }
+        }
+    }
+
+    /// Holds a client frame until the decision; decides once the held
+    /// bytes make a decision point, or releases them at the bound.
+    pub(super) fn hold(
+        &mut self,
+        id: FlowId,
+        frame: &[u8],
+        seg: &Segment,
+        now: Instant,
+    ) -> Disposition {
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return Disposition::Forward;
+        };
+        let Some(start) = t.tracker.client_data_start() else {
+            return Disposition::Forward;
+        };
+        let held = t.hold.get_or_insert_with(|| {
+            self.counters.held += 1;
+            let deadline = now + self.settings.hold_timeout;
+            self.timers.push(Reverse((deadline, id)));
+            Box::new(Held {
+                frames: Vec::new(),
+                stream: Reassembler::new(start, self.settings.hold_bytes, 0),
+                scanner: HelloScanner::default(),
+                deadline,
+                fin: false,
+                fin_at: None,
+                read: 0,
+                bytes: 0,
+                oldest_tsval: None,
+            })
+        });
+        let end = i64::from(seg.seq.since(start)) + seg.payload.len() as i64;
+        let ins = held.stream.insert(seg.seq, &seg.payload);
+        let fin_news = seg.flags.fin && !held.fin;
+        if ins.new > 0 || fin_news || ins.conflict > 0 {
+            held.frames.push(frame.to_vec());
+            if let Some(ts) = seg.options.timestamps {
+                if held
+                    .oldest_tsval
+                    .is_none_or(|o| SeqNum(ts.val).lt(SeqNum(o)))
+                {
+                    held.oldest_tsval = Some(ts.val);
+                }
+            }
+        }
+        held.fin |= seg.flags.fin;
+        if seg.flags.fin {
+            held.fin_at = Some(seg.seq + seg.payload.len() as u32);
+        }
+        held.bytes = held.bytes.max(end.max(0) as u64);
+        if end > self.settings.hold_bytes as i64 || held.frames.len() > MAX_HELD_FRAMES {
+            self.counters.hold_overflows += 1;
+            // This frame is among the held ones, whatever happens to them.
+            self.undecided(id, NoDecision::Overflow, now);
+            return Disposition::Consumed;
+        }
+        let ready = held.stream.read(usize::MAX);
+        held.read += ready.len() as u32;
+        let closed = held.fin_at == Some(start + held.read);
+        let opening = match held.scanner.feed(&ready) {
+            Some(Hello::Tls(ch)) => {
+                self.counters.hellos += 1;
+                Opening::Tls(ch)
+            }
+            Some(Hello::NotTls) => {
+                self.counters.not_tls += 1;
+                Opening::Other
+            }
+            // The client closed before completing its ClientHello: the
+            // name will not come.
+            None if closed => {
+                self.undecided(id, NoDecision::ClosedEarly, now);
+                return Disposition::Consumed;
+            }
+            None => return Disposition::Consumed,
+        };
+        self.decide(id, &opening, None, now);
+        Disposition::Consumed
+    }
+
+    /// A RST while the client's bytes are held. One its receiver would
+    /// take (RFC 5961 §3.2: exactly at the next sequence number it expects;
+    /// from the client, anywhere up to the end of its held bytes, which the
+    /// server never saw) ends the connection: it goes through, the held
+    /// bytes do not. Any other is dropped, and the hold goes on: a forged
+    /// RST must not get a connection past the decision.
+    pub(super) fn reset_in_hold(&mut self, id: FlowId, side: Side, seg: &Segment) -> Disposition {
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return Disposition::Forward;
+        };
+        let held = t.hold.as_ref().map_or(0, |h| h.bytes);
+        let plausible = match dir_from(side, t.client) {
+            Dir::Client => t
+                .tracker
+                .client_data_start()
+                .is_some_and(|s| (0..=held as i64).contains(&i64::from(seg.seq.since(s)))),
+            Dir::Server => t.tracker.server_data_start() == Some(seg.seq),
+        };
+        if !plausible {
+            self.counters.bogus_resets += 1;
+            return Disposition::Consumed;
+        }
+        self.counters.passthrough += 1;
+        if let Some(h) = t.hold.take() {
+            for f in h.frames {
+                keep_spare(&mut self.spare, f);
+            }
+        }
+        if let Some(f) = self.flows.get_mut(&id) {
+            f.entry = Entry::Ended;
+        }
+        Disposition::Forward
+    }
+}

@@ -1,0 +1,447 @@
+//! The connections one worker decides and takes over: a handshake
+//! tracker for each new steered connection; after the handshake, the
+//! client's first bytes held (neither forwarded nor acknowledged) until
+//! they make a decision point (a complete ClientHello, other bytes, or the
+//! server speaking first), within a bound on bytes and time; then the
+//! policy's verdict: release the held frames unchanged and hand the flow
+//! to XDP, or split it (two TCP halves and the stage between them). It
+//! owns their timers and the frames they send. The worker hands every
+//! frame of a steered flow it owns here first; what is not consumed it
+//! forwards unchanged.
+//!
+//! - [`hold`]: the handshake watched and the first bytes held.
+//! - [`decide`]: the decision and what follows (release, split, refusal).
+//! - [`table`]: the table's bound (eviction) and idle expiry.
+//! - [`records`]: what the flow log and listings say of a connection.
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use loupe_common::FlowKey;
+
+mod decide;
+mod hold;
+mod records;
+mod table;
+
+use self::{
+    hold::{NoDecision, Tracking},
+    records::{absorb, end_reason, log_entry, Meta},
+    table::{EMBRYONIC, SETTLED},
+};
+use crate::{
+    flow::{log::unix_ms, table::endpoint, FlowDecision, FlowId, FlowLogEntry, MapOp, Side},
+    policy::{Action, Decision, Opening, Policy, Subject, Verdict},
+    stats::SplitCounters,
+    tcp::{
+        conn::{Abort, ConnConfig},
+        reassembly::Reassembler,
+        split::{Dir, Passthrough, Split, Track, Tracker},
+    },
+    tls::hello::{Hello, HelloScanner},
+    wire::{
+        frame::SlicedTcp,
+        segment::{parse_segment, segment_of, Parsed, Segment, SegmentError, Template},
+        seq::SeqNum,
+    },
+};
+
+/// How the sessions are held and decided.
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// Trackers and split connections per worker, at most.
+    pub max_flows: usize,
+    /// Trackers and pass-through entries idle this long are forgotten.
+    pub idle: Duration,
+    /// Client bytes held for a decision, at most; beyond, the connection is
+    /// released unchanged.
+    pub hold_bytes: usize,
+    /// The longest a hold may last (from its first byte); then the
+    /// connection is released unchanged. A complete ClientHello is decided
+    /// on at once; the wait only runs while bytes are missing, and must
+    /// outlast a client's retransmission of a lost first segment (Linux:
+    /// an RTO of at least 200 ms, seen above 1 s after a connect storm).
+    pub hold_timeout: Duration,
+    /// The rules deciding each connection (swapped by [`Sessions::set_policy`]).
+    pub policy: Arc<Policy>,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            max_flows: 262_144,
+            idle: Duration::from_secs(120),
+            hold_bytes: 32 << 10,
+            hold_timeout: Duration::from_secs(3),
+            policy: Arc::new(Policy::split_all(&[443], Vec::new())),
+        }
+    }
+}
+
+/// The tracking state of `id`, borrowing only the flow table.
+fn tracking(flows: &mut HashMap<FlowId, Flow>, id: FlowId) -> Option<&mut Tracking> {
+    match flows.get_mut(&id) {
+        Some(Flow {
+            entry: Entry::Tracking(t),
+            ..
+        }) => Some(t),
+        _ => None,
+    }
+}
+
+/// Which endpoint sent a frame that arrived on `side`.
+fn dir_from(side: Side, client: Side) -> Dir {
+    if side == client {
+        Dir::Client
+    } else {
+        Dir::Server
+    }
+}
+
+/// What became of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Not ours (or passed through): forward it unchanged.
+    Forward,
+    /// Taken by a split connection (or dropped as bad): do not forward.
+    Consumed,
+}
+
+enum Entry {
+    Tracking(Box<Tracking>),
+    Split {
+        split: Box<Split>,
+        client: Side,
+        /// Frames sent by the endpoint on each side, as templates.
+        templates: [Template; 2],
+        armed: Option<Instant>,
+        meta: Box<Meta>,
+    },
+    /// Left to the kernel; with what was decided, when it was.
+    Passthrough(Option<Box<Meta>>),
+    /// A split connection that ended: late segments of it (retransmitted
+    /// ACKs, a RST racing ours) are dropped, not forwarded, until idle.
+    Ended,
+}
+
+struct Flow {
+    entry: Entry,
+    last_seen: Instant,
+    /// When it entered the eviction order (see `Sessions::evictable`).
+    since: u64,
+}
+
+/// Split connections of one worker.
+pub struct Sessions {
+    flows: HashMap<FlowId, Flow>,
+    /// Entries that may make room when the table is full, oldest first:
+    /// [`EMBRYONIC`] (handshakes not complete: a SYN flood) before
+    /// [`SETTLED`] (trackers holding for a decision, passed-through flows,
+    /// ended connections' tombstones); never live splits. Stale pairs (the
+    /// entry moved on, or went) are skipped when met and pruned on expiry.
+    evictable: [VecDeque<(u64, FlowId)>; 2],
+    /// The next `since`.
+    epoch: u64,
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    conn: ConnConfig,
+    settings: SessionSettings,
+    /// Frames to send: (out of which interface, bytes).
+    pub out: Vec<(Side, Vec<u8>)>,
+    /// Changes to the XDP flow map for the worker to pass on: flows
+    /// released to the fast path, live splits pinned to userspace.
+    pub ops: Vec<MapOp>,
+    /// Records of decided connections, for the flow log.
+    pub events: Vec<FlowLogEntry>,
+    spare: Vec<Vec<u8>>,
+    pub counters: SplitCounters,
+}
+
+impl Sessions {
+    pub fn new(settings: SessionSettings) -> Sessions {
+        Sessions {
+            flows: HashMap::new(),
+            evictable: [VecDeque::new(), VecDeque::new()],
+            epoch: 0,
+            timers: BinaryHeap::new(),
+            conn: ConnConfig {
+                send_buffer: 128 << 10,
+                recv_buffer: 128 << 10,
+                ..ConnConfig::default()
+            },
+            settings,
+            out: Vec::new(),
+            ops: Vec::new(),
+            events: Vec::new(),
+            spare: Vec::new(),
+            counters: SplitCounters::default(),
+        }
+    }
+
+    /// New connections are decided by `policy` from now on; connections
+    /// already decided keep their decision.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.settings.policy = policy;
+    }
+
+    /// Connections tracked, split or recently ended.
+    pub fn active(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// A steered frame of a flow this worker owns.
+    pub fn on_frame(&mut self, side: Side, frame: &[u8], now: Instant) -> Disposition {
+        self.on_parsed(side, frame, parse_segment(frame), now)
+    }
+
+    /// [`Sessions::on_frame`] for a frame the worker has sliced already.
+    pub fn on_sliced(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        sliced: &SlicedTcp,
+        now: Instant,
+    ) -> Disposition {
+        self.on_parsed(side, frame, segment_of(frame, sliced), now)
+    }
+
+    fn on_parsed(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        parsed: Result<Parsed, SegmentError>,
+        now: Instant,
+    ) -> Disposition {
+        let parsed = match parsed {
+            Ok(p) => p,
+            Err(e) => return self.bad_frame(e),
+        };
+        let id = FlowId::of(&parsed.key);
+        let is_syn = parsed.segment.flags.syn && !parsed.segment.flags.ack;
+        // A new connection on the ports of one that passed through or
+        // ended: track it afresh.
+        if is_syn
+            && self
+                .flows
+                .get(&id)
+                .is_some_and(|f| matches!(f.entry, Entry::Passthrough(_) | Entry::Ended))
+        {
+            self.flows.remove(&id);
+        }
+        if !self.flows.contains_key(&id) {
+            if self.flows.len() >= self.settings.max_flows && !self.evict_oldest() {
+                // Every entry is a live split: leave this one untracked.
+                self.counters.table_full += 1;
+                return Disposition::Forward;
+            }
+            let entry = if is_syn {
+                Entry::Tracking(Box::new(Tracking {
+                    tracker: Tracker::new(self.conn.clone()),
+                    client: side,
+                    templates: [None, None],
+                    hold: None,
+                    key: parsed.key,
+                    opened: now,
+                }))
+            } else {
+                self.mid_flow(parsed.key)
+            };
+            let class = if is_syn { EMBRYONIC } else { SETTLED };
+            let since = self.next_since(id, class);
+            self.flows.insert(
+                id,
+                Flow {
+                    entry,
+                    last_seen: now,
+                    since,
+                },
+            );
+        }
+        let flow = self.flows.get_mut(&id).expect("inserted above");
+        flow.last_seen = now;
+        let split_client = match &flow.entry {
+            Entry::Passthrough(_) => return Disposition::Forward,
+            Entry::Ended => {
+                self.counters.after_close += 1;
+                return Disposition::Consumed;
+            }
+            Entry::Tracking(_) => None,
+            Entry::Split { client, .. } => Some(*client),
+        };
+        match split_client {
+            None => self.track(id, side, frame, parsed, now),
+            Some(client) => {
+                let dir = dir_from(side, client);
+                self.with_split(id, now, |s| s.on_segment(dir, &parsed.segment, now));
+                Disposition::Consumed
+            }
+        }
+    }
+
+    fn bad_frame(&mut self, e: SegmentError) -> Disposition {
+        match e {
+            SegmentError::Checksum => {
+                self.counters.bad_checksum += 1;
+                Disposition::Consumed
+            }
+            SegmentError::Options(_) => {
+                self.counters.bad_options += 1;
+                Disposition::Consumed
+            }
+            // Not a TCP segment we can parse: the worker's own parser
+            // decides (it forwards unparsed frames).
+            SegmentError::Frame(_) => Disposition::Forward,
+        }
+    }
+
+    /// Sends a connection's record to the flow log.
+    fn log(&mut self, meta: &Meta, relayed: (u64, u64), end: &str) {
+        self.events.push(log_entry(meta, relayed, end));
+    }
+
+    /// Runs `f` on a split connection, then sends what it has to send and
+    /// re-arms its timer; leaves a tombstone once both halves are closed.
+    fn with_split(&mut self, id: FlowId, now: Instant, f: impl FnOnce(&mut Split)) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let Entry::Split {
+            split,
+            client,
+            templates,
+            armed,
+            meta,
+        } = &mut flow.entry
+        else {
+            return;
+        };
+        f(split);
+        while let Some((dir, seg)) = split.poll_transmit(now) {
+            // Toward the client: as the server (the endpoint on the other
+            // side); toward the server: as the client.
+            let to = if dir == Dir::Client {
+                *client
+            } else {
+                client.other()
+            };
+            let mut buf = self.spare.pop().unwrap_or_default();
+            buf.clear();
+            templates[to.other().index()].build(&seg, &mut buf);
+            self.out.push((to, buf));
+        }
+        // Logged when the bytes are through, not after TIME-WAIT.
+        if !meta.logged && split.finished() {
+            meta.logged = true;
+            self.events
+                .push(log_entry(meta, split.relayed(), end_reason(split)));
+        }
+        if split.done() {
+            absorb(&mut self.counters, split);
+            self.ops.push(MapOp::Forget(meta.key));
+            flow.entry = Entry::Ended;
+            flow.since = self.epoch;
+            self.evictable[SETTLED].push_back((self.epoch, id));
+            self.epoch += 1;
+            return;
+        }
+        if let Some(next) = split.next_deadline() {
+            if armed.is_none_or(|a| next < a) {
+                *armed = Some(next);
+                self.timers.push(Reverse((next, id)));
+            }
+        }
+    }
+
+    /// Runs the timers that are due.
+    pub fn on_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match self.flows.get_mut(&id) {
+                Some(Flow {
+                    entry: Entry::Split { armed, .. },
+                    ..
+                }) if *armed == Some(at) => {
+                    *armed = None;
+                    self.with_split(id, now, |s| s.on_timer(now));
+                }
+                Some(Flow {
+                    entry: Entry::Tracking(t),
+                    ..
+                }) if t.hold.as_ref().is_some_and(|h| h.deadline == at) => {
+                    self.counters.hold_timeouts += 1;
+                    self.undecided(id, NoDecision::Timeout, now);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The first `n` frames of `out` were copied out: their buffers are
+    /// kept for the next frames.
+    pub fn sent(&mut self, n: usize) {
+        for (_, buf) in self.out.drain(..n) {
+            keep_spare(&mut self.spare, buf);
+        }
+    }
+
+    /// What was decided for a flow, for a listing.
+    pub fn describe(&self, key: &FlowKey) -> Option<FlowDecision> {
+        let flow = self.flows.get(&FlowId::of(key))?;
+        let with = |state: &str, meta: Option<&Meta>, relayed: (u64, u64)| FlowDecision {
+            state: state.into(),
+            action: meta.and_then(|m| m.action),
+            rule: meta.map(|m| m.rule.clone()).filter(|r| !r.is_empty()),
+            sni: meta.and_then(|m| m.sni.clone()),
+            relayed_c2s: relayed.0,
+            relayed_s2c: relayed.1,
+        };
+        Some(match &flow.entry {
+            Entry::Tracking(t) if t.hold.is_some() => with("holding", None, (0, 0)),
+            Entry::Tracking(_) => with("handshake", None, (0, 0)),
+            Entry::Split { split, meta, .. } => {
+                let state = if meta.action == Some(Action::Block) {
+                    "refused"
+                } else {
+                    "split"
+                };
+                with(state, Some(meta), split.relayed())
+            }
+            Entry::Passthrough(meta) => with("bypass", meta.as_deref(), (0, 0)),
+            Entry::Ended => with("ended", None, (0, 0)),
+        })
+    }
+
+    /// Split connections right now, and bytes relayed by those still open.
+    pub fn live(&self) -> (u64, u64, u64) {
+        let mut n = 0;
+        let (mut c2s, mut s2c) = (0, 0);
+        for f in self.flows.values() {
+            if let Entry::Split { split, meta, .. } = &f.entry {
+                if meta.action == Some(Action::Block) {
+                    continue; // refused, not relaying
+                }
+                n += 1;
+                let (a, b) = split.relayed();
+                c2s += a;
+                s2c += b;
+            }
+        }
+        (n, c2s, s2c)
+    }
+}
+
+/// Keeps a frame buffer for reuse, up to a bound.
+fn keep_spare(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
+    if spare.len() < 256 {
+        spare.push(buf);
+    }
+}
+
+#[cfg(test)]
+mod tests;

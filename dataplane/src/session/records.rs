@@ -1,0 +1,85 @@
+//! What the flow log and listings say of a connection: its decision,
+//! its end, and the counters an ended split adds to the worker's.
+
+use super::*;
+
+/// A decided connection: what the log and a flow listing say of it.
+pub(super) struct Meta {
+    pub(super) action: Option<Action>,
+    pub(super) rule: String,
+    pub(super) sni: Option<String>,
+    pub(super) alpn: Vec<String>,
+    pub(super) key: FlowKey,
+    pub(super) opened: Instant,
+    pub(super) policy_version: u64,
+    pub(super) held_bytes: u64,
+    pub(super) note: Option<&'static str>,
+    /// Its record was sent already (a refused connection's, at the
+    /// decision).
+    pub(super) logged: bool,
+}
+
+/// A connection's record for the flow log.
+pub(super) fn log_entry(meta: &Meta, (c2s, s2c): (u64, u64), end: &str) -> FlowLogEntry {
+    let end_ms = unix_ms();
+    let duration_ms = meta.opened.elapsed().as_millis() as u64;
+    FlowLogEntry {
+        start_ms: end_ms.saturating_sub(duration_ms),
+        end_ms,
+        client: endpoint(&meta.key.src, meta.key.src_port),
+        server: endpoint(&meta.key.dst, meta.key.dst_port),
+        sni: meta.sni.clone(),
+        alpn: meta.alpn.clone(),
+        action: meta.action,
+        rule: meta.rule.clone(),
+        policy_version: meta.policy_version,
+        bytes_c2s: c2s,
+        bytes_s2c: s2c,
+        duration_ms,
+        end: end.into(),
+        note: meta.note.map(Into::into),
+    }
+}
+
+/// Why a split connection ended, for its record.
+pub(super) fn end_reason(split: &Split) -> &'static str {
+    let (c, s) = (split.client.aborted(), split.server.aborted());
+    if c == Some(Abort::Reset) {
+        "client-reset"
+    } else if s == Some(Abort::Reset) {
+        "server-reset"
+    } else if c == Some(Abort::TimedOut) || s == Some(Abort::TimedOut) {
+        "timeout"
+    } else {
+        "closed"
+    }
+}
+
+/// Adds an ended split connection's totals to the worker's counters.
+pub(super) fn absorb(counters: &mut SplitCounters, split: &Split) {
+    let (c2s, s2c) = split.relayed();
+    counters.bytes_c2s += c2s;
+    counters.bytes_s2c += s2c;
+    counters.closed += 1;
+    for c in [&split.client, &split.server] {
+        let s = c.stats();
+        counters.retransmits += s.retransmits + s.rto_expirations;
+        counters.timeouts += s.rto_expirations;
+        counters.fast_retransmits += s.fast_retransmits;
+        counters.lost_retransmits += s.lost_retransmits;
+        counters.tail_probes += s.tail_probes;
+        counters.challenge_acks += s.challenge_acks;
+        counters.overlap_conflicts += s.overlap_conflicts;
+        counters.out_of_window += s.out_of_window;
+        counters.duplicates += s.duplicates;
+        counters.paws_drops += s.paws_drops;
+        match c.aborted() {
+            Some(Abort::Reset) => counters.resets_received += 1,
+            Some(Abort::TimedOut) => counters.timed_out += 1,
+            Some(Abort::Local) | None => {}
+        }
+        if c.aborted().is_some() {
+            counters.aborted += 1;
+        }
+    }
+}

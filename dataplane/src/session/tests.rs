@@ -1,0 +1,634 @@
+//! Unit tests of the session table: holds, decisions, splits, refusals.
+
+use etherparse::PacketBuilder;
+
+use super::{decide::ACCESS_DENIED, hold::MAX_HELD_FRAMES, *};
+use crate::{
+    policy::{Match, Rule},
+    tls::hello::tests::client_hello,
+    wire::{
+        options::{TcpOptions, Timestamps},
+        segment::Flags,
+    },
+};
+
+const C_ISN: u32 = 1000;
+const S_ISN: u32 = 9000;
+
+/// Builds frames as the client (inside) and as the server (outside).
+struct Peers {
+    client: Template,
+    server: Template,
+}
+
+impl Peers {
+    fn new() -> Peers {
+        Peers::on_port(40000)
+    }
+
+    /// The client on source port `cport`.
+    fn on_port(cport: u16) -> Peers {
+        let template = |src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16| {
+            let b = PacketBuilder::ethernet2([2; 6], [3; 6])
+                .ipv4(src, dst, 64)
+                .tcp(sp, dp, 1, 1);
+            let mut f = Vec::new();
+            b.write(&mut f, b"").unwrap();
+            parse_segment(&f).unwrap().template(&f)
+        };
+        Peers {
+            client: template([198, 18, 0, 1], [198, 18, 0, 2], cport, 443),
+            server: template([198, 18, 0, 2], [198, 18, 0, 1], 443, cport),
+        }
+    }
+
+    fn frame(&self, from: Dir, seg: &Segment) -> Vec<u8> {
+        let mut out = Vec::new();
+        match from {
+            Dir::Client => self.client.build(seg, &mut out),
+            Dir::Server => self.server.build(seg, &mut out),
+        };
+        out
+    }
+}
+
+fn seg(seq: u32, ack: u32, syn: bool, payload: &[u8]) -> Segment {
+    Segment {
+        seq: SeqNum(seq),
+        ack: SeqNum(ack),
+        flags: Flags {
+            syn,
+            ack: ack != 0,
+            ..Flags::default()
+        },
+        window: 65535,
+        options: TcpOptions {
+            mss: syn.then_some(1460),
+            timestamps: Some(Timestamps { val: seq, ecr: 0 }),
+            ..TcpOptions::default()
+        },
+        payload: payload.to_vec(),
+    }
+}
+
+struct Bench {
+    sp: Sessions,
+    peers: Peers,
+    now: Instant,
+}
+
+impl Bench {
+    fn new(settings: SessionSettings) -> Bench {
+        let mut b = Bench {
+            sp: Sessions::new(settings),
+            peers: Peers::new(),
+            now: Instant::now(),
+        };
+        assert_eq!(
+            b.send(Dir::Client, &seg(C_ISN, 0, true, b"")),
+            Disposition::Forward
+        );
+        let synack = seg(S_ISN, C_ISN + 1, true, b"");
+        assert_eq!(b.send(Dir::Server, &synack), Disposition::Forward);
+        let ack = seg(C_ISN + 1, S_ISN + 1, false, b"");
+        assert_eq!(b.send(Dir::Client, &ack), Disposition::Forward);
+        b
+    }
+
+    fn send(&mut self, from: Dir, s: &Segment) -> Disposition {
+        let side = match from {
+            Dir::Client => Side::Inside,
+            Dir::Server => Side::Outside,
+        };
+        let frame = self.peers.frame(from, s);
+        self.sp.on_frame(side, &frame, self.now)
+    }
+
+    /// Client data at stream offset `off`.
+    fn client_data(&mut self, off: u32, data: &[u8]) -> (Disposition, Vec<u8>) {
+        let s = seg(C_ISN + 1 + off, S_ISN + 1, false, data);
+        (
+            self.send(Dir::Client, &s),
+            self.peers.frame(Dir::Client, &s),
+        )
+    }
+
+    /// Frames sent since the last call: (toward which side, segment).
+    fn sent(&mut self) -> Vec<(Side, Vec<u8>)> {
+        std::mem::take(&mut self.sp.out)
+    }
+}
+
+fn bypassed(sp: &Sessions) -> usize {
+    sp.ops
+        .iter()
+        .filter(|o| matches!(o, MapOp::Bypass(_)))
+        .count()
+}
+
+/// A policy of no rule but the default.
+fn with_default(action: Action) -> SessionSettings {
+    let mut p = Policy::split_all(&[443], Vec::new());
+    p.default_action = action;
+    SessionSettings {
+        policy: Arc::new(p),
+        ..SessionSettings::default()
+    }
+}
+
+/// A policy of one rule on server names; the rest is split.
+fn one_rule(action: Action, sni: &str) -> SessionSettings {
+    let mut p = Policy::split_all(&[443], Vec::new());
+    p.rules.push(Rule {
+        name: "the-rule".into(),
+        matcher: Match {
+            sni: vec![sni.parse().unwrap()],
+            ..Match::default()
+        },
+        action,
+        profile: None,
+    });
+    SessionSettings {
+        policy: Arc::new(p),
+        ..SessionSettings::default()
+    }
+}
+
+/// One RST to each end, and no client byte to the server.
+fn assert_reset_both_ways(out: &[(Side, Vec<u8>)]) {
+    let rst = |to| segments(out, to).iter().filter(|s| s.flags.rst).count();
+    assert_eq!((rst(Side::Inside), rst(Side::Outside)), (1, 1), "{out:?}");
+    assert!(segments(out, Side::Outside)
+        .iter()
+        .all(|s| s.payload.is_empty()));
+}
+
+fn segments(out: &[(Side, Vec<u8>)], to: Side) -> Vec<Segment> {
+    out.iter()
+        .filter(|(s, _)| *s == to)
+        .map(|(_, f)| parse_segment(f).unwrap().segment)
+        .collect()
+}
+
+#[test]
+fn a_full_table_forgets_its_oldest_tracker_never_a_live_split() {
+    let now = Instant::now();
+    let mut sp = Sessions::new(SessionSettings {
+        max_flows: 3,
+        ..SessionSettings::default()
+    });
+    let send = |sp: &mut Sessions, port: u16, from: Dir, s: &Segment| {
+        let side = if from == Dir::Client {
+            Side::Inside
+        } else {
+            Side::Outside
+        };
+        sp.on_frame(side, &Peers::on_port(port).frame(from, s), now)
+    };
+    // A handshake and the client's first bytes (not TLS: split at once).
+    let split_on = |sp: &mut Sessions, port: u16| {
+        send(sp, port, Dir::Client, &seg(C_ISN, 0, true, b""));
+        send(sp, port, Dir::Server, &seg(S_ISN, C_ISN + 1, true, b""));
+        let data = seg(C_ISN + 1, S_ISN + 1, false, b"GET /");
+        send(sp, port, Dir::Client, &data);
+    };
+    // A live split on port 1...
+    split_on(&mut sp, 1);
+    assert_eq!(sp.counters.split, 1);
+    // ...an established connection on port 2 that has not spoken yet,
+    // and a half-open handshake on port 3 fill the table.
+    send(&mut sp, 2, Dir::Client, &seg(C_ISN, 0, true, b""));
+    send(&mut sp, 2, Dir::Server, &seg(S_ISN, C_ISN + 1, true, b""));
+    send(
+        &mut sp,
+        2,
+        Dir::Client,
+        &seg(C_ISN + 1, S_ISN + 1, false, b""),
+    );
+    send(&mut sp, 3, Dir::Client, &seg(C_ISN, 0, true, b""));
+    assert_eq!(sp.active(), 3);
+    // A flood of SYNs: each takes the place of the oldest tracker.
+    for port in 4..100 {
+        let d = send(&mut sp, port, Dir::Client, &seg(C_ISN, 0, true, b""));
+        assert_eq!(d, Disposition::Forward);
+        assert_eq!(sp.active(), 3);
+    }
+    assert_eq!((sp.counters.evicted, sp.counters.table_full), (96, 0));
+    // The split lives on: its segments are still consumed.
+    let more = seg(C_ISN + 6, S_ISN + 1, false, b"more");
+    assert_eq!(send(&mut sp, 1, Dir::Client, &more), Disposition::Consumed);
+    // Half-open handshakes went first: the established one on port 2,
+    // older than all of them, is still tracked and splits when it
+    // speaks.
+    let data = seg(C_ISN + 1, S_ISN + 1, false, b"GET /");
+    assert_eq!(send(&mut sp, 2, Dir::Client, &data), Disposition::Consumed);
+    assert_eq!(sp.live().0, 2);
+    // With only live splits left, a new connection goes untracked.
+    let mut sp1 = Sessions::new(SessionSettings {
+        max_flows: 1,
+        ..SessionSettings::default()
+    });
+    split_on(&mut sp1, 1);
+    assert_eq!(sp1.counters.split, 1);
+    send(&mut sp1, 2, Dir::Client, &seg(C_ISN, 0, true, b""));
+    assert_eq!((sp1.counters.evicted, sp1.counters.table_full), (0, 1));
+}
+
+#[test]
+fn a_clienthello_in_two_segments_is_held_then_split() {
+    let mut b = Bench::new(SessionSettings::default());
+    let hello = client_hello("shop.example", &[b"h2"]);
+    let (first, rest) = hello.split_at(100);
+    assert_eq!(b.client_data(0, first).0, Disposition::Consumed);
+    // Held: nothing forwarded, nothing acknowledged.
+    assert!(b.sent().is_empty());
+    assert_eq!(b.sp.counters.split, 0);
+    assert_eq!(b.client_data(100, rest).0, Disposition::Consumed);
+    assert_eq!((b.sp.counters.hellos, b.sp.counters.split), (1, 1));
+    let out = b.sent();
+    // The client's bytes are acknowledged at once, as the server...
+    let to_client = segments(&out, Side::Inside);
+    let end = SeqNum(C_ISN + 1 + hello.len() as u32);
+    assert!(
+        to_client.iter().any(|s| s.flags.ack && s.ack == end),
+        "{to_client:?}"
+    );
+    // ...and sent to the server by the server-facing half, as the client.
+    let to_server = segments(&out, Side::Outside);
+    let relayed: Vec<u8> = to_server.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(relayed, hello);
+    assert_eq!(to_server[0].seq, SeqNum(C_ISN + 1));
+    assert_eq!(bypassed(&b.sp), 0);
+    // Pinned to userspace, whatever the steering maps say later.
+    assert!(matches!(b.sp.ops[..], [MapOp::Steer(_)]), "{:?}", b.sp.ops);
+}
+
+#[test]
+fn held_data_older_than_a_later_ack_is_not_taken_for_a_duplicate() {
+    let mut b = Bench::new(SessionSettings::default());
+    let hello = client_hello("shop.example", &[]);
+    // Held data with TSval 1001, then a pure ACK with TSval 5000 goes by.
+    let mut data = seg(C_ISN + 1, S_ISN + 1, false, &hello[..50]);
+    data.options.timestamps = Some(Timestamps {
+        val: 1001,
+        ecr: S_ISN,
+    });
+    b.send(Dir::Client, &data);
+    let mut ack = seg(C_ISN + 1, S_ISN + 1, false, b"");
+    ack.options.timestamps = Some(Timestamps {
+        val: 5000,
+        ecr: S_ISN,
+    });
+    assert_eq!(b.send(Dir::Client, &ack), Disposition::Forward);
+    b.client_data(50, &hello[50..]);
+    assert_eq!(b.sp.counters.split, 1);
+    let out = b.sent();
+    let relayed: Vec<u8> = segments(&out, Side::Outside)
+        .iter()
+        .flat_map(|s| s.payload.clone())
+        .collect();
+    assert_eq!(relayed, hello);
+    // The server-facing half's clock continues past the client's.
+    let ts = segments(&out, Side::Outside)[0].options.timestamps.unwrap();
+    assert!(SeqNum(ts.val).gt(SeqNum(5000)) || ts.val == 5000, "{ts:?}");
+}
+
+#[test]
+fn an_exempt_server_name_releases_the_held_frames_unchanged() {
+    let mut b = Bench::new(SessionSettings {
+        policy: Arc::new(Policy::split_all(
+            &[443],
+            vec!["*.bank.example".parse().unwrap()],
+        )),
+        ..SessionSettings::default()
+    });
+    let hello = client_hello("www.bank.example", &[]);
+    let (first, rest) = hello.split_at(100);
+    let (_, f1) = b.client_data(0, first);
+    let (_, f2) = b.client_data(100, rest);
+    let out = b.sent();
+    assert_eq!(out, vec![(Side::Outside, f1), (Side::Outside, f2)]);
+    assert_eq!(b.sp.counters.policy_pass, 1);
+    assert_eq!(bypassed(&b.sp), 1);
+    // The decision is logged with its rule and the server name.
+    let e = &b.sp.events[..];
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].action, Some(Action::NoDecrypt));
+    assert_eq!(e[0].rule, "split-exempt-sni");
+    assert_eq!(e[0].sni.as_deref(), Some("www.bank.example"));
+    assert_eq!(
+        (e[0].end.as_str(), e[0].bytes_c2s),
+        ("bypass", hello.len() as u64)
+    );
+    assert_eq!(e[0].client, "198.18.0.1:40000");
+    assert_eq!(e[0].server, "198.18.0.2:443");
+    // Later frames pass through (until XDP takes the flow).
+    assert_eq!(
+        b.client_data(hello.len() as u32, b"more").0,
+        Disposition::Forward
+    );
+    assert_eq!(b.sp.counters.split, 0);
+}
+
+#[test]
+fn a_hold_without_a_decision_is_released_at_the_deadline() {
+    let settings = with_default(Action::NoDecrypt);
+    let timeout = settings.hold_timeout;
+    let mut b = Bench::new(settings);
+    // A record header announcing 16 KiB, and a little of it.
+    let (d, f) = b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+    assert_eq!(d, Disposition::Consumed);
+    // A retransmission of it is not held twice.
+    b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+    b.sp.on_timers(b.now + timeout / 2);
+    assert!(b.sent().is_empty());
+    b.sp.on_timers(b.now + timeout);
+    assert_eq!(b.sent(), vec![(Side::Outside, f)]);
+    assert_eq!(b.sp.counters.hold_timeouts, 1);
+    assert_eq!(bypassed(&b.sp), 1);
+    assert_eq!(b.sp.events.len(), 1);
+    // Decided without the server name, by the default.
+    assert_eq!(b.sp.events[0].action, Some(Action::NoDecrypt));
+    assert_eq!(b.sp.events[0].rule, crate::policy::DEFAULT_RULE);
+    assert!(b.sp.events[0]
+        .note
+        .as_deref()
+        .unwrap()
+        .contains("hold time"));
+}
+
+#[test]
+fn a_hold_without_a_decision_is_split_or_refused_by_the_addresses() {
+    let timeout = SessionSettings::default().hold_timeout;
+    // Split by default: the held bytes go into the split.
+    let mut b = Bench::new(SessionSettings::default());
+    b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+    b.sp.on_timers(b.now + timeout);
+    assert_eq!((b.sp.counters.hold_timeouts, b.sp.counters.split), (1, 1));
+    let to_server = segments(&b.sent(), Side::Outside);
+    assert_eq!(to_server[0].payload, [22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+    // A block on server names might apply: refused (a client cannot
+    // get around it by never finishing its ClientHello).
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+    b.sp.on_timers(b.now + timeout);
+    assert_reset_both_ways(&b.sent());
+    assert_eq!(b.sp.counters.refused, 1);
+    assert_eq!(b.sp.events[0].end, "blocked");
+    assert_eq!(b.sp.events[0].rule, "the-rule");
+}
+
+#[test]
+fn a_clienthello_in_too_many_pieces_does_not_escape_a_block() {
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    let hello = client_hello("www.bad.example", &[]);
+    for (i, byte) in hello.iter().enumerate().take(MAX_HELD_FRAMES + 1) {
+        b.client_data(i as u32, &[*byte]);
+    }
+    assert_eq!(b.sp.counters.hold_overflows, 1);
+    assert_eq!(b.sp.counters.refused, 1);
+    let out = b.sent();
+    assert!(segments(&out, Side::Outside)
+        .iter()
+        .all(|s| s.payload.is_empty() && s.flags.rst));
+    assert_eq!(bypassed(&b.sp), 0);
+}
+
+#[test]
+fn urgent_data_before_the_decision_cannot_escape_a_block() {
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    let mut s = seg(C_ISN + 1, S_ISN + 1, false, b"\x16\x03\x01");
+    s.flags.urg = true;
+    assert_eq!(b.send(Dir::Client, &s), Disposition::Consumed);
+    assert_eq!((b.sp.counters.refused, bypassed(&b.sp)), (1, 0));
+    // Without a block that might apply, it is passed through as before.
+    let mut b = Bench::new(SessionSettings::default());
+    assert_eq!(b.send(Dir::Client, &s), Disposition::Forward);
+    assert_eq!((b.sp.counters.passthrough, bypassed(&b.sp)), (1, 1));
+    assert_eq!(b.sp.events[0].rule, "(passthrough)");
+}
+
+#[test]
+fn more_than_the_bound_is_released() {
+    let mut b = Bench::new(SessionSettings {
+        hold_bytes: 2000,
+        ..with_default(Action::NoDecrypt)
+    });
+    let mut frames = Vec::new();
+    let (_, f) = b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+    frames.push(f);
+    let (_, f) = b.client_data(9, &[0; 1400]);
+    frames.push(f);
+    assert!(b.sent().is_empty());
+    let (_, f) = b.client_data(1409, &[0; 1400]);
+    frames.push(f);
+    let out = b.sent();
+    assert_eq!(
+        out,
+        frames
+            .into_iter()
+            .map(|f| (Side::Outside, f))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(b.sp.counters.hold_overflows, 1);
+}
+
+#[test]
+fn other_protocols_and_servers_speaking_first_are_split_at_once() {
+    let mut b = Bench::new(SessionSettings::default());
+    b.client_data(0, b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!((b.sp.counters.not_tls, b.sp.counters.split), (1, 1));
+    let to_server = segments(&b.sent(), Side::Outside);
+    assert_eq!(to_server[0].payload, b"GET / HTTP/1.1\r\n\r\n");
+
+    let mut b = Bench::new(SessionSettings::default());
+    let banner = seg(S_ISN + 1, C_ISN + 1, false, b"220 smtp ready\r\n");
+    assert_eq!(b.send(Dir::Server, &banner), Disposition::Consumed);
+    assert_eq!((b.sp.counters.server_first, b.sp.counters.split), (1, 1));
+    let to_client = segments(&b.sent(), Side::Inside);
+    assert_eq!(to_client[0].payload, b"220 smtp ready\r\n");
+}
+
+#[test]
+fn a_reset_during_the_hold_ends_it_and_the_held_data_stays() {
+    let mut b = Bench::new(SessionSettings::default());
+    b.client_data(0, &[22, 3, 1]);
+    // A RST at the end of the held bytes: the client is gone.
+    let mut rst = seg(C_ISN + 4, S_ISN + 1, false, b"");
+    rst.flags.rst = true;
+    assert_eq!(b.send(Dir::Client, &rst), Disposition::Forward);
+    assert!(b.sent().is_empty(), "the held bytes are not released");
+    assert_eq!((b.sp.counters.split, bypassed(&b.sp)), (0, 0));
+    // Late segments of it are dropped.
+    assert_eq!(b.client_data(3, b"x").0, Disposition::Consumed);
+}
+
+#[test]
+fn a_forged_reset_during_the_hold_is_dropped_and_the_hold_goes_on() {
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    let hello = client_hello("www.bad.example", &[]);
+    b.client_data(0, &hello[..100]);
+    for (dir, seq) in [(Dir::Client, C_ISN + 5000), (Dir::Server, S_ISN + 77)] {
+        let mut rst = seg(seq, 0, false, b"");
+        rst.flags.rst = true;
+        assert_eq!(b.send(dir, &rst), Disposition::Consumed);
+    }
+    assert_eq!((b.sp.counters.bogus_resets, bypassed(&b.sp)), (2, 0));
+    b.client_data(100, &hello[100..]);
+    assert_eq!(b.sp.counters.refused, 1, "the block still applies");
+}
+
+#[test]
+fn a_fin_ahead_of_missing_bytes_does_not_end_the_hold() {
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    let hello = client_hello("www.bad.example", &[]);
+    // A FIN far ahead, then the ClientHello: decided by its name.
+    let mut fin = seg(C_ISN + 1 + 20_000, S_ISN + 1, false, b"");
+    fin.flags.fin = true;
+    assert_eq!(b.send(Dir::Client, &fin), Disposition::Consumed);
+    assert_eq!(b.sp.events.len(), 0);
+    b.client_data(0, &hello);
+    assert_eq!(b.sp.events[0].sni.as_deref(), Some("www.bad.example"));
+    assert_eq!(b.sp.events[0].end, "blocked");
+}
+
+#[test]
+fn a_flow_seen_mid_stream_is_dropped_when_a_block_might_apply() {
+    let mut sp = Sessions::new(one_rule(Action::Block, "*.bad.example"));
+    let peers = Peers::new();
+    let data = seg(C_ISN + 1, S_ISN + 1, false, b"\x16\x03\x01");
+    let f = peers.frame(Dir::Client, &data);
+    assert_eq!(
+        sp.on_frame(Side::Inside, &f, Instant::now()),
+        Disposition::Consumed
+    );
+    assert_eq!((sp.counters.refused, bypassed(&sp)), (1, 0));
+    assert_eq!(sp.events[0].end, "blocked");
+    assert_eq!(sp.events[0].server, "198.18.0.2:443");
+    // Without a block that might apply, it is left to the kernel.
+    let mut sp = Sessions::new(SessionSettings::default());
+    assert_eq!(
+        sp.on_frame(Side::Inside, &f, Instant::now()),
+        Disposition::Forward
+    );
+    assert_eq!(bypassed(&sp), 1);
+}
+
+#[test]
+fn a_blocked_tls_client_reads_an_alert_and_the_server_is_reset() {
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    let hello = client_hello("www.bad.example", &[]);
+    b.client_data(0, &hello);
+    assert_eq!((b.sp.counters.refused, b.sp.counters.split), (1, 0));
+    let out = b.sent();
+    let to_server = segments(&out, Side::Outside);
+    assert_eq!(to_server.len(), 1, "{to_server:?}");
+    assert!(to_server[0].flags.rst && to_server[0].seq == SeqNum(C_ISN + 1));
+    assert!(
+        to_server[0].payload.is_empty(),
+        "no client byte reaches the server"
+    );
+    let to_client = segments(&out, Side::Inside);
+    let alert: Vec<u8> = to_client.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(alert, ACCESS_DENIED);
+    assert!(to_client.iter().any(|s| s.flags.fin), "{to_client:?}");
+    assert!(to_client
+        .iter()
+        .all(|s| s.ack == SeqNum(C_ISN + 1 + hello.len() as u32)));
+    let e = &b.sp.events;
+    assert_eq!(e.len(), 1);
+    assert_eq!(
+        (e[0].action, e[0].end.as_str()),
+        (Some(Action::Block), "blocked")
+    );
+    assert_eq!(e[0].rule, "the-rule");
+    assert_eq!(
+        b.sp.describe(&e_key()).map(|d| d.state),
+        Some("refused".into())
+    );
+    // The client closes in turn: the connection ends without a second
+    // record.
+    let fin_seq = C_ISN + 1 + hello.len() as u32;
+    let mut fin = seg(
+        fin_seq,
+        S_ISN + 1 + ACCESS_DENIED.len() as u32 + 1,
+        false,
+        b"",
+    );
+    fin.flags.fin = true;
+    b.send(Dir::Client, &fin);
+    // (The client half waits out TIME-WAIT.)
+    b.sp.on_timers(b.now + Duration::from_secs(600));
+    assert_eq!(b.sp.events.len(), 1);
+    assert_eq!(
+        b.sp.describe(&e_key()).map(|d| d.state),
+        Some("ended".into())
+    );
+}
+
+/// The key of the bench's connection, client to server.
+fn e_key() -> FlowKey {
+    let f = Peers::new().frame(Dir::Client, &seg(C_ISN, 0, true, b""));
+    parse_segment(&f).unwrap().key
+}
+
+#[test]
+fn a_blocked_client_that_does_not_speak_tls_is_reset() {
+    let mut settings = one_rule(Action::Block, "*");
+    Arc::make_mut(&mut settings.policy).default_action = Action::Block;
+    let mut b = Bench::new(settings);
+    b.client_data(0, b"GET / HTTP/1.0\r\n\r\n");
+    assert_reset_both_ways(&b.sent());
+    assert_eq!(b.sp.events[0].rule, crate::policy::DEFAULT_RULE);
+}
+
+#[test]
+fn a_new_policy_decides_new_connections_only() {
+    let mut b = Bench::new(SessionSettings::default());
+    b.client_data(0, &client_hello("a.example", &[]));
+    assert_eq!(b.sp.counters.split, 1);
+    // Now everything is no-decrypt: the running split stays split.
+    let mut p = Policy::split_all(&[443], Vec::new());
+    p.default_action = Action::NoDecrypt;
+    p.version = 7;
+    b.sp.set_policy(Arc::new(p));
+    assert_eq!(b.sp.describe(&e_key()).unwrap().state, "split");
+    let more = seg(C_ISN + 1 + 500, S_ISN + 1, false, b"x");
+    assert_eq!(b.send(Dir::Client, &more), Disposition::Consumed);
+    // A new connection (another client port) passes.
+    b.peers = Peers::on_port(40001);
+    b.send(Dir::Client, &seg(C_ISN, 0, true, b""));
+    b.send(Dir::Server, &seg(S_ISN, C_ISN + 1, true, b""));
+    b.send(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, b""));
+    b.client_data(0, &client_hello("a.example", &[]));
+    assert_eq!((b.sp.counters.split, b.sp.counters.policy_pass), (1, 1));
+    let e = b.sp.events.last().unwrap();
+    assert_eq!(
+        (e.policy_version, e.rule.as_str()),
+        (7, crate::policy::DEFAULT_RULE)
+    );
+}
+
+#[test]
+fn an_ended_split_is_logged_with_its_bytes_and_unpinned() {
+    let mut b = Bench::new(SessionSettings::default());
+    let hello = client_hello("a.example", &[]);
+    b.client_data(0, &hello);
+    b.sent();
+    let n = hello.len() as u32;
+    // The client resets: the split ends at once.
+    let mut rst = seg(C_ISN + 1 + n, S_ISN + 1, false, b"");
+    rst.flags.rst = true;
+    b.send(Dir::Client, &rst);
+    let e = b.sp.events.last().expect("a record");
+    assert_eq!(
+        (e.end.as_str(), e.bytes_c2s),
+        ("client-reset", u64::from(n))
+    );
+    assert_eq!(e.action, Some(Action::TcpSplit));
+    assert!(
+        matches!(b.sp.ops.last(), Some(MapOp::Forget(_))),
+        "{:?}",
+        b.sp.ops
+    );
+}
