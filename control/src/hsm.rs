@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use loupe_hsm::{
     audit::{self, AuditConfig, AuditLog, Entry, Kind, AUDIT_KEY_LABEL},
-    ca::{ensure_audit_key, parse_ec_spki_pem, spki_pem, CaManager, CaOptions, CaRole},
+    ca::{ensure_audit_key, parse_ec_spki_pem, spki_pem, CaFlavor, CaManager, CaOptions, CaRole},
     pin::PinSource,
     signer::{Signer, SignerConfig},
     token::{KeyAlg, Token, TokenConfig, SOFTHSM2_MODULE},
@@ -62,7 +62,9 @@ pub enum CaCommand {
     /// Generate the forward-trust and forward-untrust CAs (generation 1) on
     /// the token.
     Init(NewCa),
-    /// Write a CA certificate for client trust stores (PEM, or DER).
+    /// Write a CA's certificates for client trust stores: PEM with the
+    /// CA of the generation's key type and its RSA companion (clients must
+    /// trust both), or DER of one of them.
     Export {
         /// forward-trust (the one clients must trust) or forward-untrust.
         #[arg(long, default_value = "forward-trust")]
@@ -70,8 +72,12 @@ pub enum CaCommand {
         /// Generation (default: the active one).
         #[arg(long)]
         generation: Option<u32>,
+        /// DER of one certificate (the generation's own key type, or the
+        /// RSA companion with --rsa).
         #[arg(long)]
         der: bool,
+        #[arg(long, requires = "der")]
+        rsa: bool,
         /// Output file (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -202,15 +208,16 @@ fn write_out(out: Option<&Path>, bytes: &[u8]) -> anyhow::Result<()> {
 
 fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) {
     println!(
-        "{:<16} {:>3}  {:<6} {:<32} sha256",
-        "ca", "gen", "active", "label"
+        "{:<16} {:>3}  {:<6} {:<9} {:<32} sha256",
+        "ca", "gen", "active", "key", "label"
     );
     for c in cas {
         println!(
-            "{:<16} {:>3}  {:<6} {:<32} {}",
+            "{:<16} {:>3}  {:<6} {:<9} {:<32} {}",
             c.role.name(),
             c.generation,
             if c.active { "yes" } else { "no" },
+            c.key,
             c.label,
             c.fingerprint
         );
@@ -237,14 +244,30 @@ pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
             ca: which,
             generation,
             der,
+            rsa,
             out,
         } => {
             let role: CaRole = which.parse()?;
-            let cert = open()?.run(|ca| Ok(ca.certificate(role, generation)?))?;
+            let certs = open()?.run(|ca| Ok(ca.certificates(role, generation)?))?;
             let bytes = if der {
+                let flavor = if rsa {
+                    CaFlavor::Rsa
+                } else {
+                    CaFlavor::Primary
+                };
+                let Some(cert) = certs.iter().find(|c| c.flavor == flavor) else {
+                    bail!(
+                        "this generation has no RSA companion of the {} CA",
+                        role.name()
+                    );
+                };
                 cert.der.clone()
             } else {
-                cert.pem().into_bytes()
+                certs
+                    .iter()
+                    .map(|c| c.pem())
+                    .collect::<String>()
+                    .into_bytes()
             };
             write_out(out.as_deref(), &bytes)?;
         }

@@ -216,6 +216,8 @@ pub struct EngineConfig {
     pub api: Option<crate::api::ApiConfig>,
     /// The HSM signer and its audit log; `None` runs the packet path only.
     pub hsm: Option<HsmSettings>,
+    /// TLS interception (with an HSM).
+    pub tls: crate::tls::context::TlsSettings,
 }
 
 /// The signer service the engine starts (and checks) at start-up.
@@ -246,6 +248,7 @@ impl EngineConfig {
             flow_idle_timeout: Duration::from_secs(120),
             pin_workers: true,
             hsm: None,
+            tls: Default::default(),
             tcp_split: false,
             hold_bytes: SessionSettings::default().hold_bytes,
             hold_timeout: SessionSettings::default().hold_timeout,

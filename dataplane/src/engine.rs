@@ -12,7 +12,8 @@ use std::{
 };
 
 use loupe_hsm::{
-    audit::{AuditConfig, AuditLog},
+    audit::{AuditConfig, AuditLog, AuditSink, Entry, Kind},
+    ca::list_cas,
     signer::{Signer, SignerConfig},
     token::Token,
 };
@@ -25,8 +26,12 @@ use crate::{
     flow::{FlowLogEntry, MapOp, Sharder, Side},
     policy::{Policy, PolicyCell, Steering},
     session::SessionSettings,
-    stats::{IfaceReport, PolicyInfo, StatsReport, SteeringReport, WorkerReport, STATS_VERSION},
+    stats::{
+        IfaceReport, PolicyInfo, StatsReport, SteeringReport, TlsReport, WorkerReport,
+        STATS_VERSION,
+    },
     sys::{self, SysError},
+    tls::context::{CaSet, TlsContext},
     worker::{Crossbar, SplitLinks, Worker, WorkerShared},
     xsk::{QueuePort, XskError},
 };
@@ -73,6 +78,8 @@ pub enum EngineError {
     Spawn(std::io::Error),
     #[error("HSM: {0}")]
     Hsm(#[from] loupe_hsm::HsmError),
+    #[error("TLS interception: {0}")]
+    Tls(String),
     #[error("control socket {path}: {source}")]
     Api {
         path: String,
@@ -98,6 +105,49 @@ fn start_hsm(h: &HsmSettings) -> Result<(AuditLog, Signer), EngineError> {
     sc.batch = h.batch;
     let signer = Signer::start(sc, Some(log.sink()))?;
     Ok((log, signer))
+}
+
+/// How often the engine re-reads the CAs from the token (a `loupe ca
+/// rotate` takes effect within this).
+const CA_REFRESH: Duration = Duration::from_secs(10);
+
+/// The TLS interception context: the CAs read from the first token, the
+/// signer's handle; a token without CAs leaves decryption unavailable
+/// (the profiles' `hsm_unavailable` decides), said once at start.
+fn start_tls(
+    cfg: &EngineConfig,
+    h: &HsmSettings,
+    signer: &Signer,
+    audit: AuditSink,
+) -> Result<(Arc<TlsContext>, Token), EngineError> {
+    let first = &h.tokens[0];
+    let token = Token::open(first)?;
+    let cas = match list_cas(&token)
+        .map_err(|e| e.to_string())
+        .and_then(|l| CaSet::from_list(first.label.as_str(), &l))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("loupe-dataplane: warning: decryption unavailable: {e}");
+            CaSet::default()
+        }
+    };
+    let label = first.label.clone();
+    let on_keylog = Box::new(move |profile: &str, path: &str| {
+        let entry = Entry::now(
+            Kind::KeyLog,
+            &label,
+            "(tls session secrets)",
+            &format!("profile {profile:?} writes TLS session secrets to {path}"),
+            "loupe-dataplane",
+        );
+        if let Err(e) = audit.record(vec![entry]) {
+            eprintln!("loupe-dataplane: warning: cannot audit the key log: {e}");
+        }
+    });
+    let ctx = TlsContext::new(cfg.tls.clone(), Some(signer.handle()), cas, on_keylog)
+        .map_err(EngineError::Tls)?;
+    Ok((Arc::new(ctx), token))
 }
 
 /// Run the engine until `stop` is set. `on_ready` is called once, after the
@@ -157,6 +207,11 @@ pub fn run(
         Some(h) => Some(start_hsm(h)?),
         None => None,
     };
+    let tls = match (&cfg.hsm, &hsm) {
+        (Some(h), Some((log, signer))) => Some(start_tls(cfg, h, signer, log.sink())?),
+        _ => None,
+    };
+    let tls_ctx = tls.as_ref().map(|(c, _)| c.clone());
 
     // Kernels since 5.11 charge BPF maps and UMEMs to the memory cgroup;
     // older ones need the rlimit lifted. Where it cannot be (no
@@ -182,6 +237,7 @@ pub fn run(
             cfg.split_exempt_sni.clone(),
         )));
     }
+
     for q in 0..queues {
         let port = QueuePort::new(&cfg.inside, &cfg.outside, q, cfg.port)?;
         classifier.register_socket(Side::Inside, q, port.fd(Side::Inside))?;
@@ -203,6 +259,7 @@ pub fn run(
                     idle: cfg.flow_idle_timeout,
                     hold_bytes: cfg.hold_bytes,
                     hold_timeout: cfg.hold_timeout,
+                    tls: tls_ctx.clone(),
                     ..SessionSettings::default()
                 },
                 ops: ops_tx.clone(),
@@ -217,12 +274,12 @@ pub fn run(
     // the start here, before anything is attached.
     let api = match &cfg.api {
         Some(a) => Some(
-            Api::start(a, req_tx.clone(), cell.clone(), events_rx).map_err(|source| {
-                EngineError::Api {
+            Api::start(a, req_tx.clone(), cell.clone(), events_rx, tls_ctx.clone()).map_err(
+                |source| EngineError::Api {
                     path: a.socket.display().to_string(),
                     source,
-                }
-            })?,
+                },
+            )?,
         ),
         None => None,
     };
@@ -334,6 +391,7 @@ pub fn run(
         if let Some((_, signer)) = &hsm {
             r.hsm = signer.health();
         }
+        r.tls = tls_ctx.as_deref().map(TlsReport::of);
         r.workers = shares
             .iter()
             .map(|s| {
@@ -363,6 +421,7 @@ pub fn run(
         on_ready(&first);
     }
     let mut last_write = Instant::now();
+    let mut last_ca_read = Instant::now();
     let mut write_failing = false;
     while result.is_ok() && !stop.load(Ordering::Relaxed) {
         if let Some(dead) = handles.iter().position(|h| h.is_finished()) {
@@ -386,7 +445,8 @@ pub fn run(
                             let _ = tx.send(snapshot("running", &steering, &classifier));
                         }
                         EngineRequest::Apply(policy, tx) => {
-                            let _ = tx.send(apply(&mut classifier, &cell, &mut steering, policy));
+                            let r = apply(&mut classifier, &cell, &mut steering, tls_ctx.as_deref(), policy);
+                            let _ = tx.send(r);
                         }
                     }
                 }
@@ -395,6 +455,12 @@ pub fn run(
         }
         for op in ops_rx.try_iter() {
             map_op(&mut flows, op);
+        }
+        if let Some((ctx, token)) = &tls {
+            if last_ca_read.elapsed() >= CA_REFRESH {
+                last_ca_read = Instant::now();
+                refresh_cas(ctx, token);
+            }
         }
         if last_write.elapsed() >= cfg.stats_interval {
             last_write = Instant::now();
@@ -426,6 +492,9 @@ pub fn run(
     }
     // Detach the program and close every map and socket before reporting.
     drop(classifier);
+    if let Some((ctx, _)) = &tls {
+        ctx.stop();
+    }
     if let Some((log, signer)) = hsm {
         // Answer what is queued, then seal the audit log.
         signer.shutdown();
@@ -461,17 +530,45 @@ fn map_op(flows: &mut FlowVerdicts, op: MapOp) {
     }
 }
 
+/// Re-reads the CAs from the token: a rotation (new generation) takes
+/// effect, and empties the certificate cache.
+fn refresh_cas(ctx: &TlsContext, token: &Token) {
+    let label = token.label().to_string();
+    match list_cas(token)
+        .map_err(|e| e.to_string())
+        .and_then(|l| CaSet::from_list(&label, &l))
+    {
+        Ok(set) => {
+            let generation = set.generation;
+            if ctx.set_cas(set) {
+                eprintln!("loupe-dataplane: CA generation {generation} of token {label:?} in use");
+            }
+        }
+        // A token that is down keeps the CAs read before; the signer
+        // reports its health.
+        Err(e) if ctx.cas().generation == 0 => {
+            eprintln!("loupe-dataplane: warning: decryption unavailable: {e}")
+        }
+        Err(_) => {}
+    }
+}
+
 /// Swaps in a new policy: validated again (control is not trusted
-/// blindly), the steering maps rewritten, then the workers' policy
+/// blindly), its decryption profiles prepared (trust stores read, key logs
+/// opened), the steering maps rewritten, then the workers' policy
 /// replaced; they pick it up before their next batch. A policy that fails
 /// anywhere leaves the running one (and its steering) in place.
 fn apply(
     classifier: &mut Classifier,
     cell: &PolicyCell,
     steered: &mut Steering,
+    tls: Option<&TlsContext>,
     policy: Arc<Policy>,
 ) -> Result<u64, String> {
     policy.validate()?;
+    if let Some(ctx) = tls {
+        ctx.prepare(&policy)?;
+    }
     if let Some(cur) = cell.current() {
         if policy.version <= cur.version {
             return Err(format!(

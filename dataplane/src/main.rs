@@ -15,6 +15,7 @@ use loupe_dataplane::{
     engine,
     policy::HostGlob,
     session::SessionSettings,
+    tls::context::TlsSettings,
     xsk::PortConfig,
 };
 use loupe_hsm::{
@@ -127,6 +128,24 @@ struct Args {
         default_value = "/var/lib/loupe/audit.jsonl"
     )]
     audit_log: PathBuf,
+    /// CA certificates (PEM) upstream servers are checked against, for
+    /// decryption profiles that name no `trust_store`.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    trust_store: PathBuf,
+    /// Longest wait for the HSM to sign an impersonation certificate; then
+    /// the profile's `hsm_unavailable` applies.
+    #[arg(long, default_value_t = 2000)]
+    hsm_timeout_ms: u64,
+    /// Impersonation certificates kept (LRU).
+    #[arg(long, default_value_t = 10_000)]
+    cert_cache: usize,
+    /// Seconds between replacements of the leaf keys (0: never).
+    #[arg(long, default_value_t = 86_400)]
+    leaf_key_rotate_s: u64,
+    /// Most connections being decrypted at once; beyond, the profile's
+    /// `no_resources` applies.
+    #[arg(long, default_value_t = 65_536)]
+    max_tls_sessions: usize,
 }
 
 fn main() -> ExitCode {
@@ -198,6 +217,15 @@ fn main() -> ExitCode {
             batch: args.hsm_batch,
         });
     }
+    cfg.tls = TlsSettings {
+        cache_capacity: args.cert_cache,
+        rotate_keys: (args.leaf_key_rotate_s > 0)
+            .then(|| Duration::from_secs(args.leaf_key_rotate_s)),
+        hsm_timeout: Duration::from_millis(args.hsm_timeout_ms),
+        system_trust: args.trust_store,
+        max_sessions: args.max_tls_sessions,
+        ..TlsSettings::default()
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -122,6 +122,12 @@ pub struct SplitCounters {
     /// Tail loss probes sent.
     #[serde(default)]
     pub tail_probes: u64,
+    /// `decrypt` decisions that went to TLS interception, and those the
+    /// profile or the exclusion cache left encrypted (released).
+    #[serde(default)]
+    pub intercepted: u64,
+    #[serde(default)]
+    pub not_decrypted: u64,
     /// Connections refused by a `block` rule.
     #[serde(default)]
     pub refused: u64,
@@ -265,6 +271,77 @@ pub struct StatsReport {
     /// Filled in by the control socket.
     #[serde(default)]
     pub log_queue: LogQueueReport,
+    /// TLS interception (none without an HSM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsReport>,
+}
+
+/// TLS interception's counters, all workers together.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TlsReport {
+    /// The CA generation minting (0: no CA, decryption unavailable).
+    pub ca_generation: u32,
+    /// Connections in the TLS stage now, and waiting for the HSM.
+    pub active: u64,
+    pub parked: u64,
+    /// Handshakes by outcome: decrypted (trusted upstream), decrypted with
+    /// the problem passed on (forward-untrust), blocked, left encrypted
+    /// (excluded from now on), failed.
+    pub decrypted: u64,
+    pub passed_on: u64,
+    pub blocked: u64,
+    pub no_decrypt: u64,
+    pub failed: u64,
+    /// The certificate cache: held, hits, misses (mints started), lookups
+    /// that joined a mint in flight, mints done, failed, evicted.
+    pub cached: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_joined: u64,
+    pub minted: u64,
+    pub mint_failed: u64,
+    pub cache_evicted: u64,
+    /// Mint latency: counts per bucket (upper bounds in µs, the last
+    /// unbounded) and the sum.
+    pub mint_bounds_us: Vec<u64>,
+    pub mint_counts: Vec<u64>,
+    pub mint_sum_us: u64,
+    /// Sites in the decryption exclusion cache, added so far, and the
+    /// connections passed because of them.
+    pub excluded: u64,
+    pub exclusions_added: u64,
+    pub exclusion_hits: u64,
+}
+
+impl TlsReport {
+    pub fn of(ctx: &crate::tls::context::TlsContext) -> TlsReport {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &ctx.stats;
+        let c = &ctx.cache.stats;
+        TlsReport {
+            ca_generation: ctx.cas().generation,
+            active: s.active.load(Relaxed),
+            parked: s.parked.load(Relaxed),
+            decrypted: s.decrypted.load(Relaxed),
+            passed_on: s.passed_on.load(Relaxed),
+            blocked: s.blocked.load(Relaxed),
+            no_decrypt: s.no_decrypt.load(Relaxed),
+            failed: s.failed.load(Relaxed),
+            cached: ctx.cache.len() as u64,
+            cache_hits: c.hits.load(Relaxed),
+            cache_misses: c.misses.load(Relaxed),
+            cache_joined: c.joined.load(Relaxed),
+            minted: c.minted.load(Relaxed),
+            mint_failed: c.failed.load(Relaxed),
+            cache_evicted: c.evicted.load(Relaxed),
+            mint_bounds_us: crate::tls::context::MINT_BUCKETS_US.to_vec(),
+            mint_counts: s.mint_latency.iter().map(|b| b.load(Relaxed)).collect(),
+            mint_sum_us: s.mint_sum_us.load(Relaxed),
+            excluded: ctx.exclusions.list().len() as u64,
+            exclusions_added: ctx.exclusions.added.load(Relaxed),
+            exclusion_hits: ctx.exclusions.hits.load(Relaxed),
+        }
+    }
 }
 
 impl StatsReport {

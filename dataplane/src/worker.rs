@@ -11,6 +11,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
+    task::Wake,
     time::{Duration, Instant},
 };
 
@@ -58,7 +59,7 @@ pub struct Crossbar {
     workers: usize,
     lanes: Vec<ArrayQueue<CrossFrame>>,
     returns: Vec<ArrayQueue<Vec<u8>>>,
-    wakers: Vec<Waker>,
+    wakers: Vec<Arc<Nudge>>,
 }
 
 impl Crossbar {
@@ -70,7 +71,7 @@ impl Crossbar {
             lanes: (0..n).map(|_| ArrayQueue::new(per_lane)).collect(),
             returns: (0..n).map(|_| ArrayQueue::new(per_lane)).collect(),
             wakers: (0..workers)
-                .map(|_| Waker::new())
+                .map(|_| Nudge::new().map(Arc::new))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -90,27 +91,45 @@ impl Crossbar {
 }
 
 /// Wakes a worker sleeping in poll(): an eventfd it polls, written only
-/// when it has announced that it sleeps.
+/// when it has announced that it sleeps. Other workers nudge it for
+/// crossover frames; the HSM signer nudges it (as a [`std::task::Waker`],
+/// once per batch however many answers it carries) when signatures for
+/// its parked connections are in.
 ///
 /// Ordering (all SeqCst): the sleeper stores `sleeping`, then checks its
-/// lanes; a sender pushes, then loads `sleeping`. Either the sleeper sees
-/// the frame, or the sender sees the flag and writes the eventfd.
-struct Waker {
+/// lanes and `hsm`; a sender pushes (or sets `hsm`), then loads
+/// `sleeping`. Either the sleeper sees the work, or the sender sees the
+/// flag and writes the eventfd.
+pub struct Nudge {
     fd: OwnedFd,
     sleeping: AtomicBool,
+    /// HSM answers arrived for this worker's parked connections.
+    hsm: AtomicBool,
 }
 
-impl Waker {
-    fn new() -> std::io::Result<Waker> {
+impl Wake for Nudge {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.hsm.store(true, Ordering::SeqCst);
+        self.wake_if_sleeping();
+    }
+}
+
+impl Nudge {
+    fn new() -> std::io::Result<Nudge> {
         // SAFETY: eventfd(2) with valid flags; the fd is owned right below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Waker {
+        Ok(Nudge {
             // SAFETY: a fresh fd nothing else owns.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             sleeping: AtomicBool::new(false),
+            hsm: AtomicBool::new(false),
         })
     }
 
@@ -219,6 +238,9 @@ impl Worker {
             None => {
                 let mut settings = links.settings.clone();
                 settings.policy = policy;
+                settings.waker = Some(std::task::Waker::from(
+                    self.crossbar.wakers[self.id].clone(),
+                ));
                 self.sessions = Some(Sessions::new(settings));
             }
         }
@@ -253,6 +275,13 @@ impl Worker {
             }
             work += self.drain_crossbar(now, now_ms);
             if let Some(sp) = self.sessions.as_mut() {
+                if self.crossbar.wakers[self.id]
+                    .hsm
+                    .swap(false, Ordering::SeqCst)
+                {
+                    sp.on_wake(now);
+                    work += 1;
+                }
                 sp.on_timers(now);
             }
             work += self.send_split();
@@ -476,7 +505,7 @@ impl Worker {
     fn sleep_for_frames(&self) {
         let waker = &self.crossbar.wakers[self.id];
         waker.sleeping.store(true, Ordering::SeqCst);
-        if !self.crossbar.inbound_pending(self.id) {
+        if !self.crossbar.inbound_pending(self.id) && !waker.hsm.load(Ordering::SeqCst) {
             let mut fds = [
                 pollin(self.port.fd(Side::Inside)),
                 pollin(self.port.fd(Side::Outside)),

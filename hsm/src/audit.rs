@@ -52,6 +52,9 @@ pub enum Kind {
     Keygen,
     Destroy,
     Checkpoint,
+    /// TLS session secrets are exported (a decryption profile's key log
+    /// was turned on): whoever reads the file can decrypt those sessions.
+    KeyLog,
 }
 
 /// One line of the log. Field order is the serialisation order.

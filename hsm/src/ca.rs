@@ -5,7 +5,10 @@
 //!
 //! Each CA exists in generations `g1, g2, ...` labelled
 //! `loupe-ca/forward-trust/gN` and `loupe-ca/forward-untrust/gN`; the highest
-//! generation is active. Key pairs are generated on the token, the
+//! generation is active. A generation whose keys are EC also gets an
+//! RSA-2048 companion of each CA (`loupe-ca/forward-trust-rsa/gN`, ...),
+//! as a firewall keeps both kinds: a client that verifies only RSA
+//! signatures must be shown an all-RSA chain. Key pairs are generated on the token, the
 //! self-signed certificates are signed inside it through the [`Signer`], and
 //! the certificates are stored on the token next to their keys. Every key
 //! generation, signature and destruction is an audit record.
@@ -56,12 +59,37 @@ impl CaRole {
         format!("{}{generation}", self.prefix())
     }
 
-    fn common_name(self, generation: u32) -> String {
-        match self {
-            CaRole::ForwardTrust => format!("Loupe Forward Trust CA g{generation}"),
-            CaRole::ForwardUntrust => format!("Loupe Forward Untrust CA g{generation}"),
+    /// The label of the CA of this role and flavor in `generation`.
+    pub fn label_of(self, flavor: CaFlavor, generation: u32) -> String {
+        match flavor {
+            CaFlavor::Primary => self.label(generation),
+            CaFlavor::Rsa => format!("{}-rsa/g{generation}", self.prefix().trim_end_matches("/g")),
         }
     }
+
+    fn common_name(self, flavor: CaFlavor, generation: u32) -> String {
+        let suffix = match flavor {
+            CaFlavor::Primary => "",
+            CaFlavor::Rsa => " RSA",
+        };
+        match self {
+            CaRole::ForwardTrust => format!("Loupe Forward Trust CA g{generation}{suffix}"),
+            CaRole::ForwardUntrust => format!("Loupe Forward Untrust CA g{generation}{suffix}"),
+        }
+    }
+}
+
+/// Which CA of a role within a generation: the one with the generation's
+/// own key type, or the RSA companion made beside an EC one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaFlavor {
+    Primary,
+    Rsa,
+}
+
+impl CaFlavor {
+    pub const BOTH: [CaFlavor; 2] = [CaFlavor::Primary, CaFlavor::Rsa];
 }
 
 impl std::str::FromStr for CaRole {
@@ -99,6 +127,9 @@ impl Default for CaOptions {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CaInfo {
     pub role: CaRole,
+    pub flavor: CaFlavor,
+    /// The key type (`ec-p256`, `rsa-2048`, ...).
+    pub key: String,
     pub generation: u32,
     pub label: String,
     pub active: bool,
@@ -243,15 +274,7 @@ impl CaManager<'_> {
 
     /// Generations present on the token, ascending.
     pub fn generations(&self) -> Result<Vec<u32>> {
-        let s = self.session()?;
-        let mut gens: Vec<u32> = s
-            .private_key_labels(CaRole::ForwardTrust.prefix())?
-            .iter()
-            .filter_map(|l| l.strip_prefix(CaRole::ForwardTrust.prefix())?.parse().ok())
-            .collect();
-        gens.sort_unstable();
-        gens.dedup();
-        Ok(gens)
+        generations_on(&self.session()?)
     }
 
     /// Creates generation 1 of both CAs. Refuses if any generation exists.
@@ -281,23 +304,33 @@ impl CaManager<'_> {
     fn create_generation(&self, generation: u32, opts: &CaOptions) -> Result<Vec<CaInfo>> {
         let mut session = self.session()?;
         let mut out = Vec::new();
-        for role in CaRole::BOTH {
-            let label = role.label(generation);
-            let purpose = format!("generate {} CA key ({})", role.name(), opts.alg.name());
-            let public = self.audited(Kind::Keygen, &label, &purpose, || {
-                session.generate_key_pair(&label, opts.alg)
-            })?;
-            let cn = role.common_name(generation);
-            let der = self.self_sign(&label, public, &cn, opts)?;
-            session.store_certificate(&label, &der, &subject_of(&der)?)?;
-            out.push(CaInfo {
-                role,
-                generation,
-                fingerprint: hex(&Sha256::digest(&der)),
-                label,
-                active: true,
-                der,
-            });
+        let rsa_primary = matches!(opts.alg, KeyAlg::Rsa2048 | KeyAlg::Rsa3072);
+        for flavor in CaFlavor::BOTH {
+            let alg = match flavor {
+                CaFlavor::Primary => opts.alg,
+                CaFlavor::Rsa if rsa_primary => continue,
+                CaFlavor::Rsa => KeyAlg::Rsa2048,
+            };
+            for role in CaRole::BOTH {
+                let label = role.label_of(flavor, generation);
+                let purpose = format!("generate {} CA key ({})", role.name(), alg.name());
+                let public = self.audited(Kind::Keygen, &label, &purpose, || {
+                    session.generate_key_pair(&label, alg)
+                })?;
+                let cn = role.common_name(flavor, generation);
+                let der = self.self_sign(&label, public, &cn, opts)?;
+                session.store_certificate(&label, &der, &subject_of(&der)?)?;
+                out.push(CaInfo {
+                    role,
+                    flavor,
+                    key: alg.name().into(),
+                    generation,
+                    fingerprint: hex(&Sha256::digest(&der)),
+                    label,
+                    active: true,
+                    der,
+                });
+            }
         }
         Ok(out)
     }
@@ -354,35 +387,34 @@ impl CaManager<'_> {
 
     /// Every CA certificate on the token, oldest first.
     pub fn list(&self) -> Result<Vec<CaInfo>> {
-        let gens = self.generations()?;
-        let active = gens.last().copied();
-        let session = self.session()?;
-        let mut out = Vec::new();
-        for g in gens {
-            for role in CaRole::BOTH {
-                let label = role.label(g);
-                if let Some(der) = session.certificate(&label)? {
-                    out.push(CaInfo {
-                        role,
-                        generation: g,
-                        fingerprint: hex(&Sha256::digest(&der)),
-                        label,
-                        active: Some(g) == active,
-                        der,
-                    });
-                }
-            }
-        }
-        Ok(out)
+        list_cas(self.token)
     }
 
-    /// The certificate of `role` in `generation` (the active one if `None`).
+    /// The certificate of `role` in `generation` (the active one if `None`),
+    /// of the generation's own key type.
     pub fn certificate(&self, role: CaRole, generation: Option<u32>) -> Result<CaInfo> {
-        let list = self.list()?;
-        let pick = list
+        self.certificates(role, generation)?
             .into_iter()
-            .rfind(|c| c.role == role && generation.map_or(c.active, |g| c.generation == g));
-        pick.ok_or_else(|| match generation {
+            .find(|c| c.flavor == CaFlavor::Primary)
+            .ok_or_else(|| self.no_ca(role, generation))
+    }
+
+    /// Every certificate of `role` in `generation` (the active one if
+    /// `None`): the primary, and the RSA companion when there is one.
+    pub fn certificates(&self, role: CaRole, generation: Option<u32>) -> Result<Vec<CaInfo>> {
+        let list: Vec<CaInfo> = self
+            .list()?
+            .into_iter()
+            .filter(|c| c.role == role && generation.map_or(c.active, |g| c.generation == g))
+            .collect();
+        if list.is_empty() {
+            return Err(self.no_ca(role, generation));
+        }
+        Ok(list)
+    }
+
+    fn no_ca(&self, role: CaRole, generation: Option<u32>) -> HsmError {
+        match generation {
             Some(g) => {
                 HsmError::Invalid(format!("no {} CA generation {g} on the token", role.name()))
             }
@@ -391,7 +423,7 @@ impl CaManager<'_> {
                 role.name(),
                 self.token.label()
             )),
-        })
+        }
     }
 
     /// Destroys both CAs of `generation` (keys and certificates). The active
@@ -412,13 +444,61 @@ impl CaManager<'_> {
         }
         let mut session = self.session()?;
         let mut n = 0;
-        for role in CaRole::BOTH {
-            let label = role.label(generation);
-            let purpose = format!("destroy {} CA generation {generation}", role.name());
-            n += self.audited(Kind::Destroy, &label, &purpose, || session.destroy(&label))?;
+        for flavor in CaFlavor::BOTH {
+            for role in CaRole::BOTH {
+                let label = role.label_of(flavor, generation);
+                if flavor == CaFlavor::Rsa && session.certificate(&label)?.is_none() {
+                    continue; // no RSA companion in this generation
+                }
+                let purpose = format!("destroy {} CA generation {generation}", role.name());
+                n += self.audited(Kind::Destroy, &label, &purpose, || session.destroy(&label))?;
+            }
         }
         Ok(n)
     }
+}
+
+/// Every CA certificate on `token`, oldest generation first (primary
+/// before RSA companion, forward-trust before forward-untrust). Needs only
+/// a session: the engine reads its CAs with it.
+pub fn list_cas(token: &Token) -> Result<Vec<CaInfo>> {
+    let session = token.session()?;
+    let gens = generations_on(&session)?;
+    let active = gens.last().copied();
+    let mut out = Vec::new();
+    for g in gens {
+        for flavor in CaFlavor::BOTH {
+            for role in CaRole::BOTH {
+                let label = role.label_of(flavor, g);
+                if let Some(der) = session.certificate(&label)? {
+                    let key = session.public_key(&label)?.alg.name().to_string();
+                    out.push(CaInfo {
+                        role,
+                        flavor,
+                        key,
+                        generation: g,
+                        fingerprint: hex(&Sha256::digest(&der)),
+                        label,
+                        active: Some(g) == active,
+                        der,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// CA generations present on the token, ascending.
+fn generations_on(session: &TokenSession) -> Result<Vec<u32>> {
+    let mut gens: Vec<u32> = session
+        .private_key_labels(CaRole::ForwardTrust.prefix())?
+        .iter()
+        .filter_map(|l| l.strip_prefix(CaRole::ForwardTrust.prefix())?.parse().ok())
+        .collect();
+    gens.sort_unstable();
+    gens.dedup();
+    Ok(gens)
 }
 
 /// Makes sure the token holds the audit key; returns true if it was

@@ -544,6 +544,16 @@ impl SignerHandle {
         })
     }
 
+    /// Whether `token` is served and up (a submission would be queued).
+    pub fn is_up(&self, token: &str) -> bool {
+        let sh = &self.shared;
+        !sh.stop.load(Ordering::Acquire)
+            && sh
+                .by_label
+                .get(token)
+                .is_some_and(|&i| !sh.lanes[i].down.load(Ordering::SeqCst))
+    }
+
     pub fn health(&self) -> Vec<TokenHealth> {
         self.shared
             .lanes

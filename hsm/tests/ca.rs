@@ -47,8 +47,36 @@ fn init_rotate_destroy_with_an_audit_trail() {
         requester: "ca-test".into(),
     };
 
+    // EC CAs and their RSA companions.
     let made = ca.init(&CaOptions::default()).unwrap();
-    assert_eq!(made.len(), 2);
+    assert_eq!(made.len(), 4);
+    let kinds: Vec<(&str, &str)> = made
+        .iter()
+        .map(|c| (c.label.as_str(), c.key.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("loupe-ca/forward-trust/g1", "ec-p256"),
+            ("loupe-ca/forward-untrust/g1", "ec-p256"),
+            ("loupe-ca/forward-trust-rsa/g1", "rsa-2048"),
+            ("loupe-ca/forward-untrust-rsa/g1", "rsa-2048"),
+        ]
+    );
+    let both = ca.certificates(CaRole::ForwardTrust, None).unwrap();
+    assert_eq!(both.len(), 2);
+    let rsa_pem = sandbox().dir.join("ca-trust-rsa.pem");
+    fs::write(&rsa_pem, both[1].pem()).unwrap();
+    let text = openssl(&["x509", "-in", rsa_pem.to_str().unwrap(), "-noout", "-text"]);
+    assert!(
+        text.contains("CN = Loupe Forward Trust CA g1 RSA"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sha256WithRSAEncryption") && text.contains("CA:TRUE, pathlen:0"),
+        "{text}"
+    );
+    fs::remove_file(&rsa_pem).unwrap();
     let err = ca.init(&CaOptions::default()).unwrap_err().to_string();
     assert!(
         err.contains("already holds CA generation 1") && err.contains("rotate"),
@@ -75,7 +103,8 @@ fn init_rotate_destroy_with_an_audit_trail() {
         flags.contains(&("never-extractable", true)) && flags.contains(&("extractable", false))
     );
 
-    // Rotate: generation 2 is active, generation 1 stays listed.
+    // Rotate to RSA keys (no companion needed): generation 2 is active,
+    // generation 1 stays listed.
     let rotated = ca
         .rotate(&CaOptions {
             alg: KeyAlg::Rsa2048,
@@ -83,8 +112,9 @@ fn init_rotate_destroy_with_an_audit_trail() {
         })
         .unwrap();
     assert!(rotated.iter().all(|c| c.generation == 2));
+    assert_eq!(rotated.len(), 2);
     let list = ca.list().unwrap();
-    assert_eq!(list.len(), 4);
+    assert_eq!(list.len(), 6);
     assert!(list.iter().filter(|c| c.active).all(|c| c.generation == 2));
     let active = ca.certificate(CaRole::ForwardTrust, None).unwrap();
     assert_ne!(active.fingerprint, trust.fingerprint);
@@ -97,8 +127,8 @@ fn init_rotate_destroy_with_an_audit_trail() {
     assert!(err.contains("active CA"), "{err}");
     assert_eq!(
         ca.destroy(1, false).unwrap(),
-        6,
-        "2 key pairs + 2 certificates"
+        12,
+        "4 key pairs + 4 certificates"
     );
     assert_eq!(ca.generations().unwrap(), vec![2]);
     assert!(ca.destroy(1, false).is_err());
@@ -116,13 +146,13 @@ fn init_rotate_destroy_with_an_audit_trail() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let count = |k: Kind| records.iter().filter(|r| r.kind == k).count();
-    assert_eq!(count(Kind::Keygen), 4);
+    assert_eq!(count(Kind::Keygen), 6);
     assert_eq!(
         count(Kind::Sign),
-        4,
+        6,
         "one self-signature per CA certificate"
     );
-    assert_eq!(count(Kind::Destroy), 2);
+    assert_eq!(count(Kind::Destroy), 4);
     assert!(records.iter().any(|r| r.kind == Kind::Sign
         && r.purpose
             .starts_with("self-sign CA certificate CN=Loupe Forward Untrust CA g2")));

@@ -19,6 +19,9 @@ use crate::{
 
 pub const SERVER_NAME: &str = "server.loupe.test";
 
+/// A server certificate: the chain file the server sends (leaf first)
+/// and its key.
+#[derive(Clone, Debug)]
 pub struct ServerCert {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -67,9 +70,31 @@ impl Nginx {
     /// addresses; returns once it accepts connections.
     pub fn start(h: &Harness, port: u16) -> anyhow::Result<Nginx> {
         let dir = h.dir.join(format!("nginx-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let cert = make_cert(&dir)?;
+        Nginx::start_with(h, port, cert, false, "")
+    }
+
+    /// [`Nginx::start`] with `cert` (a chain file and key), HTTP/2 offered
+    /// by ALPN or not, and `extra` directives in its server block
+    /// (`ssl_protocols`, `ssl_verify_client` and such).
+    pub fn start_with(
+        h: &Harness,
+        port: u16,
+        cert: ServerCert,
+        http2: bool,
+        extra: &str,
+    ) -> anyhow::Result<Nginx> {
+        let h2 = if http2 { " http2" } else { "" };
+        // nginx 1.22 leaves TLS 1.3 out unless told.
+        let protocols = if extra.contains("ssl_protocols") {
+            ""
+        } else {
+            "ssl_protocols TLSv1.2 TLSv1.3;"
+        };
+        let dir = h.dir.join(format!("nginx-{port}"));
         let docroot = dir.join("www");
         std::fs::create_dir_all(&docroot)?;
-        let cert = make_cert(&dir)?;
         std::fs::write(docroot.join("index.html"), "loupe test page\n")?;
         let d = dir.display();
         let conf = format!(
@@ -79,9 +104,9 @@ impl Nginx {
              proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
              uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
              keepalive_timeout 5;\n  sendfile off;\n  server {{\n    \
-             listen {SERVER_V4}:{port} ssl;\n    listen [{SERVER_V6}]:{port} ssl;\n    \
+             listen {SERVER_V4}:{port} ssl{h2};\n    listen [{SERVER_V6}]:{port} ssl{h2};\n    \
              server_name {SERVER_NAME};\n    ssl_certificate {};\n    ssl_certificate_key {};\n    \
-             root {};\n  }}\n}}\n",
+             root {};\n    {protocols}\n    {extra}\n  }}\n}}\n",
             cert.cert.display(),
             cert.key.display(),
             docroot.display()

@@ -46,8 +46,33 @@ fn ca_lifecycle_and_audit_verify_from_the_command_line() {
         .output()
         .unwrap();
     assert!(ok(&verify).contains(": OK"));
-    let der = ok(&hsm.loupe(&["ca", "export", "--der", "--ca", "forward-untrust"]));
-    assert!(!der.is_empty());
+    // The bundle holds the EC CA and its RSA companion, for clients that
+    // verify only RSA signatures.
+    let bundle = std::fs::read_to_string(&pem).unwrap();
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
+    let der = hsm.dir.join("untrust.der");
+    ok(&hsm.loupe(&[
+        "ca",
+        "export",
+        "--der",
+        "--rsa",
+        "--ca",
+        "forward-untrust",
+        "--out",
+        der.to_str().unwrap(),
+    ]));
+    let text = ok(&std::process::Command::new("openssl")
+        .args([
+            "x509", "-inform", "DER", "-noout", "-subject", "-text", "-in",
+        ])
+        .arg(&der)
+        .output()
+        .unwrap());
+    assert!(
+        text.contains("CN = Loupe Forward Untrust CA g1 RSA")
+            && text.contains("Public-Key: (2048 bit)"),
+        "{text}"
+    );
 
     ok(&hsm.loupe(&["ca", "rotate", "--algorithm", "ec-p384"]));
     let list = ok(&hsm.loupe(&["ca", "list", "--json"]));
@@ -59,9 +84,9 @@ fn ca_lifecycle_and_audit_verify_from_the_command_line() {
         .filter(|c| c["active"] == true)
         .map(|c| c["generation"].as_u64().unwrap())
         .collect();
-    assert_eq!(active, [2, 2], "{list}");
+    assert_eq!(active, [2, 2, 2, 2], "{list}");
     assert!(fails(&hsm.loupe(&["ca", "destroy", "--generation", "2"])).contains("active CA"));
-    assert!(ok(&hsm.loupe(&["ca", "destroy", "--generation", "1"])).contains("6 objects"));
+    assert!(ok(&hsm.loupe(&["ca", "destroy", "--generation", "1"])).contains("12 objects"));
 
     // The audit log verifies, against the token and against an exported key.
     let log = hsm.audit_log.to_str().unwrap().to_string();

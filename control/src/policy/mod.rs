@@ -16,7 +16,11 @@ use std::{
 
 use loupe_dataplane::{
     config::Prefix,
-    policy::{Action, HostGlob, Match, OnError, Policy, PortRange, Profile, Rule, TlsVersion},
+    policy::{
+        known_groups, known_suites, Action, Fallback, HostGlob, Match, OnError, Policy, PortRange,
+        Profile, Rule, TlsVersion,
+    },
+    tls::verify::TrustStore,
 };
 use sha2::{Digest, Sha256};
 use toml::Spanned;
@@ -267,7 +271,8 @@ pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<Strin
     // [profiles.*]
     let mut profiles = BTreeMap::new();
     for (name, p) in &raw.profiles {
-        if let Some(profile) = profile(&mut rep, name, p) {
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(profile) = profile(&mut rep, base, name, p) {
             profiles.insert(name.clone(), profile);
         }
     }
@@ -397,26 +402,181 @@ fn version(
     }
 }
 
-fn profile(rep: &mut Report, name: &str, p: &Spanned<RawProfile>) -> Option<Profile> {
-    let raw = p.get_ref();
-    let expired = on_error(rep, &raw.expired, "expired");
-    let untrusted = on_error(rep, &raw.untrusted, "untrusted");
-    let min = version(rep, &raw.min_version, TlsVersion::Tls12);
-    let max = version(rep, &raw.max_version, TlsVersion::Tls13);
-    let (expired, untrusted, min, max) = (expired?, untrusted?, min?, max?);
-    if min > max {
+fn fallback(
+    rep: &mut Report,
+    v: &Option<Spanned<String>>,
+    what: &str,
+    default: Fallback,
+) -> Option<Fallback> {
+    let Some(v) = v else {
+        return Some(default);
+    };
+    match v.get_ref().as_str() {
+        "block" => Some(Fallback::Block),
+        "no-decrypt" => Some(Fallback::NoDecrypt),
+        other => {
+            rep.error(
+                v.span(),
+                format!("{what} = {other:?}: expected \"block\" or \"no-decrypt\""),
+            );
+            None
+        }
+    }
+}
+
+/// Names from a list that must be among `known`.
+fn names(
+    rep: &mut Report,
+    v: &Option<Spanned<Vec<Spanned<String>>>>,
+    what: &str,
+    known: &[&str],
+) -> Option<Vec<String>> {
+    let Some(list) = v else {
+        return Some(Vec::new());
+    };
+    if list.get_ref().is_empty() {
         rep.error(
-            p.span(),
-            format!("profile {name:?}: min_version is above max_version"),
+            list.span(),
+            format!("{what} is empty: leave it out to allow every one"),
         );
         return None;
     }
-    Some(Profile {
-        expired,
-        untrusted,
-        min_version: min,
-        max_version: max,
-    })
+    let mut ok = true;
+    for n in list.get_ref() {
+        if !known.contains(&n.get_ref().as_str()) {
+            rep.error(
+                n.span(),
+                format!(
+                    "unknown {what} entry {:?} (known: {})",
+                    n.get_ref(),
+                    known.join(", ")
+                ),
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| list.get_ref().iter().map(|n| n.get_ref().clone()).collect())
+}
+
+/// A file a profile names, relative to the policy file; it must be
+/// readable now (by whoever checks) and, with `parse`, parse.
+fn profile_file(
+    rep: &mut Report,
+    base: &Path,
+    v: &Spanned<String>,
+    what: &str,
+    parse: impl Fn(&Path) -> Result<(), String>,
+) -> Option<String> {
+    let path = base.join(v.get_ref());
+    match parse(&path) {
+        Ok(()) => Some(path.display().to_string()),
+        Err(e) => {
+            rep.error(v.span(), format!("{what} {}: {e}", path.display()));
+            None
+        }
+    }
+}
+
+fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -> Option<Profile> {
+    let raw = p.get_ref();
+    let d = Profile::default();
+    let expired = on_error(rep, &raw.expired, "expired");
+    let untrusted = on_error(rep, &raw.untrusted, "untrusted");
+    let name_mismatch = on_error(rep, &raw.name_mismatch, "name_mismatch");
+    let weak = on_error(rep, &raw.weak, "weak");
+    let revoked = on_error(rep, &raw.revoked, "revoked");
+    let min = version(rep, &raw.min_version, TlsVersion::Tls12);
+    let max = version(rep, &raw.max_version, TlsVersion::Tls13);
+    let unsupported = fallback(rep, &raw.unsupported, "unsupported", d.unsupported);
+    let client_auth = fallback(rep, &raw.client_auth, "client_auth", d.client_auth);
+    let hsm_unavailable = fallback(
+        rep,
+        &raw.hsm_unavailable,
+        "hsm_unavailable",
+        d.hsm_unavailable,
+    );
+    let no_resources = fallback(rep, &raw.no_resources, "no_resources", d.no_resources);
+    let ech = fallback(rep, &raw.ech, "ech", d.ech);
+    let suites = names(rep, &raw.suites, "suites", &known_suites());
+    let groups = names(rep, &raw.groups, "groups", &known_groups());
+    let trust_store = match &raw.trust_store {
+        None => Some(None),
+        Some(t) => profile_file(rep, base, t, "trust_store", |p| {
+            TrustStore::from_pem_file(p)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .map(Some),
+    };
+    let mut crls = Some(Vec::new());
+    for c in &raw.crls {
+        let ok = profile_file(rep, base, c, "crl", |p| {
+            std::fs::metadata(p)
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    if m.is_file() {
+                        Ok(())
+                    } else {
+                        Err("not a file".into())
+                    }
+                })
+        });
+        match (ok, crls.as_mut()) {
+            (Some(path), Some(list)) => list.push(path),
+            _ => crls = None,
+        }
+    }
+    let keylog = match &raw.keylog {
+        None => Some(None),
+        Some(k) if !Path::new(k.get_ref()).is_absolute() => {
+            rep.error(
+                k.span(),
+                "keylog: an absolute path (the dataplane writes it)",
+            );
+            None
+        }
+        Some(k) => Some(Some(k.get_ref().clone())),
+    };
+    let exclude_secs = match &raw.exclude_secs {
+        None => Some(d.exclude_secs),
+        Some(v) if (1..=30 * 86_400).contains(v.get_ref()) => Some(*v.get_ref() as u64),
+        Some(v) => {
+            rep.error(
+                v.span(),
+                format!(
+                    "exclude_secs = {}: from 1 to 2592000 (30 days)",
+                    v.get_ref()
+                ),
+            );
+            None
+        }
+    };
+    let profile = Profile {
+        expired: expired?,
+        untrusted: untrusted?,
+        name_mismatch: name_mismatch?,
+        weak: weak?,
+        revoked: revoked?,
+        min_version: min?,
+        max_version: max?,
+        unsupported: unsupported?,
+        suites: suites?,
+        groups: groups?,
+        client_auth: client_auth?,
+        hsm_unavailable: hsm_unavailable?,
+        no_resources: no_resources?,
+        ech: ech?,
+        append_cn_to_san: raw.append_cn_to_san.as_ref().is_some_and(|b| *b.get_ref()),
+        keylog: keylog?,
+        trust_store: trust_store?,
+        crls: crls?,
+        exclude_secs: exclude_secs?,
+    };
+    if let Err(e) = profile.check() {
+        rep.error(p.span(), format!("profile {name:?}: {e}"));
+        return None;
+    }
+    Some(profile)
 }
 
 /// The categories a rule may name.
@@ -487,17 +647,7 @@ fn rule(
             );
         }
     }
-    if act == Some(Action::Decrypt) {
-        if let Some(a) = &r.action {
-            rep.warn(
-                a.span(),
-                format!(
-                    "rule {name:?}: TLS decryption is not available in this release; the \
-                     dataplane relays these connections as tcp-split (and says so in the log)"
-                ),
-            );
-        }
-    }
+
     let mut cats = |list: &[Spanned<String>]| -> Vec<String> {
         let mut out = Vec::new();
         for c in list {

@@ -60,8 +60,24 @@ pub struct RawHsm {
 pub struct RawProfile {
     pub expired: Option<Spanned<String>>,
     pub untrusted: Option<Spanned<String>>,
+    pub name_mismatch: Option<Spanned<String>>,
+    pub weak: Option<Spanned<String>>,
+    pub revoked: Option<Spanned<String>>,
     pub min_version: Option<Spanned<String>>,
     pub max_version: Option<Spanned<String>>,
+    pub unsupported: Option<Spanned<String>>,
+    pub suites: Option<Spanned<Vec<Spanned<String>>>>,
+    pub groups: Option<Spanned<Vec<Spanned<String>>>>,
+    pub client_auth: Option<Spanned<String>>,
+    pub hsm_unavailable: Option<Spanned<String>>,
+    pub no_resources: Option<Spanned<String>>,
+    pub ech: Option<Spanned<String>>,
+    pub append_cn_to_san: Option<Spanned<bool>>,
+    pub keylog: Option<Spanned<String>>,
+    pub trust_store: Option<Spanned<String>>,
+    #[serde(default)]
+    pub crls: Vec<Spanned<String>>,
+    pub exclude_secs: Option<Spanned<i64>>,
 }
 
 /// A port as `443` or `"8000-8099"`.

@@ -169,7 +169,7 @@ action = "block"
 }
 
 #[test]
-fn decrypt_is_parsed_with_its_profile_and_flagged() {
+fn decrypt_is_parsed_with_its_profile() {
     let c = check(
         r#"[profiles.p]
 expired = "pass-on"
@@ -196,16 +196,146 @@ profile = "p"
         (prof.min_version, prof.max_version),
         (TlsVersion::Tls13, TlsVersion::Tls13)
     );
+    // Decryption is real now: nothing says it is relayed; the shadowed
+    // rule and its pointless profile are remarked on.
     let w = messages(&c, Severity::Warning);
+    assert_eq!(w.len(), 2, "{w:?}");
     assert!(
-        w.iter()
-            .any(|m| m.contains("relays these connections as tcp-split")),
+        w.iter().all(|m| !m.contains("tcp-split (and says")),
         "{w:?}"
     );
-    assert!(
-        w.iter().any(|m| m.contains("only matters for `decrypt`")),
-        "{w:?}"
+    assert!(w[1].contains("only matters for `decrypt`"), "{w:?}");
+    // The options not written take their safe defaults.
+    assert_eq!(
+        (prof.name_mismatch, prof.weak, prof.revoked),
+        (OnError::Block, OnError::Block, OnError::Block)
     );
+    assert_eq!(
+        (
+            prof.client_auth,
+            prof.hsm_unavailable,
+            prof.ech,
+            prof.unsupported
+        ),
+        (
+            Fallback::NoDecrypt,
+            Fallback::Block,
+            Fallback::NoDecrypt,
+            Fallback::Block
+        )
+    );
+    assert_eq!(prof.exclude_secs, 43_200);
+}
+
+#[test]
+fn every_profile_option_is_read() {
+    let dir = std::env::temp_dir().join(format!("loupe-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy("/etc/ssl/certs/ca-certificates.crt", dir.join("roots.pem")).unwrap();
+    std::fs::write(dir.join("a.crl"), b"x").unwrap();
+    let text = r#"[profiles.p]
+expired = "pass-on"
+untrusted = "pass-on"
+name_mismatch = "pass-on"
+weak = "pass-on"
+revoked = "pass-on"
+min_version = "1.2"
+max_version = "1.3"
+unsupported = "no-decrypt"
+suites = ["TLS13_AES_256_GCM_SHA384", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"]
+groups = ["X25519MLKEM768", "X25519"]
+client_auth = "block"
+hsm_unavailable = "no-decrypt"
+no_resources = "no-decrypt"
+ech = "block"
+append_cn_to_san = true
+keylog = "/var/log/loupe/keys.log"
+trust_store = "roots.pem"
+crls = ["a.crl"]
+exclude_secs = 60
+[[rules]]
+name = "d"
+action = "decrypt"
+profile = "p"
+"#;
+    let c = compile(&dir.join("p.toml"), text, &|p| std::fs::read_to_string(p));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(c.errors(), 0, "{:?}", c.diagnostics);
+    let p = &c.policy.unwrap().profiles["p"];
+    assert_eq!(
+        (p.name_mismatch, p.weak, p.revoked),
+        (OnError::PassOn, OnError::PassOn, OnError::PassOn)
+    );
+    assert_eq!(
+        (
+            p.unsupported,
+            p.client_auth,
+            p.hsm_unavailable,
+            p.no_resources,
+            p.ech
+        ),
+        (
+            Fallback::NoDecrypt,
+            Fallback::Block,
+            Fallback::NoDecrypt,
+            Fallback::NoDecrypt,
+            Fallback::Block
+        )
+    );
+    assert_eq!(p.suites.len(), 2);
+    assert_eq!(p.groups, ["X25519MLKEM768", "X25519"]);
+    assert!(p.append_cn_to_san);
+    assert_eq!(p.keylog.as_deref(), Some("/var/log/loupe/keys.log"));
+    // Files are made absolute against the policy's directory.
+    assert_eq!(
+        p.trust_store.as_deref(),
+        Some(dir.join("roots.pem").to_str().unwrap())
+    );
+    assert_eq!(p.crls, [dir.join("a.crl").display().to_string()]);
+    assert_eq!(p.exclude_secs, 60);
+}
+
+#[test]
+fn bad_profile_options_are_each_reported_where_they_stand() {
+    let c = check(
+        r#"[profiles.p]
+expired = "block"
+untrusted = "block"
+min_version = "1.2"
+client_auth = "pass-on"
+suites = ["TLS_RSA_WITH_RC4_128_SHA"]
+groups = []
+keylog = "keys.log"
+trust_store = "/nonexistent/roots.pem"
+exclude_secs = 0
+ech = "allow"
+[[rules]]
+name = "d"
+action = "decrypt"
+profile = "p"
+"#,
+    );
+    let e = messages(&c, Severity::Error);
+    for (line, what) in [
+        (
+            5,
+            "client_auth = \"pass-on\": expected \"block\" or \"no-decrypt\"",
+        ),
+        (6, "unknown suites entry \"TLS_RSA_WITH_RC4_128_SHA\""),
+        (7, "groups is empty"),
+        (8, "keylog: an absolute path"),
+        (9, "trust_store /nonexistent/roots.pem"),
+        (10, "exclude_secs = 0"),
+        (11, "ech = \"allow\""),
+    ] {
+        assert!(
+            e.iter()
+                .any(|m| m.contains(&format!("p.toml:{line}:")) && m.contains(what)),
+            "line {line}: {what}: {e:#?}"
+        );
+    }
+    assert_eq!(e.len(), 7, "{e:#?}");
+    assert!(c.policy.is_none());
 }
 
 #[test]

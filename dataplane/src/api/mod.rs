@@ -30,6 +30,7 @@ use crate::{
     flow::FlowLogEntry,
     policy::{Policy, PolicyCell},
     stats::StatsReport,
+    tls::context::{Exclusion, TlsContext},
 };
 
 /// A request to the dataplane.
@@ -50,6 +51,11 @@ pub enum Request {
     Events,
     /// On an event stream: records up to `upto` are stored.
     Ack { upto: u64 },
+    /// The decryption exclusion cache (and with `clear`, empty it).
+    Exclusions {
+        #[serde(default)]
+        clear: bool,
+    },
 }
 
 /// An answer, or one record of an event stream.
@@ -72,6 +78,9 @@ pub struct Response {
     /// The dataplane run the event belongs to (its start, Unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<u64>,
+    /// The decryption exclusion cache (before a clear).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusions: Option<Vec<Exclusion>>,
 }
 
 impl Response {
@@ -121,6 +130,8 @@ struct Shared {
     run: u64,
     backlog: AtomicU64,
     dropped: AtomicU64,
+    /// TLS interception, for the exclusion cache.
+    tls: Option<Arc<TlsContext>>,
 }
 
 /// The running socket server.
@@ -137,11 +148,13 @@ impl Api {
         engine: Sender<EngineRequest>,
         policy: Arc<PolicyCell>,
         events: Receiver<FlowLogEntry>,
+        tls: Option<Arc<TlsContext>>,
     ) -> std::io::Result<Api> {
         let listener = unix::bind(&cfg.socket, cfg.access)?;
         listener.set_nonblocking(true)?;
         let shared = Arc::new(Shared {
             run: crate::flow::log::unix_ms(),
+            tls,
             ..Shared::default()
         });
         let accept = {
@@ -281,6 +294,21 @@ fn serve(stream: UnixStream, shared: &Shared, engine: &Sender<EngineRequest>, ce
                 return;
             }
             Request::Ack { .. } => Response::error("ack outside an event stream"),
+            Request::Exclusions { clear } => match &shared.tls {
+                Some(t) => {
+                    let list = t.exclusions.list();
+                    if clear {
+                        t.exclusions.clear();
+                    }
+                    Response {
+                        exclusions: Some(list),
+                        ..Response::ok()
+                    }
+                }
+                None => Response::error(
+                    "decryption is not running in this dataplane (start it with --hsm-token)",
+                ),
+            },
         };
         if reply(&mut out, &response).is_err() {
             return;

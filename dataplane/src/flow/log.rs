@@ -41,9 +41,93 @@ pub struct FlowLogEntry {
     /// `hold-timeout`, `hold-overflow`, `passthrough` (not splittable),
     /// `evicted`.
     pub end: String,
-    /// A remark, e.g. that `decrypt` ran as `tcp-split`.
+    /// A remark, e.g. why a `decrypt` connection was not decrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The decryption log: what the TLS stage did (decrypt connections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Box<TlsLog>>,
+}
+
+/// One decrypted (or attempted) connection's TLS record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsLog {
+    /// `forward` (SSL forward proxy).
+    pub mode: String,
+    /// The decryption profile.
+    pub profile: String,
+    /// `decrypted`, `decrypted-untrusted` (a certificate problem passed on
+    /// to the client: the forward-untrust CA signed), `blocked`,
+    /// `no-decrypt` (excluded from now on), `failed`.
+    pub outcome: String,
+    /// The client's leg (engine as server).
+    pub client: TlsSide,
+    /// The server's leg (engine as client).
+    pub server: TlsSide,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_cert: Option<CertLog>,
+    /// The upstream certificate's problems (`expired`, `untrusted`,
+    /// `name-mismatch`, `weak`, `revoked`, `not-yet-valid`); empty when it
+    /// checked out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdict: Vec<String>,
+    /// Why, for each problem (e.g. `untrusted: unknown issuer`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdict_detail: Vec<String>,
+    /// The CA that signed the impersonation certificate
+    /// (`forward-trust/g1`, `forward-untrust-rsa/g2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// `hit`, `miss` (minted for this connection) or `joined` (a mint in
+    /// flight for another one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// Microseconds this connection waited for its certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mint_wait_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TlsError>,
+    /// Plaintext bytes inspected each way.
+    pub plaintext_c2s: u64,
+    pub plaintext_s2c: u64,
+}
+
+/// One leg's negotiated parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsSide {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// The session was resumed (no full handshake).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
+}
+
+/// The upstream leaf as the log shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertLog {
+    pub subject: String,
+    pub issuer: String,
+    pub sha256: String,
+    /// RFC 3339, UTC.
+    pub not_after: String,
+    pub key: String,
+}
+
+/// Where and why the TLS stage failed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsError {
+    /// `client-hello`, `upstream-handshake`, `verification`, `mint`,
+    /// `downstream-handshake`, `data`.
+    pub stage: String,
+    pub reason: String,
 }
 
 /// The decision beside an active flow in a listing.

@@ -7,6 +7,6 @@ pub mod shard;
 pub mod table;
 pub mod wheel;
 
-pub use log::{FlowDecision, FlowLogEntry, MapOp};
+pub use log::{CertLog, FlowDecision, FlowLogEntry, MapOp, TlsError, TlsLog, TlsSide};
 pub use shard::{FlowId, Sharder};
 pub use table::{FlowSummary, FlowTable, Observed, Side};

@@ -52,9 +52,8 @@ impl Opening {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Action {
-    /// Inspect the plaintext (TLS man-in-the-middle). Until the TLS
-    /// inspection stage lands, the dataplane relays these connections as
-    /// `tcp-split` and says so in the log.
+    /// Inspect the plaintext: a TLS man-in-the-middle with the rule's
+    /// decryption profile.
     Decrypt,
     /// Leave the connection alone: its held bytes go out unchanged and the
     /// flow moves to the XDP fast path.
@@ -88,7 +87,8 @@ impl Action {
         match self {
             Action::NoDecrypt => Verdict::Pass,
             Action::Block => Verdict::Refuse,
-            Action::TcpSplit | Action::Decrypt => Verdict::Split,
+            Action::TcpSplit => Verdict::Split,
+            Action::Decrypt => Verdict::Decrypt,
         }
     }
 }
@@ -115,6 +115,8 @@ impl FromStr for Action {
 pub enum Verdict {
     /// Terminate both halves and relay (tcp-split).
     Split,
+    /// Terminate both halves and intercept the TLS between them.
+    Decrypt,
     /// Release the held bytes unchanged and hand the flow to the XDP fast
     /// path for good.
     Pass,
@@ -237,6 +239,28 @@ pub enum OnError {
     PassOn,
 }
 
+/// What to do with a connection that cannot be decrypted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fallback {
+    /// Refuse it (fail closed).
+    Block,
+    /// Leave it encrypted: before the takeover it goes to the fast path
+    /// unchanged; after it (client authentication, a server outside the
+    /// allowed versions) this connection ends and the site goes into the
+    /// decryption exclusion cache, so the next one is passed.
+    NoDecrypt,
+}
+
+impl Fallback {
+    pub fn label(self) -> &'static str {
+        match self {
+            Fallback::Block => "block",
+            Fallback::NoDecrypt => "no-decrypt",
+        }
+    }
+}
+
 /// TLS protocol versions a profile may allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TlsVersion {
@@ -246,15 +270,89 @@ pub enum TlsVersion {
     Tls13,
 }
 
-/// A decryption profile: checks on the upstream server's certificate and
-/// the protocol versions allowed on both sides.
+/// Seconds a site stays in the decryption exclusion cache (12 h, as a
+/// firewall keeps it).
+pub const EXCLUDE_SECS: u64 = 12 * 3600;
+
+fn block() -> OnError {
+    OnError::Block
+}
+fn fallback_block() -> Fallback {
+    Fallback::Block
+}
+fn fallback_pass() -> Fallback {
+    Fallback::NoDecrypt
+}
+fn exclude_secs() -> u64 {
+    EXCLUDE_SECS
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A decryption profile: checks on the upstream server's certificate, the
+/// protocol versions and algorithms allowed on both sides, and what to do
+/// when decryption cannot go ahead. Every field but the four original ones
+/// has a default, so older policies stay valid.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     pub expired: OnError,
     pub untrusted: OnError,
+    /// The certificate does not name the server the client asked for.
+    #[serde(default = "block")]
+    pub name_mismatch: OnError,
+    /// RSA under 2048 bits, EC under 256, or a SHA-1/MD5 signature.
+    #[serde(default = "block")]
+    pub weak: OnError,
+    /// Revoked, by the configured revocation data (`crls`).
+    #[serde(default = "block")]
+    pub revoked: OnError,
     pub min_version: TlsVersion,
     pub max_version: TlsVersion,
+    /// A client or server outside the allowed versions, suites or groups.
+    #[serde(default = "fallback_block")]
+    pub unsupported: Fallback,
+    /// Cipher suites allowed on both legs (rustls names, e.g.
+    /// `TLS13_AES_256_GCM_SHA384`); empty: every suite Loupe offers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suites: Vec<String>,
+    /// Key exchange groups allowed (`X25519MLKEM768`, `X25519`,
+    /// `secp256r1`, `secp384r1`); empty: every group, post-quantum first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// The server asks for a client certificate (the engine cannot present
+    /// the client's).
+    #[serde(default = "fallback_pass")]
+    pub client_auth: Fallback,
+    /// The HSM cannot sign (down, timed out, queue full).
+    #[serde(default = "fallback_block")]
+    pub hsm_unavailable: Fallback,
+    /// The engine is out of resources for another decrypted connection.
+    #[serde(default = "fallback_block")]
+    pub no_resources: Fallback,
+    /// A ClientHello with encrypted_client_hello (the real name is hidden).
+    #[serde(default = "fallback_pass")]
+    pub ech: Fallback,
+    /// Copy the CN into the SANs when the server's certificate has none.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub append_cn_to_san: bool,
+    /// Write both legs' TLS secrets here (NSS key log format); off when
+    /// absent. Enabling it is written to the HSM audit log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keylog: Option<String>,
+    /// CA certificates (PEM) upstream servers are checked against; the
+    /// system bundle when absent. Never Loupe's own CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_store: Option<String>,
+    /// Certificate revocation lists (PEM or DER) to check chains against.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crls: Vec<String>,
+    /// Seconds a site stays excluded from decryption after a pinned client
+    /// refused the minted certificate, or after client authentication or
+    /// an unsupported version made it `no-decrypt`.
+    #[serde(default = "exclude_secs")]
+    pub exclude_secs: u64,
 }
 
 impl Default for Profile {
@@ -262,9 +360,79 @@ impl Default for Profile {
         Profile {
             expired: OnError::Block,
             untrusted: OnError::Block,
+            name_mismatch: OnError::Block,
+            weak: OnError::Block,
+            revoked: OnError::Block,
             min_version: TlsVersion::Tls12,
             max_version: TlsVersion::Tls13,
+            unsupported: Fallback::Block,
+            suites: Vec::new(),
+            groups: Vec::new(),
+            client_auth: Fallback::NoDecrypt,
+            hsm_unavailable: Fallback::Block,
+            no_resources: Fallback::Block,
+            ech: Fallback::NoDecrypt,
+            append_cn_to_san: false,
+            keylog: None,
+            trust_store: None,
+            crls: Vec::new(),
+            exclude_secs: EXCLUDE_SECS,
         }
+    }
+}
+
+/// Cipher suites a profile may name (rustls's names of what it offers).
+pub fn known_suites() -> Vec<&'static str> {
+    rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+        .iter()
+        .filter_map(|s| s.suite().as_str())
+        .collect()
+}
+
+/// Key exchange groups a profile may name.
+pub fn known_groups() -> Vec<&'static str> {
+    rustls::crypto::aws_lc_rs::ALL_KX_GROUPS
+        .iter()
+        .filter_map(|g| g.name().as_str())
+        .collect()
+}
+
+impl Profile {
+    /// What the dataplane cannot take on trust: versions in order, known
+    /// suites and groups, at least one suite for an allowed version.
+    pub fn check(&self) -> Result<(), String> {
+        if self.min_version > self.max_version {
+            return Err("min_version is above max_version".into());
+        }
+        let suites = known_suites();
+        for s in &self.suites {
+            if !suites.contains(&s.as_str()) {
+                return Err(format!(
+                    "unknown cipher suite {s:?} (known: {})",
+                    suites.join(", ")
+                ));
+            }
+        }
+        let groups = known_groups();
+        for g in &self.groups {
+            if !groups.contains(&g.as_str()) {
+                return Err(format!(
+                    "unknown key exchange group {g:?} (known: {})",
+                    groups.join(", ")
+                ));
+            }
+        }
+        if !self.suites.is_empty() {
+            let usable = self.suites.iter().any(|s| {
+                let v13 = s.starts_with("TLS13_");
+                (v13 && self.max_version == TlsVersion::Tls13)
+                    || (!v13 && self.min_version == TlsVersion::Tls12)
+            });
+            if !usable {
+                return Err("no allowed cipher suite belongs to an allowed TLS version".into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -444,6 +612,14 @@ impl Policy {
         }
     }
 
+    /// The decryption profile of the rule behind a decision (`None`: the
+    /// default profile).
+    pub fn profile_of(&self, d: &Decision) -> Option<&str> {
+        d.rule
+            .and_then(|i| self.rules.get(i))
+            .and_then(|r| r.profile.as_deref())
+    }
+
     /// The name of the rule behind a decision.
     pub fn rule_name(&self, d: &Decision) -> &str {
         d.rule
@@ -579,11 +755,7 @@ impl Policy {
             }
         }
         for (name, p) in &self.profiles {
-            if p.min_version > p.max_version {
-                return Err(format!(
-                    "profile {name:?}: min_version is above max_version"
-                ));
-            }
+            p.check().map_err(|e| format!("profile {name:?}: {e}"))?;
         }
         self.steering().map(|_| ())
     }

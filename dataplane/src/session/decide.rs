@@ -2,15 +2,87 @@
 //! what follows from it: release to the fast path, a split with its stage,
 //! or a refusal.
 
-use super::*;
+use std::net::IpAddr;
 
-/// Said of `decrypt` connections until the TLS stage lands.
-pub(super) const DECRYPT_NOTE: &str =
-    "decryption is not available in this release: relayed as tcp-split";
+use super::*;
+use crate::{
+    policy::{Fallback, Profile, TlsVersion},
+    stage::Stage,
+    tls::{hello::ClientHello, intercept::Intercept},
+};
+
+/// What follows a `decrypt` decision.
+enum Plan {
+    /// Intercept with this stage.
+    Intercept(Box<Intercept>),
+    /// Not decrypted: released to the fast path unchanged.
+    Pass(String),
+    /// Refused (the profile says to block what it cannot decrypt).
+    Block(String),
+    /// Not TLS: relayed as tcp-split.
+    Relay(String),
+}
+
+/// How a split starts.
+pub(super) enum Start {
+    /// tcp-split.
+    Relay,
+    /// Refused: this farewell to the client (or a RST), a RST to the
+    /// server.
+    Refuse(Option<&'static [u8]>),
+    /// A stage of its own (TLS interception).
+    Stage(Stage),
+}
 
 /// A fatal `access_denied` alert (RFC 8446 §6.2) in a TLS 1.2-versioned
 /// record: what a blocked TLS client reads before the connection closes.
 pub(super) const ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
+
+/// Why a client's ClientHello is outside what `profile` decrypts, if it
+/// is: no version in the profile's range, or no cipher suite the engine
+/// would accept for those versions.
+fn unsupported_client(ch: &ClientHello, profile: &Profile) -> Option<String> {
+    use crate::tls::hello::{TLS12, TLS13};
+    let allowed = |v: u16| match v {
+        TLS12 => profile.min_version <= TlsVersion::Tls12,
+        TLS13 => profile.max_version >= TlsVersion::Tls13,
+        _ => false,
+    };
+    let versions: Vec<u16> = ch
+        .versions
+        .iter()
+        .copied()
+        .filter(|v| allowed(*v))
+        .collect();
+    if versions.is_empty() {
+        return Some(format!(
+            "the client offers no TLS version the profile allows (offered: {})",
+            ch.versions
+                .iter()
+                .map(|v| format!("{v:#06x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let provider = crate::tls::upstream::provider_for(profile);
+    let usable = provider.cipher_suites.iter().any(|s| {
+        let v = if s.tls13().is_some() { TLS13 } else { TLS12 };
+        versions.contains(&v) && ch.suites.contains(&u16::from(s.suite()))
+    });
+    if !usable {
+        return Some("the client offers no cipher suite the profile allows".into());
+    }
+    None
+}
+
+/// The server's address as the TLS stage sees it.
+fn ip_of(addr: &[u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(*addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
 
 impl Sessions {
     /// A flow seen mid-stream: running when the engine started, or one
@@ -49,7 +121,8 @@ impl Sessions {
             held_bytes: 0,
             note: Some(
                 "seen mid-flow (running before the engine, or forgotten while idle): decided \
-                 without the server name; its segments are dropped",
+                 without the server name; its segments are dropped"
+                    .into(),
             ),
             logged: true,
         };
@@ -79,23 +152,144 @@ impl Sessions {
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .collect();
         }
-        meta.note = (decision.action == Action::Decrypt).then_some(DECRYPT_NOTE);
+        // A TLS client reads why it is refused; anything else is reset.
+        let alert = matches!(opening, Opening::Tls(_)).then_some(&ACCESS_DENIED[..]);
         match decision.action.verdict() {
             Verdict::Pass => {
                 self.counters.policy_pass += 1;
                 self.release(id, meta, "bypass");
                 Disposition::Forward
             }
-            Verdict::Split => self.start_split(id, pending, now, meta, None),
-            Verdict::Refuse => {
-                self.counters.refused += 1;
-                self.log(&meta, (meta.held_bytes, 0), "blocked");
-                meta.logged = true;
-                // A TLS client reads why; anything else is reset.
-                let alert = matches!(opening, Opening::Tls(_)).then_some(&ACCESS_DENIED[..]);
-                self.start_split(id, pending, now, meta, Some(alert))
-            }
+            Verdict::Split => self.start_split(id, pending, now, meta, Start::Relay),
+            Verdict::Refuse => self.refuse(id, pending, now, meta, alert),
+            Verdict::Decrypt => match self.plan_intercept(id, opening, &policy, &decision, now) {
+                Plan::Intercept(stage) => {
+                    self.counters.intercepted += 1;
+                    self.start_split(
+                        id,
+                        pending,
+                        now,
+                        meta,
+                        Start::Stage(Stage::Intercept(stage)),
+                    )
+                }
+                Plan::Pass(note) => {
+                    self.counters.policy_pass += 1;
+                    self.counters.not_decrypted += 1;
+                    meta.note = Some(note);
+                    self.release(id, meta, "bypass");
+                    Disposition::Forward
+                }
+                Plan::Block(note) => {
+                    meta.note = Some(note);
+                    self.refuse(id, pending, now, meta, alert)
+                }
+                Plan::Relay(note) => {
+                    meta.note = Some(note);
+                    self.start_split(id, pending, now, meta, Start::Relay)
+                }
+            },
         }
+    }
+
+    fn refuse(
+        &mut self,
+        id: FlowId,
+        pending: Option<Segment>,
+        now: Instant,
+        mut meta: Box<Meta>,
+        farewell: Option<&'static [u8]>,
+    ) -> Disposition {
+        self.counters.refused += 1;
+        self.log(&meta, (meta.held_bytes, 0), "blocked");
+        meta.logged = true;
+        self.start_split(id, pending, now, meta, Start::Refuse(farewell))
+    }
+
+    /// What a `decrypt` decision becomes: interception, unless the profile
+    /// says otherwise for what the ClientHello shows (encrypted ClientHello,
+    /// versions or suites it does not decrypt), for a site in the
+    /// exclusion cache, or for an engine that cannot mint (no HSM, HSM
+    /// down, out of resources). All of this is known before the takeover,
+    /// so `no-decrypt` here is a true pass.
+    fn plan_intercept(
+        &mut self,
+        id: FlowId,
+        opening: &Opening,
+        policy: &Policy,
+        decision: &Decision,
+        now: Instant,
+    ) -> Plan {
+        let Opening::Tls(ch) = opening else {
+            return Plan::Relay("not TLS: relayed as tcp-split, not decrypted".into());
+        };
+        let profile_name = policy.profile_of(decision);
+        let default = Profile::default();
+        let profile = profile_name
+            .and_then(|n| policy.profiles.get(n))
+            .unwrap_or(&default);
+        let fallback = |f: Fallback, why: String| match f {
+            Fallback::Block => Plan::Block(format!("{why}: blocked by the decryption profile")),
+            Fallback::NoDecrypt => Plan::Pass(format!("{why}: not decrypted")),
+        };
+        if ch.ech {
+            return fallback(profile.ech, "encrypted ClientHello (ECH)".into());
+        }
+        if let Some(why) = unsupported_client(ch, profile) {
+            return fallback(profile.unsupported, why);
+        }
+        let Some(ctx) = self.settings.tls.clone() else {
+            return fallback(
+                profile.hsm_unavailable,
+                "no HSM: the engine runs without --hsm-token".into(),
+            );
+        };
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return Plan::Relay("lost its state".into());
+        };
+        let server = ip_of(&t.key.dst);
+        if let Some(why) = ctx.exclusions.check(ch.sni.as_deref(), server, now) {
+            return Plan::Pass(format!(
+                "in the decryption exclusion cache ({why}): not decrypted"
+            ));
+        }
+        let cas = ctx.cas();
+        let token_up = ctx.signer.as_ref().is_some_and(|s| {
+            cas.pick(loupe_hsm::ca::CaRole::ForwardTrust, true)
+                .is_some_and(|ca| s.is_up(&ca.token))
+        });
+        if !token_up {
+            return fallback(profile.hsm_unavailable, "the HSM is unavailable".into());
+        }
+        if ctx.stats.active.load(std::sync::atomic::Ordering::Relaxed)
+            >= ctx.settings.max_sessions as u64
+        {
+            return fallback(
+                profile.no_resources,
+                format!(
+                    "{} connections already in the TLS stage (the most)",
+                    ctx.settings.max_sessions
+                ),
+            );
+        }
+        let Some((accepted, skip)) = t
+            .hold
+            .as_mut()
+            .and_then(|h| Some((h.scanner.take_accepted()?, h.scanner.seen())))
+        else {
+            return Plan::Relay("the ClientHello was not kept: relayed as tcp-split".into());
+        };
+        let rt = ctx.runtime(profile_name);
+        Plan::Intercept(Box::new(Intercept::start(
+            ctx,
+            rt,
+            self.settings.waker.clone(),
+            accepted,
+            ch.clone(),
+            skip,
+            server,
+            now,
+        )))
     }
 
     /// Decides a connection that reached no decision point, without its
@@ -110,23 +304,20 @@ impl Sessions {
         let policy = self.settings.policy.clone();
         let d = policy.decide_unnamed(&t.subject(None));
         let mut meta = t.meta(&policy, &d, None);
-        meta.note = Some(why.note());
+        meta.note = Some(why.note().into());
         match d.action.verdict() {
-            Verdict::Refuse => {
-                self.counters.refused += 1;
-                self.log(&meta, (meta.held_bytes, 0), "blocked");
-                meta.logged = true;
-                self.start_split(id, None, now, meta, Some(None))
-            }
-            Verdict::Split
+            Verdict::Refuse => self.refuse(id, None, now, meta, None),
+            // Without a ClientHello there is nothing to decrypt: a decrypt
+            // rule's connection is relayed.
+            Verdict::Split | Verdict::Decrypt
                 if matches!(
                     why,
                     NoDecision::Timeout | NoDecision::Overflow | NoDecision::ClosedEarly
                 ) =>
             {
-                self.start_split(id, None, now, meta, None)
+                self.start_split(id, None, now, meta, Start::Relay)
             }
-            Verdict::Split => {
+            Verdict::Split | Verdict::Decrypt => {
                 meta.action = None;
                 meta.rule = format!("({})", why.label());
                 self.release(id, meta, "bypass");
@@ -182,17 +373,21 @@ impl Sessions {
 
     /// Takes over a connection: the held client bytes go into the
     /// client-facing half (acknowledged at once), then `pending` (the
-    /// server's first data) into the server-facing one. `refuse`: the
-    /// connection is refused instead (with this farewell to the client,
-    /// or a RST), the server reset.
+    /// server's first data) into the server-facing one, with the stage
+    /// `start` says between them.
     pub(super) fn start_split(
         &mut self,
         id: FlowId,
         pending: Option<Segment>,
         now: Instant,
         meta: Box<Meta>,
-        refuse: Option<Option<&'static [u8]>>,
+        start: Start,
     ) -> Disposition {
+        let (stage, refuse) = match start {
+            Start::Relay => (Stage::Relay, None),
+            Start::Refuse(farewell) => (Stage::Relay, Some(farewell)),
+            Start::Stage(stage) => (stage, None),
+        };
         let Some(t) = tracking(&mut self.flows, id) else {
             return Disposition::Forward;
         };
@@ -223,7 +418,7 @@ impl Sessions {
         // However the policy changes the steering, this flow stays here.
         self.ops.push(MapOp::Steer(key));
         self.flows.get_mut(&id).expect("present").entry = Entry::Split {
-            split: Box::new(Split::new(halves)),
+            split: Box::new(Split::new(halves, stage)),
             client,
             templates: [a, b],
             armed: None,

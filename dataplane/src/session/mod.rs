@@ -16,21 +16,25 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap, VecDeque},
+    collections::{BinaryHeap, HashMap, HashSet, VecDeque},
     sync::Arc,
+    task::Waker,
     time::{Duration, Instant},
 };
 
 use loupe_common::FlowKey;
 
 mod decide;
+pub mod fuzz;
 mod hold;
 mod records;
+pub mod split;
 mod table;
 
 use self::{
     hold::{NoDecision, Tracking},
     records::{absorb, end_reason, log_entry, Meta},
+    split::Split,
     table::{EMBRYONIC, SETTLED},
 };
 use crate::{
@@ -40,9 +44,12 @@ use crate::{
     tcp::{
         conn::{Abort, ConnConfig},
         reassembly::Reassembler,
-        split::{Dir, Passthrough, Split, Track, Tracker},
+        split::{Dir, Passthrough, Track, Tracker},
     },
-    tls::hello::{Hello, HelloScanner},
+    tls::{
+        context::TlsContext,
+        hello::{Hello, HelloScanner},
+    },
     wire::{
         frame::SlicedTcp,
         segment::{parse_segment, segment_of, Parsed, Segment, SegmentError, Template},
@@ -68,6 +75,10 @@ pub struct SessionSettings {
     pub hold_timeout: Duration,
     /// The rules deciding each connection (swapped by [`Sessions::set_policy`]).
     pub policy: Arc<Policy>,
+    /// TLS interception (`decrypt`): none without an HSM and its CAs.
+    pub tls: Option<Arc<TlsContext>>,
+    /// Wakes this worker when an HSM answer for a parked connection is in.
+    pub waker: Option<Waker>,
 }
 
 impl Default for SessionSettings {
@@ -78,6 +89,8 @@ impl Default for SessionSettings {
             hold_bytes: 32 << 10,
             hold_timeout: Duration::from_secs(3),
             policy: Arc::new(Policy::split_all(&[443], Vec::new())),
+            tls: None,
+            waker: None,
         }
     }
 }
@@ -157,6 +170,8 @@ pub struct Sessions {
     /// Records of decided connections, for the flow log.
     pub events: Vec<FlowLogEntry>,
     spare: Vec<Vec<u8>>,
+    /// Split connections whose stage waits for the HSM.
+    parked: HashSet<FlowId>,
     pub counters: SplitCounters,
 }
 
@@ -177,6 +192,7 @@ impl Sessions {
             ops: Vec::new(),
             events: Vec::new(),
             spare: Vec::new(),
+            parked: HashSet::new(),
             counters: SplitCounters::default(),
         }
     }
@@ -299,7 +315,7 @@ impl Sessions {
 
     /// Sends a connection's record to the flow log.
     fn log(&mut self, meta: &Meta, relayed: (u64, u64), end: &str) {
-        self.events.push(log_entry(meta, relayed, end));
+        self.events.push(log_entry(meta, relayed, end, None));
     }
 
     /// Runs `f` on a split connection, then sends what it has to send and
@@ -319,6 +335,11 @@ impl Sessions {
             return;
         };
         f(split);
+        if split.parked() {
+            self.parked.insert(id);
+        } else {
+            self.parked.remove(&id);
+        }
         while let Some((dir, seg)) = split.poll_transmit(now) {
             // Toward the client: as the server (the endpoint on the other
             // side); toward the server: as the client.
@@ -335,10 +356,15 @@ impl Sessions {
         // Logged when the bytes are through, not after TIME-WAIT.
         if !meta.logged && split.finished() {
             meta.logged = true;
-            self.events
-                .push(log_entry(meta, split.relayed(), end_reason(split)));
+            self.events.push(log_entry(
+                meta,
+                split.relayed(),
+                end_reason(split),
+                split.stage().tls_record(),
+            ));
         }
         if split.done() {
+            self.parked.remove(&id);
             absorb(&mut self.counters, split);
             self.ops.push(MapOp::Forget(meta.key));
             flow.entry = Entry::Ended;
@@ -353,6 +379,20 @@ impl Sessions {
                 self.timers.push(Reverse((next, id)));
             }
         }
+    }
+
+    /// The worker was woken for connections waiting on the HSM: pump
+    /// them (those whose answer is not in stay parked).
+    pub fn on_wake(&mut self, now: Instant) {
+        let ids: Vec<FlowId> = self.parked.iter().copied().collect();
+        for id in ids {
+            self.with_split(id, now, |s| s.pump(now));
+        }
+    }
+
+    /// Connections waiting for the HSM.
+    pub fn parked(&self) -> usize {
+        self.parked.len()
     }
 
     /// Runs the timers that are due.

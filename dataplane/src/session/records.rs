@@ -2,6 +2,7 @@
 //! its end, and the counters an ended split adds to the worker's.
 
 use super::*;
+use crate::flow::TlsLog;
 
 /// A decided connection: what the log and a flow listing say of it.
 pub(super) struct Meta {
@@ -13,14 +14,19 @@ pub(super) struct Meta {
     pub(super) opened: Instant,
     pub(super) policy_version: u64,
     pub(super) held_bytes: u64,
-    pub(super) note: Option<&'static str>,
+    pub(super) note: Option<String>,
     /// Its record was sent already (a refused connection's, at the
     /// decision).
     pub(super) logged: bool,
 }
 
 /// A connection's record for the flow log.
-pub(super) fn log_entry(meta: &Meta, (c2s, s2c): (u64, u64), end: &str) -> FlowLogEntry {
+pub(super) fn log_entry(
+    meta: &Meta,
+    (c2s, s2c): (u64, u64),
+    end: &str,
+    tls: Option<&TlsLog>,
+) -> FlowLogEntry {
     let end_ms = unix_ms();
     let duration_ms = meta.opened.elapsed().as_millis() as u64;
     FlowLogEntry {
@@ -37,7 +43,8 @@ pub(super) fn log_entry(meta: &Meta, (c2s, s2c): (u64, u64), end: &str) -> FlowL
         bytes_s2c: s2c,
         duration_ms,
         end: end.into(),
-        note: meta.note.map(Into::into),
+        note: meta.note.clone(),
+        tls: tls.map(|t| Box::new(t.clone())),
     }
 }
 

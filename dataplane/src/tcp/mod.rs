@@ -8,19 +8,19 @@
 //! - [`cc`]: NewReno congestion control (RFC 5681, RFC 6582).
 //! - [`conn`]: one endpoint in a synchronized state, sans I/O.
 //! - [`sim`]: a seeded lossy link between two endpoints on a virtual clock.
-//! - [`split`]: the tcp-split action: handshake tracking and the relay
-//!   between a connection's two halves.
-//! - [`fuzz`]: the entry point fuzzers (and a property test) drive.
+//! - [`split`]: taking over: handshake tracking and the two halves it
+//!   continues.
+//! - [`stream`]: a half as a byte stream, what stages above see.
 
 use std::collections::VecDeque;
 
 pub mod cc;
 pub mod conn;
-pub mod fuzz;
 pub mod reassembly;
 pub mod rtt;
 pub mod sim;
 pub mod split;
+pub mod stream;
 
 /// Copies bytes `[from, to)` of a byte queue: two slice copies at most,
 /// never a walk byte by byte.

@@ -1,6 +1,6 @@
-//! The tcp-split action: watch a connection's three-way handshake go by,
-//! then become the server toward the client and the client toward the
-//! server, relaying the two byte streams between the halves.
+//! Taking over a connection: watch its three-way handshake go by, then
+//! build the two halves that become the server toward the client and the
+//! client toward the server (the session joins them with a stage).
 //!
 //! Nothing is invented: each half continues the sequence space, MSS, window
 //! scale, timestamps and SACK permission the real endpoints negotiated, so
@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use super::conn::{Conn, ConnConfig, Handshake, State};
+use super::conn::{Conn, ConnConfig, Handshake};
 use crate::wire::{options::TcpOptions, segment::Segment, seq::SeqNum};
 
 /// Which endpoint a segment came from (or goes to).
@@ -300,153 +300,12 @@ fn window_shifts(c: &TcpOptions, s: &TcpOptions) -> Option<(u8, u8)> {
     }
 }
 
-/// A split connection: the two halves and the relay between them.
-pub struct Split {
-    pub client: Conn,
-    pub server: Conn,
-    relayed: [u64; 2],
-    /// Refused: nothing is relayed; the client's bytes are read and
-    /// dropped until it closes.
-    refused: bool,
-    /// Resets to send before anything else.
-    resets: Vec<(Dir, Segment)>,
-}
-
-impl Split {
-    pub fn new(halves: (Conn, Conn)) -> Split {
-        Split {
-            client: halves.0,
-            server: halves.1,
-            relayed: [0; 2],
-            refused: false,
-            resets: Vec::new(),
-        }
-    }
-
-    /// Refuses the connection: the server's half is reset at once (it never
-    /// saw a byte of the client's); the client's half sends `farewell` (a
-    /// TLS alert) and closes, or is reset too when there is none.
-    pub fn refuse(&mut self, farewell: Option<&[u8]>) {
-        self.refused = true;
-        self.resets
-            .extend(self.server.abort().map(|r| (Dir::Server, r)));
-        match farewell {
-            Some(bytes) => {
-                self.client.write(bytes);
-                self.client.close();
-            }
-            None => self
-                .resets
-                .extend(self.client.abort().map(|r| (Dir::Client, r))),
-        }
-        self.relay();
-    }
-
-    /// Bytes relayed client → server and server → client.
-    pub fn relayed(&self) -> (u64, u64) {
-        (self.relayed[0], self.relayed[1])
-    }
-
-    /// A segment from `dir`'s endpoint.
-    pub fn on_segment(&mut self, dir: Dir, seg: &Segment, now: Instant) {
-        match dir {
-            Dir::Client => self.client.on_segment(seg, now),
-            Dir::Server => self.server.on_segment(seg, now),
-        }
-        self.relay();
-    }
-
-    pub fn on_timer(&mut self, now: Instant) {
-        self.client.on_timer(now);
-        self.server.on_timer(now);
-        self.relay();
-    }
-
-    pub fn next_deadline(&self) -> Option<Instant> {
-        [self.client.next_deadline(), self.server.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
-    }
-
-    /// Moves bytes between the halves as far as the receiving half's send
-    /// buffer allows: a slow reader on one side fills its half's send
-    /// buffer, the other half stops reading, and its advertised window
-    /// closes. Memory stays within the two halves' buffers. A FIN and a RST
-    /// are passed across too.
-    fn relay(&mut self) {
-        if self.refused {
-            let n = self.client.readable();
-            if n > 0 {
-                self.client.read(n);
-            }
-            return;
-        }
-        for (from_client, n) in [(true, 0), (false, 1)] {
-            let (src, dst) = if from_client {
-                (&mut self.client, &mut self.server)
-            } else {
-                (&mut self.server, &mut self.client)
-            };
-            let room = dst.send_space();
-            if room > 0 && src.readable() > 0 {
-                let bytes = src.read(room);
-                let wrote = dst.write(&bytes);
-                debug_assert_eq!(wrote, bytes.len());
-                self.relayed[n] += wrote as u64;
-            }
-            // Half-close: the source finished and everything was passed on.
-            if src.peer_finished() && matches!(dst.state(), State::Established | State::CloseWait) {
-                dst.close();
-            }
-        }
-    }
-
-    /// The next segment to send, and toward whom.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<(Dir, Segment)> {
-        if !self.resets.is_empty() {
-            return Some(self.resets.remove(0));
-        }
-        // A reset half resets the other: RST the peer that is still there.
-        if self.refused {
-            return self.client.poll_transmit(now).map(|s| (Dir::Client, s));
-        }
-        if self.client.aborted().is_some() && self.server.state() != State::Closed {
-            if let Some(rst) = self.server.abort() {
-                return Some((Dir::Server, rst));
-            }
-        }
-        if self.server.aborted().is_some() && self.client.state() != State::Closed {
-            if let Some(rst) = self.client.abort() {
-                return Some((Dir::Client, rst));
-            }
-        }
-        if let Some(s) = self.client.poll_transmit(now) {
-            return Some((Dir::Client, s));
-        }
-        self.server.poll_transmit(now).map(|s| (Dir::Server, s))
-    }
-
-    /// Both halves are through with their bytes: closed, or waiting out
-    /// TIME-WAIT.
-    pub fn finished(&self) -> bool {
-        [&self.client, &self.server]
-            .iter()
-            .all(|c| matches!(c.state(), State::Closed | State::TimeWait))
-    }
-
-    /// Both halves are closed (cleanly or not).
-    pub fn done(&self) -> bool {
-        self.client.state() == State::Closed && self.server.state() == State::Closed
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::wire::{options::Timestamps, segment::Flags};
 
-    const SYN: Flags = Flags {
+    pub(crate) const SYN: Flags = Flags {
         fin: false,
         syn: true,
         rst: false,
@@ -456,7 +315,7 @@ mod tests {
     };
 
     /// A bare segment.
-    fn segment(seq: u32, ack: Option<u32>, flags: Flags, payload: &[u8]) -> Segment {
+    pub(crate) fn segment(seq: u32, ack: Option<u32>, flags: Flags, payload: &[u8]) -> Segment {
         Segment {
             seq: SeqNum(seq),
             ack: SeqNum(ack.unwrap_or(0)),
@@ -470,7 +329,7 @@ mod tests {
         }
     }
 
-    fn syn_opts(ts: u32) -> TcpOptions {
+    pub(crate) fn syn_opts(ts: u32) -> TcpOptions {
         TcpOptions {
             mss: Some(1460),
             window_scale: Some(7),
@@ -480,7 +339,7 @@ mod tests {
         }
     }
 
-    fn handshake(t: &mut Tracker) -> Track {
+    pub(crate) fn handshake(t: &mut Tracker) -> Track {
         let mut syn = segment(1000, None, SYN, b"");
         syn.options = syn_opts(50);
         assert!(matches!(t.on_segment(Dir::Client, &syn), Track::Forward));
@@ -491,59 +350,6 @@ mod tests {
         let mut ack = segment(1001, Some(9001), Flags::default(), b"");
         ack.options.timestamps = Some(Timestamps { val: 51, ecr: 70 });
         t.on_segment(Dir::Client, &ack)
-    }
-
-    #[test]
-    fn the_halves_continue_both_sequence_spaces() {
-        let now = Instant::now();
-        let mut t = Tracker::new(ConnConfig::default());
-        assert_eq!(handshake(&mut t), Track::Forward);
-        let mut split = Split::new(t.split(now, None).expect("established"));
-        // Client data arrives at the client-facing half...
-        let mut data = segment(
-            1001,
-            Some(9001),
-            Flags::default(),
-            b"GET / HTTP/1.1\r\n\r\n",
-        );
-        data.options.timestamps = Some(Timestamps { val: 52, ecr: 70 });
-        split.on_segment(Dir::Client, &data, now);
-        // ...and leaves the server-facing half as the client would send it.
-        let mut out = Vec::new();
-        while let Some(s) = split.poll_transmit(now) {
-            out.push(s);
-        }
-        let to_server: Vec<_> = out.iter().filter(|(d, _)| *d == Dir::Server).collect();
-        assert_eq!(to_server.len(), 1, "{out:?}");
-        let s = &to_server[0].1;
-        assert_eq!((s.seq, s.ack), (SeqNum(1001), SeqNum(9001)));
-        assert_eq!(s.payload, b"GET / HTTP/1.1\r\n\r\n");
-        let ts = s.options.timestamps.unwrap();
-        assert!(ts.val > 51 && ts.ecr == 70, "{ts:?}");
-        assert_eq!(split.relayed(), (18, 0));
-    }
-
-    #[test]
-    fn segments_leave_room_for_the_timestamp_option() {
-        let now = Instant::now();
-        let mut t = Tracker::new(ConnConfig::default());
-        assert_eq!(handshake(&mut t), Track::Forward);
-        let mut split = Split::new(t.split(now, None).expect("established"));
-        let mut data = segment(1001, Some(9001), Flags::default(), &[7; 1448]);
-        data.options.timestamps = Some(Timestamps { val: 52, ecr: 70 });
-        for i in 0..3u32 {
-            data.seq = SeqNum(1001 + i * 1448);
-            split.on_segment(Dir::Client, &data, now);
-        }
-        let mut sizes = Vec::new();
-        while let Some((dir, s)) = split.poll_transmit(now) {
-            if dir == Dir::Server && !s.payload.is_empty() {
-                sizes.push(s.payload.len());
-            }
-        }
-        // MSS 1460 minus the 12 bytes of timestamps (RFC 6691): a full
-        // segment is 1448 bytes and the frame fits a 1500-byte MTU.
-        assert_eq!(sizes, [1448, 1448, 1448]);
     }
 
     #[test]

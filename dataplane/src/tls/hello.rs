@@ -4,9 +4,11 @@
 //! Parsing is rustls's own ([`rustls::server::Acceptor`]): the decision is
 //! taken on exactly what the TLS stage will later read, and hostile bytes
 //! meet a parser that is fuzzed upstream. Nothing here acknowledges or
-//! answers anything; bytes are only looked at.
+//! answers anything; bytes are only looked at. The [`Accepted`] rustls
+//! made is kept: a connection that is decrypted continues from it, so the
+//! ClientHello is parsed once.
 
-use rustls::server::Acceptor;
+use rustls::server::{Accepted, Acceptor};
 
 /// TLS record content type of a handshake record (RFC 8446 section 5.1).
 const HANDSHAKE_RECORD: u8 = 22;
@@ -21,19 +23,44 @@ pub enum Hello {
     NotTls,
 }
 
-/// What a ClientHello tells the policy.
+/// What a ClientHello tells the policy and the TLS stage.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClientHello {
     /// The server name (SNI), when the client sent a valid DNS name.
     pub sni: Option<String>,
     /// ALPN protocols offered, in the client's order.
     pub alpn: Vec<Vec<u8>>,
+    /// Protocol versions offered (supported_versions, or the legacy
+    /// version field without it), as wire values (0x0303 = TLS 1.2).
+    pub versions: Vec<u16>,
+    /// Cipher suites offered, as wire values.
+    pub suites: Vec<u16>,
+    /// Signature schemes offered, as wire values.
+    pub sig_schemes: Vec<u16>,
+    /// Key exchange groups offered (supported_groups), as wire values.
+    pub groups: Vec<u16>,
+    /// The client sent encrypted_client_hello (ECH): the real server name
+    /// is hidden in it.
+    pub ech: bool,
 }
+
+/// TLS versions on the wire (RFC 8446 §4.2.1).
+pub const TLS12: u16 = 0x0303;
+pub const TLS13: u16 = 0x0304;
+
+/// The encrypted_client_hello extension's code point
+/// (draft-ietf-tls-esni, as browsers send it).
+const EXT_ECH: u16 = 0xfe0d;
+const EXT_SUPPORTED_VERSIONS: u16 = 43;
 
 /// Reads a client's first bytes, as they arrive in order.
 pub struct HelloScanner {
     acceptor: Option<Acceptor>,
     seen: usize,
+    /// The bytes fed so far (bounded by the hold), for what rustls does not
+    /// tell of the ClientHello.
+    raw: Vec<u8>,
+    accepted: Option<Box<Accepted>>,
 }
 
 impl Default for HelloScanner {
@@ -41,6 +68,8 @@ impl Default for HelloScanner {
         HelloScanner {
             acceptor: Some(Acceptor::default()),
             seen: 0,
+            raw: Vec::new(),
+            accepted: None,
         }
     }
 }
@@ -59,6 +88,9 @@ impl HelloScanner {
             return Some(Hello::NotTls);
         }
         self.seen += bytes.len();
+        if self.acceptor.is_some() {
+            self.raw.extend_from_slice(bytes);
+        }
         let acceptor = self.acceptor.as_mut()?;
         while !bytes.is_empty() {
             match acceptor.read_tls(&mut bytes) {
@@ -74,19 +106,136 @@ impl HelloScanner {
             Ok(Some(accepted)) => {
                 self.acceptor = None;
                 let ch = accepted.client_hello();
-                Some(Hello::Tls(ClientHello {
+                let ext = Extensions::scan(&std::mem::take(&mut self.raw));
+                let hello = ClientHello {
                     sni: ch.server_name().map(str::to_owned),
                     alpn: ch
                         .alpn()
                         .map(|a| a.map(<[u8]>::to_vec).collect())
                         .unwrap_or_default(),
-                }))
+                    versions: ext.versions,
+                    suites: ch.cipher_suites().iter().map(|c| u16::from(*c)).collect(),
+                    sig_schemes: ch
+                        .signature_schemes()
+                        .iter()
+                        .map(|s| u16::from(*s))
+                        .collect(),
+                    groups: ch
+                        .named_groups()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|g| u16::from(*g))
+                        .collect(),
+                    ech: ext.ech,
+                };
+                self.accepted = Some(Box::new(accepted));
+                Some(Hello::Tls(hello))
             }
             Err(_) => {
                 self.acceptor = None;
                 Some(Hello::NotTls)
             }
         }
+    }
+}
+
+impl HelloScanner {
+    /// The parsed ClientHello, for the connection to continue from (once).
+    pub fn take_accepted(&mut self) -> Option<Box<Accepted>> {
+        self.accepted.take()
+    }
+}
+
+/// What rustls does not say of a ClientHello, read from its raw bytes
+/// (which rustls has already parsed and accepted: a shape this reader does
+/// not expect only leaves the fields empty).
+#[derive(Default)]
+struct Extensions {
+    versions: Vec<u16>,
+    ech: bool,
+}
+
+impl Extensions {
+    fn scan(records: &[u8]) -> Extensions {
+        // The handshake message may span records: join their bodies.
+        let mut msg = Vec::new();
+        let mut rest = records;
+        while rest.len() >= 5 && rest[0] == HANDSHAKE_RECORD {
+            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+            let Some(body) = rest.get(5..5 + len) else {
+                break;
+            };
+            msg.extend_from_slice(body);
+            rest = &rest[5 + len..];
+        }
+        Extensions::from_message(&msg).unwrap_or_default()
+    }
+
+    /// RFC 8446 §4.1.2: the ClientHello's layout.
+    fn from_message(msg: &[u8]) -> Option<Extensions> {
+        let mut r = Reader(msg);
+        if r.u8()? != 1 {
+            return None;
+        }
+        let len = r.u24()?;
+        let mut body = Reader(r.take(len)?);
+        let legacy_version = body.u16()?;
+        body.take(32)?; // random
+        let sid = usize::from(body.u8()?);
+        body.take(sid)?;
+        let suites = usize::from(body.u16()?);
+        body.take(suites)?;
+        let comp = usize::from(body.u8()?);
+        body.take(comp)?;
+        let mut out = Extensions {
+            versions: vec![legacy_version],
+            ech: false,
+        };
+        let Some(len) = body.u16() else {
+            return Some(out); // no extensions at all
+        };
+        let mut exts = Reader(body.take(usize::from(len))?);
+        while let Some(typ) = exts.u16() {
+            let len = usize::from(exts.u16()?);
+            let data = exts.take(len)?;
+            match typ {
+                EXT_ECH => out.ech = true,
+                EXT_SUPPORTED_VERSIONS => {
+                    let mut v = Reader(data);
+                    let n = usize::from(v.u8()?);
+                    let mut list = Reader(v.take(n)?);
+                    out.versions.clear();
+                    while let Some(ver) = list.u16() {
+                        out.versions.push(ver);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(out)
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u24(&mut self) -> Option<usize> {
+        self.take(3)
+            .map(|b| usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))
     }
 }
 
@@ -117,15 +266,56 @@ pub(crate) mod tests {
         for cut in [1, 5, 6, 100, hello.len() - 1] {
             let mut s = HelloScanner::default();
             assert_eq!(s.feed(&hello[..cut]), None, "cut at {cut}");
-            let got = s.feed(&hello[cut..]).expect("complete");
-            assert_eq!(
-                got,
-                Hello::Tls(ClientHello {
-                    sni: Some("shop.example.com".into()),
-                    alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-                })
-            );
+            let Some(Hello::Tls(got)) = s.feed(&hello[cut..]) else {
+                panic!("a complete ClientHello at cut {cut}");
+            };
+            assert_eq!(got.sni.as_deref(), Some("shop.example.com"));
+            assert_eq!(got.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+            // rustls offers TLS 1.3 and 1.2, and the post-quantum hybrid
+            // group first.
+            assert_eq!(got.versions, vec![TLS13, TLS12]);
+            assert_eq!(got.groups.first(), Some(&0x11ec), "{:?}", got.groups);
+            assert!(!got.ech);
+            assert!(s.take_accepted().is_some() && s.take_accepted().is_none());
         }
+    }
+
+    /// `hello` (one record) with one more extension appended.
+    pub(crate) fn with_extension(hello: &[u8], typ: u16, data: &[u8]) -> Vec<u8> {
+        let mut out = hello.to_vec();
+        let add = 4 + data.len();
+        // Record length, handshake length, extensions length (the last
+        // field before the extensions, found by walking the body).
+        let rec = u16::from_be_bytes([out[3], out[4]]) as usize + add;
+        out[3..5].copy_from_slice(&(rec as u16).to_be_bytes());
+        let hs = (usize::from(out[6]) << 16 | usize::from(out[7]) << 8 | usize::from(out[8])) + add;
+        out[6..9].copy_from_slice(&[(hs >> 16) as u8, (hs >> 8) as u8, hs as u8]);
+        let mut at = 9 + 2 + 32;
+        at += 1 + usize::from(out[at]);
+        at += 2 + usize::from(u16::from_be_bytes([out[at], out[at + 1]]));
+        at += 1 + usize::from(out[at]);
+        let ext = u16::from_be_bytes([out[at], out[at + 1]]) as usize + add;
+        out[at..at + 2].copy_from_slice(&(ext as u16).to_be_bytes());
+        out.extend_from_slice(&typ.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn an_encrypted_client_hello_is_noticed() {
+        // An outer ECH: type 0, HPKE suite (HKDF-SHA256, AES-128-GCM),
+        // config id, encapsulated key, payload (RFC 9460-era draft 22 §5).
+        let mut ech = vec![0, 0, 1, 0, 1, 7, 0, 32];
+        ech.extend([0x42; 32]);
+        ech.extend([0, 16]);
+        ech.extend([0x17; 16]);
+        let hello = with_extension(&client_hello("public.example", &[]), 0xfe0d, &ech);
+        let Some(Hello::Tls(ch)) = HelloScanner::default().feed(&hello) else {
+            panic!("a ClientHello");
+        };
+        assert!(ch.ech);
+        assert_eq!(ch.sni.as_deref(), Some("public.example"));
     }
 
     #[test]

@@ -1,5 +1,22 @@
-//! TLS as the dataplane sees it: for now, the ClientHello that is a
-//! connection's decision point. Knows nothing of TCP or AF_XDP: it is given
-//! a client's in-order bytes.
+//! TLS as the dataplane sees it: byte streams, never segments, interfaces
+//! or AF_XDP.
+//!
+//! - [`hello`]: the decision point, a client's ClientHello (kept parsed).
+//! - [`intercept`]: the `decrypt` stage: TLS server toward the client, TLS
+//!   client toward the server, plaintext through inspection between.
+//! - [`upstream`]: the client configuration toward servers.
+//! - [`verify`]: classifying the server's certificate chain.
+//! - [`mint`]: impersonation certificates (TBS built here, signed in the
+//!   HSM).
+//! - [`cache`]: minted certificates shared by the workers, single flight.
+//! - [`keys`]: the leaf keys, rotated.
+//! - [`context`]: what the workers share (CAs, profiles, exclusions).
 
+pub mod cache;
+pub mod context;
 pub mod hello;
+pub mod intercept;
+pub mod keys;
+pub mod mint;
+pub mod upstream;
+pub mod verify;

@@ -6,9 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::{
+use super::split::Split;
+use crate::stage::Stage;
+use crate::tcp::{
     conn::ConnConfig,
-    split::{Dir, Split, Track, Tracker},
+    split::{Dir, Track, Tracker},
 };
 use crate::wire::{
     options::TcpOptions,
@@ -80,7 +82,7 @@ pub fn segments(data: &[u8]) {
     let Some(halves) = tracker.split(now, None) else {
         return;
     };
-    let mut split = Split::new(halves);
+    let mut split = Split::new(halves, Stage::Relay);
     for _ in 0..256 {
         if input.0.is_empty() {
             break;

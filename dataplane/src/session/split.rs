@@ -1,0 +1,229 @@
+//! A split connection: the two TCP halves (client-facing, server-facing)
+//! and the stage between them. FIN and RST cross over here; what crosses
+//! in between is the stage's business.
+
+use std::time::Instant;
+
+use crate::{
+    stage::{Pump, Stage},
+    tcp::{
+        conn::{Conn, State},
+        split::Dir,
+    },
+    wire::segment::Segment,
+};
+
+/// A split connection: the two halves and the stage between them.
+pub struct Split {
+    pub client: Conn,
+    pub server: Conn,
+    stage: Stage,
+    /// Bytes read from the client half and from the server half.
+    relayed: [u64; 2],
+    /// Resets to send before anything else.
+    resets: Vec<(Dir, Segment)>,
+    /// The stage waits for something outside the connection.
+    parked: bool,
+}
+
+impl Split {
+    pub fn new(halves: (Conn, Conn), stage: Stage) -> Split {
+        Split {
+            client: halves.0,
+            server: halves.1,
+            stage,
+            relayed: [0; 2],
+            resets: Vec::new(),
+            parked: false,
+        }
+    }
+
+    /// Refuses the connection: the server's half is reset at once (it never
+    /// saw a byte of the client's); the client's half sends `farewell` (a
+    /// TLS alert) and closes, or is reset too when there is none.
+    pub fn refuse(&mut self, farewell: Option<&[u8]>) {
+        self.stage = Stage::Refuse;
+        self.resets
+            .extend(self.server.abort().map(|r| (Dir::Server, r)));
+        match farewell {
+            Some(bytes) => {
+                self.client.write(bytes);
+                self.client.close();
+            }
+            None => self
+                .resets
+                .extend(self.client.abort().map(|r| (Dir::Client, r))),
+        }
+        self.pump(Instant::now());
+    }
+
+    pub fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
+    /// Bytes relayed client → server and server → client (for TLS
+    /// interception: the TLS bytes each side sent).
+    pub fn relayed(&self) -> (u64, u64) {
+        (self.relayed[0], self.relayed[1])
+    }
+
+    /// Whether the stage is waiting (for the HSM): the session pumps it
+    /// again when the worker is woken.
+    pub fn parked(&self) -> bool {
+        self.parked
+    }
+
+    /// A segment from `dir`'s endpoint.
+    pub fn on_segment(&mut self, dir: Dir, seg: &Segment, now: Instant) {
+        match dir {
+            Dir::Client => self.client.on_segment(seg, now),
+            Dir::Server => self.server.on_segment(seg, now),
+        }
+        self.pump(now);
+    }
+
+    pub fn on_timer(&mut self, now: Instant) {
+        self.client.on_timer(now);
+        self.server.on_timer(now);
+        self.pump(now);
+    }
+
+    /// Runs the stage (also when the worker was woken for a parked one).
+    pub fn pump(&mut self, now: Instant) {
+        match self
+            .stage
+            .pump(&mut self.client, &mut self.server, &mut self.relayed, now)
+        {
+            Pump::Go => self.parked = false,
+            Pump::Parked => self.parked = true,
+            Pump::Abort { client, server } => {
+                self.parked = false;
+                if server {
+                    self.resets
+                        .extend(self.server.abort().map(|r| (Dir::Server, r)));
+                }
+                if client {
+                    self.resets
+                        .extend(self.client.abort().map(|r| (Dir::Client, r)));
+                }
+            }
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.client.next_deadline(),
+            self.server.next_deadline(),
+            self.stage.deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The next segment to send, and toward whom.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(Dir, Segment)> {
+        if !self.resets.is_empty() {
+            return Some(self.resets.remove(0));
+        }
+        // A reset half resets the other: RST the peer that is still there.
+        if self.stage.is_refusal() {
+            return self.client.poll_transmit(now).map(|s| (Dir::Client, s));
+        }
+        if self.client.aborted().is_some() && self.server.state() != State::Closed {
+            if let Some(rst) = self.server.abort() {
+                return Some((Dir::Server, rst));
+            }
+        }
+        if self.server.aborted().is_some() && self.client.state() != State::Closed {
+            if let Some(rst) = self.client.abort() {
+                return Some((Dir::Client, rst));
+            }
+        }
+        if let Some(s) = self.client.poll_transmit(now) {
+            return Some((Dir::Client, s));
+        }
+        self.server.poll_transmit(now).map(|s| (Dir::Server, s))
+    }
+
+    /// Both halves are through with their bytes: closed, or waiting out
+    /// TIME-WAIT.
+    pub fn finished(&self) -> bool {
+        [&self.client, &self.server]
+            .iter()
+            .all(|c| matches!(c.state(), State::Closed | State::TimeWait))
+    }
+
+    /// Both halves are closed (cleanly or not).
+    pub fn done(&self) -> bool {
+        self.client.state() == State::Closed && self.server.state() == State::Closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        tcp::{
+            conn::ConnConfig,
+            split::{
+                tests::{handshake, segment},
+                Track, Tracker,
+            },
+        },
+        wire::{options::Timestamps, segment::Flags, seq::SeqNum},
+    };
+
+    #[test]
+    fn the_halves_continue_both_sequence_spaces() {
+        let now = Instant::now();
+        let mut t = Tracker::new(ConnConfig::default());
+        assert_eq!(handshake(&mut t), Track::Forward);
+        let mut split = Split::new(t.split(now, None).expect("established"), Stage::Relay);
+        // Client data arrives at the client-facing half...
+        let mut data = segment(
+            1001,
+            Some(9001),
+            Flags::default(),
+            b"GET / HTTP/1.1\r\n\r\n",
+        );
+        data.options.timestamps = Some(Timestamps { val: 52, ecr: 70 });
+        split.on_segment(Dir::Client, &data, now);
+        // ...and leaves the server-facing half as the client would send it.
+        let mut out = Vec::new();
+        while let Some(s) = split.poll_transmit(now) {
+            out.push(s);
+        }
+        let to_server: Vec<_> = out.iter().filter(|(d, _)| *d == Dir::Server).collect();
+        assert_eq!(to_server.len(), 1, "{out:?}");
+        let s = &to_server[0].1;
+        assert_eq!((s.seq, s.ack), (SeqNum(1001), SeqNum(9001)));
+        assert_eq!(s.payload, b"GET / HTTP/1.1\r\n\r\n");
+        let ts = s.options.timestamps.unwrap();
+        assert!(ts.val > 51 && ts.ecr == 70, "{ts:?}");
+        assert_eq!(split.relayed(), (18, 0));
+    }
+
+    #[test]
+    fn segments_leave_room_for_the_timestamp_option() {
+        let now = Instant::now();
+        let mut t = Tracker::new(ConnConfig::default());
+        assert_eq!(handshake(&mut t), Track::Forward);
+        let mut split = Split::new(t.split(now, None).expect("established"), Stage::Relay);
+        let mut data = segment(1001, Some(9001), Flags::default(), &[7; 1448]);
+        data.options.timestamps = Some(Timestamps { val: 52, ecr: 70 });
+        for i in 0..3u32 {
+            data.seq = SeqNum(1001 + i * 1448);
+            split.on_segment(Dir::Client, &data, now);
+        }
+        let mut sizes = Vec::new();
+        while let Some((dir, s)) = split.poll_transmit(now) {
+            if dir == Dir::Server && !s.payload.is_empty() {
+                sizes.push(s.payload.len());
+            }
+        }
+        // MSS 1460 minus the 12 bytes of timestamps (RFC 6691): a full
+        // segment is 1448 bytes and the frame fits a 1500-byte MTU.
+        assert_eq!(sizes, [1448, 1448, 1448]);
+    }
+}

@@ -1,0 +1,501 @@
+//! What every worker's TLS interception shares: the CAs read from the
+//! token, the leaf keys, the certificate cache, the decryption exclusion
+//! cache, each profile's prepared configuration (trust store, client and
+//! server configurations), the HSM signer's handle and the counters.
+//! Built by the engine; profiles are prepared when a policy is applied, on
+//! the engine's thread, so a worker never reads a trust store file.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant},
+};
+
+use loupe_hsm::{
+    ca::{CaFlavor, CaInfo, CaRole},
+    mech::SignMech,
+    signer::SignerHandle,
+};
+use rustls::{
+    pki_types::CertificateDer,
+    server::{ClientHello as RustlsHello, ResolvesServerCert, ServerSessionMemoryCache},
+    sign::CertifiedKey,
+    ClientConfig, KeyLog, ServerConfig,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    cache::CertCache,
+    keys::LeafKeys,
+    mint::{CaKeyKind, Issuer},
+    upstream::{client_config, provider_for, versions_for, KeyLogFile},
+    verify::TrustStore,
+};
+use crate::policy::{Policy, Profile};
+
+/// One CA the engine can mint with.
+pub struct CaEntry {
+    pub role: CaRole,
+    pub flavor: CaFlavor,
+    pub generation: u32,
+    /// The key's label on the token.
+    pub label: String,
+    pub token: String,
+    pub der: CertificateDer<'static>,
+    pub issuer: Issuer,
+    /// How the HSM signs with it.
+    pub mech: SignMech,
+}
+
+impl CaEntry {
+    pub fn is_rsa(&self) -> bool {
+        matches!(self.issuer.kind(), CaKeyKind::Rsa)
+    }
+
+    /// `forward-trust/g2` (`-rsa` for the RSA companion), for the log.
+    pub fn name(&self) -> String {
+        let rsa = if self.flavor == CaFlavor::Rsa {
+            "-rsa"
+        } else {
+            ""
+        };
+        format!("{}{rsa}/g{}", self.role.name(), self.generation)
+    }
+}
+
+/// The active generation's CAs.
+#[derive(Default)]
+pub struct CaSet {
+    pub generation: u32,
+    entries: Vec<Arc<CaEntry>>,
+}
+
+impl CaSet {
+    /// Builds the set from the token's list (active generation only).
+    pub fn from_list(token: &str, list: &[CaInfo]) -> Result<CaSet, String> {
+        let mut set = CaSet::default();
+        for c in list.iter().filter(|c| c.active) {
+            let issuer = Issuer::from_der(&c.der)
+                .map_err(|e| format!("CA {} on token {token:?}: {e}", c.label))?;
+            let mech = match issuer.kind() {
+                CaKeyKind::EcP256 => SignMech::EcdsaP256Sha256,
+                CaKeyKind::EcP384 => SignMech::EcdsaP384Sha384,
+                CaKeyKind::Rsa => SignMech::RsaPkcs1Sha256,
+            };
+            set.generation = c.generation;
+            set.entries.push(Arc::new(CaEntry {
+                role: c.role,
+                flavor: c.flavor,
+                generation: c.generation,
+                label: c.label.clone(),
+                token: token.to_string(),
+                der: CertificateDer::from(c.der.clone()),
+                issuer,
+                mech,
+            }));
+        }
+        if set.entries.is_empty() {
+            return Err(format!(
+                "token {token:?} holds no CA: run `loupe ca init` before decrypting"
+            ));
+        }
+        Ok(set)
+    }
+
+    /// The CA of `role` for a client that can (`ecdsa`) or cannot verify
+    /// ECDSA signatures: an RSA chain for the latter.
+    pub fn pick(&self, role: CaRole, ecdsa: bool) -> Option<Arc<CaEntry>> {
+        let of_role = || self.entries.iter().filter(move |c| c.role == role);
+        if ecdsa {
+            of_role().find(|c| c.flavor == CaFlavor::Primary).cloned()
+        } else {
+            of_role().find(|c| c.is_rsa()).cloned()
+        }
+    }
+}
+
+/// A site kept out of decryption, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exclusion {
+    pub sni: Option<String>,
+    pub server: IpAddr,
+    pub reason: String,
+    /// Seconds left.
+    pub expires_in_s: u64,
+    /// Connections passed because of it.
+    pub hits: u64,
+}
+
+struct Excluded {
+    until: Instant,
+    reason: String,
+    hits: u64,
+}
+
+/// The decryption exclusion cache: sites whose clients pin their
+/// certificates, or whose servers want client certificates or versions the
+/// profile does not decrypt. Later connections to them are released to
+/// the fast path at once.
+#[derive(Default)]
+pub struct Exclusions {
+    map: Mutex<HashMap<(Option<String>, IpAddr), Excluded>>,
+    pub added: AtomicU64,
+    pub hits: AtomicU64,
+}
+
+/// Most sites excluded at once.
+const MAX_EXCLUSIONS: usize = 100_000;
+
+impl Exclusions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Option<String>, IpAddr), Excluded>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why `(sni, server)` is excluded, if it is.
+    pub fn check(&self, sni: Option<&str>, server: IpAddr, now: Instant) -> Option<String> {
+        let mut m = self.lock();
+        let key = (sni.map(str::to_owned), server);
+        match m.get_mut(&key) {
+            Some(e) if e.until > now => {
+                e.hits += 1;
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(e.reason.clone())
+            }
+            Some(_) => {
+                m.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn add(&self, sni: Option<&str>, server: IpAddr, ttl: Duration, reason: &str) {
+        let now = Instant::now();
+        let mut m = self.lock();
+        if m.len() >= MAX_EXCLUSIONS {
+            m.retain(|_, e| e.until > now);
+            if m.len() >= MAX_EXCLUSIONS {
+                // Still full of live entries: the soonest to expire goes.
+                if let Some(k) = m
+                    .iter()
+                    .min_by_key(|(_, e)| e.until)
+                    .map(|(k, _)| k.clone())
+                {
+                    m.remove(&k);
+                }
+            }
+        }
+        self.added.fetch_add(1, Ordering::Relaxed);
+        m.insert(
+            (sni.map(str::to_owned), server),
+            Excluded {
+                until: now + ttl,
+                reason: reason.to_string(),
+                hits: 0,
+            },
+        );
+    }
+
+    pub fn list(&self) -> Vec<Exclusion> {
+        let now = Instant::now();
+        let mut out: Vec<Exclusion> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.until > now)
+            .map(|((sni, server), e)| Exclusion {
+                sni: sni.clone(),
+                server: *server,
+                reason: e.reason.clone(),
+                expires_in_s: e.until.duration_since(now).as_secs(),
+                hits: e.hits,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.sni, a.server).cmp(&(&b.sni, b.server)));
+        out
+    }
+
+    /// Forgets every exclusion; returns how many there were.
+    pub fn clear(&self) -> usize {
+        let mut m = self.lock();
+        let n = m.len();
+        m.clear();
+        n
+    }
+}
+
+/// Presents one certificate (the minted one) to every client.
+#[derive(Debug)]
+pub struct OneCert(pub Option<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for OneCert {
+    fn resolve(&self, _hello: RustlsHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.clone()
+    }
+}
+
+/// A profile, prepared: its trust store and TLS configurations.
+pub struct ProfileRuntime {
+    pub name: String,
+    pub profile: Profile,
+    pub trust: Arc<TrustStore>,
+    pub client: Arc<ClientConfig>,
+    /// Cloned per connection with the minted certificate and the ALPN the
+    /// server chose; tickets and the session cache are shared.
+    pub server: Arc<ServerConfig>,
+}
+
+/// Counters of the TLS stage (all workers), for the report and metrics.
+#[derive(Default)]
+pub struct TlsStats {
+    /// Connections in the TLS stage right now.
+    pub active: AtomicU64,
+    /// Decrypted connections by how their handshakes ended.
+    pub decrypted: AtomicU64,
+    pub blocked: AtomicU64,
+    pub passed_on: AtomicU64,
+    pub failed: AtomicU64,
+    pub no_decrypt: AtomicU64,
+    /// Connections waiting for an HSM signature right now.
+    pub parked: AtomicU64,
+    /// Mint latency (submission to certificate), microseconds: bucket
+    /// upper bounds are [`MINT_BUCKETS_US`].
+    pub mint_latency: [AtomicU64; MINT_BUCKETS_US.len() + 1],
+    pub mint_sum_us: AtomicU64,
+}
+
+pub const MINT_BUCKETS_US: [u64; 10] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+];
+
+impl TlsStats {
+    pub fn mint_took(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        let i = MINT_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(MINT_BUCKETS_US.len());
+        self.mint_latency[i].fetch_add(1, Ordering::Relaxed);
+        self.mint_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+/// How the engine's TLS interception is set up.
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    /// Certificates kept in the cache.
+    pub cache_capacity: usize,
+    /// Leaf keys are replaced this often.
+    pub rotate_keys: Option<Duration>,
+    /// Longest wait for an HSM signature.
+    pub hsm_timeout: Duration,
+    /// The system trust bundle (default for profiles without their own).
+    pub system_trust: PathBuf,
+    /// Longest an upstream handshake may take.
+    pub handshake_timeout: Duration,
+    /// Most connections in the TLS stage at once (beyond: the profile's
+    /// `no_resources`).
+    pub max_sessions: usize,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            cache_capacity: 10_000,
+            rotate_keys: Some(Duration::from_secs(24 * 3600)),
+            hsm_timeout: Duration::from_secs(2),
+            system_trust: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            handshake_timeout: Duration::from_secs(30),
+            max_sessions: 65_536,
+        }
+    }
+}
+
+/// Told when a profile turns key logging on: (profile, file).
+pub type OnKeyLog = Box<dyn Fn(&str, &str) + Send + Sync>;
+
+/// Everything the workers' interception shares.
+pub struct TlsContext {
+    pub settings: TlsSettings,
+    pub signer: Option<SignerHandle>,
+    cas: RwLock<Arc<CaSet>>,
+    pub keys: Arc<LeafKeys>,
+    pub cache: CertCache,
+    pub exclusions: Exclusions,
+    runtimes: RwLock<Arc<HashMap<String, Arc<ProfileRuntime>>>>,
+    default_runtime: RwLock<Option<Arc<ProfileRuntime>>>,
+    /// Trust stores by file, parsed once.
+    trust: Mutex<HashMap<PathBuf, Arc<TrustStore>>>,
+    /// Key log files by path, opened once.
+    keylogs: Mutex<HashMap<String, Arc<dyn KeyLog>>>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
+    pub stats: TlsStats,
+    /// Called when a profile turns key logging on (the engine writes it to
+    /// the HSM audit log).
+    on_keylog: OnKeyLog,
+}
+
+impl std::fmt::Debug for TlsContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsContext")
+            .field("settings", &self.settings)
+            .field("ca_generation", &self.cas().generation)
+            .field("cached", &self.cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The profile name the log shows for a `decrypt` rule without one.
+pub const DEFAULT_PROFILE: &str = "(default)";
+
+impl TlsContext {
+    pub fn new(
+        settings: TlsSettings,
+        signer: Option<SignerHandle>,
+        cas: CaSet,
+        on_keylog: OnKeyLog,
+    ) -> Result<TlsContext, String> {
+        let keys = LeafKeys::start(settings.rotate_keys)?;
+        let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+            .map_err(|e| format!("cannot make a session ticket key: {e}"))?;
+        let ctx = TlsContext {
+            cache: CertCache::new(settings.cache_capacity),
+            settings,
+            signer,
+            cas: RwLock::new(Arc::new(cas)),
+            keys,
+            exclusions: Exclusions::default(),
+            runtimes: RwLock::new(Arc::new(HashMap::new())),
+            default_runtime: RwLock::new(None),
+            trust: Mutex::new(HashMap::new()),
+            keylogs: Mutex::new(HashMap::new()),
+            ticketer,
+            sessions: ServerSessionMemoryCache::new(65_536),
+            stats: TlsStats::default(),
+            on_keylog,
+        };
+        let default = ctx.prepare_profile(DEFAULT_PROFILE, &Profile::default())?;
+        *ctx.default_runtime
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(default);
+        Ok(ctx)
+    }
+
+    pub fn cas(&self) -> Arc<CaSet> {
+        self.cas.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes a newly read CA set; a new generation empties the cache.
+    pub fn set_cas(&self, set: CaSet) -> bool {
+        let changed = self.cas().generation != set.generation;
+        *self.cas.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        if changed {
+            self.cache.clear();
+        }
+        changed
+    }
+
+    /// Prepares every profile of `policy` (trust stores read, key logs
+    /// opened): an error names the profile and leaves the running ones.
+    pub fn prepare(&self, policy: &Policy) -> Result<(), String> {
+        let mut map = HashMap::new();
+        for (name, p) in &policy.profiles {
+            let rt = self
+                .prepare_profile(name, p)
+                .map_err(|e| format!("profile {name:?}: {e}"))?;
+            map.insert(name.clone(), rt);
+        }
+        *self.runtimes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+        Ok(())
+    }
+
+    fn prepare_profile(&self, name: &str, p: &Profile) -> Result<Arc<ProfileRuntime>, String> {
+        p.check()?;
+        let path = p
+            .trust_store
+            .as_ref()
+            .map_or_else(|| self.settings.system_trust.clone(), PathBuf::from);
+        let mut trust = self.trust_store(&path)?;
+        if !p.crls.is_empty() {
+            let crls: Vec<PathBuf> = p.crls.iter().map(PathBuf::from).collect();
+            let with = TrustStore::from_pem_file(&path)
+                .and_then(|t| t.with_crl_files(&crls))
+                .map_err(|e| e.to_string())?;
+            trust = Arc::new(with);
+        }
+        let keylog = match &p.keylog {
+            Some(path) => Some(self.keylog(name, path)?),
+            None => None,
+        };
+        let client = client_config(p, keylog.clone())?;
+        let provider = Arc::new(provider_for(p));
+        let mut server = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&versions_for(p))
+            .map_err(|e| format!("no usable TLS versions, suites and groups: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(OneCert(None)));
+        server.ticketer = self.ticketer.clone();
+        server.session_storage = self.sessions.clone();
+        if let Some(k) = keylog {
+            server.key_log = k;
+        }
+        Ok(Arc::new(ProfileRuntime {
+            name: name.to_string(),
+            profile: p.clone(),
+            trust,
+            client: Arc::new(client),
+            server: Arc::new(server),
+        }))
+    }
+
+    fn trust_store(&self, path: &PathBuf) -> Result<Arc<TrustStore>, String> {
+        let mut m = self.trust.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = m.get(path) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(TrustStore::from_pem_file(path).map_err(|e| e.to_string())?);
+        m.insert(path.clone(), t.clone());
+        Ok(t)
+    }
+
+    fn keylog(&self, profile: &str, path: &str) -> Result<Arc<dyn KeyLog>, String> {
+        let mut m = self.keylogs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = m.get(path) {
+            return Ok(k.clone());
+        }
+        let k: Arc<dyn KeyLog> = Arc::new(KeyLogFile::open(std::path::Path::new(path))?);
+        (self.on_keylog)(profile, path);
+        m.insert(path.to_string(), k.clone());
+        Ok(k)
+    }
+
+    /// The prepared profile `name` (the default profile for `None`, or a
+    /// name the running policy does not have).
+    pub fn runtime(&self, name: Option<&str>) -> Arc<ProfileRuntime> {
+        if let Some(n) = name {
+            if let Some(rt) = self
+                .runtimes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(n)
+            {
+                return rt.clone();
+            }
+        }
+        self.default_runtime
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .expect("set at construction")
+    }
+
+    /// Stops the leaf key thread.
+    pub fn stop(&self) {
+        self.keys.stop();
+    }
+}

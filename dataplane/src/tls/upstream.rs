@@ -1,0 +1,249 @@
+//! The upstream leg: the engine as a TLS client toward the real server,
+//! with the client's server name and ALPN list, the profile's versions,
+//! suites and groups (post-quantum hybrid first, as rustls offers by
+//! default), session resumption toward servers, and no client
+//! certificate.
+//!
+//! Certificates are not judged during the handshake: the verifier accepts
+//! any chain and the intercept stage classifies the chain the server sent
+//! once the handshake is through, before a byte of the client's reaches
+//! the server, so that one problem cannot hide another and a profile can
+//! pass a problem on rather than only fail. The handshake signatures are
+//! verified for real, against the key of the certificate the server sent:
+//! whoever completes the handshake holds that certificate's key.
+
+use std::{
+    fs::File,
+    io::Write,
+    net::IpAddr,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use rustls::{
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        ResolvesClientCert,
+    },
+    crypto::{
+        verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+    },
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    sign::CertifiedKey,
+    ClientConfig, ClientConnection, DigitallySignedStruct, KeyLog, SignatureScheme,
+    SupportedProtocolVersion,
+};
+
+use crate::policy::{Profile, TlsVersion};
+
+/// The provider a profile allows: its suites and groups, in rustls's order
+/// of preference (the post-quantum hybrid first).
+pub fn provider_for(profile: &Profile) -> CryptoProvider {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    if !profile.suites.is_empty() {
+        p.cipher_suites.retain(|s| {
+            s.suite()
+                .as_str()
+                .is_some_and(|n| profile.suites.iter().any(|a| a == n))
+        });
+    }
+    if !profile.groups.is_empty() {
+        // The named groups in the provider's own order of preference.
+        p.kx_groups = rustls::crypto::aws_lc_rs::ALL_KX_GROUPS
+            .iter()
+            .copied()
+            .filter(|g| {
+                g.name()
+                    .as_str()
+                    .is_some_and(|n| profile.groups.iter().any(|a| a == n))
+            })
+            .collect();
+    }
+    p
+}
+
+/// The protocol versions a profile allows.
+pub fn versions_for(profile: &Profile) -> Vec<&'static SupportedProtocolVersion> {
+    let mut v = Vec::new();
+    if profile.max_version >= TlsVersion::Tls13 {
+        v.push(&rustls::version::TLS13);
+    }
+    if profile.min_version <= TlsVersion::Tls12 {
+        v.push(&rustls::version::TLS12);
+    }
+    v
+}
+
+/// Accepts any certificate chain; verifies handshake signatures with the
+/// provider's algorithms.
+#[derive(Debug)]
+struct AnyChain(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AnyChain {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // Judged after the handshake (see the module note): the stage
+        // classifies the chain before the client's data flows.
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+/// Notices a server's CertificateRequest: the engine has no certificate to
+/// give (the client's stays with the client), so it answers with none and
+/// the connection is handled by the profile's `client_auth`.
+#[derive(Debug, Default)]
+pub struct ClientAuthProbe(AtomicBool);
+
+impl ClientAuthProbe {
+    pub fn asked(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl ResolvesClientCert for ClientAuthProbe {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.store(true, Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+/// TLS secrets in the NSS key log format
+/// (`LABEL <client random hex> <secret hex>`), appended to a file; for
+/// debugging with Wireshark, off unless a profile names a file.
+pub struct KeyLogFile {
+    file: Mutex<File>,
+}
+
+impl std::fmt::Debug for KeyLogFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyLogFile")
+    }
+}
+
+impl KeyLogFile {
+    /// Opens (creates, mode 0600) `path` for appending.
+    pub fn open(path: &Path) -> Result<KeyLogFile, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("cannot open the key log {}: {e}", path.display()))?;
+        Ok(KeyLogFile {
+            file: Mutex::new(file),
+        })
+    }
+}
+
+impl KeyLog for KeyLogFile {
+    fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
+        let mut line =
+            String::with_capacity(label.len() + 2 + 2 * (client_random.len() + secret.len()));
+        line.push_str(label);
+        line.push(' ');
+        for b in client_random {
+            line.push_str(&format!("{b:02x}"));
+        }
+        line.push(' ');
+        for b in secret {
+            line.push_str(&format!("{b:02x}"));
+        }
+        line.push('\n');
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(line.as_bytes()) {
+            eprintln!("loupe-dataplane: warning: key log write failed: {e}");
+        }
+    }
+
+    fn will_log(&self, _label: &str) -> bool {
+        true
+    }
+}
+
+/// A profile's client configuration, shared by its connections (and with
+/// it the session cache that resumes sessions toward servers).
+pub fn client_config(
+    profile: &Profile,
+    keylog: Option<Arc<dyn KeyLog>>,
+) -> Result<ClientConfig, String> {
+    let provider = Arc::new(provider_for(profile));
+    let algs = provider.signature_verification_algorithms;
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions_for(profile))
+        .map_err(|e| format!("no usable TLS versions, suites and groups: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyChain(algs)))
+        .with_no_client_auth();
+    if let Some(k) = keylog {
+        cfg.key_log = k;
+    }
+    Ok(cfg)
+}
+
+/// The name the engine asks the server for: the client's SNI, or none
+/// (the server's address stands in for certificate checks) when the client
+/// sent none or an IP literal.
+pub fn server_name(sni: Option<&str>, server: IpAddr) -> (ServerName<'static>, bool) {
+    if let Some(s) = sni {
+        if s.parse::<IpAddr>().is_err() {
+            if let Ok(name) = ServerName::try_from(s.to_string()) {
+                return (name, true);
+            }
+        }
+    }
+    (ServerName::IpAddress(server.into()), false)
+}
+
+/// Opens the upstream leg.
+pub fn connect(
+    base: &ClientConfig,
+    name: ServerName<'static>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<(ClientConnection, Arc<ClientAuthProbe>), rustls::Error> {
+    let probe = Arc::new(ClientAuthProbe::default());
+    let mut cfg = base.clone();
+    cfg.client_auth_cert_resolver = probe.clone();
+    // An IP address is never sent as SNI (RFC 6066 §3); rustls does so.
+    let conn = ClientConnection::new_with_alpn(Arc::new(cfg), name, alpn)?;
+    Ok((conn, probe))
+}

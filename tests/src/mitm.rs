@@ -1,0 +1,152 @@
+//! A whole decryption setup for end-to-end tests: the harness, a private
+//! SoftHSM token with Loupe's CAs, the test PKI that signs the server's
+//! certificates (and is the decryption profiles' trust store), the engine
+//! with its HSM signer and control socket, and the daemon running a policy
+//! written by the test. Clients trust the exported forward-trust CA.
+
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Output,
+};
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::{
+    control::{dataplane_socket, Control},
+    engine::Engine,
+    harness::SERVER_V4,
+    https::SERVER_NAME,
+    pki::Pki,
+    softhsm::SoftHsm,
+    Harness, HarnessConfig,
+};
+
+pub struct Mitm {
+    pub control: Control,
+    pub engine: Engine,
+    pub pki: Pki,
+    /// Loupe's forward-trust CAs (EC and RSA), PEM: what clients trust.
+    pub ca: PathBuf,
+    pub hsm: SoftHsm,
+    pub h: Harness,
+}
+
+impl Mitm {
+    /// Starts everything; `policy` gets the test PKI (for `trust_store`
+    /// paths) and returns the policy text.
+    pub fn start(policy: impl FnOnce(&Pki) -> String) -> anyhow::Result<Mitm> {
+        Mitm::start_with(HarnessConfig::default(), &[], policy)
+    }
+
+    /// [`Mitm::start`] with a harness configuration and extra engine
+    /// arguments.
+    pub fn start_with(
+        cfg: HarnessConfig,
+        engine_args: &[&str],
+        policy: impl FnOnce(&Pki) -> String,
+    ) -> anyhow::Result<Mitm> {
+        let h = Harness::new(cfg)?;
+        let hsm = SoftHsm::new("mitm")?;
+        let init = hsm.loupe(&["ca", "init"]);
+        anyhow::ensure!(
+            init.status.success(),
+            "loupe ca init: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let ca = h.dir.join("loupe-ca.pem");
+        let export = hsm.loupe(&["ca", "export", "--out", ca.to_str().context("path")?]);
+        anyhow::ensure!(export.status.success(), "loupe ca export");
+        let pki = Pki::new(&h.dir.join("pki"))?;
+        let policy_path = h.dir.join("policy.toml");
+        std::fs::write(&policy_path, policy(&pki))?;
+        let sock = dataplane_socket(&h);
+        let pin = hsm.pin_file.display().to_string();
+        let audit = hsm.audit_log.display().to_string();
+        let mut args = vec![
+            "--control-socket",
+            sock.to_str().context("path")?,
+            "--hsm-token",
+            &hsm.token,
+            "--hsm-pin-file",
+            &pin,
+            "--audit-log",
+            &audit,
+        ];
+        args.extend_from_slice(engine_args);
+        let engine =
+            Engine::start_with_env(&h, &args, &[("SOFTHSM2_CONF", OsStr::new(&hsm.conf()))])?;
+        let control = Control::start(&h, &sock, Some(&policy_path), &[])?;
+        control.wait_in_sync()?;
+        Ok(Mitm {
+            control,
+            engine,
+            pki,
+            ca,
+            hsm,
+            h,
+        })
+    }
+
+    /// curl arguments for `https://NAME:port/path` at `addr`, trusting
+    /// only Loupe's CA (`--cacert`).
+    pub fn curl_args(&self, name: &str, addr: &str, port: u16, path: &str) -> Vec<String> {
+        let bracketed = if addr.contains(':') {
+            format!("[{addr}]")
+        } else {
+            addr.to_string()
+        };
+        vec![
+            "-sS".into(),
+            "--fail".into(),
+            "--max-time".into(),
+            "120".into(),
+            "--cacert".into(),
+            self.ca.display().to_string(),
+            "--resolve".into(),
+            format!("{name}:{port}:{bracketed}"),
+            format!("https://{name}:{port}/{path}"),
+        ]
+    }
+
+    /// The usual request: the harness server by name over IPv4.
+    pub fn curl_server(&self, path: &str) -> Vec<String> {
+        self.curl_args(SERVER_NAME, SERVER_V4, 443, path)
+    }
+
+    /// Runs a command in the client namespace.
+    pub fn client(&self, program: &str, args: &[String]) -> anyhow::Result<Output> {
+        Ok(self.h.client.command(program).args(args).output()?)
+    }
+
+    /// Signatures the HSM made so far (audit records of kind `sign` whose
+    /// purpose is a mint).
+    pub fn mints(&self) -> usize {
+        mints_in(&self.hsm.audit_log)
+    }
+
+    /// The flow log's records for connections that reached the TLS stage.
+    pub fn tls_records(&self) -> Vec<Value> {
+        self.control
+            .records()
+            .into_iter()
+            .filter(|r| r.get("tls").is_some())
+            .collect()
+    }
+}
+
+/// Mint signatures recorded in an audit log.
+pub fn mints_in(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| {
+            r["kind"] == "sign"
+                && r["purpose"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("mint impersonation certificate"))
+        })
+        .count()
+}

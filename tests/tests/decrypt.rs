@@ -1,0 +1,169 @@
+//! TLS interception end to end: real clients trusting only Loupe's
+//! forward-trust CA fetch from nginx through the engine, whose `decrypt`
+//! rule terminates TLS with an impersonation certificate minted in the
+//! HSM, and re-encrypts toward the server.
+
+use loupe_tests::{
+    harness::{SERVER_V4, SERVER_V6},
+    https::{curl_sha256, Nginx, SERVER_NAME},
+    mitm::Mitm,
+    pki::{Flaw, Key},
+    wait_until,
+};
+
+const MIB: usize = 1 << 20;
+
+/// A policy decrypting everything on 443 with a profile that trusts the
+/// test PKI.
+fn decrypt_all(pki: &loupe_tests::pki::Pki) -> String {
+    format!(
+        r#"[policy]
+default_action = "no-decrypt"
+
+[profiles.lab]
+expired = "block"
+untrusted = "block"
+trust_store = "{}"
+
+[[rules]]
+name = "decrypt-lab"
+dst = ["198.18.0.0/24", "2001:2::/64"]
+action = "decrypt"
+profile = "lab"
+"#,
+        pki.roots.display()
+    )
+}
+
+#[test]
+fn curl_fetches_byte_exact_through_decryption_and_sees_loupes_certificate() {
+    let m = Mitm::start(decrypt_all).expect("setup");
+    let cert = m
+        .pki
+        .leaf(
+            "server",
+            &[SERVER_NAME, SERVER_V4, SERVER_V6],
+            Key::P256,
+            Flaw::None,
+        )
+        .unwrap();
+    let nginx = Nginx::start_with(&m.h, 443, cert, true, "").expect("nginx");
+    let sha = nginx.add_file("blob", 16 * MIB, 7).unwrap();
+
+    // HTTP/2 (curl offers h2 and nginx takes it) and HTTP/1.1, IPv4 and IPv6.
+    for (addr, extra) in [(SERVER_V4, "--http2"), (SERVER_V6, "--http1.1")] {
+        let mut args = m.curl_args(SERVER_NAME, addr, 443, "blob");
+        args.insert(0, extra.into());
+        let (got, len) = curl_sha256(&m.h, &args).expect("curl through decryption");
+        assert_eq!((got.as_str(), len), (sha.as_str(), 16 * MIB as u64));
+    }
+
+    // What the client saw: a chain to Loupe's CA, the server's name.
+    let out = m
+        .client(
+            "curl",
+            &[
+                vec!["-v".into(), "-o".into(), "/dev/null".into()],
+                m.curl_server(""),
+            ]
+            .concat(),
+        )
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("issuer: CN=Loupe Forward Trust CA g1"),
+        "{err}"
+    );
+    assert!(err.contains("subject: CN=server.loupe.test"), "{err}");
+
+    // The decryption log.
+    let r = m
+        .control
+        .wait_record("a decrypted connection's record", |r| {
+            r["tls"]["outcome"] == "decrypted" && r["tls"]["client"]["alpn"] == "h2"
+        })
+        .unwrap();
+    let tls = &r["tls"];
+    assert_eq!(r["action"], "decrypt");
+    assert_eq!(r["rule"], "decrypt-lab");
+    assert_eq!(tls["profile"], "lab");
+    assert_eq!(tls["server"]["alpn"], "h2");
+    assert_eq!(tls["client"]["version"], "TLSv1.3");
+    assert_eq!(tls["server"]["version"], "TLSv1.3");
+    // The engine offers X25519MLKEM768 first; nginx's OpenSSL 3.0 has no
+    // ML-KEM and takes X25519.
+    assert_eq!(tls["server"]["group"], "X25519");
+    assert_eq!(tls["ca"], "forward-trust/g1");
+    assert!(tls["upstream_cert"]["subject"]
+        .as_str()
+        .unwrap()
+        .contains("CN=server.loupe.test"));
+    assert!(
+        tls["plaintext_s2c"].as_u64().unwrap() >= 16 * MIB as u64,
+        "{r}"
+    );
+
+    // One mint served every connection: later ones hit the cache.
+    wait_until("three records", std::time::Duration::from_secs(60), || {
+        let records = m.tls_records();
+        let hits = records
+            .iter()
+            .filter(|r| r["tls"]["cache"] == "hit")
+            .count();
+        if records.len() >= 3 {
+            Ok(Some(hits))
+        } else {
+            Err(format!("{records:#?}"))
+        }
+    })
+    .map(|hits| assert_eq!(hits, 2))
+    .unwrap();
+    assert_eq!(m.mints(), 1, "one HSM signature for one site");
+    let tls = m
+        .engine
+        .wait_stats(
+            "the cache counters",
+            std::time::Duration::from_secs(30),
+            |r| r.tls.clone().filter(|t| t.cache_hits >= 2 && t.active == 0),
+        )
+        .unwrap();
+    assert_eq!(
+        (tls.minted, tls.cache_misses, tls.decrypted),
+        (1, 1, 3),
+        "{tls:?}"
+    );
+}
+
+#[test]
+fn a_client_that_does_not_trust_loupe_fails_with_an_unknown_ca() {
+    let m = Mitm::start(decrypt_all).expect("setup");
+    let cert = m
+        .pki
+        .leaf("server", &[SERVER_NAME], Key::P256, Flaw::None)
+        .unwrap();
+    let _nginx = Nginx::start_with(&m.h, 443, cert, false, "").expect("nginx");
+    let mut args = m.curl_server("");
+    // The test PKI's root instead of Loupe's CA.
+    let i = args.iter().position(|a| a == "--cacert").unwrap();
+    args[i + 1] = m.pki.roots.display().to_string();
+    let out = m.client("curl", &args).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("unable to get local issuer certificate") || err.contains("self-signed"),
+        "{err}"
+    );
+    wait_until(
+        "the record of the refused handshake",
+        std::time::Duration::from_secs(60),
+        || {
+            let recs = m.tls_records();
+            match recs.iter().find(|r| r["tls"]["outcome"] == "no-decrypt") {
+                Some(r) => Ok(Some(r.clone())),
+                None => Err(format!("{recs:?}")),
+            }
+        },
+    )
+    .unwrap();
+}
