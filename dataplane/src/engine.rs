@@ -145,8 +145,13 @@ fn start_tls(
             eprintln!("loupe-dataplane: warning: cannot audit the key log: {e}");
         }
     });
-    let ctx = TlsContext::new(cfg.tls.clone(), Some(signer.handle()), cas, on_keylog)
-        .map_err(EngineError::Tls)?;
+    let ctx = TlsContext::new(
+        cfg.tls.clone(),
+        Some(Arc::new(signer.handle())),
+        cas,
+        on_keylog,
+    )
+    .map_err(EngineError::Tls)?;
     Ok((Arc::new(ctx), token))
 }
 

@@ -79,6 +79,35 @@ impl PendingSignature for loupe_hsm::signer::Ticket {
     }
 }
 
+/// Where CA signatures come from: the HSM signer service (a software
+/// signer in tests). Submitting never blocks.
+pub trait CaSigner: Send + Sync {
+    /// Queues `req`; `waker` is called (once per batch) when it is done.
+    fn submit(
+        &self,
+        req: loupe_hsm::signer::Request,
+        waker: Option<Waker>,
+    ) -> Result<Box<dyn PendingSignature>, String>;
+    /// Whether `token` would take a request now.
+    fn is_up(&self, token: &str) -> bool;
+}
+
+impl CaSigner for loupe_hsm::signer::SignerHandle {
+    fn submit(
+        &self,
+        req: loupe_hsm::signer::Request,
+        waker: Option<Waker>,
+    ) -> Result<Box<dyn PendingSignature>, String> {
+        loupe_hsm::signer::SignerHandle::submit(self, req, waker)
+            .map(|t| Box::new(t) as Box<dyn PendingSignature>)
+            .map_err(|e| e.to_string())
+    }
+
+    fn is_up(&self, token: &str) -> bool {
+        loupe_hsm::signer::SignerHandle::is_up(self, token)
+    }
+}
+
 /// A mint in flight: the signer's ticket and what is needed to finish.
 pub struct MintSlot {
     key: CacheKey,

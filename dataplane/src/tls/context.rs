@@ -19,7 +19,6 @@ use std::{
 use loupe_hsm::{
     ca::{CaFlavor, CaInfo, CaRole},
     mech::SignMech,
-    signer::SignerHandle,
 };
 use rustls::{
     pki_types::CertificateDer,
@@ -30,7 +29,7 @@ use rustls::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    cache::CertCache,
+    cache::{CaSigner, CertCache},
     keys::LeafKeys,
     mint::{CaKeyKind, Issuer},
     upstream::{client_config, provider_for, versions_for, KeyLogFile},
@@ -321,7 +320,7 @@ pub type OnKeyLog = Box<dyn Fn(&str, &str) + Send + Sync>;
 /// Everything the workers' interception shares.
 pub struct TlsContext {
     pub settings: TlsSettings,
-    pub signer: Option<SignerHandle>,
+    pub signer: Option<Arc<dyn CaSigner>>,
     cas: RwLock<Arc<CaSet>>,
     pub keys: Arc<LeafKeys>,
     pub cache: CertCache,
@@ -356,7 +355,7 @@ pub const DEFAULT_PROFILE: &str = "(default)";
 impl TlsContext {
     pub fn new(
         settings: TlsSettings,
-        signer: Option<SignerHandle>,
+        signer: Option<Arc<dyn CaSigner>>,
         cas: CaSet,
         on_keylog: OnKeyLog,
     ) -> Result<TlsContext, String> {

@@ -471,8 +471,6 @@ impl Intercept {
             self.counted = false;
             self.ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
         }
-        self.record.plaintext_c2s = self.pipeline.bytes[0];
-        self.record.plaintext_s2c = self.pipeline.bytes[1];
     }
 
     /// Ends the connection before the client's handshake: an alert to the
@@ -796,9 +794,9 @@ impl Intercept {
                     },
                     waker,
                 )
-                .map_err(|e| MintFailure::Hsm(e.to_string()))?;
+                .map_err(MintFailure::Hsm)?;
             Ok(MintStart {
-                ticket: Box::new(ticket),
+                ticket,
                 not_after: tbs.not_after(),
                 tbs,
                 ca: ca.clone(),
@@ -1014,6 +1012,8 @@ impl Intercept {
                 Ok(n) => {
                     buf.truncate(n);
                     self.pipeline.data(dir, &buf);
+                    self.record.plaintext_c2s = self.pipeline.bytes[0];
+                    self.record.plaintext_s2c = self.pipeline.bytes[1];
                     self.flows[i].pending = buf;
                     progress = true;
                 }

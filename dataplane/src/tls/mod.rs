@@ -18,5 +18,10 @@ pub mod hello;
 pub mod intercept;
 pub mod keys;
 pub mod mint;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod upstream;
 pub mod verify;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,399 @@
+//! The intercept stage driven in memory (see [`super::testkit`]): a real
+//! rustls client and server at either end, Loupe's CAs signing in
+//! software, time chosen by the test.
+
+use std::{
+    io::Write,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use rustls::{AlertDescription, ServerConfig};
+
+use super::testkit::{Kit, Session};
+use crate::{
+    policy::{Fallback, OnError, Profile},
+    stage::Pump,
+    tcp::stream::ByteStream,
+};
+
+const NAME: &str = "shop.example";
+
+fn decrypts(s: &mut Session) {
+    s.run();
+    assert!(!s.client.is_handshaking(), "client: {:?}", s.client_error);
+    assert!(!s.server.is_handshaking(), "server: {:?}", s.server_error);
+}
+
+#[test]
+fn a_connection_is_decrypted_and_bytes_cross_both_ways_exactly() {
+    let kit = Kit::new(Profile::default());
+    let server = kit.server_config(&[NAME], 30, &[b"h2", b"http/1.1"]);
+    let mut s = Session::start(&kit, kit.client_config(&[b"h2", b"http/1.1"]), NAME, server);
+    decrypts(&mut s);
+    // The client sees Loupe's certificate for the server's name and the
+    // protocol the server chose.
+    let chain = s.client.peer_certificates().unwrap();
+    assert_eq!(chain[1].as_ref(), kit.trust_ca.as_ref());
+    assert_eq!(s.client.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(s.server.server_name(), Some(NAME));
+
+    let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    s.client.writer().write_all(&request).unwrap();
+    s.run();
+    assert!(s.server_read() == request, "the request arrives byte-exact");
+    let response: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    s.server.writer().write_all(&response).unwrap();
+    s.run();
+    assert!(
+        s.client_read() == response,
+        "the response arrives byte-exact"
+    );
+
+    let r = s.stage.record();
+    assert_eq!(r.outcome, "decrypted");
+    assert_eq!((r.plaintext_c2s, r.plaintext_s2c), (100_000, 300_000));
+    assert_eq!(r.cache.as_deref(), Some("miss"));
+    assert_eq!(r.ca.as_deref(), Some("forward-trust/g1"));
+    assert_eq!(kit.signer.signed.load(Ordering::SeqCst), 1);
+
+    // close_notify from the client reaches the server, and the FIN
+    // follows toward it once the alert is out.
+    s.client.send_close_notify();
+    s.run();
+    assert!(s.server_closed, "the server reads a close_notify");
+    assert!(s.spipe.closed, "and the FIN follows");
+}
+
+#[test]
+fn a_second_connection_to_the_site_is_served_from_the_cache() {
+    let kit = Kit::new(Profile::default());
+    let server = kit.server_config(&[NAME], 30, &[]);
+    for want in ["miss", "hit"] {
+        let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server.clone());
+        decrypts(&mut s);
+        assert_eq!(s.stage.record().cache.as_deref(), Some(want));
+    }
+    assert_eq!(kit.signer.signed.load(Ordering::SeqCst), 1);
+    assert_eq!(kit.ctx.cache.stats.hits.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_connection_waits_parked_for_the_hsm_and_resumes_when_woken() {
+    let kit = Kit::new(Profile::default());
+    kit.signer.hold.store(true, Ordering::SeqCst);
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server.clone());
+    assert_eq!(s.run(), Pump::Parked);
+    assert!(s.stage.deadline().is_some());
+    assert_eq!(kit.ctx.stats.parked.load(Ordering::Relaxed), 1);
+    // A second connection to the same site joins the same mint.
+    let mut t = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    assert_eq!(t.run(), Pump::Parked);
+    assert_eq!(kit.signer.waiting(), 1, "one signature for both");
+    assert_eq!(kit.wakes.0.load(Ordering::SeqCst), 0);
+    kit.signer.release();
+    assert!(
+        kit.wakes.0.load(Ordering::SeqCst) >= 1,
+        "the worker is woken"
+    );
+    decrypts(&mut s);
+    decrypts(&mut t);
+    assert_eq!(t.stage.record().cache.as_deref(), Some("joined"));
+    assert_eq!(kit.ctx.stats.parked.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn an_hsm_that_never_answers_fails_the_connection_at_the_deadline() {
+    let kit = Kit::new(Profile::default());
+    kit.signer.hold.store(true, Ordering::SeqCst);
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    assert_eq!(s.run(), Pump::Parked);
+    let deadline = s.stage.deadline().unwrap();
+    s.now = deadline + Duration::from_millis(1);
+    s.run();
+    assert_eq!(
+        s.client_error,
+        Some(rustls::Error::AlertReceived(
+            AlertDescription::InternalError
+        ))
+    );
+    assert!(s.aborted.1, "the server is reset");
+    let r = s.stage.record();
+    assert_eq!(r.outcome, "blocked");
+    let e = r.error.as_ref().unwrap();
+    assert_eq!(e.stage, "mint");
+    assert!(e.reason.contains("did not answer"), "{e:?}");
+    // The failed mint is not cached: the next connection tries again.
+    kit.signer.hold.store(false, Ordering::SeqCst);
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let mut t = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    decrypts(&mut t);
+}
+
+#[test]
+fn an_hsm_that_is_down_blocks_per_the_profile() {
+    let kit = Kit::new(Profile::default());
+    kit.signer.down.store(true, Ordering::SeqCst);
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    s.run();
+    assert!(s.client_error.is_some());
+    let r = s.stage.record();
+    assert_eq!(
+        (r.outcome.as_str(), r.error.as_ref().unwrap().stage.as_str()),
+        ("blocked", "mint")
+    );
+    assert!(r.error.as_ref().unwrap().reason.contains("down"), "{r:?}");
+}
+
+#[test]
+fn an_expired_server_certificate_is_blocked_or_passed_on_as_the_profile_says() {
+    // block: an access_denied alert, nothing reaches the server's app.
+    let kit = Kit::new(Profile::default());
+    let server = kit.server_config(&[NAME], -1, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    s.run();
+    assert_eq!(
+        s.client_error,
+        Some(rustls::Error::AlertReceived(AlertDescription::AccessDenied))
+    );
+    let r = s.stage.record();
+    assert_eq!(r.outcome, "blocked");
+    assert_eq!(r.verdict, ["expired"]);
+    assert_eq!(
+        kit.signer.signed.load(Ordering::SeqCst),
+        0,
+        "nothing minted"
+    );
+
+    // pass-on: the forward-untrust CA signs, and a client trusting only the
+    // forward-trust CA refuses it.
+    let kit = Kit::new(Profile {
+        expired: OnError::PassOn,
+        ..Profile::default()
+    });
+    let server = kit.server_config(&[NAME], -1, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    s.run();
+    assert!(
+        matches!(s.client_error, Some(rustls::Error::InvalidCertificate(_))),
+        "{:?}",
+        s.client_error
+    );
+    assert_eq!(s.stage.record().ca.as_deref(), Some("forward-untrust/g1"));
+}
+
+#[test]
+fn a_name_mismatch_is_a_verdict_of_its_own() {
+    let kit = Kit::new(Profile {
+        name_mismatch: OnError::PassOn,
+        ..Profile::default()
+    });
+    let server = kit.server_config(&["other.example"], 30, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    s.run();
+    let r = s.stage.record();
+    assert_eq!(r.verdict, ["name-mismatch"]);
+    assert_eq!(r.ca.as_deref(), Some("forward-untrust/g1"));
+}
+
+#[test]
+fn a_server_that_asks_for_a_client_certificate_is_excluded_not_decrypted() {
+    let kit = Kit::new(Profile::default());
+    let (chain, key) = kit.server_cert(&[NAME], 30);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(kit.root_der.clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .unwrap();
+    let server = Arc::new(
+        ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap(),
+    );
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    s.run();
+    assert_eq!(s.aborted, (true, true), "both halves reset");
+    let r = s.stage.record();
+    assert_eq!(r.outcome, "no-decrypt");
+    assert!(r
+        .error
+        .as_ref()
+        .unwrap()
+        .reason
+        .contains("client certificate"));
+    let ex = kit.ctx.exclusions.list();
+    assert_eq!(ex.len(), 1);
+    assert_eq!(ex[0].sni.as_deref(), Some(NAME));
+}
+
+#[test]
+fn a_client_refusing_the_certificate_puts_the_site_in_the_exclusion_cache() {
+    let kit = Kit::new(Profile::default());
+    let server = kit.server_config(&[NAME], 30, &[]);
+    // A client that trusts something else (a pinned app).
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(kit.root_der.clone()).unwrap();
+    let pinned = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let mut s = Session::start(&kit, pinned, NAME, server);
+    s.run();
+    assert!(s.client_error.is_some());
+    let r = s.stage.record();
+    assert_eq!(r.outcome, "no-decrypt", "{r:?}");
+    assert_eq!(r.error.as_ref().unwrap().stage, "downstream-handshake");
+    let ex = kit.ctx.exclusions.list();
+    assert_eq!(ex.len(), 1, "{ex:?}");
+    assert!(ex[0].reason.contains("refused the certificate"));
+    assert_eq!(kit.ctx.stats.no_decrypt.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_truncation_by_the_server_reaches_the_client_as_a_truncation() {
+    let kit = Kit::new(Profile::default());
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    decrypts(&mut s);
+    s.server.writer().write_all(b"partial").unwrap();
+    s.run();
+    // The server's TCP ends without close_notify.
+    s.spipe.peer_fin = true;
+    s.run();
+    assert_eq!(s.client_read(), b"partial");
+    assert!(s.cpipe.closed, "the client half is closed");
+    assert!(
+        !s.client_closed,
+        "no close_notify is invented for the client"
+    );
+}
+
+#[test]
+fn a_slow_client_holds_back_the_server_within_bounded_memory() {
+    let kit = Kit::new(Profile::default());
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    decrypts(&mut s);
+    // The client half's send buffer is full and nobody drains it.
+    s.cpipe.cap = 64 << 10;
+    let big = vec![7u8; 4 << 20];
+    s.server.writer().write_all(&big).unwrap();
+    // Move the server's records into the server half, but do not let the
+    // client read: pump the stage alone.
+    let mut out = Vec::new();
+    while s.server.wants_write() {
+        s.server.write_tls(&mut out).unwrap();
+    }
+    s.spipe.rx.extend(out);
+    for _ in 0..100 {
+        s.stage
+            .pump(&mut s.cpipe, &mut s.spipe, &mut s.relayed, s.now);
+    }
+    assert!(s.cpipe.tx.len() <= 64 << 10);
+    // Most of the 4 MiB is still unread in the server half: its window
+    // would be closed.
+    assert!(s.spipe.readable() > 3 << 20, "{}", s.spipe.readable());
+}
+
+#[test]
+fn garbage_from_the_client_after_the_hello_ends_with_an_alert_not_a_panic() {
+    let kit = Kit::new(Profile::default());
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    s.run();
+    s.cpipe
+        .rx
+        .extend([23u8, 3, 3, 0, 5, 1, 2, 3, 4, 5, 0xff, 0xff]);
+    let p = s.run();
+    assert!(
+        matches!(p, Pump::Abort { server: true, .. } | Pump::Go),
+        "{p:?}"
+    );
+    assert_eq!(s.stage.record().outcome, "failed");
+}
+
+#[test]
+fn unsupported_versions_fall_back_as_the_profile_says() {
+    // A TLS 1.3-only profile against a TLS 1.2-only server: excluded.
+    let kit = Kit::new(Profile {
+        min_version: crate::policy::TlsVersion::Tls13,
+        unsupported: Fallback::NoDecrypt,
+        ..Profile::default()
+    });
+    let (chain, key) = kit.server_cert(&[NAME], 30);
+    let server = Arc::new(
+        ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap(),
+    );
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    s.run();
+    let r = s.stage.record();
+    assert_eq!(r.outcome, "no-decrypt", "{r:?}");
+    assert_eq!(kit.ctx.exclusions.list().len(), 1);
+}
+
+/// The ClientHello the engine sends upstream, as the server reads it.
+fn upstream_hello(kit: &Kit, alpn: &[&[u8]]) -> crate::tls::hello::ClientHello {
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let mut s = Session::start(kit, kit.client_config(alpn), NAME, server);
+    s.stage
+        .pump(&mut s.cpipe, &mut s.spipe, &mut s.relayed, s.now);
+    let mut scanner = crate::tls::hello::HelloScanner::default();
+    match scanner.feed(&s.spipe.tx) {
+        Some(crate::tls::hello::Hello::Tls(ch)) => ch,
+        other => panic!("no ClientHello upstream: {other:?}"),
+    }
+}
+
+#[test]
+fn the_upstream_hello_is_as_strong_as_a_current_browsers() {
+    // Durumeric et al., "The Security Impact of HTTPS Interception" (NDSS
+    // 2017), grade A: TLS 1.2+, only AEAD suites with forward secrecy, no
+    // broken or weak algorithms offered; and a post-quantum hybrid first.
+    use crate::tls::hello::{TLS12, TLS13};
+    let kit = Kit::new(Profile::default());
+    let ch = upstream_hello(&kit, &[b"h2", b"http/1.1"]);
+    assert_eq!(ch.sni.as_deref(), Some(NAME));
+    assert_eq!(ch.alpn, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+    assert_eq!(ch.versions, [TLS13, TLS12]);
+    assert_eq!(ch.groups.first(), Some(&0x11ec), "X25519MLKEM768 first");
+    for suite in &ch.suites {
+        let name = rustls::CipherSuite::from(*suite);
+        let n = format!("{name:?}");
+        let aead = n.contains("GCM") || n.contains("CHACHA20_POLY1305");
+        let pfs = n.starts_with("TLS13_") || n.contains("ECDHE");
+        assert!((aead && pfs) || *suite == 0x00ff, "weak suite offered: {n}");
+    }
+    // No SHA-1 or MD5 signatures accepted.
+    for scheme in &ch.sig_schemes {
+        let n = format!("{:?}", rustls::SignatureScheme::from(*scheme));
+        assert!(!n.contains("SHA1") && !n.contains("MD5"), "{n}");
+    }
+}
+
+#[test]
+fn a_profile_limits_what_the_upstream_hello_offers() {
+    use crate::tls::hello::TLS13;
+    let kit = Kit::new(Profile {
+        min_version: crate::policy::TlsVersion::Tls13,
+        suites: vec!["TLS13_AES_256_GCM_SHA384".into()],
+        groups: vec!["X25519".into()],
+        ..Profile::default()
+    });
+    let ch = upstream_hello(&kit, &[]);
+    assert_eq!(ch.versions, [TLS13]);
+    assert_eq!(ch.groups, [0x001d]);
+    assert!(
+        ch.suites.iter().all(|s| *s == 0x1302 || *s == 0x00ff),
+        "{:?}",
+        ch.suites
+    );
+}
