@@ -14,6 +14,8 @@
 
 pub mod cache;
 pub mod context;
+#[cfg(any(test, feature = "testkit"))]
+pub mod fuzz;
 pub mod hello;
 pub mod intercept;
 pub mod keys;

@@ -1,0 +1,113 @@
+//! Hostile bytes into the TLS side of the engine: the decision point's
+//! ClientHello parser, and the intercept stage's intake from both the
+//! client and the server after a real handshake began. Nothing may panic,
+//! hang or buffer without bound. The cargo-fuzz targets in `fuzz/` call
+//! [`hello`] and [`intake`]; property tests here run them on random input
+//! in every test run.
+
+use std::sync::{Arc, OnceLock};
+
+use super::{
+    hello::{Hello, HelloScanner},
+    testkit::{Kit, Session},
+};
+use crate::{policy::Profile, stage::Pump, tcp::stream::ByteStream};
+
+/// Arbitrary bytes as a client's first bytes, cut where the input says.
+pub fn hello(data: &[u8]) {
+    let (cuts, bytes) = data.split_at(data.len().min(4));
+    let mut s = HelloScanner::default();
+    let mut rest = bytes;
+    for c in cuts {
+        let n = usize::from(*c).min(rest.len());
+        let (now, later) = rest.split_at(n);
+        rest = later;
+        if let Some(h) = s.feed(now) {
+            check(&mut s, h);
+            return;
+        }
+    }
+    if let Some(h) = s.feed(rest) {
+        check(&mut s, h);
+    }
+}
+
+fn check(s: &mut HelloScanner, h: Hello) {
+    match h {
+        Hello::Tls(_) => assert!(s.take_accepted().is_some()),
+        Hello::NotTls => assert!(s.take_accepted().is_none()),
+    }
+}
+
+/// One kit for every run (CA keys are slow to make).
+fn kit() -> &'static Kit {
+    static KIT: OnceLock<Kit> = OnceLock::new();
+    KIT.get_or_init(|| Kit::new(Profile::default()))
+}
+
+/// A real client starts a decrypted connection to a real server; then the
+/// input decides, step by step, which side gets which hostile bytes (or
+/// which real bytes go through).
+pub fn intake(data: &[u8]) {
+    let kit = kit();
+    let server = kit.server_config(&["fuzz.example"], 30, &[]);
+    let mut s = Session::start(
+        kit,
+        kit.client_config(&[]),
+        "fuzz.example",
+        Arc::clone(&server),
+    );
+    let mut input = data;
+    while let Some((&op, rest)) = input.split_first() {
+        let n = usize::from(rest.first().copied().unwrap_or(0)).min(rest.len().saturating_sub(1));
+        let bytes = rest.get(1..1 + n).unwrap_or_default();
+        input = rest.get(1 + n..).unwrap_or_default();
+        match op % 5 {
+            0 => s.cpipe.rx.extend(bytes),
+            1 => s.spipe.rx.extend(bytes),
+            2 => s.cpipe.peer_fin = true,
+            3 => s.spipe.peer_fin = true,
+            _ => {
+                s.run();
+            }
+        }
+        let p = s
+            .stage
+            .pump(&mut s.cpipe, &mut s.spipe, &mut s.relayed, s.now);
+        if let Pump::Abort { .. } = p {
+            break;
+        }
+        // What the stage buffers toward either half stays within the
+        // halves' buffers.
+        assert!(s.cpipe.unsent() <= s.cpipe.cap && s.spipe.unsent() <= s.spipe.cap);
+    }
+    s.run();
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn arbitrary_first_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            super::hello(&data);
+        }
+
+        #[test]
+        fn hostile_bytes_into_an_interception_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            super::intake(&data);
+        }
+    }
+
+    #[test]
+    fn a_real_hello_with_random_cuts_is_read_whole() {
+        let h = crate::tls::hello::tests::client_hello("x.example", &[b"h2"]);
+        for cut in [0u8, 1, 5, 200, 255] {
+            let mut data = vec![cut, cut, cut, cut];
+            data.extend(&h);
+            super::hello(&data);
+        }
+    }
+}
