@@ -83,6 +83,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// TLS decryption: the exclusion cache of sites left encrypted.
+    Decrypt {
+        #[command(subcommand)]
+        command: DecryptCommand,
+    },
     /// Verify the key-usage audit log, or export its public key.
     Audit {
         #[command(flatten)]
@@ -107,6 +112,20 @@ enum PolicyCommand {
     Apply { file: PathBuf },
     /// The policy the daemon holds (as written; --json: as compiled).
     Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DecryptCommand {
+    /// Sites excluded from decryption (a pinned client refused the
+    /// impersonation certificate; the server wants a client certificate
+    /// or a version the profile does not decrypt) and for how long.
+    Exclusions {
+        /// Forget them all: the next connections are decrypted again.
+        #[arg(long)]
+        clear: bool,
         #[arg(long)]
         json: bool,
     },
@@ -332,6 +351,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::Decrypt {
+            command: DecryptCommand::Exclusions { clear, json },
+        } => {
+            let r = ctl(&cli.socket, &daemon::CtlRequest::Exclusions { clear })?;
+            let list = r.exclusions.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<32} {:<24} {:>9} {:>6}  reason",
+                    "server name", "server", "expires", "hits"
+                );
+                for e in &list {
+                    println!(
+                        "{:<32} {:<24} {:>8}s {:>6}  {}",
+                        e.sni.as_deref().unwrap_or("(none)"),
+                        e.server,
+                        e.expires_in_s,
+                        e.hits,
+                        e.reason
+                    );
+                }
+                if clear {
+                    println!("cleared {} exclusion(s)", list.len());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json } => status(&cli.socket, json),
         Command::Flows { filter, json } => flows(&cli.socket, filter.as_deref(), json),
         Command::Log {

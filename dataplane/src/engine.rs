@@ -500,6 +500,10 @@ pub fn run(
     if let Some((ctx, _)) = &tls {
         ctx.stop();
     }
+    // The context holds an audit sink (for key log records): it goes
+    // before the audit log is closed, which waits for every sink.
+    drop(tls);
+    drop(tls_ctx);
     if let Some((log, signer)) = hsm {
         // Answer what is queued, then seal the audit log.
         signer.shutdown();

@@ -513,6 +513,29 @@ impl StatsReport {
                     .map_or(String::new(), |e| format!(", last error: {e}"))
             );
         }
+        if let Some(t) = &self.tls {
+            let _ = writeln!(
+                s,
+                "decrypt: CA generation {}, {} active ({} waiting for the HSM); handshakes: \
+                 {} decrypted, {} passed on untrusted, {} blocked, {} left encrypted, {} failed; \
+                 certificates: {} cached, {} hits, {} misses, {} joined, {} mint failures; \
+                 {} sites excluded",
+                t.ca_generation,
+                t.active,
+                t.parked,
+                t.decrypted,
+                t.passed_on,
+                t.blocked,
+                t.no_decrypt,
+                t.failed,
+                t.cached,
+                t.cache_hits,
+                t.cache_misses,
+                t.cache_joined,
+                t.mint_failed,
+                t.excluded
+            );
+        }
         let flows: Vec<&FlowSummary> = self.workers.iter().flat_map(|w| &w.flows).collect();
         if !flows.is_empty() {
             let _ = writeln!(

@@ -230,6 +230,87 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         "Flow records lost in the dataplane (queue full).",
         r.log_queue.dropped + sp.log_dropped,
     );
+    if let Some(t) = &r.tls {
+        o.head(
+            "loupe_tls_handshakes_total",
+            "counter",
+            "Decrypt connections by how their TLS handshakes ended.",
+        );
+        for (outcome, n) in [
+            ("decrypted", t.decrypted),
+            ("decrypted-untrusted", t.passed_on),
+            ("blocked", t.blocked),
+            ("no-decrypt", t.no_decrypt),
+            ("failed", t.failed),
+        ] {
+            o.sample("loupe_tls_handshakes_total", &[("outcome", outcome)], n);
+        }
+        o.one(
+            "loupe_tls_active",
+            "gauge",
+            "Connections in the TLS stage now.",
+            t.active,
+        );
+        o.one(
+            "loupe_tls_parked",
+            "gauge",
+            "Connections waiting for an HSM signature now.",
+            t.parked,
+        );
+        o.head(
+            "loupe_tls_cert_cache_total",
+            "counter",
+            "Certificate cache lookups by result.",
+        );
+        for (result, n) in [
+            ("hit", t.cache_hits),
+            ("miss", t.cache_misses),
+            ("joined", t.cache_joined),
+        ] {
+            o.sample("loupe_tls_cert_cache_total", &[("result", result)], n);
+        }
+        o.one(
+            "loupe_tls_cert_cache_size",
+            "gauge",
+            "Impersonation certificates held.",
+            t.cached,
+        );
+        o.one(
+            "loupe_tls_mint_failures_total",
+            "counter",
+            "Mints that failed (HSM refused or timed out, bad signature).",
+            t.mint_failed,
+        );
+        o.one(
+            "loupe_tls_ca_generation",
+            "gauge",
+            "The CA generation minting (0: none, decryption unavailable).",
+            t.ca_generation,
+        );
+        o.one(
+            "loupe_tls_excluded_sites",
+            "gauge",
+            "Sites in the decryption exclusion cache.",
+            t.excluded,
+        );
+        let name = "loupe_tls_mint_latency_seconds";
+        o.head(
+            name,
+            "histogram",
+            "Time from submitting a certificate to the HSM to having it.",
+        );
+        let mut cumulative = 0;
+        for (i, n) in t.mint_counts.iter().enumerate() {
+            cumulative += n;
+            let le = t
+                .mint_bounds_us
+                .get(i)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            o.sample(&format!("{name}_bucket"), &[("le", &le)], cumulative);
+        }
+        o.sample(&format!("{name}_sum"), &[], t.mint_sum_us as f64 / 1e6);
+        o.sample(&format!("{name}_count"), &[], cumulative);
+    }
     if !r.hsm.is_empty() {
         o.head("loupe_hsm_up", "gauge", "Whether each HSM token answers.");
         for h in &r.hsm {

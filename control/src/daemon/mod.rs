@@ -30,6 +30,7 @@ use loupe_dataplane::{
     api::{self, unix, Request, Response},
     policy::Policy,
     stats::StatsReport,
+    tls::context::Exclusion,
 };
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +60,11 @@ pub enum CtlRequest {
     },
     /// The newest lines of the flow log.
     LogTail { lines: usize },
+    /// The dataplane's decryption exclusion cache; with `clear`, emptied.
+    Exclusions {
+        #[serde(default)]
+        clear: bool,
+    },
 }
 
 /// Control's own state, as `loupe status` shows it.
@@ -99,6 +105,8 @@ pub struct CtlResponse {
     pub policy_text: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusions: Option<Vec<Exclusion>>,
 }
 
 impl CtlResponse {
@@ -462,6 +470,28 @@ impl Daemon {
                 files,
                 version: 0,
             }),
+            CtlRequest::Exclusions { clear } => {
+                match client::call::<Response>(
+                    &self.cfg.dataplane,
+                    &Request::Exclusions { clear },
+                    DP_TIMEOUT,
+                ) {
+                    Ok(Response {
+                        ok: true,
+                        exclusions,
+                        ..
+                    }) => CtlResponse {
+                        ok: true,
+                        exclusions,
+                        ..CtlResponse::default()
+                    },
+                    Ok(r) => CtlResponse::error(format!(
+                        "the dataplane refused: {}",
+                        r.error.unwrap_or_default()
+                    )),
+                    Err(e) => CtlResponse::error(format!("cannot reach the dataplane: {e:#}")),
+                }
+            }
             CtlRequest::LogTail { lines } => {
                 let path = lock(&self.state).log.path().to_path_buf();
                 match log::tail(&path, lines.min(100_000)) {

@@ -31,13 +31,11 @@ fn the_shipped_example_compiles_cleanly() {
         .iter()
         .any(|g| g.matches("records-7.health.loupe.test")));
     assert_eq!(c.dataplane.inside.as_deref(), Some("inside"));
-    // Only the unused profile is remarked on.
+    // Nothing to remark on: the profile is used by the decrypt rule.
     let warnings = messages(&c, Severity::Warning);
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(
-        warnings[0].contains("\"strict\" is not used"),
-        "{warnings:?}"
-    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(p.rules[3].action, Action::Decrypt);
+    assert_eq!(p.rules[3].profile.as_deref(), Some("strict"));
     assert_eq!(p.digest.len(), 64);
 }
 

@@ -133,7 +133,9 @@ pub struct TlsError {
 /// The decision beside an active flow in a listing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowDecision {
-    /// `handshake`, `holding`, `split`, `bypass`, `refused`, `ended`.
+    /// `handshake`, `holding`, `split`, `bypass`, `refused`, `ended`; for
+    /// decrypt connections `handshaking`, `minting` (waiting for the HSM),
+    /// `decrypted`, `tls-ended`.
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<Action>,

@@ -445,10 +445,13 @@ impl Sessions {
             Entry::Tracking(t) if t.hold.is_some() => with("holding", None, (0, 0)),
             Entry::Tracking(_) => with("handshake", None, (0, 0)),
             Entry::Split { split, meta, .. } => {
-                let state = if meta.action == Some(Action::Block) {
-                    "refused"
-                } else {
-                    "split"
+                let state = match (meta.action, split.stage().tls_record()) {
+                    (Some(Action::Block), _) => "refused",
+                    (_, Some(_)) if split.parked() => "minting",
+                    (_, Some(t)) if t.outcome.starts_with("decrypted") => "decrypted",
+                    (_, Some(t)) if t.outcome.is_empty() => "handshaking",
+                    (_, Some(_)) => "tls-ended",
+                    _ => "split",
                 };
                 with(state, Some(meta), split.relayed())
             }

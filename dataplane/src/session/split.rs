@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::{
     stage::{Pump, Stage},
     tcp::{
-        conn::{Conn, State},
+        conn::{Abort, Conn, State},
         split::Dir,
     },
     wire::segment::Segment,
@@ -130,12 +130,15 @@ impl Split {
         if self.stage.is_refusal() {
             return self.client.poll_transmit(now).map(|s| (Dir::Client, s));
         }
-        if self.client.aborted().is_some() && self.server.state() != State::Closed {
+        // (A half the stage aborted on purpose, `Abort::Local`, does not
+        // take the other down: the stage said what the other gets.)
+        let lost = |c: &Conn| matches!(c.aborted(), Some(Abort::Reset | Abort::TimedOut));
+        if lost(&self.client) && self.server.state() != State::Closed {
             if let Some(rst) = self.server.abort() {
                 return Some((Dir::Server, rst));
             }
         }
-        if self.server.aborted().is_some() && self.client.state() != State::Closed {
+        if lost(&self.server) && self.client.state() != State::Closed {
             if let Some(rst) = self.client.abort() {
                 return Some((Dir::Client, rst));
             }

@@ -1,12 +1,15 @@
 //! The README's demo: a private SoftHSM2 token with the CAs made on it, a
 //! three-namespace harness, the engine on the wire with the HSM signer
-//! running, the control daemon running `policy/example.toml`, nginx
-//! serving HTTPS on the server side, curl fetching from the client side
-//! over IPv4 and IPv6 (split), as a bank (passed to the fast path) and as
-//! malware (blocked), a ping on the fast path; then the flows, the flow
-//! log, the metrics, what the engine saw and the verified key-usage audit
-//! log. Everything is torn down at the end (and by `scripts/demo`'s sweep
-//! if interrupted).
+//! running, the control daemon running `policy/example.toml` (its strict
+//! profile pointed at the lab's root CA), nginx serving HTTPS with a
+//! certificate from that lab CA, curl (trusting only Loupe's CA) fetching
+//! through TLS decryption over IPv4 and IPv6, the impersonation
+//! certificate it sees, the cache hit of a second request, a site with an
+//! expired certificate blocked, a bank passed to the fast path with its
+//! own certificate, malware blocked, a ping on the fast path; then the
+//! flows, the decryption log, the metrics, what the engine saw and the
+//! verified key-usage audit log. Everything is torn down at the end (and
+//! by `scripts/demo`'s sweep if interrupted).
 
 use std::{ffi::OsStr, process::Output, time::Duration};
 
@@ -15,10 +18,13 @@ use loupe_tests::{
     control::{dataplane_socket, Control},
     engine::Engine,
     harness::{CLIENT_V4, SERVER_V4, SERVER_V6},
-    https::{curl_sha256, Nginx},
+    https::{curl_sha256, Nginx, SERVER_NAME},
+    mitm::mints_in,
+    pki::{Flaw, Key, Pki},
     softhsm::SoftHsm,
     Harness, HarnessConfig,
 };
+use serde_json::Value;
 
 fn step(s: &str) {
     println!("\n==> {s}");
@@ -96,9 +102,27 @@ fn main() -> anyhow::Result<()> {
         r.workers.len()
     );
 
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/example.toml");
-    let example = example.canonicalize().context("policy/example.toml")?;
-    step("control: `loupe policy check policy/example.toml`, then `loupe daemon` applies it");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy");
+    let shipped = shipped.canonicalize().context("policy/")?;
+    step("lab PKI: a root CA and an intermediate sign the lab server's certificates");
+    let pki = Pki::new(&h.dir.join("pki"))?;
+    println!(
+        "    root {} (the strict profile's trust store)",
+        pki.roots.display()
+    );
+    // The shipped policy, with the strict profile trusting the lab's root
+    // (a real deployment keeps the system bundle).
+    let example = h.dir.join("example.toml");
+    let text = std::fs::read_to_string(shipped.join("example.toml"))?.replace(
+        "# trust_store = \"roots.pem\"",
+        &format!("trust_store = \"{}\"", pki.roots.display()),
+    );
+    std::fs::write(&example, text)?;
+    std::fs::copy(
+        shipped.join("categories.toml"),
+        h.dir.join("categories.toml"),
+    )?;
+    step("control: `loupe policy check` of policy/example.toml (trust_store set to the lab root), then `loupe daemon` applies it");
     let check = std::process::Command::new(loupe_tests::workspace_bin("loupe"))
         .args(["policy", "check"])
         .arg(&example)
@@ -120,38 +144,96 @@ fn main() -> anyhow::Result<()> {
         status.exempt.join(", ")
     );
 
-    step("server: nginx with HTTPS on 443");
-    let nginx = Nginx::start(&h, 443)?;
+    step("server: nginx with HTTPS on 443 (a lab certificate) and on 8443 (an expired one)");
+    let good = pki.leaf(
+        "server",
+        &[
+            SERVER_NAME,
+            "www.bank.loupe.test",
+            "x.malware.loupe.test",
+            SERVER_V4,
+            SERVER_V6,
+        ],
+        Key::P256,
+        Flaw::None,
+    )?;
+    let nginx = Nginx::start_with(&h, 443, good, true, "")?;
     let sha = nginx.add_file("payload.bin", 16 << 20, 42)?;
+    let expired = pki.leaf("expired", &[SERVER_NAME], Key::P256, Flaw::Expired)?;
+    let _old = Nginx::start_with(&h, 8443, expired, false, "")?;
 
-    step(
-        "client: curl https://server.loupe.test/ over IPv4 and IPv6 (rule lab-servers: tcp-split)",
+    let ca = ca_pem.display().to_string();
+    let curl = |name: &str, addr: &str, port: u16, path: &str, cacert: &str| -> Vec<String> {
+        let host = if addr.contains(':') {
+            format!("[{addr}]")
+        } else {
+            addr.to_string()
+        };
+        vec![
+            "-sS".into(),
+            "--fail".into(),
+            "--max-time".into(),
+            "60".into(),
+            "--cacert".into(),
+            cacert.into(),
+            "--resolve".into(),
+            format!("{name}:{port}:{host}"),
+            format!("https://{name}:{port}/{path}"),
+        ]
+    };
+    step("client: curl https://server.loupe.test/ trusting only Loupe's CA (rule lab-servers: decrypt)");
+    let mut verbose = curl(SERVER_NAME, SERVER_V4, 443, "", &ca);
+    verbose.extend(["-v".into(), "-o".into(), "/dev/null".into()]);
+    let out = h.client.command("curl").args(&verbose).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl through decryption failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    for addr in [SERVER_V4, SERVER_V6] {
-        let out = h.client.exec(
-            "curl",
-            &nginx
-                .curl_args(addr, "")
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        )?;
-        println!(
-            "    [{addr}] {}",
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
+    for line in String::from_utf8_lossy(&out.stderr).lines().filter(|l| {
+        [
+            "SSL connection using",
+            "ALPN: server accepted",
+            "subject:",
+            "issuer:",
+            "SSL certificate verify",
+        ]
+        .iter()
+        .any(|k| l.contains(k))
+    }) {
+        println!("    {}", line.trim_start_matches("* ").trim());
     }
-    let (got, len) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "payload.bin"))?;
-    let verdict = if got == sha { "byte-exact" } else { "MISMATCH" };
-    println!("    16 MiB download via the userspace wire: {len} bytes, sha256 {verdict}");
-    anyhow::ensure!(got == sha, "download differs from the served file");
+    for addr in [SERVER_V4, SERVER_V6] {
+        let (got, len) = curl_sha256(&h, &curl(SERVER_NAME, addr, 443, "payload.bin", &ca))?;
+        let verdict = if got == sha { "byte-exact" } else { "MISMATCH" };
+        println!("    [{addr}] 16 MiB decrypted, inspected and re-encrypted: {len} bytes, sha256 {verdict}");
+        anyhow::ensure!(got == sha, "download differs from the served file");
+    }
+    let mints = mints_in(&hsm.audit_log);
+    println!("    HSM signatures for impersonation certificates so far: {mints} (three connections, one site: the cache served the rest)");
+
+    step("client: https://server.loupe.test:8443/ (its certificate expired yesterday)");
+    let out = h
+        .client
+        .command("curl")
+        .args(curl(SERVER_NAME, SERVER_V4, 8443, "", &ca))
+        .output()?;
+    anyhow::ensure!(!out.status.success(), "the expired site was not blocked");
+    println!("    {}", String::from_utf8_lossy(&out.stderr).trim());
 
     step("client: as www.bank.loupe.test (category financial-services) and x.malware.loupe.test");
-    let bank = nginx.curl_args_for("www.bank.loupe.test", SERVER_V4, "payload.bin");
+    let lab_root = pki.roots.display().to_string();
+    let bank = curl(
+        "www.bank.loupe.test",
+        SERVER_V4,
+        443,
+        "payload.bin",
+        &lab_root,
+    );
     let (got, len) = curl_sha256(&h, &bank)?;
     anyhow::ensure!(got == sha, "the bank download differs");
-    println!("    www.bank.loupe.test: {len} bytes, byte-exact, no-decrypt: released to the XDP fast path");
-    let malware = nginx.curl_args_for("x.malware.loupe.test", SERVER_V4, "");
+    println!("    www.bank.loupe.test: {len} bytes, byte-exact, the server's own certificate (the lab root verifies it): no-decrypt, released to the XDP fast path");
+    let malware = curl("x.malware.loupe.test", SERVER_V4, 443, "", &ca);
     let out = h.client.command("curl").args(&malware).output()?;
     anyhow::ensure!(!out.status.success(), "the blocked request succeeded");
     println!(
@@ -169,19 +251,27 @@ fn main() -> anyhow::Result<()> {
 
     step("`loupe flows`: active flows, their decision and rule");
     show("loupe flows", control.cli(&["flows"])?)?;
-    step("`loupe log tail`: the flow log, one JSON line per decided connection");
+    step("the decryption log: one JSON line per connection (a first one, a cache hit, the expired site)");
     control.wait_record("the bank's record", |r| {
         r["rule"] == "exempt-finance-and-health"
     })?;
-    control.wait_record("a split's record", |r| r["action"] == "tcp-split")?;
-    show("loupe log tail", control.cli(&["log", "tail", "-n", "4"])?)?;
+    let first = control.wait_record("a decrypted connection", |r| r["tls"]["cache"] == "miss")?;
+    let hit = control.wait_record("a cache hit", |r| r["tls"]["cache"] == "hit")?;
+    let blocked = control.wait_record("the expired site", |r| r["tls"]["outcome"] == "blocked")?;
+    for r in [&first, &hit, &blocked] {
+        println!("    {}", compact(r));
+    }
+    step("`loupe log tail -n 3`");
+    show("loupe log tail", control.cli(&["log", "tail", "-n", "3"])?)?;
     step("metrics (excerpt of http://127.0.0.1:9464/metrics in the engine namespace)");
     for line in control.metrics()?.lines().filter(|l| {
         [
             "loupe_decisions_total",
             "loupe_policy_version",
             "loupe_hsm_up",
-            "loupe_split_bytes_total",
+            "loupe_tls_handshakes_total",
+            "loupe_tls_cert_cache_total",
+            "loupe_tls_mint_latency_seconds_count",
         ]
         .iter()
         .any(|m| l.starts_with(m))
@@ -199,6 +289,7 @@ fn main() -> anyhow::Result<()> {
             .any(|f| f.client.starts_with(&client) && f.outside.bytes >= 16 << 20)
             .then_some(())
     })?;
+    drop(nginx);
     let (status, _, out, err) = engine.stop();
     print!("{out}");
     anyhow::ensure!(status.success(), "engine exited with {status}: {err}");
@@ -215,8 +306,32 @@ fn main() -> anyhow::Result<()> {
     )?;
 
     step("teardown: engine stopped, XDP detached, namespaces and the token removed");
-    drop(nginx);
     h.destroy()?;
     drop(hsm);
     Ok(())
+}
+
+/// A decryption log record on one line, the fields that tell the story.
+fn compact(r: &Value) -> String {
+    let t = &r["tls"];
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    format!(
+        "{} {} rule={} outcome={} client={}/{}/{} server={}/{}/{} cert=[{} by {}] verdict={} ca={} cache={}{}",
+        s(&r["sni"]),
+        s(&r["server"]),
+        s(&r["rule"]),
+        s(&t["outcome"]),
+        s(&t["client"]["version"]),
+        s(&t["client"]["suite"]),
+        s(&t["client"]["alpn"]),
+        s(&t["server"]["version"]),
+        s(&t["server"]["group"]),
+        s(&t["server"]["alpn"]),
+        s(&t["upstream_cert"]["subject"]),
+        s(&t["upstream_cert"]["issuer"]),
+        t["verdict"].as_array().map_or("[]".into(), |v| format!("{v:?}")),
+        s(&t["ca"]),
+        s(&t["cache"]),
+        t["error"]["reason"].as_str().map_or(String::new(), |e| format!(" error={e}"))
+    )
 }
