@@ -20,6 +20,7 @@ pub mod proc;
 pub mod raw;
 pub mod softhsm;
 pub mod tcp;
+pub mod tlspeer;
 pub mod wait;
 
 pub use engine::Engine;
