@@ -169,19 +169,26 @@ pub enum Mode {
     Up,
 }
 
-/// Runs `conns` connections at once, each moving `bytes` (`mode`), to
-/// `host` at the server's IPv4 address, trusting `cafile`; returns the
-/// client's summary (`ok`, `errors`, `bytes`, `secs`, `issuers`).
+/// What the clients do: `conns` connections at once, each moving `bytes`
+/// one way.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    pub mode: Mode,
+    pub bytes: usize,
+    pub conns: usize,
+}
+
+/// Runs `load` against `host` at the server's IPv4 address and `port`,
+/// trusting `cafile`; returns the client's summary (`ok`, `errors`,
+/// `bytes`, `secs`, `issuers`).
 pub fn run_clients(
     h: &Harness,
-    mode: Mode,
-    bytes: usize,
-    conns: usize,
-    host: &str,
-    port: u16,
+    load: Load,
+    (host, port): (&str, u16),
     cafile: &std::path::Path,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
+    let Load { mode, bytes, conns } = load;
     let mode = match mode {
         Mode::Down => "down",
         Mode::Up => "up",

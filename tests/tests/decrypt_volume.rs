@@ -10,7 +10,7 @@ use loupe_tests::{
     impair::{ImpairProc, LOSSY},
     mitm::Mitm,
     pki::{Flaw, Key, Pki},
-    tlspeer::{run_clients, Mode, PeerServer},
+    tlspeer::{run_clients, Load, Mode, PeerServer},
     HarnessConfig,
 };
 use serde_json::Value;
@@ -67,11 +67,12 @@ fn a_quarter_gigabyte_each_way_arrives_byte_exact() {
     for mode in [Mode::Down, Mode::Up] {
         let r = run_clients(
             &m.h,
-            mode,
-            256 * MIB,
-            1,
-            SERVER_NAME,
-            443,
+            Load {
+                mode,
+                bytes: 256 * MIB,
+                conns: 1,
+            },
+            (SERVER_NAME, 443),
             &m.ca,
             Duration::from_secs(600),
         )
@@ -98,11 +99,12 @@ fn five_hundred_decrypted_connections_at_once_are_each_byte_exact() {
     let _peer = peer(&m);
     let r = run_clients(
         &m.h,
-        Mode::Down,
-        256 << 10,
-        500,
-        SERVER_NAME,
-        443,
+        Load {
+            mode: Mode::Down,
+            bytes: 256 << 10,
+            conns: 500,
+        },
+        (SERVER_NAME, 443),
         &m.ca,
         Duration::from_secs(600),
     )
@@ -142,11 +144,12 @@ fn decryption_survives_loss_reordering_and_duplication_both_ways() {
     for mode in [Mode::Down, Mode::Up] {
         let r = run_clients(
             &m.h,
-            mode,
-            64 * MIB,
-            1,
-            SERVER_NAME,
-            443,
+            Load {
+                mode,
+                bytes: 64 * MIB,
+                conns: 1,
+            },
+            (SERVER_NAME, 443),
             &m.ca,
             Duration::from_secs(900),
         )
