@@ -321,6 +321,9 @@ struct Lane {
     sleepers: AtomicUsize,
     down: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// When the module was last re-initialized for this token (one
+    /// thread does it for all, at most once a second).
+    reinitialized: Mutex<Option<Instant>>,
     stats: LaneStats,
 }
 
@@ -424,6 +427,7 @@ impl Signer {
                 sleepers: AtomicUsize::new(0),
                 down: AtomicBool::new(false),
                 last_error: Mutex::new(None),
+                reinitialized: Mutex::new(None),
                 stats: LaneStats::default(),
             });
         }
@@ -792,6 +796,19 @@ impl HsmThread {
                 Err(e @ Reopen::Pin(_)) => lane.set_down(e.reason()),
                 Err(e) => {
                     *lane.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.reason());
+                    if matches!(&e, Reopen::Token(t) if t.is_session_lost() && !matches!(t, HsmError::PinIncorrect(_) | HsmError::PinLocked(_)))
+                    {
+                        // A device that stays lost may need the module to
+                        // reconnect (a network HSM's client library does
+                        // only at C_Initialize).
+                        let mut last = lane.reinitialized.lock().unwrap_or_else(|p| p.into_inner());
+                        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                            *last = Some(Instant::now());
+                            if let Err(e) = lane.token.reinitialize_module() {
+                                eprintln!("loupe: HSM token {:?}: {e}", lane.token.label());
+                            }
+                        }
+                    }
                     if matches!(&e, Reopen::Token(t) if !matches!(t, HsmError::PinIncorrect(_))) {
                         // The token may be back in another slot.
                         let _ = lane.token.refind_slot();

@@ -177,6 +177,28 @@ impl Token {
         Slot::try_from(id).expect("slot ids come from the module")
     }
 
+    /// Finalizes and initializes the module again (C_Finalize,
+    /// C_Initialize). A client library that lost its link to a network HSM
+    /// (p11-kit's, and some vendors') only reconnects then. Every session
+    /// this process has on the module is gone afterwards: the HSM threads
+    /// re-open theirs on their next failure, as after any outage.
+    pub fn reinitialize_module(&self) -> Result<()> {
+        let _scan = slot_list_lock();
+        let ctx = &self.inner.ctx;
+        let err = |reason: String| HsmError::Module {
+            path: self.inner.config.module.display().to_string(),
+            reason,
+        };
+        match ctx.clone().finalize() {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
+            Err(e) => return Err(err(format!("C_Finalize: {e}"))),
+        }
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+            Err(e) => Err(err(format!("C_Initialize: {e}"))),
+        }
+    }
+
     /// Looks the token up by label again (after it went away).
     pub fn refind_slot(&self) -> Result<()> {
         let slot = find_slot(&self.inner.ctx, &self.inner.config.module, self.label())?;

@@ -19,7 +19,7 @@ use crate::{
     harness::SERVER_V4,
     https::SERVER_NAME,
     pki::Pki,
-    softhsm::SoftHsm,
+    softhsm::{RemoteHsm, SoftHsm, P11_KIT_CLIENT},
     Harness, HarnessConfig,
 };
 
@@ -29,8 +29,21 @@ pub struct Mitm {
     pub pki: Pki,
     /// Loupe's forward-trust CAs (EC and RSA), PEM: what clients trust.
     pub ca: PathBuf,
+    /// The token served over p11-kit, when asked for (dropped before the
+    /// token's directory).
+    pub remote: Option<RemoteHsm>,
     pub hsm: SoftHsm,
     pub h: Harness,
+}
+
+/// How a [`Mitm`] is set up.
+#[derive(Default)]
+pub struct Options {
+    pub harness: HarnessConfig,
+    pub engine_args: Vec<String>,
+    /// The engine reaches the token through `p11-kit server` (which the
+    /// test can stop and start) instead of loading SoftHSM itself.
+    pub remote_hsm: bool,
 }
 
 impl Mitm {
@@ -47,7 +60,19 @@ impl Mitm {
         engine_args: &[&str],
         policy: impl FnOnce(&Pki) -> String,
     ) -> anyhow::Result<Mitm> {
-        let h = Harness::new(cfg)?;
+        Mitm::start_opts(
+            Options {
+                harness: cfg,
+                engine_args: engine_args.iter().map(|a| a.to_string()).collect(),
+                remote_hsm: false,
+            },
+            policy,
+        )
+    }
+
+    /// [`Mitm::start`] as `opts` say.
+    pub fn start_opts(opts: Options, policy: impl FnOnce(&Pki) -> String) -> anyhow::Result<Mitm> {
+        let h = Harness::new(opts.harness)?;
         let hsm = SoftHsm::new("mitm")?;
         let init = hsm.loupe(&["ca", "init"]);
         anyhow::ensure!(
@@ -74,9 +99,23 @@ impl Mitm {
             "--audit-log",
             &audit,
         ];
-        args.extend_from_slice(engine_args);
-        let engine =
-            Engine::start_with_env(&h, &args, &[("SOFTHSM2_CONF", OsStr::new(&hsm.conf()))])?;
+        args.extend(opts.engine_args.iter().map(String::as_str));
+        let conf = hsm.conf();
+        let remote = if opts.remote_hsm {
+            Some(RemoteHsm::start(&hsm)?)
+        } else {
+            None
+        };
+        let address = remote.as_ref().map(RemoteHsm::address).unwrap_or_default();
+        if remote.is_some() {
+            args.extend(["--hsm-module", P11_KIT_CLIENT]);
+        }
+        let env: Vec<(&str, &OsStr)> = if remote.is_some() {
+            vec![("P11_KIT_SERVER_ADDRESS", OsStr::new(&address))]
+        } else {
+            vec![("SOFTHSM2_CONF", conf.as_os_str())]
+        };
+        let engine = Engine::start_with_env(&h, &args, &env)?;
         let control = Control::start(&h, &sock, Some(&policy_path), &[])?;
         control.wait_in_sync()?;
         Ok(Mitm {
@@ -84,6 +123,7 @@ impl Mitm {
             engine,
             pki,
             ca,
+            remote,
             hsm,
             h,
         })

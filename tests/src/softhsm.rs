@@ -103,3 +103,86 @@ impl Drop for SoftHsm {
         }
     }
 }
+
+/// The sandbox's token served over a Unix socket by `p11-kit server`, as a
+/// network HSM is reached over the network: the engine loads the p11-kit
+/// client module, and the test can take the "HSM" down (kill the server)
+/// and bring it back (start it again on the same socket).
+pub struct RemoteHsm {
+    proc: Option<crate::proc::Proc>,
+    pub socket: PathBuf,
+    conf: PathBuf,
+    token: String,
+}
+
+/// p11-kit's client module (Debian's p11-kit-modules).
+pub const P11_KIT_CLIENT: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
+
+impl RemoteHsm {
+    pub fn start(hsm: &SoftHsm) -> anyhow::Result<RemoteHsm> {
+        let mut r = RemoteHsm {
+            proc: None,
+            socket: hsm.dir.join("p11-kit.sock"),
+            conf: hsm.conf(),
+            token: hsm.token.clone(),
+        };
+        r.up()?;
+        Ok(r)
+    }
+
+    /// `P11_KIT_SERVER_ADDRESS` for clients.
+    pub fn address(&self) -> String {
+        format!("unix:path={}", self.socket.display())
+    }
+
+    /// Starts the server (again).
+    pub fn up(&mut self) -> anyhow::Result<()> {
+        let _ = fs::remove_file(&self.socket);
+        let run = self.socket.with_extension("run");
+        fs::create_dir_all(&run)?;
+        use std::os::unix::process::CommandExt;
+        // Its own process group: the server forks a process per client,
+        // and an outage must take them all.
+        let child = Command::new("p11-kit")
+            .process_group(0)
+            .args(["server", "-f", "-n"])
+            .arg(&self.socket)
+            .args(["--provider", "/usr/lib/softhsm/libsofthsm2.so"])
+            .arg(format!("pkcs11:token={}", self.token))
+            .env("SOFTHSM2_CONF", &self.conf)
+            .env("XDG_RUNTIME_DIR", &run)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("p11-kit server (Debian's p11-kit, installed by scripts/setup)")?;
+        let mut p = crate::proc::Proc::new("p11-kit server", child);
+        let socket = self.socket.clone();
+        p.wait_ready(
+            "p11-kit to serve the token",
+            std::time::Duration::from_secs(30),
+            || Ok(socket.exists()),
+        )?;
+        self.proc = Some(p);
+        Ok(())
+    }
+
+    /// Kills the server and the processes it forked for its clients
+    /// (SIGKILL to the process group it leads): the HSM is gone.
+    pub fn down(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let pgid = p.pid() as i32;
+            // SAFETY: kill(2) on the process group our child leads (made
+            // with process_group(0)); the child is not reaped yet, so the
+            // group id cannot have been reused.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            p.wait_timeout(std::time::Duration::from_secs(30));
+        }
+    }
+}
+
+impl Drop for RemoteHsm {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
