@@ -179,6 +179,30 @@ impl SplitCounters {
         self.refused += o.refused;
         self.log_dropped += o.log_dropped;
         self.bogus_resets += o.bogus_resets;
+        self.intercepted += o.intercepted;
+        self.not_decrypted += o.not_decrypted;
+    }
+}
+
+#[cfg(test)]
+mod split_counter_tests {
+    use super::SplitCounters;
+
+    #[test]
+    fn adding_workers_counters_sums_every_field() {
+        // Every field at 1, through serde (so a field added later is in).
+        let mut v = serde_json::to_value(SplitCounters::default()).unwrap();
+        for (_, f) in v.as_object_mut().unwrap().iter_mut() {
+            *f = 1.into();
+        }
+        let one: SplitCounters = serde_json::from_value(v).unwrap();
+        let mut sum = SplitCounters::default();
+        sum.add(&one);
+        sum.add(&one);
+        let sum = serde_json::to_value(sum).unwrap();
+        for (name, f) in sum.as_object().unwrap() {
+            assert_eq!(f, 2, "field {name} is not summed");
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! or panic: processes it started (by PID), its namespaces (and with them
 //! every link and XDP program in them), its temporary directory.
 
+pub mod clients;
 pub mod control;
 pub mod engine;
 pub mod frames;
@@ -21,6 +22,7 @@ pub mod raw;
 pub mod softhsm;
 pub mod tcp;
 pub mod tlspeer;
+pub mod verdicts;
 pub mod wait;
 
 pub use engine::Engine;

@@ -190,3 +190,29 @@ pub fn mints_in(path: &Path) -> usize {
         })
         .count()
 }
+
+/// A policy decrypting the harness's servers (ports 443 and 8443-8460)
+/// with the profile `lab`, which trusts the test PKI's root; the lines of
+/// `profile_extra` go into the profile (its other options keep their
+/// defaults: certificate problems blocked), `rules_before` goes before the
+/// decrypt rule.
+pub fn lab_policy(pki: &Pki, profile_extra: &str, rules_before: &str) -> String {
+    format!(
+        r#"[policy]
+default_action = "no-decrypt"
+
+[profiles.lab]
+trust_store = "{}"
+{profile_extra}
+
+{rules_before}
+[[rules]]
+name = "decrypt-lab"
+dst = ["198.18.0.0/24", "2001:2::/64"]
+ports = [443, "8443-8460"]
+action = "decrypt"
+profile = "lab"
+"#,
+        pki.roots.display()
+    )
+}

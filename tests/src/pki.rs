@@ -71,6 +71,30 @@ fn key_for(k: Key) -> anyhow::Result<KeyPair> {
     })
 }
 
+/// A server leaf's parameters: the first name as CN, every name (DNS or
+/// IP) as a SAN, for server authentication, valid from `from` to `until`.
+fn leaf_params(
+    names: &[&str],
+    from: time::OffsetDateTime,
+    until: time::OffsetDateTime,
+) -> anyhow::Result<CertificateParams> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
+    p.distinguished_name = dn;
+    for n in names {
+        p.subject_alt_names
+            .push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*n).try_into()?),
+            });
+    }
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    (p.not_before, p.not_after) = (from, until);
+    Ok(p)
+}
+
 fn ca_params(cn: &str, ca: bool) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -154,21 +178,8 @@ impl Pki {
         } else {
             names.to_vec()
         };
-        let mut p = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
-        p.distinguished_name = dn;
-        for n in &names {
-            p.subject_alt_names
-                .push(match n.parse::<std::net::IpAddr>() {
-                    Ok(ip) => SanType::IpAddress(ip),
-                    Err(_) => SanType::DnsName((*n).try_into()?),
-                });
-        }
-        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
-        (p.not_before, p.not_after) = match flaw {
+        let (from, until) = match flaw {
             Flaw::Expired => (
                 now - time::Duration::days(60),
                 now - time::Duration::days(1),
@@ -182,6 +193,7 @@ impl Pki {
                 now + time::Duration::days(60),
             ),
         };
+        let p = leaf_params(&names, from, until)?;
         let (leaf, chain) = match flaw {
             Flaw::SelfSigned => (p.self_signed(&k)?, String::new()),
             Flaw::UnknownRoot => (p.signed_by(&k, &self.stranger.issuer)?, String::new()),
@@ -196,6 +208,26 @@ impl Pki {
             ),
         };
         std::fs::write(&cert, leaf.pem() + &chain)?;
+        std::fs::write(&keyf, k.serialize_pem())?;
+        Ok(ServerCert { cert, key: keyf })
+    }
+
+    /// A P-256 leaf under the intermediate for `names` (DNS names), valid
+    /// from `not_before` to `not_after` (e.g. one that expired minutes ago),
+    /// written as `<tag>.crt` (chain) and `<tag>.key`.
+    pub fn leaf_valid(
+        &self,
+        tag: &str,
+        names: &[&str],
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> anyhow::Result<ServerCert> {
+        let cert = self.dir.join(format!("{tag}.crt"));
+        let keyf = self.dir.join(format!("{tag}.key"));
+        let k = key_for(Key::P256)?;
+        let p = leaf_params(names, not_before, not_after)?;
+        let leaf = p.signed_by(&k, &self.inter.issuer)?;
+        std::fs::write(&cert, leaf.pem() + &self.inter.cert_pem)?;
         std::fs::write(&keyf, k.serialize_pem())?;
         Ok(ServerCert { cert, key: keyf })
     }

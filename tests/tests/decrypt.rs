@@ -6,33 +6,16 @@
 use loupe_tests::{
     harness::{SERVER_V4, SERVER_V6},
     https::{curl_sha256, Nginx, SERVER_NAME},
-    mitm::Mitm,
+    mitm::{lab_policy, Mitm},
     pki::{Flaw, Key},
     wait_until,
 };
 
 const MIB: usize = 1 << 20;
 
-/// A policy decrypting everything on 443 with a profile that trusts the
-/// test PKI.
+/// Everything the harness serves decrypted, the test PKI trusted.
 fn decrypt_all(pki: &loupe_tests::pki::Pki) -> String {
-    format!(
-        r#"[policy]
-default_action = "no-decrypt"
-
-[profiles.lab]
-expired = "block"
-untrusted = "block"
-trust_store = "{}"
-
-[[rules]]
-name = "decrypt-lab"
-dst = ["198.18.0.0/24", "2001:2::/64"]
-action = "decrypt"
-profile = "lab"
-"#,
-        pki.roots.display()
-    )
+    lab_policy(pki, "", "")
 }
 
 #[test]

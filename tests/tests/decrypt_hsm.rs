@@ -9,30 +9,14 @@ use std::{process::Stdio, time::Duration};
 use loupe_tests::{
     harness::SERVER_V4,
     https::{Nginx, SERVER_NAME},
-    mitm::{Mitm, Options},
+    mitm::{lab_policy, Mitm, Options},
     pki::{Flaw, Key},
     proc::Proc,
     wait_until,
 };
 
 fn policy(pki: &loupe_tests::pki::Pki) -> String {
-    format!(
-        r#"[policy]
-default_action = "no-decrypt"
-[profiles.lab]
-expired = "block"
-untrusted = "block"
-hsm_unavailable = "block"
-trust_store = "{}"
-[[rules]]
-name = "decrypt-lab"
-dst = ["198.18.0.0/24"]
-ports = [443, "8443-8445"]
-action = "decrypt"
-profile = "lab"
-"#,
-        pki.roots.display()
-    )
+    lab_policy(pki, r#"hsm_unavailable = "block""#, "")
 }
 
 #[test]

@@ -8,7 +8,7 @@ use loupe_tests::{
     harness::{SERVER_V4, SERVER_V6},
     https::SERVER_NAME,
     impair::{ImpairProc, LOSSY},
-    mitm::Mitm,
+    mitm::{lab_policy, Mitm},
     pki::{Flaw, Key, Pki},
     tlspeer::{run_clients, Load, Mode, PeerServer},
     HarnessConfig,
@@ -18,22 +18,7 @@ use serde_json::Value;
 const MIB: usize = 1 << 20;
 
 fn policy(pki: &Pki) -> String {
-    format!(
-        r#"[policy]
-default_action = "no-decrypt"
-[profiles.lab]
-expired = "block"
-untrusted = "block"
-trust_store = "{}"
-[[rules]]
-name = "decrypt-lab"
-dst = ["198.18.0.0/24", "2001:2::/64"]
-ports = [443]
-action = "decrypt"
-profile = "lab"
-"#,
-        pki.roots.display()
-    )
+    lab_policy(pki, "", "")
 }
 
 fn peer(m: &Mitm) -> PeerServer {

@@ -17,8 +17,8 @@ use std::{
 use loupe_dataplane::{
     config::Prefix,
     policy::{
-        known_groups, known_suites, Action, Fallback, HostGlob, Match, OnError, Policy, PortRange,
-        Profile, Rule, TlsVersion,
+        known_groups, known_suites, Action, EchAction, Fallback, HostGlob, Match, OnError, Policy,
+        PortRange, Profile, Rule, TlsVersion,
     },
     tls::verify::TrustStore,
 };
@@ -496,7 +496,23 @@ fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -
         d.hsm_unavailable,
     );
     let no_resources = fallback(rep, &raw.no_resources, "no_resources", d.no_resources);
-    let ech = fallback(rep, &raw.ech, "ech", d.ech);
+    let ech = match &raw.ech {
+        None => Some(d.ech),
+        Some(v) => {
+            let all = [EchAction::Decrypt, EchAction::NoDecrypt, EchAction::Block];
+            let found = all.into_iter().find(|a| a.label() == v.get_ref());
+            if found.is_none() {
+                rep.error(
+                    v.span(),
+                    format!(
+                        "ech = {:?}: expected \"decrypt\", \"no-decrypt\" or \"block\"",
+                        v.get_ref()
+                    ),
+                );
+            }
+            found
+        }
+    };
     let suites = names(rep, &raw.suites, "suites", &known_suites());
     let groups = names(rep, &raw.groups, "groups", &known_groups());
     let trust_store = match &raw.trust_store {

@@ -209,19 +209,11 @@ profile = "p"
         (OnError::Block, OnError::Block, OnError::Block)
     );
     assert_eq!(
-        (
-            prof.client_auth,
-            prof.hsm_unavailable,
-            prof.ech,
-            prof.unsupported
-        ),
-        (
-            Fallback::NoDecrypt,
-            Fallback::Block,
-            Fallback::NoDecrypt,
-            Fallback::Block
-        )
+        (prof.client_auth, prof.hsm_unavailable, prof.unsupported),
+        (Fallback::NoDecrypt, Fallback::Block, Fallback::Block)
     );
+    // ECH or its GREASE (Chromium sends it always): decrypted by default.
+    assert_eq!(prof.ech, EchAction::Decrypt);
     assert_eq!(prof.exclude_secs, 43_200);
 }
 
@@ -269,17 +261,16 @@ profile = "p"
             p.unsupported,
             p.client_auth,
             p.hsm_unavailable,
-            p.no_resources,
-            p.ech
+            p.no_resources
         ),
         (
             Fallback::NoDecrypt,
             Fallback::Block,
             Fallback::NoDecrypt,
-            Fallback::NoDecrypt,
-            Fallback::Block
+            Fallback::NoDecrypt
         )
     );
+    assert_eq!(p.ech, EchAction::Block);
     assert_eq!(p.suites.len(), 2);
     assert_eq!(p.groups, ["X25519MLKEM768", "X25519"]);
     assert!(p.append_cn_to_san);
@@ -324,7 +315,7 @@ profile = "p"
         (8, "keylog: an absolute path"),
         (9, "trust_store /nonexistent/roots.pem"),
         (10, "exclude_secs = 0"),
-        (11, "ech = \"allow\""),
+        (11, "ech = \"allow\": expected \"decrypt\""),
     ] {
         assert!(
             e.iter()

@@ -261,6 +261,38 @@ impl Fallback {
     }
 }
 
+/// What to do with a ClientHello carrying encrypted_client_hello.
+///
+/// A client sends that extension with a real ECH configuration (the
+/// server name it wants is hidden; the visible one is the ECH provider's
+/// public name) or as GREASE (a random placeholder; Chromium sends it on
+/// every connection, the visible name being the real one). Nothing on the
+/// wire tells the two apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EchAction {
+    /// Decrypt as a server that does not support ECH: for the visible
+    /// name. GREASE is what it is, and a real ECH client learns that ECH
+    /// was not accepted (and, seeing a certificate from a root installed
+    /// locally, goes on or retries without it, as the ECH draft's
+    /// middlebox section has it).
+    Decrypt,
+    /// Leave it encrypted (released to the fast path).
+    NoDecrypt,
+    /// Refuse it.
+    Block,
+}
+
+impl EchAction {
+    pub fn label(self) -> &'static str {
+        match self {
+            EchAction::Decrypt => "decrypt",
+            EchAction::NoDecrypt => "no-decrypt",
+            EchAction::Block => "block",
+        }
+    }
+}
+
 /// TLS protocol versions a profile may allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TlsVersion {
@@ -282,6 +314,9 @@ fn fallback_block() -> Fallback {
 }
 fn fallback_pass() -> Fallback {
     Fallback::NoDecrypt
+}
+fn ech_decrypt() -> EchAction {
+    EchAction::Decrypt
 }
 fn exclude_secs() -> u64 {
     EXCLUDE_SECS
@@ -331,9 +366,9 @@ pub struct Profile {
     /// The engine is out of resources for another decrypted connection.
     #[serde(default = "fallback_block")]
     pub no_resources: Fallback,
-    /// A ClientHello with encrypted_client_hello (the real name is hidden).
-    #[serde(default = "fallback_pass")]
-    pub ech: Fallback,
+    /// A ClientHello with encrypted_client_hello (real ECH or GREASE).
+    #[serde(default = "ech_decrypt")]
+    pub ech: EchAction,
     /// Copy the CN into the SANs when the server's certificate has none.
     #[serde(default, skip_serializing_if = "is_false")]
     pub append_cn_to_san: bool,
@@ -371,7 +406,7 @@ impl Default for Profile {
             client_auth: Fallback::NoDecrypt,
             hsm_unavailable: Fallback::Block,
             no_resources: Fallback::Block,
-            ech: Fallback::NoDecrypt,
+            ech: EchAction::Decrypt,
             append_cn_to_san: false,
             keylog: None,
             trust_store: None,

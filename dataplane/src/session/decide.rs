@@ -6,15 +6,15 @@ use std::net::IpAddr;
 
 use super::*;
 use crate::{
-    policy::{Fallback, Profile, TlsVersion},
+    policy::{EchAction, Fallback, Profile, TlsVersion},
     stage::Stage,
     tls::{hello::ClientHello, intercept::Intercept},
 };
 
 /// What follows a `decrypt` decision.
 enum Plan {
-    /// Intercept with this stage.
-    Intercept(Box<Intercept>),
+    /// Intercept with this stage (and this remark for the log).
+    Intercept(Box<Intercept>, Option<String>),
     /// Not decrypted: released to the fast path unchanged.
     Pass(String),
     /// Refused (the profile says to block what it cannot decrypt).
@@ -163,8 +163,9 @@ impl Sessions {
             Verdict::Split => self.start_split(id, pending, now, meta, Start::Relay),
             Verdict::Refuse => self.refuse(id, pending, now, meta, alert),
             Verdict::Decrypt => match self.plan_intercept(id, opening, &policy, &decision, now) {
-                Plan::Intercept(stage) => {
+                Plan::Intercept(stage, note) => {
                     self.counters.intercepted += 1;
+                    meta.note = note;
                     self.start_split(
                         id,
                         pending,
@@ -232,8 +233,18 @@ impl Sessions {
             Fallback::Block => Plan::Block(format!("{why}: blocked by the decryption profile")),
             Fallback::NoDecrypt => Plan::Pass(format!("{why}: not decrypted")),
         };
+        let mut note = None;
         if ch.ech {
-            return fallback(profile.ech, "encrypted ClientHello (ECH)".into());
+            let why = "the ClientHello carries encrypted_client_hello (ECH or GREASE)".to_string();
+            match profile.ech {
+                EchAction::Decrypt => {
+                    note = Some(format!(
+                        "{why}: decrypted for its visible name, as a server without ECH"
+                    ))
+                }
+                EchAction::NoDecrypt => return fallback(Fallback::NoDecrypt, why),
+                EchAction::Block => return fallback(Fallback::Block, why),
+            }
         }
         if let Some(why) = unsupported_client(ch, profile) {
             return fallback(profile.unsupported, why);
@@ -248,7 +259,8 @@ impl Sessions {
             return Plan::Relay("lost its state".into());
         };
         let server = ip_of(&t.key.dst);
-        if let Some(why) = ctx.exclusions.check(ch.sni.as_deref(), server, now) {
+        let client = ip_of(&t.key.src);
+        if let Some(why) = ctx.exclusions.check(client, ch.sni.as_deref(), server, now) {
             return Plan::Pass(format!(
                 "in the decryption exclusion cache ({why}): not decrypted"
             ));
@@ -280,16 +292,19 @@ impl Sessions {
             return Plan::Relay("the ClientHello was not kept: relayed as tcp-split".into());
         };
         let rt = ctx.runtime(profile_name);
-        Plan::Intercept(Box::new(Intercept::start(
-            ctx,
-            rt,
-            self.settings.waker.clone(),
-            accepted,
-            ch.clone(),
-            skip,
-            server,
-            now,
-        )))
+        Plan::Intercept(
+            Box::new(Intercept::start(
+                ctx,
+                rt,
+                self.settings.waker.clone(),
+                accepted,
+                ch.clone(),
+                skip,
+                (client, server),
+                now,
+            )),
+            note,
+        )
     }
 
     /// Decides a connection that reached no decision point, without its

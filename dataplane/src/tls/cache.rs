@@ -27,6 +27,10 @@ use super::{
     mint::{assemble, check_signature, Tbs},
 };
 
+/// How long a certificate minted already expired (mirroring an expired
+/// site) is served from the cache.
+const BORN_EXPIRED_TTL: i64 = 24 * 3600;
+
 /// What decides a minted certificate.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CacheKey {
@@ -44,8 +48,11 @@ pub struct CacheKey {
 pub struct Minted {
     pub certified: Arc<CertifiedKey>,
     pub ca: Arc<CaEntry>,
-    /// The leaf's notAfter (Unix seconds): past it, a hit is a miss.
-    pub not_after: i64,
+    /// Unix seconds after which a hit is a miss: the leaf's notAfter, or,
+    /// for a leaf that mirrors an already expired certificate (and was
+    /// born expired), a day after it was minted. Without that, every
+    /// connection to an expired site would cost a signature.
+    pub stale_after: i64,
     /// How long the mint took, submission to certificate.
     pub took: Duration,
 }
@@ -206,10 +213,17 @@ impl MintSlot {
         check_signature(&cert, &ca.issuer)
             .map_err(|e| MintFailure::Bad(format!("the HSM's signature does not verify: {e}")))?;
         let chain = vec![CertificateDer::from(cert), ca.der.clone()];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         Ok(Arc::new(Minted {
             certified: Arc::new(CertifiedKey::new(chain, leaf.signing.clone())),
             ca,
-            not_after,
+            stale_after: if not_after > now {
+                not_after
+            } else {
+                now + BORN_EXPIRED_TTL
+            },
             took: self.started.elapsed(),
         }))
     }
@@ -304,7 +318,7 @@ impl CertCache {
         let mut g = self.lock();
         let inner = &mut *g;
         match inner.map.get_mut(&key) {
-            Some(Entry::Ready { minted, stamp }) if minted.not_after > now_unix => {
+            Some(Entry::Ready { minted, stamp }) if minted.stale_after > now_unix => {
                 let minted = minted.clone();
                 inner.lru.remove(stamp);
                 *stamp = inner.next;

@@ -121,6 +121,9 @@ impl CaSet {
 /// A site kept out of decryption, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exclusion {
+    /// For this client only (a pinned app), or every client (`None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<IpAddr>,
     pub sni: Option<String>,
     pub server: IpAddr,
     pub reason: String,
@@ -140,9 +143,12 @@ struct Excluded {
 /// certificates, or whose servers want client certificates or versions the
 /// profile does not decrypt. Later connections to them are released to
 /// the fast path at once.
+/// An exclusion's key: (client, server name, server address).
+type ExclusionKey = (Option<IpAddr>, Option<String>, IpAddr);
+
 #[derive(Default)]
 pub struct Exclusions {
-    map: Mutex<HashMap<(Option<String>, IpAddr), Excluded>>,
+    map: Mutex<HashMap<ExclusionKey, Excluded>>,
     pub added: AtomicU64,
     pub hits: AtomicU64,
 }
@@ -151,29 +157,46 @@ pub struct Exclusions {
 const MAX_EXCLUSIONS: usize = 100_000;
 
 impl Exclusions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Option<String>, IpAddr), Excluded>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ExclusionKey, Excluded>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Why `(sni, server)` is excluded, if it is.
-    pub fn check(&self, sni: Option<&str>, server: IpAddr, now: Instant) -> Option<String> {
+    /// Why `client`'s connection to `(sni, server)` is excluded, if it is
+    /// (an exclusion for every client, or one for this client).
+    pub fn check(
+        &self,
+        client: IpAddr,
+        sni: Option<&str>,
+        server: IpAddr,
+        now: Instant,
+    ) -> Option<String> {
         let mut m = self.lock();
-        let key = (sni.map(str::to_owned), server);
-        match m.get_mut(&key) {
-            Some(e) if e.until > now => {
-                e.hits += 1;
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                Some(e.reason.clone())
+        for who in [None, Some(client)] {
+            let key = (who, sni.map(str::to_owned), server);
+            match m.get_mut(&key) {
+                Some(e) if e.until > now => {
+                    e.hits += 1;
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    return Some(e.reason.clone());
+                }
+                Some(_) => {
+                    m.remove(&key);
+                }
+                None => {}
             }
-            Some(_) => {
-                m.remove(&key);
-                None
-            }
-            None => None,
         }
+        None
     }
 
-    pub fn add(&self, sni: Option<&str>, server: IpAddr, ttl: Duration, reason: &str) {
+    /// Excludes `(sni, server)` for `client` (every client: `None`).
+    pub fn add(
+        &self,
+        client: Option<IpAddr>,
+        sni: Option<&str>,
+        server: IpAddr,
+        ttl: Duration,
+        reason: &str,
+    ) {
         let now = Instant::now();
         let mut m = self.lock();
         if m.len() >= MAX_EXCLUSIONS {
@@ -191,7 +214,7 @@ impl Exclusions {
         }
         self.added.fetch_add(1, Ordering::Relaxed);
         m.insert(
-            (sni.map(str::to_owned), server),
+            (client, sni.map(str::to_owned), server),
             Excluded {
                 until: now + ttl,
                 reason: reason.to_string(),
@@ -206,7 +229,8 @@ impl Exclusions {
             .lock()
             .iter()
             .filter(|(_, e)| e.until > now)
-            .map(|((sni, server), e)| Exclusion {
+            .map(|((client, sni, server), e)| Exclusion {
+                client: *client,
                 sni: sni.clone(),
                 server: *server,
                 reason: e.reason.clone(),
@@ -214,7 +238,7 @@ impl Exclusions {
                 hits: e.hits,
             })
             .collect();
-        out.sort_by(|a, b| (&a.sni, a.server).cmp(&(&b.sni, b.server)));
+        out.sort_by(|a, b| (&a.sni, a.server, a.client).cmp(&(&b.sni, b.server, b.client)));
         out
     }
 
@@ -496,5 +520,42 @@ impl TlsContext {
     /// Stops the leaf key thread.
     pub fn stop(&self) {
         self.keys.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_clients_exclusion_holds_for_that_client_only() {
+        let ex = Exclusions::default();
+        let (a, b) = ("198.18.0.1".parse().unwrap(), "198.18.0.9".parse().unwrap());
+        let server = "198.18.0.2".parse().unwrap();
+        let now = Instant::now();
+        ex.add(
+            Some(a),
+            Some("app.example"),
+            server,
+            Duration::from_secs(60),
+            "pinned",
+        );
+        assert!(ex.check(a, Some("app.example"), server, now).is_some());
+        assert!(ex.check(b, Some("app.example"), server, now).is_none());
+        // A server-side reason holds for everyone.
+        ex.add(
+            None,
+            Some("mtls.example"),
+            server,
+            Duration::from_secs(60),
+            "client auth",
+        );
+        assert!(ex.check(b, Some("mtls.example"), server, now).is_some());
+        assert!(ex.check(b, Some("other.example"), server, now).is_none());
+        // Expired ones are forgotten.
+        let later = now + Duration::from_secs(61);
+        assert!(ex.check(a, Some("app.example"), server, later).is_none());
+        assert_eq!(ex.list().len(), 1);
+        assert_eq!(ex.clear(), 1);
     }
 }

@@ -48,7 +48,7 @@ use super::{
     context::{OneCert, ProfileRuntime, TlsContext},
     hello::ClientHello,
     mint::{build_tbs, random_serial, LeafKind, MintOptions},
-    upstream::{connect, server_name, ClientAuthProbe},
+    upstream::{connect, server_name, Watch},
     verify::{classify, leaf_info, Verdict},
 };
 use crate::{
@@ -116,7 +116,7 @@ enum Phase {
     Upstream {
         accepted: Box<Accepted>,
         up: Box<ClientConnection>,
-        probe: Arc<ClientAuthProbe>,
+        watch: Arc<Watch>,
     },
     /// Waiting for the impersonation certificate.
     Minting {
@@ -158,6 +158,7 @@ pub struct Intercept {
     /// Client bytes the decision point's parser has consumed already.
     skip: usize,
     hello: ClientHello,
+    client_ip: IpAddr,
     server_ip: IpAddr,
     name: ServerName<'static>,
     record: TlsLog,
@@ -359,7 +360,7 @@ impl Intercept {
         accepted: Box<Accepted>,
         hello: ClientHello,
         skip: usize,
-        server_ip: IpAddr,
+        (client_ip, server_ip): (IpAddr, IpAddr),
         now: Instant,
     ) -> Intercept {
         let (name, named) = server_name(hello.sni.as_deref(), server_ip);
@@ -384,6 +385,7 @@ impl Intercept {
             phase: Phase::Done,
             skip,
             hello,
+            client_ip,
             server_ip,
             name,
             record: TlsLog::default(),
@@ -394,12 +396,12 @@ impl Intercept {
             counted: true,
         };
         match connect(&me.rt.client, me.name.clone(), me.hello.alpn.clone()) {
-            Ok((mut up, probe)) => {
+            Ok((mut up, watch)) => {
                 up.set_buffer_limit(Some(TLS_BUFFER));
                 me.phase = Phase::Upstream {
                     accepted,
                     up: Box::new(up),
-                    probe,
+                    watch,
                 };
                 me.deadline = Some(now + me.ctx.settings.handshake_timeout);
             }
@@ -446,8 +448,8 @@ impl Intercept {
             Phase::Upstream {
                 accepted,
                 up,
-                probe,
-            } => self.upstream(accepted, up, probe, client, server, relayed, now),
+                watch,
+            } => self.upstream(accepted, up, watch, client, server, relayed, now),
             Phase::Minting {
                 accepted,
                 up,
@@ -519,7 +521,7 @@ impl Intercept {
         &mut self,
         accepted: Box<Accepted>,
         mut up: Box<ClientConnection>,
-        probe: Arc<ClientAuthProbe>,
+        watch: Arc<Watch>,
         client: &mut dyn ByteStream,
         server: &mut dyn ByteStream,
         relayed: &mut [u64; 2],
@@ -533,7 +535,7 @@ impl Intercept {
                 Ok(false) => break,
                 Err(e) => {
                     flush_tls(&mut up, server);
-                    return self.upstream_failed(client, &e);
+                    return self.upstream_failed(client, &watch, &e);
                 }
             }
         }
@@ -563,7 +565,7 @@ impl Intercept {
             self.phase = Phase::Upstream {
                 accepted,
                 up,
-                probe,
+                watch,
             };
             return Pump::Go;
         }
@@ -571,10 +573,37 @@ impl Intercept {
             sni: self.record.server.sni.take(),
             ..side_of(&up)
         };
-        self.upstream_ready(accepted, up, &probe, client, server, relayed, now)
+        self.upstream_ready(accepted, up, &watch, client, server, relayed, now)
     }
 
-    fn upstream_failed(&mut self, client: &mut dyn ByteStream, e: &rustls::Error) -> Pump {
+    fn upstream_failed(
+        &mut self,
+        client: &mut dyn ByteStream,
+        watch: &Watch,
+        e: &rustls::Error,
+    ) -> Pump {
+        // A chain the server sent before the handshake failed (a key too
+        // weak for its signature to be verified, say) is judged all the
+        // same, so the log says what was wrong with it. Its problems block
+        // whatever the profile says: without a verified handshake there is
+        // nothing to pass on.
+        let chain = watch.chain();
+        if !chain.is_empty() {
+            let problems = self.judge_chain(&chain);
+            if !problems.is_empty() {
+                let what: Vec<&str> = problems.iter().map(|p| p.1.as_str()).collect();
+                return self.refuse(
+                    client,
+                    ErrorStage::Verification,
+                    format!(
+                        "upstream certificate blocked: {} (the server's handshake failed: {e})",
+                        what.join(", ")
+                    ),
+                    "blocked",
+                    Farewell::Alert(ALERT_ACCESS_DENIED),
+                );
+            }
+        }
         let unsupported = matches!(
             e,
             rustls::Error::AlertReceived(
@@ -621,14 +650,47 @@ impl Intercept {
                 self.refuse(client, stage, reason, "blocked", Farewell::Alert(alert))
             }
             Fallback::NoDecrypt => {
-                self.exclude(&reason);
+                self.exclude(false, &reason);
                 self.refuse(client, stage, reason, "no-decrypt", Farewell::Reset)
             }
         }
     }
 
-    fn exclude(&self, reason: &str) {
+    /// Classifies `chain` (leaf first), records the leaf and the verdict,
+    /// and returns each problem with what the profile makes of it.
+    fn judge_chain(
+        &mut self,
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Vec<(&'static str, String, OnError)> {
+        let verdict = classify(
+            &self.rt.trust,
+            chain,
+            &self.name,
+            UnixTime::since_unix_epoch(Duration::from_secs(unix_now().max(0) as u64)),
+        );
+        if let Some(Ok(info)) = chain.first().map(|l| leaf_info(l)) {
+            self.record.upstream_cert = Some(CertLog {
+                subject: info.subject,
+                issuer: info.issuer,
+                sha256: info.sha256,
+                not_after: rfc3339(info.not_after),
+                key: info.key,
+            });
+        }
+        let problems = judge(&verdict, &self.rt);
+        self.record.verdict = problems.iter().map(|p| p.0.to_string()).collect();
+        self.record.verdict_detail = problems.iter().map(|p| p.1.clone()).collect();
+        problems
+    }
+
+    /// Excludes the site from decryption: for every client when the
+    /// server is the reason (it wants client certificates, versions the
+    /// profile does not decrypt), for this client only when the client is
+    /// (it refused the certificate: a pinned app), so one host cannot turn
+    /// inspection off for everyone by refusing a certificate.
+    fn exclude(&self, only_this_client: bool, reason: &str) {
         self.ctx.exclusions.add(
+            only_this_client.then_some(self.client_ip),
             self.hello.sni.as_deref(),
             self.server_ip,
             Duration::from_secs(self.rt.profile.exclude_secs),
@@ -641,13 +703,13 @@ impl Intercept {
         &mut self,
         accepted: Box<Accepted>,
         up: Box<ClientConnection>,
-        probe: &ClientAuthProbe,
+        watch: &Watch,
         client: &mut dyn ByteStream,
         server: &mut dyn ByteStream,
         relayed: &mut [u64; 2],
         now: Instant,
     ) -> Pump {
-        if probe.asked() {
+        if watch.asked() {
             return self.fall_back(
                 client,
                 ErrorStage::UpstreamHandshake,
@@ -660,13 +722,7 @@ impl Intercept {
             .peer_certificates()
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
-        let verdict = classify(
-            &self.rt.trust,
-            &chain,
-            &self.name,
-            UnixTime::since_unix_epoch(Duration::from_secs(unix_now().max(0) as u64)),
-        );
-        let Some(leaf) = chain.first() else {
+        let Some(leaf) = chain.first().cloned() else {
             return self.refuse(
                 client,
                 ErrorStage::Verification,
@@ -675,18 +731,7 @@ impl Intercept {
                 Farewell::Alert(ALERT_ACCESS_DENIED),
             );
         };
-        if let Ok(info) = leaf_info(leaf) {
-            self.record.upstream_cert = Some(CertLog {
-                subject: info.subject,
-                issuer: info.issuer,
-                sha256: info.sha256,
-                not_after: rfc3339(info.not_after),
-                key: info.key,
-            });
-        }
-        let problems = judge(&verdict, &self.rt);
-        self.record.verdict = problems.iter().map(|p| p.0.to_string()).collect();
-        self.record.verdict_detail = problems.iter().map(|p| p.1.clone()).collect();
+        let problems = self.judge_chain(&chain);
         if problems.iter().any(|p| p.2 == OnError::Block) {
             let what: Vec<&str> = problems.iter().map(|p| p.1.as_str()).collect();
             return self.refuse(
@@ -1055,6 +1100,10 @@ impl Intercept {
         flush_tls(&mut down, client);
         client.close();
         let during_handshake = !self.down_ready;
+        // A client refusing the forward-untrust CA's certificate is what
+        // passing a problem on is for; only a refusal of a trusted one
+        // marks a pinned app.
+        let passed_on = !self.record.verdict.is_empty();
         let refused_cert = during_handshake
             && matches!(
                 e,
@@ -1067,14 +1116,22 @@ impl Intercept {
                         | AlertDescription::DecryptError
                 )
             );
-        let reason = if refused_cert {
+        let (reason, outcome) = if refused_cert && passed_on {
+            (
+                format!(
+                    "the client refused the untrusted certificate it was shown, as the profile \
+                     intends ({e})"
+                ),
+                "passed-on",
+            )
+        } else if refused_cert {
             let why = format!("the client refused the certificate ({e}): a pinned app?");
-            self.exclude(&why);
-            why
+            self.exclude(true, &why);
+            (why, "no-decrypt")
         } else {
-            format!("the client's TLS failed: {e}")
+            (format!("the client's TLS failed: {e}"), "failed")
         };
-        self.record.outcome = if refused_cert { "no-decrypt" } else { "failed" }.into();
+        self.record.outcome = outcome.into();
         self.record.error = Some(TlsError {
             stage: if during_handshake {
                 ErrorStage::DownstreamHandshake
@@ -1086,10 +1143,10 @@ impl Intercept {
             reason,
         });
         if during_handshake {
-            let c = if refused_cert {
-                &self.ctx.stats.no_decrypt
-            } else {
-                &self.ctx.stats.failed
+            let c = match outcome {
+                "passed-on" => &self.ctx.stats.passed_on,
+                "no-decrypt" => &self.ctx.stats.no_decrypt,
+                _ => &self.ctx.stats.failed,
             };
             c.fetch_add(1, Ordering::Relaxed);
         }

@@ -90,16 +90,6 @@ pub enum MintError {
         "upstream validity is inverted: notBefore {not_before} is after notAfter {not_after} (unix seconds)"
     )]
     InvertedValidity { not_before: i64, not_after: i64 },
-    #[error(
-        "upstream validity [{upstream_not_before}, {upstream_not_after}] does not overlap the CA's \
-         [{ca_not_before}, {ca_not_after}] (unix seconds)"
-    )]
-    NoValidityOverlap {
-        upstream_not_before: i64,
-        upstream_not_after: i64,
-        ca_not_before: i64,
-        ca_not_after: i64,
-    },
     #[error("time {0} (unix seconds) is outside the years 0000-9999 a certificate can encode")]
     TimeOutOfRange(i64),
     #[error("CA certificate is malformed: {0}")]
@@ -962,13 +952,16 @@ fn clamp_validity(
     }
     let start = upstream_not_before.max(ca_not_before);
     let end = upstream_not_after.min(ca_not_after);
-    if start > end {
-        return Err(MintError::NoValidityOverlap {
-            upstream_not_before,
-            upstream_not_after,
-            ca_not_before,
-            ca_not_after,
-        });
+    // No overlap with the CA's window: the upstream certificate expired
+    // before the CA was made (or starts after it ends). The mirror keeps
+    // its state at the CA's edge: expired from the CA's first second on,
+    // or not valid until the CA's last; never valid when the original is
+    // not (a profile that passes the problem on must show it).
+    if upstream_not_after < ca_not_before {
+        return Ok((ca_not_before, ca_not_before));
+    }
+    if upstream_not_before > ca_not_after {
+        return Ok((ca_not_after, ca_not_after));
     }
     let max = i64::from(max_days) * DAY;
     if end.saturating_sub(start) <= max {
@@ -2661,23 +2654,38 @@ mod tests {
     }
 
     #[test]
-    fn upstream_validity_outside_the_ca_is_refused() {
+    fn upstream_validity_before_the_ca_is_minted_expired_at_the_cas_start() {
         let now = now();
         let ca = make_ca(CaKeyKind::EcP256, "New CA", now - DAY, now + 3650 * DAY);
         let mut params = upstream_params(Some("gone.example"), &["gone.example"]);
         set_validity(&mut params, now - 500 * DAY, now - 100 * DAY);
         let up = sign_upstream(&params);
-        assert!(matches!(
-            build_tbs(
-                &up,
-                &ca.issuer,
-                &ec_key(),
-                &MintOptions::default(),
-                now,
-                random_serial().unwrap()
-            ),
-            Err(MintError::NoValidityOverlap { .. })
-        ));
+        let tbs = build_tbs(
+            &up,
+            &ca.issuer,
+            &ec_key(),
+            &MintOptions::default(),
+            now,
+            random_serial().unwrap(),
+        )
+        .unwrap();
+        assert_eq!((tbs.not_before(), tbs.not_after()), (now - DAY, now - DAY));
+        assert!(tbs.not_after() < now, "still expired");
+        // And one that starts after the CA ends is not yet valid at its end.
+        let mut params = upstream_params(Some("later.example"), &["later.example"]);
+        set_validity(&mut params, now + 4000 * DAY, now + 4100 * DAY);
+        let up = sign_upstream(&params);
+        let tbs = build_tbs(
+            &up,
+            &ca.issuer,
+            &ec_key(),
+            &MintOptions::default(),
+            now,
+            random_serial().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(tbs.not_before(), now + 3650 * DAY);
+        assert!(tbs.not_before() > now, "not yet valid");
     }
 
     #[test]

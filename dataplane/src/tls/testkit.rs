@@ -419,7 +419,10 @@ impl Session {
             accepted,
             ch,
             scanner.seen(),
-            IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+            (
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+            ),
             now,
         );
         Session {

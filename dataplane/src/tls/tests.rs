@@ -182,7 +182,28 @@ fn an_expired_server_certificate_is_blocked_or_passed_on_as_the_profile_says() {
         "{:?}",
         s.client_error
     );
-    assert_eq!(s.stage.record().ca.as_deref(), Some("forward-untrust/g1"));
+    let r = s.stage.record();
+    assert_eq!(r.ca.as_deref(), Some("forward-untrust/g1"));
+    // The client refusing it is what passing on is for: not a pinned app,
+    // nothing excluded.
+    assert_eq!(r.outcome, "passed-on", "{r:?}");
+    assert!(kit.ctx.exclusions.list().is_empty());
+}
+
+/// An expired site costs one signature, not one per connection.
+#[test]
+fn a_certificate_minted_expired_is_still_served_from_the_cache() {
+    let kit = Kit::new(Profile {
+        expired: OnError::PassOn,
+        ..Profile::default()
+    });
+    let server = kit.server_config(&[NAME], -1, &[]);
+    for want in ["miss", "hit", "hit"] {
+        let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server.clone());
+        s.run();
+        assert_eq!(s.stage.record().cache.as_deref(), Some(want));
+    }
+    assert_eq!(kit.signer.signed.load(Ordering::SeqCst), 1);
 }
 
 #[test]

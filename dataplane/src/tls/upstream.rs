@@ -77,22 +77,48 @@ pub fn versions_for(profile: &Profile) -> Vec<&'static SupportedProtocolVersion>
     v
 }
 
-/// Accepts any certificate chain; verifies handshake signatures with the
-/// provider's algorithms.
+/// What one upstream handshake showed beyond what rustls keeps: the chain
+/// as the server sent it (also when the handshake then fails, e.g. on a
+/// key too weak to verify its signature), and whether the server asked for
+/// a client certificate. It is the connection's certificate verifier
+/// (accepting any chain, verifying handshake signatures with the
+/// provider's algorithms) and its client certificate resolver (offering
+/// none).
 #[derive(Debug)]
-struct AnyChain(WebPkiSupportedAlgorithms);
+pub struct Watch {
+    algs: WebPkiSupportedAlgorithms,
+    chain: Mutex<Vec<CertificateDer<'static>>>,
+    asked: AtomicBool,
+}
 
-impl ServerCertVerifier for AnyChain {
+impl Watch {
+    /// The server asked for a client certificate.
+    pub fn asked(&self) -> bool {
+        self.asked.load(Ordering::Relaxed)
+    }
+
+    /// The chain the server sent (empty before its Certificate message).
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.chain.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ServerCertVerifier for Watch {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // Judged after the handshake (see the module note): the stage
         // classifies the chain before the client's data flows.
+        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        *chain = std::iter::once(end_entity)
+            .chain(intermediates)
+            .map(|c| c.clone().into_owned())
+            .collect();
         Ok(ServerCertVerified::assertion())
     }
 
@@ -102,7 +128,7 @@ impl ServerCertVerifier for AnyChain {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0)
+        verify_tls12_signature(message, cert, dss, &self.algs)
     }
 
     fn verify_tls13_signature(
@@ -111,33 +137,24 @@ impl ServerCertVerifier for AnyChain {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0)
+        verify_tls13_signature(message, cert, dss, &self.algs)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
+        self.algs.supported_schemes()
     }
 }
 
-/// Notices a server's CertificateRequest: the engine has no certificate to
-/// give (the client's stays with the client), so it answers with none and
-/// the connection is handled by the profile's `client_auth`.
-#[derive(Debug, Default)]
-pub struct ClientAuthProbe(AtomicBool);
-
-impl ClientAuthProbe {
-    pub fn asked(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-impl ResolvesClientCert for ClientAuthProbe {
+/// A server's CertificateRequest: the engine has no certificate to give
+/// (the client's stays with the client), so it answers with none and the
+/// connection is handled by the profile's `client_auth`.
+impl ResolvesClientCert for Watch {
     fn resolve(
         &self,
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        self.0.store(true, Ordering::Relaxed);
+        self.asked.store(true, Ordering::Relaxed);
         None
     }
 
@@ -207,12 +224,11 @@ pub fn client_config(
     keylog: Option<Arc<dyn KeyLog>>,
 ) -> Result<ClientConfig, String> {
     let provider = Arc::new(provider_for(profile));
-    let algs = provider.signature_verification_algorithms;
-    let mut cfg = ClientConfig::builder_with_provider(provider)
+    let mut cfg = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions_for(profile))
         .map_err(|e| format!("no usable TLS versions, suites and groups: {e}"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyChain(algs)))
+        .with_custom_certificate_verifier(Arc::new(Watch::new(&provider)))
         .with_no_client_auth();
     if let Some(k) = keylog {
         cfg.key_log = k;
@@ -234,16 +250,27 @@ pub fn server_name(sni: Option<&str>, server: IpAddr) -> (ServerName<'static>, b
     (ServerName::IpAddress(server.into()), false)
 }
 
-/// Opens the upstream leg.
+impl Watch {
+    fn new(provider: &CryptoProvider) -> Watch {
+        Watch {
+            algs: provider.signature_verification_algorithms,
+            chain: Mutex::new(Vec::new()),
+            asked: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Opens the upstream leg, with a [`Watch`] of its own.
 pub fn connect(
     base: &ClientConfig,
     name: ServerName<'static>,
     alpn: Vec<Vec<u8>>,
-) -> Result<(ClientConnection, Arc<ClientAuthProbe>), rustls::Error> {
-    let probe = Arc::new(ClientAuthProbe::default());
+) -> Result<(ClientConnection, Arc<Watch>), rustls::Error> {
+    let watch = Arc::new(Watch::new(base.crypto_provider()));
     let mut cfg = base.clone();
-    cfg.client_auth_cert_resolver = probe.clone();
+    cfg.client_auth_cert_resolver = watch.clone();
+    cfg.dangerous().set_certificate_verifier(watch.clone());
     // An IP address is never sent as SNI (RFC 6066 §3); rustls does so.
     let conn = ClientConnection::new_with_alpn(Arc::new(cfg), name, alpn)?;
-    Ok((conn, probe))
+    Ok((conn, watch))
 }
