@@ -102,6 +102,29 @@ impl HsmError {
     }
 }
 
+impl HsmError {
+    /// True when the device itself is unreachable or the module lost track
+    /// of it (the token is not found, its slot vanished, the module is not
+    /// initialised): a network HSM's client library may need to be
+    /// initialised again to reconnect.
+    pub fn is_device_gone(&self) -> bool {
+        match self {
+            HsmError::TokenNotFound { .. } => true,
+            HsmError::Pkcs11 { rv, .. } => matches!(
+                rv.as_str(),
+                "DeviceError"
+                    | "DeviceRemoved"
+                    | "SlotIdInvalid"
+                    | "TokenNotPresent"
+                    | "TokenNotRecognized"
+                    | "CryptokiNotInitialized"
+                    | "GeneralError"
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// PKCS#11 v2.40 §5.1: these return values mean the session (or the token
 /// behind it) is gone; anything else is about the request.
 fn session_lost(rv: RvError) -> bool {

@@ -796,8 +796,7 @@ impl HsmThread {
                 Err(e @ Reopen::Pin(_)) => lane.set_down(e.reason()),
                 Err(e) => {
                     *lane.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.reason());
-                    if matches!(&e, Reopen::Token(t) if t.is_session_lost() && !matches!(t, HsmError::PinIncorrect(_) | HsmError::PinLocked(_)))
-                    {
+                    if matches!(&e, Reopen::Token(t) if t.is_device_gone()) {
                         // A device that stays lost may need the module to
                         // reconnect (a network HSM's client library does
                         // only at C_Initialize).
@@ -810,8 +809,12 @@ impl HsmThread {
                         }
                     }
                     if matches!(&e, Reopen::Token(t) if !matches!(t, HsmError::PinIncorrect(_))) {
-                        // The token may be back in another slot.
-                        let _ = lane.token.refind_slot();
+                        // The token may be back in another slot; not
+                        // finding it is the device being gone too.
+                        if let Err(e) = lane.token.refind_slot() {
+                            *lane.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(e.to_string());
+                        }
                     }
                 }
             }

@@ -90,8 +90,7 @@ fn the_server_name_selects_the_rule() {
             "the pass and the transfer in the stats",
             Duration::from_secs(30),
             |r| {
-                (r.split_total().policy_pass == 1
-                    && r.xdp_packets("flow_bypass") - before > 1000)
+                (r.split_total().policy_pass == 1 && r.xdp_packets("flow_bypass") - before > 1000)
                     .then(|| r.clone())
             },
         )

@@ -150,3 +150,89 @@ fn a_client_that_does_not_trust_loupe_fails_with_an_unknown_ca() {
     )
     .unwrap();
 }
+
+#[test]
+fn sessions_resume_toward_the_server_and_toward_a_returning_client() {
+    let m = Mitm::start(decrypt_all).expect("setup");
+    let cert = m
+        .pki
+        .leaf("server", &[SERVER_NAME], Key::P256, Flaw::None)
+        .unwrap();
+    let _nginx = Nginx::start_with(&m.h, 443, cert, false, "").expect("nginx");
+    let sess = m.h.dir.join("client.session");
+    let sess = sess.to_str().unwrap();
+    let get = format!("GET / HTTP/1.1\r\nHost: {SERVER_NAME}\r\nConnection: close\r\n\r\n");
+    for (i, flag) in ["-sess_out", "-sess_in"].iter().enumerate() {
+        let ran = loupe_tests::clients::s_client(
+            &m.h,
+            SERVER_V4,
+            443,
+            SERVER_NAME,
+            &m.ca,
+            &[flag, sess],
+            get.as_bytes(),
+        )
+        .unwrap();
+        assert!(ran.status.success(), "{}", ran.dump());
+        // The second time the client offers its ticket and the engine
+        // takes it: no certificate, no mint lookup.
+        assert_eq!(ran.stdout.contains("Reused,"), i == 1, "{}", ran.dump());
+        assert!(ran.stdout.contains("loupe test page"), "{}", ran.dump());
+    }
+    let records = wait_until("both records", std::time::Duration::from_secs(60), || {
+        let r = m.tls_records();
+        if r.len() >= 2 {
+            Ok(Some(r))
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .unwrap();
+    // The engine resumes its own session with the server the second time,
+    // and the returning client's session with it.
+    assert_ne!(records[0]["tls"]["server"]["resumed"], true, "{records:#?}");
+    assert_eq!(records[1]["tls"]["server"]["resumed"], true, "{records:#?}");
+    assert_ne!(records[0]["tls"]["client"]["resumed"], true, "{records:#?}");
+    assert_eq!(records[1]["tls"]["client"]["resumed"], true, "{records:#?}");
+}
+
+#[test]
+fn a_profile_with_a_key_log_writes_both_legs_secrets_and_audits_it() {
+    let keylog = std::env::temp_dir().join(format!("loupe-keylog-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&keylog);
+    let path = keylog.display().to_string();
+    let m = Mitm::start(|pki| lab_policy(pki, &format!("keylog = \"{path}\""), "")).expect("setup");
+    let cert = m
+        .pki
+        .leaf("server", &[SERVER_NAME], Key::P256, Flaw::None)
+        .unwrap();
+    let _nginx = Nginx::start_with(&m.h, 443, cert, false, "").expect("nginx");
+    let out = m.client("curl", &m.curl_server("")).unwrap();
+    assert!(out.status.success());
+    let text = wait_until("the key log", std::time::Duration::from_secs(30), || {
+        let t = std::fs::read_to_string(&keylog).unwrap_or_default();
+        // TLS 1.3 traffic secrets of two handshakes: the client's leg and
+        // the server's, each with its own client random.
+        let randoms: std::collections::BTreeSet<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("CLIENT_TRAFFIC_SECRET_0 "))
+            .filter_map(|l| l.split(' ').nth(1))
+            .collect();
+        if randoms.len() >= 2 {
+            Ok(Some(t.clone()))
+        } else {
+            Err(t.clone())
+        }
+    })
+    .unwrap();
+    let _ = std::fs::remove_file(&keylog);
+    assert!(text.lines().all(|l| l.split(' ').count() == 3), "{text}");
+    // Turning it on is in the key-usage audit log.
+    let audit = std::fs::read_to_string(&m.hsm.audit_log).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"kind\":\"key-log\"") && l.contains(&path)),
+        "{audit}"
+    );
+}

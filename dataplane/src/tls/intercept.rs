@@ -233,6 +233,7 @@ fn feed_tls<D: SideData>(
     half: &mut dyn ByteStream,
     count: &mut u64,
     eof_fed: &mut bool,
+    watch: Option<&Arc<Watch>>,
 ) -> Result<bool, rustls::Error> {
     if !conn.wants_read() || *eof_fed {
         return Ok(false);
@@ -245,7 +246,10 @@ fn feed_tls<D: SideData>(
         Ok(_) => {}
         Err(_) => return Ok(false),
     }
-    conn.process_new_packets()?;
+    match watch {
+        Some(w) => w.during(|| conn.process_new_packets())?,
+        None => conn.process_new_packets()?,
+    };
     Ok(true)
 }
 
@@ -530,7 +534,7 @@ impl Intercept {
         let mut eof = false;
         loop {
             flush_tls(&mut up, server);
-            match feed_tls(&mut up, server, &mut relayed[1], &mut eof) {
+            match feed_tls(&mut up, server, &mut relayed[1], &mut eof, Some(&watch)) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -894,7 +898,7 @@ impl Intercept {
     ) -> Pump {
         // The server may speak meanwhile (session tickets): keep reading.
         let mut eof = false;
-        while let Ok(true) = feed_tls(&mut up, server, &mut relayed[1], &mut eof) {}
+        while let Ok(true) = feed_tls(&mut up, server, &mut relayed[1], &mut eof, None) {}
         flush_tls(&mut up, server);
         let result = slot.poll(&self.ctx.cache, now);
         let Some(result) = result else {
@@ -976,11 +980,11 @@ impl Intercept {
         let mut eof = [self.flows[0].ended.is_some(), self.flows[1].ended.is_some()];
         for _ in 0..MAX_ROUNDS {
             let mut progress = false;
-            match feed_tls(&mut down, client, &mut relayed[0], &mut eof[0]) {
+            match feed_tls(&mut down, client, &mut relayed[0], &mut eof[0], None) {
                 Ok(p) => progress |= p,
                 Err(e) => return self.down_failed(down, client, &e),
             }
-            match feed_tls(&mut up, server, &mut relayed[1], &mut eof[1]) {
+            match feed_tls(&mut up, server, &mut relayed[1], &mut eof[1], None) {
                 Ok(p) => progress |= p,
                 Err(e) => {
                     flush_tls(&mut up, server);

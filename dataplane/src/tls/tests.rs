@@ -69,10 +69,13 @@ fn a_connection_is_decrypted_and_bytes_cross_both_ways_exactly() {
 fn a_second_connection_to_the_site_is_served_from_the_cache() {
     let kit = Kit::new(Profile::default());
     let server = kit.server_config(&[NAME], 30, &[]);
-    for want in ["miss", "hit"] {
+    for (want, resumed) in [("miss", false), ("hit", true)] {
         let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server.clone());
         decrypts(&mut s);
         assert_eq!(s.stage.record().cache.as_deref(), Some(want));
+        // The engine's own session with the server is resumed the second
+        // time (the profile's verifier must be the one that verified it).
+        assert_eq!(s.stage.record().server.resumed, resumed);
     }
     assert_eq!(kit.signer.signed.load(Ordering::SeqCst), 1);
     assert_eq!(kit.ctx.cache.stats.hits.load(Ordering::Relaxed), 1);

@@ -80,13 +80,9 @@ pub fn versions_for(profile: &Profile) -> Vec<&'static SupportedProtocolVersion>
 /// What one upstream handshake showed beyond what rustls keeps: the chain
 /// as the server sent it (also when the handshake then fails, e.g. on a
 /// key too weak to verify its signature), and whether the server asked for
-/// a client certificate. It is the connection's certificate verifier
-/// (accepting any chain, verifying handshake signatures with the
-/// provider's algorithms) and its client certificate resolver (offering
-/// none).
-#[derive(Debug)]
+/// a client certificate.
+#[derive(Debug, Default)]
 pub struct Watch {
-    algs: WebPkiSupportedAlgorithms,
     chain: Mutex<Vec<CertificateDer<'static>>>,
     asked: AtomicBool,
 }
@@ -97,13 +93,49 @@ impl Watch {
         self.asked.load(Ordering::Relaxed)
     }
 
-    /// The chain the server sent (empty before its Certificate message).
+    /// The chain the server sent (empty before its Certificate message,
+    /// and on a resumed session: rustls keeps that one).
     pub fn chain(&self) -> Vec<CertificateDer<'static>> {
         self.chain.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// Runs `f` (rustls processing this connection's records) with this
+    /// watch as the one the profile's verifier and resolver report to.
+    pub fn during<T>(self: &Arc<Self>, f: impl FnOnce() -> T) -> T {
+        WATCHING.with(|w| *w.borrow_mut() = Some(self.clone()));
+        let out = f();
+        WATCHING.with(|w| *w.borrow_mut() = None);
+        out
+    }
 }
 
-impl ServerCertVerifier for Watch {
+thread_local! {
+    /// The watch of the upstream connection whose records this thread is
+    /// processing: rustls calls the verifier and resolver synchronously,
+    /// inside `process_new_packets`.
+    static WATCHING: std::cell::RefCell<Option<Arc<Watch>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn watching(f: impl FnOnce(&Watch)) {
+    WATCHING.with(|w| {
+        if let Some(w) = w.borrow().as_ref() {
+            f(w)
+        }
+    });
+}
+
+/// A profile's certificate verifier and client certificate resolver, one
+/// per profile: rustls resumes a session only with the very objects that
+/// verified it, so they cannot be made per connection. They report to the
+/// connection's [`Watch`]. The verifier accepts any chain (judged after the
+/// handshake) and verifies handshake signatures with the provider's
+/// algorithms; the resolver offers no certificate.
+#[derive(Debug)]
+struct Observer {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Observer {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -114,11 +146,12 @@ impl ServerCertVerifier for Watch {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // Judged after the handshake (see the module note): the stage
         // classifies the chain before the client's data flows.
-        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
-        *chain = std::iter::once(end_entity)
-            .chain(intermediates)
-            .map(|c| c.clone().into_owned())
-            .collect();
+        watching(|w| {
+            *w.chain.lock().unwrap_or_else(|p| p.into_inner()) = std::iter::once(end_entity)
+                .chain(intermediates)
+                .map(|c| c.clone().into_owned())
+                .collect();
+        });
         Ok(ServerCertVerified::assertion())
     }
 
@@ -148,13 +181,13 @@ impl ServerCertVerifier for Watch {
 /// A server's CertificateRequest: the engine has no certificate to give
 /// (the client's stays with the client), so it answers with none and the
 /// connection is handled by the profile's `client_auth`.
-impl ResolvesClientCert for Watch {
+impl ResolvesClientCert for Observer {
     fn resolve(
         &self,
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        self.asked.store(true, Ordering::Relaxed);
+        watching(|w| w.asked.store(true, Ordering::Relaxed));
         None
     }
 
@@ -224,12 +257,15 @@ pub fn client_config(
     keylog: Option<Arc<dyn KeyLog>>,
 ) -> Result<ClientConfig, String> {
     let provider = Arc::new(provider_for(profile));
-    let mut cfg = ClientConfig::builder_with_provider(provider.clone())
+    let observer = Arc::new(Observer {
+        algs: provider.signature_verification_algorithms,
+    });
+    let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&versions_for(profile))
         .map_err(|e| format!("no usable TLS versions, suites and groups: {e}"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Watch::new(&provider)))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(observer.clone())
+        .with_client_cert_resolver(observer);
     if let Some(k) = keylog {
         cfg.key_log = k;
     }
@@ -250,27 +286,15 @@ pub fn server_name(sni: Option<&str>, server: IpAddr) -> (ServerName<'static>, b
     (ServerName::IpAddress(server.into()), false)
 }
 
-impl Watch {
-    fn new(provider: &CryptoProvider) -> Watch {
-        Watch {
-            algs: provider.signature_verification_algorithms,
-            chain: Mutex::new(Vec::new()),
-            asked: AtomicBool::new(false),
-        }
-    }
-}
-
-/// Opens the upstream leg, with a [`Watch`] of its own.
+/// Opens the upstream leg with the profile's configuration (shared: its
+/// session cache resumes sessions toward servers), and the [`Watch`] its
+/// records must be processed under.
 pub fn connect(
-    base: &ClientConfig,
+    base: &Arc<ClientConfig>,
     name: ServerName<'static>,
     alpn: Vec<Vec<u8>>,
 ) -> Result<(ClientConnection, Arc<Watch>), rustls::Error> {
-    let watch = Arc::new(Watch::new(base.crypto_provider()));
-    let mut cfg = base.clone();
-    cfg.client_auth_cert_resolver = watch.clone();
-    cfg.dangerous().set_certificate_verifier(watch.clone());
     // An IP address is never sent as SNI (RFC 6066 §3); rustls does so.
-    let conn = ClientConnection::new_with_alpn(Arc::new(cfg), name, alpn)?;
-    Ok((conn, watch))
+    let conn = ClientConnection::new_with_alpn(base.clone(), name, alpn)?;
+    Ok((conn, Arc::new(Watch::default())))
 }
