@@ -258,6 +258,30 @@ impl Harness {
     /// server's address; the server sees the relay's (REDIRECT, unlike
     /// TPROXY, is not transparent on that side). Returns socat, listening.
     pub fn relay_up(&self, port: u16) -> anyhow::Result<Proc> {
+        self.redirect_up(port)?;
+        let child = self
+            .engine
+            .command("socat")
+            .args([
+                // 128 KiB per read: socat's 8 KiB default is not what
+                // anyone would run for throughput.
+                "-b",
+                "131072",
+                &format!("TCP-LISTEN:{RELAY_PORT},fork,reuseaddr"),
+                &format!("TCP:{SERVER_V4}:{port}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning socat")?;
+        self.relay_ready(Proc::new("socat", child))
+    }
+
+    /// The bridge with TCP to `port` redirected (nftables, on the bridge)
+    /// to [`RELAY_PORT`] in the engine namespace, where a proxy listens:
+    /// what a user runs who terminates connections on kernel sockets.
+    pub fn redirect_up(&self, port: u16) -> anyhow::Result<()> {
         self.bridge_up()?;
         let e = &self.engine;
         e.ip(&["addr", "add", &format!("{RELAY_V4}/24"), "dev", "br0"])?;
@@ -273,23 +297,14 @@ impl Harness {
                 "add rule ip loupe_relay pre tcp dport {port} counter redirect to :{RELAY_PORT}"
             )],
         )?;
-        let child = e
-            .command("socat")
-            .args([
-                // 128 KiB per read: socat's 8 KiB default is not what
-                // anyone would run for throughput.
-                "-b",
-                "131072",
-                &format!("TCP-LISTEN:{RELAY_PORT},fork,reuseaddr"),
-                &format!("TCP:{SERVER_V4}:{port}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning socat")?;
-        let mut relay = Proc::new("socat", child);
-        relay.wait_ready("socat to listen", Duration::from_secs(20), || {
+        Ok(())
+    }
+
+    /// Waits for the proxy `relay` (started in the engine namespace) to
+    /// listen on [`RELAY_PORT`].
+    pub fn relay_ready(&self, mut relay: Proc) -> anyhow::Result<Proc> {
+        let e = &self.engine;
+        relay.wait_ready("the relay to listen", Duration::from_secs(20), || {
             e.listens_on(&format!(":{RELAY_PORT} "))
         })?;
         Ok(relay)

@@ -1,0 +1,644 @@
+//! `loupe-perf-tls`: what TLS decryption costs, against what a user would
+//! run otherwise, measured in one run on the same harness.
+//!
+//! Paths:
+//! - `direct`: a Linux bridge in the engine namespace; the client's TLS
+//!   reaches the server (no inspection).
+//! - `decrypt`: the engine with the control daemon, a `decrypt` rule and
+//!   its HSM (SoftHSM2): a man-in-the-middle with the forward-trust CA.
+//! - `sslsplit`: Debian's SSLsplit 0.5.5 in transparent mode in the engine
+//!   namespace (the bridge, an nftables REDIRECT), its CA key in a file.
+//!
+//! Peers live in this process: a rustls server (P-256 certificates from the
+//! test PKI, one per name) on sockets in the server namespace, and rustls
+//! clients on sockets in the client namespace, each on a thread of its
+//! own. Measured per path:
+//! - bulk: 1 and 8 connections, the server sending as fast as it can for
+//!   `--seconds`; Gbit/s of plaintext received.
+//! - handshakes/s: `--handshake-threads` clients making new connections
+//!   (handshake, one byte each way, close) for `--seconds`, to one name
+//!   (decrypt: certificate cache hits) and to a new name each time
+//!   (decrypt: a mint, one HSM signature, per connection).
+//! - latency: 64-byte request/response round trips on one established
+//!   connection (p50/p99), alone and while a handshake flood runs.
+//! - memory: the engine's RSS growth per idle decrypted connection at
+//!   `--idle` connections.
+//!
+//! And, on one core in memory, the rustls limits the proxies are held to:
+//! handshake pairs per second and bulk TLS (seal + open) throughput.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use loupe_perf::median;
+use loupe_tests::{
+    harness::{Harness, RELAY_PORT, SERVER_V4},
+    mitm::{lab_policy, Mitm},
+    netns::Netns,
+    pki::{Flaw, Key, Pki},
+    proc::{rss_kib, Proc},
+    HarnessConfig,
+};
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    server::ResolvesServerCertUsingSni,
+    sign::CertifiedKey,
+    ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
+};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(name = "loupe-perf-tls")]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Repeats of each measurement (medians reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Client threads making new connections.
+    #[arg(long, default_value_t = 4)]
+    handshake_threads: usize,
+    /// Distinct server names for the cache-miss handshakes.
+    #[arg(long, default_value_t = 3000)]
+    names: usize,
+    /// Idle decrypted connections for the memory measurement.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    /// Round trips for the latency measurement.
+    #[arg(long, default_value_t = 5000)]
+    round_trips: usize,
+    /// Paths to measure.
+    #[arg(long, value_delimiter = ',', default_value = "direct,decrypt,sslsplit")]
+    paths: Vec<String>,
+}
+
+const PORT: u16 = 443;
+const NAME: &str = "bench.loupe.test";
+
+/// What the server does on a connection: the client's first byte says.
+const OP_BULK: u8 = b'B';
+const OP_ECHO: u8 = b'E';
+const OP_PING: u8 = b'P';
+
+fn load_cert(pki_leaf: &loupe_tests::https::ServerCert) -> anyhow::Result<CertifiedKey> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki_leaf.cert)?
+        .collect::<Result<_, _>>()
+        .context("certificate PEM")?;
+    let key = PrivateKeyDer::from_pem_file(&pki_leaf.key).context("key PEM")?;
+    let signing = rustls::crypto::aws_lc_rs::default_provider()
+        .key_provider
+        .load_private_key(key)?;
+    Ok(CertifiedKey::new(chain, signing))
+}
+
+/// The server's configuration: a certificate per name (`NAME` and
+/// `n<i>.loupe.test`).
+fn server_config(pki: &Pki, names: usize) -> anyhow::Result<Arc<ServerConfig>> {
+    let mut sni = ResolvesServerCertUsingSni::new();
+    let mut all = vec![NAME.to_string()];
+    all.extend((0..names).map(|i| format!("n{i}.loupe.test")));
+    for (i, n) in all.iter().enumerate() {
+        let leaf = pki.leaf(&format!("bench-{i}"), &[n.as_str()], Key::P256, Flaw::None)?;
+        sni.add(n, load_cert(&leaf)?)?;
+    }
+    let cfg = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(sni));
+    Ok(Arc::new(cfg))
+}
+
+/// The in-process TLS server: a thread per connection.
+struct Server {
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    fn start(ns: &Netns, cfg: Arc<ServerConfig>) -> anyhow::Result<Server> {
+        let listener = ns.enter(|| TcpListener::bind(format!("{SERVER_V4}:{PORT}")))??;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((sock, _)) => {
+                        let cfg = cfg.clone();
+                        let s = s.clone();
+                        thread::spawn(move || {
+                            let _ = serve(sock, cfg, &s);
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        Ok(Server { stop })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(sock: TcpStream, cfg: Arc<ServerConfig>, stop: &AtomicBool) -> anyhow::Result<()> {
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut tls = StreamOwned::new(ServerConnection::new(cfg)?, sock);
+    let mut op = [0u8; 1];
+    tls.read_exact(&mut op)?;
+    match op[0] {
+        OP_BULK => {
+            let block = vec![0x5au8; 64 << 10];
+            while !stop.load(Ordering::Relaxed) {
+                tls.write_all(&block)?;
+            }
+        }
+        OP_ECHO => {
+            let mut buf = [0u8; 64];
+            loop {
+                tls.read_exact(&mut buf)?;
+                tls.write_all(&buf)?;
+            }
+        }
+        _ => {
+            tls.write_all(&[OP_PING])?;
+            let _ = tls.read(&mut op);
+        }
+    }
+    Ok(())
+}
+
+/// The benchmark's client: rustls without the post-quantum hybrid, so
+/// its ClientHello fits one segment: SSLsplit 0.5.5 reads the server name
+/// from the first segment only, and a hybrid key share (1.2 KB) pushes it
+/// out (it then connects without a name).
+fn client_config(ca: &Path) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups.retain(|g| {
+        g.name() != rustls::NamedGroup::X25519MLKEM768 && g.name() != rustls::NamedGroup::MLKEM768
+    });
+    Ok(Arc::new(
+        ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+fn connect(
+    ns: &Netns,
+    cfg: &Arc<ClientConfig>,
+    name: &str,
+) -> anyhow::Result<StreamOwned<ClientConnection, TcpStream>> {
+    let sock = ns.enter(|| {
+        TcpStream::connect_timeout(
+            &format!("{SERVER_V4}:{PORT}").parse().expect("addr"),
+            Duration::from_secs(20),
+        )
+    })??;
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let conn = ClientConnection::new(cfg.clone(), ServerName::try_from(name.to_string())?)?;
+    Ok(StreamOwned::new(conn, sock))
+}
+
+/// Plaintext Gbit/s over `conns` connections for `secs`.
+fn bulk(ns: &Netns, cfg: &Arc<ClientConfig>, conns: usize, secs: u64) -> anyhow::Result<f64> {
+    let bytes = Arc::new(AtomicU64::new(0));
+    let go = Arc::new(AtomicBool::new(true));
+    let mut threads = Vec::new();
+    for _ in 0..conns {
+        let mut tls = connect(ns, cfg, NAME)?;
+        tls.write_all(&[OP_BULK])?;
+        let (bytes, go) = (bytes.clone(), go.clone());
+        threads.push(thread::spawn(move || {
+            let mut buf = vec![0u8; 256 << 10];
+            while go.load(Ordering::Relaxed) {
+                match tls.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    // Past the ramp-up, count a window of `secs`.
+    thread::sleep(Duration::from_millis(500));
+    let (b0, t0) = (bytes.load(Ordering::Relaxed), Instant::now());
+    thread::sleep(Duration::from_secs(secs));
+    let (b1, took) = (bytes.load(Ordering::Relaxed), t0.elapsed());
+    go.store(false, Ordering::Relaxed);
+    drop(threads);
+    Ok((b1 - b0) as f64 * 8.0 / took.as_secs_f64() / 1e9)
+}
+
+/// New connections per second by `threads` clients for `secs`; `names`
+/// gives each connection's server name.
+fn handshakes(
+    ns: &Netns,
+    cfg: &Arc<ClientConfig>,
+    threads: usize,
+    secs: u64,
+    names: Arc<dyn Fn(u64) -> String + Send + Sync>,
+) -> anyhow::Result<(f64, u64)> {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut hs = Vec::new();
+    for _ in 0..threads {
+        let (cfg, done, failed, next, names) = (
+            cfg.clone(),
+            done.clone(),
+            failed.clone(),
+            next.clone(),
+            names.clone(),
+        );
+        let ns = Netns::existing(&ns.name, true);
+        hs.push(thread::spawn(move || {
+            while Instant::now() < deadline {
+                let name = names(next.fetch_add(1, Ordering::Relaxed));
+                let ok = (|| -> anyhow::Result<()> {
+                    let mut tls = connect(&ns, &cfg, &name)?;
+                    tls.write_all(&[OP_PING])?;
+                    let mut b = [0u8; 1];
+                    tls.read_exact(&mut b)?;
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                    Ok(())
+                })();
+                match ok {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    for h in hs {
+        let _ = h.join();
+    }
+    Ok((
+        done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64(),
+        failed.load(Ordering::Relaxed),
+    ))
+}
+
+/// 64-byte round trips on one connection: (p50, p99) in microseconds.
+fn latency(ns: &Netns, cfg: &Arc<ClientConfig>, n: usize) -> anyhow::Result<(f64, f64)> {
+    let mut tls = connect(ns, cfg, NAME)?;
+    tls.write_all(&[OP_ECHO])?;
+    let mut h = Histogram::<u64>::new(3)?;
+    let msg = [7u8; 64];
+    let mut buf = [0u8; 64];
+    for i in 0..n + 100 {
+        let t = Instant::now();
+        tls.write_all(&msg)?;
+        tls.read_exact(&mut buf)?;
+        if i >= 100 {
+            h.record(t.elapsed().as_micros() as u64)?;
+        }
+    }
+    Ok((
+        h.value_at_quantile(0.5) as f64,
+        h.value_at_quantile(0.99) as f64,
+    ))
+}
+
+/// One path's setup: what runs on the harness, and the CA clients trust.
+enum Setup {
+    Decrypt(Box<Mitm>),
+    Plain(Box<Plain>),
+}
+
+struct Plain {
+    ca: PathBuf,
+    pki: Pki,
+    _sslsplit: Option<Proc>,
+    h: Harness,
+}
+
+impl Setup {
+    fn start(path: &str) -> anyhow::Result<Setup> {
+        if path == "decrypt" {
+            return Ok(Setup::Decrypt(Box::new(Mitm::start(|pki| {
+                lab_policy(pki, "", "")
+            })?)));
+        }
+        let h = Harness::new(HarnessConfig::default())?;
+        let pki = Pki::new(&h.dir.join("pki"))?;
+        let (ca, sslsplit) = match path {
+            "sslsplit" => {
+                let (ca, p) = sslsplit_up(&h)?;
+                (ca, Some(p))
+            }
+            "direct" => {
+                h.bridge_up()?;
+                (pki.roots.clone(), None)
+            }
+            other => anyhow::bail!("unknown path {other:?} (direct, decrypt, sslsplit)"),
+        };
+        Ok(Setup::Plain(Box::new(Plain {
+            ca,
+            pki,
+            _sslsplit: sslsplit,
+            h,
+        })))
+    }
+
+    fn h(&self) -> &Harness {
+        match self {
+            Setup::Decrypt(m) => &m.h,
+            Setup::Plain(p) => &p.h,
+        }
+    }
+
+    fn pki(&self) -> &Pki {
+        match self {
+            Setup::Decrypt(m) => &m.pki,
+            Setup::Plain(p) => &p.pki,
+        }
+    }
+
+    fn ca(&self) -> &Path {
+        match self {
+            Setup::Decrypt(m) => &m.ca,
+            Setup::Plain(p) => &p.ca,
+        }
+    }
+
+    fn engine_pid(&self) -> Option<u32> {
+        match self {
+            Setup::Decrypt(m) => Some(m.engine.pid()),
+            Setup::Plain(_) => None,
+        }
+    }
+}
+
+/// SSLsplit in the engine namespace behind the redirect, with a P-256 CA
+/// of its own (a file); returns the CA clients trust, and the process.
+fn sslsplit_up(h: &Harness) -> anyhow::Result<(PathBuf, Proc)> {
+    h.redirect_up(PORT)?;
+    let key = h.dir.join("sslsplit-ca.key");
+    let cert = h.dir.join("sslsplit-ca.crt");
+    loupe_tests::netns::run(
+        std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=SSLsplit bench CA"])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    )?;
+    let log = std::fs::File::create(h.dir.join("sslsplit.log"))?;
+    let child = h
+        .engine
+        .command("sslsplit")
+        .args(["-u", "root", "-k"])
+        .arg(&key)
+        .arg("-c")
+        .arg(&cert)
+        .args(["ssl", "0.0.0.0", &RELAY_PORT.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning sslsplit (Debian's sslsplit, installed by scripts/setup)")?;
+    let p = h.relay_ready(Proc::new("sslsplit", child))?;
+    Ok((cert, p))
+}
+
+/// rustls on one core, in memory: handshake pairs per second and bulk
+/// (seal + open) Gbit/s, with a P-256 certificate.
+fn rustls_limits(pki: &Pki, secs: u64) -> anyhow::Result<(f64, f64)> {
+    let leaf = pki.leaf("mem", &[NAME], Key::P256, Flaw::None)?;
+    let server = {
+        let ck = load_cert(&leaf)?;
+        Arc::new(
+            ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(ck.cert.clone(), PrivateKeyDer::from_pem_file(&leaf.key)?)?,
+        )
+    };
+    let client = client_config(&pki.roots)?;
+    let pair = || -> anyhow::Result<(ClientConnection, ServerConnection)> {
+        let mut c = ClientConnection::new(client.clone(), ServerName::try_from(NAME)?)?;
+        let mut s = ServerConnection::new(server.clone())?;
+        let mut buf = Vec::new();
+        while c.is_handshaking() || s.is_handshaking() {
+            buf.clear();
+            c.write_tls(&mut buf)?;
+            s.read_tls(&mut &buf[..])?;
+            s.process_new_packets()?;
+            buf.clear();
+            s.write_tls(&mut buf)?;
+            c.read_tls(&mut &buf[..])?;
+            c.process_new_packets()?;
+        }
+        Ok((c, s))
+    };
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        pair()?;
+        n += 1;
+    }
+    let pairs = n as f64 / t0.elapsed().as_secs_f64();
+    let (mut c, mut s) = pair()?;
+    c.set_buffer_limit(None);
+    let chunk = vec![0x5au8; 64 << 10];
+    let mut out = [0u8; 64 << 10];
+    let mut wire = Vec::with_capacity(1 << 20);
+    let (t0, mut bytes) = (Instant::now(), 0u64);
+    while t0.elapsed() < Duration::from_secs(secs) {
+        c.writer().write_all(&chunk)?;
+        wire.clear();
+        while c.wants_write() {
+            c.write_tls(&mut wire)?;
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd)?;
+            s.process_new_packets()?;
+            while let Ok(k) = s.reader().read(&mut out) {
+                if k == 0 {
+                    break;
+                }
+                bytes += k as u64;
+            }
+        }
+    }
+    Ok((pairs, bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut rows = Vec::new();
+    let mut table = Vec::new();
+    for path in &args.paths {
+        eprintln!("== {path}");
+        let s = Setup::start(path)?;
+        let server_cfg = server_config(s.pki(), args.names)?;
+        let _server = Server::start(&s.h().server, server_cfg)?;
+        let cfg = client_config(s.ca())?;
+        let client = &s.h().client;
+        // Warm: one connection (the decrypt path mints its first
+        // certificate here).
+        let (_, failed) = handshakes(client, &cfg, 1, 1, Arc::new(|_| NAME.to_string()))?;
+        if failed > 0 {
+            let log = std::fs::read_to_string(s.h().dir.join("sslsplit.log")).unwrap_or_default();
+            anyhow::bail!("{path}: the first connections failed\n{log}");
+        }
+        let mut b1 = Vec::new();
+        let mut b8 = Vec::new();
+        let mut hit = Vec::new();
+        let mut miss = Vec::new();
+        let mut lat = Vec::new();
+        let mut flood_lat = Vec::new();
+        let mut failures = 0;
+        let mut name_base = 0u64;
+        for r in 0..args.repeat {
+            b1.push(bulk(client, &cfg, 1, args.seconds)?);
+            b8.push(bulk(client, &cfg, 8, args.seconds)?);
+            let (rate, f) = handshakes(
+                client,
+                &cfg,
+                args.handshake_threads,
+                args.seconds,
+                Arc::new(|_| NAME.to_string()),
+            )?;
+            hit.push(rate);
+            failures += f;
+            let names = args.names as u64;
+            let base = name_base;
+            let (rate, f) = handshakes(
+                client,
+                &cfg,
+                args.handshake_threads,
+                args.seconds,
+                Arc::new(move |i| format!("n{}.loupe.test", (base + i) % names)),
+            )?;
+            name_base += (rate * args.seconds as f64) as u64 + 1;
+            miss.push(rate);
+            failures += f;
+            lat.push(latency(client, &cfg, args.round_trips)?);
+            // The same round trips while a handshake flood runs.
+            let flood = {
+                let ns = Netns::existing(&client.name, true);
+                let cfg = cfg.clone();
+                let secs = args.seconds * 3;
+                thread::spawn(move || {
+                    handshakes(&ns, &cfg, 2, secs, Arc::new(|_| NAME.to_string()))
+                })
+            };
+            flood_lat.push(latency(client, &cfg, args.round_trips)?);
+            let _ = flood.join();
+            eprintln!(
+                "  round {r}: bulk {:.2}/{:.2} Gbit/s (1/8), handshakes {:.0}/s hit {:.0}/s miss, rtt p50 {:.0} us p99 {:.0} us, under flood p99 {:.0} us",
+                b1[r], b8[r], hit[r], miss[r], lat[r].0, lat[r].1, flood_lat[r].1
+            );
+        }
+        // Memory per idle decrypted connection.
+        let mem = match s.engine_pid() {
+            Some(pid) => {
+                let before = rss_kib(pid);
+                let mut idle = Vec::with_capacity(args.idle);
+                for _ in 0..args.idle {
+                    let mut tls = connect(client, &cfg, NAME)?;
+                    tls.write_all(&[OP_ECHO])?;
+                    tls.write_all(&[1u8; 64])?;
+                    let mut b = [0u8; 64];
+                    tls.read_exact(&mut b)?;
+                    idle.push(tls);
+                }
+                thread::sleep(Duration::from_secs(2));
+                let after = rss_kib(pid);
+                drop(idle);
+                Some((after.saturating_sub(before)) as f64 / args.idle as f64)
+            }
+            None => None,
+        };
+        let row = json!({
+            "path": path,
+            "bulk_1_gbit": median(b1.clone()), "bulk_8_gbit": median(b8.clone()),
+            "handshakes_hit_per_s": median(hit.clone()), "handshakes_miss_per_s": median(miss.clone()),
+            "rtt_p50_us": median(lat.iter().map(|l| l.0).collect()),
+            "rtt_p99_us": median(lat.iter().map(|l| l.1).collect()),
+            "flood_rtt_p99_us": median(flood_lat.iter().map(|l| l.1).collect()),
+            "kib_per_idle_connection": mem,
+            "failed_handshakes": failures,
+        });
+        table.push(row.clone());
+        rows.push(row);
+    }
+    eprintln!("== rustls on one core, in memory");
+    let h = Harness::new(HarnessConfig::default())?;
+    let pki = Pki::new(&h.dir.join("pki"))?;
+    let (pairs, gbit) = rustls_limits(&pki, args.seconds)?;
+    rows.push(json!({"rustls_handshake_pairs_per_s": pairs, "rustls_bulk_gbit_one_core": gbit}));
+
+    println!(
+        "\n{:<9} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>11} {:>9}",
+        "path",
+        "1 conn",
+        "8 conns",
+        "hs/s hit",
+        "hs/s miss",
+        "rtt p50",
+        "rtt p99",
+        "p99 flood",
+        "KiB/conn"
+    );
+    for r in &table {
+        println!(
+            "{:<9} {:>6.2} Gb {:>6.2} Gb {:>11.0} {:>11.0} {:>6.0} us {:>6.0} us {:>8.0} us {:>9}",
+            r["path"].as_str().unwrap_or(""),
+            r["bulk_1_gbit"].as_f64().unwrap_or(0.0),
+            r["bulk_8_gbit"].as_f64().unwrap_or(0.0),
+            r["handshakes_hit_per_s"].as_f64().unwrap_or(0.0),
+            r["handshakes_miss_per_s"].as_f64().unwrap_or(0.0),
+            r["rtt_p50_us"].as_f64().unwrap_or(0.0),
+            r["rtt_p99_us"].as_f64().unwrap_or(0.0),
+            r["flood_rtt_p99_us"].as_f64().unwrap_or(0.0),
+            r["kib_per_idle_connection"]
+                .as_f64()
+                .map_or("-".into(), |k| format!("{k:.1}")),
+        );
+    }
+    println!(
+        "rustls in memory, one core: {pairs:.0} handshake pairs/s, {gbit:.2} Gbit/s bulk (seal+open)"
+    );
+    std::fs::create_dir_all("perf/results")?;
+    std::fs::write("perf/results/tls.json", serde_json::to_vec_pretty(&rows)?)?;
+    Ok(())
+}
