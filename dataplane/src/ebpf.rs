@@ -168,6 +168,11 @@ impl Classifier {
         self.set_prefixes("EXEMPT_PREFIXES", exempt)
     }
 
+    /// Drop QUIC (UDP/443) to `prefixes` (unless exempt).
+    pub fn set_quic_block(&mut self, prefixes: &[Prefix]) -> Result<(), ClassifierError> {
+        self.set_prefixes("QUIC_BLOCK", prefixes)
+    }
+
     fn set_prefixes(
         &mut self,
         name: &'static str,

@@ -369,6 +369,7 @@ pub fn run(
         ports: cfg.steer_ports.clone(),
         prefixes: cfg.steer_prefixes.clone(),
         exempt: cfg.exempt_prefixes.clone(),
+        quic: Vec::new(),
     };
     let snapshot = |state: &str, steering: &Steering, classifier: &Classifier| -> StatsReport {
         let mut r = base.clone();
@@ -587,10 +588,12 @@ fn apply(
         }
     }
     let st = policy.steering()?;
-    if let Err(e) = classifier.set_steering(&st.ports, &st.prefixes, &st.exempt) {
-        if let Err(back) =
-            classifier.set_steering(&steered.ports, &steered.prefixes, &steered.exempt)
-        {
+    let set = |c: &mut Classifier, s: &Steering| {
+        c.set_steering(&s.ports, &s.prefixes, &s.exempt)
+            .and_then(|()| c.set_quic_block(&s.quic))
+    };
+    if let Err(e) = set(classifier, &st) {
+        if let Err(back) = set(classifier, steered) {
             eprintln!(
                 "loupe-dataplane: error: the steering maps could not be restored after a failed \
                  apply ({back}); steering may be partial until the next successful apply"

@@ -233,6 +233,7 @@ impl From<&crate::policy::Steering> for SteeringReport {
             ports: s.ports.clone(),
             prefixes: text(&s.prefixes),
             exempt: text(&s.exempt),
+            quic_blocked: text(&s.quic),
         }
     }
 }
@@ -268,6 +269,9 @@ pub struct SteeringReport {
     pub ports: Vec<u16>,
     pub prefixes: Vec<String>,
     pub exempt: Vec<String>,
+    /// Destinations QUIC (UDP/443) is dropped to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quic_blocked: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

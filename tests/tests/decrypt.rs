@@ -236,3 +236,53 @@ fn a_profile_with_a_key_log_writes_both_legs_secrets_and_audits_it() {
         "{audit}"
     );
 }
+
+#[test]
+fn quic_to_a_decrypted_destination_is_dropped_in_xdp_when_the_profile_says_so() {
+    use std::net::UdpSocket;
+    let m = Mitm::start(|pki| lab_policy(pki, "block_quic = true", "")).expect("setup");
+    let server = |port: u16| {
+        m.h.server
+            .enter(move || UdpSocket::bind(format!("{SERVER_V4}:{port}")))
+            .unwrap()
+            .unwrap()
+    };
+    let (quic, other) = (server(443), server(8443));
+    let client =
+        m.h.client
+            .enter(|| UdpSocket::bind("198.18.0.1:0"))
+            .unwrap()
+            .unwrap();
+    // QUIC first, then the others: had QUIC not been dropped, it would
+    // have arrived before them.
+    for _ in 0..20 {
+        client.send_to(b"quic initial", (SERVER_V4, 443)).unwrap();
+    }
+    for _ in 0..20 {
+        client.send_to(b"not quic", (SERVER_V4, 8443)).unwrap();
+    }
+    other
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = other
+        .recv_from(&mut buf)
+        .expect("UDP to another port passes");
+    assert_eq!(&buf[..n], b"not quic");
+    quic.set_nonblocking(true).unwrap();
+    assert!(
+        quic.recv_from(&mut buf).is_err(),
+        "a QUIC datagram got through"
+    );
+    let r = m
+        .engine
+        .wait_stats(
+            "the drops counted",
+            std::time::Duration::from_secs(30),
+            |r| (r.xdp_packets("quic_drop") >= 20).then(|| r.clone()),
+        )
+        .unwrap();
+    assert_eq!(r.xdp_packets("quic_drop"), 20);
+    // The decrypt rule's destinations.
+    assert_eq!(r.steering.quic_blocked, ["2001:2::/64", "198.18.0.0/24"]);
+}

@@ -582,6 +582,7 @@ fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -
         hsm_unavailable: hsm_unavailable?,
         no_resources: no_resources?,
         ech: ech?,
+        block_quic: raw.block_quic.as_ref().is_some_and(|b| *b.get_ref()),
         append_cn_to_san: raw.append_cn_to_san.as_ref().is_some_and(|b| *b.get_ref()),
         keylog: keylog?,
         trust_store: trust_store?,

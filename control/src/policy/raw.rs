@@ -72,6 +72,7 @@ pub struct RawProfile {
     pub hsm_unavailable: Option<Spanned<String>>,
     pub no_resources: Option<Spanned<String>>,
     pub ech: Option<Spanned<String>>,
+    pub block_quic: Option<Spanned<bool>>,
     pub append_cn_to_san: Option<Spanned<bool>>,
     pub keylog: Option<Spanned<String>>,
     pub trust_store: Option<Spanned<String>>,

@@ -369,6 +369,11 @@ pub struct Profile {
     /// A ClientHello with encrypted_client_hello (real ECH or GREASE).
     #[serde(default = "ech_decrypt")]
     pub ech: EchAction,
+    /// Drop QUIC (UDP/443) to the destinations of the `decrypt` rules with
+    /// this profile, in XDP, so browsers fall back to TLS over TCP (which
+    /// is decrypted). Off by default: QUIC then passes unseen.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub block_quic: bool,
     /// Copy the CN into the SANs when the server's certificate has none.
     #[serde(default, skip_serializing_if = "is_false")]
     pub append_cn_to_san: bool,
@@ -407,6 +412,7 @@ impl Default for Profile {
             hsm_unavailable: Fallback::Block,
             no_resources: Fallback::Block,
             ech: EchAction::Decrypt,
+            block_quic: false,
             append_cn_to_san: false,
             keylog: None,
             trust_store: None,
@@ -503,6 +509,9 @@ pub struct Steering {
     pub ports: Vec<u16>,
     pub prefixes: Vec<Prefix>,
     pub exempt: Vec<Prefix>,
+    /// Destinations QUIC (UDP/443) is dropped to.
+    #[serde(default)]
+    pub quic: Vec<Prefix>,
 }
 
 /// What a connection looks like to the rules.
@@ -709,23 +718,33 @@ impl Policy {
                 ports.len()
             ));
         }
-        // Drop prefixes another one covers (the trie needs no duplicates):
-        // exact duplicates by sorting, then the covered ones.
-        prefixes.sort_by_key(|p| (p.mapped_len(), p.addr));
-        prefixes.dedup();
-        let mut kept: Vec<Prefix> = Vec::new();
-        for p in prefixes {
-            if !kept.iter().any(|k| k.v4 == p.v4 && k.covers(&p)) {
-                kept.push(p);
-            }
-        }
+        let mut kept = minimal(prefixes);
         if ports.is_empty() {
             kept.clear();
+        }
+        // QUIC blocked toward what decrypt rules whose profile says so
+        // cover (the default action's profile is the default one, which
+        // does not block QUIC).
+        let mut quic = Vec::new();
+        for r in &self.rules {
+            let blocks = r.action == Action::Decrypt
+                && r.profile
+                    .as_ref()
+                    .and_then(|p| self.profiles.get(p))
+                    .is_some_and(|p| p.block_quic);
+            if blocks {
+                if r.matcher.dst.is_empty() {
+                    quic.extend(crate::config::default_steer_prefixes());
+                } else {
+                    quic.extend(r.matcher.dst.iter().copied());
+                }
+            }
         }
         Ok(Steering {
             ports,
             prefixes: kept,
             exempt: self.exempt.clone(),
+            quic: minimal(quic),
         })
     }
 
@@ -794,6 +813,20 @@ impl Policy {
         }
         self.steering().map(|_| ())
     }
+}
+
+/// `prefixes` without duplicates or prefixes another one covers (the
+/// tries need neither): exact duplicates by sorting, then the covered ones.
+fn minimal(mut prefixes: Vec<Prefix>) -> Vec<Prefix> {
+    prefixes.sort_by_key(|p| (p.mapped_len(), p.addr));
+    prefixes.dedup();
+    let mut kept: Vec<Prefix> = Vec::new();
+    for p in prefixes {
+        if !kept.iter().any(|k| k.v4 == p.v4 && k.covers(&p)) {
+            kept.push(p);
+        }
+    }
+    kept
 }
 
 /// The running policy, shared by the engine thread (which swaps it) and
@@ -1059,6 +1092,56 @@ mod tests {
             p.decide(&subject("198.18.0.1", "198.18.0.2", 443, Some("a")))
                 .action,
             Action::Block
+        );
+    }
+
+    #[test]
+    fn quic_is_blocked_toward_decrypt_rules_whose_profile_says_so() {
+        let mut p = policy(
+            vec![
+                rule(
+                    "quiet",
+                    Action::Decrypt,
+                    Match {
+                        dst: prefixes(&["198.18.0.0/24"]),
+                        ..Match::default()
+                    },
+                ),
+                rule(
+                    "loud",
+                    Action::Decrypt,
+                    Match {
+                        dst: prefixes(&["198.18.1.0/24", "198.18.0.64/26"]),
+                        ..Match::default()
+                    },
+                ),
+                rule(
+                    "split",
+                    Action::TcpSplit,
+                    Match {
+                        dst: prefixes(&["198.18.2.0/24"]),
+                        ..Match::default()
+                    },
+                ),
+            ],
+            Action::Decrypt,
+        );
+        // Without a profile that blocks it, QUIC passes everywhere.
+        assert!(p.steering().unwrap().quic.is_empty());
+        p.profiles.insert(
+            "noquic".into(),
+            Profile {
+                block_quic: true,
+                ..Profile::default()
+            },
+        );
+        for r in &mut p.rules {
+            r.profile = Some("noquic".into());
+        }
+        // Only the decrypt rules' destinations, the covered one folded in.
+        assert_eq!(
+            p.steering().unwrap().quic,
+            prefixes(&["198.18.0.0/24", "198.18.1.0/24"])
         );
     }
 

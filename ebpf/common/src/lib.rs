@@ -121,7 +121,7 @@ counters! {
     Rx = 0, "rx";
     /// Not IPv4/IPv6 (ARP, LLDP, ...): DEVMAP to the peer.
     PassNonIp = 1, "pass_non_ip";
-    /// IP but not TCP (ICMP, UDP, ...): DEVMAP.
+    /// IP but not TCP (ICMP, UDP other than blocked QUIC, ...): DEVMAP.
     PassNonTcp = 2, "pass_non_tcp";
     /// TCP not matching the steering maps: DEVMAP.
     PassTcp = 3, "pass_tcp";
@@ -149,9 +149,12 @@ counters! {
     Vlan = 14, "tag_vlan";
     /// Tag: IPv6 frame with extension headers before the transport header.
     Ipv6Ext = 15, "tag_ipv6_ext";
+    /// QUIC (UDP/443) to a destination whose decryption profile blocks
+    /// it: XDP_DROP (browsers fall back to TLS over TCP).
+    QuicDrop = 16, "quic_drop";
 }
 
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 17;
 
 impl Counter {
     /// Outcome counters partition `Rx`: their sum equals `Rx`.

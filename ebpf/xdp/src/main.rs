@@ -5,7 +5,10 @@
 //!    peer interface), drop, or steer (AF_XDP socket of the receiving queue);
 //! 2. TCP to a steered port whose server address is in a steered prefix and
 //!    neither address is exempt: steer;
-//! 3. everything else, including every frame it cannot parse, goes to the
+//! 3. QUIC (UDP to port 443) to a destination whose decryption profile
+//!    blocks QUIC (so browsers fall back to TLS over TCP, which is
+//!    decrypted), neither address exempt: drop;
+//! 4. everything else, including every frame it cannot parse, goes to the
 //!    peer interface through the DEVMAP: the in-kernel fast path.
 //!
 //! Malformed or truncated headers are never steered and never dropped: they
@@ -39,6 +42,8 @@ static STEER_PREFIXES: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(MAX_PREFIXE
 #[map]
 static EXEMPT_PREFIXES: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 #[map]
+static QUIC_BLOCK: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map]
 static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
 const ETH_HLEN: usize = 14;
@@ -47,6 +52,7 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 /// IPv6 extension headers walked before giving up (RFC 8200 section 4.1
 /// recommends an order with at most one of each, plus destination options
 /// twice).
@@ -140,6 +146,8 @@ fn in_prefixes(trie: &LpmTrie<Addr, u8>, addr: Addr) -> bool {
 struct L3 {
     src: Addr,
     dst: Addr,
+    /// TCP or UDP.
+    proto: u8,
     /// Offset of the transport header.
     l4: usize,
     /// End of the IP payload (frames may carry Ethernet padding after it).
@@ -174,6 +182,7 @@ fn classify(ctx: &XdpContext, len: u64) -> Class {
         _ => return Class::Pass(Counter::PassNonIp),
     };
     match l3 {
+        Ok(l3) if l3.proto == IPPROTO_UDP => udp(ctx, l3),
         Ok(l3) => tcp(ctx, l3),
         Err(class) => class,
     }
@@ -196,12 +205,13 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Class> {
     if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
         return Err(Class::Pass(Counter::Fragment));
     }
-    if h[9] != IPPROTO_TCP {
+    if h[9] != IPPROTO_TCP && h[9] != IPPROTO_UDP {
         return Err(Class::Pass(Counter::PassNonTcp));
     }
     Ok(L3 {
         src: v4_mapped([h[12], h[13], h[14], h[15]]),
         dst: v4_mapped([h[16], h[17], h[18], h[19]]),
+        proto: h[9],
         l4: off + ihl,
         l4_end: off + total,
     })
@@ -270,10 +280,11 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
         // Longer chain than we walk: unclassifiable, never steered.
         return Err(Class::Pass(Counter::Malformed));
     }
-    if next != IPPROTO_TCP {
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Err(Class::Pass(Counter::PassNonTcp));
     }
     Ok(L3 {
+        proto: next,
         src: [
             h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19],
             h[20], h[21], h[22], h[23],
@@ -291,6 +302,26 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
 #[inline(always)]
 fn is_v4_mapped(h: &[u8; 40], at: usize) -> bool {
     h[at..at + 10].iter().all(|b| *b == 0) && h[at + 10] == 0xff && h[at + 11] == 0xff
+}
+
+/// QUIC (RFC 9000) runs over UDP, port 443 for HTTP/3 (RFC 9114 §3.1).
+const QUIC_PORT: u16 = 443;
+
+/// UDP: QUIC to a destination whose decryption profile blocks it is
+/// dropped; everything else UDP takes the fast path.
+#[inline(always)]
+fn udp(ctx: &XdpContext, l3: L3) -> Class {
+    let Some(u) = bytes::<8>(ctx, l3.l4) else {
+        return Class::Pass(Counter::Malformed);
+    };
+    let dst_port = u16::from_be_bytes([u[2], u[3]]);
+    if dst_port != QUIC_PORT || !in_prefixes(&QUIC_BLOCK, l3.dst) {
+        return Class::Pass(Counter::PassNonTcp);
+    }
+    if in_prefixes(&EXEMPT_PREFIXES, l3.src) || in_prefixes(&EXEMPT_PREFIXES, l3.dst) {
+        return Class::Pass(Counter::PassExempt);
+    }
+    Class::Drop(Counter::QuicDrop)
 }
 
 #[inline(always)]
