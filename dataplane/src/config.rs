@@ -1,157 +1,22 @@
 //! Engine configuration: interfaces, queues, XDP mode, steering, limits.
-//! Parsing of user-supplied values (prefixes, port lists) lives here and
-//! reports what was wrong with the value.
+//! Parsing of user-supplied values (port lists, XDP modes; prefixes are
+//! the policy's) lives here and reports what was wrong with the value.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    str::FromStr,
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
-use loupe_common::{v4_mapped, Addr, V4_MAPPED_PREFIX_BITS};
 use thiserror::Error;
 
+pub use crate::policy::prefix::{default_steer_prefixes, BadPrefix, Prefix};
 use crate::{ebpf::AttachMode, session::SessionSettings, xsk::PortConfig};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("bad prefix '{input}': {reason} (expected e.g. 198.18.0.0/15 or 2001:2::/48)")]
-    Prefix { input: String, reason: String },
+    #[error(transparent)]
+    Prefix(#[from] BadPrefix),
     #[error("bad port '{0}': expected a number from 1 to 65535")]
     Port(String),
     #[error("bad XDP mode '{0}': expected native or skb")]
     Mode(String),
-}
-
-/// An IPv4 or IPv6 prefix; host bits are cleared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Prefix {
-    /// Address as stored in the maps (IPv4 as IPv4-mapped IPv6).
-    pub addr: Addr,
-    /// Prefix length in the address family's own terms (0-32 or 0-128).
-    pub len: u8,
-    pub v4: bool,
-}
-
-impl Prefix {
-    /// Prefix length in the IPv4-mapped IPv6 space the maps use.
-    pub fn mapped_len(&self) -> u32 {
-        if self.v4 {
-            V4_MAPPED_PREFIX_BITS + self.len as u32
-        } else {
-            self.len as u32
-        }
-    }
-}
-
-impl FromStr for Prefix {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let err = |reason: &str| ConfigError::Prefix {
-            input: s.into(),
-            reason: reason.into(),
-        };
-        let (addr, len) = match s.trim().split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s.trim(), None),
-        };
-        let ip: IpAddr = addr.parse().map_err(|_| err("not an IP address"))?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        let len: u8 = match len {
-            Some(l) => l
-                .parse()
-                .map_err(|_| err("prefix length is not a number"))?,
-            None => max,
-        };
-        if len > max {
-            return Err(err(&format!("prefix length {len} exceeds {max}")));
-        }
-        Ok(match ip {
-            IpAddr::V4(v4) => {
-                let bits = u32::from(v4) & mask32(len);
-                Prefix {
-                    addr: v4_mapped(Ipv4Addr::from(bits).octets()),
-                    len,
-                    v4: true,
-                }
-            }
-            IpAddr::V6(v6) => {
-                let bits = u128::from(v6) & mask128(len);
-                Prefix {
-                    addr: Ipv6Addr::from(bits).octets(),
-                    len,
-                    v4: false,
-                }
-            }
-        })
-    }
-}
-
-fn mask32(len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - len as u32)
-    }
-}
-
-fn mask128(len: u8) -> u128 {
-    if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - len as u32)
-    }
-}
-
-impl Prefix {
-    /// Whether `addr` (as stored in the maps) lies in this prefix. An IPv6
-    /// prefix shorter than the IPv4-mapped block (`::/0`, `2000::/3`) never
-    /// contains IPv4 addresses: a rule's `::/0` means every IPv6 address.
-    pub fn contains(&self, addr: &Addr) -> bool {
-        if !self.v4 && self.len < 96 && addr[..12] == v4_mapped([0; 4])[..12] {
-            return false;
-        }
-        let bits = self.mapped_len() as usize;
-        let (whole, rest) = (bits / 8, bits % 8);
-        if self.addr[..whole] != addr[..whole] {
-            return false;
-        }
-        rest == 0 || {
-            let mask = 0xffu8 << (8 - rest);
-            self.addr[whole] & mask == addr[whole] & mask
-        }
-    }
-
-    /// Whether every address of `other` lies in this prefix.
-    pub fn covers(&self, other: &Prefix) -> bool {
-        self.mapped_len() <= other.mapped_len() && self.contains(&other.addr)
-    }
-}
-
-impl serde::Serialize for Prefix {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Prefix {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-impl std::fmt::Display for Prefix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v6 = Ipv6Addr::from(self.addr);
-        match (self.v4, v6.to_ipv4_mapped()) {
-            (true, Some(v4)) => write!(f, "{v4}/{}", self.len),
-            _ => write!(f, "{v6}/{}", self.len),
-        }
-    }
 }
 
 /// A comma-separated port list; `none` or empty means no ports.
@@ -258,71 +123,9 @@ impl EngineConfig {
     }
 }
 
-/// Every address of both families.
-pub fn default_steer_prefixes() -> Vec<Prefix> {
-    vec![
-        Prefix::from_str("0.0.0.0/0").expect("literal"),
-        Prefix::from_str("::/0").expect("literal"),
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn v4_prefix_is_mapped_and_masked() {
-        let p: Prefix = "198.19.7.9/15".parse().unwrap();
-        assert_eq!(p.to_string(), "198.18.0.0/15");
-        assert_eq!(p.mapped_len(), 111);
-        assert_eq!(&p.addr[10..], &[0xff, 0xff, 198, 18, 0, 0]);
-    }
-
-    #[test]
-    fn v6_prefix_and_bare_address() {
-        let p: Prefix = "2001:2::1/48".parse().unwrap();
-        assert_eq!(p.to_string(), "2001:2::/48");
-        let h: Prefix = "2001:2::1".parse().unwrap();
-        assert_eq!(h.len, 128);
-        let z: Prefix = "0.0.0.0/0".parse().unwrap();
-        assert_eq!(z.mapped_len(), 96);
-    }
-
-    #[test]
-    fn bad_prefixes_say_why() {
-        for (input, why) in [
-            ("198.18.0.0/33", "exceeds 32"),
-            ("2001:2::/129", "exceeds 128"),
-            ("bogus/8", "not an IP address"),
-            ("10.0.0.0/x", "not a number"),
-        ] {
-            let e = input.parse::<Prefix>().unwrap_err().to_string();
-            assert!(e.contains(why) && e.contains(input), "{input}: {e}");
-        }
-    }
-
-    #[test]
-    fn containment_v4_and_v6() {
-        let p: Prefix = "198.18.0.0/15".parse().unwrap();
-        let a = |s: &str| s.parse::<Prefix>().unwrap().addr;
-        assert!(p.contains(&a("198.19.255.255")));
-        assert!(!p.contains(&a("198.20.0.0")));
-        assert!(p.contains(&a("::ffff:c612:1")));
-        let all6: Prefix = "::/0".parse().unwrap();
-        assert!(all6.contains(&a("2001:2::1")) && !all6.contains(&a("198.18.0.1")));
-        let v6: Prefix = "2001:2::/48".parse().unwrap();
-        assert!(v6.contains(&a("2001:2::9")));
-        assert!(!v6.contains(&a("2001:2:1::9")));
-        // IPv4 prefixes never match IPv6 addresses, and ::/0 does not
-        // stand for IPv4 by accident of the mapping in /0 only.
-        assert!(!p.contains(&a("2001:2::1")));
-        let all4: Prefix = "0.0.0.0/0".parse().unwrap();
-        assert!(all4.contains(&a("198.18.0.1")) && !all4.contains(&a("2001:2::1")));
-        assert!(p.covers(&"198.18.5.0/24".parse().unwrap()));
-        assert!(!"198.18.5.0/24".parse::<Prefix>().unwrap().covers(&p));
-        let a9: Prefix = "198.18.0.9/31".parse().unwrap();
-        assert!(a9.contains(&a("198.18.0.8")) && !a9.contains(&a("198.18.0.10")));
-    }
 
     #[test]
     fn ports() {

@@ -19,7 +19,7 @@ use loupe_common::{
 };
 use thiserror::Error;
 
-use crate::{config::Prefix, flow::Side};
+use crate::{flow::Side, policy::Prefix};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loupe-xdp"));
 const PROGRAM: &str = "loupe_xdp";

@@ -228,7 +228,7 @@ pub struct WorkerReport {
 
 impl From<&crate::policy::Steering> for SteeringReport {
     fn from(s: &crate::policy::Steering) -> Self {
-        let text = |ps: &[crate::config::Prefix]| ps.iter().map(|p| p.to_string()).collect();
+        let text = |ps: &[crate::policy::Prefix]| ps.iter().map(|p| p.to_string()).collect();
         SteeringReport {
             ports: s.ports.clone(),
             prefixes: text(&s.prefixes),

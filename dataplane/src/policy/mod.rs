@@ -10,6 +10,7 @@
 //! gives the action; a connection keeps its decision for life.
 
 pub mod glob;
+pub mod prefix;
 
 use std::{
     collections::BTreeMap,
@@ -25,28 +26,7 @@ use loupe_common::{Addr, MAX_PREFIXES, MAX_STEER_PORTS};
 use serde::{Deserialize, Serialize};
 
 pub use self::glob::{BadGlob, HostGlob};
-use crate::{config::Prefix, tls::hello::ClientHello};
-
-/// What a connection showed by its decision point.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Opening {
-    /// The client's first bytes were a complete TLS ClientHello.
-    Tls(ClientHello),
-    /// The client's first bytes were something else (or it closed first).
-    Other,
-    /// The server sent data before the client did.
-    ServerFirst,
-}
-
-impl Opening {
-    /// The server name the client asked for, if it sent one.
-    pub fn sni(&self) -> Option<&str> {
-        match self {
-            Opening::Tls(ClientHello { sni: Some(s), .. }) => Some(s),
-            _ => None,
-        }
-    }
-}
+pub use self::prefix::Prefix;
 
 /// A rule's action.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -703,7 +683,7 @@ impl Policy {
         for m in matchers.chain(default_acts.then_some(&default)) {
             self.mark_rule_ports(m, &mut port_set);
             if m.dst.is_empty() {
-                prefixes.extend(crate::config::default_steer_prefixes());
+                prefixes.extend(prefix::default_steer_prefixes());
             } else {
                 prefixes.extend(m.dst.iter().copied());
             }
@@ -734,7 +714,7 @@ impl Policy {
                     .is_some_and(|p| p.block_quic);
             if blocks {
                 if r.matcher.dst.is_empty() {
-                    quic.extend(crate::config::default_steer_prefixes());
+                    quic.extend(prefix::default_steer_prefixes());
                 } else {
                     quic.extend(r.matcher.dst.iter().copied());
                 }
@@ -1183,7 +1163,7 @@ mod tests {
         p.default_action = Action::Block;
         let s = p.steering().unwrap();
         assert_eq!(s.ports, vec![443]);
-        let all = crate::config::default_steer_prefixes();
+        let all = prefix::default_steer_prefixes();
         assert!(s.prefixes.len() == 2 && all.iter().all(|p| s.prefixes.contains(p)));
         // Too many ports is an error, not a truncation.
         p.rules.push(rule(

@@ -39,7 +39,7 @@ use self::{
 };
 use crate::{
     flow::{log::unix_ms, table::endpoint, FlowDecision, FlowId, FlowLogEntry, MapOp, Side},
-    policy::{Action, Decision, Opening, Policy, Subject, Verdict},
+    policy::{Action, Decision, Policy, Subject, Verdict},
     stats::SplitCounters,
     tcp::{
         conn::{Abort, ConnConfig},
@@ -48,7 +48,7 @@ use crate::{
     },
     tls::{
         context::TlsContext,
-        hello::{Hello, HelloScanner},
+        hello::{Hello, HelloScanner, Opening},
     },
     wire::{
         frame::SlicedTcp,

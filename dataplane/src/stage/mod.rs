@@ -11,22 +11,11 @@
 
 use std::time::Instant;
 
+pub use crate::tcp::stream::Pump;
 use crate::{
-    tcp::stream::ByteStream,
+    tcp::stream::{drain, ByteStream},
     tls::intercept::{Intercept, TlsRecord},
 };
-
-/// What a stage asks of the session after a pump.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pump {
-    /// Keep going.
-    Go,
-    /// Waiting for something outside the connection (an HSM signature):
-    /// pump again when the worker is woken, or at [`Stage::deadline`].
-    Parked,
-    /// Reset these halves (a RST with that half's sequence numbers).
-    Abort { client: bool, server: bool },
-}
 
 /// The stage of one split connection.
 pub enum Stage {
@@ -104,12 +93,4 @@ fn relay_one(src: &mut dyn ByteStream, dst: &mut dyn ByteStream) -> u64 {
         dst.close();
     }
     moved
-}
-
-/// Reads and drops what the client sends.
-pub(crate) fn drain(client: &mut dyn ByteStream) {
-    let n = client.readable();
-    if n > 0 {
-        client.read(n);
-    }
 }

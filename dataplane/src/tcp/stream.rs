@@ -5,6 +5,18 @@
 
 use super::conn::{Conn, State};
 
+/// What a stage asks of the session after a pump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pump {
+    /// Keep going.
+    Go,
+    /// Waiting for something outside the connection (an HSM signature):
+    /// pump again when the worker is woken, or at [`Stage::deadline`].
+    Parked,
+    /// Reset these halves (a RST with that half's sequence numbers).
+    Abort { client: bool, server: bool },
+}
+
 /// A bidirectional byte stream with a bounded send buffer.
 pub trait ByteStream {
     /// Bytes received in order and not yet read.
@@ -49,5 +61,13 @@ impl ByteStream for Conn {
     }
     fn unsent(&self) -> usize {
         self.send_buffered()
+    }
+}
+
+/// Reads and drops what the client sends.
+pub fn drain(client: &mut dyn ByteStream) {
+    let n = client.readable();
+    if n > 0 {
+        client.read(n);
     }
 }

@@ -11,7 +11,10 @@ use super::{
     hello::{Hello, HelloScanner},
     testkit::{Kit, Session},
 };
-use crate::{policy::Profile, stage::Pump, tcp::stream::ByteStream};
+use crate::{
+    policy::Profile,
+    tcp::stream::{ByteStream, Pump},
+};
 
 /// Arbitrary bytes as a client's first bytes, cut where the input says.
 pub fn hello(data: &[u8]) {

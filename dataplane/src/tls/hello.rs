@@ -13,6 +13,27 @@ use rustls::server::{Accepted, Acceptor};
 /// TLS record content type of a handshake record (RFC 8446 section 5.1).
 const HANDSHAKE_RECORD: u8 = 22;
 
+/// What a connection showed by its decision point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// The client's first bytes were a complete TLS ClientHello.
+    Tls(ClientHello),
+    /// The client's first bytes were something else (or it closed first).
+    Other,
+    /// The server sent data before the client did.
+    ServerFirst,
+}
+
+impl Opening {
+    /// The server name the client asked for, if it sent one.
+    pub fn sni(&self) -> Option<&str> {
+        match self {
+            Opening::Tls(ClientHello { sni: Some(s), .. }) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 /// What the first client bytes turned out to be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hello {

@@ -55,8 +55,7 @@ use crate::{
     flow::{CertLog, TlsError, TlsLog, TlsSide},
     inspect::{Direction, Pipeline},
     policy::{Fallback, OnError},
-    stage::Pump,
-    tcp::stream::ByteStream,
+    tcp::stream::{drain, ByteStream, Pump},
 };
 
 /// The stage's record for the decryption log.
@@ -462,7 +461,7 @@ impl Intercept {
             } => self.minting(accepted, up, slot, since, client, server, relayed, now),
             Phase::Open { down, up } => self.open(down, up, client, server, relayed, now),
             Phase::Done => {
-                crate::stage::drain(client);
+                drain(client);
                 Pump::Go
             }
         };

@@ -35,7 +35,10 @@ use super::{
     hello::{Hello, HelloScanner},
     intercept::Intercept,
 };
-use crate::{policy::Profile, stage::Pump, tcp::stream::ByteStream};
+use crate::{
+    policy::Profile,
+    tcp::stream::{ByteStream, Pump},
+};
 
 /// One half of a split, in memory.
 #[derive(Default)]

@@ -13,8 +13,7 @@ use rustls::{AlertDescription, ServerConfig};
 use super::testkit::{Kit, Session};
 use crate::{
     policy::{Fallback, OnError, Profile},
-    stage::Pump,
-    tcp::stream::ByteStream,
+    tcp::stream::{ByteStream, Pump},
 };
 
 const NAME: &str = "shop.example";
