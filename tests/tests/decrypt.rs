@@ -10,6 +10,7 @@ use loupe_tests::{
     pki::{Flaw, Key},
     wait_until,
 };
+use serde_json::Value;
 
 const MIB: usize = 1 << 20;
 
@@ -116,18 +117,29 @@ fn curl_fetches_byte_exact_through_decryption_and_sees_loupes_certificate() {
         (1, 1, 3),
         "{tls:?}"
     );
+    // The metrics say the same.
+    let metrics = m.control.metrics().unwrap();
+    for line in [
+        "loupe_tls_handshakes_total{outcome=\"decrypted\"} 3",
+        "loupe_tls_cert_cache_total{result=\"hit\"} 2",
+        "loupe_tls_cert_cache_total{result=\"miss\"} 1",
+        "loupe_tls_mint_latency_seconds_count 1",
+        "loupe_tls_parked 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }
 
 #[test]
-fn a_client_that_does_not_trust_loupe_fails_with_an_unknown_ca() {
+fn a_pinned_client_refusing_loupe_is_excluded_and_its_next_connection_passes() {
     let m = Mitm::start(decrypt_all).expect("setup");
     let cert = m
         .pki
         .leaf("server", &[SERVER_NAME], Key::P256, Flaw::None)
         .unwrap();
     let _nginx = Nginx::start_with(&m.h, 443, cert, false, "").expect("nginx");
+    // A client that trusts only the server's own CA (a pinned app).
     let mut args = m.curl_server("");
-    // The test PKI's root instead of Loupe's CA.
     let i = args.iter().position(|a| a == "--cacert").unwrap();
     args[i + 1] = m.pki.roots.display().to_string();
     let out = m.client("curl", &args).unwrap();
@@ -137,18 +149,54 @@ fn a_client_that_does_not_trust_loupe_fails_with_an_unknown_ca() {
         err.contains("unable to get local issuer certificate") || err.contains("self-signed"),
         "{err}"
     );
-    wait_until(
-        "the record of the refused handshake",
-        std::time::Duration::from_secs(60),
-        || {
-            let recs = m.tls_records();
-            match recs.iter().find(|r| r["tls"]["outcome"] == "no-decrypt") {
-                Some(r) => Ok(Some(r.clone())),
-                None => Err(format!("{recs:?}")),
-            }
-        },
-    )
-    .unwrap();
+    let r = m
+        .control
+        .wait_record("the refused handshake", |r| {
+            r["tls"]["outcome"] == "no-decrypt"
+        })
+        .unwrap();
+    assert!(r["tls"]["error"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("refused the certificate"));
+    // It is in the exclusion cache, for this client, as the CLI lists it.
+    let list = m.control.cli(&["decrypt", "exclusions", "--json"]).unwrap();
+    assert!(list.status.success());
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list[0]["sni"], SERVER_NAME, "{list}");
+    assert_eq!(list[0]["client"], "198.18.0.1", "{list}");
+    // The next connection of the same client is released to the fast
+    // path: the server's own certificate, which the pinned client takes.
+    let before = m.engine.stats().unwrap().xdp_packets("flow_bypass");
+    let out = m.client("curl", &args).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = m
+        .control
+        .wait_record("the passed connection", |r| r["end"] == "bypass")
+        .unwrap();
+    assert!(
+        r["note"].as_str().unwrap().contains("exclusion cache"),
+        "{r}"
+    );
+    m.engine
+        .wait_stats(
+            "packets on the fast path",
+            std::time::Duration::from_secs(30),
+            |r| (r.xdp_packets("flow_bypass") > before).then_some(()),
+        )
+        .unwrap();
+    // Cleared, the site is decrypted again.
+    let cleared = m
+        .control
+        .cli(&["decrypt", "exclusions", "--clear"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&cleared.stdout).contains("cleared 1"));
+    let out = m.client("curl", &m.curl_server("")).unwrap();
+    assert!(out.status.success());
 }
 
 #[test]
