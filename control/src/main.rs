@@ -360,14 +360,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<32} {:<24} {:>9} {:>6}  reason",
-                    "server name", "server", "expires", "hits"
+                    "{:<32} {:<30} {:<12} {:<16} {:>9} {:>6}  reason",
+                    "server name", "server", "profile", "client", "expires", "hits"
                 );
                 for e in &list {
+                    let server = std::net::SocketAddr::new(e.site.server, e.site.port);
                     println!(
-                        "{:<32} {:<24} {:>8}s {:>6}  {}",
-                        e.sni.as_deref().unwrap_or("(none)"),
-                        e.server,
+                        "{:<32} {:<30} {:<12} {:<16} {:>8}s {:>6}  {}",
+                        e.site.sni.as_deref().unwrap_or("(none)"),
+                        server.to_string(),
+                        e.site.profile,
+                        e.client.map_or("(every client)".into(), |c| c.to_string()),
                         e.expires_in_s,
                         e.hits,
                         e.reason

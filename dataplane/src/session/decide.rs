@@ -8,7 +8,7 @@ use super::*;
 use crate::{
     policy::{EchAction, Fallback, Profile, TlsVersion},
     stage::Stage,
-    tls::{hello::ClientHello, intercept::Intercept},
+    tls::{context::Site, hello::ClientHello, intercept::Intercept},
 };
 
 /// What follows a `decrypt` decision.
@@ -260,7 +260,15 @@ impl Sessions {
         };
         let server = ip_of(&t.key.dst);
         let client = ip_of(&t.key.src);
-        if let Some(why) = ctx.exclusions.check(client, ch.sni.as_deref(), server, now) {
+        let port = t.key.dst_port;
+        let rt = ctx.runtime(profile_name);
+        let site = Site {
+            sni: ch.sni.clone(),
+            server,
+            port,
+            profile: rt.name.clone(),
+        };
+        if let Some(why) = ctx.exclusions.check(client, &site, now) {
             return Plan::Pass(format!(
                 "in the decryption exclusion cache ({why}): not decrypted"
             ));
@@ -291,7 +299,6 @@ impl Sessions {
         else {
             return Plan::Relay("the ClientHello was not kept: relayed as tcp-split".into());
         };
-        let rt = ctx.runtime(profile_name);
         Plan::Intercept(
             Box::new(Intercept::start(
                 ctx,
@@ -300,7 +307,7 @@ impl Sessions {
                 accepted,
                 ch.clone(),
                 skip,
-                (client, server),
+                (client, server, port),
                 now,
             )),
             note,

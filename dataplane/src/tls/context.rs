@@ -118,14 +118,25 @@ impl CaSet {
     }
 }
 
+/// What an exclusion is for: a server name at a server address and port,
+/// under one decryption profile (another profile may say `block` where
+/// this one said `no-decrypt`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Site {
+    pub sni: Option<String>,
+    pub server: IpAddr,
+    pub port: u16,
+    pub profile: String,
+}
+
 /// A site kept out of decryption, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exclusion {
     /// For this client only (a pinned app), or every client (`None`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<IpAddr>,
-    pub sni: Option<String>,
-    pub server: IpAddr,
+    #[serde(flatten)]
+    pub site: Site,
     pub reason: String,
     /// Seconds left.
     pub expires_in_s: u64,
@@ -143,8 +154,8 @@ struct Excluded {
 /// certificates, or whose servers want client certificates or versions the
 /// profile does not decrypt. Later connections to them are released to
 /// the fast path at once.
-/// An exclusion's key: (client, server name, server address).
-type ExclusionKey = (Option<IpAddr>, Option<String>, IpAddr);
+/// An exclusion's key: (client, site).
+type ExclusionKey = (Option<IpAddr>, Site);
 
 #[derive(Default)]
 pub struct Exclusions {
@@ -161,18 +172,12 @@ impl Exclusions {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Why `client`'s connection to `(sni, server)` is excluded, if it is
-    /// (an exclusion for every client, or one for this client).
-    pub fn check(
-        &self,
-        client: IpAddr,
-        sni: Option<&str>,
-        server: IpAddr,
-        now: Instant,
-    ) -> Option<String> {
+    /// Why `client`'s connection to `site` is excluded, if it is (an
+    /// exclusion for every client, or one for this client).
+    pub fn check(&self, client: IpAddr, site: &Site, now: Instant) -> Option<String> {
         let mut m = self.lock();
         for who in [None, Some(client)] {
-            let key = (who, sni.map(str::to_owned), server);
+            let key = (who, site.clone());
             match m.get_mut(&key) {
                 Some(e) if e.until > now => {
                     e.hits += 1;
@@ -188,33 +193,27 @@ impl Exclusions {
         None
     }
 
-    /// Excludes `(sni, server)` for `client` (every client: `None`).
-    pub fn add(
-        &self,
-        client: Option<IpAddr>,
-        sni: Option<&str>,
-        server: IpAddr,
-        ttl: Duration,
-        reason: &str,
-    ) {
+    /// Excludes `site` for `client` (every client: `None`).
+    pub fn add(&self, client: Option<IpAddr>, site: Site, ttl: Duration, reason: &str) {
         let now = Instant::now();
         let mut m = self.lock();
         if m.len() >= MAX_EXCLUSIONS {
             m.retain(|_, e| e.until > now);
             if m.len() >= MAX_EXCLUSIONS {
-                // Still full of live entries: the soonest to expire goes.
-                if let Some(k) = m
-                    .iter()
-                    .min_by_key(|(_, e)| e.until)
-                    .map(|(k, _)| k.clone())
-                {
+                // Still full of live entries: the tenth that expires
+                // soonest goes at once, so a flood of new entries costs a
+                // sort every MAX_EXCLUSIONS / 10 of them, not a scan each.
+                let mut by_end: Vec<(Instant, ExclusionKey)> =
+                    m.iter().map(|(k, e)| (e.until, k.clone())).collect();
+                by_end.sort_unstable_by_key(|(until, _)| *until);
+                for (_, k) in by_end.into_iter().take(MAX_EXCLUSIONS / 10) {
                     m.remove(&k);
                 }
             }
         }
         self.added.fetch_add(1, Ordering::Relaxed);
         m.insert(
-            (client, sni.map(str::to_owned), server),
+            (client, site),
             Excluded {
                 until: now + ttl,
                 reason: reason.to_string(),
@@ -229,16 +228,15 @@ impl Exclusions {
             .lock()
             .iter()
             .filter(|(_, e)| e.until > now)
-            .map(|((client, sni, server), e)| Exclusion {
+            .map(|((client, site), e)| Exclusion {
                 client: *client,
-                sni: sni.clone(),
-                server: *server,
+                site: site.clone(),
                 reason: e.reason.clone(),
                 expires_in_s: e.until.duration_since(now).as_secs(),
                 hits: e.hits,
             })
             .collect();
-        out.sort_by(|a, b| (&a.sni, a.server, a.client).cmp(&(&b.sni, b.server, b.client)));
+        out.sort_by(|a, b| (&a.site, a.client).cmp(&(&b.site, b.client)));
         out
     }
 
@@ -527,35 +525,77 @@ impl TlsContext {
 mod tests {
     use super::*;
 
+    fn site(sni: &str, port: u16, profile: &str) -> Site {
+        Site {
+            sni: Some(sni.into()),
+            server: "198.18.0.2".parse().unwrap(),
+            port,
+            profile: profile.into(),
+        }
+    }
+
     #[test]
     fn a_pinned_clients_exclusion_holds_for_that_client_only() {
         let ex = Exclusions::default();
         let (a, b) = ("198.18.0.1".parse().unwrap(), "198.18.0.9".parse().unwrap());
-        let server = "198.18.0.2".parse().unwrap();
         let now = Instant::now();
-        ex.add(
-            Some(a),
-            Some("app.example"),
-            server,
-            Duration::from_secs(60),
-            "pinned",
-        );
-        assert!(ex.check(a, Some("app.example"), server, now).is_some());
-        assert!(ex.check(b, Some("app.example"), server, now).is_none());
+        let ttl = Duration::from_secs(60);
+        ex.add(Some(a), site("app.example", 443, "p"), ttl, "pinned");
+        assert!(ex.check(a, &site("app.example", 443, "p"), now).is_some());
+        assert!(ex.check(b, &site("app.example", 443, "p"), now).is_none());
         // A server-side reason holds for everyone.
-        ex.add(
-            None,
-            Some("mtls.example"),
-            server,
-            Duration::from_secs(60),
-            "client auth",
-        );
-        assert!(ex.check(b, Some("mtls.example"), server, now).is_some());
-        assert!(ex.check(b, Some("other.example"), server, now).is_none());
+        ex.add(None, site("mtls.example", 443, "p"), ttl, "client auth");
+        assert!(ex.check(b, &site("mtls.example", 443, "p"), now).is_some());
+        assert!(ex.check(b, &site("other.example", 443, "p"), now).is_none());
         // Expired ones are forgotten.
         let later = now + Duration::from_secs(61);
-        assert!(ex.check(a, Some("app.example"), server, later).is_none());
+        assert!(ex.check(a, &site("app.example", 443, "p"), later).is_none());
         assert_eq!(ex.list().len(), 1);
         assert_eq!(ex.clear(), 1);
+    }
+
+    #[test]
+    fn an_exclusion_holds_for_its_port_and_profile_only() {
+        let ex = Exclusions::default();
+        let a = "198.18.0.1".parse().unwrap();
+        let now = Instant::now();
+        ex.add(
+            None,
+            site("s.example", 443, "lax"),
+            Duration::from_secs(60),
+            "x",
+        );
+        assert!(ex.check(a, &site("s.example", 443, "lax"), now).is_some());
+        // Another service on the same address, or a profile that may
+        // block where this one passed, is judged afresh.
+        assert!(ex.check(a, &site("s.example", 8443, "lax"), now).is_none());
+        assert!(ex
+            .check(a, &site("s.example", 443, "strict"), now)
+            .is_none());
+    }
+
+    #[test]
+    fn a_full_cache_drops_the_soonest_to_expire() {
+        let ex = Exclusions::default();
+        let a = "198.18.0.1".parse().unwrap();
+        let now = Instant::now();
+        for i in 0..MAX_EXCLUSIONS {
+            let ttl = Duration::from_secs(100 + i as u64);
+            ex.add(None, site(&format!("h{i}.example"), 443, "p"), ttl, "x");
+        }
+        assert_eq!(ex.list().len(), MAX_EXCLUSIONS);
+        ex.add(
+            None,
+            site("new.example", 443, "p"),
+            Duration::from_secs(50),
+            "x",
+        );
+        let n = ex.list().len();
+        assert!(n <= MAX_EXCLUSIONS - MAX_EXCLUSIONS / 10 + 1, "{n}");
+        assert!(ex.check(a, &site("new.example", 443, "p"), now).is_some());
+        // The longest-lived survive; the shortest went.
+        let last = format!("h{}.example", MAX_EXCLUSIONS - 1);
+        assert!(ex.check(a, &site(&last, 443, "p"), now).is_some());
+        assert!(ex.check(a, &site("h0.example", 443, "p"), now).is_none());
     }
 }

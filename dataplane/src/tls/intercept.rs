@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     cache::{CacheKey, Lookup, MintFailure, MintSlot, MintStart, Minted},
-    context::{OneCert, ProfileRuntime, TlsContext},
+    context::{OneCert, ProfileRuntime, Site, TlsContext},
     hello::ClientHello,
     mint::{build_tbs, random_serial, LeafKind, MintOptions},
     upstream::{connect, server_name, Watch},
@@ -159,6 +159,7 @@ pub struct Intercept {
     hello: ClientHello,
     client_ip: IpAddr,
     server_ip: IpAddr,
+    server_port: u16,
     name: ServerName<'static>,
     record: TlsLog,
     pipeline: Pipeline,
@@ -363,7 +364,7 @@ impl Intercept {
         accepted: Box<Accepted>,
         hello: ClientHello,
         skip: usize,
-        (client_ip, server_ip): (IpAddr, IpAddr),
+        (client_ip, server_ip, server_port): (IpAddr, IpAddr, u16),
         now: Instant,
     ) -> Intercept {
         let (name, named) = server_name(hello.sni.as_deref(), server_ip);
@@ -390,6 +391,7 @@ impl Intercept {
             hello,
             client_ip,
             server_ip,
+            server_port,
             name,
             record: TlsLog::default(),
             pipeline: Pipeline::default(),
@@ -694,8 +696,12 @@ impl Intercept {
     fn exclude(&self, only_this_client: bool, reason: &str) {
         self.ctx.exclusions.add(
             only_this_client.then_some(self.client_ip),
-            self.hello.sni.as_deref(),
-            self.server_ip,
+            Site {
+                sni: self.hello.sni.clone(),
+                server: self.server_ip,
+                port: self.server_port,
+                profile: self.rt.name.clone(),
+            },
             Duration::from_secs(self.rt.profile.exclude_secs),
             reason,
         );

@@ -425,6 +425,7 @@ impl Session {
             (
                 IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
                 IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+                443,
             ),
             now,
         );

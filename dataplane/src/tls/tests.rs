@@ -251,7 +251,7 @@ fn a_server_that_asks_for_a_client_certificate_is_excluded_not_decrypted() {
         .contains("client certificate"));
     let ex = kit.ctx.exclusions.list();
     assert_eq!(ex.len(), 1);
-    assert_eq!(ex[0].sni.as_deref(), Some(NAME));
+    assert_eq!(ex[0].site.sni.as_deref(), Some(NAME));
 }
 
 #[test]
