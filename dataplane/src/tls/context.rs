@@ -266,7 +266,8 @@ pub struct ProfileRuntime {
     pub trust: Arc<TrustStore>,
     pub client: Arc<ClientConfig>,
     /// Cloned per connection with the minted certificate and the ALPN the
-    /// server chose; tickets and the session cache are shared.
+    /// server chose; tickets and the session cache are shared, bound per
+    /// connection to the minted leaf ([`super::resume`]).
     pub server: Arc<ServerConfig>,
 }
 

@@ -48,6 +48,7 @@ use super::{
     context::{OneCert, ProfileRuntime, Site, TlsContext},
     hello::ClientHello,
     mint::{build_tbs, random_serial, LeafKind, MintOptions},
+    resume,
     upstream::{connect, server_name, Watch},
     verify::{classify, leaf_info, Verdict},
 };
@@ -949,6 +950,9 @@ impl Intercept {
     ) -> Pump {
         let mut cfg: ServerConfig = (*self.rt.server).clone();
         cfg.cert_resolver = Arc::new(OneCert(Some(minted.certified.clone())));
+        if let Some(leaf) = minted.certified.cert.first() {
+            resume::bind(&mut cfg, &self.rt.name, leaf);
+        }
         cfg.alpn_protocols = up
             .alpn_protocol()
             .map(|a| vec![a.to_vec()])

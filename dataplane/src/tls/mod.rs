@@ -11,6 +11,7 @@
 //! - [`cache`]: minted certificates shared by the workers, single flight.
 //! - [`keys`]: the leaf keys, rotated.
 //! - [`context`]: what the workers share (CAs, profiles, exclusions).
+//! - [`resume`]: the client's leg resumes only under the same minted leaf.
 
 pub mod cache;
 pub mod context;
@@ -20,6 +21,7 @@ pub mod hello;
 pub mod intercept;
 pub mod keys;
 pub mod mint;
+pub mod resume;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod upstream;

@@ -80,6 +80,42 @@ fn a_second_connection_to_the_site_is_served_from_the_cache() {
     assert_eq!(kit.ctx.cache.stats.hits.load(Ordering::Relaxed), 1);
 }
 
+/// A returning client resumes, but only under the certificate it was
+/// shown: once the site turns untrusted, its ticket from the trusted days
+/// does not skip the forward-untrust certificate it must see and refuse.
+#[test]
+fn a_client_resumes_only_under_the_certificate_it_was_shown() {
+    let kit = Kit::new(Profile {
+        expired: OnError::PassOn,
+        ..Profile::default()
+    });
+    let client = kit.client_config(&[]);
+    let good = kit.server_config(&[NAME], 30, &[]);
+    for resumed in [false, true] {
+        let mut s = Session::start(&kit, client.clone(), NAME, good.clone());
+        decrypts(&mut s);
+        // Reading lets the client take the tickets the engine sent.
+        s.client.writer().write_all(b"ping").unwrap();
+        s.run();
+        s.server.writer().write_all(b"pong").unwrap();
+        s.run();
+        assert_eq!(s.client_read(), b"pong");
+        assert_eq!(s.stage.record().client.resumed, resumed);
+    }
+    // The same name, now with an expired certificate.
+    let expired = kit.server_config(&[NAME], -1, &[]);
+    let mut s = Session::start(&kit, client, NAME, expired);
+    s.run();
+    assert!(
+        matches!(s.client_error, Some(rustls::Error::InvalidCertificate(_))),
+        "the client resumed instead of seeing the untrusted leaf: {:?}",
+        s.client_error
+    );
+    let r = s.stage.record();
+    assert_eq!(r.ca.as_deref(), Some("forward-untrust/g1"));
+    assert_ne!(r.client.resumed, true);
+}
+
 #[test]
 fn a_connection_waits_parked_for_the_hsm_and_resumes_when_woken() {
     let kit = Kit::new(Profile::default());
