@@ -113,7 +113,7 @@ fn a_client_resumes_only_under_the_certificate_it_was_shown() {
     );
     let r = s.stage.record();
     assert_eq!(r.ca.as_deref(), Some("forward-untrust/g1"));
-    assert_ne!(r.client.resumed, true);
+    assert!(!r.client.resumed);
 }
 
 #[test]
