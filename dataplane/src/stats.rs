@@ -110,6 +110,10 @@ pub struct SplitCounters {
     pub hold_timeouts: u64,
     #[serde(default)]
     pub hold_overflows: u64,
+    /// ACKs sent as the server during a hold, for ClientHellos larger
+    /// than the client's initial window.
+    #[serde(default)]
+    pub hold_acks: u64,
     /// Of the retransmissions: retransmission timeouts, fast retransmits
     /// (duplicate ACKs, partial ACKs), and retransmissions found lost
     /// (later data SACKed) and sent again.
@@ -172,6 +176,7 @@ impl SplitCounters {
         self.policy_pass += o.policy_pass;
         self.hold_timeouts += o.hold_timeouts;
         self.hold_overflows += o.hold_overflows;
+        self.hold_acks += o.hold_acks;
         self.timeouts += o.timeouts;
         self.fast_retransmits += o.fast_retransmits;
         self.lost_retransmits += o.lost_retransmits;
@@ -494,7 +499,7 @@ impl StatsReport {
                  ({} timeouts, {} fast, {} lost again, {} tail probes), \
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
-                 holds released on timeout/bound",
+                 holds released on timeout/bound, {} ACKs of large ClientHellos",
                 sp.split,
                 sp.active,
                 sp.closed,
@@ -519,7 +524,8 @@ impl StatsReport {
                 sp.policy_pass,
                 sp.refused,
                 sp.hold_timeouts,
-                sp.hold_overflows
+                sp.hold_overflows,
+                sp.hold_acks
             );
         }
         for h in &self.hsm {

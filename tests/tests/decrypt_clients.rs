@@ -107,22 +107,28 @@ fn assert_s_client_ok(m: &Mitm, ran: &Ran, issuer_cn: &str, protocol: &str) {
     );
 }
 
-/// openssl s_client through decryption with `flag` (`-tls1_3`,
-/// `-tls1_2`), trusting only Loupe's CA.
-fn s_client_through_decryption(flag: &str, version: &str) {
-    let m = Mitm::start(decrypt_all).expect("setup");
-    let _nginx = server(&m, &[SERVER_NAME], false, "");
+/// openssl s_client with `args`, trusting only Loupe's CA, GETs the page
+/// from the server through decryption over `version`.
+fn s_client_get(m: &Mitm, args: &[&str], version: &str) {
     let ran = s_client(
         &m.h,
         SERVER_V4,
         443,
         SERVER_NAME,
         &m.ca,
-        &[flag],
+        args,
         &http_get(SERVER_NAME),
     )
     .unwrap();
-    assert_s_client_ok(&m, &ran, TRUST_CA, version);
+    assert_s_client_ok(m, &ran, TRUST_CA, version);
+}
+
+/// openssl s_client through decryption with `flag` (`-tls1_3`,
+/// `-tls1_2`), trusting only Loupe's CA.
+fn s_client_through_decryption(flag: &str, version: &str) {
+    let m = Mitm::start(decrypt_all).expect("setup");
+    let _nginx = server(&m, &[SERVER_NAME], false, "");
+    s_client_get(&m, &[flag], version);
     let r = tls_record(&m, "decrypted", |_| true);
     assert_eq!(r["action"], "decrypt", "{r}");
     assert_eq!(r["tls"]["client"]["version"], version, "{r}");
@@ -138,6 +144,35 @@ fn openssl_s_client_over_tls13_verifies_loupes_certificate_and_reads_the_page() 
 #[test]
 fn openssl_s_client_over_tls12_verifies_loupes_certificate_and_reads_the_page() {
     s_client_through_decryption("-tls1_2", "TLSv1.2");
+}
+
+/// A ClientHello of about 20 KiB (a long ALPN list) is more than Linux's
+/// client sends before an ACK (ten segments): the engine acknowledges it
+/// during the hold, and the connection is decrypted, not released at the
+/// hold's deadline undecided.
+#[test]
+fn a_clienthello_beyond_the_initial_window_is_decrypted() {
+    let m = Mitm::start(decrypt_all).expect("setup");
+    let _nginx = server(&m, &[SERVER_NAME], false, "");
+    let mut alpn: Vec<String> = (0..100)
+        .map(|i| format!("x{i:03}{}", "y".repeat(196)))
+        .collect();
+    alpn.push("http/1.1".into());
+    let alpn = alpn.join(",");
+    s_client_get(&m, &["-tls1_3", "-alpn", &alpn], "TLSv1.3");
+    let r = tls_record(&m, "decrypted", |_| true);
+    assert_eq!(r["tls"]["client"]["sni"], SERVER_NAME, "{r}");
+    // Decided on the whole ClientHello: every protocol it offered.
+    assert_eq!(r["alpn"].as_array().map(Vec::len), Some(101), "{r}");
+    // The stats file is rewritten periodically: wait for the ACKs to show.
+    let split = m
+        .engine
+        .wait_stats("the hold's ACKs counted", Duration::from_secs(30), |s| {
+            let t = s.split_total();
+            (t.hold_acks > 0).then_some(t)
+        })
+        .unwrap();
+    assert_eq!(split.hold_timeouts, 0, "{split:?}");
 }
 
 /// Python's ssl (the system Python): default context with Loupe's CA,

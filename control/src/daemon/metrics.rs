@@ -200,6 +200,12 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         o.sample("loupe_handshakes_total", &[("opening", opening)], n);
     }
     o.one(
+        "loupe_hold_acks_total",
+        "counter",
+        "ACKs sent as the server during holds, for ClientHellos larger than the client's initial window.",
+        sp.hold_acks,
+    );
+    o.one(
         "loupe_split_active",
         "gauge",
         "Split connections now.",

@@ -157,8 +157,7 @@ impl Sessions {
         match decision.action.verdict() {
             Verdict::Pass => {
                 self.counters.policy_pass += 1;
-                self.release(id, meta, "bypass");
-                Disposition::Forward
+                self.pass_or_relay(id, pending, now, meta)
             }
             Verdict::Split => self.start_split(id, pending, now, meta, Start::Relay),
             Verdict::Refuse => self.refuse(id, pending, now, meta, alert),
@@ -178,8 +177,7 @@ impl Sessions {
                     self.counters.policy_pass += 1;
                     self.counters.not_decrypted += 1;
                     meta.note = Some(note);
-                    self.release(id, meta, "bypass");
-                    Disposition::Forward
+                    self.pass_or_relay(id, pending, now, meta)
                 }
                 Plan::Block(note) => {
                     meta.note = Some(note);
@@ -342,14 +340,38 @@ impl Sessions {
             Verdict::Split | Verdict::Decrypt => {
                 meta.action = None;
                 meta.rule = format!("({})", why.label());
-                self.release(id, meta, "bypass");
-                Disposition::Forward
+                self.pass_or_relay(id, None, now, meta)
             }
-            Verdict::Pass => {
-                self.release(id, meta, "bypass");
-                Disposition::Forward
-            }
+            Verdict::Pass => self.pass_or_relay(id, None, now, meta),
         }
+    }
+
+    /// A pass, unless the hold acknowledged client bytes as the server (a
+    /// ClientHello beyond the client's initial window): the client will
+    /// never send those again, so a held frame lost on its way to the
+    /// server could not be recovered on the fast path. Such a connection
+    /// is relayed instead, by halves that retransmit what they send.
+    fn pass_or_relay(
+        &mut self,
+        id: FlowId,
+        pending: Option<Segment>,
+        now: Instant,
+        mut meta: Box<Meta>,
+    ) -> Disposition {
+        let acked = tracking(&mut self.flows, id)
+            .and_then(|t| t.hold.as_ref())
+            .is_some_and(|h| h.acked > 0);
+        if !acked {
+            self.release(id, meta, "bypass");
+            return Disposition::Forward;
+        }
+        let why = "its ClientHello was acknowledged during the hold: relayed as tcp-split, \
+                   not passed to the fast path";
+        meta.note = Some(match meta.note.take() {
+            Some(n) => format!("{n}; {why}"),
+            None => why.into(),
+        });
+        self.start_split(id, pending, now, meta, Start::Relay)
     }
 
     /// Leaves a connection to the kernel for good (held frames go out

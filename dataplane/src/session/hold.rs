@@ -22,6 +22,9 @@ pub(super) struct Held {
     pub(super) fin_at: Option<SeqNum>,
     /// Bytes read in order so far.
     pub(super) read: u32,
+    /// Bytes acknowledged to the client as the server (a ClientHello
+    /// larger than the client's initial window).
+    pub(super) acked: u32,
     /// Client bytes held (the highest offset seen).
     pub(super) bytes: u64,
     /// The oldest TSval among the held segments (the client-facing half
@@ -190,6 +193,7 @@ impl Sessions {
                 fin: false,
                 fin_at: None,
                 read: 0,
+                acked: 0,
                 bytes: 0,
                 oldest_tsval: None,
             })
@@ -237,7 +241,28 @@ impl Sessions {
                 self.undecided(id, NoDecision::ClosedEarly, now);
                 return Disposition::Consumed;
             }
-            None => return Disposition::Consumed,
+            None => {
+                // Not complete, and the client may be waiting for an ACK:
+                // a ClientHello beyond its initial window (RFC 5681 §3.1:
+                // at least two segments) would never come whole without
+                // one. Acknowledge what is in order, as the server.
+                let mss = t.tracker.client_segment_size().unwrap_or(536);
+                if held.read > held.acked && held.read >= 2 * mss {
+                    let tsval = seg.options.timestamps.map(|ts| ts.val);
+                    if let (Some(ack), Some(tpl)) = (
+                        t.tracker.hold_ack(held.read, tsval),
+                        &t.templates[t.client.other().index()],
+                    ) {
+                        held.acked = held.read;
+                        self.counters.hold_acks += 1;
+                        let mut buf = self.spare.pop().unwrap_or_default();
+                        buf.clear();
+                        tpl.build(&ack, &mut buf);
+                        self.out.push((t.client, buf));
+                    }
+                }
+                return Disposition::Consumed;
+            }
         };
         self.decide(id, &opening, None, now);
         Disposition::Consumed

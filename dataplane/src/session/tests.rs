@@ -263,6 +263,98 @@ fn a_clienthello_in_two_segments_is_held_then_split() {
     assert!(matches!(b.sp.ops[..], [MapOp::Steer(_)]), "{:?}", b.sp.ops);
 }
 
+/// Sends a ClientHello of about 20 KiB for `name` as a Linux client
+/// would: ten segments of 1460 bytes, then only what the ACKs it gets
+/// open. Checks each ACK the hold sends; returns the ClientHello, the
+/// segments the hold acknowledged it with and the bytes sent toward the
+/// server.
+fn send_a_large_clienthello(b: &mut Bench, name: &str) -> (Vec<u8>, Vec<Segment>, Vec<u8>) {
+    let long: Vec<Vec<u8>> = (0..100u8).map(|i| vec![b'a' + i % 26; 200]).collect();
+    let alpn: Vec<&[u8]> = long.iter().map(Vec::as_slice).collect();
+    let hello = client_hello(name, &alpn);
+    assert!(hello.len() > 16 << 10, "{}", hello.len());
+    const MSS: usize = 1460;
+    let window = 10 * MSS;
+    let (mut sent, mut acked) = (0usize, 0usize);
+    let (mut acks, mut upstream) = (Vec::new(), Vec::new());
+    while sent < hello.len() {
+        let before = sent;
+        while sent < hello.len() && sent < acked + window {
+            let end = (sent + MSS).min(hello.len());
+            b.client_data(sent as u32, &hello[sent..end]);
+            sent = end;
+        }
+        let held = b.sp.counters.hellos == 0;
+        let out = b.sent();
+        for s in segments(&out, Side::Outside) {
+            upstream.extend_from_slice(&s.payload);
+        }
+        for a in segments(&out, Side::Inside) {
+            if !held {
+                continue; // what follows the decision
+            }
+            assert!(a.flags.ack && !a.flags.rst && a.payload.is_empty(), "{a:?}");
+            let upto = a.ack.since(SeqNum(C_ISN + 1)) as usize;
+            assert!(upto <= sent, "acknowledged beyond what was sent");
+            // The window's right edge stays where the server put it.
+            assert_eq!(upto + usize::from(a.window), 65535, "{a:?}");
+            assert_eq!(a.seq, SeqNum(S_ISN + 1));
+            acked = acked.max(upto);
+            acks.push(a);
+        }
+        assert!(
+            sent > before || b.sp.counters.hellos == 1,
+            "stalled at {sent}"
+        );
+    }
+    (hello, acks, upstream)
+}
+
+/// A ClientHello larger than the client's initial window (ten segments):
+/// the client sends no more until acknowledged, so the hold acknowledges
+/// it as the server, and the ClientHello completes and is decided on
+/// instead of timing out undecided (and undecrypted).
+#[test]
+fn a_clienthello_larger_than_the_initial_window_is_acknowledged_in_the_hold() {
+    let mut b = Bench::new(one_rule(Action::Block, "big.example"));
+    let (_, acks, upstream) = send_a_large_clienthello(&mut b, "big.example");
+    assert!(
+        upstream.is_empty(),
+        "a refused ClientHello reached the server"
+    );
+    // The ClientHello came whole and was decided on by its name.
+    assert_eq!(b.sp.counters.hellos, 1);
+    assert_eq!(b.sp.counters.hold_timeouts, 0);
+    assert_eq!(b.sp.counters.refused, 1);
+    assert!(b.sp.counters.hold_acks > 0);
+    // Each carried the server's clock and echoed the client's.
+    let ts = acks[0].options.timestamps.expect("timestamps");
+    assert_eq!(ts.val, S_ISN);
+    assert!(ts.ecr > C_ISN);
+}
+
+/// A connection whose ClientHello the hold acknowledged is never passed
+/// to the fast path: the client will not send those bytes again, so they
+/// go to the server through a half that retransmits them.
+#[test]
+fn an_acknowledged_clienthello_is_relayed_not_bypassed() {
+    let mut b = Bench::new(one_rule(Action::NoDecrypt, "big.example"));
+    let (hello, _, relayed) = send_a_large_clienthello(&mut b, "big.example");
+    assert_eq!(b.sp.counters.hellos, 1);
+    assert_eq!(b.sp.counters.policy_pass, 1);
+    assert_eq!(bypassed(&b.sp), 0);
+    assert_eq!(b.sp.counters.split, 1);
+    let e = &b.sp.events;
+    assert!(
+        e.is_empty() || e[0].action == Some(Action::NoDecrypt),
+        "{e:?}"
+    );
+    // The ClientHello leaves toward the server from the relay's half (as
+    // far as the server's window lets it), not as the held frames.
+    assert!(!relayed.is_empty() && relayed.len() <= hello.len());
+    assert_eq!(relayed[..], hello[..relayed.len()]);
+}
+
 #[test]
 fn held_data_older_than_a_later_ack_is_not_taken_for_a_duplicate() {
     let mut b = Bench::new(SessionSettings::default());

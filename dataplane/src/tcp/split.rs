@@ -12,7 +12,11 @@
 use std::time::Instant;
 
 use super::conn::{Conn, ConnConfig, Handshake};
-use crate::wire::{options::TcpOptions, segment::Segment, seq::SeqNum};
+use crate::wire::{
+    options::{TcpOptions, Timestamps},
+    segment::{Flags, Segment},
+    seq::SeqNum,
+};
 
 /// Which endpoint a segment came from (or goes to).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +122,44 @@ impl Tracker {
             Phase::Hold(n) => Some(n.s_isn + 1),
             _ => None,
         }
+    }
+
+    /// The most the client sends in one segment: the server's MSS (RFC
+    /// 9293 §3.7.1: 536 without the option), once established.
+    pub fn client_segment_size(&self) -> Option<u32> {
+        match &self.phase {
+            Phase::Hold(n) => Some(u32::from(n.s_opts.mss.unwrap_or(536))),
+            _ => None,
+        }
+    }
+
+    /// An ACK, as the server, of the client's first `acked` bytes: what the
+    /// hold sends when a ClientHello is larger than the client may send
+    /// unacknowledged (its initial window), so that the rest comes. It
+    /// keeps the right edge of the window the server offered (the server
+    /// has not seen a byte yet), carries the server's latest TSval and
+    /// echoes `client_tsval`.
+    pub fn hold_ack(&self, acked: u32, client_tsval: Option<u32>) -> Option<Segment> {
+        let Phase::Hold(n) = &self.phase else {
+            return None;
+        };
+        let s_shift = window_shifts(&n.c_opts, &n.s_opts).map_or(0, |(_, s)| s);
+        let window = (n.s_window.saturating_sub(acked) >> s_shift).min(u32::from(u16::MAX));
+        let mut options = TcpOptions::default();
+        if let (Some(val), Some(c)) = (n.s_ts, client_tsval.or(n.c_ts)) {
+            options.timestamps = Some(Timestamps { val, ecr: c });
+        }
+        Some(Segment {
+            seq: n.s_isn + 1,
+            ack: n.c_isn + 1 + acked,
+            flags: Flags {
+                ack: true,
+                ..Flags::default()
+            },
+            window: window as u16,
+            options,
+            payload: Vec::new(),
+        })
     }
 
     /// Looks at the next segment of the connection, in arrival order.
