@@ -697,10 +697,33 @@ pub fn classify(
             ))
         }
     }
+    if verdict.untrusted.is_none() {
+        verdict.untrusted = issuer_key_usage(&judged);
+    }
     if let Some(m) = malformed {
         verdict.untrusted = Some(m);
     }
     verdict
+}
+
+/// An issuer on the path whose keyUsage leaves out keyCertSign may not
+/// have signed the certificate below it; webpki does not look.
+//= https://www.rfc-editor.org/rfc/rfc5280#section-4.2.1.3
+//# The keyCertSign bit is asserted when the subject public key is
+//# used for verifying signatures on public key certificates.  If the
+//# keyCertSign bit is asserted, then the cA bit in the basic
+//# constraints extension (Section 4.2.1.9) MUST also be asserted.
+fn issuer_key_usage(judged: &[&X509Certificate<'_>]) -> Option<String> {
+    judged
+        .iter()
+        .skip(1)
+        .find_map(|cert| match cert.key_usage() {
+            Ok(Some(ku)) if !ku.value.key_cert_sign() => {
+                Some("issuer's key usage does not allow certificate signing".into())
+            }
+            Ok(_) => None,
+            Err(_) => Some("malformed certificate: issuer's key usage".into()),
+        })
 }
 
 fn chain_result(
@@ -1810,6 +1833,35 @@ mod tests {
             now(),
         );
         assert_eq!(v, untrusted("issuer is not a CA"));
+    }
+
+    #[test]
+    fn intermediate_without_key_cert_sign_is_untrusted() {
+        let root = root("Loupe Test Root");
+        let mut params = ca_params("Signs No Certificates", (2020, 1, 1), (2040, 1, 1));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let int = sub_ca(params, p256(), &root);
+        let store = TrustStore::from_der(std::slice::from_ref(&root.der)).unwrap();
+        let leaf = sign(&leaf_params(&["www.example.test"]), &p256(), &int);
+        let v = classify(
+            &store,
+            &[leaf, int.der.clone()],
+            &dns("www.example.test"),
+            now(),
+        );
+        assert_eq!(
+            v,
+            untrusted("issuer's key usage does not allow certificate signing")
+        );
+        // One whose key usage includes keyCertSign is trusted.
+        let pki = pki();
+        let v = classify(
+            &pki.store,
+            &pki.simple_chain(&["www.example.test"]),
+            &dns("www.example.test"),
+            now(),
+        );
+        assert!(v.trusted(), "{v:?}");
     }
 
     #[test]
