@@ -157,9 +157,93 @@ pub fn raise_memlock() -> std::io::Result<()> {
     }
 }
 
+/// Reads a configuration file: a regular file of at most `max` bytes. It is
+/// opened non-blocking, so a FIFO or device named by mistake is an error at
+/// once instead of a thread stuck in `open` or `read`, and its size is
+/// bounded before and while reading, so `/dev/zero` or a runaway file
+/// cannot exhaust memory.
+pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a regular file ({})", file_kind(&meta)),
+        ));
+    }
+    let too_big = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than the {max} bytes allowed"),
+        )
+    };
+    if meta.len() > max {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
+/// What kind of file `meta` describes, for an error message.
+pub fn file_kind(meta: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_regular_refuses_fifos_devices_directories_and_big_files() {
+        let dir = std::env::temp_dir().join(format!("loupe-sys-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // A FIFO nobody writes to: an error at once, not a hang.
+        let e = read_regular(&fifo, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        let e = read_regular(Path::new("/dev/zero"), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("a device"), "{e}");
+        let e = read_regular(&dir, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let file = dir.join("f");
+        fs::write(&file, [7u8; 100]).unwrap();
+        assert_eq!(read_regular(&file, 100).unwrap(), vec![7u8; 100]);
+        let e = read_regular(&file, 99).unwrap_err();
+        assert!(e.to_string().contains("larger than the 99 bytes"), "{e}");
+        // A symbolic link to a regular file is read (bundles often are).
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(read_regular(&link, 100).unwrap().len(), 100);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn root_has_everything() {

@@ -20,7 +20,8 @@ use loupe_dataplane::{
         known_groups, known_suites, Action, EchAction, Fallback, HostGlob, Match, OnError, Policy,
         PortRange, Profile, Rule, TlsVersion,
     },
-    tls::verify::TrustStore,
+    sys::{file_kind, read_regular},
+    tls::verify::{TrustStore, MAX_CRL_BYTES},
 };
 use sha2::{Digest, Sha256};
 use toml::Spanned;
@@ -477,6 +478,23 @@ fn profile_file(
     }
 }
 
+/// Why the engine would refuse an existing key log file (see
+/// `KeyLogFile::open`): only a private regular file, not a link, will do.
+/// A file that does not exist yet is fine: the engine creates it.
+fn keylog_problem(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(e.to_string()),
+    };
+    if !meta.is_file() {
+        return Some(format!("it is {}", file_kind(&meta)));
+    }
+    let mode = meta.mode() & 0o777;
+    (mode & 0o077 != 0).then(|| format!("its mode {mode:o} gives access beyond its owner"))
+}
+
 fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -> Option<Profile> {
     let raw = p.get_ref();
     let d = Profile::default();
@@ -515,27 +533,35 @@ fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -
     };
     let suites = names(rep, &raw.suites, "suites", &known_suites());
     let groups = names(rep, &raw.groups, "groups", &known_groups());
+    let store = std::cell::RefCell::new(None);
     let trust_store = match &raw.trust_store {
         None => Some(None),
         Some(t) => profile_file(rep, base, t, "trust_store", |p| {
-            TrustStore::from_pem_file(p)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            let t = TrustStore::from_pem_file(p).map_err(|e| e.to_string())?;
+            *store.borrow_mut() = Some(t);
+            Ok(())
         })
         .map(Some),
     };
+    // CRLs are checked as the engine reads them: against the profile's
+    // trust store, or the system bundle (when this host has one).
+    let store = store.into_inner().or_else(|| {
+        raw.trust_store
+            .is_none()
+            .then(|| TrustStore::system().ok())
+            .flatten()
+    });
     let mut crls = Some(Vec::new());
     for c in &raw.crls {
-        let ok = profile_file(rep, base, c, "crl", |p| {
-            std::fs::metadata(p)
-                .map_err(|e| e.to_string())
-                .and_then(|m| {
-                    if m.is_file() {
-                        Ok(())
-                    } else {
-                        Err("not a file".into())
-                    }
-                })
+        let ok = profile_file(rep, base, c, "crl", |p| match &store {
+            Some(t) => t
+                .clone()
+                .with_crl_files(&[p])
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => read_regular(p, MAX_CRL_BYTES)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
         });
         match (ok, crls.as_mut()) {
             (Some(path), Some(list)) => list.push(path),
@@ -551,7 +577,16 @@ fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -
             );
             None
         }
-        Some(k) => Some(Some(k.get_ref().clone())),
+        Some(k) => match keylog_problem(Path::new(k.get_ref())) {
+            Some(why) => {
+                rep.error(
+                    k.span(),
+                    format!("keylog {}: {why} (the engine refuses it)", k.get_ref()),
+                );
+                None
+            }
+            None => Some(Some(k.get_ref().clone())),
+        },
     };
     let exclude_secs = match &raw.exclude_secs {
         None => Some(d.exclude_secs),

@@ -217,12 +217,92 @@ profile = "p"
     assert_eq!(prof.exclude_secs, 43_200);
 }
 
+/// A DER CRL (revoking serial 7) from a throwaway CA.
+fn test_crl() -> Vec<u8> {
+    use rcgen::{
+        date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa,
+        Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
+    };
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let issuer = Issuer::new(ca, KeyPair::generate().unwrap());
+    CertificateRevocationListParams {
+        this_update: date_time_ymd(2025, 1, 1),
+        next_update: date_time_ymd(2035, 1, 1),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&[7]),
+            revocation_time: date_time_ymd(2025, 1, 1),
+            reason_code: None,
+            invalidity_date: None,
+        }],
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .unwrap()
+    .der()
+    .to_vec()
+}
+
+/// Key logs the engine would refuse and CRLs it could not read are
+/// reported by the checker, each where it is named.
+#[test]
+fn unusable_key_logs_and_crls_are_reported() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("loupe-profile-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shared = dir.join("shared.log");
+    std::fs::write(&shared, b"").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let private = dir.join("private.log");
+    std::fs::write(&private, b"").unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&private, dir.join("link.log")).unwrap();
+    std::fs::write(dir.join("garbage.crl"), b"not a CRL").unwrap();
+    std::fs::write(dir.join("good.crl"), test_crl()).unwrap();
+    let d = dir.display();
+    let text = format!(
+        r#"[profiles.a]
+keylog = "{d}/shared.log"
+[profiles.b]
+keylog = "{d}/link.log"
+[profiles.c]
+keylog = "{d}"
+[profiles.d]
+keylog = "{d}/private.log"
+crls = ["good.crl"]
+[profiles.e]
+keylog = "{d}/new.log"
+crls = ["garbage.crl"]
+"#
+    );
+    let c = compile(&dir.join("p.toml"), &text, &|p| std::fs::read_to_string(p));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let e = messages(&c, Severity::Error);
+    for (line, what) in [
+        (2, "its mode 644 gives access beyond its owner"),
+        (4, "it is a symbolic link"),
+        (6, "it is a directory"),
+        (12, "garbage.crl: CRL"),
+    ] {
+        assert!(
+            e.iter()
+                .any(|m| m.contains(&format!("p.toml:{line}:")) && m.contains(what)),
+            "line {line}: {what}: {e:#?}"
+        );
+    }
+    assert_eq!(e.len(), 4, "{e:#?}");
+}
+
 #[test]
 fn every_profile_option_is_read() {
     let dir = std::env::temp_dir().join(format!("loupe-profile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy("/etc/ssl/certs/ca-certificates.crt", dir.join("roots.pem")).unwrap();
-    std::fs::write(dir.join("a.crl"), b"x").unwrap();
+    std::fs::write(dir.join("a.crl"), test_crl()).unwrap();
     let text = r#"[profiles.p]
 expired = "pass-on"
 untrusted = "pass-on"

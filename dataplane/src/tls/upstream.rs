@@ -210,15 +210,43 @@ impl std::fmt::Debug for KeyLogFile {
 }
 
 impl KeyLogFile {
-    /// Opens (creates, mode 0600) `path` for appending.
+    /// Opens (creates, mode 0600) `path` for appending. The secrets in it
+    /// decrypt every logged connection, so the file must be one nobody
+    /// else can read or swap: a regular file (not a FIFO that would block
+    /// the engine, not a symbolic link someone planted), owned by the
+    /// engine's user, with no group or other access.
     pub fn open(path: &Path) -> Result<KeyLogFile, String> {
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let bad = |why: String| format!("cannot use the key log {}: {why}", path.display());
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
-            .map_err(|e| format!("cannot open the key log {}: {e}", path.display()))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => bad("it is a symbolic link".into()),
+                Some(libc::ENXIO) => bad("it is a FIFO".into()),
+                _ => bad(e.to_string()),
+            })?;
+        let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(bad(format!("it is {}", crate::sys::file_kind(&meta))));
+        }
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(bad(format!(
+                "it is owned by uid {}, not by the engine's uid {me}",
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(bad(format!(
+                "its mode {:o} gives access beyond its owner; chmod 600 it",
+                meta.mode() & 0o777
+            )));
+        }
         Ok(KeyLogFile {
             file: Mutex::new(file),
         })
@@ -297,4 +325,69 @@ pub fn connect(
     // An IP address is never sent as SNI (RFC 6066 §3); rustls does so.
     let conn = ClientConnection::new_with_alpn(base.clone(), name, alpn)?;
     Ok((conn, Arc::new(Watch::default())))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    struct Dir(std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("loupe-keylog-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        Dir(d)
+    }
+
+    #[test]
+    fn a_key_log_is_created_private_and_appended_to() {
+        let d = dir("new");
+        let path = d.0.join("keys.log");
+        let k = KeyLogFile::open(&path).unwrap();
+        k.log("CLIENT_RANDOM", &[1, 2], &[0xab]);
+        drop(k);
+        let k = KeyLogFile::open(&path).unwrap();
+        k.log("CLIENT_RANDOM", &[3], &[0xcd]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "CLIENT_RANDOM 0102 ab\nCLIENT_RANDOM 03 cd\n");
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_key_log_that_others_could_read_or_swap_is_refused() {
+        let d = dir("bad");
+        // Readable by the group: refused, and left as it was.
+        let open = d.0.join("open.log");
+        std::fs::write(&open, b"").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = KeyLogFile::open(&open).unwrap_err();
+        assert!(e.contains("mode 640"), "{e}");
+        // A symbolic link, even to a good file.
+        let good = d.0.join("good.log");
+        KeyLogFile::open(&good).unwrap();
+        let link = d.0.join("link.log");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        let e = KeyLogFile::open(&link).unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        // A FIFO: refused at once (opening one for writing with no reader
+        // would otherwise block or fail obscurely).
+        let fifo = d.0.join("fifo.log");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = KeyLogFile::open(&fifo).unwrap_err();
+        assert!(e.contains("it is a FIFO"), "{e}");
+        // A directory.
+        let e = KeyLogFile::open(&d.0).unwrap_err();
+        assert!(e.contains("directory"), "{e}");
+    }
 }

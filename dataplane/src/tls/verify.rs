@@ -54,6 +54,8 @@ use x509_parser::public_key::{PublicKey, RSAPublicKey};
 use x509_parser::signature_algorithm::RsaSsaPssParams;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
+use crate::sys::read_regular;
+
 /// Where Debian (and derivatives) keep the system CA bundle.
 pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -148,6 +150,11 @@ enum BadAnchors {
     Skip,
 }
 
+/// The largest CA bundle read (Debian's is about 200 KiB).
+pub const MAX_BUNDLE_BYTES: u64 = 32 << 20;
+/// The largest CRL file read (the largest public CAs' CRLs are tens of MiB).
+pub const MAX_CRL_BYTES: u64 = 128 << 20;
+
 impl TrustStore {
     /// The system bundle ([`SYSTEM_BUNDLE`]). Certificates in it that cannot
     /// be trust anchors are skipped, so that one odd entry shipped by the
@@ -238,11 +245,12 @@ impl TrustStore {
     }
 
     fn load_pem(path: &Path, bad: BadAnchors) -> Result<TrustStore, TrustError> {
-        let bytes = std::fs::read(path).map_err(|source| TrustError::Unreadable {
-            what: "CA bundle",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes =
+            read_regular(path, MAX_BUNDLE_BYTES).map_err(|source| TrustError::Unreadable {
+                what: "CA bundle",
+                path: path.to_path_buf(),
+                source,
+            })?;
         let mut store = RootCertStore::empty();
         let mut seen = 0usize;
         for (i, cert) in CertificateDer::pem_slice_iter(&bytes).enumerate() {
@@ -315,7 +323,7 @@ impl TrustStore {
 }
 
 fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TrustError> {
-    let bytes = std::fs::read(path).map_err(|source| TrustError::Unreadable {
+    let bytes = read_regular(path, MAX_CRL_BYTES).map_err(|source| TrustError::Unreadable {
         what: "CRL file",
         path: path.to_path_buf(),
         source,
