@@ -276,8 +276,11 @@ impl Sessions {
             cas.pick(loupe_hsm::ca::CaRole::ForwardTrust, true)
                 .is_some_and(|ca| s.is_up(&ca.token))
         });
-        if !token_up {
-            return fallback(profile.hsm_unavailable, "the HSM is unavailable".into());
+        // With the HSM down a cached certificate still serves its site, so
+        // only `no-decrypt` (which must be decided before the takeover)
+        // passes here; under `block` a miss is refused when its mint fails.
+        if !token_up && profile.hsm_unavailable == Fallback::NoDecrypt {
+            return fallback(Fallback::NoDecrypt, "the HSM is unavailable".into());
         }
         if ctx.stats.active.load(std::sync::atomic::Ordering::Relaxed)
             >= ctx.settings.max_sessions as u64
