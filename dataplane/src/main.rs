@@ -143,8 +143,11 @@ struct Args {
     #[arg(long, default_value_t = 86_400)]
     leaf_key_rotate_s: u64,
     /// Most connections being decrypted at once; beyond, the profile's
-    /// `no_resources` applies.
-    #[arg(long, default_value_t = 65_536)]
+    /// `no_resources` applies. Each holds TLS state and buffers both
+    /// ways: a few tens of KiB idle, up to about 800 KiB when a slow peer
+    /// lets both legs' buffers fill, so the default bounds the worst case
+    /// near 6 GiB.
+    #[arg(long, default_value_t = 8_192)]
     max_tls_sessions: usize,
 }
 

@@ -332,7 +332,7 @@ impl Default for TlsSettings {
             hsm_timeout: Duration::from_secs(2),
             system_trust: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             handshake_timeout: Duration::from_secs(30),
-            max_sessions: 65_536,
+            max_sessions: 8_192,
         }
     }
 }
