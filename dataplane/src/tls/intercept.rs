@@ -26,7 +26,7 @@
 //! reader closes the other side's TCP window.
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, BufRead, Read, Write},
     net::IpAddr,
     sync::{atomic::Ordering, Arc},
     task::Waker,
@@ -62,8 +62,6 @@ use crate::{
 /// The stage's record for the decryption log.
 pub type TlsRecord = TlsLog;
 
-/// Plaintext moved at a time, per direction.
-const CHUNK: usize = 16 << 10;
 /// rustls's outgoing buffer per leg (plaintext not yet encrypted plus TLS
 /// not yet written to the half).
 const TLS_BUFFER: usize = 64 << 10;
@@ -138,8 +136,10 @@ enum Phase {
 /// One direction's progress in [`Phase::Open`].
 #[derive(Default)]
 struct Flow {
-    /// Plaintext read from one leg that the other has not taken yet.
-    pending: Vec<u8>,
+    /// How many of the plaintext bytes waiting in the source leg's reader
+    /// (from its first unconsumed one) the inspectors have seen: a chunk
+    /// the other leg took only part of is not inspected twice.
+    inspected: usize,
     /// The source leg ended: with close_notify (`Some(true)`) or without
     /// (`Some(false)`, a truncation mirrored as such).
     ended: Option<bool>,
@@ -1063,34 +1063,36 @@ impl Intercept {
     ) -> bool {
         let i = dir as usize;
         let mut progress = false;
-        if self.flows[i].pending.is_empty() && self.flows[i].ended.is_none() {
-            let mut buf = vec![0u8; CHUNK];
-            match from.reader().read(&mut buf) {
-                Ok(0) => self.flows[i].ended = Some(true),
-                Ok(n) => {
-                    buf.truncate(n);
-                    self.pipeline.data(dir, &buf);
-                    self.record.plaintext_c2s = self.pipeline.bytes[0];
-                    self.record.plaintext_s2c = self.pipeline.bytes[1];
-                    self.flows[i].pending = buf;
-                    progress = true;
+        if self.flows[i].ended.is_none() {
+            // Straight from one leg's plaintext buffer into the other's
+            // writer: no copy of our own, no buffer kept between pumps.
+            let mut reader = from.reader();
+            match reader.fill_buf() {
+                // Empty only after close_notify, with everything taken.
+                Ok([]) => self.flows[i].ended = Some(true),
+                Ok(chunk) => {
+                    let seen = self.flows[i].inspected.min(chunk.len());
+                    if seen < chunk.len() {
+                        self.pipeline.data(dir, &chunk[seen..]);
+                        self.record.plaintext_c2s = self.pipeline.bytes[0];
+                        self.record.plaintext_s2c = self.pipeline.bytes[1];
+                        self.flows[i].inspected = chunk.len();
+                    }
+                    if let Ok(n) = to.writer().write(chunk) {
+                        if n > 0 {
+                            reader.consume(n);
+                            self.flows[i].inspected -= n;
+                            progress = true;
+                        }
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => self.flows[i].ended = Some(false),
             }
         }
-        if !self.flows[i].pending.is_empty() {
-            match to.writer().write(&self.flows[i].pending) {
-                Ok(n) if n > 0 => {
-                    self.flows[i].pending.drain(..n);
-                    progress = true;
-                }
-                _ => {}
-            }
-        }
         let f = &mut self.flows[i];
         if let Some(clean) = f.ended {
-            if f.pending.is_empty() && !f.forwarded {
+            if !f.forwarded {
                 f.forwarded = true;
                 self.pipeline.end(dir);
                 if clean {
