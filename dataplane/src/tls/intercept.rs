@@ -20,8 +20,9 @@
 //!    and end-of-stream are mirrored, and a failure on one leg resets the
 //!    other (never a clean close that would hide a truncation).
 //!
-//! Memory per connection is bounded: at most one 16 KiB plaintext chunk
-//! per direction waits here, rustls's outgoing buffers are limited, and
+//! Memory per connection is bounded: plaintext waits only in rustls's
+//! own buffers (read from one leg, written into the other without a copy
+//! of ours), rustls's outgoing buffers are limited, and
 //! TLS records are read from a half only when rustls wants more, so a slow
 //! reader closes the other side's TCP window.
 
