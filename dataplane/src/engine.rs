@@ -567,7 +567,9 @@ fn refresh_cas(ctx: &TlsContext, token: &Token) {
 /// blindly), its decryption profiles prepared (trust stores read, key logs
 /// opened), the steering maps rewritten, then the workers' policy
 /// replaced; they pick it up before their next batch. A policy that fails
-/// anywhere leaves the running one (and its steering) in place.
+/// anywhere leaves the running one (and its steering) in place; a profile
+/// that cannot be prepared is not such a failure (the policy applies, and
+/// that profile's decrypt connections are blocked, saying why).
 fn apply(
     classifier: &mut Classifier,
     cell: &PolicyCell,
@@ -576,15 +578,19 @@ fn apply(
     policy: Arc<Policy>,
 ) -> Result<u64, String> {
     policy.validate()?;
-    if let Some(ctx) = tls {
-        ctx.prepare(&policy)?;
-    }
     if let Some(cur) = cell.current() {
         if policy.version <= cur.version {
             return Err(format!(
                 "policy version {} is not above the running version {}",
                 policy.version, cur.version
             ));
+        }
+    }
+    if let Some(ctx) = tls {
+        // A broken profile fails closed on its own connections; the rest
+        // of the policy (its blocks above all) still applies.
+        for why in ctx.prepare(&policy) {
+            eprintln!("loupe-dataplane: error: {why}; its decrypt connections are blocked");
         }
     }
     let st = policy.steering()?;

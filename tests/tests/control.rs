@@ -532,6 +532,43 @@ fn the_dataplane_outlives_control_and_resyncs() {
     assert!(out.contains("re-synced to policy version 2"), "{out}");
 }
 
+/// A profile's trust store deleted after the policy was applied: a
+/// restarted dataplane still gets the whole policy (its block rule above
+/// all), with a warning naming the file, instead of no policy at all.
+#[test]
+fn a_saved_policy_whose_trust_store_is_gone_still_resyncs() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let roots = h.dir.join("roots.pem");
+    std::fs::copy("/etc/ssl/certs/ca-certificates.crt", &roots).unwrap();
+    let p = policy(
+        &h,
+        "p.toml",
+        "[profiles.strict]\ntrust_store = \"roots.pem\"\n\
+         [[rules]]\nname = \"no-bank\"\nsni = [\"*.bank.loupe.test\"]\naction = \"block\"\n\
+         [[rules]]\nname = \"inspect\"\ndst = [\"198.18.0.0/24\"]\naction = \"decrypt\"\n\
+         profile = \"strict\"\n",
+    );
+    let sock = dataplane_socket(&h);
+    let (engine, control) = start(&h, Some(&p));
+    assert_eq!(control.wait_in_sync().unwrap(), 1);
+    std::fs::remove_file(&roots).unwrap();
+    let (st, clean, _, err) = engine.stop();
+    assert!(clean && st.success(), "{err}");
+    let engine =
+        Engine::start(&h, &["--control-socket", sock.to_str().unwrap()]).expect("engine again");
+    assert_eq!(control.wait_in_sync().unwrap(), 2, "re-applied");
+    engine
+        .wait_stats("the whole policy re-synced", Duration::from_secs(30), |r| {
+            r.policy.as_ref().filter(|p| p.rules == 2).map(|_| ())
+        })
+        .unwrap();
+    let out = String::from_utf8_lossy(&std::fs::read(&control.output).unwrap()).into_owned();
+    assert!(
+        out.contains("warning: trust_store") && out.contains("roots.pem"),
+        "{out}"
+    );
+}
+
 /// Runs `loupe --socket SOCK status` as nobody.
 fn as_nobody(sock: &Path) -> (Option<i32>, String) {
     let bin = loupe_tests::workspace_bin("loupe");

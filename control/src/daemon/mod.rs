@@ -209,13 +209,20 @@ struct Desired {
 }
 
 impl Sources {
-    fn compile(&self) -> (Option<Desired>, Vec<String>) {
+    /// Compiles the sources; `saved` for a policy accepted before (see
+    /// `lang::compile_saved`).
+    fn compile(&self, saved: bool) -> (Option<Desired>, Vec<String>) {
         let files = self.files.clone();
-        let checked = lang::compile(Path::new(&self.path), &self.text, &move |p| {
+        let load = move |p: &Path| {
             files.get(&p.display().to_string()).cloned().ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "the CLI could not read it")
             })
-        });
+        };
+        let checked = if saved {
+            lang::compile_saved(Path::new(&self.path), &self.text, &load)
+        } else {
+            lang::compile(Path::new(&self.path), &self.text, &load)
+        };
         let diagnostics = checked.diagnostics.iter().map(|d| d.to_string()).collect();
         let desired = checked.policy.map(|mut policy| {
             policy.version = self.version;
@@ -374,14 +381,22 @@ impl Daemon {
         if dp.policy.as_ref().is_some_and(|p| p.digest == digest) {
             return Ok(None);
         }
-        let (desired, _) = sources.compile();
-        let d = desired.ok_or("the saved policy no longer compiles")?;
+        let (desired, diagnostics) = sources.compile(true);
+        for line in &diagnostics {
+            eprintln!("{line}");
+        }
+        let d = desired.ok_or_else(|| {
+            format!(
+                "the saved policy no longer compiles: {}",
+                diagnostics.join("; ")
+            )
+        })?;
         self.push(d, dp).map(Some)
     }
 
     fn apply(&self, sources: Sources) -> CtlResponse {
         let _one = lock(&self.applying);
-        let (desired, diagnostics) = sources.compile();
+        let (desired, diagnostics) = sources.compile(false);
         let Some(d) = desired else {
             lock(&self.state).counters.applies_rejected += 1;
             return CtlResponse {
@@ -730,9 +745,10 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     } else {
         None
     };
+    let saved = state_file.exists();
     let desired = match sources {
         Some(s) => {
-            let (d, diagnostics) = s.compile();
+            let (d, diagnostics) = s.compile(saved);
             for line in &diagnostics {
                 eprintln!("{line}");
             }

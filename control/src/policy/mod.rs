@@ -116,6 +116,10 @@ impl Source<'_> {
 struct Report<'a> {
     src: Source<'a>,
     out: Vec<Diagnostic>,
+    /// Compiling a policy that was already accepted (see
+    /// [`compile_saved`]): host files a profile names are the engine's to
+    /// read, and their trouble is a warning.
+    saved: bool,
 }
 
 impl Report<'_> {
@@ -186,6 +190,29 @@ fn parse_toml<T: serde::de::DeserializeOwned>(src: &Source) -> Result<T, Diagnos
 /// reads the files it names (the category file), so the caller decides
 /// where they come from.
 pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<String>) -> Checked {
+    compile_as(path, text, load, false)
+}
+
+/// [`compile`] for a policy that was checked and accepted before (the
+/// daemon's saved state, pushed again to a restarted dataplane). A trust
+/// store, CRL or key log that has become unusable since is a warning, not
+/// an error: refusing the whole policy would leave the dataplane without
+/// one (no block rule enforced), while the engine blocks the connections
+/// of a profile it cannot prepare and enforces the rest.
+pub fn compile_saved(
+    path: &Path,
+    text: &str,
+    load: &dyn Fn(&Path) -> io::Result<String>,
+) -> Checked {
+    compile_as(path, text, load, true)
+}
+
+fn compile_as(
+    path: &Path,
+    text: &str,
+    load: &dyn Fn(&Path) -> io::Result<String>,
+    saved: bool,
+) -> Checked {
     let src = Source { path, text };
     let raw: RawPolicy = match parse_toml(&src) {
         Ok(r) => r,
@@ -199,6 +226,7 @@ pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<Strin
     let mut rep = Report {
         src: Source { path, text },
         out: Vec::new(),
+        saved,
     };
     let mut digest = Sha256::new();
     digest.update(text.as_bytes());
@@ -254,6 +282,7 @@ pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<Strin
                         let mut crep = Report {
                             src: csrc,
                             out: Vec::new(),
+                            saved,
                         };
                         for (name, globs) in &raw_cats {
                             if globs.get_ref().is_empty() {
@@ -471,12 +500,23 @@ fn profile_file(
     let path = base.join(v.get_ref());
     match parse(&path) {
         Ok(()) => Some(path.display().to_string()),
+        Err(e) if rep.saved => {
+            rep.warn(
+                v.span(),
+                format!("{what} {}: {e}{UNUSABLE}", path.display()),
+            );
+            Some(path.display().to_string())
+        }
         Err(e) => {
             rep.error(v.span(), format!("{what} {}: {e}", path.display()));
             None
         }
     }
 }
+
+/// The end of a warning about a saved policy's host file.
+const UNUSABLE: &str = " (the dataplane blocks this profile's connections until it is fixed and \
+                        the policy applied again)";
 
 /// Why the engine would refuse an existing key log file (see
 /// `KeyLogFile::open`): only a private regular file, not a link, will do.
@@ -578,6 +618,10 @@ fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -
             None
         }
         Some(k) => match keylog_problem(Path::new(k.get_ref())) {
+            Some(why) if rep.saved => {
+                rep.warn(k.span(), format!("keylog {}: {why}{UNUSABLE}", k.get_ref()));
+                Some(Some(k.get_ref().clone()))
+            }
             Some(why) => {
                 rep.error(
                     k.span(),

@@ -259,7 +259,10 @@ impl Sessions {
         let server = ip_of(&t.key.dst);
         let client = ip_of(&t.key.src);
         let port = t.key.dst_port;
-        let rt = ctx.runtime(profile_name);
+        let rt = match ctx.runtime(profile_name) {
+            Ok(rt) => rt,
+            Err(why) => return Plan::Block(format!("{why}: blocked")),
+        };
         let site = Site {
             sni: ch.sni.clone(),
             server,

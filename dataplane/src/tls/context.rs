@@ -348,7 +348,8 @@ pub struct TlsContext {
     pub keys: Arc<LeafKeys>,
     pub cache: CertCache,
     pub exclusions: Exclusions,
-    runtimes: RwLock<Arc<HashMap<String, Arc<ProfileRuntime>>>>,
+    /// Each profile of the running policy, or why it cannot be used.
+    runtimes: RwLock<Arc<HashMap<String, Result<Arc<ProfileRuntime>, String>>>>,
     default_runtime: RwLock<Option<Arc<ProfileRuntime>>>,
     /// Trust stores by file, parsed once.
     trust: Mutex<HashMap<PathBuf, Arc<TrustStore>>>,
@@ -423,17 +424,24 @@ impl TlsContext {
     }
 
     /// Prepares every profile of `policy` (trust stores read, key logs
-    /// opened): an error names the profile and leaves the running ones.
-    pub fn prepare(&self, policy: &Policy) -> Result<(), String> {
+    /// opened). A profile that cannot be prepared (its trust store gone
+    /// since the policy was checked, a key log refused) does not stop the
+    /// policy, which would leave the engine without one: the profile is
+    /// kept as broken and its connections are blocked
+    /// ([`TlsContext::runtime`]). Returns what broke, one line each.
+    pub fn prepare(&self, policy: &Policy) -> Vec<String> {
         let mut map = HashMap::new();
+        let mut broken = Vec::new();
         for (name, p) in &policy.profiles {
-            let rt = self
-                .prepare_profile(name, p)
-                .map_err(|e| format!("profile {name:?}: {e}"))?;
+            let rt = self.prepare_profile(name, p).map_err(|e| {
+                let why = format!("decryption profile {name:?} cannot be used: {e}");
+                broken.push(why.clone());
+                why
+            });
             map.insert(name.clone(), rt);
         }
         *self.runtimes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
-        Ok(())
+        broken
     }
 
     fn prepare_profile(&self, name: &str, p: &Profile) -> Result<Arc<ProfileRuntime>, String> {
@@ -498,7 +506,10 @@ impl TlsContext {
 
     /// The prepared profile `name` (the default profile for `None`, or a
     /// name the running policy does not have).
-    pub fn runtime(&self, name: Option<&str>) -> Arc<ProfileRuntime> {
+    ///
+    /// A profile of the running policy that could not be prepared is an
+    /// error (why), never the default profile in its place.
+    pub fn runtime(&self, name: Option<&str>) -> Result<Arc<ProfileRuntime>, String> {
         if let Some(n) = name {
             if let Some(rt) = self
                 .runtimes
@@ -509,11 +520,12 @@ impl TlsContext {
                 return rt.clone();
             }
         }
-        self.default_runtime
+        Ok(self
+            .default_runtime
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .expect("set at construction")
+            .expect("set at construction"))
     }
 
     /// Stops the leaf key thread.

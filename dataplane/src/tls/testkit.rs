@@ -279,7 +279,8 @@ impl Kit {
             .expect("context");
         let mut policy = crate::policy::Policy::split_all(&[443], Vec::new());
         policy.profiles.insert("test".into(), profile);
-        ctx.prepare(&policy).expect("profile");
+        let broken = ctx.prepare(&policy);
+        assert!(broken.is_empty(), "{broken:?}");
         Kit {
             ctx: Arc::new(ctx),
             signer,
@@ -293,7 +294,7 @@ impl Kit {
     }
 
     pub fn runtime(&self) -> Arc<ProfileRuntime> {
-        self.ctx.runtime(Some("test"))
+        self.ctx.runtime(Some("test")).expect("prepared")
     }
 
     /// A server certificate for `names` under the test root, valid

@@ -469,3 +469,27 @@ fn a_profile_limits_what_the_upstream_hello_offers() {
         ch.suites
     );
 }
+
+/// A profile whose trust store has gone (deleted after the policy was
+/// checked) does not stop the policy: the profile is broken, saying why,
+/// and never replaced by the default profile; the other profiles work.
+#[test]
+fn a_profile_that_cannot_be_prepared_is_broken_not_replaced() {
+    let kit = Kit::new(Profile::default());
+    let mut policy = crate::policy::Policy::split_all(&[443], Vec::new());
+    policy.profiles.insert(
+        "gone".into(),
+        Profile {
+            trust_store: Some("/nonexistent/loupe/roots.pem".into()),
+            ..Profile::default()
+        },
+    );
+    policy.profiles.insert("fine".into(), Profile::default());
+    let broken = kit.ctx.prepare(&policy);
+    assert_eq!(broken.len(), 1, "{broken:?}");
+    assert!(broken[0].contains("\"gone\""), "{broken:?}");
+    let e = kit.ctx.runtime(Some("gone")).map(|_| ()).unwrap_err();
+    assert!(e.contains("/nonexistent/loupe/roots.pem"), "{e}");
+    assert!(kit.ctx.runtime(Some("fine")).is_ok());
+    assert!(kit.ctx.runtime(None).is_ok());
+}
