@@ -340,6 +340,9 @@ impl Default for TlsSettings {
 /// Told when a profile turns key logging on: (profile, file).
 pub type OnKeyLog = Box<dyn Fn(&str, &str) + Send + Sync>;
 
+/// A profile ready for connections, or why it cannot be used.
+type Prepared = Result<Arc<ProfileRuntime>, String>;
+
 /// Everything the workers' interception shares.
 pub struct TlsContext {
     pub settings: TlsSettings,
@@ -349,7 +352,7 @@ pub struct TlsContext {
     pub cache: CertCache,
     pub exclusions: Exclusions,
     /// Each profile of the running policy, or why it cannot be used.
-    runtimes: RwLock<Arc<HashMap<String, Result<Arc<ProfileRuntime>, String>>>>,
+    runtimes: RwLock<Arc<HashMap<String, Prepared>>>,
     default_runtime: RwLock<Option<Arc<ProfileRuntime>>>,
     /// Trust stores by file, parsed once.
     trust: Mutex<HashMap<PathBuf, Arc<TrustStore>>>,
