@@ -238,12 +238,12 @@ impl Sources {
     /// Reads a policy and the files it names from disk.
     fn read(path: &Path) -> anyhow::Result<Sources> {
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let text = std::fs::read_to_string(path)
+        let text = lang::read_text(path)
             .with_context(|| format!("cannot read the policy {}", path.display()))?;
         let files = std::cell::RefCell::new(BTreeMap::new());
         // Compile once to learn which files it names.
         let _ = lang::compile(path, &text, &|p| {
-            let t = std::fs::read_to_string(p);
+            let t = lang::read_text(p);
             if let Ok(t) = &t {
                 files
                     .borrow_mut()

@@ -901,8 +901,20 @@ fn shadow_warnings(rep: &mut Report, policy: &Policy, spans: &[Range<usize>]) {
 
 /// Reads a policy from disk and checks it.
 pub fn check_file(path: &Path) -> io::Result<Checked> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(compile(path, &text, &|p| std::fs::read_to_string(p)))
+    let text = read_text(path)?;
+    Ok(compile(path, &text, &|p| read_text(p)))
+}
+
+/// The most a policy or category file may hold.
+pub const MAX_POLICY_BYTES: u64 = 16 << 20;
+
+/// Reads a policy or category file: a regular file of at most
+/// [`MAX_POLICY_BYTES`], UTF-8. A FIFO, a device (`/dev/zero`) or a
+/// directory is an error at once, never a wait or an endless read.
+pub fn read_text(path: &Path) -> io::Result<String> {
+    let bytes = read_regular(path, MAX_POLICY_BYTES)?;
+    String::from_utf8(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 #[cfg(test)]

@@ -461,3 +461,31 @@ fn malformed_corpus() {
         );
     }
 }
+
+/// A policy named as a FIFO, a device or a directory is an error at once
+/// (`loupe policy check /dev/zero` read forever; a FIFO hung the CLI).
+#[test]
+fn policy_files_that_are_not_regular_files_are_refused_at_once() {
+    let dir = std::env::temp_dir().join(format!("loupe-policy-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("p.toml");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = check_file(&fifo).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("a FIFO"), "{e}");
+    let e = check_file(Path::new("/dev/zero")).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("a device"), "{e}");
+    // A category file that is a FIFO is reported where it is named.
+    let policy = dir.join("q.toml");
+    std::fs::write(
+        &policy,
+        "[policy]\ncategories = \"p.toml\"\n[[rules]]\nname = \"r\"\naction = \"block\"\n",
+    )
+    .unwrap();
+    let checked = check_file(&policy).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let e = messages(&checked, Severity::Error);
+    assert!(e.iter().any(|m| m.contains("a FIFO")), "{e:#?}");
+}
