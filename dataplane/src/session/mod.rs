@@ -360,7 +360,7 @@ impl Sessions {
                 meta,
                 split.relayed(),
                 end_reason(split),
-                split.stage().tls_record(),
+                split.stage().final_tls_record().as_ref(),
             ));
         }
         if split.done() {
@@ -449,7 +449,7 @@ impl Sessions {
                     (Some(Action::Block), _) => "refused",
                     (_, Some(_)) if split.parked() => "minting",
                     (_, Some(t)) if t.outcome.starts_with("decrypted") => "decrypted",
-                    (_, Some(t)) if t.outcome.is_empty() => "handshaking",
+                    (_, Some(t)) if t.outcome.is_empty() && !split.finished() => "handshaking",
                     (_, Some(_)) => "tls-ended",
                     _ => "split",
                 };

@@ -66,6 +66,15 @@ impl Stage {
         }
     }
 
+    /// What the decryption log keeps of it when the connection is over
+    /// (see [`Intercept::final_record`]); once.
+    pub fn final_tls_record(&self) -> Option<TlsRecord> {
+        match self {
+            Stage::Intercept(i) => Some(i.final_record()),
+            _ => None,
+        }
+    }
+
     pub fn is_refusal(&self) -> bool {
         matches!(self, Stage::Refuse)
     }

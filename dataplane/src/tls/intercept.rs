@@ -431,6 +431,37 @@ impl Intercept {
         &self.record
     }
 
+    /// The record as the decryption log keeps it, once the connection is
+    /// over: one that ended before any outcome (the client or the server
+    /// went away mid-handshake) says so, and is counted as failed. Called
+    /// once, when the record is written.
+    pub fn final_record(&self) -> TlsLog {
+        let mut r = self.record.clone();
+        if r.outcome.is_empty() {
+            r.outcome = "failed".into();
+            self.ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
+            let (stage, reason) = match &self.phase {
+                Phase::Upstream { .. } => (
+                    ErrorStage::UpstreamHandshake,
+                    "the connection ended during the server's handshake",
+                ),
+                Phase::Minting { .. } => (
+                    ErrorStage::Mint,
+                    "the connection ended while its certificate was minted",
+                ),
+                Phase::Open { .. } | Phase::Done => (
+                    ErrorStage::DownstreamHandshake,
+                    "the client ended the connection before completing its handshake",
+                ),
+            };
+            r.error.get_or_insert_with(|| TlsError {
+                stage: stage.label().into(),
+                reason: reason.into(),
+            });
+        }
+        r
+    }
+
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
     }

@@ -493,3 +493,31 @@ fn a_profile_that_cannot_be_prepared_is_broken_not_replaced() {
     assert!(kit.ctx.runtime(Some("fine")).is_ok());
     assert!(kit.ctx.runtime(None).is_ok());
 }
+
+/// A client that reads the engine's ServerHello and goes away: its record
+/// says the connection failed in the client's handshake, and why, instead
+/// of carrying no outcome at all.
+#[test]
+fn a_client_that_abandons_its_handshake_is_logged_as_failed() {
+    let kit = Kit::new(Profile::default());
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let mut s = Session::start(&kit, kit.client_config(&[]), NAME, server);
+    // The client never answers the engine's flight...
+    s.aborted.0 = true;
+    s.run();
+    assert!(!s.cpipe.tx.is_empty(), "the engine's ServerHello went out");
+    assert_eq!(s.stage.record().outcome, "", "still handshaking");
+    // ... and closes its TCP.
+    s.cpipe.peer_fin = true;
+    s.run();
+    let failed = kit.ctx.stats.failed.load(Ordering::Relaxed);
+    let r = s.stage.final_record();
+    assert_eq!(r.outcome, "failed", "{r:?}");
+    let e = r.error.expect("an error stage and reason");
+    assert_eq!(e.stage, "downstream-handshake");
+    assert!(
+        e.reason.contains("before completing its handshake"),
+        "{e:?}"
+    );
+    assert_eq!(kit.ctx.stats.failed.load(Ordering::Relaxed), failed + 1);
+}
