@@ -525,7 +525,15 @@ fn keylog_problem(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // The engine creates the file, not its directory.
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            return match std::fs::metadata(dir) {
+                Ok(d) if d.is_dir() => None,
+                Ok(_) => Some(format!("{} is not a directory", dir.display())),
+                Err(e) => Some(format!("its directory {}: {e}", dir.display())),
+            };
+        }
         Err(e) => return Some(e.to_string()),
     };
     if !meta.is_file() {

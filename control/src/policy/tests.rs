@@ -277,6 +277,8 @@ crls = ["good.crl"]
 [profiles.e]
 keylog = "{d}/new.log"
 crls = ["garbage.crl"]
+[profiles.f]
+keylog = "{d}/missing/keys.log"
 "#
     );
     let c = compile(&dir.join("p.toml"), &text, &|p| std::fs::read_to_string(p));
@@ -287,6 +289,7 @@ crls = ["garbage.crl"]
         (4, "it is a symbolic link"),
         (6, "it is a directory"),
         (12, "garbage.crl: CRL"),
+        (14, "its directory"),
     ] {
         assert!(
             e.iter()
@@ -294,7 +297,7 @@ crls = ["garbage.crl"]
             "line {line}: {what}: {e:#?}"
         );
     }
-    assert_eq!(e.len(), 4, "{e:#?}");
+    assert_eq!(e.len(), 5, "{e:#?}");
 }
 
 #[test]
@@ -319,7 +322,7 @@ hsm_unavailable = "no-decrypt"
 no_resources = "no-decrypt"
 ech = "block"
 append_cn_to_san = true
-keylog = "/var/log/loupe/keys.log"
+keylog = "/tmp/loupe-policy-test-keys.log"
 trust_store = "roots.pem"
 crls = ["a.crl"]
 exclude_secs = 60
@@ -354,7 +357,7 @@ profile = "p"
     assert_eq!(p.suites.len(), 2);
     assert_eq!(p.groups, ["X25519MLKEM768", "X25519"]);
     assert!(p.append_cn_to_san);
-    assert_eq!(p.keylog.as_deref(), Some("/var/log/loupe/keys.log"));
+    assert_eq!(p.keylog.as_deref(), Some("/tmp/loupe-policy-test-keys.log"));
     // Files are made absolute against the policy's directory.
     assert_eq!(
         p.trust_store.as_deref(),

@@ -73,7 +73,7 @@ const MIN_EC_BITS: u32 = 256;
 /// Why a trust store or revocation data could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
-    #[error("cannot read {what} {}: {source}; check that the file exists and is readable", path.display())]
+    #[error("cannot read {what} {}: {source}", path.display())]
     Unreadable {
         what: &'static str,
         path: PathBuf,
@@ -666,7 +666,13 @@ pub fn classify(
             verdict.name_mismatch = verify_server_name(&parsed_leaf, server_name).is_err();
         }
         Err(e) => {
-            malformed.get_or_insert_with(|| format!("malformed certificate: leaf: {e}"));
+            let why = match &e {
+                rustls::Error::InvalidCertificate(CertificateError::Other(o)) => {
+                    webpki_reason(&o.to_string())
+                }
+                other => other.to_string(),
+            };
+            malformed.get_or_insert_with(|| format!("malformed certificate: leaf: {why}"));
         }
     }
 
@@ -1870,6 +1876,21 @@ mod tests {
             now(),
         );
         assert!(v.trusted(), "{v:?}");
+    }
+
+    #[test]
+    fn an_unknown_critical_extension_is_named_not_dumped() {
+        let pki = pki();
+        let mut params = leaf_params(&["www.example.test"]);
+        let mut ext =
+            rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 55555, 1], vec![5, 0]);
+        ext.set_criticality(true);
+        params.custom_extensions.push(ext);
+        let chain = pki.chain(&params, &p256());
+        let v = classify(&pki.store, &chain, &dns("www.example.test"), now());
+        let why = v.untrusted.expect("untrusted");
+        assert!(why.contains("unsupported critical extension"), "{why}");
+        assert!(!why.contains("Other("), "{why}");
     }
 
     #[test]
