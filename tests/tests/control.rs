@@ -145,15 +145,25 @@ fn the_server_name_selects_the_rule() {
         "{rec}"
     );
 
-    // The CLI shows the decisions; the metrics count them.
-    let flows = control
-        .cli(&["flows", "--filter", "exempt-finance"])
-        .unwrap();
-    let text = String::from_utf8_lossy(&flows.stdout);
-    assert!(
-        flows.status.success() && text.contains("www.bank.loupe.test"),
-        "{text}"
-    );
+    // The CLI shows the decisions; the metrics count them. The workers
+    // publish their flow listings every 250 ms: wait for one that has the
+    // flow (the test can get here sooner than that after the start).
+    let text = wait_until(
+        "the pass in the flow listing",
+        Duration::from_secs(30),
+        || {
+            let flows = control
+                .cli(&["flows", "--filter", "exempt-finance"])
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&flows.stdout).into_owned();
+            if flows.status.success() && text.contains("www.bank.loupe.test") {
+                Ok(Some(text))
+            } else {
+                Err(text)
+            }
+        },
+    )
+    .unwrap();
     assert!(
         text.contains("bypass") && text.contains("1 flow(s)"),
         "{text}"
