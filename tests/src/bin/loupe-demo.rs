@@ -329,7 +329,10 @@ fn compact(r: &Value) -> String {
         s(&t["server"]["alpn"]),
         s(&t["upstream_cert"]["subject"]),
         s(&t["upstream_cert"]["issuer"]),
-        t["verdict"].as_array().map_or("[]".into(), |v| format!("{v:?}")),
+        t["verdict"].as_array().map_or("[]".into(), |v| {
+            let names: Vec<&str> = v.iter().filter_map(Value::as_str).collect();
+            format!("[{}]", names.join(","))
+        }),
         s(&t["ca"]),
         s(&t["cache"]),
         t["error"]["reason"].as_str().map_or(String::new(), |e| format!(" error={e}"))
