@@ -1815,54 +1815,42 @@ mod tests {
         assert_eq!(v, untrusted("unknown issuer"));
     }
 
-    #[test]
-    fn intermediate_with_ca_false_is_untrusted_issuer_not_ca() {
+    /// The verdict on a leaf for www.example.test issued by an
+    /// intermediate made from `params` under a trusted root.
+    fn through_intermediate(params: CertificateParams) -> Verdict {
         let root = root("Loupe Test Root");
-        let mut params = ca_params("Not A CA", (2020, 1, 1), (2040, 1, 1));
-        params.is_ca = IsCa::ExplicitNoCa;
         let int = sub_ca(params, p256(), &root);
         let store = TrustStore::from_der(std::slice::from_ref(&root.der)).unwrap();
         let leaf = sign(&leaf_params(&["www.example.test"]), &p256(), &int);
-        let v = classify(
+        classify(
             &store,
             &[leaf, int.der.clone()],
             &dns("www.example.test"),
             now(),
-        );
+        )
+    }
+
+    #[test]
+    fn intermediate_with_ca_false_is_untrusted_issuer_not_ca() {
+        let mut params = ca_params("Not A CA", (2020, 1, 1), (2040, 1, 1));
+        params.is_ca = IsCa::ExplicitNoCa;
+        let v = through_intermediate(params);
         assert_eq!(v, untrusted("issuer is not a CA"));
     }
 
     #[test]
     fn intermediate_without_basic_constraints_is_untrusted_issuer_not_ca() {
-        let root = root("Loupe Test Root");
         let mut params = ca_params("Not A CA", (2020, 1, 1), (2040, 1, 1));
         params.is_ca = IsCa::NoCa;
-        let int = sub_ca(params, p256(), &root);
-        let store = TrustStore::from_der(std::slice::from_ref(&root.der)).unwrap();
-        let leaf = sign(&leaf_params(&["www.example.test"]), &p256(), &int);
-        let v = classify(
-            &store,
-            &[leaf, int.der.clone()],
-            &dns("www.example.test"),
-            now(),
-        );
+        let v = through_intermediate(params);
         assert_eq!(v, untrusted("issuer is not a CA"));
     }
 
     #[test]
     fn intermediate_without_key_cert_sign_is_untrusted() {
-        let root = root("Loupe Test Root");
         let mut params = ca_params("Signs No Certificates", (2020, 1, 1), (2040, 1, 1));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let int = sub_ca(params, p256(), &root);
-        let store = TrustStore::from_der(std::slice::from_ref(&root.der)).unwrap();
-        let leaf = sign(&leaf_params(&["www.example.test"]), &p256(), &int);
-        let v = classify(
-            &store,
-            &[leaf, int.der.clone()],
-            &dns("www.example.test"),
-            now(),
-        );
+        let v = through_intermediate(params);
         assert_eq!(
             v,
             untrusted("issuer's key usage does not allow certificate signing")
