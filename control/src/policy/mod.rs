@@ -20,8 +20,11 @@ use loupe_dataplane::{
         known_groups, known_suites, Action, EchAction, Fallback, HostGlob, Match, OnError, Policy,
         PortRange, Profile, Rule, TlsVersion,
     },
-    sys::{file_kind, read_regular},
-    tls::verify::{TrustStore, MAX_CRL_BYTES},
+    sys::read_regular,
+    tls::{
+        upstream::keylog_file_problem,
+        verify::{TrustStore, MAX_CRL_BYTES},
+    },
 };
 use sha2::{Digest, Sha256};
 use toml::Spanned;
@@ -522,7 +525,6 @@ const UNUSABLE: &str = " (the dataplane blocks this profile's connections until 
 /// `KeyLogFile::open`): only a private regular file, not a link, will do.
 /// A file that does not exist yet is fine: the engine creates it.
 fn keylog_problem(path: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -536,11 +538,7 @@ fn keylog_problem(path: &Path) -> Option<String> {
         }
         Err(e) => return Some(e.to_string()),
     };
-    if !meta.is_file() {
-        return Some(format!("it is {}", file_kind(&meta)));
-    }
-    let mode = meta.mode() & 0o777;
-    (mode & 0o077 != 0).then(|| format!("its mode {mode:o} gives access beyond its owner"))
+    keylog_file_problem(&meta)
 }
 
 fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -> Option<Profile> {

@@ -230,8 +230,8 @@ impl KeyLogFile {
                 _ => bad(e.to_string()),
             })?;
         let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(bad(format!("it is {}", crate::sys::file_kind(&meta))));
+        if let Some(why) = keylog_file_problem(&meta) {
+            return Err(bad(why));
         }
         // SAFETY: geteuid(2) has no preconditions and cannot fail.
         let me = unsafe { libc::geteuid() };
@@ -241,16 +241,23 @@ impl KeyLogFile {
                 meta.uid()
             )));
         }
-        if meta.mode() & 0o077 != 0 {
-            return Err(bad(format!(
-                "its mode {:o} gives access beyond its owner; chmod 600 it",
-                meta.mode() & 0o777
-            )));
-        }
         Ok(KeyLogFile {
             file: Mutex::new(file),
         })
     }
+}
+
+/// Why an existing file cannot be a key log whoever owns it: it is not a
+/// regular file, or its mode gives access beyond its owner. The engine
+/// checks the file it opened; `loupe policy check` the path (unfollowed).
+pub fn keylog_file_problem(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    if !meta.is_file() {
+        return Some(format!("it is {}", crate::sys::file_kind(meta)));
+    }
+    let mode = meta.mode() & 0o777;
+    (mode & 0o077 != 0)
+        .then(|| format!("its mode {mode:o} gives access beyond its owner; chmod 600 it"))
 }
 
 impl KeyLog for KeyLogFile {
