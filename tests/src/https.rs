@@ -29,33 +29,42 @@ pub struct ServerCert {
 
 /// A self-signed P-256 certificate for SERVER_NAME and the server addresses.
 pub fn make_cert(dir: &Path) -> anyhow::Result<ServerCert> {
-    let cert = dir.join("server.crt");
-    let key = dir.join("server.key");
-    run(std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args([
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={SERVER_NAME}"),
-        ])
-        .args([
-            "-addext",
-            &format!("subjectAltName=DNS:{SERVER_NAME},IP:{SERVER_V4},IP:{SERVER_V6}"),
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert))?;
-    Ok(ServerCert { cert, key })
+    self_signed_p256(
+        &dir.join("server.crt"),
+        &dir.join("server.key"),
+        &format!("/CN={SERVER_NAME}"),
+        &[&format!(
+            "subjectAltName=DNS:{SERVER_NAME},IP:{SERVER_V4},IP:{SERVER_V6}"
+        )],
+    )
+}
+
+/// A self-signed P-256 certificate made by `openssl req`, valid two days:
+/// subject `subj`, each of `exts` an `-addext` extension.
+pub fn self_signed_p256(
+    cert: &Path,
+    key: &Path,
+    subj: &str,
+    exts: &[&str],
+) -> anyhow::Result<ServerCert> {
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+    ])
+    .args(["-nodes", "-days", "2", "-subj", subj]);
+    for ext in exts {
+        cmd.args(["-addext", ext]);
+    }
+    run(cmd.arg("-keyout").arg(key).arg("-out").arg(cert))?;
+    Ok(ServerCert {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+    })
 }
 
 pub struct Nginx {

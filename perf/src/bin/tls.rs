@@ -400,25 +400,14 @@ impl Setup {
 /// of its own (a file); returns the CA clients trust, and the process.
 fn sslsplit_up(h: &Harness) -> anyhow::Result<(PathBuf, Proc)> {
     h.redirect_up(PORT)?;
-    let key = h.dir.join("sslsplit-ca.key");
-    let cert = h.dir.join("sslsplit-ca.crt");
-    loupe_tests::netns::run(
-        std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "2", "-subj", "/CN=SSLsplit bench CA"])
-            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert),
+    let loupe_tests::https::ServerCert { cert, key } = loupe_tests::https::self_signed_p256(
+        &h.dir.join("sslsplit-ca.crt"),
+        &h.dir.join("sslsplit-ca.key"),
+        "/CN=SSLsplit bench CA",
+        &[
+            "basicConstraints=critical,CA:TRUE",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
     )?;
     let log = std::fs::File::create(h.dir.join("sslsplit.log"))?;
     let child = h
