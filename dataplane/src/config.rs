@@ -73,6 +73,9 @@ pub struct EngineConfig {
     /// (then the connection is released unchanged to the fast path).
     pub hold_bytes: usize,
     pub hold_timeout: Duration,
+    /// On stop, how long split connections are given to finish before
+    /// both ends are reset.
+    pub drain_timeout: Duration,
     /// tcp-split passes (does not split) connections whose ClientHello
     /// names one of these servers.
     pub split_exempt_sni: Vec<crate::policy::HostGlob>,
@@ -117,6 +120,7 @@ impl EngineConfig {
             tcp_split: false,
             hold_bytes: SessionSettings::default().hold_bytes,
             hold_timeout: SessionSettings::default().hold_timeout,
+            drain_timeout: SessionSettings::default().drain,
             split_exempt_sni: Vec::new(),
             api: None,
         }

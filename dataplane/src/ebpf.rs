@@ -256,6 +256,12 @@ impl Classifier {
             })
     }
 
+    /// Detaches the program from every interface (and unloads it): from
+    /// here on the kernel handles all traffic. The maps stay readable.
+    pub fn detach(&mut self) -> Result<(), ClassifierError> {
+        xdp_mut(&mut self.ebpf)?.unload().map_err(program_err)
+    }
+
     /// Run the program once on `frame` as if it arrived on `ifindex` queue
     /// `queue` (BPF_PROG_TEST_RUN: maps and counters are real, redirects
     /// are only returned, not performed). For tests and diagnostics; the

@@ -264,6 +264,7 @@ pub fn run(
                     idle: cfg.flow_idle_timeout,
                     hold_bytes: cfg.hold_bytes,
                     hold_timeout: cfg.hold_timeout,
+                    drain: cfg.drain_timeout,
                     tls: tls_ctx.clone(),
                     ..SessionSettings::default()
                 },
@@ -485,7 +486,19 @@ pub fn run(
         }
     }
 
+    // The workers stop their connections (a drain, then resets); their
+    // requests to the flow map are still served meanwhile. Then the
+    // program goes, and they take what is left in their rings.
     workers_stop.store(true, Ordering::Relaxed);
+    while !crossbar.all_stopped() && !handles.iter().any(|h| h.is_finished()) {
+        if let Ok(op) = ops_rx.recv_timeout(Duration::from_millis(20)) {
+            map_op(&mut flows, op);
+        }
+    }
+    if let Err(e) = classifier.detach() {
+        eprintln!("loupe-dataplane: warning: detaching the XDP program: {e}");
+    }
+    crossbar.set_detached();
     let mut died = None;
     for (id, h) in handles.into_iter().enumerate() {
         if h.join().is_err() {

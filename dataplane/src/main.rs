@@ -100,6 +100,11 @@ struct Args {
     /// connection is released unchanged.
     #[arg(long, default_value_t = SessionSettings::default().hold_timeout.as_millis() as u64)]
     hold_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, milliseconds split connections are given to
+    /// finish; those still open then are reset on both sides (and logged
+    /// with the end `engine-stopped`).
+    #[arg(long, default_value_t = SessionSettings::default().drain.as_millis() as u64)]
+    drain_timeout_ms: u64,
     /// Start the HSM signer on the token with this label (repeatable, one
     /// per partition; the first one's audit key seals the audit log).
     #[arg(long = "hsm-token")]
@@ -171,6 +176,7 @@ fn main() -> ExitCode {
     cfg.split_exempt_sni = args.split_exempt_sni;
     cfg.hold_bytes = args.hold_bytes.max(1);
     cfg.hold_timeout = Duration::from_millis(args.hold_timeout_ms.max(1));
+    cfg.drain_timeout = Duration::from_millis(args.drain_timeout_ms);
     if let Some(socket) = args.control_socket {
         let group = match args
             .control_group

@@ -138,6 +138,13 @@ pub struct SplitCounters {
     /// Flow-log records lost because the engine's queue was full.
     #[serde(default)]
     pub log_dropped: u64,
+    /// When the engine stopped: connections reset on both sides (live
+    /// splits past the drain deadline, and holds), and frames of new
+    /// connections dropped while it drained.
+    #[serde(default)]
+    pub stopped: u64,
+    #[serde(default)]
+    pub refused_stopping: u64,
     /// RSTs during the hold that their receiver would not take, dropped.
     #[serde(default)]
     pub bogus_resets: u64,
@@ -183,6 +190,8 @@ impl SplitCounters {
         self.tail_probes += o.tail_probes;
         self.refused += o.refused;
         self.log_dropped += o.log_dropped;
+        self.stopped += o.stopped;
+        self.refused_stopping += o.refused_stopping;
         self.bogus_resets += o.bogus_resets;
         self.intercepted += o.intercepted;
         self.not_decrypted += o.not_decrypted;

@@ -8,7 +8,7 @@
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     task::Wake,
@@ -40,9 +40,22 @@ const FLOW_LIST_EVERY_MS: u64 = 250;
 const EXPIRE_EVERY_MS: u64 = 250;
 /// Empty iterations before the worker sleeps in poll().
 const SPIN_BEFORE_SLEEP: u32 = 64;
+/// Stopping: how long the resets and the frames answering them are
+/// given, and the most rounds taken for what is left in the rings once
+/// the program is detached.
+const STOP_LINGER: Duration = Duration::from_millis(100);
+const STOP_ROUNDS: usize = 1024;
 /// Longest sleep: bounds how late the stop flag, stats and flow expiry are
 /// seen by an idle worker. Frames and crossover wake it at once.
 const POLL_TIMEOUT_MS: i32 = 10;
+
+/// When the periodic work of a round is next due (worker clock, ms).
+#[derive(Default)]
+struct Schedule {
+    publish: u64,
+    expire: u64,
+    flow_list: u64,
+}
 
 /// A frame that arrived at a worker that does not own its flow.
 pub struct CrossFrame {
@@ -60,6 +73,10 @@ pub struct Crossbar {
     lanes: Vec<ArrayQueue<CrossFrame>>,
     returns: Vec<ArrayQueue<Vec<u8>>>,
     wakers: Vec<Arc<Nudge>>,
+    /// Stopping: workers through with their connections, and whether the
+    /// engine has detached the program (no frame arrives any more).
+    stopped: AtomicUsize,
+    detached: AtomicBool,
 }
 
 impl Crossbar {
@@ -73,7 +90,23 @@ impl Crossbar {
             wakers: (0..workers)
                 .map(|_| Nudge::new().map(Arc::new))
                 .collect::<Result<_, _>>()?,
+            stopped: AtomicUsize::new(0),
+            detached: AtomicBool::new(false),
         })
+    }
+
+    /// Every worker has stopped its connections (see `Worker::run`).
+    pub fn all_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst) >= self.workers
+    }
+
+    /// The program is detached: the workers take what is left in their
+    /// rings and return.
+    pub fn set_detached(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+        for w in &self.wakers {
+            w.wake_if_sleeping();
+        }
     }
 
     fn lane(&self, from: usize, to: usize) -> &ArrayQueue<CrossFrame> {
@@ -254,70 +287,131 @@ impl Worker {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Run until `stop` is set; publishes a final report before returning.
+    /// Run until `stop` is set, then stop the split connections (see
+    /// [`Worker::stop_sessions`]); publishes a final report before returning.
     pub fn run(mut self, stop: &AtomicBool) {
         let mut rx = vec![FrameDesc::default(); BATCH];
         let mut idle = 0u32;
-        let (mut next_publish, mut next_expire, mut next_flow_list) = (0, 0, 0);
+        let mut next = Schedule::default();
         while !stop.load(Ordering::Relaxed) {
-            // One clock read per round, for frames, timers and expiry alike.
-            let now = Instant::now();
-            let now_ms = now.duration_since(self.epoch).as_millis() as u64;
-            self.follow_policy();
-            let mut work = self.port.reclaim();
-            self.port.refill();
-            for side in [Side::Inside, Side::Outside] {
-                let n = self.port.recv(side, &mut rx);
-                work += n;
-                for desc in &rx[..n] {
-                    self.on_frame(side, *desc, now, now_ms);
-                }
-            }
-            work += self.drain_crossbar(now, now_ms);
-            if let Some(sp) = self.sessions.as_mut() {
-                if self.crossbar.wakers[self.id]
-                    .hsm
-                    .swap(false, Ordering::SeqCst)
-                {
-                    sp.on_wake(now);
-                    work += 1;
-                }
-                sp.on_timers(now);
-            }
-            work += self.send_split();
-            self.wake_owners();
-            let sent = self.port.flush();
-            add(&mut self.counters.tx_inside, sent[Side::Inside.index()]);
-            add(&mut self.counters.tx_outside, sent[Side::Outside.index()]);
-
-            if now_ms >= next_expire {
-                next_expire = now_ms + EXPIRE_EVERY_MS;
-                self.table.expire(now_ms);
-                if let Some(sp) = self.sessions.as_mut() {
-                    sp.expire(now);
-                }
-            }
-            if now_ms >= next_publish {
-                next_publish = now_ms + PUBLISH_EVERY_MS;
-                let with_flows = now_ms >= next_flow_list;
-                if with_flows {
-                    next_flow_list = now_ms + FLOW_LIST_EVERY_MS;
-                }
-                self.publish(with_flows, now_ms);
-            }
-
-            // Completions count as work: while TX drains, keep spinning;
-            // if it stalls, sleep (poll also kicks copy-mode TX).
-            if work == 0 {
-                idle += 1;
-                if idle >= SPIN_BEFORE_SLEEP {
-                    self.sleep_for_frames();
-                }
-            } else {
-                idle = 0;
+            let work = self.round(&mut rx, &mut next);
+            self.idle_or_spin(work, &mut idle);
+        }
+        self.stop_sessions(&mut rx, &mut next);
+        self.crossbar.stopped.fetch_add(1, Ordering::SeqCst);
+        // Until the engine detaches the program frames still come: they
+        // are handled (new connections' dropped, counted), not left in
+        // the rings; then what reached the rings before the detach.
+        while !self.crossbar.detached.load(Ordering::SeqCst) {
+            let work = self.round(&mut rx, &mut next);
+            self.idle_or_spin(work, &mut idle);
+        }
+        for _ in 0..STOP_ROUNDS {
+            if self.round(&mut rx, &mut next) == 0 {
+                break;
             }
         }
         self.publish(true, self.now_ms());
+    }
+
+    /// The engine is stopping. New connections are no longer taken; the
+    /// connections under way get up to the drain deadline to finish
+    /// (frames keep flowing both ways meanwhile); those still unfinished
+    /// then are reset on both sides and logged as `engine-stopped`. The
+    /// frames answering those resets are still handled for a moment (the
+    /// program is detached only after the workers return).
+    fn stop_sessions(&mut self, rx: &mut [FrameDesc], next: &mut Schedule) {
+        let Some(sp) = self.sessions.as_mut() else {
+            return;
+        };
+        sp.stop_taking();
+        let deadline = Instant::now() + sp.drain();
+        let mut idle = 0u32;
+        while Instant::now() < deadline
+            && self.sessions.as_ref().is_some_and(|sp| sp.unfinished() > 0)
+        {
+            let work = self.round(rx, next);
+            self.idle_or_spin(work, &mut idle);
+        }
+        if let Some(sp) = self.sessions.as_mut() {
+            sp.stop_all(Instant::now());
+        }
+        // The resets out, and what answers them handled, until the wire is
+        // quiet (or a bound: a peer that keeps sending is not waited for).
+        let quiet_by = Instant::now() + STOP_LINGER;
+        let mut quiet_rounds = 0;
+        while Instant::now() < quiet_by && quiet_rounds < SPIN_BEFORE_SLEEP {
+            let work = self.round(rx, next);
+            if work == 0 && self.port.pending_tx() == 0 {
+                quiet_rounds += 1;
+            } else {
+                quiet_rounds = 0;
+            }
+        }
+    }
+
+    fn idle_or_spin(&self, work: usize, idle: &mut u32) {
+        // Completions count as work: while TX drains, keep spinning;
+        // if it stalls, sleep (poll also kicks copy-mode TX).
+        if work == 0 {
+            *idle += 1;
+            if *idle >= SPIN_BEFORE_SLEEP {
+                self.sleep_for_frames();
+            }
+        } else {
+            *idle = 0;
+        }
+    }
+
+    /// One round: frames in, crossbar, timers, frames out, and the
+    /// periodic expiry and report. Returns the work done (0: idle).
+    fn round(&mut self, rx: &mut [FrameDesc], next: &mut Schedule) -> usize {
+        // One clock read per round, for frames, timers and expiry alike.
+        let now = Instant::now();
+        let now_ms = now.duration_since(self.epoch).as_millis() as u64;
+        self.follow_policy();
+        let mut work = self.port.reclaim();
+        self.port.refill();
+        for side in [Side::Inside, Side::Outside] {
+            let n = self.port.recv(side, rx);
+            work += n;
+            for desc in &rx[..n] {
+                self.on_frame(side, *desc, now, now_ms);
+            }
+        }
+        work += self.drain_crossbar(now, now_ms);
+        if let Some(sp) = self.sessions.as_mut() {
+            if self.crossbar.wakers[self.id]
+                .hsm
+                .swap(false, Ordering::SeqCst)
+            {
+                sp.on_wake(now);
+                work += 1;
+            }
+            sp.on_timers(now);
+        }
+        work += self.send_split();
+        self.wake_owners();
+        let sent = self.port.flush();
+        add(&mut self.counters.tx_inside, sent[Side::Inside.index()]);
+        add(&mut self.counters.tx_outside, sent[Side::Outside.index()]);
+
+        if now_ms >= next.expire {
+            next.expire = now_ms + EXPIRE_EVERY_MS;
+            self.table.expire(now_ms);
+            if let Some(sp) = self.sessions.as_mut() {
+                sp.expire(now);
+            }
+        }
+        if now_ms >= next.publish {
+            next.publish = now_ms + PUBLISH_EVERY_MS;
+            let with_flows = now_ms >= next.flow_list;
+            if with_flows {
+                next.flow_list = now_ms + FLOW_LIST_EVERY_MS;
+            }
+            self.publish(with_flows, now_ms);
+        }
+        work
     }
 
     fn on_frame(&mut self, side: Side, desc: FrameDesc, now: Instant, now_ms: u64) {

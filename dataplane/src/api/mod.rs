@@ -19,7 +19,7 @@ use std::{
         Arc, Mutex,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crossbeam::channel::{Receiver, Sender};
@@ -117,6 +117,9 @@ pub struct ApiConfig {
 pub const BACKLOG: usize = 100_000;
 /// How long a client may stay connected without a request.
 const IDLE_CLIENT: Duration = Duration::from_secs(60);
+/// When the engine stops, how long the subscriber is given to take and
+/// acknowledge the last records.
+const FLUSH_ON_STOP: Duration = Duration::from_secs(3);
 /// How long a reader may stall the event stream before it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -348,9 +351,20 @@ fn pump_events(events: Receiver<FlowLogEntry>, shared: Arc<Shared>) {
     // The front records written to the current subscriber, unacknowledged.
     let mut sent = 0usize;
     let mut sub: Option<Subscriber> = None;
-    while !shared.stop.load(Ordering::Relaxed) {
-        // With records waiting for room in the window, look again soon.
-        let waiting = sub.is_some() && backlog.len() > sent;
+    // Stopping: the last records (the workers' final ones among them) go
+    // out and are acknowledged, within a bound.
+    let mut stop_by = None;
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            let by = *stop_by.get_or_insert_with(|| Instant::now() + FLUSH_ON_STOP);
+            let flushed = events.is_empty() && (backlog.is_empty() || sub.is_none());
+            if flushed || Instant::now() >= by {
+                break;
+            }
+        }
+        // With records waiting for room in the window (or to go before
+        // the engine stops), look again soon.
+        let waiting = (sub.is_some() && backlog.len() > sent) || stop_by.is_some();
         let wait = Duration::from_millis(if waiting { 5 } else { 100 });
         let first = match events.recv_timeout(wait) {
             Ok(e) => Some(e),

@@ -39,7 +39,8 @@ pub struct FlowLogEntry {
     /// How it ended here: `closed`, `client-reset`, `server-reset`,
     /// `timeout`, `blocked`, `bypass` (handed to the XDP fast path),
     /// `hold-timeout`, `hold-overflow`, `passthrough` (not splittable),
-    /// `evicted`.
+    /// `evicted`, `engine-stopped` (reset on both sides when the engine
+    /// stopped).
     pub end: String,
     /// A remark, e.g. why a `decrypt` connection was not decrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]

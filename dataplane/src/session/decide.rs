@@ -112,7 +112,9 @@ impl Sessions {
         self.counters.refused += 1;
         let meta = Meta {
             action: Some(Action::Block),
-            rule: policy.rule_name(&d).to_string(),
+            // No rule decided it: a block rule only might have (after a
+            // restart, a connection the last run split is seen this way).
+            rule: "(mid-flow)".into(),
             sni: None,
             alpn: Vec::new(),
             key,

@@ -13,6 +13,7 @@
 //! - [`decide`]: the decision and what follows (release, split, refusal).
 //! - [`table`]: the table's bound (eviction) and idle expiry.
 //! - [`records`]: what the flow log and listings say of a connection.
+//! - [`stop`]: what becomes of them when the engine stops.
 
 use std::{
     cmp::Reverse,
@@ -29,6 +30,7 @@ pub mod fuzz;
 mod hold;
 mod records;
 pub mod split;
+mod stop;
 mod table;
 
 use self::{
@@ -79,6 +81,9 @@ pub struct SessionSettings {
     pub tls: Option<Arc<TlsContext>>,
     /// Wakes this worker when an HSM answer for a parked connection is in.
     pub waker: Option<Waker>,
+    /// When the engine stops, how long connections under way are given to
+    /// finish before they are reset.
+    pub drain: Duration,
 }
 
 impl Default for SessionSettings {
@@ -91,6 +96,7 @@ impl Default for SessionSettings {
             policy: Arc::new(Policy::split_all(&[443], Vec::new())),
             tls: None,
             waker: None,
+            drain: Duration::from_secs(2),
         }
     }
 }
@@ -172,6 +178,8 @@ pub struct Sessions {
     spare: Vec<Vec<u8>>,
     /// Split connections whose stage waits for the HSM.
     parked: HashSet<FlowId>,
+    /// The engine is stopping: no new connection is taken.
+    stopping: bool,
     pub counters: SplitCounters,
 }
 
@@ -193,6 +201,7 @@ impl Sessions {
             events: Vec::new(),
             spare: Vec::new(),
             parked: HashSet::new(),
+            stopping: false,
             counters: SplitCounters::default(),
         }
     }
@@ -248,6 +257,10 @@ impl Sessions {
             self.flows.remove(&id);
         }
         if !self.flows.contains_key(&id) {
+            if self.stopping {
+                self.counters.refused_stopping += 1;
+                return Disposition::Consumed;
+            }
             if self.flows.len() >= self.settings.max_flows && !self.evict_oldest() {
                 // Every entry is a live split: leave this one untracked.
                 self.counters.table_full += 1;

@@ -48,10 +48,15 @@ pub(super) fn log_entry(
     }
 }
 
+/// The end of a connection reset because the engine stopped.
+pub(super) const ENGINE_STOPPED: &str = "engine-stopped";
+
 /// Why a split connection ended, for its record.
 pub(super) fn end_reason(split: &Split) -> &'static str {
     let (c, s) = (split.client.aborted(), split.server.aborted());
-    if c == Some(Abort::Reset) {
+    if split.stopped() {
+        ENGINE_STOPPED
+    } else if c == Some(Abort::Reset) {
         "client-reset"
     } else if s == Some(Abort::Reset) {
         "server-reset"

@@ -24,6 +24,8 @@ pub struct Split {
     resets: Vec<(Dir, Segment)>,
     /// The stage waits for something outside the connection.
     parked: bool,
+    /// Reset because the engine stopped.
+    stopped: bool,
 }
 
 impl Split {
@@ -35,6 +37,7 @@ impl Split {
             relayed: [0; 2],
             resets: Vec::new(),
             parked: false,
+            stopped: false,
         }
     }
 
@@ -55,6 +58,23 @@ impl Split {
                 .extend(self.client.abort().map(|r| (Dir::Client, r))),
         }
         self.pump(Instant::now());
+    }
+
+    /// The engine is stopping: both halves are reset now (RFC 9293
+    /// §3.10.5, ABORT: a RST at SND.NXT, behind the segments already
+    /// sent; bytes not sent yet are dropped), whatever the stage was doing.
+    pub fn stop(&mut self) {
+        self.stopped = true;
+        self.parked = false;
+        self.resets
+            .extend(self.client.abort().map(|r| (Dir::Client, r)));
+        self.resets
+            .extend(self.server.abort().map(|r| (Dir::Server, r)));
+    }
+
+    /// Whether it was reset because the engine stopped.
+    pub fn stopped(&self) -> bool {
+        self.stopped
     }
 
     pub fn stage(&self) -> &Stage {

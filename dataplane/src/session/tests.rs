@@ -660,7 +660,12 @@ fn a_blocked_tls_client_reads_an_alert_and_the_server_is_reset() {
 
 /// The key of the bench's connection, client to server.
 fn e_key() -> FlowKey {
-    let f = Peers::new().frame(Dir::Client, &seg(C_ISN, 0, true, b""));
+    e_key_on(40000)
+}
+
+/// The key of a connection from client port `cport`.
+fn e_key_on(cport: u16) -> FlowKey {
+    let f = Peers::on_port(cport).frame(Dir::Client, &seg(C_ISN, 0, true, b""));
     parse_segment(&f).unwrap().key
 }
 
@@ -722,5 +727,91 @@ fn an_ended_split_is_logged_with_its_bytes_and_unpinned() {
         matches!(b.sp.ops.last(), Some(MapOp::Forget(_))),
         "{:?}",
         b.sp.ops
+    );
+}
+
+#[test]
+fn a_flow_seen_mid_stream_is_not_blamed_on_a_rule() {
+    let mut sp = Sessions::new(one_rule(Action::Block, "*.bad.example"));
+    let data = seg(C_ISN + 1, S_ISN + 1, false, b"\x16\x03\x01");
+    let f = Peers::new().frame(Dir::Client, &data);
+    sp.on_frame(Side::Inside, &f, Instant::now());
+    let e = &sp.events[0];
+    assert_eq!(
+        (e.action, e.rule.as_str()),
+        (Some(Action::Block), "(mid-flow)")
+    );
+    assert!(e.note.as_deref().is_some_and(|n| n.contains("mid-flow")));
+}
+
+#[test]
+fn stopping_resets_a_live_split_on_both_sides_and_logs_it() {
+    let mut b = Bench::new(SessionSettings::default());
+    let req = b"GET / HTTP/1.1\r\n\r\n";
+    b.client_data(0, req);
+    b.sent();
+    b.sp.stop_taking();
+    assert_eq!(b.sp.unfinished(), 1);
+    b.sp.stop_all(b.now);
+    let out = b.sent();
+    assert_reset_both_ways(&out);
+    // Each RST at the sequence number its receiver expects next: the
+    // client has had nothing from the server; the server has the request.
+    let rst = |to| {
+        segments(&out, to)
+            .into_iter()
+            .find(|s| s.flags.rst)
+            .unwrap()
+            .seq
+    };
+    assert_eq!(rst(Side::Inside), SeqNum(S_ISN + 1));
+    assert_eq!(rst(Side::Outside), SeqNum(C_ISN + 1 + req.len() as u32));
+    let e = b.sp.events.last().expect("a record");
+    assert_eq!(
+        (e.end.as_str(), e.action, e.bytes_c2s),
+        ("engine-stopped", Some(Action::TcpSplit), req.len() as u64)
+    );
+    assert_eq!((b.sp.counters.stopped, b.sp.unfinished()), (1, 0));
+}
+
+#[test]
+fn a_connection_held_for_its_decision_is_reset_when_the_engine_stops() {
+    let mut b = Bench::new(SessionSettings::default());
+    let hello = client_hello("a.example", &[]);
+    assert_eq!(b.client_data(0, &hello[..100]).0, Disposition::Consumed);
+    assert_eq!(b.sp.unfinished(), 1);
+    b.sp.stop_all(b.now);
+    // Nothing held reaches the server; both ends are reset.
+    assert_reset_both_ways(&b.sent());
+    let e = b.sp.events.last().expect("a record");
+    assert_eq!(
+        (e.end.as_str(), e.rule.as_str(), e.action),
+        ("engine-stopped", "(engine-stopped)", None)
+    );
+    assert_eq!(b.sp.events.len(), 1, "{:?}", b.sp.events);
+    assert_eq!(b.sp.unfinished(), 0);
+}
+
+#[test]
+fn while_stopping_new_connections_are_dropped_and_live_ones_still_served() {
+    let mut b = Bench::new(SessionSettings::default());
+    b.client_data(0, b"GET / HTTP/1.1\r\n\r\n");
+    b.sent();
+    b.sp.stop_taking();
+    let other = Peers::on_port(40001);
+    let syn = other.frame(Dir::Client, &seg(C_ISN, 0, true, b""));
+    assert_eq!(
+        b.sp.on_frame(Side::Inside, &syn, b.now),
+        Disposition::Consumed
+    );
+    assert_eq!(b.sp.counters.refused_stopping, 1);
+    assert!(b.sp.describe(&e_key_on(40001)).is_none());
+    // The live split still relays.
+    let (d, _) = b.client_data(18, b"more");
+    assert_eq!(d, Disposition::Consumed);
+    let to_server = segments(&b.sent(), Side::Outside);
+    assert!(
+        to_server.iter().any(|s| s.payload == b"more"),
+        "{to_server:?}"
     );
 }

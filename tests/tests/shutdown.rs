@@ -1,0 +1,161 @@
+//! Stopping the engine with connections under way: a split that does not
+//! finish within the drain deadline is reset on both sides (neither peer
+//! is left waiting on a connection nobody serves), its record reaches the
+//! flow log with the end `engine-stopped`, and the next run blames no
+//! rule for what is left of it.
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use loupe_tests::{
+    control::{dataplane_socket, Control},
+    engine::Engine,
+    harness::{CLIENT_V4, SERVER_V4},
+    https::Nginx,
+    proc::Proc,
+    wait_until, Harness, HarnessConfig,
+};
+use serde_json::Value;
+
+const POLICY: &str = r#"
+[policy]
+default_action = "tcp-split"
+
+[[rules]]
+name = "block-bad"
+sni = ["*.bad.loupe.test"]
+action = "block"
+
+[[rules]]
+name = "split-lab"
+dst = ["198.18.0.2/32"]
+action = "tcp-split"
+"#;
+
+fn field<'a>(r: &'a Value, k: &str) -> &'a str {
+    r[k].as_str().unwrap_or("")
+}
+
+/// The server's connections from the client, as `ss` lists them.
+fn server_connections(h: &Harness) -> String {
+    let out = h
+        .server
+        .exec("ss", &["-Htn", "state", "all", "( sport = :443 )"])
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(CLIENT_V4) && !l.contains("LISTEN"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn stopping_resets_live_splits_on_both_sides_and_logs_them() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let policy = h.dir.join("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let sock = dataplane_socket(&h);
+    let sock_arg = ["--control-socket", sock.to_str().unwrap()];
+    let engine = Engine::start(&h, &sock_arg).expect("engine");
+    let control = Control::start(&h, &sock, Some(&policy), &[]).expect("control");
+    assert_eq!(control.wait_in_sync().unwrap(), 1);
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    nginx.add_file("big", 128 << 20, 5).unwrap();
+
+    // A download far from done when the engine stops (about a minute).
+    let mut args = nginx.curl_args(SERVER_V4, "big");
+    args.splice(0..0, ["--limit-rate".into(), "2M".into()]);
+    args.splice(0..0, ["-o".into(), "/dev/null".into()]);
+    let child = h
+        .client
+        .command("curl")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let mut curl = Proc::new("curl", child);
+    engine
+        .wait_stats("a few hundred KiB relayed", Duration::from_secs(60), |r| {
+            let t = r.split_total();
+            (t.active == 1 && t.bytes_s2c >= 256 << 10).then_some(())
+        })
+        .unwrap();
+
+    let stopped_at = Instant::now();
+    let (status, clean, _, err) = engine.stop();
+    assert!(clean && status.success(), "engine exit {status}: {err}");
+
+    // Both peers learn at once that the connection is gone: curl fails
+    // with a reset (not its own timeout), the server's socket is closed.
+    let (st, exited) = curl.wait_timeout(Duration::from_secs(30));
+    let (_, curl_err) = curl.take_output();
+    assert!(
+        exited,
+        "curl still waits {:?} after the stop",
+        stopped_at.elapsed()
+    );
+    assert!(!st.success(), "the download cannot have completed");
+    assert!(
+        curl_err.contains("reset by peer"),
+        "curl ended without a reset: {st}: {curl_err}"
+    );
+    wait_until(
+        "the server's socket closed",
+        Duration::from_secs(30),
+        || {
+            let left = server_connections(&h);
+            if left.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(left)
+            }
+        },
+    )
+    .unwrap();
+
+    // Its record reached the flow log before the engine went.
+    let r = control
+        .wait_record("the stopped split's record", |r| {
+            field(r, "end") == "engine-stopped"
+        })
+        .unwrap();
+    assert_eq!(
+        (field(&r, "rule"), field(&r, "action")),
+        ("split-lab", "tcp-split"),
+        "{r}"
+    );
+    assert!(r["bytes_s2c"].as_u64().unwrap() >= 256 << 10, "{r}");
+
+    // The next run: a new connection is split and logged; no record
+    // blames a rule that decided nothing (segments of the old
+    // connection, if any come, are seen mid-flow).
+    let engine = Engine::start(&h, &sock_arg).expect("engine again");
+    control.wait_in_sync().unwrap();
+    let child = h
+        .client
+        .command("curl")
+        .args(nginx.curl_args(SERVER_V4, "index.html"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let (st, _) = Proc::new("curl", child).wait_timeout(Duration::from_secs(60));
+    assert!(st.success(), "a new connection after the restart: {st}");
+    let split = |r: &Value| field(r, "rule") == "split-lab" && field(r, "end") == "closed";
+    control
+        .wait_record("the new connection's record", split)
+        .unwrap();
+    let blamed: Vec<Value> = control
+        .records()
+        .into_iter()
+        .filter(|r| field(r, "rule") == "block-bad")
+        .collect();
+    assert!(blamed.is_empty(), "records blame block-bad: {blamed:?}");
+    let (status, clean, _, err) = engine.stop();
+    assert!(clean && status.success(), "engine exit {status}: {err}");
+}
