@@ -410,12 +410,16 @@ pub fn run(
             .collect();
         r
     };
+    // The stats file lists flows: readable by the control socket's group.
+    let stats_group = cfg.api.as_ref().and_then(|a| a.access.group);
     let write = |r: &StatsReport| -> Result<(), EngineError> {
         match &cfg.stats_file {
-            Some(path) => r.write_atomic(path).map_err(|source| EngineError::Stats {
-                path: path.display().to_string(),
-                source,
-            }),
+            Some(path) => r
+                .write_atomic(path, stats_group)
+                .map_err(|source| EngineError::Stats {
+                    path: path.display().to_string(),
+                    source,
+                }),
             None => Ok(()),
         }
     };

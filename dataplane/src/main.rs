@@ -53,7 +53,8 @@ struct Args {
     /// Prefixes never steered, as source or destination (repeatable).
     #[arg(long = "exempt-prefix")]
     exempt_prefixes: Vec<Prefix>,
-    /// Write a JSON stats report here (atomically) while running and at exit.
+    /// Write a JSON stats report here (atomically) while running and at exit;
+    /// mode 0640, in --control-group when given (it lists flows).
     #[arg(long)]
     stats_file: Option<PathBuf>,
     /// Stats report interval in milliseconds.

@@ -145,6 +145,9 @@ pub struct SplitCounters {
     pub stopped: u64,
     #[serde(default)]
     pub refused_stopping: u64,
+    /// ClientHellos whose server name was malformed (decided without it).
+    #[serde(default)]
+    pub sni_malformed: u64,
     /// RSTs during the hold that their receiver would not take, dropped.
     #[serde(default)]
     pub bogus_resets: u64,
@@ -192,6 +195,7 @@ impl SplitCounters {
         self.log_dropped += o.log_dropped;
         self.stopped += o.stopped;
         self.refused_stopping += o.refused_stopping;
+        self.sni_malformed += o.sni_malformed;
         self.bogus_resets += o.bogus_resets;
         self.intercepted += o.intercepted;
         self.not_decrypted += o.not_decrypted;
@@ -405,10 +409,31 @@ impl StatsReport {
         self.workers.iter().map(|w| f(&w.counters)).sum()
     }
 
-    pub fn write_atomic(&self, path: &Path) -> io::Result<()> {
+    /// Writes the report to `path` through a temporary file and a rename.
+    /// It lists flows (addresses, server names): mode 0640, owned by
+    /// `group` (the control socket's) when given, readable by nobody else.
+    pub fn write_atomic(&self, path: &Path, group: Option<u32>) -> io::Result<()> {
+        use std::{
+            io::Write as _,
+            os::unix::fs::{OpenOptionsExt, PermissionsExt},
+        };
         let tmp = path.with_extension("tmp");
         let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        std::fs::write(&tmp, json)?;
+        // A leftover from a crash may carry other permissions: start over.
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        // The umask may have taken bits the mode asked for: set it whole.
+        f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::fchown(&f, None, Some(gid))?;
+        }
+        f.write_all(&json)?;
+        drop(f);
         std::fs::rename(&tmp, path)
     }
 
@@ -627,7 +652,18 @@ mod tests {
             },
         );
         r.workers.push(WorkerReport::default());
-        r.write_atomic(&path).unwrap();
+        // A leftover temporary file open to all does not lend its mode.
+        std::fs::write(path.with_extension("tmp"), "old").unwrap();
+        std::fs::set_permissions(
+            path.with_extension("tmp"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )
+        .unwrap();
+        r.write_atomic(&path, None).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o640, "it lists flows: not world-readable");
         let back = StatsReport::read(&path).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.xdp_packets("steer"), 3);

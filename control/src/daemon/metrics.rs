@@ -200,6 +200,12 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         o.sample("loupe_handshakes_total", &[("opening", opening)], n);
     }
     o.one(
+        "loupe_sni_malformed_total",
+        "counter",
+        "ClientHellos whose server name was malformed (two names, a NUL or non-ASCII byte, a repeated extension, not a DNS name); decided without it.",
+        sp.sni_malformed,
+    );
+    o.one(
         "loupe_hold_acks_total",
         "counter",
         "ACKs sent as the server during holds, for ClientHellos larger than the client's initial window.",

@@ -45,6 +45,11 @@ pub struct FlowLogEntry {
     /// A remark, e.g. why a `decrypt` connection was not decrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The ClientHello's server name was malformed (two names, a NUL or
+    /// non-ASCII byte, a repeated extension, not a DNS name): why. The
+    /// connection was decided without the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni_malformed: Option<String>,
     /// The decryption log: what the TLS stage did (decrypt connections).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Box<TlsLog>>,

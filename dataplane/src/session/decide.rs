@@ -121,6 +121,7 @@ impl Sessions {
             opened: Instant::now(),
             policy_version: policy.version,
             held_bytes: 0,
+            sni_malformed: None,
             note: Some(
                 "seen mid-flow (running before the engine, or forgotten while idle): decided \
                  without the server name; its segments are dropped"
@@ -398,6 +399,7 @@ impl Sessions {
             opened: t.opened,
             policy_version: self.settings.policy.version,
             held_bytes: t.hold.as_ref().map_or(0, |h| h.bytes),
+            sni_malformed: None,
             note: None,
             logged: why.is_none(),
         });

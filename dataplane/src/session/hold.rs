@@ -66,6 +66,7 @@ impl Tracking {
             opened: self.opened,
             policy_version: policy.version,
             held_bytes: self.hold.as_ref().map_or(0, |h| h.bytes),
+            sni_malformed: self.hold.as_ref().and_then(|h| h.scanner.sni_malformed()),
             note: None,
             logged: false,
         })
@@ -226,7 +227,11 @@ impl Sessions {
         let ready = held.stream.read(usize::MAX);
         held.read += ready.len() as u32;
         let closed = held.fin_at == Some(start + held.read);
-        let opening = match held.scanner.feed(&ready) {
+        let hello = held.scanner.feed(&ready);
+        if hello.is_some() && held.scanner.sni_malformed().is_some() {
+            self.counters.sni_malformed += 1;
+        }
+        let opening = match hello {
             Some(Hello::Tls(ch)) => {
                 self.counters.hellos += 1;
                 Opening::Tls(ch)

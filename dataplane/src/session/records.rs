@@ -15,6 +15,8 @@ pub(super) struct Meta {
     pub(super) policy_version: u64,
     pub(super) held_bytes: u64,
     pub(super) note: Option<String>,
+    /// What was wrong with the ClientHello's server name.
+    pub(super) sni_malformed: Option<&'static str>,
     /// Its record was sent already (a refused connection's, at the
     /// decision).
     pub(super) logged: bool,
@@ -44,6 +46,7 @@ pub(super) fn log_entry(
         duration_ms,
         end: end.into(),
         note: meta.note.clone(),
+        sni_malformed: meta.sni_malformed.map(Into::into),
         tls: tls.map(|t| Box::new(t.clone())),
     }
 }

@@ -77,6 +77,7 @@ impl Sessions {
             opened: t.opened,
             policy_version: self.settings.policy.version,
             held_bytes,
+            sni_malformed: None,
             note: Some("held for a decision when the engine stopped: reset on both sides".into()),
             logged: true,
         });

@@ -815,3 +815,27 @@ fn while_stopping_new_connections_are_dropped_and_live_ones_still_served() {
         "{to_server:?}"
     );
 }
+
+#[test]
+fn a_malformed_server_name_is_decided_without_it_and_logged() {
+    // A NUL in the name: rustls takes no name from it.
+    let bare = client_hello("198.18.0.2", &[]);
+    let mut ext = vec![0, 14, 0, 0, 11];
+    ext.extend_from_slice(b"a\0b.example");
+    let hello = crate::tls::hello::tests::with_extension(&bare, 0, &ext);
+    let mut b = Bench::new(one_rule(Action::Block, "a*.example"));
+    b.client_data(0, &hello);
+    // Decided without a name: the default (split), not the rule.
+    assert_eq!(b.sp.counters.sni_malformed, 1);
+    assert_eq!((b.sp.counters.split, b.sp.counters.refused), (1, 0));
+    // Its record (written when it ends) says why it had no name.
+    let mut rst = seg(C_ISN + 1 + hello.len() as u32, S_ISN + 1, false, b"");
+    rst.flags.rst = true;
+    b.send(Dir::Client, &rst);
+    let e = b.sp.events.last().expect("a record");
+    assert_eq!((e.action, e.sni.as_deref()), (Some(Action::TcpSplit), None));
+    assert_eq!(
+        e.sni_malformed.as_deref(),
+        Some("a NUL byte in the host name")
+    );
+}

@@ -73,6 +73,7 @@ pub const TLS13: u16 = 0x0304;
 /// (draft-ietf-tls-esni, as browsers send it).
 const EXT_ECH: u16 = 0xfe0d;
 const EXT_SUPPORTED_VERSIONS: u16 = 43;
+const EXT_SERVER_NAME: u16 = 0;
 
 /// Reads a client's first bytes, as they arrive in order.
 pub struct HelloScanner {
@@ -82,6 +83,8 @@ pub struct HelloScanner {
     /// tell of the ClientHello.
     raw: Vec<u8>,
     accepted: Option<Box<Accepted>>,
+    /// What was wrong with the ClientHello's server name, once complete.
+    sni_malformed: Option<&'static str>,
 }
 
 impl Default for HelloScanner {
@@ -91,6 +94,7 @@ impl Default for HelloScanner {
             seen: 0,
             raw: Vec::new(),
             accepted: None,
+            sni_malformed: None,
         }
     }
 }
@@ -128,8 +132,14 @@ impl HelloScanner {
                 self.acceptor = None;
                 let ch = accepted.client_hello();
                 let ext = Extensions::scan(&std::mem::take(&mut self.raw));
+                let sni = ch.server_name().map(str::to_owned);
+                self.sni_malformed = ext.sni_problem().or_else(|| {
+                    // A name rustls did not take as a DNS name (an IP
+                    // address, a label it refuses).
+                    (ext.sni_names > 0 && sni.is_none()).then_some("not a DNS host name")
+                });
                 let hello = ClientHello {
-                    sni: ch.server_name().map(str::to_owned),
+                    sni,
                     alpn: ch
                         .alpn()
                         .map(|a| a.map(<[u8]>::to_vec).collect())
@@ -153,10 +163,22 @@ impl HelloScanner {
                 Some(Hello::Tls(hello))
             }
             Err(_) => {
+                // rustls refuses the whole ClientHello (two host names, a
+                // repeated extension): it is decided as other first bytes,
+                // and the reason is kept when it was the server name.
                 self.acceptor = None;
+                self.sni_malformed = Extensions::scan(&std::mem::take(&mut self.raw)).sni_problem();
                 Some(Hello::NotTls)
             }
         }
+    }
+
+    /// Why the complete ClientHello's server name is malformed (two
+    /// names, a NUL or non-ASCII byte, a repeated extension, not a DNS
+    /// name), if it is: the connection is decided without the name, and
+    /// its record says so.
+    pub fn sni_malformed(&self) -> Option<&'static str> {
+        self.sni_malformed
     }
 }
 
@@ -174,6 +196,33 @@ impl HelloScanner {
 struct Extensions {
     versions: Vec<u16>,
     ech: bool,
+    /// server_name extensions, host names in them, and whether a name has
+    /// a NUL or a byte above 0x7f.
+    sni_extensions: usize,
+    sni_names: usize,
+    sni_nul: bool,
+    sni_non_ascii: bool,
+    /// An extension type seen twice (RFC 8446 §4.2: not allowed).
+    repeated: bool,
+}
+
+impl Extensions {
+    /// What is wrong with the server name, if anything.
+    fn sni_problem(&self) -> Option<&'static str> {
+        if self.sni_extensions > 1 {
+            Some("the server_name extension appears more than once")
+        } else if self.sni_names > 1 {
+            Some("more than one host name")
+        } else if self.sni_nul {
+            Some("a NUL byte in the host name")
+        } else if self.sni_non_ascii {
+            Some("bytes above 0x7f in the host name")
+        } else if self.repeated && self.sni_extensions > 0 {
+            Some("a repeated extension beside the server name")
+        } else {
+            None
+        }
+    }
 }
 
 impl Extensions {
@@ -210,16 +259,22 @@ impl Extensions {
         body.take(comp)?;
         let mut out = Extensions {
             versions: vec![legacy_version],
-            ech: false,
+            ..Extensions::default()
         };
         let Some(len) = body.u16() else {
             return Some(out); // no extensions at all
         };
         let mut exts = Reader(body.take(usize::from(len))?);
+        let mut seen = std::collections::HashSet::new();
         while let Some(typ) = exts.u16() {
             let len = usize::from(exts.u16()?);
             let data = exts.take(len)?;
+            out.repeated |= !seen.insert(typ);
             match typ {
+                EXT_SERVER_NAME => {
+                    out.sni_extensions += 1;
+                    out.server_names(data);
+                }
                 EXT_ECH => out.ech = true,
                 EXT_SUPPORTED_VERSIONS => {
                     let mut v = Reader(data);
@@ -234,6 +289,25 @@ impl Extensions {
             }
         }
         Some(out)
+    }
+
+    /// RFC 6066 §3: a list of (name_type, name); host_name is type 0.
+    fn server_names(&mut self, data: &[u8]) {
+        let mut r = Reader(data);
+        let Some(list) = r.u16().and_then(|n| r.take(usize::from(n))) else {
+            return;
+        };
+        let mut list = Reader(list);
+        while let Some(kind) = list.u8() {
+            let Some(name) = list.u16().and_then(|n| list.take(usize::from(n))) else {
+                return;
+            };
+            if kind == 0 {
+                self.sni_names += 1;
+                self.sni_nul |= name.contains(&0);
+                self.sni_non_ascii |= name.iter().any(|b| *b > 0x7f);
+            }
+        }
     }
 }
 
@@ -321,6 +395,70 @@ pub(crate) mod tests {
         out.extend_from_slice(&(data.len() as u16).to_be_bytes());
         out.extend_from_slice(data);
         out
+    }
+
+    /// A server_name extension's body naming `names` (RFC 6066 §3).
+    fn sni_ext(names: &[&[u8]]) -> Vec<u8> {
+        let mut list = Vec::new();
+        for n in names {
+            list.push(0);
+            list.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            list.extend_from_slice(n);
+        }
+        let mut out = (list.len() as u16).to_be_bytes().to_vec();
+        out.extend(list);
+        out
+    }
+
+    #[test]
+    fn a_malformed_server_name_is_named_and_the_hello_decided_without_it() {
+        // rustls sends no server_name for an address: the extension added
+        // is the only one.
+        let bare = client_hello("198.18.0.2", &[]);
+        let cases: [(Vec<u8>, Option<&str>); 6] = [
+            (with_extension(&bare, 0, &sni_ext(&[b"ok.example"])), None),
+            (
+                with_extension(&bare, 0, &sni_ext(&[b"a\0b.example"])),
+                Some("a NUL byte in the host name"),
+            ),
+            (
+                with_extension(&bare, 0, &sni_ext(&["b\u{fc}cher.example".as_bytes()])),
+                Some("bytes above 0x7f in the host name"),
+            ),
+            (
+                with_extension(&bare, 0, &sni_ext(&[b"198.18.0.2"])),
+                Some("not a DNS host name"),
+            ),
+            (
+                with_extension(&bare, 0, &sni_ext(&[b"a.example", b"b.example"])),
+                Some("more than one host name"),
+            ),
+            (
+                with_extension(
+                    &client_hello("a.example", &[]),
+                    0,
+                    &sni_ext(&[b"b.example"]),
+                ),
+                Some("the server_name extension appears more than once"),
+            ),
+        ];
+        for (hello, why) in cases {
+            let mut s = HelloScanner::default();
+            // rustls takes some of these without a name and refuses others
+            // whole (then they are decided as other first bytes): either
+            // way no name is used, and the reason is kept.
+            match s.feed(&hello).expect("a complete hello") {
+                Hello::Tls(ch) => {
+                    assert_eq!(ch.sni.is_some(), why.is_none(), "{why:?}: {:?}", ch.sni)
+                }
+                Hello::NotTls => assert!(why.is_some(), "a well-formed hello refused"),
+            }
+            assert_eq!(s.sni_malformed(), why);
+        }
+        // A well-formed hello has nothing to say.
+        let mut s = HelloScanner::default();
+        s.feed(&client_hello("a.example", &[]));
+        assert_eq!(s.sni_malformed(), None);
     }
 
     #[test]
