@@ -712,12 +712,29 @@ pub fn classify(
         }
     }
     if verdict.untrusted.is_none() {
-        verdict.untrusted = issuer_key_usage(&judged);
+        verdict.untrusted = leaf_key_usage(&judged).or_else(|| issuer_key_usage(&judged));
     }
     if let Some(m) = malformed {
         verdict.untrusted = Some(m);
     }
     verdict
+}
+
+/// A server's key signs the handshake (TLS 1.3 CertificateVerify, TLS 1.2
+/// ECDHE ServerKeyExchange; the upstream leg offers no static RSA key
+/// exchange): a leaf whose keyUsage leaves out digitalSignature may not
+/// be used so. webpki does not look.
+//= https://www.rfc-editor.org/rfc/rfc8446#section-4.4.2.2
+//# The certificate MUST allow the key to be used for signing (i.e., the
+//# digitalSignature bit MUST be set if the Key Usage extension is present)
+fn leaf_key_usage(judged: &[&X509Certificate<'_>]) -> Option<String> {
+    match judged.first()?.key_usage() {
+        Ok(Some(ku)) if !ku.value.digital_signature() => {
+            Some("leaf's key usage does not allow signing (no digitalSignature)".into())
+        }
+        Ok(_) => None,
+        Err(_) => Some("malformed certificate: leaf's key usage".into()),
+    }
 }
 
 /// An issuer on the path whose keyUsage leaves out keyCertSign may not
@@ -1863,6 +1880,25 @@ mod tests {
             &dns("www.example.test"),
             now(),
         );
+        assert!(v.trusted(), "{v:?}");
+    }
+
+    #[test]
+    fn a_leaf_whose_key_usage_does_not_allow_signing_is_untrusted() {
+        let pki = pki();
+        let name = dns("www.example.test");
+        let mut params = leaf_params(&["www.example.test"]);
+        params.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
+        let v = classify(&pki.store, &pki.chain(&params, &p256()), &name, now());
+        assert_eq!(
+            v,
+            untrusted("leaf's key usage does not allow signing (no digitalSignature)")
+        );
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let v = classify(&pki.store, &pki.chain(&params, &p256()), &name, now());
         assert!(v.trusted(), "{v:?}");
     }
 
