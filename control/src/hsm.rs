@@ -12,7 +12,10 @@ use std::{
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use loupe_hsm::{
-    audit::{self, AuditConfig, AuditLog, Entry, Kind, AUDIT_KEY_LABEL},
+    audit::{
+        self, AuditConfig, AuditLog, Entry, HeadCheck, HeadFound, Kind, Problem, VerifyOptions,
+        AUDIT_KEY_LABEL,
+    },
     ca::{ensure_audit_key, parse_ec_spki_pem, spki_pem, CaFlavor, CaManager, CaOptions, CaRole},
     pin::PinSource,
     signer::{Signer, SignerConfig},
@@ -127,15 +130,23 @@ impl NewCa {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check the whole chain and every checkpoint signature; report the first
-    /// broken record.
+    /// Check the whole chain, every checkpoint signature, that every record
+    /// is sealed by a signed checkpoint, and (with the token) that nothing
+    /// was cut from the end; report the first broken record. Exit status 1
+    /// when the log does not verify.
     Verify {
         /// The audit log file.
         file: PathBuf,
-        /// Audit public key(s) in PEM (from `loupe audit export-key`);
-        /// without one, the key is read from the token.
+        /// Audit public key(s) in PEM (from `loupe audit export-key`), to
+        /// verify away from the HSM: the file alone is checked, and a cut
+        /// at its end (checkpoints included) cannot be seen. Without one,
+        /// the key and the log's head are read from the token.
         #[arg(long)]
         pubkey: Vec<PathBuf>,
+        /// Accept records after the last signed checkpoint (a log the
+        /// engine is still writing) and say how many there are.
+        #[arg(long)]
+        allow_open_tail: bool,
     },
     /// Write the audit public key (PEM) for verifying logs away from the HSM.
     ExportKey {
@@ -295,50 +306,110 @@ pub fn audit(hsm: &HsmArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             write_out(out.as_deref(), spki_pem(&public).as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Verify { file, pubkey } => {
-            let keys = if pubkey.is_empty() {
-                let token = Token::open(&hsm.token_config()).context(
-                    "no --pubkey given, so the audit key is read from the token, which failed",
-                )?;
-                vec![audit::public_key(&token)?]
-            } else {
-                pubkey
-                    .iter()
-                    .map(|p| {
-                        let text = std::fs::read_to_string(p)
-                            .with_context(|| format!("cannot read {}", p.display()))?;
-                        parse_ec_spki_pem(&text).with_context(|| p.display().to_string())
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?
-            };
-            match audit::verify(&file, &keys) {
-                Ok(r) => {
-                    println!(
-                        "audit log {}: OK: {} records, {} checkpoints, sealed through seq {}",
-                        file.display(),
-                        r.records,
-                        r.checkpoints,
-                        r.sealed_through.map_or("none".into(), |s| s.to_string())
-                    );
-                    if r.unsealed > 0 {
-                        println!(
-                            "warning: the last {} records are not sealed by a signed checkpoint yet",
-                            r.unsealed
-                        );
-                    }
-                    if !r.unsigned_checkpoints.is_empty() {
-                        println!(
-                            "warning: checkpoints left unsigned (HSM unavailable then): seq {:?}",
-                            r.unsigned_checkpoints
-                        );
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(b) => {
-                    eprintln!("loupe: audit log {}: BROKEN at {b}", file.display());
-                    Ok(ExitCode::from(1))
-                }
+        AuditCommand::Verify {
+            file,
+            pubkey,
+            allow_open_tail,
+        } => verify_log(hsm, &file, &pubkey, allow_open_tail),
+    }
+}
+
+fn verify_log(
+    hsm: &HsmArgs,
+    file: &Path,
+    pubkey: &[PathBuf],
+    allow_open_tail: bool,
+) -> anyhow::Result<ExitCode> {
+    let (keys, head) = if pubkey.is_empty() {
+        let token = Token::open(&hsm.token_config()).context(
+            "no --pubkey given, so the audit key and the log's head are read from the token, \
+             which failed",
+        )?;
+        let head = audit::token_head(&token, file)
+            .context("cannot read the audit log's head from the token")?;
+        (vec![audit::public_key(&token)?], head)
+    } else {
+        let keys = pubkey
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+                parse_ec_spki_pem(&text).with_context(|| p.display().to_string())
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        (keys, HeadCheck::Unchecked)
+    };
+    let opts = VerifyOptions {
+        keys: &keys,
+        allow_open_tail,
+        head,
+    };
+    let r = match audit::verify_with(file, &opts) {
+        Ok(r) => r,
+        Err(b) => {
+            let at = if b.line == 0 { ": " } else { " at " };
+            eprintln!("loupe: audit log {}: BROKEN{at}{b}", file.display());
+            if b.problem == Problem::OpenTail {
+                eprintln!("(pass --allow-open-tail for a log the engine is still writing)");
+            }
+            return Ok(ExitCode::from(1));
+        }
+    };
+    println!(
+        "audit log {}: OK: {} records, {} checkpoints, sealed through seq {}",
+        file.display(),
+        r.records,
+        r.checkpoints,
+        r.sealed_through.map_or("none".into(), |s| s.to_string())
+    );
+    let token = &hsm.token;
+    match r.head {
+        HeadFound::Matched(seq) => {
+            println!(
+                "head: token {token:?} holds this log's head at seq {seq}, and the file holds \
+                 that record: nothing sealed was cut from its end"
+            );
+            if let Some(sealed) = r.sealed_through.filter(|&s| s > seq) {
+                println!(
+                    "head: the file is sealed beyond it, through seq {sealed} (its writer \
+                     stopped before recording its last checkpoint on the token)"
+                );
             }
         }
+        HeadFound::NotRecorded => println!(
+            "head: token {token:?} holds no head for this log (id {}): a cut at its end \
+             cannot be seen (its first signed checkpoint is not recorded on the token yet, or \
+             it was written before the token kept heads)",
+            r.log_id
+        ),
+        HeadFound::Unchecked => println!(
+            "head: not checked against the token (verified with --pubkey alone): what the \
+             file holds verifies, but a cut at its end, checkpoints included, cannot be seen; \
+             run `loupe audit verify` where the token is reachable for that"
+        ),
     }
+    if r.unsealed > 0 {
+        let after = r
+            .sealed_through
+            .map_or(String::new(), |s| format!(" (seq {s})"));
+        println!(
+            "open tail: {} unsealed record{} after the last signed checkpoint{after}; nothing \
+             protects {} until the next checkpoint",
+            r.unsealed,
+            if r.unsealed == 1 { "" } else { "s" },
+            if r.unsealed == 1 { "it" } else { "them" }
+        );
+    }
+    if !r.unsigned_checkpoints.is_empty() {
+        println!(
+            "note: checkpoints left unsigned (HSM unavailable then), sealed by a later signed \
+             one: seq {}",
+            r.unsigned_checkpoints
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

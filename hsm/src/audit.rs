@@ -11,8 +11,18 @@
 //!
 //! The chain alone catches edits, deletions and reorderings anywhere before
 //! the last record; the checkpoint signatures are what an attacker who
-//! rewrites the whole file cannot forge. [`verify`] reports the first broken
-//! record and how much of the log is sealed by a valid signature.
+//! rewrites the whole file cannot forge. What neither can show is a cut at
+//! the end, checkpoints included: so at each signed checkpoint the writer
+//! also records the log's head (the checkpoint's sequence number and hash)
+//! in a private data object on the token ([`Head`]), and [`verify_with`]
+//! compares the file against it when the token is at hand.
+//!
+//! A log verifies only if every record is sealed by a signed checkpoint
+//! after it: an unsigned checkpoint (the HSM failed at that moment) is a
+//! failure until a later signed checkpoint seals over it (that signature
+//! covers the chain head, hence every record before it), and records after
+//! the last signed checkpoint fail unless the caller allows an open tail (a
+//! log a writer is still appending to). An empty file is no log.
 
 use std::{
     fs::{File, OpenOptions},
@@ -42,7 +52,64 @@ pub fn public_key(token: &Token) -> Result<PublicKey> {
 
 /// The checkpoint mechanism; the audit key is EC P-256.
 pub const AUDIT_MECH: SignMech = SignMech::EcdsaP256Sha256;
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The back-link of a log's first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// CKA_APPLICATION of the token's data objects holding audit log heads.
+pub const HEAD_APPLICATION: &str = "loupe-audit";
+/// A head object's label: this, then the log's id.
+const HEAD_LABEL: &str = "loupe-audit-head/";
+
+/// What the token remembers of one log: its last signed checkpoint that a
+/// writer recorded there. Several logs can share a token (one object each,
+/// labelled with the log's id); a log's id is the SHA-256 of its first
+/// record, which carries the time of its first key use to the millisecond.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    /// The log's id.
+    pub log: String,
+    /// Sequence number of the checkpoint.
+    pub seq: u64,
+    /// SHA-256 of the checkpoint's line.
+    pub hash: String,
+    /// Where that line starts in the file, in bytes.
+    pub offset: u64,
+}
+
+impl Head {
+    fn label(log: &str) -> String {
+        format!("{HEAD_LABEL}{log}")
+    }
+
+    /// The head the token holds for the log `log`, if any (the furthest,
+    /// should a replacement have left two objects).
+    pub fn read(session: &TokenSession, log: &str) -> Result<Option<Head>> {
+        let label = Head::label(log);
+        let bad = |why: String| {
+            HsmError::Invalid(format!(
+                "token {:?}: the audit head object {label:?} {why}",
+                session.token()
+            ))
+        };
+        let mut found: Option<Head> = None;
+        for value in session.data_objects(HEAD_APPLICATION, &label)? {
+            let head: Head =
+                serde_json::from_slice(&value).map_err(|e| bad(format!("is not valid: {e}")))?;
+            if head.log != log {
+                return Err(bad(format!("names another log ({})", head.log)));
+            }
+            if found.as_ref().is_none_or(|f| f.seq < head.seq) {
+                found = Some(head);
+            }
+        }
+        Ok(found)
+    }
+
+    fn write(&self, session: &TokenSession) -> Result<()> {
+        let value = serde_json::to_vec(self).expect("heads always serialise");
+        session.set_data_object(HEAD_APPLICATION, &Head::label(&self.log), &value)
+    }
+}
 
 /// What a record is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +144,24 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sig: Option<String>,
     pub prev: String,
+}
+
+impl Record {
+    /// Places the record in a chain (its sequence number, the hash of the
+    /// line before it and, for a checkpoint, the head it seals) and appends
+    /// its line to `out`; returns the line's hash, the next record's `prev`.
+    pub fn link(&mut self, seq: u64, prev: String, out: &mut Vec<u8>) -> String {
+        self.seq = seq;
+        if self.kind == Kind::Checkpoint {
+            self.head = Some(prev.clone());
+        }
+        self.prev = prev;
+        let start = out.len();
+        serde_json::to_writer(&mut *out, self).expect("records always serialise");
+        let hash = hex(&Sha256::digest(&out[start..]));
+        out.push(b'\n');
+        hash
+    }
 }
 
 /// A key use to record; the writer adds seq and prev.
@@ -215,8 +300,11 @@ impl AuditLog {
             end: 0,
             seq: 0,
             head: GENESIS.to_string(),
+            log_id: None,
             unsealed: 0,
             first_unsealed: None,
+            reseal: false,
+            signed: None,
             config,
             session,
         };
@@ -292,8 +380,16 @@ struct Writer {
     end: u64,
     seq: u64,
     head: String,
+    /// The log's id (hash of its first record), once it has one.
+    log_id: Option<String>,
     unsealed: u64,
     first_unsealed: Option<Instant>,
+    /// The last checkpoint went unsigned: seal again at the next interval,
+    /// so that a signed checkpoint covers it once the HSM is back.
+    reseal: bool,
+    /// The last signed checkpoint of the batch being built: (seq, hash,
+    /// offset of its line in the batch).
+    signed: Option<(u64, String, usize)>,
     config: AuditConfig,
     session: Option<TokenSession>,
 }
@@ -349,7 +445,7 @@ impl Writer {
                 std::thread::sleep(self.config.sync_interval.saturating_sub(started.elapsed()));
             }
         }
-        if self.unsealed > 0 {
+        if self.unsealed > 0 || self.reseal {
             self.with_lock(|w| w.append(Vec::new(), Some("shutdown")))?;
         }
         Ok(())
@@ -380,6 +476,20 @@ impl Writer {
         if len == self.end {
             return Ok(());
         }
+        if len < self.end {
+            // Writers only append: someone else cut or emptied the file.
+            // Appending goes on (key uses must be recorded), but the
+            // token's head is not moved back (see `record_head`).
+            eprintln!(
+                "loupe: audit log {}: the file shrank from {} to {len} bytes under the \
+                 writer: it was cut or replaced; check it with `loupe audit verify`",
+                self.path.display(),
+                self.end
+            );
+        }
+        if len < self.end || self.log_id.is_none() {
+            self.log_id = line_at(&self.file, 0).map(|l| hex(&Sha256::digest(l)));
+        }
         let Some(last) = last_line(&mut self.file, len).map_err(|e| self.err(e))? else {
             (self.seq, self.head, self.end) = (0, GENESIS.to_string(), 0);
             return Ok(());
@@ -407,32 +517,104 @@ impl Writer {
             }
         }
         if let Some(reason) = seal {
-            if self.unsealed > 0 {
+            if self.unsealed > 0 || self.reseal {
                 self.seal(&mut buf, reason);
             }
         }
         if buf.is_empty() {
             return Ok(());
         }
+        let base = self.end;
+        let signed = self.signed.take();
         self.file
             .write_all(&buf)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| self.err(format!("write: {e}")))?;
         self.end += buf.len() as u64;
+        if let Some((seq, hash, at)) = signed {
+            let head = self.log_id.clone().map(|log| Head {
+                log,
+                seq,
+                hash,
+                offset: base + at as u64,
+            });
+            // The checkpoint is on disk and signed whatever happens here;
+            // a head left behind only weakens the check of a cut tail.
+            if let Err(e) = head
+                .ok_or_else(|| "the log has no id".to_string())
+                .and_then(|h| self.record_head(h))
+            {
+                eprintln!(
+                    "loupe: audit log {}: the token's head was not moved to seq {seq}: {e}",
+                    self.path.display()
+                );
+            }
+        }
         Ok(())
     }
 
-    fn push(&mut self, buf: &mut Vec<u8>, mut rec: Record) {
-        self.seq += 1;
-        rec.seq = self.seq;
-        rec.prev = std::mem::take(&mut self.head);
-        if rec.kind == Kind::Checkpoint {
-            rec.head = Some(rec.prev.clone());
+    /// Moves the token's head for this log to `new`, after checking that
+    /// the file still holds the record the old head names: a writer that
+    /// appends to a log cut behind its back must not make the token forget
+    /// the cut.
+    fn record_head(&mut self, new: Head) -> std::result::Result<(), String> {
+        let old = self.with_session(|s| Head::read(s, &new.log))?;
+        if let Some(old) = old {
+            let kept = || format!("the head stays at seq {}", old.seq);
+            if old.seq >= new.seq {
+                return Err(format!(
+                    "the token's head for this log is seq {}, not before this checkpoint: \
+                     the log was cut or rewritten; {}",
+                    old.seq,
+                    kept()
+                ));
+            }
+            let there = line_at(&self.file, old.offset).map(|l| hex(&Sha256::digest(l)));
+            if there.as_deref() != Some(old.hash.as_str()) {
+                return Err(format!(
+                    "the file no longer holds the record the token's head names (seq {} at \
+                     byte {}): the log was cut or rewritten; {}",
+                    old.seq,
+                    old.offset,
+                    kept()
+                ));
+            }
         }
+        self.with_session(|s| new.write(s))
+    }
+
+    /// Runs `f` on the audit token's session, re-opening it once if it was
+    /// lost (the token may have been reset under us).
+    fn with_session<T>(
+        &mut self,
+        mut f: impl FnMut(&mut TokenSession) -> Result<T>,
+    ) -> std::result::Result<T, String> {
+        let Some(s) = self.session.as_mut() else {
+            return Err("no audit key configured".into());
+        };
+        match f(s) {
+            Err(e) if e.is_session_lost() => {
+                let t = self
+                    .config
+                    .audit_token
+                    .as_ref()
+                    .expect("session implies token");
+                *s = t.session().map_err(|e| e.to_string())?;
+                f(s).map_err(|e| e.to_string())
+            }
+            other => other.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Appends `rec` to `buf`; returns where its line starts in `buf`.
+    fn push(&mut self, buf: &mut Vec<u8>, mut rec: Record) -> usize {
+        self.seq += 1;
         let start = buf.len();
-        serde_json::to_writer(&mut *buf, &rec).expect("records always serialise");
-        self.head = hex(&Sha256::digest(&buf[start..]));
-        buf.push(b'\n');
+        self.head = rec.link(self.seq, std::mem::take(&mut self.head), buf);
+        if self.seq == 1 {
+            self.log_id = Some(self.head.clone());
+        }
+        start
     }
 
     /// Appends a checkpoint record sealing everything before it.
@@ -445,28 +627,13 @@ impl Writer {
             .map(|t| t.label().to_string())
             .unwrap_or_default();
         let msg = checkpoint_message(self.seq + 1, &time, &self.head);
-        let signed = match self.session.as_mut() {
-            None => Err("no audit key configured".to_string()),
-            Some(s) => match s.sign(AUDIT_KEY_LABEL, AUDIT_MECH, &msg) {
-                Err(e) if e.is_session_lost() => {
-                    // One re-open: the token may have been reset under us.
-                    let t = self
-                        .config
-                        .audit_token
-                        .as_ref()
-                        .expect("session implies token");
-                    match t.session() {
-                        Ok(fresh) => {
-                            *s = fresh;
-                            s.sign(AUDIT_KEY_LABEL, AUDIT_MECH, &msg)
-                                .map_err(|e| e.to_string())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                other => other.map_err(|e| e.to_string()),
-            },
-        };
+        let signed = self.with_session(|s| s.sign(AUDIT_KEY_LABEL, AUDIT_MECH, &msg));
+        if signed.is_err() && self.unsealed == 0 {
+            // A retry with nothing new since the unsigned checkpoint before:
+            // another unsigned one would add nothing. Try again later.
+            self.first_unsealed = Some(Instant::now());
+            return;
+        }
         let (result, sig) = match signed {
             Ok(sig) => ("ok".to_string(), Some(hex(&sig))),
             Err(e) => {
@@ -474,6 +641,7 @@ impl Writer {
                 (format!("error: {e}"), None)
             }
         };
+        let was_signed = sig.is_some();
         let rec = Record {
             seq: 0,
             time,
@@ -488,9 +656,15 @@ impl Writer {
             sig,
             prev: String::new(),
         };
-        self.push(buf, rec);
+        let at = self.push(buf, rec);
         self.unsealed = 0;
-        self.first_unsealed = None;
+        self.reseal = !was_signed;
+        if was_signed {
+            self.signed = Some((self.seq, self.head.clone(), at));
+            self.first_unsealed = None;
+        } else {
+            self.first_unsealed = Some(Instant::now());
+        }
     }
 }
 
@@ -511,6 +685,25 @@ fn record_of(e: Entry) -> Record {
         head: None,
         sig: None,
         prev: String::new(),
+    }
+}
+
+/// The line starting at byte `offset` of `file`, without its newline; `None`
+/// if there is no whole line there.
+fn line_at(file: &File, offset: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = file
+            .read_at(&mut chunk, offset + line.len() as u64)
+            .ok()
+            .filter(|&n| n > 0)?;
+        if let Some(i) = chunk[..n].iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&chunk[..i]);
+            return Some(line);
+        }
+        line.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -547,44 +740,194 @@ fn last_line(file: &mut File, len: u64) -> std::result::Result<Option<Vec<u8>>, 
     }
 }
 
-/// What [`verify`] found in a log whose chain is whole.
+/// What [`verify_with`] checks a log against.
+#[derive(Clone, Debug)]
+pub struct VerifyOptions<'a> {
+    /// The audit public keys (EC P-256) checkpoints must verify with.
+    pub keys: &'a [PublicKey],
+    /// Accept records after the last signed checkpoint: a log a writer is
+    /// still appending to. They are counted, and nothing protects them yet.
+    pub allow_open_tail: bool,
+    /// The token's head for this log ([`token_head`]), or `Unchecked`
+    /// away from the token.
+    pub head: HeadCheck,
+}
+
+/// What is known of the token's head for the log being verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadCheck {
+    /// Not read: the log is verified away from the token, and a cut at its
+    /// end, checkpoints included, cannot be seen.
+    Unchecked,
+    /// Read from the token: the head it holds for this log, if any.
+    Token(Option<Head>),
+}
+
+/// What became of the head check in a log that verified.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeadFound {
+    /// Not checked (see [`HeadCheck::Unchecked`]).
+    #[default]
+    Unchecked,
+    /// The token holds no head for this log: a log whose first signed
+    /// checkpoint the token has not recorded (or one from before heads
+    /// were kept). A cut at its end cannot be seen either.
+    NotRecorded,
+    /// The file holds the record the token's head names, at this seq.
+    Matched(u64),
+}
+
+/// What [`verify_with`] found in a log that passed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VerifyReport {
     pub records: u64,
     pub checkpoints: u64,
     /// Sequence number of the last checkpoint with a valid signature.
     pub sealed_through: Option<u64>,
-    /// Records after that checkpoint (not protected against a rewrite).
+    /// Records after that checkpoint: the open tail (non-zero only when it
+    /// was allowed).
     pub unsealed: u64,
-    /// Checkpoints written without a signature (the HSM failed then).
+    /// Checkpoints written without a signature (the HSM failed then), each
+    /// sealed by a later signed checkpoint.
     pub unsigned_checkpoints: Vec<u64>,
+    /// The log's id: SHA-256 of its first record.
+    pub log_id: String,
+    pub head: HeadFound,
 }
 
-/// The first place the chain breaks.
+/// What kind of failure [`Broken`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// The file cannot be read, a line is not a record, or the last one is
+    /// cut short.
+    Malformed,
+    /// A record was deleted, inserted, reordered or altered.
+    Chain,
+    /// A checkpoint's signature does not verify (or there is no key).
+    Signature,
+    /// A checkpoint without a signature that no later one seals.
+    Unsigned,
+    /// Records after the last signed checkpoint, and no open tail allowed.
+    OpenTail,
+    /// The file holds no record.
+    NoRecords,
+    /// The file ends before the token's head.
+    Truncated,
+    /// The file's record at the token's head is another one.
+    Rewritten,
+}
+
+/// Why a log does not verify: the first broken record, or what is wrong
+/// with the log as a whole (`line` 0).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("line {line} (record seq {seq:?}): {reason}")]
 pub struct Broken {
     pub line: u64,
     pub seq: Option<u64>,
+    pub problem: Problem,
     pub reason: String,
 }
 
-/// Checks every record's sequence number and back-link, and every signed
-/// checkpoint against `keys` (the audit public keys, EC P-256).
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.seq) {
+            (0, _) => write!(f, "{}", self.reason),
+            (line, Some(seq)) => write!(f, "line {line} (record seq {seq}): {}", self.reason),
+            (line, None) => write!(f, "line {line}: {}", self.reason),
+        }
+    }
+}
+
+/// The log's id (SHA-256 of its first line), if the file has a whole first
+/// line.
+pub fn log_id(path: &Path) -> Option<String> {
+    let file = File::open(path).ok()?;
+    line_at(&file, 0).map(|l| hex(&Sha256::digest(l)))
+}
+
+/// Reads the head `token` holds for the log at `path`. A file without a
+/// first record has no head (and [`verify_with`] says what is wrong).
+pub fn token_head(token: &Token, path: &Path) -> Result<HeadCheck> {
+    let head = match log_id(path) {
+        Some(id) => Head::read(&token.session()?, &id)?,
+        None => None,
+    };
+    Ok(HeadCheck::Token(head))
+}
+
+/// Verifies the log at `path` with the audit key and the head held by
+/// `token`, where the log is sealed: the full check. The outer error is
+/// the token's; the inner one the log's.
+pub fn verify_on_token(
+    path: &Path,
+    token: &Token,
+    allow_open_tail: bool,
+) -> Result<std::result::Result<VerifyReport, Broken>> {
+    let keys = [public_key(token)?];
+    let head = token_head(token, path)?;
+    Ok(verify_with(
+        path,
+        &VerifyOptions {
+            keys: &keys,
+            allow_open_tail,
+            head,
+        },
+    ))
+}
+
+/// Checks the log's records against `keys` alone, away from the token: no
+/// open tail, head unchecked. See [`verify_with`].
 pub fn verify(path: &Path, keys: &[PublicKey]) -> std::result::Result<VerifyReport, Broken> {
-    let broken = |line: u64, seq: Option<u64>, reason: String| Broken { line, seq, reason };
-    let file = File::open(path).map_err(|e| broken(0, None, format!("cannot open: {e}")))?;
+    verify_with(
+        path,
+        &VerifyOptions {
+            keys,
+            allow_open_tail: false,
+            head: HeadCheck::Unchecked,
+        },
+    )
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Checks every record's sequence number and back-link, every checkpoint's
+/// signature, that every record is sealed by a signed checkpoint after it
+/// (but an open tail, when allowed), and that the file holds the record the
+/// token's head names. Reports the first broken record; whole-log failures
+/// (no records, a cut end, an unsigned or open tail) are checked after the
+/// chain, in that order.
+pub fn verify_with(
+    path: &Path,
+    opts: &VerifyOptions<'_>,
+) -> std::result::Result<VerifyReport, Broken> {
+    let broken = |line: u64, seq: Option<u64>, problem: Problem, reason: String| Broken {
+        line,
+        seq,
+        problem,
+        reason,
+    };
+    let file = File::open(path)
+        .map_err(|e| broken(0, None, Problem::Malformed, format!("cannot open: {e}")))?;
+    let head = match &opts.head {
+        HeadCheck::Token(Some(h)) => Some(h),
+        _ => None,
+    };
     let mut reader = BufReader::new(file);
     let mut report = VerifyReport::default();
     let mut prev_hash = GENESIS.to_string();
     let mut expect_seq = 1u64;
     let mut line_no = 0u64;
     let mut buf = Vec::new();
+    // Unsigned checkpoints since the last signed one: (line, seq, result).
+    let mut unsigned: Vec<(u64, u64, String)> = Vec::new();
+    // The first record after the last signed checkpoint: (line, seq).
+    let mut open_from: Option<(u64, u64)> = None;
     loop {
         buf.clear();
         let n = reader
             .read_until(b'\n', &mut buf)
-            .map_err(|e| broken(line_no + 1, None, format!("read: {e}")))?;
+            .map_err(|e| broken(line_no + 1, None, Problem::Malformed, format!("read: {e}")))?;
         if n == 0 {
             break;
         }
@@ -593,71 +936,155 @@ pub fn verify(path: &Path, keys: &[PublicKey]) -> std::result::Result<VerifyRepo
             return Err(broken(
                 line_no,
                 None,
+                Problem::Malformed,
                 "the record is cut short (no newline)".into(),
             ));
         }
         let line = &buf[..buf.len() - 1];
-        let rec: Record = serde_json::from_slice(line)
-            .map_err(|e| broken(line_no, None, format!("not a valid record: {e}")))?;
-        let at = Some(rec.seq);
-        if rec.seq != expect_seq {
-            return Err(broken(
+        let rec: Record = serde_json::from_slice(line).map_err(|e| {
+            broken(
                 line_no,
-                at,
-                format!(
-                    "sequence number {} where {expect_seq} was expected: records were \
-                     deleted, inserted or reordered here",
-                    rec.seq
-                ),
-            ));
+                None,
+                Problem::Malformed,
+                format!("not a valid record: {e}"),
+            )
+        })?;
+        let at = Some(rec.seq);
+        let chain = |reason: String| broken(line_no, at, Problem::Chain, reason);
+        if rec.seq != expect_seq {
+            return Err(chain(format!(
+                "sequence number {} where {expect_seq} was expected: records were \
+                 deleted, inserted or reordered here",
+                rec.seq
+            )));
         }
         if rec.prev != prev_hash {
-            return Err(broken(
-                line_no,
-                at,
-                format!(
-                    "its back-link does not match the hash of the record before it: record \
-                     {} was altered (or this one was)",
-                    rec.seq - 1
-                ),
-            ));
+            return Err(chain(format!(
+                "its back-link does not match the hash of the record before it: record \
+                 {} was altered (or this one was)",
+                rec.seq - 1
+            )));
+        }
+        let hash = hex(&Sha256::digest(line));
+        if rec.seq == 1 {
+            report.log_id = hash.clone();
+        }
+        if let Some(h) = head {
+            let rewritten = if rec.seq == 1 && h.log != hash {
+                Some(format!(
+                    "the token's head is for another log (id {}), not this one: the log \
+                     was rewritten from its first record",
+                    h.log
+                ))
+            } else if rec.seq == h.seq && h.hash != hash {
+                Some(format!(
+                    "this is not the record the token's head names (sha256 {}): the log was \
+                     rewritten here or before",
+                    h.hash
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = rewritten {
+                return Err(broken(line_no, at, Problem::Rewritten, reason));
+            }
         }
         if rec.kind == Kind::Checkpoint {
             report.checkpoints += 1;
             if rec.head.as_deref() != Some(rec.prev.as_str()) {
-                return Err(broken(
-                    line_no,
-                    at,
-                    "checkpoint head differs from its back-link".into(),
-                ));
+                return Err(chain("checkpoint head differs from its back-link".into()));
             }
             match &rec.sig {
-                None => report.unsigned_checkpoints.push(rec.seq),
+                None => unsigned.push((line_no, rec.seq, rec.result.clone())),
                 Some(sig_hex) => {
-                    let sig = unhex(sig_hex)
-                        .ok_or_else(|| broken(line_no, at, "signature is not hex".into()))?;
+                    let bad_sig = |reason: String| broken(line_no, at, Problem::Signature, reason);
+                    let sig =
+                        unhex(sig_hex).ok_or_else(|| bad_sig("signature is not hex".into()))?;
                     let msg = checkpoint_message(rec.seq, &rec.time, &rec.prev);
-                    if !keys.iter().any(|k| verify_sig(k, AUDIT_MECH, &msg, &sig)) {
-                        return Err(broken(
-                            line_no,
-                            at,
-                            if keys.is_empty() {
-                                "no audit public key was given to check the checkpoint".into()
-                            } else {
-                                "the checkpoint signature does not verify with the audit key".into()
-                            },
-                        ));
+                    if !opts
+                        .keys
+                        .iter()
+                        .any(|k| verify_sig(k, AUDIT_MECH, &msg, &sig))
+                    {
+                        return Err(bad_sig(if opts.keys.is_empty() {
+                            "no audit public key was given to check the checkpoint".into()
+                        } else {
+                            "the checkpoint signature does not verify with the audit key".into()
+                        }));
                     }
                     report.sealed_through = Some(rec.seq);
                     report.unsealed = 0;
+                    report
+                        .unsigned_checkpoints
+                        .extend(unsigned.drain(..).map(|(_, seq, _)| seq));
+                    open_from = None;
                 }
             }
         } else {
             report.unsealed += 1;
+            open_from.get_or_insert((line_no, rec.seq));
         }
         report.records += 1;
-        prev_hash = hex(&Sha256::digest(line));
+        prev_hash = hash;
         expect_seq += 1;
+    }
+    let last = report.records;
+    if last == 0 {
+        return Err(broken(
+            0,
+            None,
+            Problem::NoRecords,
+            "no records: the file is empty".into(),
+        ));
+    }
+    report.head = match (&opts.head, head) {
+        (HeadCheck::Unchecked, _) => HeadFound::Unchecked,
+        (HeadCheck::Token(_), None) => HeadFound::NotRecorded,
+        (HeadCheck::Token(_), Some(h)) if h.seq > last => {
+            return Err(broken(
+                0,
+                None,
+                Problem::Truncated,
+                format!(
+                    "the log ends at seq {last} but the token's head is seq {}: the log was \
+                     truncated (at least {} cut from its end, checkpoints included)",
+                    h.seq,
+                    plural(h.seq - last, "record", "records")
+                ),
+            ));
+        }
+        (HeadCheck::Token(_), Some(h)) => HeadFound::Matched(h.seq),
+    };
+    if let Some((line, seq, result)) = unsigned.into_iter().next() {
+        let why = if result == "ok" {
+            "its result says ok, so the signature was removed".to_string()
+        } else {
+            format!("its writer could not sign ({result})")
+        };
+        return Err(broken(
+            line,
+            Some(seq),
+            Problem::Unsigned,
+            format!(
+                "checkpoint at seq {seq} has no signature, and no later signed checkpoint \
+                 seals it: {why}"
+            ),
+        ));
+    }
+    if let Some((line, seq)) = open_from.filter(|_| !opts.allow_open_tail) {
+        let n = report.unsealed;
+        let reason = match report.sealed_through {
+            Some(sealed) => format!(
+                "{} after the last signed checkpoint (seq {sealed}) {} unsealed",
+                plural(n, "record", "records"),
+                if n == 1 { "is" } else { "are" }
+            ),
+            None => format!(
+                "no signed checkpoint: all {} unsealed",
+                plural(n, "record is", "records are")
+            ),
+        };
+        return Err(broken(line, Some(seq), Problem::OpenTail, reason));
     }
     Ok(report)
 }

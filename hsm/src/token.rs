@@ -4,8 +4,10 @@
 //!
 //! Private keys are only ever named by label and used by object handle. This
 //! module never asks a token for the value of a private key: the only
-//! `CKA_VALUE` read is in [`TokenSession::certificate`], whose search
-//! template is restricted to `CKO_CERTIFICATE` (a test checks the source).
+//! `CKA_VALUE` reads are in [`TokenSession::certificate`] and
+//! [`TokenSession::data_objects`], whose search templates are restricted to
+//! `CKO_CERTIFICATE` and `CKO_DATA` (a test checks the source). Data objects
+//! hold small private records of Loupe's own (the audit log's chain head).
 
 use std::{
     collections::HashMap,
@@ -613,6 +615,61 @@ impl TokenSession {
             Attribute::Value(v) => Some(v),
             _ => None,
         }))
+    }
+
+    /// The values of the data objects (CKO_DATA) of `application` labelled
+    /// `label`: one normally, two if a [`Self::set_data_object`] was cut
+    /// short between its two steps.
+    pub fn data_objects(&self, application: &str, label: &str) -> Result<Vec<Vec<u8>>> {
+        let mut values = Vec::new();
+        for h in self.find_data(application, label)? {
+            let attrs = self
+                .session
+                .get_attributes(h, &[AttributeType::Value])
+                .map_err(|e| self.err("C_GetAttributeValue", e))?;
+            values.extend(attrs.into_iter().find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            }));
+        }
+        Ok(values)
+    }
+
+    /// Replaces the data object of `application` labelled `label` with one
+    /// holding `value`: a private token object, so only a logged-in user
+    /// reads it, and not modifiable (SoftHSM2 refuses to change a data
+    /// object's value anyway). The new object is created before the old
+    /// ones are destroyed, so a reader always finds one.
+    pub fn set_data_object(&self, application: &str, label: &str, value: &[u8]) -> Result<()> {
+        let old = self.find_data(application, label)?;
+        self.session
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(false),
+                Attribute::Application(application.as_bytes().to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Value(value.to_vec()),
+            ])
+            .map_err(|e| self.err("C_CreateObject", e))?;
+        for h in old {
+            self.session
+                .destroy_object(h)
+                .map_err(|e| self.err("C_DestroyObject", e))?;
+        }
+        Ok(())
+    }
+
+    fn find_data(&self, application: &str, label: &str) -> Result<Vec<ObjectHandle>> {
+        self.session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Application(application.as_bytes().to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(|e| self.err("C_FindObjects", e))
     }
 
     /// Destroys the private key, public key and certificate labelled

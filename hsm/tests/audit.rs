@@ -1,7 +1,10 @@
 //! The audit log: chain and checkpoint signatures verify, and every kind of
 //! tampering (edit, delete, reorder, a consistent rewrite, a cut tail, the
-//! wrong key) is caught at the first broken record. Several writers share one
-//! chain, a restart continues it, and checkpoints come by count and by time.
+//! wrong key, a stripped signature, an unsealed or forged tail, an empty
+//! file) is caught and named. The token keeps each log's head, so a cut at
+//! the end, checkpoints included, is caught against it. Several writers
+//! share one chain, a restart continues it, checkpoints come by count and by
+//! time, and a checkpoint left unsigned is sealed once the HSM is back.
 
 mod common;
 
@@ -9,8 +12,12 @@ use std::{fs, path::Path, time::Duration};
 
 use common::{audit_path, wait_until, TestToken};
 use loupe_hsm::{
-    audit::{self, hex, AuditConfig, AuditLog, Entry, Kind, Record},
+    audit::{
+        self, hex, AuditConfig, AuditLog, Broken, Entry, Head, HeadCheck, HeadFound, Kind, Problem,
+        Record, VerifyOptions,
+    },
     ca::ensure_audit_key,
+    softhsm::close_all_sessions,
     token::{PublicKey, Token},
 };
 use sha2::{Digest, Sha256};
@@ -27,11 +34,13 @@ fn setup(name: &str) -> (Token, PublicKey) {
     (token, public)
 }
 
-/// A log of 35 records sealed every 10, plus the shutdown checkpoint.
+/// A log of 35 records sealed every 10, plus the shutdown checkpoint:
+/// checkpoints at seq 11, 22, 33 and 39 (never by time, however slow).
 fn sealed_log(name: &str, token: &Token) -> std::path::PathBuf {
     let path = audit_path(name);
     let mut c = AuditConfig::new(&path, Some(token.clone()));
     c.checkpoint_every = 10;
+    c.checkpoint_interval = Duration::from_secs(3600);
     let log = AuditLog::open(c).unwrap();
     let sink = log.sink();
     for chunk in (0..35).collect::<Vec<_>>().chunks(7) {
@@ -49,6 +58,49 @@ fn lines(path: &Path) -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
+}
+
+fn records(lines: &[String]) -> Vec<Record> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Numbers and links `records` again as a forger would: the chain is whole.
+fn rechain(records: Vec<Record>) -> Vec<String> {
+    let (mut prev, mut out) = (audit::GENESIS.to_string(), Vec::new());
+    for (i, mut r) in records.into_iter().enumerate() {
+        prev = r.link(i as u64 + 1, prev, &mut out);
+    }
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Record 5 removed and every signature dropped (none would verify once
+/// the rest is renumbered and re-linked).
+fn without_record_5(orig: &[String]) -> Vec<Record> {
+    let mut stripped = records(orig);
+    stripped.remove(4);
+    for r in &mut stripped {
+        r.sig = None;
+    }
+    stripped
+}
+
+/// The log with a forged record appended, correctly linked to the last.
+fn with_forged_tail(orig: &[String]) -> Vec<String> {
+    let mut r = records(&orig[orig.len() - 2..orig.len() - 1]).remove(0);
+    r.purpose = "mint leaf forged".into();
+    let last = orig.last().unwrap();
+    let mut line = Vec::new();
+    r.link(orig.len() as u64 + 1, hex(&Sha256::digest(last)), &mut line);
+    let mut forged = orig.to_vec();
+    forged.push(String::from_utf8(line).unwrap().trim_end().to_string());
+    forged
 }
 
 fn write_lines(path: &Path, lines: &[String]) {
@@ -107,22 +159,9 @@ fn every_kind_of_tampering_is_caught_at_the_first_broken_record() {
 
     // Edit record 5 and recompute every hash after it: the chain is whole
     // again, but the next checkpoint's signature no longer matches.
-    let mut rewritten = Vec::new();
-    let mut prev = "0".repeat(64);
-    for (i, l) in orig.iter().enumerate() {
-        let mut r: Record = serde_json::from_str(l).unwrap();
-        if i == 4 {
-            r.purpose = "mint leaf 9".into();
-        }
-        r.prev = prev.clone();
-        if r.head.is_some() {
-            r.head = Some(prev.clone());
-        }
-        let line = serde_json::to_string(&r).unwrap();
-        prev = hex(&Sha256::digest(line.as_bytes()));
-        rewritten.push(line);
-    }
-    check("rewrite", rewritten, 11, "signature does not verify");
+    let mut edited = records(&orig);
+    edited[4].purpose = "mint leaf 9".into();
+    check("rewrite", rechain(edited), 11, "signature does not verify");
 
     // Move the last checkpoint in time.
     let mut retimed = orig.clone();
@@ -206,14 +245,342 @@ fn a_quiet_log_is_sealed_by_time() {
     drop(log);
 }
 
+/// An unsigned checkpoint fails verification until a later signed one
+/// seals over it (that signature covers the chain head, hence everything
+/// before it).
 #[test]
-fn a_log_without_an_audit_key_says_its_checkpoints_are_unsigned() {
+fn an_unsigned_checkpoint_fails_until_a_signed_one_seals_it() {
     let path = audit_path("unsigned");
     let log = AuditLog::open(AuditConfig::new(&path, None)).unwrap();
     log.sink().record(vec![entry(1), entry(2)]).unwrap();
     log.close().unwrap();
-    let report = audit::verify(&path, &[]).unwrap();
-    assert_eq!(report.unsigned_checkpoints, vec![3]);
-    assert_eq!(report.sealed_through, None);
-    assert_eq!(report.unsealed, 2);
+    let err = audit::verify(&path, &[]).unwrap_err();
+    assert_eq!((err.line, err.problem), (3, Problem::Unsigned), "{err}");
+    assert!(
+        err.reason.contains("checkpoint at seq 3 has no signature")
+            && err.reason.contains("no audit key configured"),
+        "{err}"
+    );
+
+    let (token, public) = setup("audit-unsigned");
+    let log = AuditLog::open(AuditConfig::new(&path, Some(token))).unwrap();
+    log.sink().record(vec![entry(3)]).unwrap();
+    log.close().unwrap();
+    let report = audit::verify(&path, &[public]).unwrap();
+    assert_eq!(report.unsigned_checkpoints, vec![3], "{report:?}");
+    assert_eq!((report.sealed_through, report.unsealed), (Some(5), 0));
+}
+
+/// The HSM goes away under a writer at checkpoint time: the checkpoint is
+/// written unsigned (the log fails verification meanwhile), and the writer
+/// seals again on its own once the HSM is back, with no new record needed.
+#[test]
+fn a_checkpoint_left_unsigned_is_sealed_once_the_hsm_is_back() {
+    let t = TestToken::new("audit-reseal");
+    let token = Token::open(&t.config).unwrap();
+    ensure_audit_key(&token).unwrap();
+    let public = audit::public_key(&token).unwrap();
+    let path = audit_path("reseal");
+    let mut c = AuditConfig::new(&path, Some(token.clone()));
+    c.checkpoint_interval = Duration::from_millis(200);
+    let log = AuditLog::open(c).unwrap();
+    // Sessions gone and the PIN file unreadable: no session can be opened.
+    let hidden = t.pin_file.with_extension("away");
+    fs::rename(&t.pin_file, &hidden).unwrap();
+    close_all_sessions(&token).unwrap();
+    log.sink().record(vec![entry(1)]).unwrap();
+    log.flush().unwrap();
+    let last = || records(&lines(&path)).pop();
+    assert!(
+        wait_until(Duration::from_secs(30), || last()
+            .is_some_and(|r| r.kind == Kind::Checkpoint)),
+        "no checkpoint"
+    );
+    let unsigned = last().unwrap();
+    assert!(
+        unsigned.sig.is_none() && unsigned.result.starts_with("error:"),
+        "{unsigned:?}"
+    );
+    let err = audit::verify(&path, std::slice::from_ref(&public)).unwrap_err();
+    assert_eq!(err.problem, Problem::Unsigned, "{err}");
+
+    fs::rename(&hidden, &t.pin_file).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || last()
+            .is_some_and(|r| r.sig.is_some())),
+        "the writer did not seal again"
+    );
+    drop(log);
+    let report = audit::verify(&path, &[public]).unwrap();
+    assert_eq!(
+        report.unsigned_checkpoints,
+        vec![unsigned.seq],
+        "{report:?}"
+    );
+    assert_eq!(report.records, unsigned.seq + 1, "one retry, one line");
+}
+
+#[test]
+fn an_empty_file_has_no_records_and_never_verifies() {
+    let path = audit_path("empty");
+    fs::write(&path, "").unwrap();
+    for p in [path.as_path(), Path::new("/dev/null")] {
+        let err = audit::verify(p, &[]).unwrap_err();
+        assert!(err.reason.contains("no records"), "{}: {err}", p.display());
+    }
+}
+
+/// Cuts and strippings that leave a whole chain: each fails on the file
+/// alone, with what was found, and the record's number is printed plainly.
+#[test]
+fn unsealed_tails_and_stripped_checkpoints_fail() {
+    let (token, public) = setup("audit-strip");
+    let path = sealed_log("strip", &token);
+    let orig = lines(&path);
+    let keys = [public];
+    let check = |name: &str, tampered: &[String], line: u64, needle: &str| {
+        let p = path.with_extension(name);
+        write_lines(&p, tampered);
+        let err = audit::verify(&p, &keys).expect_err(name);
+        assert_eq!(err.line, line, "{name}: {err}");
+        assert!(err.reason.contains(needle), "{name}: {err}");
+        assert!(
+            err.to_string().contains(&format!("(record seq {line})")),
+            "{name}: {err}"
+        );
+        fs::remove_file(&p).unwrap();
+    };
+
+    // The last checkpoint deleted: records 34-38 are sealed by nothing.
+    check(
+        "cut-checkpoint",
+        &orig[..38],
+        34,
+        "5 records after the last signed checkpoint (seq 33) are unsealed",
+    );
+
+    // A forged record appended with a correct back-link.
+    check(
+        "forged-tail",
+        &with_forged_tail(&orig),
+        40,
+        "1 record after the last signed checkpoint (seq 39) is unsealed",
+    );
+
+    // Record 5 removed, the rest renumbered and re-linked, and the
+    // signatures (which no longer verify) dropped from the checkpoints.
+    check(
+        "stripped",
+        &rechain(without_record_5(&orig)),
+        10,
+        "checkpoint at seq 10 has no signature",
+    );
+
+    // No checkpoint at all.
+    let bare: Vec<Record> = records(&orig)
+        .into_iter()
+        .filter(|r| r.kind != Kind::Checkpoint)
+        .collect();
+    check(
+        "bare",
+        &rechain(bare),
+        1,
+        "no signed checkpoint: all 35 records are unsealed",
+    );
+}
+
+fn head_of(token: &Token, path: &Path) -> Head {
+    let id = audit::log_id(path).unwrap();
+    Head::read(&token.session().unwrap(), &id).unwrap().unwrap()
+}
+
+fn on_token(path: &Path, token: &Token, open_tail: bool) -> Result<audit::VerifyReport, Broken> {
+    audit::verify_on_token(path, token, open_tail).unwrap()
+}
+
+/// The token keeps the log's head: a cut at the end, checkpoints included,
+/// is caught against it even where the file alone still verifies.
+#[test]
+fn the_tokens_head_catches_a_cut_tail_and_a_rewrite() {
+    let (token, public) = setup("audit-head");
+    let path = sealed_log("head", &token);
+    let orig = lines(&path);
+    let keys = [public];
+    let head = head_of(&token, &path);
+    assert_eq!(head.seq, 39);
+    assert_eq!(head.hash, hex(&Sha256::digest(orig[38].as_bytes())));
+    assert_eq!(head.log, hex(&Sha256::digest(orig[0].as_bytes())));
+    let report = on_token(&path, &token, false).unwrap();
+    assert_eq!(report.head, HeadFound::Matched(39), "{report:?}");
+    assert_eq!(report.log_id, head.log);
+
+    let check = |name: &str, tampered: &[String], problem: Problem, needle: &str| {
+        let p = path.with_extension(name);
+        write_lines(&p, tampered);
+        for open_tail in [false, true] {
+            let err = on_token(&p, &token, open_tail).expect_err(name);
+            assert_eq!(err.problem, problem, "{name}: {err}");
+            assert!(err.reason.contains(needle), "{name}: {err}");
+        }
+        p
+    };
+
+    // A consistent rewrite: the last 17 records and their two checkpoints
+    // dropped. The file alone is a whole, sealed log.
+    let p = check(
+        "drop-last",
+        &orig[..22],
+        Problem::Truncated,
+        "the log ends at seq 22 but the token's head is seq 39: the log was truncated \
+         (at least 17 records cut",
+    );
+    let alone = audit::verify(&p, &keys).unwrap();
+    assert_eq!(alone.sealed_through, Some(22));
+    assert_eq!(alone.head, HeadFound::Unchecked);
+
+    // The last checkpoint deleted.
+    check(
+        "cut-checkpoint",
+        &orig[..38],
+        Problem::Truncated,
+        "ends at seq 38 but the token's head is seq 39",
+    );
+
+    // Record 5 removed, re-chained, signatures dropped: one record short.
+    let mut stripped = without_record_5(&orig);
+    check(
+        "stripped",
+        &rechain(stripped.clone()),
+        Problem::Truncated,
+        "ends at seq 38",
+    );
+    // ... and padded back to 39 records: seq 39 is another record.
+    stripped.push(stripped[3].clone());
+    let p = check(
+        "padded",
+        &rechain(stripped),
+        Problem::Rewritten,
+        "this is not the record the token's head names",
+    );
+    assert_eq!(on_token(&p, &token, false).unwrap_err().line, 39);
+
+    // A forged record appended with a correct back-link: an open tail.
+    let p = path.with_extension("forged");
+    write_lines(&p, &with_forged_tail(&orig));
+    let err = on_token(&p, &token, false).unwrap_err();
+    assert_eq!((err.problem, err.line), (Problem::OpenTail, 40), "{err}");
+    let open = on_token(&p, &token, true).unwrap();
+    assert_eq!(open.head, HeadFound::Matched(39));
+    assert_eq!((open.unsealed, open.sealed_through), (1, Some(39)));
+}
+
+/// A writer that appends to a log cut behind its back signs its own new
+/// checkpoints, but does not move the token's head: the cut stays visible.
+#[test]
+fn a_writer_on_a_cut_log_leaves_the_head_where_it_was() {
+    let (token, public) = setup("audit-recut");
+    let path = sealed_log("recut", &token);
+    let orig = lines(&path);
+    let before = head_of(&token, &path);
+    write_lines(&path, &orig[..22]);
+    let mut c = AuditConfig::new(&path, Some(token.clone()));
+    c.checkpoint_every = 10;
+    let log = AuditLog::open(c).unwrap();
+    log.sink().record((0..30).map(entry).collect()).unwrap();
+    log.close().unwrap();
+    // Whole and sealed as a file, and longer than before...
+    let alone = audit::verify(&path, &[public]).unwrap();
+    assert!(alone.records > 39, "{alone:?}");
+    // ... but the token still names the old record 39.
+    assert_eq!(head_of(&token, &path), before);
+    let err = on_token(&path, &token, false).unwrap_err();
+    assert_eq!((err.problem, err.line), (Problem::Rewritten, 39), "{err}");
+}
+
+/// A live log: records after the last signed checkpoint fail unless an open
+/// tail is allowed, and then are counted; a log whose first checkpoint is
+/// still to come has no head on the token yet.
+#[test]
+fn a_live_log_verifies_with_an_open_tail_only() {
+    let (token, _) = setup("audit-live");
+    let path = audit_path("live");
+    // No interval checkpoint may seal the tail while the test looks at it.
+    let live = || {
+        let mut c = AuditConfig::new(&path, Some(token.clone()));
+        c.checkpoint_interval = Duration::from_secs(3600);
+        AuditLog::open(c).unwrap()
+    };
+    let log = live();
+    log.sink().record(vec![entry(1), entry(2)]).unwrap();
+    log.flush().unwrap();
+    let err = on_token(&path, &token, false).unwrap_err();
+    assert_eq!((err.problem, err.line), (Problem::OpenTail, 1), "{err}");
+    assert!(
+        err.reason
+            .contains("no signed checkpoint: all 2 records are unsealed"),
+        "{err}"
+    );
+    let open = on_token(&path, &token, true).unwrap();
+    assert_eq!(open.head, HeadFound::NotRecorded, "{open:?}");
+    assert_eq!((open.unsealed, open.sealed_through), (2, None));
+    log.close().unwrap();
+
+    let log = live();
+    log.sink().record(vec![entry(3)]).unwrap();
+    log.flush().unwrap();
+    let err = on_token(&path, &token, false).unwrap_err();
+    assert!(
+        err.reason
+            .contains("1 record after the last signed checkpoint (seq 3) is unsealed"),
+        "{err}"
+    );
+    let open = on_token(&path, &token, true).unwrap();
+    assert_eq!(open.head, HeadFound::Matched(3), "{open:?}");
+    assert_eq!(open.unsealed, 1);
+    log.close().unwrap();
+    assert_eq!(
+        on_token(&path, &token, false).unwrap().head,
+        HeadFound::Matched(5)
+    );
+}
+
+/// Logs sharing a token each have their own head, named by the log's id.
+#[test]
+fn logs_sharing_a_token_keep_their_own_heads() {
+    let (token, public) = setup("audit-heads");
+    let a = sealed_log("heads-a", &token);
+    let b = audit_path("heads-b");
+    let log = AuditLog::open(AuditConfig::new(&b, Some(token.clone()))).unwrap();
+    log.sink()
+        .record(vec![Entry::now(
+            Kind::Keygen,
+            "tok",
+            "k",
+            "another log",
+            "b",
+        )])
+        .unwrap();
+    log.close().unwrap();
+    let (ha, hb) = (head_of(&token, &a), head_of(&token, &b));
+    assert_ne!(ha.log, hb.log);
+    assert_eq!((ha.seq, hb.seq), (39, 2));
+    assert_eq!(
+        on_token(&a, &token, false).unwrap().head,
+        HeadFound::Matched(39)
+    );
+    assert_eq!(
+        on_token(&b, &token, false).unwrap().head,
+        HeadFound::Matched(2)
+    );
+    // One log's head does not pass for another's.
+    let err = audit::verify_with(
+        &b,
+        &VerifyOptions {
+            keys: &[public],
+            allow_open_tail: false,
+            head: HeadCheck::Token(Some(ha)),
+        },
+    )
+    .unwrap_err();
+    assert_eq!((err.problem, err.line), (Problem::Rewritten, 1), "{err}");
 }

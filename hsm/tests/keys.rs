@@ -60,8 +60,9 @@ fn generated_keys_are_sensitive_never_extractable_and_sign_only() {
 }
 
 /// The only mentions of secret-bearing attributes in the crate are the
-/// certificate read (whose search is restricted to CKO_CERTIFICATE) and the
-/// size-only probe above; private keys are used by handle everywhere else.
+/// certificate and data-object reads (whose searches are restricted to
+/// CKO_CERTIFICATE and CKO_DATA) and the size-only probe above; private
+/// keys are used by handle everywhere else.
 #[test]
 fn no_code_path_reads_private_key_values() {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -95,16 +96,28 @@ fn no_code_path_reads_private_key_values() {
     readers.dedup();
     assert_eq!(
         readers,
-        ["token::certificate", "token::probe_private_secrets"]
+        [
+            "token::certificate",
+            "token::data_objects",
+            "token::probe_private_secrets"
+        ]
     );
     let token_rs = std::fs::read_to_string(src.join("token.rs")).unwrap();
-    let cert_fn = token_rs
-        .split("pub fn certificate(")
-        .nth(1)
-        .and_then(|s| s.split("\n    }\n").next())
-        .unwrap();
+    let body = |name: &str| {
+        token_rs
+            .split(&format!("fn {name}("))
+            .nth(1)
+            .and_then(|s| s.split("\n    }\n").next())
+            .unwrap()
+            .to_string()
+    };
     assert!(
-        cert_fn.contains("ObjectClass::CERTIFICATE"),
+        body("certificate").contains("ObjectClass::CERTIFICATE"),
         "certificate() must search certificates only"
+    );
+    assert!(
+        body("data_objects").contains("self.find_data(")
+            && body("find_data").contains("ObjectClass::DATA"),
+        "data_objects() must search data objects only"
     );
 }

@@ -203,6 +203,9 @@ fn a_full_queue_refuses_at_once_and_every_accepted_request_is_answered() {
     assert!(h.latency.sum_us >= 100 * h.signed);
 }
 
+/// A request whose deadline passes while it waits behind a busy job is
+/// answered `Timeout` by the HSM thread itself (its ticket is held, never
+/// waited on, so it is not skipped as abandoned) and is never signed.
 #[test]
 fn an_expired_request_is_answered_timeout_and_never_signed() {
     let (t, token, _) = token_with_key("deadline", "k", KeyAlg::EcP256);
@@ -210,24 +213,32 @@ fn an_expired_request_is_answered_timeout_and_never_signed() {
     let path = audit_path("deadline");
     let log = AuditLog::open(AuditConfig::new(&path, Some(token.clone()))).unwrap();
     let signer = Signer::start(config(&[&t], 1, 8), Some(log.sink())).unwrap();
-    let mut r = request(&t.config.label, "k", SignMech::EcdsaP256Sha256, b"late");
-    r.timeout = Some(Duration::ZERO);
-    let err = signer.sign(r).unwrap_err();
-    assert!(matches!(err, HsmError::Timeout(_)), "{err}");
-    signer
-        .sign(request(
-            &t.config.label,
-            "k",
-            SignMech::EcdsaP256Sha256,
-            b"on time",
-        ))
+    let label = &t.config.label;
+    let busy = signer
+        .submit(
+            request(label, "k", SignMech::EcdsaP256Sha256, b"busy"),
+            None,
+        )
         .unwrap();
+    let mut r = request(label, "k", SignMech::EcdsaP256Sha256, b"late");
+    r.timeout = Some(Duration::ZERO);
+    let late = signer.submit(r, None).unwrap();
+    busy.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || late.is_ready()),
+        "the HSM thread never answered the expired request"
+    );
+    let err = late.try_take().unwrap().unwrap_err();
+    assert!(matches!(err, HsmError::Timeout(_)), "{err}");
+    let h = &signer.health()[0];
+    assert_eq!((h.timed_out, h.abandoned, h.signed), (1, 0, 1), "{h:?}");
+    drop(late);
     drop(signer);
     log.close().unwrap();
     let public = audit::public_key(&token).unwrap();
     let report = audit::verify(&path, &[public]).unwrap();
-    // One signature and the shutdown checkpoint: the expired request left
-    // no key use behind.
+    // The busy job's signature and the shutdown checkpoint: the expired
+    // request left no key use behind.
     assert_eq!((report.records, report.checkpoints), (2, 1), "{report:?}");
 }
 

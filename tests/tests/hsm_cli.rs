@@ -1,12 +1,15 @@
 //! `loupe ca ...` and `loupe audit ...` as an operator runs them, against a
-//! private SoftHSM2: the CA lifecycle, a trust-store export OpenSSL accepts,
-//! audit verification (and its failure on a tampered log), and the clear
-//! errors for a wrong PIN, a loose PIN file, a missing token and a PIN on
-//! the command line.
+//! private SoftHSM2: the CA lifecycle, a trust-store export OpenSSL accepts
+//! (the DER export is the token's certificate), audit verification and its
+//! failure, named, on each kind of tampering (a cut tail caught against the
+//! token's head), and the clear errors for a wrong PIN, a loose PIN file, a
+//! missing token and a PIN on the command line.
 
 use std::{fs, os::unix::fs::PermissionsExt, process::Output};
 
+use loupe_hsm::audit::{self, Kind, Record};
 use loupe_tests::softhsm::SoftHsm;
+use sha2::{Digest, Sha256};
 
 fn ok(out: &Output) -> String {
     assert!(
@@ -26,6 +29,22 @@ fn fails(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `loupe audit verify` found the log broken: exit status 1, and why.
+fn broken(out: &Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    audit::hex(&Sha256::digest(bytes))
 }
 
 #[test]
@@ -50,17 +69,12 @@ fn ca_lifecycle_and_audit_verify_from_the_command_line() {
     // verify only RSA signatures.
     let bundle = std::fs::read_to_string(&pem).unwrap();
     assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
+    let export = |args: &[&str], out: &std::path::Path| {
+        let out = ["--out", out.to_str().unwrap()];
+        ok(&hsm.loupe(&[&["ca", "export"], args, &out].concat()))
+    };
     let der = hsm.dir.join("untrust.der");
-    ok(&hsm.loupe(&[
-        "ca",
-        "export",
-        "--der",
-        "--rsa",
-        "--ca",
-        "forward-untrust",
-        "--out",
-        der.to_str().unwrap(),
-    ]));
+    export(&["--der", "--rsa", "--ca", "forward-untrust"], &der);
     let text = ok(&std::process::Command::new("openssl")
         .args([
             "x509", "-inform", "DER", "-noout", "-subject", "-text", "-in",
@@ -72,6 +86,33 @@ fn ca_lifecycle_and_audit_verify_from_the_command_line() {
         text.contains("CN = Loupe Forward Untrust CA g1 RSA")
             && text.contains("Public-Key: (2048 bit)"),
         "{text}"
+    );
+    // It is the very certificate the token holds under that CA's label...
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&hsm.loupe(&["ca", "list", "--json"]))).unwrap();
+    let on_token = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["label"] == "loupe-ca/forward-untrust-rsa/g1")
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(
+        sha256_hex(&fs::read(&der).unwrap()),
+        on_token["fingerprint"].as_str().unwrap(),
+        "the DER export is not the token's certificate"
+    );
+    // ... and the one the PEM export of that CA carries.
+    let untrust_pem = hsm.dir.join("untrust.pem");
+    export(&["--ca", "forward-untrust"], &untrust_pem);
+    let der_as_pem = ok(&std::process::Command::new("openssl")
+        .args(["x509", "-inform", "DER", "-outform", "PEM", "-in"])
+        .arg(&der)
+        .output()
+        .unwrap());
+    let bundle = fs::read_to_string(&untrust_pem).unwrap().replace('\r', "");
+    assert!(
+        der_as_pem.starts_with("-----BEGIN CERTIFICATE-----") && bundle.contains(der_as_pem.trim()),
+        "the DER export is not in the PEM export:\n{der_as_pem}\n{bundle}"
     );
 
     ok(&hsm.loupe(&["ca", "rotate", "--algorithm", "ec-p384"]));
@@ -116,12 +157,186 @@ fn ca_lifecycle_and_audit_verify_from_the_command_line() {
         "--pubkey",
         key.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = broken(&out);
     assert!(
         err.contains("BROKEN at line") && err.contains("was altered"),
         "{err}"
     );
+    // The record's number is printed as a number.
+    let line = err
+        .split("BROKEN at line ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .unwrap();
+    assert!(err.contains(&format!("(record seq {line}):")), "{err}");
+}
+
+fn records(lines: &[String]) -> Vec<Record> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The records as a whole chain again, numbered from 1: what a forger who
+/// can write the file (but not sign) makes of it.
+fn rechain(records: Vec<Record>) -> String {
+    let (mut prev, mut out) = (audit::GENESIS.to_string(), Vec::new());
+    for (i, mut r) in records.into_iter().enumerate() {
+        prev = r.link(i as u64 + 1, prev, &mut out);
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn joined(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// Each way of hiding a key use by writing the file is caught and named,
+/// with exit status 1: a cut at the end (checkpoints included) against the
+/// token's head, the rest from the file alone. `--pubkey` alone verifies
+/// what the file holds and says the head was not checked.
+#[test]
+fn audit_verify_names_each_tampering_and_checks_the_tokens_head() {
+    let hsm = SoftHsm::new("loupe").unwrap();
+    ok(&hsm.loupe(&["ca", "init"]));
+    ok(&hsm.loupe(&["ca", "rotate"]));
+    let key = hsm.dir.join("audit.pem");
+    let key = key.to_str().unwrap();
+    ok(&hsm.loupe(&["audit", "export-key", "--out", key]));
+    let log = hsm.audit_log.to_str().unwrap();
+    let text = fs::read_to_string(log).unwrap();
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let recs = records(&lines);
+    let last = recs.len() as u64;
+    let checkpoints: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.kind == Kind::Checkpoint)
+        .map(|r| r.seq)
+        .collect();
+    // One sealed run of the CLI each: `ca init` and `ca rotate`.
+    assert_eq!(checkpoints.len(), 2, "{text}");
+    assert_eq!(checkpoints[1], last);
+    let first = checkpoints[0];
+    let pubkey = ["--pubkey", key];
+    let verify = |name: &str, body: &str, args: &[&str]| {
+        let p = hsm.dir.join(name);
+        fs::write(&p, body).unwrap();
+        let mut a = vec!["audit", "verify", p.to_str().unwrap()];
+        a.extend(args);
+        hsm.loupe(&a)
+    };
+    let both: [&[&str]; 2] = [&[], &pubkey];
+
+    // The whole log: the token's head is checked; with --pubkey it is not.
+    let out = ok(&hsm.loupe(&["audit", "verify", log]));
+    assert!(
+        out.contains(": OK:") && out.contains(&format!("holds this log's head at seq {last}")),
+        "{out}"
+    );
+    let out = ok(&hsm.loupe(&["audit", "verify", log, "--pubkey", key]));
+    assert!(
+        out.contains(": OK:") && out.contains("head: not checked against the token"),
+        "{out}"
+    );
+
+    // A consistent rewrite: `ca rotate`'s records and checkpoint dropped.
+    // The file alone is a whole sealed log; the token's head shows the cut.
+    let cut = joined(&lines[..first as usize]);
+    let out = ok(&verify("cut.jsonl", &cut, &pubkey));
+    assert!(
+        out.contains(&format!("sealed through seq {first}")) && out.contains("head: not checked"),
+        "{out}"
+    );
+    let err = broken(&verify("cut.jsonl", &cut, &[]));
+    assert!(
+        err.contains(&format!(
+            "the log ends at seq {first} but the token's head is seq {last}: the log was truncated"
+        )),
+        "{err}"
+    );
+
+    // The last checkpoint deleted.
+    let no_checkpoint = joined(&lines[..lines.len() - 1]);
+    let err = broken(&verify("cut-checkpoint.jsonl", &no_checkpoint, &pubkey));
+    assert!(
+        err.contains(&format!(
+            "after the last signed checkpoint (seq {first}) are unsealed"
+        )) && err.contains("pass --allow-open-tail"),
+        "{err}"
+    );
+    let err = broken(&verify("cut-checkpoint.jsonl", &no_checkpoint, &[]));
+    assert!(
+        err.contains(&format!("the log ends at seq {} but", last - 1)),
+        "{err}"
+    );
+
+    // A forged record appended with a correct back-link.
+    let mut forged = recs[recs.len() - 2].clone();
+    forged.purpose = "forged".into();
+    let mut tail = Vec::new();
+    forged.link(
+        last + 1,
+        sha256_hex(lines[lines.len() - 1].as_bytes()),
+        &mut tail,
+    );
+    let body = text.clone() + std::str::from_utf8(&tail).unwrap();
+    for args in both {
+        let err = broken(&verify("forged.jsonl", &body, args));
+        assert!(
+            err.contains(&format!(
+                "1 record after the last signed checkpoint (seq {last}) is unsealed"
+            )) && err.contains("pass --allow-open-tail"),
+            "{err}"
+        );
+    }
+    // A live log's open tail is accepted on request, and counted.
+    let out = ok(&verify("forged.jsonl", &body, &["--allow-open-tail"]));
+    assert!(
+        out.contains(&format!(
+            "open tail: 1 unsealed record after the last signed checkpoint (seq {last})"
+        )) && out.contains(&format!("holds this log's head at seq {last}")),
+        "{out}"
+    );
+
+    // Rewritten with record 2 removed, re-chained, signatures dropped.
+    let mut stripped = recs.clone();
+    stripped.remove(1);
+    for r in &mut stripped {
+        r.sig = None;
+    }
+    let body = rechain(stripped);
+    let err = broken(&verify("stripped.jsonl", &body, &pubkey));
+    assert!(
+        err.contains(&format!("checkpoint at seq {} has no signature", first - 1)),
+        "{err}"
+    );
+    let err = broken(&verify("stripped.jsonl", &body, &[]));
+    assert!(err.contains("the log was truncated"), "{err}");
+
+    // No checkpoint at all.
+    let bare: Vec<Record> = recs
+        .into_iter()
+        .filter(|r| r.kind != Kind::Checkpoint)
+        .collect();
+    let n = bare.len();
+    let err = broken(&verify("bare.jsonl", &rechain(bare), &pubkey));
+    assert!(
+        err.contains(&format!(
+            "no signed checkpoint: all {n} records are unsealed"
+        )),
+        "{err}"
+    );
+
+    // An empty file and /dev/null are no log.
+    for args in both {
+        let err = broken(&verify("empty.jsonl", "", args));
+        assert!(err.contains("no records"), "{err}");
+        let mut a = vec!["audit", "verify", "/dev/null"];
+        a.extend(args);
+        let err = broken(&hsm.loupe(&a));
+        assert!(err.contains("no records"), "{err}");
+    }
 }
 
 #[test]
