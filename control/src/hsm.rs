@@ -148,6 +148,16 @@ pub enum AuditCommand {
         #[arg(long)]
         allow_open_tail: bool,
     },
+    /// Record, on the token and in the audit log (--audit-log), that the
+    /// log now at that path deliberately replaces the log(s) the token's
+    /// heads name there (a new log started on purpose, the old one moved
+    /// away): until then `loupe audit verify` reports the log as replaced.
+    /// The old logs' heads stay on the token and still check them.
+    ResetHead {
+        /// Why, for the record (e.g. "rotated to audit.jsonl.1").
+        #[arg(long)]
+        reason: String,
+    },
     /// Write the audit public key (PEM) for verifying logs away from the HSM.
     ExportKey {
         #[arg(long)]
@@ -311,6 +321,35 @@ pub fn audit(hsm: &HsmArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             pubkey,
             allow_open_tail,
         } => verify_log(hsm, &file, &pubkey, allow_open_tail),
+        AuditCommand::ResetHead { reason } => {
+            if reason.trim().is_empty() {
+                bail!("--reason must say why a new log took the old one's place");
+            }
+            let token = Token::open(&hsm.token_config())?;
+            let log = AuditLog::open(AuditConfig::new(&hsm.audit_log, Some(token.clone())))?;
+            let heads = audit::supersede(&token, &log, &reason, &requester());
+            // The shutdown checkpoint seals the supersede records and puts
+            // this log's own head on the token.
+            log.close()?;
+            let at = audit::log_path(&hsm.audit_log);
+            let heads = heads?;
+            if heads.is_empty() {
+                println!(
+                    "audit log {at}: the token holds no head of another log at this path: \
+                     nothing to supersede"
+                );
+            }
+            for h in &heads {
+                println!(
+                    "audit log {at}: supersedes log {} (head seq {}), recorded in the log and \
+                     on the token {:?}",
+                    h.log,
+                    h.seq,
+                    token.label()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -398,6 +437,13 @@ fn verify_log(
             r.unsealed,
             if r.unsealed == 1 { "" } else { "s" },
             if r.unsealed == 1 { "it" } else { "them" }
+        );
+    }
+    for h in &r.superseded {
+        println!(
+            "head: this log took the place at this path of log {} (head seq {}), as recorded \
+             with `loupe audit reset-head`",
+            h.log, h.seq
         );
     }
     if !r.unsigned_checkpoints.is_empty() {

@@ -61,9 +61,16 @@ pub const HEAD_APPLICATION: &str = "loupe-audit";
 const HEAD_LABEL: &str = "loupe-audit-head/";
 
 /// What the token remembers of one log: its last signed checkpoint that a
-/// writer recorded there. Several logs can share a token (one object each,
-/// labelled with the log's id); a log's id is the SHA-256 of its first
-/// record, which carries the time of its first key use to the millisecond.
+/// writer recorded there, and where the log lives. Several logs can share a
+/// token (one object each, labelled with the log's id); a log's id is the
+/// SHA-256 of its first record, which carries the time of its first key use
+/// to the millisecond.
+///
+/// The path is what catches a log replaced whole by a fresh one (a new
+/// first record, so a new id the token has no head for): the old log's
+/// head still claims the path, and the new log does not match it. A head
+/// stops claiming its path only when an operator records that a new log
+/// deliberately took its place ([`supersede`], `loupe audit reset-head`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Head {
     /// The log's id.
@@ -74,6 +81,15 @@ pub struct Head {
     pub hash: String,
     /// Where that line starts in the file, in bytes.
     pub offset: u64,
+    /// The canonical path its writer wrote the log at ([`log_path`]);
+    /// none in heads recorded before paths were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The id of the log an operator started in this one's place at its
+    /// path: the head no longer claims the path, and still checks its own
+    /// log wherever that now lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<String>,
 }
 
 impl Head {
@@ -81,22 +97,28 @@ impl Head {
         format!("{HEAD_LABEL}{log}")
     }
 
+    fn parse(session: &TokenSession, label: &str, value: &[u8]) -> Result<Head> {
+        serde_json::from_slice(value).map_err(|e| {
+            HsmError::Invalid(format!(
+                "token {:?}: the audit head object {label:?} is not valid: {e}",
+                session.token()
+            ))
+        })
+    }
+
     /// The head the token holds for the log `log`, if any (the furthest,
     /// should a replacement have left two objects).
     pub fn read(session: &TokenSession, log: &str) -> Result<Option<Head>> {
         let label = Head::label(log);
-        let bad = |why: String| {
-            HsmError::Invalid(format!(
-                "token {:?}: the audit head object {label:?} {why}",
-                session.token()
-            ))
-        };
         let mut found: Option<Head> = None;
-        for value in session.data_objects(HEAD_APPLICATION, &label)? {
-            let head: Head =
-                serde_json::from_slice(&value).map_err(|e| bad(format!("is not valid: {e}")))?;
+        for value in session.data_objects(HEAD_APPLICATION, Some(&label))? {
+            let head = Head::parse(session, &label, &value)?;
             if head.log != log {
-                return Err(bad(format!("names another log ({})", head.log)));
+                return Err(HsmError::Invalid(format!(
+                    "token {:?}: the audit head object {label:?} names another log ({})",
+                    session.token(),
+                    head.log
+                )));
             }
             if found.as_ref().is_none_or(|f| f.seq < head.seq) {
                 found = Some(head);
@@ -105,10 +127,49 @@ impl Head {
         Ok(found)
     }
 
+    /// Every head the token holds, one per log (the furthest of each).
+    pub fn all(session: &TokenSession) -> Result<Vec<Head>> {
+        let mut heads: Vec<Head> = Vec::new();
+        for value in session.data_objects(HEAD_APPLICATION, None)? {
+            let head = Head::parse(session, HEAD_APPLICATION, &value)?;
+            match heads.iter_mut().find(|h| h.log == head.log) {
+                Some(h) if h.seq < head.seq => *h = head,
+                Some(_) => {}
+                None => heads.push(head),
+            }
+        }
+        Ok(heads)
+    }
+
+    /// Whether this head still claims the log at `path`.
+    pub fn claims(&self, path: &str) -> bool {
+        self.path.as_deref() == Some(path) && self.superseded_by.is_none()
+    }
+
     fn write(&self, session: &TokenSession) -> Result<()> {
         let value = serde_json::to_vec(self).expect("heads always serialise");
         session.set_data_object(HEAD_APPLICATION, &Head::label(&self.log), &value)
     }
+}
+
+/// The canonical form of a log's path, as heads record it: symbolic links
+/// and `..` resolved (of its directory, if the file does not exist).
+pub fn log_path(path: &Path) -> String {
+    let resolved = std::fs::canonicalize(path).or_else(|e| {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(e);
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::canonicalize(dir).map(|d| d.join(name))
+    });
+    resolved
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// What a record is about.
@@ -122,6 +183,9 @@ pub enum Kind {
     /// TLS session secrets are exported (a decryption profile's key log
     /// was turned on): whoever reads the file can decrypt those sessions.
     KeyLog,
+    /// An operator started this log in place of another at its path
+    /// (`loupe audit reset-head`): the record names the head it supersedes.
+    Supersede,
 }
 
 /// One line of the log. Field order is the serialisation order.
@@ -296,6 +360,7 @@ impl AuditLog {
         };
         let mut writer = Writer {
             file,
+            canonical: log_path(&path),
             path: path.clone(),
             end: 0,
             seq: 0,
@@ -376,6 +441,8 @@ impl Drop for AuditLog {
 struct Writer {
     file: File,
     path: PathBuf,
+    /// [`log_path`] of `path`, recorded in the token's heads.
+    canonical: String,
     /// File length after our last write (to notice other writers).
     end: u64,
     seq: u64,
@@ -537,6 +604,8 @@ impl Writer {
                 seq,
                 hash,
                 offset: base + at as u64,
+                path: Some(self.canonical.clone()),
+                superseded_by: None,
             });
             // The checkpoint is on disk and signed whatever happens here;
             // a head left behind only weakens the check of a cut tail.
@@ -557,9 +626,24 @@ impl Writer {
     /// the file still holds the record the old head names: a writer that
     /// appends to a log cut behind its back must not make the token forget
     /// the cut.
-    fn record_head(&mut self, new: Head) -> std::result::Result<(), String> {
+    fn record_head(&mut self, mut new: Head) -> std::result::Result<(), String> {
         let old = self.with_session(|s| Head::read(s, &new.log))?;
+        if old.is_none() {
+            // This log's first head: say so if it takes another's path.
+            let others = self.with_session(|s| Head::all(s))?;
+            let path = &self.canonical;
+            for h in others.iter().filter(|h| h.claims(path)) {
+                eprintln!(
+                    "loupe: audit log {path}: the token's head names another log at this path \
+                     (first record sha256 {}, seq {}): this log replaced it, and \
+                     `loupe audit verify` fails until an operator records that it did so on \
+                     purpose with `loupe audit reset-head`",
+                    h.log, h.seq
+                );
+            }
+        }
         if let Some(old) = old {
+            new.superseded_by = old.superseded_by.clone();
             let kept = || format!("the head stays at seq {}", old.seq);
             if old.seq >= new.seq {
                 return Err(format!(
@@ -759,8 +843,15 @@ pub enum HeadCheck {
     /// Not read: the log is verified away from the token, and a cut at its
     /// end, checkpoints included, cannot be seen.
     Unchecked,
-    /// Read from the token: the head it holds for this log, if any.
-    Token(Option<Head>),
+    /// Read from the token.
+    Token {
+        /// The head it holds for this log, if any.
+        head: Option<Head>,
+        /// Heads of other logs that claim this log's path: it was replaced.
+        others: Vec<Head>,
+        /// Heads of other logs that this one superseded at its path.
+        superseded: Vec<Head>,
+    },
 }
 
 /// What became of the head check in a log that verified.
@@ -793,6 +884,8 @@ pub struct VerifyReport {
     /// The log's id: SHA-256 of its first record.
     pub log_id: String,
     pub head: HeadFound,
+    /// The heads of the logs this one deliberately replaced at its path.
+    pub superseded: Vec<Head>,
 }
 
 /// What kind of failure [`Broken`] is.
@@ -815,6 +908,9 @@ pub enum Problem {
     Truncated,
     /// The file's record at the token's head is another one.
     Rewritten,
+    /// Another log's head claims the file's path: the whole log was
+    /// replaced by another one.
+    Replaced,
 }
 
 /// Why a log does not verify: the first broken record, or what is wrong
@@ -844,14 +940,88 @@ pub fn log_id(path: &Path) -> Option<String> {
     line_at(&file, 0).map(|l| hex(&Sha256::digest(l)))
 }
 
-/// Reads the head `token` holds for the log at `path`. A file without a
-/// first record has no head (and [`verify_with`] says what is wrong).
+/// Reads the head `token` holds for the log at `path`, and the heads of
+/// other logs at that path. A file without a first record has no head (and
+/// [`verify_with`] says what is wrong).
 pub fn token_head(token: &Token, path: &Path) -> Result<HeadCheck> {
-    let head = match log_id(path) {
-        Some(id) => Head::read(&token.session()?, &id)?,
+    let session = token.session()?;
+    let id = log_id(path);
+    let head = match &id {
+        Some(id) => Head::read(&session, id)?,
         None => None,
     };
-    Ok(HeadCheck::Token(head))
+    let at = log_path(path);
+    let (mut others, mut superseded) = (Vec::new(), Vec::new());
+    for h in Head::all(&session)? {
+        if Some(&h.log) == id.as_ref() {
+            continue;
+        }
+        if h.claims(&at) {
+            others.push(h);
+        } else if id.is_some() && h.superseded_by == id {
+            superseded.push(h);
+        }
+    }
+    Ok(HeadCheck::Token {
+        head,
+        others,
+        superseded,
+    })
+}
+
+/// Records that the log `log` writes deliberately takes the place of the
+/// logs whose heads the token holds for its path (an operator started a new
+/// log, or the old one was moved away): one [`Kind::Supersede`] record per
+/// head in the log (its first record, for a new file), written before
+/// the heads are marked superseded by this log's id. Returns the heads
+/// superseded (none: nothing to do, nothing recorded). The log's own head
+/// follows at its next signed checkpoint (at the latest when it closes).
+pub fn supersede(
+    token: &Token,
+    log: &AuditLog,
+    reason: &str,
+    requester: &str,
+) -> Result<Vec<Head>> {
+    let session = token.session()?;
+    let at = log_path(log.path());
+    let current = log_id(log.path());
+    let heads: Vec<Head> = Head::all(&session)?
+        .into_iter()
+        .filter(|h| h.claims(&at) && Some(&h.log) != current.as_ref())
+        .collect();
+    if heads.is_empty() {
+        return Ok(heads);
+    }
+    log.sink().record(
+        heads
+            .iter()
+            .map(|h| {
+                Entry::now(
+                    Kind::Supersede,
+                    token.label(),
+                    HEAD_LABEL.trim_end_matches('/'),
+                    &format!(
+                        "new log at {at} supersedes log {} (head seq {}, sha256 {}): {reason}",
+                        h.log, h.seq, h.hash
+                    ),
+                    requester,
+                )
+            })
+            .collect(),
+    )?;
+    log.flush()?;
+    let id = log_id(log.path()).ok_or_else(|| HsmError::Audit {
+        path: at.clone(),
+        reason: "no whole first record after the supersede record was written".into(),
+    })?;
+    for h in &heads {
+        Head {
+            superseded_by: Some(id.clone()),
+            ..h.clone()
+        }
+        .write(&session)?;
+    }
+    Ok(heads)
 }
 
 /// Verifies the log at `path` with the audit key and the head held by
@@ -895,8 +1065,8 @@ fn plural(n: u64, one: &str, many: &str) -> String {
 /// signature, that every record is sealed by a signed checkpoint after it
 /// (but an open tail, when allowed), and that the file holds the record the
 /// token's head names. Reports the first broken record; whole-log failures
-/// (no records, a cut end, an unsigned or open tail) are checked after the
-/// chain, in that order.
+/// (no records, another log's head claiming the path, a cut end, an
+/// unsigned or open tail) are checked after the chain, in that order.
 pub fn verify_with(
     path: &Path,
     opts: &VerifyOptions<'_>,
@@ -910,8 +1080,8 @@ pub fn verify_with(
     let file = File::open(path)
         .map_err(|e| broken(0, None, Problem::Malformed, format!("cannot open: {e}")))?;
     let head = match &opts.head {
-        HeadCheck::Token(Some(h)) => Some(h),
-        _ => None,
+        HeadCheck::Token { head, .. } => head.as_ref(),
+        HeadCheck::Unchecked => None,
     };
     let mut reader = BufReader::new(file);
     let mut report = VerifyReport::default();
@@ -1037,10 +1207,35 @@ pub fn verify_with(
             "no records: the file is empty".into(),
         ));
     }
+    if let HeadCheck::Token {
+        others, superseded, ..
+    } = &opts.head
+    {
+        if let Some(h) = others.first() {
+            return Err(broken(
+                0,
+                None,
+                Problem::Replaced,
+                format!(
+                    "the log at {} was replaced: the token's head names another log (first \
+                     record sha256 {}, seq {}){}; if a new log was started there on purpose, \
+                     record that with `loupe audit reset-head`",
+                    h.path.as_deref().unwrap_or_default(),
+                    h.log,
+                    h.seq,
+                    match others.len() - 1 {
+                        0 => String::new(),
+                        n => format!(" and {} more", plural(n as u64, "log", "logs")),
+                    }
+                ),
+            ));
+        }
+        report.superseded = superseded.clone();
+    }
     report.head = match (&opts.head, head) {
         (HeadCheck::Unchecked, _) => HeadFound::Unchecked,
-        (HeadCheck::Token(_), None) => HeadFound::NotRecorded,
-        (HeadCheck::Token(_), Some(h)) if h.seq > last => {
+        (HeadCheck::Token { .. }, None) => HeadFound::NotRecorded,
+        (HeadCheck::Token { .. }, Some(h)) if h.seq > last => {
             return Err(broken(
                 0,
                 None,
@@ -1053,7 +1248,7 @@ pub fn verify_with(
                 ),
             ));
         }
-        (HeadCheck::Token(_), Some(h)) => HeadFound::Matched(h.seq),
+        (HeadCheck::Token { .. }, Some(h)) => HeadFound::Matched(h.seq),
     };
     if let Some((line, seq, result)) = unsigned.into_iter().next() {
         let why = if result == "ok" {

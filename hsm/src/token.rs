@@ -618,9 +618,9 @@ impl TokenSession {
     }
 
     /// The values of the data objects (CKO_DATA) of `application` labelled
-    /// `label`: one normally, two if a [`Self::set_data_object`] was cut
-    /// short between its two steps.
-    pub fn data_objects(&self, application: &str, label: &str) -> Result<Vec<Vec<u8>>> {
+    /// `label` (one normally, two if a [`Self::set_data_object`] was cut
+    /// short between its two steps), or of all its objects for `None`.
+    pub fn data_objects(&self, application: &str, label: Option<&str>) -> Result<Vec<Vec<u8>>> {
         let mut values = Vec::new();
         for h in self.find_data(application, label)? {
             let attrs = self
@@ -641,7 +641,7 @@ impl TokenSession {
     /// object's value anyway). The new object is created before the old
     /// ones are destroyed, so a reader always finds one.
     pub fn set_data_object(&self, application: &str, label: &str, value: &[u8]) -> Result<()> {
-        let old = self.find_data(application, label)?;
+        let old = self.find_data(application, Some(label))?;
         self.session
             .create_object(&[
                 Attribute::Class(ObjectClass::DATA),
@@ -661,14 +661,15 @@ impl TokenSession {
         Ok(())
     }
 
-    fn find_data(&self, application: &str, label: &str) -> Result<Vec<ObjectHandle>> {
+    fn find_data(&self, application: &str, label: Option<&str>) -> Result<Vec<ObjectHandle>> {
+        let mut template = vec![
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Application(application.as_bytes().to_vec()),
+        ];
+        template.extend(label.map(|l| Attribute::Label(l.as_bytes().to_vec())));
         self.session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Token(true),
-                Attribute::Application(application.as_bytes().to_vec()),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])
+            .find_objects(&template)
             .map_err(|e| self.err("C_FindObjects", e))
     }
 

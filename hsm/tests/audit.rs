@@ -2,7 +2,8 @@
 //! tampering (edit, delete, reorder, a consistent rewrite, a cut tail, the
 //! wrong key, a stripped signature, an unsealed or forged tail, an empty
 //! file) is caught and named. The token keeps each log's head, so a cut at
-//! the end, checkpoints included, is caught against it. Several writers
+//! the end, checkpoints included, and a log replaced whole by a fresh one
+//! (its head names the path) are caught against it. Several writers
 //! share one chain, a restart continues it, checkpoints come by count and by
 //! time, and a checkpoint left unsigned is sealed once the HSM is back.
 
@@ -578,9 +579,123 @@ fn logs_sharing_a_token_keep_their_own_heads() {
         &VerifyOptions {
             keys: &[public],
             allow_open_tail: false,
-            head: HeadCheck::Token(Some(ha)),
+            head: HeadCheck::Token {
+                head: Some(ha),
+                others: Vec::new(),
+                superseded: Vec::new(),
+            },
         },
     )
     .unwrap_err();
     assert_eq!((err.problem, err.line), (Problem::Rewritten, 1), "{err}");
+}
+
+/// A fresh, never-sealed log put in place of a sealed one: a new first
+/// record, so a new log id the token has no head for. The token's head for
+/// the log that lived at this path gives the replacement away, even once a
+/// writer has sealed the new log; an operator's `supersede` (`loupe audit
+/// reset-head`) is what makes a deliberate new log verify, and the old
+/// log, moved away, still verifies against its own head.
+#[test]
+fn a_log_replaced_by_a_fresh_one_is_caught_against_the_token() {
+    let (token, _) = setup("audit-replaced");
+    let path = sealed_log("replaced", &token);
+    let orig = lines(&path);
+    let old = head_of(&token, &path);
+    let moved = path.with_extension("old");
+    fs::copy(&path, &moved).unwrap();
+    let mut fresh: Vec<Record> = records(&orig[..5]);
+    for r in &mut fresh {
+        r.purpose = format!("{} (not it)", r.purpose);
+    }
+    write_lines(&path, &rechain(fresh));
+    assert_ne!(audit::log_id(&path).unwrap(), old.log);
+    let canonical = fs::canonicalize(&path).unwrap();
+    let replaced = |err: Broken| {
+        assert_eq!((err.problem, err.line), (Problem::Replaced, 0), "{err}");
+        assert!(
+            err.reason.contains(&format!(
+                "the log at {} was replaced: the token's head names another log (first record \
+                 sha256 {}, seq 39)",
+                canonical.display(),
+                old.log
+            )) && err.reason.contains("loupe audit reset-head"),
+            "{err}"
+        );
+    };
+    replaced(on_token(&path, &token, true).expect_err("a replaced log verified"));
+
+    // The engine goes on writing to the replaced file and seals it: the
+    // new log gets its own head, and the old one still claims the path.
+    let log = AuditLog::open(AuditConfig::new(&path, Some(token.clone()))).unwrap();
+    log.sink().record(vec![entry(100)]).unwrap();
+    log.close().unwrap();
+    assert_eq!(head_of(&token, &path).path.as_deref(), old.path.as_deref());
+    replaced(on_token(&path, &token, false).unwrap_err());
+
+    // The operator records that a new log took the old one's place.
+    let log = AuditLog::open(AuditConfig::new(&path, Some(token.clone()))).unwrap();
+    let gone = audit::supersede(&token, &log, "rotated", "test").unwrap();
+    log.close().unwrap();
+    assert_eq!(gone.len(), 1);
+    assert_eq!((gone[0].log.as_str(), gone[0].seq), (old.log.as_str(), 39));
+    let report = on_token(&path, &token, false).unwrap();
+    assert_eq!(report.superseded.len(), 1, "{report:?}");
+    assert_eq!(report.superseded[0].log, old.log);
+    let why = records(&lines(&path))
+        .into_iter()
+        .find(|r| r.kind == Kind::Supersede)
+        .unwrap();
+    assert!(
+        why.purpose
+            .contains(&format!("supersedes log {} (head seq 39", old.log))
+            && why.purpose.ends_with(": rotated"),
+        "{why:?}"
+    );
+    // Nothing left to supersede: no second record.
+    let log = AuditLog::open(AuditConfig::new(&path, Some(token.clone()))).unwrap();
+    assert!(audit::supersede(&token, &log, "again", "test")
+        .unwrap()
+        .is_empty());
+    log.close().unwrap();
+    // The old log, moved away, is still checked against its own head.
+    let report = on_token(&moved, &token, false).unwrap();
+    assert_eq!(report.head, HeadFound::Matched(39), "{report:?}");
+    write_lines(&moved, &orig[..22]);
+    assert_eq!(
+        on_token(&moved, &token, false).unwrap_err().problem,
+        Problem::Truncated
+    );
+    // A later replacement of the new log is caught the same way.
+    let new_id = audit::log_id(&path).unwrap();
+    write_lines(&path, &rechain(records(&orig[..3])));
+    let err = on_token(&path, &token, true).unwrap_err();
+    assert_eq!(err.problem, Problem::Replaced, "{err}");
+    assert!(err.reason.contains(&new_id), "{err}");
+}
+
+/// A new log started where none was claimed (a first log, or a log moved
+/// to a new path) takes no reset: no other head names its path.
+#[test]
+fn a_log_moved_to_a_new_path_still_verifies_and_claims_it() {
+    let (token, _) = setup("audit-moved");
+    let path = sealed_log("moved-from", &token);
+    let to = audit_path("moved-to");
+    fs::rename(&path, &to).unwrap();
+    assert_eq!(
+        on_token(&to, &token, false).unwrap().head,
+        HeadFound::Matched(39)
+    );
+    let log = AuditLog::open(AuditConfig::new(&to, Some(token.clone()))).unwrap();
+    log.sink().record(vec![entry(1)]).unwrap();
+    log.close().unwrap();
+    let head = head_of(&token, &to);
+    assert_eq!(head.path, Some(audit::log_path(&to)));
+    assert_eq!(head.seq, 41);
+    // The old path is free: a new log there verifies.
+    let log = AuditLog::open(AuditConfig::new(&path, Some(token.clone()))).unwrap();
+    log.sink().record(vec![entry(2)]).unwrap();
+    log.close().unwrap();
+    let report = on_token(&path, &token, false).unwrap();
+    assert_eq!(report.head, HeadFound::Matched(2), "{report:?}");
 }

@@ -1,8 +1,9 @@
 //! `loupe ca ...` and `loupe audit ...` as an operator runs them, against a
 //! private SoftHSM2: the CA lifecycle, a trust-store export OpenSSL accepts
 //! (the DER export is the token's certificate), audit verification and its
-//! failure, named, on each kind of tampering (a cut tail caught against the
-//! token's head), and the clear errors for a wrong PIN, a loose PIN file, a
+//! failure, named, on each kind of tampering (a cut tail or a log replaced
+//! whole caught against the token's head; `reset-head` for a new log on
+//! purpose), and the clear errors for a wrong PIN, a loose PIN file, a
 //! missing token and a PIN on the command line.
 
 use std::{fs, os::unix::fs::PermissionsExt, process::Output};
@@ -337,6 +338,79 @@ fn audit_verify_names_each_tampering_and_checks_the_tokens_head() {
         let err = broken(&hsm.loupe(&a));
         assert!(err.contains("no records"), "{err}");
     }
+}
+
+/// The log replaced whole by a fresh, never-sealed one: caught against the
+/// token's head for the log at that path, even with --allow-open-tail, until
+/// the operator records the new log with `loupe audit reset-head`; the old
+/// log, moved away, still verifies.
+#[test]
+fn a_replaced_log_fails_until_reset_head_records_it() {
+    let hsm = SoftHsm::new("loupe").unwrap();
+    ok(&hsm.loupe(&["ca", "init"]));
+    let log = hsm.audit_log.to_str().unwrap();
+    let text = fs::read_to_string(log).unwrap();
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let old_id = sha256_hex(lines[0].as_bytes());
+    let old_seq = lines.len();
+    let moved = hsm.dir.join("audit.jsonl.1");
+    fs::rename(log, &moved).unwrap();
+    let mut fresh = records(&lines[..2]);
+    for r in &mut fresh {
+        r.purpose = "not it".into();
+    }
+    fs::write(log, rechain(fresh)).unwrap();
+    let verify = |args: &[&str]| hsm.loupe(&[&["audit", "verify", log], args].concat());
+    let canonical = fs::canonicalize(log).unwrap();
+    let err = broken(&verify(&["--allow-open-tail"]));
+    assert!(
+        err.contains(&format!(
+            "the log at {} was replaced: the token's head names another log (first record \
+             sha256 {old_id}, seq {old_seq})",
+            canonical.display()
+        )) && err.contains("loupe audit reset-head"),
+        "{err}"
+    );
+    let err = fails(&hsm.loupe(&["audit", "reset-head", "--reason", " "]));
+    assert!(err.contains("--reason must say why"), "{err}");
+    let out = ok(&hsm.loupe(&[
+        "audit",
+        "reset-head",
+        "--reason",
+        "rotated to audit.jsonl.1",
+    ]));
+    assert!(
+        out.contains(&format!("supersedes log {old_id} (head seq {old_seq})")),
+        "{out}"
+    );
+    let out = ok(&verify(&[]));
+    assert!(
+        out.contains(": OK:")
+            && out.contains(&format!(
+                "took the place at this path of log {old_id} (head seq {old_seq})"
+            )),
+        "{out}"
+    );
+    let recs = records(
+        &fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        recs.iter().any(|r| r.kind == Kind::Supersede
+            && r.purpose.ends_with(": rotated to audit.jsonl.1")
+            && r.requester.starts_with("loupe-cli uid=")),
+        "{recs:?}"
+    );
+    let out = ok(&hsm.loupe(&["audit", "verify", moved.to_str().unwrap()]));
+    assert!(
+        out.contains(&format!("holds this log's head at seq {old_seq}")),
+        "{out}"
+    );
+    let out = ok(&hsm.loupe(&["audit", "reset-head", "--reason", "again"]));
+    assert!(out.contains("nothing to supersede"), "{out}");
 }
 
 #[test]
