@@ -395,8 +395,9 @@ pub fn run(
                 );
             }
         }
-        if let Some((_, signer)) = &hsm {
+        if let Some((log, signer)) = &hsm {
             r.hsm = signer.health();
+            r.audit = Some(log.health());
         }
         r.tls = tls_ctx.as_deref().map(TlsReport::of);
         r.workers = shares

@@ -310,6 +310,9 @@ pub struct StatsReport {
     /// Health and counters of each HSM token (empty without an HSM).
     #[serde(default)]
     pub hsm: Vec<loupe_hsm::signer::TokenHealth>,
+    /// The key-usage audit log's writer (none without an HSM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<loupe_hsm::audit::AuditHealth>,
     /// The policy deciding new connections (none: steered flows are only
     /// observed and forwarded).
     #[serde(default)]
@@ -577,6 +580,24 @@ impl StatsReport {
                 h.rejected_down,
                 h.recoveries,
                 h.last_error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(", last error: {e}"))
+            );
+        }
+        if let Some(a) = &self.audit {
+            let _ = writeln!(
+                s,
+                "audit log {}: {}, {} records pending, {} failed writes, {} recoveries{}",
+                a.path,
+                if a.failing {
+                    "FAILING (records kept in memory, retried)"
+                } else {
+                    "writing"
+                },
+                a.pending,
+                a.write_errors,
+                a.recoveries,
+                a.last_error
                     .as_ref()
                     .map_or(String::new(), |e| format!(", last error: {e}"))
             );

@@ -29,6 +29,7 @@ use std::{
     io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -279,6 +280,9 @@ pub struct AuditConfig {
     /// meanwhile go in the next write. Bounds how long a record can sit in
     /// memory after its key use.
     pub sync_interval: Duration,
+    /// After a failed write (a full disk, an I/O error), how long the
+    /// writer waits before trying again with the records it kept.
+    pub retry_interval: Duration,
 }
 
 impl AuditConfig {
@@ -289,8 +293,30 @@ impl AuditConfig {
             checkpoint_interval: Duration::from_secs(10),
             audit_token,
             sync_interval: Duration::from_millis(5),
+            retry_interval: Duration::from_secs(1),
         }
     }
+}
+
+/// Records a writer keeps while its writes fail; beyond this it leaves
+/// batches in the channel, whose senders then block (4096 batches on).
+const MAX_PENDING: usize = 65_536;
+
+/// The writer's health, for status and metrics: whether its writes fail,
+/// and the records it keeps meanwhile.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHealth {
+    pub path: String,
+    /// The last write failed: records are kept in memory and retried.
+    pub failing: bool,
+    /// Records kept, not yet on disk (those of a write in progress too).
+    pub pending: u64,
+    /// Writes that failed, since the writer started.
+    pub write_errors: u64,
+    /// Times writing succeeded again after failing.
+    pub recoveries: u64,
+    /// The last failure's reason (kept after a recovery).
+    pub last_error: Option<String>,
 }
 
 enum Msg {
@@ -325,6 +351,7 @@ pub struct AuditLog {
     sink: AuditSink,
     thread: Option<JoinHandle<Result<()>>>,
     path: PathBuf,
+    health: Arc<Mutex<AuditHealth>>,
 }
 
 impl AuditLog {
@@ -358,17 +385,28 @@ impl AuditLog {
             }
             None => None,
         };
+        let health = Arc::new(Mutex::new(AuditHealth {
+            path: path.display().to_string(),
+            ..AuditHealth::default()
+        }));
         let mut writer = Writer {
             file,
+            pending: Vec::new(),
+            retry_at: None,
+            failure: None,
+            torn: None,
+            health: health.clone(),
             canonical: log_path(&path),
             path: path.clone(),
-            end: 0,
-            seq: 0,
-            head: GENESIS.to_string(),
-            log_id: None,
-            unsealed: 0,
-            first_unsealed: None,
-            reseal: false,
+            chain: Chain {
+                end: 0,
+                seq: 0,
+                head: GENESIS.to_string(),
+                log_id: None,
+                unsealed: 0,
+                first_unsealed: None,
+                reseal: false,
+            },
             signed: None,
             config,
             session,
@@ -383,7 +421,16 @@ impl AuditLog {
             sink: AuditSink { tx },
             thread: Some(thread),
             path,
+            health,
         })
+    }
+
+    /// Whether the writer's writes fail, and what it keeps meanwhile.
+    pub fn health(&self) -> AuditHealth {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn sink(&self) -> AuditSink {
@@ -440,20 +487,23 @@ impl Drop for AuditLog {
 
 struct Writer {
     file: File,
+    /// Records not yet on disk: taken from the channel, kept across failed
+    /// writes (at most [`MAX_PENDING`] taken while failing).
+    pending: Vec<Entry>,
+    /// After a failed write: no new attempt before then.
+    retry_at: Option<Instant>,
+    /// Why the last write failed, while it does.
+    failure: Option<String>,
+    /// A failed write left bytes that could not be cut off: (where our
+    /// log ended, the length it was left at).
+    torn: Option<(u64, u64)>,
+    health: Arc<Mutex<AuditHealth>>,
     path: PathBuf,
     /// [`log_path`] of `path`, recorded in the token's heads.
     canonical: String,
-    /// File length after our last write (to notice other writers).
-    end: u64,
-    seq: u64,
-    head: String,
-    /// The log's id (hash of its first record), once it has one.
-    log_id: Option<String>,
-    unsealed: u64,
-    first_unsealed: Option<Instant>,
-    /// The last checkpoint went unsigned: seal again at the next interval,
-    /// so that a signed checkpoint covers it once the HSM is back.
-    reseal: bool,
+    /// Where the chain stands: what a batch moves, and a failed write puts
+    /// back.
+    chain: Chain,
     /// The last signed checkpoint of the batch being built: (seq, hash,
     /// offset of its line in the batch).
     signed: Option<(u64, String, usize)>,
@@ -471,51 +521,143 @@ impl Writer {
 
     fn run(mut self, rx: Receiver<Msg>) -> Result<()> {
         loop {
-            let timeout = match self.first_unsealed {
+            let mut timeout = match self.chain.first_unsealed {
                 Some(t) => self.config.checkpoint_interval.saturating_sub(t.elapsed()),
                 None => Duration::from_secs(3600),
             };
-            let first = match rx.recv_timeout(timeout) {
-                Ok(m) => Some(m),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
+            if let Some(t) = self.retry_at {
+                timeout = timeout.min(t.saturating_duration_since(Instant::now()));
+            }
+            let mut next = if self.pending.len() < MAX_PENDING {
+                match rx.recv_timeout(timeout) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                // Kept as many as we may: the rest waits in the channel
+                // (its senders block) until a write goes through.
+                std::thread::sleep(timeout);
+                None
             };
-            let mut entries = Vec::new();
             let mut flushes = Vec::new();
-            for msg in first.into_iter().chain(rx.try_iter()) {
+            while let Some(msg) = next.take() {
                 match msg {
-                    Msg::Entries(e) => entries.extend(e),
+                    Msg::Entries(e) => self.pending.extend(e),
                     Msg::Flush(done) => flushes.push(done),
                 }
+                if self.pending.len() < MAX_PENDING {
+                    next = rx.try_recv().ok();
+                }
             }
+            self.set_health(|h| h.pending = self.pending.len() as u64);
             let started = Instant::now();
-            let wrote = !entries.is_empty();
             let due = self
+                .chain
                 .first_unsealed
                 .is_some_and(|t| t.elapsed() >= self.config.checkpoint_interval);
-            let result = if !entries.is_empty() || due {
-                self.with_lock(|w| w.append(entries, due.then_some("interval")))
+            let may = self.retry_at.is_none_or(|t| Instant::now() >= t);
+            let wrote = may && !self.pending.is_empty();
+            let result = if may && (wrote || due) {
+                let r = self.with_lock(|w| w.append(due.then_some("interval")));
+                self.attempted(&r);
+                r
             } else {
-                Ok(())
+                match &self.failure {
+                    Some(e) => Err(self.err(e.clone())),
+                    None => Ok(()),
+                }
             };
-            if let Err(e) = &result {
-                eprintln!("loupe: audit log {}: {e}", self.path.display());
-            }
             for done in flushes {
                 let _ = done.send(match &result {
                     Ok(()) => Ok(()),
                     Err(e) => Err(self.err(e.to_string())),
                 });
             }
-            if wrote {
+            if wrote && result.is_ok() {
                 // Let the next group gather (the channel holds 4096 batches).
                 std::thread::sleep(self.config.sync_interval.saturating_sub(started.elapsed()));
             }
         }
-        if self.unsealed > 0 || self.reseal {
-            self.with_lock(|w| w.append(Vec::new(), Some("shutdown")))?;
+        self.shutdown()
+    }
+
+    /// The last records and the shutdown checkpoint. A disk still failing
+    /// gets a few more tries; records that cannot be written then go to
+    /// stderr (the service's journal), unchained, rather than nowhere.
+    fn shutdown(&mut self) -> Result<()> {
+        let mut tries = 0;
+        while !self.pending.is_empty() || self.chain.unsealed > 0 || self.chain.reseal {
+            let r = self.with_lock(|w| w.append(Some("shutdown")));
+            self.attempted(&r);
+            let Err(e) = r else { break };
+            tries += 1;
+            if tries < 3 {
+                std::thread::sleep(self.config.retry_interval);
+                continue;
+            }
+            if !self.pending.is_empty() {
+                eprintln!(
+                    "loupe: audit log {}: {} records could not be written at shutdown; \
+                     they follow, unchained:",
+                    self.path.display(),
+                    self.pending.len()
+                );
+                for e in &self.pending {
+                    eprintln!(
+                        "{}",
+                        serde_json::to_string(&record_of(e)).unwrap_or_default()
+                    );
+                }
+            }
+            return Err(e);
         }
         Ok(())
+    }
+
+    fn set_health(&self, f: impl FnOnce(&mut AuditHealth)) {
+        f(&mut self.health.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Books a write attempt: a failure is said on stderr (when it starts
+    /// or its reason changes), counted and retried later with the records
+    /// kept; the first success after failures is said too.
+    fn attempted(&mut self, r: &Result<()>) {
+        let pending = self.pending.len();
+        match r {
+            Ok(()) => {
+                self.retry_at = None;
+                if let Some(e) = self.failure.take() {
+                    eprintln!(
+                        "loupe: audit log {}: writing again (it failed: {e}); no record was lost",
+                        self.path.display()
+                    );
+                    self.set_health(|h| h.recoveries += 1);
+                }
+                self.set_health(|h| {
+                    h.failing = false;
+                    h.pending = pending as u64;
+                });
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                self.retry_at = Some(Instant::now() + self.config.retry_interval);
+                if self.failure.as_ref() != Some(&reason) {
+                    eprintln!(
+                        "loupe: AUDIT LOG NOT WRITTEN: {reason}; {pending} records kept in \
+                         memory, retried every {:?}",
+                        self.config.retry_interval
+                    );
+                }
+                self.set_health(|h| {
+                    h.failing = true;
+                    h.pending = pending as u64;
+                    h.write_errors += 1;
+                    h.last_error = Some(reason.clone());
+                });
+                self.failure = Some(reason);
+            }
+        }
     }
 
     /// Runs `f` holding an exclusive flock on the log.
@@ -540,10 +682,10 @@ impl Writer {
             .metadata()
             .map_err(|e| self.err(format!("stat: {e}")))?
             .len();
-        if len == self.end {
+        if len == self.chain.end {
             return Ok(());
         }
-        if len < self.end {
+        if len < self.chain.end {
             // Writers only append: someone else cut or emptied the file.
             // Appending goes on (key uses must be recorded), but the
             // token's head is not moved back (see `record_head`).
@@ -551,14 +693,14 @@ impl Writer {
                 "loupe: audit log {}: the file shrank from {} to {len} bytes under the \
                  writer: it was cut or replaced; check it with `loupe audit verify`",
                 self.path.display(),
-                self.end
+                self.chain.end
             );
         }
-        if len < self.end || self.log_id.is_none() {
-            self.log_id = line_at(&self.file, 0).map(|l| hex(&Sha256::digest(l)));
+        if len < self.chain.end || self.chain.log_id.is_none() {
+            self.chain.log_id = line_at(&self.file, 0).map(|l| hex(&Sha256::digest(l)));
         }
         let Some(last) = last_line(&mut self.file, len).map_err(|e| self.err(e))? else {
-            (self.seq, self.head, self.end) = (0, GENESIS.to_string(), 0);
+            (self.chain.seq, self.chain.head, self.chain.end) = (0, GENESIS.to_string(), 0);
             return Ok(());
         };
         let rec: Record = serde_json::from_slice(&last).map_err(|e| {
@@ -566,40 +708,53 @@ impl Writer {
                 "the last record is not valid ({e}); run `loupe audit verify` before appending"
             ))
         })?;
-        self.seq = rec.seq;
-        self.head = hex(&Sha256::digest(&last));
-        self.end = len;
+        self.chain.seq = rec.seq;
+        self.chain.head = hex(&Sha256::digest(&last));
+        self.chain.end = len;
         Ok(())
     }
 
-    fn append(&mut self, entries: Vec<Entry>, seal: Option<&str>) -> Result<()> {
+    /// Writes the pending records, and a checkpoint when `seal` says so
+    /// (or the count does). A failed write changes nothing: the pending
+    /// records stay, the chain state is put back, and what the write left
+    /// of a line is cut off, so the next attempt re-reads a whole tail.
+    fn append(&mut self, seal: Option<&str>) -> Result<()> {
+        self.repair_torn()?;
         self.resync()?;
+        let saved = self.chain.clone();
         let mut buf = Vec::new();
-        for e in entries {
+        let entries = std::mem::take(&mut self.pending);
+        for e in &entries {
             self.push(&mut buf, record_of(e));
-            self.unsealed += 1;
-            self.first_unsealed.get_or_insert_with(Instant::now);
-            if self.unsealed >= self.config.checkpoint_every {
+            self.chain.unsealed += 1;
+            self.chain.first_unsealed.get_or_insert_with(Instant::now);
+            if self.chain.unsealed >= self.config.checkpoint_every {
                 self.seal(&mut buf, "count");
             }
         }
         if let Some(reason) = seal {
-            if self.unsealed > 0 || self.reseal {
+            if self.chain.unsealed > 0 || self.chain.reseal {
                 self.seal(&mut buf, reason);
             }
         }
         if buf.is_empty() {
             return Ok(());
         }
-        let base = self.end;
+        let base = self.chain.end;
         let signed = self.signed.take();
-        self.file
+        if let Err(e) = self
+            .file
             .write_all(&buf)
             .and_then(|()| self.file.sync_data())
-            .map_err(|e| self.err(format!("write: {e}")))?;
-        self.end += buf.len() as u64;
+        {
+            self.pending = entries;
+            self.chain = saved;
+            self.cut_back();
+            return Err(self.err(format!("write: {e}")));
+        }
+        self.chain.end += buf.len() as u64;
         if let Some((seq, hash, at)) = signed {
-            let head = self.log_id.clone().map(|log| Head {
+            let head = self.chain.log_id.clone().map(|log| Head {
                 log,
                 seq,
                 hash,
@@ -619,6 +774,44 @@ impl Writer {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// After a failed write, under the lock: cuts off what it left beyond
+    /// the last whole record (part of a line, or lines not known to be on
+    /// disk), as they will be written again. If that fails too, it is tried
+    /// again before the next write, unless the file changed meanwhile.
+    fn cut_back(&mut self) {
+        let Ok(len) = self.file.metadata().map(|m| m.len()) else {
+            return;
+        };
+        if len > self.chain.end {
+            if let Err(e) = self.file.set_len(self.chain.end) {
+                eprintln!(
+                    "loupe: audit log {}: cannot cut the failed write's {} bytes: {e}",
+                    self.path.display(),
+                    len - self.chain.end
+                );
+                self.torn = Some((self.chain.end, len));
+            }
+        }
+    }
+
+    fn repair_torn(&mut self) -> Result<()> {
+        let Some((end, left)) = self.torn else {
+            return Ok(());
+        };
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| self.err(format!("stat: {e}")))?
+            .len();
+        if len == left {
+            self.file
+                .set_len(end)
+                .map_err(|e| self.err(format!("cutting a failed write's bytes: {e}")))?;
+        }
+        self.torn = None;
         Ok(())
     }
 
@@ -692,11 +885,11 @@ impl Writer {
 
     /// Appends `rec` to `buf`; returns where its line starts in `buf`.
     fn push(&mut self, buf: &mut Vec<u8>, mut rec: Record) -> usize {
-        self.seq += 1;
+        self.chain.seq += 1;
         let start = buf.len();
-        self.head = rec.link(self.seq, std::mem::take(&mut self.head), buf);
-        if self.seq == 1 {
-            self.log_id = Some(self.head.clone());
+        self.chain.head = rec.link(self.chain.seq, std::mem::take(&mut self.chain.head), buf);
+        if self.chain.seq == 1 {
+            self.chain.log_id = Some(self.chain.head.clone());
         }
         start
     }
@@ -710,12 +903,12 @@ impl Writer {
             .as_ref()
             .map(|t| t.label().to_string())
             .unwrap_or_default();
-        let msg = checkpoint_message(self.seq + 1, &time, &self.head);
+        let msg = checkpoint_message(self.chain.seq + 1, &time, &self.chain.head);
         let signed = self.with_session(|s| s.sign(AUDIT_KEY_LABEL, AUDIT_MECH, &msg));
-        if signed.is_err() && self.unsealed == 0 {
+        if signed.is_err() && self.chain.unsealed == 0 {
             // A retry with nothing new since the unsigned checkpoint before:
             // another unsigned one would add nothing. Try again later.
-            self.first_unsealed = Some(Instant::now());
+            self.chain.first_unsealed = Some(Instant::now());
             return;
         }
         let (result, sig) = match signed {
@@ -741,28 +934,44 @@ impl Writer {
             prev: String::new(),
         };
         let at = self.push(buf, rec);
-        self.unsealed = 0;
-        self.reseal = !was_signed;
+        self.chain.unsealed = 0;
+        self.chain.reseal = !was_signed;
         if was_signed {
-            self.signed = Some((self.seq, self.head.clone(), at));
-            self.first_unsealed = None;
+            self.signed = Some((self.chain.seq, self.chain.head.clone(), at));
+            self.chain.first_unsealed = None;
         } else {
-            self.first_unsealed = Some(Instant::now());
+            self.chain.first_unsealed = Some(Instant::now());
         }
     }
 }
 
-fn record_of(e: Entry) -> Record {
+/// A writer's chain state.
+#[derive(Clone)]
+struct Chain {
+    /// File length after our last write (to notice other writers).
+    end: u64,
+    seq: u64,
+    head: String,
+    /// The log's id (hash of its first record), once it has one.
+    log_id: Option<String>,
+    unsealed: u64,
+    first_unsealed: Option<Instant>,
+    /// The last checkpoint went unsigned: seal again at the next interval,
+    /// so that a signed checkpoint covers it once the HSM is back.
+    reseal: bool,
+}
+
+fn record_of(e: &Entry) -> Record {
     Record {
         seq: 0,
         time: rfc3339(e.time),
         kind: e.kind,
-        token: e.token,
-        key: e.key,
+        token: e.token.clone(),
+        key: e.key.clone(),
         mech: e.mech.map(|m| m.name().to_string()),
-        purpose: e.purpose,
-        requester: e.requester,
-        result: match e.result {
+        purpose: e.purpose.clone(),
+        requester: e.requester.clone(),
+        result: match &e.result {
             Ok(()) => "ok".to_string(),
             Err(msg) => format!("error: {msg}"),
         },

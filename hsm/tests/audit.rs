@@ -699,3 +699,111 @@ fn a_log_moved_to_a_new_path_still_verifies_and_claims_it() {
     let report = on_token(&path, &token, false).unwrap();
     assert_eq!(report.head, HeadFound::Matched(2), "{report:?}");
 }
+
+/// Mounts a tmpfs of `size` on `dir` in a mount namespace of the calling
+/// thread alone (threads it starts share it): the mount goes with the
+/// namespace, so nothing stays mounted whatever becomes of the test.
+fn private_tmpfs(dir: &Path, size: &str) {
+    use std::ffi::CString;
+    fs::create_dir_all(dir).unwrap();
+    let c = |s: &str| CString::new(s).unwrap();
+    let (none, root, tmpfs) = (c("none"), c("/"), c("tmpfs"));
+    let (target, opts) = (c(dir.to_str().unwrap()), c(&format!("size={size}")));
+    // SAFETY: plain syscalls on NUL-terminated strings that outlive them;
+    // unshare(CLONE_NEWNS) affects this thread's filesystem context only.
+    unsafe {
+        assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare");
+        assert_eq!(
+            libc::mount(
+                none.as_ptr(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ),
+            0,
+            "make / private"
+        );
+        assert_eq!(
+            libc::mount(
+                tmpfs.as_ptr(),
+                target.as_ptr(),
+                tmpfs.as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            ),
+            0,
+            "mount tmpfs: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Fills the filesystem holding `path` until a write fails for want of
+/// space.
+fn fill(path: &Path) {
+    let mut f = fs::File::create(path).unwrap();
+    let chunk = [b'x'; 4096];
+    loop {
+        match std::io::Write::write(&mut f, &chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+}
+
+/// The disk fills under the writer: a write fails part-way. The records are
+/// kept and written once there is room again, in one whole chain: none is
+/// lost, none twice, and the log verifies against the token.
+#[test]
+fn a_failed_write_loses_no_record_and_the_chain_holds() {
+    let (token, _) = setup("audit-enospc");
+    let dir = common::sandbox().dir.join("enospc");
+    private_tmpfs(&dir, "256k");
+    let path = dir.join("audit.jsonl");
+    let mut c = AuditConfig::new(&path, Some(token.clone()));
+    c.checkpoint_interval = Duration::from_secs(3600);
+    let log = AuditLog::open(c).unwrap();
+    let sink = log.sink();
+    sink.record((0..10).map(entry).collect()).unwrap();
+    log.flush().unwrap();
+
+    let filler = dir.join("filler");
+    fill(&filler);
+    for batch in (10..60).collect::<Vec<_>>().chunks(10) {
+        sink.record(batch.iter().map(|&i| entry(i)).collect())
+            .unwrap();
+    }
+    let err = log.flush().expect_err("a write to a full disk succeeded");
+    assert!(err.to_string().contains("No space left"), "{err}");
+    let h = log.health();
+    assert!(h.failing && h.write_errors >= 1, "{h:?}");
+    assert_eq!(h.pending, 50, "{h:?}");
+    assert!(
+        h.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("No space left")),
+        "{h:?}"
+    );
+
+    fs::remove_file(&filler).unwrap();
+    sink.record((60..70).map(entry).collect()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || log.flush().is_ok()),
+        "the writer did not recover"
+    );
+    let h = log.health();
+    assert!(!h.failing && h.pending == 0 && h.recoveries == 1, "{h:?}");
+    drop(sink);
+    log.close().unwrap();
+    let report = on_token(&path, &token, false).unwrap();
+    assert_eq!(report.unsealed, 0, "{report:?}");
+    let recs = records(&lines(&path));
+    for i in 0..70 {
+        let purpose = format!("mint leaf {i}");
+        let n = recs.iter().filter(|r| r.purpose == purpose).count();
+        assert_eq!(n, 1, "{purpose} is in the log {n} times");
+    }
+}

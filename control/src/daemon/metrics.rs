@@ -323,6 +323,26 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         o.sample(&format!("{name}_sum"), &[], t.mint_sum_us as f64 / 1e6);
         o.sample(&format!("{name}_count"), &[], cumulative);
     }
+    if let Some(a) = &r.audit {
+        o.head(
+            "loupe_audit_log_failing",
+            "gauge",
+            "Whether the audit log's last write failed (records kept, retried).",
+        );
+        o.sample("loupe_audit_log_failing", &[], u8::from(a.failing));
+        o.head(
+            "loupe_audit_log_pending_records",
+            "gauge",
+            "Audit records kept in memory, not yet on disk.",
+        );
+        o.sample("loupe_audit_log_pending_records", &[], a.pending);
+        o.head(
+            "loupe_audit_log_write_errors_total",
+            "counter",
+            "Audit log writes that failed.",
+        );
+        o.sample("loupe_audit_log_write_errors_total", &[], a.write_errors);
+    }
     if !r.hsm.is_empty() {
         o.head("loupe_hsm_up", "gauge", "Whether each HSM token answers.");
         for h in &r.hsm {
@@ -517,6 +537,35 @@ mod tests {
                 "{name} undeclared"
             );
         }
+    }
+
+    #[test]
+    fn a_failing_audit_log_shows() {
+        let r = StatsReport {
+            audit: Some(loupe_hsm::audit::AuditHealth {
+                path: "/var/lib/loupe/audit.jsonl".into(),
+                failing: true,
+                pending: 7,
+                write_errors: 2,
+                recoveries: 0,
+                last_error: Some("write: No space left on device".into()),
+            }),
+            ..StatsReport::default()
+        };
+        let t = render(Some(&r), &ControlCounters::default());
+        for want in [
+            "loupe_audit_log_failing 1\n",
+            "loupe_audit_log_pending_records 7\n",
+            "loupe_audit_log_write_errors_total 2\n",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+        let text = r.render();
+        assert!(
+            text.contains("audit log /var/lib/loupe/audit.jsonl: FAILING (records kept in memory")
+                && text.contains("7 records pending, 2 failed writes"),
+            "{text}"
+        );
     }
 
     #[test]
