@@ -521,12 +521,13 @@ impl Daemon {
         }
     }
 
-    fn serve_client(&self, stream: UnixStream) {
+    fn serve_client(&self, stream: UnixStream, slot: &unix::Slot) {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
         let Ok(read) = stream.try_clone() else { return };
         let mut reader = unix::LineReader::new(BufReader::new(read));
         let mut out = &stream;
         while let Ok(Some(line)) = reader.read_line() {
+            let _busy = slot.busy();
             let resp = match serde_json::from_str::<CtlRequest>(&line) {
                 Ok(req) => self.handle(req),
                 Err(e) => CtlResponse::error(format!("bad request: {e}")),
@@ -818,7 +819,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         &stop,
         "loupe: control socket",
         |why| api::line(&CtlResponse::error(why)),
-        move |s| d.serve_client(s),
+        move |s, slot| d.serve_client(s, slot),
     );
     for t in threads {
         let _ = t.join();
