@@ -202,17 +202,21 @@ fn write_out(out: Option<&Path>, bytes: &[u8]) -> anyhow::Result<()> {
         Some(p) => {
             std::fs::write(p, bytes).with_context(|| format!("cannot write {}", p.display()))
         }
-        None => std::io::stdout().write_all(bytes).context("stdout"),
+        None => crate::stdout_result(std::io::stdout().write_all(bytes)),
     }
 }
 
-fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) {
-    println!(
+fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) -> anyhow::Result<()> {
+    outln!(
         "{:<16} {:>3}  {:<6} {:<9} {:<32} sha256",
-        "ca", "gen", "active", "key", "label"
-    );
+        "ca",
+        "gen",
+        "active",
+        "key",
+        "label"
+    )?;
     for c in cas {
-        println!(
+        outln!(
             "{:<16} {:>3}  {:<6} {:<9} {:<32} {}",
             c.role.name(),
             c.generation,
@@ -220,8 +224,9 @@ fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) {
             c.key,
             c.label,
             c.fingerprint
-        );
+        )?;
     }
+    Ok(())
 }
 
 pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
@@ -232,13 +237,13 @@ pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
         CaCommand::Init(new) => {
             let opts = new.options()?;
             let made = open()?.run(|ca| Ok(ca.init(&opts)?))?;
-            print_cas(&made);
-            println!("export the forward-trust CA for clients with `loupe ca export`");
+            print_cas(&made)?;
+            outln!("export the forward-trust CA for clients with `loupe ca export`")?;
         }
         CaCommand::Rotate(new) => {
             let opts = new.options()?;
             let made = open()?.run(|ca| Ok(ca.rotate(&opts)?))?;
-            print_cas(&made);
+            print_cas(&made)?;
         }
         CaCommand::Export {
             ca: which,
@@ -273,14 +278,14 @@ pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
         }
         CaCommand::Destroy { generation, force } => {
             let n = open()?.run(|ca| Ok(ca.destroy(generation, force)?))?;
-            println!("destroyed CA generation {generation} ({n} objects)");
+            outln!("destroyed CA generation {generation} ({n} objects)")?;
         }
         CaCommand::List { json } => {
             let list = open()?.run(|ca| Ok(ca.list()?))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?)?;
             } else {
-                print_cas(&list);
+                print_cas(&list)?;
             }
         }
     }
@@ -313,24 +318,24 @@ pub fn audit(hsm: &HsmArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             };
             match audit::verify(&file, &keys) {
                 Ok(r) => {
-                    println!(
+                    outln!(
                         "audit log {}: OK: {} records, {} checkpoints, sealed through seq {}",
                         file.display(),
                         r.records,
                         r.checkpoints,
                         r.sealed_through.map_or("none".into(), |s| s.to_string())
-                    );
+                    )?;
                     if r.unsealed > 0 {
-                        println!(
+                        outln!(
                             "warning: the last {} records are not sealed by a signed checkpoint yet",
                             r.unsealed
-                        );
+                        )?;
                     }
                     if !r.unsigned_checkpoints.is_empty() {
-                        println!(
+                        outln!(
                             "warning: checkpoints left unsigned (HSM unavailable then): seq {:?}",
                             r.unsigned_checkpoints
-                        );
+                        )?;
                     }
                     Ok(ExitCode::SUCCESS)
                 }
