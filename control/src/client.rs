@@ -21,16 +21,18 @@ pub struct Conn {
 
 impl Conn {
     pub fn open(path: &Path, timeout: Duration) -> anyhow::Result<Conn> {
-        let out = UnixStream::connect(path).with_context(|| {
-            format!(
-                "cannot connect to {}{}",
-                path.display(),
-                if path.exists() {
-                    " (permission denied means this user is not root or in the socket's group)"
-                } else {
-                    " (is the process running?)"
+        let out = UnixStream::connect(path).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    " (this user is not root or in the socket's group)"
                 }
-            )
+                std::io::ErrorKind::NotFound => " (is the process running?)",
+                std::io::ErrorKind::ConnectionRefused => {
+                    " (nothing serves it: is the process running?)"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!("cannot connect to {}: {e}{hint}", path.display())
         })?;
         out.set_read_timeout(Some(timeout))?;
         out.set_write_timeout(Some(timeout))?;
@@ -102,4 +104,35 @@ pub fn call<T: DeserializeOwned>(
     timeout: Duration,
 ) -> anyhow::Result<T> {
     Conn::open(path, timeout)?.call(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each failure to connect is named for what it is: a socket file
+    /// nobody serves is not a permission problem.
+    #[test]
+    fn connection_errors_say_what_happened() {
+        let dir = std::env::temp_dir().join(format!("loupe-client-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let e = Conn::open(&path, Duration::from_secs(5)).err().unwrap();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("No such file") && e.contains("is the process running?"),
+            "{e}"
+        );
+        // Bound, then nobody listening: the file stays, connecting is refused.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let e = Conn::open(&path, Duration::from_secs(5)).err().unwrap();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("Connection refused") && e.contains("nothing serves it"),
+            "{e}"
+        );
+        assert!(!e.to_lowercase().contains("permission"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -223,17 +223,21 @@ fn write_out(out: Option<&Path>, bytes: &[u8]) -> anyhow::Result<()> {
         Some(p) => {
             std::fs::write(p, bytes).with_context(|| format!("cannot write {}", p.display()))
         }
-        None => std::io::stdout().write_all(bytes).context("stdout"),
+        None => crate::stdout_result(std::io::stdout().write_all(bytes)),
     }
 }
 
-fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) {
-    println!(
+fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) -> anyhow::Result<()> {
+    outln!(
         "{:<16} {:>3}  {:<6} {:<9} {:<32} sha256",
-        "ca", "gen", "active", "key", "label"
-    );
+        "ca",
+        "gen",
+        "active",
+        "key",
+        "label"
+    )?;
     for c in cas {
-        println!(
+        outln!(
             "{:<16} {:>3}  {:<6} {:<9} {:<32} {}",
             c.role.name(),
             c.generation,
@@ -241,8 +245,9 @@ fn print_cas(cas: &[loupe_hsm::ca::CaInfo]) {
             c.key,
             c.label,
             c.fingerprint
-        );
+        )?;
     }
+    Ok(())
 }
 
 pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
@@ -253,13 +258,13 @@ pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
         CaCommand::Init(new) => {
             let opts = new.options()?;
             let made = open()?.run(|ca| Ok(ca.init(&opts)?))?;
-            print_cas(&made);
-            println!("export the forward-trust CA for clients with `loupe ca export`");
+            print_cas(&made)?;
+            outln!("export the forward-trust CA for clients with `loupe ca export`")?;
         }
         CaCommand::Rotate(new) => {
             let opts = new.options()?;
             let made = open()?.run(|ca| Ok(ca.rotate(&opts)?))?;
-            print_cas(&made);
+            print_cas(&made)?;
         }
         CaCommand::Export {
             ca: which,
@@ -294,14 +299,14 @@ pub fn ca(hsm: &HsmArgs, cmd: CaCommand) -> anyhow::Result<ExitCode> {
         }
         CaCommand::Destroy { generation, force } => {
             let n = open()?.run(|ca| Ok(ca.destroy(generation, force)?))?;
-            println!("destroyed CA generation {generation} ({n} objects)");
+            outln!("destroyed CA generation {generation} ({n} objects)")?;
         }
         CaCommand::List { json } => {
             let list = open()?.run(|ca| Ok(ca.list()?))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?)?;
             } else {
-                print_cas(&list);
+                print_cas(&list)?;
             }
         }
     }
@@ -334,19 +339,19 @@ pub fn audit(hsm: &HsmArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let at = audit::log_path(&hsm.audit_log);
             let heads = heads?;
             if heads.is_empty() {
-                println!(
+                outln!(
                     "audit log {at}: the token holds no head of another log at this path: \
                      nothing to supersede"
-                );
+                )?;
             }
             for h in &heads {
-                println!(
+                outln!(
                     "audit log {at}: supersedes log {} (head seq {}), recorded in the log and \
                      on the token {:?}",
                     h.log,
                     h.seq,
                     token.label()
-                );
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -394,60 +399,60 @@ fn verify_log(
             return Ok(ExitCode::from(1));
         }
     };
-    println!(
+    outln!(
         "audit log {}: OK: {} records, {} checkpoints, sealed through seq {}",
         file.display(),
         r.records,
         r.checkpoints,
         r.sealed_through.map_or("none".into(), |s| s.to_string())
-    );
+    )?;
     let token = &hsm.token;
     match r.head {
         HeadFound::Matched(seq) => {
-            println!(
+            outln!(
                 "head: token {token:?} holds this log's head at seq {seq}, and the file holds \
                  that record: nothing sealed was cut from its end"
-            );
+            )?;
             if let Some(sealed) = r.sealed_through.filter(|&s| s > seq) {
-                println!(
+                outln!(
                     "head: the file is sealed beyond it, through seq {sealed} (its writer \
                      stopped before recording its last checkpoint on the token)"
-                );
+                )?;
             }
         }
-        HeadFound::NotRecorded => println!(
+        HeadFound::NotRecorded => outln!(
             "head: token {token:?} holds no head for this log (id {}): a cut at its end \
              cannot be seen (its first signed checkpoint is not recorded on the token yet, or \
              it was written before the token kept heads)",
             r.log_id
-        ),
-        HeadFound::Unchecked => println!(
+        )?,
+        HeadFound::Unchecked => outln!(
             "head: not checked against the token (verified with --pubkey alone): what the \
              file holds verifies, but a cut at its end, checkpoints included, cannot be seen; \
              run `loupe audit verify` where the token is reachable for that"
-        ),
+        )?,
     }
     if r.unsealed > 0 {
         let after = r
             .sealed_through
             .map_or(String::new(), |s| format!(" (seq {s})"));
-        println!(
+        outln!(
             "open tail: {} unsealed record{} after the last signed checkpoint{after}; nothing \
              protects {} until the next checkpoint",
             r.unsealed,
             if r.unsealed == 1 { "" } else { "s" },
             if r.unsealed == 1 { "it" } else { "them" }
-        );
+        )?;
     }
     for h in &r.superseded {
-        println!(
+        outln!(
             "head: this log took the place at this path of log {} (head seq {}), as recorded \
              with `loupe audit reset-head`",
             h.log, h.seq
-        );
+        )?;
     }
     if !r.unsigned_checkpoints.is_empty() {
-        println!(
+        outln!(
             "note: checkpoints left unsigned (HSM unavailable then), sealed by a later signed \
              one: seq {}",
             r.unsigned_checkpoints
@@ -455,7 +460,7 @@ fn verify_log(
                 .map(u64::to_string)
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

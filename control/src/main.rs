@@ -3,6 +3,30 @@
 //! other commands talk to it (`client`), check policies (`policy`), or run
 //! the HSM's CA lifecycle and audit checks (`hsm`).
 
+/// A line to standard output, for the commands (`println!` panics when
+/// the reader has gone away); an error to pass on with `?`.
+macro_rules! outln {
+    () => {
+        outln!("")
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout_result(std::io::Write::write_fmt(
+            &mut std::io::stdout().lock(),
+            format_args!("{}\n", format_args!($($arg)*)),
+        ))
+    };
+}
+
+/// [`outln!`] without the newline.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::stdout_result(std::io::Write::write_fmt(
+            &mut std::io::stdout().lock(),
+            format_args!($($arg)*),
+        ))
+    };
+}
+
 mod client;
 mod daemon;
 mod hsm;
@@ -155,11 +179,11 @@ fn ctl(socket: &std::path::Path, req: &daemon::CtlRequest) -> anyhow::Result<dae
 fn status(socket: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     let r = ctl(socket, &daemon::CtlRequest::Status)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        outln!("{}", serde_json::to_string_pretty(&r)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(c) = &r.control {
-        println!(
+        outln!(
             "loupe control (pid {}, up {:.1}s): dataplane {} {}",
             c.pid,
             c.uptime_ms as f64 / 1000.0,
@@ -169,8 +193,8 @@ fn status(socket: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
             } else {
                 "NOT REACHABLE"
             }
-        );
-        println!(
+        )?;
+        outln!(
             "policy: {} ({}); flow log {} ({} records written)",
             c.desired_version.map_or("none applied".into(), |v| format!(
                 "version {v} from {}",
@@ -183,14 +207,14 @@ fn status(socket: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
             },
             c.log,
             c.records_written
-        );
+        )?;
         if let Some(e) = &c.last_error {
-            println!("last error: {e}");
+            outln!("last error: {e}")?;
         }
     }
     if let Some(d) = &r.dataplane {
-        println!();
-        print!("{}", d.render());
+        outln!()?;
+        out!("{}", d.render())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -219,10 +243,10 @@ fn flows(socket: &std::path::Path, filter: Option<&str>, json: bool) -> anyhow::
         .filter(|f| keep(f))
         .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        outln!("{}", serde_json::to_string_pretty(&list)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<46} {:<46} {:<9} {:<10} {:<24} {:<28} {:>12} {:>12} {:>8}",
         "client",
         "server",
@@ -233,7 +257,7 @@ fn flows(socket: &std::path::Path, filter: Option<&str>, json: bool) -> anyhow::
         "bytes c->s",
         "bytes s->c",
         "age s"
-    );
+    )?;
     for f in &list {
         let d = f.decision.clone().unwrap_or_default();
         let (c2s, s2c) = if d.state == "split" {
@@ -241,7 +265,7 @@ fn flows(socket: &std::path::Path, filter: Option<&str>, json: bool) -> anyhow::
         } else {
             (f.inside.bytes, f.outside.bytes)
         };
-        println!(
+        outln!(
             "{:<46} {:<46} {:<9} {:<10} {:<24} {:<28} {:>12} {:>12} {:>8.1}",
             f.client,
             f.server,
@@ -256,9 +280,9 @@ fn flows(socket: &std::path::Path, filter: Option<&str>, json: bool) -> anyhow::
             c2s,
             s2c,
             f.age_ms as f64 / 1000.0
-        );
+        )?;
     }
-    println!("{} flow(s)", list.len());
+    outln!("{} flow(s)", list.len())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -277,11 +301,11 @@ fn policy_check(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::FAILURE);
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&p)?);
+        outln!("{}", serde_json::to_string_pretty(&p)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let st = p.steering().map_err(anyhow::Error::msg)?;
-    println!(
+    outln!(
         "{}: OK: {} rules, default {}, {} profiles, {} categories; digest {}",
         file.display(),
         p.rules.len(),
@@ -289,19 +313,19 @@ fn policy_check(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> 
         p.profiles.len(),
         p.categories.len(),
         &p.digest[..12]
-    );
+    )?;
     let text = |ps: &[loupe_dataplane::config::Prefix]| {
         ps.iter()
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!(
+    outln!(
         "steering: tcp ports {:?}, server prefixes [{}], exempt [{}]",
         st.ports,
         text(&st.prefixes),
         text(&st.exempt)
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -317,9 +341,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
             })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
-                print!("{}", report.render());
+                out!("{}", report.render())?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -329,24 +353,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             PolicyCommand::Check { file, json } => policy_check(&file, json),
             PolicyCommand::Apply { file } => {
                 let r = ctl(&cli.socket, &daemon::apply_request(&file)?)?;
-                println!(
+                outln!(
                     "applied {}: the dataplane runs policy version {}",
                     file.display(),
                     r.version.unwrap_or_default()
-                );
+                )?;
                 Ok(ExitCode::SUCCESS)
             }
             PolicyCommand::Show { json } => {
                 let r = ctl(&cli.socket, &daemon::CtlRequest::PolicyShow)?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&r.policy)?);
+                    outln!("{}", serde_json::to_string_pretty(&r.policy)?)?;
                 } else {
                     let p = r.policy.context("no policy in the answer")?;
-                    println!(
+                    outln!(
                         "# version {} from {} (digest {})",
-                        p.version, p.source, p.digest
-                    );
-                    print!("{}", r.policy_text.unwrap_or_default());
+                        p.version,
+                        p.source,
+                        p.digest
+                    )?;
+                    out!("{}", r.policy_text.unwrap_or_default())?;
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -357,15 +383,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r = ctl(&cli.socket, &daemon::CtlRequest::Exclusions { clear })?;
             let list = r.exclusions.unwrap_or_default();
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?)?;
             } else {
-                println!(
+                outln!(
                     "{:<32} {:<30} {:<12} {:<16} {:>9} {:>6}  reason",
-                    "server name", "server", "profile", "client", "expires", "hits"
-                );
+                    "server name",
+                    "server",
+                    "profile",
+                    "client",
+                    "expires",
+                    "hits"
+                )?;
                 for e in &list {
                     let server = std::net::SocketAddr::new(e.site.server, e.site.port);
-                    println!(
+                    outln!(
                         "{:<32} {:<30} {:<12} {:<16} {:>8}s {:>6}  {}",
                         e.site.sni.as_deref().unwrap_or("(none)"),
                         server.to_string(),
@@ -374,10 +405,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         e.expires_in_s,
                         e.hits,
                         e.reason
-                    );
+                    )?;
                 }
                 if clear {
-                    println!("cleared {} exclusion(s)", list.len());
+                    outln!("cleared {} exclusion(s)", list.len())?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -389,7 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let r = ctl(&cli.socket, &daemon::CtlRequest::LogTail { lines })?;
             for l in r.lines {
-                println!("{l}");
+                outln!("{l}")?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -401,9 +432,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Standard output was closed by its reader (`loupe policy show | head
+/// -1`): the rest is not wanted, and the command ends quietly.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// The result of a write to standard output, for [`outln!`].
+fn stdout_result(r: std::io::Result<()>) -> anyhow::Result<()> {
+    r.map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => anyhow::Error::new(StdoutClosed),
+        _ => anyhow::Error::new(e).context("cannot write to standard output"),
+    })
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("loupe: {e:#}");
             ExitCode::FAILURE

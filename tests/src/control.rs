@@ -151,16 +151,26 @@ impl Control {
 
     /// `loupe --socket <daemon> ARGS` in the engine namespace.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(self.cli_command(args)?.output()?)
+    }
+
+    /// [`Control::cli`] with a standard output whose reader is gone
+    /// (as `loupe ARGS | head -c 0`).
+    pub fn cli_closed_stdout(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let mut cmd = self.cli_command(args)?;
+        Ok(cmd.stdout(writer).stderr(Stdio::piped()).output()?)
+    }
+
+    fn cli_command(&self, args: &[&str]) -> anyhow::Result<std::process::Command> {
         let bin = workspace_bin("loupe");
-        let out = self
-            .engine
-            .command(bin.to_str().context("path")?)
-            .arg("--socket")
+        let mut cmd = self.engine.command(bin.to_str().context("path")?);
+        cmd.arg("--socket")
             .arg(&self.socket)
             .args(args)
-            .stdin(Stdio::null())
-            .output()?;
-        Ok(out)
+            .stdin(Stdio::null());
+        Ok(cmd)
     }
 
     /// `loupe status --json`.
@@ -177,19 +187,20 @@ impl Control {
     /// Waits until the daemon reaches the dataplane and the dataplane runs
     /// the daemon's policy; returns that policy's version.
     pub fn wait_in_sync(&self) -> anyhow::Result<u64> {
-        wait_until(
-            "control and dataplane in sync",
-            Duration::from_secs(60),
-            || {
-                let s = self.status().map_err(|e| e.to_string())?;
-                let c = &s["control"];
-                if c["dataplane_connected"] == true && c["in_sync"] == true {
-                    Ok(c["desired_version"].as_u64())
-                } else {
-                    Err(c.to_string())
-                }
-            },
-        )
+        self.wait_in_sync_within(Duration::from_secs(60))
+    }
+
+    /// [`Control::wait_in_sync`] with a deadline of `timeout`.
+    pub fn wait_in_sync_within(&self, timeout: Duration) -> anyhow::Result<u64> {
+        wait_until("control and dataplane in sync", timeout, || {
+            let s = self.status().map_err(|e| e.to_string())?;
+            let c = &s["control"];
+            if c["dataplane_connected"] == true && c["in_sync"] == true {
+                Ok(c["desired_version"].as_u64())
+            } else {
+                Err(c.to_string())
+            }
+        })
     }
 
     /// The flow log's records so far (the live file).

@@ -67,6 +67,9 @@ pub fn self_signed_p256(
     })
 }
 
+/// What every [`Nginx`] serves as `index.html`.
+pub const INDEX_HTML: &str = "loupe test page\n";
+
 pub struct Nginx {
     _proc: Proc,
     pub cert: ServerCert,
@@ -104,7 +107,7 @@ impl Nginx {
         let dir = h.dir.join(format!("nginx-{port}"));
         let docroot = dir.join("www");
         std::fs::create_dir_all(&docroot)?;
-        std::fs::write(docroot.join("index.html"), "loupe test page\n")?;
+        std::fs::write(docroot.join("index.html"), INDEX_HTML)?;
         let d = dir.display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\

@@ -16,11 +16,12 @@ use loupe_tests::{
     control::{dataplane_socket, Control},
     engine::Engine,
     harness::SERVER_V4,
-    https::{curl_sha256, Nginx, SERVER_NAME},
+    https::{curl_sha256, hex, Nginx, INDEX_HTML, SERVER_NAME},
     proc::Proc,
     wait_until, Harness, HarnessConfig,
 };
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 const MIB: usize = 1 << 20;
 
@@ -279,7 +280,7 @@ fn a_live_change_keeps_the_running_split_and_bypasses_new_connections() {
     // New connections are bypassed in XDP.
     let bypass_before = xdp(&engine, "flow_bypass");
     let (got, _) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "index.html")).unwrap();
-    assert_eq!(got.len(), 64);
+    assert_eq!(got, hex(&Sha256::digest(INDEX_HTML)));
     wait_until(
         "the new connection on the fast path",
         Duration::from_secs(30),
@@ -322,6 +323,14 @@ fn a_live_change_keeps_the_running_split_and_bypasses_new_connections() {
     // `policy show` shows the new policy as written.
     let show = control.cli(&["policy", "show"]).unwrap();
     assert!(String::from_utf8_lossy(&show.stdout).contains("bypass-lab"));
+    // `policy show | head -1`: the reader goes away; the CLI ends quietly.
+    let out = control.cli_closed_stdout(&["policy", "show"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.is_empty(),
+        "{:?}: {err}",
+        out.status
+    );
 }
 
 /// Each malformed policy is refused with its error, and the running one
@@ -341,6 +350,9 @@ fn malformed_policies_are_refused_and_the_running_one_stays() {
             r.policy.as_ref().map(|p| p.digest.clone())
         })
         .unwrap();
+    // The digest of what runs is that of the file applied (it names no
+    // category file).
+    assert_eq!(digest, hex(&Sha256::digest(std::fs::read(&good).unwrap())));
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../control/tests/policies/bad");
     let mut files: Vec<_> = std::fs::read_dir(&corpus)
         .unwrap()
@@ -712,4 +724,54 @@ fn reused_ports_do_not_inherit_a_pass() {
         })
         .unwrap();
     assert_eq!(field(&rec, "client"), "198.18.0.1:40123");
+}
+
+/// Idle connections fill neither socket for long: with more of them than
+/// either serves at once, `loupe status` is answered (the dataplane
+/// reached, the policy running), a policy is applied, and a restarted
+/// daemon reaches the dataplane again, each in seconds (idle clients used
+/// to lock the CLI out for 30 s and the daemon for 60 s).
+#[test]
+fn idle_connections_lock_out_neither_the_cli_nor_the_daemon() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let first = policy(
+        &h,
+        "first.toml",
+        "[[rules]]\nname = \"split-all\"\naction = \"tcp-split\"\n",
+    );
+    let second = policy(
+        &h,
+        "second.toml",
+        "[[rules]]\nname = \"pass-all\"\naction = \"no-decrypt\"\n",
+    );
+    let (_engine, mut control) = start(&h, Some(&first));
+    assert_eq!(control.wait_in_sync().unwrap(), 1);
+    let sock = dataplane_socket(&h);
+    // More idle connections than either socket serves at once.
+    let idle = loupe_dataplane::api::unix::MAX_CLIENTS + 8;
+    let mut held = Vec::new();
+    for path in [&control.socket, &sock] {
+        for _ in 0..idle {
+            held.push(std::os::unix::net::UnixStream::connect(path).unwrap());
+        }
+    }
+    // Far below the old lock-outs, and generous for a loaded machine.
+    let soon = Duration::from_secs(10);
+    assert_eq!(control.wait_in_sync_within(soon).unwrap(), 1);
+    let out = control
+        .cli(&["policy", "apply", second.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(control.wait_in_sync_within(soon).unwrap(), 2);
+    // A restarted daemon reaches the dataplane through the idle crowd.
+    for _ in 0..idle {
+        held.push(std::os::unix::net::UnixStream::connect(&sock).unwrap());
+    }
+    control.restart().unwrap();
+    assert_eq!(control.wait_in_sync_within(soon).unwrap(), 2);
+    drop(held);
 }

@@ -18,7 +18,7 @@ use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
     },
     thread,
@@ -235,23 +235,21 @@ impl Sources {
         (desired, diagnostics)
     }
 
-    /// Reads a policy and the files it names from disk.
+    /// Reads a policy and the files it names from disk. Checking them is
+    /// the daemon's work (and `loupe policy check`'s): this only finds the
+    /// category file, so a large policy is not checked twice.
     fn read(path: &Path) -> anyhow::Result<Sources> {
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let text = lang::read_text(path)
             .with_context(|| format!("cannot read the policy {}", path.display()))?;
-        let files = std::cell::RefCell::new(BTreeMap::new());
-        // Compile once to learn which files it names.
-        let _ = lang::compile(path, &text, &|p| {
-            let t = lang::read_text(p);
-            if let Ok(t) = &t {
-                files
-                    .borrow_mut()
-                    .insert(p.display().to_string(), t.clone());
+        let mut files = BTreeMap::new();
+        if let Some(p) = lang::category_file(path, &text) {
+            // One that cannot be read is reported by the daemon, where it
+            // is named.
+            if let Ok(t) = lang::read_text(&p) {
+                files.insert(p.display().to_string(), t);
             }
-            t
-        });
-        let files = files.into_inner();
+        }
         Ok(Sources {
             path: path.display().to_string(),
             text,
@@ -273,6 +271,10 @@ pub fn apply_request(path: &Path) -> anyhow::Result<CtlRequest> {
 
 struct State {
     desired: Option<Desired>,
+    /// Changes whenever `desired` does.
+    generation: u64,
+    /// The ticket of the apply that made `desired` (0: none since start).
+    applied_ticket: u64,
     connected: bool,
     last_error: Option<String>,
     counters: ControlCounters,
@@ -289,13 +291,51 @@ impl State {
     }
 }
 
+/// Checks and compiles sources (`saved`: accepted before, see
+/// `lang::compile_saved`). The daemon's is [`Sources::compile`]; a test
+/// puts a slow one in its place.
+type Compiler = dyn Fn(&Sources, bool) -> (Option<Desired>, Vec<String>) + Send + Sync;
+
+/// Policies the CLI may have checked at once; another apply meanwhile is
+/// refused (each check of a policy at the limits takes memory).
+const MAX_CHECKING: usize = 4;
+
 struct Daemon {
     cfg: DaemonConfig,
     state: Mutex<State>,
-    /// One apply at a time (CLI and re-sync).
+    /// Serialises what reaches the dataplane (an apply's or a re-sync's
+    /// push): held for the round trip to the dataplane, never while a
+    /// policy is checked, so a large policy holds up no other apply, no
+    /// status and no re-sync.
     applying: Mutex<()>,
+    /// Applies are numbered as they arrive; one that finishes its check
+    /// after a later one was applied is refused rather than put over it.
+    tickets: AtomicU64,
+    /// Applies being checked now.
+    checking: AtomicUsize,
+    compiler: Box<Compiler>,
     started: Instant,
     stop: Arc<AtomicBool>,
+}
+
+/// A place among the [`MAX_CHECKING`] applies checked at once.
+struct CheckSlot<'a>(&'a AtomicUsize);
+
+impl<'a> CheckSlot<'a> {
+    fn take(count: &'a AtomicUsize) -> Option<CheckSlot<'a>> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CHECKING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| CheckSlot(count))
+    }
+}
+
+impl Drop for CheckSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -308,6 +348,32 @@ const DP_TIMEOUT: Duration = Duration::from_secs(15);
 const ACK_EVERY: usize = 64;
 
 impl Daemon {
+    fn new(
+        cfg: DaemonConfig,
+        desired: Option<Desired>,
+        log: FlowLog,
+        stop: Arc<AtomicBool>,
+    ) -> Daemon {
+        Daemon {
+            state: Mutex::new(State {
+                desired,
+                generation: 0,
+                applied_ticket: 0,
+                connected: false,
+                last_error: None,
+                counters: ControlCounters::default(),
+                log,
+            }),
+            applying: Mutex::new(()),
+            tickets: AtomicU64::new(0),
+            checking: AtomicUsize::new(0),
+            compiler: Box::new(Sources::compile),
+            started: Instant::now(),
+            stop,
+            cfg,
+        }
+    }
+
     fn state_file(&self) -> PathBuf {
         self.cfg.state_dir.join("policy.json")
     }
@@ -325,8 +391,9 @@ impl Daemon {
 
     /// Sends `d` to the dataplane under a version above both the running
     /// one and the one `d` last had; on success `d` becomes the desired
-    /// policy (and is saved).
-    fn push(&self, mut d: Desired, dp: &StatsReport) -> Result<u64, String> {
+    /// policy (and is saved), made by the apply of `ticket` (`None`: a
+    /// re-sync of the desired one). The caller holds `applying`.
+    fn push(&self, mut d: Desired, dp: &StatsReport, ticket: Option<u64>) -> Result<u64, String> {
         check_spec(&d.spec, dp)?;
         let running = dp.policy.as_ref().map_or(0, |p| p.version);
         let version = running.max(d.sources.version) + 1;
@@ -356,7 +423,12 @@ impl Daemon {
         if let Err(e) = self.save(&d.sources) {
             eprintln!("loupe: warning: cannot save the applied policy: {e:#}");
         }
-        lock(&self.state).desired = Some(d);
+        let mut st = lock(&self.state);
+        st.desired = Some(d);
+        st.generation += 1;
+        if let Some(t) = ticket {
+            st.applied_ticket = t;
+        }
         Ok(version)
     }
 
@@ -368,20 +440,22 @@ impl Daemon {
         Ok(())
     }
 
-    /// Makes the dataplane run the desired policy, if it does not.
+    /// Makes the dataplane run the desired policy, if it does not. The
+    /// policy is compiled again (its files may have changed) before the
+    /// swap is serialised; an apply meanwhile makes this one moot.
     fn sync(&self, dp: &StatsReport) -> Result<Option<u64>, String> {
-        let _one = lock(&self.applying);
-        let (digest, sources) = {
+        let (digest, sources, generation) = {
             let st = lock(&self.state);
             match &st.desired {
-                Some(d) => (d.policy.digest.clone(), d.sources.clone()),
+                Some(d) => (d.policy.digest.clone(), d.sources.clone(), st.generation),
                 None => return Ok(None),
             }
         };
-        if dp.policy.as_ref().is_some_and(|p| p.digest == digest) {
+        let runs_digest = |dp: &StatsReport| dp.policy.as_ref().is_some_and(|p| p.digest == digest);
+        if runs_digest(dp) {
             return Ok(None);
         }
-        let (desired, diagnostics) = sources.compile(true);
+        let (desired, diagnostics) = (self.compiler)(&sources, true);
         for line in &diagnostics {
             eprintln!("{line}");
         }
@@ -391,30 +465,67 @@ impl Daemon {
                 diagnostics.join("; ")
             )
         })?;
-        self.push(d, dp).map(Some)
+        let _one = lock(&self.applying);
+        if lock(&self.state).generation != generation {
+            // An apply replaced it, and made the dataplane run that.
+            return Ok(None);
+        }
+        // Asked again: the dataplane may have changed while we compiled.
+        let dp = self.dataplane_status().map_err(|e| format!("{e:#}"))?;
+        if runs_digest(&dp) {
+            return Ok(None);
+        }
+        self.push(d, &dp, None).map(Some)
     }
 
     fn apply(&self, sources: Sources) -> CtlResponse {
-        let _one = lock(&self.applying);
-        let (desired, diagnostics) = sources.compile(false);
-        let Some(d) = desired else {
+        let ticket = self.tickets.fetch_add(1, Ordering::AcqRel) + 1;
+        let rejected = |e: String, diagnostics: Vec<String>| {
             lock(&self.state).counters.applies_rejected += 1;
-            return CtlResponse {
+            CtlResponse {
                 diagnostics,
-                ..CtlResponse::error("the policy has errors; the running policy is unchanged")
-            };
-        };
-        let dp = match self.dataplane_status() {
-            Ok(dp) => dp,
-            Err(e) => {
-                lock(&self.state).counters.applies_rejected += 1;
-                return CtlResponse {
-                    diagnostics,
-                    ..CtlResponse::error(format!("{e:#}; nothing was applied"))
-                };
+                ..CtlResponse::error(e)
             }
         };
-        match self.push(d, &dp) {
+        // Checked outside `applying`: however long it takes, other
+        // applies, status and re-syncs go on.
+        let Some(slot) = CheckSlot::take(&self.checking) else {
+            return rejected(
+                format!(
+                    "{MAX_CHECKING} policies are being checked already; try again when they \
+                     are done (the running policy is unchanged)"
+                ),
+                Vec::new(),
+            );
+        };
+        let (desired, diagnostics) = (self.compiler)(&sources, false);
+        drop(slot);
+        let Some(d) = desired else {
+            return rejected(
+                "the policy has errors; the running policy is unchanged".into(),
+                diagnostics,
+            );
+        };
+        let _one = lock(&self.applying);
+        let later = {
+            let st = lock(&self.state);
+            (st.applied_ticket > ticket).then(|| st.desired.as_ref().map(|d| d.policy.version))
+        };
+        if let Some(version) = later {
+            return rejected(
+                format!(
+                    "a policy sent after this one was applied while this one was being checked \
+                     (it runs as version {}); this one was not applied",
+                    version.unwrap_or_default()
+                ),
+                diagnostics,
+            );
+        }
+        let dp = match self.dataplane_status() {
+            Ok(dp) => dp,
+            Err(e) => return rejected(format!("{e:#}; nothing was applied"), diagnostics),
+        };
+        match self.push(d, &dp, Some(ticket)) {
             Ok(v) => {
                 lock(&self.state).counters.applies_ok += 1;
                 CtlResponse {
@@ -424,13 +535,7 @@ impl Daemon {
                     ..CtlResponse::default()
                 }
             }
-            Err(e) => {
-                lock(&self.state).counters.applies_rejected += 1;
-                CtlResponse {
-                    diagnostics,
-                    ..CtlResponse::error(format!("{e}; the running policy is unchanged"))
-                }
-            }
+            Err(e) => rejected(format!("{e}; the running policy is unchanged"), diagnostics),
         }
     }
 
@@ -521,12 +626,13 @@ impl Daemon {
         }
     }
 
-    fn serve_client(&self, stream: UnixStream) {
+    fn serve_client(&self, stream: UnixStream, slot: &unix::Slot) {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
         let Ok(read) = stream.try_clone() else { return };
         let mut reader = unix::LineReader::new(BufReader::new(read));
         let mut out = &stream;
         while let Ok(Some(line)) = reader.read_line() {
+            let _busy = slot.busy();
             let resp = match serde_json::from_str::<CtlRequest>(&line) {
                 Ok(req) => self.handle(req),
                 Err(e) => CtlResponse::error(format!("bad request: {e}")),
@@ -764,19 +870,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let listener = unix::bind(&cfg.socket, cfg.access)
         .with_context(|| format!("cannot serve {}", cfg.socket.display()))?;
     listener.set_nonblocking(true)?;
-    let daemon = Arc::new(Daemon {
-        state: Mutex::new(State {
-            desired,
-            connected: false,
-            last_error: None,
-            counters: ControlCounters::default(),
-            log,
-        }),
-        applying: Mutex::new(()),
-        started: Instant::now(),
-        stop: stop.clone(),
-        cfg,
-    });
+    let daemon = Arc::new(Daemon::new(cfg, desired, log, stop.clone()));
     let mut threads = Vec::new();
     if let Some(addr) = daemon.cfg.metrics {
         let d = daemon.clone();
@@ -818,7 +912,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         &stop,
         "loupe: control socket",
         |why| api::line(&CtlResponse::error(why)),
-        move |s| d.serve_client(s),
+        move |s, slot| d.serve_client(s, slot),
     );
     for t in threads {
         let _ = t.join();
@@ -826,3 +920,6 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&daemon.cfg.socket);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,8 +5,10 @@
 //! in `docs/POLICY.md`; `policy/example.toml` is the shipped example.
 
 mod raw;
+mod shadow;
 
 use std::{
+    cell::OnceCell,
     collections::{BTreeMap, HashMap},
     fmt, io,
     ops::Range,
@@ -14,11 +16,12 @@ use std::{
     str::FromStr,
 };
 
+use loupe_common::MAX_STEER_PORTS;
 use loupe_dataplane::{
     config::Prefix,
     policy::{
-        known_groups, known_suites, Action, EchAction, Fallback, HostGlob, Match, OnError, Policy,
-        PortRange, Profile, Rule, TlsVersion,
+        known_groups, known_suites, merge_ports, ports_less, Action, EchAction, Fallback, HostGlob,
+        Match, OnError, Policy, PortRange, Profile, Rule, TlsVersion, MAX_GLOBS, MAX_RULES,
     },
     sys::read_regular,
     tls::{
@@ -97,43 +100,128 @@ impl Checked {
 struct Source<'a> {
     path: &'a Path,
     text: &'a str,
+    /// Where each line starts (made when first needed).
+    lines: OnceCell<Vec<usize>>,
 }
 
-impl Source<'_> {
-    fn at(&self, severity: Severity, span: Option<Range<usize>>, message: String) -> Diagnostic {
-        let offset = span.map_or(0, |s| s.start).min(self.text.len());
-        let before = &self.text[..offset];
-        let line = before.matches('\n').count() + 1;
-        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        Diagnostic {
-            severity,
-            file: self.path.to_path_buf(),
-            line,
-            col,
-            message,
+impl<'a> Source<'a> {
+    fn new(path: &'a Path, text: &'a str) -> Source<'a> {
+        Source {
+            path,
+            text,
+            lines: OnceCell::new(),
         }
     }
+
+    /// The line (from 1) of a byte offset.
+    fn line(&self, offset: usize) -> usize {
+        let starts = self.lines.get_or_init(|| {
+            std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect()
+        });
+        starts.partition_point(|&s| s <= offset)
+    }
+
+    /// The diagnostics of findings at byte offsets, in one pass over the
+    /// text (a position found by scanning from the start for each one
+    /// made a million errors take hours).
+    fn resolve(&self, mut found: Vec<Finding>) -> Vec<Diagnostic> {
+        found.sort_by_key(|f| f.offset);
+        let (mut pos, mut line, mut col) = (0usize, 1usize, 1usize);
+        found
+            .into_iter()
+            .map(|f| {
+                let mut offset = f.offset.clamp(pos, self.text.len());
+                while !self.text.is_char_boundary(offset) {
+                    offset -= 1;
+                }
+                let seg = &self.text[pos..offset.max(pos)];
+                match seg.rfind('\n') {
+                    Some(nl) => {
+                        line += seg.bytes().filter(|&b| b == b'\n').count();
+                        col = seg[nl + 1..].chars().count() + 1;
+                    }
+                    None => col += seg.chars().count(),
+                }
+                pos = offset.max(pos);
+                Diagnostic {
+                    severity: f.severity,
+                    file: self.path.to_path_buf(),
+                    line,
+                    col,
+                    message: f.message,
+                }
+            })
+            .collect()
+    }
+}
+
+/// A diagnostic before its position is worked out.
+struct Finding {
+    severity: Severity,
+    offset: usize,
+    message: String,
 }
 
 /// Collects diagnostics for one source.
 struct Report<'a> {
     src: Source<'a>,
-    out: Vec<Diagnostic>,
+    found: Vec<Finding>,
+    /// Diagnostics with their positions already.
+    done: Vec<Diagnostic>,
+    /// Errors among them.
+    errors: usize,
     /// Compiling a policy that was already accepted (see
     /// [`compile_saved`]): host files a profile names are the engine's to
     /// read, and their trouble is a warning.
     saved: bool,
 }
 
-impl Report<'_> {
+impl<'a> Report<'a> {
+    fn new(src: Source<'a>, saved: bool) -> Report<'a> {
+        Report {
+            src,
+            found: Vec::new(),
+            done: Vec::new(),
+            errors: 0,
+            saved,
+        }
+    }
+
     fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
-        let d = self.src.at(Severity::Error, Some(span), message.into());
-        self.out.push(d);
+        self.push(Severity::Error, span, message.into());
     }
 
     fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
-        let d = self.src.at(Severity::Warning, Some(span), message.into());
-        self.out.push(d);
+        self.push(Severity::Warning, span, message.into());
+    }
+
+    fn push(&mut self, severity: Severity, span: Range<usize>, message: String) {
+        self.errors += usize::from(severity == Severity::Error);
+        self.found.push(Finding {
+            severity,
+            offset: span.start,
+            message,
+        });
+    }
+
+    /// How many errors so far.
+    fn errors(&self) -> usize {
+        self.errors
+    }
+
+    /// A diagnostic whose position is known already.
+    fn push_done(&mut self, d: Diagnostic) {
+        self.errors += usize::from(d.severity == Severity::Error);
+        self.done.push(d);
+    }
+
+    /// The diagnostics, with their positions.
+    fn finish(self) -> Vec<Diagnostic> {
+        let mut out = self.src.resolve(self.found);
+        out.extend(self.done);
+        out
     }
 
     /// Parses each item with `parse`, reporting the failures.
@@ -162,6 +250,13 @@ impl Report<'_> {
                 }),
                 PortItem::Number(n) => Err(format!("bad port {n}: expected 1 to 65535")),
                 PortItem::Text(t) => t.parse::<PortRange>(),
+                PortItem::Float(f) => Err(format!(
+                    "bad port {f}: expected a whole number from 1 to 65535"
+                )),
+                PortItem::Other(v) => Err(format!(
+                    "bad port {v}: expected a number from 1 to 65535 or a range such as \
+                     \"8000-8099\""
+                )),
             };
             match parsed {
                 Ok(r) => out.push(r),
@@ -184,9 +279,173 @@ fn toml_message(e: &toml::de::Error) -> String {
     lines.join("; ")
 }
 
-/// Parses TOML text into `T`, or a diagnostic.
+/// Values (keys, list items, lists and tables) one policy or category
+/// file may hold: a policy at the limits (10,000 rules, 1,000,000 globs,
+/// 16,384 prefixes) needs fewer. Parsing costs memory by the value, so
+/// this is checked on the tokens first.
+const MAX_VALUES: usize = 1_500_000;
+/// Tables ([[rules]], [profiles.x], inline tables) one file may hold.
+const MAX_TABLES: usize = 20_000;
+
+/// Parses TOML text into `T`, or a diagnostic. Text with more values or
+/// tables than any policy within the limits is refused before it is
+/// parsed (a 15 MiB file of empty tables took 4 GiB).
 fn parse_toml<T: serde::de::DeserializeOwned>(src: &Source) -> Result<T, Diagnostic> {
-    toml::from_str(src.text).map_err(|e| src.at(Severity::Error, e.span(), toml_message(&e)))
+    let error = |offset: usize, message: String| {
+        let found = Finding {
+            severity: Severity::Error,
+            offset,
+            message,
+        };
+        src.resolve(vec![found]).remove(0)
+    };
+    if let Err((offset, message)) = count_values(src.text) {
+        return Err(error(offset, message));
+    }
+    toml::from_str(src.text).map_err(|e| error(e.span().map_or(0, |s| s.start), toml_message(&e)))
+}
+
+/// Counts the values and tables of TOML text from its tokens (no parse,
+/// no allocation): the offset where a limit is passed, and why.
+fn count_values(text: &str) -> Result<(), (usize, String)> {
+    use toml_parser::lexer::TokenKind as K;
+    let (mut values, mut tables, mut depth) = (0usize, 0usize, 0usize);
+    let (mut line_start, mut header) = (true, false);
+    for t in toml_parser::Source::new(text).lex() {
+        match t.kind() {
+            K::Newline => {
+                (line_start, header) = (true, false);
+                continue;
+            }
+            K::Whitespace | K::Comment => continue,
+            // A table header: `[name]` or `[[name]]` first on a line.
+            K::LeftSquareBracket if depth == 0 && line_start => {
+                tables += 1;
+                header = true;
+            }
+            _ if header => {}
+            K::LeftSquareBracket => {
+                depth += 1;
+                values += 1;
+            }
+            K::LeftCurlyBracket => {
+                depth += 1;
+                values += 1;
+                tables += 1;
+            }
+            K::RightSquareBracket | K::RightCurlyBracket => depth = depth.saturating_sub(1),
+            K::Equals | K::Comma => values += 1,
+            _ => {}
+        }
+        line_start = false;
+        if tables > MAX_TABLES {
+            return Err((
+                t.span().start(),
+                format!(
+                    "more than {MAX_TABLES} tables (rules, profiles): a policy has at most \
+                     {MAX_RULES} rules; refused unparsed"
+                ),
+            ));
+        }
+        if values > MAX_VALUES {
+            return Err((
+                t.span().start(),
+                format!(
+                    "more than {MAX_VALUES} values (keys and list items): a policy has at most \
+                     {MAX_RULES} rules and {MAX_GLOBS} globs; refused unparsed"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The category file a policy names (for the CLI, which reads it for the
+/// daemon), if the policy parses far enough to say.
+pub fn category_file(path: &Path, text: &str) -> Option<PathBuf> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        policy: Option<HeadPolicy>,
+    }
+    #[derive(serde::Deserialize)]
+    struct HeadPolicy {
+        categories: Option<String>,
+    }
+    let head: Head = toml::from_str(text).ok()?;
+    let cat = head.policy?.categories?;
+    Some(path.parent().unwrap_or(Path::new(".")).join(cat))
+}
+
+/// The limits on the policy's size, checked before anything else (a
+/// policy far beyond them is refused at once, not analysed): rules,
+/// host-name globs (the rules' and the category file's together) and
+/// prefixes. Each error stands where the first item too many stands.
+/// False when one is exceeded.
+fn within_limits(
+    rep: &mut Report,
+    crep: Option<&mut Report>,
+    raw: &RawPolicy,
+    cats: Option<&RawCategories>,
+) -> bool {
+    let max_prefixes = loupe_common::MAX_PREFIXES as usize;
+    let mut ok = true;
+    if let Some(r) = raw.rules.get(MAX_RULES) {
+        rep.error(
+            r.span(),
+            format!("{} rules: at most {MAX_RULES}", raw.rules.len()),
+        );
+        ok = false;
+    }
+    if let Some(p) = raw.policy.as_ref().and_then(|g| g.exempt.get(max_prefixes)) {
+        let n = raw.policy.as_ref().map_or(0, |g| g.exempt.len());
+        rep.error(
+            p.span(),
+            format!("{n} exempt prefixes: at most {max_prefixes}"),
+        );
+        ok = false;
+    }
+    let rules = || raw.rules.iter().map(|r| r.get_ref());
+    fn prefixes(r: &RawRule) -> [&Vec<Spanned<String>>; 4] {
+        [&r.src, &r.not_src, &r.dst, &r.not_dst]
+    }
+    let n: usize = rules().flat_map(prefixes).map(Vec::len).sum();
+    if n > max_prefixes {
+        let at = nth_start(rules().flat_map(prefixes).flatten(), max_prefixes);
+        rep.error(
+            at..at,
+            format!("{n} prefixes in rules: at most {max_prefixes}"),
+        );
+        ok = false;
+    }
+    fn globs(r: &RawRule) -> [&Vec<Spanned<String>>; 2] {
+        [&r.sni, &r.not_sni]
+    }
+    let in_cats: usize = cats.map_or(0, |c| c.values().map(|l| l.get_ref().len()).sum());
+    let n = in_cats + rules().flat_map(globs).map(Vec::len).sum::<usize>();
+    if n > MAX_GLOBS {
+        let message = format!("{n} host-name globs: at most {MAX_GLOBS}");
+        match (crep, cats) {
+            (Some(crep), Some(c)) if in_cats > MAX_GLOBS => {
+                let at = nth_start(c.values().flat_map(|l| l.get_ref()), MAX_GLOBS);
+                crep.error(at..at, message);
+            }
+            _ => {
+                let at = nth_start(rules().flat_map(globs).flatten(), MAX_GLOBS - in_cats);
+                rep.error(at..at, message);
+            }
+        }
+        ok = false;
+    }
+    ok
+}
+
+/// Where the `n`th (from 0) of these items stands in its file.
+fn nth_start<'a, T: 'a>(items: impl Iterator<Item = &'a Spanned<T>>, n: usize) -> usize {
+    let mut starts: Vec<usize> = items.map(|i| i.span().start).collect();
+    if n >= starts.len() {
+        return 0;
+    }
+    *starts.select_nth_unstable(n).1
 }
 
 /// Checks and compiles the policy at `path` whose text is `text`; `load`
@@ -216,7 +475,7 @@ fn compile_as(
     load: &dyn Fn(&Path) -> io::Result<String>,
     saved: bool,
 ) -> Checked {
-    let src = Source { path, text };
+    let src = Source::new(path, text);
     let raw: RawPolicy = match parse_toml(&src) {
         Ok(r) => r,
         Err(d) => {
@@ -226,45 +485,14 @@ fn compile_as(
             }
         }
     };
-    let mut rep = Report {
-        src: Source { path, text },
-        out: Vec::new(),
-        saved,
-    };
+    let mut rep = Report::new(src, saved);
     let mut digest = Sha256::new();
     digest.update(text.as_bytes());
 
-    // [policy]
+    // The category file, parsed (its globs count toward the limits).
     let global = raw.policy.as_ref();
-    let tls_ports: Vec<u16> = match global.and_then(|g| g.tls_ports.as_ref()) {
-        Some(list) => {
-            let ranges = rep.ports(list.get_ref());
-            if list.get_ref().is_empty() {
-                rep.error(
-                    list.span(),
-                    "tls_ports is empty: rules without `ports` would match nothing",
-                );
-            }
-            let mut ports: Vec<u16> = ranges
-                .iter()
-                .flat_map(|r| r.first..=r.last)
-                .take(loupe_common::MAX_STEER_PORTS as usize + 1)
-                .collect();
-            ports.sort_unstable();
-            ports.dedup();
-            ports
-        }
-        None => vec![443],
-    };
-    let default_action = match global.and_then(|g| g.default_action.as_ref()) {
-        Some(a) => action(&mut rep, a).unwrap_or(Action::NoDecrypt),
-        None => Action::NoDecrypt,
-    };
-    let exempt = global.map_or_else(Vec::new, |g| rep.each(&g.exempt, Prefix::from_str));
-
-    // The category file.
-    let mut categories: BTreeMap<String, Vec<HostGlob>> = BTreeMap::new();
     let categories_set = global.and_then(|g| g.categories.as_ref()).is_some();
+    let mut cat_file: Option<(PathBuf, String)> = None;
     if let Some(cat) = global.and_then(|g| g.categories.as_ref()) {
         let cpath = path.parent().unwrap_or(Path::new(".")).join(cat.get_ref());
         match load(&cpath) {
@@ -275,53 +503,86 @@ fn compile_as(
             Ok(ctext) => {
                 digest.update(b"\0categories\0");
                 digest.update(ctext.as_bytes());
-                let csrc = Source {
-                    path: &cpath,
-                    text: &ctext,
-                };
-                match parse_toml::<RawCategories>(&csrc) {
-                    Err(d) => rep.out.push(d),
-                    Ok(raw_cats) => {
-                        let mut crep = Report {
-                            src: csrc,
-                            out: Vec::new(),
-                            saved,
-                        };
-                        for (name, globs) in &raw_cats {
-                            if globs.get_ref().is_empty() {
-                                crep.warn(globs.span(), format!("category {name:?} is empty"));
-                            }
-                            let parsed = crep.each(globs.get_ref(), HostGlob::from_str);
-                            categories.insert(name.clone(), parsed);
-                        }
-                        rep.out.extend(crep.out);
-                    }
-                }
+                cat_file = Some((cpath, ctext));
             }
+        }
+    }
+    let mut crep = cat_file
+        .as_ref()
+        .map(|(cpath, ctext)| Report::new(Source::new(cpath, ctext), saved));
+    let raw_cats = crep
+        .as_mut()
+        .and_then(|crep| match parse_toml::<RawCategories>(&crep.src) {
+            Ok(c) => Some(c),
+            Err(d) => {
+                crep.push_done(d);
+                None
+            }
+        });
+
+    if !within_limits(&mut rep, crep.as_mut(), &raw, raw_cats.as_ref()) {
+        let mut diagnostics = rep.finish();
+        diagnostics.extend(crep.map(Report::finish).unwrap_or_default());
+        return Checked {
+            diagnostics: sorted(diagnostics),
+            ..Checked::default()
+        };
+    }
+
+    // [policy]
+    let tls_ports: Vec<u16> = match global.and_then(|g| g.tls_ports.as_ref()) {
+        Some(list) => {
+            let ranges = rep.ports(list.get_ref());
+            if list.get_ref().is_empty() {
+                rep.error(
+                    list.span(),
+                    "tls_ports is empty: rules without `ports` would match nothing",
+                );
+            }
+            tls_ports_within_limit(&mut rep, list.get_ref(), &ranges)
+        }
+        None => vec![443],
+    };
+    let default_action = match global.and_then(|g| g.default_action.as_ref()) {
+        Some(a) => action(&mut rep, a).unwrap_or(Action::NoDecrypt),
+        None => Action::NoDecrypt,
+    };
+    let exempt = global.map_or_else(Vec::new, |g| rep.each(&g.exempt, Prefix::from_str));
+
+    let mut categories: BTreeMap<String, Vec<HostGlob>> = BTreeMap::new();
+    if let (Some(crep), Some(raw_cats)) = (crep.as_mut(), raw_cats.as_ref()) {
+        for (name, globs) in raw_cats {
+            if globs.get_ref().is_empty() {
+                crep.warn(globs.span(), format!("category {name:?} is empty"));
+            }
+            let parsed = crep.each(globs.get_ref(), HostGlob::from_str);
+            categories.insert(name.clone(), parsed);
         }
     }
 
     // [profiles.*]
     let mut profiles = BTreeMap::new();
+    let mut files = HostFiles::default();
     for (name, p) in &raw.profiles {
         let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(profile) = profile(&mut rep, base, name, p) {
+        if let Some(profile) = profile(&mut rep, &mut files, base, name, p) {
             profiles.insert(name.clone(), profile);
         }
     }
 
     // [[rules]]
     let mut rules: Vec<Rule> = Vec::new();
-    let mut spans: Vec<Range<usize>> = Vec::new();
+    let mut written: Vec<&Spanned<RawRule>> = Vec::new();
     let mut seen: HashMap<String, Range<usize>> = HashMap::new();
+    let cats = Categories {
+        known: &categories,
+        file_set: categories_set,
+        listing: OnceCell::new(),
+    };
     for r in &raw.rules {
-        let cats = Categories {
-            known: &categories,
-            file_set: categories_set,
-        };
         if let Some(rule) = rule(&mut rep, r.get_ref(), r.span(), &raw, &cats, &mut seen) {
             rules.push(rule);
-            spans.push(r.span());
+            written.push(r);
         }
     }
     let used: std::collections::HashSet<&str> =
@@ -346,12 +607,14 @@ fn compile_as(
         profiles,
         categories,
     };
-    shadow_warnings(&mut rep, &policy, &spans);
+    steered_ports_within_limit(&mut rep, &policy, &written, global);
+    shadow_warnings(&mut rep, &policy, &written);
     policy.digest = format!("{:x}", digest.finalize());
     // What the dataplane checks on receipt (bounds, steering) is checked
-    // here too, so `check` accepts only what `apply` can run. Errors with
-    // a position were reported above (their rules are not in `policy`).
-    let positioned = rep.out.iter().any(|d| d.severity == Severity::Error);
+    // here too, so `check` accepts only what `apply` can run. Each of
+    // those errors was reported above where it stands; this is the last
+    // guard.
+    let positioned = rep.errors() > 0 || crep.as_ref().is_some_and(|c| c.errors() > 0);
     if let Err(e) = policy.validate() {
         if !positioned {
             rep.error(0..0, e);
@@ -359,14 +622,127 @@ fn compile_as(
     }
     let dataplane = dataplane_spec(&mut rep, &raw);
 
-    let mut diagnostics = rep.out;
-    diagnostics.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+    let mut diagnostics = rep.finish();
+    diagnostics.extend(crep.map(Report::finish).unwrap_or_default());
+    let diagnostics = sorted(diagnostics);
     let errors = diagnostics.iter().any(|d| d.severity == Severity::Error);
     Checked {
         policy: (!errors).then_some(policy),
         dataplane,
         diagnostics,
     }
+}
+
+/// Diagnostics in the order of their files and positions.
+fn sorted(mut diagnostics: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    diagnostics.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+    diagnostics
+}
+
+/// The TLS ports: the union of `ranges` (those of `items` that parsed),
+/// of at most [`MAX_STEER_PORTS`]; more is an error where the item that
+/// goes beyond stands.
+fn tls_ports_within_limit(
+    rep: &mut Report,
+    items: &[Spanned<PortItem>],
+    ranges: &[PortRange],
+) -> Vec<u16> {
+    let max = MAX_STEER_PORTS as usize;
+    let total: usize = merge_ports(ranges)
+        .iter()
+        .map(|r| usize::from(r.last - r.first) + 1)
+        .sum();
+    let mut seen = vec![false; 1 << 16];
+    let mut ports = Vec::new();
+    for item in items {
+        let Some(r) = port_item(item.get_ref()) else {
+            continue;
+        };
+        for p in r.first..=r.last {
+            if !std::mem::replace(&mut seen[usize::from(p)], true) {
+                ports.push(p);
+            }
+            if ports.len() > max {
+                rep.error(
+                    item.span(),
+                    format!(
+                        "tls_ports hold {total} ports, more than the {max} the classifier steers"
+                    ),
+                );
+                ports.sort_unstable();
+                return ports;
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
+}
+
+/// A port item as a range, when it is one.
+fn port_item(item: &PortItem) -> Option<PortRange> {
+    match item {
+        PortItem::Number(n) => u16::try_from(*n)
+            .ok()
+            .filter(|&p| p > 0)
+            .map(|p| PortRange { first: p, last: p }),
+        PortItem::Text(t) => t.parse().ok(),
+        PortItem::Float(_) | PortItem::Other(_) => None,
+    }
+}
+
+/// The ports the rules examine (and the default action, unless it is
+/// `no-decrypt`) must fit the classifier: more is an error where the port
+/// item (or rule, or default action) that goes beyond stands. `written`
+/// are the rules as written, one for each of `policy`'s.
+fn steered_ports_within_limit(
+    rep: &mut Report,
+    policy: &Policy,
+    written: &[&Spanned<RawRule>],
+    global: Option<&raw::RawGlobal>,
+) {
+    let Err(e) = policy.steering() else {
+        return;
+    };
+    let max = MAX_STEER_PORTS as usize;
+    let mut seen = vec![false; 1 << 16];
+    let mut count = 0usize;
+    // Marks `ranges`; true once the count goes beyond the limit.
+    let mut mark = |ranges: Vec<PortRange>| {
+        for r in ranges {
+            for p in r.first..=r.last {
+                if !std::mem::replace(&mut seen[usize::from(p)], true) {
+                    count += 1;
+                    if count > max {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    };
+    for (rule, raw) in policy.rules.iter().zip(written) {
+        let m = &rule.matcher;
+        if m.ports.is_empty() {
+            if mark(policy.examined_ports(m)) {
+                return rep.error(raw.span(), e);
+            }
+            continue;
+        }
+        let excluded = merge_ports(&m.not_ports);
+        for (range, item) in m.ports.iter().zip(&raw.get_ref().ports) {
+            if mark(ports_less(&[*range], &excluded)) {
+                return rep.error(item.span(), e);
+            }
+        }
+    }
+    // Beyond only with the default action's (the TLS ports).
+    let at = global
+        .and_then(|g| {
+            let action = g.default_action.as_ref().map(Spanned::span);
+            action.or_else(|| g.tls_ports.as_ref().map(Spanned::span))
+        })
+        .unwrap_or(0..0);
+    rep.error(at, e);
 }
 
 fn action(rep: &mut Report, a: &Spanned<String>) -> Option<Action> {
@@ -498,7 +874,7 @@ fn profile_file(
     base: &Path,
     v: &Spanned<String>,
     what: &str,
-    parse: impl Fn(&Path) -> Result<(), String>,
+    parse: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Option<String> {
     let path = base.join(v.get_ref());
     match parse(&path) {
@@ -541,7 +917,58 @@ fn keylog_problem(path: &Path) -> Option<String> {
     keylog_file_problem(&meta)
 }
 
-fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -> Option<Profile> {
+/// The trust stores and CRLs profiles name, each read and checked once
+/// however many profiles name it.
+#[derive(Default)]
+struct HostFiles {
+    stores: HashMap<PathBuf, Result<TrustStore, String>>,
+    /// The system bundle, read when a CRL is to be checked against it.
+    system: Option<Option<TrustStore>>,
+    /// A CRL's check against a store (`None`: the system bundle).
+    crls: HashMap<(Option<PathBuf>, PathBuf), Result<(), String>>,
+}
+
+impl HostFiles {
+    fn store(&mut self, path: &Path) -> Result<TrustStore, String> {
+        self.stores
+            .entry(path.to_path_buf())
+            .or_insert_with(|| TrustStore::from_pem_file(path).map_err(|e| e.to_string()))
+            .clone()
+    }
+
+    fn crl(&mut self, store: Option<&Path>, crl: &Path) -> Result<(), String> {
+        let key = (store.map(Path::to_path_buf), crl.to_path_buf());
+        if let Some(r) = self.crls.get(&key) {
+            return r.clone();
+        }
+        let trust = match store {
+            Some(s) => self.store(s).ok(),
+            None => self
+                .system
+                .get_or_insert_with(|| TrustStore::system().ok())
+                .clone(),
+        };
+        let r = match trust {
+            Some(t) => t
+                .with_crl_files(&[crl])
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => read_regular(crl, MAX_CRL_BYTES)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        self.crls.insert(key, r.clone());
+        r
+    }
+}
+
+fn profile(
+    rep: &mut Report,
+    files: &mut HostFiles,
+    base: &Path,
+    name: &str,
+    p: &Spanned<RawProfile>,
+) -> Option<Profile> {
     let raw = p.get_ref();
     let d = Profile::default();
     let expired = on_error(rep, &raw.expired, "expired");
@@ -579,35 +1006,30 @@ fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -
     };
     let suites = names(rep, &raw.suites, "suites", &known_suites());
     let groups = names(rep, &raw.groups, "groups", &known_groups());
-    let store = std::cell::RefCell::new(None);
     let trust_store = match &raw.trust_store {
         None => Some(None),
-        Some(t) => profile_file(rep, base, t, "trust_store", |p| {
-            let t = TrustStore::from_pem_file(p).map_err(|e| e.to_string())?;
-            *store.borrow_mut() = Some(t);
-            Ok(())
-        })
-        .map(Some),
+        Some(t) => {
+            profile_file(rep, base, t, "trust_store", |p| files.store(p).map(|_| ())).map(Some)
+        }
     };
     // CRLs are checked as the engine reads them: against the profile's
-    // trust store, or the system bundle (when this host has one).
-    let store = store.into_inner().or_else(|| {
-        raw.trust_store
-            .is_none()
-            .then(|| TrustStore::system().ok())
-            .flatten()
-    });
+    // trust store (if it could be read), or the system bundle (when this
+    // host has one).
+    let store = match &raw.trust_store {
+        Some(_) => trust_store.clone().flatten().map(PathBuf::from),
+        None => None,
+    };
+    let store_unreadable = raw.trust_store.is_some() && store.is_none();
     let mut crls = Some(Vec::new());
     for c in &raw.crls {
-        let ok = profile_file(rep, base, c, "crl", |p| match &store {
-            Some(t) => t
-                .clone()
-                .with_crl_files(&[p])
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            None => read_regular(p, MAX_CRL_BYTES)
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+        let ok = profile_file(rep, base, c, "crl", |p| {
+            if store_unreadable {
+                read_regular(p, MAX_CRL_BYTES)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            } else {
+                files.crl(store.as_deref(), p)
+            }
         });
         match (ok, crls.as_mut()) {
             (Some(path), Some(list)) => list.push(path),
@@ -652,6 +1074,43 @@ fn profile(rep: &mut Report, base: &Path, name: &str, p: &Spanned<RawProfile>) -
             None
         }
     };
+    // Checked here, each where it is written, even when other options of
+    // the profile are wrong too.
+    if let (Some(lo), Some(hi), Some(v)) = (min, max, raw.min_version.as_ref()) {
+        if lo > hi {
+            rep.error(
+                v.span(),
+                format!(
+                    "profile {name:?}: min_version {:?} is above max_version {:?}",
+                    v.get_ref(),
+                    raw.max_version
+                        .as_ref()
+                        .map_or("1.3", |m| m.get_ref().as_str())
+                ),
+            );
+            return None;
+        }
+    }
+    if let (Some(lo), Some(hi), Some(s), Some(list)) = (min, max, &suites, raw.suites.as_ref()) {
+        let usable = s.is_empty()
+            || Profile {
+                min_version: lo,
+                max_version: hi,
+                suites: s.clone(),
+                ..Profile::default()
+            }
+            .check()
+            .is_ok();
+        if !usable {
+            rep.error(
+                list.span(),
+                format!(
+                    "profile {name:?}: no allowed cipher suite belongs to an allowed TLS version"
+                ),
+            );
+            return None;
+        }
+    }
     let profile = Profile {
         expired: expired?,
         untrusted: untrusted?,
@@ -686,6 +1145,24 @@ struct Categories<'a> {
     known: &'a BTreeMap<String, Vec<HostGlob>>,
     /// `[policy] categories` is set (the file may have failed to load).
     file_set: bool,
+    /// What an unknown category's error says of the known ones (made
+    /// once: a listing per error would make many errors quadratic).
+    listing: OnceCell<String>,
+}
+
+impl Categories<'_> {
+    fn listing(&self) -> &str {
+        self.listing.get_or_init(|| {
+            if self.known.is_empty() && self.file_set {
+                "the category file did not load".to_string()
+            } else if self.known.is_empty() {
+                "no category file is loaded: set [policy] categories".to_string()
+            } else {
+                let known: Vec<&str> = self.known.keys().map(String::as_str).collect();
+                format!("categories known: {}", known.join(", "))
+            }
+        })
+    }
 }
 
 fn rule(
@@ -696,7 +1173,7 @@ fn rule(
     categories: &Categories,
     seen: &mut HashMap<String, Range<usize>>,
 ) -> Option<Rule> {
-    let errors_before = rep.out.len();
+    let errors_before = rep.errors();
     let name = match &r.name {
         Some(n) if !n.get_ref().trim().is_empty() => {
             if seen.contains_key(n.get_ref()) {
@@ -756,19 +1233,12 @@ fn rule(
             if categories.known.contains_key(c.get_ref()) {
                 out.push(c.get_ref().clone());
             } else {
-                let known: Vec<&str> = categories.known.keys().map(String::as_str).collect();
                 rep.error(
                     c.span(),
                     format!(
                         "unknown category {:?} ({})",
                         c.get_ref(),
-                        if known.is_empty() && categories.file_set {
-                            "the category file did not load".to_string()
-                        } else if known.is_empty() {
-                            "no category file is loaded: set [policy] categories".to_string()
-                        } else {
-                            format!("categories known: {}", known.join(", "))
-                        }
+                        categories.listing()
                     ),
                 );
             }
@@ -788,9 +1258,7 @@ fn rule(
         categories,
         not_categories,
     };
-    let failed = rep.out[errors_before..]
-        .iter()
-        .any(|d| d.severity == Severity::Error);
+    let failed = rep.errors() > errors_before;
     (!failed).then(|| Rule {
         name,
         matcher,
@@ -802,6 +1270,16 @@ fn rule(
 fn dataplane_spec(rep: &mut Report, raw: &RawPolicy) -> DataplaneSpec {
     let mut spec = DataplaneSpec::default();
     if let Some(d) = &raw.dataplane {
+        for (what, name) in [("inside", &d.inside), ("outside", &d.outside)] {
+            if let Some(n) = name {
+                if let Err(why) = interface_name(n.get_ref()) {
+                    rep.error(
+                        n.span(),
+                        format!("{what} = {:?}: not an interface name ({why})", n.get_ref()),
+                    );
+                }
+            }
+        }
         spec.inside = d.inside.as_ref().map(|s| s.get_ref().clone());
         spec.outside = d.outside.as_ref().map(|s| s.get_ref().clone());
         if let Some(w) = &d.workers {
@@ -839,69 +1317,61 @@ fn dataplane_spec(rep: &mut Report, raw: &RawPolicy) -> DataplaneSpec {
     spec
 }
 
-/// Whether every connection `b` matches is matched by `a` (a sound
-/// under-approximation: `false` when unsure).
-fn covers(policy: &Policy, a: &Match, b: &Match) -> bool {
-    fn list<T>(a: &[T], b: &[T], covers: impl Fn(&T, &T) -> bool) -> bool {
-        a.is_empty() || (!b.is_empty() && b.iter().all(|y| a.iter().any(|x| covers(x, y))))
+/// Why `name` cannot be a Linux interface name (see the kernel's
+/// `dev_valid_name`), if it cannot.
+fn interface_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        Err("it is empty")
+    } else if name.len() > 15 {
+        Err("more than 15 bytes")
+    } else if name == "." || name == ".." {
+        Err("`.` and `..` are not names")
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        Err("no `/`, `:`, spaces or control characters")
+    } else {
+        Ok(())
     }
-    // A's exclusions remove nothing B matches when B excludes them too.
-    fn excluded<T>(a: &[T], b: &[T], covers: impl Fn(&T, &T) -> bool) -> bool {
-        a.iter().all(|x| b.iter().any(|y| covers(y, x)))
-    }
-    let prefix = |x: &Prefix, y: &Prefix| x.v4 == y.v4 && x.covers(y);
-    let ports = |m: &Match| -> Vec<PortRange> {
-        if m.ports.is_empty() {
-            policy
-                .tls_ports
-                .iter()
-                .map(|&p| PortRange { first: p, last: p })
-                .collect()
-        } else {
-            m.ports.clone()
-        }
-    };
-    let (pa, pb) = (ports(a), ports(b));
-    list(&a.src, &b.src, prefix)
-        && excluded(&a.not_src, &b.not_src, prefix)
-        && list(&a.dst, &b.dst, prefix)
-        && excluded(&a.not_dst, &b.not_dst, prefix)
-        && pb.iter().all(|y| pa.iter().any(|x| x.covers(y)))
-        && excluded(&a.not_ports, &b.not_ports, |x, y| x.covers(y))
-        && list(&a.sni, &b.sni, |x, y| x.covers(y))
-        && excluded(&a.not_sni, &b.not_sni, |x, y| x.covers(y))
-        && list(&a.categories, &b.categories, |x, y| x == y)
-        && excluded(&a.not_categories, &b.not_categories, |x, y| x == y)
 }
 
-/// Warns of rules an earlier rule makes unreachable.
-fn shadow_warnings(rep: &mut Report, policy: &Policy, spans: &[Range<usize>]) {
-    for (j, b) in policy.rules.iter().enumerate() {
-        if let Some(i) = (0..j).find(|&i| covers(policy, &policy.rules[i].matcher, &b.matcher)) {
-            let a = &policy.rules[i];
-            let line = rep
-                .src
-                .at(Severity::Warning, Some(spans[i].clone()), String::new())
-                .line;
-            rep.warn(
-                spans[j].clone(),
-                format!(
-                    "rule {:?} is never reached: rule {:?} (line {line}) matches every connection \
-                     it would{}",
-                    b.name,
-                    a.name,
-                    if a.action == b.action {
-                        " (same action: redundant)".to_string()
-                    } else {
-                        format!(
-                            " and decides {} instead of {}",
-                            a.action.label(),
-                            b.action.label()
-                        )
-                    }
-                ),
-            );
-        }
+/// Warns of rules an earlier rule makes unreachable. `written` are the
+/// rules as written, one for each of `policy`'s.
+fn shadow_warnings(rep: &mut Report, policy: &Policy, written: &[&Spanned<RawRule>]) {
+    let found = shadow::find(policy, shadow::BUDGET);
+    for (j, by) in found.by.iter().enumerate() {
+        let Some(i) = *by else { continue };
+        let (a, b) = (&policy.rules[i], &policy.rules[j]);
+        let line = rep.src.line(written[i].span().start);
+        rep.warn(
+            written[j].span(),
+            format!(
+                "rule {:?} is never reached: rule {:?} (line {line}) matches every connection \
+                 it would{}",
+                b.name,
+                a.name,
+                if a.action == b.action {
+                    " (same action: redundant)".to_string()
+                } else {
+                    format!(
+                        " and decides {} instead of {}",
+                        a.action.label(),
+                        b.action.label()
+                    )
+                }
+            ),
+        );
+    }
+    if let Some(j) = found.stopped_at {
+        rep.warn(
+            written[j].span(),
+            format!(
+                "rules from {:?} on were not checked for being shadowed: the rules are too many \
+                 and too alike to compare in reasonable time (the policy is valid)",
+                policy.rules[j].name
+            ),
+        );
     }
 }
 

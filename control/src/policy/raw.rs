@@ -81,12 +81,15 @@ pub struct RawProfile {
     pub exclude_secs: Option<Spanned<i64>>,
 }
 
-/// A port as `443` or `"8000-8099"`.
+/// A port as `443` or `"8000-8099"`; anything else is kept, so that the
+/// error stands where it was written (not at the whole list).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum PortItem {
     Number(i64),
     Text(String),
+    Float(f64),
+    Other(toml::Value),
 }
 
 /// `[[rules]]`, in order.

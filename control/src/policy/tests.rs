@@ -36,7 +36,13 @@ fn the_shipped_example_compiles_cleanly() {
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(p.rules[3].action, Action::Decrypt);
     assert_eq!(p.rules[3].profile.as_deref(), Some("strict"));
-    assert_eq!(p.digest.len(), 64);
+    // The digest is the SHA-256 of the policy and its category file.
+    let dir = path.parent().unwrap();
+    let mut sha = Sha256::new();
+    sha.update(std::fs::read(&path).unwrap());
+    sha.update(b"\0categories\0");
+    sha.update(std::fs::read(dir.join("categories.toml")).unwrap());
+    assert_eq!(p.digest, format!("{:x}", sha.finalize()));
 }
 
 #[test]
@@ -463,6 +469,145 @@ fn malformed_corpus() {
             f.display()
         );
     }
+}
+
+/// A category file that is a device, a directory or too large is an
+/// error where it is named, at once (`categories = "/dev/zero"` read until
+/// memory ran out); so is a policy that is a directory.
+#[test]
+fn category_files_that_are_not_small_regular_files_are_refused() {
+    let dir = std::env::temp_dir().join(format!("loupe-policy-cats-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let big = dir.join("big.toml");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(MAX_POLICY_BYTES + 1)
+        .unwrap();
+    let policy = dir.join("p.toml");
+    for (cats, why) in [
+        ("/dev/zero", "a device"),
+        ("sub", "a directory"),
+        ("big.toml", "larger than the 16777216 bytes allowed"),
+    ] {
+        std::fs::write(&policy, format!("[policy]\ncategories = {cats:?}\n")).unwrap();
+        let c = check_file(&policy).unwrap();
+        let e = messages(&c, Severity::Error);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(
+            e[0].contains("p.toml:2:14: error: cannot read the category file")
+                && e[0].contains(why),
+            "{cats}: {e:#?}"
+        );
+    }
+    let e = check_file(&dir.join("sub")).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("a directory"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Rules, globs and prefixes beyond the limits are refused before any
+/// other check: the limit errors, each where the first item too many
+/// stands, and nothing else (no glob parsed, no shadowing looked for).
+#[test]
+fn limits_are_checked_before_anything_else() {
+    use loupe_dataplane::policy::{MAX_GLOBS, MAX_RULES};
+    // A rule the analysis would warn of (shadowed), and a bad glob it
+    // would report, so that their absence shows it did not run.
+    let mut text = String::from(
+        "[[rules]]\nname = \"all\"\naction = \"block\"\n\
+         [[rules]]\nname = \"bad\"\nsni = [\"a..b\"]\naction = \"block\"\n",
+    );
+    for i in 2..=MAX_RULES {
+        text.push_str(&format!("[[rules]]\nname = \"r{i}\"\naction = \"block\"\n"));
+    }
+    let c = check(&text);
+    let e = messages(&c, Severity::Error);
+    let last_rule_line = 1 + 3 * MAX_RULES + 1;
+    assert_eq!(
+        e,
+        [format!(
+            "p.toml:{last_rule_line}:1: error: {} rules: at most {MAX_RULES}",
+            MAX_RULES + 1
+        )]
+    );
+    assert_eq!(messages(&c, Severity::Warning), Vec::<String>::new());
+
+    // Globs: those of the category file and of the rules count together.
+    let cats = format!("c = [{}]\n", vec!["\"a.example\""; MAX_GLOBS - 1].join(","));
+    let text = "[policy]\ncategories = \"c.toml\"\n[[rules]]\nname = \"x\"\n\
+                sni = [\"ok.example\", \"one.too.many\", \"a..b\"]\naction = \"block\"\n";
+    let c = compile(Path::new("/p/p.toml"), text, &|_| Ok(cats.clone()));
+    let e = messages(&c, Severity::Error);
+    assert_eq!(
+        e,
+        [format!(
+            "/p/p.toml:5:22: error: {} host-name globs: at most {MAX_GLOBS}",
+            MAX_GLOBS + 2
+        )]
+    );
+
+    // Prefixes in rules, and exempt prefixes, each against its limit.
+    let max = loupe_common::MAX_PREFIXES as usize;
+    let list = |n: usize| {
+        (0..n)
+            .map(|i| format!("\"198.18.{}.{}/32\"", i / 256, i % 256))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let text = format!(
+        "[policy]\nexempt = [{}]\n[[rules]]\nname = \"x\"\ndst = [{}]\nnot_src = [\"198.18.0.0/33\", \"10.0.0.0/8\"]\naction = \"block\"\n",
+        list(max + 1),
+        list(max - 1)
+    );
+    let c = check(&text);
+    let e = messages(&c, Severity::Error);
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(
+        e[0].starts_with("p.toml:2:")
+            && e[0].ends_with(&format!("{} exempt prefixes: at most {max}", max + 1)),
+        "{e:#?}"
+    );
+    assert!(
+        e[1].starts_with("p.toml:6:29: error: ")
+            && e[1].ends_with(&format!("{} prefixes in rules: at most {max}", max + 1)),
+        "{e:#?}"
+    );
+}
+
+/// Text with more tables or values than any policy within the limits is
+/// refused from its tokens, before it is parsed (a 15 MiB file of empty
+/// tables took 4 GiB and 9 s); what is in strings and comments does not
+/// count.
+#[test]
+fn structure_beyond_any_policy_is_refused_unparsed() {
+    let c = check(&"[[rules]]\n".repeat(25_000));
+    assert_eq!(
+        messages(&c, Severity::Error),
+        ["p.toml:20001:1: error: more than 20000 tables (rules, profiles): a policy has at most \
+          10000 rules; refused unparsed"]
+    );
+    let c = check(&format!("x = [{}]\n", "1,".repeat(1_600_000)));
+    let e = messages(&c, Severity::Error);
+    // The 1,500,001st value: `=`, the list, then the 1,499,999th comma.
+    let col = 5 + 2 * 1_499_999;
+    assert_eq!(
+        e,
+        [format!(
+            "p.toml:1:{col}: error: more than 1500000 values (keys and list items): a policy has \
+             at most 10000 rules and 1000000 globs; refused unparsed"
+        )]
+    );
+    // Brackets, braces and commas in strings and comments are not values.
+    let text = format!(
+        "# {}\n[[rules]]\nname = \"r\"\ndescription = \"{}\"\naction = \"block\"\n\
+         [[rules]]\nname = \"s\"\ndescription = '''\n{}\n'''\naction = \"block\"\n",
+        "[{,".repeat(600_000),
+        "{[,".repeat(600_000),
+        "[[x]]\n{,".repeat(30_000),
+    );
+    let c = check(&text);
+    assert_eq!(messages(&c, Severity::Error), Vec::<String>::new());
+    assert_eq!(c.policy.unwrap().rules.len(), 2);
 }
 
 /// A policy named as a FIFO, a device or a directory is an error at once

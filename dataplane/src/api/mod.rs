@@ -204,7 +204,7 @@ fn accept_loop(
         &shared.stop,
         "loupe-dataplane: control socket",
         |why| line(&Response::error(why)),
-        move |stream| serve(stream, &handler_shared, &engine, &policy),
+        move |stream, slot| serve(stream, slot, &handler_shared, &engine, &policy),
     );
 }
 
@@ -220,7 +220,13 @@ fn reply(w: &mut impl Write, r: &Response) -> std::io::Result<()> {
 }
 
 /// Answers one client's requests until it hangs up (or subscribes).
-fn serve(stream: UnixStream, shared: &Shared, engine: &Sender<EngineRequest>, cell: &PolicyCell) {
+fn serve(
+    stream: UnixStream,
+    slot: &unix::Slot,
+    shared: &Shared,
+    engine: &Sender<EngineRequest>,
+    cell: &PolicyCell,
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let Ok(read_half) = stream.try_clone() else {
@@ -251,6 +257,7 @@ fn serve(stream: UnixStream, shared: &Shared, engine: &Sender<EngineRequest>, ce
             }
         };
         idle_since = std::time::Instant::now();
+        let _busy = slot.busy();
         let request: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => {

@@ -1,8 +1,10 @@
 //! Unix-socket plumbing both processes use: binding a socket with
-//! permissions 0660 (and a group), checking a peer with SO_PEERCRED, and
-//! reading bounded newline-delimited messages.
+//! permissions 0660 (and a group), checking a peer with SO_PEERCRED,
+//! serving a bounded number of clients (idle ones make room for new ones),
+//! and reading bounded newline-delimited messages.
 
 use std::{
+    collections::HashMap,
     ffi::CString,
     io::{self, BufRead, Write},
     os::unix::{
@@ -11,11 +13,11 @@ use std::{
     },
     path::Path,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// The longest message accepted (a compiled policy with large category
@@ -171,19 +173,74 @@ pub fn wait_readable(fd: &impl std::os::fd::AsRawFd, timeout_ms: i32) {
 /// Connections served at once by [`accept_loop`].
 pub const MAX_CLIENTS: usize = 32;
 
+/// A served connection's place in [`accept_loop`]'s table. Its handler
+/// holds [`Slot::busy`] while it works on a request; between requests the
+/// connection is idle, and the longest idle one gives its place up when
+/// all are taken and another client arrives (so idle connections can lock
+/// nobody out: not the CLI, not the control daemon).
+pub struct Slot {
+    busy: AtomicBool,
+    /// When it last became idle.
+    idle_since: Mutex<Instant>,
+    /// Another handle of the connection, to shut it down when evicted.
+    stream: UnixStream,
+}
+
+/// While held, the connection is working on a request and is not evicted.
+pub struct Busy<'a>(&'a Slot);
+
+impl Slot {
+    pub fn busy(&self) -> Busy<'_> {
+        self.busy.store(true, Ordering::Release);
+        Busy(self)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.busy.store(false, Ordering::Release);
+    }
+}
+
+/// The connections being served, by number.
+type Slots = Arc<Mutex<HashMap<u64, Arc<Slot>>>>;
+
+/// Makes room for one more connection in a full `slots`: the connection
+/// idle the longest is shut down (its handler sees the end of its stream
+/// and returns). False when every one is busy.
+fn evict_idle(slots: &Slots) -> bool {
+    let mut table = slots.lock().unwrap_or_else(|p| p.into_inner());
+    let oldest = table
+        .iter()
+        .filter(|(_, s)| !s.busy.load(Ordering::Acquire))
+        .min_by_key(|(_, s)| *s.idle_since.lock().unwrap_or_else(|p| p.into_inner()))
+        .map(|(id, _)| *id);
+    match oldest.and_then(|id| table.remove(&id)) {
+        Some(slot) => {
+            let _ = slot.stream.shutdown(std::net::Shutdown::Both);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Accepts clients on a non-blocking `listener` until `stop`: a peer
 /// [`check`] refuses is answered `refusal(why)` and closed; the others are
-/// served by `handle`, each on a thread of its own (at most
-/// [`MAX_CLIENTS`] at once). `who` names the server in its log lines.
+/// served by `handle`, each on a thread of its own, at most
+/// [`MAX_CLIENTS`] at once: when that many are connected, the one idle
+/// longest is closed to make room, and only when all are busy is the new
+/// one refused. `who` names the server in its log lines.
 pub fn accept_loop(
     listener: &UnixListener,
     access: Access,
     stop: &AtomicBool,
     who: &str,
     refusal: impl Fn(&str) -> Vec<u8>,
-    handle: impl Fn(UnixStream) + Clone + Send + 'static,
+    handle: impl Fn(UnixStream, &Slot) + Clone + Send + 'static,
 ) {
-    let clients = Arc::new(AtomicUsize::new(0));
+    let slots: Slots = Arc::default();
+    let mut next_id = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let mut stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -204,13 +261,14 @@ pub fn accept_loop(
             Ok(p) => check(&p, access),
             Err(e) => Err(format!("cannot read the peer's credentials: {e}")),
         };
+        let full = || slots.lock().unwrap_or_else(|p| p.into_inner()).len() >= MAX_CLIENTS;
         let refused = match verdict {
             Err(why) => {
                 eprintln!("{who}: refused a client: {why}");
                 Some(why)
             }
-            Ok(()) if clients.load(Ordering::Relaxed) >= MAX_CLIENTS => {
-                Some("too many clients; try again".into())
+            Ok(()) if full() && !evict_idle(&slots) => {
+                Some("too many clients, all busy; try again".into())
             }
             Ok(()) => None,
         };
@@ -218,16 +276,29 @@ pub fn accept_loop(
             let _ = stream.write_all(&refusal(&why));
             continue;
         }
-        clients.fetch_add(1, Ordering::Relaxed);
-        let (clients2, handle) = (clients.clone(), handle.clone());
+        let Ok(other) = stream.try_clone() else {
+            continue;
+        };
+        let slot = Arc::new(Slot {
+            busy: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+            stream: other,
+        });
+        next_id += 1;
+        let id = next_id;
+        slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, slot.clone());
+        let (slots2, handle) = (slots.clone(), handle.clone());
         let spawned = thread::Builder::new()
             .name("loupe-sock-client".into())
             .spawn(move || {
-                handle(stream);
-                clients2.fetch_sub(1, Ordering::Relaxed);
+                handle(stream, &slot);
+                slots2.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             });
         if spawned.is_err() {
-            clients.fetch_sub(1, Ordering::Relaxed);
+            slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }
     }
 }
@@ -352,6 +423,90 @@ mod tests {
         assert!(e.contains("uid 65534") && e.contains("no group"), "{e}");
         assert!(check(&nobody, Access { group: Some(65534) }).is_ok());
         assert!(check(&nobody, Access { group: Some(4242) }).is_err());
+    }
+
+    /// A server whose handler echoes lines, marked busy while it does.
+    fn echo_server(name: &str) -> (std::path::PathBuf, Arc<AtomicBool>, thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("loupe-unix-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("s.sock");
+        let listener = bind(&path, Access::default()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                accept_loop(
+                    &listener,
+                    Access::default(),
+                    &stop,
+                    "test",
+                    |why| format!("refused: {why}\n").into_bytes(),
+                    |stream, slot| {
+                        let mut r =
+                            LineReader::new(io::BufReader::new(stream.try_clone().unwrap()));
+                        let mut out = &stream;
+                        while let Ok(Some(line)) = r.read_line() {
+                            let _busy = slot.busy();
+                            if out.write_all(format!("{line}\n").as_bytes()).is_err() {
+                                return;
+                            }
+                        }
+                    },
+                )
+            })
+        };
+        (path, stop, server)
+    }
+
+    /// Sends a line and reads the answer.
+    fn ask(s: &UnixStream, line: &str) -> String {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        (&*s).write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        io::BufReader::new(s).read_line(&mut answer).unwrap();
+        answer
+    }
+
+    /// A full house of idle connections locks nobody out: the one idle
+    /// longest is closed for a newcomer; connections that used their
+    /// place recently stay.
+    #[test]
+    fn idle_clients_make_room_for_new_ones() {
+        let (path, stop, server) = echo_server("idle");
+        let idle: Vec<UnixStream> = (0..MAX_CLIENTS)
+            .map(|i| {
+                let s = UnixStream::connect(&path).unwrap();
+                // Each is served (it answers), then stays idle.
+                assert_eq!(ask(&s, &format!("hello {i}")), format!("hello {i}\n"));
+                s
+            })
+            .collect();
+        // The first one is used again: now the second is idle longest.
+        assert_eq!(ask(&idle[0], "again"), "again\n");
+        let mut newcomers = Vec::new();
+        for round in 0..3 {
+            let c = UnixStream::connect(&path).unwrap();
+            assert_eq!(ask(&c, "newcomer"), "newcomer\n", "round {round}");
+            // The newcomer stays connected (idle): the next round evicts
+            // the next oldest.
+            newcomers.push(c);
+        }
+        // The three idle longest (the second, third and fourth) were
+        // closed; the first, used again, was not.
+        for (i, s) in idle.iter().enumerate().take(5) {
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            if (1..=3).contains(&i) {
+                let mut buf = [0u8; 1];
+                let n = io::Read::read(&mut &*s, &mut buf).unwrap();
+                assert_eq!(n, 0, "connection {i} closed");
+            } else {
+                assert_eq!(ask(s, "still here"), "still here\n", "connection {i}");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]

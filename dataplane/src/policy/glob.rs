@@ -18,11 +18,13 @@ use std::{fmt, str::FromStr};
 pub struct HostGlob {
     /// The glob as written (lower-cased, without a trailing dot).
     text: String,
-    /// `*.rest`: one or more labels, then `labels`.
+    /// `*.rest`: one or more labels, then the labels of `rest`.
     any_depth: bool,
     /// Every name (`*`).
     all: bool,
-    labels: Vec<String>,
+    /// How many labels `rest` has (they are read from `text`: a policy
+    /// holds up to a million globs, and one allocation each is enough).
+    labels: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,7 +53,7 @@ impl FromStr for HostGlob {
                 text,
                 any_depth: false,
                 all: true,
-                labels: Vec::new(),
+                labels: 0,
             });
         }
         let (any_depth, rest) = match text.strip_prefix("*.") {
@@ -61,7 +63,7 @@ impl FromStr for HostGlob {
         if rest.is_empty() {
             return bad("empty name");
         }
-        let mut labels = Vec::new();
+        let mut labels = 0;
         for label in rest.split('.') {
             if label.is_empty() {
                 return bad("a label is empty (two dots in a row, or a leading dot)");
@@ -81,7 +83,12 @@ impl FromStr for HostGlob {
             {
                 return bad("only letters, digits, `-`, `_` and `*` may appear in a label");
             }
-            labels.push(label.to_string());
+            // RFC 952/1123: no host name label starts or ends with a hyphen,
+            // so such a glob could never match.
+            if label.starts_with('-') || label.ends_with('-') {
+                return bad("a label may not start or end with `-`");
+            }
+            labels += 1;
         }
         Ok(HostGlob {
             text,
@@ -148,17 +155,26 @@ impl HostGlob {
         if labels.iter().any(|l| l.is_empty()) {
             return false;
         }
-        let n = self.labels.len();
+        let n = self.labels;
         let fits = if self.any_depth {
             labels.len() > n
         } else {
             labels.len() == n
         };
         fits && self
-            .labels
-            .iter()
+            .rest()
+            .split('.')
             .zip(&labels[labels.len() - n..])
             .all(|(p, l)| label_matches(p.as_bytes(), l.as_bytes()))
+    }
+
+    /// The labels after a leading `*.` (all of them for other globs).
+    fn rest(&self) -> &str {
+        if self.any_depth {
+            &self.text[2..]
+        } else {
+            &self.text
+        }
     }
 
     /// Whether every name this glob matches is matched by `self` (a sound
@@ -168,13 +184,79 @@ impl HostGlob {
         if self.all || self == other {
             return true;
         }
-        if other.all || !self.any_depth || self.labels.iter().any(|l| l.contains('*')) {
+        if !self.is_suffix_glob() || other.all {
             return false;
         }
-        // `*.s` covers names with more labels than `s` ending in `s`.
-        let n = self.labels.len();
-        let extra = other.labels.len() + usize::from(other.any_depth);
-        extra > n && other.labels[other.labels.len() - n..] == self.labels[..]
+        // `*.s` covers names with more labels than `s` ending in `s`: the
+        // same labels and a `*` before them, or more labels.
+        let (s, o) = (self.rest(), other.rest());
+        (o == s && other.any_depth)
+            || (o.len() > s.len() && o.ends_with(s) && o.as_bytes()[o.len() - s.len() - 1] == b'.')
+    }
+
+    /// `*.s` with no `*` in `s`: the only globs that cover others than
+    /// themselves and `*`.
+    fn is_suffix_glob(&self) -> bool {
+        self.any_depth && !self.rest().contains('*')
+    }
+
+    /// The key this glob is filed under as a possible cover of others
+    /// (see [`CoverKey`]).
+    pub fn cover_key(&self) -> CoverKey {
+        if self.all {
+            CoverKey::ALL
+        } else if self.is_suffix_glob() {
+            CoverKey::of(b'S', self.rest())
+        } else {
+            CoverKey::of(b'E', &self.text)
+        }
+    }
+
+    /// The keys of every glob that may cover this one: if `x.covers(self)`
+    /// then `x.cover_key()` is among them. At most one more than the
+    /// glob has labels.
+    pub fn covered_by_keys(&self) -> Vec<CoverKey> {
+        let mut keys = vec![CoverKey::ALL, CoverKey::of(b'E', &self.text)];
+        if !self.all {
+            // `*.s` covers this glob for each suffix `s` it has that leaves
+            // at least one label (or the `*` of an any-depth glob) before it.
+            let rest = self.rest();
+            if self.any_depth {
+                keys.push(CoverKey::of(b'S', rest));
+            }
+            for (dot, _) in rest.match_indices('.') {
+                keys.push(CoverKey::of(b'S', &rest[dot + 1..]));
+            }
+        }
+        keys
+    }
+}
+
+/// Where globs are found when rules are compared for shadowing: a map from
+/// [`HostGlob::cover_key`] to rules finds the globs that may cover a given
+/// one through its [`HostGlob::covered_by_keys`], in a few lookups instead
+/// of a scan. It is a hash of what covering depends on (`*`; `*.s` by
+/// `s`; any other glob by itself), so two globs may share one by chance:
+/// [`HostGlob::covers`] stays the judge, a key only narrows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoverKey(pub u64);
+
+impl CoverKey {
+    /// `*`: covers every glob.
+    pub const ALL: CoverKey = CoverKey(0);
+
+    /// FNV-1a of a kind byte and the text, then mixed, so that the low
+    /// bits a hash table uses are as good as the high ones.
+    fn of(kind: u8, text: &str) -> CoverKey {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in std::iter::once(kind).chain(text.bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        // Never the key of `*`.
+        CoverKey(h | 1)
     }
 }
 
@@ -237,6 +319,10 @@ mod tests {
             ("**.example", "`**`"),
             ("*.*.example", "may only come first"),
             ("ex?mple.com", "only letters"),
+            ("-a.example", "start or end with `-`"),
+            ("a-.example", "start or end with `-`"),
+            ("*.example-", "start or end with `-`"),
+            ("*-.example", "start or end with `-`"),
         ] {
             let e = bad.parse::<HostGlob>().unwrap_err().to_string();
             assert!(
@@ -258,6 +344,41 @@ mod tests {
         assert!(!g("*.a.example").covers(&g("*.example")));
         assert!(!g("www.example").covers(&g("*.example")));
         assert!(!g("api-*.example").covers(&g("api-1.example")));
+    }
+
+    /// Every glob that covers another has its key among the other's
+    /// covered-by keys, so an index by key misses no cover.
+    #[test]
+    fn cover_keys_find_every_covering_glob() {
+        let all: Vec<HostGlob> = [
+            "*",
+            "*.example",
+            "*.a.example",
+            "www.a.example",
+            "a.example",
+            "example",
+            "*.b.a.example",
+            "api-*.example",
+            "*.api-*.example",
+            "*-x.a.example",
+            "x.y.z.a.example",
+        ]
+        .iter()
+        .map(|s| g(s))
+        .collect();
+        let mut covering_pairs = 0;
+        for y in &all {
+            let keys = y.covered_by_keys();
+            assert!(keys.len() <= y.labels + 2, "{y}: {keys:?}");
+            for x in &all {
+                if x.covers(y) {
+                    covering_pairs += 1;
+                    assert!(keys.contains(&x.cover_key()), "{x} covers {y}: {keys:?}");
+                }
+            }
+        }
+        // Not a vacuous check: covers between different globs are there.
+        assert!(covering_pairs > all.len() + 10, "{covering_pairs}");
     }
 
     #[test]

@@ -25,8 +25,8 @@ use std::{
 use loupe_common::{Addr, MAX_PREFIXES, MAX_STEER_PORTS};
 use serde::{Deserialize, Serialize};
 
-pub use self::glob::{BadGlob, HostGlob};
-pub use self::prefix::Prefix;
+pub use self::glob::{BadGlob, CoverKey, HostGlob};
+pub use self::prefix::{Prefix, PrefixKey};
 
 /// A rule's action.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -124,9 +124,10 @@ impl PortRange {
 impl FromStr for PortRange {
     type Err = String;
 
+    /// `443` or `8000-8099`: digits only, no spaces or signs.
     fn from_str(s: &str) -> Result<Self, String> {
-        let port = |p: &str| match p.trim().parse::<u16>() {
-            Ok(n) if n > 0 => Ok(n),
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
             _ => Err(format!("bad port {p:?}: expected a number from 1 to 65535")),
         };
         let (first, last) = match s.split_once('-') {
@@ -138,6 +139,52 @@ impl FromStr for PortRange {
         }
         Ok(PortRange { first, last })
     }
+}
+
+/// Port ranges sorted, with overlapping and adjacent ones joined.
+pub fn merge_ports(ranges: &[PortRange]) -> Vec<PortRange> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable_by_key(|r| r.first);
+    let mut out: Vec<PortRange> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match out.last_mut() {
+            Some(last) if u32::from(r.first) <= u32::from(last.last) + 1 => {
+                last.last = last.last.max(r.last);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// The ports of `ranges` that are not in `excluded`, both as
+/// [`merge_ports`] makes them (the result is too): linear in the two,
+/// whatever the ranges' widths.
+pub fn ports_less(ranges: &[PortRange], excluded: &[PortRange]) -> Vec<PortRange> {
+    let mut out = Vec::new();
+    for r in ranges {
+        let (mut start, end) = (u32::from(r.first), u32::from(r.last));
+        let from = excluded.partition_point(|e| e.last < r.first);
+        for e in excluded[from..]
+            .iter()
+            .take_while(|e| u32::from(e.first) <= end)
+        {
+            if u32::from(e.first) > start {
+                out.push(PortRange {
+                    first: start as u16,
+                    last: e.first - 1,
+                });
+            }
+            start = start.max(u32::from(e.last) + 1);
+        }
+        if start <= end {
+            out.push(PortRange {
+                first: start as u16,
+                last: end as u16,
+            });
+        }
+    }
+    out
 }
 
 impl fmt::Display for PortRange {
@@ -651,20 +698,24 @@ impl Policy {
             .map_or(DEFAULT_RULE, |r| r.name.as_str())
     }
 
-    /// Marks the ports a rule examines (its own, or the TLS ports, less
-    /// its `not_ports`) in `set` (one flag per port).
-    fn mark_rule_ports(&self, m: &Match, set: &mut [bool]) {
-        let excluded = |p: u16| m.not_ports.iter().any(|r| r.contains(p));
-        if m.ports.is_empty() {
-            for &p in &self.tls_ports {
-                set[usize::from(p)] |= !excluded(p);
-            }
+    /// The ports a rule examines: its own, or the TLS ports, less its
+    /// `not_ports` (sorted, disjoint ranges).
+    pub fn examined_ports(&self, m: &Match) -> Vec<PortRange> {
+        let own = if m.ports.is_empty() {
+            self.tls_ports
+                .iter()
+                .map(|&p| PortRange { first: p, last: p })
+                .collect()
         } else {
-            for r in &m.ports {
-                for p in r.first..=r.last {
-                    set[usize::from(p)] |= !excluded(p);
-                }
-            }
+            m.ports.clone()
+        };
+        ports_less(&merge_ports(&own), &merge_ports(&m.not_ports))
+    }
+
+    /// Marks the ports a rule examines in `set` (one flag per port).
+    fn mark_rule_ports(&self, m: &Match, set: &mut [bool]) {
+        for r in self.examined_ports(m) {
+            set[usize::from(r.first)..=usize::from(r.last)].fill(true);
         }
     }
 
@@ -796,13 +847,20 @@ impl Policy {
 }
 
 /// `prefixes` without duplicates or prefixes another one covers (the
-/// tries need neither): exact duplicates by sorting, then the covered ones.
+/// tries need neither): exact duplicates by sorting, then the covered
+/// ones, each found by its covering keys (at most 129 lookups, not a scan
+/// of all kept so far).
 fn minimal(mut prefixes: Vec<Prefix>) -> Vec<Prefix> {
     prefixes.sort_by_key(|p| (p.mapped_len(), p.addr));
     prefixes.dedup();
     let mut kept: Vec<Prefix> = Vec::new();
+    let mut by_key: std::collections::HashMap<PrefixKey, Prefix> = Default::default();
     for p in prefixes {
-        if !kept.iter().any(|k| k.v4 == p.v4 && k.covers(&p)) {
+        let covered = p
+            .covering_keys()
+            .any(|k| by_key.get(&k).is_some_and(|c| c.covers(&p)));
+        if !covered {
+            by_key.insert(p.key(), p);
             kept.push(p);
         }
     }
@@ -1229,6 +1287,72 @@ mod tests {
         assert!(serde_json::from_str::<Policy>(&bad).is_err());
     }
 
+    /// Exclusions come off ranges of any width without a walk over each
+    /// port; what is left is what a port-by-port check leaves.
+    #[test]
+    fn ports_less_exclusions_matches_a_port_by_port_check() {
+        let r = |s: &str| s.parse::<PortRange>().unwrap();
+        let cases: [(&[&str], &[&str]); 5] = [
+            (&["1-65535"], &["2-65534"]),
+            (
+                &["443", "8000-8100", "8050-8200", "9000"],
+                &["8001", "8100-8999", "9000"],
+            ),
+            (&["1-10", "11-20"], &[]),
+            (&["5-15"], &["1-4", "16-30"]),
+            (&["100-200"], &["100-200"]),
+        ];
+        for (own, not) in cases {
+            let own: Vec<PortRange> = own.iter().map(|s| r(s)).collect();
+            let not: Vec<PortRange> = not.iter().map(|s| r(s)).collect();
+            let got = ports_less(&merge_ports(&own), &merge_ports(&not));
+            let want: Vec<u16> = (1..=u16::MAX)
+                .filter(|&p| {
+                    own.iter().any(|x| x.contains(p)) && !not.iter().any(|x| x.contains(p))
+                })
+                .collect();
+            let got_ports: Vec<u16> = got.iter().flat_map(|x| x.first..=x.last).collect();
+            assert_eq!(got_ports, want, "{own:?} less {not:?}: {got:?}");
+            assert!(got
+                .windows(2)
+                .all(|w| u32::from(w[0].last) + 1 < u32::from(w[1].first)));
+        }
+    }
+
+    /// The steering's prefixes are those no other one covers, as a
+    /// comparison of every pair finds them.
+    #[test]
+    fn minimal_keeps_exactly_the_uncovered_prefixes() {
+        let all = prefixes(&[
+            "198.18.0.0/15",
+            "198.18.5.0/24",
+            "198.20.0.0/16",
+            "198.20.0.0/16",
+            "198.20.1.1/32",
+            "0.0.0.0/0",
+            "::ffff:0:0/96",
+            "::/0",
+            "2001:2::/48",
+            "2001:2:0:1::/64",
+            "2001:3::/48",
+        ]);
+        for n in 1..=all.len() {
+            let some = all[..n].to_vec();
+            let mut want: Vec<Prefix> = Vec::new();
+            for p in &some {
+                let covered = some.iter().any(|k| k.v4 == p.v4 && k != p && k.covers(p));
+                if !covered && !want.contains(p) {
+                    want.push(*p);
+                }
+            }
+            let mut got = minimal(some);
+            let key = |p: &Prefix| (p.v4, p.mapped_len(), p.addr);
+            got.sort_by_key(key);
+            want.sort_by_key(key);
+            assert_eq!(got, want, "the first {n}");
+        }
+    }
+
     #[test]
     fn port_ranges() {
         assert_eq!("443".parse::<PortRange>().unwrap().to_string(), "443");
@@ -1236,7 +1360,20 @@ mod tests {
             "8000-8100".parse::<PortRange>().unwrap().to_string(),
             "8000-8100"
         );
-        for bad in ["0", "9-1", "x", "1-70000", ""] {
+        // Whole numbers as written: no spaces, no sign, no empty end.
+        for bad in [
+            "0",
+            "9-1",
+            "x",
+            "1-70000",
+            "",
+            " 443",
+            "443 ",
+            "8000 - 8100",
+            "8000-",
+            "+443",
+            "1-+5",
+        ] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad}");
         }
     }

@@ -122,6 +122,36 @@ impl Prefix {
     pub fn covers(&self, other: &Prefix) -> bool {
         self.mapped_len() <= other.mapped_len() && self.contains(&other.addr)
     }
+
+    /// This prefix as a lookup key: family, length in the mapped space,
+    /// address (host bits clear).
+    pub fn key(&self) -> PrefixKey {
+        (self.v4, self.mapped_len(), self.addr)
+    }
+
+    /// The keys of every prefix of the same family that may cover this
+    /// one: its address cut at each length up to its own. A prefix of
+    /// that family that [`covers`](Prefix::covers) this one has its
+    /// [`key`](Prefix::key) among them, so a map of prefixes by key finds
+    /// the covering ones in at most 129 lookups instead of a scan.
+    pub fn covering_keys(&self) -> impl Iterator<Item = PrefixKey> + '_ {
+        let shortest = if self.v4 { V4_MAPPED_PREFIX_BITS } else { 0 };
+        (shortest..=self.mapped_len()).map(move |bits| (self.v4, bits, masked(&self.addr, bits)))
+    }
+}
+
+/// A prefix as a map key (see [`Prefix::key`]).
+pub type PrefixKey = (bool, u32, Addr);
+
+/// `addr` with every bit after the first `bits` cleared.
+fn masked(addr: &Addr, bits: u32) -> Addr {
+    let mut out = [0u8; 16];
+    let (whole, rest) = ((bits / 8) as usize, bits % 8);
+    out[..whole].copy_from_slice(&addr[..whole]);
+    if rest != 0 {
+        out[whole] = addr[whole] & (0xffu8 << (8 - rest));
+    }
+    out
 }
 
 impl serde::Serialize for Prefix {
@@ -212,5 +242,48 @@ mod tests {
         assert!(!"198.18.5.0/24".parse::<Prefix>().unwrap().covers(&p));
         let a9: Prefix = "198.18.0.9/31".parse().unwrap();
         assert!(a9.contains(&a("198.18.0.8")) && !a9.contains(&a("198.18.0.10")));
+    }
+
+    /// Every prefix of a family that covers another has its key among
+    /// the other's covering keys; one that does not, not.
+    #[test]
+    fn covering_keys_find_exactly_the_covering_prefixes() {
+        let all: Vec<Prefix> = [
+            "0.0.0.0/0",
+            "198.18.0.0/15",
+            "198.18.0.0/16",
+            "198.19.0.0/16",
+            "198.18.0.0/23",
+            "198.18.1.0/24",
+            "198.18.1.7/32",
+            "198.18.1.6/31",
+            "::/0",
+            "::ffff:0:0/96",
+            "2001:2::/48",
+            "2001:2::/49",
+            "2001:2:0:8000::/49",
+            "2001:2::1/128",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        for y in &all {
+            let keys: Vec<PrefixKey> = y.covering_keys().collect();
+            assert_eq!(keys.last(), Some(&y.key()), "{y}");
+            for x in &all {
+                let covers = x.v4 == y.v4 && x.covers(y);
+                let found = keys.contains(&x.key());
+                // A key found is a candidate only (the /0 of IPv6 does not
+                // cover IPv4-mapped IPv6); a cover is never missed.
+                assert!(!covers || found, "{x} covers {y} but is not found");
+                if found && x.v4 == y.v4 {
+                    assert_eq!(
+                        covers,
+                        !(x.len < 96 && !x.v4 && y.addr[..12] == v4_mapped([0; 4])[..12]),
+                        "{x} {y}"
+                    );
+                }
+            }
+        }
     }
 }
