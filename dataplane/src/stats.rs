@@ -151,6 +151,10 @@ pub struct SplitCounters {
     /// RSTs during the hold that their receiver would not take, dropped.
     #[serde(default)]
     pub bogus_resets: u64,
+    /// Handshakes with a window shift above 14, used as 14 (RFC 7323
+    /// §2.3: the peer does the same).
+    #[serde(default)]
+    pub wscale_clamped: u64,
 }
 
 impl SplitCounters {
@@ -197,6 +201,7 @@ impl SplitCounters {
         self.refused_stopping += o.refused_stopping;
         self.sni_malformed += o.sni_malformed;
         self.bogus_resets += o.bogus_resets;
+        self.wscale_clamped += o.wscale_clamped;
         self.intercepted += o.intercepted;
         self.not_decrypted += o.not_decrypted;
     }
@@ -536,7 +541,8 @@ impl StatsReport {
                  ({} timeouts, {} fast, {} lost again, {} tail probes), \
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
-                 holds released on timeout/bound, {} ACKs of large ClientHellos",
+                 holds released on timeout/bound, {} ACKs of large ClientHellos, {} window \
+                 shifts above 14 used as 14",
                 sp.split,
                 sp.active,
                 sp.closed,
@@ -562,7 +568,8 @@ impl StatsReport {
                 sp.refused,
                 sp.hold_timeouts,
                 sp.hold_overflows,
-                sp.hold_acks
+                sp.hold_acks,
+                sp.wscale_clamped
             );
         }
         for h in &self.hsm {

@@ -469,6 +469,9 @@ impl Sessions {
         if refuse.is_none() {
             self.counters.split += 1;
         }
+        if t.tracker.window_shift_clamped() {
+            self.counters.wscale_clamped += 1;
+        }
         // However the policy changes the steering, this flow stays here.
         self.ops.push(MapOp::Steer(key));
         self.flows.get_mut(&id).expect("present").entry = Entry::Split {

@@ -403,6 +403,13 @@ impl Sessions {
         }
     }
 
+    /// When [`Sessions::on_timers`] may next have work (an entry may have
+    /// been re-armed or gone since).
+    #[cfg(test)]
+    pub(crate) fn next_timer(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
     /// Connections waiting for the HSM.
     pub fn parked(&self) -> usize {
         self.parked.len()
@@ -499,5 +506,7 @@ fn keep_spare(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
     }
 }
 
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;

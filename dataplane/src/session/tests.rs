@@ -16,13 +16,13 @@ const C_ISN: u32 = 1000;
 const S_ISN: u32 = 9000;
 
 /// Builds frames as the client (inside) and as the server (outside).
-struct Peers {
+pub(super) struct Peers {
     client: Template,
     server: Template,
 }
 
 impl Peers {
-    fn new() -> Peers {
+    pub(super) fn new() -> Peers {
         Peers::on_port(40000)
     }
 
@@ -42,7 +42,7 @@ impl Peers {
         }
     }
 
-    fn frame(&self, from: Dir, seg: &Segment) -> Vec<u8> {
+    pub(super) fn frame(&self, from: Dir, seg: &Segment) -> Vec<u8> {
         let mut out = Vec::new();
         match from {
             Dir::Client => self.client.build(seg, &mut out),

@@ -93,15 +93,25 @@ struct InFlight {
     seg: Segment,
 }
 
-struct Link {
+/// One direction of a link: segments in flight with their arrival times.
+pub(crate) struct Link {
     cfg: LinkConfig,
     queue: Vec<InFlight>,
     order: u64,
-    stats: LinkStats,
+    pub(crate) stats: LinkStats,
 }
 
 impl Link {
-    fn send(&mut self, seg: Segment, now: Instant, rng: &mut Rng) {
+    pub(crate) fn new(cfg: LinkConfig) -> Link {
+        Link {
+            cfg,
+            queue: Vec::new(),
+            order: 0,
+            stats: LinkStats::default(),
+        }
+    }
+
+    pub(crate) fn send(&mut self, seg: Segment, now: Instant, rng: &mut Rng) {
         self.stats.sent += 1;
         if rng.chance(self.cfg.loss) {
             self.stats.lost += 1;
@@ -136,12 +146,12 @@ impl Link {
         }
     }
 
-    fn next_at(&self) -> Option<Instant> {
+    pub(crate) fn next_at(&self) -> Option<Instant> {
         self.queue.iter().map(|f| f.at).min()
     }
 
     /// Segments due at `now`, in arrival order.
-    fn due(&mut self, now: Instant) -> Vec<Segment> {
+    pub(crate) fn due(&mut self, now: Instant) -> Vec<Segment> {
         let mut due: Vec<InFlight> = Vec::new();
         let mut i = 0;
         while i < self.queue.len() {
@@ -157,10 +167,10 @@ impl Link {
 }
 
 /// One endpoint's application: what it sends, what it got, when it reads.
-struct App {
-    to_send: Vec<u8>,
+pub(crate) struct App {
+    pub(crate) to_send: Vec<u8>,
     written: usize,
-    got: Vec<u8>,
+    pub(crate) got: Vec<u8>,
     /// Do not read before this time (a stalled reader).
     read_from: Option<Instant>,
     /// Close once everything is written, without waiting for the peer.
@@ -171,7 +181,22 @@ struct App {
 }
 
 impl App {
-    fn run(&mut self, c: &mut Conn, now: Instant) {
+    /// Writes `to_send`, reads everything at once; closes once written,
+    /// at once (`close_early`) or after the peer's FIN.
+    pub(crate) fn new(to_send: Vec<u8>, close_early: bool) -> App {
+        App {
+            to_send,
+            written: 0,
+            got: Vec::new(),
+            read_from: None,
+            close_early,
+            closed: false,
+            max_send_buffered: 0,
+            max_readable: 0,
+        }
+    }
+
+    pub(crate) fn run(&mut self, c: &mut Conn, now: Instant) {
         if self.written < self.to_send.len() {
             self.written += c.write(&self.to_send[self.written..]);
         }
@@ -252,7 +277,7 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-fn payload(rng: &mut Rng, n: usize) -> Vec<u8> {
+pub(crate) fn payload(rng: &mut Rng, n: usize) -> Vec<u8> {
     (0..n).map(|_| rng.next_u64() as u8).collect()
 }
 
@@ -286,38 +311,13 @@ pub fn run(sc: &Scenario) -> Outcome {
     let (ha, hb) = handshakes(&mut rng);
     let mut a = Conn::new(&ha, sc.conn.clone(), now);
     let mut b = Conn::new(&hb, sc.conn.clone(), now);
-    let mut app_a = App {
-        to_send: payload(&mut rng, sc.a_to_b),
-        written: 0,
-        got: Vec::new(),
-        read_from: None,
-        close_early: true,
-        closed: false,
-        max_send_buffered: 0,
-        max_readable: 0,
-    };
+    let mut app_a = App::new(payload(&mut rng, sc.a_to_b), true);
     let mut app_b = App {
-        to_send: payload(&mut rng, sc.b_to_a),
-        written: 0,
-        got: Vec::new(),
         read_from: (!sc.b_stall.is_zero()).then(|| start + sc.b_stall),
-        close_early: sc.both_close_early,
-        closed: false,
-        max_send_buffered: 0,
-        max_readable: 0,
+        ..App::new(payload(&mut rng, sc.b_to_a), sc.both_close_early)
     };
-    let mut ab = Link {
-        cfg: sc.link,
-        queue: Vec::new(),
-        order: 0,
-        stats: LinkStats::default(),
-    };
-    let mut ba = Link {
-        cfg: sc.link,
-        queue: Vec::new(),
-        order: 0,
-        stats: LinkStats::default(),
-    };
+    let mut ab = Link::new(sc.link);
+    let mut ba = Link::new(sc.link);
     loop {
         app_a.run(&mut a, now);
         app_b.run(&mut b, now);

@@ -6,8 +6,9 @@
 //! scale, timestamps and SACK permission the real endpoints negotiated, so
 //! neither endpoint can tell. Connections this cannot continue faithfully
 //! are passed through untouched instead: TCP Fast Open (data or a cookie on
-//! the SYN), a handshake with a window shift above 14, or one whose segments
-//! do not fit together.
+//! the SYN), or a handshake whose segments do not fit together. A window
+//! shift above 14 is used as 14, as RFC 7323 §2.3 has the endpoint that
+//! receives it do (and counted: [`Tracker::window_shift_clamped`]).
 
 use std::time::Instant;
 
@@ -131,6 +132,16 @@ impl Tracker {
             Phase::Hold(n) => Some(u32::from(n.s_opts.mss.unwrap_or(536))),
             _ => None,
         }
+    }
+
+    /// Whether a SYN announced a window shift above 14 and scaling is on:
+    /// the halves use 14, and RFC 7323 §2.3 asks that the error be logged.
+    pub fn window_shift_clamped(&self) -> bool {
+        let Phase::Hold(n) = &self.phase else {
+            return false;
+        };
+        let above = |o: &TcpOptions| o.window_scale.is_some_and(|s| s > 14);
+        window_shifts(&n.c_opts, &n.s_opts).is_some() && (above(&n.c_opts) || above(&n.s_opts))
     }
 
     /// An ACK, as the server, of the client's first `acked` bytes: what the
@@ -382,16 +393,72 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn handshake(t: &mut Tracker) -> Track {
+        handshake_between(t, syn_opts(50), syn_opts(70))
+    }
+
+    /// SYN, SYN-ACK (window 65535) and ACK (window 512) with these
+    /// options; TSvals 50 and 70 when the options carry timestamps.
+    fn handshake_between(t: &mut Tracker, c: TcpOptions, s: TcpOptions) -> Track {
         let mut syn = segment(1000, None, SYN, b"");
-        syn.options = syn_opts(50);
+        syn.options = c;
         assert!(matches!(t.on_segment(Dir::Client, &syn), Track::Forward));
         let mut synack = segment(9000, Some(1001), SYN, b"");
-        synack.options = syn_opts(70);
+        synack.options = s;
         synack.window = 65535; // never scaled in a SYN-ACK
         assert!(matches!(t.on_segment(Dir::Server, &synack), Track::Forward));
         let mut ack = segment(1001, Some(9001), Flags::default(), b"");
         ack.options.timestamps = Some(Timestamps { val: 51, ecr: 70 });
         t.on_segment(Dir::Client, &ack)
+    }
+
+    #[test]
+    fn the_hold_acknowledges_as_the_server_with_the_servers_values() {
+        let mut t = Tracker::new(ConnConfig::default());
+        let c = TcpOptions {
+            mss: Some(536),
+            window_scale: Some(2),
+            ..syn_opts(50)
+        };
+        let s = TcpOptions {
+            mss: Some(1400),
+            window_scale: Some(9),
+            ..syn_opts(70)
+        };
+        assert_eq!(handshake_between(&mut t, c, s), Track::Forward);
+        // The client sends segments sized for the server's MSS.
+        assert_eq!(t.client_segment_size(), Some(1400));
+        let ack = t.hold_ack(3000, Some(55)).expect("established");
+        // The right edge the server offered (65535, unscaled in its
+        // SYN-ACK), in the units the client applies to the server's
+        // windows: the server's shift.
+        assert_eq!(ack.window, ((65535 - 3000) >> 9) as u16);
+        assert_eq!((ack.seq, ack.ack), (SeqNum(9001), SeqNum(4001)));
+        assert_eq!(
+            ack.options.timestamps,
+            Some(Timestamps { val: 70, ecr: 55 })
+        );
+    }
+
+    #[test]
+    fn a_window_shift_above_14_is_flagged_only_when_scaling_is_on() {
+        let shifts = |c: Option<u8>, s: Option<u8>| {
+            let mut t = Tracker::new(ConnConfig::default());
+            let c = TcpOptions {
+                window_scale: c,
+                ..syn_opts(50)
+            };
+            let s = TcpOptions {
+                window_scale: s,
+                ..syn_opts(70)
+            };
+            assert_eq!(handshake_between(&mut t, c, s), Track::Forward);
+            t.window_shift_clamped()
+        };
+        assert!(shifts(Some(15), Some(3)));
+        assert!(shifts(Some(3), Some(200)));
+        assert!(!shifts(Some(14), Some(14)));
+        // Without the server's option scaling is off: nothing was clamped.
+        assert!(!shifts(Some(15), None));
     }
 
     #[test]
