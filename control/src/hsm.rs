@@ -448,7 +448,8 @@ fn verify_log(
         outln!(
             "head: this log took the place at this path of log {} (head seq {}), as recorded \
              with `loupe audit reset-head`",
-            h.log, h.seq
+            h.log,
+            h.seq
         )?;
     }
     if !r.unsigned_checkpoints.is_empty() {
