@@ -608,21 +608,26 @@ mod tests {
         assert_eq!(a.snd_una(), start + data.len() as u32, "{st:?}");
     }
 
-    #[test]
-    fn a_retransmission_carries_no_byte_that_was_never_sent() {
-        let now = Instant::now();
-        // A peer whose window (1000) is below the MSS: the first segment
-        // is cut to the window, with more data waiting.
-        let hs = Handshake {
+    /// A handshake without options (ISNs 1 and 100, MSS 1460) and the
+    /// peer's window.
+    fn bare(peer_window: u32) -> Handshake {
+        Handshake {
             local_isn: SeqNum(1),
             remote_isn: SeqNum(100),
             peer_mss: 1460,
             wscale: None,
             timestamps: None,
             sack_permitted: false,
-            peer_window: 1000,
-        };
-        let mut a = Conn::new(&hs, ConnConfig::default(), now);
+            peer_window,
+        }
+    }
+
+    #[test]
+    fn a_retransmission_carries_no_byte_that_was_never_sent() {
+        let now = Instant::now();
+        // A peer whose window (1000) is below the MSS: the first segment
+        // is cut to the window, with more data waiting.
+        let mut a = Conn::new(&bare(1000), ConnConfig::default(), now);
         assert_eq!(a.write(&[7; 5000]), 5000);
         let first = a.poll_transmit(now).expect("data");
         assert_eq!((first.seq, first.payload.len()), (SeqNum(2), 1000));
@@ -657,20 +662,11 @@ mod tests {
     #[test]
     fn a_closed_window_still_takes_the_peers_acks() {
         let now = Instant::now();
-        let hs = Handshake {
-            local_isn: SeqNum(1),
-            remote_isn: SeqNum(100),
-            peer_mss: 1460,
-            wscale: None,
-            timestamps: None,
-            sack_permitted: false,
-            peer_window: 65535,
-        };
         let cfg = ConnConfig {
             recv_buffer: 1000,
             ..ConnConfig::default()
         };
-        let mut a = Conn::new(&hs, cfg, now);
+        let mut a = Conn::new(&bare(65535), cfg, now);
         let ack = Flags {
             ack: true,
             ..Flags::default()
