@@ -724,3 +724,23 @@ fn an_ended_split_is_logged_with_its_bytes_and_unpinned() {
         b.sp.ops
     );
 }
+
+#[test]
+fn a_split_reports_the_bytes_it_holds_and_the_most_it_held() {
+    let mut b = Bench::new(SessionSettings::default());
+    let request = b"GET / HTTP/1.1\r\n\r\n";
+    b.client_data(0, request);
+    let held = |b: &Bench| {
+        let d = b.sp.describe(&e_key()).expect("listed");
+        (d.state, d.buffered, d.buffered_peak)
+    };
+    // Sent to the server, not yet acknowledged: held.
+    let n = request.len() as u64;
+    assert_eq!(held(&b), ("split".into(), n, n));
+    let to_server = segments(&b.sent(), Side::Outside);
+    assert_eq!(to_server[0].payload, request);
+    // The server's ACK frees it; the most held stays.
+    let ack = seg(S_ISN + 1, C_ISN + 1 + request.len() as u32, false, b"");
+    b.send(Dir::Server, &ack);
+    assert_eq!(held(&b), ("split".into(), 0, n));
+}
