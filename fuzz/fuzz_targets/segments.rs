@@ -1,5 +1,5 @@
-//! Fuzz target: arbitrary bytes as frames and segment streams into the TCP
-//! layer (see `loupe_dataplane::session::fuzz`).
+//! Fuzz target: arbitrary bytes decoded into a split connection's life,
+//! with relay integrity checked (see `loupe_dataplane::session::fuzz`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

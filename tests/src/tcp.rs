@@ -101,6 +101,25 @@ pub fn set_cubic(s: &TcpStream) {
     );
 }
 
+/// SO_RCVBUF on a socket. On a listener, before any connection: its
+/// connections are accepted with that buffer, and their SYN-ACK announces
+/// the window shift it allows (the log2 of the largest window they could
+/// offer, less 15; 0 below 64 KiB).
+pub fn set_recv_buffer(s: &impl std::os::fd::AsRawFd, bytes: usize) {
+    let v = libc::c_int::try_from(bytes).expect("a buffer size that fits an int");
+    // SAFETY: a valid socket fd and an int option of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+}
+
 /// Sends `len` pseudo-random bytes from `seed`, returns their SHA-256.
 fn send(mut s: TcpStream, seed: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut hash = Sha256::new();
@@ -138,7 +157,16 @@ pub fn receive(s: &mut TcpStream) -> std::io::Result<(usize, Vec<u8>)> {
 /// pseudo-random bytes each way at once (CUBIC at both ends), both checked
 /// by SHA-256; returns how long it took.
 pub fn both_ways(h: &Harness, addr: &str, len: usize) -> anyhow::Result<Duration> {
-    let listener = listen(&h.server, addr)?;
+    both_ways_on(h, listen(&h.server, addr)?, addr, len)
+}
+
+/// [`both_ways`] to a listener made already (with options of its own).
+pub fn both_ways_on(
+    h: &Harness,
+    listener: TcpListener,
+    addr: &str,
+    len: usize,
+) -> anyhow::Result<Duration> {
     // Each end sends from its own seed while it receives: returns what it
     // received (bytes, SHA-256) and the SHA-256 of what it sent.
     let exchange = move |mut s: TcpStream, seed: u64| {

@@ -1,7 +1,8 @@
 //! tcp-split against Linux TCP at both ends, the hard cases: a thousand
 //! concurrent connections, half-closes both ways, RSTs from either side in
-//! the middle of a transfer, a server that stops reading for a minute, and
-//! a server that closes before the client says anything.
+//! the middle of a transfer, a server that stops reading (the engine holds
+//! no more than its buffers, by its own report), and a server that closes
+//! before the client says anything.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -9,12 +10,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use loupe_dataplane::stats::SplitCounters;
+use loupe_dataplane::{
+    flow::FlowDecision,
+    stats::{SplitCounters, StatsReport},
+};
 use loupe_tests::{
     engine::Engine,
     harness::SERVER_V4,
     https::fill_pseudo_random,
-    proc::rss_kib,
     tcp::{connect, echo_roundtrip, listen, receive, spawn_echo_server, tune},
     Harness, HarnessConfig,
 };
@@ -251,46 +254,81 @@ fn a_reset_from_either_side_reaches_the_other() {
     engine.stop();
 }
 
+/// What the engine reports of its one split connection: the decision in
+/// the flow listing.
+fn the_split(r: &StatsReport) -> Option<FlowDecision> {
+    r.workers
+        .iter()
+        .flat_map(|w| &w.flows)
+        .filter_map(|f| f.decision.clone())
+        .find(|d| d.state == "split")
+}
+
+/// Each split connection's four buffers (two halves, receive and send).
+const SPLIT_BOUND: u64 = 4 * (128 << 10);
+
 #[test]
-fn a_server_that_stops_reading_for_a_minute_throttles_the_client() {
+fn a_server_that_stops_reading_throttles_the_client_within_the_engines_buffers() {
     let (h, engine, addr, listener) = start();
     const SIZE: usize = 32 << 20;
     let payload = data(5, SIZE);
     let expect = Sha256::digest(&payload).to_vec();
+    let (go, read) = std::sync::mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        // Zero window toward the engine for a minute.
-        std::thread::sleep(Duration::from_secs(60));
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        receive(&mut s).unwrap().1
+        // A zero window toward the engine until the test says so.
+        read.recv().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        // Kept open: the split stays listed until the test has read it.
+        (receive(&mut s).unwrap().1, s)
     });
-    let base = rss_kib(engine.pid());
     let mut c = connect(&h.client, &addr).unwrap();
-    c.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(240))).unwrap();
     let writer = std::thread::spawn(move || {
         c.write_all(&payload).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
         c
     });
-    // While the server does not read, the client cannot push the 32 MiB
-    // through: the engine's halves hold at most their buffers.
-    let mut peak = 0;
-    let end = Instant::now() + Duration::from_secs(50);
-    while Instant::now() < end {
-        peak = peak.max(rss_kib(engine.pid()));
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    // The server's receive buffer fills, then the engine's half toward it
+    // (its send buffer), then the half toward the client (its receive
+    // buffer): then the engine's window to the client is shut. Both of
+    // the engine's buffers on the way hold data, so more than one buffer's
+    // worth is held.
+    let stalled = engine
+        .wait_stats(
+            "the engine's buffers on the way to fill",
+            Duration::from_secs(120),
+            |r| the_split(r).filter(|d| d.buffered > 3 * (64 << 10)),
+        )
+        .unwrap();
+    // Nothing has been read: the 32 MiB cannot have gone anywhere (the
+    // client's send buffer, the engine's and the server's receive buffer
+    // together hold a few MiB).
     assert!(
         !writer.is_finished(),
         "the client pushed 32 MiB into a server that does not read"
     );
-    assert!(
-        peak < base + 16 * 1024,
-        "engine RSS grew from {base} KiB to {peak} KiB"
-    );
-    let digest = server.join().unwrap();
-    writer.join().unwrap();
+    assert!(stalled.relayed_c2s < SIZE as u64 / 2, "{stalled:?}");
+    go.send(()).unwrap();
+    let (digest, server_end) = server.join().unwrap();
+    let client_end = writer.join().unwrap();
     assert_eq!(digest, expect, "data differs after the stall");
+    // The most the engine held for the connection, stall and all.
+    let done = engine
+        .wait_stats("the whole upload relayed", Duration::from_secs(60), |r| {
+            the_split(r).filter(|d| d.relayed_c2s == SIZE as u64)
+        })
+        .unwrap();
+    eprintln!(
+        "held {} bytes in the stall ({} relayed), at most {}",
+        stalled.buffered, stalled.relayed_c2s, done.buffered_peak
+    );
+    assert!(
+        done.buffered_peak >= stalled.buffered && done.buffered_peak <= SPLIT_BOUND,
+        "held at most {} bytes, over the bound of {SPLIT_BOUND}: {done:?}",
+        done.buffered_peak
+    );
+    drop((client_end, server_end));
     engine.stop();
 }
 

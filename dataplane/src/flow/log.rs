@@ -154,6 +154,14 @@ pub struct FlowDecision {
     pub relayed_c2s: u64,
     #[serde(default)]
     pub relayed_s2c: u64,
+    /// Bytes the engine holds for the connection now, and the most it
+    /// has held (split connections: what both TCP halves have received
+    /// and not yet relayed, in order or not, and have sent and not yet
+    /// had acknowledged; at most their four buffers).
+    #[serde(default)]
+    pub buffered: u64,
+    #[serde(default)]
+    pub buffered_peak: u64,
 }
 
 /// A change to the XDP flow map (both directions of the flow).

@@ -453,17 +453,19 @@ impl Sessions {
     /// What was decided for a flow, for a listing.
     pub fn describe(&self, key: &FlowKey) -> Option<FlowDecision> {
         let flow = self.flows.get(&FlowId::of(key))?;
-        let with = |state: &str, meta: Option<&Meta>, relayed: (u64, u64)| FlowDecision {
+        let with = |state: &str, meta: Option<&Meta>, split: Option<&Split>| FlowDecision {
             state: state.into(),
             action: meta.and_then(|m| m.action),
             rule: meta.map(|m| m.rule.clone()).filter(|r| !r.is_empty()),
             sni: meta.and_then(|m| m.sni.clone()),
-            relayed_c2s: relayed.0,
-            relayed_s2c: relayed.1,
+            relayed_c2s: split.map_or(0, |s| s.relayed().0),
+            relayed_s2c: split.map_or(0, |s| s.relayed().1),
+            buffered: split.map_or(0, Split::buffered),
+            buffered_peak: split.map_or(0, Split::buffered_peak),
         };
         Some(match &flow.entry {
-            Entry::Tracking(t) if t.hold.is_some() => with("holding", None, (0, 0)),
-            Entry::Tracking(_) => with("handshake", None, (0, 0)),
+            Entry::Tracking(t) if t.hold.is_some() => with("holding", None, None),
+            Entry::Tracking(_) => with("handshake", None, None),
             Entry::Split { split, meta, .. } => {
                 let state = match (meta.action, split.stage().tls_record()) {
                     (Some(Action::Block), _) => "refused",
@@ -473,10 +475,10 @@ impl Sessions {
                     (_, Some(_)) => "tls-ended",
                     _ => "split",
                 };
-                with(state, Some(meta), split.relayed())
+                with(state, Some(meta), Some(split))
             }
-            Entry::Passthrough(meta) => with("bypass", meta.as_deref(), (0, 0)),
-            Entry::Ended => with("ended", None, (0, 0)),
+            Entry::Passthrough(meta) => with("bypass", meta.as_deref(), None),
+            Entry::Ended => with("ended", None, None),
         })
     }
 

@@ -26,6 +26,8 @@ pub struct Split {
     parked: bool,
     /// Reset because the engine stopped.
     stopped: bool,
+    /// The most [`Split::buffered`] has been.
+    buffered_peak: u64,
 }
 
 impl Split {
@@ -38,6 +40,7 @@ impl Split {
             resets: Vec::new(),
             parked: false,
             stopped: false,
+            buffered_peak: 0,
         }
     }
 
@@ -87,6 +90,22 @@ impl Split {
         (self.relayed[0], self.relayed[1])
     }
 
+    /// Bytes the two halves hold: received and not yet relayed (in order
+    /// or not), and sent and not yet acknowledged. At most their four
+    /// buffers.
+    pub fn buffered(&self) -> u64 {
+        [&self.client, &self.server]
+            .iter()
+            .map(|c| (c.readable() + c.reorder_held() + c.send_buffered()) as u64)
+            .sum()
+    }
+
+    /// The most the halves have held at once (after each segment, timer
+    /// and pump: the relay moves bytes between them, it adds none).
+    pub fn buffered_peak(&self) -> u64 {
+        self.buffered_peak
+    }
+
     /// Whether the stage is waiting (for the HSM): the session pumps it
     /// again when the worker is woken.
     pub fn parked(&self) -> bool {
@@ -99,6 +118,7 @@ impl Split {
             Dir::Client => self.client.on_segment(seg, now),
             Dir::Server => self.server.on_segment(seg, now),
         }
+        self.buffered_peak = self.buffered_peak.max(self.buffered());
         self.pump(now);
     }
 
@@ -110,10 +130,12 @@ impl Split {
 
     /// Runs the stage (also when the worker was woken for a parked one).
     pub fn pump(&mut self, now: Instant) {
-        match self
+        let outcome = self
             .stage
-            .pump(&mut self.client, &mut self.server, &mut self.relayed, now)
-        {
+            .pump(&mut self.client, &mut self.server, &mut self.relayed, now);
+        // A stage of its own (TLS) may write more than it read.
+        self.buffered_peak = self.buffered_peak.max(self.buffered());
+        match outcome {
             Pump::Go => self.parked = false,
             Pump::Parked => self.parked = true,
             Pump::Abort { client, server } => {

@@ -839,3 +839,23 @@ fn a_malformed_server_name_is_decided_without_it_and_logged() {
         Some("a NUL byte in the host name")
     );
 }
+
+#[test]
+fn a_split_reports_the_bytes_it_holds_and_the_most_it_held() {
+    let mut b = Bench::new(SessionSettings::default());
+    let request = b"GET / HTTP/1.1\r\n\r\n";
+    b.client_data(0, request);
+    let held = |b: &Bench| {
+        let d = b.sp.describe(&e_key()).expect("listed");
+        (d.state, d.buffered, d.buffered_peak)
+    };
+    // Sent to the server, not yet acknowledged: held.
+    let n = request.len() as u64;
+    assert_eq!(held(&b), ("split".into(), n, n));
+    let to_server = segments(&b.sent(), Side::Outside);
+    assert_eq!(to_server[0].payload, request);
+    // The server's ACK frees it; the most held stays.
+    let ack = seg(S_ISN + 1, C_ISN + 1 + request.len() as u32, false, b"");
+    b.send(Dir::Server, &ack);
+    assert_eq!(held(&b), ("split".into(), 0, n));
+}

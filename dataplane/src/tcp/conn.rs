@@ -462,6 +462,17 @@ impl Conn {
             if !seg.flags.rst {
                 self.ack = AckNeed::Now;
             }
+            //# If the RCV.WND is zero, no segments will be acceptable, but
+            //# special allowance should be made to accept valid ACKs, URGs,
+            //# and RSTs.
+            // A peer that probed the closed window with a byte of new data
+            // (RFC 9293 §3.8.6.1), and maybe its FIN, sends from one or two
+            // past RCV.NXT: its acknowledgments still count (checked as any
+            // ACK is), its bytes do not.
+            let near = seg.seq.ge(rcv_nxt) && seg.seq.since(rcv_nxt) <= 2;
+            if rcv_wnd == 0 && near && seg.flags.ack && !seg.flags.rst && !seg.flags.syn {
+                self.process_ack(seg, now);
+            }
             return;
         }
 
@@ -940,7 +951,13 @@ impl Conn {
         if self.flight() == 0 {
             return None;
         }
-        let len = self.send_buf.len().min(self.mss as usize);
+        // Only bytes sent before (up to SND.MAX): new data goes out through
+        // `new_data`, which moves SND.NXT; a byte sent here first would be
+        // acknowledged beyond SND.MAX, and that ACK refused as one for
+        // data not yet sent (RFC 9293 §3.10.7.4), for good if the window
+        // then stays shut.
+        let sent = (self.snd_max.since(self.snd_una).max(0) as usize).min(self.send_buf.len());
+        let len = sent.min(self.mss as usize);
         let payload = self.bytes_at(self.snd_una, len);
         let fin = self.fin_sent() && self.fin_seq == Some(self.snd_una + len as u32);
         self.stats.retransmits += 1;

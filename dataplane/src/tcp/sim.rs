@@ -608,6 +608,118 @@ mod tests {
         assert_eq!(a.snd_una(), start + data.len() as u32, "{st:?}");
     }
 
+    /// A handshake without options (ISNs 1 and 100, MSS 1460) and the
+    /// peer's window.
+    fn bare(peer_window: u32) -> Handshake {
+        Handshake {
+            local_isn: SeqNum(1),
+            remote_isn: SeqNum(100),
+            peer_mss: 1460,
+            wscale: None,
+            timestamps: None,
+            sack_permitted: false,
+            peer_window,
+        }
+    }
+
+    #[test]
+    fn a_retransmission_carries_no_byte_that_was_never_sent() {
+        let now = Instant::now();
+        // A peer whose window (1000) is below the MSS: the first segment
+        // is cut to the window, with more data waiting.
+        let mut a = Conn::new(&bare(1000), ConnConfig::default(), now);
+        assert_eq!(a.write(&[7; 5000]), 5000);
+        let first = a.poll_transmit(now).expect("data");
+        assert_eq!((first.seq, first.payload.len()), (SeqNum(2), 1000));
+        assert!(a.poll_transmit(now).is_none());
+        // It is lost: three duplicate ACKs.
+        let dup = Segment {
+            seq: SeqNum(101),
+            ack: SeqNum(2),
+            flags: Flags {
+                ack: true,
+                ..Flags::default()
+            },
+            window: 1000,
+            ..Segment::default()
+        };
+        for _ in 0..3 {
+            a.on_segment(&dup, now);
+        }
+        assert_eq!(a.stats().fast_retransmits, 1);
+        // The retransmission is what was sent: a byte beyond SND.MAX would
+        // draw an ACK the sender refuses as acknowledging unsent data.
+        let again = a.poll_transmit(now).expect("the fast retransmission");
+        assert_eq!((again.seq, again.payload.len()), (SeqNum(2), 1000));
+        let ack = Segment {
+            ack: SeqNum(1002),
+            ..dup
+        };
+        a.on_segment(&ack, now);
+        assert_eq!((a.snd_una(), a.stats().bad_acks), (SeqNum(1002), 0));
+    }
+
+    #[test]
+    fn a_closed_window_still_takes_the_peers_acks() {
+        let now = Instant::now();
+        let cfg = ConnConfig {
+            recv_buffer: 1000,
+            ..ConnConfig::default()
+        };
+        let mut a = Conn::new(&bare(65535), cfg, now);
+        let ack = Flags {
+            ack: true,
+            ..Flags::default()
+        };
+        // The peer fills the buffer nobody reads: the window closes.
+        let data = Segment {
+            seq: SeqNum(101),
+            ack: SeqNum(2),
+            flags: ack,
+            window: 65535,
+            payload: vec![1; 1000],
+            ..Segment::default()
+        };
+        a.on_segment(&data, now);
+        assert_eq!(a.readable(), 1000);
+        assert_eq!(a.write(&[2; 500]), 500);
+        let sent: Vec<Segment> = std::iter::from_fn(|| a.poll_transmit(now)).collect();
+        assert!(sent.iter().all(|s| s.window == 0), "{sent:?}");
+        assert_eq!(sent.iter().map(|s| s.payload.len()).sum::<usize>(), 500);
+        // The peer probed the closed window with a byte of new data (RFC
+        // 9293 §3.8.6.1), so its segments now start one past RCV.NXT; one
+        // acknowledges our data.
+        let acked = Segment {
+            seq: SeqNum(1102),
+            ack: SeqNum(502),
+            flags: ack,
+            window: 65535,
+            ..Segment::default()
+        };
+        //= https://www.rfc-editor.org/rfc/rfc9293#section-3.10.7.4
+        //= type=test
+        //# If the RCV.WND is zero, no segments will be acceptable, but
+        //# special allowance should be made to accept valid ACKs, URGs,
+        //# and RSTs.
+        a.on_segment(&acked, now);
+        assert_eq!(a.snd_una(), SeqNum(502));
+        assert_eq!(a.readable(), 1000);
+        // Far from RCV.NXT it is no ACK of this connection's.
+        let far = Segment {
+            seq: SeqNum(1101 + 5000),
+            ack: SeqNum(502),
+            ..acked
+        };
+        a.write(&[3; 10]);
+        while a.poll_transmit(now).is_some() {}
+        let far = Segment {
+            ack: SeqNum(512),
+            ..far
+        };
+        a.on_segment(&far, now);
+        assert_eq!(a.snd_una(), SeqNum(502));
+    }
+
     #[test]
     fn a_lost_tail_is_probed_after_two_rtts_not_the_retransmission_timeout() {
         let (mut a, mut b, now) = established(23);
