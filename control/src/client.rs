@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use loupe_dataplane::api::unix::LineReader;
+use loupe_dataplane::api::unix::{LineReader, MAX_MESSAGE};
 use serde::{de::DeserializeOwned, Serialize};
 
 /// One connection; requests and answers in turn.
@@ -52,6 +52,14 @@ impl Conn {
     pub fn send(&mut self, req: &impl Serialize) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');
+        // The server would cut the connection half-way through it.
+        if line.len() > MAX_MESSAGE {
+            bail!(
+                "the request to {} is {} bytes, more than the {MAX_MESSAGE} a message may be",
+                self.path,
+                line.len()
+            );
+        }
         self.out
             .write_all(&line)
             .with_context(|| format!("writing to {}", self.path))
@@ -134,5 +142,27 @@ mod tests {
         );
         assert!(!e.to_lowercase().contains("permission"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A request longer than a message may be is refused before a byte
+    /// is sent (the server would cut the connection half-way).
+    #[test]
+    fn requests_too_long_for_the_socket_are_not_sent() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // Were it sent, nobody reads it: a write would time out.
+        ours.set_write_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut conn = Conn {
+            reader: LineReader::new(BufReader::new(ours.try_clone().unwrap())),
+            out: ours,
+            path: "test".into(),
+        };
+        let e = conn.send(&"x".repeat(MAX_MESSAGE)).unwrap_err().to_string();
+        assert!(e.contains("more than the 16777216"), "{e}");
+        conn.send(&"ok").unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut &theirs, &mut got);
+        assert_eq!(got, b"\"ok\"\n");
     }
 }

@@ -140,6 +140,23 @@ fn sources(dir: &Path, name: &str) -> Sources {
     }
 }
 
+/// A compiler that holds the compile of every policy whose path contains
+/// `held` until the test sends on the second channel, saying on the
+/// first that it started.
+fn hold_compiles(d: &mut Daemon, held: &'static str) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (started_tx, started_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let (started_tx, release_rx) = (Mutex::new(started_tx), Mutex::new(release_rx));
+    d.compiler = Box::new(move |s: &Sources, saved: bool| {
+        if s.path.contains(held) {
+            let _ = lock(&started_tx).send(());
+            let _ = lock(&release_rx).recv_timeout(Duration::from_secs(120));
+        }
+        s.compile(saved)
+    });
+    (started_rx, release_tx)
+}
+
 /// While a large policy is being checked (here a compile held until the
 /// test lets it go), status is answered and a small policy is applied;
 /// the large one, sent first, then does not replace the later one.
@@ -147,17 +164,8 @@ fn sources(dir: &Path, name: &str) -> Sources {
 fn a_policy_being_checked_holds_up_neither_status_nor_another_apply() {
     let dir = test_dir("apply");
     let dp = FakeDataplane::start(&dir);
-    let (started_tx, started_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    let (started_tx, release_rx) = (Mutex::new(started_tx), Mutex::new(release_rx));
     let mut d = daemon(&dir, &dp.path);
-    d.compiler = Box::new(move |s: &Sources, saved: bool| {
-        if s.path.ends_with("big.toml") {
-            let _ = lock(&started_tx).send(());
-            let _ = lock(&release_rx).recv_timeout(Duration::from_secs(120));
-        }
-        s.compile(saved)
-    });
+    let (started_rx, release_tx) = hold_compiles(&mut d, "big.toml");
     let d = Arc::new(d);
     let big = {
         let d = d.clone();
@@ -212,6 +220,45 @@ fn applies_in_order_each_take_effect() {
         assert_eq!(r.version, Some(i as u64 + 1));
         assert_eq!(dp.running().unwrap().rules[0].name, *name);
     }
+    drop(dp);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Beyond the checks that may run at once, an apply is refused at once
+/// (not queued behind them), and the running policy stays.
+#[test]
+fn applies_beyond_the_checks_at_once_are_refused() {
+    let dir = test_dir("busy");
+    let dp = FakeDataplane::start(&dir);
+    let mut d = daemon(&dir, &dp.path);
+    let (started_rx, release_tx) = hold_compiles(&mut d, "slow");
+    let d = Arc::new(d);
+    let slow: Vec<_> = (0..MAX_CHECKING)
+        .map(|i| {
+            let d = d.clone();
+            let s = sources(&dir, &format!("slow{i}"));
+            thread::spawn(move || d.apply(s))
+        })
+        .collect();
+    for _ in 0..MAX_CHECKING {
+        started_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the slow policies are being checked");
+    }
+    let busy = d.apply(sources(&dir, "one-more"));
+    for _ in 0..MAX_CHECKING {
+        let _ = release_tx.send(());
+    }
+    assert!(!busy.ok, "{busy:?}");
+    let e = busy.error.unwrap_or_default();
+    assert!(e.contains("policies are being checked already"), "{e}");
+    for t in slow {
+        t.join().unwrap();
+    }
+    // Once they are done, an apply goes through again.
+    let r = d.apply(sources(&dir, "after"));
+    assert!(r.ok, "{r:?}");
+    assert_eq!(dp.running().unwrap().rules[0].name, "after");
     drop(dp);
     let _ = std::fs::remove_dir_all(&dir);
 }
