@@ -177,19 +177,33 @@ impl Control {
     /// Waits until the daemon reaches the dataplane and the dataplane runs
     /// the daemon's policy; returns that policy's version.
     pub fn wait_in_sync(&self) -> anyhow::Result<u64> {
-        wait_until(
-            "control and dataplane in sync",
-            Duration::from_secs(60),
-            || {
-                let s = self.status().map_err(|e| e.to_string())?;
-                let c = &s["control"];
-                if c["dataplane_connected"] == true && c["in_sync"] == true {
-                    Ok(c["desired_version"].as_u64())
-                } else {
-                    Err(c.to_string())
-                }
-            },
-        )
+        self.wait_control("control and dataplane in sync", |c| {
+            if c["dataplane_connected"] == true && c["in_sync"] == true {
+                c["desired_version"].as_u64()
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Waits until the daemon reaches the dataplane, whatever either
+    /// runs.
+    pub fn wait_connected(&self) -> anyhow::Result<()> {
+        self.wait_control("the daemon at the dataplane", |c| {
+            (c["dataplane_connected"] == true).then_some(())
+        })
+    }
+
+    /// Waits until the `control` part of `loupe status` satisfies `f`.
+    fn wait_control<T>(&self, what: &str, f: impl Fn(&Value) -> Option<T>) -> anyhow::Result<T> {
+        wait_until(what, Duration::from_secs(60), || {
+            let s = self.status().map_err(|e| e.to_string())?;
+            let c = &s["control"];
+            match f(c) {
+                Some(v) => Ok(Some(v)),
+                None => Err(c.to_string()),
+            }
+        })
     }
 
     /// The flow log's records so far (the live file).
