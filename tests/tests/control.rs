@@ -405,7 +405,8 @@ fn a_live_split_stays_split_when_its_port_is_no_longer_steered() {
     let (h, engine) = (&m.h, &m.engine);
     assert_eq!(m.mid.steering.ports, vec![8443], "443 is no longer steered");
 
-    // The split's frames still reach userspace, by its pin alone.
+    // The split's frames still reach userspace, by its pin alone, and
+    // the flow listing shows it split by the old rule.
     let pinned = xdp(engine, "flow_steer");
     wait_xdp_more(
         engine,
@@ -414,6 +415,18 @@ fn a_live_split_stays_split_when_its_port_is_no_longer_steered() {
         100,
         "the split's frames through its pin",
     );
+    engine
+        .wait_stats(
+            "the split in the flow listing",
+            Duration::from_secs(30),
+            |r| {
+                r.workers.iter().flat_map(|w| &w.flows).find_map(|f| {
+                    let d = f.decision.as_ref()?;
+                    (d.state == "split" && d.rule.as_deref() == Some("split-lab")).then_some(())
+                })
+            },
+        )
+        .unwrap();
 
     // A new connection to 443 is not steered: the kernel's path, never a
     // worker's decision.
