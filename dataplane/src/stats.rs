@@ -532,6 +532,22 @@ impl StatsReport {
             })
             .sum();
         let _ = writeln!(s, "drops in userspace and AF_XDP rings: {drops}");
+        // Records for the control process: only the control socket knows
+        // the queue (a stats file has none of it).
+        let q = &self.log_queue;
+        let lost = q.dropped + self.split_total().log_dropped;
+        if q.subscribed || q.backlog > 0 || lost > 0 {
+            let _ = writeln!(
+                s,
+                "flow records: {} waiting for control ({}), {lost} dropped (queue full)",
+                q.backlog,
+                if q.subscribed {
+                    "control subscribed"
+                } else {
+                    "no control process"
+                }
+            );
+        }
         let sp = self.split_total();
         if sp.split + sp.passthrough > 0 {
             let _ = writeln!(
@@ -697,6 +713,26 @@ mod tests {
         assert_eq!(back.xdp_packets("steer"), 3);
         assert!(back.render().contains("steer"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `loupe status` shows the flow records waiting for control and
+    /// those lost, from the queue and from the workers' channel.
+    #[test]
+    fn the_report_shows_the_flow_record_queue_and_its_drops() {
+        let mut r = StatsReport::default();
+        assert!(!r.render().contains("flow records"), "{}", r.render());
+        r.log_queue.backlog = 100_000;
+        r.log_queue.dropped = 7;
+        let mut w = WorkerReport::default();
+        w.split.log_dropped = 2;
+        r.workers.push(w);
+        let text = r.render();
+        assert!(
+            text.contains(
+                "flow records: 100000 waiting for control (no control process), 9 dropped"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

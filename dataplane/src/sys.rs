@@ -28,6 +28,7 @@ pub enum SysError {
 /// Capability numbers from linux/capability.h.
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_NET_RAW: u32 = 13;
+const CAP_IPC_LOCK: u32 = 14;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -155,6 +156,35 @@ pub fn raise_memlock() -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Why locked memory (a UMEM) could not be had, and what to do: with
+/// CAP_IPC_LOCK nothing counts against RLIMIT_MEMLOCK; without it the
+/// kernel refuses pages beyond the limit (ENOBUFS for a UMEM).
+pub fn memlock_advice() -> String {
+    let ipc_lock = effective_caps().is_ok_and(|c| c & (1u64 << CAP_IPC_LOCK) != 0);
+    if ipc_lock {
+        return "lower --frames if memory is short".into();
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer to an rlimit for getrlimit to fill.
+    let limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0 {
+        if lim.rlim_cur == libc::RLIM_INFINITY {
+            "unlimited".to_string()
+        } else {
+            format!("{} KiB", lim.rlim_cur / 1024)
+        }
+    } else {
+        "unknown".to_string()
+    };
+    format!(
+        "without CAP_IPC_LOCK it counts against the locked-memory limit ({limit} here): grant \
+         CAP_IPC_LOCK (the systemd unit does), raise RLIMIT_MEMLOCK (LimitMEMLOCK=, ulimit -l) \
+         or lower --frames"
+    )
 }
 
 /// Reads a configuration file: a regular file of at most `max` bytes. It is

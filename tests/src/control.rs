@@ -192,13 +192,38 @@ impl Control {
 
     /// [`Control::wait_in_sync`] with a deadline of `timeout`.
     pub fn wait_in_sync_within(&self, timeout: Duration) -> anyhow::Result<u64> {
-        wait_until("control and dataplane in sync", timeout, || {
+        self.wait_control("control and dataplane in sync", timeout, |c| {
+            if c["dataplane_connected"] == true && c["in_sync"] == true {
+                c["desired_version"].as_u64()
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Waits until the daemon reaches the dataplane, whatever either
+    /// runs.
+    pub fn wait_connected(&self) -> anyhow::Result<()> {
+        self.wait_control(
+            "the daemon at the dataplane",
+            Duration::from_secs(60),
+            |c| (c["dataplane_connected"] == true).then_some(()),
+        )
+    }
+
+    /// Waits until the `control` part of `loupe status` satisfies `f`.
+    fn wait_control<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&Value) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        wait_until(what, timeout, || {
             let s = self.status().map_err(|e| e.to_string())?;
             let c = &s["control"];
-            if c["dataplane_connected"] == true && c["in_sync"] == true {
-                Ok(c["desired_version"].as_u64())
-            } else {
-                Err(c.to_string())
+            match f(c) {
+                Some(v) => Ok(Some(v)),
+                None => Err(c.to_string()),
             }
         })
     }

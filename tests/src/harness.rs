@@ -348,6 +348,23 @@ impl Harness {
             .and_then(|id| id.parse().ok()))
     }
 
+    /// How XDP is attached to `dev` in the engine namespace, as the kernel
+    /// reports it (`ip -j -d link`): "native" (in the driver), "skb"
+    /// (generic), "hw" (offloaded), or none.
+    pub fn xdp_attach_mode(&self, dev: &str) -> anyhow::Result<Option<&'static str>> {
+        let out = self.engine.ip(&["-j", "-d", "link", "show", "dev", dev])?;
+        let links: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("ip -j link output")?;
+        // XDP_ATTACHED_* from linux/if_link.h.
+        Ok(match links[0]["xdp"]["mode"].as_u64() {
+            None | Some(0) => None,
+            Some(1) => Some("native"),
+            Some(2) => Some("skb"),
+            Some(3) => Some("hw"),
+            Some(m) => anyhow::bail!("{dev}: XDP attach mode {m} (several programs?)"),
+        })
+    }
+
     pub fn destroy(mut self) -> anyhow::Result<()> {
         self.keep = false;
         let mut errors = Vec::new();

@@ -8,6 +8,11 @@
 //! back until `reorder_gap` later frames have gone, or `reorder_timeout`
 //! passed). `loupe-impair` runs one of each per direction between two
 //! interfaces with AF_XDP (see `bin/loupe-impair.rs`).
+//!
+//! [`vlan_push`] and [`vlan_pop`] make the tool's link a VLAN trunk (this
+//! kernel has no 802.1Q devices, bridge VLAN filtering or `act_vlan`):
+//! the peer's frames get a tag on their way to the engine and lose it on
+//! the way back.
 
 use std::{
     collections::VecDeque,
@@ -96,6 +101,8 @@ pub struct ImpairStats {
     pub reordered: u64,
     /// Copies (duplicates, corrupted frames) not made for want of a buffer.
     pub no_buffer: u64,
+    /// With a VLAN: frames that came back without its tag (dropped).
+    pub untagged: u64,
 }
 
 impl ImpairStats {
@@ -106,6 +113,7 @@ impl ImpairStats {
         self.duplicated += o.duplicated;
         self.reordered += o.reordered;
         self.no_buffer += o.no_buffer;
+        self.untagged += o.untagged;
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -116,6 +124,7 @@ impl ImpairStats {
             "duplicated": self.duplicated,
             "reordered": self.reordered,
             "no_buffer": self.no_buffer,
+            "untagged": self.untagged,
         })
     }
 
@@ -128,6 +137,7 @@ impl ImpairStats {
             duplicated: n("duplicated"),
             reordered: n("reordered"),
             no_buffer: n("no_buffer"),
+            untagged: n("untagged"),
         }
     }
 }
@@ -177,6 +187,29 @@ impl Impairer {
             reorder,
         }
     }
+}
+
+/// The 802.1Q tag protocol identifier.
+const TPID_8021Q: [u8; 2] = [0x81, 0x00];
+
+/// `frame` with an 802.1Q tag for VLAN `id` (priority 0) after its MAC
+/// addresses.
+pub fn vlan_push(frame: &[u8], id: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len() + 4);
+    out.extend_from_slice(&frame[..12.min(frame.len())]);
+    out.extend_from_slice(&TPID_8021Q);
+    out.extend_from_slice(&(id & 0x0fff).to_be_bytes());
+    out.extend_from_slice(frame.get(12..).unwrap_or_default());
+    out
+}
+
+/// `frame` without its outer 802.1Q tag, if that tag is VLAN `id`'s.
+pub fn vlan_pop(frame: &[u8], id: u16) -> Option<Vec<u8>> {
+    let tci = frame.get(14..16)?;
+    if frame[12..14] != TPID_8021Q || u16::from_be_bytes([tci[0], tci[1]]) & 0x0fff != id {
+        return None;
+    }
+    Some([&frame[..12], &frame[16..]].concat())
 }
 
 /// Orders surviving frames: delay, and reordering by holding some back.
@@ -403,6 +436,21 @@ mod tests {
         assert_eq!(p.next_due(), Some(t0 + r.reorder_timeout));
         assert_eq!(p.pop(t0 + r.reorder_timeout), Some(5));
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_vlan_tag_goes_on_and_comes_off() {
+        let frame: Vec<u8> = (0..60u8).collect();
+        let tagged = vlan_push(&frame, 100);
+        assert_eq!(tagged.len(), 64);
+        assert_eq!(tagged[..12], frame[..12]);
+        assert_eq!(tagged[12..16], [0x81, 0x00, 0x00, 100]);
+        assert_eq!(tagged[16..], frame[12..]);
+        assert_eq!(vlan_pop(&tagged, 100), Some(frame.clone()));
+        // Another VLAN's, or none: not ours.
+        assert_eq!(vlan_pop(&tagged, 101), None);
+        assert_eq!(vlan_pop(&frame, 100), None);
+        assert_eq!(vlan_pop(&tagged[..15], 100), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::{
 use loupe_tests::{
     control::{dataplane_socket, Control},
     engine::Engine,
-    harness::SERVER_V4,
+    harness::{CLIENT_V4, SERVER_V4, SERVER_V6},
     https::{curl_sha256, hex, Nginx, INDEX_HTML, SERVER_NAME},
     proc::Proc,
     wait_until, Harness, HarnessConfig,
@@ -199,36 +199,180 @@ fn the_server_name_selects_the_rule() {
 
 #[test]
 fn a_live_change_keeps_the_running_split_and_bypasses_new_connections() {
+    // The destination flips to no-decrypt while the download runs.
+    let mut m = policy_change_mid_download(
+        "[[rules]]\nname = \"bypass-lab\"\ndst = [\"198.18.0.2/32\"]\naction = \"no-decrypt\"\n",
+    );
+    let (h, engine) = (&m.h, &m.engine);
+
+    // New connections are bypassed in XDP.
+    let bypass_before = xdp(engine, "flow_bypass");
+    let (got, _) = curl_sha256(h, &m.nginx.curl_args(SERVER_V4, "index.html")).unwrap();
+    assert_eq!(got, hex(&Sha256::digest(INDEX_HTML)));
+    wait_xdp_more(
+        engine,
+        "flow_bypass",
+        bypass_before,
+        3,
+        "the new connection on the fast path",
+    );
+    engine
+        .wait_stats("the pass in the stats", Duration::from_secs(30), |r| {
+            (r.split_total().policy_pass == 1).then_some(())
+        })
+        .unwrap();
+
+    // The old download completes byte-exact, still split; the log shows
+    // both decisions with their rules and versions.
+    let split = m.completed_split();
+    let (engine, control) = (&m.engine, &m.control);
+    assert_eq!(engine.stats().unwrap().split_total().split, 1);
+    assert_eq!(field(&split, "action"), "tcp-split");
+    let pass = control
+        .wait_record("the bypass record", |r| field(r, "rule") == "bypass-lab")
+        .unwrap();
+    assert_eq!(field(&pass, "action"), "no-decrypt");
+    assert_eq!(pass["policy_version"], 2);
+    // `policy show` shows the new policy as written.
+    let show = control.cli(&["policy", "show"]).unwrap();
+    assert!(String::from_utf8_lossy(&show.stdout).contains("bypass-lab"));
+    // `policy show | head -1`: the reader goes away; the CLI ends quietly.
+    let out = control.cli_closed_stdout(&["policy", "show"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.is_empty(),
+        "{:?}: {err}",
+        out.status
+    );
+}
+
+/// A running split download, and the policy applied in its middle.
+struct MidDownload {
+    h: Harness,
+    engine: Engine,
+    control: Control,
+    nginx: Nginx,
+    /// The download; returns `sha256sum`'s output.
+    download: Option<std::thread::JoinHandle<String>>,
+    sha: String,
+    size: usize,
+    /// The engine's report once it runs the new policy.
+    mid: loupe_dataplane::stats::StatsReport,
+}
+
+/// A download of 24 MiB split by the rule `split-lab` (policy version 1),
+/// then `after` applied (version 2) while it runs: the running split is
+/// untouched so far.
+fn policy_change_mid_download(after: &str) -> MidDownload {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
     let before = policy(
         &h,
         "before.toml",
         "[[rules]]\nname = \"split-lab\"\ndst = [\"198.18.0.2/32\"]\naction = \"tcp-split\"\n",
     );
-    let after = policy(
-        &h,
-        "after.toml",
-        "[[rules]]\nname = \"bypass-lab\"\ndst = [\"198.18.0.2/32\"]\naction = \"no-decrypt\"\n",
-    );
+    let after = policy(&h, "after.toml", after);
     let (engine, control) = start(&h, Some(&before));
     assert_eq!(control.wait_in_sync().unwrap(), 1);
     let nginx = Nginx::start(&h, 443).expect("nginx");
     let size = 24 * MIB;
     let sha = nginx.add_file("big", size, 11).unwrap();
+    let download = split_download(&h, &engine, &nginx, "big");
 
-    // A long download (rate-limited so the change lands in its middle).
-    let mut args = nginx.curl_args(SERVER_V4, "big");
+    let out = control
+        .cli(&["policy", "apply", after.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("policy version 2"));
+    assert_eq!(control.wait_in_sync().unwrap(), 2);
+    let mid = engine
+        .wait_stats(
+            "the new policy in the stats",
+            Duration::from_secs(30),
+            |r| (r.policy.as_ref().is_some_and(|p| p.version == 2)).then(|| r.clone()),
+        )
+        .unwrap();
+    assert_eq!(
+        mid.split_total().active,
+        1,
+        "the running split is untouched"
+    );
+    assert!(
+        mid.split_total().bytes_s2c < size as u64,
+        "the change must land mid-download"
+    );
+    MidDownload {
+        h,
+        engine,
+        control,
+        nginx,
+        download: Some(download),
+        sha,
+        size,
+        mid,
+    }
+}
+
+impl MidDownload {
+    /// Waits for the download: byte-exact, and logged as the split of
+    /// `split-lab` under the first policy with every byte. Returns its
+    /// record.
+    fn completed_split(&mut self) -> Value {
+        let sum = self.download.take().expect("once").join().unwrap();
+        assert!(
+            sum.starts_with(&self.sha),
+            "download differs: {sum} vs {}",
+            self.sha
+        );
+        let split = self
+            .control
+            .wait_record("the split's record", |r| field(r, "rule") == "split-lab")
+            .unwrap();
+        assert_eq!(split["policy_version"], 1);
+        assert!(
+            split["bytes_s2c"].as_u64().unwrap() as usize > self.size,
+            "{split}"
+        );
+        split
+    }
+}
+
+/// Waits until the XDP counter `path` has counted `at_least` packets
+/// more than `since`.
+fn wait_xdp_more(engine: &Engine, path: &str, since: u64, at_least: u64, what: &str) {
+    wait_until(what, Duration::from_secs(60), || {
+        let n = xdp(engine, path) - since;
+        if n >= at_least {
+            Ok(Some(()))
+        } else {
+            Err(format!("{n} more {path}"))
+        }
+    })
+    .unwrap();
+}
+
+/// Starts a long download of `file` from nginx (rate-limited, so that a
+/// policy change lands in its middle) and waits until it is split and a
+/// few MiB have crossed; the thread returns `sha256sum`'s output.
+fn split_download(
+    h: &Harness,
+    engine: &Engine,
+    nginx: &Nginx,
+    file: &str,
+) -> std::thread::JoinHandle<String> {
+    let mut args = nginx.curl_args(SERVER_V4, file);
     args.splice(0..0, ["--limit-rate".to_string(), "6M".to_string()]);
     let download = std::thread::spawn({
-        let h_args = args.clone();
         let dir = h.client.name.clone();
         move || {
             let out = std::process::Command::new("ip")
                 .args(["netns", "exec", &dir, "sh", "-c"])
                 .arg(format!(
                     "curl {} | sha256sum",
-                    h_args
-                        .iter()
+                    args.iter()
                         .map(|a| format!("'{a}'"))
                         .collect::<Vec<_>>()
                         .join(" ")
@@ -254,82 +398,313 @@ fn a_live_change_keeps_the_running_split_and_bypasses_new_connections() {
         }
     })
     .unwrap();
+    download
+}
 
-    // Flip the destination to no-decrypt while it runs.
+/// A new policy that no longer steers the port of a running split: the
+/// split stays pinned to userspace (its frames keep coming by the flow
+/// map's `steer` verdict) and completes byte-exact, while a new
+/// connection to that port stays in the kernel, never split.
+#[test]
+fn a_live_split_stays_split_when_its_port_is_no_longer_steered() {
+    // Only 8443 is steered now; 443 is the default's, no-decrypt.
+    let mut m = policy_change_mid_download(
+        "[[rules]]\nname = \"split-8443\"\nports = [8443]\naction = \"tcp-split\"\n",
+    );
+    let (h, engine) = (&m.h, &m.engine);
+    assert_eq!(m.mid.steering.ports, vec![8443], "443 is no longer steered");
+
+    // The split's frames still reach userspace, by its pin alone, and
+    // the flow listing shows it split by the old rule.
+    let pinned = xdp(engine, "flow_steer");
+    wait_xdp_more(
+        engine,
+        "flow_steer",
+        pinned,
+        100,
+        "the split's frames through its pin",
+    );
+    engine
+        .wait_stats(
+            "the split in the flow listing",
+            Duration::from_secs(30),
+            |r| {
+                r.workers.iter().flat_map(|w| &w.flows).find_map(|f| {
+                    let d = f.decision.as_ref()?;
+                    (d.state == "split" && d.rule.as_deref() == Some("split-lab")).then_some(())
+                })
+            },
+        )
+        .unwrap();
+
+    // A new connection to 443 is not steered: the kernel's path, never a
+    // worker's decision.
+    let pass_before = engine
+        .stats()
+        .unwrap()
+        .xdp
+        .get("pass_tcp")
+        .map_or(0, |c| c.bytes);
+    let (got, _) = curl_sha256(h, &m.nginx.curl_args(SERVER_V4, "index.html")).unwrap();
+    assert_eq!(got, hex(&Sha256::digest(INDEX_HTML)));
+    engine
+        .wait_stats(
+            "the new connection on the kernel's path",
+            Duration::from_secs(30),
+            |r| {
+                // Its handshake, request and the page, at least.
+                let n = r.xdp.get("pass_tcp").map_or(0, |c| c.bytes) - pass_before;
+                (n >= 1000).then_some(())
+            },
+        )
+        .unwrap();
+
+    // The old download completes byte-exact, still split; nothing else
+    // was held, decided or split.
+    m.completed_split();
+    let s = m.engine.stats().unwrap().split_total();
+    assert_eq!(
+        (s.split, s.held, s.hellos, s.policy_pass, s.refused),
+        (1, 1, 1, 0, 0),
+        "{s:?}"
+    );
+    let records = m.control.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+}
+
+/// Until a policy is applied the dataplane holds, decides and splits
+/// nothing: steered connections cross its workers unchanged, over IPv4
+/// and IPv6, with or without a daemon. The first policy applied decides
+/// the next connection.
+#[test]
+fn until_a_policy_is_applied_steered_flows_are_forwarded_unchanged() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let sock = dataplane_socket(&h);
+    let engine = Engine::start(&h, &["--control-socket", sock.to_str().unwrap()]).expect("engine");
+    let nginx = Nginx::start(&h, 443).expect("nginx");
+    let size = 3 * MIB;
+    let sha = nginx.add_file("blob", size, 17).unwrap();
+    let unchanged = |what: &str, transfers: u64| {
+        let r = engine
+            .wait_stats(what, Duration::from_secs(30), |r| {
+                // Every byte of the bodies went through a worker.
+                (r.xdp.get("steer").map_or(0, |c| c.bytes) >= transfers * size as u64
+                    && r.worker_sum(|c| c.tx_inside.bytes) >= transfers * size as u64)
+                    .then(|| r.clone())
+            })
+            .unwrap();
+        assert!(r.policy.is_none(), "{:?}", r.policy);
+        assert_eq!(r.split_total(), Default::default(), "{what}");
+        assert_eq!(r.xdp_packets("flow_bypass"), 0);
+        assert_eq!(r.xdp_packets("flow_drop"), 0);
+    };
+
+    // No daemon at all.
+    for addr in [SERVER_V4, SERVER_V6] {
+        let (got, len) = curl_sha256(&h, &nginx.curl_args(addr, "blob")).unwrap();
+        assert_eq!((got, len), (sha.clone(), size as u64), "{addr}");
+    }
+    unchanged("two transfers through the workers", 2);
+    assert!(dataplane_status(&sock)["status"]["policy"].is_null());
+
+    // A daemon without a policy changes nothing.
+    let control = Control::start(&h, &sock, None, &[]).expect("control");
+    control.wait_connected().unwrap();
+    let (got, _) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "blob")).unwrap();
+    assert_eq!(got, sha);
+    unchanged("a third transfer through the workers", 3);
+    assert!(control.records().is_empty(), "{:?}", control.records());
+
+    // The first policy decides the next connection.
+    let p = policy(
+        &h,
+        "p.toml",
+        "[[rules]]\nname = \"split-all\"\naction = \"tcp-split\"\n",
+    );
     let out = control
-        .cli(&["policy", "apply", after.to_str().unwrap()])
+        .cli(&["policy", "apply", p.to_str().unwrap()])
         .unwrap();
     assert!(
         out.status.success(),
-        "apply: {}",
+        "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("policy version 2"));
-    assert_eq!(control.wait_in_sync().unwrap(), 2);
-    let mid = engine.stats().unwrap();
-    assert_eq!(
-        mid.split_total().active,
-        1,
-        "the running split is untouched"
-    );
-    assert!(
-        mid.split_total().bytes_s2c < size as u64,
-        "the change must land mid-download"
-    );
+    assert_eq!(control.wait_in_sync().unwrap(), 1);
+    let (got, _) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "blob")).unwrap();
+    assert_eq!(got, sha);
+    engine
+        .wait_stats(
+            "the split under the first policy",
+            Duration::from_secs(30),
+            |r| (r.split_total().split == 1).then_some(()),
+        )
+        .unwrap();
+}
 
-    // New connections are bypassed in XDP.
-    let bypass_before = xdp(&engine, "flow_bypass");
-    let (got, _) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "index.html")).unwrap();
-    assert_eq!(got, hex(&Sha256::digest(INDEX_HTML)));
+/// A client that sends (part of) its ClientHello and closes at once: a
+/// real Linux stack, corked so that its FIN rides on the segment with its
+/// last bytes; the ClientHello is Python's. Prints its local port, then
+/// `reset` or `eof` and what it read, in hex.
+const CLOSING_CLIENT: &str = r#"
+import socket, ssl, sys
+name, cut, addr = sys.argv[1], sys.argv[2], sys.argv[3]
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ssl.create_default_context().wrap_bio(inc, out, server_hostname=name)
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = out.read()
+if cut != "all":
+    hello = hello[:int(cut)]
+s = socket.create_connection((addr, 443), timeout=30)
+print("port", s.getsockname()[1], flush=True)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+s.sendall(hello)
+s.shutdown(socket.SHUT_WR)
+got = b""
+try:
+    while True:
+        b = s.recv(4096)
+        if not b:
+            break
+        got += b
+    print("eof", got.hex())
+except ConnectionResetError:
+    print("reset", got.hex())
+"#;
+
+/// Runs [`CLOSING_CLIENT`] for `name` (sending `cut` bytes of the
+/// ClientHello, or "all"); returns its port and its outcome line.
+fn closing_client(h: &Harness, name: &str, cut: &str) -> (u16, String) {
+    let out = h
+        .client
+        .command("python3")
+        .args(["-c", CLOSING_CLIENT, name, cut, SERVER_V4])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = text.lines();
+    let port = lines
+        .next()
+        .and_then(|l| l.strip_prefix("port "))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    (port, lines.next().unwrap_or("").to_string())
+}
+
+/// A client that closes during the hold, its FIN on the segment with the
+/// last bytes it sends, under a block on server names: with its
+/// ClientHello cut short the name never comes and it is reset (a block
+/// might apply); with the whole ClientHello it is blocked by its name and
+/// reads the alert. Either way the server gets the connection's
+/// handshake and a RST, never a byte.
+#[test]
+fn a_client_closing_during_the_hold_cannot_escape_a_block() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let p = policy(&h, "sni.toml", SNI_POLICY);
+    let (engine, control) = start(&h, Some(&p));
+    control.wait_in_sync().unwrap();
+    let listener = loupe_tests::tcp::listen(&h.server, &format!("{SERVER_V4}:443")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    // What the server reads on each connection it accepts.
+    let server = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while got.len() < 2 && std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, peer)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                    let mut buf = Vec::new();
+                    let end = std::io::Read::read_to_end(&mut s, &mut buf);
+                    got.push((peer.port(), buf.len(), end.map_err(|e| e.kind())));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        got
+    });
+    let tap = h
+        .client
+        .enter(|| loupe_tests::raw::RawSocket::open(loupe_tests::harness::PEER_IF))
+        .unwrap()
+        .unwrap();
+
+    let (cut_port, cut) = closing_client(&h, "x.malware.loupe.test", "100");
+    assert!(cut.starts_with("reset"), "{cut}");
+    let (whole_port, whole) = closing_client(&h, "x.malware.loupe.test", "all");
+    // access_denied, then the engine's FIN.
+    assert_eq!(whole, "eof 15030300020231");
+
+    // Both FINs rode on data, as meant.
+    let mut fin_with_data = Vec::new();
+    let mut buf = vec![0u8; 4096];
     wait_until(
-        "the new connection on the fast path",
+        "the clients' FINs on the tap",
         Duration::from_secs(30),
         || {
-            let n = xdp(&engine, "flow_bypass") - bypass_before;
-            if n >= 3 {
+            while let Some(n) = tap
+                .recv(&mut buf, Duration::from_millis(50))
+                .map_err(|e| e.to_string())?
+            {
+                if let Ok(p) = loupe_dataplane::wire::segment::parse_segment(&buf[..n]) {
+                    if p.key.dst_port == 443 && p.segment.flags.fin && !p.segment.payload.is_empty()
+                    {
+                        fin_with_data.push(p.key.src_port);
+                    }
+                }
+            }
+            if fin_with_data.contains(&cut_port) && fin_with_data.contains(&whole_port) {
                 Ok(Some(()))
             } else {
-                Err(format!("{n} bypassed"))
+                Err(format!("FINs on data from ports {fin_with_data:?}"))
             }
         },
     )
     .unwrap();
-    engine
-        .wait_stats("the pass in the stats", Duration::from_secs(30), |r| {
-            (r.split_total().policy_pass == 1).then_some(())
+
+    let mut accepted = server.join().unwrap();
+    accepted.sort();
+    let mut want = vec![
+        (cut_port, 0, Err(std::io::ErrorKind::ConnectionReset)),
+        (whole_port, 0, Err(std::io::ErrorKind::ConnectionReset)),
+    ];
+    want.sort();
+    assert_eq!(accepted, want, "what the server read");
+    let r = engine
+        .wait_stats("both refusals in the stats", Duration::from_secs(30), |r| {
+            (r.split_total().refused == 2).then(|| r.split_total())
         })
         .unwrap();
-
-    // The old download completes byte-exact, still split.
-    let sum = download.join().unwrap();
-    assert!(sum.starts_with(&sha), "download differs: {sum} vs {sha}");
-    assert_eq!(engine.stats().unwrap().split_total().split, 1);
-
-    // The log shows both decisions with their rules and versions.
-    let split = control
-        .wait_record("the split's record", |r| field(r, "rule") == "split-lab")
+    assert_eq!((r.split, r.policy_pass, r.held), (0, 0, 2), "{r:?}");
+    let cut_rec = control
+        .wait_record("the cut one's record", |r| {
+            field(r, "client") == format!("{CLIENT_V4}:{cut_port}")
+        })
         .unwrap();
-    assert_eq!(field(&split, "action"), "tcp-split");
-    assert_eq!(split["policy_version"], 1);
-    assert!(
-        split["bytes_s2c"].as_u64().unwrap() as usize > size,
-        "{split}"
+    assert_eq!(
+        (field(&cut_rec, "rule"), field(&cut_rec, "end")),
+        ("block-malware", "blocked")
     );
-    let pass = control
-        .wait_record("the bypass record", |r| field(r, "rule") == "bypass-lab")
-        .unwrap();
-    assert_eq!(field(&pass, "action"), "no-decrypt");
-    assert_eq!(pass["policy_version"], 2);
-    // `policy show` shows the new policy as written.
-    let show = control.cli(&["policy", "show"]).unwrap();
-    assert!(String::from_utf8_lossy(&show.stdout).contains("bypass-lab"));
-    // `policy show | head -1`: the reader goes away; the CLI ends quietly.
-    let out = control.cli_closed_stdout(&["policy", "show"]).unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(cut_rec["sni"].is_null(), "{cut_rec}");
     assert!(
-        out.status.success() && err.is_empty(),
-        "{:?}: {err}",
-        out.status
+        field(&cut_rec, "note").contains("closed before"),
+        "{cut_rec}"
+    );
+    let whole_rec = control
+        .wait_record("the whole one's record", |r| {
+            field(r, "client") == format!("{CLIENT_V4}:{whole_port}")
+        })
+        .unwrap();
+    assert_eq!(
+        (field(&whole_rec, "rule"), field(&whole_rec, "sni")),
+        ("block-malware", "x.malware.loupe.test")
     );
 }
 

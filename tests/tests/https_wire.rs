@@ -7,16 +7,23 @@ use std::time::Duration;
 
 use loupe_tests::{
     engine::Engine,
-    harness::{CLIENT_V4, SERVER_V4, SERVER_V6},
+    harness::{CLIENT_V4, INSIDE_IF, OUTSIDE_IF, SERVER_V4, SERVER_V6},
     https::{curl_sha256, Nginx},
     Harness, HarnessConfig,
 };
 
 const MIB: usize = 1 << 20;
 
-fn https_through_userspace(server_addr: &str, engine_args: &[&str]) {
+/// The XDP attach mode the engine asks for (`--xdp-mode`, native by
+/// default).
+fn https_through_userspace(server_addr: &str, mode: &'static str) {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
-    let engine = Engine::start(&h, engine_args).expect("engine");
+    let engine = Engine::start(&h, &["--xdp-mode", mode]).expect("engine");
+    // The kernel attached it so on both interfaces, and the report says so.
+    for dev in [INSIDE_IF, OUTSIDE_IF] {
+        assert_eq!(h.xdp_attach_mode(dev).unwrap(), Some(mode), "{dev}");
+    }
+    assert_eq!(engine.stats().unwrap().xdp_mode, mode);
     let nginx = Nginx::start(&h, 443).expect("nginx");
     let sha = nginx.add_file("blob", 3 * MIB, 7).expect("file");
 
@@ -53,17 +60,17 @@ fn https_through_userspace(server_addr: &str, engine_args: &[&str]) {
 
 #[test]
 fn https_ipv4_through_userspace_wire() {
-    https_through_userspace(SERVER_V4, &[]);
+    https_through_userspace(SERVER_V4, "native");
 }
 
 #[test]
 fn https_ipv6_through_userspace_wire() {
-    https_through_userspace(SERVER_V6, &[]);
+    https_through_userspace(SERVER_V6, "native");
 }
 
 #[test]
 fn https_ipv4_in_generic_xdp_mode() {
-    https_through_userspace(SERVER_V4, &["--xdp-mode", "skb"]);
+    https_through_userspace(SERVER_V4, "skb");
 }
 
 #[test]

@@ -1,8 +1,11 @@
 //! The systemd units in `dist/systemd` are what they claim: they verify
-//! cleanly, the dataplane runs with exactly the capabilities its unit
-//! grants (and the memlock limit it lifts), and the control daemon runs
-//! with none, as an unprivileged user reaching the dataplane through the
-//! socket's group.
+//! cleanly (`systemd-analyze`, from Debian's `systemd`, which
+//! `scripts/setup` installs), the dataplane runs with exactly the
+//! capabilities its unit grants, under the locked-memory limit the unit
+//! leaves it (systemd's default: the unit sets no `LimitMEMLOCK`) because
+//! CAP_IPC_LOCK exempts its UMEM from it, and without that capability is
+//! refused with the reason; the control daemon runs with none, as an
+//! unprivileged user reaching the dataplane through the socket's group.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -13,7 +16,7 @@ use std::{
 use loupe_tests::{
     control::{dataplane_socket, Control},
     engine::Engine,
-    harness::SERVER_V4,
+    harness::{INSIDE_IF, OUTSIDE_IF, SERVER_V4},
     https::{curl_sha256, Nginx},
     workspace_bin, Harness, HarnessConfig,
 };
@@ -58,7 +61,7 @@ fn the_units_verify_cleanly() {
         .args(["verify", "--man=no"])
         .args(&paths)
         .output()
-        .expect("systemd-analyze (Debian package systemd)");
+        .expect("systemd-analyze (Debian package systemd; scripts/setup installs it)");
     let err = String::from_utf8_lossy(&out.stderr);
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
@@ -95,36 +98,68 @@ fn the_units_grant_only_what_each_process_needs() {
     }
 }
 
+/// systemd's DefaultLimitMEMLOCK (8M), which a unit without
+/// `LimitMEMLOCK=` runs under.
+const SYSTEMD_MEMLOCK: u64 = 8 << 20;
+
+/// The capabilities the dataplane's unit grants, as setpriv names them
+/// (`bpf`, `net_admin`, ...).
+fn dataplane_caps() -> Vec<String> {
+    let (_, dp) = unit("loupe-dataplane.service");
+    setting(&dp, "AmbientCapabilities")
+        .unwrap()
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+/// A wrapper running a program as the dataplane's unit runs it: root in
+/// group 65534 (the unit's User=root, Group=loupe), only the
+/// capabilities `caps` (setpriv's names), and the locked-memory limit
+/// systemd leaves the unit.
+fn as_the_unit(caps: &[String]) -> Vec<String> {
+    let list: String = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        "prlimit".to_string(),
+        format!("--memlock={SYSTEMD_MEMLOCK}:{SYSTEMD_MEMLOCK}"),
+        "setpriv".into(),
+        "--regid=65534".into(),
+        "--clear-groups".into(),
+        format!("--bounding-set={list}"),
+        format!("--inh-caps={list}"),
+        format!("--ambient-caps={list}"),
+        "--".into(),
+    ]
+}
+
 #[test]
 fn the_dataplane_and_control_run_with_the_units_privileges() {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
-    // The dataplane: root in group 65534 (the unit's User=root,
-    // Group=loupe) with only the unit's capabilities; its socket is for
-    // that group.
+    let (_, dp) = unit("loupe-dataplane.service");
+    let caps = dataplane_caps();
+    assert!(caps.iter().any(|c| c == "ipc_lock"), "{caps:?}");
+    // No limit of its own: systemd's default applies.
+    assert_eq!(setting(&dp, "LimitMEMLOCK"), None);
+    // Its UMEM (one per queue) is beyond that limit: it runs only
+    // because CAP_IPC_LOCK exempts it.
+    let port = loupe_dataplane::xsk::PortConfig::default();
+    assert!(u64::from(port.frames) * u64::from(port.frame_size) > SYSTEMD_MEMLOCK);
+
+    // Its socket is for the unit's group.
     let sock = dataplane_socket(&h);
     let sock_s = sock.to_str().unwrap();
-    let caps = "-all,+bpf,+perfmon,+net_admin,+net_raw,+ipc_lock";
-    let (bounding, inh, amb) = (
-        format!("--bounding-set={caps}"),
-        format!("--inh-caps={caps}"),
-        format!("--ambient-caps={caps}"),
-    );
-    let wrapper = [
-        "setpriv",
-        "--regid=65534",
-        "--clear-groups",
-        &bounding,
-        &inh,
-        &amb,
-        "--",
-    ];
+    let wrapper = as_the_unit(&caps);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let engine = Engine::start_wrapped(
         &h,
         &wrapper,
         &["--control-socket", sock_s, "--control-group", "65534"],
         &[],
     )
-    .expect("the dataplane with the unit's capabilities");
+    .expect("the dataplane with the unit's capabilities and memlock limit");
     let status = std::fs::read_to_string(format!("/proc/{}/status", engine.pid())).unwrap();
     let eff = status
         .lines()
@@ -137,6 +172,19 @@ fn the_dataplane_and_control_run_with_the_units_privileges() {
         u64::from_str_radix(eff, 16).unwrap(),
         (1 << 12) | (1 << 13) | (1 << 14) | (1 << 38) | (1 << 39)
     );
+    // It runs under the limit it was given (it cannot lift it without
+    // CAP_SYS_RESOURCE).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", engine.pid())).unwrap();
+    let memlock: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    let limit = SYSTEMD_MEMLOCK.to_string();
+    assert_eq!(memlock, [limit.as_str(), limit.as_str()], "{limits}");
 
     // The control daemon: nobody, no capabilities, in group 65534.
     std::fs::set_permissions(&h.dir, std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -170,4 +218,33 @@ fn the_dataplane_and_control_run_with_the_units_privileges() {
     drop(control);
     let (st, clean, _, err) = engine.stop();
     assert!(clean && st.success(), "{err}");
+}
+
+/// Without CAP_IPC_LOCK the same limit cannot hold the UMEM: the start is
+/// refused, naming the limit and the capability, and nothing is attached.
+#[test]
+fn without_cap_ipc_lock_the_umem_is_refused_with_the_reason() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let mut caps = dataplane_caps();
+    caps.retain(|c| c != "ipc_lock");
+    let wrapper = as_the_unit(&caps);
+    let out = h
+        .engine
+        .command(&wrapper[0])
+        .args(&wrapper[1..])
+        .arg(workspace_bin("loupe-dataplane"))
+        .args(["--inside", INSIDE_IF, "--outside", OUTSIDE_IF])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cannot create the UMEM for queue 0")
+            && err.contains("CAP_IPC_LOCK")
+            && err.contains("locked-memory limit (8192 KiB here)"),
+        "{err}"
+    );
+    for dev in [INSIDE_IF, OUTSIDE_IF] {
+        assert_eq!(h.xdp_prog_id(dev).unwrap(), None, "{dev} left attached");
+    }
 }

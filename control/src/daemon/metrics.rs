@@ -539,6 +539,21 @@ mod tests {
         }
     }
 
+    /// Flow records lost in the dataplane: the queue's drops and the
+    /// workers' (a full channel to the queue), together.
+    #[test]
+    fn flow_records_lost_in_the_dataplane_are_counted() {
+        let mut r = StatsReport::default();
+        r.log_queue.backlog = 100_000;
+        r.log_queue.dropped = 7;
+        let mut w = loupe_dataplane::stats::WorkerReport::default();
+        w.split.log_dropped = 2;
+        r.workers.push(w);
+        let t = render(Some(&r), &ControlCounters::default());
+        assert!(t.contains("loupe_flow_log_backlog 100000\n"), "{t}");
+        assert!(t.contains("loupe_flow_log_dropped_total 9\n"), "{t}");
+    }
+
     #[test]
     fn a_failing_audit_log_shows() {
         let r = StatsReport {

@@ -519,6 +519,75 @@ mod tests {
         (ours, r)
     }
 
+    /// Waits (with a generous deadline) until `cond` holds.
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// With no control process the dataplane keeps the newest 100,000
+    /// records, drops the oldest beyond and counts them; the status
+    /// answer (what `loupe status` and the metrics read) carries both
+    /// numbers, and a subscriber gets what was kept, oldest first.
+    #[test]
+    fn the_backlog_keeps_a_hundred_thousand_and_counts_what_it_drops() {
+        assert_eq!(BACKLOG, 100_000, "the README promises 100,000");
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let shared = Arc::new(Shared::default());
+        let pump = {
+            let shared = shared.clone();
+            thread::spawn(move || pump_events(rx, shared))
+        };
+        let extra = 7;
+        for i in 0..BACKLOG + extra {
+            tx.send(entry(&i.to_string())).unwrap();
+        }
+        wait_for("every record taken by the pump", || {
+            tx.is_empty() && shared.backlog.load(Ordering::Relaxed) == BACKLOG as u64
+        });
+        wait_for("the drops counted", || {
+            shared.dropped.load(Ordering::Relaxed) == extra as u64
+        });
+
+        // The status answer, through the socket's own handler.
+        let (engine_tx, engine_rx) = crossbeam::channel::bounded::<EngineRequest>(1);
+        let engine = thread::spawn(move || {
+            if let Ok(EngineRequest::Status(reply)) = engine_rx.recv() {
+                let _ = reply.send(StatsReport::default());
+            }
+        });
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let server = {
+            let shared = shared.clone();
+            let slot = unix::Slot::new(theirs.try_clone().unwrap());
+            thread::spawn(move || serve(theirs, &slot, &shared, &engine_tx, &PolicyCell::default()))
+        };
+        (&ours).write_all(&line(&Request::Status)).unwrap();
+        let mut r = unix::LineReader::new(BufReader::new(ours.try_clone().unwrap()));
+        let resp: Response = serde_json::from_str(&r.read_line().unwrap().unwrap()).unwrap();
+        let q = resp.status.expect("a status").log_queue;
+        assert_eq!(
+            (q.backlog, q.dropped, q.subscribed),
+            (BACKLOG as u64, extra as u64, false)
+        );
+        drop((ours, r));
+        server.join().unwrap();
+        engine.join().unwrap();
+
+        // The oldest went; the first kept is the one after them.
+        let (ours, mut r) = subscribe(&shared);
+        assert_eq!(next(&mut r), (extra as u64 + 1, extra.to_string()));
+        // Gone before the pump stops: it is writing to a full socket.
+        drop((ours, r));
+        shared.stop.store(true, Ordering::Relaxed);
+        pump.join().unwrap();
+    }
+
     #[test]
     fn unacknowledged_records_go_again_to_the_next_subscriber() {
         let (tx, rx) = crossbeam::channel::unbounded();

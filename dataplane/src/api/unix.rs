@@ -190,6 +190,15 @@ pub struct Slot {
 pub struct Busy<'a>(&'a Slot);
 
 impl Slot {
+    /// An idle connection's slot; `stream` is another handle of it.
+    pub fn new(stream: UnixStream) -> Slot {
+        Slot {
+            busy: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+            stream,
+        }
+    }
+
     pub fn busy(&self) -> Busy<'_> {
         self.busy.store(true, Ordering::Release);
         Busy(self)
@@ -279,11 +288,7 @@ pub fn accept_loop(
         let Ok(other) = stream.try_clone() else {
             continue;
         };
-        let slot = Arc::new(Slot {
-            busy: AtomicBool::new(false),
-            idle_since: Mutex::new(Instant::now()),
-            stream: other,
-        });
+        let slot = Arc::new(Slot::new(other));
         next_id += 1;
         let id = next_id;
         slots

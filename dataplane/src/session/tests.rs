@@ -859,3 +859,168 @@ fn a_split_reports_the_bytes_it_holds_and_the_most_it_held() {
     b.send(Dir::Server, &ack);
     assert_eq!(held(&b), ("split".into(), 0, n));
 }
+
+/// A client that closes during the hold, before its ClientHello is
+/// complete: its name will never come, so a block that might apply
+/// blocks it. Neither its bytes nor its FIN reach the server, and the
+/// refusal is logged as decided without the server name.
+#[test]
+fn a_fin_during_the_hold_cannot_escape_a_block() {
+    let hello = client_hello("www.bad.example", &[]);
+    // The FIN alone after part of the ClientHello, or on the segment
+    // carrying its last bytes so far.
+    for fin_on_data in [false, true] {
+        let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+        let cut = 100;
+        let mut part = seg(C_ISN + 1, S_ISN + 1, false, &hello[..cut]);
+        part.flags.fin = fin_on_data;
+        assert_eq!(b.send(Dir::Client, &part), Disposition::Consumed);
+        if !fin_on_data {
+            assert_eq!(b.sp.counters.refused, 0, "still held");
+            let mut fin = seg(C_ISN + 1 + cut as u32, S_ISN + 1, false, b"");
+            fin.flags.fin = true;
+            assert_eq!(b.send(Dir::Client, &fin), Disposition::Consumed);
+        }
+        assert_eq!(b.sp.counters.refused, 1, "fin on data: {fin_on_data}");
+        let out = b.sent();
+        assert_reset_both_ways(&out);
+        assert!(
+            segments(&out, Side::Outside).iter().all(|s| !s.flags.fin),
+            "the client's FIN crossed: {out:?}"
+        );
+        assert_eq!(bypassed(&b.sp), 0);
+        let e = &b.sp.events;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(
+            (e[0].action, e[0].end.as_str(), e[0].rule.as_str()),
+            (Some(Action::Block), "blocked", "the-rule")
+        );
+        assert_eq!(e[0].sni, None);
+        assert!(
+            e[0].note.as_deref().unwrap_or("").contains("closed before"),
+            "{e:?}"
+        );
+        // Its retransmissions are the refused connection's, not a new
+        // flow's: nothing is forwarded.
+        assert_eq!(b.send(Dir::Client, &part), Disposition::Consumed);
+        assert!(segments(&b.sent(), Side::Outside)
+            .iter()
+            .all(|s| s.payload.is_empty()));
+    }
+}
+
+/// A FIN on the segment that completes the ClientHello: the connection
+/// is decided by its name. Under a block, nothing of it (bytes or FIN)
+/// reaches the server; the client reads the alert.
+#[test]
+fn a_fin_on_the_last_clienthello_bytes_is_decided_by_the_name() {
+    let hello = client_hello("www.bad.example", &[]);
+    let (first, rest) = hello.split_at(100);
+    let last = |b: &mut Bench| {
+        b.client_data(0, first);
+        let mut s = seg(C_ISN + 1 + 100, S_ISN + 1, false, rest);
+        s.flags.fin = true;
+        assert_eq!(b.send(Dir::Client, &s), Disposition::Consumed);
+    };
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    last(&mut b);
+    assert_eq!((b.sp.counters.hellos, b.sp.counters.refused), (1, 1));
+    let out = b.sent();
+    let to_server = segments(&out, Side::Outside);
+    assert!(
+        to_server
+            .iter()
+            .all(|s| s.payload.is_empty() && !s.flags.fin && s.flags.rst),
+        "{to_server:?}"
+    );
+    assert_eq!(to_server.len(), 1, "{to_server:?}");
+    let to_client = segments(&out, Side::Inside);
+    let alert: Vec<u8> = to_client.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(alert, ACCESS_DENIED);
+    // The client's bytes and its FIN are acknowledged.
+    let past_fin = SeqNum(C_ISN + 1 + hello.len() as u32 + 1);
+    assert!(to_client.iter().any(|s| s.ack == past_fin), "{to_client:?}");
+    let e = &b.sp.events;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].sni.as_deref(), Some("www.bad.example"));
+    assert_eq!(
+        (e[0].end.as_str(), e[0].rule.as_str()),
+        ("blocked", "the-rule")
+    );
+
+    // Under a split, the ClientHello and then the FIN go to the server.
+    let mut b = Bench::new(SessionSettings::default());
+    last(&mut b);
+    assert_eq!(b.sp.counters.split, 1);
+    let to_server = segments(&b.sent(), Side::Outside);
+    let relayed: Vec<u8> = to_server.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(relayed, hello);
+    let fin = to_server
+        .iter()
+        .find(|s| s.flags.fin)
+        .expect("the FIN relayed");
+    assert_eq!(
+        fin.seq + fin.payload.len() as u32,
+        SeqNum(C_ISN + 1 + hello.len() as u32)
+    );
+}
+
+/// A connection held for its ClientHello and forgotten to make room (a
+/// full table): decided without its name, so a block that might apply
+/// blocks it. Nothing of the ClientHello reaches the server, the refusal
+/// is logged once, and the connection stays refused.
+#[test]
+fn a_held_connection_evicted_under_a_block_is_refused() {
+    let mut b = Bench::new(SessionSettings {
+        max_flows: 1,
+        ..one_rule(Action::Block, "*.bad.example")
+    });
+    let hello = client_hello("www.bad.example", &[]);
+    let (d, _) = b.client_data(0, &hello[..100]);
+    assert_eq!(d, Disposition::Consumed);
+    assert!(b.sent().is_empty(), "held");
+    // Another connection needs the place.
+    let other = Peers::on_port(40001).frame(Dir::Client, &seg(C_ISN, 0, true, b""));
+    assert_eq!(
+        b.sp.on_frame(Side::Inside, &other, b.now),
+        Disposition::Forward
+    );
+    assert_eq!((b.sp.counters.evicted, b.sp.counters.refused), (1, 1));
+    let out = b.sent();
+    assert_reset_both_ways(&out);
+    assert_eq!(bypassed(&b.sp), 0);
+    let e = &b.sp.events;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(
+        (e[0].end.as_str(), e[0].rule.as_str()),
+        ("blocked", "the-rule")
+    );
+    assert!(
+        e[0].note.as_deref().unwrap_or("").contains("evicted"),
+        "{e:?}"
+    );
+    // The rest of its ClientHello, arriving later, goes nowhere: the
+    // forgotten connection is seen mid-flow and blocked again.
+    let (d, _) = b.client_data(100, &hello[100..]);
+    assert_eq!(d, Disposition::Consumed);
+    assert!(segments(&b.sent(), Side::Outside).is_empty());
+    assert!(
+        b.sp.events
+            .iter()
+            .all(|e| e.end == "blocked" && e.rule == "the-rule"),
+        "{:?}",
+        b.sp.events
+    );
+    // No pin is left behind in XDP for it.
+    let pinned =
+        b.sp.ops
+            .iter()
+            .filter(|o| matches!(o, MapOp::Steer(_)))
+            .count();
+    let forgotten =
+        b.sp.ops
+            .iter()
+            .filter(|o| matches!(o, MapOp::Forget(_)))
+            .count();
+    assert_eq!(pinned, forgotten, "{:?}", b.sp.ops);
+}

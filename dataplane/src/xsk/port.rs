@@ -14,13 +14,12 @@ use crate::flow::Side;
 pub enum XskError {
     #[error("bad AF_XDP configuration: {0}")]
     Config(String),
-    #[error(
-        "cannot create the UMEM for queue {queue}: {source} (if this is ENOMEM or EPERM, \
-         RLIMIT_MEMLOCK may be too low: raise it or lower --frames)"
-    )]
+    #[error("cannot create the UMEM for queue {queue} ({mib} MiB of locked memory): {source} ({advice})")]
     Umem {
         queue: u32,
+        mib: u64,
         source: xsk_rs::umem::UmemCreateError,
+        advice: String,
     },
     #[error(
         "cannot bind an AF_XDP socket to {iface} queue {queue}: {source} \
@@ -141,8 +140,12 @@ impl QueuePort {
             .build()
             .map_err(|e| bad(&e))?;
         let frames = NonZeroU32::new(cfg.frames).ok_or_else(|| bad(&"zero UMEM frames"))?;
-        let (umem, free) = Umem::new(umem_cfg, frames, false)
-            .map_err(|source| XskError::Umem { queue, source })?;
+        let (umem, free) = Umem::new(umem_cfg, frames, false).map_err(|source| XskError::Umem {
+            queue,
+            mib: (u64::from(cfg.frames) * u64::from(cfg.frame_size)) >> 20,
+            source,
+            advice: crate::sys::memlock_advice(),
+        })?;
         let sock_cfg = SocketConfig::builder()
             .rx_queue_size(ring)
             .tx_queue_size(ring)

@@ -8,6 +8,10 @@
 //! Everything else (ARP, neighbour discovery, other traffic) crosses in
 //! the kernel unharmed. Counters go to `--stats` as JSON every half second
 //! and at exit (SIGTERM or SIGINT).
+//!
+//! With `--vlan ID` the link towards `--b` is a VLAN trunk: the impaired
+//! frames from `--a` leave tagged, and those from `--b` must come tagged
+//! and leave untagged (untagged ones are dropped and counted).
 
 use std::{
     path::PathBuf,
@@ -27,7 +31,7 @@ use loupe_dataplane::{
     sys,
     xsk::{PortConfig, QueuePort},
 };
-use loupe_tests::impair::{Fate, ImpairStats, Impairer, Pipe, Rates};
+use loupe_tests::impair::{vlan_pop, vlan_push, Fate, ImpairStats, Impairer, Pipe, Rates};
 use xsk_rs::FrameDesc;
 
 #[derive(Parser, Debug)]
@@ -65,6 +69,10 @@ struct Args {
     reorder_gap: u32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Tag the impaired frames from --a with this VLAN (802.1Q) towards
+    /// --b, and untag those from --b (dropping the ones without the tag).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..4095))]
+    vlan: Option<u16>,
     /// Where to write the counters (JSON).
     #[arg(long)]
     stats: Option<PathBuf>,
@@ -76,6 +84,7 @@ struct Lane {
     port: QueuePort,
     impairers: [Impairer; 2],
     pipes: [Pipe<FrameDesc>; 2],
+    vlan: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +131,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             port,
             impairers: [Impairer::new(rates, seed(0)), Impairer::new(rates, seed(1))],
             pipes: [Pipe::new(&rates), Pipe::new(&rates)],
+            vlan: args.vlan,
         });
     }
     classifier.attach(&args.a, AttachMode::Native)?;
@@ -150,8 +160,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     write_stats(&lanes)?;
     eprintln!(
-        "loupe-impair: {} <-> {} ({queues} queues), ports {:?}: {rates:?}, seed {}",
-        args.a, args.b, args.ports, args.seed
+        "loupe-impair: {} <-> {} ({queues} queues), ports {:?}: {rates:?}, seed {}, vlan {:?}",
+        args.a, args.b, args.ports, args.seed, args.vlan
     );
 
     let mut descs = vec![FrameDesc::default(); 64];
@@ -220,6 +230,31 @@ impl Lane {
             let n = port.recv(from, descs);
             moved |= n > 0;
             for &d in &descs[..n] {
+                let d = match self.vlan {
+                    Some(id) => {
+                        let frame = port.data(&d);
+                        let moved = if dir == 0 {
+                            Some(vlan_push(frame, id))
+                        } else {
+                            vlan_pop(frame, id)
+                        };
+                        let Some(bytes) = moved else {
+                            self.impairers[dir].stats.untagged += 1;
+                            port.release(d);
+                            continue;
+                        };
+                        port.release(d);
+                        match port.build(&bytes) {
+                            Some(c) => c,
+                            None => {
+                                // Never out with the wrong tagging: lost.
+                                self.impairers[dir].stats.no_buffer += 1;
+                                continue;
+                            }
+                        }
+                    }
+                    None => d,
+                };
                 let frame = port.data(&d);
                 let protect = headers_len(frame);
                 let imp = &mut self.impairers[dir];
