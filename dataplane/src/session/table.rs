@@ -45,7 +45,8 @@ impl Sessions {
 
     /// Makes room by forgetting the oldest entry that is not a live
     /// split; a tracker's held frames go out unchanged first, and its flow
-    /// to the fast path (as on a pass). Later segments of a forgotten flow
+    /// to the fast path (as on a pass), unless the hold acknowledged them:
+    /// then the connection becomes a relay and stays. Later segments of a forgotten flow
     /// pass through as those of any flow the engine did not see start.
     /// Returns false when only live splits are left.
     pub(super) fn evict_oldest(&mut self) -> bool {
@@ -60,6 +61,17 @@ impl Sessions {
                     .is_some_and(|f| matches!(&f.entry, Entry::Tracking(t) if t.hold.is_some()));
                 if holding {
                     self.undecided(id, NoDecision::Evicted, Instant::now());
+                    // Decided as a relay (its ClientHello was acknowledged
+                    // during the hold, so only a half that retransmits can
+                    // deliver it): a live split now, which is kept; room
+                    // is made elsewhere.
+                    if self
+                        .flows
+                        .get(&id)
+                        .is_some_and(|f| matches!(f.entry, Entry::Split { .. }))
+                    {
+                        continue;
+                    }
                 }
                 self.flows.remove(&id);
                 self.counters.evicted += 1;
