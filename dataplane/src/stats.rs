@@ -148,6 +148,10 @@ pub struct SplitCounters {
     /// ClientHellos whose server name was malformed (decided without it).
     #[serde(default)]
     pub sni_malformed: u64,
+    /// TLS handshake records whose ClientHello did not parse (decided
+    /// without a name, never decrypted).
+    #[serde(default)]
+    pub hello_malformed: u64,
     /// RSTs during the hold that their receiver would not take, dropped.
     #[serde(default)]
     pub bogus_resets: u64,
@@ -186,6 +190,7 @@ impl SplitCounters {
         self.held += o.held;
         self.hellos += o.hellos;
         self.not_tls += o.not_tls;
+        self.hello_malformed += o.hello_malformed;
         self.server_first += o.server_first;
         self.policy_pass += o.policy_pass;
         self.hold_timeouts += o.hold_timeouts;

@@ -541,27 +541,48 @@ fn until_a_policy_is_applied_steered_flows_are_forwarded_unchanged() {
         .unwrap();
 }
 
-/// A client that sends (part of) its ClientHello and closes at once: a
-/// real Linux stack, corked so that its FIN rides on the segment with its
-/// last bytes; the ClientHello is Python's. Prints its local port, then
-/// `reset` or `eof` and what it read, in hex.
-const CLOSING_CLIENT: &str = r#"
-import socket, ssl, sys
-name, cut, addr = sys.argv[1], sys.argv[2], sys.argv[3]
+/// A client with Python's ClientHello for `name`, sent by a real Linux
+/// stack in one of these ways (`how`):
+/// - a number, or `all`: that many bytes of it (or all), corked so that the
+///   FIN it closes with at once rides on the segment with its last bytes;
+/// - `dup`: whole, with a second server_name extension naming `name`;
+/// - `nul`: whole, its only server_name `name` with a NUL after it.
+///
+/// Prints its local port, then `reset` or `eof` and what it read, in hex.
+const HOSTILE_CLIENT: &str = r#"
+import socket, ssl, struct, sys
+name, how, addr = sys.argv[1], sys.argv[2], sys.argv[3]
+malform = how in ("dup", "nul")
 inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-tls = ssl.create_default_context().wrap_bio(inc, out, server_hostname=name)
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+tls = ctx.wrap_bio(inc, out, server_hostname=None if how == "nul" else name)
 try:
     tls.do_handshake()
 except ssl.SSLWantReadError:
     pass
 hello = out.read()
-if cut != "all":
-    hello = hello[:int(cut)]
+if malform:
+    body = hello[9:]
+    i = 2 + 32
+    i += 1 + body[i]
+    i += 2 + struct.unpack(">H", body[i:i + 2])[0]
+    i += 1 + body[i]
+    host = name.encode() + (b"\0" if how == "nul" else b"")
+    sni = struct.pack(">HHHBH", 0, len(host) + 5, len(host) + 3, 0, len(host)) + host
+    exts = body[i + 2:] + sni
+    body = body[:i] + struct.pack(">H", len(exts)) + exts
+    msg = bytes([1]) + struct.pack(">I", len(body))[1:] + body
+    hello = bytes([22, 3, 1]) + struct.pack(">H", len(msg)) + msg
+elif how != "all":
+    hello = hello[:int(how)]
 s = socket.create_connection((addr, 443), timeout=30)
 print("port", s.getsockname()[1], flush=True)
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+if not malform:
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
 s.sendall(hello)
-s.shutdown(socket.SHUT_WR)
+if not malform:
+    s.shutdown(socket.SHUT_WR)
 got = b""
 try:
     while True:
@@ -574,13 +595,13 @@ except ConnectionResetError:
     print("reset", got.hex())
 "#;
 
-/// Runs [`CLOSING_CLIENT`] for `name` (sending `cut` bytes of the
-/// ClientHello, or "all"); returns its port and its outcome line.
-fn closing_client(h: &Harness, name: &str, cut: &str) -> (u16, String) {
+/// Runs [`HOSTILE_CLIENT`] for `name` and `how`; returns its port and its
+/// outcome line.
+fn hostile_client(h: &Harness, name: &str, how: &str) -> (u16, String) {
     let out = h
         .client
         .command("python3")
-        .args(["-c", CLOSING_CLIENT, name, cut, SERVER_V4])
+        .args(["-c", HOSTILE_CLIENT, name, how, SERVER_V4])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -606,39 +627,17 @@ fn closing_client(h: &Harness, name: &str, cut: &str) -> (u16, String) {
 /// handshake and a RST, never a byte.
 #[test]
 fn a_client_closing_during_the_hold_cannot_escape_a_block() {
-    let h = Harness::new(HarnessConfig::default()).expect("harness");
-    let p = policy(&h, "sni.toml", SNI_POLICY);
-    let (engine, control) = start(&h, Some(&p));
-    control.wait_in_sync().unwrap();
-    let listener = loupe_tests::tcp::listen(&h.server, &format!("{SERVER_V4}:443")).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    // What the server reads on each connection it accepts.
-    let server = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while got.len() < 2 && std::time::Instant::now() < deadline {
-            match listener.accept() {
-                Ok((mut s, peer)) => {
-                    s.set_nonblocking(false).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-                    let mut buf = Vec::new();
-                    let end = std::io::Read::read_to_end(&mut s, &mut buf);
-                    got.push((peer.port(), buf.len(), end.map_err(|e| e.kind())));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        got
-    });
+    let b = BlockBench::new(2);
+    let (h, control) = (&b.h, &b.control);
     let tap = h
         .client
         .enter(|| loupe_tests::raw::RawSocket::open(loupe_tests::harness::PEER_IF))
         .unwrap()
         .unwrap();
 
-    let (cut_port, cut) = closing_client(&h, "x.malware.loupe.test", "100");
+    let (cut_port, cut) = hostile_client(h, "x.malware.loupe.test", "100");
     assert!(cut.starts_with("reset"), "{cut}");
-    let (whole_port, whole) = closing_client(&h, "x.malware.loupe.test", "all");
+    let (whole_port, whole) = hostile_client(h, "x.malware.loupe.test", "all");
     // access_denied, then the engine's FIN.
     assert_eq!(whole, "eof 15030300020231");
 
@@ -669,19 +668,7 @@ fn a_client_closing_during_the_hold_cannot_escape_a_block() {
     )
     .unwrap();
 
-    let mut accepted = server.join().unwrap();
-    accepted.sort();
-    let mut want = vec![
-        (cut_port, 0, Err(std::io::ErrorKind::ConnectionReset)),
-        (whole_port, 0, Err(std::io::ErrorKind::ConnectionReset)),
-    ];
-    want.sort();
-    assert_eq!(accepted, want, "what the server read");
-    let r = engine
-        .wait_stats("both refusals in the stats", Duration::from_secs(30), |r| {
-            (r.split_total().refused == 2).then(|| r.split_total())
-        })
-        .unwrap();
+    let r = b.all_refused_unread(&[cut_port, whole_port]);
     assert_eq!((r.split, r.policy_pass, r.held), (0, 0, 2), "{r:?}");
     let cut_rec = control
         .wait_record("the cut one's record", |r| {
@@ -705,6 +692,116 @@ fn a_client_closing_during_the_hold_cannot_escape_a_block() {
     assert_eq!(
         (field(&whole_rec, "rule"), field(&whole_rec, "sni")),
         ("block-malware", "x.malware.loupe.test")
+    );
+}
+
+/// The engine and its daemon under [`SNI_POLICY`], before a plain TCP
+/// server on port 443 that records what it reads from each of the first
+/// `n` connections it accepts: (client port, bytes, how it ended).
+struct BlockBench {
+    h: Harness,
+    engine: Engine,
+    control: Control,
+    n: usize,
+    server: std::cell::Cell<Option<std::thread::JoinHandle<ServerReads>>>,
+}
+
+type ServerReads = Vec<(u16, usize, Result<usize, std::io::ErrorKind>)>;
+
+impl BlockBench {
+    fn new(n: usize) -> BlockBench {
+        let h = Harness::new(HarnessConfig::default()).expect("harness");
+        let p = policy(&h, "sni.toml", SNI_POLICY);
+        let (engine, control) = start(&h, Some(&p));
+        control.wait_in_sync().unwrap();
+        let listener = loupe_tests::tcp::listen(&h.server, &format!("{SERVER_V4}:443")).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while got.len() < n && std::time::Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                        let mut buf = Vec::new();
+                        let end = std::io::Read::read_to_end(&mut s, &mut buf);
+                        got.push((peer.port(), buf.len(), end.map_err(|e| e.kind())));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            got
+        });
+        BlockBench {
+            h,
+            engine,
+            control,
+            n,
+            server: std::cell::Cell::new(Some(server)),
+        }
+    }
+
+    /// Checks that the server read nothing from the clients on `ports` and
+    /// saw each reset, and that all `n` were refused; returns the counters.
+    fn all_refused_unread(&self, ports: &[u16]) -> loupe_dataplane::stats::SplitCounters {
+        let server = self.server.take().expect("checked once");
+        let mut accepted = server.join().unwrap();
+        accepted.sort();
+        let mut want: Vec<_> = ports
+            .iter()
+            .map(|p| (*p, 0, Err(std::io::ErrorKind::ConnectionReset)))
+            .collect();
+        want.sort();
+        assert_eq!(accepted, want, "what the server read");
+        let n = self.n as u64;
+        self.engine
+            .wait_stats("the refusals in the stats", Duration::from_secs(30), |r| {
+                (r.split_total().refused == n).then(|| r.split_total())
+            })
+            .unwrap()
+    }
+}
+
+/// ClientHellos for a blocked name, malformed on purpose (the server_name
+/// extension twice; a NUL in the name), to a plain TCP server that would
+/// read the name: each is blocked as one without a name (a block might
+/// apply), the server reads nothing, and the records say why. They used
+/// to be relayed as "not TLS", byte for byte.
+#[test]
+fn a_malformed_server_name_cannot_get_past_a_block() {
+    let b = BlockBench::new(2);
+    let mut ports = Vec::new();
+    for (how, why) in [
+        ("dup", "the server_name extension appears more than once"),
+        ("nul", "a NUL byte in the host name"),
+    ] {
+        let (port, outcome) = hostile_client(&b.h, "x.malware.loupe.test", how);
+        // Refused with a RST: nothing of the server's comes back.
+        assert_eq!(outcome, "reset ", "{how}");
+        let rec = b
+            .control
+            .wait_record("the malformed one's record", |r| {
+                field(r, "client") == format!("{CLIENT_V4}:{port}")
+            })
+            .unwrap();
+        assert_eq!(
+            (
+                field(&rec, "rule"),
+                field(&rec, "end"),
+                field(&rec, "sni_malformed")
+            ),
+            ("block-malware", "blocked", why),
+            "{rec}"
+        );
+        assert!(rec["sni"].is_null(), "{rec}");
+        ports.push(port);
+    }
+    let r = b.all_refused_unread(&ports);
+    assert_eq!(
+        (r.split, r.sni_malformed, r.hello_malformed),
+        (0, 2, 2),
+        "{r:?}"
     );
 }
 

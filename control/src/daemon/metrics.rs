@@ -195,6 +195,7 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
     for (opening, n) in [
         ("client-hello", sp.hellos),
         ("not-tls", sp.not_tls),
+        ("malformed-client-hello", sp.hello_malformed),
         ("server-first", sp.server_first),
     ] {
         o.sample("loupe_handshakes_total", &[("opening", opening)], n);
@@ -202,7 +203,7 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
     o.one(
         "loupe_sni_malformed_total",
         "counter",
-        "ClientHellos whose server name was malformed (two names, a NUL or non-ASCII byte, a repeated extension, not a DNS name); decided without it.",
+        "ClientHellos whose server name was malformed (two names, a NUL or non-ASCII byte, a repeated extension, a bad length or name type, not a DNS name); decided without it.",
         sp.sni_malformed,
     );
     o.one(

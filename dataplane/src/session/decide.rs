@@ -146,7 +146,17 @@ impl Sessions {
             return Disposition::Forward;
         };
         let policy = self.settings.policy.clone();
-        let decision = policy.decide(&t.subject(opening.sni()));
+        // A malformed server name is no name, and the name it might have
+        // been could match a block: decided as one without a name.
+        let decision = if t
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.scanner.sni_malformed().is_some())
+        {
+            policy.decide_unnamed(&t.subject(None))
+        } else {
+            policy.decide(&t.subject(opening.sni()))
+        };
         let mut meta = t.meta(&policy, &decision, opening.sni());
         if let Opening::Tls(ch) = opening {
             meta.alpn = ch
@@ -341,7 +351,10 @@ impl Sessions {
             Verdict::Split | Verdict::Decrypt
                 if matches!(
                     why,
-                    NoDecision::Timeout | NoDecision::Overflow | NoDecision::ClosedEarly
+                    NoDecision::Timeout
+                        | NoDecision::Overflow
+                        | NoDecision::ClosedEarly
+                        | NoDecision::Malformed
                 ) =>
             {
                 self.start_split(id, None, now, meta, Start::Relay)

@@ -86,6 +86,8 @@ pub(super) enum NoDecision {
     ClosedEarly,
     /// Cannot be split (URG before the decision, TCP Fast Open).
     Unsplittable,
+    /// A TLS handshake record whose ClientHello does not parse.
+    Malformed,
 }
 
 impl NoDecision {
@@ -96,6 +98,7 @@ impl NoDecision {
             NoDecision::Evicted => "evicted",
             NoDecision::ClosedEarly => "closed-early",
             NoDecision::Unsplittable => "passthrough",
+            NoDecision::Malformed => "malformed-hello",
         }
     }
 
@@ -114,6 +117,10 @@ impl NoDecision {
             }
             NoDecision::Unsplittable => {
                 "not splittable (URG or TCP Fast Open): decided without the server name"
+            }
+            NoDecision::Malformed => {
+                "a malformed ClientHello (the TLS parser refused it): decided without the \
+                 server name; not decrypted"
             }
         }
     }
@@ -239,6 +246,14 @@ impl Sessions {
             Some(Hello::NotTls) => {
                 self.counters.not_tls += 1;
                 Opening::Other
+            }
+            // A TLS handshake whose name cannot be trusted: decided
+            // without it, so that malforming a ClientHello on purpose
+            // cannot get past a name-based block.
+            Some(Hello::Malformed) => {
+                self.counters.hello_malformed += 1;
+                self.undecided(id, NoDecision::Malformed, now);
+                return Disposition::Consumed;
             }
             // The client closed before completing its ClientHello: the
             // name will not come.

@@ -877,27 +877,98 @@ fn while_stopping_new_connections_are_dropped_and_live_ones_still_served() {
     );
 }
 
+/// ClientHellos naming a blocked site, made malformed on purpose: the TLS
+/// parser refuses some whole (a NUL in the name, the extension twice),
+/// takes others without a name (an address). Each is decided without a
+/// name and fails closed: the block that might apply blocks it, nothing
+/// reaches the server, and its record says why it had no name. (They
+/// used to be relayed as "not TLS", byte for byte, to a server that could
+/// read the name.)
 #[test]
-fn a_malformed_server_name_is_decided_without_it_and_logged() {
-    // A NUL in the name: rustls takes no name from it.
+fn a_malformed_server_name_cannot_get_past_a_block() {
+    use crate::tls::hello::tests::with_extension;
     let bare = client_hello("198.18.0.2", &[]);
-    let mut ext = vec![0, 14, 0, 0, 11];
-    ext.extend_from_slice(b"a\0b.example");
-    let hello = crate::tls::hello::tests::with_extension(&bare, 0, &ext);
-    let mut b = Bench::new(one_rule(Action::Block, "a*.example"));
+    let sni = |name: &[u8]| {
+        let mut ext = ((name.len() + 3) as u16).to_be_bytes().to_vec();
+        ext.push(0);
+        ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        ext.extend_from_slice(name);
+        ext
+    };
+    let cases = [
+        (
+            with_extension(&bare, 0, &sni(b"x.bad.example\0")),
+            "a NUL byte in the host name",
+        ),
+        (
+            with_extension(&client_hello("a.example", &[]), 0, &sni(b"x.bad.example")),
+            "the server_name extension appears more than once",
+        ),
+        (
+            with_extension(&bare, 0, &sni(b"198.18.0.2")),
+            "not a DNS host name",
+        ),
+        (
+            with_extension(&bare, 0, &sni(b"x.bad .example")),
+            "not a DNS host name",
+        ),
+    ];
+    for (hello, why) in cases {
+        let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+        let (d, _) = b.client_data(0, &hello);
+        assert_eq!(d, Disposition::Consumed);
+        assert_eq!(b.sp.counters.sni_malformed, 1, "{why}");
+        assert_eq!(
+            (b.sp.counters.split, b.sp.counters.refused),
+            (0, 1),
+            "{why}"
+        );
+        let out = b.sent();
+        assert!(
+            segments(&out, Side::Outside)
+                .iter()
+                .all(|s| s.payload.is_empty()),
+            "{why}: the ClientHello reached the server"
+        );
+        assert_eq!(bypassed(&b.sp), 0);
+        let e = b.sp.events.last().expect("a record");
+        assert_eq!(
+            (e.end.as_str(), e.rule.as_str(), e.sni.as_deref()),
+            ("blocked", "the-rule", None),
+            "{why}"
+        );
+        assert_eq!(e.sni_malformed.as_deref(), Some(why));
+    }
+}
+
+/// Without a block that might apply, a ClientHello the TLS parser
+/// refuses is decided by the rules that do not need a name: relayed (not
+/// decrypted, never passed to the fast path unseen), and logged as
+/// malformed.
+#[test]
+fn a_malformed_hello_without_a_block_is_relayed_and_logged() {
+    let hello = crate::tls::hello::tests::with_extension(
+        &client_hello("a.example", &[]),
+        0,
+        &[
+            0, 14, 0, 0, 11, b'b', b'.', b'e', b'x', b'a', b'm', b'p', b'l', b'e', b'.', b'x',
+        ],
+    );
+    let mut b = Bench::new(one_rule(Action::NoDecrypt, "*.example"));
     b.client_data(0, &hello);
-    // Decided without a name: the default (split), not the rule.
-    assert_eq!(b.sp.counters.sni_malformed, 1);
-    assert_eq!((b.sp.counters.split, b.sp.counters.refused), (1, 0));
-    // Its record (written when it ends) says why it had no name.
+    assert_eq!(b.sp.counters.hello_malformed, 1);
+    assert_eq!((b.sp.counters.split, b.sp.counters.policy_pass), (1, 0));
+    assert_eq!(bypassed(&b.sp), 0);
     let mut rst = seg(C_ISN + 1 + hello.len() as u32, S_ISN + 1, false, b"");
     rst.flags.rst = true;
     b.send(Dir::Client, &rst);
     let e = b.sp.events.last().expect("a record");
     assert_eq!((e.action, e.sni.as_deref()), (Some(Action::TcpSplit), None));
-    assert_eq!(
-        e.sni_malformed.as_deref(),
-        Some("a NUL byte in the host name")
+    assert!(
+        e.note
+            .as_deref()
+            .is_some_and(|n| n.contains("malformed ClientHello")),
+        "{e:?}"
     );
 }
 

@@ -38,7 +38,7 @@ pub fn hello(data: &[u8]) {
 fn check(s: &mut HelloScanner, h: Hello) {
     match h {
         Hello::Tls(_) => assert!(s.take_accepted().is_some()),
-        Hello::NotTls => assert!(s.take_accepted().is_none()),
+        Hello::NotTls | Hello::Malformed => assert!(s.take_accepted().is_none()),
     }
 }
 

@@ -39,9 +39,14 @@ impl Opening {
 pub enum Hello {
     /// A complete ClientHello.
     Tls(ClientHello),
-    /// Not a TLS handshake (another protocol, or a ClientHello rustls
-    /// rejects as malformed).
+    /// Not a TLS handshake: the first byte is not a handshake record's.
     NotTls,
+    /// A TLS handshake record whose ClientHello does not parse (rustls
+    /// refuses it: a bad length, a repeated extension, a malformed server
+    /// name). Its server name cannot be trusted, so it is decided without
+    /// one; relaying it as other bytes would let a client get past a
+    /// name-based block by malforming its hello on purpose.
+    Malformed,
 }
 
 /// What a ClientHello tells the policy and the TLS stage.
@@ -121,7 +126,7 @@ impl HelloScanner {
             match acceptor.read_tls(&mut bytes) {
                 Ok(0) | Err(_) => {
                     self.acceptor = None;
-                    return Some(Hello::NotTls);
+                    return Some(Hello::Malformed);
                 }
                 Ok(_) => {}
             }
@@ -139,7 +144,8 @@ impl HelloScanner {
                     (ext.sni_names > 0 && sni.is_none()).then_some("not a DNS host name")
                 });
                 let hello = ClientHello {
-                    sni,
+                    // A name beside a fault is not trusted either.
+                    sni: sni.filter(|_| self.sni_malformed.is_none()),
                     alpn: ch
                         .alpn()
                         .map(|a| a.map(<[u8]>::to_vec).collect())
@@ -164,11 +170,11 @@ impl HelloScanner {
             }
             Err(_) => {
                 // rustls refuses the whole ClientHello (two host names, a
-                // repeated extension): it is decided as other first bytes,
-                // and the reason is kept when it was the server name.
+                // repeated extension): it is decided without a name, and
+                // the reason is kept when it was the server name.
                 self.acceptor = None;
                 self.sni_malformed = Extensions::scan(&std::mem::take(&mut self.raw)).sni_problem();
-                Some(Hello::NotTls)
+                Some(Hello::Malformed)
             }
         }
     }
@@ -202,6 +208,9 @@ struct Extensions {
     sni_names: usize,
     sni_nul: bool,
     sni_non_ascii: bool,
+    /// The first other fault of the extension or of a name in it (its
+    /// layout, a name type, a name that is not DNS syntax).
+    sni_fault: Option<&'static str>,
     /// An extension type seen twice (RFC 8446 §4.2: not allowed).
     repeated: bool,
 }
@@ -220,7 +229,7 @@ impl Extensions {
         } else if self.repeated && self.sni_extensions > 0 {
             Some("a repeated extension beside the server name")
         } else {
-            None
+            self.sni_fault
         }
     }
 }
@@ -295,20 +304,67 @@ impl Extensions {
     fn server_names(&mut self, data: &[u8]) {
         let mut r = Reader(data);
         let Some(list) = r.u16().and_then(|n| r.take(usize::from(n))) else {
+            self.fault("a server_name extension cut short");
             return;
         };
+        if !r.0.is_empty() {
+            self.fault("bytes after the server name list");
+        }
+        if list.is_empty() {
+            self.fault("an empty server name list");
+        }
         let mut list = Reader(list);
         while let Some(kind) = list.u8() {
             let Some(name) = list.u16().and_then(|n| list.take(usize::from(n))) else {
+                self.fault("a server name longer than its extension");
                 return;
             };
-            if kind == 0 {
-                self.sni_names += 1;
-                self.sni_nul |= name.contains(&0);
-                self.sni_non_ascii |= name.iter().any(|b| *b > 0x7f);
+            if kind != 0 {
+                self.fault("a server name of unknown type");
+                continue;
+            }
+            self.sni_names += 1;
+            self.sni_nul |= name.contains(&0);
+            self.sni_non_ascii |= name.iter().any(|b| *b > 0x7f);
+            if let Some(why) = host_name_fault(name) {
+                self.fault(why);
             }
         }
     }
+
+    /// Keeps the first fault found.
+    fn fault(&mut self, why: &'static str) {
+        self.sni_fault.get_or_insert(why);
+    }
+}
+
+/// What keeps `name` from being a DNS host name (RFC 6066 §3: "the
+/// fully qualified DNS hostname"; RFC 1035 §2.3.4 sizes), if anything.
+/// NUL and non-ASCII bytes have reasons of their own. Underscores are
+/// taken: real names carry them.
+fn host_name_fault(name: &[u8]) -> Option<&'static str> {
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    if name.is_empty() {
+        return Some("an empty host name");
+    }
+    if name.len() > 253 {
+        return Some("a host name longer than 253 bytes");
+    }
+    for label in name.split(|b| *b == b'.') {
+        if label.is_empty() {
+            return Some("an empty label in the host name");
+        }
+        if label.len() > 63 {
+            return Some("a label longer than 63 bytes in the host name");
+        }
+        if !label
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | 0 | 0x80..))
+        {
+            return Some("not a DNS host name");
+        }
+    }
+    None
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -415,7 +471,7 @@ pub(crate) mod tests {
         // rustls sends no server_name for an address: the extension added
         // is the only one.
         let bare = client_hello("198.18.0.2", &[]);
-        let cases: [(Vec<u8>, Option<&str>); 6] = [
+        let mut cases: Vec<(Vec<u8>, Option<&str>)> = vec![
             (with_extension(&bare, 0, &sni_ext(&[b"ok.example"])), None),
             (
                 with_extension(&bare, 0, &sni_ext(&[b"a\0b.example"])),
@@ -442,6 +498,38 @@ pub(crate) mod tests {
                 Some("the server_name extension appears more than once"),
             ),
         ];
+        // Layout and syntax faults.
+        let long_label = [b'a'; 64];
+        let long_name = [b"abcdefghi.".as_slice(); 26].concat();
+        let mut two_types = vec![0, 14, 1, 0, 11];
+        two_types.extend_from_slice(b"a.b.example");
+        for (body, why) in [
+            (vec![0, 0], "an empty server name list"),
+            (sni_ext(&[b""]), "an empty host name"),
+            (sni_ext(&[b"a b.example"]), "not a DNS host name"),
+            (sni_ext(&[b"a..example"]), "an empty label in the host name"),
+            (
+                sni_ext(&[&[&long_label[..], b".example"].concat()]),
+                "a label longer than 63 bytes in the host name",
+            ),
+            (sni_ext(&[&long_name]), "a host name longer than 253 bytes"),
+            (two_types, "a server name of unknown type"),
+            (
+                vec![0, 4, 0, 0, 30, b'a'],
+                "a server name longer than its extension",
+            ),
+            (
+                [sni_ext(&[b"a.example"]), vec![0]].concat(),
+                "bytes after the server name list",
+            ),
+        ] {
+            cases.push((with_extension(&bare, 0, &body), Some(why)));
+        }
+        // Underscores are in real names.
+        cases.push((
+            with_extension(&bare, 0, &sni_ext(&[b"_dmarc.a-b.example"])),
+            None,
+        ));
         for (hello, why) in cases {
             let mut s = HelloScanner::default();
             // rustls takes some of these without a name and refuses others
@@ -451,7 +539,8 @@ pub(crate) mod tests {
                 Hello::Tls(ch) => {
                     assert_eq!(ch.sni.is_some(), why.is_none(), "{why:?}: {:?}", ch.sni)
                 }
-                Hello::NotTls => assert!(why.is_some(), "a well-formed hello refused"),
+                Hello::Malformed => assert!(why.is_some(), "a well-formed hello refused"),
+                Hello::NotTls => panic!("a handshake record taken for another protocol"),
             }
             assert_eq!(s.sni_malformed(), why);
         }
@@ -497,20 +586,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn other_protocols_and_garbage_are_not_tls() {
+    fn other_protocols_are_not_tls_and_broken_handshakes_are_malformed() {
         let mut s = HelloScanner::default();
         assert_eq!(s.feed(b"GET / HTTP/1.1\r\n"), Some(Hello::NotTls));
         // A handshake record holding something that is not a ClientHello.
         let mut s = HelloScanner::default();
         assert_eq!(
             s.feed(&[22, 3, 1, 0, 8, 2, 0, 0, 4, 1, 2, 3, 4]),
-            Some(Hello::NotTls)
+            Some(Hello::Malformed)
         );
         // A ClientHello announcing 16 MiB (rustls caps handshake messages).
         let mut hello = client_hello("x.example", &[]);
         hello[6] = 0xff;
         let mut s = HelloScanner::default();
-        assert_eq!(s.feed(&hello), Some(Hello::NotTls));
+        assert_eq!(s.feed(&hello), Some(Hello::Malformed));
     }
 
     #[test]
