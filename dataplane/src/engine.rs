@@ -57,6 +57,12 @@ pub enum EngineError {
         out_q: u32,
     },
     #[error(
+        "--queues {asked} serves {asked} of the {available} RX queues: steered frames arriving on \
+         the others would pass uninspected, past every block rule. Serve them all (leave out \
+         --queues), or lower the interfaces' queue counts (ethtool -L IFACE combined {asked})"
+    )]
+    QueuesUnserved { asked: u32, available: u32 },
+    #[error(
         "the MTU of '{iface}' ({mtu}) makes frames of up to {frame} bytes, more than an AF_XDP \
          frame holds ({max}); lower the MTU to {fits} or less"
     )]
@@ -181,6 +187,15 @@ pub fn run(
                 out_q,
             })
         }
+        // Frames steered on a queue without a socket go on unchanged (the
+        // XDP program cannot hand them to anyone): refused rather than
+        // letting some connections skip inspection.
+        Some(q) if q < available => {
+            return Err(EngineError::QueuesUnserved {
+                asked: q,
+                available,
+            })
+        }
         Some(q) => q,
         None => available,
     };
@@ -199,12 +214,6 @@ pub fn run(
                 fits: max.saturating_sub(L2_OVERHEAD),
             });
         }
-    }
-    if queues < available {
-        eprintln!(
-            "loupe-dataplane: warning: serving {queues} of {available} RX queues: steered \
-             frames arriving on the others are not inspected (counted as steer_no_socket)"
-        );
     }
     // The HSM before the wire: a wrong PIN or a missing token stops the
     // start here, before anything is attached.

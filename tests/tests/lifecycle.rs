@@ -158,6 +158,9 @@ fn bad_arguments_are_refused_with_the_reason() {
         (["--steer-ports", "https"], "bad port 'https'"),
         (["--xdp-mode", "turbo"], "bad XDP mode 'turbo'"),
         (["--queues", "9"], "exceeds the RX queues available"),
+        // Fewer than the interfaces have: some steered frames would pass
+        // uninspected.
+        (["--queues", "1"], "would pass uninspected"),
         (["--frames", "1000"], "UMEM frames per queue are too few"),
     ] {
         let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
