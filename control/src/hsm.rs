@@ -331,6 +331,23 @@ pub fn audit(hsm: &HsmArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 bail!("--reason must say why a new log took the old one's place");
             }
             let token = Token::open(&hsm.token_config())?;
+            // Only a log whose own chain holds can take the old one's
+            // place: recording a broken (or forged) one would bless it.
+            if hsm.audit_log.exists() {
+                let keys = [audit::public_key(&token)?];
+                let opts = audit::VerifyOptions {
+                    keys: &keys,
+                    allow_open_tail: true,
+                    head: audit::HeadCheck::Unchecked,
+                };
+                if let Err(broken) = audit::verify_with(&hsm.audit_log, &opts) {
+                    bail!(
+                        "the log at {} does not verify ({broken}): reset-head records only a log \
+                         whose own records hold. Move it away and run again to start a new log",
+                        hsm.audit_log.display()
+                    );
+                }
+            }
             let log = AuditLog::open(AuditConfig::new(&hsm.audit_log, Some(token.clone())))?;
             let heads = audit::supersede(&token, &log, &reason, &requester());
             // The shutdown checkpoint seals the supersede records and puts

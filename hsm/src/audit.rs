@@ -1276,6 +1276,41 @@ fn plural(n: u64, one: &str, many: &str) -> String {
 /// token's head names. Reports the first broken record; whole-log failures
 /// (no records, another log's head claiming the path, a cut end, an
 /// unsigned or open tail) are checked after the chain, in that order.
+/// The longest line a record can take (records are a few hundred bytes;
+/// a reason given to `reset-head` is the longest part). Past it, reading
+/// stops: a log replaced by `/dev/zero` or a file without newlines cannot
+/// exhaust memory.
+const MAX_RECORD_LINE: u64 = 1 << 20;
+
+/// Opens a log to verify: a regular file. Opened non-blocking so that a
+/// FIFO named by mistake is an error at once, not a verifier stuck in
+/// `open` or `read`.
+fn open_log(path: &Path) -> std::result::Result<File, String> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open: {e}"))?;
+    let t = file
+        .metadata()
+        .map_err(|e| format!("cannot stat: {e}"))?
+        .file_type();
+    if t.is_file() {
+        return Ok(file);
+    }
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    };
+    Err(format!("not a regular file ({kind}): an audit log is one"))
+}
+
 pub fn verify_with(
     path: &Path,
     opts: &VerifyOptions<'_>,
@@ -1286,8 +1321,7 @@ pub fn verify_with(
         problem,
         reason,
     };
-    let file = File::open(path)
-        .map_err(|e| broken(0, None, Problem::Malformed, format!("cannot open: {e}")))?;
+    let file = open_log(path).map_err(|e| broken(0, None, Problem::Malformed, e))?;
     let head = match &opts.head {
         HeadCheck::Token { head, .. } => head.as_ref(),
         HeadCheck::Unchecked => None,
@@ -1305,12 +1339,22 @@ pub fn verify_with(
     loop {
         buf.clear();
         let n = reader
+            .by_ref()
+            .take(MAX_RECORD_LINE + 1)
             .read_until(b'\n', &mut buf)
             .map_err(|e| broken(line_no + 1, None, Problem::Malformed, format!("read: {e}")))?;
         if n == 0 {
             break;
         }
         line_no += 1;
+        if n as u64 > MAX_RECORD_LINE {
+            return Err(broken(
+                line_no,
+                None,
+                Problem::Malformed,
+                format!("a line longer than {MAX_RECORD_LINE} bytes: not a record"),
+            ));
+        }
         if buf.last() != Some(&b'\n') {
             return Err(broken(
                 line_no,

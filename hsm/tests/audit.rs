@@ -325,10 +325,44 @@ fn a_checkpoint_left_unsigned_is_sealed_once_the_hsm_is_back() {
 fn an_empty_file_has_no_records_and_never_verifies() {
     let path = audit_path("empty");
     fs::write(&path, "").unwrap();
-    for p in [path.as_path(), Path::new("/dev/null")] {
+    let err = audit::verify(&path, &[]).unwrap_err();
+    assert!(err.reason.contains("no records"), "{err}");
+}
+
+/// What is not a regular file is refused at once, and a line too long to
+/// be a record ends the reading: `/dev/zero` and a FIFO used to hang the
+/// verifier and grow its memory without bound.
+#[test]
+fn devices_fifos_and_endless_lines_are_refused_at_once() {
+    let fifo = audit_path("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let dir = audit_path("dir");
+    fs::create_dir_all(&dir).unwrap();
+    for (p, kind) in [
+        (Path::new("/dev/null"), "a device"),
+        (Path::new("/dev/zero"), "a device"),
+        (fifo.as_path(), "a FIFO"),
+        (dir.as_path(), "a directory"),
+    ] {
         let err = audit::verify(p, &[]).unwrap_err();
-        assert!(err.reason.contains("no records"), "{}: {err}", p.display());
+        assert!(
+            err.reason.contains(&format!("not a regular file ({kind})")),
+            "{}: {err}",
+            p.display()
+        );
     }
+    // 8 MiB without a newline: refused after the first MiB.
+    let long = audit_path("long");
+    fs::write(&long, vec![b'{'; 8 << 20]).unwrap();
+    let err = audit::verify(&long, &[]).unwrap_err();
+    assert!(err.reason.contains("a line longer than"), "{err}");
+    assert_eq!(err.line, 1);
+    for p in [&fifo, &long] {
+        fs::remove_file(p).unwrap();
+    }
+    fs::remove_dir(&dir).unwrap();
 }
 
 /// Cuts and strippings that leave a whole chain: each fails on the file

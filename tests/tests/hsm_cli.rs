@@ -336,7 +336,7 @@ fn audit_verify_names_each_tampering_and_checks_the_tokens_head() {
         let mut a = vec!["audit", "verify", "/dev/null"];
         a.extend(args);
         let err = broken(&hsm.loupe(&a));
-        assert!(err.contains("no records"), "{err}");
+        assert!(err.contains("not a regular file (a device)"), "{err}");
     }
 }
 
@@ -373,6 +373,15 @@ fn a_replaced_log_fails_until_reset_head_records_it() {
     );
     let err = fails(&hsm.loupe(&["audit", "reset-head", "--reason", " "]));
     assert!(err.contains("--reason must say why"), "{err}");
+    // A log whose own records do not hold is never recorded as the new
+    // one, and is left as it was.
+    let good = fs::read_to_string(log).unwrap();
+    let altered = good.replacen("not it", "not It", 1);
+    fs::write(log, &altered).unwrap();
+    let err = fails(&hsm.loupe(&["audit", "reset-head", "--reason", "tampered"]));
+    assert!(err.contains("does not verify"), "{err}");
+    assert_eq!(fs::read_to_string(log).unwrap(), altered);
+    fs::write(log, good).unwrap();
     let out = ok(&hsm.loupe(&[
         "audit",
         "reset-head",
