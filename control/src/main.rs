@@ -371,18 +371,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             PolicyCommand::Show { json } => {
-                let r = ctl(&cli.socket, &daemon::CtlRequest::PolicyShow)?;
+                let r = ctl(
+                    &cli.socket,
+                    &daemon::CtlRequest::PolicyShow { compiled: json },
+                )?;
                 if json {
                     outln!("{}", serde_json::to_string_pretty(&r.policy)?)?;
                 } else {
-                    let p = r.policy.context("no policy in the answer")?;
-                    outln!(
-                        "# version {} from {} (digest {})",
-                        p.version,
-                        p.source,
-                        p.digest
-                    )?;
-                    out!("{}", r.policy_text.unwrap_or_default())?;
+                    out!("{}", r.policy_text.context("no policy in the answer")?)?;
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -432,7 +428,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for l in r.lines {
                 outln!("{l}")?;
             }
-            Ok(ExitCode::SUCCESS)
+            // Fewer lines than asked, for a reason the user must hear.
+            match r.error {
+                Some(e) => {
+                    eprintln!("loupe: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+                None => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::Daemon(args) => {
             let cfg = args.config(cli.socket)?;

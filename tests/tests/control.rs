@@ -235,7 +235,16 @@ fn a_live_change_keeps_the_running_split_and_bypasses_new_connections() {
     assert_eq!(pass["policy_version"], 2);
     // `policy show` shows the new policy as written.
     let show = control.cli(&["policy", "show"]).unwrap();
-    assert!(String::from_utf8_lossy(&show.stdout).contains("bypass-lab"));
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.starts_with("# version 2 from ") && text.contains("bypass-lab"),
+        "{text}"
+    );
+    // And as compiled (asked for alone: both in one answer could pass the
+    // socket's limit for a policy within its own).
+    let show = control.cli(&["policy", "show", "--json"]).unwrap();
+    let compiled: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(compiled["version"], 2, "{compiled}");
     // `policy show | head -1`: the reader goes away; the CLI ends quietly.
     let out = control.cli_closed_stdout(&["policy", "show"]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -82,6 +82,7 @@ impl FlowLog {
         let newest = |p: &Path| {
             tail(p, 1)
                 .ok()?
+                .0
                 .first()
                 .and_then(|l| serde_json::from_str::<Stamp>(l).ok())
         };
@@ -159,24 +160,33 @@ fn open_append(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// The last `n` lines of the log file (reads at most the last 4 MiB).
-pub fn tail(path: &Path, n: usize) -> io::Result<Vec<String>> {
+/// How far back [`tail`] reads.
+pub const TAIL_WINDOW: u64 = 4 << 20;
+
+/// The last `n` lines of the log file (reads at most the last
+/// [`TAIL_WINDOW`] bytes), and whether fewer than `n` are given because
+/// the window began inside an earlier line (one longer than the window
+/// would otherwise be dropped without a word).
+pub fn tail(path: &Path, n: usize) -> io::Result<(Vec<String>, bool)> {
     let mut f = File::open(path)?;
     let len = f.metadata()?.len();
-    let from = len.saturating_sub(4 << 20);
+    let from = len.saturating_sub(TAIL_WINDOW);
     f.seek(SeekFrom::Start(from))?;
     let mut bytes = Vec::new();
-    f.take(4 << 20).read_to_end(&mut bytes)?;
+    f.take(TAIL_WINDOW).read_to_end(&mut bytes)?;
     // The cut may fall inside a character.
     let text = String::from_utf8_lossy(&bytes);
     let mut lines: Vec<&str> = text.lines().collect();
+    let mut cut = false;
     if from > 0 && !lines.is_empty() {
         lines.remove(0); // probably cut
+        cut = lines.len() < n;
     }
-    Ok(lines[lines.len().saturating_sub(n)..]
+    let lines = lines[lines.len().saturating_sub(n)..]
         .iter()
         .map(|l| l.to_string())
-        .collect())
+        .collect();
+    Ok((lines, cut))
 }
 
 #[cfg(test)]
@@ -237,9 +247,9 @@ mod tests {
         assert!(!dir.join("flows.jsonl.3").exists());
         assert_eq!(log.rotations, 2);
         // The newest line is last in the live file.
-        let last = tail(&path, 1).unwrap();
+        let (last, _) = tail(&path, 1).unwrap();
         assert!(last[0].contains("00:00:02.024Z"), "{last:?}");
-        assert_eq!(tail(&path, 100).unwrap().len(), 5);
+        assert_eq!(tail(&path, 100).unwrap(), (lines_of(&path), false));
         // One more rotation drops the oldest file's lines, nothing else.
         for i in 25..30 {
             log.write(&entry(i), None).unwrap();
@@ -275,6 +285,32 @@ mod tests {
             std::fs::read_to_string(&cfg.path).unwrap().lines().count(),
             4
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn lines_of(p: &Path) -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A line longer than the window tail reads: the lines after it are
+    /// given, and that earlier ones are not is said (the CLI printed
+    /// nothing and exited 0).
+    #[test]
+    fn a_tail_that_begins_inside_a_line_says_so() {
+        let dir = std::env::temp_dir().join(format!("loupe-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flows.jsonl");
+        let huge = "x".repeat((TAIL_WINDOW + (1 << 20)) as usize);
+        std::fs::write(&path, format!("{huge}\none\ntwo\n")).unwrap();
+        let want = |v: &[&str]| v.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+        assert_eq!(tail(&path, 2).unwrap(), (want(&["one", "two"]), false));
+        assert_eq!(tail(&path, 5).unwrap(), (want(&["one", "two"]), true));
+        std::fs::write(&path, format!("{huge}\n")).unwrap();
+        assert_eq!(tail(&path, 1).unwrap(), (Vec::new(), true));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

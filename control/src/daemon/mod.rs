@@ -49,8 +49,13 @@ use crate::{
 pub enum CtlRequest {
     /// Control's state and the dataplane's report (flows included).
     Status,
-    /// The policy control holds, as compiled and as written.
-    PolicyShow,
+    /// The policy control holds: as written, with a header line; or, with
+    /// `compiled`, as compiled. One or the other, so that a policy within
+    /// the limits fits in one answer.
+    PolicyShow {
+        #[serde(default)]
+        compiled: bool,
+    },
     /// Check, compile and apply a policy. The CLI sends the text of the
     /// policy and of the files it names (it reads them as its user).
     PolicyApply {
@@ -571,14 +576,22 @@ impl Daemon {
     fn handle(&self, req: CtlRequest) -> CtlResponse {
         match req {
             CtlRequest::Status => self.status(),
-            CtlRequest::PolicyShow => {
+            CtlRequest::PolicyShow { compiled } => {
                 let st = lock(&self.state);
                 match &st.desired {
-                    Some(d) => CtlResponse {
+                    Some(d) if compiled => CtlResponse {
                         ok: true,
                         version: Some(d.policy.version),
                         policy: Some(Box::new(d.policy.clone())),
-                        policy_text: Some(d.sources.text.clone()),
+                        ..CtlResponse::default()
+                    },
+                    Some(d) => CtlResponse {
+                        ok: true,
+                        version: Some(d.policy.version),
+                        policy_text: Some(format!(
+                            "# version {} from {} (digest {})\n{}",
+                            d.policy.version, d.policy.source, d.policy.digest, d.sources.text
+                        )),
                         ..CtlResponse::default()
                     },
                     None => CtlResponse::error("no policy was applied yet"),
@@ -615,9 +628,17 @@ impl Daemon {
             CtlRequest::LogTail { lines } => {
                 let path = lock(&self.state).log.path().to_path_buf();
                 match log::tail(&path, lines.min(100_000)) {
-                    Ok(lines) => CtlResponse {
+                    Ok((lines, cut)) => CtlResponse {
                         ok: true,
                         lines,
+                        error: cut.then(|| {
+                            format!(
+                                "earlier records of {} are not shown: the last {} MiB read \
+                                 begin inside one",
+                                path.display(),
+                                log::TAIL_WINDOW >> 20
+                            )
+                        }),
                         ..CtlResponse::default()
                     },
                     Err(e) => CtlResponse::error(format!("cannot read {}: {e}", path.display())),

@@ -287,6 +287,9 @@ const MAX_VALUES: usize = 1_500_000;
 /// Tables ([[rules]], [profiles.x], inline tables) one file may hold.
 const MAX_TABLES: usize = 20_000;
 
+/// The longest rule name, in bytes.
+pub const MAX_RULE_NAME: usize = 128;
+
 /// Parses TOML text into `T`, or a diagnostic. Text with more values or
 /// tables than any policy within the limits is refused before it is
 /// parsed (a 15 MiB file of empty tables took 4 GiB).
@@ -1176,6 +1179,16 @@ fn rule(
     let errors_before = rep.errors();
     let name = match &r.name {
         Some(n) if !n.get_ref().trim().is_empty() => {
+            // Every flow record carries it: a long one would swell the log.
+            if n.get_ref().len() > MAX_RULE_NAME {
+                rep.error(
+                    n.span(),
+                    format!(
+                        "a rule name of {} bytes: at most {MAX_RULE_NAME}",
+                        n.get_ref().len()
+                    ),
+                );
+            }
             if seen.contains_key(n.get_ref()) {
                 rep.error(
                     n.span(),

@@ -637,3 +637,26 @@ fn policy_files_that_are_not_regular_files_are_refused_at_once() {
     let e = messages(&checked, Severity::Error);
     assert!(e.iter().any(|m| m.contains("a FIFO")), "{e:#?}");
 }
+
+/// A rule name longer than the limit is an error where it stands (every
+/// flow record carries it: a 15 MiB name made 15 MiB log lines).
+#[test]
+fn a_rule_name_past_the_limit_is_refused() {
+    let at_limit = "n".repeat(super::MAX_RULE_NAME);
+    let ok = check(&format!(
+        "[[rules]]\nname = \"{at_limit}\"\naction = \"block\"\n"
+    ));
+    assert_eq!(messages(&ok, Severity::Error), Vec::<String>::new());
+    let long = "n".repeat(super::MAX_RULE_NAME + 1);
+    let c = check(&format!(
+        "[[rules]]\nname = \"{long}\"\naction = \"block\"\n"
+    ));
+    assert_eq!(
+        messages(&c, Severity::Error),
+        [format!(
+            "p.toml:2:8: error: a rule name of {} bytes: at most {}",
+            super::MAX_RULE_NAME + 1,
+            super::MAX_RULE_NAME
+        )]
+    );
+}
