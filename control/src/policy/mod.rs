@@ -1402,8 +1402,16 @@ pub const MAX_POLICY_BYTES: u64 = 16 << 20;
 /// directory is an error at once, never a wait or an endless read.
 pub fn read_text(path: &Path) -> io::Result<String> {
     let bytes = read_regular(path, MAX_POLICY_BYTES)?;
-    String::from_utf8(bytes)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
+    String::from_utf8(bytes).map_err(|e| {
+        // Where the first bad byte stands, as every other error.
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+        let col = good.len() - good.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) + 1;
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not UTF-8 text (line {line}, column {col})"),
+        )
+    })
 }
 
 #[cfg(test)]

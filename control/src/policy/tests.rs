@@ -660,3 +660,15 @@ fn a_rule_name_past_the_limit_is_refused() {
         )]
     );
 }
+
+/// A file that is not UTF-8 is refused where its first bad byte stands.
+#[test]
+fn non_utf8_is_refused_with_its_position() {
+    let dir = std::env::temp_dir().join(format!("loupe-policy-utf8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("p.toml");
+    std::fs::write(&p, b"[[rules]]\nname = \"caf\xe9\"\n").unwrap();
+    let e = super::read_text(&p).unwrap_err();
+    assert_eq!(e.to_string(), "not UTF-8 text (line 2, column 12)");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
