@@ -178,7 +178,13 @@ pub fn run(
     let out_q = sys::rx_queue_count(&cfg.outside)?;
     let available = in_q.min(out_q);
     let queues = match cfg.queues {
-        Some(q) if q == 0 || q > available => {
+        Some(0) => {
+            return Err(EngineError::QueuesUnserved {
+                asked: 0,
+                available,
+            })
+        }
+        Some(q) if q > available => {
             return Err(EngineError::Queues {
                 asked: q,
                 inside: cfg.inside.clone(),

@@ -997,6 +997,10 @@ fn line_at(file: &File, offset: u64) -> Option<Vec<u8>> {
             return Some(line);
         }
         line.extend_from_slice(&chunk[..n]);
+        // No record is this long: not a log's line.
+        if line.len() as u64 > MAX_RECORD_LINE {
+            return None;
+        }
     }
 }
 
@@ -1028,6 +1032,11 @@ fn last_line(file: &mut File, len: u64) -> std::result::Result<Option<Vec<u8>>, 
         }
         if start == 0 {
             return Ok(Some(body.to_vec()));
+        }
+        if chunk > MAX_RECORD_LINE {
+            return Err(format!(
+                "the last line is longer than {MAX_RECORD_LINE} bytes: not a record"
+            ));
         }
         chunk *= 4;
     }
@@ -1145,7 +1154,8 @@ impl std::fmt::Display for Broken {
 /// The log's id (SHA-256 of its first line), if the file has a whole first
 /// line.
 pub fn log_id(path: &Path) -> Option<String> {
-    let file = File::open(path).ok()?;
+    // Only a regular file has one (a FIFO would block, a device not end).
+    let file = open_log(path).ok()?;
     line_at(&file, 0).map(|l| hex(&Sha256::digest(l)))
 }
 

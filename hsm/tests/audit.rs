@@ -359,6 +359,20 @@ fn devices_fifos_and_endless_lines_are_refused_at_once() {
     let err = audit::verify(&long, &[]).unwrap_err();
     assert!(err.reason.contains("a line longer than"), "{err}");
     assert_eq!(err.line, 1);
+    // The same against the token, whose head is looked up by the log's
+    // first line first (that lookup hung on the FIFO and read /dev/zero
+    // without end).
+    let (token, _) = setup("audit-odd-files");
+    for (p, why) in [
+        (fifo.as_path(), "not a regular file (a FIFO)"),
+        (Path::new("/dev/zero"), "not a regular file (a device)"),
+        (long.as_path(), "a line longer than"),
+    ] {
+        let err = audit::verify_on_token(p, &token, false)
+            .unwrap()
+            .unwrap_err();
+        assert!(err.reason.contains(why), "{}: {err}", p.display());
+    }
     for p in [&fifo, &long] {
         fs::remove_file(p).unwrap();
     }

@@ -161,6 +161,7 @@ fn bad_arguments_are_refused_with_the_reason() {
         // Fewer than the interfaces have: some steered frames would pass
         // uninspected.
         (["--queues", "1"], "would pass uninspected"),
+        (["--queues", "0"], "serves 0 of the 2 RX queues"),
         (["--frames", "1000"], "UMEM frames per queue are too few"),
     ] {
         let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();

@@ -1406,7 +1406,9 @@ pub fn read_text(path: &Path) -> io::Result<String> {
         // Where the first bad byte stands, as every other error.
         let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line = good.iter().filter(|b| **b == b'\n').count() + 1;
-        let col = good.len() - good.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) + 1;
+        let start = good.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        // In characters, as the other errors count columns.
+        let col = String::from_utf8_lossy(&good[start..]).chars().count() + 1;
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("not UTF-8 text (line {line}, column {col})"),

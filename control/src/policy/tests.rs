@@ -667,8 +667,10 @@ fn non_utf8_is_refused_with_its_position() {
     let dir = std::env::temp_dir().join(format!("loupe-policy-utf8-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("p.toml");
-    std::fs::write(&p, b"[[rules]]\nname = \"caf\xe9\"\n").unwrap();
+    let text = ["[[rules]]\nname = \"\u{e9}t\u{e9}".as_bytes(), b"\xff\"\n"].concat();
+    std::fs::write(&p, text).unwrap();
     let e = super::read_text(&p).unwrap_err();
+    // Columns in characters: the bad byte is the 12th.
     assert_eq!(e.to_string(), "not UTF-8 text (line 2, column 12)");
     std::fs::remove_dir_all(&dir).unwrap();
 }

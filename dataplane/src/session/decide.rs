@@ -148,16 +148,19 @@ impl Sessions {
         let policy = self.settings.policy.clone();
         // A malformed server name is no name, and the name it might have
         // been could match a block: decided as one without a name.
-        let decision = if t
+        let malformed = t
             .hold
             .as_ref()
-            .is_some_and(|h| h.scanner.sni_malformed().is_some())
-        {
+            .is_some_and(|h| h.scanner.sni_malformed().is_some());
+        let decision = if malformed {
             policy.decide_unnamed(&t.subject(None))
         } else {
             policy.decide(&t.subject(opening.sni()))
         };
         let mut meta = t.meta(&policy, &decision, opening.sni());
+        if malformed {
+            meta.note = Some("a malformed server name: decided without it".into());
+        }
         if let Opening::Tls(ch) = opening {
             meta.alpn = ch
                 .alpn
@@ -177,7 +180,7 @@ impl Sessions {
             Verdict::Decrypt => match self.plan_intercept(id, opening, &policy, &decision, now) {
                 Plan::Intercept(stage, note) => {
                     self.counters.intercepted += 1;
-                    meta.note = note;
+                    meta.note = note.or(meta.note.take());
                     self.start_split(
                         id,
                         pending,

@@ -938,6 +938,10 @@ fn a_malformed_server_name_cannot_get_past_a_block() {
             "{why}"
         );
         assert_eq!(e.sni_malformed.as_deref(), Some(why));
+        assert!(
+            e.note.as_deref().is_some_and(|n| n.contains("malformed")),
+            "{why}: {e:?}"
+        );
     }
 }
 
