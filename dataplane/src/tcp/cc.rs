@@ -1,5 +1,6 @@
 //! Congestion control: NewReno (RFC 5681 slow start and congestion
-//! avoidance, fast retransmit and fast recovery as modified by RFC 6582).
+//! avoidance with RFC 3465 byte counting, fast retransmit and fast
+//! recovery as modified by RFC 6582).
 
 use crate::wire::seq::SeqNum;
 
@@ -100,14 +101,27 @@ impl NewReno {
             }
             return AckAction::Retransmit;
         }
+        let mut acked = acked;
         if self.cwnd < self.ssthresh {
+            //= https://www.rfc-editor.org/rfc/rfc3465#section-2.1
+            //# The congestion window is increased by the number of bytes
+            //# acknowledged
+            // Byte counting, as Linux does (`tcp_slow_start`): a receiver
+            // behind GRO acknowledges 8 to 50 segments at once, and
+            // RFC 5681's min(N, SMSS) per ACK would then grow the window
+            // by one segment where the peer's stack grows it by fifty.
+            // Linux also leaves out RFC 3465's burst limit L; so does this.
+            // Growth stops at ssthresh; the rest of the ACK counts toward
+            // congestion avoidance.
+            let grow = acked.min(self.ssthresh - self.cwnd);
+            self.cwnd = self.cwnd.saturating_add(grow);
+            acked -= grow;
+        }
+        if self.cwnd >= self.ssthresh && acked > 0 {
             //= https://www.rfc-editor.org/rfc/rfc5681#section-3.1
-            //# cwnd += min (N, SMSS)
-            self.cwnd = self.cwnd.saturating_add(acked.min(self.mss));
-        } else {
             //# cwnd += SMSS*SMSS/cwnd ... (byte counting variant)
             self.acked_ca += acked;
-            if self.acked_ca >= self.cwnd {
+            while self.acked_ca >= self.cwnd {
                 self.acked_ca -= self.cwnd;
                 self.cwnd = self.cwnd.saturating_add(self.mss);
             }
@@ -230,5 +244,26 @@ mod tests {
         assert_eq!(c.on_ack(8 * MSS, nxt, 8 * MSS), AckAction::None);
         assert!(!c.in_recovery());
         assert_eq!(c.cwnd(), 5 * MSS);
+    }
+
+    /// A stretch ACK (a receiver behind GRO) grows the window in slow
+    /// start by every byte it acknowledges, up to ssthresh; the rest
+    /// counts toward congestion avoidance.
+    #[test]
+    fn slow_start_counts_the_bytes_a_stretch_ack_acknowledges() {
+        let mut c = NewReno::new(MSS);
+        c.on_ack(8 * MSS, SeqNum(8000), 8 * MSS);
+        assert_eq!(c.cwnd(), 12 * MSS);
+        // Past ssthresh: slow start stops there, and the rest of the ACK
+        // is counted in avoidance (a window's worth adds one segment).
+        c.on_rto(20 * MSS);
+        assert_eq!((c.cwnd(), c.ssthresh()), (MSS, 10 * MSS));
+        c.on_ack(9 * MSS, SeqNum(0), MSS);
+        assert_eq!(c.cwnd(), 10 * MSS);
+        c.on_ack(10 * MSS, SeqNum(0), 10 * MSS);
+        assert_eq!(c.cwnd(), 11 * MSS);
+        // A huge stretch ACK in avoidance adds a segment per window.
+        c.on_ack(11 * MSS + 12 * MSS, SeqNum(0), 30 * MSS);
+        assert_eq!(c.cwnd(), 13 * MSS);
     }
 }

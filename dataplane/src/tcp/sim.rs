@@ -523,6 +523,40 @@ mod tests {
         n
     }
 
+    /// A receiver that acknowledges a whole flight with one ACK (as one
+    /// behind GRO does): slow start still doubles the flight each round
+    /// trip, by counting the bytes acknowledged. One segment per ACK
+    /// would add one segment per round trip.
+    #[test]
+    fn slow_start_doubles_the_flight_behind_one_ack_per_round_trip() {
+        let (mut a, mut b, mut now) = established(23);
+        a.write(&[7; 120_000]);
+        let mut flights = Vec::new();
+        for _ in 0..4 {
+            let mut sent = 0;
+            while let Some(s) = a.poll_transmit(now) {
+                sent += s.payload.len();
+                b.on_segment(&s, now);
+            }
+            b.read(usize::MAX);
+            // Only b's newest ACK reaches a.
+            let mut last = None;
+            while let Some(ack) = b.poll_transmit(now) {
+                last = Some(ack);
+            }
+            if last.is_none() {
+                b.ack_now();
+                last = b.poll_transmit(now);
+            }
+            a.on_segment(&last.expect("an ACK"), now);
+            flights.push(sent);
+            now += Duration::from_millis(1);
+        }
+        for w in flights.windows(2) {
+            assert!(w[1] >= 2 * w[0], "flights {flights:?}");
+        }
+    }
+
     #[test]
     fn acks_that_sack_new_data_count_as_duplicates_even_as_the_window_moves() {
         let (mut a, mut b, now) = established(17);
