@@ -152,6 +152,12 @@ pub struct SplitCounters {
     /// without a name, never decrypted).
     #[serde(default)]
     pub hello_malformed: u64,
+    /// Of ended splits, both halves: segments received with data, and
+    /// segments sent without (pure ACKs, window updates).
+    #[serde(default)]
+    pub data_segments_in: u64,
+    #[serde(default)]
+    pub pure_acks_out: u64,
     /// RSTs during the hold that their receiver would not take, dropped.
     #[serde(default)]
     pub bogus_resets: u64,
@@ -191,6 +197,8 @@ impl SplitCounters {
         self.hellos += o.hellos;
         self.not_tls += o.not_tls;
         self.hello_malformed += o.hello_malformed;
+        self.data_segments_in += o.data_segments_in;
+        self.pure_acks_out += o.pure_acks_out;
         self.server_first += o.server_first;
         self.policy_pass += o.policy_pass;
         self.hold_timeouts += o.hold_timeouts;

@@ -341,6 +341,7 @@ fn impaired(mib: usize, repeat: u32, clean: bool) -> anyhow::Result<()> {
     // Rounds alternate the paths, so a noisy stretch of the machine hits
     // both; each path's figure is its median.
     let mut secs: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut acks_per_data = Vec::new();
     for round in 0..repeat.max(1) {
         for (i, split) in [false, true].into_iter().enumerate() {
             let h = Harness::new(HarnessConfig {
@@ -374,8 +375,20 @@ fn impaired(mib: usize, repeat: u32, clean: bool) -> anyhow::Result<()> {
                 all.frames
             );
             if let Some(e) = engine {
-                let sp = e.stats()?.split_total();
+                // Its halves' counts are added when the split ends.
+                let sp = e.wait_stats(
+                    "the split to end",
+                    std::time::Duration::from_secs(60),
+                    |r| (r.split_total().closed >= 1).then(|| r.split_total()),
+                )?;
                 anyhow::ensure!(sp.split == 1 && sp.aborted == 0, "split: {sp:?}");
+                let per = sp.pure_acks_out as f64 / sp.data_segments_in.max(1) as f64;
+                eprintln!(
+                    "    engine: {} data segments in, {} pure ACKs out ({per:.2} per data \
+                     segment), {} retransmissions",
+                    sp.data_segments_in, sp.pure_acks_out, sp.retransmits
+                );
+                acks_per_data.push(per);
                 e.stop();
             }
             secs[i].push(took.as_secs_f64());
@@ -390,14 +403,18 @@ fn impaired(mib: usize, repeat: u32, clean: bool) -> anyhow::Result<()> {
                 "path": label, "mib_each_way": mib, "seconds": s,
                 "median_seconds": median_s,
                 "median_mbit_per_s_each_way": len as f64 * 8.0 / median_s / 1e6,
+                "engine_acks_per_data_segment": (label == "xdp_split")
+                    .then(|| median(acks_per_data.clone())),
             })
         })
         .collect();
     let ratio = median(secs[0].clone()) / median(secs[1].clone());
     println!(
-        "median over {repeat}: bridge {:.1} s, tcp-split {:.1} s; tcp-split / bridge throughput {ratio:.2}",
+        "median over {repeat}: bridge {:.1} s, tcp-split {:.1} s; tcp-split / bridge throughput {ratio:.2}; \
+         the engine's pure ACKs per data segment received {:.2}",
         median(secs[0].clone()),
-        median(secs[1].clone())
+        median(secs[1].clone()),
+        median(acks_per_data.clone())
     );
     std::fs::create_dir_all("perf/results")?;
     let name = if clean {

@@ -207,6 +207,18 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         sp.sni_malformed,
     );
     o.one(
+        "loupe_split_data_segments_in_total",
+        "counter",
+        "Segments with data received by the halves of ended splits.",
+        sp.data_segments_in,
+    );
+    o.one(
+        "loupe_split_pure_acks_out_total",
+        "counter",
+        "Segments without data (pure ACKs, window updates) sent by the halves of ended splits.",
+        sp.pure_acks_out,
+    );
+    o.one(
         "loupe_hold_acks_total",
         "counter",
         "ACKs sent as the server during holds, for ClientHellos larger than the client's initial window.",

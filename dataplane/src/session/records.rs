@@ -88,6 +88,8 @@ pub(super) fn absorb(counters: &mut SplitCounters, split: &Split) {
         counters.out_of_window += s.out_of_window;
         counters.duplicates += s.duplicates;
         counters.paws_drops += s.paws_drops;
+        counters.data_segments_in += s.data_in;
+        counters.pure_acks_out += s.pure_acks_out;
         match c.aborted() {
             Some(Abort::Reset) => counters.resets_received += 1,
             Some(Abort::TimedOut) => counters.timed_out += 1,

@@ -110,6 +110,11 @@ pub enum Abort {
 pub struct ConnStats {
     pub segments_in: u64,
     pub segments_out: u64,
+    /// Segments received with data, and segments sent with none (pure
+    /// ACKs and window updates): their ratio is the ACKs the half sends
+    /// per data segment (Linux sends about one per two).
+    pub data_in: u64,
+    pub pure_acks_out: u64,
     pub retransmits: u64,
     pub rto_expirations: u64,
     pub fast_retransmits: u64,
@@ -414,6 +419,7 @@ impl Conn {
 
     fn segment_in(&mut self, seg: &Segment, now: Instant) {
         self.stats.segments_in += 1;
+        self.stats.data_in += u64::from(!seg.payload.is_empty());
         if matches!(self.state, State::Closed) {
             return;
         }
@@ -870,6 +876,8 @@ impl Conn {
             .or_else(|| self.new_data(now))
             .or_else(|| self.pure_ack(now))?;
         self.stats.segments_out += 1;
+        self.stats.pure_acks_out +=
+            u64::from(seg.payload.is_empty() && !(seg.flags.syn || seg.flags.fin || seg.flags.rst));
         Some(seg)
     }
 

@@ -557,6 +557,22 @@ mod tests {
         }
     }
 
+    /// The halves count the data segments they take and the pure ACKs
+    /// they send (the ACK ratio the benchmarks report).
+    #[test]
+    fn data_segments_in_and_pure_acks_out_are_counted() {
+        let (mut a, mut b, now) = established(29);
+        a.write(&[3; 10_000]);
+        let data = deliver(&mut a, &mut b, now);
+        b.read(usize::MAX);
+        b.ack_now();
+        let acks = deliver(&mut b, &mut a, now);
+        assert!(data > 1 && acks >= 1, "{data} {acks}");
+        let (sa, sb) = (a.stats(), b.stats());
+        assert_eq!((sb.data_in, sb.pure_acks_out), (data as u64, acks as u64));
+        assert_eq!((sa.data_in, sa.pure_acks_out), (0, 0));
+    }
+
     #[test]
     fn acks_that_sack_new_data_count_as_duplicates_even_as_the_window_moves() {
         let (mut a, mut b, now) = established(17);
