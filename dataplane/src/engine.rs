@@ -177,13 +177,10 @@ pub fn run(
     let in_q = sys::rx_queue_count(&cfg.inside)?;
     let out_q = sys::rx_queue_count(&cfg.outside)?;
     let available = in_q.min(out_q);
-    let queues = match cfg.queues {
-        Some(0) => {
-            return Err(EngineError::QueuesUnserved {
-                asked: 0,
-                available,
-            })
-        }
+    // Every queue is served: frames steered on a queue without a socket
+    // go on unchanged (the XDP program cannot hand them to anyone), so
+    // fewer would let some connections skip inspection.
+    match cfg.queues {
         Some(q) if q > available => {
             return Err(EngineError::Queues {
                 asked: q,
@@ -193,18 +190,15 @@ pub fn run(
                 out_q,
             })
         }
-        // Frames steered on a queue without a socket go on unchanged (the
-        // XDP program cannot hand them to anyone): refused rather than
-        // letting some connections skip inspection.
         Some(q) if q < available => {
             return Err(EngineError::QueuesUnserved {
                 asked: q,
                 available,
             })
         }
-        Some(q) => q,
-        None => available,
-    };
+        _ => {}
+    }
+    let queues = available;
     // A steered frame longer than a UMEM frame would be dropped by the
     // kernel after XDP counted it steered: refuse such MTUs up front.
     let max = cfg.port.max_frame_len();

@@ -1280,12 +1280,6 @@ fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-/// Checks every record's sequence number and back-link, every checkpoint's
-/// signature, that every record is sealed by a signed checkpoint after it
-/// (but an open tail, when allowed), and that the file holds the record the
-/// token's head names. Reports the first broken record; whole-log failures
-/// (no records, another log's head claiming the path, a cut end, an
-/// unsigned or open tail) are checked after the chain, in that order.
 /// The longest line a record can take (records are a few hundred bytes;
 /// a reason given to `reset-head` is the longest part). Past it, reading
 /// stops: a log replaced by `/dev/zero` or a file without newlines cannot
@@ -1321,6 +1315,12 @@ fn open_log(path: &Path) -> std::result::Result<File, String> {
     Err(format!("not a regular file ({kind}): an audit log is one"))
 }
 
+/// Checks every record's sequence number and back-link, every checkpoint's
+/// signature, that every record is sealed by a signed checkpoint after it
+/// (but an open tail, when allowed), and that the file holds the record the
+/// token's head names. Reports the first broken record; whole-log failures
+/// (no records, another log's head claiming the path, a cut end, an
+/// unsigned or open tail) are checked after the chain, in that order.
 pub fn verify_with(
     path: &Path,
     opts: &VerifyOptions<'_>,

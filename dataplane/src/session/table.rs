@@ -46,9 +46,9 @@ impl Sessions {
     /// Makes room by forgetting the oldest entry that is not a live
     /// split; a tracker's held frames go out unchanged first, and its flow
     /// to the fast path (as on a pass), unless the hold acknowledged them:
-    /// then the connection becomes a relay and stays. Later segments of a forgotten flow
-    /// pass through as those of any flow the engine did not see start.
-    /// Returns false when only live splits are left.
+    /// then the connection becomes a relay and stays. Later segments of a
+    /// forgotten flow pass through as those of any flow the engine did not
+    /// see start. Returns false when only live splits are left.
     pub(super) fn evict_oldest(&mut self) -> bool {
         for class in [EMBRYONIC, SETTLED] {
             while let Some((since, id)) = self.evictable[class].pop_front() {
