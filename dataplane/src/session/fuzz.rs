@@ -169,7 +169,7 @@ struct End {
     ts: Option<u32>,
     recent: u32,
     sack: bool,
-    /// The right edge of the engine's window.
+    /// The right edge of the engine's window, over its own sequence numbers.
     edge: SeqNum,
     /// The engine's next segments toward it to lose.
     lose: u8,
@@ -604,7 +604,7 @@ pub fn segments(data: &[u8]) {
         ts: None,
         recent: 0,
         sack,
-        edge: peer_isn,
+        edge: isn + 1,
         lose: 0,
     };
     let ts_len = if ts { 12 } else { 0 };
@@ -616,8 +616,9 @@ pub fn segments(data: &[u8]) {
         send_mss: usize::from(mss(&s)) - ts_len,
         ts: ts.then_some(c_ts.wrapping_add(2)),
         recent: s_ts,
-        // The server's SYN-ACK window, never scaled.
-        edge: s_isn + 1 + s_buf.min(65535),
+        // The server's SYN-ACK window (never scaled), over the client's
+        // own sequence numbers.
+        edge: c_isn + 1 + s_buf.min(65535),
         ..end(c_isn, s_isn, up.clone(), down.len())
     };
     let server = End {
@@ -628,7 +629,8 @@ pub fn segments(data: &[u8]) {
         send_mss: usize::from(mss(&c)) - ts_len,
         ts: ts.then_some(s_ts.wrapping_add(1)),
         recent: c_ts.wrapping_add(1),
-        edge: c_isn + 1 + ((c_buf >> shift(&c)).min(65535) << shift(&c)),
+        // The window of the client's ACK, over the server's numbers.
+        edge: s_isn + 1 + ((c_buf >> shift(&c)).min(65535) << shift(&c)),
         ..end(s_isn, c_isn, down, up.len())
     };
     let mut world = World {
