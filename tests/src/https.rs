@@ -159,6 +159,12 @@ impl Nginx {
         Ok(hex(&Sha256::digest(&data)))
     }
 
+    /// Write `data` to the docroot as `name` and return its SHA-256 (hex).
+    pub fn add_bytes(&self, name: &str, data: &[u8]) -> anyhow::Result<String> {
+        std::fs::write(self.docroot.join(name), data)?;
+        Ok(hex(&Sha256::digest(data)))
+    }
+
     /// curl arguments that reach this server by name at `addr`.
     pub fn curl_args(&self, addr: &str, path: &str) -> Vec<String> {
         self.curl(SERVER_NAME, addr, path, true)

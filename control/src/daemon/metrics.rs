@@ -20,8 +20,15 @@ use loupe_dataplane::stats::StatsReport;
 /// What the control process counts itself.
 #[derive(Clone, Debug, Default)]
 pub struct ControlCounters {
-    /// Flow log records written, by (action, end).
+    /// Connection records written to the flow log, by (action, end).
     pub records: BTreeMap<(String, String), u64>,
+    /// HTTP request records, by (method, status): methods outside the
+    /// standard ones count as `other`, a request never answered as `none`.
+    pub http: BTreeMap<(String, String), u64>,
+    /// Signature match records, by (signature, action).
+    pub signatures: BTreeMap<(String, String), u64>,
+    /// Anomaly records (an inspector stopped on a connection).
+    pub anomalies: u64,
     pub log_errors: u64,
     pub dataplane_reconnects: u64,
     pub applies_ok: u64,
@@ -107,7 +114,7 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
     o.head(
         "loupe_flow_log_records_total",
         "counter",
-        "Flow log records written, by action and end.",
+        "Connection records written to the flow log, by action and end.",
     );
     for ((action, end), n) in &ctl.records {
         o.sample(
@@ -116,6 +123,36 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
             n,
         );
     }
+    o.head(
+        "loupe_http_requests_total",
+        "counter",
+        "HTTP requests seen in decrypted connections, by method and status.",
+    );
+    for ((method, status), n) in &ctl.http {
+        o.sample(
+            "loupe_http_requests_total",
+            &[("method", method), ("status", status)],
+            n,
+        );
+    }
+    o.head(
+        "loupe_signature_hits_total",
+        "counter",
+        "Content signature matches logged, by signature and action.",
+    );
+    for ((name, action), n) in &ctl.signatures {
+        o.sample(
+            "loupe_signature_hits_total",
+            &[("signature", name), ("action", action)],
+            n,
+        );
+    }
+    o.one(
+        "loupe_inspect_anomalies_total",
+        "counter",
+        "Decrypted connections an inspector stopped parsing (malformed, over a bound).",
+        ctl.anomalies,
+    );
     o.one(
         "loupe_flow_log_errors_total",
         "counter",
@@ -497,7 +534,11 @@ mod tests {
     fn without_a_dataplane_only_control_metrics() {
         let mut c = ControlCounters::default();
         c.records.insert(("tcp-split".into(), "closed".into()), 3);
+        c.http.insert(("GET".into(), "200".into()), 2);
+        c.signatures.insert(("eicar".into(), "block".into()), 1);
         let t = render(None, &c);
+        assert!(t.contains("loupe_http_requests_total{method=\"GET\",status=\"200\"} 2\n"));
+        assert!(t.contains("loupe_signature_hits_total{signature=\"eicar\",action=\"block\"} 1\n"));
         assert!(t.contains("loupe_dataplane_up 0\n"), "{t}");
         assert!(t.contains("loupe_flow_log_records_total{action=\"tcp-split\",end=\"closed\"} 3\n"));
         assert!(!t.contains("loupe_xdp_packets_total"));

@@ -28,6 +28,7 @@ use std::{
 use anyhow::Context;
 use loupe_dataplane::{
     api::{self, unix, Request, Response},
+    flow::RecordKind,
     policy::Policy,
     stats::StatsReport,
     tls::context::Exclusion,
@@ -674,11 +675,29 @@ impl Daemon {
         let mut st = lock(&self.state);
         match st.log.write(e, stamp) {
             Ok(true) => {
-                let key = (
-                    e.action.map_or("none", |a| a.label()).to_string(),
-                    e.end.clone(),
-                );
-                *st.counters.records.entry(key).or_default() += 1;
+                let c = &mut st.counters;
+                match (e.record, &e.http, &e.signature) {
+                    (Some(RecordKind::Http), Some(h), _) => {
+                        let key = (
+                            method_label(&h.method),
+                            h.status.map_or("none".into(), |s| s.to_string()),
+                        );
+                        *c.http.entry(key).or_default() += 1;
+                    }
+                    (Some(RecordKind::Signature), _, Some(s)) => {
+                        *c.signatures
+                            .entry((s.name.clone(), s.action.clone()))
+                            .or_default() += 1;
+                    }
+                    (Some(_), _, _) => c.anomalies += 1,
+                    (None, _, _) => {
+                        let key = (
+                            e.action.map_or("none", |a| a.label()).to_string(),
+                            e.end.clone(),
+                        );
+                        *c.records.entry(key).or_default() += 1;
+                    }
+                }
                 Ok(())
             }
             Ok(false) => Ok(()), // a repeat, written already
@@ -940,6 +959,19 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&daemon.cfg.socket);
     Ok(())
+}
+
+/// A request method as a metric label: the standard ones (RFC 9110 §9,
+/// RFC 5789) as written, any other as `other` (a client chooses them, so
+/// they must not grow the metrics without bound).
+fn method_label(m: &str) -> String {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    match KNOWN.contains(&m) {
+        true => m.to_string(),
+        false => "other".into(),
+    }
 }
 
 #[cfg(test)]

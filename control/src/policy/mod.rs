@@ -19,9 +19,11 @@ use std::{
 use loupe_common::MAX_STEER_PORTS;
 use loupe_dataplane::{
     config::Prefix,
+    inspect::signature::{EICAR, MAX_PATTERN},
     policy::{
         known_groups, known_suites, merge_ports, ports_less, Action, EchAction, Fallback, HostGlob,
-        Match, OnError, Policy, PortRange, Profile, Rule, TlsVersion, MAX_GLOBS, MAX_RULES,
+        Match, OnError, Policy, PortRange, Profile, Rule, Signature, SignatureAction, TlsVersion,
+        MAX_GLOBS, MAX_RULES,
     },
     sys::read_regular,
     tls::{
@@ -32,7 +34,7 @@ use loupe_dataplane::{
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use self::raw::{PortItem, RawCategories, RawPolicy, RawProfile, RawRule};
+use self::raw::{PortItem, RawCategories, RawPolicy, RawProfile, RawRule, RawSignature};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
@@ -563,13 +565,34 @@ fn compile_as(
         }
     }
 
+    // [signatures.*]
+    let mut signatures = BTreeMap::new();
+    for (name, s) in &raw.signatures {
+        if let Some(sig) = signature(&mut rep, name, s) {
+            signatures.insert(name.clone(), sig);
+        }
+    }
+
     // [profiles.*]
     let mut profiles = BTreeMap::new();
     let mut files = HostFiles::default();
     for (name, p) in &raw.profiles {
         let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(profile) = profile(&mut rep, &mut files, base, name, p) {
+        if let Some(profile) = profile(&mut rep, &mut files, base, name, p, &raw) {
             profiles.insert(name.clone(), profile);
+        }
+    }
+    let named: std::collections::HashSet<&str> = raw
+        .profiles
+        .values()
+        .flat_map(|p| p.get_ref().signatures.iter().map(|s| s.get_ref().as_str()))
+        .collect();
+    for (name, s) in &raw.signatures {
+        if !named.contains(name.as_str()) {
+            rep.warn(
+                s.span(),
+                format!("signature {name:?} is not used by any profile"),
+            );
         }
     }
 
@@ -609,6 +632,7 @@ fn compile_as(
         rules,
         profiles,
         categories,
+        signatures,
     };
     steered_ports_within_limit(&mut rep, &policy, &written, global);
     shadow_warnings(&mut rep, &policy, &written);
@@ -971,6 +995,7 @@ fn profile(
     base: &Path,
     name: &str,
     p: &Spanned<RawProfile>,
+    policy: &RawPolicy,
 ) -> Option<Profile> {
     let raw = p.get_ref();
     let d = Profile::default();
@@ -1077,6 +1102,29 @@ fn profile(
             None
         }
     };
+    let mut signatures = Some(Vec::new());
+    for s in &raw.signatures {
+        let n = s.get_ref();
+        if !policy.signatures.contains_key(n) {
+            let known: Vec<&str> = policy.signatures.keys().map(String::as_str).collect();
+            rep.error(
+                s.span(),
+                format!(
+                    "unknown signature {n:?} (signatures defined: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+            signatures = None;
+        } else if let Some(list) = signatures.as_mut() {
+            if !list.contains(n) {
+                list.push(n.clone());
+            }
+        }
+    }
     // Checked here, each where it is written, even when other options of
     // the profile are wrong too.
     if let (Some(lo), Some(hi), Some(v)) = (min, max, raw.min_version.as_ref()) {
@@ -1135,12 +1183,104 @@ fn profile(
         trust_store: trust_store?,
         crls: crls?,
         exclude_secs: exclude_secs?,
+        http: raw.http.as_ref().is_none_or(|b| *b.get_ref()),
+        signatures: signatures?,
     };
     if let Err(e) = profile.check() {
         rep.error(p.span(), format!("profile {name:?}: {e}"));
         return None;
     }
     Some(profile)
+}
+
+/// `[signatures.NAME]`: its pattern's bytes and its action.
+fn signature(rep: &mut Report, name: &str, s: &Spanned<RawSignature>) -> Option<Signature> {
+    let raw = s.get_ref();
+    let action = match &raw.action {
+        None => Some(SignatureAction::Alert),
+        Some(a) => match a.get_ref().as_str() {
+            "alert" => Some(SignatureAction::Alert),
+            "block" => Some(SignatureAction::Block),
+            other => {
+                rep.error(
+                    a.span(),
+                    format!("action = {other:?}: expected \"alert\" or \"block\""),
+                );
+                None
+            }
+        },
+    };
+    let given = [
+        raw.builtin.is_some(),
+        raw.pattern.is_some(),
+        raw.hex.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        rep.error(
+            s.span(),
+            format!("signature {name:?}: give exactly one of builtin, pattern or hex"),
+        );
+        return None;
+    }
+    let (bytes, span) = if let Some(b) = &raw.builtin {
+        match b.get_ref().as_str() {
+            "eicar" => (Some(EICAR.to_vec()), b.span()),
+            other => {
+                rep.error(
+                    b.span(),
+                    format!("builtin = {other:?}: the built-in signatures are \"eicar\""),
+                );
+                (None, b.span())
+            }
+        }
+    } else if let Some(p) = &raw.pattern {
+        (Some(p.get_ref().as_bytes().to_vec()), p.span())
+    } else {
+        let h = raw.hex.as_ref().expect("one of the three");
+        match hex_bytes(h.get_ref()) {
+            Ok(b) => (Some(b), h.span()),
+            Err(e) => {
+                rep.error(h.span(), format!("hex: {e}"));
+                (None, h.span())
+            }
+        }
+    };
+    let bytes = bytes?;
+    if bytes.is_empty() || bytes.len() > MAX_PATTERN {
+        rep.error(
+            span,
+            format!(
+                "signature {name:?}: a pattern of {} bytes (1 to {MAX_PATTERN})",
+                bytes.len()
+            ),
+        );
+        return None;
+    }
+    Some(Signature {
+        pattern: bytes,
+        action: action?,
+    })
+}
+
+/// Hex digits in pairs, with spaces, tabs or colons between pairs allowed.
+fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = text
+        .bytes()
+        .filter(|b| !matches!(b, b' ' | b'\t' | b':'))
+        .collect();
+    if let Some(bad) = digits.iter().find(|b| !b.is_ascii_hexdigit()) {
+        return Err(format!("{:?} is not a hex digit", char::from(*bad)));
+    }
+    if digits.len() % 2 == 1 {
+        return Err("an odd number of hex digits".into());
+    }
+    Ok(digits
+        .chunks(2)
+        .map(|p| {
+            let v = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+            v(p[0]) << 4 | v(p[1])
+        })
+        .collect())
 }
 
 /// The categories a rule may name.

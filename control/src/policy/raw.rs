@@ -20,6 +20,21 @@ pub struct RawPolicy {
     pub profiles: BTreeMap<String, Spanned<RawProfile>>,
     #[serde(default)]
     pub rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    pub signatures: BTreeMap<String, Spanned<RawSignature>>,
+}
+
+/// `[signatures.NAME]`: one of `builtin`, `pattern` (text) or `hex`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSignature {
+    pub builtin: Option<Spanned<String>>,
+    pub pattern: Option<Spanned<String>>,
+    pub hex: Option<Spanned<String>>,
+    pub action: Option<Spanned<String>>,
+    /// Free text for people; not used.
+    #[allow(dead_code)]
+    pub description: Option<String>,
 }
 
 /// `[policy]`: what holds for every rule.
@@ -79,6 +94,9 @@ pub struct RawProfile {
     #[serde(default)]
     pub crls: Vec<Spanned<String>>,
     pub exclude_secs: Option<Spanned<i64>>,
+    pub http: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub signatures: Vec<Spanned<String>>,
 }
 
 /// A port as `443` or `"8000-8099"`; anything else is kept, so that the

@@ -674,3 +674,96 @@ fn non_utf8_is_refused_with_its_position() {
     assert_eq!(e.to_string(), "not UTF-8 text (line 2, column 12)");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn signatures_compile_into_bytes_and_profiles_name_them() {
+    let c = check(
+        r#"
+[signatures.eicar]
+builtin = "eicar"
+action = "block"
+[signatures.marker]
+pattern = "LOUPE-MARK"
+[signatures.magic]
+hex = "de ad:BE EF"
+action = "alert"
+[signatures.unused]
+pattern = "x"
+[profiles.p]
+expired = "block"
+untrusted = "block"
+http = false
+signatures = ["eicar", "marker", "magic", "marker"]
+[[rules]]
+name = "d"
+action = "decrypt"
+profile = "p"
+"#,
+    );
+    assert_eq!(messages(&c, Severity::Error), Vec::<String>::new());
+    assert_eq!(
+        messages(&c, Severity::Warning),
+        vec!["p.toml:10:1: warning: signature \"unused\" is not used by any profile"]
+    );
+    let p = c.policy.unwrap();
+    let s = &p.signatures;
+    assert_eq!(
+        s["eicar"].pattern,
+        loupe_dataplane::inspect::signature::EICAR
+    );
+    assert_eq!(s["eicar"].action, SignatureAction::Block);
+    assert_eq!(s["marker"].pattern, b"LOUPE-MARK");
+    assert_eq!(s["marker"].action, SignatureAction::Alert);
+    assert_eq!(s["magic"].pattern, [0xde, 0xad, 0xbe, 0xef]);
+    let prof = &p.profiles["p"];
+    assert!(!prof.http);
+    assert_eq!(prof.signatures, ["eicar", "marker", "magic"]);
+    assert!(p.validate().is_ok());
+}
+
+#[test]
+fn bad_signatures_are_each_reported_where_they_stand() {
+    let c = check(
+        r#"
+[signatures.two]
+pattern = "a"
+hex = "61"
+[signatures.odd]
+hex = "abc"
+[signatures.nothex]
+hex = "zz"
+[signatures.empty]
+pattern = ""
+[signatures.long]
+pattern = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+[signatures.builtin]
+builtin = "mimikatz"
+[signatures.act]
+pattern = "a"
+action = "drop"
+[profiles.p]
+expired = "block"
+untrusted = "block"
+signatures = ["nosuch"]
+[[rules]]
+name = "d"
+action = "decrypt"
+profile = "p"
+"#,
+    );
+    assert!(c.policy.is_none());
+    let errors = messages(&c, Severity::Error);
+    let want = [
+        "p.toml:2:1: error: signature \"two\": give exactly one of builtin, pattern or hex",
+        "p.toml:6:7: error: hex: an odd number of hex digits",
+        "p.toml:8:7: error: hex: 'z' is not a hex digit",
+        "p.toml:10:11: error: signature \"empty\": a pattern of 0 bytes (1 to 1024)",
+        "p.toml:12:11: error: signature \"long\": a pattern of 1025 bytes (1 to 1024)",
+        "p.toml:14:11: error: builtin = \"mimikatz\": the built-in signatures are \"eicar\"",
+        "p.toml:17:10: error: action = \"drop\": expected \"alert\" or \"block\"",
+        "p.toml:21:15: error: unknown signature \"nosuch\" (signatures defined: act, builtin, empty, long, nothex, odd, two)",
+    ];
+    for w in want {
+        assert!(errors.iter().any(|e| e == w), "{w}\nnot in {errors:#?}");
+    }
+}

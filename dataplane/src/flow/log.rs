@@ -13,6 +13,11 @@ use crate::policy::Action;
 /// end for split connections. Fields the TLS stage adds (per-side version,
 /// cipher, group, upstream certificate, verdict) come as further optional
 /// fields; readers must ignore fields they do not know.
+///
+/// What the inspectors of a decrypted connection find comes as records of
+/// their own ([`FlowLogEntry::record`]: one per HTTP request, signature
+/// match or anomaly), with their connection's endpoints, decision and
+/// [`FlowLogEntry::conn`], before the connection's own record.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowLogEntry {
     /// Wall-clock milliseconds since the Unix epoch: the SYN, and the
@@ -22,6 +27,13 @@ pub struct FlowLogEntry {
     /// `198.18.0.1:40000` or `[2001:2::1]:40000`.
     pub client: String,
     pub server: String,
+    /// The connection's number in this engine run: the same in its own
+    /// record and in those of its requests and matches.
+    #[serde(default)]
+    pub conn: u64,
+    /// Absent for a connection's record; else what this record is of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -36,11 +48,12 @@ pub struct FlowLogEntry {
     pub bytes_c2s: u64,
     pub bytes_s2c: u64,
     pub duration_ms: u64,
-    /// How it ended here: `closed`, `client-reset`, `server-reset`,
+    /// (Connection records.) How it ended here: `closed`, `client-reset`, `server-reset`,
     /// `timeout`, `blocked`, `bypass` (handed to the XDP fast path),
     /// `hold-timeout`, `hold-overflow`, `passthrough` (not splittable),
     /// `evicted`, `engine-stopped` (reset on both sides when the engine
     /// stopped).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub end: String,
     /// A remark, e.g. why a `decrypt` connection was not decrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +66,74 @@ pub struct FlowLogEntry {
     /// The decryption log: what the TLS stage did (decrypt connections).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Box<TlsLog>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Box<HttpLog>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<SignatureLog>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalyLog>,
+}
+
+/// What a record other than a connection's is of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordKind {
+    /// An HTTP request and its response ([`FlowLogEntry::http`]).
+    Http,
+    /// A content signature matched ([`FlowLogEntry::signature`]).
+    Signature,
+    /// An inspector stopped on a stream that broke its protocol or a
+    /// bound ([`FlowLogEntry::anomaly`]).
+    Anomaly,
+}
+
+impl RecordKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            RecordKind::Http => "http",
+            RecordKind::Signature => "signature",
+            RecordKind::Anomaly => "anomaly",
+        }
+    }
+}
+
+/// One HTTP request in a decrypted connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpLog {
+    /// 1 for the connection's first request.
+    pub seq: u64,
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    pub path: String,
+    /// Absent: no response came before the connection ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    pub request_body: u64,
+    pub response_body: u64,
+    pub duration_ms: u64,
+}
+
+/// A content signature's match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureLog {
+    pub name: String,
+    /// `alert` or `block`.
+    pub action: String,
+    /// `c2s` or `s2c`.
+    pub dir: String,
+    /// Where the match starts in that direction's plaintext.
+    pub offset: u64,
+}
+
+/// Why an inspector stopped looking at a connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnomalyLog {
+    /// `c2s` or `s2c`.
+    pub dir: String,
+    pub reason: String,
 }
 
 /// One decrypted (or attempted) connection's TLS record.

@@ -7,6 +7,9 @@ pub mod shard;
 pub mod table;
 pub mod wheel;
 
-pub use log::{CertLog, FlowDecision, FlowLogEntry, MapOp, TlsError, TlsLog, TlsSide};
+pub use log::{
+    AnomalyLog, CertLog, FlowDecision, FlowLogEntry, HttpLog, MapOp, RecordKind, SignatureLog,
+    TlsError, TlsLog, TlsSide,
+};
 pub use shard::{FlowId, Sharder};
 pub use table::{FlowSummary, FlowTable, Observed, Side};

@@ -1,11 +1,23 @@
 //! Plaintext inspection: the seam every decrypted byte passes through, in
 //! both directions, between the two TLS legs and before re-encryption.
 //! Inspectors see byte streams in order (never records, segments or
-//! packets); they may look, count and report, and they run on the packet
-//! worker, so they must be quick and bounded.
+//! packets); they may look, count, report [`Finding`]s and block the
+//! connection, and they run on the packet worker, so they must be quick
+//! and bounded in memory.
 //!
-//! Today the pipeline counts bytes; protocol inspectors (HTTP/1, HTTP/2,
-//! signatures, export) plug in as further [`Inspector`]s.
+//! - [`http1`]: HTTP/1.1 requests and responses, one finding per request.
+//! - [`signature`]: byte patterns matched across any boundary.
+//!
+//! A profile's [`Inspection`] says which inspectors a decrypted
+//! connection gets; the TLS stage feeds its [`Pipeline`] and the session
+//! turns the findings into flow-log records.
+
+use std::{sync::Arc, time::Instant};
+
+pub mod http1;
+pub mod signature;
+
+use self::signature::{Scanner, SignatureAction, SignatureSet};
 
 /// Which way plaintext flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,12 +28,83 @@ pub enum Direction {
     ServerToClient,
 }
 
+impl Direction {
+    /// `c2s` or `s2c`, as the log writes it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::ClientToServer => "c2s",
+            Direction::ServerToClient => "s2c",
+        }
+    }
+}
+
+/// One HTTP request and what answered it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// 1 for the connection's first request.
+    pub seq: u64,
+    pub method: String,
+    /// The Host header (or the authority of an absolute target).
+    pub host: Option<String>,
+    /// The request target as sent (at most [`http1::MAX_FIELD`] bytes).
+    pub path: String,
+    /// None: no response came before the connection ended.
+    pub status: Option<u16>,
+    pub content_type: Option<String>,
+    /// Body bytes (after de-chunking) each way.
+    pub request_body: u64,
+    pub response_body: u64,
+    /// From the request's head to the end of its response.
+    pub duration_ms: u64,
+}
+
+/// A signature matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignatureHit {
+    pub name: Arc<str>,
+    pub action: SignatureAction,
+    pub dir: Direction,
+    /// Where the match starts in that direction's plaintext stream.
+    pub offset: u64,
+}
+
+/// What an inspector reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    Http(HttpRequest),
+    Signature(SignatureHit),
+    /// The stream is not what its protocol says (malformed, over a bound):
+    /// the inspector stopped looking at the connection, and why.
+    Anomaly {
+        dir: Direction,
+        reason: String,
+    },
+}
+
+/// What the inspectors said of one connection so far.
+#[derive(Debug, Default)]
+pub struct Report {
+    findings: Vec<Finding>,
+    /// The connection must end: why (the first reason given).
+    block: Option<String>,
+}
+
+impl Report {
+    pub fn add(&mut self, f: Finding) {
+        self.findings.push(f);
+    }
+
+    pub fn block(&mut self, why: String) {
+        self.block.get_or_insert(why);
+    }
+}
+
 /// Looks at one connection's plaintext.
 pub trait Inspector: Send {
     /// The next bytes of one direction's stream, in order.
-    fn on_data(&mut self, dir: Direction, data: &[u8]);
+    fn on_data(&mut self, dir: Direction, data: &[u8], now: Instant, report: &mut Report);
     /// That direction's stream ended (close_notify or end of TCP stream).
-    fn on_end(&mut self, _dir: Direction) {}
+    fn on_end(&mut self, _dir: Direction, _now: Instant, _report: &mut Report) {}
 }
 
 /// The inspectors of one connection, and its plaintext byte counters.
@@ -30,34 +113,73 @@ pub struct Pipeline {
     inspectors: Vec<Box<dyn Inspector>>,
     /// Plaintext bytes seen client → server and server → client.
     pub bytes: [u64; 2],
+    report: Report,
 }
 
 impl Pipeline {
     pub fn new(inspectors: Vec<Box<dyn Inspector>>) -> Pipeline {
         Pipeline {
             inspectors,
-            bytes: [0; 2],
+            ..Pipeline::default()
         }
     }
 
-    /// Hands `data` to every inspector.
-    pub fn data(&mut self, dir: Direction, data: &[u8]) {
+    /// Hands `data` to every inspector (nothing more once blocked).
+    pub fn data(&mut self, dir: Direction, data: &[u8], now: Instant) {
         self.bytes[dir as usize] += data.len() as u64;
+        if self.report.block.is_some() {
+            return;
+        }
         for i in &mut self.inspectors {
-            i.on_data(dir, data);
+            i.on_data(dir, data, now, &mut self.report);
         }
     }
 
-    pub fn end(&mut self, dir: Direction) {
+    pub fn end(&mut self, dir: Direction, now: Instant) {
         for i in &mut self.inspectors {
-            i.on_end(dir);
+            i.on_end(dir, now, &mut self.report);
         }
+    }
+
+    /// Why the connection must end, once an inspector said so: the bytes
+    /// just handed over must not be passed on.
+    pub fn blocked(&self) -> Option<&str> {
+        self.report.block.as_deref()
+    }
+
+    /// The findings since the last call.
+    pub fn take_findings(&mut self) -> Vec<Finding> {
+        std::mem::take(&mut self.report.findings)
+    }
+}
+
+/// Which inspectors a profile's decrypted connections get.
+#[derive(Clone, Debug, Default)]
+pub struct Inspection {
+    /// HTTP/1.1 request records.
+    pub http: bool,
+    /// The profile's signatures (none: no scanning).
+    pub signatures: Option<Arc<SignatureSet>>,
+}
+
+impl Inspection {
+    /// A connection's pipeline; `alpn` is the protocol the two legs
+    /// agreed (HTTP/1.1 is not looked for in another protocol).
+    pub fn pipeline(&self, alpn: Option<&[u8]>) -> Pipeline {
+        let mut inspectors: Vec<Box<dyn Inspector>> = Vec::new();
+        if self.http && matches!(alpn, None | Some(b"http/1.1" | b"http/1.0")) {
+            inspectors.push(Box::new(http1::Http1::default()));
+        }
+        if let Some(set) = &self.signatures {
+            inspectors.push(Box::new(Scanner::new(set.clone())));
+        }
+        Pipeline::new(inspectors)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     use super::*;
 
@@ -66,8 +188,11 @@ mod tests {
     struct Recorder(Seen);
 
     impl Inspector for Recorder {
-        fn on_data(&mut self, dir: Direction, data: &[u8]) {
+        fn on_data(&mut self, dir: Direction, data: &[u8], _: Instant, report: &mut Report) {
             self.0.lock().unwrap().push((dir, data.to_vec()));
+            if data == b"stop" {
+                report.block("told to".into());
+            }
         }
     }
 
@@ -75,12 +200,36 @@ mod tests {
     fn every_inspector_sees_the_bytes_in_order_and_they_are_counted() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut p = Pipeline::new(vec![Box::new(Recorder(seen.clone()))]);
-        p.data(Direction::ClientToServer, b"GET / ");
-        p.data(Direction::ServerToClient, b"HTTP/1.1 200");
-        p.data(Direction::ClientToServer, b"HTTP/1.1");
+        let now = Instant::now();
+        p.data(Direction::ClientToServer, b"GET / ", now);
+        p.data(Direction::ServerToClient, b"HTTP/1.1 200", now);
+        p.data(Direction::ClientToServer, b"HTTP/1.1", now);
         assert_eq!(p.bytes, [14, 12]);
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 3);
         assert_eq!(seen[2], (Direction::ClientToServer, b"HTTP/1.1".to_vec()));
+    }
+
+    #[test]
+    fn once_blocked_the_inspectors_see_nothing_more() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut p = Pipeline::new(vec![Box::new(Recorder(seen.clone()))]);
+        let now = Instant::now();
+        assert_eq!(p.blocked(), None);
+        p.data(Direction::ServerToClient, b"stop", now);
+        p.data(Direction::ServerToClient, b"more", now);
+        assert_eq!(p.blocked(), Some("told to"));
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn http1_is_not_looked_for_under_another_protocol() {
+        let i = Inspection {
+            http: true,
+            signatures: None,
+        };
+        assert_eq!(i.pipeline(None).inspectors.len(), 1);
+        assert_eq!(i.pipeline(Some(b"http/1.1")).inspectors.len(), 1);
+        assert_eq!(i.pipeline(Some(b"h2")).inspectors.len(), 0);
     }
 }

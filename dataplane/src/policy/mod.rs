@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::glob::{BadGlob, CoverKey, HostGlob};
 pub use self::prefix::{Prefix, PrefixKey};
+pub use crate::inspect::signature::SignatureAction;
 
 /// A rule's action.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -420,6 +421,27 @@ pub struct Profile {
     /// an unsupported version made it `no-decrypt`.
     #[serde(default = "exclude_secs")]
     pub exclude_secs: u64,
+    /// Parse HTTP/1.1 in decrypted connections: one log record per
+    /// request. On by default.
+    #[serde(default = "yes")]
+    pub http: bool,
+    /// The policy's signatures (`[signatures.NAME]`) to look for in both
+    /// directions of decrypted connections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A content signature (`[signatures.NAME]`): bytes looked for in the
+/// plaintext of decrypted connections, and what a match does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signature {
+    pub pattern: Vec<u8>,
+    pub action: SignatureAction,
 }
 
 impl Default for Profile {
@@ -445,6 +467,8 @@ impl Default for Profile {
             trust_store: None,
             crls: Vec::new(),
             exclude_secs: EXCLUDE_SECS,
+            http: true,
+            signatures: Vec::new(),
         }
     }
 }
@@ -528,6 +552,9 @@ pub struct Policy {
     /// Category name → the host names in it.
     #[serde(default)]
     pub categories: BTreeMap<String, Vec<HostGlob>>,
+    /// Content signatures by name (profiles say which they use).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub signatures: BTreeMap<String, Signature>,
 }
 
 /// The XDP steering a policy needs.
@@ -559,6 +586,8 @@ pub struct Decision {
 
 /// Most rules a policy may have.
 pub const MAX_RULES: usize = 10_000;
+/// Content signatures one policy may define.
+pub const MAX_SIGNATURES: usize = 10_000;
 /// Most host-name globs (in rules and categories together).
 pub const MAX_GLOBS: usize = 1_000_000;
 
@@ -597,6 +626,7 @@ impl Policy {
             rules,
             profiles: BTreeMap::new(),
             categories: BTreeMap::new(),
+            signatures: BTreeMap::new(),
         }
     }
 
@@ -839,8 +869,28 @@ impl Policy {
                 }
             }
         }
+        if self.signatures.len() > MAX_SIGNATURES {
+            return Err(format!(
+                "{} signatures: at most {MAX_SIGNATURES}",
+                self.signatures.len()
+            ));
+        }
+        for (name, sig) in &self.signatures {
+            let n = sig.pattern.len();
+            if n == 0 || n > crate::inspect::signature::MAX_PATTERN {
+                return Err(format!(
+                    "signature {name:?}: a pattern of {n} bytes (1 to {})",
+                    crate::inspect::signature::MAX_PATTERN
+                ));
+            }
+        }
         for (name, p) in &self.profiles {
             p.check().map_err(|e| format!("profile {name:?}: {e}"))?;
+            for s in &p.signatures {
+                if !self.signatures.contains_key(s) {
+                    return Err(format!("profile {name:?}: unknown signature {s:?}"));
+                }
+            }
         }
         self.steering().map(|_| ())
     }

@@ -63,6 +63,7 @@ impl Tracking {
             sni: sni.map(Into::into),
             alpn: Vec::new(),
             key: self.key,
+            conn: conn_id(),
             opened: self.opened,
             policy_version: policy.version,
             held_bytes: self.hold.as_ref().map_or(0, |h| h.bytes),

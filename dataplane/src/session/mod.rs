@@ -35,7 +35,7 @@ mod table;
 
 use self::{
     hold::{NoDecision, Tracking},
-    records::{absorb, end_reason, log_entry, Meta},
+    records::{absorb, conn_id, end_reason, finding_entry, log_entry, Meta},
     split::Split,
     table::{EMBRYONIC, SETTLED},
 };
@@ -348,6 +348,9 @@ impl Sessions {
             return;
         };
         f(split);
+        for found in split.take_findings() {
+            self.events.push(finding_entry(meta, found));
+        }
         if split.parked() {
             self.parked.insert(id);
         } else {

@@ -1,8 +1,20 @@
 //! What the flow log and listings say of a connection: its decision,
 //! its end, and the counters an ended split adds to the worker's.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::*;
-use crate::flow::TlsLog;
+use crate::{
+    flow::{AnomalyLog, HttpLog, RecordKind, SignatureLog, TlsLog},
+    inspect::Finding,
+};
+
+/// A new connection's number ([`FlowLogEntry::conn`]): unique in this
+/// engine run, across workers.
+pub(super) fn conn_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
 
 /// A decided connection: what the log and a flow listing say of it.
 pub(super) struct Meta {
@@ -11,6 +23,8 @@ pub(super) struct Meta {
     pub(super) sni: Option<String>,
     pub(super) alpn: Vec<String>,
     pub(super) key: FlowKey,
+    /// Its number in the log ([`conn_id`]).
+    pub(super) conn: u64,
     pub(super) opened: Instant,
     pub(super) policy_version: u64,
     pub(super) held_bytes: u64,
@@ -36,6 +50,7 @@ pub(super) fn log_entry(
         end_ms,
         client: endpoint(&meta.key.src, meta.key.src_port),
         server: endpoint(&meta.key.dst, meta.key.dst_port),
+        conn: meta.conn,
         sni: meta.sni.clone(),
         alpn: meta.alpn.clone(),
         action: meta.action,
@@ -48,7 +63,60 @@ pub(super) fn log_entry(
         note: meta.note.clone(),
         sni_malformed: meta.sni_malformed.map(Into::into),
         tls: tls.map(|t| Box::new(t.clone())),
+        ..FlowLogEntry::default()
     }
+}
+
+/// The record of something an inspector found in `meta`'s connection.
+pub(super) fn finding_entry(meta: &Meta, f: Finding) -> FlowLogEntry {
+    let now = unix_ms();
+    let mut e = FlowLogEntry {
+        start_ms: now,
+        end_ms: now,
+        client: endpoint(&meta.key.src, meta.key.src_port),
+        server: endpoint(&meta.key.dst, meta.key.dst_port),
+        conn: meta.conn,
+        sni: meta.sni.clone(),
+        action: meta.action,
+        rule: meta.rule.clone(),
+        policy_version: meta.policy_version,
+        ..FlowLogEntry::default()
+    };
+    match f {
+        Finding::Http(r) => {
+            e.record = Some(RecordKind::Http);
+            e.start_ms = now.saturating_sub(r.duration_ms);
+            e.duration_ms = r.duration_ms;
+            e.http = Some(Box::new(HttpLog {
+                seq: r.seq,
+                method: r.method,
+                host: r.host,
+                path: r.path,
+                status: r.status,
+                content_type: r.content_type,
+                request_body: r.request_body,
+                response_body: r.response_body,
+                duration_ms: r.duration_ms,
+            }));
+        }
+        Finding::Signature(h) => {
+            e.record = Some(RecordKind::Signature);
+            e.signature = Some(SignatureLog {
+                name: h.name.to_string(),
+                action: h.action.label().into(),
+                dir: h.dir.label().into(),
+                offset: h.offset,
+            });
+        }
+        Finding::Anomaly { dir, reason } => {
+            e.record = Some(RecordKind::Anomaly);
+            e.anomaly = Some(AnomalyLog {
+                dir: dir.label().into(),
+                reason,
+            });
+        }
+    }
+    e
 }
 
 /// The end of a connection reset because the engine stopped.

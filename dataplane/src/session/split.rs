@@ -80,6 +80,14 @@ impl Split {
         self.stopped
     }
 
+    /// What the stage's inspectors found since the last call.
+    pub fn take_findings(&mut self) -> Vec<crate::inspect::Finding> {
+        match &mut self.stage {
+            Stage::Intercept(i) => i.take_findings(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn stage(&self) -> &Stage {
         &self.stage
     }

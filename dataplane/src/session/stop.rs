@@ -74,6 +74,7 @@ impl Sessions {
             sni: None,
             alpn: Vec::new(),
             key: t.key,
+            conn: super::conn_id(),
             opened: t.opened,
             policy_version: self.settings.policy.version,
             held_bytes,

@@ -6,7 +6,7 @@
 //! the engine's thread, so a worker never reads a trust store file.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::PathBuf,
     sync::{
@@ -35,7 +35,10 @@ use super::{
     upstream::{client_config, provider_for, versions_for, KeyLogFile},
     verify::TrustStore,
 };
-use crate::policy::{Policy, Profile};
+use crate::{
+    inspect::{signature::SignatureSet, Inspection},
+    policy::{Policy, Profile, Signature},
+};
 
 /// One CA the engine can mint with.
 pub struct CaEntry {
@@ -269,6 +272,8 @@ pub struct ProfileRuntime {
     /// server chose; tickets and the session cache are shared, bound per
     /// connection to the minted leaf ([`super::resume`]).
     pub server: Arc<ServerConfig>,
+    /// The inspectors its connections get.
+    pub inspection: Inspection,
 }
 
 /// Counters of the TLS stage (all workers), for the report and metrics.
@@ -284,6 +289,8 @@ pub struct TlsStats {
     pub no_decrypt: AtomicU64,
     /// Connections waiting for an HSM signature right now.
     pub parked: AtomicU64,
+    /// Decrypted connections an inspector (a signature) blocked.
+    pub inspect_blocks: AtomicU64,
     /// Mint latency (submission to certificate), microseconds: bucket
     /// upper bounds are [`MINT_BUCKETS_US`].
     pub mint_latency: [AtomicU64; MINT_BUCKETS_US.len() + 1],
@@ -405,7 +412,8 @@ impl TlsContext {
             stats: TlsStats::default(),
             on_keylog,
         };
-        let default = ctx.prepare_profile(DEFAULT_PROFILE, &Profile::default())?;
+        let default =
+            ctx.prepare_profile(DEFAULT_PROFILE, &Profile::default(), &BTreeMap::new())?;
         *ctx.default_runtime
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Some(default);
@@ -436,19 +444,40 @@ impl TlsContext {
         let mut map = HashMap::new();
         let mut broken = Vec::new();
         for (name, p) in &policy.profiles {
-            let rt = self.prepare_profile(name, p).map_err(|e| {
-                let why = format!("decryption profile {name:?} cannot be used: {e}");
-                broken.push(why.clone());
-                why
-            });
+            let rt = self
+                .prepare_profile(name, p, &policy.signatures)
+                .map_err(|e| {
+                    let why = format!("decryption profile {name:?} cannot be used: {e}");
+                    broken.push(why.clone());
+                    why
+                });
             map.insert(name.clone(), rt);
         }
         *self.runtimes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
         broken
     }
 
-    fn prepare_profile(&self, name: &str, p: &Profile) -> Result<Arc<ProfileRuntime>, String> {
+    fn prepare_profile(
+        &self,
+        name: &str,
+        p: &Profile,
+        signatures: &BTreeMap<String, Signature>,
+    ) -> Result<Arc<ProfileRuntime>, String> {
         p.check()?;
+        let mut sigs = Vec::new();
+        for s in &p.signatures {
+            let sig = signatures
+                .get(s)
+                .ok_or_else(|| format!("unknown signature {s:?}"))?;
+            sigs.push((s.clone(), sig.pattern.clone(), sig.action));
+        }
+        let inspection = Inspection {
+            http: p.http,
+            signatures: match sigs.is_empty() {
+                true => None,
+                false => Some(Arc::new(SignatureSet::new(&sigs)?)),
+            },
+        };
         let path = p
             .trust_store
             .as_ref()
@@ -483,6 +512,7 @@ impl TlsContext {
             trust,
             client: Arc::new(client),
             server: Arc::new(server),
+            inspection,
         }))
     }
 

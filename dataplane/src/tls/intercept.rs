@@ -55,7 +55,7 @@ use super::{
 };
 use crate::{
     flow::{CertLog, TlsError, TlsLog, TlsSide},
-    inspect::{Direction, Pipeline},
+    inspect::{Direction, Finding, Pipeline},
     policy::{Fallback, OnError},
     tcp::stream::{drain, ByteStream, Pump},
 };
@@ -989,6 +989,7 @@ impl Intercept {
             .alpn_protocol()
             .map(|a| vec![a.to_vec()])
             .unwrap_or_default();
+        self.pipeline = self.rt.inspection.pipeline(up.alpn_protocol());
         match accepted.into_connection(Arc::new(cfg)) {
             Ok(mut down) => {
                 down.set_buffer_limit(Some(TLS_BUFFER));
@@ -1051,8 +1052,12 @@ impl Intercept {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            progress |= self.carry(Direction::ClientToServer, &mut down, &mut up);
-            progress |= self.carry(Direction::ServerToClient, &mut up, &mut down);
+            progress |= self.carry(Direction::ClientToServer, &mut down, &mut up, now);
+            progress |= self.carry(Direction::ServerToClient, &mut up, &mut down, now);
+            if let Some(why) = self.pipeline.blocked() {
+                // The bytes that matched were not passed on.
+                return self.blocked_by_inspection(why.to_string());
+            }
             progress |= flush_tls(&mut up, server);
             progress |= flush_tls(&mut down, client);
             if !progress {
@@ -1092,6 +1097,7 @@ impl Intercept {
         dir: Direction,
         from: &mut ConnectionCommon<A>,
         to: &mut ConnectionCommon<B>,
+        now: Instant,
     ) -> bool {
         let i = dir as usize;
         let mut progress = false;
@@ -1105,10 +1111,13 @@ impl Intercept {
                 Ok(chunk) => {
                     let seen = self.flows[i].inspected.min(chunk.len());
                     if seen < chunk.len() {
-                        self.pipeline.data(dir, &chunk[seen..]);
+                        self.pipeline.data(dir, &chunk[seen..], now);
                         self.record.plaintext_c2s = self.pipeline.bytes[0];
                         self.record.plaintext_s2c = self.pipeline.bytes[1];
                         self.flows[i].inspected = chunk.len();
+                    }
+                    if self.pipeline.blocked().is_some() {
+                        return false;
                     }
                     if let Ok(n) = to.writer().write(chunk) {
                         if n > 0 {
@@ -1126,7 +1135,7 @@ impl Intercept {
         if let Some(clean) = f.ended {
             if !f.forwarded {
                 f.forwarded = true;
-                self.pipeline.end(dir);
+                self.pipeline.end(dir, now);
                 if clean {
                     to.send_close_notify();
                 }
@@ -1203,6 +1212,22 @@ impl Intercept {
             client: false,
             server: true,
         }
+    }
+
+    /// An inspector blocked the connection: both sides are reset at once
+    /// (the matching bytes never pass on).
+    fn blocked_by_inspection(&mut self, why: String) -> Pump {
+        self.ctx
+            .stats
+            .inspect_blocks
+            .fetch_add(1, Ordering::Relaxed);
+        self.data_failed(format!("blocked by inspection: {why}"))
+    }
+
+    /// What the inspectors found since the last call (the session logs
+    /// it).
+    pub fn take_findings(&mut self) -> Vec<Finding> {
+        self.pipeline.take_findings()
     }
 
     /// The server's leg failed after the handshakes: both are reset (a

@@ -1,0 +1,556 @@
+//! Plaintext inspection of decrypted connections, end to end. Every
+//! HTTP/1.1 request on a decrypted connection is a flow log record of its
+//! own (method, host, path, status, content type, body sizes, its number
+//! on the connection), tied to the connection's own record by `conn`. The
+//! profile's signatures are looked for in the plaintext both ways, across
+//! TLS records and TCP segments: a `block` signature resets the connection
+//! before the whole pattern reaches the client, an `alert` one is logged
+//! and the transfer completes. HTTP/2 is not parsed: its connections have
+//! no request records, and signatures still apply to them.
+//!
+//! Clients (curl) trust only Loupe's forward-trust CA; nginx serves the
+//! files, its certificate from the test PKI, which the profile trusts.
+
+use std::{path::Path, time::Duration};
+
+use loupe_tests::{
+    https::{curl_sha256, fill_pseudo_random, Nginx, INDEX_HTML, SERVER_NAME},
+    mitm::{lab_policy, Mitm},
+    pki::{Flaw, Key, Pki},
+    wait_until,
+};
+use serde_json::Value;
+
+const KIB: usize = 1 << 10;
+
+/// The size of the files the signature tests fetch.
+const LEN: usize = 64 * KIB;
+
+/// How much plaintext nginx puts in a TLS record (its `ssl_buffer_size`):
+/// the response headers and the start of the body fill the first one.
+const RECORD: usize = 16 * KIB;
+
+/// The EICAR anti-virus test file.
+const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+const _: () = assert!(EICAR.len() == 68);
+
+/// The literal that the `marker` signature looks for.
+const MARKER: &[u8] = b"LOUPE-TEST-MARKER";
+
+/// The bytes that the `hexmark` signature gives in hex.
+const HEXMARK: &[u8] = b"\xde\xad\xbe\xefLOUPE";
+
+/// What the POST in the HTTP test sends.
+const POSTED: usize = 10_000;
+
+/// The signatures: EICAR blocked, and two alerts, one given as a literal,
+/// the other in hex.
+const SIGNATURES: &str = r#"[signatures.eicar]
+builtin = "eicar"
+action = "block"
+
+[signatures.marker]
+pattern = "LOUPE-TEST-MARKER"
+action = "alert"
+
+[signatures.hexmark]
+hex = "de ad be ef 4c 4f 55 50 45"
+action = "alert"
+"#;
+
+/// Everything the harness serves decrypted, the profile looking for every
+/// signature above.
+fn inspecting(pki: &Pki) -> String {
+    lab_policy(
+        pki,
+        r#"signatures = ["eicar", "marker", "hexmark"]"#,
+        SIGNATURES,
+    )
+}
+
+/// nginx on port 443 with a good certificate from the test PKI, HTTP/2
+/// offered by ALPN or not, `extra` directives in its server block.
+fn start_nginx(m: &Mitm, http2: bool, extra: &str) -> Nginx {
+    let cert = m
+        .pki
+        .leaf("server", &[SERVER_NAME], Key::P256, Flaw::None)
+        .unwrap();
+    Nginx::start_with(&m.h, 443, cert, http2, extra).expect("nginx")
+}
+
+/// `len` pseudo-random bytes from `seed`, each of `marks` written over
+/// them at its offset.
+fn body_with(len: usize, seed: u64, marks: &[(usize, &[u8])]) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    fill_pseudo_random(&mut data, seed);
+    for &(at, mark) in marks {
+        data[at..at + mark.len()].copy_from_slice(mark);
+    }
+    data
+}
+
+/// curl arguments for `path` on the harness server over HTTP/1.1, with
+/// `extra` arguments.
+fn http1(m: &Mitm, path: &str, extra: &[String]) -> Vec<String> {
+    let mut args = vec!["--http1.1".to_string()];
+    args.extend_from_slice(extra);
+    args.extend(m.curl_server(path));
+    args
+}
+
+/// The length of the response headers curl wrote to `path` (`-D`): where
+/// the body starts in the stream from the server.
+fn header_len(path: &Path) -> usize {
+    let n = std::fs::metadata(path).expect("curl's header dump").len() as usize;
+    assert!((1..1024).contains(&n), "{n} bytes of response headers");
+    n
+}
+
+/// A record's connection id.
+fn conn(r: &Value) -> u64 {
+    r["conn"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no conn in {r:#}"))
+}
+
+/// Whether a record is a connection's own (the kinds added since say what
+/// they are in `record`) and the connection reached the TLS stage.
+fn is_connection(r: &Value) -> bool {
+    r["record"].is_null() && r.get("tls").is_some()
+}
+
+/// The flow log's records of kind `kind` (`http`, `signature`) so far.
+fn records_of(m: &Mitm, kind: &str) -> Vec<Value> {
+    m.control
+        .records()
+        .into_iter()
+        .filter(|r| r["record"] == kind)
+        .collect()
+}
+
+/// Waits until at least `n` records satisfy `f`; returns them all, in the
+/// log's order.
+fn wait_records(m: &Mitm, what: &str, n: usize, f: impl Fn(&Value) -> bool) -> Vec<Value> {
+    wait_until(what, Duration::from_secs(60), || {
+        let all = m.control.records();
+        let found: Vec<Value> = all.iter().filter(|r| f(r)).cloned().collect();
+        if found.len() >= n {
+            Ok(Some(found))
+        } else {
+            Err(format!(
+                "{} of {} records: {all:#?}",
+                found.len(),
+                all.len()
+            ))
+        }
+    })
+    .unwrap()
+}
+
+/// The signature record of `name` in direction `dir` among `sigs`.
+fn signature<'a>(sigs: &'a [Value], name: &str, dir: &str) -> &'a Value {
+    sigs.iter()
+        .find(|r| r["signature"]["name"] == name && r["signature"]["dir"] == dir)
+        .unwrap_or_else(|| panic!("no {name} match {dir} in {sigs:#?}"))
+}
+
+/// Waits until the metrics page has `line`.
+fn wait_metric(m: &Mitm, line: &str) {
+    let name = line.split('{').next().unwrap_or(line);
+    wait_until(line, Duration::from_secs(60), || {
+        let text = m.control.metrics().map_err(|e| e.to_string())?;
+        if text.lines().any(|l| l == line) {
+            Ok(Some(()))
+        } else {
+            Err(text
+                .lines()
+                .filter(|l| l.starts_with(name))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+    })
+    .unwrap();
+}
+
+/// One curl fetching three files over one kept-alive HTTP/1.1 connection:
+/// each request is a record of its own, numbered in order, with the
+/// connection's `conn` and addresses; a POST (on a connection of its own)
+/// says how much it sent and what nginx answered.
+#[test]
+fn http1_requests_on_one_connection_are_each_logged() {
+    let m = Mitm::start(|pki| lab_policy(pki, "", "")).expect("setup");
+    // Files of no type nginx knows are sent as application/octet-stream.
+    let nginx = start_nginx(&m, false, "default_type application/octet-stream;");
+    nginx.add_file("small.bin", 1000, 1).unwrap();
+    nginx.add_file("large.bin", 200 * KIB, 2).unwrap();
+    // In the order fetched: name, length, content type.
+    let files = [
+        ("small.bin", 1000, "application/octet-stream"),
+        ("index.html", INDEX_HTML.len(), "text/html"),
+        ("large.bin", 200 * KIB, "application/octet-stream"),
+    ];
+    let mut args = m.curl_server("");
+    // Without its URL: one per file follows.
+    args.truncate(args.len() - 1);
+    args.extend([
+        "--http1.1".to_string(),
+        "-w".into(),
+        "%{http_code} %{num_connects} %{size_download}\n".into(),
+    ]);
+    for (name, _, _) in files {
+        args.extend([
+            "-o".to_string(),
+            "/dev/null".into(),
+            format!("https://{SERVER_NAME}:443/{name}"),
+        ]);
+    }
+    let out = m.client("curl", &args).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // curl's own account: a connection made for the first request, reused
+    // for the others.
+    let seen = String::from_utf8_lossy(&out.stdout);
+    let want: Vec<String> = files
+        .iter()
+        .enumerate()
+        .map(|(i, (_, len, _))| format!("200 {} {len}", u8::from(i == 0)))
+        .collect();
+    assert_eq!(seen.lines().collect::<Vec<_>>(), want, "{seen}");
+
+    // The log: three requests on one connection, as they came.
+    let mut gets = wait_records(&m, "the three GET records", 3, |r| {
+        r["record"] == "http" && r["http"]["method"] == "GET"
+    });
+    assert_eq!(gets.len(), 3, "{gets:#?}");
+    gets.sort_by_key(|r| r["http"]["seq"].as_u64());
+    let c = conn(&gets[0]);
+    let own = m
+        .control
+        .wait_record("the connection's own record", |r| {
+            is_connection(r) && r["conn"] == c
+        })
+        .unwrap();
+    assert_eq!(own["tls"]["outcome"], "decrypted", "{own:#}");
+    assert_eq!(own["tls"]["client"]["alpn"], "http/1.1", "{own:#}");
+    assert_eq!(own["sni"], SERVER_NAME, "{own:#}");
+    assert_eq!(own["action"], "decrypt", "{own:#}");
+    assert_eq!(own["rule"], "decrypt-lab", "{own:#}");
+    for (i, (r, (name, len, content_type))) in gets.iter().zip(files).enumerate() {
+        let h = &r["http"];
+        assert_eq!(conn(r), c, "{r:#}");
+        assert_eq!(h["seq"], i as u64 + 1, "{r:#}");
+        assert_eq!(h["method"], "GET", "{r:#}");
+        assert_eq!(h["host"], SERVER_NAME, "{r:#}");
+        assert_eq!(h["path"], format!("/{name}"), "{r:#}");
+        assert_eq!(h["status"], 200, "{r:#}");
+        assert_eq!(h["content_type"], content_type, "{r:#}");
+        assert_eq!(h["request_body"], 0, "{r:#}");
+        assert_eq!(h["response_body"], len as u64, "{r:#}");
+        assert!(h["duration_ms"].is_u64(), "{r:#}");
+        for field in ["client", "server", "sni", "action", "rule"] {
+            assert_eq!(r[field], own[field], "{field} in {r:#}");
+        }
+    }
+    wait_metric(
+        &m,
+        r#"loupe_http_requests_total{method="GET",status="200"} 3"#,
+    );
+
+    // A POST with a body of a known size; nginx takes none on static
+    // files and answers 405 (curl's --fail left out, and its
+    // `Expect: 100-continue`, which would put an interim response first).
+    let body = m.h.dir.join("post.bin");
+    std::fs::write(&body, "p".repeat(POSTED)).unwrap();
+    let mut args = vec![
+        "--http1.1".to_string(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code} %{size_download}".into(),
+        "-H".into(),
+        "Expect:".into(),
+        "--data-binary".into(),
+        format!("@{}", body.display()),
+    ];
+    args.extend(
+        m.curl_server("small.bin")
+            .into_iter()
+            .filter(|a| a != "--fail"),
+    );
+    let out = m.client("curl", &args).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (code, answered) = seen
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("curl wrote {seen:?}"));
+    assert_eq!(code, "405", "{seen}");
+    let answered: u64 = answered.trim().parse().unwrap();
+    let post = m
+        .control
+        .wait_record("the POST's record", |r| {
+            r["record"] == "http" && r["http"]["method"] == "POST"
+        })
+        .unwrap();
+    let h = &post["http"];
+    assert_ne!(conn(&post), c, "{post:#}");
+    assert_eq!(h["seq"], 1, "{post:#}");
+    assert_eq!(h["host"], SERVER_NAME, "{post:#}");
+    assert_eq!(h["path"], "/small.bin", "{post:#}");
+    assert_eq!(h["status"], 405, "{post:#}");
+    assert_eq!(h["request_body"], POSTED as u64, "{post:#}");
+    assert_eq!(h["response_body"], answered, "{post:#}");
+    wait_metric(
+        &m,
+        r#"loupe_http_requests_total{method="POST",status="405"} 1"#,
+    );
+    // Every record names its connection.
+    let all = m.control.records();
+    assert!(all.iter().all(|r| r["conn"].is_u64()), "{all:#?}");
+}
+
+/// The EICAR string in the middle of a 64 KiB body, across the end of
+/// nginx's first TLS record (and so across two records and the segments
+/// that carry them): the connection is reset before the client has the
+/// whole string, and the log says which signature did it and where. The
+/// same body without it, before and after, arrives byte-exact.
+#[test]
+fn eicar_split_across_records_and_segments_is_blocked_and_a_clean_body_passes() {
+    let m = Mitm::start(inspecting).expect("setup");
+    let nginx = start_nginx(&m, false, "");
+    let clean = body_with(LEN, 3, &[]);
+    let clean_sha = nginx.add_bytes("clean.bin", &clean).unwrap();
+
+    // The clean body first: byte-exact, and how long nginx's response
+    // headers are, which come before the body in the server's stream.
+    let headers = m.h.dir.join("clean.headers");
+    let args = http1(
+        &m,
+        "clean.bin",
+        &["-D".to_string(), headers.display().to_string()],
+    );
+    let (sha, len) = curl_sha256(&m.h, &args).expect("the clean body");
+    assert_eq!((sha.as_str(), len), (clean_sha.as_str(), LEN as u64));
+    let head = header_len(&headers);
+
+    // The same bytes with EICAR where its first 30 bytes end nginx's
+    // first record and the rest begin the second. The headers are as long
+    // (the same size, and nginx's dates and ETag have fixed widths).
+    let at = RECORD - 30 - head;
+    let eicar = body_with(LEN, 3, &[(at, EICAR)]);
+    nginx.add_bytes("eicar.bin", &eicar).unwrap();
+    let got_path = m.h.dir.join("eicar.got");
+    let args = http1(
+        &m,
+        "eicar.bin",
+        &["-o".to_string(), got_path.display().to_string()],
+    );
+    let out = m.client("curl", &args).unwrap();
+    assert!(
+        !out.status.success(),
+        "the EICAR body got through: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = std::fs::read(got_path).unwrap_or_default();
+    assert!(eicar.starts_with(&got), "the client got other bytes");
+    assert!(
+        got.len() < at + EICAR.len(),
+        "{} bytes of the body reached the client: all of the string",
+        got.len()
+    );
+
+    // The log: the match, where it starts in the server's plaintext, and
+    // the connection it ended.
+    let sig = m
+        .control
+        .wait_record("the EICAR match", |r| r["record"] == "signature")
+        .unwrap();
+    let s = &sig["signature"];
+    assert_eq!(s["name"], "eicar", "{sig:#}");
+    assert_eq!(s["action"], "block", "{sig:#}");
+    assert_eq!(s["dir"], "s2c", "{sig:#}");
+    assert_eq!(s["offset"], (head + at) as u64, "{sig:#}");
+    let c = conn(&sig);
+    let own = m
+        .control
+        .wait_record("the blocked connection's record", |r| {
+            is_connection(r) && r["conn"] == c
+        })
+        .unwrap();
+    assert_eq!(own["tls"]["error"]["stage"], "data", "{own:#}");
+    assert!(
+        own["tls"]["error"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signature \"eicar\""),
+        "{own:#}"
+    );
+
+    // The block was this connection's only: the clean body again.
+    let args = http1(&m, "clean.bin", &[]);
+    let (sha, len) = curl_sha256(&m.h, &args).expect("the clean body again");
+    assert_eq!((sha.as_str(), len), (clean_sha.as_str(), LEN as u64));
+    let conns = wait_records(&m, "all three connections", 3, is_connection);
+    assert_eq!(conns.len(), 3, "{conns:#?}");
+    let sigs = records_of(&m, "signature");
+    assert_eq!(sigs.len(), 1, "{sigs:#?}");
+    wait_metric(
+        &m,
+        r#"loupe_signature_hits_total{signature="eicar",action="block"} 1"#,
+    );
+}
+
+/// Alert signatures, a literal and one given in hex, in a body (and the
+/// literal in a request header): each match is logged with its direction
+/// and offset, and the body arrives byte-exact.
+#[test]
+fn an_alert_signature_is_logged_and_the_transfer_completes() {
+    let m = Mitm::start(inspecting).expect("setup");
+    let nginx = start_nginx(&m, false, "");
+    let (marker_at, hexmark_at) = (40_000, 50_000);
+    let data = body_with(LEN, 4, &[(marker_at, MARKER), (hexmark_at, HEXMARK)]);
+    let want = nginx.add_bytes("marked.bin", &data).unwrap();
+    let headers = m.h.dir.join("marked.headers");
+    let probe = format!("X-Loupe-Probe: {}", std::str::from_utf8(MARKER).unwrap());
+    let args = http1(
+        &m,
+        "marked.bin",
+        &[
+            "-D".to_string(),
+            headers.display().to_string(),
+            "-H".to_string(),
+            probe,
+        ],
+    );
+    let (sha, len) = curl_sha256(&m.h, &args).expect("the marked body");
+    assert_eq!((sha.as_str(), len), (want.as_str(), LEN as u64));
+    let head = header_len(&headers);
+
+    let sigs = wait_records(&m, "three matches", 3, |r| r["record"] == "signature");
+    let body_marker = signature(&sigs, "marker", "s2c");
+    let body_hexmark = signature(&sigs, "hexmark", "s2c");
+    let header_marker = signature(&sigs, "marker", "c2s");
+    for sig in [body_marker, body_hexmark, header_marker] {
+        assert_eq!(sig["signature"]["action"], "alert", "{sig:#}");
+    }
+    assert_eq!(
+        body_marker["signature"]["offset"],
+        (head + marker_at) as u64,
+        "{body_marker:#}"
+    );
+    assert_eq!(
+        body_hexmark["signature"]["offset"],
+        (head + hexmark_at) as u64,
+        "{body_hexmark:#}"
+    );
+    // In the request's headers, after its request line.
+    let off = header_marker["signature"]["offset"].as_u64();
+    assert!(
+        off.is_some_and(|o| (20..512).contains(&o)),
+        "{header_marker:#}"
+    );
+
+    // One connection, which went on to its end without an error, and its
+    // request logged whole.
+    let c = conn(body_marker);
+    let own = m
+        .control
+        .wait_record("the connection's own record", |r| {
+            is_connection(r) && r["conn"] == c
+        })
+        .unwrap();
+    assert_eq!(own["tls"]["outcome"], "decrypted", "{own:#}");
+    assert!(own["tls"]["error"].is_null(), "{own:#}");
+    let sigs = records_of(&m, "signature");
+    assert_eq!(sigs.len(), 3, "{sigs:#?}");
+    assert!(sigs.iter().all(|r| conn(r) == c), "{sigs:#?}");
+    let http = records_of(&m, "http");
+    assert_eq!(http.len(), 1, "{http:#?}");
+    assert_eq!(http[0]["http"]["status"], 200, "{http:#?}");
+    assert_eq!(http[0]["http"]["response_body"], LEN as u64, "{http:#?}");
+    wait_metric(
+        &m,
+        r#"loupe_signature_hits_total{signature="marker",action="alert"} 2"#,
+    );
+    wait_metric(
+        &m,
+        r#"loupe_signature_hits_total{signature="hexmark",action="alert"} 1"#,
+    );
+}
+
+/// The same marked body over HTTP/1.1 and over HTTP/2: both arrive
+/// byte-exact and both raise the alert, but only the HTTP/1.1 request is
+/// a request record (HTTP/2 is not parsed, and not taken for HTTP/1.1).
+#[test]
+fn http2_connections_are_not_misparsed_and_signatures_still_apply() {
+    let m = Mitm::start(inspecting).expect("setup");
+    let nginx = start_nginx(&m, true, "");
+    // Well inside the first DATA frame of the HTTP/2 response.
+    let marker_at = 1000;
+    let data = body_with(LEN, 5, &[(marker_at, MARKER)]);
+    let want = nginx.add_bytes("marked.bin", &data).unwrap();
+    for version in ["--http1.1", "--http2"] {
+        let mut args = m.curl_server("marked.bin");
+        args.insert(0, version.into());
+        let (sha, len) = curl_sha256(&m.h, &args).expect(version);
+        assert_eq!(
+            (sha.as_str(), len),
+            (want.as_str(), LEN as u64),
+            "{version}"
+        );
+    }
+
+    let conns = wait_records(&m, "both connections' records", 2, is_connection);
+    assert_eq!(conns.len(), 2, "{conns:#?}");
+    let by_alpn = |alpn: &str| {
+        conns
+            .iter()
+            .find(|r| r["tls"]["client"]["alpn"] == alpn)
+            .unwrap_or_else(|| panic!("no {alpn} connection in {conns:#?}"))
+    };
+    let (h1, h2) = (conn(by_alpn("http/1.1")), conn(by_alpn("h2")));
+    for r in &conns {
+        assert_eq!(r["tls"]["outcome"], "decrypted", "{r:#}");
+        assert!(r["tls"]["error"].is_null(), "{r:#}");
+    }
+
+    // The alert on each connection.
+    let sigs = wait_records(&m, "a match on each connection", 2, |r| {
+        r["record"] == "signature"
+    });
+    for c in [h1, h2] {
+        let sig = sigs
+            .iter()
+            .find(|r| conn(r) == c)
+            .unwrap_or_else(|| panic!("no match on connection {c} in {sigs:#?}"));
+        let s = &sig["signature"];
+        assert_eq!(s["name"], "marker", "{sig:#}");
+        assert_eq!(s["action"], "alert", "{sig:#}");
+        assert_eq!(s["dir"], "s2c", "{sig:#}");
+        assert!(
+            s["offset"].as_u64().is_some_and(|o| o > marker_at as u64),
+            "{sig:#}"
+        );
+    }
+
+    // The HTTP/1.1 request is logged (the inspector is on); nothing on
+    // the HTTP/2 connection.
+    m.control
+        .wait_record("the HTTP/1.1 request's record", |r| {
+            r["record"] == "http" && r["conn"] == h1
+        })
+        .unwrap();
+    let http = records_of(&m, "http");
+    assert_eq!(http.len(), 1, "{http:#?}");
+    assert!(http.iter().all(|r| conn(r) != h2), "{http:#?}");
+    wait_metric(
+        &m,
+        r#"loupe_http_requests_total{method="GET",status="200"} 1"#,
+    );
+}
