@@ -535,9 +535,7 @@ mod tests {
         r.findings
     }
 
-    fn requests(
-        f: &[Finding],
-    ) -> Vec<Summary> {
+    fn requests(f: &[Finding]) -> Vec<Summary> {
         f.iter()
             .filter_map(|f| match f {
                 Finding::Http(r) => Some((

@@ -6,7 +6,8 @@
 //! through TLS decryption over IPv4 and IPv6, the impersonation
 //! certificate it sees, the cache hit of a second request, a site with an
 //! expired certificate blocked, a bank passed to the fast path with its
-//! own certificate, malware blocked, a ping on the fast path; then the
+//! own certificate, malware blocked, the EICAR test file blocked by its
+//! signature, a ping on the fast path; then the
 //! flows, the decryption log, the metrics, what the engine saw and the
 //! verified key-usage audit log. Everything is torn down at the end (and
 //! by `scripts/demo`'s sweep if interrupted).
@@ -159,6 +160,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let nginx = Nginx::start_with(&h, 443, good, true, "")?;
     let sha = nginx.add_file("payload.bin", 16 << 20, 42)?;
+    nginx.add_bytes("eicar.com", loupe_dataplane::inspect::signature::EICAR)?;
     let expired = pki.leaf("expired", &[SERVER_NAME], Key::P256, Flaw::Expired)?;
     let _old = Nginx::start_with(&h, 8443, expired, false, "")?;
 
@@ -203,10 +205,12 @@ fn main() -> anyhow::Result<()> {
     }) {
         println!("    {}", line.trim_start_matches("* ").trim());
     }
-    for addr in [SERVER_V4, SERVER_V6] {
-        let (got, len) = curl_sha256(&h, &curl(SERVER_NAME, addr, 443, "payload.bin", &ca))?;
+    for (addr, version) in [(SERVER_V4, "--http2"), (SERVER_V6, "--http1.1")] {
+        let mut args = curl(SERVER_NAME, addr, 443, "payload.bin", &ca);
+        args.insert(0, version.into());
+        let (got, len) = curl_sha256(&h, &args)?;
         let verdict = if got == sha { "byte-exact" } else { "MISMATCH" };
-        println!("    [{addr}] 16 MiB decrypted, inspected and re-encrypted: {len} bytes, sha256 {verdict}");
+        println!("    [{addr}] {} 16 MiB decrypted, inspected and re-encrypted: {len} bytes, sha256 {verdict}", &version[2..]);
         anyhow::ensure!(got == sha, "download differs from the served file");
     }
     let mints = mints_in(&hsm.audit_log);
@@ -241,6 +245,18 @@ fn main() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
 
+    step("client: fetches eicar.com, the EICAR anti-virus test file (signature eicar of the strict profile: block)");
+    let out = h
+        .client
+        .command("curl")
+        .args(curl(SERVER_NAME, SERVER_V4, 443, "eicar.com", &ca))
+        .output()?;
+    anyhow::ensure!(!out.status.success(), "the EICAR file got through");
+    println!(
+        "    {} (the engine reset both sides before the string reached the client)",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+
     step("client: ping the server (ICMP stays on the in-kernel DEVMAP path)");
     let ping = h
         .client
@@ -261,6 +277,14 @@ fn main() -> anyhow::Result<()> {
     for r in [&first, &hit, &blocked] {
         println!("    {}", compact(r));
     }
+    step("what inspection saw: the record of the HTTP/1.1 request for the 16 MiB download, the EICAR match");
+    let request = control.wait_record("the download's request", |r| {
+        r["record"] == "http" && r["http"]["path"] == "/payload.bin"
+    })?;
+    let hit = control.wait_record("the EICAR match", |r| r["record"] == "signature")?;
+    for r in [&request, &hit] {
+        println!("    {r}");
+    }
     step("`loupe log tail -n 3`");
     show("loupe log tail", control.cli(&["log", "tail", "-n", "3"])?)?;
     step("metrics (excerpt of http://127.0.0.1:9464/metrics in the engine namespace)");
@@ -272,6 +296,8 @@ fn main() -> anyhow::Result<()> {
             "loupe_tls_handshakes_total",
             "loupe_tls_cert_cache_total",
             "loupe_tls_mint_latency_seconds_count",
+            "loupe_http_requests_total",
+            "loupe_signature_hits_total",
         ]
         .iter()
         .any(|m| l.starts_with(m))
