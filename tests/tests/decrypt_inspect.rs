@@ -554,3 +554,106 @@ fn http2_connections_are_not_misparsed_and_signatures_still_apply() {
         r#"loupe_http_requests_total{method="GET",status="200"} 1"#,
     );
 }
+
+/// A URL rule blocking a path: the client is answered with a 403 page
+/// naming the rule, the server never sees the request (its access log has
+/// only the other one), and the log and metrics name the rule.
+#[test]
+fn a_url_rule_answers_a_blocked_request_with_a_403_page_naming_it() {
+    const URL_RULES: &str = r#"[[url_rules]]
+name = "no-secrets"
+path = ["/secret*"]
+action = "block"
+
+[[url_rules]]
+name = "watch-public"
+host = ["*.loupe.test"]
+path = ["/public*"]
+action = "log"
+"#;
+    let m = Mitm::start(|pki| lab_policy(pki, "", URL_RULES)).expect("setup");
+    let access = m.h.dir.join("access.log");
+    let nginx = start_nginx(&m, false, &format!("access_log {};", access.display()));
+    nginx.add_file("secret.bin", 1000, 7).unwrap();
+    let public = nginx.add_file("public.bin", 5000, 8).unwrap();
+
+    let page = m.h.dir.join("page.html");
+    let mut args = vec![
+        "--http1.1".to_string(),
+        "-o".into(),
+        page.display().to_string(),
+        "-w".into(),
+        "%{http_code}".into(),
+    ];
+    args.extend(
+        m.curl_server("secret.bin?x=1")
+            .into_iter()
+            .filter(|a| a != "--fail"),
+    );
+    let out = m.client("curl", &args).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+    let body = std::fs::read_to_string(&page).unwrap();
+    assert!(body.contains("<b>no-secrets</b>"), "{body}");
+
+    // Another path, on a new connection, goes through and is logged with
+    // the rule that watches it.
+    let args = http1(&m, "public.bin", &[]);
+    let (sha, len) = curl_sha256(&m.h, &args).expect("the public file");
+    assert_eq!((sha.as_str(), len), (public.as_str(), 5000));
+
+    let blocked = m
+        .control
+        .wait_record("the blocked request", |r| {
+            r["record"] == "http" && r["http"]["url_action"] == "block"
+        })
+        .unwrap();
+    let h = &blocked["http"];
+    assert_eq!(h["path"], "/secret.bin?x=1", "{blocked:#}");
+    assert_eq!(h["status"], 403, "{blocked:#}");
+    assert_eq!(h["url_rule"], "no-secrets", "{blocked:#}");
+    let own = m
+        .control
+        .wait_record("the blocked connection's record", |r| {
+            is_connection(r) && r["conn"] == blocked["conn"]
+        })
+        .unwrap();
+    assert!(
+        own["tls"]["error"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("URL rule \"no-secrets\""),
+        "{own:#}"
+    );
+    let logged = m
+        .control
+        .wait_record("the public request", |r| {
+            r["record"] == "http" && r["http"]["path"] == "/public.bin"
+        })
+        .unwrap();
+    assert_eq!(logged["http"]["status"], 200, "{logged:#}");
+    assert_eq!(logged["http"]["url_rule"], "watch-public", "{logged:#}");
+    assert_eq!(logged["http"]["url_action"], "log", "{logged:#}");
+    wait_metric(
+        &m,
+        r#"loupe_url_rule_hits_total{rule="no-secrets",action="block"} 1"#,
+    );
+    wait_metric(
+        &m,
+        r#"loupe_url_rule_hits_total{rule="watch-public",action="log"} 1"#,
+    );
+    // The server saw the public request only.
+    let seen = wait_until("nginx's access log", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&access).map_err(|e| e.to_string())?;
+        match text.contains("GET /public.bin") {
+            true => Ok(Some(text)),
+            false => Err(text),
+        }
+    })
+    .unwrap();
+    assert!(!seen.contains("secret"), "{seen}");
+}

@@ -25,6 +25,8 @@ pub struct ControlCounters {
     /// HTTP request records, by (method, status): methods outside the
     /// standard ones count as `other`, a request never answered as `none`.
     pub http: BTreeMap<(String, String), u64>,
+    /// HTTP requests a URL rule matched, by (rule, action).
+    pub url_rules: BTreeMap<(String, String), u64>,
     /// Signature match records, by (signature, action).
     pub signatures: BTreeMap<(String, String), u64>,
     /// Anomaly records (an inspector stopped on a connection).
@@ -132,6 +134,18 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         o.sample(
             "loupe_http_requests_total",
             &[("method", method), ("status", status)],
+            n,
+        );
+    }
+    o.head(
+        "loupe_url_rule_hits_total",
+        "counter",
+        "HTTP requests matched by a URL rule, by rule and action.",
+    );
+    for ((rule, action), n) in &ctl.url_rules {
+        o.sample(
+            "loupe_url_rule_hits_total",
+            &[("rule", rule), ("action", action)],
             n,
         );
     }

@@ -683,6 +683,11 @@ impl Daemon {
                             h.status.map_or("none".into(), |s| s.to_string()),
                         );
                         *c.http.entry(key).or_default() += 1;
+                        if let (Some(rule), Some(action)) = (&h.url_rule, &h.url_action) {
+                            *c.url_rules
+                                .entry((rule.clone(), action.clone()))
+                                .or_default() += 1;
+                        }
                     }
                     (Some(RecordKind::Signature), _, Some(s)) => {
                         *c.signatures

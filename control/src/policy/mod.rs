@@ -23,7 +23,7 @@ use loupe_dataplane::{
     policy::{
         known_groups, known_suites, merge_ports, ports_less, Action, EchAction, Fallback, HostGlob,
         Match, OnError, Policy, PortRange, Profile, Rule, Signature, SignatureAction, TlsVersion,
-        MAX_GLOBS, MAX_RULES,
+        UrlAction, UrlRule, MAX_GLOBS, MAX_PATH_GLOB, MAX_RULES, MAX_URL_PATTERNS, MAX_URL_RULES,
     },
     sys::read_regular,
     tls::{
@@ -34,7 +34,9 @@ use loupe_dataplane::{
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use self::raw::{PortItem, RawCategories, RawPolicy, RawProfile, RawRule, RawSignature};
+use self::raw::{
+    PortItem, RawCategories, RawPolicy, RawProfile, RawRule, RawSignature, RawUrlRule,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
@@ -573,6 +575,32 @@ fn compile_as(
         }
     }
 
+    // [[url_rules]]
+    let mut url_rules = Vec::new();
+    let mut url_names: HashMap<String, Range<usize>> = HashMap::new();
+    for (i, r) in raw.url_rules.iter().enumerate() {
+        if i == MAX_URL_RULES {
+            rep.error(
+                r.span(),
+                format!("more than {MAX_URL_RULES} URL rules: at most {MAX_URL_RULES}"),
+            );
+            break;
+        }
+        if let Some(rule) = url_rule(&mut rep, r, &mut url_names) {
+            url_rules.push(rule);
+        }
+    }
+    let patterns: usize = url_rules
+        .iter()
+        .map(|r| r.hosts.len() + r.paths.len())
+        .sum();
+    if patterns > MAX_URL_PATTERNS {
+        rep.error(
+            0..0,
+            format!("{patterns} host and path globs in URL rules: at most {MAX_URL_PATTERNS}"),
+        );
+    }
+
     // [profiles.*]
     let mut profiles = BTreeMap::new();
     let mut files = HostFiles::default();
@@ -633,6 +661,7 @@ fn compile_as(
         profiles,
         categories,
         signatures,
+        url_rules,
     };
     steered_ports_within_limit(&mut rep, &policy, &written, global);
     shadow_warnings(&mut rep, &policy, &written);
@@ -1191,6 +1220,104 @@ fn profile(
         return None;
     }
     Some(profile)
+}
+
+/// A `[[url_rules]]` entry: its name (unique), host and path globs, and
+/// action, each error where it stands.
+fn url_rule(
+    rep: &mut Report,
+    r: &Spanned<RawUrlRule>,
+    names: &mut HashMap<String, Range<usize>>,
+) -> Option<UrlRule> {
+    let raw = r.get_ref();
+    let name = match &raw.name {
+        None => {
+            rep.error(r.span(), "a URL rule needs a name");
+            None
+        }
+        Some(n) if n.get_ref().trim().is_empty() => {
+            rep.error(n.span(), "a URL rule's name is empty");
+            None
+        }
+        Some(n) if n.get_ref().len() > MAX_RULE_NAME => {
+            rep.error(
+                n.span(),
+                format!(
+                    "a rule name of {} bytes: at most {MAX_RULE_NAME}",
+                    n.get_ref().len()
+                ),
+            );
+            None
+        }
+        Some(n) => match names.get(n.get_ref()) {
+            Some(_) => {
+                rep.error(
+                    n.span(),
+                    format!("URL rule name {:?} is used twice", n.get_ref()),
+                );
+                None
+            }
+            None => {
+                names.insert(n.get_ref().clone(), n.span());
+                Some(n.get_ref().clone())
+            }
+        },
+    };
+    let errors = rep.errors();
+    let hosts = rep.each(&raw.host, HostGlob::from_str);
+    let mut paths = Vec::new();
+    for p in &raw.path {
+        let text = p.get_ref();
+        let why = if !(text.starts_with('/') || text.starts_with('*')) {
+            Some("a path glob starts with / or *".to_string())
+        } else if text.len() > MAX_PATH_GLOB {
+            Some(format!(
+                "a path glob of {} bytes: at most {MAX_PATH_GLOB}",
+                text.len()
+            ))
+        } else if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            Some("a path glob has no spaces or control characters".to_string())
+        } else {
+            None
+        };
+        match why {
+            Some(w) => rep.error(p.span(), format!("path {text:?}: {w}")),
+            None => paths.push(text.clone()),
+        }
+    }
+    let action = match &raw.action {
+        None => {
+            rep.error(r.span(), "a URL rule needs an action (allow, log or block)");
+            None
+        }
+        Some(a) => match a.get_ref().as_str() {
+            "allow" => Some(UrlAction::Allow),
+            "log" => Some(UrlAction::Log),
+            "block" => Some(UrlAction::Block),
+            other => {
+                rep.error(
+                    a.span(),
+                    format!("action = {other:?}: expected \"allow\", \"log\" or \"block\""),
+                );
+                None
+            }
+        },
+    };
+    if raw.host.is_empty() && raw.path.is_empty() {
+        rep.warn(
+            r.span(),
+            "a URL rule with neither host nor path matches every request",
+        );
+    }
+    if rep.errors() > errors {
+        return None;
+    }
+    Some(UrlRule {
+        name: name?,
+        hosts,
+        paths,
+        action: action?,
+    })
 }
 
 /// `[signatures.NAME]`: its pattern's bytes and its action.

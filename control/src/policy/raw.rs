@@ -22,6 +22,23 @@ pub struct RawPolicy {
     pub rules: Vec<Spanned<RawRule>>,
     #[serde(default)]
     pub signatures: BTreeMap<String, Spanned<RawSignature>>,
+    #[serde(default)]
+    pub url_rules: Vec<Spanned<RawUrlRule>>,
+}
+
+/// `[[url_rules]]`, in order.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUrlRule {
+    pub name: Option<Spanned<String>>,
+    /// Free text for people; not used.
+    #[allow(dead_code)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub host: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub path: Vec<Spanned<String>>,
+    pub action: Option<Spanned<String>>,
 }
 
 /// `[signatures.NAME]`: one of `builtin`, `pattern` (text) or `hex`.

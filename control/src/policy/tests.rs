@@ -767,3 +767,64 @@ profile = "p"
         assert!(errors.iter().any(|e| e == w), "{w}\nnot in {errors:#?}");
     }
 }
+
+#[test]
+fn url_rules_compile_in_order_and_bad_ones_are_reported_where_they_stand() {
+    let c = check(
+        r#"
+[[url_rules]]
+name = "open"
+path = ["/docs/*"]
+action = "allow"
+[[url_rules]]
+name = "no-admin"
+host = ["*.corp.test"]
+path = ["/admin/*", "*.php"]
+action = "block"
+[[url_rules]]
+name = "all"
+action = "log"
+"#,
+    );
+    assert_eq!(messages(&c, Severity::Error), Vec::<String>::new());
+    assert_eq!(
+        messages(&c, Severity::Warning),
+        vec!["p.toml:11:1: warning: a URL rule with neither host nor path matches every request"]
+    );
+    let rules = c.policy.unwrap().url_rules;
+    let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["open", "no-admin", "all"]);
+    assert_eq!(rules[1].action, UrlAction::Block);
+    assert!(rules[1].matches(Some("x.corp.test"), "/a/b.php"));
+
+    let c = check(
+        r#"
+[[url_rules]]
+name = "a"
+host = ["bad host"]
+path = ["admin", "/ok", "/has space"]
+action = "deny"
+[[url_rules]]
+name = "a"
+action = "log"
+[[url_rules]]
+path = ["/x"]
+"#,
+    );
+    assert!(c.policy.is_none());
+    let errors = messages(&c, Severity::Error);
+    for want in [
+        "p.toml:4:9: error:",
+        "p.toml:5:9: error: path \"admin\": a path glob starts with / or *",
+        "p.toml:5:25: error: path \"/has space\": a path glob has no spaces or control characters",
+        "p.toml:6:10: error: action = \"deny\": expected \"allow\", \"log\" or \"block\"",
+        "p.toml:8:8: error: URL rule name \"a\" is used twice",
+        "p.toml:10:1: error: a URL rule needs a name",
+        "p.toml:10:1: error: a URL rule needs an action (allow, log or block)",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "{want}\nnot in {errors:#?}"
+        );
+    }
+}

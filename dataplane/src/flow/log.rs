@@ -114,6 +114,12 @@ pub struct HttpLog {
     pub request_body: u64,
     pub response_body: u64,
     pub duration_ms: u64,
+    /// The URL rule that matched the request, and its action (`allow`,
+    /// `log`, `block`: answered with a 403 page, never sent on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_rule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_action: Option<String>,
 }
 
 /// A content signature's match.

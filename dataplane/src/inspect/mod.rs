@@ -18,6 +18,7 @@ pub mod http1;
 pub mod signature;
 
 use self::signature::{Scanner, SignatureAction, SignatureSet};
+use crate::policy::{UrlAction, UrlRule};
 
 /// Which way plaintext flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +57,9 @@ pub struct HttpRequest {
     pub response_body: u64,
     /// From the request's head to the end of its response.
     pub duration_ms: u64,
+    /// The URL rule that matched it, and what it did.
+    pub url_rule: Option<String>,
+    pub url_action: Option<UrlAction>,
 }
 
 /// A signature matched.
@@ -85,8 +89,9 @@ pub enum Finding {
 #[derive(Debug, Default)]
 pub struct Report {
     findings: Vec<Finding>,
-    /// The connection must end: why (the first reason given).
-    block: Option<String>,
+    /// The connection must end: why (the first reason given), and what
+    /// the client is answered (else both sides are reset).
+    block: Option<(String, Option<Vec<u8>>)>,
 }
 
 impl Report {
@@ -94,8 +99,15 @@ impl Report {
         self.findings.push(f);
     }
 
+    /// Both sides are reset.
     pub fn block(&mut self, why: String) {
-        self.block.get_or_insert(why);
+        self.block.get_or_insert((why, None));
+    }
+
+    /// The client gets `answer` (plaintext), then the end of the stream;
+    /// the server is reset.
+    pub fn block_with(&mut self, why: String, answer: Vec<u8>) {
+        self.block.get_or_insert((why, Some(answer)));
     }
 }
 
@@ -144,7 +156,12 @@ impl Pipeline {
     /// Why the connection must end, once an inspector said so: the bytes
     /// just handed over must not be passed on.
     pub fn blocked(&self) -> Option<&str> {
-        self.report.block.as_deref()
+        self.report.block.as_ref().map(|(why, _)| why.as_str())
+    }
+
+    /// What the client is answered when blocked (none: a reset).
+    pub fn answer(&self) -> Option<&[u8]> {
+        self.report.block.as_ref().and_then(|(_, a)| a.as_deref())
     }
 
     /// The findings since the last call.
@@ -160,6 +177,8 @@ pub struct Inspection {
     pub http: bool,
     /// The profile's signatures (none: no scanning).
     pub signatures: Option<Arc<SignatureSet>>,
+    /// The policy's URL rules (for HTTP requests).
+    pub url_rules: Option<Arc<Vec<UrlRule>>>,
 }
 
 impl Inspection {
@@ -168,7 +187,7 @@ impl Inspection {
     pub fn pipeline(&self, alpn: Option<&[u8]>) -> Pipeline {
         let mut inspectors: Vec<Box<dyn Inspector>> = Vec::new();
         if self.http && matches!(alpn, None | Some(b"http/1.1" | b"http/1.0")) {
-            inspectors.push(Box::new(http1::Http1::default()));
+            inspectors.push(Box::new(http1::Http1::new(self.url_rules.clone())));
         }
         if let Some(set) = &self.signatures {
             inspectors.push(Box::new(Scanner::new(set.clone())));
@@ -226,7 +245,7 @@ mod tests {
     fn http1_is_not_looked_for_under_another_protocol() {
         let i = Inspection {
             http: true,
-            signatures: None,
+            ..Inspection::default()
         };
         assert_eq!(i.pipeline(None).inspectors.len(), 1);
         assert_eq!(i.pipeline(Some(b"http/1.1")).inspectors.len(), 1);

@@ -226,10 +226,9 @@ mod tests {
         let cuts: Vec<usize> = (0..stream.len()).collect();
         let (hits, report) = scan(&set, &stream, &cuts);
         assert_eq!(hits, vec![("eicar".to_string(), 100)]);
-        assert!(report
-            .block
-            .unwrap()
-            .contains("\"eicar\" matched at offset 100"));
+        let (why, answer) = report.block.unwrap();
+        assert!(why.contains("\"eicar\" matched at offset 100"), "{why}");
+        assert_eq!(answer, None, "a signature resets, it answers nothing");
     }
 
     #[test]

@@ -435,6 +435,100 @@ fn yes() -> bool {
     true
 }
 
+/// A URL rule (`[[url_rules]]`): matched, in order, against every HTTP
+/// request of decrypted connections whose profile parses HTTP; the first
+/// that matches decides.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UrlRule {
+    pub name: String,
+    /// Host globs the request's host must match one of (none: any host).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostGlob>,
+    /// Path globs (`*` matches any run of characters) the request's path,
+    /// without its query, must match one of (none: any path).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    pub action: UrlAction,
+}
+
+/// What a URL rule does with the requests it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UrlAction {
+    /// Let it through (no later rule is looked at); the record names the rule.
+    Allow,
+    /// Let it through and name the rule in the record.
+    Log,
+    /// Answer it with a 403 page naming the rule and close the connection;
+    /// the server never sees it.
+    Block,
+}
+
+impl UrlAction {
+    pub fn label(self) -> &'static str {
+        match self {
+            UrlAction::Allow => "allow",
+            UrlAction::Log => "log",
+            UrlAction::Block => "block",
+        }
+    }
+}
+
+impl UrlRule {
+    /// Whether the request for `host` (any port cut off, any case) and
+    /// `target` (its query cut off) is one this rule matches.
+    pub fn matches(&self, host: Option<&str>, target: &str) -> bool {
+        let host_ok = self.hosts.is_empty()
+            || host.is_some_and(|h| {
+                let h = h.rsplit_once(':').map_or(h, |(name, port)| {
+                    match !name.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) {
+                        true => name,
+                        false => h,
+                    }
+                });
+                let h = h.trim_end_matches('.').to_ascii_lowercase();
+                self.hosts.iter().any(|g| g.matches(&h))
+            });
+        let path = target.split(['?', '#']).next().unwrap_or("");
+        host_ok && (self.paths.is_empty() || self.paths.iter().any(|p| path_glob(p, path)))
+    }
+}
+
+/// Whether `text` matches `glob`, where `*` stands for any run of
+/// characters. Only the last star is backtracked to, so the cost is at
+/// most the product of the two lengths (both bounded: globs by the
+/// checker, paths by the HTTP inspector), and linear for the usual
+/// `/prefix/*` and `*.ext`.
+pub fn path_glob(glob: &str, text: &str) -> bool {
+    let (g, t) = (glob.as_bytes(), text.as_bytes());
+    let (mut gi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if gi < g.len() && g[gi] == b'*' {
+            star = Some((gi, ti));
+            gi += 1;
+        } else if gi < g.len() && g[gi] == t[ti] {
+            gi += 1;
+            ti += 1;
+        } else if let Some((sg, st)) = star {
+            gi = sg + 1;
+            ti = st + 1;
+            star = Some((sg, st + 1));
+        } else {
+            return false;
+        }
+    }
+    g[gi..].iter().all(|b| *b == b'*')
+}
+
+/// URL rules one policy may have, host and path globs in them all, and
+/// the longest path glob (every request is matched against them on the
+/// packet worker).
+pub const MAX_URL_RULES: usize = 1_000;
+pub const MAX_URL_PATTERNS: usize = 10_000;
+pub const MAX_PATH_GLOB: usize = 256;
+
 /// A content signature (`[signatures.NAME]`): bytes looked for in the
 /// plaintext of decrypted connections, and what a match does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -555,6 +649,9 @@ pub struct Policy {
     /// Content signatures by name (profiles say which they use).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub signatures: BTreeMap<String, Signature>,
+    /// URL rules, in order (for every profile that parses HTTP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub url_rules: Vec<UrlRule>,
 }
 
 /// The XDP steering a policy needs.
@@ -627,6 +724,7 @@ impl Policy {
             profiles: BTreeMap::new(),
             categories: BTreeMap::new(),
             signatures: BTreeMap::new(),
+            url_rules: Vec::new(),
         }
     }
 
@@ -884,6 +982,27 @@ impl Policy {
                 ));
             }
         }
+        let patterns: usize = self
+            .url_rules
+            .iter()
+            .map(|r| r.hosts.len() + r.paths.len())
+            .sum();
+        if self.url_rules.len() > MAX_URL_RULES || patterns > MAX_URL_PATTERNS {
+            return Err(format!(
+                "{} URL rules with {patterns} host and path globs: at most {MAX_URL_RULES} \
+                 and {MAX_URL_PATTERNS}",
+                self.url_rules.len()
+            ));
+        }
+        for r in &self.url_rules {
+            if let Some(p) = r.paths.iter().find(|p| p.len() > MAX_PATH_GLOB) {
+                return Err(format!(
+                    "URL rule {:?}: a path glob of {} bytes (at most {MAX_PATH_GLOB})",
+                    r.name,
+                    p.len()
+                ));
+            }
+        }
         for (name, p) in &self.profiles {
             p.check().map_err(|e| format!("profile {name:?}: {e}"))?;
             for s in &p.signatures {
@@ -991,6 +1110,44 @@ mod tests {
 
     fn prefixes(list: &[&str]) -> Vec<Prefix> {
         list.iter().map(|g| g.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn path_globs_match_as_written() {
+        for (glob, text, want) in [
+            ("/a/*", "/a/b/c", true),
+            ("/a/*", "/ab", false),
+            ("*.exe", "/x/setup.exe", true),
+            ("*.exe", "/x/setup.exe.txt", false),
+            ("/a*b*c", "/aXbYbZc", true),
+            ("/a*b*c", "/aXbYbZ", false),
+            ("/exact", "/exact", true),
+            ("/exact", "/exact/", false),
+            ("*", "", true),
+            ("/**", "/", true),
+        ] {
+            assert_eq!(path_glob(glob, text), want, "{glob} ~ {text}");
+        }
+    }
+
+    #[test]
+    fn url_rules_match_host_without_port_or_case_and_path_without_query() {
+        let r = UrlRule {
+            name: "r".into(),
+            hosts: globs(&["*.shop.test"]),
+            paths: vec!["/cart/*".into()],
+            action: UrlAction::Block,
+        };
+        assert!(r.matches(Some("WWW.Shop.test:8443"), "/cart/1?next=/home"));
+        assert!(r.matches(Some("www.shop.test."), "/cart/x#frag"));
+        assert!(!r.matches(Some("www.shop.test"), "/home?/cart/1"));
+        assert!(!r.matches(None, "/cart/1"));
+        assert!(!r.matches(Some("[2001:2::1]:443"), "/cart/1"));
+        let any_host = UrlRule {
+            hosts: Vec::new(),
+            ..r
+        };
+        assert!(any_host.matches(None, "/cart/1"));
     }
 
     #[test]

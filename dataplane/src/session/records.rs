@@ -97,6 +97,8 @@ pub(super) fn finding_entry(meta: &Meta, f: Finding) -> FlowLogEntry {
                 request_body: r.request_body,
                 response_body: r.response_body,
                 duration_ms: r.duration_ms,
+                url_rule: r.url_rule,
+                url_action: r.url_action.map(|a| a.label().to_string()),
             }));
         }
         Finding::Signature(h) => {

@@ -6,7 +6,7 @@
 //! the engine's thread, so a worker never reads a trust store file.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::IpAddr,
     path::PathBuf,
     sync::{
@@ -37,7 +37,7 @@ use super::{
 };
 use crate::{
     inspect::{signature::SignatureSet, Inspection},
-    policy::{Policy, Profile, Signature},
+    policy::{Policy, Profile},
 };
 
 /// One CA the engine can mint with.
@@ -412,8 +412,11 @@ impl TlsContext {
             stats: TlsStats::default(),
             on_keylog,
         };
-        let default =
-            ctx.prepare_profile(DEFAULT_PROFILE, &Profile::default(), &BTreeMap::new())?;
+        let default = ctx.prepare_profile(
+            DEFAULT_PROFILE,
+            &Profile::default(),
+            &Policy::split_all(&[], Vec::new()),
+        )?;
         *ctx.default_runtime
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Some(default);
@@ -444,13 +447,11 @@ impl TlsContext {
         let mut map = HashMap::new();
         let mut broken = Vec::new();
         for (name, p) in &policy.profiles {
-            let rt = self
-                .prepare_profile(name, p, &policy.signatures)
-                .map_err(|e| {
-                    let why = format!("decryption profile {name:?} cannot be used: {e}");
-                    broken.push(why.clone());
-                    why
-                });
+            let rt = self.prepare_profile(name, p, policy).map_err(|e| {
+                let why = format!("decryption profile {name:?} cannot be used: {e}");
+                broken.push(why.clone());
+                why
+            });
             map.insert(name.clone(), rt);
         }
         *self.runtimes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
@@ -461,12 +462,13 @@ impl TlsContext {
         &self,
         name: &str,
         p: &Profile,
-        signatures: &BTreeMap<String, Signature>,
+        policy: &Policy,
     ) -> Result<Arc<ProfileRuntime>, String> {
         p.check()?;
         let mut sigs = Vec::new();
         for s in &p.signatures {
-            let sig = signatures
+            let sig = policy
+                .signatures
                 .get(s)
                 .ok_or_else(|| format!("unknown signature {s:?}"))?;
             sigs.push((s.clone(), sig.pattern.clone(), sig.action));
@@ -477,6 +479,7 @@ impl TlsContext {
                 true => None,
                 false => Some(Arc::new(SignatureSet::new(&sigs)?)),
             },
+            url_rules: (!policy.url_rules.is_empty()).then(|| Arc::new(policy.url_rules.clone())),
         };
         let path = p
             .trust_store

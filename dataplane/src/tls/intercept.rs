@@ -1056,7 +1056,11 @@ impl Intercept {
             progress |= self.carry(Direction::ServerToClient, &mut up, &mut down, now);
             if let Some(why) = self.pipeline.blocked() {
                 // The bytes that matched were not passed on.
-                return self.blocked_by_inspection(why.to_string());
+                let why = why.to_string();
+                if let Some(answer) = self.pipeline.answer().map(<[u8]>::to_vec) {
+                    return self.answer_and_close(down, client, &answer, why);
+                }
+                return self.blocked_by_inspection(why);
             }
             progress |= flush_tls(&mut up, server);
             progress |= flush_tls(&mut down, client);
@@ -1222,6 +1226,43 @@ impl Intercept {
             .inspect_blocks
             .fetch_add(1, Ordering::Relaxed);
         self.data_failed(format!("blocked by inspection: {why}"))
+    }
+
+    /// An inspector blocked a request and answered it (a 403 page): the
+    /// client gets the answer, close_notify and a FIN; the server, which
+    /// never saw the request, is reset.
+    fn answer_and_close(
+        &mut self,
+        mut down: Box<ServerConnection>,
+        client: &mut dyn ByteStream,
+        answer: &[u8],
+        why: String,
+    ) -> Pump {
+        self.ctx
+            .stats
+            .inspect_blocks
+            .fetch_add(1, Ordering::Relaxed);
+        down.set_buffer_limit(None);
+        let _ = down.writer().write_all(answer);
+        down.send_close_notify();
+        let mut bytes = Vec::new();
+        while down.wants_write() {
+            if down.write_tls(&mut bytes).is_err() {
+                break;
+            }
+        }
+        client.write(&bytes);
+        client.close();
+        self.record.error = Some(TlsError {
+            stage: ErrorStage::Data.label().into(),
+            reason: format!("blocked by inspection: {why}"),
+        });
+        self.phase = Phase::Done;
+        self.deadline = None;
+        Pump::Abort {
+            client: false,
+            server: true,
+        }
     }
 
     /// What the inspectors found since the last call (the session logs

@@ -341,9 +341,10 @@ struct Plain {
 
 impl Setup {
     fn start(path: &str) -> anyhow::Result<Setup> {
-        if path == "decrypt" {
+        if let Some(inspect) = path.strip_prefix("decrypt") {
+            let (profile, tables) = inspecting(inspect)?;
             return Ok(Setup::Decrypt(Box::new(Mitm::start(|pki| {
-                lab_policy(pki, "", "")
+                lab_policy(pki, &profile, &tables)
             })?)));
         }
         let h = Harness::new(HarnessConfig::default())?;
@@ -357,7 +358,9 @@ impl Setup {
                 h.bridge_up()?;
                 (pki.roots.clone(), None)
             }
-            other => anyhow::bail!("unknown path {other:?} (direct, decrypt, sslsplit)"),
+            other => anyhow::bail!(
+                "unknown path {other:?} (direct, decrypt, decrypt-off, decrypt-sigN, sslsplit)"
+            ),
         };
         Ok(Setup::Plain(Box::new(Plain {
             ca,
@@ -425,6 +428,148 @@ fn sslsplit_up(h: &Harness) -> anyhow::Result<(PathBuf, Proc)> {
         .context("spawning sslsplit (Debian's sslsplit, installed by scripts/setup)")?;
     let p = h.relay_ready(Proc::new("sslsplit", child))?;
     Ok((cert, p))
+}
+
+/// What a `decrypt` path's profile inspects, from what follows `decrypt`
+/// in its name: nothing (the default: HTTP/1.1 records on), `-off` (no
+/// inspector), `-sigN` (N alert signatures of 16 pseudo-random bytes,
+/// which random traffic never matches, and HTTP/1.1). The profile's
+/// extra lines and the signature tables.
+fn inspecting(suffix: &str) -> anyhow::Result<(String, String)> {
+    if suffix.is_empty() {
+        return Ok((String::new(), String::new()));
+    }
+    if suffix == "-off" {
+        return Ok(("http = false".into(), String::new()));
+    }
+    let n: usize = suffix
+        .strip_prefix("-sig")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("decrypt{suffix}: expected -off or -sigN"))?;
+    let names: Vec<String> = (0..n).map(|i| format!("\"s{i}\"")).collect();
+    let tables: String = random_patterns(n, 16)
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+            format!("[signatures.s{i}]\nhex = \"{hex}\"\n")
+        })
+        .collect();
+    Ok((format!("signatures = [{}]", names.join(",")), tables))
+}
+
+/// `n` patterns of `len` pseudo-random bytes (a fixed seed).
+fn random_patterns(n: usize, len: usize) -> Vec<Vec<u8>> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The inspectors on one core, in memory, for each configuration: bulk
+/// Gbit/s of one HTTP/1.1 response's body in 16 KiB chunks, and
+/// request/response pairs per second (80-byte request, 1 KiB body).
+fn inspector_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
+    use loupe_dataplane::inspect::{
+        signature::{SignatureAction, SignatureSet},
+        Direction, Inspection,
+    };
+    let set = |n: usize| -> anyhow::Result<Option<Arc<SignatureSet>>> {
+        let sigs: Vec<(String, Vec<u8>, SignatureAction)> = random_patterns(n, 16)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (format!("s{i}"), p, SignatureAction::Alert))
+            .collect();
+        Ok(Some(Arc::new(
+            SignatureSet::new(&sigs).map_err(anyhow::Error::msg)?,
+        )))
+    };
+    // (`off` first: the pipeline's own cost, nothing to compare with.)
+    let configs = [
+        ("off", Inspection::default()),
+        (
+            "http",
+            Inspection {
+                http: true,
+                ..Inspection::default()
+            },
+        ),
+        (
+            "http+sig100",
+            Inspection {
+                http: true,
+                signatures: set(100)?,
+                ..Inspection::default()
+            },
+        ),
+        (
+            "http+sig10000",
+            Inspection {
+                http: true,
+                signatures: set(10_000)?,
+                ..Inspection::default()
+            },
+        ),
+    ];
+    let request = b"GET /bulk HTTP/1.1\r\nHost: bench.loupe.test\r\nUser-Agent: loupe-perf\r\n\r\n";
+    let mut chunk = vec![0u8; 16 << 10];
+    let mut x = 1u64;
+    for b in chunk.iter_mut() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *b = (x >> 56) as u8;
+    }
+    let small = [
+        &b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1024\r\n\r\n"[..],
+        &chunk[..1024],
+    ]
+    .concat();
+    let mut out = Vec::new();
+    for (label, insp) in configs {
+        let now = Instant::now();
+        let mut p = insp.pipeline(None);
+        p.data(Direction::ClientToServer, request, now);
+        p.data(
+            Direction::ServerToClient,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9000000000000000000\r\n\r\n",
+            now,
+        );
+        let t0 = Instant::now();
+        let mut bytes = 0u64;
+        while t0.elapsed() < Duration::from_secs(secs) {
+            for _ in 0..64 {
+                p.data(Direction::ServerToClient, &chunk, now);
+            }
+            bytes += 64 * chunk.len() as u64;
+        }
+        let gbit = bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9;
+        let mut p = insp.pipeline(None);
+        let t0 = Instant::now();
+        let mut pairs = 0u64;
+        while t0.elapsed() < Duration::from_secs(secs) {
+            for _ in 0..256 {
+                p.data(Direction::ClientToServer, request, now);
+                p.data(Direction::ServerToClient, &small, now);
+            }
+            pairs += 256;
+            anyhow::ensure!(p.blocked().is_none(), "a random pattern matched");
+            p.take_findings();
+        }
+        let rate = pairs as f64 / t0.elapsed().as_secs_f64();
+        eprintln!("  {label}: {gbit:.2} Gbit/s bulk, {rate:.0} requests/s");
+        out.push((label.to_string(), gbit, rate));
+    }
+    Ok(out)
 }
 
 /// rustls on one core, in memory: handshake pairs per second and bulk
@@ -623,9 +768,16 @@ fn main() -> anyhow::Result<()> {
     let pki = Pki::new(&h.dir.join("pki"))?;
     let (pairs, gbit) = rustls_limits(&pki, args.seconds)?;
     rows.push(json!({"rustls_handshake_pairs_per_s": pairs, "rustls_bulk_gbit_one_core": gbit}));
+    eprintln!("== inspectors on one core, in memory");
+    let limits = inspector_limits(args.seconds)?;
+    for (label, g, rate) in &limits {
+        rows.push(
+            json!({"inspectors": label, "bulk_gbit_one_core": g, "requests_per_s_one_core": rate}),
+        );
+    }
 
     println!(
-        "\n{:<9} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>11} {:>9}",
+        "\n{:<16} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>11} {:>9}",
         "path",
         "1 conn",
         "8 conns",
@@ -638,7 +790,7 @@ fn main() -> anyhow::Result<()> {
     );
     for r in &table {
         println!(
-            "{:<9} {:>6.2} Gb {:>6.2} Gb {:>11.0} {:>11.0} {:>6.0} us {:>6.0} us {:>8.0} us {:>9}",
+            "{:<16} {:>6.2} Gb {:>6.2} Gb {:>11.0} {:>11.0} {:>6.0} us {:>6.0} us {:>8.0} us {:>9}",
             r["path"].as_str().unwrap_or(""),
             r["bulk_1_gbit"].as_f64().unwrap_or(0.0),
             r["bulk_8_gbit"].as_f64().unwrap_or(0.0),
@@ -655,6 +807,11 @@ fn main() -> anyhow::Result<()> {
     println!(
         "rustls in memory, one core: {pairs:.0} handshake pairs/s, {gbit:.2} Gbit/s bulk (seal+open)"
     );
+    for (label, g, rate) in &limits[1..] {
+        println!(
+            "inspectors in memory, one core, {label}: {g:.2} Gbit/s bulk, {rate:.0} requests/s"
+        );
+    }
     std::fs::create_dir_all("perf/results")?;
     std::fs::write("perf/results/tls.json", serde_json::to_vec_pretty(&rows)?)?;
     Ok(())
