@@ -23,7 +23,8 @@ use loupe_dataplane::{
     policy::{
         known_groups, known_suites, merge_ports, ports_less, Action, EchAction, Fallback, HostGlob,
         Match, OnError, Policy, PortRange, Profile, Rule, Signature, SignatureAction, TlsVersion,
-        UrlAction, UrlRule, MAX_GLOBS, MAX_PATH_GLOB, MAX_RULES, MAX_URL_PATTERNS, MAX_URL_RULES,
+        UrlAction, UrlRule, MAX_GLOBS, MAX_PATH_GLOB, MAX_RULES, MAX_SIGNATURES,
+        MAX_SIGNATURE_BYTES, MAX_URL_PATTERNS, MAX_URL_RULES,
     },
     sys::read_regular,
     tls::{
@@ -567,10 +568,31 @@ fn compile_as(
         }
     }
 
-    // [signatures.*]
+    // [signatures.*], in the order written (for the limits' positions).
     let mut signatures = BTreeMap::new();
-    for (name, s) in &raw.signatures {
+    let mut written_sigs: Vec<(&String, &Spanned<RawSignature>)> = raw.signatures.iter().collect();
+    written_sigs.sort_by_key(|(_, s)| s.span().start);
+    let mut pattern_bytes = 0;
+    for (i, (name, s)) in written_sigs.into_iter().enumerate() {
+        if i == MAX_SIGNATURES {
+            rep.error(
+                s.span(),
+                format!("more than {MAX_SIGNATURES} signatures: at most {MAX_SIGNATURES}"),
+            );
+            break;
+        }
         if let Some(sig) = signature(&mut rep, name, s) {
+            pattern_bytes += sig.pattern.len();
+            if pattern_bytes > MAX_SIGNATURE_BYTES {
+                rep.error(
+                    s.span(),
+                    format!(
+                        "signature patterns of more than {MAX_SIGNATURE_BYTES} bytes together \
+                         (4 MiB) from here on"
+                    ),
+                );
+                break;
+            }
             signatures.insert(name.clone(), sig);
         }
     }
@@ -1249,6 +1271,13 @@ fn url_rule(
             );
             None
         }
+        Some(n) if n.get_ref().chars().any(char::is_control) => {
+            rep.error(
+                n.span(),
+                "a URL rule's name has no control characters (it goes into pages, logs and metrics)",
+            );
+            None
+        }
         Some(n) => match names.get(n.get_ref()) {
             Some(_) => {
                 rep.error(
@@ -1323,6 +1352,16 @@ fn url_rule(
 /// `[signatures.NAME]`: its pattern's bytes and its action.
 fn signature(rep: &mut Report, name: &str, s: &Spanned<RawSignature>) -> Option<Signature> {
     let raw = s.get_ref();
+    if name.is_empty() || name.len() > MAX_RULE_NAME || name.chars().any(char::is_control) {
+        rep.error(
+            s.span(),
+            format!(
+                "signature name {name:?}: 1 to {MAX_RULE_NAME} bytes, no control characters \
+                 (it goes into logs and metrics)"
+            ),
+        );
+        return None;
+    }
     let action = match &raw.action {
         None => Some(SignatureAction::Alert),
         Some(a) => match a.get_ref().as_str() {

@@ -828,3 +828,42 @@ path = ["/x"]
         );
     }
 }
+
+#[test]
+fn names_with_control_characters_and_too_many_signatures_are_refused_where_they_stand() {
+    let c = check(
+        r#"
+[signatures."bell\u0007"]
+pattern = "x"
+[[url_rules]]
+name = "crlf\r\nX-Injected: 1"
+path = ["/x"]
+action = "block"
+"#,
+    );
+    let errors = messages(&c, Severity::Error);
+    for want in [
+        "p.toml:2:1: error: signature name \"bell\\u{7}\": 1 to 128 bytes, no control characters",
+        "p.toml:5:8: error: a URL rule's name has no control characters",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "{want}\nnot in {errors:#?}"
+        );
+    }
+
+    let mut text = String::new();
+    for i in 0..=MAX_SIGNATURES {
+        text.push_str(&format!("[signatures.s{i}]\npattern = \"p{i}\"\n"));
+    }
+    let c = check(&text);
+    let errors = messages(&c, Severity::Error);
+    // The one too many, where it stands (line 2 per signature).
+    let line = 2 * MAX_SIGNATURES + 1;
+    assert_eq!(
+        errors,
+        vec![format!(
+            "p.toml:{line}:1: error: more than {MAX_SIGNATURES} signatures: at most {MAX_SIGNATURES}"
+        )]
+    );
+}

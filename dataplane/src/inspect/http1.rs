@@ -16,7 +16,7 @@
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use super::{Direction, Finding, HttpRequest, Inspector, Report};
-use crate::policy::{UrlAction, UrlRule};
+use crate::policy::{normalize_path, UrlAction, UrlRule};
 
 /// The longest request or response head (start line and fields).
 pub const MAX_HEAD: usize = 64 << 10;
@@ -97,6 +97,8 @@ pub struct Http1 {
     done: bool,
     /// The policy's URL rules, each request matched against them.
     rules: Option<Arc<Vec<UrlRule>>>,
+    /// The client's server name: the host of a request that names none.
+    sni: Option<String>,
 }
 
 /// The page a request blocked by URL rule `rule` is answered with.
@@ -134,9 +136,10 @@ struct Framing {
 }
 
 impl Http1 {
-    pub fn new(rules: Option<Arc<Vec<UrlRule>>>) -> Http1 {
+    pub fn new(rules: Option<Arc<Vec<UrlRule>>>, sni: Option<String>) -> Http1 {
         Http1 {
             rules,
+            sni,
             ..Http1::default()
         }
     }
@@ -203,13 +206,26 @@ impl Http1 {
         let method = req.method.unwrap_or_default();
         let target = req.path.unwrap_or_default();
         let framing = framing(req.headers)?;
-        let mut host = field(req.headers, "host").map(|h| cut(&String::from_utf8_lossy(h)));
-        if host.is_none() {
-            // An absolute target names the authority (RFC 9112 §3.2.2).
-            host = target
-                .split_once("://")
-                .map(|(_, rest)| cut(rest.split('/').next().unwrap_or_default()));
+        let hosts = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host"))
+            .count();
+        if hosts > 1 {
+            // RFC 9112 §3.2: a server must refuse it; which one a server
+            // would take is anyone's guess.
+            return Err("a request with more than one Host field".into());
         }
+        // An absolute target's authority wins over the Host field (RFC
+        // 9112 §3.2.2).
+        let host = match target.split_once("://") {
+            Some((scheme, rest)) if !scheme.contains('/') => {
+                let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+                let authority = authority.rsplit('@').next().unwrap_or_default();
+                Some(cut(authority))
+            }
+            _ => field(req.headers, "host").map(|h| cut(&String::from_utf8_lossy(h))),
+        };
         let upgrade = field(req.headers, "upgrade").is_some();
         let connect = method.eq_ignore_ascii_case("CONNECT");
         let head = method == "HEAD";
@@ -220,9 +236,12 @@ impl Http1 {
         }
         self.requests += 1;
         let rule = self.rules.as_ref().and_then(|rules| {
+            let path = normalize_path(target);
+            // (HTTP/1.0 needs no Host field: the TLS server name stands in.)
+            let host = host.as_deref().or(self.sni.as_deref());
             rules
                 .iter()
-                .find(|r| r.matches(host.as_deref(), &cut(target)))
+                .find(|r| r.matches(host, &path))
                 .map(|r| (r.name.clone(), r.action))
         });
         let mut rec = HttpRequest {
@@ -452,6 +471,16 @@ impl Http1 {
     }
 }
 
+impl Http1 {
+    /// Whether a URL rule could block a request here: then a stream this
+    /// parser cannot follow must not carry requests past the rules.
+    fn enforcing(&self) -> bool {
+        self.rules
+            .as_ref()
+            .is_some_and(|r| r.iter().any(|r| r.action == UrlAction::Block))
+    }
+}
+
 impl Inspector for Http1 {
     fn on_data(&mut self, dir: Direction, data: &[u8], now: Instant, report: &mut Report) {
         if self.done {
@@ -459,7 +488,13 @@ impl Inspector for Http1 {
         }
         if let Err(why) = self.feed(dir, data, now, report) {
             self.flush(now, report);
-            self.stop(dir, format!("HTTP/1.1 parsing stopped: {why}"), report);
+            let why = format!("HTTP/1.1 parsing stopped: {why}");
+            if self.enforcing() {
+                // Fail closed: what follows could be requests the URL
+                // rules would block.
+                report.block(format!("{why} (URL rules cannot be enforced)"));
+            }
+            self.stop(dir, why, report);
         }
     }
 
@@ -866,7 +901,7 @@ mod tests {
 
     /// Runs `client` then `server` through an inspector with [`rules`].
     fn with_rules(client: &[u8], server: &[u8]) -> Report {
-        let mut h = Http1::new(rules());
+        let mut h = Http1::new(rules(), Some("sni.test".into()));
         let mut r = Report::default();
         let now = Instant::now();
         h.on_data(C2S, client, now, &mut r);
@@ -966,6 +1001,56 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_stream_the_parser_cannot_follow_is_reset_while_url_rules_block() {
+        // Otherwise the requests after a malformed one would pass unmatched.
+        let client = [
+            &b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
+            &get("/secret/x"),
+        ]
+        .concat();
+        let r = with_rules(&client, b"");
+        let (why, answer) = r.block.clone().expect("blocked");
+        assert!(why.contains("URL rules cannot be enforced"), "{why}");
+        assert_eq!(answer, None);
+        // Without blocking rules the anomaly is only logged.
+        let mut h = Http1::default();
+        let mut r = Report::default();
+        h.on_data(C2S, &client, Instant::now(), &mut r);
+        assert!(r.block.is_none());
+        assert_eq!(anomalies(&r.findings).len(), 1);
+    }
+
+    #[test]
+    fn a_request_without_a_host_is_matched_with_the_server_name() {
+        let r = with_rules(b"GET /secret/x HTTP/1.0\r\n\r\n", b"");
+        assert!(r.block.is_some(), "{:?}", r.findings);
+    }
+
+    #[test]
+    fn the_authority_of_an_absolute_target_wins_and_two_hosts_are_refused() {
+        let r = with_rules(
+            b"GET https://b.test/secret/x HTTP/1.1\r\nHost: other.example\r\n\r\n",
+            b"",
+        );
+        assert!(r.block.is_some(), "{:?}", r.findings);
+        let r = with_rules(
+            b"GET /secret/x HTTP/1.1\r\nHost: other.example\r\nHost: b.test\r\n\r\n",
+            b"",
+        );
+        let (why, _) = r.block.clone().expect("blocked");
+        assert!(why.contains("more than one Host"), "{why}");
+    }
+
+    #[test]
+    fn other_spellings_of_a_blocked_path_are_blocked() {
+        for target in ["/%73ecret/x", "/SECRET/x", "//secret/x", "/a/../secret/x"] {
+            let req = format!("GET {target} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+            let r = with_rules(req.as_bytes(), b"");
+            assert!(r.block.is_some(), "{target}: {:?}", r.findings);
+        }
     }
 
     #[test]

@@ -182,12 +182,27 @@ pub struct Inspection {
 }
 
 impl Inspection {
+    /// Whether requests are matched against URL rules that may block:
+    /// then a connection must speak a protocol the inspectors follow.
+    pub fn enforces_urls(&self) -> bool {
+        self.http
+            && self
+                .url_rules
+                .as_ref()
+                .is_some_and(|r| r.iter().any(|r| r.action == UrlAction::Block))
+    }
+
     /// A connection's pipeline; `alpn` is the protocol the two legs
-    /// agreed (HTTP/1.1 is not looked for in another protocol).
-    pub fn pipeline(&self, alpn: Option<&[u8]>) -> Pipeline {
+    /// agreed (HTTP/1.1 is not looked for in another protocol), `sni` the
+    /// name the client asked for (URL rules take it for a request without
+    /// a host).
+    pub fn pipeline(&self, alpn: Option<&[u8]>, sni: Option<&str>) -> Pipeline {
         let mut inspectors: Vec<Box<dyn Inspector>> = Vec::new();
         if self.http && matches!(alpn, None | Some(b"http/1.1" | b"http/1.0")) {
-            inspectors.push(Box::new(http1::Http1::new(self.url_rules.clone())));
+            inspectors.push(Box::new(http1::Http1::new(
+                self.url_rules.clone(),
+                sni.map(Into::into),
+            )));
         }
         if let Some(set) = &self.signatures {
             inspectors.push(Box::new(Scanner::new(set.clone())));
@@ -247,8 +262,8 @@ mod tests {
             http: true,
             ..Inspection::default()
         };
-        assert_eq!(i.pipeline(None).inspectors.len(), 1);
-        assert_eq!(i.pipeline(Some(b"http/1.1")).inspectors.len(), 1);
-        assert_eq!(i.pipeline(Some(b"h2")).inspectors.len(), 0);
+        assert_eq!(i.pipeline(None, None).inspectors.len(), 1);
+        assert_eq!(i.pipeline(Some(b"http/1.1"), None).inspectors.len(), 1);
+        assert_eq!(i.pipeline(Some(b"h2"), None).inspectors.len(), 0);
     }
 }

@@ -445,8 +445,8 @@ pub struct UrlRule {
     /// Host globs the request's host must match one of (none: any host).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<HostGlob>,
-    /// Path globs (`*` matches any run of characters) the request's path,
-    /// without its query, must match one of (none: any path).
+    /// Path globs (`*` matches any run of characters) the request's path
+    /// must match one of (none: any path); see [`normalize_path`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
     pub action: UrlAction,
@@ -477,8 +477,8 @@ impl UrlAction {
 
 impl UrlRule {
     /// Whether the request for `host` (any port cut off, any case) and
-    /// `target` (its query cut off) is one this rule matches.
-    pub fn matches(&self, host: Option<&str>, target: &str) -> bool {
+    /// `path` (as [`normalize_path`] gives it) is one this rule matches.
+    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
         let host_ok = self.hosts.is_empty()
             || host.is_some_and(|h| {
                 let h = h.rsplit_once(':').map_or(h, |(name, port)| {
@@ -490,13 +490,73 @@ impl UrlRule {
                 let h = h.trim_end_matches('.').to_ascii_lowercase();
                 self.hosts.iter().any(|g| g.matches(&h))
             });
-        let path = target.split(['?', '#']).next().unwrap_or("");
         host_ok && (self.paths.is_empty() || self.paths.iter().any(|p| path_glob(p, path)))
     }
 }
 
-/// Whether `text` matches `glob`, where `*` stands for any run of
-/// characters. Only the last star is backtracked to, so the cost is at
+/// A request target's path as URL rules see it, so that spellings a server
+/// takes for the same resource match alike: the scheme and authority of an
+/// absolute target cut off, then the query and fragment; percent-encoded
+/// bytes decoded; runs of `/` merged; `.` and `..` segments resolved (never
+/// above the root). A target that is not a path (`*`, an authority) is
+/// kept as it is. Matching is also blind to ASCII case ([`path_glob`]),
+/// so a rule errs on the side of matching.
+pub fn normalize_path(target: &str) -> String {
+    let mut rest = target;
+    if let Some((scheme, after)) = target.split_once("://") {
+        if !scheme.contains('/') {
+            rest = after.find('/').map_or("/", |i| &after[i..]);
+        }
+    }
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    if !rest.is_empty() && !rest.starts_with('/') {
+        // `*` (OPTIONS) or an authority (CONNECT): not a path.
+        return rest.to_string();
+    }
+    let raw = rest.as_bytes();
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            raw[i],
+            raw.get(i + 1).and_then(|b| hex(*b)),
+            raw.get(i + 2).and_then(|b| hex(*b)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                bytes.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                bytes.push(b);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8_lossy(&bytes);
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len() + 1);
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || (decoded.ends_with('/') && !segments.is_empty()) {
+        out.push('/');
+    }
+    out
+}
+
+/// Whether `text` matches `glob` (ASCII case aside), where `*` stands for
+/// any run of characters. Only the last star is backtracked to, so the cost is at
 /// most the product of the two lengths (both bounded: globs by the
 /// checker, paths by the HTTP inspector), and linear for the usual
 /// `/prefix/*` and `*.ext`.
@@ -508,7 +568,7 @@ pub fn path_glob(glob: &str, text: &str) -> bool {
         if gi < g.len() && g[gi] == b'*' {
             star = Some((gi, ti));
             gi += 1;
-        } else if gi < g.len() && g[gi] == t[ti] {
+        } else if gi < g.len() && g[gi].eq_ignore_ascii_case(&t[ti]) {
             gi += 1;
             ti += 1;
         } else if let Some((sg, st)) = star {
@@ -534,9 +594,40 @@ pub const MAX_PATH_GLOB: usize = 256;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Signature {
+    /// (In hex when serialized: half the size of a list of numbers.)
+    #[serde(with = "hex_pattern")]
     pub pattern: Vec<u8>,
     pub action: SignatureAction,
 }
+
+/// Signature patterns as hex strings.
+mod hex_pattern {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        if !text.len().is_multiple_of(2) {
+            return Err(D::Error::custom("an odd number of hex digits"));
+        }
+        (0..text.len())
+            .step_by(2)
+            .map(|i| {
+                text.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| D::Error::custom("not hex"))
+            })
+            .collect()
+    }
+}
+
+/// All signature patterns of a policy together, at most (a policy goes to
+/// the dataplane in one message).
+pub const MAX_SIGNATURE_BYTES: usize = 4 << 20;
 
 impl Default for Profile {
     fn default() -> Self {
@@ -973,6 +1064,12 @@ impl Policy {
                 self.signatures.len()
             ));
         }
+        let total: usize = self.signatures.values().map(|s| s.pattern.len()).sum();
+        if total > MAX_SIGNATURE_BYTES {
+            return Err(format!(
+                "signature patterns of {total} bytes together: at most {MAX_SIGNATURE_BYTES}"
+            ));
+        }
         for (name, sig) in &self.signatures {
             let n = sig.pattern.len();
             if n == 0 || n > crate::inspect::signature::MAX_PATTERN {
@@ -1113,6 +1210,41 @@ mod tests {
     }
 
     #[test]
+    fn signature_patterns_travel_as_hex() {
+        let sig = Signature {
+            pattern: vec![0x00, 0xde, 0xad, b'A'],
+            action: SignatureAction::Block,
+        };
+        let json = serde_json::to_string(&sig).unwrap();
+        assert_eq!(json, r#"{"pattern":"00dead41","action":"block"}"#);
+        assert_eq!(serde_json::from_str::<Signature>(&json).unwrap(), sig);
+        for bad in [
+            r#"{"pattern":"abc","action":"block"}"#,
+            r#"{"pattern":"zz","action":"block"}"#,
+        ] {
+            assert!(serde_json::from_str::<Signature>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn paths_are_normalized_before_matching() {
+        for (target, want) in [
+            ("/", "/"),
+            ("", "/"),
+            ("*", "*"),
+            ("/a/b/", "/a/b/"),
+            ("/a/./b/../c", "/a/c"),
+            ("/..", "/"),
+            ("http://h.test", "/"),
+            ("http://h.test/x?y", "/x"),
+            ("/%41%zz%", "/A%zz%"),
+            ("/a//b", "/a/b"),
+        ] {
+            assert_eq!(normalize_path(target), want, "{target}");
+        }
+    }
+
+    #[test]
     fn path_globs_match_as_written() {
         for (glob, text, want) in [
             ("/a/*", "/a/b/c", true),
@@ -1138,11 +1270,25 @@ mod tests {
             paths: vec!["/cart/*".into()],
             action: UrlAction::Block,
         };
-        assert!(r.matches(Some("WWW.Shop.test:8443"), "/cart/1?next=/home"));
-        assert!(r.matches(Some("www.shop.test."), "/cart/x#frag"));
-        assert!(!r.matches(Some("www.shop.test"), "/home?/cart/1"));
-        assert!(!r.matches(None, "/cart/1"));
-        assert!(!r.matches(Some("[2001:2::1]:443"), "/cart/1"));
+        let m = |host, target| r.matches(host, &normalize_path(target));
+        assert!(m(Some("WWW.Shop.test:8443"), "/cart/1?next=/home"));
+        assert!(m(Some("www.shop.test."), "/cart/x#frag"));
+        assert!(!m(Some("www.shop.test"), "/home?/cart/1"));
+        assert!(!m(None, "/cart/1"));
+        assert!(!m(Some("[2001:2::1]:443"), "/cart/1"));
+        // Other spellings of the same path.
+        for target in [
+            "/CART/1",
+            "/%63art/1",
+            "//cart//1",
+            "/./cart/1",
+            "/x/../cart/1",
+            "/../../cart/1",
+            "https://www.shop.test/cart/1",
+            "/cart%2F1",
+        ] {
+            assert!(m(Some("www.shop.test"), target), "{target}");
+        }
         let any_host = UrlRule {
             hosts: Vec::new(),
             ..r

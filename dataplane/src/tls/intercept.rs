@@ -402,7 +402,13 @@ impl Intercept {
             down_ready: false,
             counted: true,
         };
-        match connect(&me.rt.client, me.name.clone(), me.hello.alpn.clone()) {
+        let mut alpn = me.hello.alpn.clone();
+        if me.rt.inspection.enforces_urls() {
+            // HTTP/2 is not parsed: while URL rules may block, the
+            // connection is kept to HTTP/1.1, where they are enforced.
+            alpn.retain(|p| p != b"h2");
+        }
+        match connect(&me.rt.client, me.name.clone(), alpn) {
             Ok((mut up, watch)) => {
                 up.set_buffer_limit(Some(TLS_BUFFER));
                 me.phase = Phase::Upstream {
@@ -989,7 +995,10 @@ impl Intercept {
             .alpn_protocol()
             .map(|a| vec![a.to_vec()])
             .unwrap_or_default();
-        self.pipeline = self.rt.inspection.pipeline(up.alpn_protocol());
+        self.pipeline = self
+            .rt
+            .inspection
+            .pipeline(up.alpn_protocol(), self.hello.sni.as_deref());
         match accepted.into_connection(Arc::new(cfg)) {
             Ok(mut down) => {
                 down.set_buffer_limit(Some(TLS_BUFFER));

@@ -537,7 +537,7 @@ fn inspector_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
     let mut out = Vec::new();
     for (label, insp) in configs {
         let now = Instant::now();
-        let mut p = insp.pipeline(None);
+        let mut p = insp.pipeline(None, None);
         p.data(Direction::ClientToServer, request, now);
         p.data(
             Direction::ServerToClient,
@@ -553,7 +553,7 @@ fn inspector_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
             bytes += 64 * chunk.len() as u64;
         }
         let gbit = bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9;
-        let mut p = insp.pipeline(None);
+        let mut p = insp.pipeline(None, None);
         let t0 = Instant::now();
         let mut pairs = 0u64;
         while t0.elapsed() < Duration::from_secs(secs) {
