@@ -86,6 +86,8 @@ pub struct EngineConfig {
     pub hsm: Option<HsmSettings>,
     /// TLS interception (with an HSM).
     pub tls: crate::tls::context::TlsSettings,
+    /// Copies of decrypted plaintext (off unless a destination is set).
+    pub export: crate::export::ExportConfig,
 }
 
 /// The signer service the engine starts (and checks) at start-up.
@@ -117,6 +119,7 @@ impl EngineConfig {
             pin_workers: true,
             hsm: None,
             tls: Default::default(),
+            export: Default::default(),
             tcp_split: false,
             hold_bytes: SessionSettings::default().hold_bytes,
             hold_timeout: SessionSettings::default().hold_timeout,

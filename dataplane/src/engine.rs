@@ -23,6 +23,7 @@ use crate::{
     api::{Api, EngineRequest},
     config::{EngineConfig, HsmSettings},
     ebpf::{Classifier, ClassifierError, FlowVerdicts},
+    export::Exporter,
     flow::{FlowLogEntry, MapOp, Sharder, Side},
     policy::{Policy, PolicyCell, Steering},
     session::SessionSettings,
@@ -86,6 +87,8 @@ pub enum EngineError {
     Hsm(#[from] loupe_hsm::HsmError),
     #[error("TLS interception: {0}")]
     Tls(String),
+    #[error("decrypted-plaintext export: {0}")]
+    Export(String),
     #[error("control socket {path}: {source}")]
     Api {
         path: String,
@@ -99,7 +102,15 @@ const L2_OVERHEAD: u32 = 14 + 2 * 4;
 
 /// Opens the audit log (sealed with the first token's audit key) and starts
 /// the signer service.
-fn start_hsm(h: &HsmSettings) -> Result<(AuditLog, Signer), EngineError> {
+/// The signer service and its audit log. Dropped (a start that fails
+/// after it) in this order: the signer's threads hold audit sinks, and
+/// the log waits for every sink before it closes.
+struct HsmService {
+    signer: Signer,
+    log: AuditLog,
+}
+
+fn start_hsm(h: &HsmSettings) -> Result<HsmService, EngineError> {
     let first = h
         .tokens
         .first()
@@ -110,7 +121,7 @@ fn start_hsm(h: &HsmSettings) -> Result<(AuditLog, Signer), EngineError> {
     sc.threads_per_token = h.threads_per_token;
     sc.batch = h.batch;
     let signer = Signer::start(sc, Some(log.sink()))?;
-    Ok((log, signer))
+    Ok(HsmService { signer, log })
 }
 
 /// How often the engine re-reads the CAs from the token (a `loupe ca
@@ -139,6 +150,7 @@ fn start_tls(
         }
     };
     let label = first.label.clone();
+    let export_audit = audit.clone();
     let on_keylog = Box::new(move |profile: &str, path: &str| {
         let entry = Entry::now(
             Kind::KeyLog,
@@ -151,13 +163,36 @@ fn start_tls(
             eprintln!("loupe-dataplane: warning: cannot audit the key log: {e}");
         }
     });
-    let ctx = TlsContext::new(
+    let mut ctx = TlsContext::new(
         cfg.tls.clone(),
         Some(Arc::new(signer.handle())),
         cas,
         on_keylog,
     )
     .map_err(EngineError::Tls)?;
+    if cfg.export.enabled() {
+        if let Some(m) = &cfg.export.mirror {
+            if *m == cfg.inside || *m == cfg.outside {
+                return Err(EngineError::Export(format!(
+                    "the mirror port {m} is one of the engine's own interfaces"
+                )));
+            }
+        }
+        let exporter = Exporter::start(&cfg.export).map_err(EngineError::Export)?;
+        let entry = Entry::now(
+            Kind::Export,
+            &first.label,
+            "(decrypted plaintext)",
+            exporter.describe(),
+            "loupe-dataplane",
+        );
+        // Enabling it is on record, or it is not enabled.
+        export_audit
+            .record(vec![entry])
+            .map_err(|e| EngineError::Export(format!("cannot audit enabling it: {e}")))?;
+        println!("loupe-dataplane: {}", exporter.describe());
+        ctx = ctx.with_exporter(exporter);
+    }
     Ok((Arc::new(ctx), token))
 }
 
@@ -222,7 +257,7 @@ pub fn run(
         None => None,
     };
     let tls = match (&cfg.hsm, &hsm) {
-        (Some(h), Some((log, signer))) => Some(start_tls(cfg, h, signer, log.sink())?),
+        (Some(h), Some(HsmService { signer, log })) => Some(start_tls(cfg, h, signer, log.sink())?),
         _ => None,
     };
     let tls_ctx = tls.as_ref().map(|(c, _)| c.clone());
@@ -404,7 +439,7 @@ pub fn run(
                 );
             }
         }
-        if let Some((log, signer)) = &hsm {
+        if let Some(HsmService { signer, log }) = &hsm {
             r.hsm = signer.health();
             r.audit = Some(log.health());
         }
@@ -519,6 +554,11 @@ pub fn run(
             died.get_or_insert(id);
         }
     }
+    // The copies of what the workers decrypted are written out before
+    // the final report counts them.
+    if let Some(e) = tls_ctx.as_ref().and_then(|c| c.export.as_ref()) {
+        e.stop();
+    }
     let last = snapshot("stopped", &steering, &classifier);
     if let Some(api) = api {
         api.stop();
@@ -532,7 +572,7 @@ pub fn run(
     // before the audit log is closed, which waits for every sink.
     drop(tls);
     drop(tls_ctx);
-    if let Some((log, signer)) = hsm {
+    if let Some(HsmService { signer, log }) = hsm {
         // Answer what is queued, then seal the audit log.
         signer.shutdown();
         if let Err(e) = log.close() {

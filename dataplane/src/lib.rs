@@ -10,6 +10,7 @@ pub mod api;
 pub mod config;
 pub mod ebpf;
 pub mod engine;
+pub mod export;
 pub mod flow;
 pub mod inspect;
 pub mod policy;

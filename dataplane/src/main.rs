@@ -13,6 +13,7 @@ use loupe_dataplane::{
     api::{unix, ApiConfig},
     config::{self, EngineConfig, HsmSettings, Prefix},
     engine,
+    export::{pcapng::RingConfig, ExportConfig},
     policy::HostGlob,
     session::SessionSettings,
     tls::context::TlsSettings,
@@ -155,6 +156,29 @@ struct Args {
     /// near 6 GiB.
     #[arg(long, default_value_t = 8_192)]
     max_tls_sessions: usize,
+    /// Write the decrypted plaintext of profiles with `export = ["pcap"]`
+    /// as pcapng files in this directory (the engine user's own, mode
+    /// 700). Off by default; enabling it is written to the audit log.
+    #[arg(long, value_name = "DIR")]
+    export_pcap: Option<PathBuf>,
+    /// A capture file is closed before it passes this many MB...
+    #[arg(long, default_value_t = 100, value_name = "MB")]
+    pcap_file_mb: u64,
+    /// ...or once it is this many seconds old.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    pcap_file_secs: u64,
+    /// All capture files together; the oldest are removed.
+    #[arg(long, default_value_t = 1000, value_name = "MB")]
+    pcap_total_mb: u64,
+    /// Send the decrypted plaintext of profiles with `export =
+    /// ["mirror"]` out this interface, as frames for an IDS. Off by
+    /// default; enabling it is written to the audit log.
+    #[arg(long, value_name = "IFACE")]
+    export_mirror: Option<String>,
+    /// Plaintext waiting for the exporter, at most (beyond, it is dropped
+    /// and counted; decryption never waits).
+    #[arg(long, default_value_t = 64, value_name = "MB")]
+    export_queue_mb: u64,
 }
 
 fn main() -> ExitCode {
@@ -236,6 +260,24 @@ fn main() -> ExitCode {
         max_sessions: args.max_tls_sessions,
         ..TlsSettings::default()
     };
+
+    cfg.export = ExportConfig {
+        pcap: args.export_pcap.map(|dir| RingConfig {
+            dir,
+            file_bytes: args.pcap_file_mb.saturating_mul(1_000_000),
+            file_age: Duration::from_secs(args.pcap_file_secs.max(1)),
+            total_bytes: args.pcap_total_mb.saturating_mul(1_000_000),
+        }),
+        mirror: args.export_mirror,
+        queue_bytes: args.export_queue_mb.saturating_mul(1 << 20),
+    };
+    if cfg.export.enabled() && cfg.hsm.is_none() {
+        eprintln!(
+            "loupe-dataplane: error: --export-pcap and --export-mirror copy decrypted \
+             plaintext, and nothing is decrypted without --hsm-token"
+        );
+        return ExitCode::from(2);
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

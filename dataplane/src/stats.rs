@@ -378,6 +378,9 @@ pub struct TlsReport {
     pub excluded: u64,
     pub exclusions_added: u64,
     pub exclusion_hits: u64,
+    /// The decrypted-plaintext exporter (none when off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<crate::export::ExportReport>,
 }
 
 impl TlsReport {
@@ -407,6 +410,7 @@ impl TlsReport {
             excluded: ctx.exclusions.list().len() as u64,
             exclusions_added: ctx.exclusions.added.load(Relaxed),
             exclusion_hits: ctx.exclusions.hits.load(Relaxed),
+            export: ctx.export.as_ref().map(|e| e.report()),
         }
     }
 }
@@ -660,6 +664,34 @@ impl StatsReport {
                 t.mint_failed,
                 t.excluded
             );
+            if let Some(e) = &t.export {
+                let mut to = Vec::new();
+                if let Some(d) = &e.pcap_dir {
+                    to.push(format!(
+                        "pcapng in {d} ({} frames, {} files, {} bytes on disk, {} write errors, \
+                         {} frames lost)",
+                        e.pcap_packets,
+                        e.pcap_files_opened,
+                        e.pcap_disk_bytes,
+                        e.pcap_write_errors,
+                        e.pcap_frames_lost
+                    ));
+                }
+                if let Some(m) = &e.mirror {
+                    to.push(format!(
+                        "mirror port {m} ({} frames, {} not taken)",
+                        e.mirror_frames, e.mirror_dropped
+                    ));
+                }
+                let _ = writeln!(
+                    s,
+                    "export: {} connections to {}; {} chunks ({} bytes) dropped",
+                    e.connections,
+                    to.join(" and "),
+                    e.events_dropped,
+                    e.bytes_dropped
+                );
+            }
         }
         let flows: Vec<&FlowSummary> = self.workers.iter().flat_map(|w| &w.flows).collect();
         if !flows.is_empty() {

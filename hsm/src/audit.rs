@@ -184,6 +184,9 @@ pub enum Kind {
     /// TLS session secrets are exported (a decryption profile's key log
     /// was turned on): whoever reads the file can decrypt those sessions.
     KeyLog,
+    /// Decrypted plaintext is copied out of the engine (pcapng files or a
+    /// mirror port): whoever reads them sees those connections' content.
+    Export,
     /// An operator started this log in place of another at its path
     /// (`loupe audit reset-head`): the record names the head it supersedes.
     Supersede,

@@ -14,6 +14,14 @@
 //!  client eth0 ==== wire-a [cimp] wire-b ==== inside [engine] outside ==== wire-b [simp] wire-a ==== eth0 server
 //! ```
 //!
+//! With `mirror`, a fourth namespace (`ids`) hangs off the engine's
+//! `mirror` interface, where an IDS (tshark, ngrep) reads the decrypted
+//! copies the engine sends out its mirror port:
+//!
+//! ```text
+//!  engine ns: mirror ==== eth0 [ids ns]   (no addresses: receive only)
+//! ```
+//!
 //! The engine's interfaces carry no addresses: a bump in the wire. Each veth
 //! has `queues` TX/RX queues. Offloads are off on every veth by default (TCP
 //! across XDP redirects needs real frames: no TSO/GSO super-frames, no
@@ -59,6 +67,8 @@ pub struct HarnessConfig {
     pub offloads: bool,
     /// A namespace in the middle of each link for `loupe-impair`.
     pub impair: bool,
+    /// A fourth namespace on the engine's mirror port.
+    pub mirror: bool,
 }
 
 impl Default for HarnessConfig {
@@ -67,6 +77,7 @@ impl Default for HarnessConfig {
             queues: 2,
             offloads: false,
             impair: false,
+            mirror: false,
         }
     }
 }
@@ -90,6 +101,10 @@ pub const RELAY_PORT: u16 = 15201;
 pub const IMPAIR_PEER_IF: &str = "wire-a";
 pub const IMPAIR_ENGINE_IF: &str = "wire-b";
 
+/// The engine's mirror port (in the engine namespace); its other end is
+/// [`PEER_IF`] in the `ids` namespace.
+pub const MIRROR_IF: &str = "mirror";
+
 pub struct Harness {
     pub client: Netns,
     pub engine: Netns,
@@ -97,6 +112,8 @@ pub struct Harness {
     /// The impairment namespaces on the client and server links, when
     /// the harness was made with `impair`.
     pub impair: Option<[Netns; 2]>,
+    /// The IDS namespace on the mirror port, when made with `mirror`.
+    pub ids: Option<Netns>,
     /// Scratch directory of this harness, removed on drop.
     pub dir: PathBuf,
     pub prefix: String,
@@ -135,6 +152,11 @@ impl Harness {
             } else {
                 None
             },
+            ids: if cfg.mirror {
+                Some(Netns::create(&format!("{prefix}-ids"))?)
+            } else {
+                None
+            },
             dir,
             prefix: prefix.into(),
             keep: false,
@@ -168,6 +190,19 @@ impl Harness {
         for imp in self.impair.iter().flatten() {
             ends.push((imp, IMPAIR_PEER_IF));
             ends.push((imp, IMPAIR_ENGINE_IF));
+        }
+        if let Some(ids) = &self.ids {
+            veth(&self.engine, MIRROR_IF, ids, PEER_IF, "1")?;
+            // Neither end says anything of its own (no IPv6 neighbour or
+            // router discovery): the IDS sees only the engine's copies.
+            for (ns, dev) in [(&self.engine, MIRROR_IF), (ids, PEER_IF)] {
+                ns.exec(
+                    "sysctl",
+                    &["-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")],
+                )?;
+            }
+            ends.push((&self.engine, MIRROR_IF));
+            ends.push((ids, PEER_IF));
         }
         for (ns, dev) in ends {
             ns.exec(
@@ -220,6 +255,9 @@ impl Harness {
             engine: Netns::existing(&format!("{prefix}-engine"), false),
             server: Netns::existing(&format!("{prefix}-server"), false),
             impair: None,
+            ids: std::path::Path::new(&format!("/run/netns/{prefix}-ids"))
+                .exists()
+                .then(|| Netns::existing(&format!("{prefix}-ids"), false)),
             dir: std::env::temp_dir().join(format!("loupe-{prefix}")),
             prefix: prefix.into(),
             keep: false,
@@ -232,7 +270,7 @@ impl Harness {
         self.client.keep();
         self.engine.keep();
         self.server.keep();
-        for ns in self.impair.iter_mut().flatten() {
+        for ns in self.impair.iter_mut().flatten().chain(self.ids.iter_mut()) {
             ns.keep();
         }
     }
@@ -372,6 +410,7 @@ impl Harness {
         for ns in [&mut self.client, &mut self.engine, &mut self.server]
             .into_iter()
             .chain(impair)
+            .chain(self.ids.iter_mut())
         {
             if let Err(e) = ns.delete() {
                 errors.push(e.to_string());

@@ -233,6 +233,14 @@ fn python_ssl_verifies_loupes_certificate_and_reads_the_page() {
     );
     let r = tls_record(&m, "decrypted", |_| true);
     assert_eq!(r["tls"]["client"]["version"], "TLSv1.3", "{r}");
+    // Its request is a record of its own.
+    let q = m
+        .control
+        .wait_record("Python's request", |r| r["record"] == "http")
+        .unwrap();
+    assert_eq!(q["http"]["method"], "GET", "{q}");
+    assert_eq!(q["http"]["path"], "/", "{q}");
+    assert_eq!(q["http"]["status"], 200, "{q}");
 }
 
 #[test]
@@ -286,10 +294,10 @@ fn gnutls_cli_verifies_loupes_certificate_and_reads_the_page() {
     });
 }
 
-#[test]
-fn chromium_trusting_loupe_in_nss_loads_the_page_through_decryption() {
-    let m = Mitm::start(decrypt_all).expect("setup");
-    let _nginx = server(&m, &[SERVER_NAME], true, "");
+/// Headless Chromium trusting Loupe's CA (in its NSS store) dumping the
+/// DOM of `path` on the harness server; with the evidence for failures.
+/// It must finish in time.
+fn chromium_trusting_loupe(m: &Mitm, path: &str) -> (loupe_tests::clients::Ran, String) {
     let home = m.h.dir.join("chromium-home");
     nss_home(&home, Some(&m.ca)).unwrap();
     let ran = chromium_dump_dom(
@@ -297,17 +305,76 @@ fn chromium_trusting_loupe_in_nss_loads_the_page_through_decryption() {
         &home,
         SERVER_NAME,
         SERVER_V4,
-        &format!("https://{SERVER_NAME}/"),
+        &format!("https://{SERVER_NAME}{path}"),
     )
     .unwrap();
-    let all = format!("{}\n{}", ran.dump(), evidence(&m));
+    let all = format!("{}\n{}", ran.dump(), evidence(m));
     assert!(ran.in_time, "{all}");
+    (ran, all)
+}
+
+#[test]
+fn chromium_trusting_loupe_in_nss_loads_the_page_through_decryption() {
+    let m = Mitm::start(decrypt_all).expect("setup");
+    let _nginx = server(&m, &[SERVER_NAME], true, "");
+    let (ran, all) = chromium_trusting_loupe(&m, "/");
     assert!(ran.stdout.contains(PAGE.trim_end()), "{all}");
     assert!(!ran.stderr.contains("ERR_CERT"), "{all}");
     let r = tls_record(&m, "decrypted", |_| true);
     assert_eq!(r["tls"]["client"]["sni"], SERVER_NAME, "{r}");
     assert_eq!(r["tls"]["client"]["alpn"], "h2", "{r}");
     assert_eq!(r["tls"]["ca"], "forward-trust/g1", "{r}");
+}
+
+/// Headless Chromium loading a page with sub-resources (a stylesheet, a
+/// script, an image) over HTTP/2 through decryption: the flow log holds
+/// a request record for each, with its method, host, path and status,
+/// and the script ran (it writes into the page).
+#[test]
+fn chromium_loading_a_page_with_sub_resources_has_each_request_logged() {
+    let m = Mitm::start(decrypt_all).expect("setup");
+    let nginx = server(&m, &[SERVER_NAME], true, "");
+    let root = &nginx.docroot;
+    std::fs::write(
+        root.join("page.html"),
+        "<html><head><link rel=\"stylesheet\" href=\"/style.css\">\
+         <script src=\"/app.js\"></script></head>\
+         <body><img src=\"/dot.gif\"><p id=\"out\">waiting</p>\
+         <script>run();</script></body></html>\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("style.css"), "p { color: teal; }\n").unwrap();
+    std::fs::write(
+        root.join("app.js"),
+        "function run() { document.getElementById('out').textContent = 'ran through loupe'; }\n",
+    )
+    .unwrap();
+    // A 1x1 GIF.
+    std::fs::write(
+        root.join("dot.gif"),
+        b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;",
+    )
+    .unwrap();
+    let (ran, all) = chromium_trusting_loupe(&m, "/page.html");
+    assert!(
+        ran.stdout.contains("ran through loupe"),
+        "the script ran: {all}"
+    );
+    for path in ["/page.html", "/style.css", "/app.js", "/dot.gif"] {
+        let r = m
+            .control
+            .wait_record(&format!("the request for {path}"), |r| {
+                r["record"] == "http" && r["http"]["path"] == path
+            })
+            .unwrap();
+        let q = &r["http"];
+        assert_eq!(q["method"], "GET", "{r}");
+        assert_eq!(q["host"], SERVER_NAME, "{r}");
+        assert_eq!(q["status"], 200, "{r}");
+    }
+    // Over HTTP/2.
+    let r = tls_record(&m, "decrypted", |_| true);
+    assert_eq!(r["tls"]["client"]["alpn"], "h2", "{r}");
 }
 
 #[test]

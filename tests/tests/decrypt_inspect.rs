@@ -5,8 +5,9 @@
 //! profile's signatures are looked for in the plaintext both ways, across
 //! TLS records and TCP segments: a `block` signature resets the connection
 //! before the whole pattern reaches the client, an `alert` one is logged
-//! and the transfer completes. HTTP/2 is not parsed: its connections have
-//! no request records, and signatures still apply to them.
+//! and the transfer completes. HTTP/2 streams are request records too;
+//! while a URL rule may block, HTTP/2 is not offered to the server (a
+//! stream cannot be refused alone yet).
 //!
 //! Clients (curl) trust only Loupe's forward-trust CA; nginx serves the
 //! files, its certificate from the test PKI, which the profile trusts.
@@ -485,10 +486,10 @@ fn an_alert_signature_is_logged_and_the_transfer_completes() {
 }
 
 /// The same marked body over HTTP/1.1 and over HTTP/2: both arrive
-/// byte-exact and both raise the alert, but only the HTTP/1.1 request is
-/// a request record (HTTP/2 is not parsed, and not taken for HTTP/1.1).
+/// byte-exact, both raise the alert, and each request is a record of its
+/// own (HTTP/2 parsed as HTTP/2, never taken for HTTP/1.1).
 #[test]
-fn http2_connections_are_not_misparsed_and_signatures_still_apply() {
+fn http2_connections_are_parsed_as_http2_and_signatures_still_apply() {
     let m = Mitm::start(inspecting).expect("setup");
     let nginx = start_nginx(&m, true, "");
     // Well inside the first DATA frame of the HTTP/2 response.
@@ -539,20 +540,92 @@ fn http2_connections_are_not_misparsed_and_signatures_still_apply() {
         );
     }
 
-    // The HTTP/1.1 request is logged (the inspector is on); nothing on
-    // the HTTP/2 connection.
-    m.control
-        .wait_record("the HTTP/1.1 request's record", |r| {
-            r["record"] == "http" && r["conn"] == h1
-        })
-        .unwrap();
-    let http = records_of(&m, "http");
-    assert_eq!(http.len(), 1, "{http:#?}");
-    assert!(http.iter().all(|r| conn(r) != h2), "{http:#?}");
+    // Each connection's request is logged, the same way.
+    let http = wait_records(&m, "both requests' records", 2, |r| r["record"] == "http");
+    assert_eq!(http.len(), 2, "{http:#?}");
+    for c in [h1, h2] {
+        let r = http
+            .iter()
+            .find(|r| conn(r) == c)
+            .unwrap_or_else(|| panic!("no request on connection {c} in {http:#?}"));
+        let q = &r["http"];
+        assert_eq!(q["method"], "GET", "{r:#}");
+        assert_eq!(q["host"], SERVER_NAME, "{r:#}");
+        assert_eq!(q["path"], "/marked.bin", "{r:#}");
+        assert_eq!(q["status"], 200, "{r:#}");
+        assert_eq!(q["response_body"], LEN as u64, "{r:#}");
+    }
     wait_metric(
         &m,
-        r#"loupe_http_requests_total{method="GET",status="200"} 1"#,
+        r#"loupe_http_requests_total{method="GET",status="200"} 2"#,
     );
+}
+
+/// curl fetching three files over one HTTP/2 connection (three streams):
+/// each is a record of its own, numbered in order, on one `conn`, with
+/// its status, content type and body size.
+#[test]
+fn http2_streams_on_one_connection_are_each_logged() {
+    let m = Mitm::start(|pki| lab_policy(pki, "", "")).expect("setup");
+    let nginx = start_nginx(&m, true, "default_type application/octet-stream;");
+    nginx.add_file("small.bin", 1000, 1).unwrap();
+    nginx.add_file("large.bin", 200 * KIB, 2).unwrap();
+    let mut args = m.curl_server("small.bin");
+    let base = args.pop().unwrap();
+    let base = base.trim_end_matches("small.bin").to_string();
+    args.extend([
+        "--http2".to_string(),
+        "-w".into(),
+        "%{http_code} %{http_version} %{num_connects}\n".into(),
+    ]);
+    for f in ["small.bin", "index.html", "large.bin", "missing.bin"] {
+        args.extend([format!("{base}{f}"), "-o".into(), "/dev/null".into()]);
+    }
+    // --fail would stop at the 404.
+    args.retain(|a| a != "--fail");
+    let out = m.client("curl", &args).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["200 2 1", "200 2 0", "200 2 0", "404 2 0"],
+        "one HTTP/2 connection: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let http = wait_records(&m, "four request records", 4, |r| r["record"] == "http");
+    let c = conn(&http[0]);
+    let got: Vec<(u64, &str, u64, &str, u64)> = http
+        .iter()
+        .map(|r| {
+            assert_eq!(conn(r), c, "one connection: {r:#}");
+            let q = &r["http"];
+            (
+                q["seq"].as_u64().unwrap(),
+                q["path"].as_str().unwrap(),
+                q["status"].as_u64().unwrap(),
+                q["content_type"].as_str().unwrap_or(""),
+                q["response_body"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got[0],
+        (1, "/small.bin", 200, "application/octet-stream", 1000)
+    );
+    assert_eq!(
+        got[1],
+        (2, "/index.html", 200, "text/html", INDEX_HTML.len() as u64)
+    );
+    assert_eq!(
+        got[2],
+        (
+            3,
+            "/large.bin",
+            200,
+            "application/octet-stream",
+            200 * KIB as u64
+        )
+    );
+    assert_eq!((got[3].0, got[3].1, got[3].2), (4, "/missing.bin", 404));
 }
 
 /// A URL rule blocking a path: the client is answered with a 403 page
@@ -580,7 +653,8 @@ action = "log"
     let public = nginx.add_file("public.bin", 5000, 8).unwrap();
 
     // Over HTTP/1.1, and asking for HTTP/2, which the engine does not
-    // offer the server while URL rules may block (HTTP/2 is not parsed).
+    // offer the server while URL rules may block (a stream cannot be
+    // refused alone yet).
     let page = m.h.dir.join("page.html");
     for (version, target) in [("--http1.1", "secret.bin?x=1"), ("--http2", "%73ecret.bin")] {
         let mut args = vec![

@@ -40,6 +40,70 @@ pub struct ControlCounters {
     pub in_sync: bool,
 }
 
+/// The decrypted-plaintext exporter's counters.
+fn export_metrics(o: &mut Out, e: &loupe_dataplane::export::ExportReport) {
+    o.one(
+        "loupe_export_connections_total",
+        "counter",
+        "Decrypted connections copied to the pcap files or the mirror port.",
+        e.connections,
+    );
+    o.head(
+        "loupe_export_dropped_total",
+        "counter",
+        "Plaintext chunks the exporter lost (its queue full; decryption never waits), \
+         and mirror frames the interface did not take.",
+    );
+    o.sample(
+        "loupe_export_dropped_total",
+        &[("what", "chunks")],
+        e.events_dropped,
+    );
+    o.sample(
+        "loupe_export_dropped_total",
+        &[("what", "mirror-frames")],
+        e.mirror_dropped,
+    );
+    o.sample(
+        "loupe_export_dropped_total",
+        &[("what", "pcap-frames")],
+        e.pcap_frames_lost,
+    );
+    o.one(
+        "loupe_export_dropped_bytes_total",
+        "counter",
+        "Plaintext bytes in the chunks the exporter lost.",
+        e.bytes_dropped,
+    );
+    o.head(
+        "loupe_export_frames_total",
+        "counter",
+        "Synthetic frames written, by destination.",
+    );
+    o.sample(
+        "loupe_export_frames_total",
+        &[("sink", "pcap")],
+        e.pcap_packets,
+    );
+    o.sample(
+        "loupe_export_frames_total",
+        &[("sink", "mirror")],
+        e.mirror_frames,
+    );
+    o.one(
+        "loupe_export_pcap_disk_bytes",
+        "gauge",
+        "Bytes the ring of capture files takes on disk.",
+        e.pcap_disk_bytes,
+    );
+    o.one(
+        "loupe_export_pcap_write_errors_total",
+        "counter",
+        "Failed writes to the capture files (the frames are lost, counted).",
+        e.pcap_write_errors,
+    );
+}
+
 struct Out(String);
 
 impl Out {
@@ -386,6 +450,9 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         }
         o.sample(&format!("{name}_sum"), &[], t.mint_sum_us as f64 / 1e6);
         o.sample(&format!("{name}_count"), &[], cumulative);
+        if let Some(e) = &t.export {
+            export_metrics(&mut o, e);
+        }
     }
     if let Some(a) = &r.audit {
         o.head(
@@ -620,6 +687,43 @@ mod tests {
         let t = render(Some(&r), &ControlCounters::default());
         assert!(t.contains("loupe_flow_log_backlog 100000\n"), "{t}");
         assert!(t.contains("loupe_flow_log_dropped_total 9\n"), "{t}");
+    }
+
+    #[test]
+    fn the_exporters_losses_and_frames_show() {
+        let r = StatsReport {
+            tls: Some(loupe_dataplane::stats::TlsReport {
+                export: Some(loupe_dataplane::export::ExportReport {
+                    pcap_dir: Some("/var/lib/loupe/pcap".into()),
+                    connections: 4,
+                    events_dropped: 3,
+                    bytes_dropped: 9000,
+                    pcap_packets: 120,
+                    pcap_disk_bytes: 5000,
+                    mirror_dropped: 2,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..StatsReport::default()
+        };
+        let t = render(Some(&r), &ControlCounters::default());
+        for want in [
+            "loupe_export_connections_total 4\n",
+            "loupe_export_dropped_total{what=\"chunks\"} 3\n",
+            "loupe_export_dropped_total{what=\"mirror-frames\"} 2\n",
+            "loupe_export_dropped_bytes_total 9000\n",
+            "loupe_export_frames_total{sink=\"pcap\"} 120\n",
+            "loupe_export_pcap_disk_bytes 5000\n",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+        let text = r.render();
+        assert!(
+            text.contains("export: 4 connections to pcapng in /var/lib/loupe/pcap (120 frames")
+                && text.contains("3 chunks (9000 bytes) dropped"),
+            "{text}"
+        );
     }
 
     #[test]

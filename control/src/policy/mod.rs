@@ -21,10 +21,10 @@ use loupe_dataplane::{
     config::Prefix,
     inspect::signature::{EICAR, MAX_PATTERN},
     policy::{
-        known_groups, known_suites, merge_ports, ports_less, Action, EchAction, Fallback, HostGlob,
-        Match, OnError, Policy, PortRange, Profile, Rule, Signature, SignatureAction, TlsVersion,
-        UrlAction, UrlRule, MAX_GLOBS, MAX_PATH_GLOB, MAX_RULES, MAX_SIGNATURES,
-        MAX_SIGNATURE_BYTES, MAX_URL_PATTERNS, MAX_URL_RULES,
+        known_groups, known_suites, merge_ports, ports_less, Action, EchAction, ExportSink,
+        Fallback, HostGlob, Match, OnError, Policy, PortRange, Profile, Rule, Signature,
+        SignatureAction, TlsVersion, UrlAction, UrlRule, MAX_GLOBS, MAX_PATH_GLOB, MAX_RULES,
+        MAX_SIGNATURES, MAX_SIGNATURE_BYTES, MAX_URL_PATTERNS, MAX_URL_RULES,
     },
     sys::read_regular,
     tls::{
@@ -600,6 +600,12 @@ fn compile_as(
     // [[url_rules]]
     let mut url_rules = Vec::new();
     let mut url_names: HashMap<String, Range<usize>> = HashMap::new();
+    // The categories URL rules and rules may name.
+    let cats = Categories {
+        known: &categories,
+        file_set: categories_set,
+        listing: OnceCell::new(),
+    };
     for (i, r) in raw.url_rules.iter().enumerate() {
         if i == MAX_URL_RULES {
             rep.error(
@@ -608,7 +614,7 @@ fn compile_as(
             );
             break;
         }
-        if let Some(rule) = url_rule(&mut rep, r, &mut url_names) {
+        if let Some(rule) = url_rule(&mut rep, r, &cats, &mut url_names) {
             url_rules.push(rule);
         }
     }
@@ -650,11 +656,6 @@ fn compile_as(
     let mut rules: Vec<Rule> = Vec::new();
     let mut written: Vec<&Spanned<RawRule>> = Vec::new();
     let mut seen: HashMap<String, Range<usize>> = HashMap::new();
-    let cats = Categories {
-        known: &categories,
-        file_set: categories_set,
-        listing: OnceCell::new(),
-    };
     for r in &raw.rules {
         if let Some(rule) = rule(&mut rep, r.get_ref(), r.span(), &raw, &cats, &mut seen) {
             rules.push(rule);
@@ -1176,6 +1177,29 @@ fn profile(
             }
         }
     }
+    let mut export = Some(Vec::new());
+    for s in &raw.export {
+        let sink = match s.get_ref().as_str() {
+            "pcap" => ExportSink::Pcap,
+            "mirror" => ExportSink::Mirror,
+            other => {
+                rep.error(
+                    s.span(),
+                    format!(
+                        "export = [{other:?}]: the destinations are \"pcap\" and \"mirror\" \
+                         (the engine's --export-pcap and --export-mirror)"
+                    ),
+                );
+                export = None;
+                continue;
+            }
+        };
+        if let Some(list) = export.as_mut() {
+            if !list.contains(&sink) {
+                list.push(sink);
+            }
+        }
+    }
     // Checked here, each where it is written, even when other options of
     // the profile are wrong too.
     if let (Some(lo), Some(hi), Some(v)) = (min, max, raw.min_version.as_ref()) {
@@ -1236,6 +1260,7 @@ fn profile(
         exclude_secs: exclude_secs?,
         http: raw.http.as_ref().is_none_or(|b| *b.get_ref()),
         signatures: signatures?,
+        export: export?,
     };
     if let Err(e) = profile.check() {
         rep.error(p.span(), format!("profile {name:?}: {e}"));
@@ -1249,6 +1274,7 @@ fn profile(
 fn url_rule(
     rep: &mut Report,
     r: &Spanned<RawUrlRule>,
+    cats: &Categories,
     names: &mut HashMap<String, Range<usize>>,
 ) -> Option<UrlRule> {
     let raw = r.get_ref();
@@ -1332,10 +1358,21 @@ fn url_rule(
             }
         },
     };
-    if raw.host.is_empty() && raw.path.is_empty() {
+    let mut categories = Vec::new();
+    for c in &raw.categories {
+        if cats.known.contains_key(c.get_ref()) {
+            categories.push(c.get_ref().clone());
+        } else {
+            rep.error(
+                c.span(),
+                format!("unknown category {:?} ({})", c.get_ref(), cats.listing()),
+            );
+        }
+    }
+    if raw.host.is_empty() && raw.path.is_empty() && raw.categories.is_empty() {
         rep.warn(
             r.span(),
-            "a URL rule with neither host nor path matches every request",
+            "a URL rule with no host, path or category matches every request",
         );
     }
     if rep.errors() > errors {
@@ -1345,6 +1382,8 @@ fn url_rule(
         name: name?,
         hosts,
         paths,
+        categories,
+        category_hosts: Vec::new(),
         action: action?,
     })
 }

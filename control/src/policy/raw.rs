@@ -38,6 +38,8 @@ pub struct RawUrlRule {
     pub host: Vec<Spanned<String>>,
     #[serde(default)]
     pub path: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub categories: Vec<Spanned<String>>,
     pub action: Option<Spanned<String>>,
 }
 
@@ -114,6 +116,8 @@ pub struct RawProfile {
     pub http: Option<Spanned<bool>>,
     #[serde(default)]
     pub signatures: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub export: Vec<Spanned<String>>,
 }
 
 /// A port as `443` or `"8000-8099"`; anything else is kept, so that the

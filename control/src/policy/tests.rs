@@ -789,7 +789,9 @@ action = "log"
     assert_eq!(messages(&c, Severity::Error), Vec::<String>::new());
     assert_eq!(
         messages(&c, Severity::Warning),
-        vec!["p.toml:11:1: warning: a URL rule with neither host nor path matches every request"]
+        vec![
+            "p.toml:11:1: warning: a URL rule with no host, path or category matches every request"
+        ]
     );
     let rules = c.policy.unwrap().url_rules;
     let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
@@ -866,4 +868,79 @@ action = "block"
             "p.toml:{line}:1: error: more than {MAX_SIGNATURES} signatures: at most {MAX_SIGNATURES}"
         )]
     );
+}
+
+#[test]
+fn profiles_name_their_export_destinations_and_a_wrong_one_is_placed() {
+    let c = check(
+        r#"
+[profiles.p]
+expired = "block"
+untrusted = "block"
+export = ["pcap", "mirror", "pcap"]
+[profiles.q]
+expired = "block"
+untrusted = "block"
+export = ["tape"]
+[[rules]]
+name = "d"
+action = "decrypt"
+profile = "p"
+[[rules]]
+name = "e"
+action = "decrypt"
+profile = "q"
+"#,
+    );
+    assert!(c.policy.is_none());
+    assert_eq!(
+        messages(&c, Severity::Error),
+        vec![
+            "p.toml:9:11: error: export = [\"tape\"]: the destinations are \"pcap\" and \
+             \"mirror\" (the engine's --export-pcap and --export-mirror)"
+        ]
+    );
+    let c = check(
+        r#"
+[profiles.p]
+expired = "block"
+untrusted = "block"
+export = ["pcap", "mirror", "pcap"]
+[[rules]]
+name = "d"
+action = "decrypt"
+profile = "p"
+"#,
+    );
+    let p = c.policy.expect("valid");
+    assert_eq!(
+        p.profiles["p"].export,
+        [ExportSink::Pcap, ExportSink::Mirror]
+    );
+}
+
+#[test]
+fn url_rules_name_categories_of_the_category_file() {
+    let text = "[policy]\ncategories = \"c.toml\"\n\
+                [[url_rules]]\nname = \"no-gambling\"\ncategories = [\"gambling\"]\naction = \"block\"\n\
+                [[url_rules]]\nname = \"typo\"\ncategories = [\"gamblin\"]\naction = \"log\"\n";
+    let c = compile(Path::new("/x/p.toml"), text, &|_| {
+        Ok("gambling = [\"*.casino.example\"]\n".to_string())
+    });
+    assert_eq!(
+        messages(&c, Severity::Error),
+        ["/x/p.toml:9:15: error: unknown category \"gamblin\" (categories known: gambling)"]
+    );
+    let ok = text.replace("gamblin\"]", "gambling\"]");
+    let c = compile(Path::new("/x/p.toml"), &ok, &|_| {
+        Ok("gambling = [\"*.casino.example\"]\n".to_string())
+    });
+    let p = c.policy.expect("valid");
+    assert_eq!(p.url_rules[0].categories, ["gambling"]);
+    assert!(p.validate().is_ok());
+    // The dataplane fills in the category's globs and matches hosts in it.
+    let rules = p.prepared_url_rules();
+    assert!(rules[0].matches(Some("www.casino.example:443"), "/"));
+    assert!(!rules[0].matches(Some("www.bank.example"), "/"));
+    assert!(!rules[0].matches(None, "/"));
 }

@@ -15,7 +15,7 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
-use super::{Direction, Finding, HttpRequest, Inspector, Report};
+use super::{any_blocks, fuzz_chunks, Direction, Finding, HttpRequest, Inspector, Report};
 use crate::policy::{normalize_path, UrlAction, UrlRule};
 
 /// The longest request or response head (start line and fields).
@@ -205,7 +205,7 @@ impl Http1 {
         }
         let method = req.method.unwrap_or_default();
         let target = req.path.unwrap_or_default();
-        let framing = framing(req.headers)?;
+        let framing = framing(req.headers, Some(req.version.unwrap_or(1)))?;
         let hosts = req
             .headers
             .iter()
@@ -224,10 +224,30 @@ impl Http1 {
                 let authority = authority.rsplit('@').next().unwrap_or_default();
                 Some(cut(authority))
             }
-            _ => field(req.headers, "host").map(|h| cut(&String::from_utf8_lossy(h))),
+            // An empty Host is no host: the TLS server name stands in.
+            _ => field(req.headers, "host")
+                .filter(|h| !h.iter().all(|b| *b == b' ' || *b == b'\t'))
+                .map(|h| cut(&String::from_utf8_lossy(h))),
         };
-        let upgrade = field(req.headers, "upgrade").is_some();
+        let upgrade = field(req.headers, "upgrade");
         let connect = method.eq_ignore_ascii_case("CONNECT");
+        if self.enforcing() {
+            // After a 101 or a CONNECT's 2xx the parser sees no more
+            // requests: while URL rules may block, only WebSocket (which
+            // carries no HTTP requests) may leave HTTP/1.1.
+            if let Some(u) = upgrade {
+                if !u.eq_ignore_ascii_case(b"websocket") {
+                    return Err(format!(
+                        "an upgrade to {:?} while URL rules are enforced (only websocket)",
+                        cut(&String::from_utf8_lossy(u))
+                    ));
+                }
+            }
+            if connect {
+                return Err("a CONNECT tunnel while URL rules are enforced".into());
+            }
+        }
+        let upgrade = upgrade.is_some();
         let head = method == "HEAD";
         if self.pending.len() >= MAX_PENDING {
             return Err(format!(
@@ -235,15 +255,11 @@ impl Http1 {
             ));
         }
         self.requests += 1;
-        let rule = self.rules.as_ref().and_then(|rules| {
-            let path = normalize_path(target);
-            // (HTTP/1.0 needs no Host field: the TLS server name stands in.)
-            let host = host.as_deref().or(self.sni.as_deref());
-            rules
-                .iter()
-                .find(|r| r.matches(host, &path))
-                .map(|r| (r.name.clone(), r.action))
-        });
+        // (HTTP/1.0 needs no Host field: the TLS server name stands in.)
+        let rule = self
+            .rules
+            .as_deref()
+            .and_then(|rules| match_rules(rules, host.as_deref(), self.sni.as_deref(), target));
         let mut rec = HttpRequest {
             seq: self.requests,
             method: cut(method),
@@ -296,7 +312,7 @@ impl Http1 {
             Err(e) => return Err(format!("a malformed response head ({e})")),
         }
         let status = resp.code.unwrap_or_default();
-        let framing = framing(resp.headers)?;
+        let framing = framing(resp.headers, None)?;
         let content_type =
             field(resp.headers, "content-type").map(|c| cut(&String::from_utf8_lossy(c)));
         let Some(p) = self.pending.front_mut() else {
@@ -371,6 +387,12 @@ impl Http1 {
                         continue;
                     }
                     used += 1;
+                    // CRLF only: a bare LF (or a CR inside the line) ends
+                    // the line elsewhere for other parsers.
+                    match side.line.split_last() {
+                        Some((b'\r', line)) if !line.contains(&b'\r') => {}
+                        _ => return Err("a chunk-size line not ended by CRLF".into()),
+                    }
                     let size = chunk_size(&side.line)?;
                     side.line.clear();
                     *body = Body::Chunked(if size == 0 {
@@ -391,7 +413,7 @@ impl Http1 {
                 Body::Chunked(Chunk::DataEnd(cr)) => {
                     match (rest[0], *cr) {
                         (b'\r', false) => *cr = true,
-                        (b'\n', _) => *body = Body::Chunked(Chunk::Size),
+                        (b'\n', true) => *body = Body::Chunked(Chunk::Size),
                         _ => return Err("chunk data not followed by CRLF".into()),
                     }
                     used += 1;
@@ -475,9 +497,7 @@ impl Http1 {
     /// Whether a URL rule could block a request here: then a stream this
     /// parser cannot follow must not carry requests past the rules.
     fn enforcing(&self) -> bool {
-        self.rules
-            .as_ref()
-            .is_some_and(|r| r.iter().any(|r| r.action == UrlAction::Block))
+        self.rules.as_deref().is_some_and(|r| any_blocks(r))
     }
 }
 
@@ -519,21 +539,14 @@ pub fn fuzz(data: &[u8]) {
     let mut h = Http1::default();
     let mut report = Report::default();
     let now = Instant::now();
-    let mut rest = data;
-    while let [head, tail @ ..] = rest {
-        let dir = match head & 1 {
-            0 => Direction::ClientToServer,
-            _ => Direction::ServerToClient,
-        };
-        let n = usize::from(head >> 1).min(tail.len());
-        h.on_data(dir, &tail[..n], now, &mut report);
+    fuzz_chunks(data, |dir, chunk| {
+        h.on_data(dir, chunk, now, &mut report);
         assert!(h
             .sides
             .iter()
             .all(|s| s.head.len() <= MAX_HEAD + 1 && s.line.len() <= MAX_LINE));
         assert!(h.pending.len() <= MAX_PENDING);
-        rest = &tail[n..];
-    }
+    });
     h.on_end(Direction::ClientToServer, now, &mut report);
     h.on_end(Direction::ServerToClient, now, &mut report);
     assert!(h.pending.is_empty());
@@ -546,9 +559,33 @@ pub fn fuzz(data: &[u8]) {
 }
 
 fn finish(p: Pending, now: Instant) -> HttpRequest {
-    HttpRequest {
-        duration_ms: now.saturating_duration_since(p.started).as_millis() as u64,
-        ..p.rec
+    p.rec.finished(p.started, now)
+}
+
+/// The URL rule deciding a request for `target` with `host` (none: the
+/// TLS server name `sni` stands in) on a connection to `sni`: the first
+/// that matches the host, unless a block matches the server name (a Host
+/// unlike the server name may still reach the site the name chose).
+pub(super) fn match_rules(
+    rules: &[UrlRule],
+    host: Option<&str>,
+    sni: Option<&str>,
+    target: &str,
+) -> Option<(String, UrlAction)> {
+    let path = normalize_path(target);
+    let first = |host: Option<&str>| {
+        rules
+            .iter()
+            .find(|r| r.matches(host, &path))
+            .map(|r| (r.name.clone(), r.action))
+    };
+    let by_host = first(host.or(sni));
+    match (&by_host, sni) {
+        (Some((_, UrlAction::Block)), _) | (_, None) => by_host,
+        (_, Some(sni)) => match first(Some(sni)) {
+            b @ Some((_, UrlAction::Block)) => b,
+            _ => by_host,
+        },
     }
 }
 
@@ -577,9 +614,13 @@ fn field<'a>(headers: &'a [httparse::Header<'_>], name: &str) -> Option<&'a [u8]
 }
 
 /// Content-Length and Transfer-Encoding as RFC 9112 §6 reads them:
-/// differing lengths or a length that is not a number are errors; chunked
-/// must be the last coding and wins over a length.
-fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, String> {
+/// differing lengths or a length that is not a number are errors; a
+/// request's codings must end in chunked, a response's that do not run
+/// until the close; chunked wins over a length in a response, and in a
+/// request the two together (a smuggling attempt, §6.3 item 3) or any
+/// coding in HTTP/1.0 (§6.1) are errors. `request` is the request's minor
+/// version, or None for a response.
+fn framing(headers: &[httparse::Header<'_>], request: Option<u8>) -> Result<Framing, String> {
     let mut length: Option<u64> = None;
     let mut codings: Vec<String> = Vec::new();
     for h in headers {
@@ -599,26 +640,70 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, String> {
                 length = Some(n);
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            let text = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-            codings.extend(
-                text.split(',')
-                    .map(|c| c.trim().to_string())
-                    .filter(|c| !c.is_empty()),
-            );
+            for c in h.value.split(|b| *b == b',') {
+                let name = trim_ows(c.split(|b| *b == b';').next().unwrap_or_default());
+                if name.is_empty() {
+                    continue;
+                }
+                // Only token characters (RFC 9110 §5.6.2): anything else
+                // is read differently by different servers.
+                if !name.iter().all(|b| is_tchar(*b)) {
+                    return Err(format!(
+                        "a transfer coding {:?}",
+                        cut(&String::from_utf8_lossy(c))
+                    ));
+                }
+                codings.push(String::from_utf8_lossy(name).to_ascii_lowercase());
+            }
+        }
+    }
+    if let Some(minor) = request {
+        if !codings.is_empty() && minor == 0 {
+            return Err("an HTTP/1.0 request with Transfer-Encoding".into());
+        }
+        if !codings.is_empty() && length.is_some() {
+            return Err("a request with both Transfer-Encoding and Content-Length".into());
         }
     }
     let chunked = match codings.last() {
         None => false,
         Some(c) if c == "chunked" => true,
-        Some(c) => return Err(format!("a transfer coding {c:?} not ending in chunked")),
+        Some(c) if request.is_some() => {
+            return Err(format!("a transfer coding {c:?} not ending in chunked"))
+        }
+        // A response read until the connection closes.
+        Some(_) => {
+            return Ok(Framing {
+                length: None,
+                chunked: false,
+            })
+        }
     };
     Ok(Framing { length, chunked })
+}
+
+/// `b` without the spaces and tabs (RFC 9110 OWS) around it; nothing
+/// else counts as white space here.
+fn trim_ows(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = b {
+        b = rest;
+    }
+    b
+}
+
+/// RFC 9110 §5.6.2 token characters.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A chunk-size line: hex digits, then maybe extensions after `;`.
 fn chunk_size(line: &[u8]) -> Result<u64, String> {
     let text = std::str::from_utf8(line).map_err(|_| "a chunk size that is not text")?;
-    let size = text.trim_end_matches('\r').split(';').next().unwrap_or("");
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    let size = text.split(';').next().unwrap_or("");
     let size = size.trim_matches([' ', '\t']);
     if size.is_empty() || size.len() > 16 || !size.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("a chunk size of {:?}", cut(size)));
@@ -627,7 +712,7 @@ fn chunk_size(line: &[u8]) -> Result<u64, String> {
 }
 
 /// `s`, at most [`MAX_FIELD`] bytes (cut at a character boundary).
-fn cut(s: &str) -> String {
+pub(super) fn cut(s: &str) -> String {
     if s.len() <= MAX_FIELD {
         return s.to_string();
     }
@@ -890,6 +975,8 @@ mod tests {
             name: name.into(),
             hosts: hosts.iter().map(|h| h.parse().unwrap()).collect(),
             paths: paths.iter().map(|p| p.to_string()).collect(),
+            categories: Vec::new(),
+            category_hosts: Vec::new(),
             action,
         };
         Some(Arc::new(vec![
@@ -1021,6 +1108,97 @@ mod tests {
         h.on_data(C2S, &client, Instant::now(), &mut r);
         assert!(r.block.is_none());
         assert_eq!(anomalies(&r.findings).len(), 1);
+    }
+
+    /// What an outside review found: ways out of the parser's sight, and
+    /// framings other servers read differently, while rules may block.
+    #[test]
+    fn upgrades_tunnels_and_ambiguous_framing_are_refused_while_rules_block() {
+        let cases: Vec<(&[u8], &str)> = vec![
+            (
+                b"GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+                "an upgrade to \"h2c\"",
+            ),
+            (
+                b"CONNECT b.test:443 HTTP/1.1\r\nHost: b.test:443\r\n\r\n",
+                "a CONNECT tunnel",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\xc2\xa0\r\nContent-Length: 4\r\n\r\n",
+                "a transfer coding",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+                "both Transfer-Encoding and Content-Length",
+            ),
+            (
+                b"POST / HTTP/1.0\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "HTTP/1.0 request with Transfer-Encoding",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n2;\nXX\r\n0\r\n\r\n",
+                "not ended by CRLF",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nXX\n0\r\n\r\n",
+                "not followed by CRLF",
+            ),
+        ];
+        for (client, want) in cases {
+            let r = with_rules(client, b"");
+            let (why, answer) = r
+                .block
+                .clone()
+                .unwrap_or_else(|| panic!("{want}: not blocked"));
+            assert!(why.contains(want), "{want}: {why}");
+            assert_eq!(answer, None, "{want}");
+        }
+        // A WebSocket upgrade is still fine, and h2c is only logged (no
+        // reset) where no rule blocks.
+        let ws = b"GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        assert!(with_rules(ws, b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            .block
+            .is_none());
+        let mut h = Http1::default();
+        let mut r = Report::default();
+        h.on_data(C2S, cases_h2c(), Instant::now(), &mut r);
+        assert!(
+            r.block.is_none() && anomalies(&r.findings).is_empty(),
+            "{r:?}"
+        );
+    }
+
+    fn cases_h2c() -> &'static [u8] {
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+    }
+
+    #[test]
+    fn a_response_whose_codings_do_not_end_in_chunked_runs_until_the_close() {
+        let f = talk(
+            &[
+                (C2S, &get("/")),
+                (
+                    S2C,
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nabcdef",
+                ),
+            ],
+            7,
+        );
+        assert!(anomalies(&f).is_empty(), "{f:?}");
+        assert_eq!(requests(&f)[0].6, 6);
+    }
+
+    #[test]
+    fn an_empty_host_or_a_host_unlike_the_server_name_cannot_dodge_a_block() {
+        // An empty Host is no host: the server name (sni.test) decides.
+        let r = with_rules(b"GET /secret/x HTTP/1.1\r\nHost: \r\n\r\n", b"");
+        assert!(r.block.is_some(), "{:?}", r.findings);
+        // A Host no rule names, on a connection to a blocked server name.
+        let r = with_rules(b"GET /secret/x HTTP/1.1\r\nHost: x.invalid\r\n\r\n", b"");
+        assert!(r.block.is_some(), "{:?}", r.findings);
+        // An allowed host keeps its other paths.
+        let r = with_rules(&get("/public"), &ok("x"));
+        assert!(r.block.is_none());
     }
 
     #[test]

@@ -6,19 +6,24 @@
 //! and bounded in memory.
 //!
 //! - [`http1`]: HTTP/1.1 requests and responses, one finding per request.
+//! - [`http2`]: HTTP/2 frames and HPACK, one finding per stream.
 //! - [`signature`]: byte patterns matched across any boundary.
 //!
 //! A profile's [`Inspection`] says which inspectors a decrypted
 //! connection gets; the TLS stage feeds its [`Pipeline`] and the session
 //! turns the findings into flow-log records.
 
-use std::{sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 pub mod http1;
+pub mod http2;
 pub mod signature;
 
 use self::signature::{Scanner, SignatureAction, SignatureSet};
-use crate::policy::{UrlAction, UrlRule};
+use crate::{
+    export::{Exporter, Sinks},
+    policy::{UrlAction, UrlRule},
+};
 
 /// Which way plaintext flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +65,16 @@ pub struct HttpRequest {
     /// The URL rule that matched it, and what it did.
     pub url_rule: Option<String>,
     pub url_action: Option<UrlAction>,
+}
+
+impl HttpRequest {
+    /// The record at its end: how long it took since `started`.
+    pub fn finished(self, started: Instant, now: Instant) -> HttpRequest {
+        HttpRequest {
+            duration_ms: now.saturating_duration_since(started).as_millis() as u64,
+            ..self
+        }
+    }
 }
 
 /// A signature matched.
@@ -170,6 +185,27 @@ impl Pipeline {
     }
 }
 
+/// Whether one of `rules` blocks.
+pub fn any_blocks(rules: &[UrlRule]) -> bool {
+    rules.iter().any(|r| r.action == UrlAction::Block)
+}
+
+/// Splits fuzz input into chunks for the inspectors' fuzz targets: each
+/// part is a byte whose low bit gives the direction (1: server to client)
+/// and whose other bits a length, then that many bytes.
+pub fn fuzz_chunks(data: &[u8], mut chunk: impl FnMut(Direction, &[u8])) {
+    let mut rest = data;
+    while let [head, tail @ ..] = rest {
+        let dir = match head & 1 {
+            0 => Direction::ClientToServer,
+            _ => Direction::ServerToClient,
+        };
+        let n = usize::from(head >> 1).min(tail.len());
+        chunk(dir, &tail[..n]);
+        rest = &tail[n..];
+    }
+}
+
 /// Which inspectors a profile's decrypted connections get.
 #[derive(Clone, Debug, Default)]
 pub struct Inspection {
@@ -179,27 +215,48 @@ pub struct Inspection {
     pub signatures: Option<Arc<SignatureSet>>,
     /// The policy's URL rules (for HTTP requests).
     pub url_rules: Option<Arc<Vec<UrlRule>>>,
+    /// Where the plaintext is copied (none: nowhere).
+    pub export: Option<(Arc<Exporter>, Sinks)>,
 }
 
 impl Inspection {
     /// Whether requests are matched against URL rules that may block:
     /// then a connection must speak a protocol the inspectors follow.
     pub fn enforces_urls(&self) -> bool {
-        self.http
-            && self
-                .url_rules
-                .as_ref()
-                .is_some_and(|r| r.iter().any(|r| r.action == UrlAction::Block))
+        self.http && self.url_rules.as_deref().is_some_and(|r| any_blocks(r))
+    }
+
+    /// Whether an inspector may block one of its connections (a URL rule
+    /// or a signature that blocks): then leaving a connection undecrypted
+    /// would let it past them.
+    pub fn can_block(&self) -> bool {
+        self.enforces_urls() || self.signatures.as_ref().is_some_and(|s| s.blocks())
     }
 
     /// A connection's pipeline; `alpn` is the protocol the two legs
     /// agreed (HTTP/1.1 is not looked for in another protocol), `sni` the
     /// name the client asked for (URL rules take it for a request without
-    /// a host).
-    pub fn pipeline(&self, alpn: Option<&[u8]>, sni: Option<&str>) -> Pipeline {
+    /// a host), `ends` the client's and the server's addresses.
+    pub fn pipeline(
+        &self,
+        alpn: Option<&[u8]>,
+        sni: Option<&str>,
+        ends: (SocketAddr, SocketAddr),
+    ) -> Pipeline {
         let mut inspectors: Vec<Box<dyn Inspector>> = Vec::new();
+        // First, so that it copies what the engine decrypted even when a
+        // later inspector blocks on it.
+        if let Some((exp, sinks)) = &self.export {
+            inspectors.push(Box::new(exp.tap(*sinks, ends.0, ends.1)));
+        }
         if self.http && matches!(alpn, None | Some(b"http/1.1" | b"http/1.0")) {
             inspectors.push(Box::new(http1::Http1::new(
+                self.url_rules.clone(),
+                sni.map(Into::into),
+            )));
+        }
+        if self.http && alpn == Some(b"h2") {
+            inspectors.push(Box::new(http2::Http2::new(
                 self.url_rules.clone(),
                 sni.map(Into::into),
             )));
@@ -257,13 +314,21 @@ mod tests {
     }
 
     #[test]
-    fn http1_is_not_looked_for_under_another_protocol() {
+    fn each_http_version_is_looked_for_only_under_its_protocol() {
         let i = Inspection {
             http: true,
             ..Inspection::default()
         };
-        assert_eq!(i.pipeline(None, None).inspectors.len(), 1);
-        assert_eq!(i.pipeline(Some(b"http/1.1"), None).inspectors.len(), 1);
-        assert_eq!(i.pipeline(Some(b"h2"), None).inspectors.len(), 0);
+        let ends = (
+            "198.18.0.1:1".parse().unwrap(),
+            "198.18.0.2:443".parse().unwrap(),
+        );
+        assert_eq!(i.pipeline(None, None, ends).inspectors.len(), 1);
+        assert_eq!(
+            i.pipeline(Some(b"http/1.1"), None, ends).inspectors.len(),
+            1
+        );
+        assert_eq!(i.pipeline(Some(b"h2"), None, ends).inspectors.len(), 1);
+        assert_eq!(i.pipeline(Some(b"spdy/3"), None, ends).inspectors.len(), 0);
     }
 }

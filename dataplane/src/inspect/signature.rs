@@ -95,6 +95,13 @@ pub struct Scanner {
     seam: Vec<u8>,
 }
 
+impl SignatureSet {
+    /// Whether a match of one of them resets the connection.
+    pub fn blocks(&self) -> bool {
+        self.actions.contains(&SignatureAction::Block)
+    }
+}
+
 impl Scanner {
     pub fn new(set: Arc<SignatureSet>) -> Scanner {
         Scanner {

@@ -429,6 +429,29 @@ pub struct Profile {
     /// directions of decrypted connections.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signatures: Vec<String>,
+    /// Copy the decrypted plaintext of its connections to these of the
+    /// engine's export destinations ([`crate::export`]); none by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export: Vec<ExportSink>,
+}
+
+/// An export destination a profile may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExportSink {
+    /// The ring of pcapng files (`loupe-dataplane --export-pcap DIR`).
+    Pcap,
+    /// The mirror port (`loupe-dataplane --export-mirror IFACE`).
+    Mirror,
+}
+
+impl ExportSink {
+    pub fn label(self) -> &'static str {
+        match self {
+            ExportSink::Pcap => "pcap",
+            ExportSink::Mirror => "mirror",
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -449,6 +472,14 @@ pub struct UrlRule {
     /// must match one of (none: any path); see [`normalize_path`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    /// Categories (the policy's lists) the request's host must be in one
+    /// of (none: any host).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+    /// The host globs of those categories, filled in by
+    /// [`Policy::prepared_url_rules`] (not sent: the policy has them).
+    #[serde(skip)]
+    pub category_hosts: Vec<HostGlob>,
     pub action: UrlAction,
 }
 
@@ -479,18 +510,28 @@ impl UrlRule {
     /// Whether the request for `host` (any port cut off, any case) and
     /// `path` (as [`normalize_path`] gives it) is one this rule matches.
     pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
-        let host_ok = self.hosts.is_empty()
-            || host.is_some_and(|h| {
-                let h = h.rsplit_once(':').map_or(h, |(name, port)| {
-                    match !name.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) {
-                        true => name,
-                        false => h,
+        let host = host.map(|h| {
+            // A port is cut off: `name:443` or `[v6]:443`.
+            let h = match h.strip_prefix('[') {
+                Some(rest) => rest.split_once(']').map_or(h, |(addr, _)| addr),
+                None => match h.split_once(':') {
+                    Some((name, port))
+                        if !port.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) =>
+                    {
+                        name
                     }
-                });
-                let h = h.trim_end_matches('.').to_ascii_lowercase();
-                self.hosts.iter().any(|g| g.matches(&h))
-            });
-        host_ok && (self.paths.is_empty() || self.paths.iter().any(|p| path_glob(p, path)))
+                    _ => h,
+                },
+            };
+            h.trim_end_matches('.').to_ascii_lowercase()
+        });
+        let in_any = |globs: &[HostGlob]| {
+            host.as_deref()
+                .is_some_and(|h| globs.iter().any(|g| g.matches(h)))
+        };
+        (self.hosts.is_empty() || in_any(&self.hosts))
+            && (self.categories.is_empty() || in_any(&self.category_hosts))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| path_glob(p, path)))
     }
 }
 
@@ -654,6 +695,7 @@ impl Default for Profile {
             exclude_secs: EXCLUDE_SECS,
             http: true,
             signatures: Vec::new(),
+            export: Vec::new(),
         }
     }
 }
@@ -817,6 +859,24 @@ impl Policy {
             signatures: BTreeMap::new(),
             url_rules: Vec::new(),
         }
+    }
+
+    /// The URL rules with their categories' host globs filled in, as the
+    /// inspectors match them.
+    pub fn prepared_url_rules(&self) -> Vec<UrlRule> {
+        self.url_rules
+            .iter()
+            .map(|r| UrlRule {
+                category_hosts: r
+                    .categories
+                    .iter()
+                    .filter_map(|c| self.categories.get(c))
+                    .flatten()
+                    .cloned()
+                    .collect(),
+                ..r.clone()
+            })
+            .collect()
     }
 
     fn in_categories(&self, names: &[String], sni: Option<&str>) -> bool {
@@ -1092,6 +1152,13 @@ impl Policy {
             ));
         }
         for r in &self.url_rules {
+            if let Some(c) = r
+                .categories
+                .iter()
+                .find(|c| !self.categories.contains_key(*c))
+            {
+                return Err(format!("URL rule {:?}: unknown category {c:?}", r.name));
+            }
             if let Some(p) = r.paths.iter().find(|p| p.len() > MAX_PATH_GLOB) {
                 return Err(format!(
                     "URL rule {:?}: a path glob of {} bytes (at most {MAX_PATH_GLOB})",
@@ -1263,11 +1330,48 @@ mod tests {
     }
 
     #[test]
+    fn a_url_rule_with_categories_matches_their_hosts_only_and_ports_are_cut() {
+        let mut p = Policy::split_all(&[443], Vec::new());
+        p.categories.insert("news".into(), globs(&["*.news.test"]));
+        p.url_rules.push(UrlRule {
+            name: "news".into(),
+            hosts: Vec::new(),
+            paths: vec!["/live/*".into()],
+            categories: vec!["news".into()],
+            category_hosts: Vec::new(),
+            action: UrlAction::Block,
+        });
+        assert!(p.validate().is_ok());
+        // Unprepared (as received), a category matches nothing...
+        assert!(!p.url_rules[0].matches(Some("a.news.test"), "/live/1"));
+        // ...prepared, its hosts.
+        let r = &p.prepared_url_rules()[0];
+        assert!(r.matches(Some("A.News.Test:8443"), "/live/1"));
+        assert!(!r.matches(Some("a.news.test"), "/archive/1"));
+        assert!(!r.matches(Some("other.test"), "/live/1"));
+        p.url_rules[0].categories = vec!["sports".into()];
+        let e = p.validate().unwrap_err();
+        assert!(e.contains("unknown category \"sports\""), "{e}");
+        // IPv6 literals lose their port too.
+        let v6 = UrlRule {
+            name: "v6".into(),
+            hosts: Vec::new(),
+            paths: Vec::new(),
+            categories: vec!["x".into()],
+            category_hosts: Vec::new(),
+            action: UrlAction::Log,
+        };
+        assert!(!v6.matches(Some("[2001:2::1]:443"), "/"));
+    }
+
+    #[test]
     fn url_rules_match_host_without_port_or_case_and_path_without_query() {
         let r = UrlRule {
             name: "r".into(),
             hosts: globs(&["*.shop.test"]),
             paths: vec!["/cart/*".into()],
+            categories: Vec::new(),
+            category_hosts: Vec::new(),
             action: UrlAction::Block,
         };
         let m = |host, target| r.matches(host, &normalize_path(target));

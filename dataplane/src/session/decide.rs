@@ -276,6 +276,7 @@ impl Sessions {
         let server = ip_of(&t.key.dst);
         let client = ip_of(&t.key.src);
         let port = t.key.dst_port;
+        let client_port = t.key.src_port;
         let rt = match ctx.runtime(profile_name) {
             Ok(rt) => rt,
             Err(why) => return Plan::Block(format!("{why}: blocked")),
@@ -328,7 +329,10 @@ impl Sessions {
                 accepted,
                 ch.clone(),
                 skip,
-                (client, server, port),
+                (
+                    std::net::SocketAddr::new(client, client_port),
+                    std::net::SocketAddr::new(server, port),
+                ),
                 now,
             )),
             note,

@@ -36,8 +36,9 @@ use super::{
     verify::TrustStore,
 };
 use crate::{
+    export::{Exporter, Sinks},
     inspect::{signature::SignatureSet, Inspection},
-    policy::{Policy, Profile},
+    policy::{ExportSink, Policy, Profile},
 };
 
 /// One CA the engine can mint with.
@@ -371,6 +372,9 @@ pub struct TlsContext {
     /// Called when a profile turns key logging on (the engine writes it to
     /// the HSM audit log).
     on_keylog: OnKeyLog,
+    /// Where profiles with `export` copy their plaintext (none: the engine
+    /// runs without an export destination).
+    pub export: Option<Arc<Exporter>>,
 }
 
 impl std::fmt::Debug for TlsContext {
@@ -411,6 +415,7 @@ impl TlsContext {
             sessions: ServerSessionMemoryCache::new(65_536),
             stats: TlsStats::default(),
             on_keylog,
+            export: None,
         };
         let default = ctx.prepare_profile(
             DEFAULT_PROFILE,
@@ -421,6 +426,12 @@ impl TlsContext {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Some(default);
         Ok(ctx)
+    }
+
+    /// The context with an export destination (before it is shared).
+    pub fn with_exporter(mut self, export: Arc<Exporter>) -> TlsContext {
+        self.export = Some(export);
+        self
     }
 
     pub fn cas(&self) -> Arc<CaSet> {
@@ -454,6 +465,19 @@ impl TlsContext {
             });
             map.insert(name.clone(), rt);
         }
+        // `decrypt` rules without a profile use the default one: it takes
+        // the policy's URL rules too.
+        match self.prepare_profile(DEFAULT_PROFILE, &Profile::default(), policy) {
+            Ok(rt) => {
+                *self
+                    .default_runtime
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(rt)
+            }
+            Err(e) => broken.push(format!(
+                "the default decryption profile cannot be used: {e}"
+            )),
+        }
         *self.runtimes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
         broken
     }
@@ -479,7 +503,9 @@ impl TlsContext {
                 true => None,
                 false => Some(Arc::new(SignatureSet::new(&sigs)?)),
             },
-            url_rules: (!policy.url_rules.is_empty()).then(|| Arc::new(policy.url_rules.clone())),
+            url_rules: (!policy.url_rules.is_empty())
+                .then(|| Arc::new(policy.prepared_url_rules())),
+            export: self.export_for(name, p),
         };
         let path = p
             .trust_store
@@ -517,6 +543,38 @@ impl TlsContext {
             server: Arc::new(server),
             inspection,
         }))
+    }
+
+    /// The export destinations `p` names that the engine has; one named
+    /// that it lacks is said (the profile's connections are decrypted and
+    /// inspected all the same, without that copy).
+    fn export_for(&self, name: &str, p: &Profile) -> Option<(Arc<Exporter>, Sinks)> {
+        if p.export.is_empty() {
+            return None;
+        }
+        let sinks = self
+            .export
+            .as_ref()
+            .map(|e| e.sinks(&p.export))
+            .unwrap_or_default();
+        let missing: Vec<&str> = p
+            .export
+            .iter()
+            .filter(|s| match s {
+                ExportSink::Pcap => !sinks.pcap,
+                ExportSink::Mirror => !sinks.mirror,
+            })
+            .map(|s| s.label())
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "loupe-dataplane: warning: profile {name:?} exports to {} but the engine runs \
+                 without that destination (--export-pcap / --export-mirror): not copied there",
+                missing.join(", ")
+            );
+        }
+        let e = self.export.clone()?;
+        sinks.any().then_some((e, sinks))
     }
 
     fn trust_store(&self, path: &PathBuf) -> Result<Arc<TrustStore>, String> {

@@ -28,7 +28,7 @@
 
 use std::{
     io::{self, BufRead, Read, Write},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{atomic::Ordering, Arc},
     task::Waker,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -160,6 +160,7 @@ pub struct Intercept {
     skip: usize,
     hello: ClientHello,
     client_ip: IpAddr,
+    client_port: u16,
     server_ip: IpAddr,
     server_port: u16,
     name: ServerName<'static>,
@@ -366,9 +367,11 @@ impl Intercept {
         accepted: Box<Accepted>,
         hello: ClientHello,
         skip: usize,
-        (client_ip, server_ip, server_port): (IpAddr, IpAddr, u16),
+        (client, server): (SocketAddr, SocketAddr),
         now: Instant,
     ) -> Intercept {
+        let (client_ip, client_port) = (client.ip(), client.port());
+        let (server_ip, server_port) = (server.ip(), server.port());
         let (name, named) = server_name(hello.sni.as_deref(), server_ip);
         let mut record = TlsLog {
             mode: "forward".into(),
@@ -392,6 +395,7 @@ impl Intercept {
             skip,
             hello,
             client_ip,
+            client_port,
             server_ip,
             server_port,
             name,
@@ -995,10 +999,14 @@ impl Intercept {
             .alpn_protocol()
             .map(|a| vec![a.to_vec()])
             .unwrap_or_default();
-        self.pipeline = self
-            .rt
-            .inspection
-            .pipeline(up.alpn_protocol(), self.hello.sni.as_deref());
+        self.pipeline = self.rt.inspection.pipeline(
+            up.alpn_protocol(),
+            self.hello.sni.as_deref(),
+            (
+                SocketAddr::new(self.client_ip, self.client_port),
+                SocketAddr::new(self.server_ip, self.server_port),
+            ),
+        );
         match accepted.into_connection(Arc::new(cfg)) {
             Ok(mut down) => {
                 down.set_buffer_limit(Some(TLS_BUFFER));
@@ -1066,8 +1074,12 @@ impl Intercept {
             if let Some(why) = self.pipeline.blocked() {
                 // The bytes that matched were not passed on.
                 let why = why.to_string();
+                // The page may only follow whole responses: with response
+                // bytes inspected but not yet passed on, both are reset.
                 if let Some(answer) = self.pipeline.answer().map(<[u8]>::to_vec) {
-                    return self.answer_and_close(down, client, &answer, why);
+                    if self.flows[1].inspected == 0 {
+                        return self.answer_and_close(down, client, &answer, why);
+                    }
                 }
                 return self.blocked_by_inspection(why);
             }
@@ -1193,6 +1205,17 @@ impl Intercept {
                 ),
                 "passed-on",
             )
+        } else if refused_cert && self.rt.inspection.can_block() {
+            // Excluding the site would let this client past the URL rules
+            // and signatures by refusing one certificate: it stays
+            // decrypted (and failing) instead.
+            (
+                format!(
+                    "the client refused the certificate ({e}); not excluded from decryption: \
+                     the profile's URL rules or signatures may block"
+                ),
+                "failed",
+            )
         } else if refused_cert {
             let why = format!("the client refused the certificate ({e}): a pinned app?");
             self.exclude(true, &why);
@@ -1260,8 +1283,11 @@ impl Intercept {
                 break;
             }
         }
-        client.write(&bytes);
-        client.close();
+        // All of it or a reset: a cut page would read as a truncation.
+        let whole = client.write(&bytes) == bytes.len();
+        if whole {
+            client.close();
+        }
         self.record.error = Some(TlsError {
             stage: ErrorStage::Data.label().into(),
             reason: format!("blocked by inspection: {why}"),
@@ -1269,7 +1295,7 @@ impl Intercept {
         self.phase = Phase::Done;
         self.deadline = None;
         Pump::Abort {
-            client: false,
+            client: !whole,
             server: true,
         }
     }

@@ -8,7 +8,7 @@
 use std::{
     collections::VecDeque,
     io::Read,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -424,9 +424,8 @@ impl Session {
             ch,
             scanner.seen(),
             (
-                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
-                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
-                443,
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)), 40000),
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), 443),
             ),
             now,
         );

@@ -26,7 +26,12 @@ fn decrypts(s: &mut Session) {
 
 #[test]
 fn a_connection_is_decrypted_and_bytes_cross_both_ways_exactly() {
-    let kit = Kit::new(Profile::default());
+    // Arbitrary bytes under h2: without HTTP parsing (with it, anything
+    // but HTTP/2 under h2 ends the connection).
+    let kit = Kit::new(Profile {
+        http: false,
+        ..Profile::default()
+    });
     let server = kit.server_config(&[NAME], 30, &[b"h2", b"http/1.1"]);
     let mut s = Session::start(&kit, kit.client_config(&[b"h2", b"http/1.1"]), NAME, server);
     decrypts(&mut s);
@@ -290,18 +295,36 @@ fn a_server_that_asks_for_a_client_certificate_is_excluded_not_decrypted() {
     assert_eq!(ex[0].site.sni.as_deref(), Some(NAME));
 }
 
+/// A URL rule blocking `path` on any host.
+fn block_rule(name: &str, path: &str) -> crate::policy::UrlRule {
+    crate::policy::UrlRule {
+        name: name.into(),
+        hosts: Vec::new(),
+        paths: vec![path.into()],
+        categories: Vec::new(),
+        category_hosts: Vec::new(),
+        action: crate::policy::UrlAction::Block,
+    }
+}
+
+/// A client that trusts only the kit's root, not Loupe's CA (a pinned
+/// app).
+fn pinned_client(kit: &Kit) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(kit.root_der.clone()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
 #[test]
 fn a_client_refusing_the_certificate_puts_the_site_in_the_exclusion_cache() {
     let kit = Kit::new(Profile::default());
     let server = kit.server_config(&[NAME], 30, &[]);
     // A client that trusts something else (a pinned app).
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(kit.root_der.clone()).unwrap();
-    let pinned = Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    let pinned = pinned_client(&kit);
     let mut s = Session::start(&kit, pinned, NAME, server);
     s.run();
     assert!(s.client_error.is_some());
@@ -312,6 +335,31 @@ fn a_client_refusing_the_certificate_puts_the_site_in_the_exclusion_cache() {
     assert_eq!(ex.len(), 1, "{ex:?}");
     assert!(ex[0].reason.contains("refused the certificate"));
     assert_eq!(kit.ctx.stats.no_decrypt.load(Ordering::Relaxed), 1);
+}
+
+/// Refusing a certificate once must not take a client past inspection
+/// that may block: with a blocking URL rule the site is not excluded.
+#[test]
+fn a_refused_certificate_does_not_exclude_a_site_whose_inspection_may_block() {
+    let kit = Kit::new(Profile::default());
+    let mut policy = crate::policy::Policy::split_all(&[443], Vec::new());
+    policy
+        .profiles
+        .insert("test".into(), kit.runtime().profile.clone());
+    policy.url_rules.push(block_rule("no-admin", "/admin/*"));
+    assert!(kit.ctx.prepare(&policy).is_empty());
+    let server = kit.server_config(&[NAME], 30, &[]);
+    let pinned = pinned_client(&kit);
+    let mut s = Session::start(&kit, pinned, NAME, server);
+    s.run();
+    assert!(s.client_error.is_some());
+    let r = s.stage.record();
+    assert_eq!(r.outcome, "failed", "{r:?}");
+    assert!(
+        r.error.as_ref().unwrap().reason.contains("not excluded"),
+        "{r:?}"
+    );
+    assert!(kit.ctx.exclusions.list().is_empty());
 }
 
 #[test]
@@ -520,4 +568,24 @@ fn a_client_that_abandons_its_handshake_is_logged_as_failed() {
         "{e:?}"
     );
     assert_eq!(kit.ctx.stats.failed.load(Ordering::Relaxed), failed + 1);
+}
+
+/// `decrypt` rules without a profile use the default one, which must
+/// enforce the policy's URL rules like every named profile (it once kept
+/// the rule-less policy it was built with at start).
+#[test]
+fn the_default_profile_takes_the_policys_url_rules() {
+    let kit = Kit::new(Profile::default());
+    let mut policy = crate::policy::Policy::split_all(&[443], Vec::new());
+    policy.url_rules.push(block_rule("no-secrets", "/secret/*"));
+    assert!(kit.ctx.prepare(&policy).is_empty());
+    let rt = kit.ctx.runtime(None).expect("default");
+    assert!(
+        rt.inspection.enforces_urls(),
+        "default profile enforces URL rules"
+    );
+    // And a policy without them leaves the default without them.
+    policy.url_rules.clear();
+    assert!(kit.ctx.prepare(&policy).is_empty());
+    assert!(!kit.ctx.runtime(None).unwrap().inspection.enforces_urls());
 }

@@ -224,6 +224,58 @@ fn fold(mut acc: u32) -> u16 {
 }
 
 impl Template {
+    /// A template for frames Loupe makes up rather than impersonates (the
+    /// decrypted copies [`crate::export`] writes): untagged Ethernet from
+    /// `src_mac` to `dst_mac`, `src` to `dst` (one address family; a mixed
+    /// pair is written as IPv6 with the IPv4 address mapped), TTL 64.
+    pub fn synthetic(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        src: std::net::SocketAddr,
+        dst: std::net::SocketAddr,
+    ) -> Template {
+        use std::net::IpAddr;
+        let ip = match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => IpPair::V4(s.octets(), d.octets()),
+            (s, d) => {
+                let v6 = |a: IpAddr| match a {
+                    IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                    IpAddr::V6(a) => a.octets(),
+                };
+                IpPair::V6(v6(s), v6(d))
+            }
+        };
+        let mut l2 = Vec::with_capacity(14);
+        l2.extend_from_slice(&dst_mac);
+        l2.extend_from_slice(&src_mac);
+        l2.extend_from_slice(match ip {
+            IpPair::V4(..) => &[0x08, 0x00],
+            IpPair::V6(..) => &[0x86, 0xdd],
+        });
+        Template {
+            l2,
+            ip,
+            src_port: src.port(),
+            dst_port: dst.port(),
+            marks: IpMarks {
+                hops: 64,
+                dscp: 0,
+                flow_label: 0,
+            },
+        }
+    }
+
+    /// Bytes of Ethernet, IP and TCP header (without options) in front of
+    /// a payload.
+    pub fn header_len(&self) -> usize {
+        self.l2.len()
+            + match self.ip {
+                IpPair::V4(..) => 20,
+                IpPair::V6(..) => 40,
+            }
+            + 20
+    }
+
     /// Builds the frame that carries `seg` from this template's endpoint;
     /// returns its length.
     pub fn build(&self, seg: &Segment, out: &mut Vec<u8>) -> usize {

@@ -88,6 +88,17 @@ struct Args {
 
 const PORT: u16 = 443;
 const NAME: &str = "bench.loupe.test";
+/// The addresses the in-memory inspection pipelines are told.
+const ENDS: (std::net::SocketAddr, std::net::SocketAddr) = (
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(198, 18, 0, 1),
+        40000,
+    )),
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(198, 18, 0, 2),
+        443,
+    )),
+);
 
 /// What the server does on a connection: the client's first byte says.
 const OP_BULK: u8 = b'B';
@@ -328,8 +339,33 @@ fn latency(ns: &Netns, cfg: &Arc<ClientConfig>, n: usize) -> anyhow::Result<(f64
 
 /// One path's setup: what runs on the harness, and the CA clients trust.
 enum Setup {
-    Decrypt(Box<Mitm>),
+    /// The engine, and the directory of its pcapng files (`decrypt-pcap`).
+    Decrypt {
+        mitm: Box<Mitm>,
+        _pcap: Option<PcapDir>,
+    },
     Plain(Box<Plain>),
+}
+
+/// A private directory for the engine's decrypted captures, removed with
+/// what is in it when the path's run ends.
+struct PcapDir(PathBuf);
+
+impl PcapDir {
+    fn new() -> anyhow::Result<PcapDir> {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("loupe-perf-pcap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d)?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        Ok(PcapDir(d))
+    }
+}
+
+impl Drop for PcapDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 struct Plain {
@@ -341,11 +377,24 @@ struct Plain {
 
 impl Setup {
     fn start(path: &str) -> anyhow::Result<Setup> {
+        if path == "decrypt-pcap" {
+            // HTTP/1.1 records and every connection written as pcapng.
+            let dir = PcapDir::new()?;
+            let d = dir.0.display().to_string();
+            let m = Mitm::start_with(HarnessConfig::default(), &["--export-pcap", &d], |pki| {
+                lab_policy(pki, r#"export = ["pcap"]"#, "")
+            })?;
+            return Ok(Setup::Decrypt {
+                mitm: Box::new(m),
+                _pcap: Some(dir),
+            });
+        }
         if let Some(inspect) = path.strip_prefix("decrypt") {
             let (profile, tables) = inspecting(inspect)?;
-            return Ok(Setup::Decrypt(Box::new(Mitm::start(|pki| {
-                lab_policy(pki, &profile, &tables)
-            })?)));
+            return Ok(Setup::Decrypt {
+                mitm: Box::new(Mitm::start(|pki| lab_policy(pki, &profile, &tables))?),
+                _pcap: None,
+            });
         }
         let h = Harness::new(HarnessConfig::default())?;
         let pki = Pki::new(&h.dir.join("pki"))?;
@@ -359,7 +408,8 @@ impl Setup {
                 (pki.roots.clone(), None)
             }
             other => anyhow::bail!(
-                "unknown path {other:?} (direct, decrypt, decrypt-off, decrypt-sigN, sslsplit)"
+                "unknown path {other:?} (direct, decrypt, decrypt-off, decrypt-sigN, decrypt-pcap, \
+                 sslsplit)"
             ),
         };
         Ok(Setup::Plain(Box::new(Plain {
@@ -372,28 +422,28 @@ impl Setup {
 
     fn h(&self) -> &Harness {
         match self {
-            Setup::Decrypt(m) => &m.h,
+            Setup::Decrypt { mitm: m, .. } => &m.h,
             Setup::Plain(p) => &p.h,
         }
     }
 
     fn pki(&self) -> &Pki {
         match self {
-            Setup::Decrypt(m) => &m.pki,
+            Setup::Decrypt { mitm: m, .. } => &m.pki,
             Setup::Plain(p) => &p.pki,
         }
     }
 
     fn ca(&self) -> &Path {
         match self {
-            Setup::Decrypt(m) => &m.ca,
+            Setup::Decrypt { mitm: m, .. } => &m.ca,
             Setup::Plain(p) => &p.ca,
         }
     }
 
     fn engine_pid(&self) -> Option<u32> {
         match self {
-            Setup::Decrypt(m) => Some(m.engine.pid()),
+            Setup::Decrypt { mitm: m, .. } => Some(m.engine.pid()),
             Setup::Plain(_) => None,
         }
     }
@@ -479,10 +529,27 @@ fn random_patterns(n: usize, len: usize) -> Vec<Vec<u8>> {
 /// Gbit/s of one HTTP/1.1 response's body in 16 KiB chunks, and
 /// request/response pairs per second (80-byte request, 1 KiB body).
 fn inspector_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
-    use loupe_dataplane::inspect::{
-        signature::{SignatureAction, SignatureSet},
-        Direction, Inspection,
+    use loupe_dataplane::{
+        export::{pcapng::RingConfig, ExportConfig, Exporter},
+        inspect::{
+            signature::{SignatureAction, SignatureSet},
+            Direction, Inspection,
+        },
+        policy::ExportSink,
     };
+    let dir = PcapDir::new()?;
+    let exporter = Exporter::start(&ExportConfig {
+        pcap: Some(RingConfig {
+            dir: dir.0.clone(),
+            file_bytes: 100_000_000,
+            file_age: Duration::from_secs(3600),
+            total_bytes: 400_000_000,
+        }),
+        mirror: None,
+        queue_bytes: 64 << 20,
+    })
+    .map_err(anyhow::Error::msg)?;
+    let sinks = exporter.sinks(&[ExportSink::Pcap]);
     let set = |n: usize| -> anyhow::Result<Option<Arc<SignatureSet>>> {
         let sigs: Vec<(String, Vec<u8>, SignatureAction)> = random_patterns(n, 16)
             .into_iter()
@@ -519,6 +586,17 @@ fn inspector_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
                 ..Inspection::default()
             },
         ),
+        // The worker's side of the export (a copy into the exporter's
+        // queue); the exporter thread writes on the other core, and what
+        // it cannot keep up with is dropped (said below).
+        (
+            "http+pcap",
+            Inspection {
+                http: true,
+                export: Some((exporter.clone(), sinks)),
+                ..Inspection::default()
+            },
+        ),
     ];
     let request = b"GET /bulk HTTP/1.1\r\nHost: bench.loupe.test\r\nUser-Agent: loupe-perf\r\n\r\n";
     let mut chunk = vec![0u8; 16 << 10];
@@ -537,7 +615,7 @@ fn inspector_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
     let mut out = Vec::new();
     for (label, insp) in configs {
         let now = Instant::now();
-        let mut p = insp.pipeline(None, None);
+        let mut p = insp.pipeline(None, None, ENDS);
         p.data(Direction::ClientToServer, request, now);
         p.data(
             Direction::ServerToClient,
@@ -553,7 +631,7 @@ fn inspector_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
             bytes += 64 * chunk.len() as u64;
         }
         let gbit = bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9;
-        let mut p = insp.pipeline(None, None);
+        let mut p = insp.pipeline(None, None, ENDS);
         let t0 = Instant::now();
         let mut pairs = 0u64;
         while t0.elapsed() < Duration::from_secs(secs) {
@@ -569,6 +647,16 @@ fn inspector_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
         eprintln!("  {label}: {gbit:.2} Gbit/s bulk, {rate:.0} requests/s");
         out.push((label.to_string(), gbit, rate));
     }
+    exporter.stop();
+    let e = exporter.report();
+    eprintln!(
+        "  http+pcap: the exporter wrote {} frames ({} MB), dropped {} chunks ({} MB) it could \
+         not keep up with",
+        e.pcap_packets,
+        e.pcap_bytes / 1_000_000,
+        e.events_dropped,
+        e.bytes_dropped / 1_000_000
+    );
     Ok(out)
 }
 
@@ -749,6 +837,20 @@ fn main() -> anyhow::Result<()> {
                 "  round {r}: bulk {:.2}/{:.2} Gbit/s (1/8), handshakes {:.0}/s hit {:.0}/s miss, rtt p50 {:.0} us p99 {:.0} us, under flood p99 {:.0} us",
                 b1[r], b8[r], hit[r], miss[r], lat[r].0, lat[r].1, flood_lat[r].1
             );
+        }
+        if let Setup::Decrypt { mitm, .. } = &s {
+            // What the exporter kept up with: a capture that dropped
+            // chunks is not the whole traffic, whatever the speed.
+            if let Some(e) = mitm.engine.stats()?.tls.and_then(|t| t.export) {
+                eprintln!(
+                    "  export: {} connections, {} frames, {} MB written, {} chunks ({} MB) dropped",
+                    e.connections,
+                    e.pcap_packets,
+                    e.pcap_bytes / 1_000_000,
+                    e.events_dropped,
+                    e.bytes_dropped / 1_000_000
+                );
+            }
         }
         let row = json!({
             "path": path,

@@ -80,9 +80,19 @@ fn main() -> anyhow::Result<()> {
     let pin = hsm.pin_file.display().to_string();
     let audit = hsm.audit_log.display().to_string();
     let dp_sock = dataplane_socket(&h);
+    // Decrypted copies of the strict profile's connections (export =
+    // ["pcap"]) land here, in a directory only root may enter.
+    let pcap_dir = h.dir.join("pcap");
+    std::fs::create_dir(&pcap_dir)?;
+    std::fs::set_permissions(
+        &pcap_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
     let engine = Engine::start_with_env(
         &h,
         &[
+            "--export-pcap",
+            pcap_dir.to_str().context("path")?,
             "--control-socket",
             dp_sock.to_str().context("path")?,
             "--hsm-token",
@@ -319,6 +329,48 @@ fn main() -> anyhow::Result<()> {
     let (status, _, out, err) = engine.stop();
     print!("{out}");
     anyhow::ensure!(status.success(), "engine exited with {status}: {err}");
+
+    step("the decrypted pcapng, as an analyst reads it: tshark -r FILE -d tcp.port==443,http -Y http.request");
+    for file in std::fs::read_dir(&pcap_dir)? {
+        let file = file?.path();
+        let out = std::process::Command::new("tshark")
+            .arg("-r")
+            .arg(&file)
+            .args([
+                "-d",
+                "tcp.port==443,http",
+                "-Y",
+                "http.request",
+                "-T",
+                "fields",
+            ])
+            .args([
+                "-e",
+                "frame.time",
+                "-e",
+                "ip.src",
+                "-e",
+                "ip.dst",
+                "-e",
+                "http.host",
+            ])
+            .args(["-e", "http.request.method", "-e", "http.request.uri"])
+            .output()
+            .context("tshark")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "tshark: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!(
+            "    {} ({} bytes):",
+            file.display(),
+            std::fs::metadata(&file)?.len()
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("      {}", line.replace('\t', "  "));
+        }
+    }
 
     step("key-usage audit log: every key generation and signature, hash-chained and sealed");
     let log = std::fs::read_to_string(&hsm.audit_log)?;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use loupe_tests::{harness::sweep_stale, Harness, HarnessConfig};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: loupe-harness up NAME [--offloads] | down NAME | sweep");
+    eprintln!("usage: loupe-harness up NAME [--offloads] [--mirror] | down NAME | sweep");
     ExitCode::from(2)
 }
 
@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         ["up", name, rest @ ..] => {
             let cfg = HarnessConfig {
                 offloads: rest.contains(&"--offloads"),
+                mirror: rest.contains(&"--mirror"),
                 ..Default::default()
             };
             Harness::create(name, cfg).map(|mut h| {
