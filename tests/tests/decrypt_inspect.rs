@@ -12,7 +12,10 @@
 //! Clients (curl) trust only Loupe's forward-trust CA; nginx serves the
 //! files, its certificate from the test PKI, which the profile trusts.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use loupe_tests::{
     https::{curl_sha256, fill_pseudo_random, Nginx, INDEX_HTML, SERVER_NAME},
@@ -97,6 +100,20 @@ fn http1(m: &Mitm, path: &str, extra: &[String]) -> Vec<String> {
     args.extend_from_slice(extra);
     args.extend(m.curl_server(path));
     args
+}
+
+/// curl in the client namespace with `args`, then the server's `path`,
+/// taking any HTTP status (no `--fail`): what it wrote on stdout.
+fn curl_any_status(m: &Mitm, path: &str, args: &[&str]) -> String {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.extend(m.curl_server(path).into_iter().filter(|a| a != "--fail"));
+    let out = m.client("curl", &all).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The length of the response headers curl wrote to `path` (`-D`): where
@@ -265,29 +282,21 @@ fn http1_requests_on_one_connection_are_each_logged() {
     // `Expect: 100-continue`, which would put an interim response first).
     let body = m.h.dir.join("post.bin");
     std::fs::write(&body, "p".repeat(POSTED)).unwrap();
-    let mut args = vec![
-        "--http1.1".to_string(),
-        "-o".into(),
-        "/dev/null".into(),
-        "-w".into(),
-        "%{http_code} %{size_download}".into(),
-        "-H".into(),
-        "Expect:".into(),
-        "--data-binary".into(),
-        format!("@{}", body.display()),
-    ];
-    args.extend(
-        m.curl_server("small.bin")
-            .into_iter()
-            .filter(|a| a != "--fail"),
+    let seen = curl_any_status(
+        &m,
+        "small.bin",
+        &[
+            "--http1.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            "-H",
+            "Expect:",
+            "--data-binary",
+            &format!("@{}", body.display()),
+        ],
     );
-    let out = m.client("curl", &args).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
     let (code, answered) = seen
         .split_once(' ')
         .unwrap_or_else(|| panic!("curl wrote {seen:?}"));
@@ -630,8 +639,10 @@ fn http2_streams_on_one_connection_are_each_logged() {
 
 /// A URL rule blocking a path: the client is answered with a 403 page
 /// naming the rule, the server never sees the request (its access log has
-/// only the other one), and the log and metrics name the rule. Neither a
-/// percent-encoded path nor asking for HTTP/2 gets around it.
+/// only the others), and the log and metrics name the rule. Over HTTP/1.1
+/// the connection then ends; over HTTP/2 only that stream is refused and
+/// the requests before and after it on the same connection complete. A
+/// percent-encoded path does not get around it.
 #[test]
 fn a_url_rule_answers_a_blocked_request_with_a_403_page_naming_it() {
     const URL_RULES: &str = r#"[[url_rules]]
@@ -652,28 +663,56 @@ action = "log"
     nginx.add_file("secret.bin", 1000, 7).unwrap();
     let public = nginx.add_file("public.bin", 5000, 8).unwrap();
 
-    // Over HTTP/1.1, and asking for HTTP/2, which the engine does not
-    // offer the server while URL rules may block (a stream cannot be
-    // refused alone yet).
+    // Over HTTP/1.1.
     let page = m.h.dir.join("page.html");
-    for (version, target) in [("--http1.1", "secret.bin?x=1"), ("--http2", "%73ecret.bin")] {
-        let mut args = vec![
-            version.to_string(),
-            "-o".into(),
-            page.display().to_string(),
-            "-w".into(),
-            "%{http_code} %{http_version}".into(),
-        ];
-        args.extend(m.curl_server(target).into_iter().filter(|a| a != "--fail"));
-        let out = m.client("curl", &args).unwrap();
-        assert!(
-            out.status.success(),
-            "{version}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "403 1.1", "{version}");
-        let body = std::fs::read_to_string(&page).unwrap();
-        assert!(body.contains("<b>no-secrets</b>"), "{body}");
+    let seen = curl_any_status(
+        &m,
+        "secret.bin?x=1",
+        &[
+            "--http1.1",
+            "-o",
+            &page.display().to_string(),
+            "-w",
+            "%{http_code} %{http_version}",
+        ],
+    );
+    assert_eq!(seen, "403 1.1");
+    let body = std::fs::read_to_string(&page).unwrap();
+    assert!(body.contains("<b>no-secrets</b>"), "{body}");
+
+    // Over HTTP/2: three requests on one connection, the middle one
+    // blocked; the others arrive whole.
+    let mut args = m.curl_server("public.bin");
+    let base = args.pop().unwrap();
+    let base = base.trim_end_matches("public.bin").to_string();
+    args.retain(|a| a != "--fail");
+    args.extend([
+        "--http2".to_string(),
+        "-w".into(),
+        "%{http_code} %{http_version} %{num_connects}\n".into(),
+    ]);
+    let outs: Vec<PathBuf> = (0..3).map(|i| m.h.dir.join(format!("h2-{i}"))).collect();
+    for (f, out) in ["public.bin", "%73ecret.bin", "public.bin"]
+        .iter()
+        .zip(&outs)
+    {
+        args.extend([format!("{base}{f}"), "-o".into(), out.display().to_string()]);
+    }
+    let out = m.client("curl", &args).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["200 2 1", "403 2 0", "200 2 0"],
+        "one HTTP/2 connection: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = std::fs::read_to_string(&outs[1]).unwrap();
+    assert!(body.contains("<b>no-secrets</b>"), "{body}");
+    let mut want = vec![0u8; 5000];
+    fill_pseudo_random(&mut want, 8);
+    for f in [&outs[0], &outs[2]] {
+        let got = std::fs::read(f).unwrap();
+        assert!(got == want, "{} arrives byte-exact", f.display());
     }
 
     // Another path, on a new connection, goes through and is logged with
@@ -720,8 +759,24 @@ action = "log"
     );
     wait_metric(
         &m,
-        r#"loupe_url_rule_hits_total{rule="watch-public",action="log"} 1"#,
+        r#"loupe_url_rule_hits_total{rule="watch-public",action="log"} 3"#,
     );
+    // The HTTP/2 connection was not blocked: its record has no error.
+    let h2 = m
+        .control
+        .wait_record("the refused stream", |r| {
+            r["record"] == "http" && r["http"]["url_action"] == "block" && r["http"]["seq"] == 2
+        })
+        .unwrap();
+    assert_eq!(h2["http"]["status"], 403, "{h2:#}");
+    let own = m
+        .control
+        .wait_record("the HTTP/2 connection's record", |r| {
+            is_connection(r) && r["conn"] == h2["conn"]
+        })
+        .unwrap();
+    assert_eq!(own["tls"]["outcome"], "decrypted", "{own:#}");
+    assert!(own["tls"]["error"].is_null(), "{own:#}");
     // The server saw the public request only.
     let seen = wait_until("nginx's access log", Duration::from_secs(60), || {
         let text = std::fs::read_to_string(&access).map_err(|e| e.to_string())?;

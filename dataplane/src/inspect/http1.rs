@@ -103,6 +103,19 @@ pub struct Http1 {
 
 /// The page a request blocked by URL rule `rule` is answered with.
 pub fn block_page(rule: &str) -> Vec<u8> {
+    let body = block_body(rule);
+    format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/html; charset=utf-8\r\n\
+         Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\
+         X-Loupe-Rule: {}\r\n\r\n{body}",
+        body.len(),
+        rule.replace(['\r', '\n'], " ")
+    )
+    .into_bytes()
+}
+
+/// The HTML of [`block_page`] (HTTP/2 sends it as DATA).
+pub fn block_body(rule: &str) -> String {
     let escaped: String = rule
         .chars()
         .map(|c| match c {
@@ -114,19 +127,11 @@ pub fn block_page(rule: &str) -> Vec<u8> {
             c => c.to_string(),
         })
         .collect();
-    let body = format!(
+    format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Blocked</title></head>\n\
          <body><h1>Blocked by policy</h1><p>This request was blocked by Loupe's URL rule \
          <b>{escaped}</b>.</p></body></html>\n"
-    );
-    format!(
-        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/html; charset=utf-8\r\n\
-         Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\
-         X-Loupe-Rule: {}\r\n\r\n{body}",
-        body.len(),
-        rule.replace(['\r', '\n'], " ")
     )
-    .into_bytes()
 }
 
 /// Parsed message framing, shared by requests and responses.

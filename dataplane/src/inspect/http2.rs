@@ -1,28 +1,54 @@
-//! HTTP/2 (RFC 9113) on decrypted connections, as an observer: the frame
-//! layer of both directions and their header blocks, decoded with HPACK
-//! (RFC 7541, the `loona-hpack` decoder, which passes h2spec), so that
-//! each stream is one request record like HTTP/1.1's (method, authority,
-//! path, status, content type, body bytes each way, timing) with the URL
-//! rule that matched it. Frames are read as they pass and never changed:
-//! the preface, SETTINGS, flow control, PING and GOAWAY go through
-//! untouched.
+//! HTTP/2 (RFC 9113) on decrypted connections: the frame layer of both
+//! directions and their header blocks, decoded with HPACK (RFC 7541, the
+//! `loona-hpack` decoder, which passes h2spec), so that each stream is one
+//! request record like HTTP/1.1's (method, authority, path, status,
+//! content type, body bytes each way, timing) with the URL rule that
+//! matched it.
+//!
+//! It runs in one of two ways:
+//! - **Observer** ([`Http2::new`], as an [`Inspector`]): no URL rule can
+//!   block, so frames are read as they pass and never changed.
+//! - **Enforcer** ([`Http2::enforcing`], the pipeline's rewriter): a URL
+//!   rule may block, and a single stream is refused while the others go
+//!   on. Toward the server, every header block is decoded and encoded
+//!   again by [`encode_block`], which never touches a dynamic table, so a
+//!   request left out leaves no HPACK state behind; a refused stream's
+//!   frames are never sent, and the DATA the client sent on one is
+//!   credited back to the client's connection window. Toward the client,
+//!   the server's frames pass as they are and a refused stream is answered
+//!   at the next frame boundary: HEADERS `:status 403` and the block page
+//!   as DATA (the HEADERS alone when the client's windows have no room),
+//!   then RST_STREAM(NO_ERROR) if the client was still sending. The page
+//!   enters the client's connection window without the server knowing, so
+//!   it is paid back out of the client's next WINDOW_UPDATEs, and until
+//!   then a server DATA frame that the client's real window cannot take
+//!   waits. Server push is turned off in the client's SETTINGS (a pushed
+//!   response answers a request no rule saw); a PUSH_PROMISE is then an
+//!   error. Everything else (PING, GOAWAY, PRIORITY, flow control,
+//!   unknown frames) passes untouched.
 //!
 //! Memory is bounded per connection: a header block (HEADERS or
 //! PUSH_PROMISE with its CONTINUATIONs) of at most [`MAX_HEADER_BLOCK`]
-//! bytes, HPACK dynamic tables of at most [`MAX_TABLE`] bytes whatever
-//! SETTINGS announce, [`MAX_STREAMS`] streams open at once, SETTINGS
-//! frames of at most [`MAX_SETTINGS`] bytes; DATA and other frames are
-//! counted, not kept. A stream that breaks the protocol or a bound ends
-//! the connection (both sides reset, an `anomaly` record saying why):
+//! bytes decoding to at most [`MAX_HEADER_LIST`], HPACK dynamic tables of
+//! at most [`MAX_TABLE`] bytes whatever SETTINGS announce, [`MAX_STREAMS`]
+//! streams open at once, SETTINGS frames of at most [`MAX_SETTINGS`]
+//! bytes; DATA and other frames are counted (the enforcer passes them on
+//! as they come), not kept. A stream that breaks the protocol or a bound
+//! ends the connection (both sides reset, an `anomaly` record saying why):
 //! what follows could not be followed, and HTTP/2 has no resynchronising.
 
-use std::{borrow::Cow, collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
-use loona_hpack::Decoder;
+use loona_hpack::{encoder::encode_integer_into, Decoder};
 
 use super::{
     fuzz_chunks,
-    http1::{cut, match_rules},
+    http1::{block_body, cut, match_rules},
     Direction, Finding, HttpRequest, Inspector, Report,
 };
 use crate::policy::{UrlAction, UrlRule};
@@ -31,6 +57,10 @@ use crate::policy::{UrlAction, UrlRule};
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A header block with its CONTINUATIONs, at most.
 pub const MAX_HEADER_BLOCK: usize = 64 << 10;
+/// What a header block decodes to, at most, counted as HPACK counts a
+/// table entry (name, value and 32 bytes each): a small block naming
+/// large table entries many times must not become a large one.
+pub const MAX_HEADER_LIST: usize = 256 << 10;
 /// An HPACK dynamic table, at most (the default is 4 KiB).
 pub const MAX_TABLE: usize = 64 << 10;
 /// Streams open at once, at most.
@@ -43,6 +73,7 @@ const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PUSH_PROMISE: u8 = 0x5;
+const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 
 const END_STREAM: u8 = 0x1;
@@ -50,6 +81,11 @@ const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
+
+const SETTINGS_ENABLE_PUSH: u16 = 2;
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 4;
+/// Every window's size before SETTINGS or WINDOW_UPDATE (RFC 9113 §6.9.2).
+const DEFAULT_WINDOW: i64 = 65_535;
 
 /// The frame being read on one side.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +99,9 @@ struct Frame {
     padded_known: bool,
     /// DATA: the padding at the frame's end (not body).
     pad: usize,
+    /// Enforcer: the frame is passed on as it is read (else it is left
+    /// out, or written anew once read whole).
+    pass: bool,
 }
 
 /// A header block being gathered.
@@ -72,6 +111,8 @@ struct Block {
     /// PUSH_PROMISE: the promised stream (the block is its request).
     promised: Option<u32>,
     end_stream: bool,
+    /// HEADERS with PRIORITY: its five bytes, passed on.
+    priority: Option<[u8; 5]>,
     bytes: Vec<u8>,
 }
 
@@ -83,7 +124,7 @@ struct Side {
     head: Vec<u8>,
     frame: Option<Frame>,
     /// The payload of a frame read whole (HEADERS, CONTINUATION,
-    /// PUSH_PROMISE, SETTINGS, RST_STREAM).
+    /// PUSH_PROMISE, SETTINGS, RST_STREAM, WINDOW_UPDATE).
     payload: Vec<u8>,
     block: Option<Block>,
     /// The largest frame this direction may carry: the receiver's
@@ -114,6 +155,32 @@ struct Stream {
     ended: [bool; 2],
 }
 
+/// The enforcer's state: what goes out each way, and the flow control
+/// its answers take part in.
+#[derive(Default)]
+struct Enforce {
+    /// Bytes to pass on: toward the server \[0\], toward the client \[1\].
+    out: [Vec<u8>; 2],
+    /// Frames for the client waiting for a frame boundary there.
+    inject: Vec<u8>,
+    /// Whether the server's first frame (its SETTINGS, which must come
+    /// first) has gone to the client: nothing is injected before.
+    server_began: bool,
+    /// Streams answered here, which the server never saw (the latest
+    /// [`MAX_STREAMS`]): the client's frames on them are left out.
+    refused: BTreeSet<u32>,
+    /// The client's receive window for the connection, as it counts it.
+    window: i64,
+    /// Page bytes the client's window took that the server does not know
+    /// of: taken out of the client's next connection WINDOW_UPDATEs.
+    debt: i64,
+    /// The client's SETTINGS_INITIAL_WINDOW_SIZE: a new stream's window.
+    stream_window: i64,
+    /// A server DATA frame's head, held until the client's window can
+    /// take the frame (only while there is debt).
+    held: Option<Vec<u8>>,
+}
+
 /// The HTTP/2 inspector of one connection.
 pub struct Http2 {
     sides: [Side; 2],
@@ -122,9 +189,12 @@ pub struct Http2 {
     rules: Option<Arc<Vec<UrlRule>>>,
     sni: Option<String>,
     done: bool,
+    /// Enforcer mode (None: an observer).
+    enforce: Option<Box<Enforce>>,
 }
 
 impl Http2 {
+    /// An observer: frames pass as they are.
     pub fn new(rules: Option<Arc<Vec<UrlRule>>>, sni: Option<String>) -> Http2 {
         Http2 {
             sides: [Side::new(true), Side::new(false)],
@@ -133,17 +203,65 @@ impl Http2 {
             rules,
             sni,
             done: false,
+            enforce: None,
         }
     }
 
+    /// An enforcer: the connection is re-framed so that a stream that a
+    /// URL rule blocks is answered here and never reaches the server.
+    pub fn enforcing(rules: Option<Arc<Vec<UrlRule>>>, sni: Option<String>) -> Http2 {
+        Http2 {
+            enforce: Some(Box::new(Enforce {
+                window: DEFAULT_WINDOW,
+                stream_window: DEFAULT_WINDOW,
+                ..Enforce::default()
+            })),
+            ..Http2::new(rules, sni)
+        }
+    }
+
+    /// Enforcer: takes the start of `dir`'s stream, and says how much of
+    /// it was taken (less than all while a server DATA frame waits for
+    /// the client's window); what is to be passed on is in
+    /// [`Http2::output`]. Errors end the connection through `report`.
+    pub fn rewrite(
+        &mut self,
+        dir: Direction,
+        data: &[u8],
+        now: Instant,
+        report: &mut Report,
+    ) -> usize {
+        if self.done {
+            return 0;
+        }
+        match self.read(dir, data, now, report) {
+            Ok(n) => n,
+            Err(reason) => {
+                self.stop(dir, reason, report);
+                0
+            }
+        }
+    }
+
+    /// Enforcer: the bytes to pass on in direction `dir`.
+    pub fn output(&mut self, dir: Direction) -> Option<&mut Vec<u8>> {
+        self.enforce.as_mut().map(|e| &mut e.out[dir as usize])
+    }
+
+    /// Reads `data`; returns how much of it was taken.
     fn read(
         &mut self,
         dir: Direction,
-        mut data: &[u8],
+        data: &[u8],
         now: Instant,
         report: &mut Report,
-    ) -> Result<(), String> {
+    ) -> Result<usize, String> {
         let d = dir as usize;
+        let total = data.len();
+        let mut data = data;
+        if dir == Direction::ServerToClient && !self.release_held(now, report)? {
+            return Ok(0);
+        }
         while !data.is_empty() {
             let side = &mut self.sides[d];
             if side.preface > 0 {
@@ -153,6 +271,7 @@ impl Http2 {
                     return Err("not the HTTP/2 client preface".into());
                 }
                 side.preface -= n;
+                self.emit(d, true, &data[..n]);
                 data = &data[n..];
                 continue;
             }
@@ -162,6 +281,12 @@ impl Http2 {
                 data = &data[n..];
                 if side.head.len() == 9 {
                     let h = std::mem::take(&mut side.head);
+                    if self.must_hold(dir, &h) {
+                        if let Some(e) = self.enforce.as_mut() {
+                            e.held = Some(h);
+                        }
+                        return Ok(total - data.len());
+                    }
                     self.start_frame(dir, &h)?;
                     self.maybe_end_frame(dir, now, report)?;
                 }
@@ -172,6 +297,7 @@ impl Http2 {
                     if !f.padded_known {
                         // The pad length: padding is not body.
                         let pad = usize::from(data[0]);
+                        self.emit(d, f.pass, &data[..1]);
                         data = &data[1..];
                         f.left -= 1;
                         if pad > f.left {
@@ -182,18 +308,20 @@ impl Http2 {
                     }
                     let n = f.left.min(data.len());
                     self.body(dir, f.stream, n.min(f.left.saturating_sub(f.pad)) as u64);
+                    self.emit(d, f.pass, &data[..n]);
                     data = &data[n..];
                     f.left -= n;
                 }
-                HEADERS | CONTINUATION | PUSH_PROMISE | SETTINGS | RST_STREAM => {
-                    let side = &mut self.sides[d];
+                HEADERS | CONTINUATION | PUSH_PROMISE | SETTINGS | RST_STREAM | WINDOW_UPDATE => {
                     let n = f.left.min(data.len());
-                    side.payload.extend_from_slice(&data[..n]);
+                    self.sides[d].payload.extend_from_slice(&data[..n]);
+                    self.emit(d, f.pass, &data[..n]);
                     data = &data[n..];
                     f.left -= n;
                 }
                 _ => {
                     let n = f.left.min(data.len());
+                    self.emit(d, f.pass, &data[..n]);
                     data = &data[n..];
                     f.left -= n;
                 }
@@ -201,7 +329,43 @@ impl Http2 {
             self.sides[d].frame = Some(f);
             self.maybe_end_frame(dir, now, report)?;
         }
-        Ok(())
+        Ok(total)
+    }
+
+    /// Enforcer: passes `bytes` on in direction `d` when `pass`.
+    fn emit(&mut self, d: usize, pass: bool, bytes: &[u8]) {
+        if let Some(e) = self.enforce.as_mut().filter(|_| pass) {
+            e.out[d].extend_from_slice(bytes);
+        }
+    }
+
+    /// Enforcer: whether a server frame with head `h` must wait for the
+    /// client's window (a DATA frame larger than it while pages are owed).
+    fn must_hold(&self, dir: Direction, h: &[u8]) -> bool {
+        let len = i64::from(h[0]) << 16 | i64::from(h[1]) << 8 | i64::from(h[2]);
+        dir == Direction::ServerToClient
+            && h[3] == DATA
+            && self
+                .enforce
+                .as_ref()
+                .is_some_and(|e| e.debt > 0 && len > e.window)
+    }
+
+    /// Enforcer: starts a held server frame once the client's window has
+    /// room; false while it must still wait.
+    fn release_held(&mut self, now: Instant, report: &mut Report) -> Result<bool, String> {
+        let Some(h) = self.enforce.as_ref().and_then(|e| e.held.clone()) else {
+            return Ok(true);
+        };
+        if self.must_hold(Direction::ServerToClient, &h) {
+            return Ok(false);
+        }
+        if let Some(e) = self.enforce.as_mut() {
+            e.held = None;
+        }
+        self.start_frame(Direction::ServerToClient, &h)?;
+        self.maybe_end_frame(Direction::ServerToClient, now, report)?;
+        Ok(true)
     }
 
     /// A frame's 9-byte header has arrived.
@@ -243,6 +407,9 @@ impl Http2 {
                 return Err(format!("a SETTINGS frame of {len} bytes"))
             }
             RST_STREAM if len != 4 => return Err(format!("a RST_STREAM frame of {len} bytes")),
+            WINDOW_UPDATE if len != 4 => {
+                return Err(format!("a WINDOW_UPDATE frame of {len} bytes"))
+            }
             DATA if flags & PADDED != 0 && len == 0 => {
                 return Err("a padded DATA frame without its pad length".into())
             }
@@ -256,13 +423,57 @@ impl Http2 {
             return Err(format!("a frame of type {kind} on stream 0"));
         }
         side.payload.clear();
-        side.frame = Some(Frame {
+        let mut pass = false;
+        let mut credit = 0;
+        if let Some(e) = self.enforce.as_mut() {
+            match dir {
+                Direction::ClientToServer if stream != 0 && e.refused.contains(&stream) => {
+                    // The server never saw the stream: nothing on it goes
+                    // there, and DATA's share of the connection window is
+                    // given back to the client here.
+                    if kind == DATA {
+                        credit = len;
+                    }
+                }
+                Direction::ClientToServer => {
+                    // Header blocks are encoded anew, the client's
+                    // SETTINGS changed and its connection WINDOW_UPDATEs
+                    // may pay debt: written once read whole.
+                    let whole = match kind {
+                        HEADERS | CONTINUATION => true,
+                        SETTINGS => flags & ACK == 0,
+                        WINDOW_UPDATE => stream == 0,
+                        _ => false,
+                    };
+                    pass = !whole;
+                }
+                Direction::ServerToClient => {
+                    if kind == PUSH_PROMISE {
+                        return Err("a PUSH_PROMISE, though the client's SETTINGS turned \
+                                    server push off"
+                            .into());
+                    }
+                    if kind == DATA {
+                        e.window -= len as i64;
+                    }
+                    pass = true;
+                }
+            }
+            if pass {
+                e.out[d].extend_from_slice(h);
+            }
+        }
+        if credit > 0 {
+            self.inject(window_update(0, credit as u32));
+        }
+        self.sides[d].frame = Some(Frame {
             kind,
             flags,
             stream,
             left: len,
             padded_known: kind != DATA || flags & PADDED == 0,
             pad: 0,
+            pass,
         });
         Ok(())
     }
@@ -296,6 +507,7 @@ impl Http2 {
                     p = rest;
                 }
                 let mut promised = None;
+                let mut priority = None;
                 if f.kind == PUSH_PROMISE {
                     if dir == Direction::ClientToServer {
                         return Err("a PUSH_PROMISE from the client".into());
@@ -304,9 +516,11 @@ impl Http2 {
                     promised = Some(u32::from_be_bytes([id[0], id[1], id[2], id[3]]) & 0x7fff_ffff);
                     p = &p[4..];
                 } else if f.flags & PRIORITY != 0 {
-                    p = p
-                        .get(5..)
+                    let pr = p
+                        .get(..5)
                         .ok_or("a HEADERS frame too short for its priority")?;
+                    priority = Some([pr[0], pr[1], pr[2], pr[3], pr[4]]);
+                    p = &p[5..];
                 }
                 if pad > p.len() {
                     return Err("padding longer than its frame".into());
@@ -316,6 +530,7 @@ impl Http2 {
                     stream: f.stream,
                     promised,
                     end_stream: f.kind == HEADERS && f.flags & END_STREAM != 0,
+                    priority,
                     bytes: fragment.to_vec(),
                 });
                 if f.flags & END_HEADERS != 0 {
@@ -331,9 +546,12 @@ impl Http2 {
                 }
             }
             SETTINGS if f.flags & ACK == 0 => {
+                let mut push_off = false;
+                let mut rewritten = Vec::with_capacity(payload.len() + 6);
                 for s in payload.chunks_exact(6) {
                     let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]) as usize;
-                    match u16::from_be_bytes([s[0], s[1]]) {
+                    let id = u16::from_be_bytes([s[0], s[1]]);
+                    match id {
                         // HEADER_TABLE_SIZE bounds what the *other* side's
                         // encoder may use: our decoder of that direction.
                         1 => self.sides[1 - d]
@@ -345,6 +563,41 @@ impl Http2 {
                         5 => return Err(format!("a SETTINGS_MAX_FRAME_SIZE of {v}")),
                         _ => {}
                     }
+                    if let (Some(e), Direction::ClientToServer) = (self.enforce.as_mut(), dir) {
+                        match id {
+                            SETTINGS_ENABLE_PUSH => {
+                                push_off = true;
+                                rewritten.extend_from_slice(&[s[0], s[1], 0, 0, 0, 0]);
+                                continue;
+                            }
+                            SETTINGS_INITIAL_WINDOW_SIZE => e.stream_window = v as i64,
+                            _ => {}
+                        }
+                        rewritten.extend_from_slice(s);
+                    }
+                }
+                if let (Some(e), Direction::ClientToServer) = (self.enforce.as_mut(), dir) {
+                    if !push_off {
+                        let mut off = SETTINGS_ENABLE_PUSH.to_be_bytes().to_vec();
+                        off.extend_from_slice(&[0; 4]);
+                        rewritten.extend_from_slice(&off);
+                    }
+                    e.out[0].extend(frame(SETTINGS, f.flags, 0, &rewritten));
+                }
+            }
+            WINDOW_UPDATE if dir == Direction::ClientToServer && f.stream == 0 => {
+                let inc = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                    & 0x7fff_ffff;
+                if let Some(e) = self.enforce.as_mut() {
+                    // The client's window grows by all of it; the server
+                    // hears of what the pages did not take.
+                    e.window += i64::from(inc);
+                    let pay = e.debt.min(i64::from(inc));
+                    e.debt -= pay;
+                    let rest = i64::from(inc) - pay;
+                    if rest > 0 || inc == 0 {
+                        e.out[0].extend(window_update(0, rest as u32));
+                    }
                 }
             }
             RST_STREAM => {
@@ -354,7 +607,33 @@ impl Http2 {
             }
             _ => {}
         }
+        if dir == Direction::ServerToClient {
+            if let Some(e) = self.enforce.as_mut() {
+                e.server_began = true;
+            }
+            self.flush_inject();
+        }
         Ok(())
+    }
+
+    /// Enforcer: `bytes` (whole frames) go to the client at its stream's
+    /// next frame boundary, after the server's first frame.
+    fn inject(&mut self, bytes: Vec<u8>) {
+        if let Some(e) = self.enforce.as_mut() {
+            e.inject.extend(bytes);
+        }
+        self.flush_inject();
+    }
+
+    fn flush_inject(&mut self) {
+        let s = &self.sides[1];
+        let boundary = s.frame.is_none() && s.block.is_none();
+        if let Some(e) = self.enforce.as_mut() {
+            if boundary && e.server_began && !e.inject.is_empty() {
+                let bytes = std::mem::take(&mut e.inject);
+                e.out[1].extend(bytes);
+            }
+        }
     }
 
     /// Counts body bytes of a stream.
@@ -379,7 +658,8 @@ impl Http2 {
     }
 
     /// A whole header block: decoded (always, to keep HPACK's table in
-    /// step), then a request, a response, or trailers.
+    /// step), then a request, a response, or trailers; the enforcer
+    /// passes a client's block on encoded anew, or leaves it out.
     fn end_block(
         &mut self,
         dir: Direction,
@@ -388,13 +668,31 @@ impl Http2 {
     ) -> Result<(), String> {
         let d = dir as usize;
         let b = self.sides[d].block.take().expect("a block in progress");
-        let mut fields = Fields::default();
+        let rewrite = self.enforce.is_some() && dir == Direction::ClientToServer;
+        let mut fields = Fields {
+            all: rewrite.then(Vec::new),
+            ..Fields::default()
+        };
         self.sides[d]
             .hpack
             .decode_with_cb(&b.bytes, |n, v| fields.take(n, v))
             .map_err(|e| format!("HPACK: {e}"))?;
         if fields.count > 1024 {
             return Err("a header block of more than 1024 fields".into());
+        }
+        if fields.size > MAX_HEADER_LIST {
+            return Err(format!(
+                "a header block decoding to more than {} KiB",
+                MAX_HEADER_LIST >> 10
+            ));
+        }
+        let refused = self
+            .enforce
+            .as_ref()
+            .is_some_and(|e| dir == Direction::ClientToServer && e.refused.contains(&b.stream));
+        if refused {
+            // Trailers of a refused request: decoded (HPACK), left out.
+            return Ok(());
         }
         let request_on = match (dir, b.promised) {
             (Direction::ServerToClient, Some(p)) => Some(p),
@@ -403,8 +701,11 @@ impl Http2 {
             }
             _ => None,
         };
+        let all = fields.all.take();
         if let Some(id) = request_on {
-            self.request(id, fields, now, report)?;
+            if self.request(id, b.end_stream, fields, now, report)? {
+                return Ok(());
+            }
         } else if dir == Direction::ServerToClient {
             if let Some(s) = self.streams.get_mut(&b.stream) {
                 if let Some(status) = fields.status {
@@ -415,6 +716,18 @@ impl Http2 {
                     s.rec.content_type = fields.content_type.map(|c| cut(&c));
                 }
             }
+        }
+        if let (Some(all), Some(e)) = (all, self.enforce.as_mut()) {
+            let mut block = Vec::with_capacity(b.bytes.len() * 2);
+            encode_block(&all, &mut block);
+            header_frames(
+                b.stream,
+                b.end_stream,
+                b.priority,
+                &block,
+                self.sides[0].max_frame,
+                &mut e.out[0],
+            );
         }
         let stream = b.promised.unwrap_or(b.stream);
         if b.promised.is_some() {
@@ -429,15 +742,24 @@ impl Http2 {
         Ok(())
     }
 
+    /// A request on stream `id`: recorded, matched against the URL rules;
+    /// true when it was refused here (the enforcer answered it).
     fn request(
         &mut self,
         id: u32,
+        end_stream: bool,
         f: Fields,
         now: Instant,
         report: &mut Report,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         if self.streams.len() >= MAX_STREAMS {
             return Err(format!("more than {MAX_STREAMS} streams open at once"));
+        }
+        let method = f.method.unwrap_or_default();
+        if self.enforce.is_some() && method == "CONNECT" && f.protocol.is_none() {
+            // A tunnel carries no requests the rules would see (extended
+            // CONNECT, as WebSocket uses, stays at its path).
+            return Err("a CONNECT tunnel while URL rules are enforced".into());
         }
         self.requests += 1;
         let host = f.authority.or(f.host).filter(|h| !h.is_empty());
@@ -446,9 +768,9 @@ impl Http2 {
             .rules
             .as_deref()
             .and_then(|r| match_rules(r, host.as_deref(), self.sni.as_deref(), &path));
-        let rec = HttpRequest {
+        let mut rec = HttpRequest {
             seq: self.requests,
-            method: cut(&f.method.unwrap_or_default()),
+            method: cut(&method),
             host: host.map(|h| cut(&h)),
             path: cut(&path),
             url_action: rule.as_ref().map(|r| r.1),
@@ -456,13 +778,20 @@ impl Http2 {
             ..HttpRequest::default()
         };
         if let Some((name, UrlAction::Block)) = &rule {
-            // A stream cannot be refused alone yet: the connection is.
-            report.block(format!(
-                "URL rule {name:?} blocks {} {} (HTTP/2)",
-                rec.method, rec.path
-            ));
-            report.add(Finding::Http(rec));
-            return Ok(());
+            if self.enforce.is_none() {
+                // An observer cannot refuse one stream: the connection is.
+                report.block(format!(
+                    "URL rule {name:?} blocks {} {} (HTTP/2)",
+                    rec.method, rec.path
+                ));
+                report.add(Finding::Http(rec));
+                return Ok(true);
+            }
+            rec.status = Some(403);
+            self.refuse(id, name, end_stream);
+            report.refused_stream();
+            report.add(Finding::Http(rec.finished(now, now)));
+            return Ok(true);
         }
         self.streams.insert(
             id,
@@ -472,7 +801,60 @@ impl Http2 {
                 ended: [false, false],
             },
         );
-        Ok(())
+        Ok(false)
+    }
+
+    /// Enforcer: answers stream `id` with the 403 page of `rule` (or its
+    /// HEADERS alone when the client's windows have no room for the page);
+    /// the server never hears of it.
+    fn refuse(&mut self, id: u32, rule: &str, client_done: bool) {
+        let max_frame = self.sides[1].max_frame;
+        let Some(e) = self.enforce.as_mut() else {
+            return;
+        };
+        e.refused.insert(id);
+        while e.refused.len() > MAX_STREAMS {
+            e.refused.pop_first();
+        }
+        let body = block_body(rule);
+        let len = body.len() as i64;
+        let fits = len <= e.window && len <= e.stream_window;
+        let length = body.len().to_string();
+        let named: String = rule
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = vec![
+            (b":status".to_vec(), b"403".to_vec()),
+            (
+                b"content-type".to_vec(),
+                b"text/html; charset=utf-8".to_vec(),
+            ),
+            (b"cache-control".to_vec(), b"no-store".to_vec()),
+            (b"x-loupe-rule".to_vec(), named.trim().as_bytes().to_vec()),
+        ];
+        if fits {
+            fields.push((b"content-length".to_vec(), length.into_bytes()));
+        }
+        let mut block = Vec::new();
+        encode_block(&fields, &mut block);
+        let mut out = Vec::new();
+        header_frames(id, !fits, None, &block, max_frame, &mut out);
+        if fits {
+            let mut chunks = body.as_bytes().chunks(max_frame).peekable();
+            while let Some(c) = chunks.next() {
+                let last = chunks.peek().is_none();
+                out.extend(frame(DATA, if last { END_STREAM } else { 0 }, id, c));
+            }
+            e.window -= len;
+            e.debt += len;
+        }
+        if !client_done {
+            // RFC 9113 §8.1: a whole response, then the client is asked
+            // to stop sending the request (NO_ERROR).
+            out.extend(frame(RST_STREAM, 0, id, &[0; 4]));
+        }
+        self.inject(out);
     }
 
     fn stop(&mut self, dir: Direction, reason: String, report: &mut Report) {
@@ -483,17 +865,152 @@ impl Http2 {
         self.done = true;
         self.sides = [Side::new(true), Side::new(false)];
         self.streams.clear();
+        if let Some(e) = self.enforce.as_mut() {
+            **e = Enforce::default();
+        }
     }
+}
+
+/// A frame as read back by [`parse`]: kind, flags, stream, payload.
+#[cfg(test)]
+pub(crate) type Parsed = (u8, u8, u32, Vec<u8>);
+
+/// Whole frames, read back (tests).
+#[cfg(test)]
+pub(crate) fn parse(mut b: &[u8]) -> Vec<Parsed> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let n = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
+        let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
+        out.push((b[3], b[4], stream, b[9..9 + n].to_vec()));
+        b = &b[9 + n..];
+    }
+    out
+}
+
+/// A frame: its 9-byte header, then `payload`.
+pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = Vec::with_capacity(9 + n);
+    f.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn window_update(stream: u32, increment: u32) -> Vec<u8> {
+    frame(WINDOW_UPDATE, 0, stream, &increment.to_be_bytes())
+}
+
+/// HEADERS carrying `block` on `stream` (with its priority, if any), and
+/// CONTINUATIONs for what does not fit in `max_frame`.
+fn header_frames(
+    stream: u32,
+    end_stream: bool,
+    priority: Option<[u8; 5]>,
+    block: &[u8],
+    max_frame: usize,
+    out: &mut Vec<u8>,
+) {
+    let first = max_frame - priority.map_or(0, |_| 5);
+    let (head, mut rest) = block.split_at(first.min(block.len()));
+    let mut flags = if end_stream { END_STREAM } else { 0 };
+    let mut payload = Vec::with_capacity(head.len() + 5);
+    if let Some(p) = priority {
+        flags |= PRIORITY;
+        payload.extend_from_slice(&p);
+    }
+    payload.extend_from_slice(head);
+    if rest.is_empty() {
+        flags |= END_HEADERS;
+    }
+    out.extend(frame(HEADERS, flags, stream, &payload));
+    while !rest.is_empty() {
+        let (part, tail) = rest.split_at(max_frame.min(rest.len()));
+        rest = tail;
+        let flags = if rest.is_empty() { END_HEADERS } else { 0 };
+        out.extend(frame(CONTINUATION, flags, stream, part));
+    }
+}
+
+/// HPACK's static table (RFC 7541 Appendix A), as the decoder knows it.
+fn static_table() -> &'static [(Vec<u8>, Vec<u8>)] {
+    static TABLE: OnceLock<Vec<(Vec<u8>, Vec<u8>)>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        (1u8..=61)
+            .map(|i| {
+                let mut field = None;
+                Decoder::new()
+                    .decode_with_cb(&[0x80 | i], |n, v| {
+                        field = Some((n.into_owned(), v.into_owned()))
+                    })
+                    .expect("a static table index");
+                field.expect("one field")
+            })
+            .collect()
+    })
+}
+
+/// Encodes `fields` as one header block that leaves every dynamic table
+/// as it was: a field in the static table by its index, others as
+/// literals without indexing (a static name by its index), credentials
+/// as never-indexed literals (RFC 7541 §7.1.3) so that no intermediary
+/// after us indexes them either.
+pub fn encode_block(fields: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<u8>) {
+    let table = static_table();
+    for (name, value) in fields {
+        let mut name_at = None;
+        let mut whole = None;
+        for (i, (n, v)) in table.iter().enumerate() {
+            if n == name {
+                name_at.get_or_insert(i + 1);
+                if v == value {
+                    whole = Some(i + 1);
+                    break;
+                }
+            }
+        }
+        if let Some(i) = whole {
+            let _ = encode_integer_into(i, 7, 0x80, out);
+            continue;
+        }
+        let never = matches!(
+            &name[..],
+            b"authorization" | b"proxy-authorization" | b"cookie" | b"set-cookie"
+        );
+        let lead = if never { 0x10 } else { 0x00 };
+        match name_at {
+            Some(i) => {
+                let _ = encode_integer_into(i, 4, lead, out);
+            }
+            None => {
+                out.push(lead);
+                literal(name, out);
+            }
+        }
+        literal(value, out);
+    }
+}
+
+/// An HPACK string literal (not Huffman-coded).
+fn literal(s: &[u8], out: &mut Vec<u8>) {
+    let _ = encode_integer_into(s.len(), 7, 0, out);
+    out.extend_from_slice(s);
 }
 
 /// The fields of a header block the records need.
 #[derive(Default)]
 struct Fields {
     count: usize,
+    /// The list's size as HPACK counts it (RFC 7541 §4.1).
+    size: usize,
+    /// Enforcer: every field, in order, to be encoded again.
+    all: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     method: Option<String>,
     path: Option<String>,
     authority: Option<String>,
     host: Option<String>,
+    protocol: Option<String>,
     status: Option<u16>,
     content_type: Option<String>,
 }
@@ -501,11 +1018,16 @@ struct Fields {
 impl Fields {
     fn take(&mut self, name: Cow<[u8]>, value: Cow<[u8]>) {
         self.count += 1;
+        self.size += name.len() + value.len() + 32;
+        if self.size > MAX_HEADER_LIST {
+            return; // refused once decoded
+        }
         let text = || cut(&String::from_utf8_lossy(&value));
         match &name[..] {
             b":method" => self.method = Some(text()),
             b":path" => self.path = Some(text()),
             b":authority" => self.authority = Some(text()),
+            b":protocol" => self.protocol = Some(text()),
             b"host" => self.host = Some(text()),
             b":status" => {
                 self.status = std::str::from_utf8(&value)
@@ -514,6 +1036,9 @@ impl Fields {
             }
             b"content-type" => self.content_type = Some(text()),
             _ => {}
+        }
+        if let Some(all) = self.all.as_mut() {
+            all.push((name.into_owned(), value.into_owned()));
         }
     }
 }
@@ -544,15 +1069,34 @@ impl Inspector for Http2 {
 }
 
 /// For the fuzz target: `data` is (direction, length) headed chunks, as
-/// in [`super::http1::fuzz`].
+/// in [`super::http1::fuzz`]; the enforcer's output is checked to be
+/// whole frames after the preface.
 pub fn fuzz(data: &[u8]) {
     let mut h = Http2::new(None, None);
     let mut report = Report::default();
     let now = Instant::now();
     fuzz_chunks(data, |dir, chunk| h.on_data(dir, chunk, now, &mut report));
     h.on_end(Direction::ServerToClient, now, &mut report);
+    let rules = Arc::new(vec![UrlRule {
+        name: "fuzz".into(),
+        hosts: Vec::new(),
+        paths: vec!["/b*".into()],
+        categories: Vec::new(),
+        category_hosts: Vec::new(),
+        action: UrlAction::Block,
+    }]);
+    let mut e = Http2::enforcing(Some(rules), None);
+    let mut report = Report::default();
+    fuzz_chunks(data, |dir, mut chunk| {
+        while !chunk.is_empty() {
+            let n = e.rewrite(dir, chunk, now, &mut report);
+            if n == 0 {
+                break; // held, or stopped
+            }
+            chunk = &chunk[n..];
+        }
+    });
 }
-
 #[cfg(test)]
 mod tests {
     use loona_hpack::Encoder;
@@ -562,14 +1106,6 @@ mod tests {
 
     const C2S: Direction = Direction::ClientToServer;
     const S2C: Direction = Direction::ServerToClient;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let n = payload.len();
-        let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
 
     fn block(enc: &mut Encoder, fields: &[(&str, &str)]) -> Vec<u8> {
         enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
@@ -818,6 +1354,455 @@ mod tests {
         ));
         h.on_data(C2S, &c, now, &mut r);
         assert!(r.block.is_none(), "{:?}", r.findings);
+    }
+
+    /// The fields of each header block in `frames`, decoded in order by
+    /// one decoder (as the receiving peer would): (stream, fields).
+    fn decode_all(frames: &[Parsed]) -> Vec<(u32, Vec<(String, String)>)> {
+        let mut dec = Decoder::new();
+        let mut got = Vec::new();
+        let mut block = Vec::new();
+        for (kind, flags, stream, p) in frames {
+            match *kind {
+                HEADERS => {
+                    let mut p = &p[..];
+                    if flags & PRIORITY != 0 {
+                        p = &p[5..];
+                    }
+                    block = p.to_vec();
+                }
+                CONTINUATION => block.extend_from_slice(p),
+                _ => continue,
+            }
+            if flags & END_HEADERS != 0 {
+                let mut fields = Vec::new();
+                dec.decode_with_cb(&block, |n, v| {
+                    fields.push((
+                        String::from_utf8_lossy(&n).into_owned(),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    ))
+                })
+                .expect("the peer decodes it");
+                got.push((*stream, fields));
+            }
+        }
+        got
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn enforcer() -> Http2 {
+        let rules = Arc::new(vec![UrlRule {
+            name: "no-b".into(),
+            hosts: Vec::new(),
+            paths: vec!["/b*".into()],
+            categories: Vec::new(),
+            category_hosts: Vec::new(),
+            action: UrlAction::Block,
+        }]);
+        Http2::enforcing(Some(rules), None)
+    }
+
+    /// Feeds `bytes` in `step`-sized cuts as the pipeline would (again
+    /// from what was not taken): how much was taken in all.
+    fn feed(h: &mut Http2, dir: Direction, bytes: &[u8], step: usize, r: &mut Report) -> usize {
+        let mut taken = 0;
+        for chunk in bytes.chunks(step) {
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let n = h.rewrite(dir, rest, Instant::now(), r);
+                if n == 0 {
+                    return taken;
+                }
+                taken += n;
+                rest = &rest[n..];
+            }
+        }
+        taken
+    }
+
+    fn take_out(h: &mut Http2, dir: Direction) -> Vec<u8> {
+        std::mem::take(h.output(dir).expect("an enforcer"))
+    }
+
+    const GET_A: &[(&str, &str)] = &[
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", "a.test"),
+        (":path", "/a"),
+        ("x-token", "secret-1"),
+    ];
+    const POST_B: &[(&str, &str)] = &[
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", "a.test"),
+        (":path", "/b/upload"),
+        ("x-session", "only-in-the-refused-block"),
+    ];
+    /// References the table entry stream 3's block made.
+    const GET_C: &[(&str, &str)] = &[
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", "a.test"),
+        (":path", "/c"),
+        ("x-session", "only-in-the-refused-block"),
+        ("cookie", "id=42"),
+    ];
+
+    /// Stream 1 and 5 allowed, 3 (with a body) refused; the client's
+    /// encoder indexes every field, so stream 5 names a table entry that
+    /// only stream 3's block made.
+    fn blocked_conversation() -> (Vec<u8>, Vec<u8>) {
+        let (mut ce, mut se) = (Encoder::new(), Encoder::new());
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]));
+        c.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            &block(&mut ce, GET_A),
+        ));
+        c.extend(frame(HEADERS, END_HEADERS, 3, &block(&mut ce, POST_B)));
+        c.extend(frame(DATA, 0, 3, &[b'p'; 100]));
+        c.extend(frame(WINDOW_UPDATE, 0, 3, &[0, 0, 1, 0]));
+        c.extend(frame(DATA, END_STREAM, 3, &[b'p'; 50]));
+        let mut prio = vec![0, 0, 0, 1, 200];
+        prio.extend(block(&mut ce, GET_C));
+        c.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM | PRIORITY,
+            5,
+            &prio,
+        ));
+        let mut s = frame(SETTINGS, 0, 0, &[0, 5, 0, 0, 0x40, 0]);
+        s.extend(frame(SETTINGS, ACK, 0, &[]));
+        for (id, body) in [(1, &b"one"[..]), (5, b"five")] {
+            let ok = block(
+                &mut se,
+                &[(":status", "200"), ("content-type", "text/plain")],
+            );
+            s.extend(frame(HEADERS, END_HEADERS, id, &ok));
+            s.extend(frame(DATA, END_STREAM, id, body));
+        }
+        (c, s)
+    }
+
+    #[test]
+    fn a_blocked_stream_is_answered_here_and_the_others_reach_the_server() {
+        let (c, s) = blocked_conversation();
+        let mut first: Option<(Vec<u8>, Vec<u8>)> = None;
+        for step in [usize::MAX, 1, 7, 9, 10, 64] {
+            let mut h = enforcer();
+            let mut r = Report::default();
+            assert_eq!(feed(&mut h, C2S, &c, step, &mut r), c.len(), "cut {step}");
+            assert!(
+                take_out(&mut h, S2C).is_empty(),
+                "nothing goes to the client before the server's SETTINGS"
+            );
+            assert_eq!(feed(&mut h, S2C, &s, step, &mut r), s.len(), "cut {step}");
+            h.on_end(S2C, Instant::now(), &mut r);
+            assert!(r.block.is_none(), "cut {step}: {:?}", r.findings);
+            assert_eq!(r.refused, 1);
+            let (up, down) = (take_out(&mut h, C2S), take_out(&mut h, S2C));
+
+            // The server: the preface, SETTINGS with push off, streams 1
+            // and 5 whole (5 keeps its priority), nothing of stream 3.
+            assert!(up.starts_with(PREFACE));
+            let to_server = parse(&up[PREFACE.len()..]);
+            assert_eq!(
+                to_server[0],
+                (SETTINGS, 0, 0, vec![0, 3, 0, 0, 0, 100, 0, 2, 0, 0, 0, 0])
+            );
+            assert!(to_server.iter().all(|f| f.2 != 3), "{to_server:?}");
+            assert_eq!(
+                decode_all(&to_server),
+                vec![(1, fields(GET_A)), (5, fields(GET_C))],
+                "cut {step}"
+            );
+            let five = to_server.iter().find(|f| f.2 == 5).unwrap();
+            assert_eq!(five.1, END_HEADERS | END_STREAM | PRIORITY);
+            assert_eq!(&five.3[..5], &[0, 0, 0, 1, 200]);
+
+            // The client: the server's frames as they were, with the 403
+            // page on stream 3 and the 150 bytes of its body credited back.
+            let to_client = parse(&down);
+            assert_eq!(to_client[0].0, SETTINGS);
+            let mut server_frames = parse(&s);
+            let injected: Vec<Parsed> = to_client
+                .iter()
+                .filter(|f| {
+                    let at = server_frames.iter().position(|g| g == *f);
+                    at.map(|i| server_frames.remove(i)).is_none()
+                })
+                .cloned()
+                .collect();
+            assert!(server_frames.is_empty(), "all the server's frames pass");
+            let page = block_body("no-b");
+            assert_eq!(
+                decode_all(&to_client)
+                    .into_iter()
+                    .filter(|(id, _)| *id == 3)
+                    .collect::<Vec<_>>(),
+                vec![(
+                    3,
+                    fields(&[
+                        (":status", "403"),
+                        ("content-type", "text/html; charset=utf-8"),
+                        ("cache-control", "no-store"),
+                        ("x-loupe-rule", "no-b"),
+                        ("content-length", &page.len().to_string()),
+                    ])
+                )]
+            );
+            let kinds: Vec<(u8, u8, u32)> = injected.iter().map(|f| (f.0, f.1, f.2)).collect();
+            assert_eq!(
+                kinds,
+                vec![
+                    (HEADERS, END_HEADERS, 3),
+                    (DATA, END_STREAM, 3),
+                    (RST_STREAM, 0, 3),
+                    (WINDOW_UPDATE, 0, 0),
+                    (WINDOW_UPDATE, 0, 0),
+                ],
+                "cut {step}"
+            );
+            assert_eq!(injected[1].3, page.as_bytes());
+            assert_eq!(injected[3].3, 100u32.to_be_bytes());
+            assert_eq!(injected[4].3, 50u32.to_be_bytes());
+
+            // Records: all three, the refused one with its 403.
+            let mut got = requests(&r);
+            got.sort_by_key(|q| q.seq);
+            let paths: Vec<(&str, Option<u16>, Option<UrlAction>)> = got
+                .iter()
+                .map(|q| (q.path.as_str(), q.status, q.url_action))
+                .collect();
+            assert_eq!(
+                paths,
+                vec![
+                    ("/a", Some(200), None),
+                    ("/b/upload", Some(403), Some(UrlAction::Block)),
+                    ("/c", Some(200), None),
+                ]
+            );
+            match &first {
+                None => first = Some((up, down)),
+                Some(f) => assert_eq!(f, &(up, down), "cut {step} changes the output"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_page_is_paid_back_out_of_the_clients_window_updates() {
+        let (c, s) = blocked_conversation();
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        feed(&mut h, S2C, &s, usize::MAX, &mut r);
+        take_out(&mut h, C2S);
+        let page = block_body("no-b").len() as u32;
+        // 100 of the page: swallowed whole; then the rest of it comes out
+        // of the next, and what is left of that goes on.
+        let mut wu = window_update(0, 100);
+        wu.extend(window_update(0, 1000));
+        wu.extend(window_update(0, 5000));
+        wu.extend(window_update(1, 7));
+        feed(&mut h, C2S, &wu, usize::MAX, &mut r);
+        let up = parse(&take_out(&mut h, C2S));
+        assert_eq!(
+            up,
+            vec![
+                (WINDOW_UPDATE, 0, 0, (1100 - page).to_be_bytes().to_vec()),
+                (WINDOW_UPDATE, 0, 0, 5000u32.to_be_bytes().to_vec()),
+                (WINDOW_UPDATE, 0, 1, 7u32.to_be_bytes().to_vec()),
+            ]
+        );
+    }
+
+    /// The client's preface and SETTINGS, then `requests` (stream, fields)
+    /// each in one HEADERS frame that ends its stream.
+    fn client_opens(settings: &[u8], requests: &[(u32, &[(&str, &str)])]) -> Vec<u8> {
+        let mut enc = Encoder::new();
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(SETTINGS, 0, 0, settings));
+        for (id, fields) in requests {
+            let b = block(&mut enc, fields);
+            c.extend(frame(HEADERS, END_HEADERS | END_STREAM, *id, &b));
+        }
+        c
+    }
+
+    #[test]
+    fn server_data_the_clients_real_window_cannot_take_waits_for_it() {
+        let c = client_opens(&[], &[(1, GET_A), (3, POST_B)]);
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        let mut s = frame(SETTINGS, 0, 0, &[]);
+        s.extend(frame(HEADERS, END_HEADERS, 1, &[0x88]));
+        // The server may send 65,535 bytes; the page took some of them.
+        for n in [16_384, 16_384, 16_384, 16_383] {
+            s.extend(frame(DATA, 0, 1, &vec![b'd'; n]));
+        }
+        let taken = feed(&mut h, S2C, &s, usize::MAX, &mut r);
+        let down = parse(&take_out(&mut h, S2C));
+        let data: Vec<usize> = down
+            .iter()
+            .filter(|f| f.0 == DATA && f.2 == 1)
+            .map(|f| f.3.len())
+            .collect();
+        assert_eq!(data, vec![16_384, 16_384, 16_384], "the last one waits");
+        assert_eq!(taken, s.len() - 16_383, "its head taken, held");
+        assert_eq!(feed(&mut h, S2C, &s[taken..], usize::MAX, &mut r), 0);
+        // The client makes room: it goes.
+        feed(&mut h, C2S, &window_update(0, 40_000), usize::MAX, &mut r);
+        assert_eq!(feed(&mut h, S2C, &s[taken..], usize::MAX, &mut r), 16_383);
+        let down = parse(&take_out(&mut h, S2C));
+        assert_eq!(down.len(), 1);
+        assert_eq!((down[0].0, down[0].2, down[0].3.len()), (DATA, 1, 16_383));
+        assert!(r.block.is_none());
+    }
+
+    #[test]
+    fn without_room_for_the_page_the_403_comes_alone() {
+        // Streams' windows of 10 bytes.
+        let c = client_opens(&[0, 4, 0, 0, 0, 10], &[(1, POST_B)]);
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        feed(&mut h, S2C, &frame(SETTINGS, 0, 0, &[]), usize::MAX, &mut r);
+        let down = parse(&take_out(&mut h, S2C));
+        assert_eq!(down.len(), 2);
+        assert_eq!(
+            (down[1].0, down[1].1, down[1].2),
+            (HEADERS, END_HEADERS | END_STREAM, 1)
+        );
+        let got = decode_all(&down);
+        assert_eq!(got[0].1[0], (":status".into(), "403".into()));
+    }
+
+    #[test]
+    fn push_is_turned_off_and_a_push_promise_then_ends_the_connection() {
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 1, 0, 4, 0, 1, 0, 0]));
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        let up = take_out(&mut h, C2S);
+        assert_eq!(
+            parse(&up[PREFACE.len()..]),
+            vec![(SETTINGS, 0, 0, vec![0, 2, 0, 0, 0, 0, 0, 4, 0, 1, 0, 0])]
+        );
+        let mut s = frame(SETTINGS, 0, 0, &[]);
+        s.extend(frame(PUSH_PROMISE, END_HEADERS, 1, &[0, 0, 0, 2, 0x82]));
+        feed(&mut h, S2C, &s, usize::MAX, &mut r);
+        assert!(r.block.is_some());
+        assert!(
+            matches!(&r.findings[..], [Finding::Anomaly { reason, .. }] if reason.contains("PUSH_PROMISE"))
+        );
+    }
+
+    #[test]
+    fn large_header_blocks_are_split_to_the_servers_frame_size() {
+        let cookie = "c".repeat(40_000);
+        let get: Vec<(&str, &str)> = vec![
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":path", "/large"),
+            ("cookie", &cookie),
+        ];
+        let b = block(&mut Encoder::new(), &get);
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(SETTINGS, 0, 0, &[]));
+        let (one, rest) = b.split_at(16_000);
+        let (two, three) = rest.split_at(16_000);
+        c.extend(frame(HEADERS, END_STREAM, 1, one));
+        c.extend(frame(CONTINUATION, 0, 1, two));
+        c.extend(frame(CONTINUATION, END_HEADERS, 1, three));
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, C2S, &c, 1000, &mut r);
+        assert!(r.block.is_none(), "{:?}", r.findings);
+        let up = parse(&take_out(&mut h, C2S)[PREFACE.len()..]);
+        assert!(up.iter().all(|f| f.3.len() <= 16_384));
+        let kinds: Vec<(u8, u8)> = up[1..].iter().map(|f| (f.0, f.1)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (HEADERS, END_STREAM),
+                (CONTINUATION, 0),
+                (CONTINUATION, END_HEADERS)
+            ]
+        );
+        let got = decode_all(&up);
+        assert_eq!(got, vec![(1, fields(&get))]);
+        // The cookie went as never indexed (0x10): no peer indexes it.
+        let block: Vec<u8> = up[1..].iter().flat_map(|f| f.3.clone()).collect();
+        assert!(
+            block.windows(2).any(|w| w == [0x1f, 0x11]),
+            "cookie is static 32: 0x1f 0x11"
+        );
+    }
+
+    #[test]
+    fn hostile_header_blocks_and_tunnels_end_an_enforced_connection() {
+        let mut enc = Encoder::new();
+        // One 4000-byte entry, then a block naming it a hundred times.
+        let big = "v".repeat(4000);
+        let first = block(
+            &mut enc,
+            &[(":method", "GET"), (":path", "/"), ("x-big", &big)],
+        );
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &first));
+        c.extend(frame(HEADERS, END_HEADERS | END_STREAM, 3, &[0xbe; 100]));
+        let connect = block(
+            &mut Encoder::new(),
+            &[(":method", "CONNECT"), (":authority", "b.test:443")],
+        );
+        let mut tunnel = PREFACE.to_vec();
+        tunnel.extend(frame(HEADERS, END_HEADERS, 1, &connect));
+        for (bytes, want) in [
+            (c, "decoding to more than 256 KiB"),
+            (tunnel, "a CONNECT tunnel"),
+        ] {
+            let mut h = enforcer();
+            let mut r = Report::default();
+            feed(&mut h, C2S, &bytes, usize::MAX, &mut r);
+            assert!(r.block.is_some(), "{want}");
+            assert!(
+                r.findings
+                    .iter()
+                    .any(|f| matches!(f, Finding::Anomaly { reason, .. } if reason.contains(want))),
+                "{want}: {:?}",
+                r.findings
+            );
+        }
+    }
+
+    #[test]
+    fn the_encoder_leaves_no_table_state_and_uses_the_static_table() {
+        let f = vec![
+            (b":method".to_vec(), b"GET".to_vec()),
+            (b":path".to_vec(), b"/x".to_vec()),
+            (b"x-new".to_vec(), b"1".to_vec()),
+        ];
+        let mut out = Vec::new();
+        encode_block(&f, &mut out);
+        // :method GET is static 2; :path by name (4) without indexing.
+        assert_eq!(&out[..4], &[0x82, 0x04, 2, b'/']);
+        let mut dec = Decoder::new();
+        for _ in 0..3 {
+            let mut got = Vec::new();
+            dec.decode_with_cb(&out, |n, v| got.push((n.into_owned(), v.into_owned())))
+                .unwrap();
+            assert_eq!(got, f);
+        }
     }
 
     proptest! {

@@ -107,6 +107,8 @@ pub struct Report {
     /// The connection must end: why (the first reason given), and what
     /// the client is answered (else both sides are reset).
     block: Option<(String, Option<Vec<u8>>)>,
+    /// Requests refused on their own since the last look.
+    refused: u64,
 }
 
 impl Report {
@@ -124,6 +126,12 @@ impl Report {
     pub fn block_with(&mut self, why: String, answer: Vec<u8>) {
         self.block.get_or_insert((why, Some(answer)));
     }
+
+    /// One request was refused on its own (an HTTP/2 stream), and the
+    /// connection goes on.
+    pub fn refused_stream(&mut self) {
+        self.refused += 1;
+    }
 }
 
 /// Looks at one connection's plaintext.
@@ -135,9 +143,15 @@ pub trait Inspector: Send {
 }
 
 /// The inspectors of one connection, and its plaintext byte counters.
+///
+/// Inspectors only look. When single HTTP/2 streams may have to be
+/// refused, the pipeline also has a rewriter ([`http2::Http2::enforcing`]):
+/// then what is passed on each way is what [`Pipeline::rewrite`] leaves in
+/// [`Pipeline::output`], not the bytes read.
 #[derive(Default)]
 pub struct Pipeline {
     inspectors: Vec<Box<dyn Inspector>>,
+    rewriter: Option<Box<http2::Http2>>,
     /// Plaintext bytes seen client → server and server → client.
     pub bytes: [u64; 2],
     report: Report,
@@ -166,6 +180,36 @@ impl Pipeline {
         for i in &mut self.inspectors {
             i.on_end(dir, now, &mut self.report);
         }
+        if let Some(r) = self.rewriter.as_mut() {
+            r.on_end(dir, now, &mut self.report);
+        }
+    }
+
+    /// Whether what is passed on is rewritten (else: the bytes read).
+    pub fn rewrites(&self) -> bool {
+        self.rewriter.is_some()
+    }
+
+    /// Gives the rewriter the start of `dir`'s unconsumed stream (the
+    /// inspectors have seen it): how much of it was taken. Nothing is
+    /// taken once the connection is blocked.
+    pub fn rewrite(&mut self, dir: Direction, data: &[u8], now: Instant) -> usize {
+        match self.rewriter.as_mut() {
+            Some(r) if self.report.block.is_none() => r.rewrite(dir, data, now, &mut self.report),
+            Some(_) => 0,
+            None => data.len(),
+        }
+    }
+
+    /// What the rewriter has to pass on in direction `dir` (None: no
+    /// rewriter).
+    pub fn output(&mut self, dir: Direction) -> Option<&mut Vec<u8>> {
+        self.rewriter.as_mut().and_then(|r| r.output(dir))
+    }
+
+    /// Requests refused on their own since the last call.
+    pub fn take_refused(&mut self) -> u64 {
+        std::mem::take(&mut self.report.refused)
     }
 
     /// Why the connection must end, once an inspector said so: the bytes
@@ -209,7 +253,7 @@ pub fn fuzz_chunks(data: &[u8], mut chunk: impl FnMut(Direction, &[u8])) {
 /// Which inspectors a profile's decrypted connections get.
 #[derive(Clone, Debug, Default)]
 pub struct Inspection {
-    /// HTTP/1.1 request records.
+    /// HTTP/1.1 and HTTP/2 request records.
     pub http: bool,
     /// The profile's signatures (none: no scanning).
     pub signatures: Option<Arc<SignatureSet>>,
@@ -255,16 +299,22 @@ impl Inspection {
                 sni.map(Into::into),
             )));
         }
+        let mut rewriter = None;
         if self.http && alpn == Some(b"h2") {
-            inspectors.push(Box::new(http2::Http2::new(
-                self.url_rules.clone(),
-                sni.map(Into::into),
-            )));
+            let (rules, sni) = (self.url_rules.clone(), sni.map(Into::into));
+            if self.enforces_urls() {
+                rewriter = Some(Box::new(http2::Http2::enforcing(rules, sni)));
+            } else {
+                inspectors.push(Box::new(http2::Http2::new(rules, sni)));
+            }
         }
         if let Some(set) = &self.signatures {
             inspectors.push(Box::new(Scanner::new(set.clone())));
         }
-        Pipeline::new(inspectors)
+        Pipeline {
+            rewriter,
+            ..Pipeline::new(inspectors)
+        }
     }
 }
 

@@ -258,6 +258,25 @@ fn feed_tls<D: SideData>(
 
 /// A fatal alert as a plaintext TLS record, for a client whose handshake
 /// never reached a ServerHello.
+/// Writes what the pipeline's rewriter has for direction `dir` into
+/// `to`'s plaintext writer, as much as it takes; true on progress.
+fn pass_rewritten<B: SideData>(
+    pipeline: &mut Pipeline,
+    dir: Direction,
+    to: &mut ConnectionCommon<B>,
+) -> bool {
+    let Some(out) = pipeline.output(dir).filter(|o| !o.is_empty()) else {
+        return false;
+    };
+    match to.writer().write(out) {
+        Ok(n) if n > 0 => {
+            out.drain(..n);
+            true
+        }
+        _ => false,
+    }
+}
+
 fn alert_record(desc: u8) -> [u8; 7] {
     [21, 3, 3, 0, 2, 2, desc]
 }
@@ -406,13 +425,7 @@ impl Intercept {
             down_ready: false,
             counted: true,
         };
-        let mut alpn = me.hello.alpn.clone();
-        if me.rt.inspection.enforces_urls() {
-            // HTTP/2 is not parsed: while URL rules may block, the
-            // connection is kept to HTTP/1.1, where they are enforced.
-            alpn.retain(|p| p != b"h2");
-        }
-        match connect(&me.rt.client, me.name.clone(), alpn) {
+        match connect(&me.rt.client, me.name.clone(), me.hello.alpn.clone()) {
             Ok((mut up, watch)) => {
                 up.set_buffer_limit(Some(TLS_BUFFER));
                 me.phase = Phase::Upstream {
@@ -1071,6 +1084,13 @@ impl Intercept {
             }
             progress |= self.carry(Direction::ClientToServer, &mut down, &mut up, now);
             progress |= self.carry(Direction::ServerToClient, &mut up, &mut down, now);
+            let refused = self.pipeline.take_refused();
+            if refused > 0 {
+                self.ctx
+                    .stats
+                    .inspect_blocks
+                    .fetch_add(refused, Ordering::Relaxed);
+            }
             if let Some(why) = self.pipeline.blocked() {
                 // The bytes that matched were not passed on.
                 let why = why.to_string();
@@ -1125,10 +1145,14 @@ impl Intercept {
         now: Instant,
     ) -> bool {
         let i = dir as usize;
-        let mut progress = false;
-        if self.flows[i].ended.is_none() {
+        // What the rewriter made of earlier bytes goes first (its output
+        // toward the client may also come from the client's bytes).
+        let mut progress = pass_rewritten(&mut self.pipeline, dir, to);
+        let pending = self.pipeline.output(dir).is_some_and(|o| !o.is_empty());
+        if self.flows[i].ended.is_none() && !pending {
             // Straight from one leg's plaintext buffer into the other's
-            // writer: no copy of our own, no buffer kept between pumps.
+            // writer: no copy of our own, no buffer kept between pumps
+            // (unless HTTP/2 is being re-framed).
             let mut reader = from.reader();
             match reader.fill_buf() {
                 // Empty only after close_notify, with everything taken.
@@ -1144,20 +1168,30 @@ impl Intercept {
                     if self.pipeline.blocked().is_some() {
                         return false;
                     }
-                    if let Ok(n) = to.writer().write(chunk) {
+                    let taken = if self.pipeline.rewrites() {
+                        Ok(self.pipeline.rewrite(dir, chunk, now))
+                    } else {
+                        to.writer().write(chunk)
+                    };
+                    if let Ok(n) = taken {
                         if n > 0 {
                             reader.consume(n);
                             self.flows[i].inspected -= n;
                             progress = true;
                         }
                     }
+                    if self.pipeline.blocked().is_some() {
+                        return false;
+                    }
+                    progress |= pass_rewritten(&mut self.pipeline, dir, to);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => self.flows[i].ended = Some(false),
             }
         }
+        let pending = self.pipeline.output(dir).is_some_and(|o| !o.is_empty());
         let f = &mut self.flows[i];
-        if let Some(clean) = f.ended {
+        if let Some(clean) = f.ended.filter(|_| !pending) {
             if !f.forwarded {
                 f.forwarded = true;
                 self.pipeline.end(dir, now);

@@ -307,6 +307,18 @@ fn block_rule(name: &str, path: &str) -> crate::policy::UrlRule {
     }
 }
 
+/// A kit whose policy has URL rule `name` blocking `path`.
+fn kit_blocking(name: &str, path: &str) -> Kit {
+    let kit = Kit::new(Profile::default());
+    let mut policy = crate::policy::Policy::split_all(&[443], Vec::new());
+    policy
+        .profiles
+        .insert("test".into(), kit.runtime().profile.clone());
+    policy.url_rules.push(block_rule(name, path));
+    assert!(kit.ctx.prepare(&policy).is_empty());
+    kit
+}
+
 /// A client that trusts only the kit's root, not Loupe's CA (a pinned
 /// app).
 fn pinned_client(kit: &Kit) -> Arc<rustls::ClientConfig> {
@@ -341,13 +353,7 @@ fn a_client_refusing_the_certificate_puts_the_site_in_the_exclusion_cache() {
 /// that may block: with a blocking URL rule the site is not excluded.
 #[test]
 fn a_refused_certificate_does_not_exclude_a_site_whose_inspection_may_block() {
-    let kit = Kit::new(Profile::default());
-    let mut policy = crate::policy::Policy::split_all(&[443], Vec::new());
-    policy
-        .profiles
-        .insert("test".into(), kit.runtime().profile.clone());
-    policy.url_rules.push(block_rule("no-admin", "/admin/*"));
-    assert!(kit.ctx.prepare(&policy).is_empty());
+    let kit = kit_blocking("no-admin", "/admin/*");
     let server = kit.server_config(&[NAME], 30, &[]);
     let pinned = pinned_client(&kit);
     let mut s = Session::start(&kit, pinned, NAME, server);
@@ -588,4 +594,81 @@ fn the_default_profile_takes_the_policys_url_rules() {
     policy.url_rules.clear();
     assert!(kit.ctx.prepare(&policy).is_empty());
     assert!(!kit.ctx.runtime(None).unwrap().inspection.enforces_urls());
+}
+
+/// With a URL rule that blocks, HTTP/2 is still offered and a blocked
+/// stream is refused on its own: the client gets the 403 on that stream,
+/// the server never sees it, and the other stream completes.
+#[test]
+fn an_h2_stream_a_url_rule_blocks_is_refused_alone() {
+    use loona_hpack::{Decoder, Encoder};
+
+    use crate::inspect::http2::{frame, parse, PREFACE};
+    let kit = kit_blocking("no-admin", "/admin/*");
+    let server = kit.server_config(&[NAME], 30, &[b"h2"]);
+    let mut s = Session::start(&kit, kit.client_config(&[b"h2", b"http/1.1"]), NAME, server);
+    decrypts(&mut s);
+    assert_eq!(s.client.alpn_protocol(), Some(&b"h2"[..]), "h2 stays");
+
+    let mut enc = Encoder::new();
+    let get = |enc: &mut Encoder, path: &str| {
+        enc.encode([
+            (&b":method"[..], &b"GET"[..]),
+            (b":scheme", b"https"),
+            (b":authority", NAME.as_bytes()),
+            (b":path", path.as_bytes()),
+        ])
+    };
+    let mut c = PREFACE.to_vec();
+    c.extend(frame(0x4, 0, 0, &[]));
+    c.extend(frame(0x1, 0x5, 1, &get(&mut enc, "/admin/users")));
+    c.extend(frame(0x1, 0x5, 3, &get(&mut enc, "/shop")));
+    s.client.writer().write_all(&c).unwrap();
+    s.run();
+    let up = s.server_read();
+    let seen: Vec<u32> = parse(&up[PREFACE.len()..])
+        .iter()
+        .filter(|f| f.0 == 0x1)
+        .map(|f| f.2)
+        .collect();
+    assert_eq!(seen, [3], "the server sees only the allowed stream");
+
+    let mut senc = Encoder::new();
+    let mut r = frame(0x4, 0, 0, &[]);
+    r.extend(frame(
+        0x1,
+        0x4,
+        3,
+        &senc.encode([(&b":status"[..], &b"200"[..])]),
+    ));
+    r.extend(frame(0x0, 0x1, 3, b"welcome"));
+    s.server.writer().write_all(&r).unwrap();
+    s.run();
+    let down = parse(&s.client_read());
+    let mut dec = Decoder::new();
+    let mut answers = Vec::new();
+    for (kind, _, stream, payload) in &down {
+        match kind {
+            0x1 => {
+                let mut status = Vec::new();
+                dec.decode_with_cb(payload, |n, v| {
+                    if &n[..] == b":status" {
+                        status = v.into_owned();
+                    }
+                })
+                .unwrap();
+                answers.push((*stream, String::from_utf8(status).unwrap()));
+            }
+            0x0 => answers.push((*stream, String::from_utf8_lossy(payload).into_owned())),
+            _ => {}
+        }
+    }
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    assert_eq!(answers[0], (1, "403".into()));
+    assert!(answers[1].1.contains("no-admin"), "the page names the rule");
+    assert_eq!(answers[2..], [(3, "200".into()), (3, "welcome".into())]);
+    assert_eq!(kit.ctx.stats.inspect_blocks.load(Ordering::Relaxed), 1);
+    let r = s.stage.record();
+    assert_eq!(r.outcome, "decrypted", "the connection goes on: {r:?}");
+    assert!(r.error.is_none(), "{r:?}");
 }
