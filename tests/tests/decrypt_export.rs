@@ -148,6 +148,37 @@ fn fetch(m: &Mitm, proto: &str, paths: &[&str]) {
     );
 }
 
+/// The capture file in `dir` once it holds two connections' ends (FINs or
+/// RSTs): the exporter writes whenever its queue is empty.
+fn two_ended(dir: &Dir) -> PathBuf {
+    wait_until(
+        "both connections' ends in the capture",
+        Duration::from_secs(60),
+        || {
+            let files = dir.files();
+            let Some(f) = files.first() else {
+                return Err("no capture file yet".into());
+            };
+            let ends = tshark(&[
+                "-r",
+                &f.display().to_string(),
+                "-Y",
+                "tcp.flags.fin == 1 || tcp.flags.reset == 1",
+                "-T",
+                "fields",
+                "-e",
+                "tcp.stream",
+            ]);
+            let streams: std::collections::BTreeSet<&str> = ends.lines().collect();
+            match streams.len() >= 2 {
+                true => Ok(Some(f.clone())),
+                false => Err(format!("ends seen in streams {streams:?}")),
+            }
+        },
+    )
+    .unwrap()
+}
+
 /// HTTP/1.1 (two requests on one connection) and HTTP/2 (two streams)
 /// through the engine: the pcapng files list every request with its
 /// method, host and path (tshark decoding port 443 as HTTP, then as
@@ -170,35 +201,7 @@ fn decrypted_connections_are_written_as_pcapng_that_tshark_reads() {
     fetch(&m, "--http1.1", &["one.bin", "two.bin"]);
     fetch(&m, "--http2", &["two.bin", "index.html"]);
 
-    // The exporter writes out whenever its queue is empty: wait for both
-    // connections' ends (two FINs or RSTs each way).
-    let file = wait_until(
-        "both connections in the capture",
-        Duration::from_secs(60),
-        || {
-            let files = dir.files();
-            let Some(f) = files.first() else {
-                return Err("no capture file yet".into());
-            };
-            let ends = tshark(&[
-                "-r",
-                &f.display().to_string(),
-                "-Y",
-                "tcp.flags.fin == 1 || tcp.flags.reset == 1",
-                "-T",
-                "fields",
-                "-e",
-                "tcp.stream",
-            ]);
-            let streams: std::collections::BTreeSet<&str> = ends.lines().collect();
-            if streams.len() >= 2 {
-                Ok(Some(f.clone()))
-            } else {
-                Err(format!("ends seen in streams {streams:?}"))
-            }
-        },
-    )
-    .unwrap();
+    let file = two_ended(&dir);
     assert_eq!(dir.files().len(), 1, "{:?}", dir.files());
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the capture holds plaintext");
@@ -498,6 +501,86 @@ fn tshark_decrypts_a_capture_of_the_client_leg_with_the_key_log() {
         shown.trim().is_empty(),
         "nothing readable without keys: {shown}"
     );
+}
+
+/// `export = ["pcap-tls"]`: the engine writes the client leg as it was
+/// on the wire, with its keys in Decryption Secrets Blocks, so tshark
+/// decrypts HTTP/1.1 and HTTP/2 from that file alone; with the blocks
+/// taken out (editcap) nothing is readable.
+#[test]
+fn the_engine_writes_the_client_legs_tls_with_its_keys_inside() {
+    let dir = Dir::new("pcap-tls");
+    let d = dir.0.display().to_string();
+    let m = Mitm::start_with(HarnessConfig::default(), &["--export-pcap", &d], |pki| {
+        lab_policy(pki, r#"export = ["pcap-tls"]"#, "")
+    })
+    .expect("setup");
+    let nginx = start_nginx(&m, true);
+    nginx.add_file("one.bin", 20 * KIB, 1).unwrap();
+    fetch(&m, "--http1.1", &["one.bin"]);
+    fetch(&m, "--http2", &["index.html"]);
+    let file = two_ended(&dir);
+    assert_eq!(dir.files().len(), 1, "{:?}", dir.files());
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("loupe-tls-"), "{name}: no plaintext file");
+    let f = file.display().to_string();
+    // The ClientHello as the client sent it.
+    let sni = tshark(&[
+        "-r",
+        &f,
+        "-Y",
+        "tls.handshake.type == 1",
+        "-T",
+        "fields",
+        "-e",
+        "tls.handshake.extensions_server_name",
+    ]);
+    assert_eq!(
+        sni.lines().collect::<Vec<_>>(),
+        [SERVER_NAME, SERVER_NAME],
+        "{sni}"
+    );
+    let h1_fields = [
+        "-Y",
+        "http.request",
+        "-T",
+        "fields",
+        "-e",
+        "http.request.uri",
+    ];
+    let h1 = tshark(&[&["-r", &f][..], &h1_fields].concat());
+    assert_eq!(
+        h1.trim(),
+        "/one.bin",
+        "HTTP/1.1 decrypted from the file alone"
+    );
+    let h2 = tshark(&[
+        "-r",
+        &f,
+        "-Y",
+        "http2.type == 1",
+        "-T",
+        "fields",
+        "-e",
+        "http2.header.value",
+    ]);
+    assert!(
+        h2.lines().any(|l| l.split(',').any(|v| v == "/index.html")),
+        "HTTP/2 decrypted from the file alone: {h2}"
+    );
+    // Without the blocks, the same file is only ciphertext.
+    let bare = dir.0.join("bare.pcapng");
+    let out = Command::new("editcap")
+        .args(["--discard-all-secrets", &f, &bare.display().to_string()])
+        .output()
+        .expect("editcap");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let without = tshark(&[&["-r", &bare.display().to_string()][..], &h1_fields].concat());
+    assert!(without.trim().is_empty(), "{without}");
 }
 
 /// A destination the engine cannot use stops its start, saying why, with

@@ -1182,12 +1182,13 @@ fn profile(
         let sink = match s.get_ref().as_str() {
             "pcap" => ExportSink::Pcap,
             "mirror" => ExportSink::Mirror,
+            "pcap-tls" => ExportSink::PcapTls,
             other => {
                 rep.error(
                     s.span(),
                     format!(
-                        "export = [{other:?}]: the destinations are \"pcap\" and \"mirror\" \
-                         (the engine's --export-pcap and --export-mirror)"
+                        "export = [{other:?}]: the destinations are \"pcap\", \"pcap-tls\" \
+                         and \"mirror\" (the engine's --export-pcap and --export-mirror)"
                     ),
                 );
                 export = None;

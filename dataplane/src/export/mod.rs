@@ -10,12 +10,22 @@
 //! bytes) and one exporter thread builds and writes the frames. When the
 //! queue is full the chunk is dropped and counted, and the session shows
 //! a gap where it was, never shifted bytes.
+//!
+//! A profile may also ask for the client leg as it was on the wire
+//! (`pcap-tls`): the TLS bytes exchanged with the client, re-told the same
+//! way into a second ring of files in the capture directory
+//! (`loupe-tls-*.pcapng`, apart so that the two sessions of one
+//! connection never share a file), each connection's key log written
+//! before its encrypted records as a Decryption Secrets Block, and again
+//! at the start of every new file while it lasts: Wireshark decrypts the
+//! capture with no key log file beside it.
 
 pub mod mirror;
 pub mod pcapng;
 pub mod synth;
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -80,10 +90,17 @@ impl ExportConfig {
 pub struct Sinks {
     pub pcap: bool,
     pub mirror: bool,
+    /// The client leg's TLS and key log, into the TLS ring.
+    pub pcap_tls: bool,
 }
 
 impl Sinks {
     pub fn any(self) -> bool {
+        self.pcap || self.mirror || self.pcap_tls
+    }
+
+    /// The plaintext sinks (the pipeline's tap).
+    pub fn plaintext(self) -> bool {
         self.pcap || self.mirror
     }
 }
@@ -137,13 +154,19 @@ pub struct ExportReport {
 
 /// One connection, as its events name it.
 struct Conn {
+    /// Where its frames go (for a TLS leg: `pcap`, meaning the TLS ring).
     sinks: Sinks,
     session: Session,
+    /// The TLS leg's copy (else the plaintext's).
+    tls: bool,
+    id: u64,
 }
 
 enum What {
     Open,
     Data(Direction, Vec<u8>),
+    /// Key log lines (TLS leg).
+    Keys(Vec<u8>),
     Fin(Direction),
     Reset,
 }
@@ -159,7 +182,7 @@ struct Event {
 impl Event {
     fn cost(&self) -> u64 {
         64 + match &self.what {
-            What::Data(_, b) => b.len() as u64,
+            What::Data(_, b) | What::Keys(b) => b.len() as u64,
             _ => 0,
         }
     }
@@ -185,6 +208,9 @@ impl std::fmt::Debug for Exporter {
     }
 }
 
+/// TLS legs whose key logs are kept for new files, at most.
+const MAX_TLS_LEGS: usize = 65_536;
+
 /// Chunks waiting, at most (besides the byte bound).
 const QUEUE_EVENTS: usize = 65_536;
 
@@ -193,6 +219,11 @@ impl Exporter {
     /// with its reason) and starts the exporter thread.
     pub fn start(cfg: &ExportConfig) -> Result<Arc<Exporter>, String> {
         let ring = cfg.pcap.clone().map(Ring::open).transpose()?;
+        let tls_ring = cfg
+            .pcap
+            .clone()
+            .map(|c| Ring::open_named(c, pcapng::TLS))
+            .transpose()?;
         let mirror = cfg.mirror.as_deref().map(Mirror::open).transpose()?;
         let (tx, rx) = bounded(QUEUE_EVENTS);
         let counters = Arc::new(Counters::default());
@@ -200,6 +231,8 @@ impl Exporter {
         let worker = Worker {
             rx,
             ring,
+            tls_ring,
+            keys: BTreeMap::new(),
             mirror,
             counters: counters.clone(),
             stop: stop.clone(),
@@ -215,6 +248,7 @@ impl Exporter {
             has: Sinks {
                 pcap: cfg.pcap.is_some(),
                 mirror: cfg.mirror.is_some(),
+                pcap_tls: cfg.pcap.is_some(),
             },
             describe: cfg.describe(),
             pcap_dir: cfg.pcap.as_ref().map(|p| p.dir.display().to_string()),
@@ -237,17 +271,53 @@ impl Exporter {
         Sinks {
             pcap: self.has.pcap && wanted.contains(&ExportSink::Pcap),
             mirror: self.has.mirror && wanted.contains(&ExportSink::Mirror),
+            pcap_tls: self.has.pcap_tls && wanted.contains(&ExportSink::PcapTls),
         }
     }
 
-    /// The inspector copying one connection.
+    /// The inspector copying one connection's plaintext.
     pub fn tap(self: &Arc<Self>, sinks: Sinks, client: SocketAddr, server: SocketAddr) -> Tap {
+        let sinks = Sinks {
+            pcap_tls: false,
+            ..sinks
+        };
+        self.tap_of(sinks, false, client, server)
+    }
+
+    /// The copy of one connection's client leg as TLS (none unless
+    /// `sinks` has `pcap_tls`): fed by the TLS stage, with the leg's key
+    /// log through [`Tap::keys`].
+    pub fn tls_tap(
+        self: &Arc<Self>,
+        sinks: Sinks,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> Option<Tap> {
+        let only = Sinks {
+            pcap: true,
+            mirror: false,
+            pcap_tls: false,
+        };
+        sinks
+            .pcap_tls
+            .then(|| self.tap_of(only, true, client, server))
+    }
+
+    fn tap_of(
+        self: &Arc<Self>,
+        sinks: Sinks,
+        tls: bool,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> Tap {
         let id = self.next_id.fetch_add(1, Relaxed);
         Tap {
             exp: self.clone(),
             conn: Arc::new(Conn {
                 sinks,
                 session: Session::new(client, server, id),
+                tls,
+                id,
             }),
             marks: Marks::default(),
             opened: false,
@@ -313,6 +383,10 @@ impl Drop for Exporter {
 struct Worker {
     rx: Receiver<Event>,
     ring: Option<Ring>,
+    tls_ring: Option<Ring>,
+    /// The key log of each TLS leg still going, and which of its FINs
+    /// were seen: a new TLS file starts with them.
+    keys: BTreeMap<u64, (Vec<u8>, [bool; 2])>,
     mirror: Option<Mirror>,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
@@ -332,7 +406,10 @@ impl Worker {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if let Some(r) = self.ring.as_mut() {
+                    for r in [self.ring.as_mut(), self.tls_ring.as_mut()]
+                        .into_iter()
+                        .flatten()
+                    {
                         r.tick(Instant::now());
                     }
                     self.publish();
@@ -351,18 +428,76 @@ impl Worker {
 
     /// The ring's counters, for the report (each event is written at
     /// once: nothing is buffered).
+    /// (Both rings together.)
     fn publish(&mut self) {
-        if let Some(r) = self.ring.as_mut() {
-            let c = &self.counters;
-            c.pcap_files_opened.store(r.counts.files_opened, Relaxed);
-            c.pcap_files_removed.store(r.counts.files_removed, Relaxed);
-            c.pcap_bytes.store(r.counts.bytes, Relaxed);
-            c.pcap_write_errors.store(r.counts.write_errors, Relaxed);
-            c.pcap_disk_bytes.store(r.disk_bytes(), Relaxed);
+        let rings: Vec<&Ring> = [self.ring.as_ref(), self.tls_ring.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let sum = |f: &dyn Fn(&Ring) -> u64| rings.iter().map(|r| f(r)).sum::<u64>();
+        let c = &self.counters;
+        c.pcap_files_opened
+            .store(sum(&|r| r.counts.files_opened), Relaxed);
+        c.pcap_files_removed
+            .store(sum(&|r| r.counts.files_removed), Relaxed);
+        c.pcap_bytes.store(sum(&|r| r.counts.bytes), Relaxed);
+        c.pcap_write_errors
+            .store(sum(&|r| r.counts.write_errors), Relaxed);
+        c.pcap_disk_bytes.store(sum(&|r| r.disk_bytes()), Relaxed);
+    }
+
+    /// A TLS leg's key log: kept for new files, and written now.
+    fn keys(&mut self, conn: &Conn, lines: &[u8]) {
+        self.keys
+            .entry(conn.id)
+            .or_default()
+            .0
+            .extend_from_slice(lines);
+        // A leg whose end was lost (a full queue) is forgotten with age.
+        while self.keys.len() > MAX_TLS_LEGS {
+            self.keys.pop_first();
+        }
+        self.blocks.clear();
+        pcapng::secrets(lines, &mut self.blocks);
+        self.write_tls();
+    }
+
+    /// Writes `self.blocks` to the TLS ring, a new file starting with the
+    /// key logs of the legs still going.
+    fn write_tls(&mut self) -> bool {
+        let Some(r) = self.tls_ring.as_mut() else {
+            return false;
+        };
+        let keys = &self.keys;
+        r.write_with(&self.blocks, Instant::now(), || {
+            let mut pre = Vec::new();
+            for (lines, _) in keys.values() {
+                pcapng::secrets(lines, &mut pre);
+            }
+            pre
+        })
+    }
+
+    /// Forgets a TLS leg's keys once it has ended.
+    fn ended(&mut self, conn: &Conn, what: &What) {
+        let gone = match what {
+            What::Reset => true,
+            What::Fin(dir) => self.keys.get_mut(&conn.id).is_some_and(|(_, fin)| {
+                fin[*dir as usize] = true;
+                fin[0] && fin[1]
+            }),
+            _ => false,
+        };
+        if gone {
+            self.keys.remove(&conn.id);
         }
     }
 
     fn handle(&mut self, ev: Event) {
+        if let What::Keys(lines) = &ev.what {
+            self.keys(&ev.conn, lines);
+            return;
+        }
         let sinks = ev.conn.sinks;
         let mss = self.mirror.as_ref().map_or(1500, |m| m.mtu).min(1500);
         let mss = ev.conn.session.mss(mss);
@@ -394,6 +529,7 @@ impl Worker {
                 }
                 What::Fin(dir) => s.fin(*dir, &ev.marks, &mut self.buf, &mut out),
                 What::Reset => s.reset(&ev.marks, &mut self.buf, &mut out),
+                What::Keys(_) => {}
             }
         }
         if matches!(ev.what, What::Open) {
@@ -402,13 +538,21 @@ impl Worker {
         self.counters.mirror_frames.fetch_add(mirrored, Relaxed);
         self.counters.mirror_dropped.fetch_add(dropped, Relaxed);
         if sinks.pcap {
-            if let Some(r) = self.ring.as_mut() {
-                if r.write(&self.blocks, Instant::now()) {
-                    self.counters.pcap_packets.fetch_add(frames, Relaxed);
-                } else {
-                    self.counters.pcap_frames_lost.fetch_add(frames, Relaxed);
-                }
+            let written = if ev.conn.tls {
+                self.write_tls()
+            } else {
+                self.ring
+                    .as_mut()
+                    .is_some_and(|r| r.write(&self.blocks, Instant::now()))
+            };
+            if written {
+                self.counters.pcap_packets.fetch_add(frames, Relaxed);
+            } else {
+                self.counters.pcap_frames_lost.fetch_add(frames, Relaxed);
             }
+        }
+        if ev.conn.tls {
+            self.ended(&ev.conn, &ev.what);
         }
     }
 }
@@ -437,6 +581,15 @@ impl Tap {
         if !self.opened {
             self.opened = true;
             self.event(What::Open);
+        }
+    }
+
+    /// Key log lines of a TLS leg, to go before its records that need
+    /// them.
+    pub fn keys(&mut self, lines: Vec<u8>) {
+        if !lines.is_empty() {
+            self.ensure_open();
+            self.event(What::Keys(lines));
         }
     }
 }
@@ -531,7 +684,8 @@ mod tests {
             sinks,
             Sinks {
                 pcap: true,
-                mirror: false
+                mirror: false,
+                pcap_tls: false,
             }
         );
         let mut tap = exp.tap(
@@ -572,6 +726,108 @@ mod tests {
             .collect();
         assert_eq!(got, body);
         assert_eq!(exp.report().connections, 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The TLS leg's copy goes to its own files, its keys as Decryption
+    /// Secrets Blocks before its records; a new file starts with the keys
+    /// of the legs still going, not of those that ended.
+    #[test]
+    fn a_tls_legs_keys_come_before_its_records_and_start_each_new_file() {
+        let d = std::env::temp_dir().join(format!("loupe-export-{}-tls", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let exp = Exporter::start(&ExportConfig {
+            pcap: Some(RingConfig {
+                dir: d.clone(),
+                file_bytes: 8192,
+                file_age: Duration::from_secs(3600),
+                total_bytes: 1 << 20,
+            }),
+            mirror: None,
+            queue_bytes: 64 << 20,
+        })
+        .unwrap();
+        let wanted = [ExportSink::PcapTls];
+        let sinks = exp.sinks(&wanted);
+        assert!(sinks.pcap_tls && !sinks.plaintext());
+        let ends = |port: u16| {
+            (
+                format!("198.18.0.1:{port}").parse().unwrap(),
+                "198.18.0.2:443".parse().unwrap(),
+            )
+        };
+        let (c, s) = ends(40001);
+        assert!(exp.tls_tap(exp.sinks(&[ExportSink::Pcap]), c, s).is_none());
+        let mut ended = exp.tls_tap(sinks, c, s).unwrap();
+        let (c, s) = ends(40002);
+        let mut going = exp.tls_tap(sinks, c, s).unwrap();
+        let now = Instant::now();
+        let mut r = Report::default();
+        ended.on_data(Direction::ClientToServer, b"hello-1", now, &mut r);
+        ended.keys(b"CLIENT_RANDOM 01 aa\n".to_vec());
+        ended.on_data(Direction::ServerToClient, b"records-1", now, &mut r);
+        going.on_data(Direction::ClientToServer, b"hello-2", now, &mut r);
+        going.keys(b"CLIENT_RANDOM 02 bb\n".to_vec());
+        ended.on_end(Direction::ClientToServer, now, &mut r);
+        ended.on_end(Direction::ServerToClient, now, &mut r);
+        drop(ended);
+        // Enough to fill the first 8 KiB file: a second one starts.
+        for _ in 0..4 {
+            going.on_data(Direction::ServerToClient, &[b'r'; 3000], now, &mut r);
+        }
+        drop(going);
+        exp.stop();
+        let mut files: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        assert!(files.len() >= 2, "{files:?}");
+        assert!(
+            files.iter().all(|f| f.starts_with("loupe-tls-")),
+            "{files:?}"
+        );
+        // Block kinds in order, with the secrets' text.
+        let blocks = |name: &str| {
+            let b = std::fs::read(d.join(name)).unwrap();
+            let mut out = Vec::new();
+            let mut at = 0;
+            while at + 12 <= b.len() {
+                let kind = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+                let len = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+                let text = match kind {
+                    0xA => {
+                        let n = u32::from_le_bytes(b[at + 12..at + 16].try_into().unwrap());
+                        String::from_utf8(b[at + 16..at + 16 + n as usize].to_vec()).unwrap()
+                    }
+                    6 => {
+                        let f = &b[at + 28..at + len - 4];
+                        let p = parse_segment(f).unwrap();
+                        String::from_utf8_lossy(&p.segment.payload).into_owned()
+                    }
+                    _ => String::new(),
+                };
+                out.push((kind, text));
+                at += len;
+            }
+            out
+        };
+        let first = blocks(&files[0]);
+        let at = |want: &str| first.iter().position(|(_, t)| t.starts_with(want)).unwrap();
+        assert_eq!(first[at("CLIENT_RANDOM 01")].0, 0xA, "{first:?}");
+        assert!(at("hello-1") < at("CLIENT_RANDOM 01"));
+        assert!(at("CLIENT_RANDOM 01") < at("records-1"));
+        assert!(at("CLIENT_RANDOM 02") < at("rrr"));
+        let last = blocks(files.last().unwrap());
+        let secrets: Vec<&str> = last
+            .iter()
+            .filter(|(k, _)| *k == 0xA)
+            .map(|(_, t)| t.as_str())
+            .collect();
+        assert_eq!(secrets, ["CLIENT_RANDOM 02 bb\n"], "only the leg going on");
+        assert_eq!(last[2].0, 0xA, "right after the header blocks");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -20,6 +20,9 @@ use std::{
 const SHB: u32 = 0x0A0D_0D0A;
 const IDB: u32 = 0x0000_0001;
 const EPB: u32 = 0x0000_0006;
+const DSB: u32 = 0x0000_000A;
+/// Decryption Secrets Block: a TLS key log (NSS key log format).
+const SECRETS_TLS: u32 = 0x544C_534B;
 const LINKTYPE_ETHERNET: u16 = 1;
 
 fn pad4(n: usize) -> usize {
@@ -82,6 +85,17 @@ pub fn packet(frame: &[u8], at: SystemTime, out: &mut Vec<u8>) {
     block(EPB, &body, out);
 }
 
+/// A Decryption Secrets Block holding `keylog` (NSS key log lines), so
+/// that Wireshark decrypts the TLS after it without a key log file.
+pub fn secrets(keylog: &[u8], out: &mut Vec<u8>) {
+    let mut body = Vec::with_capacity(8 + keylog.len() + 3);
+    body.extend_from_slice(&SECRETS_TLS.to_le_bytes());
+    body.extend_from_slice(&(keylog.len() as u32).to_le_bytes());
+    body.extend_from_slice(keylog);
+    body.extend(std::iter::repeat_n(0, pad4(keylog.len())));
+    block(DSB, &body, out);
+}
+
 /// How files rotate and how much disk they may use.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RingConfig {
@@ -94,10 +108,19 @@ pub struct RingConfig {
     pub total_bytes: u64,
 }
 
-/// The prefix and suffix of the ring's file names; files so named in the
-/// directory are the ring's (including a previous run's).
-const PREFIX: &str = "loupe-";
+/// The prefix of the plaintext ring's file names and of the TLS ring's,
+/// and their suffix; files so named in the directory (the prefix then the
+/// time they were opened) are that ring's, including a previous run's.
+pub const PLAINTEXT: &str = "loupe-";
+pub const TLS: &str = "loupe-tls-";
 const SUFFIX: &str = ".pcapng";
+
+/// Whether `name` is one of the files of the ring named `prefix`.
+fn ring_file(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        && name.ends_with(SUFFIX)
+}
 
 /// Counters of the ring, read by the exporter's report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -122,6 +145,8 @@ struct Current {
 /// elsewhere; its owner and mode are checked again before each new file.
 pub struct Ring {
     cfg: RingConfig,
+    /// [`PLAINTEXT`] or [`TLS`].
+    prefix: &'static str,
     dir: File,
     /// Closed files, oldest first, with their sizes.
     closed: VecDeque<(String, u64)>,
@@ -177,6 +202,12 @@ impl Ring {
     /// Opens and checks the directory and takes the ring files already in
     /// it into account for the disk bound.
     pub fn open(cfg: RingConfig) -> Result<Ring, String> {
+        Ring::open_named(cfg, PLAINTEXT)
+    }
+
+    /// A ring whose files are named `prefix` (one of [`PLAINTEXT`] and
+    /// [`TLS`]); two rings may share a directory.
+    pub fn open_named(cfg: RingConfig, prefix: &'static str) -> Result<Ring, String> {
         use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
         let bad = |why: String| format!("cannot write captures in {}: {why}", cfg.dir.display());
         if cfg.file_bytes < 4096 {
@@ -219,7 +250,7 @@ impl Ring {
             let Ok(e) = e else { continue };
             let name = e.file_name().to_string_lossy().into_owned();
             let Ok(meta) = e.metadata() else { continue };
-            if name.starts_with(PREFIX) && name.ends_with(SUFFIX) && meta.is_file() {
+            if ring_file(&name, prefix) && meta.is_file() {
                 old.push((name, meta.len()));
             }
         }
@@ -227,6 +258,7 @@ impl Ring {
         old.sort();
         Ok(Ring {
             cfg,
+            prefix,
             dir,
             closed: old.into(),
             cur: None,
@@ -308,7 +340,7 @@ impl Ring {
         .replace(['-', ':'], "");
         for _ in 0..1000 {
             self.seq += 1;
-            let name = format!("{PREFIX}{stamp}-{:04}{SUFFIX}", self.seq);
+            let name = format!("{}{stamp}-{:04}{SUFFIX}", self.prefix, self.seq);
             let c = c_name(&name);
             // SAFETY: openat(2) relative to our directory descriptor, with
             // a valid NUL-terminated name; the result is checked and owned
@@ -358,6 +390,17 @@ impl Ring {
     /// Appends blocks (whole, never split across files, in one write);
     /// false if they were lost (counted by the caller).
     pub fn write(&mut self, blocks: &[u8], now: Instant) -> bool {
+        self.write_with(blocks, now, Vec::new)
+    }
+
+    /// As [`Ring::write`]; a new file gets `preamble()`'s blocks after its
+    /// header, before `blocks` (the key logs of connections going on).
+    pub fn write_with(
+        &mut self,
+        blocks: &[u8],
+        now: Instant,
+        preamble: impl FnOnce() -> Vec<u8>,
+    ) -> bool {
         let len = blocks.len() as u64;
         let rotate = self.cur.as_ref().is_some_and(|c| {
             c.bytes + len > self.cfg.file_bytes || now.duration_since(c.opened) >= self.cfg.file_age
@@ -365,13 +408,23 @@ impl Ring {
         if rotate {
             self.close();
         }
-        if self.cur.is_none() && !self.start_file(now) {
+        let fresh = self.cur.is_none();
+        if fresh && !self.start_file(now) {
             return false;
         }
         let Some(c) = self.cur.as_mut() else {
             return false;
         };
-        match c.file.write_all(blocks) {
+        let mut whole = std::borrow::Cow::Borrowed(blocks);
+        if fresh {
+            let mut pre = preamble();
+            if !pre.is_empty() {
+                pre.extend_from_slice(blocks);
+                whole = std::borrow::Cow::Owned(pre);
+            }
+        }
+        let len = whole.len() as u64;
+        match c.file.write_all(&whole) {
             Ok(()) => {
                 c.bytes += len;
                 self.counts.bytes += len;
@@ -457,6 +510,22 @@ mod tests {
         file_header(&mut h);
         assert_eq!(&h[..4], &SHB.to_le_bytes());
         assert_eq!(h.len() % 4, 0);
+    }
+
+    #[test]
+    fn the_two_rings_of_a_directory_count_only_their_own_files() {
+        let d = private_dir("two");
+        std::fs::write(d.join("loupe-20000101T000000Z-0001.pcapng"), [0u8; 100]).unwrap();
+        std::fs::write(d.join("loupe-tls-20000101T000000Z-0001.pcapng"), [0u8; 7]).unwrap();
+        let cfg = RingConfig {
+            dir: d.clone(),
+            file_bytes: 10_000,
+            file_age: Duration::from_secs(3600),
+            total_bytes: 30_000,
+        };
+        assert_eq!(Ring::open(cfg.clone()).unwrap().disk_bytes(), 100);
+        assert_eq!(Ring::open_named(cfg, TLS).unwrap().disk_bytes(), 7);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -290,7 +290,7 @@ impl Inspection {
         let mut inspectors: Vec<Box<dyn Inspector>> = Vec::new();
         // First, so that it copies what the engine decrypted even when a
         // later inspector blocks on it.
-        if let Some((exp, sinks)) = &self.export {
+        if let Some((exp, sinks)) = self.export.as_ref().filter(|(_, s)| s.plaintext()) {
             inspectors.push(Box::new(exp.tap(*sinks, ends.0, ends.1)));
         }
         if self.http && matches!(alpn, None | Some(b"http/1.1" | b"http/1.0")) {

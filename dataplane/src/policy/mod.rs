@@ -443,6 +443,9 @@ pub enum ExportSink {
     Pcap,
     /// The mirror port (`loupe-dataplane --export-mirror IFACE`).
     Mirror,
+    /// The client leg as it was on the wire (TLS), with its key log in
+    /// Decryption Secrets Blocks, in the pcapng directory's second ring.
+    PcapTls,
 }
 
 impl ExportSink {
@@ -450,6 +453,7 @@ impl ExportSink {
         match self {
             ExportSink::Pcap => "pcap",
             ExportSink::Mirror => "mirror",
+            ExportSink::PcapTls => "pcap-tls",
         }
     }
 }

@@ -563,6 +563,7 @@ impl TlsContext {
             .filter(|s| match s {
                 ExportSink::Pcap => !sinks.pcap,
                 ExportSink::Mirror => !sinks.mirror,
+                ExportSink::PcapTls => !sinks.pcap_tls,
             })
             .map(|s| s.label())
             .collect();

@@ -29,7 +29,7 @@
 use std::{
     io::{self, BufRead, Read, Write},
     net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, Mutex},
     task::Waker,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -39,7 +39,7 @@ use rustls::{
     client::ClientConnection,
     pki_types::{ServerName, UnixTime},
     server::{Accepted, ServerConnection},
-    AlertDescription, CipherSuite, ConnectionCommon, HandshakeKind, PeerIncompatible,
+    AlertDescription, CipherSuite, ConnectionCommon, HandshakeKind, KeyLog, PeerIncompatible,
     ProtocolVersion, ServerConfig, SideData,
 };
 use sha2::{Digest, Sha256};
@@ -50,12 +50,13 @@ use super::{
     hello::ClientHello,
     mint::{build_tbs, random_serial, LeafKind, MintOptions},
     resume,
-    upstream::{connect, server_name, Watch},
+    upstream::{connect, keylog_line, server_name, Watch},
     verify::{classify, leaf_info, Verdict},
 };
 use crate::{
+    export::Tap,
     flow::{CertLog, TlsError, TlsLog, TlsSide},
-    inspect::{Direction, Finding, Pipeline},
+    inspect::{Direction, Finding, Inspector, Pipeline, Report},
     policy::{Fallback, OnError},
     tcp::stream::{drain, ByteStream, Pump},
 };
@@ -166,6 +167,10 @@ pub struct Intercept {
     name: ServerName<'static>,
     record: TlsLog,
     pipeline: Pipeline,
+    /// The client leg's TLS copy (`export = ["pcap-tls"]`), and the key
+    /// log lines its Decryption Secrets Blocks are made of.
+    tls_tap: Option<Tap>,
+    keys: Option<Arc<KeyCollect>>,
     flows: [Flow; 2],
     deadline: Option<Instant>,
     /// The client's handshake was complete (the certificate was accepted).
@@ -195,6 +200,78 @@ impl Read for HalfReader<'_> {
         buf[..bytes.len()].copy_from_slice(&bytes);
         *self.count += bytes.len() as u64;
         Ok(bytes.len())
+    }
+}
+
+/// A client half whose bytes are also kept for the client leg's TLS copy:
+/// what the stage read (the ClientHello included) and what it wrote.
+struct Tee<'a> {
+    half: &'a mut dyn ByteStream,
+    read: Vec<u8>,
+    written: Vec<u8>,
+    closed: bool,
+}
+
+impl ByteStream for Tee<'_> {
+    fn readable(&self) -> usize {
+        self.half.readable()
+    }
+    fn read(&mut self, max: usize) -> Vec<u8> {
+        let bytes = self.half.read(max);
+        self.read.extend_from_slice(&bytes);
+        bytes
+    }
+    fn send_space(&self) -> usize {
+        self.half.send_space()
+    }
+    fn write(&mut self, data: &[u8]) -> usize {
+        let n = self.half.write(data);
+        self.written.extend_from_slice(&data[..n]);
+        n
+    }
+    fn peer_finished(&self) -> bool {
+        self.half.peer_finished()
+    }
+    fn writable(&self) -> bool {
+        self.half.writable()
+    }
+    fn close(&mut self) {
+        self.closed = true;
+        self.half.close();
+    }
+    fn unsent(&self) -> usize {
+        self.half.unsent()
+    }
+}
+
+/// Gathers the client leg's key log (NSS format) for its TLS copy, and
+/// passes each line on to the profile's own key log, if it has one.
+#[derive(Debug)]
+struct KeyCollect {
+    inner: Arc<dyn KeyLog>,
+    lines: Mutex<Vec<u8>>,
+}
+
+impl KeyCollect {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.lines.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl KeyLog for KeyCollect {
+    fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
+        if self.inner.will_log(label) {
+            self.inner.log(label, client_random, secret);
+        }
+        let line = keylog_line(label, client_random, secret);
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(line.as_bytes());
+    }
+
+    fn will_log(&self, _label: &str) -> bool {
+        true
     }
 }
 
@@ -420,11 +497,19 @@ impl Intercept {
             name,
             record: TlsLog::default(),
             pipeline: Pipeline::default(),
+            tls_tap: None,
+            keys: None,
             flows: Default::default(),
             deadline: None,
             down_ready: false,
             counted: true,
         };
+        me.tls_tap = me
+            .rt
+            .inspection
+            .export
+            .as_ref()
+            .and_then(|(exp, sinks)| exp.tls_tap(*sinks, client, server));
         match connect(&me.rt.client, me.name.clone(), me.hello.alpn.clone()) {
             Ok((mut up, watch)) => {
                 up.set_buffer_limit(Some(TLS_BUFFER));
@@ -491,6 +576,42 @@ impl Intercept {
 
     /// Drives the connection; see the module note.
     pub fn pump(
+        &mut self,
+        client: &mut dyn ByteStream,
+        server: &mut dyn ByteStream,
+        relayed: &mut [u64; 2],
+        now: Instant,
+    ) -> Pump {
+        if self.tls_tap.is_none() {
+            return self.drive(client, server, relayed, now);
+        }
+        let mut tee = Tee {
+            half: client,
+            read: Vec::new(),
+            written: Vec::new(),
+            closed: false,
+        };
+        let out = self.drive(&mut tee, server, relayed, now);
+        let Some(tap) = self.tls_tap.as_mut() else {
+            return out;
+        };
+        // The keys first: they come before the records that need them.
+        if let Some(k) = &self.keys {
+            tap.keys(k.take());
+        }
+        let mut unused = Report::default();
+        tap.on_data(Direction::ClientToServer, &tee.read, now, &mut unused);
+        tap.on_data(Direction::ServerToClient, &tee.written, now, &mut unused);
+        if tee.peer_finished() {
+            tap.on_end(Direction::ClientToServer, now, &mut unused);
+        }
+        if tee.closed {
+            tap.on_end(Direction::ServerToClient, now, &mut unused);
+        }
+        out
+    }
+
+    fn drive(
         &mut self,
         client: &mut dyn ByteStream,
         server: &mut dyn ByteStream,
@@ -1005,6 +1126,14 @@ impl Intercept {
     ) -> Pump {
         let mut cfg: ServerConfig = (*self.rt.server).clone();
         cfg.cert_resolver = Arc::new(OneCert(Some(minted.certified.clone())));
+        if self.tls_tap.is_some() {
+            let k = Arc::new(KeyCollect {
+                inner: cfg.key_log.clone(),
+                lines: Mutex::new(Vec::new()),
+            });
+            cfg.key_log = k.clone();
+            self.keys = Some(k);
+        }
         if let Some(leaf) = minted.certified.cert.first() {
             resume::bind(&mut cfg, &self.rt.name, leaf);
         }

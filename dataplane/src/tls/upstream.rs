@@ -260,20 +260,27 @@ pub fn keylog_file_problem(meta: &std::fs::Metadata) -> Option<String> {
         .then(|| format!("its mode {mode:o} gives access beyond its owner; chmod 600 it"))
 }
 
+/// One line of the NSS key log format: `LABEL <client random> <secret>`
+/// in hex, with its newline.
+pub fn keylog_line(label: &str, client_random: &[u8], secret: &[u8]) -> String {
+    let mut line =
+        String::with_capacity(label.len() + 3 + 2 * (client_random.len() + secret.len()));
+    line.push_str(label);
+    line.push(' ');
+    for b in client_random {
+        line.push_str(&format!("{b:02x}"));
+    }
+    line.push(' ');
+    for b in secret {
+        line.push_str(&format!("{b:02x}"));
+    }
+    line.push('\n');
+    line
+}
+
 impl KeyLog for KeyLogFile {
     fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
-        let mut line =
-            String::with_capacity(label.len() + 2 + 2 * (client_random.len() + secret.len()));
-        line.push_str(label);
-        line.push(' ');
-        for b in client_random {
-            line.push_str(&format!("{b:02x}"));
-        }
-        line.push(' ');
-        for b in secret {
-            line.push_str(&format!("{b:02x}"));
-        }
-        line.push('\n');
+        let line = keylog_line(label, client_random, secret);
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = f.write_all(line.as_bytes()) {
             eprintln!("loupe-dataplane: warning: key log write failed: {e}");
