@@ -67,6 +67,16 @@ pub const MAX_TABLE: usize = 64 << 10;
 pub const MAX_STREAMS: usize = 256;
 /// A SETTINGS frame, at most (each setting is 6 bytes).
 pub const MAX_SETTINGS: usize = 4096;
+/// Frames of one header block (HEADERS and CONTINUATIONs), at most: empty
+/// CONTINUATIONs would otherwise never reach the size bound.
+pub const MAX_BLOCK_FRAMES: usize = 1024;
+/// Requests the enforcer refuses on one connection, at most: past it the
+/// connection is an attack on the log (one record per refusal), and ends.
+pub const MAX_REFUSED: u64 = 1000;
+/// Enforcer: bytes waiting to be passed on, beyond which it reads no
+/// more of a direction that would add to them (one header block may
+/// still decode to [`MAX_HEADER_LIST`] on top).
+pub const MAX_PENDING: usize = 128 << 10;
 
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
@@ -83,6 +93,7 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 
 const SETTINGS_ENABLE_PUSH: u16 = 2;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 3;
 const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 4;
 /// Every window's size before SETTINGS or WINDOW_UPDATE (RFC 9113 §6.9.2).
 const DEFAULT_WINDOW: i64 = 65_535;
@@ -114,6 +125,8 @@ struct Block {
     /// HEADERS with PRIORITY: its five bytes, passed on.
     priority: Option<[u8; 5]>,
     bytes: Vec<u8>,
+    /// Frames so far (the HEADERS or PUSH_PROMISE, its CONTINUATIONs).
+    frames: usize,
 }
 
 /// One direction's reader.
@@ -153,6 +166,8 @@ struct Stream {
     started: Instant,
     /// END_STREAM seen client → server, server → client.
     ended: [bool; 2],
+    /// The client sent its trailers (a request has one block of them).
+    trailers: bool,
 }
 
 /// The enforcer's state: what goes out each way, and the flow control
@@ -177,8 +192,11 @@ struct Enforce {
     /// The client's SETTINGS_INITIAL_WINDOW_SIZE: a new stream's window.
     stream_window: i64,
     /// A server DATA frame's head, held until the client's window can
-    /// take the frame (only while there is debt).
+    /// take it (only while there is debt); a frame larger than the room
+    /// there is goes in two, and this is the second part.
     held: Option<Vec<u8>>,
+    /// Requests refused so far.
+    refusals: u64,
 }
 
 /// The HTTP/2 inspector of one connection.
@@ -189,6 +207,8 @@ pub struct Http2 {
     rules: Option<Arc<Vec<UrlRule>>>,
     sni: Option<String>,
     done: bool,
+    /// An observer saw more than [`MAX_STREAMS`] streams open (said once).
+    overflowed: bool,
     /// Enforcer mode (None: an observer).
     enforce: Option<Box<Enforce>>,
 }
@@ -203,6 +223,7 @@ impl Http2 {
             rules,
             sni,
             done: false,
+            overflowed: false,
             enforce: None,
         }
     }
@@ -248,7 +269,9 @@ impl Http2 {
         self.enforce.as_mut().map(|e| &mut e.out[dir as usize])
     }
 
-    /// Reads `data`; returns how much of it was taken.
+    /// Reads `data`; returns how much of it was taken (the enforcer stops
+    /// early while a server DATA frame waits for the client's window, or
+    /// while too much waits to be passed on).
     fn read(
         &mut self,
         dir: Direction,
@@ -259,10 +282,28 @@ impl Http2 {
         let d = dir as usize;
         let total = data.len();
         let mut data = data;
-        if dir == Direction::ServerToClient && !self.release_held(now, report)? {
-            return Ok(0);
-        }
-        while !data.is_empty() {
+        loop {
+            if let Some(e) = self.enforce.as_ref() {
+                let pending = match dir {
+                    Direction::ClientToServer => e.out[0].len() + e.out[1].len(),
+                    Direction::ServerToClient => e.out[1].len(),
+                };
+                if pending > MAX_PENDING {
+                    return Ok(total - data.len());
+                }
+                if dir == Direction::ServerToClient
+                    && e.held.is_some()
+                    && self.sides[1].frame.is_none()
+                {
+                    if !self.release_held(now, report)? {
+                        return Ok(total - data.len());
+                    }
+                    continue;
+                }
+            }
+            if data.is_empty() {
+                break;
+            }
             let side = &mut self.sides[d];
             if side.preface > 0 {
                 let at = PREFACE.len() - side.preface;
@@ -281,14 +322,9 @@ impl Http2 {
                 data = &data[n..];
                 if side.head.len() == 9 {
                     let h = std::mem::take(&mut side.head);
-                    if self.must_hold(dir, &h) {
-                        if let Some(e) = self.enforce.as_mut() {
-                            e.held = Some(h);
-                        }
+                    if !self.begin(dir, h, now, report)? {
                         return Ok(total - data.len());
                     }
-                    self.start_frame(dir, &h)?;
-                    self.maybe_end_frame(dir, now, report)?;
                 }
                 continue;
             };
@@ -339,33 +375,45 @@ impl Http2 {
         }
     }
 
-    /// Enforcer: whether a server frame with head `h` must wait for the
-    /// client's window (a DATA frame larger than it while pages are owed).
-    fn must_hold(&self, dir: Direction, h: &[u8]) -> bool {
-        let len = i64::from(h[0]) << 16 | i64::from(h[1]) << 8 | i64::from(h[2]);
-        dir == Direction::ServerToClient
-            && h[3] == DATA
-            && self
-                .enforce
-                .as_ref()
-                .is_some_and(|e| e.debt > 0 && len > e.window)
+    /// A frame's head `h` is whole: the frame starts; or, for a server
+    /// DATA frame larger than the client's real window while pages are
+    /// owed, as much of it as fits starts and the rest waits as a frame of
+    /// its own (a padded one waits whole); false when nothing started.
+    fn begin(
+        &mut self,
+        dir: Direction,
+        h: Vec<u8>,
+        now: Instant,
+        report: &mut Report,
+    ) -> Result<bool, String> {
+        let len = frame_len(&h);
+        let mut h = h;
+        if let (Direction::ServerToClient, Some(e)) = (dir, self.enforce.as_mut()) {
+            if h[3] == DATA && len > 0 && e.debt > 0 && len as i64 > e.window {
+                if e.window <= 0 || h[4] & PADDED != 0 {
+                    e.held = Some(h);
+                    return Ok(false);
+                }
+                let fits = e.window as usize;
+                let mut rest = h.clone();
+                set_frame_len(&mut rest, len - fits);
+                e.held = Some(rest);
+                set_frame_len(&mut h, fits);
+                h[4] &= !END_STREAM;
+            }
+        }
+        self.start_frame(dir, &h)?;
+        self.maybe_end_frame(dir, now, report)?;
+        Ok(true)
     }
 
-    /// Enforcer: starts a held server frame once the client's window has
-    /// room; false while it must still wait.
+    /// Enforcer: starts the held server frame if the client's window has
+    /// room for some of it; false while it must still wait.
     fn release_held(&mut self, now: Instant, report: &mut Report) -> Result<bool, String> {
-        let Some(h) = self.enforce.as_ref().and_then(|e| e.held.clone()) else {
+        let Some(h) = self.enforce.as_mut().and_then(|e| e.held.take()) else {
             return Ok(true);
         };
-        if self.must_hold(Direction::ServerToClient, &h) {
-            return Ok(false);
-        }
-        if let Some(e) = self.enforce.as_mut() {
-            e.held = None;
-        }
-        self.start_frame(Direction::ServerToClient, &h)?;
-        self.maybe_end_frame(Direction::ServerToClient, now, report)?;
-        Ok(true)
+        self.begin(Direction::ServerToClient, h, now, report)
     }
 
     /// A frame's 9-byte header has arrived.
@@ -393,6 +441,16 @@ impl Http2 {
         match kind {
             CONTINUATION if side.block.is_none() => {
                 return Err("a CONTINUATION without a header block".into())
+            }
+            CONTINUATION
+                if side
+                    .block
+                    .as_ref()
+                    .is_some_and(|b| b.frames >= MAX_BLOCK_FRAMES) =>
+            {
+                return Err(format!(
+                    "a header block in more than {MAX_BLOCK_FRAMES} frames"
+                ))
             }
             HEADERS | CONTINUATION | PUSH_PROMISE => {
                 let so_far = side.block.as_ref().map_or(0, |b| b.bytes.len());
@@ -448,6 +506,8 @@ impl Http2 {
                     pass = !whole;
                 }
                 Direction::ServerToClient => {
+                    // SETTINGS are written anew (the stream bound).
+                    pass = !(kind == SETTINGS && flags & ACK == 0);
                     if kind == PUSH_PROMISE {
                         return Err("a PUSH_PROMISE, though the client's SETTINGS turned \
                                     server push off"
@@ -456,7 +516,6 @@ impl Http2 {
                     if kind == DATA {
                         e.window -= len as i64;
                     }
-                    pass = true;
                 }
             }
             if pass {
@@ -532,6 +591,7 @@ impl Http2 {
                     end_stream: f.kind == HEADERS && f.flags & END_STREAM != 0,
                     priority,
                     bytes: fragment.to_vec(),
+                    frames: 1,
                 });
                 if f.flags & END_HEADERS != 0 {
                     self.end_block(dir, now, report)?;
@@ -540,14 +600,13 @@ impl Http2 {
             CONTINUATION => {
                 if let Some(b) = self.sides[d].block.as_mut() {
                     b.bytes.extend_from_slice(&payload);
+                    b.frames += 1;
                 }
                 if f.flags & END_HEADERS != 0 {
                     self.end_block(dir, now, report)?;
                 }
             }
             SETTINGS if f.flags & ACK == 0 => {
-                let mut push_off = false;
-                let mut rewritten = Vec::with_capacity(payload.len() + 6);
                 for s in payload.chunks_exact(6) {
                     let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]) as usize;
                     let id = u16::from_be_bytes([s[0], s[1]]);
@@ -561,28 +620,27 @@ impl Http2 {
                         // may send (RFC 9113 §6.5.2).
                         5 if (16_384..=16_777_215).contains(&v) => self.sides[1 - d].max_frame = v,
                         5 => return Err(format!("a SETTINGS_MAX_FRAME_SIZE of {v}")),
+                        SETTINGS_INITIAL_WINDOW_SIZE if dir == Direction::ClientToServer => {
+                            if let Some(e) = self.enforce.as_mut() {
+                                e.stream_window = v as i64;
+                            }
+                        }
                         _ => {}
                     }
-                    if let (Some(e), Direction::ClientToServer) = (self.enforce.as_mut(), dir) {
-                        match id {
-                            SETTINGS_ENABLE_PUSH => {
-                                push_off = true;
-                                rewritten.extend_from_slice(&[s[0], s[1], 0, 0, 0, 0]);
-                                continue;
-                            }
-                            SETTINGS_INITIAL_WINDOW_SIZE => e.stream_window = v as i64,
-                            _ => {}
-                        }
-                        rewritten.extend_from_slice(s);
-                    }
                 }
-                if let (Some(e), Direction::ClientToServer) = (self.enforce.as_mut(), dir) {
-                    if !push_off {
-                        let mut off = SETTINGS_ENABLE_PUSH.to_be_bytes().to_vec();
-                        off.extend_from_slice(&[0; 4]);
-                        rewritten.extend_from_slice(&off);
-                    }
-                    e.out[0].extend(frame(SETTINGS, f.flags, 0, &rewritten));
+                if let Some(e) = self.enforce.as_mut() {
+                    // The client is told no push (a pushed response
+                    // answers a request no rule saw); the server's limit
+                    // on open streams is brought to the enforcer's bound.
+                    let rewritten = match dir {
+                        Direction::ClientToServer => setting(&payload, SETTINGS_ENABLE_PUSH, |_| 0),
+                        Direction::ServerToClient => {
+                            setting(&payload, SETTINGS_MAX_CONCURRENT_STREAMS, |v| {
+                                v.map_or(MAX_STREAMS as u32, |v| v.min(MAX_STREAMS as u32))
+                            })
+                        }
+                    };
+                    e.out[d].extend(frame(SETTINGS, f.flags, 0, &rewritten));
                 }
             }
             WINDOW_UPDATE if dir == Direction::ClientToServer && f.stream == 0 => {
@@ -713,9 +771,15 @@ impl Http2 {
                         return Ok(()); // interim
                     }
                     s.rec.status = Some(status);
-                    s.rec.content_type = fields.content_type.map(|c| cut(&c));
+                    s.rec.content_type = fields.content_type;
                 }
             }
+        } else if let Some(s) = self.streams.get_mut(&b.stream) {
+            // The client's trailers: one block of them, at most.
+            if s.trailers {
+                return Err("a second block of trailers on one stream".into());
+            }
+            s.trailers = true;
         }
         if let (Some(all), Some(e)) = (all, self.enforce.as_mut()) {
             let mut block = Vec::with_capacity(b.bytes.len() * 2);
@@ -752,17 +816,51 @@ impl Http2 {
         now: Instant,
         report: &mut Report,
     ) -> Result<bool, String> {
+        let enforcing = self.enforce.is_some();
         if self.streams.len() >= MAX_STREAMS {
-            return Err(format!("more than {MAX_STREAMS} streams open at once"));
+            if enforcing {
+                // Beyond what the engine told the client (its SETTINGS).
+                return Err(format!("more than {MAX_STREAMS} streams open at once"));
+            }
+            // An observer lets it be, unrecorded (said once).
+            if !self.overflowed {
+                self.overflowed = true;
+                report.add(Finding::Anomaly {
+                    dir: Direction::ClientToServer,
+                    reason: format!(
+                        "more than {MAX_STREAMS} streams open at once: the others are not \
+                         recorded"
+                    ),
+                });
+            }
+            return Ok(false);
         }
         let method = f.method.unwrap_or_default();
-        if self.enforce.is_some() && method == "CONNECT" && f.protocol.is_none() {
-            // A tunnel carries no requests the rules would see (extended
-            // CONNECT, as WebSocket uses, stays at its path).
-            return Err("a CONNECT tunnel while URL rules are enforced".into());
+        let authority = f.authority.filter(|h| !h.is_empty());
+        let host_field = f.host.filter(|h| !h.is_empty());
+        if enforcing {
+            // What the server may read differently from the rules.
+            if method == "CONNECT" && f.protocol.is_none() {
+                // A tunnel carries no requests the rules would see
+                // (extended CONNECT, as WebSocket uses, keeps its path).
+                return Err("a CONNECT tunnel while URL rules are enforced".into());
+            }
+            if f.repeated {
+                return Err("a pseudo-header or host field given twice".into());
+            }
+            if let (Some(a), Some(h)) = (&authority, &host_field) {
+                if !a.eq_ignore_ascii_case(h) {
+                    // RFC 9113 §8.3.1: malformed.
+                    return Err(format!(
+                        "an :authority ({}) and a host field ({}) that differ",
+                        cut(a),
+                        cut(h)
+                    ));
+                }
+            }
         }
         self.requests += 1;
-        let host = f.authority.or(f.host).filter(|h| !h.is_empty());
+        let host = authority.or(host_field);
         let path = f.path.unwrap_or_default();
         let rule = self
             .rules
@@ -788,7 +886,7 @@ impl Http2 {
                 return Ok(true);
             }
             rec.status = Some(403);
-            self.refuse(id, name, end_stream);
+            self.refuse(id, name, end_stream, method == "HEAD")?;
             report.refused_stream();
             report.add(Finding::Http(rec.finished(now, now)));
             return Ok(true);
@@ -799,26 +897,33 @@ impl Http2 {
                 rec,
                 started: now,
                 ended: [false, false],
+                trailers: false,
             },
         );
         Ok(false)
     }
 
     /// Enforcer: answers stream `id` with the 403 page of `rule` (or its
-    /// HEADERS alone when the client's windows have no room for the page);
-    /// the server never hears of it.
-    fn refuse(&mut self, id: u32, rule: &str, client_done: bool) {
+    /// HEADERS alone for a HEAD, or when the client's windows have no room
+    /// for the page); the server never hears of it.
+    fn refuse(&mut self, id: u32, rule: &str, client_done: bool, head: bool) -> Result<(), String> {
         let max_frame = self.sides[1].max_frame;
         let Some(e) = self.enforce.as_mut() else {
-            return;
+            return Ok(());
         };
+        e.refusals += 1;
+        if e.refusals > MAX_REFUSED {
+            return Err(format!(
+                "more than {MAX_REFUSED} requests refused on one connection"
+            ));
+        }
         e.refused.insert(id);
         while e.refused.len() > MAX_STREAMS {
             e.refused.pop_first();
         }
         let body = block_body(rule);
         let len = body.len() as i64;
-        let fits = len <= e.window && len <= e.stream_window;
+        let fits = !head && len <= e.window && len <= e.stream_window;
         let length = body.len().to_string();
         let named: String = rule
             .chars()
@@ -855,6 +960,7 @@ impl Http2 {
             out.extend(frame(RST_STREAM, 0, id, &[0; 4]));
         }
         self.inject(out);
+        Ok(())
     }
 
     fn stop(&mut self, dir: Direction, reason: String, report: &mut Report) {
@@ -888,8 +994,39 @@ pub(crate) fn parse(mut b: &[u8]) -> Vec<Parsed> {
     out
 }
 
+/// SETTINGS `payload` with setting `id` set to `value(its value)` (every
+/// time it appears, or once at the end when it does not).
+fn setting(payload: &[u8], id: u16, value: impl Fn(Option<u32>) -> u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 6);
+    let mut seen = false;
+    for s in payload.chunks_exact(6) {
+        out.extend_from_slice(&s[..2]);
+        if u16::from_be_bytes([s[0], s[1]]) == id {
+            seen = true;
+            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+            out.extend_from_slice(&value(Some(v)).to_be_bytes());
+        } else {
+            out.extend_from_slice(&s[2..]);
+        }
+    }
+    if !seen {
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&value(None).to_be_bytes());
+    }
+    out
+}
+
+/// The payload length a frame's head says.
+fn frame_len(h: &[u8]) -> usize {
+    usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2])
+}
+
+fn set_frame_len(h: &mut [u8], len: usize) {
+    h[..3].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
+}
+
 /// A frame: its 9-byte header, then `payload`.
-pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let n = payload.len();
     let mut f = Vec::with_capacity(9 + n);
     f.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags]);
@@ -1013,6 +1150,8 @@ struct Fields {
     protocol: Option<String>,
     status: Option<u16>,
     content_type: Option<String>,
+    /// A pseudo-header or `host` came twice.
+    repeated: bool,
 }
 
 impl Fields {
@@ -1022,19 +1161,24 @@ impl Fields {
         if self.size > MAX_HEADER_LIST {
             return; // refused once decoded
         }
-        let text = || cut(&String::from_utf8_lossy(&value));
+        // Whole (the rules match all of it; records cut it).
+        let text = || String::from_utf8_lossy(&value).into_owned();
+        let once = |slot: &mut Option<String>, repeated: &mut bool| {
+            *repeated |= slot.is_some();
+            *slot = Some(text());
+        };
         match &name[..] {
-            b":method" => self.method = Some(text()),
-            b":path" => self.path = Some(text()),
-            b":authority" => self.authority = Some(text()),
-            b":protocol" => self.protocol = Some(text()),
-            b"host" => self.host = Some(text()),
+            b":method" => once(&mut self.method, &mut self.repeated),
+            b":path" => once(&mut self.path, &mut self.repeated),
+            b":authority" => once(&mut self.authority, &mut self.repeated),
+            b":protocol" => once(&mut self.protocol, &mut self.repeated),
+            b"host" => once(&mut self.host, &mut self.repeated),
             b":status" => {
                 self.status = std::str::from_utf8(&value)
                     .ok()
                     .and_then(|s| s.parse().ok())
             }
-            b"content-type" => self.content_type = Some(text()),
+            b"content-type" => self.content_type = Some(cut(&text())),
             _ => {}
         }
         if let Some(all) = self.all.as_mut() {
@@ -1304,11 +1448,11 @@ mod tests {
             ),
             (
                 with(
-                    (0..=MAX_STREAMS as u32)
-                        .map(|i| frame(HEADERS, END_HEADERS, 2 * i + 1, &[0x82, 0x84]))
+                    std::iter::once(frame(HEADERS, 0, 1, &get))
+                        .chain((0..MAX_BLOCK_FRAMES).map(|_| frame(CONTINUATION, 0, 1, &[])))
                         .collect(),
                 ),
-                "more than 256 streams",
+                "a header block in more than 1024 frames",
             ),
         ];
         for (bytes, want) in cases {
@@ -1531,8 +1675,10 @@ mod tests {
             // The client: the server's frames as they were, with the 403
             // page on stream 3 and the 150 bytes of its body credited back.
             let to_client = parse(&down);
-            assert_eq!(to_client[0].0, SETTINGS);
             let mut server_frames = parse(&s);
+            // The server's SETTINGS, with its stream bound told.
+            server_frames[0].3.extend([0, 3, 0, 0, 1, 0]);
+            assert_eq!(to_client[0], server_frames[0]);
             let injected: Vec<Parsed> = to_client
                 .iter()
                 .filter(|f| {
@@ -1643,29 +1789,44 @@ mod tests {
         let mut h = enforcer();
         let mut r = Report::default();
         feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        take_out(&mut h, C2S);
         let mut s = frame(SETTINGS, 0, 0, &[]);
         s.extend(frame(HEADERS, END_HEADERS, 1, &[0x88]));
         // The server may send 65,535 bytes; the page took some of them.
         for n in [16_384, 16_384, 16_384, 16_383] {
-            s.extend(frame(DATA, 0, 1, &vec![b'd'; n]));
+            let last = if n == 16_383 { END_STREAM } else { 0 };
+            s.extend(frame(DATA, last, 1, &vec![b'd'; n]));
         }
+        let page = block_body("no-b").len();
         let taken = feed(&mut h, S2C, &s, usize::MAX, &mut r);
         let down = parse(&take_out(&mut h, S2C));
-        let data: Vec<usize> = down
+        let data: Vec<(usize, u8)> = down
             .iter()
             .filter(|f| f.0 == DATA && f.2 == 1)
-            .map(|f| f.3.len())
+            .map(|f| (f.3.len(), f.1))
             .collect();
-        assert_eq!(data, vec![16_384, 16_384, 16_384], "the last one waits");
-        assert_eq!(taken, s.len() - 16_383, "its head taken, held");
+        // The last frame is cut to what the client's window still takes
+        // (a client may wait for it to fill before it makes room); the
+        // rest, END_STREAM included, waits.
+        assert_eq!(
+            data,
+            vec![(16_384, 0), (16_384, 0), (16_384, 0), (16_383 - page, 0)]
+        );
+        assert_eq!(taken, s.len() - page, "the rest held");
         assert_eq!(feed(&mut h, S2C, &s[taken..], usize::MAX, &mut r), 0);
-        // The client makes room: it goes.
-        feed(&mut h, C2S, &window_update(0, 40_000), usize::MAX, &mut r);
-        assert_eq!(feed(&mut h, S2C, &s[taken..], usize::MAX, &mut r), 16_383);
+        // The client makes room: the rest goes.
+        feed(&mut h, C2S, &window_update(0, 65_535), usize::MAX, &mut r);
+        assert_eq!(feed(&mut h, S2C, &s[taken..], usize::MAX, &mut r), page);
         let down = parse(&take_out(&mut h, S2C));
         assert_eq!(down.len(), 1);
-        assert_eq!((down[0].0, down[0].2, down[0].3.len()), (DATA, 1, 16_383));
+        assert_eq!(
+            (down[0].0, down[0].1, down[0].2, down[0].3.len()),
+            (DATA, END_STREAM, 1, page)
+        );
         assert!(r.block.is_none());
+        // The server heard of the window the page did not take.
+        let up = parse(&take_out(&mut h, C2S));
+        assert_eq!(up.last().unwrap().3, ((65_535 - page) as u32).to_be_bytes());
     }
 
     #[test]
@@ -1783,6 +1944,190 @@ mod tests {
                 r.findings
             );
         }
+    }
+
+    /// The outside probe's bypasses and floods, each held.
+    #[test]
+    fn the_rules_see_the_whole_request_as_the_server_would() {
+        let long = format!("/{}{}b/secret", "a/".repeat(1100), "../".repeat(1100));
+        let refused = |fields: &[(&str, &str)]| -> Result<bool, String> {
+            let mut h = enforcer();
+            let mut r = Report::default();
+            feed(
+                &mut h,
+                C2S,
+                &client_opens(&[], &[(1, fields)]),
+                usize::MAX,
+                &mut r,
+            );
+            match r.findings.iter().find_map(|f| match f {
+                Finding::Anomaly { reason, .. } => Some(reason.clone()),
+                _ => None,
+            }) {
+                Some(why) => Err(why),
+                None => Ok(r.refused == 1),
+            }
+        };
+        let get = |path: &str, more: &[(&'static str, &'static str)]| {
+            let mut f = vec![(":method", "GET"), (":scheme", "https")];
+            f.extend_from_slice(more);
+            let path: &'static str = Box::leak(path.to_string().into_boxed_str());
+            f.push((":path", path));
+            f
+        };
+        // A path longer than a record keeps is matched whole.
+        assert_eq!(refused(&get(&long, &[(":authority", "a.test")])), Ok(true));
+        // A repeated :path, an :authority and host that differ: malformed.
+        let twice = [
+            (":method", "GET"),
+            (":path", "/ok"),
+            (":path", "/b"),
+            (":authority", "a.test"),
+        ];
+        assert!(refused(&twice).unwrap_err().contains("twice"));
+        let differ = get("/ok", &[(":authority", "a.test"), ("host", "b.test")]);
+        assert!(refused(&differ).unwrap_err().contains("differ"));
+        // An empty :authority does not hide the host field.
+        let rules = Arc::new(vec![UrlRule {
+            name: "no-evil".into(),
+            hosts: vec!["evil.test".parse().unwrap()],
+            paths: Vec::new(),
+            categories: Vec::new(),
+            category_hosts: Vec::new(),
+            action: UrlAction::Block,
+        }]);
+        let mut h = Http2::enforcing(Some(rules), Some("good.test".into()));
+        let mut r = Report::default();
+        let c = client_opens(
+            &[],
+            &[(1, &get("/", &[(":authority", ""), ("host", "evil.test")]))],
+        );
+        feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        assert_eq!(r.refused, 1, "{:?}", r.findings);
+        // A HEAD is answered with the 403 alone.
+        let mut h = enforcer();
+        let mut r = Report::default();
+        let head = [(":method", "HEAD"), (":scheme", "https"), (":path", "/b")];
+        feed(
+            &mut h,
+            C2S,
+            &client_opens(&[], &[(1, &head)]),
+            usize::MAX,
+            &mut r,
+        );
+        feed(&mut h, S2C, &frame(SETTINGS, 0, 0, &[]), usize::MAX, &mut r);
+        let down = parse(&take_out(&mut h, S2C));
+        let kinds: Vec<(u8, u8)> = down[1..].iter().map(|f| (f.0, f.1)).collect();
+        assert_eq!(kinds, [(HEADERS, END_HEADERS | END_STREAM)]);
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_its_answers_is_not_read_either() {
+        let blocked = [(":method", "GET"), (":scheme", "https"), (":path", "/b")];
+        let many: Vec<(u32, &[(&str, &str)])> =
+            (0..900).map(|i| (2 * i + 1, &blocked[..])).collect();
+        let c = client_opens(&[], &many);
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, S2C, &frame(SETTINGS, 0, 0, &[]), usize::MAX, &mut r);
+        take_out(&mut h, S2C);
+        let taken = feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        let waiting = h.output(S2C).unwrap().len();
+        assert!(taken < c.len(), "reading stops");
+        assert!(waiting <= MAX_PENDING + 4096, "{waiting}");
+        // Once the client reads, the rest is taken.
+        take_out(&mut h, S2C);
+        let more = feed(&mut h, C2S, &c[taken..], usize::MAX, &mut r);
+        assert!(more > 0);
+        // Refusals are bounded per connection.
+        let mut h = enforcer();
+        let mut r = Report::default();
+        let flood: Vec<(u32, &[(&str, &str)])> = (0..=MAX_REFUSED as u32)
+            .map(|i| (2 * i + 1, &blocked[..]))
+            .collect();
+        let c = client_opens(&[], &flood);
+        let mut rest = &c[..];
+        while !rest.is_empty() && r.block.is_none() {
+            let n = h.rewrite(C2S, rest, Instant::now(), &mut r);
+            rest = &rest[n..];
+            take_out(&mut h, S2C);
+        }
+        assert!(r
+            .block
+            .as_ref()
+            .unwrap()
+            .0
+            .contains("more than 1000 requests refused"));
+    }
+
+    #[test]
+    fn hpack_expansion_toward_the_server_is_bounded() {
+        let mut enc = Encoder::new();
+        let big = "v".repeat(3900);
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(SETTINGS, 0, 0, &[]));
+        let first = block(
+            &mut enc,
+            &[(":method", "POST"), (":path", "/up"), ("x-big", &big)],
+        );
+        c.extend(frame(HEADERS, END_HEADERS, 1, &first));
+        // 60 references to the 3.9 KB entry: 64 bytes decoding to 236 KB.
+        let bomb = [0xbe; 60];
+        for i in 0..20 {
+            let mut f = vec![(":method", "GET"), (":path", "/x")];
+            f.truncate(2);
+            let mut b = block(&mut enc, &f);
+            b.extend_from_slice(&bomb);
+            c.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 3, &b));
+        }
+        let mut h = enforcer();
+        let mut r = Report::default();
+        let taken = feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        assert!(r.block.is_none(), "{:?}", r.findings);
+        let pending = h.output(C2S).unwrap().len();
+        assert!(taken < c.len());
+        assert!(pending <= MAX_PENDING + MAX_HEADER_LIST, "{pending}");
+        // A stream carries one block of trailers.
+        let mut t = client_opens(&[], &[]);
+        let mut enc = Encoder::new();
+        let open = block(&mut enc, &[(":method", "POST"), (":path", "/up")]);
+        t.extend(frame(HEADERS, END_HEADERS, 1, &open));
+        let tr = block(&mut enc, &[("x-sum", "1")]);
+        t.extend(frame(HEADERS, END_HEADERS, 1, &tr));
+        t.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &tr));
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, C2S, &t, usize::MAX, &mut r);
+        assert!(r
+            .block
+            .as_ref()
+            .unwrap()
+            .0
+            .contains("a second block of trailers"));
+    }
+
+    #[test]
+    fn the_stream_bound_is_told_to_the_client_and_an_observer_only_stops_recording() {
+        let mut h = enforcer();
+        let mut r = Report::default();
+        let mut s = frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 3, 232]);
+        s.extend(frame(SETTINGS, 0, 0, &[0, 4, 0, 1, 0, 0]));
+        feed(&mut h, S2C, &s, usize::MAX, &mut r);
+        let down = parse(&take_out(&mut h, S2C));
+        assert_eq!(down[0].3, [0, 3, 0, 0, 1, 0], "1000 brought to 256");
+        assert_eq!(down[1].3, [0, 4, 0, 1, 0, 0, 0, 3, 0, 0, 1, 0]);
+        // An observer past the bound records no more, and lets it be.
+        let opens: Vec<Vec<u8>> = (0..=MAX_STREAMS as u32)
+            .map(|i| frame(HEADERS, END_HEADERS, 2 * i + 1, &[0x82, 0x84]))
+            .collect();
+        let c = [PREFACE.to_vec(), opens.concat()].concat();
+        let mut h = Http2::new(None, None);
+        let mut r = Report::default();
+        h.on_data(C2S, &c, Instant::now(), &mut r);
+        assert!(r.block.is_none());
+        assert!(
+            matches!(&r.findings[..], [Finding::Anomaly { reason, .. }] if reason.contains("not recorded"))
+        );
     }
 
     #[test]

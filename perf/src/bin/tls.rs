@@ -21,6 +21,9 @@
 //!   (decrypt: a mint, one HSM signature, per connection).
 //! - latency: 64-byte request/response round trips on one established
 //!   connection (p50/p99), alone and while a handshake flood runs.
+//! - HTTP requests/s: 8 keep-alive connections each sending HTTP/1.1 GETs
+//!   (80 bytes) one after the other, each answered with a 1 KiB body, for
+//!   `--seconds`: what the engine's HTTP/1.1 inspector parses for real.
 //! - memory: the engine's RSS growth per idle decrypted connection from
 //!   `--idle` to twice as many, measured before the other loads.
 //!
@@ -104,6 +107,13 @@ const ENDS: (std::net::SocketAddr, std::net::SocketAddr) = (
 const OP_BULK: u8 = b'B';
 const OP_ECHO: u8 = b'E';
 const OP_PING: u8 = b'P';
+/// An HTTP/1.1 request (its `G`), answered as HTTP/1.1 while they come.
+const OP_HTTP: u8 = b'G';
+const HTTP_REQUEST: &[u8] =
+    b"GET /item HTTP/1.1\r\nHost: bench.loupe.test\r\nUser-Agent: loupe-perf\r\n\r\n";
+/// Its answer's head (a 1 KiB body follows).
+const HTTP_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1024\r\n\r\n";
 
 fn load_cert(pki_leaf: &loupe_tests::https::ServerCert) -> anyhow::Result<CertifiedKey> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki_leaf.cert)?
@@ -174,6 +184,26 @@ fn serve(sock: TcpStream, cfg: Arc<ServerConfig>, stop: &AtomicBool) -> anyhow::
     let mut op = [0u8; 1];
     tls.read_exact(&mut op)?;
     match op[0] {
+        OP_HTTP => {
+            let response = [HTTP_HEAD, &[0x5a; 1024]].concat();
+            // The rest of each request, up to its blank line.
+            let mut seen = 1usize;
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = tls.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                for &b in &buf[..n] {
+                    let want = HTTP_REQUEST[seen % HTTP_REQUEST.len()];
+                    anyhow::ensure!(b == want, "not the benchmark's request");
+                    seen += 1;
+                    if seen.is_multiple_of(HTTP_REQUEST.len()) {
+                        tls.write_all(&response)?;
+                    }
+                }
+            }
+        }
         OP_BULK => {
             let block = vec![0x5au8; 64 << 10];
             while !stop.load(Ordering::Relaxed) {
@@ -314,6 +344,42 @@ fn handshakes(
         done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64(),
         failed.load(Ordering::Relaxed),
     ))
+}
+
+/// HTTP/1.1 requests per second over `conns` keep-alive connections, each
+/// sending its next request once the last response is whole.
+fn http_requests(
+    ns: &Netns,
+    cfg: &Arc<ClientConfig>,
+    conns: usize,
+    secs: u64,
+) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let go = Arc::new(AtomicBool::new(true));
+    let mut threads = Vec::new();
+    for _ in 0..conns {
+        let mut tls = connect(ns, cfg, NAME)?;
+        let (done, go) = (done.clone(), go.clone());
+        threads.push(thread::spawn(move || -> anyhow::Result<()> {
+            let mut response = vec![0u8; HTTP_HEAD.len() + 1024];
+            while go.load(Ordering::Relaxed) {
+                tls.write_all(HTTP_REQUEST)?;
+                tls.read_exact(&mut response)?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+    thread::sleep(Duration::from_secs(secs));
+    let (n1, took) = (done.load(Ordering::Relaxed), t0.elapsed());
+    go.store(false, Ordering::Relaxed);
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+    }
+    Ok((n1 - n0) as f64 / took.as_secs_f64())
 }
 
 /// 64-byte round trips on one connection: (p50, p99) in microseconds.
@@ -660,6 +726,133 @@ fn inspector_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
     Ok(out)
 }
 
+/// The HTTP/2 inspector on one core, in memory, as an observer (`h2`) and
+/// as the enforcer that re-frames the connection (`h2+url-enforce`: a URL
+/// rule that blocks, never matched): bulk DATA on one stream, and
+/// request/response streams (a GET; 200 with a 1 KiB body).
+fn h2_limits(secs: u64) -> anyhow::Result<Vec<(String, f64, f64)>> {
+    use loupe_dataplane::{
+        inspect::{
+            http2::{encode_block, frame, PREFACE},
+            Direction::{self, ClientToServer as C2S, ServerToClient as S2C},
+            Inspection, Pipeline,
+        },
+        policy::{UrlAction, UrlRule},
+    };
+    let never = Arc::new(vec![UrlRule {
+        name: "never".into(),
+        hosts: Vec::new(),
+        paths: vec!["/never-requested".into()],
+        categories: Vec::new(),
+        category_hosts: Vec::new(),
+        action: UrlAction::Block,
+    }]);
+    let configs = [
+        (
+            "h2",
+            Inspection {
+                http: true,
+                ..Inspection::default()
+            },
+        ),
+        (
+            "h2+url-enforce",
+            Inspection {
+                http: true,
+                url_rules: Some(never),
+                ..Inspection::default()
+            },
+        ),
+    ];
+    let block = |fields: &[(&str, &str)]| {
+        let f: Vec<(Vec<u8>, Vec<u8>)> = fields
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect();
+        let mut out = Vec::new();
+        encode_block(&f, &mut out);
+        out
+    };
+    let request = block(&[
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", NAME),
+        (":path", "/item"),
+        ("user-agent", "loupe-perf"),
+    ]);
+    let answer = block(&[
+        (":status", "200"),
+        ("content-type", "application/octet-stream"),
+        ("content-length", "1024"),
+    ]);
+    let now = Instant::now();
+    // Everything fed is taken and passed on (what goes out is dropped).
+    let feed = |p: &mut Pipeline, dir: Direction, bytes: &[u8]| -> anyhow::Result<()> {
+        p.data(dir, bytes, now);
+        let mut rest = bytes;
+        while p.rewrites() && !rest.is_empty() {
+            let n = p.rewrite(dir, rest, now);
+            for d in [C2S, S2C] {
+                if let Some(o) = p.output(d) {
+                    o.clear();
+                }
+            }
+            anyhow::ensure!(n > 0 && p.blocked().is_none(), "the enforcer stopped");
+            rest = &rest[n..];
+        }
+        Ok(())
+    };
+    let open = |p: &mut Pipeline| -> anyhow::Result<()> {
+        let mut c = PREFACE.to_vec();
+        // Windows as large as they go: the benchmark is not flow control.
+        c.extend(frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+        c.extend(frame(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes()));
+        feed(p, C2S, &c)?;
+        feed(p, S2C, &frame(0x4, 0, 0, &[]))
+    };
+    let data = vec![0x5au8; 16_384];
+    let mut out = Vec::new();
+    for (label, insp) in configs {
+        let mut p = insp.pipeline(Some(b"h2"), None, ENDS);
+        open(&mut p)?;
+        feed(&mut p, C2S, &frame(0x1, 0x5, 1, &request))?;
+        feed(&mut p, S2C, &frame(0x1, 0x4, 1, &answer))?;
+        let one = frame(0x0, 0, 1, &data);
+        let t0 = Instant::now();
+        let mut bytes = 0u64;
+        while t0.elapsed() < Duration::from_secs(secs) {
+            for _ in 0..64 {
+                feed(&mut p, S2C, &one)?;
+            }
+            bytes += 64 * data.len() as u64;
+            p.take_findings();
+        }
+        let gbit = bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9;
+        let mut p = insp.pipeline(Some(b"h2"), None, ENDS);
+        open(&mut p)?;
+        let body = &data[..1024];
+        let t0 = Instant::now();
+        let mut id = 1u32;
+        let mut pairs = 0u64;
+        while t0.elapsed() < Duration::from_secs(secs) {
+            for _ in 0..256 {
+                feed(&mut p, C2S, &frame(0x1, 0x5, id, &request))?;
+                let mut s = frame(0x1, 0x4, id, &answer);
+                s.extend(frame(0x0, 0x1, id, body));
+                feed(&mut p, S2C, &s)?;
+                id += 2;
+            }
+            pairs += 256;
+            anyhow::ensure!(p.blocked().is_none(), "blocked");
+            p.take_findings();
+        }
+        let rate = pairs as f64 / t0.elapsed().as_secs_f64();
+        eprintln!("  {label}: {gbit:.2} Gbit/s bulk, {rate:.0} requests/s");
+        out.push((label.to_string(), gbit, rate));
+    }
+    Ok(out)
+}
+
 /// rustls on one core, in memory: handshake pairs per second and bulk
 /// (seal + open) Gbit/s, with a P-256 certificate.
 fn rustls_limits(pki: &Pki, secs: u64) -> anyhow::Result<(f64, f64)> {
@@ -795,6 +988,7 @@ fn main() -> anyhow::Result<()> {
         let mut miss = Vec::new();
         let mut lat = Vec::new();
         let mut flood_lat = Vec::new();
+        let mut reqs = Vec::new();
         let mut failures = 0;
         let mut name_base = 0u64;
         for r in 0..args.repeat {
@@ -822,6 +1016,7 @@ fn main() -> anyhow::Result<()> {
             miss.push(rate);
             failures += f;
             lat.push(latency(client, &cfg, args.round_trips)?);
+            reqs.push(http_requests(client, &cfg, 8, args.seconds)?);
             // The same round trips while a handshake flood runs.
             let flood = {
                 let ns = Netns::existing(&client.name, true);
@@ -834,8 +1029,8 @@ fn main() -> anyhow::Result<()> {
             flood_lat.push(latency(client, &cfg, args.round_trips)?);
             let _ = flood.join();
             eprintln!(
-                "  round {r}: bulk {:.2}/{:.2} Gbit/s (1/8), handshakes {:.0}/s hit {:.0}/s miss, rtt p50 {:.0} us p99 {:.0} us, under flood p99 {:.0} us",
-                b1[r], b8[r], hit[r], miss[r], lat[r].0, lat[r].1, flood_lat[r].1
+                "  round {r}: bulk {:.2}/{:.2} Gbit/s (1/8), handshakes {:.0}/s hit {:.0}/s miss, rtt p50 {:.0} us p99 {:.0} us, under flood p99 {:.0} us, {:.0} HTTP requests/s",
+                b1[r], b8[r], hit[r], miss[r], lat[r].0, lat[r].1, flood_lat[r].1, reqs[r]
             );
         }
         if let Setup::Decrypt { mitm, .. } = &s {
@@ -859,6 +1054,7 @@ fn main() -> anyhow::Result<()> {
             "rtt_p50_us": median(lat.iter().map(|l| l.0).collect()),
             "rtt_p99_us": median(lat.iter().map(|l| l.1).collect()),
             "flood_rtt_p99_us": median(flood_lat.iter().map(|l| l.1).collect()),
+            "http_requests_per_s": median(reqs.clone()),
             "kib_per_idle_connection": mem,
             "failed_handshakes": failures,
         });
@@ -871,7 +1067,8 @@ fn main() -> anyhow::Result<()> {
     let (pairs, gbit) = rustls_limits(&pki, args.seconds)?;
     rows.push(json!({"rustls_handshake_pairs_per_s": pairs, "rustls_bulk_gbit_one_core": gbit}));
     eprintln!("== inspectors on one core, in memory");
-    let limits = inspector_limits(args.seconds)?;
+    let mut limits = inspector_limits(args.seconds)?;
+    limits.extend(h2_limits(args.seconds)?);
     for (label, g, rate) in &limits {
         rows.push(
             json!({"inspectors": label, "bulk_gbit_one_core": g, "requests_per_s_one_core": rate}),
@@ -879,7 +1076,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "\n{:<16} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>11} {:>9}",
+        "\n{:<16} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>11} {:>9} {:>9}",
         "path",
         "1 conn",
         "8 conns",
@@ -888,11 +1085,12 @@ fn main() -> anyhow::Result<()> {
         "rtt p50",
         "rtt p99",
         "p99 flood",
-        "KiB/conn"
+        "KiB/conn",
+        "HTTP r/s"
     );
     for r in &table {
         println!(
-            "{:<16} {:>6.2} Gb {:>6.2} Gb {:>11.0} {:>11.0} {:>6.0} us {:>6.0} us {:>8.0} us {:>9}",
+            "{:<16} {:>6.2} Gb {:>6.2} Gb {:>11.0} {:>11.0} {:>6.0} us {:>6.0} us {:>8.0} us {:>9} {:>9.0}",
             r["path"].as_str().unwrap_or(""),
             r["bulk_1_gbit"].as_f64().unwrap_or(0.0),
             r["bulk_8_gbit"].as_f64().unwrap_or(0.0),
@@ -904,6 +1102,7 @@ fn main() -> anyhow::Result<()> {
             r["kib_per_idle_connection"]
                 .as_f64()
                 .map_or("-".into(), |k| format!("{k:.1}")),
+            r["http_requests_per_s"].as_f64().unwrap_or(0.0),
         );
     }
     println!(
