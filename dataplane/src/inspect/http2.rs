@@ -67,12 +67,14 @@ pub const MAX_TABLE: usize = 64 << 10;
 pub const MAX_STREAMS: usize = 256;
 /// A SETTINGS frame, at most (each setting is 6 bytes).
 pub const MAX_SETTINGS: usize = 4096;
-/// Frames of one header block (HEADERS and CONTINUATIONs), at most: empty
-/// CONTINUATIONs would otherwise never reach the size bound.
-pub const MAX_BLOCK_FRAMES: usize = 1024;
-/// Requests the enforcer refuses on one connection, at most: past it the
-/// connection is an attack on the log (one record per refusal), and ends.
+/// Empty CONTINUATION frames in one header block, at most: they would
+/// otherwise never reach the size bound (other frames do).
+pub const MAX_EMPTY_CONTINUATIONS: usize = 64;
+/// Requests the enforcer refuses on one connection within
+/// [`REFUSAL_WINDOW`], at most: past it the connection is an attack on
+/// the log (one record per refusal), and ends.
 pub const MAX_REFUSED: u64 = 1000;
+pub const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 /// Enforcer: bytes waiting to be passed on, beyond which it reads no
 /// more of a direction that would add to them (one header block may
 /// still decode to [`MAX_HEADER_LIST`] on top).
@@ -125,8 +127,8 @@ struct Block {
     /// HEADERS with PRIORITY: its five bytes, passed on.
     priority: Option<[u8; 5]>,
     bytes: Vec<u8>,
-    /// Frames so far (the HEADERS or PUSH_PROMISE, its CONTINUATIONs).
-    frames: usize,
+    /// Empty CONTINUATIONs so far.
+    empties: usize,
 }
 
 /// One direction's reader.
@@ -195,8 +197,9 @@ struct Enforce {
     /// take it (only while there is debt); a frame larger than the room
     /// there is goes in two, and this is the second part.
     held: Option<Vec<u8>>,
-    /// Requests refused so far.
+    /// Requests refused since `window_start`.
     refusals: u64,
+    window_start: Option<Instant>,
 }
 
 /// The HTTP/2 inspector of one connection.
@@ -443,13 +446,15 @@ impl Http2 {
                 return Err("a CONTINUATION without a header block".into())
             }
             CONTINUATION
-                if side
-                    .block
-                    .as_ref()
-                    .is_some_and(|b| b.frames >= MAX_BLOCK_FRAMES) =>
+                if len == 0
+                    && flags & END_HEADERS == 0
+                    && side
+                        .block
+                        .as_ref()
+                        .is_some_and(|b| b.empties >= MAX_EMPTY_CONTINUATIONS) =>
             {
                 return Err(format!(
-                    "a header block in more than {MAX_BLOCK_FRAMES} frames"
+                    "a header block with more than {MAX_EMPTY_CONTINUATIONS} empty CONTINUATIONs"
                 ))
             }
             HEADERS | CONTINUATION | PUSH_PROMISE => {
@@ -591,7 +596,7 @@ impl Http2 {
                     end_stream: f.kind == HEADERS && f.flags & END_STREAM != 0,
                     priority,
                     bytes: fragment.to_vec(),
-                    frames: 1,
+                    empties: 0,
                 });
                 if f.flags & END_HEADERS != 0 {
                     self.end_block(dir, now, report)?;
@@ -600,7 +605,7 @@ impl Http2 {
             CONTINUATION => {
                 if let Some(b) = self.sides[d].block.as_mut() {
                     b.bytes.extend_from_slice(&payload);
-                    b.frames += 1;
+                    b.empties += usize::from(payload.is_empty());
                 }
                 if f.flags & END_HEADERS != 0 {
                     self.end_block(dir, now, report)?;
@@ -818,9 +823,16 @@ impl Http2 {
     ) -> Result<bool, String> {
         let enforcing = self.enforce.is_some();
         if self.streams.len() >= MAX_STREAMS {
-            if enforcing {
-                // Beyond what the engine told the client (its SETTINGS).
-                return Err(format!("more than {MAX_STREAMS} streams open at once"));
+            if let Some(e) = self.enforce.as_mut() {
+                // Beyond what the engine told the client (which may not
+                // have read its SETTINGS yet): refused unprocessed, as
+                // RFC 9113 §5.1.2 has it; the client may send it again.
+                e.refused.insert(id);
+                while e.refused.len() > MAX_STREAMS {
+                    e.refused.pop_first();
+                }
+                self.inject(frame(RST_STREAM, 0, id, &7u32.to_be_bytes()));
+                return Ok(true);
             }
             // An observer lets it be, unrecorded (said once).
             if !self.overflowed {
@@ -849,7 +861,8 @@ impl Http2 {
                 return Err("a pseudo-header or host field given twice".into());
             }
             if let (Some(a), Some(h)) = (&authority, &host_field) {
-                if !a.eq_ignore_ascii_case(h) {
+                let bare = |s: &str| s.strip_suffix(":443").unwrap_or(s).to_ascii_lowercase();
+                if bare(a) != bare(h) {
                     // RFC 9113 §8.3.1: malformed.
                     return Err(format!(
                         "an :authority ({}) and a host field ({}) that differ",
@@ -886,7 +899,7 @@ impl Http2 {
                 return Ok(true);
             }
             rec.status = Some(403);
-            self.refuse(id, name, end_stream, method == "HEAD")?;
+            self.refuse(id, name, end_stream, method == "HEAD", now)?;
             report.refused_stream();
             report.add(Finding::Http(rec.finished(now, now)));
             return Ok(true);
@@ -906,15 +919,29 @@ impl Http2 {
     /// Enforcer: answers stream `id` with the 403 page of `rule` (or its
     /// HEADERS alone for a HEAD, or when the client's windows have no room
     /// for the page); the server never hears of it.
-    fn refuse(&mut self, id: u32, rule: &str, client_done: bool, head: bool) -> Result<(), String> {
+    fn refuse(
+        &mut self,
+        id: u32,
+        rule: &str,
+        client_done: bool,
+        head: bool,
+        now: Instant,
+    ) -> Result<(), String> {
         let max_frame = self.sides[1].max_frame;
         let Some(e) = self.enforce.as_mut() else {
             return Ok(());
         };
+        if e.window_start
+            .is_none_or(|t| now.saturating_duration_since(t) >= REFUSAL_WINDOW)
+        {
+            e.window_start = Some(now);
+            e.refusals = 0;
+        }
         e.refusals += 1;
         if e.refusals > MAX_REFUSED {
             return Err(format!(
-                "more than {MAX_REFUSED} requests refused on one connection"
+                "more than {MAX_REFUSED} requests refused on one connection within {} s",
+                REFUSAL_WINDOW.as_secs()
             ));
         }
         e.refused.insert(id);
@@ -1449,10 +1476,12 @@ mod tests {
             (
                 with(
                     std::iter::once(frame(HEADERS, 0, 1, &get))
-                        .chain((0..MAX_BLOCK_FRAMES).map(|_| frame(CONTINUATION, 0, 1, &[])))
+                        .chain(
+                            (0..=MAX_EMPTY_CONTINUATIONS).map(|_| frame(CONTINUATION, 0, 1, &[])),
+                        )
                         .collect(),
                 ),
-                "a header block in more than 1024 frames",
+                "more than 64 empty CONTINUATIONs",
             ),
         ];
         for (bytes, want) in cases {
@@ -2107,6 +2136,93 @@ mod tests {
     }
 
     #[test]
+    fn streams_past_the_bound_and_odd_but_valid_requests_are_not_attacks() {
+        // Streams opened before the client read the engine's SETTINGS:
+        // the one past the bound is refused unprocessed, the rest go on.
+        let get = [(":method", "GET"), (":scheme", "https"), (":path", "/ok")];
+        let opens: Vec<(u32, &[(&str, &str)])> = (0..=MAX_STREAMS as u32)
+            .map(|i| (2 * i + 1, &get[..]))
+            .collect();
+        let c = client_opens(&[], &opens);
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, S2C, &frame(SETTINGS, 0, 0, &[]), usize::MAX, &mut r);
+        take_out(&mut h, S2C);
+        feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        // (The server has answered none: all stay open.)
+        assert!(r.block.is_none(), "{:?}", r.findings.last());
+        let down = parse(&take_out(&mut h, S2C));
+        assert_eq!(
+            down,
+            [(
+                RST_STREAM,
+                0,
+                2 * MAX_STREAMS as u32 + 1,
+                7u32.to_be_bytes().to_vec()
+            )]
+        );
+        let up = parse(&take_out(&mut h, C2S)[PREFACE.len()..]);
+        assert_eq!(up.iter().filter(|f| f.0 == HEADERS).count(), MAX_STREAMS);
+        // A host with the default port is the same host.
+        let mut h = enforcer();
+        let mut r = Report::default();
+        let same = [
+            (":method", "GET"),
+            (":path", "/ok"),
+            (":authority", "a.test"),
+            ("host", "A.test:443"),
+        ];
+        feed(
+            &mut h,
+            C2S,
+            &client_opens(&[], &[(1, &same)]),
+            usize::MAX,
+            &mut r,
+        );
+        assert!(r.block.is_none(), "{:?}", r.findings);
+        // A header block in many one-byte CONTINUATIONs is valid.
+        let b = block(&mut Encoder::new(), &get);
+        let mut c = client_opens(&[], &[]);
+        c.extend(frame(HEADERS, END_STREAM, 1, &b[..1]));
+        for (i, byte) in b[1..].iter().enumerate() {
+            let last = if i == b.len() - 2 { END_HEADERS } else { 0 };
+            c.extend(frame(CONTINUATION, last, 1, &[*byte]));
+        }
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        assert!(r.block.is_none(), "{:?}", r.findings);
+        assert_eq!(requests(&r).len(), 0, "open, not yet answered");
+        // Refusals are counted per ten seconds: a long-lived connection
+        // refused now and then goes on.
+        let blocked = [(":method", "GET"), (":scheme", "https"), (":path", "/b")];
+        let mut h = enforcer();
+        let mut r = Report::default();
+        let t0 = Instant::now();
+        let mut id = 1;
+        for round in 0..3u64 {
+            let at = t0 + REFUSAL_WINDOW * round as u32;
+            let reqs: Vec<(u32, &[(&str, &str)])> = (0..MAX_REFUSED as u32)
+                .map(|i| (id + 2 * i, &blocked[..]))
+                .collect();
+            id += 2 * MAX_REFUSED as u32;
+            let mut c = client_opens(&[], &reqs);
+            if round > 0 {
+                c.drain(..PREFACE.len() + 9);
+            }
+            let mut rest = &c[..];
+            while !rest.is_empty() {
+                let n = h.rewrite(C2S, rest, at, &mut r);
+                assert!(n > 0 || r.block.is_none());
+                rest = &rest[n..];
+                take_out(&mut h, S2C);
+                take_out(&mut h, C2S);
+                assert!(r.block.is_none(), "round {round}");
+            }
+        }
+    }
+
+    #[test]
     fn the_stream_bound_is_told_to_the_client_and_an_observer_only_stops_recording() {
         let mut h = enforcer();
         let mut r = Report::default();
@@ -2171,6 +2287,70 @@ mod tests {
             for chunk in c.chunks(step) {
                 h.on_data(C2S, chunk, Instant::now(), &mut r);
                 h.on_data(S2C, chunk, Instant::now(), &mut r);
+            }
+        }
+
+        /// The enforcer on random frames both ways, among them real
+        /// requests (some refused) and answers: never a panic, and while
+        /// the connection goes on, each peer decodes every header block
+        /// it is passed with its own HPACK state, in order.
+        #[test]
+        fn each_peer_decodes_what_the_enforcer_passes_on(
+            frames in proptest::collection::vec(
+                (0u8..12, any::<u8>(), 1u32..12, proptest::collection::vec(any::<u8>(), 0..64), any::<bool>(), 0u8..3),
+                0..40,
+            ),
+            step in 1usize..50,
+        ) {
+            let (mut ce, mut se) = (Encoder::new(), Encoder::new());
+            let mut c = PREFACE.to_vec();
+            c.extend(frame(SETTINGS, 0, 0, &[]));
+            let mut s = frame(SETTINGS, 0, 0, &[]);
+            for (k, fl, st, p, to_server, real) in &frames {
+                let end = fl & END_STREAM;
+                let f = match (real, to_server) {
+                    (0, true) => frame(HEADERS, END_HEADERS | end, 2 * st + 1, &block(&mut ce, GET_A)),
+                    (1, true) => frame(HEADERS, END_HEADERS | end, 2 * st + 1, &block(&mut ce, POST_B)),
+                    (0 | 1, false) => frame(HEADERS, END_HEADERS | end, 2 * st + 1, &block(&mut se, &[(":status", "200")])),
+                    // Frames that are well formed, mostly; never a
+                    // header block.
+                    _ => {
+                        let id = 2 * st + 1;
+                        let four = &p.iter().copied().chain([1; 4]).take(4).collect::<Vec<u8>>();
+                        match *k {
+                            0..=3 => frame(DATA, fl & END_STREAM, id, p),
+                            4 => frame(0x6, 0, 0, &[7; 8]),
+                            5 => frame(WINDOW_UPDATE, 0, id * u32::from(fl & 1), four),
+                            6 => frame(RST_STREAM, 0, id, four),
+                            7 => frame(0x20, *fl, *st, p),
+                            CONTINUATION => continue,
+                            _ => frame(*k, *fl, *st, p),
+                        }
+                    }
+                };
+                if *to_server { c.extend(f) } else { s.extend(f) }
+            }
+            let mut h = enforcer();
+            let mut r = Report::default();
+            let (mut up, mut down) = (Vec::new(), Vec::new());
+            for (cc, sc) in c.chunks(step).zip(s.chunks(step).chain(std::iter::repeat(&[][..]))) {
+                feed(&mut h, C2S, cc, usize::MAX, &mut r);
+                feed(&mut h, S2C, sc, usize::MAX, &mut r);
+                up.extend(take_out(&mut h, C2S));
+                down.extend(take_out(&mut h, S2C));
+            }
+            if r.block.is_none() && up.len() >= PREFACE.len() {
+                let whole = |mut b: &[u8]| {
+                    let mut n = 0;
+                    while b.len() >= 9 && b.len() >= 9 + frame_len(b) {
+                        n += 9 + frame_len(b);
+                        b = &b[9 + frame_len(b)..];
+                    }
+                    n
+                };
+                let up = &up[PREFACE.len()..];
+                decode_all(&parse(&up[..whole(up)]));
+                decode_all(&parse(&down[..whole(&down)]));
             }
         }
     }
