@@ -1,4 +1,5 @@
-//! `loupe ca ...` and `loupe audit ...`: the operator's side of the HSM.
+//! `loupe ca ...`, `loupe key ...` and `loupe audit ...`: the operator's
+//! side of the HSM.
 //! Every command opens the token named by the HSM options, and every key
 //! operation goes through the same signer service and audit log as the
 //! engine's.
@@ -13,11 +14,12 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use loupe_hsm::{
     audit::{
-        self, AuditConfig, AuditLog, Entry, HeadCheck, HeadFound, Kind, Problem, VerifyOptions,
-        AUDIT_KEY_LABEL,
+        self, AuditConfig, AuditLog, AuditSink, Entry, HeadCheck, HeadFound, Kind, Problem,
+        VerifyOptions, AUDIT_KEY_LABEL,
     },
     ca::{ensure_audit_key, parse_ec_spki_pem, spki_pem, CaFlavor, CaManager, CaOptions, CaRole},
     pin::PinSource,
+    server_keys::{ServerKeyInfo, ServerKeys},
     signer::{Signer, SignerConfig},
     token::{KeyAlg, Token, TokenConfig, SOFTHSM2_MODULE},
 };
@@ -96,6 +98,46 @@ pub enum CaCommand {
         force: bool,
     },
     /// List the CA certificates on the token.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Store an existing server key (PEM: PKCS#8, SEC1 or PKCS#1; EC P-256
+    /// or P-384, RSA 2048 or 3072) on the token, SENSITIVE and not
+    /// EXTRACTABLE. The file is not changed: destroy it afterwards.
+    Import {
+        #[arg(long)]
+        label: String,
+        file: PathBuf,
+    },
+    /// Generate a server key on the token (it never leaves it).
+    Generate {
+        #[arg(long)]
+        label: String,
+        /// ec-p256, ec-p384, rsa-2048 or rsa-3072.
+        #[arg(long = "type", default_value = "ec-p256")]
+        key_type: String,
+    },
+    /// A certificate signing request (PEM) for a server key, signed on the
+    /// token: the first --name is the subject's common name, all of them
+    /// are its DNS names.
+    Csr {
+        #[arg(long)]
+        label: String,
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Organization in the subject.
+        #[arg(long)]
+        org: Option<String>,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The server keys on the token, with the attributes it reports.
     List {
         #[arg(long)]
         json: bool,
@@ -203,19 +245,111 @@ impl Session {
         Ok(Session { token, log, signer })
     }
 
-    fn run<T>(self, f: impl FnOnce(&CaManager) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    /// Runs `f` with the token, the signer and an audit sink; then the
+    /// signer stops and the log is closed (sealed).
+    fn with<T>(
+        self,
+        f: impl FnOnce(&Token, &Signer, &AuditSink) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let sink = self.log.sink();
-        let out = f(&CaManager {
-            token: &self.token,
-            signer: &self.signer,
-            audit: &sink,
-            requester: requester(),
-        });
+        let out = f(&self.token, &self.signer, &sink);
         drop(sink);
         drop(self.signer);
         self.log.close()?;
         out
     }
+
+    fn run<T>(self, f: impl FnOnce(&CaManager) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        self.with(|token, signer, audit| {
+            f(&CaManager {
+                token,
+                signer,
+                audit,
+                requester: requester(),
+            })
+        })
+    }
+
+    fn keys<T>(self, f: impl FnOnce(&ServerKeys) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        self.with(|token, signer, audit| {
+            f(&ServerKeys {
+                token,
+                signer,
+                audit,
+                requester: requester(),
+            })
+        })
+    }
+}
+
+fn print_keys(keys: &[ServerKeyInfo]) -> anyhow::Result<()> {
+    outln!(
+        "{:<24} {:<9} {:<9} {:<11} {:<9} spki sha256",
+        "label",
+        "key",
+        "sensitive",
+        "extractable",
+        "origin"
+    )?;
+    for k in keys {
+        outln!(
+            "{:<24} {:<9} {:<9} {:<11} {:<9} {}",
+            k.label,
+            k.key,
+            if k.sensitive { "yes" } else { "NO" },
+            if k.extractable { "YES" } else { "no" },
+            if k.generated { "generated" } else { "imported" },
+            k.spki_sha256
+        )?;
+    }
+    Ok(())
+}
+
+pub fn key(hsm: &HsmArgs, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
+    let open = || Session::open(hsm);
+    match cmd {
+        KeyCommand::Import { label, file } => {
+            let pem = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let public = open()?.keys(|k| Ok(k.import(&label, &pem)?))?;
+            outln!(
+                "imported {} key {label:?} into token {:?}: sensitive, not extractable",
+                public.alg.name(),
+                hsm.token
+            )?;
+            outln!(
+                "the key now lives on the token: destroy {} (e.g. shred -u)",
+                file.display()
+            )?;
+        }
+        KeyCommand::Generate { label, key_type } => {
+            let alg = key_type.parse::<KeyAlg>()?;
+            let public = open()?.keys(|k| Ok(k.generate(&label, alg)?))?;
+            outln!(
+                "generated {} key {label:?} on token {:?}",
+                public.alg.name(),
+                hsm.token
+            )?;
+        }
+        KeyCommand::Csr {
+            label,
+            names,
+            org,
+            out,
+        } => {
+            let pem = open()?.keys(|k| Ok(k.csr(&label, &names, org.as_deref())?))?;
+            write_out(out.as_deref(), pem.as_bytes())?;
+        }
+        KeyCommand::List { json } => {
+            let list = open()?.keys(|k| Ok(k.list()?))?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                print_keys(&list)?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn write_out(out: Option<&Path>, bytes: &[u8]) -> anyhow::Result<()> {

@@ -102,6 +102,14 @@ enum Command {
         #[command(subcommand)]
         command: hsm::CaCommand,
     },
+    /// Server keys on the HSM (inbound inspection): import, generate,
+    /// CSR, list.
+    Key {
+        #[command(flatten)]
+        hsm: hsm::HsmArgs,
+        #[command(subcommand)]
+        command: hsm::KeyCommand,
+    },
     /// Check, apply or show the policy.
     Policy {
         #[command(subcommand)]
@@ -358,6 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca { hsm, command } => hsm::ca(&hsm, command),
+        Command::Key { hsm, command } => hsm::key(&hsm, command),
         Command::Audit { hsm, command } => hsm::audit(&hsm, command),
         Command::Policy { command } => match command {
             PolicyCommand::Check { file, json } => policy_check(&file, json),

@@ -179,6 +179,8 @@ pub fn log_path(path: &Path) -> String {
 pub enum Kind {
     Sign,
     Keygen,
+    /// A key made outside the token was stored on it.
+    Import,
     Destroy,
     Checkpoint,
     /// TLS session secrets are exported (a decryption profile's key log
@@ -336,6 +338,15 @@ pub struct AuditSink {
 }
 
 impl AuditSink {
+    /// Runs a key operation and records `entry` with its outcome,
+    /// whatever it is: the operation's error comes first, then the log's.
+    pub fn around<T>(&self, mut entry: Entry, op: impl FnOnce() -> Result<T>) -> Result<T> {
+        let r = op();
+        entry.result = r.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        self.record(vec![entry])?;
+        r
+    }
+
     pub fn record(&self, entries: Vec<Entry>) -> Result<()> {
         if entries.is_empty() {
             return Ok(());

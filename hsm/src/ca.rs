@@ -146,13 +146,13 @@ impl CaInfo {
 }
 
 /// A key in the token, seen through the signer, as rcgen's signing key.
-struct HsmKey<'a> {
-    signer: &'a Signer,
-    token: String,
-    label: String,
-    public: PublicKey,
-    purpose: String,
-    requester: String,
+pub(crate) struct HsmKey<'a> {
+    pub(crate) signer: &'a Signer,
+    pub(crate) token: String,
+    pub(crate) label: String,
+    pub(crate) public: PublicKey,
+    pub(crate) purpose: String,
+    pub(crate) requester: String,
 }
 
 fn rcgen_alg(alg: KeyAlg) -> &'static SignatureAlgorithm {
@@ -265,11 +265,8 @@ impl CaManager<'_> {
         purpose: &str,
         op: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        let mut entry = Entry::now(kind, self.token.label(), label, purpose, &self.requester);
-        let r = op();
-        entry.result = r.as_ref().map(|_| ()).map_err(|e| e.to_string());
-        self.audit.record(vec![entry])?;
-        r
+        let entry = Entry::now(kind, self.token.label(), label, purpose, &self.requester);
+        self.audit.around(entry, op)
     }
 
     /// Generations present on the token, ascending.

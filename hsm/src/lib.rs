@@ -6,6 +6,9 @@
 //! - [`signer`]: the batched signer service packet workers submit to.
 //! - [`audit`]: the hash-chained key-usage log and its verifier.
 //! - [`ca`]: the forward-trust / forward-untrust CA lifecycle.
+//! - [`server_keys`]: an organisation's own server keys (inbound
+//!   inspection): generated or imported, never extractable; CSRs.
+//! - [`keyfile`]: private key files read for an import.
 //! - [`mech`]: signature mechanisms and their software halves.
 //! - [`pin`]: PIN sources (0600 file or environment, never argv).
 //! - [`softhsm`]: SoftHSM2 provisioning for the embedded default.
@@ -13,8 +16,10 @@
 pub mod audit;
 pub mod ca;
 pub mod error;
+pub mod keyfile;
 pub mod mech;
 pub mod pin;
+pub mod server_keys;
 pub mod signer;
 pub mod softhsm;
 pub mod token;

@@ -29,8 +29,11 @@ use cryptoki::{
 };
 use sha2::{Digest, Sha256};
 
+use zeroize::Zeroize;
+
 use crate::{
     error::{HsmError, Result},
+    keyfile::KeyParts,
     mech::{der_len, der_uint, SignMech},
     pin::PinSource,
 };
@@ -265,8 +268,7 @@ pub enum KeyAlg {
 }
 
 /// DER OIDs of the named curves (RFC 5480 §2.1.1.1), as CKA_EC_PARAMS.
-const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+use crate::keyfile::{OID_P256, OID_P384};
 
 impl KeyAlg {
     pub fn name(self) -> &'static str {
@@ -328,6 +330,39 @@ pub struct KeyInfo {
 fn key_id(label: &str) -> Vec<u8> {
     Sha256::digest(label.as_bytes())[..16].to_vec()
 }
+
+/// What every key object of `label` has: on the token, named, fixed.
+fn key_attrs(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Token(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(key_id(label)),
+        Attribute::Modifiable(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// A private key's security attributes, set explicitly (SoftHSM2's
+/// defaults, SENSITIVE false and DECRYPT true among them, are not safe):
+/// it signs, and nothing else, and never leaves the token.
+const PRIVATE_KEY_ATTRS: [Attribute; 9] = [
+    Attribute::Private(true),
+    Attribute::Sensitive(true),
+    Attribute::Extractable(false),
+    Attribute::Sign(true),
+    Attribute::SignRecover(false),
+    Attribute::Decrypt(false),
+    Attribute::Unwrap(false),
+    Attribute::Copyable(false),
+    Attribute::Destroyable(true),
+];
+
+const PUBLIC_KEY_ATTRS: [Attribute; 4] = [
+    Attribute::Private(false),
+    Attribute::Verify(true),
+    Attribute::Encrypt(false),
+    Attribute::Wrap(false),
+];
 
 /// One logged-in session. Not `Sync`: one per thread.
 pub struct TokenSession {
@@ -460,34 +495,10 @@ impl TokenSession {
                 self.token
             )));
         }
-        let common = |class_attrs: Vec<Attribute>| {
-            let mut v = vec![
-                Attribute::Token(true),
-                Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Id(key_id(label)),
-                Attribute::Modifiable(false),
-                Attribute::Derive(false),
-            ];
-            v.extend(class_attrs);
-            v
-        };
-        let mut public = common(vec![
-            Attribute::Private(false),
-            Attribute::Verify(true),
-            Attribute::Encrypt(false),
-            Attribute::Wrap(false),
-        ]);
-        let private = common(vec![
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Sign(true),
-            Attribute::SignRecover(false),
-            Attribute::Decrypt(false),
-            Attribute::Unwrap(false),
-            Attribute::Copyable(false),
-            Attribute::Destroyable(true),
-        ]);
+        let mut public = key_attrs(label);
+        public.extend(PUBLIC_KEY_ATTRS);
+        let mut private = key_attrs(label);
+        private.extend(PRIVATE_KEY_ATTRS);
         let mechanism = match alg {
             KeyAlg::EcP256 | KeyAlg::EcP384 => {
                 let oid = if alg == KeyAlg::EcP256 {
@@ -508,6 +519,99 @@ impl TokenSession {
         self.session
             .generate_key_pair(&mechanism, &public, &private)
             .map_err(|e| self.err("C_GenerateKeyPair", e))?;
+        self.public_key(label)
+    }
+
+    /// Stores an existing key pair on the token under `label`: the private
+    /// key SENSITIVE, not EXTRACTABLE, sign only (as generated keys are;
+    /// a token reports it never ALWAYS_SENSITIVE, since it was outside),
+    /// and its public key beside it.
+    pub fn import_key_pair(&mut self, label: &str, key: &KeyParts) -> Result<PublicKey> {
+        if !self.find(ObjectClass::PRIVATE_KEY, label)?.is_empty() {
+            return Err(HsmError::Invalid(format!(
+                "token {:?} already holds a private key labelled {label:?}",
+                self.token
+            )));
+        }
+        let common = |class: ObjectClass, key_type: KeyType| {
+            let mut v = vec![Attribute::Class(class), Attribute::KeyType(key_type)];
+            v.extend(key_attrs(label));
+            v
+        };
+        let (mut private, mut public) = match key {
+            KeyParts::Ec { alg, d, point } => {
+                let oid = if *alg == KeyAlg::EcP256 {
+                    OID_P256
+                } else {
+                    OID_P384
+                };
+                let mut private = common(ObjectClass::PRIVATE_KEY, KeyType::EC);
+                private.push(Attribute::EcParams(oid.to_vec()));
+                private.push(Attribute::Value(d.to_vec()));
+                let mut public = common(ObjectClass::PUBLIC_KEY, KeyType::EC);
+                public.push(Attribute::EcParams(oid.to_vec()));
+                let mut wrapped = vec![0x04];
+                der_len(&mut wrapped, point.len());
+                wrapped.extend_from_slice(point);
+                public.push(Attribute::EcPoint(wrapped));
+                (private, public)
+            }
+            KeyParts::Rsa {
+                n,
+                e,
+                d,
+                p,
+                q,
+                dp,
+                dq,
+                qinv,
+                ..
+            } => {
+                let mut private = common(ObjectClass::PRIVATE_KEY, KeyType::RSA);
+                private.extend([
+                    Attribute::Modulus(n.clone()),
+                    Attribute::PublicExponent(e.clone()),
+                    Attribute::PrivateExponent(d.to_vec()),
+                    Attribute::Prime1(p.to_vec()),
+                    Attribute::Prime2(q.to_vec()),
+                    Attribute::Exponent1(dp.to_vec()),
+                    Attribute::Exponent2(dq.to_vec()),
+                    Attribute::Coefficient(qinv.to_vec()),
+                ]);
+                let mut public = common(ObjectClass::PUBLIC_KEY, KeyType::RSA);
+                public.extend([
+                    Attribute::Modulus(n.clone()),
+                    Attribute::PublicExponent(e.clone()),
+                ]);
+                (private, public)
+            }
+        };
+        private.extend(PRIVATE_KEY_ATTRS);
+        public.extend(PUBLIC_KEY_ATTRS);
+        let made = self
+            .session
+            .create_object(&private)
+            .map_err(|e| self.err("C_CreateObject", e));
+        // The template's copies of the secret parts go now, whatever
+        // happened.
+        for a in private.iter_mut() {
+            if let Attribute::Value(v)
+            | Attribute::PrivateExponent(v)
+            | Attribute::Prime1(v)
+            | Attribute::Prime2(v)
+            | Attribute::Exponent1(v)
+            | Attribute::Exponent2(v)
+            | Attribute::Coefficient(v) = a
+            {
+                v.zeroize();
+            }
+        }
+        made?;
+        if let Err(e) = self.session.create_object(&public) {
+            let err = self.err("C_CreateObject", e);
+            let _ = self.destroy(label);
+            return Err(err);
+        }
         self.public_key(label)
     }
 

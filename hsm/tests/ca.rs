@@ -5,9 +5,9 @@ mod common;
 
 use std::{fs, process::Command};
 
-use common::{audit_path, sandbox, TestToken};
+use common::{audit_path, sandbox, verified_records, TestToken};
 use loupe_hsm::{
-    audit::{self, AuditConfig, AuditLog, Kind, Record, AUDIT_KEY_LABEL},
+    audit::{AuditConfig, AuditLog, Kind},
     ca::{ensure_audit_key, CaManager, CaOptions, CaRole},
     signer::{Signer, SignerConfig},
     token::{KeyAlg, Token},
@@ -137,14 +137,7 @@ fn init_rotate_destroy_with_an_audit_trail() {
     drop(sink);
     drop(signer);
     log.close().unwrap();
-    let public = s.public_key(AUDIT_KEY_LABEL).unwrap();
-    let report = audit::verify(&path, &[public]).unwrap();
-    assert_eq!(report.unsealed, 0, "{report:?}");
-    let records: Vec<Record> = fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = verified_records(&token, &path);
     let count = |k: Kind| records.iter().filter(|r| r.kind == k).count();
     assert_eq!(count(Kind::Keygen), 6);
     assert_eq!(

@@ -462,3 +462,86 @@ fn operator_errors_are_clear_and_the_pin_is_never_an_argument() {
         .unwrap();
     ok(&out);
 }
+
+/// `loupe key ...` as an operator runs it: an existing key imported (and
+/// the operator told to destroy the file), one generated, both listed as
+/// the token reports them, a CSR OpenSSL verifies, clear errors for a
+/// key file that is not one and a label in use.
+#[test]
+fn server_keys_from_the_command_line() {
+    let hsm = SoftHsm::new("loupe").unwrap();
+    let key = hsm.dir.join("site.pem");
+    ok(&std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .arg("-out")
+        .arg(&key)
+        .output()
+        .unwrap());
+    let k = key.to_str().unwrap();
+    let said = ok(&hsm.loupe(&["key", "import", "--label", "site", k]));
+    assert!(said.contains("sensitive, not extractable"), "{said}");
+    assert!(said.contains("destroy"), "{said}");
+    ok(&hsm.loupe(&["key", "generate", "--label", "api", "--type", "ec-p384"]));
+    let list = ok(&hsm.loupe(&["key", "list"]));
+    let row = |label: &str| {
+        list.lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("{label} in {list}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        row("site")[..5],
+        ["site", "rsa-2048", "yes", "no", "imported"]
+    );
+    assert_eq!(
+        row("api")[..5],
+        ["api", "ec-p384", "yes", "no", "generated"]
+    );
+    let csr = hsm.dir.join("site.csr");
+    ok(&hsm.loupe(&[
+        "key",
+        "csr",
+        "--label",
+        "site",
+        "--name",
+        "www.site.test",
+        "--out",
+        csr.to_str().unwrap(),
+    ]));
+    let text = ok(&std::process::Command::new("openssl")
+        .args(["req", "-verify", "-noout", "-text", "-in"])
+        .arg(&csr)
+        .output()
+        .unwrap());
+    assert!(text.contains("DNS:www.site.test"), "{text}");
+    // Its public key is the imported file's.
+    let pubs = |args: &[&str]| {
+        ok(&std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap())
+    };
+    assert_eq!(
+        pubs(&["req", "-in", csr.to_str().unwrap(), "-pubkey", "-noout"]),
+        pubs(&["pkey", "-in", k, "-pubout"])
+    );
+    let bad = hsm.dir.join("bad.pem");
+    fs::write(
+        &bad,
+        "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let err = fails(&hsm.loupe(&["key", "import", "--label", "x", bad.to_str().unwrap()]));
+    assert!(err.contains("not a private key"), "{err}");
+    let err = fails(&hsm.loupe(&["key", "import", "--label", "site", k]));
+    assert!(err.contains("already holds"), "{err}");
+    let audit = fs::read_to_string(&hsm.audit_log).unwrap();
+    assert!(audit.contains("\"import\"") && audit.contains("loupe-server/site"));
+}

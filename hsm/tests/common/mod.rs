@@ -92,6 +92,58 @@ pub fn audit_path(name: &str) -> PathBuf {
     p
 }
 
+/// A new token with its audit key, an audit log at `audit_path(name)`,
+/// and a signer recording into it.
+pub struct Rig {
+    pub t: TestToken,
+    pub token: loupe_hsm::token::Token,
+    pub path: PathBuf,
+    pub log: loupe_hsm::audit::AuditLog,
+    pub signer: loupe_hsm::signer::Signer,
+}
+
+pub fn rig(name: &str) -> Rig {
+    use loupe_hsm::{audit, ca, signer, token::Token};
+    let t = TestToken::new(name);
+    let token = Token::open(&t.config).unwrap();
+    ca::ensure_audit_key(&token).unwrap();
+    let path = audit_path(name);
+    let log = audit::AuditLog::open(audit::AuditConfig::new(&path, Some(token.clone()))).unwrap();
+    let signer = signer::Signer::start(
+        signer::SignerConfig::new(vec![t.config.clone()]),
+        Some(log.sink()),
+    )
+    .unwrap();
+    Rig {
+        t,
+        token,
+        path,
+        log,
+        signer,
+    }
+}
+
+/// The records of the closed audit log at `path`, once it verifies with
+/// the token's audit key, every record sealed.
+pub fn verified_records(
+    token: &loupe_hsm::token::Token,
+    path: &Path,
+) -> Vec<loupe_hsm::audit::Record> {
+    use loupe_hsm::audit;
+    let public = token
+        .session()
+        .unwrap()
+        .public_key(audit::AUDIT_KEY_LABEL)
+        .unwrap();
+    let report = audit::verify(path, &[public]).unwrap();
+    assert_eq!(report.unsealed, 0, "{report:?}");
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Polls `cond` until it holds or `deadline` passes (generous deadlines:
 /// the machine may be loaded).
 pub fn wait_until(deadline: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {

@@ -1,0 +1,200 @@
+//! Server keys for inbound inspection: an organisation's own TLS server
+//! keys, held on the token under `loupe-server/<label>` so they never meet
+//! the CA keys' labels. A key is generated there or imported from a file
+//! (SENSITIVE, not EXTRACTABLE, sign only, checked by a signature the
+//! token makes and the file's public key verifies before it is kept); a
+//! CSR for it is signed there. Every generation, import and CSR signature
+//! is in the audit log.
+
+use std::time::Duration;
+
+use rcgen::{CertificateParams, DistinguishedName, DnType, SanType};
+use ring::signature::{self, UnparsedPublicKey};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    audit::{AuditSink, Entry, Kind},
+    ca::{spki_der, HsmKey},
+    keyfile::parse_private_key_pem,
+    signer::{Request, Signer},
+    token::{KeyAlg, PublicKey, Token},
+    HsmError, Result,
+};
+
+/// The token label prefix of server keys.
+pub const PREFIX: &str = "loupe-server/";
+
+/// A server key on the token, for listings.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerKeyInfo {
+    /// As the operator names it (without [`PREFIX`]).
+    pub label: String,
+    pub key: &'static str,
+    pub sensitive: bool,
+    pub extractable: bool,
+    /// Generated on the token (ALWAYS_SENSITIVE and NEVER_EXTRACTABLE).
+    pub generated: bool,
+    /// SHA-256 of the SubjectPublicKeyInfo (what a pin names).
+    pub spki_sha256: String,
+}
+
+/// Runs server-key operations on one token, recorded in `audit`.
+pub struct ServerKeys<'a> {
+    pub token: &'a Token,
+    pub signer: &'a Signer,
+    pub audit: &'a AuditSink,
+    pub requester: String,
+}
+
+/// A label an operator may give a server key.
+fn checked(label: &str) -> Result<String> {
+    let ok = !label.is_empty()
+        && label.len() <= 64
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !ok {
+        return Err(HsmError::Invalid(format!(
+            "a server key label is 1 to 64 of A-Z a-z 0-9 . _ - (not {label:?})"
+        )));
+    }
+    Ok(format!("{PREFIX}{label}"))
+}
+
+impl ServerKeys<'_> {
+    fn audited<T>(
+        &self,
+        kind: Kind,
+        key: &str,
+        purpose: &str,
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let entry = Entry::now(kind, self.token.label(), key, purpose, &self.requester);
+        self.audit.around(entry, op)
+    }
+
+    /// Makes a key pair on the token.
+    pub fn generate(&self, label: &str, alg: KeyAlg) -> Result<PublicKey> {
+        let full = checked(label)?;
+        self.audited(
+            Kind::Keygen,
+            &full,
+            &format!("generate server key ({})", alg.name()),
+            || self.token.session()?.generate_key_pair(&full, alg),
+        )
+    }
+
+    /// Imports the private key in `pem`: stored, then proven (the token
+    /// signs, the file's public key verifies); a key that fails the proof
+    /// is destroyed again.
+    pub fn import(&self, label: &str, pem: &str) -> Result<PublicKey> {
+        let full = checked(label)?;
+        let parts = parse_private_key_pem(pem)?;
+        let alg = parts.alg();
+        self.audited(
+            Kind::Import,
+            &full,
+            &format!("import server key ({})", alg.name()),
+            || {
+                let mut s = self.token.session()?;
+                let public = s.import_key_pair(&full, &parts)?;
+                drop(parts);
+                if let Err(e) = self.prove(&full, &public) {
+                    let _ = s.destroy(&full);
+                    return Err(e);
+                }
+                Ok(public)
+            },
+        )
+    }
+
+    /// A signature by the token's key that its public key verifies.
+    fn prove(&self, full: &str, public: &PublicKey) -> Result<()> {
+        let msg = b"loupe: does the token's key match its public key?";
+        let sig = self.signer.sign(Request {
+            token: self.token.label().to_string(),
+            key: full.to_string(),
+            mech: public.alg.sign_mech(),
+            message: msg.to_vec(),
+            purpose: "import check".into(),
+            requester: self.requester.clone(),
+            timeout: Some(Duration::from_secs(30)),
+        })?;
+        let alg: &dyn signature::VerificationAlgorithm = match public.alg {
+            KeyAlg::EcP256 => &signature::ECDSA_P256_SHA256_ASN1,
+            KeyAlg::EcP384 => &signature::ECDSA_P384_SHA384_ASN1,
+            KeyAlg::Rsa2048 | KeyAlg::Rsa3072 => &signature::RSA_PKCS1_2048_8192_SHA256,
+        };
+        UnparsedPublicKey::new(alg, &public.raw)
+            .verify(msg, &sig)
+            .map_err(|_| {
+                HsmError::Invalid(
+                    "the key file's private and public parts do not belong together".into(),
+                )
+            })
+    }
+
+    /// A PKCS#10 request (PEM) for `names` (the first is the subject's
+    /// common name; all are DNS subject alternative names), signed by the
+    /// key on the token.
+    pub fn csr(&self, label: &str, names: &[String], organization: Option<&str>) -> Result<String> {
+        let full = checked(label)?;
+        if names.is_empty() {
+            return Err(HsmError::Invalid("a CSR needs at least one name".into()));
+        }
+        let public = self.token.session()?.public_key(&full)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names[0].as_str());
+        if let Some(o) = organization {
+            dn.push(DnType::OrganizationName, o);
+        }
+        params.distinguished_name = dn;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| {
+                n.as_str()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|_| HsmError::Invalid(format!("{n:?} is not a DNS name")))
+            })
+            .collect::<Result<_>>()?;
+        let key = HsmKey {
+            signer: self.signer,
+            token: self.token.label().to_string(),
+            label: full.clone(),
+            public,
+            purpose: format!("CSR for {}", names.join(", ")),
+            requester: self.requester.clone(),
+        };
+        let csr = params
+            .serialize_request(&key)
+            .map_err(|e| HsmError::Invalid(format!("cannot make the CSR: {e}")))?;
+        csr.pem()
+            .map_err(|e| HsmError::Invalid(format!("cannot write the CSR: {e}")))
+    }
+
+    /// The server keys on the token, with the attributes it reports.
+    pub fn list(&self) -> Result<Vec<ServerKeyInfo>> {
+        let mut s = self.token.session()?;
+        let mut out = Vec::new();
+        for full in s.private_key_labels(PREFIX)? {
+            let flags = s.private_key_flags(&full)?;
+            let get = |n: &str| flags.iter().any(|(k, v)| *k == n && *v);
+            let public = s.public_key(&full)?;
+            out.push(ServerKeyInfo {
+                label: full[PREFIX.len()..].to_string(),
+                key: public.alg.name(),
+                sensitive: get("sensitive"),
+                extractable: get("extractable"),
+                generated: get("always-sensitive") && get("never-extractable"),
+                spki_sha256: Sha256::digest(spki_der(&public))
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+}
