@@ -896,8 +896,8 @@ profile = "q"
     assert_eq!(
         messages(&c, Severity::Error),
         vec![
-            "p.toml:9:11: error: export = [\"tape\"]: the destinations are \"pcap\" and \
-             \"mirror\" (the engine's --export-pcap and --export-mirror)"
+            "p.toml:9:11: error: export = [\"tape\"]: the destinations are \"pcap\", \
+             \"pcap-tls\" and \"mirror\" (the engine's --export-pcap and --export-mirror)"
         ]
     );
     let c = check(
@@ -905,7 +905,7 @@ profile = "q"
 [profiles.p]
 expired = "block"
 untrusted = "block"
-export = ["pcap", "mirror", "pcap"]
+export = ["pcap", "mirror", "pcap", "pcap-tls"]
 [[rules]]
 name = "d"
 action = "decrypt"
@@ -915,7 +915,7 @@ profile = "p"
     let p = c.policy.expect("valid");
     assert_eq!(
         p.profiles["p"].export,
-        [ExportSink::Pcap, ExportSink::Mirror]
+        [ExportSink::Pcap, ExportSink::Mirror, ExportSink::PcapTls]
     );
 }
 
