@@ -270,6 +270,40 @@ impl Session {
         })
     }
 
+    /// As [`Session::keys`] for an operation that makes key `label`: if
+    /// the audit log then cannot be written, the key is destroyed again
+    /// (nothing is made that the log does not record).
+    fn keys_made<T>(
+        self,
+        label: &str,
+        f: impl FnOnce(&ServerKeys) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let token = self.token.clone();
+        let mut made = false;
+        let r = self.keys(|k| {
+            let out = f(k);
+            made = out.is_ok();
+            out
+        });
+        match r {
+            Err(e) if made => {
+                let full = format!("{}{label}", loupe_hsm::server_keys::PREFIX);
+                let undone = token.session().and_then(|mut s| s.destroy(&full));
+                match undone {
+                    Ok(_) => bail!(
+                        "{e:#}: the audit log could not record it, so the key was destroyed \
+                         again; nothing was made"
+                    ),
+                    Err(d) => bail!(
+                        "{e:#}: the audit log could not record it, and destroying the key \
+                         again failed too ({d}): remove {full:?} from the token"
+                    ),
+                }
+            }
+            r => r,
+        }
+    }
+
     fn keys<T>(self, f: impl FnOnce(&ServerKeys) -> anyhow::Result<T>) -> anyhow::Result<T> {
         self.with(|token, signer, audit| {
             f(&ServerKeys {
@@ -292,6 +326,10 @@ fn print_keys(keys: &[ServerKeyInfo]) -> anyhow::Result<()> {
         "origin"
     )?;
     for k in keys {
+        if let Some(p) = &k.problem {
+            outln!("{:<24} BROKEN: {p}", k.label)?;
+            continue;
+        }
         outln!(
             "{:<24} {:<9} {:<9} {:<11} {:<9} {}",
             k.label,
@@ -305,13 +343,77 @@ fn print_keys(keys: &[ServerKeyInfo]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A key file, read once: a regular file of at most 1 MiB (a FIFO or a
+/// device is refused without blocking on it); a file others may read is
+/// said, as that key may already be known.
+fn read_key_file(path: &Path) -> anyhow::Result<String> {
+    use std::{
+        io::Read,
+        os::unix::fs::{MetadataExt, OpenOptionsExt},
+    };
+    const MAX: u64 = 1 << 20;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    if meta.len() > MAX {
+        bail!("{} is over 1 MiB: not a key file", path.display());
+    }
+    if meta.mode() & 0o077 != 0 {
+        eprintln!(
+            "loupe: warning: {} could be read by others (mode {:o}): treat the key as exposed",
+            path.display(),
+            meta.mode() & 0o777
+        );
+    }
+    let mut text = String::new();
+    f.take(MAX)
+        .read_to_string(&mut text)
+        .with_context(|| format!("{}: not a PEM text file", path.display()))?;
+    Ok(text)
+}
+
+/// Writes `bytes` to `out` (mode 0644 if new), never through a link.
+fn write_no_follow(out: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", out.display()))
+}
+
+/// Checks before anything is signed that `out` can be written: its
+/// directory exists and it is not a link or a directory.
+fn writable_target(out: &Path) -> anyhow::Result<()> {
+    if let Ok(m) = std::fs::symlink_metadata(out) {
+        if !m.is_file() {
+            bail!("{} exists and is not a regular file", out.display());
+        }
+    }
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+    if dir.is_some_and(|d| !d.is_dir()) {
+        bail!("{}: no such directory", out.display());
+    }
+    Ok(())
+}
+
 pub fn key(hsm: &HsmArgs, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
     let open = || Session::open(hsm);
     match cmd {
         KeyCommand::Import { label, file } => {
-            let pem = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let public = open()?.keys(|k| Ok(k.import(&label, &pem)?))?;
+            let pem = read_key_file(&file)?;
+            let public = open()?.keys_made(&label, |k| Ok(k.import(&label, &pem)?))?;
             outln!(
                 "imported {} key {label:?} into token {:?}: sensitive, not extractable",
                 public.alg.name(),
@@ -324,7 +426,7 @@ pub fn key(hsm: &HsmArgs, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
         }
         KeyCommand::Generate { label, key_type } => {
             let alg = key_type.parse::<KeyAlg>()?;
-            let public = open()?.keys(|k| Ok(k.generate(&label, alg)?))?;
+            let public = open()?.keys_made(&label, |k| Ok(k.generate(&label, alg)?))?;
             outln!(
                 "generated {} key {label:?} on token {:?}",
                 public.alg.name(),
@@ -337,8 +439,14 @@ pub fn key(hsm: &HsmArgs, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
             org,
             out,
         } => {
+            if let Some(o) = &out {
+                writable_target(o)?;
+            }
             let pem = open()?.keys(|k| Ok(k.csr(&label, &names, org.as_deref())?))?;
-            write_out(out.as_deref(), pem.as_bytes())?;
+            match &out {
+                Some(o) => write_no_follow(o, pem.as_bytes())?,
+                None => write_out(None, pem.as_bytes())?,
+            }
         }
         KeyCommand::List { json } => {
             let list = open()?.keys(|k| Ok(k.list()?))?;

@@ -96,24 +96,56 @@ impl<'a> Der<'a> {
     }
 }
 
-/// Reads a PEM private key (see the module note).
+/// The PEM labels of private keys.
+const KEY_TAGS: [&str; 4] = [
+    "PRIVATE KEY",
+    "EC PRIVATE KEY",
+    "RSA PRIVATE KEY",
+    "ENCRYPTED PRIVATE KEY",
+];
+
+/// Reads the one PEM private key in `text` (other blocks, such as its
+/// certificate, are passed over; two keys are refused: which one was
+/// meant, and would the other be destroyed with the file?).
 pub fn parse_private_key_pem(text: &str) -> Result<KeyParts> {
-    let p = pem::parse(text).map_err(|e| bad(format!("not a PEM private key: {e}")))?;
+    let blocks = pem::parse_many(text).map_err(|e| bad(format!("not a PEM private key: {e}")))?;
+    let mut keys = blocks.iter().filter(|b| KEY_TAGS.contains(&b.tag()));
+    let p = match (keys.next(), keys.next()) {
+        (Some(p), None) => p,
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "the file holds more than one private key: import each from a file of its own",
+            ))
+        }
+        (None, _) => {
+            let tags: Vec<&str> = blocks.iter().map(|b| b.tag()).collect();
+            return Err(match tags.is_empty() {
+                true => bad("not a PEM private key: no PEM block"),
+                false => bad(format!(
+                    "a PEM {tags:?} file, not a private key (PRIVATE KEY, EC PRIVATE KEY or RSA \
+                     PRIVATE KEY)"
+                )),
+            });
+        }
+    };
+    if p.headers()
+        .get("Proc-Type")
+        .is_some_and(|v| v.contains("ENCRYPTED"))
+    {
+        return Err(bad(ENCRYPTED));
+    }
     let der = Zeroizing::new(p.contents().to_vec());
     match p.tag() {
         "PRIVATE KEY" => pkcs8(&der),
         "EC PRIVATE KEY" => sec1(&der, None),
         "RSA PRIVATE KEY" => pkcs1(&der),
-        "ENCRYPTED PRIVATE KEY" => Err(bad(
-            "the key is encrypted: decrypt it to a file only root can read first \
-             (openssl pkey -in KEY -out PLAIN), import that, then destroy both",
-        )),
-        other => Err(bad(format!(
-            "a PEM {other:?} block, not a private key (PRIVATE KEY, EC PRIVATE KEY or RSA \
-             PRIVATE KEY)"
-        ))),
+        "ENCRYPTED PRIVATE KEY" => Err(bad(ENCRYPTED)),
+        _ => unreachable!("one of KEY_TAGS"),
     }
 }
+
+const ENCRYPTED: &str = "the key is encrypted: decrypt it to a file only root can read first \
+                         (openssl pkey -in KEY -out PLAIN), import that, then destroy both";
 
 fn pkcs8(der: &[u8]) -> Result<KeyParts> {
     let mut outer = Der(der);
@@ -143,7 +175,12 @@ fn sec1(der: &[u8], curve: Option<Vec<u8>>) -> Result<KeyParts> {
     let (mut curve, mut point) = (curve, None);
     while !k.0.is_empty() {
         match k.next()? {
-            (0xa0, v) => curve = Some(v.to_vec()),
+            (0xa0, v) => {
+                if curve.as_deref().is_some_and(|c| c != v) {
+                    return Err(bad("the EC key names two different curves"));
+                }
+                curve = Some(v.to_vec());
+            }
             (0xa1, v) => {
                 let bits = Der(v).expect(0x03, "public key")?;
                 // (The BIT STRING's unused-bits byte first.)
@@ -190,7 +227,10 @@ fn pkcs1(der: &[u8]) -> Result<KeyParts> {
     let dp = secret(&mut k, "exponent 1")?;
     let dq = secret(&mut k, "exponent 2")?;
     let qinv = secret(&mut k, "coefficient")?;
-    let alg = match n.len() * 8 {
+    let bits = n
+        .first()
+        .map_or(0, |b| (n.len() - 1) * 8 + (8 - b.leading_zeros() as usize));
+    let alg = match bits {
         2048 => KeyAlg::Rsa2048,
         3072 => KeyAlg::Rsa3072,
         bits => {
@@ -199,6 +239,13 @@ fn pkcs1(der: &[u8]) -> Result<KeyParts> {
             )))
         }
     };
+    // A small public exponent (3) is refused, as e = 65537 is the norm.
+    let small = e.len() < 3 || (e.len() == 3 && e[..] < [0x01, 0x00, 0x01][..]);
+    if small || e.last().is_some_and(|b| b & 1 == 0) {
+        return Err(bad(
+            "the RSA public exponent is not an odd number of at least 65537",
+        ));
+    }
     Ok(KeyParts::Rsa {
         alg,
         n,
@@ -218,7 +265,13 @@ mod tests {
 
     #[test]
     fn broken_and_unsupported_files_say_what_they_are() {
+        let two = "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n".repeat(2);
+        let traditional = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
+                           DEK-Info: AES-128-CBC,00000000000000000000000000000000\n\nMAA=\n\
+                           -----END RSA PRIVATE KEY-----\n";
         for (text, want) in [
+            (two.as_str(), "more than one private key"),
+            (traditional, "encrypted"),
             ("hello", "not a PEM private key"),
             (
                 "-----BEGIN PUBLIC KEY-----\nMAA=\n-----END PUBLIC KEY-----\n",

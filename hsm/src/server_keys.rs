@@ -25,6 +25,44 @@ use crate::{
 /// The token label prefix of server keys.
 pub const PREFIX: &str = "loupe-server/";
 
+/// Names a CSR may carry, at most.
+pub const MAX_CSR_NAMES: usize = 100;
+
+/// A CSR's subject alternative name: an IP address, or a DNS name
+/// (RFC 1035 letters, digits and hyphens, labels of 1 to 63, 253 in all;
+/// a wildcard only as the whole leftmost label of a name with two more).
+fn san(name: &str) -> Result<SanType> {
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let bad = |why: &str| HsmError::Invalid(format!("{name:?} is not a DNS name: {why}"));
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad("1 to 253 characters"));
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    for (i, l) in labels.iter().enumerate() {
+        if i == 0 && *l == "*" {
+            if labels.len() < 3 {
+                return Err(bad("a wildcard needs two labels after it"));
+            }
+            continue;
+        }
+        let ok = (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-');
+        if !ok {
+            return Err(bad(
+                "labels are 1 to 63 letters, digits and inner hyphens (a wildcard is a \
+                 whole leftmost label)",
+            ));
+        }
+    }
+    name.try_into()
+        .map(SanType::DnsName)
+        .map_err(|_| bad("not ASCII"))
+}
+
 /// A server key on the token, for listings.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServerKeyInfo {
@@ -37,6 +75,10 @@ pub struct ServerKeyInfo {
     pub generated: bool,
     /// SHA-256 of the SubjectPublicKeyInfo (what a pin names).
     pub spki_sha256: String,
+    /// What is wrong with it (a duplicate label, a missing half), if
+    /// anything: listed all the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Runs server-key operations on one token, recorded in `audit`.
@@ -49,14 +91,15 @@ pub struct ServerKeys<'a> {
 
 /// A label an operator may give a server key.
 fn checked(label: &str) -> Result<String> {
-    let ok = !label.is_empty()
-        && label.len() <= 64
+    let ok = label.len() <= 64
+        && label.starts_with(|c: char| c.is_ascii_alphanumeric())
         && label
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !ok {
         return Err(HsmError::Invalid(format!(
-            "a server key label is 1 to 64 of A-Z a-z 0-9 . _ - (not {label:?})"
+            "a server key label is 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or \
+             digit (not {label:?})"
         )));
     }
     Ok(format!("{PREFIX}{label}"))
@@ -140,10 +183,29 @@ impl ServerKeys<'_> {
     /// key on the token.
     pub fn csr(&self, label: &str, names: &[String], organization: Option<&str>) -> Result<String> {
         let full = checked(label)?;
-        if names.is_empty() {
-            return Err(HsmError::Invalid("a CSR needs at least one name".into()));
+        if names.is_empty() || names.len() > MAX_CSR_NAMES {
+            return Err(HsmError::Invalid(format!(
+                "a CSR carries 1 to {MAX_CSR_NAMES} names"
+            )));
+        }
+        let sans = names.iter().map(|n| san(n)).collect::<Result<Vec<_>>>()?;
+        if names[0].len() > 64 {
+            return Err(HsmError::Invalid(format!(
+                "the first name is the subject's common name, at most 64 characters: {:?}",
+                names[0]
+            )));
+        }
+        if let Some(o) = organization {
+            if o.is_empty() || o.len() > 64 || o.chars().any(char::is_control) {
+                return Err(HsmError::Invalid(
+                    "an organization is 1 to 64 characters, none of them control characters".into(),
+                ));
+            }
         }
         let public = self.token.session()?.public_key(&full)?;
+        // The private key and the public key object are one pair: else
+        // the request would carry a signature its own key does not verify.
+        self.prove(&full, &public)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, names[0].as_str());
@@ -151,15 +213,7 @@ impl ServerKeys<'_> {
             dn.push(DnType::OrganizationName, o);
         }
         params.distinguished_name = dn;
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| {
-                n.as_str()
-                    .try_into()
-                    .map(SanType::DnsName)
-                    .map_err(|_| HsmError::Invalid(format!("{n:?} is not a DNS name")))
-            })
-            .collect::<Result<_>>()?;
+        params.subject_alt_names = sans;
         let key = HsmKey {
             signer: self.signer,
             token: self.token.label().to_string(),
@@ -178,22 +232,38 @@ impl ServerKeys<'_> {
     /// The server keys on the token, with the attributes it reports.
     pub fn list(&self) -> Result<Vec<ServerKeyInfo>> {
         let mut s = self.token.session()?;
+        let mut labels = s.private_key_labels(PREFIX)?;
+        labels.dedup();
         let mut out = Vec::new();
-        for full in s.private_key_labels(PREFIX)? {
-            let flags = s.private_key_flags(&full)?;
-            let get = |n: &str| flags.iter().any(|(k, v)| *k == n && *v);
-            let public = s.public_key(&full)?;
-            out.push(ServerKeyInfo {
-                label: full[PREFIX.len()..].to_string(),
-                key: public.alg.name(),
-                sensitive: get("sensitive"),
-                extractable: get("extractable"),
-                generated: get("always-sensitive") && get("never-extractable"),
-                spki_sha256: Sha256::digest(spki_der(&public))
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
-            });
+        for full in labels {
+            let label = full[PREFIX.len()..].to_string();
+            let read = (|| -> Result<ServerKeyInfo> {
+                let flags = s.private_key_flags(&full)?;
+                let get = |n: &str| flags.iter().any(|(k, v)| *k == n && *v);
+                let public = s.public_key(&full)?;
+                Ok(ServerKeyInfo {
+                    label: label.clone(),
+                    key: public.alg.name(),
+                    sensitive: get("sensitive"),
+                    extractable: get("extractable"),
+                    generated: get("always-sensitive") && get("never-extractable"),
+                    spki_sha256: Sha256::digest(spki_der(&public))
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect(),
+                    problem: None,
+                })
+            })();
+            // One broken entry does not hide the others.
+            out.push(read.unwrap_or_else(|e| ServerKeyInfo {
+                label,
+                key: "?",
+                sensitive: false,
+                extractable: false,
+                generated: false,
+                spki_sha256: String::new(),
+                problem: Some(e.to_string()),
+            }));
         }
         Ok(out)
     }

@@ -489,12 +489,7 @@ impl TokenSession {
     /// attribute is set explicitly: SoftHSM2's defaults (SENSITIVE false,
     /// DECRYPT true, ...) are not safe for a CA key.
     pub fn generate_key_pair(&mut self, label: &str, alg: KeyAlg) -> Result<PublicKey> {
-        if !self.find(ObjectClass::PRIVATE_KEY, label)?.is_empty() {
-            return Err(HsmError::Invalid(format!(
-                "token {:?} already holds a private key labelled {label:?}",
-                self.token
-            )));
-        }
+        self.label_free(label)?;
         let mut public = key_attrs(label);
         public.extend(PUBLIC_KEY_ATTRS);
         let mut private = key_attrs(label);
@@ -516,10 +511,52 @@ impl TokenSession {
                 Mechanism::RsaPkcsKeyPairGen
             }
         };
-        self.session
+        let (pub_h, priv_h) = self
+            .session
             .generate_key_pair(&mechanism, &public, &private)
             .map_err(|e| self.err("C_GenerateKeyPair", e))?;
-        self.public_key(label)
+        self.settle(label, &[priv_h, pub_h])
+    }
+
+    /// Fails unless no object of any key or certificate class has `label`.
+    fn label_free(&self, label: &str) -> Result<()> {
+        for (class, what) in [
+            (ObjectClass::PRIVATE_KEY, "a private key"),
+            (ObjectClass::PUBLIC_KEY, "a public key"),
+            (ObjectClass::CERTIFICATE, "a certificate"),
+        ] {
+            if !self.find(class, label)?.is_empty() {
+                return Err(HsmError::Invalid(format!(
+                    "token {:?} already holds {what} labelled {label:?}",
+                    self.token
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// After `made` (this session's new objects of `label`): its public
+    /// key, if the label is still unique; else (another process made one
+    /// at the same moment, or the read failed) `made` is destroyed again.
+    fn settle(&mut self, label: &str, made: &[ObjectHandle]) -> Result<PublicKey> {
+        let unique = self.find(ObjectClass::PRIVATE_KEY, label)?.len() == 1
+            && self.find(ObjectClass::PUBLIC_KEY, label)?.len() == 1;
+        let r = if unique {
+            self.public_key(label)
+        } else {
+            Err(HsmError::Invalid(format!(
+                "another key labelled {label:?} was made on token {:?} at the same time: \
+                 this one is undone",
+                self.token
+            )))
+        };
+        if r.is_err() {
+            self.keys.remove(label);
+            for h in made {
+                let _ = self.session.destroy_object(*h);
+            }
+        }
+        r
     }
 
     /// Stores an existing key pair on the token under `label`: the private
@@ -527,12 +564,7 @@ impl TokenSession {
     /// a token reports it never ALWAYS_SENSITIVE, since it was outside),
     /// and its public key beside it.
     pub fn import_key_pair(&mut self, label: &str, key: &KeyParts) -> Result<PublicKey> {
-        if !self.find(ObjectClass::PRIVATE_KEY, label)?.is_empty() {
-            return Err(HsmError::Invalid(format!(
-                "token {:?} already holds a private key labelled {label:?}",
-                self.token
-            )));
-        }
+        self.label_free(label)?;
         let common = |class: ObjectClass, key_type: KeyType| {
             let mut v = vec![Attribute::Class(class), Attribute::KeyType(key_type)];
             v.extend(key_attrs(label));
@@ -606,13 +638,15 @@ impl TokenSession {
                 v.zeroize();
             }
         }
-        made?;
-        if let Err(e) = self.session.create_object(&public) {
-            let err = self.err("C_CreateObject", e);
-            let _ = self.destroy(label);
-            return Err(err);
+        let priv_h = made?;
+        match self.session.create_object(&public) {
+            Ok(pub_h) => self.settle(label, &[priv_h, pub_h]),
+            Err(e) => {
+                let err = self.err("C_CreateObject", e);
+                let _ = self.session.destroy_object(priv_h);
+                Err(err)
+            }
         }
-        self.public_key(label)
     }
 
     /// Reads the public key labelled `label` from its CKO_PUBLIC_KEY object.

@@ -9,10 +9,11 @@ use std::{fs, path::Path, process::Command};
 
 use common::{rig, sandbox, verified_records, Rig};
 use loupe_hsm::{
-    audit::Kind,
+    audit::{AuditSink, Kind},
     ca::spki_der,
     server_keys::{ServerKeys, PREFIX},
-    token::{KeyAlg, SOFTHSM2_MODULE},
+    signer::Signer,
+    token::{KeyAlg, Token, SOFTHSM2_MODULE},
 };
 
 fn run(program: &str, args: &[&str]) -> (bool, String) {
@@ -33,6 +34,28 @@ fn openssl(args: &[&str]) -> String {
     let (ok, text) = run("openssl", args);
     assert!(ok, "openssl {args:?}: {text}");
     text
+}
+
+fn manager<'a>(token: &'a Token, signer: &'a Signer, sink: &'a AuditSink) -> ServerKeys<'a> {
+    ServerKeys {
+        token,
+        signer,
+        audit: sink,
+        requester: "server-keys-test".into(),
+    }
+}
+
+/// `csr` written to `path`, as `openssl req -verify -text` shows it.
+fn verified_csr(path: &Path, csr: &str) -> String {
+    fs::write(path, csr).unwrap();
+    openssl(&[
+        "req",
+        "-in",
+        &path.display().to_string(),
+        "-verify",
+        "-noout",
+        "-text",
+    ])
 }
 
 /// A new private key file (PKCS#8 PEM) from `openssl genpkey`.
@@ -74,12 +97,7 @@ fn imported_and_generated_server_keys_stay_on_the_token_and_sign_csrs() {
         signer,
     } = rig("srvkeys");
     let sink = log.sink();
-    let keys = ServerKeys {
-        token: &token,
-        signer: &signer,
-        audit: &sink,
-        requester: "server-keys-test".into(),
-    };
+    let keys = manager(&token, &signer, &sink);
     let dir = sandbox().dir.join(format!("files-{}", t.config.label));
     fs::create_dir_all(&dir).unwrap();
     let file = |name: &str| dir.join(name).display().to_string();
@@ -196,16 +214,7 @@ fn imported_and_generated_server_keys_stay_on_the_token_and_sign_csrs() {
     for label in ["web-rsa", "api"] {
         let names = vec!["www.example.test".to_string(), "example.test".to_string()];
         let csr = keys.csr(label, &names, Some("Example")).unwrap();
-        let p = dir.join(format!("{label}.csr"));
-        fs::write(&p, &csr).unwrap();
-        let shown = openssl(&[
-            "req",
-            "-in",
-            &p.display().to_string(),
-            "-verify",
-            "-noout",
-            "-text",
-        ]);
+        let shown = verified_csr(&dir.join(format!("{label}.csr")), &csr);
         assert!(shown.contains("CN=www.example.test") || shown.contains("CN = www.example.test"));
         assert!(shown.contains("DNS:example.test"), "{shown}");
     }
@@ -244,7 +253,11 @@ fn imported_and_generated_server_keys_stay_on_the_token_and_sign_csrs() {
         "the import and the refused one"
     );
     assert_eq!(of(Kind::Keygen, "api"), 1);
-    assert_eq!(of(Kind::Sign, "web-rsa"), 2, "the import check and the CSR");
+    assert_eq!(
+        of(Kind::Sign, "web-rsa"),
+        3,
+        "the import check, the CSR's key check and the CSR"
+    );
     assert_eq!(of(Kind::Import, "mixed"), 1);
 }
 
@@ -260,4 +273,157 @@ fn mix_public(sec1: &str, dir: &Path) -> String {
     let at = mixed.len() - 65;
     mixed[at..].copy_from_slice(point);
     pem::encode(&pem::Pem::new("EC PRIVATE KEY", mixed))
+}
+
+/// What the outside probe broke, held: a label taken by any object is
+/// refused before anything is made, racing makers leave one key at most,
+/// a broken entry does not hide the others from `list`, a small RSA
+/// exponent is refused, and CSR names are DNS names or IP addresses.
+#[test]
+fn labels_races_broken_entries_and_names() {
+    use cryptoki::{
+        mechanism::Mechanism,
+        object::{Attribute, ObjectClass},
+    };
+    let Rig {
+        token, log, signer, ..
+    } = rig("srvkeys2");
+    let sink = log.sink();
+    let keys = manager(&token, &signer, &sink);
+    let private_keys = |label: &str| {
+        token
+            .session()
+            .unwrap()
+            .raw()
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(format!("{PREFIX}{label}").into_bytes()),
+            ])
+            .unwrap()
+            .len()
+    };
+    // A lone public key object holds the label: nothing is made.
+    keys.generate("stale", KeyAlg::EcP256).unwrap();
+    let s = token.session().unwrap();
+    for h in s
+        .raw()
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(format!("{PREFIX}stale").into_bytes()),
+        ])
+        .unwrap()
+    {
+        s.raw().destroy_object(h).unwrap();
+    }
+    let err = keys
+        .generate("stale", KeyAlg::EcP256)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already holds a public key"), "{err}");
+    assert_eq!(private_keys("stale"), 0);
+
+    // Makers racing for one label: one key at most, never two.
+    std::thread::scope(|sc| {
+        for _ in 0..4 {
+            sc.spawn(|| {
+                let _ = keys.generate("race", KeyAlg::EcP256);
+            });
+        }
+    });
+    assert!(private_keys("race") <= 1);
+
+    // A second private key under one label (made behind Loupe's back):
+    // listed as broken, the others still listed.
+    keys.generate("fine", KeyAlg::EcP256).unwrap();
+    keys.generate("twice", KeyAlg::EcP256).unwrap();
+    s.raw()
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::EcParams(vec![
+                    0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+                ]),
+                Attribute::Label(format!("{PREFIX}twice").into_bytes()),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Label(format!("{PREFIX}twice").into_bytes()),
+            ],
+        )
+        .unwrap();
+    let list = keys.list().unwrap();
+    let fine = list.iter().find(|k| k.label == "fine").unwrap();
+    assert!(fine.problem.is_none() && fine.sensitive);
+    let twice = list.iter().find(|k| k.label == "twice").unwrap();
+    assert!(twice.problem.is_some(), "{twice:?}");
+
+    // RSA with e = 3.
+    let dir = sandbox().dir.join("files-srvkeys2");
+    fs::create_dir_all(&dir).unwrap();
+    let e3 = dir.join("e3.pem");
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-pkeyopt",
+        "rsa_keygen_pubexp:3",
+        "-out",
+        &e3.display().to_string(),
+    ]);
+    let err = keys
+        .import("e3", &fs::read_to_string(&e3).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("public exponent"), "{err}");
+
+    // CSR names.
+    for bad in [
+        "",
+        " ",
+        "evil.com\nDNS:x",
+        "evil.com,DNS:attacker.com",
+        "a..b",
+        ".example.com",
+        "-x.example.com",
+        "*",
+        "*.com",
+        "a.*.example.com",
+        "f*o.example.com",
+        "under_score.example.com",
+    ] {
+        let err = keys
+            .csr("fine", &[bad.to_string()], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a DNS name"), "{bad:?}: {err}");
+    }
+    let long = format!("{}.example.com", "a".repeat(64));
+    assert!(keys.csr("fine", &[long], None).is_err());
+    assert!(keys
+        .csr("fine", &["a.test".into()], Some("Evil\nO=Fake"))
+        .is_err());
+    let many: Vec<String> = (0..101).map(|i| format!("n{i}.example.test")).collect();
+    assert!(keys.csr("fine", &many, None).is_err());
+    let csr = keys
+        .csr(
+            "fine",
+            &[
+                "*.example.test".into(),
+                "192.0.2.1".into(),
+                "2001:db8::1".into(),
+            ],
+            None,
+        )
+        .unwrap();
+    let text = verified_csr(&dir.join("fine.csr"), &csr);
+    assert!(text.contains("DNS:*.example.test"), "{text}");
+    assert!(text.contains("IP Address:192.0.2.1"), "{text}");
+    drop(sink);
+    drop(signer);
+    log.close().unwrap();
 }

@@ -544,4 +544,48 @@ fn server_keys_from_the_command_line() {
     assert!(err.contains("already holds"), "{err}");
     let audit = fs::read_to_string(&hsm.audit_log).unwrap();
     assert!(audit.contains("\"import\"") && audit.contains("loupe-server/site"));
+
+    // A file with two keys: which was meant? Refused.
+    let two = hsm.dir.join("two.pem");
+    let text = fs::read_to_string(&key).unwrap();
+    fs::write(&two, format!("{text}{text}")).unwrap();
+    let err = fails(&hsm.loupe(&["key", "import", "--label", "two", two.to_str().unwrap()]));
+    assert!(err.contains("more than one private key"), "{err}");
+    // A FIFO is refused at once, not waited on.
+    let fifo = hsm.dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = fails(&hsm.loupe(&["key", "import", "--label", "f", fifo.to_str().unwrap()]));
+    assert!(err.contains("not a regular file"), "{err}");
+    // A key the audit log cannot record is not kept.
+    let err = fails(&hsm.loupe(&[
+        "key",
+        "--audit-log",
+        "/dev/full",
+        "generate",
+        "--label",
+        "unrecorded",
+    ]));
+    assert!(err.contains("destroyed again"), "{err}");
+    let list = ok(&hsm.loupe(&["key", "list"]));
+    assert!(!list.contains("unrecorded"), "{list}");
+    // A CSR for a path that cannot be written signs nothing.
+    let before = fs::read_to_string(&hsm.audit_log).unwrap().lines().count();
+    let nowhere = hsm.dir.join("no-such-dir/x.csr");
+    let err = fails(&hsm.loupe(&[
+        "key",
+        "csr",
+        "--label",
+        "site",
+        "--name",
+        "a.test",
+        "--out",
+        nowhere.to_str().unwrap(),
+    ]));
+    assert!(err.contains("no such directory"), "{err}");
+    assert_eq!(
+        fs::read_to_string(&hsm.audit_log).unwrap().lines().count(),
+        before
+    );
 }
