@@ -144,7 +144,15 @@ impl ServerKeys<'_> {
                 let public = s.import_key_pair(&full, &parts)?;
                 drop(parts);
                 if let Err(e) = self.prove(&full, &public) {
-                    let _ = s.destroy(&full);
+                    // Undone, and said so.
+                    let entry = Entry::now(
+                        Kind::Destroy,
+                        self.token.label(),
+                        &full,
+                        "undo a refused import",
+                        &self.requester,
+                    );
+                    self.audit.around(entry, || s.destroy(&full))?;
                     return Err(e);
                 }
                 Ok(public)

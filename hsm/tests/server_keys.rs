@@ -259,6 +259,11 @@ fn imported_and_generated_server_keys_stay_on_the_token_and_sign_csrs() {
         "the import check, the CSR's key check and the CSR"
     );
     assert_eq!(of(Kind::Import, "mixed"), 1);
+    assert_eq!(
+        of(Kind::Destroy, "mixed"),
+        1,
+        "the refused import undone, recorded"
+    );
 }
 
 /// A SEC1 key file with its public key replaced by a fresh key's.
