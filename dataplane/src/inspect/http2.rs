@@ -85,6 +85,7 @@ const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PUSH_PROMISE: u8 = 0x5;
+const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 
@@ -212,6 +213,8 @@ pub struct Http2 {
     done: bool,
     /// An observer saw more than [`MAX_STREAMS`] streams open (said once).
     overflowed: bool,
+    /// The highest stream a request came on (a GOAWAY names it).
+    last_stream: u32,
     /// Enforcer mode (None: an observer).
     enforce: Option<Box<Enforce>>,
 }
@@ -227,6 +230,7 @@ impl Http2 {
             sni,
             done: false,
             overflowed: false,
+            last_stream: 0,
             enforce: None,
         }
     }
@@ -822,6 +826,7 @@ impl Http2 {
         report: &mut Report,
     ) -> Result<bool, String> {
         let enforcing = self.enforce.is_some();
+        self.last_stream = self.last_stream.max(id);
         if self.streams.len() >= MAX_STREAMS {
             if let Some(e) = self.enforce.as_mut() {
                 // Beyond what the engine told the client (which may not
@@ -990,9 +995,26 @@ impl Http2 {
         Ok(())
     }
 
+    /// The connection cannot be followed: it ends. The enforcer, when
+    /// what it passed to the client ends on a frame boundary, first tells
+    /// the client why: a GOAWAY (PROTOCOL_ERROR) after the frames still
+    /// waiting, as the answer the TLS stage writes before its close.
     fn stop(&mut self, dir: Direction, reason: String, report: &mut Report) {
         if !self.done {
-            report.block(format!("HTTP/2 cannot be followed: {reason}"));
+            let why = format!("HTTP/2 cannot be followed: {reason}");
+            let boundary = self.sides[1].frame.is_none() && self.sides[1].block.is_none();
+            match self.enforce.as_mut().filter(|_| boundary) {
+                Some(e) => {
+                    let mut answer = std::mem::take(&mut e.out[1]);
+                    let mut payload = (self.last_stream & 0x7fff_ffff).to_be_bytes().to_vec();
+                    payload.extend_from_slice(&1u32.to_be_bytes());
+                    let debug = format!("loupe: {reason}");
+                    payload.extend_from_slice(&debug.as_bytes()[..debug.len().min(256)]);
+                    answer.extend(frame(GOAWAY, 0, 0, &payload));
+                    report.block_with(why, answer);
+                }
+                None => report.block(why),
+            }
             report.add(Finding::Anomaly { dir, reason });
         }
         self.done = true;
@@ -2244,6 +2266,43 @@ mod tests {
         assert!(
             matches!(&r.findings[..], [Finding::Anomaly { reason, .. }] if reason.contains("not recorded"))
         );
+    }
+
+    #[test]
+    fn an_enforced_connection_that_cannot_be_followed_tells_the_client_with_a_goaway() {
+        let mut h = enforcer();
+        let mut r = Report::default();
+        feed(&mut h, S2C, &frame(SETTINGS, 0, 0, &[]), usize::MAX, &mut r);
+        let connect = block(
+            &mut Encoder::new(),
+            &[(":method", "CONNECT"), (":authority", "b.test:443")],
+        );
+        let mut c = client_opens(&[], &[(5, GET_A)]);
+        c.extend(frame(HEADERS, END_HEADERS, 7, &connect));
+        feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        let (why, answer) = r.block.clone().expect("blocked");
+        assert!(why.contains("CONNECT"), "{why}");
+        let frames = parse(&answer.expect("a GOAWAY to pass on"));
+        // The server's SETTINGS still waiting, then the GOAWAY.
+        assert_eq!(frames[0].0, SETTINGS);
+        let (kind, _, stream, p) = frames.last().unwrap();
+        assert_eq!((*kind, *stream), (GOAWAY, 0));
+        assert_eq!(
+            &p[..8],
+            &[0, 0, 0, 7, 0, 0, 0, 1],
+            "last stream 7, PROTOCOL_ERROR"
+        );
+        assert!(String::from_utf8_lossy(&p[8..]).contains("CONNECT"));
+        // Mid-frame toward the client, a GOAWAY would corrupt it: a reset.
+        let mut h = enforcer();
+        let mut r = Report::default();
+        let mut half = frame(SETTINGS, 0, 0, &[]);
+        half.extend(&frame(DATA, 0, 1, &[0; 100])[..50]);
+        feed(&mut h, S2C, &half, usize::MAX, &mut r);
+        let mut c = client_opens(&[], &[]);
+        c.extend(frame(HEADERS, END_HEADERS, 7, &connect));
+        feed(&mut h, C2S, &c, usize::MAX, &mut r);
+        assert!(matches!(&r.block, Some((_, None))), "{:?}", r.block);
     }
 
     #[test]

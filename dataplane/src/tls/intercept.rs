@@ -1274,6 +1274,10 @@ impl Intercept {
         now: Instant,
     ) -> bool {
         let i = dir as usize;
+        if self.pipeline.blocked().is_some() {
+            // Nothing more is read once an inspector has blocked.
+            return false;
+        }
         // What the rewriter made of earlier bytes goes first (its output
         // toward the client may also come from the client's bytes).
         let mut progress = pass_rewritten(&mut self.pipeline, dir, to);

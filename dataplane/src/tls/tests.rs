@@ -672,3 +672,38 @@ fn an_h2_stream_a_url_rule_blocks_is_refused_alone() {
     assert_eq!(r.outcome, "decrypted", "the connection goes on: {r:?}");
     assert!(r.error.is_none(), "{r:?}");
 }
+
+/// A connection the HTTP/2 enforcer cannot follow (here a CONNECT tunnel
+/// while URL rules may block) ends with a GOAWAY the client can read,
+/// then close_notify; the server is reset.
+#[test]
+fn an_h2_connection_the_enforcer_cannot_follow_ends_with_a_goaway() {
+    use loona_hpack::Encoder;
+
+    use crate::inspect::http2::{frame, parse, PREFACE};
+    let kit = kit_blocking("no-admin", "/admin/*");
+    let server = kit.server_config(&[NAME], 30, &[b"h2"]);
+    let mut s = Session::start(&kit, kit.client_config(&[b"h2"]), NAME, server);
+    decrypts(&mut s);
+    s.server.writer().write_all(&frame(0x4, 0, 0, &[])).unwrap();
+    s.run();
+    let connect = Encoder::new().encode([
+        (&b":method"[..], &b"CONNECT"[..]),
+        (b":authority", b"elsewhere.test:443"),
+    ]);
+    let mut c = PREFACE.to_vec();
+    c.extend(frame(0x4, 0, 0, &[]));
+    c.extend(frame(0x1, 0x4, 1, &connect));
+    s.client.writer().write_all(&c).unwrap();
+    s.run();
+    let down = parse(&s.client_read());
+    let (kind, _, _, payload) = down.last().expect("frames for the client");
+    assert_eq!(*kind, 0x7, "a GOAWAY last: {down:?}");
+    assert_eq!(&payload[4..8], &[0, 0, 0, 1], "PROTOCOL_ERROR");
+    assert!(s.client_closed, "then close_notify");
+    let r = s.stage.record();
+    assert!(
+        r.error.as_ref().unwrap().reason.contains("CONNECT"),
+        "{r:?}"
+    );
+}
