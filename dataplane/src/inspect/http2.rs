@@ -248,9 +248,9 @@ impl Http2 {
         }
     }
 
-    /// Enforcer: takes the start of `dir`'s stream, and says how much of
-    /// it was taken (less than all while a server DATA frame waits for
-    /// the client's window); what is to be passed on is in
+    /// Takes the start of `dir`'s stream, and says how much of it was
+    /// taken (the enforcer takes less than all while a server DATA frame
+    /// waits for the client's window); what the enforcer passes on is in
     /// [`Http2::output`]. Errors end the connection through `report`.
     pub fn rewrite(
         &mut self,
@@ -426,7 +426,7 @@ impl Http2 {
     /// A frame's 9-byte header has arrived.
     fn start_frame(&mut self, dir: Direction, h: &[u8]) -> Result<(), String> {
         let d = dir as usize;
-        let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+        let len = frame_len(h);
         let (kind, flags) = (h[3], h[4]);
         let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
         let side = &mut self.sides[d];
@@ -470,7 +470,7 @@ impl Http2 {
                     ));
                 }
             }
-            SETTINGS if len > MAX_SETTINGS || len % 6 != 0 => {
+            SETTINGS if len > MAX_SETTINGS || !len.is_multiple_of(6) => {
                 return Err(format!("a SETTINGS frame of {len} bytes"))
             }
             RST_STREAM if len != 4 => return Err(format!("a RST_STREAM frame of {len} bytes")),
@@ -1035,7 +1035,7 @@ pub(crate) type Parsed = (u8, u8, u32, Vec<u8>);
 pub(crate) fn parse(mut b: &[u8]) -> Vec<Parsed> {
     let mut out = Vec::new();
     while !b.is_empty() {
-        let n = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
+        let n = frame_len(b);
         let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
         out.push((b[3], b[4], stream, b[9..9 + n].to_vec()));
         b = &b[9 + n..];
@@ -1242,12 +1242,8 @@ fn finish(s: Stream, now: Instant) -> HttpRequest {
 
 impl Inspector for Http2 {
     fn on_data(&mut self, dir: Direction, data: &[u8], now: Instant, report: &mut Report) {
-        if self.done {
-            return;
-        }
-        if let Err(reason) = self.read(dir, data, now, report) {
-            self.stop(dir, reason, report);
-        }
+        // (An observer takes all of it: only the enforcer holds bytes.)
+        self.rewrite(dir, data, now, report);
     }
 
     fn on_end(&mut self, dir: Direction, now: Instant, report: &mut Report) {
