@@ -209,6 +209,16 @@ impl Harness {
                 "ethtool",
                 &["-K", dev, "tso", onoff, "gso", onoff, "tx", onoff],
             )?;
+            // No duplicate address detection: every IPv6 address (the
+            // link-local one made at link up included) is usable at once,
+            // instead of turning from tentative to valid a second or two
+            // into a test. A client watching its addresses (Chromium's
+            // network change notifier) takes that late change for a new
+            // network and drops its connections (ERR_NETWORK_CHANGED).
+            ns.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")],
+            )?;
             ns.ip(&["link", "set", dev, "up"])?;
         }
         // Until loupe-impair attaches (and after it stops), a bridge joins
