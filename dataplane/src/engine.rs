@@ -169,7 +169,8 @@ fn start_tls(
         cas,
         on_keylog,
     )
-    .map_err(EngineError::Tls)?;
+    .map_err(EngineError::Tls)?
+    .with_token(&first.label);
     if cfg.export.enabled() {
         if let Some(m) = &cfg.export.mirror {
             if *m == cfg.inside || *m == cfg.outside {

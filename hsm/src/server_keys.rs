@@ -89,8 +89,9 @@ pub struct ServerKeys<'a> {
     pub requester: String,
 }
 
-/// A label an operator may give a server key.
-fn checked(label: &str) -> Result<String> {
+/// The token label of the server key an operator calls `label`, if that
+/// is a label a server key may have.
+pub fn token_label(label: &str) -> Result<String> {
     let ok = label.len() <= 64
         && label.starts_with(|c: char| c.is_ascii_alphanumeric())
         && label
@@ -119,7 +120,7 @@ impl ServerKeys<'_> {
 
     /// Makes a key pair on the token.
     pub fn generate(&self, label: &str, alg: KeyAlg) -> Result<PublicKey> {
-        let full = checked(label)?;
+        let full = token_label(label)?;
         self.audited(
             Kind::Keygen,
             &full,
@@ -132,7 +133,7 @@ impl ServerKeys<'_> {
     /// signs, the file's public key verifies); a key that fails the proof
     /// is destroyed again.
     pub fn import(&self, label: &str, pem: &str) -> Result<PublicKey> {
-        let full = checked(label)?;
+        let full = token_label(label)?;
         let parts = parse_private_key_pem(pem)?;
         let alg = parts.alg();
         self.audited(
@@ -190,7 +191,7 @@ impl ServerKeys<'_> {
     /// common name; all are DNS subject alternative names), signed by the
     /// key on the token.
     pub fn csr(&self, label: &str, names: &[String], organization: Option<&str>) -> Result<String> {
-        let full = checked(label)?;
+        let full = token_label(label)?;
         if names.is_empty() || names.len() > MAX_CSR_NAMES {
             return Err(HsmError::Invalid(format!(
                 "a CSR carries 1 to {MAX_CSR_NAMES} names"

@@ -72,6 +72,15 @@ impl Mitm {
 
     /// [`Mitm::start`] as `opts` say.
     pub fn start_opts(opts: Options, policy: impl FnOnce(&Pki) -> String) -> anyhow::Result<Mitm> {
+        Mitm::start_opts_hsm(opts, |pki, _| Ok(policy(pki)))
+    }
+
+    /// [`Mitm::start_opts`] whose `policy` may also use the token before
+    /// the policy is applied (to import server keys, say).
+    pub fn start_opts_hsm(
+        opts: Options,
+        policy: impl FnOnce(&Pki, &SoftHsm) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Mitm> {
         let h = Harness::new(opts.harness)?;
         let hsm = SoftHsm::new("mitm")?;
         let init = hsm.loupe(&["ca", "init"]);
@@ -85,7 +94,7 @@ impl Mitm {
         anyhow::ensure!(export.status.success(), "loupe ca export");
         let pki = Pki::new(&h.dir.join("pki"))?;
         let policy_path = h.dir.join("policy.toml");
-        std::fs::write(&policy_path, policy(&pki))?;
+        std::fs::write(&policy_path, policy(&pki, &hsm)?)?;
         let sock = dataplane_socket(&h);
         let pin = hsm.pin_file.display().to_string();
         let audit = hsm.audit_log.display().to_string();

@@ -22,9 +22,10 @@ use loupe_dataplane::{
     inspect::signature::{EICAR, MAX_PATTERN},
     policy::{
         known_groups, known_suites, merge_ports, ports_less, Action, EchAction, ExportSink,
-        Fallback, HostGlob, Match, OnError, Policy, PortRange, Profile, Rule, Signature,
-        SignatureAction, TlsVersion, UrlAction, UrlRule, MAX_GLOBS, MAX_PATH_GLOB, MAX_RULES,
-        MAX_SIGNATURES, MAX_SIGNATURE_BYTES, MAX_URL_PATTERNS, MAX_URL_RULES,
+        Fallback, HostGlob, Match, OnError, Policy, PortRange, Profile, Rule, ServerProfile,
+        Signature, SignatureAction, TlsVersion, UpstreamCheck, UrlAction, UrlRule, MAX_GLOBS,
+        MAX_PATH_GLOB, MAX_RULES, MAX_SIGNATURES, MAX_SIGNATURE_BYTES, MAX_URL_PATTERNS,
+        MAX_URL_RULES,
     },
     sys::read_regular,
     tls::{
@@ -36,7 +37,8 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use self::raw::{
-    PortItem, RawCategories, RawPolicy, RawProfile, RawRule, RawSignature, RawUrlRule,
+    PortItem, RawCategories, RawPolicy, RawProfile, RawRule, RawServerProfile, RawSignature,
+    RawUrlRule,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -638,6 +640,14 @@ fn compile_as(
             profiles.insert(name.clone(), profile);
         }
     }
+    // [server_profiles.*]
+    let mut server_profiles = BTreeMap::new();
+    for (name, p) in &raw.server_profiles {
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(sp) = server_profile(&mut rep, base, name, p) {
+            server_profiles.insert(name.clone(), sp);
+        }
+    }
     let named: std::collections::HashSet<&str> = raw
         .profiles
         .values()
@@ -685,6 +695,7 @@ fn compile_as(
         categories,
         signatures,
         url_rules,
+        server_profiles,
     };
     steered_ports_within_limit(&mut rep, &policy, &written, global);
     shadow_warnings(&mut rep, &policy, &written);
@@ -825,14 +836,6 @@ fn steered_ports_within_limit(
 }
 
 fn action(rep: &mut Report, a: &Spanned<String>) -> Option<Action> {
-    if a.get_ref() == "inbound-inspect" {
-        rep.error(
-            a.span(),
-            "action \"inbound-inspect\" is not available yet (it comes with SSL inbound \
-             inspection); use decrypt, no-decrypt, block or tcp-split",
-        );
-        return None;
-    }
     match a.get_ref().parse::<Action>() {
         Ok(v) => Some(v),
         Err(e) => {
@@ -1559,7 +1562,7 @@ fn rule(
     let act = match &r.action {
         Some(a) => action(rep, a),
         None => {
-            rep.error(span, format!("rule {name:?} needs an `action`"));
+            rep.error(span.clone(), format!("rule {name:?} needs an `action`"));
             None
         }
     };
@@ -1578,12 +1581,47 @@ fn rule(
                     }
                 ),
             );
-        } else if act.is_some_and(|a| a != Action::Decrypt) {
+        } else if act.is_some_and(|a| !matches!(a, Action::Decrypt | Action::InboundInspect)) {
             rep.warn(
                 p.span(),
-                format!("rule {name:?}: a profile only matters for `decrypt` rules"),
+                format!(
+                    "rule {name:?}: a profile only matters for `decrypt` and `inbound-inspect` \
+                     rules"
+                ),
             );
         }
+    }
+    match (&r.server_profile, act) {
+        (Some(p), Some(Action::InboundInspect))
+            if !raw.server_profiles.contains_key(p.get_ref()) =>
+        {
+            let known: Vec<&str> = raw.server_profiles.keys().map(String::as_str).collect();
+            rep.error(
+                p.span(),
+                format!(
+                    "unknown server profile {:?} (server profiles defined: {})",
+                    p.get_ref(),
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+        (Some(_), Some(Action::InboundInspect)) => {}
+        (None, Some(Action::InboundInspect)) => rep.error(
+            r.action.as_ref().map_or(span.clone(), Spanned::span),
+            format!(
+                "rule {name:?}: inbound-inspect needs a `server_profile` (the server's \
+                 certificate and key)"
+            ),
+        ),
+        (Some(p), Some(_)) => rep.error(
+            p.span(),
+            format!("rule {name:?}: only inbound-inspect rules name a server profile"),
+        ),
+        _ => {}
     }
 
     let mut cats = |list: &[Spanned<String>]| -> Vec<String> {
@@ -1623,6 +1661,69 @@ fn rule(
         matcher,
         action: act.expect("no error, so an action"),
         profile: r.profile.as_ref().map(|p| p.get_ref().clone()),
+        server_profile: r.server_profile.as_ref().map(|p| p.get_ref().clone()),
+    })
+}
+
+/// `[server_profiles.NAME]`: the chain file is read as the engine reads
+/// it (the key on the token is proven against it when the policy is
+/// applied).
+fn server_profile(
+    rep: &mut Report,
+    base: &Path,
+    name: &str,
+    raw: &Spanned<RawServerProfile>,
+) -> Option<ServerProfile> {
+    let errors_before = rep.errors();
+    let sp = raw.get_ref();
+    let chain = match &sp.chain {
+        None => {
+            rep.error(
+                raw.span(),
+                format!("server profile {name:?} needs a `chain` (the certificate chain file)"),
+            );
+            None
+        }
+        Some(c) => profile_file(rep, base, c, "chain", |p| {
+            loupe_dataplane::tls::inbound::read_chain(p).map(|_| ())
+        })
+        .map(|p| std::fs::canonicalize(&p).map_or(p, |c| c.display().to_string())),
+    };
+    let key = match &sp.key {
+        None => {
+            rep.error(
+                raw.span(),
+                format!("server profile {name:?} needs a `key` (its label: `loupe key list`)"),
+            );
+            None
+        }
+        Some(k) => match loupe_hsm::server_keys::token_label(k.get_ref()) {
+            Ok(_) => Some(k.get_ref().clone()),
+            Err(e) => {
+                rep.error(k.span(), e.to_string());
+                None
+            }
+        },
+    };
+    if let Some(t) = sp.token.as_ref().filter(|t| t.get_ref().trim().is_empty()) {
+        rep.error(t.span(), "an empty token label");
+    }
+    let upstream = match sp.upstream.as_ref().map(|u| (u, u.get_ref().as_str())) {
+        None | Some((_, "pinned")) => UpstreamCheck::Pinned,
+        Some((_, "trust-store")) => UpstreamCheck::TrustStore,
+        Some((u, other)) => {
+            rep.error(
+                u.span(),
+                format!("upstream = {other:?}: expected \"pinned\" or \"trust-store\""),
+            );
+            UpstreamCheck::Pinned
+        }
+    };
+    (rep.errors() == errors_before).then(|| ServerProfile {
+        chain: chain.expect("no error, so a chain"),
+        token: sp.token.as_ref().map(|t| t.get_ref().clone()),
+        key: key.expect("no error, so a key"),
+        upstream,
     })
 }
 

@@ -24,6 +24,25 @@ pub struct RawPolicy {
     pub signatures: BTreeMap<String, Spanned<RawSignature>>,
     #[serde(default)]
     pub url_rules: Vec<Spanned<RawUrlRule>>,
+    #[serde(default)]
+    pub server_profiles: BTreeMap<String, Spanned<RawServerProfile>>,
+}
+
+/// `[server_profiles.NAME]`: one of the organisation's servers for
+/// inbound inspection.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerProfile {
+    /// The certificate chain (PEM, leaf first), relative to this file.
+    pub chain: Option<Spanned<String>>,
+    /// The key's label (`loupe key list`).
+    pub key: Option<Spanned<String>>,
+    pub token: Option<Spanned<String>>,
+    /// `pinned` or `trust-store`.
+    pub upstream: Option<Spanned<String>>,
+    /// Free text for people; not used.
+    #[allow(dead_code)]
+    pub description: Option<String>,
 }
 
 /// `[[url_rules]]`, in order.
@@ -141,6 +160,7 @@ pub struct RawRule {
     pub description: Option<String>,
     pub action: Option<Spanned<String>>,
     pub profile: Option<Spanned<String>>,
+    pub server_profile: Option<Spanned<String>>,
     #[serde(default)]
     pub src: Vec<Spanned<String>>,
     #[serde(default)]

@@ -468,6 +468,7 @@ mod tests {
                 matcher: m,
                 action: Action::Block,
                 profile: None,
+                server_profile: None,
             });
         }
         p
@@ -523,6 +524,7 @@ mod tests {
                 },
                 action: Action::Block,
                 profile: None,
+                server_profile: None,
             });
         }
         // Every pair would cost 2000 * 2000 / 2 * 400 comparisons; with the

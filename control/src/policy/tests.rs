@@ -944,3 +944,82 @@ fn url_rules_name_categories_of_the_category_file() {
     assert!(!rules[0].matches(Some("www.bank.example"), "/"));
     assert!(!rules[0].matches(None, "/"));
 }
+
+#[test]
+fn inbound_inspect_rules_and_server_profiles_are_checked() {
+    let dir = std::env::temp_dir().join(format!("loupe-server-profiles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["www.loupe.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("www.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("junk.pem"), "not a certificate\n").unwrap();
+    let good = r#"[server_profiles.www]
+chain = "www.pem"
+key = "www-2026"
+upstream = "trust-store"
+[[rules]]
+name = "in"
+dst = ["198.18.0.2/32"]
+action = "inbound-inspect"
+server_profile = "www"
+"#;
+    let c = compile(&dir.join("p.toml"), good, &|p| std::fs::read_to_string(p));
+    assert_eq!(c.errors(), 0, "{:?}", c.diagnostics);
+    let p = c.policy.unwrap();
+    assert_eq!(p.rules[0].action, Action::InboundInspect);
+    assert_eq!(p.rules[0].server_profile.as_deref(), Some("www"));
+    let sp = &p.server_profiles["www"];
+    // Relative to the policy file, made absolute for the engine.
+    assert_eq!(
+        Path::new(&sp.chain),
+        std::fs::canonicalize(dir.join("www.pem")).unwrap()
+    );
+    assert_eq!(sp.key, "www-2026");
+    assert_eq!(sp.upstream, UpstreamCheck::TrustStore);
+    assert_eq!(sp.token, None);
+
+    let bad = r#"[server_profiles.a]
+chain = "missing.pem"
+key = "no spaces allowed"
+upstream = "maybe"
+[server_profiles.b]
+chain = "junk.pem"
+[[rules]]
+name = "no-profile"
+action = "inbound-inspect"
+[[rules]]
+name = "unknown"
+action = "inbound-inspect"
+server_profile = "nope"
+[[rules]]
+name = "wrong-action"
+action = "decrypt"
+server_profile = "a"
+"#;
+    let c = compile(&dir.join("p.toml"), bad, &|p| std::fs::read_to_string(p));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let e = messages(&c, Severity::Error);
+    for (at, what) in [
+        ("p.toml:2:9:", "missing.pem: No such file"),
+        ("p.toml:3:7:", "a server key label is"),
+        ("p.toml:4:12:", "upstream = \"maybe\""),
+        ("p.toml:5:1:", "server profile \"b\" needs a `key`"),
+        ("p.toml:6:9:", "no certificate in it"),
+        ("p.toml:9:10:", "inbound-inspect needs a `server_profile`"),
+        ("p.toml:13:18:", "unknown server profile \"nope\""),
+        (
+            "p.toml:17:18:",
+            "only inbound-inspect rules name a server profile",
+        ),
+    ] {
+        assert!(
+            e.iter().any(|m| m.contains(at) && m.contains(what)),
+            "{at} {what}: {e:#?}"
+        );
+    }
+    assert!(c.policy.is_none());
+}

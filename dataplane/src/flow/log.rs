@@ -145,7 +145,7 @@ pub struct AnomalyLog {
 /// One decrypted (or attempted) connection's TLS record.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsLog {
-    /// `forward` (SSL forward proxy).
+    /// `forward` (SSL forward proxy) or `inbound` (inbound inspection).
     pub mode: String,
     /// The decryption profile.
     pub profile: String,
@@ -178,6 +178,15 @@ pub struct TlsLog {
     /// Microseconds this connection waited for its certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mint_wait_us: Option<u64>,
+    /// Inbound: the server profile, and its key as `token/label`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_key: Option<String>,
+    /// Inbound: microseconds the client's handshake spent on the handshake
+    /// pool (the server key's signature, or a resumption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm_wait_us: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TlsError>,
     /// Plaintext bytes inspected each way.

@@ -44,14 +44,20 @@ pub enum Action {
     Block,
     /// Terminate both TCP halves and relay the byte streams.
     TcpSplit,
+    /// SSL inbound inspection of the organisation's own server: the
+    /// client's TLS is terminated with that server's certificate and its
+    /// key on the HSM (the rule's server profile), and re-encrypted toward
+    /// the server.
+    InboundInspect,
 }
 
 impl Action {
-    pub const ALL: [Action; 4] = [
+    pub const ALL: [Action; 5] = [
         Action::Decrypt,
         Action::NoDecrypt,
         Action::Block,
         Action::TcpSplit,
+        Action::InboundInspect,
     ];
 
     pub fn label(self) -> &'static str {
@@ -60,6 +66,7 @@ impl Action {
             Action::NoDecrypt => "no-decrypt",
             Action::Block => "block",
             Action::TcpSplit => "tcp-split",
+            Action::InboundInspect => "inbound-inspect",
         }
     }
 
@@ -69,7 +76,7 @@ impl Action {
             Action::NoDecrypt => Verdict::Pass,
             Action::Block => Verdict::Refuse,
             Action::TcpSplit => Verdict::Split,
-            Action::Decrypt => Verdict::Decrypt,
+            Action::Decrypt | Action::InboundInspect => Verdict::Decrypt,
         }
     }
 }
@@ -251,9 +258,51 @@ pub struct Rule {
     #[serde(rename = "match", default)]
     pub matcher: Match,
     pub action: Action,
-    /// The decryption profile (for `decrypt`).
+    /// The decryption profile (for `decrypt` and `inbound-inspect`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// The server profile (for `inbound-inspect`, which needs one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_profile: Option<String>,
+}
+
+/// How the engine checks the real server's certificate on an inbound
+/// connection's server leg.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamCheck {
+    /// The server must present the server profile's own certificate.
+    #[default]
+    Pinned,
+    /// The server's chain must verify against the decryption profile's
+    /// trust store, for the name the client asked for.
+    TrustStore,
+}
+
+impl UpstreamCheck {
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamCheck::Pinned => "pinned",
+            UpstreamCheck::TrustStore => "trust-store",
+        }
+    }
+}
+
+/// A server profile (`[server_profiles.NAME]`): one of the organisation's
+/// servers as inbound inspection presents it: its certificate chain (a
+/// PEM file, leaf first) and its private key on the HSM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerProfile {
+    /// The chain file (absolute once compiled).
+    pub chain: String,
+    /// The token holding the key (`None`: the engine's token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The key's label as `loupe key` names it.
+    pub key: String,
+    #[serde(default)]
+    pub upstream: UpstreamCheck,
 }
 
 /// What to do with a certificate problem upstream.
@@ -789,6 +838,9 @@ pub struct Policy {
     /// URL rules, in order (for every profile that parses HTTP).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub url_rules: Vec<UrlRule>,
+    /// Server profiles by name (`inbound-inspect` rules name theirs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub server_profiles: BTreeMap<String, ServerProfile>,
 }
 
 /// The XDP steering a policy needs.
@@ -847,6 +899,7 @@ impl Policy {
                 },
                 action: Action::NoDecrypt,
                 profile: None,
+                server_profile: None,
             }]
         };
         Policy {
@@ -859,6 +912,7 @@ impl Policy {
             default_action: Action::TcpSplit,
             rules,
             profiles: BTreeMap::new(),
+            server_profiles: BTreeMap::new(),
             categories: BTreeMap::new(),
             signatures: BTreeMap::new(),
             url_rules: Vec::new(),
@@ -972,6 +1026,14 @@ impl Policy {
         d.rule
             .and_then(|i| self.rules.get(i))
             .and_then(|r| r.profile.as_deref())
+    }
+
+    /// The server profile of the rule behind a decision (inbound-inspect).
+    pub fn server_profile_of(&self, d: &Decision) -> Option<&str> {
+        d.rule
+            .and_then(|i| self.rules.get(i))
+            .filter(|r| r.action == Action::InboundInspect)
+            .and_then(|r| r.server_profile.as_deref())
     }
 
     /// The name of the rule behind a decision.
@@ -1116,6 +1178,23 @@ impl Policy {
                     return Err(format!("{}: unknown profile {p:?}", at()));
                 }
             }
+            match (&r.server_profile, r.action) {
+                (Some(p), Action::InboundInspect) => {
+                    if !self.server_profiles.contains_key(p) {
+                        return Err(format!("{}: unknown server profile {p:?}", at()));
+                    }
+                }
+                (None, Action::InboundInspect) => {
+                    return Err(format!("{}: inbound-inspect needs a server profile", at()));
+                }
+                (Some(_), _) => {
+                    return Err(format!(
+                        "{}: only inbound-inspect rules name a server profile",
+                        at()
+                    ));
+                }
+                (None, _) => {}
+            }
             for c in r.matcher.categories.iter().chain(&r.matcher.not_categories) {
                 if !self.categories.contains_key(c) {
                     return Err(format!("{}: unknown category {c:?}", at()));
@@ -1177,6 +1256,16 @@ impl Policy {
                 if !self.signatures.contains_key(s) {
                     return Err(format!("profile {name:?}: unknown signature {s:?}"));
                 }
+            }
+        }
+        for (name, sp) in &self.server_profiles {
+            let at = || format!("server profile {name:?}");
+            if !std::path::Path::new(&sp.chain).is_absolute() {
+                return Err(format!("{}: the chain file is not an absolute path", at()));
+            }
+            loupe_hsm::server_keys::token_label(&sp.key).map_err(|e| format!("{}: {e}", at()))?;
+            if sp.token.as_ref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(format!("{}: an empty token label", at()));
             }
         }
         self.steering().map(|_| ())
@@ -1255,6 +1344,7 @@ mod tests {
             matcher: m,
             action,
             profile: None,
+            server_profile: None,
         }
     }
 

@@ -281,6 +281,15 @@ impl Sessions {
             Ok(rt) => rt,
             Err(why) => return Plan::Block(format!("{why}: blocked")),
         };
+        // Inbound inspection: the rule's server profile (its certificate,
+        // its key on the HSM).
+        let inbound = match policy.server_profile_of(decision) {
+            Some(name) => match ctx.server_runtime(name) {
+                Ok(sr) => Some(sr),
+                Err(why) => return Plan::Block(format!("{why}: blocked")),
+            },
+            None => None,
+        };
         let site = Site {
             sni: ch.sni.clone(),
             server,
@@ -293,9 +302,11 @@ impl Sessions {
             ));
         }
         let cas = ctx.cas();
-        let token_up = ctx.signer.as_ref().is_some_and(|s| {
-            cas.pick(loupe_hsm::ca::CaRole::ForwardTrust, true)
-                .is_some_and(|ca| s.is_up(&ca.token))
+        let token_up = ctx.signer.as_ref().is_some_and(|s| match &inbound {
+            Some(sr) => s.is_up(&sr.token),
+            None => cas
+                .pick(loupe_hsm::ca::CaRole::ForwardTrust, true)
+                .is_some_and(|ca| s.is_up(&ca.token)),
         });
         // With the HSM down a cached certificate still serves its site, so
         // only `no-decrypt` (which must be decided before the takeover)
@@ -325,6 +336,7 @@ impl Sessions {
             Box::new(Intercept::start(
                 ctx,
                 rt,
+                inbound,
                 self.settings.waker.clone(),
                 accepted,
                 ch.clone(),

@@ -147,6 +147,7 @@ fn one_rule(action: Action, sni: &str) -> SessionSettings {
         },
         action,
         profile: None,
+        server_profile: None,
     });
     SessionSettings {
         policy: Arc::new(p),

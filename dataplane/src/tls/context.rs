@@ -11,7 +11,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, RwLock,
+        Arc, Mutex, OnceLock, RwLock,
     },
     time::{Duration, Instant},
 };
@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     cache::{CaSigner, CertCache},
+    inbound::{HandshakePool, ServerRuntime, POOL_THREADS},
     keys::LeafKeys,
     mint::{CaKeyKind, Issuer},
     upstream::{client_config, provider_for, versions_for, KeyLogFile},
@@ -350,6 +351,8 @@ pub type OnKeyLog = Box<dyn Fn(&str, &str) + Send + Sync>;
 
 /// A profile ready for connections, or why it cannot be used.
 type Prepared = Result<Arc<ProfileRuntime>, String>;
+/// A server profile ready for connections, or why it cannot be used.
+type PreparedServer = Result<Arc<ServerRuntime>, String>;
 
 /// Everything the workers' interception shares.
 pub struct TlsContext {
@@ -375,6 +378,13 @@ pub struct TlsContext {
     /// Where profiles with `export` copy their plaintext (none: the engine
     /// runs without an export destination).
     pub export: Option<Arc<Exporter>>,
+    /// The engine's token (server profiles without their own use it).
+    token: Option<String>,
+    /// Each server profile of the running policy, or why it cannot be used.
+    servers: RwLock<Arc<HashMap<String, PreparedServer>>>,
+    /// Inbound handshakes that sign on the HSM (started with the first
+    /// server profile).
+    pool: OnceLock<Result<HandshakePool, String>>,
 }
 
 impl std::fmt::Debug for TlsContext {
@@ -416,6 +426,9 @@ impl TlsContext {
             stats: TlsStats::default(),
             on_keylog,
             export: None,
+            token: None,
+            servers: RwLock::new(Arc::new(HashMap::new())),
+            pool: OnceLock::new(),
         };
         let default = ctx.prepare_profile(
             DEFAULT_PROFILE,
@@ -432,6 +445,30 @@ impl TlsContext {
     pub fn with_exporter(mut self, export: Arc<Exporter>) -> TlsContext {
         self.export = Some(export);
         self
+    }
+
+    /// The context with the engine's token (before it is shared).
+    pub fn with_token(mut self, token: &str) -> TlsContext {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    /// The prepared server profile `name`, or why it cannot be used.
+    pub fn server_runtime(&self, name: &str) -> Result<Arc<ServerRuntime>, String> {
+        self.servers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("no server profile {name:?} in the running policy")))
+    }
+
+    /// The handshake pool (started on first use).
+    pub fn pool(&self) -> Result<&HandshakePool, String> {
+        self.pool
+            .get_or_init(|| HandshakePool::start(POOL_THREADS))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     pub fn cas(&self) -> Arc<CaSet> {
@@ -479,6 +516,24 @@ impl TlsContext {
             )),
         }
         *self.runtimes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+        let mut servers = HashMap::new();
+        for (name, sp) in &policy.server_profiles {
+            let rt = ServerRuntime::prepare(
+                name,
+                sp,
+                self.token.as_deref(),
+                self.signer.as_ref(),
+                self.settings.hsm_timeout,
+            )
+            .map(Arc::new)
+            .map_err(|e| {
+                let why = format!("server profile {name:?} cannot be used: {e}");
+                broken.push(why.clone());
+                why
+            });
+            servers.insert(name.clone(), rt);
+        }
+        *self.servers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(servers);
         broken
     }
 
@@ -623,9 +678,12 @@ impl TlsContext {
             .expect("set at construction"))
     }
 
-    /// Stops the leaf key thread.
+    /// Stops the leaf key thread and the handshake pool.
     pub fn stop(&self) {
         self.keys.stop();
+        if let Some(Ok(pool)) = self.pool.get() {
+            pool.stop();
+        }
     }
 }
 

@@ -48,6 +48,7 @@ use super::{
     cache::{CacheKey, Lookup, MintFailure, MintSlot, MintStart, Minted},
     context::{OneCert, ProfileRuntime, Site, TlsContext},
     hello::ClientHello,
+    inbound::{HandshakeSlot, ServerRuntime},
     mint::{build_tbs, random_serial, LeafKind, MintOptions},
     resume,
     upstream::{connect, keylog_line, server_name, Watch},
@@ -57,7 +58,7 @@ use crate::{
     export::Tap,
     flow::{CertLog, TlsError, TlsLog, TlsSide},
     inspect::{Direction, Finding, Inspector, Pipeline, Report},
-    policy::{Fallback, OnError},
+    policy::{Fallback, OnError, UpstreamCheck},
     tcp::stream::{drain, ByteStream, Pump},
 };
 
@@ -125,6 +126,13 @@ enum Phase {
         slot: Arc<MintSlot>,
         since: Instant,
     },
+    /// Inbound: the client's handshake is on the handshake pool, waiting
+    /// for the server key's signature on the HSM.
+    Handshaking {
+        up: Box<ClientConnection>,
+        slot: Arc<HandshakeSlot>,
+        since: Instant,
+    },
     /// Both legs up (the client's may still be handshaking).
     Open {
         down: Box<ServerConnection>,
@@ -177,6 +185,9 @@ pub struct Intercept {
     down_ready: bool,
     /// Counted among the engine's decrypted connections in progress.
     counted: bool,
+    /// Inbound inspection: the server profile (its certificate and HSM
+    /// key are what the client sees). `None`: the forward proxy.
+    inbound: Option<Arc<ServerRuntime>>,
 }
 
 /// Reads TLS bytes from a half for rustls; end of stream after the peer's
@@ -333,8 +344,14 @@ fn feed_tls<D: SideData>(
     Ok(true)
 }
 
-/// A fatal alert as a plaintext TLS record, for a client whose handshake
-/// never reached a ServerHello.
+/// While the client waits (for its certificate, for the HSM), the server
+/// may speak (session tickets): its leg keeps being read.
+fn keep_reading(up: &mut ClientConnection, server: &mut dyn ByteStream, relayed: &mut [u64; 2]) {
+    let mut eof = false;
+    while let Ok(true) = feed_tls(up, server, &mut relayed[1], &mut eof, None) {}
+    flush_tls(up, server);
+}
+
 /// Writes what the pipeline's rewriter has for direction `dir` into
 /// `to`'s plaintext writer, as much as it takes; true on progress.
 fn pass_rewritten<B: SideData>(
@@ -354,6 +371,8 @@ fn pass_rewritten<B: SideData>(
     }
 }
 
+/// A fatal alert as a plaintext TLS record, for a client whose handshake
+/// never reached a ServerHello.
 fn alert_record(desc: u8) -> [u8; 7] {
     [21, 3, 3, 0, 2, 2, desc]
 }
@@ -459,6 +478,7 @@ impl Intercept {
     pub fn start(
         ctx: Arc<TlsContext>,
         rt: Arc<ProfileRuntime>,
+        inbound: Option<Arc<ServerRuntime>>,
         waker: Option<Waker>,
         accepted: Box<Accepted>,
         hello: ClientHello,
@@ -470,7 +490,14 @@ impl Intercept {
         let (server_ip, server_port) = (server.ip(), server.port());
         let (name, named) = server_name(hello.sni.as_deref(), server_ip);
         let mut record = TlsLog {
-            mode: "forward".into(),
+            mode: if inbound.is_some() {
+                "inbound"
+            } else {
+                "forward"
+            }
+            .into(),
+            server_profile: inbound.as_ref().map(|s| s.name.clone()),
+            server_key: inbound.as_ref().map(|s| s.key_name()),
             profile: rt.name.clone(),
             client: TlsSide {
                 sni: hello.sni.clone(),
@@ -503,6 +530,7 @@ impl Intercept {
             deadline: None,
             down_ready: false,
             counted: true,
+            inbound,
         };
         me.tls_tap = me
             .rt
@@ -556,6 +584,10 @@ impl Intercept {
                 Phase::Minting { .. } => (
                     ErrorStage::Mint,
                     "the connection ended while its certificate was minted",
+                ),
+                Phase::Handshaking { .. } => (
+                    ErrorStage::DownstreamHandshake,
+                    "the connection ended while its handshake waited for the HSM",
                 ),
                 Phase::Open { .. } | Phase::Done => (
                     ErrorStage::DownstreamHandshake,
@@ -638,6 +670,9 @@ impl Intercept {
                 slot,
                 since,
             } => self.minting(accepted, up, slot, since, client, server, relayed, now),
+            Phase::Handshaking { up, slot, since } => {
+                self.handshaking(up, slot, since, client, server, relayed, now)
+            }
             Phase::Open { down, up } => self.open(down, up, client, server, relayed, now),
             Phase::Done => {
                 drain(client);
@@ -917,6 +952,9 @@ impl Intercept {
                 Farewell::Alert(ALERT_ACCESS_DENIED),
             );
         };
+        if let Some(sr) = self.inbound.clone() {
+            return self.inbound_ready(&sr, accepted, up, &chain, client, server, relayed, now);
+        }
         let problems = self.judge_chain(&chain);
         if problems.iter().any(|p| p.2 == OnError::Block) {
             let what: Vec<&str> = problems.iter().map(|p| p.1.as_str()).collect();
@@ -1078,10 +1116,7 @@ impl Intercept {
         relayed: &mut [u64; 2],
         now: Instant,
     ) -> Pump {
-        // The server may speak meanwhile (session tickets): keep reading.
-        let mut eof = false;
-        while let Ok(true) = feed_tls(&mut up, server, &mut relayed[1], &mut eof, None) {}
-        flush_tls(&mut up, server);
+        keep_reading(&mut up, server, relayed);
         let result = slot.poll(&self.ctx.cache, now);
         let Some(result) = result else {
             if let Some(w) = &self.waker {
@@ -1113,19 +1148,16 @@ impl Intercept {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn open_downstream(
+    /// The client leg's configuration: `certified` is what the client is
+    /// shown, with the ALPN the server chose; the inspection pipeline is
+    /// set up for that protocol.
+    fn downstream_config(
         &mut self,
-        accepted: Box<Accepted>,
-        up: Box<ClientConnection>,
-        minted: &Minted,
-        client: &mut dyn ByteStream,
-        server: &mut dyn ByteStream,
-        relayed: &mut [u64; 2],
-        now: Instant,
-    ) -> Pump {
+        up: &ClientConnection,
+        certified: &Arc<rustls::sign::CertifiedKey>,
+    ) -> ServerConfig {
         let mut cfg: ServerConfig = (*self.rt.server).clone();
-        cfg.cert_resolver = Arc::new(OneCert(Some(minted.certified.clone())));
+        cfg.cert_resolver = Arc::new(OneCert(Some(certified.clone())));
         if self.tls_tap.is_some() {
             let k = Arc::new(KeyCollect {
                 inner: cfg.key_log.clone(),
@@ -1134,7 +1166,7 @@ impl Intercept {
             cfg.key_log = k.clone();
             self.keys = Some(k);
         }
-        if let Some(leaf) = minted.certified.cert.first() {
+        if let Some(leaf) = certified.cert.first() {
             resume::bind(&mut cfg, &self.rt.name, leaf);
         }
         cfg.alpn_protocols = up
@@ -1149,24 +1181,181 @@ impl Intercept {
                 SocketAddr::new(self.server_ip, self.server_port),
             ),
         );
-        match accepted.into_connection(Arc::new(cfg)) {
+        cfg
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_downstream(
+        &mut self,
+        accepted: Box<Accepted>,
+        up: Box<ClientConnection>,
+        minted: &Minted,
+        client: &mut dyn ByteStream,
+        server: &mut dyn ByteStream,
+        relayed: &mut [u64; 2],
+        now: Instant,
+    ) -> Pump {
+        let cfg = self.downstream_config(&up, &minted.certified);
+        let started = accepted
+            .into_connection(Arc::new(cfg))
+            .map_err(|(e, mut alert)| {
+                let mut bytes = Vec::new();
+                let _ = alert.write_all(&mut bytes);
+                (e, bytes)
+            });
+        self.downstream_started(started, up, client, server, relayed, now)
+    }
+
+    /// The client's handshake has begun (or could not).
+    fn downstream_started(
+        &mut self,
+        started: super::inbound::Handshake,
+        up: Box<ClientConnection>,
+        client: &mut dyn ByteStream,
+        server: &mut dyn ByteStream,
+        relayed: &mut [u64; 2],
+        now: Instant,
+    ) -> Pump {
+        match started {
             Ok(mut down) => {
                 down.set_buffer_limit(Some(TLS_BUFFER));
                 self.deadline = Some(now + self.ctx.settings.handshake_timeout);
                 self.open(Box::new(down), up, client, server, relayed, now)
             }
-            Err((e, mut alert)) => {
-                let mut bytes = Vec::new();
-                let _ = alert.write_all(&mut bytes);
-                self.refuse(
-                    client,
-                    ErrorStage::DownstreamHandshake,
-                    format!("the client's handshake cannot go on: {e}"),
-                    "failed",
-                    Farewell::Bytes(bytes),
-                )
-            }
+            // The server key's signature failed (the HSM is down, timed
+            // out or refused): the client has seen nothing of the
+            // handshake yet and gets a handshake_failure alert.
+            Err((rustls::Error::General(why), _)) if self.inbound.is_some() => self.refuse(
+                client,
+                ErrorStage::DownstreamHandshake,
+                why,
+                "failed",
+                Farewell::Alert(ALERT_HANDSHAKE_FAILURE),
+            ),
+            Err((e, bytes)) => self.refuse(
+                client,
+                ErrorStage::DownstreamHandshake,
+                format!("the client's handshake cannot go on: {e}"),
+                "failed",
+                Farewell::Bytes(bytes),
+            ),
         }
+    }
+
+    /// Inbound: the server's handshake is through. Its certificate is
+    /// checked as the server profile says (never passed on: the client is
+    /// shown the real certificate), then the client's handshake, which
+    /// needs the server key's signature, goes to the handshake pool.
+    #[allow(clippy::too_many_arguments)]
+    fn inbound_ready(
+        &mut self,
+        sr: &ServerRuntime,
+        accepted: Box<Accepted>,
+        up: Box<ClientConnection>,
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+        client: &mut dyn ByteStream,
+        server: &mut dyn ByteStream,
+        relayed: &mut [u64; 2],
+        now: Instant,
+    ) -> Pump {
+        let problem = match sr.profile.upstream {
+            UpstreamCheck::Pinned => {
+                if let Some(Ok(info)) = chain.first().map(|l| leaf_info(l)) {
+                    self.record.upstream_cert = Some(CertLog {
+                        subject: info.subject,
+                        issuer: info.issuer,
+                        sha256: info.sha256,
+                        not_after: rfc3339(info.not_after),
+                        key: info.key,
+                    });
+                }
+                (chain.first().map(|c| c.as_ref()) != Some(sr.leaf().as_ref())).then(|| {
+                    format!(
+                        "the server's certificate is not the one server profile {:?} pins",
+                        sr.name
+                    )
+                })
+            }
+            UpstreamCheck::TrustStore => {
+                let problems = self.judge_chain(chain);
+                let what: Vec<&str> = problems.iter().map(|p| p.1.as_str()).collect();
+                (!what.is_empty()).then(|| what.join(", "))
+            }
+        };
+        if let Some(why) = problem {
+            return self.refuse(
+                client,
+                ErrorStage::Verification,
+                format!("upstream certificate blocked: {why}"),
+                "blocked",
+                Farewell::Alert(ALERT_ACCESS_DENIED),
+            );
+        }
+        let cfg = self.downstream_config(&up, &sr.certified);
+        let hsm = self.ctx.settings.hsm_timeout;
+        // The job must start within the HSM deadline; once started, its
+        // signature is given up on after another.
+        let queue_deadline = now + hsm;
+        let submitted = self.ctx.pool().and_then(|pool| {
+            pool.submit(
+                accepted,
+                Arc::new(cfg),
+                format!(
+                    "loupe-dataplane inbound {} ({})",
+                    self.hello.sni.as_deref().unwrap_or("(no sni)"),
+                    SocketAddr::new(self.client_ip, self.client_port)
+                ),
+                self.waker.clone(),
+                queue_deadline,
+            )
+        });
+        match submitted {
+            Ok(slot) => {
+                self.ctx.stats.parked.fetch_add(1, Ordering::Relaxed);
+                self.deadline = Some(queue_deadline + hsm + Duration::from_secs(1));
+                self.handshaking(up, slot, now, client, server, relayed, now)
+            }
+            Err(why) => self.refuse(
+                client,
+                ErrorStage::DownstreamHandshake,
+                format!("HSM unavailable: {why}"),
+                "failed",
+                Farewell::Alert(ALERT_HANDSHAKE_FAILURE),
+            ),
+        }
+    }
+
+    /// Inbound: waiting for the handshake pool (the server keeps being
+    /// read meanwhile).
+    #[allow(clippy::too_many_arguments)]
+    fn handshaking(
+        &mut self,
+        mut up: Box<ClientConnection>,
+        slot: Arc<HandshakeSlot>,
+        since: Instant,
+        client: &mut dyn ByteStream,
+        server: &mut dyn ByteStream,
+        relayed: &mut [u64; 2],
+        now: Instant,
+    ) -> Pump {
+        keep_reading(&mut up, server, relayed);
+        if let Some(started) = slot.take() {
+            self.ctx.stats.parked.fetch_sub(1, Ordering::Relaxed);
+            self.record.hsm_wait_us = Some(now.saturating_duration_since(since).as_micros() as u64);
+            return self.downstream_started(started, up, client, server, relayed, now);
+        }
+        if self.deadline.is_some_and(|d| now >= d) {
+            self.ctx.stats.parked.fetch_sub(1, Ordering::Relaxed);
+            return self.refuse(
+                client,
+                ErrorStage::DownstreamHandshake,
+                "HSM unavailable: the handshake's signature did not come in time".into(),
+                "failed",
+                Farewell::Alert(ALERT_HANDSHAKE_FAILURE),
+            );
+        }
+        self.phase = Phase::Handshaking { up, slot, since };
+        Pump::Parked
     }
 
     fn open(
@@ -1383,7 +1572,7 @@ impl Intercept {
                 ),
                 "failed",
             )
-        } else if refused_cert {
+        } else if refused_cert && self.inbound.is_none() {
             let why = format!("the client refused the certificate ({e}): a pinned app?");
             self.exclude(true, &why);
             (why, "no-decrypt")
@@ -1494,7 +1683,10 @@ impl Intercept {
 
 impl Drop for Intercept {
     fn drop(&mut self) {
-        if matches!(self.phase, Phase::Minting { .. }) {
+        if matches!(
+            self.phase,
+            Phase::Minting { .. } | Phase::Handshaking { .. }
+        ) {
             self.ctx.stats.parked.fetch_sub(1, Ordering::Relaxed);
         }
         if self.counted {

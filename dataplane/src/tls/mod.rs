@@ -12,12 +12,16 @@
 //! - [`keys`]: the leaf keys, rotated.
 //! - [`context`]: what the workers share (CAs, profiles, exclusions).
 //! - [`resume`]: the client's leg resumes only under the same minted leaf.
+//! - [`inbound`]: `inbound-inspect`: the organisation's own server
+//!   certificates with their keys on the HSM, and the handshake pool that
+//!   signs with them off the packet workers.
 
 pub mod cache;
 pub mod context;
 #[cfg(any(test, feature = "testkit"))]
 pub mod fuzz;
 pub mod hello;
+pub mod inbound;
 pub mod intercept;
 pub mod keys;
 pub mod mint;

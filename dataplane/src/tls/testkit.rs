@@ -125,6 +125,17 @@ impl PendingSignature for SlotRef {
 }
 
 impl SoftSigner {
+    /// A signer holding `keys` (token label, key), answering at once.
+    pub fn new(keys: Vec<(String, EcdsaKeyPair)>) -> SoftSigner {
+        SoftSigner {
+            keys,
+            held: Mutex::new(Vec::new()),
+            hold: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+            signed: AtomicUsize::new(0),
+        }
+    }
+
     /// Answers every held request, waking their requesters.
     pub fn release(&self) {
         for (slot, sig, waker) in self.held.lock().unwrap().drain(..) {
@@ -245,16 +256,10 @@ impl Kit {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let (trust, trust_key) = loupe_ca(CaRole::ForwardTrust);
         let (untrust, untrust_key) = loupe_ca(CaRole::ForwardUntrust);
-        let signer = Arc::new(SoftSigner {
-            keys: vec![
-                (trust.label.clone(), trust_key),
-                (untrust.label.clone(), untrust_key),
-            ],
-            held: Mutex::new(Vec::new()),
-            hold: AtomicBool::new(false),
-            down: AtomicBool::new(false),
-            signed: AtomicUsize::new(0),
-        });
+        let signer = Arc::new(SoftSigner::new(vec![
+            (trust.label.clone(), trust_key),
+            (untrust.label.clone(), untrust_key),
+        ]));
         let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
         let mut rp = CertificateParams::default();
         rp.distinguished_name.push(DnType::CommonName, "Kit Root");
@@ -419,6 +424,7 @@ impl Session {
         let stage = Intercept::start(
             kit.ctx.clone(),
             kit.runtime(),
+            None,
             Some(kit.waker()),
             accepted,
             ch,

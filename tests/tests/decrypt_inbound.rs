@@ -1,0 +1,554 @@
+//! SSL inbound inspection end to end: the organisation's own servers
+//! (nginx with an EC P-256 and an RSA-2048 certificate from the test PKI),
+//! their keys imported into the SoftHSM token with `loupe key import`, and
+//! `inbound-inspect` rules naming server profiles. Real clients (curl,
+//! `openssl s_client` over TLS 1.3 and 1.2, Python's `ssl`, `gnutls-cli`)
+//! trust only the test PKI, so a verified handshake shows they were given
+//! the server's own certificate; the engine signed each full handshake on
+//! the HSM (one audit record each) and none for a resumed one. The HSM
+//! going away fails new handshakes with a handshake_failure alert and a
+//! logged reason while a running transfer goes on, and inbound inspection
+//! recovers by itself when it returns.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use loupe_tests::{
+    clients::{first_pem, http_get, http_response, line_after, run_client, s_client, Ran},
+    harness::{SERVER_V4, SERVER_V6},
+    https::{Nginx, ServerCert, SERVER_NAME},
+    mitm::{Mitm, Options},
+    pki::{Flaw, Key, Pki},
+    proc::Proc,
+    softhsm::SoftHsm,
+    wait_until,
+};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// What nginx serves at `/` (tests/src/https.rs).
+const PAGE: &str = "loupe test page\n";
+/// The audit log's purpose for a handshake signature.
+const HANDSHAKE: &str = "TLS handshake signature (inbound inspection)";
+
+/// Ports: the EC server, the RSA server, a server presenting another
+/// certificate than its profile pins, a profile whose key is not on the
+/// token.
+const EC_PORT: u16 = 443;
+const RSA_PORT: u16 = 8443;
+const IMPOSTOR_PORT: u16 = 8444;
+const NO_KEY_PORT: u16 = 8445;
+
+fn leaf_of(pki: &Pki, tag: &str) -> ServerCert {
+    ServerCert {
+        cert: pki.dir.join(format!("{tag}.crt")),
+        key: pki.dir.join(format!("{tag}.key")),
+    }
+}
+
+/// Makes the servers' certificates, imports their keys into the token,
+/// and returns the policy.
+fn inbound_policy(pki: &Pki, hsm: &SoftHsm) -> anyhow::Result<String> {
+    let names = [SERVER_NAME, SERVER_V4, SERVER_V6];
+    for (tag, key) in [("web-ec", Key::P256), ("web-rsa", Key::Rsa2048)] {
+        let c = pki.leaf(tag, &names, key, Flaw::None)?;
+        let out = hsm.loupe(&["key", "import", "--label", tag, c.key.to_str().unwrap()]);
+        anyhow::ensure!(
+            out.status.success(),
+            "loupe key import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Valid, from the same PKI, but not the certificate the profile pins.
+    pki.leaf("impostor", &names, Key::P256, Flaw::None)?;
+    let chain = |tag: &str| leaf_of(pki, tag).cert.display().to_string();
+    Ok(format!(
+        r#"[policy]
+default_action = "no-decrypt"
+
+[server_profiles.web-ec]
+chain = "{ec}"
+key = "web-ec"
+
+[server_profiles.web-rsa]
+chain = "{rsa}"
+key = "web-rsa"
+
+[server_profiles.no-key]
+chain = "{ec}"
+key = "not-on-the-token"
+
+[[rules]]
+name = "inbound-ec"
+dst = ["198.18.0.2/32", "2001:2::2/128"]
+ports = [{EC_PORT}, {IMPOSTOR_PORT}]
+action = "inbound-inspect"
+server_profile = "web-ec"
+
+[[rules]]
+name = "inbound-rsa"
+dst = ["198.18.0.2/32", "2001:2::2/128"]
+ports = [{RSA_PORT}]
+action = "inbound-inspect"
+server_profile = "web-rsa"
+
+[[rules]]
+name = "inbound-no-key"
+dst = ["198.18.0.2/32"]
+ports = [{NO_KEY_PORT}]
+action = "inbound-inspect"
+server_profile = "no-key"
+"#,
+        ec = chain("web-ec"),
+        rsa = chain("web-rsa"),
+    ))
+}
+
+fn start(opts: Options) -> Mitm {
+    Mitm::start_opts_hsm(opts, inbound_policy).expect("setup")
+}
+
+fn evidence(m: &Mitm) -> String {
+    let records: Vec<String> = m.control.records().iter().map(Value::to_string).collect();
+    let audit = std::fs::read_to_string(&m.hsm.audit_log).unwrap_or_default();
+    format!(
+        "--- flow log\n{}\n--- audit log\n{audit}",
+        records.join("\n")
+    )
+}
+
+/// Handshake signatures in the audit log, by key label on the token.
+fn handshake_signatures(audit: &Path, key: &str) -> usize {
+    let label = format!("loupe-server/{key}");
+    std::fs::read_to_string(audit)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["kind"] == "sign" && r["purpose"] == HANDSHAKE && r["key"] == label)
+        .count()
+}
+
+/// The first certificate of a PEM file, as PEM.
+fn leaf_pem(path: &Path) -> String {
+    first_pem(&std::fs::read_to_string(path).unwrap()).expect("a certificate")
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The leaf's DER SHA-256, as the flow log shows it.
+fn leaf_sha256(path: &Path) -> String {
+    let pem = leaf_pem(path);
+    let b64: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    let der = base64_decode(&b64);
+    sha256_hex(&der)
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = A.iter().position(|a| *a == c).expect("base64") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+const PYTHON_GET: &str = r#"
+import hashlib, json, socket, ssl, sys
+cafile, name, addr, port, path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+ctx = ssl.create_default_context(cafile=cafile)
+with socket.create_connection((addr, port), timeout=60) as raw:
+    with ctx.wrap_socket(raw, server_hostname=name, suppress_ragged_eofs=False) as s:
+        s.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (path, name)).encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        print(json.dumps({
+            "cert_sha256": hashlib.sha256(s.getpeercert(binary_form=True)).hexdigest(),
+            "version": s.version(),
+            "status": head.split(b"\r\n")[0].decode(),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }))
+"#;
+
+/// The flow-log records of decrypted connections to `port`.
+fn inbound_records(m: &Mitm, port: u16) -> Vec<Value> {
+    let server = format!("{SERVER_V4}:{port}");
+    m.control
+        .records()
+        .into_iter()
+        .filter(|r| r["server"] == server.as_str() && r.get("tls").is_some())
+        .collect()
+}
+
+fn openssl(m: &Mitm, port: u16, extra: &[&str]) -> Ran {
+    s_client(
+        &m.h,
+        SERVER_V4,
+        port,
+        SERVER_NAME,
+        &m.pki.roots,
+        extra,
+        &http_get(SERVER_NAME),
+    )
+    .unwrap()
+}
+
+/// Every client fetches from the EC and the RSA server through inbound
+/// inspection: each verifies the server's own certificate against the
+/// test PKI alone, bodies arrive byte-exact, the flow log says `inbound`
+/// with the key's token and label, and the audit log holds one handshake
+/// signature per full handshake.
+#[test]
+fn clients_fetch_through_inbound_inspection_with_the_servers_own_certificate() {
+    let m = start(Options::default());
+    for (port, tag, key_kind) in [
+        (EC_PORT, "web-ec", "ec-p256"),
+        (RSA_PORT, "web-rsa", "rsa-2048"),
+    ] {
+        let cert = leaf_of(&m.pki, tag);
+        let leaf = leaf_pem(&cert.cert);
+        let nginx = Nginx::start_with(&m.h, port, cert.clone(), true, "").expect("nginx");
+        let body_sha = nginx.add_file("blob.bin", 1 << 20, 7).unwrap();
+        let at =
+            |what: &str, ran: &Ran| format!("{what} on {port}: {}\n{}", ran.dump(), evidence(&m));
+
+        // curl, HTTP/2, trusting only the test PKI; the body hashed.
+        let url = format!("https://{SERVER_NAME}:{port}/blob.bin");
+        let resolve = format!("{SERVER_NAME}:{port}:{SERVER_V4}");
+        let roots = m.pki.roots.display().to_string();
+        let script = format!(
+            "curl -sS --fail --max-time 120 --http2 --cacert '{roots}' --resolve '{resolve}' \
+             -w '%{{http_version}}\\n' -o /dev/stdout '{url}' | head -c {len} | sha256sum; \
+             curl -sS --fail --max-time 120 --http2 --cacert '{roots}' --resolve '{resolve}' \
+             -o /dev/null -w '%{{http_version}}' '{url}'",
+            len = 1 << 20
+        );
+        let ran = run_client(
+            &m.h,
+            "sh",
+            &["-c".into(), script],
+            &[],
+            None,
+            Duration::from_secs(180),
+        )
+        .unwrap();
+        let all = at("curl", &ran);
+        assert!(ran.status.success() && ran.in_time, "{all}");
+        assert_eq!(
+            ran.stdout.split_whitespace().next(),
+            Some(body_sha.as_str()),
+            "{all}"
+        );
+        assert!(ran.stdout.trim_end().ends_with('2'), "HTTP/2: {all}");
+
+        // openssl s_client over TLS 1.3 and TLS 1.2: the certificate it
+        // verified is the server's own, byte for byte.
+        for version in ["-tls1_3", "-tls1_2"] {
+            let ran = openssl(&m, port, &[version, "-showcerts"]);
+            let all = at(version, &ran);
+            assert!(ran.status.success() && ran.in_time, "{all}");
+            assert_eq!(
+                line_after(&ran.stdout, "Verification:"),
+                Some("OK"),
+                "{all}"
+            );
+            assert_eq!(
+                first_pem(&ran.stdout).as_deref(),
+                Some(leaf.as_str()),
+                "{all}"
+            );
+            assert_eq!(
+                http_response(&ran.stdout),
+                Some(("HTTP/1.1 200 OK".to_string(), PAGE.to_string())),
+                "{all}"
+            );
+        }
+
+        // Python's ssl.
+        let ran = run_client(
+            &m.h,
+            "/usr/bin/python3",
+            &[
+                "-c".into(),
+                PYTHON_GET.into(),
+                m.pki.roots.display().to_string(),
+                SERVER_NAME.into(),
+                SERVER_V4.into(),
+                port.to_string(),
+                "/blob.bin".into(),
+            ],
+            &[],
+            None,
+            Duration::from_secs(120),
+        )
+        .unwrap();
+        let all = at("python", &ran);
+        assert!(ran.status.success() && ran.in_time, "{all}");
+        let seen: Value = serde_json::from_str(ran.stdout.trim()).expect(&all);
+        assert_eq!(seen["cert_sha256"], leaf_sha256(&cert.cert), "{all}");
+        assert_eq!(seen["status"], "HTTP/1.1 200 OK", "{all}");
+        assert_eq!(seen["body_sha256"], body_sha.as_str(), "{all}");
+
+        // gnutls-cli.
+        let ran = run_client(
+            &m.h,
+            "gnutls-cli",
+            &[
+                format!("--x509cafile={}", m.pki.roots.display()),
+                format!("--port={port}"),
+                format!("--sni-hostname={SERVER_NAME}"),
+                format!("--verify-hostname={SERVER_NAME}"),
+                SERVER_V4.into(),
+            ],
+            &[],
+            Some(&http_get(SERVER_NAME)),
+            Duration::from_secs(120),
+        )
+        .unwrap();
+        let all = at("gnutls-cli", &ran);
+        assert!(ran.status.success() && ran.in_time, "{all}");
+        assert_eq!(
+            line_after(&ran.stdout, "- Status:"),
+            Some("The certificate is trusted."),
+            "{all}"
+        );
+        assert_eq!(
+            http_response(&ran.stdout),
+            Some(("HTTP/1.1 200 OK".to_string(), PAGE.to_string())),
+            "{all}"
+        );
+
+        // Six connections (two curl, two openssl, Python, gnutls-cli),
+        // each decrypted as inbound with the server's key, each a full
+        // handshake signed once on the HSM.
+        let recs = wait_until("six inbound records", Duration::from_secs(60), || {
+            let recs = inbound_records(&m, port);
+            if recs.len() >= 6 {
+                Ok(Some(recs))
+            } else {
+                Err(evidence(&m))
+            }
+        })
+        .unwrap();
+        assert_eq!(recs.len(), 6, "{}", evidence(&m));
+        for r in &recs {
+            let t = &r["tls"];
+            assert_eq!(r["action"], "inbound-inspect", "{r}");
+            assert_eq!(t["mode"], "inbound", "{r}");
+            assert_eq!(t["outcome"], "decrypted", "{r}");
+            assert_eq!(t["server_key"], format!("{}/{tag}", m.hsm.token), "{r}");
+            assert_eq!(t["upstream_cert"]["sha256"], leaf_sha256(&cert.cert), "{r}");
+            assert_eq!(t["upstream_cert"]["key"], key_kind, "{r}");
+            assert!(t.get("ca").is_none(), "{r}");
+            assert_ne!(t["client"]["resumed"], true, "{r}");
+        }
+        assert_eq!(
+            handshake_signatures(&m.hsm.audit_log, tag),
+            6,
+            "{}",
+            evidence(&m)
+        );
+    }
+    // The engine proved each key against its chain when the policy was
+    // applied (one audited signature each), and the verifier of the audit
+    // log accepts the whole chain of records.
+    let log = m.hsm.audit_log.display().to_string();
+    let verify = m.hsm.loupe(&["audit", "verify", "--allow-open-tail", &log]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+/// A returning client resumes (TLS 1.3 ticket, TLS 1.2 ticket or session
+/// ID): no HSM operation.
+#[test]
+fn a_resumed_handshake_costs_no_hsm_signature() {
+    let m = start(Options::default());
+    let cert = leaf_of(&m.pki, "web-ec");
+    let _nginx = Nginx::start_with(&m.h, EC_PORT, cert, false, "").expect("nginx");
+    for version in ["-tls1_3", "-tls1_2"] {
+        let sess = m.h.dir.join(format!("session{version}.pem"));
+        let sess = sess.display().to_string();
+        let before = handshake_signatures(&m.hsm.audit_log, "web-ec");
+        let first = openssl(&m, EC_PORT, &[version, "-sess_out", &sess]);
+        let all = format!("{}\n{}", first.dump(), evidence(&m));
+        assert!(first.status.success() && first.in_time, "{all}");
+        assert!(first.stdout.contains("New, TLSv1"), "{all}");
+        wait_until(
+            "the full handshake's signature",
+            Duration::from_secs(30),
+            || {
+                let n = handshake_signatures(&m.hsm.audit_log, "web-ec");
+                if n == before + 1 {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("{n} signatures, {before} before"))
+                }
+            },
+        )
+        .unwrap();
+        let again = openssl(&m, EC_PORT, &[version, "-sess_in", &sess]);
+        let all = format!("{}\n{}", again.dump(), evidence(&m));
+        assert!(again.status.success() && again.in_time, "{all}");
+        assert!(again.stdout.contains("Reused, TLSv1"), "{all}");
+        assert_eq!(
+            http_response(&again.stdout),
+            Some(("HTTP/1.1 200 OK".to_string(), PAGE.to_string())),
+            "{all}"
+        );
+        let resumed = m
+            .control
+            .wait_record("the resumed connection's record", |r| {
+                r["tls"]["client"]["resumed"] == true
+                    && r["tls"]["client"]["version"]
+                        == if version == "-tls1_3" {
+                            "TLSv1.3"
+                        } else {
+                            "TLSv1.2"
+                        }
+            })
+            .unwrap();
+        assert_eq!(resumed["tls"]["outcome"], "decrypted", "{resumed}");
+        // Nothing more was signed for it.
+        assert_eq!(
+            handshake_signatures(&m.hsm.audit_log, "web-ec"),
+            before + 1,
+            "{all}"
+        );
+    }
+}
+
+/// A server presenting another certificate than the one its profile pins
+/// is refused (access_denied to the client, nothing signed); a profile
+/// whose key is not on the token cannot be used and its connections are
+/// blocked with the reason.
+#[test]
+fn a_server_not_presenting_the_pinned_certificate_and_a_missing_key_are_blocked() {
+    let m = start(Options::default());
+    let impostor = leaf_of(&m.pki, "impostor");
+    let _a = Nginx::start_with(&m.h, IMPOSTOR_PORT, impostor, false, "").expect("nginx");
+    let _b =
+        Nginx::start_with(&m.h, NO_KEY_PORT, leaf_of(&m.pki, "web-ec"), false, "").expect("nginx");
+    let ran = openssl(&m, IMPOSTOR_PORT, &["-tls1_3"]);
+    let all = format!("{}\n{}", ran.dump(), evidence(&m));
+    assert!(!ran.status.success(), "{all}");
+    assert!(ran.stderr.contains("access denied"), "{all}");
+    let r = m
+        .control
+        .wait_record("the impostor's refusal", |r| {
+            r["server"] == format!("{SERVER_V4}:{IMPOSTOR_PORT}").as_str()
+                && r["tls"]["outcome"] == "blocked"
+        })
+        .unwrap();
+    assert_eq!(r["tls"]["error"]["stage"], "verification", "{r}");
+    let why = r["tls"]["error"]["reason"].as_str().unwrap_or("");
+    assert!(why.contains("pins"), "{r}");
+    assert_eq!(handshake_signatures(&m.hsm.audit_log, "web-ec"), 0, "{all}");
+
+    let ran = openssl(&m, NO_KEY_PORT, &["-tls1_3"]);
+    let all = format!("{}\n{}", ran.dump(), evidence(&m));
+    assert!(!ran.status.success(), "{all}");
+    let r = m
+        .control
+        .wait_record("the refusal for the missing key", |r| {
+            r["server"] == format!("{SERVER_V4}:{NO_KEY_PORT}").as_str()
+        })
+        .unwrap();
+    let note = r.to_string();
+    assert!(
+        note.contains("server profile \\\"no-key\\\" cannot be used"),
+        "{r}"
+    );
+    assert!(note.contains("not-on-the-token"), "{r}");
+}
+
+/// The HSM goes away (its `p11-kit server` killed) while an inbound
+/// download runs: the download goes on byte-exact, new handshakes get a
+/// handshake_failure alert with the reason logged, and inbound inspection
+/// recovers by itself when the HSM is back.
+#[test]
+fn an_hsm_outage_fails_new_inbound_handshakes_keeps_flows_and_recovers() {
+    let mut m = start(Options {
+        remote_hsm: true,
+        ..Options::default()
+    });
+    let nginx =
+        Nginx::start_with(&m.h, EC_PORT, leaf_of(&m.pki, "web-ec"), false, "").expect("nginx");
+    let sha = nginx.add_file("big", 64 << 20, 3).unwrap();
+    let roots = m.pki.roots.display().to_string();
+    let script = format!(
+        "curl -sS --fail --max-time 280 --limit-rate 8M --cacert '{roots}' --resolve \
+         '{SERVER_NAME}:{EC_PORT}:{SERVER_V4}' 'https://{SERVER_NAME}:{EC_PORT}/big' | sha256sum"
+    );
+    let child =
+        m.h.client
+            .command("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut slow = Proc::new("slow curl", child);
+    m.engine
+        .wait_stats("the download decrypted", Duration::from_secs(60), |r| {
+            r.tls.as_ref().filter(|t| t.decrypted >= 1).map(|_| ())
+        })
+        .unwrap();
+
+    m.remote.as_mut().unwrap().down();
+    let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
+    let all = format!("{}\n{}", ran.dump(), evidence(&m));
+    assert!(!ran.status.success(), "{all}");
+    assert!(ran.stderr.contains("handshake failure"), "{all}");
+    let r = m
+        .control
+        .wait_record("a refusal naming the HSM", |r| {
+            r["tls"]["outcome"] == "failed"
+                && r["tls"]["error"]["reason"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("HSM"))
+        })
+        .unwrap();
+    assert_eq!(r["tls"]["error"]["stage"], "downstream-handshake", "{r}");
+
+    m.remote.as_mut().unwrap().up().unwrap();
+    wait_until(
+        "a new inbound handshake again",
+        Duration::from_secs(120),
+        || {
+            let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
+            if ran.status.success() && ran.stdout.contains("Verification: OK") {
+                Ok(Some(()))
+            } else {
+                Err(ran.dump())
+            }
+        },
+    )
+    .unwrap();
+
+    let (status, in_time) = slow.wait_timeout(Duration::from_secs(300));
+    let (out, err) = slow.take_output();
+    assert!(status.success() && in_time, "{err}");
+    assert_eq!(out.split_whitespace().next(), Some(sha.as_str()), "{err}");
+}
