@@ -372,6 +372,11 @@ impl Lane {
 struct Shared {
     lanes: Vec<Lane>,
     by_label: HashMap<String, usize>,
+    /// Tokens after the first that could not be opened at start (a wrong
+    /// PIN, a missing token), and why: unavailable until a restart (a
+    /// wrong PIN is never tried again, so the token's retry counter is
+    /// not spent), while the other tokens serve.
+    refused: Vec<(String, String)>,
     stop: AtomicBool,
     audit: Option<AuditSink>,
     config: SignerConfig,
@@ -391,9 +396,12 @@ pub struct SignerHandle {
 }
 
 impl Signer {
-    /// Opens every token (a wrong PIN or a missing token fails here, with
-    /// the token named) and starts its HSM threads, each with a logged-in
-    /// session of its own.
+    /// Opens every token and starts its HSM threads, each with a logged-in
+    /// session of its own. The first token (the audit log's) must open: a
+    /// wrong PIN or a missing token fails here, with the token named. One
+    /// of the others that cannot be opened is reported and left out
+    /// (unavailable, see [`SignerHandle::submit`]), so one tenant's wrong
+    /// PIN does not stop the others.
     pub fn start(config: SignerConfig, audit: Option<AuditSink>) -> Result<Signer> {
         if config.tokens.is_empty() {
             return Err(HsmError::Invalid(
@@ -408,16 +416,36 @@ impl Signer {
         let mut lanes = Vec::new();
         let mut by_label = HashMap::new();
         let mut sessions = Vec::new();
-        for tc in &config.tokens {
-            if by_label.insert(tc.label.clone(), lanes.len()).is_some() {
+        let mut refused: Vec<(String, String)> = Vec::new();
+        for (i, tc) in config.tokens.iter().enumerate() {
+            if by_label.contains_key(&tc.label) || refused.iter().any(|r| r.0 == tc.label) {
                 return Err(HsmError::Invalid(format!(
                     "token {:?} is configured twice",
                     tc.label
                 )));
             }
-            let token = Token::open(tc)?;
-            for _ in 0..config.threads_per_token {
-                sessions.push((lanes.len(), token.session()?));
+            let opened = Token::open(tc).and_then(|token| {
+                let mine = (0..config.threads_per_token)
+                    .map(|_| token.session())
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((token, mine))
+            });
+            let (token, mine) = match opened {
+                Ok(t) => t,
+                Err(e) if i == 0 => return Err(e),
+                Err(e) => {
+                    eprintln!(
+                        "loupe: HSM token {:?} cannot be used: {e}; its keys are unavailable \
+                         until the engine restarts (the other tokens serve)",
+                        tc.label
+                    );
+                    refused.push((tc.label.clone(), e.to_string()));
+                    continue;
+                }
+            };
+            by_label.insert(tc.label.clone(), lanes.len());
+            for session in mine {
+                sessions.push((lanes.len(), session));
             }
             lanes.push(Lane {
                 token,
@@ -434,6 +462,7 @@ impl Signer {
         let shared = Arc::new(Shared {
             lanes,
             by_label,
+            refused,
             stop: AtomicBool::new(false),
             audit,
             config,
@@ -510,7 +539,15 @@ impl SignerHandle {
         }
         let lane = match sh.by_label.get(&req.token) {
             Some(&i) => &sh.lanes[i],
-            None => return Err(HsmError::UnknownToken(req.token)),
+            None => match sh.refused.iter().find(|r| r.0 == req.token) {
+                Some((token, why)) => {
+                    return Err(HsmError::Unavailable {
+                        token: token.clone(),
+                        reason: format!("{why} (at start; restart the engine once fixed)"),
+                    })
+                }
+                None => return Err(HsmError::UnknownToken(req.token)),
+            },
         };
         if lane.down.load(Ordering::SeqCst) {
             lane.stats.rejected_down.fetch_add(1, Ordering::Relaxed);
@@ -559,6 +596,21 @@ impl SignerHandle {
     }
 
     pub fn health(&self) -> Vec<TokenHealth> {
+        let refused = self.shared.refused.iter().map(|(token, why)| TokenHealth {
+            token: token.clone(),
+            up: false,
+            last_error: Some(why.clone()),
+            queue_depth: 0,
+            submitted: 0,
+            signed: 0,
+            failed: 0,
+            timed_out: 0,
+            abandoned: 0,
+            rejected_full: 0,
+            rejected_down: 0,
+            recoveries: 0,
+            latency: Latency::default(),
+        });
         self.shared
             .lanes
             .iter()
@@ -584,6 +636,7 @@ impl SignerHandle {
                     latency: s.latency.snapshot(),
                 }
             })
+            .chain(refused)
             .collect()
     }
 }

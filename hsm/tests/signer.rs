@@ -116,6 +116,66 @@ fn every_mechanism_signs_and_verifies_in_software() {
     );
 }
 
+/// A partition after the first that cannot be opened (a wrong PIN, a
+/// missing token) is left out and reported; the first signs as usual.
+#[test]
+fn a_later_partition_that_cannot_open_is_left_out_and_the_first_signs() {
+    let (a, _token, public) = token_with_key("tenant-a", "k", KeyAlg::EcP256);
+    let b = TestToken::new("tenant-b");
+    let mut wrong = b.config.clone();
+    let wrong_file = b.pin_file.with_extension("wrong");
+    write_pin(&wrong_file, "not-the-pin");
+    wrong.pin = PinSource::File(wrong_file);
+    let mut missing = a.config.clone();
+    missing.label = "no-such-token".into();
+    let mut c = SignerConfig::new(vec![a.config.clone(), wrong, missing]);
+    c.threads_per_token = 1;
+    let signer = Signer::start(c, None).unwrap();
+    let sig = signer
+        .sign(request(
+            &a.config.label,
+            "k",
+            SignMech::EcdsaP256Sha256,
+            b"m",
+        ))
+        .unwrap();
+    assert!(verify_sig(&public, SignMech::EcdsaP256Sha256, b"m", &sig));
+    let err = signer
+        .sign(request(
+            &b.config.label,
+            "k",
+            SignMech::EcdsaP256Sha256,
+            b"m",
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&b.config.label) && err.contains("PIN"),
+        "{err}"
+    );
+    let err = signer
+        .sign(request(
+            "no-such-token",
+            "k",
+            SignMech::EcdsaP256Sha256,
+            b"m",
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no token labelled"), "{err}");
+    let health = signer.health();
+    assert_eq!(health.len(), 3, "{health:?}");
+    assert!(health[0].up, "{health:?}");
+    for h in &health[1..] {
+        assert!(!h.up && h.last_error.is_some(), "{health:?}");
+    }
+    let handle = signer.handle();
+    assert!(handle.is_up(&a.config.label));
+    assert!(!handle.is_up(&b.config.label));
+}
+
 #[test]
 fn wrong_pin_missing_token_and_loose_pin_file_fail_at_start() {
     let t = TestToken::new("startup");

@@ -1,5 +1,10 @@
 //! Helpers the benchmark binaries share.
 
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use loupe_hsm::{mech::SignMech, token::Token};
+
 /// The median of the samples (the upper one of the middle two for an even
 /// count); 0 for none.
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -9,4 +14,56 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     } else {
         v[v.len() / 2]
     }
+}
+
+/// Microsecond histograms up to a minute.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Raw rate: `threads` sessions signing flat out; per-signature times.
+pub fn raw(
+    token: &Token,
+    key: &str,
+    mech: SignMech,
+    threads: usize,
+    secs: f64,
+) -> anyhow::Result<(f64, Histogram<u64>)> {
+    let mut sessions = (0..threads)
+        .map(|_| token.session())
+        .collect::<Result<Vec<_>, _>>()?;
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut hist = histogram();
+    let total: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = sessions
+            .iter_mut()
+            .map(|sess| {
+                s.spawn(move || {
+                    let mut n = 0u64;
+                    let mut h = histogram();
+                    let msg = [7u8; 256];
+                    loop {
+                        let t0 = Instant::now();
+                        if t0 >= end {
+                            break;
+                        }
+                        sess.sign(key, mech, &msg).expect("raw sign");
+                        let _ = h.record(t0.elapsed().as_micros().max(1) as u64);
+                        n += 1;
+                    }
+                    (n, h)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let (n, th) = h.join().expect("raw thread");
+                let _ = hist.add(&th);
+                n
+            })
+            .sum()
+    });
+    Ok((total as f64 / start.elapsed().as_secs_f64(), hist))
 }

@@ -44,6 +44,11 @@ pub struct Options {
     /// The engine reaches the token through `p11-kit server` (which the
     /// test can stop and start) instead of loading SoftHSM itself.
     pub remote_hsm: bool,
+    /// More tokens in the same HSM (tenants' partitions), each given to
+    /// the engine with `--hsm-token`: (label, its PIN, the PIN the
+    /// engine's PIN file holds). Their PIN files for the CLI are
+    /// `<hsm dir>/<label>.pin`.
+    pub extra_tokens: Vec<(String, String, String)>,
 }
 
 impl Mitm {
@@ -65,6 +70,7 @@ impl Mitm {
                 harness: cfg,
                 engine_args: engine_args.iter().map(|a| a.to_string()).collect(),
                 remote_hsm: false,
+                extra_tokens: Vec::new(),
             },
             policy,
         )
@@ -92,6 +98,18 @@ impl Mitm {
         let ca = h.dir.join("loupe-ca.pem");
         let export = hsm.loupe(&["ca", "export", "--out", ca.to_str().context("path")?]);
         anyhow::ensure!(export.status.success(), "loupe ca export");
+        let mut token_args = Vec::new();
+        for (label, pin, given) in &opts.extra_tokens {
+            hsm.add_token(label, pin)?;
+            let f = hsm.dir.join(format!("{label}.engine.pin"));
+            loupe_hsm::pin::write_pin_file(&f, given)?;
+            token_args.extend([
+                "--hsm-token".to_string(),
+                label.clone(),
+                "--hsm-pin-file".to_string(),
+                f.display().to_string(),
+            ]);
+        }
         let pki = Pki::new(&h.dir.join("pki"))?;
         let policy_path = h.dir.join("policy.toml");
         std::fs::write(&policy_path, policy(&pki, &hsm)?)?;
@@ -108,6 +126,7 @@ impl Mitm {
             "--audit-log",
             &audit,
         ];
+        args.extend(token_args.iter().map(String::as_str));
         args.extend(opts.engine_args.iter().map(String::as_str));
         let conf = hsm.conf();
         let remote = if opts.remote_hsm {

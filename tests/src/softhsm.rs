@@ -42,12 +42,19 @@ impl SoftHsm {
             dir,
             keep: false,
         };
+        hsm.init_token(token, "user-pin-0000")?;
+        hsm.set_pin_file("user-pin-0000")?;
+        Ok(hsm)
+    }
+
+    /// Initialises token `label` in this HSM with user PIN `pin`.
+    fn init_token(&self, label: &str, pin: &str) -> anyhow::Result<()> {
         // Provisioning only: softhsm2-util takes its PINs as arguments, so
         // they are throwaway values that exist for this sandbox alone.
-        let out = hsm
+        let out = self
             .command("softhsm2-util")
-            .args(["--init-token", "--free", "--label", token])
-            .args(["--so-pin", "so-pin-0000", "--pin", "user-pin-0000"])
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--so-pin", "so-pin-0000", "--pin", pin])
             .output()
             .context("softhsm2-util (installed by scripts/setup)")?;
         if !out.status.success() {
@@ -56,8 +63,16 @@ impl SoftHsm {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        hsm.set_pin_file("user-pin-0000")?;
-        Ok(hsm)
+        Ok(())
+    }
+
+    /// Initialises a second token, `label`, in this HSM with its own user
+    /// PIN (a tenant's partition); returns its PIN file (mode 0600).
+    pub fn add_token(&self, label: &str, pin: &str) -> anyhow::Result<PathBuf> {
+        self.init_token(label, pin)?;
+        let file = self.dir.join(format!("{label}.pin"));
+        write_pin_file(&file, pin)?;
+        Ok(file)
     }
 
     /// Writes `pin` to the PIN file (mode 0600).
@@ -84,6 +99,17 @@ impl SoftHsm {
     /// Runs `loupe args...` against this sandbox.
     pub fn loupe(&self, args: &[&str]) -> Output {
         self.command(crate::workspace_bin("loupe"))
+            .args(args)
+            .output()
+            .expect("run loupe")
+    }
+
+    /// Runs `loupe args...` against token `label` of this HSM (one made by
+    /// [`SoftHsm::add_token`]).
+    pub fn loupe_on(&self, label: &str, args: &[&str]) -> Output {
+        self.command(crate::workspace_bin("loupe"))
+            .env("LOUPE_HSM_TOKEN", label)
+            .env("LOUPE_HSM_PIN_FILE", self.dir.join(format!("{label}.pin")))
             .args(args)
             .output()
             .expect("run loupe")
@@ -177,6 +203,21 @@ impl RemoteHsm {
             // group id cannot have been reused.
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
             p.wait_timeout(std::time::Duration::from_secs(30));
+        }
+    }
+}
+
+impl RemoteHsm {
+    /// Freezes the server and its forked processes (SIGSTOP to the process
+    /// group), or thaws them (SIGCONT): a hung HSM that keeps its
+    /// connections open and answers nothing.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(p) = &self.proc {
+            let pgid = p.pid() as i32;
+            let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on the process group our child leads, not
+            // reaped yet (as in `down`).
+            unsafe { libc::kill(-pgid, sig) };
         }
     }
 }

@@ -483,23 +483,24 @@ fn a_server_not_presenting_the_pinned_certificate_and_a_missing_key_are_blocked(
     assert!(note.contains("not-on-the-token"), "{r}");
 }
 
-/// The HSM goes away (its `p11-kit server` killed) while an inbound
-/// download runs: the download goes on byte-exact, new handshakes get a
-/// handshake_failure alert with the reason logged, and inbound inspection
-/// recovers by itself when the HSM is back.
-#[test]
-fn an_hsm_outage_fails_new_inbound_handshakes_keeps_flows_and_recovers() {
-    let mut m = start(Options {
-        remote_hsm: true,
-        ..Options::default()
-    });
-    let nginx =
-        Nginx::start_with(&m.h, EC_PORT, leaf_of(&m.pki, "web-ec"), false, "").expect("nginx");
-    let sha = nginx.add_file("big", 64 << 20, 3).unwrap();
+/// A rate-limited download of `file` (of `mib` MiB) from the EC server
+/// through inbound inspection, running in the background: written to
+/// `out` if given, then hashed (the SHA-256 is its stdout). Returns it
+/// and the file's SHA-256, once the engine counts it decrypted.
+fn background_download(
+    m: &Mitm,
+    nginx: &Nginx,
+    mib: usize,
+    rate: &str,
+    out: &Path,
+) -> (Proc, String) {
+    let sha = nginx.add_file("big", mib << 20, 3).unwrap();
     let roots = m.pki.roots.display().to_string();
+    let out = out.display();
     let script = format!(
-        "curl -sS --fail --max-time 280 --limit-rate 8M --cacert '{roots}' --resolve \
-         '{SERVER_NAME}:{EC_PORT}:{SERVER_V4}' 'https://{SERVER_NAME}:{EC_PORT}/big' | sha256sum"
+        "curl -sS --fail --max-time 280 --limit-rate {rate} --cacert '{roots}' --resolve \
+         '{SERVER_NAME}:{EC_PORT}:{SERVER_V4}' -o '{out}' 'https://{SERVER_NAME}:{EC_PORT}/big' \
+         && sha256sum '{out}'"
     );
     let child =
         m.h.client
@@ -509,16 +510,28 @@ fn an_hsm_outage_fails_new_inbound_handshakes_keeps_flows_and_recovers() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-    let mut slow = Proc::new("slow curl", child);
+    let slow = Proc::new("slow curl", child);
     m.engine
         .wait_stats("the download decrypted", Duration::from_secs(60), |r| {
             r.tls.as_ref().filter(|t| t.decrypted >= 1).map(|_| ())
         })
         .unwrap();
+    (slow, sha)
+}
 
-    m.remote.as_mut().unwrap().down();
-    let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
-    let all = format!("{}\n{}", ran.dump(), evidence(&m));
+/// The download finished, byte-exact.
+fn finished_whole(mut slow: Proc, sha: &str) {
+    let (status, in_time) = slow.wait_timeout(Duration::from_secs(300));
+    let (stdout, err) = slow.take_output();
+    assert!(status.success() && in_time, "{err}");
+    assert_eq!(stdout.split_whitespace().next(), Some(sha), "{err}");
+}
+
+/// A new handshake refused for the HSM: handshake_failure to the client,
+/// the reason in the record.
+fn refused_for_the_hsm(m: &Mitm) {
+    let ran = openssl(m, EC_PORT, &["-tls1_3"]);
+    let all = format!("{}\n{}", ran.dump(), evidence(m));
     assert!(!ran.status.success(), "{all}");
     assert!(ran.stderr.contains("handshake failure"), "{all}");
     let r = m
@@ -531,13 +544,15 @@ fn an_hsm_outage_fails_new_inbound_handshakes_keeps_flows_and_recovers() {
         })
         .unwrap();
     assert_eq!(r["tls"]["error"]["stage"], "downstream-handshake", "{r}");
+}
 
-    m.remote.as_mut().unwrap().up().unwrap();
+/// New inbound handshakes succeed again (the HSM is back).
+fn handshakes_again(m: &Mitm) {
     wait_until(
         "a new inbound handshake again",
         Duration::from_secs(120),
         || {
-            let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
+            let ran = openssl(m, EC_PORT, &["-tls1_3"]);
             if ran.status.success() && ran.stdout.contains("Verification: OK") {
                 Ok(Some(()))
             } else {
@@ -546,9 +561,255 @@ fn an_hsm_outage_fails_new_inbound_handshakes_keeps_flows_and_recovers() {
         },
     )
     .unwrap();
+}
 
-    let (status, in_time) = slow.wait_timeout(Duration::from_secs(300));
-    let (out, err) = slow.take_output();
-    assert!(status.success() && in_time, "{err}");
-    assert_eq!(out.split_whitespace().next(), Some(sha.as_str()), "{err}");
+/// The HSM goes away (its `p11-kit server` killed) while an inbound
+/// download runs: the download goes on byte-exact, new handshakes get a
+/// handshake_failure alert with the reason logged, and inbound inspection
+/// recovers by itself when the HSM is back.
+#[test]
+fn an_hsm_outage_fails_new_inbound_handshakes_keeps_flows_and_recovers() {
+    let mut m = start(Options {
+        remote_hsm: true,
+        ..Options::default()
+    });
+    let nginx =
+        Nginx::start_with(&m.h, EC_PORT, leaf_of(&m.pki, "web-ec"), false, "").expect("nginx");
+    let (slow, sha) = background_download(&m, &nginx, 64, "8M", &m.h.dir.join("big.out"));
+    m.remote.as_mut().unwrap().down();
+    refused_for_the_hsm(&m);
+    m.remote.as_mut().unwrap().up().unwrap();
+    handshakes_again(&m);
+    finished_whole(slow, &sha);
+}
+
+/// The HSM hangs (its `p11-kit server` stopped with SIGSTOP: connections
+/// stay open, nothing is answered) while an inbound download runs: the
+/// download keeps moving through the freeze without a pause beyond
+/// jitter (no packet worker waits for the HSM), new handshakes fail with
+/// handshake_failure by the HSM deadline instead of hanging, and once the
+/// HSM thaws they succeed again.
+#[test]
+fn a_frozen_hsm_stalls_no_running_flow_and_fails_new_handshakes_by_the_deadline() {
+    let m = start(Options {
+        remote_hsm: true,
+        ..Options::default()
+    });
+    let nginx =
+        Nginx::start_with(&m.h, EC_PORT, leaf_of(&m.pki, "web-ec"), false, "").expect("nginx");
+    let out = m.h.dir.join("big.out");
+    let (slow, sha) = background_download(&m, &nginx, 96, "4M", &out);
+    let size = || std::fs::metadata(&out).map_or(0, |m| m.len());
+    wait_until("the download under way", Duration::from_secs(60), || {
+        if size() > 1 << 20 {
+            Ok(Some(()))
+        } else {
+            Err(format!("{} bytes", size()))
+        }
+    })
+    .unwrap();
+
+    let remote = m.remote.as_ref().unwrap();
+    remote.freeze(true);
+    let frozen = std::time::Instant::now();
+    let at_freeze = size();
+    // A new handshake: refused by the deadline (2 s for the signature,
+    // with margins), not left hanging.
+    refused_for_the_hsm(&m);
+    let took = frozen.elapsed();
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    // The download's progress, sampled through the freeze: it never
+    // stands still for long (a worker waiting on the HSM would stop it for
+    // the whole freeze).
+    let mut last = (size(), std::time::Instant::now());
+    let mut longest = Duration::ZERO;
+    while frozen.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = (size(), std::time::Instant::now());
+        if now.0 > last.0 {
+            last = now;
+        } else {
+            longest = longest.max(now.1 - last.1);
+        }
+    }
+    let moved = size() - at_freeze;
+    remote.freeze(false);
+    assert!(
+        moved >= 8 << 20,
+        "{moved} bytes in 10 s of HSM freeze: {}",
+        evidence(&m)
+    );
+    assert!(
+        longest < Duration::from_secs(3),
+        "the download stood still for {longest:?} while the HSM was frozen"
+    );
+    handshakes_again(&m);
+    finished_whole(slow, &sha);
+}
+
+/// Two more tenants in one engine, each with its own token and PIN:
+/// `tenant-b` holds `web-b`; `tenant-c`'s PIN file is wrong. B's rule
+/// signs on B's token (its audit records name it); a rule of the engine's
+/// first tenant naming B's key label finds nothing on its own token and is
+/// blocked, however the label is spelled elsewhere; C's wrong PIN leaves
+/// B (and the engine) working, and C's connections fail with the reason.
+#[test]
+fn tenants_sign_only_with_their_own_tokens_and_a_wrong_pin_leaves_the_others_working() {
+    let opts = Options {
+        extra_tokens: vec![
+            ("tenant-b".into(), "pin-b-1111".into(), "pin-b-1111".into()),
+            ("tenant-c".into(), "pin-c-2222".into(), "wrong-9999".into()),
+        ],
+        ..Options::default()
+    };
+    let m = Mitm::start_opts_hsm(opts, |pki, hsm| {
+        let names = [SERVER_NAME, SERVER_V4];
+        for (tag, token) in [("web-b", "tenant-b"), ("web-c", "tenant-c")] {
+            let c = pki.leaf(tag, &names, Key::P256, Flaw::None)?;
+            let out = hsm.loupe_on(
+                token,
+                &["key", "import", "--label", tag, c.key.to_str().unwrap()],
+            );
+            anyhow::ensure!(
+                out.status.success(),
+                "loupe key import on {token}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let chain = |tag: &str| leaf_of(pki, tag).cert.display().to_string();
+        Ok(format!(
+            r#"[policy]
+default_action = "no-decrypt"
+
+[server_profiles.b]
+chain = "{b}"
+key = "web-b"
+token = "tenant-b"
+
+# The first tenant's profile, naming B's key label: its own token has none.
+[server_profiles.a-borrows-b]
+chain = "{b}"
+key = "web-b"
+
+[server_profiles.c]
+chain = "{c}"
+key = "web-c"
+token = "tenant-c"
+
+[[rules]]
+name = "tenant-b"
+dst = ["198.18.0.2/32"]
+ports = [{EC_PORT}]
+action = "inbound-inspect"
+server_profile = "b"
+
+[[rules]]
+name = "tenant-a"
+dst = ["198.18.0.2/32"]
+ports = [{RSA_PORT}]
+action = "inbound-inspect"
+server_profile = "a-borrows-b"
+
+[[rules]]
+name = "tenant-c"
+dst = ["198.18.0.2/32"]
+ports = [{IMPOSTOR_PORT}]
+action = "inbound-inspect"
+server_profile = "c"
+"#,
+            b = chain("web-b"),
+            c = chain("web-c"),
+        ))
+    })
+    .expect("setup");
+    let _servers: Vec<Nginx> = [
+        (EC_PORT, "web-b"),
+        (RSA_PORT, "web-b"),
+        (IMPOSTOR_PORT, "web-c"),
+    ]
+    .into_iter()
+    .map(|(port, tag)| Nginx::start_with(&m.h, port, leaf_of(&m.pki, tag), false, "").unwrap())
+    .collect();
+
+    // Tenant C's token is down with the reason; the others are up.
+    let health = m
+        .engine
+        .wait_stats("tenant C reported down", Duration::from_secs(60), |r| {
+            r.hsm
+                .iter()
+                .find(|h| h.token == "tenant-c" && !h.up)
+                .cloned()
+        })
+        .unwrap();
+    assert!(health.last_error.is_some(), "{health:?}");
+    let stats = m.engine.stats().unwrap();
+    for t in [m.hsm.token.as_str(), "tenant-b"] {
+        assert!(
+            stats.hsm.iter().any(|h| h.token == t && h.up),
+            "{t}: {:?}",
+            stats.hsm
+        );
+    }
+
+    // Tenant B: its own key, on its own token.
+    let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
+    let all = format!("{}\n{}", ran.dump(), evidence(&m));
+    assert!(ran.status.success(), "{all}");
+    assert_eq!(
+        line_after(&ran.stdout, "Verification:"),
+        Some("OK"),
+        "{all}"
+    );
+    assert_eq!(
+        first_pem(&ran.stdout).as_deref(),
+        Some(leaf_pem(&leaf_of(&m.pki, "web-b").cert).as_str()),
+        "{all}"
+    );
+    let r = m
+        .control
+        .wait_record("tenant B's connection", |r| {
+            r["server"] == format!("{SERVER_V4}:{EC_PORT}").as_str() && r.get("tls").is_some()
+        })
+        .unwrap();
+    assert_eq!(r["tls"]["server_key"], "tenant-b/web-b", "{r}");
+    let audit = std::fs::read_to_string(&m.hsm.audit_log).unwrap();
+    let signs: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["purpose"] == HANDSHAKE)
+        .collect();
+    assert_eq!(signs.len(), 1, "{audit}");
+    assert_eq!(signs[0]["token"], "tenant-b", "{audit}");
+
+    // Tenant A naming B's label: nothing on A's token, blocked.
+    let ran = openssl(&m, RSA_PORT, &["-tls1_3"]);
+    assert!(!ran.status.success(), "{}", ran.dump());
+    let r = m
+        .control
+        .wait_record("tenant A's refusal", |r| {
+            r["server"] == format!("{SERVER_V4}:{RSA_PORT}").as_str()
+        })
+        .unwrap();
+    let text = r.to_string();
+    assert!(
+        text.contains("a-borrows-b") && text.contains(&format!("on token \\\"{}\\\"", m.hsm.token)),
+        "{r}"
+    );
+
+    // Tenant C: its token is unavailable (wrong PIN); the handshake fails
+    // with the reason, nothing is signed.
+    let ran = openssl(&m, IMPOSTOR_PORT, &["-tls1_3"]);
+    assert!(!ran.status.success(), "{}", ran.dump());
+    assert!(ran.stderr.contains("handshake failure"), "{}", ran.dump());
+    let r = m
+        .control
+        .wait_record("tenant C's refusal", |r| {
+            r["server"] == format!("{SERVER_V4}:{IMPOSTOR_PORT}").as_str()
+        })
+        .unwrap();
+    let why = r["tls"]["error"]["reason"].as_str().unwrap_or("");
+    assert!(why.contains("tenant-c"), "{r}");
+    // And B still works after C's failure.
+    let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
+    assert!(ran.status.success(), "{}", ran.dump());
 }

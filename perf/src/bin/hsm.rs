@@ -37,7 +37,7 @@ use loupe_hsm::{
     softhsm::{init_token, SoftHsmDir},
     token::{KeyAlg, Token, TokenConfig, SOFTHSM2_MODULE},
 };
-use loupe_perf::median;
+use loupe_perf::{histogram, median, raw};
 use serde::Serialize;
 
 /// The engine's allocator: requests are allocated by requesters and freed by
@@ -95,57 +95,6 @@ impl Wake for Unpark {
     fn wake(self: Arc<Self>) {
         self.0.unpark();
     }
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
-}
-
-/// Raw rate: `threads` sessions signing flat out; per-signature times.
-fn raw(
-    token: &Token,
-    key: &str,
-    mech: SignMech,
-    threads: usize,
-    secs: f64,
-) -> anyhow::Result<(f64, Histogram<u64>)> {
-    let mut sessions = (0..threads)
-        .map(|_| token.session())
-        .collect::<Result<Vec<_>, _>>()?;
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(secs);
-    let mut hist = histogram();
-    let total: u64 = std::thread::scope(|s| {
-        let handles: Vec<_> = sessions
-            .iter_mut()
-            .map(|sess| {
-                s.spawn(move || {
-                    let mut n = 0u64;
-                    let mut h = histogram();
-                    let msg = [7u8; 256];
-                    loop {
-                        let t0 = Instant::now();
-                        if t0 >= end {
-                            break;
-                        }
-                        sess.sign(key, mech, &msg).expect("raw sign");
-                        let _ = h.record(t0.elapsed().as_micros().max(1) as u64);
-                        n += 1;
-                    }
-                    (n, h)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                let (n, th) = h.join().expect("raw thread");
-                let _ = hist.add(&th);
-                n
-            })
-            .sum()
-    });
-    Ok((total as f64 / start.elapsed().as_secs_f64(), hist))
 }
 
 /// One service measurement's shape.
