@@ -247,14 +247,19 @@ impl Sessions {
         let id = FlowId::of(&parsed.key);
         let is_syn = parsed.segment.flags.syn && !parsed.segment.flags.ack;
         // A new connection on the ports of one that passed through or
-        // ended: track it afresh.
-        if is_syn
-            && self
-                .flows
-                .get(&id)
-                .is_some_and(|f| matches!(f.entry, Entry::Passthrough(_) | Entry::Ended))
-        {
-            self.flows.remove(&id);
+        // ended, or of a split whose halves are through with their bytes
+        // (TIME-WAIT at most, which may take a new SYN: RFC 9293
+        // §3.10.7.4; a client that closed second reuses its port at once):
+        // track it afresh.
+        if is_syn {
+            let stale = self.flows.get(&id).is_some_and(|f| match &f.entry {
+                Entry::Passthrough(_) | Entry::Ended => true,
+                Entry::Split { split, .. } => split.finished(),
+                Entry::Tracking(_) => false,
+            });
+            if stale {
+                self.retire(id);
+            }
         }
         if !self.flows.contains_key(&id) {
             if self.stopping {
@@ -307,6 +312,31 @@ impl Sessions {
                 self.with_split(id, now, |s| s.on_segment(dir, &parsed.segment, now));
                 Disposition::Consumed
             }
+        }
+    }
+
+    /// Forgets a flow for a new connection on its ports; a finished
+    /// split is accounted for as when its halves close.
+    fn retire(&mut self, id: FlowId) {
+        let Some(flow) = self.flows.remove(&id) else {
+            return;
+        };
+        self.parked.remove(&id);
+        if let Entry::Split {
+            split, mut meta, ..
+        } = flow.entry
+        {
+            if !meta.logged {
+                meta.logged = true;
+                self.events.push(log_entry(
+                    &meta,
+                    split.relayed(),
+                    end_reason(&split),
+                    split.stage().final_tls_record().as_ref(),
+                ));
+            }
+            absorb(&mut self.counters, &split);
+            self.ops.push(MapOp::Forget(meta.key));
         }
     }
 

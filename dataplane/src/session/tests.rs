@@ -792,6 +792,50 @@ fn an_ended_split_is_logged_with_its_bytes_and_unpinned() {
     );
 }
 
+/// A client that closed second (the engine's client half in TIME-WAIT)
+/// opens a new connection from the same port at once: its SYN starts a
+/// new connection (passed on, tracked afresh) and the finished split is
+/// logged, instead of the SYN falling into the old split and the client
+/// waiting a SYN retransmission out.
+#[test]
+fn a_new_syn_on_the_ports_of_a_finished_split_starts_afresh() {
+    let mut b = Bench::new(SessionSettings::default());
+    let hello = client_hello("a.example", &[]);
+    let n = hello.len() as u32;
+    b.client_data(0, &hello);
+    b.sent();
+    // The server takes the hello and closes first.
+    b.send(Dir::Server, &seg(S_ISN + 1, C_ISN + 1 + n, false, b""));
+    let mut fin = seg(S_ISN + 1, C_ISN + 1 + n, false, b"");
+    fin.flags.fin = true;
+    b.send(Dir::Server, &fin);
+    let toward_client = segments(&b.sent(), Side::Inside);
+    assert!(
+        toward_client.iter().any(|s| s.flags.fin),
+        "{toward_client:?}"
+    );
+    // The client acknowledges and closes: the engine's client half is in
+    // TIME-WAIT; the server acknowledges the engine's FIN.
+    let mut fin = seg(C_ISN + 1 + n, S_ISN + 2, false, b"");
+    fin.flags.fin = true;
+    b.send(Dir::Client, &fin);
+    b.sent();
+    b.send(Dir::Server, &seg(S_ISN + 2, C_ISN + 2 + n, false, b""));
+    b.sent();
+    assert!(
+        b.sp.events.iter().any(|e| e.end == "closed"),
+        "{:?}",
+        b.sp.events
+    );
+    let logged = b.sp.events.len();
+    // A new connection on the same ports.
+    let syn = seg(C_ISN + 1_000_000, 0, true, b"");
+    assert_eq!(b.send(Dir::Client, &syn), Disposition::Forward);
+    assert_eq!(b.sp.events.len(), logged, "logged once: {:?}", b.sp.events);
+    let synack = seg(S_ISN + 5_000_000, C_ISN + 1_000_001, true, b"");
+    assert_eq!(b.send(Dir::Server, &synack), Disposition::Forward);
+}
+
 #[test]
 fn a_flow_seen_mid_stream_is_not_blamed_on_a_rule() {
     let mut sp = Sessions::new(one_rule(Action::Block, "*.bad.example"));
