@@ -1,10 +1,11 @@
-//! `loupe ca ...`, `loupe key ...` and `loupe audit ...`: the operator's
-//! side of the HSM.
+//! `loupe ca ...`, `loupe key ...`, `loupe audit ...` and `loupe policy
+//! check --keys`: the operator's side of the HSM.
 //! Every command opens the token named by the HSM options, and every key
 //! operation goes through the same signer service and audit log as the
 //! engine's.
 
 use std::{
+    cell::RefCell,
     io::Write,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -12,6 +13,12 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use loupe_dataplane::{
+    policy::ServerProfile,
+    tls::inbound::{leaf_spki_sha256, read_chain},
+};
+
+use crate::policy::Severity;
 use loupe_hsm::{
     audit::{
         self, AuditConfig, AuditLog, AuditSink, Entry, HeadCheck, HeadFound, Kind, Problem,
@@ -19,7 +26,7 @@ use loupe_hsm::{
     },
     ca::{ensure_audit_key, parse_ec_spki_pem, spki_pem, CaFlavor, CaManager, CaOptions, CaRole},
     pin::PinSource,
-    server_keys::{ServerKeyInfo, ServerKeys},
+    server_keys::{list_keys, ServerKeyInfo, ServerKeys},
     signer::{Signer, SignerConfig},
     token::{KeyAlg, Token, TokenConfig, SOFTHSM2_MODULE},
 };
@@ -214,6 +221,70 @@ fn requester() -> String {
         .or_else(|_| std::env::var("USER"))
         .unwrap_or_default();
     format!("loupe-cli uid={uid} user={user}")
+}
+
+/// `loupe policy check --keys`: looks each server profile's key up on the
+/// token `--token` names (with its PIN) and compares its public key with
+/// the chain's certificate. Public attributes only: nothing is signed or
+/// audited. A profile on another token is a warning (not checked). The
+/// token is opened once, at the first profile.
+pub fn key_check(hsm: &HsmArgs) -> impl Fn(&ServerProfile) -> Result<(), (Severity, String)> + '_ {
+    let listed: RefCell<Option<Result<Vec<ServerKeyInfo>, String>>> = RefCell::new(None);
+    move |sp| {
+        let token = sp.token.as_deref().unwrap_or(&hsm.token);
+        if token != hsm.token {
+            return Err((
+                Severity::Warning,
+                format!(
+                    "key {:?} not checked: it is on token {token:?}; check it with --token \
+                     {token:?} and that token's PIN",
+                    sp.key
+                ),
+            ));
+        }
+        let mut listed = listed.borrow_mut();
+        let keys = listed.get_or_insert_with(|| {
+            Token::open(&hsm.token_config())
+                .and_then(|t| list_keys(&t))
+                .map_err(|e| e.to_string())
+        });
+        let keys = keys.as_ref().map_err(|e| {
+            (
+                Severity::Error,
+                format!("cannot read the keys on token {token:?}: {e}"),
+            )
+        })?;
+        let Some(k) = keys.iter().find(|k| k.label == sp.key) else {
+            return Err((
+                Severity::Error,
+                format!(
+                    "no server key {:?} on token {token:?} (`loupe key list`; `loupe key \
+                     import` or `generate` makes one)",
+                    sp.key
+                ),
+            ));
+        };
+        if let Some(p) = &k.problem {
+            return Err((
+                Severity::Error,
+                format!("server key {:?} on token {token:?}: {p}", sp.key),
+            ));
+        }
+        let chain = read_chain(Path::new(&sp.chain))
+            .map_err(|e| (Severity::Error, format!("chain file {}: {e}", sp.chain)))?;
+        let want = leaf_spki_sha256(&chain[0]).map_err(|e| (Severity::Error, e))?;
+        if want != k.spki_sha256 {
+            return Err((
+                Severity::Error,
+                format!(
+                    "server key {:?} on token {token:?} is not the key of the certificate in \
+                     {}: the certificate's public key has SHA-256 {want}, the token's key {}",
+                    sp.key, sp.chain, k.spki_sha256
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The token, its audit log and a one-thread signer, opened in that order;

@@ -138,6 +138,12 @@ enum PolicyCommand {
         /// Print the compiled policy (JSON) when it is valid.
         #[arg(long)]
         json: bool,
+        /// Also look each server profile's key up on the token (the HSM
+        /// options below) and check it is the key of its certificate.
+        #[arg(long)]
+        keys: bool,
+        #[command(flatten)]
+        hsm: hsm::HsmArgs,
     },
     /// Check a policy and make the dataplane run it (atomically: on any
     /// error the running policy stays).
@@ -306,9 +312,16 @@ fn flows(socket: &std::path::Path, filter: Option<&str>, json: bool) -> anyhow::
     Ok(ExitCode::SUCCESS)
 }
 
-fn policy_check(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
-    let checked = policy::check_file(file)
-        .with_context(|| format!("cannot read the policy {}", file.display()))?;
+fn policy_check(
+    file: &std::path::Path,
+    json: bool,
+    keys: Option<&hsm::HsmArgs>,
+) -> anyhow::Result<ExitCode> {
+    let checked = match keys {
+        Some(hsm) => policy::check_file_keys(file, &hsm::key_check(hsm)),
+        None => policy::check_file(file),
+    }
+    .with_context(|| format!("cannot read the policy {}", file.display()))?;
     print_diagnostics(&checked.diagnostics);
     let Some(p) = checked.policy else {
         eprintln!(
@@ -369,7 +382,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Key { hsm, command } => hsm::key(&hsm, command),
         Command::Audit { hsm, command } => hsm::audit(&hsm, command),
         Command::Policy { command } => match command {
-            PolicyCommand::Check { file, json } => policy_check(&file, json),
+            PolicyCommand::Check {
+                file,
+                json,
+                keys,
+                hsm,
+            } => policy_check(&file, json, keys.then_some(&hsm)),
             PolicyCommand::Apply { file } => {
                 let r = ctl(&cli.socket, &daemon::apply_request(&file)?)?;
                 outln!(

@@ -240,7 +240,15 @@ impl ServerKeys<'_> {
 
     /// The server keys on the token, with the attributes it reports.
     pub fn list(&self) -> Result<Vec<ServerKeyInfo>> {
-        let mut s = self.token.session()?;
+        list_keys(self.token)
+    }
+}
+
+/// The server keys on `token`, with the attributes it reports (public
+/// attributes only: nothing is signed, nothing audited).
+pub fn list_keys(token: &Token) -> Result<Vec<ServerKeyInfo>> {
+    {
+        let mut s = token.session()?;
         let mut labels = s.private_key_labels(PREFIX)?;
         labels.dedup();
         let mut out = Vec::new();

@@ -813,3 +813,76 @@ server_profile = "c"
     let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
     assert!(ran.status.success(), "{}", ran.dump());
 }
+
+/// `loupe policy check --keys` looks each server profile's key up on the
+/// token: a key that is not the certificate's, or is missing, is an
+/// error at the `key` line; a profile on another token is a warning; the
+/// right EC and RSA keys pass. Without `--keys` the file alone is
+/// checked (and passes).
+#[test]
+fn policy_check_with_keys_finds_a_missing_or_mismatched_server_key() {
+    let hsm = SoftHsm::new("keys").unwrap();
+    let pki = Pki::new(&hsm.dir.join("pki")).unwrap();
+    let names = [SERVER_NAME];
+    let ec = pki.leaf("ec", &names, Key::P256, Flaw::None).unwrap();
+    let rsa = pki.leaf("rsa", &names, Key::Rsa2048, Flaw::None).unwrap();
+    let other = pki.leaf("other", &names, Key::P256, Flaw::None).unwrap();
+    for (label, file) in [("ec", &ec.key), ("rsa", &rsa.key), ("mismatch", &other.key)] {
+        let out = hsm.loupe(&["key", "import", "--label", label, file.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let policy = hsm.dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"[server_profiles.ec]
+chain = "{ec}"
+key = "ec"
+[server_profiles.rsa]
+chain = "{rsa}"
+key = "rsa"
+[server_profiles.mismatch]
+chain = "{ec}"
+key = "mismatch"
+[server_profiles.missing]
+chain = "{ec}"
+key = "absent"
+[server_profiles.elsewhere]
+chain = "{ec}"
+key = "ec"
+token = "tenant-x"
+"#,
+            ec = ec.cert.display(),
+            rsa = rsa.cert.display()
+        ),
+    )
+    .unwrap();
+    let file = policy.to_str().unwrap();
+    let plain = hsm.loupe(&["policy", "check", file]);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let out = hsm.loupe(&["policy", "check", "--keys", file]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    let at = |line: usize, severity: &str, what: &str| {
+        let place = format!("{file}:{line}:7: {severity}: ");
+        err.lines()
+            .any(|l| l.starts_with(&place) && l.contains(what))
+    };
+    assert!(at(9, "error", "is not the key of the certificate"), "{err}");
+    assert!(at(12, "error", "no server key \"absent\""), "{err}");
+    assert!(at(15, "warning", "not checked"), "{err}");
+    for line in [3, 6] {
+        assert!(
+            !err.contains(&format!("{file}:{line}:")),
+            "line {line}: {err}"
+        );
+    }
+}

@@ -183,7 +183,14 @@ struct Report<'a> {
     /// [`compile_saved`]): host files a profile names are the engine's to
     /// read, and their trouble is a warning.
     saved: bool,
+    /// Looks server profiles' keys up on their tokens (`policy check
+    /// --keys`).
+    keys: Option<&'a KeyCheck<'a>>,
 }
+
+/// Checks a server profile's key on its token: `Err` with the severity and
+/// what is wrong.
+pub type KeyCheck<'a> = dyn Fn(&ServerProfile) -> Result<(), (Severity, String)> + 'a;
 
 impl<'a> Report<'a> {
     fn new(src: Source<'a>, saved: bool) -> Report<'a> {
@@ -193,6 +200,7 @@ impl<'a> Report<'a> {
             done: Vec::new(),
             errors: 0,
             saved,
+            keys: None,
         }
     }
 
@@ -462,7 +470,7 @@ fn nth_start<'a, T: 'a>(items: impl Iterator<Item = &'a Spanned<T>>, n: usize) -
 /// reads the files it names (the category file), so the caller decides
 /// where they come from.
 pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<String>) -> Checked {
-    compile_as(path, text, load, false)
+    compile_as(path, text, load, false, None)
 }
 
 /// [`compile`] for a policy that was checked and accepted before (the
@@ -476,7 +484,7 @@ pub fn compile_saved(
     text: &str,
     load: &dyn Fn(&Path) -> io::Result<String>,
 ) -> Checked {
-    compile_as(path, text, load, true)
+    compile_as(path, text, load, true, None)
 }
 
 fn compile_as(
@@ -484,6 +492,7 @@ fn compile_as(
     text: &str,
     load: &dyn Fn(&Path) -> io::Result<String>,
     saved: bool,
+    keys: Option<&KeyCheck<'_>>,
 ) -> Checked {
     let src = Source::new(path, text);
     let raw: RawPolicy = match parse_toml(&src) {
@@ -496,6 +505,7 @@ fn compile_as(
         }
     };
     let mut rep = Report::new(src, saved);
+    rep.keys = keys;
     let mut digest = Sha256::new();
     digest.update(text.as_bytes());
 
@@ -1719,12 +1729,24 @@ fn server_profile(
             UpstreamCheck::Pinned
         }
     };
-    (rep.errors() == errors_before).then(|| ServerProfile {
+    if rep.errors() > errors_before {
+        return None;
+    }
+    let out = ServerProfile {
         chain: chain.expect("no error, so a chain"),
         token: sp.token.as_ref().map(|t| t.get_ref().clone()),
         key: key.expect("no error, so a key"),
         upstream,
-    })
+    };
+    if let (Some(check), Some(k)) = (rep.keys, &sp.key) {
+        if let Err((severity, why)) = check(&out) {
+            rep.push(severity, k.span(), why);
+            if severity == Severity::Error {
+                return None;
+            }
+        }
+    }
+    Some(out)
 }
 
 fn dataplane_spec(rep: &mut Report, raw: &RawPolicy) -> DataplaneSpec {
@@ -1839,6 +1861,18 @@ fn shadow_warnings(rep: &mut Report, policy: &Policy, written: &[&Spanned<RawRul
 pub fn check_file(path: &Path) -> io::Result<Checked> {
     let text = read_text(path)?;
     Ok(compile(path, &text, &|p| read_text(p)))
+}
+
+/// [`check_file`], each server profile's key looked up by `keys`.
+pub fn check_file_keys(path: &Path, keys: &KeyCheck<'_>) -> io::Result<Checked> {
+    let text = read_text(path)?;
+    Ok(compile_as(
+        path,
+        &text,
+        &|p| read_text(p),
+        false,
+        Some(keys),
+    ))
 }
 
 /// The most a policy or category file may hold.

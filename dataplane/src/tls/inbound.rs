@@ -317,6 +317,18 @@ pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(chain)
 }
 
+/// The SHA-256 (hex) of the leaf's SubjectPublicKeyInfo: what `loupe key
+/// list` shows for the key that must sign for it.
+pub fn leaf_spki_sha256(leaf: &CertificateDer<'_>) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("the leaf certificate: {e}"))?;
+    Ok(Sha256::digest(cert.public_key().raw)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// Signs a fresh message with the key on the token and verifies it with
 /// the leaf's public key.
 fn prove(inner: &KeyInner, leaf: &CertificateDer<'_>) -> Result<(), String> {
