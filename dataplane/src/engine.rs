@@ -14,6 +14,7 @@ use std::{
 use loupe_hsm::{
     audit::{AuditConfig, AuditLog, AuditSink, Entry, Kind},
     ca::list_cas,
+    master::MasterKey,
     signer::{Signer, SignerConfig},
     token::Token,
 };
@@ -32,7 +33,10 @@ use crate::{
         STATS_VERSION,
     },
     sys::{self, SysError},
-    tls::context::{CaSet, TlsContext},
+    tls::{
+        context::{CaSet, TlsContext},
+        tickets::{Sealer, TicketKeys},
+    },
     worker::{Crossbar, SplitLinks, Worker, WorkerShared},
     xsk::{QueuePort, XskError},
 };
@@ -124,6 +128,39 @@ fn start_hsm(h: &HsmSettings) -> Result<HsmService, EngineError> {
     Ok(HsmService { signer, log })
 }
 
+/// The ticket keys' file sealed and opened with the first token's master
+/// key (each use audited).
+struct HsmSealer {
+    token: Token,
+    audit: AuditSink,
+}
+
+/// What the sealed ticket keys are for (bound into the seal).
+const TICKET_KEYS: &str = "tls ticket keys";
+
+impl HsmSealer {
+    fn master(&self) -> MasterKey<'_> {
+        MasterKey {
+            token: &self.token,
+            audit: &self.audit,
+            requester: "loupe-dataplane".into(),
+        }
+    }
+}
+
+impl Sealer for HsmSealer {
+    fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, String> {
+        self.master()
+            .seal(TICKET_KEYS, secret)
+            .map_err(|e| e.to_string())
+    }
+    fn open(&self, blob: &[u8]) -> Result<Vec<u8>, String> {
+        self.master()
+            .open(TICKET_KEYS, blob)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// How often the engine re-reads the CAs from the token (a `loupe ca
 /// rotate` takes effect within this).
 const CA_REFRESH: Duration = Duration::from_secs(10);
@@ -171,6 +208,25 @@ fn start_tls(
     )
     .map_err(EngineError::Tls)?
     .with_token(&first.label);
+    if let Some(path) = &cfg.tls.ticket_keys {
+        let sealer = Arc::new(HsmSealer {
+            token: token.clone(),
+            audit: export_audit.clone(),
+        });
+        MasterKey {
+            token: &token,
+            audit: &export_audit,
+            requester: "loupe-dataplane".into(),
+        }
+        .ensure()
+        .map_err(|e| EngineError::Tls(format!("the master key for --ticket-keys: {e}")))?;
+        let lifetime = cfg.tls.ticket_lifetime.as_secs().min(u64::from(u32::MAX)) as u32;
+        let (keys, said) = TicketKeys::kept_in(path, sealer, lifetime).map_err(EngineError::Tls)?;
+        eprintln!("loupe-dataplane: {said}");
+        ctx = ctx
+            .with_ticket_keys(Arc::new(keys))
+            .map_err(EngineError::Tls)?;
+    }
     if cfg.export.enabled() {
         if let Some(m) = &cfg.export.mirror {
             if *m == cfg.inside || *m == cfg.outside {
@@ -517,6 +573,7 @@ pub fn run(
             if last_ca_read.elapsed() >= CA_REFRESH {
                 last_ca_read = Instant::now();
                 refresh_cas(ctx, token);
+                ctx.tick();
             }
         }
         if last_write.elapsed() >= cfg.stats_interval {

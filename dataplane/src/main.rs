@@ -122,6 +122,16 @@ struct Args {
     /// Environment variable holding the PIN when no --hsm-pin-file is given.
     #[arg(long, default_value = "LOUPE_HSM_PIN")]
     hsm_pin_env: String,
+    /// Keep the TLS session ticket keys across restarts in FILE, sealed by
+    /// the HSM's master key (an AES-256 key made on the first token, never
+    /// extractable): returning clients resume after a restart. Without
+    /// it they live in memory only.
+    #[arg(long, value_name = "FILE", requires = "hsm_tokens")]
+    ticket_keys: Option<PathBuf>,
+    /// Seconds a ticket key is used (a ticket is good for as long; the
+    /// key before still opens tickets).
+    #[arg(long, default_value_t = 43_200)]
+    ticket_lifetime_s: u64,
     /// HSM threads (sessions) per token.
     #[arg(long, default_value_t = 2)]
     hsm_threads: usize,
@@ -258,6 +268,8 @@ fn main() -> ExitCode {
         hsm_timeout: Duration::from_millis(args.hsm_timeout_ms),
         system_trust: args.trust_store,
         max_sessions: args.max_tls_sessions,
+        ticket_keys: args.ticket_keys,
+        ticket_lifetime: Duration::from_secs(args.ticket_lifetime_s.max(60)),
         ..TlsSettings::default()
     };
 

@@ -192,6 +192,10 @@ pub enum Kind {
     /// An operator started this log in place of another at its path
     /// (`loupe audit reset-head`): the record names the head it supersedes.
     Supersede,
+    /// A secret was sealed with the master key (to be kept on disk).
+    Wrap,
+    /// A sealed secret was opened with the master key.
+    Unwrap,
 }
 
 /// One line of the log. Field order is the serialisation order.

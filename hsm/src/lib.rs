@@ -9,6 +9,8 @@
 //! - [`server_keys`]: an organisation's own server keys (inbound
 //!   inspection): generated or imported, never extractable; CSRs.
 //! - [`keyfile`]: private key files read for an import.
+//! - [`master`]: the master key (AES-256 on the token) sealing secrets
+//!   kept on disk.
 //! - [`mech`]: signature mechanisms and their software halves.
 //! - [`pin`]: PIN sources (0600 file or environment, never argv).
 //! - [`softhsm`]: SoftHSM2 provisioning for the embedded default.
@@ -17,6 +19,7 @@ pub mod audit;
 pub mod ca;
 pub mod error;
 pub mod keyfile;
+pub mod master;
 pub mod mech;
 pub mod pin;
 pub mod server_keys;

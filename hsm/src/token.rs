@@ -831,6 +831,90 @@ impl TokenSession {
         Ok(n)
     }
 
+    /// Whether an AES key labelled `label` is on the token.
+    pub fn has_secret_key(&self, label: &str) -> Result<bool> {
+        Ok(!self.find(ObjectClass::SECRET_KEY, label)?.is_empty())
+    }
+
+    /// Makes an AES-256 key labelled `label` on the token: SENSITIVE, not
+    /// EXTRACTABLE, encrypt and decrypt only (SoftHSM2's defaults are
+    /// not safe: every attribute is set).
+    pub fn generate_aes_key(&mut self, label: &str) -> Result<()> {
+        if self.has_secret_key(label)? {
+            return Err(HsmError::Invalid(format!(
+                "token {:?} already holds a secret key labelled {label:?}",
+                self.token
+            )));
+        }
+        let mut attrs = key_attrs(label);
+        attrs.extend([
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Copyable(false),
+            Attribute::Destroyable(true),
+        ]);
+        let made = self
+            .session
+            .generate_key(&Mechanism::AesKeyGen, &attrs)
+            .map_err(|e| self.err("C_GenerateKey", e))?;
+        if self.find(ObjectClass::SECRET_KEY, label)?.len() != 1 {
+            let _ = self.session.destroy_object(made);
+            return Err(HsmError::Invalid(format!(
+                "another secret key labelled {label:?} was made on token {:?} at the same \
+                 time: this one is undone",
+                self.token
+            )));
+        }
+        Ok(())
+    }
+
+    /// AES-GCM (128-bit tag) with the token's key `label`: encrypts `data`
+    /// (the tag appended) or decrypts and authenticates it.
+    pub fn aes_gcm(
+        &self,
+        label: &str,
+        encrypt: bool,
+        iv: &[u8; 12],
+        aad: &[u8],
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
+        let key = self.find_one(ObjectClass::SECRET_KEY, "secret key", label)?;
+        let mut iv = *iv;
+        let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into())
+            .map_err(|e| self.err("GCM parameters", e))?;
+        let mech = Mechanism::AesGcm(params);
+        if encrypt {
+            self.session
+                .encrypt(&mech, key, data)
+                .map_err(|e| self.err("C_Encrypt", e))
+        } else {
+            self.session
+                .decrypt(&mech, key, data)
+                .map_err(|e| self.err("C_Decrypt", e))
+        }
+    }
+
+    /// Destroys the secret keys labelled `label`; how many there were.
+    pub fn destroy_secret_key(&mut self, label: &str) -> Result<usize> {
+        let found = self.find(ObjectClass::SECRET_KEY, label)?;
+        for h in &found {
+            self.session
+                .destroy_object(*h)
+                .map_err(|e| self.err("C_DestroyObject", e))?;
+        }
+        Ok(found.len())
+    }
+
     /// Labels of the private keys on the token whose label starts with
     /// `prefix`, sorted.
     pub fn private_key_labels(&self, prefix: &str) -> Result<Vec<String>> {

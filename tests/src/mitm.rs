@@ -8,6 +8,7 @@ use std::{
     ffi::OsStr,
     path::{Path, PathBuf},
     process::Output,
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -34,6 +35,8 @@ pub struct Mitm {
     pub remote: Option<RemoteHsm>,
     pub hsm: SoftHsm,
     pub h: Harness,
+    /// The engine's arguments and environment, for a restart.
+    engine_cmd: (Vec<String>, Vec<(String, std::ffi::OsString)>),
 }
 
 /// How a [`Mitm`] is set up.
@@ -146,6 +149,12 @@ impl Mitm {
         let engine = Engine::start_with_env(&h, &args, &env)?;
         let control = Control::start(&h, &sock, Some(&policy_path), &[])?;
         control.wait_in_sync()?;
+        let engine_cmd = (
+            args.iter().map(|a| a.to_string()).collect(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_os_string()))
+                .collect(),
+        );
         Ok(Mitm {
             control,
             engine,
@@ -154,7 +163,35 @@ impl Mitm {
             remote,
             hsm,
             h,
+            engine_cmd,
         })
+    }
+
+    /// Stops the engine (SIGTERM, waiting for it to exit) and starts it
+    /// again with the same arguments; waits until the daemon has given it
+    /// the policy again.
+    pub fn restart_engine(&mut self) -> anyhow::Result<()> {
+        let pid = self.engine.pid() as i32;
+        // SAFETY: kill(2) on the engine process this Mitm started and has
+        // not reaped (its Proc reaps it), so the pid is still its own.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        crate::wait_until("the engine to exit", Duration::from_secs(60), || {
+            if self.engine.alive() {
+                Err("running".into())
+            } else {
+                Ok(Some(()))
+            }
+        })?;
+        let (args, env) = &self.engine_cmd;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &OsStr)> = env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_os_str()))
+            .collect();
+        let fresh = Engine::start_with_env(&self.h, &args, &env)?;
+        drop(std::mem::replace(&mut self.engine, fresh));
+        self.control.wait_in_sync()?;
+        Ok(())
     }
 
     /// curl arguments for `https://NAME:port/path` at `addr`, trusting

@@ -886,3 +886,73 @@ token = "tenant-x"
         );
     }
 }
+
+/// With `--ticket-keys` the session ticket keys outlive the engine,
+/// sealed in the file by the master key on the token (never in clear;
+/// each seal and open in the audit log): a client resumes after an engine
+/// restart, at no HSM signature.
+#[test]
+fn sealed_ticket_keys_let_a_client_resume_after_an_engine_restart() {
+    let dir = std::env::temp_dir().join(format!("loupe-ticket-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(dir.clone());
+    let file = dir.join("tickets.sealed");
+    let mut m = start(Options {
+        engine_args: vec!["--ticket-keys".into(), file.display().to_string()],
+        ..Options::default()
+    });
+    let _nginx =
+        Nginx::start_with(&m.h, EC_PORT, leaf_of(&m.pki, "web-ec"), false, "").expect("nginx");
+    let sealed = std::fs::read(&file).unwrap();
+    assert!(sealed.starts_with(b"LOUPESEAL1"), "{sealed:?}");
+
+    let sess = m.h.dir.join("session.pem");
+    let sess = sess.display().to_string();
+    let first = openssl(&m, EC_PORT, &["-tls1_3", "-sess_out", &sess]);
+    let all = format!("{}\n{}", first.dump(), evidence(&m));
+    assert!(
+        first.status.success() && first.stdout.contains("New, TLSv1"),
+        "{all}"
+    );
+    wait_until(
+        "the full handshake's signature",
+        Duration::from_secs(30),
+        || match handshake_signatures(&m.hsm.audit_log, "web-ec") {
+            1 => Ok(Some(())),
+            n => Err(format!("{n} signatures")),
+        },
+    )
+    .unwrap();
+
+    m.restart_engine().unwrap();
+    let again = openssl(&m, EC_PORT, &["-tls1_3", "-sess_in", &sess]);
+    let all = format!("{}\n{}", again.dump(), evidence(&m));
+    assert!(again.status.success(), "{all}");
+    assert!(again.stdout.contains("Reused, TLSv1.3"), "{all}");
+    assert_eq!(
+        http_response(&again.stdout),
+        Some(("HTTP/1.1 200 OK".to_string(), PAGE.to_string())),
+        "{all}"
+    );
+    assert_eq!(handshake_signatures(&m.hsm.audit_log, "web-ec"), 1, "{all}");
+
+    // The master key's uses are on record: made once, the keys sealed at
+    // the first start and opened (then sealed again) at the second.
+    let audit = std::fs::read_to_string(&m.hsm.audit_log).unwrap();
+    let of = |kind: &str, purpose: &str| {
+        audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["kind"] == kind && r["purpose"] == purpose && r["result"] == "ok")
+            .count()
+    };
+    assert!(of("wrap", "seal tls ticket keys") >= 2, "{audit}");
+    assert_eq!(of("unwrap", "open tls ticket keys"), 1, "{audit}");
+}

@@ -33,6 +33,7 @@ use super::{
     inbound::{HandshakePool, ServerRuntime, POOL_THREADS},
     keys::LeafKeys,
     mint::{CaKeyKind, Issuer},
+    tickets::TicketKeys,
     upstream::{client_config, provider_for, versions_for, KeyLogFile},
     verify::TrustStore,
 };
@@ -331,6 +332,11 @@ pub struct TlsSettings {
     /// Most connections in the TLS stage at once (beyond: the profile's
     /// `no_resources`).
     pub max_sessions: usize,
+    /// Where the session ticket keys are kept across restarts, sealed by
+    /// the HSM's master key (`None`: in memory only).
+    pub ticket_keys: Option<PathBuf>,
+    /// How long a ticket key is used (and a ticket good for).
+    pub ticket_lifetime: Duration,
 }
 
 impl Default for TlsSettings {
@@ -342,6 +348,8 @@ impl Default for TlsSettings {
             system_trust: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             handshake_timeout: Duration::from_secs(30),
             max_sessions: 8_192,
+            ticket_keys: None,
+            ticket_lifetime: Duration::from_secs(12 * 3600),
         }
     }
 }
@@ -370,6 +378,9 @@ pub struct TlsContext {
     /// Key log files by path, opened once.
     keylogs: Mutex<HashMap<String, Arc<dyn KeyLog>>>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// The ticket keys when kept in a file (rotated and sealed by
+    /// [`TlsContext::tick`]).
+    kept_tickets: Option<Arc<TicketKeys>>,
     sessions: Arc<dyn rustls::server::StoresServerSessions>,
     pub stats: TlsStats,
     /// Called when a profile turns key logging on (the engine writes it to
@@ -422,6 +433,7 @@ impl TlsContext {
             trust: Mutex::new(HashMap::new()),
             keylogs: Mutex::new(HashMap::new()),
             ticketer,
+            kept_tickets: None,
             sessions: ServerSessionMemoryCache::new(65_536),
             stats: TlsStats::default(),
             on_keylog,
@@ -445,6 +457,31 @@ impl TlsContext {
     pub fn with_exporter(mut self, export: Arc<Exporter>) -> TlsContext {
         self.export = Some(export);
         self
+    }
+
+    /// The context with ticket keys kept in a file (before it is shared):
+    /// the default profile is prepared again with them.
+    pub fn with_ticket_keys(mut self, keys: Arc<TicketKeys>) -> Result<TlsContext, String> {
+        self.ticketer = keys.clone();
+        self.kept_tickets = Some(keys);
+        let default = self.prepare_profile(
+            DEFAULT_PROFILE,
+            &Profile::default(),
+            &Policy::split_all(&[], Vec::new()),
+        )?;
+        *self
+            .default_runtime
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(default);
+        Ok(self)
+    }
+
+    /// Rotates the kept ticket keys when due (sealing them on the HSM):
+    /// on the engine's thread, never a worker's.
+    pub fn tick(&self) {
+        if let Some(Err(e)) = self.kept_tickets.as_ref().and_then(|k| k.tick()) {
+            eprintln!("loupe-dataplane: warning: the ticket keys were rotated but not kept: {e}");
+        }
     }
 
     /// The context with the engine's token (before it is shared).

@@ -12,6 +12,8 @@
 //! - [`keys`]: the leaf keys, rotated.
 //! - [`context`]: what the workers share (CAs, profiles, exclusions).
 //! - [`resume`]: the client's leg resumes only under the same minted leaf.
+//! - [`tickets`]: session ticket keys, rotated, kept across restarts
+//!   sealed by the HSM's master key.
 //! - [`inbound`]: `inbound-inspect`: the organisation's own server
 //!   certificates with their keys on the HSM, and the handshake pool that
 //!   signs with them off the packet workers.
@@ -28,6 +30,7 @@ pub mod mint;
 pub mod resume;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod tickets;
 pub mod upstream;
 pub mod verify;
 
