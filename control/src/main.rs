@@ -337,11 +337,18 @@ fn policy_check(
     }
     let st = p.steering().map_err(anyhow::Error::msg)?;
     outln!(
-        "{}: OK: {} rules, default {}, {} profiles, {} categories; digest {}",
+        "{}: OK: {} rules, default {}, {} profiles, {} server profiles{}, {} categories; \
+         digest {}",
         file.display(),
         p.rules.len(),
         p.default_action.label(),
         p.profiles.len(),
+        p.server_profiles.len(),
+        if keys.is_some() && !p.server_profiles.is_empty() {
+            " (keys checked on the token)"
+        } else {
+            ""
+        },
         p.categories.len(),
         &p.digest[..12]
     )?;

@@ -694,7 +694,7 @@ fn refresh_cas(ctx: &TlsContext, token: &Token) {
 /// replaced; they pick it up before their next batch. A policy that fails
 /// anywhere leaves the running one (and its steering) in place; a profile
 /// that cannot be prepared is not such a failure (the policy applies, and
-/// that profile's decrypt connections are blocked, saying why).
+/// that profile's connections are blocked, saying why).
 fn apply(
     classifier: &mut Classifier,
     cell: &PolicyCell,
@@ -715,7 +715,7 @@ fn apply(
         // A broken profile fails closed on its own connections; the rest
         // of the policy (its blocks above all) still applies.
         for why in ctx.prepare(&policy) {
-            eprintln!("loupe-dataplane: error: {why}; its decrypt connections are blocked");
+            eprintln!("loupe-dataplane: error: {why}; its connections are blocked");
         }
     }
     let st = policy.steering()?;

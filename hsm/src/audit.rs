@@ -364,6 +364,9 @@ impl AuditSink {
     }
 }
 
+/// How long closing waits for the writer's last checkpoint.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// The writer thread and its handle.
 pub struct AuditLog {
     sink: AuditSink,
@@ -491,6 +494,25 @@ impl AuditLog {
         // sinks are gone.
         let (dead, _) = channel::bounded(1);
         drop(std::mem::replace(&mut self.sink.tx, dead));
+        // The writer writes what is left, then signs a last checkpoint: a
+        // hung HSM may never answer that signature. The records are on
+        // disk before it; after a while the checkpoint is given up (the
+        // next start's first checkpoint seals them), so a hung HSM cannot
+        // hold the engine's shutdown.
+        let deadline = std::time::Instant::now() + CLOSE_GRACE;
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !thread.is_finished() {
+            return Err(HsmError::Audit {
+                path: self.path.display().to_string(),
+                reason: format!(
+                    "its last checkpoint was not signed within {} s (a hung HSM?): the records \
+                     are written, unsealed until the next checkpoint",
+                    CLOSE_GRACE.as_secs()
+                ),
+            });
+        }
         thread.join().map_err(|_| self.stopped())?
     }
 }

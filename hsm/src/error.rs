@@ -45,7 +45,7 @@ pub enum HsmError {
     QueueFull { token: String, capacity: usize },
     #[error("signing request timed out after {0:?}")]
     Timeout(Duration),
-    #[error("token {token:?} is unavailable (failing closed while it recovers): {reason}")]
+    #[error("token {token:?} is unavailable (failing closed): {reason}")]
     Unavailable { token: String, reason: String },
     #[error("no token {0:?} is configured in this signer")]
     UnknownToken(String),

@@ -382,6 +382,9 @@ struct Shared {
     config: SignerConfig,
 }
 
+/// How long stopping waits for an HSM thread inside a call to the token.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 /// The running service. Dropping it stops the HSM threads; queued requests
 /// are answered `Shutdown`.
 pub struct Signer {
@@ -511,8 +514,23 @@ impl Signer {
             let _g = lane.park.lock().unwrap_or_else(|p| p.into_inner());
             lane.cv.notify_all();
         }
+        // A thread inside a PKCS#11 call to a hung HSM may never return:
+        // it is waited for a while, then left behind (the process is
+        // stopping), so a hung HSM cannot hold the engine's shutdown.
+        let deadline = Instant::now() + STOP_GRACE;
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                eprintln!(
+                    "loupe: an HSM thread is still inside a call to the token after {} s (a \
+                     hung HSM?): left behind",
+                    STOP_GRACE.as_secs()
+                );
+            }
         }
         for lane in &self.shared.lanes {
             while let Some(job) = lane.queue.pop() {

@@ -956,3 +956,97 @@ fn sealed_ticket_keys_let_a_client_resume_after_an_engine_restart() {
     assert!(of("wrap", "seal tls ticket keys") >= 2, "{audit}");
     assert_eq!(of("unwrap", "open tls ticket keys"), 1, "{audit}");
 }
+
+/// A server key replaced on the token after the policy was applied (the
+/// old one deleted, a new one made under its label) signs for no
+/// certificate: the handshake fails on the engine with the reason, not
+/// blamed on the client, and nothing unverifiable reaches it.
+#[test]
+fn a_key_replaced_on_the_token_fails_handshakes_with_the_reason() {
+    let m = start(Options::default());
+    let _nginx =
+        Nginx::start_with(&m.h, EC_PORT, leaf_of(&m.pki, "web-ec"), false, "").expect("nginx");
+    let ok = openssl(&m, EC_PORT, &["-tls1_3"]);
+    assert!(ok.status.success(), "{}", ok.dump());
+    let pin = std::fs::read_to_string(&m.hsm.pin_file).unwrap();
+    for kind in ["privkey", "pubkey"] {
+        let out = m
+            .hsm
+            .command("pkcs11-tool")
+            .args(["--module", "/usr/lib/softhsm/libsofthsm2.so"])
+            .args([
+                "--token-label",
+                &m.hsm.token,
+                "--login",
+                "--pin",
+                pin.trim(),
+            ])
+            .args([
+                "--delete-object",
+                "--type",
+                kind,
+                "--label",
+                "loupe-server/web-ec",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = m
+        .hsm
+        .loupe(&["key", "generate", "--label", "web-ec", "--type", "ec-p256"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
+    let all = format!("{}\n{}", ran.dump(), evidence(&m));
+    assert!(!ran.status.success(), "{all}");
+    assert!(ran.stderr.contains("handshake failure"), "{all}");
+    let r = m
+        .control
+        .wait_record("the refusal naming the key", |r| {
+            r["tls"]["outcome"] == "failed" && r["server"] == "198.18.0.2:443"
+        })
+        .unwrap();
+    let why = r["tls"]["error"]["reason"].as_str().unwrap_or("");
+    assert_eq!(r["tls"]["error"]["stage"], "downstream-handshake", "{r}");
+    assert!(why.contains("web-ec"), "{r}");
+    assert!(!why.contains("client's TLS"), "{r}");
+}
+
+/// SIGTERM reaches an engine whose HSM hangs (its `p11-kit server`
+/// stopped) with a signature outstanding: it exits within seconds, not
+/// when the HSM answers.
+#[test]
+fn the_engine_stops_promptly_while_its_hsm_hangs() {
+    let mut m = start(Options {
+        remote_hsm: true,
+        ..Options::default()
+    });
+    let _nginx =
+        Nginx::start_with(&m.h, EC_PORT, leaf_of(&m.pki, "web-ec"), false, "").expect("nginx");
+    m.remote.as_ref().unwrap().freeze(true);
+    // A handshake whose signature the hung HSM holds.
+    let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
+    assert!(!ran.status.success(), "{}", ran.dump());
+    let pid = m.engine.pid() as i32;
+    let asked = std::time::Instant::now();
+    // SAFETY: kill(2) on the engine this test started, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let stopped = wait_until("the engine to exit", Duration::from_secs(60), || {
+        if m.engine.alive() {
+            Err("running".into())
+        } else {
+            Ok(Some(asked.elapsed()))
+        }
+    });
+    m.remote.as_ref().unwrap().freeze(false);
+    let took = stopped.unwrap();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}

@@ -682,6 +682,18 @@ fn compile_as(
             written.push(r);
         }
     }
+    let used_servers: std::collections::HashSet<&str> = rules
+        .iter()
+        .filter_map(|r| r.server_profile.as_deref())
+        .collect();
+    for (name, p) in &raw.server_profiles {
+        if !used_servers.contains(name.as_str()) {
+            rep.warn(
+                p.span(),
+                format!("server profile {name:?} is not used by any rule"),
+            );
+        }
+    }
     let used: std::collections::HashSet<&str> =
         rules.iter().filter_map(|r| r.profile.as_deref()).collect();
     for (name, p) in &raw.profiles {
@@ -1686,6 +1698,7 @@ fn server_profile(
 ) -> Option<ServerProfile> {
     let errors_before = rep.errors();
     let sp = raw.get_ref();
+    let mut doubts = Vec::new();
     let chain = match &sp.chain {
         None => {
             rep.error(
@@ -1695,7 +1708,11 @@ fn server_profile(
             None
         }
         Some(c) => profile_file(rep, base, c, "chain", |p| {
-            loupe_dataplane::tls::inbound::read_chain(p).map(|_| ())
+            let chain = loupe_dataplane::tls::inbound::read_chain(p)?;
+            for w in loupe_dataplane::tls::inbound::chain_warnings(&chain) {
+                doubts.push(w);
+            }
+            Ok(())
         })
         .map(|p| std::fs::canonicalize(&p).map_or(p, |c| c.display().to_string())),
     };
@@ -1715,8 +1732,20 @@ fn server_profile(
             }
         },
     };
-    if let Some(t) = sp.token.as_ref().filter(|t| t.get_ref().trim().is_empty()) {
-        rep.error(t.span(), "an empty token label");
+    if let (Some(c), false) = (&sp.chain, doubts.is_empty()) {
+        for d in doubts {
+            rep.warn(c.span(), d);
+        }
+    }
+    // PKCS#11 token labels are 32 bytes at most.
+    if let Some(t) = &sp.token {
+        let l = t.get_ref();
+        if l.trim().is_empty() || l.len() > 32 || l.chars().any(char::is_control) {
+            rep.error(
+                t.span(),
+                format!("token = {l:?}: a token label is 1 to 32 bytes without control characters"),
+            );
+        }
     }
     let upstream = match sp.upstream.as_ref().map(|u| (u, u.get_ref().as_str())) {
         None | Some((_, "pinned")) => UpstreamCheck::Pinned,

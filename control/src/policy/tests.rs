@@ -957,6 +957,34 @@ fn inbound_inspect_rules_and_server_profiles_are_checked() {
         .unwrap();
     std::fs::write(dir.join("www.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("junk.pem"), "not a certificate\n").unwrap();
+    // A CA and a leaf it issued, written CA first; an Ed25519 leaf; an
+    // expired one.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Test CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["www.loupe.test".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("reversed.pem"), ca.pem() + &leaf.pem()).unwrap();
+    std::fs::write(dir.join("ordered.pem"), leaf.pem() + &ca.pem()).unwrap();
+    let ed_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let ed = rcgen::CertificateParams::new(vec!["www.loupe.test".to_string()])
+        .unwrap()
+        .self_signed(&ed_key)
+        .unwrap();
+    std::fs::write(dir.join("ed25519.pem"), ed.pem()).unwrap();
+    let mut old_params = rcgen::CertificateParams::new(vec!["www.loupe.test".to_string()]).unwrap();
+    old_params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    old_params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let old = old_params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("old.pem"), old.pem()).unwrap();
     let good = r#"[server_profiles.www]
 chain = "www.pem"
 key = "www-2026"
@@ -969,6 +997,7 @@ server_profile = "www"
 "#;
     let c = compile(&dir.join("p.toml"), good, &|p| std::fs::read_to_string(p));
     assert_eq!(c.errors(), 0, "{:?}", c.diagnostics);
+    assert!(c.diagnostics.is_empty(), "{:?}", c.diagnostics);
     let p = c.policy.unwrap();
     assert_eq!(p.rules[0].action, Action::InboundInspect);
     assert_eq!(p.rules[0].server_profile.as_deref(), Some("www"));
@@ -999,6 +1028,19 @@ server_profile = "nope"
 name = "wrong-action"
 action = "decrypt"
 server_profile = "a"
+[server_profiles.reversed]
+chain = "reversed.pem"
+key = "k"
+[server_profiles.ed]
+chain = "ed25519.pem"
+key = "k"
+[server_profiles.old]
+chain = "old.pem"
+key = "k"
+token = "a token label much longer than thirty-two bytes"
+[server_profiles.ordered]
+chain = "ordered.pem"
+key = "k"
 "#;
     let c = compile(&dir.join("p.toml"), bad, &|p| std::fs::read_to_string(p));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -1015,10 +1057,26 @@ server_profile = "a"
             "p.toml:17:18:",
             "only inbound-inspect rules name a server profile",
         ),
+        ("p.toml:19:9:", "is not the issuer of certificate 1"),
+        ("p.toml:22:9:", "has a ed25519 key"),
+        ("p.toml:27:9:", "a token label is 1 to 32 bytes"),
     ] {
         assert!(
             e.iter().any(|m| m.contains(at) && m.contains(what)),
             "{at} {what}: {e:#?}"
+        );
+    }
+    let w = messages(&c, Severity::Warning);
+    for (at, what) in [
+        ("p.toml:25:9:", "the leaf certificate expired"),
+        (
+            "p.toml:28:1:",
+            "server profile \"ordered\" is not used by any rule",
+        ),
+    ] {
+        assert!(
+            w.iter().any(|m| m.contains(at) && m.contains(what)),
+            "{at} {what}: {w:#?}"
         );
     }
     assert!(c.policy.is_none());

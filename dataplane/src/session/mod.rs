@@ -420,6 +420,10 @@ impl Sessions {
             return;
         }
         if let Some(next) = split.next_deadline() {
+            // A deadline already past (one a half or stage did not clear)
+            // is looked at again on a later round, never over and over in
+            // this one: `on_timers` would not return.
+            let next = next.max(now + Duration::from_millis(1));
             if armed.is_none_or(|a| next < a) {
                 *armed = Some(next);
                 self.timers.push(Reverse((next, id)));

@@ -70,6 +70,9 @@ struct KeyInner {
     label: String,
     kind: ServerKeyKind,
     timeout: Duration,
+    /// The certificate's public key (the SPKI's BIT STRING): every
+    /// signature is checked against it before it is used.
+    public: Vec<u8>,
 }
 
 impl fmt::Debug for HsmKey {
@@ -114,7 +117,33 @@ impl KeyInner {
         let requester = POOL_JOB
             .with(|j| j.borrow().clone())
             .ok_or("an HSM signature was asked for outside the handshake pool: refused")?;
-        self.sign_blocking(mech, message, purpose, requester)
+        let sig = self.sign_blocking(mech, message, purpose, requester)?;
+        // A key replaced on the token since the profile was proven would
+        // sign what no client can verify: caught here, with the reason.
+        self.verify(mech, message, &sig).map_err(|_| {
+            format!(
+                "the key {:?} on token {:?} is no longer the key of the certificate (replaced \
+                 on the token?): fix it and apply the policy again",
+                self.label, self.token
+            )
+        })?;
+        Ok(sig)
+    }
+
+    /// Checks `sig` over `message` with the certificate's public key.
+    fn verify(&self, mech: SignMech, message: &[u8], sig: &[u8]) -> Result<(), ()> {
+        use aws_lc_rs::signature as v;
+        let alg: &dyn v::VerificationAlgorithm = match mech {
+            SignMech::EcdsaP256Sha256 => &v::ECDSA_P256_SHA256_ASN1,
+            SignMech::EcdsaP384Sha384 => &v::ECDSA_P384_SHA384_ASN1,
+            SignMech::RsaPssSha256 => &v::RSA_PSS_2048_8192_SHA256,
+            SignMech::RsaPssSha384 => &v::RSA_PSS_2048_8192_SHA384,
+            SignMech::RsaPkcs1Sha256 => &v::RSA_PKCS1_2048_8192_SHA256,
+            SignMech::RsaPkcs1Sha384 => &v::RSA_PKCS1_2048_8192_SHA384,
+        };
+        v::UnparsedPublicKey::new(alg, &self.public)
+            .verify(message, sig)
+            .map_err(|_| ())
     }
 
     fn sign_blocking(
@@ -137,9 +166,9 @@ impl KeyInner {
             },
             Some(waker),
         )?;
-        // The signer answers by its deadline; a little more here, so its
-        // own timeout error is the one reported.
-        let deadline = Instant::now() + self.timeout + Duration::from_millis(500);
+        // The signer answers by its deadline, unless its HSM thread is
+        // stuck in a hung token: then this wait is what ends it.
+        let deadline = Instant::now() + self.timeout;
         loop {
             if let Some(r) = ticket.try_take() {
                 return r;
@@ -264,15 +293,18 @@ impl ServerRuntime {
             .to_string();
         let signer = signer.ok_or("the engine runs without an HSM")?;
         let label = loupe_hsm::server_keys::token_label(&p.key).map_err(|e| e.to_string())?;
+        let (_, cert) = x509_parser::parse_x509_certificate(chain[0].as_ref())
+            .map_err(|e| format!("the leaf certificate of {}: {e}", p.chain))?;
         let inner = Arc::new(KeyInner {
             signer: signer.clone(),
             token: token.clone(),
             label,
             kind,
             timeout,
+            public: cert.public_key().subject_public_key.data.to_vec(),
         });
         if signer.is_up(&token) {
-            prove(&inner, &chain[0]).map_err(|e| {
+            prove(&inner).map_err(|e| {
                 format!(
                     "key {:?} on token {token:?} cannot serve {}: {e}",
                     p.key, p.chain
@@ -311,10 +343,63 @@ pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     if chain.is_empty() {
         return Err("no certificate in it".into());
     }
+    let mut parsed = Vec::new();
     for (i, c) in chain.iter().enumerate() {
-        leaf_info(c.as_ref()).map_err(|e| format!("certificate {}: {e}", i + 1))?;
+        match x509_parser::parse_x509_certificate(c.as_ref()) {
+            Ok(([], cert)) => parsed.push(cert),
+            Ok(_) => return Err(format!("certificate {}: bytes after its end", i + 1)),
+            Err(e) => {
+                return Err(format!(
+                    "certificate {}: not a DER X.509 certificate ({e})",
+                    i + 1
+                ))
+            }
+        }
+    }
+    let key = leaf_info(chain[0].as_ref()).map_err(|e| e.to_string())?.key;
+    if !(key == "ec-p256" || key == "ec-p384" || key.starts_with("rsa-")) {
+        return Err(format!(
+            "the leaf (the first certificate) has a {key} key: server keys are EC P-256, EC \
+             P-384 or RSA"
+        ));
+    }
+    for (i, pair) in parsed.windows(2).enumerate() {
+        if pair[0].issuer() != pair[1].subject() {
+            return Err(format!(
+                "certificate {} ({}) is not the issuer of certificate {} (issued by {}): the \
+                 chain goes leaf first, then each issuer",
+                i + 2,
+                pair[1].subject(),
+                i + 1,
+                pair[0].issuer()
+            ));
+        }
     }
     Ok(chain)
+}
+
+/// What is doubtful about a chain the engine can serve: a leaf expired or
+/// not yet valid (clients will refuse it).
+pub fn chain_warnings(chain: &[CertificateDer<'_>]) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(info) = leaf_info(chain[0].as_ref()) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if info.not_after < now {
+            out.push(format!(
+                "the leaf certificate expired at {}: clients will refuse it",
+                super::intercept::rfc3339(info.not_after)
+            ));
+        }
+        if info.not_before > now {
+            out.push(format!(
+                "the leaf certificate is not valid before {}: clients will refuse it",
+                super::intercept::rfc3339(info.not_before)
+            ));
+        }
+    }
+    out
 }
 
 /// The SHA-256 (hex) of the leaf's SubjectPublicKeyInfo: what `loupe key
@@ -331,16 +416,12 @@ pub fn leaf_spki_sha256(leaf: &CertificateDer<'_>) -> Result<String, String> {
 
 /// Signs a fresh message with the key on the token and verifies it with
 /// the leaf's public key.
-fn prove(inner: &KeyInner, leaf: &CertificateDer<'_>) -> Result<(), String> {
-    use aws_lc_rs::signature as sig;
-    let (alg, mech): (&dyn sig::VerificationAlgorithm, _) = match inner.kind {
-        ServerKeyKind::EcP256 => (&sig::ECDSA_P256_SHA256_ASN1, SignMech::EcdsaP256Sha256),
-        ServerKeyKind::EcP384 => (&sig::ECDSA_P384_SHA384_ASN1, SignMech::EcdsaP384Sha384),
-        ServerKeyKind::Rsa => (&sig::RSA_PSS_2048_8192_SHA256, SignMech::RsaPssSha256),
+fn prove(inner: &KeyInner) -> Result<(), String> {
+    let mech = match inner.kind {
+        ServerKeyKind::EcP256 => SignMech::EcdsaP256Sha256,
+        ServerKeyKind::EcP384 => SignMech::EcdsaP384Sha384,
+        ServerKeyKind::Rsa => SignMech::RsaPssSha256,
     };
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map_err(|e| format!("the leaf certificate: {e}"))?;
-    let public = cert.public_key().subject_public_key.data.to_vec();
     let mut message = b"loupe: proof that this key serves this certificate ".to_vec();
     let nonce: [u8; 16] = rand_bytes()?;
     message.extend_from_slice(&nonce);
@@ -350,8 +431,8 @@ fn prove(inner: &KeyInner, leaf: &CertificateDer<'_>) -> Result<(), String> {
         "prove the server profile's key matches its certificate",
         "loupe-dataplane policy".into(),
     )?;
-    sig::UnparsedPublicKey::new(alg, public)
-        .verify(&message, &signature)
+    inner
+        .verify(mech, &message, &signature)
         .map_err(|_| "its signature does not verify with the certificate's key".to_string())
 }
 

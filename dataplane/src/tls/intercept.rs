@@ -602,8 +602,15 @@ impl Intercept {
         r
     }
 
+    /// When the stage must be pumped again at the latest; none once it
+    /// is over (a deadline left behind by a finished connection would be
+    /// due for ever).
     pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
+        if matches!(self.phase, Phase::Done) {
+            None
+        } else {
+            self.deadline
+        }
     }
 
     /// Drives the connection; see the module note.
@@ -1313,7 +1320,9 @@ impl Intercept {
             Ok(slot) => {
                 self.ctx.stats.parked.fetch_add(1, Ordering::Relaxed);
                 self.deadline = Some(queue_deadline + hsm + Duration::from_secs(1));
-                self.handshaking(up, slot, now, client, server, relayed, now)
+                // Measured on the clock, not the pump's `now` (taken when
+                // the worker's batch began).
+                self.handshaking(up, slot, Instant::now(), client, server, relayed, now)
             }
             Err(why) => self.refuse(
                 client,
@@ -1341,7 +1350,7 @@ impl Intercept {
         keep_reading(&mut up, server, relayed);
         if let Some(started) = slot.take() {
             self.ctx.stats.parked.fetch_sub(1, Ordering::Relaxed);
-            self.record.hsm_wait_us = Some(now.saturating_duration_since(since).as_micros() as u64);
+            self.record.hsm_wait_us = Some(since.elapsed().as_micros() as u64);
             return self.downstream_started(started, up, client, server, relayed, now);
         }
         if self.deadline.is_some_and(|d| now >= d) {

@@ -574,6 +574,20 @@ fn a_client_that_abandons_its_handshake_is_logged_as_failed() {
         "{e:?}"
     );
     assert_eq!(kit.ctx.stats.failed.load(Ordering::Relaxed), failed + 1);
+    // Once both sides are closed the stage asks for no timer: its
+    // handshake deadline, left in the past, was once re-armed for ever (a
+    // worker spinning in its timers, taking no new connection).
+    if s.spipe.closed {
+        s.spipe.peer_fin = true;
+    }
+    s.run();
+    s.now += Duration::from_secs(31);
+    s.run();
+    assert!(
+        s.stage.deadline().is_none_or(|d| d > s.now),
+        "a deadline in the past: {:?}",
+        s.stage.deadline().map(|d| s.now - d)
+    );
 }
 
 /// `decrypt` rules without a profile use the default one, which must
