@@ -433,6 +433,9 @@ impl AuditLog {
             session,
         };
         writer.with_lock(|w| w.resync())?;
+        if let Some(t) = &writer.config.audit_token {
+            sealed_by(&mut writer.file, t).map_err(err)?;
+        }
         let (tx, rx) = channel::bounded(4096);
         let thread = std::thread::Builder::new()
             .name("loupe-audit".into())
@@ -1042,6 +1045,49 @@ fn line_at(file: &File, offset: u64) -> Option<Vec<u8>> {
             return None;
         }
     }
+}
+
+/// How far back from its end a log is searched for its last signed
+/// checkpoint when it is opened.
+const SEALED_BY_WINDOW: u64 = 4 << 20;
+
+/// Refuses a log whose last signed checkpoint (within the last
+/// [`SEALED_BY_WINDOW`] bytes) does not verify with `token`'s audit key:
+/// another token's key sealed it, and records sealed by two keys would
+/// leave a log no single token verifies.
+fn sealed_by(file: &mut File, token: &Token) -> std::result::Result<(), String> {
+    let len = file.metadata().map_err(|e| format!("stat: {e}"))?.len();
+    let start = len.saturating_sub(SEALED_BY_WINDOW);
+    let mut tail = vec![0u8; (len - start) as usize];
+    file.seek(SeekFrom::Start(start))
+        .and_then(|_| file.read_exact(&mut tail))
+        .map_err(|e| format!("read: {e}"))?;
+    let last = tail
+        .split(|&b| b == b'\n')
+        .rev()
+        .filter_map(|l| serde_json::from_slice::<Record>(l).ok())
+        .find(|r| r.kind == Kind::Checkpoint && r.sig.is_some());
+    let Some(rec) = last else {
+        return Ok(());
+    };
+    let Some(sig) = rec.sig.as_deref().and_then(unhex) else {
+        return Ok(());
+    };
+    let public = token
+        .session()
+        .and_then(|s| s.public_key(AUDIT_KEY_LABEL))
+        .map_err(|e| e.to_string())?;
+    let msg = checkpoint_message(rec.seq, &rec.time, &rec.prev);
+    if verify_sig(&public, AUDIT_MECH, &msg, &sig) {
+        return Ok(());
+    }
+    Err(format!(
+        "it is sealed by another audit key (record seq {}, token {:?} in its records), not \
+         token {:?}'s: give this token its own audit log",
+        rec.seq,
+        rec.token,
+        token.label()
+    ))
 }
 
 /// The last complete line of a file of length `len`, without its newline;

@@ -855,3 +855,21 @@ fn a_failed_write_loses_no_record_and_the_chain_holds() {
         assert_eq!(n, 1, "{purpose} is in the log {n} times");
     }
 }
+
+/// A log sealed by one token's audit key is not appended to through
+/// another token (whose key would seal the rest, leaving a log no single
+/// token verifies); its own token goes on appending.
+#[test]
+fn a_log_sealed_by_another_tokens_audit_key_is_refused() {
+    let (a, _) = setup("sealed-by-a");
+    let (b, _) = setup("sealed-by-b");
+    let path = sealed_log("sealed-by", &a);
+    let e = AuditLog::open(AuditConfig::new(&path, Some(b.clone())))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("sealed by another audit key"), "{e}");
+    let log = AuditLog::open(AuditConfig::new(&path, Some(a.clone()))).unwrap();
+    log.sink().record(vec![entry(99)]).unwrap();
+    log.close().unwrap();
+}

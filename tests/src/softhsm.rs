@@ -105,11 +105,17 @@ impl SoftHsm {
     }
 
     /// Runs `loupe args...` against token `label` of this HSM (one made by
-    /// [`SoftHsm::add_token`]).
+    /// [`SoftHsm::add_token`]), with that token's own audit log.
     pub fn loupe_on(&self, label: &str, args: &[&str]) -> Output {
         self.command(crate::workspace_bin("loupe"))
             .env("LOUPE_HSM_TOKEN", label)
             .env("LOUPE_HSM_PIN_FILE", self.dir.join(format!("{label}.pin")))
+            // Each token its own audit log (one sealed by another token's
+            // audit key is refused).
+            .env(
+                "LOUPE_AUDIT_LOG",
+                self.dir.join(format!("{label}.audit.jsonl")),
+            )
             .args(args)
             .output()
             .expect("run loupe")
