@@ -534,7 +534,19 @@ pub fn run(
         on_ready(&first);
     }
     let mut last_write = Instant::now();
-    let mut last_ca_read = Instant::now();
+    // The CAs are re-read and the ticket keys rotated on a thread of
+    // their own: a call to a hung HSM there must not stop this loop (the
+    // stats, the control socket, SIGTERM).
+    let refresher = tls.as_ref().and_then(|(ctx, token)| {
+        Refresher::start(ctx.clone(), token.clone())
+            .map_err(|e| {
+                eprintln!(
+                    "loupe-dataplane: warning: cannot start the CA refresh thread ({e}): CA \
+                     rotations need a restart"
+                )
+            })
+            .ok()
+    });
     let mut write_failing = false;
     while result.is_ok() && !stop.load(Ordering::Relaxed) {
         if let Some(dead) = handles.iter().position(|h| h.is_finished()) {
@@ -569,13 +581,6 @@ pub fn run(
         for op in ops_rx.try_iter() {
             map_op(&mut flows, op);
         }
-        if let Some((ctx, token)) = &tls {
-            if last_ca_read.elapsed() >= CA_REFRESH {
-                last_ca_read = Instant::now();
-                refresh_cas(ctx, token);
-                ctx.tick();
-            }
-        }
         if last_write.elapsed() >= cfg.stats_interval {
             last_write = Instant::now();
             match write(&snapshot("running", &steering, &classifier)) {
@@ -601,6 +606,9 @@ pub fn run(
         if let Ok(op) = ops_rx.recv_timeout(Duration::from_millis(20)) {
             map_op(&mut flows, op);
         }
+    }
+    if let Some(r) = refresher {
+        r.stop();
     }
     if let Err(e) = classifier.detach() {
         eprintln!("loupe-dataplane: warning: detaching the XDP program: {e}");
@@ -661,6 +669,51 @@ fn map_op(flows: &mut FlowVerdicts, op: MapOp) {
         };
         if let Err(e) = done {
             eprintln!("loupe-dataplane: warning: cannot update a flow in XDP: {e}");
+        }
+    }
+}
+
+/// The thread that re-reads the CAs every [`CA_REFRESH`] and rotates the
+/// kept ticket keys (both ask the HSM).
+struct Refresher {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Refresher {
+    fn start(ctx: Arc<TlsContext>, token: Token) -> std::io::Result<Refresher> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("loupe-refresh".into())
+            .spawn(move || {
+                let mut last = Instant::now();
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if last.elapsed() >= CA_REFRESH {
+                        last = Instant::now();
+                        refresh_cas(&ctx, &token);
+                        ctx.tick();
+                    }
+                }
+            })?;
+        Ok(Refresher { stop, thread })
+    }
+
+    /// Stops it; one inside a call to a hung HSM is left behind after a
+    /// few seconds.
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.thread.is_finished() {
+            let _ = self.thread.join();
+        } else {
+            eprintln!(
+                "loupe-dataplane: the CA refresh is still inside a call to the HSM: left behind"
+            );
         }
     }
 }

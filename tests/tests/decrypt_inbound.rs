@@ -1031,10 +1031,20 @@ fn the_engine_stops_promptly_while_its_hsm_hangs() {
     });
     let _nginx =
         Nginx::start_with(&m.h, EC_PORT, leaf_of(&m.pki, "web-ec"), false, "").expect("nginx");
+    let up = m.engine.stats().unwrap().uptime_ms;
     m.remote.as_ref().unwrap().freeze(true);
     // A handshake whose signature the hung HSM holds.
     let ran = openssl(&m, EC_PORT, &["-tls1_3"]);
     assert!(!ran.status.success(), "{}", ran.dump());
+    // The engine's own loop goes on past its CA refresh (every 10 s, a
+    // call to the HSM): its report keeps being written.
+    m.engine
+        .wait_stats(
+            "the engine's report past its CA refresh",
+            Duration::from_secs(60),
+            |r| (r.uptime_ms > up + 13_000).then_some(()),
+        )
+        .unwrap();
     let pid = m.engine.pid() as i32;
     let asked = std::time::Instant::now();
     // SAFETY: kill(2) on the engine this test started, not yet reaped.

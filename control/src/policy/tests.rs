@@ -1058,7 +1058,7 @@ key = "k"
             "only inbound-inspect rules name a server profile",
         ),
         ("p.toml:19:9:", "is not the issuer of certificate 1"),
-        ("p.toml:22:9:", "has a ed25519 key"),
+        ("p.toml:22:9:", "has a key of type ed25519"),
         ("p.toml:27:9:", "a token label is 1 to 32 bytes"),
     ] {
         assert!(

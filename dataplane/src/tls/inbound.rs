@@ -357,10 +357,11 @@ pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         }
     }
     let key = leaf_info(chain[0].as_ref()).map_err(|e| e.to_string())?.key;
-    if !(key == "ec-p256" || key == "ec-p384" || key.starts_with("rsa-")) {
+    let rsa_bits = key.strip_prefix("rsa-").and_then(|b| b.parse::<u32>().ok());
+    if !(key == "ec-p256" || key == "ec-p384" || rsa_bits.is_some_and(|b| b >= 2048)) {
         return Err(format!(
-            "the leaf (the first certificate) has a {key} key: server keys are EC P-256, EC \
-             P-384 or RSA"
+            "the leaf (the first certificate) has a key of type {key}: server keys are EC \
+             P-256, EC P-384 or RSA of 2048 bits or more"
         ));
     }
     for (i, pair) in parsed.windows(2).enumerate() {
