@@ -705,12 +705,7 @@ impl Refresher {
     fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(3);
-        while !self.thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if self.thread.is_finished() {
-            let _ = self.thread.join();
-        } else {
+        if loupe_hsm::join_by(self.thread, deadline).is_err() {
             eprintln!(
                 "loupe-dataplane: the CA refresh is still inside a call to the HSM: left behind"
             );

@@ -502,21 +502,17 @@ impl AuditLog {
         // disk before it; after a while the checkpoint is given up (the
         // next start's first checkpoint seals them), so a hung HSM cannot
         // hold the engine's shutdown.
-        let deadline = std::time::Instant::now() + CLOSE_GRACE;
-        while !thread.is_finished() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if !thread.is_finished() {
-            return Err(HsmError::Audit {
+        match crate::join_by(thread, Instant::now() + CLOSE_GRACE) {
+            Ok(joined) => joined.map_err(|_| self.stopped())?,
+            Err(_) => Err(HsmError::Audit {
                 path: self.path.display().to_string(),
                 reason: format!(
                     "its last checkpoint was not signed within {} s (a hung HSM?): the records \
                      are written, unsealed until the next checkpoint",
                     CLOSE_GRACE.as_secs()
                 ),
-            });
+            }),
         }
-        thread.join().map_err(|_| self.stopped())?
     }
 }
 

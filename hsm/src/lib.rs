@@ -28,3 +28,20 @@ pub mod softhsm;
 pub mod token;
 
 pub use error::{HsmError, Result};
+
+/// Joins `t` if it ends by `deadline`; else hands it back, to be left
+/// behind: a thread inside a PKCS#11 call to a hung HSM may never return,
+/// and must not hold a shutdown.
+pub fn join_by<T>(
+    t: std::thread::JoinHandle<T>,
+    deadline: std::time::Instant,
+) -> std::result::Result<std::thread::Result<T>, std::thread::JoinHandle<T>> {
+    while !t.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    if t.is_finished() {
+        Ok(t.join())
+    } else {
+        Err(t)
+    }
+}

@@ -519,12 +519,7 @@ impl Signer {
         // stopping), so a hung HSM cannot hold the engine's shutdown.
         let deadline = Instant::now() + STOP_GRACE;
         for t in self.threads.drain(..) {
-            while !t.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
+            if crate::join_by(t, deadline).is_err() {
                 eprintln!(
                     "loupe: an HSM thread is still inside a call to the token after {} s (a \
                      hung HSM?): left behind",
