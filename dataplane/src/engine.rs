@@ -165,27 +165,38 @@ impl Sealer for HsmSealer {
 /// rotate` takes effect within this).
 const CA_REFRESH: Duration = Duration::from_secs(10);
 
-/// The TLS interception context: the CAs read from the first token, the
-/// signer's handle; a token without CAs leaves decryption unavailable
-/// (the profiles' `hsm_unavailable` decides), said once at start.
+/// The active CAs on `token`.
+fn read_cas(token: &Token) -> Result<CaSet, String> {
+    list_cas(token)
+        .map_err(|e| e.to_string())
+        .and_then(|l| CaSet::from_list(token.label(), &l))
+}
+
+/// The TLS interception context: the CAs read from every token the
+/// signer serves (a profile mints with its own token's, the first
+/// token's by default), the signer's handle. A token without CAs leaves
+/// its profiles' decryption unavailable (their `hsm_unavailable`
+/// decides), said once at start. Returns the tokens it read.
 fn start_tls(
     cfg: &EngineConfig,
     h: &HsmSettings,
     signer: &Signer,
     audit: AuditSink,
-) -> Result<(Arc<TlsContext>, Token), EngineError> {
+) -> Result<(Arc<TlsContext>, Vec<Token>), EngineError> {
     let first = &h.tokens[0];
-    let token = Token::open(first)?;
-    let cas = match list_cas(&token)
-        .map_err(|e| e.to_string())
-        .and_then(|l| CaSet::from_list(first.label.as_str(), &l))
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("loupe-dataplane: warning: decryption unavailable: {e}");
-            CaSet::default()
-        }
+    // The signer logged in to every token it serves (the first one
+    // always): their CAs are read through those, and a token it left
+    // out (a wrong PIN) is not logged into again.
+    let served = signer.served();
+    let token = match served.first() {
+        Some(t) => t.clone(),
+        None => Token::open(first)?,
     };
+    let unread = |t: &Token, e: String| {
+        eprintln!("loupe-dataplane: warning: decryption unavailable: {e}");
+        CaSet::empty(t.label())
+    };
+    let cas = read_cas(&token).unwrap_or_else(|e| unread(&token, e));
     let label = first.label.clone();
     let export_audit = audit.clone();
     let on_keylog = Box::new(move |profile: &str, path: &str| {
@@ -208,6 +219,12 @@ fn start_tls(
     )
     .map_err(EngineError::Tls)?
     .with_token(&first.label);
+    for t in served.iter().skip(1) {
+        ctx.set_cas(read_cas(t).unwrap_or_else(|e| unread(t, e)));
+    }
+    for (label, why) in signer.refused() {
+        ctx.set_cas(CaSet::unavailable(&label, &why));
+    }
     if let Some(path) = &cfg.tls.ticket_keys {
         let sealer = Arc::new(HsmSealer {
             token: token.clone(),
@@ -250,7 +267,12 @@ fn start_tls(
         println!("loupe-dataplane: {}", exporter.describe());
         ctx = ctx.with_exporter(exporter);
     }
-    Ok((Arc::new(ctx), token))
+    let tokens = if served.is_empty() {
+        vec![token]
+    } else {
+        served
+    };
+    Ok((Arc::new(ctx), tokens))
 }
 
 /// Run the engine until `stop` is set. `on_ready` is called once, after the
@@ -537,8 +559,8 @@ pub fn run(
     // The CAs are re-read and the ticket keys rotated on a thread of
     // their own: a call to a hung HSM there must not stop this loop (the
     // stats, the control socket, SIGTERM).
-    let refresher = tls.as_ref().and_then(|(ctx, token)| {
-        Refresher::start(ctx.clone(), token.clone())
+    let refresher = tls.as_ref().and_then(|(ctx, tokens)| {
+        Refresher::start(ctx.clone(), tokens.clone())
             .map_err(|e| {
                 eprintln!(
                     "loupe-dataplane: warning: cannot start the CA refresh thread ({e}): CA \
@@ -681,7 +703,7 @@ struct Refresher {
 }
 
 impl Refresher {
-    fn start(ctx: Arc<TlsContext>, token: Token) -> std::io::Result<Refresher> {
+    fn start(ctx: Arc<TlsContext>, tokens: Vec<Token>) -> std::io::Result<Refresher> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -692,7 +714,9 @@ impl Refresher {
                     std::thread::sleep(Duration::from_millis(100));
                     if last.elapsed() >= CA_REFRESH {
                         last = Instant::now();
-                        refresh_cas(&ctx, &token);
+                        for token in &tokens {
+                            refresh_cas(&ctx, token);
+                        }
                         ctx.tick();
                     }
                 }
@@ -717,10 +741,7 @@ impl Refresher {
 /// effect, and empties the certificate cache.
 fn refresh_cas(ctx: &TlsContext, token: &Token) {
     let label = token.label().to_string();
-    match list_cas(token)
-        .map_err(|e| e.to_string())
-        .and_then(|l| CaSet::from_list(&label, &l))
-    {
+    match read_cas(token) {
         Ok(set) => {
             let generation = set.generation;
             if ctx.set_cas(set) {
@@ -729,7 +750,7 @@ fn refresh_cas(ctx: &TlsContext, token: &Token) {
         }
         // A token that is down keeps the CAs read before; the signer
         // reports its health.
-        Err(e) if ctx.cas().generation == 0 => {
+        Err(e) if ctx.cas_for(Some(&label)).generation == 0 => {
             eprintln!("loupe-dataplane: warning: decryption unavailable: {e}")
         }
         Err(_) => {}

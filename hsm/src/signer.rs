@@ -489,6 +489,17 @@ impl Signer {
         }
     }
 
+    /// The tokens it serves, logged in: others read their certificates
+    /// through these rather than logging in again.
+    pub fn served(&self) -> Vec<Token> {
+        self.shared.lanes.iter().map(|l| l.token.clone()).collect()
+    }
+
+    /// The tokens it left out at start, and why (never logged into again).
+    pub fn refused(&self) -> Vec<(String, String)> {
+        self.shared.refused.clone()
+    }
+
     /// Submits a request; see [`SignerHandle::submit`].
     pub fn submit(&self, req: Request, waker: Option<Waker>) -> Result<Ticket> {
         self.handle().submit(req, waker)

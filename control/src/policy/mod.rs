@@ -1263,6 +1263,7 @@ fn profile(
             return None;
         }
     }
+    let token = token_label(rep, raw.token.as_ref());
     let profile = Profile {
         expired: expired?,
         untrusted: untrusted?,
@@ -1287,12 +1288,31 @@ fn profile(
         http: raw.http.as_ref().is_none_or(|b| *b.get_ref()),
         signatures: signatures?,
         export: export?,
+        token: token?,
     };
     if let Err(e) = profile.check() {
         rep.error(p.span(), format!("profile {name:?}: {e}"));
         return None;
     }
     Some(profile)
+}
+
+/// A `token = "label"` (a tenant's), reported where it stands when it
+/// cannot be a PKCS#11 token label (1 to 32 bytes, no control
+/// characters). `None` when it cannot.
+fn token_label(rep: &mut Report, t: Option<&Spanned<String>>) -> Option<Option<String>> {
+    let Some(t) = t else {
+        return Some(None);
+    };
+    let l = t.get_ref();
+    if l.trim().is_empty() || l.len() > 32 || l.chars().any(char::is_control) {
+        rep.error(
+            t.span(),
+            format!("token = {l:?}: a token label is 1 to 32 bytes without control characters"),
+        );
+        return None;
+    }
+    Some(Some(l.clone()))
 }
 
 /// A `[[url_rules]]` entry: its name (unique), host and path globs, and
@@ -1737,16 +1757,7 @@ fn server_profile(
             rep.warn(c.span(), d);
         }
     }
-    // PKCS#11 token labels are 32 bytes at most.
-    if let Some(t) = &sp.token {
-        let l = t.get_ref();
-        if l.trim().is_empty() || l.len() > 32 || l.chars().any(char::is_control) {
-            rep.error(
-                t.span(),
-                format!("token = {l:?}: a token label is 1 to 32 bytes without control characters"),
-            );
-        }
-    }
+    let _ = token_label(rep, sp.token.as_ref());
     let upstream = match sp.upstream.as_ref().map(|u| (u, u.get_ref().as_str())) {
         None | Some((_, "pinned")) => UpstreamCheck::Pinned,
         Some((_, "trust-store")) => UpstreamCheck::TrustStore,

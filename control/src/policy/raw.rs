@@ -137,6 +137,7 @@ pub struct RawProfile {
     pub signatures: Vec<Spanned<String>>,
     #[serde(default)]
     pub export: Vec<Spanned<String>>,
+    pub token: Option<Spanned<String>>,
 }
 
 /// A port as `443` or `"8000-8099"`; anything else is kept, so that the

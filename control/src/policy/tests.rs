@@ -920,6 +920,37 @@ profile = "p"
 }
 
 #[test]
+fn a_profile_names_its_tenants_token_and_a_bad_label_is_placed() {
+    let text = r#"
+[profiles.b]
+token = "tenant-b"
+[profiles.c]
+token = ""
+[[rules]]
+name = "b"
+action = "decrypt"
+profile = "b"
+[[rules]]
+name = "c"
+action = "decrypt"
+profile = "c"
+"#;
+    let c = check(text);
+    assert_eq!(
+        messages(&c, Severity::Error),
+        [
+            "p.toml:5:9: error: token = \"\": a token label is 1 to 32 bytes without control \
+          characters"
+        ]
+    );
+    let c = check(&text.replace("token = \"\"", "token = \"tenant-c\""));
+    let p = c.policy.expect("valid");
+    assert_eq!(p.profiles["b"].token.as_deref(), Some("tenant-b"));
+    assert_eq!(p.profiles["c"].token.as_deref(), Some("tenant-c"));
+    assert!(p.validate().is_ok());
+}
+
+#[test]
 fn url_rules_name_categories_of_the_category_file() {
     let text = "[policy]\ncategories = \"c.toml\"\n\
                 [[url_rules]]\nname = \"no-gambling\"\ncategories = [\"gambling\"]\naction = \"block\"\n\

@@ -171,6 +171,9 @@ pub struct TlsLog {
     /// (`forward-trust/g1`, `forward-untrust-rsa/g2`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
+    /// The token that CA is on (the tenant's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_token: Option<String>,
     /// `hit`, `miss` (minted for this connection) or `joined` (a mint in
     /// flight for another one).
     #[serde(default, skip_serializing_if = "Option::is_none")]

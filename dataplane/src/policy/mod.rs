@@ -482,6 +482,10 @@ pub struct Profile {
     /// engine's export destinations ([`crate::export`]); none by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export: Vec<ExportSink>,
+    /// The token (tenant) whose CAs sign the certificates minted under
+    /// this profile; the engine's first token when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// An export destination a profile may name.
@@ -749,6 +753,7 @@ impl Default for Profile {
             http: true,
             signatures: Vec::new(),
             export: Vec::new(),
+            token: None,
         }
     }
 }
@@ -802,6 +807,11 @@ impl Profile {
             });
             if !usable {
                 return Err("no allowed cipher suite belongs to an allowed TLS version".into());
+            }
+        }
+        if let Some(t) = &self.token {
+            if t.trim().is_empty() || t.chars().any(char::is_control) {
+                return Err(format!("token {t:?} is not a token label"));
             }
         }
         Ok(())

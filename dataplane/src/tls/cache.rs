@@ -36,6 +36,8 @@ const BORN_EXPIRED_TTL: i64 = 24 * 3600;
 pub struct CacheKey {
     /// SHA-256 of the upstream leaf (DER).
     pub upstream: [u8; 32],
+    /// The token the CA is on (tenants' CAs share labels).
+    pub token: String,
     /// The CA's key label (names role, flavor and generation).
     pub ca: String,
     /// The leaf key's generation.

@@ -73,17 +73,38 @@ impl CaEntry {
     }
 }
 
-/// The active generation's CAs.
+/// The active generation's CAs of one token.
 #[derive(Default)]
 pub struct CaSet {
+    /// The token they are on.
+    pub token: String,
     pub generation: u32,
     entries: Vec<Arc<CaEntry>>,
+    /// Why the token's CAs could not be read (the token was left out at
+    /// start): mints fail as the HSM being unavailable.
+    pub unavailable: Option<String>,
 }
 
 impl CaSet {
+    /// No CA yet on `token` (none made, or not read yet).
+    pub fn empty(token: &str) -> CaSet {
+        CaSet {
+            token: token.to_string(),
+            ..CaSet::default()
+        }
+    }
+
+    /// `token` cannot be used, for `why`.
+    pub fn unavailable(token: &str, why: &str) -> CaSet {
+        CaSet {
+            unavailable: Some(why.to_string()),
+            ..CaSet::empty(token)
+        }
+    }
+
     /// Builds the set from the token's list (active generation only).
     pub fn from_list(token: &str, list: &[CaInfo]) -> Result<CaSet, String> {
-        let mut set = CaSet::default();
+        let mut set = CaSet::empty(token);
         for c in list.iter().filter(|c| c.active) {
             let issuer = Issuer::from_der(&c.der)
                 .map_err(|e| format!("CA {} on token {token:?}: {e}", c.label))?;
@@ -106,7 +127,8 @@ impl CaSet {
         }
         if set.entries.is_empty() {
             return Err(format!(
-                "token {token:?} holds no CA: run `loupe ca init` before decrypting"
+                "token {token:?} holds no CA: run `loupe ca init --token {token}` before \
+                 decrypting"
             ));
         }
         Ok(set)
@@ -366,7 +388,10 @@ type PreparedServer = Result<Arc<ServerRuntime>, String>;
 pub struct TlsContext {
     pub settings: TlsSettings,
     pub signer: Option<Arc<dyn CaSigner>>,
-    cas: RwLock<Arc<CaSet>>,
+    /// Each token's CAs (a tenant's decryption profiles mint with its own).
+    cas: RwLock<HashMap<String, Arc<CaSet>>>,
+    /// The token whose CAs profiles without a `token` use (the first).
+    primary: String,
     pub keys: Arc<LeafKeys>,
     pub cache: CertCache,
     pub exclusions: Exclusions,
@@ -425,7 +450,8 @@ impl TlsContext {
             cache: CertCache::new(settings.cache_capacity),
             settings,
             signer,
-            cas: RwLock::new(Arc::new(cas)),
+            primary: cas.token.clone(),
+            cas: RwLock::new(HashMap::from([(cas.token.clone(), Arc::new(cas))])),
             keys,
             exclusions: Exclusions::default(),
             runtimes: RwLock::new(Arc::new(HashMap::new())),
@@ -508,14 +534,39 @@ impl TlsContext {
             .map_err(Clone::clone)
     }
 
+    /// The first token's CAs.
     pub fn cas(&self) -> Arc<CaSet> {
-        self.cas.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.cas_for(None)
     }
 
-    /// Takes a newly read CA set; a new generation empties the cache.
+    /// The CAs of `token` (the first token's for `None`); an empty set for
+    /// a token the engine does not have.
+    pub fn cas_for(&self, token: Option<&str>) -> Arc<CaSet> {
+        let token = token.unwrap_or(&self.primary);
+        self.cas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(CaSet::empty(token)))
+    }
+
+    /// Whether the engine has `token` (served or left out).
+    pub fn has_token(&self, token: &str) -> bool {
+        self.cas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(token)
+    }
+
+    /// Takes a newly read CA set for its token; a new generation empties
+    /// the cache.
     pub fn set_cas(&self, set: CaSet) -> bool {
-        let changed = self.cas().generation != set.generation;
-        *self.cas.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        let changed = self.cas_for(Some(&set.token)).generation != set.generation;
+        self.cas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(set.token.clone(), Arc::new(set));
         if changed {
             self.cache.clear();
         }
@@ -581,6 +632,13 @@ impl TlsContext {
         policy: &Policy,
     ) -> Result<Arc<ProfileRuntime>, String> {
         p.check()?;
+        if let Some(t) = &p.token {
+            if !self.has_token(t) {
+                return Err(format!(
+                    "its token {t:?} is not one of the engine's (--hsm-token)"
+                ));
+            }
+        }
         let mut sigs = Vec::new();
         for s in &p.signatures {
             let sig = policy

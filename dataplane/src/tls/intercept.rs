@@ -1009,15 +1009,25 @@ impl Intercept {
         role: CaRole,
     ) -> Result<Lookup, MintFailure> {
         let ecdsa = client_takes_ecdsa(&self.hello);
-        let cas = self.ctx.cas();
+        let cas = self.ctx.cas_for(self.rt.profile.token.as_deref());
+        if let Some(why) = &cas.unavailable {
+            return Err(MintFailure::Hsm(format!(
+                "token {:?} cannot be used: {why}",
+                cas.token
+            )));
+        }
         let ca = cas.pick(role, ecdsa).ok_or_else(|| {
             MintFailure::Bad(format!(
-                "no {} CA {}on the token (run `loupe ca rotate` to make one)",
+                "no {} CA {}on token {:?} (run `loupe ca init` or `loupe ca rotate` with \
+                 --token {})",
                 role.name(),
-                if ecdsa { "" } else { "with an RSA key " }
+                if ecdsa { "" } else { "with an RSA key " },
+                cas.token,
+                cas.token
             ))
         })?;
         self.record.ca = Some(ca.name());
+        self.record.ca_token = Some(ca.token.clone());
         let kind = if ecdsa {
             LeafKind::EcP256
         } else {
@@ -1027,6 +1037,7 @@ impl Intercept {
         let append_cn = self.rt.profile.append_cn_to_san;
         let key = CacheKey {
             upstream,
+            token: ca.token.clone(),
             ca: ca.label.clone(),
             leaf: key_pair.generation,
             append_cn,
