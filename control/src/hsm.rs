@@ -25,6 +25,7 @@ use loupe_hsm::{
         VerifyOptions, AUDIT_KEY_LABEL,
     },
     ca::{ensure_audit_key, parse_ec_spki_pem, spki_pem, CaFlavor, CaManager, CaOptions, CaRole},
+    master::MasterKey,
     pin::PinSource,
     server_keys::{list_keys, ServerKeyInfo, ServerKeys},
     signer::{Signer, SignerConfig},
@@ -174,6 +175,56 @@ impl NewCa {
             organization: self.org.clone(),
             validity_days: self.days,
         })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeylogCommand {
+    /// Print a sealed key log (a decryption profile's `keylog`) in the NSS
+    /// key log format Wireshark reads. Its data keys are opened with the
+    /// token's master key, each an `unwrap` record in the audit log. Exit
+    /// status 1, printing nothing, when any line does not open.
+    Open {
+        /// The sealed key log.
+        file: PathBuf,
+        /// Write it here (created mode 0600, never through a link) instead
+        /// of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn keylog(hsm: &HsmArgs, cmd: KeylogCommand) -> anyhow::Result<ExitCode> {
+    let KeylogCommand::Open { file, out } = cmd;
+    if let Some(o) = &out {
+        writable_target(o)?;
+    }
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read the key log {}", file.display()))?;
+    let opened = Session::open(hsm)?.with(|token, _, sink| {
+        let master = MasterKey {
+            token,
+            audit: sink,
+            requester: requester(),
+        };
+        Ok(loupe_hsm::keylog::open(&text, |blob| {
+            master
+                .open(loupe_hsm::keylog::CONTEXT, blob)
+                .map_err(|e| e.to_string())
+        }))
+    })?;
+    match opened {
+        Ok(lines) => {
+            match &out {
+                Some(o) => write_no_follow(o, lines.as_bytes(), 0o600)?,
+                None => write_out(None, lines.as_bytes())?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("loupe: {}: {e}", file.display());
+            Ok(ExitCode::from(1))
+        }
     }
 }
 
@@ -449,14 +500,14 @@ fn read_key_file(path: &Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// Writes `bytes` to `out` (mode 0644 if new), never through a link.
-fn write_no_follow(out: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Writes `bytes` to `out` (with `mode` if new), never through a link.
+fn write_no_follow(out: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o644)
+        .mode(mode)
         .custom_flags(libc::O_NOFOLLOW)
         .open(out)
         .with_context(|| format!("cannot write {}", out.display()))?;
@@ -515,7 +566,7 @@ pub fn key(hsm: &HsmArgs, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
             }
             let pem = open()?.keys(|k| Ok(k.csr(&label, &names, org.as_deref())?))?;
             match &out {
-                Some(o) => write_no_follow(o, pem.as_bytes())?,
+                Some(o) => write_no_follow(o, pem.as_bytes(), 0o644)?,
                 None => write_out(None, pem.as_bytes())?,
             }
         }

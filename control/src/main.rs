@@ -120,6 +120,13 @@ enum Command {
         #[command(subcommand)]
         command: DecryptCommand,
     },
+    /// Sealed TLS key logs: open one for Wireshark.
+    Keylog {
+        #[command(flatten)]
+        hsm: hsm::HsmArgs,
+        #[command(subcommand)]
+        command: hsm::KeylogCommand,
+    },
     /// Verify the key-usage audit log, or export its public key.
     Audit {
         #[command(flatten)]
@@ -388,6 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ca { hsm, command } => hsm::ca(&hsm, command),
         Command::Key { hsm, command } => hsm::key(&hsm, command),
         Command::Audit { hsm, command } => hsm::audit(&hsm, command),
+        Command::Keylog { hsm, command } => hsm::keylog(&hsm, command),
         Command::Policy { command } => match command {
             PolicyCommand::Check {
                 file,

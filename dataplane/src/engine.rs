@@ -204,7 +204,7 @@ fn start_tls(
             Kind::KeyLog,
             &label,
             "(tls session secrets)",
-            &format!("profile {profile:?} writes TLS session secrets to {path}"),
+            &format!("profile {profile:?} writes TLS session secrets, sealed, to {path}"),
             "loupe-dataplane",
         );
         if let Err(e) = audit.record(vec![entry]) {
@@ -222,6 +222,21 @@ fn start_tls(
     for t in served.iter().skip(1) {
         ctx.set_cas(read_cas(t).unwrap_or_else(|e| unread(t, e)));
     }
+    // Key logs are sealed: a data key per run, sealed by the first
+    // token's master key (made on first use), when a profile first
+    // turns one on.
+    let (seal_token, seal_audit) = (token.clone(), export_audit.clone());
+    ctx = ctx.with_keylog_seal(Arc::new(move |key: &[u8]| {
+        let master = MasterKey {
+            token: &seal_token,
+            audit: &seal_audit,
+            requester: "loupe-dataplane".into(),
+        };
+        master.ensure().map_err(|e| e.to_string())?;
+        master
+            .seal(loupe_hsm::keylog::CONTEXT, key)
+            .map_err(|e| e.to_string())
+    }));
     for (label, why) in signer.refused() {
         ctx.set_cas(CaSet::unavailable(&label, &why));
     }

@@ -19,6 +19,7 @@ pub mod audit;
 pub mod ca;
 pub mod error;
 pub mod keyfile;
+pub mod keylog;
 pub mod master;
 pub mod mech;
 pub mod pin;

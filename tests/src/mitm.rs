@@ -231,6 +231,24 @@ impl Mitm {
         mints_in(&self.hsm.audit_log)
     }
 
+    /// `loupe keylog open` of a sealed key log the engine wrote, on the
+    /// engine's token, with a CLI audit log of its own
+    /// (`keylog-cli.audit.jsonl` in the HSM's directory).
+    pub fn open_keylog(&self, sealed: &Path) -> Output {
+        self.hsm
+            .command(crate::workspace_bin("loupe"))
+            .env("LOUPE_AUDIT_LOG", self.keylog_cli_audit())
+            .args(["keylog", "open"])
+            .arg(sealed)
+            .output()
+            .expect("run loupe keylog open")
+    }
+
+    /// The audit log `loupe keylog open` writes to.
+    pub fn keylog_cli_audit(&self) -> PathBuf {
+        self.hsm.dir.join("keylog-cli.audit.jsonl")
+    }
+
     /// The flow log's records for connections that reached the TLS stage.
     pub fn tls_records(&self) -> Vec<Value> {
         self.control

@@ -244,8 +244,12 @@ fn sessions_resume_toward_the_server_and_toward_a_returning_client() {
     assert_eq!(records[1]["tls"]["client"]["resumed"], true, "{records:#?}");
 }
 
+/// A profile's key log: both legs' secrets, each line sealed (the run's
+/// data key sealed by the HSM's master key), so the file shows no secret;
+/// `loupe keylog open` gives the NSS lines back (an audited unwrap) and
+/// refuses a changed line. Turning it on is in the audit log.
 #[test]
-fn a_profile_with_a_key_log_writes_both_legs_secrets_and_audits_it() {
+fn a_profile_with_a_key_log_writes_both_legs_secrets_sealed_and_audits_it() {
     let keylog = std::env::temp_dir().join(format!("loupe-keylog-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&keylog);
     let path = keylog.display().to_string();
@@ -257,31 +261,64 @@ fn a_profile_with_a_key_log_writes_both_legs_secrets_and_audits_it() {
     let _nginx = Nginx::start_with(&m.h, 443, cert, false, "").expect("nginx");
     let out = m.client("curl", &m.curl_server("")).unwrap();
     assert!(out.status.success());
-    let text = wait_until("the key log", std::time::Duration::from_secs(30), || {
+    // TLS 1.3, two handshakes (the client's leg and the server's): five
+    // secrets each.
+    let sealed = wait_until("the key log", std::time::Duration::from_secs(30), || {
         let t = std::fs::read_to_string(&keylog).unwrap_or_default();
-        // TLS 1.3 traffic secrets of two handshakes: the client's leg and
-        // the server's, each with its own client random.
-        let randoms: std::collections::BTreeSet<&str> = t
-            .lines()
-            .filter(|l| l.starts_with("CLIENT_TRAFFIC_SECRET_0 "))
-            .filter_map(|l| l.split(' ').nth(1))
-            .collect();
-        if randoms.len() >= 2 {
-            Ok(Some(t.clone()))
-        } else {
-            Err(t.clone())
+        match t.lines().filter(|l| l.starts_with("R ")).count() {
+            n if n >= 10 => Ok(Some(t)),
+            _ => Err(t),
         }
     })
     .unwrap();
     let _ = std::fs::remove_file(&keylog);
+    assert!(!sealed.contains("SECRET"), "{sealed}");
+    let dir = std::env::temp_dir().join(format!("loupe-keylog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sealed.log");
+    std::fs::write(&file, &sealed).unwrap();
+    let opened = m.open_keylog(&file);
+    assert!(opened.status.success(), "{opened:?}");
+    let text = String::from_utf8(opened.stdout).unwrap();
+    let randoms: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("CLIENT_TRAFFIC_SECRET_0 "))
+        .filter_map(|l| l.split(' ').nth(1))
+        .collect();
+    assert_eq!(randoms.len(), 2, "{text}");
     assert!(text.lines().all(|l| l.split(' ').count() == 3), "{text}");
-    // Turning it on is in the key-usage audit log.
+    // One changed character in a sealed line: refused, naming the line,
+    // nothing printed.
+    let at = sealed.find("\nR ").unwrap() + 10;
+    let mut changed = sealed.clone().into_bytes();
+    changed[at] = if changed[at] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&file, &changed).unwrap();
+    let refused = m.open_keylog(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(refused.stdout.is_empty());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("line 3:"), "{err}");
+    // Turning it on, and sealing its key, are in the engine's audit log;
+    // opening it is in the CLI's.
     let audit = std::fs::read_to_string(&m.hsm.audit_log).unwrap();
     assert!(
         audit
             .lines()
             .any(|l| l.contains("\"kind\":\"key-log\"") && l.contains(&path)),
         "{audit}"
+    );
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"kind\":\"wrap\"") && l.contains("seal tls key log")),
+        "{audit}"
+    );
+    let cli = std::fs::read_to_string(m.keylog_cli_audit()).unwrap();
+    assert!(
+        cli.lines()
+            .any(|l| l.contains("\"kind\":\"unwrap\"") && l.contains("open tls key log")),
+        "{cli}"
     );
 }
 

@@ -424,14 +424,15 @@ fn the_mirror_port_feeds_tshark_and_ngrep_as_an_ids() {
     assert_eq!(rx.unwrap(), 0);
 }
 
-/// The profile's key log is Wireshark's format: with it, tshark decrypts
-/// a capture of the encrypted client leg and shows the HTTP request.
+/// The profile's key log, opened with `loupe keylog open`, is Wireshark's
+/// format: with it, tshark decrypts a capture of the encrypted client leg
+/// and shows the HTTP request.
 #[test]
 fn tshark_decrypts_a_capture_of_the_client_leg_with_the_key_log() {
     let dir = Dir::new("keylog");
-    let keylog = dir.0.join("keys.log");
-    let k = keylog.display().to_string();
-    let m = Mitm::start(|pki| lab_policy(pki, &format!("keylog = \"{k}\""), "")).expect("setup");
+    let sealed = dir.0.join("keys.sealed");
+    let s = sealed.display().to_string();
+    let m = Mitm::start(|pki| lab_policy(pki, &format!("keylog = \"{s}\""), "")).expect("setup");
     let nginx = start_nginx(&m, false);
     nginx.add_file("secret.bin", 5000, 3).unwrap();
     let cap = dir.0.join("client.pcapng");
@@ -464,6 +465,11 @@ fn tshark_decrypts_a_capture_of_the_client_leg_with_the_key_log() {
     // The capture is complete once tcpdump has stopped.
     let (_, clean, _, _) = p.stop(Duration::from_secs(30));
     assert!(clean, "tcpdump stopped");
+    let opened = m.open_keylog(&sealed);
+    assert!(opened.status.success(), "{opened:?}");
+    let keylog = dir.0.join("keys.log");
+    std::fs::write(&keylog, &opened.stdout).unwrap();
+    let k = keylog.display().to_string();
     let c = cap.display().to_string();
     let fields = [
         "-Y",

@@ -1018,7 +1018,18 @@ fn keylog_problem(path: &Path) -> Option<String> {
         }
         Err(e) => return Some(e.to_string()),
     };
-    keylog_file_problem(&meta)
+    if let Some(why) = keylog_file_problem(&meta) {
+        return Some(why);
+    }
+    // The engine appends sealed lines only to a sealed key log.
+    let banner = loupe_hsm::keylog::BANNER.as_bytes();
+    let mut head = vec![0u8; banner.len()];
+    let sealed = std::fs::File::open(path).and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut head)
+    });
+    (meta.len() > 0 && (sealed.is_err() || head != banner))
+        .then(|| "it is not a sealed key log (a clear one?): move it away".to_string())
 }
 
 /// The trust stores and CRLs profiles name, each read and checked once

@@ -267,6 +267,11 @@ fn unusable_key_logs_and_crls_are_reported() {
     std::fs::write(&private, b"").unwrap();
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink(&private, dir.join("link.log")).unwrap();
+    // A key log kept in clear: the engine appends sealed lines only to a
+    // sealed one.
+    let clear = dir.join("clear.log");
+    std::fs::write(&clear, b"CLIENT_RANDOM 00 11\n").unwrap();
+    std::fs::set_permissions(&clear, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(dir.join("garbage.crl"), b"not a CRL").unwrap();
     std::fs::write(dir.join("good.crl"), test_crl()).unwrap();
     let d = dir.display();
@@ -285,6 +290,8 @@ keylog = "{d}/new.log"
 crls = ["garbage.crl"]
 [profiles.f]
 keylog = "{d}/missing/keys.log"
+[profiles.g]
+keylog = "{d}/clear.log"
 "#
     );
     let c = compile(&dir.join("p.toml"), &text, &|p| std::fs::read_to_string(p));
@@ -296,6 +303,7 @@ keylog = "{d}/missing/keys.log"
         (6, "it is a directory"),
         (12, "garbage.crl: CRL"),
         (14, "its directory"),
+        (16, "not a sealed key log"),
     ] {
         assert!(
             e.iter()
@@ -303,7 +311,7 @@ keylog = "{d}/missing/keys.log"
             "line {line}: {what}: {e:#?}"
         );
     }
-    assert_eq!(e.len(), 5, "{e:#?}");
+    assert_eq!(e.len(), 6, "{e:#?}");
 }
 
 #[test]

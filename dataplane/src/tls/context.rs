@@ -18,6 +18,7 @@ use std::{
 
 use loupe_hsm::{
     ca::{CaFlavor, CaInfo, CaRole},
+    keylog::DataKey,
     mech::SignMech,
 };
 use rustls::{
@@ -379,6 +380,9 @@ impl Default for TlsSettings {
 /// Told when a profile turns key logging on: (profile, file).
 pub type OnKeyLog = Box<dyn Fn(&str, &str) + Send + Sync>;
 
+/// Seals a key log's data key with the HSM's master key.
+pub type SealKeyLog = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send + Sync>;
+
 /// A profile ready for connections, or why it cannot be used.
 type Prepared = Result<Arc<ProfileRuntime>, String>;
 /// A server profile ready for connections, or why it cannot be used.
@@ -402,6 +406,10 @@ pub struct TlsContext {
     trust: Mutex<HashMap<PathBuf, Arc<TrustStore>>>,
     /// Key log files by path, opened once.
     keylogs: Mutex<HashMap<String, Arc<dyn KeyLog>>>,
+    /// How key logs are sealed (none: they are written clear, which only
+    /// an engine without an HSM does), and the run's data key once made.
+    keylog_seal: Option<SealKeyLog>,
+    keylog_key: Mutex<Option<Arc<DataKey>>>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
     /// The ticket keys when kept in a file (rotated and sealed by
     /// [`TlsContext::tick`]).
@@ -458,6 +466,8 @@ impl TlsContext {
             default_runtime: RwLock::new(None),
             trust: Mutex::new(HashMap::new()),
             keylogs: Mutex::new(HashMap::new()),
+            keylog_seal: None,
+            keylog_key: Mutex::new(None),
             ticketer,
             kept_tickets: None,
             sessions: ServerSessionMemoryCache::new(65_536),
@@ -508,6 +518,43 @@ impl TlsContext {
         if let Some(Err(e)) = self.kept_tickets.as_ref().and_then(|k| k.tick()) {
             eprintln!("loupe-dataplane: warning: the ticket keys were rotated but not kept: {e}");
         }
+    }
+
+    /// The context sealing key logs with `seal` (before it is shared).
+    pub fn with_keylog_seal(mut self, seal: SealKeyLog) -> TlsContext {
+        self.keylog_seal = Some(seal);
+        self
+    }
+
+    /// The run's key log data key, sealed by the HSM on first use. The
+    /// HSM is asked on a thread of its own, waited for at most the HSM
+    /// timeout (at least 2 s), so a hung HSM cannot hold the engine's
+    /// thread; a key not made is asked for again at the next apply.
+    fn keylog_key(&self, seal: &SealKeyLog) -> Result<Arc<DataKey>, String> {
+        let mut k = self.keylog_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(key) = k.as_ref() {
+            return Ok(key.clone());
+        }
+        let seal = seal.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("loupe-keylog-seal".into())
+            .spawn(move || {
+                let _ = tx.send(DataKey::new(|key| seal(key)));
+            })
+            .map_err(|e| format!("cannot start a thread to seal its key: {e}"))?;
+        let wait = self.settings.hsm_timeout.max(Duration::from_secs(2));
+        let key = match rx.recv_timeout(wait) {
+            Ok(made) => Arc::new(made.map_err(|e| format!("the HSM did not seal its key: {e}"))?),
+            Err(_) => {
+                return Err(format!(
+                    "the HSM did not seal its key within {} ms",
+                    wait.as_millis()
+                ))
+            }
+        };
+        *k = Some(key.clone());
+        Ok(key)
     }
 
     /// The context with the engine's token (before it is shared).
@@ -743,7 +790,14 @@ impl TlsContext {
         if let Some(k) = m.get(path) {
             return Ok(k.clone());
         }
-        let k: Arc<dyn KeyLog> = Arc::new(KeyLogFile::open(std::path::Path::new(path))?);
+        let key = match &self.keylog_seal {
+            Some(seal) => Some(self.keylog_key(seal)?),
+            None => None,
+        };
+        let k: Arc<dyn KeyLog> = Arc::new(KeyLogFile::open(
+            std::path::Path::new(path),
+            key.as_deref(),
+        )?);
         (self.on_keylog)(profile, path);
         m.insert(path.to_string(), k.clone());
         Ok(k)

@@ -14,7 +14,7 @@
 
 use std::{
     fs::File,
-    io::Write,
+    io::{Read, Write},
     net::IpAddr,
     path::Path,
     sync::{
@@ -23,6 +23,7 @@ use std::{
     },
 };
 
+use loupe_hsm::keylog::{self, DataKey, Segment};
 use rustls::{
     client::{
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -198,9 +199,12 @@ impl ResolvesClientCert for Observer {
 
 /// TLS secrets in the NSS key log format
 /// (`LABEL <client random hex> <secret hex>`), appended to a file; for
-/// debugging with Wireshark, off unless a profile names a file.
+/// debugging with Wireshark, off unless a profile names a file. The
+/// engine seals each line ([`loupe_hsm::keylog`]: a segment of the run's
+/// data key, which the HSM's master key seals), so the file decrypts
+/// nothing without the token; `loupe keylog open` gives the NSS lines.
 pub struct KeyLogFile {
-    file: Mutex<File>,
+    file: Mutex<(File, Option<Segment>)>,
 }
 
 impl std::fmt::Debug for KeyLogFile {
@@ -215,7 +219,7 @@ impl KeyLogFile {
     /// else can read or swap: a regular file (not a FIFO that would block
     /// the engine, not a symbolic link someone planted), owned by the
     /// engine's user, with no group or other access.
-    pub fn open(path: &Path) -> Result<KeyLogFile, String> {
+    pub fn open(path: &Path, sealed: Option<&DataKey>) -> Result<KeyLogFile, String> {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let bad = |why: String| format!("cannot use the key log {}: {why}", path.display());
         let file = std::fs::OpenOptions::new()
@@ -241,8 +245,34 @@ impl KeyLogFile {
                 meta.uid()
             )));
         }
+        let segment = match sealed {
+            None => None,
+            Some(key) => {
+                let seg = key.segment()?;
+                let mut file = &file;
+                // A sealed log appends to a sealed log (a new segment) or
+                // starts one; never to a key log kept in clear.
+                if meta.len() > 0 {
+                    let mut head = vec![0u8; keylog::BANNER.len()];
+                    let same = std::fs::File::open(path)
+                        .and_then(|mut f| f.read_exact(&mut head))
+                        .is_ok_and(|()| head == keylog::BANNER.as_bytes());
+                    if !same {
+                        return Err(bad(
+                            "it is not a sealed key log (a clear one?): move it away".into(),
+                        ));
+                    }
+                } else {
+                    file.write_all(keylog::BANNER.as_bytes())
+                        .map_err(|e| bad(e.to_string()))?;
+                }
+                file.write_all(seg.header().as_bytes())
+                    .map_err(|e| bad(e.to_string()))?;
+                Some(seg)
+            }
+        };
         Ok(KeyLogFile {
-            file: Mutex::new(file),
+            file: Mutex::new((file, segment)),
         })
     }
 }
@@ -282,7 +312,20 @@ impl KeyLog for KeyLogFile {
     fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
         let line = keylog_line(label, client_random, secret);
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(line.as_bytes()) {
+        let (file, segment) = &mut *f;
+        let out = match segment {
+            None => line,
+            Some(s) => match s.seal(&line) {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    eprintln!(
+                        "loupe-dataplane: warning: key log line not sealed, not written: {e}"
+                    );
+                    return;
+                }
+            },
+        };
+        if let Err(e) = file.write_all(out.as_bytes()) {
             eprintln!("loupe-dataplane: warning: key log write failed: {e}");
         }
     }
@@ -366,14 +409,48 @@ mod tests {
     fn a_key_log_is_created_private_and_appended_to() {
         let d = dir("new");
         let path = d.0.join("keys.log");
-        let k = KeyLogFile::open(&path).unwrap();
+        let k = KeyLogFile::open(&path, None).unwrap();
         k.log("CLIENT_RANDOM", &[1, 2], &[0xab]);
         drop(k);
-        let k = KeyLogFile::open(&path).unwrap();
+        let k = KeyLogFile::open(&path, None).unwrap();
         k.log("CLIENT_RANDOM", &[3], &[0xcd]);
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, "CLIENT_RANDOM 0102 ab\nCLIENT_RANDOM 03 cd\n");
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+    }
+
+    /// The engine's key logs: each line sealed, a run a segment of its
+    /// own, nothing in clear; a clear key log is not appended to.
+    #[test]
+    fn a_sealed_key_log_holds_no_secret_in_clear_and_opens_line_by_line() {
+        let d = dir("sealed");
+        let path = d.0.join("keys.sealed");
+        let toy = |k: &[u8]| -> Result<Vec<u8>, String> { Ok(k.iter().map(|b| b ^ 1).collect()) };
+        for (label, secret) in [("CLIENT_RANDOM", 0xabu8), ("EXPORTER_SECRET", 0xcd)] {
+            let key = DataKey::new(toy).unwrap();
+            let k = KeyLogFile::open(&path, Some(&key)).unwrap();
+            k.log(label, &[7, 7], &[secret; 4]);
+            k.log(label, &[8, 8], &[secret; 4]);
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for clear in ["CLIENT_RANDOM", "EXPORTER", "abababab", "0707"] {
+            assert!(!text.contains(clear), "{clear} in clear:\n{text}");
+        }
+        assert_eq!(text.lines().filter(|l| l.starts_with("S ")).count(), 2);
+        let opened = keylog::open(&text, |b| Ok(b.iter().map(|x| x ^ 1).collect())).unwrap();
+        assert_eq!(
+            opened,
+            "CLIENT_RANDOM 0707 abababab\nCLIENT_RANDOM 0808 abababab\n\
+             EXPORTER_SECRET 0707 cdcdcdcd\nEXPORTER_SECRET 0808 cdcdcdcd\n"
+        );
+        // A key log kept in clear is not turned into a mixed file.
+        let clear = d.0.join("clear.log");
+        KeyLogFile::open(&clear, None)
+            .unwrap()
+            .log("CLIENT_RANDOM", &[1], &[2]);
+        let key = DataKey::new(toy).unwrap();
+        let e = KeyLogFile::open(&clear, Some(&key)).unwrap_err();
+        assert!(e.contains("not a sealed key log"), "{e}");
     }
 
     #[test]
@@ -383,14 +460,14 @@ mod tests {
         let open = d.0.join("open.log");
         std::fs::write(&open, b"").unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let e = KeyLogFile::open(&open).unwrap_err();
+        let e = KeyLogFile::open(&open, None).unwrap_err();
         assert!(e.contains("mode 640"), "{e}");
         // A symbolic link, even to a good file.
         let good = d.0.join("good.log");
-        KeyLogFile::open(&good).unwrap();
+        KeyLogFile::open(&good, None).unwrap();
         let link = d.0.join("link.log");
         std::os::unix::fs::symlink(&good, &link).unwrap();
-        let e = KeyLogFile::open(&link).unwrap_err();
+        let e = KeyLogFile::open(&link, None).unwrap_err();
         assert!(e.contains("symbolic link"), "{e}");
         // A FIFO: refused at once (opening one for writing with no reader
         // would otherwise block or fail obscurely).
@@ -398,10 +475,10 @@ mod tests {
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let e = KeyLogFile::open(&fifo).unwrap_err();
+        let e = KeyLogFile::open(&fifo, None).unwrap_err();
         assert!(e.contains("it is a FIFO"), "{e}");
         // A directory.
-        let e = KeyLogFile::open(&d.0).unwrap_err();
+        let e = KeyLogFile::open(&d.0, None).unwrap_err();
         assert!(e.contains("directory"), "{e}");
     }
 }
