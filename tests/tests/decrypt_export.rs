@@ -16,8 +16,8 @@ use std::{
 };
 
 use loupe_tests::{
-    harness::{HarnessConfig, PEER_IF},
-    https::{Nginx, SERVER_NAME},
+    harness::{HarnessConfig, Role, PEER_IF},
+    https::{curl_sha256, Nginx, SERVER_NAME},
     mitm::{lab_policy, Mitm},
     pki::{Flaw, Key},
     wait_until, Proc,
@@ -419,9 +419,88 @@ fn the_mirror_port_feeds_tshark_and_ngrep_as_an_ids() {
     assert_eq!(e.mirror_dropped, 0, "{e:?}");
     assert_eq!(e.pcap_packets, 0, "no pcap configured: {e:?}");
     // Send-only: the engine's end of the port took nothing in.
-    let rx =
-        m.h.iface_counter(loupe_tests::harness::Role::Engine, "mirror", "rx_packets");
+    let rx = m.h.iface_counter(Role::Engine, "mirror", "rx_packets");
     assert_eq!(rx.unwrap(), 0);
+    let audit = std::fs::read_to_string(&m.hsm.audit_log).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"export\"") && l.contains("mirror port mirror")),
+        "the audit log records the mirror export: {audit}"
+    );
+}
+
+/// Whether the engine's end of the mirror port has carrier (`up`).
+fn mirror_carrier(m: &Mitm, up: bool) {
+    let want = if up { "1" } else { "0" };
+    wait_until(
+        &format!("the mirror port's carrier to be {want}"),
+        Duration::from_secs(60),
+        || {
+            let out =
+                m.h.engine
+                    .exec("cat", &["/sys/class/net/mirror/carrier"])
+                    .map_err(|e| e.to_string())?;
+            let now = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            match now == want {
+                true => Ok(Some(())),
+                false => Err(format!("carrier {now:?}")),
+            }
+        },
+    )
+    .unwrap();
+}
+
+/// An absent consumer: the IDS end of the mirror port is down (no
+/// carrier on the engine's end). Decryption goes on (a 2 MiB body arrives
+/// byte-exact) and every frame the port did not take is counted, none
+/// passed off as sent; with the IDS end up again, frames go out again.
+#[test]
+fn a_mirror_port_without_its_consumer_counts_drops_and_decryption_goes_on() {
+    let m = Mitm::start_with(
+        HarnessConfig {
+            mirror: true,
+            ..HarnessConfig::default()
+        },
+        &["--export-mirror", "mirror"],
+        |pki| lab_policy(pki, r#"export = ["mirror"]"#, ""),
+    )
+    .expect("setup");
+    let nginx = start_nginx(&m, false);
+    let sha = nginx.add_file("big.bin", 2 << 20, 9).unwrap();
+    let ids = m.h.ids.as_ref().expect("a harness with a mirror port");
+    ids.ip(&["link", "set", PEER_IF, "down"]).unwrap();
+    mirror_carrier(&m, false);
+
+    let mut args = m.curl_server("big.bin");
+    args.insert(0, "--http1.1".into());
+    let (got, len) = curl_sha256(&m.h, &args).expect("the transfer");
+    assert_eq!((got.as_str(), len), (sha.as_str(), 2 << 20), "byte-exact");
+    // The connection's end is exported (and dropped) last.
+    let e = m
+        .engine
+        .wait_stats("the drops counted", Duration::from_secs(60), |s| {
+            let e = s.tls.as_ref()?.export.clone()?;
+            (e.connections == 1 && e.mirror_dropped > 1000 && e.queued_bytes == 0).then_some(e)
+        })
+        .unwrap();
+    assert_eq!(e.mirror_frames, 0, "nothing passed off as sent: {e:?}");
+    assert_eq!(e.events_dropped, 0, "{e:?}");
+    let tx =
+        m.h.iface_counter(Role::Engine, "mirror", "tx_packets")
+            .unwrap();
+    assert_eq!(tx, 0, "the port sent nothing");
+
+    // The consumer back: frames go out and are counted as sent.
+    ids.ip(&["link", "set", PEER_IF, "up"]).unwrap();
+    mirror_carrier(&m, true);
+    fetch(&m, "--http1.1", &["index.html"]);
+    m.engine
+        .wait_stats("frames sent again", Duration::from_secs(60), |s| {
+            let e = s.tls.as_ref()?.export.clone()?;
+            (e.connections == 2 && e.mirror_frames > 5).then_some(())
+        })
+        .unwrap();
 }
 
 /// The profile's key log, opened with `loupe keylog open`, is Wireshark's

@@ -2,6 +2,12 @@
 //! interface, for an IDS on the other end. Send-only: the packet socket is
 //! bound with protocol 0, so the kernel delivers nothing to it, and it
 //! never blocks (a full queue or a down link drops the frame, counted).
+//!
+//! Frames go straight to the driver (`PACKET_QDISC_BYPASS`): through the
+//! qdisc, a link without carrier (the consumer's end down or unplugged)
+//! swallows every frame while `sendto` reports success, so the drops
+//! could not be counted. The cost is that no `tc` shaping applies to the
+//! mirror port, and a capture on the engine's own end of it sees nothing.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -50,6 +56,24 @@ impl Mirror {
         }
         // SAFETY: `raw` is a new descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let one: libc::c_int = 1;
+        // SAFETY: `one` is a valid c_int for the length given; the
+        // descriptor is ours.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(bad(format!(
+                "PACKET_QDISC_BYPASS: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
         let m = Mirror {
             fd,
             ifindex: ifindex as i32,
@@ -81,7 +105,8 @@ impl Mirror {
         sa
     }
 
-    /// Sends one frame; false if it was dropped (queue full, link down).
+    /// Sends one frame; false if it was dropped (queue full, link down or
+    /// without carrier).
     pub fn send(&self, frame: &[u8]) -> bool {
         let sa = self.addr();
         // SAFETY: `frame` is valid for its length; `sa` is a valid
