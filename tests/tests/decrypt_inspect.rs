@@ -44,6 +44,10 @@ const MARKER: &[u8] = b"LOUPE-TEST-MARKER";
 /// The bytes that the `hexmark` signature gives in hex.
 const HEXMARK: &[u8] = b"\xde\xad\xbe\xefLOUPE";
 
+/// The bytes of the `filemark` signature's file (any bytes, not only
+/// text).
+const FILEMARK: &[u8] = b"\x00\xffLOUPE-FILE\r\n";
+
 /// What the POST in the HTTP test sends.
 const POSTED: usize = 10_000;
 
@@ -63,12 +67,19 @@ action = "alert"
 "#;
 
 /// Everything the harness serves decrypted, the profile looking for every
-/// signature above.
+/// signature above and `filemark`, whose pattern is a file's bytes (named
+/// relative to the policy file, which is beside the test PKI's directory).
 fn inspecting(pki: &Pki) -> String {
+    let dir = pki.roots.parent().expect("the PKI's directory");
+    std::fs::write(dir.join("filemark.sig"), FILEMARK).unwrap();
+    let name = dir
+        .file_name()
+        .expect("a named directory")
+        .to_string_lossy();
     lab_policy(
         pki,
-        r#"signatures = ["eicar", "marker", "hexmark"]"#,
-        SIGNATURES,
+        r#"signatures = ["eicar", "marker", "hexmark", "filemark"]"#,
+        &format!("{SIGNATURES}\n[signatures.filemark]\nfile = \"{name}/filemark.sig\"\n"),
     )
 }
 
@@ -416,15 +427,23 @@ fn eicar_split_across_records_and_segments_is_blocked_and_a_clean_body_passes() 
     );
 }
 
-/// Alert signatures, a literal and one given in hex, in a body (and the
-/// literal in a request header): each match is logged with its direction
-/// and offset, and the body arrives byte-exact.
+/// Alert signatures, a literal, one given in hex and one from a file, in
+/// a body (and the literal in a request header): each match is logged with
+/// its direction and offset, and the body arrives byte-exact.
 #[test]
 fn an_alert_signature_is_logged_and_the_transfer_completes() {
     let m = Mitm::start(inspecting).expect("setup");
     let nginx = start_nginx(&m, false, "");
-    let (marker_at, hexmark_at) = (40_000, 50_000);
-    let data = body_with(LEN, 4, &[(marker_at, MARKER), (hexmark_at, HEXMARK)]);
+    let (marker_at, hexmark_at, filemark_at) = (40_000, 50_000, 30_000);
+    let data = body_with(
+        LEN,
+        4,
+        &[
+            (marker_at, MARKER),
+            (hexmark_at, HEXMARK),
+            (filemark_at, FILEMARK),
+        ],
+    );
     let want = nginx.add_bytes("marked.bin", &data).unwrap();
     let headers = m.h.dir.join("marked.headers");
     let probe = format!("X-Loupe-Probe: {}", std::str::from_utf8(MARKER).unwrap());
@@ -442,13 +461,19 @@ fn an_alert_signature_is_logged_and_the_transfer_completes() {
     assert_eq!((sha.as_str(), len), (want.as_str(), LEN as u64));
     let head = header_len(&headers);
 
-    let sigs = wait_records(&m, "three matches", 3, |r| r["record"] == "signature");
+    let sigs = wait_records(&m, "four matches", 4, |r| r["record"] == "signature");
     let body_marker = signature(&sigs, "marker", "s2c");
     let body_hexmark = signature(&sigs, "hexmark", "s2c");
+    let body_filemark = signature(&sigs, "filemark", "s2c");
     let header_marker = signature(&sigs, "marker", "c2s");
-    for sig in [body_marker, body_hexmark, header_marker] {
+    for sig in [body_marker, body_hexmark, body_filemark, header_marker] {
         assert_eq!(sig["signature"]["action"], "alert", "{sig:#}");
     }
+    assert_eq!(
+        body_filemark["signature"]["offset"],
+        (head + filemark_at) as u64,
+        "{body_filemark:#}"
+    );
     assert_eq!(
         body_marker["signature"]["offset"],
         (head + marker_at) as u64,
@@ -478,7 +503,7 @@ fn an_alert_signature_is_logged_and_the_transfer_completes() {
     assert_eq!(own["tls"]["outcome"], "decrypted", "{own:#}");
     assert!(own["tls"]["error"].is_null(), "{own:#}");
     let sigs = records_of(&m, "signature");
-    assert_eq!(sigs.len(), 3, "{sigs:#?}");
+    assert_eq!(sigs.len(), 4, "{sigs:#?}");
     assert!(sigs.iter().all(|r| conn(r) == c), "{sigs:#?}");
     let http = records_of(&m, "http");
     assert_eq!(http.len(), 1, "{http:#?}");
@@ -491,6 +516,10 @@ fn an_alert_signature_is_logged_and_the_transfer_completes() {
     wait_metric(
         &m,
         r#"loupe_signature_hits_total{signature="hexmark",action="alert"} 1"#,
+    );
+    wait_metric(
+        &m,
+        r#"loupe_signature_hits_total{signature="filemark",action="alert"} 1"#,
     );
 }
 

@@ -63,6 +63,9 @@ pub enum CtlRequest {
         path: String,
         text: String,
         files: BTreeMap<String, String>,
+        /// Signature files, as bytes.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        blobs: BTreeMap<String, Vec<u8>>,
     },
     /// The newest lines of the flow log.
     LogTail { lines: usize },
@@ -204,6 +207,10 @@ struct Sources {
     path: String,
     text: String,
     files: BTreeMap<String, String>,
+    /// The signature files it names, as bytes (kept, so that a saved
+    /// policy compiles to the same patterns whatever became of them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    blobs: BTreeMap<String, Vec<u8>>,
     /// The version it last ran under.
     version: u64,
 }
@@ -218,11 +225,16 @@ impl Sources {
     /// Compiles the sources; `saved` for a policy accepted before (see
     /// `lang::compile_saved`).
     fn compile(&self, saved: bool) -> (Option<Desired>, Vec<String>) {
-        let files = self.files.clone();
+        let (files, blobs) = (&self.files, &self.blobs);
         let load = move |p: &Path| {
-            files.get(&p.display().to_string()).cloned().ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::NotFound, "the CLI could not read it")
-            })
+            let key = p.display().to_string();
+            files
+                .get(&key)
+                .map(|t| t.clone().into_bytes())
+                .or_else(|| blobs.get(&key).cloned())
+                .ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "the CLI could not read it")
+                })
         };
         let checked = if saved {
             lang::compile_saved(Path::new(&self.path), &self.text, &load)
@@ -256,10 +268,18 @@ impl Sources {
                 files.insert(p.display().to_string(), t);
             }
         }
+        let mut blobs = BTreeMap::new();
+        for p in lang::signature_files(path, &text) {
+            // As above: the daemon names one that cannot be read.
+            if let Ok(b) = lang::read_signature_file(&p) {
+                blobs.insert(p.display().to_string(), b);
+            }
+        }
         Ok(Sources {
             path: path.display().to_string(),
             text,
             files,
+            blobs,
             version: 0,
         })
     }
@@ -272,6 +292,7 @@ pub fn apply_request(path: &Path) -> anyhow::Result<CtlRequest> {
         path: s.path,
         text: s.text,
         files: s.files,
+        blobs: s.blobs,
     })
 }
 
@@ -598,10 +619,16 @@ impl Daemon {
                     None => CtlResponse::error("no policy was applied yet"),
                 }
             }
-            CtlRequest::PolicyApply { path, text, files } => self.apply(Sources {
+            CtlRequest::PolicyApply {
                 path,
                 text,
                 files,
+                blobs,
+            } => self.apply(Sources {
+                path,
+                text,
+                files,
+                blobs,
                 version: 0,
             }),
             CtlRequest::Exclusions { clear } => {

@@ -136,6 +136,7 @@ fn sources(dir: &Path, name: &str) -> Sources {
         path: dir.join(format!("{name}.toml")).display().to_string(),
         text: format!("[[rules]]\nname = \"{name}\"\naction = \"block\"\n"),
         files: BTreeMap::new(),
+        blobs: BTreeMap::new(),
         version: 0,
     }
 }
@@ -261,4 +262,39 @@ fn applies_beyond_the_checks_at_once_are_refused() {
     assert_eq!(dp.running().unwrap().rules[0].name, "after");
     drop(dp);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The CLI sends a signature file's bytes with the policy, and the daemon
+/// keeps them: a saved policy compiles to the same pattern after the file
+/// is gone, and one too long arrives long enough to be refused as such.
+#[test]
+fn signature_files_travel_with_the_policy_and_are_kept() {
+    let dir = test_dir("sigfile");
+    let bytes = b"\xfe\xffMARK\x00".to_vec();
+    std::fs::write(dir.join("mark.sig"), &bytes).unwrap();
+    std::fs::write(dir.join("long.sig"), vec![b'z'; 5000]).unwrap();
+    let text = "[signatures.mark]\nfile = \"mark.sig\"\n[profiles.p]\nsignatures = [\"mark\"]\n\
+                [[rules]]\nname = \"d\"\naction = \"decrypt\"\nprofile = \"p\"\n";
+    let policy = dir.join("p.toml");
+    std::fs::write(&policy, text).unwrap();
+    let s = Sources::read(&policy).unwrap();
+    // Through the wire and the saved state, as JSON.
+    let s: Sources = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    std::fs::remove_file(dir.join("mark.sig")).unwrap();
+    let (desired, diagnostics) = s.compile(true);
+    let d = desired.unwrap_or_else(|| panic!("{diagnostics:?}"));
+    assert_eq!(d.policy.signatures["mark"].pattern, bytes);
+    let long = text.replace("mark.sig", "long.sig");
+    std::fs::write(&policy, long).unwrap();
+    let s = Sources::read(&policy).unwrap();
+    assert_eq!(s.blobs.values().next().map(Vec::len), Some(1025));
+    let (desired, diagnostics) = s.compile(false);
+    assert!(desired.is_none());
+    assert!(
+        diagnostics
+            .iter()
+            .any(|d| d.contains("long.sig holds more than 1024 bytes")),
+        "{diagnostics:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

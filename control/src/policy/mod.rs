@@ -394,6 +394,48 @@ pub fn category_file(path: &Path, text: &str) -> Option<PathBuf> {
     Some(path.parent().unwrap_or(Path::new(".")).join(cat))
 }
 
+/// The files that `[signatures.*]` take their patterns from, relative to
+/// the policy at `path` (none if the text does not parse).
+pub fn signature_files(path: &Path, text: &str) -> Vec<PathBuf> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        signatures: BTreeMap<String, HeadSignature>,
+    }
+    #[derive(serde::Deserialize)]
+    struct HeadSignature {
+        file: Option<String>,
+    }
+    let Ok(head) = toml::from_str::<Head>(text) else {
+        return Vec::new();
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    head.signatures
+        .into_values()
+        .filter_map(|s| s.file.map(|f| base.join(f)))
+        .collect()
+}
+
+/// Reads a signature file for the daemon: a regular file, at most one
+/// byte more than a pattern may have (enough for the check to say it is
+/// too long), never a wait on a FIFO.
+pub fn read_signature_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PATTERN as u64 + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// The limits on the policy's size, checked before anything else (a
 /// policy far beyond them is refused at once, not analysed): rules,
 /// host-name globs (the rules' and the category file's together) and
@@ -466,10 +508,14 @@ fn nth_start<'a, T: 'a>(items: impl Iterator<Item = &'a Spanned<T>>, n: usize) -
     *starts.select_nth_unstable(n).1
 }
 
+/// Reads a file a policy names (the category file, signature files) as
+/// its bytes.
+pub type Load<'a> = dyn Fn(&Path) -> io::Result<Vec<u8>> + 'a;
+
 /// Checks and compiles the policy at `path` whose text is `text`; `load`
-/// reads the files it names (the category file), so the caller decides
+/// reads the files it names (the category file, signature files), so the caller decides
 /// where they come from.
-pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<String>) -> Checked {
+pub fn compile(path: &Path, text: &str, load: &Load<'_>) -> Checked {
     compile_as(path, text, load, false, None)
 }
 
@@ -479,18 +525,14 @@ pub fn compile(path: &Path, text: &str, load: &dyn Fn(&Path) -> io::Result<Strin
 /// an error: refusing the whole policy would leave the dataplane without
 /// one (no block rule enforced), while the engine blocks the connections
 /// of a profile it cannot prepare and enforces the rest.
-pub fn compile_saved(
-    path: &Path,
-    text: &str,
-    load: &dyn Fn(&Path) -> io::Result<String>,
-) -> Checked {
+pub fn compile_saved(path: &Path, text: &str, load: &Load<'_>) -> Checked {
     compile_as(path, text, load, true, None)
 }
 
 fn compile_as(
     path: &Path,
     text: &str,
-    load: &dyn Fn(&Path) -> io::Result<String>,
+    load: &Load<'_>,
     saved: bool,
     keys: Option<&KeyCheck<'_>>,
 ) -> Checked {
@@ -515,7 +557,7 @@ fn compile_as(
     let mut cat_file: Option<(PathBuf, String)> = None;
     if let Some(cat) = global.and_then(|g| g.categories.as_ref()) {
         let cpath = path.parent().unwrap_or(Path::new(".")).join(cat.get_ref());
-        match load(&cpath) {
+        match load(&cpath).and_then(utf8_text) {
             Err(e) => rep.error(
                 cat.span(),
                 format!("cannot read the category file {}: {e}", cpath.display()),
@@ -580,7 +622,9 @@ fn compile_as(
         }
     }
 
-    // [signatures.*], in the order written (for the limits' positions).
+    // [signatures.*], in the order written (for the limits' positions);
+    // their files are relative to the policy file.
+    let base = path.parent().unwrap_or(Path::new("."));
     let mut signatures = BTreeMap::new();
     let mut written_sigs: Vec<(&String, &Spanned<RawSignature>)> = raw.signatures.iter().collect();
     written_sigs.sort_by_key(|(_, s)| s.span().start);
@@ -593,7 +637,14 @@ fn compile_as(
             );
             break;
         }
-        if let Some(sig) = signature(&mut rep, name, s) {
+        if let Some(sig) = signature(&mut rep, name, s, base, load) {
+            if s.get_ref().file.is_some() {
+                // The file is the policy's too: a new one is a new policy.
+                digest.update(b"\0signature\0");
+                digest.update(name.as_bytes());
+                digest.update(b"\0");
+                digest.update(&sig.pattern);
+            }
             pattern_bytes += sig.pattern.len();
             if pattern_bytes > MAX_SIGNATURE_BYTES {
                 rep.error(
@@ -1445,8 +1496,15 @@ fn url_rule(
     })
 }
 
-/// `[signatures.NAME]`: its pattern's bytes and its action.
-fn signature(rep: &mut Report, name: &str, s: &Spanned<RawSignature>) -> Option<Signature> {
+/// `[signatures.NAME]`: its pattern's bytes and its action; a `file`
+/// is read with `load`, relative to `base` (the policy file's directory).
+fn signature(
+    rep: &mut Report,
+    name: &str,
+    s: &Spanned<RawSignature>,
+    base: &Path,
+    load: &Load<'_>,
+) -> Option<Signature> {
     let raw = s.get_ref();
     if name.is_empty() || name.len() > MAX_RULE_NAME || name.chars().any(char::is_control) {
         rep.error(
@@ -1476,11 +1534,12 @@ fn signature(rep: &mut Report, name: &str, s: &Spanned<RawSignature>) -> Option<
         raw.builtin.is_some(),
         raw.pattern.is_some(),
         raw.hex.is_some(),
+        raw.file.is_some(),
     ];
     if given.iter().filter(|g| **g).count() != 1 {
         rep.error(
             s.span(),
-            format!("signature {name:?}: give exactly one of builtin, pattern or hex"),
+            format!("signature {name:?}: give exactly one of builtin, pattern, hex or file"),
         );
         return None;
     }
@@ -1497,8 +1556,26 @@ fn signature(rep: &mut Report, name: &str, s: &Spanned<RawSignature>) -> Option<
         }
     } else if let Some(p) = &raw.pattern {
         (Some(p.get_ref().as_bytes().to_vec()), p.span())
+    } else if let Some(f) = &raw.file {
+        let path = base.join(f.get_ref());
+        let problem = match load(&path) {
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            Ok(b) if b.is_empty() => Err(format!("{} is empty", path.display())),
+            Ok(b) if b.len() > MAX_PATTERN => Err(format!(
+                "{} holds more than {MAX_PATTERN} bytes, the most a pattern may have",
+                path.display()
+            )),
+            Ok(b) => Ok(b),
+        };
+        match problem {
+            Ok(b) => (Some(b), f.span()),
+            Err(e) => {
+                rep.error(f.span(), format!("signature {name:?}: file {e}"));
+                return None;
+            }
+        }
     } else {
-        let h = raw.hex.as_ref().expect("one of the three");
+        let h = raw.hex.as_ref().expect("one of the four");
         match hex_bytes(h.get_ref()) {
             Ok(b) => (Some(b), h.span()),
             Err(e) => {
@@ -1911,7 +1988,7 @@ fn shadow_warnings(rep: &mut Report, policy: &Policy, written: &[&Spanned<RawRul
 /// Reads a policy from disk and checks it.
 pub fn check_file(path: &Path) -> io::Result<Checked> {
     let text = read_text(path)?;
-    Ok(compile(path, &text, &|p| read_text(p)))
+    Ok(compile(path, &text, &|p| read_regular(p, MAX_POLICY_BYTES)))
 }
 
 /// [`check_file`], each server profile's key looked up by `keys`.
@@ -1920,7 +1997,7 @@ pub fn check_file_keys(path: &Path, keys: &KeyCheck<'_>) -> io::Result<Checked> 
     Ok(compile_as(
         path,
         &text,
-        &|p| read_text(p),
+        &|p| read_regular(p, MAX_POLICY_BYTES),
         false,
         Some(keys),
     ))
@@ -1933,7 +2010,12 @@ pub const MAX_POLICY_BYTES: u64 = 16 << 20;
 /// [`MAX_POLICY_BYTES`], UTF-8. A FIFO, a device (`/dev/zero`) or a
 /// directory is an error at once, never a wait or an endless read.
 pub fn read_text(path: &Path) -> io::Result<String> {
-    let bytes = read_regular(path, MAX_POLICY_BYTES)?;
+    utf8_text(read_regular(path, MAX_POLICY_BYTES)?)
+}
+
+/// A policy or category file's bytes as text, or where they stop being
+/// UTF-8.
+fn utf8_text(bytes: Vec<u8>) -> io::Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         // Where the first bad byte stands, as every other error.
         let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];

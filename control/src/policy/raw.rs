@@ -62,13 +62,15 @@ pub struct RawUrlRule {
     pub action: Option<Spanned<String>>,
 }
 
-/// `[signatures.NAME]`: one of `builtin`, `pattern` (text) or `hex`.
+/// `[signatures.NAME]`: one of `builtin`, `pattern` (text), `hex` or
+/// `file` (whose bytes are the pattern, relative to the policy file).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSignature {
     pub builtin: Option<Spanned<String>>,
     pub pattern: Option<Spanned<String>>,
     pub hex: Option<Spanned<String>>,
+    pub file: Option<Spanned<String>>,
     pub action: Option<Spanned<String>>,
     /// Free text for people; not used.
     #[allow(dead_code)]

@@ -294,7 +294,7 @@ keylog = "{d}/missing/keys.log"
 keylog = "{d}/clear.log"
 "#
     );
-    let c = compile(&dir.join("p.toml"), &text, &|p| std::fs::read_to_string(p));
+    let c = compile(&dir.join("p.toml"), &text, &|p| std::fs::read(p));
     std::fs::remove_dir_all(&dir).unwrap();
     let e = messages(&c, Severity::Error);
     for (line, what) in [
@@ -345,7 +345,7 @@ name = "d"
 action = "decrypt"
 profile = "p"
 "#;
-    let c = compile(&dir.join("p.toml"), text, &|p| std::fs::read_to_string(p));
+    let c = compile(&dir.join("p.toml"), text, &|p| std::fs::read(p));
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(c.errors(), 0, "{:?}", c.diagnostics);
     let p = &c.policy.unwrap().profiles["p"];
@@ -430,7 +430,7 @@ fn the_digest_covers_the_category_file() {
     let with = |cats: &'static str| {
         compile(Path::new("/x/p.toml"), text, &move |p| {
             assert_eq!(p, Path::new("/x/c.toml"));
-            Ok(cats.to_string())
+            Ok(cats.as_bytes().to_vec())
         })
     };
     let a = with("f = [\"*.a.example\"]\n").policy.unwrap();
@@ -544,7 +544,9 @@ fn limits_are_checked_before_anything_else() {
     let cats = format!("c = [{}]\n", vec!["\"a.example\""; MAX_GLOBS - 1].join(","));
     let text = "[policy]\ncategories = \"c.toml\"\n[[rules]]\nname = \"x\"\n\
                 sni = [\"ok.example\", \"one.too.many\", \"a..b\"]\naction = \"block\"\n";
-    let c = compile(Path::new("/p/p.toml"), text, &|_| Ok(cats.clone()));
+    let c = compile(Path::new("/p/p.toml"), text, &|_| {
+        Ok(cats.clone().into_bytes())
+    });
     let e = messages(&c, Severity::Error);
     assert_eq!(
         e,
@@ -729,6 +731,102 @@ profile = "p"
     assert!(p.validate().is_ok());
 }
 
+/// A signature file's exact bytes (any bytes, not only text) are the
+/// pattern, its path relative to the policy file; a new file is a new
+/// policy (digest).
+#[test]
+fn a_signature_file_is_the_pattern_byte_for_byte() {
+    let dir = std::env::temp_dir().join(format!("loupe-sig-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("sigs")).unwrap();
+    let bytes = b"\xff\x00MZ\r\n\x90\x90 tail".to_vec();
+    std::fs::write(dir.join("sigs/bin.sig"), &bytes).unwrap();
+    let text = r#"[signatures.bin]
+file = "sigs/bin.sig"
+action = "block"
+[profiles.p]
+signatures = ["bin"]
+[[rules]]
+name = "d"
+action = "decrypt"
+profile = "p"
+"#;
+    let policy = dir.join("p.toml");
+    std::fs::write(&policy, text).unwrap();
+    let c = check_file(&policy).unwrap();
+    assert_eq!(messages(&c, Severity::Error), Vec::<String>::new());
+    let p = c.policy.unwrap();
+    assert_eq!(p.signatures["bin"].pattern, bytes);
+    assert_eq!(p.signatures["bin"].action, SignatureAction::Block);
+    assert!(p.validate().is_ok());
+    std::fs::write(dir.join("sigs/bin.sig"), b"other").unwrap();
+    let again = check_file(&policy).unwrap().policy.unwrap();
+    assert_eq!(again.signatures["bin"].pattern, b"other");
+    assert_ne!(again.digest, p.digest, "the file is part of the policy");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A signature file that is missing, empty, over a pattern's 1 KiB, not
+/// a regular file, or given with another form is an error where `file`
+/// (or the signature) stands.
+#[test]
+fn bad_signature_files_are_each_reported_where_they_stand() {
+    let dir = std::env::temp_dir().join(format!("loupe-sig-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("adir")).unwrap();
+    std::fs::write(dir.join("empty.sig"), b"").unwrap();
+    std::fs::write(dir.join("big.sig"), vec![b'A'; 1025]).unwrap();
+    std::fs::write(dir.join("full.sig"), vec![b'A'; 1024]).unwrap();
+    let text = r#"[signatures.missing]
+file = "nosuch.sig"
+[signatures.empty]
+file = "empty.sig"
+[signatures.big]
+file = "big.sig"
+[signatures.adir]
+file = "adir"
+[signatures.both]
+pattern = "x"
+file = "full.sig"
+[signatures.full]
+file = "full.sig"
+[profiles.p]
+signatures = ["missing", "empty", "big", "adir", "both", "full"]
+[[rules]]
+name = "d"
+action = "decrypt"
+profile = "p"
+"#;
+    let policy = dir.join("p.toml");
+    std::fs::write(&policy, text).unwrap();
+    let c = check_file(&policy).unwrap();
+    let d = dir.display();
+    let errors = messages(&c, Severity::Error);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(c.policy.is_none());
+    let want = [
+        format!("{d}/p.toml:2:8: error: signature \"missing\": file cannot read {d}/nosuch.sig: No such file or directory (os error 2)"),
+        format!("{d}/p.toml:4:8: error: signature \"empty\": file {d}/empty.sig is empty"),
+        format!("{d}/p.toml:6:8: error: signature \"big\": file {d}/big.sig holds more than 1024 bytes, the most a pattern may have"),
+        format!("{d}/p.toml:9:1: error: signature \"both\": give exactly one of builtin, pattern, hex or file"),
+    ];
+    for w in &want {
+        assert!(errors.iter().any(|e| e == w), "{w}\nnot in {errors:#?}");
+    }
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with(&format!("{d}/p.toml:8:8: error: signature \"adir\": file cannot read {d}/adir: not a regular file"))),
+        "{errors:#?}"
+    );
+    // The file of exactly 1 KiB is fine, and so the only other errors are
+    // those above (the unknown signatures they leave in the profile).
+    assert!(
+        !errors.iter().any(|e| e.contains("\"full\": ")),
+        "{errors:#?}"
+    );
+}
+
 #[test]
 fn bad_signatures_are_each_reported_where_they_stand() {
     let c = check(
@@ -762,7 +860,7 @@ profile = "p"
     assert!(c.policy.is_none());
     let errors = messages(&c, Severity::Error);
     let want = [
-        "p.toml:2:1: error: signature \"two\": give exactly one of builtin, pattern or hex",
+        "p.toml:2:1: error: signature \"two\": give exactly one of builtin, pattern, hex or file",
         "p.toml:6:7: error: hex: an odd number of hex digits",
         "p.toml:8:7: error: hex: 'z' is not a hex digit",
         "p.toml:10:11: error: signature \"empty\": a pattern of 0 bytes (1 to 1024)",
@@ -964,7 +1062,7 @@ fn url_rules_name_categories_of_the_category_file() {
                 [[url_rules]]\nname = \"no-gambling\"\ncategories = [\"gambling\"]\naction = \"block\"\n\
                 [[url_rules]]\nname = \"typo\"\ncategories = [\"gamblin\"]\naction = \"log\"\n";
     let c = compile(Path::new("/x/p.toml"), text, &|_| {
-        Ok("gambling = [\"*.casino.example\"]\n".to_string())
+        Ok(b"gambling = [\"*.casino.example\"]\n".to_vec())
     });
     assert_eq!(
         messages(&c, Severity::Error),
@@ -972,7 +1070,7 @@ fn url_rules_name_categories_of_the_category_file() {
     );
     let ok = text.replace("gamblin\"]", "gambling\"]");
     let c = compile(Path::new("/x/p.toml"), &ok, &|_| {
-        Ok("gambling = [\"*.casino.example\"]\n".to_string())
+        Ok(b"gambling = [\"*.casino.example\"]\n".to_vec())
     });
     let p = c.policy.expect("valid");
     assert_eq!(p.url_rules[0].categories, ["gambling"]);
@@ -1034,7 +1132,7 @@ dst = ["198.18.0.2/32"]
 action = "inbound-inspect"
 server_profile = "www"
 "#;
-    let c = compile(&dir.join("p.toml"), good, &|p| std::fs::read_to_string(p));
+    let c = compile(&dir.join("p.toml"), good, &|p| std::fs::read(p));
     assert_eq!(c.errors(), 0, "{:?}", c.diagnostics);
     assert!(c.diagnostics.is_empty(), "{:?}", c.diagnostics);
     let p = c.policy.unwrap();
@@ -1081,7 +1179,7 @@ token = "a token label much longer than thirty-two bytes"
 chain = "ordered.pem"
 key = "k"
 "#;
-    let c = compile(&dir.join("p.toml"), bad, &|p| std::fs::read_to_string(p));
+    let c = compile(&dir.join("p.toml"), bad, &|p| std::fs::read(p));
     std::fs::remove_dir_all(&dir).unwrap();
     let e = messages(&c, Severity::Error);
     for (at, what) in [
