@@ -16,14 +16,30 @@ use std::{
 };
 
 use loupe_tests::{
-    harness::{HarnessConfig, Role, PEER_IF},
-    https::{curl_sha256, Nginx, SERVER_NAME},
+    harness::{HarnessConfig, Role, PEER_IF, SERVER_V4},
+    https::{curl_sha256, Nginx, INDEX_HTML, SERVER_NAME},
     mitm::{lab_policy, Mitm},
-    pki::{Flaw, Key},
+    pki::{Flaw, Key, Pki},
     wait_until, Proc,
 };
 
 const KIB: usize = 1 << 10;
+
+/// nginx on `port` (HTTP/1.1 only), its certificate from the test PKI.
+fn start_nginx_on(m: &Mitm, port: u16) -> Nginx {
+    let cert = m
+        .pki
+        .leaf("server", &[SERVER_NAME], Key::P256, Flaw::None)
+        .unwrap();
+    Nginx::start_with(
+        &m.h,
+        port,
+        cert,
+        false,
+        "default_type application/octet-stream;",
+    )
+    .expect("nginx")
+}
 
 fn start_nginx(m: &Mitm, http2: bool) -> Nginx {
     let cert = m
@@ -85,15 +101,26 @@ fn tshark(args: &[&str]) -> String {
 /// The TCP streams of a capture as `tshark -z follow,tcp,raw` shows them:
 /// (client → server bytes, server → client bytes), for stream `n`.
 fn follow(file: &Path, n: usize) -> (Vec<u8>, Vec<u8>) {
-    let text = tshark(&[
-        "-r",
-        &file.display().to_string(),
-        "-q",
-        "-z",
-        &format!("follow,tcp,raw,{n}"),
-    ]);
     let mut c2s = Vec::new();
     let mut s2c = Vec::new();
+    for (second, bytes) in follow_chunks(file, &[], &format!("tcp,raw,{n}")) {
+        match second {
+            true => s2c.extend(bytes),
+            false => c2s.extend(bytes),
+        }
+    }
+    (c2s, s2c)
+}
+
+/// What `tshark -z follow,WHAT` shows in raw mode (`what` such as
+/// `tcp,raw,0` or `http2,raw,1,3`), tshark given `extra` arguments first
+/// (a decode-as): its chunks in order, each with whether the second node
+/// (the server) sent it.
+fn follow_chunks(file: &Path, extra: &[&str], what: &str) -> Vec<(bool, Vec<u8>)> {
+    let f = file.display().to_string();
+    let z = format!("follow,{what}");
+    let text = tshark(&[&["-r", &f][..], extra, &["-q", "-z", &z]].concat());
+    let mut chunks = Vec::new();
     let mut inside = false;
     for line in text.lines() {
         if line.starts_with("Node 1:") {
@@ -104,21 +131,56 @@ fn follow(file: &Path, n: usize) -> (Vec<u8>, Vec<u8>) {
             continue;
         }
         // The second node's data is indented with a tab.
-        let (to, hex) = match line.strip_prefix('\t') {
-            Some(h) => (&mut s2c, h),
-            None => (&mut c2s, line),
+        let (second, hex) = match line.strip_prefix('\t') {
+            Some(h) => (true, h),
+            None => (false, line),
         };
         let hex = hex.trim();
         if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             continue;
         }
-        to.extend(
-            (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex from tshark")),
-        );
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex from tshark"))
+            .collect();
+        chunks.push((second, bytes));
     }
-    (c2s, s2c)
+    chunks
+}
+
+/// The response body of HTTP/2 stream `h2` on TCP stream `tcp`, as
+/// `tshark -z follow,http2,raw` gives it (port 443 decoded as HTTP/2):
+/// tshark shows each of the stream's DATA frames whole, its 9-byte header
+/// and then the payload (padding, if any, after it); the payloads in
+/// order are the body. The other chunks (the decoded header blocks) are
+/// left out.
+fn h2_body(file: &Path, tcp: usize, h2: u32) -> Vec<u8> {
+    let chunks = follow_chunks(
+        file,
+        &["-d", "tcp.port==443,http2"],
+        &format!("http2,raw,{tcp},{h2}"),
+    );
+    let mut body = Vec::new();
+    for (_, c) in chunks.iter().filter(|(second, _)| *second) {
+        let Some((head, payload)) = c.split_first_chunk::<9>() else {
+            continue;
+        };
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if head[3] != 0 || len != payload.len() || stream != h2 {
+            continue;
+        }
+        let payload = match head[4] & 0x8 != 0 {
+            // PADDED: a length byte, the data, then that much padding.
+            true => {
+                let pad = *payload.first().expect("a padded DATA frame") as usize;
+                &payload[1..payload.len() - pad]
+            }
+            false => payload,
+        };
+        body.extend_from_slice(payload);
+    }
+    body
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -179,17 +241,37 @@ fn two_ended(dir: &Dir) -> PathBuf {
     .unwrap()
 }
 
+/// A profile that decrypts without `export`, for the rule on port 8443
+/// (before the lab rule, whose profile exports).
+fn quiet_rule(pki: &Pki) -> String {
+    format!(
+        r#"[profiles.quiet]
+trust_store = "{}"
+
+[[rules]]
+name = "decrypt-quiet"
+dst = ["198.18.0.0/24"]
+ports = [8443]
+action = "decrypt"
+profile = "quiet"
+"#,
+        pki.roots.display()
+    )
+}
+
 /// HTTP/1.1 (two requests on one connection) and HTTP/2 (two streams)
 /// through the engine: the pcapng files list every request with its
 /// method, host and path (tshark decoding port 443 as HTTP, then as
-/// HTTP/2), the bodies follow byte-exact, the files are private, and the
-/// start of the export is in the audit log.
+/// HTTP/2), the bodies follow byte-exact (HTTP/2's through tshark's
+/// HTTP/2 stream follow), the files are private, and the start of the
+/// export is in the audit log. A connection decrypted under a profile
+/// without `export` (port 8443) is not in them.
 #[test]
 fn decrypted_connections_are_written_as_pcapng_that_tshark_reads() {
     let dir = Dir::new("pcap");
     let d = dir.0.display().to_string();
     let m = Mitm::start_with(HarnessConfig::default(), &["--export-pcap", &d], |pki| {
-        lab_policy(pki, r#"export = ["pcap"]"#, "")
+        lab_policy(pki, r#"export = ["pcap"]"#, &quiet_rule(pki))
     })
     .expect("setup");
     let nginx = start_nginx(&m, true);
@@ -197,9 +279,28 @@ fn decrypted_connections_are_written_as_pcapng_that_tshark_reads() {
     nginx.add_file("two.bin", 3000, 2).unwrap();
     let one = std::fs::read(nginx.docroot.join("one.bin")).unwrap();
     let two = std::fs::read(nginx.docroot.join("two.bin")).unwrap();
+    let quiet = start_nginx_on(&m, 8443);
+    quiet.add_file("quiet.bin", 20 * KIB, 5).unwrap();
 
+    // First the connection that must not be exported: the exporter writes
+    // in order, so it would be in the file before the others end.
+    let mut args = m.curl_args(SERVER_NAME, SERVER_V4, 8443, "quiet.bin");
+    args.extend(["--http1.1".into(), "-o".into(), "/dev/null".into()]);
+    let out = m.client("curl", &args).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let own = m
+        .control
+        .wait_record("the port 8443 connection's record", |r| {
+            r["record"].is_null() && r["rule"] == "decrypt-quiet" && r.get("tls").is_some()
+        })
+        .unwrap();
+    assert_eq!(own["tls"]["outcome"], "decrypted", "{own:#}");
     fetch(&m, "--http1.1", &["one.bin", "two.bin"]);
-    fetch(&m, "--http2", &["two.bin", "index.html"]);
+    fetch(&m, "--http2", &["one.bin", "index.html"]);
 
     let file = two_ended(&dir);
     assert_eq!(dir.files().len(), 1, "{:?}", dir.files());
@@ -252,7 +353,7 @@ fn decrypted_connections_are_written_as_pcapng_that_tshark_reads() {
         "-e",
         "http2.header.value",
     ]);
-    for path in ["/two.bin", "/index.html"] {
+    for path in ["/one.bin", "/index.html"] {
         assert!(
             h2.lines().any(|l| l.split(',').any(|v| v == path)),
             "{path} in {h2}"
@@ -268,8 +369,23 @@ fn decrypted_connections_are_written_as_pcapng_that_tshark_reads() {
     );
     assert!(contains(&s2c, &one), "the 100 KiB body, whole and in order");
     assert!(contains(&s2c, &two));
-    let (c2s, _) = follow(&file, 1);
+    let (c2s, s2c) = follow(&file, 1);
     assert!(c2s.starts_with(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+    // On the wire the 100 KiB body is cut by DATA frame headers; tshark's
+    // HTTP/2 follow of its stream (1) has its frames, whose payloads are
+    // the body byte-exact, and of the second stream (3) the page.
+    assert!(!contains(&s2c, &one), "framed on the TCP stream");
+    let body = h2_body(&file, 1, 1);
+    assert!(
+        body == one,
+        "the 100 KiB body over HTTP/2, byte-exact ({} bytes followed)",
+        body.len()
+    );
+    let page = h2_body(&file, 1, 3);
+    assert_eq!(String::from_utf8_lossy(&page), INDEX_HTML);
+    // The connection under the profile without export is not there.
+    let ports = tshark(&[&["-r", &f][..], &["-T", "fields", "-e", "tcp.dstport"]].concat());
+    assert!(!ports.lines().any(|p| p == "8443"), "{ports}");
 
     // Timestamps are the real ones (within the test's run).
     let t = tshark(&[
@@ -291,7 +407,7 @@ fn decrypted_connections_are_written_as_pcapng_that_tshark_reads() {
 
     let s = m.engine.stats().unwrap();
     let e = s.tls.and_then(|t| t.export).expect("export report");
-    assert_eq!(e.connections, 2, "{e:?}");
+    assert_eq!(e.connections, 2, "only the exporting profile's: {e:?}");
     assert_eq!(e.events_dropped, 0, "{e:?}");
     assert!(e.pcap_packets > 80, "{e:?}");
     let audit = std::fs::read_to_string(&m.hsm.audit_log).unwrap();
