@@ -5,9 +5,11 @@
 //! profile's signatures are looked for in the plaintext both ways, across
 //! TLS records and TCP segments: a `block` signature resets the connection
 //! before the whole pattern reaches the client, an `alert` one is logged
-//! and the transfer completes. HTTP/2 streams are request records too;
-//! while a URL rule may block, HTTP/2 is not offered to the server (a
-//! stream cannot be refused alone yet).
+//! and the transfer completes. HTTP/2 streams are request records too,
+//! and a URL rule that blocks refuses one stream alone (a 403 on it) while
+//! the connection's other streams complete. A hostile stream (a request
+//! head over the parser's bound) stops the parsing with an `anomaly`
+//! record and is counted; its bytes still flow.
 //!
 //! Clients (curl) trust only Loupe's forward-trust CA; nginx serves the
 //! files, its certificate from the test PKI, which the profile trusts.
@@ -636,6 +638,8 @@ fn http2_streams_on_one_connection_are_each_logged() {
         .map(|r| {
             assert_eq!(conn(r), c, "one connection: {r:#}");
             let q = &r["http"];
+            assert_eq!(q["method"], "GET", "{r:#}");
+            assert_eq!(q["host"], SERVER_NAME, "{r:#}");
             (
                 q["seq"].as_u64().unwrap(),
                 q["path"].as_str().unwrap(),
@@ -664,6 +668,53 @@ fn http2_streams_on_one_connection_are_each_logged() {
         )
     );
     assert_eq!((got[3].0, got[3].1, got[3].2), (4, "/missing.bin", 404));
+}
+
+/// A hostile request (one header field of 70 KB, a head beyond the
+/// parser's 64 KiB bound) through the engine: the parser stops with an
+/// `anomaly` record on that connection, saying why and which way, the
+/// anomaly is counted in the metrics, and the bytes still flow (no URL
+/// rule could block, so nothing is reset): nginx, told to take heads that
+/// large, answers and the page arrives whole.
+#[test]
+fn a_request_head_over_the_bound_is_logged_as_an_anomaly_and_counted() {
+    let m = Mitm::start(|pki| lab_policy(pki, "", "")).expect("setup");
+    let _nginx = start_nginx(&m, false, "large_client_header_buffers 4 128k;");
+    let flood = format!("X-Flood: {}", "a".repeat(70_000));
+    let page = curl_any_status(
+        &m,
+        "index.html",
+        &["--http1.1", "-H", &flood, "-w", "\n%{http_code}"],
+    );
+    assert_eq!(page, format!("{INDEX_HTML}\n200"), "the bytes still flow");
+    let bad = m
+        .control
+        .wait_record("the anomaly record", |r| r["record"] == "anomaly")
+        .unwrap();
+    let a = &bad["anomaly"];
+    assert_eq!(a["dir"], "c2s", "{bad:#}");
+    assert!(
+        a["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("a head over 64 KiB"),
+        "{bad:#}"
+    );
+    let own = m
+        .control
+        .wait_record("the connection's own record", |r| {
+            is_connection(r) && r["conn"] == bad["conn"]
+        })
+        .unwrap();
+    assert_eq!(own["tls"]["outcome"], "decrypted", "{own:#}");
+    assert_eq!(own["sni"], SERVER_NAME, "{own:#}");
+    wait_metric(&m, "loupe_inspect_anomalies_total 1");
+    // The parser stopped there: the request is not a record of its own.
+    assert!(
+        records_of(&m, "http").is_empty(),
+        "{:#?}",
+        records_of(&m, "http")
+    );
 }
 
 /// A URL rule blocking a path: the client is answered with a 403 page
