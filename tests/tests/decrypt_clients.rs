@@ -175,31 +175,45 @@ fn a_clienthello_beyond_the_initial_window_is_decrypted() {
     assert_eq!(split.hold_timeouts, 0, "{split:?}");
 }
 
-/// Python's ssl (the system Python): default context with Loupe's CA,
-/// host name checked, a GET; prints what it saw as JSON. A truncated
-/// response (no close_notify) is an error, not an end.
+/// Python's ssl (the system Python) under http.client: default context
+/// with Loupe's CA, host name checked; three requests on one kept-alive
+/// connection (a GET, a GET of a missing page, a HEAD); prints what it
+/// saw as JSON, with how many connections it opened.
 const PYTHON_GET: &str = r#"
-import json, socket, ssl, sys
+import http.client, json, socket, ssl, sys
 cafile, name, addr = sys.argv[1], sys.argv[2], sys.argv[3]
 ctx = ssl.create_default_context(cafile=cafile)
-with socket.create_connection((addr, 443), timeout=60) as raw:
-    with ctx.wrap_socket(raw, server_hostname=name, suppress_ragged_eofs=False) as s:
-        s.sendall(("GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % name).encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        cert = s.getpeercert()
-        print(json.dumps({
-            "issuer": dict(rdn[0] for rdn in cert["issuer"]),
-            "subject": dict(rdn[0] for rdn in cert["subject"]),
-            "version": s.version(),
-            "response": data.decode("latin-1"),
-        }))
+
+class Conn(http.client.HTTPSConnection):
+    connects = 0
+    def connect(self):
+        # The name is checked and sent (SNI, Host); the address is dialled.
+        raw = socket.create_connection((addr, 443), timeout=60)
+        self.sock = ctx.wrap_socket(raw, server_hostname=name)
+        self.connects += 1
+
+c = Conn(name, 443, context=ctx, timeout=60)
+seen = []
+for method, path in [("GET", "/"), ("GET", "/nosuch.txt"), ("HEAD", "/")]:
+    c.request(method, path)
+    r = c.getresponse()
+    body = r.read()
+    seen.append([method, path, r.status, body.decode("latin-1")])
+cert = c.sock.getpeercert()
+print(json.dumps({
+    "issuer": dict(rdn[0] for rdn in cert["issuer"]),
+    "subject": dict(rdn[0] for rdn in cert["subject"]),
+    "version": c.sock.version(),
+    "responses": seen,
+    "connections": c.connects,
+}))
+c.close()
 "#;
 
+/// Python's http.client makes three requests on one connection through
+/// the engine, verifying Loupe's certificate; each request is a flow log
+/// record of its own with its method, host, path and status, numbered in
+/// order on that connection.
 #[test]
 fn python_ssl_verifies_loupes_certificate_and_reads_the_page() {
     let m = Mitm::start(decrypt_all).expect("setup");
@@ -226,21 +240,49 @@ fn python_ssl_verifies_loupes_certificate_and_reads_the_page() {
     assert_eq!(seen["issuer"]["commonName"], TRUST_CA, "{all}");
     assert_eq!(seen["subject"]["commonName"], SERVER_NAME, "{all}");
     assert_eq!(seen["version"], "TLSv1.3", "{all}");
-    assert_eq!(
-        http_response(s(&seen["response"])),
-        Some(("HTTP/1.1 200 OK".to_string(), PAGE.to_string())),
-        "{all}"
-    );
+    assert_eq!(seen["connections"], 1, "one kept-alive connection: {all}");
+    // (method, path, status), and the page for the first.
+    let want = [
+        ("GET", "/", 200),
+        ("GET", "/nosuch.txt", 404),
+        ("HEAD", "/", 200),
+    ];
+    let got: Vec<(&str, &str, u64)> = seen["responses"]
+        .as_array()
+        .expect(&all)
+        .iter()
+        .map(|r| (s(&r[0]), s(&r[1]), r[2].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(got, want, "{all}");
+    assert_eq!(seen["responses"][0][3], PAGE, "{all}");
+    assert_eq!(seen["responses"][2][3], "", "HEAD has no body: {all}");
     let r = tls_record(&m, "decrypted", |_| true);
     assert_eq!(r["tls"]["client"]["version"], "TLSv1.3", "{r}");
-    // Its request is a record of its own.
-    let q = m
-        .control
-        .wait_record("Python's request", |r| r["record"] == "http")
-        .unwrap();
-    assert_eq!(q["http"]["method"], "GET", "{q}");
-    assert_eq!(q["http"]["path"], "/", "{q}");
-    assert_eq!(q["http"]["status"], 200, "{q}");
+    // Each request is a record of its own, on that one connection.
+    let mut http = wait_until("Python's three requests", Duration::from_secs(60), || {
+        let found: Vec<Value> = m
+            .control
+            .records()
+            .into_iter()
+            .filter(|r| r["record"] == "http")
+            .collect();
+        match found.len() >= want.len() {
+            true => Ok(Some(found)),
+            false => Err(format!("{found:#?}\n{}", evidence(&m))),
+        }
+    })
+    .unwrap();
+    assert_eq!(http.len(), want.len(), "{http:#?}");
+    http.sort_by_key(|q| q["http"]["seq"].as_u64());
+    for (i, (q, (method, path, status))) in http.iter().zip(want).enumerate() {
+        let h = &q["http"];
+        assert_eq!(q["conn"], r["conn"], "the decrypted connection's: {q}");
+        assert_eq!(h["seq"], i as u64 + 1, "{q}");
+        assert_eq!(h["method"], method, "{q}");
+        assert_eq!(h["host"], SERVER_NAME, "{q}");
+        assert_eq!(h["path"], path, "{q}");
+        assert_eq!(h["status"], status, "{q}");
+    }
 }
 
 #[test]
