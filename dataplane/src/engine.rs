@@ -778,14 +778,15 @@ fn refresh_cas(ctx: &TlsContext, token: &Token) {
 /// replaced; they pick it up before their next batch. A policy that fails
 /// anywhere leaves the running one (and its steering) in place; a profile
 /// that cannot be prepared is not such a failure (the policy applies, and
-/// that profile's connections are blocked, saying why).
+/// that profile's connections are blocked, saying why): the answer says
+/// which, as warnings.
 fn apply(
     classifier: &mut Classifier,
     cell: &PolicyCell,
     steered: &mut Steering,
     tls: Option<&TlsContext>,
     policy: Arc<Policy>,
-) -> Result<u64, String> {
+) -> Result<(u64, Vec<String>), String> {
     policy.validate()?;
     if let Some(cur) = cell.current() {
         if policy.version <= cur.version {
@@ -795,11 +796,14 @@ fn apply(
             ));
         }
     }
+    let mut warnings = Vec::new();
     if let Some(ctx) = tls {
         // A broken profile fails closed on its own connections; the rest
         // of the policy (its blocks above all) still applies.
         for why in ctx.prepare(&policy) {
-            eprintln!("loupe-dataplane: error: {why}; its connections are blocked");
+            let line = format!("{why}; its connections are blocked");
+            eprintln!("loupe-dataplane: error: {line}");
+            warnings.push(line);
         }
     }
     let st = policy.steering()?;
@@ -819,5 +823,5 @@ fn apply(
     *steered = st;
     let version = policy.version;
     cell.publish(policy);
-    Ok(version)
+    Ok((version, warnings))
 }

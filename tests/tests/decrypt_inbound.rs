@@ -481,6 +481,24 @@ fn a_server_not_presenting_the_pinned_certificate_and_a_missing_key_are_blocked(
         "{r}"
     );
     assert!(note.contains("not-on-the-token"), "{r}");
+
+    // `loupe policy apply` says so too: the policy applies (its other
+    // rules are enforced), with a warning naming the profile and the key.
+    let policy = m.h.dir.join("policy.toml");
+    let out = m
+        .control
+        .cli(&["policy", "apply", policy.to_str().unwrap()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.lines().any(
+            |l| l.starts_with("loupe-dataplane: warning: server profile \"no-key\"")
+                && l.contains("not-on-the-token")
+                && l.ends_with("its connections are blocked")
+        ),
+        "{err}"
+    );
 }
 
 /// A rate-limited download of `file` (of `mib` MiB) from the EC server

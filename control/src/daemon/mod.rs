@@ -420,7 +420,14 @@ impl Daemon {
     /// one and the one `d` last had; on success `d` becomes the desired
     /// policy (and is saved), made by the apply of `ticket` (`None`: a
     /// re-sync of the desired one). The caller holds `applying`.
-    fn push(&self, mut d: Desired, dp: &StatsReport, ticket: Option<u64>) -> Result<u64, String> {
+    /// Returns the version it runs as, and the dataplane's warnings (parts
+    /// it could not prepare, whose connections it blocks).
+    fn push(
+        &self,
+        mut d: Desired,
+        dp: &StatsReport,
+        ticket: Option<u64>,
+    ) -> Result<(u64, Vec<String>), String> {
         check_spec(&d.spec, dp)?;
         let running = dp.policy.as_ref().map_or(0, |p| p.version);
         let version = running.max(d.sources.version) + 1;
@@ -456,7 +463,12 @@ impl Daemon {
         if let Some(t) = ticket {
             st.applied_ticket = t;
         }
-        Ok(version)
+        let warnings = r
+            .warnings
+            .iter()
+            .map(|w| format!("loupe-dataplane: warning: {w}"))
+            .collect();
+        Ok((version, warnings))
     }
 
     fn save(&self, s: &Sources) -> anyhow::Result<()> {
@@ -502,7 +514,11 @@ impl Daemon {
         if runs_digest(&dp) {
             return Ok(None);
         }
-        self.push(d, &dp, None).map(Some)
+        let (v, warnings) = self.push(d, &dp, None)?;
+        for w in &warnings {
+            eprintln!("{w}");
+        }
+        Ok(Some(v))
     }
 
     fn apply(&self, sources: Sources) -> CtlResponse {
@@ -553,8 +569,10 @@ impl Daemon {
             Err(e) => return rejected(format!("{e:#}; nothing was applied"), diagnostics),
         };
         match self.push(d, &dp, Some(ticket)) {
-            Ok(v) => {
+            Ok((v, warnings)) => {
                 lock(&self.state).counters.applies_ok += 1;
+                let mut diagnostics = diagnostics;
+                diagnostics.extend(warnings);
                 CtlResponse {
                     ok: true,
                     version: Some(v),

@@ -1961,7 +1961,21 @@ fn shadow_warnings(rep: &mut Report, policy: &Policy, written: &[&Spanned<RawRul
                  it would{}",
                 b.name,
                 a.name,
-                if a.action == b.action {
+                if a.action == b.action
+                    && (a.profile != b.profile || a.server_profile != b.server_profile)
+                {
+                    let with = |r: &Rule| match (&r.server_profile, &r.profile) {
+                        (Some(s), _) => format!("server profile {s:?}"),
+                        (None, Some(p)) => format!("profile {p:?}"),
+                        (None, None) => "the default profile".to_string(),
+                    };
+                    format!(
+                        " and decides {} with {} instead of {}",
+                        a.action.label(),
+                        with(a),
+                        with(b)
+                    )
+                } else if a.action == b.action {
                     " (same action: redundant)".to_string()
                 } else {
                     format!(

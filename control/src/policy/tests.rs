@@ -152,6 +152,43 @@ action = "block"
     );
 }
 
+/// A shadowed rule with the same action but another profile is not
+/// redundant: the warning says which profile wins.
+#[test]
+fn a_shadowed_rule_with_another_profile_is_named_as_such() {
+    let c = check(
+        r#"[profiles.a]
+[profiles.b]
+[[rules]]
+name = "first"
+dst = ["198.18.0.0/24"]
+action = "decrypt"
+profile = "a"
+[[rules]]
+name = "second"
+dst = ["198.18.0.2/32"]
+action = "decrypt"
+profile = "b"
+[[rules]]
+name = "third"
+dst = ["198.18.0.3/32"]
+action = "decrypt"
+profile = "a"
+"#,
+    );
+    let w = messages(&c, Severity::Warning);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].contains("\"second\" is never reached")
+            && w[0].contains("decides decrypt with profile \"a\" instead of profile \"b\""),
+        "{w:?}"
+    );
+    assert!(
+        w[1].contains("\"third\"") && w[1].contains("redundant"),
+        "{w:?}"
+    );
+}
+
 #[test]
 fn negation_and_ports_keep_rules_reachable() {
     let c = check(

@@ -81,6 +81,11 @@ pub struct Response {
     /// The decryption exclusion cache (before a clear).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exclusions: Option<Vec<Exclusion>>,
+    /// An applied policy's parts the engine could not prepare (a profile
+    /// whose key log, trust store or server key failed): their
+    /// connections are blocked, each line says why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Response {
@@ -103,8 +108,9 @@ impl Response {
 /// What the socket asks of the engine's thread (which owns the maps).
 pub enum EngineRequest {
     Status(Sender<StatsReport>),
-    /// Validate, steer and swap; the answer is the running version.
-    Apply(Arc<Policy>, Sender<Result<u64, String>>),
+    /// Validate, steer and swap; the answer is the running version and
+    /// what of it could not be prepared.
+    Apply(Arc<Policy>, Sender<Result<(u64, Vec<String>), String>>),
 }
 
 #[derive(Clone, Debug)]
@@ -285,8 +291,9 @@ fn serve(
             },
             Request::Apply { policy } => {
                 match ask(engine, |tx| EngineRequest::Apply(Arc::new(*policy), tx)) {
-                    Ok(Ok(v)) => Response {
+                    Ok(Ok((v, warnings))) => Response {
                         version: Some(v),
+                        warnings,
                         ..Response::ok()
                     },
                     Ok(Err(e)) | Err(e) => Response::error(e),
