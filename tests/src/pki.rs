@@ -47,6 +47,7 @@ pub enum Key {
     P256,
     P384,
     Rsa2048,
+    Rsa3072,
     Rsa4096,
 }
 
@@ -67,6 +68,7 @@ fn key_for(k: Key) -> anyhow::Result<KeyPair> {
         Key::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
         Key::P384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)?,
         Key::Rsa2048 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_2048)?,
+        Key::Rsa3072 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_3072)?,
         Key::Rsa4096 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_4096)?,
     })
 }

@@ -70,7 +70,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "8,32")]
     batches: Vec<usize>,
     /// Server key types.
-    #[arg(long, value_delimiter = ',', default_value = "ec-p256,rsa-2048")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ec-p256,rsa-2048,rsa-3072"
+    )]
     keys: Vec<String>,
 }
 
@@ -177,7 +181,10 @@ fn key_of(name: &str) -> anyhow::Result<Key> {
         "ec-p256" => Key::P256,
         "ec-p384" => Key::P384,
         "rsa-2048" => Key::Rsa2048,
-        other => anyhow::bail!("unknown key type {other:?} (ec-p256, ec-p384, rsa-2048)"),
+        "rsa-3072" => Key::Rsa3072,
+        other => {
+            anyhow::bail!("unknown key type {other:?} (ec-p256, ec-p384, rsa-2048, rsa-3072)")
+        }
     })
 }
 
