@@ -76,6 +76,15 @@ struct Args {
         default_value = "ec-p256,rsa-2048,rsa-3072"
     )]
     keys: Vec<String>,
+    /// nginx's own certificate's key type behind the engine. By default
+    /// nginx serves the server profile's certificate (pinned), so it makes
+    /// a signature of the same cost as the HSM's on every full handshake,
+    /// on the same CPUs. With another type (`ec-p256`) the profile checks
+    /// nginx's certificate against the test PKI (`upstream =
+    /// "trust-store"`), and the HSM's signature dominates the path, as
+    /// when the origin server is another machine.
+    #[arg(long)]
+    upstream_key: Option<String>,
 }
 
 const PORT: u16 = 443;
@@ -190,8 +199,14 @@ fn key_of(name: &str) -> anyhow::Result<Key> {
 
 /// The engine with an inbound-inspect rule for the harness server, its
 /// key (`kind`) imported into the token; nginx serving with the same
-/// certificate.
-fn inbound(kind: Key, threads: usize, batch: usize) -> anyhow::Result<(Mitm, Nginx)> {
+/// certificate (pinned), or with one of key type `upstream` checked
+/// against the test PKI.
+fn inbound(
+    kind: Key,
+    upstream: Option<Key>,
+    threads: usize,
+    batch: usize,
+) -> anyhow::Result<(Mitm, Nginx)> {
     let (t, b) = (threads.to_string(), batch.to_string());
     let opts = Options {
         engine_args: vec!["--hsm-threads".into(), t, "--hsm-batch".into(), b],
@@ -205,16 +220,32 @@ fn inbound(kind: Key, threads: usize, batch: usize) -> anyhow::Result<(Mitm, Ngi
             "loupe key import: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let check = match upstream {
+            None => String::new(),
+            Some(k) => {
+                pki.leaf("origin", &[SERVER_NAME, SERVER_V4], k, Flaw::None)?;
+                format!(
+                    "upstream = \"trust-store\"\n[profiles.origin]\ntrust_store = \"{}\"\n",
+                    pki.roots.display()
+                )
+            }
+        };
+        let profile = if upstream.is_some() {
+            "profile = \"origin\"\n"
+        } else {
+            ""
+        };
         Ok(format!(
             "[policy]\ndefault_action = \"no-decrypt\"\n[server_profiles.web]\nchain = \"{}\"\n\
-             key = \"web\"\n[[rules]]\nname = \"inbound\"\ndst = [\"198.18.0.2/32\"]\n\
-             ports = [{PORT}]\naction = \"inbound-inspect\"\nserver_profile = \"web\"\n",
+             key = \"web\"\n{check}[[rules]]\nname = \"inbound\"\ndst = [\"198.18.0.2/32\"]\n\
+             ports = [{PORT}]\naction = \"inbound-inspect\"\nserver_profile = \"web\"\n{profile}",
             c.cert.display()
         ))
     })?;
+    let served = if upstream.is_some() { "origin" } else { "web" };
     let cert = ServerCert {
-        cert: m.pki.dir.join("web.crt"),
-        key: m.pki.dir.join("web.key"),
+        cert: m.pki.dir.join(format!("{served}.crt")),
+        key: m.pki.dir.join(format!("{served}.key")),
     };
     let nginx = Nginx::start_with(&m.h, PORT, cert, false, "")?;
     Ok((m, nginx))
@@ -309,6 +340,7 @@ fn raw_token() -> anyhow::Result<(Token, Cleanup)> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let (token, _cleanup) = raw_token()?;
+    let upstream = args.upstream_key.as_deref().map(key_of).transpose()?;
     let mut rows = Vec::new();
     let mut lines = Vec::new();
     for key in &args.keys {
@@ -333,7 +365,7 @@ fn main() -> anyhow::Result<()> {
             let raw_rate = median(raws);
             for &b in &args.batches {
                 eprintln!("== {key}: inbound, {n} HSM sessions, batch {b}");
-                let (m, _nginx) = inbound(kind, n, b)?;
+                let (m, _nginx) = inbound(kind, upstream, n, b)?;
                 let (full, half, resumed) = three_loads(&m.h.client, &m.pki.roots, &args)?;
                 let ratio = full.rate / raw_rate;
                 let line = format!(
