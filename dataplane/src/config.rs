@@ -99,6 +99,8 @@ pub struct HsmSettings {
     pub audit_log: PathBuf,
     pub threads_per_token: usize,
     pub batch: usize,
+    /// CPUs the HSM threads are pinned to (empty: not pinned).
+    pub cpus: Vec<usize>,
 }
 
 impl EngineConfig {

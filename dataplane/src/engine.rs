@@ -124,6 +124,7 @@ fn start_hsm(h: &HsmSettings) -> Result<HsmService, EngineError> {
     let mut sc = SignerConfig::new(h.tokens.clone());
     sc.threads_per_token = h.threads_per_token;
     sc.batch = h.batch;
+    sc.cpus = h.cpus.clone();
     let signer = Signer::start(sc, Some(log.sink()))?;
     Ok(HsmService { signer, log })
 }

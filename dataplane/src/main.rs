@@ -138,6 +138,11 @@ struct Args {
     /// Most signing requests an HSM thread takes at once.
     #[arg(long, default_value_t = 8)]
     hsm_batch: usize,
+    /// Pin the HSM threads to these CPUs, in turn (e.g. `--hsm-cpus 3`).
+    /// A software HSM (SoftHSM2) signs on these threads: cores of their
+    /// own keep signing off the packet workers' cores.
+    #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
+    hsm_cpus: Vec<usize>,
     /// The key-usage audit log.
     #[arg(
         long,
@@ -241,6 +246,15 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
+        // SAFETY: sysconf has no preconditions.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        if let Some(c) = args.hsm_cpus.iter().find(|&&c| c >= online) {
+            eprintln!(
+                "loupe-dataplane: error: --hsm-cpus {c}: this machine has CPUs 0 to {}",
+                online - 1
+            );
+            return ExitCode::from(2);
+        }
         let tokens = args
             .hsm_tokens
             .iter()
@@ -259,6 +273,7 @@ fn main() -> ExitCode {
             audit_log: args.audit_log,
             threads_per_token: args.hsm_threads,
             batch: args.hsm_batch,
+            cpus: args.hsm_cpus.clone(),
         });
     }
     cfg.tls = TlsSettings {

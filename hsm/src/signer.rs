@@ -51,6 +51,11 @@ pub struct SignerConfig {
     pub default_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// CPUs the HSM threads run on, in turn (empty: wherever the
+    /// scheduler puts them). A software HSM signs on these threads, so
+    /// giving them cores of their own keeps signing off the packet
+    /// workers' cores, as a network HSM would.
+    pub cpus: Vec<usize>,
 }
 
 impl SignerConfig {
@@ -63,7 +68,29 @@ impl SignerConfig {
             default_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            cpus: Vec::new(),
         }
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bitmask; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("CPU {cpu} is beyond the CPU set"),
+        ));
+    }
+    // SAFETY: CPU_SET writes inside `set`; `cpu` is below its size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; the set pointer and size are valid.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -474,9 +501,17 @@ impl Signer {
         for (i, (lane, session)) in sessions.into_iter().enumerate() {
             let s = shared.clone();
             let name = format!("loupe-hsm-{i}");
+            let cpu = (!s.config.cpus.is_empty()).then(|| s.config.cpus[i % s.config.cpus.len()]);
             let t = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || HsmThread::new(s, lane, session).run())
+                .spawn(move || {
+                    if let Some(c) = cpu {
+                        if let Err(e) = pin_thread(c) {
+                            eprintln!("loupe: warning: cannot pin HSM thread {i} to CPU {c}: {e}");
+                        }
+                    }
+                    HsmThread::new(s, lane, session).run()
+                })
                 .map_err(|e| HsmError::Invalid(format!("cannot start an HSM thread: {e}")))?;
             threads.push(t);
         }

@@ -499,3 +499,48 @@ fn concurrent_requesters_are_all_answered_and_audited() {
     assert_eq!(report.unsealed, 0);
     assert!(report.checkpoints >= 400 / 64, "{report:?}");
 }
+
+/// `cpus`: each HSM thread is pinned to its CPU in turn (the kernel's own
+/// record of the thread's affinity says so), and signs there. Other
+/// tests' HSM threads in this process are not pinned (their list names
+/// every CPU), so exactly this signer's two threads name the last CPU
+/// alone.
+#[test]
+fn hsm_threads_run_on_the_cpus_they_are_given() {
+    let (t, _token, _) = token_with_key("pinned", "k", KeyAlg::EcP256);
+    // SAFETY: sysconf has no preconditions.
+    let last = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize - 1;
+    assert!(
+        last >= 1,
+        "this test needs two CPUs to tell pinned from not"
+    );
+    let mut c = config(&[&t], 2, 8);
+    c.cpus = vec![last];
+    let signer = Signer::start(c, None).unwrap();
+    let sig = signer
+        .sign(request(
+            &t.config.label,
+            "k",
+            SignMech::EcdsaP256Sha256,
+            b"on its own core",
+        ))
+        .unwrap();
+    assert!(!sig.is_empty());
+    let mut seen = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("loupe-hsm-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        seen.push(allowed);
+    }
+    let pinned = seen.iter().filter(|a| **a == last.to_string()).count();
+    assert_eq!(pinned, 2, "HSM threads' CPUs: {seen:?}");
+}

@@ -21,6 +21,32 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
+/// Keeps the calling thread (and every process and thread it starts
+/// after) off `cpu`: on every other online CPU.
+pub fn avoid_cpu(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: sysconf has no preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    anyhow::ensure!(
+        cpu < online && online > 1,
+        "CPU {cpu}: this machine has CPUs 0 to {}, and one must be left for the rest",
+        online - 1
+    );
+    // SAFETY: cpu_set_t is a plain bitmask; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for c in (0..online).filter(|&c| c != cpu) {
+        // SAFETY: CPU_SET writes inside `set`; `c` is an online CPU.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; the set pointer and size are valid.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    anyhow::ensure!(
+        rc == 0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
 /// Raw rate: `threads` sessions signing flat out; per-signature times.
 pub fn raw(
     token: &Token,
@@ -28,6 +54,18 @@ pub fn raw(
     mech: SignMech,
     threads: usize,
     secs: f64,
+) -> anyhow::Result<(f64, Histogram<u64>)> {
+    raw_on(token, key, mech, threads, secs, None)
+}
+
+/// [`raw`] with the signing threads pinned to `cpu`.
+pub fn raw_on(
+    token: &Token,
+    key: &str,
+    mech: SignMech,
+    threads: usize,
+    secs: f64,
+    cpu: Option<usize>,
 ) -> anyhow::Result<(f64, Histogram<u64>)> {
     let mut sessions = (0..threads)
         .map(|_| token.session())
@@ -40,6 +78,9 @@ pub fn raw(
             .iter_mut()
             .map(|sess| {
                 s.spawn(move || {
+                    if let Some(c) = cpu {
+                        loupe_hsm::signer::pin_thread(c).expect("pin a raw signing thread");
+                    }
                     let mut n = 0u64;
                     let mut h = histogram();
                     let msg = [7u8; 256];

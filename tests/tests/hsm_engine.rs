@@ -70,6 +70,15 @@ fn hsm_problems_stop_the_engine_at_start_up_with_nothing_attached() {
     );
 
     assert!(hsm.loupe(&["ca", "init"]).status.success());
+    // HSM threads pinned to a CPU the machine does not have.
+    let mut args = hsm_args(&hsm, "engine");
+    args.extend(["--hsm-cpus".into(), "0,4096".into()]);
+    let err = start(&h, &hsm, &args).err().unwrap().to_string();
+    assert!(
+        err.contains("--hsm-cpus 4096: this machine has CPUs 0 to"),
+        "{err}"
+    );
+
     let err = start(&h, &hsm, &hsm_args(&hsm, "absent"))
         .err()
         .unwrap()

@@ -35,7 +35,7 @@ use loupe_hsm::{
     softhsm::{init_token, SoftHsmDir},
     token::{KeyAlg, Token, TokenConfig, SOFTHSM2_MODULE},
 };
-use loupe_perf::{histogram, median, raw};
+use loupe_perf::{avoid_cpu, histogram, median, raw_on};
 use loupe_tests::{
     harness::SERVER_V4,
     https::{Nginx, ServerCert, SERVER_NAME},
@@ -85,6 +85,12 @@ struct Args {
     /// when the origin server is another machine.
     #[arg(long)]
     upstream_key: Option<String>,
+    /// Give the HSM a CPU of its own, as a network HSM has: the engine's
+    /// HSM threads (`--hsm-cpus`) and the raw rate's signing threads run
+    /// on this CPU, and everything else (the engine's workers, nginx, the
+    /// clients, the harness) on the others.
+    #[arg(long)]
+    hsm_cpu: Option<usize>,
 }
 
 const PORT: u16 = 443;
@@ -206,10 +212,15 @@ fn inbound(
     upstream: Option<Key>,
     threads: usize,
     batch: usize,
+    hsm_cpu: Option<usize>,
 ) -> anyhow::Result<(Mitm, Nginx)> {
     let (t, b) = (threads.to_string(), batch.to_string());
+    let mut engine_args = vec!["--hsm-threads".into(), t, "--hsm-batch".into(), b];
+    if let Some(c) = hsm_cpu {
+        engine_args.extend(["--hsm-cpus".into(), c.to_string()]);
+    }
     let opts = Options {
-        engine_args: vec!["--hsm-threads".into(), t, "--hsm-batch".into(), b],
+        engine_args,
         ..Options::default()
     };
     let m = Mitm::start_opts_hsm(opts, |pki, hsm| {
@@ -339,6 +350,9 @@ fn raw_token() -> anyhow::Result<(Token, Cleanup)> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(c) = args.hsm_cpu {
+        avoid_cpu(c)?;
+    }
     let (token, _cleanup) = raw_token()?;
     let upstream = args.upstream_key.as_deref().map(key_of).transpose()?;
     let mut rows = Vec::new();
@@ -360,12 +374,22 @@ fn main() -> anyhow::Result<()> {
         for &n in &args.threads {
             let mut raws = Vec::new();
             for _ in 0..args.repeat {
-                raws.push(raw(&token, key, alg.sign_mech(), n, args.seconds as f64)?.0);
+                raws.push(
+                    raw_on(
+                        &token,
+                        key,
+                        alg.sign_mech(),
+                        n,
+                        args.seconds as f64,
+                        args.hsm_cpu,
+                    )?
+                    .0,
+                );
             }
             let raw_rate = median(raws);
             for &b in &args.batches {
                 eprintln!("== {key}: inbound, {n} HSM sessions, batch {b}");
-                let (m, _nginx) = inbound(kind, upstream, n, b)?;
+                let (m, _nginx) = inbound(kind, upstream, n, b, args.hsm_cpu)?;
                 let (full, half, resumed) = three_loads(&m.h.client, &m.pki.roots, &args)?;
                 let ratio = full.rate / raw_rate;
                 let line = format!(
