@@ -195,19 +195,36 @@ pub enum KeylogCommand {
 }
 
 pub fn keylog(hsm: &HsmArgs, cmd: KeylogCommand) -> anyhow::Result<ExitCode> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let KeylogCommand::Open { file, out } = cmd;
+    // A regular file only: never a wait on a FIFO.
+    let input = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&file)
+        .with_context(|| format!("cannot read the key log {}", file.display()))?;
+    let meta = input.metadata()?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", file.display());
+    }
     if let Some(o) = &out {
         writable_target(o)?;
+        // Writing the clear lines over the sealed log would lose it.
+        if std::fs::metadata(o).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino()) {
+            bail!(
+                "--out {} is the sealed key log itself: write the clear lines elsewhere",
+                o.display()
+            );
+        }
     }
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("cannot read the key log {}", file.display()))?;
+    let input = std::io::BufReader::new(input);
     let opened = Session::open(hsm)?.with(|token, _, sink| {
         let master = MasterKey {
             token,
             audit: sink,
             requester: requester(),
         };
-        Ok(loupe_hsm::keylog::open(&text, |blob| {
+        Ok(loupe_hsm::keylog::open(input, |blob| {
             master
                 .open(loupe_hsm::keylog::CONTEXT, blob)
                 .map_err(|e| e.to_string())
@@ -511,6 +528,9 @@ fn write_no_follow(out: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(out)
         .with_context(|| format!("cannot write {}", out.display()))?;
+    // An existing file keeps its mode otherwise.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", out.display()))?;
     f.write_all(bytes)
         .with_context(|| format!("cannot write {}", out.display()))
 }

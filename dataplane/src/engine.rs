@@ -194,7 +194,10 @@ fn start_tls(
         None => Token::open(first)?,
     };
     let unread = |t: &Token, e: String| {
-        eprintln!("loupe-dataplane: warning: decryption unavailable: {e}");
+        eprintln!(
+            "loupe-dataplane: warning: the decryption profiles of token {:?} cannot mint: {e}",
+            t.label()
+        );
         CaSet::empty(t.label())
     };
     let cas = read_cas(&token).unwrap_or_else(|e| unread(&token, e));
@@ -767,7 +770,10 @@ fn refresh_cas(ctx: &TlsContext, token: &Token) {
         // A token that is down keeps the CAs read before; the signer
         // reports its health.
         Err(e) if ctx.cas_for(Some(&label)).generation == 0 => {
-            eprintln!("loupe-dataplane: warning: decryption unavailable: {e}")
+            eprintln!(
+                "loupe-dataplane: warning: the decryption profiles of token {label:?} cannot \
+                 mint: {e}"
+            )
         }
         Err(_) => {}
     }

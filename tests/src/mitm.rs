@@ -235,13 +235,19 @@ impl Mitm {
     /// engine's token, with a CLI audit log of its own
     /// (`keylog-cli.audit.jsonl` in the HSM's directory).
     pub fn open_keylog(&self, sealed: &Path) -> Output {
-        self.hsm
-            .command(crate::workspace_bin("loupe"))
-            .env("LOUPE_AUDIT_LOG", self.keylog_cli_audit())
+        self.open_keylog_to(sealed, None)
+    }
+
+    /// [`Mitm::open_keylog`] with `--out out`.
+    pub fn open_keylog_to(&self, sealed: &Path, out: Option<&Path>) -> Output {
+        let mut cmd = self.hsm.command(crate::workspace_bin("loupe"));
+        cmd.env("LOUPE_AUDIT_LOG", self.keylog_cli_audit())
             .args(["keylog", "open"])
-            .arg(sealed)
-            .output()
-            .expect("run loupe keylog open")
+            .arg(sealed);
+        if let Some(o) = out {
+            cmd.arg("--out").arg(o);
+        }
+        cmd.output().expect("run loupe keylog open")
     }
 
     /// The audit log `loupe keylog open` writes to.

@@ -287,6 +287,30 @@ fn a_profile_with_a_key_log_writes_both_legs_secrets_sealed_and_audits_it() {
         .collect();
     assert_eq!(randoms.len(), 2, "{text}");
     assert!(text.lines().all(|l| l.split(' ').count() == 3), "{text}");
+    // --out: an existing file readable by others gets mode 0600 before
+    // the secrets go in; the sealed log itself is never written over; a
+    // FIFO is refused at once.
+    use std::os::unix::fs::PermissionsExt;
+    let out = dir.join("keys.txt");
+    std::fs::write(&out, "old\n").unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(m.open_keylog_to(&file, Some(&out)).status.success());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), text);
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let same = m.open_keylog_to(&file, Some(&file));
+    assert!(!same.status.success());
+    assert!(String::from_utf8_lossy(&same.stderr).contains("is the sealed key log itself"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), sealed);
+    let fifo = dir.join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let refused = m.open_keylog(&fifo);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a regular file"));
     // One changed character in a sealed line: refused, naming the line,
     // nothing printed.
     let at = sealed.find("\nR ").unwrap() + 10;

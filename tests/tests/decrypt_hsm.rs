@@ -198,6 +198,11 @@ fn each_tenants_profiles_mint_with_its_own_cas() {
             ("a", 443, None),
             ("b", 8443, Some("tenant-b")),
             ("c", 8444, Some("tenant-c")),
+            (
+                "d",
+                8446,
+                Some("tenant-c\"\nhsm_unavailable = \"no-decrypt"),
+            ),
             ("x", 8445, Some("tenant-x")),
         ] {
             let token = token.map_or(String::new(), |l| format!("token = \"{l}\"\n"));
@@ -208,6 +213,12 @@ fn each_tenants_profiles_mint_with_its_own_cas() {
                 pki.roots.display()
             );
         }
+        // A server profile on a token the engine does not have either.
+        let leaf = pki.leaf("sx", &[SERVER_NAME], Key::P256, Flaw::None)?;
+        policy += &format!(
+            "[server_profiles.sx]\nchain = \"{}\"\nkey = \"k\"\ntoken = \"tenant-x\"\n",
+            leaf.cert.display()
+        );
         Ok(policy)
     })
     .expect("setup");
@@ -216,7 +227,7 @@ fn each_tenants_profiles_mint_with_its_own_cas() {
         .pki
         .leaf("shared", &[SERVER_NAME], Key::P256, Flaw::None)
         .unwrap();
-    let _servers: Vec<Nginx> = [443u16, 8443, 8444, 8445]
+    let _servers: Vec<Nginx> = [443u16, 8443, 8444, 8445, 8446]
         .into_iter()
         .map(|port| Nginx::start_with(&m.h, port, cert.clone(), false, "").expect("nginx"))
         .collect();
@@ -281,6 +292,26 @@ fn each_tenants_profiles_mint_with_its_own_cas() {
         "{r}"
     );
 
+    // The same tenant under `hsm_unavailable = "no-decrypt"`: passed
+    // untouched before any takeover, the server's own certificate shown.
+    let mut args = m.curl_args(SERVER_NAME, SERVER_V4, 8446, "");
+    let at = args.iter().position(|a| a == "--cacert").unwrap();
+    args[at + 1] = m.pki.roots.display().to_string();
+    let out = m.client("curl", &args).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let r = m
+        .control
+        .wait_record("the connection to port 8446", |r| {
+            r["server"] == format!("{SERVER_V4}:8446").as_str()
+        })
+        .unwrap();
+    assert!(
+        r.to_string()
+            .contains("the HSM token \\\"tenant-c\\\" is unavailable: not decrypted"),
+        "{r}"
+    );
+    assert!(r.get("tls").is_none(), "{r}");
+
     // A token the engine does not have.
     assert!(!curl(8445, &m.ca).status.success());
     let r = m
@@ -294,6 +325,21 @@ fn each_tenants_profiles_mint_with_its_own_cas() {
         r.contains("tenant-x") && r.contains("not one of the engine's"),
         "{r}"
     );
+    // `policy apply` names both profiles on the unknown token.
+    let policy = m.h.dir.join("policy.toml");
+    let out = m
+        .control
+        .cli(&["policy", "apply", policy.to_str().unwrap()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for p in ["decryption profile \"x\"", "server profile \"sx\""] {
+        assert!(
+            err.lines().any(|l| l.contains(p)
+                && l.contains("its token \"tenant-x\" is not one of the engine's")),
+            "{p}: {err}"
+        );
+    }
     // Nothing was minted for C or X; A and B still decrypt.
     assert_eq!(mint_tokens().len(), 2);
     assert!(curl(443, &m.ca).status.success());

@@ -1558,19 +1558,29 @@ fn signature(
         (Some(p.get_ref().as_bytes().to_vec()), p.span())
     } else if let Some(f) = &raw.file {
         let path = base.join(f.get_ref());
-        let problem = match load(&path) {
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-            Ok(b) if b.is_empty() => Err(format!("{} is empty", path.display())),
-            Ok(b) if b.len() > MAX_PATTERN => Err(format!(
-                "{} holds more than {MAX_PATTERN} bytes, the most a pattern may have",
+        let too_long = || {
+            format!(
+                "the file {} holds more than {MAX_PATTERN} bytes, the most a pattern may have",
                 path.display()
-            )),
+            )
+        };
+        let problem = match load(&path) {
+            // A file too large to read at all is too long a pattern.
+            Err(_)
+                if std::fs::metadata(&path)
+                    .is_ok_and(|m| m.is_file() && m.len() > MAX_PATTERN as u64) =>
+            {
+                Err(too_long())
+            }
+            Err(e) => Err(format!("cannot read the file {}: {e}", path.display())),
+            Ok(b) if b.is_empty() => Err(format!("the file {} is empty", path.display())),
+            Ok(b) if b.len() > MAX_PATTERN => Err(too_long()),
             Ok(b) => Ok(b),
         };
         match problem {
             Ok(b) => (Some(b), f.span()),
             Err(e) => {
-                rep.error(f.span(), format!("signature {name:?}: file {e}"));
+                rep.error(f.span(), format!("signature {name:?}: {e}"));
                 return None;
             }
         }

@@ -842,9 +842,9 @@ profile = "p"
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(c.policy.is_none());
     let want = [
-        format!("{d}/p.toml:2:8: error: signature \"missing\": file cannot read {d}/nosuch.sig: No such file or directory (os error 2)"),
-        format!("{d}/p.toml:4:8: error: signature \"empty\": file {d}/empty.sig is empty"),
-        format!("{d}/p.toml:6:8: error: signature \"big\": file {d}/big.sig holds more than 1024 bytes, the most a pattern may have"),
+        format!("{d}/p.toml:2:8: error: signature \"missing\": cannot read the file {d}/nosuch.sig: No such file or directory (os error 2)"),
+        format!("{d}/p.toml:4:8: error: signature \"empty\": the file {d}/empty.sig is empty"),
+        format!("{d}/p.toml:6:8: error: signature \"big\": the file {d}/big.sig holds more than 1024 bytes, the most a pattern may have"),
         format!("{d}/p.toml:9:1: error: signature \"both\": give exactly one of builtin, pattern, hex or file"),
     ];
     for w in &want {
@@ -853,7 +853,7 @@ profile = "p"
     assert!(
         errors
             .iter()
-            .any(|e| e.starts_with(&format!("{d}/p.toml:8:8: error: signature \"adir\": file cannot read {d}/adir: not a regular file"))),
+            .any(|e| e.starts_with(&format!("{d}/p.toml:8:8: error: signature \"adir\": cannot read the file {d}/adir: not a regular file"))),
         "{errors:#?}"
     );
     // The file of exactly 1 KiB is fine, and so the only other errors are

@@ -301,7 +301,8 @@ impl Sessions {
                 "in the decryption exclusion cache ({why}): not decrypted"
             ));
         }
-        let cas = ctx.cas();
+        // The profile's own token's CAs (a tenant's), as the mint will use.
+        let cas = ctx.cas_for(profile.token.as_deref());
         let token_up = ctx.signer.as_ref().is_some_and(|s| match &inbound {
             Some(sr) => s.is_up(&sr.token),
             None => cas
@@ -312,7 +313,11 @@ impl Sessions {
         // only `no-decrypt` (which must be decided before the takeover)
         // passes here; under `block` a miss is refused when its mint fails.
         if !token_up && profile.hsm_unavailable == Fallback::NoDecrypt {
-            return fallback(Fallback::NoDecrypt, "the HSM is unavailable".into());
+            let token = inbound.as_ref().map_or(&cas.token, |sr| &sr.token);
+            return fallback(
+                Fallback::NoDecrypt,
+                format!("the HSM token {token:?} is unavailable"),
+            );
         }
         if ctx.stats.active.load(std::sync::atomic::Ordering::Relaxed)
             >= ctx.settings.max_sessions as u64

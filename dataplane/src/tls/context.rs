@@ -653,13 +653,18 @@ impl TlsContext {
         *self.runtimes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
         let mut servers = HashMap::new();
         for (name, sp) in &policy.server_profiles {
-            let rt = ServerRuntime::prepare(
-                name,
-                sp,
-                self.token.as_deref(),
-                self.signer.as_ref(),
-                self.settings.hsm_timeout,
-            )
+            let rt = match &sp.token {
+                Some(t) if !self.has_token(t) => Err(format!(
+                    "its token {t:?} is not one of the engine's (--hsm-token)"
+                )),
+                _ => ServerRuntime::prepare(
+                    name,
+                    sp,
+                    self.token.as_deref(),
+                    self.signer.as_ref(),
+                    self.settings.hsm_timeout,
+                ),
+            }
             .map(Arc::new)
             .map_err(|e| {
                 let why = format!("server profile {name:?} cannot be used: {e}");
@@ -786,6 +791,15 @@ impl TlsContext {
     }
 
     fn keylog(&self, profile: &str, path: &str) -> Result<Arc<dyn KeyLog>, String> {
+        // One file however it is spelled (`a/./k.log`, `a//k.log`, a
+        // linked directory): two segments written into it at once would
+        // interleave and open as neither.
+        let p = std::path::Path::new(path);
+        let path = match (p.parent().map(std::fs::canonicalize), p.file_name()) {
+            (Some(Ok(dir)), Some(name)) => dir.join(name).display().to_string(),
+            _ => path.to_string(),
+        };
+        let path = path.as_str();
         let mut m = self.keylogs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = m.get(path) {
             return Ok(k.clone());

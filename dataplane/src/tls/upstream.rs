@@ -248,21 +248,10 @@ impl KeyLogFile {
         let segment = match sealed {
             None => None,
             Some(key) => {
-                let seg = key.segment()?;
+                let prev = sealed_tail(path, &file, meta.len()).map_err(bad)?;
+                let seg = key.segment(&prev)?;
                 let mut file = &file;
-                // A sealed log appends to a sealed log (a new segment) or
-                // starts one; never to a key log kept in clear.
-                if meta.len() > 0 {
-                    let mut head = vec![0u8; keylog::BANNER.len()];
-                    let same = std::fs::File::open(path)
-                        .and_then(|mut f| f.read_exact(&mut head))
-                        .is_ok_and(|()| head == keylog::BANNER.as_bytes());
-                    if !same {
-                        return Err(bad(
-                            "it is not a sealed key log (a clear one?): move it away".into(),
-                        ));
-                    }
-                } else {
+                if meta.len() == 0 {
                     file.write_all(keylog::BANNER.as_bytes())
                         .map_err(|e| bad(e.to_string()))?;
                 }
@@ -275,6 +264,53 @@ impl KeyLogFile {
             file: Mutex::new((file, segment)),
         })
     }
+}
+
+/// The last line of the sealed key log at `path` (`len` bytes), which a
+/// new segment follows: the banner for an empty file. A sealed log starts
+/// with the banner; one whose end was torn (an engine stopped mid-line)
+/// loses the torn bytes, which never were a whole record.
+fn sealed_tail(path: &Path, file: &File, len: u64) -> Result<String, String> {
+    use std::io::{Seek, SeekFrom};
+    if len == 0 {
+        return Ok(keylog::BANNER.to_string());
+    }
+    let mut f = File::open(path).map_err(|e| e.to_string())?;
+    let mut head = vec![0u8; keylog::BANNER.len()];
+    if f.read_exact(&mut head).is_err() || head != keylog::BANNER.as_bytes() {
+        return Err("it is not a sealed key log (a clear one?): move it away".into());
+    }
+    let window = (2 * keylog::MAX_FILE_LINE as u64).min(len);
+    f.seek(SeekFrom::Start(len - window))
+        .map_err(|e| e.to_string())?;
+    let mut tail = Vec::new();
+    f.take(window)
+        .read_to_end(&mut tail)
+        .map_err(|e| e.to_string())?;
+    // The whole lines: up to the last newline.
+    let end = tail
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .ok_or("its end is not a line of a sealed key log: move it away")?;
+    if end + 1 < tail.len() {
+        let keep = len - (tail.len() - end - 1) as u64;
+        file.set_len(keep)
+            .map_err(|e| format!("cannot cut its torn last line: {e}"))?;
+        eprintln!(
+            "loupe-dataplane: warning: the key log {} ended in a torn line ({} bytes): cut",
+            path.display(),
+            tail.len() - end - 1
+        );
+    }
+    let start = tail[..end]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    if start == 0 && window < len {
+        return Err("its last line is longer than any of a sealed key log: move it away".into());
+    }
+    String::from_utf8(tail[start..end].to_vec())
+        .map_err(|_| "its last line is not text: move it away".into())
 }
 
 /// Why an existing file cannot be a key log whoever owns it: it is not a
@@ -437,12 +473,27 @@ mod tests {
             assert!(!text.contains(clear), "{clear} in clear:\n{text}");
         }
         assert_eq!(text.lines().filter(|l| l.starts_with("S ")).count(), 2);
-        let opened = keylog::open(&text, |b| Ok(b.iter().map(|x| x ^ 1).collect())).unwrap();
-        assert_eq!(
-            opened,
-            "CLIENT_RANDOM 0707 abababab\nCLIENT_RANDOM 0808 abababab\n\
-             EXPORTER_SECRET 0707 cdcdcdcd\nEXPORTER_SECRET 0808 cdcdcdcd\n"
-        );
+        let unseal =
+            |b: &[u8]| -> Result<Vec<u8>, String> { Ok(b.iter().map(|x| x ^ 1).collect()) };
+        let opened = keylog::open(text.as_bytes(), unseal).unwrap();
+        let both = "CLIENT_RANDOM 0707 abababab\nCLIENT_RANDOM 0808 abababab\n\
+                    EXPORTER_SECRET 0707 cdcdcdcd\nEXPORTER_SECRET 0808 cdcdcdcd\n";
+        assert_eq!(opened, both);
+        // An engine stopped mid-line: the torn bytes are cut at the next
+        // open, and the file still opens whole.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"R 00000000000000")
+            .unwrap();
+        let key = DataKey::new(toy).unwrap();
+        KeyLogFile::open(&path, Some(&key))
+            .unwrap()
+            .log("CLIENT_RANDOM", &[9], &[1]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let opened = keylog::open(text.as_bytes(), unseal).unwrap();
+        assert_eq!(opened, format!("{both}CLIENT_RANDOM 09 01\n"));
         // A key log kept in clear is not turned into a mixed file.
         let clear = d.0.join("clear.log");
         KeyLogFile::open(&clear, None)
