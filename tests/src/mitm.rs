@@ -250,6 +250,20 @@ impl Mitm {
         cmd.output().expect("run loupe keylog open")
     }
 
+    /// `loupe policy apply` of the policy the run started with, again;
+    /// panics unless it succeeds. Returns what it said on stderr (the
+    /// warnings).
+    pub fn apply_again(&self) -> String {
+        let policy = self.h.dir.join("policy.toml");
+        let out = self
+            .control
+            .cli(&["policy", "apply", policy.to_str().expect("path")])
+            .expect("run loupe policy apply");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    }
+
     /// The audit log `loupe keylog open` writes to.
     pub fn keylog_cli_audit(&self) -> PathBuf {
         self.hsm.dir.join("keylog-cli.audit.jsonl")

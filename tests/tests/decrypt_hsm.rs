@@ -326,13 +326,7 @@ fn each_tenants_profiles_mint_with_its_own_cas() {
         "{r}"
     );
     // `policy apply` names both profiles on the unknown token.
-    let policy = m.h.dir.join("policy.toml");
-    let out = m
-        .control
-        .cli(&["policy", "apply", policy.to_str().unwrap()])
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = m.apply_again();
     for p in ["decryption profile \"x\"", "server profile \"sx\""] {
         assert!(
             err.lines().any(|l| l.contains(p)

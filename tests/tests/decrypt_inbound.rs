@@ -484,13 +484,7 @@ fn a_server_not_presenting_the_pinned_certificate_and_a_missing_key_are_blocked(
 
     // `loupe policy apply` says so too: the policy applies (its other
     // rules are enforced), with a warning naming the profile and the key.
-    let policy = m.h.dir.join("policy.toml");
-    let out = m
-        .control
-        .cli(&["policy", "apply", policy.to_str().unwrap()])
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = m.apply_again();
     assert!(
         err.lines().any(
             |l| l.starts_with("loupe-dataplane: warning: server profile \"no-key\"")
