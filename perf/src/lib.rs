@@ -26,9 +26,11 @@ pub fn histogram() -> Histogram<u64> {
 pub fn avoid_cpu(cpu: usize) -> anyhow::Result<()> {
     // SAFETY: sysconf has no preconditions.
     let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    // The engine pins its workers from CPU 0 up: the HSM's is the last.
     anyhow::ensure!(
-        cpu < online && online > 1,
-        "CPU {cpu}: this machine has CPUs 0 to {}, and one must be left for the rest",
+        cpu + 1 == online && online > 1,
+        "CPU {cpu}: give the last CPU ({}), which the engine's workers (pinned from CPU 0 up) \
+         leave alone",
         online - 1
     );
     // SAFETY: cpu_set_t is a plain bitmask; zeroed is the empty set.

@@ -85,7 +85,7 @@ struct Args {
     /// when the origin server is another machine.
     #[arg(long)]
     upstream_key: Option<String>,
-    /// Give the HSM a CPU of its own, as a network HSM has: the engine's
+    /// Give the HSM the last CPU to itself, as a network HSM has: the engine's
     /// HSM threads (`--hsm-cpus`) and the raw rate's signing threads run
     /// on this CPU, and everything else (the engine's workers, nginx, the
     /// clients, the harness) on the others.
