@@ -209,12 +209,26 @@ pub fn keylog(hsm: &HsmArgs, cmd: KeylogCommand) -> anyhow::Result<ExitCode> {
     }
     if let Some(o) = &out {
         writable_target(o)?;
-        // Writing the clear lines over the sealed log would lose it.
-        if std::fs::metadata(o).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino()) {
-            bail!(
-                "--out {} is the sealed key log itself: write the clear lines elsewhere",
-                o.display()
-            );
+        if let Ok(m) = std::fs::symlink_metadata(o) {
+            // Writing the clear lines over the sealed log would lose it.
+            if m.dev() == meta.dev() && m.ino() == meta.ino() {
+                bail!(
+                    "--out {} is the sealed key log itself: write the clear lines elsewhere",
+                    o.display()
+                );
+            }
+            // The secrets go only into a file that is ours alone.
+            // SAFETY: geteuid(2) has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if m.uid() != me || m.nlink() > 1 {
+                bail!(
+                    "--out {} exists and is owned by uid {} or has other names (links: {}): \
+                     the secrets go only into a new file or one of yours alone",
+                    o.display(),
+                    m.uid(),
+                    m.nlink()
+                );
+            }
         }
     }
     let input = std::io::BufReader::new(input);

@@ -348,6 +348,9 @@ pub struct StatsReport {
 pub struct TlsReport {
     /// The CA generation minting (0: no CA, decryption unavailable).
     pub ca_generation: u32,
+    /// Each token's CA generation, when the engine has several (tenants).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ca_generations: std::collections::BTreeMap<String, u32>,
     /// Connections in the TLS stage now, and waiting for the HSM.
     pub active: u64,
     pub parked: u64,
@@ -390,6 +393,7 @@ impl TlsReport {
         let c = &ctx.cache.stats;
         TlsReport {
             ca_generation: ctx.cas().generation,
+            ca_generations: ctx.ca_generations(),
             active: s.active.load(Relaxed),
             parked: s.parked.load(Relaxed),
             decrypted: s.decrypted.load(Relaxed),
@@ -645,11 +649,21 @@ impl StatsReport {
         if let Some(t) = &self.tls {
             let _ = writeln!(
                 s,
-                "decrypt: CA generation {}, {} active ({} waiting for the HSM); handshakes: \
+                "decrypt: CA generation {}{}, {} active ({} waiting for the HSM); handshakes: \
                  {} decrypted, {} passed on untrusted, {} blocked, {} left encrypted, {} failed; \
                  certificates: {} cached, {} hits, {} misses, {} joined, {} mint failures; \
                  {} sites excluded",
                 t.ca_generation,
+                if t.ca_generations.len() > 1 {
+                    let each: Vec<String> = t
+                        .ca_generations
+                        .iter()
+                        .map(|(token, g)| format!("{token} g{g}"))
+                        .collect();
+                    format!(" (by token: {})", each.join(", "))
+                } else {
+                    String::new()
+                },
                 t.active,
                 t.parked,
                 t.decrypted,

@@ -298,6 +298,17 @@ fn a_profile_with_a_key_log_writes_both_legs_secrets_sealed_and_audits_it() {
     assert_eq!(std::fs::read_to_string(&out).unwrap(), text);
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+    // Someone else's file, or another name for one, never gets them.
+    let mine = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&out).unwrap());
+    std::os::unix::fs::chown(&out, Some(65534), None).unwrap();
+    let theirs = m.open_keylog_to(&file, Some(&out));
+    assert!(!theirs.status.success());
+    assert!(String::from_utf8_lossy(&theirs.stderr).contains("owned by uid 65534"));
+    std::os::unix::fs::chown(&out, Some(mine), None).unwrap();
+    let linked = dir.join("linked.txt");
+    std::fs::hard_link(&out, &linked).unwrap();
+    assert!(!m.open_keylog_to(&file, Some(&out)).status.success());
+    std::fs::remove_file(&linked).unwrap();
     let same = m.open_keylog_to(&file, Some(&file));
     assert!(!same.status.success());
     assert!(String::from_utf8_lossy(&same.stderr).contains("is the sealed key log itself"));

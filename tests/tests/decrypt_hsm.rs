@@ -259,6 +259,16 @@ fn each_tenants_profiles_mint_with_its_own_cas() {
             .collect()
     };
 
+    // Each tenant's CA generation in the stats: C's token was left out.
+    let gens = m.engine.stats().unwrap().tls.unwrap().ca_generations;
+    let want: std::collections::BTreeMap<String, u32> = [
+        (m.hsm.token.clone(), 1),
+        ("tenant-b".to_string(), 1),
+        ("tenant-c".to_string(), 0),
+    ]
+    .into();
+    assert_eq!(gens, want);
+
     // Tenant A (the first token): A's CA verifies, B's does not.
     let out = curl(443, &m.ca);
     assert!(out.status.success(), "{out:?}");

@@ -598,6 +598,15 @@ impl TlsContext {
             .unwrap_or_else(|| Arc::new(CaSet::empty(token)))
     }
 
+    /// Each token's CA generation (0: none), when there are several.
+    pub fn ca_generations(&self) -> std::collections::BTreeMap<String, u32> {
+        let m = self.cas.read().unwrap_or_else(|p| p.into_inner());
+        if m.len() < 2 {
+            return Default::default();
+        }
+        m.iter().map(|(t, s)| (t.clone(), s.generation)).collect()
+    }
+
     /// Whether the engine has `token` (served or left out).
     pub fn has_token(&self, token: &str) -> bool {
         self.cas

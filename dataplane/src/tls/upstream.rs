@@ -322,8 +322,13 @@ pub fn keylog_file_problem(meta: &std::fs::Metadata) -> Option<String> {
         return Some(format!("it is {}", crate::sys::file_kind(meta)));
     }
     let mode = meta.mode() & 0o777;
-    (mode & 0o077 != 0)
-        .then(|| format!("its mode {mode:o} gives access beyond its owner; chmod 600 it"))
+    if mode & 0o077 != 0 {
+        return Some(format!(
+            "its mode {mode:o} gives access beyond its owner; chmod 600 it"
+        ));
+    }
+    // Another name for the file would be a second writer (or reader).
+    (meta.nlink() > 1).then(|| format!("it has {} names (hard links)", meta.nlink()))
 }
 
 /// One line of the NSS key log format: `LABEL <client random> <secret>`
@@ -520,6 +525,12 @@ mod tests {
         std::os::unix::fs::symlink(&good, &link).unwrap();
         let e = KeyLogFile::open(&link, None).unwrap_err();
         assert!(e.contains("symbolic link"), "{e}");
+        // A hard link: two names would be two writers.
+        let hard = d.0.join("hard.log");
+        std::fs::hard_link(&good, &hard).unwrap();
+        let e = KeyLogFile::open(&hard, None).unwrap_err();
+        assert!(e.contains("2 names (hard links)"), "{e}");
+        std::fs::remove_file(&hard).unwrap();
         // A FIFO: refused at once (opening one for writing with no reader
         // would otherwise block or fail obscurely).
         let fifo = d.0.join("fifo.log");
