@@ -129,11 +129,13 @@ fn start_hsm(h: &HsmSettings) -> Result<HsmService, EngineError> {
     Ok(HsmService { signer, log })
 }
 
-/// The ticket keys' file sealed and opened with the first token's master
-/// key (each use audited).
+/// Secrets sealed and opened with the first token's master key for one
+/// use (`context`), each use audited: the ticket keys' file, the key
+/// logs' data key.
 struct HsmSealer {
     token: Token,
     audit: AuditSink,
+    context: &'static str,
 }
 
 /// What the sealed ticket keys are for (bound into the seal).
@@ -147,17 +149,22 @@ impl HsmSealer {
             requester: "loupe-dataplane".into(),
         }
     }
+
+    /// Makes the master key if the token has none yet.
+    fn ensure(&self) -> Result<(), String> {
+        self.master().ensure().map(drop).map_err(|e| e.to_string())
+    }
 }
 
 impl Sealer for HsmSealer {
     fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, String> {
         self.master()
-            .seal(TICKET_KEYS, secret)
+            .seal(self.context, secret)
             .map_err(|e| e.to_string())
     }
     fn open(&self, blob: &[u8]) -> Result<Vec<u8>, String> {
         self.master()
-            .open(TICKET_KEYS, blob)
+            .open(self.context, blob)
             .map_err(|e| e.to_string())
     }
 }
@@ -186,13 +193,14 @@ fn start_tls(
 ) -> Result<(Arc<TlsContext>, Vec<Token>), EngineError> {
     let first = &h.tokens[0];
     // The signer logged in to every token it serves (the first one
-    // always): their CAs are read through those, and a token it left
-    // out (a wrong PIN) is not logged into again.
+    // always: it does not start without it): their CAs are read through
+    // those, and a token it left out (a wrong PIN) is not logged into
+    // again.
     let served = signer.served();
-    let token = match served.first() {
-        Some(t) => t.clone(),
-        None => Token::open(first)?,
-    };
+    let token = served
+        .first()
+        .cloned()
+        .ok_or_else(|| EngineError::Tls(format!("the signer serves no token {:?}", first.label)))?;
     let unread = |t: &Token, e: String| {
         eprintln!(
             "loupe-dataplane: warning: the decryption profiles of token {:?} cannot mint: {e}",
@@ -229,17 +237,14 @@ fn start_tls(
     // Key logs are sealed: a data key per run, sealed by the first
     // token's master key (made on first use), when a profile first
     // turns one on.
-    let (seal_token, seal_audit) = (token.clone(), export_audit.clone());
+    let keylog = HsmSealer {
+        token: token.clone(),
+        audit: export_audit.clone(),
+        context: loupe_hsm::keylog::CONTEXT,
+    };
     ctx = ctx.with_keylog_seal(Arc::new(move |key: &[u8]| {
-        let master = MasterKey {
-            token: &seal_token,
-            audit: &seal_audit,
-            requester: "loupe-dataplane".into(),
-        };
-        master.ensure().map_err(|e| e.to_string())?;
-        master
-            .seal(loupe_hsm::keylog::CONTEXT, key)
-            .map_err(|e| e.to_string())
+        keylog.ensure()?;
+        keylog.seal(key)
     }));
     for (label, why) in signer.refused() {
         ctx.set_cas(CaSet::unavailable(&label, &why));
@@ -248,14 +253,11 @@ fn start_tls(
         let sealer = Arc::new(HsmSealer {
             token: token.clone(),
             audit: export_audit.clone(),
+            context: TICKET_KEYS,
         });
-        MasterKey {
-            token: &token,
-            audit: &export_audit,
-            requester: "loupe-dataplane".into(),
-        }
-        .ensure()
-        .map_err(|e| EngineError::Tls(format!("the master key for --ticket-keys: {e}")))?;
+        sealer
+            .ensure()
+            .map_err(|e| EngineError::Tls(format!("the master key for --ticket-keys: {e}")))?;
         let lifetime = cfg.tls.ticket_lifetime.as_secs().min(u64::from(u32::MAX)) as u32;
         let (keys, said) = TicketKeys::kept_in(path, sealer, lifetime).map_err(EngineError::Tls)?;
         eprintln!("loupe-dataplane: {said}");
@@ -286,12 +288,7 @@ fn start_tls(
         println!("loupe-dataplane: {}", exporter.describe());
         ctx = ctx.with_exporter(exporter);
     }
-    let tokens = if served.is_empty() {
-        vec![token]
-    } else {
-        served
-    };
-    Ok((Arc::new(ctx), tokens))
+    Ok((Arc::new(ctx), served))
 }
 
 /// Run the engine until `stop` is set. `on_ready` is called once, after the

@@ -246,8 +246,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
-        // SAFETY: sysconf has no preconditions.
-        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        let online = loupe_hsm::signer::online_cpus();
         if let Some(c) = args.hsm_cpus.iter().find(|&&c| c >= online) {
             eprintln!(
                 "loupe-dataplane: error: --hsm-cpus {c}: this machine has CPUs 0 to {}",

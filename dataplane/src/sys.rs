@@ -131,17 +131,7 @@ pub fn cpu_count() -> usize {
 /// Pin the calling thread to one CPU. Failure is reported, not fatal: the
 /// engine still works unpinned (containers may forbid affinity changes).
 pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: cpu_set_t is a plain bitmask; zeroed is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes inside `set`; cpu is reduced modulo the set size.
-    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
-    // SAFETY: pid 0 is the calling thread; the set pointer and size are valid.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    loupe_hsm::signer::pin_thread(cpu % libc::CPU_SETSIZE as usize)
 }
 
 /// Lift RLIMIT_MEMLOCK: UMEM registration charges locked memory.

@@ -40,6 +40,8 @@ use ring::{
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::audit::{hex, unhex};
+
 /// What the data key is sealed for (bound into the master key's seal).
 pub const CONTEXT: &str = "tls key log";
 
@@ -56,26 +58,22 @@ const MAX_LINE: usize = 1024;
 /// with room to spare (a sealed data key is under 100 bytes).
 pub const MAX_FILE_LINE: usize = 4 * MAX_LINE;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
-
 fn random<const N: usize>() -> Result<[u8; N], String> {
     let mut b = [0u8; N];
     SystemRandom::new()
         .fill(&mut b)
         .map_err(|_| "no randomness".to_string())?;
     Ok(b)
+}
+
+/// Whether the file at `path` starts as a sealed key log does (with the
+/// banner). A regular file is assumed: callers check that first.
+pub fn starts_sealed(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut head = vec![0u8; BANNER.len()];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| head == BANNER.as_bytes())
 }
 
 /// The SHA-256 of a line of the file, without its newline.

@@ -73,6 +73,12 @@ impl SignerConfig {
     }
 }
 
+/// CPUs online (at least 1).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
+}
+
 /// Pins the calling thread to `cpu`.
 pub fn pin_thread(cpu: usize) -> std::io::Result<()> {
     // SAFETY: cpu_set_t is a plain bitmask; zeroed is the empty set.

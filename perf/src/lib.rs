@@ -24,8 +24,7 @@ pub fn histogram() -> Histogram<u64> {
 /// Keeps the calling thread (and every process and thread it starts
 /// after) off `cpu`: on every other online CPU.
 pub fn avoid_cpu(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: sysconf has no preconditions.
-    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    let online = loupe_hsm::signer::online_cpus();
     // The engine pins its workers from CPU 0 up: the HSM's is the last.
     anyhow::ensure!(
         cpu + 1 == online && online > 1,

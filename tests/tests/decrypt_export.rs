@@ -446,13 +446,11 @@ fn capture(m: &Mitm, name: &str, program: &str, args: &[&str], out: &Path, ready
     p
 }
 
-/// The mirror port: tshark on the IDS end decodes the decrypted HTTP/1.1
-/// requests live, and ngrep finds a content pattern in a response body;
-/// the engine's end of the port receives nothing back.
-#[test]
-fn the_mirror_port_feeds_tshark_and_ngrep_as_an_ids() {
-    let dir = Dir::new("mirror");
-    let m = Mitm::start_with(
+/// The engine with a mirror port (`--export-mirror mirror`, the
+/// harness's fourth namespace on its other end) and the lab policy's
+/// profile copying to it.
+fn mirroring() -> Mitm {
+    Mitm::start_with(
         HarnessConfig {
             mirror: true,
             ..HarnessConfig::default()
@@ -460,7 +458,16 @@ fn the_mirror_port_feeds_tshark_and_ngrep_as_an_ids() {
         &["--export-mirror", "mirror"],
         |pki| lab_policy(pki, r#"export = ["mirror"]"#, ""),
     )
-    .expect("setup");
+    .expect("setup")
+}
+
+/// The mirror port: tshark on the IDS end decodes the decrypted HTTP/1.1
+/// requests live, and ngrep finds a content pattern in a response body;
+/// the engine's end of the port receives nothing back.
+#[test]
+fn the_mirror_port_feeds_tshark_and_ngrep_as_an_ids() {
+    let dir = Dir::new("mirror");
+    let m = mirroring();
     let nginx = start_nginx(&m, false);
     let mut body = vec![b'.'; 50 * KIB];
     body[40_000..40_020].copy_from_slice(b"IDS-LOOKS-FOR-THIS-1");
@@ -573,15 +580,7 @@ fn mirror_carrier(m: &Mitm, up: bool) {
 /// passed off as sent; with the IDS end up again, frames go out again.
 #[test]
 fn a_mirror_port_without_its_consumer_counts_drops_and_decryption_goes_on() {
-    let m = Mitm::start_with(
-        HarnessConfig {
-            mirror: true,
-            ..HarnessConfig::default()
-        },
-        &["--export-mirror", "mirror"],
-        |pki| lab_policy(pki, r#"export = ["mirror"]"#, ""),
-    )
-    .expect("setup");
+    let m = mirroring();
     let nginx = start_nginx(&m, false);
     let sha = nginx.add_file("big.bin", 2 << 20, 9).unwrap();
     let ids = m.h.ids.as_ref().expect("a harness with a mirror port");

@@ -1073,13 +1073,7 @@ fn keylog_problem(path: &Path) -> Option<String> {
         return Some(why);
     }
     // The engine appends sealed lines only to a sealed key log.
-    let banner = loupe_hsm::keylog::BANNER.as_bytes();
-    let mut head = vec![0u8; banner.len()];
-    let sealed = std::fs::File::open(path).and_then(|mut f| {
-        use std::io::Read;
-        f.read_exact(&mut head)
-    });
-    (meta.len() > 0 && (sealed.is_err() || head != banner))
+    (meta.len() > 0 && !loupe_hsm::keylog::starts_sealed(path))
         .then(|| "it is not a sealed key log (a clear one?): move it away".to_string())
 }
 

@@ -536,16 +536,16 @@ impl TlsContext {
             return Ok(key.clone());
         }
         let seal = seal.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
+        let sealing = std::thread::Builder::new()
             .name("loupe-keylog-seal".into())
-            .spawn(move || {
-                let _ = tx.send(DataKey::new(|key| seal(key)));
-            })
+            .spawn(move || DataKey::new(|key| seal(key)))
             .map_err(|e| format!("cannot start a thread to seal its key: {e}"))?;
         let wait = self.settings.hsm_timeout.max(Duration::from_secs(2));
-        let key = match rx.recv_timeout(wait) {
-            Ok(made) => Arc::new(made.map_err(|e| format!("the HSM did not seal its key: {e}"))?),
+        let key = match loupe_hsm::join_by(sealing, Instant::now() + wait) {
+            Ok(Ok(made)) => {
+                Arc::new(made.map_err(|e| format!("the HSM did not seal its key: {e}"))?)
+            }
+            Ok(Err(_)) => return Err("the thread sealing its key failed".into()),
             Err(_) => {
                 return Err(format!(
                     "the HSM did not seal its key within {} ms",

@@ -19,6 +19,7 @@ use aws_lc_rs::{
     aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM},
     rand::{SecureRandom, SystemRandom},
 };
+use loupe_hsm::audit::hex;
 use rustls::server::ProducesTickets;
 use serde::{Deserialize, Serialize};
 
@@ -109,19 +110,10 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unhex<const N: usize>(s: &str) -> Result<[u8; N], String> {
-    if s.len() != 2 * N || !s.is_ascii() {
-        return Err(format!("{N} bytes in hex expected"));
-    }
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
-    }
-    Ok(out)
+    loupe_hsm::audit::unhex(s)
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| format!("{N} bytes in hex expected"))
 }
 
 impl TicketKeys {

@@ -275,11 +275,10 @@ fn sealed_tail(path: &Path, file: &File, len: u64) -> Result<String, String> {
     if len == 0 {
         return Ok(keylog::BANNER.to_string());
     }
-    let mut f = File::open(path).map_err(|e| e.to_string())?;
-    let mut head = vec![0u8; keylog::BANNER.len()];
-    if f.read_exact(&mut head).is_err() || head != keylog::BANNER.as_bytes() {
+    if !keylog::starts_sealed(path) {
         return Err("it is not a sealed key log (a clear one?): move it away".into());
     }
+    let mut f = File::open(path).map_err(|e| e.to_string())?;
     let window = (2 * keylog::MAX_FILE_LINE as u64).min(len);
     f.seek(SeekFrom::Start(len - window))
         .map_err(|e| e.to_string())?;
