@@ -76,6 +76,10 @@ pub struct EngineConfig {
     /// On stop, how long split connections are given to finish before
     /// both ends are reset.
     pub drain_timeout: Duration,
+    /// What a split half's buffers may grow to, and what all of them may
+    /// grow into together (see [`crate::tcp::budget`]).
+    pub split_buffer_max: usize,
+    pub split_memory: usize,
     /// tcp-split passes (does not split) connections whose ClientHello
     /// names one of these servers.
     pub split_exempt_sni: Vec<crate::policy::HostGlob>,
@@ -126,6 +130,8 @@ impl EngineConfig {
             hold_bytes: SessionSettings::default().hold_bytes,
             hold_timeout: SessionSettings::default().hold_timeout,
             drain_timeout: SessionSettings::default().drain,
+            split_buffer_max: SessionSettings::default().buffer_max,
+            split_memory: SessionSettings::default().budget.limit(),
             split_exempt_sni: Vec::new(),
             api: None,
         }

@@ -382,6 +382,7 @@ pub fn run(
         )));
     }
 
+    let budget = Arc::new(crate::tcp::budget::MemoryBudget::new(cfg.split_memory));
     for q in 0..queues {
         let port = QueuePort::new(&cfg.inside, &cfg.outside, q, cfg.port)?;
         classifier.register_socket(Side::Inside, q, port.fd(Side::Inside))?;
@@ -405,6 +406,8 @@ pub fn run(
                     hold_timeout: cfg.hold_timeout,
                     drain: cfg.drain_timeout,
                     tls: tls_ctx.clone(),
+                    buffer_max: cfg.split_buffer_max,
+                    budget: budget.clone(),
                     ..SessionSettings::default()
                 },
                 ops: ops_tx.clone(),

@@ -107,6 +107,19 @@ struct Args {
     /// with the end `engine-stopped`).
     #[arg(long, default_value_t = SessionSettings::default().drain.as_millis() as u64)]
     drain_timeout_ms: u64,
+    /// The most a split half's send or receive buffer grows to, in KiB
+    /// (they start at 128 KiB and grow with the connection's
+    /// bandwidth-delay product, as Linux's tcp_wmem/tcp_rmem maximum).
+    #[arg(long, default_value_t = (SessionSettings::default().buffer_max >> 10) as u64,
+          value_parser = clap::value_parser!(u64).range(128..=65536))]
+    split_buffer_max_kib: u64,
+    /// Memory all split connections' buffers may grow into beyond their
+    /// initial 512 KiB each, in MiB. When it is spent, buffers stop
+    /// growing and new connections are not split: tcp-split ones pass
+    /// (counted), decrypt ones follow the profile's no_resources.
+    #[arg(long, default_value_t = (SessionSettings::default().budget.limit() >> 20) as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    split_memory_mib: u64,
     /// Start the HSM signer on the token with this label (repeatable, one
     /// per partition; the first one's audit key seals the audit log).
     #[arg(long = "hsm-token")]
@@ -217,6 +230,8 @@ fn main() -> ExitCode {
     cfg.hold_bytes = args.hold_bytes.max(1);
     cfg.hold_timeout = Duration::from_millis(args.hold_timeout_ms.max(1));
     cfg.drain_timeout = Duration::from_millis(args.drain_timeout_ms);
+    cfg.split_buffer_max = (args.split_buffer_max_kib as usize) << 10;
+    cfg.split_memory = (args.split_memory_mib as usize) << 20;
     if let Some(socket) = args.control_socket {
         let group = match args
             .control_group

@@ -165,6 +165,15 @@ pub struct SplitCounters {
     /// §2.3: the peer does the same).
     #[serde(default)]
     pub wscale_clamped: u64,
+    /// New connections not split (passed, or under `decrypt` handled by
+    /// the profile's `no_resources`) because the buffer memory budget was
+    /// spent.
+    #[serde(default)]
+    pub memory_passthrough: u64,
+    /// The live splits' buffer sizes now, summed (they grow by autotuning
+    /// within `--split-memory-mib`).
+    #[serde(default)]
+    pub buffer_capacity: u64,
 }
 
 impl SplitCounters {
@@ -215,6 +224,8 @@ impl SplitCounters {
         self.sni_malformed += o.sni_malformed;
         self.bogus_resets += o.bogus_resets;
         self.wscale_clamped += o.wscale_clamped;
+        self.memory_passthrough += o.memory_passthrough;
+        self.buffer_capacity += o.buffer_capacity;
         self.intercepted += o.intercepted;
         self.not_decrypted += o.not_decrypted;
     }
@@ -579,7 +590,7 @@ impl StatsReport {
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
                  holds released on timeout/bound, {} ACKs of large ClientHellos, {} window \
-                 shifts above 14 used as 14",
+                 shifts above 14 used as 14; buffers {} KiB, {} not split for memory",
                 sp.split,
                 sp.active,
                 sp.closed,
@@ -606,7 +617,9 @@ impl StatsReport {
                 sp.hold_timeouts,
                 sp.hold_overflows,
                 sp.hold_acks,
-                sp.wscale_clamped
+                sp.wscale_clamped,
+                sp.buffer_capacity >> 10,
+                sp.memory_passthrough
             );
         }
         for h in &self.hsm {

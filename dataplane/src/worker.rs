@@ -372,6 +372,9 @@ impl Worker {
         self.follow_policy();
         let mut work = self.port.reclaim();
         self.port.refill();
+        if let Some(sp) = self.sessions.as_mut() {
+            sp.begin_batch();
+        }
         for side in [Side::Inside, Side::Outside] {
             let n = self.port.recv(side, rx);
             work += n;
@@ -381,6 +384,7 @@ impl Worker {
         }
         work += self.drain_crossbar(now, now_ms);
         if let Some(sp) = self.sessions.as_mut() {
+            sp.end_batch(now);
             if self.crossbar.wakers[self.id]
                 .hsm
                 .swap(false, Ordering::SeqCst)
@@ -579,10 +583,11 @@ impl Worker {
             tx_pending: self.port.pending_tx(),
             split: self.sessions.as_ref().map_or_else(Default::default, |sp| {
                 let mut c = sp.counters;
-                let (live, c2s, s2c) = sp.live();
-                c.active = live;
-                c.bytes_c2s += c2s;
-                c.bytes_s2c += s2c;
+                let live = sp.live();
+                c.active = live.splits;
+                c.bytes_c2s += live.c2s;
+                c.bytes_s2c += live.s2c;
+                c.buffer_capacity = live.buffer_capacity;
                 c
             }),
             flows: Vec::new(),

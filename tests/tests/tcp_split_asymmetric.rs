@@ -27,8 +27,13 @@ use loupe_tests::{
     Harness, HarnessConfig,
 };
 
-/// The engine's buffers per half and direction.
+/// The engine's buffers per half and direction, kept from growing
+/// (`--split-buffer-max-kib` at the initial size) where windows are
+/// checked exactly.
 const ENGINE_BUFFER: u32 = 128 << 10;
+const FIXED: &[&str] = &["--tcp-split", "--split-buffer-max-kib", "128"];
+/// What they grow to at most by default.
+const ENGINE_BUFFER_MAX: u32 = 4 << 20;
 const PORT: u16 = 443;
 
 /// How one endpoint is set up.
@@ -135,6 +140,15 @@ fn shift(of: &TcpOptions, with: &TcpOptions) -> u8 {
 /// Checks what the engine sent to one endpoint against that endpoint's
 /// handshake.
 fn check(name: &str, v: &View) {
+    let widest = check_within(name, v, ENGINE_BUFFER);
+    let units = shift(&v.other, &v.own);
+    let open = (ENGINE_BUFFER >> units).min(65535) << units;
+    assert_eq!(widest, open, "{name}: the window opens to the buffer");
+}
+
+/// Checks what the engine sent to one endpoint against that endpoint's
+/// handshake, with windows up to `buffer`; returns the widest.
+fn check_within(name: &str, v: &View, buffer: u32) -> u32 {
     let ts = v.own.timestamps.is_some() && v.other.timestamps.is_some();
     let sack = v.own.sack_permitted && v.other.sack_permitted;
     let mss = usize::from(v.own.mss.unwrap_or(536));
@@ -163,7 +177,7 @@ fn check(name: &str, v: &View) {
         );
         let window = u32::from(s.window) << units;
         assert!(
-            window <= ENGINE_BUFFER,
+            window <= buffer,
             "{name}: window {} << {units} over the engine's buffer",
             s.window
         );
@@ -176,17 +190,20 @@ fn check(name: &str, v: &View) {
         v.from_engine.len()
     );
     assert_eq!(most, mss - ts_len, "{name}: full-sized segments in bulk");
-    let open = (ENGINE_BUFFER >> units).min(65535) << units;
-    assert_eq!(widest, open, "{name}: the window opens to the buffer");
+    widest
 }
 
 /// Runs a megabyte each way between `client` and `server` through
 /// `--tcp-split`; returns the client's and the server's views.
 fn run(client: Setup, server: Setup) -> (View, View) {
+    run_with(client, server, FIXED)
+}
+
+fn run_with(client: Setup, server: Setup, engine_args: &[&str]) -> (View, View) {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
     configure(&h.client, &client, SERVER_V4);
     configure(&h.server, &server, CLIENT_V4);
-    let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    let engine = Engine::start(&h, engine_args).expect("engine");
     let addr = format!("{SERVER_V4}:{PORT}");
     let listener = listen(&h.server, &addr).unwrap();
     if let Some(bytes) = server.rcvbuf {
@@ -268,4 +285,18 @@ fn window_scaling_and_timestamps_on_the_clients_side_only() {
     assert!(c.own.timestamps.is_some() && s.own.timestamps.is_none());
     check("to the client", &c);
     check("to the server", &s);
+}
+
+/// By default the halves' receive buffers grow with the transfer (Linux's
+/// dynamic right-sizing): a megabyte each way opens the windows the
+/// engine advertises past the initial 128 KiB, never past the maximum.
+#[test]
+fn windows_grow_past_the_initial_buffer_on_a_bulk_transfer() {
+    let (c, s) = run_with(Setup::default(), Setup::default(), &["--tcp-split"]);
+    let to_client = check_within("to the client", &c, ENGINE_BUFFER_MAX);
+    let to_server = check_within("to the server", &s, ENGINE_BUFFER_MAX);
+    assert!(
+        to_client > ENGINE_BUFFER && to_server > ENGINE_BUFFER,
+        "widest windows {to_client} and {to_server}: never grown"
+    );
 }

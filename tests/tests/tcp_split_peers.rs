@@ -42,8 +42,12 @@ fn one_split_ended(engine: &Engine) -> SplitCounters {
 /// A harness, an engine splitting, and the server's listener on port 443
 /// (with its address).
 fn start() -> (Harness, Engine, String, TcpListener) {
+    start_with(&["--tcp-split"])
+}
+
+fn start_with(args: &[&str]) -> (Harness, Engine, String, TcpListener) {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
-    let e = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    let e = Engine::start(&h, args).expect("engine");
     let addr = format!("{SERVER_V4}:443");
     let listener = listen(&h.server, &addr).unwrap();
     (h, e, addr, listener)
@@ -264,12 +268,15 @@ fn the_split(r: &StatsReport) -> Option<FlowDecision> {
         .find(|d| d.state == "split")
 }
 
-/// Each split connection's four buffers (two halves, receive and send).
-const SPLIT_BOUND: u64 = 4 * (128 << 10);
+/// Each split connection's four buffers (two halves, receive and send),
+/// at the most they may grow to (`--split-buffer-max-kib`).
+const BUFFER_MAX_KIB: u64 = 512;
+const SPLIT_BOUND: u64 = 4 * (BUFFER_MAX_KIB << 10);
 
 #[test]
 fn a_server_that_stops_reading_throttles_the_client_within_the_engines_buffers() {
-    let (h, engine, addr, listener) = start();
+    let max = BUFFER_MAX_KIB.to_string();
+    let (h, engine, addr, listener) = start_with(&["--tcp-split", "--split-buffer-max-kib", &max]);
     const SIZE: usize = 32 << 20;
     let payload = data(5, SIZE);
     let expect = Sha256::digest(&payload).to_vec();

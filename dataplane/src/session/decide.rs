@@ -176,6 +176,11 @@ impl Sessions {
                 self.counters.policy_pass += 1;
                 self.pass_or_relay(id, pending, now, meta)
             }
+            Verdict::Split if self.memory_short() => {
+                self.counters.memory_passthrough += 1;
+                meta.note = Some("the split memory budget is spent: passed, not split".into());
+                self.pass_or_relay(id, pending, now, meta)
+            }
             Verdict::Split => self.start_split(id, pending, now, meta, Start::Relay),
             Verdict::Refuse => self.refuse(id, pending, now, meta, alert),
             Verdict::Decrypt => match self.plan_intercept(id, opening, &policy, &decision, now) {
@@ -317,6 +322,13 @@ impl Sessions {
             return fallback(
                 Fallback::NoDecrypt,
                 format!("the HSM token {token:?} is unavailable"),
+            );
+        }
+        if self.settings.budget.short_of(4 * super::BUFFER_INITIAL) {
+            self.counters.memory_passthrough += 1;
+            return fallback(
+                profile.no_resources,
+                "the split memory budget is spent".into(),
             );
         }
         if ctx.stats.active.load(std::sync::atomic::Ordering::Relaxed)
@@ -518,6 +530,7 @@ impl Sessions {
             client,
             templates: [a, b],
             armed: None,
+            pending: false,
             meta,
         };
         let mut held = Vec::with_capacity(frames.len());

@@ -44,6 +44,7 @@ use crate::{
     policy::{Action, Decision, Policy, Subject, Verdict},
     stats::SplitCounters,
     tcp::{
+        budget::MemoryBudget,
         conn::{Abort, ConnConfig},
         reassembly::Reassembler,
         split::{Dir, Passthrough, Track, Tracker},
@@ -84,7 +85,20 @@ pub struct SessionSettings {
     /// When the engine stops, how long connections under way are given to
     /// finish before they are reset.
     pub drain: Duration,
+    /// What a half's send and receive buffers may each grow to.
+    pub buffer_max: usize,
+    /// Engine-wide, what the halves' buffers may grow into beyond their
+    /// initial sizes; with less than a new split's base left, new
+    /// connections are not split (passed, counted) or, for `decrypt`,
+    /// follow the profile's `no_resources`.
+    pub budget: Arc<MemoryBudget>,
 }
+
+/// A half's buffers to begin with (each way), before autotuning.
+pub const BUFFER_INITIAL: usize = 128 << 10;
+
+/// Idle this long, a split's buffers give back their spare memory.
+pub(crate) const TRIM_AFTER: Duration = Duration::from_secs(1);
 
 impl Default for SessionSettings {
     fn default() -> Self {
@@ -97,6 +111,8 @@ impl Default for SessionSettings {
             tls: None,
             waker: None,
             drain: Duration::from_secs(2),
+            buffer_max: 4 << 20,
+            budget: Arc::new(MemoryBudget::new(1 << 30)),
         }
     }
 }
@@ -138,6 +154,9 @@ enum Entry {
         /// Frames sent by the endpoint on each side, as templates.
         templates: [Template; 2],
         armed: Option<Instant>,
+        /// Took segments in this receive batch; pumped and transmitted at
+        /// its end ([`Sessions::end_batch`]).
+        pending: bool,
         meta: Box<Meta>,
     },
     /// Left to the kernel; with what was decided, when it was.
@@ -178,6 +197,10 @@ pub struct Sessions {
     spare: Vec<Vec<u8>>,
     /// Split connections whose stage waits for the HSM.
     parked: HashSet<FlowId>,
+    /// Between [`Sessions::begin_batch`] and [`Sessions::end_batch`]: the
+    /// split connections that took segments, to pump once at the end.
+    batch: Option<Vec<FlowId>>,
+    batch_spare: Vec<FlowId>,
     /// The engine is stopping: no new connection is taken.
     stopping: bool,
     pub counters: SplitCounters,
@@ -191,8 +214,11 @@ impl Sessions {
             epoch: 0,
             timers: BinaryHeap::new(),
             conn: ConnConfig {
-                send_buffer: 128 << 10,
-                recv_buffer: 128 << 10,
+                send_buffer: BUFFER_INITIAL,
+                recv_buffer: BUFFER_INITIAL,
+                send_buffer_max: settings.buffer_max.max(BUFFER_INITIAL),
+                recv_buffer_max: settings.buffer_max.max(BUFFER_INITIAL),
+                budget: Some(settings.budget.clone()),
                 ..ConnConfig::default()
             },
             settings,
@@ -201,6 +227,8 @@ impl Sessions {
             events: Vec::new(),
             spare: Vec::new(),
             parked: HashSet::new(),
+            batch: None,
+            batch_spare: Vec::new(),
             stopping: false,
             counters: SplitCounters::default(),
         }
@@ -309,7 +337,15 @@ impl Sessions {
             None => self.track(id, side, frame, parsed, now),
             Some(client) => {
                 let dir = dir_from(side, client);
-                self.with_split(id, now, |s| s.on_segment(dir, &parsed.segment, now));
+                match (self.batch.as_mut(), &mut flow.entry) {
+                    (Some(batch), Entry::Split { split, pending, .. }) => {
+                        split.receive(dir, &parsed.segment, now);
+                        if !std::mem::replace(pending, true) {
+                            batch.push(id);
+                        }
+                    }
+                    _ => self.with_split(id, now, |s| s.on_segment(dir, &parsed.segment, now)),
+                }
                 Disposition::Consumed
             }
         }
@@ -373,6 +409,7 @@ impl Sessions {
             templates,
             armed,
             meta,
+            ..
         } = &mut flow.entry
         else {
             return;
@@ -429,6 +466,34 @@ impl Sessions {
                 self.timers.push(Reverse((next, id)));
             }
         }
+    }
+
+    /// A receive batch begins: segments for split connections are taken
+    /// in by their halves only, until [`Sessions::end_batch`].
+    pub fn begin_batch(&mut self) {
+        if self.batch.is_none() {
+            self.batch = Some(std::mem::take(&mut self.batch_spare));
+        }
+    }
+
+    /// The batch is over: each split connection that took segments runs
+    /// its stage and transmits once (one ACK for the batch, as a receiver
+    /// behind GRO sends; data relayed in one burst).
+    pub fn end_batch(&mut self, now: Instant) {
+        let Some(mut ids) = self.batch.take() else {
+            return;
+        };
+        for id in ids.drain(..) {
+            if let Some(Flow {
+                entry: Entry::Split { pending, .. },
+                ..
+            }) = self.flows.get_mut(&id)
+            {
+                *pending = false;
+                self.with_split(id, now, |s| s.pump(now));
+            }
+        }
+        self.batch_spare = ids;
     }
 
     /// The worker was woken for connections waiting on the HSM: pump
@@ -520,22 +585,37 @@ impl Sessions {
     }
 
     /// Split connections right now, and bytes relayed by those still open.
-    pub fn live(&self) -> (u64, u64, u64) {
-        let mut n = 0;
-        let (mut c2s, mut s2c) = (0, 0);
+    pub fn live(&self) -> Live {
+        let mut l = Live::default();
         for f in self.flows.values() {
             if let Entry::Split { split, meta, .. } = &f.entry {
+                l.buffer_capacity += split.buffer_capacity();
                 if meta.action == Some(Action::Block) {
                     continue; // refused, not relaying
                 }
-                n += 1;
+                l.splits += 1;
                 let (a, b) = split.relayed();
-                c2s += a;
-                s2c += b;
+                l.c2s += a;
+                l.s2c += b;
             }
         }
-        (n, c2s, s2c)
+        l
     }
+
+    /// A new split's base (its four buffers) cannot be covered.
+    pub(super) fn memory_short(&self) -> bool {
+        self.settings.budget.short_of(4 * BUFFER_INITIAL)
+    }
+}
+
+/// What the live split connections hold now.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Live {
+    pub splits: u64,
+    pub c2s: u64,
+    pub s2c: u64,
+    /// Their halves' buffer sizes, summed (autotuned; what they may hold).
+    pub buffer_capacity: u64,
 }
 
 /// Keeps a frame buffer for reuse, up to a bound.

@@ -120,14 +120,34 @@ impl Split {
         self.parked
     }
 
-    /// A segment from `dir`'s endpoint.
+    /// Frees the memory the halves' buffers hold but do not use.
+    pub fn trim(&mut self) {
+        self.client.trim();
+        self.server.trim();
+    }
+
+    /// The halves' buffer sizes now (autotuned), in bytes.
+    pub fn buffer_capacity(&self) -> u64 {
+        let (a, b) = self.client.buffer_sizes();
+        let (c, d) = self.server.buffer_sizes();
+        (a + b + c + d) as u64
+    }
+
+    /// A segment from `dir`'s endpoint, and the stage run on it.
     pub fn on_segment(&mut self, dir: Dir, seg: &Segment, now: Instant) {
+        self.receive(dir, seg, now);
+        self.pump(now);
+    }
+
+    /// A segment from `dir`'s endpoint, taken in by its half only: the
+    /// stage runs (and the halves transmit) once for a whole receive
+    /// batch, so a batch of segments draws one ACK, not one per two.
+    pub fn receive(&mut self, dir: Dir, seg: &Segment, now: Instant) {
         match dir {
             Dir::Client => self.client.on_segment(seg, now),
             Dir::Server => self.server.on_segment(seg, now),
         }
         self.buffered_peak = self.buffered_peak.max(self.buffered());
-        self.pump(now);
     }
 
     pub fn on_timer(&mut self, now: Instant) {

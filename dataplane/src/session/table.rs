@@ -24,8 +24,14 @@ impl Sessions {
         let before = self.flows.len();
         // Ended connections are remembered a little longer than a peer's
         // retransmissions last.
-        self.flows.retain(|_, f| match f.entry {
-            Entry::Split { .. } => true,
+        self.flows.retain(|_, f| match &mut f.entry {
+            Entry::Split { split, .. } => {
+                // Idle a while: its buffers' spare memory goes back.
+                if now.duration_since(f.last_seen) >= TRIM_AFTER {
+                    split.trim();
+                }
+                true
+            }
             Entry::Ended => now.duration_since(f.last_seen) < idle.min(Duration::from_secs(60)),
             _ => now.duration_since(f.last_seen) < idle,
         });

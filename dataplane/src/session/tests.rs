@@ -223,7 +223,7 @@ fn a_full_table_forgets_its_oldest_tracker_never_a_live_split() {
     // speaks.
     let data = seg(C_ISN + 1, S_ISN + 1, false, b"GET /");
     assert_eq!(send(&mut sp, 2, Dir::Client, &data), Disposition::Consumed);
-    assert_eq!(sp.live().0, 2);
+    assert_eq!(sp.live().splits, 2);
     // With only live splits left, a new connection goes untracked.
     let mut sp1 = Sessions::new(SessionSettings {
         max_flows: 1,
@@ -1204,4 +1204,79 @@ fn a_held_connection_evicted_under_a_block_is_refused() {
             .filter(|o| matches!(o, MapOp::Forget(_)))
             .count();
     assert_eq!(pinned, forgotten, "{:?}", b.sp.ops);
+}
+
+/// Within a receive batch the halves only take segments in; at its end
+/// each connection runs its stage and transmits once: one ACK for the
+/// whole batch (a stretch ACK, as a receiver behind GRO sends), where
+/// segment by segment it acknowledges every second one.
+#[test]
+fn a_receive_batch_draws_one_ack_for_all_its_segments() {
+    let mut b = Bench::new(SessionSettings::default());
+    let hello = client_hello("shop.example", &[b"h2"]);
+    b.client_data(0, &hello);
+    assert_eq!(b.sp.counters.split, 1);
+    b.sent();
+    let acks_toward_client = |out: &[(Side, Vec<u8>)]| {
+        segments(out, Side::Inside)
+            .iter()
+            .filter(|s| s.flags.ack && s.payload.is_empty())
+            .map(|s| s.ack)
+            .collect::<Vec<_>>()
+    };
+    let mut off = hello.len() as u32;
+    // Ten segments in one batch: nothing goes out until its end, then one
+    // ACK for all of them.
+    b.sp.begin_batch();
+    for _ in 0..10 {
+        b.client_data(off, &[6; 1000]);
+        off += 1000;
+    }
+    assert!(b.sent().is_empty(), "sent within the batch");
+    b.sp.end_batch(b.now);
+    let out = b.sent();
+    assert_eq!(acks_toward_client(&out), [SeqNum(C_ISN + 1 + off)]);
+    // And the bytes went on toward the server in the same burst.
+    assert!(!segments(&out, Side::Outside).is_empty());
+    // Ten more segment by segment: an ACK for every second.
+    for _ in 0..10 {
+        b.client_data(off, &[5; 1000]);
+        off += 1000;
+    }
+    let one_by_one = acks_toward_client(&b.sent());
+    assert!(one_by_one.len() >= 5, "{one_by_one:?}");
+    // A batch with nothing for a connection sends nothing.
+    b.sp.begin_batch();
+    b.sp.end_batch(b.now);
+    assert!(b.sent().is_empty());
+}
+
+/// With the buffer memory budget spent, a new tcp-split connection is
+/// passed to the fast path unsplit, and counted.
+#[test]
+fn a_spent_memory_budget_passes_new_connections_unsplit() {
+    let budget = Arc::new(MemoryBudget::new(4 * BUFFER_INITIAL));
+    let settings = SessionSettings {
+        budget: budget.clone(),
+        ..SessionSettings::default()
+    };
+    let mut b = Bench::new(settings.clone());
+    let hello = client_hello("shop.example", &[b"h2"]);
+    // Room for a base: split.
+    b.client_data(0, &hello);
+    assert_eq!(b.sp.counters.split, 1);
+    // Spent (by other connections' growth): the next is passed.
+    assert!(budget.take(1));
+    let mut b = Bench::new(settings);
+    assert_eq!(b.client_data(0, &hello).0, Disposition::Consumed);
+    assert_eq!(
+        (b.sp.counters.split, b.sp.counters.memory_passthrough),
+        (0, 1)
+    );
+    assert_eq!(bypassed(&b.sp), 1);
+    // The held ClientHello goes on unchanged toward the server.
+    let out = b.sent();
+    assert!(segments(&out, Side::Outside)
+        .iter()
+        .any(|s| s.payload == hello));
 }

@@ -9,14 +9,19 @@
 //! rule; RFC 5681/6582 NewReno; RFC 7323 window scale, timestamps on every
 //! segment and PAWS; RFC 5961 RST, SYN and ACK validation with challenge
 //! ACKs; the persist timer for zero windows; delayed ACKs; SACK blocks sent
-//! when permitted (received SACK options are tolerated, not used).
+//! when permitted (received ones count as duplicate ACKs and find lost
+//! retransmissions; no scoreboard). Send and receive buffers autotune as
+//! Linux's do (see [`ConnConfig::send_buffer_max`]), within a
+//! [`MemoryBudget`].
 
 use std::{
     collections::VecDeque,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use super::{
+    budget::MemoryBudget,
     cc::{AckAction, NewReno},
     reassembly::Reassembler,
     rtt::{backed_off, RttEstimator},
@@ -51,10 +56,21 @@ pub struct Handshake {
 /// Buffer sizes and timers.
 #[derive(Clone, Debug)]
 pub struct ConnConfig {
-    /// Bytes written but not yet acknowledged, at most.
+    /// Bytes written but not yet acknowledged, at most, to begin with.
     pub send_buffer: usize,
-    /// Bytes received but not yet read (the most we advertise).
+    /// Bytes received but not yet read (the most we advertise), to begin
+    /// with.
     pub recv_buffer: usize,
+    /// What autotuning may grow the two buffers to (as Linux's
+    /// `tcp_wmem`/`tcp_rmem` maximum): the send buffer toward twice the
+    /// congestion window, the receive buffer toward twice what the peer
+    /// delivers in a round trip. At or below the initial sizes (the
+    /// default), nothing grows.
+    pub send_buffer_max: usize,
+    pub recv_buffer_max: usize,
+    /// Where growth beyond the initial sizes is taken from; `None`: no
+    /// limit but the maxima.
+    pub budget: Option<Arc<MemoryBudget>>,
     /// Delivered bytes kept to check retransmissions for conflicts.
     pub history: usize,
     pub delayed_ack: Duration,
@@ -72,6 +88,9 @@ impl Default for ConnConfig {
         ConnConfig {
             send_buffer: 256 << 10,
             recv_buffer: 256 << 10,
+            send_buffer_max: 0,
+            recv_buffer_max: 0,
+            budget: None,
             history: 64 << 10,
             delayed_ack: Duration::from_millis(40),
             time_wait: Duration::from_secs(10),
@@ -159,6 +178,16 @@ pub struct Conn {
     max_snd_wnd: u32,
     /// Bytes from SND.UNA on: sent-unacknowledged, then unsent.
     send_buf: VecDeque<u8>,
+    /// The most `send_buf` may hold now (autotuned).
+    send_cap: usize,
+    /// Bytes of buffer growth taken from the budget, given back on drop.
+    granted: usize,
+    /// Receive autotuning: bytes delivered since `at`, measured once per
+    /// round trip against the most seen in one (`space`).
+    rcv_tune: RcvTune,
+    /// The round trip as the receiver sees it, from the timestamps the
+    /// peer echoes (a half that only receives has no samples of its own).
+    rcv_rtt: Option<Duration>,
     /// `close()` was called: a FIN follows the buffered bytes, at this
     /// sequence number.
     fin_seq: Option<SeqNum>,
@@ -204,6 +233,13 @@ pub struct Conn {
     stats: ConnStats,
 }
 
+#[derive(Clone, Copy, Debug, Default)]
+struct RcvTune {
+    at: Option<Instant>,
+    start: u64,
+    space: usize,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct TsState {
     /// TS.Recent (RFC 7323 §4.3).
@@ -241,6 +277,13 @@ impl Conn {
             snd_wl2: snd,
             max_snd_wnd: hs.peer_window,
             send_buf: VecDeque::new(),
+            send_cap: cfg.send_buffer,
+            granted: 0,
+            rcv_tune: RcvTune {
+                space: cfg.recv_buffer / 2,
+                ..RcvTune::default()
+            },
+            rcv_rtt: None,
             fin_seq: None,
             zero_window_alive: false,
             mss,
@@ -305,7 +348,80 @@ impl Conn {
         if self.fin_seq.is_some() || !self.can_send_data() {
             return 0;
         }
-        self.cfg.send_buffer.saturating_sub(self.send_buf.len())
+        self.send_cap.saturating_sub(self.send_buf.len())
+    }
+
+    /// The send and receive buffer sizes now (autotuned).
+    pub fn buffer_sizes(&self) -> (usize, usize) {
+        (self.send_cap, self.rcv.capacity())
+    }
+
+    /// An idle connection gives back the memory its buffers hold but do
+    /// not use (their sizes, and the budget taken for them, stay).
+    pub fn trim(&mut self) {
+        self.rcv.trim();
+        if self.send_buf.is_empty() {
+            self.send_buf = VecDeque::new();
+        } else {
+            self.send_buf.shrink_to_fit();
+        }
+    }
+
+    /// Takes `n` bytes of growth from the budget.
+    fn take_memory(&mut self, n: usize) -> bool {
+        let ok = self.cfg.budget.as_ref().is_none_or(|b| b.take(n));
+        if ok {
+            self.granted += n;
+        }
+        ok
+    }
+
+    /// Send-buffer autotuning (Linux `tcp_sndbuf_expand`): room for twice
+    /// what the congestion and peer windows let fly, so the relay can keep
+    /// the window full while the last flight is being acknowledged.
+    fn tune_send(&mut self) {
+        let wnd = self.cc.cwnd().min(self.max_snd_wnd.max(self.mss)) as usize;
+        let target = (2 * wnd).min(self.cfg.send_buffer_max);
+        // In steps of at least an eighth, not a budget update per ACK.
+        if target > self.send_cap + self.send_cap / 8 && self.take_memory(target - self.send_cap) {
+            self.send_cap = target;
+        }
+    }
+
+    /// Receive-window autotuning (Linux `tcp_rcv_space_adjust`, "dynamic
+    /// right-sizing"): once per round trip, if the reader took more than
+    /// ever in one, the buffer grows to twice that, so the window it
+    /// advertises stays ahead of the sender's. What is counted is what was
+    /// read, as Linux counts bytes copied to the application: a reader
+    /// that stops (a far side that does not drain) grows nothing.
+    fn tune_receive(&mut self, now: Instant) {
+        let delivered = self.rcv.delivered() - self.rcv.readable() as u64;
+        let Some(at) = self.rcv_tune.at else {
+            self.rcv_tune.at = Some(now);
+            self.rcv_tune.start = delivered;
+            return;
+        };
+        let rtt = self
+            .rtt
+            .srtt()
+            .or(self.rcv_rtt)
+            .unwrap_or(Duration::from_millis(1))
+            .max(Duration::from_millis(1));
+        if now.saturating_duration_since(at) < rtt {
+            return;
+        }
+        let copied = (delivered - self.rcv_tune.start) as usize;
+        self.rcv_tune.at = Some(now);
+        self.rcv_tune.start = delivered;
+        if copied <= self.rcv_tune.space {
+            return;
+        }
+        self.rcv_tune.space = copied;
+        let cap = self.rcv.capacity();
+        let target = (2 * copied + 16 * self.mss as usize).min(self.cfg.recv_buffer_max);
+        if target > cap && self.take_memory(target - cap) {
+            self.rcv.grow(target);
+        }
     }
 
     /// Bytes buffered for sending (unacknowledged or unsent).
@@ -359,7 +475,7 @@ impl Conn {
             //= https://www.rfc-editor.org/rfc/rfc9293#section-3.8.6.2.2
             //# ... the data receiver ... send a window update when the
             //# window has increased by min(RCV.BUFF/2, Eff.snd.MSS)
-            let step = (self.cfg.recv_buffer as u32 / 2).min(self.mss);
+            let step = (self.rcv.capacity() as u32 / 2).min(self.mss);
             if wnd >= self.last_adv.saturating_add(step) {
                 self.ack = AckNeed::Now;
             }
@@ -526,6 +642,21 @@ impl Conn {
             return;
         }
 
+        // The receiver's round trip (Linux `tcp_rcv_rtt_measure_ts`): our
+        // clock now less the TSval the peer echoes, from segments with data
+        // (a pure ACK may echo a value held back by the peer's delayed ACK).
+        if let (Some(_), Some(seg_ts)) = (self.ts, seg.options.timestamps) {
+            let ms = self.ts_now(now).wrapping_sub(seg_ts.ecr);
+            if !seg.payload.is_empty() && seg_ts.ecr != 0 && ms < 60_000 {
+                let sample = Duration::from_millis(u64::from(ms));
+                self.rcv_rtt = Some(match self.rcv_rtt {
+                    Some(r) if sample < r => sample,
+                    Some(r) => r * 7 / 8 + sample / 8,
+                    None => sample,
+                });
+            }
+        }
+
         // TS.Recent (RFC 7323 §4.3): from segments at or before RCV.NXT.
         if let (Some(ts), Some(seg_ts)) = (self.ts.as_mut(), seg.options.timestamps) {
             // Never backwards (echoing an old clock would inflate the
@@ -552,6 +683,9 @@ impl Conn {
             let ins = self.rcv.insert(seg.seq, &seg.payload);
             self.stats.overlap_conflicts += ins.conflict as u64;
             let in_order = self.rcv.next() != before;
+            if self.cfg.recv_buffer_max > self.rcv.capacity() {
+                self.tune_receive(now);
+            }
             if !in_order || ins.duplicate > 0 || ins.conflict > 0 || self.rcv.held() > 0 {
                 // Out of order, or filling a hole: ACK at once (RFC 5681 §4.2).
                 self.ack = AckNeed::Now;
@@ -671,6 +805,9 @@ impl Conn {
             if self.cc.on_ack(acked, ack, flight) == AckAction::Retransmit {
                 self.retransmit_now = true;
                 self.stats.fast_retransmits += 1;
+            }
+            if self.cfg.send_buffer_max > self.send_cap {
+                self.tune_send();
             }
             //= https://www.rfc-editor.org/rfc/rfc6298#section-5
             //# (5.2) When all outstanding data has been acknowledged, turn off
@@ -1093,5 +1230,13 @@ impl Conn {
             return None;
         }
         Some(self.segment(self.snd_nxt, Vec::new(), false, now))
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(b) = &self.cfg.budget {
+            b.give(self.granted);
+        }
     }
 }

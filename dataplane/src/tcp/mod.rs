@@ -5,6 +5,7 @@
 //! - [`reassembly`]: the out-of-order queue, first copy wins, conflicting
 //!   overlaps counted (the classic IDS evasion).
 //! - [`rtt`]: the retransmission timeout (RFC 6298).
+//! - [`budget`]: the memory autotuned buffers grow into, engine-wide.
 //! - [`cc`]: NewReno congestion control (RFC 5681, RFC 6582).
 //! - [`conn`]: one endpoint in a synchronized state, sans I/O.
 //! - [`sim`]: a seeded lossy link between two endpoints on a virtual clock.
@@ -14,6 +15,7 @@
 
 use std::collections::VecDeque;
 
+pub mod budget;
 pub mod cc;
 pub mod conn;
 pub mod reassembly;

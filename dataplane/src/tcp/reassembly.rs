@@ -76,6 +76,34 @@ impl Reassembler {
         self.capacity.saturating_sub(self.ready.len()) as u32
     }
 
+    /// The most unread and out-of-order bytes it holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Raises the capacity (receive-window autotuning); never lowers it,
+    /// which would take back window already advertised.
+    pub fn grow(&mut self, capacity: usize) {
+        self.capacity = self.capacity.max(capacity);
+    }
+
+    /// Bytes delivered in order so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Frees what an idle stream holds: spare allocation, and the history
+    /// (a retransmission of those bytes is then dropped as outside, never
+    /// delivered; only its conflict goes uncounted).
+    pub fn trim(&mut self) {
+        self.history = VecDeque::new();
+        if self.ready.is_empty() {
+            self.ready = VecDeque::new();
+        } else {
+            self.ready.shrink_to_fit();
+        }
+    }
+
     /// Unread in-order bytes.
     pub fn readable(&self) -> usize {
         self.ready.len()
@@ -253,6 +281,24 @@ mod tests {
         assert_eq!(r.read(100), b"abcdefgh");
         assert_eq!(r.next(), (isn + 8));
         assert!(r.sack_blocks().is_empty());
+    }
+
+    /// Trimming an idle stream keeps its unread bytes and its window;
+    /// only the history of delivered bytes goes.
+    #[test]
+    fn trimming_keeps_unread_bytes() {
+        let isn = SeqNum(10);
+        let mut r = Reassembler::new(isn, 1000, 100);
+        seg(&mut r, isn, 0, b"abcdef");
+        assert_eq!(r.read(2), b"ab");
+        r.trim();
+        assert_eq!((r.readable(), r.window()), (4, 996));
+        assert_eq!(r.read(10), b"cdef");
+        // A retransmission of trimmed history is outside, not a conflict.
+        let i = seg(&mut r, isn, 0, b"XY");
+        assert_eq!((i.conflict, i.outside), (0, 2));
+        r.trim();
+        assert_eq!((r.readable(), r.window()), (0, 1000));
     }
 
     #[test]

@@ -369,8 +369,13 @@ pub fn run(sc: &Scenario) -> Outcome {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::{tcp::conn::Abort, wire::segment::Flags};
+    use crate::{
+        tcp::{budget::MemoryBudget, conn::Abort},
+        wire::segment::Flags,
+    };
 
     fn check(o: &Outcome) {
         assert!(
@@ -442,11 +447,14 @@ mod tests {
         let mut sc = Scenario::new(3, 4 << 20, 0, LinkConfig::clean());
         sc.conn.send_buffer = 128 << 10;
         sc.conn.recv_buffer = 64 << 10;
+        // Receive autotuning on: a reader that takes nothing grows
+        // nothing (once it reads again, the window may grow).
+        sc.conn.recv_buffer_max = 2 << 20;
         sc.b_stall = Duration::from_secs(60);
         let o = run(&sc);
         check(&o);
         // The sender probed the zero window instead of giving up, and
-        // neither side's memory grew past its buffers.
+        // neither side's memory grew past its initial buffers.
         assert!(o.a.stats().zero_window_probes > 0, "{:?}", o.a.stats());
         assert!(o.a_max_send_buffered <= 128 << 10);
         assert!(o.b_max_readable <= 64 << 10, "{}", o.b_max_readable);
@@ -458,6 +466,59 @@ mod tests {
         let mut sc = Scenario::new(5, 10_000, 10_000, LinkConfig::clean());
         sc.both_close_early = true;
         check(&run(&sc));
+    }
+
+    /// Autotuning: on a link whose bandwidth-delay product is far above
+    /// the initial buffers, the sender's send buffer and the receiver's
+    /// window grow (within the maxima and the budget), and the transfer
+    /// takes a fraction of the round trips it takes at the initial sizes.
+    /// The budget gets back every byte when the connections go.
+    #[test]
+    fn buffers_grow_with_the_bandwidth_delay_product_within_the_budget() {
+        let fixed = ConnConfig {
+            send_buffer: 64 << 10,
+            recv_buffer: 64 << 10,
+            send_buffer_max: 64 << 10,
+            recv_buffer_max: 64 << 10,
+            // The run ends when both are closed: not 10 s later.
+            time_wait: Duration::from_millis(1),
+            ..ConnConfig::default()
+        };
+        let budget = Arc::new(MemoryBudget::new(3 << 20));
+        let tuned = ConnConfig {
+            send_buffer_max: 2 << 20,
+            recv_buffer_max: 2 << 20,
+            budget: Some(budget.clone()),
+            ..fixed.clone()
+        };
+        let mut sc = Scenario::new(41, 16 << 20, 0, LinkConfig::clean());
+        sc.conn = fixed;
+        let slow = run(&sc);
+        check(&slow);
+        assert_eq!(slow.a.buffer_sizes(), (64 << 10, 64 << 10));
+        sc.conn = tuned;
+        let fast = run(&sc);
+        check(&fast);
+        let (a_send, _) = fast.a.buffer_sizes();
+        let (_, b_recv) = fast.b.buffer_sizes();
+        assert!(a_send > 1 << 20 && b_recv > 1 << 20, "{a_send} {b_recv}");
+        assert!(a_send <= 2 << 20 && b_recv <= 2 << 20);
+        assert!(budget.used() <= 3 << 20);
+        assert!(
+            fast.elapsed * 4 < slow.elapsed,
+            "{:?} vs {:?}",
+            fast.elapsed,
+            slow.elapsed
+        );
+        // Each side's growth came from the budget; the 3 MiB ran out
+        // before both reached 2 MiB, and what was refused is counted.
+        assert!(budget.refused() > 0);
+        assert_eq!(
+            budget.used(),
+            a_send + b_recv + fast.a.buffer_sizes().1 + fast.b.buffer_sizes().0 - 4 * (64 << 10)
+        );
+        drop(fast);
+        assert_eq!(budget.used(), 0);
     }
 
     fn established(seed: u64) -> (Conn, Conn, Instant) {
