@@ -24,7 +24,7 @@ use clap::Parser;
 use loupe_perf::median;
 use loupe_tests::{
     engine::Engine,
-    harness::{Role, PEER_IF, SERVER_V4},
+    harness::{Role, INSIDE_IF, OUTSIDE_IF, PEER_IF, SERVER_V4},
     impair::{ImpairProc, ImpairStats, LOSSY},
     tcp::both_ways,
     Harness, HarnessConfig, Proc,
@@ -59,6 +59,88 @@ struct Args {
     /// loupe-impair), the clean half of the soak.
     #[arg(long)]
     clean: bool,
+    /// The fair shape: the path under test (the engine's threads, the
+    /// relay's socat, the bridge's softirq work) gets CPU 0 alone, and all
+    /// endpoint work (iperf3 at both ends, their veths' receive processing
+    /// through RPS) the last CPU, as if the endpoints were other machines.
+    #[arg(long)]
+    per_core: bool,
+}
+
+/// The CPUs of the fair shape: the path's, and the endpoints'.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    path_cpu: usize,
+    endpoint_cpu: usize,
+}
+
+impl Shape {
+    fn new() -> anyhow::Result<Shape> {
+        let online = loupe_hsm::signer::online_cpus();
+        anyhow::ensure!(
+            online >= 2,
+            "--per-core needs two CPUs, this machine has {online}"
+        );
+        Ok(Shape {
+            path_cpu: 0,
+            endpoint_cpu: online - 1,
+        })
+    }
+
+    /// A command in `ns` run on the endpoints' CPU.
+    fn endpoint(
+        this: Option<Shape>,
+        ns: &loupe_tests::netns::Netns,
+        program: &str,
+    ) -> std::process::Command {
+        match this {
+            Some(s) => {
+                let cpu = s.endpoint_cpu.to_string();
+                ns.command_under(&["taskset", "-c", &cpu], program)
+            }
+            None => ns.command(program),
+        }
+    }
+
+    /// Receive processing of the endpoints' veths on their CPU, of the
+    /// engine namespace's (the bridge's, the relay's) on the path's; and
+    /// `pids` (with all their threads, and what they fork) on the path's.
+    fn apply(self, h: &Harness, pids: &[u32]) -> anyhow::Result<()> {
+        let mask = |cpu: usize| format!("{:x}", 1u64 << cpu);
+        let rps = |ns: &loupe_tests::netns::Netns, dev: &str, cpu: usize| {
+            ns.exec(
+                "sh",
+                &[
+                    "-c",
+                    &format!(
+                        "for q in /sys/class/net/{dev}/queues/rx-*/rps_cpus; do echo {} > $q; done",
+                        mask(cpu)
+                    ),
+                ],
+            )
+        };
+        rps(&h.client, PEER_IF, self.endpoint_cpu)?;
+        rps(&h.server, PEER_IF, self.endpoint_cpu)?;
+        rps(&h.engine, INSIDE_IF, self.path_cpu)?;
+        rps(&h.engine, OUTSIDE_IF, self.path_cpu)?;
+        for pid in pids {
+            let out = std::process::Command::new("taskset")
+                .args([
+                    "-a",
+                    "-p",
+                    "-c",
+                    &self.path_cpu.to_string(),
+                    &pid.to_string(),
+                ])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "taskset {pid}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
 }
 
 const PORT: u16 = 5201;
@@ -151,6 +233,9 @@ struct Result {
 struct Report {
     kernel: String,
     cpus: usize,
+    /// The fair shape (`--per-core`): the path on CPU 0, endpoints on the
+    /// last CPU; otherwise everything shares every CPU.
+    per_core: bool,
     seconds: u32,
     repeat: u32,
     results: Vec<Result>,
@@ -161,10 +246,8 @@ fn tx_packets(h: &Harness) -> anyhow::Result<u64> {
         + h.iface_counter(Role::Server, PEER_IF, "tx_packets")?)
 }
 
-fn iperf_server(h: &Harness) -> anyhow::Result<Proc> {
-    let child = h
-        .server
-        .command("iperf3")
+fn iperf_server(h: &Harness, shape: Option<Shape>) -> anyhow::Result<Proc> {
+    let child = Shape::endpoint(shape, &h.server, "iperf3")
         .args(["-s", "-B", SERVER_V4, "-p", &PORT.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -179,7 +262,7 @@ fn iperf_server(h: &Harness) -> anyhow::Result<Proc> {
     Ok(proc)
 }
 
-fn measure(h: &Harness, w: Workload, seconds: u32) -> anyhow::Result<Sample> {
+fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyhow::Result<Sample> {
     let mut args = vec![
         "-c".to_string(),
         SERVER_V4.into(),
@@ -196,7 +279,9 @@ fn measure(h: &Harness, w: Workload, seconds: u32) -> anyhow::Result<Sample> {
     }
     let before = tx_packets(h)?;
     let start = Instant::now();
-    let out = h.client.command("iperf3").args(&args).output()?;
+    let out = Shape::endpoint(shape, &h.client, "iperf3")
+        .args(&args)
+        .output()?;
     let elapsed = start.elapsed().as_secs_f64();
     let after = tx_packets(h)?;
     if !out.status.success() {
@@ -225,6 +310,13 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
         ..Default::default()
     };
     let h = Harness::new(cfg)?;
+    let shape = args.per_core.then(Shape::new).transpose()?;
+    // In the fair shape the engine's threads are placed with the rest of
+    // the path, not pinned one per CPU.
+    let pin: &[&str] = if shape.is_some() { &["--no-pin"] } else { &[] };
+    fn with<'a>(a: &[&'a str], pin: &[&'a str]) -> Vec<&'a str> {
+        [a, pin].concat()
+    }
     let mut relay = None;
     let engine = match path {
         Path::BridgeOffloadOn | Path::BridgeOffloadOff => {
@@ -235,18 +327,29 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
             relay = Some(h.relay_up(PORT)?);
             None
         }
-        Path::XdpDevmap => Some(Engine::start(&h, &["--steer-ports", "none"])?),
-        Path::XdpUserspace => Some(Engine::start(&h, &["--steer-ports", &PORT.to_string()])?),
+        Path::XdpDevmap => Some(Engine::start(&h, &with(&["--steer-ports", "none"], pin))?),
+        Path::XdpUserspace => Some(Engine::start(
+            &h,
+            &with(&["--steer-ports", &PORT.to_string()], pin),
+        )?),
         Path::XdpSplit => Some(Engine::start(
             &h,
-            &["--steer-ports", &PORT.to_string(), "--tcp-split"],
+            &with(&["--steer-ports", &PORT.to_string(), "--tcp-split"], pin),
         )?),
     };
-    let _server = iperf_server(&h)?;
+    if let Some(s) = shape {
+        let pids: Vec<u32> = engine
+            .iter()
+            .map(|e| e.pid())
+            .chain(relay.iter().map(|r: &Proc| r.pid()))
+            .collect();
+        s.apply(&h, &pids)?;
+    }
+    let _server = iperf_server(&h, shape)?;
     for w in WORKLOADS {
         let mut samples = Vec::new();
         for _ in 0..args.repeat {
-            samples.push(measure(&h, w, args.seconds)?);
+            samples.push(measure(&h, w, args.seconds, shape)?);
         }
         let r = Result {
             path,
@@ -461,6 +564,7 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         kernel,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        per_core: args.per_core,
         seconds: args.seconds,
         repeat: args.repeat,
         results,
@@ -470,29 +574,46 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&args.json, serde_json::to_vec_pretty(&report)?)?;
 
-    // Table with ratios against the bridge with offloads off (same run).
+    // Table with ratios against the bridge with offloads off and against
+    // the kernel relay (same run).
     println!(
-        "\n{:<20} {:<6} {:>5} {:>10} {:>9} {:>12}",
-        "path", "frames", "flows", "Gbit/s", "Mpps", "vs bridge-off"
+        "\n{} shape\n{:<20} {:<6} {:>5} {:>10} {:>9} {:>13} {:>9}",
+        if args.per_core {
+            "per-core (path on CPU 0, endpoints on the last CPU)"
+        } else {
+            "shared (every CPU for everything)"
+        },
+        "path",
+        "frames",
+        "flows",
+        "Gbit/s",
+        "Mpps",
+        "vs bridge-off",
+        "vs relay"
     );
-    for r in &report.results {
-        let base = report.results.iter().find(|b| {
-            b.path == Path::BridgeOffloadOff
-                && b.workload.frames == r.workload.frames
-                && b.workload.flows == r.workload.flows
-        });
-        let ratio = base
+    let ratio = |r: &Result, to: Path| {
+        report
+            .results
+            .iter()
+            .find(|b| {
+                b.path == to
+                    && b.workload.frames == r.workload.frames
+                    && b.workload.flows == r.workload.flows
+            })
             .filter(|b| b.median_gbit_per_s > 0.0)
             .map(|b| format!("{:.2}x", r.median_gbit_per_s / b.median_gbit_per_s))
-            .unwrap_or_else(|| "-".into());
+            .unwrap_or_else(|| "-".into())
+    };
+    for r in &report.results {
         println!(
-            "{:<20} {:<6} {:>5} {:>10.2} {:>9.3} {:>12}",
+            "{:<20} {:<6} {:>5} {:>10.2} {:>9.3} {:>13} {:>9}",
             r.path.label(),
             r.workload.frames,
             r.workload.flows,
             r.median_gbit_per_s,
             r.median_mpps,
-            ratio
+            ratio(r, Path::BridgeOffloadOff),
+            ratio(r, Path::KernelRelay)
         );
     }
     println!("\nJSON: {}", args.json);
