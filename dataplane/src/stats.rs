@@ -170,6 +170,13 @@ pub struct SplitCounters {
     /// spent.
     #[serde(default)]
     pub memory_passthrough: u64,
+    /// Of ended splits' halves: window reductions taken back because every
+    /// retransmission was DSACKed (reordering, not loss), and DSACKs
+    /// received.
+    #[serde(default)]
+    pub spurious_undone: u64,
+    #[serde(default)]
+    pub dsacks_in: u64,
     /// The live splits' buffer sizes now, summed (they grow by autotuning
     /// within `--split-memory-mib`).
     #[serde(default)]
@@ -225,6 +232,8 @@ impl SplitCounters {
         self.bogus_resets += o.bogus_resets;
         self.wscale_clamped += o.wscale_clamped;
         self.memory_passthrough += o.memory_passthrough;
+        self.spurious_undone += o.spurious_undone;
+        self.dsacks_in += o.dsacks_in;
         self.buffer_capacity += o.buffer_capacity;
         self.intercepted += o.intercepted;
         self.not_decrypted += o.not_decrypted;
@@ -586,7 +595,7 @@ impl StatsReport {
                 s,
                 "tcp-split: {} split ({} active, {} ended, {} aborted halves), {} passed \
                  through ({} released to XDP), {} forgotten when full, {}/{} bytes relayed c->s/s->c, {} retransmits \
-                 ({} timeouts, {} fast, {} lost again, {} tail probes), \
+                 ({} timeouts, {} fast, {} lost again, {} tail probes, {} reductions undone), \
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
                  holds released on timeout/bound, {} ACKs of large ClientHellos, {} window \
@@ -605,6 +614,7 @@ impl StatsReport {
                 sp.fast_retransmits,
                 sp.lost_retransmits,
                 sp.tail_probes,
+                sp.spurious_undone,
                 sp.overlap_conflicts,
                 sp.bad_checksum,
                 sp.bad_options,

@@ -153,6 +153,8 @@ pub(super) fn absorb(counters: &mut SplitCounters, split: &Split) {
         counters.fast_retransmits += s.fast_retransmits;
         counters.lost_retransmits += s.lost_retransmits;
         counters.tail_probes += s.tail_probes;
+        counters.spurious_undone += s.spurious_undone;
+        counters.dsacks_in += s.dsacks_in;
         counters.challenge_acks += s.challenge_acks;
         counters.overlap_conflicts += s.overlap_conflicts;
         counters.out_of_window += s.out_of_window;

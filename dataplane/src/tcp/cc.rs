@@ -1,6 +1,8 @@
 //! Congestion control: NewReno (RFC 5681 slow start and congestion
 //! avoidance with RFC 3465 byte counting, fast retransmit and fast
-//! recovery as modified by RFC 6582).
+//! recovery as modified by RFC 6582), with the undo of a reduction that
+//! proved spurious (RFC 3708, from DSACKs) and a duplicate-ACK threshold
+//! that rises with the reordering seen, as Linux's `tp->reordering`.
 
 use crate::wire::seq::SeqNum;
 
@@ -25,7 +27,18 @@ pub struct NewReno {
     recover: Option<SeqNum>,
     /// Bytes acknowledged in congestion avoidance, toward the next MSS.
     acked_ca: u32,
+    /// Duplicate ACKs that start fast retransmit: RFC 5681's three, raised
+    /// when a fast retransmit proves spurious (the segment was reordered,
+    /// not lost) to the reordering measured, at most [`MAX_REORDERING`].
+    dupthresh: u32,
+    /// cwnd and ssthresh before the last reduction, restored if every
+    /// retransmission it caused proves spurious.
+    undo: Option<(u32, u32)>,
 }
+
+/// The most the duplicate-ACK threshold rises to (Linux's
+/// `tcp_max_reordering`).
+pub const MAX_REORDERING: u32 = 300;
 
 impl NewReno {
     pub fn new(mss: u32) -> NewReno {
@@ -40,6 +53,8 @@ impl NewReno {
             dup_acks: 0,
             recover: None,
             acked_ca: 0,
+            dupthresh: 3,
+            undo: None,
         }
     }
 
@@ -68,11 +83,43 @@ impl NewReno {
         //# arrive at the sender, if the receiver's advertised window allows,
         //# the total FlightSize would remain less than or equal to cwnd plus
         //# 2*SMSS
+        // With a raised threshold, a segment for each duplicate ACK below
+        // it: each says a segment left the network.
         if self.recover.is_some() {
             0
         } else {
-            self.dup_acks.min(2) * self.mss
+            self.dup_acks.min(self.dupthresh - 1) * self.mss
         }
+    }
+
+    /// Duplicate ACKs that start fast retransmit now.
+    pub fn dupthresh(&self) -> u32 {
+        self.dupthresh
+    }
+
+    /// A retransmission proved spurious (DSACKed): the segment was
+    /// reordered by `reordering` segments, and the threshold rises past
+    /// that (Linux's `tcp_check_sack_reordering`).
+    pub fn reordered(&mut self, reordering: u32) {
+        self.dupthresh = self
+            .dupthresh
+            .max(reordering.saturating_add(1))
+            .min(MAX_REORDERING);
+    }
+
+    /// Every retransmission since the last reduction proved spurious: the
+    /// reduction is taken back (RFC 3708 §3: the window and ssthresh as
+    /// they were) and recovery ends. Returns whether there was a
+    /// reduction to take back.
+    pub fn undo(&mut self) -> bool {
+        let Some((cwnd, ssthresh)) = self.undo.take() else {
+            return false;
+        };
+        self.cwnd = self.cwnd.max(cwnd);
+        self.ssthresh = self.ssthresh.max(ssthresh);
+        self.recover = None;
+        self.dup_acks = 0;
+        true
     }
 
     pub fn in_recovery(&self) -> bool {
@@ -140,7 +187,7 @@ impl NewReno {
             return AckAction::None;
         }
         self.dup_acks += 1;
-        if self.dup_acks < 3 {
+        if self.dup_acks < self.dupthresh {
             return AckAction::None;
         }
         //# 2. When the third duplicate ACK is received, a TCP MUST set
@@ -148,6 +195,19 @@ impl NewReno {
         self.enter_recovery(snd_nxt, flight);
         //# 3. ... cwnd = ssthresh + 3*SMSS.
         self.cwnd = self.ssthresh + 3 * self.mss;
+        AckAction::Retransmit
+    }
+
+    /// Duplicate ACKs came in below the threshold and the hole they show
+    /// outlasted the reordering window: it is lost (RFC 8985 §6.2),
+    /// fast recovery as at the threshold.
+    pub fn on_reorder_timeout(&mut self, snd_nxt: SeqNum, flight: u32) -> AckAction {
+        if self.recover.is_some() || self.dup_acks == 0 {
+            return AckAction::None;
+        }
+        let dup = self.dup_acks.min(3);
+        self.enter_recovery(snd_nxt, flight);
+        self.cwnd = self.ssthresh + dup * self.mss;
         AckAction::Retransmit
     }
 
@@ -164,6 +224,7 @@ impl NewReno {
     }
 
     fn enter_recovery(&mut self, snd_nxt: SeqNum, flight: u32) {
+        self.undo = Some((self.cwnd, self.ssthresh));
         self.ssthresh = (flight / 2).max(2 * self.mss);
         self.recover = Some(snd_nxt);
         self.dup_acks = 0;
@@ -180,6 +241,8 @@ impl NewReno {
         self.dup_acks = 0;
         self.recover = None;
         self.acked_ca = 0;
+        // Go-back-N after a timeout resends the whole flight: never undone.
+        self.undo = None;
     }
 }
 
@@ -265,5 +328,52 @@ mod tests {
         // A huge stretch ACK in avoidance adds a segment per window.
         c.on_ack(11 * MSS + 12 * MSS, SeqNum(0), 30 * MSS);
         assert_eq!(c.cwnd(), 13 * MSS);
+    }
+
+    /// A fast retransmit that proves spurious is taken back whole, and
+    /// the next needs as many duplicate ACKs as the reordering seen.
+    #[test]
+    fn a_spurious_reduction_is_undone_and_the_threshold_rises() {
+        let mut c = NewReno::new(MSS).with_cwnd(20 * MSS);
+        let nxt = SeqNum(20_000);
+        for _ in 0..3 {
+            c.on_dup_ack(nxt, 20 * MSS);
+        }
+        assert!(c.in_recovery());
+        assert_eq!(c.ssthresh(), 10 * MSS);
+        c.reordered(6);
+        assert!(c.undo());
+        assert!(!c.in_recovery());
+        assert_eq!(
+            (c.cwnd(), c.ssthresh(), c.dupthresh()),
+            (20 * MSS, u32::MAX, 7)
+        );
+        // Only once per reduction; the threshold never falls.
+        assert!(!c.undo());
+        c.reordered(2);
+        assert_eq!(c.dupthresh(), 7);
+        // Six duplicate ACKs now are reordering: limited transmit, no
+        // retransmission; the seventh is loss.
+        for i in 1..7 {
+            assert_eq!(c.on_dup_ack(nxt, 20 * MSS), AckAction::None);
+            assert_eq!(c.limited_transmit(), i * MSS);
+        }
+        assert_eq!(c.on_dup_ack(nxt, 20 * MSS), AckAction::Retransmit);
+        // Below the threshold, a hole that outlasts the reordering window
+        // is loss all the same (RACK), once.
+        assert!(c.undo());
+        c.on_ack(MSS, SeqNum(21_000), 20 * MSS);
+        assert_eq!(c.on_reorder_timeout(nxt, 20 * MSS), AckAction::None);
+        c.on_dup_ack(nxt, 20 * MSS);
+        c.on_dup_ack(nxt, 20 * MSS);
+        assert_eq!(c.on_reorder_timeout(nxt, 20 * MSS), AckAction::Retransmit);
+        assert!(c.in_recovery());
+        assert_eq!(c.cwnd(), c.ssthresh() + 2 * MSS);
+        assert_eq!(c.on_reorder_timeout(nxt, 20 * MSS), AckAction::None);
+        // After a timeout there is nothing to undo; the bound holds.
+        c.on_rto(20 * MSS);
+        assert!(!c.undo());
+        c.reordered(1000);
+        assert_eq!((c.cwnd(), c.dupthresh()), (MSS, MAX_REORDERING));
     }
 }

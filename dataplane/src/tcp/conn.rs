@@ -141,6 +141,12 @@ pub struct ConnStats {
     pub lost_retransmits: u64,
     /// Tail loss probes sent.
     pub tail_probes: u64,
+    /// Reductions taken back because every retransmission they caused
+    /// was DSACKed (the segments were reordered or delayed, not lost).
+    pub spurious_undone: u64,
+    /// DSACK blocks received, and sent (for duplicates of data we had).
+    pub dsacks_in: u64,
+    pub dsacks_out: u64,
     pub dup_acks: u64,
     pub challenge_acks: u64,
     pub paws_drops: u64,
@@ -226,12 +232,39 @@ pub struct Conn {
     rexmit_high: Option<SeqNum>,
     /// When to send a tail loss probe (RFC 8985 §7).
     tlp_at: Option<Instant>,
+    /// The retransmissions since the last reduction, to be matched
+    /// against DSACKs (RFC 3708).
+    episode: Option<Episode>,
+    /// A hole the peer's SACKs showed, declared lost at this time even
+    /// before enough duplicate ACKs (RACK's reordering window, RFC 8985
+    /// §6.2, from the first duplicate ACK): a raised threshold never
+    /// delays loss recovery by more than a fraction of a round trip.
+    reo_at: Option<Instant>,
+    /// The reordering window in quarters of SRTT (RFC 8985 §6.2.4: 1,
+    /// raised by each spurious retransmission, at most a whole SRTT).
+    reo_quarters: u32,
+    /// Duplicate segments received, to report one per ACK as its first
+    /// SACK block (RFC 2883); contiguous ones merged, at most
+    /// [`DSACK_QUEUE`] kept.
+    dsack: VecDeque<(SeqNum, SeqNum)>,
     /// The end of TIME-WAIT, or of FIN-WAIT-2 (waiting for the peer's FIN).
     time_wait_until: Option<Instant>,
     /// A RST to send though the connection is closed (FIN-WAIT-2 gave up).
     pending_rst: Option<Segment>,
     stats: ConnStats,
 }
+
+/// Retransmissions of one loss episode, at most [`EPISODE_RANGES`] kept.
+#[derive(Clone, Debug, Default)]
+struct Episode {
+    /// Ranges retransmitted and not yet DSACKed.
+    pending: Vec<(SeqNum, SeqNum)>,
+    /// More were retransmitted than could be kept: never undone.
+    overflowed: bool,
+}
+
+const EPISODE_RANGES: usize = 32;
+const DSACK_QUEUE: usize = 8;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct RcvTune {
@@ -310,6 +343,10 @@ impl Conn {
             sack_high: snd,
             rexmit_high: None,
             tlp_at: None,
+            episode: None,
+            reo_at: None,
+            reo_quarters: 1,
+            dsack: VecDeque::new(),
             time_wait_until: None,
             pending_rst: None,
             stats: ConnStats::default(),
@@ -349,6 +386,12 @@ impl Conn {
             return 0;
         }
         self.send_cap.saturating_sub(self.send_buf.len())
+    }
+
+    /// Duplicate ACKs that start fast retransmit now (raised by
+    /// reordering that DSACKs revealed).
+    pub fn dupthresh(&self) -> u32 {
+        self.cc.dupthresh()
     }
 
     /// The send and receive buffer sizes now (autotuned).
@@ -548,7 +591,10 @@ impl Conn {
         //# < TS.Recent, TS.Recent is valid ... and the RST bit is off, then
         //# treat the arriving segment as not acceptable
         if let (Some(ts), Some(seg_ts)) = (self.ts, seg.options.timestamps) {
-            if !seg.flags.rst && SeqNum(seg_ts.val).lt(SeqNum(ts.recent)) {
+            if !seg.flags.rst
+                && SeqNum(seg_ts.val).lt(SeqNum(ts.recent))
+                && !self.disordered_ack(seg, ts.recent.wrapping_sub(seg_ts.val))
+            {
                 self.stats.paws_drops += 1;
                 self.ack = AckNeed::Now;
                 return;
@@ -574,8 +620,18 @@ impl Conn {
                 self.stats.overlap_conflicts += ins.conflict as u64;
             }
             if len > 0 && (seg.seq + len).le(rcv_nxt) {
-                // Entirely old: a retransmission of what we have.
+                // Entirely old: a retransmission of what we have, reported
+                // so the sender can tell its retransmission was spurious.
                 self.stats.duplicates += 1;
+                if self.sack_ok && !seg.payload.is_empty() {
+                    let (l, r) = (seg.seq, seg.seq + seg.payload.len() as u32);
+                    let queued = self.dsack.len();
+                    match self.dsack.back_mut() {
+                        Some(last) if last.1 == l => last.1 = r,
+                        _ if queued < DSACK_QUEUE => self.dsack.push_back((l, r)),
+                        _ => {}
+                    }
+                }
             } else {
                 self.stats.out_of_window += 1;
             }
@@ -736,6 +792,22 @@ impl Conn {
         State::TimeWait
     }
 
+    /// A pure duplicate ACK that arrived out of order (its TSval a little
+    /// behind TS.Recent): taken despite PAWS, as Linux does
+    /// (`tcp_disordered_ack`), for the SACK and DSACK blocks it carries.
+    /// It cannot move anything: it acknowledges nothing new, carries no
+    /// data and leaves the window as it is.
+    fn disordered_ack(&self, seg: &Segment, behind_ms: u32) -> bool {
+        seg.flags.ack
+            && !seg.flags.syn
+            && !seg.flags.fin
+            && seg.payload.is_empty()
+            && seg.seq == self.rcv_nxt()
+            && seg.ack == self.snd_una
+            && (u32::from(seg.window) << self.peer_shift) == self.snd_wnd
+            && u128::from(behind_ms) <= self.rtt.rto().as_millis()
+    }
+
     /// Our FIN has been sent (and not taken back by an RTO).
     fn fin_sent(&self) -> bool {
         self.fin_seq.is_some_and(|f| self.snd_nxt.gt(f))
@@ -789,8 +861,10 @@ impl Conn {
             self.challenge_ack();
             return false;
         }
+        let dsack = self.take_dsack(seg, ack);
         let flight = self.flight();
         if ack.gt(self.snd_una) {
+            self.reo_at = None;
             let acked = ack.since(self.snd_una) as u32;
             // Bytes of data acknowledged (the FIN takes a number, not a byte).
             let data = (acked as usize).min(self.send_buf.len());
@@ -818,8 +892,11 @@ impl Conn {
             self.arm_tail_probe(now);
         } else if ack == self.snd_una && seg.payload.is_empty() && !seg.flags.fin && flight > 0 {
             let new_sack = self.sacks_new(seg);
-            if (u32::from(seg.window) << self.peer_shift) == self.snd_wnd || new_sack {
-                self.on_dup_ack(flight);
+            // An ACK that reports a duplicate (DSACK) says nothing was
+            // lost: only SACKs of new data in it make it a duplicate ACK.
+            let same_window = (u32::from(seg.window) << self.peer_shift) == self.snd_wnd;
+            if (same_window && !dsack) || new_sack {
+                self.on_dup_ack(flight, now);
             }
             // A lost retransmission (the heuristic Linux had before RACK,
             // tcp_mark_lost_retrans): segments sent after it were SACKed,
@@ -875,8 +952,52 @@ impl Conn {
         true
     }
 
+    /// A DSACK (RFC 2883 §4: a first SACK block below the cumulative ACK,
+    /// or inside the second block) for a range this episode retransmitted:
+    /// that retransmission was spurious. Once every one is, the reduction
+    /// is undone (RFC 3708 §3.2) and the duplicate-ACK threshold rises to
+    /// the reordering seen: how far past the reported segment the peer
+    /// had already SACKed.
+    fn take_dsack(&mut self, seg: &Segment, ack: SeqNum) -> bool {
+        let Some(&(l, r)) = seg.options.sack.first() else {
+            return false;
+        };
+        let inside_second = seg
+            .options
+            .sack
+            .get(1)
+            .is_some_and(|&(l2, r2)| l.ge(l2) && r.le(r2));
+        if !(r.le(ack) || inside_second) || !r.gt(l) {
+            return false;
+        }
+        self.stats.dsacks_in += 1;
+        let Some(ep) = self.episode.as_mut() else {
+            return true;
+        };
+        let before = ep.pending.len();
+        ep.pending.retain(|&(pl, pr)| !(l.le(pl) && pr.le(r)));
+        if ep.pending.len() == before {
+            return true;
+        }
+        // A retransmission proved spurious: the segment was reordered by
+        // as many as the peer had SACKed past it.
+        let reordering = self.sack_high.max(ack).since(l).max(0) as u32 / self.mss.max(1);
+        self.cc.reordered(reordering);
+        self.reo_quarters = (self.reo_quarters + 1).min(4);
+        if !ep.pending.is_empty() || ep.overflowed {
+            return true;
+        }
+        self.episode = None;
+        if self.cc.undo() {
+            self.stats.spurious_undone += 1;
+            self.retransmit_now = false;
+            self.rexmit_high = None;
+        }
+        true
+    }
+
     /// A duplicate ACK.
-    fn on_dup_ack(&mut self, flight: u32) {
+    fn on_dup_ack(&mut self, flight: u32, now: Instant) {
         //= https://www.rfc-editor.org/rfc/rfc5681#section-2
         //# DUPLICATE ACKNOWLEDGMENT: ... (a) the receiver of the ACK has
         //# outstanding data, (b) the incoming acknowledgment carries no
@@ -892,7 +1013,17 @@ impl Conn {
         //# previously unacknowledged and un-SACKed octets between HighACK
         //# and HighData.
         self.stats.dup_acks += 1;
+        let reduces = !self.cc.in_recovery();
+        if reduces && self.sack_ok && self.reo_at.is_none() {
+            if let Some(srtt) = self.rtt.srtt() {
+                let wnd = (srtt * self.reo_quarters / 4).max(Duration::from_micros(500));
+                self.reo_at = Some(now + wnd);
+            }
+        }
         if self.cc.on_dup_ack(self.snd_nxt, flight) == AckAction::Retransmit {
+            if reduces {
+                self.episode = None;
+            }
             self.retransmit_now = true;
             self.stats.fast_retransmits += 1;
         }
@@ -927,6 +1058,7 @@ impl Conn {
         [
             self.rto_at,
             self.tlp_at,
+            self.reo_at,
             self.persist_at,
             ack,
             self.time_wait_until,
@@ -952,6 +1084,16 @@ impl Conn {
             }
             self.state = State::Closed;
             return;
+        }
+        if self.reo_at.is_some_and(|t| now >= t) {
+            self.reo_at = None;
+            if self.outstanding()
+                && self.cc.on_reorder_timeout(self.snd_nxt, self.flight()) == AckAction::Retransmit
+            {
+                self.episode = None;
+                self.retransmit_now = true;
+                self.stats.fast_retransmits += 1;
+            }
         }
         if self.rto_at.is_some_and(|t| now >= t) {
             self.on_rto(now);
@@ -988,6 +1130,8 @@ impl Conn {
         //# (5.5) The host MUST set RTO <- RTO * 2 ("back off the timer").
         //# (5.6) Start the retransmission timer
         self.cc.on_rto(self.flight());
+        self.episode = None;
+        self.reo_at = None;
         self.rtt.back_off();
         self.rexmit_high = None;
         self.tlp_at = None;
@@ -1038,7 +1182,17 @@ impl Conn {
         // SACK blocks ride on pure ACKs only: the payload was sized for the
         // timestamp option alone (RFC 6691).
         if self.sack_ok && payload.is_empty() {
-            options.sack = self.rcv.sack_blocks();
+            let dsack = self.dsack.pop_front();
+            // One duplicate per ACK: the rest go on the ACKs after.
+            if !self.dsack.is_empty() {
+                self.ack = AckNeed::Now;
+            }
+            //= https://www.rfc-editor.org/rfc/rfc2883#section-4
+            //# If the D-SACK block reports a duplicate contiguous sequence
+            //# from the receiver's data buffer, then the D-SACK block MUST be
+            //# the first block in the SACK option.
+            self.stats.dsacks_out += u64::from(dsack.is_some());
+            options.sack = dsack.into_iter().chain(self.rcv.sack_blocks()).collect();
         }
         Segment {
             seq,
@@ -1108,6 +1262,12 @@ impl Conn {
         self.stats.retransmits += 1;
         if self.sack_ok {
             self.rexmit_high = Some(self.snd_max);
+            let ep = self.episode.get_or_insert_with(Episode::default);
+            if ep.pending.len() < EPISODE_RANGES {
+                ep.pending.push((self.snd_una, self.snd_una + len as u32));
+            } else {
+                ep.overflowed = true;
+            }
         }
         if self.rtt_probe.is_some_and(|(p, _)| p.gt(self.snd_una)) {
             self.rtt_probe = None; // Karn: that timing is now ambiguous.
@@ -1213,6 +1373,7 @@ impl Conn {
             return;
         }
         if self.cc.on_tail_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit {
+            self.episode = None;
             self.stats.tail_probes += 1;
             self.retransmit_now = true;
         }
