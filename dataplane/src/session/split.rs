@@ -120,10 +120,11 @@ impl Split {
         self.parked
     }
 
-    /// Frees the memory the halves' buffers hold but do not use.
-    pub fn trim(&mut self) {
-        self.client.trim();
-        self.server.trim();
+    /// Frees the memory the halves' buffers hold but do not use (see
+    /// [`Conn::trim`]).
+    pub fn trim(&mut self, pressure: bool) {
+        self.client.trim(pressure);
+        self.server.trim(pressure);
     }
 
     /// The halves' buffer sizes now (autotuned), in bytes.

@@ -24,11 +24,14 @@ impl Sessions {
         let before = self.flows.len();
         // Ended connections are remembered a little longer than a peer's
         // retransmissions last.
+        // Under pressure: less than an eighth of the budget left.
+        let budget = &self.settings.budget;
+        let pressure = budget.short_of(budget.limit() / 8);
         self.flows.retain(|_, f| match &mut f.entry {
             Entry::Split { split, .. } => {
                 // Idle a while: its buffers' spare memory goes back.
                 if now.duration_since(f.last_seen) >= TRIM_AFTER {
-                    split.trim();
+                    split.trim(pressure);
                 }
                 true
             }

@@ -186,8 +186,12 @@ pub struct Conn {
     send_buf: VecDeque<u8>,
     /// The most `send_buf` may hold now (autotuned).
     send_cap: usize,
-    /// Bytes of buffer growth taken from the budget, given back on drop.
-    granted: usize,
+    /// Bytes of growth taken from the budget for each buffer (send,
+    /// receive), given back when it shrinks and on drop.
+    granted: [usize; 2],
+    /// The relay found the send buffer full since the last growth: the
+    /// buffer, not the sender's windows, held the flow back.
+    send_limited: bool,
     /// Receive autotuning: bytes delivered since `at`, measured once per
     /// round trip against the most seen in one (`space`).
     rcv_tune: RcvTune,
@@ -311,7 +315,8 @@ impl Conn {
             max_snd_wnd: hs.peer_window,
             send_buf: VecDeque::new(),
             send_cap: cfg.send_buffer,
-            granted: 0,
+            granted: [0; 2],
+            send_limited: false,
             rcv_tune: RcvTune {
                 space: cfg.recv_buffer / 2,
                 ..RcvTune::default()
@@ -400,34 +405,70 @@ impl Conn {
     }
 
     /// An idle connection gives back the memory its buffers hold but do
-    /// not use (their sizes, and the budget taken for them, stay).
-    pub fn trim(&mut self) {
+    /// not use, and its send buffer's growth (what is buffered stays).
+    /// Under `pressure` (the budget nearly spent) the receive buffer
+    /// shrinks back too, down to its unread bytes: the window it
+    /// advertises shrinks with it, which RFC 9293 §3.8.6 discourages but
+    /// has every peer cope with, as Linux does under memory pressure with
+    /// `tcp_shrink_window`.
+    pub fn trim(&mut self, pressure: bool) {
         self.rcv.trim();
         if self.send_buf.is_empty() {
             self.send_buf = VecDeque::new();
         } else {
             self.send_buf.shrink_to_fit();
         }
+        let send = self
+            .cfg
+            .send_buffer
+            .max(self.send_buf.len())
+            .min(self.send_cap);
+        self.give_memory(0, self.send_cap - send);
+        self.send_cap = send;
+        if pressure {
+            let cap = self.rcv.capacity();
+            self.rcv.shrink(self.cfg.recv_buffer.min(cap));
+            let recv = self.rcv.capacity();
+            self.give_memory(1, cap - recv);
+            self.rcv_tune.space = recv / 2;
+        }
     }
 
-    /// Takes `n` bytes of growth from the budget.
-    fn take_memory(&mut self, n: usize) -> bool {
+    /// Takes `n` bytes of growth for buffer `which` from the budget.
+    fn take_memory(&mut self, which: usize, n: usize) -> bool {
         let ok = self.cfg.budget.as_ref().is_none_or(|b| b.take(n));
         if ok {
-            self.granted += n;
+            self.granted[which] += n;
         }
         ok
     }
 
+    /// Gives back up to `n` bytes of buffer `which`'s growth.
+    fn give_memory(&mut self, which: usize, n: usize) {
+        let n = n.min(self.granted[which]);
+        self.granted[which] -= n;
+        if let Some(b) = &self.cfg.budget {
+            b.give(n);
+        }
+    }
+
     /// Send-buffer autotuning (Linux `tcp_sndbuf_expand`): room for twice
     /// what the congestion and peer windows let fly, so the relay can keep
-    /// the window full while the last flight is being acknowledged.
+    /// the window full while the last flight is being acknowledged. Only
+    /// when the buffer held the relay back, and never from a window
+    /// inflated by duplicate ACKs in recovery (a peer could otherwise grow
+    /// it without taking a byte).
     fn tune_send(&mut self) {
+        if !self.send_limited || self.cc.in_recovery() {
+            return;
+        }
         let wnd = self.cc.cwnd().min(self.max_snd_wnd.max(self.mss)) as usize;
         let target = (2 * wnd).min(self.cfg.send_buffer_max);
         // In steps of at least an eighth, not a budget update per ACK.
-        if target > self.send_cap + self.send_cap / 8 && self.take_memory(target - self.send_cap) {
+        if target > self.send_cap + self.send_cap / 8 && self.take_memory(0, target - self.send_cap)
+        {
             self.send_cap = target;
+            self.send_limited = false;
         }
     }
 
@@ -450,10 +491,18 @@ impl Conn {
             .or(self.rcv_rtt)
             .unwrap_or(Duration::from_millis(1))
             .max(Duration::from_millis(1));
-        if now.saturating_duration_since(at) < rtt {
+        let since = now.saturating_duration_since(at);
+        if since < rtt {
             return;
         }
         let copied = (delivered - self.rcv_tune.start) as usize;
+        // A measurement over many round trips (a quiet spell, a round trip
+        // not known) says nothing about one: start again.
+        if since > 4 * rtt {
+            self.rcv_tune.at = Some(now);
+            self.rcv_tune.start = delivered;
+            return;
+        }
         self.rcv_tune.at = Some(now);
         self.rcv_tune.start = delivered;
         if copied <= self.rcv_tune.space {
@@ -461,8 +510,10 @@ impl Conn {
         }
         self.rcv_tune.space = copied;
         let cap = self.rcv.capacity();
-        let target = (2 * copied + 16 * self.mss as usize).min(self.cfg.recv_buffer_max);
-        if target > cap && self.take_memory(target - cap) {
+        // Never more than the window field can say.
+        let most = (usize::from(u16::MAX) << self.our_shift).min(self.cfg.recv_buffer_max);
+        let target = (2 * copied + 16 * self.mss as usize).min(most);
+        if target > cap && self.take_memory(1, target - cap) {
             self.rcv.grow(target);
         }
     }
@@ -496,6 +547,11 @@ impl Conn {
     pub fn write(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.send_space());
         self.send_buf.extend(&data[..n]);
+        // Full: the writer (the relay sizes its writes to the room left)
+        // is held back by this buffer.
+        if n < data.len() || self.send_space() == 0 {
+            self.send_limited = true;
+        }
         n
     }
 
@@ -865,6 +921,11 @@ impl Conn {
         let flight = self.flight();
         if ack.gt(self.snd_una) {
             self.reo_at = None;
+            // Never behind SND.UNA (else, 2 GiB later, modular comparison
+            // would put it ahead of everything).
+            if ack.gt(self.sack_high) {
+                self.sack_high = ack;
+            }
             let acked = ack.since(self.snd_una) as u32;
             // Bytes of data acknowledged (the FIN takes a number, not a byte).
             let data = (acked as usize).min(self.send_buf.len());
@@ -974,11 +1035,12 @@ impl Conn {
         let Some(ep) = self.episode.as_mut() else {
             return true;
         };
-        let before = ep.pending.len();
-        ep.pending.retain(|&(pl, pr)| !(l.le(pl) && pr.le(r)));
-        if ep.pending.len() == before {
+        // One DSACK proves one retransmission spurious (RFC 3708 counts
+        // them): a range sent twice needs two.
+        let Some(i) = ep.pending.iter().position(|&(pl, pr)| l.le(pl) && pr.le(r)) else {
             return true;
-        }
+        };
+        ep.pending.swap_remove(i);
         // A retransmission proved spurious: the segment was reordered by
         // as many as the peer had SACKed past it.
         let reordering = self.sack_high.max(ack).since(l).max(0) as u32 / self.mss.max(1);
@@ -1263,7 +1325,10 @@ impl Conn {
         if self.sack_ok {
             self.rexmit_high = Some(self.snd_max);
             let ep = self.episode.get_or_insert_with(Episode::default);
-            if ep.pending.len() < EPISODE_RANGES {
+            // A FIN alone is never DSACKed: such an episode is never undone.
+            if len == 0 {
+                ep.overflowed = true;
+            } else if ep.pending.len() < EPISODE_RANGES {
                 ep.pending.push((self.snd_una, self.snd_una + len as u32));
             } else {
                 ep.overflowed = true;
@@ -1397,7 +1462,7 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         if let Some(b) = &self.cfg.budget {
-            b.give(self.granted);
+            b.give(self.granted[0] + self.granted[1]);
         }
     }
 }

@@ -87,6 +87,15 @@ impl Reassembler {
         self.capacity = self.capacity.max(capacity);
     }
 
+    /// Lowers the capacity, never below what it holds (memory pressure;
+    /// the window shrinks).
+    pub fn shrink(&mut self, capacity: usize) {
+        let held_span = self.held.last_key_value().map_or(0, |(&off, data)| {
+            (off + data.len() as u64 - self.delivered) as usize
+        });
+        self.capacity = capacity.max(self.ready.len() + held_span);
+    }
+
     /// Bytes delivered in order so far.
     pub fn delivered(&self) -> u64 {
         self.delivered

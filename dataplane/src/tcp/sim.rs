@@ -374,7 +374,7 @@ mod tests {
     use super::*;
     use crate::{
         tcp::{budget::MemoryBudget, conn::Abort},
-        wire::segment::Flags,
+        wire::{options::TcpOptions, segment::Flags},
     };
 
     fn check(o: &Outcome) {
@@ -517,6 +517,18 @@ mod tests {
             budget.used(),
             a_send + b_recv + fast.a.buffer_sizes().1 + fast.b.buffer_sizes().0 - 4 * (64 << 10)
         );
+        // Idle, the send buffer's growth goes back at once; the receive
+        // buffer's only under memory pressure (its window shrinks).
+        let mut fast = fast;
+        let used = budget.used();
+        fast.a.trim(false);
+        assert_eq!(fast.a.buffer_sizes().0, 64 << 10);
+        assert_eq!(budget.used(), used - (a_send - (64 << 10)));
+        fast.b.trim(false);
+        assert_eq!(fast.b.buffer_sizes().1, b_recv);
+        fast.b.trim(true);
+        assert_eq!(fast.b.buffer_sizes().1, 64 << 10);
+        assert_eq!(budget.used(), 0);
         drop(fast);
         assert_eq!(budget.used(), 0);
     }
@@ -548,6 +560,50 @@ mod tests {
             a.retransmits,
             o.a_to_b.reordered
         );
+    }
+
+    /// A peer cannot grow the engine's send buffer without taking data:
+    /// a flood of duplicate ACKs inflates the window in recovery, and a
+    /// partial ACK then finds the window large, but nothing grows then.
+    #[test]
+    fn duplicate_acks_in_recovery_grow_no_send_buffer() {
+        let mut rng = Rng::new(53);
+        let (ha, hb) = handshakes(&mut rng);
+        let now = Instant::now();
+        let cfg = ConnConfig {
+            send_buffer: 64 << 10,
+            send_buffer_max: 4 << 20,
+            ..ConnConfig::default()
+        };
+        let mut a = Conn::new(&ha, cfg, now);
+        let mut b = Conn::new(&hb, ConnConfig::default(), now);
+        assert_eq!(a.write(&vec![1; 1 << 20]), 64 << 10);
+        let mut flight = Vec::new();
+        while let Some(s) = a.poll_transmit(now) {
+            flight.push(s);
+        }
+        assert!(flight.len() >= 3);
+        b.ack_now();
+        let template = b.poll_transmit(now).expect("an ACK");
+        let una = template.ack;
+        let dup = |sacked: &Segment| Segment {
+            window: u16::MAX,
+            options: TcpOptions {
+                sack: vec![(sacked.seq, sacked.seq + sacked.payload.len() as u32)],
+                ..template.options.clone()
+            },
+            ..template.clone()
+        };
+        for _ in 0..2000 {
+            a.on_segment(&dup(&flight[2]), now);
+        }
+        assert!(a.stats().fast_retransmits > 0);
+        let partial = Segment {
+            ack: una + flight[0].payload.len() as u32,
+            ..dup(&flight[2])
+        };
+        a.on_segment(&partial, now);
+        assert_eq!(a.buffer_sizes().0, 64 << 10);
     }
 
     fn established(seed: u64) -> (Conn, Conn, Instant) {
