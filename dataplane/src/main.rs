@@ -111,6 +111,7 @@ struct Args {
     /// (they start at 128 KiB and grow with the connection's
     /// bandwidth-delay product, as Linux's tcp_wmem/tcp_rmem maximum).
     #[arg(long, default_value_t = (SessionSettings::default().buffer_max >> 10) as u64,
+          allow_negative_numbers = true,
           value_parser = clap::value_parser!(u64).range(128..=65536))]
     split_buffer_max_kib: u64,
     /// Memory all split connections' buffers may grow into beyond their
@@ -118,6 +119,7 @@ struct Args {
     /// growing and new connections are not split: tcp-split ones pass
     /// (counted), decrypt ones follow the profile's no_resources.
     #[arg(long, default_value_t = (SessionSettings::default().budget.limit() >> 20) as u64,
+          allow_negative_numbers = true,
           value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     split_memory_mib: u64,
     /// Start the HSM signer on the token with this label (repeatable, one

@@ -212,6 +212,10 @@ pub struct Conn {
     /// Karn: one segment timed at a time, and never a retransmitted one.
     rtt_probe: Option<(SeqNum, Instant)>,
     retransmit_now: bool,
+    /// The retransmission `retransmit_now` asks for is a fast one (three
+    /// duplicate ACKs, a partial ACK, the reordering window): counted
+    /// when it goes out, once however many ACKs asked for it.
+    fast_pending: bool,
     persist_at: Option<Instant>,
     persist_backoff: u32,
     // Receive side.
@@ -330,6 +334,7 @@ impl Conn {
             rto_at: None,
             rtt_probe: None,
             retransmit_now: false,
+            fast_pending: false,
             persist_at: None,
             persist_backoff: 0,
             rcv: Reassembler::new(rcv_nxt, cfg.recv_buffer, cfg.history),
@@ -378,6 +383,11 @@ impl Conn {
 
     pub fn snd_una(&self) -> SeqNum {
         self.snd_una
+    }
+
+    #[cfg(test)]
+    pub(crate) fn cc_in_recovery_for_tests(&self) -> bool {
+        self.cc.in_recovery()
     }
 
     #[cfg(test)]
@@ -939,7 +949,7 @@ impl Conn {
             self.rexmit_high = None;
             if self.cc.on_ack(acked, ack, flight) == AckAction::Retransmit {
                 self.retransmit_now = true;
-                self.stats.fast_retransmits += 1;
+                self.fast_pending = true;
             }
             if self.cfg.send_buffer_max > self.send_cap {
                 self.tune_send();
@@ -1053,6 +1063,7 @@ impl Conn {
         if self.cc.undo() {
             self.stats.spurious_undone += 1;
             self.retransmit_now = false;
+            self.fast_pending = false;
             self.rexmit_high = None;
         }
         true
@@ -1087,7 +1098,7 @@ impl Conn {
                 self.episode = None;
             }
             self.retransmit_now = true;
-            self.stats.fast_retransmits += 1;
+            self.fast_pending = true;
         }
     }
 
@@ -1154,7 +1165,7 @@ impl Conn {
             {
                 self.episode = None;
                 self.retransmit_now = true;
-                self.stats.fast_retransmits += 1;
+                self.fast_pending = true;
             }
         }
         if self.rto_at.is_some_and(|t| now >= t) {
@@ -1202,6 +1213,7 @@ impl Conn {
         // (now one segment) allows; ACKs up to SND.MAX stay valid.
         self.snd_nxt = self.snd_una;
         self.retransmit_now = false;
+        self.fast_pending = false;
         self.rto_at = Some(now + self.rtt.rto());
     }
 
@@ -1305,6 +1317,7 @@ impl Conn {
         if !std::mem::take(&mut self.retransmit_now) {
             return None;
         }
+        let fast = std::mem::take(&mut self.fast_pending);
         if self.snd_wnd == 0 && self.flight() == 0 {
             // Zero-window probe: one new byte (or the FIN).
             return self.probe(now);
@@ -1322,6 +1335,7 @@ impl Conn {
         let payload = self.bytes_at(self.snd_una, len);
         let fin = self.fin_sent() && self.fin_seq == Some(self.snd_una + len as u32);
         self.stats.retransmits += 1;
+        self.stats.fast_retransmits += u64::from(fast);
         if self.sack_ok {
             self.rexmit_high = Some(self.snd_max);
             let ep = self.episode.get_or_insert_with(Episode::default);
