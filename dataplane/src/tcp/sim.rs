@@ -549,7 +549,8 @@ mod tests {
             reorder: 0.03,
             ..LinkConfig::lossy(0.0, 0.0, 0.0)
         };
-        let sc = Scenario::new(47, 8 << 20, 0, link);
+        let mut sc = Scenario::new(47, 8 << 20, 0, link);
+        sc.conn.dsack = true;
         let o = run(&sc);
         check(&o);
         let (a, b) = (o.a.stats(), o.b.stats());
