@@ -176,7 +176,7 @@ impl Sessions {
                 self.counters.policy_pass += 1;
                 self.pass_or_relay(id, pending, now, meta)
             }
-            Verdict::Split if self.memory_short() => {
+            Verdict::Split if self.settings.memory_short() => {
                 self.counters.memory_passthrough += 1;
                 meta.note = Some("the split memory budget is spent: passed, not split".into());
                 self.pass_or_relay(id, pending, now, meta)
@@ -324,7 +324,7 @@ impl Sessions {
                 format!("the HSM token {token:?} is unavailable"),
             );
         }
-        if self.settings.budget.short_of(4 * super::BUFFER_INITIAL) {
+        if self.settings.memory_short() {
             self.counters.memory_passthrough += 1;
             return fallback(
                 profile.no_resources,

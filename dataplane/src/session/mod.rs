@@ -100,6 +100,13 @@ pub const BUFFER_INITIAL: usize = 128 << 10;
 /// Idle this long, a split's buffers give back their spare memory.
 pub(crate) const TRIM_AFTER: Duration = Duration::from_secs(1);
 
+impl SessionSettings {
+    /// A new split's base (its four buffers) cannot be covered.
+    pub(super) fn memory_short(&self) -> bool {
+        self.budget.short_of(4 * BUFFER_INITIAL)
+    }
+}
+
 impl Default for SessionSettings {
     fn default() -> Self {
         SessionSettings {
@@ -600,11 +607,6 @@ impl Sessions {
             }
         }
         l
-    }
-
-    /// A new split's base (its four buffers) cannot be covered.
-    pub(super) fn memory_short(&self) -> bool {
-        self.settings.budget.short_of(4 * BUFFER_INITIAL)
     }
 }
 

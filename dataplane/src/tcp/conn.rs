@@ -497,32 +497,22 @@ impl Conn {
     /// that stops (a far side that does not drain) grows nothing.
     fn tune_receive(&mut self, now: Instant) {
         let delivered = self.rcv.delivered() - self.rcv.readable() as u64;
-        let Some(at) = self.rcv_tune.at else {
-            self.rcv_tune.at = Some(now);
-            self.rcv_tune.start = delivered;
-            return;
-        };
         let rtt = self
             .rtt
             .srtt()
             .or(self.rcv_rtt)
             .unwrap_or(Duration::from_millis(1))
             .max(Duration::from_millis(1));
-        let since = now.saturating_duration_since(at);
-        if since < rtt {
+        let since = self.rcv_tune.at.map(|at| now.saturating_duration_since(at));
+        if since.is_some_and(|s| s < rtt) {
             return;
         }
         let copied = (delivered - self.rcv_tune.start) as usize;
-        // A measurement over many round trips (a quiet spell, a round trip
-        // not known) says nothing about one: start again.
-        if since > 4 * rtt {
-            self.rcv_tune.at = Some(now);
-            self.rcv_tune.start = delivered;
-            return;
-        }
         self.rcv_tune.at = Some(now);
         self.rcv_tune.start = delivered;
-        if copied <= self.rcv_tune.space {
+        // The first measurement only starts one; one over many round trips
+        // (a quiet spell, a round trip not known) says nothing about one.
+        if since.is_none_or(|s| s > 4 * rtt) || copied <= self.rcv_tune.space {
             return;
         }
         self.rcv_tune.space = copied;
@@ -877,8 +867,13 @@ impl Conn {
             && seg.payload.is_empty()
             && seg.seq == self.rcv_nxt()
             && seg.ack == self.snd_una
-            && (u32::from(seg.window) << self.peer_shift) == self.snd_wnd
+            && self.same_window(seg)
             && u128::from(behind_ms) <= self.rtt.rto().as_millis()
+    }
+
+    /// `seg` advertises the send window we have now.
+    fn same_window(&self, seg: &Segment) -> bool {
+        (u32::from(seg.window) << self.peer_shift) == self.snd_wnd
     }
 
     /// Our FIN has been sent (and not taken back by an RTO).
@@ -972,8 +967,7 @@ impl Conn {
             let new_sack = self.sacks_new(seg);
             // An ACK that reports a duplicate (DSACK) says nothing was
             // lost: only SACKs of new data in it make it a duplicate ACK.
-            let same_window = (u32::from(seg.window) << self.peer_shift) == self.snd_wnd;
-            if (same_window && !dsack) || new_sack {
+            if (self.same_window(seg) && !dsack) || new_sack {
                 self.on_dup_ack(flight, now, new_sack);
             }
             // A lost retransmission (the heuristic Linux had before RACK,
