@@ -123,7 +123,9 @@ fn held_then_split_passed_or_blocked(h: &Harness, servers: &[&str]) -> StatsRepo
     let control = Control::start(h, &sock, Some(&policy), &[]).expect("control");
     control.wait_in_sync().unwrap();
     let nginx = Nginx::start(h, 443).expect("nginx");
-    let size = 2 * MIB;
+    // Large enough that the trunks carry well over a thousand frames each
+    // way even as the engine acknowledges once per receive batch.
+    let size = 4 * MIB;
     let sha = nginx.add_file("blob", size, 21).unwrap();
 
     for addr in servers {
