@@ -525,21 +525,31 @@ fn hsm_threads_run_on_the_cpus_they_are_given() {
         ))
         .unwrap();
     assert!(!sig.is_empty());
-    let mut seen = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("loupe-hsm-") {
-            continue;
+    // The threads name and pin themselves once they run, which on a loaded
+    // machine can be after the first signature: wait for both.
+    let pinned_threads = || {
+        let mut seen = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with("loupe-hsm-") {
+                continue;
+            }
+            // A thread of another test may exit between the listing and here.
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            seen.push(allowed);
         }
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
-        let allowed = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap()
-            .trim()
-            .to_string();
-        seen.push(allowed);
-    }
-    let pinned = seen.iter().filter(|a| **a == last.to_string()).count();
-    assert_eq!(pinned, 2, "HSM threads' CPUs: {seen:?}");
+        seen
+    };
+    let count = |seen: &[String]| seen.iter().filter(|a| **a == last.to_string()).count();
+    wait_until(Duration::from_secs(30), || count(&pinned_threads()) >= 2);
+    let seen = pinned_threads();
+    assert_eq!(count(&seen), 2, "HSM threads' CPUs: {seen:?}");
 }
