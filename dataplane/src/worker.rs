@@ -40,6 +40,9 @@ const FLOW_LIST_EVERY_MS: u64 = 250;
 const EXPIRE_EVERY_MS: u64 = 250;
 /// Empty iterations before the worker sleeps in poll().
 const SPIN_BEFORE_SLEEP: u32 = 64;
+/// How long after its last work a worker keeps polling its rings
+/// (yielding the CPU between rounds) before it sleeps.
+const SPIN_WINDOW: Duration = Duration::from_micros(0);
 /// Stopping: how long the resets and the frames answering them are
 /// given, and the most rounds taken for what is left in the rings once
 /// the program is detached.
@@ -48,6 +51,21 @@ const STOP_ROUNDS: usize = 1024;
 /// Longest sleep: bounds how late the stop flag, stats and flow expiry are
 /// seen by an idle worker. Frames and crossover wake it at once.
 const POLL_TIMEOUT_MS: i32 = 10;
+
+/// How long a worker has found nothing to do.
+struct Idle {
+    rounds: u32,
+    since: Instant,
+}
+
+impl Idle {
+    fn new() -> Self {
+        Idle {
+            rounds: 0,
+            since: Instant::now(),
+        }
+    }
+}
 
 /// When the periodic work of a round is next due (worker clock, ms).
 #[derive(Default)]
@@ -291,7 +309,7 @@ impl Worker {
     /// [`Worker::stop_sessions`]); publishes a final report before returning.
     pub fn run(mut self, stop: &AtomicBool) {
         let mut rx = vec![FrameDesc::default(); BATCH];
-        let mut idle = 0u32;
+        let mut idle = Idle::new();
         let mut next = Schedule::default();
         while !stop.load(Ordering::Relaxed) {
             let work = self.round(&mut rx, &mut next);
@@ -326,7 +344,7 @@ impl Worker {
         };
         sp.stop_taking();
         let deadline = Instant::now() + sp.drain();
-        let mut idle = 0u32;
+        let mut idle = Idle::new();
         while Instant::now() < deadline
             && self.sessions.as_ref().is_some_and(|sp| sp.unfinished() > 0)
         {
@@ -350,16 +368,22 @@ impl Worker {
         }
     }
 
-    fn idle_or_spin(&self, work: usize, idle: &mut u32) {
+    fn idle_or_spin(&self, work: usize, idle: &mut Idle) {
         // Completions count as work: while TX drains, keep spinning;
         // if it stalls, sleep (poll also kicks copy-mode TX).
         if work == 0 {
-            *idle += 1;
-            if *idle >= SPIN_BEFORE_SLEEP {
-                self.sleep_for_frames();
+            idle.rounds += 1;
+            if idle.rounds >= SPIN_BEFORE_SLEEP {
+                if idle.since.elapsed() >= SPIN_WINDOW {
+                    self.sleep_for_frames();
+                    idle.since = Instant::now();
+                } else {
+                    std::thread::yield_now();
+                }
             }
         } else {
-            *idle = 0;
+            idle.rounds = 0;
+            idle.since = Instant::now();
         }
     }
 
@@ -395,10 +419,14 @@ impl Worker {
             sp.on_timers(now);
         }
         work += self.send_split();
+        // Owners of crossed frames start on them while this one transmits.
         self.wake_owners();
         let sent = self.port.flush();
         add(&mut self.counters.tx_inside, sent[Side::Inside.index()]);
         add(&mut self.counters.tx_outside, sent[Side::Outside.index()]);
+        // The frames are out: now the wake-ups of the threads that
+        // carry out flow-map changes and records.
+        self.hand_off();
 
         if now_ms >= next.expire {
             next.expire = now_ms + EXPIRE_EVERY_MS;
@@ -517,22 +545,6 @@ impl Worker {
         let Some(sp) = self.sessions.as_mut() else {
             return 0;
         };
-        if let Some(links) = &self.links {
-            for op in sp.ops.drain(..) {
-                // A full channel only means a released flow stays in
-                // userspace (forwarded unchanged), or a pin is missed.
-                if links.ops.try_send(op).is_ok() && matches!(op, MapOp::Bypass(_)) {
-                    sp.counters.released += 1;
-                }
-            }
-            for e in sp.events.drain(..) {
-                if let Some(tx) = &links.events {
-                    if tx.try_send(e).is_err() {
-                        sp.counters.log_dropped += 1;
-                    }
-                }
-            }
-        }
         let n = sp.out.len();
         let mut sent = 0;
         for (side, bytes) in &sp.out {
@@ -553,6 +565,30 @@ impl Worker {
         }
         sp.sent(sent);
         n
+    }
+
+    /// Hands the flow-map changes and the records the split connections
+    /// made to the threads that carry them out. Called once this round's
+    /// frames are out: waking those threads (a futex each) can cost this
+    /// one its CPU, and the frames are what a client waits for.
+    fn hand_off(&mut self) {
+        let (Some(sp), Some(links)) = (self.sessions.as_mut(), &self.links) else {
+            return;
+        };
+        for op in sp.ops.drain(..) {
+            // A full channel only means a released flow stays in
+            // userspace (forwarded unchanged), or a pin is missed.
+            if links.ops.try_send(op).is_ok() && matches!(op, MapOp::Bypass(_)) {
+                sp.counters.released += 1;
+            }
+        }
+        for e in sp.events.drain(..) {
+            if let Some(tx) = &links.events {
+                if tx.try_send(e).is_err() {
+                    sp.counters.log_dropped += 1;
+                }
+            }
+        }
     }
 
     fn wake_owners(&mut self) {

@@ -21,6 +21,9 @@ enum Plan {
     Block(String),
     /// Not TLS: relayed as tcp-split.
     Relay(String),
+    /// rustls refuses the ClientHello the decision read, or reads another
+    /// name in it: decided again without the name, as a malformed hello.
+    Malformed(&'static str),
 }
 
 /// How a split starts.
@@ -209,6 +212,15 @@ impl Sessions {
                     meta.note = Some(note);
                     self.start_split(id, pending, now, meta, Start::Relay)
                 }
+                Plan::Malformed(why) => {
+                    self.counters.hello_malformed += 1;
+                    if let Some(t) = tracking(&mut self.flows, id) {
+                        if let Some(h) = t.hold.as_mut() {
+                            h.scanner.set_malformed(why);
+                        }
+                    }
+                    self.undecided(id, NoDecision::Malformed, now)
+                }
             },
         }
     }
@@ -342,13 +354,14 @@ impl Sessions {
                 ),
             );
         }
-        let Some((accepted, skip)) = t
-            .hold
-            .as_mut()
-            .and_then(|h| Some((h.scanner.take_accepted()?, h.scanner.seen())))
-        else {
+        let Some(held) = t.hold.as_mut() else {
             return Plan::Relay("the ClientHello was not kept: relayed as tcp-split".into());
         };
+        let accepted = match held.scanner.accept() {
+            Ok(a) => a,
+            Err(why) => return Plan::Malformed(why),
+        };
+        let skip = held.scanner.seen();
         Plan::Intercept(
             Box::new(Intercept::start(
                 ctx,

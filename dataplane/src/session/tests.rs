@@ -1280,3 +1280,46 @@ fn a_spent_memory_budget_passes_new_connections_unsplit() {
         .iter()
         .any(|s| s.payload == hello));
 }
+
+/// A ClientHello the decision's parser takes but rustls refuses (here a
+/// pre_shared_key extension that does not parse) cannot be decrypted: when
+/// a decrypt rule matches it, it is decided again without its name, as a
+/// malformed hello, and logged so; a good one under the same rule is
+/// intercepted.
+#[test]
+fn a_hello_rustls_refuses_is_not_decrypted_but_decided_as_malformed() {
+    use crate::{policy::Profile, tls::testkit::Kit};
+    let kit = Kit::new(Profile::default());
+    let decrypting = || SessionSettings {
+        tls: Some(kit.ctx.clone()),
+        ..one_rule(Action::Decrypt, "*.example")
+    };
+    let good = client_hello("a.example", &[]);
+    let mut b = Bench::new(decrypting());
+    b.client_data(0, &good);
+    assert_eq!(
+        (b.sp.counters.intercepted, b.sp.counters.hello_malformed),
+        (1, 0)
+    );
+
+    let bad = crate::tls::hello::tests::with_extension(&good, 41, &[1, 2, 3]);
+    let mut b = Bench::new(decrypting());
+    let (d, _) = b.client_data(0, &bad);
+    assert_eq!(d, Disposition::Consumed);
+    assert_eq!(
+        (b.sp.counters.intercepted, b.sp.counters.hello_malformed),
+        (0, 1)
+    );
+    // Without a name the decrypt rule does not match; the default splits.
+    assert_eq!((b.sp.counters.split, b.sp.counters.policy_pass), (1, 0));
+    let mut rst = seg(C_ISN + 1 + bad.len() as u32, S_ISN + 1, false, b"");
+    rst.flags.rst = true;
+    b.send(Dir::Client, &rst);
+    let e = b.sp.events.last().expect("a record");
+    assert_eq!(e.sni.as_deref(), None, "{e:?}");
+    assert_eq!(
+        e.sni_malformed.as_deref(),
+        Some("the TLS library refuses the ClientHello"),
+        "{e:?}"
+    );
+}

@@ -8,7 +8,7 @@
 use std::sync::{Arc, OnceLock};
 
 use super::{
-    hello::{Hello, HelloScanner},
+    hello::{ClientHello, Hello, HelloScanner},
     testkit::{Kit, Session},
 };
 use crate::{
@@ -26,20 +26,73 @@ pub fn hello(data: &[u8]) {
         let (now, later) = rest.split_at(n);
         rest = later;
         if let Some(h) = s.feed(now) {
-            check(&mut s, h);
+            let fed = bytes.len() - later.len();
+            check(&mut s, h, &bytes[..fed]);
             return;
         }
     }
     if let Some(h) = s.feed(rest) {
-        check(&mut s, h);
+        check(&mut s, h, bytes);
     }
 }
 
-fn check(s: &mut HelloScanner, h: Hello) {
-    match h {
-        Hello::Tls(_) => assert!(s.take_accepted().is_some()),
-        Hello::NotTls | Hello::Malformed => assert!(s.take_accepted().is_none()),
+/// The decision's parser against rustls's on the same bytes: a hello
+/// rustls takes is one the decision takes with the same fields, unless the
+/// decision found its server name at fault (it is stricter there); one the
+/// decision takes and rustls refuses is refused again when decrypted.
+fn check(s: &mut HelloScanner, h: Hello, bytes: &[u8]) {
+    let theirs = rustls_reads(bytes);
+    match (h, theirs) {
+        (Hello::Tls(ours), Some(theirs)) => {
+            // rustls does not say which versions it was offered, nor ECH.
+            let ours = ClientHello {
+                versions: Vec::new(),
+                ech: false,
+                ..ours
+            };
+            assert_eq!(ours, theirs);
+            assert!(s.accept().is_ok());
+        }
+        (Hello::Tls(_), None) => assert!(s.accept().is_err()),
+        (Hello::Malformed, Some(theirs)) => assert!(
+            s.sni_malformed().is_some(),
+            "a hello rustls takes, refused without a reason: {theirs:?}"
+        ),
+        (Hello::NotTls | Hello::Malformed, _) => assert!(s.accept().is_err()),
     }
+}
+
+/// What rustls reads of complete first bytes, if it takes them.
+fn rustls_reads(mut bytes: &[u8]) -> Option<ClientHello> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    while !bytes.is_empty() {
+        if acceptor.read_tls(&mut bytes).ok()? == 0 {
+            return None;
+        }
+    }
+    let accepted = acceptor.accept().ok()??;
+    let ch = accepted.client_hello();
+    Some(ClientHello {
+        sni: ch.server_name().map(str::to_owned),
+        alpn: ch
+            .alpn()
+            .map(|a| a.map(<[u8]>::to_vec).collect())
+            .unwrap_or_default(),
+        versions: Vec::new(),
+        suites: ch.cipher_suites().iter().map(|c| u16::from(*c)).collect(),
+        sig_schemes: ch
+            .signature_schemes()
+            .iter()
+            .map(|s| u16::from(*s))
+            .collect(),
+        groups: ch
+            .named_groups()
+            .unwrap_or_default()
+            .iter()
+            .map(|g| u16::from(*g))
+            .collect(),
+        ech: false,
+    })
 }
 
 /// One kit for every run (CA keys are slow to make).
@@ -92,9 +145,33 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
         fn arbitrary_first_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            super::hello(&data);
+        }
+
+        /// Real hellos with bytes changed (lengths, types, names) and cut
+        /// short: the decision's parser and rustls's agree on every one
+        /// rustls takes (see `check`).
+        #[test]
+        fn mutated_real_hellos_read_as_rustls_reads_them(
+            name in prop::sample::select(vec!["x.example", "Mixed.Case.example.", "a-b_c.example"]),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<prop::sample::Index>(),
+            short in any::<bool>(),
+            splits in any::<[u8; 4]>(),
+        ) {
+            let mut h = crate::tls::hello::tests::client_hello(name, &[b"h2", b"http/1.1"]);
+            for (at, byte) in edits {
+                let i = at.index(h.len());
+                h[i] = byte;
+            }
+            if short {
+                h.truncate(cut.index(h.len()));
+            }
+            let mut data = splits.to_vec();
+            data.extend(&h);
             super::hello(&data);
         }
 

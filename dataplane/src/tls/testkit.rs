@@ -417,7 +417,7 @@ impl Session {
         let Some(Hello::Tls(ch)) = scanner.feed(&hello) else {
             panic!("not a ClientHello");
         };
-        let accepted = scanner.take_accepted().expect("accepted");
+        let accepted = scanner.accept().expect("accepted");
         let now = Instant::now();
         let mut cpipe = Pipe::new(256 << 10);
         cpipe.rx.extend(&hello);

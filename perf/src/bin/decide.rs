@@ -55,12 +55,23 @@ fn policy(h: &Harness, action: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(p)
 }
 
-/// `n` new connections, one request each; (appconnect, total) seconds.
-fn connections(h: &Harness, nginx: &Nginx, n: usize) -> anyhow::Result<Vec<(f64, f64)>> {
+/// One connection's times from curl's start, in seconds.
+#[derive(Clone, Copy)]
+struct Times {
+    /// TCP handshake done (the SYN and SYN-ACK crossed the path).
+    connect: f64,
+    /// TLS handshake done.
+    appconnect: f64,
+    /// Response complete.
+    total: f64,
+}
+
+/// `n` new connections, one request each.
+fn connections(h: &Harness, nginx: &Nginx, n: usize) -> anyhow::Result<Vec<Times>> {
     let mut args = nginx.curl_args_many(SERVER_V4, "index.html", n);
     args.splice(
         0..0,
-        ["-w", "%{time_appconnect} %{time_total}\\n"].map(String::from),
+        ["-w", "%{time_connect} %{time_appconnect} %{time_total}\\n"].map(String::from),
     );
     let out = h.client.command("curl").args(&args).output()?;
     anyhow::ensure!(
@@ -69,11 +80,15 @@ fn connections(h: &Harness, nginx: &Nginx, n: usize) -> anyhow::Result<Vec<(f64,
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout)?;
-    let samples: Vec<(f64, f64)> = text
+    let samples: Vec<Times> = text
         .lines()
         .filter_map(|l| {
-            let (a, t) = l.split_once(' ')?;
-            Some((a.parse().ok()?, t.parse().ok()?))
+            let mut f = l.split(' ').map(|x| x.parse::<f64>().ok());
+            Some(Times {
+                connect: f.next()??,
+                appconnect: f.next()??,
+                total: f.next()??,
+            })
         })
         .collect();
     anyhow::ensure!(samples.len() == n, "{} samples of {n}", samples.len());
@@ -89,7 +104,7 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut samples: Vec<Vec<(f64, f64)>> = vec![Vec::new(); PATHS.len()];
+    let mut samples: Vec<Vec<Times>> = vec![Vec::new(); PATHS.len()];
     for round in 0..args.rounds.max(1) {
         for (i, path) in PATHS.iter().enumerate() {
             let h = Harness::new(HarnessConfig::default())?;
@@ -115,35 +130,50 @@ fn main() -> anyhow::Result<()> {
                 })?;
             }
             eprintln!(
-                "  round {round} {path:<11} handshake median {:.2} ms, total {:.2} ms",
-                median(s.iter().map(|x| x.0).collect()) * 1e3,
-                median(s.iter().map(|x| x.1).collect()) * 1e3
+                "  round {round} {path:<11} connect median {:.3} ms, handshake {:.2} ms, total {:.2} ms",
+                median(s.iter().map(|x| x.connect).collect()) * 1e3,
+                median(s.iter().map(|x| x.appconnect).collect()) * 1e3,
+                median(s.iter().map(|x| x.total).collect()) * 1e3
             );
             samples[i].extend(s);
         }
     }
     println!(
-        "\n{:<11} {:>6} {:>16} {:>12} {:>14} {:>12}",
-        "path", "conns", "handshake p50", "p90", "total p50", "vs bridge"
+        "\n{:<11} {:>6} {:>13} {:>16} {:>12} {:>14} {:>12} {:>14}",
+        "path",
+        "conns",
+        "connect p50",
+        "handshake p50",
+        "p90",
+        "total p50",
+        "vs bridge",
+        "added p50"
     );
-    let base = median(samples[0].iter().map(|x| x.1).collect());
+    let base = median(samples[0].iter().map(|x| x.total).collect());
+    let base_hs = median(samples[0].iter().map(|x| x.appconnect).collect());
     let mut rows = Vec::new();
     for (path, s) in PATHS.iter().zip(&samples) {
-        let hs: Vec<f64> = s.iter().map(|x| x.0).collect();
-        let tot: Vec<f64> = s.iter().map(|x| x.1).collect();
+        let hs: Vec<f64> = s.iter().map(|x| x.appconnect).collect();
+        let tot: Vec<f64> = s.iter().map(|x| x.total).collect();
+        let c50 = median(s.iter().map(|x| x.connect).collect());
         let (hs50, hs90, t50) = (median(hs.clone()), percentile(hs, 0.9), median(tot));
+        // What the path adds to the median TLS handshake against the bridge.
+        let added_us = (hs50 - base_hs) * 1e6;
         println!(
-            "{path:<11} {:>6} {:>13.2} ms {:>9.2} ms {:>11.2} ms {:>11.2}x",
+            "{path:<11} {:>6} {:>10.3} ms {:>13.2} ms {:>9.2} ms {:>11.2} ms {:>11.2}x {:>11.0} us",
             s.len(),
+            c50 * 1e3,
             hs50 * 1e3,
             hs90 * 1e3,
             t50 * 1e3,
-            t50 / base
+            t50 / base,
+            added_us
         );
         rows.push(serde_json::json!({
-            "path": path, "connections": s.len(),
+            "path": path, "connections": s.len(), "connect_p50_ms": c50 * 1e3,
             "handshake_p50_ms": hs50 * 1e3, "handshake_p90_ms": hs90 * 1e3,
             "total_p50_ms": t50 * 1e3, "total_vs_bridge": t50 / base,
+            "handshake_added_p50_us": added_us,
         }));
     }
 
