@@ -63,14 +63,8 @@ fn check(s: &mut HelloScanner, h: Hello, bytes: &[u8]) {
 }
 
 /// What rustls reads of complete first bytes, if it takes them.
-fn rustls_reads(mut bytes: &[u8]) -> Option<ClientHello> {
-    let mut acceptor = rustls::server::Acceptor::default();
-    while !bytes.is_empty() {
-        if acceptor.read_tls(&mut bytes).ok()? == 0 {
-            return None;
-        }
-    }
-    let accepted = acceptor.accept().ok()??;
+fn rustls_reads(bytes: &[u8]) -> Option<ClientHello> {
+    let accepted = crate::tls::hello::rustls_accept(bytes)?;
     let ch = accepted.client_hello();
     Some(ClientHello {
         sni: ch.server_name().map(str::to_owned),

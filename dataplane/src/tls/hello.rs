@@ -215,22 +215,29 @@ impl HelloScanner {
         if !self.done || self.raw.is_empty() {
             return Err("no complete ClientHello was kept");
         }
-        let mut acceptor = Acceptor::default();
-        let mut bytes = &std::mem::take(&mut self.raw)[..];
-        while !bytes.is_empty() {
-            match acceptor.read_tls(&mut bytes) {
-                Ok(0) | Err(_) => return Err("the TLS library refuses the ClientHello"),
-                Ok(_) => {}
-            }
+        let refused = "the TLS library refuses the ClientHello";
+        let raw = std::mem::take(&mut self.raw);
+        let accepted = rustls_accept(&raw).ok_or(refused)?;
+        if accepted.client_hello().server_name() != self.sni.as_deref() {
+            return Err("the TLS library reads another server name in the ClientHello");
+        }
+        Ok(Box::new(accepted))
+    }
+}
+
+/// rustls's parse of a client's first bytes, if it takes them as a
+/// ClientHello. Its buffer takes a record or so at a time: each read is
+/// followed by an attempt, as bytes arriving from the network would be.
+pub(crate) fn rustls_accept(mut bytes: &[u8]) -> Option<Accepted> {
+    let mut acceptor = Acceptor::default();
+    loop {
+        if !bytes.is_empty() && acceptor.read_tls(&mut bytes).ok()? == 0 {
+            return None;
         }
         match acceptor.accept() {
-            Ok(Some(accepted)) => {
-                if accepted.client_hello().server_name() != self.sni.as_deref() {
-                    return Err("the TLS library reads another server name in the ClientHello");
-                }
-                Ok(Box::new(accepted))
-            }
-            Ok(None) | Err(_) => Err("the TLS library refuses the ClientHello"),
+            Ok(Some(accepted)) => return Some(accepted),
+            Ok(None) if !bytes.is_empty() => {}
+            Ok(None) | Err(_) => return None,
         }
     }
 }
@@ -752,6 +759,29 @@ pub(crate) mod tests {
             panic!("a ClientHello");
         };
         assert_eq!(ch.sni.as_deref(), Some("mixed.example"));
+        assert!(s.accept().is_ok());
+    }
+
+    #[test]
+    fn a_hello_larger_than_a_record_is_parsed_again_by_rustls() {
+        // A hundred long ALPN names: about 20 KB, two records.
+        let names: Vec<Vec<u8>> = (0..100)
+            .map(|i| format!("x{i:03}{}", "y".repeat(196)).into_bytes())
+            .collect();
+        let alpn: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+        let hello = client_hello("big.example", &alpn);
+        assert!(hello.len() > MAX_RECORD + 5);
+        let mut s = HelloScanner::default();
+        let mut got = None;
+        for chunk in hello.chunks(1448) {
+            if let Some(h) = s.feed(chunk) {
+                got = Some(h);
+            }
+        }
+        let Some(Hello::Tls(ch)) = got else {
+            panic!("a ClientHello");
+        };
+        assert_eq!(ch.alpn.len(), 100);
         assert!(s.accept().is_ok());
     }
 
