@@ -9,6 +9,12 @@ use thiserror::Error;
 pub use crate::policy::prefix::{default_steer_prefixes, BadPrefix, Prefix};
 use crate::{ebpf::AttachMode, session::SessionSettings, xsk::PortConfig};
 
+/// How long an idle worker keeps polling before it sleeps, by default
+/// (`--busy-poll-us`): long enough that the answer to what it just sent
+/// (a SYN-ACK to its SYN, the next segment of a flight) is taken without
+/// a wake-up, short enough that an idle engine costs little.
+pub const DEFAULT_BUSY_POLL_US: u64 = 0;
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -66,6 +72,8 @@ pub struct EngineConfig {
     pub max_flows_per_worker: usize,
     pub flow_idle_timeout: Duration,
     pub pin_workers: bool,
+    /// How long an idle worker keeps polling before it sleeps.
+    pub busy_poll: Duration,
     /// Split every steered TCP connection (the tcp-split action: the engine
     /// terminates both halves and relays the byte streams).
     pub tcp_split: bool,
@@ -123,6 +131,7 @@ impl EngineConfig {
             max_flows_per_worker: 262_144,
             flow_idle_timeout: Duration::from_secs(120),
             pin_workers: true,
+            busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),
             hsm: None,
             tls: Default::default(),
             export: Default::default(),

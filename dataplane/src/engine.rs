@@ -397,6 +397,7 @@ pub fn run(
             cfg.flow_idle_timeout,
             shared.clone(),
         );
+        worker.set_busy_poll(cfg.busy_poll);
         if cfg.tcp_split || cfg.api.is_some() {
             worker.enable_split(SplitLinks {
                 settings: SessionSettings {

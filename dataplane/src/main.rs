@@ -75,6 +75,12 @@ struct Args {
     /// Do not pin workers to CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Microseconds an idle worker keeps polling its rings before it
+    /// sleeps (0: sleep at once). Frames arriving meanwhile skip a
+    /// wake-up; the CPU time is spent whether they come or not.
+    #[arg(long, default_value_t = loupe_dataplane::config::DEFAULT_BUSY_POLL_US,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    busy_poll_us: u64,
     /// Split every steered TCP connection: terminate both halves and relay
     /// the byte streams (the tcp-split action; TLS is left untouched).
     #[arg(long)]
@@ -227,6 +233,7 @@ fn main() -> ExitCode {
     cfg.max_flows_per_worker = args.max_flows;
     cfg.flow_idle_timeout = Duration::from_secs(args.flow_idle_secs.max(1));
     cfg.pin_workers = !args.no_pin;
+    cfg.busy_poll = Duration::from_micros(args.busy_poll_us);
     cfg.tcp_split = args.tcp_split;
     cfg.split_exempt_sni = args.split_exempt_sni;
     cfg.hold_bytes = args.hold_bytes.max(1);

@@ -40,9 +40,6 @@ const FLOW_LIST_EVERY_MS: u64 = 250;
 const EXPIRE_EVERY_MS: u64 = 250;
 /// Empty iterations before the worker sleeps in poll().
 const SPIN_BEFORE_SLEEP: u32 = 64;
-/// How long after its last work a worker keeps polling its rings
-/// (yielding the CPU between rounds) before it sleeps.
-const SPIN_WINDOW: Duration = Duration::from_micros(0);
 /// Stopping: how long the resets and the frames answering them are
 /// given, and the most rounds taken for what is left in the rings once
 /// the program is detached.
@@ -235,6 +232,9 @@ pub struct Worker {
     links: Option<SplitLinks>,
     /// The policy generation the sessions run.
     policy_seen: u64,
+    /// How long after its last work the worker keeps polling its rings
+    /// (yielding the CPU between rounds) before it sleeps in poll().
+    busy_poll: Duration,
 }
 
 impl Worker {
@@ -262,7 +262,15 @@ impl Worker {
             sessions: None,
             links: None,
             policy_seen: 0,
+            busy_poll: Duration::ZERO,
         }
+    }
+
+    /// Keep polling this long after the last work before sleeping: a frame
+    /// that arrives meanwhile is taken without a wake-up (tens of µs on a
+    /// virtual machine's idle CPU), at the cost of that CPU time.
+    pub fn set_busy_poll(&mut self, busy_poll: Duration) {
+        self.busy_poll = busy_poll;
     }
 
     /// Decides the steered connections this worker owns by the policy in
@@ -374,7 +382,7 @@ impl Worker {
         if work == 0 {
             idle.rounds += 1;
             if idle.rounds >= SPIN_BEFORE_SLEEP {
-                if idle.since.elapsed() >= SPIN_WINDOW {
+                if idle.since.elapsed() >= self.busy_poll {
                     self.sleep_for_frames();
                     idle.since = Instant::now();
                 } else {

@@ -213,7 +213,11 @@ impl Sessions {
                     self.start_split(id, pending, now, meta, Start::Relay)
                 }
                 Plan::Malformed(why) => {
+                    // Counted as the hellos refused at once are: malformed
+                    // (not among the hellos), its name not used.
+                    self.counters.hellos = self.counters.hellos.saturating_sub(1);
                     self.counters.hello_malformed += 1;
+                    self.counters.sni_malformed += 1;
                     if let Some(t) = tracking(&mut self.flows, id) {
                         if let Some(h) = t.hold.as_mut() {
                             h.scanner.set_malformed(why);
@@ -357,11 +361,10 @@ impl Sessions {
         let Some(held) = t.hold.as_mut() else {
             return Plan::Relay("the ClientHello was not kept: relayed as tcp-split".into());
         };
-        let accepted = match held.scanner.accept() {
+        let (accepted, skip) = match held.scanner.accept() {
             Ok(a) => a,
             Err(why) => return Plan::Malformed(why),
         };
-        let skip = held.scanner.seen();
         Plan::Intercept(
             Box::new(Intercept::start(
                 ctx,

@@ -151,10 +151,11 @@ impl HelloScanner {
     /// is complete or cannot be one.
     fn scan(&mut self) -> Option<Hello> {
         while let Some(header) = self.raw.get(self.next_record..self.next_record + 5) {
-            // A record of another type before the hello is complete, an
-            // oversized or an empty handshake record: rustls refuses each.
+            // A record of another type before the hello is complete, one
+            // whose version is not 3.x, an oversized or an empty handshake
+            // record: malformed (decided without a name, failing closed).
             let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-            if header[0] != HANDSHAKE_RECORD || len > MAX_RECORD || len == 0 {
+            if header[0] != HANDSHAKE_RECORD || header[1] != 3 || len > MAX_RECORD || len == 0 {
                 return Some(Hello::Malformed);
             }
             let start = self.next_record + 5;
@@ -208,35 +209,41 @@ impl HelloScanner {
     }
 
     /// rustls's own parse of the complete ClientHello, for a connection
-    /// that is decrypted to continue from (once). Refused when rustls
-    /// refuses the hello, or reads another server name from it than the
-    /// decision did: the decision must be on what the TLS stage reads.
-    pub fn accept(&mut self) -> Result<Box<Accepted>, &'static str> {
+    /// that is decrypted to continue from (once), and how many of the
+    /// client's bytes it read (the TLS stage skips those in the stream;
+    /// what it did not read stays there). Refused when rustls refuses the
+    /// hello, or reads another server name from it than the decision did:
+    /// the decision must be on what the TLS stage reads.
+    pub fn accept(&mut self) -> Result<(Box<Accepted>, usize), &'static str> {
         if !self.done || self.raw.is_empty() {
             return Err("no complete ClientHello was kept");
         }
-        let refused = "the TLS library refuses the ClientHello";
         let raw = std::mem::take(&mut self.raw);
-        let accepted = rustls_accept(&raw).ok_or(refused)?;
+        let (accepted, read) = rustls_accept(&raw).ok_or(TLS_REFUSED)?;
         if accepted.client_hello().server_name() != self.sni.as_deref() {
             return Err("the TLS library reads another server name in the ClientHello");
         }
-        Ok(Box::new(accepted))
+        Ok((Box::new(accepted), read))
     }
 }
 
+/// Why a hello the decision took is not decrypted after all.
+pub const TLS_REFUSED: &str = "the TLS library refuses the ClientHello";
+
 /// rustls's parse of a client's first bytes, if it takes them as a
-/// ClientHello. Its buffer takes a record or so at a time: each read is
-/// followed by an attempt, as bytes arriving from the network would be.
-pub(crate) fn rustls_accept(mut bytes: &[u8]) -> Option<Accepted> {
+/// ClientHello, and how many of the bytes it read. Its buffer takes a
+/// record or so at a time: each read is followed by an attempt, as bytes
+/// arriving from the network would be.
+pub(crate) fn rustls_accept(bytes: &[u8]) -> Option<(Accepted, usize)> {
     let mut acceptor = Acceptor::default();
+    let mut rest = bytes;
     loop {
-        if !bytes.is_empty() && acceptor.read_tls(&mut bytes).ok()? == 0 {
+        if !rest.is_empty() && acceptor.read_tls(&mut rest).ok()? == 0 {
             return None;
         }
         match acceptor.accept() {
-            Ok(Some(accepted)) => return Some(accepted),
-            Ok(None) if !bytes.is_empty() => {}
+            Ok(Some(accepted)) => return Some((accepted, bytes.len() - rest.len())),
+            Ok(None) if !rest.is_empty() => {}
             Ok(None) | Err(_) => return None,
         }
     }
@@ -280,23 +287,16 @@ fn parse_client_hello(body: &[u8]) -> Result<Parsed, Option<&'static str>> {
         if !r.0.is_empty() {
             return Err(None);
         }
-        // Extension types seen: the common ones by bit, the rest listed.
-        let mut seen_low = 0u64;
-        let mut seen_other: Vec<u16> = Vec::new();
+        // Extension types seen, one bit each (8 KiB: a hello of thousands
+        // of extensions costs linear time, not quadratic).
+        let mut seen = [0u64; 1024];
         let mut any_repeated = false;
         while !exts.0.is_empty() {
             let typ = exts.u16().ok_or(None)?;
             let data = exts.vec16().ok_or(None)?;
-            let repeated = if typ < 64 {
-                let bit = 1u64 << typ;
-                let was = seen_low & bit != 0;
-                seen_low |= bit;
-                was
-            } else {
-                let was = seen_other.contains(&typ);
-                seen_other.push(typ);
-                was
-            };
+            let (word, bit) = (usize::from(typ >> 6), 1u64 << (typ & 63));
+            let repeated = seen[word] & bit != 0;
+            seen[word] |= bit;
             if repeated {
                 // RFC 8446 §4.2: each extension once; rustls refuses the
                 // hello. Its content is not read again.
@@ -783,6 +783,27 @@ pub(crate) mod tests {
         };
         assert_eq!(ch.alpn.len(), 100);
         assert!(s.accept().is_ok());
+    }
+
+    #[test]
+    fn a_decrypted_hello_skips_only_what_rustls_read() {
+        // The hello, a change_cipher_spec and 5000 bytes of early data,
+        // all in one feed: rustls reads a few KiB at a time and stops at
+        // the hello; what it did not read stays in the client's stream.
+        let mut bytes = client_hello("a.example", &[]);
+        let hello_len = bytes.len();
+        bytes.extend([20, 3, 3, 0, 1, 1]);
+        bytes.extend([23, 3, 3, 0x13, 0x88]);
+        bytes.extend([0x55; 5000]);
+        let mut s = HelloScanner::default();
+        assert!(matches!(s.feed(&bytes), Some(Hello::Tls(_))));
+        assert_eq!(s.seen(), bytes.len());
+        let (_, read) = s.accept().expect("rustls takes it");
+        assert!(
+            read >= hello_len && read < bytes.len(),
+            "read {read} of {} (hello {hello_len})",
+            bytes.len()
+        );
     }
 
     #[test]

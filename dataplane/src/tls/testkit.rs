@@ -417,7 +417,7 @@ impl Session {
         let Some(Hello::Tls(ch)) = scanner.feed(&hello) else {
             panic!("not a ClientHello");
         };
-        let accepted = scanner.accept().expect("accepted");
+        let (accepted, skip) = scanner.accept().expect("accepted");
         let now = Instant::now();
         let mut cpipe = Pipe::new(256 << 10);
         cpipe.rx.extend(&hello);
@@ -428,7 +428,7 @@ impl Session {
             Some(kit.waker()),
             accepted,
             ch,
-            scanner.seen(),
+            skip,
             (
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)), 40000),
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), 443),
