@@ -79,6 +79,7 @@ struct Args {
     /// sleeps (0: sleep at once). Frames arriving meanwhile skip a
     /// wake-up; the CPU time is spent whether they come or not.
     #[arg(long, default_value_t = loupe_dataplane::config::DEFAULT_BUSY_POLL_US,
+          allow_negative_numbers = true,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     busy_poll_us: u64,
     /// Split every steered TCP connection: terminate both halves and relay
@@ -359,6 +360,27 @@ fn main() -> ExitCode {
                 source = s.source();
             }
             ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Args, String> {
+        let mut argv = vec!["loupe-dataplane", "--inside", "a", "--outside", "b"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn busy_polling_is_off_unless_asked_and_bounded() {
+        assert_eq!(parse(&[]).unwrap().busy_poll_us, 0);
+        assert_eq!(parse(&["--busy-poll-us", "50"]).unwrap().busy_poll_us, 50);
+        for bad in ["-1", "1000001", "soon"] {
+            let err = parse(&["--busy-poll-us", bad]).unwrap_err();
+            assert!(err.contains("--busy-poll-us"), "{bad}: {err}");
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Helpers the benchmark binaries share.
 
+pub mod wire_delay;
+
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;

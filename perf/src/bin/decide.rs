@@ -15,13 +15,17 @@
 //! new version), alternating two policies.
 
 use std::{
+    collections::HashMap,
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use clap::Parser;
-use loupe_perf::median;
+use loupe_perf::{
+    median,
+    wire_delay::{self, Capture, Stage, STAGES},
+};
 use loupe_tests::{
     control::{dataplane_socket, Control},
     engine::Engine,
@@ -42,6 +46,10 @@ struct Args {
     /// Policy applies to time.
     #[arg(long, default_value_t = 20)]
     applies: usize,
+    /// More loupe-dataplane arguments for the engine paths (one flag or
+    /// value each; repeat), e.g. `--engine-arg=--busy-poll-us --engine-arg=0`.
+    #[arg(long = "engine-arg", allow_hyphen_values = true)]
+    engine_args: Vec<String>,
 }
 
 const PATHS: [&str; 3] = ["bridge", "no-decrypt", "tcp-split"];
@@ -105,6 +113,7 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut samples: Vec<Vec<Times>> = vec![Vec::new(); PATHS.len()];
+    let mut wire: Vec<HashMap<Stage, Vec<f64>>> = vec![HashMap::new(); PATHS.len()];
     for round in 0..args.rounds.max(1) {
         for (i, path) in PATHS.iter().enumerate() {
             let h = Harness::new(HarnessConfig::default())?;
@@ -113,15 +122,24 @@ fn main() -> anyhow::Result<()> {
                 h.bridge_up()?;
             } else {
                 let sock = dataplane_socket(&h);
-                let engine =
-                    Engine::start(&h, &["--control-socket", sock.to_str().context("path")?])?;
+                let mut engine_args = vec!["--control-socket", sock.to_str().context("path")?];
+                engine_args.extend(args.engine_args.iter().map(String::as_str));
+                let engine = Engine::start(&h, &engine_args)?;
                 let p = policy(&h, path)?;
                 let control = Control::start(&h, &sock, Some(&p), &[])?;
                 control.wait_in_sync()?;
                 kept = Some((engine, control));
             }
             let nginx = Nginx::start(&h, 443)?;
+            let caps = (
+                Capture::start(&h.client, &h.dir, "client", 443)?,
+                Capture::start(&h.server, &h.dir, "server", 443)?,
+            );
             let s = connections(&h, &nginx, args.connections)?;
+            let (c, sv) = (caps.0.finish()?, caps.1.finish()?);
+            for (stage, d) in wire_delay::delays(&c, &sv, 443) {
+                wire[i].entry(stage).or_default().extend(d);
+            }
             if let Some((engine, _)) = &kept {
                 let want = args.connections as u64;
                 engine.wait_stats("every connection decided", Duration::from_secs(60), |r| {
@@ -175,6 +193,35 @@ fn main() -> anyhow::Result<()> {
             "total_p50_ms": t50 * 1e3, "total_vs_bridge": t50 / base,
             "handshake_added_p50_us": added_us,
         }));
+    }
+
+    // The path's own delay on the packets a new connection waits for.
+    println!(
+        "\none-way delay on the wire, client capture to server capture (p50, us):\n\
+         {:<11} {:>8} {:>8} {:>13} {:>13} {:>16}",
+        "path", "SYN", "SYN-ACK", "ClientHello", "server first", "added (3 first)"
+    );
+    let p50 =
+        |w: &HashMap<Stage, Vec<f64>>, s: Stage| w.get(&s).map_or(f64::NAN, |v| median(v.clone()));
+    let critical = [Stage::Syn, Stage::SynAck, Stage::Hello];
+    let base: f64 = critical.iter().map(|s| p50(&wire[0], *s)).sum();
+    for (path, w) in PATHS.iter().zip(&wire) {
+        let sum: f64 = critical.iter().map(|s| p50(w, *s)).sum();
+        println!(
+            "{path:<11} {:>8.1} {:>8.1} {:>13.1} {:>13.1} {:>16.1}",
+            p50(w, Stage::Syn),
+            p50(w, Stage::SynAck),
+            p50(w, Stage::Hello),
+            p50(w, Stage::ServerFirst),
+            sum - base
+        );
+        let mut row = serde_json::json!({"path": path, "wire_added_us": sum - base});
+        for s in STAGES {
+            row[format!("wire_{}_p50_us", s.name())] = serde_json::json!(p50(w, s));
+            row[format!("wire_{}_samples", s.name())] =
+                serde_json::json!(w.get(&s).map_or(0, Vec::len));
+        }
+        rows.push(row);
     }
 
     // Live apply: CLI to the dataplane running the new version.
