@@ -181,6 +181,42 @@ pub struct SplitCounters {
     /// within `--split-memory-mib`).
     #[serde(default)]
     pub buffer_capacity: u64,
+    /// What the hold and the decision cost the worker on the segment that
+    /// completed a ClientHello (its parse, the policy, the release or the
+    /// takeover): decisions by the bucket of [`DECISION_BUCKETS_US`] they
+    /// fall in (the last one: above the others).
+    #[serde(default)]
+    pub decision_us: [u64; DECISION_BUCKETS],
+}
+
+/// Upper bounds (µs) of the decision-cost buckets of [`SplitCounters`].
+pub const DECISION_BUCKETS_US: [u64; DECISION_BUCKETS - 1] = [5, 10, 20, 50, 100, 200, 500];
+pub const DECISION_BUCKETS: usize = 8;
+
+impl SplitCounters {
+    /// Counts a decision that cost `took`.
+    pub fn count_decision(&mut self, took: std::time::Duration) {
+        let us = took.as_micros() as u64;
+        let i = DECISION_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(DECISION_BUCKETS - 1);
+        self.decision_us[i] += 1;
+    }
+
+    /// The bound the median decision cost is within (µs; `None` with no
+    /// decision, or a median above the last bound).
+    pub fn decision_p50_within_us(&self) -> Option<u64> {
+        let n: u64 = self.decision_us.iter().sum();
+        let mut seen = 0;
+        for (i, c) in self.decision_us.iter().enumerate() {
+            seen += c;
+            if n > 0 && seen * 2 >= n {
+                return DECISION_BUCKETS_US.get(i).copied();
+            }
+        }
+        None
+    }
 }
 
 impl SplitCounters {
@@ -235,6 +271,9 @@ impl SplitCounters {
         self.spurious_undone += o.spurious_undone;
         self.dsacks_in += o.dsacks_in;
         self.buffer_capacity += o.buffer_capacity;
+        for (a, b) in self.decision_us.iter_mut().zip(o.decision_us) {
+            *a += b;
+        }
         self.intercepted += o.intercepted;
         self.not_decrypted += o.not_decrypted;
     }
@@ -245,11 +284,30 @@ mod split_counter_tests {
     use super::SplitCounters;
 
     #[test]
+    fn decision_costs_fall_in_their_buckets_and_give_a_median_bound() {
+        use std::time::Duration;
+        let mut c = SplitCounters::default();
+        assert_eq!(c.decision_p50_within_us(), None);
+        for us in [3, 5, 6, 15, 15, 15, 700] {
+            c.count_decision(Duration::from_micros(us));
+        }
+        assert_eq!(c.decision_us, [2, 1, 3, 0, 0, 0, 0, 1]);
+        // 7 decisions: the 4th is in the 20 µs bucket.
+        assert_eq!(c.decision_p50_within_us(), Some(20));
+        let mut slow = SplitCounters::default();
+        slow.count_decision(Duration::from_millis(2));
+        assert_eq!(slow.decision_p50_within_us(), None);
+    }
+
+    #[test]
     fn adding_workers_counters_sums_every_field() {
         // Every field at 1, through serde (so a field added later is in).
         let mut v = serde_json::to_value(SplitCounters::default()).unwrap();
         for (_, f) in v.as_object_mut().unwrap().iter_mut() {
-            *f = 1.into();
+            match f {
+                serde_json::Value::Array(a) => a.iter_mut().for_each(|x| *x = 1.into()),
+                _ => *f = 1.into(),
+            }
         }
         let one: SplitCounters = serde_json::from_value(v).unwrap();
         let mut sum = SplitCounters::default();
@@ -257,7 +315,12 @@ mod split_counter_tests {
         sum.add(&one);
         let sum = serde_json::to_value(sum).unwrap();
         for (name, f) in sum.as_object().unwrap() {
-            assert_eq!(f, 2, "field {name} is not summed");
+            match f {
+                serde_json::Value::Array(a) => {
+                    assert!(a.iter().all(|x| x == 2), "field {name} is not summed")
+                }
+                _ => assert_eq!(f, 2, "field {name} is not summed"),
+            }
         }
     }
 }
@@ -599,7 +662,8 @@ impl StatsReport {
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
                  holds released on timeout/bound, {} ACKs of large ClientHellos, {} window \
-                 shifts above 14 used as 14; buffers {} KiB, {} not split for memory",
+                 shifts above 14 used as 14; buffers {} KiB, {} not split for memory; \
+                 decisions cost the worker {} at the median",
                 sp.split,
                 sp.active,
                 sp.closed,
@@ -629,7 +693,12 @@ impl StatsReport {
                 sp.hold_acks,
                 sp.wscale_clamped,
                 sp.buffer_capacity >> 10,
-                sp.memory_passthrough
+                sp.memory_passthrough,
+                match (sp.decision_p50_within_us(), sp.decision_us.iter().sum::<u64>()) {
+                    (_, 0) => "nothing yet".to_string(),
+                    (Some(b), _) => format!("at most {b} µs"),
+                    (None, _) => format!("over {} µs", DECISION_BUCKETS_US[DECISION_BUCKETS - 2]),
+                }
             );
         }
         for h in &self.hsm {

@@ -232,6 +232,9 @@ impl Sessions {
             self.undecided(id, NoDecision::Overflow, now);
             return Disposition::Consumed;
         }
+        // The segment's own cost from here: the parse, and the decision
+        // when it completes the hello.
+        let started = Instant::now();
         let ready = held.stream.read(usize::MAX);
         held.read += ready.len() as u32;
         let closed = held.fin_at == Some(start + held.read);
@@ -286,6 +289,7 @@ impl Sessions {
             }
         };
         self.decide(id, &opening, None, now);
+        self.counters.count_decision(started.elapsed());
         Disposition::Consumed
     }
 

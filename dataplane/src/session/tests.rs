@@ -464,6 +464,8 @@ fn an_exempt_server_name_releases_the_held_frames_unchanged() {
     assert_eq!(out, vec![(Side::Outside, f1), (Side::Outside, f2)]);
     assert_eq!(b.sp.counters.policy_pass, 1);
     assert_eq!(bypassed(&b.sp), 1);
+    // Its cost is counted once: on the segment that completed the hello.
+    assert_eq!(b.sp.counters.decision_us.iter().sum::<u64>(), 1);
     // The decision is logged with its rule and the server name.
     let e = &b.sp.events[..];
     assert_eq!(e.len(), 1, "{e:?}");

@@ -22,6 +22,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
+use loupe_dataplane::stats::{SplitCounters, DECISION_BUCKETS_US};
 use loupe_perf::{
     median,
     wire_delay::{self, Capture, Stage, STAGES},
@@ -114,6 +115,8 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut samples: Vec<Vec<Times>> = vec![Vec::new(); PATHS.len()];
     let mut wire: Vec<HashMap<Stage, Vec<f64>>> = vec![HashMap::new(); PATHS.len()];
+    // The engine's own counters of what each decision cost its worker.
+    let mut costs = vec![SplitCounters::default(); PATHS.len()];
     for round in 0..args.rounds.max(1) {
         for (i, path) in PATHS.iter().enumerate() {
             let h = Harness::new(HarnessConfig::default())?;
@@ -142,10 +145,15 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some((engine, _)) = &kept {
                 let want = args.connections as u64;
-                engine.wait_stats("every connection decided", Duration::from_secs(60), |r| {
-                    let sp = r.split_total();
-                    (sp.split + sp.policy_pass >= want).then_some(())
-                })?;
+                let sp = engine.wait_stats(
+                    "every connection decided",
+                    Duration::from_secs(60),
+                    |r| {
+                        let sp = r.split_total();
+                        (sp.split + sp.policy_pass >= want).then_some(sp)
+                    },
+                )?;
+                costs[i].add(&sp);
             }
             eprintln!(
                 "  round {round} {path:<11} connect median {:.3} ms, handshake {:.2} ms, total {:.2} ms",
@@ -222,6 +230,25 @@ fn main() -> anyhow::Result<()> {
                 serde_json::json!(w.get(&s).map_or(0, Vec::len));
         }
         rows.push(row);
+    }
+
+    println!(
+        "\nhold + decision in the worker (the segment completing the ClientHello: parse, \
+         policy, release or takeover), from the engine's counters:"
+    );
+    for (path, c) in PATHS.iter().zip(&costs).skip(1) {
+        let n: u64 = c.decision_us.iter().sum();
+        let p50 = c.decision_p50_within_us();
+        println!(
+            "{path:<11} {n:>6} decisions, p50 {}; by bucket (us, upper bounds {:?} and above): {:?}",
+            p50.map_or("above the last bound".into(), |b| format!("at most {b} us")),
+            DECISION_BUCKETS_US,
+            c.decision_us
+        );
+        rows.push(serde_json::json!({
+            "path": path, "decisions": n, "decision_p50_within_us": p50,
+            "decision_buckets_us": DECISION_BUCKETS_US, "decision_counts": c.decision_us,
+        }));
     }
 
     // Live apply: CLI to the dataplane running the new version.
