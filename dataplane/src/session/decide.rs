@@ -156,7 +156,12 @@ impl Sessions {
             .hold
             .as_ref()
             .is_some_and(|h| h.scanner.sni_malformed().is_some());
-        let decision = if malformed {
+        // A server that closes before the client spoke did not speak first:
+        // decided as a connection whose name never came (failing closed),
+        // or it could let a held ClientHello with a blocked name through.
+        let closed_first = matches!(opening, Opening::ServerFirst)
+            && pending.as_ref().is_some_and(|s| s.payload.is_empty());
+        let decision = if malformed || closed_first {
             policy.decide_unnamed(&t.subject(None))
         } else {
             policy.decide(&t.subject(opening.sni()))
@@ -164,6 +169,11 @@ impl Sessions {
         let mut meta = t.meta(&policy, &decision, opening.sni());
         if malformed {
             meta.note = Some("a malformed server name: decided without it".into());
+        }
+        if closed_first {
+            meta.note = Some(
+                "the server closed before the client's first bytes: decided without a name".into(),
+            );
         }
         if let Opening::Tls(ch) = opening {
             meta.alpn = ch

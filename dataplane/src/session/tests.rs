@@ -119,6 +119,17 @@ impl Bench {
     }
 }
 
+/// No byte of the client's went toward the server since the last look.
+fn assert_nothing_reached_the_server(b: &mut Bench, why: &str) {
+    let out = b.sent();
+    assert!(
+        segments(&out, Side::Outside)
+            .iter()
+            .all(|s| s.payload.is_empty()),
+        "{why}: the ClientHello reached the server"
+    );
+}
+
 fn bypassed(sp: &Sessions) -> usize {
     sp.ops
         .iter()
@@ -970,13 +981,7 @@ fn a_malformed_server_name_cannot_get_past_a_block() {
             (0, 1),
             "{why}"
         );
-        let out = b.sent();
-        assert!(
-            segments(&out, Side::Outside)
-                .iter()
-                .all(|s| s.payload.is_empty()),
-            "{why}: the ClientHello reached the server"
-        );
+        assert_nothing_reached_the_server(&mut b, why);
         assert_eq!(bypassed(&b.sp), 0);
         let e = b.sp.events.last().expect("a record");
         assert_eq!(
@@ -1324,4 +1329,37 @@ fn a_hello_rustls_refuses_is_not_decrypted_but_decided_as_malformed() {
         Some("the TLS library refuses the ClientHello"),
         "{e:?}"
     );
+}
+
+/// A server that closes before the client's first bytes did not speak
+/// first: the connection is decided without a name and fails closed, so a
+/// cooperating server cannot open the way for a ClientHello with a blocked
+/// name (found by an outside probe: the hello reached the server whole).
+#[test]
+fn a_server_fin_before_the_hello_is_decided_without_a_name_and_fails_closed() {
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    let mut fin = seg(S_ISN + 1, C_ISN + 1, false, b"");
+    fin.flags.fin = true;
+    b.send(Dir::Server, &fin);
+    assert_eq!(b.sp.counters.refused, 1);
+    let hello = client_hello("x.bad.example", &[]);
+    b.client_data(0, &hello);
+    assert_nothing_reached_the_server(&mut b, "a server FIN first");
+    let e = b.sp.events.last().expect("a record");
+    assert_eq!((e.end.as_str(), e.rule.as_str()), ("blocked", "the-rule"));
+    assert!(
+        e.note
+            .as_deref()
+            .is_some_and(|n| n.contains("closed before")),
+        "{e:?}"
+    );
+
+    // A server that speaks first (data) is decided by the rules that
+    // need no name, as before: here the default.
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    b.send(
+        Dir::Server,
+        &seg(S_ISN + 1, C_ISN + 1, false, b"220 hello\r\n"),
+    );
+    assert_eq!((b.sp.counters.refused, b.sp.counters.server_first), (0, 1));
 }
