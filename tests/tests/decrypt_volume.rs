@@ -141,6 +141,14 @@ fn decryption_survives_loss_reordering_and_duplication_both_ways() {
         .unwrap();
         all_good(&r, 1);
     }
-    let s = m.engine.stats().unwrap().split_total();
+    // A split's counters join the totals when it ends, and the stats file
+    // is rewritten periodically: wait for both splits to have ended.
+    let s = m
+        .engine
+        .wait_stats("both splits ended", Duration::from_secs(120), |r| {
+            let s = r.split_total();
+            (s.active == 0 && s.closed + s.aborted >= 2).then_some(s)
+        })
+        .unwrap();
     assert!(s.retransmits > 0, "the links were impaired: {s:?}");
 }
