@@ -90,6 +90,8 @@ pub struct EngineConfig {
     /// grow into together (see [`crate::tcp::budget`]).
     pub split_buffer_max: usize,
     pub split_memory: usize,
+    /// The split halves' congestion control.
+    pub split_congestion: crate::tcp::cc::Algorithm,
     /// tcp-split passes (does not split) connections whose ClientHello
     /// names one of these servers.
     pub split_exempt_sni: Vec<crate::policy::HostGlob>,
@@ -143,6 +145,7 @@ impl EngineConfig {
             drain_timeout: SessionSettings::default().drain,
             split_buffer_max: SessionSettings::default().buffer_max,
             split_memory: SessionSettings::default().budget.limit(),
+            split_congestion: Default::default(),
             split_exempt_sni: Vec::new(),
             api: None,
         }

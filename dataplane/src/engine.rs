@@ -409,6 +409,7 @@ pub fn run(
                     tls: tls_ctx.clone(),
                     buffer_max: cfg.split_buffer_max,
                     budget: budget.clone(),
+                    congestion: cfg.split_congestion,
                     ..SessionSettings::default()
                 },
                 ops: ops_tx.clone(),

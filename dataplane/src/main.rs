@@ -129,6 +129,10 @@ struct Args {
           allow_negative_numbers = true,
           value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     split_memory_mib: u64,
+    /// Congestion control of the split halves' senders: cubic (RFC 9438,
+    /// as Linux) or newreno (RFC 5681).
+    #[arg(long, default_value = "cubic", value_name = "ALGORITHM")]
+    split_cc: loupe_dataplane::tcp::cc::Algorithm,
     /// Start the HSM signer on the token with this label (repeatable, one
     /// per partition; the first one's audit key seals the audit log).
     #[arg(long = "hsm-token")]
@@ -242,6 +246,7 @@ fn main() -> ExitCode {
     cfg.drain_timeout = Duration::from_millis(args.drain_timeout_ms);
     cfg.split_buffer_max = (args.split_buffer_max_kib as usize) << 10;
     cfg.split_memory = (args.split_memory_mib as usize) << 20;
+    cfg.split_congestion = args.split_cc;
     if let Some(socket) = args.control_socket {
         let group = match args
             .control_group
@@ -382,5 +387,18 @@ mod tests {
             let err = parse(&["--busy-poll-us", bad]).unwrap_err();
             assert!(err.contains("--busy-poll-us"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn split_congestion_control_is_cubic_unless_asked() {
+        use loupe_dataplane::tcp::cc::Algorithm;
+        assert_eq!(parse(&[]).unwrap().split_cc, Algorithm::Cubic);
+        let reno = parse(&["--split-cc", "NewReno"]).unwrap();
+        assert_eq!(reno.split_cc, Algorithm::NewReno);
+        let err = parse(&["--split-cc", "bbr"]).unwrap_err();
+        assert!(
+            err.contains("--split-cc") && err.contains("cubic, newreno"),
+            "{err}"
+        );
     }
 }

@@ -65,6 +65,10 @@ struct Args {
     /// through RPS) the last CPU, as if the endpoints were other machines.
     #[arg(long)]
     per_core: bool,
+    /// Pass this argument to the engine as well (repeatable), e.g.
+    /// `--engine-arg=--split-cc=newreno` to compare congestion controls.
+    #[arg(long = "engine-arg", value_name = "ARG", allow_hyphen_values = true)]
+    engine_args: Vec<String>,
 }
 
 /// The CPUs of the fair shape: the path's, and the endpoints'.
@@ -313,7 +317,11 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
     let shape = args.per_core.then(Shape::new).transpose()?;
     // In the fair shape the engine's threads are placed with the rest of
     // the path, not pinned one per CPU.
-    let pin: &[&str] = if shape.is_some() { &["--no-pin"] } else { &[] };
+    let mut pin: Vec<&str> = args.engine_args.iter().map(String::as_str).collect();
+    if shape.is_some() {
+        pin.push("--no-pin");
+    }
+    let pin = &pin[..];
     fn with<'a>(a: &[&'a str], pin: &[&'a str]) -> Vec<&'a str> {
         [a, pin].concat()
     }
@@ -439,7 +447,7 @@ fn split_memory(n: usize) -> anyhow::Result<()> {
 
 /// The same transfer over the same seeded impairment, through a Linux
 /// bridge (the kernel path) and through tcp-split, back to back.
-fn impaired(mib: usize, repeat: u32, clean: bool) -> anyhow::Result<()> {
+fn impaired(mib: usize, repeat: u32, clean: bool, engine_args: &[String]) -> anyhow::Result<()> {
     let len = mib << 20;
     // Rounds alternate the paths, so a noisy stretch of the machine hits
     // both; each path's figure is its median.
@@ -457,7 +465,9 @@ fn impaired(mib: usize, repeat: u32, clean: bool) -> anyhow::Result<()> {
                 Some(ImpairProc::start_both(&h, &LOSSY, 11)?)
             };
             let engine = if split {
-                Some(Engine::start(&h, &["--tcp-split"])?)
+                let mut a = vec!["--tcp-split"];
+                a.extend(engine_args.iter().map(String::as_str));
+                Some(Engine::start(&h, &a)?)
             } else {
                 h.bridge_up()?;
                 None
@@ -538,7 +548,7 @@ fn main() -> anyhow::Result<()> {
         return split_memory(n);
     }
     if let Some(mib) = args.impaired_mib {
-        return impaired(mib, args.repeat, args.clean);
+        return impaired(mib, args.repeat, args.clean, &args.engine_args);
     }
     let paths: Vec<Path> = match &args.paths {
         None => Path::ALL.to_vec(),

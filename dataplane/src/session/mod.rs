@@ -92,6 +92,8 @@ pub struct SessionSettings {
     /// connections are not split (passed, counted) or, for `decrypt`,
     /// follow the profile's `no_resources`.
     pub budget: Arc<MemoryBudget>,
+    /// The halves' congestion control.
+    pub congestion: crate::tcp::cc::Algorithm,
 }
 
 /// A half's buffers to begin with (each way), before autotuning.
@@ -120,6 +122,7 @@ impl Default for SessionSettings {
             drain: Duration::from_secs(2),
             buffer_max: 4 << 20,
             budget: Arc::new(MemoryBudget::new(1 << 30)),
+            congestion: crate::tcp::cc::Algorithm::default(),
         }
     }
 }
@@ -226,6 +229,7 @@ impl Sessions {
                 send_buffer_max: settings.buffer_max.max(BUFFER_INITIAL),
                 recv_buffer_max: settings.buffer_max.max(BUFFER_INITIAL),
                 budget: Some(settings.budget.clone()),
+                congestion: settings.congestion,
                 ..ConnConfig::default()
             },
             settings,

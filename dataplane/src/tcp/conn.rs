@@ -6,11 +6,12 @@
 //! Implemented, with the RFC text at the code: RFC 9293 segment processing
 //! and state changes from ESTABLISHED through half-close, simultaneous close
 //! and TIME-WAIT; RFC 6298 retransmission timer with backoff and Karn's
-//! rule; RFC 5681/6582 NewReno; RFC 7323 window scale, timestamps on every
-//! segment and PAWS; RFC 5961 RST, SYN and ACK validation with challenge
-//! ACKs; the persist timer for zero windows; delayed ACKs; SACK blocks sent
-//! when permitted (received ones count as duplicate ACKs and find lost
-//! retransmissions; no scoreboard). Send and receive buffers autotune as
+//! rule; RFC 9438 CUBIC or RFC 5681/6582 NewReno (see [`super::cc`]);
+//! RFC 7323 window scale, timestamps on every segment and PAWS; RFC 5961
+//! RST, SYN and ACK validation with challenge ACKs; the persist timer for
+//! zero windows; delayed ACKs; SACK blocks sent when permitted (received
+//! ones count as duplicate ACKs and find lost retransmissions; no
+//! scoreboard). Send and receive buffers autotune as
 //! Linux's do (see [`ConnConfig::send_buffer_max`]), within a
 //! [`MemoryBudget`].
 
@@ -22,7 +23,7 @@ use std::{
 
 use super::{
     budget::MemoryBudget,
-    cc::{AckAction, NewReno},
+    cc::{AckAction, Algorithm, Congestion},
     reassembly::Reassembler,
     rtt::{backed_off, RttEstimator},
 };
@@ -87,6 +88,8 @@ pub struct ConnConfig {
     pub fin_wait2: Duration,
     /// Consecutive RTO expirations before the connection is abandoned.
     pub max_retransmits: u32,
+    /// How the congestion window grows and shrinks.
+    pub congestion: Algorithm,
 }
 
 impl Default for ConnConfig {
@@ -103,6 +106,7 @@ impl Default for ConnConfig {
             time_wait: Duration::from_secs(10),
             fin_wait2: Duration::from_secs(60),
             max_retransmits: 15,
+            congestion: Algorithm::default(),
         }
     }
 }
@@ -213,7 +217,7 @@ pub struct Conn {
     /// (RFC 9293 §3.8.6.1).
     zero_window_alive: bool,
     mss: u32,
-    cc: NewReno,
+    cc: Congestion,
     rtt: RttEstimator,
     rto_at: Option<Instant>,
     /// Karn: one segment timed at a time, and never a retransmitted one.
@@ -336,7 +340,7 @@ impl Conn {
             fin_seq: None,
             zero_window_alive: false,
             mss,
-            cc: NewReno::new(mss),
+            cc: Congestion::new(mss, cfg.congestion),
             rtt: RttEstimator::default(),
             rto_at: None,
             rtt_probe: None,
@@ -949,7 +953,8 @@ impl Conn {
             self.take_rtt_sample(seg, ack, now);
             self.rtt.progress();
             self.rexmit_high = None;
-            if self.cc.on_ack(acked, ack, flight) == AckAction::Retransmit {
+            let srtt = self.rtt.srtt().unwrap_or_default();
+            if self.cc.on_ack(acked, ack, flight, now, srtt) == AckAction::Retransmit {
                 self.retransmit_now = true;
                 self.fast_pending = true;
             }
@@ -1392,8 +1397,13 @@ impl Conn {
             .snd_wnd
             .min(self.cc.cwnd().saturating_add(self.cc.limited_transmit()));
         let room = wnd.saturating_sub(flight) as usize;
+        // Whether the congestion window, rather than the peer's window or
+        // the data to send, is what stops the sender if it stops here.
+        let cc_wnd = self.cc.cwnd().saturating_add(self.cc.limited_transmit());
+        let cwnd_full = cc_wnd <= self.snd_wnd && room < self.mss as usize;
         if unsent > 0 {
             if room == 0 {
+                self.cc.set_cwnd_limited(cwnd_full);
                 self.arm_persist(now);
                 return None;
             }
@@ -1403,6 +1413,7 @@ impl Conn {
             //# segment can be sent ... or all queued data can be sent ... or
             //# (flight is empty) (sender-side silly window avoidance)
             if len < self.mss as usize && len < unsent && flight > 0 {
+                self.cc.set_cwnd_limited(cwnd_full);
                 return None;
             }
             let seq = self.snd_nxt;
@@ -1424,6 +1435,8 @@ impl Conn {
             self.rto_at.get_or_insert(now + self.rtt.rto());
             return Some(self.segment(seq, Vec::new(), true, now));
         }
+        // Out of data: a window already full still counts as filled.
+        self.cc.set_cwnd_limited(cwnd_full);
         None
     }
 

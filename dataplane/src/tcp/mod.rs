@@ -6,7 +6,8 @@
 //!   overlaps counted (the classic IDS evasion).
 //! - [`rtt`]: the retransmission timeout (RFC 6298).
 //! - [`budget`]: the memory autotuned buffers grow into, engine-wide.
-//! - [`cc`]: NewReno congestion control (RFC 5681, RFC 6582).
+//! - [`cc`]: congestion control, CUBIC (RFC 9438) by default or NewReno
+//!   (RFC 5681, RFC 6582), with one loss recovery.
 //! - [`conn`]: one endpoint in a synchronized state, sans I/O.
 //! - [`sim`]: a seeded lossy link between two endpoints on a virtual clock.
 //! - [`split`]: taking over: handshake tracking and the two halves it
