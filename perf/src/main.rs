@@ -498,8 +498,16 @@ fn impaired(mib: usize, repeat: u32, clean: bool, engine_args: &[String]) -> any
                 let per = sp.pure_acks_out as f64 / sp.data_segments_in.max(1) as f64;
                 eprintln!(
                     "    engine: {} data segments in, {} pure ACKs out ({per:.2} per data \
-                     segment), {} retransmissions",
-                    sp.data_segments_in, sp.pure_acks_out, sp.retransmits
+                     segment), {} retransmissions ({} fast, {} of lost retransmissions, {} \
+                     tail probes, {} timeouts, {} reductions undone)",
+                    sp.data_segments_in,
+                    sp.pure_acks_out,
+                    sp.retransmits,
+                    sp.fast_retransmits,
+                    sp.lost_retransmits,
+                    sp.tail_probes,
+                    sp.timeouts,
+                    sp.spurious_undone
                 );
                 acks_per_data.push(per);
                 e.stop();

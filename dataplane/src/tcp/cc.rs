@@ -404,10 +404,13 @@ impl Congestion {
         AckAction::Retransmit
     }
 
-    /// A tail loss probe found the connection stalled with data out: the
-    /// congestion response of fast recovery (RFC 8985 §7.4), without the
-    /// inflation for duplicate ACKs that did not come.
-    pub fn on_tail_loss(&mut self, snd_nxt: SeqNum, flight: u32) -> AckAction {
+    /// A loss found otherwise than by duplicate ACKs: a tail loss probe
+    /// found the connection stalled with data out (RFC 8985 §7.4), or the
+    /// SACK scoreboard shows the first unacknowledged segment lost before
+    /// enough duplicate ACKs came (RFC 6675 §5: IsLost(HighACK + 1)).
+    /// The congestion response of fast recovery, without the inflation
+    /// for duplicate ACKs.
+    pub fn on_loss(&mut self, snd_nxt: SeqNum, flight: u32) -> AckAction {
         if self.recover.is_some() {
             return AckAction::None;
         }

@@ -9,9 +9,10 @@
 //! rule; RFC 9438 CUBIC or RFC 5681/6582 NewReno (see [`super::cc`]);
 //! RFC 7323 window scale, timestamps on every segment and PAWS; RFC 5961
 //! RST, SYN and ACK validation with challenge ACKs; the persist timer for
-//! zero windows; delayed ACKs; SACK blocks sent when permitted (received
-//! ones count as duplicate ACKs and find lost retransmissions; no
-//! scoreboard). Send and receive buffers autotune as
+//! zero windows; delayed ACKs; SACK blocks sent when permitted; received
+//! ones kept in a scoreboard (RFC 6675) that drives loss recovery: every
+//! hole it shows lost is resent in a round trip, as the pipe allows, and
+//! lost retransmissions are found. Send and receive buffers autotune as
 //! Linux's do (see [`ConnConfig::send_buffer_max`]), within a
 //! [`MemoryBudget`].
 
@@ -24,8 +25,9 @@ use std::{
 use super::{
     budget::MemoryBudget,
     cc::{AckAction, Algorithm, Congestion},
-    reassembly::Reassembler,
+    reassembly::{Reassembler, SACK_BLOCKS},
     rtt::{backed_off, RttEstimator},
+    scoreboard::Scoreboard,
 };
 use crate::wire::{
     options::{TcpOptions, Timestamps},
@@ -245,6 +247,10 @@ pub struct Conn {
     sack_ok: bool,
     /// The highest right edge the peer has SACKed.
     sack_high: SeqNum,
+    /// What the peer's SACKs say it holds above SND.UNA (RFC 6675).
+    scoreboard: Scoreboard,
+    /// RFC 6675 HighRxt: in recovery, the end of the last hole resent.
+    high_rxt: SeqNum,
     /// SND.MAX when the first unacknowledged segment was last
     /// retransmitted: data SACKed well beyond it was sent after the
     /// retransmission, so the retransmission was lost too.
@@ -362,6 +368,8 @@ impl Conn {
             }),
             sack_ok: hs.sack_permitted,
             sack_high: snd,
+            scoreboard: Scoreboard::default(),
+            high_rxt: snd,
             rexmit_high: None,
             tlp_at: None,
             episode: None,
@@ -399,6 +407,11 @@ impl Conn {
     #[cfg(test)]
     pub(crate) fn cc_in_recovery_for_tests(&self) -> bool {
         self.cc.in_recovery()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn cc_cwnd_for_tests(&self) -> u32 {
+        self.cc.cwnd()
     }
 
     #[cfg(test)]
@@ -934,6 +947,13 @@ impl Conn {
             return false;
         }
         let dsack = self.take_dsack(seg, ack);
+        if self.sack_ok {
+            // A DSACK block reports a duplicate, not data held.
+            let una = self.snd_una.max(ack);
+            for &(l, r) in seg.options.sack.iter().skip(usize::from(dsack)) {
+                self.scoreboard.add(l, r, una, self.snd_max);
+            }
+        }
         let flight = self.flight();
         if ack.gt(self.snd_una) {
             self.reo_at = None;
@@ -947,6 +967,7 @@ impl Conn {
             let data = (acked as usize).min(self.send_buf.len());
             self.send_buf.drain(..data);
             self.snd_una = ack;
+            self.scoreboard.advance(ack);
             if self.snd_nxt.lt(self.snd_una) {
                 self.snd_nxt = self.snd_una;
             }
@@ -954,7 +975,11 @@ impl Conn {
             self.rtt.progress();
             self.rexmit_high = None;
             let srtt = self.rtt.srtt().unwrap_or_default();
-            if self.cc.on_ack(acked, ack, flight, now, srtt) == AckAction::Retransmit {
+            // A partial ACK resends the new first hole, unless SACK
+            // recovery already resent it (the scoreboard picks the holes).
+            if self.cc.on_ack(acked, ack, flight, now, srtt) == AckAction::Retransmit
+                && !(self.sack_ok && self.high_rxt.gt(ack))
+            {
                 self.retransmit_now = true;
                 self.fast_pending = true;
             }
@@ -1101,13 +1126,64 @@ impl Conn {
                 self.reo_at = Some(now + wnd);
             }
         }
-        if self.cc.on_dup_ack(self.snd_nxt, flight) == AckAction::Retransmit {
+        let mut action = self.cc.on_dup_ack(self.snd_nxt, flight);
+        //= https://www.rfc-editor.org/rfc/rfc6675#section-5
+        //# Upon the receipt of the first (DupThresh - 1) duplicate ACKs, the
+        //# scoreboard is to be updated as normal.
+        // ... and recovery starts once IsLost(HighACK + 1) holds: more
+        // than DupThresh - 1 segments' worth SACKed above it, however few
+        // ACKs carried them (a receiver behind GRO SACKs many at once).
+        if action == AckAction::None && reduces && self.first_hole_lost() {
+            action = self.cc.on_loss(self.snd_nxt, flight);
+        }
+        if action == AckAction::Retransmit {
             if reduces {
                 self.episode = None;
+                self.high_rxt = self.snd_una;
             }
             self.retransmit_now = true;
             self.fast_pending = true;
         }
+    }
+
+    /// Bytes SACKed above a hole that make it lost (RFC 6675 IsLost):
+    /// more than DupThresh - 1 segments' worth.
+    fn lost_need(&self) -> u32 {
+        (self.cc.dupthresh() - 1) * self.mss
+    }
+
+    /// The first unacknowledged byte is lost by the scoreboard's count.
+    fn first_hole_lost(&self) -> bool {
+        self.sack_ok
+            && !self.scoreboard.contains(self.snd_una)
+            && self
+                .scoreboard
+                .lost_below(self.lost_need())
+                .is_some_and(|b| b.gt(self.snd_una))
+    }
+
+    /// RFC 6675 §4 SetPipe: the bytes still in the network as the
+    /// scoreboard has it. Sent and not cumulatively acknowledged, less
+    /// what the peer SACKed, less the holes deemed lost that have not
+    /// been resent yet.
+    fn pipe(&self) -> u32 {
+        let out = self.snd_max.since(self.snd_una).max(0) as u32;
+        let lost = self
+            .scoreboard
+            .lost_below(self.lost_need())
+            .map_or(0, |below| {
+                self.scoreboard
+                    .holes_between(self.high_rxt.max(self.snd_una), below)
+            });
+        out.saturating_sub(self.scoreboard.sacked())
+            .saturating_sub(lost)
+    }
+
+    /// In SACK recovery, the window is ssthresh (RFC 6675 §5: cwnd =
+    /// ssthresh on entry; no inflation by duplicate ACKs) against the
+    /// pipe rather than everything outstanding.
+    fn sack_recovery(&self) -> bool {
+        self.sack_ok && self.cc.in_recovery()
     }
 
     fn take_rtt_sample(&mut self, seg: &Segment, ack: SeqNum, now: Instant) {
@@ -1172,6 +1248,7 @@ impl Conn {
                 && self.cc.on_reorder_timeout(self.snd_nxt, self.flight()) == AckAction::Retransmit
             {
                 self.episode = None;
+                self.high_rxt = self.snd_una;
                 self.retransmit_now = true;
                 self.fast_pending = true;
             }
@@ -1212,6 +1289,9 @@ impl Conn {
         //# (5.6) Start the retransmission timer
         self.cc.on_rto(self.flight());
         self.episode = None;
+        // Go-back-N resends from SND.UNA; SACKs start over (a peer may
+        // also have reneged, RFC 2018 §8).
+        self.scoreboard.clear();
         self.reo_at = None;
         self.rtt.back_off();
         self.rexmit_high = None;
@@ -1236,6 +1316,7 @@ impl Conn {
         }
         let seg = self
             .retransmission(now)
+            .or_else(|| self.next_hole(now))
             .or_else(|| self.new_data(now))
             .or_else(|| self.pure_ack(now))?;
         self.stats.segments_out += 1;
@@ -1275,6 +1356,10 @@ impl Conn {
             //# the first block in the SACK option.
             self.stats.dsacks_out += u64::from(dsack.is_some());
             options.sack = dsack.into_iter().chain(self.rcv.sack_blocks()).collect();
+            // What fits beside the timestamps (three) or alone (four): the
+            // rest would be cut when the options are written anyway.
+            let room = if self.ts.is_some() { 3 } else { SACK_BLOCKS };
+            options.sack.truncate(room);
         }
         Segment {
             seq,
@@ -1340,27 +1425,78 @@ impl Conn {
         // then stays shut.
         let sent = (self.snd_max.since(self.snd_una).max(0) as usize).min(self.send_buf.len());
         let len = sent.min(self.mss as usize);
-        let payload = self.bytes_at(self.snd_una, len);
-        let fin = self.fin_sent() && self.fin_seq == Some(self.snd_una + len as u32);
+        let una = self.snd_una;
+        let payload = self.bytes_at(una, len);
+        let fin = self.fin_sent() && self.fin_seq == Some(una + len as u32);
         self.stats.retransmits += 1;
         self.stats.fast_retransmits += u64::from(fast);
-        if self.sack_ok {
-            self.rexmit_high = Some(self.snd_max);
-            let ep = self.episode.get_or_insert_with(Episode::default);
-            // A FIN alone is never DSACKed: such an episode is never undone.
-            if len == 0 {
-                ep.overflowed = true;
-            } else if ep.pending.len() < EPISODE_RANGES {
-                ep.pending.push((self.snd_una, self.snd_una + len as u32));
-            } else {
-                ep.overflowed = true;
-            }
-        }
-        if self.rtt_probe.is_some_and(|(p, _)| p.gt(self.snd_una)) {
+        self.resent(una, len);
+        if self.rtt_probe.is_some_and(|(p, _)| p.gt(una)) {
             self.rtt_probe = None; // Karn: that timing is now ambiguous.
         }
         self.rto_at.get_or_insert(now + self.rtt.rto());
-        Some(self.segment(self.snd_una, payload, fin, now))
+        Some(self.segment(una, payload, fin, now))
+    }
+
+    /// `len` bytes (0: the FIN alone) at `seq` were sent again: kept to
+    /// match DSACKs against (RFC 3708), and as HighRxt in recovery.
+    fn resent(&mut self, seq: SeqNum, len: usize) {
+        if !self.sack_ok {
+            return;
+        }
+        self.rexmit_high = Some(self.snd_max);
+        let end = seq + len as u32;
+        if self.cc.in_recovery() && end.gt(self.high_rxt) {
+            self.high_rxt = end;
+        }
+        let ep = self.episode.get_or_insert_with(Episode::default);
+        // A FIN alone is never DSACKed: such an episode is never undone.
+        if len == 0 {
+            ep.overflowed = true;
+        } else if ep.pending.len() < EPISODE_RANGES {
+            ep.pending.push((seq, end));
+        } else {
+            ep.overflowed = true;
+        }
+    }
+
+    /// SACK recovery (RFC 6675 §5, NextSeg rule 1): the next hole past
+    /// HighRxt that the scoreboard deems lost, while the pipe leaves room
+    /// in the window. Every hole a round trip's SACKs show is resent in
+    /// that round trip.
+    fn next_hole(&mut self, now: Instant) -> Option<Segment> {
+        if !self.sack_recovery() {
+            return None;
+        }
+        //= https://www.rfc-editor.org/rfc/rfc6675#section-5
+        //# (C) If cwnd - pipe >= 1 SMSS, the sender SHOULD transmit one or
+        //# more segments
+        if self.pipe().saturating_add(self.mss) > self.cc.ssthresh() {
+            return None;
+        }
+        let below = self.scoreboard.lost_below(self.lost_need())?;
+        let from = self.high_rxt.max(self.snd_una);
+        let (start, end) = self.scoreboard.hole_from(from, below)?;
+        // Only bytes sent before, as for any retransmission.
+        let sent_end = self.snd_una + self.send_buf.len().min(u32::MAX as usize) as u32;
+        let end = if end.gt(sent_end) { sent_end } else { end };
+        let len = (end.since(start).max(0) as usize).min(self.mss as usize);
+        if len == 0 {
+            return None;
+        }
+        let payload = self.bytes_at(start, len);
+        let fin = self.fin_sent() && self.fin_seq == Some(start + len as u32);
+        self.stats.retransmits += 1;
+        self.stats.fast_retransmits += 1;
+        self.resent(start, len);
+        if self
+            .rtt_probe
+            .is_some_and(|(p, _)| p.ge(start) && p.lt(start + len as u32))
+        {
+            self.rtt_probe = None;
+        }
+        self.rto_at.get_or_insert(now + self.rtt.rto());
+        Some(self.segment(start, payload, fin, now))
     }
 
     fn probe(&mut self, now: Instant) -> Option<Segment> {
@@ -1396,7 +1532,14 @@ impl Conn {
         let wnd = self
             .snd_wnd
             .min(self.cc.cwnd().saturating_add(self.cc.limited_transmit()));
-        let room = wnd.saturating_sub(flight) as usize;
+        let room = if self.sack_recovery() {
+            // RFC 6675 NextSeg rule 2: new data as the pipe allows, within
+            // the peer's window.
+            let cc_room = self.cc.ssthresh().saturating_sub(self.pipe());
+            cc_room.min(self.snd_wnd.saturating_sub(flight)) as usize
+        } else {
+            wnd.saturating_sub(flight) as usize
+        };
         // Whether the congestion window, rather than the peer's window or
         // the data to send, is what stops the sender if it stops here.
         let cc_wnd = self.cc.cwnd().saturating_add(self.cc.limited_transmit());
@@ -1467,8 +1610,9 @@ impl Conn {
         if !self.outstanding() {
             return;
         }
-        if self.cc.on_tail_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit {
+        if self.cc.on_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit {
             self.episode = None;
+            self.high_rxt = self.snd_una;
             self.stats.tail_probes += 1;
             self.retransmit_now = true;
         }

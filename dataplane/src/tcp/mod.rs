@@ -8,6 +8,7 @@
 //! - [`budget`]: the memory autotuned buffers grow into, engine-wide.
 //! - [`cc`]: congestion control, CUBIC (RFC 9438) by default or NewReno
 //!   (RFC 5681, RFC 6582), with one loss recovery.
+//! - [`scoreboard`]: what the peer's SACKs say it holds (RFC 6675).
 //! - [`conn`]: one endpoint in a synchronized state, sans I/O.
 //! - [`sim`]: a seeded lossy link between two endpoints on a virtual clock.
 //! - [`split`]: taking over: handshake tracking and the two halves it
@@ -21,6 +22,7 @@ pub mod cc;
 pub mod conn;
 pub mod reassembly;
 pub mod rtt;
+pub mod scoreboard;
 pub mod sim;
 pub mod split;
 pub mod stream;

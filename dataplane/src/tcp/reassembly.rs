@@ -12,6 +12,9 @@
 //! Memory is bounded by `capacity`: delivered-but-unread bytes plus the span
 //! of the out-of-order queue never exceed it, and [`Reassembler::window`]
 //! is what the receive window must advertise so a sender cannot exceed it.
+//!
+//! What it holds out of order is also what the receiver reports in SACK
+//! blocks: whole runs, newest arrival first ([`Reassembler::sack_blocks`]).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -32,6 +35,10 @@ pub struct Insert {
     pub outside: usize,
 }
 
+/// SACK blocks an ACK carries at most: four fit in TCP's 40 bytes of
+/// options, three beside the timestamps (RFC 2018 §3).
+pub const SACK_BLOCKS: usize = 4;
+
 /// One direction's reassembly state.
 #[derive(Debug)]
 pub struct Reassembler {
@@ -45,6 +52,12 @@ pub struct Reassembler {
     /// `delivered`.
     held: BTreeMap<u64, Vec<u8>>,
     held_bytes: usize,
+    /// The held ranges merged where they touch, start to end: the SACK
+    /// blocks (RFC 2018 §4 wants contiguous blocks, not one per segment).
+    blocks: BTreeMap<u64, u64>,
+    /// Where the last few out-of-order segments landed (stream offsets,
+    /// most recent first), so that SACKs report the newest blocks first.
+    recent: VecDeque<u64>,
     /// The last delivered bytes, for checking retransmissions.
     history: VecDeque<u8>,
     history_cap: usize,
@@ -60,6 +73,8 @@ impl Reassembler {
             ready: VecDeque::new(),
             held: BTreeMap::new(),
             held_bytes: 0,
+            blocks: BTreeMap::new(),
+            recent: VecDeque::new(),
             history: VecDeque::new(),
             history_cap: history,
             capacity,
@@ -132,14 +147,41 @@ impl Reassembler {
         out
     }
 
-    /// The out-of-order ranges as SACK blocks (RFC 2018 §4), most recent
-    /// first is the sender's business; these are in sequence order.
+    /// The out-of-order ranges as SACK blocks, at most [`SACK_BLOCKS`]:
+    //= https://www.rfc-editor.org/rfc/rfc2018#section-4
+    //# The first SACK block (i.e., the one immediately following the
+    //# kind and length fields in the option) MUST specify the contiguous
+    //# block of data containing the segment which triggered this ACK
+    /// Then the blocks of the segments received just before it, then the
+    /// rest from the lowest: a sender learns of the newest arrivals at
+    /// once, however many holes there are.
     pub fn sack_blocks(&self) -> Vec<(SeqNum, SeqNum)> {
-        self.held
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(SACK_BLOCKS);
+        let containing = |o: u64| {
+            self.blocks
+                .range(..=o)
+                .next_back()
+                .filter(|&(_, &end)| end > o)
+                .map(|(&s, &e)| (s, e))
+        };
+        let lowest = self.blocks.iter().map(|(&s, &e)| (s, e));
+        for b in self
+            .recent
             .iter()
-            .map(|(&off, data)| {
-                let l = self.next + (off - self.delivered) as u32;
-                (l, (l + data.len() as u32))
+            .filter_map(|&o| containing(o))
+            .chain(lowest)
+        {
+            if out.len() == SACK_BLOCKS {
+                break;
+            }
+            if !out.contains(&b) {
+                out.push(b);
+            }
+        }
+        out.into_iter()
+            .map(|(s, e)| {
+                let l = self.next + (s - self.delivered) as u32;
+                (l, l + (e - s) as u32)
             })
             .collect()
     }
@@ -200,6 +242,13 @@ impl Reassembler {
                 self.advance(bytes);
             } else {
                 self.merge(off, to, base, data, &mut r);
+                // One entry per block: the segment's block replaces the
+                // older arrivals it now contains.
+                if let Some((&s, &e)) = self.blocks.range(..=off).next_back() {
+                    self.recent.retain(|&o| o < s || o >= e);
+                }
+                self.recent.push_front(off);
+                self.recent.truncate(SACK_BLOCKS);
             }
             self.deliver();
         }
@@ -240,8 +289,22 @@ impl Reassembler {
     }
 
     fn put(&mut self, at: u64, bytes: Vec<u8>) {
+        let end = at + bytes.len() as u64;
         self.held_bytes += bytes.len();
         self.held.insert(at, bytes);
+        // Join the block that ends where this starts, and the one that
+        // starts where it ends (the ranges themselves never overlap).
+        let mut start = at;
+        let mut stop = end;
+        if let Some((&s, &e)) = self.blocks.range(..at).next_back() {
+            if e == at {
+                start = s;
+            }
+        }
+        if let Some(e) = self.blocks.remove(&end) {
+            stop = e;
+        }
+        self.blocks.insert(start, stop);
     }
 
     /// Moves held ranges that now start at `delivered` to the reader.
@@ -254,6 +317,15 @@ impl Reassembler {
             self.held_bytes -= bytes.len();
             self.advance(&bytes);
         }
+        // The first block went whole: its ranges were contiguous.
+        while let Some(entry) = self.blocks.first_entry() {
+            if *entry.get() > self.delivered {
+                break;
+            }
+            entry.remove();
+        }
+        let delivered = self.delivered;
+        self.recent.retain(|&o| o >= delivered);
     }
 
     /// Hands the next in-order bytes to the reader (and the history).
@@ -277,6 +349,46 @@ mod tests {
 
     fn seg(r: &mut Reassembler, isn: SeqNum, off: u32, data: &[u8]) -> Insert {
         r.insert(isn + off, data)
+    }
+
+    /// SACK blocks are whole runs (not one per segment), the newest
+    /// arrival's first, then the ones before it, then the lowest.
+    #[test]
+    fn sack_blocks_are_contiguous_and_newest_first() {
+        let isn = SeqNum(1000);
+        let mut r = Reassembler::new(isn, 1 << 16, 1 << 16);
+        let block = |a: u32, b: u32| (isn + a, isn + b);
+        seg(&mut r, isn, 10, &[1; 10]);
+        seg(&mut r, isn, 20, &[1; 10]);
+        assert_eq!(r.sack_blocks(), vec![block(10, 30)]);
+        seg(&mut r, isn, 50, &[1; 10]);
+        assert_eq!(r.sack_blocks(), vec![block(50, 60), block(10, 30)]);
+        for off in [70, 90, 110, 130] {
+            seg(&mut r, isn, off, &[1; 10]);
+        }
+        let newest_four = vec![
+            block(130, 140),
+            block(110, 120),
+            block(90, 100),
+            block(70, 80),
+        ];
+        assert_eq!(r.sack_blocks(), newest_four);
+        // Filling between two blocks joins them, and it is the newest.
+        seg(&mut r, isn, 30, &[1; 20]);
+        assert_eq!(
+            r.sack_blocks(),
+            vec![
+                block(10, 60),
+                block(130, 140),
+                block(110, 120),
+                block(90, 100)
+            ]
+        );
+        // The hole at 0 filled: that block is delivered; the rest stay,
+        // newest first, then the lowest.
+        seg(&mut r, isn, 0, &[1; 10]);
+        assert_eq!(r.next(), isn + 60);
+        assert_eq!(r.sack_blocks(), newest_four);
     }
 
     #[test]
@@ -360,6 +472,23 @@ mod tests {
         fn prefix(&self) -> Vec<u8> {
             self.known.iter().map_while(|b| *b).collect()
         }
+
+        /// Runs of known bytes from `from` on, as `[start, end)`.
+        fn runs_after(&self, from: usize) -> Vec<(usize, usize)> {
+            let mut runs = Vec::new();
+            let mut start = None;
+            for i in from..=self.known.len() {
+                match (self.known.get(i).copied().flatten(), start) {
+                    (Some(_), None) => start = Some(i),
+                    (None, Some(s)) => {
+                        runs.push((s, i));
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+            runs
+        }
     }
 
     proptest! {
@@ -384,6 +513,24 @@ mod tests {
                 m.insert(off, &data);
                 conflicts += r.insert(isn + off as u32, &data).conflict;
                 out.extend(r.read(usize::MAX));
+                // The SACK blocks are exactly the model's runs of known
+                // bytes past the delivered prefix: whole, never touching,
+                // the one holding the newest segment first (when it is
+                // held out of order).
+                let delivered = out.len();
+                let blocks: Vec<(usize, usize)> = r
+                    .sack_blocks()
+                    .iter()
+                    .map(|&(l, e)| (l.since(isn) as usize, e.since(isn) as usize))
+                    .collect();
+                let runs = m.runs_after(delivered);
+                prop_assert!(blocks.len() == runs.len().min(SACK_BLOCKS), "{:?} {:?}", blocks, runs);
+                for b in &blocks {
+                    prop_assert!(runs.contains(b), "{:?} not in {:?}", b, runs);
+                }
+                if off > delivered && !data.is_empty() {
+                    prop_assert!(blocks[0].0 <= off && off < blocks[0].1, "{:?} {}", blocks, off);
+                }
             }
             let want = m.prefix();
             prop_assert_eq!(&out, &want);

@@ -698,6 +698,23 @@ mod tests {
         assert_eq!(a.state(), State::Closed);
     }
 
+    /// Two established ends after a clean 300 KB transfer from a to b,
+    /// which opened a's congestion window past 60 segments.
+    fn warmed_up(seed: u64) -> (Conn, Conn, Instant) {
+        let (mut a, mut b, now) = established(seed);
+        let warm = vec![1u8; 300_000];
+        let mut written = 0;
+        while written < warm.len() || a.send_buffered() > 0 {
+            written += a.write(&warm[written..]);
+            deliver(&mut a, &mut b, now);
+            b.read(usize::MAX);
+            b.ack_now();
+            deliver(&mut b, &mut a, now);
+        }
+        assert!(a.cc_cwnd_for_tests() > 60 * 1448);
+        (a, b, now)
+    }
+
     fn deliver(from: &mut Conn, to: &mut Conn, now: Instant) -> usize {
         let mut n = 0;
         while let Some(s) = from.poll_transmit(now) {
@@ -840,6 +857,91 @@ mod tests {
         let st = a.stats();
         assert_eq!((st.lost_retransmits, st.rto_expirations), (1, 0), "{st:?}");
         assert_eq!(a.snd_una(), start + data.len() as u32, "{st:?}");
+    }
+
+    /// RFC 6675: every hole the SACKs of one flight show lost is resent
+    /// as those SACKs arrive, not one hole per round trip as NewReno's
+    /// partial ACKs would; the pipe, not the inflated window, paces them.
+    #[test]
+    fn every_hole_the_sacks_show_is_resent_within_the_round_trip() {
+        let (mut a, mut b, now) = warmed_up(23);
+        // One flight of 60 segments; the 6th, 16th and 26th are lost.
+        a.write(&vec![2u8; 60 * 1448]);
+        let mut flight = Vec::new();
+        while let Some(s) = a.poll_transmit(now) {
+            flight.push(s);
+        }
+        assert_eq!(flight.len(), 60);
+        let lost: Vec<SeqNum> = [5, 15, 25].iter().map(|&i| flight[i].seq).collect();
+        let mut resent = Vec::new();
+        for (i, s) in flight.iter().enumerate() {
+            if [5, 15, 25].contains(&i) {
+                continue;
+            }
+            b.on_segment(s, now);
+            b.ack_now();
+            while let Some(ack) = b.poll_transmit(now) {
+                a.on_segment(&ack, now);
+                while let Some(r) = a.poll_transmit(now) {
+                    resent.push(r);
+                }
+            }
+        }
+        // All three holes went out again before any retransmission could
+        // have been acknowledged, each once.
+        let resent_seqs: Vec<SeqNum> = resent
+            .iter()
+            .filter(|r| !r.payload.is_empty() && lost.contains(&r.seq))
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(resent_seqs, lost, "{:?}", a.stats());
+        let st = a.stats();
+        assert_eq!((st.retransmits, st.rto_expirations), (3, 0), "{st:?}");
+        // They arrive: everything is acknowledged, recovery ends.
+        for r in &resent {
+            b.on_segment(r, now);
+        }
+        b.ack_now();
+        deliver(&mut b, &mut a, now);
+        assert_eq!(a.snd_una(), flight[59].seq + 1448);
+        assert!(!a.cc_in_recovery_for_tests());
+    }
+
+    /// The receiver's SACK option as it goes on the wire: whole blocks,
+    /// the newest arrival's first, only as many as fit beside the
+    /// timestamps (three). Before, one block per segment in sequence
+    /// order left a sender blind to everything past the first three
+    /// segments after a hole.
+    #[test]
+    fn sacks_report_whole_blocks_newest_first_as_many_as_fit() {
+        let (mut a, mut b, now) = warmed_up(29);
+        a.write(&vec![3u8; 20 * 1448]);
+        let mut flight = Vec::new();
+        while let Some(s) = a.poll_transmit(now) {
+            flight.push(s);
+        }
+        assert!(flight.len() >= 20);
+        let end = |i: usize| flight[i].seq + flight[i].payload.len() as u32;
+        let mut last = None;
+        for (i, s) in flight.iter().enumerate().take(20) {
+            if [2, 5, 8, 11, 14].contains(&i) {
+                continue;
+            }
+            b.on_segment(s, now);
+            b.ack_now();
+            while let Some(ack) = b.poll_transmit(now) {
+                last = Some(ack);
+            }
+        }
+        let sack = last.expect("an ACK").options.sack;
+        assert_eq!(
+            sack,
+            vec![
+                (flight[15].seq, end(19)),
+                (flight[12].seq, end(13)),
+                (flight[9].seq, end(10)),
+            ]
+        );
     }
 
     /// A handshake without options (ISNs 1 and 100, MSS 1460) and the

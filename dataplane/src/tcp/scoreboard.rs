@@ -1,0 +1,229 @@
+//! The sender's SACK scoreboard (RFC 6675): which bytes above SND.UNA the
+//! peer has reported holding, so that loss recovery can resend every hole
+//! the SACKs show in one round trip, rather than one hole per round trip
+//! as NewReno's partial ACKs do, and count what is still in the network
+//! (the "pipe").
+//!
+//! Ranges are kept sorted and merged, at most [`MAX_RANGES`] of them; when
+//! a peer reports more, the highest are forgotten. Forgetting a SACK only
+//! makes the sender more careful: fewer bytes count as delivered, fewer
+//! holes as lost.
+
+use crate::wire::seq::SeqNum;
+
+/// SACKed ranges kept, at most. A window of a few hundred segments at a
+/// few percent loss has a few dozen holes.
+pub const MAX_RANGES: usize = 64;
+
+#[derive(Clone, Debug, Default)]
+pub struct Scoreboard {
+    /// `[left, right)` SACKed ranges, sorted, disjoint and not touching.
+    ranges: Vec<(SeqNum, SeqNum)>,
+}
+
+impl Scoreboard {
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.ranges.clear();
+    }
+
+    /// Records a SACK block, clamped to `[una, max)` (bytes sent and not
+    /// cumulatively acknowledged); anything outside is ignored.
+    pub fn add(&mut self, left: SeqNum, right: SeqNum, una: SeqNum, max: SeqNum) {
+        let left = if left.lt(una) { una } else { left };
+        let right = if right.gt(max) { max } else { right };
+        if !right.gt(left) {
+            return;
+        }
+        // The first range that ends at or after `left` (it may merge).
+        let i = self.ranges.partition_point(|&(_, r)| r.lt(left));
+        let mut j = i;
+        let (mut l, mut r) = (left, right);
+        while j < self.ranges.len() && self.ranges[j].0.le(r) {
+            let (jl, jr) = self.ranges[j];
+            if jl.lt(l) {
+                l = jl;
+            }
+            if jr.gt(r) {
+                r = jr;
+            }
+            j += 1;
+        }
+        self.ranges.splice(i..j, [(l, r)]);
+        self.ranges.truncate(MAX_RANGES);
+    }
+
+    /// SND.UNA moved to `una`: what it covers is no longer tracked.
+    pub fn advance(&mut self, una: SeqNum) {
+        let gone = self.ranges.partition_point(|&(_, r)| r.le(una));
+        self.ranges.drain(..gone);
+        if let Some(first) = self.ranges.first_mut() {
+            if first.0.lt(una) {
+                first.0 = una;
+            }
+        }
+    }
+
+    /// Bytes SACKed in all.
+    pub fn sacked(&self) -> u32 {
+        self.ranges.iter().map(|&(l, r)| r.since(l) as u32).sum()
+    }
+
+    /// Whether `seq` is SACKed.
+    pub fn contains(&self, seq: SeqNum) -> bool {
+        let i = self.ranges.partition_point(|&(_, r)| r.le(seq));
+        self.ranges.get(i).is_some_and(|&(l, _)| l.le(seq))
+    }
+
+    /// Bytes below this are lost if not SACKed (RFC 6675 §4 IsLost): more
+    /// than `need` bytes above them have been SACKed. `None` while no hole
+    /// qualifies.
+    pub fn lost_below(&self, need: u32) -> Option<SeqNum> {
+        let mut above = 0u32;
+        for &(l, r) in self.ranges.iter().rev() {
+            above = above.saturating_add(r.since(l) as u32);
+            if above > need {
+                return Some(l);
+            }
+        }
+        None
+    }
+
+    /// The first hole (unSACKed bytes) at or after `from` and below
+    /// `below`, as `[start, end)`.
+    pub fn hole_from(&self, from: SeqNum, below: SeqNum) -> Option<(SeqNum, SeqNum)> {
+        let mut at = from;
+        let i = self.ranges.partition_point(|&(_, r)| r.le(at));
+        for &(l, r) in &self.ranges[i..] {
+            if l.gt(at) {
+                break;
+            }
+            at = r;
+        }
+        if !below.gt(at) {
+            return None;
+        }
+        let end = self.ranges[i..]
+            .iter()
+            .map(|&(l, _)| l)
+            .find(|l| l.gt(at))
+            .map_or(below, |l| if l.lt(below) { l } else { below });
+        Some((at, end))
+    }
+
+    /// Unsacked bytes in `[from, below)`.
+    pub fn holes_between(&self, from: SeqNum, below: SeqNum) -> u32 {
+        if !below.gt(from) {
+            return 0;
+        }
+        let mut sacked = 0u32;
+        for &(l, r) in &self.ranges {
+            let l = if l.lt(from) { from } else { l };
+            let r = if r.gt(below) { below } else { r };
+            if r.gt(l) {
+                sacked += r.since(l) as u32;
+            }
+        }
+        below.since(from) as u32 - sacked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(n: u32) -> SeqNum {
+        SeqNum(n)
+    }
+
+    fn board(blocks: &[(u32, u32)]) -> Scoreboard {
+        let mut b = Scoreboard::default();
+        for &(l, r) in blocks {
+            b.add(s(l), s(r), s(100), s(10_000));
+        }
+        b
+    }
+
+    #[test]
+    fn blocks_merge_and_stay_sorted_within_what_was_sent() {
+        let b = board(&[
+            (500, 600),
+            (300, 400),
+            (400, 450),
+            (0, 150),
+            (9_900, 20_000),
+        ]);
+        assert_eq!(
+            b.ranges,
+            vec![
+                (s(100), s(150)),
+                (s(300), s(450)),
+                (s(500), s(600)),
+                (s(9_900), s(10_000))
+            ]
+        );
+        let mut b = board(&[(300, 400), (500, 600), (700, 800)]);
+        b.add(s(350), s(750), s(100), s(10_000));
+        assert_eq!(b.ranges, vec![(s(300), s(800))]);
+        assert_eq!(b.sacked(), 500);
+        assert!(b.contains(s(300)) && b.contains(s(799)) && !b.contains(s(800)));
+        b.advance(s(400));
+        assert_eq!(b.ranges, vec![(s(400), s(800))]);
+        b.advance(s(800));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn holes_are_lost_below_enough_sacked_bytes() {
+        // Holes at 100..200, 300..400, 500..600; SACKed 200..300,
+        // 400..500, 600..700.
+        let b = board(&[(200, 300), (400, 500), (600, 700)]);
+        assert_eq!(b.lost_below(99), Some(s(600)));
+        assert_eq!(b.lost_below(150), Some(s(400)));
+        assert_eq!(b.lost_below(250), Some(s(200)));
+        assert_eq!(b.lost_below(300), None);
+        assert_eq!(b.hole_from(s(100), s(600)), Some((s(100), s(200))));
+        assert_eq!(b.hole_from(s(150), s(600)), Some((s(150), s(200))));
+        assert_eq!(b.hole_from(s(200), s(600)), Some((s(300), s(400))));
+        assert_eq!(b.hole_from(s(450), s(600)), Some((s(500), s(600))));
+        assert_eq!(b.hole_from(s(550), s(560)), Some((s(550), s(560))));
+        assert_eq!(b.hole_from(s(600), s(700)), None);
+        assert_eq!(b.hole_from(s(300), s(300)), None);
+        assert_eq!(b.holes_between(s(100), s(600)), 300);
+        assert_eq!(b.holes_between(s(250), s(450)), 100);
+        assert_eq!(b.holes_between(s(700), s(650)), 0);
+    }
+
+    #[test]
+    fn the_board_is_bounded_and_forgets_the_highest() {
+        let mut b = Scoreboard::default();
+        for i in 0..(MAX_RANGES as u32 + 10) {
+            b.add(s(1000 + 20 * i), s(1010 + 20 * i), s(0), s(1 << 20));
+        }
+        assert_eq!(b.ranges.len(), MAX_RANGES);
+        assert_eq!(b.ranges[0], (s(1000), s(1010)));
+        // A low block still goes in, pushing the highest out.
+        b.add(s(10), s(20), s(0), s(1 << 20));
+        assert_eq!((b.ranges.len(), b.ranges[0]), (MAX_RANGES, (s(10), s(20))));
+    }
+
+    #[test]
+    fn sequence_numbers_wrap() {
+        let mut b = Scoreboard::default();
+        let una = SeqNum(u32::MAX - 100);
+        b.add(una + 50, una + 150, una, una + 1000);
+        b.add(una + 200, una + 300, una, una + 1000);
+        assert_eq!(b.sacked(), 200);
+        assert_eq!(b.hole_from(una, una + 300), Some((una, una + 50)));
+        assert_eq!(
+            b.hole_from(una + 60, una + 300),
+            Some((una + 150, una + 200))
+        );
+        assert_eq!(b.lost_below(150), Some(una + 50));
+        b.advance(una + 160);
+        assert_eq!(b.sacked(), 100);
+    }
+}
