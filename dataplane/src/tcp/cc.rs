@@ -266,6 +266,18 @@ impl Congestion {
             }
             return AckAction::Retransmit;
         }
+        // A window the sender did not use is not grown (RFC 7661): in slow
+        // start, unless at least half of it was in flight (Linux's
+        // `tcp_is_cwnd_limited`); in avoidance, unless the sender was
+        // stopped by it. Otherwise an application-limited flow's window
+        // would grow without bound, and a later loss would "restore" it.
+        let half_used = flight.saturating_mul(2) > self.cwnd;
+        if !(self.cwnd_limited || (half_used && self.cwnd < self.ssthresh)) {
+            if self.algorithm == Algorithm::Cubic {
+                self.cubic.epoch = None;
+            }
+            return AckAction::None;
+        }
         let mut acked = acked;
         if self.cwnd < self.ssthresh {
             //= https://www.rfc-editor.org/rfc/rfc3465#section-2.1
@@ -772,5 +784,36 @@ mod tests {
             (c.cwnd(), c.cubic.w_max, c.cubic.epoch),
             (cwnd, w_max, epoch)
         );
+    }
+
+    /// RFC 7661: a window the sender does not use is not grown. In slow
+    /// start it grows while at least half of it is in flight; beyond
+    /// that, only while the sender is stopped by it.
+    #[test]
+    fn an_unused_window_does_not_grow() {
+        for algorithm in [Algorithm::NewReno, Algorithm::Cubic] {
+            let mut c = Congestion::new(MSS, algorithm);
+            c.set_cwnd_limited(false);
+            let now = Instant::now();
+            for _ in 0..100 {
+                c.on_ack(MSS, SeqNum(0), MSS, now, Duration::ZERO);
+            }
+            assert_eq!(c.cwnd(), 4 * MSS, "{algorithm:?}");
+            c.on_ack(MSS, SeqNum(0), 3 * MSS, now, Duration::ZERO);
+            assert_eq!(c.cwnd(), 5 * MSS, "{algorithm:?}");
+            let mut c = Congestion::new(MSS, algorithm).with_cwnd(20 * MSS);
+            c.on_rto(40 * MSS);
+            c.set_cwnd_limited(true);
+            while c.cwnd() < c.ssthresh() {
+                c.on_ack(MSS, SeqNum(0), c.cwnd(), now, Duration::ZERO);
+            }
+            let cwnd = c.cwnd();
+            c.set_cwnd_limited(false);
+            for i in 0..1000 {
+                let later = now + Duration::from_millis(i);
+                c.on_ack(MSS, SeqNum(0), cwnd, later, Duration::from_millis(1));
+            }
+            assert_eq!(c.cwnd(), cwnd, "{algorithm:?}");
+        }
     }
 }

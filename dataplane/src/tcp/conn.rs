@@ -251,6 +251,10 @@ pub struct Conn {
     scoreboard: Scoreboard,
     /// RFC 6675 HighRxt: in recovery, the end of the last hole resent.
     high_rxt: SeqNum,
+    /// In recovery, when each hole was resent (start, time; at most
+    /// [`EPISODE_RANGES`]): a hole still missing a round trip after its
+    /// resend, when the ACKs come, was lost again.
+    resent_at: VecDeque<(SeqNum, Instant)>,
     /// SND.MAX when the first unacknowledged segment was last
     /// retransmitted: data SACKed well beyond it was sent after the
     /// retransmission, so the retransmission was lost too.
@@ -370,6 +374,7 @@ impl Conn {
             sack_high: snd,
             scoreboard: Scoreboard::default(),
             high_rxt: snd,
+            resent_at: VecDeque::new(),
             rexmit_high: None,
             tlp_at: None,
             episode: None,
@@ -973,7 +978,12 @@ impl Conn {
             }
             self.take_rtt_sample(seg, ack, now);
             self.rtt.progress();
-            self.rexmit_high = None;
+            // In SACK recovery a partial ACK that lands on a hole already
+            // resent keeps the mark: if data sent after that resend is
+            // SACKed well beyond it, the resend was lost too (below).
+            if !(self.sack_recovery() && self.high_rxt.gt(ack)) {
+                self.rexmit_high = None;
+            }
             let srtt = self.rtt.srtt().unwrap_or_default();
             // A partial ACK resends the new first hole, unless SACK
             // recovery already resent it (the scoreboard picks the holes).
@@ -1010,6 +1020,11 @@ impl Conn {
                 .is_some_and(|h| self.sack_high.gt(h + 3 * self.mss))
             {
                 self.rexmit_high = None;
+                self.retransmit_now = true;
+                self.stats.lost_retransmits += 1;
+            } else if self.resend_overdue(now) {
+                // Nothing sent after the resend came back to show it
+                // lost (the sender had no new data): its time did.
                 self.retransmit_now = true;
                 self.stats.lost_retransmits += 1;
             }
@@ -1140,9 +1155,30 @@ impl Conn {
             if reduces {
                 self.episode = None;
                 self.high_rxt = self.snd_una;
+                self.resent_at.clear();
             }
             self.retransmit_now = true;
             self.fast_pending = true;
+        }
+    }
+
+    /// In SACK recovery, the first hole was resent more than a round trip
+    /// and a quarter ago (RACK's reordering allowance, RFC 8985 §6.2; at
+    /// least a millisecond) and an ACK still shows it missing. Its resend
+    /// time restarts, so one overdue resend is resent once.
+    fn resend_overdue(&mut self, now: Instant) -> bool {
+        if !self.sack_recovery() {
+            return false;
+        }
+        let srtt = self.rtt.srtt().unwrap_or_default();
+        let wait = (srtt * 5 / 4).max(Duration::from_millis(1));
+        let una = self.snd_una;
+        match self.resent_at.iter_mut().find(|(s, _)| *s == una) {
+            Some((_, at)) if now.saturating_duration_since(*at) > wait => {
+                *at = now;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -1249,6 +1285,7 @@ impl Conn {
             {
                 self.episode = None;
                 self.high_rxt = self.snd_una;
+                self.resent_at.clear();
                 self.retransmit_now = true;
                 self.fast_pending = true;
             }
@@ -1292,6 +1329,7 @@ impl Conn {
         // Go-back-N resends from SND.UNA; SACKs start over (a peer may
         // also have reneged, RFC 2018 §8).
         self.scoreboard.clear();
+        self.resent_at.clear();
         self.reo_at = None;
         self.rtt.back_off();
         self.rexmit_high = None;
@@ -1430,7 +1468,7 @@ impl Conn {
         let fin = self.fin_sent() && self.fin_seq == Some(una + len as u32);
         self.stats.retransmits += 1;
         self.stats.fast_retransmits += u64::from(fast);
-        self.resent(una, len);
+        self.resent(una, len, now);
         if self.rtt_probe.is_some_and(|(p, _)| p.gt(una)) {
             self.rtt_probe = None; // Karn: that timing is now ambiguous.
         }
@@ -1440,14 +1478,22 @@ impl Conn {
 
     /// `len` bytes (0: the FIN alone) at `seq` were sent again: kept to
     /// match DSACKs against (RFC 3708), and as HighRxt in recovery.
-    fn resent(&mut self, seq: SeqNum, len: usize) {
+    fn resent(&mut self, seq: SeqNum, len: usize, now: Instant) {
         if !self.sack_ok {
             return;
         }
         self.rexmit_high = Some(self.snd_max);
         let end = seq + len as u32;
-        if self.cc.in_recovery() && end.gt(self.high_rxt) {
-            self.high_rxt = end;
+        if self.cc.in_recovery() {
+            if end.gt(self.high_rxt) {
+                self.high_rxt = end;
+            }
+            // Below SND.UNA now: done with.
+            let una = self.snd_una;
+            self.resent_at.retain(|(s, _)| s.ge(una) && *s != seq);
+            if self.resent_at.len() < EPISODE_RANGES {
+                self.resent_at.push_back((seq, now));
+            }
         }
         let ep = self.episode.get_or_insert_with(Episode::default);
         // A FIN alone is never DSACKed: such an episode is never undone.
@@ -1477,8 +1523,14 @@ impl Conn {
         let below = self.scoreboard.lost_below(self.lost_need())?;
         let from = self.high_rxt.max(self.snd_una);
         let (start, end) = self.scoreboard.hole_from(from, below)?;
-        // Only bytes sent before, as for any retransmission.
-        let sent_end = self.snd_una + self.send_buf.len().min(u32::MAX as usize) as u32;
+        // Only bytes sent before (below SND.MAX, and still buffered), as
+        // for any retransmission.
+        let buffered = self.send_buf.len().min(u32::MAX as usize) as u32;
+        let sent = (self.snd_max.since(self.snd_una).max(0) as u32).min(buffered);
+        let sent_end = self.snd_una + sent;
+        if !start.lt(sent_end) {
+            return None;
+        }
         let end = if end.gt(sent_end) { sent_end } else { end };
         let len = (end.since(start).max(0) as usize).min(self.mss as usize);
         if len == 0 {
@@ -1488,7 +1540,7 @@ impl Conn {
         let fin = self.fin_sent() && self.fin_seq == Some(start + len as u32);
         self.stats.retransmits += 1;
         self.stats.fast_retransmits += 1;
-        self.resent(start, len);
+        self.resent(start, len, now);
         if self
             .rtt_probe
             .is_some_and(|(p, _)| p.ge(start) && p.lt(start + len as u32))
@@ -1613,6 +1665,7 @@ impl Conn {
         if self.cc.on_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit {
             self.episode = None;
             self.high_rxt = self.snd_una;
+            self.resent_at.clear();
             self.stats.tail_probes += 1;
             self.retransmit_now = true;
         }

@@ -240,6 +240,10 @@ impl Reassembler {
                 let bytes = &data[off.wrapping_sub(base) as usize..to.wrapping_sub(base) as usize];
                 r.new += bytes.len();
                 self.advance(bytes);
+            } else if off > self.delivered && self.held.len() >= self.max_ranges() {
+                // Too many separate pieces (tiny segments scattered over
+                // the window): this one is dropped, the sender resends.
+                r.outside += (to - off) as usize;
             } else {
                 self.merge(off, to, base, data, &mut r);
                 // One entry per block: the segment's block replaces the
@@ -262,10 +266,18 @@ impl Reassembler {
         let at = |o: u64| o.wrapping_sub(base) as usize;
         let slice = |a: u64, b: u64| data[at(a)..at(b)].to_vec();
         let mut pos = from;
-        let overlapping: Vec<(u64, usize)> = self
+        // Held ranges never overlap: only the last one starting before
+        // `from` can reach into it, then those starting inside. (Not a
+        // scan from the lowest: that made each insert linear in what is
+        // held, and a sender of tiny scattered segments quadratic.)
+        let before = self
             .held
-            .range(..to)
-            .filter(|(&s, d)| s + d.len() as u64 > from)
+            .range(..from)
+            .next_back()
+            .filter(|(&s, d)| s + d.len() as u64 > from);
+        let overlapping: Vec<(u64, usize)> = before
+            .into_iter()
+            .chain(self.held.range(from..to))
             .map(|(&s, d)| (s, d.len()))
             .collect();
         for (s, len) in overlapping {
@@ -286,6 +298,13 @@ impl Reassembler {
             self.put(pos, slice(pos, to));
             r.new += (to - pos) as usize;
         }
+    }
+
+    /// Separate out-of-order pieces held at most: one per 64 bytes of
+    /// capacity (a window of full segments needs one per 1448), at least
+    /// 1024. Each costs a map node and an allocation beyond its bytes.
+    fn max_ranges(&self) -> usize {
+        (self.capacity / 64).max(1024)
     }
 
     fn put(&mut self, at: u64, bytes: Vec<u8>) {
@@ -402,6 +421,26 @@ mod tests {
         assert_eq!(r.read(100), b"abcdefgh");
         assert_eq!(r.next(), (isn + 8));
         assert!(r.sack_blocks().is_empty());
+    }
+
+    /// A sender scattering tiny segments over the window (every other
+    /// byte) cannot make the reassembler hold more than its bound of
+    /// separate pieces; the rest is dropped as outside, and the stream
+    /// still completes once the gaps arrive.
+    #[test]
+    fn scattered_tiny_segments_are_held_up_to_a_bound() {
+        let isn = SeqNum(7);
+        let mut r = Reassembler::new(isn, 128 << 10, 0);
+        let mut outside = 0;
+        for off in (1..(128u32 << 10)).step_by(2) {
+            outside += seg(&mut r, isn, off, &[9]).outside;
+        }
+        assert_eq!(r.held(), r.max_ranges());
+        assert_eq!(outside, (64 << 10) - r.max_ranges());
+        assert_eq!(r.max_ranges(), 2048);
+        // The front gap fills and delivers the first held piece.
+        seg(&mut r, isn, 0, &[9]);
+        assert_eq!((r.readable(), r.held()), (2, 2047));
     }
 
     /// Trimming an idle stream keeps its unread bytes and its window;

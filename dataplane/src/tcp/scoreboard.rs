@@ -31,13 +31,25 @@ impl Scoreboard {
     }
 
     /// Records a SACK block, clamped to `[una, max)` (bytes sent and not
-    /// cumulatively acknowledged); anything outside is ignored.
+    /// cumulatively acknowledged). The check is on offsets from `una`, not
+    /// on modular comparisons: a hostile block that straddles una + 2³¹
+    /// compares "after una" at its left and "before max" at its right
+    /// while lying wholly outside what was sent. A block whose right edge
+    /// is past `max`, or that ends at or before `una`, is ignored whole
+    /// (a receiver cannot hold what was never sent: the block is bogus).
     pub fn add(&mut self, left: SeqNum, right: SeqNum, una: SeqNum, max: SeqNum) {
-        let left = if left.lt(una) { una } else { left };
-        let right = if right.gt(max) { max } else { right };
-        if !right.gt(left) {
+        let span = max.0.wrapping_sub(una.0);
+        let hi = right.0.wrapping_sub(una.0);
+        // A left edge below una reads as an offset of 2³¹ or more: from
+        // una, then.
+        let lo = match left.0.wrapping_sub(una.0) {
+            lo if lo >= 1 << 31 => 0,
+            lo => lo,
+        };
+        if hi == 0 || hi > span || lo >= hi || span > 1 << 30 {
             return;
         }
+        let (left, right) = (una + lo, una + hi);
         // The first range that ends at or after `left` (it may merge).
         let i = self.ranges.partition_point(|&(_, r)| r.lt(left));
         let mut j = i;
@@ -69,7 +81,10 @@ impl Scoreboard {
 
     /// Bytes SACKed in all.
     pub fn sacked(&self) -> u32 {
-        self.ranges.iter().map(|&(l, r)| r.since(l) as u32).sum()
+        self.ranges
+            .iter()
+            .map(|&(l, r)| r.since(l).max(0) as u32)
+            .fold(0, u32::saturating_add)
     }
 
     /// Whether `seq` is SACKed.
@@ -124,10 +139,10 @@ impl Scoreboard {
             let l = if l.lt(from) { from } else { l };
             let r = if r.gt(below) { below } else { r };
             if r.gt(l) {
-                sacked += r.since(l) as u32;
+                sacked = sacked.saturating_add(r.since(l) as u32);
             }
         }
-        below.since(from) as u32 - sacked
+        (below.since(from) as u32).saturating_sub(sacked)
     }
 }
 
@@ -149,6 +164,7 @@ mod tests {
 
     #[test]
     fn blocks_merge_and_stay_sorted_within_what_was_sent() {
+        // (9_900, 20_000) reaches past what was sent: bogus, ignored.
         let b = board(&[
             (500, 600),
             (300, 400),
@@ -158,12 +174,7 @@ mod tests {
         ]);
         assert_eq!(
             b.ranges,
-            vec![
-                (s(100), s(150)),
-                (s(300), s(450)),
-                (s(500), s(600)),
-                (s(9_900), s(10_000))
-            ]
+            vec![(s(100), s(150)), (s(300), s(450)), (s(500), s(600))]
         );
         let mut b = board(&[(300, 400), (500, 600), (700, 800)]);
         b.add(s(350), s(750), s(100), s(10_000));
@@ -208,6 +219,32 @@ mod tests {
         // A low block still goes in, pushing the highest out.
         b.add(s(10), s(20), s(0), s(1 << 20));
         assert_eq!((b.ranges.len(), b.ranges[0]), (MAX_RANGES, (s(10), s(20))));
+    }
+
+    /// Blocks outside what was sent are ignored whole, including ones
+    /// that straddle una + 2³¹ (which modular comparisons would take for
+    /// a range between una and max) and ones reaching past max; a block
+    /// reaching below una is clamped to it.
+    #[test]
+    fn bogus_blocks_are_ignored() {
+        let una = SeqNum(0xFFFF_0000);
+        let max = una + 10_000;
+        let mut b = Scoreboard::default();
+        for (l, r) in [
+            (una + 0x7FFF_FFFF, una + 0xC000_0000),
+            (una + 0x7000_0000, una + 0xEFFF_FFFF),
+            (una + 9_000, una + 10_001),
+            (una + 20_000, una + 30_000),
+            (una + 5_000, una + 4_000),
+            (una + 0xFFFF_0000, una),
+            (una + 100, una + 100),
+        ] {
+            b.add(l, r, una, max);
+        }
+        assert!(b.is_empty(), "{:?}", b.ranges);
+        b.add(una + 0xFFFF_FF00, una + 500, una, max);
+        assert_eq!(b.ranges, vec![(una, una + 500)]);
+        assert_eq!((b.sacked(), b.lost_below(0)), (500, Some(una)));
     }
 
     #[test]

@@ -907,6 +907,107 @@ mod tests {
         assert!(!a.cc_in_recovery_for_tests());
     }
 
+    /// A retransmission lost during SACK recovery is resent again once
+    /// ACKs still show it missing more than a round trip after it went
+    /// (here, with no new data sent after it that SACKs could show lost),
+    /// not at the retransmission timeout; and a partial ACK landing on a
+    /// hole already resent does not resend it at once.
+    #[test]
+    fn a_hole_resent_and_lost_again_in_sack_recovery_is_resent_once_more() {
+        let (mut a, mut b, t0) = warmed_up(31);
+        a.write(&vec![4u8; 60 * 1448]);
+        let mut flight = Vec::new();
+        while let Some(s) = a.poll_transmit(t0) {
+            flight.push(s);
+        }
+        assert_eq!(flight.len(), 60);
+        let (first, second) = (flight[5].seq, flight[25].seq);
+        let exchange = |a: &mut Conn, b: &mut Conn, s: &Segment, now: Instant| {
+            let mut out = Vec::new();
+            b.on_segment(s, now);
+            b.ack_now();
+            while let Some(ack) = b.poll_transmit(now) {
+                a.on_segment(&ack, now);
+                while let Some(r) = a.poll_transmit(now) {
+                    out.push(r);
+                }
+            }
+            out
+        };
+        let mut out = Vec::new();
+        // All but the 6th and the 26th arrive (the last one later).
+        for (i, s) in flight.iter().enumerate().take(59) {
+            if i != 5 && i != 25 {
+                out.extend(exchange(&mut a, &mut b, s, t0));
+            }
+        }
+        let resends = |out: &[Segment], seq: SeqNum| out.iter().filter(|r| r.seq == seq).count();
+        assert_eq!((resends(&out, first), resends(&out, second)), (1, 1));
+        // The resend of the first hole arrives, that of the second is
+        // lost: the partial ACK lands on the second, already resent, and
+        // nothing goes out for it yet.
+        let soon = t0 + Duration::from_micros(200);
+        let mut after = Vec::new();
+        for r in out.iter().filter(|r| r.seq == first) {
+            after.extend(exchange(&mut a, &mut b, r, soon));
+        }
+        assert_eq!(a.snd_una(), second);
+        assert_eq!(resends(&after, second), 0);
+        // A round trip later the last segment's ACK still shows the hole:
+        // it is resent, once.
+        let later = t0 + Duration::from_millis(5);
+        let again = exchange(&mut a, &mut b, &flight[59], later);
+        assert_eq!(resends(&again, second), 1, "{:?}", a.stats());
+        let st = a.stats();
+        assert_eq!((st.lost_retransmits, st.rto_expirations), (1, 0), "{st:?}");
+        let more = exchange(&mut a, &mut b, &flight[58], later);
+        assert_eq!(resends(&more, second), 0);
+    }
+
+    /// A forged ACK whose SACK block straddles SND.UNA + 2³¹ (modular
+    /// comparisons take it for a range between SND.UNA and SND.MAX) is
+    /// ignored: nothing is resent beyond what was sent, nor the whole
+    /// buffer at once.
+    #[test]
+    fn a_sack_block_outside_what_was_sent_is_ignored() {
+        let (mut a, mut b, now) = warmed_up(37);
+        a.write(&vec![6u8; 100 * 1448]);
+        let mut flight = Vec::new();
+        while let Some(s) = a.poll_transmit(now) {
+            flight.push(s);
+        }
+        assert!(flight.len() >= 30);
+        let snd_max = a.snd_max_for_tests();
+        b.ack_now();
+        let template = b.poll_transmit(now).expect("an ACK");
+        let una = template.ack;
+        let forged = Segment {
+            options: TcpOptions {
+                sack: vec![
+                    (una + 1448, una + 2896),
+                    (una + 0x7FFF_FFFF, una + 0xC000_0000),
+                ],
+                ..template.options.clone()
+            },
+            ..template.clone()
+        };
+        for _ in 0..3 {
+            a.on_segment(&forged, now);
+        }
+        let mut sent = Vec::new();
+        while let Some(s) = a.poll_transmit(now) {
+            sent.push(s);
+        }
+        assert!(
+            sent.iter()
+                .all(|s| (s.seq + s.payload.len() as u32).le(snd_max)),
+            "sent beyond SND.MAX"
+        );
+        // At most the first segment is resent (three duplicate ACKs SACK
+        // one real segment: fast retransmit), never the buffer.
+        assert!(sent.len() <= 1, "{} segments", sent.len());
+    }
+
     /// The receiver's SACK option as it goes on the wire: whole blocks,
     /// the newest arrival's first, only as many as fit beside the
     /// timestamps (three). Before, one block per segment in sequence
