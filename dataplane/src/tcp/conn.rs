@@ -27,7 +27,7 @@ use super::{
     cc::{AckAction, Algorithm, Congestion},
     reassembly::{Reassembler, SACK_BLOCKS},
     rtt::{backed_off, RttEstimator},
-    scoreboard::Scoreboard,
+    scoreboard::{Scoreboard, MAX_RANGES},
 };
 use crate::wire::{
     options::{TcpOptions, Timestamps},
@@ -255,8 +255,9 @@ pub struct Conn {
     /// RFC 6675 HighRxt: in recovery, the end of the last hole resent.
     high_rxt: SeqNum,
     /// In recovery, when each hole was resent (start, time; at most
-    /// [`EPISODE_RANGES`]): a hole still missing a round trip after its
-    /// resend, when the ACKs come, was lost again.
+    /// [`MAX_RANGES`]): a hole still missing a round trip after its resend
+    /// was lost again (found by an ACK, or by the probe timer when no ACK
+    /// comes).
     resent_at: VecDeque<(SeqNum, Instant)>,
     /// SND.MAX when the first unacknowledged segment was last
     /// retransmitted: data SACKed well beyond it was sent after the
@@ -703,15 +704,20 @@ impl Conn {
         // A retransmission of data we already have is "not acceptable" by
         // the table but is still checked against history for conflicts.
         if !acceptable {
+            let mut repeated = 0;
             if !seg.payload.is_empty() && seg.seq.lt(rcv_nxt) {
                 let ins = self.rcv.insert(seg.seq, &seg.payload);
                 self.stats.overlap_conflicts += ins.conflict as u64;
+                repeated = ins.duplicate;
             }
             if len > 0 && (seg.seq + len).le(rcv_nxt) {
                 // Entirely old: a retransmission of what we have, reported
                 // so the sender can tell its retransmission was spurious.
                 self.stats.duplicates += 1;
-                if self.cfg.dsack && self.sack_ok && !seg.payload.is_empty() {
+                // Only bytes this side did receive (in the history): a
+                // segment far below RCV.NXT (no timestamps to refuse it)
+                // would have us report bytes that were never sent.
+                if self.cfg.dsack && self.sack_ok && repeated > 0 {
                     let (l, r) = (seg.seq, seg.seq + seg.payload.len() as u32);
                     let queued = self.dsack.len();
                     match self.dsack.back_mut() {
@@ -1173,16 +1179,26 @@ impl Conn {
         if !self.sack_recovery() {
             return false;
         }
-        let srtt = self.rtt.srtt().unwrap_or_default();
-        let wait = (srtt * 5 / 4).max(Duration::from_millis(1));
+        // Before any round trip is measured, nothing is overdue (else
+        // every duplicate ACK a millisecond apart would resend).
+        let Some(wait) = self.resend_wait() else {
+            return false;
+        };
         let una = self.snd_una;
         match self.resent_at.iter_mut().find(|(s, _)| *s == una) {
-            Some((_, at)) if now.saturating_duration_since(*at) > wait => {
+            Some((_, at)) if now.saturating_duration_since(*at) >= wait => {
                 *at = now;
                 true
             }
             _ => false,
         }
+    }
+
+    /// How long a resend in recovery may take to be acknowledged: 1.25
+    /// SRTT, at least a millisecond; `None` before any RTT sample.
+    fn resend_wait(&self) -> Option<Duration> {
+        let srtt = self.rtt.srtt()?;
+        Some((srtt * 5 / 4).max(Duration::from_millis(1)))
     }
 
     /// Bytes SACKed above a hole that make it lost (RFC 6675 IsLost):
@@ -1297,7 +1313,7 @@ impl Conn {
             self.on_rto(now);
         } else if self.tlp_at.is_some_and(|t| now >= t) {
             self.tlp_at = None;
-            self.on_tail_probe();
+            self.on_tail_probe(now);
         }
         if self.persist_at.is_some_and(|t| now >= t) {
             self.persist_at = None;
@@ -1472,10 +1488,13 @@ impl Conn {
         self.stats.retransmits += 1;
         self.stats.fast_retransmits += u64::from(fast);
         self.resent(una, len, now);
-        if self.rtt_probe.is_some_and(|(p, _)| p.gt(una)) {
+        if self.rtt_probe.is_some_and(|(p, _)| p.ge(una)) {
             self.rtt_probe = None; // Karn: that timing is now ambiguous.
         }
         self.rto_at.get_or_insert(now + self.rtt.rto());
+        if self.sack_recovery() {
+            self.arm_tail_probe(now);
+        }
         Some(self.segment(una, payload, fin, now))
     }
 
@@ -1494,7 +1513,7 @@ impl Conn {
             // Below SND.UNA now: done with.
             let una = self.snd_una;
             self.resent_at.retain(|(s, _)| s.ge(una) && *s != seq);
-            if self.resent_at.len() < EPISODE_RANGES {
+            if self.resent_at.len() < MAX_RANGES {
                 self.resent_at.push_back((seq, now));
             }
         }
@@ -1644,7 +1663,25 @@ impl Conn {
     fn arm_tail_probe(&mut self, now: Instant) {
         self.tlp_at = None;
         let Some(srtt) = self.rtt.srtt() else { return };
-        if !self.outstanding() || self.cc.in_recovery() {
+        if !self.outstanding() {
+            return;
+        }
+        if self.cc.in_recovery() {
+            // In SACK recovery the probe watches the first hole's resend:
+            // due back within the resend wait, else lost again (when no
+            // ACK at all comes to show it, RACK's reordering timer).
+            let una = self.snd_una;
+            let due = self
+                .resent_at
+                .iter()
+                .find(|(s, _)| *s == una)
+                .map(|&(_, at)| at);
+            if let (true, Some(at), Some(wait)) = (self.sack_recovery(), due, self.resend_wait()) {
+                let at = (at + wait).max(now);
+                if self.rto_at.is_none_or(|rto| at < rto) {
+                    self.tlp_at = Some(at);
+                }
+            }
             return;
         }
         let mut pto = (srtt * 2).max(Duration::from_millis(10));
@@ -1661,8 +1698,15 @@ impl Conn {
     /// ACKs) was lost. Retransmit the first unacknowledged segment, which
     /// is the lost one when the whole tail went, and respond as fast
     /// recovery does; partial ACKs then repair the rest.
-    fn on_tail_probe(&mut self) {
+    fn on_tail_probe(&mut self, now: Instant) {
         if !self.outstanding() {
+            return;
+        }
+        if self.sack_recovery() {
+            if self.resend_overdue(now) {
+                self.retransmit_now = true;
+                self.stats.lost_retransmits += 1;
+            }
             return;
         }
         if self.cc.on_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit {

@@ -300,11 +300,13 @@ impl Reassembler {
         }
     }
 
-    /// Separate out-of-order pieces held at most: one per 64 bytes of
-    /// capacity (a window of full segments needs one per 1448), at least
-    /// 1024. Each costs a map node and an allocation beyond its bytes.
+    /// Separate out-of-order pieces (segments) held at most: one per 64
+    /// bytes of capacity (a window of full segments needs one per 1448),
+    /// at least 4096 (a sender of small messages behind one hole). Each
+    /// costs a map node and an allocation beyond its bytes, about 100
+    /// bytes: 400 KiB at most for a 128 KiB window.
     fn max_ranges(&self) -> usize {
-        (self.capacity / 64).max(1024)
+        (self.capacity / 64).max(4096)
     }
 
     fn put(&mut self, at: u64, bytes: Vec<u8>) {
@@ -437,10 +439,10 @@ mod tests {
         }
         assert_eq!(r.held(), r.max_ranges());
         assert_eq!(outside, (64 << 10) - r.max_ranges());
-        assert_eq!(r.max_ranges(), 2048);
+        assert_eq!(r.max_ranges(), 4096);
         // The front gap fills and delivers the first held piece.
         seg(&mut r, isn, 0, &[9]);
-        assert_eq!((r.readable(), r.held()), (2, 2047));
+        assert_eq!((r.readable(), r.held()), (2, 4095));
     }
 
     /// Trimming an idle stream keeps its unread bytes and its window;

@@ -907,11 +907,12 @@ mod tests {
         assert!(!a.cc_in_recovery_for_tests());
     }
 
-    /// A retransmission lost during SACK recovery is resent again once
-    /// ACKs still show it missing more than a round trip after it went
-    /// (here, with no new data sent after it that SACKs could show lost),
-    /// not at the retransmission timeout; and a partial ACK landing on a
-    /// hole already resent does not resend it at once.
+    /// A retransmission lost during SACK recovery, with no new data sent
+    /// after it that SACKs could show lost, is resent again 1.25 SRTT
+    /// after it went (by the probe timer when no ACK comes, or by an ACK
+    /// that still shows the hole), not at the retransmission timeout;
+    /// and a partial ACK landing on a hole already resent does not
+    /// resend it at once.
     #[test]
     fn a_hole_resent_and_lost_again_in_sack_recovery_is_resent_once_more() {
         let (mut a, mut b, t0) = warmed_up(31);
@@ -953,15 +954,25 @@ mod tests {
         }
         assert_eq!(a.snd_una(), second);
         assert_eq!(resends(&after, second), 0);
-        // A round trip later the last segment's ACK still shows the hole:
-        // it is resent, once.
-        let later = t0 + Duration::from_millis(5);
-        let again = exchange(&mut a, &mut b, &flight[59], later);
-        assert_eq!(resends(&again, second), 1, "{:?}", a.stats());
-        let st = a.stats();
-        assert_eq!((st.lost_retransmits, st.rto_expirations), (1, 0), "{st:?}");
+        // No ACK comes: the probe timer finds the resend overdue (1.25
+        // SRTT, at least 1 ms, after it), well before the 200 ms RTO.
+        let due = a.next_deadline().expect("a timer");
+        assert!(due <= soon + Duration::from_millis(2), "{:?}", due - t0);
+        a.on_timer(due);
+        let mut fired = Vec::new();
+        while let Some(r) = a.poll_transmit(due) {
+            fired.push(r);
+        }
+        assert_eq!(resends(&fired, second), 1, "{:?}", a.stats());
+        // ACKs within the wait after that resend do not resend it again;
+        // one a round trip later that still shows the hole does.
+        let again = exchange(&mut a, &mut b, &flight[59], due);
+        assert_eq!(resends(&again, second), 0);
+        let later = due + Duration::from_millis(5);
         let more = exchange(&mut a, &mut b, &flight[58], later);
-        assert_eq!(resends(&more, second), 0);
+        assert_eq!(resends(&more, second), 1);
+        let st = a.stats();
+        assert_eq!((st.lost_retransmits, st.rto_expirations), (2, 0), "{st:?}");
     }
 
     /// A forged ACK whose SACK block straddles SND.UNA + 2³¹ (modular
