@@ -987,17 +987,17 @@ impl Conn {
             }
             self.take_rtt_sample(seg, ack, now);
             self.rtt.progress();
-            // In SACK recovery a partial ACK that lands on a hole already
-            // resent keeps the mark: if data sent after that resend is
-            // SACKed well beyond it, the resend was lost too (below).
-            if !(self.sack_recovery() && self.high_rxt.gt(ack)) {
+            // A partial ACK in SACK recovery that lands on a hole already
+            // resent keeps the mark (if data sent after that resend is
+            // SACKed well beyond it, the resend was lost too, below), and
+            // does not resend it (the scoreboard picks the holes).
+            let on_resent_hole = self.sack_recovery() && self.high_rxt.gt(ack);
+            if !on_resent_hole {
                 self.rexmit_high = None;
             }
             let srtt = self.rtt.srtt().unwrap_or_default();
-            // A partial ACK resends the new first hole, unless SACK
-            // recovery already resent it (the scoreboard picks the holes).
             if self.cc.on_ack(acked, ack, flight, now, srtt) == AckAction::Retransmit
-                && !(self.sack_ok && self.high_rxt.gt(ack))
+                && !on_resent_hole
             {
                 self.retransmit_now = true;
                 self.fast_pending = true;
@@ -1031,11 +1031,10 @@ impl Conn {
                 self.rexmit_high = None;
                 self.retransmit_now = true;
                 self.stats.lost_retransmits += 1;
-            } else if self.resend_overdue(now) {
+            } else {
                 // Nothing sent after the resend came back to show it
-                // lost (the sender had no new data): its time did.
-                self.retransmit_now = true;
-                self.stats.lost_retransmits += 1;
+                // lost (the sender had no new data): its time may have.
+                self.resend_if_overdue(now);
             }
         }
         //# If SND.UNA =< SEG.ACK =< SND.NXT, the send window should be
@@ -1162,9 +1161,7 @@ impl Conn {
         }
         if action == AckAction::Retransmit {
             if reduces {
-                self.episode = None;
-                self.high_rxt = self.snd_una;
-                self.resent_at.clear();
+                self.new_loss_episode();
             }
             self.retransmit_now = true;
             self.fast_pending = true;
@@ -1173,25 +1170,35 @@ impl Conn {
 
     /// In SACK recovery, the first hole was resent more than a round trip
     /// and a quarter ago (RACK's reordering allowance, RFC 8985 §6.2; at
-    /// least a millisecond) and an ACK still shows it missing. Its resend
-    /// time restarts, so one overdue resend is resent once.
-    fn resend_overdue(&mut self, now: Instant) -> bool {
+    /// least a millisecond) and is still missing: it is resent again (a
+    /// lost retransmission). Its resend time restarts, so one overdue
+    /// resend is resent once.
+    fn resend_if_overdue(&mut self, now: Instant) {
         if !self.sack_recovery() {
-            return false;
+            return;
         }
         // Before any round trip is measured, nothing is overdue (else
         // every duplicate ACK a millisecond apart would resend).
         let Some(wait) = self.resend_wait() else {
-            return false;
+            return;
         };
         let una = self.snd_una;
-        match self.resent_at.iter_mut().find(|(s, _)| *s == una) {
-            Some((_, at)) if now.saturating_duration_since(*at) >= wait => {
+        if let Some((_, at)) = self.resent_at.iter_mut().find(|(s, _)| *s == una) {
+            if now.saturating_duration_since(*at) >= wait {
                 *at = now;
-                true
+                self.retransmit_now = true;
+                self.stats.lost_retransmits += 1;
             }
-            _ => false,
         }
+    }
+
+    /// A reduction began: its retransmissions are matched against DSACKs
+    /// afresh (RFC 3708), and SACK recovery's HighRxt and resend times
+    /// start at SND.UNA.
+    fn new_loss_episode(&mut self) {
+        self.episode = None;
+        self.high_rxt = self.snd_una;
+        self.resent_at.clear();
     }
 
     /// How long a resend in recovery may take to be acknowledged: 1.25
@@ -1302,9 +1309,7 @@ impl Conn {
             if self.outstanding()
                 && self.cc.on_reorder_timeout(self.snd_nxt, self.flight()) == AckAction::Retransmit
             {
-                self.episode = None;
-                self.high_rxt = self.snd_una;
-                self.resent_at.clear();
+                self.new_loss_episode();
                 self.retransmit_now = true;
                 self.fast_pending = true;
             }
@@ -1480,22 +1485,34 @@ impl Conn {
         // acknowledged beyond SND.MAX, and that ACK refused as one for
         // data not yet sent (RFC 9293 §3.10.7.4), for good if the window
         // then stays shut.
-        let sent = (self.snd_max.since(self.snd_una).max(0) as usize).min(self.send_buf.len());
-        let len = sent.min(self.mss as usize);
+        let len = self.sent_bytes().min(self.mss as usize);
         let una = self.snd_una;
-        let payload = self.bytes_at(una, len);
-        let fin = self.fin_sent() && self.fin_seq == Some(una + len as u32);
-        self.stats.retransmits += 1;
-        self.stats.fast_retransmits += u64::from(fast);
-        self.resent(una, len, now);
         if self.rtt_probe.is_some_and(|(p, _)| p.ge(una)) {
             self.rtt_probe = None; // Karn: that timing is now ambiguous.
         }
-        self.rto_at.get_or_insert(now + self.rtt.rto());
+        let seg = self.resend(una, len, fast, now);
         if self.sack_recovery() {
             self.arm_tail_probe(now);
         }
-        Some(self.segment(una, payload, fin, now))
+        Some(seg)
+    }
+
+    /// Bytes sent and not acknowledged that are still buffered: what a
+    /// retransmission may carry, from SND.UNA.
+    fn sent_bytes(&self) -> usize {
+        (self.snd_max.since(self.snd_una).max(0) as usize).min(self.send_buf.len())
+    }
+
+    /// The segment that sends `len` bytes at `seq` again (with the FIN if
+    /// they end where it is), counted and remembered.
+    fn resend(&mut self, seq: SeqNum, len: usize, fast: bool, now: Instant) -> Segment {
+        let payload = self.bytes_at(seq, len);
+        let fin = self.fin_sent() && self.fin_seq == Some(seq + len as u32);
+        self.stats.retransmits += 1;
+        self.stats.fast_retransmits += u64::from(fast);
+        self.resent(seq, len, now);
+        self.rto_at.get_or_insert(now + self.rtt.rto());
+        self.segment(seq, payload, fin, now)
     }
 
     /// `len` bytes (0: the FIN alone) at `seq` were sent again: kept to
@@ -1547,9 +1564,7 @@ impl Conn {
         let (start, end) = self.scoreboard.hole_from(from, below)?;
         // Only bytes sent before (below SND.MAX, and still buffered), as
         // for any retransmission.
-        let buffered = self.send_buf.len().min(u32::MAX as usize) as u32;
-        let sent = (self.snd_max.since(self.snd_una).max(0) as u32).min(buffered);
-        let sent_end = self.snd_una + sent;
+        let sent_end = self.snd_una + self.sent_bytes() as u32;
         if !start.lt(sent_end) {
             return None;
         }
@@ -1558,19 +1573,13 @@ impl Conn {
         if len == 0 {
             return None;
         }
-        let payload = self.bytes_at(start, len);
-        let fin = self.fin_sent() && self.fin_seq == Some(start + len as u32);
-        self.stats.retransmits += 1;
-        self.stats.fast_retransmits += 1;
-        self.resent(start, len, now);
         if self
             .rtt_probe
             .is_some_and(|(p, _)| p.ge(start) && p.lt(start + len as u32))
         {
             self.rtt_probe = None;
         }
-        self.rto_at.get_or_insert(now + self.rtt.rto());
-        Some(self.segment(start, payload, fin, now))
+        Some(self.resend(start, len, true, now))
     }
 
     fn probe(&mut self, now: Instant) -> Option<Segment> {
@@ -1603,20 +1612,17 @@ impl Conn {
         let flight = self.flight();
         let sent = (flight as usize).min(self.send_buf.len());
         let unsent = self.send_buf.len() - sent;
-        let wnd = self
-            .snd_wnd
-            .min(self.cc.cwnd().saturating_add(self.cc.limited_transmit()));
+        let cc_wnd = self.cc.cwnd().saturating_add(self.cc.limited_transmit());
         let room = if self.sack_recovery() {
             // RFC 6675 NextSeg rule 2: new data as the pipe allows, within
             // the peer's window.
             let cc_room = self.cc.ssthresh().saturating_sub(self.pipe());
             cc_room.min(self.snd_wnd.saturating_sub(flight)) as usize
         } else {
-            wnd.saturating_sub(flight) as usize
+            self.snd_wnd.min(cc_wnd).saturating_sub(flight) as usize
         };
         // Whether the congestion window, rather than the peer's window or
         // the data to send, is what stops the sender if it stops here.
-        let cc_wnd = self.cc.cwnd().saturating_add(self.cc.limited_transmit());
         let cwnd_full = cc_wnd <= self.snd_wnd && room < self.mss as usize;
         if unsent > 0 {
             if room == 0 {
@@ -1703,16 +1709,11 @@ impl Conn {
             return;
         }
         if self.sack_recovery() {
-            if self.resend_overdue(now) {
-                self.retransmit_now = true;
-                self.stats.lost_retransmits += 1;
-            }
+            self.resend_if_overdue(now);
             return;
         }
         if self.cc.on_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit {
-            self.episode = None;
-            self.high_rxt = self.snd_una;
-            self.resent_at.clear();
+            self.new_loss_episode();
             self.stats.tail_probes += 1;
             self.retransmit_now = true;
         }
