@@ -289,9 +289,12 @@ mod tests {
         text.trim_end_matches('\n').rsplit('\n').next().unwrap()
     }
 
-    const L1: &str = "CLIENT_HANDSHAKE_TRAFFIC_SECRET 0011 aabb\n";
-    const L2: &str = "SERVER_HANDSHAKE_TRAFFIC_SECRET 0011 ccdd\n";
-    const L3: &str = "CLIENT_TRAFFIC_SECRET_0 2233 eeff\n";
+    // Client randoms and secrets long enough (32 hex digits) that the
+    // ciphertext's random hex cannot contain one by chance: with four
+    // digits, "0011" turned up in about one run in a hundred.
+    const L1: &str = "CLIENT_HANDSHAKE_TRAFFIC_SECRET 00110011001100110011001100110011 aabbaabbaabbaabbaabbaabbaabbaabb\n";
+    const L2: &str = "SERVER_HANDSHAKE_TRAFFIC_SECRET 00110011001100110011001100110011 ccddccddccddccddccddccddccddccdd\n";
+    const L3: &str = "CLIENT_TRAFFIC_SECRET_0 22332233223322332233223322332233 eeffeeffeeffeeffeeffeeffeeffeeff\n";
 
     /// Appends a run's segment with `lines` to `text`, as the engine does.
     fn append(text: &mut String, lines: &[&str]) {
@@ -318,7 +321,13 @@ mod tests {
     #[test]
     fn sealed_lines_open_in_order_and_hold_no_secret_in_clear() {
         let text = file();
-        for secret in ["aabb", "ccdd", "eeff", "CLIENT_", "0011"] {
+        for secret in [
+            "aabbaabbaabbaabbaabbaabbaabbaabb",
+            "ccddccddccddccddccddccddccddccdd",
+            "eeffeeffeeffeeffeeffeeffeeffeeff",
+            "CLIENT_",
+            "00110011001100110011001100110011",
+        ] {
             assert!(!text.contains(secret), "{secret} in clear:\n{text}");
         }
         let mut opens = 0;
