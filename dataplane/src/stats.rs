@@ -108,12 +108,22 @@ pub struct SplitCounters {
     /// held bytes than the bound.
     #[serde(default)]
     pub hold_timeouts: u64,
+    /// Of the holds given up on timeout, those still missing the client's
+    /// first bytes (lost before the engine, never resent in time); the
+    /// others had a ClientHello begun and not finished.
+    #[serde(default)]
+    pub hold_timeouts_start_lost: u64,
     #[serde(default)]
     pub hold_overflows: u64,
     /// ACKs sent as the server during a hold, for ClientHellos larger
     /// than the client's initial window.
     #[serde(default)]
     pub hold_acks: u64,
+    /// Duplicate ACKs sent as the server during a hold, with SACK blocks
+    /// where agreed, when bytes before the held ones were missing (so the
+    /// client resends them within a round trip, not at its timeout).
+    #[serde(default)]
+    pub hold_sacks: u64,
     /// Of the retransmissions: retransmission timeouts, fast retransmits
     /// (duplicate ACKs, partial ACKs), and retransmissions found lost
     /// (later data SACKed) and sent again.
@@ -254,8 +264,10 @@ impl SplitCounters {
         self.server_first += o.server_first;
         self.policy_pass += o.policy_pass;
         self.hold_timeouts += o.hold_timeouts;
+        self.hold_timeouts_start_lost += o.hold_timeouts_start_lost;
         self.hold_overflows += o.hold_overflows;
         self.hold_acks += o.hold_acks;
+        self.hold_sacks += o.hold_sacks;
         self.timeouts += o.timeouts;
         self.fast_retransmits += o.fast_retransmits;
         self.lost_retransmits += o.lost_retransmits;
@@ -661,7 +673,9 @@ impl StatsReport {
                  ({} timeouts, {} fast, {} lost again, {} tail probes, {} reductions undone), \
                  {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
-                 holds released on timeout/bound, {} ACKs of large ClientHellos, {} window \
+                 holds decided without a name on timeout/bound ({} of the timeouts missing \
+                 the client's first bytes), {} ACKs of large ClientHellos, {} duplicate \
+                 ACKs for missing first bytes, {} window \
                  shifts above 14 used as 14; buffers {} KiB, {} not split for memory; \
                  decisions cost the worker {} at the median",
                 sp.split,
@@ -690,7 +704,9 @@ impl StatsReport {
                 sp.refused,
                 sp.hold_timeouts,
                 sp.hold_overflows,
+                sp.hold_timeouts_start_lost,
                 sp.hold_acks,
+                sp.hold_sacks,
                 sp.wscale_clamped,
                 sp.buffer_capacity >> 10,
                 sp.memory_passthrough,

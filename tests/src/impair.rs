@@ -15,7 +15,7 @@
 //! the way back.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
@@ -158,6 +158,12 @@ impl Impairer {
         }
     }
 
+    /// A frame dropped by another rule than the rates: counted.
+    pub fn dropped_by_rule(&mut self) {
+        self.stats.frames += 1;
+        self.stats.dropped += 1;
+    }
+
     /// The fate of the next frame, `len` bytes long; a corrupted bit is
     /// chosen past the first `protect` bytes (the link-layer and IP
     /// headers: corruption then hits what an end-to-end checksum covers,
@@ -187,6 +193,46 @@ impl Impairer {
             reorder,
         }
     }
+}
+
+/// The connections seen sending data: picks the first TCP segment with
+/// data of each (a loss the rates would pick only by chance). One for all
+/// queues: a retransmission may come on another.
+#[derive(Default)]
+pub struct FirstData {
+    seen: HashSet<Vec<u8>>,
+}
+
+impl FirstData {
+    /// Whether `frame` is the first TCP segment with data of its
+    /// connection (later ones, its retransmission included, are not).
+    pub fn is_first(&mut self, frame: &[u8]) -> bool {
+        tcp_data_flow(frame).is_some_and(|flow| self.seen.insert(flow))
+    }
+}
+
+/// The addresses and ports of a TCP segment that carries data, as bytes
+/// (none for other frames).
+fn tcp_data_flow(frame: &[u8]) -> Option<Vec<u8>> {
+    let p = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = &p.transport else {
+        return None;
+    };
+    if tcp.payload().is_empty() {
+        return None;
+    }
+    let mut key = match &p.net {
+        Some(etherparse::NetSlice::Ipv4(ip)) => {
+            [ip.header().source(), ip.header().destination()].concat()
+        }
+        Some(etherparse::NetSlice::Ipv6(ip)) => {
+            [ip.header().source(), ip.header().destination()].concat()
+        }
+        _ => return None,
+    };
+    key.extend_from_slice(&tcp.source_port().to_be_bytes());
+    key.extend_from_slice(&tcp.destination_port().to_be_bytes());
+    Some(key)
 }
 
 /// The 802.1Q tag protocol identifier.
@@ -359,6 +405,33 @@ mod tests {
             corrupt,
             ..Rates::default()
         }
+    }
+
+    /// A TCP segment from port `sport` with `payload`.
+    fn segment(sport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2; 6], [3; 6])
+            .ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64)
+            .tcp(sport, 443, 7, 1024)
+            .write(&mut out, payload)
+            .expect("build");
+        out
+    }
+
+    #[test]
+    fn the_first_data_segment_of_each_connection_is_dropped_once() {
+        let mut first = FirstData::default();
+        let picked: Vec<bool> = [
+            segment(40000, b""),
+            segment(40000, b"first"),
+            segment(40000, b"first"),
+            segment(40001, b"other"),
+            segment(40000, b"more"),
+        ]
+        .iter()
+        .map(|f| first.is_first(f))
+        .collect();
+        assert_eq!(picked, [false, true, false, true, false]);
     }
 
     #[test]

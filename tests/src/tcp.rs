@@ -190,3 +190,19 @@ pub fn both_ways_on(
     anyhow::ensure!(down_hash == down_sent, "download differs");
     Ok(took)
 }
+
+/// The namespace's `TcpExt` counters (`/proc/net/netstat` read from
+/// inside it), by name.
+pub fn tcp_ext(ns: &Netns) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+    let out = ns.exec("cat", &["/proc/net/netstat"])?;
+    let text = String::from_utf8(out.stdout).context("netstat is not UTF-8")?;
+    let mut lines = text.lines().filter_map(|l| l.strip_prefix("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        anyhow::bail!("no TcpExt lines in /proc/net/netstat of {}", ns.name);
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .map(|(n, v)| Ok((n.to_string(), v.parse().context("a TcpExt value")?)))
+        .collect()
+}

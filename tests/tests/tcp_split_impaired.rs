@@ -6,16 +6,22 @@
 //! CI moves 16 MiB each way; the soak (1 GiB each way, beside a Linux
 //! bridge over the same impairment) is `perf/run split-impaired`.
 
-use std::time::Duration;
+use std::{
+    io::{Read, Write},
+    net::Shutdown,
+    time::Duration,
+};
 
 use loupe_dataplane::stats::SplitCounters;
 use loupe_tests::{
     engine::Engine,
     harness::{Link, SERVER_V4},
+    https::fill_pseudo_random,
     impair::{ImpairProc, ImpairStats, LOSSY},
-    tcp::both_ways,
+    tcp::{both_ways, connect, listen, receive, tcp_ext, tune},
     Harness, HarnessConfig,
 };
+use sha2::{Digest, Sha256};
 
 /// The one split connection's counters once it has ended.
 fn ended(engine: &Engine) -> SplitCounters {
@@ -98,5 +104,53 @@ fn corrupted_segments_are_dropped_by_checksum_and_recovered() {
         "{r:?} {to_engine:?}"
     );
     assert_eq!((r.split, r.aborted), (1, 0), "{r:?}");
+    engine.stop();
+}
+
+/// A client's first data segment lost before the engine: the segments
+/// after it are held, unseen by the server, which would have answered
+/// each with a duplicate ACK and SACK blocks. The hold answers so in its
+/// place, and Linux resends the lost segment in SACK recovery instead of
+/// waiting for its retransmission timeout (a second or more after a
+/// connect storm, as in the 1000-connection test).
+#[test]
+fn a_lost_first_segment_is_resent_in_sack_recovery_not_at_the_timeout() {
+    let h = impaired_harness();
+    let imp = ImpairProc::start(&h, Link::Client, &["--drop-first-data"]).expect("impairment");
+    let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    let addr = format!("{SERVER_V4}:443");
+    let listener = listen(&h.server, &addr).unwrap();
+    let before = tcp_ext(&h.client).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let (_, digest) = receive(&mut s).expect("server read");
+        s.write_all(&digest).expect("server write");
+    });
+    let mut c = connect(&h.client, &addr).unwrap();
+    tune(&c, Duration::from_secs(60));
+    // Three segments, not TLS: decided as soon as the first bytes come.
+    let mut d = vec![0; 4000];
+    fill_pseudo_random(&mut d, 7);
+    d[0] = b'G';
+    c.write_all(&d).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut digest = Vec::new();
+    c.read_to_end(&mut digest).unwrap();
+    assert_eq!(digest, Sha256::digest(&d).to_vec());
+    server.join().unwrap();
+    let r = ended(&engine);
+    let (to_engine, _) = imp.stop().unwrap();
+    assert_eq!(to_engine.dropped, 1, "{to_engine:?}");
+    let after = tcp_ext(&h.client).unwrap();
+    let grew = |k: &str| after[k] - before[k];
+    assert_eq!(grew("TCPTimeouts"), 0, "{after:?}");
+    assert!(grew("TCPSackRecovery") >= 1, "{after:?}");
+    assert!(r.hold_sacks >= 1, "{r:?}");
+    assert_eq!(
+        (r.not_tls, r.hold_timeouts, r.hold_acks),
+        (1, 0, 0),
+        "{r:?}"
+    );
     engine.stop();
 }

@@ -122,14 +122,21 @@ fn a_thousand_concurrent_connections_of_one_mib_each() {
             let s = r.split_total();
             let frames = r.worker_sum(|c| c.rx_inside.packets + c.rx_outside.packets);
             // A connection whose first data segment the overload dropped
-            // waits for the client's retransmission; one that does not come
-            // within the hold timeout is split all the same, decided
-            // without the server name (and still arrives byte-exact,
-            // checked above).
+            // waits for the client's retransmission (the hold draws it
+            // with a duplicate ACK and SACK, as the server would); one
+            // that does not come within the hold timeout is split all the
+            // same, decided without the server name (and still arrives
+            // byte-exact, checked above).
             (s.split >= CONNS as u64).then_some((s, frames))
         })
         .unwrap();
-    assert!(s.hold_timeouts * 100 <= CONNS as u64, "{s:?}");
+    // Every hold that timed out was still missing the client's first
+    // bytes: a whole initial window and its resends lost in the storm
+    // (seen: only the client's tail probe arrived), never a hold the
+    // engine failed to decide with the bytes in hand. How many depends on
+    // the machine's load: 0-5 here, 13 on a loaded CI run.
+    assert_eq!(s.hold_timeouts, s.hold_timeouts_start_lost, "{s:?}");
+    assert!(s.hold_timeouts * 20 <= CONNS as u64, "{s:?}");
     assert_eq!(s.released, 0, "{s:?}");
     assert_eq!((s.passthrough, s.aborted), (0, 0), "{s:?}");
     // A frame with a bad TCP checksum is dropped, counted, and

@@ -340,6 +340,18 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         sp.hold_acks,
     );
     o.one(
+        "loupe_hold_timeouts_start_lost_total",
+        "counter",
+        "Holds that timed out still missing the client's first bytes (lost before the engine).",
+        sp.hold_timeouts_start_lost,
+    );
+    o.one(
+        "loupe_hold_sacks_total",
+        "counter",
+        "Duplicate ACKs sent as the server during holds, when the client's first bytes were missing.",
+        sp.hold_sacks,
+    );
+    o.one(
         "loupe_split_active",
         "gauge",
         "Split connections now.",

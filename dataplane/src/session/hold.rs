@@ -266,19 +266,50 @@ impl Sessions {
                 return Disposition::Consumed;
             }
             None => {
-                // Not complete, and the client may be waiting for an ACK:
-                // a ClientHello beyond its initial window (RFC 5681 §3.1:
-                // at least two segments) would never come whole without
-                // one. Acknowledge what is in order, as the server.
+                // Not complete, and the client may be waiting on the
+                // server, which has seen nothing. Answer as it would:
+                // - a ClientHello beyond the client's initial window (RFC
+                //   5681 §3.1: at least two segments) would never come
+                //   whole without an ACK: acknowledge what is in order;
+                // - a segment after missing bytes (a lost first segment)
+                //   would draw an immediate duplicate ACK with its SACK
+                //   blocks (RFC 5681 §4.2, RFC 2018), and the client would
+                //   resend the gap within a round trip, not at its
+                //   timeout (seconds after a connect storm). That ACK
+                //   acknowledges nothing new, so the connection may still
+                //   be passed to the fast path.
                 let mss = t.tracker.client_segment_size().unwrap_or(536);
-                if held.read > held.acked && held.read >= 2 * mss {
-                    let tsval = seg.options.timestamps.map(|ts| ts.val);
+                let in_order = held.read > held.acked && held.read >= 2 * mss;
+                let gap = ins.new > 0 && held.stream.held() > 0;
+                if in_order || gap {
+                    let (acked, tsval) = if in_order {
+                        (held.read, seg.options.timestamps.map(|ts| ts.val))
+                    } else {
+                        // Nothing new in order: the echo stays at the
+                        // last segment that advanced it (RFC 7323 §4.3).
+                        (held.acked, None)
+                    };
+                    let mut sack = Vec::new();
+                    if gap {
+                        sack = held.stream.sack_blocks();
+                        // In-order bytes not acknowledged (too few yet)
+                        // are held too: said second, so the client resends
+                        // only what is missing.
+                        if held.read > held.acked {
+                            let from = start + held.acked;
+                            sack.insert(1.min(sack.len()), (from, start + held.read));
+                        }
+                    }
                     if let (Some(ack), Some(tpl)) = (
-                        t.tracker.hold_ack(held.read, tsval),
+                        t.tracker.hold_ack(acked, tsval, &sack),
                         &t.templates[t.client.other().index()],
                     ) {
-                        held.acked = held.read;
-                        self.counters.hold_acks += 1;
+                        if in_order {
+                            held.acked = held.read;
+                            self.counters.hold_acks += 1;
+                        } else {
+                            self.counters.hold_sacks += 1;
+                        }
                         let mut buf = self.spare.pop().unwrap_or_default();
                         buf.clear();
                         tpl.build(&ack, &mut buf);

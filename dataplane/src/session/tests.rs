@@ -79,16 +79,25 @@ struct Bench {
 
 impl Bench {
     fn new(settings: SessionSettings) -> Bench {
+        Bench::opened(settings, false)
+    }
+
+    /// A connection whose SYNs both permit SACK.
+    fn with_sack(settings: SessionSettings) -> Bench {
+        Bench::opened(settings, true)
+    }
+
+    fn opened(settings: SessionSettings, sack: bool) -> Bench {
         let mut b = Bench {
             sp: Sessions::new(settings),
             peers: Peers::new(),
             now: Instant::now(),
         };
-        assert_eq!(
-            b.send(Dir::Client, &seg(C_ISN, 0, true, b"")),
-            Disposition::Forward
-        );
-        let synack = seg(S_ISN, C_ISN + 1, true, b"");
+        let mut syn = seg(C_ISN, 0, true, b"");
+        syn.options.sack_permitted = sack;
+        assert_eq!(b.send(Dir::Client, &syn), Disposition::Forward);
+        let mut synack = seg(S_ISN, C_ISN + 1, true, b"");
+        synack.options.sack_permitted = sack;
         assert_eq!(b.send(Dir::Server, &synack), Disposition::Forward);
         let ack = seg(C_ISN + 1, S_ISN + 1, false, b"");
         assert_eq!(b.send(Dir::Client, &ack), Disposition::Forward);
@@ -135,6 +144,17 @@ fn bypassed(sp: &Sessions) -> usize {
         .iter()
         .filter(|o| matches!(o, MapOp::Bypass(_)))
         .count()
+}
+
+/// Split everything on port 443 but `*.bank.example`.
+fn bank_exempt() -> SessionSettings {
+    SessionSettings {
+        policy: Arc::new(Policy::split_all(
+            &[443],
+            vec!["*.bank.example".parse().unwrap()],
+        )),
+        ..SessionSettings::default()
+    }
 }
 
 /// A policy of no rule but the default.
@@ -273,6 +293,89 @@ fn a_clienthello_in_two_segments_is_held_then_split() {
     assert_eq!(bypassed(&b.sp), 0);
     // Pinned to userspace, whatever the steering maps say later.
     assert!(matches!(b.sp.ops[..], [MapOp::Steer(_)]), "{:?}", b.sp.ops);
+}
+
+/// A ClientHello whose first segment is lost: the server would answer the
+/// second with a duplicate ACK and a SACK block at once, and the client
+/// would resend the first within a round trip. The hold answers so, as
+/// the server, acknowledging nothing new, so an exempt connection still
+/// goes to the fast path once the first segment comes.
+#[test]
+fn a_segment_after_missing_first_bytes_draws_a_duplicate_ack_with_sack() {
+    let mut b = Bench::with_sack(bank_exempt());
+    let hello = client_hello("www.bank.example", &[]);
+    let (first, rest) = hello.split_at(100);
+    let (d, f2) = b.client_data(100, rest);
+    assert_eq!(d, Disposition::Consumed);
+    let out = b.sent();
+    assert!(segments(&out, Side::Outside).is_empty(), "{out:?}");
+    let acks = segments(&out, Side::Inside);
+    let [a] = &acks[..] else {
+        panic!("one duplicate ACK: {acks:?}")
+    };
+    assert!(a.flags.ack && !a.flags.syn && !a.flags.rst && a.payload.is_empty());
+    assert_eq!((a.seq, a.ack), (SeqNum(S_ISN + 1), SeqNum(C_ISN + 1)));
+    assert_eq!(a.window, 65535, "the window the server offered");
+    let end = C_ISN + 1 + hello.len() as u32;
+    assert_eq!(a.options.sack, [(SeqNum(C_ISN + 101), SeqNum(end))]);
+    // The echo is of the last segment in order (the handshake's ACK).
+    assert_eq!(a.options.timestamps.unwrap().ecr, C_ISN + 1);
+    assert_eq!(b.sp.counters.hold_sacks, 1);
+    // The same segment again says nothing new: no second ACK.
+    b.client_data(100, rest);
+    assert!(b.sent().is_empty());
+    // The first segment completes the ClientHello: released unchanged, in
+    // arrival order, and the flow goes to the fast path.
+    let (_, f1) = b.client_data(0, first);
+    assert_eq!(b.sent(), vec![(Side::Outside, f2), (Side::Outside, f1)]);
+    assert_eq!((b.sp.counters.policy_pass, bypassed(&b.sp)), (1, 1));
+    assert_eq!(b.sp.counters.hold_acks, 0);
+}
+
+/// A hold that times out still waiting for the client's first bytes is
+/// counted apart from one whose ClientHello began and stalled: the first
+/// is loss before the engine, the second a slow or evasive client.
+#[test]
+fn a_hold_timing_out_without_the_first_bytes_is_counted_apart() {
+    let mut b = Bench::with_sack(SessionSettings::default());
+    let timeout = SessionSettings::default().hold_timeout;
+    b.client_data(1448, &[7; 1448]);
+    b.sp.on_timers(b.now + timeout);
+    let c = &b.sp.counters;
+    assert_eq!((c.hold_timeouts, c.hold_timeouts_start_lost), (1, 1));
+}
+
+/// A missing segment between held ones: the duplicate ACK also reports
+/// the bytes in order (held, not yet acknowledged), so the client resends
+/// only the gap; without SACK it is a plain duplicate ACK.
+#[test]
+fn a_gap_inside_the_clienthello_is_reported_around_the_bytes_in_order() {
+    for sack in [true, false] {
+        let mut b = Bench::opened(SessionSettings::default(), sack);
+        let hello = client_hello("shop.example", &[b"h2"]);
+        let (a, bc) = hello.split_at(100);
+        let (_, c) = bc.split_at(100);
+        b.client_data(0, a);
+        assert!(b.sent().is_empty(), "bytes in order draw nothing yet");
+        b.client_data(200, c);
+        let acks = segments(&b.sent(), Side::Inside);
+        let [d] = &acks[..] else {
+            panic!("one duplicate ACK: {acks:?}")
+        };
+        assert_eq!(d.ack, SeqNum(C_ISN + 1));
+        let end = C_ISN + 1 + hello.len() as u32;
+        let want = if sack {
+            vec![
+                (SeqNum(C_ISN + 201), SeqNum(end)),
+                (SeqNum(C_ISN + 1), SeqNum(C_ISN + 101)),
+            ]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(d.options.sack, want);
+        b.client_data(100, &bc[..100]);
+        assert_eq!((b.sp.counters.hellos, b.sp.counters.split), (1, 1));
+    }
 }
 
 /// Sends a ClientHello of about 20 KiB for `name` as a Linux client
@@ -460,13 +563,7 @@ fn held_data_older_than_a_later_ack_is_not_taken_for_a_duplicate() {
 
 #[test]
 fn an_exempt_server_name_releases_the_held_frames_unchanged() {
-    let mut b = Bench::new(SessionSettings {
-        policy: Arc::new(Policy::split_all(
-            &[443],
-            vec!["*.bank.example".parse().unwrap()],
-        )),
-        ..SessionSettings::default()
-    });
+    let mut b = Bench::new(bank_exempt());
     let hello = client_hello("www.bank.example", &[]);
     let (first, rest) = hello.split_at(100);
     let (_, f1) = b.client_data(0, first);
@@ -512,6 +609,8 @@ fn a_hold_without_a_decision_is_released_at_the_deadline() {
     b.sp.on_timers(b.now + timeout);
     assert_eq!(b.sent(), vec![(Side::Outside, f)]);
     assert_eq!(b.sp.counters.hold_timeouts, 1);
+    // The ClientHello had begun: not a loss before the engine.
+    assert_eq!(b.sp.counters.hold_timeouts_start_lost, 0);
     assert_eq!(bypassed(&b.sp), 1);
     assert_eq!(b.sp.events.len(), 1);
     // Decided without the server name, by the default.

@@ -149,8 +149,14 @@ impl Tracker {
     /// unacknowledged (its initial window), so that the rest comes. It
     /// keeps the right edge of the window the server offered (the server
     /// has not seen a byte yet), carries the server's latest TSval and
-    /// echoes `client_tsval`.
-    pub fn hold_ack(&self, acked: u32, client_tsval: Option<u32>) -> Option<Segment> {
+    /// echoes `client_tsval`. `sack` are the held blocks above `acked`,
+    /// sent only if both ends agreed to SACK (RFC 2018).
+    pub fn hold_ack(
+        &self,
+        acked: u32,
+        client_tsval: Option<u32>,
+        sack: &[(SeqNum, SeqNum)],
+    ) -> Option<Segment> {
         let Phase::Hold(n) = &self.phase else {
             return None;
         };
@@ -159,6 +165,9 @@ impl Tracker {
         let mut options = TcpOptions::default();
         if let (Some(val), Some(c)) = (n.s_ts, client_tsval.or(n.c_ts)) {
             options.timestamps = Some(Timestamps { val, ecr: c });
+        }
+        if n.c_opts.sack_permitted && n.s_opts.sack_permitted {
+            options.sack = sack.to_vec();
         }
         Some(Segment {
             seq: n.s_isn + 1,
@@ -427,7 +436,7 @@ pub(crate) mod tests {
         assert_eq!(handshake_between(&mut t, c, s), Track::Forward);
         // The client sends segments sized for the server's MSS.
         assert_eq!(t.client_segment_size(), Some(1400));
-        let ack = t.hold_ack(3000, Some(55)).expect("established");
+        let ack = t.hold_ack(3000, Some(55), &[]).expect("established");
         // The right edge the server offered (65535, unscaled in its
         // SYN-ACK), in the units the client applies to the server's
         // windows: the server's shift.
@@ -437,6 +446,29 @@ pub(crate) mod tests {
             ack.options.timestamps,
             Some(Timestamps { val: 70, ecr: 55 })
         );
+    }
+
+    /// The hold's ACK carries SACK blocks only where both SYNs allowed
+    /// them.
+    #[test]
+    fn the_holds_sack_blocks_need_both_ends_to_permit_sack() {
+        let blocks = [(SeqNum(2461), SeqNum(3921))];
+        for (c_sack, s_sack) in [(true, true), (true, false), (false, true)] {
+            let mut t = Tracker::new(ConnConfig::default());
+            let c = TcpOptions {
+                sack_permitted: c_sack,
+                ..syn_opts(50)
+            };
+            let s = TcpOptions {
+                sack_permitted: s_sack,
+                ..syn_opts(70)
+            };
+            assert_eq!(handshake_between(&mut t, c, s), Track::Forward);
+            let ack = t.hold_ack(0, None, &blocks).expect("established");
+            assert_eq!(ack.ack, SeqNum(1001));
+            let want: &[_] = if c_sack && s_sack { &blocks } else { &[] };
+            assert_eq!(ack.options.sack, want, "{c_sack} {s_sack}");
+        }
     }
 
     #[test]

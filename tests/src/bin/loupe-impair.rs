@@ -31,7 +31,9 @@ use loupe_dataplane::{
     sys,
     xsk::{PortConfig, QueuePort},
 };
-use loupe_tests::impair::{vlan_pop, vlan_push, Fate, ImpairStats, Impairer, Pipe, Rates};
+use loupe_tests::impair::{
+    vlan_pop, vlan_push, Fate, FirstData, ImpairStats, Impairer, Pipe, Rates,
+};
 use xsk_rs::FrameDesc;
 
 #[derive(Parser, Debug)]
@@ -73,6 +75,10 @@ struct Args {
     /// --b, and untag those from --b (dropping the ones without the tag).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..4095))]
     vlan: Option<u16>,
+    /// Also drop the first TCP segment with data of every connection,
+    /// from --a towards --b (as a connect storm's overloaded queue would).
+    #[arg(long)]
+    drop_first_data: bool,
     /// Where to write the counters (JSON).
     #[arg(long)]
     stats: Option<PathBuf>,
@@ -164,6 +170,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.a, args.b, args.ports, args.seed, args.vlan
     );
 
+    let mut first = args.drop_first_data.then(FirstData::default);
     let mut descs = vec![FrameDesc::default(); 64];
     let mut last_stats = Instant::now();
     let mut fds: Vec<libc::pollfd> = lanes
@@ -179,7 +186,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut busy = false;
         let now = Instant::now();
         for lane in &mut lanes {
-            busy |= lane.step(&mut descs, now);
+            busy |= lane.step(&mut descs, &mut first, now);
         }
         if last_stats.elapsed() >= Duration::from_millis(500) {
             write_stats(&lanes)?;
@@ -218,7 +225,12 @@ fn run(args: Args) -> anyhow::Result<()> {
 impl Lane {
     /// One round: take what arrived, impair it, send what is due. Returns
     /// whether anything moved.
-    fn step(&mut self, descs: &mut [FrameDesc], now: Instant) -> bool {
+    fn step(
+        &mut self,
+        descs: &mut [FrameDesc],
+        first: &mut Option<FirstData>,
+        now: Instant,
+    ) -> bool {
         let port = &mut self.port;
         port.reclaim();
         port.refill();
@@ -258,6 +270,11 @@ impl Lane {
                 let frame = port.data(&d);
                 let protect = headers_len(frame);
                 let imp = &mut self.impairers[dir];
+                if dir == 0 && first.as_mut().is_some_and(|f| f.is_first(frame)) {
+                    imp.dropped_by_rule();
+                    port.release(d);
+                    continue;
+                }
                 match imp.fate(frame.len(), protect) {
                     Fate::Drop => port.release(d),
                     Fate::Deliver {
