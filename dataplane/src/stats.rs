@@ -109,10 +109,11 @@ pub struct SplitCounters {
     #[serde(default)]
     pub hold_timeouts: u64,
     /// Of the holds given up on timeout, those still missing the client's
-    /// first bytes (lost before the engine, never resent in time); the
-    /// others had a ClientHello begun and not finished.
+    /// first bytes (lost before the engine and not resent in time, or
+    /// withheld by the client); the others had a ClientHello begun and not
+    /// finished.
     #[serde(default)]
-    pub hold_timeouts_start_lost: u64,
+    pub hold_timeouts_start_missing: u64,
     #[serde(default)]
     pub hold_overflows: u64,
     /// ACKs sent as the server during a hold, for ClientHellos larger
@@ -264,7 +265,7 @@ impl SplitCounters {
         self.server_first += o.server_first;
         self.policy_pass += o.policy_pass;
         self.hold_timeouts += o.hold_timeouts;
-        self.hold_timeouts_start_lost += o.hold_timeouts_start_lost;
+        self.hold_timeouts_start_missing += o.hold_timeouts_start_missing;
         self.hold_overflows += o.hold_overflows;
         self.hold_acks += o.hold_acks;
         self.hold_sacks += o.hold_sacks;
@@ -704,7 +705,7 @@ impl StatsReport {
                 sp.refused,
                 sp.hold_timeouts,
                 sp.hold_overflows,
-                sp.hold_timeouts_start_lost,
+                sp.hold_timeouts_start_missing,
                 sp.hold_acks,
                 sp.hold_sacks,
                 sp.wscale_clamped,

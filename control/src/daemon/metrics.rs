@@ -340,10 +340,10 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         sp.hold_acks,
     );
     o.one(
-        "loupe_hold_timeouts_start_lost_total",
+        "loupe_hold_timeouts_start_missing_total",
         "counter",
-        "Holds that timed out still missing the client's first bytes (lost before the engine).",
-        sp.hold_timeouts_start_lost,
+        "Holds that timed out still missing the client's first bytes (lost before the engine, or withheld).",
+        sp.hold_timeouts_start_missing,
     );
     o.one(
         "loupe_hold_sacks_total",

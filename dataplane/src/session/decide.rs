@@ -436,6 +436,9 @@ impl Sessions {
     /// never send those again, so a held frame lost on its way to the
     /// server could not be recovered on the fast path. Such a connection
     /// is relayed instead, by halves that retransmit what they send.
+    /// Bytes the hold only SACKed may be passed: a SACK is advisory (RFC
+    /// 2018 §8), so a released frame lost on the way is resent by the
+    /// client when the server's ACKs renege on it (at its RTO).
     fn pass_or_relay(
         &mut self,
         id: FlowId,

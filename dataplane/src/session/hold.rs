@@ -280,7 +280,10 @@ impl Sessions {
                 //   be passed to the fast path.
                 let mss = t.tracker.client_segment_size().unwrap_or(536);
                 let in_order = held.read > held.acked && held.read >= 2 * mss;
-                let gap = ins.new > 0 && held.stream.held() > 0;
+                // A FIN not yet reached (one reached closed the hold).
+                let fin_ahead = held.fin_at.filter(|f| f.gt(start + held.read));
+                let gap =
+                    (ins.new > 0 || fin_news) && (held.stream.held() > 0 || fin_ahead.is_some());
                 if in_order || gap {
                     let (acked, tsval) = if in_order {
                         (held.read, seg.options.timestamps.map(|ts| ts.val))
@@ -289,15 +292,21 @@ impl Sessions {
                         // last segment that advanced it (RFC 7323 §4.3).
                         (held.acked, None)
                     };
+                    // Blocks only above the ACK: bytes in order and not
+                    // acknowledged cannot be reported (Linux discards a
+                    // block that starts at the ACK); the client may
+                    // resend them, and they are dropped as repeats.
                     let mut sack = Vec::new();
                     if gap {
                         sack = held.stream.sack_blocks();
-                        // In-order bytes not acknowledged (too few yet)
-                        // are held too: said second, so the client resends
-                        // only what is missing.
-                        if held.read > held.acked {
-                            let from = start + held.acked;
-                            sack.insert(1.min(sack.len()), (from, start + held.read));
+                        // A receiver's block covers the FIN's sequence
+                        // number too (first, if it drew this ACK alone).
+                        if let Some(f) = fin_ahead {
+                            match sack.iter_mut().find(|b| b.1 == f) {
+                                Some(b) => b.1 = f + 1,
+                                None if fin_news && ins.new == 0 => sack.insert(0, (f, f + 1)),
+                                None => sack.push((f, f + 1)),
+                            }
                         }
                     }
                     if let (Some(ack), Some(tpl)) = (

@@ -549,7 +549,7 @@ impl Sessions {
                 }) if t.hold.as_ref().is_some_and(|h| h.deadline == at) => {
                     self.counters.hold_timeouts += 1;
                     if t.hold.as_ref().is_some_and(|h| h.read == 0) {
-                        self.counters.hold_timeouts_start_lost += 1;
+                        self.counters.hold_timeouts_start_missing += 1;
                     }
                     self.undecided(id, NoDecision::Timeout, now);
                 }

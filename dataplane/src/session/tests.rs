@@ -342,14 +342,14 @@ fn a_hold_timing_out_without_the_first_bytes_is_counted_apart() {
     b.client_data(1448, &[7; 1448]);
     b.sp.on_timers(b.now + timeout);
     let c = &b.sp.counters;
-    assert_eq!((c.hold_timeouts, c.hold_timeouts_start_lost), (1, 1));
+    assert_eq!((c.hold_timeouts, c.hold_timeouts_start_missing), (1, 1));
 }
 
-/// A missing segment between held ones: the duplicate ACK also reports
-/// the bytes in order (held, not yet acknowledged), so the client resends
-/// only the gap; without SACK it is a plain duplicate ACK.
+/// A missing segment between held ones: the duplicate ACK reports only
+/// what is above its ACK (a block at the ACK would be discarded); without
+/// SACK it is a plain duplicate ACK.
 #[test]
-fn a_gap_inside_the_clienthello_is_reported_around_the_bytes_in_order() {
+fn a_gap_inside_the_clienthello_draws_blocks_above_the_ack_only() {
     for sack in [true, false] {
         let mut b = Bench::opened(SessionSettings::default(), sack);
         let hello = client_hello("shop.example", &[b"h2"]);
@@ -365,16 +365,67 @@ fn a_gap_inside_the_clienthello_is_reported_around_the_bytes_in_order() {
         assert_eq!(d.ack, SeqNum(C_ISN + 1));
         let end = C_ISN + 1 + hello.len() as u32;
         let want = if sack {
-            vec![
-                (SeqNum(C_ISN + 201), SeqNum(end)),
-                (SeqNum(C_ISN + 1), SeqNum(C_ISN + 101)),
-            ]
+            vec![(SeqNum(C_ISN + 201), SeqNum(end))]
         } else {
             Vec::new()
         };
         assert_eq!(d.options.sack, want);
         b.client_data(100, &bc[..100]);
         assert_eq!((b.sp.counters.hellos, b.sp.counters.split), (1, 1));
+    }
+}
+
+/// A ClientHello beyond the initial window, with holes: the segment that
+/// brings two segments in order draws one ACK of them, whose SACK blocks
+/// all lie above it.
+#[test]
+fn an_ack_of_bytes_in_order_carries_only_the_blocks_above_it() {
+    let mut b = Bench::with_sack(SessionSettings::default());
+    let long: Vec<Vec<u8>> = (0..100u8).map(|i| vec![b'a' + i % 26; 200]).collect();
+    let alpn: Vec<&[u8]> = long.iter().map(Vec::as_slice).collect();
+    let hello = client_hello("big.example", &alpn);
+    const MSS: usize = 1460;
+    let chunk = |i: usize| &hello[i * MSS..(i + 1) * MSS];
+    for i in [0, 2, 4] {
+        b.client_data((i * MSS) as u32, chunk(i));
+    }
+    b.sent();
+    b.client_data(MSS as u32, chunk(1));
+    let acks = segments(&b.sent(), Side::Inside);
+    let [a] = &acks[..] else {
+        panic!("one ACK: {acks:?}")
+    };
+    assert_eq!(a.ack, SeqNum(C_ISN + 1 + 3 * MSS as u32));
+    let at = |i: usize| SeqNum(C_ISN + 1 + (i * MSS) as u32);
+    assert_eq!(a.options.sack, [(at(4), at(5))]);
+    assert_eq!((b.sp.counters.hold_acks, b.sp.counters.hold_sacks), (1, 2));
+}
+
+/// The client's FIN after missing bytes: the block covers its sequence
+/// number, as a receiver's does (else the sender does not count the
+/// segment as SACKed).
+#[test]
+fn a_fin_after_missing_bytes_is_inside_the_block() {
+    let hello = client_hello("shop.example", &[]);
+    let end = C_ISN + 1 + hello.len() as u32;
+    // On the last data segment, and alone after it.
+    for alone in [false, true] {
+        let mut b = Bench::with_sack(SessionSettings::default());
+        let mut last = seg(C_ISN + 101, S_ISN + 1, false, &hello[100..]);
+        last.flags.fin = !alone;
+        b.send(Dir::Client, &last);
+        if alone {
+            b.sent();
+            let mut fin = seg(end, S_ISN + 1, false, b"");
+            fin.flags.fin = true;
+            b.send(Dir::Client, &fin);
+        }
+        let acks = segments(&b.sent(), Side::Inside);
+        let [d] = &acks[..] else {
+            panic!("one duplicate ACK: {acks:?}")
+        };
+        assert_eq!(d.ack, SeqNum(C_ISN + 1));
+        assert_eq!(d.options.sack, [(SeqNum(C_ISN + 101), SeqNum(end + 1))]);
     }
 }
 
@@ -610,7 +661,7 @@ fn a_hold_without_a_decision_is_released_at_the_deadline() {
     assert_eq!(b.sent(), vec![(Side::Outside, f)]);
     assert_eq!(b.sp.counters.hold_timeouts, 1);
     // The ClientHello had begun: not a loss before the engine.
-    assert_eq!(b.sp.counters.hold_timeouts_start_lost, 0);
+    assert_eq!(b.sp.counters.hold_timeouts_start_missing, 0);
     assert_eq!(bypassed(&b.sp), 1);
     assert_eq!(b.sp.events.len(), 1);
     // Decided without the server name, by the default.
