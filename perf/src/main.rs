@@ -50,6 +50,11 @@ struct Args {
     /// connection, with this many idle connections open.
     #[arg(long)]
     split_memory: Option<usize>,
+    /// (Internal) the server ends of --split-memory's connections.
+    #[arg(long, hide = true)]
+    split_memory_serve: Option<usize>,
+    #[arg(long, hide = true, default_value = "")]
+    serve_addr: String,
     /// Instead of throughput on clean links: one connection moving this
     /// many MiB each way over impaired links (2% loss, 2% reordering, 1%
     /// duplication on both), through a Linux bridge and through tcp-split.
@@ -401,47 +406,126 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
 /// little data on each (so both halves exist and have touched their
 /// buffers), and reports the engine's RSS growth per connection.
 fn split_memory(n: usize) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
+    use std::io::{BufRead, Read, Write};
+    // The client ends are open here, the server ends in a child process
+    // (one process may not have both ends of 10,000 connections open).
+    raise_open_files(n as u64 + 1024)?;
     let h = Harness::new(HarnessConfig::default())?;
     let engine = Engine::start(&h, &["--steer-ports", "443", "--tcp-split"])?;
     let addr = format!("{SERVER_V4}:443");
-    let listener = loupe_tests::tcp::listen(&h.server, &addr)?;
     let before = loupe_tests::proc::rss_kib(engine.pid());
-    let server = std::thread::spawn(move || -> anyhow::Result<Vec<std::net::TcpStream>> {
-        let mut conns = Vec::with_capacity(n);
-        for _ in 0..n {
-            let (mut s, _) = listener.accept()?;
-            let mut b = [0u8; 4];
-            s.read_exact(&mut b)?;
-            s.write_all(&b)?;
-            conns.push(s);
-        }
-        Ok(conns)
-    });
+    let exe = std::env::current_exe()?;
+    let mut server = h
+        .server
+        .command(exe.to_str().context("binary path")?)
+        .args([
+            "--split-memory-serve",
+            &n.to_string(),
+            "--serve-addr",
+            &addr,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the server process")?;
+    let mut lines = std::io::BufReader::new(server.stdout.take().context("server stdout")?).lines();
+    anyhow::ensure!(
+        lines.next().transpose()?.as_deref() == Some("listening"),
+        "the server process did not start"
+    );
     let mut clients = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut c = loupe_tests::tcp::connect(&h.client, &addr)?;
+    // RSS at half of them too: the growth over the second half is free
+    // of what the first connections touch once (frame buffers, tables).
+    let mut half = 0;
+    for i in 0..n {
+        if i == n / 2 {
+            engine.wait_stats("half the connections split", Duration::from_secs(60), |r| {
+                (r.split_total().active >= i as u64).then_some(())
+            })?;
+            half = loupe_tests::proc::rss_kib(engine.pid());
+        }
+        let mut c = loupe_tests::tcp::connect(&h.client, &addr)
+            .with_context(|| format!("connection {i}"))?;
         c.write_all(b"ping")?;
         let mut b = [0u8; 4];
         c.read_exact(&mut b)?;
         clients.push(c);
     }
-    let servers = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server thread"))??;
-    let active = engine.wait_stats("all connections split", Duration::from_secs(60), |r| {
-        let a = r.split_total().active;
-        (a >= n as u64).then_some(a)
+    anyhow::ensure!(
+        lines.next().transpose()?.as_deref() == Some("all accepted"),
+        "the server process did not accept them all"
+    );
+    let sp = engine.wait_stats("all connections split", Duration::from_secs(60), |r| {
+        let sp = r.split_total();
+        (sp.active >= n as u64).then_some(sp)
     })?;
     let after = loupe_tests::proc::rss_kib(engine.pid());
     let per = (after.saturating_sub(before)) as f64 / n as f64;
+    let marginal = (after.saturating_sub(half)) as f64 / (n - n / 2) as f64;
     println!(
-        "split memory: {n} established split connections ({active} active): engine RSS {before} KiB -> {after} KiB, {per:.1} KiB per connection"
+        "split memory: {n} established split connections ({} active, {} not split for \
+         memory): engine RSS {before} KiB -> {half} KiB at half -> {after} KiB: {per:.1} KiB \
+         per connection, {marginal:.1} KiB per connection of the second half; buffers {} KiB",
+        sp.active,
+        sp.memory_passthrough,
+        sp.buffer_capacity >> 10
     );
     drop(clients);
-    drop(servers);
+    drop(server.stdin.take());
+    let st = server.wait()?;
+    anyhow::ensure!(st.success(), "server process: {st}");
     let (status, _, _, err) = engine.stop();
     anyhow::ensure!(status.success(), "engine: {status}: {err}");
+    Ok(())
+}
+
+/// The server ends of [`split_memory`]'s connections (run in the server's
+/// namespace): accepts `n` on `addr`, echoes each one's four bytes, says
+/// so on stdout and keeps them open until stdin closes.
+fn split_memory_serve(n: usize, addr: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    raise_open_files(n as u64 + 1024)?;
+    let listener = std::net::TcpListener::bind(addr)?;
+    println!("listening");
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (mut s, _) = listener.accept()?;
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)?;
+        s.write_all(&b)?;
+        conns.push(s);
+    }
+    println!("all accepted");
+    std::io::stdout().flush()?;
+    let mut rest = Vec::new();
+    std::io::stdin().read_to_end(&mut rest)?;
+    Ok(())
+}
+
+/// Raises this process's open-file limit to at least `want` (root may
+/// raise the hard limit too).
+fn raise_open_files(want: u64) -> anyhow::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer to an rlimit for the call to fill.
+    anyhow::ensure!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0,
+        "getrlimit: {}",
+        std::io::Error::last_os_error()
+    );
+    if lim.rlim_cur >= want {
+        return Ok(());
+    }
+    lim.rlim_cur = want;
+    lim.rlim_max = lim.rlim_max.max(want);
+    // SAFETY: a valid rlimit for the call to read.
+    anyhow::ensure!(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0,
+        "cannot open {want} files (setrlimit: {})",
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
 
@@ -552,6 +636,9 @@ fn impaired(mib: usize, repeat: u32, clean: bool, engine_args: &[String]) -> any
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(n) = args.split_memory_serve {
+        return split_memory_serve(n, &args.serve_addr);
+    }
     if let Some(n) = args.split_memory {
         return split_memory(n);
     }
