@@ -600,9 +600,25 @@ impl Conn {
     /// window; a large enough opening is announced at once.
     pub fn read(&mut self, max: usize) -> Vec<u8> {
         let out = self.rcv.read(max);
+        self.after_read(out.len());
+        out
+    }
+
+    /// [`Conn::read`] with the bytes handed to `sink` in place (the relay
+    /// writes them straight into the other half's send buffer); returns
+    /// how many.
+    pub fn read_with(&mut self, max: usize, sink: &mut dyn FnMut(&[u8])) -> usize {
+        let n = self.rcv.read_with(max, sink);
+        self.after_read(n);
+        n
+    }
+
+    /// `n` bytes were read: the window they open is announced at once if
+    /// large enough.
+    fn after_read(&mut self, n: usize) {
         // After the peer's FIN no more data comes: a window update would
         // only reach a socket that may be gone (and draw a RST).
-        if !out.is_empty() && !self.fin_received {
+        if n > 0 && !self.fin_received {
             let wnd = self.rcv.window();
             //= https://www.rfc-editor.org/rfc/rfc9293#section-3.8.6.2.2
             //# ... the data receiver ... send a window update when the
@@ -612,7 +628,6 @@ impl Conn {
                 self.ack = AckNeed::Now;
             }
         }
-        out
     }
 
     /// No more data will be written: a FIN follows what is buffered.

@@ -23,6 +23,15 @@ pub trait ByteStream {
     fn readable(&self) -> usize;
     /// Takes up to `max` received bytes.
     fn read(&mut self, max: usize) -> Vec<u8>;
+    /// Takes up to `max` received bytes, handed to `sink` (in place where
+    /// the stream can); returns how many.
+    fn read_with(&mut self, max: usize, sink: &mut dyn FnMut(&[u8])) -> usize {
+        let bytes = self.read(max);
+        if !bytes.is_empty() {
+            sink(&bytes);
+        }
+        bytes.len()
+    }
     /// Room in the send buffer (0 once closed for sending).
     fn send_space(&self) -> usize;
     /// Queues bytes to send; returns how many fit.
@@ -43,6 +52,9 @@ impl ByteStream for Conn {
     }
     fn read(&mut self, max: usize) -> Vec<u8> {
         Conn::read(self, max)
+    }
+    fn read_with(&mut self, max: usize, sink: &mut dyn FnMut(&[u8])) -> usize {
+        Conn::read_with(self, max, sink)
     }
     fn send_space(&self) -> usize {
         Conn::send_space(self)
