@@ -302,9 +302,15 @@ impl Sessions {
                         // A receiver's block covers the FIN's sequence
                         // number too (first, if it drew this ACK alone).
                         if let Some(f) = fin_ahead {
-                            match sack.iter_mut().find(|b| b.1 == f) {
-                                Some(b) => b.1 = f + 1,
-                                None if fin_news && ins.new == 0 => sack.insert(0, (f, f + 1)),
+                            let alone = fin_news && ins.new == 0;
+                            match sack.iter().position(|b| b.1 == f) {
+                                Some(i) => {
+                                    sack[i].1 = f + 1;
+                                    if alone {
+                                        sack[..=i].rotate_right(1);
+                                    }
+                                }
+                                None if alone => sack.insert(0, (f, f + 1)),
                                 None => sack.push((f, f + 1)),
                             }
                         }

@@ -157,6 +157,15 @@ fn bank_exempt() -> SessionSettings {
     }
 }
 
+/// The one segment sent toward the client among `out`.
+fn only_ack_to_client(out: &[(Side, Vec<u8>)]) -> Segment {
+    let acks = segments(out, Side::Inside);
+    let [a] = &acks[..] else {
+        panic!("one ACK to the client: {acks:?}")
+    };
+    a.clone()
+}
+
 /// A policy of no rule but the default.
 fn with_default(action: Action) -> SessionSettings {
     let mut p = Policy::split_all(&[443], Vec::new());
@@ -309,10 +318,7 @@ fn a_segment_after_missing_first_bytes_draws_a_duplicate_ack_with_sack() {
     assert_eq!(d, Disposition::Consumed);
     let out = b.sent();
     assert!(segments(&out, Side::Outside).is_empty(), "{out:?}");
-    let acks = segments(&out, Side::Inside);
-    let [a] = &acks[..] else {
-        panic!("one duplicate ACK: {acks:?}")
-    };
+    let a = &only_ack_to_client(&out);
     assert!(a.flags.ack && !a.flags.syn && !a.flags.rst && a.payload.is_empty());
     assert_eq!((a.seq, a.ack), (SeqNum(S_ISN + 1), SeqNum(C_ISN + 1)));
     assert_eq!(a.window, 65535, "the window the server offered");
@@ -358,10 +364,7 @@ fn a_gap_inside_the_clienthello_draws_blocks_above_the_ack_only() {
         b.client_data(0, a);
         assert!(b.sent().is_empty(), "bytes in order draw nothing yet");
         b.client_data(200, c);
-        let acks = segments(&b.sent(), Side::Inside);
-        let [d] = &acks[..] else {
-            panic!("one duplicate ACK: {acks:?}")
-        };
+        let d = &only_ack_to_client(&b.sent());
         assert_eq!(d.ack, SeqNum(C_ISN + 1));
         let end = C_ISN + 1 + hello.len() as u32;
         let want = if sack {
@@ -391,10 +394,7 @@ fn an_ack_of_bytes_in_order_carries_only_the_blocks_above_it() {
     }
     b.sent();
     b.client_data(MSS as u32, chunk(1));
-    let acks = segments(&b.sent(), Side::Inside);
-    let [a] = &acks[..] else {
-        panic!("one ACK: {acks:?}")
-    };
+    let a = &only_ack_to_client(&b.sent());
     assert_eq!(a.ack, SeqNum(C_ISN + 1 + 3 * MSS as u32));
     let at = |i: usize| SeqNum(C_ISN + 1 + (i * MSS) as u32);
     assert_eq!(a.options.sack, [(at(4), at(5))]);
@@ -420,13 +420,23 @@ fn a_fin_after_missing_bytes_is_inside_the_block() {
             fin.flags.fin = true;
             b.send(Dir::Client, &fin);
         }
-        let acks = segments(&b.sent(), Side::Inside);
-        let [d] = &acks[..] else {
-            panic!("one duplicate ACK: {acks:?}")
-        };
+        let d = &only_ack_to_client(&b.sent());
         assert_eq!(d.ack, SeqNum(C_ISN + 1));
         assert_eq!(d.options.sack, [(SeqNum(C_ISN + 101), SeqNum(end + 1))]);
     }
+    // A FIN alone after the last bytes, when a lower block arrived since:
+    // the block it ends (drew the ACK) comes first, then the other.
+    let mut b = Bench::with_sack(SessionSettings::default());
+    let at = |o: usize| SeqNum(C_ISN + 1 + o as u32);
+    b.client_data(300, &hello[300..]);
+    b.client_data(100, &hello[100..200]);
+    b.sent();
+    let mut fin = seg(end, S_ISN + 1, false, b"");
+    fin.flags.fin = true;
+    b.send(Dir::Client, &fin);
+    let d = &only_ack_to_client(&b.sent());
+    let blocks = [(at(300), SeqNum(end + 1)), (at(100), at(200))];
+    assert_eq!(d.options.sack, blocks);
 }
 
 /// Sends a ClientHello of about 20 KiB for `name` as a Linux client

@@ -388,8 +388,6 @@ mod tests {
         r.insert(isn + off, data)
     }
 
-    /// SACK blocks are whole runs (not one per segment), the newest
-    /// arrival's first, then the ones before it, then the lowest.
     /// `read_with` hands over the same bytes as `read`, in order, up to
     /// its limit, across the queue's wrap.
     #[test]
@@ -423,6 +421,8 @@ mod tests {
         assert_eq!(b.read_with(10, &mut |_| panic!("nothing left")), 0);
     }
 
+    /// SACK blocks are whole runs (not one per segment), the newest
+    /// arrival's first, then the ones before it, then the lowest.
     #[test]
     fn sack_blocks_are_contiguous_and_newest_first() {
         let isn = SeqNum(1000);
