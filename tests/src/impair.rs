@@ -22,7 +22,8 @@ use std::{
 };
 
 use anyhow::Context;
-use loupe_dataplane::tcp::sim::Rng;
+use loupe_common::FlowKey;
+use loupe_dataplane::{tcp::sim::Rng, wire::slice_tcp};
 use serde_json::json;
 
 use crate::{
@@ -200,39 +201,15 @@ impl Impairer {
 /// queues: a retransmission may come on another.
 #[derive(Default)]
 pub struct FirstData {
-    seen: HashSet<Vec<u8>>,
+    seen: HashSet<FlowKey>,
 }
 
 impl FirstData {
     /// Whether `frame` is the first TCP segment with data of its
     /// connection (later ones, its retransmission included, are not).
     pub fn is_first(&mut self, frame: &[u8]) -> bool {
-        tcp_data_flow(frame).is_some_and(|flow| self.seen.insert(flow))
+        slice_tcp(frame).is_ok_and(|s| !s.tcp.payload().is_empty() && self.seen.insert(s.key))
     }
-}
-
-/// The addresses and ports of a TCP segment that carries data, as bytes
-/// (none for other frames).
-fn tcp_data_flow(frame: &[u8]) -> Option<Vec<u8>> {
-    let p = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
-    let Some(etherparse::TransportSlice::Tcp(tcp)) = &p.transport else {
-        return None;
-    };
-    if tcp.payload().is_empty() {
-        return None;
-    }
-    let mut key = match &p.net {
-        Some(etherparse::NetSlice::Ipv4(ip)) => {
-            [ip.header().source(), ip.header().destination()].concat()
-        }
-        Some(etherparse::NetSlice::Ipv6(ip)) => {
-            [ip.header().source(), ip.header().destination()].concat()
-        }
-        _ => return None,
-    };
-    key.extend_from_slice(&tcp.source_port().to_be_bytes());
-    key.extend_from_slice(&tcp.destination_port().to_be_bytes());
-    Some(key)
 }
 
 /// The 802.1Q tag protocol identifier.

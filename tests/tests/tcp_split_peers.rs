@@ -134,7 +134,7 @@ fn a_thousand_concurrent_connections_of_one_mib_each() {
     // bytes: a whole initial window and its resends lost in the storm
     // (seen: only the client's tail probe arrived), never a hold the
     // engine failed to decide with the bytes in hand. How many depends on
-    // the machine's load (0-5 in ten local runs, 13 on one loaded CI
+    // the machine's load (0-5 in nine local runs, 13 on one loaded CI
     // run): at most 3%.
     assert_eq!(s.hold_timeouts, s.hold_timeouts_start_missing, "{s:?}");
     assert!(s.hold_timeouts * 100 <= 3 * CONNS as u64, "{s:?}");

@@ -1197,14 +1197,20 @@ impl Conn {
         let Some(wait) = self.resend_wait() else {
             return;
         };
-        let una = self.snd_una;
-        if let Some((_, at)) = self.resent_at.iter_mut().find(|(s, _)| *s == una) {
+        if let Some(i) = self.first_hole_resend() {
+            let at = &mut self.resent_at[i].1;
             if now.saturating_duration_since(*at) >= wait {
                 *at = now;
                 self.retransmit_now = true;
                 self.stats.lost_retransmits += 1;
             }
         }
+    }
+
+    /// Where the first hole's (SND.UNA's) resend time is kept in
+    /// `resent_at`, if it was resent in this recovery.
+    fn first_hole_resend(&self) -> Option<usize> {
+        self.resent_at.iter().position(|(s, _)| *s == self.snd_una)
     }
 
     /// A reduction began: its retransmissions are matched against DSACKs
@@ -1691,12 +1697,7 @@ impl Conn {
             // In SACK recovery the probe watches the first hole's resend:
             // due back within the resend wait, else lost again (when no
             // ACK at all comes to show it, RACK's reordering timer).
-            let una = self.snd_una;
-            let due = self
-                .resent_at
-                .iter()
-                .find(|(s, _)| *s == una)
-                .map(|&(_, at)| at);
+            let due = self.first_hole_resend().map(|i| self.resent_at[i].1);
             if let (true, Some(at), Some(wait)) = (self.sack_recovery(), due, self.resend_wait()) {
                 let at = (at + wait).max(now);
                 if self.rto_at.is_none_or(|rto| at < rto) {

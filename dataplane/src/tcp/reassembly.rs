@@ -140,15 +140,14 @@ impl Reassembler {
 
     /// Takes up to `max` in-order bytes.
     pub fn read(&mut self, max: usize) -> Vec<u8> {
-        let n = max.min(self.ready.len());
-        // Slice copies, then an O(1) drain of plain bytes.
-        let out = super::copy_range(&self.ready, 0, n);
-        self.ready.drain(..n);
+        let mut out = Vec::with_capacity(max.min(self.ready.len()));
+        self.read_with(max, &mut |chunk| out.extend_from_slice(chunk));
         out
     }
 
     /// Takes up to `max` in-order bytes, handed to `sink` in place (one
-    /// or two slices, no copy of its own); returns how many.
+    /// or two slices, no copy of its own, then an O(1) drain of plain
+    /// bytes); returns how many.
     pub fn read_with(&mut self, max: usize, sink: &mut dyn FnMut(&[u8])) -> usize {
         let n = max.min(self.ready.len());
         let (a, b) = self.ready.as_slices();
