@@ -1,5 +1,8 @@
-//! Helpers the benchmark binaries share.
+//! Helpers the benchmark binaries share, and the report of `perf/run all`
+//! (its summary and plots).
 
+pub mod report;
+pub mod suite;
 pub mod wire_delay;
 
 use std::time::{Duration, Instant};
@@ -16,6 +19,48 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     } else {
         v[v.len() / 2]
     }
+}
+
+/// The directory every benchmark writes its JSON to: `$LOUPE_PERF_RESULTS`
+/// when set (`perf/run all` sets it to its run's own directory), else
+/// `perf/results`.
+pub const RESULTS_ENV: &str = "LOUPE_PERF_RESULTS";
+
+/// Writes a benchmark's rows as `<results directory>/<name>`, creating the
+/// directory; returns the path written.
+pub fn write_results(
+    name: &str,
+    rows: &impl serde::Serialize,
+) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::var_os(RESULTS_ENV).map_or_else(
+        || std::path::PathBuf::from("perf/results"),
+        std::path::PathBuf::from,
+    );
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec_pretty(rows)?)?;
+    Ok(path)
+}
+
+/// The value at quantile `q` (0..=1) of sorted samples, by nearest rank;
+/// 0 for none.
+pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize]
+}
+
+/// The samples' distribution as 101 points (the 0th to 100th percentile),
+/// for a CDF plot.
+pub fn percentiles(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return Vec::new();
+    }
+    (0..=100)
+        .map(|p| quantile_sorted(&v, p as f64 / 100.0))
+        .collect()
 }
 
 /// Microsecond histograms up to a minute.

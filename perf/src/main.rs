@@ -40,9 +40,10 @@ struct Args {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeat: u32,
-    /// Write the results as JSON here.
-    #[arg(long, default_value = "perf/results/wire.json")]
-    json: String,
+    /// Write the results as JSON here (default: wire.json in the results
+    /// directory).
+    #[arg(long)]
+    json: Option<String>,
     /// Only these paths (comma-separated).
     #[arg(long)]
     paths: Option<String>,
@@ -470,6 +471,15 @@ fn split_memory(n: usize) -> anyhow::Result<()> {
         sp.memory_passthrough,
         sp.buffer_capacity >> 10
     );
+    loupe_perf::write_results(
+        "split-memory.json",
+        &serde_json::json!({
+            "connections": n, "split_active": sp.active,
+            "memory_passthrough": sp.memory_passthrough,
+            "rss_before_kib": before, "rss_half_kib": half, "rss_after_kib": after,
+            "kib_per_connection": per, "kib_per_connection_second_half": marginal,
+        }),
+    )?;
     drop(clients);
     drop(server.stdin.take());
     let st = server.wait()?;
@@ -621,16 +631,12 @@ fn impaired(mib: usize, repeat: u32, clean: bool, engine_args: &[String]) -> any
         median(secs[1].clone()),
         median(acks_per_data.clone())
     );
-    std::fs::create_dir_all("perf/results")?;
     let name = if clean {
-        "split-clean"
+        "split-clean.json"
     } else {
-        "split-impaired"
+        "split-impaired.json"
     };
-    std::fs::write(
-        format!("perf/results/{name}.json"),
-        serde_json::to_vec_pretty(&rows)?,
-    )?;
+    loupe_perf::write_results(name, &rows)?;
     Ok(())
 }
 
@@ -674,10 +680,16 @@ fn main() -> anyhow::Result<()> {
         repeat: args.repeat,
         results,
     };
-    if let Some(dir) = std::path::Path::new(&args.json).parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.json, serde_json::to_vec_pretty(&report)?)?;
+    let written = match &args.json {
+        Some(path) => {
+            if let Some(dir) = std::path::Path::new(path).parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+            path.into()
+        }
+        None => loupe_perf::write_results("wire.json", &report)?,
+    };
 
     // Table with ratios against the bridge with offloads off and against
     // the kernel relay (same run).
@@ -721,6 +733,6 @@ fn main() -> anyhow::Result<()> {
             ratio(r, Path::KernelRelay)
         );
     }
-    println!("\nJSON: {}", args.json);
+    println!("\nJSON: {}", written.display());
     Ok(())
 }

@@ -51,13 +51,16 @@ pub struct Capture {
 
 impl Capture {
     /// tcpdump on the namespace's peer interface, TCP port `port`, with
-    /// nanosecond timestamps; returns once it listens.
+    /// nanosecond timestamps; returns once it listens. Immediate mode:
+    /// otherwise libpcap hands packets over a ring block at a time, and a
+    /// block not yet full when tcpdump is stopped is lost (a short run
+    /// caught nothing at all).
     pub fn start(ns: &Netns, dir: &Path, tag: &str, port: u16) -> anyhow::Result<Capture> {
         let file = dir.join(format!("{tag}.pcap"));
         let log = dir.join(format!("{tag}.tcpdump.log"));
         let child = ns
             .command("tcpdump")
-            .args(["-i", PEER_IF, "-n", "-U", "-s", "128"])
+            .args(["-i", PEER_IF, "-n", "-U", "--immediate-mode", "-s", "128"])
             .args(["--time-stamp-precision=nano", "-w"])
             .arg(&file)
             .args(["tcp", "port", &port.to_string()])

@@ -106,9 +106,7 @@ fn connections(h: &Harness, nginx: &Nginx, n: usize) -> anyhow::Result<Vec<Times
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
-        .copied()
-        .unwrap_or(0.0)
+    loupe_perf::quantile_sorted(&v, p)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -140,7 +138,20 @@ fn main() -> anyhow::Result<()> {
             );
             let s = connections(&h, &nginx, args.connections)?;
             let (c, sv) = (caps.0.finish()?, caps.1.finish()?);
-            for (stage, d) in wire_delay::delays(&c, &sv, 443) {
+            let delays = wire_delay::delays(&c, &sv, 443);
+            // A capture that matched nothing is a failed measurement, not
+            // a delay of NaN.
+            for stage in STAGES {
+                anyhow::ensure!(
+                    delays.get(&stage).is_some_and(|d| !d.is_empty()),
+                    "round {round} {path}: no {} matched between the client's capture ({} \
+                     packets) and the server's ({})",
+                    stage.name(),
+                    c.len(),
+                    sv.len()
+                );
+            }
+            for (stage, d) in delays {
                 wire[i].entry(stage).or_default().extend(d);
             }
             if let Some((engine, _)) = &kept {
@@ -182,6 +193,10 @@ fn main() -> anyhow::Result<()> {
         let hs: Vec<f64> = s.iter().map(|x| x.appconnect).collect();
         let tot: Vec<f64> = s.iter().map(|x| x.total).collect();
         let c50 = median(s.iter().map(|x| x.connect).collect());
+        let cdf: Vec<f64> = loupe_perf::percentiles(hs.clone())
+            .into_iter()
+            .map(|s| s * 1e3)
+            .collect();
         let (hs50, hs90, t50) = (median(hs.clone()), percentile(hs, 0.9), median(tot));
         // What the path adds to the median TLS handshake against the bridge.
         let added_us = (hs50 - base_hs) * 1e6;
@@ -200,6 +215,8 @@ fn main() -> anyhow::Result<()> {
             "handshake_p50_ms": hs50 * 1e3, "handshake_p90_ms": hs90 * 1e3,
             "total_p50_ms": t50 * 1e3, "total_vs_bridge": t50 / base,
             "handshake_added_p50_us": added_us,
+            // The 0th..100th percentiles, for the plot of `perf/run all`.
+            "handshake_cdf_ms": cdf,
         }));
     }
 
@@ -288,10 +305,6 @@ fn main() -> anyhow::Result<()> {
     rows.push(serde_json::json!({"apply_ms": ms}));
     drop(control);
     drop(engine);
-    std::fs::create_dir_all("perf/results")?;
-    std::fs::write(
-        "perf/results/decide.json",
-        serde_json::to_vec_pretty(&rows)?,
-    )?;
+    loupe_perf::write_results("decide.json", &rows)?;
     Ok(())
 }

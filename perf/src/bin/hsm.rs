@@ -68,8 +68,10 @@ struct Args {
     #[arg(long)]
     no_audit: bool,
     /// Write the results as JSON here.
-    #[arg(long, default_value = "perf/results/hsm.json")]
-    json: String,
+    /// Write the results as JSON here (default: hsm.json in the results
+    /// directory).
+    #[arg(long)]
+    json: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -301,11 +303,17 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(parent) = Path::new(&args.json).parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&rows)?)?;
-    println!("results: {}", args.json);
+    let written = match &args.json {
+        Some(path) => {
+            if let Some(parent) = Path::new(path).parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+            path.into()
+        }
+        None => loupe_perf::write_results("hsm.json", &rows)?,
+    };
+    println!("results: {}", written.display());
     Ok(())
 }
 

@@ -445,10 +445,6 @@ fn main() -> anyhow::Result<()> {
     for l in &lines {
         println!("{l}");
     }
-    std::fs::create_dir_all("perf/results")?;
-    std::fs::write(
-        "perf/results/inbound.json",
-        serde_json::to_vec_pretty(&rows)?,
-    )?;
+    loupe_perf::write_results("inbound.json", &rows)?;
     Ok(())
 }

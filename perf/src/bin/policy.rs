@@ -341,10 +341,6 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&policy);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all("perf/results")?;
-    std::fs::write(
-        "perf/results/policy.json",
-        serde_json::to_vec_pretty(&rows)?,
-    )?;
+    loupe_perf::write_results("policy.json", &rows)?;
     Ok(())
 }

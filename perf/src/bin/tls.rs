@@ -1113,7 +1113,6 @@ fn main() -> anyhow::Result<()> {
             "inspectors in memory, one core, {label}: {g:.2} Gbit/s bulk, {rate:.0} requests/s"
         );
     }
-    std::fs::create_dir_all("perf/results")?;
-    std::fs::write("perf/results/tls.json", serde_json::to_vec_pretty(&rows)?)?;
+    loupe_perf::write_results("tls.json", &rows)?;
     Ok(())
 }
