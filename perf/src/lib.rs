@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use loupe_hsm::{mech::SignMech, token::Token};
+use loupe_tests::{
+    harness::{INSIDE_IF, OUTSIDE_IF, PEER_IF},
+    netns::Netns,
+};
 
 /// The median of the samples (the upper one of the middle two for an even
 /// count); 0 for none.
@@ -155,4 +159,96 @@ pub fn raw_on(
             .sum()
     });
     Ok((total as f64 / start.elapsed().as_secs_f64(), hist))
+}
+
+/// The CPUs of the fair shape: the path's, and the endpoints'.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub path_cpu: usize,
+    pub endpoint_cpu: usize,
+}
+
+impl Shape {
+    pub fn new() -> anyhow::Result<Shape> {
+        let online = loupe_hsm::signer::online_cpus();
+        anyhow::ensure!(
+            online >= 2,
+            "--per-core needs two CPUs, this machine has {online}"
+        );
+        Ok(Shape {
+            path_cpu: 0,
+            endpoint_cpu: online - 1,
+        })
+    }
+
+    /// A command in `ns` run on the endpoints' CPU.
+    pub fn endpoint(this: Option<Shape>, ns: &Netns, program: &str) -> std::process::Command {
+        match this {
+            Some(s) => {
+                let cpu = s.endpoint_cpu.to_string();
+                ns.command_under(&["taskset", "-c", &cpu], program)
+            }
+            None => ns.command(program),
+        }
+    }
+
+    /// Receive processing of the endpoints' veths on their CPU, of the
+    /// engine namespace's (the bridge's, the relay's) on the path's; and
+    /// `pids` (with all their threads, and what they fork) on the path's.
+    pub fn apply(self, h: &loupe_tests::Harness, pids: &[u32]) -> anyhow::Result<()> {
+        let mask = |cpu: usize| format!("{:x}", 1u64 << cpu);
+        let rps = |ns: &Netns, dev: &str, cpu: usize| {
+            ns.exec(
+                "sh",
+                &[
+                    "-c",
+                    &format!(
+                        "for q in /sys/class/net/{dev}/queues/rx-*/rps_cpus; do echo {} > $q; done",
+                        mask(cpu)
+                    ),
+                ],
+            )
+        };
+        rps(&h.client, PEER_IF, self.endpoint_cpu)?;
+        rps(&h.server, PEER_IF, self.endpoint_cpu)?;
+        rps(&h.engine, INSIDE_IF, self.path_cpu)?;
+        rps(&h.engine, OUTSIDE_IF, self.path_cpu)?;
+        for pid in pids {
+            let out = std::process::Command::new("taskset")
+                .args([
+                    "-a",
+                    "-p",
+                    "-c",
+                    &self.path_cpu.to_string(),
+                    &pid.to_string(),
+                ])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "taskset {pid}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Puts the calling process (and what it starts from now on: curl,
+    /// nginx, tcpdump) on the endpoints' CPU; the path's processes are
+    /// moved to theirs by [`Shape::apply`].
+    pub fn endpoints_here(self) -> anyhow::Result<()> {
+        let out = std::process::Command::new("taskset")
+            .args([
+                "-p",
+                "-c",
+                &self.endpoint_cpu.to_string(),
+                &std::process::id().to_string(),
+            ])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "taskset: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
 }

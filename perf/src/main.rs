@@ -21,10 +21,10 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use loupe_perf::median;
+use loupe_perf::{median, Shape};
 use loupe_tests::{
     engine::Engine,
-    harness::{Role, INSIDE_IF, OUTSIDE_IF, PEER_IF, SERVER_V4},
+    harness::{Role, PEER_IF, SERVER_V4},
     impair::{ImpairProc, ImpairStats, LOSSY},
     tcp::both_ways,
     Harness, HarnessConfig, Proc,
@@ -75,82 +75,6 @@ struct Args {
     /// `--engine-arg=--split-cc=newreno` to compare congestion controls.
     #[arg(long = "engine-arg", value_name = "ARG", allow_hyphen_values = true)]
     engine_args: Vec<String>,
-}
-
-/// The CPUs of the fair shape: the path's, and the endpoints'.
-#[derive(Clone, Copy, Debug)]
-struct Shape {
-    path_cpu: usize,
-    endpoint_cpu: usize,
-}
-
-impl Shape {
-    fn new() -> anyhow::Result<Shape> {
-        let online = loupe_hsm::signer::online_cpus();
-        anyhow::ensure!(
-            online >= 2,
-            "--per-core needs two CPUs, this machine has {online}"
-        );
-        Ok(Shape {
-            path_cpu: 0,
-            endpoint_cpu: online - 1,
-        })
-    }
-
-    /// A command in `ns` run on the endpoints' CPU.
-    fn endpoint(
-        this: Option<Shape>,
-        ns: &loupe_tests::netns::Netns,
-        program: &str,
-    ) -> std::process::Command {
-        match this {
-            Some(s) => {
-                let cpu = s.endpoint_cpu.to_string();
-                ns.command_under(&["taskset", "-c", &cpu], program)
-            }
-            None => ns.command(program),
-        }
-    }
-
-    /// Receive processing of the endpoints' veths on their CPU, of the
-    /// engine namespace's (the bridge's, the relay's) on the path's; and
-    /// `pids` (with all their threads, and what they fork) on the path's.
-    fn apply(self, h: &Harness, pids: &[u32]) -> anyhow::Result<()> {
-        let mask = |cpu: usize| format!("{:x}", 1u64 << cpu);
-        let rps = |ns: &loupe_tests::netns::Netns, dev: &str, cpu: usize| {
-            ns.exec(
-                "sh",
-                &[
-                    "-c",
-                    &format!(
-                        "for q in /sys/class/net/{dev}/queues/rx-*/rps_cpus; do echo {} > $q; done",
-                        mask(cpu)
-                    ),
-                ],
-            )
-        };
-        rps(&h.client, PEER_IF, self.endpoint_cpu)?;
-        rps(&h.server, PEER_IF, self.endpoint_cpu)?;
-        rps(&h.engine, INSIDE_IF, self.path_cpu)?;
-        rps(&h.engine, OUTSIDE_IF, self.path_cpu)?;
-        for pid in pids {
-            let out = std::process::Command::new("taskset")
-                .args([
-                    "-a",
-                    "-p",
-                    "-c",
-                    &self.path_cpu.to_string(),
-                    &pid.to_string(),
-                ])
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "taskset {pid}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
 }
 
 const PORT: u16 = 5201;
@@ -317,6 +241,10 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
 fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Result<()> {
     let cfg = HarnessConfig {
         offloads: path == Path::BridgeOffloadOn,
+        // One core for the path: one queue per link, so the engine runs
+        // one worker (two time-sharing one CPU cross every other flow's
+        // frames between them), and the kernel's paths the same links.
+        queues: if args.per_core { 1 } else { 2 },
         ..Default::default()
     };
     let h = Harness::new(cfg)?;

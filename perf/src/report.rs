@@ -123,7 +123,20 @@ pub fn summary(dir: &Path, info: &RunInfo, outcomes: &[Outcome], plots: &[Plot])
     split_transfer(&mut s, dir, outcomes, "split-clean", "clean links");
     split_memory(&mut s, dir, outcomes);
     hsm(&mut s, dir, outcomes);
-    decide(&mut s, dir, outcomes);
+    decide(
+        &mut s,
+        dir,
+        outcomes,
+        "decide",
+        "shared CPUs, workers sleep when idle",
+    );
+    decide(
+        &mut s,
+        dir,
+        outcomes,
+        "decide-per-core",
+        "per-core shape, the engine polling its own core",
+    );
     tls(&mut s, dir, outcomes);
     inbound(&mut s, dir, outcomes);
     policy(&mut s, dir, outcomes);
@@ -306,11 +319,11 @@ fn hsm(s: &mut String, dir: &Path, outcomes: &[Outcome]) {
     }
 }
 
-fn decide(s: &mut String, dir: &Path, outcomes: &[Outcome]) {
-    let data = load(dir, outcomes, "decide", "decide.json");
+fn decide(s: &mut String, dir: &Path, outcomes: &[Outcome], scenario: &str, shape: &str) {
+    let data = load(dir, outcomes, scenario, &format!("{scenario}.json"));
     if !section(
         s,
-        "New connections: the hold and the decision against a bridge",
+        &format!("New connections: the hold and the decision against a bridge, {shape}"),
         &data,
     ) {
         return;
@@ -502,35 +515,37 @@ pub fn plots(dir: &Path, outcomes: &[Outcome]) -> Vec<Plot> {
             }),
         );
     }
-    add(
-        "New connections: TLS handshake time CDF",
-        "decide-handshake-cdf.png",
-        load(dir, outcomes, "decide", "decide.json").and_then(|v| {
-            let series = rows(&v)
-                .iter()
-                .filter_map(|r| {
-                    let cdf = r.get("handshake_cdf_ms")?.as_array()?;
-                    let n = cdf.len().saturating_sub(1).max(1) as f64;
-                    Some(Series {
-                        label: r["path"].as_str().unwrap_or("?").into(),
-                        points: cdf
-                            .iter()
-                            .enumerate()
-                            .filter_map(|(i, ms)| Some((ms.as_f64()?, i as f64 / n)))
-                            .collect(),
+    for (scenario, shape) in [("decide", "shared"), ("decide-per-core", "per-core")] {
+        add(
+            &format!("New connections: TLS handshake time CDF, {shape} shape"),
+            &format!("{scenario}-handshake-cdf.png"),
+            load(dir, outcomes, scenario, &format!("{scenario}.json")).and_then(|v| {
+                let series = rows(&v)
+                    .iter()
+                    .filter_map(|r| {
+                        let cdf = r.get("handshake_cdf_ms")?.as_array()?;
+                        let n = cdf.len().saturating_sub(1).max(1) as f64;
+                        Some(Series {
+                            label: r["path"].as_str().unwrap_or("?").into(),
+                            points: cdf
+                                .iter()
+                                .enumerate()
+                                .filter_map(|(i, ms)| Some((ms.as_f64()?, i as f64 / n)))
+                                .collect(),
+                        })
                     })
-                })
-                .collect();
-            Chart::new(
-                "TLS handshake (curl's appconnect), new connections".into(),
-                "ms",
-                "fraction of handshakes",
-                series,
-                false,
-            )
-            .map(Chart::cdf)
-        }),
-    );
+                    .collect();
+                Chart::new(
+                    format!("TLS handshake (curl's appconnect), new connections, {shape} shape"),
+                    "ms",
+                    "fraction of handshakes",
+                    series,
+                    false,
+                )
+                .map(Chart::cdf)
+            }),
+        );
+    }
     add(
         "Inbound inspection: full handshakes/s against HSM sessions",
         "inbound-handshakes-vs-sessions.png",
@@ -927,7 +942,9 @@ mod tests {
             .unwrap();
         assert_eq!(hsm.result, Err("not run".into()));
         let md = summary(&d, &info(), &o, &plots);
-        assert!(md.contains("![New connections: TLS handshake time CDF](decide-handshake-cdf.png)"));
+        assert!(md.contains(
+            "![New connections: TLS handshake time CDF, shared shape](decide-handshake-cdf.png)"
+        ));
         assert!(md.contains("| tcp-split | 40 | 1.70 |"), "{md}");
         assert!(md.contains("median 5.0 ms over 3"), "{md}");
         let _ = std::fs::remove_dir_all(&d);

@@ -121,6 +121,35 @@ pub const SCENARIOS: &[Scenario] = &[
         results: &["decide.json"],
         deadline: (Duration::from_secs(2 * MIN), Duration::from_secs(30 * MIN)),
     },
+    // The same on a dedicated, polling core: the engine (one worker, busy
+    // polling as a dataplane that owns its core) and the control daemon
+    // on CPU 0, the endpoints on the last.
+    Scenario {
+        name: "decide-per-core",
+        program: "loupe-perf-decide",
+        args: &[
+            "--per-core",
+            "--engine-arg=--busy-poll-us",
+            "--engine-arg=100000",
+            "--json",
+            "{dir}/decide-per-core.json",
+        ],
+        quick_args: &[
+            "--per-core",
+            "--engine-arg=--busy-poll-us",
+            "--engine-arg=100000",
+            "--connections",
+            "40",
+            "--rounds",
+            "1",
+            "--applies",
+            "2",
+            "--json",
+            "{dir}/decide-per-core.json",
+        ],
+        results: &["decide-per-core.json"],
+        deadline: (Duration::from_secs(2 * MIN), Duration::from_secs(30 * MIN)),
+    },
     Scenario {
         name: "tls",
         program: "loupe-perf-tls",

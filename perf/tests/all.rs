@@ -68,7 +68,9 @@ fn a_quick_run_writes_json_a_summary_and_plots_for_each_scenario() {
     assert!(!line.contains("| - |"), "{line}");
     let png = std::fs::read(dir.join("decide-handshake-cdf.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    assert!(md.contains("![New connections: TLS handshake time CDF](decide-handshake-cdf.png)"));
+    assert!(md.contains(
+        "![New connections: TLS handshake time CDF, shared shape](decide-handshake-cdf.png)"
+    ));
     // Plots of scenarios that did not run are not drawn, and say so.
     assert!(
         md.contains("HSM signer: signatures/s against sessions: not drawn: not run"),

@@ -186,6 +186,11 @@ impl Control {
 
     /// Waits until the daemon reaches the dataplane and the dataplane runs
     /// the daemon's policy; returns that policy's version.
+    /// The daemon's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     pub fn wait_in_sync(&self) -> anyhow::Result<u64> {
         self.wait_in_sync_within(Duration::from_secs(60))
     }

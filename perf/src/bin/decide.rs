@@ -26,6 +26,7 @@ use loupe_dataplane::stats::{SplitCounters, DECISION_BUCKETS_US};
 use loupe_perf::{
     median,
     wire_delay::{self, Capture, Stage, STAGES},
+    Shape,
 };
 use loupe_tests::{
     control::{dataplane_socket, Control},
@@ -51,6 +52,16 @@ struct Args {
     /// value each; repeat), e.g. `--engine-arg=--busy-poll-us --engine-arg=0`.
     #[arg(long = "engine-arg", allow_hyphen_values = true)]
     engine_args: Vec<String>,
+    /// The fair shape: the path (the engine with one worker and the control
+    /// daemon, or the bridge's softirq work) on CPU 0 alone, one queue per
+    /// link; curl, nginx, tcpdump and the endpoints' receive processing on
+    /// the last CPU, as if the endpoints were other machines.
+    #[arg(long)]
+    per_core: bool,
+    /// Write the results as JSON here (default: decide.json in the results
+    /// directory).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 const PATHS: [&str; 3] = ["bridge", "no-decrypt", "tcp-split"];
@@ -111,14 +122,21 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let shape = args.per_core.then(Shape::new).transpose()?;
+    if let Some(s) = shape {
+        s.endpoints_here()?;
+    }
     let mut samples: Vec<Vec<Times>> = vec![Vec::new(); PATHS.len()];
     let mut wire: Vec<HashMap<Stage, Vec<f64>>> = vec![HashMap::new(); PATHS.len()];
     // The engine's own counters of what each decision cost its worker.
     let mut costs = vec![SplitCounters::default(); PATHS.len()];
     for round in 0..args.rounds.max(1) {
         for (i, path) in PATHS.iter().enumerate() {
-            let h = Harness::new(HarnessConfig::default())?;
-            let mut kept = None;
+            let h = Harness::new(HarnessConfig {
+                queues: if shape.is_some() { 1 } else { 2 },
+                ..Default::default()
+            })?;
+            let mut kept: Option<(Engine, Control)> = None;
             if *path == "bridge" {
                 h.bridge_up()?;
             } else {
@@ -130,6 +148,14 @@ fn main() -> anyhow::Result<()> {
                 let control = Control::start(&h, &sock, Some(&p), &[])?;
                 control.wait_in_sync()?;
                 kept = Some((engine, control));
+            }
+            if let Some(s) = shape {
+                let pids: Vec<u32> = kept
+                    .iter()
+                    .flat_map(|(e, c)| [Some(e.pid()), c.pid()])
+                    .flatten()
+                    .collect();
+                s.apply(&h, &pids)?;
             }
             let nginx = Nginx::start(&h, 443)?;
             let caps = (
@@ -305,6 +331,11 @@ fn main() -> anyhow::Result<()> {
     rows.push(serde_json::json!({"apply_ms": ms}));
     drop(control);
     drop(engine);
-    loupe_perf::write_results("decide.json", &rows)?;
+    match &args.json {
+        Some(path) => std::fs::write(path, serde_json::to_vec_pretty(&rows)?)?,
+        None => {
+            loupe_perf::write_results("decide.json", &rows)?;
+        }
+    }
     Ok(())
 }
