@@ -38,7 +38,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     seconds: u32,
     /// Repetitions of each measurement (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
     /// Write the results as JSON here (default: wire.json in the results
     /// directory).

@@ -9,6 +9,7 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -213,6 +214,10 @@ pub enum Status {
         after_s: u64,
         tail: String,
     },
+    /// The runner was told to stop (SIGINT, SIGTERM, SIGHUP) and killed it.
+    Interrupted {
+        tail: String,
+    },
     /// Exited zero but a results file is missing or not JSON.
     NoResults {
         missing: Vec<String>,
@@ -235,6 +240,9 @@ impl Status {
             Status::Failed { exit, tail } => format!("FAILED ({exit}): {}", last_line(tail)),
             Status::TimedOut { after_s, tail } => {
                 format!("FAILED (killed after {after_s} s): {}", last_line(tail))
+            }
+            Status::Interrupted { tail } => {
+                format!("FAILED (interrupted): {}", last_line(tail))
             }
             Status::NoResults { missing } => {
                 format!("FAILED (no results: {})", missing.join(", "))
@@ -270,8 +278,9 @@ pub fn expand(args: &[&str], dir: &Path) -> Vec<String> {
 
 /// Runs `program args` with `env_dir` as the results directory, its
 /// stdout and stderr into `dir/<name>.log`, in its own process group; the
-/// whole group is killed at the deadline (and after a failure, so nothing
-/// it started lingers).
+/// whole group is killed at the deadline, when `stop` is set, and after
+/// the scenario exits (what it left running fails it), so nothing it
+/// started lingers.
 pub fn run(
     name: &str,
     program: &Path,
@@ -279,6 +288,7 @@ pub fn run(
     dir: &Path,
     results: &[&str],
     deadline: Duration,
+    stop: &AtomicBool,
 ) -> Outcome {
     let log_name = format!("{name}.log");
     let log_path = dir.join(&log_name);
@@ -287,11 +297,12 @@ pub fn run(
         .collect::<Vec<_>>()
         .join(" ");
     let start = Instant::now();
-    let status = spawn_and_wait(program, args, dir, &log_path, deadline).unwrap_or_else(|e| {
-        Status::NotStarted {
-            error: format!("{e:#}"),
-        }
-    });
+    let status =
+        spawn_and_wait(program, args, dir, &log_path, deadline, stop).unwrap_or_else(|e| {
+            Status::NotStarted {
+                error: format!("{e:#}"),
+            }
+        });
     let status = match status {
         Status::Passed => {
             let missing: Vec<String> = results
@@ -329,6 +340,7 @@ fn spawn_and_wait(
     dir: &Path,
     log_path: &Path,
     deadline: Duration,
+    stop: &AtomicBool,
 ) -> anyhow::Result<Status> {
     use anyhow::Context;
     let log = std::fs::File::create(log_path)
@@ -344,59 +356,92 @@ fn spawn_and_wait(
         .with_context(|| format!("spawn {}", program.display()))?;
     let pgid = child.id() as i32;
     let start = Instant::now();
-    let exit = loop {
-        if let Some(st) = child.try_wait()? {
-            break Some(st);
+    let end = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break End::Exited(st),
+            Ok(None) => {}
+            Err(e) => break End::Lost(e),
+        }
+        if stop.load(Ordering::SeqCst) {
+            break End::Interrupted;
         }
         if start.elapsed() >= deadline {
-            break None;
+            break End::TimedOut;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    // The group may hold what the scenario started (engines, servers);
-    // after a pass it is empty and this is a no-op.
-    kill_group(pgid, &mut child);
+    // Whatever the end, nothing the scenario started outlives it.
+    let leftover = kill_group(pgid, &mut child);
     let tail = tail_of(log_path, 2000);
-    Ok(match exit {
-        Some(st) if st.success() => Status::Passed,
-        Some(st) => Status::Failed {
+    Ok(match end {
+        End::Exited(st) if st.success() && !leftover => Status::Passed,
+        End::Exited(st) if st.success() => Status::Failed {
+            exit: "exited 0 but left processes running (killed)".into(),
+            tail,
+        },
+        End::Exited(st) => Status::Failed {
             exit: st.to_string(),
             tail,
         },
-        None => Status::TimedOut {
+        End::Lost(e) => Status::Failed {
+            exit: format!("waiting for it failed: {e}"),
+            tail,
+        },
+        End::TimedOut => Status::TimedOut {
             after_s: deadline.as_secs(),
             tail,
         },
+        End::Interrupted => Status::Interrupted { tail },
     })
 }
 
-/// SIGTERM to the group, then SIGKILL if anything is left after 5 s; reaps
-/// the child.
-fn kill_group(pgid: i32, child: &mut std::process::Child) {
-    let alive = || {
-        // SAFETY: kill with signal 0 only checks whether the group exists.
-        unsafe { libc::kill(-pgid, 0) == 0 }
-    };
-    if !alive() {
-        let _ = child.wait();
-        return;
-    }
-    // SAFETY: -pgid names the process group this runner created for the
-    // scenario (process_group(0) made the child its leader).
-    unsafe { libc::kill(-pgid, libc::SIGTERM) };
-    let until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < until {
+/// How the wait for a scenario ended.
+enum End {
+    Exited(std::process::ExitStatus),
+    Lost(std::io::Error),
+    TimedOut,
+    Interrupted,
+}
+
+/// Whether any process of the group still exists (a zombie counts until
+/// it is reaped).
+fn group_alive(pgid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks whether the group exists.
+    unsafe { libc::kill(-pgid, 0) == 0 }
+}
+
+/// Waits up to `limit` for the group to be gone, reaping the leader.
+fn group_gone_within(pgid: i32, child: &mut std::process::Child, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    loop {
         let _ = child.try_wait();
-        if !alive() {
-            break;
+        if !group_alive(pgid) {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if alive() {
-        // SAFETY: as above.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+}
+
+/// Ends the scenario's process group: a moment for members that are
+/// exiting anyway, then SIGTERM, then SIGKILL, each waited on; reaps the
+/// leader. Returns whether anything had to be signalled.
+fn kill_group(pgid: i32, child: &mut std::process::Child) -> bool {
+    if group_gone_within(pgid, child, Duration::from_secs(2)) {
+        return false;
+    }
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        // SAFETY: -pgid names the process group this runner created for
+        // the scenario (process_group(0) made the child its leader).
+        unsafe { libc::kill(-pgid, sig) };
+        if group_gone_within(pgid, child, Duration::from_secs(5)) {
+            break;
+        }
     }
     let _ = child.wait();
+    true
 }
 
 /// The last `max` bytes of a file, as text.
@@ -435,6 +480,7 @@ mod tests {
     /// `sh -c script` run as scenario `name` into `d`.
     fn run_sh(name: &str, d: &Path, script: &str, results: &[&str], secs: u64) -> Outcome {
         let args = vec!["-c".to_string(), script.to_string()];
+        let stop = AtomicBool::new(false);
         run(
             name,
             Path::new("/bin/sh"),
@@ -442,6 +488,7 @@ mod tests {
             d,
             results,
             Duration::from_secs(secs),
+            &stop,
         )
     }
 
@@ -501,22 +548,87 @@ mod tests {
             "{o:?}"
         );
         assert!(start.elapsed() < Duration::from_secs(30));
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
         // The grandchild was in the group: gone (or a zombie of init's,
-        // reaped shortly); wait for it on a generous deadline.
-        let gone = (0..200).any(|_| {
+        // reaped shortly).
+        let pid = pid_in(&pidfile);
+        assert!(
+            gone(pid),
+            "the scenario's background process {pid} outlived it"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Whether `pid` is gone (or a zombie about to be reaped), waited for
+    /// on a generous deadline.
+    fn gone(pid: i32) -> bool {
+        (0..200).any(|_| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let dead = stat.is_empty() || stat.split(' ').nth(2) == Some("Z");
             if !dead {
                 std::thread::sleep(Duration::from_millis(50));
             }
             dead
-        });
-        assert!(gone, "the scenario's background process {pid} outlived it");
+        })
+    }
+
+    fn pid_in(file: &Path) -> i32 {
+        std::fs::read_to_string(file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_pass_that_leaves_a_process_running_is_failed_and_the_process_killed() {
+        let d = tmp("leak");
+        let pidfile = d.join("left.pid");
+        let script = format!(
+            "echo '{{}}' > \"$LOUPE_PERF_RESULTS/l.json\"; sleep 600 & echo $! > {}",
+            pidfile.display()
+        );
+        let o = run_sh("leak", &d, &script, &["l.json"], 60);
+        match &o.status {
+            Status::Failed { exit, .. } => assert!(exit.contains("left processes"), "{exit}"),
+            s => panic!("{s:?}"),
+        }
+        let pid = pid_in(&pidfile);
+        assert!(gone(pid), "the scenario's leftover {pid} outlived it");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_stop_request_kills_the_running_scenario() {
+        let d = tmp("stop");
+        let pidfile = d.join("child.pid");
+        let script = format!("sleep 600 & echo $! > {}; wait", pidfile.display());
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let setter = {
+            let (stop, pidfile) = (stop.clone(), pidfile.clone());
+            std::thread::spawn(move || {
+                // Once the scenario is under way.
+                while !pidfile.exists() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                stop.store(true, Ordering::SeqCst);
+            })
+        };
+        let start = Instant::now();
+        let o = run(
+            "stopped",
+            Path::new("/bin/sh"),
+            &["-c".to_string(), script],
+            &d,
+            &[],
+            Duration::from_secs(600),
+            &stop,
+        );
+        setter.join().unwrap();
+        assert!(matches!(o.status, Status::Interrupted { .. }), "{o:?}");
+        assert!(o.status.describe().starts_with("FAILED (interrupted)"));
+        assert!(start.elapsed() < Duration::from_secs(60));
+        let pid = pid_in(&pidfile);
+        assert!(gone(pid), "the scenario's process {pid} outlived the stop");
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -530,6 +642,7 @@ mod tests {
             &d,
             &[],
             Duration::from_secs(5),
+            &AtomicBool::new(false),
         );
         assert!(
             matches!(&o.status, Status::NotStarted { error } if error.contains("loupe-perf-x")),

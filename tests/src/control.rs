@@ -184,13 +184,13 @@ impl Control {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    /// Waits until the daemon reaches the dataplane and the dataplane runs
-    /// the daemon's policy; returns that policy's version.
     /// The daemon's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)
     }
 
+    /// Waits until the daemon reaches the dataplane and the dataplane runs
+    /// the daemon's policy; returns that policy's version.
     pub fn wait_in_sync(&self) -> anyhow::Result<u64> {
         self.wait_in_sync_within(Duration::from_secs(60))
     }

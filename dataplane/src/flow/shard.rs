@@ -48,6 +48,11 @@ impl Sharder {
     }
 
     pub fn owner(&self, id: &FlowId) -> usize {
+        if self.workers == 1 {
+            // One worker (one queue, or one core) owns every flow: no
+            // keyed hash per frame.
+            return 0;
+        }
         (self.hash(id) % self.workers as u64) as usize
     }
 

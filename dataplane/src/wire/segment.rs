@@ -204,16 +204,40 @@ pub fn segment_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentErr
     })
 }
 
-/// RFC 1071 ones'-complement sum, folded.
-fn sum16(mut acc: u32, bytes: &[u8]) -> u32 {
-    let mut chunks = bytes.chunks_exact(2);
+/// RFC 1071 ones'-complement sum of `bytes` (big-endian 16-bit words, an
+/// odd last byte padded with zero) added to `acc`, for [`fold`].
+///
+/// Every frame's payload goes through here twice (checked on the way in,
+/// summed on the way out), so it takes 8 bytes at a time: the sum is
+/// independent of byte order up to one final swap (RFC 1071 §2(B)), so
+/// the words are added as they lie in memory (little-endian here, no
+/// per-word swap) into a 128-bit accumulator whose carries are folded back
+/// at the end; 2^16 ≡ 1 modulo 0xffff, so wider words add alike. Folding
+/// by end-around carry keeps a non-zero sum non-zero, as the two-byte
+/// loop did.
+fn sum16(acc: u32, bytes: &[u8]) -> u32 {
+    let mut wide = 0u128;
+    let mut chunks = bytes.chunks_exact(8);
     for c in &mut chunks {
-        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        wide += u128::from(u64::from_ne_bytes(c.try_into().expect("8 bytes")));
     }
-    if let [last] = chunks.remainder() {
-        acc += u32::from(*last) << 8;
+    // The last 0-7 bytes: 16-bit words in memory order, an odd one padded.
+    let mut tail = [0u8; 8];
+    let rest = chunks.remainder();
+    tail[..rest.len()].copy_from_slice(rest);
+    wide += u128::from(u64::from_ne_bytes(tail));
+    let mut x = wide;
+    while x >> 16 != 0 {
+        x = (x & 0xffff) + (x >> 16);
     }
-    acc
+    let x = x as u16;
+    // The sum in memory order is the big-endian sum with its bytes swapped
+    // on a little-endian machine.
+    acc + u32::from(if cfg!(target_endian = "little") {
+        x.swap_bytes()
+    } else {
+        x
+    })
 }
 
 fn fold(mut acc: u32) -> u16 {
@@ -461,5 +485,53 @@ mod tests {
         let mut f = Vec::new();
         b.write(&mut f, b"").unwrap();
         assert!(matches!(parse_segment(&f), Err(SegmentError::Options(_))));
+    }
+
+    /// The two-byte loop [`sum16`] replaced, as the reference.
+    fn sum16_by_words(mut acc: u32, bytes: &[u8]) -> u32 {
+        let mut chunks = bytes.chunks_exact(2);
+        for c in &mut chunks {
+            acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            acc += u32::from(*last) << 8;
+        }
+        acc
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_wide_sum_folds_to_the_two_byte_sum(
+            acc in 0u32..0x3_0000,
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2000),
+        ) {
+            proptest::prop_assert_eq!(
+                fold(sum16(acc, &bytes)),
+                fold(sum16_by_words(acc, &bytes))
+            );
+        }
+    }
+
+    #[test]
+    fn the_wide_sum_at_the_edges() {
+        // All ones (a sum that must stay 0xffff, never fold to 0), all
+        // zeros, odd lengths across the 8-byte steps, 64 KiB of 0xff.
+        for len in [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 1448, 1449, 65_535] {
+            for fill in [0x00u8, 0x01, 0x80, 0xff] {
+                let b = vec![fill; len];
+                assert_eq!(
+                    fold(sum16(0, &b)),
+                    fold(sum16_by_words(0, &b)),
+                    "{len} x {fill:#x}"
+                );
+            }
+        }
+        // A segment whose checksum field is right sums to 0 after folding.
+        let mut b: Vec<u8> = (0..1449u32).map(|i| (i * 7 + 3) as u8).collect();
+        b[16] = 0;
+        b[17] = 0;
+        let c = fold(sum16(0, &b)).to_be_bytes();
+        b[16..18].copy_from_slice(&c);
+        assert_eq!(fold(sum16(0, &b)), 0);
     }
 }

@@ -4,7 +4,11 @@
 //! peer from the same run), `summary.json` and PNG plots there. Exits 1
 //! when any scenario failed; a failed scenario is reported as failed.
 
-use std::{path::PathBuf, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    sync::{atomic::AtomicBool, Arc},
+    time::Instant,
+};
 
 use anyhow::Context;
 use clap::Parser;
@@ -36,6 +40,17 @@ fn describe_git() -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// Removes the namespaces of a scenario that was killed (it could not
+/// remove them itself); says so when it cannot.
+fn sweep(bin_dir: &Path) {
+    let harness = bin_dir.join("loupe-harness");
+    match std::process::Command::new(&harness).arg("sweep").status() {
+        Ok(st) if st.success() => {}
+        Ok(st) => eprintln!("warning: {} sweep: {st}", harness.display()),
+        Err(e) => eprintln!("warning: {} sweep: {e}", harness.display()),
+    }
 }
 
 /// Writes the run's summary.md, summary.json and plots; returns the
@@ -105,8 +120,22 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .context("the binary's directory")?
         .to_path_buf();
+    // Ctrl-C or a TERM stops the scenario running (its whole process
+    // group) and writes the report of what ran; they would not reach the
+    // scenario's own group otherwise.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
     let dir = suite::run_dir(&args.results_root);
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::create_dir_all(&args.results_root)
+        .with_context(|| format!("create {}", args.results_root.display()))?;
+    // A run's directory is its own: never mixed with an earlier run's files.
+    std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let started = dir
         .file_name()
@@ -132,15 +161,17 @@ fn main() -> anyhow::Result<()> {
             &dir,
             s.results,
             deadline,
+            &stop,
         );
         eprintln!("   {} in {:.0} s", o.status.describe(), o.seconds);
         if !o.status.passed() {
-            // A killed scenario cannot remove its namespaces itself.
-            let _ = std::process::Command::new(bin_dir.join("loupe-harness"))
-                .arg("sweep")
-                .status();
+            sweep(&bin_dir);
         }
         outcomes.push(o);
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("stopped: the scenarios after this one were not run");
+            break;
+        }
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -167,6 +198,9 @@ fn main() -> anyhow::Result<()> {
         dir.join("summary.md").display(),
         start.elapsed().as_secs_f64()
     );
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::process::exit(130);
+    }
     if !failed.is_empty() {
         eprintln!("FAILED: {}", failed.join(", "));
         std::process::exit(1);

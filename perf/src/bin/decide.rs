@@ -40,8 +40,8 @@ use loupe_tests::{
 #[command(name = "loupe-perf-decide")]
 struct Args {
     /// New connections per path per round.
-    #[arg(long, default_value_t = 200)]
-    connections: usize,
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    connections: u64,
     /// Rounds (each path once per round; medians over all samples).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
@@ -143,6 +143,11 @@ fn main() -> anyhow::Result<()> {
                 let sock = dataplane_socket(&h);
                 let mut engine_args = vec!["--control-socket", sock.to_str().context("path")?];
                 engine_args.extend(args.engine_args.iter().map(String::as_str));
+                if shape.is_some() {
+                    // Placed with the rest of the path by the shape, as in
+                    // `perf/run wire --per-core`.
+                    engine_args.push("--no-pin");
+                }
                 let engine = Engine::start(&h, &engine_args)?;
                 let p = policy(&h, path)?;
                 let control = Control::start(&h, &sock, Some(&p), &[])?;
@@ -162,7 +167,7 @@ fn main() -> anyhow::Result<()> {
                 Capture::start(&h.client, &h.dir, "client", 443)?,
                 Capture::start(&h.server, &h.dir, "server", 443)?,
             );
-            let s = connections(&h, &nginx, args.connections)?;
+            let s = connections(&h, &nginx, args.connections as usize)?;
             let (c, sv) = (caps.0.finish()?, caps.1.finish()?);
             let delays = wire_delay::delays(&c, &sv, 443);
             // A capture that matched nothing is a failed measurement, not
@@ -181,7 +186,7 @@ fn main() -> anyhow::Result<()> {
                 wire[i].entry(stage).or_default().extend(d);
             }
             if let Some((engine, _)) = &kept {
-                let want = args.connections as u64;
+                let want = args.connections;
                 let sp = engine.wait_stats(
                     "every connection decided",
                     Duration::from_secs(60),

@@ -67,7 +67,6 @@ struct Args {
     /// always audits).
     #[arg(long)]
     no_audit: bool,
-    /// Write the results as JSON here.
     /// Write the results as JSON here (default: hsm.json in the results
     /// directory).
     #[arg(long)]
