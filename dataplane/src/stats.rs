@@ -188,6 +188,13 @@ pub struct SplitCounters {
     pub spurious_undone: u64,
     #[serde(default)]
     pub dsacks_in: u64,
+    /// DSACK blocks the halves sent (duplicates they received), and data
+    /// segments they sent with SACK blocks (RFC 2018 §4: on every ACK
+    /// while blocks are held, data segments shortened to fit them).
+    #[serde(default)]
+    pub dsacks_out: u64,
+    #[serde(default)]
+    pub sacks_on_data: u64,
     /// The live splits' buffer sizes now, summed (they grow by autotuning
     /// within `--split-memory-mib`).
     #[serde(default)]
@@ -283,6 +290,8 @@ impl SplitCounters {
         self.memory_passthrough += o.memory_passthrough;
         self.spurious_undone += o.spurious_undone;
         self.dsacks_in += o.dsacks_in;
+        self.dsacks_out += o.dsacks_out;
+        self.sacks_on_data += o.sacks_on_data;
         self.buffer_capacity += o.buffer_capacity;
         for (a, b) in self.decision_us.iter_mut().zip(o.decision_us) {
             *a += b;
@@ -672,7 +681,7 @@ impl StatsReport {
                 "tcp-split: {} split ({} active, {} ended, {} aborted halves), {} passed \
                  through ({} released to XDP), {} forgotten when full, {}/{} bytes relayed c->s/s->c, {} retransmits \
                  ({} timeouts, {} fast, {} lost again, {} tail probes, {} reductions undone), \
-                 {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
+                 {} DSACKs and {} data segments with SACK blocks sent, {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
                  holds decided without a name on timeout/bound ({} of the timeouts missing \
                  the client's first bytes), {} ACKs of large ClientHellos, {} duplicate \
@@ -694,6 +703,8 @@ impl StatsReport {
                 sp.lost_retransmits,
                 sp.tail_probes,
                 sp.spurious_undone,
+                sp.dsacks_out,
+                sp.sacks_on_data,
                 sp.overlap_conflicts,
                 sp.bad_checksum,
                 sp.bad_options,

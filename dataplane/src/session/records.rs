@@ -155,6 +155,8 @@ pub(super) fn absorb(counters: &mut SplitCounters, split: &Split) {
         counters.tail_probes += s.tail_probes;
         counters.spurious_undone += s.spurious_undone;
         counters.dsacks_in += s.dsacks_in;
+        counters.dsacks_out += s.dsacks_out;
+        counters.sacks_on_data += s.sacks_on_data;
         counters.challenge_acks += s.challenge_acks;
         counters.overlap_conflicts += s.overlap_conflicts;
         counters.out_of_window += s.out_of_window;

@@ -163,6 +163,8 @@ pub struct ConnStats {
     /// DSACK blocks received, and sent (for duplicates of data we had).
     pub dsacks_in: u64,
     pub dsacks_out: u64,
+    /// Data segments sent with SACK (or DSACK) blocks.
+    pub sacks_on_data: u64,
     pub dup_acks: u64,
     pub challenge_acks: u64,
     pub paws_drops: u64,
@@ -1425,9 +1427,15 @@ impl Conn {
                 ecr: ts.recent,
             });
         }
-        // SACK blocks ride on pure ACKs only: the payload was sized for the
-        // timestamp option alone (RFC 6691).
-        if self.sack_ok && payload.is_empty() {
+        //= https://www.rfc-editor.org/rfc/rfc2018#section-4
+        //# If sent at all, SACK options SHOULD be included in all ACKs which
+        //# do not ACK the highest sequence number in the data receiver's
+        //# queue.
+        // Data segments too: their payload was sized for the blocks
+        // ([`Conn::data_mss`], RFC 6691), as many as fit beside the
+        // timestamps (three) or alone (four).
+        let blocks = self.sack_count();
+        if blocks > 0 {
             // One duplicate per ACK, the rest on the ACKs that follow. No
             // ACK is sent only to carry one: to the peer it would be a
             // duplicate ACK, and three of them a (spurious) fast
@@ -1438,11 +1446,9 @@ impl Conn {
             //# from the receiver's data buffer, then the D-SACK block MUST be
             //# the first block in the SACK option.
             self.stats.dsacks_out += u64::from(dsack.is_some());
+            self.stats.sacks_on_data += u64::from(!payload.is_empty());
             options.sack = dsack.into_iter().chain(self.rcv.sack_blocks()).collect();
-            // What fits beside the timestamps (three) or alone (four): the
-            // rest would be cut when the options are written anyway.
-            let room = if self.ts.is_some() { 3 } else { SACK_BLOCKS };
-            options.sack.truncate(room);
+            options.sack.truncate(blocks);
         }
         Segment {
             seq,
@@ -1457,6 +1463,29 @@ impl Conn {
             options,
             payload,
         }
+    }
+
+    /// The SACK blocks the next segment carries (a queued DSACK first,
+    /// then the receive queue's): as many as fit beside the timestamps
+    /// (three) or alone (four); none without SACK.
+    fn sack_count(&self) -> usize {
+        if !self.sack_ok {
+            return 0;
+        }
+        let room = if self.ts.is_some() { 3 } else { SACK_BLOCKS };
+        (usize::from(!self.dsack.is_empty()) + self.rcv.sack_block_count()).min(room)
+    }
+
+    /// The payload a data segment may carry: the MSS (already less the
+    /// timestamps) less the SACK option it will carry, two NOPs, kind,
+    /// length and 8 bytes a block.
+    //= https://www.rfc-editor.org/rfc/rfc6691#section-2
+    //# the sender MUST reduce the TCP data length to account for any IP or
+    //# TCP options that it is including in the packets that it sends.
+    fn data_mss(&self) -> usize {
+        let blocks = self.sack_count();
+        let option = if blocks == 0 { 0 } else { 4 + 8 * blocks };
+        (self.mss as usize).saturating_sub(option).max(1)
     }
 
     /// Whether `seg` SACKs bytes above everything SACKed so far (and not
@@ -1506,7 +1535,7 @@ impl Conn {
         // acknowledged beyond SND.MAX, and that ACK refused as one for
         // data not yet sent (RFC 9293 §3.10.7.4), for good if the window
         // then stays shut.
-        let len = self.sent_bytes().min(self.mss as usize);
+        let len = self.sent_bytes().min(self.data_mss());
         let una = self.snd_una;
         if self.rtt_probe.is_some_and(|(p, _)| p.ge(una)) {
             self.rtt_probe = None; // Karn: that timing is now ambiguous.
@@ -1590,7 +1619,7 @@ impl Conn {
             return None;
         }
         let end = if end.gt(sent_end) { sent_end } else { end };
-        let len = (end.since(start).max(0) as usize).min(self.mss as usize);
+        let len = (end.since(start).max(0) as usize).min(self.data_mss());
         if len == 0 {
             return None;
         }
@@ -1651,12 +1680,13 @@ impl Conn {
                 self.arm_persist(now);
                 return None;
             }
-            let len = unsent.min(self.mss as usize).min(room);
+            let full = self.data_mss();
+            let len = unsent.min(full).min(room);
             //= https://www.rfc-editor.org/rfc/rfc9293#section-3.8.6.2.1
             //# The sender ... should send data only if ... a maximum-sized
             //# segment can be sent ... or all queued data can be sent ... or
             //# (flight is empty) (sender-side silly window avoidance)
-            if len < self.mss as usize && len < unsent && flight > 0 {
+            if len < full && len < unsent && flight > 0 {
                 self.cc.set_cwnd_limited(cwnd_full);
                 return None;
             }

@@ -162,6 +162,12 @@ impl Reassembler {
         n
     }
 
+    /// How many blocks [`Reassembler::sack_blocks`] returns, without
+    /// making them.
+    pub fn sack_block_count(&self) -> usize {
+        self.blocks.len().min(SACK_BLOCKS)
+    }
+
     /// The out-of-order ranges as SACK blocks, at most [`SACK_BLOCKS`]:
     //= https://www.rfc-editor.org/rfc/rfc2018#section-4
     //# The first SACK block (i.e., the one immediately following the
