@@ -276,9 +276,12 @@ impl End {
             self.ts.is_some(),
             "{seg:?}"
         );
-        let ts_len = if self.ts.is_some() { 12 } else { 0 };
+        // Options (timestamps, SACK blocks) and payload within the MSS
+        // (RFC 6691).
+        let mut opts = Vec::new();
+        seg.options.emit(&mut opts);
         assert!(
-            seg.payload.len() <= usize::from(self.mss) - ts_len,
+            seg.payload.len() + opts.len() <= usize::from(self.mss),
             "{seg:?}"
         );
         let off = i64::from(seg.seq.since(self.peer_isn + 1));

@@ -429,6 +429,17 @@ fn check_half(name: &str, segs: &[Segment], e: &Expect) -> (usize, u32) {
             seg.payload.len(),
             e.peer_mss
         );
+        // The options it carries (SACK blocks too) count against it
+        // (RFC 6691).
+        let mut opts = Vec::new();
+        o.emit(&mut opts);
+        assert!(
+            seg.payload.len() + opts.len() <= usize::from(e.peer_mss),
+            "{name}: {} bytes and {} of options over the peer's MSS {}: {seg:?}",
+            seg.payload.len(),
+            opts.len(),
+            e.peer_mss
+        );
         let window = u32::from(seg.window) << e.shift;
         assert!(
             window <= ENGINE_BUFFER,

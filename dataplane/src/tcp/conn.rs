@@ -1431,10 +1431,20 @@ impl Conn {
         //# If sent at all, SACK options SHOULD be included in all ACKs which
         //# do not ACK the highest sequence number in the data receiver's
         //# queue.
-        // Data segments too: their payload was sized for the blocks
-        // ([`Conn::data_mss`], RFC 6691), as many as fit beside the
-        // timestamps (three) or alone (four).
-        let blocks = self.sack_count();
+        // Data segments too: new data is sized to leave the blocks room
+        // ([`Conn::data_mss`], RFC 6691); a retransmission keeps the size
+        // its bytes went out with (cut to fit, its tail would go out as a
+        // second segment of its own) and carries only the blocks that
+        // fit beside it, if any.
+        let fit = if payload.is_empty() {
+            usize::MAX
+        } else {
+            (self.mss as usize)
+                .saturating_sub(payload.len())
+                .saturating_sub(4)
+                / 8
+        };
+        let blocks = self.sack_count().min(fit);
         if blocks > 0 {
             // One duplicate per ACK, the rest on the ACKs that follow. No
             // ACK is sent only to carry one: to the peer it would be a
@@ -1476,8 +1486,8 @@ impl Conn {
         (usize::from(!self.dsack.is_empty()) + self.rcv.sack_block_count()).min(room)
     }
 
-    /// The payload a data segment may carry: the MSS (already less the
-    /// timestamps) less the SACK option it will carry, two NOPs, kind,
+    /// The payload a new data segment may carry: the MSS (already less
+    /// the timestamps) less the SACK option it will carry, two NOPs, kind,
     /// length and 8 bytes a block.
     //= https://www.rfc-editor.org/rfc/rfc6691#section-2
     //# the sender MUST reduce the TCP data length to account for any IP or
@@ -1535,7 +1545,7 @@ impl Conn {
         // acknowledged beyond SND.MAX, and that ACK refused as one for
         // data not yet sent (RFC 9293 §3.10.7.4), for good if the window
         // then stays shut.
-        let len = self.sent_bytes().min(self.data_mss());
+        let len = self.sent_bytes().min(self.mss as usize);
         let una = self.snd_una;
         if self.rtt_probe.is_some_and(|(p, _)| p.ge(una)) {
             self.rtt_probe = None; // Karn: that timing is now ambiguous.
@@ -1619,7 +1629,7 @@ impl Conn {
             return None;
         }
         let end = if end.gt(sent_end) { sent_end } else { end };
-        let len = (end.since(start).max(0) as usize).min(self.data_mss());
+        let len = (end.since(start).max(0) as usize).min(self.mss as usize);
         if len == 0 {
             return None;
         }
@@ -1680,7 +1690,13 @@ impl Conn {
                 self.arm_persist(now);
                 return None;
             }
-            let full = self.data_mss();
+            // Bytes sent before (after a timeout SND.NXT goes back) keep
+            // the full size; only new ones make room for SACK blocks.
+            let full = if self.snd_nxt.lt(self.snd_max) {
+                self.mss as usize
+            } else {
+                self.data_mss()
+            };
             let len = unsent.min(full).min(room);
             //= https://www.rfc-editor.org/rfc/rfc9293#section-3.8.6.2.1
             //# The sender ... should send data only if ... a maximum-sized

@@ -441,6 +441,69 @@ mod tests {
         assert!(a.dsacks_out > 0 && b.dsacks_out > 0, "{a:?} {b:?}");
     }
 
+    /// While the sender holds a SACK block of its own, a retransmission
+    /// goes out at the size its bytes first had, without blocks that do
+    /// not fit (cut to fit, its tail would be a second segment), and new
+    /// data is shortened to carry the block.
+    #[test]
+    fn a_retransmission_keeps_its_size_and_new_data_makes_room_for_blocks() {
+        let (mut a, mut b, now) = established(29);
+        let mss = 1448; // 1460 less the timestamps
+        a.write(&[3; 1448]);
+        let lost = a.poll_transmit(now).expect("a's segment");
+        assert_eq!(lost.payload.len(), mss);
+        // b's first segment to a is lost, its second held above a hole.
+        b.write(&[4; 2 * 1448]);
+        let _first = b.poll_transmit(now).expect("b's first");
+        let second = b.poll_transmit(now).expect("b's second");
+        a.on_segment(&second, now);
+        let dupack = a.poll_transmit(now).expect("a's duplicate ACK");
+        assert!(dupack.payload.is_empty() && dupack.options.sack.len() == 1);
+        // a's retransmission timer brings the lost segment back whole.
+        let mut resent = None;
+        for _ in 0..10 {
+            let t = a.next_deadline().expect("a timer");
+            a.on_timer(t);
+            while let Some(s) = a.poll_transmit(t) {
+                if s.seq == lost.seq && !s.payload.is_empty() {
+                    resent = Some((s, t));
+                }
+            }
+            if resent.is_some() {
+                break;
+            }
+        }
+        let (re, t) = resent.expect("a retransmission");
+        assert_eq!(re.payload.len(), mss, "{re:?}");
+        assert!(
+            re.options.sack.is_empty(),
+            "no room beside 1448 bytes: {re:?}"
+        );
+        b.on_segment(&re, t);
+        // b's ACK reaches a, but none of b's resent bytes: a keeps its
+        // hole and its block (b's ACK rides on its resend, which a gets
+        // as a bare ACK at the same sequence number).
+        let mut t = t;
+        while a.snd_una() != re.seq + mss as u32 {
+            t += Duration::from_millis(50);
+            b.on_timer(t);
+            while let Some(s) = b.poll_transmit(t) {
+                let bare = Segment {
+                    payload: Vec::new(),
+                    ..s
+                };
+                a.on_segment(&bare, t);
+            }
+            assert!(t < now + Duration::from_secs(30), "b never acknowledged");
+        }
+        // New data: shortened by the option (4 bytes and 8 a block).
+        a.write(&[5; 3000]);
+        let next = a.poll_transmit(t).expect("new data");
+        assert_eq!(next.payload.len(), mss - 12, "{next:?}");
+        assert_eq!(next.options.sack.len(), 1, "{next:?}");
+        assert_eq!(a.stats().sacks_on_data, 1);
+    }
+
     #[test]
     fn loss_reordering_and_duplication_never_corrupt_the_stream() {
         let mut total = LinkStats::default();
