@@ -36,12 +36,28 @@ pub fn write_results(
     name: &str,
     rows: &impl serde::Serialize,
 ) -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::var_os(RESULTS_ENV).map_or_else(
-        || std::path::PathBuf::from("perf/results"),
-        std::path::PathBuf::from,
-    );
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(name);
+    write_results_to(None, name, rows)
+}
+
+/// [`write_results`] at `explicit` (a `--json` option) when given, its
+/// directory created.
+pub fn write_results_to(
+    explicit: Option<&std::path::Path>,
+    name: &str,
+    rows: &impl serde::Serialize,
+) -> anyhow::Result<std::path::PathBuf> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => std::env::var_os(RESULTS_ENV)
+            .map_or_else(
+                || std::path::PathBuf::from("perf/results"),
+                std::path::PathBuf::from,
+            )
+            .join(name),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
     std::fs::write(&path, serde_json::to_vec_pretty(rows)?)?;
     Ok(path)
 }
@@ -214,20 +230,7 @@ impl Shape {
         rps(&h.engine, INSIDE_IF, self.path_cpu)?;
         rps(&h.engine, OUTSIDE_IF, self.path_cpu)?;
         for pid in pids {
-            let out = std::process::Command::new("taskset")
-                .args([
-                    "-a",
-                    "-p",
-                    "-c",
-                    &self.path_cpu.to_string(),
-                    &pid.to_string(),
-                ])
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "taskset {pid}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            taskset(&["-a"], self.path_cpu, *pid)?;
         }
         Ok(())
     }
@@ -236,19 +239,21 @@ impl Shape {
     /// nginx, tcpdump) on the endpoints' CPU; the path's processes are
     /// moved to theirs by [`Shape::apply`].
     pub fn endpoints_here(self) -> anyhow::Result<()> {
-        let out = std::process::Command::new("taskset")
-            .args([
-                "-p",
-                "-c",
-                &self.endpoint_cpu.to_string(),
-                &std::process::id().to_string(),
-            ])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "taskset: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
+        taskset(&[], self.endpoint_cpu, std::process::id())
     }
+}
+
+/// `taskset [flags] -p -c cpu pid`: moves a process (with `-a`, all its
+/// threads) onto `cpu`.
+fn taskset(flags: &[&str], cpu: usize, pid: u32) -> anyhow::Result<()> {
+    let out = std::process::Command::new("taskset")
+        .args(flags)
+        .args(["-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset {pid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }

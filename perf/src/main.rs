@@ -608,16 +608,11 @@ fn main() -> anyhow::Result<()> {
         repeat: args.repeat,
         results,
     };
-    let written = match &args.json {
-        Some(path) => {
-            if let Some(dir) = std::path::Path::new(path).parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-            path.into()
-        }
-        None => loupe_perf::write_results("wire.json", &report)?,
-    };
+    let written = loupe_perf::write_results_to(
+        args.json.as_deref().map(std::path::Path::new),
+        "wire.json",
+        &report,
+    )?;
 
     // Table with ratios against the bridge with offloads off and against
     // the kernel relay (same run).

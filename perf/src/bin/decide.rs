@@ -336,11 +336,6 @@ fn main() -> anyhow::Result<()> {
     rows.push(serde_json::json!({"apply_ms": ms}));
     drop(control);
     drop(engine);
-    match &args.json {
-        Some(path) => std::fs::write(path, serde_json::to_vec_pretty(&rows)?)?,
-        None => {
-            loupe_perf::write_results("decide.json", &rows)?;
-        }
-    }
+    loupe_perf::write_results_to(args.json.as_deref(), "decide.json", &rows)?;
     Ok(())
 }

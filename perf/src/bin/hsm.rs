@@ -302,16 +302,8 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let written = match &args.json {
-        Some(path) => {
-            if let Some(parent) = Path::new(path).parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
-            path.into()
-        }
-        None => loupe_perf::write_results("hsm.json", &rows)?,
-    };
+    let written =
+        loupe_perf::write_results_to(args.json.as_deref().map(Path::new), "hsm.json", &rows)?;
     println!("results: {}", written.display());
     Ok(())
 }
