@@ -478,7 +478,6 @@ impl Worker {
                 .sessions
                 .as_mut()
                 .is_some_and(|sp| sp.on_sliced(side, data, &frame, now) == Disposition::Consumed);
-            drop(frame);
             self.observe(&key, side, len, now_ms);
             if consumed {
                 self.port.release(desc);
@@ -487,7 +486,6 @@ impl Worker {
             }
             return;
         }
-        drop(frame);
         let mut buf = self
             .crossbar
             .returns(self.id, owner)

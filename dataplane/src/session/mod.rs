@@ -434,7 +434,7 @@ impl Sessions {
         } else {
             self.parked.remove(&id);
         }
-        while let Some((dir, seg)) = split.poll_transmit(now) {
+        while let Some((dir, seg)) = split.poll_transmit_lent(now) {
             // Toward the client: as the server (the endpoint on the other
             // side); toward the server: as the client.
             let to = if dir == Dir::Client {
@@ -444,7 +444,7 @@ impl Sessions {
             };
             let mut buf = self.spare.pop().unwrap_or_default();
             buf.clear();
-            templates[to.other().index()].build(&seg, &mut buf);
+            templates[to.other().index()].build_with(&seg, split.lent(dir), &mut buf);
             self.out.push((to, buf));
         }
         // Logged when the bytes are through, not after TIME-WAIT.

@@ -28,6 +28,9 @@ pub struct Split {
     stopped: bool,
     /// The most [`Split::buffered`] has been.
     buffered_peak: u64,
+    /// The half whose send buffer holds the payload of the segment
+    /// [`Split::poll_transmit_lent`] last returned.
+    lent: Option<Dir>,
 }
 
 impl Split {
@@ -41,6 +44,7 @@ impl Split {
             parked: false,
             stopped: false,
             buffered_peak: 0,
+            lent: None,
         }
     }
 
@@ -192,14 +196,25 @@ impl Split {
         .min()
     }
 
-    /// The next segment to send, and toward whom.
+    /// The next segment to send and its direction, if any. Call until
+    /// `None` after every input and timer.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(Dir, Segment)> {
+        let (dir, mut seg) = self.poll_transmit_lent(now)?;
+        let (a, b) = self.lent(dir);
+        seg.payload = [a, b].concat();
+        Some((dir, seg))
+    }
+
+    /// As [`Split::poll_transmit`], with the payload left in the sending
+    /// half's buffer: [`Split::lent`] shows it.
+    pub fn poll_transmit_lent(&mut self, now: Instant) -> Option<(Dir, Segment)> {
+        self.lent = None;
         if !self.resets.is_empty() {
             return Some(self.resets.remove(0));
         }
         // A reset half resets the other: RST the peer that is still there.
         if self.stage.is_refusal() {
-            return self.client.poll_transmit(now).map(|s| (Dir::Client, s));
+            return self.lend(Dir::Client, now);
         }
         // (A half the stage aborted on purpose, `Abort::Local`, does not
         // take the other down: the stage said what the other gets.)
@@ -214,10 +229,28 @@ impl Split {
                 return Some((Dir::Client, rst));
             }
         }
-        if let Some(s) = self.client.poll_transmit(now) {
-            return Some((Dir::Client, s));
+        self.lend(Dir::Client, now)
+            .or_else(|| self.lend(Dir::Server, now))
+    }
+
+    fn lend(&mut self, dir: Dir, now: Instant) -> Option<(Dir, Segment)> {
+        let half = match dir {
+            Dir::Client => &mut self.client,
+            Dir::Server => &mut self.server,
+        };
+        let seg = half.poll_transmit_lent(now)?;
+        self.lent = Some(dir);
+        Some((dir, seg))
+    }
+
+    /// The payload of the segment [`Split::poll_transmit_lent`] last
+    /// returned (toward `dir`): empty for a reset.
+    pub fn lent(&self, dir: Dir) -> (&[u8], &[u8]) {
+        match (self.lent, dir) {
+            (Some(Dir::Client), Dir::Client) => self.client.lent(),
+            (Some(Dir::Server), Dir::Server) => self.server.lent(),
+            _ => (&[], &[]),
         }
-        self.server.poll_transmit(now).map(|s| (Dir::Server, s))
     }
 
     /// Both halves are through with their bytes: closed, or waiting out

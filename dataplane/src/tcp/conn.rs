@@ -56,6 +56,13 @@ pub struct Handshake {
     pub peer_window: u32,
 }
 
+/// A payload left in the send buffer: `len` bytes from `off`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Lent {
+    off: usize,
+    len: usize,
+}
+
 /// Buffer sizes and timers.
 #[derive(Clone, Debug)]
 pub struct ConnConfig {
@@ -286,6 +293,9 @@ pub struct Conn {
     time_wait_until: Option<Instant>,
     /// A RST to send though the connection is closed (FIN-WAIT-2 gave up).
     pending_rst: Option<Segment>,
+    /// Where the payload of the segment [`Conn::poll_transmit_lent`]
+    /// last returned lies in the send buffer.
+    lent: Lent,
     stats: ConnStats,
 }
 
@@ -389,6 +399,7 @@ impl Conn {
             dsack: VecDeque::new(),
             time_wait_until: None,
             pending_rst: None,
+            lent: Lent::default(),
             stats: ConnStats::default(),
             cfg,
         }
@@ -649,6 +660,7 @@ impl Conn {
         }
         self.state = State::Closed;
         self.abort = Some(Abort::Local);
+        self.lent = Lent::default();
         Some(Segment {
             seq: self.snd_nxt,
             flags: Flags {
@@ -1393,6 +1405,20 @@ impl Conn {
     /// The next segment to send, if any. Call until `None` after every
     /// input and timer.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Segment> {
+        let mut seg = self.poll_transmit_lent(now)?;
+        let (a, b) = self.lent();
+        seg.payload.reserve_exact(a.len() + b.len());
+        seg.payload.extend_from_slice(a);
+        seg.payload.extend_from_slice(b);
+        Some(seg)
+    }
+
+    /// As [`Conn::poll_transmit`], but the payload stays in the send
+    /// buffer (the segment's own is empty): [`Conn::lent`] shows it until
+    /// this connection is next called. The frame is built from there,
+    /// without a copy of its own for every segment sent.
+    pub fn poll_transmit_lent(&mut self, now: Instant) -> Option<Segment> {
+        self.lent = Lent::default();
         if let Some(rst) = self.pending_rst.take() {
             return Some(rst);
         }
@@ -1406,12 +1432,25 @@ impl Conn {
             .or_else(|| self.pure_ack(now))?;
         self.stats.segments_out += 1;
         self.stats.pure_acks_out +=
-            u64::from(seg.payload.is_empty() && !(seg.flags.syn || seg.flags.fin || seg.flags.rst));
+            u64::from(self.lent.len == 0 && !(seg.flags.syn || seg.flags.fin || seg.flags.rst));
         Some(seg)
     }
 
+    /// The payload of the segment [`Conn::poll_transmit_lent`] last
+    /// returned, in the send buffer: two slices where it wraps.
+    pub fn lent(&self) -> (&[u8], &[u8]) {
+        let (a, b) = self.send_buf.as_slices();
+        let (from, to) = (self.lent.off, self.lent.off + self.lent.len);
+        let first = &a[from.min(a.len())..to.min(a.len())];
+        let second =
+            &b[from.saturating_sub(a.len()).min(b.len())..to.saturating_sub(a.len()).min(b.len())];
+        (first, second)
+    }
+
     /// A segment with our ACK, window and options.
-    fn segment(&mut self, seq: SeqNum, payload: Vec<u8>, fin: bool, now: Instant) -> Segment {
+    /// The payload is lent from the send buffer ([`Conn::lent`]).
+    fn segment(&mut self, seq: SeqNum, payload: Lent, fin: bool, now: Instant) -> Segment {
+        self.lent = payload;
         let (raw, wnd) = self.adv_window();
         self.last_adv = wnd;
         self.ack = AckNeed::None;
@@ -1436,11 +1475,11 @@ impl Conn {
         // its bytes went out with (cut to fit, its tail would go out as a
         // second segment of its own) and carries only the blocks that
         // fit beside it, if any.
-        let fit = if payload.is_empty() {
+        let fit = if payload.len == 0 {
             usize::MAX
         } else {
             (self.mss as usize)
-                .saturating_sub(payload.len())
+                .saturating_sub(payload.len)
                 .saturating_sub(4)
                 / 8
         };
@@ -1456,7 +1495,7 @@ impl Conn {
             //# from the receiver's data buffer, then the D-SACK block MUST be
             //# the first block in the SACK option.
             self.stats.dsacks_out += u64::from(dsack.is_some());
-            self.stats.sacks_on_data += u64::from(!payload.is_empty());
+            self.stats.sacks_on_data += u64::from(payload.len > 0);
             options.sack = dsack.into_iter().chain(self.rcv.sack_blocks()).collect();
             options.sack.truncate(blocks);
         }
@@ -1466,12 +1505,12 @@ impl Conn {
             flags: Flags {
                 ack: true,
                 fin,
-                psh: !payload.is_empty(),
+                psh: payload.len > 0,
                 ..Flags::default()
             },
             window: raw,
             options,
-            payload,
+            payload: Vec::new(),
         }
     }
 
@@ -1520,10 +1559,14 @@ impl Conn {
         }
     }
 
-    fn bytes_at(&self, from: SeqNum, len: usize) -> Vec<u8> {
+    /// `len` bytes from `from` in the send buffer (as many as it holds).
+    fn bytes_at(&self, from: SeqNum, len: usize) -> Lent {
         let off = (from.since(self.snd_una).max(0) as usize).min(self.send_buf.len());
         let end = (off + len).min(self.send_buf.len());
-        super::copy_range(&self.send_buf, off, end)
+        Lent {
+            off,
+            len: end - off,
+        }
     }
 
     /// Fast retransmit, partial ACK or zero-window probe: the first
@@ -1647,12 +1690,12 @@ impl Conn {
         let (payload, fin) = if unsent > 0 {
             (self.bytes_at(self.snd_nxt, 1), false)
         } else if self.fin_seq.is_some() && !self.fin_sent() {
-            (Vec::new(), true)
+            (Lent::default(), true)
         } else {
             return None;
         };
         let seq = self.snd_nxt;
-        self.sent(seq + payload.len() as u32 + u32::from(fin));
+        self.sent(seq + payload.len as u32 + u32::from(fin));
         self.rto_at.get_or_insert(now + self.rtt.rto());
         Some(self.segment(seq, payload, fin, now))
     }
@@ -1723,7 +1766,7 @@ impl Conn {
             let seq = self.snd_nxt;
             self.sent(seq + 1);
             self.rto_at.get_or_insert(now + self.rtt.rto());
-            return Some(self.segment(seq, Vec::new(), true, now));
+            return Some(self.segment(seq, Lent::default(), true, now));
         }
         // Out of data: a window already full still counts as filled.
         self.cc.set_cwnd_limited(cwnd_full);
@@ -1792,7 +1835,7 @@ impl Conn {
         if self.ack != AckNeed::Now {
             return None;
         }
-        Some(self.segment(self.snd_nxt, Vec::new(), false, now))
+        Some(self.segment(self.snd_nxt, Lent::default(), false, now))
     }
 }
 

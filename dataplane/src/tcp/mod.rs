@@ -15,8 +15,6 @@
 //!   continues.
 //! - [`stream`]: a half as a byte stream, what stages above see.
 
-use std::collections::VecDeque;
-
 pub mod budget;
 pub mod cc;
 pub mod conn;
@@ -26,17 +24,3 @@ pub mod scoreboard;
 pub mod sim;
 pub mod split;
 pub mod stream;
-
-/// Copies bytes `[from, to)` of a byte queue: two slice copies at most,
-/// never a walk byte by byte.
-pub(crate) fn copy_range(q: &VecDeque<u8>, from: usize, to: usize) -> Vec<u8> {
-    let (a, b) = q.as_slices();
-    let mut out = Vec::with_capacity(to.saturating_sub(from));
-    if from < a.len() {
-        out.extend_from_slice(&a[from..to.min(a.len())]);
-    }
-    if to > a.len() {
-        out.extend_from_slice(&b[from.saturating_sub(a.len())..to - a.len()]);
-    }
-    out
-}

@@ -819,6 +819,33 @@ mod tests {
         n
     }
 
+    /// A payload lent from the send buffer is the stream's next bytes,
+    /// also where it lies in two pieces across the buffer's wrap: frames
+    /// are built from the lent pieces, so a wrong range or piece order
+    /// would corrupt the stream.
+    #[test]
+    fn lent_payloads_are_the_stream_across_the_buffer_wrap() {
+        let (mut a, mut b, now) = established(31);
+        let stream: Vec<u8> = (0..400_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let (mut put, mut got, mut wrapped) = (0, Vec::new(), 0);
+        while got.len() < stream.len() {
+            // Uneven writes, so the buffer's head and tail move apart.
+            let end = (put + 7_777).min(stream.len());
+            put += a.write(&stream[put..end]);
+            while let Some(mut seg) = a.poll_transmit_lent(now) {
+                assert!(seg.payload.is_empty());
+                let (x, y) = a.lent();
+                wrapped += usize::from(!x.is_empty() && !y.is_empty());
+                seg.payload = [x, y].concat();
+                b.on_segment(&seg, now);
+            }
+            got.extend(b.read(usize::MAX));
+            deliver(&mut b, &mut a, now);
+        }
+        assert!(got == stream, "the stream arrived changed");
+        assert!(wrapped > 0, "no payload crossed the wrap");
+    }
+
     /// A receiver that acknowledges a whole flight with one ACK (as one
     /// behind GRO does): slow start still doubles the flight each round
     /// trip, by counting the bytes acknowledged. One segment per ACK

@@ -3,12 +3,11 @@
 //! built from segments after the headers of the endpoint being
 //! impersonated (its MACs, VLAN tags, addresses and ports).
 
-use etherparse::NetSlice;
 use loupe_common::FlowKey;
 use thiserror::Error;
 
 use super::{
-    frame::{slice_tcp, FrameError, SlicedTcp},
+    frame::{slice_tcp, FrameError, NetHeader, SlicedTcp},
     options::{OptionError, TcpOptions},
     seq::SeqNum,
 };
@@ -132,35 +131,31 @@ pub fn parse_segment(frame: &[u8]) -> Result<Parsed, SegmentError> {
 /// The segment of a frame already sliced (`sliced` came from `frame`),
 /// checksum verified and options parsed.
 pub fn segment_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentError> {
-    let SlicedTcp { packet, tcp, key } = sliced;
+    let SlicedTcp { net, tcp, key } = sliced;
     let key = *key;
-    let offset = |p: *const u8| p as usize - frame.as_ptr() as usize;
-    let (ip, ip_start, marks) = match &packet.net {
-        Some(NetSlice::Ipv4(v4)) => {
-            let h = v4.header();
-            let (s, d) = (h.source(), h.destination());
-            let raw = h.slice();
+    let raw = net.raw();
+    let (ip, marks) = match net {
+        NetHeader::V4(h) => {
             let marks = IpMarks {
-                hops: raw[8],
-                dscp: raw[1] & 0xfc,
+                hops: h[8],
+                dscp: h[1] & 0xfc,
                 flow_label: 0,
             };
-            (IpPair::V4(s, d), offset(raw.as_ptr()), marks)
+            let addr = |at: usize| -> [u8; 4] { h[at..at + 4].try_into().expect("4 bytes") };
+            (IpPair::V4(addr(12), addr(16)), marks)
         }
-        Some(NetSlice::Ipv6(v6)) => {
-            let h = v6.header();
-            let (s, d) = (h.source(), h.destination());
-            let raw = h.slice();
-            let word = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        NetHeader::V6(h) => {
+            let word = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
             let marks = IpMarks {
-                hops: raw[7],
+                hops: h[7],
                 dscp: ((word >> 20) & 0xfc) as u8,
                 flow_label: word & 0x000f_ffff,
             };
-            (IpPair::V6(s, d), offset(raw.as_ptr()), marks)
+            let addr = |at: usize| -> [u8; 16] { h[at..at + 16].try_into().expect("16 bytes") };
+            (IpPair::V6(addr(8), addr(24)), marks)
         }
-        _ => return Err(FrameError::NotTcp.into()),
     };
+    let ip_start = raw.as_ptr() as usize - frame.as_ptr() as usize;
     //= https://www.rfc-editor.org/rfc/rfc1071#section-1
     //# To check a checksum, the 1's complement sum is computed over the
     //# same set of octets, including the checksum field.  If the result
@@ -303,11 +298,17 @@ impl Template {
     /// Builds the frame that carries `seg` from this template's endpoint;
     /// returns its length.
     pub fn build(&self, seg: &Segment, out: &mut Vec<u8>) -> usize {
+        self.build_with(seg, (&seg.payload, &[]), out)
+    }
+
+    /// As [`Template::build`], with the payload given apart (in two
+    /// pieces, as it may lie in a ring) instead of `seg`'s own.
+    pub fn build_with(&self, seg: &Segment, payload: (&[u8], &[u8]), out: &mut Vec<u8>) -> usize {
         let start = out.len();
         out.extend_from_slice(&self.l2);
         let mut opts = Vec::with_capacity(40);
         seg.options.emit(&mut opts);
-        let tcp_len = 20 + opts.len() + seg.payload.len();
+        let tcp_len = 20 + opts.len() + payload.0.len() + payload.1.len();
         let ip_start = out.len();
         match self.ip {
             IpPair::V4(s, d) => {
@@ -347,7 +348,8 @@ impl Template {
         out.extend_from_slice(&seg.window.to_be_bytes());
         out.extend_from_slice(&[0, 0, 0, 0]);
         out.extend_from_slice(&opts);
-        out.extend_from_slice(&seg.payload);
+        out.extend_from_slice(payload.0);
+        out.extend_from_slice(payload.1);
         // Pseudo-header (RFC 9293 §3.1; RFC 8200 §8.1 for IPv6).
         let (src, dst) = self.ip.addrs();
         let pseudo = sum16(sum16(sum16(0, src), dst), &[0, 6]) + tcp_len as u32;
