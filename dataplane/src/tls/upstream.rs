@@ -469,19 +469,38 @@ mod tests {
         for (label, secret) in [("CLIENT_RANDOM", 0xabu8), ("EXPORTER_SECRET", 0xcd)] {
             let key = DataKey::new(toy).unwrap();
             let k = KeyLogFile::open(&path, Some(&key)).unwrap();
-            k.log(label, &[7, 7], &[secret; 4]);
-            k.log(label, &[8, 8], &[secret; 4]);
+            // Long enough that random hex cannot contain them by chance
+            // (two bytes, "0707", came up in about one run in a hundred).
+            k.log(label, &[7; 16], &[secret; 16]);
+            k.log(label, &[8; 16], &[secret; 16]);
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        for clear in ["CLIENT_RANDOM", "EXPORTER", "abababab", "0707"] {
+        let hex = |b: u8| format!("{b:02x}").repeat(16);
+        for clear in [
+            "CLIENT_RANDOM",
+            "EXPORTER",
+            &hex(0xab),
+            &hex(0xcd),
+            &hex(7),
+            &hex(8),
+        ] {
             assert!(!text.contains(clear), "{clear} in clear:\n{text}");
         }
         assert_eq!(text.lines().filter(|l| l.starts_with("S ")).count(), 2);
         let unseal =
             |b: &[u8]| -> Result<Vec<u8>, String> { Ok(b.iter().map(|x| x ^ 1).collect()) };
         let opened = keylog::open(text.as_bytes(), unseal).unwrap();
-        let both = "CLIENT_RANDOM 0707 abababab\nCLIENT_RANDOM 0808 abababab\n\
-                    EXPORTER_SECRET 0707 cdcdcdcd\nEXPORTER_SECRET 0808 cdcdcdcd\n";
+        let both = format!(
+            "CLIENT_RANDOM {} {}\nCLIENT_RANDOM {} {}\nEXPORTER_SECRET {} {}\nEXPORTER_SECRET {} {}\n",
+            hex(7),
+            hex(0xab),
+            hex(8),
+            hex(0xab),
+            hex(7),
+            hex(0xcd),
+            hex(8),
+            hex(0xcd)
+        );
         assert_eq!(opened, both);
         // An engine stopped mid-line: the torn bytes are cut at the next
         // open, and the file still opens whole.
