@@ -56,10 +56,12 @@ pub struct Handshake {
     pub peer_window: u32,
 }
 
-/// A payload left in the send buffer: `len` bytes from `off`.
+/// A payload left in the send buffer: `len` bytes from sequence number
+/// `seq` (kept as a sequence number, not an offset, so that the bytes
+/// shown stay these bytes whatever the buffer drops from its front).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Lent {
-    off: usize,
+    seq: SeqNum,
     len: usize,
 }
 
@@ -1440,7 +1442,11 @@ impl Conn {
     /// returned, in the send buffer: two slices where it wraps.
     pub fn lent(&self) -> (&[u8], &[u8]) {
         let (a, b) = self.send_buf.as_slices();
-        let (from, to) = (self.lent.off, self.lent.off + self.lent.len);
+        // Bytes acknowledged since are gone from the front (none are, as
+        // the frame is built at once).
+        let gone = self.snd_una.since(self.lent.seq).max(0) as usize;
+        let from = (self.lent.seq.since(self.snd_una).max(0) as usize).min(self.send_buf.len());
+        let to = (from + self.lent.len.saturating_sub(gone)).min(self.send_buf.len());
         let first = &a[from.min(a.len())..to.min(a.len())];
         let second =
             &b[from.saturating_sub(a.len()).min(b.len())..to.saturating_sub(a.len()).min(b.len())];
@@ -1564,7 +1570,7 @@ impl Conn {
         let off = (from.since(self.snd_una).max(0) as usize).min(self.send_buf.len());
         let end = (off + len).min(self.send_buf.len());
         Lent {
-            off,
+            seq: self.snd_una + off as u32,
             len: end - off,
         }
     }

@@ -377,7 +377,9 @@ impl Reassembler {
         if self.history_cap > 0 {
             // By slice, not by byte: VecDeque copies a slice in at most
             // two memcpys, where an iterator of bytes is written one by one.
-            self.history.extend(bytes);
+            // Only what can stay: the last `history_cap` bytes.
+            let keep = bytes.len().saturating_sub(self.history_cap);
+            self.history.extend(&bytes[keep..]);
             let excess = self.history.len().saturating_sub(self.history_cap);
             self.history.drain(..excess);
         }

@@ -374,8 +374,15 @@ pub(crate) mod tests {
             .tcp(1, 443, 1, 100)
             .write(&mut vlan, b"x")
             .unwrap();
+        let mut mapped = ipv6(b"m", false);
+        mapped[14 + 8..14 + 24]
+            .copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1]);
+        let mut fragment = tcp_v4(1, 443, b"f");
+        fragment[14 + 6] |= 0x20;
         vec![
             tcp_v4(40000, 443, b"hello, world"),
+            mapped,
+            fragment,
             padded,
             v4_options,
             vlan,
@@ -393,9 +400,18 @@ pub(crate) mod tests {
         }
         // Tagged, or with an extension header: left to etherparse.
         let frames = base_frames();
-        assert!(slice_common(&frames[3]).is_none(), "VLAN");
-        assert!(slice_common(&frames[6]).is_none(), "hop-by-hop");
-        assert!(slice_general(&frames[6]).is_ok());
+        assert!(slice_common(&frames[5]).is_none(), "VLAN");
+        assert!(slice_common(&frames[8]).is_none(), "hop-by-hop");
+        assert!(slice_general(&frames[8]).is_ok());
+        // Errors it answers itself.
+        assert_eq!(
+            slice_common(&frames[1]).unwrap().err(),
+            Some(FrameError::Malformed)
+        );
+        assert_eq!(
+            slice_common(&frames[2]).unwrap().err(),
+            Some(FrameError::Fragment)
+        );
     }
 
     proptest::proptest! {
@@ -406,11 +422,22 @@ pub(crate) mod tests {
         /// error. The mutations land mostly in the headers.
         #[test]
         fn the_fast_path_agrees_with_etherparse(
-            base in 0usize..7,
+            base in 0usize..9,
             edits in proptest::collection::vec((0usize..96, proptest::prelude::any::<u8>()), 0..4),
+            length in proptest::option::of((proptest::prelude::any::<bool>(), -24i32..24)),
             cut in proptest::option::of(0usize..120),
         ) {
             let mut f = base_frames().swap_remove(base);
+            // A length field near its true value (or 0): the IPv4 total
+            // length or the IPv6 payload length, where the edges are.
+            if let Some((v6, delta)) = length {
+                let at = if v6 { 14 + 4 } else { 14 + 2 };
+                if f.len() >= at + 2 {
+                    let old = i32::from(u16::from_be_bytes([f[at], f[at + 1]]));
+                    let new = if delta == -24 { 0 } else { (old + delta).clamp(0, 0xffff) };
+                    f[at..at + 2].copy_from_slice(&(new as u16).to_be_bytes());
+                }
+            }
             for (at, v) in edits {
                 if at < f.len() {
                     f[at] = v;
