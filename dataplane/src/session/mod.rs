@@ -54,8 +54,8 @@ use crate::{
         hello::{Hello, HelloScanner, Opening},
     },
     wire::{
-        frame::SlicedTcp,
-        segment::{parse_segment, segment_of, Parsed, Segment, SegmentError, Template},
+        frame::{slice_tcp, SlicedTcp},
+        segment::{headers_of, parse_segment, Parsed, Segment, SegmentError, Template},
         seq::SeqNum,
     },
 };
@@ -258,7 +258,10 @@ impl Sessions {
 
     /// A steered frame of a flow this worker owns.
     pub fn on_frame(&mut self, side: Side, frame: &[u8], now: Instant) -> Disposition {
-        self.on_parsed(side, frame, parse_segment(frame), now)
+        match slice_tcp(frame) {
+            Ok(sliced) => self.on_sliced(side, frame, &sliced, now),
+            Err(e) => self.bad_frame(e.into()),
+        }
     }
 
     /// [`Sessions::on_frame`] for a frame the worker has sliced already.
@@ -269,17 +272,22 @@ impl Sessions {
         sliced: &SlicedTcp,
         now: Instant,
     ) -> Disposition {
-        self.on_parsed(side, frame, segment_of(frame, sliced), now)
+        let payload = sliced.tcp.payload();
+        self.on_parsed(side, frame, headers_of(frame, sliced), payload, now)
     }
 
+    /// `parsed`'s segment has an empty payload: `payload` is its payload,
+    /// in the frame. A split half reads it there; anything else gets a
+    /// copy of its own.
     fn on_parsed(
         &mut self,
         side: Side,
         frame: &[u8],
         parsed: Result<Parsed, SegmentError>,
+        payload: &[u8],
         now: Instant,
     ) -> Disposition {
-        let parsed = match parsed {
+        let mut parsed = match parsed {
             Ok(p) => p,
             Err(e) => return self.bad_frame(e),
         };
@@ -345,17 +353,23 @@ impl Sessions {
             Entry::Split { client, .. } => Some(*client),
         };
         match split_client {
-            None => self.track(id, side, frame, parsed, now),
+            None => {
+                parsed.segment.payload = payload.to_vec();
+                self.track(id, side, frame, parsed, now)
+            }
             Some(client) => {
                 let dir = dir_from(side, client);
                 match (self.batch.as_mut(), &mut flow.entry) {
                     (Some(batch), Entry::Split { split, pending, .. }) => {
-                        split.receive(dir, &parsed.segment, now);
+                        split.receive_with(dir, &parsed.segment, payload, now);
                         if !std::mem::replace(pending, true) {
                             batch.push(id);
                         }
                     }
-                    _ => self.with_split(id, now, |s| s.on_segment(dir, &parsed.segment, now)),
+                    _ => self.with_split(id, now, |s| {
+                        s.receive_with(dir, &parsed.segment, payload, now);
+                        s.pump(now);
+                    }),
                 }
                 Disposition::Consumed
             }

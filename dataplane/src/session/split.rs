@@ -148,9 +148,15 @@ impl Split {
     /// stage runs (and the halves transmit) once for a whole receive
     /// batch, so a batch of segments draws one ACK, not one per two.
     pub fn receive(&mut self, dir: Dir, seg: &Segment, now: Instant) {
+        self.receive_with(dir, seg, &seg.payload, now);
+    }
+
+    /// As [`Split::receive`], with the payload given apart
+    /// ([`Conn::on_segment_with`]).
+    pub fn receive_with(&mut self, dir: Dir, seg: &Segment, payload: &[u8], now: Instant) {
         match dir {
-            Dir::Client => self.client.on_segment(seg, now),
-            Dir::Server => self.server.on_segment(seg, now),
+            Dir::Client => self.client.on_segment_with(seg, payload, now),
+            Dir::Server => self.server.on_segment_with(seg, payload, now),
         }
         self.buffered_peak = self.buffered_peak.max(self.buffered());
     }

@@ -687,8 +687,15 @@ impl Conn {
 
     /// Processes a segment from the peer (RFC 9293 §3.10.7.4).
     pub fn on_segment(&mut self, seg: &Segment, now: Instant) {
+        self.on_segment_with(seg, &seg.payload, now);
+    }
+
+    /// As [`Conn::on_segment`], with the payload given apart (`seg`'s own
+    /// is not read): taken straight from the frame it came in, without a
+    /// copy of its own.
+    pub fn on_segment_with(&mut self, seg: &Segment, payload: &[u8], now: Instant) {
         let before = self.rcv_nxt();
-        self.segment_in(seg, now);
+        self.segment_in(seg, payload, now);
         // FIN-WAIT-2 counts from the peer's last new byte: a half-closed
         // peer that is still sending is not cut off.
         if self.state == State::FinWait2 && self.rcv_nxt() != before {
@@ -696,9 +703,9 @@ impl Conn {
         }
     }
 
-    fn segment_in(&mut self, seg: &Segment, now: Instant) {
+    fn segment_in(&mut self, seg: &Segment, payload: &[u8], now: Instant) {
         self.stats.segments_in += 1;
-        self.stats.data_in += u64::from(!seg.payload.is_empty());
+        self.stats.data_in += u64::from(!payload.is_empty());
         if matches!(self.state, State::Closed) {
             return;
         }
@@ -713,7 +720,7 @@ impl Conn {
         if let (Some(ts), Some(seg_ts)) = (self.ts, seg.options.timestamps) {
             if !seg.flags.rst
                 && SeqNum(seg_ts.val).lt(SeqNum(ts.recent))
-                && !self.disordered_ack(seg, ts.recent.wrapping_sub(seg_ts.val))
+                && !self.disordered_ack(seg, payload, ts.recent.wrapping_sub(seg_ts.val))
             {
                 self.stats.paws_drops += 1;
                 self.ack = AckNeed::Now;
@@ -722,7 +729,7 @@ impl Conn {
         }
 
         // First: sequence acceptability (RFC 9293 §3.10.7.4, the table).
-        let len = seg.seg_len();
+        let len = payload.len() as u32 + u32::from(seg.flags.syn) + u32::from(seg.flags.fin);
         let acceptable = match (len, rcv_wnd) {
             (0, 0) => seg.seq == rcv_nxt,
             (0, _) => seg.seq.in_window(rcv_nxt, rcv_wnd),
@@ -736,8 +743,8 @@ impl Conn {
         // the table but is still checked against history for conflicts.
         if !acceptable {
             let mut repeated = 0;
-            if !seg.payload.is_empty() && seg.seq.lt(rcv_nxt) {
-                let ins = self.rcv.insert(seg.seq, &seg.payload);
+            if !payload.is_empty() && seg.seq.lt(rcv_nxt) {
+                let ins = self.rcv.insert(seg.seq, payload);
                 self.stats.overlap_conflicts += ins.conflict as u64;
                 repeated = ins.duplicate;
             }
@@ -749,7 +756,7 @@ impl Conn {
                 // segment far below RCV.NXT (no timestamps to refuse it)
                 // would have us report bytes that were never sent.
                 if self.cfg.dsack && self.sack_ok && repeated > 0 {
-                    let (l, r) = (seg.seq, seg.seq + seg.payload.len() as u32);
+                    let (l, r) = (seg.seq, seg.seq + payload.len() as u32);
                     let queued = self.dsack.len();
                     match self.dsack.back_mut() {
                         Some(last) if last.1 == l => last.1 = r,
@@ -774,7 +781,7 @@ impl Conn {
             // ACK is), its bytes do not.
             let near = seg.seq.ge(rcv_nxt) && seg.seq.since(rcv_nxt) <= 2;
             if rcv_wnd == 0 && near && seg.flags.ack && !seg.flags.rst && !seg.flags.syn {
-                self.process_ack(seg, now);
+                self.process_ack(seg, payload, now);
             }
             return;
         }
@@ -819,7 +826,7 @@ impl Conn {
             //# if the ACK bit is off, drop the segment and return
             return;
         }
-        if !self.process_ack(seg, now) {
+        if !self.process_ack(seg, payload, now) {
             return;
         }
 
@@ -828,7 +835,7 @@ impl Conn {
         // (a pure ACK may echo a value held back by the peer's delayed ACK).
         if let (Some(_), Some(seg_ts)) = (self.ts, seg.options.timestamps) {
             let ms = self.ts_now(now).wrapping_sub(seg_ts.ecr);
-            if !seg.payload.is_empty() && seg_ts.ecr != 0 && ms < 60_000 {
+            if !payload.is_empty() && seg_ts.ecr != 0 && ms < 60_000 {
                 let sample = Duration::from_millis(u64::from(ms));
                 self.rcv_rtt = Some(match self.rcv_rtt {
                     Some(r) if sample < r => sample,
@@ -859,9 +866,9 @@ impl Conn {
             self.state,
             State::Established | State::FinWait1 | State::FinWait2
         );
-        if receiving && !seg.payload.is_empty() {
+        if receiving && !payload.is_empty() {
             let before = self.rcv.next();
-            let ins = self.rcv.insert(seg.seq, &seg.payload);
+            let ins = self.rcv.insert(seg.seq, payload);
             self.stats.overlap_conflicts += ins.conflict as u64;
             let in_order = self.rcv.next() != before;
             if self.cfg.recv_buffer_max > self.rcv.capacity() {
@@ -885,7 +892,7 @@ impl Conn {
 
         // Eighth: FIN.
         if seg.flags.fin {
-            self.fin_at = Some(seg.seq + seg.payload.len() as u32);
+            self.fin_at = Some(seg.seq + payload.len() as u32);
         }
         self.consume_fin(now);
     }
@@ -922,11 +929,11 @@ impl Conn {
     /// (`tcp_disordered_ack`), for the SACK and DSACK blocks it carries.
     /// It cannot move anything: it acknowledges nothing new, carries no
     /// data and leaves the window as it is.
-    fn disordered_ack(&self, seg: &Segment, behind_ms: u32) -> bool {
+    fn disordered_ack(&self, seg: &Segment, payload: &[u8], behind_ms: u32) -> bool {
         seg.flags.ack
             && !seg.flags.syn
             && !seg.flags.fin
-            && seg.payload.is_empty()
+            && payload.is_empty()
             && seg.seq == self.rcv_nxt()
             && seg.ack == self.snd_una
             && self.same_window(seg)
@@ -970,7 +977,7 @@ impl Conn {
 
     /// The ACK field and the window (RFC 9293 §3.10.7.4, fifth check, with
     /// RFC 5961 §5). Returns false when the segment must be dropped.
-    fn process_ack(&mut self, seg: &Segment, now: Instant) -> bool {
+    fn process_ack(&mut self, seg: &Segment, payload: &[u8], now: Instant) -> bool {
         let ack = seg.ack;
         //= https://www.rfc-editor.org/rfc/rfc5961#section-5.2
         //# ... the ACK value is considered acceptable only if it is in the
@@ -1043,7 +1050,7 @@ impl Conn {
             //# restart the retransmission timer
             self.rto_at = self.outstanding().then(|| now + self.rtt.rto());
             self.arm_tail_probe(now);
-        } else if ack == self.snd_una && seg.payload.is_empty() && !seg.flags.fin && flight > 0 {
+        } else if ack == self.snd_una && payload.is_empty() && !seg.flags.fin && flight > 0 {
             let new_sack = self.sacks_new(seg);
             // An ACK that reports a duplicate (DSACK) says nothing was
             // lost: only SACKs of new data in it make it a duplicate ACK.

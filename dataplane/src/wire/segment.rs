@@ -131,6 +131,14 @@ pub fn parse_segment(frame: &[u8]) -> Result<Parsed, SegmentError> {
 /// The segment of a frame already sliced (`sliced` came from `frame`),
 /// checksum verified and options parsed.
 pub fn segment_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentError> {
+    let mut parsed = headers_of(frame, sliced)?;
+    parsed.segment.payload = sliced.tcp.payload().to_vec();
+    Ok(parsed)
+}
+
+/// As [`segment_of`], but the segment's payload is left empty: it is
+/// `sliced.tcp.payload()`, read from the frame where it lies.
+pub fn headers_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentError> {
     let SlicedTcp { net, tcp, key } = sliced;
     let key = *key;
     let raw = net.raw();
@@ -186,7 +194,7 @@ pub fn segment_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentErr
         },
         window: tcp.window_size(),
         options,
-        payload: tcp.payload().to_vec(),
+        payload: Vec::new(),
     };
     Ok(Parsed {
         key,
