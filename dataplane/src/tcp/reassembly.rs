@@ -378,8 +378,8 @@ impl Reassembler {
             // By slice, not by byte: VecDeque copies a slice in at most
             // two memcpys, where an iterator of bytes is written one by one.
             // Only what can stay: the last `history_cap` bytes.
-            let keep = bytes.len().saturating_sub(self.history_cap);
-            self.history.extend(&bytes[keep..]);
+            let skip = bytes.len().saturating_sub(self.history_cap);
+            self.history.extend(&bytes[skip..]);
             let excess = self.history.len().saturating_sub(self.history_cap);
             self.history.drain(..excess);
         }
