@@ -729,7 +729,7 @@ impl Conn {
         }
 
         // First: sequence acceptability (RFC 9293 §3.10.7.4, the table).
-        let len = payload.len() as u32 + u32::from(seg.flags.syn) + u32::from(seg.flags.fin);
+        let len = seg.seg_len(payload);
         let acceptable = match (len, rcv_wnd) {
             (0, 0) => seg.seq == rcv_nxt,
             (0, _) => seg.seq.in_window(rcv_nxt, rcv_wnd),
@@ -1416,9 +1416,7 @@ impl Conn {
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Segment> {
         let mut seg = self.poll_transmit_lent(now)?;
         let (a, b) = self.lent();
-        seg.payload.reserve_exact(a.len() + b.len());
-        seg.payload.extend_from_slice(a);
-        seg.payload.extend_from_slice(b);
+        seg.payload = [a, b].concat();
         Some(seg)
     }
 

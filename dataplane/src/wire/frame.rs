@@ -8,6 +8,8 @@
 //! etherparse, which is the reference: a property test holds the two to
 //! the same answer on every frame.
 
+use std::net::Ipv6Addr;
+
 use etherparse::{NetSlice, SlicedPacket, TcpSlice, TransportSlice};
 use loupe_common::{v4_mapped, FlowKey};
 use thiserror::Error;
@@ -113,7 +115,8 @@ fn slice_common(frame: &[u8]) -> Option<Result<SlicedTcp<'_>, FrameError>> {
         _ => return None,
     };
     if let NetHeader::V6(_) = net {
-        if is_v4_mapped(&src) || is_v4_mapped(&dst) {
+        let mapped = |a: [u8; 16]| Ipv6Addr::from(a).to_ipv4_mapped().is_some();
+        if mapped(src) || mapped(dst) {
             return Some(Err(FrameError::Malformed));
         }
     }
@@ -135,11 +138,6 @@ fn sliced<'a>(
         IPPROTO_TCP,
     );
     SlicedTcp { net, tcp, key }
-}
-
-/// `::ffff:a.b.c.d`.
-fn is_v4_mapped(a: &[u8; 16]) -> bool {
-    a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff
 }
 
 /// Any frame, through etherparse.

@@ -37,9 +37,11 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// SEG.LEN: payload plus one for each of SYN and FIN.
-    pub fn seg_len(&self) -> u32 {
-        self.payload.len() as u32 + u32::from(self.flags.syn) + u32::from(self.flags.fin)
+    /// SEG.LEN: payload plus one for each of SYN and FIN. The payload is
+    /// given apart: the segment's own, or the frame's where it was left
+    /// ([`headers_of`]).
+    pub fn seg_len(&self, payload: &[u8]) -> u32 {
+        payload.len() as u32 + u32::from(self.flags.syn) + u32::from(self.flags.fin)
     }
 }
 
