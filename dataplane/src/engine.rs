@@ -68,14 +68,15 @@ pub enum EngineError {
     )]
     QueuesUnserved { asked: u32, available: u32 },
     #[error(
-        "the MTU of '{iface}' ({mtu}) makes frames of up to {frame} bytes, more than an AF_XDP \
-         frame holds ({max}); lower the MTU to {fits} or less"
+        "the MTU of '{iface}' ({mtu}) makes frames of up to {frame} bytes, more than the AF_XDP \
+         port carries ({max}: {descs} UMEM frames); lower the MTU to {fits} or less"
     )]
     Mtu {
         iface: String,
         mtu: u32,
         frame: u32,
         max: u32,
+        descs: u32,
         fits: u32,
     },
     #[error("cannot write stats to {path}: {source}")]
@@ -329,11 +330,14 @@ pub fn run(
         _ => {}
     }
     let queues = available;
-    // A steered frame longer than a UMEM frame would be dropped by the
-    // kernel after XDP counted it steered: refuse such MTUs up front.
-    let max = cfg.port.max_frame_len();
+    // A frame longer than one UMEM frame comes as a chain (multi-buffer);
+    // one longer than a chain may be could not be sent on again: refuse
+    // such MTUs up front.
+    let max = cfg.port.max_packet_len();
+    let mut link_mtu = u32::MAX;
     for iface in [&cfg.inside, &cfg.outside] {
         let mtu = sys::mtu(iface)?;
+        link_mtu = link_mtu.min(mtu);
         let frame = mtu + L2_OVERHEAD;
         if frame > max {
             return Err(EngineError::Mtu {
@@ -341,6 +345,7 @@ pub fn run(
                 mtu,
                 frame,
                 max,
+                descs: crate::xsk::MAX_FRAME_DESCS,
                 fits: max.saturating_sub(L2_OVERHEAD),
             });
         }
@@ -410,6 +415,7 @@ pub fn run(
                     buffer_max: cfg.split_buffer_max,
                     budget: budget.clone(),
                     congestion: cfg.split_congestion,
+                    mtu: Some(link_mtu),
                     ..SessionSettings::default()
                 },
                 ops: ops_tx.clone(),

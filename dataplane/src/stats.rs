@@ -32,6 +32,17 @@ pub struct WorkerCounters {
     pub cross_full: u64,
     /// No free UMEM frame to build a frame in: dropped.
     pub no_free_frame: u64,
+    /// Frames longer than the port can build (more than
+    /// `MAX_FRAME_DESCS` UMEM frames): dropped.
+    #[serde(default)]
+    pub too_long: u64,
+    /// Frames received in more than one UMEM frame (multi-buffer: longer
+    /// than one frame holds, as at jumbo MTUs).
+    #[serde(default)]
+    pub rx_chained: u64,
+    /// Frames this worker built in more than one UMEM frame.
+    #[serde(default)]
+    pub tx_chained: u64,
     /// Frames with no TCP 5-tuple (forwarded unchanged by the receiver).
     pub unparsed: u64,
     /// Times the TX ring could not take every pending frame.
@@ -42,6 +53,16 @@ pub struct WorkerCounters {
     pub flows_expired: u64,
     /// New flows not tracked because the table was at its limit.
     pub flow_table_full: u64,
+}
+
+impl WorkerCounters {
+    /// A frame the port could not build.
+    pub fn not_built(&mut self, e: crate::xsk::BuildError) {
+        match e {
+            crate::xsk::BuildError::NoFreeFrame => self.no_free_frame += 1,
+            crate::xsk::BuildError::TooLong(_) => self.too_long += 1,
+        }
+    }
 }
 
 /// The tcp-split action's counters on one worker.
@@ -653,6 +674,7 @@ impl StatsReport {
             .map(|w| {
                 w.counters.cross_full
                     + w.counters.no_free_frame
+                    + w.counters.too_long
                     + w.xsk_inside.rx_dropped
                     + w.xsk_outside.rx_dropped
             })

@@ -25,7 +25,7 @@ use crate::{
     session::{Disposition, SessionSettings, Sessions},
     stats::{WorkerCounters, WorkerReport},
     wire::slice_tcp,
-    xsk::QueuePort,
+    xsk::{BuildError, QueuePort, PKT_CONTD},
 };
 
 /// Flows listed per worker in a stats report (the oldest ones; the report
@@ -235,6 +235,23 @@ pub struct Worker {
     /// How long after its last work the worker keeps polling its rings
     /// (yielding the CPU between rounds) before it sleeps in poll().
     busy_poll: Duration,
+    /// Per side, a multi-buffer frame whose descriptors are still coming
+    /// (a receive batch can end inside one).
+    chains: [Chain; 2],
+}
+
+/// The descriptors of one multi-buffer frame, and its bytes gathered.
+#[derive(Default)]
+struct Chain {
+    descs: Vec<FrameDesc>,
+    bytes: Vec<u8>,
+}
+
+/// A received frame: one UMEM frame, or a chain of them.
+#[derive(Clone, Copy)]
+enum Frame<'a> {
+    One(FrameDesc),
+    Chain(&'a [FrameDesc]),
 }
 
 impl Worker {
@@ -263,6 +280,7 @@ impl Worker {
             links: None,
             policy_seen: 0,
             busy_poll: Duration::ZERO,
+            chains: Default::default(),
         }
     }
 
@@ -411,7 +429,7 @@ impl Worker {
             let n = self.port.recv(side, rx);
             work += n;
             for desc in &rx[..n] {
-                self.on_frame(side, *desc, now, now_ms);
+                self.on_desc(side, *desc, now, now_ms);
             }
         }
         work += self.drain_crossbar(now, now_ms);
@@ -454,8 +472,37 @@ impl Worker {
         work
     }
 
-    fn on_frame(&mut self, side: Side, desc: FrameDesc, now: Instant, now_ms: u64) {
-        let data = self.port.data(&desc);
+    /// One received descriptor: a frame of its own, or part of a chain
+    /// that is handled once its last descriptor is in.
+    fn on_desc(&mut self, side: Side, desc: FrameDesc, now: Instant, now_ms: u64) {
+        let chain = &mut self.chains[side.index()];
+        let more = desc.options() & PKT_CONTD != 0;
+        if chain.descs.is_empty() && !more {
+            return self.on_frame(side, Frame::One(desc), &[], now, now_ms);
+        }
+        chain.descs.push(desc);
+        chain.bytes.extend_from_slice(self.port.data(&desc));
+        if more {
+            return;
+        }
+        let descs = std::mem::take(&mut chain.descs);
+        let bytes = std::mem::take(&mut chain.bytes);
+        self.counters.rx_chained += 1;
+        self.on_frame(side, Frame::Chain(&descs), &bytes, now, now_ms);
+        // The buffers are kept for the next chain.
+        let chain = &mut self.chains[side.index()];
+        chain.descs = descs;
+        chain.descs.clear();
+        chain.bytes = bytes;
+        chain.bytes.clear();
+    }
+
+    /// A whole received frame; `gathered` holds a chain's bytes.
+    fn on_frame(&mut self, side: Side, frame: Frame, gathered: &[u8], now: Instant, now_ms: u64) {
+        let data = match frame {
+            Frame::One(desc) => self.port.data(&desc),
+            Frame::Chain(_) => gathered,
+        };
         let len = data.len();
         let count = match side {
             Side::Inside => &mut self.counters.rx_inside,
@@ -463,26 +510,26 @@ impl Worker {
         };
         count.packets += 1;
         count.bytes += len as u64;
-        let Some(frame) = slice_tcp(data).ok() else {
+        let Some(sliced) = slice_tcp(data).ok() else {
             // Steered by XDP yet unparseable here (the two parsers may
             // differ at the edges): pass it on unchanged.
             self.counters.unparsed += 1;
-            self.port.send(side.other(), desc);
+            self.forward(side.other(), frame);
             return;
         };
-        let key = frame.key;
+        let key = sliced.key;
         let owner = self.sharder.owner(&FlowId::of(&key));
         if owner == self.id {
             // The sessions continue from this slicing (one per frame).
             let consumed = self
                 .sessions
                 .as_mut()
-                .is_some_and(|sp| sp.on_sliced(side, data, &frame, now) == Disposition::Consumed);
+                .is_some_and(|sp| sp.on_sliced(side, data, &sliced, now) == Disposition::Consumed);
             self.observe(&key, side, len, now_ms);
             if consumed {
-                self.port.release(desc);
+                self.release(frame);
             } else {
-                self.port.send(side.other(), desc);
+                self.forward(side.other(), frame);
             }
             return;
         }
@@ -493,7 +540,7 @@ impl Worker {
             .unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(data);
-        self.port.release(desc);
+        self.release(frame);
         let msg = CrossFrame {
             side,
             key,
@@ -504,6 +551,22 @@ impl Worker {
             self.kicked[owner] = true;
         } else {
             self.counters.cross_full += 1;
+        }
+    }
+
+    /// Sends a received frame on, unchanged.
+    fn forward(&mut self, side: Side, frame: Frame) {
+        match frame {
+            Frame::One(desc) => self.port.send(side, desc),
+            Frame::Chain(descs) => self.port.send_chain(side, descs),
+        }
+    }
+
+    /// Gives a received frame's UMEM frames back.
+    fn release(&mut self, frame: Frame) {
+        match frame {
+            Frame::One(desc) => self.port.release(desc),
+            Frame::Chain(descs) => self.port.release_chain(descs),
         }
     }
 
@@ -534,9 +597,8 @@ impl Worker {
                     sp.on_frame(msg.side, &msg.data, now) == Disposition::Consumed
                 });
                 if !consumed {
-                    match self.port.build(&msg.data) {
-                        Some(desc) => self.port.send(msg.side.other(), desc),
-                        None => self.counters.no_free_frame += 1,
+                    if let Err(e) = self.port.build_send(msg.side.other(), &msg.data) {
+                        self.counters.not_built(e);
                     }
                 }
                 // Hand the buffer back; if its lane is full it is freed.
@@ -554,18 +616,21 @@ impl Worker {
         let n = sp.out.len();
         let mut sent = 0;
         for (side, bytes) in &sp.out {
-            match self.port.build(bytes) {
-                Some(desc) => {
-                    self.port.send(*side, desc);
-                    sent += 1;
-                }
-                None => {
+            match self.port.build_send(*side, bytes) {
+                Ok(()) => sent += 1,
+                Err(e @ BuildError::NoFreeFrame) => {
                     // No free UMEM frame until transmissions complete: keep
                     // this and the rest, in order, for the next round
                     // (dropping them would cost the split connections a
                     // retransmission timeout each).
-                    self.counters.no_free_frame += 1;
+                    self.counters.not_built(e);
                     break;
+                }
+                // Never buildable: dropped, or it would hold up every
+                // frame behind it for good.
+                Err(e @ BuildError::TooLong(_)) => {
+                    self.counters.not_built(e);
+                    sent += 1;
                 }
             }
         }
@@ -608,6 +673,7 @@ impl Worker {
     fn publish(&mut self, with_flows: bool, now_ms: u64) {
         self.counters.tx_ring_full = self.port.tx_ring_full;
         self.counters.fill_starved = self.port.fill_starved;
+        self.counters.tx_chained = self.port.tx_chained;
         self.counters.flows_expired = self.table.expired;
         let flows = with_flows.then(|| {
             let sp = self.sessions.as_ref();

@@ -71,6 +71,10 @@ struct Args {
     /// through RPS) the last CPU, as if the endpoints were other machines.
     #[arg(long)]
     per_core: bool,
+    /// The MTU of every link (default 1500). Above 3818 a frame spans
+    /// several UMEM frames: the engine's multi-buffer path.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=9000))]
+    mtu: Option<u32>,
     /// Pass this argument to the engine as well (repeatable), e.g.
     /// `--engine-arg=--split-cc=newreno` to compare congestion controls.
     #[arg(long = "engine-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -170,6 +174,8 @@ struct Report {
     /// The fair shape (`--per-core`): the path on CPU 0, endpoints on the
     /// last CPU; otherwise everything shares every CPU.
     per_core: bool,
+    /// The links' MTU.
+    mtu: u32,
     seconds: u32,
     repeat: u32,
     results: Vec<Result>,
@@ -245,6 +251,7 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
         // one worker (two time-sharing one CPU cross every other flow's
         // frames between them), and the kernel's paths the same links.
         queues: if args.per_core { 1 } else { 2 },
+        mtu: args.mtu,
         ..Default::default()
     };
     let h = Harness::new(cfg)?;
@@ -604,6 +611,7 @@ fn main() -> anyhow::Result<()> {
         kernel,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         per_core: args.per_core,
+        mtu: args.mtu.unwrap_or(1500),
         seconds: args.seconds,
         repeat: args.repeat,
         results,
@@ -617,12 +625,13 @@ fn main() -> anyhow::Result<()> {
     // Table with ratios against the bridge with offloads off and against
     // the kernel relay (same run).
     println!(
-        "\n{} shape\n{:<20} {:<6} {:>5} {:>10} {:>9} {:>13} {:>9}",
+        "\n{} shape, MTU {}\n{:<20} {:<6} {:>5} {:>10} {:>9} {:>13} {:>9}",
         if args.per_core {
             "per-core (path on CPU 0, endpoints on the last CPU)"
         } else {
             "shared (every CPU for everything)"
         },
+        report.mtu,
         "path",
         "frames",
         "flows",

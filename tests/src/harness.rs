@@ -69,6 +69,8 @@ pub struct HarnessConfig {
     pub impair: bool,
     /// A fourth namespace on the engine's mirror port.
     pub mirror: bool,
+    /// The MTU of every link (the kernel's default, 1500, when `None`).
+    pub mtu: Option<u32>,
 }
 
 impl Default for HarnessConfig {
@@ -78,6 +80,7 @@ impl Default for HarnessConfig {
             offloads: false,
             impair: false,
             mirror: false,
+            mtu: None,
         }
     }
 }
@@ -219,6 +222,9 @@ impl Harness {
                 "sysctl",
                 &["-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")],
             )?;
+            if let Some(mtu) = cfg.mtu {
+                ns.ip(&["link", "set", dev, "mtu", &mtu.to_string()])?;
+            }
             ns.ip(&["link", "set", dev, "up"])?;
         }
         // Until loupe-impair attaches (and after it stops), a bridge joins

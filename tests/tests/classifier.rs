@@ -1,7 +1,8 @@
 //! The XDP classifier's decisions, one frame at a time, through
 //! BPF_PROG_TEST_RUN on the real program with real maps: steering by port
 //! and prefix in both directions, exemptions, flow-map verdicts overriding
-//! them, sockets per queue, and interfaces it does not serve. Each case
+//! them, sockets per queue, interfaces it does not serve, and jumbo frames
+//! (multi-buffer: the lengths are the whole frame's). Each case
 //! checks the action and that exactly one outcome counter moved.
 
 use etherparse::PacketBuilder;
@@ -49,17 +50,23 @@ fn syn_v4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
 }
 
 fn tcp(src: Ip, sport: u16, dst: Ip, dport: u16) -> Vec<u8> {
+    tcp_carrying(src, sport, dst, dport, 1)
+}
+
+/// A TCP segment with `len` bytes of payload.
+fn tcp_carrying(src: Ip, sport: u16, dst: Ip, dport: u16, len: usize) -> Vec<u8> {
     let mut out = Vec::new();
     let b = PacketBuilder::ethernet2(MAC, MAC);
+    let payload = vec![b'x'; len];
     match (src, dst) {
         (Ip::V4(s), Ip::V4(d)) => b
             .ipv4(s, d, 64)
             .tcp(sport, dport, 1, 1000)
-            .write(&mut out, b"x"),
+            .write(&mut out, &payload),
         (Ip::V6(s), Ip::V6(d)) => b
             .ipv6(s, d, 64)
             .tcp(sport, dport, 1, 1000)
-            .write(&mut out, b"x"),
+            .write(&mut out, &payload),
         _ => panic!("mixed families"),
     }
     .unwrap();
@@ -117,6 +124,14 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                 .udp(5000, 443)
                 .write(&mut udp, b"q")
                 .unwrap();
+            // Jumbo frames: the test run puts all but the first page's
+            // worth in fragments, as a multi-buffer driver does.
+            let jumbo4 = tcp_carrying(c4, 40001, s4, 443, 8960);
+            let jumbo6 = tcp_carrying(Ip::V6(v6(1, 0)), 40001, Ip::V6(v6(2, 0)), 443, 8940);
+            let mut cut4 = jumbo4.clone();
+            cut4.truncate(8000);
+            let mut cut6 = jumbo6.clone();
+            cut6.truncate(8000);
             let mut arp = vec![0xff; 6];
             arp.extend_from_slice(&MAC);
             arp.extend_from_slice(&[0x08, 0x06]);
@@ -147,6 +162,10 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                 ("a new SYN on its ports is steered", syn_v4(CLIENT, 40006, SERVER, 443), inside, 0, XDP_REDIRECT, Counter::Steer),
                 ("and its old verdict is gone: replies are steered", tcp(s4, 443, c4, 40006), outside, 0, XDP_REDIRECT, Counter::Steer),
                 ("and so is the client's", tcp(c4, 40006, s4, 443), inside, 0, XDP_REDIRECT, Counter::Steer),
+                ("ipv4 jumbo frame to steered port", jumbo4, inside, 0, XDP_REDIRECT, Counter::Steer),
+                ("ipv6 jumbo frame to steered port", jumbo6, inside, 0, XDP_REDIRECT, Counter::Steer),
+                ("ipv4 jumbo frame cut short of its total length", cut4, inside, 0, XDP_REDIRECT, Counter::Malformed),
+                ("ipv6 jumbo frame cut short of its payload length", cut6, inside, 0, XDP_REDIRECT, Counter::Malformed),
                 ("interface not served", tcp(c4, 40001, s4, 443), lo, 0, XDP_PASS, Counter::UnknownIface),
             ];
 
@@ -165,6 +184,10 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                         delta
                     };
                     assert_eq!(delta, want, "{name}: counter {}", ctr.label());
+                    if *ctr == Counter::Rx {
+                        // The whole frame, fragments included.
+                        assert_eq!(a.bytes - b.bytes, frame.len() as u64, "{name}: bytes");
+                    }
                 }
             }
         })

@@ -252,15 +252,17 @@ fn a_second_engine_on_the_same_interfaces_is_refused_and_the_first_keeps_running
 }
 
 #[test]
-fn an_mtu_beyond_an_afxdp_frame_is_refused() {
+fn an_mtu_beyond_an_afxdp_chain_is_refused() {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
+    // 16 UMEM frames of 3840 bytes carry 61440: an MTU of 61418 with
+    // Ethernet and two VLAN tags.
     h.engine
-        .ip(&["link", "set", INSIDE_IF, "mtu", "9000"])
+        .ip(&["link", "set", INSIDE_IF, "mtu", "61419"])
         .unwrap();
     let (code, err) = run_engine(&h, &[], &["--inside", INSIDE_IF, "--outside", OUTSIDE_IF]);
     assert_ne!(code, 0);
     assert!(
-        err.contains("the MTU of 'inside' (9000)") && err.contains("lower the MTU to 3818"),
+        err.contains("the MTU of 'inside' (61419)") && err.contains("lower the MTU to 61418"),
         "{err}"
     );
     assert_eq!(attached_ids(&h), (None, None));

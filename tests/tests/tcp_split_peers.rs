@@ -1,8 +1,9 @@
 //! tcp-split against Linux TCP at both ends, the hard cases: a thousand
 //! concurrent connections, half-closes both ways, RSTs from either side in
 //! the middle of a transfer, a server that stops reading (the engine holds
-//! no more than its buffers, by its own report), and a server that closes
-//! before the client says anything.
+//! no more than its buffers, by its own report), a server that closes
+//! before the client says anything, and jumbo frames (MTU 9000, each frame
+//! a multi-buffer chain of UMEM frames).
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -16,9 +17,9 @@ use loupe_dataplane::{
 };
 use loupe_tests::{
     engine::Engine,
-    harness::SERVER_V4,
+    harness::{SERVER_V4, SERVER_V6},
     https::fill_pseudo_random,
-    tcp::{connect, echo_roundtrip, listen, receive, spawn_echo_server, tune},
+    tcp::{both_ways, connect, echo_roundtrip, listen, receive, spawn_echo_server, tune},
     Harness, HarnessConfig,
 };
 use sha2::{Digest, Sha256};
@@ -644,4 +645,45 @@ fn hostile_segments_in_a_split_connection_are_counted_and_change_nothing() {
     assert!(s.challenge_acks >= 2, "{s:?}");
     assert_eq!(s.bad_options, 1, "{s:?}");
     engine.stop();
+}
+
+/// At MTU 9000 every full segment is a frame longer than a UMEM frame: the
+/// XDP program (multi-buffer) steers it whole, the engine receives it as a
+/// chain of descriptors, and the split halves send chains of their own.
+/// Both ways at once, IPv4 and IPv6, byte-exact; and the XDP fast path
+/// carries jumbo frames of a port that is not steered.
+#[test]
+fn jumbo_frames_cross_split_connections_and_the_fast_path() {
+    let h = Harness::new(HarnessConfig {
+        mtu: Some(9000),
+        ..HarnessConfig::default()
+    })
+    .expect("harness");
+    let e = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    let len = 8 << 20;
+    both_ways(&h, &format!("{SERVER_V4}:443"), len).expect("IPv4 through the split");
+    both_ways(&h, &format!("[{SERVER_V6}]:443"), len).expect("IPv6 through the split");
+    both_ways(&h, &format!("{SERVER_V4}:8080"), len).expect("the XDP fast path");
+    let r = e
+        .wait_stats("both splits to end", Duration::from_secs(60), |r| {
+            (r.split_total().closed >= 2).then(|| r.clone())
+        })
+        .unwrap();
+    let s = r.split_total();
+    assert_eq!((s.split, s.bad_checksum, s.passthrough), (2, 0, 0), "{s:?}");
+    let sum = |f: fn(&loupe_dataplane::stats::WorkerCounters) -> u64| {
+        r.workers.iter().map(|w| f(&w.counters)).sum::<u64>()
+    };
+    // Each way 8 MiB of 8948-byte segments (8960 less timestamps) is over
+    // 900 full frames per connection; chains in and out prove the split
+    // carried them as jumbo frames rather than the peers falling back.
+    let (rx, tx) = (sum(|c| c.rx_chained), sum(|c| c.tx_chained));
+    assert!(rx > 2 * 900 && tx > 2 * 900, "chains in/out: {rx}/{tx}");
+    assert_eq!(
+        (sum(|c| c.too_long), sum(|c| c.unparsed)),
+        (0, 0),
+        "frames too long to build / unparsed"
+    );
+    let (status, clean, _, err) = e.stop();
+    assert!(clean && status.success(), "engine exit {status}: {err}");
 }

@@ -94,6 +94,9 @@ pub struct SessionSettings {
     pub budget: Arc<MemoryBudget>,
     /// The halves' congestion control.
     pub congestion: crate::tcp::cc::Algorithm,
+    /// The smaller MTU of the two interfaces: the halves clamp a peer's
+    /// MSS option to what it carries. `None`: the options as announced.
+    pub mtu: Option<u32>,
 }
 
 /// A half's buffers to begin with (each way), before autotuning.
@@ -123,8 +126,18 @@ impl Default for SessionSettings {
             buffer_max: 4 << 20,
             budget: Arc::new(MemoryBudget::new(1 << 30)),
             congestion: crate::tcp::cc::Algorithm::default(),
+            mtu: None,
         }
     }
+}
+
+/// The largest MSS a link of `mtu` carries for the family of `key`
+/// (RFC 9293 §3.7.1: the MTU less the fixed IP and TCP headers).
+fn mss_max(mtu: Option<u32>, key: &FlowKey) -> u16 {
+    let Some(mtu) = mtu else { return u16::MAX };
+    let v4 = std::net::Ipv6Addr::from(key.src).to_ipv4_mapped().is_some();
+    let headers = if v4 { 40 } else { 60 };
+    u16::try_from(mtu.saturating_sub(headers)).unwrap_or(u16::MAX)
 }
 
 /// The tracking state of `id`, borrowing only the flow table.
@@ -320,7 +333,10 @@ impl Sessions {
             }
             let entry = if is_syn {
                 Entry::Tracking(Box::new(Tracking {
-                    tracker: Tracker::new(self.conn.clone()),
+                    tracker: Tracker::new(ConnConfig {
+                        mss_max: mss_max(self.settings.mtu, &parsed.key),
+                        ..self.conn.clone()
+                    }),
                     client: side,
                     templates: [None, None],
                     hold: None,

@@ -1523,3 +1523,37 @@ fn a_server_fin_before_the_hello_is_decided_without_a_name_and_fails_closed() {
     );
     assert_eq!((b.sp.counters.refused, b.sp.counters.server_first), (0, 1));
 }
+
+/// A client announcing an MSS its link cannot carry (9000 on a 1500-byte
+/// MTU) gets segments the link does carry: the client-facing half clamps
+/// the option to the MTU, as Linux clamps to the path MTU. Without the
+/// clamp it sends the server's 8000 bytes in one frame the link drops,
+/// and again on every retransmission.
+#[test]
+fn a_peer_mss_beyond_the_link_mtu_is_clamped_to_it() {
+    for (mtu, most) in [(Some(1500), 1460 - 12), (None, 8000)] {
+        let mut b = Bench {
+            sp: Sessions::new(SessionSettings {
+                mtu,
+                ..SessionSettings::default()
+            }),
+            peers: Peers::new(),
+            now: Instant::now(),
+        };
+        let mut syn = seg(C_ISN, 0, true, b"");
+        syn.options.mss = Some(9000);
+        b.send(Dir::Client, &syn);
+        b.send(Dir::Server, &seg(S_ISN, C_ISN + 1, true, b""));
+        b.send(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, b""));
+        b.client_data(0, b"GET /");
+        assert_eq!(b.sp.counters.split, 1);
+        b.sent();
+        let reply = seg(S_ISN + 1, C_ISN + 6, false, &[7; 8000]);
+        assert_eq!(b.send(Dir::Server, &reply), Disposition::Consumed);
+        let out = b.sent();
+        let to_client = segments(&out, Side::Inside);
+        let sizes: Vec<usize> = to_client.iter().map(|s| s.payload.len()).collect();
+        // Full segments: as large as the (clamped) MSS, none larger.
+        assert_eq!(sizes.iter().max(), Some(&most), "{mtu:?}: {sizes:?}");
+    }
+}

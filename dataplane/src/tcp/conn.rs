@@ -104,6 +104,12 @@ pub struct ConnConfig {
     pub max_retransmits: u32,
     /// How the congestion window grows and shrinks.
     pub congestion: Algorithm,
+    /// The largest segment the link to the peer carries (its MTU less the
+    /// fixed IP and TCP headers). A peer's MSS option above it is clamped
+    /// to it, as Linux clamps to the path MTU: a peer that announces more
+    /// than its link carries would otherwise be sent frames the link
+    /// drops, again and again.
+    pub mss_max: u16,
 }
 
 impl Default for ConnConfig {
@@ -121,6 +127,7 @@ impl Default for ConnConfig {
             fin_wait2: Duration::from_secs(60),
             max_retransmits: 15,
             congestion: Algorithm::default(),
+            mss_max: u16::MAX,
         }
     }
 }
@@ -342,7 +349,8 @@ impl Conn {
         //# the TCP data length to account for any IP or TCP options that it
         //# is including in the packets that it sends.
         let ts_len = if hs.timestamps.is_some() { 12 } else { 0 };
-        let mss = u32::from(hs.peer_mss.max(64 + ts_len) - ts_len);
+        let peer_mss = hs.peer_mss.min(cfg.mss_max);
+        let mss = u32::from(peer_mss.max(64 + ts_len) - ts_len);
         let snd = hs.local_isn + 1;
         let rcv_nxt = hs.remote_isn + 1;
         Conn {

@@ -6,4 +6,6 @@
 
 mod port;
 
-pub use port::{PortConfig, QueuePort, SideStats, XskError};
+pub use port::{
+    BuildError, PortConfig, QueuePort, SideStats, XskError, MAX_FRAME_DESCS, PKT_CONTD,
+};

@@ -1,4 +1,9 @@
 //! [`QueuePort`]: the UMEM and the two AF_XDP sockets of one queue.
+//!
+//! The sockets are bound with `XDP_USE_SG` (multi-buffer): a frame longer
+//! than one UMEM frame (jumbo MTUs) is a chain of descriptors, all but the
+//! last flagged `XDP_PKT_CONTD`, on RX and on TX alike. The port keeps a
+//! chain together: it never submits part of one to a TX ring.
 
 use std::{collections::VecDeque, io::Write, num::NonZeroU32, os::fd::AsRawFd};
 
@@ -34,6 +39,15 @@ pub enum XskError {
     NoRings { iface: String, queue: u32 },
 }
 
+/// Why a frame could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuildError {
+    /// Not enough free UMEM frames until transmissions complete.
+    NoFreeFrame,
+    /// Longer than [`MAX_FRAME_DESCS`] UMEM frames: never buildable.
+    TooLong(usize),
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct PortConfig {
     /// UMEM frames for this queue (both interfaces together).
@@ -41,10 +55,21 @@ pub struct PortConfig {
     pub frame_size: u32,
     /// Size of each RX, TX, fill and completion ring.
     pub ring_size: u32,
+    /// Bind with `XDP_USE_SG`: frames longer than one UMEM frame arrive
+    /// as chains. Without it the kernel drops them (`rx_dropped`).
+    pub multi_buffer: bool,
 }
 
 /// sendto() calls per side per flush (32 frames each in copy mode).
 const MAX_KICKS: usize = 16;
+
+/// Descriptors one frame may span. Copy-mode TX builds an skb from the
+/// first descriptor and one page fragment per further descriptor, and
+/// refuses more than MAX_SKB_FRAGS (17) fragments; 16 keeps clear of it.
+pub const MAX_FRAME_DESCS: u32 = 16;
+
+/// `XDP_PKT_CONTD`: more descriptors of this frame follow.
+pub const PKT_CONTD: u32 = 1;
 
 impl PortConfig {
     /// Frames kept back from the fill rings for frames the worker builds.
@@ -71,6 +96,16 @@ impl PortConfig {
     pub fn max_frame_len(&self) -> u32 {
         self.frame_size.saturating_sub(256)
     }
+
+    /// Largest frame the port carries: [`MAX_FRAME_DESCS`] UMEM frames,
+    /// or one without multi-buffer.
+    pub fn max_packet_len(&self) -> u32 {
+        if self.multi_buffer {
+            self.max_frame_len().saturating_mul(MAX_FRAME_DESCS)
+        } else {
+            self.max_frame_len()
+        }
+    }
 }
 
 impl Default for PortConfig {
@@ -79,6 +114,7 @@ impl Default for PortConfig {
             frames: 8192,
             frame_size: 4096,
             ring_size: 2048,
+            multi_buffer: true,
         }
     }
 }
@@ -113,11 +149,15 @@ pub struct QueuePort {
     free: Vec<FrameDesc>,
     sides: [SidePort; 2],
     scratch: Vec<FrameDesc>,
+    /// Bytes of a frame's data per UMEM frame.
+    chunk: usize,
     /// Free frames kept back from the fill rings for frames this worker
     /// builds itself (crossover copies, later its own TCP segments).
     reserve: usize,
     pub tx_ring_full: u64,
     pub fill_starved: u64,
+    /// Frames built as chains (longer than one UMEM frame).
+    pub tx_chained: u64,
 }
 
 impl QueuePort {
@@ -150,7 +190,11 @@ impl QueuePort {
             .rx_queue_size(ring)
             .tx_queue_size(ring)
             .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-            .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP)
+            .bind_flags(if cfg.multi_buffer {
+                BindFlags::XDP_USE_NEED_WAKEUP | BindFlags::XDP_USE_SG
+            } else {
+                BindFlags::XDP_USE_NEED_WAKEUP
+            })
             .build();
         let bind =
             |name: &str| -> Result<SidePort, XskError> {
@@ -185,11 +229,13 @@ impl QueuePort {
             queue,
             umem,
             scratch: vec![FrameDesc::default(); ring_size],
+            chunk: (cfg.max_frame_len() as usize).max(1),
             reserve: cfg.reserve() as usize,
             free,
             sides,
             tx_ring_full: 0,
             fill_starved: 0,
+            tx_chained: 0,
         };
         port.refill();
         Ok(port)
@@ -263,15 +309,57 @@ impl QueuePort {
         self.sides[side.index()].pending.push_back(desc);
     }
 
+    /// Queue a received chain (one frame in several descriptors, flags
+    /// as received) for transmission on `side`.
+    pub fn send_chain(&mut self, side: Side, chain: &[FrameDesc]) {
+        self.sides[side.index()]
+            .pending
+            .extend(chain.iter().copied());
+    }
+
     /// Give a frame back without sending it.
     pub fn release(&mut self, desc: FrameDesc) {
         self.free.push(desc);
     }
 
-    /// Copy `bytes` into a free frame, or `None` when none is free or the
-    /// frame is too small.
+    /// Give a chain back without sending it.
+    pub fn release_chain(&mut self, chain: &[FrameDesc]) {
+        self.free.extend_from_slice(chain);
+    }
+
+    /// Copy `bytes` into free frames (as many as it takes, chained) and
+    /// queue them for transmission on `side`.
+    pub fn build_send(&mut self, side: Side, bytes: &[u8]) -> Result<(), BuildError> {
+        let chunk = self.chunk;
+        let parts = bytes.len().div_ceil(chunk).max(1);
+        if parts > MAX_FRAME_DESCS as usize {
+            return Err(BuildError::TooLong(bytes.len()));
+        }
+        if self.free.len() < parts {
+            return Err(BuildError::NoFreeFrame);
+        }
+        if parts > 1 {
+            self.tx_chained += 1;
+        }
+        let mut pieces = bytes.chunks(chunk);
+        for i in 1..=parts {
+            // (An empty frame is still one descriptor.)
+            let piece = pieces.next().unwrap_or(&[]);
+            let mut desc = self.build(piece).ok_or(BuildError::NoFreeFrame)?;
+            if i < parts {
+                desc.set_options(PKT_CONTD);
+            }
+            self.sides[side.index()].pending.push_back(desc);
+        }
+        Ok(())
+    }
+
+    /// Copy `bytes` into one free frame, or `None` when none is free or
+    /// the bytes do not fit in one.
     pub fn build(&mut self, bytes: &[u8]) -> Option<FrameDesc> {
         let mut desc = self.free.pop()?;
+        // A freed RX frame may still carry its chain flag.
+        desc.set_options(0);
         // SAFETY: a free frame is in no ring; we are its only user.
         let mut data = unsafe { self.umem.data_mut(&mut desc) };
         let mut cursor = data.cursor();
@@ -291,7 +379,12 @@ impl QueuePort {
         for (side, sent) in self.sides.iter_mut().zip(sent.iter_mut()) {
             if !side.pending.is_empty() {
                 let room = side.tx.nb_free(side.pending.len() as u32) as usize;
-                let n = room.min(side.pending.len());
+                let mut n = room.min(side.pending.len());
+                // Whole chains only: a TX ring holding part of a frame
+                // would have the kernel build a half skb.
+                while n > 0 && side.pending[n - 1].options() & PKT_CONTD != 0 {
+                    n -= 1;
+                }
                 if n < side.pending.len() {
                     self.tx_ring_full += 1;
                 }
@@ -301,7 +394,10 @@ impl QueuePort {
                     // has room for all of them (checked just above).
                     let produced = unsafe { side.tx.produce(batch) };
                     debug_assert_eq!(produced, n);
-                    sent.0 = produced as u64;
+                    sent.0 = batch
+                        .iter()
+                        .filter(|d| d.options() & PKT_CONTD == 0)
+                        .count() as u64;
                     sent.1 = batch.iter().map(|d| d.lengths().data() as u64).sum();
                     side.pending.drain(..produced);
                     side.in_flight += produced;

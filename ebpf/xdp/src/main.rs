@@ -13,11 +13,18 @@
 //!
 //! Malformed or truncated headers are never steered and never dropped: they
 //! take the default path and are counted (`Counter::Malformed`).
+//!
+//! It is multi-buffer aware (`xdp.frags`): a frame longer than a page
+//! (jumbo MTUs) arrives as a linear head plus fragments. Headers are read
+//! from the head; lengths are checked against the whole frame
+//! (`bpf_xdp_get_buff_len`), so a jumbo segment is classified like any
+//! other, and AF_XDP sockets bound with `XDP_USE_SG` take it whole.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::generated::bpf_xdp_get_buff_len,
     macros::{map, xdp},
     maps::{lpm_trie::Key, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, XskMap},
     programs::XdpContext,
@@ -57,8 +64,9 @@ const IPPROTO_UDP: u8 = 17;
 /// recommends an order with at most one of each, plus destination options
 /// twice).
 const MAX_IPV6_EXT: usize = 6;
-/// No legitimate frame here is longer (no multi-buffer); bounding offsets
-/// also keeps them provably small for the verifier.
+/// Headers end within the frame's linear head (at least a page less the
+/// headroom on every driver); bounding offsets also keeps them provably
+/// small for the verifier.
 const MAX_L4_OFFSET: usize = 4096;
 
 /// What the classifier decided, and which outcome counter records it.
@@ -68,9 +76,9 @@ enum Class {
     Drop(Counter),
 }
 
-#[xdp]
+#[xdp(frags)]
 pub fn loupe_xdp(ctx: XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = frame_len(&ctx) as u64;
     count(Counter::Rx, len);
     let ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: IFACES is written only by userspace at start-up; a racing
@@ -125,7 +133,14 @@ fn count(c: Counter, len: u64) {
     }
 }
 
-/// `N` bytes of the frame at `off`, or `None` when the frame is shorter.
+/// The whole frame's length: the linear head and any fragments.
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    // SAFETY: `ctx.ctx` is the program's own context pointer.
+    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
+}
+
+/// `N` bytes of the frame's linear head at `off`, or `None` when the frame is shorter.
 #[inline(always)]
 fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
     let start = ctx.data();
@@ -191,14 +206,14 @@ fn classify(ctx: &XdpContext, len: u64) -> Class {
 /// RFC 791 section 3.1 header checks.
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Class> {
-    let frame_len = ctx.data_end() - ctx.data();
+    let whole = frame_len(ctx);
     let h = bytes::<20>(ctx, off).ok_or(Class::Pass(Counter::Malformed))?;
     if h[0] >> 4 != 4 {
         return Err(Class::Pass(Counter::Malformed));
     }
     let ihl = ((h[0] & 0x0f) as usize) * 4;
     let total = u16::from_be_bytes([h[2], h[3]]) as usize;
-    if ihl < 20 || total < ihl || off + total > frame_len {
+    if ihl < 20 || total < ihl || off + total > whole {
         return Err(Class::Pass(Counter::Malformed));
     }
     // More-fragments flag or a non-zero fragment offset.
@@ -220,14 +235,14 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Class> {
 /// RFC 8200 sections 3 and 4: fixed header, then the extension header chain.
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
-    let frame_len = ctx.data_end() - ctx.data();
+    let whole = frame_len(ctx);
     let h = bytes::<40>(ctx, off).ok_or(Class::Pass(Counter::Malformed))?;
     if h[0] >> 4 != 6 {
         return Err(Class::Pass(Counter::Malformed));
     }
     let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
     let l4_end = off + 40 + payload;
-    if l4_end > frame_len {
+    if l4_end > whole {
         return Err(Class::Pass(Counter::Malformed));
     }
     // IPv4-mapped addresses never appear in IPv6 packets on the wire (RFC

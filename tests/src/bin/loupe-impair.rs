@@ -124,7 +124,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     classifier.set_steering(&args.ports, &default_steer_prefixes(), &[])?;
     let mut lanes = Vec::new();
     for q in 0..queues {
-        let port = QueuePort::new(&args.a, &args.b, q, PortConfig::default())?;
+        // Impairments act on whole frames of one UMEM frame each: a longer
+        // one is dropped by the kernel (and shows in its rx_dropped).
+        let single = PortConfig {
+            multi_buffer: false,
+            ..PortConfig::default()
+        };
+        let port = QueuePort::new(&args.a, &args.b, q, single)?;
         classifier.register_socket(Side::Inside, q, port.fd(Side::Inside))?;
         classifier.register_socket(Side::Outside, q, port.fd(Side::Outside))?;
         // Independent streams per queue and direction, all from the seed.
