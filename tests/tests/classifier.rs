@@ -73,6 +73,23 @@ fn tcp_carrying(src: Ip, sport: u16, dst: Ip, dport: u16, len: usize) -> Vec<u8>
     out
 }
 
+/// An IPv6 segment whose TCP header lies past the first 4 KB, beyond the
+/// linear head of a multi-buffer frame: a 2 KB destination options header
+/// (Pad1 options) and a 2 KB routing header (no segments left) before it.
+fn v6_long_chain(payload: usize) -> Vec<u8> {
+    let mut f = tcp_carrying(Ip::V6(v6(1, 0)), 40001, Ip::V6(v6(2, 0)), 443, payload);
+    let mut chain = vec![0u8; 4096];
+    // Destination options, then routing, then TCP; 255: (255 + 1) x 8.
+    chain[..2].copy_from_slice(&[43, 255]);
+    chain[2048..2050].copy_from_slice(&[6, 255]);
+    // Ethernet (14), then the IPv6 payload length (4) and next header (6).
+    let plen = u16::from_be_bytes([f[18], f[19]]) + 4096;
+    f[18..20].copy_from_slice(&plen.to_be_bytes());
+    f[20] = 60;
+    f.splice(54..54, chain);
+    f
+}
+
 fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
     FlowKey::new(v4_mapped(src), v4_mapped(dst), sport, dport, 6)
 }
@@ -132,6 +149,9 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
             cut4.truncate(8000);
             let mut cut6 = jumbo6.clone();
             cut6.truncate(8000);
+            let chained = v6_long_chain(4000);
+            let mut chain_cut = chained.clone();
+            chain_cut.truncate(4100);
             let mut arp = vec![0xff; 6];
             arp.extend_from_slice(&MAC);
             arp.extend_from_slice(&[0x08, 0x06]);
@@ -166,6 +186,8 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                 ("ipv6 jumbo frame to steered port", jumbo6, inside, 0, XDP_REDIRECT, Counter::Steer),
                 ("ipv4 jumbo frame cut short of its total length", cut4, inside, 0, XDP_REDIRECT, Counter::Malformed),
                 ("ipv6 jumbo frame cut short of its payload length", cut6, inside, 0, XDP_REDIRECT, Counter::Malformed),
+                ("ipv6 jumbo frame with its tcp header past 4 KB", chained, inside, 0, XDP_REDIRECT, Counter::Steer),
+                ("and that frame cut short", chain_cut, inside, 0, XDP_REDIRECT, Counter::Malformed),
                 ("interface not served", tcp(c4, 40001, s4, 443), lo, 0, XDP_PASS, Counter::UnknownIface),
             ];
 

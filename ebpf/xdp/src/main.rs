@@ -16,15 +16,17 @@
 //!
 //! It is multi-buffer aware (`xdp.frags`): a frame longer than a page
 //! (jumbo MTUs) arrives as a linear head plus fragments. Headers are read
-//! from the head; lengths are checked against the whole frame
-//! (`bpf_xdp_get_buff_len`), so a jumbo segment is classified like any
-//! other, and AF_XDP sockets bound with `XDP_USE_SG` take it whole.
+//! from the head, or across the fragments where a long IPv6 extension
+//! chain reaches past it (`bpf_xdp_load_bytes`); lengths are checked
+//! against the whole frame (`bpf_xdp_get_buff_len`), so a jumbo segment is
+//! classified like any other, and AF_XDP sockets bound with `XDP_USE_SG`
+//! take it whole.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::bpf_xdp_get_buff_len,
+    helpers::generated::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     macros::{map, xdp},
     maps::{lpm_trie::Key, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, XskMap},
     programs::XdpContext,
@@ -64,10 +66,14 @@ const IPPROTO_UDP: u8 = 17;
 /// recommends an order with at most one of each, plus destination options
 /// twice).
 const MAX_IPV6_EXT: usize = 6;
-/// Headers end within the frame's linear head (at least a page less the
-/// headroom on every driver); bounding offsets also keeps them provably
-/// small for the verifier.
-const MAX_L4_OFFSET: usize = 4096;
+/// Offsets read straight from the frame's linear head stay below this,
+/// which keeps the pointer arithmetic provably small for the verifier.
+const MAX_HEAD: usize = 4096;
+/// Where the transport header may start, at most: past the longest chain
+/// walked (six IPv6 extension headers of up to 2 KB each, after two VLAN
+/// tags). A jumbo frame's headers can lie beyond the linear head; they are
+/// read there, not passed as malformed (which would skip inspection).
+const MAX_L4_OFFSET: usize = 16384;
 
 /// What the classifier decided, and which outcome counter records it.
 enum Class {
@@ -140,16 +146,36 @@ fn frame_len(ctx: &XdpContext) -> usize {
     unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
-/// `N` bytes of the frame's linear head at `off`, or `None` when the frame is shorter.
+/// `N` bytes of the frame's linear head at `off`, or `None` when the head
+/// is shorter: for the fixed headers at the front of every frame.
 #[inline(always)]
 fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
     let start = ctx.data();
-    if start + off + N > ctx.data_end() {
+    if off >= MAX_HEAD || start + off + N > ctx.data_end() {
         return None;
     }
     // SAFETY: the range [start+off, start+off+N) was just checked to lie
     // inside the packet; [u8; N] has no alignment requirement.
     Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
+}
+
+/// `N` bytes of the frame at `off` wherever they lie, the fragments of a
+/// multi-buffer frame included, or `None` when the frame is shorter: for
+/// the headers after a variable-length chain (IPv6 extension headers can
+/// reach past the linear head). One path for the verifier, not two.
+#[inline(always)]
+fn bytes_anywhere<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
+    let mut buf = [0u8; N];
+    // SAFETY: the helper writes at most N bytes into `buf`, which holds N.
+    let rc = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            off as u32,
+            buf.as_mut_ptr() as *mut aya_ebpf::cty::c_void,
+            N as u32,
+        )
+    };
+    (rc == 0).then_some(buf)
 }
 
 #[inline(always)]
@@ -192,7 +218,7 @@ fn classify(ctx: &XdpContext, len: u64) -> Class {
         count(Counter::Vlan, len);
     }
     let l3 = match ethertype {
-        ETH_P_IPV4 => ipv4(ctx, off),
+        ETH_P_IPV4 => ipv4(ctx, off, len),
         ETH_P_IPV6 => ipv6(ctx, off, len),
         _ => return Class::Pass(Counter::PassNonIp),
     };
@@ -205,8 +231,8 @@ fn classify(ctx: &XdpContext, len: u64) -> Class {
 
 /// RFC 791 section 3.1 header checks.
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Class> {
-    let whole = frame_len(ctx);
+fn ipv4(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
+    let whole = len as usize;
     let h = bytes::<20>(ctx, off).ok_or(Class::Pass(Counter::Malformed))?;
     if h[0] >> 4 != 4 {
         return Err(Class::Pass(Counter::Malformed));
@@ -235,7 +261,7 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Class> {
 /// RFC 8200 sections 3 and 4: fixed header, then the extension header chain.
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
-    let whole = frame_len(ctx);
+    let whole = len as usize;
     let h = bytes::<40>(ctx, off).ok_or(Class::Pass(Counter::Malformed))?;
     if h[0] >> 4 != 6 {
         return Err(Class::Pass(Counter::Malformed));
@@ -261,13 +287,13 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
             // Hop-by-hop, routing, destination options: length in 8-octet
             // units, not counting the first 8.
             0 | 43 | 60 => {
-                let e = bytes::<2>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
+                let e = bytes_anywhere::<2>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
                 next = e[0];
                 l4 += (e[1] as usize + 1) * 8;
             }
             // Fragment header: fixed 8 octets.
             44 => {
-                let e = bytes::<8>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
+                let e = bytes_anywhere::<8>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
                 // Offset or M flag set: not an atomic fragment.
                 if u16::from_be_bytes([e[2], e[3]]) & 0xfff9 != 0 {
                     return Err(Class::Pass(Counter::Fragment));
@@ -277,7 +303,7 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
             }
             // Authentication header (RFC 4302): length in 4-octet units minus 2.
             51 => {
-                let e = bytes::<2>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
+                let e = bytes_anywhere::<2>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
                 next = e[0];
                 l4 += (e[1] as usize + 2) * 4;
             }
@@ -326,7 +352,7 @@ const QUIC_PORT: u16 = 443;
 /// dropped; everything else UDP takes the fast path.
 #[inline(always)]
 fn udp(ctx: &XdpContext, l3: L3) -> Class {
-    let Some(u) = bytes::<8>(ctx, l3.l4) else {
+    let Some(u) = bytes_anywhere::<8>(ctx, l3.l4) else {
         return Class::Pass(Counter::Malformed);
     };
     let dst_port = u16::from_be_bytes([u[2], u[3]]);
@@ -344,7 +370,7 @@ fn tcp(ctx: &XdpContext, l3: L3) -> Class {
     if l3.l4 > MAX_L4_OFFSET {
         return Class::Pass(Counter::Malformed);
     }
-    let Some(t) = bytes::<20>(ctx, l3.l4) else {
+    let Some(t) = bytes_anywhere::<20>(ctx, l3.l4) else {
         return Class::Pass(Counter::Malformed);
     };
     // RFC 9293 section 3.1: data offset counts 32-bit words, at least 5.
