@@ -32,15 +32,15 @@ pub struct WorkerCounters {
     pub cross_full: u64,
     /// No free UMEM frame to build a frame in: dropped.
     pub no_free_frame: u64,
-    /// Frames longer than the port can build (more than
-    /// `MAX_FRAME_DESCS` UMEM frames): dropped.
+    /// Frames the port cannot send (more than `MAX_FRAME_DESCS` UMEM
+    /// frames, received or built): dropped.
     #[serde(default)]
-    pub too_long: u64,
+    pub unsendable: u64,
     /// Frames received in more than one UMEM frame (multi-buffer: longer
     /// than one frame holds, as at jumbo MTUs).
     #[serde(default)]
     pub rx_chained: u64,
-    /// Frames this worker built in more than one UMEM frame.
+    /// Frames the split connections sent in more than one UMEM frame.
     #[serde(default)]
     pub tx_chained: u64,
     /// Frames with no TCP 5-tuple (forwarded unchanged by the receiver).
@@ -60,7 +60,7 @@ impl WorkerCounters {
     pub fn not_built(&mut self, e: crate::xsk::BuildError) {
         match e {
             crate::xsk::BuildError::NoFreeFrame => self.no_free_frame += 1,
-            crate::xsk::BuildError::TooLong(_) => self.too_long += 1,
+            crate::xsk::BuildError::Unsendable(_) => self.unsendable += 1,
         }
     }
 }
@@ -674,7 +674,7 @@ impl StatsReport {
             .map(|w| {
                 w.counters.cross_full
                     + w.counters.no_free_frame
-                    + w.counters.too_long
+                    + w.counters.unsendable
                     + w.xsk_inside.rx_dropped
                     + w.xsk_outside.rx_dropped
             })

@@ -25,7 +25,7 @@ use crate::{
     session::{Disposition, SessionSettings, Sessions},
     stats::{WorkerCounters, WorkerReport},
     wire::slice_tcp,
-    xsk::{BuildError, QueuePort, PKT_CONTD},
+    xsk::{BuildError, QueuePort, MAX_FRAME_DESCS, PKT_CONTD},
 };
 
 /// Flows listed per worker in a stats report (the oldest ones; the report
@@ -488,7 +488,15 @@ impl Worker {
         let descs = std::mem::take(&mut chain.descs);
         let bytes = std::mem::take(&mut chain.bytes);
         self.counters.rx_chained += 1;
-        self.on_frame(side, Frame::Chain(&descs), &bytes, now, now_ms);
+        if descs.len() > MAX_FRAME_DESCS as usize {
+            // Longer than the TX path takes (the MTU was raised after the
+            // start): forwarded, it would be refused and its frames never
+            // completed.
+            self.counters.unsendable += 1;
+            self.port.release_chain(&descs);
+        } else {
+            self.on_frame(side, Frame::Chain(&descs), &bytes, now, now_ms);
+        }
         // The buffers are kept for the next chain.
         let chain = &mut self.chains[side.index()];
         chain.descs = descs;
@@ -617,7 +625,12 @@ impl Worker {
         let mut sent = 0;
         for (side, bytes) in &sp.out {
             match self.port.build_send(*side, bytes) {
-                Ok(()) => sent += 1,
+                Ok(parts) => {
+                    sent += 1;
+                    if parts > 1 {
+                        self.counters.tx_chained += 1;
+                    }
+                }
                 Err(e @ BuildError::NoFreeFrame) => {
                     // No free UMEM frame until transmissions complete: keep
                     // this and the rest, in order, for the next round
@@ -628,7 +641,7 @@ impl Worker {
                 }
                 // Never buildable: dropped, or it would hold up every
                 // frame behind it for good.
-                Err(e @ BuildError::TooLong(_)) => {
+                Err(e @ BuildError::Unsendable(_)) => {
                     self.counters.not_built(e);
                     sent += 1;
                 }
@@ -673,7 +686,6 @@ impl Worker {
     fn publish(&mut self, with_flows: bool, now_ms: u64) {
         self.counters.tx_ring_full = self.port.tx_ring_full;
         self.counters.fill_starved = self.port.fill_starved;
-        self.counters.tx_chained = self.port.tx_chained;
         self.counters.flows_expired = self.table.expired;
         let flows = with_flows.then(|| {
             let sp = self.sessions.as_ref();

@@ -125,11 +125,12 @@ impl Tracker {
         }
     }
 
-    /// The most the client sends in one segment: the server's MSS (RFC
-    /// 9293 §3.7.1: 536 without the option), once established.
+    /// The most the client sends in one segment, once established: the
+    /// server's MSS (RFC 9293 §3.7.1: 536 without the option), no more
+    /// than the link carries (as the halves clamp it).
     pub fn client_segment_size(&self) -> Option<u32> {
         match &self.phase {
-            Phase::Hold(n) => Some(u32::from(n.s_opts.mss.unwrap_or(536))),
+            Phase::Hold(n) => Some(u32::from(n.s_opts.mss.unwrap_or(536).min(self.cfg.mss_max))),
             _ => None,
         }
     }
@@ -418,6 +419,28 @@ pub(crate) mod tests {
         let mut ack = segment(1001, Some(9001), Flags::default(), b"");
         ack.options.timestamps = Some(Timestamps { val: 51, ecr: 70 });
         t.on_segment(Dir::Client, &ack)
+    }
+
+    /// A server MSS beyond what the link carries: the client cannot send
+    /// segments that large, so the hold counts full segments by the link.
+    #[test]
+    fn the_clients_segment_size_is_clamped_to_the_link() {
+        for (mss_max, want) in [(u16::MAX, 8960), (1460, 1460)] {
+            let mut t = Tracker::new(ConnConfig {
+                mss_max,
+                ..ConnConfig::default()
+            });
+            let c = TcpOptions {
+                mss: Some(1460),
+                ..syn_opts(50)
+            };
+            let s = TcpOptions {
+                mss: Some(8960),
+                ..syn_opts(70)
+            };
+            assert_eq!(handshake_between(&mut t, c, s), Track::Forward);
+            assert_eq!(t.client_segment_size(), Some(want));
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! The sockets are bound with `XDP_USE_SG` (multi-buffer): a frame longer
 //! than one UMEM frame (jumbo MTUs) is a chain of descriptors, all but the
 //! last flagged `XDP_PKT_CONTD`, on RX and on TX alike. The port keeps a
-//! chain together: it never submits part of one to a TX ring.
+//! chain together: it submits whole chains to a TX ring (the kernel would
+//! wait for the rest of a partial one, holding a half-built skb).
 
 use std::{collections::VecDeque, io::Write, num::NonZeroU32, os::fd::AsRawFd};
 
@@ -28,7 +29,8 @@ pub enum XskError {
     },
     #[error(
         "cannot bind an AF_XDP socket to {iface} queue {queue}: {source} \
-         (is another AF_XDP program bound there, or does the interface have fewer queues?)"
+         (is another AF_XDP program bound there, does the interface have fewer queues, or is \
+         the kernel older than 6.6, without AF_XDP multi-buffer?)"
     )]
     Socket {
         iface: String,
@@ -44,8 +46,9 @@ pub enum XskError {
 pub enum BuildError {
     /// Not enough free UMEM frames until transmissions complete.
     NoFreeFrame,
-    /// Longer than [`MAX_FRAME_DESCS`] UMEM frames: never buildable.
-    TooLong(usize),
+    /// Empty, or longer than [`MAX_FRAME_DESCS`] UMEM frames (than one
+    /// without multi-buffer): never sendable.
+    Unsendable(usize),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -63,13 +66,34 @@ pub struct PortConfig {
 /// sendto() calls per side per flush (32 frames each in copy mode).
 const MAX_KICKS: usize = 16;
 
-/// Descriptors one frame may span. Copy-mode TX builds an skb from the
-/// first descriptor and one page fragment per further descriptor, and
-/// refuses more than MAX_SKB_FRAGS (17) fragments; 16 keeps clear of it.
+/// Descriptors one frame may span. Copy-mode TX builds an skb's head from
+/// the first descriptor and one page fragment from each further one, up to
+/// MAX_SKB_FRAGS (17): 18 descriptors; 16 keeps clear of it. A refused
+/// chain is consumed and never completed, so its frames would be lost.
 pub const MAX_FRAME_DESCS: u32 = 16;
 
 /// `XDP_PKT_CONTD`: more descriptors of this frame follow.
 pub const PKT_CONTD: u32 = 1;
+
+/// One sendto() on an AF_XDP socket: copy mode transmits up to 32
+/// descriptors per call. Whether the kernel left more in the ring
+/// (EAGAIN). xsk-rs's `TxQueue::wakeup` cannot tell: it reads EAGAIN as
+/// success.
+fn kick(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: a zero-length send with no buffer and no address on a
+    // socket this port owns; the kernel reads no user memory.
+    let rc = unsafe {
+        libc::sendto(
+            fd,
+            std::ptr::null(),
+            0,
+            libc::MSG_DONTWAIT,
+            std::ptr::null(),
+            0,
+        )
+    };
+    rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+}
 
 impl PortConfig {
     /// Frames kept back from the fill rings for frames the worker builds.
@@ -80,6 +104,12 @@ impl PortConfig {
     /// Enough frames to fill both fill rings, keep the reserve, and still
     /// have a ring's worth in flight to TX; otherwise one side starves.
     pub fn validate(&self) -> Result<(), XskError> {
+        if self.ring_size < MAX_FRAME_DESCS {
+            return Err(XskError::Config(format!(
+                "rings of {} are too small: a frame may take {MAX_FRAME_DESCS} descriptors",
+                self.ring_size
+            )));
+        }
         let need = 3 * self.ring_size + self.reserve();
         if self.frames < need {
             return Err(XskError::Config(format!(
@@ -145,6 +175,7 @@ struct SidePort {
 
 pub struct QueuePort {
     queue: u32,
+    multi_buffer: bool,
     umem: Umem,
     free: Vec<FrameDesc>,
     sides: [SidePort; 2],
@@ -156,8 +187,6 @@ pub struct QueuePort {
     reserve: usize,
     pub tx_ring_full: u64,
     pub fill_starved: u64,
-    /// Frames built as chains (longer than one UMEM frame).
-    pub tx_chained: u64,
 }
 
 impl QueuePort {
@@ -227,6 +256,7 @@ impl QueuePort {
         let ring_size = cfg.ring_size as usize;
         let mut port = QueuePort {
             queue,
+            multi_buffer: cfg.multi_buffer,
             umem,
             scratch: vec![FrameDesc::default(); ring_size],
             chunk: (cfg.max_frame_len() as usize).max(1),
@@ -235,7 +265,6 @@ impl QueuePort {
             sides,
             tx_ring_full: 0,
             fill_starved: 0,
-            tx_chained: 0,
         };
         port.refill();
         Ok(port)
@@ -328,30 +357,36 @@ impl QueuePort {
     }
 
     /// Copy `bytes` into free frames (as many as it takes, chained) and
-    /// queue them for transmission on `side`.
-    pub fn build_send(&mut self, side: Side, bytes: &[u8]) -> Result<(), BuildError> {
-        let chunk = self.chunk;
-        let parts = bytes.len().div_ceil(chunk).max(1);
-        if parts > MAX_FRAME_DESCS as usize {
-            return Err(BuildError::TooLong(bytes.len()));
+    /// queue them for transmission on `side`. Returns how many it took.
+    pub fn build_send(&mut self, side: Side, bytes: &[u8]) -> Result<usize, BuildError> {
+        let parts = bytes.len().div_ceil(self.chunk);
+        let most = if self.multi_buffer {
+            MAX_FRAME_DESCS as usize
+        } else {
+            1
+        };
+        // The kernel refuses an empty descriptor (and never completes it).
+        if parts == 0 || parts > most {
+            return Err(BuildError::Unsendable(bytes.len()));
         }
         if self.free.len() < parts {
             return Err(BuildError::NoFreeFrame);
         }
-        if parts > 1 {
-            self.tx_chained += 1;
-        }
-        let mut pieces = bytes.chunks(chunk);
-        for i in 1..=parts {
-            // (An empty frame is still one descriptor.)
-            let piece = pieces.next().unwrap_or(&[]);
-            let mut desc = self.build(piece).ok_or(BuildError::NoFreeFrame)?;
-            if i < parts {
+        let mut chain = [FrameDesc::default(); MAX_FRAME_DESCS as usize];
+        for (i, piece) in bytes.chunks(self.chunk).enumerate() {
+            let Some(mut desc) = self.build(piece) else {
+                // Cannot happen (a piece fits a frame, the frames are
+                // there); if it did, no part of the chain may go out.
+                self.release_chain(&chain[..i]);
+                return Err(BuildError::NoFreeFrame);
+            };
+            if i + 1 < parts {
                 desc.set_options(PKT_CONTD);
             }
-            self.sides[side.index()].pending.push_back(desc);
+            chain[i] = desc;
         }
-        Ok(())
+        self.send_chain(side, &chain[..parts]);
+        Ok(parts)
     }
 
     /// Copy `bytes` into one free frame, or `None` when none is free or
@@ -409,10 +444,10 @@ impl QueuePort {
             // does not sit in the ring holding UMEM frames the fill rings
             // need.
             if side.in_flight > 0 && side.tx.needs_wakeup() {
+                let fd = side.tx.fd().as_raw_fd();
                 for _ in 0..MAX_KICKS {
-                    match side.tx.wakeup() {
-                        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
-                        _ => break,
+                    if !kick(fd) {
+                        break;
                     }
                 }
             }
