@@ -152,6 +152,11 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
             let chained = v6_long_chain(4000);
             let mut chain_cut = chained.clone();
             chain_cut.truncate(4100);
+            // The chain ends where the frame does: no TCP header to read.
+            let mut chain_only = v6_long_chain(0);
+            chain_only.truncate(chain_only.len() - 20);
+            let plen = u16::from_be_bytes([chain_only[18], chain_only[19]]) - 20;
+            chain_only[18..20].copy_from_slice(&plen.to_be_bytes());
             let mut arp = vec![0xff; 6];
             arp.extend_from_slice(&MAC);
             arp.extend_from_slice(&[0x08, 0x06]);
@@ -188,6 +193,7 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                 ("ipv6 jumbo frame cut short of its payload length", cut6, inside, 0, XDP_REDIRECT, Counter::Malformed),
                 ("ipv6 jumbo frame with its tcp header past 4 KB", chained, inside, 0, XDP_REDIRECT, Counter::Steer),
                 ("and that frame cut short", chain_cut, inside, 0, XDP_REDIRECT, Counter::Malformed),
+                ("a chain that leaves no room for the tcp header", chain_only, inside, 0, XDP_REDIRECT, Counter::Malformed),
                 ("interface not served", tcp(c4, 40001, s4, 443), lo, 0, XDP_PASS, Counter::UnknownIface),
             ];
 

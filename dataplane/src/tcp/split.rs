@@ -127,10 +127,22 @@ impl Tracker {
 
     /// The most the client sends in one segment, once established: the
     /// server's MSS (RFC 9293 §3.7.1: 536 without the option), no more
-    /// than the link carries (as the halves clamp it).
+    /// than the client's own (its MTU bounds what it sends as what it
+    /// receives) or the engine's links carry, less the timestamps option
+    /// when both SYNs carried it (RFC 6691: the MSS counts no options).
     pub fn client_segment_size(&self) -> Option<u32> {
         match &self.phase {
-            Phase::Hold(n) => Some(u32::from(n.s_opts.mss.unwrap_or(536).min(self.cfg.mss_max))),
+            Phase::Hold(n) => {
+                let mss = (n.s_opts.mss.unwrap_or(536))
+                    .min(n.c_opts.mss.unwrap_or(536))
+                    .min(self.cfg.mss_max);
+                let ts = if n.c_ts.is_some() && n.s_ts.is_some() {
+                    12
+                } else {
+                    0
+                };
+                Some(u32::from(mss).saturating_sub(ts).max(1))
+            }
             _ => None,
         }
     }
@@ -421,17 +433,23 @@ pub(crate) mod tests {
         t.on_segment(Dir::Client, &ack)
     }
 
-    /// A server MSS beyond what the link carries: the client cannot send
-    /// segments that large, so the hold counts full segments by the link.
+    /// A server MSS beyond what the client's link or the engine's carry:
+    /// the client cannot send segments that large, so the hold counts full
+    /// segments by the smallest.
     #[test]
     fn the_clients_segment_size_is_clamped_to_the_link() {
-        for (mss_max, want) in [(u16::MAX, 8960), (1460, 1460)] {
+        // Timestamps on both SYNs: 12 bytes of every segment are options.
+        for (c_mss, mss_max, want) in [
+            (9000, u16::MAX, 8948),
+            (1460, u16::MAX, 1448),
+            (9000, 1460, 1448),
+        ] {
             let mut t = Tracker::new(ConnConfig {
                 mss_max,
                 ..ConnConfig::default()
             });
             let c = TcpOptions {
-                mss: Some(1460),
+                mss: Some(c_mss),
                 ..syn_opts(50)
             };
             let s = TcpOptions {
@@ -439,7 +457,7 @@ pub(crate) mod tests {
                 ..syn_opts(70)
             };
             assert_eq!(handshake_between(&mut t, c, s), Track::Forward);
-            assert_eq!(t.client_segment_size(), Some(want));
+            assert_eq!(t.client_segment_size(), Some(want), "{c_mss} {mss_max}");
         }
     }
 
@@ -457,8 +475,9 @@ pub(crate) mod tests {
             ..syn_opts(70)
         };
         assert_eq!(handshake_between(&mut t, c, s), Track::Forward);
-        // The client sends segments sized for the server's MSS.
-        assert_eq!(t.client_segment_size(), Some(1400));
+        // The client sends segments no larger than either MSS (its own is
+        // the smaller here), less the timestamps option.
+        assert_eq!(t.client_segment_size(), Some(536 - 12));
         let ack = t.hold_ack(3000, Some(55), &[]).expect("established");
         // The right edge the server offered (65535, unscaled in its
         // SYN-ACK), in the units the client applies to the server's

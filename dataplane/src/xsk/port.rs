@@ -446,7 +446,11 @@ impl QueuePort {
             if side.in_flight > 0 && side.tx.needs_wakeup() {
                 let fd = side.tx.fd().as_raw_fd();
                 for _ in 0..MAX_KICKS {
-                    if !kick(fd) {
+                    let before = side.tx.nb_free_exact();
+                    // EAGAIN with no descriptor taken is backpressure (a
+                    // full device queue or completion ring), not more to
+                    // do: kicking again would build and drop skbs.
+                    if !kick(fd) || side.tx.nb_free_exact() == before {
                         break;
                     }
                 }

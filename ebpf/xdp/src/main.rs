@@ -15,12 +15,13 @@
 //! take the default path and are counted (`Counter::Malformed`).
 //!
 //! It is multi-buffer aware (`xdp.frags`): a frame longer than a page
-//! (jumbo MTUs) arrives as a linear head plus fragments. Headers are read
-//! from the head, or across the fragments where a long IPv6 extension
-//! chain reaches past it (`bpf_xdp_load_bytes`); lengths are checked
-//! against the whole frame (`bpf_xdp_get_buff_len`), so a jumbo segment is
-//! classified like any other, and AF_XDP sockets bound with `XDP_USE_SG`
-//! take it whole.
+//! (jumbo MTUs) arrives as a linear head plus fragments. The fixed headers
+//! (Ethernet, VLAN tags, IP) are read from the head; IPv6 extension headers
+//! and the transport header always through `bpf_xdp_load_bytes`, which
+//! reads across the fragments (a long extension chain can reach past the
+//! head). Lengths are checked against the whole frame
+//! (`bpf_xdp_get_buff_len`), so a jumbo segment is classified like any
+//! other, and AF_XDP sockets bound with `XDP_USE_SG` take it whole.
 #![no_std]
 #![no_main]
 
@@ -69,10 +70,10 @@ const MAX_IPV6_EXT: usize = 6;
 /// Offsets read straight from the frame's linear head stay below this,
 /// which keeps the pointer arithmetic provably small for the verifier.
 const MAX_HEAD: usize = 4096;
-/// Where the transport header may start, at most: past the longest chain
-/// walked (six IPv6 extension headers of up to 2 KB each, after two VLAN
-/// tags). A jumbo frame's headers can lie beyond the linear head; they are
-/// read there, not passed as malformed (which would skip inspection).
+/// Where the transport header may start, at most: a guard above the
+/// longest chain walked (two VLAN tags, IPv6, six extension headers of up
+/// to 2 KB: 12,350 bytes), never reached by one. Lower, a valid chain would
+/// be passed as malformed, past inspection.
 const MAX_L4_OFFSET: usize = 16384;
 
 /// What the classifier decided, and which outcome counter records it.
@@ -352,6 +353,9 @@ const QUIC_PORT: u16 = 443;
 /// dropped; everything else UDP takes the fast path.
 #[inline(always)]
 fn udp(ctx: &XdpContext, l3: L3) -> Class {
+    if l3.l4 + 8 > l3.l4_end {
+        return Class::Pass(Counter::Malformed);
+    }
     let Some(u) = bytes_anywhere::<8>(ctx, l3.l4) else {
         return Class::Pass(Counter::Malformed);
     };
