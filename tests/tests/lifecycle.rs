@@ -251,6 +251,24 @@ fn a_second_engine_on_the_same_interfaces_is_refused_and_the_first_keeps_running
     assert!(clean && status.success(), "{status}: {err}");
 }
 
+/// The largest MTU the engine takes: its frames are exactly a 16-frame
+/// chain. The engine starts, attaches and stops cleanly (native XDP on
+/// veth takes such an MTU only beside a program that declares frags).
+#[test]
+fn an_mtu_at_the_afxdp_chain_limit_is_taken() {
+    let h = Harness::new(HarnessConfig {
+        mtu: Some(61418),
+        ..HarnessConfig::default()
+    })
+    .expect("harness");
+    let engine = Engine::start(&h, &[]).expect("engine");
+    let id = engine.stats().unwrap().program_id.expect("program id");
+    assert_eq!(attached_ids(&h), (Some(id), Some(id)));
+    let (status, clean, _, err) = engine.stop();
+    assert!(clean && status.success(), "exit {status}: {err}");
+    assert_eq!(attached_ids(&h), (None, None));
+}
+
 #[test]
 fn an_mtu_beyond_an_afxdp_chain_is_refused() {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
