@@ -85,6 +85,16 @@ impl Default for HarnessConfig {
     }
 }
 
+impl HarnessConfig {
+    /// The default harness with every link at `mtu`.
+    pub fn with_mtu(mtu: u32) -> Self {
+        HarnessConfig {
+            mtu: Some(mtu),
+            ..HarnessConfig::default()
+        }
+    }
+}
+
 /// Which link an impairment namespace sits on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Link {

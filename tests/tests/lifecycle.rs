@@ -256,11 +256,7 @@ fn a_second_engine_on_the_same_interfaces_is_refused_and_the_first_keeps_running
 /// veth takes such an MTU only beside a program that declares frags).
 #[test]
 fn an_mtu_at_the_afxdp_chain_limit_is_taken() {
-    let h = Harness::new(HarnessConfig {
-        mtu: Some(61418),
-        ..HarnessConfig::default()
-    })
-    .expect("harness");
+    let h = Harness::new(HarnessConfig::with_mtu(61418)).expect("harness");
     let engine = Engine::start(&h, &[]).expect("engine");
     let id = engine.stats().unwrap().program_id.expect("program id");
     assert_eq!(attached_ids(&h), (Some(id), Some(id)));

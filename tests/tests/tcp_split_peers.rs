@@ -654,11 +654,7 @@ fn hostile_segments_in_a_split_connection_are_counted_and_change_nothing() {
 /// carries jumbo frames of a port that is not steered.
 #[test]
 fn jumbo_frames_cross_split_connections_and_the_fast_path() {
-    let h = Harness::new(HarnessConfig {
-        mtu: Some(9000),
-        ..HarnessConfig::default()
-    })
-    .expect("harness");
+    let h = Harness::new(HarnessConfig::with_mtu(9000)).expect("harness");
     let e = Engine::start(&h, &["--tcp-split"]).expect("engine");
     let len = 8 << 20;
     both_ways(&h, &format!("{SERVER_V4}:443"), len).expect("IPv4 through the split");
