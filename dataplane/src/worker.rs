@@ -247,13 +247,6 @@ struct Chain {
     bytes: Vec<u8>,
 }
 
-/// A received frame: one UMEM frame, or a chain of them.
-#[derive(Clone, Copy)]
-enum Frame<'a> {
-    One(FrameDesc),
-    Chain(&'a [FrameDesc]),
-}
-
 impl Worker {
     pub fn new(
         id: usize,
@@ -478,7 +471,7 @@ impl Worker {
         let chain = &mut self.chains[side.index()];
         let more = desc.options() & PKT_CONTD != 0;
         if chain.descs.is_empty() && !more {
-            return self.on_frame(side, Frame::One(desc), &[], now, now_ms);
+            return self.on_frame(side, &[desc], &[], now, now_ms);
         }
         chain.descs.push(desc);
         chain.bytes.extend_from_slice(self.port.data(&desc));
@@ -495,21 +488,28 @@ impl Worker {
             self.counters.unsendable += 1;
             self.port.release_chain(&descs);
         } else {
-            self.on_frame(side, Frame::Chain(&descs), &bytes, now, now_ms);
+            self.on_frame(side, &descs, &bytes, now, now_ms);
         }
         // The buffers are kept for the next chain.
-        let chain = &mut self.chains[side.index()];
-        chain.descs = descs;
-        chain.descs.clear();
-        chain.bytes = bytes;
-        chain.bytes.clear();
+        let (mut descs, mut bytes) = (descs, bytes);
+        descs.clear();
+        bytes.clear();
+        self.chains[side.index()] = Chain { descs, bytes };
     }
 
-    /// A whole received frame; `gathered` holds a chain's bytes.
-    fn on_frame(&mut self, side: Side, frame: Frame, gathered: &[u8], now: Instant, now_ms: u64) {
-        let data = match frame {
-            Frame::One(desc) => self.port.data(&desc),
-            Frame::Chain(_) => gathered,
+    /// A whole received frame in its descriptors (one, or a chain whose
+    /// bytes `gathered` holds).
+    fn on_frame(
+        &mut self,
+        side: Side,
+        descs: &[FrameDesc],
+        gathered: &[u8],
+        now: Instant,
+        now_ms: u64,
+    ) {
+        let data = match descs {
+            [one] => self.port.data(one),
+            _ => gathered,
         };
         let len = data.len();
         let count = match side {
@@ -522,7 +522,7 @@ impl Worker {
             // Steered by XDP yet unparseable here (the two parsers may
             // differ at the edges): pass it on unchanged.
             self.counters.unparsed += 1;
-            self.forward(side.other(), frame);
+            self.port.send_chain(side.other(), descs);
             return;
         };
         let key = sliced.key;
@@ -535,9 +535,9 @@ impl Worker {
                 .is_some_and(|sp| sp.on_sliced(side, data, &sliced, now) == Disposition::Consumed);
             self.observe(&key, side, len, now_ms);
             if consumed {
-                self.release(frame);
+                self.port.release_chain(descs);
             } else {
-                self.forward(side.other(), frame);
+                self.port.send_chain(side.other(), descs);
             }
             return;
         }
@@ -548,7 +548,7 @@ impl Worker {
             .unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(data);
-        self.release(frame);
+        self.port.release_chain(descs);
         let msg = CrossFrame {
             side,
             key,
@@ -559,22 +559,6 @@ impl Worker {
             self.kicked[owner] = true;
         } else {
             self.counters.cross_full += 1;
-        }
-    }
-
-    /// Sends a received frame on, unchanged.
-    fn forward(&mut self, side: Side, frame: Frame) {
-        match frame {
-            Frame::One(desc) => self.port.send(side, desc),
-            Frame::Chain(descs) => self.port.send_chain(side, descs),
-        }
-    }
-
-    /// Gives a received frame's UMEM frames back.
-    fn release(&mut self, frame: Frame) {
-        match frame {
-            Frame::One(desc) => self.port.release(desc),
-            Frame::Chain(descs) => self.port.release_chain(descs),
         }
     }
 

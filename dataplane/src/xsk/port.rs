@@ -127,14 +127,19 @@ impl PortConfig {
         self.frame_size.saturating_sub(256)
     }
 
-    /// Largest frame the port carries: [`MAX_FRAME_DESCS`] UMEM frames,
-    /// or one without multi-buffer.
-    pub fn max_packet_len(&self) -> u32 {
+    /// Descriptors one frame may take: [`MAX_FRAME_DESCS`], or one
+    /// without multi-buffer.
+    fn max_descs(&self) -> u32 {
         if self.multi_buffer {
-            self.max_frame_len().saturating_mul(MAX_FRAME_DESCS)
+            MAX_FRAME_DESCS
         } else {
-            self.max_frame_len()
+            1
         }
+    }
+
+    /// Largest frame the port carries.
+    pub fn max_packet_len(&self) -> u32 {
+        self.max_frame_len().saturating_mul(self.max_descs())
     }
 }
 
@@ -175,7 +180,8 @@ struct SidePort {
 
 pub struct QueuePort {
     queue: u32,
-    multi_buffer: bool,
+    /// Descriptors one frame may take (see [`PortConfig::max_descs`]).
+    max_descs: usize,
     umem: Umem,
     free: Vec<FrameDesc>,
     sides: [SidePort; 2],
@@ -256,7 +262,7 @@ impl QueuePort {
         let ring_size = cfg.ring_size as usize;
         let mut port = QueuePort {
             queue,
-            multi_buffer: cfg.multi_buffer,
+            max_descs: cfg.max_descs() as usize,
             umem,
             scratch: vec![FrameDesc::default(); ring_size],
             chunk: (cfg.max_frame_len() as usize).max(1),
@@ -360,13 +366,8 @@ impl QueuePort {
     /// queue them for transmission on `side`. Returns how many it took.
     pub fn build_send(&mut self, side: Side, bytes: &[u8]) -> Result<usize, BuildError> {
         let parts = bytes.len().div_ceil(self.chunk);
-        let most = if self.multi_buffer {
-            MAX_FRAME_DESCS as usize
-        } else {
-            1
-        };
         // The kernel refuses an empty descriptor (and never completes it).
-        if parts == 0 || parts > most {
+        if parts == 0 || parts > self.max_descs {
             return Err(BuildError::Unsendable(bytes.len()));
         }
         if self.free.len() < parts {
@@ -429,11 +430,11 @@ impl QueuePort {
                     // has room for all of them (checked just above).
                     let produced = unsafe { side.tx.produce(batch) };
                     debug_assert_eq!(produced, n);
-                    sent.0 = batch
-                        .iter()
-                        .filter(|d| d.options() & PKT_CONTD == 0)
-                        .count() as u64;
-                    sent.1 = batch.iter().map(|d| d.lengths().data() as u64).sum();
+                    // Frames (the last descriptor of each) and bytes.
+                    for d in batch {
+                        sent.0 += u64::from(d.options() & PKT_CONTD == 0);
+                        sent.1 += d.lengths().data() as u64;
+                    }
                     side.pending.drain(..produced);
                     side.in_flight += produced;
                 }

@@ -67,9 +67,6 @@ const IPPROTO_UDP: u8 = 17;
 /// recommends an order with at most one of each, plus destination options
 /// twice).
 const MAX_IPV6_EXT: usize = 6;
-/// Offsets read straight from the frame's linear head stay below this,
-/// which keeps the pointer arithmetic provably small for the verifier.
-const MAX_HEAD: usize = 4096;
 /// Where the transport header may start, at most: a guard above the
 /// longest chain walked (two VLAN tags, IPv6, six extension headers of up
 /// to 2 KB: 12,350 bytes), never reached by one. Lower, a valid chain would
@@ -152,7 +149,7 @@ fn frame_len(ctx: &XdpContext) -> usize {
 #[inline(always)]
 fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
     let start = ctx.data();
-    if off >= MAX_HEAD || start + off + N > ctx.data_end() {
+    if start + off + N > ctx.data_end() {
         return None;
     }
     // SAFETY: the range [start+off, start+off+N) was just checked to lie
