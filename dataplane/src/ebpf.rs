@@ -9,17 +9,22 @@
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        DevMap, HashMap, MapError, PerCpuArray, XskMap,
+        Array, DevMap, HashMap, MapError, PerCpuArray, XskMap,
     },
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
     Ebpf, EbpfError,
 };
 use loupe_common::{
-    Addr, Counter, CounterValue, FlowKey, IfaceInfo, MAX_PREFIXES, MAX_QUEUES, MAX_STEER_PORTS,
+    setting, Addr, Counter, CounterValue, FlowKey, Handshake, IfaceInfo, HANDSHAKE_FRAME_MAX,
+    MAX_PREFIXES, MAX_QUEUES, MAX_STEER_PORTS,
 };
 use thiserror::Error;
 
-use crate::{flow::Side, policy::Prefix};
+use crate::{
+    flow::Side,
+    policy::Prefix,
+    session::opening::{HandshakeRecords, Recorded},
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loupe-xdp"));
 const PROGRAM: &str = "loupe_xdp";
@@ -223,6 +228,53 @@ impl Classifier {
             .map_err(map_err("XSKS"))
     }
 
+    /// Whether a steered connection's SYN, SYN-ACK and handshake ACKs take
+    /// the fast path, recorded for the worker that gets its first data
+    /// (on), or are steered like its other frames (off, the default of a
+    /// loaded program). Only an engine that tracks connections reads the
+    /// records.
+    pub fn set_handshake_fast_path(&mut self, on: bool) -> Result<(), ClassifierError> {
+        let mut settings: Array<_, u32> = self
+            .map_mut("SETTINGS")?
+            .try_into()
+            .map_err(map_err("SETTINGS"))?;
+        settings
+            .set(setting::HANDSHAKE_FAST_PATH, u32::from(on), 0)
+            .map_err(map_err("SETTINGS"))
+    }
+
+    /// The handshake recorded under `key` (the SYN's direction), read in
+    /// place, and whether the client's ACK moved it to the opened ones:
+    /// for tests and diagnostics.
+    pub fn handshake(&self, key: &FlowKey) -> Result<Option<(Handshake, bool)>, ClassifierError> {
+        for (name, opened) in [("HANDSHAKES", false), ("OPENED", true)] {
+            let map = self.ebpf.map(name).ok_or(ClassifierError::Missing(name))?;
+            let map: HashMap<_, FlowKey, Handshake> = map.try_into().map_err(map_err(name))?;
+            match map.get(key, 0) {
+                Ok(h) => return Ok(Some((h, opened))),
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Takes the handshake records out of the classifier, for the workers
+    /// to read (the program keeps its own references to the maps).
+    pub fn take_handshakes(&mut self) -> Result<RecordedHandshakes, ClassifierError> {
+        let mut take = |name: &'static str| {
+            let map = self
+                .ebpf
+                .take_map(name)
+                .ok_or(ClassifierError::Missing(name))?;
+            HashMap::try_from(map).map_err(map_err(name))
+        };
+        Ok(RecordedHandshakes {
+            opened: take("OPENED")?,
+            half_open: take("HANDSHAKES")?,
+        })
+    }
+
     /// Takes the flow map out of the classifier, for the one thread that
     /// installs verdicts while the program runs (the program keeps its own
     /// reference to the map).
@@ -343,4 +395,63 @@ impl FlowVerdicts {
             Err(e) => Err(map_err("FLOWS")(e)),
         }
     }
+}
+
+/// The XDP program's handshake records, read by the workers.
+pub struct RecordedHandshakes {
+    opened: HashMap<aya::maps::MapData, FlowKey, Handshake>,
+    half_open: HashMap<aya::maps::MapData, FlowKey, Handshake>,
+}
+
+impl std::fmt::Debug for RecordedHandshakes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordedHandshakes")
+    }
+}
+
+impl HandshakeRecords for RecordedHandshakes {
+    fn lookup(&self, key: &FlowKey) -> Option<Recorded> {
+        // Keyed by the SYN's direction: the frame went that way (from the
+        // client) or the other (from the server). A connection's first
+        // data comes after the client's ACK: the opened ones first.
+        let reversed = key.reversed();
+        let tries = [
+            (&self.opened, key, true),
+            (&self.opened, &reversed, false),
+            (&self.half_open, key, true),
+            (&self.half_open, &reversed, false),
+        ];
+        let (h, from_client) = tries
+            .into_iter()
+            .find_map(|(map, k, from_client)| map.get(k, 0).ok().map(|h| (h, from_client)))?;
+        Some(recorded(&h, from_client, monotonic_ns()))
+    }
+}
+
+/// A record as the sessions take it; lengths beyond the arrays (never
+/// written so by the program) are cut to them.
+fn recorded(h: &Handshake, from_client: bool, now_ns: u64) -> Recorded {
+    let syn = usize::from(h.syn_len).min(HANDSHAKE_FRAME_MAX);
+    let synack = usize::from(h.synack_len).min(HANDSHAKE_FRAME_MAX);
+    let ack = usize::from(h.ack_len).min(HANDSHAKE_FRAME_MAX);
+    Recorded {
+        from_client,
+        syn: h.syn[..syn].to_vec(),
+        synack: (synack > 0).then(|| h.synack[..synack].to_vec()),
+        ack: (ack > 0).then(|| h.ack[..ack].to_vec()),
+        age: std::time::Duration::from_nanos(now_ns.saturating_sub(h.syn_ns)),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }

@@ -27,7 +27,7 @@ use crate::{
     export::Exporter,
     flow::{FlowLogEntry, MapOp, Sharder, Side},
     policy::{Policy, PolicyCell, Steering},
-    session::SessionSettings,
+    session::{opening::HandshakeRecords, SessionSettings},
     stats::{
         IfaceReport, PolicyInfo, StatsReport, SteeringReport, TlsReport, WorkerReport,
         STATS_VERSION,
@@ -370,6 +370,15 @@ pub fn run(
     let mut classifier = Classifier::load()?;
     classifier.set_interfaces(inside_idx, outside_idx)?;
     classifier.set_steering(&cfg.steer_ports, &cfg.steer_prefixes, &cfg.exempt_prefixes)?;
+    // A connection's handshake takes the fast path only where the workers
+    // track connections and so read the records.
+    let sessions = cfg.tcp_split || cfg.api.is_some();
+    let handshakes: Option<Arc<dyn HandshakeRecords>> = if sessions && !cfg.steer_handshakes {
+        classifier.set_handshake_fast_path(true)?;
+        Some(Arc::new(classifier.take_handshakes()?))
+    } else {
+        None
+    };
 
     // Sockets first, so steered frames find them from the first one on.
     let workers = queues as usize;
@@ -403,7 +412,7 @@ pub fn run(
             shared.clone(),
         );
         worker.set_busy_poll(cfg.busy_poll);
-        if cfg.tcp_split || cfg.api.is_some() {
+        if sessions {
             worker.enable_split(SplitLinks {
                 settings: SessionSettings {
                     max_flows: cfg.max_flows_per_worker,
@@ -416,6 +425,7 @@ pub fn run(
                     budget: budget.clone(),
                     congestion: cfg.split_congestion,
                     mtu: Some(link_mtu),
+                    handshakes: handshakes.clone(),
                     ..SessionSettings::default()
                 },
                 ops: ops_tx.clone(),

@@ -83,6 +83,18 @@ pub struct SplitCounters {
     /// handshake that did not fit together.
     pub passthrough: u64,
     pub fast_open: u64,
+    /// Connections taken up from the handshake the XDP program recorded
+    /// (their SYN and SYN-ACK took the fast path), and records found but
+    /// unusable (a frame that does not parse or does not fit the flow:
+    /// the connection is then met as one already running).
+    #[serde(default)]
+    pub handshakes_adopted: u64,
+    #[serde(default)]
+    pub handshakes_unusable: u64,
+    /// Records made before the sessions began (before the first policy):
+    /// not used, the connection ran on unwatched.
+    #[serde(default)]
+    pub handshakes_before: u64,
     /// Pass-through connections handed to the XDP fast path (installed as
     /// `bypass` in the flow map, both directions).
     pub released: u64,
@@ -269,6 +281,9 @@ impl SplitCounters {
         self.timed_out += o.timed_out;
         self.passthrough += o.passthrough;
         self.fast_open += o.fast_open;
+        self.handshakes_adopted += o.handshakes_adopted;
+        self.handshakes_unusable += o.handshakes_unusable;
+        self.handshakes_before += o.handshakes_before;
         self.released += o.released;
         self.table_full += o.table_full;
         self.evicted += o.evicted;
@@ -703,7 +718,8 @@ impl StatsReport {
                 "tcp-split: {} split ({} active, {} ended, {} aborted halves), {} passed \
                  through ({} released to XDP), {} forgotten when full, {}/{} bytes relayed c->s/s->c, {} retransmits \
                  ({} timeouts, {} fast, {} lost again, {} tail probes, {} reductions undone), \
-                 {} DSACKs and {} data segments with SACK blocks sent, {} conflicting overlaps, {}/{} bad checksums/options; decisions: {} held, {} \
+                 {} DSACKs and {} data segments with SACK blocks sent, {} conflicting overlaps, {}/{} bad checksums/options; \
+                 {} taken up from handshakes XDP recorded ({} records unusable, {} from before the policy); decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
                  holds decided without a name on timeout/bound ({} of the timeouts missing \
                  the client's first bytes), {} ACKs of large ClientHellos, {} duplicate \
@@ -730,6 +746,9 @@ impl StatsReport {
                 sp.overlap_conflicts,
                 sp.bad_checksum,
                 sp.bad_options,
+                sp.handshakes_adopted,
+                sp.handshakes_unusable,
+                sp.handshakes_before,
                 sp.held,
                 sp.hellos,
                 sp.not_tls,

@@ -2,11 +2,12 @@
 //! BPF_PROG_TEST_RUN on the real program with real maps: steering by port
 //! and prefix in both directions, exemptions, flow-map verdicts overriding
 //! them, sockets per queue, interfaces it does not serve, and jumbo frames
-//! (multi-buffer: the lengths are the whole frame's). Each case
-//! checks the action and that exactly one outcome counter moved.
+//! (multi-buffer: the lengths are the whole frame's), and a connection's
+//! handshake on the fast path, recorded for the worker. Each case checks
+//! the action and that exactly one outcome counter moved.
 
 use etherparse::PacketBuilder;
-use loupe_common::{v4_mapped, verdict, Counter, FlowKey};
+use loupe_common::{v4_mapped, verdict, Counter, FlowKey, Handshake};
 use loupe_dataplane::{
     ebpf::Classifier,
     flow::Side,
@@ -100,8 +101,11 @@ type Case = (&'static str, Vec<u8>, u32, u32, u32, Counter);
 const CLIENT: [u8; 4] = [198, 18, 0, 1];
 const SERVER: [u8; 4] = [198, 18, 0, 2];
 
-#[test]
-fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
+/// The classifier loaded and filled as the engine does (port 443 and 8080
+/// steered for two prefixes, an exempt address each, sockets on queue 0 of
+/// both interfaces), run in the engine namespace of a harness:
+/// `f(classifier, inside, outside, lo)`.
+fn with_classifier(f: impl FnOnce(&mut Classifier, u32, u32, u32) + Send) {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
     h.engine
         .enter(|| {
@@ -112,8 +116,14 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
             c.set_interfaces(inside, outside).unwrap();
             c.set_steering(
                 &[443],
-                &["198.18.0.0/24".parse().unwrap(), "2001:2::/64".parse().unwrap()],
-                &["198.18.0.99".parse().unwrap(), "2001:2::99".parse().unwrap()],
+                &[
+                    "198.18.0.0/24".parse().unwrap(),
+                    "2001:2::/64".parse().unwrap(),
+                ],
+                &[
+                    "198.18.0.99".parse().unwrap(),
+                    "2001:2::99".parse().unwrap(),
+                ],
             )
             .unwrap();
             // Sockets on queue 0 of both interfaces; queue 1 has none.
@@ -123,46 +133,102 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                 ..PortConfig::default()
             };
             let port = QueuePort::new(INSIDE_IF, OUTSIDE_IF, 0, cfg).expect("AF_XDP sockets");
-            c.register_socket(Side::Inside, 0, port.fd(Side::Inside)).unwrap();
-            c.register_socket(Side::Outside, 0, port.fd(Side::Outside)).unwrap();
-
-            let mut flows = c.take_flow_map().unwrap();
-            flows.set(&key(CLIENT, 40002, SERVER, 8080), verdict::STEER).unwrap();
-            flows.set(&key(CLIENT, 40003, SERVER, 443), verdict::BYPASS).unwrap();
-            flows.set(&key(CLIENT, 40004, SERVER, 443), verdict::DROP).unwrap();
-            flows.set(&key(CLIENT, 40005, SERVER, 443), 99).unwrap();
-            flows.set(&key(CLIENT, 40006, SERVER, 443), verdict::BYPASS).unwrap();
-            flows.set(&key(SERVER, 443, CLIENT, 40006), verdict::BYPASS).unwrap();
-
-            let (c4, s4) = (Ip::V4(CLIENT), Ip::V4(SERVER));
-            let mut udp = Vec::new();
-            PacketBuilder::ethernet2(MAC, MAC)
-                .ipv4(CLIENT, SERVER, 64)
-                .udp(5000, 443)
-                .write(&mut udp, b"q")
+            c.register_socket(Side::Inside, 0, port.fd(Side::Inside))
                 .unwrap();
-            // Jumbo frames: the test run puts all but the first page's
-            // worth in fragments, as a multi-buffer driver does.
-            let jumbo4 = tcp_carrying(c4, 40001, s4, 443, 8960);
-            let jumbo6 = tcp_carrying(Ip::V6(v6(1, 0)), 40001, Ip::V6(v6(2, 0)), 443, 8940);
-            let mut cut4 = jumbo4.clone();
-            cut4.truncate(8000);
-            let mut cut6 = jumbo6.clone();
-            cut6.truncate(8000);
-            let chained = v6_long_chain(4000);
-            let mut chain_cut = chained.clone();
-            chain_cut.truncate(4100);
-            // The chain ends where the frame does: no TCP header to read.
-            let mut chain_only = v6_long_chain(0);
-            chain_only.truncate(chain_only.len() - 20);
-            let plen = u16::from_be_bytes([chain_only[18], chain_only[19]]) - 20;
-            chain_only[18..20].copy_from_slice(&plen.to_be_bytes());
-            let mut arp = vec![0xff; 6];
-            arp.extend_from_slice(&MAC);
-            arp.extend_from_slice(&[0x08, 0x06]);
-            arp.extend_from_slice(&[0; 28]);
+            c.register_socket(Side::Outside, 0, port.fd(Side::Outside))
+                .unwrap();
+            f(&mut c, inside, outside, lo);
+        })
+        .unwrap();
+}
 
-            #[rustfmt::skip]
+/// Runs `frame` through the program: the action must be `action`, `Rx`
+/// and `counter` must move by one (by the whole frame's bytes for `Rx`)
+/// and no other outcome counter at all.
+fn check(
+    c: &Classifier,
+    name: &str,
+    frame: &[u8],
+    ifindex: u32,
+    queue: u32,
+    action: u32,
+    counter: Counter,
+) {
+    let before = c.counters().unwrap();
+    let got = c
+        .test_run(frame, ifindex, queue)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let after = c.counters().unwrap();
+    assert_eq!(got, action, "{name}: action");
+    for ((ctr, b), (_, a)) in before.iter().zip(after.iter()) {
+        let delta = a.packets - b.packets;
+        let want = if *ctr == Counter::Rx || *ctr == counter {
+            1
+        } else if ctr.is_outcome() {
+            0
+        } else {
+            delta
+        };
+        assert_eq!(delta, want, "{name}: counter {}", ctr.label());
+        if *ctr == Counter::Rx {
+            // The whole frame, fragments included.
+            assert_eq!(a.bytes - b.bytes, frame.len() as u64, "{name}: bytes");
+        }
+    }
+}
+
+#[test]
+fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
+    // The handshake fast path is off in a freshly loaded program: SYNs
+    // are steered like every other frame (the cases below say so).
+    with_classifier(|c, inside, outside, lo| {
+        let mut flows = c.take_flow_map().unwrap();
+        flows
+            .set(&key(CLIENT, 40002, SERVER, 8080), verdict::STEER)
+            .unwrap();
+        flows
+            .set(&key(CLIENT, 40003, SERVER, 443), verdict::BYPASS)
+            .unwrap();
+        flows
+            .set(&key(CLIENT, 40004, SERVER, 443), verdict::DROP)
+            .unwrap();
+        flows.set(&key(CLIENT, 40005, SERVER, 443), 99).unwrap();
+        flows
+            .set(&key(CLIENT, 40006, SERVER, 443), verdict::BYPASS)
+            .unwrap();
+        flows
+            .set(&key(SERVER, 443, CLIENT, 40006), verdict::BYPASS)
+            .unwrap();
+
+        let (c4, s4) = (Ip::V4(CLIENT), Ip::V4(SERVER));
+        let mut udp = Vec::new();
+        PacketBuilder::ethernet2(MAC, MAC)
+            .ipv4(CLIENT, SERVER, 64)
+            .udp(5000, 443)
+            .write(&mut udp, b"q")
+            .unwrap();
+        // Jumbo frames: the test run puts all but the first page's
+        // worth in fragments, as a multi-buffer driver does.
+        let jumbo4 = tcp_carrying(c4, 40001, s4, 443, 8960);
+        let jumbo6 = tcp_carrying(Ip::V6(v6(1, 0)), 40001, Ip::V6(v6(2, 0)), 443, 8940);
+        let mut cut4 = jumbo4.clone();
+        cut4.truncate(8000);
+        let mut cut6 = jumbo6.clone();
+        cut6.truncate(8000);
+        let chained = v6_long_chain(4000);
+        let mut chain_cut = chained.clone();
+        chain_cut.truncate(4100);
+        // The chain ends where the frame does: no TCP header to read.
+        let mut chain_only = v6_long_chain(0);
+        chain_only.truncate(chain_only.len() - 20);
+        let plen = u16::from_be_bytes([chain_only[18], chain_only[19]]) - 20;
+        chain_only[18..20].copy_from_slice(&plen.to_be_bytes());
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&MAC);
+        arp.extend_from_slice(&[0x08, 0x06]);
+        arp.extend_from_slice(&[0; 28]);
+
+        #[rustfmt::skip]
             let cases: Vec<Case> = vec![
                 ("client to steered port", tcp(c4, 40001, s4, 443), inside, 0, XDP_REDIRECT, Counter::Steer),
                 ("same on a queue without socket", tcp(c4, 40001, s4, 443), inside, 1, XDP_REDIRECT, Counter::SteerNoSocket),
@@ -197,27 +263,355 @@ fn classifier_decides_each_frame_by_maps_and_counts_one_outcome() {
                 ("interface not served", tcp(c4, 40001, s4, 443), lo, 0, XDP_PASS, Counter::UnknownIface),
             ];
 
-            for (name, frame, ifindex, queue, action, counter) in cases {
-                let before = c.counters().unwrap();
-                let got = c.test_run(&frame, ifindex, queue).unwrap_or_else(|e| panic!("{name}: {e}"));
-                let after = c.counters().unwrap();
-                assert_eq!(got, action, "{name}: action");
-                for ((ctr, b), (_, a)) in before.iter().zip(after.iter()) {
-                    let delta = a.packets - b.packets;
-                    let want = if *ctr == Counter::Rx || *ctr == counter {
-                        1
-                    } else if ctr.is_outcome() {
-                        0
-                    } else {
-                        delta
-                    };
-                    assert_eq!(delta, want, "{name}: counter {}", ctr.label());
-                    if *ctr == Counter::Rx {
-                        // The whole frame, fragments included.
-                        assert_eq!(a.bytes - b.bytes, frame.len() as u64, "{name}: bytes");
-                    }
-                }
-            }
-        })
-        .unwrap();
+        for (name, frame, ifindex, queue, action, counter) in cases {
+            check(c, name, &frame, ifindex, queue, action, counter);
+        }
+    });
+}
+
+/// A TCP segment of an IPv4 connection with the given flags
+/// (`S`yn, `A`ck, `F`in, `R`st), sequence and acknowledgment numbers.
+fn seg_v4(
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
+    flags: &str,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut b = PacketBuilder::ethernet2(MAC, MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, seq, 64240);
+    if flags.contains('S') {
+        b = b.syn();
+    }
+    if flags.contains('A') {
+        b = b.ack(ack);
+    }
+    if flags.contains('F') {
+        b = b.fin();
+    }
+    if flags.contains('R') {
+        b = b.rst();
+    }
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+/// Sets the TCP checksum of an untagged IPv4 frame without IP options.
+fn fix_tcp_checksum(f: &mut [u8]) {
+    f[50..52].fill(0);
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for w in b.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&f[26..34]);
+    add(&[0, 6]);
+    add(&((f.len() - 34) as u16).to_be_bytes());
+    add(&f[34..]);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[50..52].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// [`check`] for a frame from queue 0 that is redirected (to the peer or
+/// to a socket: the outcome counter says which).
+fn go(c: &Classifier, name: &str, frame: &[u8], ifindex: u32, counter: Counter) {
+    check(c, name, frame, ifindex, 0, XDP_REDIRECT, counter)
+}
+
+fn record(c: &Classifier, key: &FlowKey) -> Option<Handshake> {
+    c.handshake(key).unwrap().map(|(h, _)| h)
+}
+
+/// Whether the record under `key` is among the opened ones.
+fn opened(c: &Classifier, key: &FlowKey) -> bool {
+    c.handshake(key).unwrap().expect("a record").1
+}
+
+/// With the handshake fast path on, a steered connection's SYN, the
+/// SYN-ACK acknowledging it and the ACKs in between are forwarded in the
+/// kernel and recorded whole; its first data and everything after are
+/// steered, and the record stops changing. What does not fit a handshake
+/// (a SYN-ACK for another SYN, a SYN carrying data, a SYN too long to
+/// record) is steered as before.
+#[test]
+fn a_connections_handshake_takes_the_fast_path_and_is_recorded() {
+    with_classifier(|c, inside, outside, _lo| {
+        c.set_handshake_fast_path(true).unwrap();
+        let (cl, sv) = (CLIENT, SERVER);
+        let k = key(cl, 41000, sv, 443);
+        let syn = seg_v4((cl, 41000), (sv, 443), "S", 1000, 0, b"");
+        go(c, "syn", &syn, inside, Counter::Handshake);
+        let r = record(c, &k).expect("the SYN is recorded under its own key");
+        assert_eq!(&r.syn[..r.syn_len as usize], &syn[..], "the SYN, whole");
+        assert_eq!((r.isn, r.synack_len, r.steered), (1000, 0, 0));
+        assert!(
+            record(c, &k.reversed()).is_none(),
+            "one record, keyed by the SYN"
+        );
+
+        go(c, "the SYN resent", &syn, inside, Counter::Handshake);
+        assert_eq!(
+            record(c, &k),
+            Some(r),
+            "a resent SYN leaves the record as it was"
+        );
+
+        let wrong = seg_v4((sv, 443), (cl, 41000), "SA", 5000, 1000, b"");
+        go(
+            c,
+            "a SYN-ACK acknowledging another SYN",
+            &wrong,
+            outside,
+            Counter::Steer,
+        );
+        let r = record(c, &k).unwrap();
+        assert_eq!(
+            (r.synack_len, r.steered),
+            (0, 1),
+            "not recorded; the rest goes to the worker"
+        );
+        let synack = seg_v4((sv, 443), (cl, 41000), "SA", 5000, 1001, b"");
+        go(c, "then the right one", &synack, outside, Counter::Steer);
+        go(
+            c,
+            "and a new SYN on those ports",
+            &syn,
+            inside,
+            Counter::Steer,
+        );
+        assert_eq!(record(c, &k).unwrap().synack_len, 0);
+
+        let k = key(cl, 41001, sv, 443);
+        let syn = seg_v4((cl, 41001), (sv, 443), "S", 7, 0, b"");
+        go(c, "syn", &syn, inside, Counter::Handshake);
+        go(
+            c,
+            "pure ACK before the SYN-ACK",
+            &seg_v4((cl, 41001), (sv, 443), "A", 8, 9001, b""),
+            inside,
+            Counter::Steer,
+        );
+        assert_eq!(
+            record(c, &k).unwrap().steered,
+            1,
+            "out of order: the worker takes over"
+        );
+
+        let k = key(cl, 41002, sv, 443);
+        let syn = seg_v4((cl, 41002), (sv, 443), "S", 7, 0, b"");
+        let synack = seg_v4((sv, 443), (cl, 41002), "SA", 9000, 8, b"");
+        go(c, "syn", &syn, inside, Counter::Handshake);
+        go(c, "syn-ack", &synack, outside, Counter::Handshake);
+        let r = record(c, &k).unwrap();
+        assert_eq!(
+            &r.synack[..r.synack_len as usize],
+            &synack[..],
+            "the SYN-ACK, whole"
+        );
+        assert_eq!(r.steered, 0);
+        let ack = seg_v4((cl, 41002), (sv, 443), "A", 8, 9001, b"");
+        go(c, "the handshake's ACK", &ack, inside, Counter::Handshake);
+        let r = record(c, &k).unwrap();
+        assert_eq!(
+            &r.ack[..r.ack_len as usize],
+            &ack[..],
+            "the client's ACK, whole"
+        );
+        assert!(
+            opened(c, &k),
+            "the client's ACK moves the record to the opened ones"
+        );
+        // A window update: the last ACK is the one kept.
+        let update = seg_v4((cl, 41002), (sv, 443), "A", 8, 9001, b"");
+        let update = {
+            let mut f = update;
+            f[48..50].copy_from_slice(&1000u16.to_be_bytes());
+            fix_tcp_checksum(&mut f);
+            f
+        };
+        go(c, "another ACK", &update, inside, Counter::Handshake);
+        let r = record(c, &k).unwrap();
+        assert_eq!(&r.ack[..r.ack_len as usize], &update[..]);
+        let data = seg_v4((cl, 41002), (sv, 443), "A", 8, 9001, b"hello");
+        go(c, "first data", &data, inside, Counter::Steer);
+        let after = record(c, &k).unwrap();
+        assert_eq!(after.steered, 1);
+        assert_eq!(
+            (after.syn, after.synack),
+            (r.syn, r.synack),
+            "the record stands"
+        );
+        go(c, "pure ACKs after it", &ack, inside, Counter::Steer);
+        go(
+            c,
+            "the server's too",
+            &seg_v4((sv, 443), (cl, 41002), "A", 9001, 13, b""),
+            outside,
+            Counter::Steer,
+        );
+
+        let k = key(cl, 41010, sv, 443);
+        go(
+            c,
+            "syn",
+            &seg_v4((cl, 41010), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "syn-ack",
+            &seg_v4((sv, 443), (cl, 41010), "SA", 9000, 8, b""),
+            outside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "a server's pure ACK before any data",
+            &seg_v4((sv, 443), (cl, 41010), "A", 9001, 8, b""),
+            outside,
+            Counter::Steer,
+        );
+        assert_eq!(record(c, &k).unwrap().steered, 1);
+
+        let k = key(cl, 41003, sv, 443);
+        go(
+            c,
+            "a SYN carrying data (TCP Fast Open)",
+            &seg_v4((cl, 41003), (sv, 443), "S", 7, 0, b"early"),
+            inside,
+            Counter::Steer,
+        );
+        assert!(record(c, &k).is_none());
+        go(
+            c,
+            "a FIN before anything",
+            &seg_v4((cl, 41004), (sv, 443), "FA", 7, 1, b""),
+            inside,
+            Counter::Steer,
+        );
+        go(
+            c,
+            "a RST with a SYN",
+            &seg_v4((cl, 41005), (sv, 443), "SR", 7, 0, b""),
+            inside,
+            Counter::Steer,
+        );
+
+        // 14 + 40 + 72 (destination options) + 20 = 146: recorded; with
+        // 88 bytes of options, 162: longer than a record holds, steered.
+        let long_syn = |opts: usize, port: u16| {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(MAC, MAC)
+                .ipv6(v6(1, 0), v6(2, 0), 64)
+                .tcp(port, 443, 1, 1000)
+                .syn()
+                .write(&mut out, b"")
+                .unwrap();
+            let mut ext = vec![0u8; opts];
+            ext[..2].copy_from_slice(&[6, (opts / 8 - 1) as u8]);
+            let plen = u16::from_be_bytes([out[18], out[19]]) + opts as u16;
+            out[18..20].copy_from_slice(&plen.to_be_bytes());
+            out[20] = 60;
+            out.splice(54..54, ext);
+            out
+        };
+        let v6key = |port| FlowKey::new(v6(1, 0), v6(2, 0), port, 443, 6);
+        let fits = long_syn(72, 41006);
+        assert_eq!(fits.len(), 146);
+        go(
+            c,
+            "an IPv6 SYN with extension headers",
+            &fits,
+            inside,
+            Counter::Handshake,
+        );
+        assert_eq!(record(c, &v6key(41006)).unwrap().syn_len, 146);
+        let too_long = long_syn(88, 41007);
+        assert_eq!(too_long.len(), 162);
+        go(
+            c,
+            "a SYN longer than a record",
+            &too_long,
+            inside,
+            Counter::Steer,
+        );
+        assert!(record(c, &v6key(41007)).is_none());
+
+        // A SYN flood larger than the half-open records pushes out a
+        // half-open connection's record, never an opened one's.
+        let half = key(cl, 41020, sv, 443);
+        go(
+            c,
+            "syn",
+            &seg_v4((cl, 41020), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        let k = key(cl, 41021, sv, 443);
+        go(
+            c,
+            "syn",
+            &seg_v4((cl, 41021), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "syn-ack",
+            &seg_v4((sv, 443), (cl, 41021), "SA", 9000, 8, b""),
+            outside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "ack",
+            &seg_v4((cl, 41021), (sv, 443), "A", 8, 9001, b""),
+            inside,
+            Counter::Handshake,
+        );
+        let flood = loupe_common::MAX_HANDSHAKES + 4096;
+        for i in 0..flood {
+            let src = [198, 18, 1 + (i >> 16) as u8, 0];
+            let f = seg_v4((src, (i & 0xffff) as u16), (sv, 443), "S", i, 0, b"");
+            assert_eq!(c.test_run(&f, inside, 0).unwrap(), XDP_REDIRECT);
+        }
+        assert!(
+            record(c, &half).is_none(),
+            "the flood pushed out the half-open record"
+        );
+        let r = record(c, &k).expect("the opened record outlives the flood");
+        assert!(opened(c, &k) && r.ack_len > 0 && r.steered == 0);
+        go(
+            c,
+            "its first data after the flood",
+            &seg_v4((cl, 41021), (sv, 443), "A", 8, 9001, b"hi"),
+            inside,
+            Counter::Steer,
+        );
+        assert_eq!(record(c, &k).unwrap().steered, 1);
+
+        c.set_handshake_fast_path(false).unwrap();
+        go(
+            c,
+            "switched off",
+            &seg_v4((cl, 41008), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Steer,
+        );
+        assert!(record(c, &key(cl, 41008, sv, 443)).is_none());
+        go(
+            c,
+            "an unsteered port is not recorded",
+            &seg_v4((cl, 41009), (sv, 8080), "S", 7, 0, b""),
+            inside,
+            Counter::PassTcp,
+        );
+    });
 }

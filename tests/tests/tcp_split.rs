@@ -25,9 +25,14 @@ fn split_totals(r: &StatsReport) -> (u64, u64, u64, u64) {
     (s.split, s.bytes_s2c, s.bad_checksum, s.passthrough)
 }
 
-fn https_through_split(server: &str, size: usize) {
+/// One HTTPS transfer of `size` bytes through a split. The connection's
+/// handshake takes the XDP fast path (recorded, taken up from the record
+/// at the ClientHello) unless the engine runs with `extra` =
+/// `--steer-handshakes`.
+fn https_through_split(server: &str, size: usize, extra: &[&str]) {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
-    let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    let steered = extra.contains(&"--steer-handshakes");
+    let engine = Engine::start(&h, &[&["--tcp-split"], extra].concat()).expect("engine");
     let nginx = Nginx::start(&h, 443).expect("nginx");
     let sha = nginx.add_file("blob", size, 99).expect("file");
     let (got, len) = curl_sha256(&h, &nginx.curl_args(server, "blob")).expect("curl");
@@ -46,6 +51,19 @@ fn https_through_split(server: &str, size: usize) {
         "{:?}",
         r.workers.iter().map(|w| w.split).collect::<Vec<_>>()
     );
+    // SYN, SYN-ACK and the client's ACK in the kernel, or all steered.
+    let s = r.split_total();
+    let in_kernel = r.xdp_packets("handshake");
+    if steered {
+        assert_eq!((in_kernel, s.handshakes_adopted), (0, 0), "{s:?}");
+    } else {
+        assert!(in_kernel >= 3, "{in_kernel} handshake frames in the kernel");
+        assert_eq!(
+            (s.handshakes_adopted, s.handshakes_unusable),
+            (1, 0),
+            "{s:?}"
+        );
+    }
     let (status, clean, out, err) = engine.stop();
     assert!(clean && status.success(), "engine exit {status}: {err}");
     // The final report says what the split did.
@@ -54,17 +72,23 @@ fn https_through_split(server: &str, size: usize) {
 
 #[test]
 fn https_ipv4_over_a_split_connection() {
-    https_through_split(SERVER_V4, 3 * MIB);
+    https_through_split(SERVER_V4, 3 * MIB, &[]);
 }
 
 #[test]
 fn https_ipv6_over_a_split_connection() {
-    https_through_split(SERVER_V6, 3 * MIB);
+    https_through_split(SERVER_V6, 3 * MIB, &[]);
+}
+
+#[test]
+fn https_over_a_split_connection_with_the_handshake_steered() {
+    https_through_split(SERVER_V4, 3 * MIB, &["--steer-handshakes"]);
+    https_through_split(SERVER_V6, 3 * MIB, &["--steer-handshakes"]);
 }
 
 #[test]
 fn sixty_four_mib_byte_exact_over_a_split_connection() {
-    https_through_split(SERVER_V4, 64 * MIB);
+    https_through_split(SERVER_V4, 64 * MIB, &[]);
 }
 
 #[test]

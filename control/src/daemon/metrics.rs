@@ -315,6 +315,18 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
     ] {
         o.sample("loupe_handshakes_total", &[("opening", opening)], n);
     }
+    o.head(
+        "loupe_handshake_records_total",
+        "counter",
+        "Connections whose handshake crossed in XDP: taken up from its record at the first steered frame, or not (the record unusable, or made before the first policy): then met as already running.",
+    );
+    for (outcome, n) in [
+        ("adopted", sp.handshakes_adopted),
+        ("unusable", sp.handshakes_unusable),
+        ("before-policy", sp.handshakes_before),
+    ] {
+        o.sample("loupe_handshake_records_total", &[("outcome", outcome)], n);
+    }
     o.one(
         "loupe_sni_malformed_total",
         "counter",

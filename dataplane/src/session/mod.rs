@@ -9,6 +9,8 @@
 //! frame of a steered flow it owns here first; what is not consumed it
 //! forwards unchanged.
 //!
+//! - [`opening`]: a connection taken up from the handshake the XDP
+//!   program recorded (its SYN and SYN-ACK took the fast path).
 //! - [`hold`]: the handshake watched and the first bytes held.
 //! - [`decide`]: the decision and what follows (release, split, refusal).
 //! - [`table`]: the table's bound (eviction) and idle expiry.
@@ -28,6 +30,7 @@ use loupe_common::FlowKey;
 mod decide;
 pub mod fuzz;
 mod hold;
+pub mod opening;
 mod records;
 pub mod split;
 mod stop;
@@ -97,6 +100,9 @@ pub struct SessionSettings {
     /// The smaller MTU of the two interfaces: the halves clamp a peer's
     /// MSS option to what it carries. `None`: the options as announced.
     pub mtu: Option<u32>,
+    /// The handshakes the XDP program recorded (none: every SYN and
+    /// SYN-ACK is steered here).
+    pub handshakes: Option<Arc<dyn opening::HandshakeRecords>>,
 }
 
 /// A half's buffers to begin with (each way), before autotuning.
@@ -127,6 +133,7 @@ impl Default for SessionSettings {
             budget: Arc::new(MemoryBudget::new(1 << 30)),
             congestion: crate::tcp::cc::Algorithm::default(),
             mtu: None,
+            handshakes: None,
         }
     }
 }
@@ -226,6 +233,10 @@ pub struct Sessions {
     batch_spare: Vec<FlowId>,
     /// The engine is stopping: no new connection is taken.
     stopping: bool,
+    /// When these sessions began: a connection whose handshake XDP
+    /// recorded before then ran on without them (its first bytes may be
+    /// through already) and is met as one already running.
+    created: Instant,
     pub counters: SplitCounters,
 }
 
@@ -254,6 +265,7 @@ impl Sessions {
             batch: None,
             batch_spare: Vec::new(),
             stopping: false,
+            created: Instant::now(),
             counters: SplitCounters::default(),
         }
     }
@@ -331,22 +343,24 @@ impl Sessions {
                 self.counters.table_full += 1;
                 return Disposition::Forward;
             }
+            // Its SYN took the fast path: taken up from the record.
+            let recorded = if is_syn {
+                None
+            } else {
+                self.recorded(&parsed.key, side, now)
+            };
             let entry = if is_syn {
-                Entry::Tracking(Box::new(Tracking {
-                    tracker: Tracker::new(ConnConfig {
-                        mss_max: mss_max(self.settings.mtu, &parsed.key),
-                        ..self.conn.clone()
-                    }),
-                    client: side,
-                    templates: [None, None],
-                    hold: None,
-                    key: parsed.key,
-                    opened: now,
-                }))
+                self.tracking(parsed.key, side, now)
+            } else if let Some(r) = &recorded {
+                self.tracking(r.syn.key, r.client, r.opened)
             } else {
                 self.mid_flow(parsed.key)
             };
-            let class = if is_syn { EMBRYONIC } else { SETTLED };
+            let class = if is_syn || recorded.is_some() {
+                EMBRYONIC
+            } else {
+                SETTLED
+            };
             let since = self.next_since(id, class);
             self.flows.insert(
                 id,
@@ -356,6 +370,9 @@ impl Sessions {
                     since,
                 },
             );
+            if let Some(r) = recorded {
+                self.replay(id, r, now);
+            }
         }
         let flow = self.flows.get_mut(&id).expect("inserted above");
         flow.last_seen = now;
@@ -390,6 +407,21 @@ impl Sessions {
                 Disposition::Consumed
             }
         }
+    }
+
+    /// A tracker for a new connection whose SYN (`key`) came from `client`.
+    fn tracking(&self, key: FlowKey, client: Side, opened: Instant) -> Entry {
+        Entry::Tracking(Box::new(Tracking {
+            tracker: Tracker::new(ConnConfig {
+                mss_max: mss_max(self.settings.mtu, &key),
+                ..self.conn.clone()
+            }),
+            client,
+            templates: [None, None],
+            hold: None,
+            key,
+            opened,
+        }))
     }
 
     /// Forgets a flow for a new connection on its ports; a finished

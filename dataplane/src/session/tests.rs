@@ -12,8 +12,8 @@ use crate::{
     },
 };
 
-const C_ISN: u32 = 1000;
-const S_ISN: u32 = 9000;
+pub(super) const C_ISN: u32 = 1000;
+pub(super) const S_ISN: u32 = 9000;
 
 /// Builds frames as the client (inside) and as the server (outside).
 pub(super) struct Peers {
@@ -52,7 +52,7 @@ impl Peers {
     }
 }
 
-fn seg(seq: u32, ack: u32, syn: bool, payload: &[u8]) -> Segment {
+pub(super) fn seg(seq: u32, ack: u32, syn: bool, payload: &[u8]) -> Segment {
     Segment {
         seq: SeqNum(seq),
         ack: SeqNum(ack),

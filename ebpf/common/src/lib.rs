@@ -84,6 +84,54 @@ pub const MAX_FLOWS: u32 = 262_144;
 pub const MAX_STEER_PORTS: u32 = 1024;
 pub const MAX_PREFIXES: u32 = 16_384;
 
+/// Bytes of a SYN or SYN-ACK frame a [`Handshake`] keeps: two VLAN tags,
+/// IPv4 with 60 bytes of options and TCP with 40 (142 bytes), or IPv6
+/// with 46 bytes of extension headers. A longer one is steered instead.
+pub const HANDSHAKE_FRAME_MAX: usize = 160;
+/// Handshakes the kernel keeps at once, half-open and opened each (LRU:
+/// the least recently used goes; preallocated, about 17 MiB for both). A
+/// record is needed from a connection's SYN to its first data. A SYN flood
+/// pushes out half-open records only, as it pushes half-open connections
+/// out of the engine's table; their connections are then met as already
+/// running. Opened ones only other opened connections can push out.
+pub const MAX_HANDSHAKES: u32 = 16_384;
+
+/// A connection's opening as the XDP program carried it in the kernel,
+/// keyed in `HANDSHAKES` (then `OPENED`) by its SYN's [`FlowKey`] (client
+/// to server): the
+/// SYN, the server's SYN-ACK and the client's last pure ACK, whole, so the
+/// worker that gets the first steered segment can take the connection up
+/// as if it had seen them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handshake {
+    /// When the SYN was recorded (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    pub syn_ns: u64,
+    /// The SYN's sequence number: the SYN-ACK must acknowledge it + 1.
+    pub isn: u32,
+    /// Bytes of `syn`, `synack` and `ack` in use; 0: none yet.
+    pub syn_len: u16,
+    pub synack_len: u16,
+    pub ack_len: u16,
+    /// Non-zero once a frame of the connection was steered: from then on
+    /// every frame of it is, and the record no longer changes.
+    pub steered: u8,
+    pub _pad: [u8; 5],
+    pub syn: [u8; HANDSHAKE_FRAME_MAX],
+    pub synack: [u8; HANDSHAKE_FRAME_MAX],
+    pub ack: [u8; HANDSHAKE_FRAME_MAX],
+}
+
+/// Indices in the `SETTINGS` array.
+pub mod setting {
+    /// Non-zero: SYN, SYN-ACK and the client's pure ACKs of steered
+    /// connections before their first data take the fast path and are
+    /// recorded in `HANDSHAKES`;
+    /// zero: they are steered like every other frame.
+    pub const HANDSHAKE_FAST_PATH: u32 = 0;
+    pub const COUNT: u32 = 1;
+}
+
 /// A packets/bytes pair; one per [`Counter`] per CPU in `COUNTERS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,9 +200,12 @@ counters! {
     /// QUIC (UDP/443) to a destination whose decryption profile blocks
     /// it: XDP_DROP (browsers fall back to TLS over TCP).
     QuicDrop = 16, "quic_drop";
+    /// A steered connection's SYN, SYN-ACK or handshake ACK before its
+    /// first data: recorded in `HANDSHAKES`, DEVMAP to the peer.
+    Handshake = 17, "handshake";
 }
 
-pub const COUNTER_COUNT: u32 = 17;
+pub const COUNTER_COUNT: u32 = 18;
 
 impl Counter {
     /// Outcome counters partition `Rx`: their sum equals `Rx`.
@@ -172,6 +223,8 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CounterValue {}
+    // SAFETY: as above (Handshake pads explicitly to a multiple of 8).
+    unsafe impl aya::Pod for super::Handshake {}
 }
 
 #[cfg(test)]
@@ -189,6 +242,14 @@ mod tests {
     #[test]
     fn flow_key_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
+    }
+
+    #[test]
+    fn handshake_has_no_implicit_padding() {
+        assert_eq!(
+            core::mem::size_of::<Handshake>(),
+            8 + 4 + 2 + 2 + 2 + 1 + 5 + 3 * HANDSHAKE_FRAME_MAX
+        );
     }
 
     #[test]

@@ -11,6 +11,16 @@
 //! 4. everything else, including every frame it cannot parse, goes to the
 //!    peer interface through the DEVMAP: the in-kernel fast path.
 //!
+//! In step 2, a connection's opening takes the fast path too (when
+//! `SETTINGS` allows): its SYN, the SYN-ACK and the client's pure ACKs
+//! are recorded whole in `HANDSHAKES` and forwarded in the kernel; at the
+//! client's ACK the record moves to `OPENED`, where a flood of SYNs
+//! cannot push it out. The connection's first other frame (its first data, a FIN, a
+//! RST, anything unexpected) is steered, and so is every frame of it from
+//! then on; the worker that gets it takes the connection up from the
+//! record, as if it had seen the handshake. A worker asleep then wakes
+//! once per new connection, not three times.
+//!
 //! Malformed or truncated headers are never steered and never dropped: they
 //! take the default path and are counted (`Counter::Malformed`).
 //!
@@ -27,14 +37,18 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+    },
     macros::{map, xdp},
-    maps::{lpm_trie::Key, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, XskMap},
+    maps::{lpm_trie::Key, Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use loupe_common::{
-    v4_mapped, verdict, Addr, Counter, CounterValue, FlowKey, IfaceInfo, COUNTER_COUNT, MAX_FLOWS,
-    MAX_IFACES, MAX_PREFIXES, MAX_QUEUES, MAX_STEER_PORTS,
+    setting, v4_mapped, verdict, Addr, Counter, CounterValue, FlowKey, Handshake, IfaceInfo,
+    COUNTER_COUNT, HANDSHAKE_FRAME_MAX, MAX_FLOWS, MAX_HANDSHAKES, MAX_IFACES, MAX_PREFIXES,
+    MAX_QUEUES, MAX_STEER_PORTS,
 };
 
 #[map]
@@ -53,6 +67,21 @@ static STEER_PREFIXES: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(MAX_PREFIXE
 static EXEMPT_PREFIXES: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 #[map]
 static QUIC_BLOCK: LpmTrie<Addr, u8> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+/// Connections between their SYN and the client's ACK (a SYN flood churns
+/// these), and between that ACK and their first steered frame (these only
+/// connections that completed a handshake can fill).
+#[map]
+static HANDSHAKES: LruHashMap<FlowKey, Handshake> = LruHashMap::with_max_entries(MAX_HANDSHAKES, 0);
+#[map]
+static OPENED: LruHashMap<FlowKey, Handshake> = LruHashMap::with_max_entries(MAX_HANDSHAKES, 0);
+/// Where a new [`Handshake`] is put together (too large for the stack).
+#[map]
+static SCRATCH: PerCpuArray<Handshake> = PerCpuArray::with_max_entries(1, 0);
+/// One value per CPU to pass a length through: see [`opaque`].
+#[map]
+static OPAQUE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
 #[map]
 static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
@@ -419,7 +448,168 @@ fn tcp(ctx: &XdpContext, l3: L3) -> Class {
     if in_prefixes(&EXEMPT_PREFIXES, l3.src) || in_prefixes(&EXEMPT_PREFIXES, l3.dst) {
         return Class::Pass(Counter::PassExempt);
     }
+    handshake(ctx, &l3, &t, doff, key)
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
+
+/// A steered connection before its first data (see the module note): the
+/// SYN is recorded and forwarded; the SYN-ACK that acknowledges it is
+/// recorded beside it and forwarded; so are the client's pure ACKs after
+/// it (the last one recorded).
+/// Anything else, or a frame too long to record, is steered, and marks the
+/// record so that the rest of the connection is too.
+#[inline(always)]
+fn handshake(ctx: &XdpContext, l3: &L3, t: &[u8; 20], doff: usize, key: FlowKey) -> Class {
+    let on = SETTINGS
+        .get(setting::HANDSHAKE_FAST_PATH)
+        .is_some_and(|v| *v != 0);
+    if !on {
+        return Class::Steer(Counter::Steer);
+    }
+    // ECE, CWR and PSH do not matter here; the rest say what the frame is.
+    let control = t[13] & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK | TCP_URG);
+    let empty = l3.l4 + doff == l3.l4_end;
+    // The record, under the key of this frame (from the client) or the
+    // reversed one (from the server); in OPENED once the client's ACK came.
+    let mut from_client = true;
+    let mut opened = false;
+    let mut rec = HANDSHAKES.get_ptr_mut(key);
+    if rec.is_none() {
+        from_client = false;
+        rec = HANDSHAKES.get_ptr_mut(key.reversed());
+    }
+    if rec.is_none() {
+        (from_client, opened) = (true, true);
+        rec = OPENED.get_ptr_mut(key);
+    }
+    if rec.is_none() {
+        from_client = false;
+        rec = OPENED.get_ptr_mut(key.reversed());
+    }
+    if empty && control == TCP_SYN && (rec.is_none() || from_client) {
+        let isn = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+        // SAFETY: a value of this map, read in place (a racing update of
+        // the same connection gives one or the other's fields).
+        let known = rec.map(|r| unsafe { ((*r).steered, (*r).isn) });
+        let passed = match known {
+            // The client resends its SYN: the record stands (its SYN-ACK
+            // too, if the server's came).
+            Some((0, recorded)) if recorded == isn => true,
+            // A new connection on these ports, or the first.
+            Some((0, _)) | None => record_syn(ctx, l3.l4_end, isn, &key),
+            // The worker has the connection: it gets this SYN too.
+            Some(_) => false,
+        };
+        if passed {
+            return Class::Pass(Counter::Handshake);
+        }
+        return Class::Steer(Counter::Steer);
+    }
+    let Some(rec) = rec else {
+        return Class::Steer(Counter::Steer);
+    };
+    // SAFETY: as above; the program is the record's only writer once
+    // it exists, and userspace only reads it.
+    let rec = unsafe { &mut *rec };
+    if rec.steered == 0 && empty {
+        if control == TCP_SYN | TCP_ACK && !from_client && rec.synack_len == 0 {
+            let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+            if ack == rec.isn.wrapping_add(1) && record_frame(ctx, l3.l4_end, &mut rec.synack) {
+                rec.synack_len = l3.l4_end as u16;
+                return Class::Pass(Counter::Handshake);
+            }
+        } else if control == TCP_ACK && from_client && rec.synack_len != 0 {
+            // The last one stands: the worker continues from what it said.
+            if record_frame(ctx, l3.l4_end, &mut rec.ack) {
+                rec.ack_len = l3.l4_end as u16;
+                // Opened: out of reach of a SYN flood from here on. The
+                // record is copied map to map (by reference: a copy on
+                // the stack would not fit the 512 bytes BPF has).
+                #[allow(clippy::needless_borrows_for_generic_args)]
+                let moved = opened || (OPENED.insert(key, &*rec, 0).is_ok() && remove(key));
+                if moved {
+                    return Class::Pass(Counter::Handshake);
+                }
+            }
+        }
+    }
+    rec.steered = 1;
     Class::Steer(Counter::Steer)
+}
+
+/// Forgets the half-open record under `key`; true either way (gone
+/// already is fine: the record is in OPENED now).
+#[inline(always)]
+fn remove(key: FlowKey) -> bool {
+    let _ = HANDSHAKES.remove(key);
+    true
+}
+
+/// `v`, with what the verifier knows of it forgotten: a value read back
+/// from a map is any value. A frame's length reaches the handshake code
+/// with a different known range down each path through the headers (IPv4
+/// options, each IPv6 extension header); as a helper's size it must be
+/// tracked precisely, and the verifier would walk the code once per range
+/// (past its limit). Forgotten here and bounded again by the caller, the
+/// paths meet. `None` when the map gives no slot (never: one per CPU).
+#[inline(always)]
+fn opaque(v: usize) -> Option<usize> {
+    let slot = OPAQUE.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; the program does not nest on a CPU.
+    unsafe {
+        core::ptr::write_volatile(slot, v as u32);
+        Some(core::ptr::read_volatile(slot) as usize)
+    }
+}
+
+/// Records a SYN of `len` bytes as a new [`Handshake`]: false when it is
+/// too long or the map refuses it (then the SYN is steered).
+#[inline(always)]
+fn record_syn(ctx: &XdpContext, len: usize, isn: u32, key: &FlowKey) -> bool {
+    let Some(h) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot; the program does not nest on a CPU.
+    let h = unsafe { &mut *h };
+    if !record_frame(ctx, len, &mut h.syn) {
+        return false;
+    }
+    // SAFETY: a helper without arguments.
+    h.syn_ns = unsafe { bpf_ktime_get_ns() };
+    h.isn = isn;
+    h.syn_len = len as u16;
+    h.synack_len = 0;
+    h.ack_len = 0;
+    h.steered = 0;
+    // A record of an earlier connection on these ports goes.
+    let _ = OPENED.remove(key);
+    HANDSHAKES.insert(key, h, 0).is_ok()
+}
+
+/// Copies the frame, `len` bytes, into `into`: false when it is longer.
+#[inline(always)]
+fn record_frame(ctx: &XdpContext, len: usize, into: &mut [u8; HANDSHAKE_FRAME_MAX]) -> bool {
+    let Some(len) = opaque(len) else {
+        return false;
+    };
+    if len == 0 || len > HANDSHAKE_FRAME_MAX {
+        return false;
+    }
+    // SAFETY: at most `len` <= HANDSHAKE_FRAME_MAX bytes into `into`.
+    let rc = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            0,
+            into.as_mut_ptr() as *mut aya_ebpf::cty::c_void,
+            len as u32,
+        )
+    };
+    rc == 0
 }
 
 #[cfg(not(test))]
