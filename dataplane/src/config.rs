@@ -76,11 +76,12 @@ pub struct EngineConfig {
     pub pin_workers: bool,
     /// How long an idle worker keeps polling before it sleeps.
     pub busy_poll: Duration,
-    /// Steer every SYN and SYN-ACK of steered connections to the workers,
-    /// rather than forward them in XDP and record them for the worker that
-    /// gets the first data (the default: one wake-up per new connection
-    /// instead of three).
-    pub steer_handshakes: bool,
+    /// Forward a steered connection's handshake in XDP and record it for
+    /// the worker that gets the first data (one wake-up per new connection
+    /// instead of three), rather than steer every SYN and SYN-ACK to the
+    /// workers (the default). Experimental: see docs/ARCHITECTURE.md for
+    /// what it does not cover yet.
+    pub handshake_fast_path: bool,
     /// Split every steered TCP connection (the tcp-split action: the engine
     /// terminates both halves and relays the byte streams).
     pub tcp_split: bool,
@@ -144,7 +145,7 @@ impl EngineConfig {
             hsm: None,
             tls: Default::default(),
             export: Default::default(),
-            steer_handshakes: false,
+            handshake_fast_path: false,
             tcp_split: false,
             hold_bytes: SessionSettings::default().hold_bytes,
             hold_timeout: SessionSettings::default().hold_timeout,

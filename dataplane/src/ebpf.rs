@@ -436,6 +436,12 @@ fn recorded(h: &Handshake, from_client: bool, now_ns: u64) -> Recorded {
     let ack = usize::from(h.ack_len).min(HANDSHAKE_FRAME_MAX);
     Recorded {
         from_client,
+        // Slot 0 is the inside interface, 1 the outside.
+        client: if h.client_slot == 0 {
+            Side::Inside
+        } else {
+            Side::Outside
+        },
         syn: h.syn[..syn].to_vec(),
         synack: (synack > 0).then(|| h.synack[..synack].to_vec()),
         ack: (ack > 0).then(|| h.ack[..ack].to_vec()),

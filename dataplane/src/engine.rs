@@ -373,7 +373,7 @@ pub fn run(
     // A connection's handshake takes the fast path only where the workers
     // track connections and so read the records.
     let sessions = cfg.tcp_split || cfg.api.is_some();
-    let handshakes: Option<Arc<dyn HandshakeRecords>> = if sessions && !cfg.steer_handshakes {
+    let handshakes: Option<Arc<dyn HandshakeRecords>> = if sessions && cfg.handshake_fast_path {
         classifier.set_handshake_fast_path(true)?;
         Some(Arc::new(classifier.take_handshakes()?))
     } else {

@@ -82,13 +82,14 @@ struct Args {
           allow_negative_numbers = true,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     busy_poll_us: u64,
-    /// Steer every SYN and SYN-ACK of steered connections to the workers.
-    /// By default XDP forwards a connection's handshake in the kernel and
-    /// records it; the worker takes the connection up from the record at
-    /// its first data (a sleeping worker then wakes once per connection,
-    /// not three times).
+    /// Experimental: XDP forwards a steered connection's handshake in the
+    /// kernel and records it; the worker takes the connection up from the
+    /// record at its first data (a sleeping worker then wakes once per
+    /// connection, not three times). Off by default: a connection whose
+    /// record is lost before its first data is passed uninspected (see
+    /// docs/ARCHITECTURE.md).
     #[arg(long)]
-    steer_handshakes: bool,
+    handshake_fast_path: bool,
     /// Split every steered TCP connection: terminate both halves and relay
     /// the byte streams (the tcp-split action; TLS is left untouched).
     #[arg(long)]
@@ -247,7 +248,7 @@ fn main() -> ExitCode {
     cfg.pin_workers = !args.no_pin;
     cfg.busy_poll = Duration::from_micros(args.busy_poll_us);
     cfg.tcp_split = args.tcp_split;
-    cfg.steer_handshakes = args.steer_handshakes;
+    cfg.handshake_fast_path = args.handshake_fast_path;
     cfg.split_exempt_sni = args.split_exempt_sni;
     cfg.hold_bytes = args.hold_bytes.max(1);
     cfg.hold_timeout = Duration::from_millis(args.hold_timeout_ms.max(1));

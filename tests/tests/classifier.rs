@@ -480,6 +480,106 @@ fn a_connections_handshake_takes_the_fast_path_and_is_recorded() {
         );
         assert_eq!(record(c, &k).unwrap().steered, 1);
 
+        // The handshake's ACK must acknowledge the SYN-ACK from just past
+        // the SYN: a keepalive probe (one byte back) goes to the worker.
+        let k = key(cl, 41011, sv, 443);
+        go(
+            c,
+            "syn",
+            &seg_v4((cl, 41011), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "syn-ack",
+            &seg_v4((sv, 443), (cl, 41011), "SA", 9000, 8, b""),
+            outside,
+            Counter::Handshake,
+        );
+        assert_eq!(record(c, &k).unwrap().s_isn, 9000);
+        go(
+            c,
+            "a keepalive probe as the first ACK",
+            &seg_v4((cl, 41011), (sv, 443), "A", 7, 9001, b""),
+            inside,
+            Counter::Steer,
+        );
+        let r = record(c, &k).unwrap();
+        assert_eq!(
+            (r.ack_len, r.steered),
+            (0, 1),
+            "not recorded as the handshake's ACK"
+        );
+        let k = key(cl, 41012, sv, 443);
+        go(
+            c,
+            "syn",
+            &seg_v4((cl, 41012), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "syn-ack",
+            &seg_v4((sv, 443), (cl, 41012), "SA", 9000, 8, b""),
+            outside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "an ACK of something the server never sent",
+            &seg_v4((cl, 41012), (sv, 443), "A", 8, 9500, b""),
+            inside,
+            Counter::Steer,
+        );
+        assert_eq!(record(c, &k).unwrap().ack_len, 0);
+
+        // Each end's frames come in on its own side.
+        let k = key(cl, 41013, sv, 443);
+        let syn = seg_v4((cl, 41013), (sv, 443), "S", 7, 0, b"");
+        go(c, "syn", &syn, inside, Counter::Handshake);
+        assert_eq!(
+            record(c, &k).unwrap().client_slot,
+            0,
+            "the inside interface"
+        );
+        let other = seg_v4((cl, 41013), (sv, 443), "S", 99, 0, b"");
+        go(
+            c,
+            "the client's SYN, new ISN, from the server's side",
+            &other,
+            outside,
+            Counter::Steer,
+        );
+        assert_eq!(record(c, &k).unwrap().isn, 7, "the record stands");
+        let synack = seg_v4((sv, 443), (cl, 41013), "SA", 9000, 8, b"");
+        go(
+            c,
+            "a SYN-ACK from the client's side",
+            &synack,
+            inside,
+            Counter::Steer,
+        );
+        let r = record(c, &k).unwrap();
+        assert_eq!((r.synack_len, r.steered), (0, 1));
+
+        // A new connection on the ports of one the worker released: the
+        // worker may still hold that one, so this one is its whole.
+        let mut flows = c.take_flow_map().unwrap();
+        flows
+            .set(&key(cl, 41014, sv, 443), verdict::BYPASS)
+            .unwrap();
+        let syn = seg_v4((cl, 41014), (sv, 443), "S", 7, 0, b"");
+        go(
+            c,
+            "a new SYN on bypassed ports",
+            &syn,
+            inside,
+            Counter::Steer,
+        );
+        assert!(record(c, &key(cl, 41014, sv, 443)).is_none());
+
         let k = key(cl, 41003, sv, 443);
         go(
             c,

@@ -426,17 +426,17 @@ fn connections_older_than_the_engine_are_released_to_the_xdp_fast_path() {
     engine.stop();
 }
 
-/// A SYN flood with the handshakes steered: the SYNs fill the engine's
-/// table, whose half-open entries go first.
+/// A SYN flood (handshakes steered, the default): the SYNs fill the
+/// engine's table, whose half-open entries go first.
 #[test]
 fn a_syn_flood_cannot_push_a_connection_out_of_the_split_table() {
-    syn_flood(&["--steer-handshakes"], 3000, |r| {
+    syn_flood(&[], 3000, |r| {
         let s = r.split_total();
         (s.evicted >= 2000 && s.table_full == 0).then_some(())
     });
 }
 
-/// A SYN flood with the handshakes on the XDP fast path: the SYNs never
+/// A SYN flood with `--handshake-fast-path`: the SYNs never
 /// reach the engine, and four times as many as the kernel keeps half-open
 /// records for do not push out the record of a connection whose client
 /// acknowledged the SYN-ACK. (Its record moved to the opened ones; the
@@ -446,7 +446,7 @@ fn a_syn_flood_cannot_push_a_connection_out_of_the_split_table() {
 #[test]
 fn a_syn_flood_cannot_push_an_opened_connections_record_out() {
     let syns = 4 * loupe_common::MAX_HANDSHAKES;
-    syn_flood(&[], syns, |r| {
+    syn_flood(&["--handshake-fast-path"], syns, |r| {
         (r.xdp_packets("handshake") >= u64::from(syns) + 3).then_some(())
     });
 }

@@ -39,6 +39,8 @@ pub struct Recorded {
     /// The frame asking went the SYN's way (the record is keyed by the
     /// frame's own key), not the SYN-ACK's.
     pub from_client: bool,
+    /// The side the SYN came in on.
+    pub client: Side,
     /// The SYN frame, whole.
     pub syn: Vec<u8>,
     /// The server's SYN-ACK, whole, once it came.
@@ -77,10 +79,9 @@ fn handshake_segment(frame: &[u8], key: &FlowKey, syn: bool, ack: bool) -> Optio
 }
 
 impl Sessions {
-    /// The recorded opening of the connection `key` belongs to (a frame of
-    /// it came in on `side`), checked: `None` without a record or with one
+    /// The recorded opening of the connection `key` belongs to, checked: `None` without a record or with one
     /// that does not fit (counted).
-    pub(super) fn recorded(&mut self, key: &FlowKey, side: Side, now: Instant) -> Option<Adoption> {
+    pub(super) fn recorded(&mut self, key: &FlowKey, now: Instant) -> Option<Adoption> {
         let records = self.settings.handshakes.as_ref()?;
         let rec = records.lookup(key)?;
         let opened = now.checked_sub(rec.age).unwrap_or(now);
@@ -89,10 +90,13 @@ impl Sessions {
             self.counters.handshakes_before += 1;
             return None;
         }
-        let (syn_key, client) = if rec.from_client {
-            (*key, side)
+        // The client is where its SYN came in, whatever side this frame
+        // did (one from the wrong side is the tracker's to judge).
+        let client = rec.client;
+        let syn_key = if rec.from_client {
+            *key
         } else {
-            (key.reversed(), side.other())
+            key.reversed()
         };
         // Each frame must be what the program took it for, of this
         // connection; the ACK only after a SYN-ACK.
@@ -228,6 +232,7 @@ mod tests {
             spoil(&mut syn);
             let r = Recorded {
                 from_client: true,
+                client: Side::Inside,
                 syn,
                 synack: (frames >= 2).then(|| synack.clone()),
                 ack: (frames >= 3).then(|| ack.clone()),

@@ -84,9 +84,9 @@ pub const MAX_FLOWS: u32 = 262_144;
 pub const MAX_STEER_PORTS: u32 = 1024;
 pub const MAX_PREFIXES: u32 = 16_384;
 
-/// Bytes of a SYN or SYN-ACK frame a [`Handshake`] keeps: two VLAN tags,
-/// IPv4 with 60 bytes of options and TCP with 40 (142 bytes), or IPv6
-/// with 46 bytes of extension headers. A longer one is steered instead.
+/// Bytes of a handshake frame a [`Handshake`] keeps: two VLAN tags, IPv4
+/// with 40 bytes of options and TCP with 40 (142 bytes), or IPv6 with 38
+/// bytes of extension headers. A longer one is steered instead.
 pub const HANDSHAKE_FRAME_MAX: usize = 160;
 /// Handshakes the kernel keeps at once, half-open and opened each (LRU:
 /// the least recently used goes; preallocated, about 17 MiB for both). A
@@ -109,6 +109,9 @@ pub struct Handshake {
     pub syn_ns: u64,
     /// The SYN's sequence number: the SYN-ACK must acknowledge it + 1.
     pub isn: u32,
+    /// The SYN-ACK's (the server's ISN), once it came: the client's ACK
+    /// must acknowledge it + 1.
+    pub s_isn: u32,
     /// Bytes of `syn`, `synack` and `ack` in use; 0: none yet.
     pub syn_len: u16,
     pub synack_len: u16,
@@ -116,7 +119,9 @@ pub struct Handshake {
     /// Non-zero once a frame of the connection was steered: from then on
     /// every frame of it is, and the record no longer changes.
     pub steered: u8,
-    pub _pad: [u8; 5],
+    /// The interface slot the SYN came in on: the client's side. Frames
+    /// of the connection from the wrong side are steered.
+    pub client_slot: u8,
     pub syn: [u8; HANDSHAKE_FRAME_MAX],
     pub synack: [u8; HANDSHAKE_FRAME_MAX],
     pub ack: [u8; HANDSHAKE_FRAME_MAX],
@@ -223,7 +228,7 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CounterValue {}
-    // SAFETY: as above (Handshake pads explicitly to a multiple of 8).
+    // SAFETY: as above (Handshake's fields fill it to a multiple of 8).
     unsafe impl aya::Pod for super::Handshake {}
 }
 
@@ -248,7 +253,7 @@ mod tests {
     fn handshake_has_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<Handshake>(),
-            8 + 4 + 2 + 2 + 2 + 1 + 5 + 3 * HANDSHAKE_FRAME_MAX
+            8 + 4 + 4 + 2 + 2 + 2 + 1 + 1 + 3 * HANDSHAKE_FRAME_MAX
         );
     }
 

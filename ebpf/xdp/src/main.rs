@@ -121,7 +121,7 @@ pub fn loupe_xdp(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let slot = iface.slot;
-    match classify(&ctx, len) {
+    match classify(&ctx, len, slot) {
         Class::Pass(c) => forward(slot, c, len),
         Class::Drop(c) => {
             count(c, len);
@@ -223,7 +223,7 @@ struct L3 {
 }
 
 #[inline(always)]
-fn classify(ctx: &XdpContext, len: u64) -> Class {
+fn classify(ctx: &XdpContext, len: u64, slot: u32) -> Class {
     let Some(eth) = bytes::<ETH_HLEN>(ctx, 0) else {
         return Class::Pass(Counter::Malformed);
     };
@@ -251,7 +251,7 @@ fn classify(ctx: &XdpContext, len: u64) -> Class {
     };
     match l3 {
         Ok(l3) if l3.proto == IPPROTO_UDP => udp(ctx, l3),
-        Ok(l3) => tcp(ctx, l3),
+        Ok(l3) => tcp(ctx, l3, slot),
         Err(class) => class,
     }
 }
@@ -396,7 +396,7 @@ fn udp(ctx: &XdpContext, l3: L3) -> Class {
 }
 
 #[inline(always)]
-fn tcp(ctx: &XdpContext, l3: L3) -> Class {
+fn tcp(ctx: &XdpContext, l3: L3, slot: u32) -> Class {
     if l3.l4 > MAX_L4_OFFSET {
         return Class::Pass(Counter::Malformed);
     }
@@ -414,6 +414,10 @@ fn tcp(ctx: &XdpContext, l3: L3) -> Class {
     // A SYN without ACK opens a new connection: an earlier connection's
     // bypass on the same ports must not exempt it from inspection.
     let new_conn = t[13] & 0x12 == 0x02;
+    // Whether a verdict for earlier traffic on these ports was found: the
+    // worker may still hold state for it, so a new connection here is
+    // steered whole (its handshake too) for the worker to start afresh.
+    let mut reused = false;
     // SAFETY: the value is copied out at once; a concurrent update from
     // userspace yields either the old or the new verdict.
     if let Some(v) = unsafe { FLOWS.get(key) } {
@@ -427,6 +431,7 @@ fn tcp(ctx: &XdpContext, l3: L3) -> Class {
                 // ports of an exempt one). Gone already is fine.
                 let _ = FLOWS.remove(key);
                 let _ = FLOWS.remove(key.reversed());
+                reused = true;
             }
             verdict::DROP => return Class::Drop(Counter::FlowDrop),
             verdict::STEER => return Class::Steer(Counter::FlowSteer),
@@ -448,7 +453,10 @@ fn tcp(ctx: &XdpContext, l3: L3) -> Class {
     if in_prefixes(&EXEMPT_PREFIXES, l3.src) || in_prefixes(&EXEMPT_PREFIXES, l3.dst) {
         return Class::Pass(Counter::PassExempt);
     }
-    handshake(ctx, &l3, &t, doff, key)
+    if reused {
+        return Class::Steer(Counter::Steer);
+    }
+    handshake(ctx, &l3, &t, doff, key, slot)
 }
 
 const TCP_FIN: u8 = 0x01;
@@ -464,7 +472,14 @@ const TCP_URG: u8 = 0x20;
 /// Anything else, or a frame too long to record, is steered, and marks the
 /// record so that the rest of the connection is too.
 #[inline(always)]
-fn handshake(ctx: &XdpContext, l3: &L3, t: &[u8; 20], doff: usize, key: FlowKey) -> Class {
+fn handshake(
+    ctx: &XdpContext,
+    l3: &L3,
+    t: &[u8; 20],
+    doff: usize,
+    key: FlowKey,
+    slot: u32,
+) -> Class {
     let on = SETTINGS
         .get(setting::HANDSHAKE_FAST_PATH)
         .is_some_and(|v| *v != 0);
@@ -495,13 +510,15 @@ fn handshake(ctx: &XdpContext, l3: &L3, t: &[u8; 20], doff: usize, key: FlowKey)
         let isn = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
         // SAFETY: a value of this map, read in place (a racing update of
         // the same connection gives one or the other's fields).
-        let known = rec.map(|r| unsafe { ((*r).steered, (*r).isn) });
+        let known = rec.map(|r| unsafe { ((*r).steered, (*r).isn, u32::from((*r).client_slot)) });
         let passed = match known {
+            // From the server's side: the worker's to judge.
+            Some((_, _, client)) if client != slot => false,
             // The client resends its SYN: the record stands (its SYN-ACK
             // too, if the server's came).
-            Some((0, recorded)) if recorded == isn => true,
+            Some((0, recorded, _)) if recorded == isn => true,
             // A new connection on these ports, or the first.
-            Some((0, _)) | None => record_syn(ctx, l3.l4_end, isn, &key),
+            Some((0, _, _)) | None => record_syn(ctx, l3.l4_end, isn, &key, slot),
             // The worker has the connection: it gets this SYN too.
             Some(_) => false,
         };
@@ -516,14 +533,27 @@ fn handshake(ctx: &XdpContext, l3: &L3, t: &[u8; 20], doff: usize, key: FlowKey)
     // SAFETY: as above; the program is the record's only writer once
     // it exists, and userspace only reads it.
     let rec = unsafe { &mut *rec };
-    if rec.steered == 0 && empty {
+    // Each end's frames come in on its own side; one from the other side
+    // (spoofed, or looped) is the worker's to judge.
+    let right_side = (u32::from(rec.client_slot) == slot) == from_client;
+    let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+    if rec.steered == 0 && empty && right_side {
         if control == TCP_SYN | TCP_ACK && !from_client && rec.synack_len == 0 {
-            let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
             if ack == rec.isn.wrapping_add(1) && record_frame(ctx, l3.l4_end, &mut rec.synack) {
+                rec.s_isn = seq;
                 rec.synack_len = l3.l4_end as u16;
                 return Class::Pass(Counter::Handshake);
             }
-        } else if control == TCP_ACK && from_client && rec.synack_len != 0 {
+        } else if control == TCP_ACK
+            && from_client
+            && rec.synack_len != 0
+            && seq == rec.isn.wrapping_add(1)
+            && ack == rec.s_isn.wrapping_add(1)
+        {
+            // Only the handshake's own ACK (or its repeats and window
+            // updates): a keepalive probe or a stray ACK goes to the
+            // worker, which would not have taken it as the handshake's.
             // The last one stands: the worker continues from what it said.
             if record_frame(ctx, l3.l4_end, &mut rec.ack) {
                 rec.ack_len = l3.l4_end as u16;
@@ -570,7 +600,7 @@ fn opaque(v: usize) -> Option<usize> {
 /// Records a SYN of `len` bytes as a new [`Handshake`]: false when it is
 /// too long or the map refuses it (then the SYN is steered).
 #[inline(always)]
-fn record_syn(ctx: &XdpContext, len: usize, isn: u32, key: &FlowKey) -> bool {
+fn record_syn(ctx: &XdpContext, len: usize, isn: u32, key: &FlowKey, slot: u32) -> bool {
     let Some(h) = SCRATCH.get_ptr_mut(0) else {
         return false;
     };
@@ -582,6 +612,8 @@ fn record_syn(ctx: &XdpContext, len: usize, isn: u32, key: &FlowKey) -> bool {
     // SAFETY: a helper without arguments.
     h.syn_ns = unsafe { bpf_ktime_get_ns() };
     h.isn = isn;
+    h.s_isn = 0;
+    h.client_slot = slot as u8;
     h.syn_len = len as u16;
     h.synack_len = 0;
     h.ack_len = 0;
