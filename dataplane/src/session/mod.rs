@@ -347,7 +347,7 @@ impl Sessions {
             let recorded = if is_syn {
                 None
             } else {
-                self.recorded(&parsed.key, now)
+                self.recorded(&parsed.key, &parsed.segment, now)
             };
             let entry = if is_syn {
                 self.tracking(parsed.key, side, now)

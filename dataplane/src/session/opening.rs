@@ -21,7 +21,8 @@ use crate::{
     flow::FlowId,
     wire::{
         frame::slice_tcp,
-        segment::{headers_of, Parsed},
+        segment::{headers_of, Parsed, Segment},
+        seq::SeqNum,
     },
 };
 
@@ -79,9 +80,15 @@ fn handshake_segment(frame: &[u8], key: &FlowKey, syn: bool, ack: bool) -> Optio
 }
 
 impl Sessions {
-    /// The recorded opening of the connection `key` belongs to, checked: `None` without a record or with one
-    /// that does not fit (counted).
-    pub(super) fn recorded(&mut self, key: &FlowKey, now: Instant) -> Option<Adoption> {
+    /// The recorded opening of the connection a frame with `key` and
+    /// segment `seg` belongs to, checked: `None` without a record or with
+    /// one that does not fit (counted).
+    pub(super) fn recorded(
+        &mut self,
+        key: &FlowKey,
+        seg: &Segment,
+        now: Instant,
+    ) -> Option<Adoption> {
         let records = self.settings.handshakes.as_ref()?;
         let rec = records.lookup(key)?;
         let opened = now.checked_sub(rec.age).unwrap_or(now);
@@ -115,7 +122,20 @@ impl Sessions {
             self.counters.handshakes_unusable += 1;
             return None;
         };
-        if ack.is_some() && synack.is_none() {
+        // The frame must be one of the connection's first (its sender's
+        // sequence number at most the hold's bound past its ISN; a
+        // keepalive probe sits one below): a record outlives what the
+        // worker kept of its connection, and one taken up mid-stream
+        // would hold for bytes long through.
+        let bound = u32::try_from(self.settings.hold_bytes).unwrap_or(u32::MAX);
+        let near = |isn: SeqNum| seg.seq.0.wrapping_sub(isn.0) <= bound.saturating_add(1);
+        let fresh = seg.flags.syn
+            || if rec.from_client {
+                near(syn.segment.seq)
+            } else {
+                synack.as_ref().is_some_and(|(p, _)| near(p.segment.seq))
+            };
+        if !fresh || (ack.is_some() && synack.is_none()) {
             self.counters.handshakes_unusable += 1;
             return None;
         }
@@ -158,7 +178,7 @@ mod tests {
         stats::SplitCounters,
         tcp::split::Dir,
         tls::hello::tests::client_hello,
-        wire::segment::{parse_segment, Segment},
+        wire::segment::parse_segment,
     };
 
     /// Records as the XDP program keeps them: keyed by the SYN's key.
@@ -415,6 +435,38 @@ mod tests {
             (c.handshakes_before, c.handshakes_adopted, c.passthrough),
             (1, 0, 1)
         );
+    }
+
+    /// A record outlives what the worker kept of its connection: a frame
+    /// far into the stream (the worker forgot the connection, idle) is not
+    /// taken up from it, as a hold from the first byte would wait for
+    /// bytes long through. A keepalive probe before any data (one below
+    /// the first byte) is.
+    #[test]
+    fn a_frame_far_into_the_stream_is_not_taken_up_from_the_record() {
+        let mut p = Pair::new();
+        p.record(3, |_| ());
+        let late = seg(C_ISN + 1 + (1 << 20), S_ISN + 1, false, b"late bytes");
+        let f = p.peers.frame(Dir::Client, &late);
+        assert_eq!(
+            p.recorded.on_frame(Side::Inside, &f, p.now),
+            Disposition::Forward
+        );
+        let c = &p.recorded.counters;
+        assert_eq!(
+            (c.handshakes_unusable, c.handshakes_adopted, c.passthrough),
+            (1, 0, 1)
+        );
+
+        let mut p = Pair::new();
+        p.record(3, |_| ());
+        let probe = seg(C_ISN, S_ISN + 1, false, b"");
+        let [a, b] = p.both(Dir::Client, &probe);
+        assert_eq!(
+            a, b,
+            "the probe, as a tracker that saw the handshake takes it"
+        );
+        assert_eq!(p.recorded.counters.handshakes_adopted, 1);
     }
 
     /// Without records (or without one for this connection), nothing
