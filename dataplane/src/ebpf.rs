@@ -442,6 +442,7 @@ fn recorded(h: &Handshake, from_client: bool, now_ns: u64) -> Recorded {
         } else {
             Side::Outside
         },
+        steered: h.steered != 0,
         syn: h.syn[..syn].to_vec(),
         synack: (synack > 0).then(|| h.synack[..synack].to_vec()),
         ack: (ack > 0).then(|| h.ack[..ack].to_vec()),

@@ -564,6 +564,69 @@ fn a_connections_handshake_takes_the_fast_path_and_is_recorded() {
         let r = record(c, &k).unwrap();
         assert_eq!((r.synack_len, r.steered), (0, 1));
 
+        // Once the server answered, a SYN with another ISN (forged) goes
+        // on in the kernel, as the server challenges it, and the record
+        // stands; a resent SYN renews the record's copy of the SYN.
+        let k = key(cl, 41015, sv, 443);
+        go(
+            c,
+            "syn",
+            &seg_v4((cl, 41015), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "syn-ack",
+            &seg_v4((sv, 443), (cl, 41015), "SA", 9000, 8, b""),
+            outside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "a SYN with another ISN",
+            &seg_v4((cl, 41015), (sv, 443), "S", 99, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        let r = record(c, &k).unwrap();
+        assert_eq!(
+            (r.isn, r.s_isn, r.steered),
+            (7, 9000, 0),
+            "the record stands"
+        );
+        let k = key(cl, 41016, sv, 443);
+        let good = seg_v4((cl, 41016), (sv, 443), "S", 7, 0, b"");
+        let mut bad = good.clone();
+        bad[50] ^= 0xff;
+        go(c, "a corrupt SYN", &bad, inside, Counter::Handshake);
+        go(c, "resent whole", &good, inside, Counter::Handshake);
+        let r = record(c, &k).unwrap();
+        assert_eq!(
+            &r.syn[..r.syn_len as usize],
+            &good[..],
+            "the resent copy kept"
+        );
+
+        // The server's own SYN (a simultaneous open) goes to the worker,
+        // the record unmarked for it to be judged against.
+        let k = key(cl, 41017, sv, 443);
+        go(
+            c,
+            "syn",
+            &seg_v4((cl, 41017), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        go(
+            c,
+            "the server's SYN",
+            &seg_v4((sv, 443), (cl, 41017), "S", 9000, 0, b""),
+            outside,
+            Counter::Steer,
+        );
+        assert_eq!(record(c, &k).unwrap().steered, 0);
+
         // A new connection on the ports of one the worker released: the
         // worker may still hold that one, so this one is its whole.
         let mut flows = c.take_flow_map().unwrap();

@@ -333,6 +333,12 @@ impl Sessions {
                 self.retire(id);
             }
         }
+        // Its SYN took the fast path (so the worker did not retire the
+        // entry): a record newer than anything seen of the entry is a new
+        // connection on these ports.
+        if !is_syn && self.newer_connection(id, &parsed.key, now) {
+            self.retire(id);
+        }
         if !self.flows.contains_key(&id) {
             if self.stopping {
                 self.counters.refused_stopping += 1;
@@ -343,16 +349,12 @@ impl Sessions {
                 self.counters.table_full += 1;
                 return Disposition::Forward;
             }
-            // Its SYN took the fast path: taken up from the record.
-            let recorded = if is_syn {
-                None
-            } else {
-                self.recorded(&parsed.key, &parsed.segment, now)
-            };
-            let entry = if is_syn {
-                self.tracking(parsed.key, side, now)
-            } else if let Some(r) = &recorded {
+            // Its handshake took the fast path: taken up from the record.
+            let recorded = self.recorded(&parsed.key, &parsed.segment, now);
+            let entry = if let Some(r) = &recorded {
                 self.tracking(r.syn.key, r.client, r.opened)
+            } else if is_syn {
+                self.tracking(parsed.key, side, now)
             } else {
                 self.mid_flow(parsed.key)
             };

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use loupe_common::FlowKey;
 
-use super::{Sessions, Side};
+use super::{Entry, Sessions, Side};
 use crate::{
     flow::FlowId,
     wire::{
@@ -42,6 +42,9 @@ pub struct Recorded {
     pub from_client: bool,
     /// The side the SYN came in on.
     pub client: Side,
+    /// A frame of the connection was steered already (the one asking, or
+    /// one the worker took the connection up at before).
+    pub steered: bool,
     /// The SYN frame, whole.
     pub syn: Vec<u8>,
     /// The server's SYN-ACK, whole, once it came.
@@ -91,6 +94,13 @@ impl Sessions {
     ) -> Option<Adoption> {
         let records = self.settings.handshakes.as_ref()?;
         let rec = records.lookup(key)?;
+        // A SYN is steered without marking the record: one whose record
+        // is marked belongs to a connection the worker had (it gets the
+        // SYN as the start of a new one), one whose record is not came
+        // from the wrong side and is judged against the recorded opening.
+        if seg.flags.syn && !seg.flags.ack && rec.steered {
+            return None;
+        }
         let opened = now.checked_sub(rec.age).unwrap_or(now);
         if opened < self.created {
             // Its frames went by unwatched (before the first policy).
@@ -116,9 +126,12 @@ impl Sessions {
         let parts = (
             handshake_segment(&rec.syn, &syn_key, true, false),
             checked(&rec.synack, &syn_key.reversed(), true),
-            checked(&rec.ack, &syn_key, false),
+            // An ACK that does not parse (a bad checksum: the server
+            // dropped it too) is left out; the client's next segment
+            // carries the acknowledgment again.
+            checked(&rec.ack, &syn_key, false).unwrap_or(None),
         );
-        let (Some(syn), Ok(synack), Ok(ack)) = parts else {
+        let (Some(syn), Ok(synack), ack) = parts else {
             self.counters.handshakes_unusable += 1;
             return None;
         };
@@ -148,6 +161,26 @@ impl Sessions {
             synack,
             ack,
         })
+    }
+
+    /// Whether the flow `id` has an entry left from an earlier connection
+    /// (passed through or ended) and a handshake was recorded on its ports
+    /// after the last frame the entry saw: a client reusing its port (as
+    /// one that closed second does at once) meets the old entry otherwise,
+    /// which forwards or drops its frames undecided.
+    pub(super) fn newer_connection(&self, id: FlowId, key: &FlowKey, now: Instant) -> bool {
+        let Some(records) = &self.settings.handshakes else {
+            return false;
+        };
+        let Some(last_seen) = self.flows.get(&id).and_then(|f| match f.entry {
+            Entry::Passthrough(_) | Entry::Ended => Some(f.last_seen),
+            Entry::Tracking(_) | Entry::Split { .. } => None,
+        }) else {
+            return false;
+        };
+        records
+            .lookup(key)
+            .is_some_and(|r| now.checked_sub(r.age).is_some_and(|syn| syn > last_seen))
     }
 
     /// Feeds a new tracker the recorded SYN, SYN-ACK and ACK. They were
@@ -253,6 +286,7 @@ mod tests {
             let r = Recorded {
                 from_client: true,
                 client: Side::Inside,
+                steered: false,
                 syn,
                 synack: (frames >= 2).then(|| synack.clone()),
                 ack: (frames >= 3).then(|| ack.clone()),
@@ -467,6 +501,66 @@ mod tests {
             "the probe, as a tracker that saw the handshake takes it"
         );
         assert_eq!(p.recorded.counters.handshakes_adopted, 1);
+    }
+
+    /// The client's last ACK on record with a bad checksum (the server
+    /// dropped it too) is left out: the connection is taken up from the
+    /// SYN and SYN-ACK, and its first data completes the handshake.
+    #[test]
+    fn a_corrupt_ack_on_record_is_left_out() {
+        let mut p = Pair::new();
+        p.record(3, |_| ());
+        p.table.0.lock().unwrap()[0].1.ack.as_mut().unwrap()[40] ^= 0x10;
+        let hello = client_hello("shop.example", &[]);
+        let [a, b] = p.both(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, &hello));
+        assert_eq!(a, b);
+        let c = &p.recorded.counters;
+        assert_eq!(
+            (c.handshakes_adopted, c.handshakes_unusable, c.split),
+            (1, 0, 1)
+        );
+    }
+
+    /// A SYN from the server's side with the client's addresses (forged)
+    /// before the connection's first data: judged against the recorded
+    /// opening (the worker would otherwise take it for the client's SYN,
+    /// the ends swapped), so the client's data after it is still held.
+    #[test]
+    fn a_syn_from_the_wrong_side_is_judged_against_the_record() {
+        let mut p = Pair::new();
+        p.record(3, |_| ());
+        let forged = p.peers.frame(Dir::Client, &seg(77_000, 0, true, b""));
+        let d = p.recorded.on_frame(Side::Outside, &forged, p.now);
+        assert_eq!(d, Disposition::Forward);
+        assert_eq!(p.recorded.counters.handshakes_adopted, 1);
+        let hello = client_hello("shop.example", &[]);
+        let [a, b] = p.both(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, &hello));
+        assert_eq!(a, b, "held and split as if the forged SYN never came");
+        assert_eq!(p.recorded.counters.split, 1);
+    }
+
+    /// A client reusing its port after the engine forgot nothing of the
+    /// old connection (an entry passed through, or ended): the new
+    /// connection's SYN took the fast path, so its first data meets the
+    /// old entry; the newer record retires it and the new connection is
+    /// held and decided.
+    #[test]
+    fn a_new_connection_on_the_ports_of_an_old_entry_is_taken_up() {
+        let mut p = Pair::new();
+        p.hello_to_recorded_only();
+        assert_eq!(p.recorded.counters.passthrough, 1, "the old connection");
+        p.record(3, |_| ());
+        p.now += Duration::from_millis(10);
+        let hello = client_hello("shop.example", &[]);
+        let f = p
+            .peers
+            .frame(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, &hello));
+        assert_eq!(
+            p.recorded.on_frame(Side::Inside, &f, p.now),
+            Disposition::Consumed
+        );
+        let c = &p.recorded.counters;
+        assert_eq!((c.handshakes_adopted, c.split), (1, 1));
     }
 
     /// Without records (or without one for this connection), nothing

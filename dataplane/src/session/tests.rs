@@ -1557,3 +1557,43 @@ fn a_peer_mss_beyond_the_link_mtu_is_clamped_to_it() {
         assert_eq!(sizes.iter().max(), Some(&most), "{mtu:?}: {sizes:?}");
     }
 }
+
+/// A forged SYN (another ISN) after the handshake, before the first data:
+/// the server challenges it and goes on, and so does the hold: the
+/// ClientHello after it is held and decided, not forwarded undecided.
+#[test]
+fn a_forged_syn_before_the_first_data_changes_nothing() {
+    let mut b = Bench::new(SessionSettings::default());
+    assert_eq!(
+        b.send(Dir::Client, &seg(77_000, 0, true, b"")),
+        Disposition::Forward
+    );
+    let hello = client_hello("shop.example", &[]);
+    assert_eq!(b.client_data(0, &hello).0, Disposition::Consumed);
+    assert_eq!((b.sp.counters.hellos, b.sp.counters.split), (1, 1));
+    assert_eq!(b.sp.counters.passthrough, 0);
+}
+
+/// A SYN carrying data without the Fast Open option: the server ignores
+/// the data and the client sends it again after the handshake, where it
+/// is held and decided (one byte on a SYN used to pass the connection).
+#[test]
+fn data_on_a_syn_without_fast_open_does_not_pass_the_connection() {
+    let mut b = Bench {
+        sp: Sessions::new(SessionSettings::default()),
+        peers: Peers::new(),
+        now: Instant::now(),
+    };
+    assert_eq!(
+        b.send(Dir::Client, &seg(C_ISN, 0, true, b"x")),
+        Disposition::Forward
+    );
+    assert_eq!(
+        b.send(Dir::Server, &seg(S_ISN, C_ISN + 1, true, b"")),
+        Disposition::Forward
+    );
+    let hello = client_hello("shop.example", &[]);
+    assert_eq!(b.client_data(0, &hello).0, Disposition::Consumed);
+    let c = &b.sp.counters;
+    assert_eq!((c.split, c.passthrough, c.fast_open), (1, 0, 0));
+}

@@ -211,7 +211,14 @@ impl Tracker {
         }
         match (&mut self.phase, dir) {
             (Phase::Idle, Dir::Client) if f.syn && !f.ack => {
-                if seg.options.fast_open || !seg.payload.is_empty() || f.fin {
+                // Data on a SYN without the Fast Open option is ignored by
+                // the server (RFC 7413 §4.2.2: without a valid cookie it
+                // acknowledges the SYN only) and sent again after the
+                // handshake, where it is held; passing such a connection
+                // let any client skip inspection with one byte on its SYN.
+                // A server that took the data anyway acknowledges more
+                // than the SYN, which is inconsistent below.
+                if seg.options.fast_open || f.fin {
                     return Track::Pass(Passthrough::FastOpen);
                 }
                 self.phase = Phase::Syn {
@@ -225,11 +232,18 @@ impl Tracker {
             (Phase::Syn { isn, .. }, Dir::Client) if f.syn && !f.ack && seg.seq == *isn => {
                 Track::Forward
             }
+            //= https://www.rfc-editor.org/rfc/rfc5961#section-4.2
+            //# If the SYN bit is set, irrespective of the sequence number, TCP
+            //# MUST send an ACK (also referred to as challenge ACK) to the remote
+            //# peer
+            // The connection is established: the server answers a new SYN
+            // with a challenge ACK and goes on, and so does the hold (once,
+            // a forged SYN here restarted the tracker, and the data after
+            // it went through undecided).
+            (Phase::Hold(_), Dir::Client) if f.syn && !f.ack => Track::Forward,
             // A new SYN on the same ports (the earlier attempt was refused
             // or abandoned): start over.
-            (Phase::Syn { .. } | Phase::SynAck { .. } | Phase::Hold(_), Dir::Client)
-                if f.syn && !f.ack =>
-            {
+            (Phase::Syn { .. } | Phase::SynAck { .. }, Dir::Client) if f.syn && !f.ack => {
                 self.phase = Phase::Idle;
                 self.on_segment(dir, seg)
             }
@@ -538,7 +552,8 @@ pub(crate) mod tests {
     #[test]
     fn fast_open_and_mid_flow_connections_pass_through() {
         let mut t = Tracker::new(ConnConfig::default());
-        let syn = segment(1, None, SYN, b"data on syn");
+        let mut syn = segment(1, None, SYN, b"data on syn");
+        syn.options.fast_open = true;
         assert_eq!(
             t.on_segment(Dir::Client, &syn),
             Track::Pass(Passthrough::FastOpen)
@@ -549,6 +564,48 @@ pub(crate) mod tests {
             t.on_segment(Dir::Client, &mid),
             Track::Pass(Passthrough::MidFlow)
         );
+    }
+
+    /// A SYN carrying data without the Fast Open option is tracked like
+    /// any SYN: its connection is held at its first bytes after the
+    /// handshake. Passed through, one byte on a SYN would skip inspection.
+    #[test]
+    fn data_on_a_syn_without_fast_open_is_tracked() {
+        let mut t = Tracker::new(ConnConfig::default());
+        let syn = segment(1000, None, SYN, b"data on syn");
+        assert_eq!(t.on_segment(Dir::Client, &syn), Track::Forward);
+        let synack = segment(9000, Some(1001), SYN, b"");
+        assert_eq!(t.on_segment(Dir::Server, &synack), Track::Forward);
+        let data = segment(1001, Some(9001), Flags::default(), b"hello");
+        assert_eq!(t.on_segment(Dir::Client, &data), Track::Hold);
+        // A server that took the data anyway acknowledged more than the SYN.
+        let mut t = Tracker::new(ConnConfig::default());
+        t.on_segment(Dir::Client, &syn);
+        let took = segment(9000, Some(1012), SYN, b"");
+        assert!(matches!(
+            t.on_segment(Dir::Server, &took),
+            Track::Pass(Passthrough::Inconsistent)
+        ));
+    }
+
+    /// Once the handshake is through, a client SYN (forged, or a stack
+    /// that lost its state) draws the server's challenge ACK and changes
+    /// nothing: the data after it is still held. It used to restart the
+    /// tracker, and that data went through undecided.
+    #[test]
+    fn a_syn_after_the_handshake_does_not_restart_the_hold() {
+        let mut t = Tracker::new(ConnConfig::default());
+        t.on_segment(Dir::Client, &segment(1000, None, SYN, b""));
+        t.on_segment(Dir::Server, &segment(9000, Some(1001), SYN, b""));
+        t.on_segment(
+            Dir::Client,
+            &segment(1001, Some(9001), Flags::default(), b""),
+        );
+        let forged = segment(77_000, None, SYN, b"");
+        assert_eq!(t.on_segment(Dir::Client, &forged), Track::Forward);
+        let data = segment(1001, Some(9001), Flags::default(), b"hello");
+        assert_eq!(t.on_segment(Dir::Client, &data), Track::Hold);
+        assert!(t.client_data_start().is_some());
     }
 
     #[test]

@@ -510,17 +510,37 @@ fn handshake(
         let isn = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
         // SAFETY: a value of this map, read in place (a racing update of
         // the same connection gives one or the other's fields).
-        let known = rec.map(|r| unsafe { ((*r).steered, (*r).isn, u32::from((*r).client_slot)) });
-        let passed = match known {
+        let known = rec.map(|r| unsafe {
+            (
+                (*r).steered,
+                (*r).isn,
+                u32::from((*r).client_slot),
+                (*r).synack_len,
+            )
+        });
+        let passed = match (known, rec) {
             // From the server's side: the worker's to judge.
-            Some((_, _, client)) if client != slot => false,
+            (Some((_, _, client, _)), _) if client != slot => false,
             // The client resends its SYN: the record stands (its SYN-ACK
-            // too, if the server's came).
-            Some((0, recorded, _)) if recorded == isn => true,
+            // too, if the server's came), the SYN's copy renewed (the
+            // first may have been corrupt).
+            (Some((0, recorded, _, _)), Some(r)) if recorded == isn => {
+                // SAFETY: as above.
+                let r = unsafe { &mut *r };
+                if record_frame(ctx, l3.l4_end, &mut r.syn) {
+                    r.syn_len = l3.l4_end as u16;
+                }
+                true
+            }
+            // Another ISN once the server answered: a synchronized server
+            // answers it with a challenge ACK and goes on (RFC 5961
+            // §4.2), and so does the record. Steered, the worker would
+            // have taken this SYN for the connection's.
+            (Some((0, _, _, synack)), _) if synack != 0 => true,
             // A new connection on these ports, or the first.
-            Some((0, _, _)) | None => record_syn(ctx, l3.l4_end, isn, &key, slot),
+            (Some((0, _, _, _)), _) | (None, _) => record_syn(ctx, l3.l4_end, isn, &key, slot),
             // The worker has the connection: it gets this SYN too.
-            Some(_) => false,
+            (Some(_), _) => false,
         };
         if passed {
             return Class::Pass(Counter::Handshake);
@@ -568,7 +588,12 @@ fn handshake(
             }
         }
     }
-    rec.steered = 1;
+    // A SYN (the server's own, in a simultaneous open) leaves the record
+    // unmarked: the worker then judges it against the recorded opening
+    // rather than take it for the connection's first.
+    if control != TCP_SYN {
+        rec.steered = 1;
+    }
     Class::Steer(Counter::Steer)
 }
 
