@@ -157,13 +157,14 @@ impl Sessions {
         }
         match track {
             Track::Forward => Disposition::Forward,
+            // A RST in the hold counts as a pass only if it ends the
+            // connection (counted there; it was counted twice, and a
+            // forged one dropped counted once).
+            Track::Pass(Passthrough::Reset) => self.reset_in_hold(id, side, &p.segment),
             Track::Pass(why) => {
                 self.counters.passthrough += 1;
                 if why == Passthrough::FastOpen {
                     self.counters.fast_open += 1;
-                }
-                if why == Passthrough::Reset {
-                    return self.reset_in_hold(id, side, &p.segment);
                 }
                 self.undecided(id, NoDecision::Unsplittable, now)
             }

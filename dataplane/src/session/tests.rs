@@ -786,6 +786,7 @@ fn a_reset_during_the_hold_ends_it_and_the_held_data_stays() {
     assert_eq!(b.send(Dir::Client, &rst), Disposition::Forward);
     assert!(b.sent().is_empty(), "the held bytes are not released");
     assert_eq!((b.sp.counters.split, bypassed(&b.sp)), (0, 0));
+    assert_eq!(b.sp.counters.passthrough, 1, "counted once");
     // Late segments of it are dropped.
     assert_eq!(b.client_data(3, b"x").0, Disposition::Consumed);
 }
@@ -801,6 +802,7 @@ fn a_forged_reset_during_the_hold_is_dropped_and_the_hold_goes_on() {
         assert_eq!(b.send(dir, &rst), Disposition::Consumed);
     }
     assert_eq!((b.sp.counters.bogus_resets, bypassed(&b.sp)), (2, 0));
+    assert_eq!(b.sp.counters.passthrough, 0, "nothing passed");
     b.client_data(100, &hello[100..]);
     assert_eq!(b.sp.counters.refused, 1, "the block still applies");
 }
