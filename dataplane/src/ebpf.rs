@@ -12,7 +12,7 @@ use aya::{
         Array, DevMap, HashMap, MapError, PerCpuArray, XskMap,
     },
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
 };
 use loupe_common::{
     setting, Addr, Counter, CounterValue, FlowKey, Handshake, IfaceInfo, HANDSHAKE_FRAME_MAX,
@@ -94,8 +94,25 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> ClassifierError {
 }
 
 impl Classifier {
+    /// Loads the program with room for handshake records (the
+    /// `--handshake-fast-path` maps, about 17 MiB preallocated).
     pub fn load() -> Result<Self, ClassifierError> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| ClassifierError::Load(Box::new(e)))?;
+        Self::load_with(true)
+    }
+
+    /// Loads the program; without `handshakes` its handshake maps hold one
+    /// record each, so an engine that never turns the fast path on does
+    /// not preallocate them (nor wait for the kernel to free them).
+    pub fn load_with(handshakes: bool) -> Result<Self, ClassifierError> {
+        let mut loader = EbpfLoader::new();
+        if !handshakes {
+            loader
+                .map_max_entries("HANDSHAKES", 1)
+                .map_max_entries("OPENED", 1);
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| ClassifierError::Load(Box::new(e)))?;
         let prog = xdp_mut(&mut ebpf)?;
         prog.load().map_err(program_err)?;
         let program_id = prog.info().ok().map(|i| i.id());

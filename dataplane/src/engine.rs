@@ -367,13 +367,14 @@ pub fn run(
     // CAP_SYS_RESOURCE), the UMEM error below says so.
     let _ = sys::raise_memlock();
 
-    let mut classifier = Classifier::load()?;
+    // The handshake fast path only where the workers track connections
+    // and so read its records.
+    let sessions = cfg.tcp_split || cfg.api.is_some();
+    let fast_handshakes = sessions && cfg.handshake_fast_path;
+    let mut classifier = Classifier::load_with(fast_handshakes)?;
     classifier.set_interfaces(inside_idx, outside_idx)?;
     classifier.set_steering(&cfg.steer_ports, &cfg.steer_prefixes, &cfg.exempt_prefixes)?;
-    // A connection's handshake takes the fast path only where the workers
-    // track connections and so read the records.
-    let sessions = cfg.tcp_split || cfg.api.is_some();
-    let handshakes: Option<Arc<dyn HandshakeRecords>> = if sessions && cfg.handshake_fast_path {
+    let handshakes: Option<Arc<dyn HandshakeRecords>> = if fast_handshakes {
         classifier.set_handshake_fast_path(true)?;
         Some(Arc::new(classifier.take_handshakes()?))
     } else {
@@ -398,7 +399,7 @@ pub fn run(
 
     let budget = Arc::new(crate::tcp::budget::MemoryBudget::new(cfg.split_memory));
     for q in 0..queues {
-        let port = QueuePort::new(&cfg.inside, &cfg.outside, q, cfg.port)?;
+        let port = bind_port(cfg, q)?;
         classifier.register_socket(Side::Inside, q, port.fd(Side::Inside))?;
         classifier.register_socket(Side::Outside, q, port.fd(Side::Outside))?;
         let shared = Arc::new(WorkerShared::default());
@@ -849,4 +850,38 @@ fn apply(
     let version = policy.version;
     cell.publish(policy);
     Ok((version, warnings))
+}
+
+/// How long a start waits for a queue that is still bound (EBUSY).
+const BIND_BUSY_WAIT: Duration = Duration::from_secs(3);
+
+/// The AF_XDP sockets of queue `q`. A queue whose sockets an engine that
+/// just stopped still holds (the kernel releases them after the program's
+/// maps, a moment after the process is gone: a restart met it) is retried
+/// for up to [`BIND_BUSY_WAIT`]; another engine running keeps it busy, and
+/// the error then names it.
+fn bind_port(cfg: &EngineConfig, q: u32) -> Result<QueuePort, EngineError> {
+    let started = Instant::now();
+    loop {
+        match QueuePort::new(&cfg.inside, &cfg.outside, q, cfg.port) {
+            Err(e) if is_busy(&e) && started.elapsed() < BIND_BUSY_WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+/// Whether an error comes down to EBUSY.
+fn is_busy(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::EBUSY) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }

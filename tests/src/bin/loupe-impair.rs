@@ -119,7 +119,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let _ = sys::raise_memlock();
     let (ia, ib) = (sys::ifindex(&args.a)?, sys::ifindex(&args.b)?);
     let queues = sys::rx_queue_count(&args.a)?.min(sys::rx_queue_count(&args.b)?);
-    let mut classifier = Classifier::load()?;
+    let mut classifier = Classifier::load_with(false)?;
     classifier.set_interfaces(ia, ib)?;
     classifier.set_steering(&args.ports, &default_steer_prefixes(), &[])?;
     let mut lanes = Vec::new();
