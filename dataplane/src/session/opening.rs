@@ -20,8 +20,7 @@ use super::{Entry, Sessions, Side};
 use crate::{
     flow::FlowId,
     wire::{
-        frame::slice_tcp,
-        segment::{headers_of, Parsed, Segment},
+        segment::{parse_segment, Parsed, Segment},
         seq::SeqNum,
     },
 };
@@ -69,8 +68,7 @@ pub(super) struct Adoption {
 /// `frame` parsed, if it is a segment of `key` with exactly the SYN and
 /// ACK flags asked for and no payload.
 fn handshake_segment(frame: &[u8], key: &FlowKey, syn: bool, ack: bool) -> Option<Parsed> {
-    let sliced = slice_tcp(frame).ok()?;
-    let parsed = headers_of(frame, &sliced).ok()?;
+    let parsed = parse_segment(frame).ok()?;
     let f = parsed.segment.flags;
     (parsed.key == *key
         && f.syn == syn
@@ -78,7 +76,7 @@ fn handshake_segment(frame: &[u8], key: &FlowKey, syn: bool, ack: bool) -> Optio
         && !f.rst
         && !f.fin
         && !f.urg
-        && sliced.tcp.payload().is_empty())
+        && parsed.segment.payload.is_empty())
     .then_some(parsed)
 }
 
@@ -117,19 +115,19 @@ impl Sessions {
         };
         // Each frame must be what the program took it for, of this
         // connection; the ACK only after a SYN-ACK.
-        let checked = |frame: &Option<Vec<u8>>, key: &FlowKey, syn: bool| match frame {
-            Some(f) => handshake_segment(f, key, syn, true)
-                .map(|p| Some((p, f.clone())))
+        let checked = |frame: Option<Vec<u8>>, key: &FlowKey, syn: bool| match frame {
+            Some(f) => handshake_segment(&f, key, syn, true)
+                .map(|p| Some((p, f)))
                 .ok_or(()),
             None => Ok(None),
         };
         let parts = (
             handshake_segment(&rec.syn, &syn_key, true, false),
-            checked(&rec.synack, &syn_key.reversed(), true),
+            checked(rec.synack, &syn_key.reversed(), true),
             // An ACK that does not parse (a bad checksum: the server
             // dropped it too) is left out; the client's next segment
             // carries the acknowledgment again.
-            checked(&rec.ack, &syn_key, false).unwrap_or(None),
+            checked(rec.ack, &syn_key, false).unwrap_or(None),
         );
         let (Some(syn), Ok(synack), ack) = parts else {
             self.counters.handshakes_unusable += 1;
