@@ -403,17 +403,16 @@ impl Congestion {
         AckAction::Retransmit
     }
 
-    /// Duplicate ACKs came in below the threshold and the hole they show
-    /// outlasted the reordering window: it is lost (RFC 8985 §6.2),
-    /// fast recovery as at the threshold.
-    pub fn on_reorder_timeout(&mut self, snd_nxt: SeqNum, flight: u32) -> AckAction {
-        if self.recover.is_some() || self.dup_acks == 0 {
-            return AckAction::None;
+    /// A duplicate ACK when RACK, not their count, decides loss (RFC 8985
+    /// §6): it still lets limited transmit send a segment, and inflates
+    /// the window in recovery as [`Congestion::on_dup_ack`] does, but
+    /// never starts a recovery.
+    pub fn count_dup_ack(&mut self) {
+        if self.recover.is_some() {
+            self.cwnd = self.cwnd.saturating_add(self.mss);
+        } else {
+            self.dup_acks = self.dup_acks.saturating_add(1);
         }
-        let dup = self.dup_acks.min(3);
-        self.enter_recovery(snd_nxt, flight);
-        self.cwnd = self.ssthresh + dup * self.mss;
-        AckAction::Retransmit
     }
 
     /// A loss found otherwise than by duplicate ACKs: a tail loss probe
@@ -605,17 +604,15 @@ mod tests {
             assert_eq!(c.limited_transmit(), i * MSS);
         }
         assert_eq!(c.on_dup_ack(nxt, 20 * MSS), AckAction::Retransmit);
-        // Below the threshold, a hole that outlasts the reordering window
-        // is loss all the same (RACK), once.
+        // Counted for RACK, duplicate ACKs allow limited transmit and
+        // never start a recovery however many come.
         assert!(c.undo());
         ack(&mut c, MSS, SeqNum(21_000), 20 * MSS);
-        assert_eq!(c.on_reorder_timeout(nxt, 20 * MSS), AckAction::None);
-        c.on_dup_ack(nxt, 20 * MSS);
-        c.on_dup_ack(nxt, 20 * MSS);
-        assert_eq!(c.on_reorder_timeout(nxt, 20 * MSS), AckAction::Retransmit);
-        assert!(c.in_recovery());
-        assert_eq!(c.cwnd(), c.ssthresh() + 2 * MSS);
-        assert_eq!(c.on_reorder_timeout(nxt, 20 * MSS), AckAction::None);
+        for _ in 0..20 {
+            c.count_dup_ack();
+        }
+        assert!(!c.in_recovery());
+        assert_eq!(c.limited_transmit(), 6 * MSS);
         // After a timeout there is nothing to undo; the bound holds.
         c.on_rto(20 * MSS);
         assert!(!c.undo());

@@ -11,8 +11,10 @@
 //! RST, SYN and ACK validation with challenge ACKs; the persist timer for
 //! zero windows; delayed ACKs; SACK blocks sent when permitted; received
 //! ones kept in a scoreboard (RFC 6675) that drives loss recovery: every
-//! hole it shows lost is resent in a round trip, as the pipe allows, and
-//! lost retransmissions are found. Send and receive buffers autotune as
+//! hole found lost is resent in a round trip, as the pipe allows. Which
+//! segments are lost, retransmissions among them, RACK decides by time
+//! (RFC 8985 §6, see [`super::rack`]) once a round trip is measured;
+//! duplicate ACKs (RFC 6675's IsLost) before that. Send and receive buffers autotune as
 //! Linux's do (see [`ConnConfig::send_buffer_max`]), within a
 //! [`MemoryBudget`].
 
@@ -25,6 +27,7 @@ use std::{
 use super::{
     budget::MemoryBudget,
     cc::{AckAction, Algorithm, Congestion},
+    rack::Rack,
     reassembly::{Reassembler, SACK_BLOCKS},
     rtt::{backed_off, RttEstimator},
     scoreboard::{Scoreboard, MAX_RANGES},
@@ -277,23 +280,22 @@ pub struct Conn {
     /// was lost again (found by an ACK, or by the probe timer when no ACK
     /// comes).
     resent_at: VecDeque<(SeqNum, Instant)>,
-    /// SND.MAX when the first unacknowledged segment was last
-    /// retransmitted: data SACKed well beyond it was sent after the
-    /// retransmission, so the retransmission was lost too.
-    rexmit_high: Option<SeqNum>,
+    /// What was sent and when, to find losses by time (RACK).
+    rack: Rack,
+    /// The RACK reorder timer (RFC 8985 §6.2 step 5): a segment still
+    /// undecided is due then.
+    rack_at: Option<Instant>,
+    /// SND.MAX at the last retransmission timeout, until SND.UNA passes
+    /// it: go-back-N resends everything, RACK judges nothing meanwhile.
+    rto_high: Option<SeqNum>,
+    /// Newly SACKed ranges of the ACK being processed (kept for its
+    /// allocation).
+    sack_gaps: Vec<(SeqNum, SeqNum)>,
     /// When to send a tail loss probe (RFC 8985 §7).
     tlp_at: Option<Instant>,
     /// The retransmissions since the last reduction, to be matched
     /// against DSACKs (RFC 3708).
     episode: Option<Episode>,
-    /// A hole the peer's SACKs showed, declared lost at this time even
-    /// before enough duplicate ACKs (RACK's reordering window, RFC 8985
-    /// §6.2, from the first duplicate ACK): a raised threshold never
-    /// delays loss recovery by more than a fraction of a round trip.
-    reo_at: Option<Instant>,
-    /// The reordering window in quarters of SRTT (RFC 8985 §6.2.4: 1,
-    /// raised by each spurious retransmission, at most a whole SRTT).
-    reo_quarters: u32,
     /// Duplicate segments received, to report one per ACK as its first
     /// SACK block (RFC 2883); contiguous ones merged, at most
     /// [`DSACK_QUEUE`] kept.
@@ -401,11 +403,12 @@ impl Conn {
             scoreboard: Scoreboard::default(),
             high_rxt: snd,
             resent_at: VecDeque::new(),
-            rexmit_high: None,
+            rack: Rack::new(snd),
+            rack_at: None,
+            rto_high: None,
+            sack_gaps: Vec::new(),
             tlp_at: None,
             episode: None,
-            reo_at: None,
-            reo_quarters: 1,
             dsack: VecDeque::new(),
             time_wait_until: None,
             pending_rst: None,
@@ -479,6 +482,10 @@ impl Conn {
     /// `tcp_shrink_window`.
     pub fn trim(&mut self, pressure: bool) {
         self.rcv.trim();
+        self.rack.shrink();
+        if self.sack_gaps.is_empty() {
+            self.sack_gaps = Vec::new();
+        }
         if self.send_buf.is_empty() {
             self.send_buf = VecDeque::new();
         } else {
@@ -760,10 +767,15 @@ impl Conn {
                 // Entirely old: a retransmission of what we have, reported
                 // so the sender can tell its retransmission was spurious.
                 self.stats.duplicates += 1;
-                // Only bytes this side did receive (in the history): a
-                // segment far below RCV.NXT (no timestamps to refuse it)
-                // would have us report bytes that were never sent.
-                if self.cfg.dsack && self.sack_ok && repeated > 0 {
+                // Only bytes this side did receive (in the history, or
+                // among the bytes delivered so far): a segment far below
+                // RCV.NXT (no timestamps to refuse it) would have us
+                // report bytes that were never sent. The history is only
+                // the last 64 KiB, a millisecond at a few Gbit/s, less
+                // than a round trip's worth.
+                let delivered = self.rcv.delivered().min(1 << 30);
+                let received = u64::try_from(rcv_nxt.since(seg.seq)).is_ok_and(|d| d <= delivered);
+                if self.cfg.dsack && self.sack_ok && (repeated > 0 || received) {
                     let (l, r) = (seg.seq, seg.seq + payload.len() as u32);
                     let queued = self.dsack.len();
                     match self.dsack.back_mut() {
@@ -879,11 +891,17 @@ impl Conn {
             let ins = self.rcv.insert(seg.seq, payload);
             self.stats.overlap_conflicts += ins.conflict as u64;
             let in_order = self.rcv.next() != before;
+            // It delivered bytes held beyond it: it filled the last hole.
+            let filled = self.rcv.next().since(before) > payload.len() as i32;
             if self.cfg.recv_buffer_max > self.rcv.capacity() {
                 self.tune_receive(now);
             }
-            if !in_order || ins.duplicate > 0 || ins.conflict > 0 || self.rcv.held() > 0 {
-                // Out of order, or filling a hole: ACK at once (RFC 5681 §4.2).
+            //= https://www.rfc-editor.org/rfc/rfc5681#section-4.2
+            //# Out-of-order data segments SHOULD be acknowledged immediately
+            //# ... an immediate ACK SHOULD be generated when an incoming
+            //# segment fills in all or part of a gap in the sequence space.
+            if !in_order || filled || ins.duplicate > 0 || ins.conflict > 0 || self.rcv.held() > 0 {
+                // Out of order, or filling a hole: ACK at once.
                 self.ack = AckNeed::Now;
             } else {
                 self.unacked_segments += 1;
@@ -1008,15 +1026,35 @@ impl Conn {
         }
         let dsack = self.take_dsack(seg, ack);
         if self.sack_ok {
+            if dsack {
+                self.rack.on_dsack(self.snd_una, self.snd_nxt);
+            }
+            if ack.gt(self.snd_una) {
+                self.rack.on_cum_ack(ack, now);
+            }
             // A DSACK block reports a duplicate, not data held.
             let una = self.snd_una.max(ack);
+            let gaps = &mut self.sack_gaps;
+            gaps.clear();
             for &(l, r) in seg.options.sack.iter().skip(usize::from(dsack)) {
-                self.scoreboard.add(l, r, una, self.snd_max);
+                self.scoreboard
+                    .add_with(l, r, una, self.snd_max, |l, r| gaps.push((l, r)));
             }
+            // In sequence order: RACK sees reordering in a segment
+            // delivered below the highest delivered (RFC 8985 §6.2 step
+            // 3), not in the order the peer listed its blocks.
+            self.sack_gaps.sort_unstable_by_key(|&(l, _)| l.since(una));
+            for &(l, r) in &self.sack_gaps {
+                let board = &self.scoreboard;
+                self.rack.on_sacked(l, r, now, |a, b| board.covers(a, b));
+            }
+            self.rack.end_ack(now);
         }
         let flight = self.flight();
         if ack.gt(self.snd_una) {
-            self.reo_at = None;
+            if self.rto_high.is_some_and(|h| ack.ge(h)) {
+                self.rto_high = None;
+            }
             // Never behind SND.UNA (else, 2 GiB later, modular comparison
             // would put it ahead of everything).
             if ack.gt(self.sack_high) {
@@ -1037,16 +1075,20 @@ impl Conn {
             // resent keeps the mark (if data sent after that resend is
             // SACKed well beyond it, the resend was lost too, below), and
             // does not resend it (the scoreboard picks the holes).
+            // With RACK on, a partial ACK resends nothing by itself: RACK
+            // says what is lost.
             let on_resent_hole = self.sack_recovery() && self.high_rxt.gt(ack);
-            if !on_resent_hole {
-                self.rexmit_high = None;
-            }
             let srtt = self.rtt.srtt().unwrap_or_default();
+            let recovering = self.cc.in_recovery();
             if self.cc.on_ack(acked, ack, flight, now, srtt) == AckAction::Retransmit
                 && !on_resent_hole
+                && !self.rack_on()
             {
                 self.retransmit_now = true;
                 self.fast_pending = true;
+            }
+            if recovering && !self.cc.in_recovery() {
+                self.rack.on_recovery_exit();
             }
             if self.cfg.send_buffer_max > self.send_cap {
                 self.tune_send();
@@ -1063,26 +1105,15 @@ impl Conn {
             // An ACK that reports a duplicate (DSACK) says nothing was
             // lost: only SACKs of new data in it make it a duplicate ACK.
             if (self.same_window(seg) && !dsack) || new_sack {
-                self.on_dup_ack(flight, now, new_sack);
+                self.on_dup_ack(flight);
             }
-            // A lost retransmission (the heuristic Linux had before RACK,
-            // tcp_mark_lost_retrans): segments sent after it were SACKed,
-            // three segments' worth beyond allowing for reordering, while
-            // it is still missing. Retransmit it again rather than wait
-            // for the timeout.
-            if self
-                .rexmit_high
-                .is_some_and(|h| self.sack_high.gt(h + 3 * self.mss))
-            {
-                self.rexmit_high = None;
-                self.retransmit_now = true;
-                self.stats.lost_retransmits += 1;
-            } else {
-                // Nothing sent after the resend came back to show it
-                // lost (the sender had no new data): its time may have.
+            // A resend that nothing sent after it came back to show lost
+            // (the sender had no new data): its time may have.
+            if !self.retransmit_now {
                 self.resend_if_overdue(now);
             }
         }
+        self.rack_detect(now);
         //# If SND.UNA =< SEG.ACK =< SND.NXT, the send window should be
         //# updated. If (SND.WL1 < SEG.SEQ or (SND.WL1 = SEG.SEQ and
         //# SND.WL2 =< SEG.ACK)), set SND.WND <- SEG.WND, set SND.WL1 <-
@@ -1145,17 +1176,26 @@ impl Conn {
         let Some(ep) = self.episode.as_mut() else {
             return true;
         };
-        // One DSACK proves one retransmission spurious (RFC 3708 counts
-        // them): a range sent twice needs two.
-        let Some(i) = ep.pending.iter().position(|&(pl, pr)| l.le(pl) && pr.le(r)) else {
+        // One DSACK proves one retransmission of each range it covers
+        // spurious (RFC 3708 counts them): a range sent twice needs two.
+        // A receiver merges the duplicates of neighbouring segments into
+        // one block, so a block may cover several retransmissions.
+        let mut proved: Vec<(SeqNum, SeqNum)> = Vec::new();
+        ep.pending.retain(|&(pl, pr)| {
+            let spurious = l.le(pl) && pr.le(r) && !proved.contains(&(pl, pr));
+            if spurious {
+                proved.push((pl, pr));
+            }
+            !spurious
+        });
+        if proved.is_empty() {
             return true;
-        };
-        ep.pending.swap_remove(i);
+        }
         // A retransmission proved spurious: the segment was reordered by
         // as many as the peer had SACKed past it.
         let reordering = self.sack_high.max(ack).since(l).max(0) as u32 / self.mss.max(1);
         self.cc.reordered(reordering);
-        self.reo_quarters = (self.reo_quarters + 1).min(4);
+        self.rack.saw_reordering();
         if !ep.pending.is_empty() || ep.overflowed {
             return true;
         }
@@ -1164,13 +1204,13 @@ impl Conn {
             self.stats.spurious_undone += 1;
             self.retransmit_now = false;
             self.fast_pending = false;
-            self.rexmit_high = None;
+            self.rack.unmark_lost();
         }
         true
     }
 
     /// A duplicate ACK.
-    fn on_dup_ack(&mut self, flight: u32, now: Instant, sacked: bool) {
+    fn on_dup_ack(&mut self, flight: u32) {
         //= https://www.rfc-editor.org/rfc/rfc5681#section-2
         //# DUPLICATE ACKNOWLEDGMENT: ... (a) the receiver of the ACK has
         //# outstanding data, (b) the incoming acknowledgment carries no
@@ -1186,15 +1226,12 @@ impl Conn {
         //# previously unacknowledged and un-SACKed octets between HighACK
         //# and HighData.
         self.stats.dup_acks += 1;
-        let reduces = !self.cc.in_recovery();
-        // The reordering window runs only on a hole SACKs show (data
-        // beyond it arrived), never on a bare duplicate ACK.
-        if reduces && sacked && self.reo_at.is_none() {
-            if let Some(srtt) = self.rtt.srtt() {
-                let wnd = (srtt * self.reo_quarters / 4).max(Duration::from_micros(500));
-                self.reo_at = Some(now + wnd);
-            }
+        if self.rack_on() {
+            // RACK, after this ACK's SACKs, decides what is lost.
+            self.cc.count_dup_ack();
+            return;
         }
+        let reduces = !self.cc.in_recovery();
         let mut action = self.cc.on_dup_ack(self.snd_nxt, flight);
         //= https://www.rfc-editor.org/rfc/rfc6675#section-5
         //# Upon the receipt of the first (DupThresh - 1) duplicate ACKs, the
@@ -1282,6 +1319,11 @@ impl Conn {
     /// been resent yet.
     fn pipe(&self) -> u32 {
         let out = self.snd_max.since(self.snd_una).max(0) as u32;
+        if self.rack_on() {
+            return out
+                .saturating_sub(self.scoreboard.sacked())
+                .saturating_sub(self.rack.lost_bytes());
+        }
         let lost = self
             .scoreboard
             .lost_below(self.lost_need())
@@ -1291,6 +1333,53 @@ impl Conn {
             });
         out.saturating_sub(self.scoreboard.sacked())
             .saturating_sub(lost)
+    }
+
+    /// RACK decides what is lost: with SACK, once a round trip is
+    /// measured, and not while a timeout's go-back-N resends everything.
+    fn rack_on(&self) -> bool {
+        self.sack_ok && self.rtt.srtt().is_some() && self.rto_high.is_none()
+    }
+
+    /// RACK loss detection (RFC 8985 §6.2 step 5) after an ACK or on its
+    /// timer. A loss starts recovery (RFC 6675 §5: the first lost
+    /// segment goes out at once, whatever the pipe); the holes are then
+    /// resent as the pipe allows ([`Conn::next_hole`]).
+    fn rack_detect(&mut self, now: Instant) {
+        self.rack_at = None;
+        if !self.rack_on() || !self.outstanding() {
+            return;
+        }
+        let srtt = self.rtt.srtt().unwrap_or_default();
+        let sacked = self.scoreboard.sacked() / self.mss.max(1);
+        let reo_wnd = self
+            .rack
+            .reo_wnd(self.cc.in_recovery(), sacked, self.cc.dupthresh(), srtt);
+        let found = self.rack.detect(now, reo_wnd);
+        self.stats.lost_retransmits += u64::from(found.lost_again);
+        self.rack_at = found.at;
+        // Segments still marked lost (also ones a recovery ended with:
+        // data sent during it, beyond its end) are resent in recovery.
+        if self.rack.lost_bytes() > 0 {
+            if !self.cc.in_recovery()
+                && self.cc.on_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit
+            {
+                self.new_loss_episode();
+            }
+            if found.lost > 0 && self.rack.is_lost(self.snd_una) {
+                self.retransmit_now = true;
+                self.fast_pending = true;
+            }
+        }
+        //= https://www.rfc-editor.org/rfc/rfc8985#section-8
+        //# the RACK reorder timer, the TLP PTO timer, the RTO, and ZWP timer
+        //# are mutually exclusive
+        if self.rack_at.is_some() {
+            self.tlp_at = None;
+        } else if self.tlp_at.is_none() {
+            // The probe waited on a reorder timer that is now off.
+            self.arm_tail_probe(now);
+        }
     }
 
     /// In SACK recovery, the window is ssthresh (RFC 6675 §5: cwnd =
@@ -1329,7 +1418,7 @@ impl Conn {
         [
             self.rto_at,
             self.tlp_at,
-            self.reo_at,
+            self.rack_at,
             self.persist_at,
             ack,
             self.time_wait_until,
@@ -1356,14 +1445,10 @@ impl Conn {
             self.state = State::Closed;
             return;
         }
-        if self.reo_at.is_some_and(|t| now >= t) {
-            self.reo_at = None;
-            if self.outstanding()
-                && self.cc.on_reorder_timeout(self.snd_nxt, self.flight()) == AckAction::Retransmit
-            {
-                self.new_loss_episode();
-                self.retransmit_now = true;
-                self.fast_pending = true;
+        if self.rack_at.is_some_and(|t| now >= t) {
+            self.rack_detect(now);
+            if self.rack_at.is_none() && self.tlp_at.is_none() {
+                self.arm_tail_probe(now);
             }
         }
         if self.rto_at.is_some_and(|t| now >= t) {
@@ -1406,9 +1491,10 @@ impl Conn {
         // also have reneged, RFC 2018 §8).
         self.scoreboard.clear();
         self.resent_at.clear();
-        self.reo_at = None;
+        self.rack.clear(self.snd_una);
+        self.rack_at = None;
+        self.rto_high = Some(self.snd_max);
         self.rtt.back_off();
-        self.rexmit_high = None;
         self.tlp_at = None;
         self.rtt_probe = None;
         // Go back: everything after SND.UNA is sent again as the window
@@ -1607,8 +1693,15 @@ impl Conn {
         // acknowledged beyond SND.MAX, and that ACK refused as one for
         // data not yet sent (RFC 9293 §3.10.7.4), for good if the window
         // then stays shut.
-        let len = self.sent_bytes().min(self.mss as usize);
         let una = self.snd_una;
+        // The segment as it went out (the log has its size), within what
+        // was sent.
+        let len = self
+            .rack
+            .segment_from(una)
+            .map_or(self.mss as usize, |l| l as usize)
+            .min(self.sent_bytes())
+            .min(self.mss as usize);
         if self.rtt_probe.is_some_and(|(p, _)| p.ge(una)) {
             self.rtt_probe = None; // Karn: that timing is now ambiguous.
         }
@@ -1632,6 +1725,7 @@ impl Conn {
         let fin = self.fin_sent() && self.fin_seq == Some(seq + len as u32);
         self.stats.retransmits += 1;
         self.stats.fast_retransmits += u64::from(fast);
+        self.log_sent(seq, len, fin, now);
         self.resent(seq, len, now);
         self.rto_at.get_or_insert(now + self.rtt.rto());
         self.segment(seq, payload, fin, now)
@@ -1643,7 +1737,6 @@ impl Conn {
         if !self.sack_ok {
             return;
         }
-        self.rexmit_high = Some(self.snd_max);
         let end = seq + len as u32;
         if self.cc.in_recovery() {
             if end.gt(self.high_rxt) {
@@ -1681,13 +1774,21 @@ impl Conn {
         if self.pipe().saturating_add(self.mss) > self.cc.ssthresh() {
             return None;
         }
-        let below = self.scoreboard.lost_below(self.lost_need())?;
-        let from = self.high_rxt.max(self.snd_una);
-        let (start, end) = self.scoreboard.hole_from(from, below)?;
+        let (start, end) = if self.rack_on() {
+            self.rack.next_lost()?
+        } else {
+            let below = self.scoreboard.lost_below(self.lost_need())?;
+            let from = self.high_rxt.max(self.snd_una);
+            self.scoreboard.hole_from(from, below)?
+        };
         // Only bytes sent before (below SND.MAX, and still buffered), as
         // for any retransmission.
         let sent_end = self.snd_una + self.sent_bytes() as u32;
         if !start.lt(sent_end) {
+            // A FIN lost alone (it takes a number, not a byte).
+            if self.fin_sent() && self.fin_seq == Some(start) {
+                return Some(self.resend(start, 0, true, now));
+            }
             return None;
         }
         let end = if end.gt(sent_end) { sent_end } else { end };
@@ -1714,9 +1815,19 @@ impl Conn {
             return None;
         };
         let seq = self.snd_nxt;
+        self.log_sent(seq, payload.len, fin, now);
         self.sent(seq + payload.len as u32 + u32::from(fin));
         self.rto_at.get_or_insert(now + self.rtt.rto());
         Some(self.segment(seq, payload, fin, now))
+    }
+
+    /// `len` bytes at `seq` (and the FIN after them) go out at `now`:
+    /// logged for RACK (bytes below SND.MAX were sent before).
+    fn log_sent(&mut self, seq: SeqNum, len: usize, fin: bool, now: Instant) {
+        if self.sack_ok {
+            let end = seq + len as u32 + u32::from(fin);
+            self.rack.on_send(seq, end, now, seq.lt(self.snd_max));
+        }
     }
 
     /// New data (or the FIN) as the congestion and peer windows allow.
@@ -1771,6 +1882,7 @@ impl Conn {
             let seq = self.snd_nxt;
             let payload = self.bytes_at(seq, len);
             let fin = self.fin_seq == Some(seq + len as u32);
+            self.log_sent(seq, len, fin, now);
             self.sent(seq + len as u32 + u32::from(fin));
             if self.rtt_probe.is_none() {
                 self.rtt_probe = Some((seq, now));
@@ -1783,6 +1895,7 @@ impl Conn {
         }
         if self.fin_seq == Some(self.snd_nxt) {
             let seq = self.snd_nxt;
+            self.log_sent(seq, 0, true, now);
             self.sent(seq + 1);
             self.rto_at.get_or_insert(now + self.rtt.rto());
             return Some(self.segment(seq, Lent::default(), true, now));
@@ -1797,6 +1910,11 @@ impl Conn {
     /// ACK's worth when one segment is out, and never later than the RTO.
     fn arm_tail_probe(&mut self, now: Instant) {
         self.tlp_at = None;
+        if self.rack_at.is_some() {
+            // The reorder timer runs (RFC 8985 §8: one of them at a time);
+            // the probe is armed again when it has fired.
+            return;
+        }
         let Some(srtt) = self.rtt.srtt() else { return };
         if !self.outstanding() {
             return;

@@ -9,6 +9,7 @@
 //! - [`cc`]: congestion control, CUBIC (RFC 9438) by default or NewReno
 //!   (RFC 5681, RFC 6582), with one loss recovery.
 //! - [`scoreboard`]: what the peer's SACKs say it holds (RFC 6675).
+//! - [`rack`]: which segments are lost, by time (RFC 8985 RACK).
 //! - [`conn`]: one endpoint in a synchronized state, sans I/O.
 //! - [`sim`]: a seeded lossy link between two endpoints on a virtual clock.
 //! - [`split`]: taking over: handshake tracking and the two halves it
@@ -18,6 +19,7 @@
 pub mod budget;
 pub mod cc;
 pub mod conn;
+pub mod rack;
 pub mod reassembly;
 pub mod rtt;
 pub mod scoreboard;

@@ -38,6 +38,21 @@ impl Scoreboard {
     /// is past `max`, or that ends at or before `una`, is ignored whole
     /// (a receiver cannot hold what was never sent: the block is bogus).
     pub fn add(&mut self, left: SeqNum, right: SeqNum, una: SeqNum, max: SeqNum) {
+        self.add_with(left, right, una, max, |_, _| {});
+    }
+
+    /// As [`Scoreboard::add`], and `newly(l, r)` is called for each range
+    /// of bytes the block is the first to report (the gaps between what
+    /// was held), so a block repeated on every ACK costs nothing after
+    /// the first.
+    pub fn add_with(
+        &mut self,
+        left: SeqNum,
+        right: SeqNum,
+        una: SeqNum,
+        max: SeqNum,
+        mut newly: impl FnMut(SeqNum, SeqNum),
+    ) {
         let span = max.0.wrapping_sub(una.0);
         let hi = right.0.wrapping_sub(una.0);
         // A left edge below una reads as an offset of 2³¹ or more: from
@@ -54,8 +69,15 @@ impl Scoreboard {
         let i = self.ranges.partition_point(|&(_, r)| r.lt(left));
         let mut j = i;
         let (mut l, mut r) = (left, right);
+        let mut at = left;
         while j < self.ranges.len() && self.ranges[j].0.le(r) {
             let (jl, jr) = self.ranges[j];
+            if jl.gt(at) {
+                newly(at, jl);
+            }
+            if jr.gt(at) {
+                at = jr;
+            }
             if jl.lt(l) {
                 l = jl;
             }
@@ -63,6 +85,9 @@ impl Scoreboard {
                 r = jr;
             }
             j += 1;
+        }
+        if right.gt(at) {
+            newly(at, right);
         }
         self.ranges.splice(i..j, [(l, r)]);
         self.ranges.truncate(MAX_RANGES);
@@ -91,6 +116,14 @@ impl Scoreboard {
     pub fn contains(&self, seq: SeqNum) -> bool {
         let i = self.ranges.partition_point(|&(_, r)| r.le(seq));
         self.ranges.get(i).is_some_and(|&(l, _)| l.le(seq))
+    }
+
+    /// Whether all of `[left, right)` is SACKed.
+    pub fn covers(&self, left: SeqNum, right: SeqNum) -> bool {
+        let i = self.ranges.partition_point(|&(_, r)| r.le(left));
+        self.ranges
+            .get(i)
+            .is_some_and(|&(l, r)| l.le(left) && right.le(r))
     }
 
     /// Bytes below this are lost if not SACKed (RFC 6675 §4 IsLost): more
@@ -185,6 +218,23 @@ mod tests {
         assert_eq!(b.ranges, vec![(s(400), s(800))]);
         b.advance(s(800));
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_block_reports_only_the_bytes_it_is_first_to_hold() {
+        let mut b = board(&[(300, 400), (500, 600)]);
+        let mut newly = Vec::new();
+        b.add_with(s(250), s(700), s(100), s(10_000), |l, r| {
+            newly.push((l.0, r.0))
+        });
+        assert_eq!(newly, vec![(250, 300), (400, 500), (600, 700)]);
+        newly.clear();
+        b.add_with(s(300), s(650), s(100), s(10_000), |l, r| {
+            newly.push((l.0, r.0))
+        });
+        assert!(newly.is_empty());
+        assert!(b.covers(s(250), s(700)) && b.covers(s(400), s(401)));
+        assert!(!b.covers(s(200), s(300)) && !b.covers(s(600), s(701)));
     }
 
     #[test]

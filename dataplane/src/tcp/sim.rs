@@ -1439,4 +1439,207 @@ mod tests {
         assert_eq!(b.stats().overlap_conflicts, 1);
         assert_eq!(b.read(100), b"original");
     }
+
+    /// Two ends after a 300 KB transfer from a to b in which every flight
+    /// is acknowledged `rtt` after it went: a's round trip (and RACK's
+    /// minimum) is `rtt`, its window past 60 segments.
+    fn warmed_up_rtt(seed: u64, rtt: Duration) -> (Conn, Conn, Instant) {
+        let (mut a, mut b, mut now) = established(seed);
+        let warm = vec![1u8; 300_000];
+        let mut written = 0;
+        while written < warm.len() || a.send_buffered() > 0 {
+            written += a.write(&warm[written..]);
+            deliver(&mut a, &mut b, now);
+            b.read(usize::MAX);
+            b.ack_now();
+            now += rtt;
+            deliver(&mut b, &mut a, now);
+        }
+        assert!(a.cc_cwnd_for_tests() > 60 * 1448);
+        (a, b, now)
+    }
+
+    /// All that `from` sends at `now`.
+    fn flight(from: &mut Conn, now: Instant) -> Vec<Segment> {
+        std::iter::from_fn(|| from.poll_transmit(now)).collect()
+    }
+
+    /// RACK (RFC 8985 §6.2): a hole with only two segments SACKed after
+    /// it (fewer than three duplicate ACKs' worth, and an ACK that moved
+    /// SND.UNA, so no duplicate ACK at all) is resent a quarter of the
+    /// minimum round trip after the ACK that showed it, not by the tail
+    /// loss probe two round trips later.
+    #[test]
+    fn a_hole_with_two_sacked_segments_behind_it_is_resent_a_reordering_window_after_the_ack() {
+        let rtt = Duration::from_millis(10);
+        let (mut a, mut b, t0) = warmed_up_rtt(41, rtt);
+        a.write(&vec![3u8; 4 * 1448]);
+        let f = flight(&mut a, t0);
+        assert_eq!(f.len(), 4);
+        for s in [&f[0], &f[2], &f[3]] {
+            b.on_segment(s, t0 + rtt / 2);
+        }
+        let t1 = t0 + rtt;
+        deliver(&mut b, &mut a, t1);
+        assert_eq!(a.snd_una(), f[1].seq);
+        assert!(a.poll_transmit(t1).is_none());
+        let due = a.next_deadline().expect("the reorder timer");
+        assert!(
+            due > t1 && due <= t1 + rtt / 4 + Duration::from_micros(100),
+            "due {:?} after the ACK",
+            due - t1
+        );
+        a.on_timer(due);
+        let resent = flight(&mut a, due);
+        assert_eq!(
+            resent.iter().map(|s| s.seq).collect::<Vec<_>>(),
+            vec![f[1].seq]
+        );
+        assert_eq!(resent[0].payload.len(), 1448);
+        let st = a.stats();
+        assert_eq!(
+            (st.fast_retransmits, st.tail_probes, st.rto_expirations),
+            (1, 0, 0),
+            "{st:?}"
+        );
+    }
+
+    /// Reordering shorter than RACK's window costs no retransmission,
+    /// even when more than three segments' worth is SACKed past the late
+    /// one (RFC 6675's IsLost would have resent it at once), once the
+    /// sender has seen reordering (RFC 8985 §6.2 step 3).
+    #[test]
+    fn reordering_within_the_reordering_window_is_not_retransmitted() {
+        let rtt = Duration::from_millis(10);
+        let (mut a, mut b, mut t) = warmed_up_rtt(47, rtt);
+        for (n, late) in [(2, 1000), (8, 1500)] {
+            let late = Duration::from_micros(late);
+            a.write(&vec![4u8; n * 1448]);
+            let f = flight(&mut a, t);
+            assert_eq!(f.len(), n);
+            for s in &f[1..] {
+                b.on_segment(s, t + rtt / 2);
+            }
+            deliver(&mut b, &mut a, t + rtt);
+            assert!(a.poll_transmit(t + rtt).is_none());
+            let due = a.next_deadline().expect("a timer");
+            assert!(
+                due > t + rtt + late,
+                "due {:?} after the ACK",
+                due - t - rtt
+            );
+            // The late one arrives.
+            b.on_segment(&f[0], t + rtt / 2 + late);
+            deliver(&mut b, &mut a, t + rtt + late);
+            assert_eq!(a.snd_una(), a.snd_max_for_tests());
+            assert!(flight(&mut a, t + rtt + late).is_empty());
+            b.read(usize::MAX);
+            t += 2 * rtt;
+        }
+        let st = a.stats();
+        assert_eq!((st.retransmits, st.fast_retransmits), (0, 0), "{st:?}");
+        assert!(!a.cc_in_recovery_for_tests());
+    }
+
+    /// RACK finds a lost retransmission as it finds any loss: a segment
+    /// sent after it was delivered and the window passed. Here the
+    /// resend of the first hole is lost and the resend of the second,
+    /// sent after it, arrives: the ACK for it shows the first lost again
+    /// (the older heuristics waited 1.25 round trips, or three segments
+    /// SACKed past SND.MAX).
+    #[test]
+    fn a_lost_retransmission_is_found_by_the_ack_for_a_later_retransmission() {
+        let rtt = Duration::from_millis(10);
+        let (mut a, mut b, t0) = warmed_up_rtt(43, rtt);
+        a.write(&vec![5u8; 40 * 1448]);
+        let f = flight(&mut a, t0);
+        assert_eq!(f.len(), 40);
+        let (h1, h2) = (f[5].seq, f[25].seq);
+        for s in f.iter().filter(|s| s.seq != h1 && s.seq != h2) {
+            b.on_segment(s, t0 + rtt / 2);
+        }
+        let t1 = t0 + rtt;
+        let mut resent = Vec::new();
+        while let Some(ack) = b.poll_transmit(t1) {
+            a.on_segment(&ack, t1);
+            resent.extend(flight(&mut a, t1));
+        }
+        let seqs: Vec<SeqNum> = resent.iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, vec![h1, h2], "{:?}", a.stats());
+        // h1's resend is lost, h2's arrives.
+        b.on_segment(&resent[1], t1 + rtt / 2);
+        let t2 = t1 + rtt;
+        let mut again = Vec::new();
+        while let Some(ack) = b.poll_transmit(t2) {
+            a.on_segment(&ack, t2);
+            again.extend(flight(&mut a, t2));
+        }
+        let seqs: Vec<SeqNum> = again.iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, vec![h1], "{:?}", a.stats());
+        let st = a.stats();
+        assert_eq!((st.lost_retransmits, st.rto_expirations), (1, 0), "{st:?}");
+        b.on_segment(&again[0], t2 + rtt / 2);
+        deliver(&mut b, &mut a, t2 + rtt);
+        assert_eq!(a.snd_una(), a.snd_max_for_tests());
+    }
+
+    /// RFC 5681 §4.2: the segment that fills the last hole is
+    /// acknowledged at once, not after the delayed-ACK timer (a sender
+    /// in recovery waits on that ACK).
+    #[test]
+    fn the_segment_that_fills_a_hole_is_acknowledged_at_once() {
+        let (mut a, mut b, now) = established(53);
+        a.write(&vec![6u8; 3 * 1448]);
+        let f = flight(&mut a, now);
+        assert_eq!(f.len(), 3);
+        b.on_segment(&f[0], now);
+        assert!(b.poll_transmit(now).is_none(), "one in-order segment waits");
+        b.on_segment(&f[2], now);
+        let dup = b.poll_transmit(now).expect("out of order: an ACK at once");
+        assert_eq!(dup.ack, f[1].seq);
+        b.on_segment(&f[1], now);
+        let ack = b
+            .poll_transmit(now)
+            .expect("the hole filled: an ACK at once");
+        assert_eq!(ack.ack, f[2].seq + 1448);
+        assert!(ack.options.sack.is_empty());
+    }
+
+    /// A retransmission of bytes received long ago (beyond the conflict
+    /// history) is still reported in a DSACK, so the sender can undo:
+    /// everything below RCV.NXT that this side delivered was received.
+    #[test]
+    fn a_duplicate_older_than_the_history_is_still_dsacked() {
+        let mut rng = Rng::new(59);
+        let (ha, hb) = handshakes(&mut rng);
+        let now = Instant::now();
+        let cfg = ConnConfig {
+            history: 1448,
+            ..ConnConfig::default()
+        };
+        let mut a = Conn::new(&ha, ConnConfig::default(), now);
+        let mut b = Conn::new(&hb, cfg, now);
+        a.write(&vec![7u8; 20 * 1448]);
+        let f = flight(&mut a, now);
+        for s in &f {
+            b.on_segment(s, now);
+        }
+        b.read(usize::MAX);
+        b.ack_now();
+        while b.poll_transmit(now).is_some() {}
+        b.on_segment(&f[0], now);
+        let ack = b.poll_transmit(now).expect("an ACK");
+        assert_eq!(
+            ack.options.sack.first(),
+            Some(&(f[0].seq, f[0].seq + 1448)),
+            "{ack:?}"
+        );
+        assert_eq!(b.stats().dsacks_out, 1);
+        // A segment from before anything this side received is not.
+        let mut old = f[0].clone();
+        old.seq = f[0].seq + (-100_000i32) as u32;
+        b.on_segment(&old, now);
+        let ack = b.poll_transmit(now).expect("an ACK");
+        assert!(ack.options.sack.is_empty(), "{ack:?}");
+    }
 }
