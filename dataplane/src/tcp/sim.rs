@@ -796,18 +796,7 @@ mod tests {
     /// Two established ends after a clean 300 KB transfer from a to b,
     /// which opened a's congestion window past 60 segments.
     fn warmed_up(seed: u64) -> (Conn, Conn, Instant) {
-        let (mut a, mut b, now) = established(seed);
-        let warm = vec![1u8; 300_000];
-        let mut written = 0;
-        while written < warm.len() || a.send_buffered() > 0 {
-            written += a.write(&warm[written..]);
-            deliver(&mut a, &mut b, now);
-            b.read(usize::MAX);
-            b.ack_now();
-            deliver(&mut b, &mut a, now);
-        }
-        assert!(a.cc_cwnd_for_tests() > 60 * 1448);
-        (a, b, now)
+        warmed_up_rtt(seed, Duration::ZERO)
     }
 
     fn deliver(from: &mut Conn, to: &mut Conn, now: Instant) -> usize {
