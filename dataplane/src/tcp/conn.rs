@@ -996,7 +996,13 @@ impl Conn {
         self.snd_max.gt(self.snd_una)
     }
 
-    fn sent(&mut self, upto: SeqNum) {
+    /// SND.NXT up to `upto` went out at `now`, logged for RACK (bytes
+    /// below SND.MAX were sent before: after a timeout, go-back-N).
+    fn sent(&mut self, upto: SeqNum, now: Instant) {
+        if self.sack_ok {
+            self.rack
+                .on_send(self.snd_nxt, upto, now, self.snd_nxt.lt(self.snd_max));
+        }
         self.snd_nxt = upto;
         self.snd_max = self.snd_max.max(upto);
     }
@@ -1072,9 +1078,7 @@ impl Conn {
             self.take_rtt_sample(seg, ack, now);
             self.rtt.progress();
             // A partial ACK in SACK recovery that lands on a hole already
-            // resent keeps the mark (if data sent after that resend is
-            // SACKed well beyond it, the resend was lost too, below), and
-            // does not resend it (the scoreboard picks the holes).
+            // resent does not resend it (the scoreboard picks the holes).
             // With RACK on, a partial ACK resends nothing by itself: RACK
             // says what is lost.
             let on_resent_hole = self.sack_recovery() && self.high_rxt.gt(ack);
@@ -1725,7 +1729,10 @@ impl Conn {
         let fin = self.fin_sent() && self.fin_seq == Some(seq + len as u32);
         self.stats.retransmits += 1;
         self.stats.fast_retransmits += u64::from(fast);
-        self.log_sent(seq, len, fin, now);
+        if self.sack_ok {
+            let end = seq + len as u32 + u32::from(fin);
+            self.rack.on_send(seq, end, now, true);
+        }
         self.resent(seq, len, now);
         self.rto_at.get_or_insert(now + self.rtt.rto());
         self.segment(seq, payload, fin, now)
@@ -1815,19 +1822,9 @@ impl Conn {
             return None;
         };
         let seq = self.snd_nxt;
-        self.log_sent(seq, payload.len, fin, now);
-        self.sent(seq + payload.len as u32 + u32::from(fin));
+        self.sent(seq + payload.len as u32 + u32::from(fin), now);
         self.rto_at.get_or_insert(now + self.rtt.rto());
         Some(self.segment(seq, payload, fin, now))
-    }
-
-    /// `len` bytes at `seq` (and the FIN after them) go out at `now`:
-    /// logged for RACK (bytes below SND.MAX were sent before).
-    fn log_sent(&mut self, seq: SeqNum, len: usize, fin: bool, now: Instant) {
-        if self.sack_ok {
-            let end = seq + len as u32 + u32::from(fin);
-            self.rack.on_send(seq, end, now, seq.lt(self.snd_max));
-        }
     }
 
     /// New data (or the FIN) as the congestion and peer windows allow.
@@ -1882,8 +1879,7 @@ impl Conn {
             let seq = self.snd_nxt;
             let payload = self.bytes_at(seq, len);
             let fin = self.fin_seq == Some(seq + len as u32);
-            self.log_sent(seq, len, fin, now);
-            self.sent(seq + len as u32 + u32::from(fin));
+            self.sent(seq + len as u32 + u32::from(fin), now);
             if self.rtt_probe.is_none() {
                 self.rtt_probe = Some((seq, now));
             }
@@ -1895,8 +1891,7 @@ impl Conn {
         }
         if self.fin_seq == Some(self.snd_nxt) {
             let seq = self.snd_nxt;
-            self.log_sent(seq, 0, true, now);
-            self.sent(seq + 1);
+            self.sent(seq + 1, now);
             self.rto_at.get_or_insert(now + self.rtt.rto());
             return Some(self.segment(seq, Lent::default(), true, now));
         }
