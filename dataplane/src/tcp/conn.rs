@@ -758,8 +758,13 @@ impl Conn {
         // the table but is still checked against history for conflicts.
         if !acceptable {
             let mut repeated = 0;
-            if !payload.is_empty() && seg.seq.lt(rcv_nxt) {
-                let ins = self.rcv.insert(seg.seq, payload);
+            let next = self.rcv.next();
+            if !payload.is_empty() && seg.seq.lt(next) {
+                // Only the bytes already received: a segment refused by
+                // the table hands over nothing new, and nothing in the
+                // place of (or past) a FIN received.
+                let old = usize::try_from(next.since(seg.seq)).map_or(0, |n| n.min(payload.len()));
+                let ins = self.rcv.insert(seg.seq, &payload[..old]);
                 self.stats.overlap_conflicts += ins.conflict as u64;
                 repeated = ins.duplicate;
             }

@@ -1280,6 +1280,48 @@ mod tests {
     }
 
     #[test]
+    fn no_byte_past_the_peers_fin_is_taken() {
+        let now = Instant::now();
+        let mut a = Conn::new(&bare(65535), ConnConfig::default(), now);
+        let flags = Flags {
+            ack: true,
+            ..Flags::default()
+        };
+        // Ten bytes and the FIN: RCV.NXT is 112, the FIN at 111.
+        let fin = Segment {
+            seq: SeqNum(101),
+            ack: SeqNum(2),
+            flags: Flags { fin: true, ..flags },
+            window: 65535,
+            payload: vec![1; 10],
+            ..Segment::default()
+        };
+        a.on_segment(&fin, now);
+        assert_eq!(a.rcv_nxt(), SeqNum(112));
+        // A hostile peer resends its last byte with one more after it, in
+        // the FIN's place: the segment ends at RCV.NXT, so it is old by the
+        // table, and only its old byte may be compared.
+        let past = Segment {
+            seq: SeqNum(110),
+            flags,
+            payload: vec![1, 9],
+            ..fin.clone()
+        };
+        a.on_segment(&past, now);
+        // And one that is out of the window entirely, overlapping the end.
+        let wide = Segment {
+            seq: SeqNum(105),
+            flags,
+            payload: vec![1; 200_000],
+            ..fin
+        };
+        a.on_segment(&wide, now);
+        assert_eq!(a.rcv_nxt(), SeqNum(112));
+        assert_eq!(a.read(usize::MAX), vec![1; 10]);
+        assert_eq!(a.readable(), 0);
+    }
+
+    #[test]
     fn a_lost_tail_is_probed_after_two_rtts_not_the_retransmission_timeout() {
         let (mut a, mut b, now) = established(23);
         let wire = |a: &mut Conn, b: &mut Conn, t: Instant, lose: &dyn Fn(&Segment) -> bool| {
