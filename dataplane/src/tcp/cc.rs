@@ -404,13 +404,13 @@ impl Congestion {
     }
 
     /// A duplicate ACK when RACK, not their count, decides loss (RFC 8985
-    /// §6): it still lets limited transmit send a segment, and inflates
-    /// the window in recovery as [`Congestion::on_dup_ack`] does, but
-    /// never starts a recovery.
+    /// §6): outside recovery it lets limited transmit send a segment; it
+    /// never starts a recovery. In recovery it changes nothing: RACK runs
+    /// with SACK, whose recovery sends by the pipe against ssthresh
+    /// (RFC 6675 §5, no inflation), and an inflated window would outlive
+    /// an undo (which keeps the larger of the two).
     pub fn count_dup_ack(&mut self) {
-        if self.recover.is_some() {
-            self.cwnd = self.cwnd.saturating_add(self.mss);
-        } else {
+        if self.recover.is_none() {
             self.dup_acks = self.dup_acks.saturating_add(1);
         }
     }
@@ -613,6 +613,15 @@ mod tests {
         }
         assert!(!c.in_recovery());
         assert_eq!(c.limited_transmit(), 6 * MSS);
+        // Nor do they grow the window in a recovery: an undo gives back
+        // the window from before it, not one inflated by them.
+        let before = c.cwnd();
+        assert_eq!(c.on_loss(nxt, 20 * MSS), AckAction::Retransmit);
+        for _ in 0..100 {
+            c.count_dup_ack();
+        }
+        assert!(c.undo());
+        assert_eq!(c.cwnd(), before);
         // After a timeout there is nothing to undo; the bound holds.
         c.on_rto(20 * MSS);
         assert!(!c.undo());

@@ -269,6 +269,10 @@ pub struct Conn {
     our_shift: u8,
     ts: Option<TsState>,
     sack_ok: bool,
+    /// The peer has sent a SACK block: permitting SACK is not sending it
+    /// (some stacks and middleboxes strip the blocks), and RACK without
+    /// blocks sees no delivery to judge losses by.
+    sack_seen: bool,
     /// The highest right edge the peer has SACKed.
     sack_high: SeqNum,
     /// What the peer's SACKs say it holds above SND.UNA (RFC 6675).
@@ -399,6 +403,7 @@ impl Conn {
                 offset: last_sent.wrapping_add(1),
             }),
             sack_ok: hs.sack_permitted,
+            sack_seen: false,
             sack_high: snd,
             scoreboard: Scoreboard::default(),
             high_rxt: snd,
@@ -1037,6 +1042,7 @@ impl Conn {
         }
         let dsack = self.take_dsack(seg, ack);
         if self.sack_ok {
+            self.sack_seen |= !seg.options.sack.is_empty();
             if dsack {
                 self.rack.on_dsack(self.snd_una, self.snd_nxt);
             }
@@ -1062,6 +1068,7 @@ impl Conn {
             self.rack.end_ack(now);
         }
         let flight = self.flight();
+        let duplicate = ack == self.snd_una && payload.is_empty() && !seg.flags.fin && flight > 0;
         if ack.gt(self.snd_una) {
             if self.rto_high.is_some_and(|h| ack.ge(h)) {
                 self.rto_high = None;
@@ -1109,20 +1116,21 @@ impl Conn {
             //# restart the retransmission timer
             self.rto_at = self.outstanding().then(|| now + self.rtt.rto());
             self.arm_tail_probe(now);
-        } else if ack == self.snd_una && payload.is_empty() && !seg.flags.fin && flight > 0 {
+        } else if duplicate {
             let new_sack = self.sacks_new(seg);
             // An ACK that reports a duplicate (DSACK) says nothing was
             // lost: only SACKs of new data in it make it a duplicate ACK.
             if (self.same_window(seg) && !dsack) || new_sack {
                 self.on_dup_ack(flight);
             }
-            // A resend that nothing sent after it came back to show lost
-            // (the sender had no new data): its time may have.
-            if !self.retransmit_now {
-                self.resend_if_overdue(now);
-            }
         }
         self.rack_detect(now);
+        // A resend that nothing sent after it came back to show lost (the
+        // sender had no new data): its time may have. After RACK, which
+        // would otherwise find and count the same one again.
+        if duplicate && !self.retransmit_now {
+            self.resend_if_overdue(now);
+        }
         //# If SND.UNA =< SEG.ACK =< SND.NXT, the send window should be
         //# updated. If (SND.WL1 < SEG.SEQ or (SND.WL1 = SEG.SEQ and
         //# SND.WL2 =< SEG.ACK)), set SND.WND <- SEG.WND, set SND.WL1 <-
@@ -1274,6 +1282,10 @@ impl Conn {
         let Some(wait) = self.resend_wait() else {
             return;
         };
+        // Marked lost by RACK: resent (and counted) from its queue.
+        if self.rack_on() && self.rack.is_lost(self.snd_una) {
+            return;
+        }
         if let Some(i) = self.first_hole_resend() {
             let at = &mut self.resent_at[i].1;
             if now.saturating_duration_since(*at) >= wait {
@@ -1344,10 +1356,11 @@ impl Conn {
             .saturating_sub(lost)
     }
 
-    /// RACK decides what is lost: with SACK, once a round trip is
-    /// measured, and not while a timeout's go-back-N resends everything.
+    /// RACK decides what is lost: with SACK blocks from the peer, once a
+    /// round trip is measured, and not while a timeout's go-back-N resends
+    /// everything. Before the first block, duplicate ACKs count.
     fn rack_on(&self) -> bool {
-        self.sack_ok && self.rtt.srtt().is_some() && self.rto_high.is_none()
+        self.sack_seen && self.rtt.srtt().is_some() && self.rto_high.is_none()
     }
 
     /// RACK loss detection (RFC 8985 §6.2 step 5) after an ACK or on its

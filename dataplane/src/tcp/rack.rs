@@ -189,6 +189,12 @@ impl Rack {
 
     /// SND.UNA moved to `una`: the entries below it were delivered.
     pub fn on_cum_ack(&mut self, una: SeqNum, now: Instant) {
+        // The DSACK round ends here as well as at the next DSACK: compared
+        // only then, 2 GiB later, the modular order would read it as never
+        // ended, and no DSACK would widen the window again.
+        if self.dsack_round.is_some_and(|r| una.ge(r)) {
+            self.dsack_round = None;
+        }
         while let Some(&s) = self.sent.front() {
             if !s.end.le(una) {
                 break;
@@ -557,6 +563,20 @@ mod tests {
             r.on_recovery_exit();
         }
         assert_eq!(r.reo_wnd(true, 3, 3, srtt), Duration::from_micros(2500));
+        // A DSACK after more than 2 GiB without one starts a new round.
+        r.on_cum_ack(s(10 * MSS), now);
+        let quarter = r.reo_wnd(true, 3, 3, srtt);
+        r.on_dsack(s(10 * MSS), s(20 * MSS));
+        assert_eq!(r.reo_wnd(true, 3, 3, srtt), quarter * 2);
+        let mut una = 10 * MSS;
+        // Three quarters of the sequence space on: the round's end, compared
+        // from here, would be half the space or more ahead.
+        for _ in 0..3 {
+            una = una.wrapping_add(1 << 30);
+            r.on_cum_ack(s(una), now);
+        }
+        r.on_dsack(s(una), s(una.wrapping_add(MSS)));
+        assert_eq!(r.reo_wnd(true, 3, 3, srtt), quarter * 3);
     }
 
     #[test]

@@ -1219,6 +1219,45 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_that_permits_sack_and_sends_no_blocks_still_gets_a_fast_retransmit() {
+        let t0 = Instant::now();
+        let hs = Handshake {
+            sack_permitted: true,
+            ..bare(65535)
+        };
+        let mut a = Conn::new(&hs, ConnConfig::default(), t0);
+        assert_eq!(a.write(&[7; 10 * 1460]), 10 * 1460);
+        while a.poll_transmit(t0).is_some() {}
+        let ack = |n: u32| Segment {
+            seq: SeqNum(101),
+            ack: SeqNum(2 + n * 1460),
+            flags: Flags {
+                ack: true,
+                ..Flags::default()
+            },
+            window: 65535,
+            ..Segment::default()
+        };
+        // The first segment is acknowledged: a round trip is measured.
+        let now = t0 + Duration::from_millis(10);
+        a.on_segment(&ack(1), now);
+        while a.poll_transmit(now).is_some() {}
+        // The second is lost; three duplicate ACKs without a SACK block.
+        let now = now + Duration::from_millis(1);
+        for _ in 0..3 {
+            a.on_segment(&ack(1), now);
+        }
+        let again: Vec<SeqNum> = std::iter::from_fn(|| a.poll_transmit(now))
+            .map(|s| s.seq)
+            .collect();
+        assert!(
+            again.contains(&SeqNum(2 + 1460)),
+            "no fast retransmission: {again:?}"
+        );
+        assert_eq!(a.stats().fast_retransmits, 1);
+    }
+
+    #[test]
     fn a_closed_window_still_takes_the_peers_acks() {
         let now = Instant::now();
         let cfg = ConnConfig {
