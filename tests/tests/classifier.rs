@@ -535,6 +535,89 @@ fn a_connections_handshake_takes_the_fast_path_and_is_recorded() {
         );
         assert_eq!(record(c, &k).unwrap().ack_len, 0);
 
+        // A corrupt SYN-ACK goes on unrecorded (the client drops it); the
+        // server's next one is recorded.
+        let k = key(cl, 41120, sv, 443);
+        go(
+            c,
+            "syn",
+            &seg_v4((cl, 41120), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        let synack = seg_v4((sv, 443), (cl, 41120), "SA", 9000, 8, b"");
+        let mut corrupt = synack.clone();
+        corrupt[50] ^= 0x40;
+        go(
+            c,
+            "a corrupt syn-ack",
+            &corrupt,
+            outside,
+            Counter::Malformed,
+        );
+        let r = record(c, &k).unwrap();
+        assert_eq!((r.synack_len, r.steered), (0, 0), "nothing recorded");
+        go(c, "the server's next", &synack, outside, Counter::Handshake);
+        let r = record(c, &k).unwrap();
+        assert_eq!(&r.synack[..r.synack_len as usize], &synack[..]);
+        // With options (and so a longer header) it checks alike.
+        let k = key(cl, 41121, sv, 443);
+        go(
+            c,
+            "syn",
+            &seg_v4((cl, 41121), (sv, 443), "S", 7, 0, b""),
+            inside,
+            Counter::Handshake,
+        );
+        let mut long = Vec::new();
+        // MSS 1460, SACK permitted, window scale 7, a NOP: 12 bytes.
+        PacketBuilder::ethernet2(MAC, MAC)
+            .ipv4(sv, cl, 64)
+            .tcp(443, 41121, 9000, 64240)
+            .syn()
+            .ack(8)
+            .options_raw(&[2, 4, 5, 180, 4, 2, 3, 3, 7, 1, 0, 0])
+            .unwrap()
+            .write(&mut long, b"")
+            .unwrap();
+        // And an IPv6 one (its pseudo-header is 40 bytes).
+        let mut syn6 = Vec::new();
+        let (cl6, sv6) = (v6(1, 0), v6(2, 0));
+        PacketBuilder::ethernet2(MAC, MAC)
+            .ipv6(cl6, sv6, 64)
+            .tcp(41122, 443, 7, 64240)
+            .syn()
+            .write(&mut syn6, b"")
+            .unwrap();
+        go(c, "an ipv6 syn", &syn6, inside, Counter::Handshake);
+        let mut v6_synack = Vec::new();
+        PacketBuilder::ethernet2(MAC, MAC)
+            .ipv6(sv6, cl6, 64)
+            .tcp(443, 41122, 9000, 64240)
+            .syn()
+            .ack(8)
+            .options_raw(&[2, 4, 5, 160])
+            .unwrap()
+            .write(&mut v6_synack, b"")
+            .unwrap();
+        go(
+            c,
+            "an ipv6 syn-ack",
+            &v6_synack,
+            outside,
+            Counter::Handshake,
+        );
+        let k6 = FlowKey::new(cl6, sv6, 41122, 443, 6);
+        assert_eq!(record(c, &k6).unwrap().synack_len as usize, v6_synack.len());
+        go(
+            c,
+            "a syn-ack with options",
+            &long,
+            outside,
+            Counter::Handshake,
+        );
+        assert_eq!(record(c, &k).unwrap().synack_len as usize, long.len());
+
         // Each end's frames come in on its own side.
         let k = key(cl, 41013, sv, 443);
         let syn = seg_v4((cl, 41013), (sv, 443), "S", 7, 0, b"");

@@ -561,6 +561,13 @@ fn handshake(
     if rec.steered == 0 && empty && right_side {
         if control == TCP_SYN | TCP_ACK && !from_client && rec.synack_len == 0 {
             if ack == rec.isn.wrapping_add(1) && record_frame(ctx, l3.l4_end, &mut rec.synack) {
+                // A corrupt SYN-ACK would make the record unusable (and
+                // the connection pass uninspected): it goes on without
+                // being recorded, the client drops it, and the server's
+                // next one is recorded.
+                if !tcp_checksum_ok(&rec.synack, l3) {
+                    return Class::Pass(Counter::Malformed);
+                }
                 rec.s_isn = seq;
                 rec.synack_len = l3.l4_end as u16;
                 return Class::Pass(Counter::Handshake);
@@ -646,6 +653,50 @@ fn record_syn(ctx: &XdpContext, len: usize, isn: u32, key: &FlowKey, slot: u32) 
     // A record of an earlier connection on these ports goes.
     let _ = OPENED.remove(key);
     HANDSHAKES.insert(key, h, 0).is_ok()
+}
+
+/// Whether the TCP segment of a recorded frame (`l3.l4` to `l3.l4_end`)
+/// checks with its pseudo-header (RFC 9293 §3.1, RFC 1071: the 1's
+/// complement sum over both, checksum field included, is all ones).
+/// IPv4 addresses are summed in their mapped form: its 0xffff words are
+/// 1's complement zeros.
+#[inline(always)]
+fn tcp_checksum_ok(frame: &[u8; HANDSHAKE_FRAME_MAX], l3: &L3) -> bool {
+    let (Some(at), Some(end)) = (opaque(l3.l4), opaque(l3.l4_end)) else {
+        return false;
+    };
+    if at >= end || end > HANDSHAKE_FRAME_MAX {
+        return false;
+    }
+    let mut sum: u64 = u64::from(IPPROTO_TCP) + (end - at) as u64;
+    let mut i = 0;
+    while i < 16 {
+        sum += u64::from(u16::from_be_bytes([l3.src[i], l3.src[i + 1]]));
+        sum += u64::from(u16::from_be_bytes([l3.dst[i], l3.dst[i + 1]]));
+        i += 2;
+    }
+    let mut off = at;
+    for _ in 0..HANDSHAKE_FRAME_MAX / 2 {
+        if off >= end {
+            break;
+        }
+        let (Some(&hi), lo) = (frame.get(off), frame.get(off + 1)) else {
+            break;
+        };
+        // An odd last byte is padded with a zero.
+        let lo = if off + 1 < end {
+            lo.copied().unwrap_or(0)
+        } else {
+            0
+        };
+        sum += u64::from(u16::from_be_bytes([hi, lo]));
+        off += 2;
+    }
+    // At most 2 + 80 words of 16 bits: two folds leave 16 bits (a loop
+    // until no carry is left would be one the verifier cannot bound).
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
 }
 
 /// Copies the frame, `len` bytes, into `into`: false when it is longer.
