@@ -218,7 +218,15 @@ impl Congestion {
         let Some(undo) = self.undo.take() else {
             return false;
         };
-        self.cwnd = self.cwnd.max(undo.cwnd);
+        // In recovery the window is the one from before it: nothing there
+        // grows it but the duplicate ACKs' inflation, which must not
+        // outlive the episode. After it, the window grew by ACKs and may
+        // be the larger.
+        self.cwnd = if self.recover.is_some() {
+            undo.cwnd
+        } else {
+            self.cwnd.max(undo.cwnd)
+        };
         self.ssthresh = self.ssthresh.max(undo.ssthresh);
         self.cubic = undo.cubic;
         self.recover = None;
@@ -620,6 +628,16 @@ mod tests {
         for _ in 0..100 {
             c.count_dup_ack();
         }
+        assert!(c.undo());
+        assert_eq!(c.cwnd(), before);
+        // Nor does the inflation of a recovery that duplicate ACKs
+        // started and drive (a peer that sends no SACK blocks).
+        let before = c.cwnd();
+        while c.on_dup_ack(nxt, 20 * MSS) != AckAction::Retransmit {}
+        for _ in 0..100 {
+            c.on_dup_ack(nxt, 20 * MSS);
+        }
+        assert!(c.cwnd() > before, "inflated in recovery");
         assert!(c.undo());
         assert_eq!(c.cwnd(), before);
         // After a timeout there is nothing to undo; the bound holds.

@@ -269,9 +269,10 @@ pub struct Conn {
     our_shift: u8,
     ts: Option<TsState>,
     sack_ok: bool,
-    /// The peer has sent a SACK block: permitting SACK is not sending it
-    /// (some stacks and middleboxes strip the blocks), and RACK without
-    /// blocks sees no delivery to judge losses by.
+    /// The peer has SACKed data in flight: permitting SACK is not sending
+    /// blocks (some stacks and middleboxes strip them, or leave them
+    /// untranslated), and RACK without them sees no delivery to judge
+    /// losses by.
     sack_seen: bool,
     /// The highest right edge the peer has SACKed.
     sack_high: SeqNum,
@@ -1042,15 +1043,16 @@ impl Conn {
         }
         let dsack = self.take_dsack(seg, ack);
         if self.sack_ok {
-            self.sack_seen |= !seg.options.sack.is_empty();
-            if dsack {
-                self.rack.on_dsack(self.snd_una, self.snd_nxt);
-            }
             if ack.gt(self.snd_una) {
                 self.rack.on_cum_ack(ack, now);
             }
             // A DSACK block reports a duplicate, not data held.
             let una = self.snd_una.max(ack);
+            // Against SND.UNA after this ACK (RFC 8985 §6.2 step 4): one
+            // that ends the DSACK round may start the next.
+            if dsack {
+                self.rack.on_dsack(una, self.snd_nxt);
+            }
             let gaps = &mut self.sack_gaps;
             gaps.clear();
             for &(l, r) in seg.options.sack.iter().skip(usize::from(dsack)) {
@@ -1061,6 +1063,10 @@ impl Conn {
             // delivered below the highest delivered (RFC 8985 §6.2 step
             // 3), not in the order the peer listed its blocks.
             self.sack_gaps.sort_unstable_by_key(|&(l, _)| l.since(una));
+            // Only a block that holds data sent and not yet acknowledged:
+            // one a middlebox left untranslated (it randomised the
+            // sequence numbers) must not switch RACK on.
+            self.sack_seen |= !self.sack_gaps.is_empty();
             for &(l, r) in &self.sack_gaps {
                 let board = &self.scoreboard;
                 self.rack.on_sacked(l, r, now, |a, b| board.covers(a, b));

@@ -217,6 +217,25 @@ impl Rack {
             }
             self.base = una;
         }
+        // Transmissions acknowledged leave the timeline here too, not
+        // only in `detect`: while RACK does not run (no SACK block from
+        // the peer yet), it would otherwise grow with every segment.
+        while let Some(&(order, start)) = self.timeline.front() {
+            if self.undecided(order, start).is_some() {
+                break;
+            }
+            self.timeline.pop_front();
+        }
+    }
+
+    /// Where the transmission `order` that began at `start` is in the
+    /// log, if it is still there and neither delivered nor marked lost.
+    fn undecided(&self, order: u64, start: SeqNum) -> Option<usize> {
+        let i = self.index(start);
+        (i < self.sent.len()
+            && self.sent[i].order == order
+            && self.sent[i].flags & (DELIVERED | LOST) == 0)
+            .then_some(i)
     }
 
     /// `[left, right)` was newly SACKed; `covered(l, r)` says whether the
@@ -352,14 +371,10 @@ impl Rack {
             return found;
         };
         while let Some(&(order, start)) = self.timeline.front() {
-            let i = self.index(start);
-            let live = i < self.sent.len()
-                && self.sent[i].order == order
-                && self.sent[i].flags & (DELIVERED | LOST) == 0;
-            if !live {
+            let Some(i) = self.undecided(order, start) else {
                 self.timeline.pop_front();
                 continue;
-            }
+            };
             if order >= newest {
                 break;
             }
@@ -455,6 +470,11 @@ impl Rack {
     /// Entries logged (for tests and bounds).
     pub fn logged(&self) -> usize {
         self.sent.len()
+    }
+
+    /// Transmissions on the timeline (for tests and bounds).
+    pub fn timed(&self) -> usize {
+        self.timeline.len()
     }
 
     /// Gives back the log's memory while nothing is in flight.
@@ -645,5 +665,19 @@ mod tests {
         }
         assert_eq!((r.logged(), r.newest), (10, None));
         assert_eq!(r.detect(now, Duration::ZERO), Detected::default());
+    }
+
+    #[test]
+    fn the_timeline_stays_a_window_long_without_detection() {
+        // A peer that never SACKs: RACK never runs `detect`, and the
+        // cumulative ACKs alone keep the log and the timeline bounded.
+        let t0 = Instant::now();
+        let mut r = ten(t0);
+        for i in 10..100_000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i));
+            r.on_cum_ack(s((i - 9) * MSS), now);
+            r.on_send(s(i * MSS), s((i + 1) * MSS), now, false);
+            assert!(r.logged() <= 10 && r.timed() <= 10, "at {i}: {}", r.timed());
+        }
     }
 }

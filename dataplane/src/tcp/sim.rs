@@ -1220,41 +1220,51 @@ mod tests {
 
     #[test]
     fn a_peer_that_permits_sack_and_sends_no_blocks_still_gets_a_fast_retransmit() {
-        let t0 = Instant::now();
-        let hs = Handshake {
-            sack_permitted: true,
-            ..bare(65535)
-        };
-        let mut a = Conn::new(&hs, ConnConfig::default(), t0);
-        assert_eq!(a.write(&[7; 10 * 1460]), 10 * 1460);
-        while a.poll_transmit(t0).is_some() {}
-        let ack = |n: u32| Segment {
-            seq: SeqNum(101),
-            ack: SeqNum(2 + n * 1460),
-            flags: Flags {
-                ack: true,
-                ..Flags::default()
-            },
-            window: 65535,
-            ..Segment::default()
-        };
-        // The first segment is acknowledged: a round trip is measured.
-        let now = t0 + Duration::from_millis(10);
-        a.on_segment(&ack(1), now);
-        while a.poll_transmit(now).is_some() {}
-        // The second is lost; three duplicate ACKs without a SACK block.
-        let now = now + Duration::from_millis(1);
-        for _ in 0..3 {
-            a.on_segment(&ack(1), now);
+        // No blocks at all, or only blocks for data never sent (a
+        // middlebox that randomised the sequence numbers and left the
+        // blocks untranslated).
+        let never_sent = SeqNum(2 + 1000 * 1460);
+        for blocks in [vec![], vec![(never_sent, never_sent + 1460)]] {
+            let t0 = Instant::now();
+            let hs = Handshake {
+                sack_permitted: true,
+                ..bare(65535)
+            };
+            let mut a = Conn::new(&hs, ConnConfig::default(), t0);
+            assert_eq!(a.write(&[7; 10 * 1460]), 10 * 1460);
+            while a.poll_transmit(t0).is_some() {}
+            let ack = |n: u32, sack: &[(SeqNum, SeqNum)]| Segment {
+                seq: SeqNum(101),
+                ack: SeqNum(2 + n * 1460),
+                flags: Flags {
+                    ack: true,
+                    ..Flags::default()
+                },
+                window: 65535,
+                options: TcpOptions {
+                    sack: sack.to_vec(),
+                    ..TcpOptions::default()
+                },
+                ..Segment::default()
+            };
+            // The first segment is acknowledged: a round trip is measured.
+            let now = t0 + Duration::from_millis(10);
+            a.on_segment(&ack(1, &[]), now);
+            while a.poll_transmit(now).is_some() {}
+            // The second is lost; three duplicate ACKs.
+            let now = now + Duration::from_millis(1);
+            for _ in 0..3 {
+                a.on_segment(&ack(1, &blocks), now);
+            }
+            let again: Vec<SeqNum> = std::iter::from_fn(|| a.poll_transmit(now))
+                .map(|s| s.seq)
+                .collect();
+            assert!(
+                again.contains(&SeqNum(2 + 1460)),
+                "{blocks:?}: no fast retransmission: {again:?}"
+            );
+            assert_eq!(a.stats().fast_retransmits, 1);
         }
-        let again: Vec<SeqNum> = std::iter::from_fn(|| a.poll_transmit(now))
-            .map(|s| s.seq)
-            .collect();
-        assert!(
-            again.contains(&SeqNum(2 + 1460)),
-            "no fast retransmission: {again:?}"
-        );
-        assert_eq!(a.stats().fast_retransmits, 1);
     }
 
     #[test]
