@@ -897,6 +897,15 @@ impl Conn {
             self.state,
             State::Established | State::FinWait1 | State::FinWait2
         );
+        // The stream ends at the FIN: with one known (come out of order),
+        // nothing at or past it is data.
+        let payload = match self.fin_at {
+            Some(fin) => {
+                let room = usize::try_from(fin.since(seg.seq)).unwrap_or(0);
+                &payload[..room.min(payload.len())]
+            }
+            None => payload,
+        };
         if receiving && !payload.is_empty() {
             let before = self.rcv.next();
             let ins = self.rcv.insert(seg.seq, payload);
@@ -927,9 +936,14 @@ impl Conn {
             }
         }
 
-        // Eighth: FIN.
-        if seg.flags.fin {
-            self.fin_at = Some(seg.seq + payload.len() as u32);
+        // Eighth: FIN. The first one places the end for good (a second
+        // elsewhere, or one before bytes already taken, is a liar's); its
+        // repeats match it.
+        if seg.flags.fin && self.fin_at.is_none() {
+            let at = seg.seq + payload.len() as u32;
+            if at.ge(self.rcv.next()) {
+                self.fin_at = Some(at);
+            }
         }
         self.consume_fin(now);
     }

@@ -1329,6 +1329,44 @@ mod tests {
     }
 
     #[test]
+    fn a_fin_out_of_order_ends_the_stream_where_it_stands() {
+        let now = Instant::now();
+        let data = |seq: u32, payload: &[u8], fin: bool| Segment {
+            seq: SeqNum(seq),
+            ack: SeqNum(2),
+            flags: Flags {
+                ack: true,
+                fin,
+                ..Flags::default()
+            },
+            window: 65535,
+            payload: payload.to_vec(),
+            ..Segment::default()
+        };
+        // Ten bytes, a FIN at 121 before the ten between, then sixteen
+        // bytes from 111 (six past the FIN) and some wholly past it.
+        let mut a = Conn::new(&bare(65535), ConnConfig::default(), now);
+        a.on_segment(&data(101, &[1; 10], false), now);
+        a.on_segment(&data(121, b"", true), now);
+        a.on_segment(&data(111, &[2; 16], false), now);
+        a.on_segment(&data(122, b"PAST", false), now);
+        assert_eq!(a.rcv_nxt(), SeqNum(122), "the FIN taken at 121");
+        let mut want = vec![1; 10];
+        want.extend([2; 10]);
+        assert_eq!(a.read(usize::MAX), want);
+        assert!(a.peer_finished());
+        // Two FINs in different places: the first stands, and its
+        // repeat is taken once the bytes before it come.
+        let mut b = Conn::new(&bare(65535), ConnConfig::default(), now);
+        b.on_segment(&data(141, b"", true), now);
+        b.on_segment(&data(131, b"", true), now);
+        b.on_segment(&data(101, &[3; 40], false), now);
+        assert_eq!(b.rcv_nxt(), SeqNum(142));
+        assert_eq!(b.read(usize::MAX), vec![3; 40]);
+        assert!(b.peer_finished());
+    }
+
+    #[test]
     fn no_byte_past_the_peers_fin_is_taken() {
         let now = Instant::now();
         let mut a = Conn::new(&bare(65535), ConnConfig::default(), now);
