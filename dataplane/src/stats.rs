@@ -158,6 +158,15 @@ pub struct SplitCounters {
     /// client resends them within a round trip, not at its timeout).
     #[serde(default)]
     pub hold_sacks: u64,
+    /// Client segments dropped during a hold because the server would
+    /// refuse them (no ACK flag, an ACK of unsent data, a stale
+    /// timestamp).
+    #[serde(default)]
+    pub hold_refused: u64,
+    /// Holds in which a byte came twice with different values: such a
+    /// connection is relayed, never passed to the fast path.
+    #[serde(default)]
+    pub hold_conflicts: u64,
     /// Of the retransmissions: retransmission timeouts, fast retransmits
     /// (duplicate ACKs, partial ACKs), and retransmissions found lost
     /// (later data SACKed) and sent again.
@@ -312,6 +321,8 @@ impl SplitCounters {
         self.hold_overflows += o.hold_overflows;
         self.hold_acks += o.hold_acks;
         self.hold_sacks += o.hold_sacks;
+        self.hold_refused += o.hold_refused;
+        self.hold_conflicts += o.hold_conflicts;
         self.timeouts += o.timeouts;
         self.fast_retransmits += o.fast_retransmits;
         self.lost_retransmits += o.lost_retransmits;
@@ -723,7 +734,8 @@ impl StatsReport {
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
                  holds decided without a name on timeout/bound ({} of the timeouts missing \
                  the client's first bytes), {} ACKs of large ClientHellos, {} duplicate \
-                 ACKs for missing first bytes, {} window \
+                 ACKs for missing first bytes, {} held segments the server would refuse dropped, \
+                 {} holds with conflicting bytes relayed, {} window \
                  shifts above 14 used as 14; buffers {} KiB, {} not split for memory; \
                  decisions cost the worker {} at the median",
                 sp.split,
@@ -760,6 +772,8 @@ impl StatsReport {
                 sp.hold_timeouts_start_missing,
                 sp.hold_acks,
                 sp.hold_sacks,
+                sp.hold_refused,
+                sp.hold_conflicts,
                 sp.wscale_clamped,
                 sp.buffer_capacity >> 10,
                 sp.memory_passthrough,

@@ -364,6 +364,18 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         sp.hold_sacks,
     );
     o.one(
+        "loupe_hold_refused_total",
+        "counter",
+        "Client segments dropped during holds because the server would refuse them.",
+        sp.hold_refused,
+    );
+    o.one(
+        "loupe_hold_conflicts_total",
+        "counter",
+        "Holds in which a byte came twice with different values (relayed, never passed).",
+        sp.hold_conflicts,
+    );
+    o.one(
         "loupe_split_active",
         "gauge",
         "Split connections now.",

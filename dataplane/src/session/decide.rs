@@ -446,15 +446,23 @@ impl Sessions {
         now: Instant,
         mut meta: Box<Meta>,
     ) -> Disposition {
-        let acked = tracking(&mut self.flows, id)
+        let (acked, conflict) = tracking(&mut self.flows, id)
             .and_then(|t| t.hold.as_ref())
-            .is_some_and(|h| h.acked > 0);
-        if !acked {
+            .map_or((false, false), |h| (h.acked > 0, h.conflict));
+        if !acked && !conflict {
             self.release(id, meta, "bypass");
             return Disposition::Forward;
         }
-        let why = "its ClientHello was acknowledged during the hold: relayed as tcp-split, \
-                   not passed to the fast path";
+        // Passed, the held frames would go to the server as they came, and
+        // its reassembly of two different copies of a byte may not be the
+        // one decided on: relayed, the server gets the bytes decided on.
+        let why = if conflict {
+            "bytes came twice, differently, during the hold: relayed as tcp-split, \
+             not passed to the fast path"
+        } else {
+            "its ClientHello was acknowledged during the hold: relayed as tcp-split, \
+             not passed to the fast path"
+        };
         meta.note = Some(match meta.note.take() {
             Some(n) => format!("{n}; {why}"),
             None => why.into(),

@@ -30,6 +30,9 @@ pub(super) struct Held {
     /// The oldest TSval among the held segments (the client-facing half
     /// starts TS.Recent there, so PAWS takes their replay).
     pub(super) oldest_tsval: Option<u32>,
+    /// A byte came twice, differently: what the server reassembles from
+    /// the held frames may not be what was decided on.
+    pub(super) conflict: bool,
 }
 
 /// A connection before its decision.
@@ -169,6 +172,10 @@ impl Sessions {
                 self.undecided(id, NoDecision::Unsplittable, now)
             }
             Track::Hold => self.hold(id, frame, &p.segment, now),
+            Track::Drop => {
+                self.counters.hold_refused += 1;
+                Disposition::Consumed
+            }
             Track::Decide => {
                 self.counters.server_first += 1;
                 self.decide(id, &Opening::ServerFirst, Some(p.segment), now)
@@ -206,11 +213,16 @@ impl Sessions {
                 acked: 0,
                 bytes: 0,
                 oldest_tsval: None,
+                conflict: false,
             })
         });
         let end = i64::from(seg.seq.since(start)) + seg.payload.len() as i64;
         let ins = held.stream.insert(seg.seq, &seg.payload);
         let fin_news = seg.flags.fin && !held.fin;
+        if ins.conflict > 0 && !held.conflict {
+            held.conflict = true;
+            self.counters.hold_conflicts += 1;
+        }
         if ins.new > 0 || fin_news || ins.conflict > 0 {
             held.frames.push(frame.to_vec());
             if let Some(ts) = seg.options.timestamps {

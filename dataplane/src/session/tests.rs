@@ -609,7 +609,15 @@ fn held_data_older_than_a_later_ack_is_not_taken_for_a_duplicate() {
         ecr: S_ISN,
     });
     assert_eq!(b.send(Dir::Client, &ack), Disposition::Forward);
-    b.client_data(50, &hello[50..]);
+    // The rest comes after the ACK, as the client's clock says (an older
+    // TSval than the ACK's would fail the server's PAWS, and the hold
+    // drops it as the server would).
+    let mut rest = seg(C_ISN + 51, S_ISN + 1, false, &hello[50..]);
+    rest.options.timestamps = Some(Timestamps {
+        val: 5001,
+        ecr: S_ISN,
+    });
+    b.send(Dir::Client, &rest);
     assert_eq!(b.sp.counters.split, 1);
     let out = b.sent();
     let relayed: Vec<u8> = segments(&out, Side::Outside)
@@ -1598,4 +1606,82 @@ fn data_on_a_syn_without_fast_open_does_not_pass_the_connection() {
     assert_eq!(b.client_data(0, &hello).0, Disposition::Consumed);
     let c = &b.sp.counters;
     assert_eq!((c.split, c.passthrough, c.fast_open), (1, 0, 0));
+}
+
+/// Two copies of a ClientHello's bytes that differ in the server name:
+/// the engine reads the first, a server's kernel may keep the other (Linux
+/// takes a longer segment over a shorter one it holds out of order). Passed
+/// to the fast path, the held frames would let the server read a name the
+/// decision never saw; relayed, the server gets the bytes decided on.
+#[test]
+fn a_hold_with_two_versions_of_a_byte_is_relayed_never_passed() {
+    let mut b = Bench::new(bank_exempt());
+    let bank = client_hello("www.bank.example", &[]);
+    let evil = client_hello("www.evil.example", &[]);
+    assert_eq!(bank.len(), evil.len());
+    let n = bank.len();
+    b.client_data(1, &bank[1..n - 1]);
+    b.client_data(1, &evil[1..]);
+    b.client_data(0, &bank[..1]);
+    assert_eq!(b.sp.counters.hold_conflicts, 1);
+    assert_eq!(bypassed(&b.sp), 0, "not passed to the fast path");
+    assert_eq!(b.sp.counters.split, 1, "relayed");
+    let out = b.sent();
+    let relayed: Vec<u8> = segments(&out, Side::Outside)
+        .iter()
+        .flat_map(|s| s.payload.clone())
+        .collect();
+    // The first copy of each byte: the bank's, and the evil copy's last
+    // byte, which only it carried.
+    let first: Vec<u8> = bank[..n - 1]
+        .iter()
+        .chain(&evil[n - 1..])
+        .copied()
+        .collect();
+    assert_eq!(relayed, first, "the server reads the name decided on");
+    let has = |name: &[u8]| relayed.windows(name.len()).any(|w| w == name);
+    assert!(has(b"www.bank.example") && !has(b"www.evil.example"));
+}
+
+/// Client data the server would drop (no ACK flag, an ACK of data it
+/// never sent, a timestamp older than the last it took, a corrupt IPv4
+/// header) is not held: the decision is made on what the server reads.
+#[test]
+fn held_bytes_are_only_ones_the_server_would_take() {
+    let bank = client_hello("www.bank.example", &[]);
+    let evil = client_hello("www.evil.example", &[]);
+    let no_ack = |s: &mut Segment| s.flags.ack = false;
+    let unsent = |s: &mut Segment| s.ack = SeqNum(S_ISN + 1000);
+    let stale = |s: &mut Segment| {
+        s.options.timestamps = Some(Timestamps {
+            val: C_ISN - 5,
+            ecr: S_ISN,
+        })
+    };
+    let forged: [&dyn Fn(&mut Segment); 3] = [&no_ack, &unsent, &stale];
+    for (i, forge) in forged.iter().enumerate() {
+        let mut b = Bench::new(bank_exempt());
+        let mut first = seg(C_ISN + 1, S_ISN + 1, false, &bank);
+        forge(&mut first);
+        assert_eq!(b.send(Dir::Client, &first), Disposition::Consumed, "{i}");
+        assert_eq!(b.sp.counters.hold_refused, 1, "{i}");
+        b.client_data(0, &evil);
+        assert_eq!(
+            b.sp.counters.policy_pass, 0,
+            "{i}: decided on the name read"
+        );
+        assert_eq!(b.sp.counters.split, 1, "{i}");
+    }
+    // A corrupt IPv4 header checksum: a bad frame, not held.
+    let mut b = Bench::new(bank_exempt());
+    let mut frame = b
+        .peers
+        .frame(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, &bank));
+    frame[24] ^= 0x01;
+    let before = b.sp.counters.bad_checksum;
+    b.sp.on_frame(Side::Inside, &frame, b.now);
+    assert_eq!(b.sp.counters.bad_checksum, before + 1);
+    b.client_data(0, &evil);
+    assert_eq!(b.sp.counters.policy_pass, 0);
+    assert_eq!(b.sp.counters.split, 1);
 }

@@ -91,6 +91,13 @@ pub enum Track {
     /// Leave this connection alone for good (after releasing anything
     /// held, ahead of this segment).
     Pass(Passthrough),
+    /// Client data in the hold that the server would refuse (no ACK
+    /// flag, an ACK of something it never sent, a timestamp older than
+    /// the last it took): neither held nor forwarded. Held, the engine
+    /// would decide on bytes the server never reads once the connection
+    /// is passed, and the client's next copy, on the fast path, could
+    /// say anything.
+    Drop,
 }
 
 /// Watches one connection's handshake.
@@ -300,7 +307,22 @@ impl Tracker {
             // decision; either goes to the halves later, which take its
             // window and timestamp then (taking them now would make the
             // replayed segments look old to PAWS).
-            (Phase::Hold(_), Dir::Client) if !seg.payload.is_empty() || f.fin => Track::Hold,
+            (Phase::Hold(n), Dir::Client) if !seg.payload.is_empty() || f.fin => {
+                // The server has sent nothing past its SYN-ACK (its data
+                // ends the hold), so the one ACK it takes is its ISN + 1
+                // (RFC 9293 §3.10.7.4: without the ACK bit, or for data
+                // not sent, the segment is dropped), and a timestamp
+                // older than the last it took fails PAWS (RFC 7323 §5).
+                let paws = match (n.c_ts, n.s_ts, seg.options.timestamps) {
+                    (Some(last), Some(_), Some(t)) => SeqNum(t.val).lt(SeqNum(last)),
+                    _ => false,
+                };
+                if !f.ack || seg.ack != n.s_isn + 1 || paws {
+                    Track::Drop
+                } else {
+                    Track::Hold
+                }
+            }
             (Phase::Hold(_), Dir::Server) if !seg.payload.is_empty() || f.fin => Track::Decide,
             // A pure ACK goes on: the halves continue from what it said.
             (Phase::Hold(n), dir) => {

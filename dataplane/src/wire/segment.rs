@@ -146,6 +146,12 @@ pub fn headers_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentErr
     let raw = net.raw();
     let (ip, marks) = match net {
         NetHeader::V4(h) => {
+            // A receiver drops a header whose checksum fails (RFC 791,
+            // RFC 1122 §3.2.1.2): taken here, it would be bytes the
+            // server never sees.
+            if fold(sum16(0, h)) != 0 {
+                return Err(SegmentError::Checksum);
+            }
             let marks = IpMarks {
                 hops: h[8],
                 dscp: h[1] & 0xfc,
