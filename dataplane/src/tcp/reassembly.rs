@@ -86,6 +86,14 @@ impl Reassembler {
         self.next
     }
 
+    /// Whether bytes at or past `seq` are held out of order.
+    pub fn holds_from(&self, seq: SeqNum) -> bool {
+        let at = self.delivered as i64 + i64::from(seq.since(self.next));
+        self.blocks
+            .last_key_value()
+            .is_some_and(|(_, &end)| end as i64 > at)
+    }
+
     /// The receive window to advertise: room left after unread bytes.
     pub fn window(&self) -> u32 {
         self.capacity.saturating_sub(self.ready.len()) as u32

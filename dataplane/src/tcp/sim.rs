@@ -1364,6 +1364,18 @@ mod tests {
         assert_eq!(b.rcv_nxt(), SeqNum(142));
         assert_eq!(b.read(usize::MAX), vec![3; 40]);
         assert!(b.peer_finished());
+        // Bytes held past a FIN that comes later: that FIN is refused (the
+        // gap's filling would carry RCV.NXT over it), and the true one,
+        // at the end of the bytes, is taken.
+        let mut c = Conn::new(&bare(65535), ConnConfig::default(), now);
+        c.on_segment(&data(151, &[4; 50], false), now);
+        c.on_segment(&data(121, &[5; 30], true), now);
+        c.on_segment(&data(101, &[6; 50], false), now);
+        c.on_segment(&data(201, b"", true), now);
+        assert_eq!(c.rcv_nxt(), SeqNum(202));
+        let want: Vec<u8> = [vec![6; 20], vec![5; 30], vec![4; 50]].concat();
+        assert_eq!(c.read(usize::MAX), want);
+        assert!(c.peer_finished());
     }
 
     #[test]
