@@ -446,26 +446,27 @@ impl Sessions {
         now: Instant,
         mut meta: Box<Meta>,
     ) -> Disposition {
-        let (acked, conflict) = tracking(&mut self.flows, id)
+        let (acked, unlike) = tracking(&mut self.flows, id)
             .and_then(|t| t.hold.as_ref())
-            .map_or((false, false), |h| (h.acked > 0, h.conflict));
-        if !acked && !conflict {
+            .map_or((false, None), |h| (h.acked > 0, h.unlike));
+        if !acked && unlike.is_none() {
             self.release(id, meta, "bypass");
             return Disposition::Forward;
         }
         // Passed, the held frames would go to the server as they came, and
-        // its reassembly of two different copies of a byte may not be the
-        // one decided on: relayed, the server gets the bytes decided on.
-        let why = if conflict {
-            "bytes came twice, differently, during the hold: relayed as tcp-split, \
-             not passed to the fast path"
-        } else {
-            "its ClientHello was acknowledged during the hold: relayed as tcp-split, \
-             not passed to the fast path"
+        // its reassembly of them may not be the one decided on: relayed,
+        // the server gets the bytes decided on.
+        let why = match unlike {
+            Some(why) => {
+                format!("{why} during the hold: relayed as tcp-split, not passed to the fast path")
+            }
+            None => "its ClientHello was acknowledged during the hold: relayed as tcp-split, \
+                     not passed to the fast path"
+                .into(),
         };
         meta.note = Some(match meta.note.take() {
             Some(n) => format!("{n}; {why}"),
-            None => why.into(),
+            None => why,
         });
         self.start_split(id, pending, now, meta, Start::Relay)
     }
@@ -580,7 +581,13 @@ impl Sessions {
         }
         if !held.is_empty() || refuse.is_some() {
             self.with_split(id, now, |s| {
-                for seg in &held {
+                for seg in &mut held {
+                    // Without their timestamps: the hold took them first
+                    // copy first whatever their clocks said, and so must
+                    // the half, or PAWS could drop one after a later
+                    // clock and the client's next copy of those bytes,
+                    // saying anything, would be relayed instead.
+                    seg.options.timestamps = None;
                     s.on_segment(Dir::Client, seg, now);
                 }
                 s.client.ack_now();

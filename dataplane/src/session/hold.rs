@@ -30,9 +30,15 @@ pub(super) struct Held {
     /// The oldest TSval among the held segments (the client-facing half
     /// starts TS.Recent there, so PAWS takes their replay).
     pub(super) oldest_tsval: Option<u32>,
-    /// A byte came twice, differently: what the server reassembles from
-    /// the held frames may not be what was decided on.
+    /// A byte came twice, differently (counted once).
     pub(super) conflict: bool,
+    /// The TSval of the last frame held.
+    pub(super) last_tsval: Option<u32>,
+    /// Why the server might reassemble the held frames otherwise than the
+    /// hold did (two versions of a byte, a TTL that may expire on the
+    /// way, a clock running backwards): such a hold is relayed, never
+    /// passed.
+    pub(super) unlike: Option<&'static str>,
 }
 
 /// A connection before its decision.
@@ -145,6 +151,12 @@ impl Sessions {
         t.templates[side.index()].get_or_insert_with(|| p.template(frame));
         let was_open = t.tracker.client_data_start().is_some();
         let track = t.tracker.on_segment(dir_from(side, t.client), &p.segment);
+        // A TTL (hop limit) other than the handshake's may be one set to
+        // expire between here and the server: passed, the server would
+        // not see these bytes. So may TCP options the engine does not
+        // know (TCP-MD5, TCP-AO: a server without the key drops them).
+        let hops = t.templates[side.index()].as_ref().map(|tpl| tpl.hops());
+        let odd = hops != Some(p.hops()) || p.segment.options.unknown > 0;
         let open = t.tracker.client_data_start().is_some();
         if t.hold.is_some() && !open {
             // A new SYN on these ports: the held attempt was abandoned.
@@ -171,7 +183,7 @@ impl Sessions {
                 }
                 self.undecided(id, NoDecision::Unsplittable, now)
             }
-            Track::Hold => self.hold(id, frame, &p.segment, now),
+            Track::Hold => self.hold(id, frame, &p.segment, odd, now),
             Track::Drop => {
                 self.counters.hold_refused += 1;
                 Disposition::Consumed
@@ -190,6 +202,7 @@ impl Sessions {
         id: FlowId,
         frame: &[u8],
         seg: &Segment,
+        odd: bool,
         now: Instant,
     ) -> Disposition {
         let Some(t) = tracking(&mut self.flows, id) else {
@@ -213,7 +226,9 @@ impl Sessions {
                 acked: 0,
                 bytes: 0,
                 oldest_tsval: None,
+                last_tsval: None,
                 conflict: false,
+                unlike: None,
             })
         });
         let end = i64::from(seg.seq.since(start)) + seg.payload.len() as i64;
@@ -223,9 +238,30 @@ impl Sessions {
             held.conflict = true;
             self.counters.hold_conflicts += 1;
         }
+        // A second FIN elsewhere: the end of the stream is in dispute.
+        let fin_moved = seg.flags.fin
+            && held
+                .fin_at
+                .is_some_and(|f| f != seg.seq + seg.payload.len() as u32);
+        if (ins.conflict > 0 || fin_moved) && held.unlike.is_none() {
+            held.unlike = Some("bytes came twice, differently");
+        }
         if ins.new > 0 || fin_news || ins.conflict > 0 {
+            if odd && held.unlike.is_none() {
+                held.unlike = Some("a held frame's TTL or TCP options differ from the handshake's");
+            }
             held.frames.push(frame.to_vec());
             if let Some(ts) = seg.options.timestamps {
+                // Released in the order they came, frames whose clock runs
+                // backwards would fail the server's PAWS after the first.
+                if held
+                    .last_tsval
+                    .is_some_and(|l| SeqNum(ts.val).lt(SeqNum(l)))
+                    && held.unlike.is_none()
+                {
+                    held.unlike = Some("held frames came with their timestamps out of order");
+                }
+                held.last_tsval = Some(ts.val);
                 if held
                     .oldest_tsval
                     .is_none_or(|o| SeqNum(ts.val).lt(SeqNum(o)))
@@ -235,7 +271,8 @@ impl Sessions {
             }
         }
         held.fin |= seg.flags.fin;
-        if seg.flags.fin {
+        // The first FIN places the end, as the halves take it.
+        if seg.flags.fin && held.fin_at.is_none() {
             held.fin_at = Some(seg.seq + seg.payload.len() as u32);
         }
         held.bytes = held.bytes.max(end.max(0) as u64);

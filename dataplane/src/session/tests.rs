@@ -330,9 +330,16 @@ fn a_segment_after_missing_first_bytes_draws_a_duplicate_ack_with_sack() {
     // The same segment again says nothing new: no second ACK.
     b.client_data(100, rest);
     assert!(b.sent().is_empty());
-    // The first segment completes the ClientHello: released unchanged, in
-    // arrival order, and the flow goes to the fast path.
-    let (_, f1) = b.client_data(0, first);
+    // The first segment, resent (with the client's clock of then),
+    // completes the ClientHello: released unchanged, in arrival order,
+    // and the flow goes to the fast path.
+    let mut again = seg(C_ISN + 1, S_ISN + 1, false, first);
+    again.options.timestamps = Some(Timestamps {
+        val: C_ISN + 2000,
+        ecr: S_ISN,
+    });
+    b.send(Dir::Client, &again);
+    let f1 = b.peers.frame(Dir::Client, &again);
     assert_eq!(b.sent(), vec![(Side::Outside, f2), (Side::Outside, f1)]);
     assert_eq!((b.sp.counters.policy_pass, bypassed(&b.sp)), (1, 1));
     assert_eq!(b.sp.counters.hold_acks, 0);
@@ -1658,7 +1665,11 @@ fn held_bytes_are_only_ones_the_server_would_take() {
             ecr: S_ISN,
         })
     };
-    let forged: [&dyn Fn(&mut Segment); 3] = [&no_ack, &unsent, &stale];
+    let syn = |s: &mut Segment| s.flags.syn = true;
+    let no_clock = |s: &mut Segment| s.options.timestamps = None;
+    // Past the server's window (65535 from its SYN-ACK).
+    let beyond = |s: &mut Segment| s.seq = SeqNum(C_ISN + 1 + 65535 - 10);
+    let forged: [&dyn Fn(&mut Segment); 6] = [&no_ack, &unsent, &stale, &syn, &no_clock, &beyond];
     for (i, forge) in forged.iter().enumerate() {
         let mut b = Bench::new(bank_exempt());
         let mut first = seg(C_ISN + 1, S_ISN + 1, false, &bank);
@@ -1684,4 +1695,57 @@ fn held_bytes_are_only_ones_the_server_would_take() {
     b.client_data(0, &evil);
     assert_eq!(b.sp.counters.policy_pass, 0);
     assert_eq!(b.sp.counters.split, 1);
+}
+
+/// Sets the IPv4 header checksum of an untagged frame.
+fn fix_ipv4_checksum(f: &mut [u8]) {
+    f[24..26].fill(0);
+    let mut sum: u32 = f[14..34]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// Held frames the server might not read as the hold did, though each
+/// alone is one it takes: a TTL other than the handshake's (one set to
+/// expire between the engine and the server), or timestamps running
+/// backwards in the order they came (the server's PAWS drops the later
+/// one once the first moved its clock). Such a hold is relayed, never
+/// passed; the relay takes the bytes as the hold did.
+#[test]
+fn a_hold_the_server_might_read_otherwise_is_relayed() {
+    let bank = client_hello("www.bank.example", &[]);
+    // A TTL one lower than the handshake's.
+    let mut b = Bench::new(bank_exempt());
+    let mut frame = b
+        .peers
+        .frame(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, &bank));
+    frame[22] -= 1;
+    fix_ipv4_checksum(&mut frame);
+    b.sp.on_frame(Side::Inside, &frame, b.now);
+    assert_eq!((bypassed(&b.sp), b.sp.counters.split), (0, 1), "ttl");
+    // Clocks backwards: [0, 100) at 2000, then [100, ..) at 1500.
+    let mut b = Bench::new(bank_exempt());
+    let at = |off: usize, end: usize, val: u32| {
+        let mut s = seg(C_ISN + 1 + off as u32, S_ISN + 1, false, &bank[off..end]);
+        s.options.timestamps = Some(Timestamps { val, ecr: S_ISN });
+        s
+    };
+    b.send(Dir::Client, &at(0, 100, 2000));
+    b.send(Dir::Client, &at(100, bank.len(), 1500));
+    assert_eq!((bypassed(&b.sp), b.sp.counters.split), (0, 1), "clocks");
+    let relayed: Vec<u8> = segments(&b.sent(), Side::Outside)
+        .iter()
+        .flat_map(|s| s.payload.clone())
+        .collect();
+    assert_eq!(relayed, bank, "the relay took both, as the hold did");
+    // In order, the same hello is passed.
+    let mut b = Bench::new(bank_exempt());
+    b.send(Dir::Client, &at(0, 100, 1500));
+    b.send(Dir::Client, &at(100, bank.len(), 2000));
+    assert_eq!(bypassed(&b.sp), 1, "clocks in order");
 }

@@ -313,11 +313,18 @@ impl Tracker {
                 // (RFC 9293 §3.10.7.4: without the ACK bit, or for data
                 // not sent, the segment is dropped), and a timestamp
                 // older than the last it took fails PAWS (RFC 7323 §5).
+                // With timestamps agreed, a segment without one is dropped
+                // by some stacks (FreeBSD); none a client sends lacks it.
                 let paws = match (n.c_ts, n.s_ts, seg.options.timestamps) {
                     (Some(last), Some(_), Some(t)) => SeqNum(t.val).lt(SeqNum(last)),
+                    (Some(_), Some(_), None) => true,
                     _ => false,
                 };
-                if !f.ack || seg.ack != n.s_isn + 1 || paws {
+                // Past the server's window: dropped there (RFC 9293
+                // §3.10.7.4), the server has not said more since.
+                let end = seg.seq + seg.seg_len(&seg.payload);
+                let beyond = end.gt(n.c_isn + 1 + n.s_window);
+                if !f.ack || f.syn || seg.ack != n.s_isn + 1 || paws || beyond {
                     Track::Drop
                 } else {
                     Track::Hold

@@ -114,6 +114,11 @@ pub struct Parsed {
 impl Parsed {
     /// The template for sending as this segment's sender; `frame` is the
     /// frame it was parsed from.
+    /// The TTL or hop limit the frame came with.
+    pub fn hops(&self) -> u8 {
+        self.marks.hops
+    }
+
     pub fn template(&self, frame: &[u8]) -> Template {
         Template {
             l2: frame[..self.l2_len].to_vec(),
@@ -259,6 +264,10 @@ fn fold(mut acc: u32) -> u16 {
 }
 
 impl Template {
+    /// The TTL or hop limit of the frame this was taken from.
+    pub fn hops(&self) -> u8 {
+        self.marks.hops
+    }
     /// A template for frames Loupe makes up rather than impersonates (the
     /// decrypted copies [`crate::export`] writes): untagged Ethernet from
     /// `src_mac` to `dst_mac`, `src` to `dst` (one address family; a mixed
