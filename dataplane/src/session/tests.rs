@@ -1700,14 +1700,8 @@ fn held_bytes_are_only_ones_the_server_would_take() {
 /// Sets the IPv4 header checksum of an untagged frame.
 fn fix_ipv4_checksum(f: &mut [u8]) {
     f[24..26].fill(0);
-    let mut sum: u32 = f[14..34]
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let c = crate::wire::segment::ipv4_header_checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
 }
 
 /// Held frames the server might not read as the hold did, though each

@@ -938,9 +938,9 @@ impl Conn {
 
         // Eighth: FIN. The first one places the end for good (a second
         // elsewhere, or one before bytes already taken, is a liar's); its
-        // repeats match it.
-        // One with bytes held past it is refused too: filling the gap
-        // would carry RCV.NXT over it, and it would never be taken.
+        // repeats match it. One with bytes held past it is refused too:
+        // filling the gap would carry RCV.NXT over it, and it would never
+        // be taken.
         if seg.flags.fin && self.fin_at.is_none() {
             let at = seg.seq + payload.len() as u32;
             if at.ge(self.rcv.next()) && !self.rcv.holds_from(at) {

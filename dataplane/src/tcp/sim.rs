@@ -1167,6 +1167,23 @@ mod tests {
         );
     }
 
+    /// A segment from the peer of a [`bare`] connection: `payload` from
+    /// `seq`, acknowledging nothing new, with a FIN or not.
+    fn from_peer(seq: u32, payload: &[u8], fin: bool) -> Segment {
+        Segment {
+            seq: SeqNum(seq),
+            ack: SeqNum(2),
+            flags: Flags {
+                ack: true,
+                fin,
+                ..Flags::default()
+            },
+            window: 65535,
+            payload: payload.to_vec(),
+            ..Segment::default()
+        }
+    }
+
     /// A handshake without options (ISNs 1 and 100, MSS 1460) and the
     /// peer's window.
     fn bare(peer_window: u32) -> Handshake {
@@ -1331,18 +1348,7 @@ mod tests {
     #[test]
     fn a_fin_out_of_order_ends_the_stream_where_it_stands() {
         let now = Instant::now();
-        let data = |seq: u32, payload: &[u8], fin: bool| Segment {
-            seq: SeqNum(seq),
-            ack: SeqNum(2),
-            flags: Flags {
-                ack: true,
-                fin,
-                ..Flags::default()
-            },
-            window: 65535,
-            payload: payload.to_vec(),
-            ..Segment::default()
-        };
+        let data = from_peer;
         // Ten bytes, a FIN at 121 before the ten between, then sixteen
         // bytes from 111 (six past the FIN) and some wholly past it.
         let mut a = Conn::new(&bare(65535), ConnConfig::default(), now);
@@ -1382,39 +1388,15 @@ mod tests {
     fn no_byte_past_the_peers_fin_is_taken() {
         let now = Instant::now();
         let mut a = Conn::new(&bare(65535), ConnConfig::default(), now);
-        let flags = Flags {
-            ack: true,
-            ..Flags::default()
-        };
         // Ten bytes and the FIN: RCV.NXT is 112, the FIN at 111.
-        let fin = Segment {
-            seq: SeqNum(101),
-            ack: SeqNum(2),
-            flags: Flags { fin: true, ..flags },
-            window: 65535,
-            payload: vec![1; 10],
-            ..Segment::default()
-        };
-        a.on_segment(&fin, now);
+        a.on_segment(&from_peer(101, &[1; 10], true), now);
         assert_eq!(a.rcv_nxt(), SeqNum(112));
         // A hostile peer resends its last byte with one more after it, in
         // the FIN's place: the segment ends at RCV.NXT, so it is old by the
         // table, and only its old byte may be compared.
-        let past = Segment {
-            seq: SeqNum(110),
-            flags,
-            payload: vec![1, 9],
-            ..fin.clone()
-        };
-        a.on_segment(&past, now);
+        a.on_segment(&from_peer(110, &[1, 9], false), now);
         // And one that is out of the window entirely, overlapping the end.
-        let wide = Segment {
-            seq: SeqNum(105),
-            flags,
-            payload: vec![1; 200_000],
-            ..fin
-        };
-        a.on_segment(&wide, now);
+        a.on_segment(&from_peer(105, &[1; 200_000], false), now);
         assert_eq!(a.rcv_nxt(), SeqNum(112));
         assert_eq!(a.read(usize::MAX), vec![1; 10]);
         assert_eq!(a.readable(), 0);

@@ -112,13 +112,13 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    /// The template for sending as this segment's sender; `frame` is the
-    /// frame it was parsed from.
     /// The TTL or hop limit the frame came with.
     pub fn hops(&self) -> u8 {
         self.marks.hops
     }
 
+    /// The template for sending as this segment's sender; `frame` is the
+    /// frame it was parsed from.
     pub fn template(&self, frame: &[u8]) -> Template {
         Template {
             l2: frame[..self.l2_len].to_vec(),
@@ -154,7 +154,7 @@ pub fn headers_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentErr
             // A receiver drops a header whose checksum fails (RFC 791,
             // RFC 1122 §3.2.1.2): taken here, it would be bytes the
             // server never sees.
-            if fold(sum16(0, h)) != 0 {
+            if ipv4_header_checksum(h) != 0 {
                 return Err(SegmentError::Checksum);
             }
             let marks = IpMarks {
@@ -256,6 +256,13 @@ fn sum16(acc: u32, bytes: &[u8]) -> u32 {
     })
 }
 
+/// The 1's complement checksum of an IPv4 header (RFC 791): with its
+/// checksum field zeroed, the value to put there; with the field as sent,
+/// 0 when it checks.
+pub(crate) fn ipv4_header_checksum(header: &[u8]) -> u16 {
+    fold(sum16(0, header))
+}
+
 fn fold(mut acc: u32) -> u16 {
     while acc >> 16 != 0 {
         acc = (acc & 0xffff) + (acc >> 16);
@@ -268,6 +275,7 @@ impl Template {
     pub fn hops(&self) -> u8 {
         self.marks.hops
     }
+
     /// A template for frames Loupe makes up rather than impersonates (the
     /// decrypted copies [`crate::export`] writes): untagged Ethernet from
     /// `src_mac` to `dst_mac`, `src` to `dst` (one address family; a mixed
@@ -344,7 +352,7 @@ impl Template {
                 out.extend_from_slice(&[0, 0, 0x40, 0, self.marks.hops, 6, 0, 0]);
                 out.extend_from_slice(&s);
                 out.extend_from_slice(&d);
-                let c = fold(sum16(0, &out[ip_start..ip_start + 20]));
+                let c = ipv4_header_checksum(&out[ip_start..ip_start + 20]);
                 out[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
             }
             IpPair::V6(s, d) => {
