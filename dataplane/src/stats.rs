@@ -79,10 +79,16 @@ pub struct SplitCounters {
     pub aborted: u64,
     pub resets_received: u64,
     pub timed_out: u64,
-    /// Connections left alone: TCP Fast Open, already running, URG, or a
+    /// Connections left alone: already running, a RST in the hold, or a
     /// handshake that did not fit together.
     pub passthrough: u64,
-    pub fast_open: u64,
+    /// Client SYNs sent on without their data, FIN, URG or TCP Fast Open
+    /// option, and client segments before the decision sent on (or held)
+    /// with URG cleared: so the server reads what the engine decided on.
+    #[serde(default)]
+    pub syn_stripped: u64,
+    #[serde(default)]
+    pub urgent_cleared: u64,
     /// Connections taken up from the handshake the XDP program recorded
     /// (their SYN and SYN-ACK took the fast path), and records found but
     /// unusable (a frame that does not parse or does not fit the flow:
@@ -289,7 +295,8 @@ impl SplitCounters {
         self.resets_received += o.resets_received;
         self.timed_out += o.timed_out;
         self.passthrough += o.passthrough;
-        self.fast_open += o.fast_open;
+        self.syn_stripped += o.syn_stripped;
+        self.urgent_cleared += o.urgent_cleared;
         self.handshakes_adopted += o.handshakes_adopted;
         self.handshakes_unusable += o.handshakes_unusable;
         self.handshakes_before += o.handshakes_before;
@@ -735,8 +742,8 @@ impl StatsReport {
                  holds decided without a name on timeout/bound ({} of the timeouts missing \
                  the client's first bytes), {} ACKs of large ClientHellos, {} duplicate \
                  ACKs for missing first bytes, {} held segments the server would refuse dropped, \
-                 {} holds with conflicting bytes relayed, {} window \
-                 shifts above 14 used as 14; buffers {} KiB, {} not split for memory; \
+                 {} holds with conflicting bytes relayed, {}/{} SYNs/segments normalised \
+                 (data, Fast Open, URG), {} window shifts above 14 used as 14; buffers {} KiB, {} not split for memory; \
                  decisions cost the worker {} at the median",
                 sp.split,
                 sp.active,
@@ -774,6 +781,8 @@ impl StatsReport {
                 sp.hold_sacks,
                 sp.hold_refused,
                 sp.hold_conflicts,
+                sp.syn_stripped,
+                sp.urgent_cleared,
                 sp.wscale_clamped,
                 sp.buffer_capacity >> 10,
                 sp.memory_passthrough,

@@ -107,17 +107,29 @@ pub fn set_cubic(s: &TcpStream) {
 /// offer, less 15; 0 below 64 KiB).
 pub fn set_recv_buffer(s: &impl std::os::fd::AsRawFd, bytes: usize) {
     let v = libc::c_int::try_from(bytes).expect("a buffer size that fits an int");
+    set_int_option(s, libc::SOL_SOCKET, libc::SO_RCVBUF, v, "SO_RCVBUF");
+}
+
+/// Sets the socket option `name` (called `what` in the panic if it fails)
+/// of `level` to the int `v`.
+pub fn set_int_option(
+    s: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+    what: &str,
+) {
     // SAFETY: a valid socket fd and an int option of its size.
     let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            level,
+            name,
             (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());
 }
 
 /// Sends `len` pseudo-random bytes from `seed`, returns their SHA-256.

@@ -1,9 +1,15 @@
 //! Hostile frames: truncated and inconsistent IPv4/IPv6/TCP headers, bad
 //! IHL, IPv6 extension headers, fragments, VLAN tags. The engine neither
 //! crashes nor steers what it cannot parse; every frame is counted where it
-//! went and still reaches the other side.
+//! went and still reaches the other side. And hostile clients with real
+//! Linux peers: data on a SYN, urgent data.
 
-use std::time::Duration;
+use std::{
+    io::Read,
+    net::{Shutdown, SocketAddrV4, TcpStream},
+    os::fd::{AsRawFd, FromRawFd},
+    time::Duration,
+};
 
 use loupe_tests::{
     engine::Engine,
@@ -11,6 +17,7 @@ use loupe_tests::{
     harness::{PEER_IF, SERVER_V4},
     https::{curl_sha256, Nginx},
     raw::RawSocket,
+    tcp::{connect, listen, set_int_option},
     wait_until, Harness, HarnessConfig,
 };
 
@@ -97,6 +104,173 @@ fn hostile_frames_are_counted_and_forwarded_without_harm() {
     let sha = nginx.add_file("after", 256 * 1024, 3).unwrap();
     let (got, _) = curl_sha256(&h, &nginx.curl_args(SERVER_V4, "after")).unwrap();
     assert_eq!(got, sha);
+    let (status, clean, _, err) = engine.stop();
+    assert!(clean && status.success(), "engine exit {status}: {err}");
+}
+
+/// A real ClientHello from rustls naming `sni`.
+fn client_hello(sni: &str) -> Vec<u8> {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = sni.to_owned().try_into().expect("dns name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).expect("client");
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).expect("hello");
+    out
+}
+
+/// A TCP socket of the client namespace that sends `data` on its SYN
+/// (TCP Fast Open, `MSG_FASTOPEN`), connected to `to`.
+fn fast_open(h: &Harness, to: SocketAddrV4, data: &[u8]) -> TcpStream {
+    h.client
+        .enter(|| {
+            // SAFETY: a fresh socket whose descriptor is owned by the
+            // TcpStream built from it, or closed on failure; `addr` and
+            // `data` outlive the calls that read them.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+                let s = TcpStream::from_raw_fd(fd);
+                let addr = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: to.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*to.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let n = libc::sendto(
+                    fd,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_FASTOPEN,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                );
+                assert_eq!(
+                    n,
+                    data.len() as isize,
+                    "sendto: {}",
+                    std::io::Error::last_os_error()
+                );
+                s
+            }
+        })
+        .expect("client namespace")
+}
+
+/// Clients that would have the server read other bytes than the engine
+/// decided on, with real Linux peers: data on a SYN that the server takes
+/// (TCP Fast Open without a cookie on both ends), and urgent data (a
+/// server reading without SO_OOBINLINE takes the last urgent byte out of
+/// the stream). Both once passed the connection undecided, uninspected.
+/// Now the SYN goes on without its data (the client sends it again after
+/// the handshake, where it is held and decided on) and URG is cleared
+/// (the server reads every byte in line, as the engine did).
+#[test]
+fn fast_open_and_urgent_data_are_decided_on_what_the_server_reads() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    // 0x1 | 0x4: a client that sends data on its SYN without a cookie;
+    // 0x2 | 0x200: a server that takes it without one.
+    for (ns, v) in [(&h.client, "5"), (&h.server, "514")] {
+        let out = ns
+            .exec("sysctl", &["-qw", &format!("net.ipv4.tcp_fastopen={v}")])
+            .expect("sysctl");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let engine = Engine::start(
+        &h,
+        &["--tcp-split", "--split-exempt-sni", "*.bank.loupe.test"],
+    )
+    .expect("engine");
+    let listener = listen(&h.server, &format!("{SERVER_V4}:443")).expect("listen");
+    set_int_option(
+        &listener,
+        libc::IPPROTO_TCP,
+        libc::TCP_FASTOPEN,
+        16,
+        "TCP_FASTOPEN",
+    );
+    // The server reads each connection to its end.
+    let server = std::thread::spawn(move || {
+        (0..2)
+            .map(|_| {
+                let (mut s, _) = listener.accept().expect("accept");
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).expect("read");
+                got
+            })
+            .collect::<Vec<_>>()
+    });
+    let to = SocketAddrV4::new(SERVER_V4.parse().unwrap(), 443);
+    let finish = |mut s: TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("the server's end");
+    };
+
+    // Data on the SYN, naming a server that is split.
+    let evil = client_hello("www.evil.loupe.test");
+    finish(fast_open(&h, to, &evil));
+    let r = engine
+        .wait_stats(
+            "the first connection decided",
+            Duration::from_secs(30),
+            |r| {
+                let s = r.split_total();
+                (s.split + s.passthrough + s.policy_pass >= 1).then_some(s)
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        (r.split, r.passthrough, r.policy_pass),
+        (1, 0, 0),
+        "decided on its name: {r:?}"
+    );
+    assert!(r.syn_stripped >= 1, "{r:?}");
+
+    // Urgent data, naming an exempt server: passed with URG cleared.
+    let bank = client_hello("www.bank.loupe.test");
+    let s = connect(&h.client, &to.to_string()).expect("connect");
+    // SAFETY: a connected socket the test owns; `bank` outlives the call.
+    let n = unsafe {
+        libc::send(
+            s.as_raw_fd(),
+            bank.as_ptr().cast(),
+            bank.len(),
+            libc::MSG_OOB,
+        )
+    };
+    assert_eq!(
+        n,
+        bank.len() as isize,
+        "send: {}",
+        std::io::Error::last_os_error()
+    );
+    finish(s);
+    let got = server.join().expect("server");
+    assert_eq!(got[0], evil, "the split connection's bytes");
+    assert_eq!(got[1].len(), bank.len(), "every byte read in line");
+    assert_eq!(got[1], bank);
+    let r = engine
+        .wait_stats(
+            "the second connection passed",
+            Duration::from_secs(30),
+            |r| {
+                let s = r.split_total();
+                (s.policy_pass >= 1).then_some(s)
+            },
+        )
+        .unwrap();
+    assert_eq!((r.split, r.passthrough, r.policy_pass), (1, 0, 1), "{r:?}");
+    assert!(r.urgent_cleared >= 1, "{r:?}");
     let (status, clean, _, err) = engine.stop();
     assert!(clean && status.success(), "engine exit {status}: {err}");
 }

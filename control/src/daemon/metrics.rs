@@ -376,6 +376,18 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         sp.hold_conflicts,
     );
     o.one(
+        "loupe_syns_normalised_total",
+        "counter",
+        "Client SYNs sent on without their data, FIN, URG or TCP Fast Open option.",
+        sp.syn_stripped,
+    );
+    o.one(
+        "loupe_urgent_cleared_total",
+        "counter",
+        "Client segments before the decision sent on or held with URG cleared.",
+        sp.urgent_cleared,
+    );
+    o.one(
         "loupe_split_active",
         "gauge",
         "Split connections now.",

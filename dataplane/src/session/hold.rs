@@ -151,12 +151,21 @@ impl Sessions {
         t.templates[side.index()].get_or_insert_with(|| p.template(frame));
         let was_open = t.tracker.client_data_start().is_some();
         let track = t.tracker.on_segment(dir_from(side, t.client), &p.segment);
-        // A TTL (hop limit) other than the handshake's may be one set to
-        // expire between here and the server: passed, the server would
-        // not see these bytes. So may TCP options the engine does not
-        // know (TCP-MD5, TCP-AO: a server without the key drops them).
-        let hops = t.templates[side.index()].as_ref().map(|tpl| tpl.hops());
-        let odd = hops != Some(p.hops()) || p.segment.options.unknown > 0;
+        // A frame that did not come as the handshake's did may not reach
+        // the server, or be read otherwise there: a TTL (hop limit) set
+        // to expire on the way, another VLAN, IPv4 options or IPv6
+        // extension headers (a source route, an option the server does
+        // not know). Passed, the server would not see these bytes as the
+        // hold did. So may TCP options the engine does not know (TCP-MD5,
+        // TCP-AO: a server without the key drops them).
+        let like = t.templates[side.index()]
+            .as_ref()
+            .is_some_and(|tpl| p.came_like(tpl, frame));
+        let odd = !like || p.segment.options.unknown > 0;
+        // URG from the client before the decision: cleared, so the server
+        // reads every byte in line as the hold does (see
+        // `Normalise::Urgent`); once split, the halves relay it so.
+        let urgent = dir_from(side, t.client) == Dir::Client && p.segment.flags.urg;
         let open = t.tracker.client_data_start().is_some();
         if t.hold.is_some() && !open {
             // A new SYN on these ports: the held attempt was abandoned.
@@ -171,18 +180,27 @@ impl Sessions {
             }
         }
         match track {
+            Track::Forward if urgent => self.normalise(side, frame, Normalise::Urgent),
             Track::Forward => Disposition::Forward,
+            Track::Strip => {
+                self.counters.syn_stripped += 1;
+                self.normalise(side, frame, Normalise::Syn)
+            }
             // A RST in the hold counts as a pass only if it ends the
             // connection (counted there; it was counted twice, and a
             // forged one dropped counted once).
             Track::Pass(Passthrough::Reset) => self.reset_in_hold(id, side, &p.segment),
-            Track::Pass(why) => {
+            Track::Pass(_) => {
                 self.counters.passthrough += 1;
-                if why == Passthrough::FastOpen {
-                    self.counters.fast_open += 1;
-                }
                 self.undecided(id, NoDecision::Unsplittable, now)
             }
+            Track::Hold if urgent => match normalised(frame, Normalise::Urgent) {
+                Some(f) => {
+                    self.counters.urgent_cleared += 1;
+                    self.hold(id, &f, &p.segment, odd, now)
+                }
+                None => Disposition::Consumed,
+            },
             Track::Hold => self.hold(id, frame, &p.segment, odd, now),
             Track::Drop => {
                 self.counters.hold_refused += 1;
@@ -193,6 +211,18 @@ impl Sessions {
                 self.decide(id, &Opening::ServerFirst, Some(p.segment), now)
             }
         }
+    }
+
+    /// Sends a client's frame on toward the server without what `how`
+    /// names (counted for URG; the caller counts SYNs).
+    fn normalise(&mut self, from: Side, frame: &[u8], how: Normalise) -> Disposition {
+        if let Some(f) = normalised(frame, how) {
+            if how == Normalise::Urgent {
+                self.counters.urgent_cleared += 1;
+            }
+            self.out.push((from.other(), f));
+        }
+        Disposition::Consumed
     }
 
     /// Holds a client frame until the decision; decides once the held
@@ -248,7 +278,8 @@ impl Sessions {
         }
         if ins.new > 0 || fin_news || ins.conflict > 0 {
             if odd && held.unlike.is_none() {
-                held.unlike = Some("a held frame's TTL or TCP options differ from the handshake's");
+                held.unlike =
+                    Some("a held frame's IP header or TCP options differ from the handshake's");
             }
             held.frames.push(frame.to_vec());
             if let Some(ts) = seg.options.timestamps {

@@ -58,7 +58,10 @@ use crate::{
     },
     wire::{
         frame::{slice_tcp, SlicedTcp},
-        segment::{headers_of, parse_segment, Parsed, Segment, SegmentError, Template},
+        segment::{
+            headers_of, normalised, parse_segment, Normalise, Parsed, Segment, SegmentError,
+            Template,
+        },
         seq::SeqNum,
     },
 };

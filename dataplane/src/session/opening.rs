@@ -185,6 +185,9 @@ impl Sessions {
     /// forwarded in the kernel already: what the tracker makes of them
     /// (forward) is not done again.
     pub(super) fn replay(&mut self, id: FlowId, a: Adoption, now: Instant) {
+        // The recorded frames went on already: nothing tracking them would
+        // send (a SYN's Fast Open cookie request stripped) goes again.
+        let sent = self.out.len();
         let _ = self.track(id, a.client, &a.syn_frame, a.syn, now);
         if let Some((synack, frame)) = a.synack {
             let _ = self.track(id, a.client.other(), &frame, synack, now);
@@ -192,6 +195,7 @@ impl Sessions {
         if let Some((ack, frame)) = a.ack {
             let _ = self.track(id, a.client, &frame, ack, now);
         }
+        self.out.truncate(sent);
     }
 }
 
@@ -209,7 +213,7 @@ mod tests {
         stats::SplitCounters,
         tcp::split::Dir,
         tls::hello::tests::client_hello,
-        wire::segment::parse_segment,
+        wire::segment::{parse_segment, tests::with_tcp_option},
     };
 
     /// Records as the XDP program keeps them: keyed by the SYN's key.
@@ -361,6 +365,28 @@ mod tests {
             }
         );
         assert_eq!(p.recorded.ops, p.seen.ops);
+    }
+
+    /// A recorded SYN with a Fast Open cookie request (the XDP program
+    /// takes any SYN without data) went on already: taken up, it is not
+    /// sent again stripped, and the connection is held and split.
+    #[test]
+    fn a_recorded_fast_open_syn_is_not_sent_again() {
+        let mut p = Pair::new();
+        let syn = p.peers.frame(Dir::Client, &seg(C_ISN, 0, true, b""));
+        // A cookie request: the option without a cookie.
+        let tfo = with_tcp_option(&syn, &[34, 2]);
+        assert!(parse_segment(&tfo).unwrap().segment.options.fast_open);
+        p.record(3, |f| *f = tfo);
+        let hello = client_hello("shop.example", &[]);
+        let [_, (d, out)] = p.both(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, &hello));
+        assert_eq!(d, Disposition::Consumed);
+        assert!(out
+            .iter()
+            .all(|(_, f)| !parse_segment(f).unwrap().segment.flags.syn));
+        let c = &p.recorded.counters;
+        assert_eq!((c.handshakes_adopted, c.split, c.passthrough), (1, 1, 0));
+        assert_eq!(c.syn_stripped, 1, "tracked as stripped");
     }
 
     /// The server may speak first (or its retransmitted SYN-ACK may be

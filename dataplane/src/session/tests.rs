@@ -8,7 +8,7 @@ use crate::{
     tls::hello::tests::client_hello,
     wire::{
         options::{TcpOptions, Timestamps},
-        segment::Flags,
+        segment::{tests::with_tcp_option, Flags},
     },
 };
 
@@ -88,6 +88,14 @@ impl Bench {
     }
 
     fn opened(settings: SessionSettings, sack: bool) -> Bench {
+        let mut b = Bench::answered(settings, sack);
+        let ack = seg(C_ISN + 1, S_ISN + 1, false, b"");
+        assert_eq!(b.send(Dir::Client, &ack), Disposition::Forward);
+        b
+    }
+
+    /// A connection whose SYN-ACK came, the client's ACK not yet.
+    fn answered(settings: SessionSettings, sack: bool) -> Bench {
         let mut b = Bench {
             sp: Sessions::new(settings),
             peers: Peers::new(),
@@ -99,8 +107,6 @@ impl Bench {
         let mut synack = seg(S_ISN, C_ISN + 1, true, b"");
         synack.options.sack_permitted = sack;
         assert_eq!(b.send(Dir::Server, &synack), Disposition::Forward);
-        let ack = seg(C_ISN + 1, S_ISN + 1, false, b"");
-        assert_eq!(b.send(Dir::Client, &ack), Disposition::Forward);
         b
     }
 
@@ -736,18 +742,62 @@ fn a_clienthello_in_too_many_pieces_does_not_escape_a_block() {
     assert_eq!(bypassed(&b.sp), 0);
 }
 
+/// URG from the client before the decision is cleared: a server reading
+/// without SO_OOBINLINE would take the byte before the pointer out of the
+/// stream, and read other bytes than the decision did. URG used to pass
+/// the connection undecided, which let any client skip inspection.
 #[test]
-fn urgent_data_before_the_decision_cannot_escape_a_block() {
-    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
-    let mut s = seg(C_ISN + 1, S_ISN + 1, false, b"\x16\x03\x01");
-    s.flags.urg = true;
+fn urgent_data_before_the_decision_is_read_in_line() {
+    let urgent = |s: &mut Segment| {
+        s.flags.urg = true;
+    };
+    // An exempt name: passed, its held frame released without URG.
+    let mut b = Bench::new(bank_exempt());
+    let mut s = seg(
+        C_ISN + 1,
+        S_ISN + 1,
+        false,
+        &client_hello("www.bank.example", &[]),
+    );
+    urgent(&mut s);
     assert_eq!(b.send(Dir::Client, &s), Disposition::Consumed);
+    assert_eq!((bypassed(&b.sp), b.sp.counters.urgent_cleared), (1, 1));
+    let released = segments(&b.sent(), Side::Outside);
+    assert_eq!(released.len(), 1);
+    assert!(!released[0].flags.urg);
+    assert_eq!(released[0].payload, s.payload);
+    // Another: split on its name, never passed undecided.
+    let mut b = Bench::new(bank_exempt());
+    let mut s = seg(
+        C_ISN + 1,
+        S_ISN + 1,
+        false,
+        &client_hello("www.evil.example", &[]),
+    );
+    urgent(&mut s);
+    b.send(Dir::Client, &s);
+    let c = &b.sp.counters;
+    assert_eq!((c.split, c.passthrough, bypassed(&b.sp)), (1, 0, 0));
+    // A block by name still blocks.
+    let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
+    let mut s = seg(
+        C_ISN + 1,
+        S_ISN + 1,
+        false,
+        &client_hello("www.bad.example", &[]),
+    );
+    urgent(&mut s);
+    b.send(Dir::Client, &s);
     assert_eq!((b.sp.counters.refused, bypassed(&b.sp)), (1, 0));
-    // Without a block that might apply, it is passed through as before.
-    let mut b = Bench::new(SessionSettings::default());
-    assert_eq!(b.send(Dir::Client, &s), Disposition::Forward);
-    assert_eq!((b.sp.counters.passthrough, bypassed(&b.sp)), (1, 1));
-    assert_eq!(b.sp.events[0].rule, "(passthrough)");
+    // A pure ACK with URG in the hold goes on, cleared.
+    let mut b = Bench::new(bank_exempt());
+    let mut ack = seg(C_ISN + 1, S_ISN + 1, false, b"");
+    urgent(&mut ack);
+    ack.window = 1000;
+    assert_eq!(b.send(Dir::Client, &ack), Disposition::Consumed);
+    let on = segments(&b.sent(), Side::Outside);
+    assert_eq!(on.len(), 1);
+    assert!(!on[0].flags.urg && on[0].window == 1000);
 }
 
 #[test]
@@ -1591,28 +1641,47 @@ fn a_forged_syn_before_the_first_data_changes_nothing() {
     assert_eq!(b.sp.counters.passthrough, 0);
 }
 
-/// A SYN carrying data without the Fast Open option: the server ignores
-/// the data and the client sends it again after the handshake, where it
-/// is held and decided (one byte on a SYN used to pass the connection).
+/// A SYN carrying data, with or without a Fast Open cookie: it goes on
+/// without them, so the server cannot take the bytes before the decision;
+/// the client sends them again after the handshake, where they are held
+/// and decided (one byte, or a cookie, on a SYN used to pass the
+/// connection uninspected).
 #[test]
-fn data_on_a_syn_without_fast_open_does_not_pass_the_connection() {
-    let mut b = Bench {
-        sp: Sessions::new(SessionSettings::default()),
-        peers: Peers::new(),
-        now: Instant::now(),
-    };
-    assert_eq!(
-        b.send(Dir::Client, &seg(C_ISN, 0, true, b"x")),
-        Disposition::Forward
-    );
-    assert_eq!(
-        b.send(Dir::Server, &seg(S_ISN, C_ISN + 1, true, b"")),
-        Disposition::Forward
-    );
-    let hello = client_hello("shop.example", &[]);
-    assert_eq!(b.client_data(0, &hello).0, Disposition::Consumed);
-    let c = &b.sp.counters;
-    assert_eq!((c.split, c.passthrough, c.fast_open), (1, 0, 0));
+fn data_or_fast_open_on_a_syn_does_not_pass_the_connection() {
+    for tfo in [false, true] {
+        let mut b = Bench {
+            sp: Sessions::new(bank_exempt()),
+            peers: Peers::new(),
+            now: Instant::now(),
+        };
+        let syn = seg(C_ISN, 0, true, &client_hello("www.bank.example", &[]));
+        let mut frame = b.peers.frame(Dir::Client, &syn);
+        if tfo {
+            // The option with an 8-byte cookie.
+            frame = with_tcp_option(&frame, &[34, 10, 1, 2, 3, 4, 5, 6, 7, 8]);
+            assert!(parse_segment(&frame).unwrap().segment.options.fast_open);
+        }
+        assert_eq!(
+            b.sp.on_frame(Side::Inside, &frame, b.now),
+            Disposition::Consumed
+        );
+        let out = b.sent();
+        let on = segments(&out, Side::Outside);
+        assert_eq!(on.len(), 1, "{tfo}");
+        assert!(on[0].flags.syn && on[0].payload.is_empty() && !on[0].options.fast_open);
+        assert_eq!((on[0].seq, on[0].options.mss), (syn.seq, syn.options.mss));
+        assert_eq!(
+            b.send(Dir::Server, &seg(S_ISN, C_ISN + 1, true, b"")),
+            Disposition::Forward
+        );
+        b.client_data(0, &client_hello("www.evil.example", &[]));
+        let c = &b.sp.counters;
+        assert_eq!(
+            (c.split, c.passthrough, c.policy_pass, c.syn_stripped),
+            (1, 0, 0, 1),
+            "{tfo}"
+        );
+    }
 }
 
 /// Two copies of a ClientHello's bytes that differ in the server name:
@@ -1670,19 +1739,52 @@ fn held_bytes_are_only_ones_the_server_would_take() {
     // Past the server's window (65535 from its SYN-ACK).
     let beyond = |s: &mut Segment| s.seq = SeqNum(C_ISN + 1 + 65535 - 10);
     let forged: [&dyn Fn(&mut Segment); 6] = [&no_ack, &unsent, &stale, &syn, &no_clock, &beyond];
-    for (i, forge) in forged.iter().enumerate() {
-        let mut b = Bench::new(bank_exempt());
-        let mut first = seg(C_ISN + 1, S_ISN + 1, false, &bank);
-        forge(&mut first);
-        assert_eq!(b.send(Dir::Client, &first), Disposition::Consumed, "{i}");
-        assert_eq!(b.sp.counters.hold_refused, 1, "{i}");
-        b.client_data(0, &evil);
-        assert_eq!(
-            b.sp.counters.policy_pass, 0,
-            "{i}: decided on the name read"
-        );
-        assert_eq!(b.sp.counters.split, 1, "{i}");
+    // After the handshake, and on the handshake's own last segment (its
+    // ACK carrying the first bytes), where the ACK alone would complete
+    // the server's handshake. Of the forgeries there, a missing ACK bit
+    // and an ACK of unsent data make a handshake that does not fit, and
+    // a segment elsewhere than the ISN + 1 too: they pass the connection
+    // undecided, tested elsewhere.
+    for with_ack in [false, true] {
+        for (i, forge) in forged.iter().enumerate() {
+            if with_ack && i != 2 && i != 3 && i != 4 {
+                continue;
+            }
+            let mut b = if with_ack {
+                Bench::answered(bank_exempt(), false)
+            } else {
+                Bench::new(bank_exempt())
+            };
+            let mut first = seg(C_ISN + 1, S_ISN + 1, false, &bank);
+            forge(&mut first);
+            assert_eq!(
+                b.send(Dir::Client, &first),
+                Disposition::Consumed,
+                "{with_ack} {i}"
+            );
+            assert_eq!(b.sp.counters.hold_refused, 1, "{with_ack} {i}");
+            b.client_data(0, &evil);
+            assert_eq!(
+                b.sp.counters.policy_pass, 0,
+                "{with_ack} {i}: decided on the name read"
+            );
+            assert_eq!(b.sp.counters.split, 1, "{with_ack} {i}");
+        }
     }
+    // Past the window on the handshake's last segment: the window ends
+    // 10 bytes into the hello.
+    let mut b = Bench {
+        sp: Sessions::new(bank_exempt()),
+        peers: Peers::new(),
+        now: Instant::now(),
+    };
+    b.send(Dir::Client, &seg(C_ISN, 0, true, b""));
+    let mut synack = seg(S_ISN, C_ISN + 1, true, b"");
+    synack.window = 10;
+    b.send(Dir::Server, &synack);
+    let first = seg(C_ISN + 1, S_ISN + 1, false, &bank);
+    assert_eq!(b.send(Dir::Client, &first), Disposition::Consumed);
+    assert_eq!(b.sp.counters.hold_refused, 1, "beyond the window");
     // A corrupt IPv4 header checksum: a bad frame, not held.
     let mut b = Bench::new(bank_exempt());
     let mut frame = b
@@ -1722,6 +1824,14 @@ fn a_hold_the_server_might_read_otherwise_is_relayed() {
     fix_ipv4_checksum(&mut frame);
     b.sp.on_frame(Side::Inside, &frame, b.now);
     assert_eq!((bypassed(&b.sp), b.sp.counters.split), (0, 1), "ttl");
+    // IPv4 options (a source route would be one).
+    let mut b = Bench::new(bank_exempt());
+    let frame = b
+        .peers
+        .frame(Dir::Client, &seg(C_ISN + 1, S_ISN + 1, false, &bank));
+    let frame = crate::wire::segment::tests::with_ipv4_options(&frame);
+    b.sp.on_frame(Side::Inside, &frame, b.now);
+    assert_eq!((bypassed(&b.sp), b.sp.counters.split), (0, 1), "options");
     // Clocks backwards: [0, 100) at 2000, then [100, ..) at 1500.
     let mut b = Bench::new(bank_exempt());
     let at = |off: usize, end: usize, val: u32| {

@@ -31,14 +31,10 @@ pub enum Dir {
 /// Why a connection is passed through rather than split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Passthrough {
-    /// TCP Fast Open: data or a cookie on the SYN (RFC 7413).
-    FastOpen,
     /// The first segment seen was not a SYN (the engine started mid-flow).
     MidFlow,
     /// The handshake's segments contradict each other.
     Inconsistent,
-    /// URG before the decision.
-    Urgent,
     /// A RST before the decision.
     Reset,
 }
@@ -77,6 +73,28 @@ struct Negotiated {
     s_ts: Option<u32>,
 }
 
+impl Negotiated {
+    /// Whether the server would drop this client data segment (or FIN)
+    /// while it has sent nothing past its SYN-ACK (its data ends the
+    /// hold). The one ACK it takes then is its ISN + 1 (RFC 9293
+    /// §3.10.7.4: without the ACK bit, or for data not sent, the segment
+    /// is dropped); a timestamp older than the last it took fails PAWS
+    /// (RFC 7323 §5), and with timestamps agreed a segment without one is
+    /// dropped by some stacks (FreeBSD), though no client sends one; bytes
+    /// past the window it offered are dropped too (RFC 9293 §3.10.7.4).
+    fn refuses(&self, seg: &Segment) -> bool {
+        let f = seg.flags;
+        let paws = match (self.c_ts, self.s_ts, seg.options.timestamps) {
+            (Some(last), Some(_), Some(t)) => SeqNum(t.val).lt(SeqNum(last)),
+            (Some(_), Some(_), None) => true,
+            _ => false,
+        };
+        let end = seg.seq + seg.seg_len(&seg.payload);
+        let beyond = end.gt(self.c_isn + 1 + self.s_window);
+        !f.ack || f.syn || seg.ack != self.s_isn + 1 || paws || beyond
+    }
+}
+
 /// What to do with a segment before the decision.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Track {
@@ -91,6 +109,10 @@ pub enum Track {
     /// Leave this connection alone for good (after releasing anything
     /// held, ahead of this segment).
     Pass(Passthrough),
+    /// A client's SYN with data, FIN, URG or a TCP Fast Open option: it
+    /// goes on without them ([`crate::wire::segment::Normalise::Syn`]),
+    /// and the connection is tracked as any other.
+    Strip,
     /// Client data in the hold that the server would refuse (no ACK
     /// flag, an ACK of something it never sent, a timestamp older than
     /// the last it took): neither held nor forwarded. Held, the engine
@@ -204,6 +226,24 @@ impl Tracker {
 
     /// Looks at the next segment of the connection, in arrival order.
     pub fn on_segment(&mut self, dir: Dir, seg: &Segment) -> Track {
+        let track = self.step(dir, seg);
+        let f = seg.flags;
+        // Data on a SYN may be taken by the server before any decision:
+        // with a Fast Open cookie (RFC 7413), or queued until the
+        // handshake is through (RFC 9293 §3.10.7.2 allows it). Passing
+        // such connections let any client skip inspection with one option
+        // or byte on its SYN. Stripped, the server answers a plain SYN and
+        // the client sends its bytes again after the handshake, where they
+        // are held.
+        let odd = f.fin || f.urg || seg.options.fast_open || !seg.payload.is_empty();
+        if track == Track::Forward && dir == Dir::Client && f.syn && !f.ack && odd {
+            Track::Strip
+        } else {
+            track
+        }
+    }
+
+    fn step(&mut self, dir: Dir, seg: &Segment) -> Track {
         let f = seg.flags;
         if f.rst {
             if matches!(self.phase, Phase::Hold(_)) {
@@ -213,25 +253,13 @@ impl Tracker {
             self.phase = Phase::Idle;
             return Track::Forward;
         }
-        if f.urg {
-            return Track::Pass(Passthrough::Urgent);
-        }
         match (&mut self.phase, dir) {
             (Phase::Idle, Dir::Client) if f.syn && !f.ack => {
-                // Data on a SYN without the Fast Open option is ignored by
-                // the server (RFC 7413 §4.2.2: without a valid cookie it
-                // acknowledges the SYN only) and sent again after the
-                // handshake, where it is held; passing such a connection
-                // let any client skip inspection with one byte on its SYN.
-                // A server that took the data anyway acknowledges more
-                // than the SYN, which is inconsistent below.
-                if seg.options.fast_open || f.fin {
-                    return Track::Pass(Passthrough::FastOpen);
-                }
-                self.phase = Phase::Syn {
-                    isn: seg.seq,
-                    opts: seg.options.clone(),
-                };
+                // Its options as the server sees them (stripped of Fast
+                // Open, see `on_segment`).
+                let mut opts = seg.options.clone();
+                opts.fast_open = false;
+                self.phase = Phase::Syn { isn: seg.seq, opts };
                 Track::Forward
             }
             (Phase::Idle, _) => Track::Pass(Passthrough::MidFlow),
@@ -285,21 +313,30 @@ impl Tracker {
                 }
                 // The client's ACK window is scaled; the SYN-ACK's never is.
                 let c_shift = window_shifts(c_opts, s_opts).map_or(0, |(c, _)| c);
-                let n = Negotiated {
+                let mut n = Negotiated {
                     c_isn: *c_isn,
                     c_opts: c_opts.clone(),
                     s_isn: *s_isn,
                     s_opts: s_opts.clone(),
                     c_window: u32::from(seg.window) << c_shift,
                     s_window: u32::from(*s_window),
-                    c_ts: seg.options.timestamps.or(c_opts.timestamps).map(|t| t.val),
+                    c_ts: c_opts.timestamps.map(|t| t.val),
                     s_ts: s_opts.timestamps.map(|t| t.val),
                 };
+                let data = !seg.payload.is_empty() || f.fin;
+                // Data on the handshake's last segment: held only if the
+                // server would take the segment (which also completes its
+                // handshake), else dropped as it would be; the client sends
+                // its bytes again.
+                if data && n.refuses(seg) {
+                    return Track::Drop;
+                }
+                n.c_ts = seg.options.timestamps.map(|t| t.val).or(n.c_ts);
                 self.phase = Phase::Hold(Box::new(n));
-                if seg.payload.is_empty() && !f.fin {
-                    Track::Forward
-                } else {
+                if data {
                     Track::Hold
+                } else {
+                    Track::Forward
                 }
             }
             (Phase::Hold(_), Dir::Server) if f.syn => Track::Forward, // SYN-ACK again
@@ -308,23 +345,7 @@ impl Tracker {
             // window and timestamp then (taking them now would make the
             // replayed segments look old to PAWS).
             (Phase::Hold(n), Dir::Client) if !seg.payload.is_empty() || f.fin => {
-                // The server has sent nothing past its SYN-ACK (its data
-                // ends the hold), so the one ACK it takes is its ISN + 1
-                // (RFC 9293 §3.10.7.4: without the ACK bit, or for data
-                // not sent, the segment is dropped), and a timestamp
-                // older than the last it took fails PAWS (RFC 7323 §5).
-                // With timestamps agreed, a segment without one is dropped
-                // by some stacks (FreeBSD); none a client sends lacks it.
-                let paws = match (n.c_ts, n.s_ts, seg.options.timestamps) {
-                    (Some(last), Some(_), Some(t)) => SeqNum(t.val).lt(SeqNum(last)),
-                    (Some(_), Some(_), None) => true,
-                    _ => false,
-                };
-                // Past the server's window: dropped there (RFC 9293
-                // §3.10.7.4), the server has not said more since.
-                let end = seg.seq + seg.seg_len(&seg.payload);
-                let beyond = end.gt(n.c_isn + 1 + n.s_window);
-                if !f.ack || f.syn || seg.ack != n.s_isn + 1 || paws || beyond {
+                if n.refuses(seg) {
                     Track::Drop
                 } else {
                     Track::Hold
@@ -579,14 +600,30 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn fast_open_and_mid_flow_connections_pass_through() {
+    fn fast_open_is_stripped_and_mid_flow_connections_pass_through() {
         let mut t = Tracker::new(ConnConfig::default());
         let mut syn = segment(1, None, SYN, b"data on syn");
         syn.options.fast_open = true;
-        assert_eq!(
-            t.on_segment(Dir::Client, &syn),
-            Track::Pass(Passthrough::FastOpen)
-        );
+        assert_eq!(t.on_segment(Dir::Client, &syn), Track::Strip);
+        // Again, as the client resends it.
+        assert_eq!(t.on_segment(Dir::Client, &syn), Track::Strip);
+        let synack = segment(9000, Some(2), SYN, b"");
+        assert_eq!(t.on_segment(Dir::Server, &synack), Track::Forward);
+        let data = segment(2, Some(9001), Flags::default(), b"hello");
+        assert_eq!(t.on_segment(Dir::Client, &data), Track::Hold);
+        // A FIN or URG on a SYN, or a Fast Open cookie request alone.
+        for (fin, urg, tfo) in [
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+        ] {
+            let mut t = Tracker::new(ConnConfig::default());
+            let mut syn = segment(1, None, SYN, b"");
+            syn.flags.fin = fin;
+            syn.flags.urg = urg;
+            syn.options.fast_open = tfo;
+            assert_eq!(t.on_segment(Dir::Client, &syn), Track::Strip);
+        }
         let mut t = Tracker::new(ConnConfig::default());
         let mid = segment(1, Some(2), Flags::default(), b"x");
         assert_eq!(
@@ -595,14 +632,15 @@ pub(crate) mod tests {
         );
     }
 
-    /// A SYN carrying data without the Fast Open option is tracked like
-    /// any SYN: its connection is held at its first bytes after the
-    /// handshake. Passed through, one byte on a SYN would skip inspection.
+    /// A SYN carrying data without the Fast Open option goes on without
+    /// it, and is tracked like any SYN: its connection is held at its
+    /// first bytes after the handshake. Passed through, one byte on a SYN
+    /// would skip inspection.
     #[test]
     fn data_on_a_syn_without_fast_open_is_tracked() {
         let mut t = Tracker::new(ConnConfig::default());
         let syn = segment(1000, None, SYN, b"data on syn");
-        assert_eq!(t.on_segment(Dir::Client, &syn), Track::Forward);
+        assert_eq!(t.on_segment(Dir::Client, &syn), Track::Strip);
         let synack = segment(9000, Some(1001), SYN, b"");
         assert_eq!(t.on_segment(Dir::Server, &synack), Track::Forward);
         let data = segment(1001, Some(9001), Flags::default(), b"hello");

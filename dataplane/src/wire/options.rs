@@ -157,6 +157,35 @@ impl TcpOptions {
         Ok(o)
     }
 
+    /// Overwrites any TCP Fast Open option in `bytes` (a header's option
+    /// bytes, as [`TcpOptions::parse`] takes them) with NOPs, which keeps
+    /// every other option where it lies.
+    pub fn blank_fast_open(bytes: &mut [u8]) {
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                kind::EOL => break,
+                kind::NOP => {
+                    i += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(&len) = bytes.get(i + 1) else { break };
+            let end = i + usize::from(len);
+            if len < 2 || end > bytes.len() {
+                break;
+            }
+            let k = bytes[i];
+            if k == kind::FAST_OPEN
+                || (k == kind::EXPERIMENTAL && bytes[i + 2..end].starts_with(&[0xf9, 0x89]))
+            {
+                bytes[i..end].fill(kind::NOP);
+            }
+            i = end;
+        }
+    }
+
     /// The window shift to apply: RFC 7323 §2.3 caps it at 14.
     //= https://www.rfc-editor.org/rfc/rfc7323#section-2.3
     //# If a Window Scale option is received with a shift.cnt value larger

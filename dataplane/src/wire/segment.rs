@@ -109,12 +109,21 @@ pub struct Parsed {
     src_port: u16,
     dst_port: u16,
     marks: IpMarks,
+    /// IPv4 options or IPv6 extension headers came before the segment.
+    ip_extras: bool,
 }
 
 impl Parsed {
-    /// The TTL or hop limit the frame came with.
-    pub fn hops(&self) -> u8 {
-        self.marks.hops
+    /// Whether this frame came the way `tpl`'s did (`frame` is the one it
+    /// was parsed from): the same link header (addresses, VLAN tags) and
+    /// TTL or hop limit, and no IPv4 options or IPv6 extension headers.
+    /// A frame that differs may take another path to the receiver, expire
+    /// on the way (a TTL set to), or be read otherwise there (a source
+    /// route, a destination option it does not know).
+    pub fn came_like(&self, tpl: &Template, frame: &[u8]) -> bool {
+        !self.ip_extras
+            && self.marks.hops == tpl.marks.hops
+            && frame.get(..self.l2_len) == Some(&tpl.l2[..])
     }
 
     /// The template for sending as this segment's sender; `frame` is the
@@ -177,6 +186,12 @@ pub fn headers_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentErr
         }
     };
     let ip_start = raw.as_ptr() as usize - frame.as_ptr() as usize;
+    let tcp_start = tcp.slice().as_ptr() as usize - frame.as_ptr() as usize;
+    let ip_extras = match net {
+        NetHeader::V4(h) => h.len() > 20,
+        // Extension headers lie between the fixed header and TCP.
+        NetHeader::V6(h) => tcp_start != ip_start + h.len(),
+    };
     //= https://www.rfc-editor.org/rfc/rfc1071#section-1
     //# To check a checksum, the 1's complement sum is computed over the
     //# same set of octets, including the checksum field.  If the result
@@ -217,7 +232,81 @@ pub fn headers_of(frame: &[u8], sliced: &SlicedTcp) -> Result<Parsed, SegmentErr
         src_port: tcp.source_port(),
         dst_port: tcp.destination_port(),
         marks,
+        ip_extras,
     })
+}
+
+/// What a normaliser takes out of a client's frame before it goes on,
+/// so that the server reads the bytes the engine decided on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Normalise {
+    /// The URG flag and its pointer. A receiver reading without
+    /// SO_OOBINLINE (the default) takes the byte before the pointer out of
+    /// the stream (RFC 6093 §3), which the engine's reading keeps; cleared,
+    /// every byte is read in line, as the engine read them.
+    Urgent,
+    /// A SYN's data, FIN, URG and TCP Fast Open option (RFC 7413): the
+    /// server then answers with a plain SYN-ACK, and the client sends its
+    /// bytes again after the handshake, where they are held and decided
+    /// on. Data on a SYN may otherwise be taken by the server (with a
+    /// Fast Open cookie, or queued as RFC 9293 §3.10.7.2 allows) before
+    /// any decision.
+    Syn,
+}
+
+/// `frame` (a TCP frame whose checksum was verified) with what `how`
+/// names taken out: the IP length and checksums fixed, the TCP checksum
+/// updated from the frame's own (RFC 1624), so that neither the addresses
+/// nor any IPv6 routing header need reading. `None` for a frame that is
+/// not TCP.
+pub fn normalised(frame: &[u8], how: Normalise) -> Option<Vec<u8>> {
+    let sliced = slice_tcp(frame).ok()?;
+    let at = |p: &[u8]| p.as_ptr() as usize - frame.as_ptr() as usize;
+    let ip_start = at(sliced.net.raw());
+    let tcp_start = at(sliced.tcp.slice());
+    let old = sliced.tcp.slice();
+    let hdr = sliced.tcp.header_len();
+    let keep = match how {
+        Normalise::Urgent => old.len(),
+        Normalise::Syn => hdr,
+    };
+    let mut out = frame[..tcp_start + keep].to_vec();
+    let tcp = &mut out[tcp_start..];
+    const FIN: u8 = 0x01;
+    const URG: u8 = 0x20;
+    tcp[13] &= !URG;
+    tcp[18..20].fill(0);
+    if how == Normalise::Syn {
+        tcp[13] &= !FIN;
+        TcpOptions::blank_fast_open(&mut tcp[20..hdr]);
+    }
+    // The checksum: the pseudo-header's addresses and protocol are the
+    // same, so with S the sum of the segment with its checksum field,
+    // len + S is what the rest sums to less; the new field is that less
+    // the new length and the new segment's sum (1's complement arithmetic,
+    // modulo 0xffff).
+    const M: u64 = 0xffff;
+    let residue = |x: u32| u64::from(x) % M;
+    let before = residue(old.len() as u32) + residue(sum16(0, old));
+    tcp[16..18].fill(0);
+    let after = residue(keep as u32) + residue(sum16(0, tcp));
+    let field = ((before + 2 * M - after) % M) as u16;
+    tcp[16..18].copy_from_slice(&field.to_be_bytes());
+    let ip_len = out.len() - ip_start;
+    match sliced.net {
+        NetHeader::V4(h) => {
+            let ip = &mut out[ip_start..ip_start + h.len()];
+            ip[2..4].copy_from_slice(&u16::try_from(ip_len).ok()?.to_be_bytes());
+            ip[10..12].fill(0);
+            let c = ipv4_header_checksum(ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        NetHeader::V6(_) => {
+            let payload = u16::try_from(ip_len - 40).ok()?;
+            out[ip_start + 4..ip_start + 6].copy_from_slice(&payload.to_be_bytes());
+        }
+    }
+    Some(out)
 }
 
 /// RFC 1071 ones'-complement sum of `bytes` (big-endian 16-bit words, an
@@ -271,11 +360,6 @@ fn fold(mut acc: u32) -> u16 {
 }
 
 impl Template {
-    /// The TTL or hop limit of the frame this was taken from.
-    pub fn hops(&self) -> u8 {
-        self.marks.hops
-    }
-
     /// A template for frames Loupe makes up rather than impersonates (the
     /// decrypted copies [`crate::export`] writes): untagged Ethernet from
     /// `src_mac` to `dst_mac`, `src` to `dst` (one address family; a mixed
@@ -393,7 +477,7 @@ impl Template {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use etherparse::PacketBuilder;
 
     use super::*;
@@ -411,6 +495,164 @@ mod tests {
         let mut out = Vec::new();
         b.write(&mut out, payload).unwrap();
         out
+    }
+
+    /// `f` (untagged IPv4) with four bytes of IPv4 options (NOPs and an
+    /// end of list), its header checksum fixed.
+    pub(crate) fn with_ipv4_options(f: &[u8]) -> Vec<u8> {
+        let mut out = f[..34].to_vec();
+        out.extend_from_slice(&[1, 1, 1, 0]);
+        out.extend_from_slice(&f[34..]);
+        out[14] = 0x46;
+        let total = u16::from_be_bytes([out[16], out[17]]) + 4;
+        out[16..18].copy_from_slice(&total.to_be_bytes());
+        out[24..26].fill(0);
+        let c = ipv4_header_checksum(&out[14..38]);
+        out[24..26].copy_from_slice(&c.to_be_bytes());
+        out
+    }
+
+    /// `f` (untagged IPv4 without options) with `opt` added to its TCP
+    /// options (padded with NOPs), lengths and checksums fixed: for
+    /// options [`TcpOptions::emit`] does not write (Fast Open).
+    pub(crate) fn with_tcp_option(f: &[u8], opt: &[u8]) -> Vec<u8> {
+        let hdr = usize::from(f[46] >> 4) * 4;
+        let mut opt = opt.to_vec();
+        while !opt.len().is_multiple_of(4) {
+            opt.push(1);
+        }
+        let mut out = f[..34 + hdr].to_vec();
+        out.extend_from_slice(&opt);
+        out.extend_from_slice(&f[34 + hdr..]);
+        out[46] = (((hdr + opt.len()) / 4) as u8) << 4 | (out[46] & 0x0f);
+        let total = (out.len() - 14) as u16;
+        out[16..18].copy_from_slice(&total.to_be_bytes());
+        out[24..26].fill(0);
+        let c = ipv4_header_checksum(&out[14..34]);
+        out[24..26].copy_from_slice(&c.to_be_bytes());
+        out[50..52].fill(0);
+        let tcp_len = out.len() - 34;
+        let pseudo = sum16(sum16(sum16(0, &out[26..30]), &out[30..34]), &[0, 6]) + tcp_len as u32;
+        let c = fold(sum16(pseudo, &out[34..]));
+        out[50..52].copy_from_slice(&c.to_be_bytes());
+        out
+    }
+
+    /// `f` (untagged IPv6) with an empty Destination Options header.
+    pub(crate) fn with_destination_options(f: &[u8]) -> Vec<u8> {
+        let mut out = f[..54].to_vec();
+        // Next header TCP, 8 bytes long, one PadN option of 4 bytes.
+        out.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]);
+        out.extend_from_slice(&f[54..]);
+        out[20] = 60;
+        let len = u16::from_be_bytes([out[18], out[19]]) + 8;
+        out[18..20].copy_from_slice(&len.to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn a_frame_comes_like_another_only_by_the_same_ip_path() {
+        let v4 = |ttl: u8| {
+            let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+                .ipv4([198, 18, 0, 1], [198, 18, 0, 2], ttl)
+                .tcp(40000, 443, 1000, 501);
+            let mut out = Vec::new();
+            b.write(&mut out, b"hello").unwrap();
+            out
+        };
+        let base = v4(64);
+        let tpl = parse_segment(&base).unwrap().template(&base);
+        let like = |f: &[u8]| parse_segment(f).unwrap().came_like(&tpl, f);
+        assert!(like(&base));
+        assert!(!like(&v4(63)), "another TTL");
+        let opts = with_ipv4_options(&base);
+        assert_eq!(parse_segment(&opts).unwrap().segment.payload, b"hello");
+        assert!(!like(&opts), "IPv4 options");
+        let mut tagged = base[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);
+        tagged.extend_from_slice(&base[12..]);
+        assert!(!like(&tagged), "a VLAN tag");
+        let mut moved = base.clone();
+        moved[0] ^= 1;
+        assert!(!like(&moved), "another MAC address");
+
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv6(
+                [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                64,
+            )
+            .tcp(40000, 443, 1000, 501);
+        let mut v6 = Vec::new();
+        b.write(&mut v6, b"hello").unwrap();
+        let tpl = parse_segment(&v6).unwrap().template(&v6);
+        assert!(parse_segment(&v6).unwrap().came_like(&tpl, &v6));
+        let ext = with_destination_options(&v6);
+        let p = parse_segment(&ext).unwrap();
+        assert_eq!(p.segment.payload, b"hello");
+        assert!(!p.came_like(&tpl, &ext), "an IPv6 extension header");
+    }
+
+    /// Normalised frames parse (checksums right, IPv4 and IPv6, with
+    /// IPv4 options and an IPv6 extension header) and lose exactly what
+    /// was asked.
+    #[test]
+    fn normalised_frames_lose_only_what_was_asked() {
+        let v6 = |b: etherparse::TcpHeader| {
+            let b = PacketBuilder::ethernet2([2; 6], [3; 6])
+                .ipv6(
+                    [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                    [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                    64,
+                )
+                .tcp_header(b);
+            let mut out = Vec::new();
+            b.write(&mut out, b"early data").unwrap();
+            out
+        };
+        let v4 = |b: etherparse::TcpHeader| {
+            let b = PacketBuilder::ethernet2([2; 6], [3; 6])
+                .ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64)
+                .tcp_header(b);
+            let mut out = Vec::new();
+            b.write(&mut out, b"early data").unwrap();
+            out
+        };
+        let mut syn = etherparse::TcpHeader::new(40000, 443, 1000, 65535);
+        syn.syn = true;
+        syn.fin = true;
+        syn.urg = true;
+        syn.urgent_pointer = 3;
+        // MSS, Fast Open with an 8-byte cookie, timestamps; then the
+        // experimental Fast Open form.
+        syn.set_options_raw(&[
+            2, 4, 5, 0xb4, 34, 10, 1, 2, 3, 4, 5, 6, 7, 8, 8, 10, 0, 0, 0, 9, 0, 0, 0, 0, 1, 1,
+            254, 4, 0xf9, 0x89,
+        ])
+        .unwrap();
+        for f in [
+            v4(syn.clone()),
+            v6(syn.clone()),
+            with_ipv4_options(&v4(syn.clone())),
+            with_destination_options(&v6(syn.clone())),
+        ] {
+            let p = parse_segment(&f).unwrap().segment;
+            assert!(p.options.fast_open && p.flags.fin && p.flags.urg);
+            let n = normalised(&f, Normalise::Syn).unwrap();
+            let q = parse_segment(&n).unwrap().segment;
+            assert!(q.payload.is_empty() && q.flags.syn && !q.flags.fin && !q.flags.urg);
+            assert!(!q.options.fast_open);
+            assert_eq!(
+                (q.options.mss, q.options.timestamps),
+                (p.options.mss, p.options.timestamps)
+            );
+            assert_eq!(q.seq, p.seq);
+            let u = normalised(&f, Normalise::Urgent).unwrap();
+            let q = parse_segment(&u).unwrap().segment;
+            assert!(!q.flags.urg && q.flags.fin && q.options.fast_open);
+            assert_eq!(q.payload, b"early data");
+            assert_eq!(u.len(), f.len());
+        }
     }
 
     #[test]
