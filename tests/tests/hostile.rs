@@ -5,7 +5,7 @@
 //! Linux peers: data on a SYN, urgent data.
 
 use std::{
-    io::Read,
+    io::{Read, Write},
     net::{Shutdown, SocketAddrV4, TcpStream},
     os::fd::{AsRawFd, FromRawFd},
     time::Duration,
@@ -271,6 +271,57 @@ fn fast_open_and_urgent_data_are_decided_on_what_the_server_reads() {
         .unwrap();
     assert_eq!((r.split, r.passthrough, r.policy_pass), (1, 0, 1), "{r:?}");
     assert!(r.urgent_cleared >= 1, "{r:?}");
+    let (status, clean, _, err) = engine.stop();
+    assert!(clean && status.success(), "engine exit {status}: {err}");
+}
+
+/// A client that gives up during the hold (a RST after part of its
+/// ClientHello, as `close` with a zero linger sends): the server, which
+/// never saw those bytes, must lose its socket too. The RST as sent lies
+/// past what the server has read, so the server would only challenge it;
+/// the engine moves it to the first held byte, where the server takes it.
+#[test]
+fn a_client_reset_during_the_hold_resets_the_server() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    let listener = listen(&h.server, &format!("{SERVER_V4}:443")).expect("listen");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        s.read(&mut buf)
+    });
+    let hello = client_hello("www.example.loupe.test");
+    let mut c = connect(&h.client, &format!("{SERVER_V4}:443")).expect("connect");
+    c.write_all(&hello[..100]).expect("part of the hello");
+    engine
+        .wait_stats("the bytes held", Duration::from_secs(30), |r| {
+            (r.split_total().held >= 1).then_some(())
+        })
+        .unwrap();
+    // Zero linger: close sends a RST at the client's next sequence number.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a socket this test owns; the option value outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(c);
+    let got = server.join().expect("server");
+    assert_eq!(
+        got.as_ref().map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the server's read: {got:?}"
+    );
     let (status, clean, _, err) = engine.stop();
     assert!(clean && status.success(), "engine exit {status}: {err}");
 }

@@ -189,7 +189,7 @@ impl Sessions {
             // A RST in the hold counts as a pass only if it ends the
             // connection (counted there; it was counted twice, and a
             // forged one dropped counted once).
-            Track::Pass(Passthrough::Reset) => self.reset_in_hold(id, side, &p.segment),
+            Track::Pass(Passthrough::Reset) => self.reset_in_hold(id, side, frame, &p.segment),
             Track::Pass(_) => {
                 self.counters.passthrough += 1;
                 self.undecided(id, NoDecision::Unsplittable, now)
@@ -425,8 +425,19 @@ impl Sessions {
     /// from the client, anywhere up to the end of its held bytes, which the
     /// server never saw) ends the connection: it goes through, the held
     /// bytes do not. Any other is dropped, and the hold goes on: a forged
-    /// RST must not get a connection past the decision.
-    pub(super) fn reset_in_hold(&mut self, id: FlowId, side: Side, seg: &Segment) -> Disposition {
+    /// RST must not get a connection past the decision. The client's goes
+    /// to the server moved to the first held byte, where the server takes
+    /// it: as sent (at the end of the held bytes, the client's next), the
+    /// server would only challenge it and keep its socket, and the
+    /// client's answer to the challenge would find the connection ended
+    /// here.
+    pub(super) fn reset_in_hold(
+        &mut self,
+        id: FlowId,
+        side: Side,
+        frame: &[u8],
+        seg: &Segment,
+    ) -> Disposition {
         let Some(t) = tracking(&mut self.flows, id) else {
             return Disposition::Forward;
         };
@@ -448,9 +459,16 @@ impl Sessions {
                 keep_spare(&mut self.spare, f);
             }
         }
+        let from_client = dir_from(side, t.client) == Dir::Client;
+        let start = t.tracker.client_data_start();
         if let Some(f) = self.flows.get_mut(&id) {
             f.entry = Entry::Ended;
         }
-        Disposition::Forward
+        match start {
+            Some(at) if from_client && at != seg.seq => {
+                self.normalise(side, frame, Normalise::ResetAt(at))
+            }
+            _ => Disposition::Forward,
+        }
     }
 }

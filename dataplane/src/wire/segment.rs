@@ -252,6 +252,9 @@ pub enum Normalise {
     /// Fast Open cookie, or queued as RFC 9293 §3.10.7.2 allows) before
     /// any decision.
     Syn,
+    /// A RST moved to this sequence number (and URG cleared): the one its
+    /// receiver takes at once (RFC 5961 §3.2).
+    ResetAt(SeqNum),
 }
 
 /// `frame` (a TCP frame whose checksum was verified) with what `how`
@@ -267,7 +270,7 @@ pub fn normalised(frame: &[u8], how: Normalise) -> Option<Vec<u8>> {
     let old = sliced.tcp.slice();
     let hdr = sliced.tcp.header_len();
     let keep = match how {
-        Normalise::Urgent => old.len(),
+        Normalise::Urgent | Normalise::ResetAt(_) => old.len(),
         Normalise::Syn => hdr,
     };
     let mut out = frame[..tcp_start + keep].to_vec();
@@ -276,9 +279,13 @@ pub fn normalised(frame: &[u8], how: Normalise) -> Option<Vec<u8>> {
     const URG: u8 = 0x20;
     tcp[13] &= !URG;
     tcp[18..20].fill(0);
-    if how == Normalise::Syn {
-        tcp[13] &= !FIN;
-        TcpOptions::blank_fast_open(&mut tcp[20..hdr]);
+    match how {
+        Normalise::Syn => {
+            tcp[13] &= !FIN;
+            TcpOptions::blank_fast_open(&mut tcp[20..hdr]);
+        }
+        Normalise::ResetAt(seq) => tcp[4..8].copy_from_slice(&seq.0.to_be_bytes()),
+        Normalise::Urgent => {}
     }
     // The checksum: the pseudo-header's addresses and protocol are the
     // same, so with S the sum of the segment with its checksum field,
@@ -652,6 +659,9 @@ pub(crate) mod tests {
             assert!(!q.flags.urg && q.flags.fin && q.options.fast_open);
             assert_eq!(q.payload, b"early data");
             assert_eq!(u.len(), f.len());
+            let r = normalised(&f, Normalise::ResetAt(SeqNum(77))).unwrap();
+            let q = parse_segment(&r).unwrap().segment;
+            assert_eq!((q.seq, q.ack, q.payload.len()), (SeqNum(77), p.ack, 10));
         }
     }
 
