@@ -18,6 +18,9 @@ pub enum Expect {
     Malformed,
     Fragment,
     Steer,
+    /// Dropped: the receiver might take it as part of a steered
+    /// connection the engine never saw it in.
+    Unclassifiable,
 }
 
 pub struct Case {
@@ -160,9 +163,27 @@ pub fn hostile_cases() -> Vec<Case> {
     f.extend_from_slice(&ipv6_header(6, 20)[..20]);
     cases.push(case("ipv6 header truncated", f, Expect::Malformed));
 
+    // A first fragment to a steered port: the server would reassemble a
+    // segment the engine never saw. Dropped, its datagram never completes.
     let mut f = tcp4(443);
     f[14 + 6] = 0x20; // More Fragments
-    cases.push(case("ipv4 first fragment", f, Expect::Fragment));
+    cases.push(Case {
+        observable: false,
+        ..case("ipv4 first fragment", f, Expect::Unclassifiable)
+    });
+    // To a port nobody steers: forwarded.
+    let mut f = tcp4(8080);
+    f[14 + 6] = 0x20;
+    cases.push(case("ipv4 first fragment, other port", f, Expect::Fragment));
+    // Too short to show its ports (RFC 1858's tiny fragment).
+    let mut f = tcp4(443);
+    f[14 + 6] = 0x20;
+    f[14 + 2..14 + 4].copy_from_slice(&22u16.to_be_bytes());
+    f.truncate(14 + 22);
+    cases.push(Case {
+        observable: false,
+        ..case("ipv4 first fragment of 2 bytes", f, Expect::Unclassifiable)
+    });
 
     let mut f = tcp4(443);
     f[14 + 7] = 0x10; // offset 16*8
@@ -198,9 +219,11 @@ pub fn hostile_cases() -> Vec<Case> {
         f.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
     }
     f.extend_from_slice(&tcp_header(443));
+    // The server walks on and finds TCP: dropped.
     cases.push(Case {
         ipv6_ext: true,
-        ..case("ipv6 extension chain too long", f, Expect::Malformed)
+        observable: false,
+        ..case("ipv6 extension chain too long", f, Expect::Unclassifiable)
     });
 
     // IPv4-mapped source address in an IPv6 packet (RFC 4291 2.5.5.2).
@@ -225,6 +248,17 @@ pub fn hostile_cases() -> Vec<Case> {
     f.extend_from_slice(&[6, 0, 0, 8, 0, 0, 0, 1]);
     f.extend_from_slice(&tcp_header(443));
     cases.push(case("ipv6 fragment", f, Expect::Fragment));
+
+    // IPv6 first fragment (offset 0, more follow) to a steered port.
+    let mut f = eth(0x86dd);
+    f.extend_from_slice(&ipv6_header(44, 8 + 20));
+    f.extend_from_slice(&[6, 0, 0, 1, 0, 0, 0, 2]);
+    f.extend_from_slice(&tcp_header(443));
+    cases.push(Case {
+        ipv6_ext: true,
+        observable: false,
+        ..case("ipv6 first fragment", f, Expect::Unclassifiable)
+    });
 
     cases.push(Case {
         vlan: true,

@@ -79,6 +79,7 @@ fn hostile_frames_are_counted_and_forwarded_without_harm() {
         .wait_stats("the frames in the counters", Duration::from_secs(30), |r| {
             (r.xdp_packets("malformed") >= count(Expect::Malformed)
                 && r.xdp_packets("fragment") >= count(Expect::Fragment)
+                && r.xdp_packets("drop_unclassifiable") >= count(Expect::Unclassifiable)
                 && r.xdp_packets("steer") >= count(Expect::Steer)
                 && r.worker_sum(|c| c.tx_outside.packets) >= count(Expect::Steer))
             .then(|| r.clone())
@@ -87,6 +88,10 @@ fn hostile_frames_are_counted_and_forwarded_without_harm() {
     // Exact: nothing else in this harness is malformed, fragmented or TCP.
     assert_eq!(r.xdp_packets("malformed"), count(Expect::Malformed));
     assert_eq!(r.xdp_packets("fragment"), count(Expect::Fragment));
+    assert_eq!(
+        r.xdp_packets("drop_unclassifiable"),
+        count(Expect::Unclassifiable)
+    );
     assert_eq!(r.xdp_packets("steer"), count(Expect::Steer));
     assert_eq!(
         r.xdp_packets("tag_vlan"),

@@ -273,8 +273,12 @@ impl Sessions {
             && held
                 .fin_at
                 .is_some_and(|f| f != seg.seq + seg.payload.len() as u32);
-        if (ins.conflict > 0 || fin_moved) && held.unlike.is_none() {
-            held.unlike = Some("bytes came twice, differently");
+        if held.unlike.is_none() {
+            if ins.conflict > 0 {
+                held.unlike = Some("bytes came twice, differently");
+            } else if fin_moved {
+                held.unlike = Some("a second FIN placed the end elsewhere");
+            }
         }
         if ins.new > 0 || fin_news || ins.conflict > 0 {
             if odd && held.unlike.is_none() {

@@ -192,7 +192,8 @@ counters! {
     FlowSteer = 9, "flow_steer";
     /// Truncated or inconsistent headers: DEVMAP, never userspace.
     Malformed = 10, "malformed";
-    /// IPv4/IPv6 fragments (no complete L4 header to classify): DEVMAP.
+    /// IPv4/IPv6 fragments (no complete L4 header to classify): later
+    /// fragments, and first ones not of a steered TCP connection: DEVMAP.
     Fragment = 11, "fragment";
     /// The DEVMAP had no entry for the peer: XDP_DROP.
     NoPeer = 12, "no_peer";
@@ -208,9 +209,16 @@ counters! {
     /// A steered connection's SYN, SYN-ACK or handshake ACK before its
     /// first data: recorded in `HANDSHAKES`, DEVMAP to the peer.
     Handshake = 17, "handshake";
+    /// What the receiver might take as part of a steered connection
+    /// without the engine seeing it: the first fragment of a TCP segment
+    /// on steered ports (the receiver would reassemble bytes the engine
+    /// never held; without its first fragment the datagram never
+    /// completes), one too short to show its ports, and IPv6 extension
+    /// chains longer than the program walks: XDP_DROP.
+    Unclassifiable = 18, "drop_unclassifiable";
 }
 
-pub const COUNTER_COUNT: u32 = 18;
+pub const COUNTER_COUNT: u32 = 19;
 
 impl Counter {
     /// Outcome counters partition `Rx`: their sum equals `Rx`.

@@ -220,6 +220,9 @@ struct L3 {
     l4: usize,
     /// End of the IP payload (frames may carry Ethernet padding after it).
     l4_end: usize,
+    /// The first fragment of a datagram (more follow): its transport
+    /// header is there, the rest of the segment is not.
+    first_fragment: bool,
 }
 
 #[inline(always)]
@@ -269,8 +272,12 @@ fn ipv4(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
     if ihl < 20 || total < ihl || off + total > whole {
         return Err(Class::Pass(Counter::Malformed));
     }
-    // More-fragments flag or a non-zero fragment offset.
-    if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+    // More-fragments flag or a non-zero fragment offset. A later
+    // fragment cannot complete its datagram without the first, which is
+    // judged by its ports (TCP only: the rest cannot reach a split).
+    let frag = u16::from_be_bytes([h[6], h[7]]) & 0x3fff;
+    let first_fragment = frag == 0x2000 && h[9] == IPPROTO_TCP;
+    if frag != 0 && !first_fragment {
         return Err(Class::Pass(Counter::Fragment));
     }
     if h[9] != IPPROTO_TCP && h[9] != IPPROTO_UDP {
@@ -282,6 +289,7 @@ fn ipv4(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
         proto: h[9],
         l4: off + ihl,
         l4_end: off + total,
+        first_fragment,
     })
 }
 
@@ -306,6 +314,7 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
     let mut next = h[6];
     let mut l4 = off + 40;
     let mut ext = false;
+    let mut first_fragment = false;
     for i in 0..MAX_IPV6_EXT {
         match next {
             // Hop-by-hop options only directly after the IPv6 header (RFC
@@ -321,8 +330,13 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
             // Fragment header: fixed 8 octets.
             44 => {
                 let e = bytes_anywhere::<8>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
-                // Offset or M flag set: not an atomic fragment.
-                if u16::from_be_bytes([e[2], e[3]]) & 0xfff9 != 0 {
+                // Offset or M flag set: not an atomic fragment. The first
+                // (offset 0, more follow) is judged by its ports, as for
+                // IPv4; a later one cannot complete without it.
+                let frag = u16::from_be_bytes([e[2], e[3]]) & 0xfff9;
+                if frag == 1 {
+                    first_fragment = true;
+                } else if frag != 0 {
                     return Err(Class::Pass(Counter::Fragment));
                 }
                 next = e[0];
@@ -337,16 +351,26 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
             _ => break,
         }
         ext = true;
-        if l4 > MAX_L4_OFFSET || l4 > l4_end {
+        if l4 > l4_end {
             return Err(Class::Pass(Counter::Malformed));
+        }
+        // Well formed, but further than the transport header is read: the
+        // receiver may find a steered connection's segment there.
+        if l4 > MAX_L4_OFFSET {
+            return Err(Class::Drop(Counter::Unclassifiable));
         }
     }
     if ext {
         count(Counter::Ipv6Ext, len);
     }
     if matches!(next, 0 | 43 | 44 | 51 | 60) {
-        // Longer chain than we walk: unclassifiable, never steered.
-        return Err(Class::Pass(Counter::Malformed));
+        // Longer chain than we walk (RFC 8200 §4.1's order has at most
+        // six before TCP): the receiver would walk on and may find a
+        // steered connection's segment, unseen here. Dropped.
+        return Err(Class::Drop(Counter::Unclassifiable));
+    }
+    if first_fragment && next != IPPROTO_TCP {
+        return Err(Class::Pass(Counter::Fragment));
     }
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Err(Class::Pass(Counter::PassNonTcp));
@@ -363,6 +387,7 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
         ],
         l4,
         l4_end,
+        first_fragment,
     })
 }
 
@@ -395,8 +420,64 @@ fn udp(ctx: &XdpContext, l3: L3) -> Class {
     Class::Drop(Counter::QuicDrop)
 }
 
+/// The first fragment of a TCP segment: forwarded unless it belongs to a
+/// steered connection (its flow-map verdict, or the steering maps), whose
+/// receiver would reassemble bytes the engine never saw. Dropped, its
+/// datagram never completes (RFC 8200 §4.5 and RFC 791 need every
+/// fragment); so is one too short to show its ports (RFC 1858's tiny
+/// fragment).
+#[inline(always)]
+fn tcp_first_fragment(ctx: &XdpContext, l3: &L3) -> Class {
+    if l3.l4 > MAX_L4_OFFSET || l3.l4 + 4 > l3.l4_end {
+        return Class::Drop(Counter::Unclassifiable);
+    }
+    let Some(p) = bytes_anywhere::<4>(ctx, l3.l4) else {
+        return Class::Drop(Counter::Unclassifiable);
+    };
+    let src_port = u16::from_be_bytes([p[0], p[1]]);
+    let dst_port = u16::from_be_bytes([p[2], p[3]]);
+    let key = FlowKey::new(l3.src, l3.dst, src_port, dst_port, IPPROTO_TCP);
+    // SAFETY: the value is copied out at once.
+    match unsafe { FLOWS.get(key) }.copied() {
+        Some(verdict::BYPASS) => return Class::Pass(Counter::Fragment),
+        Some(verdict::DROP) | Some(verdict::STEER) => return Class::Drop(Counter::Unclassifiable),
+        _ => {}
+    }
+    match not_steered(l3, src_port, dst_port) {
+        None => Class::Drop(Counter::Unclassifiable),
+        Some(_) => Class::Pass(Counter::Fragment),
+    }
+}
+
+/// Why TCP between these ports of `l3`'s addresses is not for the
+/// workers (its pass counter), or `None` when it is: a steered port on
+/// the server's side, the server's address in the steered prefixes and
+/// neither address exempt.
+#[inline(always)]
+fn not_steered(l3: &L3, src_port: u16, dst_port: u16) -> Option<Counter> {
+    // The server's address is the destination of client-to-server frames
+    // and the source of the replies: both directions steer alike.
+    let to_server = STEER_PORTS.get_ptr(dst_port).is_some();
+    let from_server = STEER_PORTS.get_ptr(src_port).is_some();
+    if !to_server && !from_server {
+        return Some(Counter::PassTcp);
+    }
+    let server_steered = (to_server && in_prefixes(&STEER_PREFIXES, l3.dst))
+        || (from_server && in_prefixes(&STEER_PREFIXES, l3.src));
+    if !server_steered {
+        return Some(Counter::PassTcp);
+    }
+    if in_prefixes(&EXEMPT_PREFIXES, l3.src) || in_prefixes(&EXEMPT_PREFIXES, l3.dst) {
+        return Some(Counter::PassExempt);
+    }
+    None
+}
+
 #[inline(always)]
 fn tcp(ctx: &XdpContext, l3: L3, slot: u32) -> Class {
+    if l3.first_fragment {
+        return tcp_first_fragment(ctx, &l3);
+    }
     if l3.l4 > MAX_L4_OFFSET {
         return Class::Pass(Counter::Malformed);
     }
@@ -438,20 +519,8 @@ fn tcp(ctx: &XdpContext, l3: L3, slot: u32) -> Class {
             _ => {}
         }
     }
-    // The server's address is the destination of client-to-server frames
-    // and the source of the replies: both directions steer alike.
-    let to_server = STEER_PORTS.get_ptr(dst_port).is_some();
-    let from_server = STEER_PORTS.get_ptr(src_port).is_some();
-    if !to_server && !from_server {
-        return Class::Pass(Counter::PassTcp);
-    }
-    let server_steered = (to_server && in_prefixes(&STEER_PREFIXES, l3.dst))
-        || (from_server && in_prefixes(&STEER_PREFIXES, l3.src));
-    if !server_steered {
-        return Class::Pass(Counter::PassTcp);
-    }
-    if in_prefixes(&EXEMPT_PREFIXES, l3.src) || in_prefixes(&EXEMPT_PREFIXES, l3.dst) {
-        return Class::Pass(Counter::PassExempt);
+    if let Some(c) = not_steered(&l3, src_port, dst_port) {
+        return Class::Pass(c);
     }
     if reused {
         return Class::Steer(Counter::Steer);
