@@ -43,7 +43,9 @@ pub struct WorkerCounters {
     /// Frames the split connections sent in more than one UMEM frame.
     #[serde(default)]
     pub tx_chained: u64,
-    /// Frames with no TCP 5-tuple (forwarded unchanged by the receiver).
+    /// Steered frames with no TCP 5-tuple the worker could read: dropped
+    /// where the engine holds or splits connections (it cannot tell what
+    /// a receiver would take from them), forwarded unchanged otherwise.
     pub unparsed: u64,
     /// Times the TX ring could not take every pending frame.
     pub tx_ring_full: u64,

@@ -519,10 +519,17 @@ impl Worker {
         count.packets += 1;
         count.bytes += len as u64;
         let Some(sliced) = slice_tcp(data).ok() else {
-            // Steered by XDP yet unparseable here (the two parsers may
-            // differ at the edges): pass it on unchanged.
+            // Steered by XDP (TCP on steered ports, as it read the frame)
+            // yet unparseable here, where the two parsers differ at the
+            // edges. With sessions it is dropped: the engine cannot tell
+            // what a receiver would take from it into a connection it
+            // holds or splits. Without, it goes on as every frame does.
             self.counters.unparsed += 1;
-            self.port.send_chain(side.other(), descs);
+            if self.sessions.is_some() {
+                self.port.release_chain(descs);
+            } else {
+                self.port.send_chain(side.other(), descs);
+            }
             return;
         };
         let key = sliced.key;

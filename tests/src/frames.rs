@@ -110,6 +110,18 @@ fn insert_vlan(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
     f
 }
 
+/// TCP to port 443 behind two IPv6 authentication headers that claim 8
+/// bytes each (below the 12 RFC 4302 needs): XDP walks them and steers the
+/// frame; the worker's parser refuses it.
+pub fn steered_but_unparseable() -> Vec<u8> {
+    let mut f = eth(0x86dd);
+    f.extend_from_slice(&ipv6_header(51, 8 + 8 + 20));
+    f.extend_from_slice(&[51, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&tcp_header(443));
+    f
+}
+
 /// The injection corpus: each case and the path XDP must take.
 pub fn hostile_cases() -> Vec<Case> {
     let case = |name, frame, expect| Case {

@@ -13,7 +13,7 @@ use std::{
 
 use loupe_tests::{
     engine::Engine,
-    frames::{hostile_cases, Expect},
+    frames::{hostile_cases, steered_but_unparseable, Expect},
     harness::{PEER_IF, SERVER_V4},
     https::{curl_sha256, Nginx},
     raw::RawSocket,
@@ -326,6 +326,36 @@ fn a_client_reset_during_the_hold_resets_the_server() {
         got.as_ref().map_err(|e| e.kind()),
         Err(std::io::ErrorKind::ConnectionReset),
         "the server's read: {got:?}"
+    );
+    let (status, clean, _, err) = engine.stop();
+    assert!(clean && status.success(), "engine exit {status}: {err}");
+}
+
+/// A frame XDP steers (TCP to a steered port, as it reads the headers)
+/// that the worker's parser refuses goes nowhere when the engine holds or
+/// splits connections: the engine cannot tell what the server would take
+/// from it. It used to be forwarded unchanged.
+#[test]
+fn a_steered_frame_the_worker_cannot_read_is_dropped() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    let tx = h
+        .client
+        .enter(|| RawSocket::open(PEER_IF))
+        .unwrap()
+        .unwrap();
+    tx.send(&steered_but_unparseable()).expect("inject");
+    let r = engine
+        .wait_stats("the frame in the counters", Duration::from_secs(30), |r| {
+            (r.worker_sum(|c| c.unparsed) >= 1).then(|| r.clone())
+        })
+        .unwrap();
+    assert_eq!(r.xdp_packets("steer"), 1, "steered");
+    assert_eq!(r.worker_sum(|c| c.unparsed), 1);
+    assert_eq!(
+        r.worker_sum(|c| c.tx_outside.packets + c.tx_inside.packets),
+        0,
+        "nothing forwarded"
     );
     let (status, clean, _, err) = engine.stop();
     assert!(clean && status.success(), "engine exit {status}: {err}");
