@@ -288,6 +288,20 @@ pub fn hostile_cases() -> Vec<Case> {
             Expect::Steer,
         )
     });
+    // Three tags: more than XDP walks; dropped.
+    cases.push(Case {
+        vlan: true,
+        observable: false,
+        ..case(
+            "three VLAN tags + tcp 443",
+            insert_vlan(
+                &insert_vlan(&insert_vlan(&tcp4(443), 0x8100, 20), 0x8100, 25),
+                0x88a8,
+                30,
+            ),
+            Expect::Unclassifiable,
+        )
+    });
     let mut f = eth(0x8100);
     f.extend_from_slice(&[0, 10]);
     cases.push(Case {

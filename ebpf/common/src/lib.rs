@@ -214,7 +214,7 @@ counters! {
     /// on steered ports (the receiver would reassemble bytes the engine
     /// never held; without its first fragment the datagram never
     /// completes), one too short to show its ports, and IPv6 extension
-    /// chains longer than the program walks: XDP_DROP.
+    /// chains or VLAN tags beyond what the program walks: XDP_DROP.
     Unclassifiable = 18, "drop_unclassifiable";
 }
 

@@ -247,6 +247,11 @@ fn classify(ctx: &XdpContext, len: u64, slot: u32) -> Class {
     if vlan {
         count(Counter::Vlan, len);
     }
+    // A third tag: not walked, and a receiver that strips three may find
+    // a steered connection's segment under it.
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        return Class::Drop(Counter::Unclassifiable);
+    }
     let l3 = match ethertype {
         ETH_P_IPV4 => ipv4(ctx, off, len),
         ETH_P_IPV6 => ipv6(ctx, off, len),
