@@ -853,13 +853,17 @@ fn apply(
 }
 
 /// How long a start waits for a queue that is still bound (EBUSY).
-const BIND_BUSY_WAIT: Duration = Duration::from_secs(3);
+const BIND_BUSY_WAIT: Duration = Duration::from_secs(10);
 
 /// The AF_XDP sockets of queue `q`. A queue whose sockets an engine that
 /// just stopped still holds (the kernel releases them after the program's
 /// maps, a moment after the process is gone: a restart met it) is retried
 /// for up to [`BIND_BUSY_WAIT`]; another engine running keeps it busy, and
-/// the error then names it.
+/// the error then names it. The kernel unregisters a socket's queue in
+/// deferred work under the RTNL lock (`xp_release_deferred`), which a host
+/// tearing down network namespaces can hold for seconds (a restart in the
+/// parallel test suite failed once, its cause not recorded; 3 s was the
+/// wait then).
 fn bind_port(cfg: &EngineConfig, q: u32) -> Result<QueuePort, EngineError> {
     let started = Instant::now();
     loop {
