@@ -261,6 +261,21 @@ pub fn hostile_cases() -> Vec<Case> {
     f.extend_from_slice(&tcp_header(443));
     cases.push(case("ipv6 fragment", f, Expect::Fragment));
 
+    // An IPv6 first fragment whose extension chain runs past it: the rest,
+    // and TCP, would come in a later fragment.
+    let mut f = eth(0x86dd);
+    f.extend_from_slice(&ipv6_header(44, 8 + 8));
+    f.extend_from_slice(&[60, 0, 0, 1, 0, 0, 0, 3]);
+    f.extend_from_slice(&[6, 4, 1, 4, 0, 0, 0, 0]);
+    cases.push(Case {
+        observable: false,
+        ..case(
+            "ipv6 first fragment, chain beyond it",
+            f,
+            Expect::Unclassifiable,
+        )
+    });
+
     // IPv6 first fragment (offset 0, more follow) to a steered port.
     let mut f = eth(0x86dd);
     f.extend_from_slice(&ipv6_header(44, 8 + 20));

@@ -725,6 +725,23 @@ fn a_connections_handshake_takes_the_fast_path_and_is_recorded() {
             Counter::Steer,
         );
         assert!(record(c, &key(cl, 41014, sv, 443)).is_none());
+        // The same SYN as the first fragment of its datagram, on other
+        // bypassed ports: it must not take the bypass (its flags may not
+        // even be in it), so it is dropped and never completes.
+        flows
+            .set(&key(cl, 41015, sv, 443), verdict::BYPASS)
+            .unwrap();
+        let mut frag = seg_v4((cl, 41015), (sv, 443), "S", 7, 0, b"");
+        frag[14 + 6] = 0x20; // More Fragments (XDP reads no IP checksum)
+        check(
+            c,
+            "a SYN's first fragment on bypassed ports",
+            &frag,
+            inside,
+            0,
+            XDP_DROP,
+            Counter::Unclassifiable,
+        );
 
         let k = key(cl, 41003, sv, 443);
         go(

@@ -324,32 +324,35 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
         match next {
             // Hop-by-hop options only directly after the IPv6 header (RFC
             // 8200 section 4.3).
-            0 if i > 0 => return Err(Class::Pass(Counter::Malformed)),
+            0 if i > 0 => return Err(odd(first_fragment, Counter::Malformed)),
             // Hop-by-hop, routing, destination options: length in 8-octet
             // units, not counting the first 8.
             0 | 43 | 60 => {
-                let e = bytes_anywhere::<2>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
+                let e =
+                    bytes_anywhere::<2>(ctx, l4).ok_or(odd(first_fragment, Counter::Malformed))?;
                 next = e[0];
                 l4 += (e[1] as usize + 1) * 8;
             }
             // Fragment header: fixed 8 octets.
             44 => {
-                let e = bytes_anywhere::<8>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
+                let e =
+                    bytes_anywhere::<8>(ctx, l4).ok_or(odd(first_fragment, Counter::Malformed))?;
                 // Offset or M flag set: not an atomic fragment. The first
                 // (offset 0, more follow) is judged by its ports, as for
                 // IPv4; a later one cannot complete without it.
                 let frag = u16::from_be_bytes([e[2], e[3]]) & 0xfff9;
-                if frag == 1 {
+                if frag == 1 && !first_fragment {
                     first_fragment = true;
                 } else if frag != 0 {
-                    return Err(Class::Pass(Counter::Fragment));
+                    return Err(odd(first_fragment, Counter::Fragment));
                 }
                 next = e[0];
                 l4 += 8;
             }
             // Authentication header (RFC 4302): length in 4-octet units minus 2.
             51 => {
-                let e = bytes_anywhere::<2>(ctx, l4).ok_or(Class::Pass(Counter::Malformed))?;
+                let e =
+                    bytes_anywhere::<2>(ctx, l4).ok_or(odd(first_fragment, Counter::Malformed))?;
                 next = e[0];
                 l4 += (e[1] as usize + 2) * 4;
             }
@@ -357,7 +360,7 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
         }
         ext = true;
         if l4 > l4_end {
-            return Err(Class::Pass(Counter::Malformed));
+            return Err(odd(first_fragment, Counter::Malformed));
         }
         // Well formed, but further than the transport header is read: the
         // receiver may find a steered connection's segment there.
@@ -394,6 +397,20 @@ fn ipv6(ctx: &XdpContext, off: usize, len: u64) -> Result<L3, Class> {
         l4_end,
         first_fragment,
     })
+}
+
+/// A frame the program cannot classify: forwarded (counted `why`), unless
+/// it is the first fragment of a datagram, whose TCP a receiver might
+/// reassemble from later fragments out of sight (RFC 8200 §4.5 asks that
+/// the first carry the whole chain; not every stack drops one that does
+/// not).
+#[inline(always)]
+fn odd(first_fragment: bool, why: Counter) -> Class {
+    if first_fragment {
+        Class::Drop(Counter::Unclassifiable)
+    } else {
+        Class::Pass(why)
+    }
 }
 
 /// Whether the 16 bytes at `at` are `::ffff:0:0/96`.
@@ -442,11 +459,12 @@ fn tcp_first_fragment(ctx: &XdpContext, l3: &L3) -> Class {
     let src_port = u16::from_be_bytes([p[0], p[1]]);
     let dst_port = u16::from_be_bytes([p[2], p[3]]);
     let key = FlowKey::new(l3.src, l3.dst, src_port, dst_port, IPPROTO_TCP);
+    // A steer or drop verdict: the engine has the connection. A bypass
+    // counts for nothing here: the fragment may be a new SYN on its ports
+    // (which takes a bypass away, and whose flags this one may not show).
     // SAFETY: the value is copied out at once.
-    match unsafe { FLOWS.get(key) }.copied() {
-        Some(verdict::BYPASS) => return Class::Pass(Counter::Fragment),
-        Some(verdict::DROP) | Some(verdict::STEER) => return Class::Drop(Counter::Unclassifiable),
-        _ => {}
+    if let Some(verdict::DROP | verdict::STEER) = unsafe { FLOWS.get(key) }.copied() {
+        return Class::Drop(Counter::Unclassifiable);
     }
     match not_steered(l3, src_port, dst_port) {
         None => Class::Drop(Counter::Unclassifiable),
