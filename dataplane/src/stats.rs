@@ -81,8 +81,7 @@ pub struct SplitCounters {
     pub aborted: u64,
     pub resets_received: u64,
     pub timed_out: u64,
-    /// Connections left alone: already running, a RST in the hold, or a
-    /// handshake that did not fit together.
+    /// Connections left alone: already running, or a RST in the hold.
     pub passthrough: u64,
     /// Client SYNs sent on without their data, FIN, URG or TCP Fast Open
     /// option, and client segments before the decision sent on (or held)
@@ -166,9 +165,10 @@ pub struct SplitCounters {
     /// client resends them within a round trip, not at its timeout).
     #[serde(default)]
     pub hold_sacks: u64,
-    /// Client segments dropped during a hold because the server would
-    /// refuse them (no ACK flag, an ACK of unsent data, a stale
-    /// timestamp).
+    /// Segments dropped before the decision because their receiver would
+    /// refuse them, or read from them what the engine cannot follow (no
+    /// ACK flag, an ACK of unsent data, a stale timestamp or echo, past
+    /// the window, a segment that does not fit the handshake).
     #[serde(default)]
     pub hold_refused: u64,
     /// Holds in which a byte came twice with different values: such a

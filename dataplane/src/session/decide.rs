@@ -505,9 +505,22 @@ impl Sessions {
             return;
         };
         if let Entry::Tracking(t) = &mut flow.entry {
+            let start = t.tracker.client_data_start();
             if let Some(held) = t.hold.take() {
                 let to = t.client.other();
                 self.out.extend(held.frames.into_iter().map(|f| (to, f)));
+                // Bytes released in order: the fast path waits for the
+                // server's ACK of them (see `Releasing`).
+                if let (Some(start), true) = (start, held.read > 0) {
+                    flow.entry = Entry::Releasing(Box::new(Releasing {
+                        meta: Some(meta),
+                        key: t.key,
+                        client: t.client,
+                        start,
+                        decided: held.decided,
+                    }));
+                    return;
+                }
             }
             self.ops.push(MapOp::Bypass(t.key));
         }

@@ -22,6 +22,9 @@ pub(super) struct Held {
     pub(super) fin_at: Option<SeqNum>,
     /// Bytes read in order so far.
     pub(super) read: u32,
+    /// Those bytes: what a pass decides on (the server must read no
+    /// other; see `Releasing`).
+    pub(super) decided: Vec<u8>,
     /// Bytes acknowledged to the client as the server (a ClientHello
     /// larger than the client's initial window).
     pub(super) acked: u32,
@@ -94,7 +97,7 @@ pub(super) enum NoDecision {
     Evicted,
     /// The client closed before its ClientHello was complete.
     ClosedEarly,
-    /// Cannot be split (URG before the decision, TCP Fast Open).
+    /// Cannot be split: its handshake was not seen.
     Unsplittable,
     /// A TLS handshake record whose ClientHello does not parse.
     Malformed,
@@ -126,7 +129,7 @@ impl NoDecision {
                  server name"
             }
             NoDecision::Unsplittable => {
-                "not splittable (URG or TCP Fast Open): decided without the server name"
+                "not splittable (its handshake was not seen): decided without the server name"
             }
             NoDecision::Malformed => {
                 "a malformed ClientHello (the TLS parser refused it): decided without the \
@@ -253,6 +256,7 @@ impl Sessions {
                 fin: false,
                 fin_at: None,
                 read: 0,
+                decided: Vec::new(),
                 acked: 0,
                 bytes: 0,
                 oldest_tsval: None,
@@ -322,6 +326,7 @@ impl Sessions {
         let started = Instant::now();
         let ready = held.stream.read(usize::MAX);
         held.read += ready.len() as u32;
+        held.decided.extend_from_slice(&ready);
         let closed = held.fin_at == Some(start + held.read);
         let hello = held.scanner.feed(&ready);
         if hello.is_some() && held.scanner.sni_malformed().is_some() {
@@ -426,9 +431,9 @@ impl Sessions {
 
     /// A RST while the client's bytes are held. One its receiver would
     /// take (RFC 5961 §3.2: exactly at the next sequence number it expects;
-    /// from the client, anywhere up to the end of its held bytes, which the
-    /// server never saw) ends the connection: it goes through, the held
-    /// bytes do not. Any other is dropped, and the hold goes on: a forged
+    /// from the client, there or at the end of its held bytes, its own
+    /// next, the server having seen none of them) ends the connection: it
+    /// goes through, the held bytes do not. Any other is dropped, and the hold goes on: a forged
     /// RST must not get a connection past the decision. The client's goes
     /// to the server moved to the first held byte, where the server takes
     /// it: as sent (at the end of the held bytes, the client's next), the
@@ -450,7 +455,7 @@ impl Sessions {
             Dir::Client => t
                 .tracker
                 .client_data_start()
-                .is_some_and(|s| (0..=held as i64).contains(&i64::from(seg.seq.since(s)))),
+                .is_some_and(|s| seg.seq == s || seg.seq == s + held as u32),
             Dir::Server => t.tracker.server_data_start() == Some(seg.seq),
         };
         if !plausible {

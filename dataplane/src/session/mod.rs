@@ -194,9 +194,53 @@ enum Entry {
     },
     /// Left to the kernel; with what was decided, when it was.
     Passthrough(Option<Box<Meta>>),
+    /// Passed, its held frames released; still carried here until the
+    /// server acknowledges them (see [`Releasing`]).
+    Releasing(Box<Releasing>),
     /// A split connection that ended: late segments of it (retransmitted
     /// ACKs, a RST racing ours) are dropped, not forwarded, until idle.
     Ended,
+}
+
+/// A passed connection whose held frames went to the server, not yet
+/// acknowledged. Were the flow on the XDP fast path at once, a client
+/// frame of those bytes sent right after could overtake the released ones
+/// (the fast path is quicker than a worker's transmit) and be the copy the
+/// server reads: an outside probe got `evil.example` read where
+/// `bank.example` was passed, 8 times in 40. Until the server's ACK covers
+/// the released bytes, the client's frames go out behind them, in order,
+/// so later copies of those bytes are old duplicates to the server; then
+/// the flow moves to the fast path. A client copy of them that differs is
+/// dropped: should the server have dropped the released frames (a listener
+/// still in SYN-RECEIVED checks more than the hold can), it reads the
+/// client's retransmission, which must say what was decided on.
+struct Releasing {
+    meta: Option<Box<Meta>>,
+    key: FlowKey,
+    client: Side,
+    /// Where the client's bytes start, and those released in order.
+    start: SeqNum,
+    decided: Vec<u8>,
+}
+
+impl Releasing {
+    /// The end of the bytes released in order.
+    fn until(&self) -> SeqNum {
+        self.start + self.decided.len() as u32
+    }
+
+    /// Whether `payload` at `seq` says other than what was decided on
+    /// where the two overlap.
+    fn differs(&self, seq: SeqNum, payload: &[u8]) -> bool {
+        let off = i64::from(seq.since(self.start));
+        let (from, to) = (
+            off.max(0),
+            (off + payload.len() as i64).min(self.decided.len() as i64),
+        );
+        from < to
+            && payload[(from - off) as usize..(to - off) as usize]
+                != self.decided[from as usize..to as usize]
+    }
 }
 
 struct Flow {
@@ -328,7 +372,7 @@ impl Sessions {
         // track it afresh.
         if is_syn {
             let stale = self.flows.get(&id).is_some_and(|f| match &f.entry {
-                Entry::Passthrough(_) | Entry::Ended => true,
+                Entry::Passthrough(_) | Entry::Releasing(_) | Entry::Ended => true,
                 Entry::Split { split, .. } => split.finished(),
                 Entry::Tracking(_) => false,
             });
@@ -381,8 +425,29 @@ impl Sessions {
         }
         let flow = self.flows.get_mut(&id).expect("inserted above");
         flow.last_seen = now;
-        let split_client = match &flow.entry {
+        let split_client = match &mut flow.entry {
             Entry::Passthrough(_) => return Disposition::Forward,
+            Entry::Releasing(r) => {
+                if side == r.client {
+                    if r.differs(parsed.segment.seq, payload) {
+                        self.counters.hold_conflicts += 1;
+                        return Disposition::Consumed;
+                    }
+                    // Behind the released frames, in the same queue.
+                    let mut buf = self.spare.pop().unwrap_or_default();
+                    buf.clear();
+                    buf.extend_from_slice(frame);
+                    self.out.push((side.other(), buf));
+                    return Disposition::Consumed;
+                }
+                let s = &parsed.segment;
+                if s.flags.ack && s.ack.ge(r.until()) {
+                    self.ops.push(MapOp::Bypass(r.key));
+                    let meta = r.meta.take();
+                    flow.entry = Entry::Passthrough(meta);
+                }
+                return Disposition::Forward;
+            }
             Entry::Ended => {
                 self.counters.after_close += 1;
                 return Disposition::Consumed;
@@ -661,6 +726,7 @@ impl Sessions {
                 with(state, Some(meta), Some(split))
             }
             Entry::Passthrough(meta) => with("bypass", meta.as_deref(), None),
+            Entry::Releasing(r) => with("bypass", r.meta.as_deref(), None),
             Entry::Ended => with("ended", None, None),
         })
     }

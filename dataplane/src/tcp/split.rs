@@ -4,9 +4,11 @@
 //!
 //! Nothing is invented: each half continues the sequence space, MSS, window
 //! scale, timestamps and SACK permission the real endpoints negotiated, so
-//! neither endpoint can tell. Connections this cannot continue faithfully
-//! are passed through untouched instead: TCP Fast Open (data or a cookie on
-//! the SYN), or a handshake whose segments do not fit together. A window
+//! neither endpoint can tell. What would let the server read bytes the
+//! hold never held is taken out or dropped instead: a SYN goes on without
+//! data, FIN, URG or a Fast Open option, and a segment that does not fit
+//! the handshake is dropped (a real endpoint sends the one that does). A
+//! window
 //! shift above 14 is used as 14, as RFC 7323 §2.3 has the endpoint that
 //! receives it do (and counted: [`Tracker::window_shift_clamped`]).
 
@@ -33,8 +35,6 @@ pub enum Dir {
 pub enum Passthrough {
     /// The first segment seen was not a SYN (the engine started mid-flow).
     MidFlow,
-    /// The handshake's segments contradict each other.
-    Inconsistent,
     /// A RST before the decision.
     Reset,
 }
@@ -53,6 +53,9 @@ enum Phase {
         s_isn: SeqNum,
         s_opts: TcpOptions,
         s_window: u16,
+        /// The TSval of its latest retransmission (the first is in
+        /// `s_opts`): the client's ACK echoes one of them.
+        s_ts_last: Option<u32>,
     },
     /// Established, before the decision: client data is held.
     Hold(Box<Negotiated>),
@@ -71,6 +74,9 @@ struct Negotiated {
     /// The last TSval each endpoint sent.
     c_ts: Option<u32>,
     s_ts: Option<u32>,
+    /// The server's first TSval (its SYN-ACK's): a client echoes one
+    /// between it and `s_ts`.
+    s_ts_first: Option<u32>,
 }
 
 impl Negotiated {
@@ -82,6 +88,10 @@ impl Negotiated {
     /// (RFC 7323 §5), and with timestamps agreed a segment without one is
     /// dropped by some stacks (FreeBSD), though no client sends one; bytes
     /// past the window it offered are dropped too (RFC 9293 §3.10.7.4).
+    /// A non-zero echo of a clock the server never sent is dropped by
+    /// Linux while its handshake is not through (the segment that
+    /// completes it, or data to a listener with TCP_DEFER_ACCEPT, which
+    /// swallows the pure ACK); it does not check a zero one.
     fn refuses(&self, seg: &Segment) -> bool {
         let f = seg.flags;
         let paws = match (self.c_ts, self.s_ts, seg.options.timestamps) {
@@ -89,9 +99,20 @@ impl Negotiated {
             (Some(_), Some(_), None) => true,
             _ => false,
         };
+        let echo = match (
+            self.c_ts,
+            self.s_ts_first,
+            self.s_ts,
+            seg.options.timestamps,
+        ) {
+            (Some(_), Some(lo), Some(hi), Some(t)) if t.ecr != 0 => {
+                SeqNum(t.ecr).lt(SeqNum(lo)) || SeqNum(t.ecr).gt(SeqNum(hi))
+            }
+            _ => false,
+        };
         let end = seg.seq + seg.seg_len(&seg.payload);
         let beyond = end.gt(self.c_isn + 1 + self.s_window);
-        !f.ack || f.syn || seg.ack != self.s_isn + 1 || paws || beyond
+        !f.ack || f.syn || seg.ack != self.s_isn + 1 || paws || echo || beyond
     }
 }
 
@@ -249,8 +270,11 @@ impl Tracker {
             if matches!(self.phase, Phase::Hold(_)) {
                 return Track::Pass(Passthrough::Reset);
             }
-            // The attempt is over; a new SYN may reuse the ports.
-            self.phase = Phase::Idle;
+            // Before the handshake is through: forwarded, and the tracker
+            // stays where it is. Were the attempt over, a new SYN starts
+            // afresh anyway; were the RST one its receiver ignores (the
+            // wrong sequence number), the connection goes on and must
+            // still be held (an Idle tracker once passed it undecided).
             return Track::Forward;
         }
         match (&mut self.phase, dir) {
@@ -282,21 +306,32 @@ impl Tracker {
                 self.phase = Phase::Idle;
                 self.on_segment(dir, seg)
             }
-            (Phase::Syn { isn, opts, .. }, Dir::Server) if f.syn && f.ack => {
-                if seg.ack != *isn + 1 || !seg.payload.is_empty() || f.fin {
-                    return Track::Pass(Passthrough::Inconsistent);
-                }
+            // A SYN-ACK that does not answer the SYN (another ACK, data
+            // or FIN on it) falls to the drop below.
+            (Phase::Syn { isn, opts, .. }, Dir::Server)
+                if f.syn && f.ack && seg.ack == *isn + 1 && seg.payload.is_empty() && !f.fin =>
+            {
                 self.phase = Phase::SynAck {
                     c_isn: *isn,
                     c_opts: opts.clone(),
                     s_isn: seg.seq,
                     s_opts: seg.options.clone(),
                     s_window: seg.window,
+                    s_ts_last: seg.options.timestamps.map(|t| t.val),
                 };
                 Track::Forward
             }
-            (Phase::SynAck { s_isn, .. }, Dir::Server) if f.syn && f.ack && seg.seq == *s_isn => {
-                Track::Forward // a retransmitted SYN-ACK
+            (
+                Phase::SynAck {
+                    s_isn, s_ts_last, ..
+                },
+                Dir::Server,
+            ) if f.syn && f.ack && seg.seq == *s_isn && seg.payload.is_empty() && !f.fin => {
+                // A retransmitted SYN-ACK.
+                if let Some(t) = seg.options.timestamps {
+                    *s_ts_last = Some(t.val);
+                }
+                Track::Forward
             }
             (
                 Phase::SynAck {
@@ -305,12 +340,10 @@ impl Tracker {
                     s_isn,
                     s_opts,
                     s_window,
+                    s_ts_last,
                 },
                 Dir::Client,
-            ) if f.ack => {
-                if seg.ack != *s_isn + 1 || seg.seq != *c_isn + 1 {
-                    return Track::Pass(Passthrough::Inconsistent);
-                }
+            ) if f.ack && seg.ack == *s_isn + 1 && seg.seq == *c_isn + 1 => {
                 // The client's ACK window is scaled; the SYN-ACK's never is.
                 let c_shift = window_shifts(c_opts, s_opts).map_or(0, |(c, _)| c);
                 let mut n = Negotiated {
@@ -321,14 +354,15 @@ impl Tracker {
                     c_window: u32::from(seg.window) << c_shift,
                     s_window: u32::from(*s_window),
                     c_ts: c_opts.timestamps.map(|t| t.val),
-                    s_ts: s_opts.timestamps.map(|t| t.val),
+                    s_ts: *s_ts_last,
+                    s_ts_first: s_opts.timestamps.map(|t| t.val),
                 };
                 let data = !seg.payload.is_empty() || f.fin;
-                // Data on the handshake's last segment: held only if the
-                // server would take the segment (which also completes its
+                // The handshake's last segment, and any data on it: taken
+                // only if the server would take it (which completes its
                 // handshake), else dropped as it would be; the client sends
-                // its bytes again.
-                if data && n.refuses(seg) {
+                // it again.
+                if n.refuses(seg) {
                     return Track::Drop;
                 }
                 n.c_ts = seg.options.timestamps.map(|t| t.val).or(n.c_ts);
@@ -352,6 +386,14 @@ impl Tracker {
                 }
             }
             (Phase::Hold(_), Dir::Server) if !seg.payload.is_empty() || f.fin => Track::Decide,
+            // Before the handshake is through, a segment that does not fit
+            // it (an ACK of something else, the wrong sequence number, no
+            // ACK bit, data before the handshake completes): its receiver
+            // refuses it, or would read from it what the engine cannot
+            // follow (Linux trims a segment that starts before the ISN + 1
+            // and takes the rest). Such a segment once passed the whole
+            // connection undecided. A real endpoint sends the one that fits.
+            (Phase::Syn { .. } | Phase::SynAck { .. }, _) => Track::Drop,
             // A pure ACK goes on: the halves continue from what it said.
             (Phase::Hold(n), dir) => {
                 let shifts = window_shifts(&n.c_opts, &n.s_opts);
@@ -368,7 +410,6 @@ impl Tracker {
                 }
                 Track::Forward
             }
-            _ => Track::Forward,
         }
     }
 
@@ -645,14 +686,13 @@ pub(crate) mod tests {
         assert_eq!(t.on_segment(Dir::Server, &synack), Track::Forward);
         let data = segment(1001, Some(9001), Flags::default(), b"hello");
         assert_eq!(t.on_segment(Dir::Client, &data), Track::Hold);
-        // A server that took the data anyway acknowledged more than the SYN.
+        // A SYN-ACK of more than the SYN does not answer it: dropped, and
+        // the connection is still tracked.
         let mut t = Tracker::new(ConnConfig::default());
         t.on_segment(Dir::Client, &syn);
         let took = segment(9000, Some(1012), SYN, b"");
-        assert!(matches!(
-            t.on_segment(Dir::Server, &took),
-            Track::Pass(Passthrough::Inconsistent)
-        ));
+        assert_eq!(t.on_segment(Dir::Server, &took), Track::Drop);
+        assert_eq!(t.on_segment(Dir::Server, &synack), Track::Forward);
     }
 
     /// Once the handshake is through, a client SYN (forged, or a stack
@@ -676,14 +716,69 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_synack_for_another_syn_is_inconsistent() {
+    fn a_synack_for_another_syn_is_dropped() {
         let mut t = Tracker::new(ConnConfig::default());
         let syn = segment(1000, None, SYN, b"");
         t.on_segment(Dir::Client, &syn);
         let synack = segment(9000, Some(5), SYN, b"");
-        assert!(matches!(
-            t.on_segment(Dir::Server, &synack),
-            Track::Pass(Passthrough::Inconsistent)
-        ));
+        assert_eq!(t.on_segment(Dir::Server, &synack), Track::Drop);
+    }
+
+    /// Before the handshake is through, a segment that does not fit it is
+    /// dropped and the handshake goes on; such a segment once passed the
+    /// connection undecided (an outside probe: an ACK of unsent data, an
+    /// old ACK, the ClientHello one byte before the ISN + 1, which Linux
+    /// trims and takes).
+    #[test]
+    fn a_segment_that_does_not_fit_the_handshake_is_dropped() {
+        let opened = || {
+            let mut t = Tracker::new(ConnConfig::default());
+            let mut syn = segment(1000, None, SYN, b"");
+            syn.options = syn_opts(50);
+            t.on_segment(Dir::Client, &syn);
+            let mut synack = segment(9000, Some(1001), SYN, b"");
+            synack.options = syn_opts(70);
+            synack.options.timestamps = Some(Timestamps { val: 70, ecr: 50 });
+            t.on_segment(Dir::Server, &synack);
+            t
+        };
+        let third = |seq: u32, ack: u32, data: &[u8], ecr: u32| {
+            let mut s = segment(seq, Some(ack), Flags::default(), data);
+            s.options.timestamps = Some(Timestamps { val: 60, ecr });
+            s
+        };
+        let misfits = [
+            ("an ACK of unsent data", third(1001, 9011, b"", 70)),
+            ("an old ACK", third(1001, 9000, b"", 70)),
+            ("data before the ISN + 1", third(1000, 9001, b"xhello", 70)),
+            ("data with another ACK", third(1001, 9002, b"hello", 70)),
+            ("an echo of no SYN-ACK", third(1001, 9001, b"hello", 69)),
+            (
+                "no ACK bit",
+                segment(1001, None, Flags::default(), b"hello"),
+            ),
+        ];
+        for (what, s) in &misfits {
+            let mut t = opened();
+            assert_eq!(t.on_segment(Dir::Client, s), Track::Drop, "{what}");
+            assert!(t.client_data_start().is_none(), "{what}");
+            // The one that fits still completes it.
+            let good = third(1001, 9001, b"hello", 70);
+            assert_eq!(t.on_segment(Dir::Client, &good), Track::Hold, "{what}");
+        }
+        // Server data before the client's ACK.
+        let mut t = opened();
+        let early = segment(9001, Some(1001), Flags::default(), b"220 hi");
+        assert_eq!(t.on_segment(Dir::Server, &early), Track::Drop);
+        // A retransmitted SYN-ACK's clock is echoed too.
+        let mut t = opened();
+        let mut again = segment(9000, Some(1001), SYN, b"");
+        again.options = syn_opts(90);
+        again.options.timestamps = Some(Timestamps { val: 90, ecr: 50 });
+        assert_eq!(t.on_segment(Dir::Server, &again), Track::Forward);
+        assert_eq!(
+            t.on_segment(Dir::Client, &third(1001, 9001, b"x", 90)),
+            Track::Hold
+        );
     }
 }
