@@ -4,7 +4,10 @@
 //! they make a decision point (a complete ClientHello, other bytes, or the
 //! server speaking first), within a bound on bytes and time; then the
 //! policy's verdict: release the held frames unchanged and hand the flow
-//! to XDP, or split it (two TCP halves and the stage between them). It
+//! to XDP once the server has acknowledged them, or split it (two TCP
+//! halves and the stage between them). Before the decision, a client's
+//! SYN goes on without data or Fast Open, URG is cleared, and segments
+//! the server would refuse or read otherwise are dropped. It
 //! owns their timers and the frames they send. The worker hands every
 //! frame of a steered flow it owns here first; what is not consumed it
 //! forwards unchanged.

@@ -1,7 +1,9 @@
 //! TCP segments on the wire: a frame parsed into the [`Segment`] the TCP
 //! layer works on (checksum verified, options parsed strictly), and frames
 //! built from segments after the headers of the endpoint being
-//! impersonated (its MACs, VLAN tags, addresses and ports).
+//! impersonated (its MACs, VLAN tags, addresses and ports); and a
+//! client's frames with what would let a server read other bytes than the
+//! engine decided on taken out ([`normalised`]).
 
 use loupe_common::FlowKey;
 use thiserror::Error;
@@ -662,6 +664,29 @@ pub(crate) mod tests {
             let r = normalised(&f, Normalise::ResetAt(SeqNum(77))).unwrap();
             let q = parse_segment(&r).unwrap().segment;
             assert_eq!((q.seq, q.ack, q.payload.len()), (SeqNum(77), p.ack, 10));
+        }
+        // Odd payload lengths (the sum pads the last byte), a byte at a
+        // time up to an MSS, with and without Ethernet padding after.
+        let mut urg = etherparse::TcpHeader::new(40000, 443, 1000, 65535);
+        urg.urg = true;
+        urg.urgent_pointer = 1;
+        urg.ack = true;
+        for len in (1..1460).step_by(97) {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let b = PacketBuilder::ethernet2([2; 6], [3; 6])
+                .ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64)
+                .tcp_header(urg.clone());
+            let mut f = Vec::new();
+            b.write(&mut f, &payload).unwrap();
+            for pad in [0, 5] {
+                let mut g = f.clone();
+                g.extend(std::iter::repeat_n(0, pad));
+                let u = normalised(&g, Normalise::Urgent).unwrap();
+                let q = parse_segment(&u).unwrap().segment;
+                assert!(!q.flags.urg, "{len} {pad}");
+                assert_eq!(q.payload, payload, "{len} {pad}");
+                assert_eq!(u.len(), f.len(), "{len} {pad}: padding cut");
+            }
         }
     }
 
