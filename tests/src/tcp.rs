@@ -119,14 +119,27 @@ pub fn set_int_option(
     v: libc::c_int,
     what: &str,
 ) {
-    // SAFETY: a valid socket fd and an int option of its size.
+    set_option(s, level, name, &v, what);
+}
+
+/// Sets the socket option `name` (called `what` in the panic if it fails)
+/// of `level` to `v`, a value of the C type the option takes.
+pub fn set_option<T: Copy>(
+    s: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: &T,
+    what: &str,
+) {
+    // SAFETY: a valid socket fd, and a value of the option's C type and
+    // size that outlives the call.
     let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             level,
             name,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (v as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());

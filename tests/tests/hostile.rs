@@ -17,7 +17,7 @@ use loupe_tests::{
     harness::{PEER_IF, SERVER_V4},
     https::{curl_sha256, Nginx},
     raw::RawSocket,
-    tcp::{connect, listen, set_int_option},
+    tcp::{connect, listen, set_int_option, set_option},
     wait_until, Harness, HarnessConfig,
 };
 
@@ -309,17 +309,7 @@ fn a_client_reset_during_the_hold_resets_the_server() {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a socket this test owns; the option value outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            c.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    set_option(&c, libc::SOL_SOCKET, libc::SO_LINGER, &linger, "SO_LINGER");
     drop(c);
     let got = server.join().expect("server");
     assert_eq!(

@@ -511,7 +511,7 @@ impl Sessions {
                 self.out.extend(held.frames.into_iter().map(|f| (to, f)));
                 // Bytes released in order: the fast path waits for the
                 // server's ACK of them (see `Releasing`).
-                if let (Some(start), true) = (start, held.read > 0) {
+                if let (Some(start), true) = (start, !held.decided.is_empty()) {
                     flow.entry = Entry::Releasing(Box::new(Releasing {
                         meta: Some(meta),
                         key: t.key,

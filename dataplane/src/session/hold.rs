@@ -20,10 +20,8 @@ pub(super) struct Held {
     /// Where the client's FIN is (it closes the hold only once every byte
     /// before it arrived).
     pub(super) fin_at: Option<SeqNum>,
-    /// Bytes read in order so far.
-    pub(super) read: u32,
-    /// Those bytes: what a pass decides on (the server must read no
-    /// other; see `Releasing`).
+    /// The bytes read in order so far: what a pass decides on (the server
+    /// must read no other; see `Releasing`).
     pub(super) decided: Vec<u8>,
     /// Bytes acknowledged to the client as the server (a ClientHello
     /// larger than the client's initial window).
@@ -42,6 +40,13 @@ pub(super) struct Held {
     /// way, a clock running backwards): such a hold is relayed, never
     /// passed.
     pub(super) unlike: Option<&'static str>,
+}
+
+impl Held {
+    /// Bytes read in order so far.
+    pub(super) fn read(&self) -> u32 {
+        self.decided.len() as u32
+    }
 }
 
 /// A connection before its decision.
@@ -185,10 +190,7 @@ impl Sessions {
         match track {
             Track::Forward if urgent => self.normalise(side, frame, Normalise::Urgent),
             Track::Forward => Disposition::Forward,
-            Track::Strip => {
-                self.counters.syn_stripped += 1;
-                self.normalise(side, frame, Normalise::Syn)
-            }
+            Track::Strip => self.normalise(side, frame, Normalise::Syn),
             // A RST in the hold counts as a pass only if it ends the
             // connection (counted there; it was counted twice, and a
             // forged one dropped counted once).
@@ -197,11 +199,8 @@ impl Sessions {
                 self.counters.passthrough += 1;
                 self.undecided(id, NoDecision::Unsplittable, now)
             }
-            Track::Hold if urgent => match normalised(frame, Normalise::Urgent) {
-                Some(f) => {
-                    self.counters.urgent_cleared += 1;
-                    self.hold(id, &f, &p.segment, odd, now)
-                }
+            Track::Hold if urgent => match self.normalised_counted(frame, Normalise::Urgent) {
+                Some(f) => self.hold(id, &f, &p.segment, odd, now),
                 None => Disposition::Consumed,
             },
             Track::Hold => self.hold(id, frame, &p.segment, odd, now),
@@ -216,13 +215,22 @@ impl Sessions {
         }
     }
 
+    /// `frame` without what `how` names, counted (a moved RST is not: its
+    /// end of the connection is).
+    fn normalised_counted(&mut self, frame: &[u8], how: Normalise) -> Option<Vec<u8>> {
+        let f = normalised(frame, how)?;
+        match how {
+            Normalise::Syn => self.counters.syn_stripped += 1,
+            Normalise::Urgent => self.counters.urgent_cleared += 1,
+            Normalise::ResetAt(_) => {}
+        }
+        Some(f)
+    }
+
     /// Sends a client's frame on toward the server without what `how`
-    /// names (counted for URG; the caller counts SYNs).
+    /// names.
     fn normalise(&mut self, from: Side, frame: &[u8], how: Normalise) -> Disposition {
-        if let Some(f) = normalised(frame, how) {
-            if how == Normalise::Urgent {
-                self.counters.urgent_cleared += 1;
-            }
+        if let Some(f) = self.normalised_counted(frame, how) {
             self.out.push((from.other(), f));
         }
         Disposition::Consumed
@@ -255,7 +263,6 @@ impl Sessions {
                 deadline,
                 fin: false,
                 fin_at: None,
-                read: 0,
                 decided: Vec::new(),
                 acked: 0,
                 bytes: 0,
@@ -325,9 +332,9 @@ impl Sessions {
         // when it completes the hello.
         let started = Instant::now();
         let ready = held.stream.read(usize::MAX);
-        held.read += ready.len() as u32;
         held.decided.extend_from_slice(&ready);
-        let closed = held.fin_at == Some(start + held.read);
+        let read = held.read();
+        let closed = held.fin_at == Some(start + read);
         let hello = held.scanner.feed(&ready);
         if hello.is_some() && held.scanner.sni_malformed().is_some() {
             self.counters.sni_malformed += 1;
@@ -369,14 +376,14 @@ impl Sessions {
                 //   acknowledges nothing new, so the connection may still
                 //   be passed to the fast path.
                 let mss = t.tracker.client_segment_size().unwrap_or(536);
-                let in_order = held.read > held.acked && held.read >= 2 * mss;
+                let in_order = read > held.acked && read >= 2 * mss;
                 // A FIN not yet reached (one reached closed the hold).
-                let fin_ahead = held.fin_at.filter(|f| f.gt(start + held.read));
+                let fin_ahead = held.fin_at.filter(|f| f.gt(start + read));
                 let gap =
                     (ins.new > 0 || fin_news) && (held.stream.held() > 0 || fin_ahead.is_some());
                 if in_order || gap {
                     let (acked, tsval) = if in_order {
-                        (held.read, seg.options.timestamps.map(|ts| ts.val))
+                        (read, seg.options.timestamps.map(|ts| ts.val))
                     } else {
                         // Nothing new in order: the echo stays at the
                         // last segment that advanced it (RFC 7323 §4.3).
@@ -410,13 +417,12 @@ impl Sessions {
                         &t.templates[t.client.other().index()],
                     ) {
                         if in_order {
-                            held.acked = held.read;
+                            held.acked = read;
                             self.counters.hold_acks += 1;
                         } else {
                             self.counters.hold_sacks += 1;
                         }
-                        let mut buf = self.spare.pop().unwrap_or_default();
-                        buf.clear();
+                        let mut buf = take_spare(&mut self.spare);
                         tpl.build(&ack, &mut buf);
                         self.out.push((t.client, buf));
                     }

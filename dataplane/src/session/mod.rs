@@ -437,8 +437,7 @@ impl Sessions {
                         return Disposition::Consumed;
                     }
                     // Behind the released frames, in the same queue.
-                    let mut buf = self.spare.pop().unwrap_or_default();
-                    buf.clear();
+                    let mut buf = take_spare(&mut self.spare);
                     buf.extend_from_slice(frame);
                     self.out.push((side.other(), buf));
                     return Disposition::Consumed;
@@ -577,8 +576,7 @@ impl Sessions {
             } else {
                 client.other()
             };
-            let mut buf = self.spare.pop().unwrap_or_default();
-            buf.clear();
+            let mut buf = take_spare(&mut self.spare);
             templates[to.other().index()].build_with(&seg, split.lent(dir), &mut buf);
             self.out.push((to, buf));
         }
@@ -683,7 +681,7 @@ impl Sessions {
                     ..
                 }) if t.hold.as_ref().is_some_and(|h| h.deadline == at) => {
                     self.counters.hold_timeouts += 1;
-                    if t.hold.as_ref().is_some_and(|h| h.read == 0) {
+                    if t.hold.as_ref().is_some_and(|h| h.decided.is_empty()) {
                         self.counters.hold_timeouts_start_missing += 1;
                     }
                     self.undecided(id, NoDecision::Timeout, now);
@@ -764,6 +762,13 @@ pub struct Live {
 }
 
 /// Keeps a frame buffer for reuse, up to a bound.
+/// An empty frame buffer, a spare one if there is any.
+fn take_spare(spare: &mut Vec<Vec<u8>>) -> Vec<u8> {
+    let mut buf = spare.pop().unwrap_or_default();
+    buf.clear();
+    buf
+}
+
 fn keep_spare(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
     if spare.len() < 256 {
         spare.push(buf);

@@ -8,7 +8,10 @@ use crate::{
     tls::hello::tests::client_hello,
     wire::{
         options::{TcpOptions, Timestamps},
-        segment::{tests::with_tcp_option, Flags},
+        segment::{
+            tests::{fix_ipv4_checksum, with_tcp_option},
+            Flags,
+        },
     },
 };
 
@@ -1867,13 +1870,6 @@ fn held_bytes_are_only_ones_the_server_would_take() {
     b.client_data(0, &evil);
     assert_eq!(b.sp.counters.policy_pass, 0);
     assert_eq!(b.sp.counters.split, 1);
-}
-
-/// Sets the IPv4 header checksum of an untagged frame.
-fn fix_ipv4_checksum(f: &mut [u8]) {
-    f[24..26].fill(0);
-    let c = crate::wire::segment::ipv4_header_checksum(&f[14..34]);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
 }
 
 /// Held frames the server might not read as the hold did, though each

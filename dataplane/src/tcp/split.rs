@@ -74,9 +74,6 @@ struct Negotiated {
     /// The last TSval each endpoint sent.
     c_ts: Option<u32>,
     s_ts: Option<u32>,
-    /// The server's first TSval (its SYN-ACK's): a client echoes one
-    /// between it and `s_ts`.
-    s_ts_first: Option<u32>,
 }
 
 impl Negotiated {
@@ -99,12 +96,10 @@ impl Negotiated {
             (Some(_), Some(_), None) => true,
             _ => false,
         };
-        let echo = match (
-            self.c_ts,
-            self.s_ts_first,
-            self.s_ts,
-            seg.options.timestamps,
-        ) {
+        // A client echoes one between the server's first (its SYN-ACK's)
+        // and its last.
+        let first = self.s_opts.timestamps.map(|t| t.val);
+        let echo = match (self.c_ts, first, self.s_ts, seg.options.timestamps) {
             (Some(_), Some(lo), Some(hi), Some(t)) if t.ecr != 0 => {
                 SeqNum(t.ecr).lt(SeqNum(lo)) || SeqNum(t.ecr).gt(SeqNum(hi))
             }
@@ -355,7 +350,6 @@ impl Tracker {
                     s_window: u32::from(*s_window),
                     c_ts: c_opts.timestamps.map(|t| t.val),
                     s_ts: *s_ts_last,
-                    s_ts_first: s_opts.timestamps.map(|t| t.val),
                 };
                 let data = !seg.payload.is_empty() || f.fin;
                 // The handshake's last segment, and any data on it: taken

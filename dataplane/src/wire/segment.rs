@@ -515,10 +515,17 @@ pub(crate) mod tests {
         out[14] = 0x46;
         let total = u16::from_be_bytes([out[16], out[17]]) + 4;
         out[16..18].copy_from_slice(&total.to_be_bytes());
-        out[24..26].fill(0);
-        let c = ipv4_header_checksum(&out[14..38]);
-        out[24..26].copy_from_slice(&c.to_be_bytes());
+        fix_ipv4_checksum(&mut out);
         out
+    }
+
+    /// Sets the IPv4 header checksum of an untagged frame, whatever its
+    /// header length.
+    pub(crate) fn fix_ipv4_checksum(f: &mut [u8]) {
+        let end = 14 + usize::from(f[14] & 0x0f) * 4;
+        f[24..26].fill(0);
+        let c = ipv4_header_checksum(&f[14..end]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
     }
 
     /// `f` (untagged IPv4 without options) with `opt` added to its TCP
@@ -536,9 +543,7 @@ pub(crate) mod tests {
         out[46] = (((hdr + opt.len()) / 4) as u8) << 4 | (out[46] & 0x0f);
         let total = (out.len() - 14) as u16;
         out[16..18].copy_from_slice(&total.to_be_bytes());
-        out[24..26].fill(0);
-        let c = ipv4_header_checksum(&out[14..34]);
-        out[24..26].copy_from_slice(&c.to_be_bytes());
+        fix_ipv4_checksum(&mut out);
         out[50..52].fill(0);
         let tcp_len = out.len() - 34;
         let pseudo = sum16(sum16(sum16(0, &out[26..30]), &out[30..34]), &[0, 6]) + tcp_len as u32;
