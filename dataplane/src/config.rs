@@ -98,6 +98,9 @@ pub struct EngineConfig {
     pub split_memory: usize,
     /// The split halves' congestion control.
     pub split_congestion: crate::tcp::cc::Algorithm,
+    /// Connections the policy would inspect but the engine cannot follow
+    /// from their start: dropped or passed.
+    pub mid_flow: crate::session::MidFlow,
     /// tcp-split passes (does not split) connections whose ClientHello
     /// names one of these servers.
     pub split_exempt_sni: Vec<crate::policy::HostGlob>,
@@ -153,6 +156,7 @@ impl EngineConfig {
             split_buffer_max: SessionSettings::default().buffer_max,
             split_memory: SessionSettings::default().budget.limit(),
             split_congestion: Default::default(),
+            mid_flow: Default::default(),
             split_exempt_sni: Vec::new(),
             api: None,
         }

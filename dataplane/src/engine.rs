@@ -427,6 +427,7 @@ pub fn run(
                     congestion: cfg.split_congestion,
                     mtu: Some(link_mtu),
                     handshakes: handshakes.clone(),
+                    mid_flow: cfg.mid_flow,
                     ..SessionSettings::default()
                 },
                 ops: ops_tx.clone(),

@@ -141,6 +141,17 @@ struct Args {
     /// as Linux) or newreno (RFC 5681).
     #[arg(long, default_value = "cubic", value_name = "ALGORITHM")]
     split_cc: loupe_dataplane::tcp::cc::Algorithm,
+    /// A connection on a steered port that the engine cannot follow from
+    /// its start (seen mid-flow: running before the engine, or forgotten
+    /// while idle or to make room; evicted while undecided; no room in a
+    /// table of live splits), when the policy without the server name
+    /// would inspect it (tcp-split, decrypt, inbound-inspect): `drop`
+    /// resets it (a SYN finding no room is dropped), failing closed;
+    /// `pass` leaves it to the kernel uninspected, so connections running
+    /// across an engine restart carry on. A block that might apply drops
+    /// it either way.
+    #[arg(long, default_value = "drop", value_name = "drop|pass")]
+    mid_flow: loupe_dataplane::session::MidFlow,
     /// Start the HSM signer on the token with this label (repeatable, one
     /// per partition; the first one's audit key seals the audit log).
     #[arg(long = "hsm-token")]
@@ -256,6 +267,7 @@ fn main() -> ExitCode {
     cfg.split_buffer_max = (args.split_buffer_max_kib as usize) << 10;
     cfg.split_memory = (args.split_memory_mib as usize) << 20;
     cfg.split_congestion = args.split_cc;
+    cfg.mid_flow = args.mid_flow;
     if let Some(socket) = args.control_socket {
         let group = match args
             .control_group
@@ -386,6 +398,23 @@ mod tests {
         let mut argv = vec!["loupe-dataplane", "--inside", "a", "--outside", "b"];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn mid_flow_connections_fail_closed_unless_asked() {
+        use loupe_dataplane::session::MidFlow;
+        assert_eq!(parse(&[]).unwrap().mid_flow, MidFlow::Drop);
+        assert_eq!(
+            parse(&["--mid-flow", "pass"]).unwrap().mid_flow,
+            MidFlow::Pass
+        );
+        for bad in ["", "Pass", "allow", "1"] {
+            let err = parse(&["--mid-flow", bad]).unwrap_err();
+            assert!(
+                err.contains("--mid-flow") && err.contains("drop, pass"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -108,6 +108,11 @@ pub struct SplitCounters {
     /// New connections not tracked because the split table was full of
     /// live splits.
     pub table_full: u64,
+    /// Connections the policy would inspect but the engine could not
+    /// follow from their start (seen mid-flow, evicted while held, no
+    /// room), ended under `--mid-flow drop` (counted as refused too).
+    #[serde(default)]
+    pub uninspectable: u64,
     /// Entries forgotten to make room (oldest first; trackers, passed-
     /// through flows and tombstones, never live splits).
     #[serde(default)]
@@ -304,6 +309,7 @@ impl SplitCounters {
         self.handshakes_before += o.handshakes_before;
         self.released += o.released;
         self.table_full += o.table_full;
+        self.uninspectable += o.uninspectable;
         self.evicted += o.evicted;
         self.expired += o.expired;
         self.after_close += o.after_close;
@@ -740,7 +746,8 @@ impl StatsReport {
                  ({} timeouts, {} fast, {} lost again, {} tail probes, {} reductions undone), \
                  {} DSACKs and {} data segments with SACK blocks sent, {} conflicting overlaps, {}/{} bad checksums/options; \
                  {} taken up from handshakes XDP recorded ({} records unusable, {} from before the policy); decisions: {} held, {} \
-                 ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {}/{} \
+                 ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {} not \
+                 followed from their start and so not inspectable, ended (--mid-flow drop), {}/{} \
                  holds decided without a name on timeout/bound ({} of the timeouts missing \
                  the client's first bytes), {} ACKs of large ClientHellos, {} duplicate \
                  ACKs for missing first bytes, {} held segments the server would refuse dropped, \
@@ -776,6 +783,7 @@ impl StatsReport {
                 sp.server_first,
                 sp.policy_pass,
                 sp.refused,
+                sp.uninspectable,
                 sp.hold_timeouts,
                 sp.hold_overflows,
                 sp.hold_timeouts_start_missing,

@@ -375,27 +375,39 @@ fn a_server_that_closes_first_gives_the_client_a_clean_end() {
     engine.stop();
 }
 
-#[test]
-fn connections_older_than_the_engine_are_released_to_the_xdp_fast_path() {
-    let h = Harness::new(HarnessConfig::default()).expect("harness");
+/// 100,000 bytes echoed once over a connection made through an engine
+/// that splits nothing, which has stopped since.
+fn connected_before_the_engine(
+    h: &Harness,
+) -> (TcpStream, std::thread::JoinHandle<anyhow::Result<()>>) {
     let addr = format!("{SERVER_V4}:443");
     let listener = listen(&h.server, &addr).unwrap();
     let server = spawn_echo_server(listener, 1);
-    // The connection is set up through an engine that does not split...
-    let first = Engine::start(&h, &[]).expect("engine");
+    let first = Engine::start(h, &[]).expect("engine");
     let mut c = connect(&h.client, &addr).unwrap();
-    let echo = |c: &mut TcpStream, seed: usize| {
-        let d = data(seed, 100_000);
-        c.write_all(&d).unwrap();
-        let mut back = vec![0u8; d.len()];
-        c.read_exact(&mut back).unwrap();
-        assert!(back == d, "echo {seed} differs");
-    };
     echo(&mut c, 1);
     first.stop();
+    (c, server)
+}
+
+fn echo(c: &mut TcpStream, seed: usize) {
+    let d = data(seed, 100_000);
+    c.write_all(&d).unwrap();
+    let mut back = vec![0u8; d.len()];
+    c.read_exact(&mut back).unwrap();
+    assert!(back == d, "echo {seed} differs");
+}
+
+/// With `--mid-flow pass`, a connection the engine did not see start is
+/// left to the kernel uninspected: across an engine restart it carries on.
+#[test]
+fn connections_older_than_the_engine_are_released_to_the_xdp_fast_path() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    // The connection is set up through an engine that does not split...
+    let (mut c, server) = connected_before_the_engine(&h);
     // ...and continues through one that does: it is not split (its
     // handshake was never seen) but released to the XDP fast path.
-    let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    let engine = Engine::start(&h, &["--tcp-split", "--mid-flow", "pass"]).expect("engine");
     echo(&mut c, 2);
     let r = engine
         .wait_stats(
@@ -423,6 +435,41 @@ fn connections_older_than_the_engine_are_released_to_the_xdp_fast_path() {
     );
     drop(c);
     server.join().unwrap().unwrap();
+    engine.stop();
+}
+
+/// By default (`--mid-flow drop`) a connection the engine did not see
+/// start, which the policy would split, is reset at both ends at its
+/// first segment: it cannot be split mid-stream, and passed it would go
+/// uninspected (as a connection the engine forgot would: an outside
+/// probe's way past inspection). Neither end hangs.
+#[test]
+fn connections_older_than_the_engine_are_reset_where_they_would_be_split() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let (mut c, server) = connected_before_the_engine(&h);
+    let engine = Engine::start(&h, &["--tcp-split"]).expect("engine");
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.write_all(b"after the restart").unwrap();
+    let mut buf = [0u8; 64];
+    let got = c.read(&mut buf);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client is reset: {got:?}"
+    );
+    let served = server.join().unwrap();
+    assert!(
+        served
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("reset")),
+        "the server is reset: {served:?}"
+    );
+    let r = engine
+        .wait_stats("the reset counted", Duration::from_secs(30), |r| {
+            let s = r.split_total();
+            (s.uninspectable >= 1).then_some(s)
+        })
+        .unwrap();
+    assert_eq!((r.split, r.passthrough), (0, 0), "{r:?}");
     engine.stop();
 }
 

@@ -376,6 +376,12 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         sp.hold_conflicts,
     );
     o.one(
+        "loupe_uninspectable_total",
+        "counter",
+        "Connections the policy would inspect but the engine could not follow from their start (seen mid-flow, evicted while held, no room), ended under --mid-flow drop.",
+        sp.uninspectable,
+    );
+    o.one(
         "loupe_syns_normalised_total",
         "counter",
         "Client SYNs sent on without their data, FIN, URG or TCP Fast Open option.",

@@ -87,32 +87,88 @@ fn ip_of(addr: &[u8; 16]) -> IpAddr {
     }
 }
 
+/// What becomes of a connection the engine cannot follow from its start.
+enum Unfollowed {
+    /// Left to the kernel: the policy passes it whatever its name, or
+    /// `--mid-flow pass` lets what would be inspected through.
+    Pass,
+    /// A block rule might apply to it.
+    Block,
+    /// The policy would inspect it, which cannot start mid-stream, and
+    /// `--mid-flow drop` (the default) fails closed.
+    Uninspectable,
+}
+
 impl Sessions {
-    /// A flow seen mid-stream: running when the engine started, or one
-    /// whose state was forgotten (idle, evicted). No decision point will
-    /// come, so it is decided without the server name: a block that might
-    /// apply drops it (a client cannot get past a name-based block by
-    /// staying quiet until it is forgotten); otherwise it is left to the
-    /// kernel. The server is taken to be the endpoint with the lower port.
-    pub(super) fn mid_flow(&mut self, key: FlowKey) -> Entry {
+    /// The policy's verdict, without the server name, on a connection the
+    /// engine cannot follow from its start, oriented with the server as
+    /// the endpoint with the lower port (its SYN is not there to say).
+    fn unfollowed(&self, key: FlowKey) -> (FlowKey, Decision, Unfollowed) {
         let key = if key.dst_port <= key.src_port {
             key
         } else {
             key.reversed()
         };
-        let policy = self.settings.policy.clone();
-        let d = policy.decide_unnamed(&Subject {
+        let d = self.settings.policy.decide_unnamed(&Subject {
             client: key.src,
             server: key.dst,
             server_port: key.dst_port,
             sni: None,
         });
-        if d.action != Action::Block {
-            self.counters.passthrough += 1;
-            self.ops.push(MapOp::Bypass(key));
-            return Entry::Passthrough(None);
-        }
-        self.counters.refused += 1;
+        let fate = match d.action.verdict() {
+            Verdict::Refuse => Unfollowed::Block,
+            Verdict::Pass => Unfollowed::Pass,
+            Verdict::Split | Verdict::Decrypt => match self.settings.mid_flow {
+                MidFlow::Drop => Unfollowed::Uninspectable,
+                MidFlow::Pass => Unfollowed::Pass,
+            },
+        };
+        (key, d, fate)
+    }
+
+    /// A flow seen mid-stream: running when the engine started, or one
+    /// whose state was forgotten (idle, evicted). No decision point will
+    /// come, so it is decided without the server name: a block that might
+    /// apply ends it (a client cannot get past a name-based block by
+    /// staying quiet until it is forgotten), and so does an inspecting
+    /// action under `--mid-flow drop`, since no split can start
+    /// mid-stream; otherwise it is left to the kernel. Ended, both ends
+    /// are reset from the segment that showed it (no hang until their
+    /// timeouts), and later segments are dropped.
+    pub(super) fn mid_flow(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        parsed: &Parsed,
+        payload_len: usize,
+    ) -> Entry {
+        let (key, d, fate) = self.unfollowed(parsed.key);
+        let note = match fate {
+            Unfollowed::Pass => {
+                self.counters.passthrough += 1;
+                self.ops.push(MapOp::Bypass(key));
+                return Entry::Passthrough(None);
+            }
+            Unfollowed::Block => {
+                self.counters.refused += 1;
+                "seen mid-flow (running before the engine, or forgotten while idle): decided \
+                 without the server name, a block rule might apply; reset"
+                    .to_string()
+            }
+            Unfollowed::Uninspectable => {
+                self.counters.refused += 1;
+                self.counters.uninspectable += 1;
+                format!(
+                    "seen mid-flow (running before the engine, or forgotten while idle): the \
+                     policy would {} it (rule {}), which cannot start mid-stream; reset \
+                     (--mid-flow drop)",
+                    d.action.label(),
+                    self.settings.policy.rule_name(&d)
+                )
+            }
+        };
+        self.reset_unfollowed(side, frame, parsed, payload_len);
+        let policy = self.settings.policy.clone();
         let meta = Meta {
             action: Some(Action::Block),
             // No rule decided it: a block rule only might have (after a
@@ -126,15 +182,53 @@ impl Sessions {
             policy_version: policy.version,
             held_bytes: 0,
             sni_malformed: None,
-            note: Some(
-                "seen mid-flow (running before the engine, or forgotten while idle): decided \
-                 without the server name; its segments are dropped"
-                    .into(),
-            ),
+            note: Some(note),
             logged: true,
         };
         self.log(&meta, (0, 0), "blocked");
         Entry::Ended
+    }
+
+    /// Both ends of a connection nobody holds state for are reset.
+    fn reset_unfollowed(&mut self, side: Side, frame: &[u8], parsed: &Parsed, payload_len: usize) {
+        if let Some((back, on)) = parsed.resets(frame, payload_len) {
+            self.out.push((side, back));
+            self.out.push((side.other(), on));
+        }
+    }
+
+    /// A connection for which the table has no room (only live splits):
+    /// it goes untracked, as the policy says without its name. A SYN that
+    /// cannot be passed is dropped (its client tries again, when there may
+    /// be room); a later segment, its connection reset. Nothing is logged
+    /// per segment: a flood must not become a flood of records
+    /// (`table_full` counts them).
+    pub(super) fn no_room(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        parsed: &Parsed,
+        payload_len: usize,
+        is_syn: bool,
+    ) -> Disposition {
+        let (key, _, fate) = self.unfollowed(parsed.key);
+        match fate {
+            Unfollowed::Pass => {
+                if !is_syn {
+                    self.ops.push(MapOp::Bypass(key));
+                }
+                return Disposition::Forward;
+            }
+            Unfollowed::Block => self.counters.refused += 1,
+            Unfollowed::Uninspectable => {
+                self.counters.refused += 1;
+                self.counters.uninspectable += 1;
+            }
+        }
+        if !is_syn {
+            self.reset_unfollowed(side, frame, parsed, payload_len);
+        }
+        Disposition::Consumed
     }
 
     /// The policy's verdict on a connection at its decision point.
@@ -422,6 +516,35 @@ impl Sessions {
             {
                 self.start_split(id, None, now, meta, Start::Relay)
             }
+            // Evicted (no room to keep following it) or never seen to
+            // start: inspected it cannot be, and `--mid-flow drop` fails
+            // closed, as for a connection seen mid-flow. (Evicted after
+            // the hold acknowledged bytes, it is relayed as it would be
+            // passed: by the engine's halves, as a timeout's is.)
+            Verdict::Split | Verdict::Decrypt
+                if self.settings.mid_flow == MidFlow::Drop && !t.must_relay() =>
+            {
+                self.counters.uninspectable += 1;
+                let inspect = format!(
+                    "the policy would {} it (rule {}), which cannot be done now; refused \
+                     (--mid-flow drop)",
+                    d.action.label(),
+                    policy.rule_name(&d)
+                );
+                meta.action = Some(Action::Block);
+                meta.rule = format!("({})", why.label());
+                meta.note = Some(format!("{}; {inspect}", why.note()));
+                if why == NoDecision::Evicted {
+                    return self.refuse(id, None, now, meta, None);
+                }
+                // Its handshake was not seen: nothing to reset from.
+                self.counters.refused += 1;
+                self.log(&meta, (meta.held_bytes, 0), "blocked");
+                if let Some(f) = self.flows.get_mut(&id) {
+                    f.entry = Entry::Ended;
+                }
+                Disposition::Consumed
+            }
             Verdict::Split | Verdict::Decrypt => {
                 meta.action = None;
                 meta.rule = format!("({})", why.label());
@@ -446,10 +569,10 @@ impl Sessions {
         now: Instant,
         mut meta: Box<Meta>,
     ) -> Disposition {
-        let (acked, unlike) = tracking(&mut self.flows, id)
-            .and_then(|t| t.hold.as_ref())
-            .map_or((false, None), |h| (h.acked > 0, h.unlike));
-        if !acked && unlike.is_none() {
+        let (relay, unlike) = tracking(&mut self.flows, id).map_or((false, None), |t| {
+            (t.must_relay(), t.hold.as_ref().and_then(|h| h.unlike))
+        });
+        if !relay {
             self.release(id, meta, "bypass");
             return Disposition::Forward;
         }

@@ -72,6 +72,16 @@ impl Tracking {
         }
     }
 
+    /// Passing would not do: the hold acknowledged client bytes as the
+    /// server (the client will not send them again), or its frames are
+    /// not the bytes decided on. Relayed instead (see
+    /// `Sessions::pass_or_relay`).
+    pub(super) fn must_relay(&self) -> bool {
+        self.hold
+            .as_ref()
+            .is_some_and(|h| h.acked > 0 || h.unlike.is_some())
+    }
+
     /// What the log and listings keep of a decision.
     pub(super) fn meta(&self, policy: &Policy, d: &Decision, sni: Option<&str>) -> Box<Meta> {
         Box::new(Meta {

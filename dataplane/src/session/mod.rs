@@ -109,6 +109,48 @@ pub struct SessionSettings {
     /// The handshakes the XDP program recorded (none: every SYN and
     /// SYN-ACK is steered here).
     pub handshakes: Option<Arc<dyn opening::HandshakeRecords>>,
+    /// A connection the policy would inspect but the engine cannot follow
+    /// from its start: dropped (the default) or passed.
+    pub mid_flow: MidFlow,
+}
+
+/// What becomes of a connection the engine cannot follow from its start
+/// (seen mid-flow: running before the engine, or forgotten idle or to make
+/// room; evicted while held; no room in a table full of live splits)
+/// when the policy, deciding without the server name, would inspect it
+/// (`tcp-split`, `decrypt`, `inbound-inspect`): none of those can start
+/// mid-stream. A `block` that might apply drops such a connection either
+/// way, and a `no-decrypt` passes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MidFlow {
+    /// Fail closed: reset it (a SYN finding no room is dropped; the
+    /// client tries again), as a stateful firewall drops TCP that opens
+    /// without a SYN. A client cannot get a connection past inspection by
+    /// staying quiet until it is forgotten, or by flooding the table.
+    #[default]
+    Drop,
+    /// Fail open: leave it to the kernel, uninspected (connections
+    /// running across an engine restart carry on).
+    Pass,
+}
+
+impl MidFlow {
+    pub const NAMES: [&'static str; 2] = ["drop", "pass"];
+}
+
+impl std::str::FromStr for MidFlow {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "drop" => Ok(MidFlow::Drop),
+            "pass" => Ok(MidFlow::Pass),
+            _ => Err(format!(
+                "unknown mid-flow handling {s:?} (expected one of: {})",
+                MidFlow::NAMES.join(", ")
+            )),
+        }
+    }
 }
 
 /// A half's buffers to begin with (each way), before autotuning.
@@ -140,6 +182,7 @@ impl Default for SessionSettings {
             congestion: crate::tcp::cc::Algorithm::default(),
             mtu: None,
             handshakes: None,
+            mid_flow: MidFlow::default(),
         }
     }
 }
@@ -395,9 +438,10 @@ impl Sessions {
                 return Disposition::Consumed;
             }
             if self.flows.len() >= self.settings.max_flows && !self.evict_oldest() {
-                // Every entry is a live split: leave this one untracked.
+                // Every entry is a live split: this one goes untracked,
+                // as the policy says without its name and `mid_flow`.
                 self.counters.table_full += 1;
-                return Disposition::Forward;
+                return self.no_room(side, frame, &parsed, payload.len(), is_syn);
             }
             // Its handshake took the fast path: taken up from the record.
             let recorded = self.recorded(&parsed.key, &parsed.segment, now);
@@ -406,7 +450,7 @@ impl Sessions {
             } else if is_syn {
                 self.tracking(parsed.key, side, now)
             } else {
-                self.mid_flow(parsed.key)
+                self.mid_flow(side, frame, &parsed, payload.len())
             };
             let class = if is_syn || recorded.is_some() {
                 EMBRYONIC

@@ -251,8 +251,11 @@ mod tests {
     impl Pair {
         fn new() -> Pair {
             let table = Arc::new(Table::default());
+            // A connection met as running is passed (not reset, as by
+            // default), so that what is taken up and what is not shows.
             let settings = SessionSettings {
                 handshakes: Some(table.clone()),
+                mid_flow: crate::session::MidFlow::Pass,
                 ..SessionSettings::default()
             };
             let peers = Peers::new();

@@ -229,6 +229,20 @@ fn assert_reset_both_ways(out: &[(Side, Vec<u8>)]) {
         .all(|s| s.payload.is_empty()));
 }
 
+/// The rest of a forgotten connection's ClientHello (from offset 100)
+/// goes nowhere: the server gets a RST at most, never a byte.
+fn rest_is_reset(b: &mut Bench, rest: &[u8]) {
+    let (d, _) = b.client_data(100, rest);
+    assert_eq!(d, Disposition::Consumed);
+    let to_server = segments(&b.sent(), Side::Outside);
+    assert!(
+        to_server
+            .iter()
+            .all(|s| s.flags.rst && s.payload.is_empty()),
+        "{to_server:?}"
+    );
+}
+
 fn segments(out: &[(Side, Vec<u8>)], to: Side) -> Vec<Segment> {
     out.iter()
         .filter(|(s, _)| *s == to)
@@ -589,13 +603,16 @@ fn an_acknowledged_clienthello_evicted_from_the_hold_is_relayed_and_kept() {
         .expect("the hold's ACK");
     assert!(acked > 0 && b.sp.counters.hellos == 0);
     // Another connection needs the place.
+    // Its SYN finds no room: the policy would split it, which the engine
+    // cannot, so it is dropped (`--mid-flow drop`: the client tries again).
     let other = Peers::on_port(40001).frame(Dir::Client, &seg(C_ISN, 0, true, b""));
     assert_eq!(
         b.sp.on_frame(Side::Inside, &other, b.now),
-        Disposition::Forward
+        Disposition::Consumed
     );
     assert_eq!(b.sp.counters.split, 1);
     assert_eq!(b.sp.counters.table_full, 1, "no room: only a live split");
+    assert_eq!(b.sp.counters.uninspectable, 1);
     assert_eq!(bypassed(&b.sp), 0);
     let d = b.sp.describe(&e_key()).expect("the relay is still listed");
     assert_eq!(d.state, "split");
@@ -956,13 +973,63 @@ fn a_flow_seen_mid_stream_is_dropped_when_a_block_might_apply() {
     assert_eq!((sp.counters.refused, bypassed(&sp)), (1, 0));
     assert_eq!(sp.events[0].end, "blocked");
     assert_eq!(sp.events[0].server, "198.18.0.2:443");
-    // Without a block that might apply, it is left to the kernel.
-    let mut sp = Sessions::new(SessionSettings::default());
+    // Both ends are reset, each where it expects the next byte: the
+    // client at what it acknowledged, the server at the dropped segment.
+    let out: Vec<_> = sp.out.drain(..).collect();
+    assert_reset_both_ways(&out);
+    assert_eq!(segments(&out, Side::Inside)[0].seq, SeqNum(S_ISN + 1));
+    assert_eq!(segments(&out, Side::Outside)[0].seq, SeqNum(C_ISN + 1));
+    // Later segments go nowhere.
+    assert_eq!(
+        sp.on_frame(Side::Inside, &f, Instant::now()),
+        Disposition::Consumed
+    );
+    assert!(sp.out.is_empty());
+    // Without a block that might apply, a policy that passes it leaves it
+    // to the kernel.
+    let mut passing = Policy::split_all(&[443], Vec::new());
+    passing.default_action = Action::NoDecrypt;
+    let mut sp = Sessions::new(SessionSettings {
+        policy: Arc::new(passing),
+        ..SessionSettings::default()
+    });
     assert_eq!(
         sp.on_frame(Side::Inside, &f, Instant::now()),
         Disposition::Forward
     );
-    assert_eq!(bypassed(&sp), 1);
+    assert_eq!((bypassed(&sp), sp.counters.uninspectable), (1, 0));
+    // One that would split it, which cannot start mid-stream: reset
+    // (`--mid-flow drop`, the default)...
+    let mut sp = Sessions::new(SessionSettings::default());
+    assert_eq!(
+        sp.on_frame(Side::Inside, &f, Instant::now()),
+        Disposition::Consumed
+    );
+    assert_eq!(
+        (
+            bypassed(&sp),
+            sp.counters.uninspectable,
+            sp.counters.refused
+        ),
+        (0, 1, 1)
+    );
+    assert_reset_both_ways(&sp.out);
+    let e = &sp.events[0];
+    assert_eq!((e.end.as_str(), e.rule.as_str()), ("blocked", "(mid-flow)"));
+    assert!(
+        e.note.as_deref().is_some_and(|n| n.contains("tcp-split")),
+        "{e:?}"
+    );
+    // ...or passed uninspected with `--mid-flow pass`.
+    let mut sp = Sessions::new(SessionSettings {
+        mid_flow: MidFlow::Pass,
+        ..SessionSettings::default()
+    });
+    assert_eq!(
+        sp.on_frame(Side::Inside, &f, Instant::now()),
+        Disposition::Forward
+    );
+    assert_eq!((bypassed(&sp), sp.counters.uninspectable), (1, 0));
 }
 
 #[test]
@@ -1474,9 +1541,7 @@ fn a_held_connection_evicted_under_a_block_is_refused() {
     // The rest of its ClientHello, arriving later, goes nowhere: the
     // forgotten connection is seen mid-flow and blocked again (logged as
     // such, not blamed on the rule).
-    let (d, _) = b.client_data(100, &hello[100..]);
-    assert_eq!(d, Disposition::Consumed);
-    assert!(segments(&b.sent(), Side::Outside).is_empty());
+    rest_is_reset(&mut b, &hello[100..]);
     assert_eq!(b.sp.events[1].rule, "(mid-flow)");
     assert!(
         b.sp.events.iter().all(|e| e.end == "blocked"),
@@ -1495,6 +1560,55 @@ fn a_held_connection_evicted_under_a_block_is_refused() {
             .filter(|o| matches!(o, MapOp::Forget(_)))
             .count();
     assert_eq!(pinned, forgotten, "{:?}", b.sp.ops);
+}
+
+/// A held connection evicted (to make room) under a policy that would
+/// split it whatever its name: the engine can no longer follow it, and a
+/// pass would carry it uninspected (an outside probe had a connection
+/// forgotten so). `--mid-flow drop`, the default, refuses it: nothing of
+/// its ClientHello reaches the server, both ends are reset, and the rest
+/// of it, arriving later, is met mid-flow and reset again. `pass` passes
+/// it, as before.
+#[test]
+fn a_held_connection_evicted_under_an_inspecting_policy_fails_closed() {
+    for mid_flow in [MidFlow::Drop, MidFlow::Pass] {
+        let mut b = Bench::new(SessionSettings {
+            max_flows: 1,
+            mid_flow,
+            ..SessionSettings::default()
+        });
+        let hello = client_hello("www.example", &[]);
+        let (d, _) = b.client_data(0, &hello[..100]);
+        assert_eq!(d, Disposition::Consumed);
+        let other = Peers::on_port(40001).frame(Dir::Client, &seg(C_ISN, 0, true, b""));
+        assert_eq!(
+            b.sp.on_frame(Side::Inside, &other, b.now),
+            Disposition::Forward,
+            "{mid_flow:?}: room made"
+        );
+        let c = b.sp.counters;
+        let out = b.sent();
+        if mid_flow == MidFlow::Pass {
+            assert_eq!((c.evicted, c.refused, c.uninspectable), (1, 0, 0));
+            // Released: the held bytes go on unchanged.
+            let to_server = segments(&out, Side::Outside);
+            assert_eq!(to_server.len(), 1, "{to_server:?}");
+            assert_eq!(to_server[0].payload, hello[..100]);
+            continue;
+        }
+        assert_eq!((c.evicted, c.refused, c.uninspectable), (1, 1, 1));
+        assert_reset_both_ways(&out);
+        assert_eq!(bypassed(&b.sp), 0);
+        let e = &b.sp.events[0];
+        assert_eq!((e.end.as_str(), e.rule.as_str()), ("blocked", "(evicted)"));
+        let note = e.note.as_deref().unwrap_or("");
+        assert!(
+            note.contains("tcp-split") && note.contains("--mid-flow drop"),
+            "{e:?}"
+        );
+        rest_is_reset(&mut b, &hello[100..]);
+        assert_eq!(b.sp.counters.uninspectable, 2);
+    }
 }
 
 /// Within a receive batch the halves only take segments in; at its end

@@ -139,6 +139,80 @@ impl Parsed {
             marks: self.marks,
         }
     }
+
+    /// Frames that end this segment's connection at both ends, for a
+    /// connection nobody holds state for (RFC 9293 §3.10.7.1): to its
+    /// sender, a RST at what the segment's ACK says the sender expects
+    /// next (or, with no ACK, a RST|ACK of the segment), as its receiver
+    /// would answer a segment of no connection; to its receiver, a RST at
+    /// the segment's own sequence number, the next it expects if the
+    /// segment is the latest, on its way as the sender. Each is taken
+    /// only at exactly the expected number (RFC 5961 §3.2); one that
+    /// misses draws a challenge ACK at worst. `None` for a RST, which
+    /// is never answered. `payload_len`: the segment's payload, which
+    /// [`headers_of`] leaves in the frame. Returns (to the sender, to the
+    /// receiver).
+    pub fn resets(&self, frame: &[u8], payload_len: usize) -> Option<(Vec<u8>, Vec<u8>)> {
+        let seg = &self.segment;
+        if seg.flags.rst {
+            return None;
+        }
+        let back = if seg.flags.ack {
+            Segment {
+                seq: seg.ack,
+                flags: Flags {
+                    rst: true,
+                    ..Flags::default()
+                },
+                ..Segment::default()
+            }
+        } else {
+            let len = payload_len as u32 + u32::from(seg.flags.syn) + u32::from(seg.flags.fin);
+            Segment {
+                ack: seg.seq + len,
+                flags: Flags {
+                    rst: true,
+                    ack: true,
+                    ..Flags::default()
+                },
+                ..Segment::default()
+            }
+        };
+        let on = Segment {
+            seq: seg.seq,
+            ack: seg.ack,
+            flags: Flags {
+                rst: true,
+                ack: seg.flags.ack,
+                ..Flags::default()
+            },
+            ..Segment::default()
+        };
+        let sender = self.template(frame);
+        let mut l2 = sender.l2.clone();
+        // Back the way it came: the link addresses swapped (any VLAN tags
+        // stay), a TTL of the usual 64.
+        let (dst, src) = l2.split_at_mut(6);
+        dst.swap_with_slice(&mut src[..6]);
+        let receiver = Template {
+            l2,
+            ip: match self.ip {
+                IpPair::V4(s, d) => IpPair::V4(d, s),
+                IpPair::V6(s, d) => IpPair::V6(d, s),
+            },
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            marks: IpMarks {
+                hops: 64,
+                dscp: 0,
+                flow_label: 0,
+            },
+        };
+        let (mut to_sender, mut to_receiver) = (Vec::new(), Vec::new());
+        receiver.build(&back, &mut to_sender);
+        sender.build(&on, &mut to_receiver);
+        Some((to_sender, to_receiver))
+    }
 }
 
 /// Parses a TCP frame, verifying its checksum.
@@ -715,8 +789,9 @@ pub(crate) mod tests {
         assert_eq!(back.template(&out), p.template(&f));
     }
 
-    #[test]
-    fn ipv6_segments_round_trip() {
+    /// An IPv6 segment with FIN (seq 5) from port 1 to 443, with `ack`
+    /// if given.
+    fn fin_v6(payload: &[u8], ack: Option<u32>) -> Vec<u8> {
         let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
             .ipv6(
                 [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
@@ -724,14 +799,61 @@ pub(crate) mod tests {
                 64,
             )
             .tcp(1, 443, 5, 9)
-            .fin()
-            .ack(3);
+            .fin();
+        let b = match ack {
+            Some(a) => b.ack(a),
+            None => b,
+        };
         let mut f = Vec::new();
-        b.write(&mut f, b"odd").unwrap();
+        b.write(&mut f, payload).unwrap();
+        f
+    }
+
+    #[test]
+    fn ipv6_segments_round_trip() {
+        let f = fin_v6(b"odd", Some(3));
         let p = parse_segment(&f).unwrap();
         let mut out = Vec::new();
         p.template(&f).build(&p.segment, &mut out);
         assert_eq!(parse_segment(&out).unwrap().segment, p.segment);
+    }
+
+    /// The resets for a connection nobody holds state for: back to the
+    /// sender the way its frame came (link addresses swapped, its VLAN
+    /// tag kept), at the number its ACK expects; on to the receiver as the
+    /// sender, at the segment's own number. Both parse (checksums right).
+    #[test]
+    fn resets_go_back_and_on_at_the_expected_numbers() {
+        let f = frame_v4(b"hello");
+        let p = parse_segment(&f).unwrap();
+        let (back, on) = p.resets(&f, 5).unwrap();
+        let b = parse_segment(&back).unwrap();
+        assert_eq!(b.key, p.key.reversed());
+        assert_eq!((&back[..6], &back[6..12]), (&f[6..12], &f[..6]));
+        assert_eq!(back[12..16], f[12..16], "the VLAN tag");
+        assert_eq!(
+            (b.segment.seq, b.segment.flags.rst, b.segment.flags.ack),
+            (SeqNum(77), true, false)
+        );
+        assert!(b.segment.payload.is_empty());
+        let o = parse_segment(&on).unwrap();
+        assert_eq!(o.key, p.key);
+        assert_eq!(on[..16], f[..16]);
+        assert_eq!((o.segment.seq, o.segment.ack), (SeqNum(1000), SeqNum(77)));
+        assert!(o.segment.flags.rst && o.segment.payload.is_empty());
+        // Without an ACK, the sender is answered with RST|ACK of the
+        // segment; IPv6 alike.
+        let f6 = fin_v6(b"odd", None);
+        let p6 = parse_segment(&f6).unwrap();
+        let back = parse_segment(&p6.resets(&f6, 3).unwrap().0).unwrap();
+        assert_eq!(back.key, p6.key.reversed());
+        let s = back.segment;
+        assert!(s.flags.rst && s.flags.ack);
+        assert_eq!(s.ack, SeqNum(5 + 3 + 1), "past the data and the FIN");
+        // A RST is never answered.
+        let mut rst = p.clone();
+        rst.segment.flags.rst = true;
+        assert!(rst.resets(&f, 0).is_none());
     }
 
     #[test]
