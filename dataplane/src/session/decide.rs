@@ -504,7 +504,10 @@ impl Sessions {
         match d.action.verdict() {
             Verdict::Refuse => self.refuse(id, None, now, meta, None),
             // Without a ClientHello there is nothing to decrypt: a decrypt
-            // rule's connection is relayed.
+            // rule's connection is refused or relayed (not decrypted), as
+            // its profile says for what it cannot decrypt (`unsupported`,
+            // `block` by default). Relayed, a client could carry TLS past
+            // a decrypt rule by sending its ClientHello slowly.
             Verdict::Split | Verdict::Decrypt
                 if matches!(
                     why,
@@ -514,6 +517,20 @@ impl Sessions {
                         | NoDecision::Malformed
                 ) =>
             {
+                let default = Profile::default();
+                let profile = policy
+                    .profile_of(&d)
+                    .and_then(|n| policy.profiles.get(n))
+                    .unwrap_or(&default);
+                if d.action.verdict() == Verdict::Decrypt && profile.unsupported == Fallback::Block
+                {
+                    meta.note = Some(format!(
+                        "{}; nothing it could decrypt: blocked by the decryption profile \
+                         (unsupported)",
+                        why.note()
+                    ));
+                    return self.refuse(id, None, now, meta, None);
+                }
                 self.start_split(id, None, now, meta, Start::Relay)
             }
             // Evicted (no room to keep following it) or never seen to

@@ -783,6 +783,56 @@ fn a_hold_without_a_decision_is_split_or_refused_by_the_addresses() {
     assert_eq!(b.sp.events[0].rule, "the-rule");
 }
 
+/// A hold that times out under a decrypt rule has nothing to decrypt:
+/// relayed, it would carry the client's TLS undecrypted (a ClientHello
+/// sent slowly would get past the rule), so the profile's `unsupported`
+/// decides: `block` (the default) refuses it, `no-decrypt` relays it.
+#[test]
+fn a_hold_without_a_decision_under_decrypt_follows_the_profile() {
+    use crate::policy::{Fallback, Profile};
+    let timeout = SessionSettings::default().hold_timeout;
+    for unsupported in [Fallback::Block, Fallback::NoDecrypt] {
+        let mut policy = Policy::split_all(&[443], Vec::new());
+        policy.rules.push(Rule {
+            name: "decrypt-all".into(),
+            matcher: Match::default(),
+            action: Action::Decrypt,
+            profile: Some("p".into()),
+            server_profile: None,
+        });
+        policy.profiles.insert(
+            "p".into(),
+            Profile {
+                unsupported,
+                ..Profile::default()
+            },
+        );
+        let mut b = Bench::new(SessionSettings {
+            policy: Arc::new(policy),
+            ..SessionSettings::default()
+        });
+        b.client_data(0, &[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc]);
+        b.sp.on_timers(b.now + timeout);
+        let c = b.sp.counters;
+        assert_eq!(c.hold_timeouts, 1);
+        if unsupported == Fallback::NoDecrypt {
+            assert_eq!((c.split, c.refused), (1, 0));
+            continue;
+        }
+        assert_eq!((c.split, c.refused), (0, 1));
+        assert_reset_both_ways(&b.sent());
+        let e = &b.sp.events[0];
+        assert_eq!(
+            (e.end.as_str(), e.action),
+            ("blocked", Some(Action::Decrypt))
+        );
+        assert!(
+            e.note.as_deref().is_some_and(|n| n.contains("unsupported")),
+            "{e:?}"
+        );
+    }
+}
+
 #[test]
 fn a_clienthello_in_too_many_pieces_does_not_escape_a_block() {
     let mut b = Bench::new(one_rule(Action::Block, "*.bad.example"));
