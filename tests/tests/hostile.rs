@@ -321,6 +321,85 @@ fn a_client_reset_during_the_hold_resets_the_server() {
     assert!(clean && status.success(), "engine exit {status}: {err}");
 }
 
+/// A connection whose client stays quiet after the handshake until the
+/// engine forgets it (idle past `--flow-idle-secs`) must not then get its
+/// ClientHello to the server uninspected (an outside probe's finding:
+/// it did, with any name). By default both ends are reset when it speaks
+/// and the server reads nothing; `--mid-flow pass` is the old way, the
+/// hello going through, which shows what the default closes.
+#[test]
+fn a_connection_forgotten_before_its_hello_cannot_pass_uninspected() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    for mid_flow in ["drop", "pass"] {
+        let engine = Engine::start(
+            &h,
+            &[
+                "--tcp-split",
+                "--flow-idle-secs",
+                "1",
+                "--mid-flow",
+                mid_flow,
+            ],
+        )
+        .expect("engine");
+        let listener = listen(&h.server, &format!("{SERVER_V4}:443")).expect("listen");
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return Ok(got),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if got.is_empty() => return Err(e),
+                    Err(_) => return Ok(got),
+                }
+            }
+        });
+        let mut c = connect(&h.client, &format!("{SERVER_V4}:443")).expect("connect");
+        engine
+            .wait_stats(
+                "the quiet connection forgotten",
+                Duration::from_secs(60),
+                |r| (r.split_total().expired >= 1).then_some(()),
+            )
+            .unwrap();
+        let hello = client_hello("evil.example.loupe.test");
+        c.write_all(&hello).expect("the hello");
+        if mid_flow == "pass" {
+            c.shutdown(Shutdown::Write).unwrap();
+            let got = server.join().expect("server").expect("the server's read");
+            assert_eq!(got, hello, "passed: the hello goes through uninspected");
+            engine.stop();
+            continue;
+        }
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        let read = c.read(&mut buf);
+        assert_eq!(
+            read.as_ref().map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the client's read: {read:?}"
+        );
+        let got = server.join().expect("server");
+        assert_eq!(
+            got.as_ref().map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the server reads nothing, and is reset: {got:?}"
+        );
+        let r = engine
+            .wait_stats("the reset counted", Duration::from_secs(30), |r| {
+                let s = r.split_total();
+                (s.uninspectable >= 1).then_some(s)
+            })
+            .unwrap();
+        assert_eq!((r.split, r.passthrough), (0, 0), "{r:?}");
+        let (status, clean, _, err) = engine.stop();
+        assert!(clean && status.success(), "engine exit {status}: {err}");
+    }
+}
+
 /// A frame XDP steers (TCP to a steered port, as it reads the headers)
 /// that the worker's parser refuses goes nowhere when the engine holds or
 /// splits connections: the engine cannot tell what the server would take
