@@ -119,6 +119,21 @@ impl Engine {
         })
     }
 
+    /// Waits until a connection the engine could not follow from its
+    /// start was ended as one it cannot inspect (`--mid-flow drop`); an
+    /// error if any connection was split or passed instead.
+    pub fn wait_uninspectable_reset(&self) -> anyhow::Result<()> {
+        let s = self.wait_stats("the reset counted", Duration::from_secs(30), |r| {
+            let s = r.split_total();
+            (s.uninspectable >= 1).then_some(s)
+        })?;
+        anyhow::ensure!(
+            (s.split, s.passthrough) == (0, 0),
+            "split or passed as well: {s:?}"
+        );
+        Ok(())
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.proc.try_wait().is_none()
