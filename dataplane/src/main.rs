@@ -86,8 +86,8 @@ struct Args {
     /// kernel and records it; the worker takes the connection up from the
     /// record at its first data (a sleeping worker then wakes once per
     /// connection, not three times). Off by default: a connection whose
-    /// record is lost before its first data is passed uninspected (see
-    /// docs/ARCHITECTURE.md).
+    /// record is lost before its first data is met as one already running
+    /// (see --mid-flow and docs/ARCHITECTURE.md).
     #[arg(long)]
     handshake_fast_path: bool,
     /// Split every steered TCP connection: terminate both halves and relay

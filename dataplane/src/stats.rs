@@ -746,8 +746,9 @@ impl StatsReport {
                  ({} timeouts, {} fast, {} lost again, {} tail probes, {} reductions undone), \
                  {} DSACKs and {} data segments with SACK blocks sent, {} conflicting overlaps, {}/{} bad checksums/options; \
                  {} taken up from handshakes XDP recorded ({} records unusable, {} from before the policy); decisions: {} held, {} \
-                 ClientHellos, {} other, {} server first, {} passed by policy, {} refused, {} not \
-                 followed from their start and so not inspectable, ended (--mid-flow drop), {}/{} \
+                 ClientHellos, {} other, {} server first, {} passed by policy, {} refused ({} \
+                 of them reset as not inspectable: seen mid-flow, evicted or no room, under \
+                 --mid-flow drop), {}/{} \
                  holds decided without a name on timeout/bound ({} of the timeouts missing \
                  the client's first bytes), {} ACKs of large ClientHellos, {} duplicate \
                  ACKs for missing first bytes, {} held segments the server would refuse dropped, \

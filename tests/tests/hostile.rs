@@ -394,6 +394,59 @@ fn a_connection_forgotten_before_its_hello_cannot_pass_uninspected() {
     }
 }
 
+/// The first segment the engine sees of a connection it forgot is a
+/// keepalive probe: one below the next byte the server expects, so a RST
+/// at its number would miss the server (Linux drops it unanswered) and
+/// leave its socket open for good while the client was reset (an outside
+/// probe). The ACK that goes with the RST, one further below, draws the
+/// server's exact numbers, and the answer to that resets it.
+#[test]
+fn a_keepalive_from_a_forgotten_connection_resets_both_ends() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let engine = Engine::start(&h, &["--tcp-split", "--flow-idle-secs", "1"]).expect("engine");
+    let listener = listen(&h.server, &format!("{SERVER_V4}:443")).expect("listen");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = [0u8; 64];
+        s.read(&mut buf)
+    });
+    let mut c = connect(&h.client, &format!("{SERVER_V4}:443")).expect("connect");
+    engine
+        .wait_stats(
+            "the quiet connection forgotten",
+            Duration::from_secs(60),
+            |r| (r.split_total().expired >= 1).then_some(()),
+        )
+        .unwrap();
+    // Forgotten: now the client's keepalives start.
+    set_int_option(&c, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE");
+    set_int_option(
+        &c,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        1,
+        "TCP_KEEPINTVL",
+    );
+    set_int_option(&c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1, "TCP_KEEPIDLE");
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = [0u8; 64];
+    let read = c.read(&mut buf);
+    assert_eq!(
+        read.as_ref().map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client's read: {read:?}"
+    );
+    let got = server.join().expect("server");
+    assert_eq!(
+        got.as_ref().map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the server is reset too: {got:?}"
+    );
+    let (status, clean, _, err) = engine.stop();
+    assert!(clean && status.success(), "engine exit {status}: {err}");
+}
+
 /// A frame XDP steers (TCP to a steered port, as it reads the headers)
 /// that the worker's parser refuses goes nowhere when the engine holds or
 /// splits connections: the engine cannot tell what the server would take

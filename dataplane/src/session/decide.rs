@@ -134,14 +134,9 @@ impl Sessions {
     /// action under `--mid-flow drop`, since no split can start
     /// mid-stream; otherwise it is left to the kernel. Ended, both ends
     /// are reset from the segment that showed it (no hang until their
-    /// timeouts), and later segments are dropped.
-    pub(super) fn mid_flow(
-        &mut self,
-        side: Side,
-        frame: &[u8],
-        parsed: &Parsed,
-        payload_len: usize,
-    ) -> Entry {
+    /// timeouts): its receiver now, its sender as every sender of a later
+    /// segment is, by the [`Entry::Closed`] this returns.
+    pub(super) fn mid_flow(&mut self, side: Side, frame: &[u8], parsed: &Parsed) -> Entry {
         let (key, d, fate) = self.unfollowed(parsed.key);
         let note = match fate {
             Unfollowed::Pass => {
@@ -151,23 +146,24 @@ impl Sessions {
             }
             Unfollowed::Block => {
                 self.counters.refused += 1;
-                "seen mid-flow (running before the engine, or forgotten while idle): decided \
-                 without the server name, a block rule might apply; reset"
+                "seen mid-flow (running before the engine, forgotten while idle or to make \
+                 room, or forged): decided without the server name, a block rule might \
+                 apply; reset"
                     .to_string()
             }
             Unfollowed::Uninspectable => {
                 self.counters.refused += 1;
                 self.counters.uninspectable += 1;
                 format!(
-                    "seen mid-flow (running before the engine, or forgotten while idle): the \
-                     policy would {} it (rule {}), which cannot start mid-stream; reset \
-                     (--mid-flow drop)",
+                    "seen mid-flow (running before the engine, forgotten while idle or to \
+                     make room, or forged): the policy would {} it (rule {}), which cannot \
+                     start mid-stream; reset (--mid-flow drop)",
                     d.action.label(),
                     self.settings.policy.rule_name(&d)
                 )
             }
         };
-        self.reset_unfollowed(side, frame, parsed, payload_len);
+        self.reset_receiver(side, frame, parsed);
         let policy = self.settings.policy.clone();
         let meta = Meta {
             action: Some(Action::Block),
@@ -186,14 +182,14 @@ impl Sessions {
             logged: true,
         };
         self.log(&meta, (0, 0), "blocked");
-        Entry::Ended
+        Entry::Closed
     }
 
-    /// Both ends of a connection nobody holds state for are reset.
-    fn reset_unfollowed(&mut self, side: Side, frame: &[u8], parsed: &Parsed, payload_len: usize) {
-        if let Some((back, on)) = parsed.resets(frame, payload_len) {
-            self.out.push((side, back));
-            self.out.push((side.other(), on));
+    /// The receiver of a segment of a connection nobody holds state for
+    /// is reset (and probed, should the RST miss).
+    fn reset_receiver(&mut self, side: Side, frame: &[u8], parsed: &Parsed) {
+        for f in parsed.reset_on(frame).into_iter().flatten() {
+            self.out.push((side.other(), f));
         }
     }
 
@@ -211,6 +207,10 @@ impl Sessions {
         payload_len: usize,
         is_syn: bool,
     ) -> Disposition {
+        if parsed.segment.flags.rst {
+            // It ends a connection and carries no bytes.
+            return Disposition::Forward;
+        }
         let (key, _, fate) = self.unfollowed(parsed.key);
         match fate {
             Unfollowed::Pass => {
@@ -226,7 +226,10 @@ impl Sessions {
             }
         }
         if !is_syn {
-            self.reset_unfollowed(side, frame, parsed, payload_len);
+            if let Some(back) = parsed.reset_back(frame, payload_len) {
+                self.out.push((side, back));
+            }
+            self.reset_receiver(side, frame, parsed);
         }
         Disposition::Consumed
     }

@@ -246,6 +246,14 @@ enum Entry {
     /// A split connection that ended: late segments of it (retransmitted
     /// ACKs, a RST racing ours) are dropped, not forwarded, until idle.
     Ended,
+    /// Refused with no connection state behind it (seen mid-flow): every
+    /// later segment but a RST is dropped and answered with a RST back to
+    /// its sender, as a closed port answers (RFC 9293 §3.10.7.1), until
+    /// idle. So an end that missed the first reset (its peer's first
+    /// segment seen was a keepalive, one below what it expects) is reset
+    /// at its next segment, or at its answer to the probe that went with
+    /// the reset ([`Parsed::reset_on`]).
+    Closed,
 }
 
 /// A passed connection whose held frames went to the server, not yet
@@ -300,9 +308,10 @@ struct Flow {
 pub struct Sessions {
     flows: HashMap<FlowId, Flow>,
     /// Entries that may make room when the table is full, oldest first:
-    /// [`EMBRYONIC`] (handshakes not complete: a SYN flood) before
-    /// [`SETTLED`] (trackers holding for a decision, passed-through flows,
-    /// ended connections' tombstones); never live splits. Stale pairs (the
+    /// [`EMBRYONIC`] (handshakes not complete: a SYN flood; flows seen
+    /// mid-stream, passed or reset: forged segments) before [`SETTLED`]
+    /// (trackers holding for a decision, passed-through flows, ended
+    /// connections' tombstones); never live splits. Stale pairs (the
     /// entry moved on, or went) are skipped when met and pruned on expiry.
     evictable: [VecDeque<(u64, FlowId)>; 2],
     /// The next `since`.
@@ -418,7 +427,7 @@ impl Sessions {
         // track it afresh.
         if is_syn {
             let stale = self.flows.get(&id).is_some_and(|f| match &f.entry {
-                Entry::Passthrough(_) | Entry::Releasing(_) | Entry::Ended => true,
+                Entry::Passthrough(_) | Entry::Releasing(_) | Entry::Ended | Entry::Closed => true,
                 Entry::Split { split, .. } => split.finished(),
                 Entry::Tracking(_) => false,
             });
@@ -449,15 +458,20 @@ impl Sessions {
                 self.tracking(r.syn.key, r.client, r.opened)
             } else if is_syn {
                 self.tracking(parsed.key, side, now)
+            } else if parsed.segment.flags.rst {
+                // A RST of a connection nobody follows ends it and carries
+                // no bytes: it goes on, and nothing is kept or logged (a
+                // flood of forged ones must not fill the table or the log).
+                return Disposition::Forward;
             } else {
-                self.mid_flow(side, frame, &parsed, payload.len())
+                self.mid_flow(side, frame, &parsed)
             };
-            let class = if is_syn || recorded.is_some() {
-                EMBRYONIC
-            } else {
-                SETTLED
-            };
-            let since = self.next_since(id, class);
+            // Among the first to make room: a handshake not yet through
+            // (moved on once it is), or a flow seen mid-stream, passed or
+            // reset, whose next segment meets the same decision if it is
+            // forgotten (a flood of forged segments must not push out the
+            // connections held for a decision).
+            let since = self.next_since(id, EMBRYONIC);
             self.flows.insert(
                 id,
                 Flow {
@@ -496,6 +510,13 @@ impl Sessions {
             }
             Entry::Ended => {
                 self.counters.after_close += 1;
+                return Disposition::Consumed;
+            }
+            Entry::Closed => {
+                self.counters.after_close += 1;
+                if let Some(back) = parsed.reset_back(frame, payload.len()) {
+                    self.out.push((side, back));
+                }
                 return Disposition::Consumed;
             }
             Entry::Tracking(_) => None,
@@ -773,6 +794,7 @@ impl Sessions {
             Entry::Passthrough(meta) => with("bypass", meta.as_deref(), None),
             Entry::Releasing(r) => with("bypass", r.meta.as_deref(), None),
             Entry::Ended => with("ended", None, None),
+            Entry::Closed => with("reset", None, None),
         })
     }
 

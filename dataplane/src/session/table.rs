@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// Eviction classes: half-open handshakes go first.
+/// Eviction classes: half-open handshakes (and flows seen mid-stream,
+/// which cost nothing to forget) go first.
 pub(super) const EMBRYONIC: usize = 0;
 
 pub(super) const SETTLED: usize = 1;
@@ -35,7 +36,9 @@ impl Sessions {
                 }
                 true
             }
-            Entry::Ended => now.duration_since(f.last_seen) < idle.min(Duration::from_secs(60)),
+            Entry::Ended | Entry::Closed => {
+                now.duration_since(f.last_seen) < idle.min(Duration::from_secs(60))
+            }
             _ => now.duration_since(f.last_seen) < idle,
         });
         self.counters.expired += (before - self.flows.len()) as u64;

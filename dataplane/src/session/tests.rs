@@ -230,17 +230,18 @@ fn assert_reset_both_ways(out: &[(Side, Vec<u8>)]) {
 }
 
 /// The rest of a forgotten connection's ClientHello (from offset 100)
-/// goes nowhere: the server gets a RST at most, never a byte.
+/// goes nowhere: the server gets a RST (and the probe) at most, never a
+/// byte; the client is answered with a RST.
 fn rest_is_reset(b: &mut Bench, rest: &[u8]) {
     let (d, _) = b.client_data(100, rest);
     assert_eq!(d, Disposition::Consumed);
-    let to_server = segments(&b.sent(), Side::Outside);
+    let out = b.sent();
+    let to_server = segments(&out, Side::Outside);
     assert!(
-        to_server
-            .iter()
-            .all(|s| s.flags.rst && s.payload.is_empty()),
+        to_server.iter().all(|s| s.payload.is_empty()),
         "{to_server:?}"
     );
+    assert!(segments(&out, Side::Inside).iter().all(|s| s.flags.rst));
 }
 
 fn segments(out: &[(Side, Vec<u8>)], to: Side) -> Vec<Segment> {
@@ -1024,17 +1025,48 @@ fn a_flow_seen_mid_stream_is_dropped_when_a_block_might_apply() {
     assert_eq!(sp.events[0].end, "blocked");
     assert_eq!(sp.events[0].server, "198.18.0.2:443");
     // Both ends are reset, each where it expects the next byte: the
-    // client at what it acknowledged, the server at the dropped segment.
+    // client at what it acknowledged, the server at the dropped segment,
+    // and the server is probed one below, should that miss.
     let out: Vec<_> = sp.out.drain(..).collect();
     assert_reset_both_ways(&out);
     assert_eq!(segments(&out, Side::Inside)[0].seq, SeqNum(S_ISN + 1));
-    assert_eq!(segments(&out, Side::Outside)[0].seq, SeqNum(C_ISN + 1));
-    // Later segments go nowhere.
+    let to_server = segments(&out, Side::Outside);
     assert_eq!(
-        sp.on_frame(Side::Inside, &f, Instant::now()),
+        to_server
+            .iter()
+            .map(|s| (s.seq, s.flags.rst))
+            .collect::<Vec<_>>(),
+        [(SeqNum(C_ISN + 1), true), (SeqNum(C_ISN), false)]
+    );
+    // Later segments go nowhere; each is answered with a RST back (so an
+    // end the first RST missed is reset at its next segment: here the
+    // server's answer to the probe, its exact numbers).
+    let probe_answer = peers.frame(Dir::Server, &seg(S_ISN + 1, C_ISN + 1, false, b""));
+    assert_eq!(
+        sp.on_frame(Side::Outside, &probe_answer, Instant::now()),
+        Disposition::Consumed
+    );
+    let out: Vec<_> = sp.out.drain(..).collect();
+    assert_eq!(out.len(), 1);
+    let back = &segments(&out, Side::Outside)[0];
+    assert_eq!((back.seq, back.flags.rst), (SeqNum(C_ISN + 1), true));
+    // A RST is never answered.
+    let mut rst = seg(S_ISN + 1, C_ISN + 1, false, b"");
+    rst.flags.rst = true;
+    let rst = peers.frame(Dir::Server, &rst);
+    assert_eq!(
+        sp.on_frame(Side::Outside, &rst, Instant::now()),
         Disposition::Consumed
     );
     assert!(sp.out.is_empty());
+    // Nor is a RST of a connection nobody follows: it goes on, and
+    // nothing is kept or logged.
+    let mut sp = Sessions::new(one_rule(Action::Block, "*.bad.example"));
+    assert_eq!(
+        sp.on_frame(Side::Outside, &rst, Instant::now()),
+        Disposition::Forward
+    );
+    assert_eq!((sp.active(), sp.events.len(), sp.out.len()), (0, 0, 0));
     // Without a block that might apply, a policy that passes it leaves it
     // to the kernel.
     let mut passing = Policy::split_all(&[443], Vec::new());
@@ -1610,6 +1642,32 @@ fn a_held_connection_evicted_under_a_block_is_refused() {
             .filter(|o| matches!(o, MapOp::Forget(_)))
             .count();
     assert_eq!(pinned, forgotten, "{:?}", b.sp.ops);
+}
+
+/// Forged segments of connections nobody follows (each seen mid-flow,
+/// reset, kept as a tombstone) are the first to make room: a flood of
+/// them cannot push out a connection held for its decision, which an
+/// outside probe managed (the held connection was then reset).
+#[test]
+fn forged_mid_flow_segments_make_room_before_a_held_connection() {
+    let mut b = Bench::new(SessionSettings {
+        max_flows: 3,
+        ..SessionSettings::default()
+    });
+    let hello = client_hello("www.example", &[]);
+    b.client_data(0, &hello[..100]);
+    for port in 41000..41100 {
+        let forged = Peers::on_port(port).frame(Dir::Client, &seg(7, 9, false, b"x"));
+        assert_eq!(
+            b.sp.on_frame(Side::Inside, &forged, b.now),
+            Disposition::Consumed
+        );
+    }
+    assert_eq!(b.sp.counters.evicted, 98);
+    assert_eq!(b.sp.describe(&e_key()).expect("kept").state, "holding");
+    b.sent();
+    b.client_data(100, &hello[100..]);
+    assert_eq!(b.sp.counters.split, 1, "decided on its name");
 }
 
 /// A held connection evicted (to make room) under a policy that would

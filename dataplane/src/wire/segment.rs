@@ -140,56 +140,38 @@ impl Parsed {
         }
     }
 
-    /// Frames that end this segment's connection at both ends, for a
-    /// connection nobody holds state for (RFC 9293 §3.10.7.1): to its
-    /// sender, a RST at what the segment's ACK says the sender expects
-    /// next (or, with no ACK, a RST|ACK of the segment), as its receiver
-    /// would answer a segment of no connection; to its receiver, a RST at
-    /// the segment's own sequence number, the next it expects if the
-    /// segment is the latest, on its way as the sender. Each is taken
-    /// only at exactly the expected number (RFC 5961 §3.2); one that
-    /// misses draws a challenge ACK at worst. `None` for a RST, which
+    /// The RST a closed port answers this segment with (RFC 9293
+    /// §3.10.7.1), for a connection nobody holds state for: back to its
+    /// sender, at what the segment's ACK says the sender expects next (or,
+    /// with no ACK, a RST|ACK of the segment), which the sender takes
+    /// (RFC 5961 §3.2 wants exactly that number). `None` for a RST, which
     /// is never answered. `payload_len`: the segment's payload, which
-    /// [`headers_of`] leaves in the frame. Returns (to the sender, to the
-    /// receiver).
-    pub fn resets(&self, frame: &[u8], payload_len: usize) -> Option<(Vec<u8>, Vec<u8>)> {
+    /// [`headers_of`] leaves in the frame.
+    pub fn reset_back(&self, frame: &[u8], payload_len: usize) -> Option<Vec<u8>> {
         let seg = &self.segment;
         if seg.flags.rst {
             return None;
         }
+        let rst = Flags {
+            rst: true,
+            ..Flags::default()
+        };
         let back = if seg.flags.ack {
             Segment {
                 seq: seg.ack,
-                flags: Flags {
-                    rst: true,
-                    ..Flags::default()
-                },
+                flags: rst,
                 ..Segment::default()
             }
         } else {
             let len = payload_len as u32 + u32::from(seg.flags.syn) + u32::from(seg.flags.fin);
             Segment {
                 ack: seg.seq + len,
-                flags: Flags {
-                    rst: true,
-                    ack: true,
-                    ..Flags::default()
-                },
+                flags: Flags { ack: true, ..rst },
                 ..Segment::default()
             }
         };
-        let on = Segment {
-            seq: seg.seq,
-            ack: seg.ack,
-            flags: Flags {
-                rst: true,
-                ack: seg.flags.ack,
-                ..Flags::default()
-            },
-            ..Segment::default()
-        };
         let sender = self.template(frame);
-        let mut l2 = sender.l2.clone();
+        let mut l2 = sender.l2;
         // Back the way it came: the link addresses swapped (any VLAN tags
         // stay), a TTL of the usual 64.
         let (dst, src) = l2.split_at_mut(6);
@@ -208,10 +190,45 @@ impl Parsed {
                 flow_label: 0,
             },
         };
-        let (mut to_sender, mut to_receiver) = (Vec::new(), Vec::new());
-        receiver.build(&back, &mut to_sender);
-        sender.build(&on, &mut to_receiver);
-        Some((to_sender, to_receiver))
+        let mut out = Vec::new();
+        receiver.build(&back, &mut out);
+        Some(out)
+    }
+
+    /// What resets this segment's receiver, sent as its sender, in place
+    /// of the segment: a RST at the segment's sequence number, which the
+    /// receiver takes when it is the next it expects; then an ACK one
+    /// below, outside the receiver's window wherever the RST could miss
+    /// (a keepalive probe sits one below the next byte, a retransmission
+    /// further), which the receiver answers with an ACK of its own exact
+    /// numbers (RFC 9293 §3.10.7.4) for [`Parsed::reset_back`] to answer.
+    /// Where the RST was taken, the receiver answers the ACK with a RST,
+    /// which is not answered. `None` for a RST.
+    pub fn reset_on(&self, frame: &[u8]) -> Option<[Vec<u8>; 2]> {
+        let seg = &self.segment;
+        if seg.flags.rst {
+            return None;
+        }
+        let sender = self.template(frame);
+        let [mut rst, mut probe] = [Vec::new(), Vec::new()];
+        let flags = Flags {
+            ack: seg.flags.ack,
+            rst: true,
+            ..Flags::default()
+        };
+        let at = |seq, flags| Segment {
+            seq,
+            ack: seg.ack,
+            flags,
+            ..Segment::default()
+        };
+        sender.build(&at(seg.seq, flags), &mut rst);
+        let ack = Flags {
+            ack: true,
+            ..Flags::default()
+        };
+        sender.build(&at(SeqNum(seg.seq.0.wrapping_sub(1)), ack), &mut probe);
+        Some([rst, probe])
     }
 }
 
@@ -821,12 +838,13 @@ pub(crate) mod tests {
     /// The resets for a connection nobody holds state for: back to the
     /// sender the way its frame came (link addresses swapped, its VLAN
     /// tag kept), at the number its ACK expects; on to the receiver as the
-    /// sender, at the segment's own number. Both parse (checksums right).
+    /// sender, at the segment's own number, and an ACK one below that
+    /// draws the receiver's exact numbers. All parse (checksums right).
     #[test]
     fn resets_go_back_and_on_at_the_expected_numbers() {
         let f = frame_v4(b"hello");
         let p = parse_segment(&f).unwrap();
-        let (back, on) = p.resets(&f, 5).unwrap();
+        let back = p.reset_back(&f, 5).unwrap();
         let b = parse_segment(&back).unwrap();
         assert_eq!(b.key, p.key.reversed());
         assert_eq!((&back[..6], &back[6..12]), (&f[6..12], &f[..6]));
@@ -836,16 +854,21 @@ pub(crate) mod tests {
             (SeqNum(77), true, false)
         );
         assert!(b.segment.payload.is_empty());
-        let o = parse_segment(&on).unwrap();
-        assert_eq!(o.key, p.key);
-        assert_eq!(on[..16], f[..16]);
-        assert_eq!((o.segment.seq, o.segment.ack), (SeqNum(1000), SeqNum(77)));
-        assert!(o.segment.flags.rst && o.segment.payload.is_empty());
+        let [rst, probe] = p.reset_on(&f).unwrap();
+        for (frame, seq, rst) in [(rst, 1000, true), (probe, 999, false)] {
+            let o = parse_segment(&frame).unwrap();
+            assert_eq!(o.key, p.key);
+            assert_eq!(frame[..16], f[..16]);
+            let s = o.segment;
+            assert_eq!((s.seq, s.ack), (SeqNum(seq), SeqNum(77)));
+            assert_eq!((s.flags.rst, s.flags.ack), (rst, true));
+            assert!(s.payload.is_empty());
+        }
         // Without an ACK, the sender is answered with RST|ACK of the
         // segment; IPv6 alike.
         let f6 = fin_v6(b"odd", None);
         let p6 = parse_segment(&f6).unwrap();
-        let back = parse_segment(&p6.resets(&f6, 3).unwrap().0).unwrap();
+        let back = parse_segment(&p6.reset_back(&f6, 3).unwrap()).unwrap();
         assert_eq!(back.key, p6.key.reversed());
         let s = back.segment;
         assert!(s.flags.rst && s.flags.ack);
@@ -853,7 +876,7 @@ pub(crate) mod tests {
         // A RST is never answered.
         let mut rst = p.clone();
         rst.segment.flags.rst = true;
-        assert!(rst.resets(&f, 0).is_none());
+        assert!(rst.reset_back(&f, 0).is_none() && rst.reset_on(&f).is_none());
     }
 
     #[test]
