@@ -321,6 +321,57 @@ fn a_client_reset_during_the_hold_resets_the_server() {
     assert!(clean && status.success(), "engine exit {status}: {err}");
 }
 
+/// A connection to a server that reads all it gets (an error if reset
+/// before any byte), whose client stays quiet until `engine` forgets it.
+fn forgotten_connection(
+    h: &Harness,
+    engine: &Engine,
+) -> (TcpStream, std::thread::JoinHandle<std::io::Result<Vec<u8>>>) {
+    let listener = listen(&h.server, &format!("{SERVER_V4}:443")).expect("listen");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(got),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if got.is_empty() => return Err(e),
+                Err(_) => return Ok(got),
+            }
+        }
+    });
+    let c = connect(&h.client, &format!("{SERVER_V4}:443")).expect("connect");
+    engine
+        .wait_stats(
+            "the quiet connection forgotten",
+            Duration::from_secs(60),
+            |r| (r.split_total().expired >= 1).then_some(()),
+        )
+        .unwrap();
+    (c, server)
+}
+
+/// The client's next read and the server's are reset, the server having
+/// read nothing.
+fn both_ends_reset(c: &mut TcpStream, server: std::thread::JoinHandle<std::io::Result<Vec<u8>>>) {
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = [0u8; 64];
+    let read = c.read(&mut buf);
+    assert_eq!(
+        read.as_ref().map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client's read: {read:?}"
+    );
+    let got = server.join().expect("server");
+    assert_eq!(
+        got.as_ref().map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the server reads nothing, and is reset: {got:?}"
+    );
+}
+
 /// A connection whose client stays quiet after the handshake until the
 /// engine forgets it (idle past `--flow-idle-secs`) must not then get its
 /// ClientHello to the server uninspected (an outside probe's finding:
@@ -342,29 +393,7 @@ fn a_connection_forgotten_before_its_hello_cannot_pass_uninspected() {
             ],
         )
         .expect("engine");
-        let listener = listen(&h.server, &format!("{SERVER_V4}:443")).expect("listen");
-        let server = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().expect("accept");
-            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => return Ok(got),
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                    Err(e) if got.is_empty() => return Err(e),
-                    Err(_) => return Ok(got),
-                }
-            }
-        });
-        let mut c = connect(&h.client, &format!("{SERVER_V4}:443")).expect("connect");
-        engine
-            .wait_stats(
-                "the quiet connection forgotten",
-                Duration::from_secs(60),
-                |r| (r.split_total().expired >= 1).then_some(()),
-            )
-            .unwrap();
+        let (mut c, server) = forgotten_connection(&h, &engine);
         let hello = client_hello("evil.example.loupe.test");
         c.write_all(&hello).expect("the hello");
         if mid_flow == "pass" {
@@ -374,20 +403,7 @@ fn a_connection_forgotten_before_its_hello_cannot_pass_uninspected() {
             engine.stop();
             continue;
         }
-        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut buf = [0u8; 64];
-        let read = c.read(&mut buf);
-        assert_eq!(
-            read.as_ref().map_err(|e| e.kind()),
-            Err(std::io::ErrorKind::ConnectionReset),
-            "the client's read: {read:?}"
-        );
-        let got = server.join().expect("server");
-        assert_eq!(
-            got.as_ref().map_err(|e| e.kind()),
-            Err(std::io::ErrorKind::ConnectionReset),
-            "the server reads nothing, and is reset: {got:?}"
-        );
+        both_ends_reset(&mut c, server);
         engine.wait_uninspectable_reset().unwrap();
         let (status, clean, _, err) = engine.stop();
         assert!(clean && status.success(), "engine exit {status}: {err}");
@@ -404,21 +420,7 @@ fn a_connection_forgotten_before_its_hello_cannot_pass_uninspected() {
 fn a_keepalive_from_a_forgotten_connection_resets_both_ends() {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
     let engine = Engine::start(&h, &["--tcp-split", "--flow-idle-secs", "1"]).expect("engine");
-    let listener = listen(&h.server, &format!("{SERVER_V4}:443")).expect("listen");
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut buf = [0u8; 64];
-        s.read(&mut buf)
-    });
-    let mut c = connect(&h.client, &format!("{SERVER_V4}:443")).expect("connect");
-    engine
-        .wait_stats(
-            "the quiet connection forgotten",
-            Duration::from_secs(60),
-            |r| (r.split_total().expired >= 1).then_some(()),
-        )
-        .unwrap();
+    let (mut c, server) = forgotten_connection(&h, &engine);
     // Forgotten: now the client's keepalives start.
     set_int_option(&c, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE");
     set_int_option(
@@ -429,20 +431,7 @@ fn a_keepalive_from_a_forgotten_connection_resets_both_ends() {
         "TCP_KEEPINTVL",
     );
     set_int_option(&c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1, "TCP_KEEPIDLE");
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut buf = [0u8; 64];
-    let read = c.read(&mut buf);
-    assert_eq!(
-        read.as_ref().map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset),
-        "the client's read: {read:?}"
-    );
-    let got = server.join().expect("server");
-    assert_eq!(
-        got.as_ref().map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset),
-        "the server is reset too: {got:?}"
-    );
+    both_ends_reset(&mut c, server);
     let (status, clean, _, err) = engine.stop();
     assert!(clean && status.success(), "engine exit {status}: {err}");
 }
