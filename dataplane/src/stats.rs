@@ -113,6 +113,10 @@ pub struct SplitCounters {
     /// room), ended under `--mid-flow drop` (counted as refused too).
     #[serde(default)]
     pub uninspectable: u64,
+    /// SYNs on the ports of a live connection that the server answered
+    /// with an ACK, not a SYN-ACK: the connection went on as it was.
+    #[serde(default)]
+    pub syns_on_live: u64,
     /// Entries forgotten to make room (oldest first; trackers, passed-
     /// through flows and tombstones, never live splits).
     #[serde(default)]
@@ -310,6 +314,7 @@ impl SplitCounters {
         self.released += o.released;
         self.table_full += o.table_full;
         self.uninspectable += o.uninspectable;
+        self.syns_on_live += o.syns_on_live;
         self.evicted += o.evicted;
         self.expired += o.expired;
         self.after_close += o.after_close;
@@ -748,7 +753,7 @@ impl StatsReport {
                  {} taken up from handshakes XDP recorded ({} records unusable, {} from before the policy); decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused ({} \
                  of them reset as not inspectable: seen mid-flow, evicted or no room, under \
-                 --mid-flow drop), {}/{} \
+                 --mid-flow drop), {} SYNs on a live connection's ports it went on from, {}/{} \
                  holds decided without a name on timeout/bound ({} of the timeouts missing \
                  the client's first bytes), {} ACKs of large ClientHellos, {} duplicate \
                  ACKs for missing first bytes, {} held segments the server would refuse dropped, \
@@ -785,6 +790,7 @@ impl StatsReport {
                 sp.policy_pass,
                 sp.refused,
                 sp.uninspectable,
+                sp.syns_on_live,
                 sp.hold_timeouts,
                 sp.hold_overflows,
                 sp.hold_timeouts_start_missing,

@@ -14,10 +14,10 @@ use std::{
 use loupe_tests::{
     engine::Engine,
     frames::{hostile_cases, steered_but_unparseable, Expect},
-    harness::{PEER_IF, SERVER_V4},
+    harness::{CLIENT_V4, PEER_IF, SERVER_V4},
     https::{curl_sha256, Nginx},
     raw::RawSocket,
-    tcp::{connect, listen, set_int_option, set_option},
+    tcp::{connect, listen, set_int_option, set_option, spawn_echo_server},
     wait_until, Harness, HarnessConfig,
 };
 
@@ -432,6 +432,86 @@ fn a_keepalive_from_a_forgotten_connection_resets_both_ends() {
     );
     set_int_option(&c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1, "TCP_KEEPIDLE");
     both_ends_reset(&mut c, server);
+    let (status, clean, _, err) = engine.stop();
+    assert!(clean && status.success(), "engine exit {status}: {err}");
+}
+
+/// A SYN forged on the ports of a connection passed to the fast path (by
+/// anyone who can spoof the client's address) takes the flow back to a
+/// worker to be decided afresh; the server, whose connection is
+/// established, answers it with a challenge ACK. The connection must go
+/// on: it used to hang, every later segment dropped as not fitting the
+/// new handshake (an outside probe).
+#[test]
+fn a_forged_syn_on_a_passed_connection_does_not_stall_it() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    let engine = Engine::start(
+        &h,
+        &[
+            "--tcp-split",
+            "--split-exempt-sni",
+            "bank.example.loupe.test",
+        ],
+    )
+    .expect("engine");
+    let listener = listen(&h.server, &format!("{SERVER_V4}:443")).expect("listen");
+    let server = spawn_echo_server(listener, 1);
+    let mut c = connect(&h.client, &format!("{SERVER_V4}:443")).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let echoed = |c: &mut TcpStream, data: &[u8]| {
+        c.write_all(data).expect("write");
+        let mut back = vec![0u8; data.len()];
+        c.read_exact(&mut back).map(|_| back == data)
+    };
+    let hello = client_hello("bank.example.loupe.test");
+    assert!(echoed(&mut c, &hello).unwrap(), "the exempt hello echoed");
+    engine
+        .wait_stats("the connection passed", Duration::from_secs(30), |r| {
+            (r.split_total().released >= 1).then_some(())
+        })
+        .unwrap();
+    let mac = |ns: &loupe_tests::netns::Netns| -> [u8; 6] {
+        let out = ns
+            .command("cat")
+            .arg(format!("/sys/class/net/{PEER_IF}/address"))
+            .output()
+            .expect("cat");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("a MAC"))
+            .collect();
+        bytes.try_into().expect("six bytes")
+    };
+    let ip = |a: &str| a.parse::<std::net::Ipv4Addr>().unwrap().octets();
+    let port = c.local_addr().unwrap().port();
+    let mut syn = Vec::new();
+    etherparse::PacketBuilder::ethernet2(mac(&h.client), mac(&h.server))
+        .ipv4(ip(CLIENT_V4), ip(SERVER_V4), 64)
+        .tcp(port, 443, 0x1234_5678, 64240)
+        .syn()
+        .write(&mut syn, &[])
+        .unwrap();
+    let tx = h
+        .client
+        .enter(|| RawSocket::open(PEER_IF))
+        .unwrap()
+        .expect("raw socket");
+    tx.send(&syn).expect("the forged SYN");
+    assert!(
+        echoed(&mut c, b"after the forged SYN").expect("the connection goes on"),
+        "echo differs"
+    );
+    engine
+        .wait_stats(
+            "the server's challenge ACK seen",
+            Duration::from_secs(30),
+            |r| (r.split_total().syns_on_live >= 1).then_some(()),
+        )
+        .unwrap();
+    drop(c);
+    server.join().unwrap().unwrap();
     let (status, clean, _, err) = engine.stop();
     assert!(clean && status.success(), "engine exit {status}: {err}");
 }

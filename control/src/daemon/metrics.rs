@@ -382,6 +382,12 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         sp.uninspectable,
     );
     o.one(
+        "loupe_syns_on_live_connections_total",
+        "counter",
+        "SYNs on the ports of a live connection that the server answered with an ACK: the connection went on as it was.",
+        sp.syns_on_live,
+    );
+    o.one(
         "loupe_syns_normalised_total",
         "counter",
         "Client SYNs sent on without their data, FIN, URG or TCP Fast Open option.",

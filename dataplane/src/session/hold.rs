@@ -59,6 +59,10 @@ pub(super) struct Tracking {
     pub(super) key: FlowKey,
     /// When the SYN was seen.
     pub(super) opened: Instant,
+    /// The SYN came on the ports of a passed connection: what was decided
+    /// of it, should the server show that connection is still there (see
+    /// `Sessions::not_reopened`).
+    pub(super) passed_before: Option<Option<Box<Meta>>>,
 }
 
 impl Tracking {
@@ -167,6 +171,15 @@ impl Sessions {
             return Disposition::Forward;
         };
         t.templates[side.index()].get_or_insert_with(|| p.template(frame));
+        let f = p.segment.flags;
+        if dir_from(side, t.client) == Dir::Server
+            && t.tracker.awaiting_synack()
+            && f.ack
+            && !f.syn
+            && !f.rst
+        {
+            return self.not_reopened(id, side, frame, &p);
+        }
         let was_open = t.tracker.client_data_start().is_some();
         let track = t.tracker.on_segment(dir_from(side, t.client), &p.segment);
         // A frame that did not come as the handshake's did may not reach
@@ -442,6 +455,42 @@ impl Sessions {
         };
         self.decide(id, &opening, None, now);
         self.counters.count_decision(started.elapsed());
+        Disposition::Consumed
+    }
+
+    /// The server answered a SYN with an ACK, not a SYN-ACK: it holds an
+    /// established connection on these ports (RFC 5961 §4.2's challenge
+    /// ACK; or an ACK from TIME-WAIT), so the SYN opened nothing and the
+    /// flow is what it was. A SYN on the ports of a passed connection
+    /// takes it off the fast path to be decided afresh; one forged so
+    /// (an outside probe) left the connection to this handshake, which
+    /// none of its segments fit, and it hung. A connection the engine
+    /// passed goes back to the fast path as decided; one it does not know
+    /// (forgotten) is met as one seen mid-flow. A client that did open a
+    /// new connection answers the ACK with a RST and sends its SYN again.
+    fn not_reopened(&mut self, id: FlowId, side: Side, frame: &[u8], p: &Parsed) -> Disposition {
+        self.counters.syns_on_live += 1;
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return Disposition::Forward;
+        };
+        let key = t.key;
+        let entry = match t.passed_before.take() {
+            Some(meta) => {
+                self.ops.push(MapOp::Bypass(key));
+                Entry::Passthrough(meta)
+            }
+            None => self.mid_flow(side, frame, p),
+        };
+        let closed = matches!(entry, Entry::Closed);
+        if let Some(f) = self.flows.get_mut(&id) {
+            f.entry = entry;
+        }
+        if !closed {
+            return Disposition::Forward;
+        }
+        if let Some(back) = p.reset_back(frame, p.segment.payload.len()) {
+            self.out.push((side, back));
+        }
         Disposition::Consumed
     }
 

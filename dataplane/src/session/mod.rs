@@ -425,6 +425,7 @@ impl Sessions {
         // (TIME-WAIT at most, which may take a new SYN: RFC 9293
         // §3.10.7.4; a client that closed second reuses its port at once):
         // track it afresh.
+        let mut passed_before = None;
         if is_syn {
             let stale = self.flows.get(&id).is_some_and(|f| match &f.entry {
                 Entry::Passthrough(_) | Entry::Releasing(_) | Entry::Ended | Entry::Closed => true,
@@ -432,7 +433,7 @@ impl Sessions {
                 Entry::Tracking(_) => false,
             });
             if stale {
-                self.retire(id);
+                passed_before = self.retire(id);
             }
         }
         // Its SYN took the fast path (so the worker did not retire the
@@ -482,6 +483,9 @@ impl Sessions {
             );
             if let Some(r) = recorded {
                 self.replay(id, r, now);
+            }
+            if let Some(t) = tracking(&mut self.flows, id) {
+                t.passed_before = passed_before;
             }
         }
         let flow = self.flows.get_mut(&id).expect("inserted above");
@@ -558,16 +562,22 @@ impl Sessions {
             hold: None,
             key,
             opened,
+            passed_before: None,
         }))
     }
 
     /// Forgets a flow for a new connection on its ports; a finished
     /// split is accounted for as when its halves close.
-    fn retire(&mut self, id: FlowId) {
-        let Some(flow) = self.flows.remove(&id) else {
-            return;
-        };
+    /// Forgets the entry of `id`; if it was a passed connection, returns
+    /// what was decided of it.
+    fn retire(&mut self, id: FlowId) -> Option<Option<Box<Meta>>> {
+        let flow = self.flows.remove(&id)?;
         self.parked.remove(&id);
+        match flow.entry {
+            Entry::Passthrough(meta) => return Some(meta),
+            Entry::Releasing(r) => return Some(r.meta),
+            _ => {}
+        }
         if let Entry::Split {
             split, mut meta, ..
         } = flow.entry
@@ -584,6 +594,7 @@ impl Sessions {
             absorb(&mut self.counters, &split);
             self.ops.push(MapOp::Forget(meta.key));
         }
+        None
     }
 
     fn bad_frame(&mut self, e: SegmentError) -> Disposition {

@@ -1644,6 +1644,51 @@ fn a_held_connection_evicted_under_a_block_is_refused() {
     assert_eq!(pinned, forgotten, "{:?}", b.sp.ops);
 }
 
+/// A SYN on the ports of a passed connection (one forged by anyone who
+/// can spoof the client's address) takes it off the fast path to be
+/// decided afresh; the server, whose connection is established, answers
+/// with a challenge ACK, not a SYN-ACK. The connection goes back to the
+/// fast path as decided: it used to be left to the new handshake, which
+/// none of its segments fit, and hung (an outside probe). Without the
+/// pass on record (forgotten), it is met as one seen mid-flow.
+#[test]
+fn a_syn_on_a_passed_connections_ports_that_opens_nothing_changes_nothing() {
+    let mut b = Bench::new(bank_exempt());
+    let hello = client_hello("www.bank.example", &[]);
+    b.client_data(0, &hello);
+    let end = C_ISN + 1 + hello.len() as u32;
+    b.send(Dir::Server, &seg(S_ISN + 1, end, false, b""));
+    assert_eq!(on_fast_path(&b.sp), 1);
+    b.sent();
+    let forged = seg(77_777, 0, true, b"");
+    assert_eq!(b.send(Dir::Client, &forged), Disposition::Forward);
+    assert_eq!(b.sp.describe(&e_key()).unwrap().state, "handshake");
+    let challenge = seg(S_ISN + 1, end, false, b"");
+    assert_eq!(b.send(Dir::Server, &challenge), Disposition::Forward);
+    let d = b.sp.describe(&e_key()).unwrap();
+    assert_eq!(
+        (d.state.as_str(), d.action),
+        ("bypass", Some(Action::NoDecrypt))
+    );
+    assert_eq!((on_fast_path(&b.sp), b.sp.counters.syns_on_live), (2, 1));
+    // Its segments pass as before.
+    assert_eq!(
+        b.client_data(hello.len() as u32, b"more").0,
+        Disposition::Forward
+    );
+    assert!(b.sent().is_empty());
+
+    // Forgotten: the SYN finds nothing on record. The policy would split
+    // it, which it cannot mid-stream: both ends are reset.
+    let mut b = Bench::new(SessionSettings::default());
+    b.sp = Sessions::new(SessionSettings::default());
+    assert_eq!(b.send(Dir::Client, &forged), Disposition::Forward);
+    assert_eq!(b.send(Dir::Server, &challenge), Disposition::Consumed);
+    let out = b.sent();
+    assert_reset_both_ways(&out);
+    assert_eq!(b.sp.counters.uninspectable, 1);
+}
+
 /// Forged segments of connections nobody follows (each seen mid-flow,
 /// reset, kept as a tombstone) are the first to make room: a flood of
 /// them cannot push out a connection held for its decision, which an

@@ -154,6 +154,11 @@ impl Tracker {
     }
 
     /// The first sequence number of the client's data once established.
+    /// The client's SYN was seen, no SYN-ACK answering it yet.
+    pub fn awaiting_synack(&self) -> bool {
+        matches!(self.phase, Phase::Syn { .. })
+    }
+
     pub fn client_data_start(&self) -> Option<SeqNum> {
         match &self.phase {
             Phase::Hold(n) => Some(n.c_isn + 1),
