@@ -117,6 +117,11 @@ pub struct SplitCounters {
     /// with an ACK, not a SYN-ACK: the connection went on as it was.
     #[serde(default)]
     pub syns_on_live: u64,
+    /// Records of flows seen mid-stream and reset not written: more than
+    /// `MID_FLOW_RECORDS_PER_SEC` in a second (a flood of forged
+    /// segments).
+    #[serde(default)]
+    pub mid_flow_unlogged: u64,
     /// Entries forgotten to make room (oldest first; trackers, passed-
     /// through flows and tombstones, never live splits).
     #[serde(default)]
@@ -315,6 +320,7 @@ impl SplitCounters {
         self.table_full += o.table_full;
         self.uninspectable += o.uninspectable;
         self.syns_on_live += o.syns_on_live;
+        self.mid_flow_unlogged += o.mid_flow_unlogged;
         self.evicted += o.evicted;
         self.expired += o.expired;
         self.after_close += o.after_close;
@@ -753,7 +759,7 @@ impl StatsReport {
                  {} taken up from handshakes XDP recorded ({} records unusable, {} from before the policy); decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused ({} \
                  of them reset as not inspectable: seen mid-flow, evicted or no room, under \
-                 --mid-flow drop), {} SYNs on a live connection's ports it went on from, {}/{} \
+                 --mid-flow drop; {} of their records not written, over 100 a second), {} SYNs on a live connection's ports it went on from, {}/{} \
                  holds decided without a name on timeout/bound ({} of the timeouts missing \
                  the client's first bytes), {} ACKs of large ClientHellos, {} duplicate \
                  ACKs for missing first bytes, {} held segments the server would refuse dropped, \
@@ -790,6 +796,7 @@ impl StatsReport {
                 sp.policy_pass,
                 sp.refused,
                 sp.uninspectable,
+                sp.mid_flow_unlogged,
                 sp.syns_on_live,
                 sp.hold_timeouts,
                 sp.hold_overflows,

@@ -382,6 +382,12 @@ pub fn render(dp: Option<&StatsReport>, ctl: &ControlCounters) -> String {
         sp.uninspectable,
     );
     o.one(
+        "loupe_mid_flow_records_unwritten_total",
+        "counter",
+        "Records of flows seen mid-stream and reset not written: over 100 a second per worker (a flood of forged segments).",
+        sp.mid_flow_unlogged,
+    );
+    o.one(
         "loupe_syns_on_live_connections_total",
         "counter",
         "SYNs on the ports of a live connection that the server answered with an ACK: the connection went on as it was.",

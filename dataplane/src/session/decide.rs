@@ -136,7 +136,13 @@ impl Sessions {
     /// are reset from the segment that showed it (no hang until their
     /// timeouts): its receiver now, its sender as every sender of a later
     /// segment is, by the [`Entry::Closed`] this returns.
-    pub(super) fn mid_flow(&mut self, side: Side, frame: &[u8], parsed: &Parsed) -> Entry {
+    pub(super) fn mid_flow(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        parsed: &Parsed,
+        now: Instant,
+    ) -> Entry {
         let (key, d, fate) = self.unfollowed(parsed.key);
         let note = match fate {
             Unfollowed::Pass => {
@@ -174,14 +180,23 @@ impl Sessions {
             alpn: Vec::new(),
             key,
             conn: conn_id(),
-            opened: Instant::now(),
+            opened: now,
             policy_version: policy.version,
             held_bytes: 0,
             sni_malformed: None,
             note: Some(note),
             logged: true,
         };
-        self.log(&meta, (0, 0), "blocked");
+        let (since, n) = &mut self.mid_flow_records;
+        if now.saturating_duration_since(*since) >= Duration::from_secs(1) {
+            (*since, *n) = (now, 0);
+        }
+        if *n < MID_FLOW_RECORDS_PER_SEC {
+            *n += 1;
+            self.log(&meta, (0, 0), "blocked");
+        } else {
+            self.counters.mid_flow_unlogged += 1;
+        }
         Entry::Closed
     }
 

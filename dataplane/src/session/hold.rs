@@ -178,7 +178,7 @@ impl Sessions {
             && !f.syn
             && !f.rst
         {
-            return self.not_reopened(id, side, frame, &p);
+            return self.not_reopened(id, side, frame, &p, now);
         }
         let was_open = t.tracker.client_data_start().is_some();
         let track = t.tracker.on_segment(dir_from(side, t.client), &p.segment);
@@ -468,7 +468,14 @@ impl Sessions {
     /// passed goes back to the fast path as decided; one it does not know
     /// (forgotten) is met as one seen mid-flow. A client that did open a
     /// new connection answers the ACK with a RST and sends its SYN again.
-    fn not_reopened(&mut self, id: FlowId, side: Side, frame: &[u8], p: &Parsed) -> Disposition {
+    fn not_reopened(
+        &mut self,
+        id: FlowId,
+        side: Side,
+        frame: &[u8],
+        p: &Parsed,
+        now: Instant,
+    ) -> Disposition {
         self.counters.syns_on_live += 1;
         let Some(t) = tracking(&mut self.flows, id) else {
             return Disposition::Forward;
@@ -479,7 +486,7 @@ impl Sessions {
                 self.ops.push(MapOp::Bypass(key));
                 Entry::Passthrough(meta)
             }
-            None => self.mid_flow(side, frame, p),
+            None => self.mid_flow(side, frame, p, now),
         };
         let closed = matches!(entry, Entry::Closed);
         if let Some(f) = self.flows.get_mut(&id) {

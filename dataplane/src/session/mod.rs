@@ -153,6 +153,12 @@ impl std::str::FromStr for MidFlow {
     }
 }
 
+/// Records of flows seen mid-stream a worker writes a second, at most:
+/// past that (a flood of forged segments, each a flow of its own), they
+/// are counted (`mid_flow_unlogged`), not written, so a flood cannot
+/// rotate the decisions out of the flow log.
+pub const MID_FLOW_RECORDS_PER_SEC: u32 = 100;
+
 /// A half's buffers to begin with (each way), before autotuning.
 pub const BUFFER_INITIAL: usize = 128 << 10;
 
@@ -339,6 +345,9 @@ pub struct Sessions {
     /// recorded before then ran on without them (its first bytes may be
     /// through already) and is met as one already running.
     created: Instant,
+    /// Records of flows seen mid-stream in the current second: when it
+    /// began, how many (see [`MID_FLOW_RECORDS_PER_SEC`]).
+    mid_flow_records: (Instant, u32),
     pub counters: SplitCounters,
 }
 
@@ -368,6 +377,7 @@ impl Sessions {
             batch_spare: Vec::new(),
             stopping: false,
             created: Instant::now(),
+            mid_flow_records: (Instant::now(), 0),
             counters: SplitCounters::default(),
         }
     }
@@ -465,7 +475,7 @@ impl Sessions {
                 // flood of forged ones must not fill the table or the log).
                 return Disposition::Forward;
             } else {
-                self.mid_flow(side, frame, &parsed)
+                self.mid_flow(side, frame, &parsed, now)
             };
             // Among the first to make room: a handshake not yet through
             // (moved on once it is), or a flow seen mid-stream, passed or

@@ -1692,7 +1692,8 @@ fn a_syn_on_a_passed_connections_ports_that_opens_nothing_changes_nothing() {
 /// Forged segments of connections nobody follows (each seen mid-flow,
 /// reset, kept as a tombstone) are the first to make room: a flood of
 /// them cannot push out a connection held for its decision, which an
-/// outside probe managed (the held connection was then reset).
+/// outside probe managed (the held connection was then reset), nor write
+/// more than a hundred records a second.
 #[test]
 fn forged_mid_flow_segments_make_room_before_a_held_connection() {
     let mut b = Bench::new(SessionSettings {
@@ -1710,6 +1711,16 @@ fn forged_mid_flow_segments_make_room_before_a_held_connection() {
     }
     assert_eq!(b.sp.counters.evicted, 98);
     assert_eq!(b.sp.describe(&e_key()).expect("kept").state, "holding");
+    // Nor fill the flow log: a hundred records a second, the rest counted.
+    assert_eq!(b.sp.events.len(), MID_FLOW_RECORDS_PER_SEC as usize);
+    assert_eq!(b.sp.counters.mid_flow_unlogged, 0);
+    let forged = Peers::on_port(41100).frame(Dir::Client, &seg(7, 9, false, b"x"));
+    b.sp.on_frame(Side::Inside, &forged, b.now);
+    assert_eq!(b.sp.counters.mid_flow_unlogged, 1);
+    let later = b.now + Duration::from_secs(1);
+    let forged = Peers::on_port(41101).frame(Dir::Client, &seg(7, 9, false, b"x"));
+    b.sp.on_frame(Side::Inside, &forged, later);
+    assert_eq!(b.sp.events.len(), MID_FLOW_RECORDS_PER_SEC as usize + 1);
     b.sent();
     b.client_data(100, &hello[100..]);
     assert_eq!(b.sp.counters.split, 1, "decided on its name");
