@@ -126,7 +126,8 @@ pub struct SplitCounters {
     /// through flows and tombstones, never live splits).
     #[serde(default)]
     pub evicted: u64,
-    /// Trackers and pass-through entries forgotten after idling.
+    /// Trackers and tombstones forgotten after idling (passed connections
+    /// are kept until room is needed: the fast path carries them).
     pub expired: u64,
     /// Segments of split connections that had already ended, dropped.
     pub after_close: u64,

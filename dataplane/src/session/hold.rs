@@ -476,18 +476,11 @@ impl Sessions {
         p: &Parsed,
         now: Instant,
     ) -> Disposition {
-        self.counters.syns_on_live += 1;
-        let Some(t) = tracking(&mut self.flows, id) else {
+        if self.restore_pass(id) {
             return Disposition::Forward;
-        };
-        let key = t.key;
-        let entry = match t.passed_before.take() {
-            Some(meta) => {
-                self.ops.push(MapOp::Bypass(key));
-                Entry::Passthrough(meta)
-            }
-            None => self.mid_flow(side, frame, p, now),
-        };
+        }
+        self.counters.syns_on_live += 1;
+        let entry = self.mid_flow(side, frame, p, now);
         let closed = matches!(entry, Entry::Closed);
         if let Some(f) = self.flows.get_mut(&id) {
             f.entry = entry;
@@ -499,6 +492,25 @@ impl Sessions {
             self.out.push((side, back));
         }
         Disposition::Consumed
+    }
+
+    /// A tracker begun by a SYN on the ports of a passed connection goes
+    /// back to being that connection, on the fast path as decided (the
+    /// SYN opened nothing; see `Sessions::not_reopened`). False if the
+    /// ports had no passed connection on record.
+    pub(super) fn restore_pass(&mut self, id: FlowId) -> bool {
+        let Some(t) = tracking(&mut self.flows, id) else {
+            return false;
+        };
+        let Some(meta) = t.passed_before.take() else {
+            return false;
+        };
+        self.counters.syns_on_live += 1;
+        self.ops.push(MapOp::Bypass(t.key));
+        if let Some(f) = self.flows.get_mut(&id) {
+            f.entry = Entry::Passthrough(meta);
+        }
+        true
     }
 
     /// A RST while the client's bytes are held. One its receiver would

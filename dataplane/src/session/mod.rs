@@ -74,7 +74,8 @@ use crate::{
 pub struct SessionSettings {
     /// Trackers and split connections per worker, at most.
     pub max_flows: usize,
-    /// Trackers and pass-through entries idle this long are forgotten.
+    /// Trackers idle this long are forgotten (passed connections are
+    /// kept until room is needed: the fast path carries their frames).
     pub idle: Duration,
     /// Client bytes held for a decision, at most; beyond, the connection is
     /// released unchanged.
@@ -152,6 +153,13 @@ impl std::str::FromStr for MidFlow {
         }
     }
 }
+
+/// How long a SYN on the ports of a passed connection may go without a
+/// SYN-ACK before the connection is passed again as it was: the server
+/// may never answer it (dropped on the way or by a firewall, or its
+/// challenge ACK held back by rate limiting, RFC 5961 §7), and meanwhile
+/// none of the old connection's segments fit the new handshake.
+pub(crate) const SYN_UNANSWERED: Duration = Duration::from_secs(1);
 
 /// Records of flows seen mid-stream a worker writes a second, at most:
 /// past that (a flood of forged segments, each a flow of its own), they
@@ -495,6 +503,9 @@ impl Sessions {
                 self.replay(id, r, now);
             }
             if let Some(t) = tracking(&mut self.flows, id) {
+                if passed_before.is_some() {
+                    self.timers.push(Reverse((now + SYN_UNANSWERED, id)));
+                }
                 t.passed_before = passed_before;
             }
         }
@@ -771,6 +782,15 @@ impl Sessions {
                         self.counters.hold_timeouts_start_missing += 1;
                     }
                     self.undecided(id, NoDecision::Timeout, now);
+                }
+                Some(Flow {
+                    entry: Entry::Tracking(t),
+                    ..
+                }) if t.passed_before.is_some()
+                    && t.tracker.awaiting_synack()
+                    && t.opened + SYN_UNANSWERED == at =>
+                {
+                    self.restore_pass(id);
                 }
                 _ => {}
             }

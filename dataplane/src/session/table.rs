@@ -18,8 +18,9 @@ pub(super) fn evictable(flows: &HashMap<FlowId, Flow>, id: FlowId, since: u64) -
 }
 
 impl Sessions {
-    /// Forgets trackers and pass-through entries idle longer than the idle
-    /// timeout (split connections end through their own timers).
+    /// Forgets trackers idle longer than the idle timeout, and ended
+    /// connections' tombstones sooner (split connections end through their
+    /// own timers; passed ones are kept until room is needed).
     pub fn expire(&mut self, now: Instant) {
         let idle = self.settings.idle;
         let before = self.flows.len();
@@ -38,6 +39,19 @@ impl Sessions {
             }
             Entry::Ended | Entry::Closed => {
                 now.duration_since(f.last_seen) < idle.min(Duration::from_secs(60))
+            }
+            // On the XDP fast path a passed connection sends the worker
+            // nothing, however busy: idle here says nothing of it. Kept
+            // (without its listing) until room is needed, so that a SYN
+            // forged on its ports finds it passed (see
+            // `Sessions::not_reopened`): forgotten, it would be met as a
+            // flow seen mid-stream and, where the policy would inspect it
+            // without its name, reset (an outside probe).
+            Entry::Passthrough(meta) => {
+                if now.duration_since(f.last_seen) >= idle {
+                    *meta = None;
+                }
+                true
             }
             _ => now.duration_since(f.last_seen) < idle,
         });

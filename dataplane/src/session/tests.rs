@@ -1677,6 +1677,27 @@ fn a_syn_on_a_passed_connections_ports_that_opens_nothing_changes_nothing() {
         Disposition::Forward
     );
     assert!(b.sent().is_empty());
+    // Idle here (on the fast path it may be busy), it is still known: a
+    // later forged SYN the server answers with an ACK changes nothing
+    // either, where forgotten it was reset (an outside probe).
+    let idle = SessionSettings::default().idle;
+    b.now += idle * 2;
+    b.sp.expire(b.now);
+    assert_eq!(b.sp.describe(&e_key()).unwrap().state, "bypass");
+    assert_eq!(b.send(Dir::Client, &forged), Disposition::Forward);
+    assert_eq!(b.send(Dir::Server, &challenge), Disposition::Forward);
+    assert_eq!(b.sp.counters.syns_on_live, 2);
+    // A SYN the server never answers (dropped on the way, or its challenge
+    // ACK held back by rate limiting): the connection is passed again
+    // after a second.
+    assert_eq!(b.send(Dir::Client, &forged), Disposition::Forward);
+    assert_eq!(b.sp.describe(&e_key()).unwrap().state, "handshake");
+    b.sp.on_timers(b.now + SYN_UNANSWERED / 2);
+    assert_eq!(b.sp.describe(&e_key()).unwrap().state, "handshake");
+    b.sp.on_timers(b.now + SYN_UNANSWERED);
+    assert_eq!(b.sp.describe(&e_key()).unwrap().state, "bypass");
+    assert_eq!((on_fast_path(&b.sp), b.sp.counters.syns_on_live), (4, 3));
+    assert!(b.sent().is_empty());
 
     // Forgotten: the SYN finds nothing on record. The policy would split
     // it, which it cannot mid-stream: both ends are reset.
