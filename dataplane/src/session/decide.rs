@@ -200,6 +200,20 @@ impl Sessions {
         Entry::Closed
     }
 
+    /// The sender of a segment of a connection nobody holds state for is
+    /// answered as a closed port answers: a RST back (none for a RST).
+    pub(super) fn reset_sender(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        parsed: &Parsed,
+        payload_len: usize,
+    ) {
+        if let Some(back) = parsed.reset_back(frame, payload_len) {
+            self.out.push((side, back));
+        }
+    }
+
     /// The receiver of a segment of a connection nobody holds state for
     /// is reset (and probed, should the RST miss).
     fn reset_receiver(&mut self, side: Side, frame: &[u8], parsed: &Parsed) {
@@ -241,9 +255,7 @@ impl Sessions {
             }
         }
         if !is_syn {
-            if let Some(back) = parsed.reset_back(frame, payload_len) {
-                self.out.push((side, back));
-            }
+            self.reset_sender(side, frame, parsed, payload_len);
             self.reset_receiver(side, frame, parsed);
         }
         Disposition::Consumed

@@ -488,9 +488,7 @@ impl Sessions {
         if !closed {
             return Disposition::Forward;
         }
-        if let Some(back) = p.reset_back(frame, p.segment.payload.len()) {
-            self.out.push((side, back));
-        }
+        self.reset_sender(side, frame, p, p.segment.payload.len());
         Disposition::Consumed
     }
 

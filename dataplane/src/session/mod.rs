@@ -539,9 +539,7 @@ impl Sessions {
             }
             Entry::Closed => {
                 self.counters.after_close += 1;
-                if let Some(back) = parsed.reset_back(frame, payload.len()) {
-                    self.out.push((side, back));
-                }
+                self.reset_sender(side, frame, &parsed, payload.len());
                 return Disposition::Consumed;
             }
             Entry::Tracking(_) => None,
