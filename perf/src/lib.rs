@@ -7,6 +7,7 @@ pub mod wire_delay;
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use hdrhistogram::Histogram;
 use loupe_hsm::{mech::SignMech, token::Token};
 use loupe_tests::{
@@ -175,6 +176,33 @@ pub fn raw_on(
             .sum()
     });
     Ok((total as f64 / start.elapsed().as_secs_f64(), hist))
+}
+
+/// Seconds CPU `cpu` has spent busy (not idle, not waiting on I/O) since
+/// boot, from /proc/stat: in the fair shape the path's CPU runs the path
+/// alone, so its busy time over a measurement is what the path cost,
+/// softirq work included (a per-process figure would miss that).
+pub fn cpu_busy_seconds(cpu: usize) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+        .with_context(|| format!("/proc/stat has no {name}"))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("/proc/stat: {line}"))?;
+    anyhow::ensure!(ticks.len() >= 7, "/proc/stat: {line}");
+    // user nice system idle iowait irq softirq (then steal, the
+    // hypervisor's, not the path's; guest time is counted in user).
+    let busy: u64 = [0, 1, 2, 5, 6].iter().map(|&i| ticks[i]).sum();
+    // SAFETY: sysconf reads a constant of the running system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    anyhow::ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
+    Ok(busy as f64 / hz as f64)
 }
 
 /// The CPUs of the fair shape: the path's, and the endpoints'.

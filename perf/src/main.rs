@@ -47,6 +47,10 @@ struct Args {
     /// Only these paths (comma-separated).
     #[arg(long)]
     paths: Option<String>,
+    /// Only these workloads (comma-separated FRAMES:FLOWS, e.g. `mtu:1,mtu:8`;
+    /// FRAMES is `mtu` or `small`).
+    #[arg(long)]
+    workloads: Option<String>,
     /// Instead of throughput: the engine's memory per established split
     /// connection, with this many idle connections open.
     #[arg(long)]
@@ -156,6 +160,10 @@ struct Sample {
     gbit_per_s: f64,
     mpps: f64,
     retransmits: u64,
+    /// In the fair shape: the path's CPU busy time per Gbit carried, ms
+    /// (what the path costs; its throughput also depends on the
+    /// endpoints' CPU, which this does not).
+    path_cpu_ms_per_gbit: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -163,9 +171,21 @@ struct Result {
     path: Path,
     workload: Workload,
     samples: Vec<Sample>,
-    median_gbit_per_s: f64,
-    median_mpps: f64,
+    /// None (null in the JSON) when the workload failed: never a zero.
+    median_gbit_per_s: Option<f64>,
+    median_mpps: Option<f64>,
+    /// The fair shape's path CPU per Gbit, ms (median).
+    median_path_cpu_ms_per_gbit: Option<f64>,
+    /// Attempts that failed, with why; each sample gets [`ATTEMPTS`].
+    failed_attempts: Vec<String>,
+    /// Why the workload has no figure: a sample failed every attempt.
+    failed: Option<String>,
 }
+
+/// Tries per sample: one iperf3 run that fails (on a loaded 2-core
+/// machine a relay's data connection is sometimes reset) is run again and
+/// recorded; a sample that fails every try fails its workload.
+const ATTEMPTS: usize = 3;
 
 #[derive(Debug, Serialize)]
 struct Report {
@@ -218,12 +238,19 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
         args.extend(["-M".into(), mss.to_string()]);
     }
     let before = tx_packets(h)?;
+    let busy_before = shape
+        .map(|s| loupe_perf::cpu_busy_seconds(s.path_cpu))
+        .transpose()?;
     let start = Instant::now();
     let out = Shape::endpoint(shape, &h.client, "iperf3")
         .args(&args)
         .output()?;
     let elapsed = start.elapsed().as_secs_f64();
     let after = tx_packets(h)?;
+    let busy = match (shape, busy_before) {
+        (Some(s), Some(b)) => Some(loupe_perf::cpu_busy_seconds(s.path_cpu)? - b),
+        _ => None,
+    };
     if !out.status.success() {
         bail!(
             "iperf3 {args:?} failed: {}{}",
@@ -232,16 +259,45 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
         );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    // iperf3 -J exits 0 with an "error" member when a test stops early
+    // (e.g. a data connection reset): say what it said.
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3 {args:?} reported: {e}");
+    }
     let end = &v["end"];
     let bps = end["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 JSON lacks end.sum_received")?;
     let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    // iperf3's bits over its own test time; the CPU was read around the
+    // whole run (its connection setup too), a little more than that.
+    let gbit = bps / 1e9 * f64::from(seconds);
     Ok(Sample {
         gbit_per_s: bps / 1e9,
         mpps: (after - before) as f64 / elapsed / 1e6,
         retransmits,
+        path_cpu_ms_per_gbit: busy.filter(|_| gbit > 0.0).map(|b| b * 1e3 / gbit),
     })
+}
+
+/// The workloads `--workloads` names, in their usual order (all without it).
+fn workloads(args: &Args) -> anyhow::Result<Vec<Workload>> {
+    let Some(list) = &args.workloads else {
+        return Ok(WORKLOADS.to_vec());
+    };
+    let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
+    for name in &wanted {
+        anyhow::ensure!(
+            WORKLOADS
+                .iter()
+                .any(|w| format!("{}:{}", w.frames, w.flows) == *name),
+            "unknown workload {name} (known: mtu:1, mtu:8, mtu:100, small:1, small:8)"
+        );
+    }
+    Ok(WORKLOADS
+        .into_iter()
+        .filter(|w| wanted.contains(&format!("{}:{}", w.frames, w.flows).as_str()))
+        .collect())
 }
 
 fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Result<()> {
@@ -295,26 +351,62 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
         s.apply(&h, &pids)?;
     }
     let _server = iperf_server(&h, shape)?;
-    for w in WORKLOADS {
+    for w in workloads(args)? {
         let mut samples = Vec::new();
-        for _ in 0..args.repeat {
-            samples.push(measure(&h, w, args.seconds, shape)?);
+        let mut failed_attempts = Vec::new();
+        let mut failed = None;
+        'samples: for _ in 0..args.repeat {
+            for _ in 0..ATTEMPTS {
+                match measure(&h, w, args.seconds, shape) {
+                    Ok(s) => {
+                        samples.push(s);
+                        continue 'samples;
+                    }
+                    Err(e) => {
+                        eprintln!("  {} {} x{}: {e:#}", path.label(), w.frames, w.flows);
+                        failed_attempts.push(format!("{e:#}"));
+                    }
+                }
+            }
+            failed = failed_attempts.last().cloned();
+            break;
         }
+        let ok = failed.is_none();
         let r = Result {
             path,
             workload: w,
-            median_gbit_per_s: median(samples.iter().map(|s| s.gbit_per_s).collect()),
-            median_mpps: median(samples.iter().map(|s| s.mpps).collect()),
+            median_gbit_per_s: ok.then(|| median(samples.iter().map(|s| s.gbit_per_s).collect())),
+            median_mpps: ok.then(|| median(samples.iter().map(|s| s.mpps).collect())),
+            median_path_cpu_ms_per_gbit: samples
+                .iter()
+                .map(|s| s.path_cpu_ms_per_gbit)
+                .collect::<Option<Vec<f64>>>()
+                .filter(|v| ok && !v.is_empty())
+                .map(median),
             samples,
+            failed_attempts,
+            failed,
         };
-        eprintln!(
-            "  {:<20} {:<5} x{:<3} {:>7.2} Gbit/s {:>7.3} Mpps",
-            path.label(),
-            w.frames,
-            w.flows,
-            r.median_gbit_per_s,
-            r.median_mpps
-        );
+        if let (Some(gbit), Some(mpps)) = (r.median_gbit_per_s, r.median_mpps) {
+            eprintln!(
+                "  {:<20} {:<5} x{:<3} {:>7.2} Gbit/s {:>7.3} Mpps{}",
+                path.label(),
+                w.frames,
+                w.flows,
+                gbit,
+                mpps,
+                r.median_path_cpu_ms_per_gbit
+                    .map(|c| format!(" {c:>6.0} ms CPU 0 per Gbit"))
+                    .unwrap_or_default()
+            );
+        } else {
+            eprintln!(
+                "  {:<20} {:<5} x{:<3} FAILED",
+                path.label(),
+                w.frames,
+                w.flows
+            );
+        }
         results.push(r);
     }
     if relay.is_some() {
@@ -625,7 +717,7 @@ fn main() -> anyhow::Result<()> {
     // Table with ratios against the bridge with offloads off and against
     // the kernel relay (same run).
     println!(
-        "\n{} shape, MTU {}\n{:<20} {:<6} {:>5} {:>10} {:>9} {:>13} {:>9}",
+        "\n{} shape, MTU {}\n{:<20} {:<6} {:>5} {:>10} {:>9} {:>13} {:>9} {:>16}",
         if args.per_core {
             "per-core (path on CPU 0, endpoints on the last CPU)"
         } else {
@@ -638,7 +730,8 @@ fn main() -> anyhow::Result<()> {
         "Gbit/s",
         "Mpps",
         "vs bridge-off",
-        "vs relay"
+        "vs relay",
+        "CPU 0 ms/Gbit"
     );
     let ratio = |r: &Result, to: Path| {
         report
@@ -649,22 +742,56 @@ fn main() -> anyhow::Result<()> {
                     && b.workload.frames == r.workload.frames
                     && b.workload.flows == r.workload.flows
             })
-            .filter(|b| b.median_gbit_per_s > 0.0)
-            .map(|b| format!("{:.2}x", r.median_gbit_per_s / b.median_gbit_per_s))
+            .and_then(|b| b.median_gbit_per_s.filter(|g| *g > 0.0))
+            .zip(r.median_gbit_per_s)
+            .map(|(peer, ours)| format!("{:.2}x", ours / peer))
             .unwrap_or_else(|| "-".into())
     };
     for r in &report.results {
+        let (Some(gbit), Some(mpps)) = (r.median_gbit_per_s, r.median_mpps) else {
+            println!(
+                "{:<20} {:<6} {:>5} {:>10}",
+                r.path.label(),
+                r.workload.frames,
+                r.workload.flows,
+                "FAILED"
+            );
+            continue;
+        };
         println!(
-            "{:<20} {:<6} {:>5} {:>10.2} {:>9.3} {:>13} {:>9}",
+            "{:<20} {:<6} {:>5} {:>10.2} {:>9.3} {:>13} {:>9} {:>16}",
             r.path.label(),
             r.workload.frames,
             r.workload.flows,
-            r.median_gbit_per_s,
-            r.median_mpps,
+            gbit,
+            mpps,
             ratio(r, Path::BridgeOffloadOff),
-            ratio(r, Path::KernelRelay)
+            ratio(r, Path::KernelRelay),
+            r.median_path_cpu_ms_per_gbit
+                .map(|c| format!("{c:.0}"))
+                .unwrap_or_else(|| "-".into())
         );
     }
     println!("\nJSON: {}", written.display());
+    let failed: Vec<String> = report
+        .results
+        .iter()
+        .filter_map(|r| {
+            r.failed.as_ref().map(|e| {
+                format!(
+                    "{} {} x{}: {e}",
+                    r.path.label(),
+                    r.workload.frames,
+                    r.workload.flows
+                )
+            })
+        })
+        .collect();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} workload(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
     Ok(())
 }
