@@ -421,7 +421,13 @@ impl Worker {
         for side in [Side::Inside, Side::Outside] {
             let n = self.port.recv(side, rx);
             work += n;
-            for desc in &rx[..n] {
+            if let Some(first) = rx[..n].first() {
+                self.port.prefetch(first);
+            }
+            for (i, desc) in rx[..n].iter().enumerate() {
+                if let Some(next) = rx[..n].get(i + 1) {
+                    self.port.prefetch(next);
+                }
                 self.on_desc(side, *desc, now, now_ms);
             }
         }
