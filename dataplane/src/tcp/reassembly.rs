@@ -6,8 +6,11 @@
 //! inspector and the endpoint reassemble differently, RFC 9293 leaves the
 //! choice open); here the conflict is counted and the first value is what
 //! both the inspector and the far side see, so they cannot disagree. Bytes
-//! already delivered are remembered for a while (`history`) so overlaps with
-//! them are checked too.
+//! already delivered are remembered for a while (the history) so overlaps
+//! with them are checked too. The history is the tail of the same queue the
+//! reader takes from (bytes read stay until the history no longer needs
+//! them): each delivered byte is copied in once, not once for the reader
+//! and again for the history.
 //!
 //! Memory is bounded by `capacity`: delivered-but-unread bytes plus the span
 //! of the out-of-order queue never exceed it, and [`Reassembler::window`]
@@ -46,8 +49,12 @@ pub struct Reassembler {
     next: SeqNum,
     /// Stream offset of `next` (bytes delivered so far, never wraps).
     delivered: u64,
-    /// In-order bytes waiting for the reader.
-    ready: VecDeque<u8>,
+    /// The last delivered bytes: the `unread` newest wait for the reader,
+    /// the `remembered` newest (read or not) are the history checked
+    /// against retransmissions; older ones are dropped.
+    kept: VecDeque<u8>,
+    unread: usize,
+    remembered: usize,
     /// Out-of-order bytes by stream offset; ranges never overlap or touch
     /// `delivered`.
     held: BTreeMap<u64, Vec<u8>>,
@@ -58,8 +65,7 @@ pub struct Reassembler {
     /// Where the last few out-of-order segments landed (stream offsets,
     /// most recent first), so that SACKs report the newest blocks first.
     recent: VecDeque<u64>,
-    /// The last delivered bytes, for checking retransmissions.
-    history: VecDeque<u8>,
+    /// The most bytes `remembered` grows to.
     history_cap: usize,
     capacity: usize,
 }
@@ -70,12 +76,13 @@ impl Reassembler {
         Reassembler {
             next,
             delivered: 0,
-            ready: VecDeque::new(),
+            kept: VecDeque::new(),
+            unread: 0,
+            remembered: 0,
             held: BTreeMap::new(),
             held_bytes: 0,
             blocks: BTreeMap::new(),
             recent: VecDeque::new(),
-            history: VecDeque::new(),
             history_cap: history,
             capacity,
         }
@@ -96,7 +103,7 @@ impl Reassembler {
 
     /// The receive window to advertise: room left after unread bytes.
     pub fn window(&self) -> u32 {
-        self.capacity.saturating_sub(self.ready.len()) as u32
+        self.capacity.saturating_sub(self.unread) as u32
     }
 
     /// The most unread and out-of-order bytes it holds.
@@ -116,7 +123,7 @@ impl Reassembler {
         let held_span = self.held.last_key_value().map_or(0, |(&off, data)| {
             (off + data.len() as u64 - self.delivered) as usize
         });
-        self.capacity = capacity.max(self.ready.len() + held_span);
+        self.capacity = capacity.max(self.unread + held_span);
     }
 
     /// Bytes delivered in order so far.
@@ -128,17 +135,27 @@ impl Reassembler {
     /// (a retransmission of those bytes is then dropped as outside, never
     /// delivered; only its conflict goes uncounted).
     pub fn trim(&mut self) {
-        self.history = VecDeque::new();
-        if self.ready.is_empty() {
-            self.ready = VecDeque::new();
+        self.remembered = 0;
+        self.forget();
+        if self.kept.is_empty() {
+            self.kept = VecDeque::new();
         } else {
-            self.ready.shrink_to_fit();
+            self.kept.shrink_to_fit();
         }
+    }
+
+    /// Drops the kept bytes neither the reader nor the history needs.
+    fn forget(&mut self) {
+        let excess = self
+            .kept
+            .len()
+            .saturating_sub(self.unread.max(self.remembered));
+        self.kept.drain(..excess);
     }
 
     /// Unread in-order bytes.
     pub fn readable(&self) -> usize {
-        self.ready.len()
+        self.unread
     }
 
     /// Bytes held out of order.
@@ -148,7 +165,7 @@ impl Reassembler {
 
     /// Takes up to `max` in-order bytes.
     pub fn read(&mut self, max: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(max.min(self.ready.len()));
+        let mut out = Vec::with_capacity(max.min(self.unread));
         self.read_with(max, &mut |chunk| out.extend_from_slice(chunk));
         out
     }
@@ -157,16 +174,24 @@ impl Reassembler {
     /// or two slices, no copy of its own, then an O(1) drain of plain
     /// bytes); returns how many.
     pub fn read_with(&mut self, max: usize, sink: &mut dyn FnMut(&[u8])) -> usize {
-        let n = max.min(self.ready.len());
-        let (a, b) = self.ready.as_slices();
-        let first = n.min(a.len());
-        if first > 0 {
-            sink(&a[..first]);
+        let n = max.min(self.unread);
+        let from = self.kept.len() - self.unread;
+        let (a, b) = self.kept.as_slices();
+        // [from, from + n) of a then b.
+        let (a, b) = if from >= a.len() {
+            (&b[from - a.len()..from - a.len() + n], &b[..0])
+        } else {
+            let first = n.min(a.len() - from);
+            (&a[from..from + first], &b[..n - first])
+        };
+        if !a.is_empty() {
+            sink(a);
         }
-        if n > first {
-            sink(&b[..n - first]);
+        if !b.is_empty() {
+            sink(b);
         }
-        self.ready.drain(..n);
+        self.unread -= n;
+        self.forget();
         n
     }
 
@@ -226,7 +251,7 @@ impl Reassembler {
         let rel = i64::from(seq.since(self.next));
         let start = self.delivered as i64 + rel;
         let end = start + data.len() as i64;
-        let lowest = self.delivered as i64 - self.history.len() as i64;
+        let lowest = self.delivered as i64 - self.remembered as i64;
         let limit = (self.delivered + self.window() as u64) as i64;
 
         let mut from = start;
@@ -248,8 +273,8 @@ impl Reassembler {
         let delivered = self.delivered as i64;
         let mut off = from;
         while off < to.min(delivered) {
-            let h = self.history.len() as i64 - (delivered - off);
-            if self.history[h as usize] == byte(off) {
+            let h = self.kept.len() as i64 - (delivered - off);
+            if self.kept[h as usize] == byte(off) {
                 r.duplicate += 1;
             } else {
                 r.conflict += 1;
@@ -382,16 +407,12 @@ impl Reassembler {
     fn advance(&mut self, bytes: &[u8]) {
         self.delivered += bytes.len() as u64;
         self.next = self.next + bytes.len() as u32;
-        if self.history_cap > 0 {
-            // By slice, not by byte: VecDeque copies a slice in at most
-            // two memcpys, where an iterator of bytes is written one by one.
-            // Only what can stay: the last `history_cap` bytes.
-            let skip = bytes.len().saturating_sub(self.history_cap);
-            self.history.extend(&bytes[skip..]);
-            let excess = self.history.len().saturating_sub(self.history_cap);
-            self.history.drain(..excess);
-        }
-        self.ready.extend(bytes);
+        // By slice, not by byte: VecDeque copies a slice in at most two
+        // memcpys, where an iterator of bytes is written one by one.
+        self.kept.extend(bytes);
+        self.unread += bytes.len();
+        self.remembered = (self.remembered + bytes.len()).min(self.history_cap);
+        self.forget();
     }
 }
 
@@ -557,6 +578,45 @@ mod tests {
         // History keeps only the last 2 delivered bytes.
         let ins = seg(&mut r, isn, 0, b"abcdefgh");
         assert_eq!((ins.outside, ins.duplicate), (6, 2));
+    }
+
+    proptest! {
+        /// The history is the tail of the reader's queue: whatever was
+        /// read, the last `cap` delivered bytes (and no older ones) are
+        /// checked against a retransmission, and the queue keeps no more
+        /// than the unread bytes or the history, whichever is more.
+        #[test]
+        fn the_history_outlives_reads_by_exactly_its_size(
+            cap in 0usize..300,
+            steps in proptest::collection::vec((1usize..200, 0usize..250), 1..40),
+        ) {
+            let isn = SeqNum(u32::MAX - 1000);
+            let mut r = Reassembler::new(isn, 1 << 20, cap);
+            let mut stream = Vec::new();
+            let mut read = Vec::new();
+            for (i, (put, take)) in steps.into_iter().enumerate() {
+                let chunk: Vec<u8> = (0..put).map(|j| (i * 7 + j) as u8).collect();
+                prop_assert_eq!(seg(&mut r, isn, stream.len() as u32, &chunk).new, put);
+                stream.extend_from_slice(&chunk);
+                read.extend(r.read(take));
+                prop_assert!(r.kept.len() <= r.readable().max(cap));
+                prop_assert_eq!(r.readable(), stream.len() - read.len());
+            }
+            // A retransmission of everything, one byte changed in the
+            // oldest remembered position (when there is one).
+            let remembered = cap.min(stream.len());
+            let mut again = stream.clone();
+            let first = stream.len() - remembered;
+            if remembered > 0 {
+                again[first] ^= 0xff;
+            }
+            let ins = seg(&mut r, isn, 0, &again);
+            prop_assert_eq!(ins.outside, first);
+            prop_assert_eq!(ins.conflict, usize::from(remembered > 0));
+            prop_assert_eq!(ins.duplicate, remembered.saturating_sub(1));
+            read.extend(r.read(usize::MAX));
+            prop_assert_eq!(read, stream);
+        }
     }
 
     /// The reference: every stream position holds its first value.
