@@ -347,12 +347,20 @@ impl QueuePort {
     /// frame before. A hint only: it changes no memory and never faults.
     pub fn prefetch(&self, desc: &FrameDesc) {
         #[cfg(target_arch = "x86_64")]
-        for line in self.data(desc).chunks(64) {
+        {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            // SAFETY: SSE, the feature the intrinsic needs, is part of
-            // every x86_64 CPU; a prefetch reads nothing into the program
-            // and does not fault, and the address is in a live frame.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+            let data = self.data(desc);
+            // By cache line, from the line the frame starts in (it starts
+            // after the UMEM headroom, rarely on a line boundary) to the
+            // one it ends in.
+            let skew = data.as_ptr() as usize % 64;
+            let first = data.as_ptr().wrapping_sub(skew);
+            for line in 0..(skew + data.len()).div_ceil(64) {
+                // SAFETY: SSE, the feature the intrinsic needs, is part of
+                // every x86_64 CPU; a prefetch reads nothing into the
+                // program and does not fault whatever the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(line * 64).cast()) };
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = desc;
