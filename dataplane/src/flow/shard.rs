@@ -3,16 +3,32 @@
 //! in a canonical order. The hash is keyed per process (SipHash with random
 //! keys) so a hostile sender cannot aim every flow at one worker.
 
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 
 use loupe_common::{Addr, FlowKey};
 
 /// A flow's identity regardless of direction: the lower endpoint first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowId {
     pub lo: (Addr, u16),
     pub hi: (Addr, u16),
     pub proto: u8,
+}
+
+/// Hashed as its 37 bytes in one write: every frame hashes its flow's id
+/// for the flow and connection tables, and the derived `Hash` made seven
+/// writes (the arrays' lengths too), about twice the time in SipHash.
+/// Equal ids give equal bytes, so `Eq` and `Hash` agree.
+impl Hash for FlowId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut b = [0u8; 37];
+        b[..16].copy_from_slice(&self.lo.0);
+        b[16..18].copy_from_slice(&self.lo.1.to_ne_bytes());
+        b[18..34].copy_from_slice(&self.hi.0);
+        b[34..36].copy_from_slice(&self.hi.1.to_ne_bytes());
+        b[36] = self.proto;
+        state.write(&b);
+    }
 }
 
 impl FlowId {
@@ -95,6 +111,40 @@ mod tests {
             )))] += 1;
         }
         assert!(per[0] > 350 && per[1] > 350, "{per:?}");
+    }
+
+    /// Every field of the id goes into its hash: an id changed in any
+    /// one of its bytes hashes elsewhere (a dropped field would put
+    /// every flow that differs only there in one bucket chain).
+    #[test]
+    fn every_byte_of_the_id_is_hashed() {
+        let h = RandomState::new();
+        let id = FlowId::of(&key([198, 18, 0, 1], 40000, [198, 18, 0, 2], 443));
+        let base = h.hash_one(id);
+        let mut changed = Vec::new();
+        for i in 0..16 {
+            let mut a = id;
+            a.lo.0[i] ^= 1;
+            changed.push(a);
+            let mut b = id;
+            b.hi.0[i] ^= 1;
+            changed.push(b);
+        }
+        for bit in [1u16, 0x100] {
+            let mut a = id;
+            a.lo.1 ^= bit;
+            changed.push(a);
+            let mut b = id;
+            b.hi.1 ^= bit;
+            changed.push(b);
+        }
+        let mut p = id;
+        p.proto = 17;
+        changed.push(p);
+        for c in changed {
+            assert_ne!(h.hash_one(c), base, "{c:?} hashes as {id:?}");
+        }
+        assert_eq!(h.hash_one(id), base);
     }
 
     #[test]
