@@ -127,6 +127,13 @@ struct Workload {
     flows: u32,
 }
 
+impl Workload {
+    /// As `--workloads` names it: FRAMES:FLOWS.
+    fn name(&self) -> String {
+        format!("{}:{}", self.frames, self.flows)
+    }
+}
+
 const WORKLOADS: [Workload; 5] = [
     Workload {
         frames: "mtu",
@@ -288,19 +295,23 @@ fn workloads(args: &Args) -> anyhow::Result<Vec<Workload>> {
     let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
     for name in &wanted {
         anyhow::ensure!(
-            WORKLOADS
-                .iter()
-                .any(|w| format!("{}:{}", w.frames, w.flows) == *name),
-            "unknown workload {name} (known: mtu:1, mtu:8, mtu:100, small:1, small:8)"
+            WORKLOADS.iter().any(|w| w.name() == *name),
+            "unknown workload {name} (known: {})",
+            WORKLOADS.map(|w| w.name()).join(", ")
         );
     }
     Ok(WORKLOADS
         .into_iter()
-        .filter(|w| wanted.contains(&format!("{}:{}", w.frames, w.flows).as_str()))
+        .filter(|w| wanted.contains(&w.name().as_str()))
         .collect())
 }
 
-fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Result<()> {
+fn run_path(
+    path: Path,
+    workloads: &[Workload],
+    args: &Args,
+    results: &mut Vec<Result>,
+) -> anyhow::Result<()> {
     let cfg = HarnessConfig {
         offloads: path == Path::BridgeOffloadOn,
         // One core for the path: one queue per link, so the engine runs
@@ -351,7 +362,7 @@ fn run_path(path: Path, args: &Args, results: &mut Vec<Result>) -> anyhow::Resul
         s.apply(&h, &pids)?;
     }
     let _server = iperf_server(&h, shape)?;
-    for w in workloads(args)? {
+    for &w in workloads {
         let mut samples = Vec::new();
         let mut failed_attempts = Vec::new();
         let mut failed = None;
@@ -690,10 +701,12 @@ fn main() -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?,
     };
+    // Checked before any harness is up.
+    let workloads = workloads(&args)?;
     let mut results = Vec::new();
     for p in paths {
         eprintln!("path {}", p.label());
-        run_path(p, &args, &mut results)?;
+        run_path(p, &workloads, &args, &mut results)?;
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
