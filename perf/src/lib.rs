@@ -182,6 +182,13 @@ pub fn raw_on(
 /// boot, from /proc/stat: in the fair shape the path's CPU runs the path
 /// alone, so its busy time over a measurement is what the path cost,
 /// softirq work included (a per-process figure would miss that).
+///
+/// Not all of it: without `IRQ_TIME_ACCOUNTING` (as on these machines) a
+/// softirq run on an idle CPU's interrupt is counted as idle (cpuidle's
+/// state residency counts it idle too). Paths whose work runs in threads
+/// or in their time slices (the engine's worker and NAPI threads, the
+/// relay's socat) are counted whole; a bridge, whose every frame is
+/// forwarded in softirq from idle, shows a small part of its cost.
 pub fn cpu_busy_seconds(cpu: usize) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let name = format!("cpu{cpu}");
@@ -239,7 +246,23 @@ impl Shape {
     /// Receive processing of the endpoints' veths on their CPU, of the
     /// engine namespace's (the bridge's, the relay's) on the path's; and
     /// `pids` (with all their threads, and what they fork) on the path's.
-    pub fn apply(self, h: &loupe_tests::Harness, pids: &[u32]) -> anyhow::Result<()> {
+    ///
+    /// veth receives in a NAPI poll scheduled on the CPU that sent the
+    /// frame, where the receiving veth has NAPI: the endpoints' always
+    /// (the harness gives it them), the engine's while an XDP program is
+    /// attached (`xdp`). Left so, the endpoints' GRO would run on the
+    /// path's CPU, and the engine's XDP program, its redirect and
+    /// copy-mode AF_XDP's copy into the UMEM on the endpoints' CPU: the
+    /// engine would get its receive for free. So those polls are made
+    /// threads ([`napi_threads_on`]) and each is put with its side: the
+    /// endpoints' on theirs, the engine's on the path's (as a NIC's
+    /// receive interrupt is put on the engine's core).
+    pub fn apply(
+        self,
+        h: &loupe_tests::Harness,
+        pids: &[u32],
+        xdp: bool,
+    ) -> anyhow::Result<Placed> {
         let mask = |cpu: usize| format!("{:x}", 1u64 << cpu);
         let rps = |ns: &Netns, dev: &str, cpu: usize| {
             ns.exec(
@@ -257,10 +280,25 @@ impl Shape {
         rps(&h.server, PEER_IF, self.endpoint_cpu)?;
         rps(&h.engine, INSIDE_IF, self.path_cpu)?;
         rps(&h.engine, OUTSIDE_IF, self.path_cpu)?;
+        let mut placed = Placed::default();
+        for ns in [&h.client, &h.server] {
+            for pid in napi_threads_on(ns, PEER_IF)? {
+                taskset(&[], self.endpoint_cpu, pid)?;
+                placed.endpoint_napi.push(pid);
+            }
+        }
+        if xdp {
+            for dev in [INSIDE_IF, OUTSIDE_IF] {
+                for pid in napi_threads_on(&h.engine, dev)? {
+                    taskset(&[], self.path_cpu, pid)?;
+                    placed.path_napi.push(pid);
+                }
+            }
+        }
         for pid in pids {
             taskset(&["-a"], self.path_cpu, *pid)?;
         }
-        Ok(())
+        Ok(placed)
     }
 
     /// Puts the calling process (and what it starts from now on: curl,
@@ -269,6 +307,56 @@ impl Shape {
     pub fn endpoints_here(self) -> anyhow::Result<()> {
         taskset(&[], self.endpoint_cpu, std::process::id())
     }
+}
+
+/// The NAPI threads [`Shape::apply`] made and placed.
+#[derive(Debug, Default)]
+pub struct Placed {
+    /// The endpoints' veths' polls, on the endpoints' CPU.
+    pub endpoint_napi: Vec<u32>,
+    /// The engine's veths' polls (with XDP attached), on the path's CPU.
+    pub path_napi: Vec<u32>,
+}
+
+/// Makes `dev`'s NAPI polls in `ns` kernel threads (`threaded`), and
+/// returns their pids: the `napi/` threads that appeared when it was
+/// switched on (their names carry the device's name, cut to 15
+/// characters, and no namespace). An error if none did: the device has no
+/// NAPI (veth has one only while an XDP program is attached or GRO was
+/// switched on while it was up). Two callers at once would take each
+/// other's threads: benchmarks run one harness at a time.
+fn napi_threads_on(ns: &Netns, dev: &str) -> anyhow::Result<Vec<u32>> {
+    let napi_threads = || -> anyhow::Result<Vec<u32>> {
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc")? {
+            let entry = entry?;
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            // A process that ended since the listing has no comm.
+            if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
+                if comm.starts_with("napi/") {
+                    pids.push(pid);
+                }
+            }
+        }
+        Ok(pids)
+    };
+    let before = napi_threads()?;
+    ns.exec(
+        "sh",
+        &["-c", &format!("echo 1 > /sys/class/net/{dev}/threaded")],
+    )
+    .with_context(|| format!("threaded NAPI on {dev}"))?;
+    let new: Vec<u32> = napi_threads()?
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    anyhow::ensure!(
+        !new.is_empty(),
+        "{dev}: no NAPI thread appeared when its NAPI was made threaded"
+    );
+    Ok(new)
 }
 
 /// `taskset [flags] -p -c cpu pid`: moves a process (with `-a`, all its
