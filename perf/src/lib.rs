@@ -246,23 +246,7 @@ impl Shape {
     /// Receive processing of the endpoints' veths on their CPU, of the
     /// engine namespace's (the bridge's, the relay's) on the path's; and
     /// `pids` (with all their threads, and what they fork) on the path's.
-    ///
-    /// veth receives in a NAPI poll scheduled on the CPU that sent the
-    /// frame, where the receiving veth has NAPI: the endpoints' always
-    /// (the harness gives it them), the engine's while an XDP program is
-    /// attached (`xdp`). Left so, the endpoints' GRO would run on the
-    /// path's CPU, and the engine's XDP program, its redirect and
-    /// copy-mode AF_XDP's copy into the UMEM on the endpoints' CPU: the
-    /// engine would get its receive for free. So those polls are made
-    /// threads ([`napi_threads_on`]) and each is put with its side: the
-    /// endpoints' on theirs, the engine's on the path's (as a NIC's
-    /// receive interrupt is put on the engine's core).
-    pub fn apply(
-        self,
-        h: &loupe_tests::Harness,
-        pids: &[u32],
-        xdp: bool,
-    ) -> anyhow::Result<Placed> {
+    pub fn apply(self, h: &loupe_tests::Harness, pids: &[u32]) -> anyhow::Result<()> {
         let mask = |cpu: usize| format!("{:x}", 1u64 << cpu);
         let rps = |ns: &Netns, dev: &str, cpu: usize| {
             ns.exec(
@@ -280,6 +264,30 @@ impl Shape {
         rps(&h.server, PEER_IF, self.endpoint_cpu)?;
         rps(&h.engine, INSIDE_IF, self.path_cpu)?;
         rps(&h.engine, OUTSIDE_IF, self.path_cpu)?;
+        for pid in pids {
+            taskset(&["-a"], self.path_cpu, *pid)?;
+        }
+        Ok(())
+    }
+
+    /// Puts each veth's NAPI poll with its side, for the throughput
+    /// benchmark. veth receives in a NAPI poll scheduled on the CPU that
+    /// sent the frame, where the receiving veth has NAPI: the endpoints'
+    /// always (the harness gives it them), the engine's while an XDP
+    /// program is attached (`xdp`). Left so, the endpoints' GRO runs on
+    /// the path's CPU, and the engine's XDP program, its redirect and
+    /// copy-mode AF_XDP's copy into the UMEM on the endpoints' CPU: the
+    /// engine gets its receive for free. So those polls are made threads
+    /// ([`napi_threads_on`]): the endpoints' on their CPU, the engine's on
+    /// the path's (as a NIC's receive interrupt is put on the engine's
+    /// core).
+    ///
+    /// Not for latency: waking a thread costs a frame context switches
+    /// that an interrupt's softirq does not (tried with `perf/run decide
+    /// --per-core`, polling worker, same sitting: the engine's one-way
+    /// delays rose by 50-70 µs a frame, the no-decrypt SYN from 20 to 88
+    /// µs, with real-time priority too; the bridge's stayed at 62-65 µs).
+    pub fn place_napi(self, h: &loupe_tests::Harness, xdp: bool) -> anyhow::Result<Placed> {
         let mut placed = Placed::default();
         for ns in [&h.client, &h.server] {
             for pid in napi_threads_on(ns, PEER_IF)? {
@@ -295,9 +303,6 @@ impl Shape {
                 }
             }
         }
-        for pid in pids {
-            taskset(&["-a"], self.path_cpu, *pid)?;
-        }
         Ok(placed)
     }
 
@@ -309,7 +314,7 @@ impl Shape {
     }
 }
 
-/// The NAPI threads [`Shape::apply`] made and placed.
+/// The NAPI threads [`Shape::place_napi`] made and placed.
 #[derive(Debug, Default)]
 pub struct Placed {
     /// The endpoints' veths' polls, on the endpoints' CPU.

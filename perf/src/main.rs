@@ -359,7 +359,8 @@ fn run_path(
             .map(|e| e.pid())
             .chain(relay.iter().map(|r: &Proc| r.pid()))
             .collect();
-        s.apply(&h, &pids, engine.is_some())?;
+        s.apply(&h, &pids)?;
+        s.place_napi(&h, engine.is_some())?;
     }
     let _server = iperf_server(&h, shape)?;
     for &w in workloads {

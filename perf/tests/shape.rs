@@ -19,7 +19,7 @@ fn allowed(pid: u32) -> String {
         .to_string()
 }
 
-/// [`Shape::apply`] tells its NAPI threads from others by those that
+/// [`Shape::place_napi`] tells its NAPI threads from others by those that
 /// appear while it switches threading on: one test at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -46,7 +46,8 @@ fn per_core_harness() -> (std::sync::MutexGuard<'static, ()>, Shape, Harness) {
 fn each_sides_napi_polls_run_on_its_own_cpu() {
     let (_one, shape, h) = per_core_harness();
     let engine = Engine::start(&h, &["--steer-ports", "5201", "--no-pin"]).unwrap();
-    let placed = shape.apply(&h, &[engine.pid()], true).unwrap();
+    shape.apply(&h, &[engine.pid()]).unwrap();
+    let placed = shape.place_napi(&h, true).unwrap();
     // One queue per link: one poll per veth, the client's and the
     // server's, the engine's two.
     assert_eq!(placed.endpoint_napi.len(), 2, "{placed:?}");
@@ -87,7 +88,8 @@ fn each_sides_napi_polls_run_on_its_own_cpu() {
 fn a_kernel_path_has_no_engine_polls_to_place() {
     let (_one, shape, h) = per_core_harness();
     h.bridge_up().unwrap();
-    let placed = shape.apply(&h, &[], false).unwrap();
+    shape.apply(&h, &[]).unwrap();
+    let placed = shape.place_napi(&h, false).unwrap();
     assert_eq!(placed.endpoint_napi.len(), 2, "{placed:?}");
     assert!(placed.path_napi.is_empty());
 }

@@ -160,7 +160,7 @@ fn main() -> anyhow::Result<()> {
                     .flat_map(|(e, c)| [Some(e.pid()), c.pid()])
                     .flatten()
                     .collect();
-                s.apply(&h, &pids, kept.is_some())?;
+                s.apply(&h, &pids)?;
             }
             let nginx = Nginx::start(&h, 443)?;
             let caps = (
