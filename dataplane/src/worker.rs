@@ -38,8 +38,16 @@ const CROSS_PER_WORKER: usize = 16_384;
 const PUBLISH_EVERY_MS: u64 = 100;
 const FLOW_LIST_EVERY_MS: u64 = 250;
 const EXPIRE_EVERY_MS: u64 = 250;
-/// Empty iterations before the worker sleeps in poll().
-const SPIN_BEFORE_SLEEP: u32 = 64;
+/// Empty iterations before the worker sleeps in poll(). Few: a worker
+/// that spins keeps its CPU from whatever else must run there for frames
+/// to come, such as the NAPI thread that fills its ring: 8 rather than
+/// 64 took the per-core split from about 1.7 to 1.9-2.2 Gbit/s with
+/// one or eight flows, and new connections' delays did not move
+/// (perf/README.md, "How long an idle worker spins").
+const SPIN_BEFORE_SLEEP: u32 = 8;
+/// Empty rounds in a row that make the wire quiet when the worker stops
+/// (its resets out, what answers them handled).
+const QUIET_ROUNDS_AT_STOP: u32 = 64;
 /// Stopping: how long the resets and the frames answering them are
 /// given, and the most rounds taken for what is left in the rings once
 /// the program is detached.
@@ -377,7 +385,7 @@ impl Worker {
         // quiet (or a bound: a peer that keeps sending is not waited for).
         let quiet_by = Instant::now() + STOP_LINGER;
         let mut quiet_rounds = 0;
-        while Instant::now() < quiet_by && quiet_rounds < SPIN_BEFORE_SLEEP {
+        while Instant::now() < quiet_by && quiet_rounds < QUIET_ROUNDS_AT_STOP {
             let work = self.round(rx, next);
             if work == 0 && self.port.pending_tx() == 0 {
                 quiet_rounds += 1;
