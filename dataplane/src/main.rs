@@ -76,7 +76,7 @@ struct Args {
     #[arg(long)]
     no_pin: bool,
     /// Microseconds an idle worker keeps polling its rings before it
-    /// sleeps (0: sleep at once). Frames arriving meanwhile skip a
+    /// sleeps (0: sleep after a few empty rounds). Frames arriving meanwhile skip a
     /// wake-up; the CPU time is spent whether they come or not.
     #[arg(long, default_value_t = loupe_dataplane::config::DEFAULT_BUSY_POLL_US,
           allow_negative_numbers = true,

@@ -40,10 +40,11 @@ const FLOW_LIST_EVERY_MS: u64 = 250;
 const EXPIRE_EVERY_MS: u64 = 250;
 /// Empty iterations before the worker sleeps in poll(). Few: a worker
 /// that spins keeps its CPU from whatever else must run there for frames
-/// to come, such as the NAPI thread that fills its ring: 8 rather than
-/// 64 took the per-core split from about 1.7 to 1.9-2.2 Gbit/s with
-/// one or eight flows, and new connections' delays did not move
-/// (perf/README.md, "How long an idle worker spins").
+/// to come, such as the NAPI thread that fills its ring. Per core, the
+/// split with 64 carried 1.3-2.1 Gbit/s (1 and 8 flows), with 8 in
+/// another sitting 1.8-2.0; in the shared shape, alternated, 1 flow rose
+/// from 0.8-1.2 to 1.6-1.7; new connections' delays rose 3-10%, within
+/// their noise (perf/README.md, "How long an idle worker spins").
 const SPIN_BEFORE_SLEEP: u32 = 8;
 /// Empty rounds in a row that make the wire quiet when the worker stops
 /// (its resets out, what answers them handled).

@@ -324,13 +324,17 @@ pub struct Placed {
 }
 
 /// Makes `dev`'s NAPI polls in `ns` kernel threads (`threaded`), and
-/// returns their pids: the `napi/` threads that appeared when it was
-/// switched on (their names carry the device's name, cut to 15
-/// characters, and no namespace). An error if none did: the device has no
-/// NAPI (veth has one only while an XDP program is attached or GRO was
-/// switched on while it was up). Two callers at once would take each
-/// other's threads: benchmarks run one harness at a time.
+/// returns their pids: the `napi/DEV-ID` threads that appeared when it
+/// was switched on (the name carries the device's name, not its
+/// namespace; kernels before 5.17 cut it to 15 characters, after the
+/// prefix this matches). An error if none did: the device has no NAPI
+/// (veth has one only while an XDP program is attached in native mode or
+/// GRO was switched on while it was up), its NAPI was threaded already,
+/// or kernel threads are not visible in this PID namespace. Two callers at
+/// once on devices of the same name would take each other's threads:
+/// benchmarks run one harness at a time.
 fn napi_threads_on(ns: &Netns, dev: &str) -> anyhow::Result<Vec<u32>> {
+    let prefix = format!("napi/{dev}-");
     let napi_threads = || -> anyhow::Result<Vec<u32>> {
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc")? {
@@ -340,7 +344,7 @@ fn napi_threads_on(ns: &Netns, dev: &str) -> anyhow::Result<Vec<u32>> {
             };
             // A process that ended since the listing has no comm.
             if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
-                if comm.starts_with("napi/") {
+                if comm.starts_with(&prefix) {
                     pids.push(pid);
                 }
             }
@@ -359,7 +363,9 @@ fn napi_threads_on(ns: &Netns, dev: &str) -> anyhow::Result<Vec<u32>> {
         .collect();
     anyhow::ensure!(
         !new.is_empty(),
-        "{dev}: no NAPI thread appeared when its NAPI was made threaded"
+        "{dev}: no {prefix}* thread appeared when its NAPI was made threaded \
+         (no NAPI: an XDP program in skb mode or none; threaded already; or \
+         kernel threads hidden by this PID namespace)"
     );
     Ok(new)
 }

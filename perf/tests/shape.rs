@@ -74,7 +74,9 @@ fn each_sides_napi_polls_run_on_its_own_cpu() {
     // The polls end with their links.
     for pid in placed.endpoint_napi.iter().chain(&placed.path_napi) {
         let gone = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.starts_with("napi/"))
+        {
             assert!(
                 std::time::Instant::now() < gone,
                 "napi thread {pid} outlived its link"
@@ -92,4 +94,13 @@ fn a_kernel_path_has_no_engine_polls_to_place() {
     let placed = shape.place_napi(&h, false).unwrap();
     assert_eq!(placed.endpoint_napi.len(), 2, "{placed:?}");
     assert!(placed.path_napi.is_empty());
+    // Nothing was left unplaced: the bridge's veths have no NAPI to make
+    // a thread of (their receive reaches the path's CPU by RPS).
+    for dev in ["inside", "outside"] {
+        let threaded = h.engine.exec(
+            "sh",
+            &["-c", &format!("echo 1 > /sys/class/net/{dev}/threaded")],
+        );
+        assert!(threaded.is_err(), "{dev} has NAPI on the bridge path");
+    }
 }
