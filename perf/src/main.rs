@@ -306,6 +306,44 @@ fn workloads(args: &Args) -> anyhow::Result<Vec<Workload>> {
         .collect())
 }
 
+/// A path that failed as a whole (its harness, its engine, or a check
+/// after its runs: the relay took nothing, the split split nothing, the
+/// engine exited badly) fails each of its workloads: those measured keep
+/// their samples without medians, the others get a row with the reason,
+/// and the other paths still run.
+fn path_failed(
+    path: Path,
+    workloads: &[Workload],
+    results: &mut Vec<Result>,
+    first: usize,
+    why: &str,
+) {
+    let why = format!("the path failed: {why}");
+    for r in &mut results[first..] {
+        r.median_gbit_per_s = None;
+        r.median_mpps = None;
+        r.median_path_cpu_ms_per_gbit = None;
+        r.failed.get_or_insert_with(|| why.clone());
+    }
+    for &w in workloads {
+        if !results[first..]
+            .iter()
+            .any(|r| r.workload.name() == w.name())
+        {
+            results.push(Result {
+                path,
+                workload: w,
+                samples: Vec::new(),
+                median_gbit_per_s: None,
+                median_mpps: None,
+                median_path_cpu_ms_per_gbit: None,
+                failed_attempts: Vec::new(),
+                failed: Some(why.clone()),
+            });
+        }
+    }
+}
+
 fn run_path(
     path: Path,
     workloads: &[Workload],
@@ -707,7 +745,11 @@ fn main() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for p in paths {
         eprintln!("path {}", p.label());
-        run_path(p, &workloads, &args, &mut results)?;
+        let first = results.len();
+        if let Err(e) = run_path(p, &workloads, &args, &mut results) {
+            eprintln!("path {} failed: {e:#}", p.label());
+            path_failed(p, &workloads, &mut results, first, &format!("{e:#}"));
+        }
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
