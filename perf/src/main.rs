@@ -120,7 +120,7 @@ impl Path {
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 struct Workload {
     frames: &'static str,
     mss: Option<u32>,
@@ -326,10 +326,7 @@ fn path_failed(
         r.failed.get_or_insert_with(|| why.clone());
     }
     for &w in workloads {
-        if !results[first..]
-            .iter()
-            .any(|r| r.workload.name() == w.name())
-        {
+        if !results[first..].iter().any(|r| r.workload == w) {
             results.push(Result {
                 path,
                 workload: w,
@@ -793,11 +790,7 @@ fn main() -> anyhow::Result<()> {
         report
             .results
             .iter()
-            .find(|b| {
-                b.path == to
-                    && b.workload.frames == r.workload.frames
-                    && b.workload.flows == r.workload.flows
-            })
+            .find(|b| b.path == to && b.workload == r.workload)
             .and_then(|b| b.median_gbit_per_s.filter(|g| *g > 0.0))
             .zip(r.median_gbit_per_s)
             .map(|(peer, ours)| format!("{:.2}x", ours / peer))
