@@ -878,3 +878,49 @@ fn a_connections_handshake_takes_the_fast_path_and_is_recorded() {
         );
     });
 }
+
+/// Frames the worker builds for one side, unsent (its receiver drains
+/// slowly), stop at that side's TX share while free frames are left:
+/// those are the fill rings' (a TX backlog once took them all, and the
+/// kernel dropped received frames for want of a fill descriptor). The
+/// other side still builds, and a flush frees the share again.
+#[test]
+fn a_tx_backlog_stops_at_its_share_and_leaves_the_fill_rings_theirs() {
+    let h = Harness::new(HarnessConfig::default()).expect("harness");
+    h.engine
+        .enter(|| {
+            let cfg = PortConfig {
+                frames: 512,
+                ring_size: 64,
+                ..PortConfig::default()
+            };
+            let share = cfg.tx_share() as usize;
+            let mut port = QueuePort::new(INSIDE_IF, OUTSIDE_IF, 0, cfg).expect("AF_XDP sockets");
+            let frame = syn_v4([198, 18, 0, 1], 40000, [198, 18, 0, 2], 443);
+            let mut built = 0;
+            while port.build_send(Side::Outside, &frame).is_ok() {
+                built += 1;
+                assert!(built <= share, "built past the share of {share}");
+            }
+            assert_eq!(built, share);
+            assert!(
+                port.free_frames() > cfg.reserve() as usize,
+                "the share stopped it, not an empty free list: {} free",
+                port.free_frames()
+            );
+            // The other side has a share of its own.
+            port.build_send(Side::Inside, &frame)
+                .expect("the inside builds");
+            // Once the backlog is out and completed, the side builds again.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while port.pending_tx() > 0 {
+                port.flush();
+                port.reclaim();
+                assert!(std::time::Instant::now() < deadline, "TX never completed");
+                std::thread::yield_now();
+            }
+            port.build_send(Side::Outside, &frame)
+                .expect("the share is free again");
+        })
+        .unwrap();
+}

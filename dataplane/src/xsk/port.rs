@@ -44,7 +44,9 @@ pub enum XskError {
 /// Why a frame could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BuildError {
-    /// Not enough free UMEM frames until transmissions complete.
+    /// Not enough UMEM frames this side may take until transmissions
+    /// complete: none free, or the side holds its share for TX (see
+    /// [`PortConfig::tx_share`]).
     NoFreeFrame,
     /// Empty, or longer than [`MAX_FRAME_DESCS`] UMEM frames (than one
     /// without multi-buffer): never sendable.
@@ -75,6 +77,13 @@ pub const MAX_FRAME_DESCS: u32 = 16;
 /// `XDP_PKT_CONTD`: more descriptors of this frame follow.
 pub const PKT_CONTD: u32 = 1;
 
+/// Whether a side's TX holding `held` frames may take `parts` more within
+/// its `share`. A side holding none may always take a frame, however many
+/// parts: otherwise a chain longer than the share would never go.
+fn may_take(held: usize, parts: usize, share: usize) -> bool {
+    held == 0 || held + parts <= share
+}
+
 /// One sendto() on an AF_XDP socket: copy mode transmits up to 32
 /// descriptors per call. Whether the kernel left more in the ring
 /// (EAGAIN). xsk-rs's `TxQueue::wakeup` cannot tell: it reads EAGAIN as
@@ -97,8 +106,21 @@ fn kick(fd: std::os::fd::RawFd) -> bool {
 
 impl PortConfig {
     /// Frames kept back from the fill rings for frames the worker builds.
-    fn reserve(&self) -> u32 {
+    pub fn reserve(&self) -> u32 {
         (self.frames / 8).max(64)
+    }
+
+    /// The most frames one side's TX may hold (queued for its ring, in it,
+    /// or not yet completed): what is left once both fill rings are full
+    /// and the reserve kept, halved. Without a bound, a side whose
+    /// receiver drains slowly took every free frame into its TX backlog,
+    /// the fill rings ran dry and the kernel dropped frames on both sides
+    /// (`rx_fill_ring_empty_descs`): a slow server cost the client's
+    /// segments and the server's own ACKs.
+    pub fn tx_share(&self) -> u32 {
+        self.frames
+            .saturating_sub(2 * self.ring_size + self.reserve())
+            / 2
     }
 
     /// Enough frames to fill both fill rings, keep the reserve, and still
@@ -191,6 +213,8 @@ pub struct QueuePort {
     /// Free frames kept back from the fill rings for frames this worker
     /// builds itself (crossover copies, later its own TCP segments).
     reserve: usize,
+    /// [`PortConfig::tx_share`].
+    tx_share: usize,
     pub tx_ring_full: u64,
     pub fill_starved: u64,
 }
@@ -267,6 +291,7 @@ impl QueuePort {
             scratch: vec![FrameDesc::default(); ring_size],
             chunk: (cfg.max_frame_len() as usize).max(1),
             reserve: cfg.reserve() as usize,
+            tx_share: cfg.tx_share() as usize,
             free,
             sides,
             tx_ring_full: 0,
@@ -397,7 +422,10 @@ impl QueuePort {
         if parts == 0 || parts > self.max_descs {
             return Err(BuildError::Unsendable(bytes.len()));
         }
-        if self.free.len() < parts {
+        let held = &self.sides[side.index()];
+        if self.free.len() < parts
+            || !may_take(held.pending.len() + held.in_flight, parts, self.tx_share)
+        {
             return Err(BuildError::NoFreeFrame);
         }
         let mut chain = [FrameDesc::default(); MAX_FRAME_DESCS as usize];
@@ -509,5 +537,39 @@ impl QueuePort {
             },
             Err(_) => SideStats::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tx_leaves_the_fill_rings_their_frames() {
+        let cfg = PortConfig::default();
+        cfg.validate().unwrap();
+        let share = cfg.tx_share();
+        // Both sides' TX at their share, both fill rings full and the
+        // reserve kept: never more than the UMEM.
+        assert!(2 * share + 2 * cfg.ring_size + cfg.reserve() <= cfg.frames);
+        // The least UMEM `validate` accepts still leaves TX a frame chain.
+        let least = PortConfig {
+            frames: 3 * cfg.ring_size + cfg.reserve(),
+            ..cfg
+        };
+        least.validate().unwrap();
+        assert!(least.tx_share() >= least.ring_size / 2);
+        assert!(least.tx_share() >= 1);
+    }
+
+    #[test]
+    fn a_side_takes_frames_up_to_its_share_and_always_one_frame() {
+        assert!(may_take(0, 1, 4));
+        assert!(may_take(3, 1, 4));
+        assert!(!may_take(4, 1, 4));
+        assert!(!may_take(2, 3, 4));
+        // A chain longer than the share goes when nothing else is held.
+        assert!(may_take(0, 16, 4));
+        assert!(!may_take(1, 16, 4));
     }
 }
