@@ -786,14 +786,8 @@ impl Conn {
                 // than a round trip's worth.
                 let delivered = self.rcv.delivered().min(1 << 30);
                 let received = u64::try_from(rcv_nxt.since(seg.seq)).is_ok_and(|d| d <= delivered);
-                if self.cfg.dsack && self.sack_ok && (repeated > 0 || received) {
-                    let (l, r) = (seg.seq, seg.seq + payload.len() as u32);
-                    let queued = self.dsack.len();
-                    match self.dsack.back_mut() {
-                        Some(last) if last.1 == l => last.1 = r,
-                        _ if queued < DSACK_QUEUE => self.dsack.push_back((l, r)),
-                        _ => {}
-                    }
+                if repeated > 0 || received {
+                    self.report_duplicate(seg.seq, seg.seq + payload.len() as u32);
                 }
             } else {
                 self.stats.out_of_window += 1;
@@ -910,6 +904,13 @@ impl Conn {
             let before = self.rcv.next();
             let ins = self.rcv.insert(seg.seq, payload);
             self.stats.overlap_conflicts += ins.conflict as u64;
+            if ins.new == 0 && ins.duplicate == payload.len() {
+                // A copy of bytes held out of order: reported as the
+                // one below RCV.NXT is, so that a sender whose
+                // retransmission this was can tell it was spurious.
+                self.stats.duplicates += 1;
+                self.report_duplicate(seg.seq, seg.seq + payload.len() as u32);
+            }
             let in_order = self.rcv.next() != before;
             // It delivered bytes held beyond it: it filled the last hole.
             let filled = self.rcv.next().since(before) > payload.len() as i32;
@@ -1191,6 +1192,20 @@ impl Conn {
             };
         }
         true
+    }
+
+    /// Queues a duplicate `[l, r)` for the next ACK's first SACK block
+    /// (RFC 2883), joined to the last one where it continues it.
+    fn report_duplicate(&mut self, l: SeqNum, r: SeqNum) {
+        if !self.cfg.dsack || !self.sack_ok {
+            return;
+        }
+        let queued = self.dsack.len();
+        match self.dsack.back_mut() {
+            Some(last) if last.1 == l => last.1 = r,
+            _ if queued < DSACK_QUEUE => self.dsack.push_back((l, r)),
+            _ => {}
+        }
     }
 
     /// A DSACK (RFC 2883 §4: a first SACK block below the cumulative ACK,
@@ -1645,7 +1660,20 @@ impl Conn {
             //# the first block in the SACK option.
             self.stats.dsacks_out += u64::from(dsack.is_some());
             self.stats.sacks_on_data += u64::from(payload.len > 0);
-            options.sack = dsack.into_iter().chain(self.rcv.sack_blocks()).collect();
+            let mut held = self.rcv.sack_blocks();
+            //= https://www.rfc-editor.org/rfc/rfc2883#section-4
+            //# If the D-SACK block reports a duplicate contiguous sequence
+            //# from a (possibly larger) block of data in the receiver's data
+            //# queue above the cumulative acknowledgement, then the second
+            //# SACK block in that SACK option should specify that (possibly
+            //# larger) block of data.
+            if let Some((l, r)) = dsack {
+                if let Some(i) = held.iter().position(|&(bl, br)| l.ge(bl) && r.le(br)) {
+                    let block = held.remove(i);
+                    held.insert(0, block);
+                }
+            }
+            options.sack = dsack.into_iter().chain(held).collect();
             options.sack.truncate(blocks);
         }
         Segment {

@@ -1717,6 +1717,47 @@ mod tests {
         assert!(ack.options.sack.is_empty());
     }
 
+    /// A copy of bytes held out of order (above RCV.NXT) is reported too:
+    /// a DSACK block first, then the block that holds it, though another
+    /// block is newer (RFC 2883 §4), so a sender whose retransmission it
+    /// was can tell it was spurious; the sender takes it as one.
+    #[test]
+    fn a_copy_of_bytes_held_out_of_order_is_dsacked_before_their_block() {
+        let (mut a, mut b, now) = established(67);
+        // A first flight through, so the window has room for six.
+        a.write(&vec![8u8; 3 * 1448]);
+        deliver(&mut a, &mut b, now);
+        deliver(&mut b, &mut a, now);
+        a.write(&vec![8u8; 6 * 1448]);
+        let f = flight(&mut a, now);
+        assert_eq!(f.len(), 6);
+        // 0 and 3 lost: 1-2 and 4-5 held, 4-5 the newest block.
+        for (i, s) in f.iter().enumerate() {
+            if i != 0 && i != 3 {
+                b.on_segment(s, now);
+            }
+        }
+        while b.poll_transmit(now).is_some() {}
+        let end = |i: usize| f[i].seq + 1448;
+        b.on_segment(&f[2], now);
+        let ack = b.poll_transmit(now).expect("a duplicate: an ACK at once");
+        assert_eq!(ack.ack, f[0].seq);
+        assert_eq!(
+            ack.options.sack,
+            [(f[2].seq, end(2)), (f[1].seq, end(2)), (f[4].seq, end(5))],
+            "{ack:?}"
+        );
+        assert_eq!((b.stats().dsacks_out, b.stats().duplicates), (1, 1));
+        // Reported once: the next ACK carries the held blocks only, the
+        // one the copy landed in first (RFC 2018 §4: the latest arrival).
+        b.ack_now();
+        let next = b.poll_transmit(now).expect("an ACK");
+        assert_eq!(next.options.sack, [(f[1].seq, end(2)), (f[4].seq, end(5))]);
+        // The sender reads the first block as a DSACK.
+        a.on_segment(&ack, now);
+        assert_eq!(a.stats().dsacks_in, 1, "{:?}", a.stats());
+    }
+
     /// A retransmission of bytes received long ago (beyond the conflict
     /// history) is still reported in a DSACK, so the sender can undo:
     /// everything below RCV.NXT that this side delivered was received.
