@@ -437,7 +437,8 @@ pub struct WorkerReport {
     /// The tcp-split action (zero when it is off).
     #[serde(default)]
     pub split: SplitCounters,
-    /// Owned flows, oldest first, at most `FLOWS_LISTED` of them.
+    /// Owned flows, oldest first, at most `FLOWS_LISTED` of them (with
+    /// more, those that carried the most bytes).
     pub flows: Vec<FlowSummary>,
 }
 

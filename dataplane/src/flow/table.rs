@@ -177,7 +177,16 @@ impl FlowTable {
         }
         let mut recs: Vec<&FlowRecord> = self.flows.values().collect();
         if recs.len() > limit {
-            recs.select_nth_unstable_by_key(limit - 1, |r| r.first_seen_ms);
+            // The flows that carried the most, older first among equals:
+            // a flood of one-frame flows (SYNs) cannot push the flows
+            // that carry data out of the listing, whenever it began.
+            let rank = |r: &FlowRecord| {
+                (
+                    std::cmp::Reverse(r.rx[0].bytes + r.rx[1].bytes),
+                    r.first_seen_ms,
+                )
+            };
+            recs.select_nth_unstable_by_key(limit - 1, |r| rank(r));
             recs.truncate(limit);
         }
         recs.sort_by_key(|r| r.first_seen_ms);
@@ -294,6 +303,31 @@ mod tests {
         );
         assert_eq!(t.snapshot(0, 2000, |_| None).len(), 0);
         assert_eq!(t.snapshot(500, 2000, |_| None).len(), 50);
+    }
+
+    /// A flood of one-frame flows that began first takes the listing's
+    /// room from neither the flows that carry data nor their order.
+    #[test]
+    fn a_flood_of_small_flows_leaves_the_listing_to_those_that_carry_data() {
+        let mut t = FlowTable::new(10_000, 60_000, 0);
+        for port in 1000..3000 {
+            t.observe(&key(port), Side::Inside, 74, 10);
+        }
+        for (i, port) in [7u16, 8, 9].into_iter().enumerate() {
+            let at = 20 + i as u64;
+            t.observe(&key(port), Side::Inside, 1500, at);
+            t.observe(&key(port).reversed(), Side::Outside, 66, at);
+        }
+        let s = t.snapshot(100, 100, |_| None);
+        assert_eq!(s.len(), 100);
+        let ports: Vec<&str> = s.iter().map(|f| f.client.as_str()).collect();
+        // The data flows, and then the oldest of the flood: oldest first.
+        let listed_last = &ports[97..];
+        assert_eq!(
+            listed_last,
+            ["198.18.0.1:7", "198.18.0.1:8", "198.18.0.1:9"]
+        );
+        assert!(ports[..97].iter().all(|p| p.starts_with("198.18.0.1:")));
     }
 
     #[test]
