@@ -164,6 +164,9 @@ const WORKLOADS: [Workload; 5] = [
 
 #[derive(Debug, Serialize)]
 struct Sample {
+    /// When the sample began, seconds since the benchmark did: the paths'
+    /// samples alternate (see [`run_paths`]).
+    began_s: f64,
     gbit_per_s: f64,
     mpps: f64,
     retransmits: u64,
@@ -229,6 +232,9 @@ fn iperf_server(h: &Harness, shape: Option<Shape>) -> anyhow::Result<Proc> {
     Ok(proc)
 }
 
+/// When the benchmark began, for [`Sample::began_s`].
+static BEGAN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyhow::Result<Sample> {
     let mut args = vec![
         "-c".to_string(),
@@ -249,6 +255,9 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
         .map(|s| loupe_perf::cpu_busy_seconds(s.path_cpu))
         .transpose()?;
     let start = Instant::now();
+    let began_s = start
+        .duration_since(*BEGAN.get_or_init(Instant::now))
+        .as_secs_f64();
     let out = Shape::endpoint(shape, &h.client, "iperf3")
         .args(&args)
         .output()?;
@@ -280,6 +289,7 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
     // whole run (its connection setup too), a little more than that.
     let gbit = bps / 1e9 * f64::from(seconds);
     Ok(Sample {
+        began_s,
         gbit_per_s: bps / 1e9,
         mpps: (after - before) as f64 / elapsed / 1e6,
         retransmits,
@@ -341,12 +351,19 @@ fn path_failed(
     }
 }
 
-fn run_path(
+/// A path set up for measuring: its harness, the engine or relay, the
+/// shape and the iperf3 server. Fields drop in order: the processes before
+/// the harness they run in.
+struct Live {
     path: Path,
-    workloads: &[Workload],
-    args: &Args,
-    results: &mut Vec<Result>,
-) -> anyhow::Result<()> {
+    shape: Option<Shape>,
+    _server: Proc,
+    engine: Option<Engine>,
+    relay: Option<Proc>,
+    h: Harness,
+}
+
+fn start_path(path: Path, args: &Args) -> anyhow::Result<Live> {
     let cfg = HarnessConfig {
         offloads: path == Path::BridgeOffloadOn,
         // One core for the path: one queue per link, so the engine runs
@@ -397,31 +414,79 @@ fn run_path(
         s.apply(&h, &pids)?;
         s.place_napi(&h, engine.is_some())?;
     }
-    let _server = iperf_server(&h, shape)?;
-    for &w in workloads {
-        let mut samples = Vec::new();
-        let mut failed_attempts = Vec::new();
-        let mut failed = None;
-        'samples: for _ in 0..args.repeat {
-            for _ in 0..ATTEMPTS {
-                match measure(&h, w, args.seconds, shape) {
-                    Ok(s) => {
-                        samples.push(s);
-                        continue 'samples;
-                    }
-                    Err(e) => {
-                        eprintln!("  {} {} x{}: {e:#}", path.label(), w.frames, w.flows);
-                        failed_attempts.push(format!("{e:#}"));
-                    }
+    let server = iperf_server(&h, shape)?;
+    Ok(Live {
+        path,
+        shape,
+        _server: server,
+        engine,
+        relay,
+        h,
+    })
+}
+
+impl Live {
+    /// One sample of `w`, with [`ATTEMPTS`] tries; the failed tries are
+    /// added to `failed_attempts`.
+    fn sample(
+        &self,
+        w: Workload,
+        seconds: u32,
+        failed_attempts: &mut Vec<String>,
+    ) -> Option<Sample> {
+        for _ in 0..ATTEMPTS {
+            match measure(&self.h, w, seconds, self.shape) {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    eprintln!("  {} {} x{}: {e:#}", self.path.label(), w.frames, w.flows);
+                    failed_attempts.push(format!("{e:#}"));
                 }
             }
-            failed = failed_attempts.last().cloned();
-            break;
         }
-        let ok = failed.is_none();
-        let r = Result {
+        None
+    }
+
+    /// The checks after the runs (the path carried what it should have),
+    /// then the engine's stop, which must be clean.
+    fn finish(self) -> anyhow::Result<()> {
+        if self.relay.is_some() {
+            let taken = self.h.relay_redirected()?;
+            anyhow::ensure!(taken > 0, "the relay took no connection");
+        }
+        if let Some(engine) = self.engine {
+            let r = engine.stats()?;
+            if self.path == Path::XdpSplit {
+                let split = r.split_total().split;
+                anyhow::ensure!(split > 0, "split path split no connection");
+            }
+            if matches!(self.path, Path::XdpUserspace | Path::XdpSplit) {
+                anyhow::ensure!(r.xdp_packets("steer") > 0, "userspace path steered nothing");
+            } else {
+                anyhow::ensure!(r.xdp_packets("steer") == 0, "devmap path steered frames");
+            }
+            let (status, _, _, err) = engine.stop();
+            anyhow::ensure!(status.success(), "engine: {status}: {err}");
+        }
+        Ok(())
+    }
+}
+
+/// One path's samples of one workload.
+#[derive(Default)]
+struct Cell {
+    samples: Vec<Sample>,
+    failed_attempts: Vec<String>,
+    /// A sample failed every try: no more are taken.
+    failed: Option<String>,
+}
+
+impl Cell {
+    fn into_result(self, path: Path, workload: Workload) -> Result {
+        let samples = self.samples;
+        let ok = self.failed.is_none() && !samples.is_empty();
+        Result {
             path,
-            workload: w,
+            workload,
             median_gbit_per_s: ok.then(|| median(samples.iter().map(|s| s.gbit_per_s).collect())),
             median_mpps: ok.then(|| median(samples.iter().map(|s| s.mpps).collect())),
             median_path_cpu_ms_per_gbit: samples
@@ -431,50 +496,90 @@ fn run_path(
                 .filter(|v| ok && !v.is_empty())
                 .map(median),
             samples,
-            failed_attempts,
-            failed,
-        };
-        if let (Some(gbit), Some(mpps)) = (r.median_gbit_per_s, r.median_mpps) {
-            eprintln!(
-                "  {:<20} {:<5} x{:<3} {:>7.2} Gbit/s {:>7.3} Mpps{}",
-                path.label(),
-                w.frames,
-                w.flows,
-                gbit,
-                mpps,
-                r.median_path_cpu_ms_per_gbit
-                    .map(|c| format!(" {c:>6.0} ms CPU 0 per Gbit"))
-                    .unwrap_or_default()
-            );
-        } else {
-            eprintln!(
-                "  {:<20} {:<5} x{:<3} FAILED",
-                path.label(),
-                w.frames,
-                w.flows
-            );
+            failed_attempts: self.failed_attempts,
+            failed: self.failed,
         }
-        results.push(r);
     }
-    if relay.is_some() {
-        let taken = h.relay_redirected()?;
-        anyhow::ensure!(taken > 0, "the relay took no connection");
-    }
-    if let Some(engine) = engine {
-        let r = engine.stats()?;
-        if path == Path::XdpSplit {
-            let split = r.split_total().split;
-            anyhow::ensure!(split > 0, "split path split no connection");
+}
+
+/// Every path is set up first; then each workload's samples are taken
+/// in turns, one of each path and again (`--repeat` rounds), so that the
+/// medians a ratio compares come from the same minutes of a shared
+/// machine's load, not from paths measured a minute or two apart. A path
+/// that fails to start, or whose checks after the runs fail, fails its
+/// own rows; the others are measured.
+fn run_paths(paths: &[Path], workloads: &[Workload], args: &Args) -> Vec<Result> {
+    let mut live: Vec<Option<Live>> = Vec::new();
+    let mut why: Vec<Option<String>> = Vec::new();
+    for &p in paths {
+        eprintln!("path {} up", p.label());
+        match start_path(p, args) {
+            Ok(l) => {
+                live.push(Some(l));
+                why.push(None);
+            }
+            Err(e) => {
+                eprintln!("path {} failed: {e:#}", p.label());
+                live.push(None);
+                why.push(Some(format!("{e:#}")));
+            }
         }
-        if matches!(path, Path::XdpUserspace | Path::XdpSplit) {
-            anyhow::ensure!(r.xdp_packets("steer") > 0, "userspace path steered nothing");
-        } else {
-            anyhow::ensure!(r.xdp_packets("steer") == 0, "devmap path steered frames");
-        }
-        let (status, _, _, err) = engine.stop();
-        anyhow::ensure!(status.success(), "engine: {status}: {err}");
     }
-    Ok(())
+    let mut cells: Vec<Vec<Cell>> = paths
+        .iter()
+        .map(|_| workloads.iter().map(|_| Cell::default()).collect())
+        .collect();
+    for (wi, &w) in workloads.iter().enumerate() {
+        for _ in 0..args.repeat {
+            for (l, row) in live.iter().zip(cells.iter_mut()) {
+                let (Some(l), cell) = (l, &mut row[wi]) else {
+                    continue;
+                };
+                if cell.failed.is_some() {
+                    continue;
+                }
+                match l.sample(w, args.seconds, &mut cell.failed_attempts) {
+                    Some(s) => cell.samples.push(s),
+                    None => cell.failed = cell.failed_attempts.last().cloned(),
+                }
+            }
+        }
+        for (&p, row) in paths.iter().zip(&cells) {
+            let cell = &row[wi];
+            let gbit: Vec<f64> = cell.samples.iter().map(|s| s.gbit_per_s).collect();
+            if cell.failed.is_some() || gbit.is_empty() {
+                eprintln!("  {:<20} {:<5} x{:<3} FAILED", p.label(), w.frames, w.flows);
+            } else {
+                eprintln!(
+                    "  {:<20} {:<5} x{:<3} {:>7.2} Gbit/s",
+                    p.label(),
+                    w.frames,
+                    w.flows,
+                    median(gbit)
+                );
+            }
+        }
+    }
+    for (l, why) in live.iter_mut().zip(why.iter_mut()) {
+        if let Some(l) = l.take() {
+            let label = l.path.label();
+            if let Err(e) = l.finish() {
+                eprintln!("path {label} failed: {e:#}");
+                *why = Some(format!("{e:#}"));
+            }
+        }
+    }
+    let mut results = Vec::new();
+    for ((&p, row), why) in paths.iter().zip(cells).zip(why) {
+        let first = results.len();
+        for (&w, cell) in workloads.iter().zip(row) {
+            results.push(cell.into_result(p, w));
+        }
+        if let Some(why) = why {
+            path_failed(p, workloads, &mut results, first, &why);
+        }
+    }
+    results
 }
 
 /// Opens `n` connections through the engine with --tcp-split, moves a
@@ -715,6 +820,7 @@ fn impaired(mib: usize, repeat: u32, clean: bool, engine_args: &[String]) -> any
 }
 
 fn main() -> anyhow::Result<()> {
+    BEGAN.get_or_init(Instant::now);
     let args = Args::parse();
     if let Some(n) = args.split_memory_serve {
         return split_memory_serve(n, &args.serve_addr);
@@ -739,15 +845,7 @@ fn main() -> anyhow::Result<()> {
     };
     // Checked before any harness is up.
     let workloads = workloads(&args)?;
-    let mut results = Vec::new();
-    for p in paths {
-        eprintln!("path {}", p.label());
-        let first = results.len();
-        if let Err(e) = run_path(p, &workloads, &args, &mut results) {
-            eprintln!("path {} failed: {e:#}", p.label());
-            path_failed(p, &workloads, &mut results, first, &format!("{e:#}"));
-        }
-    }
+    let results = run_paths(&paths, &workloads, &args);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
