@@ -32,6 +32,10 @@ pub struct WorkerCounters {
     pub cross_full: u64,
     /// No free UMEM frame to build a frame in: dropped.
     pub no_free_frame: u64,
+    /// Split frames kept for a later round: their side had no UMEM frame
+    /// to take (none free, or its TX share held). Not drops.
+    #[serde(default)]
+    pub tx_deferred: u64,
     /// Frames the port cannot send (more than `MAX_FRAME_DESCS` UMEM
     /// frames, received or built): dropped.
     #[serde(default)]

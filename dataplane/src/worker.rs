@@ -236,6 +236,8 @@ pub struct Worker {
     epoch: Instant,
     /// Workers sent crossover frames in this iteration.
     kicked: Vec<bool>,
+    /// Of the split frames a round tried to send, which went (reused).
+    gone: Vec<bool>,
     /// Decisions and the tcp-split action, once there is a policy.
     sessions: Option<Sessions>,
     links: Option<SplitLinks>,
@@ -278,6 +280,7 @@ impl Worker {
             cpu: None,
             epoch: Instant::now(),
             kicked,
+            gone: Vec::new(),
             sessions: None,
             links: None,
             policy_seen: 0,
@@ -628,32 +631,35 @@ impl Worker {
             return 0;
         };
         let n = sp.out.len();
-        let mut sent = 0;
-        for (side, bytes) in &sp.out {
-            match self.port.build_send(*side, bytes) {
+        // A side out of frames (none free, or its TX share held) keeps
+        // its frames, in order, for the next round: dropping them would
+        // cost the split connections a retransmission timeout each. The
+        // other side's frames still go: a slow server must not hold up
+        // what the client is sent.
+        let mut gone = std::mem::take(&mut self.gone);
+        let (port, counters) = (&mut self.port, &mut self.counters);
+        send_each_side_in_order(&sp.out, &mut gone, |side, bytes| {
+            match port.build_send(side, bytes) {
                 Ok(parts) => {
-                    sent += 1;
                     if parts > 1 {
-                        self.counters.tx_chained += 1;
+                        counters.tx_chained += 1;
                     }
+                    true
                 }
-                Err(e @ BuildError::NoFreeFrame) => {
-                    // No free UMEM frame until transmissions complete: keep
-                    // this and the rest, in order, for the next round
-                    // (dropping them would cost the split connections a
-                    // retransmission timeout each).
-                    self.counters.not_built(e);
-                    break;
+                Err(BuildError::NoFreeFrame) => {
+                    counters.tx_deferred += 1;
+                    false
                 }
                 // Never buildable: dropped, or it would hold up every
                 // frame behind it for good.
                 Err(e @ BuildError::Unsendable(_)) => {
-                    self.counters.not_built(e);
-                    sent += 1;
+                    counters.not_built(e);
+                    true
                 }
             }
-        }
-        sp.sent(sent);
+        });
+        sp.sent(&gone);
+        self.gone = gone;
         n
     }
 
@@ -698,13 +704,14 @@ impl Worker {
             self.table
                 .snapshot(FLOWS_LISTED, now_ms, |k| sp.and_then(|sp| sp.describe(k)))
         });
+        let xsk = self.port.kernel_stats();
         let report = WorkerReport {
             id: self.id,
             queue: self.port.queue(),
             cpu: self.cpu,
             counters: self.counters,
-            xsk_inside: self.port.kernel_stats(Side::Inside),
-            xsk_outside: self.port.kernel_stats(Side::Outside),
+            xsk_inside: xsk[Side::Inside.index()],
+            xsk_outside: xsk[Side::Outside.index()],
             flows_active: self.table.len(),
             tx_pending: self.port.pending_tx(),
             split: self.sessions.as_ref().map_or_else(Default::default, |sp| {
@@ -747,6 +754,24 @@ impl Worker {
     }
 }
 
+/// Offers `out`'s frames to `send` in order (false: that side has no
+/// frame to take now) and says in `gone` which went. A side that could
+/// not take one is offered nothing more this time, so each side's frames
+/// stay in their order; the other side's still go.
+fn send_each_side_in_order(
+    out: &[(Side, Vec<u8>)],
+    gone: &mut Vec<bool>,
+    mut send: impl FnMut(Side, &[u8]) -> bool,
+) {
+    let mut blocked = [false; 2];
+    gone.clear();
+    for (side, bytes) in out {
+        let went = !blocked[side.index()] && send(*side, bytes);
+        blocked[side.index()] |= !went;
+        gone.push(went);
+    }
+}
+
 fn pollin(fd: i32) -> libc::pollfd {
     libc::pollfd {
         fd,
@@ -758,4 +783,44 @@ fn pollin(fd: i32) -> libc::pollfd {
 fn add(c: &mut SideCount, (packets, bytes): (u64, u64)) {
     c.packets += packets;
     c.bytes += bytes;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A side out of frames keeps its own frames in order; the other
+    /// side's frames behind them still go.
+    #[test]
+    fn a_blocked_side_holds_back_only_its_own_frames() {
+        let out: Vec<(Side, Vec<u8>)> = [
+            (Side::Inside, 1),
+            (Side::Outside, 2),
+            (Side::Outside, 3),
+            (Side::Inside, 4),
+            (Side::Outside, 5),
+            (Side::Inside, 6),
+        ]
+        .into_iter()
+        .map(|(s, b)| (s, vec![b]))
+        .collect();
+        // The outside has room for one frame.
+        let mut room = 1;
+        let mut offered = Vec::new();
+        let mut gone = vec![true; 9];
+        send_each_side_in_order(&out, &mut gone, |side, bytes| {
+            offered.push(bytes[0]);
+            match side {
+                Side::Inside => true,
+                Side::Outside if room > 0 => {
+                    room -= 1;
+                    true
+                }
+                Side::Outside => false,
+            }
+        });
+        assert_eq!(gone, [true, true, false, true, false, true]);
+        // Nothing is offered past a refusal on its side.
+        assert_eq!(offered, [1, 2, 3, 4, 6]);
+    }
 }

@@ -797,10 +797,17 @@ impl Sessions {
 
     /// The first `n` frames of `out` were copied out: their buffers are
     /// kept for the next frames.
-    pub fn sent(&mut self, n: usize) {
-        for (_, buf) in self.out.drain(..n) {
-            keep_spare(&mut self.spare, buf);
-        }
+    pub fn sent(&mut self, gone: &[bool]) {
+        let mut i = 0;
+        let spare = &mut self.spare;
+        self.out.retain_mut(|(_, buf)| {
+            let keep = !gone.get(i).copied().unwrap_or(false);
+            i += 1;
+            if !keep {
+                keep_spare(spare, std::mem::take(buf));
+            }
+            keep
+        });
     }
 
     /// What was decided for a flow, for a listing.

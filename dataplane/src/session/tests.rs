@@ -2260,3 +2260,27 @@ fn a_misfit_after_the_synack_cannot_pass_the_connection() {
     let c = &b.sp.counters;
     assert_eq!((c.passthrough, c.policy_pass, c.split), (0, 0, 1));
 }
+
+/// The frames the worker sent leave the queue; those it kept stay, in
+/// their order.
+#[test]
+fn sent_frames_leave_the_queue_and_kept_ones_stay_in_order() {
+    let mut b = Bench::new(SessionSettings::default());
+    b.sp.out = (1..=5u8)
+        .map(|i| {
+            (
+                if i % 2 == 0 {
+                    Side::Inside
+                } else {
+                    Side::Outside
+                },
+                vec![i],
+            )
+        })
+        .collect();
+    b.sp.sent(&[true, false, true, false, true]);
+    assert_eq!(
+        b.sent(),
+        vec![(Side::Inside, vec![2]), (Side::Inside, vec![4])]
+    );
+}

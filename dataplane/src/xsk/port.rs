@@ -198,6 +198,9 @@ struct SidePort {
     /// mode transmits a bounded batch per sendto(), so the ring must be
     /// kicked until this drops to zero, not only when new frames arrive.
     in_flight: usize,
+    /// The socket's `tx_invalid_descs` as last read: descriptors the
+    /// kernel consumed and will never complete.
+    tx_refused: u64,
 }
 
 pub struct QueuePort {
@@ -280,6 +283,7 @@ impl QueuePort {
                     comp,
                     pending: VecDeque::new(),
                     in_flight: 0,
+                    tx_refused: 0,
                 })
             };
         let sides = [bind(inside)?, bind(outside)?];
@@ -524,19 +528,29 @@ impl QueuePort {
             .sum()
     }
 
-    /// Kernel statistics of one side's socket.
-    pub fn kernel_stats(&self, side: Side) -> SideStats {
-        match self.sides[side.index()].rx.fd().xdp_statistics() {
-            Ok(s) => SideStats {
-                rx_dropped: s.rx_dropped(),
-                rx_invalid_descs: s.rx_invalid_descs(),
-                tx_invalid_descs: s.tx_invalid_descs(),
-                rx_ring_full: s.rx_ring_full(),
-                rx_fill_ring_empty_descs: s.rx_fill_ring_empty_descs(),
-                tx_ring_empty_descs: s.tx_ring_empty_descs(),
-            },
-            Err(_) => SideStats::default(),
+    /// Kernel statistics of both sides' sockets (inside, outside). TX
+    /// descriptors the kernel refused (`tx_invalid_descs`: invalid, or a
+    /// chain dropped whole) are never completed: they are taken off the
+    /// side's count in flight here, or the side would hold them against
+    /// its TX share for good.
+    pub fn kernel_stats(&mut self) -> [SideStats; 2] {
+        let mut out = [SideStats::default(); 2];
+        for (side, o) in self.sides.iter_mut().zip(out.iter_mut()) {
+            if let Ok(s) = side.rx.fd().xdp_statistics() {
+                *o = SideStats {
+                    rx_dropped: s.rx_dropped(),
+                    rx_invalid_descs: s.rx_invalid_descs(),
+                    tx_invalid_descs: s.tx_invalid_descs(),
+                    rx_ring_full: s.rx_ring_full(),
+                    rx_fill_ring_empty_descs: s.rx_fill_ring_empty_descs(),
+                    tx_ring_empty_descs: s.tx_ring_empty_descs(),
+                };
+                let refused = o.tx_invalid_descs.saturating_sub(side.tx_refused);
+                side.tx_refused = side.tx_refused.max(o.tx_invalid_descs);
+                side.in_flight = side.in_flight.saturating_sub(refused as usize);
+            }
         }
+        out
     }
 }
 
