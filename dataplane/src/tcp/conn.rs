@@ -1653,26 +1653,29 @@ impl Conn {
             // ACK is sent only to carry one: to the peer it would be a
             // duplicate ACK, and three of them a (spurious) fast
             // retransmission, whose duplicate draws more.
-            let dsack = self.dsack.pop_front();
+            // A duplicate above RCV.NXT is read as a DSACK only with the
+            // block it came from beside it: it waits for an ACK with room
+            // for both.
+            let rcv_nxt = self.rcv_nxt();
+            let dsack = self
+                .dsack
+                .front()
+                .is_some_and(|&(l, _)| blocks >= 2 || l.lt(rcv_nxt))
+                .then(|| self.dsack.pop_front())
+                .flatten();
             //= https://www.rfc-editor.org/rfc/rfc2883#section-4
             //# If the D-SACK block reports a duplicate contiguous sequence
             //# from the receiver's data buffer, then the D-SACK block MUST be
             //# the first block in the SACK option.
             self.stats.dsacks_out += u64::from(dsack.is_some());
             self.stats.sacks_on_data += u64::from(payload.len > 0);
-            let mut held = self.rcv.sack_blocks();
             //= https://www.rfc-editor.org/rfc/rfc2883#section-4
             //# If the D-SACK block reports a duplicate contiguous sequence
             //# from a (possibly larger) block of data in the receiver's data
             //# queue above the cumulative acknowledgement, then the second
             //# SACK block in that SACK option should specify that (possibly
             //# larger) block of data.
-            if let Some((l, r)) = dsack {
-                if let Some(i) = held.iter().position(|&(bl, br)| l.ge(bl) && r.le(br)) {
-                    let block = held.remove(i);
-                    held.insert(0, block);
-                }
-            }
+            let held = self.rcv.sack_blocks_led_by(dsack.map(|(l, _)| l));
             options.sack = dsack.into_iter().chain(held).collect();
             options.sack.truncate(blocks);
         }

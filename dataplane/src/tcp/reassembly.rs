@@ -210,6 +210,18 @@ impl Reassembler {
     /// rest from the lowest: a sender learns of the newest arrivals at
     /// once, however many holes there are.
     pub fn sack_blocks(&self) -> Vec<(SeqNum, SeqNum)> {
+        self.sack_blocks_led_by(None)
+    }
+
+    /// As [`Reassembler::sack_blocks`], the block holding `seq` first if
+    /// one does (of every block held, not only the four reported): the
+    /// block a DSACK of bytes above RCV.NXT was cut from, which RFC 2883
+    /// §4 puts right after it.
+    pub fn sack_blocks_led_by(&self, seq: Option<SeqNum>) -> Vec<(SeqNum, SeqNum)> {
+        let lead = seq
+            .map(|s| self.delivered as i64 + i64::from(s.since(self.next)))
+            .filter(|&o| o >= self.delivered as i64)
+            .map(|o| o as u64);
         let mut out: Vec<(u64, u64)> = Vec::with_capacity(SACK_BLOCKS);
         let containing = |o: u64| {
             self.blocks
@@ -219,10 +231,10 @@ impl Reassembler {
                 .map(|(&s, &e)| (s, e))
         };
         let lowest = self.blocks.iter().map(|(&s, &e)| (s, e));
-        for b in self
-            .recent
-            .iter()
-            .filter_map(|&o| containing(o))
+        for b in lead
+            .into_iter()
+            .chain(self.recent.iter().copied())
+            .filter_map(containing)
             .chain(lowest)
         {
             if out.len() == SACK_BLOCKS {

@@ -1756,6 +1756,23 @@ mod tests {
         // The sender reads the first block as a DSACK.
         a.on_segment(&ack, now);
         assert_eq!(a.stats().dsacks_in, 1, "{:?}", a.stats());
+        // Two copies before an ACK goes: the first one's block comes
+        // second though the other block is the newest arrival.
+        b.on_segment(&f[1], now);
+        b.on_segment(&f[5], now);
+        let first = b.poll_transmit(now).expect("an ACK");
+        assert_eq!(
+            first.options.sack,
+            [(f[1].seq, end(1)), (f[1].seq, end(2)), (f[4].seq, end(5))],
+            "{first:?}"
+        );
+        b.ack_now();
+        let second = b.poll_transmit(now).expect("an ACK");
+        assert_eq!(
+            second.options.sack,
+            [(f[5].seq, end(5)), (f[4].seq, end(5)), (f[1].seq, end(2))],
+            "{second:?}"
+        );
     }
 
     /// A retransmission of bytes received long ago (beyond the conflict
