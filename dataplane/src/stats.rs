@@ -14,6 +14,9 @@ use crate::{
 
 pub const STATS_VERSION: u32 = 1;
 
+/// Flows the text report shows (the JSON lists more).
+pub const FLOWS_SHOWN: usize = 20;
+
 /// Counters one worker keeps; plain integers, owned by the worker and
 /// copied out at each publish.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -921,13 +924,15 @@ impl StatsReport {
                 );
             }
         }
-        let flows: Vec<&FlowSummary> = self.workers.iter().flat_map(|w| &w.flows).collect();
+        let mut flows: Vec<&FlowSummary> = self.workers.iter().flat_map(|w| &w.flows).collect();
         if !flows.is_empty() {
+            // The flows that exchanged the most, of every worker's.
+            flows.sort_by_key(|f| std::cmp::Reverse(f.exchanged()));
             let _ = writeln!(
                 s,
-                "\nflows (client -> server: packets in/out, bytes in/out)"
+                "\nflows, most exchanged first (client -> server: packets in/out, bytes in/out)"
             );
-            for f in flows.iter().take(20) {
+            for f in flows.iter().take(FLOWS_SHOWN) {
                 let _ = writeln!(
                     s,
                     "  {} -> {}: {}/{} pkts, {}/{} bytes",
@@ -939,8 +944,15 @@ impl StatsReport {
                     f.outside.bytes
                 );
             }
-            if flows.len() > 20 {
-                let _ = writeln!(s, "  ... {} more", flows.len() - 20);
+            let active: usize = self.workers.iter().map(|w| w.flows_active).sum();
+            let active = active.max(flows.len());
+            if active > FLOWS_SHOWN {
+                let _ = writeln!(
+                    s,
+                    "  ... {} more active ({} of them listed in the JSON)",
+                    active - FLOWS_SHOWN,
+                    flows.len().saturating_sub(FLOWS_SHOWN)
+                );
             }
         }
         s
@@ -1006,6 +1018,56 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// The text shows the flows that exchanged the most, whichever worker
+    /// lists them, and counts the rest from the active flows, not from
+    /// those listed.
+    #[test]
+    fn the_report_shows_the_busiest_flows_and_counts_the_rest() {
+        let flow = |port: u16, packets: u64| FlowSummary {
+            client: format!("198.18.0.1:{port}"),
+            server: "198.18.0.2:443".into(),
+            proto: 6,
+            inside: SideCount {
+                packets,
+                bytes: 1000 * packets,
+            },
+            outside: SideCount {
+                packets,
+                bytes: 60 * packets,
+            },
+            age_ms: 0,
+            idle_ms: 0,
+            decision: None,
+        };
+        let mut w0 = WorkerReport {
+            flows_active: 5000,
+            ..Default::default()
+        };
+        w0.flows = (1000..1030).map(|p| flow(p, 1)).collect();
+        let mut w1 = WorkerReport {
+            flows_active: 3,
+            ..Default::default()
+        };
+        w1.flows = vec![flow(7, 40)];
+        let r = StatsReport {
+            workers: vec![w0, w1],
+            ..Default::default()
+        };
+        let text = r.render();
+        let first = text
+            .lines()
+            .skip_while(|l| !l.starts_with("flows, most exchanged first"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no flows: {text}"));
+        assert!(first.contains("198.18.0.1:7 "), "{text}");
+        let more = format!(
+            "... {} more active ({} of them listed in the JSON)",
+            5003 - FLOWS_SHOWN,
+            31 - FLOWS_SHOWN
+        );
+        assert!(text.contains(&more), "{text}");
     }
 
     #[test]

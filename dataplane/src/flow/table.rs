@@ -177,15 +177,11 @@ impl FlowTable {
         }
         let mut recs: Vec<&FlowRecord> = self.flows.values().collect();
         if recs.len() > limit {
-            // The flows that carried the most, older first among equals:
-            // a flood of one-frame flows (SYNs) cannot push the flows
-            // that carry data out of the listing, whenever it began.
-            let rank = |r: &FlowRecord| {
-                (
-                    std::cmp::Reverse(r.rx[0].bytes + r.rx[1].bytes),
-                    r.first_seen_ms,
-                )
-            };
+            // The flows that exchanged the most, older first among
+            // equals: a flood of one-frame flows (SYNs, however large)
+            // cannot push the connections out of the listing, whenever
+            // it began.
+            let rank = |r: &FlowRecord| (std::cmp::Reverse(exchanged(&r.rx)), r.first_seen_ms);
             recs.select_nth_unstable_by_key(limit - 1, |r| rank(r));
             recs.truncate(limit);
         }
@@ -202,6 +198,25 @@ impl FlowTable {
                 decision: annotate(&r.first),
             })
             .collect()
+    }
+}
+
+/// How much a flow exchanged, for ranking flows in a listing: first the
+/// frames that went both ways (the fewer of the two sides'), then the
+/// bytes both ways. A frame sent again and again from one side (a SYN
+/// flood, with data or without) ranks below any connection whose ends
+/// both spoke a few times.
+pub fn exchanged(rx: &[SideCount; 2]) -> (u64, u64) {
+    (
+        rx[0].packets.min(rx[1].packets),
+        rx[0].bytes.saturating_add(rx[1].bytes),
+    )
+}
+
+impl FlowSummary {
+    /// [`exchanged`] of this flow.
+    pub fn exchanged(&self) -> (u64, u64) {
+        exchanged(&[self.inside, self.outside])
     }
 }
 
@@ -305,18 +320,22 @@ mod tests {
         assert_eq!(t.snapshot(500, 2000, |_| None).len(), 50);
     }
 
-    /// A flood of one-frame flows that began first takes the listing's
-    /// room from neither the flows that carry data nor their order.
+    /// A flood of SYNs (large ones, answered once) that began first takes
+    /// the listing's room from neither the connections nor their order.
     #[test]
     fn a_flood_of_small_flows_leaves_the_listing_to_those_that_carry_data() {
         let mut t = FlowTable::new(10_000, 60_000, 0);
         for port in 1000..3000 {
-            t.observe(&key(port), Side::Inside, 74, 10);
+            t.observe(&key(port), Side::Inside, 1566, 10);
+            t.observe(&key(port).reversed(), Side::Outside, 74, 10);
         }
+        // Connections that carried little: a handshake and a few bytes.
         for (i, port) in [7u16, 8, 9].into_iter().enumerate() {
             let at = 20 + i as u64;
-            t.observe(&key(port), Side::Inside, 1500, at);
-            t.observe(&key(port).reversed(), Side::Outside, 66, at);
+            for _ in 0..3 {
+                t.observe(&key(port), Side::Inside, 100, at);
+                t.observe(&key(port).reversed(), Side::Outside, 66, at);
+            }
         }
         let s = t.snapshot(100, 100, |_| None);
         assert_eq!(s.len(), 100);
