@@ -35,8 +35,8 @@ pub struct WorkerCounters {
     pub cross_full: u64,
     /// No free UMEM frame to build a frame in: dropped.
     pub no_free_frame: u64,
-    /// Split frames kept for a later round: their side had no UMEM frame
-    /// to take (none free, or its TX share held). Not drops.
+    /// Times a side kept its split frames for a later round: it had no
+    /// UMEM frame to take (none free, or its TX share held). Not drops.
     #[serde(default)]
     pub tx_deferred: u64,
     /// Frames the port cannot send (more than `MAX_FRAME_DESCS` UMEM
@@ -926,8 +926,15 @@ impl StatsReport {
         }
         let mut flows: Vec<&FlowSummary> = self.workers.iter().flat_map(|w| &w.flows).collect();
         if !flows.is_empty() {
-            // The flows that exchanged the most, of every worker's.
-            flows.sort_by_key(|f| std::cmp::Reverse(f.exchanged()));
+            // The connections past their handshake, then the flows that
+            // exchanged the most, of every worker's.
+            flows.sort_by_key(|f| {
+                let opened = f
+                    .decision
+                    .as_ref()
+                    .is_some_and(|d| !matches!(d.state.as_str(), "handshake" | "reset"));
+                std::cmp::Reverse((opened, f.exchanged()))
+            });
             let _ = writeln!(
                 s,
                 "\nflows, most exchanged first (client -> server: packets in/out, bytes in/out)"
@@ -1020,12 +1027,12 @@ mod tests {
         );
     }
 
-    /// The text shows the flows that exchanged the most, whichever worker
-    /// lists them, and counts the rest from the active flows, not from
-    /// those listed.
+    /// The text shows the connections past their handshake first, then
+    /// the flows that exchanged the most, whichever worker lists them,
+    /// and counts the rest from the active flows, not from those listed.
     #[test]
     fn the_report_shows_the_busiest_flows_and_counts_the_rest() {
-        let flow = |port: u16, packets: u64| FlowSummary {
+        let flow = |port: u16, packets: u64, state: &str| FlowSummary {
             client: format!("198.18.0.1:{port}"),
             server: "198.18.0.2:443".into(),
             proto: 6,
@@ -1039,18 +1046,22 @@ mod tests {
             },
             age_ms: 0,
             idle_ms: 0,
-            decision: None,
+            decision: Some(crate::flow::FlowDecision {
+                state: state.into(),
+                ..Default::default()
+            }),
         };
         let mut w0 = WorkerReport {
             flows_active: 5000,
             ..Default::default()
         };
-        w0.flows = (1000..1030).map(|p| flow(p, 1)).collect();
+        // A flood of handshakes, each answered a few times.
+        w0.flows = (1000..1030).map(|p| flow(p, 4, "handshake")).collect();
         let mut w1 = WorkerReport {
             flows_active: 3,
             ..Default::default()
         };
-        w1.flows = vec![flow(7, 40)];
+        w1.flows = vec![flow(7, 2, "split")];
         let r = StatsReport {
             workers: vec![w0, w1],
             ..Default::default()

@@ -701,8 +701,12 @@ impl Worker {
         self.counters.flows_expired = self.table.expired;
         let flows = with_flows.then(|| {
             let sp = self.sessions.as_ref();
-            self.table
-                .snapshot(FLOWS_LISTED, now_ms, |k| sp.and_then(|sp| sp.describe(k)))
+            self.table.snapshot(
+                FLOWS_LISTED,
+                now_ms,
+                |k| sp.is_some_and(|sp| sp.opened(k)),
+                |k| sp.and_then(|sp| sp.describe(k)),
+            )
         });
         let xsk = self.port.kernel_stats();
         let report = WorkerReport {

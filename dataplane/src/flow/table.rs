@@ -170,6 +170,7 @@ impl FlowTable {
         &self,
         limit: usize,
         now_ms: u64,
+        opened: impl Fn(&FlowKey) -> bool,
         annotate: impl Fn(&FlowKey) -> Option<super::FlowDecision>,
     ) -> Vec<FlowSummary> {
         if limit == 0 {
@@ -177,13 +178,24 @@ impl FlowTable {
         }
         let mut recs: Vec<&FlowRecord> = self.flows.values().collect();
         if recs.len() > limit {
-            // The flows that exchanged the most, older first among
-            // equals: a flood of one-frame flows (SYNs, however large)
-            // cannot push the connections out of the listing, whenever
-            // it began.
-            let rank = |r: &FlowRecord| (std::cmp::Reverse(exchanged(&r.rx)), r.first_seen_ms);
-            recs.select_nth_unstable_by_key(limit - 1, |r| rank(r));
-            recs.truncate(limit);
+            // The connections past their handshake first (`opened`), then
+            // the flows that exchanged the most, older first among equals:
+            // a flood of handshakes (SYNs however large, sent again and
+            // again) cannot push the connections out of the listing,
+            // whenever it began.
+            let mut ranked: Vec<_> = recs
+                .into_iter()
+                .map(|r| {
+                    let rank = (
+                        std::cmp::Reverse((opened(&r.first), exchanged(&r.rx))),
+                        r.first_seen_ms,
+                    );
+                    (rank, r)
+                })
+                .collect();
+            ranked.select_nth_unstable_by_key(limit - 1, |(rank, _)| *rank);
+            ranked.truncate(limit);
+            recs = ranked.into_iter().map(|(_, r)| r).collect();
         }
         recs.sort_by_key(|r| r.first_seen_ms);
         recs.into_iter()
@@ -253,7 +265,7 @@ mod tests {
             Observed::Existing
         );
         assert_eq!(t.len(), 1);
-        let s = &t.snapshot(10, 2, |_| None)[0];
+        let s = &t.snapshot(10, 2, |_| false, |_| None)[0];
         assert_eq!(s.client, "198.18.0.1:1");
         assert_eq!(s.server, "198.18.0.2:443");
         assert_eq!(
@@ -304,7 +316,7 @@ mod tests {
         for port in (1..=50).rev() {
             t.observe(&key(port), Side::Inside, 1, 1000 - port as u64);
         }
-        let s = t.snapshot(5, 2000, |_| None);
+        let s = t.snapshot(5, 2000, |_| false, |_| None);
         let ports: Vec<&str> = s.iter().map(|f| f.client.as_str()).collect();
         assert_eq!(
             ports,
@@ -316,37 +328,45 @@ mod tests {
                 "198.18.0.1:46"
             ]
         );
-        assert_eq!(t.snapshot(0, 2000, |_| None).len(), 0);
-        assert_eq!(t.snapshot(500, 2000, |_| None).len(), 50);
+        assert_eq!(t.snapshot(0, 2000, |_| false, |_| None).len(), 0);
+        assert_eq!(t.snapshot(500, 2000, |_| false, |_| None).len(), 50);
     }
 
-    /// A flood of SYNs (large ones, answered once) that began first takes
-    /// the listing's room from neither the connections nor their order.
+    /// A flood of SYNs (large ones, each sent twice and answered) that
+    /// began first takes the listing's room from neither the connections
+    /// past their handshake nor their order.
     #[test]
-    fn a_flood_of_small_flows_leaves_the_listing_to_those_that_carry_data() {
+    fn a_flood_of_handshakes_leaves_the_listing_to_the_connections() {
         let mut t = FlowTable::new(10_000, 60_000, 0);
         for port in 1000..3000 {
-            t.observe(&key(port), Side::Inside, 1566, 10);
-            t.observe(&key(port).reversed(), Side::Outside, 74, 10);
-        }
-        // Connections that carried little: a handshake and a few bytes.
-        for (i, port) in [7u16, 8, 9].into_iter().enumerate() {
-            let at = 20 + i as u64;
-            for _ in 0..3 {
-                t.observe(&key(port), Side::Inside, 100, at);
-                t.observe(&key(port).reversed(), Side::Outside, 66, at);
+            for _ in 0..2 {
+                t.observe(&key(port), Side::Inside, 1566, 10);
+                t.observe(&key(port).reversed(), Side::Outside, 74, 10);
             }
         }
-        let s = t.snapshot(100, 100, |_| None);
+        // Connections that carried little: a handshake and a few bytes.
+        let live = [7u16, 8, 9];
+        for (i, port) in live.into_iter().enumerate() {
+            let at = 20 + i as u64;
+            t.observe(&key(port), Side::Inside, 100, at);
+            t.observe(&key(port).reversed(), Side::Outside, 66, at);
+        }
+        let opened = |k: &FlowKey| live.contains(&k.src_port);
+        let s = t.snapshot(100, 100, opened, |_| None);
         assert_eq!(s.len(), 100);
         let ports: Vec<&str> = s.iter().map(|f| f.client.as_str()).collect();
-        // The data flows, and then the oldest of the flood: oldest first.
-        let listed_last = &ports[97..];
+        // The flood's oldest, then the connections: oldest first.
         assert_eq!(
-            listed_last,
+            ports[97..],
             ["198.18.0.1:7", "198.18.0.1:8", "198.18.0.1:9"]
         );
-        assert!(ports[..97].iter().all(|p| p.starts_with("198.18.0.1:")));
+        // Among flows not past their handshake, those that exchanged more.
+        let mut t = FlowTable::new(10, 60_000, 0);
+        t.observe(&key(1), Side::Inside, 74, 0);
+        t.observe(&key(2), Side::Inside, 74, 5);
+        t.observe(&key(2).reversed(), Side::Outside, 74, 5);
+        let s = t.snapshot(1, 10, |_| false, |_| None);
+        assert_eq!(s[0].client, "198.18.0.1:2");
     }
 
     #[test]

@@ -810,6 +810,21 @@ impl Sessions {
         });
     }
 
+    /// Whether a flow got past its handshake: held for a decision,
+    /// split, passed on its ClientHello, or ended as a split. A listing
+    /// puts these first, so a flood of handshakes (or of segments met
+    /// mid-flow) cannot push the connections out of it.
+    pub fn opened(&self, key: &FlowKey) -> bool {
+        self.flows
+            .get(&FlowId::of(key))
+            .is_some_and(|f| match &f.entry {
+                Entry::Tracking(t) => t.hold.is_some(),
+                Entry::Passthrough(meta) => meta.is_some(),
+                Entry::Split { .. } | Entry::Releasing(_) | Entry::Ended => true,
+                Entry::Closed => false,
+            })
+    }
+
     /// What was decided for a flow, for a listing.
     pub fn describe(&self, key: &FlowKey) -> Option<FlowDecision> {
         let flow = self.flows.get(&FlowId::of(key))?;
