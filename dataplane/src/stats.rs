@@ -445,7 +445,8 @@ pub struct WorkerReport {
     #[serde(default)]
     pub split: SplitCounters,
     /// Owned flows, oldest first, at most `FLOWS_LISTED` of them (with
-    /// more, those that carried the most bytes).
+    /// more, the connections past their handshake first, then the flows
+    /// that exchanged the most: `FlowTable::snapshot`).
     pub flows: Vec<FlowSummary>,
 }
 

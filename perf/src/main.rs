@@ -318,36 +318,16 @@ fn workloads(args: &Args) -> anyhow::Result<Vec<Workload>> {
 
 /// A path that failed as a whole (its harness, its engine, or a check
 /// after its runs: the relay took nothing, the split split nothing, the
-/// engine exited badly) fails each of its workloads: those measured keep
-/// their samples without medians, the others get a row with the reason,
-/// and the other paths still run.
-fn path_failed(
-    path: Path,
-    workloads: &[Workload],
-    results: &mut Vec<Result>,
-    first: usize,
-    why: &str,
-) {
+/// engine exited badly) fails each of its rows, `rows` (one per
+/// workload, measured or not): their samples are kept without medians,
+/// with the reason. The other paths' rows are untouched.
+fn path_failed(rows: &mut [Result], why: &str) {
     let why = format!("the path failed: {why}");
-    for r in &mut results[first..] {
+    for r in rows {
         r.median_gbit_per_s = None;
         r.median_mpps = None;
         r.median_path_cpu_ms_per_gbit = None;
         r.failed.get_or_insert_with(|| why.clone());
-    }
-    for &w in workloads {
-        if !results[first..].iter().any(|r| r.workload == w) {
-            results.push(Result {
-                path,
-                workload: w,
-                samples: Vec::new(),
-                median_gbit_per_s: None,
-                median_mpps: None,
-                median_path_cpu_ms_per_gbit: None,
-                failed_attempts: Vec::new(),
-                failed: Some(why.clone()),
-            });
-        }
     }
 }
 
@@ -576,7 +556,7 @@ fn run_paths(paths: &[Path], workloads: &[Workload], args: &Args) -> Vec<Result>
             results.push(cell.into_result(p, w));
         }
         if let Some(why) = why {
-            path_failed(p, workloads, &mut results, first, &why);
+            path_failed(&mut results[first..], &why);
         }
     }
     results

@@ -795,8 +795,9 @@ impl Sessions {
         }
     }
 
-    /// The first `n` frames of `out` were copied out: their buffers are
-    /// kept for the next frames.
+    /// The frames of `out` marked in `gone` were copied out: they leave
+    /// the queue and their buffers are kept for the next frames; the rest
+    /// stay, in order.
     pub fn sent(&mut self, gone: &[bool]) {
         let mut i = 0;
         let spare = &mut self.spare;
