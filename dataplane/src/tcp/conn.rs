@@ -1973,7 +1973,8 @@ impl Conn {
 
     /// (Re)starts the tail loss probe timer while data is out and no
     /// recovery runs: two smoothed RTTs (at least 10 ms), plus a delayed
-    /// ACK's worth when one segment is out, and never later than the RTO.
+    /// ACK's worth when one segment is out or the flight fills the peer's
+    /// window, and never later than the RTO.
     fn arm_tail_probe(&mut self, now: Instant) {
         self.tlp_at = None;
         if self.rack_at.is_some() {
@@ -1998,8 +1999,16 @@ impl Conn {
             }
             return;
         }
+        // RFC 8985 §7.2 adds the worst-case delayed ACK (WCDelAckT) when
+        // one segment is out. A flight that fills the peer's window draws a delayed ACK just
+        // as surely: its buffer is then full, and Linux ACKs at once only
+        // when its window would not shrink, so the ACK waits for the
+        // application to read. Probing sooner sent a slow reader every
+        // flight twice (and the copy's echoed timestamp kept SRTT short);
+        // a tail really lost there is the RTO's.
+        let flight = self.flight();
         let mut pto = (srtt * 2).max(Duration::from_millis(10));
-        if self.flight() <= self.mss {
+        if flight <= self.mss || flight.saturating_add(self.mss) > self.snd_wnd {
             pto += Duration::from_millis(200);
         }
         let at = now + pto;

@@ -1453,6 +1453,67 @@ mod tests {
         assert_eq!(b.read(usize::MAX), vec![2; 4000]);
     }
 
+    /// A slow reader's buffer is full after each flight, so its stack sits
+    /// on the ACK until the application reads (Linux ACKs at once only
+    /// when its window would not shrink). A flight that filled the peer's
+    /// window therefore allows for a delayed ACK before its tail is
+    /// probed, as one segment out does (RFC 8985 §7.2). Without that, a
+    /// probe went out ten milliseconds after each flight to a reader
+    /// taking 8 KB every twenty: every segment twice.
+    #[test]
+    fn a_flight_that_fills_a_slow_readers_window_is_not_probed_before_it_reads() {
+        let mut rng = Rng::new(47);
+        let (ha, hb) = handshakes(&mut rng);
+        let mut t = Instant::now();
+        let small = ConnConfig {
+            recv_buffer: 8 << 10,
+            ..ConnConfig::default()
+        };
+        let mut a = Conn::new(&ha, ConnConfig::default(), t);
+        let mut b = Conn::new(&hb, small, t);
+        // A round trip learned while b kept up: well under the probe's
+        // ten-millisecond floor.
+        for _ in 0..20 {
+            a.write(&[1; 3000]);
+            deliver(&mut a, &mut b, t);
+            b.read(usize::MAX);
+            b.ack_now();
+            deliver(&mut b, &mut a, t);
+            t += Duration::from_millis(1);
+        }
+        assert_eq!(a.snd_una(), a.snd_max_for_tests());
+        let (mut read, mut flights) = (0, 0);
+        for _ in 0..40 {
+            a.write(&[2; 16 << 10]);
+            let mut n = 0;
+            while let Some(s) = a.poll_transmit(t) {
+                n += s.payload.len();
+                b.on_segment(&s, t);
+            }
+            flights += usize::from(n >= 4 << 10);
+            // b's stack holds its ACK: the buffer is full.
+            while b.poll_transmit(t).is_some() {}
+            // Whatever a's timers send before the next read reaches b,
+            // and b answers that at once (a copy draws a DSACK).
+            let next_read = t + Duration::from_millis(20);
+            while let Some(due) = a.next_deadline().filter(|&d| d < next_read) {
+                a.on_timer(due);
+                deliver(&mut a, &mut b, due);
+                deliver(&mut b, &mut a, due);
+            }
+            t = next_read;
+            read += b.read(8 << 10).len();
+            b.ack_now();
+            deliver(&mut b, &mut a, t);
+        }
+        let st = a.stats();
+        assert!(
+            flights >= 35 && read >= 35 * (4 << 10),
+            "{flights} flights, {read} bytes read"
+        );
+        assert_eq!((st.tail_probes, st.retransmits), (0, 0), "{st:?}");
+    }
+
     #[test]
     fn rst_needs_the_exact_sequence_number_otherwise_it_is_challenged() {
         let (mut a, mut b, now) = established(9);
