@@ -22,7 +22,7 @@ use xsk_rs::FrameDesc;
 use crate::{
     flow::{table::SideCount, FlowId, FlowLogEntry, FlowTable, MapOp, Observed, Sharder, Side},
     policy::PolicyCell,
-    session::{Disposition, SessionSettings, Sessions},
+    session::{Disposition, FrameSink, SessionSettings, Sessions},
     stats::{WorkerCounters, WorkerReport},
     wire::slice_tcp,
     xsk::{BuildError, QueuePort, MAX_FRAME_DESCS, PKT_CONTD},
@@ -445,7 +445,9 @@ impl Worker {
         }
         work += self.drain_crossbar(now, now_ms);
         if let Some(sp) = self.sessions.as_mut() {
-            sp.end_batch(now);
+            // The split connections' frames go straight into free UMEM
+            // frames; what the port refuses waits in `out` (send_split).
+            sp.end_batch_into(now, Some(&mut self.port));
             if self.crossbar.wakers[self.id]
                 .hsm
                 .swap(false, Ordering::SeqCst)
@@ -453,7 +455,7 @@ impl Worker {
                 sp.on_wake(now);
                 work += 1;
             }
-            sp.on_timers(now);
+            sp.on_timers_into(now, Some(&mut self.port));
         }
         work += self.send_split();
         // Owners of crossed frames start on them while this one transmits.
@@ -755,6 +757,14 @@ impl Worker {
             }
         }
         waker.sleeping.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The split connections write their frames straight into the port's
+/// free frames (see [`QueuePort::build_send_with`]).
+impl FrameSink for QueuePort {
+    fn build(&mut self, side: Side, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> bool {
+        self.build_send_with(side, len, fill).is_ok()
     }
 }
 

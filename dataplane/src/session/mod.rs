@@ -640,6 +640,19 @@ impl Sessions {
     /// Runs `f` on a split connection, then sends what it has to send and
     /// re-arms its timer; leaves a tombstone once both halves are closed.
     fn with_split(&mut self, id: FlowId, now: Instant, f: impl FnOnce(&mut Split)) {
+        self.with_split_into(id, now, None, f);
+    }
+
+    /// As [`Sessions::with_split`], its frames written into `sink` while
+    /// it has room (and `out` holds none for their side, which would go
+    /// first), the rest into `out`.
+    fn with_split_into(
+        &mut self,
+        id: FlowId,
+        now: Instant,
+        mut sink: Option<&mut (dyn FrameSink + 'static)>,
+        f: impl FnOnce(&mut Split),
+    ) {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
@@ -663,6 +676,11 @@ impl Sessions {
         } else {
             self.parked.remove(&id);
         }
+        // A side with frames in `out` (earlier ones, or ones its share
+        // of the UMEM held back) takes no frame straight to the sink:
+        // that one would go out first.
+        let mut queued = [Side::Inside, Side::Outside]
+            .map(|side| sink.is_none() || self.out.iter().any(|(to, _)| *to == side));
         while let Some((dir, seg)) = split.poll_transmit_lent(now) {
             // Toward the client: as the server (the endpoint on the other
             // side); toward the server: as the client.
@@ -671,8 +689,18 @@ impl Sessions {
             } else {
                 client.other()
             };
+            let template = &templates[to.other().index()];
+            let payload = split.lent(dir);
+            if let (false, Some(sink)) = (queued[to.index()], sink.as_deref_mut()) {
+                let head = template.headers(&seg, payload.0.len() + payload.1.len());
+                let len = head.frame_len(payload.0.len() + payload.1.len());
+                if sink.build(to, len, &mut |frame| head.write(payload, frame)) {
+                    continue;
+                }
+                queued[to.index()] = true;
+            }
             let mut buf = take_spare(&mut self.spare);
-            templates[to.other().index()].build_with(&seg, split.lent(dir), &mut buf);
+            template.build_with(&seg, payload, &mut buf);
             self.out.push((to, buf));
         }
         // Logged when the bytes are through, not after TIME-WAIT.
@@ -719,6 +747,16 @@ impl Sessions {
     /// its stage and transmits once (one ACK for the batch, as a receiver
     /// behind GRO sends; data relayed in one burst).
     pub fn end_batch(&mut self, now: Instant) {
+        self.end_batch_into(now, None);
+    }
+
+    /// As [`Sessions::end_batch`], the frames written into `sink` while
+    /// it has room (the rest into `out`, as always).
+    pub fn end_batch_into(
+        &mut self,
+        now: Instant,
+        mut sink: Option<&mut (dyn FrameSink + 'static)>,
+    ) {
         let Some(mut ids) = self.batch.take() else {
             return;
         };
@@ -729,7 +767,7 @@ impl Sessions {
             }) = self.flows.get_mut(&id)
             {
                 *pending = false;
-                self.with_split(id, now, |s| s.pump(now));
+                self.with_split_into(id, now, sink.as_deref_mut(), |s| s.pump(now));
             }
         }
         self.batch_spare = ids;
@@ -758,6 +796,16 @@ impl Sessions {
 
     /// Runs the timers that are due.
     pub fn on_timers(&mut self, now: Instant) {
+        self.on_timers_into(now, None);
+    }
+
+    /// As [`Sessions::on_timers`], the split connections' frames written
+    /// into `sink` while it has room.
+    pub fn on_timers_into(
+        &mut self,
+        now: Instant,
+        mut sink: Option<&mut (dyn FrameSink + 'static)>,
+    ) {
         while let Some(Reverse((at, id))) = self.timers.peek().copied() {
             if at > now {
                 break;
@@ -769,7 +817,7 @@ impl Sessions {
                     ..
                 }) if *armed == Some(at) => {
                     *armed = None;
-                    self.with_split(id, now, |s| s.on_timer(now));
+                    self.with_split_into(id, now, sink.as_deref_mut(), |s| s.on_timer(now));
                 }
                 Some(Flow {
                     entry: Entry::Tracking(t),
@@ -890,6 +938,17 @@ pub struct Live {
 }
 
 /// Keeps a frame buffer for reuse, up to a bound.
+/// Transmit memory a frame can be written into where it is sent from
+/// (the worker lends its free UMEM frames for a round), so that it is not
+/// built in a buffer and copied there after.
+pub trait FrameSink {
+    /// Writes a frame of `len` bytes to go out on `side`: `fill` is given
+    /// exactly `len` bytes to write it into. False, with nothing written,
+    /// when there is no room (no frame free, the side at its share of
+    /// them, more bytes than a frame holds): the caller keeps the frame.
+    fn build(&mut self, side: Side, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> bool;
+}
+
 /// An empty frame buffer, a spare one if there is any.
 fn take_spare(spare: &mut Vec<Vec<u8>>) -> Vec<u8> {
     let mut buf = spare.pop().unwrap_or_default();

@@ -1841,6 +1841,109 @@ fn a_receive_batch_draws_one_ack_for_all_its_segments() {
     assert!(b.sent().is_empty());
 }
 
+/// Transmit memory lent for a batch, as the worker lends its free UMEM
+/// frames: each frame it takes lands in `taken`, written over stale bytes;
+/// the frame numbered `refuse[side]` for a side (counting from 0) is
+/// refused, later ones taken again.
+struct Lent {
+    refuse: [Option<usize>; 2],
+    asked: [usize; 2],
+    taken: Vec<(Side, Vec<u8>)>,
+}
+
+impl FrameSink for Lent {
+    fn build(&mut self, side: Side, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> bool {
+        let n = self.asked[side.index()];
+        self.asked[side.index()] += 1;
+        if self.refuse[side.index()] == Some(n) {
+            return false;
+        }
+        let mut frame = vec![0xa5; len];
+        fill(&mut frame);
+        self.taken.push((side, frame));
+        true
+    }
+}
+
+/// A batch's frames are written straight into the memory the worker
+/// lends, whole and checksummed. Once it refuses one for a side, that
+/// frame and the side's later ones wait in `out`, in order, while the
+/// other side's still go straight; and a side with frames already waiting
+/// in `out` sends none past them.
+#[test]
+fn a_batch_writes_its_frames_into_lent_memory_never_past_frames_waiting() {
+    let batch = |refuse: [Option<usize>; 2], waiting: bool| {
+        let mut b = Bench::new(SessionSettings::default());
+        let hello = client_hello("shop.example", &[b"h2"]);
+        b.client_data(0, &hello);
+        assert_eq!(b.sp.counters.split, 1);
+        b.sent();
+        if waiting {
+            b.sp.out.push((Side::Outside, b"waiting".to_vec()));
+        }
+        let mut off = hello.len() as u32;
+        b.sp.begin_batch();
+        for i in 0..10u8 {
+            b.client_data(off, &[i; 1000]);
+            off += 1000;
+        }
+        let mut lent = Lent {
+            refuse,
+            asked: [0; 2],
+            taken: Vec::new(),
+        };
+        b.sp.end_batch_into(b.now, Some(&mut lent));
+        (lent, b.sent())
+    };
+    // What the server is sent, the frames taken first: the client's bytes
+    // in order, each segment where the last ended.
+    let to_server = |taken: &[(Side, Vec<u8>)], out: &[(Side, Vec<u8>)]| {
+        let mut all = segments(taken, Side::Outside);
+        all.extend(segments(out, Side::Outside));
+        for w in all.windows(2) {
+            assert_eq!(w[1].seq, w[0].seq + w[0].payload.len() as u32);
+        }
+        all.iter()
+            .flat_map(|s| s.payload.clone())
+            .collect::<Vec<u8>>()
+    };
+    let sent: Vec<u8> = (0..10u8).flat_map(|i| [i; 1000]).collect();
+
+    // All taken: nothing left in `out`, the ACK and the data frames whole
+    // (as many as the server's window takes: the client's first bytes).
+    let (lent, out) = batch([None, None], false);
+    assert!(out.is_empty(), "{} frames not taken", out.len());
+    let data = segments(&lent.taken, Side::Outside).len();
+    assert!(data >= 2, "{data} data segments");
+    assert_eq!(segments(&lent.taken, Side::Inside).len(), 1);
+    let relayed = to_server(&lent.taken, &out);
+    assert!(
+        !relayed.is_empty() && sent.starts_with(&relayed),
+        "the server is sent {} bytes that are not the client's first",
+        relayed.len()
+    );
+
+    // The server's second frame refused: it and the rest wait, in order;
+    // the client's ACK still goes straight.
+    let (lent, out) = batch([None, Some(1)], false);
+    assert_eq!(segments(&lent.taken, Side::Outside).len(), 1);
+    assert_eq!(segments(&out, Side::Outside).len(), data - 1);
+    assert_eq!(
+        lent.asked[Side::Outside.index()],
+        2,
+        "asked for more after a refusal"
+    );
+    assert_eq!(segments(&lent.taken, Side::Inside).len(), 1);
+    assert!(to_server(&lent.taken, &out) == relayed);
+
+    // A frame waiting for the server: every new one goes behind it.
+    let (lent, out) = batch([None, None], true);
+    assert_eq!(lent.asked[Side::Outside.index()], 0);
+    assert_eq!(out[0], (Side::Outside, b"waiting".to_vec()));
+    assert!(to_server(&[], &out[1..]) == relayed);
+    assert_eq!(segments(&lent.taken, Side::Inside).len(), 1);
+}
+
 /// With the buffer memory budget spent, a new tcp-split connection is
 /// passed to the fast path unsplit, and counted.
 #[test]

@@ -89,6 +89,14 @@ enum IpPair {
 }
 
 impl IpPair {
+    /// The fixed IP header's length.
+    fn header_len(&self) -> usize {
+        match self {
+            IpPair::V4(..) => 20,
+            IpPair::V6(..) => 40,
+        }
+    }
+
     /// Source and destination address bytes.
     fn addrs(&self) -> (&[u8], &[u8]) {
         match self {
@@ -514,12 +522,7 @@ impl Template {
     /// Bytes of Ethernet, IP and TCP header (without options) in front of
     /// a payload.
     pub fn header_len(&self) -> usize {
-        self.l2.len()
-            + match self.ip {
-                IpPair::V4(..) => 20,
-                IpPair::V6(..) => 40,
-            }
-            + 20
+        self.l2.len() + self.ip.header_len() + 20
     }
 
     /// Builds the frame that carries `seg` from this template's endpoint;
@@ -528,41 +531,62 @@ impl Template {
         self.build_with(seg, (&seg.payload, &[]), out)
     }
 
-    /// As [`Template::build`], with the payload given apart (in two
-    /// pieces, as it may lie in a ring) instead of `seg`'s own.
+    /// As [`Template::build`], with the payload given apart from the
+    /// segment (in two pieces, as a ring buffer lends it): appended to
+    /// `out`; returns the frame's length.
     pub fn build_with(&self, seg: &Segment, payload: (&[u8], &[u8]), out: &mut Vec<u8>) -> usize {
+        let head = self.headers(seg, payload.0.len() + payload.1.len());
         let start = out.len();
-        out.extend_from_slice(&self.l2);
+        out.extend_from_slice(head.bytes());
+        out.extend_from_slice(payload.0);
+        out.extend_from_slice(payload.1);
+        head.sum_into(&mut out[start..]);
+        out.len() - start
+    }
+
+    /// Every header of the frame that carries `seg` and `payload` bytes
+    /// from this template's endpoint, IPv4 checksum done, the TCP one
+    /// left to [`Headers::write`] (it covers the payload).
+    pub fn headers(&self, seg: &Segment, payload: usize) -> Headers {
         let mut opts = Vec::with_capacity(40);
         seg.options.emit(&mut opts);
-        let tcp_len = 20 + opts.len() + payload.0.len() + payload.1.len();
-        let ip_start = out.len();
+        let tcp_len = 20 + opts.len() + payload;
+        let mut h = Headers {
+            buf: [0; HEADERS_MAX],
+            len: 0,
+            tcp_start: 0,
+            pseudo: 0,
+        };
+        let mut put = |bytes: &[u8]| {
+            h.buf[h.len..h.len + bytes.len()].copy_from_slice(bytes);
+            h.len += bytes.len();
+        };
+        put(&self.l2);
+        let ip_start = self.l2.len();
         match self.ip {
             IpPair::V4(s, d) => {
                 let total = (20 + tcp_len) as u16;
-                out.extend_from_slice(&[0x45, self.marks.dscp]);
-                out.extend_from_slice(&total.to_be_bytes());
+                put(&[0x45, self.marks.dscp]);
+                put(&total.to_be_bytes());
                 // ID 0 with DF set (RFC 6864 §4.1: atomic datagrams).
-                out.extend_from_slice(&[0, 0, 0x40, 0, self.marks.hops, 6, 0, 0]);
-                out.extend_from_slice(&s);
-                out.extend_from_slice(&d);
-                let c = ipv4_header_checksum(&out[ip_start..ip_start + 20]);
-                out[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
+                put(&[0, 0, 0x40, 0, self.marks.hops, 6, 0, 0]);
+                put(&s);
+                put(&d);
             }
             IpPair::V6(s, d) => {
                 let word = 6 << 28 | u32::from(self.marks.dscp) << 20 | self.marks.flow_label;
-                out.extend_from_slice(&word.to_be_bytes());
-                out.extend_from_slice(&(tcp_len as u16).to_be_bytes());
-                out.extend_from_slice(&[6, self.marks.hops]);
-                out.extend_from_slice(&s);
-                out.extend_from_slice(&d);
+                put(&word.to_be_bytes());
+                put(&(tcp_len as u16).to_be_bytes());
+                put(&[6, self.marks.hops]);
+                put(&s);
+                put(&d);
             }
         }
-        let tcp_start = out.len();
-        out.extend_from_slice(&self.src_port.to_be_bytes());
-        out.extend_from_slice(&self.dst_port.to_be_bytes());
-        out.extend_from_slice(&seg.seq.0.to_be_bytes());
-        out.extend_from_slice(&seg.ack.0.to_be_bytes());
+        let tcp_start = ip_start + self.ip.header_len();
+        put(&self.src_port.to_be_bytes());
+        put(&self.dst_port.to_be_bytes());
+        put(&seg.seq.0.to_be_bytes());
+        put(&seg.ack.0.to_be_bytes());
         let f = seg.flags;
         let flags = u8::from(f.fin)
             | u8::from(f.syn) << 1
@@ -570,19 +594,63 @@ impl Template {
             | u8::from(f.psh) << 3
             | u8::from(f.ack) << 4
             | u8::from(f.urg) << 5;
-        out.push((((20 + opts.len()) / 4) as u8) << 4);
-        out.push(flags);
-        out.extend_from_slice(&seg.window.to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        out.extend_from_slice(&opts);
-        out.extend_from_slice(payload.0);
-        out.extend_from_slice(payload.1);
+        put(&[(((20 + opts.len()) / 4) as u8) << 4, flags]);
+        put(&seg.window.to_be_bytes());
+        put(&[0, 0, 0, 0]);
+        put(&opts);
+        if let IpPair::V4(..) = self.ip {
+            let c = ipv4_header_checksum(&h.buf[ip_start..ip_start + 20]);
+            h.buf[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
+        }
         // Pseudo-header (RFC 9293 §3.1; RFC 8200 §8.1 for IPv6).
         let (src, dst) = self.ip.addrs();
-        let pseudo = sum16(sum16(sum16(0, src), dst), &[0, 6]) + tcp_len as u32;
-        let c = fold(sum16(pseudo, &out[tcp_start..]));
-        out[tcp_start + 16..tcp_start + 18].copy_from_slice(&c.to_be_bytes());
-        out.len() - start
+        h.pseudo = sum16(sum16(sum16(0, src), dst), &[0, 6]) + tcp_len as u32;
+        h.tcp_start = tcp_start;
+        h
+    }
+}
+
+/// Room for a frame's headers: Ethernet with two VLAN tags (22, the most
+/// the parser takes a template from), IPv6 (40), TCP with the most
+/// options (60), and a margin.
+const HEADERS_MAX: usize = 160;
+
+/// A frame's headers, built before its payload is placed (see
+/// [`Template::headers`]): written into a buffer of the frame's length
+/// wherever that lies (a UMEM frame, a `Vec`).
+pub struct Headers {
+    buf: [u8; HEADERS_MAX],
+    len: usize,
+    tcp_start: usize,
+    /// The pseudo-header's sum, TCP length included.
+    pseudo: u32,
+}
+
+impl Headers {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The frame's length with `payload` bytes.
+    pub fn frame_len(&self, payload: usize) -> usize {
+        self.len + payload
+    }
+
+    /// Writes the whole frame, these headers and `payload`, into `out`
+    /// (exactly [`Headers::frame_len`] bytes) and sets its TCP checksum.
+    pub fn write(&self, payload: (&[u8], &[u8]), out: &mut [u8]) {
+        let (head, rest) = out.split_at_mut(self.len);
+        head.copy_from_slice(self.bytes());
+        let (first, second) = rest.split_at_mut(payload.0.len());
+        first.copy_from_slice(payload.0);
+        second.copy_from_slice(payload.1);
+        self.sum_into(out);
+    }
+
+    /// Sets the TCP checksum of `frame`, these headers and their payload.
+    fn sum_into(&self, frame: &mut [u8]) {
+        let c = fold(sum16(self.pseudo, &frame[self.tcp_start..]));
+        frame[self.tcp_start + 16..self.tcp_start + 18].copy_from_slice(&c.to_be_bytes());
     }
 }
 

@@ -449,6 +449,52 @@ impl QueuePort {
         Ok(parts)
     }
 
+    /// Write a frame of `len` bytes with `fill` (given exactly `len`
+    /// bytes) straight into a free frame and queue it for transmission on
+    /// `side`: [`QueuePort::build_send`] without a buffer to copy from.
+    /// Refused as that is (no frame free, the side at its share), and a
+    /// frame longer than one UMEM frame as `Unsendable`: such a frame is
+    /// for `build_send` to chain.
+    pub fn build_send_with(
+        &mut self,
+        side: Side,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), BuildError> {
+        if len == 0 || len > self.chunk {
+            return Err(BuildError::Unsendable(len));
+        }
+        let held = &self.sides[side.index()];
+        if !may_take(held.pending.len() + held.in_flight, 1, self.tx_share) {
+            return Err(BuildError::NoFreeFrame);
+        }
+        let Some(mut desc) = self.free.pop() else {
+            return Err(BuildError::NoFreeFrame);
+        };
+        // A freed RX frame may still carry its chain flag.
+        desc.set_options(0);
+        let written = {
+            // SAFETY: a free frame is in no ring; we are its only user.
+            let mut data = unsafe { self.umem.data_mut(&mut desc) };
+            // The frame's length is the cursor's position.
+            data.cursor().set_pos(len);
+            let frame = data.contents_mut();
+            // Always (a chunk fits a frame); were it not, nothing
+            // half-written may go out.
+            let fits = frame.len() == len;
+            if fits {
+                fill(frame);
+            }
+            fits
+        };
+        if !written {
+            self.free.push(desc);
+            return Err(BuildError::Unsendable(len));
+        }
+        self.sides[side.index()].pending.push_back(desc);
+        Ok(())
+    }
+
     /// Copy `bytes` into one free frame, or `None` when none is free or
     /// the bytes do not fit in one.
     pub fn build(&mut self, bytes: &[u8]) -> Option<FrameDesc> {
