@@ -301,6 +301,14 @@ pub struct Conn {
     /// The retransmissions since the last reduction, to be matched
     /// against DSACKs (RFC 3708).
     episode: Option<Episode>,
+    /// That episode began with a tail loss probe sent while the flight
+    /// filled the peer's window.
+    probed_full_window: bool,
+    /// Such a probe proved spurious: this peer holds its ACK while its
+    /// window is full (its application has not read), so a flight that
+    /// fills the window waits a delayed ACK's time before it is probed.
+    /// Forgotten at a retransmission timeout.
+    peer_holds_acks: bool,
     /// Duplicate segments received, to report one per ACK as its first
     /// SACK block (RFC 2883); contiguous ones merged, at most
     /// [`DSACK_QUEUE`] kept.
@@ -415,6 +423,8 @@ impl Conn {
             sack_gaps: Vec::new(),
             tlp_at: None,
             episode: None,
+            probed_full_window: false,
+            peer_holds_acks: false,
             dsack: VecDeque::new(),
             time_wait_until: None,
             pending_rst: None,
@@ -1254,6 +1264,7 @@ impl Conn {
             return true;
         }
         self.episode = None;
+        self.peer_holds_acks |= std::mem::take(&mut self.probed_full_window);
         if self.cc.undo() {
             self.stats.spurious_undone += 1;
             self.retransmit_now = false;
@@ -1344,6 +1355,7 @@ impl Conn {
     /// start at SND.UNA.
     fn new_loss_episode(&mut self) {
         self.episode = None;
+        self.probed_full_window = false;
         self.high_rxt = self.snd_una;
         self.resent_at.clear();
     }
@@ -1546,6 +1558,9 @@ impl Conn {
         //# (5.6) Start the retransmission timer
         self.cc.on_rto(self.flight());
         self.episode = None;
+        // Waiting out a delayed ACK may have cost this timeout: probe at
+        // two SRTTs again until a probe proves spurious once more.
+        self.peer_holds_acks = false;
         // Go-back-N resends from SND.UNA; SACKs start over (a peer may
         // also have reneged, RFC 2018 §8).
         self.scoreboard.clear();
@@ -1971,10 +1986,16 @@ impl Conn {
         None
     }
 
+    /// The flight fills the peer's window: no further full segment fits.
+    fn window_full(&self) -> bool {
+        self.flight().saturating_add(self.mss) > self.snd_wnd
+    }
+
     /// (Re)starts the tail loss probe timer while data is out and no
     /// recovery runs: two smoothed RTTs (at least 10 ms), plus a delayed
-    /// ACK's worth when one segment is out or the flight fills the peer's
-    /// window, and never later than the RTO.
+    /// ACK's worth when one segment is out or the flight fills the window
+    /// of a peer known to hold its ACKs then, and never later than the
+    /// RTO.
     fn arm_tail_probe(&mut self, now: Instant) {
         self.tlp_at = None;
         if self.rack_at.is_some() {
@@ -2000,15 +2021,16 @@ impl Conn {
             return;
         }
         // RFC 8985 §7.2 adds the worst-case delayed ACK (WCDelAckT) when
-        // one segment is out. A flight that fills the peer's window draws a delayed ACK just
-        // as surely: its buffer is then full, and Linux ACKs at once only
-        // when its window would not shrink, so the ACK waits for the
-        // application to read. Probing sooner sent a slow reader every
-        // flight twice (and the copy's echoed timestamp kept SRTT short);
-        // a tail really lost there is the RTO's.
-        let flight = self.flight();
+        // one segment is out. A slow reader delays its ACK as surely when
+        // the flight fills its window: its buffer is then full, and Linux
+        // ACKs at once only when its window would not shrink, so the ACK
+        // waits for the application to read. Probing at two SRTTs sent
+        // such a reader every flight twice (the copy's echoed timestamp
+        // kept SRTT short). A reader that keeps up ACKs at once, and its
+        // lost tail is the probe's: so the allowance waits until one
+        // probe at a full window proved spurious.
         let mut pto = (srtt * 2).max(Duration::from_millis(10));
-        if flight <= self.mss || flight.saturating_add(self.mss) > self.snd_wnd {
+        if self.flight() <= self.mss || (self.peer_holds_acks && self.window_full()) {
             pto += Duration::from_millis(200);
         }
         let at = now + pto;
@@ -2031,6 +2053,7 @@ impl Conn {
         }
         if self.cc.on_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit {
             self.new_loss_episode();
+            self.probed_full_window = self.window_full();
             self.stats.tail_probes += 1;
             self.retransmit_now = true;
         }
