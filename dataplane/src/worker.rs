@@ -444,6 +444,9 @@ impl Worker {
             }
         }
         work += self.drain_crossbar(now, now_ms);
+        // Frames written straight into the port count as work, as those
+        // `send_split` builds do.
+        let queued = self.port.pending_tx();
         if let Some(sp) = self.sessions.as_mut() {
             // The split connections' frames go straight into free UMEM
             // frames; what the port refuses waits in `out` (send_split).
@@ -457,6 +460,7 @@ impl Worker {
             }
             sp.on_timers_into(now, Some(&mut self.port));
         }
+        work += self.port.pending_tx().saturating_sub(queued);
         work += self.send_split();
         // Owners of crossed frames start on them while this one transmits.
         self.wake_owners();

@@ -937,7 +937,6 @@ pub struct Live {
     pub buffer_capacity: u64,
 }
 
-/// Keeps a frame buffer for reuse, up to a bound.
 /// Transmit memory a frame can be written into where it is sent from
 /// (the worker lends its free UMEM frames for a round), so that it is not
 /// built in a buffer and copied there after.
@@ -956,6 +955,7 @@ fn take_spare(spare: &mut Vec<Vec<u8>>) -> Vec<u8> {
     buf
 }
 
+/// Keeps a frame buffer for reuse, up to a bound.
 fn keep_spare(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
     if spare.len() < 256 {
         spare.push(buf);
