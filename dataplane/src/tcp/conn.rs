@@ -301,10 +301,11 @@ pub struct Conn {
     /// The retransmissions since the last reduction, to be matched
     /// against DSACKs (RFC 3708).
     episode: Option<Episode>,
-    /// That episode began with a tail loss probe sent while the flight
-    /// filled the peer's window.
-    probed_full_window: bool,
-    /// Such a probe proved spurious: this peer holds its ACK while its
+    /// Where the last tail loss probe sent while the flight filled the
+    /// peer's window resent from, until a DSACK shows that copy was a
+    /// duplicate (or a timeout).
+    full_window_probe: Option<SeqNum>,
+    /// Such a probe's copy was DSACKed: this peer holds its ACK while its
     /// window is full (its application has not read), so a flight that
     /// fills the window waits a delayed ACK's time before it is probed.
     /// Forgotten at a retransmission timeout.
@@ -423,7 +424,7 @@ impl Conn {
             sack_gaps: Vec::new(),
             tlp_at: None,
             episode: None,
-            probed_full_window: false,
+            full_window_probe: None,
             peer_holds_acks: false,
             dsack: VecDeque::new(),
             time_wait_until: None,
@@ -1237,6 +1238,12 @@ impl Conn {
             return false;
         }
         self.stats.dsacks_in += 1;
+        // The copy a probe at a full window sent was a duplicate: the
+        // peer had the bytes and sat on its ACK.
+        if self.full_window_probe.is_some_and(|p| l.le(p) && p.lt(r)) {
+            self.full_window_probe = None;
+            self.peer_holds_acks = true;
+        }
         let Some(ep) = self.episode.as_mut() else {
             return true;
         };
@@ -1264,7 +1271,6 @@ impl Conn {
             return true;
         }
         self.episode = None;
-        self.peer_holds_acks |= std::mem::take(&mut self.probed_full_window);
         if self.cc.undo() {
             self.stats.spurious_undone += 1;
             self.retransmit_now = false;
@@ -1355,7 +1361,6 @@ impl Conn {
     /// start at SND.UNA.
     fn new_loss_episode(&mut self) {
         self.episode = None;
-        self.probed_full_window = false;
         self.high_rxt = self.snd_una;
         self.resent_at.clear();
     }
@@ -1561,6 +1566,7 @@ impl Conn {
         // Waiting out a delayed ACK may have cost this timeout: probe at
         // two SRTTs again until a probe proves spurious once more.
         self.peer_holds_acks = false;
+        self.full_window_probe = None;
         // Go-back-N resends from SND.UNA; SACKs start over (a peer may
         // also have reneged, RFC 2018 §8).
         self.scoreboard.clear();
@@ -2053,7 +2059,8 @@ impl Conn {
         }
         if self.cc.on_loss(self.snd_nxt, self.flight()) == AckAction::Retransmit {
             self.new_loss_episode();
-            self.probed_full_window = self.window_full();
+            // The probe resends SND.UNA's segment (`retransmission`).
+            self.full_window_probe = self.window_full().then_some(self.snd_una);
             self.stats.tail_probes += 1;
             self.retransmit_now = true;
         }
