@@ -435,21 +435,28 @@ pub fn normalised(frame: &[u8], how: Normalise) -> Option<Vec<u8>> {
 fn sum16(acc: u32, bytes: &[u8]) -> u32 {
     const LANES: usize = 8;
     let mut lanes = [0u64; LANES];
-    let mut add = |block: &[u8]| {
+    let mut blocks = bytes.chunks_exact(LANES * 4);
+    for block in &mut blocks {
         for (lane, word) in lanes.iter_mut().zip(block.chunks_exact(4)) {
             *lane += u64::from(u32::from_ne_bytes(word.try_into().expect("4 bytes")));
         }
-    };
-    let mut blocks = bytes.chunks_exact(LANES * 4);
-    for block in &mut blocks {
-        add(block);
     }
     // The last 0-31 bytes: words in memory order, an odd byte padded.
-    let mut tail = [0u8; LANES * 4];
-    let rest = blocks.remainder();
-    tail[..rest.len()].copy_from_slice(rest);
-    add(&tail);
+    // Spelt out rather than copied into a padded block: a copy of a
+    // length known only at run time is a call to memcpy, which cost the
+    // short sums (the addresses of the pseudo-header) more than the sum.
+    let mut words = blocks.remainder().chunks_exact(4);
     let mut x = lanes.iter().map(|&l| u128::from(l)).sum::<u128>();
+    for word in &mut words {
+        x += u128::from(u32::from_ne_bytes(word.try_into().expect("4 bytes")));
+    }
+    let last = match *words.remainder() {
+        [a] => [a, 0, 0, 0],
+        [a, b] => [a, b, 0, 0],
+        [a, b, c] => [a, b, c, 0],
+        _ => [0; 4],
+    };
+    x += u128::from(u32::from_ne_bytes(last));
     while x >> 16 != 0 {
         x = (x & 0xffff) + (x >> 16);
     }
