@@ -692,8 +692,9 @@ impl Sessions {
             let template = &templates[to.other().index()];
             let payload = split.lent(dir);
             if let (false, Some(sink)) = (queued[to.index()], sink.as_deref_mut()) {
-                let head = template.headers(&seg, payload.0.len() + payload.1.len());
-                let len = head.frame_len(payload.0.len() + payload.1.len());
+                let bytes = payload.0.len() + payload.1.len();
+                let head = template.headers(&seg, bytes);
+                let len = head.frame_len(bytes);
                 if sink.build(to, len, &mut |frame| head.write(payload, frame)) {
                     continue;
                 }

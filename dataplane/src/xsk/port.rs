@@ -6,7 +6,7 @@
 //! chain together: it submits whole chains to a TX ring (the kernel would
 //! wait for the rest of a partial one, holding a half-built skb).
 
-use std::{collections::VecDeque, io::Write, num::NonZeroU32, os::fd::AsRawFd};
+use std::{collections::VecDeque, num::NonZeroU32, os::fd::AsRawFd};
 
 use thiserror::Error;
 use xsk_rs::{
@@ -465,32 +465,15 @@ impl QueuePort {
             return Err(BuildError::Unsendable(len));
         }
         let held = &self.sides[side.index()];
-        if !may_take(held.pending.len() + held.in_flight, 1, self.tx_share) {
+        if self.free.is_empty() || !may_take(held.pending.len() + held.in_flight, 1, self.tx_share)
+        {
             return Err(BuildError::NoFreeFrame);
         }
-        let Some(mut desc) = self.free.pop() else {
-            return Err(BuildError::NoFreeFrame);
-        };
-        // A freed RX frame may still carry its chain flag.
-        desc.set_options(0);
-        let written = {
-            // SAFETY: a free frame is in no ring; we are its only user.
-            let mut data = unsafe { self.umem.data_mut(&mut desc) };
-            // The frame's length is the cursor's position.
-            data.cursor().set_pos(len);
-            let frame = data.contents_mut();
-            // Always (a chunk fits a frame); were it not, nothing
-            // half-written may go out.
-            let fits = frame.len() == len;
-            if fits {
-                fill(frame);
-            }
-            fits
-        };
-        if !written {
-            self.free.push(desc);
-            return Err(BuildError::Unsendable(len));
-        }
+        // Always fits (a chunk fits a frame); were it not, nothing
+        // half-written goes out.
+        let desc = self
+            .fill_free(len, fill)
+            .ok_or(BuildError::Unsendable(len))?;
         self.sides[side.index()].pending.push_back(desc);
         Ok(())
     }
@@ -498,14 +481,30 @@ impl QueuePort {
     /// Copy `bytes` into one free frame, or `None` when none is free or
     /// the bytes do not fit in one.
     pub fn build(&mut self, bytes: &[u8]) -> Option<FrameDesc> {
+        self.fill_free(bytes.len(), &mut |frame| frame.copy_from_slice(bytes))
+    }
+
+    /// Write a frame of `len` bytes with `fill` (given exactly `len`
+    /// bytes) into a free frame, or `None` when none is free or `len` does
+    /// not fit in one (then nothing is written).
+    fn fill_free(&mut self, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Option<FrameDesc> {
         let mut desc = self.free.pop()?;
         // A freed RX frame may still carry its chain flag.
         desc.set_options(0);
-        // SAFETY: a free frame is in no ring; we are its only user.
-        let mut data = unsafe { self.umem.data_mut(&mut desc) };
-        let mut cursor = data.cursor();
-        cursor.set_pos(0);
-        if cursor.write_all(bytes).is_err() {
+        let written = {
+            // SAFETY: a free frame is in no ring; we are its only user.
+            let mut data = unsafe { self.umem.data_mut(&mut desc) };
+            // The frame's length is the cursor's position (at most the
+            // frame's room).
+            data.cursor().set_pos(len);
+            let frame = data.contents_mut();
+            let fits = frame.len() == len;
+            if fits {
+                fill(frame);
+            }
+            fits
+        };
+        if !written {
             self.free.push(desc);
             return None;
         }
