@@ -51,6 +51,29 @@ fn server_connections(h: &Harness) -> String {
         .join("\n")
 }
 
+/// The client's socket toward the server: bytes waiting for curl to
+/// read (Recv-Q) and segments it dropped (`skmem` `d`).
+fn client_socket(h: &Harness) -> (u64, u64) {
+    let out = h
+        .client
+        .exec("ss", &["-Htnm", "state", "established", "( dport = :443 )"])
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let queued = text
+        .lines()
+        .filter(|l| l.contains(SERVER_V4))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    let dropped = text
+        .split(",d")
+        .skip(1)
+        .filter_map(|t| t.split(')').next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    (queued, dropped)
+}
+
 #[test]
 fn stopping_resets_live_splits_on_both_sides_and_logs_them() {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
@@ -64,9 +87,9 @@ fn stopping_resets_live_splits_on_both_sides_and_logs_them() {
     let nginx = Nginx::start(&h, 443).expect("nginx");
     nginx.add_file("big", 128 << 20, 5).unwrap();
 
-    // A download far from done when the engine stops (about a minute).
+    // A download far from done when the engine stops (20 minutes).
     let mut args = nginx.curl_args(SERVER_V4, "big");
-    args.splice(0..0, ["--limit-rate".into(), "2M".into()]);
+    args.splice(0..0, ["--limit-rate".into(), "100K".into()]);
     args.splice(0..0, ["-o".into(), "/dev/null".into()]);
     let child = h
         .client
@@ -85,6 +108,26 @@ fn stopping_resets_live_splits_on_both_sides_and_logs_them() {
         })
         .unwrap();
 
+    // Stopped while curl lags far behind: its socket's queue full, the
+    // client dropping what the engine sends (or refusing its zero-window
+    // probe), so a RST at SND.NXT misses. It did, in one CI run of four
+    // and one run in three of this shape: curl waited on. (Should this
+    // kernel never drop, the stop comes at the deadline all the same.)
+    let lagging = wait_until(
+        "the client dropping segments",
+        Duration::from_secs(30),
+        || {
+            let (queued, dropped) = client_socket(&h);
+            if queued >= 128 << 10 && dropped > 0 {
+                Ok(Some(()))
+            } else {
+                Err(format!("{queued} bytes queued, {dropped} dropped"))
+            }
+        },
+    );
+    if let Err(e) = lagging {
+        eprintln!("stopping anyway: {e:#}");
+    }
     let stopped_at = Instant::now();
     let (status, clean, _, err) = engine.stop();
     assert!(clean && status.success(), "engine exit {status}: {err}");

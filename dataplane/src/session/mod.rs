@@ -259,7 +259,14 @@ enum Entry {
     Releasing(Box<Releasing>),
     /// A split connection that ended: late segments of it (retransmitted
     /// ACKs, a RST racing ours) are dropped, not forwarded, until idle.
-    Ended,
+    /// One that was reset (either half, by us or by its peer) answers
+    /// each of them but a RST with a RST back, as a closed port does
+    /// (RFC 9293 §3.10.7.1): a peer our RST missed (it came outside the
+    /// peer's window, and the peer answered with a challenge ACK, RFC
+    /// 5961 §3.2) learns at its next segment that the connection is gone.
+    Ended {
+        reset: bool,
+    },
     /// Refused with no connection state behind it (seen mid-flow): every
     /// later segment but a RST is dropped and answered with a RST back to
     /// its sender, as a closed port answers (RFC 9293 §3.10.7.1), until
@@ -446,7 +453,10 @@ impl Sessions {
         let mut passed_before = None;
         if is_syn {
             let stale = self.flows.get(&id).is_some_and(|f| match &f.entry {
-                Entry::Passthrough(_) | Entry::Releasing(_) | Entry::Ended | Entry::Closed => true,
+                Entry::Passthrough(_)
+                | Entry::Releasing(_)
+                | Entry::Ended { .. }
+                | Entry::Closed => true,
                 Entry::Split { split, .. } => split.finished(),
                 Entry::Tracking(_) => false,
             });
@@ -533,8 +543,12 @@ impl Sessions {
                 }
                 return Disposition::Forward;
             }
-            Entry::Ended => {
+            Entry::Ended { reset } => {
+                let reset = *reset;
                 self.counters.after_close += 1;
+                if reset {
+                    self.reset_sender(side, frame, &parsed, payload.len());
+                }
                 return Disposition::Consumed;
             }
             Entry::Closed => {
@@ -718,7 +732,8 @@ impl Sessions {
             self.parked.remove(&id);
             absorb(&mut self.counters, split);
             self.ops.push(MapOp::Forget(meta.key));
-            flow.entry = Entry::Ended;
+            let reset = split.client.aborted().is_some() || split.server.aborted().is_some();
+            flow.entry = Entry::Ended { reset };
             flow.since = self.epoch;
             self.evictable[SETTLED].push_back((self.epoch, id));
             self.epoch += 1;
@@ -870,7 +885,7 @@ impl Sessions {
             .is_some_and(|f| match &f.entry {
                 Entry::Tracking(t) => t.hold.is_some(),
                 Entry::Passthrough(meta) => meta.is_some(),
-                Entry::Split { .. } | Entry::Releasing(_) | Entry::Ended => true,
+                Entry::Split { .. } | Entry::Releasing(_) | Entry::Ended { .. } => true,
                 Entry::Closed => false,
             })
     }
@@ -904,7 +919,7 @@ impl Sessions {
             }
             Entry::Passthrough(meta) => with("bypass", meta.as_deref(), None),
             Entry::Releasing(r) => with("bypass", r.meta.as_deref(), None),
-            Entry::Ended => with("ended", None, None),
+            Entry::Ended { .. } => with("ended", None, None),
             Entry::Closed => with("reset", None, None),
         })
     }

@@ -171,7 +171,7 @@ impl Sessions {
             return false;
         };
         let Some(last_seen) = self.flows.get(&id).and_then(|f| match f.entry {
-            Entry::Passthrough(_) | Entry::Releasing(_) | Entry::Ended | Entry::Closed => {
+            Entry::Passthrough(_) | Entry::Releasing(_) | Entry::Ended { .. } | Entry::Closed => {
                 Some(f.last_seen)
             }
             Entry::Tracking(_) | Entry::Split { .. } => None,

@@ -69,7 +69,8 @@ impl Split {
 
     /// The engine is stopping: both halves are reset now (RFC 9293
     /// §3.10.5, ABORT: a RST at SND.NXT, behind the segments already
-    /// sent; bytes not sent yet are dropped), whatever the stage was doing.
+    /// sent, or at the edge of a shut window, see [`Conn::abort`]; bytes
+    /// not sent yet are dropped), whatever the stage was doing.
     pub fn stop(&mut self) {
         self.stopped = true;
         self.parked = false;

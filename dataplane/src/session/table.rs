@@ -37,7 +37,7 @@ impl Sessions {
                 }
                 true
             }
-            Entry::Ended | Entry::Closed => {
+            Entry::Ended { .. } | Entry::Closed => {
                 now.duration_since(f.last_seen) < idle.min(Duration::from_secs(60))
             }
             // On the XDP fast path a passed connection sends the worker

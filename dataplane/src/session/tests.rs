@@ -1326,6 +1326,83 @@ fn stopping_resets_a_live_split_on_both_sides_and_logs_it() {
     assert_eq!((b.sp.counters.stopped, b.sp.unfinished()), (1, 0));
 }
 
+/// A client that reads nothing is still reset when the engine stops. Its
+/// window is shut and it refused the engine's zero-window probe, so
+/// SND.NXT is one past what it expects: a RST there lies outside its
+/// window and Linux drops it unseen (curl waited on, an outside run).
+/// The RST goes at the window's edge, the byte it expects; and should a
+/// RST of ours miss anyway, the peer's next segment (its challenge ACK)
+/// is answered with a RST at the sequence number it acknowledges.
+#[test]
+fn a_reader_with_a_shut_window_is_reset_where_it_expects_when_the_engine_stops() {
+    let mut b = Bench::new(SessionSettings::default());
+    let req = b"GET / HTTP/1.1\r\n\r\n";
+    let n = req.len() as u32;
+    b.client_data(0, req);
+    b.sent();
+    let body = [7u8; 1000];
+    b.send(Dir::Server, &seg(S_ISN + 1, C_ISN + 1 + n, false, &body));
+    assert!(segments(&b.sent(), Side::Inside)
+        .iter()
+        .any(|s| s.payload.len() == body.len()));
+    // The client takes it all and shuts its window; the server sends more.
+    let mut shut = seg(C_ISN + 1 + n, S_ISN + 1 + 1000, false, b"");
+    shut.window = 0;
+    b.send(Dir::Client, &shut);
+    b.send(Dir::Server, &seg(S_ISN + 1001, C_ISN + 1 + n, false, &body));
+    b.sent();
+    // The persist timer sends the probe (an RTO or so later).
+    let mut probe = Vec::new();
+    for _ in 0..60 {
+        b.now += Duration::from_millis(500);
+        b.sp.on_timers(b.now);
+        probe = segments(&b.sent(), Side::Inside);
+        if !probe.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        probe
+            .iter()
+            .any(|s| s.seq == SeqNum(S_ISN + 1001) && s.payload.len() == 1),
+        "a zero-window probe of one new byte: {probe:?}"
+    );
+    // Refused: the client acknowledges what it had, the window still shut.
+    shut.options.timestamps = Some(Timestamps {
+        val: C_ISN + 2 + n,
+        ecr: 0,
+    });
+    b.send(Dir::Client, &shut);
+    b.sent();
+
+    b.sp.stop_all(b.now);
+    let out = b.sent();
+    assert_reset_both_ways(&out);
+    let rst = segments(&out, Side::Inside)
+        .into_iter()
+        .find(|s| s.flags.rst)
+        .unwrap();
+    assert_eq!(rst.seq, SeqNum(S_ISN + 1001), "{rst:?}");
+
+    // A peer our RST missed answers it with a challenge ACK: it is told
+    // at once, with a RST at what it acknowledges.
+    shut.options.timestamps = Some(Timestamps {
+        val: C_ISN + 3 + n,
+        ecr: 0,
+    });
+    assert_eq!(b.send(Dir::Client, &shut), Disposition::Consumed);
+    let back = segments(&b.sent(), Side::Inside);
+    assert!(
+        matches!(&back[..], [r] if r.flags.rst && r.seq == SeqNum(S_ISN + 1001)),
+        "{back:?}"
+    );
+    // A RST is not answered.
+    let mut peer_rst = seg(C_ISN + 1 + n, 0, false, b"");
+    peer_rst.flags.rst = true;
+    b.send(Dir::Client, &peer_rst);
+    assert!(b.sent().is_empty());
+}
+
 #[test]
 fn a_connection_held_for_its_decision_is_reset_when_the_engine_stops() {
     let mut b = Bench::new(SessionSettings::default());

@@ -696,13 +696,29 @@ impl Conn {
         self.abort = Some(Abort::Local);
         self.lent = Lent::default();
         Some(Segment {
-            seq: self.snd_nxt,
+            seq: self.reset_seq(),
             flags: Flags {
                 rst: true,
                 ..Flags::default()
             },
             ..Segment::default()
         })
+    }
+
+    /// Where our RST goes: SND.NXT, unless that lies past the right edge
+    /// of the peer's window (the byte of a zero-window probe, a window
+    /// the peer took back), where a receiver drops a RST unseen (RFC 9293
+    /// §3.10.7.4 checks a RST's sequence number like any segment's; RFC
+    /// 5961 §3.2). The edge then, as Linux does (`tcp_acceptable_seq`):
+    /// after a refused zero-window probe it is exactly what the peer
+    /// expects, so a peer that reads nothing still learns of the reset.
+    fn reset_seq(&self) -> SeqNum {
+        let edge = self.snd_una + self.snd_wnd;
+        if self.snd_nxt.le(edge) {
+            self.snd_nxt
+        } else {
+            edge
+        }
     }
 
     fn ts_now(&self, now: Instant) -> u32 {
