@@ -543,15 +543,11 @@ impl Sessions {
                 }
                 return Disposition::Forward;
             }
-            Entry::Ended { reset } => {
-                let reset = *reset;
+            Entry::Ended { reset: false } => {
                 self.counters.after_close += 1;
-                if reset {
-                    self.reset_sender(side, frame, &parsed, payload.len());
-                }
                 return Disposition::Consumed;
             }
-            Entry::Closed => {
+            Entry::Ended { reset: true } | Entry::Closed => {
                 self.counters.after_close += 1;
                 self.reset_sender(side, frame, &parsed, payload.len());
                 return Disposition::Consumed;
