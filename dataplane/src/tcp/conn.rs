@@ -285,6 +285,12 @@ pub struct Conn {
     /// was lost again (found by an ACK, or by the probe timer when no ACK
     /// comes).
     resent_at: VecDeque<(SeqNum, Instant)>,
+    /// How often the hole at SND.UNA was found overdue and resent again
+    /// since SND.UNA last moved: each such resend doubles the wait for
+    /// the next ([`Conn::resend_wait`]), so a peer that fell silent (its
+    /// memory full, it drops every segment and ACKs none) is not sent the
+    /// same segment every 1.25 SRTT until the retransmission timeout.
+    overdue_resends: u32,
     /// What was sent and when, to find losses by time (RACK).
     rack: Rack,
     /// The RACK reorder timer (RFC 8985 §6.2 step 5): a segment still
@@ -335,6 +341,9 @@ struct Episode {
 
 const EPISODE_RANGES: usize = 32;
 const DSACK_QUEUE: usize = 8;
+/// The most an overdue resend's wait is doubled (2^10 x 1 ms is past any
+/// retransmission timeout, which then takes over).
+const MAX_OVERDUE_BACKOFF: u32 = 10;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct RcvTune {
@@ -418,6 +427,7 @@ impl Conn {
             scoreboard: Scoreboard::default(),
             high_rxt: snd,
             resent_at: VecDeque::new(),
+            overdue_resends: 0,
             rack: Rack::new(snd),
             rack_at: None,
             rto_high: None,
@@ -1133,6 +1143,7 @@ impl Conn {
             let data = (acked as usize).min(self.send_buf.len());
             self.send_buf.drain(..data);
             self.snd_una = ack;
+            self.overdue_resends = 0;
             self.scoreboard.advance(ack);
             if self.snd_nxt.lt(self.snd_una) {
                 self.snd_nxt = self.snd_una;
@@ -1362,6 +1373,7 @@ impl Conn {
                 *at = now;
                 self.retransmit_now = true;
                 self.stats.lost_retransmits += 1;
+                self.overdue_resends = self.overdue_resends.saturating_add(1);
             }
         }
     }
@@ -1379,13 +1391,17 @@ impl Conn {
         self.episode = None;
         self.high_rxt = self.snd_una;
         self.resent_at.clear();
+        self.overdue_resends = 0;
     }
 
     /// How long a resend in recovery may take to be acknowledged: 1.25
-    /// SRTT, at least a millisecond; `None` before any RTT sample.
+    /// SRTT, at least a millisecond, doubled for each time the hole at
+    /// SND.UNA was already found overdue (as RFC 6298 §5.5 backs off the
+    /// timer); `None` before any RTT sample.
     fn resend_wait(&self) -> Option<Duration> {
         let srtt = self.rtt.srtt()?;
-        Some((srtt * 5 / 4).max(Duration::from_millis(1)))
+        let base = (srtt * 5 / 4).max(Duration::from_millis(1));
+        Some(base * (1 << self.overdue_resends.min(MAX_OVERDUE_BACKOFF)))
     }
 
     /// Bytes SACKed above a hole that make it lost (RFC 6675 IsLost):
@@ -1587,6 +1603,7 @@ impl Conn {
         // also have reneged, RFC 2018 §8).
         self.scoreboard.clear();
         self.resent_at.clear();
+        self.overdue_resends = 0;
         self.rack.clear(self.snd_una);
         self.rack_at = None;
         self.rto_high = Some(self.snd_max);

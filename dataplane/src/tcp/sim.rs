@@ -799,6 +799,18 @@ mod tests {
         warmed_up_rtt(seed, Duration::ZERO)
     }
 
+    /// `s` reaches b, which ACKs it at once; what a sends on that ACK.
+    fn answered(a: &mut Conn, b: &mut Conn, s: &Segment, now: Instant) -> Vec<Segment> {
+        let mut out = Vec::new();
+        b.on_segment(s, now);
+        b.ack_now();
+        while let Some(ack) = b.poll_transmit(now) {
+            a.on_segment(&ack, now);
+            out.extend(std::iter::from_fn(|| a.poll_transmit(now)));
+        }
+        out
+    }
+
     fn deliver(from: &mut Conn, to: &mut Conn, now: Instant) -> usize {
         let mut n = 0;
         while let Some(s) = from.poll_transmit(now) {
@@ -986,16 +998,8 @@ mod tests {
         let lost: Vec<SeqNum> = [5, 15, 25].iter().map(|&i| flight[i].seq).collect();
         let mut resent = Vec::new();
         for (i, s) in flight.iter().enumerate() {
-            if [5, 15, 25].contains(&i) {
-                continue;
-            }
-            b.on_segment(s, now);
-            b.ack_now();
-            while let Some(ack) = b.poll_transmit(now) {
-                a.on_segment(&ack, now);
-                while let Some(r) = a.poll_transmit(now) {
-                    resent.push(r);
-                }
+            if ![5, 15, 25].contains(&i) {
+                resent.extend(answered(&mut a, &mut b, s, now));
             }
         }
         // All three holes went out again before any retransmission could
@@ -1034,18 +1038,7 @@ mod tests {
         }
         assert_eq!(flight.len(), 60);
         let (first, second) = (flight[5].seq, flight[25].seq);
-        let exchange = |a: &mut Conn, b: &mut Conn, s: &Segment, now: Instant| {
-            let mut out = Vec::new();
-            b.on_segment(s, now);
-            b.ack_now();
-            while let Some(ack) = b.poll_transmit(now) {
-                a.on_segment(&ack, now);
-                while let Some(r) = a.poll_transmit(now) {
-                    out.push(r);
-                }
-            }
-            out
-        };
+        let exchange = answered;
         let mut out = Vec::new();
         // All but the 6th and the 26th arrive (the last one later).
         for (i, s) in flight.iter().enumerate().take(59) {
@@ -1084,6 +1077,99 @@ mod tests {
         assert_eq!(resends(&more, second), 1);
         let st = a.stats();
         assert_eq!((st.lost_retransmits, st.rto_expirations), (2, 0), "{st:?}");
+    }
+
+    /// A peer that falls silent in SACK recovery (a Linux receiver whose
+    /// memory is full drops every segment and ACKs none) is not sent the
+    /// first hole every 1.25 SRTT until the retransmission timeout: each
+    /// further overdue resend of the same hole waits twice as long, so the
+    /// timeout's interval holds a handful of them, not one per
+    /// millisecond. An ACK that moves SND.UNA starts the wait over.
+    #[test]
+    fn a_silent_peer_in_sack_recovery_gets_backed_off_resends() {
+        let (mut a, mut b, t0) = warmed_up(37);
+        a.write(&vec![7u8; 60 * 1448]);
+        let flight = flight(&mut a, t0);
+        assert_eq!(flight.len(), 60);
+        let (first, second) = (flight[5].seq, flight[25].seq);
+        // All but the 6th and the 26th arrive and are ACKed at once: both
+        // holes are resent.
+        let mut out = Vec::new();
+        for (i, s) in flight.iter().enumerate() {
+            if i != 5 && i != 25 {
+                out.extend(answered(&mut a, &mut b, s, t0));
+            }
+        }
+        let resends = |out: &[Segment], seq: SeqNum| out.iter().filter(|r| r.seq == seq).count();
+        assert_eq!((resends(&out, first), resends(&out, second)), (1, 1));
+        // Then b drops everything and ACKs nothing; the resends of the
+        // first hole, each time `a`'s timer fires, until `stop` says so.
+        let silent =
+            |a: &mut Conn, now: &mut Instant, hole: SeqNum, stop: &dyn Fn(&[Duration]) -> bool| {
+                let from = *now;
+                let mut at = Vec::new();
+                let mut last = None;
+                while !stop(&at) && a.stats().rto_expirations == 0 {
+                    *now = a.next_deadline().expect("a timer runs while data is out");
+                    assert!(*now - from < Duration::from_secs(2), "{:?}", a.stats());
+                    a.on_timer(*now);
+                    while let Some(r) = a.poll_transmit(*now) {
+                        if r.seq == hole && a.stats().rto_expirations == 0 {
+                            at.push(*now - from);
+                            last = Some(r);
+                        }
+                    }
+                }
+                (at, last)
+            };
+        let doubling = |at: &[Duration]| {
+            at.windows(3)
+                .all(|w| w[2] - w[1] >= (w[1] - w[0]) * 2 - Duration::from_micros(1))
+        };
+        let mut now = t0;
+        let (at, last) = silent(&mut a, &mut now, first, &|at| at.len() == 4);
+        assert_eq!(at.len(), 4, "{at:?}");
+        assert!(doubling(&at), "{at:?}");
+        // The fourth arrives: SND.UNA moves to the second hole, whose
+        // resend is overdue by then; it is resent, and once more a wait
+        // of 1.25 SRTT (1 ms here) later, not 32 ms as the first hole's
+        // count would have it.
+        let ack_out = answered(&mut a, &mut b, &last.expect("a resend"), now);
+        assert_eq!(a.snd_una(), second);
+        let (at, _) = silent(&mut a, &mut now, second, &|at| at.len() == 2);
+        let sent = resends(&ack_out, second) + at.len();
+        assert!(sent >= 2, "{ack_out:?} {at:?}");
+        let gap = if resends(&ack_out, second) > 0 {
+            at[0]
+        } else {
+            at[1] - at[0]
+        };
+        assert!(gap <= Duration::from_millis(2), "{at:?}");
+        // Until the timeout, the second hole's resends back off too: the
+        // RTO (200 ms at least) holds 1, 2, 4, ... 128 waits of at least
+        // a millisecond, eight resends at most.
+        let (at, _) = silent(&mut a, &mut now, second, &|_| false);
+        assert!(
+            (1..=8).contains(&at.len()),
+            "resends before the RTO at {at:?}"
+        );
+        assert!(doubling(&at), "{at:?}");
+        assert_eq!(a.stats().rto_expirations, 1);
+        // The timeout's resend arrives; so does the rest: all acknowledged.
+        let end = flight[59].seq + flight[59].payload.len() as u32;
+        for _ in 0..100 {
+            if a.snd_una() == end {
+                break;
+            }
+            while let Some(s) = a.poll_transmit(now) {
+                b.on_segment(&s, now);
+            }
+            b.ack_now();
+            while let Some(ack) = b.poll_transmit(now) {
+                a.on_segment(&ack, now);
+            }
+        }
+        assert_eq!(a.snd_una(), end, "{:?}", a.stats());
     }
 
     /// A forged ACK whose SACK block straddles SND.UNA + 2³¹ (modular
