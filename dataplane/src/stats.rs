@@ -141,9 +141,9 @@ pub struct SplitCounters {
     /// Segments dropped: bad TCP checksum, malformed options.
     pub bad_checksum: u64,
     pub bad_options: u64,
-    /// From ended connections: retransmissions, challenge ACKs, bytes that
-    /// contradicted bytes already received, segments outside the window,
-    /// PAWS drops.
+    /// Of split connections, ended and live (a live one's so far):
+    /// retransmissions, challenge ACKs, bytes that contradicted bytes
+    /// already received, segments outside the window, PAWS drops.
     pub retransmits: u64,
     pub challenge_acks: u64,
     pub overlap_conflicts: u64,
@@ -235,7 +235,7 @@ pub struct SplitCounters {
     /// without a name, never decrypted).
     #[serde(default)]
     pub hello_malformed: u64,
-    /// Of ended splits, both halves: segments received with data, and
+    /// Of splits, ended and live, both halves: segments received with data, and
     /// segments sent without (pure ACKs, window updates).
     #[serde(default)]
     pub data_segments_in: u64,
@@ -253,7 +253,7 @@ pub struct SplitCounters {
     /// spent.
     #[serde(default)]
     pub memory_passthrough: u64,
-    /// Of ended splits' halves: window reductions taken back because every
+    /// Of splits' halves, ended and live: window reductions taken back because every
     /// retransmission was DSACKed (reordering, not loss), and DSACKs
     /// received.
     #[serde(default)]

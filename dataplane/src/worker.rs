@@ -726,11 +726,7 @@ impl Worker {
             tx_pending: self.port.pending_tx(),
             split: self.sessions.as_ref().map_or_else(Default::default, |sp| {
                 let mut c = sp.counters;
-                let live = sp.live();
-                c.active = live.splits;
-                c.bytes_c2s += live.c2s;
-                c.bytes_s2c += live.s2c;
-                c.buffer_capacity = live.buffer_capacity;
+                c.add(&sp.live());
                 c
             }),
             flows: Vec::new(),

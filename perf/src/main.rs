@@ -741,7 +741,7 @@ fn impaired(mib: usize, repeat: u32, clean: bool, engine_args: &[String]) -> any
                 all.frames
             );
             if let Some(e) = engine {
-                // Its halves' counts are added when the split ends.
+                // Its halves' final counts: once the split has ended.
                 let sp = e.wait_stats(
                     "the split to end",
                     std::time::Duration::from_secs(60),

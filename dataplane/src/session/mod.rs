@@ -41,7 +41,7 @@ mod table;
 
 use self::{
     hold::{NoDecision, Tracking},
-    records::{absorb, conn_id, end_reason, finding_entry, log_entry, Meta},
+    records::{absorb, add_halves, conn_id, end_reason, finding_entry, log_entry, Meta},
     split::Split,
     table::{EMBRYONIC, SETTLED},
 };
@@ -920,33 +920,29 @@ impl Sessions {
         })
     }
 
-    /// Split connections right now, and bytes relayed by those still open.
-    pub fn live(&self) -> Live {
-        let mut l = Live::default();
+    /// What the split connections still open count now, to be added to
+    /// [`Sessions::counters`] (which holds the ended ones' totals): how
+    /// many relay (`active`), the bytes they relayed, their halves'
+    /// buffer sizes summed (autotuned; what they may hold), and their
+    /// halves' TCP counters so far. As a connection ends its counts move
+    /// from here to there, so the sum never goes back.
+    pub fn live(&self) -> SplitCounters {
+        let mut l = SplitCounters::default();
         for f in self.flows.values() {
             if let Entry::Split { split, meta, .. } = &f.entry {
                 l.buffer_capacity += split.buffer_capacity();
+                add_halves(&mut l, split);
                 if meta.action == Some(Action::Block) {
                     continue; // refused, not relaying
                 }
-                l.splits += 1;
+                l.active += 1;
                 let (a, b) = split.relayed();
-                l.c2s += a;
-                l.s2c += b;
+                l.bytes_c2s += a;
+                l.bytes_s2c += b;
             }
         }
         l
     }
-}
-
-/// What the live split connections hold now.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Live {
-    pub splits: u64,
-    pub c2s: u64,
-    pub s2c: u64,
-    /// Their halves' buffer sizes, summed (autotuned; what they may hold).
-    pub buffer_capacity: u64,
 }
 
 /// Transmit memory a frame can be written into where it is sent from

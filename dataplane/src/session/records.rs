@@ -146,6 +146,25 @@ pub(super) fn absorb(counters: &mut SplitCounters, split: &Split) {
     counters.bytes_c2s += c2s;
     counters.bytes_s2c += s2c;
     counters.closed += 1;
+    add_halves(counters, split);
+    for c in [&split.client, &split.server] {
+        match c.aborted() {
+            Some(Abort::Reset) => counters.resets_received += 1,
+            Some(Abort::TimedOut) => counters.timed_out += 1,
+            Some(Abort::Local) | None => {}
+        }
+        if c.aborted().is_some() {
+            counters.aborted += 1;
+        }
+    }
+}
+
+/// Adds what a split's two halves counted so far (their TCP work:
+/// retransmissions, DSACKs, segments in and ACKs out) to `counters`: for
+/// an ended split once, when it ends; for a live one into each snapshot
+/// ([`super::Sessions::live`]), so that a long transfer's
+/// retransmissions show while it runs.
+pub(super) fn add_halves(counters: &mut SplitCounters, split: &Split) {
     for c in [&split.client, &split.server] {
         let s = c.stats();
         counters.retransmits += s.retransmits + s.rto_expirations;
@@ -164,13 +183,5 @@ pub(super) fn absorb(counters: &mut SplitCounters, split: &Split) {
         counters.paws_drops += s.paws_drops;
         counters.data_segments_in += s.data_in;
         counters.pure_acks_out += s.pure_acks_out;
-        match c.aborted() {
-            Some(Abort::Reset) => counters.resets_received += 1,
-            Some(Abort::TimedOut) => counters.timed_out += 1,
-            Some(Abort::Local) | None => {}
-        }
-        if c.aborted().is_some() {
-            counters.aborted += 1;
-        }
     }
 }

@@ -303,7 +303,7 @@ fn a_full_table_forgets_its_oldest_tracker_never_a_live_split() {
     // speaks.
     let data = seg(C_ISN + 1, S_ISN + 1, false, b"GET /");
     assert_eq!(send(&mut sp, 2, Dir::Client, &data), Disposition::Consumed);
-    assert_eq!(sp.live().splits, 2);
+    assert_eq!(sp.live().active, 2);
     // With only live splits left, a new connection goes untracked.
     let mut sp1 = Sessions::new(SessionSettings {
         max_flows: 1,
@@ -1236,6 +1236,37 @@ fn an_ended_split_is_logged_with_its_bytes_and_unpinned() {
         "{:?}",
         b.sp.ops
     );
+}
+
+/// A live split's halves' counters show while it runs (`live`), and move
+/// to the worker's totals when it ends: the sum never goes back, and a
+/// long transfer's duplicates or retransmissions are not hidden until
+/// its end.
+#[test]
+fn a_live_splits_counters_show_before_it_ends_and_move_to_the_totals() {
+    let mut b = Bench::new(SessionSettings::default());
+    let hello = client_hello("a.example", &[]);
+    b.client_data(0, &hello);
+    b.sent();
+    // The client sends its ClientHello again: a duplicate for the half.
+    b.client_data(0, &hello);
+    let total = |b: &Bench| {
+        let mut t = b.sp.counters;
+        t.add(&b.sp.live());
+        t
+    };
+    let live = b.sp.live();
+    assert_eq!((live.active, live.duplicates), (1, 1), "{live:?}");
+    assert_eq!((b.sp.counters.duplicates, b.sp.counters.closed), (0, 0));
+    assert_eq!(total(&b).data_segments_in, 2);
+    let n = hello.len() as u32;
+    let mut rst = seg(C_ISN + 1 + n, S_ISN + 1, false, b"");
+    rst.flags.rst = true;
+    b.send(Dir::Client, &rst);
+    let live = b.sp.live();
+    assert_eq!((live.active, live.duplicates), (0, 0), "{live:?}");
+    let t = total(&b);
+    assert_eq!((t.duplicates, t.closed, t.data_segments_in), (1, 1, 2), "{t:?}");
 }
 
 /// A client that closed second (the engine's client half in TIME-WAIT)
