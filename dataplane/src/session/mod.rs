@@ -257,13 +257,16 @@ enum Entry {
     /// Passed, its held frames released; still carried here until the
     /// server acknowledges them (see [`Releasing`]).
     Releasing(Box<Releasing>),
-    /// A split connection that ended: late segments of it (retransmitted
-    /// ACKs, a RST racing ours) are dropped, not forwarded, until idle.
-    /// One that was reset (either half, by us or by its peer) answers
-    /// each of them but a RST with a RST back, as a closed port does
-    /// (RFC 9293 §3.10.7.1): a peer our RST missed (it came outside the
+    /// A connection that ended here: late segments of it are dropped,
+    /// not forwarded, until idle. With `reset` (a split connection that
+    /// ended, cleanly or not), each of them but a RST is answered with a
+    /// RST back, as a closed port does (RFC 9293 §3.10.7.1; Linux once
+    /// TIME-WAIT is over): a peer our RST missed (it came outside the
     /// peer's window, and the peer answered with a challenge ACK, RFC
-    /// 5961 §3.2) learns at its next segment that the connection is gone.
+    /// 5961 §3.2) learns at its next segment that the connection is gone,
+    /// and so does one still resending its FIN after the half that
+    /// closed first left TIME-WAIT. Without (a connection refused before
+    /// it was split, under `--mid-flow drop`), they go unanswered.
     Ended {
         reset: bool,
     },
@@ -728,8 +731,7 @@ impl Sessions {
             self.parked.remove(&id);
             absorb(&mut self.counters, split);
             self.ops.push(MapOp::Forget(meta.key));
-            let reset = split.client.aborted().is_some() || split.server.aborted().is_some();
-            flow.entry = Entry::Ended { reset };
+            flow.entry = Entry::Ended { reset: true };
             flow.since = self.epoch;
             self.evictable[SETTLED].push_back((self.epoch, id));
             self.epoch += 1;

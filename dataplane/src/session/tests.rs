@@ -1266,7 +1266,23 @@ fn a_live_splits_counters_show_before_it_ends_and_move_to_the_totals() {
     let live = b.sp.live();
     assert_eq!((live.active, live.duplicates), (0, 0), "{live:?}");
     let t = total(&b);
-    assert_eq!((t.duplicates, t.closed, t.data_segments_in), (1, 1, 2), "{t:?}");
+    assert_eq!(
+        (t.duplicates, t.closed, t.data_segments_in),
+        (1, 1, 2),
+        "{t:?}"
+    );
+}
+
+/// A split connection whose ClientHello (of the returned length) the
+/// server acknowledged; nothing sent since.
+fn split_and_acked() -> (Bench, u32) {
+    let mut b = Bench::new(SessionSettings::default());
+    let hello = client_hello("a.example", &[]);
+    let n = hello.len() as u32;
+    b.client_data(0, &hello);
+    b.send(Dir::Server, &seg(S_ISN + 1, C_ISN + 1 + n, false, b""));
+    b.sent();
+    (b, n)
 }
 
 /// A client that closed second (the engine's client half in TIME-WAIT)
@@ -1276,13 +1292,8 @@ fn a_live_splits_counters_show_before_it_ends_and_move_to_the_totals() {
 /// waiting a SYN retransmission out.
 #[test]
 fn a_new_syn_on_the_ports_of_a_finished_split_starts_afresh() {
-    let mut b = Bench::new(SessionSettings::default());
-    let hello = client_hello("a.example", &[]);
-    let n = hello.len() as u32;
-    b.client_data(0, &hello);
-    b.sent();
-    // The server takes the hello and closes first.
-    b.send(Dir::Server, &seg(S_ISN + 1, C_ISN + 1 + n, false, b""));
+    let (mut b, n) = split_and_acked();
+    // The server closes first.
     let mut fin = seg(S_ISN + 1, C_ISN + 1 + n, false, b"");
     fin.flags.fin = true;
     b.send(Dir::Server, &fin);
@@ -1311,6 +1322,52 @@ fn a_new_syn_on_the_ports_of_a_finished_split_starts_afresh() {
     assert_eq!(b.sp.events.len(), logged, "logged once: {:?}", b.sp.events);
     let synack = seg(S_ISN + 5_000_000, C_ISN + 1_000_001, true, b"");
     assert_eq!(b.send(Dir::Server, &synack), Disposition::Forward);
+}
+
+/// A split that ended cleanly answers a late segment with a RST, as a
+/// closed port does: here the server, its FIN's ACK lost, resends the FIN
+/// after the engine's half left TIME-WAIT; dropped unanswered, it would
+/// resend it for minutes in LAST-ACK.
+#[test]
+fn a_cleanly_ended_split_resets_a_late_fin() {
+    let (mut b, n) = split_and_acked();
+    // The client closes first; the server answers with its FIN, and the
+    // engine's server half (FIN-WAIT-2) goes to TIME-WAIT, its ACK lost.
+    let mut fin = seg(C_ISN + 1 + n, S_ISN + 1, false, b"");
+    fin.flags.fin = true;
+    b.send(Dir::Client, &fin);
+    b.sent();
+    b.send(Dir::Server, &seg(S_ISN + 1, C_ISN + 2 + n, false, b""));
+    let mut server_fin = seg(S_ISN + 1, C_ISN + 2 + n, false, b"");
+    server_fin.flags.fin = true;
+    b.send(Dir::Server, &server_fin);
+    b.send(Dir::Client, &seg(C_ISN + 2 + n, S_ISN + 2, false, b""));
+    b.sent();
+    assert!(
+        b.sp.events.iter().any(|e| e.end == "closed"),
+        "{:?}",
+        b.sp.events
+    );
+    // TIME-WAIT is over: the split is gone.
+    b.now += Duration::from_secs(120);
+    b.sp.on_timers(b.now);
+    assert_eq!(b.sp.live().active, 0);
+    b.sent();
+    // The server's FIN again: a RST at its ACK comes back, nothing goes on.
+    assert_eq!(b.send(Dir::Server, &server_fin), Disposition::Consumed);
+    let out = b.sent();
+    assert!(segments(&out, Side::Inside).is_empty(), "{out:?}");
+    let back = segments(&out, Side::Outside);
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert!(
+        back[0].flags.rst && back[0].seq == SeqNum(C_ISN + 2 + n),
+        "{back:?}"
+    );
+    // A RST is not answered.
+    let mut rst = seg(S_ISN + 2, C_ISN + 2 + n, false, b"");
+    rst.flags.rst = true;
+    assert_eq!(b.send(Dir::Server, &rst), Disposition::Consumed);
+    assert!(b.sent().is_empty());
 }
 
 #[test]
