@@ -1129,7 +1129,8 @@ impl Conn {
         }
         let flight = self.flight();
         let duplicate = ack == self.snd_una && payload.is_empty() && !seg.flags.fin && flight > 0;
-        if ack.gt(self.snd_una) {
+        let advanced = ack.gt(self.snd_una);
+        if advanced {
             if self.rto_high.is_some_and(|h| ack.ge(h)) {
                 self.rto_high = None;
             }
@@ -1176,7 +1177,8 @@ impl Conn {
             //# (5.3) When an ACK is received that acknowledges new data,
             //# restart the retransmission timer
             self.rto_at = self.outstanding().then(|| now + self.rtt.rto());
-            self.arm_tail_probe(now);
+            // Armed below, against the window this ACK announces.
+            self.tlp_at = None;
         } else if duplicate {
             let new_sack = self.sacks_new(seg);
             // An ACK that reports a duplicate (DSACK) says nothing was
@@ -1208,6 +1210,9 @@ impl Conn {
         }
         if self.snd_wnd == 0 {
             self.zero_window_alive = true;
+        }
+        if advanced {
+            self.arm_tail_probe(now);
         }
         // Our FIN acknowledged.
         if self.fin_acked()

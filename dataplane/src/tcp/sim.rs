@@ -1613,6 +1613,53 @@ mod tests {
         );
     }
 
+    /// The allowance for a slow reader's delayed ACK is judged against
+    /// the window the ACK at hand announces, not the one before it: a
+    /// partial ACK (a Linux receiver's delayed-ACK timer firing while the
+    /// flight is still arriving) that leaves the rest of the flight
+    /// filling the window defers the probe as a full flight does.
+    #[test]
+    fn a_partial_ack_that_leaves_the_window_full_defers_the_probe() {
+        let (mut a, mut b, mut t) = small_window_peer(59);
+        // One spurious probe at a full window teaches a that b holds its
+        // ACKs while its buffer is full.
+        a.write(&[2; 8 << 10]);
+        deliver(&mut a, &mut b, t);
+        while b.poll_transmit(t).is_some() {}
+        let due = a.next_deadline().expect("a probe");
+        a.on_timer(due);
+        deliver(&mut a, &mut b, due);
+        deliver(&mut b, &mut a, due);
+        t = due + Duration::from_millis(20);
+        b.read(usize::MAX);
+        b.ack_now();
+        deliver(&mut b, &mut a, t);
+        assert_eq!(a.stats().tail_probes, 1, "{:?}", a.stats());
+        assert_eq!(a.snd_una(), a.snd_max_for_tests());
+        // A flight to the edge of b's window; b ACKs its first three
+        // segments only, its window shrunk by what it holds.
+        a.write(&[3; 16 << 10]);
+        let f = flight(&mut a, t);
+        assert!(f.len() >= 5, "{} segments", f.len());
+        for s in &f {
+            b.on_segment(s, t);
+        }
+        while b.poll_transmit(t).is_some() {}
+        b.ack_now();
+        let mut ack = b.poll_transmit(t).expect("an ACK");
+        let edge = ack.ack + (u32::from(ack.window) << 7);
+        ack.ack = f[3].seq;
+        ack.window = (edge.since(ack.ack) >> 7) as u16;
+        a.on_segment(&ack, t);
+        assert!(a.poll_transmit(t).is_none(), "the window is full");
+        let due = a.next_deadline().expect("a timer");
+        assert!(
+            due - t >= Duration::from_millis(200),
+            "probed {:?} after a partial ACK at a full window",
+            due - t
+        );
+    }
+
     /// A reader that keeps up, whose window a flight fills (a small
     /// buffer): a lost flight is probed two round trips after it went,
     /// not left to the retransmission timeout. Its ACKs come at once, so
