@@ -947,6 +947,12 @@ impl Conn {
                 // retransmission this was can tell it was spurious.
                 self.stats.duplicates += 1;
                 self.report_duplicate(seg.seq, seg.seq + payload.len() as u32);
+            } else if ins.new > 0 && seg.seq.lt(before) {
+                // New bytes behind a head this side already has (a resend
+                // that repacketized the flight): the head is reported, as
+                // Linux does (RFC 2883 §4), so the sender can count that
+                // much of its resend spurious.
+                self.report_duplicate(seg.seq, before);
             }
             let in_order = self.rcv.next() != before;
             // It delivered bytes held beyond it: it filled the last hole.

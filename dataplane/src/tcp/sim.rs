@@ -2016,6 +2016,38 @@ mod tests {
         );
     }
 
+    /// A retransmission that repacketized the flight (Linux collapses
+    /// segments it resends) and begins below RCV.NXT carries bytes this
+    /// side already has: that part is reported in a DSACK (RFC 2883 §4,
+    /// as Linux does), so the sender can tell that much of its resend was
+    /// spurious, while the new bytes are taken.
+    #[test]
+    fn a_resend_partly_below_rcv_nxt_is_dsacked_for_that_part() {
+        let (mut a, mut b, now) = established(71);
+        a.write(&vec![8u8; 3 * 1448]);
+        let f = flight(&mut a, now);
+        assert_eq!(f.len(), 3);
+        // The third is lost; a resend spans the second's tail and it.
+        b.on_segment(&f[0], now);
+        b.on_segment(&f[1], now);
+        while b.poll_transmit(now).is_some() {}
+        let from = f[1].seq + 724;
+        let resend = Segment {
+            seq: from,
+            payload: vec![8u8; 724 + 1448],
+            ..f[2].clone()
+        };
+        b.on_segment(&resend, now);
+        let ack = b.poll_transmit(now).expect("an ACK at once");
+        assert_eq!(ack.ack, f[2].seq + 1448);
+        assert_eq!(ack.options.sack, [(from, f[2].seq)], "{ack:?}");
+        // Reported, not counted a duplicate: it carried new bytes too.
+        assert_eq!((b.stats().dsacks_out, b.stats().duplicates), (1, 0));
+        assert_eq!(b.read(usize::MAX), vec![8u8; 3 * 1448]);
+        a.on_segment(&ack, now);
+        assert_eq!(a.stats().dsacks_in, 1, "{:?}", a.stats());
+    }
+
     /// A retransmission of bytes received long ago (beyond the conflict
     /// history) is still reported in a DSACK, so the sender can undo:
     /// everything below RCV.NXT that this side delivered was received.
