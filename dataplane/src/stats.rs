@@ -136,7 +136,8 @@ pub struct SplitCounters {
     /// Trackers and tombstones forgotten after idling (passed connections
     /// are kept until room is needed: the fast path carries them).
     pub expired: u64,
-    /// Segments of split connections that had already ended, dropped.
+    /// Segments of connections that had already ended, dropped (and
+    /// but for a RST answered with one, when a split ended).
     pub after_close: u64,
     /// Segments dropped: bad TCP checksum, malformed options.
     pub bad_checksum: u64,

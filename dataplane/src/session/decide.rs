@@ -588,7 +588,7 @@ impl Sessions {
                 self.counters.refused += 1;
                 self.log(&meta, (meta.held_bytes, 0), "blocked");
                 if let Some(f) = self.flows.get_mut(&id) {
-                    f.entry = Entry::Ended { reset: false };
+                    f.entry = Entry::Ended { answer: false };
                 }
                 Disposition::Consumed
             }
@@ -727,7 +727,7 @@ impl Sessions {
             // leaves it alone rather than guess.
             if refuse.is_some() {
                 if let Some(f) = self.flows.get_mut(&id) {
-                    f.entry = Entry::Ended { reset: false };
+                    f.entry = Entry::Ended { answer: false };
                 }
                 return Disposition::Consumed;
             }

@@ -553,7 +553,7 @@ impl Sessions {
         let from_client = dir_from(side, t.client) == Dir::Client;
         let start = t.tracker.client_data_start();
         if let Some(f) = self.flows.get_mut(&id) {
-            f.entry = Entry::Ended { reset: false };
+            f.entry = Entry::Ended { answer: false };
         }
         match start {
             Some(at) if from_client && at != seg.seq => {

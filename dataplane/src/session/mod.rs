@@ -258,17 +258,18 @@ enum Entry {
     /// server acknowledges them (see [`Releasing`]).
     Releasing(Box<Releasing>),
     /// A connection that ended here: late segments of it are dropped,
-    /// not forwarded, until idle. With `reset` (a split connection that
+    /// not forwarded, until idle. With `answer` (a split connection that
     /// ended, cleanly or not), each of them but a RST is answered with a
     /// RST back, as a closed port does (RFC 9293 §3.10.7.1; Linux once
     /// TIME-WAIT is over): a peer our RST missed (it came outside the
     /// peer's window, and the peer answered with a challenge ACK, RFC
     /// 5961 §3.2) learns at its next segment that the connection is gone,
     /// and so does one still resending its FIN after the half that
-    /// closed first left TIME-WAIT. Without (a connection refused before
-    /// it was split, under `--mid-flow drop`), they go unanswered.
+    /// closed first left TIME-WAIT. Without (ended before it was split:
+    /// refused under `--mid-flow drop` or before its handshake completed,
+    /// or reset during the hold), they go unanswered.
     Ended {
-        reset: bool,
+        answer: bool,
     },
     /// Refused with no connection state behind it (seen mid-flow): every
     /// later segment but a RST is dropped and answered with a RST back to
@@ -546,11 +547,11 @@ impl Sessions {
                 }
                 return Disposition::Forward;
             }
-            Entry::Ended { reset: false } => {
+            Entry::Ended { answer: false } => {
                 self.counters.after_close += 1;
                 return Disposition::Consumed;
             }
-            Entry::Ended { reset: true } | Entry::Closed => {
+            Entry::Ended { answer: true } | Entry::Closed => {
                 self.counters.after_close += 1;
                 self.reset_sender(side, frame, &parsed, payload.len());
                 return Disposition::Consumed;
@@ -731,7 +732,7 @@ impl Sessions {
             self.parked.remove(&id);
             absorb(&mut self.counters, split);
             self.ops.push(MapOp::Forget(meta.key));
-            flow.entry = Entry::Ended { reset: true };
+            flow.entry = Entry::Ended { answer: true };
             flow.since = self.epoch;
             self.evictable[SETTLED].push_back((self.epoch, id));
             self.epoch += 1;

@@ -341,8 +341,9 @@ struct Episode {
 
 const EPISODE_RANGES: usize = 32;
 const DSACK_QUEUE: usize = 8;
-/// The most an overdue resend's wait is doubled (2^10 x 1 ms is past any
-/// retransmission timeout, which then takes over).
+/// The most an overdue resend's wait is doubled: 2^10 times 1.25 SRTT
+/// (at least 1 ms) is past the retransmission timeout, which then takes
+/// over.
 const MAX_OVERDUE_BACKOFF: u32 = 10;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -939,6 +940,7 @@ impl Conn {
         };
         if receiving && !payload.is_empty() {
             let before = self.rcv.next();
+            let had = self.rcv.delivered().min(1 << 30);
             let ins = self.rcv.insert(seg.seq, payload);
             self.stats.overlap_conflicts += ins.conflict as u64;
             if ins.new == 0 && ins.duplicate == payload.len() {
@@ -951,8 +953,12 @@ impl Conn {
                 // New bytes behind a head this side already has (a resend
                 // that repacketized the flight): the head is reported, as
                 // Linux does (RFC 2883 §4), so the sender can count that
-                // much of its resend spurious.
-                self.report_duplicate(seg.seq, before);
+                // much of its resend spurious. Only bytes this side did
+                // receive: a head reaching below the stream's start (a
+                // broken or forged peer) is not reported.
+                if u64::try_from(before.since(seg.seq)).is_ok_and(|d| d <= had) {
+                    self.report_duplicate(seg.seq, before);
+                }
             }
             let in_order = self.rcv.next() != before;
             // It delivered bytes held beyond it: it filled the last hole.
@@ -1193,13 +1199,6 @@ impl Conn {
                 self.on_dup_ack(flight);
             }
         }
-        self.rack_detect(now);
-        // A resend that nothing sent after it came back to show lost (the
-        // sender had no new data): its time may have. After RACK, which
-        // would otherwise find and count the same one again.
-        if duplicate && !self.retransmit_now {
-            self.resend_if_overdue(now);
-        }
         //# If SND.UNA =< SEG.ACK =< SND.NXT, the send window should be
         //# updated. If (SND.WL1 < SEG.SEQ or (SND.WL1 = SEG.SEQ and
         //# SND.WL2 =< SEG.ACK)), set SND.WND <- SEG.WND, set SND.WL1 <-
@@ -1217,8 +1216,17 @@ impl Conn {
         if self.snd_wnd == 0 {
             self.zero_window_alive = true;
         }
+        // The probe and RACK's timers are armed against the window this
+        // ACK announces (after `on_dup_ack`, which compares the old one).
         if advanced {
             self.arm_tail_probe(now);
+        }
+        self.rack_detect(now);
+        // A resend that nothing sent after it came back to show lost (the
+        // sender had no new data): its time may have. After RACK, which
+        // would otherwise find and count the same one again.
+        if duplicate && !self.retransmit_now {
+            self.resend_if_overdue(now);
         }
         // Our FIN acknowledged.
         if self.fin_acked()
@@ -1360,11 +1368,12 @@ impl Conn {
         }
     }
 
-    /// In SACK recovery, the first hole was resent more than a round trip
-    /// and a quarter ago (RACK's reordering allowance, RFC 8985 §6.2; at
-    /// least a millisecond) and is still missing: it is resent again (a
-    /// lost retransmission). Its resend time restarts, so one overdue
-    /// resend is resent once.
+    /// In SACK recovery, the first hole was resent longer ago than
+    /// [`Conn::resend_wait`] (a round trip and a quarter, RACK's
+    /// reordering allowance, RFC 8985 §6.2, at least a millisecond;
+    /// doubled for each overdue resend of it before) and is still
+    /// missing: it is resent again (a lost retransmission). Its resend
+    /// time restarts, so one overdue resend is resent once.
     fn resend_if_overdue(&mut self, now: Instant) {
         if !self.sack_recovery() {
             return;

@@ -1131,8 +1131,8 @@ mod tests {
         assert_eq!(at.len(), 4, "{at:?}");
         assert!(doubling(&at), "{at:?}");
         // The fourth arrives: SND.UNA moves to the second hole, whose
-        // resend is overdue by then; it is resent, and once more a wait
-        // of 1.25 SRTT (1 ms here) later, not 32 ms as the first hole's
+        // resend is overdue by then; it is resent, and once more twice
+        // 1.25 SRTT (at least 1 ms) later, not 32 ms as the first hole's
         // count would have it.
         let ack_out = answered(&mut a, &mut b, &last.expect("a resend"), now);
         assert_eq!(a.snd_una(), second);
@@ -1652,6 +1652,8 @@ mod tests {
         ack.window = (edge.since(ack.ack) >> 7) as u16;
         a.on_segment(&ack, t);
         assert!(a.poll_transmit(t).is_none(), "the window is full");
+        // Two SRTTs (10 ms at least) plus the 200 ms allowance fall past
+        // the RTO here, so the RTO is the next timer: no probe first.
         let due = a.next_deadline().expect("a timer");
         assert!(
             due - t >= Duration::from_millis(200),
@@ -2046,6 +2048,22 @@ mod tests {
         assert_eq!(b.read(usize::MAX), vec![8u8; 3 * 1448]);
         a.on_segment(&ack, now);
         assert_eq!(a.stats().dsacks_in, 1, "{:?}", a.stats());
+        // A segment whose head reaches below the stream's start (a broken
+        // or forged peer) has its bytes taken but draws no DSACK for bytes
+        // that were never sent.
+        let (mut a2, mut c, now) = established(73);
+        a2.write(&[9u8; 1000]);
+        let first = a2.poll_transmit(now).expect("a segment");
+        let odd = Segment {
+            seq: SeqNum(first.seq.0.wrapping_sub(100)),
+            payload: vec![9u8; 1100],
+            ..first
+        };
+        c.on_segment(&odd, now);
+        c.ack_now();
+        let ack = c.poll_transmit(now).expect("an ACK");
+        assert!(ack.options.sack.is_empty(), "{ack:?}");
+        assert_eq!(c.stats().dsacks_out, 0);
     }
 
     /// A retransmission of bytes received long ago (beyond the conflict
