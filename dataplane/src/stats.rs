@@ -147,6 +147,9 @@ pub struct SplitCounters {
     /// already received, segments outside the window, PAWS drops.
     pub retransmits: u64,
     pub challenge_acks: u64,
+    /// ACKs not sent for refused segments without data (over the limit of
+    /// a few per half second per connection, RFC 5961 §10).
+    pub acks_rate_limited: u64,
     pub overlap_conflicts: u64,
     pub out_of_window: u64,
     pub duplicates: u64,
@@ -337,6 +340,7 @@ impl SplitCounters {
         self.bad_options += o.bad_options;
         self.retransmits += o.retransmits;
         self.challenge_acks += o.challenge_acks;
+        self.acks_rate_limited += o.acks_rate_limited;
         self.overlap_conflicts += o.overlap_conflicts;
         self.out_of_window += o.out_of_window;
         self.duplicates += o.duplicates;

@@ -177,6 +177,7 @@ pub(super) fn add_halves(counters: &mut SplitCounters, split: &Split) {
         counters.dsacks_out += s.dsacks_out;
         counters.sacks_on_data += s.sacks_on_data;
         counters.challenge_acks += s.challenge_acks;
+        counters.acks_rate_limited += s.acks_rate_limited;
         counters.overlap_conflicts += s.overlap_conflicts;
         counters.out_of_window += s.out_of_window;
         counters.duplicates += s.duplicates;

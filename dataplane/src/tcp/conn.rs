@@ -186,6 +186,10 @@ pub struct ConnStats {
     pub sacks_on_data: u64,
     pub dup_acks: u64,
     pub challenge_acks: u64,
+    /// ACKs not sent for refused segments that carried no data (challenge
+    /// ACKs, answers to out-of-window or PAWS-failed ones): more than
+    /// [`OOW_ACK_BURST`] in [`OOW_ACK_INTERVAL`].
+    pub acks_rate_limited: u64,
     pub paws_drops: u64,
     pub out_of_window: u64,
     /// Segments carrying only data already received.
@@ -287,10 +291,18 @@ pub struct Conn {
     resent_at: VecDeque<(SeqNum, Instant)>,
     /// How often the hole at SND.UNA was found overdue and resent again
     /// since SND.UNA last moved: each such resend doubles the wait for
-    /// the next ([`Conn::resend_wait`]), so a peer that fell silent (its
-    /// memory full, it drops every segment and ACKs none) is not sent the
-    /// same segment every 1.25 SRTT until the retransmission timeout.
+    /// the next ([`Conn::resend_wait`]), so a peer whose duplicate ACKs
+    /// keep coming while the resends are lost is not sent the same
+    /// segment every 1.25 SRTT until the retransmission timeout.
     overdue_resends: u32,
+    /// When the last acceptable ACK arrived: a hole is found overdue
+    /// only by an ACK that came after its resend (the ACK clock), so a
+    /// silent peer gets one timer-driven resend at most and then waits
+    /// for the retransmission timeout, as Linux's peers do.
+    last_ack_at: Option<Instant>,
+    /// The ACKs sent for refused segments without data since the instant
+    /// (the start of the current [`OOW_ACK_INTERVAL`]).
+    oow_acks: Option<(Instant, u32)>,
     /// What was sent and when, to find losses by time (RACK).
     rack: Rack,
     /// The RACK reorder timer (RFC 8985 §6.2 step 5): a segment still
@@ -340,6 +352,12 @@ struct Episode {
 }
 
 const EPISODE_RANGES: usize = 32;
+/// Refused segments without data are answered with at most this many
+/// ACKs per [`OOW_ACK_INTERVAL`] (RFC 5961 §10, "ACK throttling"; Linux
+/// allows one per 500 ms per socket, `tcp_invalid_ratelimit`). A small
+/// burst keeps a peer that sends a RST and a SYN at once answered twice.
+pub const OOW_ACK_BURST: u32 = 4;
+pub const OOW_ACK_INTERVAL: Duration = Duration::from_millis(500);
 const DSACK_QUEUE: usize = 8;
 /// The most an overdue resend's wait is doubled: 2^10 times 1.25 SRTT
 /// (at least 1 ms) is past the retransmission timeout, which then takes
@@ -429,6 +447,8 @@ impl Conn {
             high_rxt: snd,
             resent_at: VecDeque::new(),
             overdue_resends: 0,
+            last_ack_at: None,
+            oow_acks: None,
             rack: Rack::new(snd),
             rack_at: None,
             rto_high: None,
@@ -782,7 +802,7 @@ impl Conn {
                 && !self.disordered_ack(seg, payload, ts.recent.wrapping_sub(seg_ts.val))
             {
                 self.stats.paws_drops += 1;
-                self.ack = AckNeed::Now;
+                self.answer_refused(seg, payload, now);
                 return;
             }
         }
@@ -822,10 +842,13 @@ impl Conn {
                 // report bytes that were never sent. The history is only
                 // the last 64 KiB, a millisecond at a few Gbit/s, less
                 // than a round trip's worth.
-                let delivered = self.rcv.delivered().min(1 << 30);
+                let delivered = self.rcv.delivered().min(1 << 30) + u64::from(self.fin_received);
                 let received = u64::try_from(rcv_nxt.since(seg.seq)).is_ok_and(|d| d <= delivered);
-                if repeated > 0 || received {
-                    self.report_duplicate(seg.seq, seg.seq + payload.len() as u32);
+                if (repeated > 0 || received) && !seg.flags.syn {
+                    // The whole sequence space it takes, its FIN included
+                    // (a FIN alone is a block of one, never an empty one,
+                    // which RFC 2018 §3 has no place for).
+                    self.report_duplicate(seg.seq, seg.seq + len);
                 }
             } else {
                 self.stats.out_of_window += 1;
@@ -833,7 +856,7 @@ impl Conn {
             //# If an incoming segment is not acceptable, an acknowledgment
             //# should be sent in reply (unless the RST bit is set
             if !seg.flags.rst {
-                self.ack = AckNeed::Now;
+                self.answer_refused(seg, payload, now);
             }
             //# If the RCV.WND is zero, no segments will be acceptable, but
             //# special allowance should be made to accept valid ACKs, URGs,
@@ -868,7 +891,7 @@ impl Conn {
                 self.state = State::Closed;
                 self.abort = Some(Abort::Reset);
             } else {
-                self.challenge_ack();
+                self.challenge_ack(seg, payload, now);
             }
             return;
         }
@@ -879,7 +902,7 @@ impl Conn {
             //# ... if the SYN bit is set, irrespective of the sequence number,
             //# TCP MUST send an ACK (also referred to as challenge ACK) to the
             //# remote peer
-            self.challenge_ack();
+            self.challenge_ack(seg, payload, now);
             return;
         }
 
@@ -1057,9 +1080,33 @@ impl Conn {
         self.fin_seq.is_some_and(|f| self.snd_una.gt(f))
     }
 
-    fn challenge_ack(&mut self) {
-        self.stats.challenge_acks += 1;
+    fn challenge_ack(&mut self, seg: &Segment, payload: &[u8], now: Instant) {
+        if self.answer_refused(seg, payload, now) {
+            self.stats.challenge_acks += 1;
+        }
+    }
+
+    /// An ACK in answer to a refused segment, unless it carried no data
+    /// (or a SYN) and [`OOW_ACK_BURST`] such answers went out in this
+    /// [`OOW_ACK_INTERVAL`]: a flood of forged RSTs, SYNs or stray ACKs
+    /// draws a few ACKs, not one each, and two ends that disagree on the
+    /// sequence space cannot ping-pong ACKs at line rate. A data segment
+    /// is always answered (its ACK may carry a DSACK; data is no loop,
+    /// as Linux's `tcp_oow_rate_limited` reasons). Returns whether it is.
+    fn answer_refused(&mut self, seg: &Segment, payload: &[u8], now: Instant) -> bool {
+        if payload.is_empty() || seg.flags.syn {
+            let (since, sent) = self.oow_acks.get_or_insert((now, 0));
+            if now.saturating_duration_since(*since) >= OOW_ACK_INTERVAL {
+                (*since, *sent) = (now, 0);
+            }
+            if *sent >= OOW_ACK_BURST {
+                self.stats.acks_rate_limited += 1;
+                return false;
+            }
+            *sent += 1;
+        }
         self.ack = AckNeed::Now;
+        true
     }
 
     /// Bytes (and FIN) sent and not acknowledged, as the sender counts
@@ -1097,16 +1144,17 @@ impl Conn {
             //# If the ACK acks something not yet sent (SEG.ACK > SND.NXT),
             //# then send an ACK, drop the segment, and return.
             self.stats.bad_acks += 1;
-            self.ack = AckNeed::Now;
+            self.answer_refused(seg, payload, now);
             return false;
         }
         if ack.lt(lower) {
             //# All incoming segments whose ACK value doesn't satisfy the
             //# above condition MUST be discarded and an ACK sent back.
             self.stats.bad_acks += 1;
-            self.challenge_ack();
+            self.challenge_ack(seg, payload, now);
             return false;
         }
+        self.last_ack_at = Some(now);
         let dsack = self.take_dsack(seg, ack);
         if self.sack_ok {
             if ack.gt(self.snd_una) {
@@ -1375,7 +1423,7 @@ impl Conn {
     /// missing: it is resent again (a lost retransmission). Its resend
     /// time restarts, so one overdue resend is resent once.
     fn resend_if_overdue(&mut self, now: Instant) {
-        if !self.sack_recovery() {
+        if !self.sack_recovery() || self.rto_high.is_some() {
             return;
         }
         // Before any round trip is measured, nothing is overdue (else
@@ -1389,7 +1437,8 @@ impl Conn {
         }
         if let Some(i) = self.first_hole_resend() {
             let at = &mut self.resent_at[i].1;
-            if now.saturating_duration_since(*at) >= wait {
+            let acked_since = self.last_ack_at.is_some_and(|t| t >= *at);
+            if acked_since && now.saturating_duration_since(*at) >= wait {
                 *at = now;
                 self.retransmit_now = true;
                 self.stats.lost_retransmits += 1;
@@ -1636,6 +1685,15 @@ impl Conn {
         self.retransmit_now = false;
         self.fast_pending = false;
         self.rto_at = Some(now + self.rtt.rto());
+        if self.snd_wnd == 0 {
+            // The window is shut: what timed out was a probe (or data the
+            // peer's window no longer holds). The timeout probes again at
+            // once, one byte, and paces the probes with its own backoff;
+            // the persist timer, armed only with nothing in flight, stays
+            // off meanwhile instead of doubling on top of it.
+            self.stats.zero_window_probes += 1;
+            self.retransmit_now = true;
+        }
     }
 
     /// The next segment to send, if any. Call until `None` after every
@@ -2063,7 +2121,10 @@ impl Conn {
             return;
         }
         let Some(srtt) = self.rtt.srtt() else { return };
-        if !self.outstanding() {
+        // After a timeout, until its go-back-N is acknowledged (Linux's
+        // loss state), the backed-off timer alone paces resends: a probe
+        // two SRTTs after each one undid the backoff toward a silent peer.
+        if !self.outstanding() || self.rto_high.is_some() {
             return;
         }
         if self.cc.in_recovery() {
@@ -2119,9 +2180,14 @@ impl Conn {
         }
     }
 
+    /// The persist timer (RFC 9293 §3.8.6.1), doubled for each probe sent
+    /// since the window last opened. From the estimate, not the backed-off
+    /// timeout: the probe's byte has a timeout too, which backs off the
+    /// estimate each time it expires, and the two together quadrupled the
+    /// interval at every probe.
     fn arm_persist(&mut self, now: Instant) {
         if self.snd_wnd == 0 && self.flight() == 0 && self.persist_at.is_none() {
-            let d = backed_off(self.rtt.rto(), self.persist_backoff.min(10));
+            let d = backed_off(self.rtt.base_rto(), self.persist_backoff.min(10));
             self.persist_at = Some(now + d);
         }
     }

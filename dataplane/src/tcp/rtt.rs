@@ -72,6 +72,12 @@ impl RttEstimator {
         backed_off(self.rto, self.backoff)
     }
 
+    /// The timeout as estimated, without the backoff: what a timer with a
+    /// backoff of its own (the persist timer) doubles.
+    pub fn base_rto(&self) -> Duration {
+        self.rto
+    }
+
     /// Doubles the timeout after it expired.
     pub fn back_off(&mut self) {
         self.backoff = self.backoff.saturating_add(1);
