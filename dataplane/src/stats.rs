@@ -139,6 +139,9 @@ pub struct SplitCounters {
     /// Segments of connections that had already ended, dropped (and
     /// but for a RST answered with one, when a split ended).
     pub after_close: u64,
+    /// Of those, the ones answered with a RST (as a closed port answers).
+    #[serde(default)]
+    pub after_close_resets: u64,
     /// Segments dropped: bad TCP checksum, malformed options.
     pub bad_checksum: u64,
     pub bad_options: u64,
@@ -149,6 +152,7 @@ pub struct SplitCounters {
     pub challenge_acks: u64,
     /// ACKs not sent for refused segments without data (over the limit of
     /// a few per half second per connection, RFC 5961 §10).
+    #[serde(default)]
     pub acks_rate_limited: u64,
     pub overlap_conflicts: u64,
     pub out_of_window: u64,
@@ -336,6 +340,7 @@ impl SplitCounters {
         self.evicted += o.evicted;
         self.expired += o.expired;
         self.after_close += o.after_close;
+        self.after_close_resets += o.after_close_resets;
         self.bad_checksum += o.bad_checksum;
         self.bad_options += o.bad_options;
         self.retransmits += o.retransmits;
@@ -770,7 +775,8 @@ impl StatsReport {
                 "tcp-split: {} split ({} active, {} ended, {} aborted halves), {} passed \
                  through ({} released to XDP), {} forgotten when full, {}/{} bytes relayed c->s/s->c, {} retransmits \
                  ({} timeouts, {} fast, {} lost again, {} tail probes, {} reductions undone), \
-                 {} DSACKs and {} data segments with SACK blocks sent, {} conflicting overlaps, {}/{} bad checksums/options; \
+                 {} DSACKs and {} data segments with SACK blocks sent, {} conflicting overlaps, {}/{} bad checksums/options, \
+                 {} challenge ACKs ({} more answers to refused segments held back), {} segments after the end ({} answered with a RST); \
                  {} taken up from handshakes XDP recorded ({} records unusable, {} from before the policy); decisions: {} held, {} \
                  ClientHellos, {} other, {} server first, {} passed by policy, {} refused ({} \
                  of them reset as not inspectable: seen mid-flow, evicted or no room, under \
@@ -801,6 +807,10 @@ impl StatsReport {
                 sp.overlap_conflicts,
                 sp.bad_checksum,
                 sp.bad_options,
+                sp.challenge_acks,
+                sp.acks_rate_limited,
+                sp.after_close,
+                sp.after_close_resets,
                 sp.handshakes_adopted,
                 sp.handshakes_unusable,
                 sp.handshakes_before,

@@ -208,10 +208,13 @@ impl Sessions {
         frame: &[u8],
         parsed: &Parsed,
         payload_len: usize,
-    ) {
-        if let Some(back) = parsed.reset_back(frame, payload_len) {
+    ) -> bool {
+        let back = parsed.reset_back(frame, payload_len);
+        let sent = back.is_some();
+        if let Some(back) = back {
             self.out.push((side, back));
         }
+        sent
     }
 
     /// The receiver of a segment of a connection nobody holds state for

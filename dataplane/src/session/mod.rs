@@ -553,7 +553,9 @@ impl Sessions {
             }
             Entry::Ended { answer: true } | Entry::Closed => {
                 self.counters.after_close += 1;
-                self.reset_sender(side, frame, &parsed, payload.len());
+                if self.reset_sender(side, frame, &parsed, payload.len()) {
+                    self.counters.after_close_resets += 1;
+                }
                 return Disposition::Consumed;
             }
             Entry::Tracking(_) => None,

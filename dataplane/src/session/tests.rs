@@ -1368,6 +1368,9 @@ fn a_cleanly_ended_split_resets_a_late_fin() {
     rst.flags.rst = true;
     assert_eq!(b.send(Dir::Server, &rst), Disposition::Consumed);
     assert!(b.sent().is_empty());
+    // Both counted after the end; the FIN's answer as a RST sent.
+    let c = &b.sp.counters;
+    assert_eq!((c.after_close, c.after_close_resets), (2, 1));
 }
 
 #[test]
