@@ -246,6 +246,10 @@ pub struct Conn {
     /// probes going unanswered by data do not count toward giving up
     /// (RFC 9293 §3.8.6.1).
     zero_window_alive: bool,
+    /// Where the probe of a shut window (one byte, or the FIN) went out,
+    /// until it is acknowledged or the window opens: its timeouts are
+    /// probes, not losses.
+    zero_window_probe: Option<SeqNum>,
     mss: u32,
     cc: Congestion,
     rtt: RttEstimator,
@@ -419,6 +423,7 @@ impl Conn {
             rcv_rtt: None,
             fin_seq: None,
             zero_window_alive: false,
+            zero_window_probe: None,
             mss,
             cc: Congestion::new(mss, cfg.congestion),
             rtt: RttEstimator::default(),
@@ -1205,6 +1210,7 @@ impl Conn {
             self.send_buf.drain(..data);
             self.snd_una = ack;
             self.overdue_resends = 0;
+            self.zero_window_probe = None;
             self.scoreboard.advance(ack);
             if self.snd_nxt.lt(self.snd_una) {
                 self.snd_nxt = self.snd_una;
@@ -1263,6 +1269,16 @@ impl Conn {
         }
         if self.snd_wnd == 0 {
             self.zero_window_alive = true;
+        } else if self.zero_window_probe.take() == Some(self.snd_una) {
+            // The window opened and the probe's byte was refused: it goes
+            // again as data, at once, with what else the window takes
+            // (left in flight it made every later segment short of a full
+            // one, which sender SWS avoidance holds back until the next
+            // probe: seconds). The peer is alive: the backoff ends, as
+            // Linux's does when a probe is answered with an open window.
+            self.snd_nxt = self.snd_una;
+            self.rtt.progress();
+            self.rto_at = Some(now + self.rtt.rto());
         }
         // The probe and RACK's timers are armed against the window this
         // ACK announces (after `on_dup_ack`, which compares the old one).
@@ -1685,15 +1701,6 @@ impl Conn {
         self.retransmit_now = false;
         self.fast_pending = false;
         self.rto_at = Some(now + self.rtt.rto());
-        if self.snd_wnd == 0 {
-            // The window is shut: what timed out was a probe (or data the
-            // peer's window no longer holds). The timeout probes again at
-            // once, one byte, and paces the probes with its own backoff;
-            // the persist timer, armed only with nothing in flight, stays
-            // off meanwhile instead of doubling on top of it.
-            self.stats.zero_window_probes += 1;
-            self.retransmit_now = true;
-        }
     }
 
     /// The next segment to send, if any. Call until `None` after every
@@ -2027,6 +2034,7 @@ impl Conn {
         let seq = self.snd_nxt;
         self.sent(seq + payload.len as u32 + u32::from(fin), now);
         self.rto_at.get_or_insert(now + self.rtt.rto());
+        self.zero_window_probe = Some(seq);
         Some(self.segment(seq, payload, fin, now))
     }
 

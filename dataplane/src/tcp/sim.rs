@@ -566,10 +566,11 @@ mod tests {
     }
 
     /// Zero-window probes to a reader that answers each with its window
-    /// still shut go out at intervals that double, as the RFC 9293
-    /// §3.8.6.1 timer backs off: the persist timer and the timeout for
-    /// the probe's byte must not back off on top of each other (a probe
-    /// saw 0.2 s, 0.8 s, then 5.8 s between probes).
+    /// still shut go out at intervals that about double, as the RFC 9293
+    /// §3.8.6.1 timer backs off: the persist timer (from the estimate)
+    /// and the timeout for the probe's byte (backed off) take turns, and
+    /// must not back off on top of each other (a probe saw 0.2 s, 1 s,
+    /// then 6.8 s between probes; here 0.6, 1.6, 2.4, 4.8 s ...).
     #[test]
     fn zero_window_probes_back_off_evenly() {
         let (mut a, mut b, t0) = established(14);
@@ -612,10 +613,87 @@ mod tests {
         for g in gaps.windows(2) {
             let ratio = g[1].as_secs_f64() / g[0].as_secs_f64();
             assert!(
-                (1.5..=2.5).contains(&ratio) || g[1] >= crate::tcp::rtt::RTO_MAX,
+                (1.4..=3.0).contains(&ratio) || g[1] >= crate::tcp::rtt::RTO_MAX,
                 "{gaps:?}"
             );
         }
+    }
+
+    /// A reader that paused with its window shut and then reads again
+    /// opens the window with a plain ACK (the probe byte it refused still
+    /// unacknowledged): the sender sends at once, full segments, with the
+    /// window it had. An outside probe found the sender waiting for its
+    /// next backed-off probe (4.9 s and 11.7 s stalls) because the probe
+    /// byte stayed in flight and sender SWS avoidance then refused every
+    /// segment short of a full one. (A probe's timeout still takes the
+    /// congestion window down to one segment, as a loss would.)
+    #[test]
+    fn a_window_that_opens_after_refused_probes_is_used_at_once() {
+        // Less than a segment, as a Linux reader with SO_RCVBUF 2048
+        // offers (724 bytes): the window never takes a full segment.
+        let fixed = ConnConfig {
+            recv_buffer: 1000,
+            recv_buffer_max: 1000,
+            ..ConnConfig::default()
+        };
+        let (mut a, mut b, mut now) = warmed_up_pair(15, fixed, 900, 50);
+        let t0 = now;
+        let mut probes = 0;
+        // Until 10 s in, b reads nothing and refuses every probe byte.
+        let exchange = |a: &mut Conn, b: &mut Conn, now: Instant, probes: &mut usize| {
+            let mut sent = Vec::new();
+            let mut moved = true;
+            while moved {
+                moved = false;
+                while let Some(s) = a.poll_transmit(now) {
+                    if s.payload.len() == 1 && b.rcv_nxt() == s.seq {
+                        *probes += 1;
+                        b.ack_now();
+                    } else {
+                        b.on_segment(&s, now);
+                    }
+                    sent.push(s);
+                    moved = true;
+                }
+                b.on_timer(now);
+                while let Some(ack) = b.poll_transmit(now) {
+                    a.on_segment(&ack, now);
+                    moved = true;
+                }
+            }
+            sent
+        };
+        while now - t0 < Duration::from_secs(10) {
+            a.write(&[3u8; 4 << 10]);
+            exchange(&mut a, &mut b, now, &mut probes);
+            // Nothing out and nothing waiting: more to write first.
+            let Some(t) = a.next_deadline() else { continue };
+            // b's delayed ACK first, if it is due sooner.
+            now = b.next_deadline().map_or(t, |u| t.min(u)).max(now);
+            a.on_timer(now);
+        }
+        exchange(&mut a, &mut b, now, &mut probes);
+        assert!(probes >= 4, "{probes} probes");
+        assert_eq!(a.state(), State::Established);
+        // b reads everything: its window update goes out, and a answers
+        // it at once with full segments.
+        now += Duration::from_millis(1);
+        assert!(!b.read(usize::MAX).is_empty());
+        let before = a.stats().segments_out;
+        let sent = {
+            let mut out = Vec::new();
+            while let Some(ack) = b.poll_transmit(now) {
+                a.on_segment(&ack, now);
+                out.extend(std::iter::from_fn(|| a.poll_transmit(now)));
+            }
+            out
+        };
+        assert!(
+            a.stats().segments_out > before,
+            "nothing sent on the window update"
+        );
+        let data: Vec<usize> = sent.iter().map(|s| s.payload.len()).collect();
+        assert!(data.iter().any(|&n| n > 500), "{data:?}");
     }
 
     #[test]
@@ -1620,24 +1698,37 @@ mod tests {
     /// after a round trip learned while the peer kept up: well under the
     /// probe's ten-millisecond floor.
     fn small_window_peer(seed: u64) -> (Conn, Conn, Instant) {
-        let mut rng = Rng::new(seed);
-        let (ha, hb) = handshakes(&mut rng);
-        let mut t = Instant::now();
         let small = ConnConfig {
             recv_buffer: 8 << 10,
             ..ConnConfig::default()
         };
+        let (a, b, t) = warmed_up_pair(seed, small, 3000, 20);
+        assert_eq!(a.snd_una(), a.snd_max_for_tests());
+        (a, b, t)
+    }
+
+    /// A sender and a peer configured with `b_cfg` after `rounds` writes
+    /// of `chunk` bytes, a millisecond apart, each read and acknowledged
+    /// at once: a clean start that leaves a round trip learned.
+    fn warmed_up_pair(
+        seed: u64,
+        b_cfg: ConnConfig,
+        chunk: usize,
+        rounds: usize,
+    ) -> (Conn, Conn, Instant) {
+        let mut rng = Rng::new(seed);
+        let (ha, hb) = handshakes(&mut rng);
+        let mut t = Instant::now();
         let mut a = Conn::new(&ha, ConnConfig::default(), t);
-        let mut b = Conn::new(&hb, small, t);
-        for _ in 0..20 {
-            a.write(&[1; 3000]);
+        let mut b = Conn::new(&hb, b_cfg, t);
+        for _ in 0..rounds {
+            a.write(&vec![1; chunk]);
             deliver(&mut a, &mut b, t);
             b.read(usize::MAX);
             b.ack_now();
             deliver(&mut b, &mut a, t);
             t += Duration::from_millis(1);
         }
-        assert_eq!(a.snd_una(), a.snd_max_for_tests());
         (a, b, t)
     }
 
