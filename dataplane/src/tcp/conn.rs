@@ -507,6 +507,11 @@ impl Conn {
         self.snd_max
     }
 
+    #[cfg(test)]
+    pub(crate) fn cwnd_for_tests(&self) -> u32 {
+        self.cc.cwnd()
+    }
+
     /// Room in the send buffer.
     pub fn send_space(&self) -> usize {
         if self.fin_seq.is_some() || !self.can_send_data() {
@@ -1249,7 +1254,10 @@ impl Conn {
             let new_sack = self.sacks_new(seg);
             // An ACK that reports a duplicate (DSACK) says nothing was
             // lost: only SACKs of new data in it make it a duplicate ACK.
-            if (self.same_window(seg) && !dsack) || new_sack {
+            // Nor does one that refuses the probe of a shut window: three
+            // refused probes are no loss to recover from.
+            let refused_probe = seg.window == 0 && self.zero_window_probe.is_some();
+            if ((self.same_window(seg) && !dsack) || new_sack) && !refused_probe {
                 self.on_dup_ack(flight);
             }
         }
@@ -1678,7 +1686,13 @@ impl Conn {
         //# acknowledged by the TCP receiver.
         //# (5.5) The host MUST set RTO <- RTO * 2 ("back off the timer").
         //# (5.6) Start the retransmission timer
-        self.cc.on_rto(self.flight());
+        if self.snd_wnd != 0 || self.zero_window_probe != Some(self.snd_una) {
+            self.cc.on_rto(self.flight());
+        }
+        // Else what timed out is the probe of a shut window, refused or
+        // lost: no sign of congestion. Its byte goes back out of flight
+        // and the persist timer sends the next probe (Linux's probe timer
+        // leaves the congestion window alone too).
         self.episode = None;
         // Waiting out a delayed ACK may have cost this timeout: probe at
         // two SRTTs again until a probe proves spurious once more.

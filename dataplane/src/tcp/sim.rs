@@ -625,8 +625,7 @@ mod tests {
     /// window it had. An outside probe found the sender waiting for its
     /// next backed-off probe (4.9 s and 11.7 s stalls) because the probe
     /// byte stayed in flight and sender SWS avoidance then refused every
-    /// segment short of a full one. (A probe's timeout still takes the
-    /// congestion window down to one segment, as a loss would.)
+    /// segment short of a full one.
     #[test]
     fn a_window_that_opens_after_refused_probes_is_used_at_once() {
         // Less than a segment, as a Linux reader with SO_RCVBUF 2048
@@ -636,23 +635,53 @@ mod tests {
             recv_buffer_max: 1000,
             ..ConnConfig::default()
         };
-        let (mut a, mut b, mut now) = warmed_up_pair(15, fixed, 900, 50);
+        let (data, _) = refused_probes_then_reopened(15, fixed);
+        assert!(!data.is_empty(), "nothing sent on the window update");
+        assert!(data.iter().any(|&n| n > 500), "{data:?}");
+    }
+
+    /// A refused probe's timeout is no sign of congestion (RFC 9293
+    /// §3.8.6.1 keeps probing out of it; Linux's probe timer leaves the
+    /// window alone), nor are the duplicate ACKs that refuse probes:
+    /// when the reader's window opens again, the sender sends the
+    /// congestion window it had when the window shut, at once. It used to
+    /// take the congestion window down to one segment at every probe's
+    /// timeout, as a loss does, and to ramp up again from there.
+    #[test]
+    fn refused_probes_leave_the_congestion_window_alone() {
+        let roomy = ConnConfig {
+            recv_buffer: 256 << 10,
+            recv_buffer_max: 256 << 10,
+            ..ConnConfig::default()
+        };
+        let (data, cwnd) = refused_probes_then_reopened(16, roomy);
+        let sent: usize = data.iter().sum();
+        assert!(cwnd >= 4 * 1448, "{cwnd}");
+        assert!(sent + 1448 > cwnd as usize, "{cwnd} {data:?}");
+    }
+
+    /// Runs a sender into a reader configured with `b_cfg` that reads
+    /// nothing for 10 s (refusing every probe byte, as Linux refuses a
+    /// byte past a shut window), then reads everything: the payload
+    /// sizes the sender sends in answer to the window update, and its
+    /// congestion window when the first probe went out.
+    fn refused_probes_then_reopened(seed: u64, b_cfg: ConnConfig) -> (Vec<usize>, u32) {
+        let (mut a, mut b, mut now) = warmed_up_pair(seed, b_cfg, 900, 50);
         let t0 = now;
         let mut probes = 0;
-        // Until 10 s in, b reads nothing and refuses every probe byte.
-        let exchange = |a: &mut Conn, b: &mut Conn, now: Instant, probes: &mut usize| {
-            let mut sent = Vec::new();
+        let mut cwnd = None;
+        let mut exchange = |a: &mut Conn, b: &mut Conn, now: Instant, probes: &mut usize| {
             let mut moved = true;
             while moved {
                 moved = false;
                 while let Some(s) = a.poll_transmit(now) {
                     if s.payload.len() == 1 && b.rcv_nxt() == s.seq {
                         *probes += 1;
+                        cwnd.get_or_insert(a.cwnd_for_tests());
                         b.ack_now();
                     } else {
                         b.on_segment(&s, now);
                     }
-                    sent.push(s);
                     moved = true;
                 }
                 b.on_timer(now);
@@ -661,10 +690,11 @@ mod tests {
                     moved = true;
                 }
             }
-            sent
         };
         while now - t0 < Duration::from_secs(10) {
-            a.write(&[3u8; 4 << 10]);
+            if a.send_space() > 0 {
+                a.write(&[3u8; 4 << 10]);
+            }
             exchange(&mut a, &mut b, now, &mut probes);
             // Nothing out and nothing waiting: more to write first.
             let Some(t) = a.next_deadline() else { continue };
@@ -675,25 +705,16 @@ mod tests {
         exchange(&mut a, &mut b, now, &mut probes);
         assert!(probes >= 4, "{probes} probes");
         assert_eq!(a.state(), State::Established);
-        // b reads everything: its window update goes out, and a answers
-        // it at once with full segments.
+        // b reads everything: its window update goes out, and a answers.
         now += Duration::from_millis(1);
         assert!(!b.read(usize::MAX).is_empty());
-        let before = a.stats().segments_out;
-        let sent = {
-            let mut out = Vec::new();
-            while let Some(ack) = b.poll_transmit(now) {
-                a.on_segment(&ack, now);
-                out.extend(std::iter::from_fn(|| a.poll_transmit(now)));
-            }
-            out
-        };
-        assert!(
-            a.stats().segments_out > before,
-            "nothing sent on the window update"
-        );
-        let data: Vec<usize> = sent.iter().map(|s| s.payload.len()).collect();
-        assert!(data.iter().any(|&n| n > 500), "{data:?}");
+        let mut out = Vec::new();
+        while let Some(ack) = b.poll_transmit(now) {
+            a.on_segment(&ack, now);
+            out.extend(std::iter::from_fn(|| a.poll_transmit(now)));
+        }
+        let cwnd = cwnd.expect("a probe went out");
+        (out.iter().map(|s| s.payload.len()).collect(), cwnd)
     }
 
     #[test]
