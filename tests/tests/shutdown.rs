@@ -51,9 +51,10 @@ fn server_connections(h: &Harness) -> String {
         .join("\n")
 }
 
-/// The client's socket toward the server: bytes waiting for curl to
-/// read (Recv-Q) and segments it dropped (`skmem` `d`).
-fn client_socket(h: &Harness) -> (u64, u64) {
+/// The client's established socket toward the server, if there is one:
+/// bytes waiting for curl to read (Recv-Q) and segments it dropped
+/// (`skmem` `d`).
+fn client_socket(h: &Harness) -> Option<(u64, u64)> {
     let out = h
         .client
         .exec("ss", &["-Htnm", "state", "established", "( dport = :443 )"])
@@ -63,20 +64,26 @@ fn client_socket(h: &Harness) -> (u64, u64) {
         .lines()
         .filter(|l| l.contains(SERVER_V4))
         .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-        .max()
-        .unwrap_or(0);
+        .max()?;
     let dropped = text
         .split(",d")
         .skip(1)
         .filter_map(|t| t.split(')').next()?.parse::<u64>().ok())
         .max()
         .unwrap_or(0);
-    (queued, dropped)
+    Some((queued, dropped))
 }
 
 #[test]
 fn stopping_resets_live_splits_on_both_sides_and_logs_them() {
     let h = Harness::new(HarnessConfig::default()).expect("harness");
+    // The client's receive buffer stays small. A reset socket still hands
+    // curl what it had queued before the error: with Linux's 6 MB it
+    // held up to 3 MB when the engine stopped, half a minute of reading
+    // at the rate below after the RST had landed.
+    h.client
+        .exec("sysctl", &["-qw", "net.ipv4.tcp_rmem=4096 131072 524288"])
+        .expect("sysctl tcp_rmem in the client's namespace");
     let policy = h.dir.join("policy.toml");
     std::fs::write(&policy, POLICY).unwrap();
     let sock = dataplane_socket(&h);
@@ -117,7 +124,7 @@ fn stopping_resets_live_splits_on_both_sides_and_logs_them() {
         "the client dropping segments",
         Duration::from_secs(30),
         || {
-            let (queued, dropped) = client_socket(&h);
+            let (queued, dropped) = client_socket(&h).unwrap_or_default();
             if queued >= 128 << 10 && dropped > 0 {
                 Ok(Some(()))
             } else {
@@ -132,8 +139,18 @@ fn stopping_resets_live_splits_on_both_sides_and_logs_them() {
     let (status, clean, _, err) = engine.stop();
     assert!(clean && status.success(), "engine exit {status}: {err}");
 
-    // Both peers learn at once that the connection is gone: curl fails
-    // with a reset (not its own timeout), the server's socket is closed.
+    // Both peers learn at once that the connection is gone: the client's
+    // socket is reset (curl fails with the reset once it has read what
+    // was queued, not by its own timeout), the server's socket is closed.
+    wait_until(
+        "the client's socket reset",
+        Duration::from_secs(10),
+        || match client_socket(&h) {
+            None => Ok(Some(())),
+            Some((queued, _)) => Err(format!("established, {queued} bytes queued")),
+        },
+    )
+    .unwrap();
     let (st, exited) = curl.wait_timeout(Duration::from_secs(30));
     let (_, curl_err) = curl.take_output();
     assert!(
