@@ -17,6 +17,7 @@
 //! - [`hold`]: the handshake watched and the first bytes held.
 //! - [`decide`]: the decision and what follows (release, split, refusal).
 //! - [`table`]: the table's bound (eviction) and idle expiry.
+//! - [`outbox`]: the frames built and not yet sent.
 //! - [`records`]: what the flow log and listings say of a connection.
 //! - [`stop`]: what becomes of them when the engine stops.
 
@@ -34,6 +35,7 @@ mod decide;
 pub mod fuzz;
 mod hold;
 pub mod opening;
+pub mod outbox;
 mod records;
 pub mod split;
 mod stop;
@@ -41,6 +43,7 @@ mod table;
 
 use self::{
     hold::{NoDecision, Tracking},
+    outbox::Outbox,
     records::{absorb, add_halves, conn_id, end_reason, finding_entry, log_entry, Meta},
     split::Split,
     table::{EMBRYONIC, SETTLED},
@@ -345,7 +348,7 @@ pub struct Sessions {
     conn: ConnConfig,
     settings: SessionSettings,
     /// Frames to send: (out of which interface, bytes).
-    pub out: Vec<(Side, Vec<u8>)>,
+    pub out: Outbox,
     /// Changes to the XDP flow map for the worker to pass on: flows
     /// released to the fast path, live splits pinned to userspace.
     pub ops: Vec<MapOp>,
@@ -387,7 +390,7 @@ impl Sessions {
                 ..ConnConfig::default()
             },
             settings,
-            out: Vec::new(),
+            out: Outbox::default(),
             ops: Vec::new(),
             events: Vec::new(),
             spare: Vec::new(),
@@ -695,8 +698,8 @@ impl Sessions {
         // A side with frames in `out` (earlier ones, or ones its share
         // of the UMEM held back) takes no frame straight to the sink:
         // that one would go out first.
-        let mut queued = [Side::Inside, Side::Outside]
-            .map(|side| sink.is_none() || self.out.iter().any(|(to, _)| *to == side));
+        let mut queued =
+            [Side::Inside, Side::Outside].map(|side| sink.is_none() || self.out.has(side));
         while let Some((dir, seg)) = split.poll_transmit_lent(now) {
             // Toward the client: as the server (the endpoint on the other
             // side); toward the server: as the client.

@@ -324,7 +324,7 @@ mod tests {
             let f = self.peers.frame(from, s);
             let run = |sp: &mut Sessions| {
                 let d = sp.on_frame(side, &f, self.now);
-                (d, std::mem::take(&mut sp.out))
+                (d, sp.out.drain().collect::<Vec<_>>())
             };
             [run(&mut self.seen), run(&mut self.recorded)]
         }

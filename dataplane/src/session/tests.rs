@@ -133,7 +133,7 @@ impl Bench {
 
     /// Frames sent since the last call: (toward which side, segment).
     fn sent(&mut self) -> Vec<(Side, Vec<u8>)> {
-        std::mem::take(&mut self.sp.out)
+        self.sp.out.drain().collect()
     }
 }
 
@@ -1027,7 +1027,7 @@ fn a_flow_seen_mid_stream_is_dropped_when_a_block_might_apply() {
     // Both ends are reset, each where it expects the next byte: the
     // client at what it acknowledged, the server at the dropped segment,
     // and the server is probed one below, should that miss.
-    let out: Vec<_> = sp.out.drain(..).collect();
+    let out: Vec<_> = sp.out.drain().collect();
     assert_reset_both_ways(&out);
     assert_eq!(segments(&out, Side::Inside)[0].seq, SeqNum(S_ISN + 1));
     let to_server = segments(&out, Side::Outside);
@@ -1046,7 +1046,7 @@ fn a_flow_seen_mid_stream_is_dropped_when_a_block_might_apply() {
         sp.on_frame(Side::Outside, &probe_answer, Instant::now()),
         Disposition::Consumed
     );
-    let out: Vec<_> = sp.out.drain(..).collect();
+    let out: Vec<_> = sp.out.drain().collect();
     assert_eq!(out.len(), 1);
     let back = &segments(&out, Side::Outside)[0];
     assert_eq!((back.seq, back.flags.rst), (SeqNum(C_ISN + 1), true));
