@@ -195,52 +195,77 @@ impl TcpOptions {
         self.window_scale.map(|s| s.min(14))
     }
 
-    /// Appends the options, padded with NOPs to a multiple of 4 bytes, in
-    /// Linux's order (MSS, SACK-permitted, timestamps, window scale, SACK).
+    /// Appends the options, each laid out with NOPs to a multiple of 4
+    /// bytes, in Linux's order (MSS, SACK-permitted, timestamps, window scale, SACK).
     /// At most 40 bytes: SACK blocks that do not fit are left out.
     pub fn emit(&self, out: &mut Vec<u8>) {
-        let start = out.len();
+        let mut buf = [0; 40];
+        let n = self.emit_into(&mut buf);
+        out.extend_from_slice(&buf[..n]);
+    }
+
+    /// As [`TcpOptions::emit`], into the 40 bytes a TCP header has room
+    /// for (what does not fit is left out, SACK blocks first); returns how
+    /// many were written. No allocation: this runs for every frame sent.
+    pub fn emit_into(&self, out: &mut [u8; 40]) -> usize {
+        let mut w = OptionWriter { out, len: 0 };
         if let Some(mss) = self.mss {
-            out.push(kind::MSS);
-            out.push(4);
-            out.extend_from_slice(&mss.to_be_bytes());
+            let [hi, lo] = mss.to_be_bytes();
+            w.put(&[kind::MSS, 4, hi, lo]);
         }
         match (self.sack_permitted, self.timestamps) {
             (true, Some(ts)) => {
-                out.extend_from_slice(&[kind::SACK_PERMITTED, 2, kind::TIMESTAMPS, 10]);
-                push_ts(out, ts);
+                w.put(&[kind::SACK_PERMITTED, 2, kind::TIMESTAMPS, 10]);
+                w.put(&ts_bytes(ts));
             }
             (sack_ok, ts) => {
                 if sack_ok {
-                    out.extend_from_slice(&[kind::NOP, kind::NOP, kind::SACK_PERMITTED, 2]);
+                    w.put(&[kind::NOP, kind::NOP, kind::SACK_PERMITTED, 2]);
                 }
                 if let Some(ts) = ts {
-                    out.extend_from_slice(&[kind::NOP, kind::NOP, kind::TIMESTAMPS, 10]);
-                    push_ts(out, ts);
+                    w.put(&[kind::NOP, kind::NOP, kind::TIMESTAMPS, 10]);
+                    w.put(&ts_bytes(ts));
                 }
             }
         }
         if let Some(ws) = self.window_scale {
-            out.extend_from_slice(&[kind::NOP, kind::WSCALE, 3, ws]);
+            w.put(&[kind::NOP, kind::WSCALE, 3, ws]);
         }
-        let room = 40usize.saturating_sub(out.len() - start);
+        // Every option above takes a multiple of four bytes: no padding.
+        let room = 40usize.saturating_sub(w.len);
         let blocks = self.sack.len().min(room.saturating_sub(4) / 8).min(4);
         if blocks > 0 {
-            out.extend_from_slice(&[kind::NOP, kind::NOP, kind::SACK, 2 + 8 * blocks as u8]);
+            w.put(&[kind::NOP, kind::NOP, kind::SACK, 2 + 8 * blocks as u8]);
             for (l, r) in &self.sack[..blocks] {
-                out.extend_from_slice(&l.0.to_be_bytes());
-                out.extend_from_slice(&r.0.to_be_bytes());
+                w.put(&l.0.to_be_bytes());
+                w.put(&r.0.to_be_bytes());
             }
         }
-        while !(out.len() - start).is_multiple_of(4) {
-            out.push(kind::NOP);
+        w.len
+    }
+}
+
+/// Option bytes written one after another into a header's 40 bytes.
+struct OptionWriter<'a> {
+    out: &'a mut [u8; 40],
+    len: usize,
+}
+
+impl OptionWriter<'_> {
+    /// Appends `bytes` if they fit (the callers see to it that they do).
+    fn put(&mut self, bytes: &[u8]) {
+        if let Some(to) = self.out.get_mut(self.len..self.len + bytes.len()) {
+            to.copy_from_slice(bytes);
+            self.len += bytes.len();
         }
     }
 }
 
-fn push_ts(out: &mut Vec<u8>, ts: Timestamps) {
-    out.extend_from_slice(&ts.val.to_be_bytes());
-    out.extend_from_slice(&ts.ecr.to_be_bytes());
+fn ts_bytes(ts: Timestamps) -> [u8; 8] {
+    let mut b = [0; 8];
+    b[..4].copy_from_slice(&ts.val.to_be_bytes());
+    b[4..].copy_from_slice(&ts.ecr.to_be_bytes());
+    b
 }
 
 #[cfg(test)]

@@ -555,8 +555,9 @@ impl Template {
     /// from this template's endpoint, IPv4 checksum done, the TCP one
     /// left to [`Headers::write`] (it covers the payload).
     pub fn headers(&self, seg: &Segment, payload: usize) -> Headers {
-        let mut opts = Vec::with_capacity(40);
-        seg.options.emit(&mut opts);
+        let mut opt_buf = [0; 40];
+        let opt_len = seg.options.emit_into(&mut opt_buf);
+        let opts = &opt_buf[..opt_len];
         let tcp_len = 20 + opts.len() + payload;
         let mut h = Headers {
             buf: [0; HEADERS_MAX],
@@ -604,7 +605,7 @@ impl Template {
         put(&[(((20 + opts.len()) / 4) as u8) << 4, flags]);
         put(&seg.window.to_be_bytes());
         put(&[0, 0, 0, 0]);
-        put(&opts);
+        put(opts);
         if let IpPair::V4(..) = self.ip {
             let c = ipv4_header_checksum(&h.buf[ip_start..ip_start + 20]);
             h.buf[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
