@@ -1681,18 +1681,31 @@ impl Conn {
             self.rto_at = None;
             return;
         }
+        if self.snd_wnd == 0 && self.zero_window_probe == Some(self.snd_una) {
+            // What timed out is the probe of a shut window, refused or
+            // lost: no sign of congestion, and no loss state (Linux's
+            // probe timer leaves the congestion window alone too). Its
+            // byte goes back out of flight; the persist timer sends the
+            // next probe, which arms this timer again. Left armed with
+            // nothing in flight, this timer fired between probes too, each
+            // time without the peer's answer to show it alive, and gave
+            // up on a peer that answered every probe after ten minutes.
+            self.rtt.back_off();
+            self.snd_nxt = self.snd_una;
+            self.retransmit_now = false;
+            self.fast_pending = false;
+            self.tlp_at = None;
+            self.rack_at = None;
+            self.rtt_probe = None;
+            self.rto_at = None;
+            return;
+        }
         //= https://www.rfc-editor.org/rfc/rfc6298#section-5
         //# (5.4) Retransmit the earliest segment that has not been
         //# acknowledged by the TCP receiver.
         //# (5.5) The host MUST set RTO <- RTO * 2 ("back off the timer").
         //# (5.6) Start the retransmission timer
-        if self.snd_wnd != 0 || self.zero_window_probe != Some(self.snd_una) {
-            self.cc.on_rto(self.flight());
-        }
-        // Else what timed out is the probe of a shut window, refused or
-        // lost: no sign of congestion. Its byte goes back out of flight
-        // and the persist timer sends the next probe (Linux's probe timer
-        // leaves the congestion window alone too).
+        self.cc.on_rto(self.flight());
         self.episode = None;
         // Waiting out a delayed ACK may have cost this timeout: probe at
         // two SRTTs again until a probe proves spurious once more.
@@ -1714,7 +1727,10 @@ impl Conn {
         self.snd_nxt = self.snd_una;
         self.retransmit_now = false;
         self.fast_pending = false;
-        self.rto_at = Some(now + self.rtt.rto());
+        // A shut window takes nothing of the go-back-N: the persist timer
+        // probes it (BSD's tcp_output does the same), and the probe arms
+        // this timer again.
+        self.rto_at = (self.snd_wnd > 0).then(|| now + self.rtt.rto());
     }
 
     /// The next segment to send, if any. Call until `None` after every
@@ -2147,6 +2163,11 @@ impl Conn {
         // loss state), the backed-off timer alone paces resends: a probe
         // two SRTTs after each one undid the backoff toward a silent peer.
         if !self.outstanding() || self.rto_high.is_some() {
+            return;
+        }
+        // Nor while a shut window is probed (RFC 8985 §8: not with the
+        // persist timer): a refused probe is no tail loss.
+        if self.zero_window_probe.is_some() {
             return;
         }
         if self.cc.in_recovery() {

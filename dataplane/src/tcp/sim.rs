@@ -567,10 +567,14 @@ mod tests {
 
     /// Zero-window probes to a reader that answers each with its window
     /// still shut go out at intervals that about double, as the RFC 9293
-    /// §3.8.6.1 timer backs off: the persist timer (from the estimate)
-    /// and the timeout for the probe's byte (backed off) take turns, and
-    /// must not back off on top of each other (a probe saw 0.2 s, 1 s,
-    /// then 6.8 s between probes; here 0.6, 1.6, 2.4, 4.8 s ...).
+    /// §3.8.6.1 timer backs off: the timeout for the probe's byte (backed
+    /// off) and the persist timer (from the estimate) take turns, and must
+    /// not back off on top of each other (a probe saw 0.2 s, 1 s, then
+    /// 6.8 s between probes; here 0.6, 1.2, 2.4, 4.8 s ... up to 120 s).
+    /// And the sender never gives up on a reader that answers: a review
+    /// found the timeout left armed between probes, firing without a
+    /// probe's answer to show the reader alive, and the connection
+    /// aborted after about ten minutes.
     #[test]
     fn zero_window_probes_back_off_evenly() {
         let (mut a, mut b, t0) = established(14);
@@ -578,7 +582,7 @@ mod tests {
         a.write(&vec![3u8; 1 << 20]);
         let mut now = t0;
         let mut probes = Vec::new();
-        while now - t0 < Duration::from_secs(120) {
+        while now - t0 < Duration::from_secs(30 * 60) {
             let mut moved = true;
             while moved {
                 moved = false;
@@ -608,7 +612,8 @@ mod tests {
             a.on_timer(now);
         }
         assert_eq!(a.state(), State::Established);
-        assert!(probes.len() >= 6, "{probes:?}");
+        assert_eq!(a.aborted(), None);
+        assert!(probes.len() >= 20, "{probes:?}");
         let gaps: Vec<Duration> = probes.windows(2).map(|w| w[1] - w[0]).collect();
         for g in gaps.windows(2) {
             let ratio = g[1].as_secs_f64() / g[0].as_secs_f64();
@@ -617,6 +622,14 @@ mod tests {
                 "{gaps:?}"
             );
         }
+        // Probing goes on to the end, at most two capped timers apart.
+        let last = *probes.last().unwrap();
+        assert!(last >= Duration::from_secs(30 * 60 - 130), "{gaps:?}");
+        assert!(
+            gaps.iter()
+                .all(|g| *g <= 2 * crate::tcp::rtt::RTO_MAX + Duration::from_secs(1)),
+            "{gaps:?}"
+        );
     }
 
     /// A reader that paused with its window shut and then reads again
