@@ -508,6 +508,11 @@ impl Conn {
     }
 
     #[cfg(test)]
+    pub(crate) fn srtt_for_tests(&self) -> Option<Duration> {
+        self.rtt.srtt()
+    }
+
+    #[cfg(test)]
     pub(crate) fn cwnd_for_tests(&self) -> u32 {
         self.cc.cwnd()
     }
@@ -2120,8 +2125,12 @@ impl Conn {
             let seq = self.snd_nxt;
             let payload = self.bytes_at(seq, len);
             let fin = self.fin_seq == Some(seq + len as u32);
+            // Karn: bytes sent before (the go-back-N after a timeout, the
+            // rewind to a refused probe's byte) are not timed; their ACK
+            // may answer the first sending.
+            let fresh = seq.ge(self.snd_max);
             self.sent(seq + len as u32 + u32::from(fin), now);
-            if self.rtt_probe.is_none() {
+            if fresh && self.rtt_probe.is_none() {
                 self.rtt_probe = Some((seq, now));
             }
             //# (5.1) Every time a packet containing data is sent ... if the

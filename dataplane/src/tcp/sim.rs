@@ -1473,6 +1473,31 @@ mod tests {
         }
     }
 
+    /// Karn's algorithm (RFC 6298 §3) without timestamps: after a
+    /// timeout the go-back-N resends bytes sent before, and an ACK that
+    /// comes just after may answer the first sending. No sample is taken
+    /// from it; one was (a millisecond, for a segment out for a second),
+    /// as the review of the rewind to a refused probe's byte noticed.
+    #[test]
+    fn a_go_back_n_resend_is_not_timed() {
+        let t0 = Instant::now();
+        let mut a = Conn::new(&bare(65535), ConnConfig::default(), t0);
+        assert_eq!(a.write(&[7; 1000]), 1000);
+        let first = a.poll_transmit(t0).expect("data");
+        assert!(a.poll_transmit(t0).is_none());
+        let rto = a.next_deadline().expect("the timer runs");
+        a.on_timer(rto);
+        let again = a.poll_transmit(rto).expect("the resend");
+        assert_eq!(again.seq, first.seq);
+        let ack = Segment {
+            ack: first.seq + 1000,
+            ..from_peer(101, &[], false)
+        };
+        a.on_segment(&ack, rto + Duration::from_millis(1));
+        assert_eq!(a.snd_una(), first.seq + 1000);
+        assert_eq!(a.srtt_for_tests(), None);
+    }
+
     #[test]
     fn a_retransmission_carries_no_byte_that_was_never_sent() {
         let now = Instant::now();
