@@ -583,26 +583,7 @@ mod tests {
         let mut now = t0;
         let mut probes = Vec::new();
         while now - t0 < Duration::from_secs(30 * 60) {
-            let mut moved = true;
-            while moved {
-                moved = false;
-                while let Some(s) = a.poll_transmit(now) {
-                    if s.payload.len() == 1 {
-                        // Refused, as Linux refuses a byte past a shut
-                        // window: an ACK that takes nothing.
-                        probes.push(now - t0);
-                        b.ack_now();
-                    } else {
-                        b.on_segment(&s, now);
-                    }
-                    moved = true;
-                }
-                b.on_timer(now);
-                while let Some(ack) = b.poll_transmit(now) {
-                    a.on_segment(&ack, now);
-                    moved = true;
-                }
-            }
+            exchange_refusing_probes(&mut a, &mut b, now, |_| probes.push(now - t0));
             let next = [a.next_deadline(), b.next_deadline()]
                 .into_iter()
                 .flatten()
@@ -673,6 +654,36 @@ mod tests {
         assert!(sent + 1448 > cwnd as usize, "{cwnd} {data:?}");
     }
 
+    /// Moves segments both ways at `now` until neither side has more,
+    /// except that b refuses each zero-window probe (a byte at its
+    /// RCV.NXT alone), as Linux refuses a byte past a shut window: an ACK
+    /// that takes nothing. `on_probe` sees the sender at each probe.
+    fn exchange_refusing_probes(
+        a: &mut Conn,
+        b: &mut Conn,
+        now: Instant,
+        mut on_probe: impl FnMut(&Conn),
+    ) {
+        let mut moved = true;
+        while moved {
+            moved = false;
+            while let Some(s) = a.poll_transmit(now) {
+                if s.payload.len() == 1 && b.rcv_nxt() == s.seq {
+                    on_probe(a);
+                    b.ack_now();
+                } else {
+                    b.on_segment(&s, now);
+                }
+                moved = true;
+            }
+            b.on_timer(now);
+            while let Some(ack) = b.poll_transmit(now) {
+                a.on_segment(&ack, now);
+                moved = true;
+            }
+        }
+    }
+
     /// Runs a sender into a reader configured with `b_cfg` that reads
     /// nothing for 10 s (refusing every probe byte, as Linux refuses a
     /// byte past a shut window), then reads everything: the payload
@@ -683,39 +694,22 @@ mod tests {
         let t0 = now;
         let mut probes = 0;
         let mut cwnd = None;
-        let mut exchange = |a: &mut Conn, b: &mut Conn, now: Instant, probes: &mut usize| {
-            let mut moved = true;
-            while moved {
-                moved = false;
-                while let Some(s) = a.poll_transmit(now) {
-                    if s.payload.len() == 1 && b.rcv_nxt() == s.seq {
-                        *probes += 1;
-                        cwnd.get_or_insert(a.cwnd_for_tests());
-                        b.ack_now();
-                    } else {
-                        b.on_segment(&s, now);
-                    }
-                    moved = true;
-                }
-                b.on_timer(now);
-                while let Some(ack) = b.poll_transmit(now) {
-                    a.on_segment(&ack, now);
-                    moved = true;
-                }
-            }
+        let mut on_probe = |a: &Conn| {
+            probes += 1;
+            cwnd.get_or_insert(a.cwnd_for_tests());
         };
         while now - t0 < Duration::from_secs(10) {
             if a.send_space() > 0 {
                 a.write(&[3u8; 4 << 10]);
             }
-            exchange(&mut a, &mut b, now, &mut probes);
+            exchange_refusing_probes(&mut a, &mut b, now, &mut on_probe);
             // Nothing out and nothing waiting: more to write first.
             let Some(t) = a.next_deadline() else { continue };
             // b's delayed ACK first, if it is due sooner.
             now = b.next_deadline().map_or(t, |u| t.min(u)).max(now);
             a.on_timer(now);
         }
-        exchange(&mut a, &mut b, now, &mut probes);
+        exchange_refusing_probes(&mut a, &mut b, now, &mut on_probe);
         assert!(probes >= 4, "{probes} probes");
         assert_eq!(a.state(), State::Established);
         // b reads everything: its window update goes out, and a answers.
