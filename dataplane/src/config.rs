@@ -17,6 +17,16 @@ use crate::{ebpf::AttachMode, session::SessionSettings, xsk::PortConfig};
 /// ClientHello 400 µs more at 200 µs (perf/run decide).
 pub const DEFAULT_BUSY_POLL_US: u64 = 0;
 
+/// How long an idle worker keeps polling after its last work while its CPU
+/// is its own, by default (`--idle-spin-us`; `worker::idle`): long enough
+/// to take the next connection's SYN on a busy link without a wake-up.
+/// `perf/run decide --per-core` (2 vCPUs, three runs of each build
+/// alternated): what the engine adds to a new connection's SYN, SYN-ACK and
+/// ClientHello against a bridge went from 89-91 µs (no-decrypt) and 40-57
+/// µs (tcp-split) to 17-26 and 5-25 µs less than the bridge's; in the
+/// shared shape it did not rise (perf/README.md).
+pub const DEFAULT_IDLE_SPIN_US: u64 = 5_000;
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -76,6 +86,9 @@ pub struct EngineConfig {
     pub pin_workers: bool,
     /// How long an idle worker keeps polling before it sleeps.
     pub busy_poll: Duration,
+    /// How long an idle worker keeps polling after its last work while it
+    /// has its CPU to itself.
+    pub idle_spin: Duration,
     /// Forward a steered connection's handshake in XDP and record it for
     /// the worker that gets the first data (one wake-up per new connection
     /// instead of three), rather than steer every SYN and SYN-ACK to the
@@ -145,6 +158,7 @@ impl EngineConfig {
             flow_idle_timeout: Duration::from_secs(120),
             pin_workers: true,
             busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),
+            idle_spin: Duration::from_micros(DEFAULT_IDLE_SPIN_US),
             hsm: None,
             tls: Default::default(),
             export: Default::default(),

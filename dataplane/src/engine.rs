@@ -412,7 +412,10 @@ pub fn run(
             cfg.flow_idle_timeout,
             shared.clone(),
         );
-        worker.set_busy_poll(cfg.busy_poll);
+        worker.set_idle_policy(crate::worker::IdlePolicy {
+            busy_poll: cfg.busy_poll,
+            spin: cfg.idle_spin,
+        });
         if sessions {
             worker.enable_split(SplitLinks {
                 settings: SessionSettings {

@@ -19,6 +19,11 @@ use crossbeam::{channel::Sender, queue::ArrayQueue};
 use loupe_common::FlowKey;
 use xsk_rs::FrameDesc;
 
+mod idle;
+
+pub use idle::IdlePolicy;
+use idle::{Idle, Next};
+
 use crate::{
     flow::{table::SideCount, FlowId, FlowLogEntry, FlowTable, MapOp, Observed, Sharder, Side},
     policy::PolicyCell,
@@ -38,14 +43,6 @@ const CROSS_PER_WORKER: usize = 16_384;
 const PUBLISH_EVERY_MS: u64 = 100;
 const FLOW_LIST_EVERY_MS: u64 = 250;
 const EXPIRE_EVERY_MS: u64 = 250;
-/// Empty iterations before the worker sleeps in poll(). Few: a worker
-/// that spins keeps its CPU from whatever else must run there for frames
-/// to come, such as the NAPI thread that fills its ring. Per core, the
-/// split with 64 carried 1.3-2.1 Gbit/s (1 and 8 flows), with 8 in
-/// another sitting 1.8-2.0; in the shared shape, alternated, 1 flow rose
-/// from 0.8-1.2 to 1.6-1.7; new connections' delays rose 3-10%, within
-/// their noise (perf/README.md, "How long an idle worker spins").
-const SPIN_BEFORE_SLEEP: u32 = 8;
 /// Empty rounds in a row that make the wire quiet when the worker stops
 /// (its resets out, what answers them handled).
 const QUIET_ROUNDS_AT_STOP: u32 = 64;
@@ -57,21 +54,6 @@ const STOP_ROUNDS: usize = 1024;
 /// Longest sleep: bounds how late the stop flag, stats and flow expiry are
 /// seen by an idle worker. Frames and crossover wake it at once.
 const POLL_TIMEOUT_MS: i32 = 10;
-
-/// How long a worker has found nothing to do.
-struct Idle {
-    rounds: u32,
-    since: Instant,
-}
-
-impl Idle {
-    fn new() -> Self {
-        Idle {
-            rounds: 0,
-            since: Instant::now(),
-        }
-    }
-}
 
 /// When the periodic work of a round is next due (worker clock, ms).
 #[derive(Default)]
@@ -245,7 +227,10 @@ pub struct Worker {
     policy_seen: u64,
     /// How long after its last work the worker keeps polling its rings
     /// (yielding the CPU between rounds) before it sleeps in poll().
-    busy_poll: Duration,
+    idle_policy: IdlePolicy,
+    /// The last round expired flows or published the report: its length
+    /// says nothing of whether the worker shares its CPU.
+    housekeeping: bool,
     /// Per side, a multi-buffer frame whose descriptors are still coming
     /// (a receive batch can end inside one).
     chains: [Chain; 2],
@@ -284,16 +269,18 @@ impl Worker {
             sessions: None,
             links: None,
             policy_seen: 0,
-            busy_poll: Duration::ZERO,
+            idle_policy: IdlePolicy::default(),
+            housekeeping: false,
             chains: Default::default(),
         }
     }
 
-    /// Keep polling this long after the last work before sleeping: a frame
-    /// that arrives meanwhile is taken without a wake-up (tens of µs on a
-    /// virtual machine's idle CPU), at the cost of that CPU time.
-    pub fn set_busy_poll(&mut self, busy_poll: Duration) {
-        self.busy_poll = busy_poll;
+    /// How long to keep polling after the last work before sleeping: a
+    /// frame that arrives meanwhile is taken without a wake-up (tens of µs
+    /// on a virtual machine's idle CPU), at the cost of that CPU time (see
+    /// [`idle`]).
+    pub fn set_idle_policy(&mut self, policy: IdlePolicy) {
+        self.idle_policy = policy;
     }
 
     /// Decides the steered connections this worker owns by the policy in
@@ -340,7 +327,7 @@ impl Worker {
     /// [`Worker::stop_sessions`]); publishes a final report before returning.
     pub fn run(mut self, stop: &AtomicBool) {
         let mut rx = vec![FrameDesc::default(); BATCH];
-        let mut idle = Idle::new();
+        let mut idle = Idle::new(Instant::now());
         let mut next = Schedule::default();
         while !stop.load(Ordering::Relaxed) {
             let work = self.round(&mut rx, &mut next);
@@ -375,7 +362,7 @@ impl Worker {
         };
         sp.stop_taking();
         let deadline = Instant::now() + sp.drain();
-        let mut idle = Idle::new();
+        let mut idle = Idle::new(Instant::now());
         while Instant::now() < deadline
             && self.sessions.as_ref().is_some_and(|sp| sp.unfinished() > 0)
         {
@@ -399,23 +386,26 @@ impl Worker {
         }
     }
 
-    fn idle_or_spin(&self, work: usize, idle: &mut Idle) {
+    fn idle_or_spin(&mut self, work: usize, idle: &mut Idle) {
         // Completions count as work: while TX drains, keep spinning;
         // if it stalls, sleep (poll also kicks copy-mode TX).
-        if work == 0 {
-            idle.rounds += 1;
-            if idle.rounds >= SPIN_BEFORE_SLEEP {
-                if idle.since.elapsed() >= self.busy_poll {
-                    self.sleep_for_frames();
-                    idle.since = Instant::now();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-        } else {
-            idle.rounds = 0;
-            idle.since = Instant::now();
+        let backoffs = idle.backoffs;
+        if std::mem::take(&mut self.housekeeping) {
+            idle.unmeasured();
         }
+        match idle.after_round(work, Instant::now(), &self.idle_policy) {
+            Next::Round => {}
+            Next::Yield => {
+                let began = Instant::now();
+                std::thread::yield_now();
+                idle.yielded(began, Instant::now());
+            }
+            Next::Sleep => {
+                self.sleep_for_frames();
+                idle.woke(Instant::now());
+            }
+        }
+        self.counters.idle_backoffs += idle.backoffs - backoffs;
     }
 
     /// One round: frames in, crossbar, timers, frames out, and the
@@ -471,6 +461,9 @@ impl Worker {
         // carry out flow-map changes and records.
         self.hand_off();
 
+        if now_ms >= next.expire || now_ms >= next.publish {
+            self.housekeeping = true;
+        }
         if now_ms >= next.expire {
             next.expire = now_ms + EXPIRE_EVERY_MS;
             self.table.expire(now_ms);

@@ -1,0 +1,309 @@
+//! When an idle worker polls its rings and when it sleeps in `poll()`.
+//!
+//! A worker that sleeps pays a wake-up for the next frame: on a virtual
+//! machine's idle CPU, 30-40 µs (the vCPU halted and must be scheduled
+//! again). A new connection's SYN, SYN-ACK and ClientHello each find the
+//! worker asleep when nothing else keeps it busy. A worker that keeps
+//! polling takes them without one, but only where it has its CPU to
+//! itself: a polling worker that shares the CPU with another process
+//! yields it to that process each round, and a frame arriving then waits
+//! out the other's time slice (hundreds of µs) where a sleeping worker
+//! would have been woken ahead of it.
+//!
+//! So after its last work a worker polls for `spin` (yielding between
+//! rounds, so that the threads bringing its frames get the CPU) unless it
+//! finds it shares the CPU: a yield, or the gap between two idle rounds,
+//! that lasted [`LOST_CPU`] or more means another thread had a time slice
+//! there. It then goes back to sleeping after [`SPIN_BEFORE_SLEEP`] empty
+//! rounds for [`SHARED_BACKOFF`], so a shared CPU costs at most one such
+//! wait per backoff. Short runs of the engine's own threads (the flow-map
+//! installer, the event pump) stay well under [`LOST_CPU`].
+//! `busy_poll` (`--busy-poll-us`) polls for that long whether the CPU is
+//! shared or not, as before.
+
+use std::time::{Duration, Instant};
+
+/// Empty rounds before the worker sleeps or yields. Few: a worker that
+/// spins without yielding keeps its CPU from whatever else must run there
+/// for frames to come, such as the NAPI thread that fills its ring. Per
+/// core, the split with 64 carried 1.3-2.1 Gbit/s (1 and 8 flows), with 8
+/// in another sitting 1.8-2.0; in the shared shape, alternated, 1 flow rose
+/// from 0.8-1.2 to 1.6-1.7 (perf/README.md, "How long an idle worker
+/// spins").
+pub const SPIN_BEFORE_SLEEP: u32 = 8;
+
+/// A yield, or a gap between idle rounds, at least this long: another
+/// thread had the CPU for a time slice (the scheduler's base slice is
+/// 0.75 ms; the engine's own threads run for tens of µs). Measured on 2
+/// vCPUs (2026-12-04, `perf/run decide`, an instrumented build): with the
+/// endpoints on the other CPU, 1-2 of 300,000-560,000 yields per engine
+/// run took 1 ms or more (20-40 took 0.1-1 ms); with curl and nginx on
+/// the worker's CPU, 9-15 of 170,000-300,000 (110-510 took 0.1-1 ms). A
+/// threshold of 30 µs stopped the polling so often that the per-core gain
+/// was lost.
+pub const LOST_CPU: Duration = Duration::from_millis(1);
+
+/// How long a worker that lost its CPU sleeps instead of polling.
+pub const SHARED_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What the worker does after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Go round again at once.
+    Round,
+    /// Yield the CPU, then go round again; report the yield's end with
+    /// [`Idle::yielded`].
+    Yield,
+    /// Sleep until a frame comes; report the wake with [`Idle::woke`].
+    Sleep,
+}
+
+/// How long a worker polls after its last work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdlePolicy {
+    /// Polling for this long whether the CPU is shared or not
+    /// (`--busy-poll-us`), also after each sleep.
+    pub busy_poll: Duration,
+    /// Polling for this long after the last work, while the CPU is the
+    /// worker's own (`--idle-spin-us`).
+    pub spin: Duration,
+}
+
+/// An idle worker's state: how long it has found nothing to do, and
+/// whether it shares its CPU.
+#[derive(Debug)]
+pub struct Idle {
+    /// Empty rounds in a row.
+    rounds: u32,
+    /// The last work, or the last wake from a sleep (for `busy_poll`).
+    since: Instant,
+    /// The last work (for `spin`).
+    worked: Instant,
+    /// Slept since the last work: a worker woken by the poll timeout
+    /// with nothing to do does not poll again.
+    slept: bool,
+    /// When the last yield of this idle spell returned.
+    last_yield: Option<Instant>,
+    /// Polling is off until then: the CPU was found shared.
+    shared_until: Option<Instant>,
+    /// Times the worker found its CPU shared and stopped polling.
+    pub backoffs: u64,
+}
+
+impl Idle {
+    pub fn new(now: Instant) -> Idle {
+        Idle {
+            rounds: 0,
+            since: now,
+            worked: now,
+            slept: false,
+            last_yield: None,
+            shared_until: None,
+            backoffs: 0,
+        }
+    }
+
+    /// A round did `work` (0: found nothing) and ended at `now`.
+    pub fn after_round(&mut self, work: usize, now: Instant, policy: &IdlePolicy) -> Next {
+        if work > 0 {
+            self.rounds = 0;
+            self.since = now;
+            self.worked = now;
+            self.slept = false;
+            self.last_yield = None;
+            return Next::Round;
+        }
+        self.rounds += 1;
+        if self.rounds < SPIN_BEFORE_SLEEP {
+            return Next::Round;
+        }
+        if now.saturating_duration_since(self.since) < policy.busy_poll {
+            return Next::Yield;
+        }
+        let own_cpu = self.shared_until.is_none_or(|until| now >= until);
+        if own_cpu && !self.slept && now.saturating_duration_since(self.worked) < policy.spin {
+            // A round between two yields that took this long was
+            // preempted: the CPU is shared.
+            if self
+                .last_yield
+                .is_some_and(|at| now.saturating_duration_since(at) >= LOST_CPU)
+            {
+                self.back_off(now);
+                return Next::Sleep;
+            }
+            return Next::Yield;
+        }
+        Next::Sleep
+    }
+
+    /// A yield that began at `began` returned at `now`.
+    pub fn yielded(&mut self, began: Instant, now: Instant) {
+        if now.saturating_duration_since(began) >= LOST_CPU {
+            self.back_off(now);
+        } else {
+            self.last_yield = Some(now);
+        }
+    }
+
+    /// The round just ended did work of its own that is not frames (flow
+    /// expiry, the report): its length is not a sign of a shared CPU.
+    pub fn unmeasured(&mut self) {
+        self.last_yield = None;
+    }
+
+    /// The worker woke from a sleep at `now` (a frame, or the timeout).
+    pub fn woke(&mut self, now: Instant) {
+        self.since = now;
+        self.slept = true;
+        self.last_yield = None;
+    }
+
+    fn back_off(&mut self, now: Instant) {
+        self.shared_until = Some(now + SHARED_BACKOFF);
+        self.last_yield = None;
+        self.backoffs += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    fn spin(us: u64) -> IdlePolicy {
+        IdlePolicy {
+            busy_poll: Duration::ZERO,
+            spin: US * us as u32,
+        }
+    }
+
+    /// Empty rounds until the first that is not `Next::Round`, each 1 µs
+    /// after the last; returns it and the time it was asked at.
+    fn first_decision(idle: &mut Idle, t: &mut Instant, policy: &IdlePolicy) -> Next {
+        for _ in 0..SPIN_BEFORE_SLEEP {
+            *t += US;
+            let next = idle.after_round(0, *t, policy);
+            if next != Next::Round {
+                return next;
+            }
+        }
+        panic!("still going round after {SPIN_BEFORE_SLEEP} empty rounds");
+    }
+
+    /// A worker with `policy` that did work and has gone past its empty
+    /// rounds, polling.
+    fn polling(policy: &IdlePolicy) -> (Idle, Instant) {
+        let mut t = Instant::now();
+        let mut idle = Idle::new(t);
+        idle.after_round(1, t, policy);
+        assert_eq!(first_decision(&mut idle, &mut t, policy), Next::Yield);
+        (idle, t)
+    }
+
+    /// A yield that lasts `d`.
+    fn yield_for(idle: &mut Idle, t: &mut Instant, d: Duration) {
+        let began = *t;
+        *t += d;
+        idle.yielded(began, *t);
+    }
+
+    #[test]
+    fn without_spin_a_worker_sleeps_after_a_few_empty_rounds() {
+        let mut t = Instant::now();
+        let mut idle = Idle::new(t);
+        let policy = spin(0);
+        assert_eq!(idle.after_round(3, t, &policy), Next::Round);
+        assert_eq!(first_decision(&mut idle, &mut t, &policy), Next::Sleep);
+        assert_eq!(idle.rounds, SPIN_BEFORE_SLEEP);
+    }
+
+    #[test]
+    fn a_worker_polls_for_the_spin_after_its_last_work_then_sleeps() {
+        let policy = spin(5000);
+        let (mut idle, mut t) = polling(&policy);
+        // Yields of 2 µs and rounds of 1 µs, until 5 ms after the work.
+        let mut yields = 0;
+        loop {
+            yield_for(&mut idle, &mut t, US * 2);
+            t += US;
+            match idle.after_round(0, t, &policy) {
+                Next::Yield => yields += 1,
+                Next::Sleep => break,
+                Next::Round => panic!("an idle worker past its empty rounds went round"),
+            }
+        }
+        assert!((1600..=1670).contains(&yields), "{yields} yields");
+        assert_eq!(idle.backoffs, 0);
+        // Woken by the poll timeout with nothing to do: no second spin.
+        t += Duration::from_millis(10);
+        idle.woke(t);
+        assert_eq!(first_decision(&mut idle, &mut t, &policy), Next::Sleep);
+        // Work again: the spin starts over.
+        idle.after_round(1, t, &policy);
+        assert_eq!(first_decision(&mut idle, &mut t, &policy), Next::Yield);
+    }
+
+    #[test]
+    fn a_long_yield_means_a_shared_cpu_and_stops_polling_for_the_backoff() {
+        let policy = spin(100_000);
+        let (mut idle, mut t) = polling(&policy);
+        // Someone else ran for a time slice during the yield.
+        yield_for(&mut idle, &mut t, LOST_CPU);
+        assert_eq!(idle.backoffs, 1);
+        assert_eq!(idle.after_round(0, t, &policy), Next::Sleep);
+        // New work within the backoff: a few rounds, then sleep, not poll.
+        t += Duration::from_millis(1);
+        idle.woke(t);
+        idle.after_round(1, t, &policy);
+        assert_eq!(first_decision(&mut idle, &mut t, &policy), Next::Sleep);
+        // After the backoff, polling again.
+        t += SHARED_BACKOFF;
+        idle.woke(t);
+        idle.after_round(1, t, &policy);
+        assert_eq!(first_decision(&mut idle, &mut t, &policy), Next::Yield);
+        assert_eq!(idle.backoffs, 1);
+    }
+
+    #[test]
+    fn a_round_preempted_between_yields_means_a_shared_cpu() {
+        let policy = spin(100_000);
+        let (mut idle, mut t) = polling(&policy);
+        yield_for(&mut idle, &mut t, US);
+        // The next empty round came 1 ms later: preempted, not yielded.
+        t += LOST_CPU;
+        assert_eq!(idle.after_round(0, t, &policy), Next::Sleep);
+        assert_eq!(idle.backoffs, 1);
+        // A round with work between two yields is no sign of it.
+        t += SHARED_BACKOFF;
+        idle.after_round(1, t, &policy);
+        assert_eq!(first_decision(&mut idle, &mut t, &policy), Next::Yield);
+        yield_for(&mut idle, &mut t, US);
+        t += Duration::from_millis(3);
+        assert_eq!(idle.after_round(1, t, &policy), Next::Round);
+        assert_eq!(first_decision(&mut idle, &mut t, &policy), Next::Yield);
+        assert_eq!(idle.backoffs, 1);
+        // Nor is a long empty round that published the report.
+        yield_for(&mut idle, &mut t, US);
+        t += Duration::from_millis(2);
+        idle.unmeasured();
+        assert_eq!(idle.after_round(0, t, &policy), Next::Yield);
+        assert_eq!(idle.backoffs, 1);
+    }
+
+    #[test]
+    fn busy_poll_polls_on_a_shared_cpu_and_after_each_wake() {
+        let policy = IdlePolicy {
+            busy_poll: Duration::from_millis(100),
+            spin: Duration::ZERO,
+        };
+        let (mut idle, mut t) = polling(&policy);
+        yield_for(&mut idle, &mut t, LOST_CPU * 5);
+        assert_eq!(idle.after_round(0, t, &policy), Next::Yield);
+        // Past it: sleep; woken with nothing to do, poll again.
+        t += Duration::from_millis(100);
+        assert_eq!(idle.after_round(0, t, &policy), Next::Sleep);
+        idle.woke(t);
+        assert_eq!(idle.after_round(0, t + US, &policy), Next::Yield);
+    }
+}
