@@ -122,23 +122,15 @@ pub const SCENARIOS: &[Scenario] = &[
         results: &["decide.json"],
         deadline: (Duration::from_secs(2 * MIN), Duration::from_secs(30 * MIN)),
     },
-    // The same on a dedicated, polling core: the engine (one worker, busy
-    // polling as a dataplane that owns its core) and the control daemon
-    // on CPU 0, the endpoints on the last.
+    // The same with a core of its own: the engine (one worker, as it
+    // runs by default, polling after its work while the core is its own)
+    // and the control daemon on CPU 0, the endpoints on the last.
     Scenario {
         name: "decide-per-core",
         program: "loupe-perf-decide",
-        args: &[
-            "--per-core",
-            "--engine-arg=--busy-poll-us",
-            "--engine-arg=100000",
-            "--json",
-            "{dir}/decide-per-core.json",
-        ],
+        args: &["--per-core", "--json", "{dir}/decide-per-core.json"],
         quick_args: &[
             "--per-core",
-            "--engine-arg=--busy-poll-us",
-            "--engine-arg=100000",
             "--connections",
             "40",
             "--rounds",
