@@ -18,14 +18,16 @@ use crate::{ebpf::AttachMode, session::SessionSettings, xsk::PortConfig};
 pub const DEFAULT_BUSY_POLL_US: u64 = 0;
 
 /// How long an idle worker keeps polling after its last work while its CPU
-/// is its own, by default (`--idle-spin-us`; `worker::idle`): long enough
-/// to take the next connection's SYN on a busy link without a wake-up.
-/// `perf/run decide --per-core` (2 vCPUs, three runs of each build
-/// alternated): what the engine adds to a new connection's SYN, SYN-ACK and
-/// ClientHello against a bridge went from 89-91 µs (no-decrypt) and 40-57
-/// µs (tcp-split) to 17-26 and 5-25 µs less than the bridge's; in the
-/// shared shape it did not rise (perf/README.md).
-pub const DEFAULT_IDLE_SPIN_US: u64 = 5_000;
+/// is its own, by default (`--idle-spin-us`; `worker::idle`): none. On a
+/// core of its own 5000 takes the next connection's frames without a
+/// wake-up: `perf/run decide --per-core` (2 vCPUs, builds alternated) went
+/// from 89-91 µs (no-decrypt) and 40-57 µs (tcp-split) added to a new
+/// connection's SYN, SYN-ACK and ClientHello to below the bridge's. On
+/// CPUs shared with other work in short bursts the polling fills the gaps
+/// between them: an outside probe measured 39-47% of each CPU against 8%
+/// at 240 connections/s, no connection faster. So it is for workers that
+/// own their cores, and off unless asked.
+pub const DEFAULT_IDLE_SPIN_US: u64 = 0;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {

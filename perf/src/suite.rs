@@ -122,15 +122,18 @@ pub const SCENARIOS: &[Scenario] = &[
         results: &["decide.json"],
         deadline: (Duration::from_secs(2 * MIN), Duration::from_secs(30 * MIN)),
     },
-    // The same with a core of its own: the engine (one worker, as it
-    // runs by default, polling after its work while the core is its own)
-    // and the control daemon on CPU 0, the endpoints on the last.
+    // The same with a core of its own: the engine (one worker, polling
+    // after its work while the core is its own, as a dataplane that owns
+    // its core is run) and the control daemon on CPU 0, the endpoints on
+    // the last.
     Scenario {
         name: "decide-per-core",
         program: "loupe-perf-decide",
         args: &["--per-core", "--json", "{dir}/decide-per-core.json"],
         quick_args: &[
             "--per-core",
+            "--engine-arg=--idle-spin-us",
+            "--engine-arg=5000",
             "--connections",
             "40",
             "--rounds",
