@@ -757,6 +757,13 @@ impl StatsReport {
             })
             .sum();
         let _ = writeln!(s, "drops in userspace and AF_XDP rings: {drops}");
+        let backoffs: u64 = self.workers.iter().map(|w| w.counters.idle_backoffs).sum();
+        if backoffs > 0 {
+            let _ = writeln!(
+                s,
+                "idle polling (--idle-spin-us) stopped {backoffs} times: other threads took a worker's CPU"
+            );
+        }
         // Records for the control process: only the control socket knows
         // the queue (a stats file has none of it).
         let q = &self.log_queue;
@@ -1044,6 +1051,24 @@ mod tests {
             text.contains(
                 "flow records: 100000 waiting for control (no control process), 9 dropped"
             ),
+            "{text}"
+        );
+    }
+
+    /// `loupe stats` says when idle polling found its CPU shared.
+    #[test]
+    fn the_report_shows_idle_polling_backoffs() {
+        let mut r = StatsReport::default();
+        r.workers.push(WorkerReport::default());
+        assert!(!r.render().contains("idle polling"), "{}", r.render());
+        for n in [3, 4] {
+            let mut w = WorkerReport::default();
+            w.counters.idle_backoffs = n;
+            r.workers.push(w);
+        }
+        let text = r.render();
+        assert!(
+            text.contains("idle polling (--idle-spin-us) stopped 7 times"),
             "{text}"
         );
     }
