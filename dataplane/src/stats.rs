@@ -62,9 +62,10 @@ pub struct WorkerCounters {
     pub flows_expired: u64,
     /// New flows not tracked because the table was at its limit.
     pub flow_table_full: u64,
-    /// Times an idle worker found another thread had its CPU for a time
-    /// slice and went back to sleeping after a few empty rounds instead of
-    /// polling (`--idle-spin-us`; see `worker::idle`).
+    /// Times an idle worker found other threads taking its CPU (a time
+    /// slice, or a fifth of its polling time) and went back to sleeping
+    /// after a few empty rounds instead of polling (`--idle-spin-us`; see
+    /// `worker::idle`).
     #[serde(default)]
     pub idle_backoffs: u64,
 }
