@@ -753,8 +753,8 @@ impl StatsReport {
                 w.counters.cross_full
                     + w.counters.no_free_frame
                     + w.counters.unsendable
-                    + w.xsk_inside.rx_dropped
-                    + w.xsk_outside.rx_dropped
+                    + w.xsk_inside.rx_lost()
+                    + w.xsk_outside.rx_lost()
             })
             .sum();
         let _ = writeln!(s, "drops in userspace and AF_XDP rings: {drops}");
@@ -1057,6 +1057,24 @@ mod tests {
     }
 
     /// `loupe stats` says when idle polling found its CPU shared.
+    #[test]
+    fn the_drops_line_counts_a_full_rx_ring() {
+        let mut w = WorkerReport::default();
+        w.counters.cross_full = 1;
+        w.xsk_inside.rx_dropped = 10;
+        w.xsk_inside.rx_ring_full = 200;
+        // The same dry fill ring as rx_dropped: not counted twice.
+        w.xsk_inside.rx_fill_ring_empty_descs = 10;
+        w.xsk_outside.rx_ring_full = 3000;
+        let mut r = StatsReport::default();
+        r.workers.push(w);
+        let text = r.render();
+        assert!(
+            text.contains("drops in userspace and AF_XDP rings: 3211"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn the_report_shows_idle_polling_backoffs() {
         let mut r = StatsReport::default();

@@ -170,6 +170,15 @@ struct Sample {
     gbit_per_s: f64,
     mpps: f64,
     retransmits: u64,
+    /// Frames the client sent (data, its retransmissions, its few ACKs):
+    /// what `retransmits` is a share of.
+    client_frames: u64,
+    /// Frames the endpoints' veths could not hand to the path (their
+    /// `tx_dropped`): for the engine's paths, the XDP receive ring of its
+    /// veth was full because its receive processing (on the path's CPU)
+    /// fell behind. The kernel relay's and the bridge's drops are in the
+    /// receive backlog instead and do not show here.
+    path_refused: u64,
     /// In the fair shape: the path's CPU busy time per Gbit carried, ms
     /// (what the path costs; its throughput also depends on the
     /// endpoints' CPU, which this does not).
@@ -186,6 +195,9 @@ struct Result {
     median_mpps: Option<f64>,
     /// The fair shape's path CPU per Gbit, ms (median).
     median_path_cpu_ms_per_gbit: Option<f64>,
+    /// The client's retransmissions per thousand frames it sent (median):
+    /// what the path lost.
+    median_retransmits_per_mille: Option<f64>,
     /// Attempts that failed, with why; each sample gets [`ATTEMPTS`].
     failed_attempts: Vec<String>,
     /// Why the workload has no figure: a sample failed every attempt.
@@ -209,6 +221,20 @@ struct Report {
     seconds: u32,
     repeat: u32,
     results: Vec<Result>,
+}
+
+/// Retransmissions per thousand frames sent, None without frames.
+fn per_mille(retransmits: u64, frames: u64) -> Option<f64> {
+    (frames > 0).then(|| retransmits as f64 * 1000.0 / frames as f64)
+}
+
+/// The client's frames sent, and the endpoints' veths' refused ones.
+fn endpoint_counters(h: &Harness) -> anyhow::Result<(u64, u64)> {
+    Ok((
+        h.iface_counter(Role::Client, PEER_IF, "tx_packets")?,
+        h.iface_counter(Role::Client, PEER_IF, "tx_dropped")?
+            + h.iface_counter(Role::Server, PEER_IF, "tx_dropped")?,
+    ))
 }
 
 fn tx_packets(h: &Harness) -> anyhow::Result<u64> {
@@ -251,6 +277,7 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
         args.extend(["-M".into(), mss.to_string()]);
     }
     let before = tx_packets(h)?;
+    let endpoints_before = endpoint_counters(h)?;
     let busy_before = shape
         .map(|s| loupe_perf::cpu_busy_seconds(s.path_cpu))
         .transpose()?;
@@ -263,6 +290,7 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
         .output()?;
     let elapsed = start.elapsed().as_secs_f64();
     let after = tx_packets(h)?;
+    let endpoints_after = endpoint_counters(h)?;
     let busy = match (shape, busy_before) {
         (Some(s), Some(b)) => Some(loupe_perf::cpu_busy_seconds(s.path_cpu)? - b),
         _ => None,
@@ -293,6 +321,8 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
         gbit_per_s: bps / 1e9,
         mpps: (after - before) as f64 / elapsed / 1e6,
         retransmits,
+        client_frames: endpoints_after.0.saturating_sub(endpoints_before.0),
+        path_refused: endpoints_after.1.saturating_sub(endpoints_before.1),
         path_cpu_ms_per_gbit: busy.filter(|_| gbit > 0.0).map(|b| b * 1e3 / gbit),
     })
 }
@@ -327,6 +357,7 @@ fn path_failed(rows: &mut [Result], why: &str) {
         r.median_gbit_per_s = None;
         r.median_mpps = None;
         r.median_path_cpu_ms_per_gbit = None;
+        r.median_retransmits_per_mille = None;
         r.failed.get_or_insert_with(|| why.clone());
     }
 }
@@ -472,6 +503,12 @@ impl Cell {
             median_path_cpu_ms_per_gbit: samples
                 .iter()
                 .map(|s| s.path_cpu_ms_per_gbit)
+                .collect::<Option<Vec<f64>>>()
+                .filter(|v| ok && !v.is_empty())
+                .map(median),
+            median_retransmits_per_mille: samples
+                .iter()
+                .map(|s| per_mille(s.retransmits, s.client_frames))
                 .collect::<Option<Vec<f64>>>()
                 .filter(|v| ok && !v.is_empty())
                 .map(median),
@@ -848,7 +885,7 @@ fn main() -> anyhow::Result<()> {
     // Table with ratios against the bridge with offloads off and against
     // the kernel relay (same run).
     println!(
-        "\n{} shape, MTU {}\n{:<20} {:<6} {:>5} {:>10} {:>9} {:>13} {:>9} {:>16}",
+        "\n{} shape, MTU {}\n{:<20} {:<6} {:>5} {:>10} {:>9} {:>13} {:>9} {:>16} {:>9}",
         if args.per_core {
             "per-core (path on CPU 0, endpoints on the last CPU)"
         } else {
@@ -862,7 +899,8 @@ fn main() -> anyhow::Result<()> {
         "Mpps",
         "vs bridge-off",
         "vs relay",
-        "CPU 0 ms/Gbit"
+        "CPU 0 ms/Gbit",
+        "retx/1000"
     );
     let ratio = |r: &Result, to: Path| {
         report
@@ -886,7 +924,7 @@ fn main() -> anyhow::Result<()> {
             continue;
         };
         println!(
-            "{:<20} {:<6} {:>5} {:>10.2} {:>9.3} {:>13} {:>9} {:>16}",
+            "{:<20} {:<6} {:>5} {:>10.2} {:>9.3} {:>13} {:>9} {:>16} {:>9}",
             r.path.label(),
             r.workload.frames,
             r.workload.flows,
@@ -896,6 +934,9 @@ fn main() -> anyhow::Result<()> {
             ratio(r, Path::KernelRelay),
             r.median_path_cpu_ms_per_gbit
                 .map(|c| format!("{c:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            r.median_retransmits_per_mille
+                .map(|c| format!("{c:.1}"))
                 .unwrap_or_else(|| "-".into())
         );
     }
@@ -921,4 +962,65 @@ fn main() -> anyhow::Result<()> {
         failed.join("\n")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(retransmits: u64, client_frames: u64) -> Sample {
+        Sample {
+            began_s: 0.0,
+            gbit_per_s: 1.0,
+            mpps: 0.1,
+            retransmits,
+            client_frames,
+            path_refused: 0,
+            path_cpu_ms_per_gbit: None,
+        }
+    }
+
+    const W: Workload = Workload {
+        frames: "mtu",
+        mss: None,
+        flows: 1,
+    };
+
+    #[test]
+    fn the_retransmit_rate_is_per_thousand_frames_sent() {
+        assert_eq!(per_mille(5, 1000), Some(5.0));
+        assert_eq!(per_mille(0, 250), Some(0.0));
+        assert_eq!(per_mille(3, 0), None);
+        let cell = Cell {
+            samples: vec![sample(10, 1000), sample(40, 1000), sample(20, 1000)],
+            ..Default::default()
+        };
+        let r = cell.into_result(Path::XdpSplit, W);
+        assert_eq!(r.median_retransmits_per_mille, Some(20.0));
+    }
+
+    /// A sample without frames (counters unreadable as zero) or a failed
+    /// workload gives no rate, never a zero.
+    #[test]
+    fn no_rate_without_frames_or_for_a_failed_workload() {
+        let cell = Cell {
+            samples: vec![sample(10, 1000), sample(0, 0)],
+            ..Default::default()
+        };
+        assert_eq!(
+            cell.into_result(Path::XdpSplit, W)
+                .median_retransmits_per_mille,
+            None
+        );
+        let cell = Cell {
+            samples: vec![sample(10, 1000)],
+            failed: Some("iperf3 failed".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            cell.into_result(Path::XdpSplit, W)
+                .median_retransmits_per_mille,
+            None
+        );
+    }
 }

@@ -187,6 +187,17 @@ pub struct SideStats {
     pub tx_ring_empty_descs: u64,
 }
 
+impl SideStats {
+    /// Frames the kernel dropped on their way to this socket: with no free
+    /// frame to copy into (`rx_dropped`: the fill ring ran dry) and with
+    /// the RX ring full (`rx_ring_full`, counted apart: a worker that fell
+    /// behind). `rx_fill_ring_empty_descs` counts the same dry fill ring
+    /// again, so it is not added.
+    pub fn rx_lost(&self) -> u64 {
+        self.rx_dropped + self.rx_ring_full
+    }
+}
+
 struct SidePort {
     tx: TxQueue,
     rx: RxQueue,
