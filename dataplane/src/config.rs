@@ -29,6 +29,19 @@ pub const DEFAULT_BUSY_POLL_US: u64 = 0;
 /// own their cores, and off unless asked.
 pub const DEFAULT_IDLE_SPIN_US: u64 = 0;
 
+/// How long a busy worker runs before it yields its CPU once
+/// (`--yield-every-us`; `worker::idle`), by default: never. Threads that
+/// share its core and bring its frames get it then, not at the end of its
+/// time slice: per core, with the engine veth's NAPI thread on the
+/// worker's core, the split carried 15-25% more with 1 and 8 flows at
+/// 100 µs (2 vCPUs, `perf/run wire --per-core`, alternated), and the
+/// client resent 2% of its frames instead of 11% at 8 flows. On CPUs
+/// shared with the endpoints it gave them the CPU instead, for their
+/// whole time slice: the split fell from 0.71-0.73x the relay to
+/// 0.22-0.86x. So it is for workers that own their cores, and off unless
+/// asked.
+pub const DEFAULT_YIELD_EVERY_US: u64 = 0;
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -91,6 +104,9 @@ pub struct EngineConfig {
     /// How long an idle worker keeps polling after its last work while it
     /// has its CPU to itself.
     pub idle_spin: Duration,
+    /// How long a busy worker runs before it yields its CPU once (zero:
+    /// never).
+    pub yield_every: Duration,
     /// Forward a steered connection's handshake in XDP and record it for
     /// the worker that gets the first data (one wake-up per new connection
     /// instead of three), rather than steer every SYN and SYN-ACK to the
@@ -161,6 +177,7 @@ impl EngineConfig {
             pin_workers: true,
             busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US),
             idle_spin: Duration::from_micros(DEFAULT_IDLE_SPIN_US),
+            yield_every: Duration::from_micros(DEFAULT_YIELD_EVERY_US),
             hsm: None,
             tls: Default::default(),
             export: Default::default(),

@@ -415,6 +415,7 @@ pub fn run(
         worker.set_idle_policy(crate::worker::IdlePolicy {
             busy_poll: cfg.busy_poll,
             spin: cfg.idle_spin,
+            give_way: cfg.yield_every,
         });
         if sessions {
             worker.enable_split(SplitLinks {

@@ -68,6 +68,10 @@ pub struct WorkerCounters {
     /// `worker::idle`).
     #[serde(default)]
     pub idle_backoffs: u64,
+    /// Times a busy worker yielded its CPU after `--yield-every-us` of
+    /// work without a break (see `worker::idle`).
+    #[serde(default)]
+    pub gave_way: u64,
 }
 
 impl WorkerCounters {

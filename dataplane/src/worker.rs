@@ -404,6 +404,11 @@ impl Worker {
                 self.sleep_for_frames();
                 idle.woke(Instant::now());
             }
+            Next::GiveWay => {
+                std::thread::yield_now();
+                idle.gave_way(Instant::now());
+                self.counters.gave_way += 1;
+            }
         }
         self.counters.idle_backoffs += idle.backoffs - backoffs;
     }

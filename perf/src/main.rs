@@ -391,6 +391,13 @@ fn start_path(path: Path, args: &Args) -> anyhow::Result<Live> {
     let mut pin: Vec<&str> = args.engine_args.iter().map(String::as_str).collect();
     if shape.is_some() {
         pin.push("--no-pin");
+        // The engine as set up for a core of its own, with its NAPI
+        // thread beside it: the worker gives way every 100 µs of work
+        // (perf/README.md, "A busy worker gives way"), unless asked
+        // otherwise.
+        if !pin.iter().any(|a| a.starts_with("--yield-every-us")) {
+            pin.extend(["--yield-every-us", "100"]);
+        }
     }
     let pin = &pin[..];
     fn with<'a>(a: &[&'a str], pin: &[&'a str]) -> Vec<&'a str> {

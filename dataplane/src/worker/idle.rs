@@ -28,6 +28,16 @@
 //! installer, the event pump) take tens of µs per connection, well under
 //! both. `busy_poll` (`--busy-poll-us`) polls for that long whether the
 //! CPU is shared or not, as before.
+//!
+//! A busy worker gives way too: after `give_way` of work without a break
+//! (no yield, no sleep) it yields once (`--yield-every-us`). Threads that
+//! share its core and bring its frames wait otherwise until its time
+//! slice ends: a NAPI thread (threaded NAPI, or `ksoftirqd` once softirqs
+//! are deferred to it) then leaves the receive ring it empties to
+//! overflow. With veth's 256-frame ring drained by such a thread on the
+//! worker's core, 11% of the client's frames were dropped and sent again
+//! at 8 flows (perf/README.md, "A busy worker gives way"). A yield with
+//! nobody waiting returns at once.
 
 use std::time::{Duration, Instant};
 
@@ -75,6 +85,9 @@ pub enum Next {
     Yield,
     /// Sleep until a frame comes; report the wake with [`Idle::woke`].
     Sleep,
+    /// Yield the CPU after a long run of work, then go round again;
+    /// report the yield's end with [`Idle::gave_way`].
+    GiveWay,
 }
 
 /// How long a worker polls after its last work.
@@ -86,6 +99,9 @@ pub struct IdlePolicy {
     /// Polling for this long after the last work, while the CPU is the
     /// worker's own (`--idle-spin-us`).
     pub spin: Duration,
+    /// Yielding once after this long of work without a break
+    /// (`--yield-every-us`; zero: never).
+    pub give_way: Duration,
 }
 
 /// An idle worker's state: how long it has found nothing to do, and
@@ -111,6 +127,11 @@ pub struct Idle {
     others: Duration,
     /// Times the worker found its CPU shared and stopped polling.
     pub backoffs: u64,
+    /// Since the last yield or sleep ended: how long the worker has held
+    /// its CPU.
+    running: Instant,
+    /// Times the worker gave way after a long run of work.
+    pub gave_way: u64,
 }
 
 impl Idle {
@@ -125,6 +146,8 @@ impl Idle {
             polled: Duration::ZERO,
             others: Duration::ZERO,
             backoffs: 0,
+            running: now,
+            gave_way: 0,
         }
     }
 
@@ -136,6 +159,11 @@ impl Idle {
             self.worked = now;
             self.slept = false;
             self.last_yield = None;
+            if !policy.give_way.is_zero()
+                && now.saturating_duration_since(self.running) >= policy.give_way
+            {
+                return Next::GiveWay;
+            }
             return Next::Round;
         }
         self.rounds += 1;
@@ -161,8 +189,15 @@ impl Idle {
         Next::Sleep
     }
 
+    /// The yield [`Next::GiveWay`] asked for returned at `now`.
+    pub fn gave_way(&mut self, now: Instant) {
+        self.running = now;
+        self.gave_way += 1;
+    }
+
     /// A yield that began at `began` returned at `now`.
     pub fn yielded(&mut self, began: Instant, now: Instant) {
+        self.running = now;
         let took = now.saturating_duration_since(began);
         if took >= LOST_CPU || self.shared_by_share(took) {
             self.back_off(now);
@@ -196,6 +231,7 @@ impl Idle {
 
     /// The worker woke from a sleep at `now` (a frame, or the timeout).
     pub fn woke(&mut self, now: Instant) {
+        self.running = now;
         self.since = now;
         self.slept = true;
         self.last_yield = None;
@@ -218,8 +254,8 @@ mod tests {
 
     fn spin(us: u64) -> IdlePolicy {
         IdlePolicy {
-            busy_poll: Duration::ZERO,
             spin: US * us as u32,
+            ..IdlePolicy::default()
         }
     }
 
@@ -275,7 +311,7 @@ mod tests {
             match idle.after_round(0, t, &policy) {
                 Next::Yield => yields += 1,
                 Next::Sleep => break,
-                Next::Round => panic!("an idle worker past its empty rounds went round"),
+                other => panic!("an idle worker past its empty rounds was told to {other:?}"),
             }
         }
         assert!((1600..=1670).contains(&yields), "{yields} yields");
@@ -384,7 +420,7 @@ mod tests {
     fn busy_poll_polls_on_a_shared_cpu_and_after_each_wake() {
         let policy = IdlePolicy {
             busy_poll: Duration::from_millis(100),
-            spin: Duration::ZERO,
+            ..IdlePolicy::default()
         };
         let (mut idle, mut t) = polling(&policy);
         yield_for(&mut idle, &mut t, LOST_CPU * 5);
@@ -394,5 +430,90 @@ mod tests {
         assert_eq!(idle.after_round(0, t, &policy), Next::Sleep);
         idle.woke(t);
         assert_eq!(idle.after_round(0, t + US, &policy), Next::Yield);
+    }
+
+    /// A worker that gives way after `give_way_us` of work, at its start.
+    struct Busy {
+        idle: Idle,
+        t: Instant,
+        policy: IdlePolicy,
+    }
+
+    impl Busy {
+        fn new(give_way_us: u32) -> Busy {
+            let t = Instant::now();
+            Busy {
+                idle: Idle::new(t),
+                t,
+                policy: IdlePolicy {
+                    give_way: US * give_way_us,
+                    ..IdlePolicy::default()
+                },
+            }
+        }
+
+        /// Rounds of work `round_us` long each, for `for_ms`: the times
+        /// the worker gave way (each yield taking 1 µs).
+        fn work_for(&mut self, round_us: u32, for_ms: u64) -> u64 {
+            let end = self.t + Duration::from_millis(for_ms);
+            let before = self.idle.gave_way;
+            while self.t < end {
+                self.t += US * round_us;
+                match self.idle.after_round(1, self.t, &self.policy) {
+                    Next::Round => {}
+                    Next::GiveWay => {
+                        self.t += US;
+                        self.idle.gave_way(self.t);
+                    }
+                    other => panic!("a working worker was told to {other:?}"),
+                }
+            }
+            self.idle.gave_way - before
+        }
+    }
+
+    #[test]
+    fn a_busy_worker_gives_way_after_each_run_of_work() {
+        let mut w = Busy::new(100);
+        // Rounds of 30 µs: the fourth reaches 100 µs (120), then again
+        // from the yield's end (1 µs later): 10 ms make 83.
+        let n = w.work_for(30, 10);
+        assert!((80..=84).contains(&n), "{n}");
+        // Rounds longer than the run: a yield after each.
+        assert_eq!(w.work_for(250, 10), 40);
+        // Idle rounds never give way, whatever the time since the last.
+        w.t += Duration::from_millis(5);
+        assert_eq!(
+            first_decision(&mut w.idle, &mut w.t, &w.policy),
+            Next::Sleep
+        );
+    }
+
+    #[test]
+    fn a_sleep_or_an_idle_yield_starts_the_run_over() {
+        let policy = IdlePolicy {
+            give_way: US * 100,
+            spin: Duration::from_millis(5),
+            ..IdlePolicy::default()
+        };
+        let (mut idle, mut t) = polling(&policy);
+        // Work 90 µs after an idle yield: not yet.
+        yield_for(&mut idle, &mut t, US * 2);
+        t += US * 90;
+        assert_eq!(idle.after_round(1, t, &policy), Next::Round);
+        t += US * 20;
+        assert_eq!(idle.after_round(1, t, &policy), Next::GiveWay);
+        idle.gave_way(t);
+        // Asleep, woken 80 µs of work ago: not yet.
+        t += Duration::from_millis(1);
+        idle.woke(t);
+        t += US * 80;
+        assert_eq!(idle.after_round(1, t, &policy), Next::Round);
+        assert_eq!(idle.gave_way, 1);
+    }
+
+    #[test]
+    fn without_give_way_a_busy_worker_never_yields() {
+        assert_eq!(Busy::new(0).work_for(500, 100), 0);
     }
 }
