@@ -442,40 +442,45 @@ mod tests {
         }
     }
 
+    /// A microseconds option read by `field`: 0 unless given, `value`
+    /// when given, and each of `bad` refused with the option named.
+    fn off_unless_asked_and_bounded(flag: &str, field: fn(&Args) -> u64, value: u64, bad: &[&str]) {
+        assert_eq!(field(&parse(&[]).unwrap()), 0);
+        assert_eq!(field(&parse(&[flag, &value.to_string()]).unwrap()), value);
+        for b in bad {
+            let err = parse(&[flag, b]).unwrap_err();
+            assert!(err.contains(flag), "{b}: {err}");
+        }
+    }
+
     #[test]
     fn busy_polling_is_off_unless_asked_and_bounded() {
-        assert_eq!(parse(&[]).unwrap().busy_poll_us, 0);
-        assert_eq!(parse(&["--busy-poll-us", "50"]).unwrap().busy_poll_us, 50);
-        for bad in ["-1", "1000001", "soon"] {
-            let err = parse(&["--busy-poll-us", bad]).unwrap_err();
-            assert!(err.contains("--busy-poll-us"), "{bad}: {err}");
-        }
+        off_unless_asked_and_bounded(
+            "--busy-poll-us",
+            |a| a.busy_poll_us,
+            50,
+            &["-1", "1000001", "soon"],
+        );
     }
 
     #[test]
     fn idle_spin_is_off_unless_asked_and_bounded() {
-        assert_eq!(parse(&[]).unwrap().idle_spin_us, 0);
-        assert_eq!(
-            parse(&["--idle-spin-us", "5000"]).unwrap().idle_spin_us,
-            5000
+        off_unless_asked_and_bounded(
+            "--idle-spin-us",
+            |a| a.idle_spin_us,
+            5000,
+            &["-1", "1000001", "soon"],
         );
-        for bad in ["-1", "1000001", "soon"] {
-            let err = parse(&["--idle-spin-us", bad]).unwrap_err();
-            assert!(err.contains("--idle-spin-us"), "{bad}: {err}");
-        }
     }
 
     #[test]
     fn a_busy_worker_yields_only_when_told() {
-        assert_eq!(parse(&[]).unwrap().yield_every_us, 0);
-        assert_eq!(
-            parse(&["--yield-every-us", "100"]).unwrap().yield_every_us,
-            100
+        off_unless_asked_and_bounded(
+            "--yield-every-us",
+            |a| a.yield_every_us,
+            100,
+            &["-1", "1000001", "often", ""],
         );
-        for bad in ["-1", "1000001", "often", ""] {
-            let err = parse(&["--yield-every-us", bad]).unwrap_err();
-            assert!(err.contains("--yield-every-us"), "{bad}: {err}");
-        }
     }
 
     #[test]

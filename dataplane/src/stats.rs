@@ -1060,7 +1060,8 @@ mod tests {
         );
     }
 
-    /// `loupe stats` says when idle polling found its CPU shared.
+    /// The drops line counts frames lost to a full RX ring, which the
+    /// kernel counts apart from `rx_dropped`.
     #[test]
     fn the_drops_line_counts_a_full_rx_ring() {
         let mut w = WorkerReport::default();
@@ -1079,6 +1080,7 @@ mod tests {
         );
     }
 
+    /// `loupe stats` says when idle polling found its CPU shared.
     #[test]
     fn the_report_shows_idle_polling_backoffs() {
         let mut r = StatsReport::default();

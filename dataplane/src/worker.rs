@@ -389,7 +389,7 @@ impl Worker {
     fn idle_or_spin(&mut self, work: usize, idle: &mut Idle) {
         // Completions count as work: while TX drains, keep spinning;
         // if it stalls, sleep (poll also kicks copy-mode TX).
-        let backoffs = idle.backoffs;
+        let (backoffs, gave_way) = (idle.backoffs, idle.gave_way);
         if std::mem::take(&mut self.housekeeping) {
             idle.unmeasured();
         }
@@ -407,10 +407,10 @@ impl Worker {
             Next::GiveWay => {
                 std::thread::yield_now();
                 idle.gave_way(Instant::now());
-                self.counters.gave_way += 1;
             }
         }
         self.counters.idle_backoffs += idle.backoffs - backoffs;
+        self.counters.gave_way += idle.gave_way - gave_way;
     }
 
     /// One round: frames in, crossbar, timers, frames out, and the

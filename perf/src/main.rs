@@ -228,18 +228,27 @@ fn per_mille(retransmits: u64, frames: u64) -> Option<f64> {
     (frames > 0).then(|| retransmits as f64 * 1000.0 / frames as f64)
 }
 
-/// The client's frames sent, and the endpoints' veths' refused ones.
-fn endpoint_counters(h: &Harness) -> anyhow::Result<(u64, u64)> {
-    Ok((
-        h.iface_counter(Role::Client, PEER_IF, "tx_packets")?,
-        h.iface_counter(Role::Client, PEER_IF, "tx_dropped")?
-            + h.iface_counter(Role::Server, PEER_IF, "tx_dropped")?,
-    ))
+/// The endpoints' veths' counters a sample reads before and after.
+struct Endpoints {
+    client_tx: u64,
+    server_tx: u64,
+    /// Frames either endpoint's veth could not hand to the path.
+    refused: u64,
 }
 
-fn tx_packets(h: &Harness) -> anyhow::Result<u64> {
-    Ok(h.iface_counter(Role::Client, PEER_IF, "tx_packets")?
-        + h.iface_counter(Role::Server, PEER_IF, "tx_packets")?)
+impl Endpoints {
+    fn read(h: &Harness) -> anyhow::Result<Endpoints> {
+        Ok(Endpoints {
+            client_tx: h.iface_counter(Role::Client, PEER_IF, "tx_packets")?,
+            server_tx: h.iface_counter(Role::Server, PEER_IF, "tx_packets")?,
+            refused: h.iface_counter(Role::Client, PEER_IF, "tx_dropped")?
+                + h.iface_counter(Role::Server, PEER_IF, "tx_dropped")?,
+        })
+    }
+
+    fn tx(&self) -> u64 {
+        self.client_tx + self.server_tx
+    }
 }
 
 fn iperf_server(h: &Harness, shape: Option<Shape>) -> anyhow::Result<Proc> {
@@ -276,8 +285,7 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
     if let Some(mss) = w.mss {
         args.extend(["-M".into(), mss.to_string()]);
     }
-    let before = tx_packets(h)?;
-    let endpoints_before = endpoint_counters(h)?;
+    let before = Endpoints::read(h)?;
     let busy_before = shape
         .map(|s| loupe_perf::cpu_busy_seconds(s.path_cpu))
         .transpose()?;
@@ -289,8 +297,7 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
         .args(&args)
         .output()?;
     let elapsed = start.elapsed().as_secs_f64();
-    let after = tx_packets(h)?;
-    let endpoints_after = endpoint_counters(h)?;
+    let after = Endpoints::read(h)?;
     let busy = match (shape, busy_before) {
         (Some(s), Some(b)) => Some(loupe_perf::cpu_busy_seconds(s.path_cpu)? - b),
         _ => None,
@@ -319,10 +326,10 @@ fn measure(h: &Harness, w: Workload, seconds: u32, shape: Option<Shape>) -> anyh
     Ok(Sample {
         began_s,
         gbit_per_s: bps / 1e9,
-        mpps: (after - before) as f64 / elapsed / 1e6,
+        mpps: (after.tx() - before.tx()) as f64 / elapsed / 1e6,
         retransmits,
-        client_frames: endpoints_after.0.saturating_sub(endpoints_before.0),
-        path_refused: endpoints_after.1.saturating_sub(endpoints_before.1),
+        client_frames: after.client_tx.saturating_sub(before.client_tx),
+        path_refused: after.refused.saturating_sub(before.refused),
         path_cpu_ms_per_gbit: busy.filter(|_| gbit > 0.0).map(|b| b * 1e3 / gbit),
     })
 }
@@ -507,23 +514,26 @@ impl Cell {
             workload,
             median_gbit_per_s: ok.then(|| median(samples.iter().map(|s| s.gbit_per_s).collect())),
             median_mpps: ok.then(|| median(samples.iter().map(|s| s.mpps).collect())),
-            median_path_cpu_ms_per_gbit: samples
-                .iter()
-                .map(|s| s.path_cpu_ms_per_gbit)
-                .collect::<Option<Vec<f64>>>()
-                .filter(|v| ok && !v.is_empty())
-                .map(median),
-            median_retransmits_per_mille: samples
-                .iter()
-                .map(|s| per_mille(s.retransmits, s.client_frames))
-                .collect::<Option<Vec<f64>>>()
-                .filter(|v| ok && !v.is_empty())
-                .map(median),
+            median_path_cpu_ms_per_gbit: median_of_all(ok, &samples, |s| s.path_cpu_ms_per_gbit),
+            median_retransmits_per_mille: median_of_all(ok, &samples, |s| {
+                per_mille(s.retransmits, s.client_frames)
+            }),
             samples,
             failed_attempts: self.failed_attempts,
             failed: self.failed,
         }
     }
+}
+
+/// The median of a figure every sample has; None when one lacks it, or
+/// when the workload is not `ok`.
+fn median_of_all(ok: bool, samples: &[Sample], f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+    samples
+        .iter()
+        .map(f)
+        .collect::<Option<Vec<f64>>>()
+        .filter(|v| ok && !v.is_empty())
+        .map(median)
 }
 
 /// Every path is set up first; then each workload's samples are taken
